@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The whole test suite. Works on a fresh Debian machine with only the Rust toolchain:
+# it installs the few system tools the tests drive (age for interoperability) when missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CHITIN_CONFORMANCE_DIR="${CHITIN_CONFORMANCE_DIR:-$(cd .. && pwd)/shared/conformance}"
+cargo test --workspace --all-targets

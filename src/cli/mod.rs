@@ -1,0 +1,92 @@
+//! The `chitin` command line. Each command group lives in its own file.
+
+mod audit;
+mod sandbox;
+mod secrets;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+
+/// The result of a command: an exit code, or an error that `main` prints as `chitin: <error>`
+/// and turns into exit status 2.
+pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chitin",
+    version,
+    about = "A security-hardened policy gateway for AI agents"
+)]
+struct Cli {
+    /// Configuration file [default: $CHITIN_HOME/chitin.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run commands inside the sandbox, check what the kernel can enforce.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCmd),
+    /// Verify, export and query the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Manage the encrypted secret store.
+    #[command(subcommand)]
+    Secrets(secrets::SecretsCmd),
+}
+
+/// What every command knows: where the state lives and which config file to read.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// The state directory (`CHITIN_HOME`, default `~/.chitin`).
+    pub home: PathBuf,
+    /// The configuration file (`--config`, default `$CHITIN_HOME/chitin.toml`).
+    pub config_path: PathBuf,
+}
+
+impl Globals {
+    fn resolve(config: Option<PathBuf>) -> Self {
+        let home = state_home();
+        let config_path = config.unwrap_or_else(|| home.join("chitin.toml"));
+        Self { home, config_path }
+    }
+
+    /// Loads the configuration (defaults for a missing file).
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.config_path)
+    }
+}
+
+/// `CHITIN_HOME`, or `~/.chitin`.
+pub fn state_home() -> PathBuf {
+    if let Some(h) = std::env::var_os("CHITIN_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/"), PathBuf::from);
+    home.join(".chitin")
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let globals = Globals::resolve(cli.config);
+    let result = match cli.command {
+        Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
+        Command::Audit(cmd) => audit::run(cmd, &globals),
+        Command::Secrets(cmd) => secrets::run(cmd, &globals),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("chitin: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Chitin: a security-hardened policy gateway for AI agents.
+//!
+//! See `ARCHITECTURE.md` for the code map and the invariants each module keeps.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod gate;
