@@ -29,6 +29,10 @@ impl Authorized {
 
     /// Only for unit tests inside this crate.
     #[cfg(test)]
+    #[allow(
+        dead_code,
+        reason = "used by unit tests of modules that take an Authorized"
+    )]
     pub(crate) fn for_test(principal: &str, action: &str, resource: &str) -> Self {
         Self::new(
             principal.into(),
