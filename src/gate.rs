@@ -1,29 +1,51 @@
 //! The gate: the only place that turns a policy decision into permission to act.
 //!
-//! Invariant: only this module constructs [`Authorized`]. Tools, secret release and sandbox
-//! launches take an `&Authorized`, so nothing can run without a recorded `allow`.
+//! Invariants:
+//! - Only this module constructs [`Authorized`]. Tools, secret release and sandbox launches
+//!   take an `&Authorized`, so nothing runs without an `allow` from the policy engine.
+//! - Paths are canonicalized here (symlinks resolved, `..` removed) before they reach Cedar;
+//!   a path that cannot be canonicalized is refused as invalid input, never passed raw.
+//! - A request the engine cannot evaluate (malformed context, unknown action) is a deny.
 
-/// Proof that the policy engine allowed one specific request (and that the decision was
-/// audited). It cannot be built outside `gate`.
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cedar_policy::EntityUid;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::policy::{Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest};
+
+/// Errors of the gate. Every one of them means "no action".
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("invalid path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: String },
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
+/// Proof that the policy engine allowed one specific request. It cannot be built outside
+/// `gate`, and it names exactly what was allowed.
 #[derive(Debug)]
 pub struct Authorized {
     principal: String,
     action: String,
     resource: String,
     policies: Vec<String>,
+    request_digest: [u8; 32],
 }
 
 impl Authorized {
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "constructed by the gate once it lands")
-    )]
-    fn new(principal: String, action: String, resource: String, policies: Vec<String>) -> Self {
+    fn new(req: &PolicyRequest, decision: &Decision) -> Self {
         Self {
-            principal,
-            action,
-            resource,
-            policies,
+            principal: req.principal.to_string(),
+            action: req.action_name(),
+            resource: req.resource.to_string(),
+            policies: decision.policies.clone(),
+            request_digest: request_digest(req),
         }
     }
 
@@ -34,12 +56,13 @@ impl Authorized {
         reason = "used by unit tests of modules that take an Authorized"
     )]
     pub(crate) fn for_test(principal: &str, action: &str, resource: &str) -> Self {
-        Self::new(
-            principal.into(),
-            action.into(),
-            resource.into(),
-            vec!["test".into()],
-        )
+        Self {
+            principal: principal.into(),
+            action: action.into(),
+            resource: resource.into(),
+            policies: vec!["test".into()],
+            request_digest: [0; 32],
+        }
     }
 
     /// The Cedar principal, e.g. `Chitin::User::"alice"`.
@@ -58,4 +81,347 @@ impl Authorized {
     pub fn policies(&self) -> &[String] {
         &self.policies
     }
+    /// SHA-256 of the canonical request (without `approved`): what an approval is bound to.
+    pub fn request_digest(&self) -> &[u8; 32] {
+        &self.request_digest
+    }
+}
+
+/// The gate's answer.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Go ahead: the proof to hand to the tool, secret store or sandbox.
+    Allowed(Authorized, Decision),
+    /// No.
+    Denied(Decision),
+    /// Only with an approval bound to `request_digest`.
+    ApprovalRequired {
+        decision: Decision,
+        request_digest: [u8; 32],
+    },
+}
+
+impl Verdict {
+    /// The decision behind the verdict.
+    pub fn decision(&self) -> &Decision {
+        match self {
+            Self::Allowed(_, d) | Self::Denied(d) | Self::ApprovalRequired { decision: d, .. } => d,
+        }
+    }
+}
+
+/// SHA-256 over the canonical JSON (sorted keys) of principal, action, resource and the
+/// context without `approved`: the identity of "this exact request".
+pub fn request_digest(req: &PolicyRequest) -> [u8; 32] {
+    let mut ctx = req.context.clone();
+    ctx.remove("approved");
+    let v = json!({
+        "principal": req.principal.to_string(),
+        "action": req.action.to_string(),
+        "resource": req.resource.to_string(),
+        "context": Value::Object(ctx),
+    });
+    let mut s = String::new();
+    canonical_json(&v, &mut s);
+    Sha256::digest(s.as_bytes()).into()
+}
+
+/// Writes JSON with object keys sorted (recursively) and no insignificant whitespace.
+pub fn canonical_json(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String((*k).clone()).to_string());
+                out.push(':');
+                if let Some(val) = m.get(*k) {
+                    canonical_json(val, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Where a tool request comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Model,
+    User,
+    Automation,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Model => "model",
+            Self::User => "user",
+            Self::Automation => "automation",
+        }
+    }
+}
+
+/// Who asks, in which session, over which workspace.
+#[derive(Debug, Clone)]
+pub struct CallContext {
+    /// The user on whose behalf the agent acts (the Cedar principal `Chitin::User::"<id>"`).
+    pub user: String,
+    pub origin: Origin,
+    pub session: String,
+    /// The agent workspace (canonicalized by the gate).
+    pub workspace: PathBuf,
+}
+
+/// A built-in tool call as the gate sees it (arguments already parsed strictly).
+#[derive(Debug, Clone)]
+pub enum ToolInput {
+    Exec {
+        argv: Vec<String>,
+        cwd: Option<String>,
+        network: bool,
+    },
+    ReadFile {
+        path: String,
+    },
+    ListDir {
+        path: String,
+    },
+    WriteFile {
+        path: String,
+    },
+    EditFile {
+        path: String,
+    },
+    SendMessage {
+        channel: String,
+        target: String,
+        same_conversation: bool,
+    },
+}
+
+impl ToolInput {
+    /// The tool (and Cedar action) name.
+    pub fn tool(&self) -> &'static str {
+        match self {
+            Self::Exec { .. } => "exec",
+            Self::ReadFile { .. } => "read_file",
+            Self::ListDir { .. } => "list_dir",
+            Self::WriteFile { .. } => "write_file",
+            Self::EditFile { .. } => "edit_file",
+            Self::SendMessage { .. } => "send_message",
+        }
+    }
+}
+
+/// The directories searched for a bare program name (the sandbox's PATH).
+pub const TOOL_PATH: &[&str] = &[
+    "/usr/local/bin",
+    "/usr/bin",
+    "/bin",
+    "/usr/local/sbin",
+    "/usr/sbin",
+    "/sbin",
+];
+
+/// The gate.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    engine: Arc<PolicyEngine>,
+}
+
+impl Gate {
+    pub fn new(engine: Arc<PolicyEngine>) -> Self {
+        Self { engine }
+    }
+
+    /// The policy engine behind the gate.
+    pub fn engine(&self) -> &Arc<PolicyEngine> {
+        &self.engine
+    }
+
+    /// Decides any request (admin actions, secret use, admission, ...).
+    pub fn check(&self, req: &PolicyRequest) -> Result<Verdict, GateError> {
+        let decision = self.engine.decide(req)?;
+        Ok(match decision.decision {
+            Outcome::Allow => Verdict::Allowed(Authorized::new(req, &decision), decision),
+            Outcome::Deny => Verdict::Denied(decision),
+            Outcome::ApprovalRequired => Verdict::ApprovalRequired {
+                request_digest: request_digest(req),
+                decision,
+            },
+        })
+    }
+
+    /// Builds the Cedar request for a tool call: canonical paths, the resolved program, the
+    /// per-tool context. `approved` is true only when a granted approval bound to this exact
+    /// request is being redeemed.
+    pub fn tool_request(
+        &self,
+        call: &CallContext,
+        input: &ToolInput,
+        approved: bool,
+    ) -> Result<PolicyRequest, GateError> {
+        let workspace = canonical_existing(&call.workspace.to_string_lossy(), None)?;
+        let mut ctx = Map::new();
+        ctx.insert("origin".into(), json!(call.origin.as_str()));
+        ctx.insert("session".into(), json!(call.session));
+        ctx.insert("approved".into(), json!(approved));
+        ctx.insert("workspace".into(), json!(workspace.to_string_lossy()));
+        match input {
+            ToolInput::Exec { argv, cwd, network } => {
+                let program = argv.first().ok_or_else(|| {
+                    GateError::InvalidRequest("exec needs a program (argv is empty)".into())
+                })?;
+                let cwd = match cwd {
+                    Some(c) => canonical_existing(c, Some(&workspace))?,
+                    None => workspace.clone(),
+                };
+                let resolved = resolve_program(program, &cwd)?;
+                let command = resolved
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                ctx.insert("command".into(), json!(command));
+                ctx.insert("argv".into(), json!(argv));
+                ctx.insert("cwd".into(), json!(cwd.to_string_lossy()));
+                ctx.insert("network".into(), json!(network));
+            }
+            ToolInput::ReadFile { path }
+            | ToolInput::ListDir { path }
+            | ToolInput::EditFile { path } => {
+                let p = canonical_existing(path, Some(&workspace))?;
+                ctx.insert("path".into(), json!(p.to_string_lossy()));
+            }
+            ToolInput::WriteFile { path } => {
+                let p = canonical_for_create(path, &workspace)?;
+                ctx.insert("path".into(), json!(p.to_string_lossy()));
+            }
+            ToolInput::SendMessage {
+                channel,
+                target,
+                same_conversation,
+            } => {
+                ctx.insert("channel".into(), json!(channel));
+                ctx.insert("target".into(), json!(target));
+                ctx.insert("same_conversation".into(), json!(same_conversation));
+            }
+        }
+        let uid = |s: String| {
+            s.parse::<EntityUid>()
+                .map_err(|e| GateError::InvalidRequest(e.to_string()))
+        };
+        Ok(PolicyRequest {
+            principal: uid(format!("Chitin::User::{}", quote(&call.user)))?,
+            action: uid(format!("Chitin::Action::{}", quote(input.tool())))?,
+            resource: uid(format!("Chitin::Tool::{}", quote(input.tool())))?,
+            context: ctx,
+        })
+    }
+
+    /// Canonicalizes and decides a tool call.
+    pub fn check_tool(
+        &self,
+        call: &CallContext,
+        input: &ToolInput,
+        approved: bool,
+    ) -> Result<Verdict, GateError> {
+        let req = self.tool_request(call, input, approved)?;
+        self.check(&req)
+    }
+}
+
+/// A Cedar string literal.
+fn quote(s: &str) -> String {
+    Value::String(s.to_string()).to_string()
+}
+
+fn absolute(path: &str, base: Option<&Path>) -> Result<PathBuf, GateError> {
+    if path.is_empty() || path.contains('\0') {
+        return Err(GateError::InvalidPath {
+            path: path.into(),
+            reason: "empty or contains NUL".into(),
+        });
+    }
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return Ok(p.to_path_buf());
+    }
+    match base {
+        Some(b) => Ok(b.join(p)),
+        None => Err(GateError::InvalidPath {
+            path: path.into(),
+            reason: "must be absolute".into(),
+        }),
+    }
+}
+
+/// Canonicalizes a path that must exist (relative paths are taken from `base`).
+pub fn canonical_existing(path: &str, base: Option<&Path>) -> Result<PathBuf, GateError> {
+    let abs = absolute(path, base)?;
+    std::fs::canonicalize(&abs).map_err(|e| GateError::InvalidPath {
+        path: path.into(),
+        reason: format!("cannot be resolved: {e}"),
+    })
+}
+
+/// Canonicalizes a path that may not exist yet (a file about to be written): its parent must
+/// exist and the last component must be a plain name. An existing path (including a symlink,
+/// which is resolved) is canonicalized as a whole.
+pub fn canonical_for_create(path: &str, base: &Path) -> Result<PathBuf, GateError> {
+    let abs = absolute(path, Some(base))?;
+    if std::fs::symlink_metadata(&abs).is_ok() {
+        return canonical_existing(path, Some(base));
+    }
+    let name = match abs.components().next_back() {
+        Some(std::path::Component::Normal(n)) => n.to_os_string(),
+        _ => {
+            return Err(GateError::InvalidPath {
+                path: path.into(),
+                reason: "does not end in a file name".into(),
+            });
+        }
+    };
+    let parent = abs.parent().ok_or_else(|| GateError::InvalidPath {
+        path: path.into(),
+        reason: "has no parent directory".into(),
+    })?;
+    let parent = std::fs::canonicalize(parent).map_err(|e| GateError::InvalidPath {
+        path: path.into(),
+        reason: format!("parent directory cannot be resolved: {e}"),
+    })?;
+    Ok(parent.join(name))
+}
+
+/// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name
+/// through [`TOOL_PATH`]; then symlinks are resolved, so `command` names the real binary.
+pub fn resolve_program(program: &str, cwd: &Path) -> Result<PathBuf, GateError> {
+    if program.contains('/') {
+        return canonical_existing(program, Some(cwd));
+    }
+    for dir in TOOL_PATH {
+        let candidate = Path::new(dir).join(program);
+        if candidate.is_file() {
+            return canonical_existing(&candidate.to_string_lossy(), None);
+        }
+    }
+    Err(GateError::InvalidPath {
+        path: program.into(),
+        reason: format!("program not found in {}", TOOL_PATH.join(":")),
+    })
 }

@@ -6,3 +6,6 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod gate;
+pub mod policy;
+pub mod state;
+pub mod store;

@@ -1,6 +1,8 @@
 //! The `chitin` command line. Each command group lives in its own file.
 
 mod audit;
+mod init;
+mod policy;
 mod sandbox;
 mod secrets;
 
@@ -31,6 +33,11 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create the state directory, a documented config, default policies and the store.
+    Init,
+    /// Validate, evaluate and test Cedar policies.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
     /// Run commands inside the sandbox, check what the kernel can enforce.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCmd),
@@ -78,6 +85,8 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let globals = Globals::resolve(cli.config);
     let result = match cli.command {
+        Command::Init => init::run(&globals),
+        Command::Policy(cmd) => policy::run(cmd, &globals),
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
         Command::Secrets(cmd) => secrets::run(cmd, &globals),

@@ -5,6 +5,7 @@
 //! Each section lives in its own file and owns its own documentation text (`TEMPLATE`).
 
 pub mod audit;
+pub mod policy;
 pub mod sandbox;
 pub mod secrets;
 
@@ -30,6 +31,7 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub policy: policy::PolicyConfig,
     pub audit: audit::AuditConfig,
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
@@ -63,9 +65,59 @@ pub fn default_toml() -> String {
         "# Chitin configuration. Every key is shown with its default value.\n\
          # Unknown keys are an error. Credentials never go here: use \"secret:NAME\".\n\n",
     );
-    for section in [audit::TEMPLATE, sandbox::TEMPLATE, secrets::TEMPLATE] {
+    for section in [
+        policy::TEMPLATE,
+        audit::TEMPLATE,
+        sandbox::TEMPLATE,
+        secrets::TEMPLATE,
+    ] {
         out.push_str(section.trim());
         out.push_str("\n\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn the_documented_default_config_parses_to_the_defaults() {
+        let c = Config::parse(&default_toml(), Path::new("chitin.toml")).unwrap();
+        assert_eq!(c.policy.dir, "policies");
+        assert_eq!(c.policy.entities, "entities.json");
+    }
+
+    #[test]
+    fn an_unknown_key_is_an_error_naming_the_key_and_line() {
+        let text = "[policy]\ndir = \"p\"\nditr = \"typo\"\n";
+        let err = Config::parse(text, Path::new("/x/chitin.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ditr"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("/x/chitin.toml"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_section_is_an_error() {
+        let err = Config::parse("[polcy]\n", Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("polcy"), "{err}");
+    }
+
+    #[test]
+    fn missing_keys_take_their_defaults() {
+        let c =
+            Config::parse("[policy]\ndir = \"/etc/chitin/policies\"\n", Path::new("c")).unwrap();
+        assert_eq!(c.policy.dir, "/etc/chitin/policies");
+        assert_eq!(c.policy.entities, "entities.json");
+    }
 }

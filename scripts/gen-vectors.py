@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Writes policies/tests/*.json, the decision vectors for the default policies.
+
+The vectors are committed; this script documents how they were made and regenerates them
+after a deliberate policy change (review the diff!)."""
+import json, os
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "policies", "tests")
+WS = "/home/alice/ws"
+STATE = "/srv/chitin"
+
+ENTITIES = [
+    {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+    {"uid": {"type": "Chitin::Group", "id": "staff"}, "attrs": {}, "parents": []},
+    {"uid": {"type": "Chitin::User", "id": "alice"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
+    {"uid": {"type": "Chitin::User", "id": "mallory"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "staff"}]},
+    {"uid": {"type": "Chitin::Identity", "id": "telegram:1"}, "attrs": {"channel": "telegram"}, "parents": [{"type": "Chitin::User", "id": "alice"}]},
+    {"uid": {"type": "Chitin::Identity", "id": "telegram:666"}, "attrs": {"channel": "telegram"}, "parents": []},
+    {"uid": {"type": "Chitin::Identity", "id": "slack:U2"}, "attrs": {"channel": "slack"}, "parents": [{"type": "Chitin::User", "id": "mallory"}]},
+    {"uid": {"type": "Chitin::Conversation", "id": "telegram:dm:1"}, "attrs": {"channel": "telegram", "kind": "dm"}, "parents": []},
+    {"uid": {"type": "Chitin::Conversation", "id": "telegram:group:9"}, "attrs": {"channel": "telegram", "kind": "group"}, "parents": []},
+]
+
+def user(u): return f'Chitin::User::"{u}"'
+def act(a): return f'Chitin::Action::"{a}"'
+def tool(t): return f'Chitin::Tool::"{t}"'
+
+def base(approved=False):
+    return {"origin": "model", "session": "telegram:dm:1", "approved": approved, "workspace": WS}
+
+def exec_ctx(argv, cwd=WS, network=False, approved=False, command=None):
+    c = base(approved)
+    c.update({"command": command or argv[0], "argv": argv, "cwd": cwd, "network": network})
+    return c
+
+def file_ctx(path, approved=False):
+    c = base(approved); c["path"] = path; return c
+
+def case(name, principal, action, resource, context, decision, policies):
+    return {"name": name, "request": {"principal": principal, "action": act(action), "resource": resource, "context": context},
+            "decision": decision, "policies": policies}
+
+def write(name, description, cases):
+    doc = {"description": description, "state_dir": STATE, "entities": ENTITIES, "cases": cases}
+    with open(os.path.join(ROOT, name), "w") as f:
+        json.dump(doc, f, indent=2); f.write("\n")
+
+os.makedirs(ROOT, exist_ok=True)
+
+write("admission.json", "Who may talk to the agent (message.receive).", [
+    case("an owner's paired identity in a DM is admitted", 'Chitin::Identity::"telegram:1"', "message.receive",
+         'Chitin::Conversation::"telegram:dm:1"', {"mentioned": False, "paired": True}, "allow", ["admission.owners"]),
+    case("an owner in a group is admitted when mentioned", 'Chitin::Identity::"telegram:1"', "message.receive",
+         'Chitin::Conversation::"telegram:group:9"', {"mentioned": True, "paired": True}, "allow", ["admission.owners"]),
+    case("an owner in a group is ignored when not mentioned", 'Chitin::Identity::"telegram:1"', "message.receive",
+         'Chitin::Conversation::"telegram:group:9"', {"mentioned": False, "paired": True}, "deny", ["admission.groups-need-mention"]),
+    case("an unpaired identity gets nothing", 'Chitin::Identity::"telegram:666"', "message.receive",
+         'Chitin::Conversation::"telegram:dm:1"', {"mentioned": True, "paired": False}, "deny", ["admission.unpaired-get-nothing"]),
+    case("an identity claiming an owner but not paired gets nothing", 'Chitin::Identity::"telegram:1"', "message.receive",
+         'Chitin::Conversation::"telegram:dm:1"', {"mentioned": True, "paired": False}, "deny", ["admission.unpaired-get-nothing"]),
+    case("a paired non-owner is not admitted by default", 'Chitin::Identity::"slack:U2"', "message.receive",
+         'Chitin::Conversation::"telegram:dm:1"', {"mentioned": True, "paired": True}, "deny", []),
+])
+
+write("tools.json", "What the agent may do for an owner, and what needs approval.", [
+    case("an owner reads a file in the workspace", user("alice"), "read_file", tool("read_file"),
+         file_ctx(WS + "/notes.md"), "allow", ["tools.owner-files-in-workspace"]),
+    case("an owner lists the workspace itself", user("alice"), "list_dir", tool("list_dir"),
+         file_ctx(WS), "allow", ["tools.owner-files-in-workspace"]),
+    case("an owner writes a file in the workspace", user("alice"), "write_file", tool("write_file"),
+         file_ctx(WS + "/out/report.txt"), "allow", ["tools.owner-files-in-workspace"]),
+    case("an owner edits a file in the workspace", user("alice"), "edit_file", tool("edit_file"),
+         file_ctx(WS + "/src/main.rs"), "allow", ["tools.owner-files-in-workspace"]),
+    case("reading outside the workspace is denied", user("alice"), "read_file", tool("read_file"),
+         file_ctx("/etc/passwd"), "deny", []),
+    case("a dot-dot path that leaves the workspace is judged by where it lands", user("alice"), "read_file", tool("read_file"),
+         file_ctx(WS + "/../.ssh/id_ed25519"), "deny", []),
+    case("a sibling directory with the workspace as name prefix is outside", user("alice"), "read_file", tool("read_file"),
+         file_ctx(WS + "-evil/x"), "deny", []),
+    case("a non-owner may not read even inside the workspace", user("mallory"), "read_file", tool("read_file"),
+         file_ctx(WS + "/notes.md"), "deny", []),
+    case("an owner runs an offline command in the workspace", user("alice"), "exec", tool("exec"),
+         exec_ctx(["ls", "-la"]), "allow", ["tools.owner-exec-offline-in-workspace"]),
+    case("a command with network needs approval", user("alice"), "exec", tool("exec"),
+         exec_ctx(["curl", "https://example.com"], network=True), "approval_required", ["tools.owner-exec-network-approved"]),
+    case("an approved command with network runs", user("alice"), "exec", tool("exec"),
+         exec_ctx(["curl", "https://example.com"], network=True, approved=True), "allow", ["tools.owner-exec-network-approved"]),
+    case("a command from outside the workspace is denied", user("alice"), "exec", tool("exec"),
+         exec_ctx(["ls"], cwd="/etc"), "deny", []),
+    case("a non-owner may not run commands", user("mallory"), "exec", tool("exec"),
+         exec_ctx(["ls"]), "deny", []),
+    case("an owner fetches a public page with GET", user("alice"), "web_fetch", tool("web_fetch"),
+         dict(base(), host="example.com", url="https://example.com/", method="GET", private_address=False), "allow", ["tools.owner-fetch-read-only"]),
+    case("a POST needs approval", user("alice"), "web_fetch", tool("web_fetch"),
+         dict(base(), host="example.com", url="https://example.com/form", method="POST", private_address=False),
+         "approval_required", ["tools.owner-fetch-other-methods-approved"]),
+    case("a reply in the same conversation is allowed", user("alice"), "send_message", tool("send_message"),
+         dict(base(), channel="telegram", target="telegram:dm:1", same_conversation=True), "allow", ["tools.owner-reply-same-conversation"]),
+    case("a message to another conversation needs approval", user("alice"), "send_message", tool("send_message"),
+         dict(base(), channel="telegram", target="telegram:dm:42", same_conversation=False), "approval_required", ["tools.owner-message-elsewhere-approved"]),
+    case("an approved message to another conversation goes out", user("alice"), "send_message", tool("send_message"),
+         dict(base(approved=True), channel="telegram", target="telegram:dm:42", same_conversation=False), "allow", ["tools.owner-message-elsewhere-approved"]),
+    case("an owner may grant approvals", user("alice"), "approval.grant", tool("exec"),
+         {"requester": {"__entity": {"type": "Chitin::User", "id": "alice"}}}, "allow", ["tools.approvals-by-owners"]),
+    case("a non-owner may not grant approvals", user("mallory"), "approval.grant", tool("exec"),
+         {"requester": {"__entity": {"type": "Chitin::User", "id": "alice"}}}, "deny", []),
+    case("secrets are never released by default", 'Chitin::Tool::"exec"', "secret.use", 'Chitin::Secret::"openai"',
+         {"host": "api.openai.com"}, "deny", []),
+    case("skills are never installed by default", user("alice"), "skill.install", 'Chitin::Skill::"weather"',
+         {}, "deny", []),
+])
+
+write("guardrails.json", "Forbids that no permit or approval can override.", [
+    case("reading the state directory is forbidden even for owners", user("alice"), "read_file", tool("read_file"),
+         file_ctx(STATE + "/secrets.age"), "deny", ["guard.state-dir-off-limits"]),
+    case("the state directory stays forbidden with approval", user("alice"), "write_file", tool("write_file"),
+         file_ctx(STATE + "/chitin.toml", approved=True), "deny", ["guard.state-dir-off-limits"]),
+    case("a workspace inside the state dir does not open the state dir", user("alice"), "read_file", tool("read_file"),
+         dict(file_ctx(STATE + "/audit.db"), workspace=STATE + "/workspace"), "deny", ["guard.state-dir-off-limits"]),
+    case("a command run from the state directory is forbidden", user("alice"), "exec", tool("exec"),
+         exec_ctx(["ls"], cwd=STATE), "deny", ["guard.state-dir-off-limits"]),
+    case("a command naming a state file in its arguments is forbidden", user("alice"), "exec", tool("exec"),
+         exec_ctx(["cat", STATE + "/secrets.age"]), "deny", ["guard.state-dir-off-limits"]),
+    case("a relative argument that climbs into the state dir is forbidden", user("alice"), "exec", tool("exec"),
+         dict(exec_ctx(["cat", "../chitin/audit.key"], cwd="/srv/ws"), workspace="/srv/ws"), "deny", ["guard.state-dir-off-limits"]),
+    case("an option that embeds a state path is forbidden", user("alice"), "exec", tool("exec"),
+         exec_ctx(["tar", "--file=" + STATE + "/state.db", "-c"]), "deny", ["guard.state-dir-off-limits"]),
+    case("fetching a private address is forbidden", user("alice"), "web_fetch", tool("web_fetch"),
+         dict(base(), host="127.0.0.1", url="http://127.0.0.1:18789/tools/invoke", method="GET", private_address=True), "deny", ["guard.no-private-fetch"]),
+    case("fetching a private address stays forbidden with approval", user("alice"), "web_fetch", tool("web_fetch"),
+         dict(base(approved=True), host="169.254.169.254", url="http://169.254.169.254/latest/meta-data/", method="GET", private_address=True), "deny", ["guard.no-private-fetch"]),
+    case("a write outside the workspace is not permitted by default", user("alice"), "write_file", tool("write_file"),
+         file_ctx("/etc/cron.d/evil"), "deny", ["guard.writes-outside-workspace-need-approval"]),
+    case("an approved write outside the workspace is still not permitted by default", user("alice"), "write_file", tool("write_file"),
+         file_ctx("/etc/cron.d/evil", approved=True), "deny", []),
+    case("caller-supplied derived attributes are ignored", user("alice"), "read_file", tool("read_file"),
+         dict(file_ctx("/etc/shadow"), in_workspace=True, touches_state_dir=False), "deny", []),
+])
+
+write("admin.json", "Administration of the gateway.", [
+    *[case(f"an owner may {a}", user("alice"), a, 'Chitin::Gateway::"gateway"', {}, "allow", ["admin.owners"])
+      for a in ["policy.reload", "audit.read", "audit.export", "data.export", "data.erase", "pairing.approve", "config.write"]],
+    *[case(f"a non-owner may not {a}", user("mallory"), a, 'Chitin::Gateway::"gateway"', {}, "deny", [])
+      for a in ["policy.reload", "audit.export", "data.erase", "config.write"]],
+])

@@ -1,0 +1,113 @@
+//! `chitin init`: creates the state directory, a documented default config, the default
+//! policies and entities, and the store. Idempotent; never overwrites an operator's edits.
+
+use std::process::ExitCode;
+
+use super::{CmdResult, Globals};
+use crate::policy::{self, builtin};
+use crate::state::Home;
+use crate::store::Store;
+
+/// The owner of a fresh install: `User::"owner"` in `Group::"owners"`.
+const DEFAULT_ENTITIES: &str = r#"[
+  {
+    "uid": { "type": "Chitin::Group", "id": "owners" },
+    "attrs": {},
+    "parents": []
+  },
+  {
+    "uid": { "type": "Chitin::User", "id": "owner" },
+    "attrs": {},
+    "parents": [{ "type": "Chitin::Group", "id": "owners" }]
+  }
+]
+"#;
+
+pub fn run(globals: &Globals) -> CmdResult {
+    let home = Home::create(&globals.home)?;
+    let report = |what: &str, path: &std::path::Path, created: bool| {
+        println!(
+            "{} {what} {}",
+            if created { "created" } else { "kept   " },
+            path.display()
+        );
+    };
+
+    // The config file (it may live outside the state dir with --config).
+    let created = write_config_if_absent(globals)?;
+    report("config  ", &globals.config_path, created);
+    let config = globals.load_config()?;
+
+    // Default policies: installed only when the policy directory does not exist yet, so a
+    // removed or edited default is never brought back.
+    let policy_dir = super::policy::resolve_in_home(&home, &config.policy.dir);
+    if policy_dir.exists() {
+        report("policies", &policy_dir, false);
+    } else {
+        let home_for_dir = Home::create(&policy_dir)?; // creates it 0700 and checks it
+        for (name, text) in builtin::DEFAULT_POLICIES {
+            home_for_dir.write_if_absent(name, text.as_bytes())?;
+        }
+        report("policies", &policy_dir, true);
+    }
+
+    let entities = super::policy::resolve_in_home(&home, &config.policy.entities);
+    let created = if entities.starts_with(home.root()) {
+        let rel = entities.strip_prefix(home.root()).unwrap_or(&entities);
+        home.write_if_absent(rel, DEFAULT_ENTITIES.as_bytes())?
+    } else {
+        false
+    };
+    report("entities", &entities, created);
+
+    let db = home.path("state.db");
+    let existed = db.exists();
+    let store = Store::open(&db)?;
+    report("store   ", &db, !existed);
+    if store.meta("created_at")?.is_none() {
+        store.set_meta(
+            "created_at",
+            &crate::clock::rfc3339(crate::clock::Clock::now_ms(&crate::clock::SystemClock)),
+        )?;
+    }
+
+    // The installed policies must validate: init never leaves a set the gateway would refuse.
+    let input = policy::PolicyInput::from_dir(&policy_dir)?;
+    match policy::compile(&input) {
+        Ok(c) => println!(
+            "policies valid: {} enforced, {} shadow, {} files",
+            c.enforced_count(),
+            c.shadow_count(),
+            c.files().len()
+        ),
+        Err(e) => {
+            eprintln!("chitin: {e}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    home.check_permissions()?;
+    println!("Chitin is initialised in {}", home.root().display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_config_if_absent(
+    globals: &Globals,
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&globals.config_path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => {
+            return Err(format!("cannot create {}: {e}", globals.config_path.display()).into());
+        }
+    };
+    f.write_all(crate::config::default_toml().as_bytes())?;
+    f.sync_all()?;
+    Ok(true)
+}

@@ -1,0 +1,945 @@
+//! The policy decision point: Cedar policies, validated strictly against the Chitin schema.
+//!
+//! Invariants:
+//! - Default deny. A forbid policy that errors during evaluation counts as a deny.
+//! - A policy set is only ever active whole: an invalid set is refused at start-up, and on
+//!   reload the last good set stays active and the error is kept for `/ready`.
+//! - Every policy has a unique `@id`, which is its policy id in every decision.
+//! - `@mode("shadow")` policies are evaluated and reported, never enforced.
+//! - Derived context attributes (`in_workspace`, `touches_state_dir`) are computed here from
+//!   the request, never taken from the caller.
+
+pub mod builtin;
+mod diag;
+pub mod vectors;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, RwLock};
+
+use cedar_policy::{
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityUid,
+    Policy, PolicyId, PolicySet, Request, Schema, ValidationMode, Validator,
+};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub use diag::Diagnostic;
+
+/// Errors of the policy engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy set is invalid:\n{}", format_diags(.0))]
+    Invalid(Vec<Diagnostic>),
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("entities {source_name}: {message}")]
+    Entities {
+        source_name: String,
+        message: String,
+    },
+    #[error("malformed request: {0}")]
+    Request(String),
+}
+
+fn format_diags(d: &[Diagnostic]) -> String {
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A named text (a policy or schema file).
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub text: String,
+}
+
+/// The schema and policy files making up a policy set.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    pub schema: Source,
+    pub policies: Vec<Source>,
+}
+
+impl PolicyInput {
+    /// The schema and default policies built into the binary.
+    pub fn embedded() -> Self {
+        Self {
+            schema: Source {
+                name: "<built-in>/schema.cedarschema".into(),
+                text: builtin::SCHEMA.into(),
+            },
+            policies: builtin::DEFAULT_POLICIES
+                .iter()
+                .map(|(n, t)| Source {
+                    name: format!("<built-in>/{n}"),
+                    text: (*t).into(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every `*.cedar` file below `dir` (sorted, recursive), and `dir/schema.cedarschema` if
+    /// present (otherwise the built-in schema).
+    pub fn from_dir(dir: &Path) -> Result<Self, PolicyError> {
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let meta = std::fs::metadata(dir).map_err(|source| PolicyError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_dir() {
+            return Err(PolicyError::Read {
+                path: dir.to_path_buf(),
+                source: std::io::Error::other("not a directory"),
+            });
+        }
+        let schema_path = dir.join("schema.cedarschema");
+        let schema = if schema_path.exists() {
+            Source {
+                name: schema_path.display().to_string(),
+                text: read(&schema_path)?,
+            }
+        } else {
+            Source {
+                name: "<built-in>/schema.cedarschema".into(),
+                text: builtin::SCHEMA.into(),
+            }
+        };
+        let mut files = Vec::new();
+        collect_cedar_files(dir, &mut files, 8)?;
+        files.sort();
+        let policies = files
+            .iter()
+            .map(|p| {
+                Ok(Source {
+                    name: p.display().to_string(),
+                    text: read(p)?,
+                })
+            })
+            .collect::<Result<Vec<_>, PolicyError>>()?;
+        Ok(Self { schema, policies })
+    }
+}
+
+fn collect_cedar_files(
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    depth: usize,
+) -> Result<(), PolicyError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| PolicyError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for entry in entries {
+        let entry = entry.map_err(|source| PolicyError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        if path.is_dir() {
+            if depth > 0 {
+                collect_cedar_files(&path, out, depth - 1)?;
+            }
+        } else if path.extension().is_some_and(|e| e == "cedar") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The policies that can apply to one action, ready to evaluate.
+#[derive(Debug)]
+struct Slice {
+    enforced: PolicySet,
+    /// Enforced plus shadow policies; `None` when no shadow policy applies to this action.
+    with_shadow: Option<PolicySet>,
+}
+
+/// A validated, compiled policy set.
+#[derive(Debug)]
+pub struct Compiled {
+    schema: Schema,
+    slices: HashMap<EntityUid, Slice>,
+    forbids: HashSet<PolicyId>,
+    shadow: HashSet<PolicyId>,
+    reasons: BTreeMap<String, String>,
+    enforced_count: usize,
+    files: Vec<String>,
+    warnings: Vec<Diagnostic>,
+}
+
+impl Compiled {
+    /// The schema the set was validated against.
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+    /// Number of enforced policies.
+    pub fn enforced_count(&self) -> usize {
+        self.enforced_count
+    }
+    /// Number of shadow-mode policies.
+    pub fn shadow_count(&self) -> usize {
+        self.shadow.len()
+    }
+    /// The files the set came from.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+    /// Validator warnings (not errors).
+    pub fn warnings(&self) -> &[Diagnostic] {
+        &self.warnings
+    }
+    /// The `@reason` of a policy.
+    pub fn reason(&self, id: &str) -> Option<&str> {
+        self.reasons.get(id).map(String::as_str)
+    }
+}
+
+/// Parses, re-keys by `@id`, validates strictly and slices a policy set. All problems are
+/// returned together, each located as `file:line:col`.
+pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
+    let mut diags = Vec::new();
+    let schema = match Schema::from_cedarschema_str(&input.schema.text) {
+        Ok((schema, _warnings)) => schema,
+        Err(e) => {
+            Diagnostic::from_miette(&input.schema.name, &input.schema.text, &e, &mut diags);
+            return Err(PolicyError::Invalid(diags));
+        }
+    };
+
+    // Parse each file; re-key every policy by its @id.
+    let mut policies: Vec<Policy> = Vec::new();
+    let mut origin: HashMap<String, usize> = HashMap::new(); // policy id -> file index
+    let mut shadow = HashSet::new();
+    let mut reasons = BTreeMap::new();
+    for (file_idx, src) in input.policies.iter().enumerate() {
+        let set = match PolicySet::from_str(&src.text) {
+            Ok(s) => s,
+            Err(errs) => {
+                for e in errs.iter() {
+                    Diagnostic::from_miette(&src.name, &src.text, e, &mut diags);
+                }
+                continue;
+            }
+        };
+        let starts = diag::policy_starts(&src.text);
+        let at = |n: usize| starts.get(n).copied().unwrap_or(0);
+        if set.templates().next().is_some() {
+            diags.push(Diagnostic::at_offset(
+                &src.name,
+                &src.text,
+                0,
+                "policy templates are not supported; write static policies",
+            ));
+        }
+        // `from_str` names policies policy0, policy1, ... in file order.
+        let mut parsed: Vec<&Policy> = set.policies().collect();
+        parsed.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(0)
+        });
+        for (n, p) in parsed.into_iter().enumerate() {
+            let Some(id) = p.annotation("id").map(str::to_string) else {
+                diags.push(Diagnostic::at_offset(
+                    &src.name,
+                    &src.text,
+                    at(n),
+                    "policy has no @id(\"...\") annotation; every policy needs a unique id",
+                ));
+                continue;
+            };
+            if id.trim().is_empty() {
+                diags.push(Diagnostic::at_offset(
+                    &src.name,
+                    &src.text,
+                    at(n),
+                    "@id must not be empty",
+                ));
+                continue;
+            }
+            if let Some(prev) = origin.get(&id) {
+                let prev_name = input.policies.get(*prev).map_or("?", |s| s.name.as_str());
+                diags.push(Diagnostic::at_offset(
+                    &src.name,
+                    &src.text,
+                    at(n),
+                    format!("duplicate @id(\"{id}\") (also used in {prev_name})"),
+                ));
+                continue;
+            }
+            match p.annotation("mode") {
+                None | Some("enforce") => {}
+                Some("shadow") => {
+                    shadow.insert(PolicyId::new(&id));
+                }
+                Some(other) => diags.push(Diagnostic::at_offset(
+                    &src.name,
+                    &src.text,
+                    at(n),
+                    format!("unknown @mode(\"{other}\"); use \"shadow\" or leave it out"),
+                )),
+            }
+            if let Some(r) = p.annotation("reason") {
+                reasons.insert(id.clone(), r.to_string());
+            }
+            origin.insert(id.clone(), file_idx);
+            policies.push(p.new_id(PolicyId::new(&id)));
+        }
+    }
+    if !diags.is_empty() {
+        return Err(PolicyError::Invalid(diags));
+    }
+
+    let all = match PolicySet::from_policies(policies.iter().cloned()) {
+        Ok(s) => s,
+        Err(e) => {
+            diags.push(Diagnostic {
+                file: "<policy set>".into(),
+                line: 1,
+                col: 1,
+                message: e.to_string(),
+            });
+            return Err(PolicyError::Invalid(diags));
+        }
+    };
+    let locate = |id: &PolicyId| -> (&str, &str) {
+        origin
+            .get(AsRef::<str>::as_ref(id))
+            .and_then(|i| input.policies.get(*i))
+            .map_or(("<policy set>", ""), |s| (s.name.as_str(), s.text.as_str()))
+    };
+    let result = Validator::new(schema.clone()).validate(&all, ValidationMode::Strict);
+    for e in result.validation_errors() {
+        let (file, text) = locate(e.policy_id());
+        Diagnostic::from_miette(file, text, e, &mut diags);
+    }
+    let mut warnings = Vec::new();
+    for w in result.validation_warnings() {
+        let (file, text) = locate(w.policy_id());
+        Diagnostic::from_miette(file, text, w, &mut warnings);
+    }
+    if !diags.is_empty() {
+        return Err(PolicyError::Invalid(diags));
+    }
+
+    let forbids: HashSet<PolicyId> = policies
+        .iter()
+        .filter(|p| p.effect() == Effect::Forbid)
+        .map(|p| p.id().clone())
+        .collect();
+    let slices = slice_by_action(&schema, &policies, &shadow).map_err(|m| {
+        PolicyError::Invalid(vec![Diagnostic {
+            file: input.schema.name.clone(),
+            line: 1,
+            col: 1,
+            message: m,
+        }])
+    })?;
+    Ok(Compiled {
+        schema,
+        slices,
+        forbids,
+        enforced_count: policies.len() - shadow.len(),
+        shadow,
+        reasons,
+        files: input.policies.iter().map(|s| s.name.clone()).collect(),
+        warnings,
+    })
+}
+
+/// For every action of the schema, the policies whose action scope can match it. Evaluating
+/// only those gives the same decision as the whole set (a policy whose scope excludes the
+/// action can never be satisfied) and keeps latency flat as the set grows.
+fn slice_by_action(
+    schema: &Schema,
+    policies: &[Policy],
+    shadow: &HashSet<PolicyId>,
+) -> Result<HashMap<EntityUid, Slice>, String> {
+    let action_entities = schema.action_entities().map_err(|e| e.to_string())?;
+    let mut slices = HashMap::new();
+    for action in schema.actions() {
+        let mut lineage: HashSet<&EntityUid> = action_entities
+            .ancestors(action)
+            .map(|a| a.collect())
+            .unwrap_or_default();
+        lineage.insert(action);
+        let applies = |p: &Policy| match p.action_constraint() {
+            ActionConstraint::Any => true,
+            ActionConstraint::Eq(a) => lineage.contains(&a),
+            ActionConstraint::In(list) => list.iter().any(|a| lineage.contains(a)),
+        };
+        let matching: Vec<&Policy> = policies.iter().filter(|p| applies(p)).collect();
+        let enforced = PolicySet::from_policies(
+            matching
+                .iter()
+                .filter(|p| !shadow.contains(p.id()))
+                .map(|p| (*p).clone()),
+        )
+        .map_err(|e| e.to_string())?;
+        let with_shadow = if matching.iter().any(|p| shadow.contains(p.id())) {
+            Some(
+                PolicySet::from_policies(matching.iter().map(|p| (*p).clone()))
+                    .map_err(|e| e.to_string())?,
+            )
+        } else {
+            None
+        };
+        slices.insert(
+            action.clone(),
+            Slice {
+                enforced,
+                with_shadow,
+            },
+        );
+    }
+    Ok(slices)
+}
+
+/// Where entities come from: a name for messages and the Cedar entity JSON (an array).
+#[derive(Debug, Clone)]
+pub struct EntitySource {
+    pub name: String,
+    pub json: Value,
+}
+
+impl EntitySource {
+    /// Reads a Cedar entity JSON file.
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json = serde_json::from_str(&text).map_err(|e| PolicyError::Entities {
+            source_name: path.display().to_string(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        Ok(Self {
+            name: path.display().to_string(),
+            json,
+        })
+    }
+}
+
+/// Builds the entity store: the built-in entities plus each source, checked against the
+/// schema. A source that redefines an entity (including a built-in tool) is an error.
+pub fn build_entities(schema: &Schema, sources: &[EntitySource]) -> Result<Entities, PolicyError> {
+    let mut all = match builtin::entities_json() {
+        Value::Array(a) => a,
+        _ => Vec::new(),
+    };
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for v in &all {
+        seen.insert(uid_key(v), "<built-in>".into());
+    }
+    for src in sources {
+        let Value::Array(items) = &src.json else {
+            return Err(PolicyError::Entities {
+                source_name: src.name.clone(),
+                message: "must be a JSON array of Cedar entities".into(),
+            });
+        };
+        Entities::from_json_value(src.json.clone(), Some(schema)).map_err(|e| {
+            PolicyError::Entities {
+                source_name: src.name.clone(),
+                message: e.to_string(),
+            }
+        })?;
+        for item in items {
+            let key = uid_key(item);
+            if let Some(prev) = seen.insert(key.clone(), src.name.clone()) {
+                return Err(PolicyError::Entities {
+                    source_name: src.name.clone(),
+                    message: format!("entity {key} is already defined in {prev}"),
+                });
+            }
+            all.push(item.clone());
+        }
+    }
+    Entities::from_json_value(Value::Array(all), Some(schema)).map_err(|e| PolicyError::Entities {
+        source_name: "entities".into(),
+        message: e.to_string(),
+    })
+}
+
+fn uid_key(v: &Value) -> String {
+    let uid = v.get("uid");
+    let ty = uid
+        .and_then(|u| u.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    let id = uid
+        .and_then(|u| u.get("id"))
+        .and_then(Value::as_str)
+        .unwrap_or("?");
+    format!("{ty}::{id:?}")
+}
+
+/// A request to decide.
+#[derive(Debug, Clone)]
+pub struct PolicyRequest {
+    pub principal: EntityUid,
+    pub action: EntityUid,
+    pub resource: EntityUid,
+    pub context: Map<String, Value>,
+}
+
+impl PolicyRequest {
+    /// Parses `{"principal", "action", "resource", "context"}` (entity references in Cedar
+    /// syntax, e.g. `Chitin::User::"alice"`). Unknown keys are refused.
+    pub fn from_json(v: &Value) -> Result<Self, PolicyError> {
+        let obj = v
+            .as_object()
+            .ok_or_else(|| PolicyError::Request("the request must be a JSON object".into()))?;
+        for k in obj.keys() {
+            if !matches!(k.as_str(), "principal" | "action" | "resource" | "context") {
+                return Err(PolicyError::Request(format!(
+                    "unknown field `{k}` (expected principal, action, resource, context)"
+                )));
+            }
+        }
+        let uid = |field: &str| -> Result<EntityUid, PolicyError> {
+            let s = obj.get(field).and_then(Value::as_str).ok_or_else(|| {
+                PolicyError::Request(format!(
+                    "`{field}` must be a string like Chitin::User::\"alice\""
+                ))
+            })?;
+            EntityUid::from_str(s).map_err(|e| PolicyError::Request(format!("`{field}`: {e}")))
+        };
+        let context = match obj.get("context") {
+            None => Map::new(),
+            Some(Value::Object(m)) => m.clone(),
+            Some(_) => {
+                return Err(PolicyError::Request(
+                    "`context` must be a JSON object".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            principal: uid("principal")?,
+            action: uid("action")?,
+            resource: uid("resource")?,
+            context,
+        })
+    }
+
+    /// The action's id, e.g. `exec`.
+    pub fn action_name(&self) -> String {
+        self.action.id().unescaped().to_string()
+    }
+}
+
+/// The three outcomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    Deny,
+    ApprovalRequired,
+}
+
+impl Outcome {
+    /// `allow`, `deny` or `approval_required`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::ApprovalRequired => "approval_required",
+        }
+    }
+}
+
+/// A decision with its reasons.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// The enforced outcome.
+    pub decision: Outcome,
+    /// The determining policies: the permits that allow (or that approval would unlock), or
+    /// the forbids that deny (including forbids that errored). Empty for a default deny.
+    pub policies: Vec<String>,
+    /// Shadow policies that would have changed the outcome had they been enforced.
+    pub shadow: Vec<String>,
+    /// Evaluation errors, as `policy <id>: <message>`.
+    pub errors: Vec<String>,
+}
+
+/// One evaluation of one policy set.
+struct Eval {
+    allow: bool,
+    policies: BTreeSet<String>,
+    errors: Vec<String>,
+}
+
+fn evaluate(
+    set: &PolicySet,
+    req: &Request,
+    entities: &Entities,
+    forbids: &HashSet<PolicyId>,
+) -> Eval {
+    let resp = Authorizer::new().is_authorized(req, set, entities);
+    let mut policies: BTreeSet<String> = resp
+        .diagnostics()
+        .reason()
+        .map(ToString::to_string)
+        .collect();
+    let mut errors = Vec::new();
+    let mut errored_forbid = false;
+    for e in resp.diagnostics().errors() {
+        let id = err_policy(e);
+        errors.push(format!("policy {id}: {}", err_message(e)));
+        if forbids.contains(id) {
+            errored_forbid = true;
+        }
+    }
+    let allow = resp.decision() == CedarDecision::Allow && !errored_forbid;
+    if errored_forbid {
+        // The deny is determined by the forbids, the satisfied ones and the erroring ones.
+        policies = resp
+            .diagnostics()
+            .reason()
+            .filter(|id| forbids.contains(*id))
+            .map(ToString::to_string)
+            .collect();
+        for e in resp.diagnostics().errors() {
+            if forbids.contains(err_policy(e)) {
+                policies.insert(err_policy(e).to_string());
+            }
+        }
+    }
+    Eval {
+        allow,
+        policies,
+        errors,
+    }
+}
+
+fn err_policy(e: &cedar_policy::AuthorizationError) -> &PolicyId {
+    match e {
+        cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => pe.policy_id(),
+    }
+}
+
+fn err_message(e: &cedar_policy::AuthorizationError) -> String {
+    match e {
+        cedar_policy::AuthorizationError::PolicyEvaluationError(pe) => pe.inner().to_string(),
+    }
+}
+
+/// The decision procedure over one set: allow / deny / approval_required, with reasons.
+fn decide_in(
+    set: &PolicySet,
+    first: &Request,
+    approved: Option<&Request>,
+    entities: &Entities,
+    forbids: &HashSet<PolicyId>,
+) -> (Outcome, BTreeSet<String>, Vec<String>) {
+    let e = evaluate(set, first, entities, forbids);
+    if e.allow {
+        return (Outcome::Allow, e.policies, e.errors);
+    }
+    if let Some(alt) = approved {
+        let a = evaluate(set, alt, entities, forbids);
+        if a.allow {
+            return (Outcome::ApprovalRequired, a.policies, e.errors);
+        }
+    }
+    (Outcome::Deny, e.policies, e.errors)
+}
+
+/// Computes the derived context attributes for file tools and exec.
+fn derive_context(action: &str, ctx: &mut Map<String, Value>, state_dirs: &[PathBuf]) {
+    let string = |k: &str| ctx.get(k).and_then(Value::as_str).map(str::to_string);
+    let workspace = string("workspace").and_then(|w| normalize(Path::new(&w)));
+    let under_state = |p: &Path| state_dirs.iter().any(|s| p.starts_with(s));
+    let (target, extra_touch) = match action {
+        "read_file" | "list_dir" | "write_file" | "edit_file" => (string("path"), false),
+        "exec" => {
+            let cwd = string("cwd");
+            let cwd_path = cwd.as_deref().and_then(|c| normalize(Path::new(c)));
+            let argv_touch = ctx
+                .get("argv")
+                .and_then(Value::as_array)
+                .is_some_and(|argv| {
+                    argv.iter().filter_map(Value::as_str).any(|arg| {
+                        let joined = match &cwd_path {
+                            Some(c) if !arg.starts_with('/') => normalize(&c.join(arg)),
+                            _ => normalize(Path::new(arg)),
+                        };
+                        joined.as_deref().is_some_and(under_state)
+                            || state_dirs
+                                .iter()
+                                .any(|s| arg.contains(&*s.to_string_lossy()))
+                    })
+                });
+            (cwd, argv_touch)
+        }
+        _ => return,
+    };
+    let target = target.and_then(|t| normalize(Path::new(&t)));
+    let in_ws = match (&target, &workspace) {
+        (Some(t), Some(w)) => t.starts_with(w),
+        _ => false,
+    };
+    let touches = extra_touch || target.as_deref().is_some_and(under_state);
+    ctx.insert("in_workspace".into(), Value::Bool(in_ws));
+    ctx.insert("touches_state_dir".into(), Value::Bool(touches));
+}
+
+/// Lexical normalization of an absolute path (`.` and `..` resolved without touching the
+/// filesystem). `None` for a relative path. The gate canonicalizes real paths before they get
+/// here; this keeps hand-written requests honest too.
+pub fn normalize(p: &Path) -> Option<PathBuf> {
+    if !p.is_absolute() {
+        return None;
+    }
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    Some(out)
+}
+
+/// What an engine loads: where policies and entities come from, and Chitin's state dir.
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    /// A policy directory, or `None` for the built-in defaults.
+    pub policy_dir: Option<PathBuf>,
+    /// Entity files; a file that does not exist is skipped.
+    pub entity_files: Vec<PathBuf>,
+    /// Chitin's state directory (for `touches_state_dir`).
+    pub state_dir: Option<PathBuf>,
+}
+
+/// A compiled set with its entities: what a decision is made against.
+#[derive(Debug)]
+pub struct Active {
+    pub compiled: Compiled,
+    pub entities: Entities,
+    pub source: String,
+}
+
+/// Summary of a (re)load.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadReport {
+    pub source: String,
+    pub policies: usize,
+    pub shadow: usize,
+    pub files: usize,
+}
+
+/// The policy engine: the active set, swapped whole on a successful reload.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    spec: EngineSpec,
+    active: RwLock<Arc<Active>>,
+    last_error: Mutex<Option<String>>,
+    state_dirs: Vec<PathBuf>,
+}
+
+impl PolicyEngine {
+    /// Loads and validates; an invalid set is an error (refuse to start).
+    pub fn load(spec: EngineSpec) -> Result<Self, PolicyError> {
+        let active = Self::build(&spec)?;
+        let mut state_dirs = Vec::new();
+        if let Some(sd) = &spec.state_dir {
+            if let Some(n) = normalize(sd) {
+                state_dirs.push(n);
+            }
+            if let Ok(c) = std::fs::canonicalize(sd)
+                && !state_dirs.contains(&c)
+            {
+                state_dirs.push(c);
+            }
+        }
+        Ok(Self {
+            spec,
+            active: RwLock::new(Arc::new(active)),
+            last_error: Mutex::new(None),
+            state_dirs,
+        })
+    }
+
+    /// Builds an engine from an already compiled set (tests, `policy test`).
+    pub fn from_parts(compiled: Compiled, entities: Entities, state_dir: Option<PathBuf>) -> Self {
+        let spec = EngineSpec {
+            policy_dir: None,
+            entity_files: Vec::new(),
+            state_dir: state_dir.clone(),
+        };
+        Self {
+            spec,
+            active: RwLock::new(Arc::new(Active {
+                compiled,
+                entities,
+                source: "<in memory>".into(),
+            })),
+            last_error: Mutex::new(None),
+            state_dirs: state_dir.into_iter().collect(),
+        }
+    }
+
+    fn build(spec: &EngineSpec) -> Result<Active, PolicyError> {
+        let (input, source) = match &spec.policy_dir {
+            Some(d) => (PolicyInput::from_dir(d)?, d.display().to_string()),
+            None => (PolicyInput::embedded(), "<built-in defaults>".to_string()),
+        };
+        let compiled = compile(&input)?;
+        let mut sources = Vec::new();
+        for f in &spec.entity_files {
+            if f.exists() {
+                sources.push(EntitySource::from_file(f)?);
+            }
+        }
+        let entities = build_entities(compiled.schema(), &sources)?;
+        Ok(Active {
+            compiled,
+            entities,
+            source,
+        })
+    }
+
+    /// Re-reads policies and entities. On success the new set replaces the old one atomically;
+    /// on failure the old set stays active and the error is remembered (see [`Self::last_error`]).
+    pub fn reload(&self) -> Result<LoadReport, PolicyError> {
+        match Self::build(&self.spec) {
+            Ok(active) => {
+                let report = report_of(&active);
+                if let Ok(mut g) = self.active.write() {
+                    *g = Arc::new(active);
+                }
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                Ok(report)
+            }
+            Err(err) => {
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(err.to_string());
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// The error of the last failed reload, if the last reload failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// The active set.
+    pub fn active(&self) -> Arc<Active> {
+        match self.active.read() {
+            Ok(g) => Arc::clone(&g),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Summary of the active set.
+    pub fn report(&self) -> LoadReport {
+        report_of(&self.active())
+    }
+
+    /// Decides a request. `Err` means the request itself is malformed (unknown action,
+    /// context that does not match the schema, ...): callers must treat that as a deny.
+    pub fn decide(&self, req: &PolicyRequest) -> Result<Decision, PolicyError> {
+        let active = self.active();
+        let compiled = &active.compiled;
+        let schema = &compiled.schema;
+        let slice = compiled
+            .slices
+            .get(&req.action)
+            .ok_or_else(|| PolicyError::Request(format!("unknown action {}", req.action)))?;
+        let mut ctx = req.context.clone();
+        derive_context(&req.action_name(), &mut ctx, &self.state_dirs);
+        let build = |ctx: Map<String, Value>| -> Result<Request, PolicyError> {
+            let context = Context::from_json_value(Value::Object(ctx), Some((schema, &req.action)))
+                .map_err(|e| PolicyError::Request(format!("context: {e}")))?;
+            Request::new(
+                req.principal.clone(),
+                req.action.clone(),
+                req.resource.clone(),
+                context,
+                Some(schema),
+            )
+            .map_err(|e| PolicyError::Request(e.to_string()))
+        };
+        let approved_variant = match ctx.get("approved") {
+            Some(Value::Bool(false)) => {
+                let mut alt = ctx.clone();
+                alt.insert("approved".into(), Value::Bool(true));
+                Some(build(alt)?)
+            }
+            _ => None,
+        };
+        let first = build(ctx)?;
+        let (outcome, policies, errors) = decide_in(
+            &slice.enforced,
+            &first,
+            approved_variant.as_ref(),
+            &active.entities,
+            &compiled.forbids,
+        );
+        let mut shadow = Vec::new();
+        if let Some(with_shadow) = &slice.with_shadow {
+            let (s_outcome, s_policies, s_errors) = decide_in(
+                with_shadow,
+                &first,
+                approved_variant.as_ref(),
+                &active.entities,
+                &compiled.forbids,
+            );
+            if s_outcome != outcome {
+                shadow = s_policies
+                    .into_iter()
+                    .filter(|id| compiled.shadow.contains(&PolicyId::new(id)))
+                    .collect();
+                if shadow.is_empty() {
+                    // The change came from a shadow policy that errored or from one that is
+                    // not itself determining (e.g. a shadow forbid cancelling a permit).
+                    shadow = s_errors
+                        .iter()
+                        .filter_map(|e| e.strip_prefix("policy ").and_then(|r| r.split(':').next()))
+                        .filter(|id| compiled.shadow.contains(&PolicyId::new(*id)))
+                        .map(str::to_string)
+                        .collect();
+                }
+                shadow.sort();
+                shadow.dedup();
+            }
+        }
+        Ok(Decision {
+            decision: outcome,
+            policies: policies.into_iter().collect(),
+            shadow,
+            errors,
+        })
+    }
+}
+
+fn report_of(active: &Active) -> LoadReport {
+    LoadReport {
+        source: active.source.clone(),
+        policies: active.compiled.enforced_count,
+        shadow: active.compiled.shadow.len(),
+        files: active.compiled.files.len(),
+    }
+}
