@@ -1,0 +1,312 @@
+//! The gate canonicalizes before Cedar sees a request, and only it hands out `Authorized`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chitin::gate::{CallContext, Gate, GateError, Origin, ToolInput, Verdict};
+use chitin::policy::{EngineSpec, Outcome, PolicyEngine};
+use serde_json::json;
+
+struct Fixture {
+    _t: tempfile::TempDir,
+    gate: Gate,
+    ws: PathBuf,
+    home: PathBuf,
+    outside: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(home.join("secrets.age"), "x").unwrap();
+    let ents = home.join("entities.json");
+    std::fs::write(
+        &ents,
+        json!([
+            {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+            {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let ws = t.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    std::fs::write(ws.join("notes.md"), "hi").unwrap();
+    let outside = t.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "s").unwrap();
+    let engine = PolicyEngine::load(EngineSpec {
+        policy_dir: None,
+        entity_files: vec![ents],
+        state_dir: Some(home.clone()),
+    })
+    .unwrap();
+    Fixture {
+        gate: Gate::new(Arc::new(engine)),
+        ws,
+        home,
+        outside,
+        _t: t,
+    }
+}
+
+fn call(ws: &Path) -> CallContext {
+    CallContext {
+        user: "owner".into(),
+        origin: Origin::Model,
+        session: "s1".into(),
+        workspace: ws.to_path_buf(),
+    }
+}
+
+fn outcome(v: &Verdict) -> Outcome {
+    v.decision().decision
+}
+
+#[test]
+fn a_read_inside_the_workspace_is_authorized_for_exactly_that_request() {
+    let f = fixture();
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "notes.md".into(),
+            },
+            false,
+        )
+        .unwrap();
+    let Verdict::Allowed(auth, _) = v else {
+        panic!("expected allow, got {v:?}")
+    };
+    assert_eq!(auth.action(), "read_file");
+    assert_eq!(auth.principal(), "Chitin::User::\"owner\"");
+    assert_eq!(auth.policies(), ["tools.owner-files-in-workspace"]);
+}
+
+#[test]
+fn a_symlink_in_the_workspace_is_judged_by_its_target() {
+    let f = fixture();
+    std::os::unix::fs::symlink(f.outside.join("secret.txt"), f.ws.join("innocent.md")).unwrap();
+    let req = f
+        .gate
+        .tool_request(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "innocent.md".into(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        req.context["path"],
+        json!(f.outside.join("secret.txt").canonicalize().unwrap())
+    );
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "innocent.md".into(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+}
+
+#[test]
+fn a_symlinked_directory_pointing_at_the_state_dir_hits_the_guard() {
+    let f = fixture();
+    std::os::unix::fs::symlink(&f.home, f.ws.join("cache")).unwrap();
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "cache/secrets.age".into(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+    assert_eq!(v.decision().policies, vec!["guard.state-dir-off-limits"]);
+    // Writing a new file through the link is caught the same way.
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "cache/new.txt".into(),
+            },
+            true,
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+    assert!(
+        v.decision()
+            .policies
+            .contains(&"guard.state-dir-off-limits".to_string())
+    );
+}
+
+#[test]
+fn dot_dot_paths_are_resolved_before_the_decision() {
+    let f = fixture();
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "../outside/secret.txt".into(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+}
+
+#[test]
+fn a_path_that_cannot_be_canonicalized_is_refused_as_invalid_input() {
+    let f = fixture();
+    let err = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "missing/x".into(),
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, GateError::InvalidPath { .. }), "{err}");
+    let err = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "no/such/dir/x".into(),
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("parent directory cannot be resolved"),
+        "{err}"
+    );
+    let err = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "a\0b".into(),
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, GateError::InvalidPath { .. }), "{err}");
+    let err = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "sub/..".into(),
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(matches!(err, GateError::InvalidPath { .. }), "{err}");
+}
+
+#[test]
+fn a_new_file_in_the_workspace_may_be_written() {
+    let f = fixture();
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "out.txt".into(),
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Allow);
+}
+
+#[test]
+fn exec_sees_the_real_program_behind_a_symlink() {
+    let f = fixture();
+    std::os::unix::fs::symlink("/bin/rm", f.ws.join("ls")).unwrap();
+    let req = f
+        .gate
+        .tool_request(
+            &call(&f.ws),
+            &ToolInput::Exec {
+                argv: vec!["./ls".into(), "-rf".into()],
+                cwd: None,
+                network: false,
+            },
+            false,
+        )
+        .unwrap();
+    assert_eq!(req.context["command"], json!("rm"));
+    let err = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::Exec {
+                argv: vec!["no-such-program-xyz".into()],
+                cwd: None,
+                network: false,
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("program not found"), "{err}");
+}
+
+#[test]
+fn an_approval_binds_to_the_exact_request() {
+    let f = fixture();
+    let ask = |argv: &[&str]| {
+        let input = ToolInput::Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+            network: true,
+        };
+        match f.gate.check_tool(&call(&f.ws), &input, false).unwrap() {
+            Verdict::ApprovalRequired { request_digest, .. } => request_digest,
+            other => panic!("expected approval_required, got {other:?}"),
+        }
+    };
+    let a = ask(&["rm", "./tmp/a"]);
+    assert_eq!(
+        a,
+        ask(&["rm", "./tmp/a"]),
+        "the same request has the same binding"
+    );
+    assert_ne!(
+        a,
+        ask(&["rm", "./tmp/b"]),
+        "another request has another binding"
+    );
+    // Redeeming the approval: the same request, approved, yields an Authorized bound to it.
+    let input = ToolInput::Exec {
+        argv: vec!["rm".into(), "./tmp/a".into()],
+        cwd: None,
+        network: true,
+    };
+    let Verdict::Allowed(auth, _) = f.gate.check_tool(&call(&f.ws), &input, true).unwrap() else {
+        panic!()
+    };
+    assert_eq!(auth.request_digest(), &a);
+}
