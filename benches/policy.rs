@@ -1,0 +1,126 @@
+//! Decision latency of the policy engine (`cargo bench --bench policy`).
+//!
+//! Measures `PolicyEngine::decide` end to end (context derivation, schema-checked request
+//! construction, evaluation, approval and shadow passes) for:
+//! 1. the default policies;
+//! 2. 500 generated policies + 1,000 entities spread over the actions (a realistic estate);
+//! 3. 500 generated policies all on the `exec` action (the worst case for per-action slicing).
+//! Run under `cargo test` it does nothing (no `--bench` argument), so CI stays fast.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark harness")]
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use chitin::policy::{self, EntitySource, PolicyEngine, PolicyInput, PolicyRequest, Source};
+use serde_json::{Value, json};
+
+const ACTIONS: &[&str] = &["exec", "read_file", "list_dir", "write_file", "edit_file", "web_fetch", "send_message"];
+
+fn entities(n_users: usize, n_groups: usize) -> Value {
+    let mut v = vec![json!({"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []})];
+    for g in 0..n_groups {
+        v.push(json!({"uid": {"type": "Chitin::Group", "id": format!("g{g}")}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]}));
+    }
+    for u in 0..n_users {
+        v.push(json!({"uid": {"type": "Chitin::User", "id": format!("u{u}")}, "attrs": {},
+                      "parents": [{"type": "Chitin::Group", "id": format!("g{}", u % n_groups)}]}));
+    }
+    Value::Array(v)
+}
+
+fn generated(n: usize, spread: bool) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let action = if spread { ACTIONS[i % ACTIONS.len()] } else { "exec" };
+        let g = i % 50;
+        let body = match action {
+            "exec" => format!("context.command == \"tool{i}\" && !context.network"),
+            "web_fetch" => format!("context.host == \"host{i}.example\""),
+            "send_message" => format!("context.target == \"chan{i}\""),
+            _ => format!("context.path like \"/data/g{g}/p{i}/*\""),
+        };
+        let effect = if i % 10 == 0 { "forbid" } else { "permit" };
+        s.push_str(&format!(
+            "@id(\"gen.{i}\")\n{effect} (principal in Chitin::Group::\"g{g}\", action == Chitin::Action::\"{action}\", resource)\nwhen {{ {body} }};\n"
+        ));
+    }
+    s
+}
+
+fn exec_req(user: &str) -> PolicyRequest {
+    PolicyRequest::from_json(&json!({
+        "principal": format!("Chitin::User::\"{user}\""),
+        "action": "Chitin::Action::\"exec\"",
+        "resource": "Chitin::Tool::\"exec\"",
+        "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+                    "command": "ls", "argv": ["ls", "-la"], "cwd": "/w", "network": true}
+    }))
+    .unwrap()
+}
+
+fn measure(name: &str, engine: &PolicyEngine, reqs: &[PolicyRequest], iters: usize) {
+    for r in reqs.iter().cycle().take(1000) {
+        engine.decide(r).unwrap();
+    }
+    let mut samples = Vec::with_capacity(iters);
+    for r in reqs.iter().cycle().take(iters) {
+        let t = Instant::now();
+        let d = engine.decide(r).unwrap();
+        samples.push(t.elapsed().as_nanos() as f64 / 1000.0);
+        std::hint::black_box(d);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
+    println!(
+        "{name:<48} n={iters:>6}  p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us",
+        pct(0.50),
+        pct(0.99),
+        samples[samples.len() - 1]
+    );
+}
+
+fn engine_with(extra: Option<String>, ents: Value) -> PolicyEngine {
+    let mut input = PolicyInput::embedded();
+    if let Some(text) = extra {
+        input.policies.push(Source { name: "generated.cedar".into(), text });
+    }
+    let compiled = policy::compile(&input).unwrap();
+    let entities = policy::build_entities(compiled.schema(), &[EntitySource { name: "bench".into(), json: ents }]).unwrap();
+    PolicyEngine::from_parts(compiled, entities, Some(PathBuf::from("/srv/chitin")))
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let iters = 20_000;
+    // Requests alternate between a file read (allow), an exec needing approval (two passes)
+    // and a default deny.
+    let users: Vec<String> = (0..100).map(|u| format!("u{u}")).collect();
+    let mut reqs = Vec::new();
+    for u in &users {
+        reqs.push(exec_req(u));
+        reqs.push(
+            PolicyRequest::from_json(&json!({
+                "principal": format!("Chitin::User::\"{u}\""),
+                "action": "Chitin::Action::\"read_file\"", "resource": "Chitin::Tool::\"read_file\"",
+                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w", "path": "/w/a.txt"}
+            }))
+            .unwrap(),
+        );
+        reqs.push(
+            PolicyRequest::from_json(&json!({
+                "principal": format!("Chitin::User::\"{u}\""),
+                "action": "Chitin::Action::\"web_fetch\"", "resource": "Chitin::Tool::\"web_fetch\"",
+                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+                            "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true}
+            }))
+            .unwrap(),
+        );
+    }
+    let ents = entities(950, 50);
+    println!("entities: {} (plus the built-in tools)", ents.as_array().map_or(0, Vec::len));
+    measure("default policies (15)", &engine_with(None, ents.clone()), &reqs, iters);
+    measure("default + 500 generated, spread over 7 actions", &engine_with(Some(generated(500, true)), ents.clone()), &reqs, iters);
+    measure("default + 500 generated, all on exec", &engine_with(Some(generated(500, false)), ents), &reqs, iters);
+}
