@@ -136,8 +136,10 @@ pub fn decrypt_into(
     out: &mut Zeroizing<Vec<u8>>,
 ) -> Result<(), DecryptFailure> {
     let max = keys.max_work_factor;
-    let reader = age::armor::ArmoredReader::new(input);
-    let decryptor = age::Decryptor::new(reader).map_err(|e| header_failure(e, max))?;
+    let binary = dearmor(input)?;
+    check_stanza_bodies(&binary)?;
+    let decryptor =
+        age::Decryptor::new_buffered(&binary[..]).map_err(|e| header_failure(e, max))?;
     let passphrase_only = decryptor.is_scrypt();
     let scrypt_ids = keys.scrypt_identities();
     let ids: Vec<&dyn age::Identity> = keys
@@ -174,6 +176,88 @@ pub fn decrypt_into(
             Err(e) => return Err(DecryptFailure::Payload(e.to_string())),
         }
     }
+}
+
+const ARMOR_BEGIN: &[u8] = b"-----BEGIN AGE ENCRYPTED FILE-----";
+const BINARY_INTRO: &[u8] = b"age-encryption.org/";
+
+fn is_ws(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Returns the binary age file: `input` itself, or the decoded ASCII armor. Whitespace
+/// around an armored file is allowed (age spec); anything else that looks like armor but is
+/// not exactly the age armor is an armor failure.
+fn dearmor(input: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, DecryptFailure> {
+    if input.starts_with(BINARY_INTRO) {
+        return Ok(std::borrow::Cow::Borrowed(input));
+    }
+    let start = input.iter().position(|b| !is_ws(b)).unwrap_or(input.len());
+    let end = input
+        .iter()
+        .rposition(|b| !is_ws(b))
+        .map_or(start, |e| e + 1);
+    let trimmed = input.get(start..end.max(start)).unwrap_or_default();
+    if !trimmed.starts_with(ARMOR_BEGIN) {
+        let looks_armored = input
+            .split(|b| *b == b'\n')
+            .any(|line| line.starts_with(b"-----"));
+        return if looks_armored {
+            Err(DecryptFailure::Armor(
+                "no `-----BEGIN AGE ENCRYPTED FILE-----` line at the start".into(),
+            ))
+        } else {
+            Ok(std::borrow::Cow::Borrowed(input))
+        };
+    }
+    // Keep the final line break after the END line: the armor grammar wants it.
+    let with_eol = match input.get(end..) {
+        Some(rest) if rest.starts_with(b"\r\n") => end + 2,
+        Some(rest) if rest.starts_with(b"\n") => end + 1,
+        _ => end,
+    };
+    let armored = input.get(start..with_eol).unwrap_or_default();
+    let mut reader = age::armor::ArmoredReader::new(armored);
+    let mut binary = Vec::with_capacity(armored.len());
+    match reader.read_to_end(&mut binary) {
+        Ok(_) => Ok(std::borrow::Cow::Owned(binary)),
+        Err(e) => Err(DecryptFailure::Armor(e.to_string())),
+    }
+}
+
+/// The age header grammar: every recipient stanza ends with a body line shorter than 64
+/// columns (possibly empty). The age crate accepts a missing final line; Chitin refuses it,
+/// as the spec and the reference implementation do.
+fn check_stanza_bodies(binary: &[u8]) -> Result<(), DecryptFailure> {
+    if !binary.starts_with(b"age-encryption.org/v1\n") {
+        return Ok(()); // age reports the version / format error
+    }
+    let mut in_stanza = false;
+    let mut body_done = true;
+    for line in binary.split(|b| *b == b'\n').skip(1) {
+        if line.starts_with(b"---") {
+            break;
+        }
+        if line.starts_with(b"-> ") || line == b"->" {
+            if in_stanza && !body_done {
+                return Err(DecryptFailure::Header(
+                    "a recipient stanza does not end with a short body line".into(),
+                ));
+            }
+            in_stanza = true;
+            body_done = false;
+            continue;
+        }
+        if in_stanza && !body_done {
+            body_done = line.len() < 64;
+        }
+    }
+    if in_stanza && !body_done {
+        return Err(DecryptFailure::Header(
+            "a recipient stanza does not end with a short body line".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Grows `buf` so `extra` more bytes fit without a reallocation that would leave an unwiped
