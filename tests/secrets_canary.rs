@@ -42,7 +42,7 @@ fn forms(v: &str) -> Vec<(String, String)> {
     let b = v.as_bytes();
     let pct_all =
         percent_encoding::percent_encode(b, percent_encoding::NON_ALPHANUMERIC).to_string();
-    let mut out = vec![
+    let out = vec![
         ("raw".to_string(), v.to_string()),
         ("base64".into(), STANDARD.encode(b)),
         ("base64-nopad".into(), STANDARD_NO_PAD.encode(b)),

@@ -359,31 +359,31 @@ pub(crate) fn load(
         });
     };
 
-    if let Some(c) = &cache {
-        if let Some(text) = c.get() {
-            if let Ok(id) = parse_identity_text(&text) {
-                let matches = match store {
-                    None => true,
-                    Some((_, bytes)) => !matches!(
-                        format::decrypt_all(
-                            bytes,
-                            &DecryptKeys::new(cfg.max_scrypt_work_factor).with_x25519(id.clone())
-                        ),
-                        Err(DecryptFailure::NoMatch)
+    if let Some(c) = &cache
+        && let Some(text) = c.get()
+    {
+        if let Ok(id) = parse_identity_text(&text) {
+            let matches = match store {
+                None => true,
+                Some((_, bytes)) => !matches!(
+                    format::decrypt_all(
+                        bytes,
+                        &DecryptKeys::new(cfg.max_scrypt_work_factor).with_x25519(id.clone())
                     ),
-                };
-                if matches {
-                    return Ok(Loaded {
-                        identity: Some(id),
-                        protection,
-                        passphrase: None,
-                        cache,
-                    });
-                }
+                    Err(DecryptFailure::NoMatch)
+                ),
+            };
+            if matches {
+                return Ok(Loaded {
+                    identity: Some(id),
+                    protection,
+                    passphrase: None,
+                    cache,
+                });
             }
-            // Stale or damaged cache entry: drop it and unlock the file.
-            c.clear();
         }
+        // Stale or damaged cache entry: drop it and unlock the file.
+        c.clear();
     }
 
     let pass = src.passphrase(&paths.encrypted, false)?;

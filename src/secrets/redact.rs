@@ -196,8 +196,7 @@ impl StreamRedactor<'_> {
     /// Flushes what was held back.
     pub fn finish(mut self) -> Vec<u8> {
         let carry = std::mem::take(&mut self.carry);
-        let out = self.redactor.redact_bytes(&carry).into_owned();
-        out
+        self.redactor.redact_bytes(&carry).into_owned()
     }
 }
 
@@ -209,18 +208,18 @@ fn encodings(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
         return out;
     }
     push(v.to_vec());
-    if let Ok(s) = std::str::from_utf8(v) {
-        if let Ok(json) = serde_json::to_string(s) {
-            let inner = json
-                .strip_prefix('"')
-                .and_then(|j| j.strip_suffix('"'))
-                .unwrap_or_default();
-            if inner.as_bytes() != v {
-                push(inner.as_bytes().to_vec());
-            }
-            let mut json = json;
-            zeroize::Zeroize::zeroize(&mut json);
+    if let Ok(s) = std::str::from_utf8(v)
+        && let Ok(json) = serde_json::to_string(s)
+    {
+        let inner = json
+            .strip_prefix('"')
+            .and_then(|j| j.strip_suffix('"'))
+            .unwrap_or_default();
+        if inner.as_bytes() != v {
+            push(inner.as_bytes().to_vec());
         }
+        let mut json = json;
+        zeroize::Zeroize::zeroize(&mut json);
     }
     for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
         push(engine.encode(v).into_bytes());
@@ -234,10 +233,10 @@ fn encodings(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
             let enc = Zeroizing::new(engine.encode(&shifted[..]).into_bytes());
             let start = (8 * k).div_ceil(6);
             let end = (8 * (k + v.len())) / 6;
-            if let Some(core) = enc.get(start..end) {
-                if core.len() >= MIN_PATTERN {
-                    push(core.to_vec());
-                }
+            if let Some(core) = enc.get(start..end)
+                && core.len() >= MIN_PATTERN
+            {
+                push(core.to_vec());
             }
         }
     }

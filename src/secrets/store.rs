@@ -191,6 +191,15 @@ impl SecretStore {
         &self.protection
     }
 
+    /// Drops the unlocked identity from the kernel keyring cache (the next process needs the
+    /// passphrase again). The durable passphrase-encrypted file is untouched. Also what a
+    /// reboot does.
+    pub fn forget_cached_identity(&self) {
+        if let Some(c) = &self.cache {
+            c.clear();
+        }
+    }
+
     /// The store file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -326,7 +335,7 @@ impl SecretStore {
     ) -> Result<&SecretValue, SecretsError> {
         let (name, entry) = self.authorized_entry(authz)?;
         let host_n = normalize_host(host);
-        if !entry.audience.iter().any(|a| *a == host_n) {
+        if !entry.audience.contains(&host_n) {
             return Err(SecretsError::ReleaseRefused {
                 name: name.to_string(),
                 reason: format!(
@@ -774,6 +783,34 @@ mod tests {
             s.release_to_tool_env(&user, &rec),
             Err(SecretsError::ReleaseRefused { .. })
         ));
+    }
+
+    #[test]
+    fn a_tool_that_prints_its_environment_shows_the_model_only_redacted_output() {
+        let (_d, s) = with_secret();
+        let rec = Rec::default();
+        let a = Authorized::for_test(
+            "Chitin::Tool::\"printenv\"",
+            "secret.use",
+            "Chitin::Secret::\"OPENAI\"",
+        );
+        let (name, v) = s.release_to_tool_env(&a, &rec).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("env; env | base64 -w0; echo; env | od -An -tx1 | tr -d ' \\n'")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env(name.as_str(), v.expose_str().unwrap())
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("sk-canary-123456"));
+        let shown = s.redactor().redact_bytes(&out.stdout).into_owned();
+        let shown = String::from_utf8(shown).unwrap();
+        assert!(shown.contains("OPENAI=[REDACTED:OPENAI]"), "{shown}");
+        assert!(
+            s.redactor().find_leak(shown.as_bytes()).is_none(),
+            "{shown}"
+        );
     }
 
     #[test]
