@@ -48,6 +48,16 @@ pub enum SecretsCmd {
     ExportIdentity,
     /// Show where the store is and what protects its identity.
     Status,
+    /// Measure redaction throughput and store latency (BENCHMARKS.secrets.md).
+    #[command(hide = true)]
+    Bench {
+        /// Number of secrets in the store / redactor.
+        #[arg(long, default_value_t = 64)]
+        secrets: usize,
+        /// Size of the text to redact, in KiB.
+        #[arg(long, default_value_t = 1024)]
+        kib: usize,
+    },
 }
 
 fn who() -> String {
@@ -62,6 +72,9 @@ fn parse_name(s: &str) -> Result<SecretName, crate::secrets::SecretsError> {
 }
 
 pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
+    if let SecretsCmd::Bench { secrets, kib } = cmd {
+        return bench(secrets, kib);
+    }
     let cfg = globals.load_config()?.secrets;
     let home = &globals.home;
     let audit = FileSecretAudit::new(home, Arc::new(SystemClock));
@@ -223,6 +236,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             out.write_all(text.as_bytes())?;
             out.flush()?;
         }
+        SecretsCmd::Bench { .. } => {}
         SecretsCmd::Status => {
             let store = open()?;
             let mut out = std::io::stdout().lock();
@@ -261,4 +275,128 @@ fn read_value(name: &SecretName) -> Result<SecretValue, Box<dyn std::error::Erro
     }
     SecretValue::read_from(&mut stdin.lock())
         .map_err(|e| format!("cannot read the value from stdin: {e}").into())
+}
+
+/// `chitin secrets bench`: redactor build time and throughput, store set/open latency
+/// (X25519 path, plaintext identity so scrypt is not measured), scrypt unlock at the default
+/// work factor.
+fn bench(count: usize, kib: usize) -> CmdResult {
+    use std::time::Instant;
+
+    use crate::config::secrets::{IdentityBackend, SecretsConfig};
+    use crate::secrets::identity::FixedPassphrase;
+
+    let dir = std::env::temp_dir().join(format!("chitin-secrets-bench-{}", std::process::id()));
+    crate::secrets::fsutil::ensure_dir(&dir)?;
+    let result = (|| -> CmdResult {
+        let cfg = SecretsConfig {
+            backend: IdentityBackend::File,
+            allow_plaintext_identity: true,
+            ..SecretsConfig::default()
+        };
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(SystemClock);
+        let pass = || {
+            Box::new(FixedPassphrase(age::secrecy::SecretString::from(
+                "bench".to_string(),
+            )))
+        };
+        let mut store = SecretStore::open_with(&dir, &cfg, pass(), clock.clone())?;
+        let mut set_ms = Vec::new();
+        for i in 0..count {
+            let name = SecretName::parse(&format!("S{i}")).map_err(|e| e.to_string())?;
+            let value =
+                SecretValue::from_bytes(format!("sk-bench-{i:04}-{:032x}", i * 7919).into_bytes());
+            let t = Instant::now();
+            store.set(&name, value, &["api.example.com".to_string()])?;
+            set_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let t = Instant::now();
+        let reopened = SecretStore::open_with(&dir, &cfg, pass(), clock.clone())?;
+        let open_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = Instant::now();
+        let redactor = reopened.redactor();
+        let build_ms = t.elapsed().as_secs_f64() * 1e3;
+
+        // Text with one secret every ~4 KiB, the rest ordinary log text.
+        let mut text = String::with_capacity(kib * 1024 + 128);
+        let mut i = 0usize;
+        while text.len() < kib * 1024 {
+            text.push_str("2026-11-21T08:00:00Z INFO agent: tool call finished in 12 ms, 4096 bytes of output; nothing to see here. ");
+            if i % 40 == 0 {
+                text.push_str(&format!(
+                    "sk-bench-{:04}-{:032x} ",
+                    (i / 40) % count.max(1),
+                    ((i / 40) % count.max(1)) * 7919
+                ));
+            }
+            i += 1;
+        }
+        let rounds = 5;
+        let t = Instant::now();
+        let mut redacted_len = 0;
+        for _ in 0..rounds {
+            redacted_len = redactor.redact(&text).len();
+        }
+        let secs = t.elapsed().as_secs_f64() / f64::from(rounds);
+        let clean = "x".repeat(kib * 1024);
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let _ = redactor.redact(&clean);
+        }
+        let clean_secs = t.elapsed().as_secs_f64() / f64::from(rounds);
+
+        let t = Instant::now();
+        let sealed = crate::secrets::format::encrypt_with_passphrase(
+            b"AGE-SECRET-KEY-1BENCH",
+            age::secrecy::SecretString::from("bench".to_string()),
+            cfg.scrypt_work_factor,
+        )?;
+        let wrap_ms = t.elapsed().as_secs_f64() * 1e3;
+        let keys = crate::secrets::format::DecryptKeys::new(cfg.max_scrypt_work_factor)
+            .with_passphrase(age::secrecy::SecretString::from("bench".to_string()));
+        let t = Instant::now();
+        crate::secrets::format::decrypt_all(&sealed, &keys).map_err(|e| e.to_string())?;
+        let unwrap_ms = t.elapsed().as_secs_f64() * 1e3;
+
+        set_ms.sort_by(f64::total_cmp);
+        let median = set_ms.get(set_ms.len() / 2).copied().unwrap_or(0.0);
+        let mb = (kib as f64) / 1024.0;
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "secrets: {count}, store file: {} bytes",
+            std::fs::metadata(reopened.path())?.len()
+        )?;
+        writeln!(
+            out,
+            "set (encrypt + fsync + rename), median of {count}: {median:.2} ms"
+        )?;
+        writeln!(
+            out,
+            "open (read + decrypt + parse {count} secrets): {open_ms:.2} ms"
+        )?;
+        writeln!(
+            out,
+            "redactor build ({count} secrets, all encodings): {build_ms:.2} ms, longest pattern {} bytes",
+            redactor.max_pattern_len()
+        )?;
+        writeln!(
+            out,
+            "redact {kib} KiB with secrets: {:.1} MB/s (output {redacted_len} bytes)",
+            mb / secs
+        )?;
+        writeln!(
+            out,
+            "redact {kib} KiB without secrets: {:.1} MB/s",
+            mb / clean_secs
+        )?;
+        writeln!(
+            out,
+            "scrypt identity wrap / unwrap at log_n = {}: {wrap_ms:.0} ms / {unwrap_ms:.0} ms",
+            cfg.scrypt_work_factor
+        )?;
+        Ok(ExitCode::SUCCESS)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
