@@ -322,7 +322,7 @@ fn bench(count: usize, kib: usize) -> CmdResult {
         let mut i = 0usize;
         while text.len() < kib * 1024 {
             text.push_str("2026-11-21T08:00:00Z INFO agent: tool call finished in 12 ms, 4096 bytes of output; nothing to see here. ");
-            if i % 40 == 0 {
+            if i.is_multiple_of(40) {
                 text.push_str(&format!(
                     "sk-bench-{:04}-{:032x} ",
                     (i / 40) % count.max(1),

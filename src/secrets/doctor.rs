@@ -38,6 +38,18 @@ pub fn findings(home: &Path, cfg: &SecretsConfig) -> Vec<Finding> {
             fix: "edit the [secrets] section of chitin.toml".into(),
         });
     }
+    if cfg.backend != IdentityBackend::File && cfg.scrypt_work_factor < 16 {
+        out.push(Finding {
+            id: "secrets.weak_scrypt",
+            severity: Severity::Warn,
+            message: format!(
+                "[secrets] scrypt_work_factor = {} makes passphrase guessing cheap",
+                cfg.scrypt_work_factor
+            ),
+            fix: "use scrypt_work_factor = 18 (the default), then `chitin secrets rotate-key`"
+                .into(),
+        });
+    }
     let uid = fsutil::effective_uid().ok();
     for name in [
         STORE_FILE,

@@ -112,6 +112,11 @@ pub enum SecretsError {
         "audit record for secret `{name}` could not be written ({reason}); the value was not released"
     )]
     AuditFailed { name: String, reason: String },
+    #[error(
+        "secret store {path} was changed by another process since it was opened; nothing was \
+         written, run the command again"
+    )]
+    ConcurrentModification { path: PathBuf },
     #[error("encryption failed: {0}")]
     Encrypt(String),
     #[error("secret store contents are malformed: {0}")]

@@ -52,6 +52,16 @@ pub struct SecretStore {
     passphrase: Option<SecretString>,
     cache: Option<KeyringCache>,
     entries: BTreeMap<SecretName, Entry>,
+    /// SHA-256 of `secrets.age` as last read or written by this handle (None: no file).
+    on_disk: Option<[u8; 32]>,
+}
+
+/// The lock file that serializes writers (`flock`-style, released when dropped).
+pub const LOCK_FILE: &str = "secrets.lock";
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).into()
 }
 
 #[derive(Deserialize)]
@@ -118,6 +128,7 @@ impl SecretStore {
             passphrase: loaded.passphrase,
             cache: loaded.cache,
             entries,
+            on_disk: sealed.as_ref().map(|b| digest(b)),
         })
     }
 
@@ -139,8 +150,11 @@ impl SecretStore {
             }
         })?;
         let path = home.join(STORE_FILE);
-        let entries = match fsutil::read_private(&path)? {
-            Some(bytes) => decrypt_store(&path, &bytes, &id, cfg)?,
+        fsutil::ensure_dir(home)?;
+        let _guard = lock_writers(home)?;
+        let sealed = fsutil::read_private(&path)?;
+        let entries = match &sealed {
+            Some(bytes) => decrypt_store(&path, bytes, &id, cfg)?,
             None => BTreeMap::new(),
         };
         let cache = match cfg.backend {
@@ -183,6 +197,7 @@ impl SecretStore {
             passphrase,
             cache,
             entries,
+            on_disk: sealed.as_ref().map(|b| digest(b)),
         })
     }
 
@@ -243,6 +258,7 @@ impl SecretStore {
                 reason,
             })?;
         let audience = normalize_audience(audience)?;
+        let _guard = self.begin_write()?;
         self.ensure_identity()?;
         let now = self.clock.now_ms();
         let previous = self.entries.remove(name);
@@ -260,7 +276,7 @@ impl SecretStore {
                 updated_ms: now,
             },
         );
-        if let Err(e) = self.write() {
+        if let Err(e) = self.write_locked() {
             // Keep memory equal to disk.
             self.entries.remove(name);
             if let Some(p) = previous {
@@ -273,10 +289,14 @@ impl SecretStore {
 
     /// Removes a secret and writes the store.
     pub fn remove(&mut self, name: &SecretName) -> Result<(), SecretsError> {
+        if !self.entries.contains_key(name) {
+            return Err(SecretsError::NotFound(name.to_string()));
+        }
+        let _guard = self.begin_write()?;
         let Some(old) = self.entries.remove(name) else {
             return Err(SecretsError::NotFound(name.to_string()));
         };
-        if let Err(e) = self.write() {
+        if let Err(e) = self.write_locked() {
             self.entries.insert(name.clone(), old);
             return Err(e);
         }
@@ -292,11 +312,12 @@ impl SecretStore {
                 "(no store yet: nothing to rotate)".into(),
             ));
         };
+        let _guard = self.begin_write()?;
         let new = age::x25519::Identity::generate();
         let plain = self.serialize();
         let both = format::encrypt_to_recipients(&plain, &[old.to_public(), new.to_public()])
             .map_err(SecretsError::Encrypt)?;
-        fsutil::write_atomic(&self.path, &both)?;
+        self.commit(&both)?;
         let pass = identity::store(
             &self.home,
             &self.cfg,
@@ -308,7 +329,7 @@ impl SecretStore {
         )?;
         self.passphrase = pass;
         self.identity = Some(new);
-        self.write()
+        self.write_locked()
     }
 
     /// The identity in age identity-file format, for `export-identity` (backups).
@@ -440,6 +461,14 @@ impl SecretStore {
         if self.identity.is_some() {
             return Ok(());
         }
+        // Another process may have created the identity since this handle was opened;
+        // writing a second one would orphan its store.
+        let paths = identity::IdentityPaths::new(&self.home);
+        if fsutil::exists(&paths.encrypted) || fsutil::exists(&paths.plaintext) {
+            return Err(SecretsError::ConcurrentModification {
+                path: self.path.clone(),
+            });
+        }
         let id = age::x25519::Identity::generate();
         let pass = identity::store(
             &self.home,
@@ -496,16 +525,55 @@ impl SecretStore {
         out
     }
 
-    fn write(&self) -> Result<(), SecretsError> {
+    /// Takes the writer lock and checks that nobody changed the store since this handle
+    /// read it (optimistic concurrency: no lost updates between two `chitin` processes).
+    fn begin_write(&self) -> Result<std::fs::File, SecretsError> {
+        fsutil::ensure_dir(&self.home)?;
+        let guard = lock_writers(&self.home)?;
+        let now = fsutil::read_private(&self.path)?.map(|b| digest(&b));
+        if now != self.on_disk {
+            return Err(SecretsError::ConcurrentModification {
+                path: self.path.clone(),
+            });
+        }
+        Ok(guard)
+    }
+
+    /// Writes new store bytes (caller holds the lock).
+    fn commit(&mut self, sealed: &[u8]) -> Result<(), SecretsError> {
+        fsutil::write_atomic(&self.path, sealed)?;
+        self.on_disk = Some(digest(sealed));
+        Ok(())
+    }
+
+    /// Encrypts the current entries to the current identity and commits (lock held).
+    fn write_locked(&mut self) -> Result<(), SecretsError> {
         let Some(id) = &self.identity else {
             return Err(SecretsError::Encrypt("no identity".into()));
         };
         let plain = self.serialize();
         let sealed = format::encrypt_to_recipients(&plain, &[id.to_public()])
             .map_err(SecretsError::Encrypt)?;
-        fsutil::ensure_dir(&self.home)?;
-        fsutil::write_atomic(&self.path, &sealed)
+        self.commit(&sealed)
     }
+}
+
+/// Opens `secrets.lock` (0600, no symlinks) and takes an exclusive lock on it; the lock is
+/// released when the returned file is dropped.
+fn lock_writers(home: &Path) -> Result<std::fs::File, SecretsError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = home.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| SecretsError::io(&path, "open", e))?;
+    f.lock().map_err(|e| SecretsError::io(&path, "lock", e))?;
+    Ok(f)
 }
 
 fn decrypt_store(
@@ -827,6 +895,33 @@ mod tests {
             s2.reveal(&n("OPENAI"), "t", &rec).unwrap().expose(),
             b"sk-canary-123456"
         );
+    }
+
+    #[test]
+    fn a_second_writer_with_a_stale_view_is_refused_instead_of_losing_an_update() {
+        let d = tempfile::tempdir().unwrap();
+        let mut a = open(d.path());
+        let mut b = open(d.path());
+        a.set(&n("A"), SecretValue::from_str_copy("value-from-a-1"), &[])
+            .unwrap();
+        // b opened before a created the identity and the store.
+        let e = b
+            .set(&n("B"), SecretValue::from_str_copy("value-from-b-1"), &[])
+            .unwrap_err();
+        assert!(
+            matches!(e, SecretsError::ConcurrentModification { .. }),
+            "{e}"
+        );
+        let mut b = open(d.path());
+        b.set(&n("B"), SecretValue::from_str_copy("value-from-b-1"), &[])
+            .unwrap();
+        let e = a.remove(&n("A")).unwrap_err();
+        assert!(
+            matches!(e, SecretsError::ConcurrentModification { .. }),
+            "{e}"
+        );
+        let names: Vec<_> = open(d.path()).list().into_iter().map(|i| i.name).collect();
+        assert_eq!(names, [n("A"), n("B")]);
     }
 
     #[test]
