@@ -3,5 +3,6 @@
 # it installs the few system tools the tests drive (age for interoperability) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+command -v age >/dev/null || (apt-get update && apt-get install -y age)
 export CHITIN_CONFORMANCE_DIR="${CHITIN_CONFORMANCE_DIR:-$(cd .. && pwd)/shared/conformance}"
 cargo test --workspace --all-targets

@@ -7,5 +7,6 @@ pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod policy;
+pub mod secrets;
 pub mod state;
 pub mod store;
