@@ -6,7 +6,12 @@
 //! 2. 500 generated policies + 1,000 entities spread over the actions (a realistic estate);
 //! 3. 500 generated policies all on the `exec` action (the worst case for per-action slicing).
 //! Run under `cargo test` it does nothing (no `--bench` argument), so CI stays fast.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark harness")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark harness"
+)]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -14,16 +19,27 @@ use std::time::Instant;
 use chitin::policy::{self, EntitySource, PolicyEngine, PolicyInput, PolicyRequest, Source};
 use serde_json::{Value, json};
 
-const ACTIONS: &[&str] = &["exec", "read_file", "list_dir", "write_file", "edit_file", "web_fetch", "send_message"];
+const ACTIONS: &[&str] = &[
+    "exec",
+    "read_file",
+    "list_dir",
+    "write_file",
+    "edit_file",
+    "web_fetch",
+    "send_message",
+];
 
 fn entities(n_users: usize, n_groups: usize) -> Value {
-    let mut v = vec![json!({"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []})];
+    let mut v =
+        vec![json!({"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []})];
     for g in 0..n_groups {
         v.push(json!({"uid": {"type": "Chitin::Group", "id": format!("g{g}")}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]}));
     }
     for u in 0..n_users {
-        v.push(json!({"uid": {"type": "Chitin::User", "id": format!("u{u}")}, "attrs": {},
-                      "parents": [{"type": "Chitin::Group", "id": format!("g{}", u % n_groups)}]}));
+        v.push(
+            json!({"uid": {"type": "Chitin::User", "id": format!("u{u}")}, "attrs": {},
+                      "parents": [{"type": "Chitin::Group", "id": format!("g{}", u % n_groups)}]}),
+        );
     }
     Value::Array(v)
 }
@@ -31,7 +47,11 @@ fn entities(n_users: usize, n_groups: usize) -> Value {
 fn generated(n: usize, spread: bool) -> String {
     let mut s = String::new();
     for i in 0..n {
-        let action = if spread { ACTIONS[i % ACTIONS.len()] } else { "exec" };
+        let action = if spread {
+            ACTIONS[i % ACTIONS.len()]
+        } else {
+            "exec"
+        };
         let g = i % 50;
         let body = match action {
             "exec" => format!("context.command == \"tool{i}\" && !context.network"),
@@ -72,7 +92,7 @@ fn measure(name: &str, engine: &PolicyEngine, reqs: &[PolicyRequest], iters: usi
     samples.sort_by(|a, b| a.total_cmp(b));
     let pct = |p: f64| samples[((samples.len() as f64 - 1.0) * p) as usize];
     println!(
-        "{name:<48} n={iters:>6}  p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us",
+        "{name:<60} n={iters:>6}  p50 {:>7.1} us  p99 {:>7.1} us  max {:>8.1} us",
         pct(0.50),
         pct(0.99),
         samples[samples.len() - 1]
@@ -82,10 +102,20 @@ fn measure(name: &str, engine: &PolicyEngine, reqs: &[PolicyRequest], iters: usi
 fn engine_with(extra: Option<String>, ents: Value) -> PolicyEngine {
     let mut input = PolicyInput::embedded();
     if let Some(text) = extra {
-        input.policies.push(Source { name: "generated.cedar".into(), text });
+        input.policies.push(Source {
+            name: "generated.cedar".into(),
+            text,
+        });
     }
     let compiled = policy::compile(&input).unwrap();
-    let entities = policy::build_entities(compiled.schema(), &[EntitySource { name: "bench".into(), json: ents }]).unwrap();
+    let entities = policy::build_entities(
+        compiled.schema(),
+        &[EntitySource {
+            name: "bench".into(),
+            json: ents,
+        }],
+    )
+    .unwrap();
     PolicyEngine::from_parts(compiled, entities, Some(PathBuf::from("/srv/chitin")))
 }
 
@@ -118,9 +148,40 @@ fn main() {
             .unwrap(),
         );
     }
+    let kinds: [(&str, Vec<PolicyRequest>); 3] = [
+        (
+            "exec needing approval",
+            reqs.iter().step_by(3).cloned().collect(),
+        ),
+        (
+            "read_file allowed",
+            reqs.iter().skip(1).step_by(3).cloned().collect(),
+        ),
+        (
+            "web_fetch denied by a forbid",
+            reqs.iter().skip(2).step_by(3).cloned().collect(),
+        ),
+    ];
     let ents = entities(950, 50);
-    println!("entities: {} (plus the built-in tools)", ents.as_array().map_or(0, Vec::len));
-    measure("default policies (15)", &engine_with(None, ents.clone()), &reqs, iters);
-    measure("default + 500 generated, spread over 7 actions", &engine_with(Some(generated(500, true)), ents.clone()), &reqs, iters);
-    measure("default + 500 generated, all on exec", &engine_with(Some(generated(500, false)), ents), &reqs, iters);
+    println!(
+        "entities: {} (plus the built-in tools)",
+        ents.as_array().map_or(0, Vec::len)
+    );
+    let engines = [
+        ("default policies (15)", engine_with(None, ents.clone())),
+        (
+            "default + 500 generated, spread over 7 actions",
+            engine_with(Some(generated(500, true)), ents.clone()),
+        ),
+        (
+            "default + 500 generated, all on exec",
+            engine_with(Some(generated(500, false)), ents),
+        ),
+    ];
+    for (name, engine) in &engines {
+        measure(&format!("{name}: mix"), engine, &reqs, iters);
+        for (kind, rs) in &kinds {
+            measure(&format!("  {kind}"), engine, rs, iters / 2);
+        }
+    }
 }

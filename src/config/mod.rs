@@ -39,11 +39,30 @@ pub struct Config {
 
 impl Config {
     /// Parses a configuration text. `path` is only used in error messages.
+    ///
+    /// Error messages name the line, column and key but never quote the file's text: a
+    /// mistyped credential key must not echo a credential into a terminal or a log.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })
+        let config: Self = toml::from_str(text).map_err(|e| {
+            let location = e.span().map(|span| {
+                let before = text.get(..span.start).unwrap_or("");
+                let line = before.matches('\n').count() + 1;
+                let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                format!("line {line}, column {col}: ")
+            });
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("{}{}", location.unwrap_or_default(), e.message().trim_end()),
+            }
+        })?;
+        config
+            .secrets
+            .validate()
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        Ok(config)
     }
 
     /// Loads `path`; a missing file means "all defaults".
@@ -103,6 +122,16 @@ mod tests {
         assert!(err.contains("ditr"), "{err}");
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("/x/chitin.toml"), "{err}");
+    }
+
+    #[test]
+    fn a_config_error_never_quotes_the_offending_text() {
+        let text = "[policy]\nentitiez = \"sk-live-CANARY-51f0c2\"\n";
+        let err = Config::parse(text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("entitiez") && err.contains("line 2"), "{err}");
+        assert!(!err.contains("CANARY"), "{err}");
     }
 
     #[test]

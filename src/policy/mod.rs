@@ -19,8 +19,9 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
 
 use cedar_policy::{
-    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityUid,
-    Policy, PolicyId, PolicySet, Request, Schema, ValidationMode, Validator,
+    ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
+    EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
+    RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -158,19 +159,32 @@ fn collect_cedar_files(
     Ok(())
 }
 
-/// The policies that can apply to one action, ready to evaluate.
-#[derive(Debug)]
+/// The policies that can apply to one action, indexed by principal scope.
+#[derive(Debug, Default)]
 struct Slice {
+    /// Policies whose principal scope is `principal` or `principal is T`.
+    unconstrained: Vec<Policy>,
+    /// Policies whose principal scope is `== E`, `in E` or `is T in E`, by `E`.
+    by_anchor: HashMap<EntityUid, Vec<Policy>>,
+}
+
+/// The sets evaluated for one (action, principal anchors) combination.
+#[derive(Debug)]
+struct Sets {
     enforced: PolicySet,
-    /// Enforced plus shadow policies; `None` when no shadow policy applies to this action.
+    /// Enforced plus shadow policies; `None` when no shadow policy is among them.
     with_shadow: Option<PolicySet>,
 }
+
+/// How many (action, anchors) combinations are kept before the cache starts over.
+const SET_CACHE_LIMIT: usize = 4096;
 
 /// A validated, compiled policy set.
 #[derive(Debug)]
 pub struct Compiled {
     schema: Schema,
     slices: HashMap<EntityUid, Slice>,
+    set_cache: RwLock<HashMap<(EntityUid, Vec<EntityUid>), Arc<Sets>>>,
     forbids: HashSet<PolicyId>,
     shadow: HashSet<PolicyId>,
     reasons: BTreeMap<String, String>,
@@ -352,6 +366,7 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
     Ok(Compiled {
         schema,
         slices,
+        set_cache: RwLock::new(HashMap::new()),
         forbids,
         enforced_count: policies.len() - shadow.len(),
         shadow,
@@ -361,13 +376,15 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
     })
 }
 
-/// For every action of the schema, the policies whose action scope can match it. Evaluating
-/// only those gives the same decision as the whole set (a policy whose scope excludes the
-/// action can never be satisfied) and keeps latency flat as the set grows.
+/// For every action of the schema, the policies whose action scope can match it, indexed by
+/// their principal scope. Evaluating only the policies whose action scope matches the action
+/// and whose principal scope names the principal or one of its ancestors gives the same
+/// decision as the whole set (any other policy's scope is false, so it can neither be satisfied
+/// nor error), and keeps latency flat as the set grows.
 fn slice_by_action(
     schema: &Schema,
     policies: &[Policy],
-    shadow: &HashSet<PolicyId>,
+    _shadow: &HashSet<PolicyId>,
 ) -> Result<HashMap<EntityUid, Slice>, String> {
     let action_entities = schema.action_entities().map_err(|e| e.to_string())?;
     let mut slices = HashMap::new();
@@ -382,31 +399,96 @@ fn slice_by_action(
             ActionConstraint::Eq(a) => lineage.contains(&a),
             ActionConstraint::In(list) => list.iter().any(|a| lineage.contains(a)),
         };
-        let matching: Vec<&Policy> = policies.iter().filter(|p| applies(p)).collect();
+        let mut slice = Slice::default();
+        for p in policies.iter().filter(|p| applies(p)) {
+            match p.principal_constraint() {
+                PrincipalConstraint::Any | PrincipalConstraint::Is(_) => {
+                    slice.unconstrained.push(p.clone())
+                }
+                PrincipalConstraint::Eq(e)
+                | PrincipalConstraint::In(e)
+                | PrincipalConstraint::IsIn(_, e) => {
+                    slice.by_anchor.entry(e).or_default().push(p.clone());
+                }
+            }
+        }
+        slices.insert(action.clone(), slice);
+    }
+    Ok(slices)
+}
+
+impl Compiled {
+    /// The policy sets to evaluate for `action` and `principal`, built once per distinct
+    /// combination of the principal's relevant anchors and cached.
+    fn sets_for(
+        &self,
+        action: &EntityUid,
+        principal: &EntityUid,
+        entities: &Entities,
+    ) -> Result<Arc<Sets>, PolicyError> {
+        let slice = self
+            .slices
+            .get(action)
+            .ok_or_else(|| PolicyError::Request(format!("unknown action {action}")))?;
+        let mut anchors: Vec<EntityUid> = Vec::new();
+        if slice.by_anchor.contains_key(principal) {
+            anchors.push(principal.clone());
+        }
+        if !slice.by_anchor.is_empty()
+            && let Some(ancestors) = entities.ancestors(principal)
+        {
+            anchors.extend(
+                ancestors
+                    .filter(|a| slice.by_anchor.contains_key(*a))
+                    .cloned(),
+            );
+        }
+        anchors.sort_by_key(ToString::to_string);
+        anchors.dedup();
+        let key = (action.clone(), anchors);
+        if let Some(sets) = self
+            .set_cache
+            .read()
+            .ok()
+            .and_then(|c| c.get(&key).cloned())
+        {
+            return Ok(sets);
+        }
+        let chosen: Vec<&Policy> = slice
+            .unconstrained
+            .iter()
+            .chain(
+                key.1
+                    .iter()
+                    .filter_map(|a| slice.by_anchor.get(a))
+                    .flatten(),
+            )
+            .collect();
+        let set_err = |e: cedar_policy::PolicySetError| PolicyError::Request(e.to_string());
         let enforced = PolicySet::from_policies(
-            matching
+            chosen
                 .iter()
-                .filter(|p| !shadow.contains(p.id()))
+                .filter(|p| !self.shadow.contains(p.id()))
                 .map(|p| (*p).clone()),
         )
-        .map_err(|e| e.to_string())?;
-        let with_shadow = if matching.iter().any(|p| shadow.contains(p.id())) {
-            Some(
-                PolicySet::from_policies(matching.iter().map(|p| (*p).clone()))
-                    .map_err(|e| e.to_string())?,
-            )
+        .map_err(set_err)?;
+        let with_shadow = if chosen.iter().any(|p| self.shadow.contains(p.id())) {
+            Some(PolicySet::from_policies(chosen.iter().map(|p| (*p).clone())).map_err(set_err)?)
         } else {
             None
         };
-        slices.insert(
-            action.clone(),
-            Slice {
-                enforced,
-                with_shadow,
-            },
-        );
+        let sets = Arc::new(Sets {
+            enforced,
+            with_shadow,
+        });
+        if let Ok(mut cache) = self.set_cache.write() {
+            if cache.len() >= SET_CACHE_LIMIT {
+                cache.clear();
+            }
+            cache.insert(key, Arc::clone(&sets));
+        }
+        Ok(sets)
     }
-    Ok(slices)
 }
 
 /// Where entities come from: a name for messages and the Cedar entity JSON (an array).
@@ -639,24 +721,25 @@ fn err_message(e: &cedar_policy::AuthorizationError) -> String {
 }
 
 /// The decision procedure over one set: allow / deny / approval_required, with reasons.
+/// `approved` builds the same request with `approved = true`; it is only called after a deny.
 fn decide_in(
     set: &PolicySet,
     first: &Request,
-    approved: Option<&Request>,
+    approved: &mut dyn FnMut() -> Result<Option<Request>, PolicyError>,
     entities: &Entities,
     forbids: &HashSet<PolicyId>,
-) -> (Outcome, BTreeSet<String>, Vec<String>) {
+) -> Result<(Outcome, BTreeSet<String>, Vec<String>), PolicyError> {
     let e = evaluate(set, first, entities, forbids);
     if e.allow {
-        return (Outcome::Allow, e.policies, e.errors);
+        return Ok((Outcome::Allow, e.policies, e.errors));
     }
-    if let Some(alt) = approved {
-        let a = evaluate(set, alt, entities, forbids);
+    if let Some(alt) = approved()? {
+        let a = evaluate(set, &alt, entities, forbids);
         if a.allow {
-            return (Outcome::ApprovalRequired, a.policies, e.errors);
+            return Ok((Outcome::ApprovalRequired, a.policies, e.errors));
         }
     }
-    (Outcome::Deny, e.policies, e.errors)
+    Ok((Outcome::Deny, e.policies, e.errors))
 }
 
 /// Computes the derived context attributes for file tools and exec.
@@ -864,14 +947,23 @@ impl PolicyEngine {
         let active = self.active();
         let compiled = &active.compiled;
         let schema = &compiled.schema;
-        let slice = compiled
-            .slices
-            .get(&req.action)
-            .ok_or_else(|| PolicyError::Request(format!("unknown action {}", req.action)))?;
+        let sets = compiled.sets_for(&req.action, &req.principal, &active.entities)?;
         let mut ctx = req.context.clone();
         derive_context(&req.action_name(), &mut ctx, &self.state_dirs);
         let build = |ctx: Map<String, Value>| -> Result<Request, PolicyError> {
-            let context = Context::from_json_value(Value::Object(ctx), Some((schema, &req.action)))
+            // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema check
+            // happens in `Request::new` either way (types, missing and undeclared attributes).
+            let pairs = ctx
+                .into_iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.clone(),
+                        restricted(&v)
+                            .map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, PolicyError>>()?;
+            let context = Context::from_pairs(pairs)
                 .map_err(|e| PolicyError::Request(format!("context: {e}")))?;
             Request::new(
                 req.principal.clone(),
@@ -882,31 +974,35 @@ impl PolicyEngine {
             )
             .map_err(|e| PolicyError::Request(e.to_string()))
         };
-        let approved_variant = match ctx.get("approved") {
-            Some(Value::Bool(false)) => {
-                let mut alt = ctx.clone();
+        // The `approved = true` variant, built at most once and only when a deny needs it.
+        let wants_variant = matches!(ctx.get("approved"), Some(Value::Bool(false)));
+        let alt_ctx = wants_variant.then(|| ctx.clone());
+        let mut variant: Option<Request> = None;
+        let mut approved = || -> Result<Option<Request>, PolicyError> {
+            if let (None, Some(alt)) = (&variant, &alt_ctx) {
+                let mut alt = alt.clone();
                 alt.insert("approved".into(), Value::Bool(true));
-                Some(build(alt)?)
+                variant = Some(build(alt)?);
             }
-            _ => None,
+            Ok(variant.clone())
         };
         let first = build(ctx)?;
         let (outcome, policies, errors) = decide_in(
-            &slice.enforced,
+            &sets.enforced,
             &first,
-            approved_variant.as_ref(),
+            &mut approved,
             &active.entities,
             &compiled.forbids,
-        );
+        )?;
         let mut shadow = Vec::new();
-        if let Some(with_shadow) = &slice.with_shadow {
+        if let Some(with_shadow) = &sets.with_shadow {
             let (s_outcome, s_policies, s_errors) = decide_in(
                 with_shadow,
                 &first,
-                approved_variant.as_ref(),
+                &mut approved,
                 &active.entities,
                 &compiled.forbids,
-            );
+            )?;
             if s_outcome != outcome {
                 shadow = s_policies
                     .into_iter()
@@ -933,6 +1029,49 @@ impl PolicyEngine {
             errors,
         })
     }
+}
+
+/// Converts a JSON context value to a Cedar value: strings, booleans, integers, sets (arrays),
+/// records (objects) and entity references (`{"__entity": {"type": ..., "id": ...}}`).
+fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
+    Ok(match v {
+        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Number(n) => RestrictedExpression::new_long(
+            n.as_i64()
+                .ok_or_else(|| format!("{n} is not a 64-bit integer"))?,
+        ),
+        Value::Array(items) => RestrictedExpression::new_set(
+            items
+                .iter()
+                .map(restricted)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        Value::Object(m) => {
+            if let Some(e) = m.get("__entity") {
+                let ty = e
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .ok_or("__entity needs a string `type`")?;
+                let id = e
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .ok_or("__entity needs a string `id`")?;
+                let uid = EntityUid::from_type_name_and_id(
+                    EntityTypeName::from_str(ty).map_err(|e| e.to_string())?,
+                    EntityId::new(id),
+                );
+                RestrictedExpression::new_entity_uid(uid)
+            } else {
+                let fields = m
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), restricted(v)?)))
+                    .collect::<Result<Vec<_>, String>>()?;
+                RestrictedExpression::new_record(fields).map_err(|e| e.to_string())?
+            }
+        }
+        Value::Null => return Err("null is not a Cedar value".into()),
+    })
 }
 
 fn report_of(active: &Active) -> LoadReport {
