@@ -176,6 +176,9 @@ struct Sets {
     with_shadow: Option<PolicySet>,
 }
 
+/// An action and the principal anchors that have policies for it.
+type SetKey = (EntityUid, Vec<EntityUid>);
+
 /// How many (action, anchors) combinations are kept before the cache starts over.
 const SET_CACHE_LIMIT: usize = 4096;
 
@@ -184,7 +187,7 @@ const SET_CACHE_LIMIT: usize = 4096;
 pub struct Compiled {
     schema: Schema,
     slices: HashMap<EntityUid, Slice>,
-    set_cache: RwLock<HashMap<(EntityUid, Vec<EntityUid>), Arc<Sets>>>,
+    set_cache: RwLock<HashMap<SetKey, Arc<Sets>>>,
     forbids: HashSet<PolicyId>,
     shadow: HashSet<PolicyId>,
     reasons: BTreeMap<String, String>,
