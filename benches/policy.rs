@@ -5,6 +5,7 @@
 //! 1. the default policies;
 //! 2. 500 generated policies + 1,000 entities spread over the actions (a realistic estate);
 //! 3. 500 generated policies all on the `exec` action (the worst case for per-action slicing).
+//!
 //! Run under `cargo test` it does nothing (no `--bench` argument), so CI stays fast.
 #![allow(
     clippy::unwrap_used,
