@@ -290,7 +290,7 @@ impl Verifier {
         }
         let (cps, cp_problem) = self.check_checkpoints(&all);
         problems.extend(cp_problem);
-        let pass = self.run_pass(&DbSource(&reader), &cps, Mode::Database, None)?;
+        let pass = self.run_pass(&DbSource(&reader), &cps, Mode::Database, None, None)?;
         Ok(earliest(pass, problems, &cps))
     }
 
@@ -332,7 +332,8 @@ impl Verifier {
         checkpoints: &[Checkpoint],
     ) -> Verdict {
         let (cps, problem) = self.check_checkpoints(checkpoints);
-        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Export, Some(header)) {
+        let cover = checkpoints.iter().map(|c| c.seq).max();
+        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Export, Some(header), cover) {
             Ok(p) => p,
             Err(e) => Err(Tamper {
                 seq: header.first_seq,
@@ -345,7 +346,7 @@ impl Verifier {
     /// Verifies database-style rows (a whole log from seq 1) held in memory.
     pub fn verify_rows(&self, records: &[Record], checkpoints: &[Checkpoint]) -> Verdict {
         let (cps, problem) = self.check_checkpoints(checkpoints);
-        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Database, None) {
+        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Database, None, None) {
             Ok(p) => p,
             Err(e) => Err(Tamper {
                 seq: 1,
@@ -408,6 +409,7 @@ impl Verifier {
         cps: &BTreeMap<i64, [u8; 32]>,
         mode: Mode,
         header: Option<&ExportHeader>,
+        signed_cover: Option<i64>,
     ) -> Result<Result<PassOk, Tamper>, AuditError> {
         // The anchor: the last point known to be good (a matching checkpoint, or the start).
         let mut anchor_seq: i64 = 0;
@@ -549,8 +551,11 @@ impl Verifier {
                     },
                 }));
             }
+            // Coverage counts every checkpoint present; one with a bad signature or another
+            // key is reported as such, not as an uncovered tail.
+            let cover = c_max.max(signed_cover);
             if let Some(l) = last
-                && c_max.is_none_or(|c| c < l)
+                && cover.is_none_or(|c| c < l)
             {
                 let seq = c_max.map_or(first.unwrap_or(1), |c| (c + 1).max(first.unwrap_or(1)));
                 return Ok(Err(Tamper {
@@ -628,6 +633,13 @@ fn diagnose(
     if r.seq != e {
         if r.compute_hash_with(e, &p)[..] == r.hash[..] {
             return Ok(field("seq"));
+        }
+        if r.hash[..] == p[..] {
+            return Ok(at(TamperReason::Reordered(format!(
+                "record {} appears again after record {}",
+                r.seq,
+                e - 1
+            ))));
         }
         if r.seq == e - 1 && self_ok && r.prev_hash[..] == f.prev_prev[..] {
             return Ok(Tamper {
