@@ -1,5 +1,10 @@
 //! The `chitin audit` contract, checked from outside through the real binary.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -101,7 +106,10 @@ fn append_and_checkpoint_are_recorded_and_verify_prints_the_ok_line() {
     );
     assert_eq!(v[0]["actor"], "operator:tester");
 
-    let o = chitin(&h.home, &["audit", "query", "--actor", "user2", "--limit", "5"]);
+    let o = chitin(
+        &h.home,
+        &["audit", "query", "--actor", "user2", "--limit", "5"],
+    );
     assert!(o.status.success());
     let text = stdout(&o);
     assert!(text.starts_with("#4 "), "{text}");
@@ -233,7 +241,11 @@ fn export_time_filters_and_csv_work_and_csv_is_refused_by_verify() {
 
     let o = chitin(&h.home, &["audit", "export", "--since", "yesterday"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("not an RFC 3339 time"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not an RFC 3339 time"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

@@ -4,7 +4,12 @@
 //! Run: `cargo bench -p chitin-audit --bench audit` (optionally `-- --quick`).
 //! Results and method: docs/parts/BENCHMARKS.audit.md.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "benchmark")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "benchmark"
+)]
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -69,8 +74,16 @@ fn appends(writers: u64, per_writer: u64, window: usize) -> f64 {
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    let verify_only = std::env::args().any(|a| a == "--verify-only");
     let scale = if quick { 1 } else { 4 };
     println!("chitin-audit benchmark (WAL, synchronous=FULL, group commit)");
+    if !verify_only {
+        append_benches(scale);
+    }
+    verify_benches(quick);
+}
+
+fn append_benches(scale: u64) {
     println!(
         "1 writer, blocking append:           {:>9.0} records/s",
         appends(1, 250 * scale, 1)
@@ -87,7 +100,9 @@ fn main() {
         "8 writers, 64 in flight each:        {:>9.0} records/s",
         appends(8, 2_500 * scale, 64)
     );
+}
 
+fn verify_benches(quick: bool) {
     // Verification: a log of `n` records, checkpoints every 1000.
     let n: u64 = if quick { 50_000 } else { 200_000 };
     let dir = tempfile::tempdir().unwrap();

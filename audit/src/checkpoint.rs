@@ -93,8 +93,7 @@ impl Checkpoint {
         let sig: [u8; 64] = from_hex(&self.sig)
             .and_then(|v| v.try_into().ok())
             .ok_or(CheckpointProblem::BadSignature)?;
-        let vk =
-            VerifyingKey::from_bytes(&key.0).map_err(|_| CheckpointProblem::BadSignature)?;
+        let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| CheckpointProblem::BadSignature)?;
         vk.verify(
             &Self::signed_message(self.seq, &head, self.time_ms, &kid),
             &Signature::from_bytes(&sig),
@@ -193,13 +192,13 @@ impl KeySigner {
             Ok(text) => {
                 fsutil::check_private(path)?;
                 let text = Zeroizing::new(text);
-                let hex = text
-                    .trim()
-                    .strip_prefix(KEY_PREFIX)
-                    .ok_or_else(|| AuditError::KeyFile {
-                        path: path.to_path_buf(),
-                        reason: format!("does not start with `{KEY_PREFIX}`"),
-                    })?;
+                let hex =
+                    text.trim()
+                        .strip_prefix(KEY_PREFIX)
+                        .ok_or_else(|| AuditError::KeyFile {
+                            path: path.to_path_buf(),
+                            reason: format!("does not start with `{KEY_PREFIX}`"),
+                        })?;
                 let bytes = Zeroizing::new(from_hex(hex).unwrap_or_default());
                 let seed: &[u8; 32] =
                     bytes
@@ -259,7 +258,12 @@ pub fn parse_checkpoint_lines(text: &str) -> Result<Vec<Checkpoint>, usize> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]
@@ -268,10 +272,7 @@ mod tests {
         let b = KeySigner::from_seed(&[2u8; 32]);
         let cp = Checkpoint::sign(&a, 7, &[9u8; 32], 1000).unwrap();
         assert_eq!(cp.verify(&a.public_key()), Ok(()));
-        assert_eq!(
-            cp.verify(&b.public_key()),
-            Err(CheckpointProblem::WrongKey)
-        );
+        assert_eq!(cp.verify(&b.public_key()), Err(CheckpointProblem::WrongKey));
         let mut forged = cp.clone();
         forged.seq = 8;
         assert_eq!(

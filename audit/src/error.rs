@@ -8,7 +8,9 @@ use std::path::PathBuf;
 /// would have recorded (fail closed).
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
-    #[error("audit unavailable: {0}; the action was not performed (check disk space and permissions of the audit database, then `chitin audit verify`)")]
+    #[error(
+        "audit unavailable: {0}; the action was not performed (check disk space and permissions of the audit database, then `chitin audit verify`)"
+    )]
     Unavailable(String),
     #[error("audit log is shut down; the action was not performed")]
     Closed,
@@ -20,7 +22,9 @@ pub enum AuditError {
         #[source]
         source: std::io::Error,
     },
-    #[error("audit signing key {path}: {reason}; restore it from backup (a new key cannot sign for old checkpoints)")]
+    #[error(
+        "audit signing key {path}: {reason}; restore it from backup (a new key cannot sign for old checkpoints)"
+    )]
     KeyFile { path: PathBuf, reason: String },
     #[error("unsafe file: {0}")]
     Unsafe(String),

@@ -13,10 +13,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::AuditError;
 use crate::checkpoint::{Checkpoint, parse_checkpoint_lines};
 use crate::record::{Record, to_hex};
 use crate::store::AuditReader;
-use crate::AuditError;
 
 /// The `format` value of an export header.
 pub const FORMAT: &str = "chitin-audit-export";
@@ -139,8 +139,8 @@ pub fn write_export(
                 key_id,
                 exported_at_ms: now_ms,
             };
-            let mut line = serde_json::to_value(&header)
-                .map_err(|e| AuditError::Internal(e.to_string()))?;
+            let mut line =
+                serde_json::to_value(&header).map_err(|e| AuditError::Internal(e.to_string()))?;
             if let Some(o) = line.as_object_mut() {
                 o.insert("type".into(), FORMAT.into());
             }
@@ -259,6 +259,14 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedExport, (i64, String)> {
             .or(header.as_ref().map(|h| h.first_seq))
             .unwrap_or(1);
         let bad = |what: &str| (next_seq, format!("line {n} {what}"));
+        // Fast path: most lines are records; deserialize them directly.
+        if header.is_some()
+            && let Ok(line) = serde_json::from_slice::<RecordLine>(raw)
+            && line.kind == "record"
+        {
+            records.push(line.into_record());
+            continue;
+        }
         let mut value: serde_json::Value =
             serde_json::from_slice(raw).map_err(|_| bad("is not JSON"))?;
         let kind = value
@@ -281,12 +289,10 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedExport, (i64, String)> {
                         .into(),
                 ));
             }
-            (true, "record") => records.push(
-                serde_json::from_value(value).map_err(|_| bad("is not a valid record"))?,
-            ),
-            (true, "checkpoint") => checkpoints.push(
-                serde_json::from_value(value).map_err(|_| bad("is not a valid checkpoint"))?,
-            ),
+            (true, "record") => records
+                .push(serde_json::from_value(value).map_err(|_| bad("is not a valid record"))?),
+            (true, "checkpoint") => checkpoints
+                .push(serde_json::from_value(value).map_err(|_| bad("is not a valid checkpoint"))?),
             (true, _) => return Err(bad("has an unknown type")),
         }
     }
@@ -294,7 +300,10 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedExport, (i64, String)> {
     if header.format != FORMAT || header.version != 1 {
         return Err((
             header.first_seq,
-            format!("unsupported export format {} v{}", header.format, header.version),
+            format!(
+                "unsupported export format {} v{}",
+                header.format, header.version
+            ),
         ));
     }
     Ok(ParsedExport {
@@ -302,6 +311,58 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedExport, (i64, String)> {
         records,
         checkpoints,
     })
+}
+
+/// A record line read in one pass (same fields as [`Record`] plus `type`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordLine {
+    #[serde(rename = "type")]
+    kind: String,
+    seq: i64,
+    ts_ms: i64,
+    #[serde(rename = "kind")]
+    record_kind: String,
+    actor: String,
+    action: String,
+    resource: String,
+    decision: String,
+    policies: String,
+    outcome: String,
+    #[serde(with = "crate::record::hex_bytes")]
+    payload_digest: Vec<u8>,
+    payload: Option<String>,
+    removed_at_ms: Option<i64>,
+    removed_reason: Option<String>,
+    #[serde(with = "crate::record::hex_bytes")]
+    field_check: Vec<u8>,
+    #[serde(with = "crate::record::hex_bytes")]
+    prev_hash: Vec<u8>,
+    #[serde(with = "crate::record::hex_bytes")]
+    hash: Vec<u8>,
+}
+
+impl RecordLine {
+    fn into_record(self) -> Record {
+        Record {
+            seq: self.seq,
+            ts_ms: self.ts_ms,
+            kind: self.record_kind,
+            actor: self.actor,
+            action: self.action,
+            resource: self.resource,
+            decision: self.decision,
+            policies: self.policies,
+            outcome: self.outcome,
+            payload_digest: self.payload_digest,
+            payload: self.payload,
+            removed_at_ms: self.removed_at_ms,
+            removed_reason: self.removed_reason,
+            field_check: self.field_check,
+            prev_hash: self.prev_hash,
+            hash: self.hash,
+        }
+    }
 }
 
 /// Formats unix milliseconds as RFC 3339 UTC, e.g. `2026-11-21T08:19:46.123Z`.
@@ -330,7 +391,12 @@ pub fn rfc3339_ms(ms: i64) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]

@@ -32,8 +32,7 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), AuditError> {
 
 /// Refuses a symlink, or a file that group or others can read or write.
 pub(crate) fn check_private(path: &Path) -> Result<(), AuditError> {
-    let m = std::fs::symlink_metadata(path)
-        .map_err(io(format!("inspect {}", path.display())))?;
+    let m = std::fs::symlink_metadata(path).map_err(io(format!("inspect {}", path.display())))?;
     if m.file_type().is_symlink() {
         return Err(AuditError::Unsafe(format!(
             "{} is a symlink; refusing to use it",

@@ -28,8 +28,8 @@ pub use log::{
     Receipt, SystemClock,
 };
 pub use record::{
-    CHECKED_FIELDS, GENESIS_HASH, GateDecision, Kind, Record, RecordInput, ToolRun,
-    canonical_json, from_hex, sha256, to_hex,
+    CHECKED_FIELDS, GENESIS_HASH, GateDecision, Kind, Record, RecordInput, ToolRun, canonical_json,
+    from_hex, sha256, to_hex,
 };
 pub use store::{AuditReader, CHECKPOINT_FILE, DB_FILE, KEY_FILE, PUB_FILE, Query};
-pub use verify::{Tamper, TamperReason, VerifyReport, Verifier};
+pub use verify::{Tamper, TamperReason, Verifier, VerifyReport};

@@ -118,7 +118,10 @@ pub enum AuditHealth {
     Ok,
     /// The last write (or checkpoint) failed; audited actions are refused until a write
     /// succeeds again.
-    Failed { reason: String, since_ms: i64 },
+    Failed {
+        reason: String,
+        since_ms: i64,
+    },
 }
 
 impl AuditHealth {
@@ -470,7 +473,9 @@ impl Writer {
         if self.opts.checkpoint_every_ms <= 0 || self.head_seq <= self.last_cp_seq {
             return Duration::from_secs(3600);
         }
-        let due = self.last_cp_time.saturating_add(self.opts.checkpoint_every_ms);
+        let due = self
+            .last_cp_time
+            .saturating_add(self.opts.checkpoint_every_ms);
         // Re-check at least every 250 ms of real time: the clock is injected and may jump.
         let wait = due.saturating_sub(self.now()).clamp(1, 250);
         Duration::from_millis(u64::try_from(wait).unwrap_or(1))
@@ -509,8 +514,7 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, appends: Vec<(Prepared, Reply<Receipt>)>) {
-        let (prepared, replies): (Vec<Prepared>, Vec<Reply<Receipt>>) =
-            appends.into_iter().unzip();
+        let (prepared, replies): (Vec<Prepared>, Vec<Reply<Receipt>>) = appends.into_iter().unzip();
         match self.try_commit(&prepared) {
             Ok(receipts) => {
                 *lock(&self.shared.write_error) = None;

@@ -436,8 +436,11 @@ pub(crate) fn first_mismatched_field(r: &Record) -> Option<&'static str> {
 
 /// Canonical (RFC 8785) JSON text of a value.
 pub fn canonical_json<T: Serialize>(value: &T) -> Result<String, AuditError> {
-    serde_json_canonicalizer::to_string(value)
-        .map_err(|e| AuditError::InvalidInput(format!("payload is not representable as canonical JSON: {e}")))
+    serde_json_canonicalizer::to_string(value).map_err(|e| {
+        AuditError::InvalidInput(format!(
+            "payload is not representable as canonical JSON: {e}"
+        ))
+    })
 }
 
 /// Lower-case hex.
@@ -462,7 +465,7 @@ pub fn from_hex(s: &str) -> Option<Vec<u8>> {
         }
     }
     let b = s.as_bytes();
-    if b.len() % 2 != 0 {
+    if !b.len().is_multiple_of(2) {
         return None;
     }
     b.chunks_exact(2)
@@ -488,7 +491,12 @@ pub(crate) mod hex_bytes {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]

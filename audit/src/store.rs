@@ -6,9 +6,9 @@ use std::time::Duration;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, params};
 
+use crate::AuditError;
 use crate::checkpoint::Checkpoint;
 use crate::record::Record;
-use crate::AuditError;
 
 /// Database file name in the state directory.
 pub const DB_FILE: &str = "audit.db";
@@ -98,15 +98,20 @@ pub(crate) fn open_writer(
             message: format!("cannot switch to WAL (journal_mode is {mode})"),
         });
     }
-    conn.pragma_update(None, "synchronous", "FULL").map_err(&e)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&e)?;
     conn.execute_batch(SCHEMA).map_err(&e)?;
     if let Some(max) = max_db_bytes {
         let page: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(&e)?;
         let pages = i64::try_from(max).unwrap_or(i64::MAX) / page.max(1);
-        conn.query_row(&format!("PRAGMA max_page_count = {}", pages.max(1)), [], |_| Ok(()))
-            .map_err(&e)?;
+        conn.query_row(
+            &format!("PRAGMA max_page_count = {}", pages.max(1)),
+            [],
+            |_| Ok(()),
+        )
+        .map_err(&e)?;
     }
     Ok(conn)
 }
@@ -159,9 +164,10 @@ fn int(v: ValueRef<'_>) -> i64 {
         ValueRef::Integer(i) => i,
         // Tampered types still produce a record the verifier will reject.
         ValueRef::Real(f) => f as i64,
-        ValueRef::Text(t) | ValueRef::Blob(t) => {
-            std::str::from_utf8(t).ok().and_then(|s| s.parse().ok()).unwrap_or(i64::MIN)
-        }
+        ValueRef::Text(t) | ValueRef::Blob(t) => std::str::from_utf8(t)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(i64::MIN),
         ValueRef::Null => i64::MIN,
     }
 }
@@ -340,7 +346,10 @@ impl AuditReader {
     }
 }
 
-pub(crate) fn read_head(conn: &Connection, path: &Path) -> Result<Option<(i64, Vec<u8>)>, AuditError> {
+pub(crate) fn read_head(
+    conn: &Connection,
+    path: &Path,
+) -> Result<Option<(i64, Vec<u8>)>, AuditError> {
     use rusqlite::OptionalExtension;
     conn.query_row(
         "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",

@@ -52,7 +52,11 @@ pub struct Tamper {
 
 impl fmt::Display for Tamper {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "tampered: first bad record {}: {}", self.seq, self.reason)
+        write!(
+            f,
+            "tampered: first bad record {}: {}",
+            self.seq, self.reason
+        )
     }
 }
 
@@ -67,11 +71,22 @@ pub enum TamperReason {
     Inserted(String),
     /// Records rewritten after the last checkpoint that still matches.
     Rewritten(String),
-    BadCheckpointSignature { checkpoint: i64 },
-    WrongKey { checkpoint: i64, signed_by: String, expected: String },
-    TailTruncated { checkpoint: i64, last: Option<i64> },
+    BadCheckpointSignature {
+        checkpoint: i64,
+    },
+    WrongKey {
+        checkpoint: i64,
+        signed_by: String,
+        expected: String,
+    },
+    TailTruncated {
+        checkpoint: i64,
+        last: Option<i64>,
+    },
     /// The database has no records but checkpoints say it had.
-    Emptied { checkpoint: i64 },
+    Emptied {
+        checkpoint: i64,
+    },
     /// The checkpoint file and the database disagree.
     CheckpointFile(String),
     /// A payload was removed without the retention record that documents it.
@@ -143,13 +158,58 @@ struct DbSource<'a>(&'a AuditReader);
 impl Source for DbSource<'_> {
     fn each_from(
         &self,
-        _pos: usize,
+        pos: usize,
         seq_hint: i64,
         f: &mut dyn FnMut(&Record) -> bool,
     ) -> Result<(), AuditError> {
-        self.0.for_each_from(seq_hint, |r| f(&r))
+        if pos != 0 {
+            // Diagnosis re-reads: short, on this connection.
+            return self.0.for_each_from(seq_hint, |r| f(&r));
+        }
+        // The main pass: a second connection decodes rows on another thread while this one
+        // hashes (the two halves cost about the same).
+        let path = self.0.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(8);
+        std::thread::scope(|scope| {
+            let producer = scope.spawn(move || -> Result<(), AuditError> {
+                let reader = AuditReader::open(&path)?;
+                let mut batch = Vec::with_capacity(BATCH);
+                let mut stopped = false;
+                reader.for_each_from(seq_hint, |r| {
+                    batch.push(r);
+                    if batch.len() >= BATCH {
+                        let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+                        if tx.send(full).is_err() {
+                            stopped = true;
+                            return false;
+                        }
+                    }
+                    true
+                })?;
+                if !stopped && !batch.is_empty() {
+                    let _ = tx.send(batch);
+                }
+                Ok(())
+            });
+            'outer: for batch in rx.iter() {
+                for r in &batch {
+                    if !f(r) {
+                        break 'outer;
+                    }
+                }
+            }
+            drop(rx);
+            producer.join().unwrap_or_else(|_| {
+                Err(AuditError::Internal(
+                    "verifier reader thread panicked".into(),
+                ))
+            })
+        })
     }
 }
+
+/// Records per hand-over between the reader thread and the verifier.
+const BATCH: usize = 512;
 
 struct VecSource<'a>(&'a [Record]);
 
@@ -333,7 +393,8 @@ impl Verifier {
     ) -> Verdict {
         let (cps, problem) = self.check_checkpoints(checkpoints);
         let cover = checkpoints.iter().map(|c| c.seq).max();
-        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Export, Some(header), cover) {
+        let pass = match self.run_pass(&VecSource(records), &cps, Mode::Export, Some(header), cover)
+        {
             Ok(p) => p,
             Err(e) => Err(Tamper {
                 seq: header.first_seq,
@@ -439,11 +500,11 @@ impl Verifier {
                     // A segment: anchored at its first record's predecessor.
                     let e = expected.unwrap_or(r.seq);
                     expected = Some(e);
-                    if e > 1 {
-                        if let Some(p) = as32(&r.prev_hash) {
-                            prev = p;
-                            prev_prev = p;
-                        }
+                    if e > 1
+                        && let Some(p) = as32(&r.prev_hash)
+                    {
+                        prev = p;
+                        prev_prev = p;
                     }
                     anchor_seq = e - 1;
                     anchor_hash = prev;

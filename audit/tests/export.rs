@@ -1,5 +1,10 @@
 //! Exports: a jsonl export verifies offline on its own; each tamper of the file is detected.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -7,7 +12,12 @@ use chitin_audit::export::{self, Format};
 use chitin_audit::{AuditReader, Verifier};
 use common::*;
 
-fn export_bytes(home: &std::path::Path, since: Option<i64>, until: Option<i64>, format: Format) -> Vec<u8> {
+fn export_bytes(
+    home: &std::path::Path,
+    since: Option<i64>,
+    until: Option<i64>,
+    format: Format,
+) -> Vec<u8> {
     let reader = AuditReader::open(&home.join("audit.db")).unwrap();
     let mut out = Vec::new();
     export::write_export(
@@ -23,7 +33,10 @@ fn export_bytes(home: &std::path::Path, since: Option<i64>, until: Option<i64>, 
     out
 }
 
-fn verify_bytes(home: &std::path::Path, bytes: &[u8]) -> Result<chitin_audit::VerifyReport, chitin_audit::Tamper> {
+fn verify_bytes(
+    home: &std::path::Path,
+    bytes: &[u8],
+) -> Result<chitin_audit::VerifyReport, chitin_audit::Tamper> {
     Verifier::new(pubkey(home)).verify_export_bytes(bytes)
 }
 
@@ -72,7 +85,10 @@ fn each_tamper_of_an_export_file_is_detected_at_the_right_record() {
 
     // A changed field.
     let mut l = original.clone();
-    l[7] = l[7].replace("\"actor\":\"Chitin::User::\\\"user6\\\"\"", "\"actor\":\"Chitin::User::\\\"mallory\\\"\"");
+    l[7] = l[7].replace(
+        "\"actor\":\"Chitin::User::\\\"user6\\\"\"",
+        "\"actor\":\"Chitin::User::\\\"mallory\\\"\"",
+    );
     assert_ne!(l, original);
     assert_tamper(verify_bytes(&home, &join(&l)), 7, "modified field actor");
 
@@ -102,12 +118,20 @@ fn each_tamper_of_an_export_file_is_detected_at_the_right_record() {
     l.truncate(11);
     l.push(original[13].clone());
     l.push(original[14].clone());
-    assert_tamper(verify_bytes(&home, &join(&l)), 11, "tail truncated behind a checkpoint");
+    assert_tamper(
+        verify_bytes(&home, &join(&l)),
+        11,
+        "tail truncated behind a checkpoint",
+    );
 
     // A broken line.
     let mut l = original.clone();
     l[9].truncate(40);
-    assert_tamper(verify_bytes(&home, &join(&l)), 9, "malformed export (line 10");
+    assert_tamper(
+        verify_bytes(&home, &join(&l)),
+        9,
+        "malformed export (line 10",
+    );
 
     // A checkpoint signature replaced.
     let mut l = original.clone();
@@ -118,7 +142,11 @@ fn each_tamper_of_an_export_file_is_detected_at_the_right_record() {
     let s5 = sig_of(&l[13]);
     let s10 = sig_of(&l[14]);
     l[14] = l[14].replace(&s10, &s5);
-    assert_tamper(verify_bytes(&home, &join(&l)), 10, "bad checkpoint signature");
+    assert_tamper(
+        verify_bytes(&home, &join(&l)),
+        10,
+        "bad checkpoint signature",
+    );
 }
 
 #[test]
@@ -138,10 +166,16 @@ fn a_csv_export_is_readable_and_verify_refuses_it_with_a_clear_message() {
     let rows: Vec<&str> = text.lines().collect();
     assert_eq!(rows.len(), 4);
     assert!(rows[0].starts_with("seq,time,kind,actor"));
-    assert!(rows[1].starts_with("1,2026-11-27T08:19:46.007Z,decision,"), "{}", rows[1]);
+    assert!(
+        rows[1].starts_with("1,2026-11-27T08:19:46.007Z,decision,"),
+        "{}",
+        rows[1]
+    );
     let path = home.join("export.csv");
     std::fs::write(&path, &bytes).unwrap();
-    let err = Verifier::new(pubkey(&home)).verify_export(&path).unwrap_err();
+    let err = Verifier::new(pubkey(&home))
+        .verify_export(&path)
+        .unwrap_err();
     assert!(err.to_string().contains("csv is for reading only"), "{err}");
     assert!(err.to_string().contains("--format jsonl"), "{err}");
 }
@@ -149,11 +183,16 @@ fn a_csv_export_is_readable_and_verify_refuses_it_with_a_clear_message() {
 #[test]
 fn an_export_of_an_uncheckpointed_tail_is_refused_until_a_checkpoint_exists() {
     let dir = tempfile::tempdir().unwrap();
-    let log = chitin_audit::AuditLog::open(dir.path(), chitin_audit::AuditOptions::default()).unwrap();
+    let log =
+        chitin_audit::AuditLog::open(dir.path(), chitin_audit::AuditOptions::default()).unwrap();
     log.append(input(0)).unwrap();
     let reader = log.reader().unwrap();
     let mut out = Vec::new();
-    let err = export::write_export(&reader, None, None, None, Format::Jsonl, T0, &mut out)
-        .unwrap_err();
-    assert!(err.to_string().contains("run `chitin audit checkpoint` first"), "{err}");
+    let err =
+        export::write_export(&reader, None, None, None, Format::Jsonl, T0, &mut out).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("run `chitin audit checkpoint` first"),
+        "{err}"
+    );
 }

@@ -1,6 +1,11 @@
 //! Property tests: the verifiers never panic on arbitrary input, and never accept an input
 //! whose records or checkpoints differ from the original.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! The writer: durability, checkpoint cadence, fail-closed behaviour, retention, files.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -16,7 +21,11 @@ use common::*;
 fn state_files_are_private_and_the_public_key_is_exported() {
     let (_d, home) = build_log(3, 0);
     let mode = |p: &str| {
-        std::fs::metadata(home.join(p)).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(home.join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
     };
     assert_eq!(mode(""), 0o700);
     for f in ["audit.db", "audit.key", "audit.pub", "audit.checkpoints"] {
@@ -30,7 +39,9 @@ fn state_files_are_private_and_the_public_key_is_exported() {
 fn a_signing_key_that_does_not_match_audit_pub_is_refused() {
     let (_d, home) = build_log(1, 0);
     std::fs::remove_file(home.join("audit.key")).unwrap();
-    let err = AuditLog::open(&home, AuditOptions::default()).err().unwrap();
+    let err = AuditLog::open(&home, AuditOptions::default())
+        .err()
+        .unwrap();
     assert!(
         err.to_string().contains("the signing key was replaced"),
         "{err}"
@@ -40,9 +51,14 @@ fn a_signing_key_that_does_not_match_audit_pub_is_refused() {
 #[test]
 fn a_group_readable_key_file_is_refused() {
     let (_d, home) = build_log(1, 0);
-    std::fs::set_permissions(home.join("audit.key"), std::fs::Permissions::from_mode(0o640))
+    std::fs::set_permissions(
+        home.join("audit.key"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let err = AuditLog::open(&home, AuditOptions::default())
+        .err()
         .unwrap();
-    let err = AuditLog::open(&home, AuditOptions::default()).err().unwrap();
     assert!(err.to_string().contains("chmod 600"), "{err}");
 }
 
@@ -81,7 +97,10 @@ fn checkpoints_are_written_every_n_records_and_every_t_seconds() {
     log.shutdown().unwrap();
     let lines = std::fs::read_to_string(dir.path().join("audit.checkpoints")).unwrap();
     let cps = chitin_audit::parse_checkpoint_lines(&lines).unwrap();
-    assert_eq!(cps.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![4, 8, 9, 9]);
+    assert_eq!(
+        cps.iter().map(|c| c.seq).collect::<Vec<_>>(),
+        vec![4, 8, 9, 9]
+    );
     assert!(verify(dir.path()).is_ok());
 }
 
@@ -246,11 +265,17 @@ fn a_full_database_refuses_the_audited_action() {
     }
     let (at, err) = refused.expect("the size cap was never hit");
     assert!(at > 0);
-    assert!(err.to_string().contains("database or disk is full"), "{err}");
+    assert!(
+        err.to_string().contains("database or disk is full"),
+        "{err}"
+    );
     assert!(!log.health().is_ok());
     // Everything acknowledged before the failure is intact.
     log.shutdown().unwrap();
-    assert_eq!(verify(dir.path()).unwrap().records, u64::try_from(at).unwrap());
+    assert_eq!(
+        verify(dir.path()).unwrap().records,
+        u64::try_from(at).unwrap()
+    );
 }
 
 #[test]
@@ -263,7 +288,9 @@ fn removing_a_payload_for_retention_keeps_the_chain_valid_and_documents_it() {
     }
     log.checkpoint_now().unwrap();
     clock.advance(1000);
-    let receipt = log.remove_payload(3, "retention: 30 days", "retention-job").unwrap();
+    let receipt = log
+        .remove_payload(3, "retention: 30 days", "retention-job")
+        .unwrap();
     assert_eq!(receipt.seq, 6);
     // Twice is refused, and the retention record's own payload cannot be removed.
     assert!(log.remove_payload(3, "again", "x").is_err());
@@ -272,7 +299,10 @@ fn removing_a_payload_for_retention_keeps_the_chain_valid_and_documents_it() {
     let recs = all_records(dir.path());
     assert_eq!(recs[2].payload, None);
     assert_eq!(recs[2].removed_at_ms, Some(T0 + 1000));
-    assert_eq!(recs[2].removed_reason.as_deref(), Some("retention: 30 days"));
+    assert_eq!(
+        recs[2].removed_reason.as_deref(),
+        Some("retention: 30 days")
+    );
     assert_eq!(recs[5].kind, Kind::Retention.as_str());
     assert_eq!(recs[5].resource, "audit:3");
     assert_eq!(verify(dir.path()).unwrap().records, 6);
@@ -280,7 +310,10 @@ fn removing_a_payload_for_retention_keeps_the_chain_valid_and_documents_it() {
     // Editing the documented reason is detected, on the record whose payload went.
     let (_c, h) = copy_home(dir.path());
     attacker(&h)
-        .execute("UPDATE records SET removed_reason = 'oops' WHERE seq = 3", [])
+        .execute(
+            "UPDATE records SET removed_reason = 'oops' WHERE seq = 3",
+            [],
+        )
         .unwrap();
     assert_tamper(verify(&h), 3, "modified field removed_reason");
 }
@@ -314,7 +347,10 @@ fn a_second_process_appending_to_the_same_database_keeps_one_chain() {
     let b = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
     for i in 0..10 {
         let log = if i % 2 == 0 { &a } else { &b };
-        assert_eq!(log.append(input(i)).unwrap().seq, i64::try_from(i).unwrap() + 1);
+        assert_eq!(
+            log.append(input(i)).unwrap().seq,
+            i64::try_from(i).unwrap() + 1
+        );
     }
     a.shutdown().unwrap();
     b.shutdown().unwrap();
@@ -324,5 +360,8 @@ fn a_second_process_appending_to_the_same_database_keeps_one_chain() {
 #[test]
 fn an_unknown_kind_is_a_clear_error() {
     let err = "decisions".parse::<Kind>().unwrap_err();
-    assert!(err.to_string().contains("use one of decision, tool_run"), "{err}");
+    assert!(
+        err.to_string().contains("use one of decision, tool_run"),
+        "{err}"
+    );
 }

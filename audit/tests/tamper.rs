@@ -1,7 +1,12 @@
 //! Every verifier has a "valid passes" test and a "each kind of tamper fails" test: here each
 //! tamper is really performed on the SQLite file (with the append-only triggers dropped, as an
 //! attacker with write access would) and must be reported at the right first bad record.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -46,7 +51,11 @@ fn flipping_one_byte_in_any_field_names_that_field_and_record() {
         let (_c, h) = copy_home(&home);
         let db = attacker(&h);
         let v: String = db
-            .query_row(&format!("SELECT {col} FROM records WHERE seq = ?1"), [k], |r| r.get(0))
+            .query_row(
+                &format!("SELECT {col} FROM records WHERE seq = ?1"),
+                [k],
+                |r| r.get(0),
+            )
             .unwrap();
         db.execute(
             &format!("UPDATE records SET {col} = ?1 WHERE seq = ?2"),
@@ -60,7 +69,11 @@ fn flipping_one_byte_in_any_field_names_that_field_and_record() {
         let (_c, h) = copy_home(&home);
         let db = attacker(&h);
         let mut v: Vec<u8> = db
-            .query_row(&format!("SELECT {col} FROM records WHERE seq = ?1"), [k], |r| r.get(0))
+            .query_row(
+                &format!("SELECT {col} FROM records WHERE seq = ?1"),
+                [k],
+                |r| r.get(0),
+            )
             .unwrap();
         v[3] ^= 0x80;
         db.execute(
@@ -123,7 +136,11 @@ fn a_database_rewritten_from_scratch_is_reported_against_the_checkpoint_file() {
     // The attacker replaces the database (and its key) with a new one, keeping the
     // checkpoint file the gateway wrote.
     std::fs::copy(fresh.join("audit.db"), home.join("audit.db")).unwrap();
-    assert_tamper(verify(&home), 1, "inserted or rewritten records (records 1..5 do not match signed checkpoint 5)");
+    assert_tamper(
+        verify(&home),
+        1,
+        "inserted or rewritten records (records 1..5 do not match signed checkpoint 5)",
+    );
 }
 
 #[test]
@@ -181,7 +198,8 @@ fn a_forged_record_inserted_with_recomputed_hashes_is_not_covered_by_a_checkpoin
         tail.push(r);
     }
     let db = attacker(&home);
-    db.execute("DELETE FROM records WHERE seq >= 8", []).unwrap();
+    db.execute("DELETE FROM records WHERE seq >= 8", [])
+        .unwrap();
     rechain(&db, &mut tail);
     drop(db);
     assert_tamper(verify(&home), 8, "inserted");
@@ -195,7 +213,11 @@ fn a_record_rewritten_with_a_recomputed_chain_is_caught_by_the_next_checkpoint()
     let db = attacker(&home);
     rechain(&db, &mut recs[6..]);
     drop(db);
-    assert_tamper(verify(&home), 6, "inserted or rewritten records (records 6..10");
+    assert_tamper(
+        verify(&home),
+        6,
+        "inserted or rewritten records (records 6..10",
+    );
 }
 
 fn rewrite_checkpoint_file(home: &std::path::Path, f: impl Fn(&mut Checkpoint)) {
@@ -250,7 +272,10 @@ fn verifying_with_the_wrong_public_key_is_reported() {
     let (_d, home) = build_log(12, 5);
     let other = KeySigner::from_seed(&[9u8; 32]);
     let result = chitin_audit::Verifier::new(chitin_audit::CheckpointSigner::public_key(&other))
-        .verify_db(&home.join("audit.db"), Some(&home.join("audit.checkpoints")))
+        .verify_db(
+            &home.join("audit.db"),
+            Some(&home.join("audit.checkpoints")),
+        )
         .unwrap();
     assert_tamper(result, 5, "wrong key");
 }
@@ -260,15 +285,26 @@ fn a_checkpoint_removed_from_the_checkpoint_file_is_reported() {
     let (_d, home) = build_log(12, 5);
     let path = home.join("audit.checkpoints");
     let text = std::fs::read_to_string(&path).unwrap();
-    let kept: Vec<&str> = text.lines().filter(|l| !l.contains("\"seq\":10,")).collect();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("\"seq\":10,"))
+        .collect();
     assert_eq!(kept.len(), 2);
     std::fs::write(&path, kept.join("\n")).unwrap();
-    assert_tamper(verify(&home), 10, "checkpoint file does not match the database");
+    assert_tamper(
+        verify(&home),
+        10,
+        "checkpoint file does not match the database",
+    );
 }
 
 #[test]
 fn a_deleted_checkpoint_file_is_reported() {
     let (_d, home) = build_log(12, 5);
     std::fs::remove_file(home.join("audit.checkpoints")).unwrap();
-    assert_tamper(verify(&home), 5, "checkpoint file does not match the database");
+    assert_tamper(
+        verify(&home),
+        5,
+        "checkpoint file does not match the database",
+    );
 }

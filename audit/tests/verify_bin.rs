@@ -1,12 +1,17 @@
 //! The standalone `chitin-audit-verify` binary: same verdicts, offline, from the audit crate.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
 use std::process::Command;
 
-use chitin_audit::export::{self, Format};
 use chitin_audit::AuditReader;
+use chitin_audit::export::{self, Format};
 use common::*;
 
 fn run(args: &[&str]) -> (Option<i32>, String, String) {
@@ -39,7 +44,12 @@ fn the_standalone_verifier_accepts_a_valid_export_and_rejects_a_tampered_one() {
     let x = home.join("x.jsonl");
     std::fs::write(&x, &out).unwrap();
     let key = home.join("audit.pub");
-    let (code, stdout, _) = run(&["--export", x.to_str().unwrap(), "--pubkey", key.to_str().unwrap()]);
+    let (code, stdout, _) = run(&[
+        "--export",
+        x.to_str().unwrap(),
+        "--pubkey",
+        key.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(0));
     let expected = verify(&home).unwrap().ok_line();
     assert_eq!(stdout.trim_end(), expected);
@@ -53,9 +63,17 @@ fn the_standalone_verifier_accepts_a_valid_export_and_rejects_a_tampered_one() {
         .map(|(_, l)| *l)
         .collect();
     std::fs::write(&x, without_3.join("\n")).unwrap();
-    let (code, stdout, _) = run(&["--export", x.to_str().unwrap(), "--pubkey", key.to_str().unwrap()]);
+    let (code, stdout, _) = run(&[
+        "--export",
+        x.to_str().unwrap(),
+        "--pubkey",
+        key.to_str().unwrap(),
+    ]);
     assert_eq!(code, Some(1));
-    assert_eq!(stdout.trim_end(), "tampered: first bad record 3: missing record");
+    assert_eq!(
+        stdout.trim_end(),
+        "tampered: first bad record 3: missing record"
+    );
 
     // The database form, with the checkpoint file next to it by default.
     let (code, stdout, _) = run(&[

@@ -236,12 +236,16 @@ fn export_cmd(
                 .create_new(true)
                 .mode_private()
                 .open(path)
-                .map_err(|e| format!("cannot create {}: {e} (it must not exist yet)", path.display()))?;
+                .map_err(|e| {
+                    format!(
+                        "cannot create {}: {e} (it must not exist yet)",
+                        path.display()
+                    )
+                })?;
             let mut w = std::io::BufWriter::new(file);
-            let s = export::write_export(&reader, Some(&cps), since_ms, until_ms, fmt, now, &mut w)?;
-            w.into_inner()
-                .map_err(|e| e.into_error())?
-                .sync_all()?;
+            let s =
+                export::write_export(&reader, Some(&cps), since_ms, until_ms, fmt, now, &mut w)?;
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             s
         }
         None => {
@@ -380,8 +384,9 @@ fn append(
     let kind: Kind = kind.parse()?;
     let payload: serde_json::Value = match payload {
         None => serde_json::Value::Null,
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| format!("--payload is not valid JSON: {e}"))?,
+        Some(text) => {
+            serde_json::from_str(&text).map_err(|e| format!("--payload is not valid JSON: {e}"))?
+        }
     };
     let log = open_log(globals)?;
     let input = RecordInput::new(kind, actor, action, resource).with_payload(payload);

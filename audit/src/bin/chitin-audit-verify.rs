@@ -61,15 +61,17 @@ fn main() -> ExitCode {
         (Some(x), None) => verifier.verify_export(&x),
         (None, Some(d)) => {
             let cp = checkpoints.unwrap_or_else(|| {
-                d.parent()
-                    .map_or_else(|| PathBuf::from(chitin_audit::CHECKPOINT_FILE), |p| {
-                        p.join(chitin_audit::CHECKPOINT_FILE)
-                    })
+                d.parent().map_or_else(
+                    || PathBuf::from(chitin_audit::CHECKPOINT_FILE),
+                    |p| p.join(chitin_audit::CHECKPOINT_FILE),
+                )
             });
             verifier.verify_db(&d, Some(&cp))
         }
         _ => {
-            eprintln!("chitin-audit-verify: give exactly one of --export FILE or --db FILE\n{USAGE}");
+            eprintln!(
+                "chitin-audit-verify: give exactly one of --export FILE or --db FILE\n{USAGE}"
+            );
             return ExitCode::from(2);
         }
     };

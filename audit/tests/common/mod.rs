@@ -88,7 +88,10 @@ pub fn pubkey(home: &Path) -> PublicKey {
 
 pub fn verify(home: &Path) -> Result<VerifyReport, Tamper> {
     Verifier::new(pubkey(home))
-        .verify_db(&home.join("audit.db"), Some(&home.join("audit.checkpoints")))
+        .verify_db(
+            &home.join("audit.db"),
+            Some(&home.join("audit.checkpoints")),
+        )
         .unwrap()
 }
 
@@ -127,7 +130,10 @@ pub fn all_records(home: &Path) -> Vec<Record> {
 /// Asserts a tamper at `seq` whose reason starts with `reason`.
 pub fn assert_tamper(result: Result<VerifyReport, Tamper>, seq: i64, reason: &str) {
     match result {
-        Ok(r) => panic!("expected tamper at {seq} ({reason}), verified: {}", r.ok_line()),
+        Ok(r) => panic!(
+            "expected tamper at {seq} ({reason}), verified: {}",
+            r.ok_line()
+        ),
         Err(t) => {
             let text = t.to_string();
             assert_eq!(t.seq, seq, "wrong first bad record: {text}");
