@@ -12,8 +12,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use crate::checkpoint::{Checkpoint, CheckpointSigner, KeySigner, PublicKey};
 use crate::record::{
-    GENESIS_HASH, HashInput, Kind, RecordInput, canonical_json, compute_hash, field_check, sha256,
-    to_hex,
+    GENESIS_HASH, HashInput, Kind, RecordInput, canonical_json, compute_hash, field_check,
+    from_hex, sha256, to_hex,
 };
 use crate::store::{self, CHECKPOINT_FILE, DB_FILE, INSERT_SQL, KEY_FILE, PUB_FILE, db_err};
 use crate::{AuditError, fsutil};
@@ -347,6 +347,15 @@ impl AuditLog {
 
     /// For `/ready`: `Ok`, or `Failed` with the reason while writes fail.
     pub fn health(&self) -> AuditHealth {
+        let stopped = lock(&self.thread)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished);
+        if stopped {
+            return AuditHealth::Failed {
+                reason: "the audit writer is not running".into(),
+                since_ms: 0,
+            };
+        }
         let w = lock(&self.shared.write_error).clone();
         let c = lock(&self.shared.checkpoint_error).clone();
         match w.or(c) {
@@ -786,6 +795,37 @@ impl Writer {
             ),
             None => (0, GENESIS_HASH),
         };
+        // Never sign a tail that does not extend the last signed head.
+        let anchor: Option<(i64, String)> = conn
+            .query_row(
+                "SELECT seq, head FROM checkpoints ORDER BY seq DESC, rowid DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(db_err(&db_path))?;
+        if let Some((a_seq, a_head)) = anchor {
+            if seq < a_seq {
+                return Err(AuditError::Unavailable(format!(
+                    "refusing to sign: the database ends at record {seq} but checkpoint {a_seq} \
+                     exists (truncated); run `chitin audit verify`"
+                )));
+            }
+            let a_hash = from_hex(&a_head)
+                .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
+                .ok_or_else(|| {
+                    AuditError::Unavailable(format!(
+                        "refusing to sign: checkpoint {a_seq} in the database is malformed; run \
+                         `chitin audit verify`"
+                    ))
+                })?;
+            let reader = store::AuditReader::open(&db_path)?;
+            if let Err(t) = crate::verify::check_tail(&reader, a_seq, a_hash)? {
+                return Err(AuditError::Unavailable(format!(
+                    "refusing to sign a checkpoint over a tampered log ({t}); run `chitin audit verify`"
+                )));
+            }
+        }
         let cp = Checkpoint::sign(self.signer.as_ref(), seq, &head, now)?;
         let mut line = cp.to_line()?;
         line.push('\n');

@@ -16,7 +16,7 @@ use crate::record::{GENESIS_HASH, Record, first_mismatched_field, sha256, to_hex
 use crate::store::AuditReader;
 
 /// Longest checkpoint interval the single-insertion search examines (it is quadratic).
-const MAX_INSERTION_SEARCH: i64 = 4096;
+const MAX_INSERTION_SEARCH: i64 = 1024;
 
 /// A log that verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,7 +304,12 @@ impl Verifier {
                             let good: String =
                                 text.lines().take(line - 1).collect::<Vec<_>>().join("\n");
                             let cps = parse_checkpoint_lines(&good).unwrap_or_default();
-                            let seq = cps.iter().map(|c| c.seq).max().unwrap_or(0) + 1;
+                            let seq = cps
+                                .iter()
+                                .map(|c| c.seq)
+                                .max()
+                                .unwrap_or(0)
+                                .saturating_add(1);
                             problems.push(Tamper {
                                 seq,
                                 reason: TamperReason::CheckpointFile(format!(
@@ -506,7 +511,7 @@ impl Verifier {
                         prev = p;
                         prev_prev = p;
                     }
-                    anchor_seq = e - 1;
+                    anchor_seq = e.saturating_sub(1);
                     anchor_hash = prev;
                 }
             }
@@ -538,7 +543,7 @@ impl Verifier {
                 anchor_seq = e;
                 anchor_hash = hash;
                 anchor_pos = pos + 1;
-                anchor_hint = e + 1;
+                anchor_hint = e.saturating_add(1);
             }
             if r.payload.is_none() {
                 pending.insert(e, (r.removed_at_ms, r.removed_reason.clone()));
@@ -571,7 +576,7 @@ impl Verifier {
             prev_prev = prev;
             prev = hash;
             count += 1;
-            expected = Some(e + 1);
+            expected = Some(e.saturating_add(1));
             true
         })?;
 
@@ -583,9 +588,9 @@ impl Verifier {
         }
         let c_max = cps.keys().next_back().copied();
         if let Some(c) = c_max {
-            let end = last.unwrap_or(expected.unwrap_or(1) - 1);
+            let end = last.unwrap_or(expected.unwrap_or(1).saturating_sub(1));
             if c > end {
-                let seq = end + 1;
+                let seq = end.saturating_add(1);
                 return Ok(Err(Tamper {
                     seq,
                     reason: if count == 0 && mode == Mode::Database {
@@ -605,7 +610,7 @@ impl Verifier {
                 && h.last_seq > l
             {
                 return Ok(Err(Tamper {
-                    seq: l + 1,
+                    seq: l.saturating_add(1),
                     reason: TamperReason::TailTruncated {
                         checkpoint: h.last_seq,
                         last,
@@ -618,7 +623,9 @@ impl Verifier {
             if let Some(l) = last
                 && cover.is_none_or(|c| c < l)
             {
-                let seq = c_max.map_or(first.unwrap_or(1), |c| (c + 1).max(first.unwrap_or(1)));
+                let seq = c_max.map_or(first.unwrap_or(1), |c| {
+                    c.saturating_add(1).max(first.unwrap_or(1))
+                });
                 return Ok(Err(Tamper {
                     seq,
                     reason: TamperReason::Inserted(format!(
@@ -661,7 +668,7 @@ fn earliest(
                 .last
                 .and_then(|l| cps.range(..=l).next_back().map(|(s, _)| *s));
             let uncovered = match (p.last, last_cp) {
-                (Some(l), Some(c)) => u64::try_from(l - c).unwrap_or(0),
+                (Some(l), Some(c)) => u64::try_from(l.saturating_sub(c)).unwrap_or(0),
                 (Some(_), None) => p.count,
                 _ => 0,
             };
@@ -675,6 +682,50 @@ fn earliest(
             })
         }
     }
+}
+
+/// Checks that the records with `seq > anchor_seq` extend the chain from `anchor_hash` (the
+/// writer runs this before it signs a new checkpoint, so it never signs a tampered tail).
+pub(crate) fn check_tail(
+    reader: &AuditReader,
+    anchor_seq: i64,
+    anchor_hash: [u8; 32],
+) -> Result<Result<i64, Tamper>, AuditError> {
+    let mut e = anchor_seq.saturating_add(1);
+    let mut prev = anchor_hash;
+    let mut prev_prev = anchor_hash;
+    let mut window: Vec<Record> = Vec::new();
+    let mut failed: Option<(i64, [u8; 32], [u8; 32])> = None;
+    reader.for_each_from(e, |r| {
+        if failed.is_some() {
+            window.push(r);
+            return false;
+        }
+        if record_ok(&r, e, &prev) {
+            prev_prev = prev;
+            prev = as32(&r.hash).unwrap_or(GENESIS_HASH);
+            e = e.saturating_add(1);
+            true
+        } else {
+            failed = Some((e, prev, prev_prev));
+            window.push(r);
+            true
+        }
+    })?;
+    let Some((expected, prev, prev_prev)) = failed else {
+        return Ok(Ok(e.saturating_sub(1)));
+    };
+    let Some(record) = window.first().cloned() else {
+        return Ok(Ok(e.saturating_sub(1)));
+    };
+    let f = Failure {
+        pos: 0,
+        record,
+        expected,
+        prev,
+        prev_prev,
+    };
+    Ok(Err(diagnose(&VecSource(&window), &f, &BTreeMap::new())?))
 }
 
 /// Names what is wrong with the record that failed the fast check.
@@ -699,10 +750,10 @@ fn diagnose(
             return Ok(at(TamperReason::Reordered(format!(
                 "record {} appears again after record {}",
                 r.seq,
-                e - 1
+                e.saturating_sub(1)
             ))));
         }
-        if r.seq == e - 1 && self_ok && r.prev_hash[..] == f.prev_prev[..] {
+        if r.seq == e.saturating_sub(1) && self_ok && r.prev_hash[..] == f.prev_prev[..] {
             return Ok(Tamper {
                 seq: r.seq,
                 reason: TamperReason::Inserted(format!(
@@ -729,7 +780,7 @@ fn diagnose(
             None if r.seq < e => at(TamperReason::Reordered(format!(
                 "record {} appears again after record {}",
                 r.seq,
-                e - 1
+                e.saturating_sub(1)
             ))),
             None => at(TamperReason::MissingRecord),
         });
@@ -775,7 +826,7 @@ fn diagnose(
         if r.compute_hash_with(e, &p)[..] == r.hash[..] {
             return Ok(field("prev_hash"));
         }
-        for s in [e + 1, e - 1] {
+        for s in [e.saturating_add(1), e.saturating_sub(1)] {
             if r.compute_hash_with(s, &r.prev_hash)[..] == r.hash[..] {
                 return Ok(at(TamperReason::Reordered(format!(
                     "the record stored at seq {e} is record {s}"
@@ -785,7 +836,7 @@ fn diagnose(
         if self_ok {
             return Ok(at(TamperReason::Inserted(format!(
                 "record {e} has a valid hash but does not chain to record {}",
-                e - 1
+                e.saturating_sub(1)
             ))));
         }
         return Ok(field("prev_hash"));
@@ -793,7 +844,7 @@ fn diagnose(
     // Same seq, same prev, fields match their checks, but the hash differs: either the stored
     // hash was edited, or a field was edited together with its field check.
     let mut next_prev: Option<Vec<u8>> = None;
-    src.each_from(f.pos + 1, e + 1, &mut |x: &Record| {
+    src.each_from(f.pos + 1, e.saturating_add(1), &mut |x: &Record| {
         next_prev = Some(x.prev_hash.clone());
         false
     })?;
@@ -817,10 +868,10 @@ fn rewritten_at(
     c: i64,
     signed: &[u8; 32],
 ) -> Tamper {
-    let n = c - anchor_seq;
+    let n = c.saturating_sub(anchor_seq);
     if n <= MAX_INSERTION_SEARCH {
         let mut recs: Vec<Record> = Vec::new();
-        let want = usize::try_from(n + 1).unwrap_or(0);
+        let want = usize::try_from(n.saturating_add(1)).unwrap_or(0);
         let _ = src.each_from(anchor_pos, anchor_hint, &mut |x: &Record| {
             recs.push(x.clone());
             recs.len() < want
@@ -833,14 +884,16 @@ fn rewritten_at(
                     if i == skip {
                         continue;
                     }
-                    seq += 1;
+                    seq = seq.saturating_add(1);
                     prev = rec.compute_hash_with(seq, &prev);
                     if seq == c {
                         break;
                     }
                 }
                 if seq == c && prev == *signed {
-                    let bad = anchor_seq + 1 + i64::try_from(skip).unwrap_or(0);
+                    let bad = anchor_seq
+                        .saturating_add(1)
+                        .saturating_add(i64::try_from(skip).unwrap_or(0));
                     return Tamper {
                         seq: bad,
                         reason: TamperReason::Inserted(format!(
@@ -852,10 +905,10 @@ fn rewritten_at(
         }
     }
     Tamper {
-        seq: anchor_seq + 1,
+        seq: anchor_seq.saturating_add(1),
         reason: TamperReason::Rewritten(format!(
             "records {}..{c} do not match signed checkpoint {c}",
-            anchor_seq + 1
+            anchor_seq.saturating_add(1)
         )),
     }
 }

@@ -365,3 +365,50 @@ fn an_unknown_kind_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_writer_refuses_to_sign_a_checkpoint_over_a_tampered_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(
+        dir.path(),
+        AuditOptions {
+            checkpoint_every_records: 0,
+            checkpoint_every_ms: 0,
+            ..AuditOptions::default()
+        },
+    )
+    .unwrap();
+    for i in 0..4 {
+        log.append(input(i)).unwrap();
+    }
+    log.checkpoint_now().unwrap();
+    for i in 4..8 {
+        log.append(input(i)).unwrap();
+    }
+    // Record 6 is not signed yet; an attacker edits it on disk.
+    attacker(dir.path())
+        .execute("UPDATE records SET outcome = 'deny' WHERE seq = 6", [])
+        .unwrap();
+    let err = log.checkpoint_now().unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("refusing to sign a checkpoint over a tampered log (tampered: first bad record 6: modified field outcome)"),
+        "{err}"
+    );
+    match log.health() {
+        AuditHealth::Failed { reason, .. } => {
+            assert!(reason.contains("refusing to sign"), "{reason}")
+        }
+        AuditHealth::Ok => panic!("readiness must report the refused checkpoint"),
+    }
+}
+
+#[test]
+fn readiness_reports_a_stopped_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+    assert!(log.health().is_ok());
+    log.shutdown().unwrap();
+    assert!(!log.health().is_ok());
+    assert!(matches!(log.append(input(0)), Err(AuditError::Closed)));
+}
