@@ -93,6 +93,8 @@ pub enum TamperReason {
     UndocumentedRemoval,
     /// An export line that cannot be read.
     Malformed(String),
+    /// SQLite reports the database file itself as damaged.
+    Corrupt(String),
 }
 
 impl fmt::Display for TamperReason {
@@ -128,6 +130,7 @@ impl fmt::Display for TamperReason {
                 "modified field payload (payload removed without the retention record that documents it)",
             ),
             Self::Malformed(d) => write!(f, "malformed export ({d})"),
+            Self::Corrupt(d) => write!(f, "database file is damaged ({d})"),
         }
     }
 }
@@ -291,7 +294,15 @@ impl Verifier {
         checkpoint_file: Option<&Path>,
     ) -> Result<Verdict, AuditError> {
         let reader = AuditReader::open(db)?;
-        let db_cps = reader.checkpoints()?;
+        let db_cps = match reader.checkpoints() {
+            Ok(c) => c,
+            Err(e) => {
+                return match corrupt(&e) {
+                    Some(reason) => Ok(Err(Tamper { seq: 1, reason })),
+                    None => Err(e),
+                };
+            }
+        };
         let mut problems: Vec<Tamper> = Vec::new();
         let mut all: Vec<Checkpoint> = db_cps.clone();
         if let Some(path) = checkpoint_file {
@@ -497,7 +508,7 @@ impl Verifier {
         let mut early: Option<Tamper> = None;
         let mut started = false;
 
-        src.each_from(0, i64::MIN, &mut |r: &Record| {
+        let walked = src.each_from(0, i64::MIN, &mut |r: &Record| {
             let pos = usize::try_from(count).unwrap_or(usize::MAX);
             if !started {
                 started = true;
@@ -578,7 +589,16 @@ impl Verifier {
             count += 1;
             expected = Some(e.saturating_add(1));
             true
-        })?;
+        });
+        if let Err(err) = walked {
+            return match corrupt(&err) {
+                Some(reason) => Ok(Err(Tamper {
+                    seq: expected.unwrap_or(1),
+                    reason,
+                })),
+                None => Err(err),
+            };
+        }
 
         if let Some(t) = early {
             return Ok(Err(t));
@@ -726,6 +746,20 @@ pub(crate) fn check_tail(
         prev_prev,
     };
     Ok(Err(diagnose(&VecSource(&window), &f, &BTreeMap::new())?))
+}
+
+/// A database error that means the file itself was altered (not an I/O problem).
+fn corrupt(e: &AuditError) -> Option<TamperReason> {
+    match e {
+        AuditError::Database { message, .. }
+            if message.contains("malformed")
+                || message.contains("not a database")
+                || message.contains("corrupt") =>
+        {
+            Some(TamperReason::Corrupt(message.clone()))
+        }
+        _ => None,
+    }
 }
 
 /// Names what is wrong with the record that failed the fast check.
