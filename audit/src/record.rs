@@ -454,13 +454,13 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Parses hex (either case). `None` on odd length or a non-hex character.
+/// Parses lower-case hex (the only form written, so every stored hash has one spelling).
+/// `None` on odd length, upper case or a non-hex character.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
     fn val(c: u8) -> Option<u8> {
         match c {
             b'0'..=b'9' => Some(c - b'0'),
             b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
             _ => None,
         }
     }
@@ -502,7 +502,8 @@ mod tests {
     #[test]
     fn hex_round_trips_and_rejects_garbage() {
         assert_eq!(to_hex(&[0, 0xab, 0xff]), "00abff");
-        assert_eq!(from_hex("00ABff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(from_hex("00abff"), Some(vec![0, 0xab, 0xff]));
+        assert_eq!(from_hex("00ABff"), None);
         assert_eq!(from_hex("0"), None);
         assert_eq!(from_hex("zz"), None);
     }

@@ -412,3 +412,87 @@ fn readiness_reports_a_stopped_writer() {
     assert!(!log.health().is_ok());
     assert!(matches!(log.append(input(0)), Err(AuditError::Closed)));
 }
+
+/// Clears the immutable flag again even if the test fails (root cannot delete an immutable
+/// file, so the temp dir could not be cleaned up otherwise).
+struct Immutable(Vec<std::path::PathBuf>);
+
+impl Immutable {
+    /// `chattr +i` on each file; `None` when the filesystem or host has no chattr support.
+    fn set(files: Vec<std::path::PathBuf>) -> Option<Self> {
+        for f in &files {
+            let out = std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(f)
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => {
+                    eprintln!(
+                        "chattr +i unsupported here: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    drop(Self(files.clone()));
+                    return None;
+                }
+                Err(e) => {
+                    eprintln!("chattr not available: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(Self(files))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(f)
+                .status();
+        }
+    }
+}
+
+#[test]
+fn an_audit_database_made_unwritable_mid_run_refuses_the_audited_action() {
+    // A real I/O error, even for root: the immutable flag makes every write to the open
+    // database and WAL fail with EPERM. Runs on the repository's filesystem (ext4 here).
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let clock = TestClock::new(T0);
+    let log = AuditLog::open(dir.path(), clock.options()).unwrap();
+    log.append(input(0)).unwrap();
+    let files = vec![dir.path().join("audit.db"), dir.path().join("audit.db-wal")];
+    let Some(guard) = Immutable::set(files) else {
+        eprintln!(
+            "note: this filesystem has no immutable flag; the lock and size-cap tests cover fail-closed"
+        );
+        return;
+    };
+    let marker = dir.path().join("action-ran");
+    let result = log.audited(input(1), |_| std::fs::write(&marker, b"ran").unwrap());
+    let err = result.unwrap_err();
+    assert!(matches!(err, AuditError::Unavailable(_)), "{err:?}");
+    assert!(
+        err.to_string().contains("the action was not performed"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the audited action ran without a record");
+    assert!(!log.health().is_ok());
+
+    drop(guard);
+    clock.advance(1000);
+    log.audited(input(2), |_| std::fs::write(&marker, b"ran").unwrap())
+        .unwrap();
+    assert!(marker.exists());
+    assert!(log.health().is_ok());
+    log.shutdown().unwrap();
+    let recs = all_records(dir.path());
+    assert_eq!(
+        recs.iter().map(|r| r.action.as_str()).collect::<Vec<_>>(),
+        vec!["action0", "audit.outage", "action2"]
+    );
+    assert!(verify(dir.path()).is_ok());
+}
