@@ -182,7 +182,12 @@ fn verify(
     match verdict {
         Ok(report) => {
             println!("{}", report.ok_line());
-            if report.uncovered > 0 {
+            if report.last_checkpoint.is_none() && report.records > 0 {
+                eprintln!(
+                    "note: the log has no signed checkpoint yet, so only the chain protects it; \
+                     run `chitin audit checkpoint`"
+                );
+            } else if report.uncovered > 0 {
                 eprintln!(
                     "note: the last {} record(s) are after the last checkpoint and protected by the \
                      chain only; run `chitin audit checkpoint` to sign them",
