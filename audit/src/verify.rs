@@ -860,8 +860,21 @@ fn diagnose(
         if r.compute_hash_with(e, &p)[..] == r.hash[..] {
             return Ok(field("prev_hash"));
         }
-        for s in [e.saturating_add(1), e.saturating_sub(1)] {
-            if r.compute_hash_with(s, &r.prev_hash)[..] == r.hash[..] {
+        // Is it another record's content? Its predecessor (by prev_hash) says which.
+        let mut candidates = vec![e.saturating_add(1), e.saturating_sub(1)];
+        if r.prev_hash[..] == GENESIS_HASH[..] {
+            candidates.push(1);
+        } else {
+            src.each_from(0, i64::MIN, &mut |x: &Record| {
+                if x.hash[..] == r.prev_hash[..] {
+                    candidates.push(x.seq.saturating_add(1));
+                    return false;
+                }
+                true
+            })?;
+        }
+        for s in candidates {
+            if s != e && r.compute_hash_with(s, &r.prev_hash)[..] == r.hash[..] {
                 return Ok(at(TamperReason::Reordered(format!(
                     "the record stored at seq {e} is record {s}"
                 ))));

@@ -1,6 +1,11 @@
 //! T-AUD-08: a writer killed with SIGKILL in the middle of appending loses nothing it
 //! acknowledged, and the log still verifies after a restart.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 mod common;
 
@@ -81,9 +86,15 @@ fn a_writer_killed_mid_append_keeps_every_acknowledged_record() {
         let max_acked = *acked.iter().max().unwrap();
         let records = all_records(dir.path());
         let last = records.last().unwrap().seq;
-        assert!(last >= max_acked, "acknowledged {max_acked}, database ends at {last}");
+        assert!(
+            last >= max_acked,
+            "acknowledged {max_acked}, database ends at {last}"
+        );
         for seq in &acked {
-            assert!(records.iter().any(|r| r.seq == *seq), "acknowledged record {seq} lost");
+            assert!(
+                records.iter().any(|r| r.seq == *seq),
+                "acknowledged record {seq} lost"
+            );
         }
         let report = verify(dir.path()).unwrap();
         assert_eq!(i64::try_from(report.records).unwrap(), last);

@@ -101,6 +101,24 @@ fn flipping_one_byte_in_any_field_names_that_field_and_record() {
 }
 
 #[test]
+fn copying_one_record_over_the_next_is_reported() {
+    let (_d, home) = build_log(12, 5);
+    let db = attacker(&home);
+    let cols = "ts_ms, kind, actor, action, resource, decision, policies, outcome, \
+                payload_digest, payload, field_check, prev_hash, hash";
+    db.execute_batch(&format!(
+        "UPDATE records SET ({cols}) = (SELECT {cols} FROM records WHERE seq = 6) WHERE seq = 7;"
+    ))
+    .unwrap();
+    drop(db);
+    assert_tamper(
+        verify(&home),
+        7,
+        "reordered (the record stored at seq 7 is record 6)",
+    );
+}
+
+#[test]
 fn deleting_a_middle_record_is_reported_as_missing() {
     let (_d, home) = build_log(12, 5);
     let db = attacker(&home);
@@ -145,6 +163,11 @@ fn a_database_rewritten_from_scratch_is_reported_against_the_checkpoint_file() {
 
 #[test]
 fn swapping_the_contents_of_two_records_is_reported_as_reordered() {
+    swap_and_expect(7, 8);
+    swap_and_expect(4, 11);
+}
+
+fn swap_and_expect(a: i64, b: i64) {
     let (_d, home) = build_log(12, 5);
     let db = attacker(&home);
     let cols = "ts_ms, kind, actor, action, resource, decision, policies, outcome, \
