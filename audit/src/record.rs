@@ -234,6 +234,33 @@ impl RecordInput {
         }
     }
 
+    /// A human approval decision on a pending high-risk action (`approved` or `rejected`).
+    pub fn approval(
+        approver: impl Into<String>,
+        request: impl Into<String>,
+        approved: bool,
+        payload: serde_json::Value,
+    ) -> Self {
+        let verdict = if approved { "approved" } else { "rejected" };
+        Self {
+            outcome: verdict.into(),
+            payload,
+            ..Self::new(Kind::Approval, approver, "approval", request)
+        }
+    }
+
+    /// A secret released to a tool. Only the secret's *name* is recorded, never its value.
+    pub fn secret_use(
+        actor: impl Into<String>,
+        secret_name: impl Into<String>,
+        tool: impl Into<String>,
+    ) -> Self {
+        Self {
+            payload: serde_json::json!({ "tool": tool.into() }),
+            ..Self::new(Kind::SecretUse, actor, "secret.use", secret_name)
+        }
+    }
+
     /// Sets the outcome.
     #[must_use]
     pub fn with_outcome(mut self, outcome: impl Into<String>) -> Self {

@@ -37,8 +37,8 @@ impl VerifyReport {
             "ok: {} records, head {}, last checkpoint {}",
             self.records,
             to_hex(&self.head),
-            self.last_checkpoint
-                .map_or_else(|| "none".to_string(), |c| c.to_string())
+            // 0 = no checkpoint yet (a checkpoint at seq 0 covers the empty log).
+            self.last_checkpoint.unwrap_or(0)
         )
     }
 }
