@@ -172,7 +172,25 @@ fn the_gate_helpers_record_decision_tool_run_and_admin_fields() {
         serde_json::json!({"files": 3}),
     ))
     .unwrap();
-    let recs = log.reader().unwrap().range(1, 3).unwrap();
+    log.append(RecordInput::approval(
+        "Chitin::User::\"bob\"",
+        "approval:42",
+        false,
+        serde_json::json!({"channel": "telegram"}),
+    ))
+    .unwrap();
+    log.append(RecordInput::secret_use(
+        "Chitin::User::\"alice\"",
+        "github_token",
+        "exec",
+    ))
+    .unwrap();
+    let recs = log.reader().unwrap().range(1, 5).unwrap();
+    assert_eq!(recs[3].kind, "approval");
+    assert_eq!(recs[3].outcome, "rejected");
+    assert_eq!(recs[4].kind, "secret_use");
+    assert_eq!(recs[4].resource, "github_token");
+    assert_eq!(recs[4].payload.as_deref(), Some("{\"tool\":\"exec\"}"));
     assert_eq!(recs[0].kind, "decision");
     assert_eq!(recs[0].decision, "approval_required");
     assert_eq!(recs[0].policy_ids(), vec!["high-risk-needs-approval"]);
