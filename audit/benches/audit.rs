@@ -1,7 +1,8 @@
 //! Audit throughput on this machine: durable appends (WAL, synchronous=FULL, group commit)
 //! with 1 and 8 writers, blocking and pipelined, and verification speed.
 //!
-//! Run: `cargo bench -p chitin-audit --bench audit` (optionally `-- --quick`).
+//! Run: `cargo bench -p chitin-audit --bench audit` (optionally `-- --quick` or `-- --verify-only`).
+//! Under `cargo test --all-targets` it only runs a few records through every path.
 //! Results and method: docs/parts/BENCHMARKS.audit.md.
 
 #![allow(
@@ -73,6 +74,14 @@ fn appends(writers: u64, per_writer: u64, window: usize) -> f64 {
 }
 
 fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it:
+    // then only check that every path works, on a few records.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("smoke run (use `cargo bench` for numbers)");
+        appends(2, 3, 2);
+        verify_benches(Some(500));
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let verify_only = std::env::args().any(|a| a == "--verify-only");
     let scale = if quick { 1 } else { 4 };
@@ -80,7 +89,7 @@ fn main() {
     if !verify_only {
         append_benches(scale);
     }
-    verify_benches(quick);
+    verify_benches(quick.then_some(50_000));
 }
 
 fn append_benches(scale: u64) {
@@ -102,9 +111,9 @@ fn append_benches(scale: u64) {
     );
 }
 
-fn verify_benches(quick: bool) {
+fn verify_benches(records: Option<u64>) {
     // Verification: a log of `n` records, checkpoints every 1000.
-    let n: u64 = if quick { 50_000 } else { 200_000 };
+    let n: u64 = records.unwrap_or(200_000);
     let dir = tempfile::tempdir().unwrap();
     {
         let log = AuditLog::open(dir.path(), options()).unwrap();
