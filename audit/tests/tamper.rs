@@ -173,14 +173,18 @@ fn swap_and_expect(a: i64, b: i64) {
     let cols = "ts_ms, kind, actor, action, resource, decision, policies, outcome, \
                 payload_digest, payload, field_check, prev_hash, hash";
     db.execute_batch(&format!(
-        "CREATE TEMP TABLE a AS SELECT {cols} FROM records WHERE seq = 7;
-         CREATE TEMP TABLE b AS SELECT {cols} FROM records WHERE seq = 8;
-         UPDATE records SET ({cols}) = (SELECT {cols} FROM b) WHERE seq = 7;
-         UPDATE records SET ({cols}) = (SELECT {cols} FROM a) WHERE seq = 8;"
+        "CREATE TEMP TABLE a AS SELECT {cols} FROM records WHERE seq = {a};
+         CREATE TEMP TABLE b AS SELECT {cols} FROM records WHERE seq = {b};
+         UPDATE records SET ({cols}) = (SELECT {cols} FROM b) WHERE seq = {a};
+         UPDATE records SET ({cols}) = (SELECT {cols} FROM a) WHERE seq = {b};"
     ))
     .unwrap();
     drop(db);
-    assert_tamper(verify(&home), 7, "reordered");
+    assert_tamper(
+        verify(&home),
+        a,
+        &format!("reordered (the record stored at seq {a} is record {b})"),
+    );
 }
 
 /// Rewrites records from `from` on with a consistent chain (what an attacker without the key
