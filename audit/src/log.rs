@@ -50,7 +50,7 @@ pub type CheckpointSink = Arc<dyn Fn(&Checkpoint) + Send + Sync>;
 pub struct AuditOptions {
     /// Write a checkpoint at least every this many records (0 = only on time / demand).
     pub checkpoint_every_records: u64,
-    /// Write a checkpoint when uncovered records are older than this (0 = never on time).
+    /// Write a checkpoint every this many ms, also when idle (0 = never on time).
     pub checkpoint_every_ms: i64,
     /// Most appends committed in one transaction.
     pub max_batch: usize,
@@ -479,7 +479,7 @@ impl Writer {
     }
 
     fn time_to_checkpoint(&self) -> Duration {
-        if self.opts.checkpoint_every_ms <= 0 || self.head_seq <= self.last_cp_seq {
+        if self.opts.checkpoint_every_ms <= 0 {
             return Duration::from_secs(3600);
         }
         let due = self
@@ -744,12 +744,12 @@ impl Writer {
         }
     }
 
+    /// Every N records, and every T seconds even when idle (a heartbeat: the same head with a
+    /// new time shows the log was alive and had not grown).
     fn maybe_checkpoint(&mut self) {
-        let uncovered = self.head_seq - self.last_cp_seq;
-        if uncovered <= 0 {
-            return;
-        }
-        let by_count = self.opts.checkpoint_every_records > 0
+        let uncovered = self.head_seq.saturating_sub(self.last_cp_seq);
+        let by_count = uncovered > 0
+            && self.opts.checkpoint_every_records > 0
             && u64::try_from(uncovered).unwrap_or(0) >= self.opts.checkpoint_every_records;
         let by_time = self.opts.checkpoint_every_ms > 0
             && self.now().saturating_sub(self.last_cp_time) >= self.opts.checkpoint_every_ms;
@@ -774,9 +774,15 @@ impl Writer {
         match &result {
             Ok(_) => *lock(&self.shared.checkpoint_error) = None,
             Err(e) => {
-                *lock(&self.shared.checkpoint_error) =
-                    Some((format!("checkpoint failed: {e}"), self.now()));
+                let now = self.now();
+                let mut slot = lock(&self.shared.checkpoint_error);
+                let since = slot.as_ref().map_or(now, |s| s.1);
+                *slot = Some((format!("checkpoint failed: {e}"), since));
+                drop(slot);
                 self.conn = None;
+                // Retry on time no sooner than one interval later (count-based retries happen
+                // after every batch).
+                self.last_cp_time = now;
             }
         }
         result

@@ -63,7 +63,7 @@ fn a_group_readable_key_file_is_refused() {
 }
 
 #[test]
-fn checkpoints_are_written_every_n_records_and_every_t_seconds() {
+fn checkpoints_are_written_every_n_records_and_every_t_seconds_even_when_idle() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new(T0);
     let (tx, rx) = std::sync::mpsc::channel::<i64>();
@@ -90,8 +90,9 @@ fn checkpoints_are_written_every_n_records_and_every_t_seconds() {
     assert!(rx.recv_timeout(Duration::from_millis(600)).is_err());
     clock.advance(1_001);
     assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 9);
-    // Nothing new: no new checkpoint even after more time.
-    clock.advance(60_000);
+    // Idle: a heartbeat checkpoint of the same head every 10 s.
+    clock.advance(10_000);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 9);
     let cp = log.checkpoint_now().unwrap();
     assert_eq!(cp.seq, 9);
     log.shutdown().unwrap();
@@ -99,8 +100,9 @@ fn checkpoints_are_written_every_n_records_and_every_t_seconds() {
     let cps = chitin_audit::parse_checkpoint_lines(&lines).unwrap();
     assert_eq!(
         cps.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        vec![4, 8, 9, 9]
+        vec![4, 8, 9, 9, 9]
     );
+    assert_eq!(cps[3].time_ms, T0 + 20_001);
     assert!(verify(dir.path()).is_ok());
 }
 

@@ -11,7 +11,7 @@ pub const TEMPLATE: &str = r#"
 # (one signed checkpoint per line), audit.key (0600 Ed25519 signing key) and audit.pub.
 # Write a signed checkpoint at least every this many records (0 = only on time and shutdown).
 checkpoint_every_records = 1000
-# ...and at least every this many seconds while records are not yet covered (0 = never on time).
+# ...and every this many seconds, also when idle (a heartbeat; 0 = never on time).
 checkpoint_interval_secs = 60
 # Most records committed (and fsynced) together in one transaction.
 max_batch = 1024
