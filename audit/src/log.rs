@@ -388,7 +388,8 @@ impl AuditLog {
             Err(e) => Err(e),
         };
         lock(&self.tx).take();
-        if let Some(t) = lock(&self.thread).take() {
+        let thread = lock(&self.thread).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
         result
