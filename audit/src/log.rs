@@ -215,7 +215,17 @@ impl AuditLog {
         let paths = AuditPaths::in_dir(dir);
         let signer: Arc<dyn CheckpointSigner> = match &options.signer {
             Some(s) => s.clone(),
-            None => Arc::new(KeySigner::load_or_create(&paths.key)?),
+            None => {
+                if !paths.key.exists() && paths.public_key.exists() {
+                    // Never mint a new key for an existing log: its checkpoints would no longer
+                    // verify under the published key.
+                    return Err(AuditError::KeyFile {
+                        path: paths.key.clone(),
+                        reason: format!("is missing but {} exists", paths.public_key.display()),
+                    });
+                }
+                Arc::new(KeySigner::load_or_create(&paths.key)?)
+            }
         };
         let public_key = signer.public_key();
         match std::fs::read_to_string(&paths.public_key) {

@@ -38,14 +38,35 @@ fn state_files_are_private_and_the_public_key_is_exported() {
 #[test]
 fn a_signing_key_that_does_not_match_audit_pub_is_refused() {
     let (_d, home) = build_log(1, 0);
+    let other = chitin_audit::KeySigner::from_seed(&[5u8; 32]);
+    let err = AuditLog::open(
+        &home,
+        AuditOptions {
+            signer: Some(Arc::new(other)),
+            ..AuditOptions::default()
+        },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        err.to_string().contains("the signing key was replaced"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_signing_key_is_not_silently_replaced() {
+    let (_d, home) = build_log(1, 0);
     std::fs::remove_file(home.join("audit.key")).unwrap();
     let err = AuditLog::open(&home, AuditOptions::default())
         .err()
         .unwrap();
     assert!(
-        err.to_string().contains("the signing key was replaced"),
+        err.to_string().contains("audit.key: is missing but"),
         "{err}"
     );
+    assert!(err.to_string().contains("restore it from backup"), "{err}");
+    assert!(!home.join("audit.key").exists());
 }
 
 #[test]
