@@ -537,3 +537,12 @@ fn an_audit_database_made_unwritable_mid_run_refuses_the_audited_action() {
     );
     assert!(verify(dir.path()).is_ok());
 }
+
+#[test]
+fn the_log_can_be_shared_across_threads_and_tasks() {
+    fn shareable<T: Send + Sync + 'static>() {}
+    shareable::<AuditLog>();
+    shareable::<chitin_audit::Verifier>();
+    shareable::<AuditHealth>();
+    shareable::<AuditError>();
+}
