@@ -32,4 +32,4 @@ pub use record::{
     from_hex, sha256, to_hex,
 };
 pub use store::{AuditReader, CHECKPOINT_FILE, DB_FILE, KEY_FILE, PUB_FILE, Query};
-pub use verify::{Tamper, TamperReason, Verifier, VerifyReport};
+pub use verify::{Tamper, TamperReason, Verdict, Verifier, VerifyReport};
