@@ -6,11 +6,14 @@
 //! - Paths are canonicalized here (symlinks resolved, `..` removed) before they reach Cedar;
 //!   a path that cannot be canonicalized is refused as invalid input, never passed raw.
 //! - A request the engine cannot evaluate (malformed context, unknown action) is a deny.
+//! - Every decision (and every refusal of bad input) is written to the audit log before the
+//!   verdict is returned; if the record cannot be written, the verdict is "no" (fail closed).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cedar_policy::EntityUid;
+use chitin_audit::{AuditLog, GateDecision, RecordInput};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -25,6 +28,8 @@ pub enum GateError {
     InvalidRequest(String),
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    #[error("audit log unavailable, so nothing is allowed: {0}")]
+    AuditUnavailable(String),
 }
 
 /// Proof that the policy engine allowed one specific request. It cannot be built outside
@@ -239,15 +244,115 @@ pub const TOOL_PATH: &[&str] = &[
     "/sbin",
 ];
 
+/// Replaces secret values (and their encodings) in text bound for the audit log.
+pub type Redact = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
 /// The gate.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Gate {
     engine: Arc<PolicyEngine>,
+    audit: Arc<AuditLog>,
+    redact: Option<Redact>,
+}
+
+impl std::fmt::Debug for Gate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gate")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Gate {
-    pub fn new(engine: Arc<PolicyEngine>) -> Self {
-        Self { engine }
+    /// A gate deciding with `engine` and recording every decision in `audit`.
+    pub fn new(engine: Arc<PolicyEngine>, audit: Arc<AuditLog>) -> Self {
+        Self {
+            engine,
+            audit,
+            redact: None,
+        }
+    }
+
+    /// Redacts every string of a decision's payload before it is recorded.
+    #[must_use]
+    pub fn with_redactor(mut self, redact: Redact) -> Self {
+        self.redact = Some(redact);
+        self
+    }
+
+    /// The audit log decisions are written to.
+    pub fn audit(&self) -> &Arc<AuditLog> {
+        &self.audit
+    }
+
+    fn redacted(&self, v: &Value) -> Value {
+        let Some(r) = &self.redact else {
+            return v.clone();
+        };
+        match v {
+            Value::String(s) => Value::String(r(s)),
+            Value::Array(a) => Value::Array(a.iter().map(|x| self.redacted(x)).collect()),
+            Value::Object(m) => Value::Object(
+                m.iter()
+                    .map(|(k, x)| (k.clone(), self.redacted(x)))
+                    .collect(),
+            ),
+            other => other.clone(),
+        }
+    }
+
+    fn record(&self, input: RecordInput) -> Result<(), GateError> {
+        self.audit
+            .append(input)
+            .map(|_| ())
+            .map_err(|e| GateError::AuditUnavailable(e.to_string()))
+    }
+
+    /// Records a request that never reached a decision (bad input) as a deny.
+    fn record_refusal(
+        &self,
+        actor: &str,
+        action: &str,
+        resource: &str,
+        why: &str,
+        details: Value,
+    ) -> Result<(), GateError> {
+        self.record(
+            RecordInput::gate_decision(
+                actor,
+                action,
+                resource,
+                GateDecision::Deny,
+                Vec::new(),
+                self.redacted(&details),
+            )
+            .with_outcome(format!(
+                "refused: {}",
+                self.redacted(&Value::String(why.into()))
+                    .as_str()
+                    .unwrap_or("")
+            )),
+        )
+    }
+
+    /// Re-reads policies and entities (the set is swapped whole or not at all) and records the
+    /// reload, successful or not, as an admin action by `actor`.
+    pub fn reload_policies(&self, actor: &str) -> Result<crate::policy::LoadReport, GateError> {
+        let result = self.engine.reload();
+        let (outcome, payload) = match &result {
+            Ok(r) => (
+                "ok".to_string(),
+                json!({"source": r.source, "policies": r.policies, "shadow": r.shadow, "files": r.files}),
+            ),
+            Err(e) => (
+                "rejected: the last good policy set stays active".to_string(),
+                json!({"error": e.to_string()}),
+            ),
+        };
+        self.record(
+            RecordInput::admin(actor, "policy.reload", "policies", payload).with_outcome(outcome),
+        )?;
+        result.map_err(GateError::from)
     }
 
     /// The policy engine behind the gate.
@@ -255,9 +360,66 @@ impl Gate {
         &self.engine
     }
 
-    /// Decides any request (admin actions, secret use, admission, ...).
+    /// Decides any request (admin actions, secret use, admission, ...) and records the
+    /// decision. A malformed request is recorded as a refusal and returned as an error.
     pub fn check(&self, req: &PolicyRequest) -> Result<Verdict, GateError> {
-        let decision = self.engine.decide(req)?;
+        let actor = req.principal.to_string();
+        let action = req.action_name();
+        let resource = req.resource.to_string();
+        let decision = match self.engine.decide(req) {
+            Ok(d) => d,
+            Err(e) => {
+                self.record_refusal(
+                    &actor,
+                    &action,
+                    &resource,
+                    &e.to_string(),
+                    Value::Object(req.context.clone()),
+                )?;
+                return Err(e.into());
+            }
+        };
+        let recorded = match decision.decision {
+            Outcome::Allow => GateDecision::Allow,
+            Outcome::Deny => GateDecision::Deny,
+            Outcome::ApprovalRequired => GateDecision::ApprovalRequired,
+        };
+        let payload = json!({
+            "context": self.redacted(&Value::Object(req.context.clone())),
+            "shadow": decision.shadow,
+            "errors": decision.errors,
+            "request_digest": hex(&request_digest(req)),
+        });
+        self.record(RecordInput::gate_decision(
+            &actor,
+            &action,
+            &resource,
+            recorded,
+            decision.policies.clone(),
+            payload,
+        ))?;
+        if !decision.shadow.is_empty() {
+            // What the shadow policies would have done, as its own record for easy querying.
+            let would = if decision.decision == Outcome::Allow {
+                GateDecision::ShadowDeny
+            } else {
+                GateDecision::ShadowAllow
+            };
+            self.record(
+                RecordInput::gate_decision(
+                    &actor,
+                    &action,
+                    &resource,
+                    would,
+                    decision.shadow.clone(),
+                    json!({"enforced": decision.decision.as_str()}),
+                )
+                .with_outcome(format!(
+                    "not enforced (enforced: {})",
+                    decision.decision.as_str()
+                )),
+            )?;
+        }
         Ok(match decision.decision {
             Outcome::Allow => Verdict::Allowed(Authorized::new(req, &decision), decision),
             Outcome::Deny => Verdict::Denied(decision),
@@ -334,16 +496,29 @@ impl Gate {
         })
     }
 
-    /// Canonicalizes and decides a tool call.
+    /// Canonicalizes and decides a tool call. Input that cannot be canonicalized is recorded
+    /// as a refusal and never reaches Cedar.
     pub fn check_tool(
         &self,
         call: &CallContext,
         input: &ToolInput,
         approved: bool,
     ) -> Result<Verdict, GateError> {
-        let req = self.tool_request(call, input, approved)?;
-        self.check(&req)
+        match self.tool_request(call, input, approved) {
+            Ok(req) => self.check(&req),
+            Err(e) => {
+                let actor = format!("Chitin::User::{}", quote(&call.user));
+                let resource = format!("Chitin::Tool::{}", quote(input.tool()));
+                let details = json!({"input": format!("{input:?}"), "session": call.session});
+                self.record_refusal(&actor, input.tool(), &resource, &e.to_string(), details)?;
+                Err(e)
+            }
+        }
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A Cedar string literal.

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use chitin::gate::{CallContext, Gate, GateError, Origin, ToolInput, Verdict};
 use chitin::policy::{EngineSpec, Outcome, PolicyEngine};
+use chitin_audit::{AuditLog, AuditOptions, Query, Record, Verifier};
 use serde_json::json;
 
 struct Fixture {
@@ -48,8 +49,13 @@ fn fixture() -> Fixture {
         state_dir: Some(home.clone()),
     })
     .unwrap();
+    let opts = AuditOptions {
+        lock_timeout: std::time::Duration::from_millis(200),
+        ..AuditOptions::default()
+    };
+    let audit = Arc::new(AuditLog::open(&home, opts).unwrap());
     Fixture {
-        gate: Gate::new(Arc::new(engine)),
+        gate: Gate::new(Arc::new(engine), audit),
         ws,
         home,
         outside,
@@ -309,4 +315,139 @@ fn an_approval_binds_to_the_exact_request() {
         panic!()
     };
     assert_eq!(auth.request_digest(), &a);
+}
+
+fn records(f: &Fixture) -> Vec<Record> {
+    f.gate
+        .audit()
+        .reader()
+        .unwrap()
+        .query(&Query::default())
+        .unwrap()
+}
+
+#[test]
+fn every_decision_and_every_refusal_is_in_the_audit_chain() {
+    let f = fixture();
+    let c = call(&f.ws);
+    f.gate
+        .check_tool(
+            &c,
+            &ToolInput::ReadFile {
+                path: "notes.md".into(),
+            },
+            false,
+        )
+        .unwrap();
+    f.gate
+        .check_tool(
+            &c,
+            &ToolInput::ReadFile {
+                path: "../outside/secret.txt".into(),
+            },
+            false,
+        )
+        .unwrap();
+    f.gate
+        .check_tool(
+            &c,
+            &ToolInput::Exec {
+                argv: vec!["curl".into(), "x".into()],
+                cwd: None,
+                network: true,
+            },
+            false,
+        )
+        .unwrap();
+    let refused = f
+        .gate
+        .check_tool(
+            &c,
+            &ToolInput::ReadFile {
+                path: "missing".into(),
+            },
+            false,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(refused, GateError::InvalidPath { .. }),
+        "{refused}"
+    );
+    let recs = records(&f);
+    let got: Vec<(&str, &str, &str)> = recs
+        .iter()
+        .map(|r| (r.action.as_str(), r.decision.as_str(), r.kind.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("read_file", "allow", "decision"),
+            ("read_file", "deny", "decision"),
+            ("exec", "approval_required", "decision"),
+            ("read_file", "deny", "decision"),
+        ]
+    );
+    assert_eq!(recs[0].policy_ids(), vec!["tools.owner-files-in-workspace"]);
+    assert!(
+        recs[3].outcome.starts_with("refused: invalid path"),
+        "{}",
+        recs[3].outcome
+    );
+    // The chain verifies.
+    let key = f.gate.audit().public_key();
+    f.gate.audit().checkpoint_now().unwrap();
+    let verdict = Verifier::new(key)
+        .verify_db(&f.home.join("audit.db"), None)
+        .unwrap();
+    assert!(
+        matches!(verdict, chitin_audit::Verdict::Ok(_)),
+        "{verdict:?}"
+    );
+}
+
+#[test]
+fn a_policy_reload_is_recorded_whether_it_succeeds_or_not() {
+    let f = fixture();
+    f.gate.reload_policies("operator:test").unwrap();
+    let recs = records(&f);
+    let last = recs.last().unwrap();
+    assert_eq!(
+        (
+            last.kind.as_str(),
+            last.action.as_str(),
+            last.outcome.as_str()
+        ),
+        ("admin", "policy.reload", "ok")
+    );
+}
+
+#[test]
+fn when_the_audit_log_cannot_be_written_nothing_is_authorized() {
+    let f = fixture();
+    let c = call(&f.ws);
+    let read = ToolInput::ReadFile {
+        path: "notes.md".into(),
+    };
+    assert!(matches!(
+        f.gate.check_tool(&c, &read, false).unwrap(),
+        Verdict::Allowed(..)
+    ));
+    // Another process holds the audit database's write lock.
+    let blocker = rusqlite::Connection::open(f.home.join("audit.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let err = f.gate.check_tool(&c, &read, false).unwrap_err();
+    assert!(matches!(err, GateError::AuditUnavailable(_)), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("audit log unavailable, so nothing is allowed"),
+        "{err}"
+    );
+    drop(blocker);
+    assert!(
+        matches!(
+            f.gate.check_tool(&c, &read, false).unwrap(),
+            Verdict::Allowed(..)
+        ),
+        "recovers once it can write"
+    );
 }
