@@ -6,3 +6,4 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod gate;
+pub mod tools;
