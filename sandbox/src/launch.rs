@@ -25,6 +25,9 @@ use crate::{SandboxError, seccomp, sys};
 /// A non-zero uid means `execve` never grants capabilities.
 pub const SANDBOX_UID: u32 = 1000;
 
+/// `pid_max` inside the sandbox's PID namespace (the kernel's minimum is 301).
+pub const PID_MAX: u32 = 301;
+
 /// Resource limits of one run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -315,6 +318,8 @@ enum MountOp {
     Tmpfs { dst: PathBuf, mode: u32, size_mb: u64 },
     Proc { dst: PathBuf },
     File { dst: PathBuf, contents: String },
+    /// Copy a small host file into the (read-only after setup) root: cheaper than a bind.
+    Copy { src: PathBuf, dst: PathBuf },
 }
 
 impl fmt::Display for MountOp {
@@ -334,6 +339,7 @@ impl fmt::Display for MountOp {
             MountOp::Tmpfs { dst, .. } => write!(f, "tmpfs {}", dst.display()),
             MountOp::Proc { dst } => write!(f, "proc {}", dst.display()),
             MountOp::File { dst, .. } => write!(f, "file {}", dst.display()),
+            MountOp::Copy { src, .. } => write!(f, "copy {}", src.display()),
         }
     }
 }
@@ -598,6 +604,10 @@ fn mount_plan(
                     ops.push(MountOp::Symlink { target, dst: p });
                 }
             }
+            Ok(m) if m.is_file() && m.len() <= 256 * 1024 => ops.push(MountOp::Copy {
+                src: p.clone(),
+                dst: p,
+            }),
             Ok(_) => ops.push(MountOp::Bind {
                 src: p.clone(),
                 dst: p,
@@ -1089,6 +1099,11 @@ fn init(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, life_r: RawFd) -> ! {
         }
         sys::close(sock);
     }
+    // Per-PID-namespace pid_max (Linux >= 6.14): at most ~300 tasks can exist in the sandbox
+    // whatever the uid, a cap that holds even where RLIMIT_NPROC does not (uid 0) and no
+    // cgroup can be made. Older kernels lack the per-namespace knob: the write fails and the
+    // cgroup / RLIMIT_NPROC layers remain.
+    let _ = std::fs::write("/proc/sys/kernel/pid_max", PID_MAX.to_string());
     build_view(plan, spec, st);
 
     let sigfd = match sys::sigchld_fd() {
@@ -1341,6 +1356,13 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
                 None,
             )
+        }
+        MountOp::Copy { src, dst } => {
+            let d = under(NEW, dst);
+            if let Some(parent) = d.parent() {
+                mkdir_p(parent)?;
+            }
+            std::fs::copy(under(OLD, src), d).map(|_| ())
         }
         MountOp::File { dst, contents } => {
             let d = under(NEW, dst);
