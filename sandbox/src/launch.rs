@@ -318,6 +318,8 @@ enum MountOp {
     Tmpfs { dst: PathBuf, mode: u32, size_mb: u64 },
     Proc { dst: PathBuf },
     File { dst: PathBuf, contents: String },
+    /// Hide a /proc file the kernel shows to our (host) uid: bind /dev/null over it.
+    Mask { dst: PathBuf },
     /// Copy a small host file into the (read-only after setup) root: cheaper than a bind.
     Copy { src: PathBuf, dst: PathBuf },
 }
@@ -340,6 +342,7 @@ impl fmt::Display for MountOp {
             MountOp::Proc { dst } => write!(f, "proc {}", dst.display()),
             MountOp::File { dst, .. } => write!(f, "file {}", dst.display()),
             MountOp::Copy { src, .. } => write!(f, "copy {}", src.display()),
+            MountOp::Mask { dst } => write!(f, "mask {}", dst.display()),
         }
     }
 }
@@ -362,6 +365,16 @@ const ETC_FILES: &[&str] = &[
     "gitconfig",
     "python3",
     "python3.11",
+];
+const MASKED_PROC: &[&str] = &[
+    "keys",
+    "key-users",
+    "kcore",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+    "kallsyms",
 ];
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
@@ -678,6 +691,13 @@ fn mount_plan(
     ops.push(MountOp::Proc {
         dst: "/proc".into(),
     });
+    // As Docker's masked paths: files that list host-wide state by uid (keyring names of the
+    // host user), kernel memory and timing side channels.
+    for f in MASKED_PROC {
+        ops.push(MountOp::Mask {
+            dst: Path::new("/proc").join(f),
+        });
+    }
     ops.push(MountOp::Tmpfs {
         dst: "/tmp".into(),
         mode: 0o1777,
@@ -1356,6 +1376,15 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
                 None,
             )
+        }
+        MountOp::Mask { dst } => {
+            let d = under(NEW, dst);
+            if !d.exists() {
+                return Ok(());
+            }
+            let dc = c(&d);
+            sys::mount(Some(&c(&under(NEW, Path::new("/dev/null")))), &dc, None, libc::MS_BIND, None)?;
+            remount(&dc, true, true)
         }
         MountOp::Copy { src, dst } => {
             let d = under(NEW, dst);
