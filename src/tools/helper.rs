@@ -120,19 +120,23 @@ pub fn main() -> ExitCode {
 
 /// Handles one request relative to the current directory (the workspace).
 pub fn handle(req: &Request) -> Answer {
-    let root = match sfs::open_dir(Path::new(".")) {
-        Ok(r) => r,
-        Err(e) => return err("io", format!("cannot open the workspace: {e}")),
-    };
+    match sfs::open_dir(Path::new(".")) {
+        Ok(r) => handle_at(r.as_fd(), req),
+        Err(e) => err("io", format!("cannot open the workspace: {e}")),
+    }
+}
+
+/// Handles one request relative to the workspace directory `root`.
+pub fn handle_at(root: BorrowedFd<'_>, req: &Request) -> Answer {
     let r = match req {
-        Request::Read { path, max_bytes } => read(root.as_fd(), path, *max_bytes).map(|text| {
+        Request::Read { path, max_bytes } => read(root, path, *max_bytes).map(|text| {
             serde_json::json!({"path": path, "content": text, "bytes": text.len()})
         }),
         Request::Write {
             path,
             content,
             create_dirs,
-        } => write(root.as_fd(), path, content.as_bytes(), *create_dirs)
+        } => write(root, path, content.as_bytes(), *create_dirs)
             .map(|n| serde_json::json!({"path": path, "bytes_written": n})),
         Request::Edit {
             path,
@@ -141,7 +145,7 @@ pub fn handle(req: &Request) -> Answer {
             replace_all,
             max_bytes,
         } => edit(
-            root.as_fd(),
+            root,
             path,
             old_string,
             new_string,
@@ -149,7 +153,7 @@ pub fn handle(req: &Request) -> Answer {
             *max_bytes,
         )
         .map(|n| serde_json::json!({"path": path, "replacements": n})),
-        Request::List { path } => list(root.as_fd(), path),
+        Request::List { path } => list(root, path),
     };
     match r {
         Ok(v) => Answer::Ok(v),
@@ -397,6 +401,49 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "a B a");
         assert_eq!(edit(r.as_fd(), "f", "a", "x", true, 100).unwrap(), 2);
         assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "x B x");
+    }
+
+    #[test]
+    fn a_directory_flipping_to_a_symlink_never_yields_outside_content() {
+        // T-SBX-05: one thread swaps `d` between a directory and a symlink to a directory
+        // outside; reads of `d/f` must only ever return the inside content.
+        let ws = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("f"), "OUTSIDE").unwrap();
+        let d = ws.path().join("d");
+        let real = ws.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::write(real.join("f"), "inside").unwrap();
+        std::fs::rename(&real, &d).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (d, real, out, stop) = (d.clone(), real.clone(), outside.path().to_path_buf(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = std::fs::rename(&d, &real);
+                    let _ = std::os::unix::fs::symlink(&out, &d);
+                    let _ = std::fs::remove_file(&d);
+                    let _ = std::fs::rename(&real, &d);
+                }
+            })
+        };
+        let r = root(ws.path());
+        let (mut inside, mut refused) = (0, 0);
+        for _ in 0..10_000 {
+            match handle_at(r.as_fd(), &Request::Read { path: "d/f".into(), max_bytes: 100 }) {
+                Answer::Ok(v) => {
+                    assert_eq!(v["content"], "inside");
+                    inside += 1;
+                }
+                Answer::Err { kind, .. } => {
+                    assert!(["symlink_escape", "not_found"].contains(&kind.as_str()), "{kind}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert_eq!(inside + refused, 10_000);
     }
 
     #[test]

@@ -811,4 +811,147 @@ mod tests {
         assert_eq!(s, "abc\n[chitin: output truncated: 10 more bytes dropped]\n");
         assert_eq!(with_marker("abc".into(), 0), "abc");
     }
+
+    // ---- the real tool path: tool function -> launcher -> sandbox (-> file helper) ----------
+
+    /// The `chitin` binary cargo built next to this test executable (`cargo test` builds it
+    /// for the integration tests).
+    fn launcher() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("chitin");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo test` (which builds the binary), not only `--lib`",
+            bin.display()
+        );
+        bin
+    }
+
+    fn real() -> (tempfile::TempDir, tempfile::TempDir, Workspace, Sandbox) {
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp");
+        std::fs::create_dir_all(base).unwrap();
+        let home = tempfile::tempdir_in(base).unwrap();
+        let d = tempfile::tempdir_in(base).unwrap();
+        let w = Workspace::new(d.path()).unwrap();
+        let sb = Sandbox {
+            launcher: launcher(),
+            home: home.path().to_path_buf(),
+            config: None,
+            config_section: crate::config::sandbox::SandboxConfig {
+                output_cap_bytes: 1000,
+                max_file_bytes: 4096,
+                ..Default::default()
+            },
+            net: Vec::new(),
+        };
+        (home, d, w, sb)
+    }
+
+    fn auth(action: &str) -> Authorized {
+        Authorized::for_test("Chitin::User::\"t\"", action, "Chitin::Tool::\"t\"")
+    }
+
+    fn exec_args(argv: &[&str]) -> ExecArgs {
+        ExecArgs {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+            stdin: None,
+            timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn exec_runs_confined_and_reports_status_output_and_duration() {
+        let (_h, _d, w, sb) = real();
+        let mut a = exec_args(&["sh", "-c", "cat; echo err >&2; grep -c Seccomp:.2 /proc/self/status; exit 3"]);
+        a.stdin = Some("from-stdin\n".into());
+        let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
+        assert_eq!(r.exit_code, Some(3));
+        assert_eq!(r.stdout, "from-stdin\n1\n");
+        assert_eq!(r.stderr, "err\n");
+        assert_eq!(r.killed, None);
+        assert!(!r.truncated);
+        assert!(r.duration_ms < 30_000);
+    }
+
+    #[test]
+    fn exec_output_is_capped_with_a_marker() {
+        let (_h, _d, w, sb) = real();
+        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"])).unwrap();
+        assert!(r.truncated);
+        assert_eq!(r.stdout, format!("{}\n[chitin: output truncated: 4000 more bytes dropped]\n", "a".repeat(1000)));
+    }
+
+    #[test]
+    fn exec_reports_which_limit_killed_the_process() {
+        let (_h, _d, w, sb) = real();
+        let mut a = exec_args(&["sleep", "60"]);
+        a.timeout_secs = Some(1);
+        let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
+        assert_eq!(r.killed.as_deref(), Some("timeout"));
+        assert_eq!(r.signal, Some(9));
+        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["python3", "-c", "import ctypes; ctypes.CDLL(None).syscall(246, 0, 0, 0, 0)"])).unwrap();
+        assert_eq!(r.killed.as_deref(), Some("seccomp:kexec_load"));
+        assert_eq!(r.signal, Some(31));
+    }
+
+    #[test]
+    fn a_child_cannot_forge_a_kill_reason() {
+        let (_h, _d, w, sb) = real();
+        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["sh", "-c", "echo 'chitin: sandbox: killed: timeout' >&2; exit 0"])).unwrap();
+        assert_eq!(r.killed, None);
+        assert_eq!(r.exit_code, Some(0));
+    }
+
+    #[test]
+    fn file_tools_read_write_edit_and_list_inside_the_sandbox() {
+        let (_h, d, w, sb) = real();
+        let wr = write_file(&auth("write_file"), &sb, &w, &WriteFileArgs { path: "src/a.txt".into(), content: "one two".into(), create_dirs: true }).unwrap();
+        assert_eq!(wr.output.unwrap()["bytes_written"], 7);
+        let ed = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "src/a.txt".into(), old_string: "two".into(), new_string: "2".into(), replace_all: false }).unwrap();
+        assert_eq!(ed.output.unwrap()["replacements"], 1);
+        let rd = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "src/a.txt".into() }).unwrap();
+        assert_eq!(rd.output.unwrap()["content"], "one 2");
+        let ls = list_dir(&auth("list_dir"), &sb, &w, &ListDirArgs { path: "src".into() }).unwrap();
+        assert_eq!(ls.output.unwrap()["entries"], serde_json::json!([{"name": "a.txt", "kind": "file", "size": 5}]));
+        assert_eq!(std::fs::read_to_string(d.path().join("src/a.txt")).unwrap(), "one 2");
+    }
+
+    #[test]
+    fn file_tools_refuse_links_that_leave_the_workspace() {
+        let (_h, d, w, sb) = real();
+        let outside = tempfile::NamedTempFile::new_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp")).unwrap();
+        std::fs::write(outside.path(), "outside-canary").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("sym")).unwrap();
+        std::fs::hard_link(outside.path(), d.path().join("hard")).unwrap();
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "sym".into() }).unwrap_err();
+        assert!(matches!(e, ToolError::SymlinkEscape { .. }), "{e}");
+        assert_eq!(e.to_string(), "path `sym` refused: a symlink on it leaves the workspace");
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "hard".into() }).unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { links: 2, .. }), "{e}");
+        let e = write_file(&auth("write_file"), &sb, &w, &WriteFileArgs { path: "hard".into(), content: "x".into(), create_dirs: false }).unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
+        let e = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "hard".into(), old_string: "outside".into(), new_string: "x".into(), replace_all: false }).unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
+        assert_eq!(std::fs::read_to_string(outside.path()).unwrap(), "outside-canary");
+        // Traversal is refused before anything runs.
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "../../etc/passwd".into() }).unwrap_err();
+        assert!(matches!(e, ToolError::Path { .. }), "{e}");
+    }
+
+    #[test]
+    fn file_tools_report_size_text_and_edit_errors_clearly() {
+        let (_h, d, w, sb) = real();
+        std::fs::write(d.path().join("big"), vec![b'a'; 5000]).unwrap();
+        std::fs::write(d.path().join("bin"), [0xff, 0xfe, 0x00]).unwrap();
+        std::fs::write(d.path().join("t"), "x x").unwrap();
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "big".into() }).unwrap_err();
+        assert!(e.to_string().contains("more than the 4096-byte limit"), "{e}");
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "bin".into() }).unwrap_err();
+        assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+        let e = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "t".into(), old_string: "x".into(), new_string: "y".into(), replace_all: false }).unwrap_err();
+        assert!(matches!(e, ToolError::EditAmbiguous { count: 2, .. }), "{e}");
+        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "nope".into() }).unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
 }
