@@ -1,6 +1,11 @@
 //! The `chitin sandbox` CLI contract: `check` JSON and exit codes, `exec` pass-through,
 //! fail-closed refusal, named egress, and ordinary programs working inside the workspace.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -59,7 +64,15 @@ fn check_prints_the_contract_json_and_exits_zero_with_full_enforcement() {
     sorted.sort_unstable();
     assert_eq!(
         sorted,
-        ["enforced", "landlock_abi", "missing", "net_ns", "pid_ns", "seccomp", "user_ns"]
+        [
+            "enforced",
+            "landlock_abi",
+            "missing",
+            "net_ns",
+            "pid_ns",
+            "seccomp",
+            "user_ns"
+        ]
     );
     // This machine (Linux 6.18, landlock ABI 7) gives full enforcement.
     assert!(v["landlock_abi"].as_i64().unwrap() >= 3);
@@ -100,7 +113,10 @@ fn exec_refuses_to_run_when_a_layer_is_missing() {
             err.contains(&format!("sandbox unavailable: missing {layer} (simulated)")),
             "{err}"
         );
-        assert!(!e.ws.path().join("ran").exists(), "the program ran unconfined");
+        assert!(
+            !e.ws.path().join("ran").exists(),
+            "the program ran unconfined"
+        );
     }
 }
 
@@ -108,7 +124,10 @@ fn exec_refuses_to_run_when_a_layer_is_missing() {
 fn exit_status_and_output_pass_through() {
     let e = env();
     let r = e.run(&[], &["sh", "-c", "echo out; echo err >&2; exit 7"]);
-    assert_eq!((r.code, r.stdout.as_str(), r.stderr.as_str()), (7, "out\n", "err\n"));
+    assert_eq!(
+        (r.code, r.stdout.as_str(), r.stderr.as_str()),
+        (7, "out\n", "err\n")
+    );
     let r = e.run(&[], &["sh", "-c", "kill -TERM $$"]);
     assert_eq!(r.code, 128 + 15);
     assert_eq!(r.stderr, "", "a plain signal is not a sandbox kill");
@@ -130,7 +149,12 @@ fn a_missing_program_exits_127_with_a_clear_message() {
     let e = env();
     let r = e.run(&[], &["no-such-program-xyz"]);
     assert_eq!(r.code, 127);
-    assert!(r.stderr.contains("cannot execute no-such-program-xyz in the sandbox"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("cannot execute no-such-program-xyz in the sandbox"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -138,9 +162,18 @@ fn bad_flags_are_rejected_with_a_clear_error() {
     let e = env();
     let r = e.run(&["--net", "none", "--net", "localhost:80"], &["true"]);
     assert_ne!(r.code, 0);
-    assert!(r.stderr.contains("--net none cannot be combined"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--net none cannot be combined"),
+        "{}",
+        r.stderr
+    );
     let r = e.run(&["--net", "10.0.0.1:80"], &["true"]);
-    assert!(r.stderr.contains("IP-literal destinations must be loopback"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("IP-literal destinations must be loopback"),
+        "{}",
+        r.stderr
+    );
     let r = e.run(&["--env", "BAD KEY=1"], &["true"]);
     assert_eq!(r.code, 125);
     assert!(r.stderr.contains("environment key"), "{}", r.stderr);
@@ -190,7 +223,12 @@ talk('127.0.0.1', {other})
 "#
     );
     let r = e.run(
-        &["--net", &format!("127.0.0.1:{allowed}"), "--net", &format!("localhost:{allowed}")],
+        &[
+            "--net",
+            &format!("127.0.0.1:{allowed}"),
+            "--net",
+            &format!("localhost:{allowed}"),
+        ],
         &["python3", "-c", &probe],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
@@ -202,7 +240,11 @@ talk('127.0.0.1', {other})
     );
     // Without a grant, even the allowed server is unreachable.
     let r = e.run(&[], &["python3", "-c", &probe]);
-    assert!(r.stdout.contains(&format!("127.0.0.1 {allowed} EACCES")), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("127.0.0.1 {allowed} EACCES")),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -213,7 +255,11 @@ fn a_named_host_is_pinned_in_the_sandbox_hosts_file() {
         &["sh", "-c", "grep example /etc/hosts; cat /etc/resolv.conf"],
     );
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stdout.starts_with("127.0.0.10 api.example.test\n"), "{}", r.stdout);
+    assert!(
+        r.stdout.starts_with("127.0.0.10 api.example.test\n"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -258,7 +304,10 @@ fn extra_read_only_and_read_write_paths_are_bound() {
         &["sh", "-c", &script],
     );
     assert_eq!(r.stdout, "ro-data\nRead-only file system\n", "{}", r.stderr);
-    assert_eq!(std::fs::read_to_string(rw.path().join("out")).unwrap(), "w\n");
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("out")).unwrap(),
+        "w\n"
+    );
     assert!(!ro.path().join("new").exists());
 }
 
@@ -271,7 +320,16 @@ fn a_real_missing_layer_fails_closed_naming_it() {
     let ws = e.ws.path().to_str().unwrap().to_string();
     let r = e.run(
         &["--ro", chitin, "--env", "CHITIN_HOME=/nonexistent-state"],
-        &[chitin, "sandbox", "exec", "--workspace", &ws, "--", "touch", "nested-ran"],
+        &[
+            chitin,
+            "sandbox",
+            "exec",
+            "--workspace",
+            &ws,
+            "--",
+            "touch",
+            "nested-ran",
+        ],
     );
     assert_eq!(r.code, 125, "stdout {} stderr {}", r.stdout, r.stderr);
     assert!(

@@ -1,7 +1,12 @@
 //! Escape probes run through the real `chitin sandbox exec` (security-tests.md §3, §11.A).
 //! We run as root, so every filesystem target is world-readable/-writable: DAC is never what
 //! stops a probe. Each test pins the errno, signal or reason and the layer that produced it.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -75,7 +80,11 @@ fn expect_lines(r: &Run, want: &[&str]) {
     assert_eq!(r.code, 0, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
     let got = lines(r);
     for w in want {
-        assert!(got.iter().any(|l| l == w), "missing `{w}` in:\n{}", r.stdout);
+        assert!(
+            got.iter().any(|l| l == w),
+            "missing `{w}` in:\n{}",
+            r.stdout
+        );
     }
 }
 
@@ -105,7 +114,13 @@ fn reading_world_readable_secrets_outside_the_workspace_fails() {
     // Not in the mount view at all (and landlock would refuse it too).
     expect_lines(
         &r,
-        &["fixture ENOENT", "state ENOENT", "root ENOENT", "home ENOENT", "hostname sandbox"],
+        &[
+            "fixture ENOENT",
+            "state ENOENT",
+            "root ENOENT",
+            "home ENOENT",
+            "hostname sandbox",
+        ],
     );
     assert!(!r.stdout.contains("canary"));
 }
@@ -145,7 +160,10 @@ fn symlinks_out_of_the_workspace_lead_nowhere() {
     );
     // The fixture does not exist in the view; /proc/1 (the sandbox init) is closed by landlock's
     // ptrace restriction; /etc/hostname resolves to the sandbox's own file, not the host's.
-    expect_lines(&r, &["fixture ENOENT", "init_env EACCES", "etc_hostname sandbox"]);
+    expect_lines(
+        &r,
+        &["fixture ENOENT", "init_env EACCES", "etc_hostname sandbox"],
+    );
     assert!(!r.stdout.contains("canary"));
 }
 
@@ -159,7 +177,12 @@ fn hardlinks_and_renames_out_of_the_workspace_fail_with_exdev() {
     );
     expect_lines(
         &r,
-        &["link_passwd EXDEV", "link_python EXDEV", "rename_tmp EXDEV", "rename_up EXDEV"],
+        &[
+            "link_passwd EXDEV",
+            "link_python EXDEV",
+            "rename_tmp EXDEV",
+            "rename_up EXDEV",
+        ],
     );
     assert!(e.ws().join("f").exists() && e.ws().join("sub").is_dir());
     assert!(!e.ws().join("h").exists() && !e.ws().join("p").exists());
@@ -240,7 +263,11 @@ fn every_denied_syscall_class_fails_with_its_reviewed_errno() {
         ("open_tree", "sc(428, 0, 0, 0)", "1"),
         ("unshare_user", "sc(272, 0x10000000)", "1"),
         ("unshare_net", "sc(272, 0x40000000)", "1"),
-        ("setns", "sc(308, os.open('/proc/self/ns/net', os.O_RDONLY), 0)", "1"),
+        (
+            "setns",
+            "sc(308, os.open('/proc/self/ns/net', os.O_RDONLY), 0)",
+            "1",
+        ),
         ("clone_newuser", "sc(56, 0x10000000 | 17, 0, 0, 0, 0)", "1"),
         ("clone_newpid", "sc(56, 0x20000000 | 17, 0, 0, 0, 0)", "1"),
         ("clone3", "sc(435, 0, 0)", "38"),
@@ -288,7 +315,8 @@ fn every_denied_syscall_class_fails_with_its_reviewed_errno() {
 fn assert_seccomp_kill(r: &Run, syscall: &str) {
     assert_eq!(r.code, 159, "stdout: {}\nstderr: {}", r.stdout, r.stderr);
     assert!(
-        r.stderr.contains(&format!("chitin: sandbox: killed: seccomp:{syscall}")),
+        r.stderr
+            .contains(&format!("chitin: sandbox: killed: seccomp:{syscall}")),
         "stderr: {}",
         r.stderr
     );
@@ -342,7 +370,12 @@ fn foreign_abi_syscalls_are_killed() {
     )
     .unwrap();
     let bin = e.ws().join("int80");
-    let cc = Command::new("cc").arg("-o").arg(&bin).arg(&src).status().unwrap();
+    let cc = Command::new("cc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .unwrap();
     assert!(cc.success());
     let r = e.run(&[], &[bin.to_str().unwrap()]);
     assert_seccomp_kill(&r, "abi");
@@ -376,9 +409,20 @@ fn loopback_services_of_the_host_are_unreachable() {
     ));
     // TCP: landlock refuses the connect (no port granted). UDP is not landlock's business: the
     // datagram goes to the sandbox's own loopback, and the host never sees it.
-    expect_lines(&r, &["tcp EACCES", "tcp6 EACCES", "udp sent", "abstract ECONNREFUSED"]);
+    expect_lines(
+        &r,
+        &[
+            "tcp EACCES",
+            "tcp6 EACCES",
+            "udp sent",
+            "abstract ECONNREFUSED",
+        ],
+    );
     let mut buf = [0u8; 16];
-    assert!(udp.recv_from(&mut buf).is_err(), "the host received a datagram");
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "the host received a datagram"
+    );
 }
 
 #[test]
@@ -395,7 +439,12 @@ fn inherited_file_descriptors_are_closed() {
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
     // 0-2 and the fd listdir itself opens.
-    assert_eq!(s.trim(), "[0, 1, 2, 3]", "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        s.trim(),
+        "[0, 1, 2, 3]",
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -409,11 +458,16 @@ fn the_environment_is_exactly_the_allowlist() {
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(
-        s.starts_with("['EXTRA', 'HOME', 'LANG', 'LOGNAME', 'PATH', 'PWD', 'TERM', 'TMPDIR', 'USER']\n"),
+        s.starts_with(
+            "['EXTRA', 'HOME', 'LANG', 'LOGNAME', 'PATH', 'PWD', 'TERM', 'TMPDIR', 'USER']\n"
+        ),
         "{s}"
     );
     assert!(!s.contains("canary"), "{s}");
-    assert!(!s.to_ascii_uppercase().contains("TOKEN") && !s.contains("SECRET"), "{s}");
+    assert!(
+        !s.to_ascii_uppercase().contains("TOKEN") && !s.contains("SECRET"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -499,5 +553,9 @@ fn the_state_directory_can_never_be_bound() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("sandboxes may never see"));
     let r = e.run(&["--ro", e.home.path().to_str().unwrap()], &["true"]);
     assert_eq!(r.code, 125);
-    assert!(r.stderr.contains("--ro path") && r.stderr.contains("never see"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--ro path") && r.stderr.contains("never see"),
+        "{}",
+        r.stderr
+    );
 }

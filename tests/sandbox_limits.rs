@@ -1,5 +1,10 @@
 //! Resource limits and process-tree teardown, through `chitin sandbox exec`.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::path::Path;
 use std::process::Command;
@@ -71,7 +76,11 @@ fn assert_no_survivors(marker: &str) {
     while survivors(marker) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(survivors(marker), 0, "processes with {marker} survived the sandbox");
+    assert_eq!(
+        survivors(marker),
+        0,
+        "processes with {marker} survived the sandbox"
+    );
 }
 
 #[test]
@@ -83,7 +92,11 @@ fn the_wall_clock_timeout_kills_a_hang_and_reports_timeout() {
         &["sh", "-c", "sleep 600; echo $0", &marker],
     );
     assert_eq!(r.code, 124, "{}", r.stderr);
-    assert!(r.stderr.contains("chitin: sandbox: killed: timeout"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("chitin: sandbox: killed: timeout"),
+        "{}",
+        r.stderr
+    );
     assert!(r.took < Duration::from_secs(10), "took {:?}", r.took);
     assert_no_survivors(&marker);
 }
@@ -192,7 +205,11 @@ fn a_memory_bomb_is_killed_and_reported_as_memory() {
         ],
     );
     assert_eq!(r.code, 137, "stdout {} stderr {}", r.stdout, r.stderr);
-    assert!(r.stderr.contains("chitin: sandbox: killed: memory"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("chitin: sandbox: killed: memory"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -212,12 +229,13 @@ fn a_huge_allocation_fails_cleanly_under_the_address_space_limit() {
 #[test]
 fn a_cpu_spin_is_killed_and_reported_as_cpu() {
     let e = env_with("[sandbox]\ncpu_secs = 1\n");
-    let r = e.run(
-        &["--timeout", "60"],
-        &["python3", "-c", "while True: pass"],
-    );
+    let r = e.run(&["--timeout", "60"], &["python3", "-c", "while True: pass"]);
     assert_eq!(r.code, 128 + 24, "{}", r.stderr);
-    assert!(r.stderr.contains("chitin: sandbox: killed: cpu"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("chitin: sandbox: killed: cpu"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -228,7 +246,11 @@ fn disk_fill_hits_the_file_size_limit() {
         &["dd", "if=/dev/zero", "of=big", "bs=65536", "count=100"],
     );
     assert_eq!(r.code, 128 + 25, "{}", r.stderr);
-    assert!(r.stderr.contains("chitin: sandbox: killed: file-size"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("chitin: sandbox: killed: file-size"),
+        "{}",
+        r.stderr
+    );
     let len = std::fs::metadata(e.ws.path().join("big")).unwrap().len();
     assert_eq!(len, 1 << 20);
 }

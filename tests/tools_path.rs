@@ -1,7 +1,12 @@
 //! The tool path as the tools run it: `chitin sandbox exec --capture-json` (JSON report) and
 //! the sandboxed file helper `chitin __fs-helper`, including requests that bypass the gate's
 //! checks, to show the sandbox enforces the workspace boundary on its own.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -33,7 +38,15 @@ impl Env {
             .env("CHITIN_HOME", self.home.path())
             .args(["sandbox", "exec", "--workspace"])
             .arg(self.ws.path())
-            .args(["--ro", CHITIN, "--timeout", "20", "--capture-json", &cap.to_string(), "--"])
+            .args([
+                "--ro",
+                CHITIN,
+                "--timeout",
+                "20",
+                "--capture-json",
+                &cap.to_string(),
+                "--",
+            ])
             .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -53,7 +66,11 @@ impl Env {
 
     /// Sends one request to the sandboxed file helper, as the file tools do.
     fn helper(&self, req: &Value) -> Value {
-        let report = self.tool(1 << 20, &[CHITIN, "__fs-helper"], req.to_string().as_bytes());
+        let report = self.tool(
+            1 << 20,
+            &[CHITIN, "__fs-helper"],
+            req.to_string().as_bytes(),
+        );
         assert_eq!(report["error"], Value::Null, "{report}");
         serde_json::from_str(report["stdout"].as_str().unwrap().trim()).unwrap()
     }
@@ -66,14 +83,26 @@ fn err_kind(answer: &Value) -> &str {
 #[test]
 fn the_report_carries_status_output_duration_and_the_kill_reason() {
     let e = env();
-    let r = e.tool(10, &["sh", "-c", "printf 0123456789abcdef; echo e >&2; exit 4"], b"");
+    let r = e.tool(
+        10,
+        &["sh", "-c", "printf 0123456789abcdef; echo e >&2; exit 4"],
+        b"",
+    );
     assert_eq!(r["exit_code"], 4);
     assert_eq!(r["stdout"], "0123456789");
     assert_eq!(r["stdout_dropped"], 6);
     assert_eq!(r["stderr"], "e\n");
     assert_eq!(r["killed"], Value::Null);
     assert!(r["duration_ms"].as_u64().unwrap() < 20_000);
-    let r = e.tool(100, &["python3", "-c", "import ctypes; ctypes.CDLL(None).syscall(175, 0, 0, 0)"], b"");
+    let r = e.tool(
+        100,
+        &[
+            "python3",
+            "-c",
+            "import ctypes; ctypes.CDLL(None).syscall(175, 0, 0, 0)",
+        ],
+        b"",
+    );
     assert_eq!(r["killed"], "seccomp:init_module");
     assert_eq!(r["signal"], 31);
 }
@@ -92,7 +121,12 @@ fn the_report_says_when_the_sandbox_is_unavailable() {
         .unwrap();
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["error"]["kind"], "unavailable");
-    assert!(r["error"]["message"].as_str().unwrap().contains("missing seccomp (simulated)"));
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("missing seccomp (simulated)")
+    );
     assert!(!e.ws.path().join("ran").exists());
 }
 
@@ -125,14 +159,24 @@ t("connect", lambda: __import__("socket").create_connection(("127.0.0.1", 9), ti
         "{r}"
     );
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "tool-canary");
-    let r = e.tool(100, &["python3", "-c", "import fcntl, termios; fcntl.ioctl(0, termios.TIOCSTI, b'x')"], b"");
+    let r = e.tool(
+        100,
+        &[
+            "python3",
+            "-c",
+            "import fcntl, termios; fcntl.ioctl(0, termios.TIOCSTI, b'x')",
+        ],
+        b"",
+    );
     assert_eq!(r["killed"], "seccomp:ioctl");
 }
 
 #[test]
 fn the_helper_round_trips_the_file_tools() {
     let e = env();
-    let w = e.helper(&json!({"op": "write", "path": "d/f.txt", "content": "alpha beta", "create_dirs": true}));
+    let w = e.helper(
+        &json!({"op": "write", "path": "d/f.txt", "content": "alpha beta", "create_dirs": true}),
+    );
     assert_eq!(w["ok"]["bytes_written"], 10, "{w}");
     let ed = e.helper(&json!({"op": "edit", "path": "d/f.txt", "old_string": "beta", "new_string": "gamma", "replace_all": false, "max_bytes": 1000}));
     assert_eq!(ed["ok"]["replacements"], 1, "{ed}");
@@ -140,7 +184,10 @@ fn the_helper_round_trips_the_file_tools() {
     assert_eq!(r["ok"]["content"], "alpha gamma");
     let l = e.helper(&json!({"op": "list", "path": "d"}));
     assert_eq!(l["ok"]["entries"][0]["name"], "f.txt");
-    assert_eq!(std::fs::read_to_string(e.ws.path().join("d/f.txt")).unwrap(), "alpha gamma");
+    assert_eq!(
+        std::fs::read_to_string(e.ws.path().join("d/f.txt")).unwrap(),
+        "alpha gamma"
+    );
 }
 
 #[test]
@@ -149,24 +196,58 @@ fn the_helper_enforces_the_boundary_even_without_the_gate() {
     let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     std::fs::write(outside.path().join("s"), "helper-canary").unwrap();
     std::os::unix::fs::symlink(outside.path().join("s"), e.ws.path().join("abs-link")).unwrap();
-    std::os::unix::fs::symlink("../../../../../../../../etc/hostname", e.ws.path().join("rel-link")).unwrap();
+    std::os::unix::fs::symlink(
+        "../../../../../../../../etc/hostname",
+        e.ws.path().join("rel-link"),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(outside.path(), e.ws.path().join("dir-link")).unwrap();
     std::fs::hard_link(outside.path().join("s"), e.ws.path().join("hard")).unwrap();
     for (req, kind) in [
-        (json!({"op": "read", "path": "abs-link", "max_bytes": 100}), "symlink_escape"),
-        (json!({"op": "read", "path": "rel-link", "max_bytes": 100}), "symlink_escape"),
-        (json!({"op": "read", "path": "dir-link/s", "max_bytes": 100}), "symlink_escape"),
+        (
+            json!({"op": "read", "path": "abs-link", "max_bytes": 100}),
+            "symlink_escape",
+        ),
+        (
+            json!({"op": "read", "path": "rel-link", "max_bytes": 100}),
+            "symlink_escape",
+        ),
+        (
+            json!({"op": "read", "path": "dir-link/s", "max_bytes": 100}),
+            "symlink_escape",
+        ),
         (json!({"op": "list", "path": "dir-link"}), "symlink_escape"),
-        (json!({"op": "read", "path": "hard", "max_bytes": 100}), "hardlink"),
-        (json!({"op": "write", "path": "abs-link", "content": "x", "create_dirs": false}), "symlink_escape"),
-        (json!({"op": "write", "path": "dir-link/new", "content": "x", "create_dirs": false}), "symlink_escape"),
-        (json!({"op": "read", "path": "../x", "max_bytes": 100}), "invalid"),
-        (json!({"op": "read", "path": "/etc/passwd", "max_bytes": 100}), "invalid"),
-        (json!({"op": "read", "path": "x", "max_bytes": 100, "approved": true}), "invalid"),
+        (
+            json!({"op": "read", "path": "hard", "max_bytes": 100}),
+            "hardlink",
+        ),
+        (
+            json!({"op": "write", "path": "abs-link", "content": "x", "create_dirs": false}),
+            "symlink_escape",
+        ),
+        (
+            json!({"op": "write", "path": "dir-link/new", "content": "x", "create_dirs": false}),
+            "symlink_escape",
+        ),
+        (
+            json!({"op": "read", "path": "../x", "max_bytes": 100}),
+            "invalid",
+        ),
+        (
+            json!({"op": "read", "path": "/etc/passwd", "max_bytes": 100}),
+            "invalid",
+        ),
+        (
+            json!({"op": "read", "path": "x", "max_bytes": 100, "approved": true}),
+            "invalid",
+        ),
     ] {
         let a = e.helper(&req);
         assert_eq!(err_kind(&a), kind, "{req} -> {a}");
     }
-    assert_eq!(std::fs::read_to_string(outside.path().join("s")).unwrap(), "helper-canary");
+    assert_eq!(
+        std::fs::read_to_string(outside.path().join("s")).unwrap(),
+        "helper-canary"
+    );
     assert!(!outside.path().join("new").exists());
 }

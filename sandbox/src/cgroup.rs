@@ -63,7 +63,8 @@ impl Cgroup {
                     continue;
                 }
                 let parent = join(mp, path);
-                let ctl = fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
+                let ctl =
+                    fs::read_to_string(parent.join("cgroup.subtree_control")).unwrap_or_default();
                 if !(ctl.contains("memory") && ctl.contains("pids")) {
                     continue;
                 }
@@ -110,7 +111,10 @@ impl Cgroup {
         let ok = fs::write(mdir.join("memory.limit_in_bytes"), memory_bytes.to_string()).is_ok()
             && fs::write(pdir.join("pids.max"), max_procs.to_string()).is_ok();
         // No swap either, where the kernel accounts it.
-        let _ = fs::write(mdir.join("memory.memsw.limit_in_bytes"), memory_bytes.to_string());
+        let _ = fs::write(
+            mdir.join("memory.memsw.limit_in_bytes"),
+            memory_bytes.to_string(),
+        );
         if !ok {
             cg.remove();
             return None;

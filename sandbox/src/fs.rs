@@ -26,7 +26,12 @@ fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
 pub fn open_dir(path: &Path) -> io::Result<OwnedFd> {
     let p = cpath(path.as_os_str().as_bytes())?;
     // SAFETY: p is a valid NUL-terminated path.
-    let fd = unsafe { libc::open(p.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            p.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     owned(libc::c_long::from(fd))
 }
 
@@ -134,7 +139,14 @@ pub fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<EntryStat> {
     // SAFETY: an all-zero stat is a valid value of this plain C struct.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: n is valid; st is writable.
-    let r = unsafe { libc::fstatat(dir.as_raw_fd(), n.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            n.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

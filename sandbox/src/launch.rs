@@ -257,7 +257,10 @@ enum Stage {
 
 const STAGES: &[(Stage, &str)] = &[
     (Stage::Cgroup, "cgroup"),
-    (Stage::Namespaces, "namespaces (unshare user/pid/net/mount/ipc/uts)"),
+    (
+        Stage::Namespaces,
+        "namespaces (unshare user/pid/net/mount/ipc/uts)",
+    ),
     (Stage::IdMap, "uid/gid map"),
     (Stage::ForkInit, "fork of the namespace init"),
     (Stage::Loopback, "loopback interface"),
@@ -311,17 +314,41 @@ fn fail(fd: RawFd, stage: Stage, index: usize, e: &io::Error) -> ! {
 #[derive(Debug, Clone)]
 enum MountOp {
     /// Bind `src` (host path) at `dst`; read-only or read-write.
-    Bind { src: PathBuf, dst: PathBuf, rw: bool },
+    Bind {
+        src: PathBuf,
+        dst: PathBuf,
+        rw: bool,
+    },
     /// Bind a device node from the host's /dev.
-    Dev { src: PathBuf, dst: PathBuf },
-    Symlink { target: PathBuf, dst: PathBuf },
-    Tmpfs { dst: PathBuf, mode: u32, size_mb: u64 },
-    Proc { dst: PathBuf },
-    File { dst: PathBuf, contents: String },
+    Dev {
+        src: PathBuf,
+        dst: PathBuf,
+    },
+    Symlink {
+        target: PathBuf,
+        dst: PathBuf,
+    },
+    Tmpfs {
+        dst: PathBuf,
+        mode: u32,
+        size_mb: u64,
+    },
+    Proc {
+        dst: PathBuf,
+    },
+    File {
+        dst: PathBuf,
+        contents: String,
+    },
     /// Hide a /proc file the kernel shows to our (host) uid: bind /dev/null over it.
-    Mask { dst: PathBuf },
+    Mask {
+        dst: PathBuf,
+    },
     /// Copy a small host file into the (read-only after setup) root: cheaper than a bind.
-    Copy { src: PathBuf, dst: PathBuf },
+    Copy {
+        src: PathBuf,
+        dst: PathBuf,
+    },
 }
 
 impl fmt::Display for MountOp {
@@ -347,7 +374,9 @@ impl fmt::Display for MountOp {
     }
 }
 
-const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"];
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
+];
 const ETC_FILES: &[&str] = &[
     "ld.so.cache",
     "ld.so.conf",
@@ -501,7 +530,9 @@ impl Plan {
 
         // Network: each named host gets its own loopback address inside the sandbox.
         if spec.net.len() > 200 {
-            return Err(SandboxError::Invalid("too many network destinations".into()));
+            return Err(SandboxError::Invalid(
+                "too many network destinations".into(),
+            ));
         }
         let mut host_addr: BTreeMap<String, [u8; 4]> = BTreeMap::new();
         let mut net = Vec::new();
@@ -541,7 +572,12 @@ impl Plan {
         }
         let path_dirs = env
             .get("PATH")
-            .map(|p| p.split(':').filter(|d| d.starts_with('/')).map(PathBuf::from).collect())
+            .map(|p| {
+                p.split(':')
+                    .filter(|d| d.starts_with('/'))
+                    .map(PathBuf::from)
+                    .collect()
+            })
             .unwrap_or_default();
         let env = env
             .iter()
@@ -781,16 +817,20 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
 
     let pid_i = sys::fork().map_err(setup("fork"))?;
     if pid_i == 0 {
-        intermediate(&plan, spec, &IntermediateCtx {
-            st_w,
-            st_r,
-            capture: capture.map(|((_, ow), (_, ew), _)| (ow, ew)),
-            egress: egress.map(|(_, c)| c),
-            cgroup: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
-            euid,
-            egid,
-            launcher,
-        });
+        intermediate(
+            &plan,
+            spec,
+            &IntermediateCtx {
+                st_w,
+                st_r,
+                capture: capture.map(|((_, ow), (_, ew), _)| (ow, ew)),
+                egress: egress.map(|(_, c)| c),
+                cgroup: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
+                euid,
+                egid,
+                launcher,
+            },
+        );
     }
 
     // Launcher side.
@@ -837,23 +877,35 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     // Wait for I, with the wall-clock timeout.
     let mut records = Vec::new();
     let mut timed_out = false;
-    let pidfd = sys::pidfd_open(pid_i).map_err(setup("pidfd"));
+    // pidfd_open (Linux >= 5.3) lets us sleep until I exits; without it, poll with WNOHANG.
+    let pidfd = sys::pidfd_open(pid_i).ok();
     let deadline = start + spec.limits.timeout;
-    match &pidfd {
-        Ok(fd) => loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                timed_out = true;
-                break;
-            }
-            let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-            match sys::poll_in(&[*fd], ms) {
-                Ok(r) if r.first().is_some_and(|x| *x != 0) => break,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        },
-        Err(_) => {}
+    let mut reaped: Option<i32> = None;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            timed_out = true;
+            break;
+        }
+        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        let ready = match pidfd {
+            Some(fd) => sys::poll_in(&[fd], ms)
+                .map(|r| r.first().is_some_and(|x| *x != 0))
+                .unwrap_or(false),
+            None => match sys::wait4(pid_i, libc::WNOHANG) {
+                Ok((p, s, _)) if p == pid_i => {
+                    reaped = Some(s);
+                    true
+                }
+                _ => false,
+            },
+        };
+        if ready {
+            break;
+        }
+        if pidfd.is_none() {
+            std::thread::sleep(Duration::from_millis(5).min(left));
+        }
     }
     if timed_out {
         records.extend(rx.try_iter());
@@ -862,9 +914,12 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         }
         sys::kill(pid_i, libc::SIGKILL);
     }
-    let i_status = sys::wait4(pid_i, 0).map(|(_, s, _)| s).ok();
+    let i_status = match reaped {
+        Some(s) => Some(s),
+        None => sys::wait4(pid_i, 0).map(|(_, s, _)| s).ok(),
+    };
     let duration = start.elapsed();
-    if let Ok(fd) = pidfd {
+    if let Some(fd) = pidfd {
         sys::close(fd);
     }
     let _ = status_reader.join();
@@ -900,7 +955,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         _ => None,
     });
     let seccomp_kill = records.iter().find_map(|&(k, _, b)| {
-        (k == REC_SECCOMP).then(|| seccomp::syscall_name(b).map_or_else(|| format!("nr{b}"), str::to_string))
+        (k == REC_SECCOMP)
+            .then(|| seccomp::syscall_name(b).map_or_else(|| format!("nr{b}"), str::to_string))
     });
     let cpu_usec = records
         .iter()
@@ -922,7 +978,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         }
     };
     let oom = cgroup.as_ref().map_or(0, Cgroup::oom_kills);
-    let cpu_limit_usec = i64::try_from(spec.limits.cpu_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
+    let cpu_limit_usec =
+        i64::try_from(spec.limits.cpu_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
     let killed = if timed_out {
         Some(Killed::Timeout)
     } else if let Some(name) = seccomp_kill {
@@ -961,7 +1018,8 @@ fn drain(fd: RawFd, cap: usize) -> Captured {
                 let chunk = buf.get(..n).unwrap_or_default();
                 let room = cap.saturating_sub(out.bytes.len());
                 let keep = room.min(n);
-                out.bytes.extend_from_slice(chunk.get(..keep).unwrap_or_default());
+                out.bytes
+                    .extend_from_slice(chunk.get(..keep).unwrap_or_default());
                 out.dropped += u64::try_from(n - keep).unwrap_or(0);
             }
         }
@@ -974,7 +1032,11 @@ fn drain(fd: RawFd, cap: usize) -> Captured {
 /// relays each accepted connection to the one destination that listener stands for.
 fn egress_broker(sock: RawFd, dests: Vec<NetDest>, listeners: Arc<Mutex<Vec<RawFd>>>) {
     while let Ok(Some((idx, Some(fd)))) = sys::recv_fd(sock) {
-        let Some(dest) = usize::try_from(idx).ok().and_then(|i| dests.get(i)).cloned() else {
+        let Some(dest) = usize::try_from(idx)
+            .ok()
+            .and_then(|i| dests.get(i))
+            .cloned()
+        else {
             sys::close(fd);
             continue;
         };
@@ -1050,8 +1112,14 @@ fn intermediate(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx) -> ! {
     }
     let maps = [
         ("/proc/self/setgroups", "deny".to_string()),
-        ("/proc/self/uid_map", format!("{SANDBOX_UID} {} 1", ctx.euid)),
-        ("/proc/self/gid_map", format!("{SANDBOX_UID} {} 1", ctx.egid)),
+        (
+            "/proc/self/uid_map",
+            format!("{SANDBOX_UID} {} 1", ctx.euid),
+        ),
+        (
+            "/proc/self/gid_map",
+            format!("{SANDBOX_UID} {} 1", ctx.egid),
+        ),
     ];
     for (file, text) in &maps {
         if let Err(e) = std::fs::write(file, text) {
@@ -1250,7 +1318,6 @@ fn remount(dst: &CStr, ro: bool, dev: bool) -> io::Result<()> {
     sys::mount(None, dst, None, flags, None)
 }
 
-
 /// Builds the sandbox's filesystem view and pivots into it.
 fn build_view(plan: &Plan, spec: &Spec, st: RawFd) {
     let m = |i: usize, r: io::Result<()>| {
@@ -1259,7 +1326,10 @@ fn build_view(plan: &Plan, spec: &Spec, st: RawFd) {
         }
     };
     let root = c(Path::new("/"));
-    m(0, sys::mount(None, &root, None, libc::MS_REC | libc::MS_PRIVATE, None));
+    m(
+        0,
+        sys::mount(None, &root, None, libc::MS_REC | libc::MS_PRIVATE, None),
+    );
     // Staging: a tmpfs on /tmp (private to this namespace), pivoted into so the host root is
     // reachable at /.old while the new root is assembled at /.new.
     let stage = c(Path::new("/tmp"));
@@ -1383,7 +1453,13 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
                 return Ok(());
             }
             let dc = c(&d);
-            sys::mount(Some(&c(&under(NEW, Path::new("/dev/null")))), &dc, None, libc::MS_BIND, None)?;
+            sys::mount(
+                Some(&c(&under(NEW, Path::new("/dev/null")))),
+                &dc,
+                None,
+                libc::MS_BIND,
+                None,
+            )?;
             remount(&dc, true, true)
         }
         MountOp::Copy { src, dst } => {
@@ -1412,10 +1488,10 @@ fn command(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, notify: RawFd) -> ! 
     if let Err(e) = sys::setsid() {
         fail(st, Stage::Setsid, 0, &e);
     }
-    if let Some((o, e)) = ctx.capture {
-        if let Err(err) = sys::dup2(o, 1).and_then(|()| sys::dup2(e, 2)) {
-            fail(st, Stage::Stdio, 0, &err);
-        }
+    if let Some((o, e)) = ctx.capture
+        && let Err(err) = sys::dup2(o, 1).and_then(|()| sys::dup2(e, 2))
+    {
+        fail(st, Stage::Stdio, 0, &err);
     }
     let l = &spec.limits;
     let mb = |x: u64| x.saturating_mul(1 << 20);
@@ -1537,7 +1613,8 @@ fn landlock(plan: &Plan) -> io::Result<()> {
     let mut created = ruleset.create().map_err(to_io)?;
     for (path, access) in rules {
         // Every path was created by the mount plan; a missing one is a bug, not a skip.
-        let fd = PathFd::new(&path).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
+        let fd =
+            PathFd::new(&path).map_err(|e| io::Error::other(format!("{}: {e}", path.display())))?;
         // Directory-only rights on a file are an error for the kernel: keep file rights.
         let access = if path.is_dir() {
             access

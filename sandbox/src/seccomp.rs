@@ -402,7 +402,12 @@ pub fn default_program() -> Result<Vec<libc::sock_filter>, ProfileError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     /// A tiny classic-BPF interpreter for the subset we emit, to test the compiled program
@@ -550,7 +555,10 @@ mod tests {
 
     #[test]
     fn syscall_names_round_trip() {
-        assert_eq!(syscall_name(libc::SYS_open_by_handle_at), Some("open_by_handle_at"));
+        assert_eq!(
+            syscall_name(libc::SYS_open_by_handle_at),
+            Some("open_by_handle_at")
+        );
         assert_eq!(syscall_name(libc::SYS_read), None);
     }
 }

@@ -98,8 +98,7 @@ pub fn check() -> Support {
                 if sys::unshare(libc::CLONE_NEWNET).is_ok() {
                     bits |= BIT_NET;
                 }
-                if sys::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS)
-                    .is_ok()
+                if sys::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS).is_ok()
                 {
                     bits |= BIT_OTHER;
                 }
@@ -130,7 +129,12 @@ pub fn check() -> Support {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]

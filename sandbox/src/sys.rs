@@ -140,7 +140,15 @@ pub fn unshare(flags: libc::c_int) -> io::Result<()> {
 
 pub fn prctl(option: libc::c_int, arg2: libc::c_ulong) -> io::Result<libc::c_int> {
     // SAFETY: the options we use take integer arguments only.
-    check(unsafe { libc::prctl(option, arg2, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong) })
+    check(unsafe {
+        libc::prctl(
+            option,
+            arg2,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    })
 }
 
 pub fn setsid() -> io::Result<()> {
@@ -167,16 +175,8 @@ pub fn mount(
 ) -> io::Result<()> {
     let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
     // SAFETY: every pointer is null or a valid NUL-terminated string that outlives the call.
-    check(unsafe {
-        libc::mount(
-            p(src),
-            target.as_ptr(),
-            p(fstype),
-            flags,
-            p(data).cast(),
-        )
-    })
-    .map(|_| ())
+    check(unsafe { libc::mount(p(src), target.as_ptr(), p(fstype), flags, p(data).cast()) })
+        .map(|_| ())
 }
 
 pub fn umount_detach(target: &CStr) -> io::Result<()> {
@@ -456,7 +456,8 @@ pub fn reset_signals() {
 /// Brings up the loopback interface of the current network namespace.
 pub fn loopback_up() -> io::Result<()> {
     // SAFETY: plain socket creation.
-    let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let s =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: an all-zero ifreq is valid.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     for (d, s) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
@@ -478,7 +479,8 @@ pub fn loopback_up() -> io::Result<()> {
 /// A listening TCP socket on `addr:port` (IPv4).
 pub fn tcp_listen(addr: [u8; 4], port: u16) -> io::Result<RawFd> {
     // SAFETY: plain socket creation.
-    let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
+    let s =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     let sa = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
@@ -521,7 +523,11 @@ pub fn landlock_abi() -> i32 {
 }
 
 /// `execve`. Returns only on failure.
-pub fn execve(path: &CStr, argv: &[*const libc::c_char], envp: &[*const libc::c_char]) -> io::Error {
+pub fn execve(
+    path: &CStr,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> io::Error {
     // SAFETY: path is valid; argv and envp are NULL-terminated arrays of valid C strings owned
     // by the caller for the duration of the call.
     unsafe {

@@ -16,7 +16,7 @@ pub enum SandboxCmd {
     /// Print what the kernel can enforce as JSON; exit 0 only with full enforcement.
     Check,
     /// Run PROGRAM confined (landlock, seccomp, namespaces, limits).
-    Exec(ExecArgs),
+    Exec(Box<ExecArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -59,7 +59,7 @@ pub struct ExecArgs {
 pub fn run(cmd: SandboxCmd, globals: &Globals) -> CmdResult {
     match cmd {
         SandboxCmd::Check => Ok(check()),
-        SandboxCmd::Exec(args) => exec(args, globals),
+        SandboxCmd::Exec(args) => exec(*args, globals),
     }
 }
 
@@ -116,7 +116,10 @@ fn forbidden(globals: &Globals, workspace: &std::path::Path) -> Vec<PathBuf> {
     }
 }
 
-fn build_spec(args: &ExecArgs, globals: &Globals) -> Result<Spec, Box<dyn std::error::Error + Send + Sync>> {
+fn build_spec(
+    args: &ExecArgs,
+    globals: &Globals,
+) -> Result<Spec, Box<dyn std::error::Error + Send + Sync>> {
     let cfg = globals.load_config()?.sandbox;
     let mut limits = cfg.limits();
     if let Some(t) = args.timeout {

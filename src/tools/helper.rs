@@ -129,9 +129,8 @@ pub fn handle(req: &Request) -> Answer {
 /// Handles one request relative to the workspace directory `root`.
 pub fn handle_at(root: BorrowedFd<'_>, req: &Request) -> Answer {
     let r = match req {
-        Request::Read { path, max_bytes } => read(root, path, *max_bytes).map(|text| {
-            serde_json::json!({"path": path, "content": text, "bytes": text.len()})
-        }),
+        Request::Read { path, max_bytes } => read(root, path, *max_bytes)
+            .map(|text| serde_json::json!({"path": path, "content": text, "bytes": text.len()})),
         Request::Write {
             path,
             content,
@@ -144,15 +143,8 @@ pub fn handle_at(root: BorrowedFd<'_>, req: &Request) -> Answer {
             new_string,
             replace_all,
             max_bytes,
-        } => edit(
-            root,
-            path,
-            old_string,
-            new_string,
-            *replace_all,
-            *max_bytes,
-        )
-        .map(|n| serde_json::json!({"path": path, "replacements": n})),
+        } => edit(root, path, old_string, new_string, *replace_all, *max_bytes)
+            .map(|n| serde_json::json!({"path": path, "replacements": n})),
         Request::List { path } => list(root, path),
     };
     match r {
@@ -163,8 +155,14 @@ pub fn handle_at(root: BorrowedFd<'_>, req: &Request) -> Answer {
 
 fn rel(path: &str) -> Result<&Path, Answer> {
     let p = Path::new(path);
-    if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        return Err(err("invalid", format!("{path}: not a workspace-relative path")));
+    if p.is_absolute()
+        || p.components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(err(
+            "invalid",
+            format!("{path}: not a workspace-relative path"),
+        ));
     }
     Ok(p)
 }
@@ -233,22 +231,31 @@ fn parent_dir<'a>(
     Ok((dir, name))
 }
 
-fn write(root: BorrowedFd<'_>, path: &str, data: &[u8], create_dirs: bool) -> Result<usize, Answer> {
+fn write(
+    root: BorrowedFd<'_>,
+    path: &str,
+    data: &[u8],
+    create_dirs: bool,
+) -> Result<usize, Answer> {
     let (dir, name) = parent_dir(root, path, create_dirs)?;
     let mut mode = 0o644;
     match sfs::lstat_at(dir.as_fd(), name) {
         Ok(st) if st.is_symlink => {
             // Where does it point? Outside: the escape error; inside: refuse to guess.
-            return Err(match sfs::open_beneath(dir.as_fd(), Path::new(name), O_PATH, 0) {
-                Err(e) if e.raw_os_error() == Some(EXDEV) => io_answer(path, &e),
-                _ => err(
-                    "symlink",
-                    format!("{path}: is a symlink; write to the path it points to"),
-                ),
-            });
+            return Err(
+                match sfs::open_beneath(dir.as_fd(), Path::new(name), O_PATH, 0) {
+                    Err(e) if e.raw_os_error() == Some(EXDEV) => io_answer(path, &e),
+                    _ => err(
+                        "symlink",
+                        format!("{path}: is a symlink; write to the path it points to"),
+                    ),
+                },
+            );
         }
         Ok(st) if st.is_dir => return Err(err("not_a_file", format!("{path}: is a directory"))),
-        Ok(st) if !st.is_file => return Err(err("not_a_file", format!("{path}: not a regular file"))),
+        Ok(st) if !st.is_file => {
+            return Err(err("not_a_file", format!("{path}: not a regular file")));
+        }
         Ok(st) if st.nlink > 1 => {
             return Err(Answer::Err {
                 kind: "hardlink".into(),
@@ -317,8 +324,11 @@ fn edit(
 fn list(root: BorrowedFd<'_>, path: &str) -> Result<serde_json::Value, Answer> {
     let fd = sfs::open_beneath(root, rel(path)?, O_RDONLY | O_DIRECTORY, 0)
         .map_err(|e| io_answer(path, &e))?;
-    let dir = std::fs::read_dir(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd)))
-        .map_err(|e| io_answer(path, &e))?;
+    let dir = std::fs::read_dir(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&fd)
+    ))
+    .map_err(|e| io_answer(path, &e))?;
     let mut entries = Vec::new();
     let mut more = false;
     for e in dir {
@@ -347,7 +357,12 @@ fn list(root: BorrowedFd<'_>, path: &str) -> Result<serde_json::Value, Answer> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     fn root(d: &Path) -> OwnedFd {
@@ -395,12 +410,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("f"), "a b a").unwrap();
         let r = root(d.path());
-        assert_eq!(kind(&edit(r.as_fd(), "f", "a", "c", false, 100).unwrap_err()), "ambiguous");
-        assert_eq!(kind(&edit(r.as_fd(), "f", "zz", "c", false, 100).unwrap_err()), "no_match");
+        assert_eq!(
+            kind(&edit(r.as_fd(), "f", "a", "c", false, 100).unwrap_err()),
+            "ambiguous"
+        );
+        assert_eq!(
+            kind(&edit(r.as_fd(), "f", "zz", "c", false, 100).unwrap_err()),
+            "no_match"
+        );
         assert_eq!(edit(r.as_fd(), "f", "b", "B", false, 100).unwrap(), 1);
-        assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "a B a");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("f")).unwrap(),
+            "a B a"
+        );
         assert_eq!(edit(r.as_fd(), "f", "a", "x", true, 100).unwrap(), 2);
-        assert_eq!(std::fs::read_to_string(d.path().join("f")).unwrap(), "x B x");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("f")).unwrap(),
+            "x B x"
+        );
     }
 
     #[test]
@@ -417,7 +444,12 @@ mod tests {
         std::fs::rename(&real, &d).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flipper = {
-            let (d, real, out, stop) = (d.clone(), real.clone(), outside.path().to_path_buf(), stop.clone());
+            let (d, real, out, stop) = (
+                d.clone(),
+                real.clone(),
+                outside.path().to_path_buf(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = std::fs::rename(&d, &real);
@@ -430,13 +462,22 @@ mod tests {
         let r = root(ws.path());
         let (mut inside, mut refused) = (0, 0);
         for _ in 0..10_000 {
-            match handle_at(r.as_fd(), &Request::Read { path: "d/f".into(), max_bytes: 100 }) {
+            match handle_at(
+                r.as_fd(),
+                &Request::Read {
+                    path: "d/f".into(),
+                    max_bytes: 100,
+                },
+            ) {
                 Answer::Ok(v) => {
                     assert_eq!(v["content"], "inside");
                     inside += 1;
                 }
                 Answer::Err { kind, .. } => {
-                    assert!(["symlink_escape", "not_found"].contains(&kind.as_str()), "{kind}");
+                    assert!(
+                        ["symlink_escape", "not_found"].contains(&kind.as_str()),
+                        "{kind}"
+                    );
                     refused += 1;
                 }
             }
@@ -450,8 +491,14 @@ mod tests {
     fn write_creates_directories_only_when_asked() {
         let d = tempfile::tempdir().unwrap();
         let r = root(d.path());
-        assert_eq!(kind(&write(r.as_fd(), "x/y/z.txt", b"1", false).unwrap_err()), "not_found");
+        assert_eq!(
+            kind(&write(r.as_fd(), "x/y/z.txt", b"1", false).unwrap_err()),
+            "not_found"
+        );
         assert_eq!(write(r.as_fd(), "x/y/z.txt", b"1", true).unwrap(), 1);
-        assert_eq!(std::fs::read_to_string(d.path().join("x/y/z.txt")).unwrap(), "1");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("x/y/z.txt")).unwrap(),
+            "1"
+        );
     }
 }

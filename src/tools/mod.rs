@@ -44,9 +44,7 @@ pub enum ToolError {
     },
     #[error("edit_file {path}: old_string not found")]
     EditNoMatch { path: String },
-    #[error(
-        "edit_file {path}: old_string occurs {count} times; make it unique or set replace_all"
-    )]
+    #[error("edit_file {path}: old_string occurs {count} times; make it unique or set replace_all")]
     EditAmbiguous { path: String, count: usize },
     #[error("sandbox unavailable, tool refused: {0}")]
     SandboxUnavailable(String),
@@ -232,7 +230,9 @@ fn with_marker(mut s: String, dropped: u64) -> String {
         if !s.ends_with('\n') {
             s.push('\n');
         }
-        s.push_str(&format!("[chitin: output truncated: {dropped} more bytes dropped]\n"));
+        s.push_str(&format!(
+            "[chitin: output truncated: {dropped} more bytes dropped]\n"
+        ));
     }
     s
 }
@@ -378,6 +378,17 @@ const O_PATH: i32 = 0o10_000_000;
 
 // ---- running through the sandbox -------------------------------------------------------------
 
+/// One launcher invocation.
+#[derive(Clone, Copy)]
+struct LaunchRequest<'a> {
+    argv: &'a [String],
+    cwd: Option<&'a Path>,
+    stdin: Option<&'a [u8]>,
+    timeout_secs: Option<u64>,
+    cap: usize,
+    extra_ro: &'a [&'a Path],
+}
+
 /// How tools reach the sandbox: the launcher binary and the limits from `[sandbox]`.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
@@ -412,16 +423,15 @@ impl Sandbox {
         })
     }
 
-    fn launch(
-        &self,
-        ws: &Workspace,
-        argv: &[String],
-        cwd: Option<&Path>,
-        stdin: Option<&[u8]>,
-        timeout_secs: Option<u64>,
-        cap: usize,
-        extra_ro: &[&Path],
-    ) -> Result<LaunchReport, ToolError> {
+    fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
+        let LaunchRequest {
+            argv,
+            cwd,
+            stdin,
+            timeout_secs,
+            cap,
+            extra_ro,
+        } = *req;
         let cfg = &self.config_section;
         let timeout = timeout_secs
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
@@ -490,12 +500,26 @@ impl Sandbox {
     ) -> Result<(serde_json::Value, LaunchReport), ToolError> {
         let body = serde_json::to_vec(request)
             .map_err(|e| ToolError::InvalidArgs(format!("cannot encode request: {e}")))?;
-        let cap = self.config_section.max_file_bytes.saturating_mul(7).saturating_add(65536);
+        let cap = self
+            .config_section
+            .max_file_bytes
+            .saturating_mul(7)
+            .saturating_add(65536);
         let argv = vec![
             self.launcher.to_string_lossy().into_owned(),
             helper::HELPER_ARG.to_string(),
         ];
-        let report = self.launch(ws, &argv, None, Some(&body), None, cap, &[&self.launcher])?;
+        let report = self.launch(
+            ws,
+            &LaunchRequest {
+                argv: &argv,
+                cwd: None,
+                stdin: Some(&body),
+                timeout_secs: None,
+                cap,
+                extra_ro: &[&self.launcher],
+            },
+        )?;
         let answer: helper::Answer = serde_json::from_str(report.stdout.trim()).map_err(|e| {
             ToolError::Sandbox(format!(
                 "file helper gave no answer ({e}); killed: {:?}; stderr: {}",
@@ -505,7 +529,12 @@ impl Sandbox {
         })?;
         match answer {
             helper::Answer::Ok(v) => Ok((v, report)),
-            helper::Answer::Err { kind, message, links, count } => {
+            helper::Answer::Err {
+                kind,
+                message,
+                links,
+                count,
+            } => {
                 let path = request.path().to_string();
                 Err(match kind.as_str() {
                     "symlink_escape" => ToolError::SymlinkEscape { path },
@@ -573,12 +602,14 @@ pub fn exec(
     };
     let report = sb.launch(
         ws,
-        &args.argv,
-        cwd.as_deref(),
-        args.stdin.as_deref().map(str::as_bytes),
-        args.timeout_secs,
-        sb.config_section.output_cap_bytes,
-        &[],
+        &LaunchRequest {
+            argv: &args.argv,
+            cwd: cwd.as_deref(),
+            stdin: args.stdin.as_deref().map(str::as_bytes),
+            timeout_secs: args.timeout_secs,
+            cap: sb.config_section.output_cap_bytes,
+            extra_ro: &[],
+        },
     )?;
     Ok(result_from(&report, None))
 }
@@ -631,7 +662,9 @@ pub fn edit_file(
 ) -> Result<ToolResult, ToolError> {
     require(auth, "edit_file")?;
     if args.old_string.is_empty() {
-        return Err(ToolError::InvalidArgs("old_string must not be empty".into()));
+        return Err(ToolError::InvalidArgs(
+            "old_string must not be empty".into(),
+        ));
     }
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
@@ -673,7 +706,12 @@ pub fn cedar_context(ws: &Workspace, path: Option<&WsPath>) -> BTreeMap<&'static
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
     use serde_json::json;
 
@@ -692,8 +730,13 @@ mod tests {
 
     #[test]
     fn each_file_tool_rejects_unknown_fields() {
-        assert!(parse_args::<ReadFileArgs>(&json!({"path": "a", "follow_symlinks": true})).is_err());
-        assert!(parse_args::<WriteFileArgs>(&json!({"path": "a", "content": "", "mode": 4095})).is_err());
+        assert!(
+            parse_args::<ReadFileArgs>(&json!({"path": "a", "follow_symlinks": true})).is_err()
+        );
+        assert!(
+            parse_args::<WriteFileArgs>(&json!({"path": "a", "content": "", "mode": 4095}))
+                .is_err()
+        );
         assert!(
             parse_args::<EditFileArgs>(
                 &json!({"path": "a", "old_string": "x", "new_string": "y", "sudo": true})
@@ -761,7 +804,11 @@ mod tests {
     #[test]
     fn tools_refuse_an_authorization_for_another_action() {
         let (_d, w) = ws();
-        let auth = Authorized::for_test("Chitin::User::\"a\"", "read_file", "Chitin::Tool::\"read_file\"");
+        let auth = Authorized::for_test(
+            "Chitin::User::\"a\"",
+            "read_file",
+            "Chitin::Tool::\"read_file\"",
+        );
         let sb = Sandbox {
             launcher: "/nonexistent/chitin".into(),
             home: "/nonexistent".into(),
@@ -781,7 +828,10 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(matches!(e, ToolError::WrongAction { want: "exec", .. }), "{e}");
+        assert!(
+            matches!(e, ToolError::WrongAction { want: "exec", .. }),
+            "{e}"
+        );
     }
 
     #[test]
@@ -808,7 +858,10 @@ mod tests {
     #[test]
     fn truncated_output_carries_a_visible_marker() {
         let s = with_marker("abc".into(), 10);
-        assert_eq!(s, "abc\n[chitin: output truncated: 10 more bytes dropped]\n");
+        assert_eq!(
+            s,
+            "abc\n[chitin: output truncated: 10 more bytes dropped]\n"
+        );
         assert_eq!(with_marker("abc".into(), 0), "abc");
     }
 
@@ -863,7 +916,11 @@ mod tests {
     #[test]
     fn exec_runs_confined_and_reports_status_output_and_duration() {
         let (_h, _d, w, sb) = real();
-        let mut a = exec_args(&["sh", "-c", "cat; echo err >&2; grep -c Seccomp:.2 /proc/self/status; exit 3"]);
+        let mut a = exec_args(&[
+            "sh",
+            "-c",
+            "cat; echo err >&2; grep -c Seccomp:.2 /proc/self/status; exit 3",
+        ]);
         a.stdin = Some("from-stdin\n".into());
         let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
         assert_eq!(r.exit_code, Some(3));
@@ -877,9 +934,21 @@ mod tests {
     #[test]
     fn exec_output_is_capped_with_a_marker() {
         let (_h, _d, w, sb) = real();
-        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"])).unwrap();
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"]),
+        )
+        .unwrap();
         assert!(r.truncated);
-        assert_eq!(r.stdout, format!("{}\n[chitin: output truncated: 4000 more bytes dropped]\n", "a".repeat(1000)));
+        assert_eq!(
+            r.stdout,
+            format!(
+                "{}\n[chitin: output truncated: 4000 more bytes dropped]\n",
+                "a".repeat(1000)
+            )
+        );
     }
 
     #[test]
@@ -890,7 +959,17 @@ mod tests {
         let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
         assert_eq!(r.killed.as_deref(), Some("timeout"));
         assert_eq!(r.signal, Some(9));
-        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["python3", "-c", "import ctypes; ctypes.CDLL(None).syscall(246, 0, 0, 0, 0)"])).unwrap();
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&[
+                "python3",
+                "-c",
+                "import ctypes; ctypes.CDLL(None).syscall(246, 0, 0, 0, 0)",
+            ]),
+        )
+        .unwrap();
         assert_eq!(r.killed.as_deref(), Some("seccomp:kexec_load"));
         assert_eq!(r.signal, Some(31));
     }
@@ -898,7 +977,17 @@ mod tests {
     #[test]
     fn a_child_cannot_forge_a_kill_reason() {
         let (_h, _d, w, sb) = real();
-        let r = exec(&auth("exec"), &sb, &w, &exec_args(&["sh", "-c", "echo 'chitin: sandbox: killed: timeout' >&2; exit 0"])).unwrap();
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&[
+                "sh",
+                "-c",
+                "echo 'chitin: sandbox: killed: timeout' >&2; exit 0",
+            ]),
+        )
+        .unwrap();
         assert_eq!(r.killed, None);
         assert_eq!(r.exit_code, Some(0));
     }
@@ -906,36 +995,128 @@ mod tests {
     #[test]
     fn file_tools_read_write_edit_and_list_inside_the_sandbox() {
         let (_h, d, w, sb) = real();
-        let wr = write_file(&auth("write_file"), &sb, &w, &WriteFileArgs { path: "src/a.txt".into(), content: "one two".into(), create_dirs: true }).unwrap();
+        let wr = write_file(
+            &auth("write_file"),
+            &sb,
+            &w,
+            &WriteFileArgs {
+                path: "src/a.txt".into(),
+                content: "one two".into(),
+                create_dirs: true,
+            },
+        )
+        .unwrap();
         assert_eq!(wr.output.unwrap()["bytes_written"], 7);
-        let ed = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "src/a.txt".into(), old_string: "two".into(), new_string: "2".into(), replace_all: false }).unwrap();
+        let ed = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "src/a.txt".into(),
+                old_string: "two".into(),
+                new_string: "2".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap();
         assert_eq!(ed.output.unwrap()["replacements"], 1);
-        let rd = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "src/a.txt".into() }).unwrap();
+        let rd = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "src/a.txt".into(),
+            },
+        )
+        .unwrap();
         assert_eq!(rd.output.unwrap()["content"], "one 2");
-        let ls = list_dir(&auth("list_dir"), &sb, &w, &ListDirArgs { path: "src".into() }).unwrap();
-        assert_eq!(ls.output.unwrap()["entries"], serde_json::json!([{"name": "a.txt", "kind": "file", "size": 5}]));
-        assert_eq!(std::fs::read_to_string(d.path().join("src/a.txt")).unwrap(), "one 2");
+        let ls = list_dir(
+            &auth("list_dir"),
+            &sb,
+            &w,
+            &ListDirArgs { path: "src".into() },
+        )
+        .unwrap();
+        assert_eq!(
+            ls.output.unwrap()["entries"],
+            serde_json::json!([{"name": "a.txt", "kind": "file", "size": 5}])
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("src/a.txt")).unwrap(),
+            "one 2"
+        );
     }
 
     #[test]
     fn file_tools_refuse_links_that_leave_the_workspace() {
         let (_h, d, w, sb) = real();
-        let outside = tempfile::NamedTempFile::new_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp")).unwrap();
+        let outside =
+            tempfile::NamedTempFile::new_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp"))
+                .unwrap();
         std::fs::write(outside.path(), "outside-canary").unwrap();
         std::os::unix::fs::symlink(outside.path(), d.path().join("sym")).unwrap();
         std::fs::hard_link(outside.path(), d.path().join("hard")).unwrap();
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "sym".into() }).unwrap_err();
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "sym".into() },
+        )
+        .unwrap_err();
         assert!(matches!(e, ToolError::SymlinkEscape { .. }), "{e}");
-        assert_eq!(e.to_string(), "path `sym` refused: a symlink on it leaves the workspace");
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "hard".into() }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "path `sym` refused: a symlink on it leaves the workspace"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "hard".into(),
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, ToolError::Hardlink { links: 2, .. }), "{e}");
-        let e = write_file(&auth("write_file"), &sb, &w, &WriteFileArgs { path: "hard".into(), content: "x".into(), create_dirs: false }).unwrap_err();
+        let e = write_file(
+            &auth("write_file"),
+            &sb,
+            &w,
+            &WriteFileArgs {
+                path: "hard".into(),
+                content: "x".into(),
+                create_dirs: false,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
-        let e = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "hard".into(), old_string: "outside".into(), new_string: "x".into(), replace_all: false }).unwrap_err();
+        let e = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "hard".into(),
+                old_string: "outside".into(),
+                new_string: "x".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
-        assert_eq!(std::fs::read_to_string(outside.path()).unwrap(), "outside-canary");
+        assert_eq!(
+            std::fs::read_to_string(outside.path()).unwrap(),
+            "outside-canary"
+        );
         // Traversal is refused before anything runs.
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "../../etc/passwd".into() }).unwrap_err();
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "../../etc/passwd".into(),
+            },
+        )
+        .unwrap_err();
         assert!(matches!(e, ToolError::Path { .. }), "{e}");
     }
 
@@ -945,13 +1126,50 @@ mod tests {
         std::fs::write(d.path().join("big"), vec![b'a'; 5000]).unwrap();
         std::fs::write(d.path().join("bin"), [0xff, 0xfe, 0x00]).unwrap();
         std::fs::write(d.path().join("t"), "x x").unwrap();
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "big".into() }).unwrap_err();
-        assert!(e.to_string().contains("more than the 4096-byte limit"), "{e}");
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "bin".into() }).unwrap_err();
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "big".into() },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("more than the 4096-byte limit"),
+            "{e}"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "bin".into() },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("not valid UTF-8"), "{e}");
-        let e = edit_file(&auth("edit_file"), &sb, &w, &EditFileArgs { path: "t".into(), old_string: "x".into(), new_string: "y".into(), replace_all: false }).unwrap_err();
-        assert!(matches!(e, ToolError::EditAmbiguous { count: 2, .. }), "{e}");
-        let e = read_file(&auth("read_file"), &sb, &w, &ReadFileArgs { path: "nope".into() }).unwrap_err();
+        let e = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "t".into(),
+                old_string: "x".into(),
+                new_string: "y".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ToolError::EditAmbiguous { count: 2, .. }),
+            "{e}"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "nope".into(),
+            },
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no such file"), "{e}");
     }
 }
