@@ -9,6 +9,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ use crate::{SandboxError, seccomp, sys};
 /// Inside the sandbox the command runs as this uid/gid, mapped to the launcher's euid/egid.
 /// A non-zero uid means `execve` never grants capabilities.
 pub const SANDBOX_UID: u32 = 1000;
+
+/// Concurrent egress connections relayed for one sandbox.
+const MAX_RELAYS: usize = 64;
 
 /// `pid_max` inside the sandbox's PID namespace (the kernel's minimum is 301).
 pub const PID_MAX: u32 = 301;
@@ -1031,6 +1035,7 @@ fn drain(fd: RawFd, cap: usize) -> Captured {
 /// Receives the listening sockets the sandbox init created inside its network namespace and
 /// relays each accepted connection to the one destination that listener stands for.
 fn egress_broker(sock: RawFd, dests: Vec<NetDest>, listeners: Arc<Mutex<Vec<RawFd>>>) {
+    let active = Arc::new(AtomicUsize::new(0));
     while let Ok(Some((idx, Some(fd)))) = sys::recv_fd(sock) {
         let Some(dest) = usize::try_from(idx)
             .ok()
@@ -1046,11 +1051,21 @@ fn egress_broker(sock: RawFd, dests: Vec<NetDest>, listeners: Arc<Mutex<Vec<RawF
         // SAFETY: fd is a listening TCP socket we just received over SCM_RIGHTS and now own
         // exclusively (nothing else closes it).
         let listener = unsafe { std::net::TcpListener::from_raw_fd(fd) };
+        let active = Arc::clone(&active);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(inside) = conn else { break };
+                // Bounded: a sandbox cannot make the launcher spawn threads without limit.
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_RELAYS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    continue; // dropping `inside` resets the connection
+                }
                 let dest = dest.clone();
-                std::thread::spawn(move || relay(inside, &dest));
+                let active = Arc::clone(&active);
+                std::thread::spawn(move || {
+                    relay(inside, &dest);
+                    active.fetch_sub(1, Ordering::SeqCst);
+                });
             }
         });
     }
