@@ -399,16 +399,10 @@ const ETC_FILES: &[&str] = &[
     "python3",
     "python3.11",
 ];
-const MASKED_PROC: &[&str] = &[
-    "keys",
-    "key-users",
-    "kcore",
-    "timer_list",
-    "sched_debug",
-    "latency_stats",
-    "sysrq-trigger",
-    "kallsyms",
-];
+// Not masked because other layers already close them: `kcore` and `kmsg` need capabilities
+// the sandbox lacks, `kallsyms` shows zeros without CAP_SYSLOG, `sysrq-trigger` and `sys/*` are
+// on the read-only proc mount.
+const MASKED_PROC: &[&str] = &["keys", "key-users", "timer_list", "sched_debug", "latency_stats"];
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
 fn is_within(path: &Path, dir: &Path) -> bool {
@@ -1428,9 +1422,8 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
             let s = under(OLD, src);
             let d = under(NEW, dst);
             std::fs::write(&d, b"")?;
-            let dc = c(&d);
-            sys::mount(Some(&c(&s)), &dc, None, libc::MS_BIND, None)?;
-            remount(&dc, false, true)
+            // The bind keeps the host devtmpfs mount's flags (nosuid, noexec); no remount.
+            sys::mount(Some(&c(&s)), &c(&d), None, libc::MS_BIND, None)
         }
         MountOp::Symlink { target, dst } => {
             let d = under(NEW, dst);
