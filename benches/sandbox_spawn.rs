@@ -29,7 +29,10 @@ fn stats(name: &str, v: &mut [Duration]) -> (f64, f64) {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     let med = ms(v[v.len() / 2]);
     let p99 = ms(v[(v.len() * 99 / 100).min(v.len() - 1)]);
-    println!("{name:<40} median {med:7.3} ms   p99 {p99:7.3} ms   (n={})", v.len());
+    println!(
+        "{name:<40} median {med:7.3} ms   p99 {p99:7.3} ms   (n={})",
+        v.len()
+    );
     (med, p99)
 }
 
@@ -47,14 +50,27 @@ fn main() {
         eprintln!("tempdir: {e}");
         std::process::exit(1)
     });
-    let sandboxed = || {
+    let home_nocg = tempfile::tempdir().unwrap_or_else(|e| {
+        eprintln!("tempdir: {e}");
+        std::process::exit(1)
+    });
+    if let Err(e) = std::fs::write(
+        home_nocg.path().join("chitin.toml"),
+        "[sandbox]\ncgroup = \"off\"\n",
+    ) {
+        eprintln!("config: {e}");
+        std::process::exit(1)
+    }
+    let sandboxed_in = |h: &std::path::Path| {
         let mut c = Command::new(chitin);
-        c.env("CHITIN_HOME", home.path())
+        c.env("CHITIN_HOME", h)
             .args(["sandbox", "exec", "--workspace"])
             .arg(ws.path())
             .args(["--", "/bin/true"]);
         c
     };
+    let sandboxed = || sandboxed_in(home.path());
+    let sandboxed_nocg = || sandboxed_in(home_nocg.path());
     let launcher_only = || {
         let mut c = Command::new(chitin);
         c.arg("--version");
@@ -65,19 +81,24 @@ fn main() {
         time(&mut sandboxed());
         time(&mut Command::new("/bin/true"));
     }
-    let (mut plain, mut launcher, mut sbx) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut launcher, mut sbx, mut nocg) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         plain.push(time(&mut Command::new("/bin/true")));
         launcher.push(time(&mut launcher_only()));
         sbx.push(time(&mut sandboxed()));
+        nocg.push(time(&mut sandboxed_nocg()));
     }
     println!("sandbox spawn overhead, {runs} interleaved runs per variant");
     let (pm, pp) = stats("plain spawn of /bin/true", &mut plain);
     stats("`chitin --version` (launcher exec only)", &mut launcher);
-    let (sm, sp) = stats("`chitin sandbox exec -- /bin/true`", &mut sbx);
+    let (sm, sp) = stats("sandboxed, cgroup = auto (default)", &mut sbx);
+    let (nm, np) = stats("sandboxed, cgroup = off", &mut nocg);
     println!(
-        "extra for the sandbox: median {:.3} ms, p99 {:.3} ms",
+        "extra for the sandbox: median {:.3} ms, p99 {:.3} ms (cgroup = off: median {:.3} ms, p99 {:.3} ms)",
         sm - pm,
-        sp - pp
+        sp - pp,
+        nm - pm,
+        np - pp
     );
 }

@@ -188,9 +188,16 @@ fn a_shell_fork_bomb_ends_with_the_sandbox() {
 
 #[test]
 fn the_pid_namespace_caps_tasks_even_without_a_cgroup() {
-    let e = env();
-    let r = e.run(&[], &["cat", "/proc/sys/kernel/pid_max"]);
-    assert_eq!(r.stdout, "301\n", "{}", r.stderr);
+    // cgroup off, a process limit the host uid (root) ignores: pid_max = 301 still holds.
+    let e = env_with("[sandbox]\ncgroup = \"off\"\n");
+    let marker = format!("chitin-pidmax-{}", std::process::id());
+    let code = "import os, errno, time\nprint(open('/proc/sys/kernel/pid_max').read().strip())\nn = 0\ntry:\n  while True:\n    if os.fork() == 0:\n      time.sleep(30); os._exit(0)\n    n += 1\nexcept OSError as e:\n  print(n < 301, errno.errorcode[e.errno])";
+    let r = e.run(
+        &["--max-procs", "100000", "--timeout", "60"],
+        &["python3", "-c", code, &marker],
+    );
+    assert_eq!(r.stdout, "301\nTrue EAGAIN\n", "{}", r.stderr);
+    assert_no_survivors(&marker);
 }
 
 #[test]
@@ -283,4 +290,27 @@ fn open_files_are_limited() {
         &["python3", "-c", "import errno\nfs = []\ntry:\n  while True: fs.append(open('/dev/null'))\nexcept OSError as e:\n  print(errno.errorcode[e.errno], len(fs) < 32)"],
     );
     assert_eq!(r.stdout, "EMFILE True\n", "{}", r.stderr);
+}
+
+#[test]
+fn with_cgroups_off_memory_is_bounded_by_the_address_space_limit() {
+    let e = env_with("[sandbox]\ncgroup = \"off\"\n");
+    let r = e.run(
+        &["--memory", "64", "--timeout", "30"],
+        &[
+            "python3",
+            "-c",
+            "x = []\ntry:\n  while True: x.append(b'x' * (1 << 20))\nexcept MemoryError:\n  print('MemoryError', len(x) < 64)",
+        ],
+    );
+    assert_eq!(r.stdout, "MemoryError True\n", "{}", r.stderr);
+    assert!(!r.stderr.contains("killed"), "{}", r.stderr);
+}
+
+#[test]
+fn cgroup_required_runs_where_a_cgroup_can_be_made() {
+    // This machine lets root create memory+pids cgroups (v1); "required" must then run.
+    let e = env_with("[sandbox]\ncgroup = \"required\"\n");
+    let r = e.run(&["--max-procs", "8"], &["python3", "-c", "import os, errno\nn = 0\ntry:\n  while True:\n    if os.fork() == 0:\n      import time; time.sleep(30); os._exit(0)\n    n += 1\nexcept OSError as e:\n  print(n < 8, errno.errorcode[e.errno])"]);
+    assert_eq!(r.stdout, "True EAGAIN\n", "{}", r.stderr);
 }

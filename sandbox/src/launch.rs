@@ -66,6 +66,19 @@ impl Default for Limits {
     }
 }
 
+/// Whether memory and process limits use a per-run cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CgroupMode {
+    /// Use one when the host lets us create it; otherwise rlimits and pid_max only (the
+    /// outcome's `cgroup` says which).
+    #[default]
+    Auto,
+    /// Refuse to run without one.
+    Required,
+    /// Never (rlimits and pid_max only; saves the cgroup migration cost).
+    Off,
+}
+
 /// A named egress destination `HOST:PORT`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetDest {
@@ -146,6 +159,7 @@ pub struct Spec {
     pub output: Output,
     /// Paths no bound path may be inside of or contain (the Chitin state dir, other sessions).
     pub forbidden: Vec<PathBuf>,
+    pub cgroup: CgroupMode,
 }
 
 impl Spec {
@@ -162,6 +176,7 @@ impl Spec {
             cwd: None,
             output: Output::Inherit,
             forbidden: Vec::new(),
+            cgroup: CgroupMode::Auto,
         }
     }
 }
@@ -402,7 +417,13 @@ const ETC_FILES: &[&str] = &[
 // Not masked because other layers already close them: `kcore` and `kmsg` need capabilities
 // the sandbox lacks, `kallsyms` shows zeros without CAP_SYSLOG, `sysrq-trigger` and `sys/*` are
 // on the read-only proc mount.
-const MASKED_PROC: &[&str] = &["keys", "key-users", "timer_list", "sched_debug", "latency_stats"];
+const MASKED_PROC: &[&str] = &[
+    "keys",
+    "key-users",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+];
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
 
 fn is_within(path: &Path, dir: &Path) -> bool {
@@ -807,7 +828,20 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     };
     let name = format!("chitin-sbx-{}", sys::getpid());
     let mem_bytes = spec.limits.memory_mb.saturating_mul(1 << 20);
-    let cgroup = Cgroup::create(&name, mem_bytes, spec.limits.max_procs);
+    let cgroup = match spec.cgroup {
+        CgroupMode::Off => None,
+        CgroupMode::Auto => Cgroup::create(&name, mem_bytes, spec.limits.max_procs),
+        CgroupMode::Required => Some(
+            Cgroup::create(&name, mem_bytes, spec.limits.max_procs).ok_or_else(|| {
+                SandboxError::Unavailable {
+                    missing: vec![
+                        "cgroup (sandbox.cgroup = \"required\", but no writable memory+pids cgroup)"
+                            .into(),
+                    ],
+                }
+            })?,
+        ),
+    };
     let euid = sys::geteuid();
     let egid = sys::getegid();
     let launcher = sys::getpid();

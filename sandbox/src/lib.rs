@@ -25,7 +25,7 @@ pub mod seccomp;
 mod support;
 mod sys;
 
-pub use launch::{Captured, Exit, Killed, Limits, NetDest, Outcome, Output, Spec, run};
+pub use launch::{Captured, CgroupMode, Exit, Killed, Limits, NetDest, Outcome, Output, Spec, run};
 pub use support::{MIN_LANDLOCK_ABI, Support, check};
 
 use std::path::PathBuf;

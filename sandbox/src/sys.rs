@@ -199,10 +199,18 @@ pub fn mount_flags(path: &CStr) -> io::Result<libc::c_ulong> {
     Ok(st.f_flag)
 }
 
+/// Sets a limit, never above the current hard limit (which an unprivileged process cannot
+/// raise anyway): the result is always at most what was asked.
 pub fn setrlimit(res: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: cur is a valid, writable rlimit.
+    check(unsafe { libc::getrlimit(res, &mut cur) })?;
     let lim = libc::rlimit {
-        rlim_cur: soft,
-        rlim_max: hard,
+        rlim_cur: soft.min(cur.rlim_max),
+        rlim_max: hard.min(cur.rlim_max),
     };
     // SAFETY: lim is a valid rlimit.
     check(unsafe { libc::setrlimit(res, &lim) }).map(|_| ())

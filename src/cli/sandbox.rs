@@ -158,6 +158,7 @@ fn build_spec(
     spec.env = env;
     spec.cwd = args.cwd.clone();
     spec.forbidden = forbidden(globals, &args.workspace);
+    spec.cgroup = cfg.cgroup.mode();
     spec.output = match args.capture_json {
         Some(cap) => Output::Capture { cap },
         None => Output::Inherit,

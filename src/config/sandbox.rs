@@ -21,6 +21,11 @@ cpu_secs = 30
 file_size_mb = 256
 # Open files per process (RLIMIT_NOFILE).
 open_files = 256
+# Per-run cgroup for memory and process limits: "auto" (use one when the host allows it,
+# else rlimits + the sandbox's pid_max only), "required" (refuse to run without one) or
+# "off" (rlimits + pid_max only; saves the cgroup migration, the largest spawn cost on
+# cgroup v1 hosts). Only a cgroup lets a memory kill be reported as `memory`.
+cgroup = "auto"
 # Size of the private /tmp (and /dev/shm) in MiB.
 tmp_size_mb = 64
 # Bytes of stdout and of stderr kept in a tool result; the rest is dropped with a visible
@@ -29,6 +34,26 @@ output_cap_bytes = 65536
 # Largest file read_file returns / edit_file accepts, in bytes.
 max_file_bytes = 1048576
 "#;
+
+/// `sandbox.cgroup`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupSetting {
+    #[default]
+    Auto,
+    Required,
+    Off,
+}
+
+impl CgroupSetting {
+    pub fn mode(self) -> chitin_sandbox::CgroupMode {
+        match self {
+            CgroupSetting::Auto => chitin_sandbox::CgroupMode::Auto,
+            CgroupSetting::Required => chitin_sandbox::CgroupMode::Required,
+            CgroupSetting::Off => chitin_sandbox::CgroupMode::Off,
+        }
+    }
+}
 
 /// The `[sandbox]` section.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -41,6 +66,7 @@ pub struct SandboxConfig {
     pub file_size_mb: u64,
     pub open_files: u64,
     pub tmp_size_mb: u64,
+    pub cgroup: CgroupSetting,
     pub output_cap_bytes: usize,
     pub max_file_bytes: usize,
 }
@@ -55,6 +81,7 @@ impl Default for SandboxConfig {
             file_size_mb: 256,
             open_files: 256,
             tmp_size_mb: 64,
+            cgroup: CgroupSetting::Auto,
             output_cap_bytes: 65536,
             max_file_bytes: 1 << 20,
         }
@@ -91,6 +118,14 @@ mod tests {
         let cfg: toml::Table = toml::from_str(TEMPLATE).unwrap();
         let section: SandboxConfig = cfg["sandbox"].clone().try_into().unwrap();
         assert_eq!(section, SandboxConfig::default());
+    }
+
+    #[test]
+    fn the_cgroup_setting_accepts_only_its_three_values() {
+        let c: SandboxConfig = toml::from_str("cgroup = \"off\"").unwrap();
+        assert_eq!(c.cgroup, CgroupSetting::Off);
+        let r: Result<SandboxConfig, _> = toml::from_str("cgroup = \"maybe\"");
+        assert!(r.is_err());
     }
 
     #[test]
