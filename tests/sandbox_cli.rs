@@ -128,6 +128,8 @@ fn exit_status_and_output_pass_through() {
         (r.code, r.stdout.as_str(), r.stderr.as_str()),
         (7, "out\n", "err\n")
     );
+    let r = e.run(&["--timeout", "18446744073709551615"], &["true"]);
+    assert_eq!(r.code, 0, "a huge timeout is not an overflow: {}", r.stderr);
     let r = e.run(&[], &["sh", "-c", "kill -TERM $$"]);
     assert_eq!(r.code, 128 + 15);
     assert_eq!(r.stderr, "", "a plain signal is not a sandbox kill");

@@ -911,7 +911,10 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     let mut timed_out = false;
     // pidfd_open (Linux >= 5.3) lets us sleep until I exits; without it, poll with WNOHANG.
     let pidfd = sys::pidfd_open(pid_i).ok();
-    let deadline = start + spec.limits.timeout;
+    // A timeout too large for the clock means "a century", never a panic.
+    let deadline = start
+        .checked_add(spec.limits.timeout)
+        .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut reaped: Option<i32> = None;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
