@@ -144,6 +144,26 @@ pub struct ToolResult {
     pub output: Option<serde_json::Value>,
 }
 
+impl ToolResult {
+    /// Applies a redactor (the secrets component's) to every text the model will see:
+    /// stdout, stderr and the string values of the structured output.
+    pub fn redact_with(&mut self, redact: impl Fn(&str) -> String) {
+        fn walk(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
+            match v {
+                serde_json::Value::String(s) => *s = redact(s),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, redact)),
+                serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, redact)),
+                _ => {}
+            }
+        }
+        self.stdout = redact(&self.stdout);
+        self.stderr = redact(&self.stderr);
+        if let Some(o) = &mut self.output {
+            walk(o, &redact);
+        }
+    }
+}
+
 /// The launcher's JSON report on the tool path (`chitin sandbox exec --capture-json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -853,6 +873,26 @@ mod tests {
         };
         let e = exec(&auth, &sb, &w, &args).unwrap_err();
         assert!(matches!(e, ToolError::Launcher { .. }), "{e}");
+    }
+
+    #[test]
+    fn redaction_reaches_stdout_stderr_and_structured_output() {
+        let mut r = ToolResult {
+            exit_code: Some(0),
+            signal: None,
+            killed: None,
+            stdout: "token=s3cr3t".into(),
+            stderr: "s3cr3t".into(),
+            truncated: false,
+            duration_ms: 1,
+            output: Some(
+                serde_json::json!({"content": "a s3cr3t b", "entries": [{"name": "s3cr3t"}]}),
+            ),
+        };
+        r.redact_with(|s| s.replace("s3cr3t", "[REDACTED]"));
+        assert_eq!(r.stdout, "token=[REDACTED]");
+        assert_eq!(r.stderr, "[REDACTED]");
+        assert!(!r.output.unwrap().to_string().contains("s3cr3t"));
     }
 
     #[test]
