@@ -121,6 +121,17 @@ mod tests {
     }
 
     #[test]
+    fn the_whole_default_config_carries_the_sandbox_defaults() {
+        let cfg = crate::config::Config::parse(
+            &crate::config::default_toml(),
+            std::path::Path::new("chitin.toml"),
+        )
+        .unwrap();
+        assert_eq!(cfg.sandbox, SandboxConfig::default());
+        assert_eq!(cfg.sandbox.limits(), chitin_sandbox::Limits::default());
+    }
+
+    #[test]
     fn the_cgroup_setting_accepts_only_its_three_values() {
         let c: SandboxConfig = toml::from_str("cgroup = \"off\"").unwrap();
         assert_eq!(c.cgroup, CgroupSetting::Off);
