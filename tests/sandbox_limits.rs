@@ -314,3 +314,33 @@ fn cgroup_required_runs_where_a_cgroup_can_be_made() {
     let r = e.run(&["--max-procs", "8"], &["python3", "-c", "import os, errno\nn = 0\ntry:\n  while True:\n    if os.fork() == 0:\n      import time; time.sleep(30); os._exit(0)\n    n += 1\nexcept OSError as e:\n  print(n < 8, errno.errorcode[e.errno])"]);
     assert_eq!(r.stdout, "True EAGAIN\n", "{}", r.stderr);
 }
+
+#[test]
+fn killing_the_launcher_kills_the_whole_sandbox() {
+    let e = env();
+    let marker = format!("chitin-orphan-{}", std::process::id());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .env("CHITIN_HOME", e.home.path())
+        .args(["sandbox", "exec", "--workspace"])
+        .arg(e.ws.path())
+        .args([
+            "--timeout",
+            "600",
+            "--",
+            "sh",
+            "-c",
+            "sleep 600 & sleep 600; echo $0",
+        ])
+        .arg(&marker)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // The launcher, the sandbox init (a fork of it) and the shell carry the marker.
+    while survivors(&marker) < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(survivors(&marker), 3, "the sandbox never started");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_no_survivors(&marker);
+}

@@ -243,7 +243,6 @@ pub struct Outcome {
 
 // ---- status records from I/P/C to L: 16 bytes, atomic pipe writes --------------------------
 
-const REC_P_PID: u32 = 1;
 const REC_EXIT: u32 = 2;
 const REC_SIGNAL: u32 = 3;
 const REC_SECCOMP: u32 = 4;
@@ -257,7 +256,6 @@ enum Stage {
     Cgroup = 1,
     Namespaces,
     IdMap,
-    ForkInit,
     Loopback,
     Egress,
     Mount,
@@ -281,7 +279,6 @@ const STAGES: &[(Stage, &str)] = &[
         "namespaces (unshare user/pid/net/mount/ipc/uts)",
     ),
     (Stage::IdMap, "uid/gid map"),
-    (Stage::ForkInit, "fork of the namespace init"),
     (Stage::Loopback, "loopback interface"),
     (Stage::Egress, "egress listener"),
     (Stage::Mount, "mount view"),
@@ -844,26 +841,36 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     };
     let euid = sys::geteuid();
     let egid = sys::getegid();
-    let launcher = sys::getpid();
     let start = Instant::now();
 
-    let pid_i = sys::fork().map_err(setup("fork"))?;
+    let ctx = IntermediateCtx {
+        st_w,
+        st_r,
+        capture: capture.map(|((_, ow), (_, ew), _)| (ow, ew)),
+        egress: egress.map(|(_, c)| c),
+        cgroup: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
+    };
+    let (sync_r, sync_w) = sys::pipe().map_err(setup("sync pipe"))?;
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS;
+    let pid_i =
+        sys::clone_fork(flags).map_err(setup("namespaces (clone user/pid/net/mount/ipc/uts)"))?;
     if pid_i == 0 {
-        intermediate(
-            &plan,
-            spec,
-            &IntermediateCtx {
-                st_w,
-                st_r,
-                capture: capture.map(|((_, ow), (_, ew), _)| (ow, ew)),
-                egress: egress.map(|(_, c)| c),
-                cgroup: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
-                euid,
-                egid,
-                launcher,
-            },
-        );
+        sys::close(sync_w);
+        init(&plan, spec, &ctx, sync_r);
     }
+    sys::close(sync_r);
+    if let Err(e) = parent_setup(pid_i, &ctx, euid, egid, sync_w) {
+        sys::kill(pid_i, libc::SIGKILL);
+        let _ = sys::wait4(pid_i, 0);
+        sys::close(sync_w);
+        return Err(e);
+    }
+    sys::close(sync_w);
 
     // Launcher side.
     sys::close(st_w);
@@ -943,10 +950,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         }
     }
     if timed_out {
-        records.extend(rx.try_iter());
-        if let Some(&(_, p, _)) = records.iter().find(|(k, _, _)| *k == REC_P_PID) {
-            sys::kill(p, libc::SIGKILL);
-        }
+        // P is PID 1 of the sandbox: its death kills every process in the namespace.
         sys::kill(pid_i, libc::SIGKILL);
     }
     let i_status = match reaped {
@@ -1120,7 +1124,7 @@ fn relay(inside: TcpStream, dest: &NetDest) {
     let _ = up.join();
 }
 
-// ---- I: the intermediate ---------------------------------------------------------------------
+// ---- shared by L and P ---------------------------------------------------------------------
 
 struct IntermediateCtx {
     st_w: RawFd,
@@ -1128,91 +1132,61 @@ struct IntermediateCtx {
     capture: Option<(RawFd, RawFd)>,
     egress: Option<RawFd>,
     cgroup: Vec<PathBuf>,
-    euid: u32,
-    egid: u32,
-    launcher: libc::pid_t,
 }
 
-fn intermediate(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx) -> ! {
-    let st = ctx.st_w;
-    sys::close(ctx.st_r);
-    if sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).is_err()
-        || sys::getppid() != ctx.launcher
-    {
-        sys::exit_now(125);
-    }
-    let me = sys::getpid().to_string();
+/// Sync bytes L sends P on the setup pipe.
+const SYNC_MAPPED: u8 = 1;
+const SYNC_CGROUP: u8 = 2;
+
+/// L's half of the setup, after `clone`: uid/gid maps, then the cgroup join (the slow part on
+/// cgroup v1, which P overlaps with building the view). Each step is acknowledged to P on the
+/// sync pipe; P forks the command only after the cgroup step.
+fn parent_setup(
+    pid_p: libc::pid_t,
+    ctx: &IntermediateCtx,
+    euid: u32,
+    egid: u32,
+    sync_w: RawFd,
+) -> Result<(), SandboxError> {
+    let setup = |layer: &str| {
+        let layer = layer.to_string();
+        move |source| SandboxError::Setup { layer, source }
+    };
+    let proc_dir = PathBuf::from(format!("/proc/{pid_p}"));
+    std::fs::write(proc_dir.join("setgroups"), "deny").map_err(setup("uid/gid map"))?;
+    std::fs::write(proc_dir.join("uid_map"), format!("{SANDBOX_UID} {euid} 1"))
+        .map_err(setup("uid/gid map"))?;
+    std::fs::write(proc_dir.join("gid_map"), format!("{SANDBOX_UID} {egid} 1"))
+        .map_err(setup("uid/gid map"))?;
+    sys::write_all(sync_w, &[SYNC_MAPPED]).map_err(setup("sandbox init"))?;
+    let me = pid_p.to_string();
     for procs in &ctx.cgroup {
-        if let Err(e) = std::fs::write(procs, &me) {
-            fail(st, Stage::Cgroup, 0, &e);
-        }
+        std::fs::write(procs, &me).map_err(setup("cgroup"))?;
     }
-    let flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWNET
-        | libc::CLONE_NEWIPC
-        | libc::CLONE_NEWUTS;
-    if let Err(e) = sys::unshare(flags) {
-        fail(st, Stage::Namespaces, 0, &e);
+    sys::write_all(sync_w, &[SYNC_CGROUP]).map_err(setup("sandbox init"))?;
+    Ok(())
+}
+
+/// Waits for one sync byte from L; anything else (L gone, setup failed) ends P.
+fn await_sync(sync_r: RawFd, want: u8) {
+    let mut b = [0u8; 1];
+    match sys::read(sync_r, &mut b) {
+        Ok(1) if b[0] == want => {}
+        _ => sys::exit_now(125),
     }
-    let maps = [
-        ("/proc/self/setgroups", "deny".to_string()),
-        (
-            "/proc/self/uid_map",
-            format!("{SANDBOX_UID} {} 1", ctx.euid),
-        ),
-        (
-            "/proc/self/gid_map",
-            format!("{SANDBOX_UID} {} 1", ctx.egid),
-        ),
-    ];
-    for (file, text) in &maps {
-        if let Err(e) = std::fs::write(file, text) {
-            fail(st, Stage::IdMap, 0, &e);
-        }
-    }
-    let (life_r, life_w) = match sys::pipe() {
-        Ok(p) => p,
-        Err(e) => fail(st, Stage::ForkInit, 0, &e),
-    };
-    let pid_p = match sys::fork() {
-        Ok(p) => p,
-        Err(e) => fail(st, Stage::ForkInit, 0, &e),
-    };
-    if pid_p == 0 {
-        sys::close(life_w);
-        init(plan, spec, ctx, life_r);
-    }
-    sys::close(life_r);
-    record(st, REC_P_PID, pid_p, 0);
-    sys::close(st);
-    if let Some((o, e)) = ctx.capture {
-        sys::close(o);
-        sys::close(e);
-    }
-    if let Some(s) = ctx.egress {
-        sys::close(s);
-    }
-    let code = match sys::wait4(pid_p, 0) {
-        Ok((_, s, _)) if libc::WIFEXITED(s) => libc::WEXITSTATUS(s),
-        _ => 125,
-    };
-    sys::close(life_w);
-    sys::exit_now(code)
 }
 
 // ---- P: PID 1 of the sandbox -----------------------------------------------------------------
 
-fn init(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, life_r: RawFd) -> ! {
+fn init(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, sync_r: RawFd) -> ! {
     let st = ctx.st_w;
+    sys::close(ctx.st_r);
+    // Die with the launcher. If it is already gone, the sync pipe reads EOF just below.
     if sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).is_err() {
         sys::exit_now(125);
     }
-    // If I already died, our death signal was never armed: leave.
-    if sys::poll_in(&[life_r], 0).map_or(true, |r| r.first().is_some_and(|x| *x != 0)) {
-        sys::exit_now(125);
-    }
+    // Files can be created only once our uid is mapped.
+    await_sync(sync_r, SYNC_MAPPED);
     // Not dumpable: /proc/1/* of the init stays closed to the command.
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
     let _ = sys::sethostname(b"sandbox");
@@ -1239,6 +1213,9 @@ fn init(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, life_r: RawFd) -> ! {
     // cgroup / RLIMIT_NPROC layers remain.
     let _ = std::fs::write("/proc/sys/kernel/pid_max", PID_MAX.to_string());
     build_view(plan, spec, st);
+    // The command must be born inside the cgroup.
+    await_sync(sync_r, SYNC_CGROUP);
+    sys::close(sync_r);
 
     let sigfd = match sys::sigchld_fd() {
         Ok(fd) => fd,

@@ -37,6 +37,33 @@ pub fn fork() -> io::Result<libc::pid_t> {
     check(unsafe { libc::fork() })
 }
 
+/// `clone(flags | SIGCHLD)` without a new stack: a `fork` that also creates namespaces, so the
+/// child is PID 1 of a new PID namespace. Returns 0 in the child.
+///
+/// Like [`fork`], only from a single-threaded process. The child does not run glibc's fork
+/// handlers and its thread descriptor keeps the parent's cached TID; the child therefore never
+/// calls `raise`/`abort` or pthread functions that rely on it (it only makes syscalls, allocates,
+/// does file I/O, and `fork`s, which refreshes the TID for its own child).
+pub fn clone_fork(flags: libc::c_int) -> io::Result<libc::pid_t> {
+    let flags = libc::c_ulong::try_from(flags | libc::SIGCHLD)
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: with a null stack the child continues on a copy of the parent's stack, exactly
+    // like fork; the caller is single-threaded so no lock is held by another thread; the
+    // remaining pointer arguments (parent_tid, child_tid, tls) are null/0 and unused without
+    // the corresponding CLONE_* flags.
+    let r = check_long(unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags,
+            std::ptr::null_mut::<libc::c_void>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            std::ptr::null_mut::<libc::c_int>(),
+            0 as libc::c_ulong,
+        )
+    })?;
+    libc::pid_t::try_from(r).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// `_exit(code)`: leaves without running destructors or atexit handlers (a forked child must
 /// not flush the parent's buffers).
 pub fn exit_now(code: i32) -> ! {
@@ -57,11 +84,6 @@ pub fn geteuid() -> u32 {
 pub fn getegid() -> u32 {
     // SAFETY: no preconditions.
     unsafe { libc::getegid() }
-}
-
-pub fn getppid() -> libc::pid_t {
-    // SAFETY: no preconditions.
-    unsafe { libc::getppid() }
 }
 
 /// Writes all of `buf` to `fd`.
