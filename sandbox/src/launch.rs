@@ -241,7 +241,7 @@ pub struct Outcome {
     pub cgroup: bool,
 }
 
-// ---- status records from I/P/C to L: 16 bytes, atomic pipe writes --------------------------
+// ---- status records from P/C to L: 16 bytes, atomic pipe writes ----------------------------
 
 const REC_EXIT: u32 = 2;
 const REC_SIGNAL: u32 = 3;
@@ -843,7 +843,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     let egid = sys::getegid();
     let start = Instant::now();
 
-    let ctx = IntermediateCtx {
+    let ctx = ChildCtx {
         st_w,
         st_r,
         capture: capture.map(|((_, ow), (_, ew), _)| (ow, ew)),
@@ -857,16 +857,16 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         | libc::CLONE_NEWNET
         | libc::CLONE_NEWIPC
         | libc::CLONE_NEWUTS;
-    let pid_i =
+    let pid_p =
         sys::clone_fork(flags).map_err(setup("namespaces (clone user/pid/net/mount/ipc/uts)"))?;
-    if pid_i == 0 {
+    if pid_p == 0 {
         sys::close(sync_w);
         init(&plan, spec, &ctx, sync_r);
     }
     sys::close(sync_r);
-    if let Err(e) = parent_setup(pid_i, &ctx, euid, egid, sync_w) {
-        sys::kill(pid_i, libc::SIGKILL);
-        let _ = sys::wait4(pid_i, 0);
+    if let Err(e) = parent_setup(pid_p, &ctx, euid, egid, sync_w) {
+        sys::kill(pid_p, libc::SIGKILL);
+        let _ = sys::wait4(pid_p, 0);
         sys::close(sync_w);
         return Err(e);
     }
@@ -913,11 +913,11 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         sys::close(st_r);
     });
 
-    // Wait for I, with the wall-clock timeout.
+    // Wait for P, with the wall-clock timeout.
     let mut records = Vec::new();
     let mut timed_out = false;
-    // pidfd_open (Linux >= 5.3) lets us sleep until I exits; without it, poll with WNOHANG.
-    let pidfd = sys::pidfd_open(pid_i).ok();
+    // pidfd_open (Linux >= 5.3) lets us sleep until P exits; without it, poll with WNOHANG.
+    let pidfd = sys::pidfd_open(pid_p).ok();
     // A timeout too large for the clock means "a century", never a panic.
     let deadline = start
         .checked_add(spec.limits.timeout)
@@ -934,8 +934,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
             Some(fd) => sys::poll_in(&[fd], ms)
                 .map(|r| r.first().is_some_and(|x| *x != 0))
                 .unwrap_or(false),
-            None => match sys::wait4(pid_i, libc::WNOHANG) {
-                Ok((p, s, _)) if p == pid_i => {
+            None => match sys::wait4(pid_p, libc::WNOHANG) {
+                Ok((p, s, _)) if p == pid_p => {
                     reaped = Some(s);
                     true
                 }
@@ -951,11 +951,11 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     }
     if timed_out {
         // P is PID 1 of the sandbox: its death kills every process in the namespace.
-        sys::kill(pid_i, libc::SIGKILL);
+        sys::kill(pid_p, libc::SIGKILL);
     }
-    let i_status = match reaped {
+    let p_status = match reaped {
         Some(s) => Some(s),
-        None => sys::wait4(pid_i, 0).map(|(_, s, _)| s).ok(),
+        None => sys::wait4(pid_p, 0).map(|(_, s, _)| s).ok(),
     };
     let duration = start.elapsed();
     if let Some(fd) = pidfd {
@@ -1005,7 +1005,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         (Some(e), _) => e,
         (None, true) => Exit::Signal(libc::SIGKILL),
         (None, false) => {
-            let detail = match i_status {
+            let detail = match p_status {
                 Some(s) if libc::WIFSIGNALED(s) => format!("signal {}", libc::WTERMSIG(s)),
                 Some(s) => format!("status {}", libc::WEXITSTATUS(s)),
                 None => "unknown".into(),
@@ -1126,7 +1126,7 @@ fn relay(inside: TcpStream, dest: &NetDest) {
 
 // ---- shared by L and P ---------------------------------------------------------------------
 
-struct IntermediateCtx {
+struct ChildCtx {
     st_w: RawFd,
     st_r: RawFd,
     capture: Option<(RawFd, RawFd)>,
@@ -1143,7 +1143,7 @@ const SYNC_CGROUP: u8 = 2;
 /// sync pipe; P forks the command only after the cgroup step.
 fn parent_setup(
     pid_p: libc::pid_t,
-    ctx: &IntermediateCtx,
+    ctx: &ChildCtx,
     euid: u32,
     egid: u32,
     sync_w: RawFd,
@@ -1178,7 +1178,7 @@ fn await_sync(sync_r: RawFd, want: u8) {
 
 // ---- P: PID 1 of the sandbox -----------------------------------------------------------------
 
-fn init(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, sync_r: RawFd) -> ! {
+fn init(plan: &Plan, spec: &Spec, ctx: &ChildCtx, sync_r: RawFd) -> ! {
     let st = ctx.st_w;
     sys::close(ctx.st_r);
     // Die with the launcher. If it is already gone, the sync pipe reads EOF just below.
@@ -1504,7 +1504,7 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
 
 // ---- C: the command --------------------------------------------------------------------------
 
-fn command(plan: &Plan, spec: &Spec, ctx: &IntermediateCtx, notify: RawFd) -> ! {
+fn command(plan: &Plan, spec: &Spec, ctx: &ChildCtx, notify: RawFd) -> ! {
     let st = ctx.st_w;
     sys::reset_signals();
     if let Err(e) = sys::setsid() {

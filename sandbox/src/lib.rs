@@ -4,17 +4,18 @@
 //! A sandboxed command runs as a tree of four processes:
 //!
 //! ```text
-//! L  launcher (`chitin sandbox exec`, host namespaces, single-threaded until it forks)
-//! └─ I  intermediate: joins the cgroup, unshare(USER|NS|PID|NET|IPC|UTS), writes uid/gid maps
-//!    └─ P  PID 1 of the new PID namespace: brings up loopback, creates egress listeners,
-//!       │  builds the mount view (tmpfs root, read-only binds, workspace, /tmp, /dev, /proc),
-//!       │  pivot_root; then supervises: seccomp notifications, reaping, exit report
-//!       └─ C  the command: setsid, stdio, rlimits, no_new_privs, capabilities dropped,
-//!             landlock, seccomp (listener handed to P), close-on-exec of every other fd, execve
+//! L  launcher (`chitin sandbox exec`, host namespaces, single-threaded until it clones)
+//! │    clone(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS); writes the child's uid/gid maps and
+//! │    joins it to the per-run cgroup; waits with the timeout; relays egress; captures output
+//! └─ P  PID 1 of the new PID namespace: brings up loopback, creates egress listeners,
+//!    │  builds the mount view (tmpfs root, read-only binds, workspace, /tmp, /dev, /proc),
+//!    │  pivot_root; then supervises: seccomp notifications, reaping, exit report
+//!    └─ C  the command: setsid, stdio, rlimits, no_new_privs, capabilities dropped,
+//!          landlock, seccomp (listener handed to P), close-on-exec of every other fd, execve
 //! ```
 //!
 //! When C exits, P exits, and the kernel kills everything left in the PID namespace
-//! (daemons included). On a timeout L kills P (and I), which has the same effect.
+//! (daemons included). On a timeout L kills P, which has the same effect.
 //! Nothing here depends on the gateway; the gateway reaches this code by spawning
 //! `chitin sandbox exec`, because namespace setup needs a single-threaded process.
 
