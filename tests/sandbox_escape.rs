@@ -559,3 +559,18 @@ fn the_state_directory_can_never_be_bound() {
         r.stderr
     );
 }
+
+#[test]
+fn host_unix_sockets_are_unreachable() {
+    let e = env();
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let sock = d.path().join("docker.sock");
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let r = e.py(&format!(
+        "def c(p):\n    s = socket.socket(socket.AF_UNIX)\n    s.connect(p)\nt('fixture', lambda: c({:?}))\nt('dbus', lambda: c('/run/dbus/system_bus_socket'))\nt('docker', lambda: c('/var/run/docker.sock'))",
+        sock.to_str().unwrap()
+    ));
+    expect_lines(&r, &["fixture ENOENT", "dbus ENOENT", "docker ENOENT"]);
+}
