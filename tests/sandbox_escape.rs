@@ -574,3 +574,25 @@ fn host_unix_sockets_are_unreachable() {
     ));
     expect_lines(&r, &["fixture ENOENT", "dbus ENOENT", "docker ENOENT"]);
 }
+
+#[test]
+fn landlock_itself_refuses_what_the_mounts_allow() {
+    // Paths that are mounted, DAC-permitted and writable in the view, where only landlock
+    // answers: device ioctls on /dev/null (no IOCTL_DEV right: EACCES, not ENOTTY), TCP bind
+    // and connect inside the sandbox's own network namespace, and /proc/1 of the init.
+    let e = env();
+    let r = e.py(
+        "import fcntl, termios\nt('ioctl_devnull', lambda: fcntl.ioctl(open('/dev/null'), termios.TCGETS, bytes(64)))\nt('bind', lambda: socket.socket().bind(('127.0.0.1', 8080)))\nt('bind_any', lambda: socket.socket().bind(('0.0.0.0', 0)))\nt('connect_self', lambda: socket.create_connection(('127.0.0.1', 8080), timeout=2))\nt('init_fd_open', lambda: open('/proc/1/fd/0'))\nt('init_fd_link', lambda: os.readlink('/proc/1/fd/0'))",
+    );
+    expect_lines(
+        &r,
+        &[
+            "ioctl_devnull EACCES",
+            "bind EACCES",
+            "bind_any EACCES",
+            "connect_self EACCES",
+            "init_fd_open EACCES",
+            "init_fd_link EACCES",
+        ],
+    );
+}
