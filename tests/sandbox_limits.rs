@@ -335,11 +335,12 @@ fn killing_the_launcher_kills_the_whole_sandbox() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    // The launcher, the sandbox init (a fork of it) and the shell carry the marker.
+    // The launcher, the sandbox init (a fork of it) and the shell carry the marker (briefly
+    // more: a fork carries its parent's command line until it execs).
     while survivors(&marker) < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(survivors(&marker), 3, "the sandbox never started");
+    assert!(survivors(&marker) >= 3, "the sandbox never started");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_no_survivors(&marker);
