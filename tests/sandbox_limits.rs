@@ -327,20 +327,20 @@ fn killing_the_launcher_kills_the_whole_sandbox() {
             "--timeout",
             "600",
             "--",
-            "sh",
+            "python3",
             "-c",
-            "sleep 600 & sleep 600; echo $0",
+            "import os, time\nos.fork()\ntime.sleep(600)",
         ])
         .arg(&marker)
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    // The launcher, the sandbox init (a fork of it) and the shell carry the marker (briefly
-    // more: a fork carries its parent's command line until it execs).
-    while survivors(&marker) < 3 && Instant::now() < deadline {
+    // The launcher, the sandbox init (a fork of it), the command and its child carry the
+    // marker: four processes mean the command is running and has forked.
+    while survivors(&marker) < 4 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(survivors(&marker) >= 3, "the sandbox never started");
+    assert!(survivors(&marker) >= 4, "the sandbox never started");
     child.kill().unwrap();
     child.wait().unwrap();
     assert_no_survivors(&marker);
