@@ -10,3 +10,4 @@ pub mod policy;
 pub mod secrets;
 pub mod state;
 pub mod store;
+pub mod tools;

@@ -1,1 +1,66 @@
-//! Placeholder: filled in by its issue.
+//! `chitin-sandbox`: the jailer. The only crate of Chitin allowed `unsafe` (all of it in
+//! `sys`, each block with a `// SAFETY:` comment).
+//!
+//! A sandboxed command runs as a tree of four processes:
+//!
+//! ```text
+//! L  launcher (`chitin sandbox exec`, host namespaces, single-threaded until it clones)
+//! │    clone(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS); writes the child's uid/gid maps and
+//! │    joins it to the per-run cgroup; waits with the timeout; relays egress; captures output
+//! └─ P  PID 1 of the new PID namespace: brings up loopback, creates egress listeners,
+//!    │  builds the mount view (tmpfs root, read-only binds, workspace, /tmp, /dev, /proc),
+//!    │  pivot_root; then supervises: seccomp notifications, reaping, exit report
+//!    └─ C  the command: setsid, stdio, rlimits, no_new_privs, capabilities dropped,
+//!          landlock, seccomp (listener handed to P), close-on-exec of every other fd, execve
+//! ```
+//!
+//! When C exits, P exits, and the kernel kills everything left in the PID namespace
+//! (daemons included). On a timeout L kills P, which has the same effect.
+//! Nothing here depends on the gateway; the gateway reaches this code by spawning
+//! `chitin sandbox exec`, because namespace setup needs a single-threaded process.
+
+mod cgroup;
+pub mod fs;
+mod launch;
+pub mod seccomp;
+mod support;
+mod sys;
+
+pub use launch::{Captured, CgroupMode, Exit, Killed, Limits, NetDest, Outcome, Output, Spec, run};
+pub use support::{MIN_LANDLOCK_ABI, Support, check};
+
+use std::path::PathBuf;
+
+/// Errors of the jailer. Each names the layer that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The kernel cannot give full enforcement; nothing was run.
+    #[error(
+        "sandbox unavailable: missing {}; sandboxed tools refuse to run without full enforcement (run `chitin sandbox check`)",
+        missing.join(", ")
+    )]
+    Unavailable { missing: Vec<String> },
+    /// The request itself is invalid (bad path, bad destination, ...).
+    #[error("invalid sandbox request: {0}")]
+    Invalid(String),
+    /// A confinement step failed; nothing was run.
+    #[error("sandbox setup failed at {layer}: {source}")]
+    Setup {
+        layer: String,
+        source: std::io::Error,
+    },
+    /// The program could not be executed inside the sandbox.
+    #[error("cannot execute {program} in the sandbox: {source}")]
+    Exec {
+        program: String,
+        source: std::io::Error,
+    },
+    /// `run` was called from a multithreaded process.
+    #[error(
+        "the sandbox launcher must run in a single-threaded process (spawn `chitin sandbox exec`); this process has {0} threads"
+    )]
+    MultiThreaded(usize),
+    /// A path given to the sandbox does not exist or is not allowed.
+    #[error("sandbox path {path}: {reason}")]
+    Path { path: PathBuf, reason: String },
+}

@@ -82,6 +82,12 @@ pub fn state_home() -> PathBuf {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // The sandboxed file helper runs inside the sandbox; it never reaches clap or the config.
+    if std::env::args_os().nth(1).as_deref()
+        == Some(std::ffi::OsStr::new(crate::tools::helper::HELPER_ARG))
+    {
+        return crate::tools::helper::main();
+    }
     let cli = Cli::parse();
     let globals = Globals::resolve(cli.config);
     let result = match cli.command {

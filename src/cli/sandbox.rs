@@ -1,22 +1,234 @@
-//! `chitin sandbox ...`
+//! `chitin sandbox check` and `chitin sandbox exec`.
 
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Subcommand;
+use chitin_sandbox::{Exit, NetDest, Output, SandboxError, Spec};
+use clap::{Args, Subcommand};
 
 use super::{CmdResult, Globals};
+use crate::tools::LaunchReport;
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCmd {
-    /// Not built yet.
-    Unavailable,
+    /// Print what the kernel can enforce as JSON; exit 0 only with full enforcement.
+    Check,
+    /// Run PROGRAM confined (landlock, seccomp, namespaces, limits).
+    Exec(Box<ExecArgs>),
 }
 
-pub fn run(cmd: SandboxCmd, _globals: &Globals) -> CmdResult {
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The read-write workspace (working directory and $HOME).
+    #[arg(long, value_name = "DIR")]
+    workspace: PathBuf,
+    /// Extra read-only path (repeatable).
+    #[arg(long, value_name = "PATH")]
+    ro: Vec<PathBuf>,
+    /// Extra read-write path (repeatable).
+    #[arg(long, value_name = "PATH")]
+    rw: Vec<PathBuf>,
+    /// `none` (default) or an allowed HOST:PORT destination (repeatable).
+    #[arg(long, value_name = "none|HOST:PORT")]
+    net: Vec<String>,
+    /// Wall-clock limit in seconds [default: sandbox.timeout_secs].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Memory limit in MiB [default: sandbox.memory_mb].
+    #[arg(long, value_name = "MB")]
+    memory: Option<u64>,
+    /// Process limit [default: sandbox.max_procs].
+    #[arg(long, value_name = "N")]
+    max_procs: Option<u64>,
+    /// Extra environment variable (repeatable); nothing else is inherited.
+    #[arg(long, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Capture output (each stream capped at BYTES) and print one JSON report (tool path).
+    #[arg(long, value_name = "BYTES", hide = true)]
+    capture_json: Option<usize>,
+    /// Working directory inside the workspace (tool path).
+    #[arg(long, value_name = "DIR", hide = true)]
+    cwd: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(last = true, required = true, value_name = "PROGRAM")]
+    command: Vec<String>,
+}
+
+pub fn run(cmd: SandboxCmd, globals: &Globals) -> CmdResult {
     match cmd {
-        SandboxCmd::Unavailable => {
-            eprintln!("chitin: sandbox: not built yet");
-            Ok(ExitCode::from(1))
+        SandboxCmd::Check => Ok(check()),
+        SandboxCmd::Exec(args) => exec(*args, globals),
+    }
+}
+
+fn check() -> ExitCode {
+    let s = chitin_sandbox::check();
+    let mut missing = s.missing.clone();
+    if let Ok(v) = std::env::var("CHITIN_SANDBOX_SIMULATE_MISSING") {
+        missing.extend(
+            v.split(',')
+                .filter(|x| !x.is_empty())
+                .map(|x| format!("{x} (simulated)")),
+        );
+    }
+    let enforced = missing.is_empty();
+    let json = serde_json::json!({
+        "landlock_abi": s.landlock_abi,
+        "seccomp": s.seccomp,
+        "user_ns": s.user_ns,
+        "pid_ns": s.pid_ns,
+        "net_ns": s.net_ns,
+        "enforced": enforced,
+        "missing": missing,
+    });
+    println!("{json}");
+    ExitCode::from(if enforced { 0 } else { 1 })
+}
+
+/// Paths no sandbox may see: the state directory (except, when the workspace lives in
+/// `<state>/workspaces/`, that one workspace).
+fn forbidden(globals: &Globals, workspace: &std::path::Path) -> Vec<PathBuf> {
+    let home = std::fs::canonicalize(&globals.home).unwrap_or_else(|_| globals.home.clone());
+    let ws = std::fs::canonicalize(workspace).unwrap_or_else(|_| workspace.to_path_buf());
+    let workspaces = home.join("workspaces");
+    if ws.starts_with(&workspaces) && ws != workspaces {
+        let mut out: Vec<PathBuf> = std::fs::read_dir(&home)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| *p != workspaces)
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Sibling workspaces.
+        if let Ok(d) = std::fs::read_dir(&workspaces) {
+            out.extend(
+                d.filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| !ws.starts_with(p)),
+            );
+        }
+        out
+    } else {
+        vec![home]
+    }
+}
+
+fn build_spec(
+    args: &ExecArgs,
+    globals: &Globals,
+) -> Result<Spec, Box<dyn std::error::Error + Send + Sync>> {
+    let cfg = globals.load_config()?.sandbox;
+    let mut limits = cfg.limits();
+    if let Some(t) = args.timeout {
+        limits.timeout = Duration::from_secs(t.max(1));
+    }
+    if let Some(m) = args.memory {
+        limits.memory_mb = m.max(16);
+    }
+    if let Some(p) = args.max_procs {
+        limits.max_procs = p.max(1);
+    }
+    let mut net = Vec::new();
+    let mut none = false;
+    for n in &args.net {
+        if n == "none" {
+            none = true;
+        } else {
+            net.push(n.parse::<NetDest>()?);
         }
     }
+    if none && !net.is_empty() {
+        return Err("--net none cannot be combined with HOST:PORT destinations".into());
+    }
+    let mut env = Vec::new();
+    for e in &args.env {
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| format!("--env {e}: expected KEY=VALUE"))?;
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut spec = Spec::new(args.workspace.clone(), args.command.clone());
+    spec.ro = args.ro.clone();
+    spec.rw = args.rw.clone();
+    spec.net = net;
+    spec.limits = limits;
+    spec.env = env;
+    spec.cwd = args.cwd.clone();
+    spec.forbidden = forbidden(globals, &args.workspace);
+    spec.cgroup = cfg.cgroup.mode();
+    spec.output = match args.capture_json {
+        Some(cap) => Output::Capture { cap },
+        None => Output::Inherit,
+    };
+    Ok(spec)
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
+
+fn exec(args: ExecArgs, globals: &Globals) -> CmdResult {
+    let capture = args.capture_json.is_some();
+    let spec = match build_spec(&args, globals) {
+        Ok(s) => s,
+        Err(e) if capture => {
+            print_report(&LaunchReport::error("invalid", &e.to_string()));
+            return Ok(ExitCode::from(125));
+        }
+        Err(e) => return Err(e),
+    };
+    let result = chitin_sandbox::run(&spec);
+    if capture {
+        let report = match &result {
+            Ok(o) => LaunchReport::from_outcome(o),
+            Err(e) => LaunchReport::error(error_kind(e), &e.to_string()),
+        };
+        print_report(&report);
+        return Ok(exit_code(report.status()));
+    }
+    match result {
+        Ok(o) => {
+            if let Some(k) = &o.killed {
+                eprintln!("chitin: sandbox: killed: {k}");
+            }
+            let code = match (&o.killed, o.exit) {
+                (Some(chitin_sandbox::Killed::Timeout), _) => 124,
+                (_, Exit::Code(c)) => c,
+                (_, Exit::Signal(s)) => 128 + s,
+            };
+            Ok(exit_code(code))
+        }
+        Err(e) => {
+            eprintln!("chitin: sandbox: {e}");
+            Ok(ExitCode::from(launch_failure_code(&e)))
+        }
+    }
+}
+
+fn error_kind(e: &SandboxError) -> &'static str {
+    match e {
+        SandboxError::Unavailable { .. } => "unavailable",
+        SandboxError::Invalid(_) | SandboxError::Path { .. } => "invalid",
+        SandboxError::Setup { .. } | SandboxError::MultiThreaded(_) => "setup",
+        SandboxError::Exec { .. } => "exec",
+    }
+}
+
+/// 125: the sandbox could not be set up; 126/127: the program could not be run (as `env`).
+fn launch_failure_code(e: &SandboxError) -> u8 {
+    match e {
+        SandboxError::Exec { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
+        SandboxError::Exec { .. } => 126,
+        _ => 125,
+    }
+}
+
+fn print_report(r: &LaunchReport) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, r);
+    let _ = writeln!(out);
+    let _ = out.flush();
 }

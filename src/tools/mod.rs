@@ -1,0 +1,1215 @@
+//! The tools a model may call: `exec`, `read_file`, `write_file`, `edit_file`, `list_dir`.
+//!
+//! Architecture Invariant: no tool touches the filesystem or runs a program in the gateway
+//! process. Every tool spawns the single-threaded launcher `chitin sandbox exec` (landlock,
+//! seccomp, namespaces, limits); the file tools run the hidden `chitin __fs-helper` inside it.
+//! Before that, the gate canonicalizes the path with [`Workspace::resolve`] (lexical checks,
+//! then an `openat2(RESOLVE_BENEATH)` walk) and asks Cedar; the helper enforces the workspace
+//! boundary again inside the sandbox, and landlock enforces it a third time in the kernel.
+//!
+//! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
+
+pub mod helper;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use chitin_sandbox::{Exit, Killed, NetDest, Outcome};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::gate::Authorized;
+
+/// Errors of the tools. Messages say what was refused and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    #[error("invalid tool arguments: {0}")]
+    InvalidArgs(String),
+    #[error("path `{path}` refused: {reason}")]
+    Path { path: String, reason: String },
+    #[error("path `{path}` refused: a symlink on it leaves the workspace")]
+    SymlinkEscape { path: String },
+    #[error(
+        "path `{path}` refused: the file has {links} hard links, so other names for it may be outside the workspace"
+    )]
+    Hardlink { path: String, links: u64 },
+    #[error("{path}: {message}")]
+    File {
+        path: String,
+        kind: String,
+        message: String,
+    },
+    #[error("edit_file {path}: old_string not found")]
+    EditNoMatch { path: String },
+    #[error("edit_file {path}: old_string occurs {count} times; make it unique or set replace_all")]
+    EditAmbiguous { path: String, count: usize },
+    #[error("sandbox unavailable, tool refused: {0}")]
+    SandboxUnavailable(String),
+    #[error("sandbox failed: {0}")]
+    Sandbox(String),
+    #[error("cannot start the sandbox launcher {launcher}: {source}")]
+    Launcher {
+        launcher: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the authorization is for `{got}`, not for `{want}`")]
+    WrongAction { want: &'static str, got: String },
+}
+
+// ---- strict argument types (what the model sends) --------------------------------------------
+
+/// `exec`: a program and its arguments. Never a shell string: `sh -c` is an explicit argv the
+/// policy sees.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecArgs {
+    pub argv: Vec<String>,
+    /// Working directory relative to the workspace.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Text given on stdin.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// A shorter timeout than the configured one (never longer).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadFileArgs {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteFileArgs {
+    pub path: String,
+    pub content: String,
+    /// Create missing parent directories.
+    #[serde(default)]
+    pub create_dirs: bool,
+}
+
+/// Exact-string replacement.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditFileArgs {
+    pub path: String,
+    pub old_string: String,
+    pub new_string: String,
+    /// Replace every occurrence (otherwise `old_string` must occur exactly once).
+    #[serde(default)]
+    pub replace_all: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListDirArgs {
+    #[serde(default = "dot")]
+    pub path: String,
+}
+
+fn dot() -> String {
+    ".".into()
+}
+
+/// Parses a model's tool arguments strictly: unknown fields (`{"approved": true}`), wrong
+/// types and missing fields are errors.
+pub fn parse_args<T: DeserializeOwned>(value: &serde_json::Value) -> Result<T, ToolError> {
+    T::deserialize(value).map_err(|e| ToolError::InvalidArgs(e.to_string()))
+}
+
+// ---- results ---------------------------------------------------------------------------------
+
+/// What a tool call returns to the agent loop.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ToolResult {
+    /// Exit code, when the process exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal, when it was killed.
+    pub signal: Option<i32>,
+    /// Which limit or filter killed it (`timeout`, `memory`, `cpu`, `file-size`,
+    /// `seccomp:<syscall>`).
+    pub killed: Option<String>,
+    /// Captured stdout (capped; a truncation marker line ends a capped stream).
+    pub stdout: String,
+    pub stderr: String,
+    pub truncated: bool,
+    pub duration_ms: u64,
+    /// Structured result of a file tool (content, entries, bytes written, replacements).
+    pub output: Option<serde_json::Value>,
+}
+
+impl ToolResult {
+    /// Applies a redactor (the secrets component's) to every text the model will see:
+    /// stdout, stderr and the string values of the structured output.
+    pub fn redact_with(&mut self, redact: impl Fn(&str) -> String) {
+        fn walk(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
+            match v {
+                serde_json::Value::String(s) => *s = redact(s),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, redact)),
+                serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, redact)),
+                _ => {}
+            }
+        }
+        self.stdout = redact(&self.stdout);
+        self.stderr = redact(&self.stderr);
+        if let Some(o) = &mut self.output {
+            walk(o, &redact);
+        }
+    }
+}
+
+/// The launcher's JSON report on the tool path (`chitin sandbox exec --capture-json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchReport {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub killed: Option<String>,
+    pub duration_ms: u64,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    pub cgroup: bool,
+    pub error: Option<LaunchError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchError {
+    /// `unavailable`, `invalid`, `setup` or `exec`.
+    pub kind: String,
+    pub message: String,
+}
+
+impl LaunchReport {
+    pub fn from_outcome(o: &Outcome) -> Self {
+        let (exit_code, signal) = match o.exit {
+            Exit::Code(c) => (Some(c), None),
+            Exit::Signal(s) => (None, Some(s)),
+        };
+        Self {
+            exit_code,
+            signal,
+            killed: o.killed.as_ref().map(Killed::to_string),
+            duration_ms: u64::try_from(o.duration.as_millis()).unwrap_or(u64::MAX),
+            stdout: String::from_utf8_lossy(&o.stdout.bytes).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr.bytes).into_owned(),
+            stdout_dropped: o.stdout.dropped,
+            stderr_dropped: o.stderr.dropped,
+            cgroup: o.cgroup,
+            error: None,
+        }
+    }
+
+    pub fn error(kind: &str, message: &str) -> Self {
+        Self {
+            exit_code: None,
+            signal: None,
+            killed: None,
+            duration_ms: 0,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_dropped: 0,
+            stderr_dropped: 0,
+            cgroup: false,
+            error: Some(LaunchError {
+                kind: kind.into(),
+                message: message.into(),
+            }),
+        }
+    }
+
+    /// The launcher's exit status for this report.
+    pub fn status(&self) -> i32 {
+        if let Some(e) = &self.error {
+            return match e.kind.as_str() {
+                "exec" => 127,
+                _ => 125,
+            };
+        }
+        if self.killed.as_deref() == Some("timeout") {
+            return 124;
+        }
+        match (self.exit_code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 125,
+        }
+    }
+}
+
+fn with_marker(mut s: String, dropped: u64) -> String {
+    if dropped > 0 {
+        if !s.ends_with('\n') {
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "[chitin: output truncated: {dropped} more bytes dropped]\n"
+        ));
+    }
+    s
+}
+
+// ---- the workspace and path canonicalization (gate side) -------------------------------------
+
+/// A session's workspace: a canonical, existing directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workspace {
+    root: PathBuf,
+}
+
+/// A path inside the workspace, as the gate shows it to Cedar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WsPath {
+    /// Normalized path relative to the workspace (`.` for the root).
+    pub rel: String,
+    /// Canonical absolute path on the host (symlinks inside the workspace resolved).
+    pub abs: PathBuf,
+}
+
+impl Workspace {
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, ToolError> {
+        let r = root.as_ref();
+        let root = std::fs::canonicalize(r).map_err(|e| ToolError::Path {
+            path: r.display().to_string(),
+            reason: format!("workspace cannot be resolved: {e}"),
+        })?;
+        if !root.is_dir() || root == Path::new("/") {
+            return Err(ToolError::Path {
+                path: r.display().to_string(),
+                reason: "workspace must be a directory other than /".into(),
+            });
+        }
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Lexical validation of a model-supplied path; returns the normalized relative path.
+    pub fn lexical(&self, user: &str) -> Result<PathBuf, ToolError> {
+        let refuse = |reason: &str| ToolError::Path {
+            path: user.to_string(),
+            reason: reason.to_string(),
+        };
+        if user.is_empty() {
+            return Err(refuse("empty path"));
+        }
+        if user.contains('\0') {
+            return Err(refuse("NUL byte in path"));
+        }
+        if user.len() > 4096 {
+            return Err(refuse("path longer than 4096 bytes"));
+        }
+        let lower = user.to_ascii_lowercase();
+        for enc in ["%2f", "%2e", "%5c", "%00"] {
+            if lower.contains(enc) {
+                return Err(refuse(
+                    "percent-encoded '.', '/', '\\' or NUL is not accepted in paths",
+                ));
+            }
+        }
+        let p = Path::new(user);
+        let rel = if p.is_absolute() {
+            p.strip_prefix(&self.root)
+                .map_err(|_| refuse("absolute path outside the workspace"))?
+        } else {
+            p
+        };
+        let mut out = PathBuf::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(x) => out.push(x),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    return Err(refuse("parent-directory components (..) are not accepted"));
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(refuse("absolute path outside the workspace"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Canonicalizes a model-supplied path for the gate (before Cedar): lexical checks, then
+    /// an `openat2(RESOLVE_BENEATH)` walk from the workspace root, so symlinks that leave the
+    /// workspace are refused. A missing final component is allowed (a file to create).
+    pub fn resolve(&self, user: &str) -> Result<WsPath, ToolError> {
+        let rel = self.lexical(user)?;
+        let root = chitin_sandbox::fs::open_dir(&self.root).map_err(|e| ToolError::Path {
+            path: user.into(),
+            reason: format!("workspace cannot be opened: {e}"),
+        })?;
+        let map = |e: std::io::Error| match e.raw_os_error() {
+            Some(EXDEV) => ToolError::SymlinkEscape {
+                path: user.to_string(),
+            },
+            Some(ELOOP) => ToolError::Path {
+                path: user.to_string(),
+                reason: "too many symlinks or a /proc magic link".into(),
+            },
+            _ => ToolError::Path {
+                path: user.to_string(),
+                reason: e.to_string(),
+            },
+        };
+        let abs = match chitin_sandbox::fs::open_beneath(root.as_fd(), &rel, O_PATH, 0) {
+            Ok(fd) => chitin_sandbox::fs::fd_path(fd.as_fd()).map_err(map)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = rel.parent().unwrap_or(Path::new(""));
+                let name = rel.file_name().ok_or_else(|| ToolError::Path {
+                    path: user.into(),
+                    reason: "no file name".into(),
+                })?;
+                match chitin_sandbox::fs::open_beneath(root.as_fd(), parent, O_PATH, 0) {
+                    Ok(fd) => chitin_sandbox::fs::fd_path(fd.as_fd())
+                        .map_err(map)?
+                        .join(name),
+                    // The parent is missing too (create_dirs): resolve lexically.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.root.join(&rel),
+                    Err(e) => return Err(map(e)),
+                }
+            }
+            Err(e) => return Err(map(e)),
+        };
+        if !abs.starts_with(&self.root) {
+            return Err(ToolError::SymlinkEscape { path: user.into() });
+        }
+        let rel_s = rel.to_string_lossy().into_owned();
+        Ok(WsPath {
+            rel: if rel_s.is_empty() { ".".into() } else { rel_s },
+            abs,
+        })
+    }
+}
+
+const EXDEV: i32 = 18;
+const ELOOP: i32 = 40;
+const O_PATH: i32 = 0o10_000_000;
+
+// ---- running through the sandbox -------------------------------------------------------------
+
+/// One launcher invocation.
+#[derive(Clone, Copy)]
+struct LaunchRequest<'a> {
+    argv: &'a [String],
+    cwd: Option<&'a Path>,
+    stdin: Option<&'a [u8]>,
+    timeout_secs: Option<u64>,
+    cap: usize,
+    extra_ro: &'a [&'a Path],
+}
+
+/// How tools reach the sandbox: the launcher binary and the limits from `[sandbox]`.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    /// The `chitin` binary (`std::env::current_exe()` in the gateway).
+    pub launcher: PathBuf,
+    /// `CHITIN_HOME` given to the launcher (the state dir it keeps out of every sandbox).
+    pub home: PathBuf,
+    /// The config file the launcher reads (for limits not passed as flags).
+    pub config: Option<PathBuf>,
+    pub config_section: crate::config::sandbox::SandboxConfig,
+    /// Egress destinations granted by policy for this call (empty: no network).
+    pub net: Vec<NetDest>,
+}
+
+impl Sandbox {
+    /// A sandbox runner using the current executable.
+    pub fn current(
+        home: PathBuf,
+        config: Option<PathBuf>,
+        config_section: crate::config::sandbox::SandboxConfig,
+    ) -> Result<Self, ToolError> {
+        let launcher = std::env::current_exe().map_err(|source| ToolError::Launcher {
+            launcher: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+        Ok(Self {
+            launcher,
+            home,
+            config,
+            config_section,
+            net: Vec::new(),
+        })
+    }
+
+    fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
+        let LaunchRequest {
+            argv,
+            cwd,
+            stdin,
+            timeout_secs,
+            cap,
+            extra_ro,
+        } = *req;
+        let cfg = &self.config_section;
+        let timeout = timeout_secs
+            .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
+            .max(1);
+        let mut cmd = Command::new(&self.launcher);
+        cmd.env_clear();
+        cmd.env("CHITIN_HOME", &self.home);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        cmd.args(["sandbox", "exec", "--workspace"]).arg(ws.root());
+        cmd.arg("--timeout").arg(timeout.to_string());
+        cmd.arg("--memory").arg(cfg.memory_mb.to_string());
+        cmd.arg("--max-procs").arg(cfg.max_procs.to_string());
+        cmd.arg("--capture-json").arg(cap.to_string());
+        for n in &self.net {
+            cmd.arg("--net").arg(n.to_string());
+        }
+        for p in extra_ro {
+            cmd.arg("--ro").arg(p);
+        }
+        if let Some(c) = cwd {
+            cmd.arg("--cwd").arg(c);
+        }
+        cmd.arg("--").args(argv);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let launch_err = |source| ToolError::Launcher {
+            launcher: self.launcher.clone(),
+            source,
+        };
+        let mut child = cmd.spawn().map_err(launch_err)?;
+        if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
+            let data = data.to_vec();
+            // A separate thread so a command that does not read stdin cannot deadlock us.
+            std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
+        let out = child.wait_with_output().map_err(launch_err)?;
+        let report: LaunchReport = serde_json::from_slice(&out.stdout).map_err(|e| {
+            ToolError::Sandbox(format!(
+                "launcher gave no report ({e}); stderr: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        })?;
+        if let Some(err) = &report.error {
+            return Err(match err.kind.as_str() {
+                "unavailable" => ToolError::SandboxUnavailable(err.message.clone()),
+                "invalid" => ToolError::InvalidArgs(err.message.clone()),
+                _ => ToolError::Sandbox(err.message.clone()),
+            });
+        }
+        Ok(report)
+    }
+
+    /// Runs the in-sandbox file helper with one request and returns its JSON answer.
+    fn helper(
+        &self,
+        ws: &Workspace,
+        request: &helper::Request,
+    ) -> Result<(serde_json::Value, LaunchReport), ToolError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| ToolError::InvalidArgs(format!("cannot encode request: {e}")))?;
+        let cap = self
+            .config_section
+            .max_file_bytes
+            .saturating_mul(7)
+            .saturating_add(65536);
+        let argv = vec![
+            self.launcher.to_string_lossy().into_owned(),
+            helper::HELPER_ARG.to_string(),
+        ];
+        let report = self.launch(
+            ws,
+            &LaunchRequest {
+                argv: &argv,
+                cwd: None,
+                stdin: Some(&body),
+                timeout_secs: None,
+                cap,
+                extra_ro: &[&self.launcher],
+            },
+        )?;
+        let answer: helper::Answer = serde_json::from_str(report.stdout.trim()).map_err(|e| {
+            ToolError::Sandbox(format!(
+                "file helper gave no answer ({e}); killed: {:?}; stderr: {}",
+                report.killed,
+                report.stderr.trim()
+            ))
+        })?;
+        match answer {
+            helper::Answer::Ok(v) => Ok((v, report)),
+            helper::Answer::Err {
+                kind,
+                message,
+                links,
+                count,
+            } => {
+                let path = request.path().to_string();
+                Err(match kind.as_str() {
+                    "symlink_escape" => ToolError::SymlinkEscape { path },
+                    "hardlink" => ToolError::Hardlink {
+                        path,
+                        links: links.unwrap_or(2),
+                    },
+                    "no_match" => ToolError::EditNoMatch { path },
+                    "ambiguous" => ToolError::EditAmbiguous {
+                        path,
+                        count: count.unwrap_or(2),
+                    },
+                    _ => ToolError::File {
+                        path,
+                        kind,
+                        message,
+                    },
+                })
+            }
+        }
+    }
+}
+
+fn require(auth: &Authorized, want: &'static str) -> Result<(), ToolError> {
+    if auth.action() == want {
+        Ok(())
+    } else {
+        Err(ToolError::WrongAction {
+            want,
+            got: auth.action().to_string(),
+        })
+    }
+}
+
+fn result_from(report: &LaunchReport, output: Option<serde_json::Value>) -> ToolResult {
+    ToolResult {
+        exit_code: report.exit_code,
+        signal: report.signal,
+        killed: report.killed.clone(),
+        stdout: with_marker(report.stdout.clone(), report.stdout_dropped),
+        stderr: with_marker(report.stderr.clone(), report.stderr_dropped),
+        truncated: report.stdout_dropped > 0 || report.stderr_dropped > 0,
+        duration_ms: report.duration_ms,
+        output,
+    }
+}
+
+/// `exec`: runs `argv` in the sandbox.
+pub fn exec(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    args: &ExecArgs,
+) -> Result<ToolResult, ToolError> {
+    require(auth, "exec")?;
+    if args.argv.is_empty() || args.argv.first().is_some_and(String::is_empty) {
+        return Err(ToolError::InvalidArgs("argv must name a program".into()));
+    }
+    if args.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ToolError::InvalidArgs("NUL byte in argv".into()));
+    }
+    let cwd = match &args.cwd {
+        Some(c) => Some(ws.resolve(c)?.abs),
+        None => None,
+    };
+    let report = sb.launch(
+        ws,
+        &LaunchRequest {
+            argv: &args.argv,
+            cwd: cwd.as_deref(),
+            stdin: args.stdin.as_deref().map(str::as_bytes),
+            timeout_secs: args.timeout_secs,
+            cap: sb.config_section.output_cap_bytes,
+            extra_ro: &[],
+        },
+    )?;
+    Ok(result_from(&report, None))
+}
+
+/// `read_file`: the text of one file inside the workspace.
+pub fn read_file(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    args: &ReadFileArgs,
+) -> Result<ToolResult, ToolError> {
+    require(auth, "read_file")?;
+    let p = ws.resolve(&args.path)?;
+    let (v, report) = sb.helper(
+        ws,
+        &helper::Request::Read {
+            path: p.rel,
+            max_bytes: sb.config_section.max_file_bytes,
+        },
+    )?;
+    Ok(result_from(&report, Some(v)))
+}
+
+/// `write_file`: replaces (atomically) or creates one file inside the workspace.
+pub fn write_file(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    args: &WriteFileArgs,
+) -> Result<ToolResult, ToolError> {
+    require(auth, "write_file")?;
+    let p = ws.resolve(&args.path)?;
+    let (v, report) = sb.helper(
+        ws,
+        &helper::Request::Write {
+            path: p.rel,
+            content: args.content.clone(),
+            create_dirs: args.create_dirs,
+        },
+    )?;
+    Ok(result_from(&report, Some(v)))
+}
+
+/// `edit_file`: exact-string replacement in one file.
+pub fn edit_file(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    args: &EditFileArgs,
+) -> Result<ToolResult, ToolError> {
+    require(auth, "edit_file")?;
+    if args.old_string.is_empty() {
+        return Err(ToolError::InvalidArgs(
+            "old_string must not be empty".into(),
+        ));
+    }
+    let p = ws.resolve(&args.path)?;
+    let (v, report) = sb.helper(
+        ws,
+        &helper::Request::Edit {
+            path: p.rel,
+            old_string: args.old_string.clone(),
+            new_string: args.new_string.clone(),
+            replace_all: args.replace_all,
+            max_bytes: sb.config_section.max_file_bytes,
+        },
+    )?;
+    Ok(result_from(&report, Some(v)))
+}
+
+/// `list_dir`: the entries of one directory inside the workspace.
+pub fn list_dir(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    args: &ListDirArgs,
+) -> Result<ToolResult, ToolError> {
+    require(auth, "list_dir")?;
+    let p = ws.resolve(&args.path)?;
+    let (v, report) = sb.helper(ws, &helper::Request::List { path: p.rel })?;
+    Ok(result_from(&report, Some(v)))
+}
+
+/// The Cedar context a tool call carries (what the gate passes to the policy engine).
+pub fn cedar_context(ws: &Workspace, path: Option<&WsPath>) -> BTreeMap<&'static str, String> {
+    let mut m = BTreeMap::new();
+    m.insert("workspace", ws.root().display().to_string());
+    if let Some(p) = path {
+        m.insert("path", p.abs.display().to_string());
+        m.insert("rel_path", p.rel.clone());
+    }
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_approved_flag_injected_into_exec_arguments_is_rejected() {
+        let e = parse_args::<ExecArgs>(&json!({"argv": ["ls"], "approved": true})).unwrap_err();
+        assert!(e.to_string().contains("unknown field `approved`"), "{e}");
+    }
+
+    #[test]
+    fn a_shell_string_instead_of_argv_is_rejected() {
+        let e = parse_args::<ExecArgs>(&json!({"argv": "rm -rf /"})).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        assert!(parse_args::<ExecArgs>(&json!({"command": "ls"})).is_err());
+    }
+
+    #[test]
+    fn each_file_tool_rejects_unknown_fields() {
+        assert!(
+            parse_args::<ReadFileArgs>(&json!({"path": "a", "follow_symlinks": true})).is_err()
+        );
+        assert!(
+            parse_args::<WriteFileArgs>(&json!({"path": "a", "content": "", "mode": 4095}))
+                .is_err()
+        );
+        assert!(
+            parse_args::<EditFileArgs>(
+                &json!({"path": "a", "old_string": "x", "new_string": "y", "sudo": true})
+            )
+            .is_err()
+        );
+        assert!(parse_args::<ListDirArgs>(&json!({"path": ".", "recursive": true})).is_err());
+        assert_eq!(
+            parse_args::<ListDirArgs>(&json!({})).unwrap().path,
+            ".".to_string()
+        );
+    }
+
+    fn ws() -> (tempfile::TempDir, Workspace) {
+        let d = tempfile::tempdir().unwrap();
+        let w = Workspace::new(d.path()).unwrap();
+        (d, w)
+    }
+
+    #[test]
+    fn traversal_and_encoded_paths_are_rejected_before_the_sandbox() {
+        let (_d, w) = ws();
+        for bad in [
+            "../../etc/passwd",
+            "a/../../etc/passwd",
+            "/etc/passwd",
+            "..%2f..%2fetc%2fpasswd",
+            "%2e%2e/x",
+            "a\0b",
+            "",
+        ] {
+            let e = w.resolve(bad).unwrap_err();
+            assert!(matches!(e, ToolError::Path { .. }), "{bad}: {e}");
+        }
+        let inside = format!("{}/../x", w.root().display());
+        assert!(w.resolve(&inside).is_err());
+    }
+
+    #[test]
+    fn a_symlink_leaving_the_workspace_is_refused_by_the_gate() {
+        let (_d, w) = ws();
+        std::os::unix::fs::symlink("/etc", w.root().join("etc")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../etc/hostname", w.root().join("h")).unwrap();
+        for p in ["etc/hostname", "h", "etc"] {
+            let e = w.resolve(p).unwrap_err();
+            assert!(matches!(e, ToolError::SymlinkEscape { .. }), "{p}: {e}");
+        }
+    }
+
+    #[test]
+    fn paths_inside_the_workspace_resolve_canonically() {
+        let (_d, w) = ws();
+        std::fs::create_dir(w.root().join("src")).unwrap();
+        std::fs::write(w.root().join("src/a.txt"), "x").unwrap();
+        std::os::unix::fs::symlink("src", w.root().join("link")).unwrap();
+        let p = w.resolve("link/a.txt").unwrap();
+        assert_eq!(p.abs, w.root().join("src/a.txt"));
+        let abs = format!("{}/src/./a.txt", w.root().display());
+        assert_eq!(w.resolve(&abs).unwrap().rel, "src/a.txt");
+        let new = w.resolve("src/new.txt").unwrap();
+        assert_eq!(new.abs, w.root().join("src/new.txt"));
+        assert_eq!(w.resolve(".").unwrap().rel, ".");
+    }
+
+    #[test]
+    fn tools_refuse_an_authorization_for_another_action() {
+        let (_d, w) = ws();
+        let auth = Authorized::for_test(
+            "Chitin::User::\"a\"",
+            "read_file",
+            "Chitin::Tool::\"read_file\"",
+        );
+        let sb = Sandbox {
+            launcher: "/nonexistent/chitin".into(),
+            home: "/nonexistent".into(),
+            config: None,
+            config_section: Default::default(),
+            net: Vec::new(),
+        };
+        let e = exec(
+            &auth,
+            &sb,
+            &w,
+            &ExecArgs {
+                argv: vec!["true".into()],
+                cwd: None,
+                stdin: None,
+                timeout_secs: None,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ToolError::WrongAction { want: "exec", .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_missing_launcher_is_a_clear_error() {
+        let (_d, w) = ws();
+        let auth = Authorized::for_test("u", "exec", "t");
+        let sb = Sandbox {
+            launcher: "/nonexistent/chitin".into(),
+            home: "/nonexistent".into(),
+            config: None,
+            config_section: Default::default(),
+            net: Vec::new(),
+        };
+        let args = ExecArgs {
+            argv: vec!["true".into()],
+            cwd: None,
+            stdin: None,
+            timeout_secs: None,
+        };
+        let e = exec(&auth, &sb, &w, &args).unwrap_err();
+        assert!(matches!(e, ToolError::Launcher { .. }), "{e}");
+    }
+
+    #[test]
+    fn redaction_reaches_stdout_stderr_and_structured_output() {
+        let mut r = ToolResult {
+            exit_code: Some(0),
+            signal: None,
+            killed: None,
+            stdout: "token=s3cr3t".into(),
+            stderr: "s3cr3t".into(),
+            truncated: false,
+            duration_ms: 1,
+            output: Some(
+                serde_json::json!({"content": "a s3cr3t b", "entries": [{"name": "s3cr3t"}]}),
+            ),
+        };
+        r.redact_with(|s| s.replace("s3cr3t", "[REDACTED]"));
+        assert_eq!(r.stdout, "token=[REDACTED]");
+        assert_eq!(r.stderr, "[REDACTED]");
+        assert!(!r.output.unwrap().to_string().contains("s3cr3t"));
+    }
+
+    #[test]
+    fn truncated_output_carries_a_visible_marker() {
+        let s = with_marker("abc".into(), 10);
+        assert_eq!(
+            s,
+            "abc\n[chitin: output truncated: 10 more bytes dropped]\n"
+        );
+        assert_eq!(with_marker("abc".into(), 0), "abc");
+    }
+
+    // ---- the real tool path: tool function -> launcher -> sandbox (-> file helper) ----------
+
+    /// The `chitin` binary cargo built next to this test executable (`cargo test` builds it
+    /// for the integration tests).
+    fn launcher() -> PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("chitin");
+        assert!(
+            bin.exists(),
+            "{} is missing: run `cargo test` (which builds the binary), not only `--lib`",
+            bin.display()
+        );
+        bin
+    }
+
+    fn real() -> (tempfile::TempDir, tempfile::TempDir, Workspace, Sandbox) {
+        let base = concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp");
+        std::fs::create_dir_all(base).unwrap();
+        let home = tempfile::tempdir_in(base).unwrap();
+        let d = tempfile::tempdir_in(base).unwrap();
+        let w = Workspace::new(d.path()).unwrap();
+        let sb = Sandbox {
+            launcher: launcher(),
+            home: home.path().to_path_buf(),
+            config: None,
+            config_section: crate::config::sandbox::SandboxConfig {
+                output_cap_bytes: 1000,
+                max_file_bytes: 4096,
+                ..Default::default()
+            },
+            net: Vec::new(),
+        };
+        (home, d, w, sb)
+    }
+
+    fn auth(action: &str) -> Authorized {
+        Authorized::for_test("Chitin::User::\"t\"", action, "Chitin::Tool::\"t\"")
+    }
+
+    fn exec_args(argv: &[&str]) -> ExecArgs {
+        ExecArgs {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: None,
+            stdin: None,
+            timeout_secs: None,
+        }
+    }
+
+    #[test]
+    fn exec_runs_confined_and_reports_status_output_and_duration() {
+        let (_h, _d, w, sb) = real();
+        let mut a = exec_args(&[
+            "sh",
+            "-c",
+            "cat; echo err >&2; grep -c Seccomp:.2 /proc/self/status; exit 3",
+        ]);
+        a.stdin = Some("from-stdin\n".into());
+        let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
+        assert_eq!(r.exit_code, Some(3));
+        assert_eq!(r.stdout, "from-stdin\n1\n");
+        assert_eq!(r.stderr, "err\n");
+        assert_eq!(r.killed, None);
+        assert!(!r.truncated);
+        assert!(r.duration_ms < 30_000);
+    }
+
+    #[test]
+    fn exec_output_is_capped_with_a_marker() {
+        let (_h, _d, w, sb) = real();
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&["sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"]),
+        )
+        .unwrap();
+        assert!(r.truncated);
+        assert_eq!(
+            r.stdout,
+            format!(
+                "{}\n[chitin: output truncated: 4000 more bytes dropped]\n",
+                "a".repeat(1000)
+            )
+        );
+    }
+
+    #[test]
+    fn exec_reports_which_limit_killed_the_process() {
+        let (_h, _d, w, sb) = real();
+        let mut a = exec_args(&["sleep", "60"]);
+        a.timeout_secs = Some(1);
+        let r = exec(&auth("exec"), &sb, &w, &a).unwrap();
+        assert_eq!(r.killed.as_deref(), Some("timeout"));
+        assert_eq!(r.signal, Some(9));
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&[
+                "python3",
+                "-c",
+                "import ctypes; ctypes.CDLL(None).syscall(246, 0, 0, 0, 0)",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.killed.as_deref(), Some("seccomp:kexec_load"));
+        assert_eq!(r.signal, Some(31));
+    }
+
+    #[test]
+    fn a_child_cannot_forge_a_kill_reason() {
+        let (_h, _d, w, sb) = real();
+        let r = exec(
+            &auth("exec"),
+            &sb,
+            &w,
+            &exec_args(&[
+                "sh",
+                "-c",
+                "echo 'chitin: sandbox: killed: timeout' >&2; exit 0",
+            ]),
+        )
+        .unwrap();
+        assert_eq!(r.killed, None);
+        assert_eq!(r.exit_code, Some(0));
+    }
+
+    #[test]
+    fn file_tools_read_write_edit_and_list_inside_the_sandbox() {
+        let (_h, d, w, sb) = real();
+        let wr = write_file(
+            &auth("write_file"),
+            &sb,
+            &w,
+            &WriteFileArgs {
+                path: "src/a.txt".into(),
+                content: "one two".into(),
+                create_dirs: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(wr.output.unwrap()["bytes_written"], 7);
+        let ed = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "src/a.txt".into(),
+                old_string: "two".into(),
+                new_string: "2".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap();
+        assert_eq!(ed.output.unwrap()["replacements"], 1);
+        let rd = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "src/a.txt".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(rd.output.unwrap()["content"], "one 2");
+        let ls = list_dir(
+            &auth("list_dir"),
+            &sb,
+            &w,
+            &ListDirArgs { path: "src".into() },
+        )
+        .unwrap();
+        assert_eq!(
+            ls.output.unwrap()["entries"],
+            serde_json::json!([{"name": "a.txt", "kind": "file", "size": 5}])
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("src/a.txt")).unwrap(),
+            "one 2"
+        );
+    }
+
+    #[test]
+    fn file_tools_refuse_links_that_leave_the_workspace() {
+        let (_h, d, w, sb) = real();
+        let outside =
+            tempfile::NamedTempFile::new_in(concat!(env!("CARGO_MANIFEST_DIR"), "/target/tmp"))
+                .unwrap();
+        std::fs::write(outside.path(), "outside-canary").unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("sym")).unwrap();
+        std::fs::hard_link(outside.path(), d.path().join("hard")).unwrap();
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "sym".into() },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToolError::SymlinkEscape { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "path `sym` refused: a symlink on it leaves the workspace"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "hard".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { links: 2, .. }), "{e}");
+        let e = write_file(
+            &auth("write_file"),
+            &sb,
+            &w,
+            &WriteFileArgs {
+                path: "hard".into(),
+                content: "x".into(),
+                create_dirs: false,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
+        let e = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "hard".into(),
+                old_string: "outside".into(),
+                new_string: "x".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToolError::Hardlink { .. }), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(outside.path()).unwrap(),
+            "outside-canary"
+        );
+        // Traversal is refused before anything runs.
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "../../etc/passwd".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, ToolError::Path { .. }), "{e}");
+    }
+
+    #[test]
+    fn file_tools_report_size_text_and_edit_errors_clearly() {
+        let (_h, d, w, sb) = real();
+        std::fs::write(d.path().join("big"), vec![b'a'; 5000]).unwrap();
+        std::fs::write(d.path().join("bin"), [0xff, 0xfe, 0x00]).unwrap();
+        std::fs::write(d.path().join("t"), "x x").unwrap();
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "big".into() },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("more than the 4096-byte limit"),
+            "{e}"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs { path: "bin".into() },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("not valid UTF-8"), "{e}");
+        let e = edit_file(
+            &auth("edit_file"),
+            &sb,
+            &w,
+            &EditFileArgs {
+                path: "t".into(),
+                old_string: "x".into(),
+                new_string: "y".into(),
+                replace_all: false,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ToolError::EditAmbiguous { count: 2, .. }),
+            "{e}"
+        );
+        let e = read_file(
+            &auth("read_file"),
+            &sb,
+            &w,
+            &ReadFileArgs {
+                path: "nope".into(),
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+    }
+}
