@@ -41,16 +41,28 @@ pub struct Authorized {
     resource: String,
     policies: Vec<String>,
     request_digest: [u8; 32],
+    /// SHA-256 of the canonical tool arguments this authorization covers (tool calls only).
+    args_digest: Option<[u8; 32]>,
 }
 
 impl Authorized {
-    fn new(req: &PolicyRequest, decision: &Decision) -> Self {
+    fn new(req: &PolicyRequest, decision: &Decision, args: Option<&Value>) -> Self {
         Self {
             principal: req.principal.to_string(),
             action: req.action_name(),
             resource: req.resource.to_string(),
             policies: decision.policies.clone(),
-            request_digest: request_digest(req),
+            request_digest: request_digest_with(req, args),
+            args_digest: args.map(args_digest),
+        }
+    }
+
+    /// Whether this authorization covers exactly these tool arguments. An authorization that
+    /// was not given for a tool call covers no arguments at all.
+    pub fn covers_args(&self, args: &Value) -> bool {
+        match self.args_digest {
+            Some(d) => d == args_digest(args),
+            None => cfg!(test) && self.policies == ["test"],
         }
     }
 
@@ -67,6 +79,7 @@ impl Authorized {
             resource: resource.into(),
             policies: vec!["test".into()],
             request_digest: [0; 32],
+            args_digest: None,
         }
     }
 
@@ -118,16 +131,31 @@ impl Verdict {
 /// SHA-256 over the canonical JSON (sorted keys) of principal, action, resource and the
 /// context without `approved`: the identity of "this exact request".
 pub fn request_digest(req: &PolicyRequest) -> [u8; 32] {
+    request_digest_with(req, None)
+}
+
+/// [`request_digest`] that also covers a tool call's full arguments, so an approval for one
+/// call (its argv, file content, network destinations, ...) never approves another.
+pub fn request_digest_with(req: &PolicyRequest, args: Option<&Value>) -> [u8; 32] {
     let mut ctx = req.context.clone();
     ctx.remove("approved");
-    let v = json!({
+    let mut v = json!({
         "principal": req.principal.to_string(),
         "action": req.action.to_string(),
         "resource": req.resource.to_string(),
         "context": Value::Object(ctx),
     });
+    if let (Some(a), Value::Object(m)) = (args, &mut v) {
+        m.insert("args".into(), a.clone());
+    }
     let mut s = String::new();
     canonical_json(&v, &mut s);
+    Sha256::digest(s.as_bytes()).into()
+}
+
+fn args_digest(args: &Value) -> [u8; 32] {
+    let mut s = String::new();
+    canonical_json(args, &mut s);
     Sha256::digest(s.as_bytes()).into()
 }
 
@@ -285,6 +313,13 @@ impl Gate {
         &self.audit
     }
 
+    /// Redacts one text with the gate's redactor (identity when none is installed).
+    pub fn redact(&self, text: &str) -> String {
+        self.redact
+            .as_ref()
+            .map_or_else(|| text.to_string(), |r| r(text))
+    }
+
     fn redacted(&self, v: &Value) -> Value {
         let Some(r) = &self.redact else {
             return v.clone();
@@ -363,6 +398,10 @@ impl Gate {
     /// Decides any request (admin actions, secret use, admission, ...) and records the
     /// decision. A malformed request is recorded as a refusal and returned as an error.
     pub fn check(&self, req: &PolicyRequest) -> Result<Verdict, GateError> {
+        self.check_bound(req, None)
+    }
+
+    fn check_bound(&self, req: &PolicyRequest, args: Option<&Value>) -> Result<Verdict, GateError> {
         let actor = req.principal.to_string();
         let action = req.action_name();
         let resource = req.resource.to_string();
@@ -388,7 +427,7 @@ impl Gate {
             "context": self.redacted(&Value::Object(req.context.clone())),
             "shadow": decision.shadow,
             "errors": decision.errors,
-            "request_digest": hex(&request_digest(req)),
+            "request_digest": hex(&request_digest_with(req, args)),
         });
         self.record(RecordInput::gate_decision(
             &actor,
@@ -421,10 +460,10 @@ impl Gate {
             )?;
         }
         Ok(match decision.decision {
-            Outcome::Allow => Verdict::Allowed(Authorized::new(req, &decision), decision),
+            Outcome::Allow => Verdict::Allowed(Authorized::new(req, &decision, args), decision),
             Outcome::Deny => Verdict::Denied(decision),
             Outcome::ApprovalRequired => Verdict::ApprovalRequired {
-                request_digest: request_digest(req),
+                request_digest: request_digest_with(req, args),
                 decision,
             },
         })
@@ -504,8 +543,20 @@ impl Gate {
         input: &ToolInput,
         approved: bool,
     ) -> Result<Verdict, GateError> {
+        self.check_tool_call(call, input, None, approved)
+    }
+
+    /// [`Self::check_tool`] for a call with arguments: the verdict (and an approval's binding)
+    /// covers exactly `args`, and the tools refuse the `Authorized` for any other arguments.
+    pub fn check_tool_call(
+        &self,
+        call: &CallContext,
+        input: &ToolInput,
+        args: Option<&Value>,
+        approved: bool,
+    ) -> Result<Verdict, GateError> {
         match self.tool_request(call, input, approved) {
-            Ok(req) => self.check(&req),
+            Ok(req) => self.check_bound(&req, args),
             Err(e) => {
                 let actor = format!("Chitin::User::{}", quote(&call.user));
                 let resource = format!("Chitin::Tool::{}", quote(input.tool()));

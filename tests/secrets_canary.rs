@@ -27,7 +27,7 @@ use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_S
 use chitin::clock::SystemClock;
 use chitin::config::secrets::{IdentityBackend, SecretsConfig};
 use chitin::secrets::identity::FixedPassphrase;
-use chitin::secrets::{FileSecretAudit, SecretName, SecretRef, SecretStore};
+use chitin::secrets::{SecretName, SecretRef, SecretStore};
 
 const PASS: &str = "canary passphrase";
 
@@ -199,7 +199,7 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
     .unwrap();
     assert_eq!(store.list().len(), CANARIES.len());
     let redactor = store.redactor();
-    let audit = FileSecretAudit::new(&home, Arc::new(SystemClock));
+    let audit = chitin_audit::AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap();
 
     // 2a. A tool that prints its environment, raw and encoded, output captured in chunks.
     let mut tool = Command::new("sh");

@@ -143,20 +143,21 @@ fn get_without_reveal_is_refused_and_a_reveal_is_audited_without_the_value() {
     failed_with(&o, "without --reveal");
     assert!(!stdout(&o).contains("value-to-reveal"));
     h.ok(&["secrets", "get", "K", "--reveal"], b"");
-    let trail = std::fs::read_to_string(h.file("secrets-audit.jsonl")).unwrap();
-    let reveal = trail
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .find(|v| v["event"] == "secret.reveal")
+    // The reveal is in the hash-chained audit log, with the name and who, never the value.
+    let reader = chitin_audit::AuditReader::open(&h.file("audit.db")).unwrap();
+    let recs = reader.query(&chitin_audit::Query::default()).unwrap();
+    let reveal = recs
+        .iter()
+        .find(|r| r.action == "secret.reveal")
         .expect("a reveal record");
-    assert_eq!(reveal["name"], "K");
-    assert!(reveal["who"].as_str().unwrap().starts_with("cli:uid="));
-    assert!(!trail.contains("value-to-reveal"));
-    let mode = std::fs::metadata(h.file("secrets-audit.jsonl"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
+    assert_eq!(reveal.kind.as_str(), "secret_use");
+    assert_eq!(reveal.resource, "Chitin::Secret::\"K\"");
+    assert!(reveal.actor.starts_with("cli:uid="));
+    assert!(recs.iter().any(|r| r.action == "secrets.set"));
+    let db = std::fs::read(h.file("audit.db")).unwrap();
+    assert!(!db.windows(15).any(|w| w == b"value-to-reveal"));
+    let o = h.run(&["audit", "verify"], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
 }
 
 #[test]
@@ -200,7 +201,13 @@ fn files_are_private_and_permissions_wider_than_0600_are_refused() {
     ] {
         std::fs::set_permissions(h.file(f), std::fs::Permissions::from_mode(mode)).unwrap();
         let o = h.run(&["secrets", "list"], b"");
-        failed_with(&o, &format!("has mode {mode:04o}"));
+        // Readable by others: the store's own check. Writable by others: the state-dir check,
+        // which stops every command first. Both name the file, its mode and the fix.
+        if mode & 0o022 == 0 {
+            failed_with(&o, &format!("has mode {mode:04o}"));
+        } else {
+            failed_with(&o, &format!("is a world-writable file (mode {mode:04o})"));
+        }
         failed_with(&o, &format!("chmod 600 {}", h.file(f).display()));
         std::fs::set_permissions(h.file(f), std::fs::Permissions::from_mode(0o600)).unwrap();
     }

@@ -71,6 +71,19 @@ impl Globals {
     }
 }
 
+/// Opens the audit log the way every command and the gateway do (the state dir is created
+/// 0700 if missing).
+pub fn open_audit(
+    globals: &Globals,
+) -> Result<std::sync::Arc<chitin_audit::AuditLog>, Box<dyn std::error::Error + Send + Sync>> {
+    let config = globals.load_config()?;
+    crate::state::Home::create(&globals.home)?;
+    Ok(std::sync::Arc::new(chitin_audit::AuditLog::open(
+        &globals.home,
+        config.audit.options(),
+    )?))
+}
+
 /// `CHITIN_HOME`, or `~/.chitin`.
 pub fn state_home() -> PathBuf {
     if let Some(h) = std::env::var_os("CHITIN_HOME").filter(|h| !h.is_empty()) {

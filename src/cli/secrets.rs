@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use super::{CmdResult, Globals};
 use crate::clock::{SystemClock, rfc3339};
 use crate::secrets::identity::EnvOrPrompt;
-use crate::secrets::{FileSecretAudit, SecretAudit, SecretName, SecretStore, SecretValue};
+use crate::secrets::{SecretAudit, SecretName, SecretStore, SecretValue};
 
 #[derive(Debug, Subcommand)]
 pub enum SecretsCmd {
@@ -77,7 +77,8 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
     }
     let cfg = globals.load_config()?.secrets;
     let home = &globals.home;
-    let audit = FileSecretAudit::new(home, Arc::new(SystemClock));
+    let audit = super::open_audit(globals)?;
+    let audit: &dyn SecretAudit = &*audit;
     let open = || SecretStore::open(home, &cfg);
     let mut err = std::io::stderr().lock();
     match cmd {
@@ -157,7 +158,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
                 .into());
             }
             let store = open()?;
-            let value = store.reveal(&name, &who(), &audit)?;
+            let value = store.reveal(&name, &who(), audit)?;
             let mut out = std::io::stdout().lock();
             out.write_all(value.expose())?;
             out.write_all(b"\n")?;

@@ -1,18 +1,10 @@
 //! The audit hook for secret use. Every release and reveal is recorded through
 //! [`SecretAudit`] *before* the value is handed out; if recording fails, nothing is released.
 //!
-//! The gateway implements this trait with the hash-chained audit log. Until that is wired,
-//! the CLI uses [`FileSecretAudit`], an append-only JSON-lines file in the state directory.
-
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use crate::clock::Clock;
+//! The hash-chained audit log ([`chitin_audit::AuditLog`]) implements it; tests may use their
+//! own implementations (e.g. one that fails, to show nothing is released).
 
 use super::SecretName;
-use super::fsutil;
 
 /// Records secret use. Implementations must be durable before returning `Ok` and must never
 /// receive a value: only names, audiences, hosts and who asked.
@@ -35,53 +27,9 @@ pub trait SecretAudit {
     fn record_change(&self, op: &str, name: Option<&SecretName>, who: &str) -> Result<(), String>;
 }
 
-/// An append-only JSON-lines audit file (`$CHITIN_HOME/secrets-audit.jsonl`, mode 0600),
-/// fsynced after each record. Interim until the hash-chained audit log is wired in.
-pub struct FileSecretAudit {
-    path: PathBuf,
-    clock: Arc<dyn Clock>,
-}
-
-/// The file name of the interim audit trail.
-pub const AUDIT_FILE: &str = "secrets-audit.jsonl";
-
-impl FileSecretAudit {
-    pub fn new(home: &Path, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            path: home.join(AUDIT_FILE),
-            clock,
-        }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn append(&self, record: serde_json::Value) -> Result<(), String> {
-        let mut line = record.to_string();
-        line.push('\n');
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(|e| format!("cannot open {}: {e}", self.path.display()))?;
-        let meta = f
-            .metadata()
-            .map_err(|e| format!("cannot stat {}: {e}", self.path.display()))?;
-        fsutil::check_private(&self.path, &meta).map_err(|e| e.to_string())?;
-        f.write_all(line.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
-    }
-
-    fn ts(&self) -> String {
-        crate::clock::rfc3339(self.clock.now_ms())
-    }
-}
-
-impl SecretAudit for FileSecretAudit {
+/// Secret events go to the hash-chained audit log: releases and reveals as `secret_use`
+/// records, store changes as `admin` records. Names, audiences, hosts and actors only.
+impl SecretAudit for chitin_audit::AuditLog {
     fn record_release(
         &self,
         name: &SecretName,
@@ -89,22 +37,38 @@ impl SecretAudit for FileSecretAudit {
         who: &str,
         host: &str,
     ) -> Result<(), String> {
-        self.append(serde_json::json!({
-            "ts": self.ts(), "event": "secret.release", "name": name.as_str(),
-            "audience": audience, "who": who, "host": host,
-        }))
+        let input = chitin_audit::RecordInput::new(
+            chitin_audit::Kind::SecretUse,
+            who,
+            "secret.use",
+            format!("Chitin::Secret::{:?}", name.as_str()),
+        )
+        .with_payload(serde_json::json!({"event": "release", "audience": audience, "host": host}));
+        self.append(input).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn record_reveal(&self, name: &SecretName, who: &str) -> Result<(), String> {
-        self.append(serde_json::json!({
-            "ts": self.ts(), "event": "secret.reveal", "name": name.as_str(), "who": who,
-        }))
+        let input = chitin_audit::RecordInput::new(
+            chitin_audit::Kind::SecretUse,
+            who,
+            "secret.reveal",
+            format!("Chitin::Secret::{:?}", name.as_str()),
+        )
+        .with_payload(serde_json::json!({"event": "reveal"}));
+        self.append(input).map(|_| ()).map_err(|e| e.to_string())
     }
 
     fn record_change(&self, op: &str, name: Option<&SecretName>, who: &str) -> Result<(), String> {
-        self.append(serde_json::json!({
-            "ts": self.ts(), "event": format!("secret.{op}"),
-            "name": name.map(SecretName::as_str), "who": who,
-        }))
+        let resource = name.map_or_else(
+            || "secrets".to_string(),
+            |n| format!("Chitin::Secret::{:?}", n.as_str()),
+        );
+        let input = chitin_audit::RecordInput::admin(
+            who,
+            format!("secrets.{op}"),
+            resource,
+            serde_json::json!({"event": op}),
+        );
+        self.append(input).map(|_| ()).map_err(|e| e.to_string())
     }
 }

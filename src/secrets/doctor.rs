@@ -7,7 +7,6 @@ use std::path::Path;
 
 use crate::config::secrets::{IdentityBackend, SecretsConfig};
 
-use super::audit::AUDIT_FILE;
 use super::{IDENTITY_ENCRYPTED_FILE, IDENTITY_PLAINTEXT_FILE, STORE_FILE, fsutil};
 
 /// How bad a finding is.
@@ -51,12 +50,7 @@ pub fn findings(home: &Path, cfg: &SecretsConfig) -> Vec<Finding> {
         });
     }
     let uid = fsutil::effective_uid().ok();
-    for name in [
-        STORE_FILE,
-        IDENTITY_ENCRYPTED_FILE,
-        IDENTITY_PLAINTEXT_FILE,
-        AUDIT_FILE,
-    ] {
+    for name in [STORE_FILE, IDENTITY_ENCRYPTED_FILE, IDENTITY_PLAINTEXT_FILE] {
         let path = home.join(name);
         let Ok(meta) = std::fs::symlink_metadata(&path) else {
             continue;

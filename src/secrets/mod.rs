@@ -24,7 +24,7 @@ pub mod value;
 
 use std::path::{Path, PathBuf};
 
-pub use audit::{FileSecretAudit, SecretAudit};
+pub use audit::SecretAudit;
 pub use identity::{PassphraseSource, Protection};
 pub use redact::{Redactor, StreamRedactor};
 pub use reference::{CredentialField, SecretRef};

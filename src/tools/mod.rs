@@ -10,6 +10,7 @@
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
 pub mod helper;
+pub mod invoke;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -57,6 +58,10 @@ pub enum ToolError {
     },
     #[error("the authorization is for `{got}`, not for `{want}`")]
     WrongAction { want: &'static str, got: String },
+    #[error(
+        "the authorization does not cover these `{tool}` arguments; ask the gate for this exact call"
+    )]
+    ArgsNotAuthorized { tool: &'static str },
 }
 
 // ---- strict argument types (what the model sends) --------------------------------------------
@@ -76,6 +81,11 @@ pub struct ExecArgs {
     /// A shorter timeout than the configured one (never longer).
     #[serde(default)]
     pub timeout_secs: Option<u64>,
+    /// Network destinations the command needs, as `HOST:PORT` (none by default). Asking for
+    /// any makes the call a network exec in policy (`context.network`), which by default needs
+    /// approval; only these destinations are reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -578,15 +588,19 @@ impl Sandbox {
     }
 }
 
-fn require(auth: &Authorized, want: &'static str) -> Result<(), ToolError> {
-    if auth.action() == want {
-        Ok(())
-    } else {
-        Err(ToolError::WrongAction {
+/// An `Authorized` is for one action and one exact set of arguments: anything else is refused.
+fn require<A: Serialize>(auth: &Authorized, want: &'static str, args: &A) -> Result<(), ToolError> {
+    if auth.action() != want {
+        return Err(ToolError::WrongAction {
             want,
             got: auth.action().to_string(),
-        })
+        });
     }
+    let value = serde_json::to_value(args).map_err(|e| ToolError::InvalidArgs(e.to_string()))?;
+    if !auth.covers_args(&value) {
+        return Err(ToolError::ArgsNotAuthorized { tool: want });
+    }
+    Ok(())
 }
 
 fn result_from(report: &LaunchReport, output: Option<serde_json::Value>) -> ToolResult {
@@ -609,7 +623,7 @@ pub fn exec(
     ws: &Workspace,
     args: &ExecArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "exec")?;
+    require(auth, "exec", args)?;
     if args.argv.is_empty() || args.argv.first().is_some_and(String::is_empty) {
         return Err(ToolError::InvalidArgs("argv must name a program".into()));
     }
@@ -641,7 +655,7 @@ pub fn read_file(
     ws: &Workspace,
     args: &ReadFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "read_file")?;
+    require(auth, "read_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
         ws,
@@ -660,7 +674,7 @@ pub fn write_file(
     ws: &Workspace,
     args: &WriteFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "write_file")?;
+    require(auth, "write_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
         ws,
@@ -680,7 +694,7 @@ pub fn edit_file(
     ws: &Workspace,
     args: &EditFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "edit_file")?;
+    require(auth, "edit_file", args)?;
     if args.old_string.is_empty() {
         return Err(ToolError::InvalidArgs(
             "old_string must not be empty".into(),
@@ -707,7 +721,7 @@ pub fn list_dir(
     ws: &Workspace,
     args: &ListDirArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "list_dir")?;
+    require(auth, "list_dir", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
@@ -845,6 +859,7 @@ mod tests {
                 cwd: None,
                 stdin: None,
                 timeout_secs: None,
+                network: Vec::new(),
             },
         )
         .unwrap_err();
@@ -870,6 +885,7 @@ mod tests {
             cwd: None,
             stdin: None,
             timeout_secs: None,
+            network: Vec::new(),
         };
         let e = exec(&auth, &sb, &w, &args).unwrap_err();
         assert!(matches!(e, ToolError::Launcher { .. }), "{e}");
@@ -950,6 +966,7 @@ mod tests {
             cwd: None,
             stdin: None,
             timeout_secs: None,
+            network: Vec::new(),
         }
     }
 

@@ -1,0 +1,270 @@
+//! The tool path: a tool call (name + JSON arguments, as a model or an API caller sends it)
+//! through strict parsing, the gate, the sandbox and the audit log.
+//!
+//! Invariants:
+//! - Unknown tools and arguments that do not parse strictly (unknown fields such as an
+//!   injected `"approved": true`, wrong types) never reach the gate's allow path: they are
+//!   recorded as refusals and returned as errors.
+//! - The gate sees, and the `Authorized` covers, the normalized parsed arguments; the tool runs
+//!   exactly those (the tools re-check the binding).
+//! - Every run is recorded (argv, limits, exit, which limit killed it) after it ends; output is
+//!   redacted (with the gate's redactor) before anyone sees it or it is recorded.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{
+    EditFileArgs, ExecArgs, ListDirArgs, ReadFileArgs, Sandbox, ToolError, ToolResult, Workspace,
+    WriteFileArgs,
+};
+use crate::gate::{Authorized, CallContext, Gate, GateError, ToolInput, Verdict};
+use crate::policy::Decision;
+use chitin_audit::{GateDecision, RecordInput, ToolRun};
+
+/// The tools that exist (and are offered to models).
+pub const TOOLS: &[&str] = &["exec", "read_file", "write_file", "edit_file", "list_dir"];
+
+/// Errors of a tool call. Each one means nothing ran.
+#[derive(Debug, thiserror::Error)]
+pub enum InvokeError {
+    #[error(
+        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir"
+    )]
+    UnknownTool(String),
+    #[error("invalid arguments for `{tool}`: {message}")]
+    InvalidArgs { tool: String, message: String },
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("audit log unavailable: {0}")]
+    Audit(String),
+}
+
+/// What happened to a tool call.
+#[derive(Debug)]
+pub enum Invoked {
+    /// Allowed and run (the result may still be a failing command).
+    Ran {
+        result: ToolResult,
+        decision: Decision,
+    },
+    /// Denied by policy.
+    Denied(Decision),
+    /// Needs an approval bound to `request_digest` before it can run.
+    ApprovalRequired {
+        decision: Decision,
+        request_digest: [u8; 32],
+    },
+}
+
+/// A parsed tool call.
+enum Parsed {
+    Exec(ExecArgs),
+    Read(ReadFileArgs),
+    Write(WriteFileArgs),
+    Edit(EditFileArgs),
+    List(ListDirArgs),
+}
+
+fn parse<T: serde::de::DeserializeOwned>(tool: &str, args: &Value) -> Result<T, InvokeError> {
+    super::parse_args(args).map_err(|e| InvokeError::InvalidArgs {
+        tool: tool.into(),
+        message: match e {
+            ToolError::InvalidArgs(m) => m,
+            other => other.to_string(),
+        },
+    })
+}
+
+fn normalized<T: Serialize>(args: &T) -> Result<Value, InvokeError> {
+    serde_json::to_value(args).map_err(|e| InvokeError::InvalidArgs {
+        tool: String::new(),
+        message: e.to_string(),
+    })
+}
+
+/// Runs one tool call for `call.user`. `approved` is true only when redeeming an approval that
+/// was granted for exactly this call (its `request_digest`).
+pub fn invoke(
+    gate: &Gate,
+    sandbox: &Sandbox,
+    call: &CallContext,
+    tool: &str,
+    args: &Value,
+    approved: bool,
+) -> Result<Invoked, InvokeError> {
+    let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
+    let parsed = match tool {
+        "exec" => parse(tool, args).map(Parsed::Exec),
+        "read_file" => parse(tool, args).map(Parsed::Read),
+        "write_file" => parse(tool, args).map(Parsed::Write),
+        "edit_file" => parse(tool, args).map(Parsed::Edit),
+        "list_dir" => parse(tool, args).map(Parsed::List),
+        other => Err(InvokeError::UnknownTool(other.to_string())),
+    };
+    let parsed = match parsed {
+        Ok(p) => p,
+        Err(e) => {
+            refuse(gate, &actor, tool, &e, args)?;
+            return Err(e);
+        }
+    };
+    let (input, norm) = match &parsed {
+        Parsed::Exec(a) => (
+            ToolInput::Exec {
+                argv: a.argv.clone(),
+                cwd: a.cwd.clone(),
+                network: !a.network.is_empty(),
+            },
+            normalized(a)?,
+        ),
+        Parsed::Read(a) => (
+            ToolInput::ReadFile {
+                path: a.path.clone(),
+            },
+            normalized(a)?,
+        ),
+        Parsed::Write(a) => (
+            ToolInput::WriteFile {
+                path: a.path.clone(),
+            },
+            normalized(a)?,
+        ),
+        Parsed::Edit(a) => (
+            ToolInput::EditFile {
+                path: a.path.clone(),
+            },
+            normalized(a)?,
+        ),
+        Parsed::List(a) => (
+            ToolInput::ListDir {
+                path: a.path.clone(),
+            },
+            normalized(a)?,
+        ),
+    };
+    // Network destinations must parse before anything is decided.
+    let mut sb = sandbox.clone();
+    if let Parsed::Exec(a) = &parsed {
+        sb.net = Vec::new();
+        for d in &a.network {
+            match d.parse() {
+                Ok(dest) => sb.net.push(dest),
+                Err(e) => {
+                    let err = InvokeError::InvalidArgs {
+                        tool: tool.into(),
+                        message: format!("{e}"),
+                    };
+                    refuse(gate, &actor, tool, &err, args)?;
+                    return Err(err);
+                }
+            }
+        }
+    }
+    let verdict = gate.check_tool_call(call, &input, Some(&norm), approved)?;
+    let (auth, decision) = match verdict {
+        Verdict::Allowed(auth, decision) => (auth, decision),
+        Verdict::Denied(d) => return Ok(Invoked::Denied(d)),
+        Verdict::ApprovalRequired {
+            decision,
+            request_digest,
+        } => {
+            return Ok(Invoked::ApprovalRequired {
+                decision,
+                request_digest,
+            });
+        }
+    };
+    let ws = Workspace::new(&call.workspace)?;
+    let started = std::time::Instant::now();
+    let run = run_parsed(&auth, &sb, &ws, &parsed);
+    let argv = match &parsed {
+        Parsed::Exec(a) => a.argv.clone(),
+        _ => vec![tool.to_string(), path_of(&parsed).to_string()],
+    };
+    let redact_str = |s: &str| gate.redact(s);
+    let limits = json!({
+        "timeout_secs": sb.config_section.timeout_secs,
+        "memory_mb": sb.config_section.memory_mb,
+        "max_procs": sb.config_section.max_procs,
+        "cpu_secs": sb.config_section.cpu_secs,
+        "network": sb.net.iter().map(|d| format!("{}:{}", d.host, d.port)).collect::<Vec<_>>(),
+    });
+    let record = match &run {
+        Ok(r) => ToolRun {
+            argv: argv.iter().map(|a| redact_str(a)).collect(),
+            limits,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            killed_by: r.killed.clone(),
+            duration_ms: r.duration_ms,
+        },
+        Err(_) => ToolRun {
+            argv: argv.iter().map(|a| redact_str(a)).collect(),
+            limits,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            ..ToolRun::default()
+        },
+    };
+    let mut input = RecordInput::tool_run(&actor, tool, &record);
+    if let Err(e) = &run {
+        input = input.with_outcome(format!("error: {}", redact_str(&e.to_string())));
+    }
+    gate.audit()
+        .append(input)
+        .map_err(|e| InvokeError::Audit(e.to_string()))?;
+    let mut result = run?;
+    result.redact_with(|s| gate.redact(s));
+    Ok(Invoked::Ran { result, decision })
+}
+
+fn run_parsed(
+    auth: &Authorized,
+    sb: &Sandbox,
+    ws: &Workspace,
+    parsed: &Parsed,
+) -> Result<ToolResult, ToolError> {
+    match parsed {
+        Parsed::Exec(a) => super::exec(auth, sb, ws, a),
+        Parsed::Read(a) => super::read_file(auth, sb, ws, a),
+        Parsed::Write(a) => super::write_file(auth, sb, ws, a),
+        Parsed::Edit(a) => super::edit_file(auth, sb, ws, a),
+        Parsed::List(a) => super::list_dir(auth, sb, ws, a),
+    }
+}
+
+fn path_of(parsed: &Parsed) -> &str {
+    match parsed {
+        Parsed::Exec(_) => "",
+        Parsed::Read(a) => &a.path,
+        Parsed::Write(a) => &a.path,
+        Parsed::Edit(a) => &a.path,
+        Parsed::List(a) => &a.path,
+    }
+}
+
+/// Records a call that never reached a decision (unknown tool, bad arguments) as a refusal.
+fn refuse(
+    gate: &Gate,
+    actor: &str,
+    tool: &str,
+    err: &InvokeError,
+    args: &Value,
+) -> Result<(), InvokeError> {
+    let r = |s: &str| gate.redact(s);
+    let resource = format!("Chitin::Tool::{}", Value::String(tool.to_string()));
+    let input = RecordInput::gate_decision(
+        actor,
+        tool,
+        resource,
+        GateDecision::Deny,
+        Vec::new(),
+        json!({"args": r(&args.to_string())}),
+    )
+    .with_outcome(format!("refused: {}", r(&err.to_string())));
+    gate.audit()
+        .append(input)
+        .map(|_| ())
+        .map_err(|e| InvokeError::Audit(e.to_string()))
+}
