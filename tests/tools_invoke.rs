@@ -336,7 +336,7 @@ fn an_authorization_for_one_call_cannot_be_reused_for_other_arguments() {
         matches!(err, ToolError::ArgsNotAuthorized { tool: "read_file" }),
         "{err}"
     );
-    // An authorization for something else entirely (an admin action) runs no tool either.
+    // The call it was given for still runs.
     assert!(
         read_file(&auth, &e.sandbox, &ws, &a).is_ok(),
         "the authorized call itself runs"
