@@ -1,6 +1,7 @@
 //! The `chitin` command line. Each command group lives in its own file.
 
 mod audit;
+mod doctor;
 mod init;
 mod policy;
 mod sandbox;
@@ -35,6 +36,14 @@ struct Cli {
 enum Command {
     /// Create the state directory, a documented config, default policies and the store.
     Init,
+    /// Check the installation: state permissions, config, policies, sandbox, secrets, audit.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Security review of the installation (the same checks as doctor).
+    #[command(subcommand)]
+    Security(SecurityCmd),
     /// Validate, evaluate and test Cedar policies.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -47,6 +56,15 @@ enum Command {
     /// Manage the encrypted secret store.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecurityCmd {
+    /// Run every security check; exit 1 on a critical finding.
+    Audit {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// What every command knows: where the state lives and which config file to read.
@@ -105,6 +123,9 @@ pub fn main() -> ExitCode {
     let globals = Globals::resolve(cli.config);
     let result = match cli.command {
         Command::Init => init::run(&globals),
+        Command::Doctor { json } | Command::Security(SecurityCmd::Audit { json }) => {
+            doctor::run(&globals, json)
+        }
         Command::Policy(cmd) => policy::run(cmd, &globals),
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),

@@ -1,0 +1,162 @@
+//! `chitin doctor` / `chitin security audit` find what is wrong with an installation.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn chitin(home: &Path, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(args)
+        .env("CHITIN_HOME", home)
+        .env_remove("CHITIN_PASSPHRASE")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn findings(home: &Path) -> (Option<i32>, Vec<Value>) {
+    let o = chitin(home, &["security", "audit", "--json"], "");
+    let v: Value = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&o.stdout)));
+    (o.status.code(), v.as_array().unwrap().clone())
+}
+
+fn ids(f: &[Value]) -> Vec<String> {
+    f.iter()
+        .map(|x| {
+            format!(
+                "{}:{}",
+                x["severity"].as_str().unwrap(),
+                x["id"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    assert!(chitin(&home, &["init"], "").status.success());
+    (t, home)
+}
+
+#[test]
+fn a_fresh_install_has_no_findings() {
+    let (_t, home) = fresh();
+    let o = chitin(&home, &["doctor"], "");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "ok: no findings");
+}
+
+#[test]
+fn a_plaintext_identity_is_flagged() {
+    let (_t, home) = fresh();
+    let cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    let cfg = cfg
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("backend = ") => "backend = \"file\"".to_string(),
+            l if l.starts_with("allow_plaintext_identity = ") => {
+                "allow_plaintext_identity = true".to_string()
+            }
+            l => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(home.join("chitin.toml"), cfg).unwrap();
+    assert!(
+        chitin(&home, &["secrets", "set", "K"], "doctor-canary-value-1")
+            .status
+            .success()
+    );
+    let (code, f) = findings(&home);
+    assert_eq!(code, Some(0), "a warning is not critical");
+    assert_eq!(ids(&f), vec!["warn:secrets.identity_plaintext"]);
+}
+
+#[test]
+fn an_invalid_policy_file_is_critical() {
+    let (_t, home) = fresh();
+    std::fs::write(
+        home.join("policies/broken.cedar"),
+        "permit (principal, action, resource);\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        home.join("policies/broken.cedar"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let (code, f) = findings(&home);
+    assert_eq!(code, Some(1));
+    assert_eq!(ids(&f), vec!["critical:policy.invalid"]);
+    assert!(
+        f[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("broken.cedar:1:1"),
+        "{}",
+        f[0]["message"]
+    );
+}
+
+#[test]
+fn a_tampered_audit_log_is_critical() {
+    let (_t, home) = fresh();
+    for i in 0..3 {
+        let args = [
+            "audit",
+            "append",
+            "--kind",
+            "admin",
+            "--actor",
+            "op",
+            "--action",
+            "x",
+            "--resource",
+            &format!("r{i}"),
+        ];
+        assert!(chitin(&home, &args, "").status.success());
+    }
+    assert!(chitin(&home, &["audit", "checkpoint"], "").status.success());
+    let c = rusqlite::Connection::open(home.join("audit.db")).unwrap();
+    // Triggers keep the table append-only; an attacker with the file drops them first.
+    let triggers: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for t in triggers {
+        c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+    }
+    c.execute("UPDATE records SET resource = 'forged' WHERE seq = 2", [])
+        .unwrap();
+    drop(c);
+    let (code, f) = findings(&home);
+    assert_eq!(code, Some(1));
+    assert_eq!(ids(&f), vec!["critical:audit.tampered"]);
+}
