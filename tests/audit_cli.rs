@@ -15,14 +15,33 @@ struct Home {
 }
 
 fn home() -> Home {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("state");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&home)
+        .unwrap();
+    // The audit signing key lives in the secret store: unlock it with a passphrase (cheap
+    // scrypt for tests) so every command opens the log the way the gateway does.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(home.join("chitin.toml"))
+        .unwrap();
+    std::io::Write::write_all(
+        &mut f,
+        b"[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n",
+    )
+    .unwrap();
     Home { _dir: dir, home }
 }
 
 fn chitin(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_chitin"))
         .env("CHITIN_HOME", home)
+        .env("CHITIN_PASSPHRASE", "audit-cli-test-passphrase")
         .env("USER", "tester")
         .args(args)
         .output()

@@ -16,7 +16,7 @@ fn chitin(home: &Path, args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
         .args(args)
         .env("CHITIN_HOME", home)
-        .env_remove("CHITIN_PASSPHRASE")
+        .env("CHITIN_PASSPHRASE", "doctor-test-passphrase")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -54,6 +54,16 @@ fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
     assert!(chitin(&home, &["init"], "").status.success());
+    let cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    let cfg: Vec<String> = cfg
+        .lines()
+        .map(|l| match l {
+            l if l.starts_with("scrypt_work_factor = ") => "scrypt_work_factor = 16".to_string(),
+            l if l.starts_with("backend = ") => "backend = \"passphrase\"".to_string(),
+            l => l.to_string(),
+        })
+        .collect();
+    std::fs::write(home.join("chitin.toml"), cfg.join("\n")).unwrap();
     (t, home)
 }
 

@@ -190,16 +190,22 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         max_scrypt_work_factor: 12,
         ..SecretsConfig::default()
     };
-    let store = SecretStore::open_with(
+    let mut store = SecretStore::open_with(
         &home,
         &cfg,
         Box::new(FixedPassphrase(SecretString::from(PASS.to_string()))),
         Arc::new(SystemClock),
     )
     .unwrap();
-    assert_eq!(store.list().len(), CANARIES.len());
+    // The canaries and the audit log's signing key.
+    assert_eq!(store.list().len(), CANARIES.len() + 1);
     let redactor = store.redactor();
-    let audit = chitin_audit::AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap();
+    let signer = chitin::secrets::audit_key::signer(&mut store, &home).unwrap();
+    let options = chitin_audit::AuditOptions {
+        signer: Some(Arc::new(signer)),
+        ..Default::default()
+    };
+    let audit = chitin_audit::AuditLog::open(&home, options).unwrap();
 
     // 2a. A tool that prints its environment, raw and encoded, output captured in chunks.
     let mut tool = Command::new("sh");

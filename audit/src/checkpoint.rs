@@ -169,6 +169,39 @@ pub struct KeySigner {
     key: SigningKey,
 }
 
+/// A fresh random Ed25519 seed (for a signer whose key is kept elsewhere, e.g. a secret store).
+pub fn new_seed() -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    let mut seed = Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut seed[..])
+        .map_err(|e| AuditError::Internal(format!("no OS randomness for a new key: {e}")))?;
+    Ok(seed)
+}
+
+/// Reads the seed of a key file written by [`KeySigner::load_or_create`] (to migrate it
+/// somewhere safer). Refuses a file readable by group or others.
+pub fn read_key_file_seed(path: &Path) -> Result<Zeroizing<[u8; 32]>, AuditError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| AuditError::Io {
+        what: format!("read key file {}", path.display()),
+        source: e,
+    })?);
+    fsutil::check_private(path)?;
+    let bad = |reason: &str| AuditError::KeyFile {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    };
+    let hex = text
+        .trim()
+        .strip_prefix(KEY_PREFIX)
+        .ok_or_else(|| bad("does not start with the key prefix"))?;
+    let bytes = Zeroizing::new(from_hex(hex).unwrap_or_default());
+    let mut seed = Zeroizing::new([0u8; 32]);
+    if bytes.len() != 32 {
+        return Err(bad("expected 64 hex digits after the prefix"));
+    }
+    seed.copy_from_slice(&bytes);
+    Ok(seed)
+}
+
 impl KeySigner {
     /// From a 32-byte seed.
     pub fn from_seed(seed: &[u8; 32]) -> Self {

@@ -143,9 +143,9 @@ fn operator() -> String {
     }
 }
 
-fn open_log(globals: &Globals) -> Result<AuditLog, BoxError> {
-    let config = globals.load_config()?;
-    Ok(AuditLog::open(&globals.home, config.audit.options())?)
+/// The log as the gateway opens it (signing key from the secret store).
+fn open_log(globals: &Globals) -> Result<std::sync::Arc<AuditLog>, BoxError> {
+    super::open_audit(globals)
 }
 
 fn parse_time(flag: &str, value: Option<String>) -> Result<Option<i64>, BoxError> {

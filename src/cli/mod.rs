@@ -89,16 +89,31 @@ impl Globals {
     }
 }
 
-/// Opens the audit log the way every command and the gateway do (the state dir is created
-/// 0700 if missing).
-pub fn open_audit(
-    globals: &Globals,
-) -> Result<std::sync::Arc<chitin_audit::AuditLog>, Box<dyn std::error::Error + Send + Sync>> {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens the audit log the way every command and the gateway do: the state dir is created
+/// 0700 if missing, and the checkpoint-signing key comes from the secret store (unlocking it
+/// needs `CHITIN_PASSPHRASE`, a prompt or the keyring cache).
+pub fn open_audit(globals: &Globals) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
     let config = globals.load_config()?;
     crate::state::Home::create(&globals.home)?;
+    let mut store = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+    open_audit_with(globals, &config, &mut store)
+}
+
+/// [`open_audit`] with a secret store the caller already unlocked.
+pub fn open_audit_with(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
+    crate::state::Home::create(&globals.home)?;
+    let signer = crate::secrets::audit_key::signer(store, &globals.home)?;
+    let mut options = config.audit.options();
+    options.signer = Some(std::sync::Arc::new(signer));
     Ok(std::sync::Arc::new(chitin_audit::AuditLog::open(
         &globals.home,
-        config.audit.options(),
+        options,
     )?))
 }
 

@@ -77,15 +77,28 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
     }
     let cfg = globals.load_config()?.secrets;
     let home = &globals.home;
-    let audit = super::open_audit(globals)?;
-    let audit: &dyn SecretAudit = &*audit;
+    let config = globals.load_config()?;
+    // Like every command that touches the state dir: refuse group/world-writable state.
+    crate::state::Home::open_if_exists(home)?;
     let open = || SecretStore::open(home, &cfg);
+    // The audit log's signing key lives in this store, so the log is opened with the store the
+    // command already unlocked, and only by commands that record something.
+    let audit_with = |store: &mut SecretStore| super::open_audit_with(globals, &config, store);
+    let reserved = |name: &SecretName| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if crate::secrets::audit_key::is_reserved(name) {
+            return Err(format!("`{name}` is reserved for Chitin (names starting with `chitin.`); choose another name").into());
+        }
+        Ok(())
+    };
     let mut err = std::io::stderr().lock();
     match cmd {
         SecretsCmd::Set { name, audience } => {
             let name = parse_name(&name)?;
+            reserved(&name)?;
             let mut store = open()?;
             let value = read_value(&name)?;
+            store.check_set(&name, &value, &audience)?;
+            let audit = audit_with(&mut store)?;
             audit
                 .record_change("set", Some(&name), &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
@@ -157,8 +170,9 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
                 )
                 .into());
             }
-            let store = open()?;
-            let value = store.reveal(&name, &who(), audit)?;
+            let mut store = open()?;
+            let audit = audit_with(&mut store)?;
+            let value = store.reveal(&name, &who(), &*audit)?;
             let mut out = std::io::stdout().lock();
             out.write_all(value.expose())?;
             out.write_all(b"\n")?;
@@ -166,10 +180,12 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
         }
         SecretsCmd::Rm { name } => {
             let name = parse_name(&name)?;
+            reserved(&name)?;
             let mut store = open()?;
             if !store.contains(&name) {
                 return Err(crate::secrets::SecretsError::NotFound(name.to_string()).into());
             }
+            let audit = audit_with(&mut store)?;
             audit
                 .record_change("rm", Some(&name), &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
@@ -178,6 +194,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
         }
         SecretsCmd::RotateKey => {
             let mut store = open()?;
+            let audit = audit_with(&mut store)?;
             audit
                 .record_change("rotate-key", None, &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
@@ -201,16 +218,20 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             std::io::stdin()
                 .read_to_string(&mut text)
                 .map_err(|e| format!("cannot read the identity from stdin: {e}"))?;
-            audit
-                .record_change("import-identity", None, &who())
-                .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
-            let store = SecretStore::import_identity(
+            // The audit key is inside the store this identity unlocks, so the record follows
+            // the import.
+            let mut store = SecretStore::import_identity(
                 home,
                 &cfg,
                 &text,
                 Box::new(EnvOrPrompt),
                 Arc::new(SystemClock),
             )?;
+            audit_with(&mut store)?
+                .record_change("import-identity", None, &who())
+                .map_err(|e| {
+                    format!("identity imported, but the audit record could not be written: {e}")
+                })?;
             writeln!(
                 err,
                 "chitin: identity imported ({} secrets readable)",
@@ -219,7 +240,8 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             writeln!(err, "chitin: identity protected by: {}", store.protection())?;
         }
         SecretsCmd::ExportIdentity => {
-            let store = open()?;
+            let mut store = open()?;
+            let audit = audit_with(&mut store)?;
             audit
                 .record_change("export-identity", None, &who())
                 .map_err(|e| {

@@ -13,6 +13,7 @@
 //!   atomic.
 
 pub mod audit;
+pub mod audit_key;
 pub mod doctor;
 pub mod format;
 pub mod fsutil;

@@ -238,9 +238,32 @@ impl SecretStore {
             .collect()
     }
 
+    /// A value for Chitin's own use inside the process (the audit signing key). Never handed
+    /// to tools, providers or the model: those go through [`Self::release`] and the gate.
+    pub(crate) fn internal_value(&self, name: &SecretName) -> Option<&SecretValue> {
+        self.entries.get(name).map(|e| &e.value)
+    }
+
     /// Whether a secret exists.
     pub fn contains(&self, name: &SecretName) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// Checks what [`Self::set`] would refuse (value length, audience) without writing
+    /// anything, so a caller can refuse before it records or changes anything else.
+    pub fn check_set(
+        &self,
+        name: &SecretName,
+        value: &SecretValue,
+        audience: &[String],
+    ) -> Result<(), SecretsError> {
+        value
+            .check_len()
+            .map_err(|reason| SecretsError::InvalidValue {
+                name: name.to_string(),
+                reason,
+            })?;
+        normalize_audience(audience).map(|_| ())
     }
 
     /// Stores (or replaces) a secret and writes the store. `audience`: hosts the value may be
