@@ -39,6 +39,25 @@ const MIGRATIONS: &[&str] = &[
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
      ) STRICT;",
+    // 2: approvals for high-risk actions, bound to the request digest, single-use.
+    "CREATE TABLE approvals (
+        id             TEXT PRIMARY KEY,
+        code           TEXT NOT NULL,
+        requester      TEXT NOT NULL,
+        session        TEXT NOT NULL,
+        tool           TEXT NOT NULL,
+        summary        TEXT NOT NULL,
+        args_json      TEXT NOT NULL,
+        request_digest BLOB NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('pending', 'granted', 'denied', 'expired', 'used')),
+        created_ms     INTEGER NOT NULL,
+        expires_ms     INTEGER NOT NULL,
+        resolved_by    TEXT,
+        resolved_ms    INTEGER,
+        used_ms        INTEGER
+     ) STRICT;
+     CREATE UNIQUE INDEX approvals_open_code ON approvals(code) WHERE status IN ('pending', 'granted');
+     CREATE INDEX approvals_digest ON approvals(request_digest, status);",
 ];
 
 /// The state database.

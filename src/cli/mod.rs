@@ -1,5 +1,6 @@
 //! The `chitin` command line. Each command group lives in its own file.
 
+mod approvals;
 mod audit;
 mod doctor;
 mod init;
@@ -41,6 +42,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Approve or deny high-risk actions waiting for a person.
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCmd),
     /// Security review of the installation (the same checks as doctor).
     #[command(subcommand)]
     Security(SecurityCmd),
@@ -117,6 +121,49 @@ pub fn open_audit_with(
     )?))
 }
 
+/// What the gateway and the commands that act run on: config, the gate (policy engine + audit
+/// log) and the state store, built the same way everywhere.
+pub struct Runtime {
+    pub config: Config,
+    pub gate: crate::gate::Gate,
+    pub store: std::sync::Arc<crate::store::Store>,
+    pub clock: std::sync::Arc<dyn crate::clock::Clock>,
+}
+
+impl Runtime {
+    /// Checks the state dir, loads config and policies (an invalid set is an error), opens the
+    /// audit log (its key from the secret store) and the state database.
+    pub fn open(globals: &Globals) -> Result<Self, BoxError> {
+        let config = globals.load_config()?;
+        let home = crate::state::Home::create(&globals.home)?;
+        let engine =
+            crate::policy::PolicyEngine::load(policy::engine_spec(globals, &config, None, None))?;
+        let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+        let audit = open_audit_with(globals, &config, &mut secrets)?;
+        let redactor = secrets.redactor();
+        let gate = crate::gate::Gate::new(std::sync::Arc::new(engine), audit).with_redactor(
+            std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
+        );
+        let store = std::sync::Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+        Ok(Self {
+            config,
+            gate,
+            store,
+            clock: std::sync::Arc::new(crate::clock::SystemClock),
+        })
+    }
+
+    /// The approval workflow.
+    pub fn approvals(&self) -> crate::approvals::Approvals {
+        crate::approvals::Approvals::new(
+            std::sync::Arc::clone(&self.store),
+            self.gate.clone(),
+            std::sync::Arc::clone(&self.clock),
+            crate::approvals::DEFAULT_TTL_MS,
+        )
+    }
+}
+
 /// `CHITIN_HOME`, or `~/.chitin`.
 pub fn state_home() -> PathBuf {
     if let Some(h) = std::env::var_os("CHITIN_HOME").filter(|h| !h.is_empty()) {
@@ -138,6 +185,7 @@ pub fn main() -> ExitCode {
     let globals = Globals::resolve(cli.config);
     let result = match cli.command {
         Command::Init => init::run(&globals),
+        Command::Approvals(cmd) => approvals::run(cmd, &globals),
         Command::Doctor { json } | Command::Security(SecurityCmd::Audit { json }) => {
             doctor::run(&globals, json)
         }

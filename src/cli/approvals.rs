@@ -1,0 +1,67 @@
+//! `chitin approvals list | approve CODE | deny CODE`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::{CmdResult, Globals};
+use crate::approvals::Approval;
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCmd {
+    /// Open approval requests (all of them with --all).
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        all: bool,
+    },
+    /// Grant the approval with this code (single use, for exactly the request it names).
+    Approve {
+        code: String,
+        /// The user approving (Cedar decides whether they may: `approval.grant`)
+        #[arg(long = "as", value_name = "USER", default_value = "owner")]
+        as_user: String,
+    },
+    /// Deny the approval with this code; the action is refused.
+    Deny {
+        code: String,
+        #[arg(long = "as", value_name = "USER", default_value = "owner")]
+        as_user: String,
+    },
+}
+
+fn line(a: &Approval) -> String {
+    format!(
+        "{}  {:<8}  expires {}  {}: {}  (requested by {})",
+        a.code, a.status, a.expires_at, a.tool, a.summary, a.requester
+    )
+}
+
+pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
+    let rt = super::Runtime::open(globals)?;
+    let approvals = rt.approvals();
+    match cmd {
+        ApprovalsCmd::List { json, all } => {
+            let list = approvals.list(all)?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("no {}approvals", if all { "" } else { "open " });
+            } else {
+                for a in &list {
+                    println!("{}", line(a));
+                }
+            }
+        }
+        ApprovalsCmd::Approve { code, as_user } => {
+            let a = approvals.resolve(&code, &as_user, true)?;
+            println!("approved {}: {}: {}", a.code, a.tool, a.summary);
+        }
+        ApprovalsCmd::Deny { code, as_user } => {
+            let a = approvals.resolve(&code, &as_user, false)?;
+            println!("denied {}: {}: {}", a.code, a.tool, a.summary);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
