@@ -446,7 +446,7 @@ impl Compiled {
                     .cloned(),
             );
         }
-        anchors.sort_by_key(ToString::to_string);
+        anchors.sort_unstable();
         anchors.dedup();
         let key = (action.clone(), anchors);
         if let Some(sets) = self
@@ -745,16 +745,21 @@ fn decide_in(
     Ok((Outcome::Deny, e.policies, e.errors))
 }
 
-/// Computes the derived context attributes for file tools and exec.
-fn derive_context(action: &str, ctx: &mut Map<String, Value>, state_dirs: &[PathBuf]) {
-    let string = |k: &str| ctx.get(k).and_then(Value::as_str).map(str::to_string);
-    let workspace = string("workspace").and_then(|w| normalize(Path::new(&w)));
+/// Computes the derived context attributes (`in_workspace`, `touches_state_dir`) for file
+/// tools and exec; `None` for other actions.
+fn derive_context(
+    action: &str,
+    ctx: &Map<String, Value>,
+    state_dirs: &[PathBuf],
+) -> Option<(bool, bool)> {
+    let string = |k: &str| ctx.get(k).and_then(Value::as_str);
+    let workspace = string("workspace").and_then(|w| normalize(Path::new(w)));
     let under_state = |p: &Path| state_dirs.iter().any(|s| p.starts_with(s));
     let (target, extra_touch) = match action {
         "read_file" | "list_dir" | "write_file" | "edit_file" => (string("path"), false),
         "exec" => {
             let cwd = string("cwd");
-            let cwd_path = cwd.as_deref().and_then(|c| normalize(Path::new(c)));
+            let cwd_path = cwd.and_then(|c| normalize(Path::new(c)));
             let argv_touch = ctx
                 .get("argv")
                 .and_then(Value::as_array)
@@ -772,16 +777,15 @@ fn derive_context(action: &str, ctx: &mut Map<String, Value>, state_dirs: &[Path
                 });
             (cwd, argv_touch)
         }
-        _ => return,
+        _ => return None,
     };
-    let target = target.and_then(|t| normalize(Path::new(&t)));
+    let target = target.and_then(|t| normalize(Path::new(t)));
     let in_ws = match (&target, &workspace) {
         (Some(t), Some(w)) => t.starts_with(w),
         _ => false,
     };
     let touches = extra_touch || target.as_deref().is_some_and(under_state);
-    ctx.insert("in_workspace".into(), Value::Bool(in_ws));
-    ctx.insert("touches_state_dir".into(), Value::Bool(touches));
+    Some((in_ws, touches))
 }
 
 /// Lexical normalization of an absolute path (`.` and `..` resolved without touching the
@@ -951,45 +955,61 @@ impl PolicyEngine {
         let compiled = &active.compiled;
         let schema = &compiled.schema;
         let sets = compiled.sets_for(&req.action, &req.principal, &active.entities)?;
-        let mut ctx = req.context.clone();
-        derive_context(&req.action_name(), &mut ctx, &self.state_dirs);
-        let build = |ctx: Map<String, Value>| -> Result<Request, PolicyError> {
-            // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema check
-            // happens in `Request::new` either way (types, missing and undeclared attributes).
-            let pairs = ctx
-                .into_iter()
-                .map(|(k, v)| {
-                    Ok((
-                        k.clone(),
-                        restricted(&v)
-                            .map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, PolicyError>>()?;
+        let derived = derive_context(&req.action_name(), &req.context, &self.state_dirs);
+        // Builds the request from the caller's context without copying it: derived attributes
+        // replace whatever the caller sent under those names, and `approved` can be overridden.
+        let build = |approved: Option<bool>| -> Result<Request, PolicyError> {
+            let mut pairs = Vec::with_capacity(req.context.len() + 2);
+            for (k, v) in &req.context {
+                let is_derived =
+                    derived.is_some() && (k == "in_workspace" || k == "touches_state_dir");
+                if is_derived || (approved.is_some() && k == "approved") {
+                    continue;
+                }
+                // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema
+                // check happens in `Request::new` (types, missing and undeclared attributes).
+                let value =
+                    restricted(v).map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?;
+                pairs.push((k.clone(), value));
+            }
+            if let Some((in_ws, touches)) = derived {
+                pairs.push(("in_workspace".into(), RestrictedExpression::new_bool(in_ws)));
+                pairs.push((
+                    "touches_state_dir".into(),
+                    RestrictedExpression::new_bool(touches),
+                ));
+            }
+            if let Some(a) = approved {
+                pairs.push(("approved".into(), RestrictedExpression::new_bool(a)));
+            }
             let context = Context::from_pairs(pairs)
                 .map_err(|e| PolicyError::Request(format!("context: {e}")))?;
+            // The approval variant differs from the schema-checked first request only in the
+            // Bool `approved`, so checking it again would prove nothing new.
+            let check = if approved.is_some() {
+                None
+            } else {
+                Some(schema)
+            };
             Request::new(
                 req.principal.clone(),
                 req.action.clone(),
                 req.resource.clone(),
                 context,
-                Some(schema),
+                check,
             )
             .map_err(|e| PolicyError::Request(e.to_string()))
         };
         // The `approved = true` variant, built at most once and only when a deny needs it.
-        let wants_variant = matches!(ctx.get("approved"), Some(Value::Bool(false)));
-        let alt_ctx = wants_variant.then(|| ctx.clone());
+        let wants_variant = matches!(req.context.get("approved"), Some(Value::Bool(false)));
         let mut variant: Option<Request> = None;
         let mut approved = || -> Result<Option<Request>, PolicyError> {
-            if let (None, Some(alt)) = (&variant, &alt_ctx) {
-                let mut alt = alt.clone();
-                alt.insert("approved".into(), Value::Bool(true));
-                variant = Some(build(alt)?);
+            if wants_variant && variant.is_none() {
+                variant = Some(build(Some(true))?);
             }
             Ok(variant.clone())
         };
-        let first = build(ctx)?;
+        let first = build(None)?;
         let (outcome, policies, errors) = decide_in(
             &sets.enforced,
             &first,
