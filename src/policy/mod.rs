@@ -955,7 +955,9 @@ impl PolicyEngine {
         let compiled = &active.compiled;
         let schema = &compiled.schema;
         let sets = compiled.sets_for(&req.action, &req.principal, &active.entities)?;
-        let derived = derive_context(&req.action_name(), &req.context, &self.state_dirs);
+        let action_name = req.action_name();
+        let derived = derive_context(&action_name, &req.context, &self.state_dirs);
+        let is_grant = action_name == "approval.grant";
         // Builds the request from the caller's context without copying it: derived attributes
         // replace whatever the caller sent under those names, and `approved` can be overridden.
         let build = |approved: Option<bool>| -> Result<Request, PolicyError> {
@@ -968,8 +970,12 @@ impl PolicyEngine {
                 }
                 // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema
                 // check happens in `Request::new` (types, missing and undeclared attributes).
-                let value =
-                    restricted(v).map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?;
+                let value = if is_grant && k == "requester" {
+                    requester_entity(v)
+                } else {
+                    restricted(v)
+                }
+                .map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?;
                 pairs.push((k.clone(), value));
             }
             if let Some((in_ws, touches)) = derived {
@@ -1054,6 +1060,24 @@ impl PolicyEngine {
     }
 }
 
+/// `approval.grant`'s `requester` is a `User`. It may be given as a user id (`"alice"`), an
+/// entity reference (`"Chitin::User::\"alice\""`) or Cedar's JSON entity forms.
+fn requester_entity(v: &Value) -> Result<RestrictedExpression, String> {
+    match v {
+        Value::String(s) if s.contains("::") => {
+            let uid = EntityUid::from_str(s).map_err(|e| e.to_string())?;
+            Ok(RestrictedExpression::new_entity_uid(uid))
+        }
+        Value::String(s) => {
+            let ty = EntityTypeName::from_str("Chitin::User").map_err(|e| e.to_string())?;
+            Ok(RestrictedExpression::new_entity_uid(
+                EntityUid::from_type_name_and_id(ty, EntityId::new(s)),
+            ))
+        }
+        other => restricted(other),
+    }
+}
+
 /// Converts a JSON context value to a Cedar value: strings, booleans, integers, sets (arrays),
 /// records (objects) and entity references (`{"__entity": {"type": ..., "id": ...}}`).
 fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
@@ -1071,7 +1095,11 @@ fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
                 .collect::<Result<Vec<_>, _>>()?,
         ),
         Value::Object(m) => {
-            if let Some(e) = m.get("__entity") {
+            // Cedar's implicit entity form `{"type": ..., "id": ...}` (no record in the schema
+            // has exactly these two fields), or the explicit `{"__entity": {...}}`.
+            let implicit =
+                (m.len() == 2 && m.contains_key("type") && m.contains_key("id")).then_some(v);
+            if let Some(e) = m.get("__entity").or(implicit) {
                 let ty = e
                     .get("type")
                     .and_then(Value::as_str)
