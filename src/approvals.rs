@@ -80,6 +80,26 @@ pub struct Approval {
     pub resolved_by: Option<String>,
 }
 
+/// Proof that a granted approval for one exact request was just redeemed (marked used, once).
+/// Only [`Approvals::redeem`] makes one; the gate accepts `approved = true` only with it, and
+/// only when its digest is the digest of the call being decided.
+#[derive(Debug)]
+pub struct Redeemed {
+    digest: [u8; 32],
+    approval: Approval,
+}
+
+impl Redeemed {
+    /// The request digest the approval was bound to.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+    /// The approval, now `used`.
+    pub fn approval(&self) -> &Approval {
+        &self.approval
+    }
+}
+
 /// The approval workflow over the state database.
 #[derive(Clone)]
 pub struct Approvals {
@@ -383,7 +403,7 @@ impl Approvals {
 
     /// Redeems the granted approval bound to `request_digest`, once. Returns it, or
     /// `NotApproved` when none is granted, unexpired and unused for exactly this request.
-    pub fn redeem(&self, request_digest: &[u8; 32]) -> Result<Approval, ApprovalError> {
+    pub fn redeem(&self, request_digest: &[u8; 32]) -> Result<Redeemed, ApprovalError> {
         self.expire_due()?;
         let now = self.clock.now_ms();
         let mut conn = self.store.conn()?;
@@ -412,11 +432,14 @@ impl Approvals {
             .with_payload(json!({"request_digest": hex(request_digest)})),
         )?;
         tx.commit()?;
-        let a = conn.query_row(
+        let approval = conn.query_row(
             &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
             [&id],
             row,
         )?;
-        Ok(a)
+        Ok(Redeemed {
+            digest: *request_digest,
+            approval,
+        })
     }
 }

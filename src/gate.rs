@@ -17,6 +17,7 @@ use chitin_audit::{AuditLog, GateDecision, RecordInput};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::approvals::Redeemed;
 use crate::policy::{Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest};
 
 /// Errors of the gate. Every one of them means "no action".
@@ -30,6 +31,10 @@ pub enum GateError {
     Policy(#[from] PolicyError),
     #[error("audit log unavailable, so nothing is allowed: {0}")]
     AuditUnavailable(String),
+    #[error(
+        "the approval presented was granted for a different request; this call needs its own approval"
+    )]
+    ApprovalMismatch,
 }
 
 /// Proof that the policy engine allowed one specific request. It cannot be built outside
@@ -249,6 +254,58 @@ pub enum ToolInput {
 }
 
 impl ToolInput {
+    /// What the gate judges, derived from a tool call's normalized arguments (the same JSON the
+    /// tool will run with): one source of truth for Cedar's context and for the run.
+    pub fn from_args(tool: &str, args: &Value) -> Result<Self, GateError> {
+        let bad = |m: &str| GateError::InvalidRequest(format!("{tool}: {m}"));
+        let path = |default: Option<&str>| -> Result<String, GateError> {
+            match args.get("path") {
+                Some(Value::String(p)) => Ok(p.clone()),
+                None => default
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("missing `path`")),
+                Some(_) => Err(bad("`path` must be a string")),
+            }
+        };
+        Ok(match tool {
+            "exec" => {
+                let argv = args
+                    .get("argv")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| bad("missing `argv`"))?
+                    .iter()
+                    .map(|a| {
+                        a.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad("`argv` must be strings"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let cwd = match args.get("cwd") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(c)) => Some(c.clone()),
+                    Some(_) => return Err(bad("`cwd` must be a string")),
+                };
+                let network = match args.get("network") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Array(a)) => !a.is_empty(),
+                    Some(_) => return Err(bad("`network` must be a list of HOST:PORT")),
+                };
+                Self::Exec { argv, cwd, network }
+            }
+            "read_file" => Self::ReadFile { path: path(None)? },
+            "list_dir" => Self::ListDir {
+                path: path(Some("."))?,
+            },
+            "write_file" => Self::WriteFile { path: path(None)? },
+            "edit_file" => Self::EditFile { path: path(None)? },
+            other => {
+                return Err(GateError::InvalidRequest(format!(
+                    "no built-in tool `{other}`"
+                )));
+            }
+        })
+    }
+
     /// The tool (and Cedar action) name.
     pub fn tool(&self) -> &'static str {
         match self {
@@ -476,8 +533,8 @@ impl Gate {
         &self,
         call: &CallContext,
         input: &ToolInput,
-        approved: bool,
     ) -> Result<PolicyRequest, GateError> {
+        let approved = false;
         let workspace = canonical_existing(&call.workspace.to_string_lossy(), None)?;
         let mut ctx = Map::new();
         ctx.insert("origin".into(), json!(call.origin.as_str()));
@@ -535,36 +592,58 @@ impl Gate {
         })
     }
 
-    /// Canonicalizes and decides a tool call. Input that cannot be canonicalized is recorded
-    /// as a refusal and never reaches Cedar.
-    pub fn check_tool(
-        &self,
-        call: &CallContext,
-        input: &ToolInput,
-        approved: bool,
-    ) -> Result<Verdict, GateError> {
-        self.check_tool_call(call, input, None, approved)
+    /// Canonicalizes and decides a tool call described by `input` (no approval, no argument
+    /// binding: the resulting `Authorized` runs no tool). Input that cannot be canonicalized is
+    /// recorded as a refusal and never reaches Cedar.
+    pub fn check_tool(&self, call: &CallContext, input: &ToolInput) -> Result<Verdict, GateError> {
+        match self.tool_request(call, input) {
+            Ok(req) => self.check_bound(&req, None),
+            Err(e) => Err(self.refuse_input(call, input.tool(), &format!("{input:?}"), e)?),
+        }
     }
 
-    /// [`Self::check_tool`] for a call with arguments: the verdict (and an approval's binding)
-    /// covers exactly `args`, and the tools refuse the `Authorized` for any other arguments.
+    /// Decides a tool call from its normalized, strictly parsed arguments. What Cedar sees is
+    /// derived from exactly these arguments, the `Authorized` covers exactly them, and an
+    /// approval counts only as a [`Redeemed`] approval for this exact call (its digest must
+    /// match; only `Approvals::redeem` makes one).
     pub fn check_tool_call(
         &self,
         call: &CallContext,
-        input: &ToolInput,
-        args: Option<&Value>,
-        approved: bool,
+        tool: &str,
+        args: &Value,
+        redeemed: Option<&Redeemed>,
     ) -> Result<Verdict, GateError> {
-        match self.tool_request(call, input, approved) {
-            Ok(req) => self.check_bound(&req, args),
-            Err(e) => {
-                let actor = format!("Chitin::User::{}", quote(&call.user));
-                let resource = format!("Chitin::Tool::{}", quote(input.tool()));
-                let details = json!({"input": format!("{input:?}"), "session": call.session});
-                self.record_refusal(&actor, input.tool(), &resource, &e.to_string(), details)?;
-                Err(e)
+        let input = match ToolInput::from_args(tool, args) {
+            Ok(i) => i,
+            Err(e) => return Err(self.refuse_input(call, tool, &args.to_string(), e)?),
+        };
+        let mut req = match self.tool_request(call, &input) {
+            Ok(r) => r,
+            Err(e) => return Err(self.refuse_input(call, tool, &args.to_string(), e)?),
+        };
+        if let Some(r) = redeemed {
+            if r.digest() != &request_digest_with(&req, Some(args)) {
+                let e = GateError::ApprovalMismatch;
+                return Err(self.refuse_input(call, tool, &args.to_string(), e)?);
             }
+            req.context.insert("approved".into(), json!(true));
         }
+        self.check_bound(&req, Some(args))
+    }
+
+    /// Records input that never reached Cedar as a refusal; returns the error to hand back.
+    fn refuse_input(
+        &self,
+        call: &CallContext,
+        tool: &str,
+        input: &str,
+        e: GateError,
+    ) -> Result<GateError, GateError> {
+        let actor = format!("Chitin::User::{}", quote(&call.user));
+        let resource = format!("Chitin::Tool::{}", quote(tool));
+        let details = json!({"input": input, "session": call.session});
+        self.record_refusal(&actor, tool, &resource, &e.to_string(), details)?;
+        Ok(e)
     }
 }
 

@@ -140,7 +140,7 @@ fn a_granted_approval_is_redeemed_once_for_exactly_its_request() {
         matches!(ap.redeem(&[8; 32]), Err(ApprovalError::NotApproved)),
         "another request is not covered"
     );
-    assert_eq!(ap.redeem(&[7; 32]).unwrap().status, "used");
+    assert_eq!(ap.redeem(&[7; 32]).unwrap().approval().status, "used");
     assert!(
         matches!(ap.redeem(&[7; 32]), Err(ApprovalError::NotApproved)),
         "single use"
@@ -263,7 +263,10 @@ fn pending_approvals_survive_a_restart() {
         (code.as_str(), "write 2 bytes to a.txt")
     );
     ap.resolve(&code, "owner", true).unwrap();
-    assert_eq!(approvals(&e).redeem(&[5; 32]).unwrap().status, "used");
+    assert_eq!(
+        approvals(&e).redeem(&[5; 32]).unwrap().approval().status,
+        "used"
+    );
 }
 
 #[test]

@@ -88,7 +88,7 @@ fn env() -> Env {
 }
 
 fn run(e: &Env, tool: &str, args: Value) -> Result<Invoked, InvokeError> {
-    invoke(&e.gate, &e.sandbox, &e.call, tool, &args, false)
+    invoke(&e.gate, &e.sandbox, &e.call, tool, &args, None)
 }
 
 fn records(e: &Env) -> Vec<Record> {
@@ -290,7 +290,7 @@ fn output_is_redacted_before_the_caller_sees_it() {
     }));
     let args = json!({"argv": ["sh", "-c", "echo CANARY-9f2"]});
     let Invoked::Ran { result, .. } =
-        invoke(&e.gate, &e.sandbox, &e.call, "exec", &args, false).unwrap()
+        invoke(&e.gate, &e.sandbox, &e.call, "exec", &args, None).unwrap()
     else {
         panic!()
     };
@@ -304,7 +304,7 @@ fn output_is_redacted_before_the_caller_sees_it() {
 
 #[test]
 fn an_authorization_for_one_call_cannot_be_reused_for_other_arguments() {
-    use chitin::gate::{ToolInput, Verdict};
+    use chitin::gate::Verdict;
     use chitin::tools::{ReadFileArgs, ToolError, Workspace, read_file};
     let e = env();
     std::fs::write(e.ws.join("a.txt"), "A").unwrap();
@@ -315,14 +315,7 @@ fn an_authorization_for_one_call_cannot_be_reused_for_other_arguments() {
     let norm = serde_json::to_value(&a).unwrap();
     let Verdict::Allowed(auth, _) = e
         .gate
-        .check_tool_call(
-            &e.call,
-            &ToolInput::ReadFile {
-                path: a.path.clone(),
-            },
-            Some(&norm),
-            false,
-        )
+        .check_tool_call(&e.call, "read_file", &norm, None)
         .unwrap()
     else {
         panic!("expected allow")
@@ -340,5 +333,57 @@ fn an_authorization_for_one_call_cannot_be_reused_for_other_arguments() {
     assert!(
         read_file(&auth, &e.sandbox, &ws, &a).is_ok(),
         "the authorized call itself runs"
+    );
+}
+
+fn approvals_for(e: &Env) -> chitin::approvals::Approvals {
+    let store = Arc::new(chitin::store::Store::open(&e.home.join("state.db")).unwrap());
+    chitin::approvals::Approvals::new(
+        store,
+        e.gate.clone(),
+        Arc::new(chitin::clock::SystemClock),
+        chitin::approvals::DEFAULT_TTL_MS,
+    )
+}
+
+#[test]
+fn an_approved_call_runs_once_and_only_with_exactly_the_approved_arguments() {
+    let e = env();
+    let ap = approvals_for(&e);
+    let args = json!({"argv": ["sh", "-c", "echo ran >> log.txt"], "network": ["127.0.0.1:9"]});
+    let go = |a: &Value| invoke(&e.gate, &e.sandbox, &e.call, "exec", a, Some(&ap)).unwrap();
+    let Invoked::ApprovalRequired { request_digest, .. } = go(&args) else {
+        panic!("expected approval_required")
+    };
+    let pending = ap
+        .request("owner", "s1", "exec", &args, request_digest)
+        .unwrap();
+    // Not yet granted: still waiting, nothing ran.
+    assert!(matches!(go(&args), Invoked::ApprovalRequired { .. }));
+    ap.resolve(&pending.code, "owner", true).unwrap();
+    // One changed argument is another request: the approval does not cover it.
+    let changed =
+        json!({"argv": ["sh", "-c", "echo ran >> log.txt; rm -rf ."], "network": ["127.0.0.1:9"]});
+    assert!(matches!(go(&changed), Invoked::ApprovalRequired { .. }));
+    // The approved call runs, once.
+    let Invoked::Ran { result, decision } = go(&args) else {
+        panic!("expected the approved call to run")
+    };
+    assert_eq!(
+        (result.exit_code, decision.decision),
+        (Some(0), Outcome::Allow)
+    );
+    assert!(
+        matches!(go(&args), Invoked::ApprovalRequired { .. }),
+        "single use"
+    );
+    assert_eq!(
+        std::fs::read_to_string(e.ws.join("log.txt")).unwrap(),
+        "ran\n"
+    );
+    let actions: Vec<String> = records(&e).into_iter().map(|r| r.action).collect();
+    assert!(
+        actions.iter().any(|a| a == "approval.redeem"),
+        "{actions:?}"
     );
 }

@@ -17,7 +17,8 @@ use super::{
     EditFileArgs, ExecArgs, ListDirArgs, ReadFileArgs, Sandbox, ToolError, ToolResult, Workspace,
     WriteFileArgs,
 };
-use crate::gate::{Authorized, CallContext, Gate, GateError, ToolInput, Verdict};
+use crate::approvals::{ApprovalError, Approvals};
+use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
 use crate::policy::Decision;
 use chitin_audit::{GateDecision, RecordInput, ToolRun};
 
@@ -39,6 +40,8 @@ pub enum InvokeError {
     Tool(#[from] ToolError),
     #[error("audit log unavailable: {0}")]
     Audit(String),
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
 }
 
 /// What happened to a tool call.
@@ -84,15 +87,17 @@ fn normalized<T: Serialize>(args: &T) -> Result<Value, InvokeError> {
     })
 }
 
-/// Runs one tool call for `call.user`. `approved` is true only when redeeming an approval that
-/// was granted for exactly this call (its `request_digest`).
+/// Runs one tool call for `call.user`. When the gate asks for approval and `approvals` is
+/// given, a granted approval bound to exactly this call is redeemed (once) and the call is
+/// decided again as approved; otherwise the approval request is returned. There is no way to
+/// pass "approved" in: it exists only as a redeemed approval.
 pub fn invoke(
     gate: &Gate,
     sandbox: &Sandbox,
     call: &CallContext,
     tool: &str,
     args: &Value,
-    approved: bool,
+    approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     let parsed = match tool {
@@ -110,39 +115,13 @@ pub fn invoke(
             return Err(e);
         }
     };
-    let (input, norm) = match &parsed {
-        Parsed::Exec(a) => (
-            ToolInput::Exec {
-                argv: a.argv.clone(),
-                cwd: a.cwd.clone(),
-                network: !a.network.is_empty(),
-            },
-            normalized(a)?,
-        ),
-        Parsed::Read(a) => (
-            ToolInput::ReadFile {
-                path: a.path.clone(),
-            },
-            normalized(a)?,
-        ),
-        Parsed::Write(a) => (
-            ToolInput::WriteFile {
-                path: a.path.clone(),
-            },
-            normalized(a)?,
-        ),
-        Parsed::Edit(a) => (
-            ToolInput::EditFile {
-                path: a.path.clone(),
-            },
-            normalized(a)?,
-        ),
-        Parsed::List(a) => (
-            ToolInput::ListDir {
-                path: a.path.clone(),
-            },
-            normalized(a)?,
-        ),
+    // The normalized arguments: what the gate judges, what an approval binds, what runs.
+    let norm = match &parsed {
+        Parsed::Exec(a) => normalized(a)?,
+        Parsed::Read(a) => normalized(a)?,
+        Parsed::Write(a) => normalized(a)?,
+        Parsed::Edit(a) => normalized(a)?,
+        Parsed::List(a) => normalized(a)?,
     };
     // Network destinations must parse before anything is decided.
     let mut sb = sandbox.clone();
@@ -162,7 +141,14 @@ pub fn invoke(
             }
         }
     }
-    let verdict = gate.check_tool_call(call, &input, Some(&norm), approved)?;
+    let mut verdict = gate.check_tool_call(call, tool, &norm, None)?;
+    if let (Verdict::ApprovalRequired { request_digest, .. }, Some(ap)) = (&verdict, approvals) {
+        match ap.redeem(request_digest) {
+            Ok(redeemed) => verdict = gate.check_tool_call(call, tool, &norm, Some(&redeemed))?,
+            Err(ApprovalError::NotApproved) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let (auth, decision) = match verdict {
         Verdict::Allowed(auth, decision) => (auth, decision),
         Verdict::Denied(d) => return Ok(Invoked::Denied(d)),
