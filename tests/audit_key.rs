@@ -145,3 +145,38 @@ fn the_reserved_key_cannot_be_overwritten_or_removed_with_the_secrets_cli() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("is reserved for Chitin"));
 }
+
+#[test]
+fn the_audit_key_is_never_revealed_even_to_the_operator() {
+    let (_t, home) = setup();
+    assert!(append(&home, Some("pw-1")).status.success());
+    let o = chitin(
+        &home,
+        &["secrets", "get", "chitin.audit-signing-key", "--reveal"],
+        Some("pw-1"),
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reserved for Chitin and never printed"));
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn a_store_without_the_key_of_an_existing_log_is_refused_before_anything_is_written() {
+    let (_t, home) = setup();
+    assert!(append(&home, Some("pw-1")).status.success());
+    // The secret store is lost (or restored from before the log existed); the log remains.
+    for f in ["secrets.age", "secrets.identity.age", "secrets.lock"] {
+        let _ = std::fs::remove_file(home.join(f));
+    }
+    let o = append(&home, Some("pw-2"));
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("is missing from the secret store, but the audit log"),
+        "{err}"
+    );
+    assert!(
+        !home.join("secrets.age").exists(),
+        "no new key was minted into a new store"
+    );
+}

@@ -170,3 +170,28 @@ fn a_tampered_audit_log_is_critical() {
     assert_eq!(code, Some(1));
     assert_eq!(ids(&f), vec!["critical:audit.tampered"]);
 }
+
+#[test]
+fn a_deleted_audit_database_is_critical() {
+    let (_t, home) = fresh();
+    let args = [
+        "audit",
+        "append",
+        "--kind",
+        "admin",
+        "--actor",
+        "op",
+        "--action",
+        "x",
+        "--resource",
+        "r",
+    ];
+    assert!(chitin(&home, &args, "").status.success());
+    std::fs::remove_file(home.join("audit.db")).unwrap();
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(home.join(format!("audit.db{ext}")));
+    }
+    let (code, f) = findings(&home);
+    assert_eq!(code, Some(1));
+    assert_eq!(ids(&f), vec!["critical:audit.missing"]);
+}

@@ -124,12 +124,27 @@ pub fn run(globals: &Globals, json: bool) -> CmdResult {
     if let Some(home) = &home {
         let db = home.path(chitin_audit::DB_FILE);
         let key = home.path(chitin_audit::PUB_FILE);
+        let cps = home.path(chitin_audit::CHECKPOINT_FILE);
+        if !db.exists() && (key.exists() || cps.exists()) {
+            push(
+                &mut out,
+                "audit.missing",
+                "critical",
+                format!(
+                    "the audit database {} is gone although its key and checkpoints exist",
+                    db.display()
+                ),
+                "restore audit.db from a backup; `chitin audit verify --export FILE` checks an earlier export",
+            );
+        }
         if db.exists() && key.exists() {
             let verdict = chitin_audit::PublicKey::load(&key)
                 .map_err(|e| e.to_string())
                 .and_then(|k| {
                     chitin_audit::Verifier::new(k)
-                        .verify_db(&db, None)
+                        // Cross-checked against the checkpoint file: a truncated or emptied
+                        // database does not pass.
+                        .verify_db(&db, Some(&cps))
                         .map_err(|e| e.to_string())
                 });
             match verdict {

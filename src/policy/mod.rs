@@ -913,9 +913,13 @@ impl PolicyEngine {
         match Self::build(&self.spec) {
             Ok(active) => {
                 let report = report_of(&active);
-                if let Ok(mut g) = self.active.write() {
-                    *g = Arc::new(active);
-                }
+                // A poisoned lock only means a reader panicked; the swap itself is still whole.
+                let mut g = match self.active.write() {
+                    Ok(g) => g,
+                    Err(poisoned) => poisoned.into_inner(),
+                };
+                *g = Arc::new(active);
+                drop(g);
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = None;
                 }

@@ -69,6 +69,16 @@ pub fn signer(store: &mut SecretStore, home: &Path) -> Result<KeySigner, Secrets
     }
     let seed = if legacy.exists() {
         chitin_audit::read_key_file_seed(&legacy).map_err(|e| audit_err(&e))?
+    } else if home.join(chitin_audit::PUB_FILE).exists() {
+        // A log exists but its key is in neither place (e.g. secrets.age restored from a backup
+        // older than the log): a new key would not match audit.pub. Refuse before writing.
+        return Err(SecretsError::InvalidValue {
+            name: AUDIT_KEY_SECRET.into(),
+            reason: format!(
+                "is missing from the secret store, but the audit log {} exists; restore the secret store that holds its key (or move the log aside to start a new one)",
+                home.join(chitin_audit::PUB_FILE).display()
+            ),
+        });
     } else {
         chitin_audit::new_seed().map_err(|e| audit_err(&e))?
     };

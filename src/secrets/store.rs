@@ -442,6 +442,12 @@ impl SecretStore {
         who: &str,
         audit: &dyn SecretAudit,
     ) -> Result<&SecretValue, SecretsError> {
+        if super::audit_key::is_reserved(name) {
+            return Err(SecretsError::ReleaseRefused {
+                name: name.to_string(),
+                reason: "reserved for Chitin and never printed; back up the whole store with `chitin secrets export-identity` and secrets.age".into(),
+            });
+        }
         let (name, entry) = self
             .entries
             .get_key_value(name)
@@ -475,6 +481,13 @@ impl SecretStore {
             .and_then(|r| r.strip_suffix('"'))
             .ok_or_else(|| refuse("the authorized resource is not a Chitin::Secret".into()))
             .and_then(|n| SecretName::parse(n).map_err(refuse))?;
+        if super::audit_key::is_reserved(&name) {
+            // Chitin's own keys (the audit signing key, ...) are never released, whatever a
+            // policy says: a tool holding the audit key could forge signed checkpoints.
+            return Err(refuse(format!(
+                "`{name}` is reserved for Chitin and is never released"
+            )));
+        }
         self.entries
             .get_key_value(&name)
             .ok_or_else(|| SecretsError::NotFound(name.to_string()))
@@ -798,6 +811,30 @@ mod tests {
         assert_eq!(
             rec.log.borrow().as_slice(),
             ["release OPENAI [api.openai.com] Chitin::Provider::\"openai\" api.openai.com"]
+        );
+    }
+
+    #[test]
+    fn a_reserved_secret_is_never_released_whatever_the_authorization_says() {
+        let (d, mut s) = with_secret();
+        crate::secrets::audit_key::signer(&mut s, d.path()).unwrap();
+        let a = Authorized::for_test(
+            "Chitin::Tool::\"exec\"",
+            "secret.use",
+            "Chitin::Secret::\"chitin.audit-signing-key\"",
+        );
+        let rec = Rec::default();
+        let e = s.release_to_tool_env(&a, &rec).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("is reserved for Chitin and is never released"),
+            "{e}"
+        );
+        let e = s.release(&a, "api.openai.com", &rec).err().unwrap();
+        assert!(matches!(e, SecretsError::ReleaseRefused { .. }), "{e}");
+        assert!(
+            rec.log.borrow().is_empty(),
+            "nothing released, nothing recorded"
         );
     }
 
