@@ -129,7 +129,7 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ApprovalError> {
 
 /// The action in plain words: tool, arguments, paths and hosts, nothing elided that matters.
 pub fn describe(tool: &str, args: &Value) -> String {
-    let s = |k: &str| args.get(k).and_then(Value::as_str).unwrap_or("");
+    let s = |k: &str| visible(args.get(k).and_then(Value::as_str).unwrap_or(""));
     match tool {
         "exec" => {
             let argv: Vec<String> = args
@@ -150,12 +150,19 @@ pub fn describe(tool: &str, args: &Value) -> String {
                 .and_then(Value::as_array)
                 .filter(|n| !n.is_empty())
             {
-                let hosts: Vec<&str> = net.iter().filter_map(Value::as_str).collect();
+                let hosts: Vec<String> =
+                    net.iter().filter_map(Value::as_str).map(visible).collect();
                 out.push_str(&format!(" with network access to {}", hosts.join(", ")));
             }
             out
         }
-        "write_file" => format!("write {} bytes to {}", s("content").len(), s("path")),
+        "write_file" => format!(
+            "write {} bytes to {}",
+            args.get("content")
+                .and_then(Value::as_str)
+                .map_or(0, str::len),
+            s("path")
+        ),
         "edit_file" => format!(
             "edit {}: replace {:?} with {:?}",
             s("path"),
@@ -166,7 +173,7 @@ pub fn describe(tool: &str, args: &Value) -> String {
         "list_dir" => format!("list {}", s("path")),
         "send_message" => format!("send a message to {} on {}", s("target"), s("channel")),
         "web_fetch" => format!("{} {}", s("method"), s("url")),
-        other => format!("{other} {args}"),
+        other => visible(&format!("{other} {args}")),
     }
 }
 
@@ -176,9 +183,39 @@ fn shell_word(s: &str) -> String {
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
     {
         s.to_string()
+    } else if s.chars().any(is_deceptive) {
+        // Bash's $'...' quoting with every control/format character escaped.
+        format!("$'{}'", visible(s).replace('\'', "\\'"))
     } else {
         format!("'{}'", s.replace('\'', "'\\''"))
     }
+}
+
+/// Characters that can make a summary show something other than what it says: C0/C1
+/// controls (carriage return, escape sequences), DEL, and Unicode format characters
+/// (bidi overrides and isolates, zero-width characters).
+fn is_deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// `s` with every deceptive character written as an escape (`\r`, `\x1b`, `\u{202e}`), so a
+/// person approving an action reads exactly what will run.
+pub fn visible(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if is_deceptive(c) && u32::from(c) < 0x100 => {
+                out.push_str(&format!("\\x{:02x}", u32::from(c)))
+            }
+            c if is_deceptive(c) => out.push_str(&format!("\\u{{{:04x}}}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 const COLUMNS: &str = "id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by";

@@ -31,10 +31,18 @@ pub enum ApprovalsCmd {
     },
 }
 
+/// One approval per line; every field a requester chose is escaped so no control or bidi
+/// character can rewrite what the operator sees.
 fn line(a: &Approval) -> String {
+    let v = crate::approvals::visible;
     format!(
         "{}  {:<8}  expires {}  {}: {}  (requested by {})",
-        a.code, a.status, a.expires_at, a.tool, a.summary, a.requester
+        a.code,
+        a.status,
+        a.expires_at,
+        v(&a.tool),
+        v(&a.summary),
+        v(&a.requester)
     )
 }
 
@@ -56,11 +64,21 @@ pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
         }
         ApprovalsCmd::Approve { code, as_user } => {
             let a = approvals.resolve(&code, &as_user, true)?;
-            println!("approved {}: {}: {}", a.code, a.tool, a.summary);
+            println!(
+                "approved {}: {}: {}",
+                a.code,
+                crate::approvals::visible(&a.tool),
+                crate::approvals::visible(&a.summary)
+            );
         }
         ApprovalsCmd::Deny { code, as_user } => {
             let a = approvals.resolve(&code, &as_user, false)?;
-            println!("denied {}: {}: {}", a.code, a.tool, a.summary);
+            println!(
+                "denied {}: {}: {}",
+                a.code,
+                crate::approvals::visible(&a.tool),
+                crate::approvals::visible(&a.summary)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
