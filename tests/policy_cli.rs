@@ -359,3 +359,93 @@ fn policy_test_fails_on_a_wrong_expectation() {
     );
     assert_eq!(out.lines().last(), Some("1 passed, 1 failed"));
 }
+
+#[test]
+fn validate_reports_an_unreadable_directory_in_the_same_format() {
+    let t = tempfile::tempdir().unwrap();
+    let missing = t.path().join("nope");
+    let o = chitin(
+        t.path(),
+        &["policy", "validate", "--dir", missing.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).starts_with(&format!("{}:1:1: cannot read:", missing.display())),
+        "{}",
+        stdout(&o)
+    );
+}
+
+#[test]
+fn a_configured_policy_directory_that_is_missing_is_an_error_not_the_defaults() {
+    let t = tempfile::tempdir().unwrap();
+    let cfg = t.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[policy]\ndir = \"{}/strict-policies\"\n",
+            t.path().display()
+        ),
+    )
+    .unwrap();
+    let req = json!({"principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"audit.read\"",
+                     "resource": "Chitin::Gateway::\"gateway\"", "context": {}});
+    let o = chitin(
+        &t.path().join("h"),
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "policy",
+            "eval",
+            "--request",
+            "-",
+        ],
+        Some(&req.to_string()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stdout(&o).is_empty(),
+        "no decision from the built-in defaults"
+    );
+    assert!(
+        stderr(&o).contains("the configured [policy] dir does not exist"),
+        "{}",
+        stderr(&o)
+    );
+    // An explicit --config that does not exist is an error too.
+    let o = chitin(
+        &t.path().join("h"),
+        &["--config", "/nonexistent/chitin.toml", "policy", "validate"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("cannot read config /nonexistent/chitin.toml"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn eval_with_malformed_extra_entities_exits_1() {
+    let t = tempfile::tempdir().unwrap();
+    let ents = t.path().join("e.json");
+    std::fs::write(&ents, "{not json").unwrap();
+    let req = json!({"principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"audit.read\"",
+                     "resource": "Chitin::Gateway::\"gateway\"", "context": {}});
+    let o = chitin(
+        &t.path().join("h"),
+        &[
+            "policy",
+            "eval",
+            "--entities",
+            ents.to_str().unwrap(),
+            "--request",
+            "-",
+        ],
+        Some(&req.to_string()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not valid JSON"), "{}", stderr(&o));
+}

@@ -67,8 +67,9 @@ pub fn run(globals: &Globals, json: bool) -> CmdResult {
     };
     if let Some(config) = &config {
         let input = match super::policy::policy_dir(globals, config, None) {
-            Some(d) => PolicyInput::from_dir(&d),
-            None => {
+            Err(e) => Err(e),
+            Ok(Some(d)) => PolicyInput::from_dir(&d),
+            Ok(None) => {
                 push(
                     &mut out,
                     "policy.builtin",

@@ -78,17 +78,30 @@ pub struct Globals {
     pub home: PathBuf,
     /// The configuration file (`--config`, default `$CHITIN_HOME/chitin.toml`).
     pub config_path: PathBuf,
+    /// Whether `--config` named the file (then it must exist).
+    pub config_explicit: bool,
 }
 
 impl Globals {
     fn resolve(config: Option<PathBuf>) -> Self {
         let home = state_home();
+        let config_explicit = config.is_some();
         let config_path = config.unwrap_or_else(|| home.join("chitin.toml"));
-        Self { home, config_path }
+        Self {
+            home,
+            config_path,
+            config_explicit,
+        }
     }
 
     /// Loads the configuration (defaults for a missing file).
     pub fn load_config(&self) -> Result<Config, ConfigError> {
+        if self.config_explicit && !self.config_path.exists() {
+            return Err(ConfigError::Read {
+                path: self.config_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
         Config::load(&self.config_path)
     }
 }
@@ -137,7 +150,7 @@ impl Runtime {
         let config = globals.load_config()?;
         let home = crate::state::Home::create(&globals.home)?;
         let engine =
-            crate::policy::PolicyEngine::load(policy::engine_spec(globals, &config, None, None))?;
+            crate::policy::PolicyEngine::load(policy::engine_spec(globals, &config, None, None)?)?;
         let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
         let audit = open_audit_with(globals, &config, &mut secrets)?;
         let redactor = secrets.redactor();

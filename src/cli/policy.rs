@@ -57,14 +57,29 @@ fn resolve(home: &Path, configured: &str) -> PathBuf {
 
 /// The policy directory in force: `--dir`, else the configured directory if it exists, else
 /// `None` (the built-in defaults).
+/// A directory the operator named (`--dir`, or a non-default `[policy] dir`) must exist: a
+/// typo or an unmounted path never silently brings back the built-in defaults.
 pub(crate) fn policy_dir(
     globals: &Globals,
     config: &Config,
     dir: Option<PathBuf>,
-) -> Option<PathBuf> {
-    dir.or_else(|| {
-        let d = resolve(&globals.home, &config.policy.dir);
-        d.exists().then_some(d)
+) -> Result<Option<PathBuf>, PolicyError> {
+    if let Some(d) = dir {
+        return Ok(Some(d));
+    }
+    let d = resolve(&globals.home, &config.policy.dir);
+    if d.exists() {
+        return Ok(Some(d));
+    }
+    if config.policy.dir == crate::config::policy::PolicyConfig::default().dir {
+        return Ok(None);
+    }
+    Err(PolicyError::Read {
+        path: d,
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the configured [policy] dir does not exist; create it or fix the path in chitin.toml",
+        ),
     })
 }
 
@@ -74,14 +89,14 @@ pub(crate) fn engine_spec(
     config: &Config,
     dir: Option<PathBuf>,
     extra_entities: Option<PathBuf>,
-) -> EngineSpec {
+) -> Result<EngineSpec, PolicyError> {
     let mut entity_files = vec![resolve(&globals.home, &config.policy.entities)];
     entity_files.extend(extra_entities);
-    EngineSpec {
-        policy_dir: policy_dir(globals, config, dir),
+    Ok(EngineSpec {
+        policy_dir: policy_dir(globals, config, dir)?,
         entity_files,
         state_dir: Some(globals.home.clone()),
-    }
+    })
 }
 
 /// Checks the state dir's permissions when it exists (it holds entities.json and policies).
@@ -94,11 +109,11 @@ pub fn run(cmd: PolicyCmd, globals: &Globals) -> CmdResult {
     match cmd {
         PolicyCmd::Validate { dir } => {
             check_home(globals)?;
-            let input = match policy_dir(globals, &config, dir) {
-                Some(d) => PolicyInput::from_dir(&d)?,
-                None => PolicyInput::embedded(),
-            };
-            match policy::compile(&input) {
+            let input = policy_dir(globals, &config, dir).and_then(|d| match d {
+                Some(d) => PolicyInput::from_dir(&d),
+                None => Ok(PolicyInput::embedded()),
+            });
+            match input.and_then(|i| policy::compile(&i)) {
                 Ok(c) => {
                     for w in c.warnings() {
                         eprintln!("{}:{}:{}: warning: {}", w.file, w.line, w.col, w.message);
@@ -115,6 +130,12 @@ pub fn run(cmd: PolicyCmd, globals: &Globals) -> CmdResult {
                     for d in &diags {
                         println!("{d}");
                     }
+                    Ok(ExitCode::from(1))
+                }
+                // A directory or file that cannot be read is a validation failure too, in the
+                // same one-line format.
+                Err(PolicyError::Read { path, source }) => {
+                    println!("{}:1:1: cannot read: {source}", path.display());
                     Ok(ExitCode::from(1))
                 }
                 Err(e) => Err(e.into()),
@@ -139,7 +160,15 @@ pub fn run(cmd: PolicyCmd, globals: &Globals) -> CmdResult {
                     }
                 }
             };
-            let engine = PolicyEngine::load(engine_spec(globals, &config, dir, entities))?;
+            // No decision without a valid policy set and entities: exit 1 with the reason.
+            let engine =
+                match engine_spec(globals, &config, dir, entities).and_then(PolicyEngine::load) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        eprintln!("chitin: {e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                };
             let parsed = serde_json::from_str::<serde_json::Value>(&text)
                 .map_err(|e| PolicyError::Request(format!("not valid JSON: {e}")))
                 .and_then(|v| PolicyRequest::from_json(&v))
@@ -166,7 +195,7 @@ pub fn run(cmd: PolicyCmd, globals: &Globals) -> CmdResult {
                 eprintln!("chitin: no vector files given and none found in policies/tests/*.json");
                 return Ok(ExitCode::from(1));
             }
-            let input = match policy_dir(globals, &config, dir) {
+            let input = match policy_dir(globals, &config, dir)? {
                 Some(d) => PolicyInput::from_dir(&d)?,
                 None => PolicyInput::embedded(),
             };

@@ -40,6 +40,13 @@ impl Diagnostic {
         if let Some(help) = d.help() {
             message.push_str(&format!(" (help: {help})"));
         }
+        // One line per diagnostic: `file:line:col: message`.
+        let message = message
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
         let offset = d.labels().and_then(|mut l| l.next()).map(|l| l.offset());
         out.push(match offset {
             Some(o) => Self::at_offset(file, text, o, message),
