@@ -117,6 +117,12 @@ impl std::fmt::Debug for Approvals {
     }
 }
 
+/// `Chitin::User::"<id>"`, quoted exactly as the gate quotes principals, so `chitin audit query
+/// --actor` finds every step of an approval.
+fn user_uid(id: &str) -> String {
+    format!("Chitin::User::{}", Value::String(id.to_string()))
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -305,7 +311,7 @@ impl Approvals {
         )?;
         // The record first: if it cannot be written, the request does not exist.
         self.audit(
-            RecordInput::new(Kind::Approval, requester, "approval.request", format!("Chitin::Tool::{tool:?}"))
+            RecordInput::new(Kind::Approval, user_uid(requester), "approval.request", format!("Chitin::Tool::{}", Value::String(tool.into())))
                 .with_outcome("pending")
                 .with_payload(json!({"id": id, "code": code, "session": session, "summary": summary,
                                      "request_digest": hex(&request_digest), "expires_at": rfc3339(expires)})),
@@ -390,9 +396,9 @@ impl Approvals {
             }
         }
         let req = PolicyRequest::from_json(&json!({
-            "principal": format!("Chitin::User::{approver:?}"),
+            "principal": user_uid(approver),
             "action": "Chitin::Action::\"approval.grant\"",
-            "resource": format!("Chitin::Tool::{:?}", a.tool),
+            "resource": format!("Chitin::Tool::{}", Value::String(a.tool.clone())),
             "context": {"requester": {"__entity": {"type": "Chitin::User", "id": a.requester}}},
         }))
         .map_err(GateError::from)?;
@@ -427,7 +433,7 @@ impl Approvals {
             });
         }
         self.audit(RecordInput::approval(
-            format!("Chitin::User::{approver:?}"),
+            user_uid(approver),
             format!("approval:{}", a.id),
             grant,
             json!({"code": a.code, "tool": a.tool, "summary": a.summary, "requester": a.requester,

@@ -755,8 +755,17 @@ fn derive_context(
     let string = |k: &str| ctx.get(k).and_then(Value::as_str);
     let workspace = string("workspace").and_then(|w| normalize(Path::new(w)));
     let under_state = |p: &Path| state_dirs.iter().any(|s| p.starts_with(s));
-    let (target, extra_touch) = match action {
-        "read_file" | "list_dir" | "write_file" | "edit_file" => (string("path"), false),
+    // By the context's shape, not the action's name: an operator's own file action with a
+    // `path` gets the same derived attributes (and the caller's values are ignored).
+    let shape = if action == "exec" || ctx.contains_key("cwd") || ctx.contains_key("argv") {
+        "exec"
+    } else if ctx.contains_key("path") {
+        "file"
+    } else {
+        ""
+    };
+    let (target, extra_touch) = match shape {
+        "file" => (string("path"), false),
         "exec" => {
             let cwd = string("cwd");
             let cwd_path = cwd.and_then(|c| normalize(Path::new(c)));
