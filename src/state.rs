@@ -118,7 +118,7 @@ impl Home {
     /// below it (to a small depth). Symlinks are judged by what they point to.
     pub fn check_permissions(&self) -> Result<(), StateError> {
         check_entry(&self.root, true)?;
-        check_tree(&self.root, CHECK_DEPTH)
+        check_tree(&self.root, CHECK_DEPTH, true)
     }
 
     /// Creates a directory inside the state dir with mode 0700 (no-op if it exists).
@@ -204,6 +204,20 @@ pub fn ensure_private_file(path: &Path) -> Result<(), StateError> {
     }
 }
 
+/// Refuses a file or directory that others may write to, wherever it lives (policy files,
+/// entity files and the config can sit outside the state dir). Follows symlinks, and checks
+/// the directory that holds the file too.
+pub fn check_not_writable_by_others(path: &Path) -> Result<(), StateError> {
+    let meta = fs::metadata(path).map_err(|e| StateError::io("inspect", path, e))?;
+    check_entry(path, meta.is_dir())?;
+    if !meta.is_dir()
+        && let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty())
+    {
+        check_entry(parent, true)?;
+    }
+    Ok(())
+}
+
 fn check_entry(path: &Path, is_dir: bool) -> Result<(), StateError> {
     let meta = fs::metadata(path).map_err(|e| StateError::io("inspect", path, e))?;
     let mode = meta.permissions().mode() & 0o7777;
@@ -225,7 +239,7 @@ fn check_entry(path: &Path, is_dir: bool) -> Result<(), StateError> {
     Ok(())
 }
 
-fn check_tree(dir: &Path, depth: usize) -> Result<(), StateError> {
+fn check_tree(dir: &Path, depth: usize, top: bool) -> Result<(), StateError> {
     let entries = fs::read_dir(dir).map_err(|e| StateError::io("read", dir, e))?;
     let mut subdirs = Vec::new();
     for entry in entries {
@@ -246,10 +260,14 @@ fn check_tree(dir: &Path, depth: usize) -> Result<(), StateError> {
         for sub in subdirs {
             // The agent workspace lives under the state dir by default; what the agent writes
             // there is not Chitin's state, so it is not held to these rules.
-            if sub.file_name().is_some_and(|n| n == "workspace") {
+            if top
+                && sub
+                    .file_name()
+                    .is_some_and(|n| n == "workspace" || n == "workspaces")
+            {
                 continue;
             }
-            check_tree(&sub, depth - 1)?;
+            check_tree(&sub, depth - 1, false)?;
         }
     }
     Ok(())

@@ -449,3 +449,71 @@ fn eval_with_malformed_extra_entities_exits_1() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("not valid JSON"), "{}", stderr(&o));
 }
+
+#[test]
+fn writable_policy_entity_and_config_files_are_refused_wherever_they_are() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    assert!(chitin(&home, &["init"], None).status.success());
+    // Deep inside the policy dir, and in a directory named like the workspace.
+    let deep = home.join("policies/a/b/c/d/e/f");
+    std::fs::create_dir_all(&deep).unwrap();
+    for d in [
+        "policies/a",
+        "policies/a/b",
+        "policies/a/b/c",
+        "policies/a/b/c/d",
+        "policies/a/b/c/d/e",
+        "policies/a/b/c/d/e/f",
+    ] {
+        std::fs::set_permissions(home.join(d), std::fs::Permissions::from_mode(0o700)).unwrap();
+    }
+    let f = deep.join("x.cedar");
+    std::fs::write(&f, "@id(\"deep\") permit (principal, action, resource);\n").unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let o = chitin(&home, &["policy", "validate"], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("world-writable file"), "{}", stdout(&o));
+    std::fs::remove_file(&f).unwrap();
+    // Entities and config outside the state dir.
+    let outside = t.path().join("etc");
+    std::fs::create_dir(&outside).unwrap();
+    let ents = outside.join("entities.json");
+    std::fs::write(&ents, "[]").unwrap();
+    std::fs::set_permissions(&ents, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let cfg = outside.join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[policy]\nentities = \"{}\"\n", ents.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let req = json!({"principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"audit.read\"",
+                     "resource": "Chitin::Gateway::\"gateway\"", "context": {}});
+    let o = chitin(
+        &home,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "policy",
+            "eval",
+            "--request",
+            "-",
+        ],
+        Some(&req.to_string()),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("world-writable file"), "{}", stderr(&o));
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o622)).unwrap();
+    let o = chitin(
+        &home,
+        &["--config", cfg.to_str().unwrap(), "policy", "validate"],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("c.toml") && stderr(&o).contains("chmod 600"),
+        "{}",
+        stderr(&o)
+    );
+}

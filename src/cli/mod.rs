@@ -96,6 +96,14 @@ impl Globals {
 
     /// Loads the configuration (defaults for a missing file).
     pub fn load_config(&self) -> Result<Config, ConfigError> {
+        if self.config_path.exists() {
+            crate::state::check_not_writable_by_others(&self.config_path).map_err(|e| {
+                ConfigError::Parse {
+                    path: self.config_path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        }
         if self.config_explicit && !self.config_path.exists() {
             return Err(ConfigError::Read {
                 path: self.config_path.clone(),

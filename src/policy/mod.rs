@@ -105,6 +105,14 @@ impl PolicyInput {
                 source: std::io::Error::other("not a directory"),
             });
         }
+        // Every file that becomes policy must be writable by its owner only, wherever it is.
+        let perms = |path: &Path| {
+            crate::state::check_not_writable_by_others(path).map_err(|e| PolicyError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()),
+            })
+        };
+        perms(dir)?;
         let schema_path = dir.join("schema.cedarschema");
         let schema = if schema_path.exists() {
             Source {
@@ -120,6 +128,12 @@ impl PolicyInput {
         let mut files = Vec::new();
         collect_cedar_files(dir, &mut files, 8)?;
         files.sort();
+        for f in &files {
+            perms(f)?;
+        }
+        if schema_path.exists() {
+            perms(&schema_path)?;
+        }
         let policies = files
             .iter()
             .map(|p| {
@@ -504,6 +518,10 @@ pub struct EntitySource {
 impl EntitySource {
     /// Reads a Cedar entity JSON file.
     pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        crate::state::check_not_writable_by_others(path).map_err(|e| PolicyError::Entities {
+            source_name: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
             path: path.to_path_buf(),
             source,
