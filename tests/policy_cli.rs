@@ -24,7 +24,8 @@ fn chitin(home: &Path, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = cmd.spawn().unwrap();
     let mut input = child.stdin.take().unwrap();
     if let Some(s) = stdin {
-        input.write_all(s.as_bytes()).unwrap();
+        // A command may exit before reading its input (e.g. on a config error): not a failure.
+        let _ = input.write_all(s.as_bytes());
     }
     drop(input);
     child.wait_with_output().unwrap()

@@ -52,7 +52,8 @@ impl Home {
             cmd.env("CHITIN_PASSPHRASE", p);
         }
         let mut child = cmd.spawn().unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        // A command may exit before reading its input (a refusal): not a failure.
+        let _ = child.stdin.take().unwrap().write_all(stdin);
         child.wait_with_output().unwrap()
     }
 
