@@ -363,10 +363,21 @@ impl Gate {
     /// Decides any request (admin actions, secret use, admission, ...) and records the
     /// decision. A malformed request is recorded as a refusal and returned as an error.
     pub fn check(&self, req: &PolicyRequest) -> Result<Verdict, GateError> {
+        self.check_with_entities(req, &[])
+    }
+
+    /// [`Self::check`] with request-specific entities (Cedar entity JSON) added for this
+    /// decision only, e.g. the `Skill` entity built from a verified signature. They are
+    /// recorded with the decision.
+    pub fn check_with_entities(
+        &self,
+        req: &PolicyRequest,
+        extra: &[Value],
+    ) -> Result<Verdict, GateError> {
         let actor = req.principal.to_string();
         let action = req.action_name();
         let resource = req.resource.to_string();
-        let decision = match self.engine.decide(req) {
+        let decision = match self.engine.decide_with_entities(req, extra) {
             Ok(d) => d,
             Err(e) => {
                 self.record_refusal(
@@ -384,12 +395,20 @@ impl Gate {
             Outcome::Deny => GateDecision::Deny,
             Outcome::ApprovalRequired => GateDecision::ApprovalRequired,
         };
-        let payload = json!({
+        let mut payload = json!({
             "context": self.redacted(&Value::Object(req.context.clone())),
             "shadow": decision.shadow,
             "errors": decision.errors,
             "request_digest": hex(&request_digest(req)),
         });
+        if !extra.is_empty()
+            && let Some(m) = payload.as_object_mut()
+        {
+            m.insert(
+                "entities".into(),
+                self.redacted(&Value::Array(extra.to_vec())),
+            );
+        }
         self.record(RecordInput::gate_decision(
             &actor,
             &action,

@@ -5,6 +5,7 @@ mod init;
 mod policy;
 mod sandbox;
 mod secrets;
+mod skills;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,9 @@ enum Command {
     /// Manage the encrypted secret store.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+    /// Sign, install, verify and trust skills.
+    #[command(subcommand)]
+    Skills(skills::SkillsCmd),
 }
 
 /// What every command knows: where the state lives and which config file to read.
@@ -90,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
         Command::Secrets(cmd) => secrets::run(cmd, &globals),
+        Command::Skills(cmd) => skills::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,
