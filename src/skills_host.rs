@@ -147,6 +147,8 @@ pub struct Installed {
     pub entry: LockEntry,
     /// Replaced a newer version (only with `force`).
     pub rolled_back: bool,
+    /// The Rekor log index of a transparency-logged signature.
+    pub log_index: Option<i64>,
 }
 
 /// A skill ready for use: verified against the lockfile and allowed by `skill.load`.
@@ -397,7 +399,12 @@ impl SkillsHost {
                 } else {
                     "installed".to_string()
                 },
-                json!({"entry": i.entry, "forced": force, "source": src.display().to_string()}),
+                json!({
+                    "entry": i.entry,
+                    "log_index": i.log_index,
+                    "forced": force,
+                    "source": src.display().to_string(),
+                }),
             ),
             Err(e) => (
                 format!("refused: {e}"),
@@ -507,6 +514,7 @@ impl SkillsHost {
         Ok(Installed {
             entry,
             rolled_back: older,
+            log_index: verified.verified.log_index,
         })
     }
 

@@ -14,6 +14,7 @@
 //! - `trust add --key PUBKEY.pem [--name NAME]` / `trust add --issuer URL --subject ID --name
 //!   NAME`, `trust list`, `trust remove NAME`.
 //! - `list [--json]`, `remove NAME`.
+//!
 //! Other errors (no state dir, unreadable config, audit log unavailable) exit 2.
 
 use std::path::{Path, PathBuf};
