@@ -193,3 +193,21 @@ fn a_signed_skill_with_hostile_instructions_grants_no_capability() {
     let v = fx.gate.check_tool(&call, &input, false).unwrap();
     assert!(!matches!(v, Verdict::Allowed(..)), "{v:?}");
 }
+
+#[test]
+fn a_request_entity_cannot_redefine_an_existing_entity() {
+    let fx = fixture(MD);
+    let req = chitin::policy::PolicyRequest::from_json(&json!({
+        "principal": "Chitin::User::\"bob\"",
+        "action": "Chitin::Action::\"skill.load\"",
+        "resource": "Chitin::Skill::\"weather\"",
+        "context": {"trusted_signer": true}
+    }))
+    .unwrap();
+    // Re-declaring bob as an owner through the request entities is refused.
+    let bob_owner = json!({"uid": {"type": "Chitin::User", "id": "bob"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]});
+    assert!(fx.gate.check_with_entities(&req, &[bob_owner]).is_err());
+    // A Skill entity that does not match the schema is refused.
+    let bad = json!({"uid": {"type": "Chitin::Skill", "id": "weather"}, "attrs": {"verified": "yes"}, "parents": []});
+    assert!(fx.gate.check_with_entities(&req, &[bad]).is_err());
+}
