@@ -22,7 +22,7 @@
 //!   gate and the sandbox like any other tool call (a signature grants no capability).
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use chitin_audit::{Kind, RecordInput};
@@ -211,6 +211,21 @@ impl SkillsHost {
         })
     }
 
+    /// An exclusive lock on the skills state for one read-modify-write (install, remove,
+    /// trust changes): concurrent `chitin skills` runs and the gateway never lose an update.
+    fn exclusive(&self) -> Result<std::fs::File, SkillsError> {
+        let p = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| io(&p, e))?;
+        f.lock().map_err(|e| io(&p, e))?;
+        Ok(f)
+    }
+
     fn lock_path(&self) -> PathBuf {
         self.dir.join("lock.json")
     }
@@ -303,6 +318,7 @@ impl SkillsHost {
     ) -> Result<(), SkillsError> {
         let actor = &user_uid(principal);
         let name = entry.name().to_string();
+        let _guard = self.exclusive()?;
         let result = (|| {
             admin_check(gate, principal)?;
             chitin_skills::skillmd::check_name(&name).map_err(|_| {
@@ -347,6 +363,7 @@ impl SkillsHost {
         name: &str,
     ) -> Result<(), SkillsError> {
         let actor = &user_uid(principal);
+        let _guard = self.exclusive()?;
         let result = (|| {
             admin_check(gate, principal)?;
             if name == PROJECT_KEY_NAME {
@@ -385,6 +402,7 @@ impl SkillsHost {
         force: bool,
         now_ms: i64,
     ) -> Result<Installed, SkillsError> {
+        let _guard = self.exclusive()?;
         let staging_root = self.dir.join(format!(".staging-{}", std::process::id()));
         let result = self.install_inner(gate, principal, src, force, now_ms, &staging_root);
         remove_tree(&staging_root);
@@ -684,6 +702,7 @@ impl SkillsHost {
         name: &str,
     ) -> Result<LockEntry, SkillsError> {
         let actor = &user_uid(principal);
+        let _guard = self.exclusive()?;
         let result = (|| {
             admin_check(gate, principal)?;
             let mut lock = self.lockfile()?;
