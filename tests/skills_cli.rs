@@ -420,3 +420,54 @@ fn keyless_identities_are_added_listed_and_removed_and_audited() {
         "{admin}"
     );
 }
+
+#[test]
+fn a_passphrase_encrypted_key_signs_only_with_the_passphrase() {
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    let key = t.path().join("enc.key");
+    let run = |args: &[&str], pass: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_chitin"));
+        c.args(args)
+            .env("CHITIN_HOME", &home)
+            .env_remove("CHITIN_PASSPHRASE");
+        if let Some(p) = pass {
+            c.env("CHITIN_PASSPHRASE", p);
+        }
+        c.output().unwrap()
+    };
+    let o = run(
+        &["skills", "keygen", "--out", key.to_str().unwrap()],
+        Some("correct horse"),
+    );
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(
+        fs::read_to_string(&key)
+            .unwrap()
+            .starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    );
+    let d = t.path().join("s");
+    fs::create_dir(&d).unwrap();
+    fs::write(d.join("SKILL.md"), "---\nname: s\ndescription: d\n---\n").unwrap();
+    let sign = |pass| {
+        run(
+            &[
+                "skills",
+                "sign",
+                d.to_str().unwrap(),
+                "--key",
+                key.to_str().unwrap(),
+            ],
+            pass,
+        )
+    };
+    let o = sign(None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err(&o).contains("set CHITIN_PASSPHRASE"), "{}", err(&o));
+    let o = sign(Some("wrong"));
+    assert!(err(&o).contains("wrong passphrase"), "{}", err(&o));
+    assert!(!d.join("skill.sigstore.json").exists());
+    let o = sign(Some("correct horse"));
+    assert!(o.status.success(), "{}", err(&o));
+    assert!(d.join("skill.sigstore.json").exists());
+}

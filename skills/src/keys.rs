@@ -1,6 +1,8 @@
 //! Operator signing keys (public-key mode): ECDSA P-256.
 //!
-//! Private keys are PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`), written 0600; public keys are
+//! Private keys are PKCS#8 PEM, written 0600: `-----BEGIN ENCRYPTED PRIVATE KEY-----` (PBES2,
+//! scrypt + AES-256-CBC) when a passphrase is given (`CHITIN_PASSPHRASE` in the CLI), else
+//! `-----BEGIN PRIVATE KEY-----`; public keys are
 //! SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`, the same format as cosign's and
 //! OpenSSL's `ec -pubout`). A key's fingerprint is `sha256:<hex>` of its DER
 //! SubjectPublicKeyInfo; it is the `publicKey.hint` of the bundles it signs.
@@ -88,17 +90,29 @@ impl SecretSigningKey {
         ))
     }
 
-    /// Reads a PKCS#8 PEM private key file.
-    pub fn load(path: &Path) -> Result<Self, SkillError> {
+    /// Reads a PKCS#8 PEM private key file; an encrypted key needs `passphrase`.
+    pub fn load(path: &Path, passphrase: Option<&[u8]>) -> Result<Self, SkillError> {
         let text = zeroize::Zeroizing::new(
             std::fs::read_to_string(path).map_err(|e| SkillError::io(path, e))?,
         );
-        let key = SigningKey::from_pkcs8_pem(&text).map_err(|_| SkillError::InvalidKey {
+        let bad = |why: &str| SkillError::InvalidKey {
             path: path.to_path_buf(),
-            why: "expected an unencrypted PKCS#8 ECDSA P-256 key (-----BEGIN PRIVATE KEY-----), \
-                  as written by `chitin skills keygen`"
-                .into(),
-        })?;
+            why: why.to_string(),
+        };
+        let key = if text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+            let pass = passphrase.ok_or_else(|| {
+                bad("the key is encrypted: set CHITIN_PASSPHRASE to its passphrase")
+            })?;
+            SigningKey::from_pkcs8_encrypted_pem(&text, pass)
+                .map_err(|_| bad("wrong passphrase, or not an ECDSA P-256 PKCS#8 key"))?
+        } else {
+            SigningKey::from_pkcs8_pem(&text).map_err(|_| {
+                bad(
+                    "expected a PKCS#8 ECDSA P-256 key (-----BEGIN PRIVATE KEY----- or \
+                     -----BEGIN ENCRYPTED PRIVATE KEY-----), as written by `chitin skills keygen`",
+                )
+            })?
+        };
         Ok(Self { key })
     }
 
@@ -117,16 +131,23 @@ impl SecretSigningKey {
         })
     }
 
-    /// Writes the private key (0600, refusing to overwrite) and the public key next to it
-    /// (`<path>.pub`, 0644).
-    pub fn save(&self, path: &Path) -> Result<std::path::PathBuf, SkillError> {
-        let pem = self
-            .key
-            .to_pkcs8_pem(LineEnding::LF)
-            .map_err(|e| SkillError::InvalidKey {
-                path: path.to_path_buf(),
-                why: e.to_string(),
-            })?;
+    /// Writes the private key (0600, refusing to overwrite; encrypted when `passphrase` is
+    /// given) and the public key next to it (`<path>.pub`, 0644).
+    pub fn save(
+        &self,
+        path: &Path,
+        passphrase: Option<&[u8]>,
+    ) -> Result<std::path::PathBuf, SkillError> {
+        let encoded = match passphrase {
+            Some(p) => self
+                .key
+                .to_pkcs8_encrypted_pem(pkcs8::rand_core::OsRng, p, LineEnding::LF),
+            None => self.key.to_pkcs8_pem(LineEnding::LF),
+        };
+        let pem = encoded.map_err(|e| SkillError::InvalidKey {
+            path: path.to_path_buf(),
+            why: e.to_string(),
+        })?;
         let pub_path = {
             let mut s = path.as_os_str().to_os_string();
             s.push(".pub");

@@ -3,7 +3,8 @@
 //! Contract (checked from outside):
 //! - `sign DIR --key KEYFILE` writes `DIR/skill.sigstore.json` (public-key mode) and prints
 //!   `signed NAME VERSION DIGEST key=FINGERPRINT`.
-//! - `keygen --out KEYFILE` writes KEYFILE (PKCS#8 PEM, 0600) and KEYFILE.pub (SPKI PEM) and
+//! - `keygen --out KEYFILE` writes KEYFILE (PKCS#8 PEM, 0600; encrypted with
+//!   `CHITIN_PASSPHRASE` when set) and KEYFILE.pub (SPKI PEM) and
 //!   prints `wrote KEYFILE KEYFILE.pub fingerprint=sha256:<hex>`.
 //! - `install PATH` prints `installed NAME VERSION DIGEST signer=SIGNER` and exits 0, or prints
 //!   a one-line reason (`unsigned`, `signature invalid: ...`, `file changed: PATH`,
@@ -142,7 +143,8 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
     match cmd {
         SkillsCmd::Keygen { out } => {
             let key = SecretSigningKey::generate()?;
-            let pub_path = key.save(&out)?;
+            let pass = passphrase();
+            let pub_path = key.save(&out, pass.as_ref().map(|p| p.as_bytes()))?;
             println!(
                 "wrote {} {} fingerprint={}",
                 out.display(),
@@ -153,7 +155,8 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
         }
         SkillsCmd::Sign { dir, key } => {
             let config = globals.load_config()?;
-            let key = SecretSigningKey::load(&key)?;
+            let pass = passphrase();
+            let key = SecretSigningKey::load(&key, pass.as_ref().map(|p| p.as_bytes()))?;
             match sign_skill_dir(&dir, &key, &config.skills.limits()) {
                 Ok((meta, digest)) => {
                     println!(
@@ -256,6 +259,15 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
         }
         SkillsCmd::Trust(t) => trust(t, globals),
     }
+}
+
+/// `CHITIN_PASSPHRASE`, when set and non-empty: encrypts keys written by `keygen`, decrypts
+/// encrypted keys for `sign`.
+fn passphrase() -> Option<zeroize::Zeroizing<String>> {
+    std::env::var("CHITIN_PASSPHRASE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(zeroize::Zeroizing::new)
 }
 
 fn default_key_name(path: &Path) -> String {
