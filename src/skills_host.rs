@@ -258,8 +258,23 @@ impl SkillsHost {
         Ok(())
     }
 
+    /// Reads `lock.json`; names and digests are checked, since they become paths in the store.
     fn lockfile(&self) -> Result<Lockfile, SkillsError> {
-        self.read_json(&self.lock_path())
+        let lock: Lockfile = self.read_json(&self.lock_path())?;
+        for (k, e) in &lock.skills {
+            let hexd = e.digest.strip_prefix("sha256:").unwrap_or("");
+            let digest_ok = hexd.len() == 64
+                && hexd
+                    .bytes()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+            if k != &e.name || chitin_skills::skillmd::check_name(k).is_err() || !digest_ok {
+                return Err(SkillsError::Corrupt {
+                    path: self.lock_path(),
+                    message: format!("entry {k:?} has an invalid name or digest"),
+                });
+            }
+        }
+        Ok(lock)
     }
 
     /// The installed skills, by name.
@@ -599,9 +614,7 @@ impl SkillsHost {
     ) -> Result<VerifiedSkill, SkillsError> {
         let dir = self.store_dir(e);
         if !dir.is_dir() {
-            return Err(
-                SkillError::FileMissing(format!("{} (the installed copy)", dir.display())).into(),
-            );
+            return Err(SkillError::FileMissing(dir.display().to_string()).into());
         }
         let v = verify_skill_dir(&dir, &self.root, trust, &self.limits)?;
         if v.digest != e.digest || v.meta.version != e.version || v.meta.name != e.name {

@@ -211,3 +211,19 @@ fn a_request_entity_cannot_redefine_an_existing_entity() {
     let bad = json!({"uid": {"type": "Chitin::Skill", "id": "weather"}, "attrs": {"verified": "yes"}, "parents": []});
     assert!(fx.gate.check_with_entities(&req, &[bad]).is_err());
 }
+
+#[test]
+fn a_lockfile_entry_whose_name_would_leave_the_store_is_refused() {
+    let fx = fixture(MD);
+    let lock = fx.home.join("skills/lock.json");
+    let text = fs::read_to_string(&lock).unwrap();
+    fs::write(&lock, text.replace("\"weather\"", "\"../../victim\"")).unwrap();
+    let victim = fx.home.join("victim");
+    fs::create_dir(&victim).unwrap();
+    let err = fx
+        .host
+        .remove(&fx.gate, "owner", "../../victim")
+        .unwrap_err();
+    assert!(err.to_string().contains("invalid name or digest"), "{err}");
+    assert!(victim.exists());
+}
