@@ -227,3 +227,10 @@ fn a_lockfile_entry_whose_name_would_leave_the_store_is_refused() {
     assert!(err.to_string().contains("invalid name or digest"), "{err}");
     assert!(victim.exists());
 }
+
+#[test]
+fn the_skills_host_can_be_shared_across_gateway_tasks() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<SkillsHost>();
+    shared::<chitin::skills_host::LoadedSkill>();
+}

@@ -478,3 +478,22 @@ fn an_archive_past_the_size_or_count_limit_is_refused() {
         .to_string();
     assert_eq!(err, "too large: the archive has more than 10 entries");
 }
+
+#[test]
+fn a_zip_entry_with_an_absolute_path_is_refused() {
+    use std::io::Write;
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("abs.zip");
+    let target = t.path().join("abs-target");
+    let mut z = zip::ZipWriter::new(fs::File::create(&p).unwrap());
+    let o = zip::write::SimpleFileOptions::default();
+    z.start_file(target.to_str().unwrap(), o).unwrap();
+    z.write_all(b"x").unwrap();
+    z.finish().unwrap();
+    let err = unpack(&p).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        format!("unsafe archive entry: {} (absolute path)", target.display())
+    );
+    assert!(!target.exists());
+}
