@@ -455,14 +455,30 @@ impl Gate {
     /// Decides any request (admin actions, secret use, admission, ...) and records the
     /// decision. A malformed request is recorded as a refusal and returned as an error.
     pub fn check(&self, req: &PolicyRequest) -> Result<Verdict, GateError> {
-        self.check_bound(req, None)
+        self.check_bound(req, None, &[])
     }
 
-    fn check_bound(&self, req: &PolicyRequest, args: Option<&Value>) -> Result<Verdict, GateError> {
+    /// [`Self::check`] with request-specific entities (Cedar entity JSON) added for this
+    /// decision only, e.g. the `Skill` entity built from a verified signature. They are
+    /// recorded with the decision.
+    pub fn check_with_entities(
+        &self,
+        req: &PolicyRequest,
+        extra: &[Value],
+    ) -> Result<Verdict, GateError> {
+        self.check_bound(req, None, extra)
+    }
+
+    fn check_bound(
+        &self,
+        req: &PolicyRequest,
+        args: Option<&Value>,
+        extra: &[Value],
+    ) -> Result<Verdict, GateError> {
         let actor = req.principal.to_string();
         let action = req.action_name();
         let resource = req.resource.to_string();
-        let decision = match self.engine.decide(req) {
+        let decision = match self.engine.decide_with_entities(req, extra) {
             Ok(d) => d,
             Err(e) => {
                 self.record_refusal(
@@ -480,12 +496,20 @@ impl Gate {
             Outcome::Deny => GateDecision::Deny,
             Outcome::ApprovalRequired => GateDecision::ApprovalRequired,
         };
-        let payload = json!({
+        let mut payload = json!({
             "context": self.redacted(&Value::Object(req.context.clone())),
             "shadow": decision.shadow,
             "errors": decision.errors,
             "request_digest": hex(&request_digest_with(req, args)),
         });
+        if !extra.is_empty()
+            && let Some(m) = payload.as_object_mut()
+        {
+            m.insert(
+                "entities".into(),
+                self.redacted(&Value::Array(extra.to_vec())),
+            );
+        }
         self.record(RecordInput::gate_decision(
             &actor,
             &action,
@@ -597,7 +621,7 @@ impl Gate {
     /// recorded as a refusal and never reaches Cedar.
     pub fn check_tool(&self, call: &CallContext, input: &ToolInput) -> Result<Verdict, GateError> {
         match self.tool_request(call, input) {
-            Ok(req) => self.check_bound(&req, None),
+            Ok(req) => self.check_bound(&req, None, &[]),
             Err(e) => Err(self.refuse_input(call, input.tool(), &format!("{input:?}"), e)?),
         }
     }
@@ -628,7 +652,7 @@ impl Gate {
             }
             req.context.insert("approved".into(), json!(true));
         }
-        self.check_bound(&req, Some(args))
+        self.check_bound(&req, Some(args), &[])
     }
 
     /// Records input that never reached Cedar as a refusal; returns the error to hand back.

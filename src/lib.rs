@@ -9,6 +9,7 @@ pub mod config;
 pub mod gate;
 pub mod policy;
 pub mod secrets;
+pub mod skills_host;
 pub mod state;
 pub mod store;
 pub mod tools;

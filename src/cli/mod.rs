@@ -7,6 +7,7 @@ mod init;
 mod policy;
 mod sandbox;
 mod secrets;
+mod skills;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,9 @@ enum Command {
     /// Manage the encrypted secret store.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+    /// Sign, install, verify and trust skills.
+    #[command(subcommand)]
+    Skills(skills::SkillsCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -214,6 +218,7 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
         Command::Secrets(cmd) => secrets::run(cmd, &globals),
+        Command::Skills(cmd) => skills::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

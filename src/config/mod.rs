@@ -8,6 +8,7 @@ pub mod audit;
 pub mod policy;
 pub mod sandbox;
 pub mod secrets;
+pub mod skills;
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +36,7 @@ pub struct Config {
     pub audit: audit::AuditConfig,
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
+    pub skills: skills::SkillsConfig,
 }
 
 impl Config {
@@ -89,6 +91,7 @@ pub fn default_toml() -> String {
         audit::TEMPLATE,
         sandbox::TEMPLATE,
         secrets::TEMPLATE,
+        skills::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

@@ -24,6 +24,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "tools.cedar",
         include_str!("../../policies/default/tools.cedar"),
     ),
+    (
+        "skills.cedar",
+        include_str!("../../policies/default/skills.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.

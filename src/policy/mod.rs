@@ -982,10 +982,39 @@ impl PolicyEngine {
     /// Decides a request. `Err` means the request itself is malformed (unknown action,
     /// context that does not match the schema, ...): callers must treat that as a deny.
     pub fn decide(&self, req: &PolicyRequest) -> Result<Decision, PolicyError> {
+        self.decide_with_entities(req, &[])
+    }
+
+    /// Decides a request with request-specific entities added to the active entity store for
+    /// this decision only (e.g. the `Skill` entity built from a verified signature). `extra`
+    /// is Cedar entity JSON, checked against the schema; an entity that is already defined is
+    /// an error (so a request cannot redefine an operator's entity), and so is anything that
+    /// does not match the schema.
+    pub fn decide_with_entities(
+        &self,
+        req: &PolicyRequest,
+        extra: &[Value],
+    ) -> Result<Decision, PolicyError> {
         let active = self.active();
+        let merged;
+        let entities = if extra.is_empty() {
+            &active.entities
+        } else {
+            let add = Entities::from_json_value(
+                Value::Array(extra.to_vec()),
+                Some(&active.compiled.schema),
+            )
+            .map_err(|e| PolicyError::Request(format!("request entities: {e}")))?;
+            merged = active
+                .entities
+                .clone()
+                .add_entities(add, Some(&active.compiled.schema))
+                .map_err(|e| PolicyError::Request(format!("request entities: {e}")))?;
+            &merged
+        };
         let compiled = &active.compiled;
         let schema = &compiled.schema;
-        let sets = compiled.sets_for(&req.action, &req.principal, &active.entities)?;
+        let sets = compiled.sets_for(&req.action, &req.principal, entities)?;
         let action_name = req.action_name();
         let derived = derive_context(&action_name, &req.context, &self.state_dirs);
         let is_grant = action_name == "approval.grant";
@@ -1051,7 +1080,7 @@ impl PolicyEngine {
             &sets.enforced,
             &first,
             &mut approved,
-            &active.entities,
+            entities,
             &compiled.forbids,
         )?;
         let mut shadow = Vec::new();
@@ -1060,7 +1089,7 @@ impl PolicyEngine {
                 with_shadow,
                 &first,
                 &mut approved,
-                &active.entities,
+                entities,
                 &compiled.forbids,
             )?;
             if s_outcome != outcome {
