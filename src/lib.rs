@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod policy;
+pub mod providers;
 pub mod secrets;
 pub mod state;
 pub mod store;

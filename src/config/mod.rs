@@ -4,8 +4,10 @@
 //! that names the key and its line; missing keys take their documented defaults.
 //! Each section lives in its own file and owns its own documentation text (`TEMPLATE`).
 
+pub mod agent;
 pub mod audit;
 pub mod policy;
+pub mod providers;
 pub mod sandbox;
 pub mod secrets;
 
@@ -35,6 +37,10 @@ pub struct Config {
     pub audit: audit::AuditConfig,
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
+    pub providers: Vec<providers::ProviderConfig>,
+    pub agent: agent::AgentConfig,
+    pub pricing: providers::PricingConfig,
+    pub budgets: agent::BudgetsConfig,
 }
 
 impl Config {
@@ -58,6 +64,8 @@ impl Config {
         config
             .secrets
             .validate()
+            .and_then(|()| providers::validate(&config.providers, &config.agent, &config.pricing))
+            .and_then(|()| config.budgets.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -89,6 +97,8 @@ pub fn default_toml() -> String {
         audit::TEMPLATE,
         sandbox::TEMPLATE,
         secrets::TEMPLATE,
+        providers::TEMPLATE,
+        agent::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");
