@@ -20,6 +20,7 @@ mod anthropic;
 mod collect;
 pub mod cost;
 mod http;
+pub mod keys;
 mod openai;
 pub mod retry;
 mod router;
@@ -30,6 +31,7 @@ pub mod testing;
 use std::fmt;
 
 pub use cost::{UsageRecord, check_budget, cost_usd, spend_today_usd};
+pub use keys::GateKeySource;
 pub use retry::{RetryPolicy, Sleeper, TokioSleeper};
 pub use router::{ModelRef, Router};
 

@@ -1,5 +1,6 @@
 //! Helpers shared by the provider tests: a router over fake servers with fast retries.
 //! The fake servers themselves are `chitin::providers::testing` (reusable by any test).
+#![allow(dead_code, reason = "shared by several test files; each uses a part")]
 
 use std::sync::{Arc, Mutex};
 
@@ -29,7 +30,6 @@ pub fn provider(
 
 pub struct Setup {
     pub router: Router,
-    #[allow(dead_code, reason = "not every test file looks at the waits")]
     pub sleeper: Arc<RecordingSleeper>,
 }
 
