@@ -477,3 +477,109 @@ fn the_chat_future_can_be_spawned_on_a_multi_threaded_runtime() {
     fn assert_sync<T: Send + Sync>() {}
     assert_sync::<chitin::providers::Router>();
 }
+
+fn raw_sse(body: String) -> Step {
+    Step::Raw {
+        status: 200,
+        content_type: "text/event-stream".into(),
+        body,
+    }
+}
+
+#[tokio::test]
+async fn an_openai_compatible_server_without_call_ids_or_done_marker_still_works() {
+    // Ollama-style: no tool-call id, the whole call in one chunk, no `[DONE]` after the
+    // finish reason.
+    let body = [
+        r#"{"choices":[{"index":0,"delta":{"role":"assistant","content":"ok "}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{"tool_calls":[{"function":{"name":"list_dir","arguments":"{\"path\":\"/\"}"}}]}}]}"#,
+        r#"{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}"#,
+    ]
+    .iter()
+    .map(|d| format!("data: {d}\n\n"))
+    .collect::<String>();
+    let f = fake(ProviderKind::Openai, vec![raw_sse(body)]).await;
+    let s = router(ProviderKind::Openai, &f.base_url());
+    let (_e, mut sink) = recorder();
+    let r = s.router.chat(&hello(), &mut sink).await.unwrap();
+    assert_eq!(r.text, "ok ");
+    assert_eq!(r.tool_calls.len(), 1);
+    assert_eq!(r.tool_calls[0].id, "call_0", "a missing id is generated");
+    assert_eq!(r.tool_calls[0].name, "list_dir");
+    assert_eq!(r.tool_calls[0].arguments_json, r#"{"path":"/"}"#);
+    assert_eq!(r.stop_reason, StopReason::ToolUse);
+}
+
+#[tokio::test]
+async fn a_stream_that_ends_cleanly_before_the_answer_is_complete_is_a_dropped_stream() {
+    for kind in KINDS {
+        let body = match kind {
+            ProviderKind::Anthropic => concat!(
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1,\"output_tokens\":1}}}\n\n",
+                "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"cut\"}}\n\n",
+            ),
+            ProviderKind::Openai => {
+                "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"cut\"}}]}\n\n"
+            }
+        };
+        let f = fake(kind, vec![raw_sse(body.into()), Step::text("whole")]).await;
+        let s = router(kind, &f.base_url());
+        let (_e, mut sink) = recorder();
+        let r = s.router.chat(&hello(), &mut sink).await.unwrap();
+        assert_eq!(r.text, "whole", "{kind:?}");
+        assert!(
+            r.failed_attempts[0].reason.contains("closed before"),
+            "{kind:?}: {:?}",
+            r.failed_attempts
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_stream_true_and_sends_json_is_understood() {
+    let body = serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant",
+        "content": "plain json"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+    .to_string();
+    let f = fake(
+        ProviderKind::Openai,
+        vec![Step::Raw {
+            status: 200,
+            content_type: "application/json".into(),
+            body,
+        }],
+    )
+    .await;
+    let s = router(ProviderKind::Openai, &f.base_url());
+    let (_e, mut sink) = recorder();
+    let r = s.router.chat(&hello(), &mut sink).await.unwrap();
+    assert_eq!(r.text, "plain json");
+    assert_eq!(
+        r.usage,
+        Usage {
+            input_tokens: 3,
+            output_tokens: 2
+        }
+    );
+}
+
+#[tokio::test]
+async fn a_response_larger_than_the_cap_is_cut_off_with_an_error() {
+    // 17 MiB of well-formed but meaningless events.
+    let body = "data: {}\n\n".repeat(17 * 1024 * 1024 / 10);
+    let f = fake(ProviderKind::Anthropic, vec![raw_sse(body)]).await;
+    let s = router(ProviderKind::Anthropic, &f.base_url());
+    let (_e, mut sink) = recorder();
+    let e = s.router.chat(&hello(), &mut sink).await.unwrap_err();
+    assert!(e.to_string().contains("larger than 16777216 bytes"), "{e}");
+    assert_eq!(f.requests().len(), 1, "not retried");
+}
+
+#[test]
+fn installing_the_tls_provider_twice_is_harmless_and_https_clients_build() {
+    chitin::providers::init_tls();
+    chitin::providers::init_tls();
+    let s = router(ProviderKind::Anthropic, "https://api.anthropic.com");
+    assert_eq!(s.router.host_of("p"), Some("api.anthropic.com"));
+}
