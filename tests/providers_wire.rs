@@ -583,3 +583,42 @@ fn installing_the_tls_provider_twice_is_harmless_and_https_clients_build() {
     let s = router(ProviderKind::Anthropic, "https://api.anthropic.com");
     assert_eq!(s.router.host_of("p"), Some("api.anthropic.com"));
 }
+
+#[tokio::test]
+async fn chat_stream_delivers_events_on_a_channel_and_the_answer_on_the_handle() {
+    let f = fake(
+        ProviderKind::Anthropic,
+        vec![Step::Reply(Reply::text(["a", "b", "c"]).usage(7, 3))],
+    )
+    .await;
+    let s = router(ProviderKind::Anthropic, &f.base_url());
+    let router = std::sync::Arc::new(s.router);
+    let (mut rx, handle) = router.chat_stream(hello());
+    let r = handle.await.unwrap().unwrap();
+    let mut text = String::new();
+    while let Some(e) = rx.recv().await {
+        if let ProviderEvent::TextDelta(t) = e {
+            text.push_str(&t);
+        }
+    }
+    assert_eq!(text, "abc");
+    assert_eq!(r.text, "abc");
+    // The answer goes back into the conversation as the assistant turn.
+    assert_eq!(
+        r.to_message(),
+        Message::Assistant {
+            text: "abc".into(),
+            tool_calls: vec![]
+        }
+    );
+    let rec = chitin::providers::UsageRecord::from_response("alice", 5, &r);
+    assert_eq!(
+        rec.usage,
+        Usage {
+            input_tokens: 7,
+            output_tokens: 3
+        }
+    );
+    assert_eq!(rec.model, "p/m1");
+    assert!(rec.cost_usd.unwrap() > 0.0);
+}

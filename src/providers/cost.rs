@@ -25,6 +25,19 @@ pub struct UsageRecord {
     pub cost_usd: Option<f64>,
 }
 
+impl UsageRecord {
+    /// The record of one answered call, for the gateway to persist.
+    pub fn from_response(user: &str, at_ms: i64, resp: &super::ChatResponse) -> Self {
+        Self {
+            user: user.into(),
+            at_ms,
+            model: resp.model.clone(),
+            usage: resp.usage,
+            cost_usd: resp.cost_usd,
+        }
+    }
+}
+
 const DAY_MS: i64 = 86_400_000;
 
 /// What `user` spent on the UTC day containing `now_ms`.

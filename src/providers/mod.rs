@@ -245,6 +245,17 @@ pub struct ChatResponse {
     pub failed_attempts: Vec<AttemptFailure>,
 }
 
+impl ChatResponse {
+    /// The answer as the assistant message to append to the conversation (tool calls
+    /// included, malformed ones too: their tool results must say why they did not run).
+    pub fn to_message(&self) -> Message {
+        Message::Assistant {
+            text: self.text.clone(),
+            tool_calls: self.tool_calls.clone(),
+        }
+    }
+}
+
 /// One failed attempt: which model, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AttemptFailure {

@@ -171,6 +171,28 @@ impl Router {
         Err(ProviderError::AllFailed(failures))
     }
 
+    /// [`Router::chat`] on its own task: events arrive on the channel as they happen, the
+    /// answer through the join handle. Dropping the handle does not stop the call; aborting
+    /// it does.
+    pub fn chat_stream(
+        self: &Arc<Self>,
+        req: ChatRequest,
+    ) -> (
+        tokio::sync::mpsc::UnboundedReceiver<ProviderEvent>,
+        tokio::task::JoinHandle<Result<ChatResponse, ProviderError>>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let me = Arc::clone(self);
+        let handle = tokio::spawn(async move {
+            let mut sink = move |e: ProviderEvent| {
+                // A receiver that went away only stops the events, not the call.
+                let _gone = tx.send(e);
+            };
+            me.chat(&req, &mut sink).await
+        });
+        (rx, handle)
+    }
+
     /// All attempts on one model. `Err` carries the last reason (already recorded).
     async fn try_model(
         &self,
@@ -197,12 +219,21 @@ impl Router {
         let key: Option<SecretValue> = match &client.api_key {
             None => None,
             Some(secret) => {
-                let kr = KeyRequest {
-                    provider: &client.name,
-                    secret,
-                    host: &client.host,
-                };
-                match self.keys.key_for(&kr) {
+                // The key source makes a gate decision and writes an audit record (fsync):
+                // blocking work, so it runs on the blocking pool, not on a runtime worker.
+                let keys = Arc::clone(&self.keys);
+                let (provider, secret, host) =
+                    (client.name.clone(), secret.clone(), client.host.clone());
+                let got = tokio::task::spawn_blocking(move || {
+                    keys.key_for(&KeyRequest {
+                        provider: &provider,
+                        secret: &secret,
+                        host: &host,
+                    })
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("the key source failed: {e}")));
+                match got {
                     Ok(k) => Some(k),
                     Err(reason) => {
                         let e = ProviderError::Key {
