@@ -352,6 +352,9 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<Recorde
         .find(|(n, _)| n == "content-length")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
+    if len > 64 * 1024 * 1024 {
+        return None;
+    }
     let start = head_end + 4;
     while buf.len() < start + len {
         let mut chunk = [0u8; 65536];
