@@ -215,6 +215,7 @@ pub enum ProviderEvent {
     /// The model finished.
     Done { stop_reason: StopReason },
     /// The attempt failed and is being retried on the same model: discard partial output.
+    /// `attempt` is the attempt about to start (2 = the first retry).
     Retry {
         model: String,
         attempt: u32,
