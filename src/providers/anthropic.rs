@@ -246,3 +246,59 @@ pub fn error_message(body: &[u8]) -> Option<String> {
     let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
     Some(format!("{ty}: {msg}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+    use crate::providers::ToolCall;
+
+    #[test]
+    fn a_malformed_call_is_replayed_with_empty_input_and_turns_of_one_role_are_merged() {
+        let req = ChatRequest::new(
+            vec![
+                Message::user("go"),
+                Message::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "exec".into(),
+                        arguments_json: "{\"argv\": [".into(),
+                        malformed: Some("not valid JSON".into()),
+                    }],
+                },
+                Message::ToolResult {
+                    tool_use_id: "c1".into(),
+                    content: "malformed arguments, not run".into(),
+                    is_error: true,
+                },
+                Message::user("try again"),
+                Message::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![],
+                },
+            ],
+            10,
+        );
+        let body = request_body("m", &req, true);
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": [{"type": "text", "text": "go"}]},
+                {"role": "assistant", "content": [
+                    {"type": "tool_use", "id": "c1", "name": "exec", "input": {}}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "c1",
+                     "content": "malformed arguments, not run", "is_error": true},
+                    {"type": "text", "text": "try again"}]}
+            ])
+        );
+        assert!(body.get("tools").is_none());
+        assert!(body.get("system").is_none());
+    }
+}
