@@ -15,6 +15,19 @@ use chitin::providers::testing::{FakeAnthropic, FakeOpenAi, FakeServer, Reply, S
 use chitin::providers::{ChatRequest, Message, ProviderKind, Router, ToolSpec};
 use chitin::secrets::{CredentialField, SecretName, SecretRef};
 
+/// Process CPU time (user + system, all threads) from /proc/self/stat, in seconds.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // rest starts at field 3 (index 0), so field n is index n - 3; 100 ticks per second.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -24,7 +37,13 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted.get(i.min(last)).copied().unwrap_or_default()
 }
 
-async fn run(kind: ProviderKind, stream: bool, with_tools: bool, n: usize) -> Result<(), String> {
+async fn run(
+    kind: ProviderKind,
+    stream: bool,
+    with_tools: bool,
+    with_key: bool,
+    n: usize,
+) -> Result<(), String> {
     let reply = if with_tools {
         Reply::text(["Let me ", "check ", "that."]).tool_call(
             "call_1",
@@ -42,9 +61,11 @@ async fn run(kind: ProviderKind, stream: bool, with_tools: bool, n: usize) -> Re
     .map_err(|e| e.to_string())?;
     fake.set_fallback(Step::Reply(reply));
     let mut p = ProviderConfig::new("p", kind, Some(&fake.base_url()));
-    p.api_key = Some(CredentialField(SecretRef::Secret(
-        SecretName::parse("p_key").map_err(|e| e.to_string())?,
-    )));
+    if with_key {
+        p.api_key = Some(CredentialField(SecretRef::Secret(
+            SecretName::parse("p_key").map_err(|e| e.to_string())?,
+        )));
+    }
     let agent = AgentConfig {
         model: "p/m".into(),
         ..AgentConfig::default()
@@ -83,6 +104,7 @@ async fn run(kind: ProviderKind, stream: bool, with_tools: bool, n: usize) -> Re
             .map_err(|e| e.to_string())?;
     }
     let mut times = Vec::with_capacity(n);
+    let cpu0 = cpu_seconds();
     let t_all = Instant::now();
     for _ in 0..n {
         let t = Instant::now();
@@ -96,15 +118,19 @@ async fn run(kind: ProviderKind, stream: bool, with_tools: bool, n: usize) -> Re
         }
     }
     let total = t_all.elapsed();
+    let cpu = cpu_seconds() - cpu0;
     times.sort_unstable();
     println!(
-        "{:<9} {:<6} {:<5} n={n:<5} p50 {:>7.1} us  p99 {:>7.1} us  mean {:>7.1} us",
+        "{:<9} {:<5} {:<5} {:<6} n={n:<5} p50 {:>7.1} us  p99 {:>7.1} us  mean {:>7.1} us  \
+         cpu/call {:>6.1} us (client + fake server)",
         kind.as_str(),
         if stream { "sse" } else { "whole" },
         if with_tools { "tools" } else { "text" },
+        if with_key { "key" } else { "no-key" },
         pct(&times, 0.50).as_secs_f64() * 1e6,
         pct(&times, 0.99).as_secs_f64() * 1e6,
         total.as_secs_f64() * 1e6 / n as f64,
+        cpu * 1e6 / n as f64,
     );
     Ok(())
 }
@@ -128,8 +154,8 @@ fn main() {
     };
     for kind in [ProviderKind::Anthropic, ProviderKind::Openai] {
         for stream in [true, false] {
-            for tools in [false, true] {
-                if let Err(e) = rt.block_on(run(kind, stream, tools, n)) {
+            for (tools, key) in [(false, false), (false, true), (true, true)] {
+                if let Err(e) = rt.block_on(run(kind, stream, tools, key, n)) {
                     eprintln!("{kind:?} stream={stream} tools={tools}: {e}");
                     std::process::exit(1);
                 }
