@@ -4,8 +4,10 @@
 //! that names the key and its line; missing keys take their documented defaults.
 //! Each section lives in its own file and owns its own documentation text (`TEMPLATE`).
 
+pub mod agent;
 pub mod audit;
 pub mod policy;
+pub mod providers;
 pub mod sandbox;
 pub mod secrets;
 pub mod skills;
@@ -37,6 +39,10 @@ pub struct Config {
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
     pub skills: skills::SkillsConfig,
+    pub providers: Vec<providers::ProviderConfig>,
+    pub agent: agent::AgentConfig,
+    pub pricing: providers::PricingConfig,
+    pub budgets: agent::BudgetsConfig,
 }
 
 impl Config {
@@ -60,6 +66,8 @@ impl Config {
         config
             .secrets
             .validate()
+            .and_then(|()| providers::validate(&config.providers, &config.agent, &config.pricing))
+            .and_then(|()| config.budgets.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -92,6 +100,8 @@ pub fn default_toml() -> String {
         sandbox::TEMPLATE,
         secrets::TEMPLATE,
         skills::TEMPLATE,
+        providers::TEMPLATE,
+        agent::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

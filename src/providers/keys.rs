@@ -1,0 +1,110 @@
+//! [`GateKeySource`]: the production [`KeySource`]. Every key request is a gate decision
+//! (`secret.use` by `Chitin::Provider::"<name>"` on `Chitin::Secret::"NAME"` with context
+//! `{host}`), recorded in the audit log; only an `allow` reaches the secret store.
+
+use std::sync::Arc;
+
+use serde_json::{Map, json};
+
+use super::{KeyRequest, KeySource};
+use crate::gate::{Authorized, Gate, Verdict};
+use crate::policy::PolicyRequest;
+use crate::secrets::{SecretRef, SecretValue};
+
+/// Releases a secret for an allowed request: the gateway passes a closure over its
+/// [`crate::secrets::SecretStore`] that calls `store.release(authz, host, audit)` and copies
+/// the value (`SecretValue::from_bytes(v.expose().to_vec())`).
+pub type ReleaseFn = Arc<dyn Fn(&Authorized, &str) -> Result<SecretValue, String> + Send + Sync>;
+
+/// Reads `env:VAR` credentials (containers). `None`: `env:` credentials are refused.
+pub type EnvFn = Arc<dyn Fn(&str) -> Option<SecretValue> + Send + Sync>;
+
+/// The gate-backed key source.
+#[derive(Clone)]
+pub struct GateKeySource {
+    gate: Gate,
+    release: ReleaseFn,
+    env: Option<EnvFn>,
+}
+
+impl std::fmt::Debug for GateKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GateKeySource")
+            .field("gate", &self.gate)
+            .field("env", &self.env.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GateKeySource {
+    pub fn new(gate: Gate, release: ReleaseFn) -> Self {
+        Self {
+            gate,
+            release,
+            env: None,
+        }
+    }
+
+    /// Allows `env:VAR` credentials, read by `env` (they bypass the store, not the gate:
+    /// the decision is still made, on resource `Chitin::Secret::"env:VAR"`).
+    #[must_use]
+    pub fn with_env(mut self, env: EnvFn) -> Self {
+        self.env = Some(env);
+        self
+    }
+
+    /// The Cedar request for a key.
+    pub fn policy_request(req: &KeyRequest<'_>) -> Result<PolicyRequest, String> {
+        let resource_id = match req.secret {
+            SecretRef::Secret(name) => name.as_str().to_string(),
+            SecretRef::Env(var) => format!("env:{var}"),
+        };
+        let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let uid = |s: String| {
+            s.parse::<cedar_policy::EntityUid>()
+                .map_err(|e| format!("invalid entity: {e}"))
+        };
+        let mut context = Map::new();
+        context.insert("host".into(), json!(req.host));
+        Ok(PolicyRequest {
+            principal: uid(format!("Chitin::Provider::{}", q(req.provider)))?,
+            action: uid("Chitin::Action::\"secret.use\"".into())?,
+            resource: uid(format!("Chitin::Secret::{}", q(&resource_id)))?,
+            context,
+        })
+    }
+}
+
+impl KeySource for GateKeySource {
+    fn key_for(&self, req: &KeyRequest<'_>) -> Result<SecretValue, String> {
+        let pr = Self::policy_request(req)?;
+        let verdict = self.gate.check(&pr).map_err(|e| e.to_string())?;
+        let deny = |why: &str| {
+            format!(
+                "{why}: secret.use by Chitin::Provider::\"{}\" for host {}; allow it with a \
+                 Cedar policy (try it with `chitin policy eval`)",
+                req.provider, req.host
+            )
+        };
+        let authz = match verdict {
+            Verdict::Allowed(authz, _) => authz,
+            Verdict::Denied(_) => return Err(deny("policy denied")),
+            Verdict::ApprovalRequired { .. } => {
+                return Err(deny(
+                    "policy asks for an approval, which a model call cannot wait for",
+                ));
+            }
+        };
+        match req.secret {
+            SecretRef::Secret(_) => (self.release)(&authz, req.host),
+            SecretRef::Env(var) => match &self.env {
+                Some(env) => env(var)
+                    .ok_or_else(|| format!("environment variable {var} is not set or empty")),
+                None => Err(format!(
+                    "`env:{var}` credentials are not enabled in this gateway; store the key with \
+                     `chitin secrets set NAME` and use \"secret:NAME\""
+                )),
+            },
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Model providers: the Anthropic Messages API and the OpenAI Chat Completions API (which
+//! Ollama, LM Studio, vLLM and OpenRouter also speak), behind one provider-neutral API.
+//!
+//! The agent loop builds a [`Router`] from the configuration once and calls
+//! [`Router::chat`] per model turn. It gets every [`ProviderEvent`] as it streams in and,
+//! at the end, the collected [`ChatResponse`] (text, tool calls with their raw argument
+//! JSON, stop reason, usage and cost).
+//!
+//! Invariants:
+//! - An API key is fetched through the [`KeySource`] (the gate's `secret.use` decision) for
+//!   exactly the provider's own host, and only ever sent to that host: redirects are never
+//!   followed and no proxy is used. Keys never appear in errors, events or `Debug` output.
+//! - Nothing here panics on what a server sends: malformed SSE, malformed JSON, malformed
+//!   tool-call arguments and dropped connections are errors or events.
+//! - Tool-call arguments are returned raw; the loop parses them strictly. Arguments that are
+//!   not JSON are flagged ([`ToolCall::malformed`], [`ProviderEvent::ToolCallMalformed`]).
+//! - A response larger than [`MAX_RESPONSE_BYTES`] is cut off with an error.
+
+mod anthropic;
+mod collect;
+pub mod cost;
+mod http;
+pub mod keys;
+mod openai;
+pub mod retry;
+mod router;
+mod sse;
+#[doc(hidden)]
+pub mod testing;
+
+use std::fmt;
+
+pub use cost::{UsageRecord, check_budget, cost_usd, spend_today_usd};
+pub use keys::GateKeySource;
+pub use retry::{RetryPolicy, Sleeper, TokioSleeper};
+pub use router::{ModelRef, Router};
+
+use crate::secrets::{SecretRef, SecretValue};
+
+/// The most bytes read from one model response (streamed or not).
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Installs the aws-lc-rs crypto provider as the process default for rustls. Call it once,
+/// first thing in `main`, before any HTTP client is built: with more than one provider
+/// compiled in (chat crates bring `ring`), rustls panics on the first client otherwise.
+/// Calling it again is harmless.
+pub fn init_tls() {
+    // `Err` only means a provider was already installed, which is what we want.
+    let _already_installed = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Which wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// `POST {base}/v1/messages` with `x-api-key`.
+    Anthropic,
+    /// `POST {base}/chat/completions` with `Authorization: Bearer`.
+    Openai,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
+
+/// One model turn, independent of the provider.
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest {
+    /// The system prompt.
+    pub system: Option<String>,
+    /// The conversation so far, oldest first.
+    pub messages: Vec<Message>,
+    /// The tools the model may call.
+    pub tools: Vec<ToolSpec>,
+    /// Upper bound on generated tokens.
+    pub max_tokens: u32,
+    /// Sampling temperature (provider default when `None`).
+    pub temperature: Option<f32>,
+    /// Ask the provider to stream (SSE). `false` asks for one JSON response; the events are
+    /// then produced from it, so the caller sees the same event sequence either way.
+    pub stream: bool,
+}
+
+impl ChatRequest {
+    /// A streaming request with `max_tokens` and no tools.
+    pub fn new(messages: Vec<Message>, max_tokens: u32) -> Self {
+        Self {
+            messages,
+            max_tokens,
+            stream: true,
+            ..Self::default()
+        }
+    }
+}
+
+/// A message of the conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// What the user said.
+    User { text: String },
+    /// What the model answered: text and the tool calls it made (replayed as they came).
+    Assistant {
+        text: String,
+        tool_calls: Vec<ToolCall>,
+    },
+    /// The result of one tool call, tied to it by `tool_use_id` (= [`ToolCall::id`]).
+    ToolResult {
+        tool_use_id: String,
+        content: String,
+        is_error: bool,
+    },
+}
+
+impl Message {
+    pub fn user(text: impl Into<String>) -> Self {
+        Self::User { text: text.into() }
+    }
+}
+
+/// A tool the model may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    pub name: String,
+    pub description: String,
+    /// JSON Schema of the arguments object.
+    pub input_schema: serde_json::Value,
+}
+
+/// A tool call made by the model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    /// The provider's id for the call (echoed back in [`Message::ToolResult`]).
+    pub id: String,
+    pub name: String,
+    /// The arguments exactly as the model produced them (unparsed).
+    pub arguments_json: String,
+    /// `Some(reason)` when `arguments_json` is not a JSON object: the model produced a
+    /// malformed call, which the loop must not execute.
+    pub malformed: Option<String>,
+}
+
+/// Token usage of one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// A complete answer (`end_turn` / `stop`).
+    EndTurn,
+    /// The model wants tool results (`tool_use` / `tool_calls`).
+    ToolUse,
+    /// `max_tokens` was reached (`max_tokens` / `length`).
+    MaxTokens,
+    /// A stop sequence matched.
+    StopSequence,
+    /// Anything else, as the provider spelled it (`refusal`, `content_filter`, ...).
+    Other(String),
+}
+
+impl StopReason {
+    fn from_anthropic(s: &str) -> Self {
+        match s {
+            "end_turn" => Self::EndTurn,
+            "tool_use" => Self::ToolUse,
+            "max_tokens" => Self::MaxTokens,
+            "stop_sequence" => Self::StopSequence,
+            other => Self::Other(other.to_string()),
+        }
+    }
+    fn from_openai(s: &str) -> Self {
+        match s {
+            "stop" => Self::EndTurn,
+            "tool_calls" | "function_call" => Self::ToolUse,
+            "length" => Self::MaxTokens,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+/// What happens during a call, in order. Text and tool-call fragments arrive as the model
+/// produces them; a `Retry` or `Failover` means everything received since the last `Retry`
+/// or `Failover` (or the start) is void and the answer starts over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ProviderEvent {
+    /// A piece of the answer text.
+    TextDelta(String),
+    /// The model started a tool call.
+    ToolCallStart { id: String, name: String },
+    /// A fragment of a tool call's argument JSON.
+    ToolCallDelta { id: String, fragment: String },
+    /// A tool call is complete and its arguments are a JSON object (still unvalidated).
+    ToolCallDone {
+        id: String,
+        name: String,
+        arguments_json: String,
+    },
+    /// A tool call is complete but its arguments are not a JSON object.
+    ToolCallMalformed {
+        id: String,
+        name: String,
+        arguments_json: String,
+        error: String,
+    },
+    /// Token usage (may come more than once; the last one is the total).
+    Usage(Usage),
+    /// The model finished.
+    Done { stop_reason: StopReason },
+    /// The attempt failed and is being retried on the same model: discard partial output.
+    /// `attempt` is the attempt about to start (2 = the first retry).
+    Retry {
+        model: String,
+        attempt: u32,
+        reason: String,
+    },
+    /// The model failed; the next model in the fallback chain is tried: discard partial output.
+    Failover {
+        from: String,
+        to: String,
+        reason: String,
+    },
+}
+
+/// The collected answer of one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatResponse {
+    /// The model that answered (`provider/model`).
+    pub model: String,
+    /// The answer text (all text blocks concatenated).
+    pub text: String,
+    /// The tool calls, in order.
+    pub tool_calls: Vec<ToolCall>,
+    pub stop_reason: StopReason,
+    pub usage: Usage,
+    /// Cost from the price table; `None` when the model has no price.
+    pub cost_usd: Option<f64>,
+    /// The failed attempts before this answer (retries and failovers), oldest first.
+    pub failed_attempts: Vec<AttemptFailure>,
+}
+
+impl ChatResponse {
+    /// The answer as the assistant message to append to the conversation (tool calls
+    /// included, malformed ones too: their tool results must say why they did not run).
+    pub fn to_message(&self) -> Message {
+        Message::Assistant {
+            text: self.text.clone(),
+            tool_calls: self.tool_calls.clone(),
+        }
+    }
+}
+
+/// One failed attempt: which model, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptFailure {
+    pub model: String,
+    pub attempt: u32,
+    pub reason: String,
+}
+
+impl fmt::Display for AttemptFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (attempt {}): {}",
+            self.model, self.attempt, self.reason
+        )
+    }
+}
+
+/// What the provider layer needs to fetch an API key: the provider's name, the secret the
+/// config names (`api_key = "secret:NAME"` / `"env:VAR"`) and the host the key is for.
+#[derive(Debug)]
+pub struct KeyRequest<'a> {
+    /// The `[[providers]] name` (Cedar principal `Chitin::Provider::"<name>"`).
+    pub provider: &'a str,
+    /// The configured credential reference.
+    pub secret: &'a SecretRef,
+    /// The host of the provider's `base_url`, lower-case: the only host the key is sent to.
+    pub host: &'a str,
+}
+
+/// Hands out API keys. The gateway implements it with the gate (`secret.use` by principal
+/// `Chitin::Provider::"<name>"`, resource `Chitin::Secret::"NAME"`, context `host`) and
+/// [`crate::secrets::SecretStore::release`]. Called once per model per call, before the
+/// first request; an `Err` fails that model (it is not retried) and the next fallback is
+/// tried. The error text must not contain a key.
+pub trait KeySource: Send + Sync {
+    fn key_for(&self, req: &KeyRequest<'_>) -> Result<SecretValue, String>;
+}
+
+/// A key source with no keys: every provider that names an `api_key` fails. For servers
+/// that need none (local Ollama), configure no `api_key`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoKeys;
+
+impl KeySource for NoKeys {
+    fn key_for(&self, req: &KeyRequest<'_>) -> Result<SecretValue, String> {
+        Err(format!(
+            "no key source is configured, so provider `{}` cannot get its API key",
+            req.provider
+        ))
+    }
+}
+
+/// Errors of the provider layer. No message ever contains an API key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("invalid provider configuration: {0}")]
+    Config(String),
+    #[error(
+        "model `{0}` is not of the form PROVIDER/MODEL with PROVIDER a [[providers]] name; \
+         check [agent] model and fallbacks"
+    )]
+    UnknownModel(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("no API key for provider `{provider}`: {reason}")]
+    Key { provider: String, reason: String },
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{url}: no {phase} within {after_ms} ms")]
+    Timeout {
+        url: String,
+        phase: &'static str,
+        after_ms: u64,
+    },
+    #[error("{url}: rate limited (HTTP 429){}", retry_after_text(*retry_after_ms))]
+    RateLimited {
+        url: String,
+        retry_after_ms: Option<u64>,
+    },
+    #[error("{url}: HTTP {status}: {message}")]
+    Http {
+        url: String,
+        status: u16,
+        message: String,
+        retry_after_ms: Option<u64>,
+    },
+    #[error("{url}: the response stream ended early: {reason}")]
+    StreamDropped { url: String, reason: String },
+    #[error("{url}: the provider reported an error ({kind}): {message}")]
+    Upstream {
+        url: String,
+        kind: String,
+        message: String,
+    },
+    #[error("{url}: malformed response: {reason}")]
+    Protocol { url: String, reason: String },
+    #[error("every model failed: {}", join_attempts(.0))]
+    AllFailed(Vec<AttemptFailure>),
+}
+
+fn retry_after_text(ms: Option<u64>) -> String {
+    ms.map(|ms| format!(", retry after {ms} ms"))
+        .unwrap_or_default()
+}
+
+fn join_attempts(a: &[AttemptFailure]) -> String {
+    if a.is_empty() {
+        return "no model is configured; set [agent] model".into();
+    }
+    a.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl ProviderError {
+    /// Whether the same request may succeed if sent again: timeouts, connection failures,
+    /// dropped streams, 429, 408, 409, 5xx and overload errors. Never other 4xx.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect { .. }
+            | Self::Timeout { .. }
+            | Self::RateLimited { .. }
+            | Self::StreamDropped { .. } => true,
+            Self::Http { status, .. } => matches!(status, 408 | 409 | 429) || *status >= 500,
+            Self::Upstream { kind, .. } => matches!(
+                kind.as_str(),
+                "overloaded_error" | "api_error" | "rate_limit_error" | "server_error"
+            ),
+            Self::Config(_)
+            | Self::UnknownModel(_)
+            | Self::InvalidRequest(_)
+            | Self::Key { .. }
+            | Self::Protocol { .. }
+            | Self::AllFailed(_) => false,
+        }
+    }
+
+    /// The server's `retry-after`, if it sent one.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after_ms, .. } | Self::Http { retry_after_ms, .. } => {
+                *retry_after_ms
+            }
+            _ => None,
+        }
+    }
+}
