@@ -3,10 +3,12 @@
 mod approvals;
 mod audit;
 mod doctor;
+mod gateway;
 mod init;
 mod policy;
 mod sandbox;
 mod secrets;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +62,11 @@ enum Command {
     /// Manage the encrypted secret store.
     #[command(subcommand)]
     Secrets(secrets::SecretsCmd),
+    /// Run the gateway server (HTTP API on loopback by default).
+    Gateway(gateway::GatewayArgs),
+    /// Show or rotate the gateway's bearer token.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,10 +118,21 @@ pub fn open_audit_with(
     config: &Config,
     store: &mut crate::secrets::SecretStore,
 ) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
+    open_audit_with_sink(globals, config, store, None)
+}
+
+/// [`open_audit_with`] with a sink that receives every checkpoint (the gateway logs them).
+pub fn open_audit_with_sink(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+    on_checkpoint: Option<chitin_audit::CheckpointSink>,
+) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
     crate::state::Home::create(&globals.home)?;
     let signer = crate::secrets::audit_key::signer(store, &globals.home)?;
     let mut options = config.audit.options();
     options.signer = Some(std::sync::Arc::new(signer));
+    options.on_checkpoint = on_checkpoint;
     Ok(std::sync::Arc::new(chitin_audit::AuditLog::open(
         &globals.home,
         options,
@@ -193,6 +211,8 @@ pub fn main() -> ExitCode {
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
         Command::Secrets(cmd) => secrets::run(cmd, &globals),
+        Command::Gateway(args) => gateway::run(args, &globals),
+        Command::Token(cmd) => token::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

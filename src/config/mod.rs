@@ -5,6 +5,7 @@
 //! Each section lives in its own file and owns its own documentation text (`TEMPLATE`).
 
 pub mod audit;
+pub mod gateway;
 pub mod policy;
 pub mod sandbox;
 pub mod secrets;
@@ -35,6 +36,7 @@ pub struct Config {
     pub audit: audit::AuditConfig,
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
+    pub gateway: gateway::GatewayConfig,
 }
 
 impl Config {
@@ -57,6 +59,13 @@ impl Config {
         })?;
         config
             .secrets
+            .validate()
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        config
+            .gateway
             .validate()
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
@@ -89,6 +98,7 @@ pub fn default_toml() -> String {
         audit::TEMPLATE,
         sandbox::TEMPLATE,
         secrets::TEMPLATE,
+        gateway::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");
