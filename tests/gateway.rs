@@ -704,3 +704,44 @@ fn sigterm_stops_with_exit_0_and_a_final_checkpoint_that_verifies() {
     assert!(String::from_utf8_lossy(&export.stdout).contains("gateway.stop"));
     let _ = Path::new("");
 }
+
+#[test]
+fn a_rotated_token_replaces_the_old_one_after_sighup() {
+    // Polling with the new token before the reload lands counts as failures: allow many.
+    let mut gw = Gw::start("auth_max_failures = 1000");
+    let old = gw.token.clone();
+    let out = gw.chitin(&["token", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = String::from_utf8(gw.chitin(&["token", "show"]).stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(new, old);
+    // Until SIGHUP the running gateway still knows only the old token.
+    assert_eq!(gw.get("/metrics").status, 200);
+    gw.signal("-HUP");
+    gw.token = new;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.get("/metrics").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new token was never accepted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = http(
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Bearer {old}"))],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let log = String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout).into_owned();
+    assert!(log.contains("gateway.token.rotate"), "{log}");
+    assert!(!log.contains(&old) && !log.contains(&gw.token));
+}

@@ -386,7 +386,11 @@ fn reload(app: &App) {
     match crate::secrets::SecretStore::open(&app.globals.home, &cfg.secrets) {
         Ok(store) => {
             match gateway_token::get(&store) {
-                Ok(Some(t)) => write(&app.token, Arc::new(t)),
+                Ok(Some(t)) => {
+                    let changed = !read(&app.token).matches(t.expose().as_bytes());
+                    write(&app.token, Arc::new(t));
+                    info!(changed, "gateway token reloaded");
+                }
                 Ok(None) => warn!("no gateway token in the store; keeping the current one"),
                 Err(e) => warn!(error = %e, "gateway token not reloaded"),
             }
@@ -496,7 +500,7 @@ fn auth_failed(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> Response {
 }
 
 /// Checks the limiter and the bearer token.
-fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Response> {
+fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let locked = match app.limiter.lock() {
         Ok(mut l) => l.locked(client, Instant::now()),
         Err(p) => p.into_inner().locked(client, Instant::now()),
@@ -511,7 +515,7 @@ fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(
         if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
             resp.headers_mut().insert(header::RETRY_AFTER, v);
         }
-        return Err(resp);
+        return Err(Box::new(resp));
     }
     let presented = auth::bearer(
         headers
@@ -521,8 +525,8 @@ fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(
     let token = read(&app.token);
     match presented {
         Ok(t) if token.matches(t) => Ok(()),
-        Ok(_) => Err(auth_failed(app, client, AuthFailure::Wrong)),
-        Err(f) => Err(auth_failed(app, client, f)),
+        Ok(_) => Err(Box::new(auth_failed(app, client, AuthFailure::Wrong))),
+        Err(f) => Err(Box::new(auth_failed(app, client, f))),
     }
 }
 
@@ -536,7 +540,7 @@ async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> 
     let client = client_of(&req);
     match authenticate(&app, client, req.headers()) {
         Ok(()) => next.run(req).await,
-        Err(resp) => resp,
+        Err(resp) => *resp,
     }
 }
 
@@ -606,7 +610,7 @@ async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
     let detailed = if req.headers().contains_key(header::AUTHORIZATION) {
         match authenticate(&app, client, req.headers()) {
             Ok(()) => true,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         }
     } else {
         false
@@ -716,7 +720,10 @@ async fn invoke_handler(State(app): State<Arc<App>>, req: Request<Body>) -> Resp
         );
     }
     let app2 = Arc::clone(&app);
-    match tokio::task::spawn_blocking(move || run_tool(&app2, &body, &session)).await {
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| run_tool(&app2, &body, &session)))
+        .await
+    {
         Ok(resp) => resp,
         Err(e) => {
             error!(error = %e, "tool task failed");
