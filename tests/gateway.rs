@@ -15,6 +15,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -43,6 +44,56 @@ impl Resp {
 fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(&mut s, port, method, target, headers, body).unwrap()
+}
+
+/// HTTPS with the test certificate as the only trust anchor (a rustls client, aws-lc-rs).
+fn https(
+    tls: &Arc<rustls::ClientConfig>,
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), "localhost".try_into().unwrap())
+        .map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut s, port, method, target, headers, body)
+}
+
+fn tls_client() -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let cert = CertificateDer::from_pem_file(fixture("gateway-test.crt")).unwrap();
+    roots.add(cert).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn exchange(
+    s: &mut (impl Read + Write),
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
     let mut req = format!(
         "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -51,12 +102,20 @@ fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        // A TLS peer that closes without close_notify: keep what arrived.
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(e);
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("a full response");
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {text:?}")))?;
     let mut lines = head.split("\r\n");
     let status: u16 = lines
         .next()
@@ -89,11 +148,11 @@ fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &
     } else {
         rest.to_string()
     };
-    Resp {
+    Ok(Resp {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn free_port() -> u16 {
@@ -111,10 +170,24 @@ struct Gw {
     port: u16,
     child: Option<Child>,
     token: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl Gw {
     fn start(extra_config: &str) -> Self {
+        Self::start_with(extra_config, false)
+    }
+
+    fn start_tls(extra_config: &str) -> Self {
+        let cfg = format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n{extra_config}",
+            fixture("gateway-test.crt"),
+            fixture("gateway-test.key")
+        );
+        Self::start_with(&cfg, true)
+    }
+
+    fn start_with(extra_config: &str, tls: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let home = root.join("home");
@@ -143,17 +216,15 @@ impl Gw {
             port,
             child: Some(child),
             token: String::new(),
+            tls: tls.then(tls_client),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                let _ =
-                    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut out = String::new();
-                let _ = s.read_to_string(&mut out);
-                if out.starts_with("HTTP/1.1 200") && out.ends_with("ok") {
-                    break;
-                }
+            if let Ok(r) = gw.try_req("GET", "/health", &[], b"")
+                && r.status == 200
+                && r.body == "ok"
+            {
+                break;
             }
             if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gateway exited during start: {status}");
@@ -189,19 +260,30 @@ impl Gw {
         format!("Bearer {}", self.token)
     }
 
+    fn try_req(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
+        match &self.tls {
+            Some(tls) => https(tls, self.port, method, target, headers, body),
+            None => {
+                let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                exchange(&mut s, self.port, method, target, headers, body)
+            }
+        }
+    }
+
     fn get(&self, path: &str) -> Resp {
-        http(
-            self.port,
-            "GET",
-            path,
-            &[("Authorization", &self.bearer())],
-            b"",
-        )
+        self.try_req("GET", path, &[("Authorization", &self.bearer())], b"")
+            .unwrap()
     }
 
     fn invoke(&self, body: &Value) -> Resp {
-        http(
-            self.port,
+        self.try_req(
             "POST",
             "/tools/invoke",
             &[
@@ -210,6 +292,7 @@ impl Gw {
             ],
             body.to_string().as_bytes(),
         )
+        .unwrap()
     }
 
     fn signal(&self, sig: &str) {
@@ -384,20 +467,20 @@ fn a_non_loopback_bind_without_tls_is_refused_at_start() {
     );
     assert!(!home.exists(), "nothing is created for a refused start");
 
-    // TLS configured: refused too, because this build cannot serve it (never plain HTTP).
+    // TLS configured with files that are not there: refused, naming the setting.
     std::fs::create_dir(&home).unwrap();
     std::fs::write(
         home.join("chitin.toml"),
-        "[gateway]\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n",
+        "[gateway]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
-        .args(["gateway", "--bind", &format!("0.0.0.0:{}", free_port())])
+        .args(["gateway", "--bind", &format!("127.0.0.1:{}", free_port())])
         .env("CHITIN_HOME", &home)
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot serve HTTPS yet"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls_cert"));
 }
 
 #[test]
@@ -702,7 +785,6 @@ fn sigterm_stops_with_exit_0_and_a_final_checkpoint_that_verifies() {
     assert_eq!(n, last, "{text}");
     let export = gw.chitin(&["audit", "export", "--format", "jsonl"]);
     assert!(String::from_utf8_lossy(&export.stdout).contains("gateway.stop"));
-    let _ = Path::new("");
 }
 
 #[test]
@@ -744,4 +826,33 @@ fn a_rotated_token_replaces_the_old_one_after_sighup() {
     let log = String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout).into_owned();
     assert!(log.contains("gateway.token.rotate"), "{log}");
     assert!(!log.contains(&old) && !log.contains(&gw.token));
+}
+
+#[test]
+fn with_a_certificate_configured_the_gateway_serves_https_and_no_plain_http() {
+    let gw = Gw::start_tls("");
+    let ws = gw.workspace();
+    let r = gw.get("/ready");
+    assert!(r.status == 200 || r.status == 503, "{}", r.body);
+    assert!(r.json()["checks"]["policies"]["ok"] == true);
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A wrong token over TLS is still a 401.
+    let tls = gw.tls.clone().unwrap();
+    let wrong = "Bearer ".to_string() + &"a".repeat(64);
+    let r = https(
+        &tls,
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &wrong)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let res = exchange(&mut s, gw.port, "GET", "/health", &[], b"");
+    assert!(res.is_err() || res.is_ok_and(|r| r.status != 200));
 }

@@ -19,12 +19,9 @@ pub struct GatewayArgs {
     bind: Option<String>,
 }
 
-/// Refuses exposure without TLS (and TLS, which this build cannot serve yet).
+/// Refuses a non-loopback address without TLS.
 pub fn check_exposure(addr: SocketAddr, tls: bool) -> Result<(), GatewayError> {
-    if tls {
-        return Err(GatewayError::TlsNotBuilt);
-    }
-    if !addr.ip().to_canonical().is_loopback() {
+    if !tls && !addr.ip().to_canonical().is_loopback() {
         return Err(GatewayError::ExposedWithoutTls { addr });
     }
     Ok(())
@@ -58,6 +55,26 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let bind = config.gateway.bind_addr(args.bind.as_deref())?;
     // Before anything is created: an exposed gateway never starts.
     check_exposure(bind, config.gateway.tls())?;
+    crate::gateway::tls::install_provider();
+    let tls = if config.gateway.tls() {
+        let path = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                globals.home.join(p)
+            }
+        };
+        Some(
+            crate::gateway::tls::server_config(
+                &path(&config.gateway.tls_cert),
+                &path(&config.gateway.tls_key),
+            )
+            .map_err(GatewayError::Tls)?,
+        )
+    } else {
+        None
+    };
 
     let redactor: logging::SharedRedactor =
         Arc::new(RwLock::new(crate::secrets::Redactor::empty()));
@@ -140,6 +157,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         sandbox_check,
         workspace,
         bind,
+        tls,
         metrics,
     };
     drop(secrets);
@@ -161,6 +179,7 @@ mod tests {
     fn only_loopback_without_tls_is_accepted() {
         assert!(check_exposure("127.0.0.1:1".parse().unwrap(), false).is_ok());
         assert!(check_exposure("[::1]:1".parse().unwrap(), false).is_ok());
+        assert!(check_exposure("0.0.0.0:1".parse().unwrap(), true).is_ok());
         let e = check_exposure("0.0.0.0:1".parse().unwrap(), false).unwrap_err();
         assert!(matches!(e, GatewayError::ExposedWithoutTls { .. }));
         assert!(e.to_string().contains("clear text"));

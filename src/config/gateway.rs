@@ -9,16 +9,16 @@ use serde::Deserialize;
 pub const TEMPLATE: &str = r#"
 [gateway]
 # Address the gateway listens on (`chitin gateway --bind` overrides it). A non-loopback address
-# is refused unless tls_cert and tls_key are set; TLS serving is not built yet, so expose the
-# gateway through a TLS-terminating reverse proxy on loopback instead (see trusted_proxies).
+# is refused unless tls_cert and tls_key are set (or put a TLS-terminating reverse proxy on
+# loopback in front and list it in trusted_proxies).
 bind = "127.0.0.1:18789"
 # The user the gateway token acts for: requests carry the Cedar principal Chitin::User::"<owner>".
 owner = "owner"
 # Peer addresses (IPs) of reverse proxies whose X-Forwarded-For header is believed for the
 # client address (rate limiting, logs). Empty: the TCP peer address is always the client.
 trusted_proxies = []
-# PEM certificate chain and private key for HTTPS. Both or neither. (Serving TLS is not built
-# yet: setting them is refused at start with an explanation.)
+# PEM certificate chain and private key (PKCS#8, PKCS#1 or SEC1) for HTTPS (rustls, TLS 1.2/1.3).
+# Both or neither; relative paths are in the state directory. Read at start (restart to change).
 tls_cert = ""
 tls_key = ""
 # The agent workspace tool calls run in. Empty: "chitin-workspace" next to the state directory

@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod logging;
 pub mod metrics;
+pub mod tls;
 
 use std::future::IntoFuture;
 use std::net::{IpAddr, SocketAddr};
@@ -52,10 +53,8 @@ pub enum GatewayError {
         "refusing to listen on {addr}: it is not a loopback address and no TLS is configured, so the token and every tool call would cross the network in clear text; bind 127.0.0.1 (or ::1) and put a TLS-terminating reverse proxy in front (list it in [gateway] trusted_proxies), or set [gateway] tls_cert and tls_key"
     )]
     ExposedWithoutTls { addr: SocketAddr },
-    #[error(
-        "[gateway] tls_cert/tls_key are set, but this build cannot serve HTTPS yet; refusing to serve plain HTTP where TLS was asked for. Remove tls_cert/tls_key and bind loopback behind a TLS-terminating reverse proxy"
-    )]
-    TlsNotBuilt,
+    #[error("{0}")]
+    Tls(String),
     #[error("cannot listen on {addr}: {source}; pick another address with --bind")]
     Bind {
         addr: SocketAddr,
@@ -89,6 +88,8 @@ pub struct Parts {
     pub sandbox_check: (bool, String),
     pub workspace: PathBuf,
     pub bind: SocketAddr,
+    /// HTTPS when set (`[gateway] tls_cert` + `tls_key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -132,6 +133,27 @@ struct App {
     sandbox_check: (bool, String),
     globals: Globals,
     audit_head_at_start: i64,
+}
+
+/// The TCP peer of a connection, plain or TLS.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        Self(*s.remote_addr())
+    }
 }
 
 /// The client address of a request (after the trusted-proxy rule).
@@ -210,6 +232,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let audit = Arc::clone(parts.gate.audit());
     let head = audit_head(&audit);
     let grace = Duration::from_secs(parts.config.gateway.shutdown_grace_secs);
+    let tls = parts.tls.clone();
     let app = Arc::new(App {
         gate: parts.gate,
         store: parts.store,
@@ -244,32 +267,42 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         move || audit.append(record)
     })
     .await;
-    println!("chitin gateway listening on http://{local}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("chitin gateway listening on {scheme}://{local}");
     println!("  send `Authorization: Bearer <token>` (`chitin token show` prints the token)");
-    println!("  health: http://{local}/health  readiness: http://{local}/ready");
-    info!(bind = %local, workspace = %app.workspace.display(), "gateway listening");
+    println!("  health: {scheme}://{local}/health  readiness: {scheme}://{local}/ready");
+    info!(bind = %local, tls = tls.is_some(), workspace = %app.workspace.display(), "gateway listening");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
 
     let mut stop_for_server = stop_rx.clone();
-    let server = axum::serve(
-        listener,
-        router(Arc::clone(&app)).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
+    let shutdown = async move {
         let _ = stop_for_server.wait_for(|s| *s).await;
-    });
+    };
     let mut stop_for_bound = stop_rx;
     let bound = async move {
         let _ = stop_for_bound.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
-    let served = tokio::select! {
-        r = server.into_future() => r.map_err(GatewayError::Serve),
-        () = bound => {
-            warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
-            Ok(())
+    let service = router(Arc::clone(&app)).into_make_service_with_connect_info::<Peer>();
+    // The same select for both listener types (their server futures differ in type).
+    macro_rules! run_until_stopped {
+        ($server:expr) => {
+            tokio::select! {
+                r = $server.with_graceful_shutdown(shutdown).into_future() => r.map_err(GatewayError::Serve),
+                () = bound => {
+                    warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
+                    Ok(())
+                }
+            }
+        };
+    }
+    let served = match tls {
+        None => run_until_stopped!(axum::serve(listener, service)),
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config).map_err(GatewayError::Serve)?;
+            run_until_stopped!(axum::serve(listener, service))
         }
     };
     info!("gateway stopping: writing the final audit checkpoint");
@@ -411,7 +444,7 @@ fn reload(app: &App) {
 /// Request id, client address, the query-token refusal, the access log and request metrics.
 async fn front(
     State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
     mut req: Request,
     next: Next,
 ) -> Response {
