@@ -423,6 +423,16 @@ fn repeated_failures_lock_the_address_out_with_429_even_with_the_right_token() {
     assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() > 200);
     let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": "."}}));
     assert_eq!(r.status, 429);
+    // A query-string token from the locked-out address: 429, and no new audit record.
+    let records = |gw: &Gw| {
+        String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout)
+            .matches("gateway.auth")
+            .count()
+    };
+    let before = records(&gw);
+    let target = format!("/metrics?token={}", gw.token);
+    assert_eq!(http(gw.port, "GET", &target, &[], b"").status, 429);
+    assert_eq!(records(&gw), before);
     // Another client behind the trusted proxy is not affected...
     let other = http(
         gw.port,
@@ -438,7 +448,7 @@ fn repeated_failures_lock_the_address_out_with_429_even_with_the_right_token() {
     assert!(
         other
             .body
-            .contains("chitin_auth_failures_total{reason=\"rate_limited\"} 2")
+            .contains("chitin_auth_failures_total{reason=\"rate_limited\"} 3")
     );
     assert!(
         other

@@ -469,7 +469,12 @@ async fn front(
     let mut resp = if auth::query_has_token(req.uri().query()) {
         // Never look at the value; record the attempt and refuse.
         let _g = span.enter();
-        auth_failed(&app, client, AuthFailure::QueryToken)
+        // A locked-out address is answered 429 without another audit record, so a flood of
+        // such requests cannot fill the audit log.
+        match lockout_response(&app, client) {
+            Some(resp) => resp,
+            None => auth_failed(&app, client, AuthFailure::QueryToken),
+        }
     } else {
         next.run(req).instrument(span.clone()).await
     };
@@ -532,22 +537,27 @@ fn auth_failed(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> Response {
     resp
 }
 
-/// Checks the limiter and the bearer token.
-fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let locked = match app.limiter.lock() {
+/// 429 with `Retry-After` when `client` is locked out.
+fn lockout_response(app: &Arc<App>, client: IpAddr) -> Option<Response> {
+    let remaining = match app.limiter.lock() {
         Ok(mut l) => l.locked(client, Instant::now()),
         Err(p) => p.into_inner().locked(client, Instant::now()),
-    };
-    if let Some(remaining) = locked {
-        app.metrics.auth_failure("rate_limited");
-        let mut resp = error_body(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many failed authentications from this address; wait and retry",
-        );
-        if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
+    }?;
+    app.metrics.auth_failure("rate_limited");
+    let mut resp = error_body(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many failed authentications from this address; wait and retry",
+    );
+    if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(resp)
+}
+
+/// Checks the limiter and the bearer token.
+fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if let Some(resp) = lockout_response(app, client) {
         return Err(Box::new(resp));
     }
     let presented = auth::bearer(
