@@ -866,3 +866,30 @@ fn with_a_certificate_configured_the_gateway_serves_https_and_no_plain_http() {
     let res = exchange(&mut s, gw.port, "GET", "/health", &[], b"");
     assert!(res.is_err() || res.is_ok_and(|r| r.status != 200));
 }
+
+#[test]
+fn sigterm_lets_an_in_flight_tool_call_finish_before_exiting() {
+    let mut gw = Gw::start("shutdown_grace_secs = 20");
+    let port = gw.port;
+    let auth = gw.bearer();
+    let slow = std::thread::spawn(move || {
+        let body = json!({"tool": "exec", "args": {"argv": ["sleep", "2"]}}).to_string();
+        http(
+            port,
+            "POST",
+            "/tools/invoke",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        )
+    });
+    // Give the call time to reach the sandbox, then ask the gateway to stop.
+    std::thread::sleep(Duration::from_millis(700));
+    gw.signal("-TERM");
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["exit_code"], 0, "{}", r.body);
+    let status = gw.wait_exit();
+    assert!(status.success(), "{status}");
+    // Once stopped, nothing listens any more.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+}
