@@ -206,7 +206,7 @@ impl Gw {
             .env("CHITIN_PASSPHRASE", PASS)
             .env("CHITIN_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(root.join("gateway.log")).unwrap())
             .spawn()
             .unwrap();
         let mut gw = Self {
@@ -399,6 +399,17 @@ fn a_missing_wrong_or_query_string_token_is_refused_with_401() {
     assert!(log.contains("gateway.auth"), "{log}");
     assert!(log.contains("query_token"), "{log}");
     assert!(!log.contains(&gw.token));
+
+    // The gateway's own log: JSON lines with request ids, the refusal, never the token.
+    let text = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!text.contains(&gw.token));
+    let refusal = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["fields"]["reason"] == "query_token")
+        .expect("the query-token refusal is logged");
+    assert_eq!(refusal["span"]["request_id"].as_str().unwrap().len(), 16);
+    assert_eq!(refusal["span"]["route"], "/metrics");
 }
 
 #[test]
@@ -892,4 +903,51 @@ fn sigterm_lets_an_in_flight_tool_call_finish_before_exiting() {
     assert!(status.success(), "{status}");
     // Once stopped, nothing listens any more.
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn a_secret_added_while_running_is_redacted_from_responses_and_logs_after_sighup() {
+    let gw = Gw::start("auth_max_failures = 1000");
+    let canary = "sk-live-CANARY-7f3a91c2d4e5";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", "canary-key"])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(canary.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.signal("-HUP");
+    // The reload has landed when the new secret count shows in /ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.get("/ready").body.contains("unlocked (3 secrets)") {
+        assert!(Instant::now() < deadline, "{}", gw.get("/ready").body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ws = gw.workspace();
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": ["echo", canary]}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains(canary), "{}", r.body);
+    assert!(r.body.contains("[REDACTED:canary-key]"), "{}", r.body);
+    // An error message that would quote it (a path that does not exist).
+    let missing = ws.join(canary);
+    let r = gw.invoke(&json!({"tool": "read_file", "args": {"path": missing.to_str().unwrap()}}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(!r.body.contains(canary), "{}", r.body);
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains(canary));
+    assert!(log.contains("[REDACTED:canary-key]"), "{log}");
 }
