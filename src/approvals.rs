@@ -334,6 +334,21 @@ impl Approvals {
         .ok_or_else(|| ApprovalError::NotFound(code.into()))
     }
 
+    /// The approval still waiting for a person for exactly this request, if any.
+    pub fn open_for(&self, request_digest: &[u8; 32]) -> Result<Option<Approval>, ApprovalError> {
+        self.expire_due()?;
+        let conn = self.store.conn()?;
+        Ok(conn
+            .query_row(
+                &format!(
+                    "SELECT {COLUMNS} FROM approvals WHERE request_digest = ?1 AND status = 'pending' ORDER BY created_ms DESC LIMIT 1"
+                ),
+                [request_digest.to_vec()],
+                row,
+            )
+            .optional()?)
+    }
+
     /// Marks every open approval whose time is up as expired (and records it).
     pub fn expire_due(&self) -> Result<usize, ApprovalError> {
         let now = self.clock.now_ms();

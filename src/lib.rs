@@ -7,6 +7,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod gate;
+pub mod gateway;
 pub mod policy;
 pub mod providers;
 pub mod secrets;

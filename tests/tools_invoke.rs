@@ -103,12 +103,15 @@ fn records(e: &Env) -> Vec<Record> {
 #[test]
 fn an_allowed_command_runs_in_the_sandbox_and_both_steps_are_audited() {
     let e = env();
-    let Invoked::Ran { result, decision } = run(
+    let Invoked::Ran {
+        result, decision, ..
+    } = run(
         &e,
         "exec",
         json!({"argv": ["sh", "-c", "echo hello > out.txt; cat out.txt"]}),
     )
-    .unwrap() else {
+    .unwrap()
+    else {
         panic!("expected the command to run")
     };
     assert_eq!(decision.decision, Outcome::Allow);
@@ -366,7 +369,10 @@ fn an_approved_call_runs_once_and_only_with_exactly_the_approved_arguments() {
         json!({"argv": ["sh", "-c", "echo ran >> log.txt; rm -rf ."], "network": ["127.0.0.1:9"]});
     assert!(matches!(go(&changed), Invoked::ApprovalRequired { .. }));
     // The approved call runs, once.
-    let Invoked::Ran { result, decision } = go(&args) else {
+    let Invoked::Ran {
+        result, decision, ..
+    } = go(&args)
+    else {
         panic!("expected the approved call to run")
     };
     assert_eq!(

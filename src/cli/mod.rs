@@ -3,11 +3,13 @@
 mod approvals;
 mod audit;
 mod doctor;
+mod gateway;
 mod init;
 mod policy;
 mod sandbox;
 mod secrets;
 mod skills;
+mod token;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -64,6 +66,11 @@ enum Command {
     /// Sign, install, verify and trust skills.
     #[command(subcommand)]
     Skills(skills::SkillsCmd),
+    /// Run the gateway server (HTTP API on loopback by default).
+    Gateway(gateway::GatewayArgs),
+    /// Show or rotate the gateway's bearer token.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,10 +143,21 @@ pub fn open_audit_with(
     config: &Config,
     store: &mut crate::secrets::SecretStore,
 ) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
+    open_audit_with_sink(globals, config, store, None)
+}
+
+/// [`open_audit_with`] with a sink that receives every checkpoint (the gateway logs them).
+pub fn open_audit_with_sink(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+    on_checkpoint: Option<chitin_audit::CheckpointSink>,
+) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
     crate::state::Home::create(&globals.home)?;
     let signer = crate::secrets::audit_key::signer(store, &globals.home)?;
     let mut options = config.audit.options();
     options.signer = Some(std::sync::Arc::new(signer));
+    options.on_checkpoint = on_checkpoint;
     Ok(std::sync::Arc::new(chitin_audit::AuditLog::open(
         &globals.home,
         options,
@@ -219,6 +237,8 @@ pub fn main() -> ExitCode {
         Command::Audit(cmd) => audit::run(cmd, &globals),
         Command::Secrets(cmd) => secrets::run(cmd, &globals),
         Command::Skills(cmd) => skills::run(cmd, &globals),
+        Command::Gateway(args) => gateway::run(args, &globals),
+        Command::Token(cmd) => token::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

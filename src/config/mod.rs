@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod gateway;
 pub mod policy;
 pub mod providers;
 pub mod sandbox;
@@ -43,6 +44,7 @@ pub struct Config {
     pub agent: agent::AgentConfig,
     pub pricing: providers::PricingConfig,
     pub budgets: agent::BudgetsConfig,
+    pub gateway: gateway::GatewayConfig,
 }
 
 impl Config {
@@ -68,6 +70,13 @@ impl Config {
             .validate()
             .and_then(|()| providers::validate(&config.providers, &config.agent, &config.pricing))
             .and_then(|()| config.budgets.validate())
+            .map_err(|message| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            })?;
+        config
+            .gateway
+            .validate()
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -102,6 +111,7 @@ pub fn default_toml() -> String {
         skills::TEMPLATE,
         providers::TEMPLATE,
         agent::TEMPLATE,
+        gateway::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

@@ -17,6 +17,7 @@ pub mod audit_key;
 pub mod doctor;
 pub mod format;
 pub mod fsutil;
+pub mod gateway_token;
 pub mod identity;
 pub mod redact;
 pub mod reference;

@@ -47,10 +47,12 @@ pub enum InvokeError {
 /// What happened to a tool call.
 #[derive(Debug)]
 pub enum Invoked {
-    /// Allowed and run (the result may still be a failing command).
+    /// Allowed and run (the result may still be a failing command). `approval` is the id of
+    /// the approval redeemed for it, if it needed one.
     Ran {
         result: ToolResult,
         decision: Decision,
+        approval: Option<String>,
     },
     /// Denied by policy.
     Denied(Decision),
@@ -142,9 +144,13 @@ pub fn invoke(
         }
     }
     let mut verdict = gate.check_tool_call(call, tool, &norm, None)?;
+    let mut redeemed_id = None;
     if let (Verdict::ApprovalRequired { request_digest, .. }, Some(ap)) = (&verdict, approvals) {
         match ap.redeem(request_digest) {
-            Ok(redeemed) => verdict = gate.check_tool_call(call, tool, &norm, Some(&redeemed))?,
+            Ok(redeemed) => {
+                redeemed_id = Some(redeemed.approval().id.clone());
+                verdict = gate.check_tool_call(call, tool, &norm, Some(&redeemed))?;
+            }
             Err(ApprovalError::NotApproved) => {}
             Err(e) => return Err(e.into()),
         }
@@ -202,7 +208,11 @@ pub fn invoke(
         .map_err(|e| InvokeError::Audit(e.to_string()))?;
     let mut result = run?;
     result.redact_with(|s| gate.redact(s));
-    Ok(Invoked::Ran { result, decision })
+    Ok(Invoked::Ran {
+        result,
+        decision,
+        approval: redeemed_id,
+    })
 }
 
 fn run_parsed(

@@ -1,0 +1,209 @@
+//! `chitin gateway [--bind ADDR:PORT]`: opens everything the server runs on and serves.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, RwLock};
+
+use clap::Args;
+use serde_json::json;
+
+use super::{CmdResult, Globals};
+use crate::gateway::{GatewayError, Parts, logging, metrics::Metrics};
+use crate::secrets::gateway_token;
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Listen address [default: [gateway] bind, 127.0.0.1:18789]
+    #[arg(long, value_name = "ADDR:PORT")]
+    bind: Option<String>,
+}
+
+/// Refuses a non-loopback address without TLS.
+pub fn check_exposure(addr: SocketAddr, tls: bool) -> Result<(), GatewayError> {
+    if !tls && !addr.ip().to_canonical().is_loopback() {
+        return Err(GatewayError::ExposedWithoutTls { addr });
+    }
+    Ok(())
+}
+
+/// Creates the workspace (0700) and checks that it and the state dir do not overlap.
+fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |reason: String| GatewayError::Workspace {
+        path: ws.to_path_buf(),
+        reason,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(ws)
+        .map_err(|e| err(format!("cannot create it: {e}")))?;
+    let ws = std::fs::canonicalize(ws).map_err(|e| err(e.to_string()))?;
+    let home = std::fs::canonicalize(home).map_err(|e| err(e.to_string()))?;
+    if ws.starts_with(&home) || home.starts_with(&ws) {
+        return Err(err(format!(
+            "overlaps the state directory {}; tools may never see it. Set [gateway] workspace to a directory outside it",
+            home.display()
+        )));
+    }
+    Ok(ws)
+}
+
+pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
+    let config = globals.load_config()?;
+    let bind = config.gateway.bind_addr(args.bind.as_deref())?;
+    // Before anything is created: an exposed gateway never starts.
+    check_exposure(bind, config.gateway.tls())?;
+    crate::gateway::tls::install_provider();
+    let tls = if config.gateway.tls() {
+        let path = |p: &str| {
+            let p = Path::new(p);
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                globals.home.join(p)
+            }
+        };
+        Some(
+            crate::gateway::tls::server_config(
+                &path(&config.gateway.tls_cert),
+                &path(&config.gateway.tls_key),
+            )
+            .map_err(GatewayError::Tls)?,
+        )
+    } else {
+        None
+    };
+
+    let redactor: logging::SharedRedactor =
+        Arc::new(RwLock::new(crate::secrets::Redactor::empty()));
+    logging::init(Arc::clone(&redactor));
+
+    // A fresh machine: the same steps as `chitin init` (idempotent, never overwrites).
+    if !globals.home.join("state.db").exists() || !globals.config_path.exists() {
+        // An invalid installed policy set makes the engine load below fail with the reason.
+        super::init::run(globals)?;
+    }
+    let config = globals.load_config()?;
+    // The kernel check forks: done before any thread (audit writer, runtime) exists.
+    let support = chitin_sandbox::check();
+    let sandbox_check = if support.enforced() {
+        (
+            true,
+            format!(
+                "enforced (landlock ABI {}, seccomp, namespaces)",
+                support.landlock_abi
+            ),
+        )
+    } else {
+        (false, format!("missing: {}", support.missing.join(", ")))
+    };
+
+    let home = crate::state::Home::create(&globals.home)?;
+    let engine = crate::policy::PolicyEngine::load(super::policy::engine_spec(
+        globals, &config, None, None,
+    )?)?;
+    let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+    let (token, created) = gateway_token::ensure(&mut secrets)?;
+    match redactor.write() {
+        Ok(mut g) => *g = secrets.redactor(),
+        Err(p) => *p.into_inner() = secrets.redactor(),
+    }
+    let metrics = Arc::new(Metrics::default());
+    let sink: chitin_audit::CheckpointSink = {
+        let m = Arc::clone(&metrics);
+        Arc::new(move |cp: &chitin_audit::Checkpoint| {
+            m.checkpoint();
+            tracing::info!(seq = cp.seq, head = %cp.head, key_id = %cp.key_id, "audit checkpoint");
+        })
+    };
+    let audit = super::open_audit_with_sink(globals, &config, &mut secrets, Some(sink))?;
+    if created {
+        audit
+            .append(chitin_audit::RecordInput::admin(
+                "gateway",
+                "gateway.token.create",
+                format!("secret:{}", gateway_token::GATEWAY_TOKEN_SECRET),
+                json!({}),
+            ))
+            .map_err(|e| format!("audit record could not be written: {e}"))?;
+        println!("created the gateway token (`chitin token show` prints it)");
+    }
+    let r = Arc::clone(&redactor);
+    let gate = crate::gate::Gate::new(Arc::new(engine), audit)
+        .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
+    let store = Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+    let workspace = prepare_workspace(&config.gateway.workspace_dir(&globals.home), &globals.home)?;
+    let sandbox = crate::tools::Sandbox::current(
+        globals.home.clone(),
+        globals
+            .config_path
+            .exists()
+            .then(|| globals.config_path.clone()),
+        config.sandbox.clone(),
+    )?;
+    let parts = Parts {
+        globals: globals.clone(),
+        secrets_path: secrets.path().to_path_buf(),
+        secrets_count: secrets.list().len(),
+        config,
+        gate,
+        store,
+        clock: Arc::new(crate::clock::SystemClock),
+        token,
+        redactor,
+        sandbox,
+        sandbox_check,
+        workspace,
+        bind,
+        tls,
+        metrics,
+    };
+    drop(secrets);
+    crate::gateway::run(parts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn only_loopback_without_tls_is_accepted() {
+        assert!(check_exposure("127.0.0.1:1".parse().unwrap(), false).is_ok());
+        assert!(check_exposure("[::1]:1".parse().unwrap(), false).is_ok());
+        assert!(check_exposure("0.0.0.0:1".parse().unwrap(), true).is_ok());
+        let e = check_exposure("0.0.0.0:1".parse().unwrap(), false).unwrap_err();
+        assert!(matches!(e, GatewayError::ExposedWithoutTls { .. }));
+        assert!(e.to_string().contains("clear text"));
+        assert!(matches!(
+            check_exposure("[::ffff:10.0.0.1]:1".parse().unwrap(), false),
+            Err(GatewayError::ExposedWithoutTls { .. })
+        ));
+    }
+
+    #[test]
+    fn a_workspace_inside_the_state_dir_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        let e = prepare_workspace(&home.join("workspace"), &home).unwrap_err();
+        assert!(
+            e.to_string().contains("overlaps the state directory"),
+            "{e}"
+        );
+        let ok = prepare_workspace(&t.path().join("ws"), &home).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(ok).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+    }
+}

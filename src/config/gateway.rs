@@ -1,0 +1,171 @@
+//! The `[gateway]` section of `chitin.toml`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Documentation and defaults for the `[gateway]` section, written by `chitin init`.
+pub const TEMPLATE: &str = r#"
+[gateway]
+# Address the gateway listens on (`chitin gateway --bind` overrides it). A non-loopback address
+# is refused unless tls_cert and tls_key are set (or put a TLS-terminating reverse proxy on
+# loopback in front and list it in trusted_proxies).
+bind = "127.0.0.1:18789"
+# The user the gateway token acts for: requests carry the Cedar principal Chitin::User::"<owner>".
+owner = "owner"
+# Peer addresses (IPs) of reverse proxies whose X-Forwarded-For header is believed for the
+# client address (rate limiting, logs). Empty: the TCP peer address is always the client.
+trusted_proxies = []
+# PEM certificate chain and private key (PKCS#8, PKCS#1 or SEC1) for HTTPS (rustls, TLS 1.2/1.3).
+# Both or neither; relative paths are in the state directory. Read at start (restart to change).
+tls_cert = ""
+tls_key = ""
+# The agent workspace tool calls run in. Empty: "chitin-workspace" next to the state directory
+# (~/chitin-workspace for ~/.chitin), created 0700. It may not overlap the state directory.
+workspace = ""
+# Failed authentications allowed per client address within auth_window_secs; the next one locks
+# that address out (429, even with the right token) for auth_lockout_secs. Loopback included.
+auth_max_failures = 5
+auth_window_secs = 60
+auth_lockout_secs = 300
+# Largest request body accepted, in KiB (larger: 400 body_too_large).
+max_body_kib = 1024
+# On SIGTERM, how long in-flight requests may take to finish before the gateway stops anyway.
+shutdown_grace_secs = 10
+"#;
+
+/// The `[gateway]` section.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub bind: String,
+    pub owner: String,
+    pub trusted_proxies: Vec<String>,
+    pub tls_cert: String,
+    pub tls_key: String,
+    pub workspace: String,
+    pub auth_max_failures: u32,
+    pub auth_window_secs: u64,
+    pub auth_lockout_secs: u64,
+    pub max_body_kib: usize,
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:18789".into(),
+            owner: "owner".into(),
+            trusted_proxies: Vec::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            workspace: String::new(),
+            auth_max_failures: 5,
+            auth_window_secs: 60,
+            auth_lockout_secs: 300,
+            max_body_kib: 1024,
+            shutdown_grace_secs: 10,
+        }
+    }
+}
+
+impl GatewayConfig {
+    /// Checks the values that can be checked without touching the network or files.
+    pub fn validate(&self) -> Result<(), String> {
+        self.bind_addr(None)?;
+        self.proxies()?;
+        if self.owner.trim().is_empty() {
+            return Err("[gateway] owner may not be empty".into());
+        }
+        if self.tls_cert.is_empty() != self.tls_key.is_empty() {
+            return Err("[gateway] tls_cert and tls_key must be set together".into());
+        }
+        if self.auth_max_failures == 0 {
+            return Err("[gateway] auth_max_failures must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The listen address (`over` is the `--bind` flag).
+    pub fn bind_addr(&self, over: Option<&str>) -> Result<SocketAddr, String> {
+        let s = over.unwrap_or(&self.bind);
+        s.parse().map_err(|_| {
+            format!("[gateway] bind {s:?} is not an IP:PORT address (e.g. 127.0.0.1:18789)")
+        })
+    }
+
+    /// The trusted proxy addresses.
+    pub fn proxies(&self) -> Result<Vec<IpAddr>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|p| {
+                p.parse()
+                    .map_err(|_| format!("[gateway] trusted_proxies: {p:?} is not an IP address"))
+            })
+            .collect()
+    }
+
+    /// Whether TLS is configured.
+    pub fn tls(&self) -> bool {
+        !self.tls_cert.is_empty() && !self.tls_key.is_empty()
+    }
+
+    /// The workspace directory for a state dir `home`.
+    pub fn workspace_dir(&self, home: &Path) -> PathBuf {
+        if !self.workspace.is_empty() {
+            let p = Path::new(&self.workspace);
+            return if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                home.join(p)
+            };
+        }
+        match home.parent() {
+            Some(parent) => parent.join("chitin-workspace"),
+            None => PathBuf::from("/chitin-workspace"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn the_default_workspace_is_next_to_the_state_dir_not_inside_it() {
+        let c = GatewayConfig::default();
+        let ws = c.workspace_dir(Path::new("/home/a/.chitin"));
+        assert_eq!(ws, Path::new("/home/a/chitin-workspace"));
+        assert!(!ws.starts_with("/home/a/.chitin"));
+    }
+
+    #[test]
+    fn a_bad_bind_address_or_proxy_is_an_error_naming_it() {
+        let c = GatewayConfig {
+            bind: "localhost".into(),
+            ..GatewayConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("localhost"));
+        let c = GatewayConfig {
+            trusted_proxies: vec!["proxy.local".into()],
+            ..GatewayConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("proxy.local"));
+    }
+
+    #[test]
+    fn a_certificate_without_a_key_is_an_error() {
+        let c = GatewayConfig {
+            tls_cert: "/c.pem".into(),
+            ..GatewayConfig::default()
+        };
+        assert!(c.validate().unwrap_err().contains("together"));
+    }
+}

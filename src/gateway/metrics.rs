@@ -1,0 +1,182 @@
+//! Prometheus counters, written out by hand in the text exposition format (version 0.0.4).
+//!
+//! Every counter is incremented on the code path it names; nothing is sampled or guessed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A counter family with one label.
+#[derive(Default)]
+struct Family(Mutex<BTreeMap<String, u64>>);
+
+impl Family {
+    fn inc(&self, label: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(label.to_string()).or_insert(0) += 1;
+        }
+    }
+    fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.0.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
+/// The gateway's counters.
+#[derive(Default)]
+pub struct Metrics {
+    /// `route\u{0}status` → count.
+    requests: Family,
+    tool_calls: Family,
+    approvals: Family,
+    sandbox_kills: Family,
+    auth_failures: Family,
+    policy_reloads: Family,
+    checkpoints: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Escapes a label value (`\`, `"` and newline).
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn request(&self, route: &str, status: u16) {
+        self.requests.inc(&format!("{route}\u{0}{status}"));
+    }
+    /// `allow`, `deny`, `approval_required`, `invalid`, `error`.
+    pub fn tool_call(&self, decision: &str) {
+        self.tool_calls.inc(decision);
+    }
+    /// `requested`, `redeemed`.
+    pub fn approval(&self, event: &str) {
+        self.approvals.inc(event);
+    }
+    /// Which limit killed a sandboxed run (`timeout`, `memory`, `seccomp:<syscall>`, ...).
+    pub fn sandbox_kill(&self, reason: &str) {
+        self.sandbox_kills.inc(reason);
+    }
+    /// `missing`, `malformed`, `wrong`, `query_token`, `rate_limited`.
+    pub fn auth_failure(&self, reason: &str) {
+        self.auth_failures.inc(reason);
+    }
+    /// `ok`, `rejected`.
+    pub fn policy_reload(&self, outcome: &str) {
+        self.policy_reloads.inc(outcome);
+    }
+    pub fn checkpoint(&self) {
+        self.checkpoints.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The exposition text. `audit_appends` is the number of records appended to the audit
+    /// chain since the gateway started (head sequence now minus at start).
+    pub fn render(&self, audit_appends: Option<u64>) -> String {
+        let mut out = String::new();
+        let mut family = |name: &str, help: &str, label: &str, values: BTreeMap<String, u64>| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (k, v) in values {
+                let _ = writeln!(out, "{name}{{{label}=\"{}\"}} {v}", esc(&k));
+            }
+        };
+        family(
+            "chitin_tool_calls_total",
+            "Tool calls by gate decision (invalid: refused before a decision).",
+            "decision",
+            self.tool_calls.snapshot(),
+        );
+        family(
+            "chitin_approvals_total",
+            "Approval requests opened and approvals redeemed through the gateway.",
+            "event",
+            self.approvals.snapshot(),
+        );
+        family(
+            "chitin_sandbox_kills_total",
+            "Sandboxed runs killed by a limit or filter, by reason.",
+            "reason",
+            self.sandbox_kills.snapshot(),
+        );
+        family(
+            "chitin_auth_failures_total",
+            "Refused authentications by reason.",
+            "reason",
+            self.auth_failures.snapshot(),
+        );
+        family(
+            "chitin_policy_reloads_total",
+            "Policy reloads (SIGHUP) by outcome.",
+            "outcome",
+            self.policy_reloads.snapshot(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP chitin_http_requests_total HTTP requests by route and status."
+        );
+        let _ = writeln!(out, "# TYPE chitin_http_requests_total counter");
+        for (k, v) in self.requests.snapshot() {
+            let (route, status) = k.split_once('\u{0}').unwrap_or((&k, ""));
+            let _ = writeln!(
+                out,
+                "chitin_http_requests_total{{route=\"{}\",status=\"{}\"}} {v}",
+                esc(route),
+                esc(status)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_audit_checkpoints_total Signed audit checkpoints written since start."
+        );
+        let _ = writeln!(out, "# TYPE chitin_audit_checkpoints_total counter");
+        let _ = writeln!(
+            out,
+            "chitin_audit_checkpoints_total {}",
+            self.checkpoints.load(Ordering::Relaxed)
+        );
+        if let Some(n) = audit_appends {
+            let _ = writeln!(
+                out,
+                "# HELP chitin_audit_appends_total Records appended to the audit chain since the gateway started."
+            );
+            let _ = writeln!(out, "# TYPE chitin_audit_appends_total counter");
+            let _ = writeln!(out, "chitin_audit_appends_total {n}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn counters_render_in_prometheus_text_format_with_escaped_labels() {
+        let m = Metrics::default();
+        m.request("/tools/invoke", 200);
+        m.request("/tools/invoke", 200);
+        m.tool_call("deny");
+        m.sandbox_kill("seccomp:\"ptrace\"");
+        let text = m.render(Some(7));
+        assert!(
+            text.contains("chitin_http_requests_total{route=\"/tools/invoke\",status=\"200\"} 2")
+        );
+        assert!(text.contains("chitin_tool_calls_total{decision=\"deny\"} 1"));
+        assert!(text.contains("chitin_sandbox_kills_total{reason=\"seccomp:\\\"ptrace\\\"\"} 1"));
+        assert!(text.contains("chitin_audit_appends_total 7"));
+        assert!(text.contains("# TYPE chitin_auth_failures_total counter"));
+    }
+}

@@ -1,0 +1,971 @@
+//! The gateway server: one process, one tokio runtime, an axum router (issue #7, foundation).
+//!
+//! Invariants:
+//! - Every route except `/health` and `/ready` needs `Authorization: Bearer <gateway token>`;
+//!   the token maps to one principal, the configured owner (`Chitin::User::"<owner>"`).
+//! - A token in the URL query is refused (401) on every route, even next to a valid header,
+//!   and the attempt is logged and audited without the value.
+//! - Failed authentications are limited per client address (loopback included); a locked-out
+//!   address gets 429 on protected routes whatever it sends.
+//! - `/tools/invoke` goes through `tools::invoke` (strict parsing, the gate, the sandbox, the
+//!   audit log) on a blocking thread; approvals are redeemed only for the exact request digest.
+//! - Log lines are passed through the secrets redactor; request bodies and query strings are
+//!   never logged.
+
+pub mod auth;
+pub mod logging;
+pub mod metrics;
+pub mod tls;
+
+use std::future::IntoFuture;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chitin_audit::{AuditLog, Kind, RecordInput};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tracing::{Instrument, error, info, warn};
+
+use crate::approvals::{ApprovalError, Approvals};
+use crate::cli::Globals;
+use crate::gate::{CallContext, Gate, GateError, Origin};
+use crate::secrets::gateway_token::{self, GatewayToken};
+use crate::store::Store;
+use crate::tools::Sandbox;
+use crate::tools::invoke::{InvokeError, Invoked};
+use auth::{AuthFailure, LimitConfig, Limiter};
+use logging::SharedRedactor;
+use metrics::Metrics;
+
+/// Errors starting or running the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(
+        "refusing to listen on {addr}: it is not a loopback address and no TLS is configured, so the token and every tool call would cross the network in clear text; bind 127.0.0.1 (or ::1) and put a TLS-terminating reverse proxy in front (list it in [gateway] trusted_proxies), or set [gateway] tls_cert and tls_key"
+    )]
+    ExposedWithoutTls { addr: SocketAddr },
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}; pick another address with --bind")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid [gateway] settings: {0}")]
+    Config(String),
+    #[error("workspace {path}: {reason}")]
+    Workspace { path: PathBuf, reason: String },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("audit log could not be closed with a final checkpoint: {0}")]
+    AuditShutdown(String),
+}
+
+/// Everything the server runs on, opened by `chitin gateway`.
+pub struct Parts {
+    pub globals: Globals,
+    pub config: crate::config::Config,
+    pub gate: Gate,
+    pub store: Arc<Store>,
+    pub clock: Arc<dyn crate::clock::Clock>,
+    pub token: GatewayToken,
+    pub secrets_path: PathBuf,
+    pub secrets_count: usize,
+    pub redactor: SharedRedactor,
+    pub sandbox: Sandbox,
+    /// `chitin_sandbox::check()` at start: enforced, and what is missing.
+    pub sandbox_check: (bool, String),
+    pub workspace: PathBuf,
+    pub bind: SocketAddr,
+    /// HTTPS when set (`[gateway] tls_cert` + `tls_key`).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Settings that SIGHUP may change without a restart.
+#[derive(Debug, Clone)]
+struct Settings {
+    limits: LimitConfig,
+    proxies: Vec<IpAddr>,
+    max_body: usize,
+}
+
+impl Settings {
+    fn of(c: &crate::config::gateway::GatewayConfig) -> Result<Self, String> {
+        Ok(Self {
+            limits: LimitConfig {
+                max_failures: c.auth_max_failures.max(1),
+                window: Duration::from_secs(c.auth_window_secs.max(1)),
+                lockout: Duration::from_secs(c.auth_lockout_secs),
+            },
+            proxies: c.proxies()?,
+            max_body: c.max_body_kib.saturating_mul(1024).max(1024),
+        })
+    }
+}
+
+struct App {
+    gate: Gate,
+    store: Arc<Store>,
+    approvals: Approvals,
+    sandbox: Sandbox,
+    workspace: PathBuf,
+    owner: String,
+    token: RwLock<Arc<GatewayToken>>,
+    secrets: RwLock<(bool, String)>,
+    secrets_path: PathBuf,
+    redactor: SharedRedactor,
+    settings: RwLock<Settings>,
+    config: RwLock<crate::config::Config>,
+    limiter: Mutex<Limiter>,
+    metrics: Arc<Metrics>,
+    sandbox_check: (bool, String),
+    globals: Globals,
+    audit_head_at_start: i64,
+}
+
+/// The TCP peer of a connection, plain or TLS.
+#[derive(Debug, Clone, Copy)]
+struct Peer(SocketAddr);
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
+    for Peer
+{
+    fn connect_info(s: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
+        Self(*s.remote_addr())
+    }
+}
+
+/// The client address of a request (after the trusted-proxy rule).
+#[derive(Debug, Clone, Copy)]
+struct Client(IpAddr);
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    match l.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>, v: T) {
+    match l.write() {
+        Ok(mut g) => *g = v,
+        Err(p) => *p.into_inner() = v,
+    }
+}
+
+fn error_body(status: StatusCode, code: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response()
+}
+
+fn audit_head(audit: &AuditLog) -> i64 {
+    audit
+        .reader()
+        .ok()
+        .and_then(|r| r.head().ok().flatten())
+        .map_or(0, |(seq, _)| seq)
+}
+
+/// Runs the gateway until SIGTERM/SIGINT; returns after the final audit checkpoint.
+pub fn run(parts: Parts) -> Result<(), GatewayError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("chitin-gateway")
+        .build()
+        .map_err(GatewayError::Runtime)?;
+    let result = rt.block_on(serve(parts));
+    // Blocking tool runs still going past the grace period are abandoned (their audit writes
+    // fail closed once the log is shut down).
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+fn router(app: Arc<App>) -> Router {
+    let protected = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/tools/invoke", post(invoke_handler))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&app),
+            require_auth,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/ready", get(ready_handler))
+        .merge(protected)
+        .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
+        .with_state(app)
+}
+
+async fn serve(parts: Parts) -> Result<(), GatewayError> {
+    let settings = Settings::of(&parts.config.gateway).map_err(GatewayError::Config)?;
+    let approvals = Approvals::new(
+        Arc::clone(&parts.store),
+        parts.gate.clone(),
+        Arc::clone(&parts.clock),
+        crate::approvals::DEFAULT_TTL_MS,
+    );
+    let audit = Arc::clone(parts.gate.audit());
+    let head = audit_head(&audit);
+    let grace = Duration::from_secs(parts.config.gateway.shutdown_grace_secs);
+    let tls = parts.tls.clone();
+    let app = Arc::new(App {
+        gate: parts.gate,
+        store: parts.store,
+        approvals,
+        sandbox: parts.sandbox,
+        workspace: parts.workspace,
+        owner: parts.config.gateway.owner.clone(),
+        token: RwLock::new(Arc::new(parts.token)),
+        secrets: RwLock::new((true, format!("unlocked ({} secrets)", parts.secrets_count))),
+        secrets_path: parts.secrets_path,
+        redactor: parts.redactor,
+        settings: RwLock::new(settings),
+        config: RwLock::new(parts.config),
+        limiter: Mutex::new(Limiter::default()),
+        metrics: parts.metrics,
+        sandbox_check: parts.sandbox_check,
+        globals: parts.globals,
+        audit_head_at_start: head,
+    });
+
+    let listener = tokio::net::TcpListener::bind(parts.bind)
+        .await
+        .map_err(|source| GatewayError::Bind {
+            addr: parts.bind,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(GatewayError::Serve)?;
+    let record = RecordInput::new(Kind::System, "gateway", "gateway.start", "gateway")
+        .with_payload(json!({"bind": local.to_string(), "owner": app.owner}));
+    let _ = tokio::task::spawn_blocking({
+        let audit = Arc::clone(&audit);
+        move || audit.append(record)
+    })
+    .await;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("chitin gateway listening on {scheme}://{local}");
+    println!("  send `Authorization: Bearer <token>` (`chitin token show` prints the token)");
+    println!("  health: {scheme}://{local}/health  readiness: {scheme}://{local}/ready");
+    info!(bind = %local, tls = tls.is_some(), workspace = %app.workspace.display(), "gateway listening");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(signals(Arc::clone(&app), stop_tx));
+
+    let mut stop_for_server = stop_rx.clone();
+    let shutdown = async move {
+        let _ = stop_for_server.wait_for(|s| *s).await;
+    };
+    let mut stop_for_bound = stop_rx;
+    let bound = async move {
+        let _ = stop_for_bound.wait_for(|s| *s).await;
+        tokio::time::sleep(grace).await;
+    };
+    let service = router(Arc::clone(&app)).into_make_service_with_connect_info::<Peer>();
+    // The same select for both listener types (their server futures differ in type).
+    macro_rules! run_until_stopped {
+        ($server:expr) => {
+            tokio::select! {
+                r = $server.with_graceful_shutdown(shutdown).into_future() => r.map_err(GatewayError::Serve),
+                () = bound => {
+                    warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
+                    Ok(())
+                }
+            }
+        };
+    }
+    let served = match tls {
+        None => run_until_stopped!(axum::serve(listener, service)),
+        Some(config) => {
+            let listener = tls::TlsListener::new(listener, config).map_err(GatewayError::Serve)?;
+            run_until_stopped!(axum::serve(listener, service))
+        }
+    };
+    info!("gateway stopping: writing the final audit checkpoint");
+    let closed = tokio::task::spawn_blocking(move || {
+        let _ = audit.append(RecordInput::new(
+            Kind::System,
+            "gateway",
+            "gateway.stop",
+            "gateway",
+        ));
+        audit.shutdown()
+    })
+    .await;
+    match closed {
+        Ok(Ok(cp)) => {
+            if let Some(cp) = cp {
+                info!(seq = cp.seq, head = %cp.head, "final audit checkpoint written");
+            }
+        }
+        Ok(Err(e)) => return Err(GatewayError::AuditShutdown(e.to_string())),
+        Err(e) => return Err(GatewayError::AuditShutdown(e.to_string())),
+    }
+    served
+}
+
+/// SIGHUP: reload config, policies and the token; SIGTERM/SIGINT: stop.
+async fn signals(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stopping");
+        let _ = stop.send(true);
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let app = Arc::clone(&app);
+                let _ = tokio::task::spawn_blocking(move || reload(&app)).await;
+            }
+            _ = term.recv() => { info!(signal = "SIGTERM", "shutting down"); break; }
+            _ = int.recv() => { info!(signal = "SIGINT", "shutting down"); break; }
+        }
+    }
+    let _ = stop.send(true);
+}
+
+/// The SIGHUP reload. Each part keeps its last good state when its new one is invalid.
+fn reload(app: &App) {
+    info!("SIGHUP: reloading config, policies and the gateway token");
+    match app.globals.load_config() {
+        Ok(new) => {
+            let old = read(&app.config);
+            match Settings::of(&new.gateway) {
+                Ok(s) => write(&app.settings, s),
+                Err(e) => warn!(error = %e, "gateway settings not reloaded"),
+            }
+            let needs_restart = [
+                ("bind", old.gateway.bind != new.gateway.bind),
+                ("owner", old.gateway.owner != new.gateway.owner),
+                ("workspace", old.gateway.workspace != new.gateway.workspace),
+                (
+                    "tls",
+                    old.gateway.tls_cert != new.gateway.tls_cert
+                        || old.gateway.tls_key != new.gateway.tls_key,
+                ),
+                (
+                    "policy",
+                    format!("{:?}", old.policy) != format!("{:?}", new.policy),
+                ),
+                (
+                    "sandbox",
+                    format!("{:?}", old.sandbox) != format!("{:?}", new.sandbox),
+                ),
+                (
+                    "secrets",
+                    format!("{:?}", old.secrets) != format!("{:?}", new.secrets),
+                ),
+                (
+                    "audit",
+                    format!("{:?}", old.audit) != format!("{:?}", new.audit),
+                ),
+            ];
+            for (key, changed) in needs_restart {
+                if changed {
+                    warn!(
+                        section = key,
+                        "changed in the config, takes effect only after a restart"
+                    );
+                }
+            }
+            write(&app.config, new);
+        }
+        Err(e) => warn!(error = %e, "config not reloaded; the previous config stays in effect"),
+    }
+    match app.gate.reload_policies("gateway") {
+        Ok(r) => {
+            app.metrics.policy_reload("ok");
+            info!(
+                policies = r.policies,
+                shadow = r.shadow,
+                "policies reloaded"
+            );
+        }
+        Err(e) => {
+            app.metrics.policy_reload("rejected");
+            error!(error = %e, "policy reload rejected; the last good set stays active");
+        }
+    }
+    let cfg = read(&app.config);
+    match crate::secrets::SecretStore::open(&app.globals.home, &cfg.secrets) {
+        Ok(store) => {
+            match gateway_token::get(&store) {
+                Ok(Some(t)) => {
+                    let changed = !read(&app.token).matches(t.expose().as_bytes());
+                    write(&app.token, Arc::new(t));
+                    info!(changed, "gateway token reloaded");
+                }
+                Ok(None) => warn!("no gateway token in the store; keeping the current one"),
+                Err(e) => warn!(error = %e, "gateway token not reloaded"),
+            }
+            let n = store.list().len();
+            write(&*app.redactor, store.redactor());
+            write(&app.secrets, (true, format!("unlocked ({n} secrets)")));
+        }
+        Err(e) => {
+            error!(error = %e, "secret store could not be reopened");
+            write(
+                &app.secrets,
+                (false, format!("reopening the store failed: {e}")),
+            );
+        }
+    }
+}
+
+/// Request id, client address, the query-token refusal, the access log and request metrics.
+async fn front(
+    State(app): State<Arc<App>>,
+    ConnectInfo(Peer(peer)): ConnectInfo<Peer>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let id = request_id();
+    let proxies = read(&app.settings).proxies;
+    let xff = req
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = auth::client_addr(peer, xff, &proxies);
+    let route: &'static str = match req.uri().path() {
+        "/health" => "/health",
+        "/ready" => "/ready",
+        "/metrics" => "/metrics",
+        "/tools/invoke" => "/tools/invoke",
+        _ => "other",
+    };
+    let method = req.method().clone();
+    let span = tracing::info_span!("request", request_id = %id, %method, route, client = %client);
+    req.extensions_mut().insert(Client(client));
+    let mut resp = if auth::query_has_token(req.uri().query()) {
+        // Never look at the value; record the attempt and refuse.
+        let _g = span.enter();
+        // A locked-out address is answered 429 without another audit record, so a flood of
+        // such requests cannot fill the audit log.
+        match lockout_response(&app, client) {
+            Some(resp) => resp,
+            None => auth_failed(&app, client, AuthFailure::QueryToken),
+        }
+    } else {
+        next.run(req).instrument(span.clone()).await
+    };
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    let status = resp.status().as_u16();
+    app.metrics.request(route, status);
+    let _g = span.enter();
+    info!(
+        status,
+        ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "request"
+    );
+    resp
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        b = N
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_be_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Records a failed authentication (metrics, limiter, log, audit) and answers 401.
+fn auth_failed(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> Response {
+    app.metrics.auth_failure(why.as_str());
+    let limits = read(&app.settings).limits;
+    let locked_now = match app.limiter.lock() {
+        Ok(mut l) => l.fail(client, Instant::now(), limits),
+        Err(p) => p.into_inner().fail(client, Instant::now(), limits),
+    };
+    warn!(reason = why.as_str(), client = %client, locked_out = locked_now, "authentication failed");
+    let audit = Arc::clone(app.gate.audit());
+    let outcome = if locked_now {
+        format!("refused: {}; address locked out", why.as_str())
+    } else {
+        format!("refused: {}", why.as_str())
+    };
+    let input = RecordInput::new(
+        Kind::System,
+        format!("client:{client}"),
+        "gateway.auth",
+        "gateway",
+    )
+    .with_outcome(outcome);
+    // The refusal does not wait for the record: nothing is allowed either way.
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = audit.append(input) {
+            error!(error = %e, "auth failure could not be audited");
+        }
+    });
+    let mut resp = error_body(StatusCode::UNAUTHORIZED, "unauthorized", why.message());
+    resp.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    resp
+}
+
+/// 429 with `Retry-After` when `client` is locked out.
+fn lockout_response(app: &Arc<App>, client: IpAddr) -> Option<Response> {
+    let remaining = match app.limiter.lock() {
+        Ok(mut l) => l.locked(client, Instant::now()),
+        Err(p) => p.into_inner().locked(client, Instant::now()),
+    }?;
+    app.metrics.auth_failure("rate_limited");
+    let mut resp = error_body(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "too many failed authentications from this address; wait and retry",
+    );
+    if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Some(resp)
+}
+
+/// Checks the limiter and the bearer token.
+fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if let Some(resp) = lockout_response(app, client) {
+        return Err(Box::new(resp));
+    }
+    let presented = auth::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    );
+    let token = read(&app.token);
+    match presented {
+        Ok(t) if token.matches(t) => Ok(()),
+        Ok(_) => Err(Box::new(auth_failed(app, client, AuthFailure::Wrong))),
+        Err(f) => Err(Box::new(auth_failed(app, client, f))),
+    }
+}
+
+fn client_of(req: &Request) -> IpAddr {
+    req.extensions()
+        .get::<Client>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0)
+}
+
+async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    let client = client_of(&req);
+    match authenticate(&app, client, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(resp) => *resp,
+    }
+}
+
+/// One readiness check.
+fn check(ok: bool, detail: impl Into<String>) -> (bool, String) {
+    (ok, detail.into())
+}
+
+fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
+    let store = match app.store.conn() {
+        Ok(c) => match c.query_row(
+            "SELECT count(*) FROM approvals WHERE status IN ('pending', 'granted')",
+            [],
+            |r| r.get::<_, i64>(0),
+        ) {
+            Ok(n) => check(true, format!("state.db answers ({n} open approvals)")),
+            Err(e) => check(false, format!("state.db query failed: {e}")),
+        },
+        Err(e) => check(false, format!("state.db unavailable: {e}")),
+    };
+    let audit = match app.gate.audit().health() {
+        chitin_audit::AuditHealth::Ok => check(true, "writing"),
+        chitin_audit::AuditHealth::Failed { reason, .. } => check(false, reason),
+    };
+    let engine = app.gate.engine();
+    let policies = match engine.last_error() {
+        Some(e) => check(
+            false,
+            format!("the last reload failed, the previous set stays active: {e}"),
+        ),
+        None => {
+            let active = engine.active();
+            let n = active.compiled.enforced_count();
+            if n == 0 {
+                check(false, "no enforced policy is active")
+            } else {
+                check(
+                    true,
+                    format!("{n} enforced, {} shadow", active.compiled.shadow_count()),
+                )
+            }
+        }
+    };
+    let (unlocked, detail) = read(&app.secrets);
+    let secrets = if !unlocked {
+        check(false, detail)
+    } else if !app.secrets_path.exists() {
+        check(false, format!("{} is missing", app.secrets_path.display()))
+    } else {
+        check(true, detail)
+    };
+    let sandbox = check(app.sandbox_check.0, app.sandbox_check.1.clone());
+    let providers = check(true, "no model configured");
+    vec![
+        ("store", store),
+        ("audit", audit),
+        ("policies", policies),
+        ("secrets", secrets),
+        ("sandbox", sandbox),
+        ("providers", providers),
+    ]
+}
+
+/// `GET /ready`: public; the `detail` texts only for a caller with the token.
+async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
+    let client = client_of(&req);
+    let detailed = if req.headers().contains_key(header::AUTHORIZATION) {
+        match authenticate(&app, client, req.headers()) {
+            Ok(()) => true,
+            Err(resp) => return *resp,
+        }
+    } else {
+        false
+    };
+    let app2 = Arc::clone(&app);
+    let Ok(list) = tokio::task::spawn_blocking(move || checks(&app2)).await else {
+        return error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "internal",
+            "readiness checks failed to run",
+        );
+    };
+    let ready = list.iter().all(|(_, (ok, _))| *ok);
+    let mut map = serde_json::Map::new();
+    for (name, (ok, detail)) in list {
+        let v = if detailed {
+            json!({"ok": ok, "detail": logging::redact(&app.redactor, &detail)})
+        } else {
+            json!({"ok": ok})
+        };
+        map.insert(name.into(), v);
+    }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        axum::Json(json!({"ready": ready, "checks": Value::Object(map)})),
+    )
+        .into_response()
+}
+
+async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
+    let app2 = Arc::clone(&app);
+    let head = tokio::task::spawn_blocking(move || audit_head(app2.gate.audit()))
+        .await
+        .ok();
+    let appends = head.map(|h| u64::try_from(h - app.audit_head_at_start).unwrap_or(0));
+    let mut resp = app.metrics.render(appends).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    resp
+}
+
+/// The body of `POST /tools/invoke`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvokeBody {
+    tool: String,
+    #[serde(default = "empty_args")]
+    args: Value,
+    #[serde(default)]
+    session: Option<String>,
+}
+
+fn empty_args() -> Value {
+    Value::Object(serde_json::Map::new())
+}
+
+fn valid_session(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}
+
+async fn invoke_handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+    let max = read(&app.settings).max_body;
+    let Ok(bytes) = axum::body::to_bytes(req.into_body(), max).await else {
+        app.metrics.tool_call("invalid");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "body_too_large",
+            &format!(
+                "the request body is larger than {} KiB ([gateway] max_body_kib)",
+                max / 1024
+            ),
+        );
+    };
+    let body: InvokeBody = match serde_json::from_slice(&bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            app.metrics.tool_call("invalid");
+            return error_body(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                &logging::redact(
+                    &app.redactor,
+                    &format!(
+                        "expected {{\"tool\": NAME, \"args\": {{...}}, \"session\": KEY?}}: {e}"
+                    ),
+                ),
+            );
+        }
+    };
+    let session = body.session.clone().unwrap_or_else(|| "gateway".into());
+    if !valid_session(&session) {
+        app.metrics.tool_call("invalid");
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "session must be 1-128 characters of letters, digits, `.`, `_`, `:` or `-`",
+        );
+    }
+    let app2 = Arc::clone(&app);
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| run_tool(&app2, &body, &session)))
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => {
+            error!(error = %e, "tool task failed");
+            app.metrics.tool_call("error");
+            error_body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the tool call failed",
+            )
+        }
+    }
+}
+
+/// The blocking tool path: decide, redeem or request an approval, run.
+fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
+    let call = CallContext {
+        user: app.owner.clone(),
+        origin: Origin::User,
+        session: session.to_string(),
+        workspace: app.workspace.clone(),
+    };
+    let tool = body.tool.as_str();
+    // `invoke` redeems a granted approval bound to exactly this call itself (single use);
+    // there is no way to pass "approved" in.
+    let result = crate::tools::invoke::invoke(
+        &app.gate,
+        &app.sandbox,
+        &call,
+        tool,
+        &body.args,
+        Some(&app.approvals),
+    );
+    match result {
+        Ok(Invoked::ApprovalRequired { request_digest, .. }) => {
+            app.metrics.tool_call("approval_required");
+            // A retry of a call that already waits for a person gets the same approval.
+            let open = match app.approvals.open_for(&request_digest) {
+                Ok(Some(a)) => Ok(a),
+                Ok(None) => app
+                    .approvals
+                    .request(&app.owner, session, tool, &body.args, request_digest)
+                    .inspect(|a| {
+                        app.metrics.approval("requested");
+                        info!(tool, code = %a.code, "approval requested");
+                    }),
+                Err(e) => Err(e),
+            };
+            match open {
+                Ok(a) => (
+                    StatusCode::ACCEPTED,
+                    axum::Json(json!({"approval": {
+                        "id": a.id,
+                        "code": a.code,
+                        "expires_at": a.expires_at,
+                        "summary": a.summary,
+                    }})),
+                )
+                    .into_response(),
+                Err(e) => approval_error(app, &e),
+            }
+        }
+        Ok(Invoked::Ran {
+            result,
+            decision,
+            approval,
+        }) => {
+            if let Some(id) = &approval {
+                app.metrics.approval("redeemed");
+                info!(tool, approval = %id, "approval redeemed");
+            }
+            respond(
+                app,
+                tool,
+                Ok(Invoked::Ran {
+                    result,
+                    decision,
+                    approval: approval.clone(),
+                }),
+                approval.as_deref(),
+            )
+        }
+        other => respond(app, tool, other, None),
+    }
+}
+
+fn approval_error(app: &App, e: &ApprovalError) -> Response {
+    app.metrics.tool_call("error");
+    let msg = logging::redact(&app.redactor, &e.to_string());
+    error!(error = %msg, "approval step failed");
+    let status = match e {
+        ApprovalError::Audit(_) | ApprovalError::Gate(GateError::AuditUnavailable(_)) => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error_body(status, "approval_failed", &msg)
+}
+
+fn respond(
+    app: &App,
+    tool: &str,
+    outcome: Result<Invoked, InvokeError>,
+    approval: Option<&str>,
+) -> Response {
+    match outcome {
+        Ok(Invoked::Ran {
+            result, decision, ..
+        }) => {
+            app.metrics.tool_call("allow");
+            if let Some(k) = &result.killed {
+                app.metrics.sandbox_kill(k);
+            }
+            info!(tool, exit_code = ?result.exit_code, killed = ?result.killed, "tool ran");
+            (
+                StatusCode::OK,
+                axum::Json(json!({
+                    "result": result,
+                    "decision": {"outcome": decision.decision.as_str(), "policies": decision.policies},
+                    "approval": approval,
+                })),
+            )
+                .into_response()
+        }
+        Ok(Invoked::Denied(d)) => {
+            app.metrics.tool_call("deny");
+            info!(tool, policies = ?d.policies, "tool call denied");
+            (
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"error": {
+                    "code": "policy_denied",
+                    "message": "the policy engine denied this call",
+                    "policies": d.policies,
+                }})),
+            )
+                .into_response()
+        }
+        Ok(Invoked::ApprovalRequired { .. }) => {
+            // Only reachable when a redeemed approval did not unlock the call (the policies
+            // changed in between): the approval is spent and nothing ran.
+            app.metrics.tool_call("deny");
+            error_body(
+                StatusCode::FORBIDDEN,
+                "policy_denied",
+                "the approval did not unlock this call under the current policies; nothing ran",
+            )
+        }
+        Err(e) => {
+            let msg = logging::redact(&app.redactor, &e.to_string());
+            let (status, code, metric) = match &e {
+                InvokeError::UnknownTool(_) => (StatusCode::NOT_FOUND, "unknown_tool", "invalid"),
+                InvokeError::InvalidArgs { .. } => {
+                    (StatusCode::BAD_REQUEST, "invalid_args", "invalid")
+                }
+                InvokeError::Gate(GateError::InvalidPath { .. } | GateError::InvalidRequest(_)) => {
+                    (StatusCode::BAD_REQUEST, "invalid_args", "invalid")
+                }
+                InvokeError::Gate(GateError::AuditUnavailable(_)) | InvokeError::Audit(_) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "error",
+                ),
+                InvokeError::Gate(GateError::Policy(_)) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "policy_error", "error")
+                }
+                InvokeError::Gate(GateError::ApprovalMismatch) => {
+                    (StatusCode::FORBIDDEN, "approval_mismatch", "error")
+                }
+                InvokeError::Approval(crate::approvals::ApprovalError::Audit(_)) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "audit_unavailable",
+                    "error",
+                ),
+                InvokeError::Approval(_) => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "approval_error", "error")
+                }
+                InvokeError::Tool(t) => tool_status(t),
+            };
+            app.metrics.tool_call(metric);
+            warn!(tool, code, error = %msg, "tool call failed");
+            error_body(status, code, &msg)
+        }
+    }
+}
+
+fn tool_status(t: &crate::tools::ToolError) -> (StatusCode, &'static str, &'static str) {
+    use crate::tools::ToolError as T;
+    match t {
+        T::InvalidArgs(_) => (StatusCode::BAD_REQUEST, "invalid_args", "invalid"),
+        T::Path { .. } | T::SymlinkEscape { .. } | T::Hardlink { .. } => {
+            (StatusCode::FORBIDDEN, "path_refused", "error")
+        }
+        T::File { .. } | T::EditNoMatch { .. } | T::EditAmbiguous { .. } => {
+            (StatusCode::UNPROCESSABLE_ENTITY, "tool_failed", "error")
+        }
+        T::SandboxUnavailable(_) | T::Sandbox(_) | T::Launcher { .. } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "sandbox_unavailable",
+            "error",
+        ),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "tool_failed", "error"),
+    }
+}

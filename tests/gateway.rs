@@ -1,0 +1,953 @@
+//! The gateway server, checked from outside: the real `chitin gateway` binary on a free loopback
+//! port with its own state dir, driven over HTTP/1.1.
+//!
+//! The HTTP client is a few lines over `std::net::TcpStream` (`Connection: close`, read to
+//! EOF): no async runtime and no TLS stack in the tests, and we control every byte we send,
+//! which the query-token and malformed-header cases need.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const PASS: &str = "gateway-test-passphrase";
+
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, self.body))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn http(port: u16, method: &str, target: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    exchange(&mut s, port, method, target, headers, body).unwrap()
+}
+
+/// HTTPS with the test certificate as the only trust anchor (a rustls client, aws-lc-rs).
+fn https(
+    tls: &Arc<rustls::ClientConfig>,
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let conn = rustls::ClientConnection::new(Arc::clone(tls), "localhost".try_into().unwrap())
+        .map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut s, port, method, target, headers, body)
+}
+
+fn tls_client() -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let cert = CertificateDer::from_pem_file(fixture("gateway-test.crt")).unwrap();
+    roots.add(cert).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn exchange(
+    s: &mut (impl Read + Write),
+    port: u16,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Resp> {
+    let mut req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()?;
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        // A TLS peer that closes without close_notify: keep what arrived.
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || raw.is_empty() {
+            return Err(e);
+        }
+    }
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("incomplete response: {text:?}")))?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        let mut out = String::new();
+        let mut rest = rest;
+        loop {
+            let (size, after) = rest.split_once("\r\n").unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Gw {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    home: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    token: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl Gw {
+    fn start(extra_config: &str) -> Self {
+        Self::start_with(extra_config, false)
+    }
+
+    fn start_tls(extra_config: &str) -> Self {
+        let cfg = format!(
+            "tls_cert = {:?}\ntls_key = {:?}\n{extra_config}",
+            fixture("gateway-test.crt"),
+            fixture("gateway-test.key")
+        );
+        Self::start_with(&cfg, true)
+    }
+
+    fn start_with(extra_config: &str, tls: bool) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let home = root.join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::write(
+            home.join("chitin.toml"),
+            format!(
+                "[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n\n[gateway]\n{extra_config}\n"
+            ),
+        )
+        .unwrap();
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+            .args(["gateway", "--bind", &format!("127.0.0.1:{port}")])
+            .env("CHITIN_HOME", &home)
+            .env("CHITIN_PASSPHRASE", PASS)
+            .env("CHITIN_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(root.join("gateway.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut gw = Self {
+            _dir: dir,
+            root,
+            home,
+            port,
+            child: Some(child),
+            token: String::new(),
+            tls: tls.then(tls_client),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = gw.try_req("GET", "/health", &[], b"")
+                && r.status == 200
+                && r.body == "ok"
+            {
+                break;
+            }
+            if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "gateway did not answer /health");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = gw.chitin(&["token", "show"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        gw.token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(gw.token.len(), 64);
+        gw
+    }
+
+    fn chitin(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_chitin"))
+            .args(args)
+            .env("CHITIN_HOME", &self.home)
+            .env("CHITIN_PASSPHRASE", PASS)
+            .output()
+            .unwrap()
+    }
+
+    fn workspace(&self) -> PathBuf {
+        self.root.join("chitin-workspace")
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    fn try_req(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Resp> {
+        match &self.tls {
+            Some(tls) => https(tls, self.port, method, target, headers, body),
+            None => {
+                let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+                s.set_read_timeout(Some(Duration::from_secs(60)))?;
+                exchange(&mut s, self.port, method, target, headers, body)
+            }
+        }
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        self.try_req("GET", path, &[("Authorization", &self.bearer())], b"")
+            .unwrap()
+    }
+
+    fn invoke(&self, body: &Value) -> Resp {
+        self.try_req(
+            "POST",
+            "/tools/invoke",
+            &[
+                ("Authorization", &self.bearer()),
+                ("Content-Type", "application/json"),
+            ],
+            body.to_string().as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn metric(text: &str, line_prefix: &str) -> u64 {
+    text.lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[test]
+fn health_answers_ok_without_a_token() {
+    let gw = Gw::start("");
+    let r = http(gw.port, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "ok");
+    assert!(r.header("x-request-id").is_some_and(|v| v.len() == 16));
+}
+
+#[test]
+fn a_missing_wrong_or_query_string_token_is_refused_with_401() {
+    let gw = Gw::start("auth_max_failures = 50");
+    let missing = http(gw.port, "GET", "/metrics", &[], b"");
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.json()["error"]["code"], "unauthorized");
+    assert_eq!(missing.header("www-authenticate"), Some("Bearer"));
+
+    let wrong = "Bearer ".to_string() + &"0".repeat(64);
+    let r = http(
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &wrong)],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let basic = http(
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Basic {}", gw.token))],
+        b"",
+    );
+    assert_eq!(basic.status, 401);
+
+    // The right token in the query string is refused, even next to a valid header.
+    for q in ["token", "access_token"] {
+        let target = format!("/metrics?{q}={}", gw.token);
+        let r = http(
+            gw.port,
+            "GET",
+            &target,
+            &[("Authorization", &gw.bearer())],
+            b"",
+        );
+        assert_eq!(r.status, 401, "{q}");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("never accepted in the URL")
+        );
+        let r = http(gw.port, "GET", &target, &[], b"");
+        assert_eq!(r.status, 401, "{q}");
+    }
+    // The header alone works.
+    assert_eq!(gw.get("/metrics").status, 200);
+
+    // The attempts are in the audit log, without the token.
+    let out = gw.chitin(&["audit", "export", "--format", "jsonl"]);
+    let log = String::from_utf8_lossy(&out.stdout);
+    assert!(log.contains("gateway.auth"), "{log}");
+    assert!(log.contains("query_token"), "{log}");
+    assert!(!log.contains(&gw.token));
+
+    // The gateway's own log: JSON lines with request ids, the refusal, never the token.
+    let text = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!text.contains(&gw.token));
+    let refusal = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["fields"]["reason"] == "query_token")
+        .expect("the query-token refusal is logged");
+    assert_eq!(refusal["span"]["request_id"].as_str().unwrap().len(), 16);
+    assert_eq!(refusal["span"]["route"], "/metrics");
+}
+
+#[test]
+fn repeated_failures_lock_the_address_out_with_429_even_with_the_right_token() {
+    let gw = Gw::start(
+        "auth_max_failures = 3\nauth_window_secs = 60\nauth_lockout_secs = 300\ntrusted_proxies = [\"127.0.0.1\"]",
+    );
+    let wrong = "Bearer ".to_string() + &"f".repeat(64);
+    for _ in 0..3 {
+        let r = http(
+            gw.port,
+            "GET",
+            "/metrics",
+            &[("Authorization", &wrong)],
+            b"",
+        );
+        assert_eq!(r.status, 401);
+    }
+    let r = gw.get("/metrics");
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() > 200);
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": "."}}));
+    assert_eq!(r.status, 429);
+    // A query-string token from the locked-out address: 429, and no new audit record.
+    let records = |gw: &Gw| {
+        String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout)
+            .matches("gateway.auth")
+            .count()
+    };
+    let before = records(&gw);
+    let target = format!("/metrics?token={}", gw.token);
+    assert_eq!(http(gw.port, "GET", &target, &[], b"").status, 429);
+    assert_eq!(records(&gw), before);
+    // Another client behind the trusted proxy is not affected...
+    let other = http(
+        gw.port,
+        "GET",
+        "/metrics",
+        &[
+            ("Authorization", &gw.bearer()),
+            ("X-Forwarded-For", "203.0.113.9"),
+        ],
+        b"",
+    );
+    assert_eq!(other.status, 200, "{}", other.body);
+    assert!(
+        other
+            .body
+            .contains("chitin_auth_failures_total{reason=\"rate_limited\"} 3")
+    );
+    assert!(
+        other
+            .body
+            .contains("chitin_auth_failures_total{reason=\"wrong\"} 3")
+    );
+    // ...and liveness still answers for the locked-out address.
+    assert_eq!(http(gw.port, "GET", "/health", &[], b"").status, 200);
+}
+
+#[test]
+fn a_non_loopback_bind_without_tls_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["gateway", "--bind", &format!("0.0.0.0:{}", free_port())])
+        .env("CHITIN_HOME", &home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a loopback address and no TLS is configured"),
+        "{err}"
+    );
+    assert!(!home.exists(), "nothing is created for a refused start");
+
+    // TLS configured with files that are not there: refused, naming the setting.
+    std::fs::create_dir(&home).unwrap();
+    std::fs::write(
+        home.join("chitin.toml"),
+        "[gateway]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["gateway", "--bind", &format!("127.0.0.1:{}", free_port())])
+        .env("CHITIN_HOME", &home)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls_cert"));
+}
+
+#[test]
+fn ready_reports_each_check_with_ok_and_detail() {
+    let gw = Gw::start("");
+    let r = gw.get("/ready");
+    let v = r.json();
+    let checks = v["checks"].as_object().unwrap();
+    let names: Vec<&str> = checks.keys().map(String::as_str).collect();
+    for n in [
+        "store",
+        "audit",
+        "policies",
+        "secrets",
+        "sandbox",
+        "providers",
+    ] {
+        assert!(names.contains(&n), "{v}");
+        assert!(checks[n]["ok"].is_boolean(), "{v}");
+        assert!(checks[n]["detail"].is_string(), "{v}");
+    }
+    assert_eq!(checks.len(), 6);
+    let all_ok = checks.values().all(|c| c["ok"] == true);
+    assert_eq!(v["ready"], all_ok);
+    assert_eq!(r.status, if all_ok { 200 } else { 503 });
+    for n in ["store", "audit", "policies", "secrets", "providers"] {
+        assert_eq!(checks[n]["ok"], true, "{v}");
+    }
+    assert_eq!(checks["providers"]["detail"], "no model configured");
+    // Without a token: the same booleans, no details.
+    let public = http(gw.port, "GET", "/ready", &[], b"").json();
+    assert_eq!(public["ready"], v["ready"]);
+    assert!(public["checks"]["policies"].get("detail").is_none());
+}
+
+#[test]
+fn metrics_counters_move_with_requests_tool_calls_and_auth_failures() {
+    let gw = Gw::start("");
+    let before = gw.get("/metrics").body;
+    let ws = gw.workspace();
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = gw.invoke(&json!({"tool": "read_file", "args": {"path": gw.home.join("secrets.age").to_str().unwrap()}}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    http(gw.port, "GET", "/metrics", &[], b"");
+    let after = gw.get("/metrics");
+    assert!(
+        after
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain; version=0.0.4")
+    );
+    let a = &after.body;
+    assert_eq!(
+        metric(a, "chitin_tool_calls_total{decision=\"allow\"}"),
+        metric(&before, "chitin_tool_calls_total{decision=\"allow\"}") + 1
+    );
+    assert_eq!(metric(a, "chitin_tool_calls_total{decision=\"deny\"}"), 1);
+    assert_eq!(
+        metric(a, "chitin_auth_failures_total{reason=\"missing\"}"),
+        1
+    );
+    assert_eq!(
+        metric(
+            a,
+            "chitin_http_requests_total{route=\"/tools/invoke\",status=\"200\"}"
+        ),
+        1
+    );
+    assert_eq!(
+        metric(
+            a,
+            "chitin_http_requests_total{route=\"/metrics\",status=\"401\"}"
+        ),
+        1
+    );
+    assert!(
+        metric(a, "chitin_audit_appends_total") > metric(&before, "chitin_audit_appends_total")
+    );
+}
+
+#[test]
+fn tool_calls_are_allowed_in_the_workspace_and_denied_outside_it() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    std::fs::write(ws.join("hello.txt"), "hi there").unwrap();
+    let r = gw.invoke(
+        &json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}, "session": "s1"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert!(
+        v["result"]["output"].to_string().contains("hello.txt"),
+        "{v}"
+    );
+    assert_eq!(v["decision"]["outcome"], "allow");
+
+    // Outside the workspace (a world-readable file): no permit, default deny.
+    let outside = gw.root.join("outside.txt");
+    std::fs::write(&outside, "x").unwrap();
+    let r = gw.invoke(&json!({"tool": "read_file", "args": {"path": outside.to_str().unwrap()}}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "policy_denied");
+    assert!(r.json()["error"]["policies"].is_array());
+
+    // The state dir, even reached through the workspace: the guardrail forbids it by id.
+    let sneaky = ws.join("../home/secrets.age");
+    let r = gw.invoke(&json!({"tool": "read_file", "args": {"path": sneaky.to_str().unwrap()}}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    let policies = r.json()["error"]["policies"].clone();
+    assert!(
+        policies.to_string().contains("guard.state-dir-off-limits"),
+        "{policies}"
+    );
+    // ...and through a symlink inside the workspace.
+    std::os::unix::fs::symlink(gw.home.join("secrets.age"), ws.join("link")).unwrap();
+    let r = gw
+        .invoke(&json!({"tool": "read_file", "args": {"path": ws.join("link").to_str().unwrap()}}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("guard.state-dir-off-limits"), "{}", r.body);
+}
+
+#[test]
+fn unknown_tools_are_404_and_bad_arguments_are_400() {
+    let gw = Gw::start("max_body_kib = 1");
+    let ws = gw.workspace();
+    let p = ws.to_str().unwrap();
+    let r = gw.invoke(&json!({"tool": "rm_rf", "args": {}}));
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "unknown_tool");
+
+    let cases = [
+        (
+            json!({"tool": "list_dir", "args": {"path": p}, "approved": true}),
+            "invalid_request",
+        ),
+        (
+            json!({"tool": "list_dir", "args": {"path": p, "approved": true}}),
+            "invalid_args",
+        ),
+        (
+            json!({"tool": "list_dir", "args": {"path": 42}}),
+            "invalid_args",
+        ),
+        (json!({"tool": 7, "args": {}}), "invalid_request"),
+        (
+            json!({"tool": "list_dir", "args": {"path": p}, "session": "a b"}),
+            "invalid_request",
+        ),
+    ];
+    for (body, code) in cases {
+        let r = gw.invoke(&body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], code, "{body}");
+    }
+    let r = http(
+        gw.port,
+        "POST",
+        "/tools/invoke",
+        &[("Authorization", &gw.bearer())],
+        b"{\"tool\": \"list_dir\", ",
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "invalid_request");
+    let big = json!({"tool": "write_file", "args": {"path": ws.join("big").to_str().unwrap(), "content": "x".repeat(4096)}});
+    let r = gw.invoke(&big);
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "body_too_large");
+    assert!(!ws.join("big").exists());
+}
+
+#[test]
+fn an_approved_call_runs_once_and_then_needs_a_new_approval() {
+    let gw = Gw::start("");
+    let call = json!({"tool": "exec", "args": {"argv": ["/bin/echo", "approved-run"], "network": ["127.0.0.1:9"]}, "session": "s-approval"});
+    let r = gw.invoke(&call);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let a = r.json()["approval"].clone();
+    let code = a["code"].as_str().unwrap().to_string();
+    assert_eq!(code.len(), 6);
+    assert!(a["id"].as_str().unwrap().len() >= 32);
+    assert!(a["expires_at"].is_string());
+
+    // Asking again before approval: still 202 (a new request), nothing ran.
+    let out = gw.chitin(&["approvals", "approve", &code]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let r = gw.invoke(&call);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    assert!(
+        v["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("approved-run"),
+        "{v}"
+    );
+    assert!(v["approval"].is_string());
+
+    // Single use: the same call needs a new approval.
+    let r = gw.invoke(&call);
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_ne!(r.json()["approval"]["code"], code);
+
+    // An approval covers exactly one call: a different argv is not unlocked by it.
+    let other = json!({"tool": "exec", "args": {"argv": ["/bin/echo", "other"], "network": ["127.0.0.1:9"]}, "session": "s-approval"});
+    assert_eq!(gw.invoke(&other).status, 202);
+
+    let m = gw.get("/metrics").body;
+    assert_eq!(metric(&m, "chitin_approvals_total{event=\"redeemed\"}"), 1);
+    assert_eq!(metric(&m, "chitin_approvals_total{event=\"requested\"}"), 3);
+}
+
+#[test]
+fn sighup_with_a_bad_policy_keeps_the_old_set_and_ready_shows_the_error() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    let bad = gw.home.join("policies/zz-broken.cedar");
+    std::fs::write(
+        &bad,
+        "permit (principal, action, resource) when { nonsense };\n",
+    )
+    .unwrap();
+    gw.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let v = loop {
+        let r = gw.get("/ready");
+        if r.status == 503 {
+            break r.json();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ready never showed the policy error: {}",
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["checks"]["policies"]["ok"], false);
+    assert!(
+        v["checks"]["policies"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("previous set stays active"),
+        "{v}"
+    );
+    // The old set still decides.
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Fixing the file and reloading makes the gateway ready again.
+    std::fs::remove_file(&bad).unwrap();
+    gw.signal("-HUP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = gw.get("/ready");
+        if r.json()["checks"]["policies"]["ok"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", r.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_stops_with_exit_0_and_a_final_checkpoint_that_verifies() {
+    let mut gw = Gw::start("");
+    let ws = gw.workspace();
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200);
+    gw.signal("-TERM");
+    let status = gw.wait_exit();
+    assert!(status.success(), "{status}");
+    let out = gw.chitin(&["audit", "verify"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `ok: N records, head <hex>, last checkpoint <seq>`: the checkpoint covers every record.
+    let n: u64 = text
+        .split("ok: ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let last: u64 = text
+        .split("last checkpoint ")
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(n, last, "{text}");
+    let export = gw.chitin(&["audit", "export", "--format", "jsonl"]);
+    assert!(String::from_utf8_lossy(&export.stdout).contains("gateway.stop"));
+}
+
+#[test]
+fn a_rotated_token_replaces_the_old_one_after_sighup() {
+    // Polling with the new token before the reload lands counts as failures: allow many.
+    let mut gw = Gw::start("auth_max_failures = 1000");
+    let old = gw.token.clone();
+    let out = gw.chitin(&["token", "rotate"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = String::from_utf8(gw.chitin(&["token", "show"]).stdout)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_ne!(new, old);
+    // Until SIGHUP the running gateway still knows only the old token.
+    assert_eq!(gw.get("/metrics").status, 200);
+    gw.signal("-HUP");
+    gw.token = new;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gw.get("/metrics").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the new token was never accepted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = http(
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &format!("Bearer {old}"))],
+        b"",
+    );
+    assert_eq!(r.status, 401);
+    let log = String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout).into_owned();
+    assert!(log.contains("gateway.token.rotate"), "{log}");
+    assert!(!log.contains(&old) && !log.contains(&gw.token));
+}
+
+#[test]
+fn with_a_certificate_configured_the_gateway_serves_https_and_no_plain_http() {
+    let gw = Gw::start_tls("");
+    let ws = gw.workspace();
+    let r = gw.get("/ready");
+    assert!(r.status == 200 || r.status == 503, "{}", r.body);
+    assert!(r.json()["checks"]["policies"]["ok"] == true);
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A wrong token over TLS is still a 401.
+    let tls = gw.tls.clone().unwrap();
+    let wrong = "Bearer ".to_string() + &"a".repeat(64);
+    let r = https(
+        &tls,
+        gw.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", &wrong)],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let res = exchange(&mut s, gw.port, "GET", "/health", &[], b"");
+    assert!(res.is_err() || res.is_ok_and(|r| r.status != 200));
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_tool_call_finish_before_exiting() {
+    let mut gw = Gw::start("shutdown_grace_secs = 20");
+    let port = gw.port;
+    let auth = gw.bearer();
+    let slow = std::thread::spawn(move || {
+        let body = json!({"tool": "exec", "args": {"argv": ["sleep", "2"]}}).to_string();
+        http(
+            port,
+            "POST",
+            "/tools/invoke",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        )
+    });
+    // Give the call time to reach the sandbox, then ask the gateway to stop.
+    std::thread::sleep(Duration::from_millis(700));
+    gw.signal("-TERM");
+    let r = slow.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["result"]["exit_code"], 0, "{}", r.body);
+    let status = gw.wait_exit();
+    assert!(status.success(), "{status}");
+    // Once stopped, nothing listens any more.
+    assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn a_secret_added_while_running_is_redacted_from_responses_and_logs_after_sighup() {
+    let gw = Gw::start("auth_max_failures = 1000");
+    let canary = "sk-live-CANARY-7f3a91c2d4e5";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", "canary-key"])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(canary.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.signal("-HUP");
+    // The reload has landed when the new secret count shows in /ready.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !gw.get("/ready").body.contains("unlocked (3 secrets)") {
+        assert!(Instant::now() < deadline, "{}", gw.get("/ready").body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ws = gw.workspace();
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": ["echo", canary]}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(!r.body.contains(canary), "{}", r.body);
+    assert!(r.body.contains("[REDACTED:canary-key]"), "{}", r.body);
+    // An error message that would quote it (a path that does not exist).
+    let missing = ws.join(canary);
+    let r = gw.invoke(&json!({"tool": "read_file", "args": {"path": missing.to_str().unwrap()}}));
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(!r.body.contains(canary), "{}", r.body);
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains(canary));
+    assert!(log.contains("[REDACTED:canary-key]"), "{log}");
+}
