@@ -133,6 +133,33 @@ struct App {
     sandbox_check: (bool, String),
     globals: Globals,
     audit_head_at_start: i64,
+    /// Installed skills, re-verified against the lockfile (audited) at start and on SIGHUP;
+    /// `/ready` reports the last result. (Each use re-verifies again: `SkillsHost::load`.)
+    skills: Option<crate::skills_host::SkillsHost>,
+    skills_status: RwLock<(bool, String)>,
+}
+
+/// Re-verifies every installed skill (each verification is audited) and summarizes it for
+/// `/ready`: not ready while any installed skill fails.
+fn verify_skills(skills: Option<&crate::skills_host::SkillsHost>, gate: &Gate) -> (bool, String) {
+    let Some(host) = skills else {
+        return (false, "the skills store could not be opened".into());
+    };
+    match host.verify_installed(gate, "gateway", None) {
+        Ok(list) => {
+            let bad: Vec<String> = list
+                .iter()
+                .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.name)))
+                .collect();
+            if bad.is_empty() {
+                (true, format!("{} installed skills verified", list.len()))
+            } else {
+                error!(failed = %bad.join("; "), "installed skills failed verification");
+                (false, format!("refused: {}", bad.join("; ")))
+            }
+        }
+        Err(e) => (false, format!("verification failed: {e}")),
+    }
 }
 
 /// The TCP peer of a connection, plain or TLS.
@@ -233,6 +260,15 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let head = audit_head(&audit);
     let grace = Duration::from_secs(parts.config.gateway.shutdown_grace_secs);
     let tls = parts.tls.clone();
+    let skills =
+        match crate::skills_host::SkillsHost::open(&parts.globals.home, &parts.config.skills) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                error!(error = %e, "skills store unavailable");
+                None
+            }
+        };
+    let skills_status = verify_skills(skills.as_ref(), &parts.gate);
     let app = Arc::new(App {
         gate: parts.gate,
         store: parts.store,
@@ -251,6 +287,8 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         sandbox_check: parts.sandbox_check,
         globals: parts.globals,
         audit_head_at_start: head,
+        skills,
+        skills_status: RwLock::new(skills_status),
     });
 
     let listener = tokio::net::TcpListener::bind(parts.bind)
@@ -415,6 +453,10 @@ fn reload(app: &App) {
             error!(error = %e, "policy reload rejected; the last good set stays active");
         }
     }
+    write(
+        &app.skills_status,
+        verify_skills(app.skills.as_ref(), &app.gate),
+    );
     let cfg = read(&app.config);
     match crate::secrets::SecretStore::open(&app.globals.home, &cfg.secrets) {
         Ok(store) => {
@@ -636,7 +678,24 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         check(true, detail)
     };
     let sandbox = check(app.sandbox_check.0, app.sandbox_check.1.clone());
-    let providers = check(true, "no model configured");
+    let cfg = read(&app.config);
+    let providers = if cfg.agent.model.is_empty() {
+        check(
+            true,
+            "no model configured; set [agent] model and [[providers]] in chitin.toml",
+        )
+    } else {
+        // Configured (and validated when the config was loaded); reachability shows per call.
+        check(
+            true,
+            format!(
+                "model {} configured, {} providers",
+                cfg.agent.model,
+                cfg.providers.len()
+            ),
+        )
+    };
+    let (skills_ok, skills_detail) = read(&app.skills_status);
     vec![
         ("store", store),
         ("audit", audit),
@@ -644,6 +703,7 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         ("secrets", secrets),
         ("sandbox", sandbox),
         ("providers", providers),
+        ("skills", check(skills_ok, skills_detail)),
     ]
 }
 
