@@ -378,19 +378,11 @@ impl Gate {
     }
 
     fn redacted(&self, v: &Value) -> Value {
-        let Some(r) = &self.redact else {
-            return v.clone();
-        };
-        match v {
-            Value::String(s) => Value::String(r(s)),
-            Value::Array(a) => Value::Array(a.iter().map(|x| self.redacted(x)).collect()),
-            Value::Object(m) => Value::Object(
-                m.iter()
-                    .map(|(k, x)| (k.clone(), self.redacted(x)))
-                    .collect(),
-            ),
-            other => other.clone(),
+        let mut out = v.clone();
+        if let Some(r) = &self.redact {
+            crate::secrets::redact::redact_json_strings(&mut out, &|s| r(s));
         }
+        out
     }
 
     fn record(&self, input: RecordInput) -> Result<(), GateError> {

@@ -7,7 +7,9 @@
     reason = "tests"
 )]
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+#[path = "support/home.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -32,34 +34,13 @@ struct Env {
 
 fn env() -> Env {
     let t = tempfile::tempdir().unwrap();
-    let home = t.path().join("home");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&home)
-        .unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(home.join("chitin.toml"))
-        .unwrap();
-    std::io::Write::write_all(
-        &mut f,
-        b"[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n",
-    )
-    .unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(home.join("entities.json"))
-        .unwrap();
+    let home = support::private_home(t.path(), "home");
     let ents = json!([
         {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
         {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
         {"uid": {"type": "Chitin::User", "id": "mallory"}, "attrs": {}, "parents": []}
     ]);
-    std::io::Write::write_all(&mut f, ents.to_string().as_bytes()).unwrap();
+    support::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
     // Starts at the real time, so the CLI (real clock) sees the same approvals as open.
     Env {
         _t: t,

@@ -6,6 +6,9 @@
     reason = "tests"
 )]
 
+#[path = "support/home.rs"]
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -15,26 +18,10 @@ struct Home {
 }
 
 fn home() -> Home {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    // The audit signing key lives in the secret store: every command unlocks it with a
+    // passphrase (cheap scrypt for tests), the way the gateway opens the log.
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("state");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&home)
-        .unwrap();
-    // The audit signing key lives in the secret store: unlock it with a passphrase (cheap
-    // scrypt for tests) so every command opens the log the way the gateway does.
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(home.join("chitin.toml"))
-        .unwrap();
-    std::io::Write::write_all(
-        &mut f,
-        b"[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n",
-    )
-    .unwrap();
+    let home = support::private_home(dir.path(), "state");
     Home { _dir: dir, home }
 }
 

@@ -6,28 +6,15 @@
     reason = "tests"
 )]
 
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+#[path = "support/home.rs"]
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
 fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     let t = tempfile::tempdir().unwrap();
-    let home = t.path().join("state");
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&home)
-        .unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(home.join("chitin.toml"))
-        .unwrap();
-    std::io::Write::write_all(
-        &mut f,
-        b"[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n",
-    )
-    .unwrap();
+    let home = support::private_home(t.path(), "state");
     (t, home)
 }
 

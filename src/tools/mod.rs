@@ -158,18 +158,10 @@ impl ToolResult {
     /// Applies a redactor (the secrets component's) to every text the model will see:
     /// stdout, stderr and the string values of the structured output.
     pub fn redact_with(&mut self, redact: impl Fn(&str) -> String) {
-        fn walk(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
-            match v {
-                serde_json::Value::String(s) => *s = redact(s),
-                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, redact)),
-                serde_json::Value::Object(o) => o.values_mut().for_each(|x| walk(x, redact)),
-                _ => {}
-            }
-        }
         self.stdout = redact(&self.stdout);
         self.stderr = redact(&self.stderr);
         if let Some(o) = &mut self.output {
-            walk(o, &redact);
+            crate::secrets::redact::redact_json_strings(o, &redact);
         }
     }
 }
