@@ -58,6 +58,71 @@ const MIGRATIONS: &[&str] = &[
      ) STRICT;
      CREATE UNIQUE INDEX approvals_open_code ON approvals(code) WHERE status IN ('pending', 'granted');
      CREATE INDEX approvals_digest ON approvals(request_digest, status);",
+    // 3: the agent's sessions, runs, transcripts and usage. Content (`body`, `summary`) is
+    // sealed with the data subject's key (`subject`: a Cedar entity reference such as
+    // `Chitin::User::"alice"`); ids, times, sizes and token counts stay queryable for routing,
+    // budgets and retention.
+    "CREATE TABLE sessions (
+        key          TEXT PRIMARY KEY,
+        user_id      TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        channel      TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        updated_ms   INTEGER NOT NULL,
+        tainted      INTEGER NOT NULL DEFAULT 0,
+        summary      BLOB,
+        summary_seq  INTEGER NOT NULL DEFAULT 0
+     ) STRICT;
+     CREATE INDEX sessions_subject ON sessions(subject);
+     CREATE TABLE runs (
+        id            TEXT PRIMARY KEY,
+        session_key   TEXT NOT NULL,
+        user_id       TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('queued', 'running', 'waiting_approval', 'completed', 'failed', 'cancelled', 'timed_out', 'interrupted')),
+        created_ms    INTEGER NOT NULL,
+        updated_ms    INTEGER NOT NULL,
+        finished_ms   INTEGER,
+        steps         INTEGER NOT NULL DEFAULT 0,
+        model         TEXT,
+        input_tokens  INTEGER NOT NULL DEFAULT 0,
+        output_tokens INTEGER NOT NULL DEFAULT 0,
+        cost_usd      REAL NOT NULL DEFAULT 0,
+        approval_id   TEXT,
+        error         TEXT
+     ) STRICT;
+     CREATE INDEX runs_session ON runs(session_key, created_ms);
+     CREATE INDEX runs_subject ON runs(subject);
+     CREATE INDEX runs_status ON runs(status);
+     CREATE TABLE messages (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_key  TEXT NOT NULL,
+        run_id       TEXT,
+        subject      TEXT NOT NULL,
+        seq          INTEGER NOT NULL,
+        role         TEXT NOT NULL CHECK (role IN ('user', 'assistant', 'tool')),
+        class        TEXT NOT NULL CHECK (class IN ('transcript', 'tool_output', 'attachment')),
+        created_ms   INTEGER NOT NULL,
+        size         INTEGER NOT NULL,
+        body         BLOB NOT NULL,
+        UNIQUE (session_key, seq)
+     ) STRICT;
+     CREATE INDEX messages_subject ON messages(subject, created_ms);
+     CREATE INDEX messages_class_time ON messages(class, created_ms);
+     CREATE TABLE usage (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        at_ms         INTEGER NOT NULL,
+        user_id       TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        session_key   TEXT NOT NULL,
+        run_id        TEXT NOT NULL,
+        model         TEXT NOT NULL,
+        tool          TEXT,
+        input_tokens  INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        cost_usd      REAL
+     ) STRICT;
+     CREATE INDEX usage_user_time ON usage(user_id, at_ms);",
 ];
 
 /// The state database.
