@@ -25,8 +25,13 @@ def user(u): return f'Chitin::User::"{u}"'
 def act(a): return f'Chitin::Action::"{a}"'
 def tool(t): return f'Chitin::Tool::"{t}"'
 
-def base(approved=False):
-    return {"origin": "model", "session": "telegram:dm:1", "approved": approved, "workspace": WS}
+def base(approved=False, tainted=False):
+    return {"origin": "model", "session": "telegram:dm:1", "approved": approved, "tainted": tainted, "workspace": WS}
+
+def model_ctx(spend, budget, tainted=False):
+    return {"session": "cli:alice", "model": "local/llama3.1", "tainted": tainted,
+            "spend_today_usd": {"__extn": {"fn": "decimal", "arg": spend}},
+            "daily_budget_usd": {"__extn": {"fn": "decimal", "arg": budget}}}
 
 def exec_ctx(argv, cwd=WS, network=False, approved=False, command=None):
     c = base(approved)
@@ -96,10 +101,14 @@ write("tools.json", "What the agent may do for an owner, and what needs approval
          "approval_required", ["tools.owner-fetch-other-methods-approved"]),
     case("a reply in the same conversation is allowed", user("alice"), "send_message", tool("send_message"),
          dict(base(), channel="telegram", target="telegram:dm:1", same_conversation=True), "allow", ["tools.owner-reply-same-conversation"]),
-    case("a message to another conversation needs approval", user("alice"), "send_message", tool("send_message"),
-         dict(base(), channel="telegram", target="telegram:dm:42", same_conversation=False), "approval_required", ["tools.owner-message-elsewhere-approved"]),
-    case("an approved message to another conversation goes out", user("alice"), "send_message", tool("send_message"),
-         dict(base(approved=True), channel="telegram", target="telegram:dm:42", same_conversation=False), "allow", ["tools.owner-message-elsewhere-approved"]),
+    case("a message to another conversation from an untainted session goes out", user("alice"), "send_message", tool("send_message"),
+         dict(base(), channel="telegram", target="telegram:dm:42", same_conversation=False), "allow", ["tools.owner-message-elsewhere-untainted"]),
+    case("after taint a message to another conversation needs approval", user("alice"), "send_message", tool("send_message"),
+         dict(base(tainted=True), channel="telegram", target="telegram:dm:42", same_conversation=False), "approval_required", ["tools.owner-message-elsewhere-approved"]),
+    case("after taint an approved message to another conversation goes out", user("alice"), "send_message", tool("send_message"),
+         dict(base(approved=True, tainted=True), channel="telegram", target="telegram:dm:42", same_conversation=False), "allow", ["tools.owner-message-elsewhere-approved"]),
+    case("after taint a reply in the same conversation is still allowed", user("alice"), "send_message", tool("send_message"),
+         dict(base(tainted=True), channel="telegram", target="telegram:dm:1", same_conversation=True), "allow", ["tools.owner-reply-same-conversation"]),
     case("an owner may grant approvals", user("alice"), "approval.grant", tool("exec"),
          {"requester": {"__entity": {"type": "Chitin::User", "id": "alice"}}}, "allow", ["tools.approvals-by-owners"]),
     case("a non-owner may not grant approvals", user("mallory"), "approval.grant", tool("exec"),
@@ -112,6 +121,19 @@ write("tools.json", "What the agent may do for an owner, and what needs approval
          {"host": "api.openai.com"}, "deny", []),
     case("skills are never installed by default", user("alice"), "skill.install", 'Chitin::Skill::"weather"',
          {}, "deny", []),
+])
+
+write("agent.json", "Model calls by the agent loop, and the daily budget.", [
+    case("an owner's model call within budget is allowed", user("alice"), "model.call", 'Chitin::Agent::"main"',
+         model_ctx("0.5000", "2.0000"), "allow", ["agent.owner-model-calls"]),
+    case("an owner with no budget limit is allowed whatever the spend", user("alice"), "model.call", 'Chitin::Agent::"main"',
+         model_ctx("1000.0000", "0.0000"), "allow", ["agent.owner-model-calls"]),
+    case("an owner who spent the daily budget is denied", user("alice"), "model.call", 'Chitin::Agent::"main"',
+         model_ctx("2.0000", "2.0000"), "deny", ["budget.deny-over-daily-budget"]),
+    case("an owner over the daily budget is denied", user("alice"), "model.call", 'Chitin::Agent::"main"',
+         model_ctx("2.5000", "2.0000"), "deny", ["budget.deny-over-daily-budget"]),
+    case("a non-owner gets no model calls by default", user("mallory"), "model.call", 'Chitin::Agent::"main"',
+         model_ctx("0.0000", "0.0000"), "deny", []),
 ])
 
 write("guardrails.json", "Forbids that no permit or approval can override.", [

@@ -321,6 +321,19 @@ impl Approvals {
         self.by_code(&code)
     }
 
+    /// One approval by id (after expiring the ones that are due).
+    pub fn get(&self, id: &str) -> Result<Approval, ApprovalError> {
+        self.expire_due()?;
+        let conn = self.store.conn()?;
+        conn.query_row(
+            &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
+            [id],
+            row,
+        )
+        .optional()?
+        .ok_or_else(|| ApprovalError::NotFound(id.into()))
+    }
+
     fn by_code(&self, code: &str) -> Result<Approval, ApprovalError> {
         let conn = self.store.conn()?;
         conn.query_row(

@@ -224,6 +224,9 @@ pub struct CallContext {
     pub session: String,
     /// The agent workspace (canonicalized by the gate).
     pub workspace: PathBuf,
+    /// The session has taken in untrusted content (tool output, fetched pages, messages from
+    /// non-owners); policies see it as `context.tainted`.
+    pub tainted: bool,
 }
 
 /// A built-in tool call as the gate sees it (arguments already parsed strictly).
@@ -246,10 +249,16 @@ pub enum ToolInput {
     EditFile {
         path: String,
     },
+    /// `same_conversation` is derived by the gate (target == the calling session).
     SendMessage {
         channel: String,
         target: String,
-        same_conversation: bool,
+    },
+    /// `host` and `private_address` are derived by the gate from the URL (every address the
+    /// host resolves to is checked).
+    WebFetch {
+        url: String,
+        method: String,
     },
 }
 
@@ -298,6 +307,28 @@ impl ToolInput {
             },
             "write_file" => Self::WriteFile { path: path(None)? },
             "edit_file" => Self::EditFile { path: path(None)? },
+            "send_message" => {
+                let s = |k: &str| match args.get(k) {
+                    Some(Value::String(v)) => Ok(v.clone()),
+                    _ => Err(bad(&format!("`{k}` must be a string"))),
+                };
+                Self::SendMessage {
+                    channel: s("channel")?,
+                    target: s("target")?,
+                }
+            }
+            "web_fetch" => {
+                let url = match args.get("url") {
+                    Some(Value::String(v)) => v.clone(),
+                    _ => return Err(bad("`url` must be a string")),
+                };
+                let method = match args.get("method") {
+                    None | Some(Value::Null) => "GET".to_string(),
+                    Some(Value::String(m)) => m.to_ascii_uppercase(),
+                    Some(_) => return Err(bad("`method` must be a string")),
+                };
+                Self::WebFetch { url, method }
+            }
             other => {
                 return Err(GateError::InvalidRequest(format!(
                     "no built-in tool `{other}`"
@@ -315,6 +346,7 @@ impl ToolInput {
             Self::WriteFile { .. } => "write_file",
             Self::EditFile { .. } => "edit_file",
             Self::SendMessage { .. } => "send_message",
+            Self::WebFetch { .. } => "web_fetch",
         }
     }
 }
@@ -556,6 +588,7 @@ impl Gate {
         ctx.insert("origin".into(), json!(call.origin.as_str()));
         ctx.insert("session".into(), json!(call.session));
         ctx.insert("approved".into(), json!(approved));
+        ctx.insert("tainted".into(), json!(call.tainted));
         ctx.insert("workspace".into(), json!(workspace.to_string_lossy()));
         match input {
             ToolInput::Exec { argv, cwd, network } => {
@@ -586,14 +619,21 @@ impl Gate {
                 let p = canonical_for_create(path, &workspace)?;
                 ctx.insert("path".into(), json!(p.to_string_lossy()));
             }
-            ToolInput::SendMessage {
-                channel,
-                target,
-                same_conversation,
-            } => {
+            ToolInput::SendMessage { channel, target } => {
                 ctx.insert("channel".into(), json!(channel));
                 ctx.insert("target".into(), json!(target));
-                ctx.insert("same_conversation".into(), json!(same_conversation));
+                ctx.insert(
+                    "same_conversation".into(),
+                    json!(channel == "chitin" && *target == call.session),
+                );
+            }
+            ToolInput::WebFetch { url, method } => {
+                let target = crate::tools::fetch::FetchTarget::resolve(url)
+                    .map_err(|e| GateError::InvalidRequest(format!("web_fetch: {e}")))?;
+                ctx.insert("url".into(), json!(target.url.as_str()));
+                ctx.insert("host".into(), json!(target.host));
+                ctx.insert("method".into(), json!(method));
+                ctx.insert("private_address".into(), json!(target.private_address()));
             }
         }
         let uid = |s: String| {

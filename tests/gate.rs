@@ -69,6 +69,7 @@ fn call(ws: &Path) -> CallContext {
         origin: Origin::Model,
         session: "s1".into(),
         workspace: ws.to_path_buf(),
+        tainted: false,
     }
 }
 

@@ -180,6 +180,7 @@ fn a_signed_skill_with_hostile_instructions_grants_no_capability() {
         origin: Origin::Model,
         session: "s1".into(),
         workspace: fx.src.clone(),
+        tainted: false,
     };
     let input = ToolInput::Exec {
         argv: vec![

@@ -75,6 +75,7 @@ fn env() -> Env {
         origin: Origin::Model,
         session: "s1".into(),
         workspace: ws.clone(),
+        tainted: false,
     };
     Env {
         gate: Gate::new(Arc::new(engine), audit),

@@ -13,6 +13,20 @@ model = ""
 fallbacks = []
 # The agent's working directory (tools run inside it).
 workspace = "~/.chitin/workspace"
+# Extra instructions appended to Chitin's built-in system prompt.
+system_prompt = ""
+# Model calls per run (each round of tool calls is one step); the run stops with an error beyond it.
+max_steps = 16
+# Wall-clock limit of one run in seconds (waiting for an approval counts).
+run_timeout_secs = 900
+# Runs in progress at once across all sessions (each session runs one at a time).
+max_concurrent_runs = 8
+# Upper bound on the tokens of one model answer.
+max_tokens = 4096
+# Approximate context window in tokens: history is summarized by the model when it nears this.
+context_budget_tokens = 64000
+# Tool results are cut to this many bytes before the model sees them.
+tool_result_max_bytes = 16384
 
 [budgets]
 # Daily spend limit per user in USD, from [pricing] (UTC days; 0 = no limit).
@@ -29,6 +43,13 @@ pub struct AgentConfig {
     pub model: String,
     pub fallbacks: Vec<String>,
     pub workspace: String,
+    pub system_prompt: String,
+    pub max_steps: u32,
+    pub run_timeout_secs: u64,
+    pub max_concurrent_runs: u32,
+    pub max_tokens: u32,
+    pub context_budget_tokens: u64,
+    pub tool_result_max_bytes: usize,
 }
 
 impl Default for AgentConfig {
@@ -37,11 +58,44 @@ impl Default for AgentConfig {
             model: String::new(),
             fallbacks: Vec::new(),
             workspace: "~/.chitin/workspace".into(),
+            system_prompt: String::new(),
+            max_steps: 16,
+            run_timeout_secs: 900,
+            max_concurrent_runs: 8,
+            max_tokens: 4096,
+            context_budget_tokens: 64_000,
+            tool_result_max_bytes: 16 * 1024,
         }
     }
 }
 
 impl AgentConfig {
+    /// Checks the limits (each must be usable: a zero step limit would make every run fail).
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(&str, bool); 6] = [
+            ("max_steps", (1..=1000).contains(&self.max_steps)),
+            ("run_timeout_secs", (1..=86_400).contains(&self.run_timeout_secs)),
+            ("max_concurrent_runs", (1..=1024).contains(&self.max_concurrent_runs)),
+            ("max_tokens", (1..=1_000_000).contains(&self.max_tokens)),
+            (
+                "context_budget_tokens",
+                (1024..=10_000_000).contains(&self.context_budget_tokens),
+            ),
+            (
+                "tool_result_max_bytes",
+                (256..=16 * 1024 * 1024).contains(&self.tool_result_max_bytes),
+            ),
+        ];
+        for (key, ok) in checks {
+            if !ok {
+                return Err(format!(
+                    "[agent] {key} is out of range; see the comments in `chitin init`'s chitin.toml for its bounds"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// `model` followed by `fallbacks`: the order models are tried in.
     pub fn model_chain(&self) -> Vec<String> {
         std::iter::once(&self.model)

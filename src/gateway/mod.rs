@@ -847,6 +847,7 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
         origin: Origin::User,
         session: session.to_string(),
         workspace: app.workspace.clone(),
+        tainted: false,
     };
     let tool = body.tool.as_str();
     // `invoke` redeems a granted approval bound to exactly this call itself (single use);

@@ -9,6 +9,10 @@ pub const SCHEMA: &str = include_str!("../../policies/schema.cedarschema");
 /// The default policies (`policies/default/*.cedar`), as (file name, text).
 pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
     (
+        "agent.cedar",
+        include_str!("../../policies/default/agent.cedar"),
+    ),
+    (
         "admission.cedar",
         include_str!("../../policies/default/admission.cedar"),
     ),

@@ -979,6 +979,36 @@ impl PolicyEngine {
         report_of(&self.active())
     }
 
+    /// Whether `principal` could ever be allowed `action` under the active set: some enforced
+    /// permit's scope can match them, and no enforced forbid without conditions covers every
+    /// resource. A `false` is certain (the agent does not offer such tools to the model); a
+    /// `true` still needs a real decision for each call.
+    pub fn could_allow(&self, principal: &EntityUid, action: &EntityUid) -> Result<bool, PolicyError> {
+        let active = self.active();
+        let sets = active
+            .compiled
+            .sets_for(action, principal, &active.entities)?;
+        let mut permit = false;
+        for p in sets.enforced.policies() {
+            match p.effect() {
+                cedar_policy::Effect::Permit => permit = true,
+                cedar_policy::Effect::Forbid => {
+                    let unconditional = p
+                        .to_json()
+                        .ok()
+                        .and_then(|j| j.get("conditions").and_then(Value::as_array).map(Vec::is_empty))
+                        .unwrap_or(false);
+                    if unconditional
+                        && matches!(p.resource_constraint(), cedar_policy::ResourceConstraint::Any)
+                    {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(permit)
+    }
+
     /// Decides a request. `Err` means the request itself is malformed (unknown action,
     /// context that does not match the schema, ...): callers must treat that as a deny.
     pub fn decide(&self, req: &PolicyRequest) -> Result<Decision, PolicyError> {

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::{
     EditFileArgs, ExecArgs, ListDirArgs, ReadFileArgs, Sandbox, ToolError, ToolResult, Workspace,
-    WriteFileArgs,
+    WriteFileArgs, fetch::WebFetchArgs,
 };
 use crate::approvals::{ApprovalError, Approvals};
 use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
@@ -23,13 +23,20 @@ use crate::policy::Decision;
 use chitin_audit::{GateDecision, RecordInput, ToolRun};
 
 /// The tools that exist (and are offered to models).
-pub const TOOLS: &[&str] = &["exec", "read_file", "write_file", "edit_file", "list_dir"];
+pub const TOOLS: &[&str] = &[
+    "exec",
+    "read_file",
+    "write_file",
+    "edit_file",
+    "list_dir",
+    "web_fetch",
+];
 
 /// Errors of a tool call. Each one means nothing ran.
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error(
-        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir"
+        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir, web_fetch"
     )]
     UnknownTool(String),
     #[error("invalid arguments for `{tool}`: {message}")]
@@ -70,6 +77,7 @@ enum Parsed {
     Write(WriteFileArgs),
     Edit(EditFileArgs),
     List(ListDirArgs),
+    Fetch(WebFetchArgs),
 }
 
 fn parse<T: serde::de::DeserializeOwned>(tool: &str, args: &Value) -> Result<T, InvokeError> {
@@ -108,6 +116,12 @@ pub fn invoke(
         "write_file" => parse(tool, args).map(Parsed::Write),
         "edit_file" => parse(tool, args).map(Parsed::Edit),
         "list_dir" => parse(tool, args).map(Parsed::List),
+        "web_fetch" => parse::<WebFetchArgs>(tool, args).and_then(|a| {
+            a.normalize().map(Parsed::Fetch).map_err(|e| InvokeError::InvalidArgs {
+                tool: tool.into(),
+                message: e.to_string(),
+            })
+        }),
         other => Err(InvokeError::UnknownTool(other.to_string())),
     };
     let parsed = match parsed {
@@ -124,6 +138,7 @@ pub fn invoke(
         Parsed::Write(a) => normalized(a)?,
         Parsed::Edit(a) => normalized(a)?,
         Parsed::List(a) => normalized(a)?,
+        Parsed::Fetch(a) => normalized(a)?,
     };
     // Network destinations must parse before anything is decided.
     let mut sb = sandbox.clone();
@@ -173,6 +188,7 @@ pub fn invoke(
     let run = run_parsed(&auth, &sb, &ws, &parsed);
     let argv = match &parsed {
         Parsed::Exec(a) => a.argv.clone(),
+        Parsed::Fetch(a) => vec![tool.to_string(), a.method.clone(), a.url.clone()],
         _ => vec![tool.to_string(), path_of(&parsed).to_string()],
     };
     let redact_str = |s: &str| gate.redact(s);
@@ -227,12 +243,13 @@ fn run_parsed(
         Parsed::Write(a) => super::write_file(auth, sb, ws, a),
         Parsed::Edit(a) => super::edit_file(auth, sb, ws, a),
         Parsed::List(a) => super::list_dir(auth, sb, ws, a),
+        Parsed::Fetch(a) => super::fetch::fetch(auth, a),
     }
 }
 
 fn path_of(parsed: &Parsed) -> &str {
     match parsed {
-        Parsed::Exec(_) => "",
+        Parsed::Exec(_) | Parsed::Fetch(_) => "",
         Parsed::Read(a) => &a.path,
         Parsed::Write(a) => &a.path,
         Parsed::Edit(a) => &a.path,

@@ -9,6 +9,7 @@
 //!
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
+pub mod fetch;
 pub mod helper;
 pub mod invoke;
 
