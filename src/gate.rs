@@ -762,11 +762,33 @@ pub fn canonical_for_create(path: &str, base: &Path) -> Result<PathBuf, GateErro
         path: path.into(),
         reason: "has no parent directory".into(),
     })?;
-    let parent = std::fs::canonicalize(parent).map_err(|e| GateError::InvalidPath {
+    // Directories that do not exist yet (write_file with create_dirs): the nearest existing
+    // ancestor is canonicalized and the missing part must be plain names (no `..`, no `.`).
+    let mut existing = parent;
+    let mut missing: Vec<std::ffi::OsString> = Vec::new();
+    while std::fs::symlink_metadata(existing).is_err() {
+        match existing.components().next_back() {
+            Some(std::path::Component::Normal(n)) => missing.push(n.to_os_string()),
+            _ => {
+                return Err(GateError::InvalidPath {
+                    path: path.into(),
+                    reason: "a directory to be created is not a plain name".into(),
+                });
+            }
+        }
+        existing = existing.parent().ok_or_else(|| GateError::InvalidPath {
+            path: path.into(),
+            reason: "has no existing parent directory".into(),
+        })?;
+    }
+    let mut out = std::fs::canonicalize(existing).map_err(|e| GateError::InvalidPath {
         path: path.into(),
         reason: format!("parent directory cannot be resolved: {e}"),
     })?;
-    Ok(parent.join(name))
+    for m in missing.iter().rev() {
+        out.push(m);
+    }
+    Ok(out.join(name))
 }
 
 /// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name

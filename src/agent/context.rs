@@ -167,11 +167,9 @@ pub fn all_tools() -> Vec<ToolSpec> {
 
 /// The tools `user` could ever be allowed to call (the others are not offered).
 pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
-    let Ok(principal) = format!(
-        "Chitin::User::{}",
-        Value::String(user.to_string())
-    )
-    .parse::<cedar_policy::EntityUid>() else {
+    let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))
+        .parse::<cedar_policy::EntityUid>()
+    else {
         return Vec::new();
     };
     all_tools()
@@ -281,7 +279,12 @@ pub fn estimate_tokens(system: &str, messages: &[Message]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]
@@ -321,7 +324,9 @@ mod tests {
         ];
         let m = to_messages(Some("earlier"), &h);
         assert!(matches!(&m[0], Message::User { text } if text.contains("earlier")));
-        assert!(matches!(&m[2], Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1"));
+        assert!(
+            matches!(&m[2], Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1")
+        );
         assert!(matches!(&m[3], Message::User { text } if text == "hi"));
     }
 

@@ -154,7 +154,8 @@ struct Inner {
     p: AgentParts,
     transcripts: Transcripts,
     events: broadcast::Sender<AgentEvent>,
-    lanes: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per session, the completion of the run submitted last (the next one waits for it).
+    lanes: Mutex<HashMap<String, watch::Receiver<Option<RunSummary>>>>,
     slots: Arc<Semaphore>,
     live: Mutex<HashMap<String, Live>>,
 }
@@ -269,7 +270,13 @@ impl Agent {
             Ok(())
         })
         .await??;
-        self.spawn_run(run_id.clone(), req.session, req.user, req.approval_wait, false);
+        self.spawn_run(
+            run_id.clone(),
+            req.session,
+            req.user,
+            req.approval_wait,
+            false,
+        );
         Ok(run_id)
     }
 
@@ -296,6 +303,13 @@ impl Agent {
     ) {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(None);
+        // The serial lane, in submission order: wait for the session's previous run.
+        let previous = self
+            .0
+            .lanes
+            .lock()
+            .ok()
+            .and_then(|mut l| l.insert(session.clone(), done_rx.clone()));
         if let Ok(mut live) = self.0.live.lock() {
             live.insert(
                 run_id.clone(),
@@ -316,15 +330,15 @@ impl Agent {
                 interrupted,
                 reports: Vec::new(),
             };
-            let summary = run.execute(cancel_rx).await;
+            let summary = run.execute(previous, cancel_rx).await;
             let session = summary.session.clone();
             let _closed = done_tx.send(Some(summary));
             if let Ok(mut live) = inner.live.lock() {
                 live.remove(&run_id);
             }
-            // Forget the session's lane when no run holds or waits for it.
+            // Forget the session's lane when no later run was queued behind this one.
             if let Ok(mut lanes) = inner.lanes.lock()
-                && lanes.get(&session).is_some_and(|l| Arc::strong_count(l) == 1)
+                && lanes.get(&session).is_some_and(|l| l.borrow().is_some())
             {
                 lanes.remove(&session);
             }
@@ -368,10 +382,7 @@ impl Agent {
             }
         }
         let s = self.summary(run_id).await?;
-        if matches!(
-            s.status.as_str(),
-            "queued" | "running" | "waiting_approval"
-        ) {
+        if matches!(s.status.as_str(), "queued" | "running" | "waiting_approval") {
             return Err(AgentError::WaitTimeout(run_id.into()));
         }
         Ok(s)
@@ -395,7 +406,10 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
     let mut tool_calls = Vec::new();
     for e in &msgs {
         match &e.message {
-            Stored::Assistant { text, tool_calls: c } if c.is_empty() => {
+            Stored::Assistant {
+                text,
+                tool_calls: c,
+            } if c.is_empty() => {
                 reply = Some(text.clone());
             }
             Stored::Tool {
@@ -431,6 +445,32 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
     })
 }
 
+/// The conversation as this run sees it: the messages of the runs submitted before it and its
+/// own (messages of later runs queued in the same session are left out).
+fn as_of_run(history: Vec<transcripts::Entry>, run_id: &str) -> Vec<transcripts::Entry> {
+    let mut first: HashMap<&str, i64> = HashMap::new();
+    for e in &history {
+        if let Some(r) = e.run_id.as_deref() {
+            first.entry(r).or_insert(e.seq);
+        }
+    }
+    let Some(mine) = first.get(run_id).copied() else {
+        return history;
+    };
+    let keep: Vec<bool> = history
+        .iter()
+        .map(|e| match e.run_id.as_deref() {
+            None => true,
+            Some(r) => r == run_id || first.get(r).is_some_and(|s| *s < mine),
+        })
+        .collect();
+    history
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(e, k)| k.then_some(e))
+        .collect()
+}
+
 /// One run in progress.
 struct Run {
     inner: Arc<Inner>,
@@ -461,36 +501,47 @@ impl Run {
         self.inner.p.clock.now_ms()
     }
 
-    async fn set_status(&self, status: &'static str, approval: Option<String>, error: Option<String>) {
+    async fn set_status(
+        &self,
+        status: &'static str,
+        approval: Option<String>,
+        error: Option<String>,
+    ) {
         let inner = Arc::clone(&self.inner);
         let (id, now) = (self.id.clone(), self.now());
         let r = blocking(move || {
-            inner
-                .transcripts
-                .set_run_status(&id, status, approval.as_deref(), error.as_deref(), now)
+            inner.transcripts.set_run_status(
+                &id,
+                status,
+                approval.as_deref(),
+                error.as_deref(),
+                now,
+            )
         })
         .await;
-        if let Err(e) | Ok(Err(e)) = r.map_err(|e| e.to_string()).map(|r| r.map_err(|e| e.to_string())) {
+        if let Err(e) | Ok(Err(e)) = r
+            .map_err(|e| e.to_string())
+            .map(|r| r.map_err(|e| e.to_string()))
+        {
             tracing::error!(run = %self.id, error = %e, "cannot record the run status");
         }
     }
 
-    async fn execute(mut self, mut cancel: watch::Receiver<bool>) -> RunSummary {
+    async fn execute(
+        mut self,
+        previous: Option<watch::Receiver<Option<RunSummary>>>,
+        mut cancel: watch::Receiver<bool>,
+    ) -> RunSummary {
         let inner = Arc::clone(&self.inner);
+        if let Some(mut prev) = previous {
+            // A dropped sender (the previous task died) also frees the lane.
+            let _ = prev.wait_for(Option::is_some).await;
+        }
         let Ok(_slot) = Arc::clone(&inner.slots).acquire_owned().await else {
-            return self.finish("failed", Some("the agent is shutting down".into())).await;
-        };
-        let lane = inner
-            .lanes
-            .lock()
-            .ok()
-            .map(|mut l| Arc::clone(l.entry(self.session.clone()).or_default()));
-        let Some(lane) = lane else {
             return self
-                .finish("failed", Some("internal lock poisoned".into()))
+                .finish("failed", Some("the agent is shutting down".into()))
                 .await;
         };
-        let _lane = lane.lock().await;
         self.set_status("running", None, None).await;
         self.emit("run.started", json!({}));
         let limit = Duration::from_secs(inner.p.config.run_timeout_secs);
@@ -538,7 +589,12 @@ impl Run {
 
     async fn append(&self, m: Stored) -> Result<i64, AgentError> {
         let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (self.session.clone(), self.user.clone(), self.id.clone(), self.now());
+        let (s, u, id, now) = (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        );
         Ok(blocking(move || inner.transcripts.append(&s, &u, Some(&id), &m, now)).await??)
     }
 
@@ -581,13 +637,26 @@ impl Run {
                 stream: true,
             };
             let events = self.inner.events.clone();
-            let (user, session, run_id) = (self.user.clone(), self.session.clone(), self.id.clone());
+            let (user, session, run_id) =
+                (self.user.clone(), self.session.clone(), self.id.clone());
             let redactor = self.inner.p.gate.clone();
             let mut sink = move |e: ProviderEvent| {
                 let (event, payload) = match e {
-                    ProviderEvent::TextDelta(t) => ("assistant.delta", json!({"text": redactor.redact(&t)})),
-                    ProviderEvent::Retry { model, attempt, reason } => ("assistant.reset", json!({"model": model, "attempt": attempt, "reason": reason})),
-                    ProviderEvent::Failover { from, to, reason } => ("assistant.reset", json!({"from": from, "to": to, "reason": reason})),
+                    ProviderEvent::TextDelta(t) => {
+                        ("assistant.delta", json!({"text": redactor.redact(&t)}))
+                    }
+                    ProviderEvent::Retry {
+                        model,
+                        attempt,
+                        reason,
+                    } => (
+                        "assistant.reset",
+                        json!({"model": model, "attempt": attempt, "reason": reason}),
+                    ),
+                    ProviderEvent::Failover { from, to, reason } => (
+                        "assistant.reset",
+                        json!({"from": from, "to": to, "reason": reason}),
+                    ),
                     _ => return,
                 };
                 let mut payload = payload;
@@ -595,7 +664,12 @@ impl Run {
                     m.insert("run_id".into(), json!(run_id));
                     m.insert("session".into(), json!(session));
                 }
-                let _nobody = events.send(AgentEvent { user: user.clone(), session: session.clone(), event, payload });
+                let _nobody = events.send(AgentEvent {
+                    user: user.clone(),
+                    session: session.clone(),
+                    event,
+                    payload,
+                });
             };
             let resp = match router.chat(&req, &mut sink).await {
                 Ok(r) => r,
@@ -607,8 +681,18 @@ impl Run {
             };
             {
                 let inner = Arc::clone(&self.inner);
-                let (user, session, id, now) = (self.user.clone(), self.session.clone(), self.id.clone(), self.now());
-                let (model, tool, usage, cost) = (resp.model.clone(), last_tool.clone(), resp.usage, resp.cost_usd);
+                let (user, session, id, now) = (
+                    self.user.clone(),
+                    self.session.clone(),
+                    self.id.clone(),
+                    self.now(),
+                );
+                let (model, tool, usage, cost) = (
+                    resp.model.clone(),
+                    last_tool.clone(),
+                    resp.usage,
+                    resp.cost_usd,
+                );
                 blocking(move || {
                     inner.transcripts.record_usage(&transcripts::UsageRow {
                         at_ms: now,
@@ -658,6 +742,7 @@ impl Run {
         let inner = Arc::clone(&self.inner);
         let s = self.session.clone();
         let (_, history) = blocking(move || inner.transcripts.history(&s)).await??;
+        let history = as_of_run(history, &self.id);
         let Some(pos) = history
             .iter()
             .rposition(|e| matches!(e.message, Stored::Assistant { .. }))
@@ -688,7 +773,16 @@ impl Run {
     }
 
     /// System prompt, messages (compacted when near the budget) and offered tools.
-    async fn context(&self) -> Result<(String, Vec<crate::providers::Message>, Vec<crate::providers::ToolSpec>), AgentError> {
+    async fn context(
+        &self,
+    ) -> Result<
+        (
+            String,
+            Vec<crate::providers::Message>,
+            Vec<crate::providers::ToolSpec>,
+        ),
+        AgentError,
+    > {
         let inner = Arc::clone(&self.inner);
         let (s, u) = (self.session.clone(), self.user.clone());
         let (system, summary, history, tools) = blocking(move || -> Result<_, AgentError> {
@@ -698,6 +792,7 @@ impl Run {
             Ok((system, summary, history, tools))
         })
         .await??;
+        let history = as_of_run(history, &self.id);
         let messages = context::to_messages(summary.as_deref(), &history);
         let budget = self.inner.p.config.context_budget_tokens;
         if context::estimate_tokens(&system, &messages) > budget / 4 * 3 && history.len() >= 4 {
@@ -719,10 +814,12 @@ impl Run {
         };
         // Keep the last third, starting at a user message (tool results stay with their call).
         let want = history.len() - history.len() / 3;
-        let Some(cut) = (1..=want)
-            .rev()
-            .find(|i| matches!(history[*i..].first().map(|e| &e.message), Some(Stored::User { .. })))
-        else {
+        let Some(cut) = (1..=want).rev().find(|i| {
+            matches!(
+                history[*i..].first().map(|e| &e.message),
+                Some(Stored::User { .. })
+            )
+        }) else {
             return Ok(None);
         };
         let older = context::to_messages(summary.as_deref(), &history[..cut]);
@@ -731,10 +828,15 @@ impl Run {
             let line = match m {
                 crate::providers::Message::User { text } => format!("USER: {text}"),
                 crate::providers::Message::Assistant { text, tool_calls } => {
-                    let calls: Vec<String> = tool_calls.iter().map(|c| format!("{}({})", c.name, c.arguments_json)).collect();
+                    let calls: Vec<String> = tool_calls
+                        .iter()
+                        .map(|c| format!("{}({})", c.name, c.arguments_json))
+                        .collect();
                     format!("ASSISTANT: {text} {}", calls.join(" "))
                 }
-                crate::providers::Message::ToolResult { content, .. } => format!("TOOL RESULT: {content}"),
+                crate::providers::Message::ToolResult { content, .. } => {
+                    format!("TOOL RESULT: {content}")
+                }
             };
             transcript.push_str(&context::cap(&line, 4000));
             transcript.push('\n');
@@ -754,8 +856,14 @@ impl Run {
         let upto = history[cut - 1].seq;
         let text = self.inner.p.gate.redact(&resp.text);
         let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (self.session.clone(), self.user.clone(), self.id.clone(), self.now());
-        let (model, usage, cost, t2) = (resp.model.clone(), resp.usage, resp.cost_usd, text.clone());
+        let (s, u, id, now) = (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        );
+        let (model, usage, cost, t2) =
+            (resp.model.clone(), resp.usage, resp.cost_usd, text.clone());
         blocking(move || -> Result<(), AgentError> {
             inner.transcripts.record_usage(&transcripts::UsageRow {
                 at_ms: now,
@@ -779,7 +887,11 @@ impl Run {
     async fn check_model_call(&self, router: &Router) -> Result<Option<String>, AgentError> {
         let inner = Arc::clone(&self.inner);
         let (s, u, now) = (self.session.clone(), self.user.clone(), self.now());
-        let model = router.models().first().map(ToString::to_string).unwrap_or_default();
+        let model = router
+            .models()
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         blocking(move || -> Result<Option<String>, AgentError> {
             let spent = inner.transcripts.spend_today(&u, now)?;
             let limit = inner.p.budgets.daily_limit_usd(&u).unwrap_or(0.0);
@@ -856,7 +968,8 @@ impl Run {
     /// Runs one tool call of the model through the gate (pausing for approval if needed).
     async fn handle_call(&mut self, c: &StoredCall) -> Result<(), AgentError> {
         let args: Value = match &c.malformed {
-            None => serde_json::from_str(&c.arguments_json).unwrap_or(Value::String(c.arguments_json.clone())),
+            None => serde_json::from_str(&c.arguments_json)
+                .unwrap_or(Value::String(c.arguments_json.clone())),
             Some(_) => Value::String(c.arguments_json.clone()),
         };
         let shown = match &args {
@@ -868,7 +981,10 @@ impl Run {
             }
             other => json!(self.inner.p.gate.redact(&other.to_string())),
         };
-        self.emit("tool.start", json!({"call_id": c.id, "tool": c.name, "args": shown}));
+        self.emit(
+            "tool.start",
+            json!({"call_id": c.id, "tool": c.name, "args": shown}),
+        );
         let mut waited_for: Option<String> = None;
         loop {
             let inner = Arc::clone(&self.inner);
@@ -880,7 +996,14 @@ impl Run {
             let call = self.call_context(tainted);
             let (name, a) = (c.name.clone(), args.clone());
             let result = blocking(move || {
-                crate::tools::invoke::invoke(&inner.p.gate, &inner.p.sandbox, &call, &name, &a, Some(&inner.p.approvals))
+                crate::tools::invoke::invoke(
+                    &inner.p.gate,
+                    &inner.p.sandbox,
+                    &call,
+                    &name,
+                    &a,
+                    Some(&inner.p.approvals),
+                )
             })
             .await?;
             let max = self.inner.p.config.tool_result_max_bytes;
@@ -893,7 +1016,8 @@ impl Run {
                         (None, None) => "ended".to_string(),
                     };
                     let body = serde_json::to_string(&result).unwrap_or_default();
-                    let content = context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
+                    let content =
+                        context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
                     // The session has now taken in content no one vouched for.
                     {
                         let inner = Arc::clone(&self.inner);
@@ -901,38 +1025,88 @@ impl Run {
                         blocking(move || inner.transcripts.set_tainted(&s)).await??;
                     }
                     let is_error = outcome != "ok";
-                    return self.record_result(c, "allow", &outcome, &content, is_error).await;
+                    return self
+                        .record_result(c, "allow", &outcome, &content, is_error)
+                        .await;
                 }
                 Ok(Invoked::Denied(d)) => {
-                    let reasons: Vec<String> = d.policies.iter().map(|p| self.inner.p.gate.engine().active().compiled.reason(p).map_or_else(|| p.clone(), |r| format!("{p}: {r}"))).collect();
+                    let reasons: Vec<String> = d
+                        .policies
+                        .iter()
+                        .map(|p| {
+                            self.inner
+                                .p
+                                .gate
+                                .engine()
+                                .active()
+                                .compiled
+                                .reason(p)
+                                .map_or_else(|| p.clone(), |r| format!("{p}: {r}"))
+                        })
+                        .collect();
                     let content = if reasons.is_empty() {
                         "denied by policy: no policy permits this call (deny by default). Do not retry it another way; tell the user what you could not do.".to_string()
                     } else {
-                        format!("denied by policy: {}. Do not retry it another way; tell the user what you could not do.", reasons.join("; "))
+                        format!(
+                            "denied by policy: {}. Do not retry it another way; tell the user what you could not do.",
+                            reasons.join("; ")
+                        )
                     };
-                    let outcome = if waited_for.is_some() { "approval_denied" } else { "denied" };
+                    let outcome = if waited_for.is_some() {
+                        "approval_denied"
+                    } else {
+                        "denied"
+                    };
                     return self.record_result(c, "deny", outcome, &content, true).await;
                 }
-                Ok(Invoked::ApprovalRequired { decision: _, request_digest }) => {
-                    match self.await_approval(c, &args, request_digest, waited_for.is_some()).await? {
+                Ok(Invoked::ApprovalRequired {
+                    decision: _,
+                    request_digest,
+                }) => {
+                    match self
+                        .await_approval(c, &args, request_digest, waited_for.is_some())
+                        .await?
+                    {
                         ApprovalOutcome::Granted(id) => {
                             waited_for = Some(id);
                             continue;
                         }
                         ApprovalOutcome::NotGiven(why) => {
-                            let content = format!("not run: this call needs a person's approval, which was not given ({why}). Tell the user; do not retry it another way.");
-                            return self.record_result(c, "approval_required", &format!("approval {why}"), &content, true).await;
+                            let content = format!(
+                                "not run: this call needs a person's approval, which was not given ({why}). Tell the user; do not retry it another way."
+                            );
+                            return self
+                                .record_result(
+                                    c,
+                                    "approval_required",
+                                    &format!("approval {why}"),
+                                    &content,
+                                    true,
+                                )
+                                .await;
                         }
                     }
                 }
-                Err(InvokeError::UnknownTool(_) | InvokeError::InvalidArgs { .. }) | Err(InvokeError::Gate(_)) => {
-                    let e = match result { Err(e) => e.to_string(), Ok(_) => String::new() };
-                    let content = format!("invalid call, not run: {}", self.inner.p.gate.redact(&e));
-                    return self.record_result(c, "invalid", "invalid", &content, true).await;
+                Err(InvokeError::UnknownTool(_) | InvokeError::InvalidArgs { .. })
+                | Err(InvokeError::Gate(_)) => {
+                    let e = match result {
+                        Err(e) => e.to_string(),
+                        Ok(_) => String::new(),
+                    };
+                    let content =
+                        format!("invalid call, not run: {}", self.inner.p.gate.redact(&e));
+                    return self
+                        .record_result(c, "invalid", "invalid", &content, true)
+                        .await;
                 }
                 Err(e) => {
-                    let content = format!("the call failed and did not run: {}", self.inner.p.gate.redact(&e.to_string()));
-                    return self.record_result(c, "error", "error", &content, true).await;
+                    let content = format!(
+                        "the call failed and did not run: {}",
+                        self.inner.p.gate.redact(&e.to_string())
+                    );
+                    return self
+                        .record_result(c, "error", "error", &content, true)
+                        .await;
                 }
             }
         }
@@ -948,23 +1122,35 @@ impl Run {
     ) -> Result<ApprovalOutcome, AgentError> {
         if already_redeemed {
             // A granted approval was redeemed and the call still needs one: refuse.
-            return Ok(ApprovalOutcome::NotGiven("was redeemed but the policy still asks for approval".into()));
+            return Ok(ApprovalOutcome::NotGiven(
+                "was redeemed but the policy still asks for approval".into(),
+            ));
         }
         let inner = Arc::clone(&self.inner);
-        let (u, s, name, a) = (self.user.clone(), self.session.clone(), c.name.clone(), args.clone());
+        let (u, s, name, a) = (
+            self.user.clone(),
+            self.session.clone(),
+            c.name.clone(),
+            args.clone(),
+        );
         let wait = self.approval_wait;
-        let approval = blocking(move || -> Result<crate::approvals::Approval, crate::approvals::ApprovalError> {
-            match inner.p.approvals.open_for(&digest)? {
-                Some(a) => Ok(a),
-                None => inner.p.approvals.request(&u, &s, &name, &a, digest),
-            }
-        })
+        let approval = blocking(
+            move || -> Result<crate::approvals::Approval, crate::approvals::ApprovalError> {
+                match inner.p.approvals.open_for(&digest)? {
+                    Some(a) => Ok(a),
+                    None => inner.p.approvals.request(&u, &s, &name, &a, digest),
+                }
+            },
+        )
         .await?
         .map_err(|e| AgentError::Task(e.to_string()))?;
         if wait == Some(Duration::ZERO) {
-            return Ok(ApprovalOutcome::NotGiven("not awaited: --approval-timeout 0".into()));
+            return Ok(ApprovalOutcome::NotGiven(
+                "not awaited: --approval-timeout 0".into(),
+            ));
         }
-        self.set_status("waiting_approval", Some(approval.id.clone()), None).await;
+        self.set_status("waiting_approval", Some(approval.id.clone()), None)
+            .await;
         self.emit(
             "approval.requested",
             json!({"approval": {"id": approval.id, "code": approval.code, "expires_at": approval.expires_at,
@@ -974,10 +1160,17 @@ impl Run {
         let outcome = loop {
             let inner = Arc::clone(&self.inner);
             let id = approval.id.clone();
-            let now = blocking(move || inner.p.approvals.get(&id)).await?.map_err(|e| AgentError::Task(e.to_string()))?;
+            let now = blocking(move || inner.p.approvals.get(&id))
+                .await?
+                .map_err(|e| AgentError::Task(e.to_string()))?;
             match now.status.as_str() {
                 "granted" => break ApprovalOutcome::Granted(now.id.clone()),
-                "denied" => break ApprovalOutcome::NotGiven(format!("denied by {}", now.resolved_by.clone().unwrap_or_default())),
+                "denied" => {
+                    break ApprovalOutcome::NotGiven(format!(
+                        "denied by {}",
+                        now.resolved_by.clone().unwrap_or_default()
+                    ));
+                }
                 "expired" => break ApprovalOutcome::NotGiven("expired".into()),
                 "used" => break ApprovalOutcome::NotGiven("already used".into()),
                 _ => {}

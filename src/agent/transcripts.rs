@@ -216,11 +216,9 @@ impl Transcripts {
     ) -> Result<(), TranscriptError> {
         let conn = self.store.conn()?;
         let owner: Option<String> = conn
-            .query_row(
-                "SELECT user_id FROM sessions WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
+            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?;
         match owner {
             Some(o) if o == user => Ok(()),
@@ -239,11 +237,9 @@ impl Transcripts {
     pub fn session_owner(&self, key: &str) -> Result<Option<String>, TranscriptError> {
         let conn = self.store.conn()?;
         Ok(conn
-            .query_row(
-                "SELECT user_id FROM sessions WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
+            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
             .optional()?)
     }
 

@@ -28,7 +28,7 @@ pub fn check_exposure(addr: SocketAddr, tls: bool) -> Result<(), GatewayError> {
 }
 
 /// Creates the workspace (0700) and checks that it and the state dir do not overlap.
-fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError> {
+pub fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |reason: String| GatewayError::Workspace {
         path: ws.to_path_buf(),
@@ -134,7 +134,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let gate = crate::gate::Gate::new(Arc::new(engine), audit)
         .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
     let store = Arc::new(crate::store::Store::open(&home.path("state.db"))?);
-    let workspace = prepare_workspace(&config.gateway.workspace_dir(&globals.home), &globals.home)?;
+    let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
     let sandbox = crate::tools::Sandbox::current(
         globals.home.clone(),
         globals

@@ -1,5 +1,7 @@
 //! The `chitin` command line. Each command group lives in its own file.
 
+mod agent;
+pub use agent::{build_agent, router as model_router};
 mod approvals;
 mod audit;
 mod doctor;
@@ -8,6 +10,7 @@ mod init;
 mod policy;
 mod sandbox;
 mod secrets;
+mod sessions;
 mod skills;
 mod token;
 
@@ -45,6 +48,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one agent turn in process: the model, tools through the gate, the reply.
+    Agent(agent::AgentArgs),
+    /// List and show the agent's sessions.
+    #[command(subcommand)]
+    Sessions(sessions::SessionsCmd),
     /// Approve or deny high-risk actions waiting for a person.
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCmd),
@@ -171,6 +179,8 @@ pub struct Runtime {
     pub gate: crate::gate::Gate,
     pub store: std::sync::Arc<crate::store::Store>,
     pub clock: std::sync::Arc<dyn crate::clock::Clock>,
+    /// The unlocked secret store (provider keys are released from it through the gate).
+    pub secrets: std::sync::Arc<std::sync::Mutex<crate::secrets::SecretStore>>,
 }
 
 impl Runtime {
@@ -193,6 +203,7 @@ impl Runtime {
             gate,
             store,
             clock: std::sync::Arc::new(crate::clock::SystemClock),
+            secrets: std::sync::Arc::new(std::sync::Mutex::new(secrets)),
         })
     }
 
@@ -228,6 +239,8 @@ pub fn main() -> ExitCode {
     let globals = Globals::resolve(cli.config);
     let result = match cli.command {
         Command::Init => init::run(&globals),
+        Command::Agent(args) => agent::run(args, &globals),
+        Command::Sessions(cmd) => sessions::run(cmd, &globals),
         Command::Approvals(cmd) => approvals::run(cmd, &globals),
         Command::Doctor { json } | Command::Security(SecurityCmd::Audit { json }) => {
             doctor::run(&globals, json)

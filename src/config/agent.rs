@@ -11,8 +11,9 @@ pub const TEMPLATE: &str = r#"
 model = ""
 # Models tried in order when `model` keeps failing (after its retries), same form.
 fallbacks = []
-# The agent's working directory (tools run inside it).
-workspace = "~/.chitin/workspace"
+# The agent's working directory (tools run inside it; "~/" is your home). Empty: [gateway]
+# workspace. It may not overlap the state directory (tools never see Chitin's own state).
+workspace = ""
 # Extra instructions appended to Chitin's built-in system prompt.
 system_prompt = ""
 # Model calls per run (each round of tool calls is one step); the run stops with an error beyond it.
@@ -57,7 +58,7 @@ impl Default for AgentConfig {
         Self {
             model: String::new(),
             fallbacks: Vec::new(),
-            workspace: "~/.chitin/workspace".into(),
+            workspace: String::new(),
             system_prompt: String::new(),
             max_steps: 16,
             run_timeout_secs: 900,
@@ -74,8 +75,14 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(&str, bool); 6] = [
             ("max_steps", (1..=1000).contains(&self.max_steps)),
-            ("run_timeout_secs", (1..=86_400).contains(&self.run_timeout_secs)),
-            ("max_concurrent_runs", (1..=1024).contains(&self.max_concurrent_runs)),
+            (
+                "run_timeout_secs",
+                (1..=86_400).contains(&self.run_timeout_secs),
+            ),
+            (
+                "max_concurrent_runs",
+                (1..=1024).contains(&self.max_concurrent_runs),
+            ),
             ("max_tokens", (1..=1_000_000).contains(&self.max_tokens)),
             (
                 "context_budget_tokens",

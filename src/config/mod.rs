@@ -48,6 +48,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// The agent workspace: `[agent] workspace` (with `~/` expanded), else `[gateway] workspace`.
+    pub fn workspace_dir(&self, home: &std::path::Path) -> std::path::PathBuf {
+        let w = self.agent.workspace.trim();
+        if w.is_empty() {
+            return self.gateway.workspace_dir(home);
+        }
+        if let Some(rest) = w.strip_prefix("~/")
+            && let Some(h) = std::env::var_os("HOME")
+        {
+            return std::path::PathBuf::from(h).join(rest);
+        }
+        let p = std::path::Path::new(w);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            home.join(p)
+        }
+    }
+
     /// Parses a configuration text. `path` is only used in error messages.
     ///
     /// Error messages name the line, column and key but never quote the file's text: a

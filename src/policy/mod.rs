@@ -983,7 +983,11 @@ impl PolicyEngine {
     /// permit's scope can match them, and no enforced forbid without conditions covers every
     /// resource. A `false` is certain (the agent does not offer such tools to the model); a
     /// `true` still needs a real decision for each call.
-    pub fn could_allow(&self, principal: &EntityUid, action: &EntityUid) -> Result<bool, PolicyError> {
+    pub fn could_allow(
+        &self,
+        principal: &EntityUid,
+        action: &EntityUid,
+    ) -> Result<bool, PolicyError> {
         let active = self.active();
         let sets = active
             .compiled
@@ -996,10 +1000,17 @@ impl PolicyEngine {
                     let unconditional = p
                         .to_json()
                         .ok()
-                        .and_then(|j| j.get("conditions").and_then(Value::as_array).map(Vec::is_empty))
+                        .and_then(|j| {
+                            j.get("conditions")
+                                .and_then(Value::as_array)
+                                .map(Vec::is_empty)
+                        })
                         .unwrap_or(false);
                     if unconditional
-                        && matches!(p.resource_constraint(), cedar_policy::ResourceConstraint::Any)
+                        && matches!(
+                            p.resource_constraint(),
+                            cedar_policy::ResourceConstraint::Any
+                        )
                     {
                         return Ok(false);
                     }
@@ -1184,6 +1195,23 @@ fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
                 .map(restricted)
                 .collect::<Result<Vec<_>, _>>()?,
         ),
+        Value::Object(m) if m.len() == 1 && m.contains_key("__extn") => {
+            // An extension value: `{"__extn": {"fn": "decimal" | "ip", "arg": "..."}}`.
+            let e = &m["__extn"];
+            let f = e
+                .get("fn")
+                .and_then(Value::as_str)
+                .ok_or("__extn needs a string `fn`")?;
+            let arg = e
+                .get("arg")
+                .and_then(Value::as_str)
+                .ok_or("__extn needs a string `arg`")?;
+            match f {
+                "decimal" => RestrictedExpression::new_decimal(arg),
+                "ip" | "ipaddr" => RestrictedExpression::new_ip(arg),
+                other => return Err(format!("unsupported extension function `{other}`")),
+            }
+        }
         Value::Object(m) => {
             // Cedar's implicit entity form `{"type": ..., "id": ...}` (no record in the schema
             // has exactly these two fields), or the explicit `{"__entity": {...}}`.

@@ -57,7 +57,11 @@ impl WebFetchArgs {
                 self.method.escape_default()
             )));
         }
-        if self.body.as_ref().is_some_and(|b| b.len() > MAX_REQUEST_BYTES) {
+        if self
+            .body
+            .as_ref()
+            .is_some_and(|b| b.len() > MAX_REQUEST_BYTES)
+        {
             return Err(ToolError::InvalidArgs(format!(
                 "body is larger than {MAX_REQUEST_BYTES} bytes"
             )));
@@ -284,7 +288,12 @@ pub fn fetch(auth: &Authorized, args: &WebFetchArgs) -> Result<ToolResult, ToolE
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]

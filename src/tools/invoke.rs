@@ -117,10 +117,12 @@ pub fn invoke(
         "edit_file" => parse(tool, args).map(Parsed::Edit),
         "list_dir" => parse(tool, args).map(Parsed::List),
         "web_fetch" => parse::<WebFetchArgs>(tool, args).and_then(|a| {
-            a.normalize().map(Parsed::Fetch).map_err(|e| InvokeError::InvalidArgs {
-                tool: tool.into(),
-                message: e.to_string(),
-            })
+            a.normalize()
+                .map(Parsed::Fetch)
+                .map_err(|e| InvokeError::InvalidArgs {
+                    tool: tool.into(),
+                    message: e.to_string(),
+                })
         }),
         other => Err(InvokeError::UnknownTool(other.to_string())),
     };

@@ -1,0 +1,206 @@
+//! `chitin agent -m TEXT [--session KEY] [--user USER] [--approval-timeout SECS] [--json]`:
+//! one agent turn in process, with every gate the gateway has.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::json;
+
+use super::{BoxError, CmdResult, Globals, Runtime};
+use crate::agent::{Agent, AgentParts, Sealer, TurnRequest};
+use crate::secrets::{SecretStore, SecretValue};
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The message to send.
+    #[arg(short = 'm', long = "message", value_name = "TEXT")]
+    message: String,
+    /// The session to continue (created when new).
+    #[arg(long, value_name = "KEY")]
+    session: Option<String>,
+    /// Who is asking (the Cedar principal); default: [gateway] owner.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+    /// Seconds to wait for an approval (0: refuse calls that need one at once); default: until
+    /// the approval expires.
+    #[arg(long = "approval-timeout", value_name = "SECS")]
+    approval_timeout: Option<u64>,
+    /// Print {"reply", "run_id", "tool_calls", "usage"} as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl Sealer for crate::vault::Vault {
+    fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String> {
+        crate::vault::Vault::seal(self, subject, plaintext).map_err(|e| e.to_string())
+    }
+    fn open(&self, subject: &str, sealed: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+        crate::vault::Vault::open(self, subject, sealed).map_err(|e| e.to_string())
+    }
+}
+
+/// The model router with keys released through the gate from `secrets` (`None`: no model
+/// configured).
+pub fn router(
+    config: &crate::config::Config,
+    gate: &crate::gate::Gate,
+    secrets: &Arc<Mutex<SecretStore>>,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> Result<Option<Arc<crate::providers::Router>>, BoxError> {
+    if config.agent.model.trim().is_empty() {
+        return Ok(None);
+    }
+    crate::providers::init_tls();
+    let s = Arc::clone(secrets);
+    let audit = Arc::clone(gate.audit());
+    let release: crate::providers::keys::ReleaseFn = Arc::new(move |authz, host| {
+        let g = s
+            .lock()
+            .map_err(|_| "the secret store lock is poisoned; restart".to_string())?;
+        let v = g.release(authz, host, &*audit).map_err(|e| e.to_string())?;
+        Ok(SecretValue::from_bytes(v.expose().to_vec()))
+    });
+    let env: crate::providers::keys::EnvFn = Arc::new(|var: &str| {
+        std::env::var(var)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| SecretValue::from_str_copy(&v))
+    });
+    let keys = crate::providers::GateKeySource::new(gate.clone(), release).with_env(env);
+    Ok(Some(Arc::new(crate::providers::Router::from_config(
+        config,
+        Arc::new(keys),
+        clock,
+    )?)))
+}
+
+/// The agent over an opened runtime (shared by `chitin agent` and the gateway).
+pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
+    let workspace =
+        super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
+    let vault = {
+        let mut s = rt
+            .secrets
+            .lock()
+            .map_err(|_| "the secret store lock is poisoned")?;
+        crate::vault::Vault::from_store(&globals.home, &mut s, Arc::clone(&rt.clock))?
+    };
+    let sandbox = crate::tools::Sandbox::current(
+        globals.home.clone(),
+        globals
+            .config_path
+            .exists()
+            .then(|| globals.config_path.clone()),
+        rt.config.sandbox.clone(),
+    )?;
+    Ok(Agent::new(AgentParts {
+        gate: rt.gate.clone(),
+        store: Arc::clone(&rt.store),
+        approvals: rt.approvals(),
+        sandbox,
+        workspace,
+        router: router(&rt.config, &rt.gate, &rt.secrets, Arc::clone(&rt.clock))?,
+        sealer: Arc::new(vault),
+        clock: Arc::clone(&rt.clock),
+        config: rt.config.agent.clone(),
+        budgets: rt.config.budgets.clone(),
+        owners: vec![rt.config.gateway.owner.clone()],
+    }))
+}
+
+pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {
+    let rt = Runtime::open(globals)?;
+    if rt.config.agent.model.trim().is_empty() {
+        return Err(format!(
+            "no model is configured: set [agent] model = \"<provider>/<model>\" and a [[providers]] entry in {}",
+            globals.config_path.display()
+        )
+        .into());
+    }
+    let user = args
+        .user
+        .clone()
+        .unwrap_or_else(|| rt.config.gateway.owner.clone());
+    let session = args
+        .session
+        .clone()
+        .unwrap_or_else(|| format!("cli:{user}"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let agent = build_agent(globals, &rt)?;
+    let json_out = args.json;
+    let summary = runtime.block_on(async move {
+        let mut events = agent.subscribe();
+        let run_id = agent
+            .submit(TurnRequest {
+                session,
+                user,
+                channel: "cli".into(),
+                text: args.message,
+                approval_wait: args.approval_timeout.map(Duration::from_secs),
+            })
+            .await?;
+        let printer = tokio::spawn({
+            let run_id = run_id.clone();
+            async move {
+                while let Ok(e) = events.recv().await {
+                    if e.payload.get("run_id").and_then(|r| r.as_str()) != Some(run_id.as_str()) {
+                        continue;
+                    }
+                    match e.event {
+                        "approval.requested" => {
+                            let a = &e.payload["approval"];
+                            let v = |k: &str| crate::approvals::visible(a[k].as_str().unwrap_or(""));
+                            eprintln!(
+                                "approval needed: {}: {}\n  approve with: chitin approvals approve {}   (expires {})",
+                                v("tool"),
+                                v("summary"),
+                                v("code"),
+                                v("expires_at")
+                            );
+                        }
+                        "assistant.delta" if !json_out => {
+                            print!("{}", e.payload["text"].as_str().unwrap_or(""));
+                            let _ = std::io::stdout().flush();
+                        }
+                        "run.finished" => break,
+                        _ => {}
+                    }
+                }
+            }
+        });
+        let s = agent.wait(&run_id, Duration::from_secs(u64::MAX / 4)).await?;
+        let _ = printer.await;
+        Ok::<_, BoxError>(s)
+    })?;
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "reply": summary.reply,
+                "run_id": summary.run_id,
+                "session": summary.session,
+                "status": summary.status,
+                "error": summary.error,
+                "tool_calls": summary.tool_calls,
+                "usage": summary.usage,
+            })
+        );
+    } else {
+        println!();
+    }
+    match summary.status.as_str() {
+        "completed" => Ok(ExitCode::SUCCESS),
+        _ => Err(format!(
+            "the turn did not complete ({}): {}",
+            summary.status,
+            summary.error.unwrap_or_default()
+        )
+        .into()),
+    }
+}

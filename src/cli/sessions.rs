@@ -1,0 +1,116 @@
+//! `chitin sessions list [--json]`, `chitin sessions show KEY [--json]`.
+
+use std::process::ExitCode;
+
+use clap::Subcommand;
+use serde_json::json;
+
+use super::{CmdResult, Globals, Runtime};
+use crate::agent::{Stored, Transcripts};
+use crate::clock::rfc3339;
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCmd {
+    /// Sessions, most recently active first.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Only this user's sessions.
+        #[arg(long, value_name = "USER")]
+        user: Option<String>,
+    },
+    /// One session's transcript (decrypted), with its runs' tool calls and decisions.
+    Show {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
+    let rt = Runtime::open(globals)?;
+    let vault = {
+        let mut s = rt
+            .secrets
+            .lock()
+            .map_err(|_| "the secret store lock is poisoned")?;
+        crate::vault::Vault::from_store(&globals.home, &mut s, std::sync::Arc::clone(&rt.clock))?
+    };
+    let t = Transcripts::new(std::sync::Arc::clone(&rt.store), std::sync::Arc::new(vault));
+    let v = crate::approvals::visible;
+    match cmd {
+        SessionsCmd::List { json, user } => {
+            let list = t.sessions(user.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else if list.is_empty() {
+                println!("no sessions");
+            } else {
+                for s in &list {
+                    println!(
+                        "{}  user={}  channel={}  messages={}  runs={}  updated {}{}",
+                        v(&s.key),
+                        v(&s.user),
+                        v(&s.channel),
+                        s.messages,
+                        s.runs,
+                        rfc3339(s.updated_ms),
+                        if s.tainted { "  tainted" } else { "" }
+                    );
+                }
+            }
+        }
+        SessionsCmd::Show { key, json } => {
+            let s = t.session(&key)?;
+            let msgs = t.messages_after(&key, 0)?;
+            if json {
+                let m: Vec<_> = msgs
+                    .iter()
+                    .map(|e| json!({"seq": e.seq, "run_id": e.run_id, "at": rfc3339(e.created_ms), "message": e.message}))
+                    .collect();
+                println!("{}", json!({"session": s, "messages": m}));
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "session {}  user={}  channel={}  created {}{}",
+                v(&s.key),
+                v(&s.user),
+                v(&s.channel),
+                rfc3339(s.created_ms),
+                if s.tainted { "  tainted" } else { "" }
+            );
+            for e in &msgs {
+                let at = rfc3339(e.created_ms);
+                match &e.message {
+                    Stored::User { text, from, .. } => println!("[{at}] {}: {}", v(from), v(text)),
+                    Stored::Assistant { text, tool_calls } => {
+                        if !text.is_empty() {
+                            println!("[{at}] assistant: {}", v(text));
+                        }
+                        for c in tool_calls {
+                            println!(
+                                "[{at}] assistant calls {}({})",
+                                v(&c.name),
+                                v(&c.arguments_json)
+                            );
+                        }
+                    }
+                    Stored::Tool {
+                        tool,
+                        decision,
+                        outcome,
+                        ..
+                    } => {
+                        println!(
+                            "[{at}] tool {}: decision={} outcome={}",
+                            v(tool),
+                            v(decision),
+                            v(outcome)
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
