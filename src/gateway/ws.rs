@@ -694,12 +694,29 @@ async fn refuse(ws: &Ws, socket: &mut WebSocket, id: &Value, code: &str, message
     let _ = socket
         .send(Message::Text(res_err(id, code, message).to_string().into()))
         .await;
-    let _ = socket
+    close(socket, 1008, "authentication failed").await;
+}
+
+/// The closing handshake: sends Close, then reads (discarding) until the client's Close, the
+/// end of the stream or 2 s, so the client receives our frames before the TCP connection ends.
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let sent = socket
         .send(Message::Close(Some(CloseFrame {
-            code: 1008,
-            reason: Utf8Bytes::from_static("authentication failed"),
+            code,
+            reason: Utf8Bytes::from_static(reason),
         })))
         .await;
+    if sent.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Resolves when the gateway shuts down (never if the sender is gone).
@@ -757,14 +774,16 @@ async fn connection(ws: Arc<Ws>, mut socket: WebSocket, client: IpAddr, settings
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ping.tick().await;
     let mut last_heard = Instant::now();
-    let close = loop {
+    let closing = loop {
         tokio::select! {
             m = socket.recv() => {
                 let msg = match m {
                     Some(Ok(m)) => m,
                     Some(Err(e)) => {
                         // The codec refused the message (over 4× the limit) or the stream broke.
-                        let too_big = e.to_string().to_ascii_lowercase().contains("size");
+                        // (tungstenite: "Space limit exceeded: Message too long: N > M")
+                        let text = e.to_string().to_ascii_lowercase();
+                        let too_big = text.contains("too long") || text.contains("limit exceeded");
                         if too_big {
                             ws.metrics.ws_error("frame_too_large");
                             break Some((1009, "message too big"));
@@ -820,13 +839,8 @@ async fn connection(ws: Arc<Ws>, mut socket: WebSocket, client: IpAddr, settings
             () = stopped(&mut stop) => break Some((1001, "gateway shutting down")),
         }
     };
-    if let Some((code, reason)) = close {
-        let _ = socket
-            .send(Message::Close(Some(CloseFrame {
-                code,
-                reason: Utf8Bytes::from_static(reason),
-            })))
-            .await;
+    if let Some((code, reason)) = closing {
+        close(&mut socket, code, reason).await;
     }
     info!(client = %client, user = %user, "WebSocket closed");
 }
