@@ -13,6 +13,7 @@
     runs: new Map(), // run_id -> {msg, text, finished}
     tools: new Map(), // call_id -> element
     approvals: new Map(), // approval id -> element
+    noted: new Set(), // approval ids whose resolution was shown
   };
 
   function el(tag, cls, text) {
@@ -263,7 +264,7 @@
     li.dataset.code = String(a.code);
     const head = el('div');
     head.appendChild(el('span', 'code', a.code));
-    head.appendChild(el('span', 'tool', ' ' + String(a.tool)));
+    head.appendChild(el('span', 'approval-tool', ' ' + String(a.tool)));
     li.appendChild(head);
     li.appendChild(el('span', 'summary', a.summary));
     if (a.expires_at) li.appendChild(el('small', 'expires', 'expires ' + a.expires_at));
@@ -293,7 +294,7 @@
   function resolveApproval(li, id, decision) {
     for (const b of li.querySelectorAll('button')) b.disabled = true;
     request('approvals.resolve', { id, decision }).then(
-      () => removeApproval(id),
+      (p) => approvalResolved(p),
       (e) => {
         for (const b of li.querySelectorAll('button')) b.disabled = false;
         showError('Approval not resolved: ' + (e.message || e.code));
@@ -301,11 +302,14 @@
     );
   }
 
+  // From our own approvals.resolve answer or from the approval.resolved event (whichever
+  // comes first; either may also come from another client or the CLI).
   function approvalResolved(p) {
     const id = String(p.approval_id);
     const known = state.approvals.has(id);
     removeApproval(id);
-    if (known) {
+    if (known && !state.noted.has(id)) {
+      state.noted.add(id);
       const verb = p.granted ? 'approved' : 'denied';
       append(el('div', 'msg system', 'Approval ' + String(p.code) + ' ' + verb + ' by ' + String(p.by) + '.'));
     }
