@@ -796,8 +796,10 @@ async fn connection(ws: Arc<Ws>, mut socket: WebSocket, client: IpAddr, settings
                 match msg {
                     Message::Text(t) => {
                         ws.metrics.ws_frame("in");
-                        if let Some(reply) = handle_text(&ws, &user, &settings, t.as_str(), &out_tx, &in_flight) {
-                            if send(&ws, &mut socket, reply).await.is_err() { break None; }
+                        if let Some(reply) = handle_text(&ws, &user, &settings, t.as_str(), &out_tx, &in_flight)
+                            && send(&ws, &mut socket, reply).await.is_err()
+                        {
+                            break None;
                         }
                     }
                     Message::Binary(_) => {
