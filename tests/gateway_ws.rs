@@ -526,16 +526,12 @@ async fn agent_returns_a_run_id_at_once_and_agent_wait_returns_the_result() {
     script.insert(0, Step::Sleep(Duration::from_millis(600)));
     let s = start(script).await;
     let mut c = Client::connect(s.port, TOKEN).await;
-    let t = Instant::now();
     let r = c
         .call("agent", json!({"message": "hi", "session": "s1"}))
         .await;
-    assert!(
-        t.elapsed() < Duration::from_millis(500),
-        "{:?}",
-        t.elapsed()
-    );
     assert_eq!(r["ok"], true);
+    // The run id came back before the run did anything (the script starts with a pause).
+    assert!(c.events.is_empty(), "{:?}", c.events);
     let run_id = r["payload"]["run_id"].as_str().unwrap().to_string();
     assert_eq!(r["payload"]["session"], "s1");
     // Still running: a short wait times out.
@@ -807,7 +803,7 @@ async fn the_server_pings_and_counts_connections_and_frames() {
     let s = start_with(
         vec![],
         WsSettings {
-            ping_interval: Duration::from_millis(100),
+            ping_interval: Duration::from_millis(200),
             ..WsSettings::default()
         },
         5,
@@ -817,7 +813,7 @@ async fn the_server_pings_and_counts_connections_and_frames() {
     // A client that keeps reading answers the pings (tungstenite replies with pongs) and
     // stays open well past 3 intervals.
     let mut pings = 0;
-    let until = Instant::now() + Duration::from_millis(700);
+    let until = Instant::now() + Duration::from_millis(1500);
     while Instant::now() < until {
         if let Ok(m) = tokio::time::timeout(Duration::from_millis(50), c.ws.next()).await {
             match m {
@@ -867,7 +863,7 @@ async fn a_client_that_answers_no_pings_for_three_intervals_is_closed_with_1001(
     .await;
     let mut c = Client::connect(s.port, TOKEN).await;
     // Not reading means not answering pings.
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let (_, code) = c.close_code().await;
     assert_eq!(code, Some(1001));
 }
