@@ -159,6 +159,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         bind,
         tls,
         metrics,
+        // The agent loop implements `gateway::backend::ChatBackend` and is wired here.
+        backend: None,
     };
     drop(secrets);
     crate::gateway::run(parts)?;

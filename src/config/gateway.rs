@@ -33,6 +33,21 @@ auth_lockout_secs = 300
 max_body_kib = 1024
 # On SIGTERM, how long in-flight requests may take to finish before the gateway stops anyway.
 shutdown_grace_secs = 10
+# Extra browser origins (scheme://host[:port]) allowed to open the WebSocket at /ws, e.g. the
+# https origin of a reverse proxy in front of the gateway. The gateway's own origins
+# (http(s)://127.0.0.1:PORT, http(s)://localhost:PORT, http(s)://[::1]:PORT and the bind
+# address) are always allowed; a request without Origin (not a browser) is allowed; any other
+# Origin is refused with 403 before the upgrade.
+allowed_origins = []
+# Largest WebSocket message accepted, in KiB. A larger one is answered with a frame_too_large
+# error and the connection stays open; one over 4 times this closes the connection (1009).
+ws_max_frame_kib = 256
+# Seconds a new WebSocket connection has to send its `connect` request with the token.
+ws_connect_timeout_secs = 10
+# Seconds between server pings; a connection silent for 3 intervals is closed.
+ws_ping_interval_secs = 20
+# Most WebSocket connections open at once (more: 503 before the upgrade).
+ws_max_connections = 256
 "#;
 
 /// The `[gateway]` section.
@@ -50,6 +65,11 @@ pub struct GatewayConfig {
     pub auth_lockout_secs: u64,
     pub max_body_kib: usize,
     pub shutdown_grace_secs: u64,
+    pub allowed_origins: Vec<String>,
+    pub ws_max_frame_kib: usize,
+    pub ws_connect_timeout_secs: u64,
+    pub ws_ping_interval_secs: u64,
+    pub ws_max_connections: usize,
 }
 
 impl Default for GatewayConfig {
@@ -66,6 +86,11 @@ impl Default for GatewayConfig {
             auth_lockout_secs: 300,
             max_body_kib: 1024,
             shutdown_grace_secs: 10,
+            allowed_origins: Vec::new(),
+            ws_max_frame_kib: 256,
+            ws_connect_timeout_secs: 10,
+            ws_ping_interval_secs: 20,
+            ws_max_connections: 256,
         }
     }
 }
@@ -84,7 +109,35 @@ impl GatewayConfig {
         if self.auth_max_failures == 0 {
             return Err("[gateway] auth_max_failures must be at least 1".into());
         }
+        self.origins()?;
+        if self.ws_max_frame_kib == 0 || self.ws_max_frame_kib > 16 * 1024 {
+            return Err("[gateway] ws_max_frame_kib must be between 1 and 16384".into());
+        }
+        if self.ws_connect_timeout_secs == 0 || self.ws_ping_interval_secs == 0 {
+            return Err(
+                "[gateway] ws_connect_timeout_secs and ws_ping_interval_secs must be at least 1"
+                    .into(),
+            );
+        }
+        if self.ws_max_connections == 0 {
+            return Err("[gateway] ws_max_connections must be at least 1".into());
+        }
         Ok(())
+    }
+
+    /// The extra allowed WebSocket origins, normalized (`scheme://host[:port]`, lowercase,
+    /// no trailing slash).
+    pub fn origins(&self) -> Result<Vec<String>, String> {
+        self.allowed_origins
+            .iter()
+            .map(|o| {
+                normalize_origin(o).ok_or_else(|| {
+                    format!(
+                        "[gateway] allowed_origins: {o:?} is not an origin; write scheme://host[:port] with scheme http or https and no path (e.g. https://chat.example.com)"
+                    )
+                })
+            })
+            .collect()
     }
 
     /// The listen address (`over` is the `--bind` flag).
@@ -128,6 +181,20 @@ impl GatewayConfig {
     }
 }
 
+/// `scheme://host[:port]` with scheme `http`/`https`, lowercased, without a trailing slash;
+/// `None` for anything else (paths, queries, credentials, other schemes, `null`).
+pub fn normalize_origin(o: &str) -> Option<String> {
+    let o = o.trim().trim_end_matches('/').to_ascii_lowercase();
+    let rest = o
+        .strip_prefix("http://")
+        .or_else(|| o.strip_prefix("https://"))?;
+    let ok = !rest.is_empty()
+        && rest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    ok.then_some(o)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -158,6 +225,56 @@ mod tests {
             ..GatewayConfig::default()
         };
         assert!(c.validate().unwrap_err().contains("proxy.local"));
+    }
+
+    #[test]
+    fn an_allowed_origin_must_be_scheme_host_port_and_is_normalized() {
+        let c = GatewayConfig {
+            allowed_origins: vec![
+                "HTTPS://Chat.Example.com/".into(),
+                "http://[::1]:8080".into(),
+            ],
+            ..GatewayConfig::default()
+        };
+        assert_eq!(
+            c.origins().unwrap(),
+            ["https://chat.example.com", "http://[::1]:8080"]
+        );
+        for bad in [
+            "chat.example.com",
+            "ftp://x",
+            "https://x/path",
+            "https://u@x",
+            "null",
+            "https://",
+        ] {
+            let c = GatewayConfig {
+                allowed_origins: vec![bad.into()],
+                ..GatewayConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("allowed_origins"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn websocket_limits_of_zero_are_errors() {
+        for c in [
+            GatewayConfig {
+                ws_max_frame_kib: 0,
+                ..GatewayConfig::default()
+            },
+            GatewayConfig {
+                ws_connect_timeout_secs: 0,
+                ..GatewayConfig::default()
+            },
+            GatewayConfig {
+                ws_max_connections: 0,
+                ..GatewayConfig::default()
+            },
+        ] {
+            assert!(c.validate().unwrap_err().contains("ws_"));
+        }
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct Metrics {
     auth_failures: Family,
     policy_reloads: Family,
     checkpoints: AtomicU64,
+    ws_connections: Family,
+    ws_frames: Family,
+    ws_errors: Family,
+    ws_open: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -75,6 +79,29 @@ impl Metrics {
     pub fn checkpoint(&self) {
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
+    /// WebSocket connection outcomes: `upgraded`, `authenticated`, `auth_failed`,
+    /// `refused_origin`, `refused_locked_out`, `refused_capacity`.
+    pub fn ws_connection(&self, outcome: &str) {
+        self.ws_connections.inc(outcome);
+    }
+    /// WebSocket messages by direction (`in`, `out`).
+    pub fn ws_frame(&self, direction: &str) {
+        self.ws_frames.inc(direction);
+    }
+    /// WebSocket error responses by error code.
+    pub fn ws_error(&self, code: &str) {
+        self.ws_errors.inc(code);
+    }
+    /// A WebSocket connection opened (`true`) or closed (`false`).
+    pub fn ws_open(&self, opened: bool) {
+        if opened {
+            self.ws_open.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .ws_open
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
 
     /// The exposition text. `audit_appends` is the number of records appended to the audit
     /// chain since the gateway started (head sequence now minus at start).
@@ -116,6 +143,34 @@ impl Metrics {
             "Policy reloads (SIGHUP) by outcome.",
             "outcome",
             self.policy_reloads.snapshot(),
+        );
+        family(
+            "chitin_ws_connections_total",
+            "WebSocket connection attempts by outcome.",
+            "outcome",
+            self.ws_connections.snapshot(),
+        );
+        family(
+            "chitin_ws_frames_total",
+            "WebSocket messages by direction.",
+            "direction",
+            self.ws_frames.snapshot(),
+        );
+        family(
+            "chitin_ws_errors_total",
+            "WebSocket error responses by error code.",
+            "code",
+            self.ws_errors.snapshot(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP chitin_ws_connections_open WebSocket connections open now."
+        );
+        let _ = writeln!(out, "# TYPE chitin_ws_connections_open gauge");
+        let _ = writeln!(
+            out,
+            "chitin_ws_connections_open {}",
+            self.ws_open.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -13,9 +13,12 @@
 //!   never logged.
 
 pub mod auth;
+pub mod backend;
 pub mod logging;
 pub mod metrics;
 pub mod tls;
+pub mod web;
+pub mod ws;
 
 use std::future::IntoFuture;
 use std::net::{IpAddr, SocketAddr};
@@ -91,6 +94,8 @@ pub struct Parts {
     /// HTTPS when set (`[gateway] tls_cert` + `tls_key`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: Arc<Metrics>,
+    /// The agent behind the WebSocket chat methods (none: they answer `not_configured`).
+    pub backend: Option<Arc<dyn backend::ChatBackend>>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -137,6 +142,8 @@ struct App {
     /// `/ready` reports the last result. (Each use re-verifies again: `SkillsHost::load`.)
     skills: Option<crate::skills_host::SkillsHost>,
     skills_status: RwLock<(bool, String)>,
+    /// The WebSocket control plane (`/ws`) and the chat backend slot.
+    ws: Arc<ws::Ws>,
 }
 
 /// Re-verifies every installed skill (each verification is audited) and summarizes it for
@@ -243,6 +250,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
         .merge(protected)
+        .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
         .with_state(app)
@@ -269,7 +277,10 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             }
         };
     let skills_status = verify_skills(skills.as_ref(), &parts.gate);
-    let app = Arc::new(App {
+    let ws_settings =
+        ws::WsSettings::from_config(&parts.config.gateway).map_err(GatewayError::Config)?;
+    let (backend, metrics) = (parts.backend, Arc::clone(&parts.metrics));
+    let app = Arc::new_cyclic(|me| App {
         gate: parts.gate,
         store: parts.store,
         approvals,
@@ -289,6 +300,12 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         audit_head_at_start: head,
         skills,
         skills_status: RwLock::new(skills_status),
+        ws: Arc::new(ws::Ws::new(
+            backend,
+            Arc::new(ws::AppAuth(me.clone())),
+            metrics,
+            ws_settings,
+        )),
     });
 
     let listener = tokio::net::TcpListener::bind(parts.bind)
@@ -298,6 +315,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             source,
         })?;
     let local = listener.local_addr().map_err(GatewayError::Serve)?;
+    app.ws.set_local_addr(local);
     let record = RecordInput::new(Kind::System, "gateway", "gateway.start", "gateway")
         .with_payload(json!({"bind": local.to_string(), "owner": app.owner}));
     let _ = tokio::task::spawn_blocking({
@@ -315,8 +333,10 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
 
     let mut stop_for_server = stop_rx.clone();
+    let ws_plane = Arc::clone(&app.ws);
     let shutdown = async move {
         let _ = stop_for_server.wait_for(|s| *s).await;
+        ws_plane.shutdown();
     };
     let mut stop_for_bound = stop_rx;
     let bound = async move {
@@ -400,6 +420,10 @@ fn reload(app: &App) {
             match Settings::of(&new.gateway) {
                 Ok(s) => write(&app.settings, s),
                 Err(e) => warn!(error = %e, "gateway settings not reloaded"),
+            }
+            match ws::WsSettings::from_config(&new.gateway) {
+                Ok(s) => app.ws.set_settings(s),
+                Err(e) => warn!(error = %e, "WebSocket settings not reloaded"),
             }
             let needs_restart = [
                 ("bind", old.gateway.bind != new.gateway.bind),
@@ -503,6 +527,8 @@ async fn front(
         "/ready" => "/ready",
         "/metrics" => "/metrics",
         "/tools/invoke" => "/tools/invoke",
+        "/ws" => "/ws",
+        "/" | "/app.js" | "/app.css" => "/",
         _ => "other",
     };
     let method = req.method().clone();

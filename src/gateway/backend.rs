@@ -1,0 +1,646 @@
+//! The seam between the WebSocket control plane (`ws`) and whatever runs the conversations
+//! (the agent loop). The WebSocket layer only authenticates, validates frames, routes methods
+//! to a [`ChatBackend`] and forwards the backend's [`BackendEvent`]s to the connections of the
+//! user they belong to. It never decides anything about tools or approvals itself.
+//!
+//! Contract for implementors (the agent loop):
+//! - Every method gets the authenticated user id (`owner` today). A backend answers only
+//!   about that user's runs, sessions and approvals: a run id or session of another user is
+//!   [`BackendError::NotFound`] (not `Forbidden`: existence is not revealed).
+//! - [`ChatBackend::start_run`] returns at once (the run continues in the background).
+//! - Events are published on the broadcast channel returned by [`ChatBackend::subscribe`],
+//!   with `user` set to the user the run belongs to; the WebSocket layer delivers an event only
+//!   to connections authenticated as that user. Payload shapes are fixed (see [`EventKind`]
+//!   and `docs/protocol.md`); the browser page and clients rely on them.
+//! - Text in payloads is data, never markup: clients must render it as text.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// A boxed future, the return type of the async backend methods (object-safe without a
+/// macro crate).
+pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A run that was accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunStarted {
+    pub run_id: String,
+    /// The session the run belongs to (the one asked for, or the one the backend chose).
+    pub session: String,
+}
+
+/// The events a backend publishes. The names on the wire are the `as_str` values.
+///
+/// Payloads (every field required unless marked `?`):
+/// - `run.started`: `{run_id, session}`
+/// - `assistant.delta`: `{run_id, session, text}` (append `text` to the reply of `run_id`)
+/// - `tool.start`: `{run_id, session, call_id, tool, args}`
+/// - `tool.end`: `{run_id, session, call_id, tool, decision, outcome, policies}` with
+///   `decision` one of `allow`, `deny`, `approval_required`, `invalid`; `outcome` a short
+///   string or object describing what happened; `policies` the determining policy ids
+/// - `approval.requested`: `{run_id, session, approval: {id, code, expires_at, tool, summary}}`
+/// - `approval.resolved`: `{approval_id, code, granted, by}`
+/// - `run.finished`: `{run_id, session, status, reply?, error?}` with `status` one of
+///   `completed`, `failed`, `cancelled`, `timeout`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    RunStarted,
+    AssistantDelta,
+    ToolStart,
+    ToolEnd,
+    ApprovalRequested,
+    ApprovalResolved,
+    RunFinished,
+}
+
+impl EventKind {
+    /// Every kind, in the order of a run's lifecycle.
+    pub const ALL: [EventKind; 7] = [
+        Self::RunStarted,
+        Self::AssistantDelta,
+        Self::ToolStart,
+        Self::ToolEnd,
+        Self::ApprovalRequested,
+        Self::ApprovalResolved,
+        Self::RunFinished,
+    ];
+
+    /// The event name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RunStarted => "run.started",
+            Self::AssistantDelta => "assistant.delta",
+            Self::ToolStart => "tool.start",
+            Self::ToolEnd => "tool.end",
+            Self::ApprovalRequested => "approval.requested",
+            Self::ApprovalResolved => "approval.resolved",
+            Self::RunFinished => "run.finished",
+        }
+    }
+}
+
+/// One event of one user's run or approval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendEvent {
+    /// The user the event belongs to; only that user's connections receive it.
+    pub user: String,
+    /// The session it belongs to (empty for events not tied to a session, e.g. an approval
+    /// resolved from the CLI).
+    pub session: String,
+    pub event: EventKind,
+    pub payload: Value,
+}
+
+/// Why a backend call failed. Each variant maps to one error `code` on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// No agent is configured (e.g. no model): the message says what to configure.
+    #[error("{0}")]
+    NotConfigured(String),
+    /// No such run / session / approval for this user.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well-formed but not acceptable (e.g. empty message, bad session key).
+    #[error("{0}")]
+    Invalid(String),
+    /// The policies refused (e.g. `approval.grant` denied for this user).
+    #[error("{0}")]
+    Forbidden(String),
+    /// `wait_run` did not see the run finish within the timeout (the run continues).
+    #[error("the run did not finish within {0:?}; it continues, wait again")]
+    Timeout(Duration),
+    /// The approval is no longer pending (resolved, expired or used).
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many runs or requests at once; retry later.
+    #[error("{0}")]
+    Busy(String),
+    /// Fail-closed conditions (audit log, store, sandbox unavailable).
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl BackendError {
+    /// The error `code` on the wire.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotConfigured(_) => "not_configured",
+            Self::NotFound(_) => "not_found",
+            Self::Invalid(_) => "invalid_params",
+            Self::Forbidden(_) => "forbidden",
+            Self::Timeout(_) => "timeout",
+            Self::Conflict(_) => "conflict",
+            Self::Busy(_) => "busy",
+            Self::Unavailable(_) => "unavailable",
+            Self::Internal(_) => "internal",
+        }
+    }
+}
+
+/// What the WebSocket control plane needs from the agent. Object-safe; the gateway holds an
+/// `Option<Arc<dyn ChatBackend>>` (none: every chat method answers `not_configured`).
+///
+/// Result payload shapes (documented in `docs/protocol.md`, relied on by the web page):
+/// - `wait_run`: `{run_id, session, status, reply?, error?}` (same as `run.finished`)
+/// - `history`: `{session, messages: [{role: "user"|"assistant"|"tool", text, at?, run_id?}]}`,
+///   oldest first, at most `limit` (the most recent ones)
+/// - `sessions`: `{sessions: [{session, title?, updated_at?, runs?}]}`
+/// - `approvals`: `{approvals: [{id, code, expires_at, tool, summary, session?, run_id?}]}`
+///   (pending ones of this user)
+/// - `resolve_approval`: `{approval_id, code, granted, by}` (same as `approval.resolved`)
+/// - `health`: any JSON object (merged into the `health` method's payload)
+pub trait ChatBackend: Send + Sync {
+    /// Starts a run of `text` in `session` (a new session when `None`) for `user`; returns
+    /// at once.
+    fn start_run(
+        &self,
+        user: &str,
+        session: Option<&str>,
+        text: &str,
+    ) -> Result<RunStarted, BackendError>;
+    /// Waits up to `timeout` for the run to finish and returns its result.
+    fn wait_run(
+        &self,
+        user: &str,
+        run_id: &str,
+        timeout: Duration,
+    ) -> BoxFut<'_, Result<Value, BackendError>>;
+    /// The last `limit` messages of one of `user`'s sessions.
+    fn history(
+        &self,
+        user: &str,
+        session: &str,
+        limit: usize,
+    ) -> BoxFut<'_, Result<Value, BackendError>>;
+    /// `user`'s sessions.
+    fn sessions(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>>;
+    /// The pending approvals `user` may see.
+    fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>>;
+    /// Grants (`grant == true`) or denies the approval with this code or id, as `user`
+    /// (Cedar `approval.grant` decides whether `user` may).
+    fn resolve_approval(
+        &self,
+        user: &str,
+        code_or_id: &str,
+        grant: bool,
+    ) -> BoxFut<'_, Result<Value, BackendError>>;
+    /// A receiver of every event from now on (all users; the WebSocket layer filters).
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent>;
+    /// A small JSON object about the backend (model configured, runs in flight, ...).
+    fn health(&self) -> Value;
+}
+
+/// A scripted in-process backend for tests of the WebSocket layer and the web page.
+#[doc(hidden)]
+pub mod testing {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use serde_json::{Value, json};
+    use tokio::sync::{broadcast, watch};
+
+    use super::{BackendError, BackendEvent, BoxFut, ChatBackend, EventKind, RunStarted};
+
+    /// One scripted step of a run, played in order after `run.started`.
+    #[derive(Debug, Clone)]
+    pub enum Step {
+        /// `assistant.delta` with this text.
+        Delta(String),
+        /// `tool.start` then `tool.end` with this decision (`allow`, `deny`, ...).
+        Tool {
+            tool: String,
+            args: Value,
+            decision: String,
+        },
+        /// `approval.requested`; the run then waits until the approval is resolved (through
+        /// `resolve_approval`) before playing the next step.
+        Approval { tool: String, summary: String },
+        /// Pause between steps.
+        Sleep(Duration),
+    }
+
+    /// A call the backend received.
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Call {
+        StartRun {
+            user: String,
+            session: Option<String>,
+            text: String,
+        },
+        Wait {
+            user: String,
+            run_id: String,
+        },
+        History {
+            user: String,
+            session: String,
+            limit: usize,
+        },
+        Sessions {
+            user: String,
+        },
+        Approvals {
+            user: String,
+        },
+        Resolve {
+            user: String,
+            code_or_id: String,
+            grant: bool,
+        },
+    }
+
+    #[derive(Debug, Clone)]
+    struct PendingApproval {
+        id: String,
+        code: String,
+        user: String,
+        session: String,
+        run_id: String,
+        tool: String,
+        summary: String,
+        resolved: watch::Sender<Option<bool>>,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        calls: Vec<Call>,
+        /// run id → (user, session, result when finished)
+        runs: HashMap<String, (String, String, watch::Sender<Option<Value>>)>,
+        approvals: Vec<PendingApproval>,
+        history: HashMap<(String, String), Vec<Value>>,
+    }
+
+    /// The scripted backend. Every run plays `script` and finishes with the concatenated
+    /// deltas as its reply (`status: "completed"`, or `"failed"` when an approval was denied).
+    pub struct ScriptedBackend {
+        script: Vec<Step>,
+        events: broadcast::Sender<BackendEvent>,
+        state: Arc<Mutex<State>>,
+        next: AtomicU64,
+    }
+
+    impl ScriptedBackend {
+        pub fn new(script: Vec<Step>) -> Arc<Self> {
+            let (events, _) = broadcast::channel(1024);
+            Arc::new(Self {
+                script,
+                events,
+                state: Arc::new(Mutex::new(State::default())),
+                next: AtomicU64::new(1),
+            })
+        }
+
+        /// Every call received so far.
+        pub fn calls(&self) -> Vec<Call> {
+            self.state
+                .lock()
+                .map(|s| s.calls.clone())
+                .unwrap_or_default()
+        }
+
+        /// Publishes an arbitrary event (as the agent would).
+        pub fn publish(&self, event: BackendEvent) {
+            let _ = self.events.send(event);
+        }
+
+        fn record(&self, call: Call) {
+            if let Ok(mut s) = self.state.lock() {
+                s.calls.push(call);
+            }
+        }
+
+        fn id(&self, prefix: &str) -> String {
+            format!("{prefix}-{}", self.next.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+
+    fn emit(
+        tx: &broadcast::Sender<BackendEvent>,
+        user: &str,
+        session: &str,
+        ev: EventKind,
+        p: Value,
+    ) {
+        let _ = tx.send(BackendEvent {
+            user: user.into(),
+            session: session.into(),
+            event: ev,
+            payload: p,
+        });
+    }
+
+    impl ChatBackend for ScriptedBackend {
+        fn start_run(
+            &self,
+            user: &str,
+            session: Option<&str>,
+            text: &str,
+        ) -> Result<RunStarted, BackendError> {
+            self.record(Call::StartRun {
+                user: user.into(),
+                session: session.map(str::to_string),
+                text: text.into(),
+            });
+            if text.trim().is_empty() {
+                return Err(BackendError::Invalid("the message is empty".into()));
+            }
+            let run_id = self.id("run");
+            let session = session.map_or_else(|| self.id("session"), str::to_string);
+            let (done_tx, _) = watch::channel(None);
+            {
+                let mut s = self
+                    .state
+                    .lock()
+                    .map_err(|_| BackendError::Internal("state poisoned".into()))?;
+                s.runs.insert(
+                    run_id.clone(),
+                    (user.to_string(), session.clone(), done_tx.clone()),
+                );
+                s.history
+                    .entry((user.to_string(), session.clone()))
+                    .or_default()
+                    .push(json!({"role": "user", "text": text, "run_id": run_id}));
+            }
+            let tx = self.events.clone();
+            let script = self.script.clone();
+            let state = Arc::clone(&self.state);
+            let (user, sess, run) = (user.to_string(), session.clone(), run_id.clone());
+            let mut n = 0u64;
+            tokio::spawn(async move {
+                // Let the caller answer with the run id before the first event.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                emit(
+                    &tx,
+                    &user,
+                    &sess,
+                    EventKind::RunStarted,
+                    json!({"run_id": run, "session": sess}),
+                );
+                let mut reply = String::new();
+                let mut status = "completed";
+                for step in script {
+                    n += 1;
+                    match step {
+                        Step::Delta(t) => {
+                            reply.push_str(&t);
+                            emit(
+                                &tx,
+                                &user,
+                                &sess,
+                                EventKind::AssistantDelta,
+                                json!({"run_id": run, "session": sess, "text": t}),
+                            );
+                        }
+                        Step::Tool {
+                            tool,
+                            args,
+                            decision,
+                        } => {
+                            let call_id = format!("call-{n}");
+                            emit(
+                                &tx,
+                                &user,
+                                &sess,
+                                EventKind::ToolStart,
+                                json!({"run_id": run, "session": sess, "call_id": call_id, "tool": tool, "args": args}),
+                            );
+                            let outcome = if decision == "allow" {
+                                "ran (exit 0)"
+                            } else {
+                                "nothing ran"
+                            };
+                            emit(
+                                &tx,
+                                &user,
+                                &sess,
+                                EventKind::ToolEnd,
+                                json!({"run_id": run, "session": sess, "call_id": call_id, "tool": tool,
+                                       "decision": decision, "outcome": outcome,
+                                       "policies": [format!("scripted.{decision}")]}),
+                            );
+                        }
+                        Step::Approval { tool, summary } => {
+                            let id = format!("appr-{run}-{n}");
+                            let code = format!("C{n:05}");
+                            let (rtx, mut rrx) = watch::channel(None);
+                            if let Ok(mut s) = state.lock() {
+                                s.approvals.push(PendingApproval {
+                                    id: id.clone(),
+                                    code: code.clone(),
+                                    user: user.clone(),
+                                    session: sess.clone(),
+                                    run_id: run.clone(),
+                                    tool: tool.clone(),
+                                    summary: summary.clone(),
+                                    resolved: rtx,
+                                });
+                            }
+                            emit(
+                                &tx,
+                                &user,
+                                &sess,
+                                EventKind::ApprovalRequested,
+                                json!({"run_id": run, "session": sess, "approval": {
+                                    "id": id, "code": code, "expires_at": "2099-01-01T00:00:00Z",
+                                    "tool": tool, "summary": summary}}),
+                            );
+                            let granted = loop {
+                                if let Some(g) = *rrx.borrow_and_update() {
+                                    break g;
+                                }
+                                if rrx.changed().await.is_err() {
+                                    break false;
+                                }
+                            };
+                            if !granted {
+                                status = "failed";
+                                break;
+                            }
+                        }
+                        Step::Sleep(d) => tokio::time::sleep(d).await,
+                    }
+                }
+                let result = if status == "completed" {
+                    json!({"run_id": run, "session": sess, "status": status, "reply": reply})
+                } else {
+                    json!({"run_id": run, "session": sess, "status": status, "error": "the approval was denied"})
+                };
+                if let Ok(mut s) = state.lock() {
+                    s.history
+                        .entry((user.clone(), sess.clone()))
+                        .or_default()
+                        .push(json!({"role": "assistant", "text": reply, "run_id": run}));
+                }
+                let _ = done_tx.send(Some(result.clone()));
+                emit(&tx, &user, &sess, EventKind::RunFinished, result);
+            });
+            Ok(RunStarted { run_id, session })
+        }
+
+        fn wait_run(
+            &self,
+            user: &str,
+            run_id: &str,
+            timeout: Duration,
+        ) -> BoxFut<'_, Result<Value, BackendError>> {
+            self.record(Call::Wait {
+                user: user.into(),
+                run_id: run_id.into(),
+            });
+            let found = self.state.lock().ok().and_then(|s| {
+                s.runs
+                    .get(run_id)
+                    .filter(|(u, _, _)| u == user)
+                    .map(|(_, _, tx)| tx.subscribe())
+            });
+            let run_id = run_id.to_string();
+            Box::pin(async move {
+                let Some(mut rx) = found else {
+                    return Err(BackendError::NotFound(format!("no run {run_id}")));
+                };
+                let wait = async {
+                    loop {
+                        if let Some(v) = rx.borrow_and_update().clone() {
+                            return Ok(v);
+                        }
+                        if rx.changed().await.is_err() {
+                            return Err(BackendError::Internal("the run vanished".into()));
+                        }
+                    }
+                };
+                tokio::time::timeout(timeout, wait)
+                    .await
+                    .unwrap_or(Err(BackendError::Timeout(timeout)))
+            })
+        }
+
+        fn history(
+            &self,
+            user: &str,
+            session: &str,
+            limit: usize,
+        ) -> BoxFut<'_, Result<Value, BackendError>> {
+            self.record(Call::History {
+                user: user.into(),
+                session: session.into(),
+                limit,
+            });
+            let msgs = self.state.lock().ok().and_then(|s| {
+                s.history
+                    .get(&(user.to_string(), session.to_string()))
+                    .cloned()
+            });
+            let session = session.to_string();
+            Box::pin(async move {
+                let Some(all) = msgs else {
+                    return Err(BackendError::NotFound(format!("no session {session}")));
+                };
+                let tail: Vec<Value> = all[all.len().saturating_sub(limit)..].to_vec();
+                Ok(json!({"session": session, "messages": tail}))
+            })
+        }
+
+        fn sessions(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+            self.record(Call::Sessions { user: user.into() });
+            let mut list: Vec<String> = self
+                .state
+                .lock()
+                .map(|s| {
+                    s.history
+                        .keys()
+                        .filter(|(u, _)| u == user)
+                        .map(|(_, s)| s.clone())
+                        .collect()
+                })
+                .unwrap_or_default();
+            list.sort();
+            Box::pin(async move {
+                Ok(
+                    json!({"sessions": list.iter().map(|s| json!({"session": s})).collect::<Vec<_>>()}),
+                )
+            })
+        }
+
+        fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+            self.record(Call::Approvals { user: user.into() });
+            let list: Vec<Value> = self
+                .state
+                .lock()
+                .map(|s| {
+                    s.approvals
+                        .iter()
+                        .filter(|a| a.user == user && a.resolved.borrow().is_none())
+                        .map(|a| {
+                            json!({"id": a.id, "code": a.code, "expires_at": "2099-01-01T00:00:00Z",
+                                   "tool": a.tool, "summary": a.summary, "session": a.session,
+                                   "run_id": a.run_id})
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            Box::pin(async move { Ok(json!({"approvals": list})) })
+        }
+
+        fn resolve_approval(
+            &self,
+            user: &str,
+            code_or_id: &str,
+            grant: bool,
+        ) -> BoxFut<'_, Result<Value, BackendError>> {
+            self.record(Call::Resolve {
+                user: user.into(),
+                code_or_id: code_or_id.into(),
+                grant,
+            });
+            let found = self.state.lock().ok().and_then(|s| {
+                s.approvals
+                    .iter()
+                    .find(|a| a.user == user && (a.id == code_or_id || a.code == code_or_id))
+                    .cloned()
+            });
+            let tx = self.events.clone();
+            let user = user.to_string();
+            let code_or_id = code_or_id.to_string();
+            Box::pin(async move {
+                let Some(a) = found else {
+                    return Err(BackendError::NotFound(format!(
+                        "no pending approval {code_or_id}"
+                    )));
+                };
+                if a.resolved.borrow().is_some() {
+                    return Err(BackendError::Conflict(format!(
+                        "approval {} is no longer pending",
+                        a.code
+                    )));
+                }
+                let _ = a.resolved.send(Some(grant));
+                let payload =
+                    json!({"approval_id": a.id, "code": a.code, "granted": grant, "by": user});
+                emit(
+                    &tx,
+                    &user,
+                    &a.session,
+                    EventKind::ApprovalResolved,
+                    payload.clone(),
+                );
+                Ok(payload)
+            })
+        }
+
+        fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
+            self.events.subscribe()
+        }
+
+        fn health(&self) -> Value {
+            json!({"backend": "scripted", "model": "none"})
+        }
+    }
+}

@@ -1,0 +1,383 @@
+// Chitin web chat. Talks the gateway's WebSocket protocol (docs/protocol.md).
+// Rules: the token lives in sessionStorage only; everything the server sends is rendered with
+// textContent (never as markup); ids from the server are used as Map keys, never in selectors.
+'use strict';
+
+(function () {
+  const $ = (id) => document.getElementById(id);
+  const state = {
+    ws: null,
+    nextId: 1,
+    pending: new Map(), // request id -> {resolve, reject}
+    session: sessionStorage.getItem('chitin.session'),
+    runs: new Map(), // run_id -> {msg, text, finished}
+    tools: new Map(), // call_id -> element
+    approvals: new Map(), // approval id -> element
+    noted: new Set(), // approval ids whose resolution was shown
+  };
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined && text !== null) e.textContent = String(text);
+    return e;
+  }
+
+  function setStatus(text, st) {
+    const s = $('status');
+    s.textContent = text;
+    s.dataset.state = st;
+  }
+
+  function showError(msg) {
+    const e = $('error');
+    if (!msg) {
+      e.hidden = true;
+      e.textContent = '';
+      return;
+    }
+    e.textContent = String(msg);
+    e.hidden = false;
+  }
+
+  function setSession(s) {
+    state.session = s || null;
+    if (state.session) sessionStorage.setItem('chitin.session', state.session);
+    $('session').textContent = state.session ? 'session ' + state.session : '';
+  }
+
+  function scroll() {
+    const m = $('messages');
+    m.scrollTop = m.scrollHeight;
+  }
+
+  function append(node) {
+    $('messages').appendChild(node);
+    scroll();
+  }
+
+  function request(method, params) {
+    return new Promise((resolve, reject) => {
+      if (!state.ws || state.ws.readyState !== WebSocket.OPEN) {
+        reject({ code: 'closed', message: 'not connected' });
+        return;
+      }
+      const id = String(state.nextId++);
+      state.pending.set(id, { resolve, reject });
+      state.ws.send(JSON.stringify({ type: 'req', id, method, params: params || {} }));
+    });
+  }
+
+  function setConnected(on) {
+    $('input').disabled = !on;
+    $('send').disabled = !on;
+    $('connect').hidden = on;
+    $('disconnect').hidden = !on;
+    $('token').disabled = on;
+  }
+
+  function connect() {
+    showError('');
+    const typed = $('token').value.trim();
+    const token = typed || sessionStorage.getItem('chitin.token') || '';
+    if (!token) {
+      showError('Enter the gateway token (`chitin token show` prints it).');
+      return;
+    }
+    $('token').value = '';
+    if (state.ws) state.ws.close();
+    const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+    let ws;
+    try {
+      ws = new WebSocket(url);
+    } catch (e) {
+      showError('Cannot open the WebSocket: ' + e);
+      return;
+    }
+    state.ws = ws;
+    setStatus('connecting', 'connecting');
+    ws.addEventListener('open', () => {
+      request('connect', { token, client: { name: 'chitin-web' } }).then(
+        (p) => {
+          sessionStorage.setItem('chitin.token', token);
+          setStatus('connected as ' + p.user, 'connected');
+          setConnected(true);
+          setSession(state.session);
+          if (!p.agent) {
+            showError('No agent is configured on this gateway: set [agent] model and [[providers]] in chitin.toml.');
+          }
+          loadApprovals();
+          if (state.session) loadHistory();
+        },
+        (e) => {
+          sessionStorage.removeItem('chitin.token');
+          setStatus('refused', 'error');
+          showError(e.message || e.code);
+        },
+      );
+    });
+    ws.addEventListener('message', (m) => onFrame(ws, m.data));
+    ws.addEventListener('close', () => {
+      if (state.ws !== ws) return;
+      state.ws = null;
+      setConnected(false);
+      if ($('status').dataset.state !== 'error') setStatus('disconnected', 'disconnected');
+      for (const p of state.pending.values()) p.reject({ code: 'closed', message: 'connection closed' });
+      state.pending.clear();
+    });
+  }
+
+  function disconnect() {
+    sessionStorage.removeItem('chitin.token');
+    if (state.ws) state.ws.close();
+  }
+
+  function onFrame(ws, data) {
+    if (state.ws !== ws || typeof data !== 'string') return;
+    let f;
+    try {
+      f = JSON.parse(data);
+    } catch (e) {
+      return;
+    }
+    if (!f || typeof f !== 'object') return;
+    if (f.type === 'res') {
+      const p = state.pending.get(String(f.id));
+      if (!p) {
+        if (!f.ok && f.error) showError(f.error.message || f.error.code);
+        return;
+      }
+      state.pending.delete(String(f.id));
+      if (f.ok) p.resolve(f.payload || {});
+      else p.reject(f.error || { code: 'error', message: 'request failed' });
+    } else if (f.type === 'event') {
+      onEvent(String(f.event), f.payload || {});
+    }
+  }
+
+  function mine(p) {
+    return !state.session || p.session === state.session || state.runs.has(p.run_id);
+  }
+
+  function runEl(runId) {
+    let r = state.runs.get(runId);
+    if (!r) {
+      const msg = el('div', 'msg assistant');
+      msg.dataset.runId = String(runId);
+      const text = el('span', 'text');
+      msg.appendChild(text);
+      r = { msg, text, finished: false };
+      state.runs.set(runId, r);
+      append(msg);
+    }
+    return r;
+  }
+
+  function onEvent(name, p) {
+    switch (name) {
+      case 'run.started':
+        if (mine(p)) runEl(p.run_id);
+        break;
+      case 'assistant.delta':
+        if (mine(p)) {
+          const r = runEl(p.run_id);
+          r.text.textContent += String(p.text == null ? '' : p.text);
+          scroll();
+        }
+        break;
+      case 'tool.start':
+        if (mine(p)) toolStart(p);
+        break;
+      case 'tool.end':
+        if (mine(p)) toolEnd(p);
+        break;
+      case 'approval.requested':
+        addApproval(p.approval || {}, p);
+        break;
+      case 'approval.resolved':
+        approvalResolved(p);
+        break;
+      case 'run.finished':
+        if (mine(p)) runFinished(p);
+        break;
+      case 'events.lagged':
+        append(el('div', 'msg system', 'Some events were missed (' + p.missed + '); reload the history.'));
+        break;
+      default:
+        break;
+    }
+  }
+
+  function toolStart(p) {
+    const t = el('div', 'tool');
+    t.dataset.callId = String(p.call_id);
+    t.dataset.runId = String(p.run_id);
+    t.dataset.decision = 'pending';
+    t.appendChild(el('span', 'tool-name', p.tool));
+    t.appendChild(el('span', 'tool-decision', '…'));
+    let args = '';
+    try {
+      args = JSON.stringify(p.args);
+    } catch (e) {
+      args = '';
+    }
+    if (args && args.length > 600) args = args.slice(0, 600) + '…';
+    t.appendChild(el('span', 'tool-args', args));
+    t.appendChild(el('span', 'tool-outcome', ''));
+    state.tools.set(String(p.call_id), t);
+    append(t);
+  }
+
+  function toolEnd(p) {
+    let t = state.tools.get(String(p.call_id));
+    if (!t) {
+      toolStart(p);
+      t = state.tools.get(String(p.call_id));
+    }
+    const decision = String(p.decision);
+    t.dataset.decision = decision;
+    t.querySelector('.tool-decision').textContent = decision;
+    let outcome = p.outcome;
+    if (outcome && typeof outcome === 'object') outcome = JSON.stringify(outcome);
+    const pol = Array.isArray(p.policies) && p.policies.length ? ' [' + p.policies.join(', ') + ']' : '';
+    t.querySelector('.tool-outcome').textContent = String(outcome == null ? '' : outcome) + pol;
+  }
+
+  function runFinished(p) {
+    const r = runEl(p.run_id);
+    r.finished = true;
+    r.msg.dataset.status = String(p.status);
+    if (p.reply && !r.text.textContent) r.text.textContent = String(p.reply);
+    if (p.error) r.msg.appendChild(el('span', 'error', p.error));
+    scroll();
+  }
+
+  function refreshNoApprovals() {
+    $('no-approvals').hidden = state.approvals.size > 0;
+  }
+
+  function addApproval(a, ctx) {
+    const id = String(a.id);
+    if (!a.id || state.approvals.has(id)) return;
+    const li = el('li', 'approval');
+    li.dataset.id = id;
+    li.dataset.code = String(a.code);
+    const head = el('div');
+    head.appendChild(el('span', 'code', a.code));
+    head.appendChild(el('span', 'approval-tool', ' ' + String(a.tool)));
+    li.appendChild(head);
+    li.appendChild(el('span', 'summary', a.summary));
+    if (a.expires_at) li.appendChild(el('small', 'expires', 'expires ' + a.expires_at));
+    if (ctx && ctx.session) li.title = 'session ' + ctx.session;
+    const approve = el('button', 'approve', 'Approve');
+    approve.type = 'button';
+    const deny = el('button', 'deny', 'Deny');
+    deny.type = 'button';
+    approve.addEventListener('click', () => resolveApproval(li, id, 'approve'));
+    deny.addEventListener('click', () => resolveApproval(li, id, 'deny'));
+    li.appendChild(approve);
+    li.appendChild(deny);
+    state.approvals.set(id, li);
+    $('approvals').appendChild(li);
+    refreshNoApprovals();
+  }
+
+  function removeApproval(id) {
+    const li = state.approvals.get(id);
+    if (li) {
+      li.remove();
+      state.approvals.delete(id);
+    }
+    refreshNoApprovals();
+  }
+
+  function resolveApproval(li, id, decision) {
+    for (const b of li.querySelectorAll('button')) b.disabled = true;
+    request('approvals.resolve', { id, decision }).then(
+      (p) => approvalResolved(p),
+      (e) => {
+        for (const b of li.querySelectorAll('button')) b.disabled = false;
+        showError('Approval not resolved: ' + (e.message || e.code));
+      },
+    );
+  }
+
+  // From our own approvals.resolve answer or from the approval.resolved event (whichever
+  // comes first; either may also come from another client or the CLI).
+  function approvalResolved(p) {
+    const id = String(p.approval_id);
+    const known = state.approvals.has(id);
+    removeApproval(id);
+    if (known && !state.noted.has(id)) {
+      state.noted.add(id);
+      const verb = p.granted ? 'approved' : 'denied';
+      append(el('div', 'msg system', 'Approval ' + String(p.code) + ' ' + verb + ' by ' + String(p.by) + '.'));
+    }
+  }
+
+  function loadApprovals() {
+    request('approvals.list').then(
+      (p) => {
+        for (const a of p.approvals || []) addApproval(a, a);
+      },
+      () => {},
+    );
+  }
+
+  function loadHistory() {
+    request('chat.history', { session: state.session, limit: 50 }).then(
+      (p) => {
+        $('messages').replaceChildren();
+        state.runs.clear();
+        state.tools.clear();
+        for (const m of p.messages || []) {
+          const role = m.role === 'user' ? 'user' : m.role === 'assistant' ? 'assistant' : 'system';
+          const e = el('div', 'msg ' + role, m.text);
+          if (m.run_id) e.dataset.runId = String(m.run_id);
+          append(e);
+        }
+      },
+      (e) => {
+        if (e.code === 'not_found') setSession(null);
+      },
+    );
+  }
+
+  function send() {
+    const input = $('input');
+    const text = input.value;
+    if (!text.trim()) return;
+    showError('');
+    input.value = '';
+    append(el('div', 'msg user', text));
+    const params = { text };
+    if (state.session) params.session = state.session;
+    request('chat.send', params).then(
+      (p) => {
+        setSession(p.session);
+        runEl(p.run_id);
+      },
+      (e) => showError(e.message || e.code),
+    );
+  }
+
+  function init() {
+    $('connect').addEventListener('click', connect);
+    $('disconnect').addEventListener('click', disconnect);
+    $('token').addEventListener('keydown', (ev) => {
+      if (ev.key === 'Enter') connect();
+    });
+    $('send').addEventListener('click', send);
+    $('input').addEventListener('keydown', (ev) => {
+      if (ev.key === 'Enter' && !ev.shiftKey) {
+        ev.preventDefault();
+        send();
+      }
+    });
+    refreshNoApprovals();
+    if (sessionStorage.getItem('chitin.token')) connect();
+  }
+
+  if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);
+  else init();
+})();
