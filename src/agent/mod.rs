@@ -18,7 +18,7 @@
 pub mod context;
 pub mod transcripts;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -150,8 +150,22 @@ struct Live {
     done: watch::Receiver<Option<RunSummary>>,
 }
 
+/// Counters for `/metrics` (Prometheus text from [`Agent::metrics_text`]).
+#[derive(Default)]
+struct Stats {
+    /// Runs by final status (`started` counted at start).
+    runs: BTreeMap<String, u64>,
+    /// Model calls by `model\u{0}outcome` (ok | error).
+    model_calls: BTreeMap<String, u64>,
+    /// Per model: (sum of latency in ms, count) of successful calls.
+    latency: BTreeMap<String, (u64, u64)>,
+    /// Spend in USD by user.
+    spend: BTreeMap<String, f64>,
+}
+
 struct Inner {
     p: AgentParts,
+    stats: Mutex<Stats>,
     transcripts: Transcripts,
     events: broadcast::Sender<AgentEvent>,
     /// Per session, the completion of the run submitted last (the next one waits for it).
@@ -208,6 +222,7 @@ impl Agent {
         Self(Arc::new(Inner {
             transcripts: Transcripts::new(Arc::clone(&parts.store), Arc::clone(&parts.sealer)),
             p: parts,
+            stats: Mutex::new(Stats::default()),
             events,
             lanes: Mutex::new(HashMap::new()),
             slots,
@@ -226,6 +241,65 @@ impl Agent {
 
     pub fn approvals(&self) -> &Approvals {
         &self.0.p.approvals
+    }
+
+    /// Prometheus text: runs by status, model calls by model and outcome, model latency,
+    /// spend by user.
+    pub fn metrics_text(&self) -> String {
+        use std::fmt::Write as _;
+        let Ok(s) = self.0.stats.lock() else {
+            return String::new();
+        };
+        let esc = |v: &str| {
+            v.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        };
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP chitin_runs_total Agent runs: started, and by final status.\n# TYPE chitin_runs_total counter"
+        );
+        for (k, v) in &s.runs {
+            let _ = writeln!(out, "chitin_runs_total{{status=\"{}\"}} {v}", esc(k));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_calls_total Model calls (after retries and failover) by model and outcome.\n# TYPE chitin_model_calls_total counter"
+        );
+        for (k, v) in &s.model_calls {
+            let (m, o) = k.split_once('\u{0}').unwrap_or((k, ""));
+            let _ = writeln!(
+                out,
+                "chitin_model_calls_total{{model=\"{}\",outcome=\"{}\"}} {v}",
+                esc(m),
+                esc(o)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_latency_ms Latency of successful model calls in ms (sum and count).\n# TYPE chitin_model_latency_ms summary"
+        );
+        for (m, (sum, n)) in &s.latency {
+            let _ = writeln!(
+                out,
+                "chitin_model_latency_ms_sum{{model=\"{}\"}} {sum}",
+                esc(m)
+            );
+            let _ = writeln!(
+                out,
+                "chitin_model_latency_ms_count{{model=\"{}\"}} {n}",
+                esc(m)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_spend_usd_total Model spend from [pricing] since start, by user.\n# TYPE chitin_spend_usd_total counter"
+        );
+        for (u, v) in &s.spend {
+            let _ = writeln!(out, "chitin_spend_usd_total{{user=\"{}\"}} {v}", esc(u));
+        }
+        out
     }
 
     /// Events of every run from now on.
@@ -501,6 +575,12 @@ impl Run {
         self.inner.p.clock.now_ms()
     }
 
+    fn stat(&self, f: impl FnOnce(&mut Stats)) {
+        if let Ok(mut s) = self.inner.stats.lock() {
+            f(&mut s);
+        }
+    }
+
     async fn set_status(
         &self,
         status: &'static str,
@@ -543,6 +623,7 @@ impl Run {
                 .await;
         };
         self.set_status("running", None, None).await;
+        self.stat(|s| *s.runs.entry("started".into()).or_default() += 1);
         self.emit("run.started", json!({}));
         let limit = Duration::from_secs(inner.p.config.run_timeout_secs);
         let outcome = tokio::select! {
@@ -560,6 +641,7 @@ impl Run {
     async fn finish(&self, status: &'static str, error: Option<String>) -> RunSummary {
         let error = error.map(|e| self.inner.p.gate.redact(&e));
         self.set_status(status, None, error.clone()).await;
+        self.stat(|s| *s.runs.entry(status.into()).or_default() += 1);
         let inner = Arc::clone(&self.inner);
         let id = self.id.clone();
         let summary = match blocking(move || summary_of(&inner.transcripts, &id)).await {
@@ -671,9 +753,33 @@ impl Run {
                     payload,
                 });
             };
+            let started = std::time::Instant::now();
+            let first_model = router
+                .models()
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             let resp = match router.chat(&req, &mut sink).await {
-                Ok(r) => r,
+                Ok(r) => {
+                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    let user = self.user.clone();
+                    self.stat(|s| {
+                        *s.model_calls
+                            .entry(format!("{}\u{0}ok", r.model))
+                            .or_default() += 1;
+                        let l = s.latency.entry(r.model.clone()).or_default();
+                        l.0 = l.0.saturating_add(ms);
+                        l.1 += 1;
+                        *s.spend.entry(user).or_default() += r.cost_usd.unwrap_or(0.0);
+                    });
+                    r
+                }
                 Err(e) => {
+                    self.stat(|s| {
+                        *s.model_calls
+                            .entry(format!("{first_model}\u{0}error"))
+                            .or_default() += 1
+                    });
                     return Ok(End::Failed(format!(
                         "the model could not be reached: {e}. Your message is saved; send it again when the provider is back, or fix [[providers]] in chitin.toml"
                     )));

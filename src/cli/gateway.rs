@@ -143,14 +143,44 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             .then(|| globals.config_path.clone()),
         config.sandbox.clone(),
     )?;
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let secrets_path = secrets.path().to_path_buf();
+    let secrets_count = secrets.list().len();
+    let vault = crate::vault::Vault::from_store(&globals.home, &mut secrets, Arc::clone(&clock))?;
+    let secrets = Arc::new(std::sync::Mutex::new(secrets));
+    let router = super::agent::router(&config, &gate, &secrets, Arc::clone(&clock))?;
+    if router.is_none() {
+        println!(
+            "no model is configured: chat answers with how to add one ([[providers]] and [agent] model in {})",
+            globals.config_path.display()
+        );
+    }
+    let agent = crate::agent::Agent::new(crate::agent::AgentParts {
+        gate: gate.clone(),
+        store: Arc::clone(&store),
+        approvals: crate::approvals::Approvals::new(
+            Arc::clone(&store),
+            gate.clone(),
+            Arc::clone(&clock),
+            crate::approvals::DEFAULT_TTL_MS,
+        ),
+        sandbox: sandbox.clone(),
+        workspace: workspace.clone(),
+        router,
+        sealer: Arc::new(vault),
+        clock: Arc::clone(&clock),
+        config: config.agent.clone(),
+        budgets: config.budgets.clone(),
+        owners: vec![config.gateway.owner.clone()],
+    });
     let parts = Parts {
         globals: globals.clone(),
-        secrets_path: secrets.path().to_path_buf(),
-        secrets_count: secrets.list().len(),
+        secrets_path,
+        secrets_count,
         config,
         gate,
         store,
-        clock: Arc::new(crate::clock::SystemClock),
+        clock,
         token,
         redactor,
         sandbox,
@@ -159,10 +189,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         bind,
         tls,
         metrics,
-        // The agent loop implements `gateway::backend::ChatBackend` and is wired here.
         backend: None,
+        agent: Some(agent),
     };
-    drop(secrets);
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -12,10 +12,12 @@
 //! - Log lines are passed through the secrets redactor; request bodies and query strings are
 //!   never logged.
 
+pub mod agent_backend;
 pub mod auth;
 pub mod backend;
 pub mod logging;
 pub mod metrics;
+mod openai;
 pub mod tls;
 pub mod web;
 pub mod ws;
@@ -96,6 +98,9 @@ pub struct Parts {
     pub metrics: Arc<Metrics>,
     /// The agent behind the WebSocket chat methods (none: they answer `not_configured`).
     pub backend: Option<Arc<dyn backend::ChatBackend>>,
+    /// The agent loop (`/v1/chat/completions`, and the WebSocket backend when `backend` is
+    /// `None`).
+    pub agent: Option<crate::agent::Agent>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -121,6 +126,8 @@ impl Settings {
 }
 
 struct App {
+    agent: Option<crate::agent::Agent>,
+    clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
     store: Arc<Store>,
     approvals: Approvals,
@@ -242,6 +249,7 @@ fn router(app: Arc<App>) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/tools/invoke", post(invoke_handler))
+        .route("/v1/chat/completions", post(openai::chat_completions))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             require_auth,
@@ -280,7 +288,22 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let ws_settings =
         ws::WsSettings::from_config(&parts.config.gateway).map_err(GatewayError::Config)?;
     let (backend, metrics) = (parts.backend, Arc::clone(&parts.metrics));
+    let backend = backend.or_else(|| {
+        parts
+            .agent
+            .clone()
+            .map(|a| Arc::new(agent_backend::AgentBackend::new(a)) as Arc<dyn backend::ChatBackend>)
+    });
+    if let Some(agent) = &parts.agent {
+        match agent.recover().await {
+            Ok(0) => {}
+            Ok(n) => info!(runs = n, "resumed runs left unfinished by the last gateway"),
+            Err(e) => error!(error = %e, "could not resume unfinished runs"),
+        }
+    }
     let app = Arc::new_cyclic(|me| App {
+        agent: parts.agent,
+        clock: Arc::clone(&parts.clock),
         gate: parts.gate,
         store: parts.store,
         approvals,
@@ -780,7 +803,11 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
         .await
         .ok();
     let appends = head.map(|h| u64::try_from(h - app.audit_head_at_start).unwrap_or(0));
-    let mut resp = app.metrics.render(appends).into_response();
+    let mut text = app.metrics.render(appends);
+    if let Some(a) = &app.agent {
+        text.push_str(&a.metrics_text());
+    }
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

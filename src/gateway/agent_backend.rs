@@ -1,0 +1,273 @@
+//! The agent loop behind the WebSocket control plane: [`ChatBackend`] over [`Agent`].
+//!
+//! Invariants: every call is for the authenticated user; a run, session or approval of another
+//! user is reported as not found (nothing about it leaks), and approvals are resolved through
+//! `Approvals::resolve`, where Cedar (`approval.grant`) decides whether this user may.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::backend::{BackendError, BackendEvent, BoxFut, ChatBackend, EventKind, RunStarted};
+use crate::agent::{Agent, AgentError, Stored, TurnRequest};
+use crate::approvals::ApprovalError;
+use crate::clock::rfc3339;
+
+/// [`ChatBackend`] for the gateway's agent.
+pub struct AgentBackend {
+    agent: Agent,
+    events: broadcast::Sender<BackendEvent>,
+}
+
+fn kind(name: &str) -> Option<EventKind> {
+    EventKind::ALL.into_iter().find(|k| k.as_str() == name)
+}
+
+fn agent_err(e: AgentError) -> BackendError {
+    match e {
+        AgentError::InvalidSession(_) | AgentError::InvalidUser | AgentError::InvalidMessage => {
+            BackendError::Invalid(e.to_string())
+        }
+        AgentError::NoRun(id) => BackendError::NotFound(format!("no run `{id}`")),
+        AgentError::Transcript(crate::agent::transcripts::TranscriptError::NotYours(s)) => {
+            BackendError::NotFound(format!("no session `{s}`"))
+        }
+        AgentError::Transcript(crate::agent::transcripts::TranscriptError::NoSession(s)) => {
+            BackendError::NotFound(format!("no session `{s}`"))
+        }
+        other => BackendError::Unavailable(other.to_string()),
+    }
+}
+
+fn approval_err(e: ApprovalError) -> BackendError {
+    let m = e.to_string();
+    match e {
+        ApprovalError::NotFound(_) => BackendError::NotFound(m),
+        ApprovalError::Expired(_) => BackendError::Conflict(m),
+        ApprovalError::ApproverRefused { .. } => BackendError::Forbidden(m),
+        ApprovalError::NotPending { .. } => BackendError::Conflict(m),
+        _ => BackendError::Unavailable(m),
+    }
+}
+
+impl AgentBackend {
+    /// Wraps the agent and starts forwarding its events (must run inside the gateway runtime).
+    pub fn new(agent: Agent) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let mut rx = agent.subscribe();
+        let tx = events.clone();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => {
+                        let Some(k) = kind(e.event) else { continue };
+                        let mut payload = e.payload;
+                        if k == EventKind::RunFinished
+                            && payload["status"].as_str() == Some("timed_out")
+                        {
+                            payload["status"] = json!("timeout");
+                        }
+                        let _nobody = tx.send(BackendEvent {
+                            user: e.user,
+                            session: e.session,
+                            event: k,
+                            payload,
+                        });
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => break,
+                }
+            }
+        });
+        Self { agent, events }
+    }
+
+    async fn owned_run(&self, user: &str, run_id: &str) -> Result<(), BackendError> {
+        let t = self.agent.transcripts().clone();
+        let (u, id) = (user.to_string(), run_id.to_string());
+        let row = tokio::task::spawn_blocking(move || t.run(&id))
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?;
+        match row {
+            Ok(r) if r.user == u => Ok(()),
+            _ => Err(BackendError::NotFound(format!("no run `{run_id}`"))),
+        }
+    }
+}
+
+impl ChatBackend for AgentBackend {
+    fn start_run(
+        &self,
+        user: &str,
+        session: Option<&str>,
+        text: &str,
+    ) -> Result<RunStarted, BackendError> {
+        let session = session.map_or_else(|| format!("ws:{user}"), str::to_string);
+        let req = TurnRequest {
+            session: session.clone(),
+            user: user.to_string(),
+            channel: "ws".into(),
+            text: text.to_string(),
+            approval_wait: None,
+        };
+        let agent = self.agent.clone();
+        // Persisting the message before answering is the point: wait for it here.
+        let run_id = tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(agent.submit(req))
+        })
+        .map_err(agent_err)?;
+        Ok(RunStarted { run_id, session })
+    }
+
+    fn wait_run(
+        &self,
+        user: &str,
+        run_id: &str,
+        timeout: Duration,
+    ) -> BoxFut<'_, Result<Value, BackendError>> {
+        let (user, run_id) = (user.to_string(), run_id.to_string());
+        Box::pin(async move {
+            self.owned_run(&user, &run_id).await?;
+            let s = match self.agent.wait(&run_id, timeout).await {
+                Ok(s) => s,
+                Err(AgentError::WaitTimeout(_)) => return Err(BackendError::Timeout(timeout)),
+                Err(e) => return Err(agent_err(e)),
+            };
+            let status = if s.status == "timed_out" {
+                "timeout".to_string()
+            } else {
+                s.status.clone()
+            };
+            Ok(
+                json!({"run_id": s.run_id, "session": s.session, "status": status,
+                      "reply": s.reply, "error": s.error, "tool_calls": s.tool_calls, "usage": s.usage}),
+            )
+        })
+    }
+
+    fn history(
+        &self,
+        user: &str,
+        session: &str,
+        limit: usize,
+    ) -> BoxFut<'_, Result<Value, BackendError>> {
+        let (user, session) = (user.to_string(), session.to_string());
+        Box::pin(async move {
+            let t = self.agent.transcripts().clone();
+            let s2 = session.clone();
+            let got = tokio::task::spawn_blocking(move || match t.session_owner(&s2)? {
+                Some(o) if o == user => t.messages_after(&s2, 0).map(Some),
+                _ => Ok(None),
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(|e| agent_err(e.into()))?;
+            let Some(msgs) = got else {
+                return Err(BackendError::NotFound(format!("no session `{session}`")));
+            };
+            let skip = msgs.len().saturating_sub(limit);
+            let out: Vec<Value> = msgs
+                .iter()
+                .skip(skip)
+                .map(|e| {
+                    let (role, text) = match &e.message {
+                        Stored::User { text, .. } => ("user", text.clone()),
+                        Stored::Assistant { text, tool_calls } => {
+                            let calls: Vec<&str> = tool_calls.iter().map(|c| c.name.as_str()).collect();
+                            if calls.is_empty() {
+                                ("assistant", text.clone())
+                            } else {
+                                ("assistant", format!("{text}{}[calls {}]", if text.is_empty() { "" } else { " " }, calls.join(", ")))
+                            }
+                        }
+                        Stored::Tool { tool, decision, outcome, .. } => {
+                            ("tool", format!("{tool}: {decision} ({outcome})"))
+                        }
+                    };
+                    json!({"role": role, "text": text, "at": rfc3339(e.created_ms), "run_id": e.run_id})
+                })
+                .collect();
+            Ok(json!({"session": session, "messages": out}))
+        })
+    }
+
+    fn sessions(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        let user = user.to_string();
+        Box::pin(async move {
+            let t = self.agent.transcripts().clone();
+            let list = tokio::task::spawn_blocking(move || t.sessions(Some(&user)))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(|e| agent_err(e.into()))?;
+            let out: Vec<Value> = list
+                .iter()
+                .map(|s| {
+                    json!({"session": s.key, "updated_at": rfc3339(s.updated_ms), "runs": s.runs,
+                                "messages": s.messages, "channel": s.channel, "tainted": s.tainted})
+                })
+                .collect();
+            Ok(json!({"sessions": out}))
+        })
+    }
+
+    fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        let user = user.to_string();
+        Box::pin(async move {
+            let ap = self.agent.approvals().clone();
+            let list = tokio::task::spawn_blocking(move || ap.list(false))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(approval_err)?;
+            let out: Vec<Value> = list
+                .iter()
+                .filter(|a| a.requester == user)
+                .map(|a| {
+                    json!({"id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
+                                "summary": a.summary, "session": a.session})
+                })
+                .collect();
+            Ok(json!({"approvals": out}))
+        })
+    }
+
+    fn resolve_approval(
+        &self,
+        user: &str,
+        code_or_id: &str,
+        grant: bool,
+    ) -> BoxFut<'_, Result<Value, BackendError>> {
+        let (user, key) = (user.to_string(), code_or_id.to_string());
+        Box::pin(async move {
+            let ap = self.agent.approvals().clone();
+            let u2 = user.clone();
+            let a = tokio::task::spawn_blocking(move || {
+                let code = match ap.get(&key) {
+                    Ok(a) => a.code,
+                    Err(_) => key,
+                };
+                ap.resolve(&code, &u2, grant)
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(approval_err)?;
+            let payload =
+                json!({"approval_id": a.id, "code": a.code, "granted": grant, "by": user});
+            let _nobody = self.events.send(BackendEvent {
+                user: a.requester.clone(),
+                session: a.session.clone(),
+                event: EventKind::ApprovalResolved,
+                payload: payload.clone(),
+            });
+            Ok(payload)
+        })
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
+        self.events.subscribe()
+    }
+
+    fn health(&self) -> Value {
+        json!({"model_configured": self.agent.has_model()})
+    }
+}
