@@ -16,6 +16,7 @@
 //!   call lets it run, once. Denied, expired or not-awaited approvals are refusals for the model.
 
 pub mod context;
+pub mod skills;
 pub mod transcripts;
 
 use std::collections::{BTreeMap, HashMap};
@@ -143,6 +144,8 @@ pub struct AgentParts {
     pub budgets: BudgetsConfig,
     /// Users whose messages are trusted (the others' are fenced and taint the session).
     pub owners: Vec<String>,
+    /// Installed skills (`None`: the `use_skill` tool is not offered).
+    pub skills: Option<Arc<crate::skills_host::SkillsHost>>,
 }
 
 struct Live {
@@ -892,9 +895,20 @@ impl Run {
         let inner = Arc::clone(&self.inner);
         let (s, u) = (self.session.clone(), self.user.clone());
         let (system, summary, history, tools) = blocking(move || -> Result<_, AgentError> {
-            let system = context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
+            let mut system = context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
             let (summary, history) = inner.transcripts.history(&s)?;
-            let tools = context::offered_tools(inner.p.gate.engine(), &u);
+            let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
+            let installed = inner
+                .p
+                .skills
+                .as_ref()
+                .and_then(|h| h.installed().ok())
+                .unwrap_or_default();
+            if !installed.is_empty() {
+                system.push_str("\n\n");
+                system.push_str(&skills::catalog(&installed));
+                tools.push(skills::spec(&installed));
+            }
             Ok((system, summary, history, tools))
         })
         .await??;
@@ -1091,6 +1105,33 @@ impl Run {
             "tool.start",
             json!({"call_id": c.id, "tool": c.name, "args": shown}),
         );
+        if c.name == skills::USE_SKILL
+            && let Some(host) = self.inner.p.skills.clone()
+        {
+            let inner = Arc::clone(&self.inner);
+            let (u, a) = (self.user.clone(), args.clone());
+            let used = blocking(move || {
+                skills::use_skill(&host, &inner.p.gate, &u, &inner.p.workspace, &a)
+            })
+            .await?;
+            return match used {
+                skills::Used::Loaded { content, outcome } => {
+                    let inner = Arc::clone(&self.inner);
+                    let s = self.session.clone();
+                    blocking(move || inner.transcripts.set_tainted(&s)).await??;
+                    self.record_result(c, "allow", &outcome, &content, false).await
+                }
+                skills::Used::Refused(why) => {
+                    let why = self.inner.p.gate.redact(&why);
+                    let content = format!("skill refused, not loaded: {why}. Do not try to use it another way.");
+                    self.record_result(c, "deny", &format!("refused: {why}"), &content, true).await
+                }
+                skills::Used::Invalid(why) => {
+                    let content = format!("invalid call, not run: {why}");
+                    self.record_result(c, "invalid", "invalid", &content, true).await
+                }
+            };
+        }
         let mut waited_for: Option<String> = None;
         loop {
             let inner = Arc::clone(&self.inner);

@@ -108,6 +108,9 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         config: rt.config.agent.clone(),
         budgets: rt.config.budgets.clone(),
         owners: vec![rt.config.gateway.owner.clone()],
+        skills: crate::skills_host::SkillsHost::open(&globals.home, &rt.config.skills)
+            .ok()
+            .map(Arc::new),
     }))
 }
 

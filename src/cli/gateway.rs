@@ -172,6 +172,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         config: config.agent.clone(),
         budgets: config.budgets.clone(),
         owners: vec![config.gateway.owner.clone()],
+        skills: crate::skills_host::SkillsHost::open(&globals.home, &config.skills)
+            .ok()
+            .map(Arc::new),
     });
     let parts = Parts {
         globals: globals.clone(),
