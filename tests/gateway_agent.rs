@@ -56,7 +56,10 @@ fn chat_completions_runs_the_agent_as_json_and_as_sse_chunks_ending_in_done() {
     assert_eq!(r.status, 200, "{}", r.body);
     let v = r.json();
     assert_eq!(v["object"], "chat.completion");
-    assert_eq!(v["choices"][0]["message"]["content"], "Hello from the agent");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "Hello from the agent"
+    );
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert!(v["usage"]["total_tokens"].as_i64().unwrap() > 0);
     assert_eq!(v["chitin"]["session"], "api:alice-app");
@@ -67,7 +70,11 @@ fn chat_completions_runs_the_agent_as_json_and_as_sse_chunks_ending_in_done() {
                 "messages": [{"role": "user", "content": [{"type": "text", "text": "again"}]}]}),
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(
+        r.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
     let events: Vec<&str> = r
         .body
         .split("\n\n")
@@ -83,7 +90,9 @@ fn chat_completions_runs_the_agent_as_json_and_as_sse_chunks_ending_in_done() {
             text.push_str(t);
         }
         if !c["choices"][0]["finish_reason"].is_null() {
-            finish = c["choices"][0]["finish_reason"].as_str().map(str::to_string);
+            finish = c["choices"][0]["finish_reason"]
+                .as_str()
+                .map(str::to_string);
         }
     }
     assert_eq!(text, "Streamed");
@@ -107,10 +116,16 @@ fn chat_completions_refuses_a_missing_token_and_a_foreign_model_name() {
         )
         .unwrap();
     assert_eq!(r.status, 401);
-    let r = chat(&gw, &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    let r = chat(
+        &gw,
+        &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["error"]["code"], "model_not_found");
-    let r = chat(&gw, &json!({"model": "chitin", "messages": [{"role": "system", "content": "x"}]}));
+    let r = chat(
+        &gw,
+        &json!({"model": "chitin", "messages": [{"role": "system", "content": "x"}]}),
+    );
     assert_eq!(r.status, 400);
     assert!(s.requests().is_empty());
 }
@@ -118,19 +133,28 @@ fn chat_completions_refuses_a_missing_token_and_a_foreign_model_name() {
 #[test]
 fn with_no_model_configured_chat_answers_how_to_configure_one() {
     let gw = Gw::start("");
-    let r = chat(&gw, &json!({"model": "chitin", "messages": [{"role": "user", "content": "hello?"}]}));
+    let r = chat(
+        &gw,
+        &json!({"model": "chitin", "messages": [{"role": "user", "content": "hello?"}]}),
+    );
     assert_eq!(r.status, 200, "{}", r.body);
     let reply = r.json()["choices"][0]["message"]["content"]
         .as_str()
         .unwrap()
         .to_string();
-    assert!(reply.contains("No model is configured") && reply.contains("[[providers]]"), "{reply}");
+    assert!(
+        reply.contains("No model is configured") && reply.contains("[[providers]]"),
+        "{reply}"
+    );
 }
 
 #[test]
 fn sigterm_mid_run_loses_nothing_acknowledged_and_the_run_completes_after_restart() {
     let (_rt, s) = fake(vec![Step::Hang]);
-    let mut gw = Gw::start(&format!("shutdown_grace_secs = 1\n{}", with_model(&s.base_url())));
+    let mut gw = Gw::start(&format!(
+        "shutdown_grace_secs = 1\n{}",
+        with_model(&s.base_url())
+    ));
     let port = gw.port;
     let token = gw.bearer();
     let client = std::thread::spawn(move || {
@@ -140,7 +164,10 @@ fn sigterm_mid_run_loses_nothing_acknowledged_and_the_run_completes_after_restar
             port,
             "POST",
             "/v1/chat/completions",
-            &[("Authorization", &token), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &token),
+                ("Content-Type", "application/json"),
+            ],
             body.to_string().as_bytes(),
         )
     });
@@ -159,7 +186,11 @@ fn sigterm_mid_run_loses_nothing_acknowledged_and_the_run_completes_after_restar
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let out = gw.chitin(&["sessions", "show", "api:durable", "--json"]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         let msgs = v["messages"].as_array().unwrap().clone();
         assert_eq!(msgs[0]["message"]["text"], "ACKED-MESSAGE");

@@ -895,7 +895,8 @@ impl Run {
         let inner = Arc::clone(&self.inner);
         let (s, u) = (self.session.clone(), self.user.clone());
         let (system, summary, history, tools) = blocking(move || -> Result<_, AgentError> {
-            let mut system = context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
+            let mut system =
+                context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
             let (summary, history) = inner.transcripts.history(&s)?;
             let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
             let installed = inner
@@ -1119,16 +1120,21 @@ impl Run {
                     let inner = Arc::clone(&self.inner);
                     let s = self.session.clone();
                     blocking(move || inner.transcripts.set_tainted(&s)).await??;
-                    self.record_result(c, "allow", &outcome, &content, false).await
+                    self.record_result(c, "allow", &outcome, &content, false)
+                        .await
                 }
                 skills::Used::Refused(why) => {
                     let why = self.inner.p.gate.redact(&why);
-                    let content = format!("skill refused, not loaded: {why}. Do not try to use it another way.");
-                    self.record_result(c, "deny", &format!("refused: {why}"), &content, true).await
+                    let content = format!(
+                        "skill refused, not loaded: {why}. Do not try to use it another way."
+                    );
+                    self.record_result(c, "deny", &format!("refused: {why}"), &content, true)
+                        .await
                 }
                 skills::Used::Invalid(why) => {
                     let content = format!("invalid call, not run: {why}");
-                    self.record_result(c, "invalid", "invalid", &content, true).await
+                    self.record_result(c, "invalid", "invalid", &content, true)
+                        .await
                 }
             };
         }

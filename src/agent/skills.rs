@@ -103,8 +103,16 @@ pub fn use_skill(
 /// Copies the verified skill tree into `workspace/.skills/<name>` (replacing an older copy),
 /// refusing symlinks anywhere on the way.
 fn stage(src: &Path, workspace: &Path, name: &str) -> Result<Vec<String>, String> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || name.starts_with('.') {
-        return Err(format!("skill name `{}` cannot be a directory name", name.escape_default()));
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        || name.starts_with('.')
+    {
+        return Err(format!(
+            "skill name `{}` cannot be a directory name",
+            name.escape_default()
+        ));
     }
     let ws = std::fs::canonicalize(workspace).map_err(|e| e.to_string())?;
     let root = ws.join(STAGE_DIR);
@@ -157,7 +165,8 @@ fn copy_tree(src: &Path, dest: &Path, rel: &Path, files: &mut Vec<String>) -> Re
             return Err(format!("{} is neither a file nor a directory", r.display()));
         }
     }
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555)).map_err(|e| e.to_string())
+    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555))
+        .map_err(|e| e.to_string())
 }
 
 /// Best effort: lets an older staged copy be removed (directories were made read-only).

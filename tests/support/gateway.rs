@@ -1,7 +1,10 @@
 //! The gateway as a child process for tests: the real `chitin gateway` binary on a free
 //! loopback port with its own state dir, driven over HTTP/1.1 by a few lines over
 //! `std::net::TcpStream` (`Connection: close`, read to EOF).
-#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -332,4 +335,3 @@ impl Drop for Gw {
         }
     }
 }
-
