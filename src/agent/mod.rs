@@ -325,25 +325,16 @@ impl Agent {
         let inner = Arc::clone(&self.0);
         let (rid, r) = (run_id.clone(), req.clone());
         blocking(move || -> Result<(), AgentError> {
-            let t = &inner.transcripts;
             let now = inner.p.clock.now_ms();
-            t.ensure_session(&r.session, &r.user, &r.channel, now)?;
-            t.create_run(&rid, &r.session, &r.user, now)?;
             let untrusted = !inner.p.owners.contains(&r.user);
-            t.append(
-                &r.session,
-                &r.user,
-                Some(&rid),
-                &Stored::User {
-                    text: r.text.clone(),
-                    from: r.user.clone(),
-                    untrusted,
-                },
-                now,
-            )?;
-            if untrusted {
-                t.set_tainted(&r.session)?;
-            }
+            let m = Stored::User {
+                text: r.text.clone(),
+                from: r.user.clone(),
+                untrusted,
+            };
+            inner
+                .transcripts
+                .begin_turn(&r.session, &r.user, &r.channel, &rid, &m, untrusted, now)?;
             Ok(())
         })
         .await??;
@@ -625,7 +616,8 @@ impl Run {
                 .finish("failed", Some("the agent is shutting down".into()))
                 .await;
         };
-        self.set_status("running", None, None).await;
+        // The status stays `queued` until the first answer is stored with it (one write less
+        // per turn); `run.started` tells streaming clients.
         self.stat(|s| *s.runs.entry("started".into()).or_default() += 1);
         self.emit("run.started", json!({}));
         let limit = Duration::from_secs(inner.p.config.run_timeout_secs);
@@ -788,7 +780,20 @@ impl Run {
                     )));
                 }
             };
+            let text = self.inner.p.gate.redact(&resp.text);
+            let calls: Vec<StoredCall> = resp
+                .tool_calls
+                .iter()
+                .map(|c| StoredCall {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    arguments_json: c.arguments_json.clone(),
+                    malformed: c.malformed.clone(),
+                })
+                .collect();
             {
+                // The answer, its usage and (when it asks for tools) the `running` status in
+                // one transaction: a crash during a tool call is then known to be one.
                 let inner = Arc::clone(&self.inner);
                 let (user, session, id, now) = (
                     self.user.clone(),
@@ -802,37 +807,34 @@ impl Run {
                     resp.usage,
                     resp.cost_usd,
                 );
+                let m = Stored::Assistant {
+                    text: text.clone(),
+                    tool_calls: calls.clone(),
+                };
+                let status = (!calls.is_empty()).then_some("running");
                 blocking(move || {
-                    inner.transcripts.record_usage(&transcripts::UsageRow {
-                        at_ms: now,
-                        user: &user,
-                        session: &session,
-                        run_id: &id,
-                        model: &model,
-                        tool: tool.as_deref(),
-                        input_tokens: usage.input_tokens,
-                        output_tokens: usage.output_tokens,
-                        cost_usd: cost,
-                    })
+                    inner.transcripts.append_step(
+                        &session,
+                        &user,
+                        Some(&id),
+                        &m,
+                        Some(&transcripts::UsageRow {
+                            at_ms: now,
+                            user: &user,
+                            session: &session,
+                            run_id: &id,
+                            model: &model,
+                            tool: tool.as_deref(),
+                            input_tokens: usage.input_tokens,
+                            output_tokens: usage.output_tokens,
+                            cost_usd: cost,
+                        }),
+                        status,
+                        now,
+                    )
                 })
                 .await??;
             }
-            let text = self.inner.p.gate.redact(&resp.text);
-            let calls: Vec<StoredCall> = resp
-                .tool_calls
-                .iter()
-                .map(|c| StoredCall {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    arguments_json: c.arguments_json.clone(),
-                    malformed: c.malformed.clone(),
-                })
-                .collect();
-            self.append(Stored::Assistant {
-                text: text.clone(),
-                tool_calls: calls.clone(),
-            })
-            .await?;
             if calls.is_empty() {
                 return Ok(End::Reply);
             }

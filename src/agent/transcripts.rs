@@ -205,34 +205,6 @@ impl Transcripts {
         serde_json::from_slice(&plain).map_err(|e| TranscriptError::Corrupt(e.to_string()))
     }
 
-    /// The session `key`, created for `user` if it does not exist; refused when it is another
-    /// user's.
-    pub fn ensure_session(
-        &self,
-        key: &str,
-        user: &str,
-        channel: &str,
-        now: i64,
-    ) -> Result<(), TranscriptError> {
-        let conn = self.store.conn()?;
-        let owner: Option<String> = conn
-            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match owner {
-            Some(o) if o == user => Ok(()),
-            Some(_) => Err(TranscriptError::NotYours(key.into())),
-            None => {
-                conn.execute(
-                    "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                    params![key, user, subject_of(user), channel, now],
-                )?;
-                Ok(())
-            }
-        }
-    }
-
     /// The owner of a session, if it exists.
     pub fn session_owner(&self, key: &str) -> Result<Option<String>, TranscriptError> {
         let conn = self.store.conn()?;
@@ -271,6 +243,18 @@ impl Transcripts {
         message: &Stored,
         now: i64,
     ) -> Result<i64, TranscriptError> {
+        self.append_step(key, user, run_id, message, None, None, now)
+    }
+
+    fn insert_message(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        key: &str,
+        user: &str,
+        run_id: Option<&str>,
+        message: &Stored,
+        now: i64,
+    ) -> Result<i64, TranscriptError> {
         let subject = subject_of(user);
         let body = self.seal(&subject, message)?;
         let class = match message {
@@ -278,8 +262,6 @@ impl Transcripts {
             _ => "transcript",
         };
         let size = i64::try_from(body.len()).unwrap_or(i64::MAX);
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
         let seq: i64 = tx.query_row(
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_key = ?1",
             [key],
@@ -294,6 +276,77 @@ impl Transcripts {
             "UPDATE sessions SET updated_ms = ?2 WHERE key = ?1",
             params![key, now],
         )?;
+        Ok(seq)
+    }
+
+    /// The start of a turn, in one transaction (one fsync): the session (created for `user`
+    /// if new; refused if it is another user's), the queued run and the user's message, and
+    /// the taint when the message is untrusted.
+    #[allow(clippy::too_many_arguments, reason = "one transaction's worth of fields")]
+    pub fn begin_turn(
+        &self,
+        key: &str,
+        user: &str,
+        channel: &str,
+        run_id: &str,
+        message: &Stored,
+        untrusted: bool,
+        now: i64,
+    ) -> Result<(), TranscriptError> {
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let owner: Option<String> = tx
+            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match owner {
+            Some(o) if o == user => {}
+            Some(_) => return Err(TranscriptError::NotYours(key.into())),
+            None => {
+                tx.execute(
+                    "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    params![key, user, subject_of(user), channel, now],
+                )?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5)",
+            params![run_id, key, user, subject_of(user), now],
+        )?;
+        self.insert_message(&tx, key, user, Some(run_id), message, now)?;
+        if untrusted {
+            tx.execute("UPDATE sessions SET tainted = 1 WHERE key = ?1", [key])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A step of a run in one transaction (one fsync): the message, the model call's usage
+    /// (when it was a model answer) and the run's new status (when it changes).
+    #[allow(clippy::too_many_arguments, reason = "one transaction's worth of fields")]
+    pub fn append_step(
+        &self,
+        key: &str,
+        user: &str,
+        run_id: Option<&str>,
+        message: &Stored,
+        usage: Option<&UsageRow<'_>>,
+        status: Option<&str>,
+        now: i64,
+    ) -> Result<i64, TranscriptError> {
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let seq = self.insert_message(&tx, key, user, run_id, message, now)?;
+        if let Some(u) = usage {
+            Self::insert_usage(&tx, u)?;
+        }
+        if let (Some(st), Some(id)) = (status, run_id) {
+            tx.execute(
+                "UPDATE runs SET status = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, st, now],
+            )?;
+        }
         tx.commit()?;
         Ok(seq)
     }
@@ -365,21 +418,6 @@ impl Transcripts {
         Ok(())
     }
 
-    pub fn create_run(
-        &self,
-        id: &str,
-        session: &str,
-        user: &str,
-        now: i64,
-    ) -> Result<(), TranscriptError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5)",
-            params![id, session, user, subject_of(user), now],
-        )?;
-        Ok(())
-    }
-
     /// Sets a run's status (and, for a final status, its end time and error).
     pub fn set_run_status(
         &self,
@@ -405,10 +443,16 @@ impl Transcripts {
 
     /// Adds one model call to a run's totals and records its usage.
     pub fn record_usage(&self, u: &UsageRow<'_>) -> Result<(), TranscriptError> {
-        let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
-        let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
         let mut conn = self.store.conn()?;
         let tx = conn.transaction()?;
+        Self::insert_usage(&tx, u)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn insert_usage(tx: &rusqlite::Transaction<'_>, u: &UsageRow<'_>) -> Result<(), TranscriptError> {
+        let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
+        let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
         tx.execute(
             "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -420,7 +464,6 @@ impl Transcripts {
              WHERE id = ?1",
             params![u.run_id, u.model, input, output, u.cost_usd.unwrap_or(0.0), u.at_ms],
         )?;
-        tx.commit()?;
         Ok(())
     }
 
@@ -468,11 +511,26 @@ impl Transcripts {
             .optional()?
             .ok_or_else(|| TranscriptError::NoRun(run_id.into()))?
         };
-        Ok(self
-            .messages_after(&key, 0)?
-            .into_iter()
-            .filter(|e| e.run_id.as_deref() == Some(run_id))
-            .collect())
+        let rows: Vec<(i64, i64, String, Vec<u8>)> = {
+            let conn = self.store.conn()?;
+            let mut st = conn.prepare(
+                "SELECT seq, created_ms, subject, body FROM messages WHERE session_key = ?1 AND run_id = ?2 ORDER BY seq",
+            )?;
+            st.query_map(params![key, run_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        rows.into_iter()
+            .map(|(seq, created_ms, subject, body)| {
+                Ok(Entry {
+                    seq,
+                    run_id: Some(run_id.to_string()),
+                    created_ms,
+                    message: self.open(&subject, &body)?,
+                })
+            })
+            .collect()
     }
 
     /// Sessions, newest activity first (all users when `user` is `None`).

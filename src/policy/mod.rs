@@ -852,6 +852,8 @@ pub struct Active {
     pub compiled: Compiled,
     pub entities: Entities,
     pub source: String,
+    /// [`PolicyEngine::could_allow`] answers for this set (it is replaced whole on reload).
+    could_allow: RwLock<HashMap<(EntityUid, EntityUid), bool>>,
 }
 
 /// Summary of a (re)load.
@@ -908,6 +910,7 @@ impl PolicyEngine {
                 compiled,
                 entities,
                 source: "<in memory>".into(),
+                could_allow: RwLock::default(),
             })),
             last_error: Mutex::new(None),
             state_dirs: state_dir.into_iter().collect(),
@@ -931,6 +934,7 @@ impl PolicyEngine {
             compiled,
             entities,
             source,
+            could_allow: RwLock::default(),
         })
     }
 
@@ -989,6 +993,25 @@ impl PolicyEngine {
         action: &EntityUid,
     ) -> Result<bool, PolicyError> {
         let active = self.active();
+        let key = (principal.clone(), action.clone());
+        if let Some(v) = active.could_allow.read().ok().and_then(|c| c.get(&key).copied()) {
+            return Ok(v);
+        }
+        let v = Self::could_allow_uncached(&active, principal, action)?;
+        if let Ok(mut c) = active.could_allow.write() {
+            if c.len() >= SET_CACHE_LIMIT {
+                c.clear();
+            }
+            c.insert(key, v);
+        }
+        Ok(v)
+    }
+
+    fn could_allow_uncached(
+        active: &Active,
+        principal: &EntityUid,
+        action: &EntityUid,
+    ) -> Result<bool, PolicyError> {
         let sets = active
             .compiled
             .sets_for(action, principal, &active.entities)?;

@@ -1,0 +1,238 @@
+//! Gateway-side overhead of one agent turn with a zero-latency fake provider on loopback: a
+//! text-only turn, a turn with one sandboxed tool call, and turns/s with 50 sessions at once.
+//! The provider round trip alone (`Router::chat` against the same fake) is measured too, so
+//! the agent's own share can be read off.
+//!
+//! `cargo bench --bench agent_turn` prints the table for BENCHMARKS.md. Under `cargo test
+//! --all-targets` (no `--bench` argument) it does a short smoke run.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use age::secrecy::SecretString;
+use chitin::agent::{Agent, AgentParts, TurnRequest};
+use chitin::approvals::{Approvals, DEFAULT_TTL_MS};
+use chitin::clock::SystemClock;
+use chitin::config::agent::{AgentConfig, BudgetsConfig};
+use chitin::config::providers::{PricingConfig, ProviderConfig};
+use chitin::config::sandbox::SandboxConfig;
+use chitin::config::secrets::{IdentityBackend, SecretsConfig};
+use chitin::gate::Gate;
+use chitin::policy::{EngineSpec, PolicyEngine};
+use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, StaticKeys, Step};
+use chitin::providers::{ChatRequest, Message, ProviderKind, Router};
+use chitin::secrets::SecretStore;
+use chitin::secrets::identity::FixedPassphrase;
+use chitin::store::Store;
+use chitin::tools::Sandbox;
+use chitin_audit::AuditLog;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let last = sorted.len() - 1;
+    let i = ((last as f64) * p).round() as usize;
+    sorted.get(i.min(last)).copied().unwrap_or_default()
+}
+
+/// Process CPU time (user + system, all threads), seconds.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+struct Setup {
+    _dirs: Vec<tempfile::TempDir>,
+    agent: Agent,
+    router: Arc<Router>,
+    fake: FakeServer,
+}
+
+async fn setup(base: &Path) -> Result<Setup, BoxError> {
+    let (h, w) = (tempfile::tempdir_in(base)?, tempfile::tempdir_in(base)?);
+    let home = h.path().join("home");
+    std::fs::create_dir(&home)?;
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let ents = home.join("entities.json");
+    std::fs::write(
+        &ents,
+        r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},
+            {"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#,
+    )?;
+    let engine = PolicyEngine::load(EngineSpec {
+        policy_dir: None,
+        entity_files: vec![ents],
+        state_dir: Some(home.clone()),
+    })?;
+    let audit = Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default())?);
+    let gate = Gate::new(Arc::new(engine), audit);
+    let cfg = SecretsConfig {
+        backend: IdentityBackend::Passphrase,
+        scrypt_work_factor: 10,
+        ..SecretsConfig::default()
+    };
+    let mut secrets = SecretStore::open_with(
+        &home,
+        &cfg,
+        Box::new(FixedPassphrase(SecretString::from("bench"))),
+        Arc::new(SystemClock),
+    )?;
+    let vault = chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(SystemClock))?;
+    let store = Arc::new(Store::open(&home.join("state.db"))?);
+    let fake = FakeOpenAi::start(vec![]).await?;
+    fake.set_fallback(Step::Reply(Reply::text(["Hello", ", ", "this ", "is ", "an ", "answer."])));
+    let config = AgentConfig {
+        model: "fake/m".into(),
+        max_concurrent_runs: 64,
+        ..AgentConfig::default()
+    };
+    let provider = ProviderConfig::new("fake", ProviderKind::Openai, Some(&fake.base_url()));
+    let router = Arc::new(Router::new(
+        &[provider],
+        &config,
+        &PricingConfig::default(),
+        Arc::new(StaticKeys::default()),
+        Arc::new(SystemClock),
+    )?);
+    let agent = Agent::new(AgentParts {
+        gate: gate.clone(),
+        store: Arc::clone(&store),
+        approvals: Approvals::new(store, gate, Arc::new(SystemClock), DEFAULT_TTL_MS),
+        sandbox: Sandbox {
+            launcher: PathBuf::from(env!("CARGO_BIN_EXE_chitin")),
+            home: home.clone(),
+            config: None,
+            config_section: SandboxConfig::default(),
+            net: Vec::new(),
+        },
+        workspace: w.path().canonicalize()?,
+        router: Some(Arc::clone(&router)),
+        sealer: Arc::new(vault),
+        clock: Arc::new(SystemClock),
+        config,
+        budgets: BudgetsConfig::default(),
+        owners: vec!["owner".into()],
+        skills: None,
+    });
+    Ok(Setup {
+        _dirs: vec![h, w],
+        agent,
+        router,
+        fake,
+    })
+}
+
+async fn turn(agent: &Agent, session: String) -> Result<Duration, BoxError> {
+    let t = Instant::now();
+    let id = agent
+        .submit(TurnRequest {
+            session,
+            user: "owner".into(),
+            channel: "bench".into(),
+            text: "What is on my list today?".into(),
+            approval_wait: Some(Duration::ZERO),
+        })
+        .await?;
+    let s = agent.wait(&id, Duration::from_secs(60)).await?;
+    if s.status != "completed" {
+        return Err(format!("turn ended {}: {:?}", s.status, s.error).into());
+    }
+    Ok(t.elapsed())
+}
+
+fn report(name: &str, mut d: Vec<Duration>, cpu: f64) {
+    d.sort();
+    let n = d.len().max(1);
+    println!(
+        "{name:<34} n={:<5} p50={:>8.2?} p99={:>8.2?} mean={:>8.2?} cpu/turn={:.2} ms",
+        d.len(),
+        pct(&d, 0.5),
+        pct(&d, 0.99),
+        d.iter().sum::<Duration>() / u32::try_from(n).unwrap_or(1),
+        cpu * 1000.0 / n as f64
+    );
+}
+
+async fn main_async(full: bool) -> Result<(), BoxError> {
+    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let s = setup(base).await?;
+    let (n_text, n_tool, sessions, per_session) = if full {
+        (300, 100, 50, 10)
+    } else {
+        (3, 1, 3, 1)
+    };
+    for i in 0..10.min(n_text) {
+        turn(&s.agent, format!("warm-{i}")).await?;
+    }
+    // The provider alone.
+    let req = ChatRequest::new(vec![Message::user("What is on my list today?")], 1024);
+    let mut d = Vec::new();
+    let c0 = cpu_seconds();
+    for _ in 0..n_text {
+        let t = Instant::now();
+        let mut sink = |_e| {};
+        s.router.chat(&req, &mut sink).await?;
+        d.push(t.elapsed());
+    }
+    report("provider round trip alone", d, cpu_seconds() - c0);
+    // Text-only turns, each in a new session.
+    let mut d = Vec::new();
+    let c0 = cpu_seconds();
+    for i in 0..n_text {
+        d.push(turn(&s.agent, format!("text-{i}")).await?);
+    }
+    report("text-only turn", d, cpu_seconds() - c0);
+    // One sandboxed tool call per turn.
+    let mut d = Vec::new();
+    let c0 = cpu_seconds();
+    for i in 0..n_tool {
+        s.fake
+            .push(Step::tool_call("c1", "exec", r#"{"argv":["true"]}"#));
+        s.fake.push(Step::text("done"));
+        d.push(turn(&s.agent, format!("tool-{i}")).await?);
+    }
+    report("turn with one sandboxed exec", d, cpu_seconds() - c0);
+    // 50 sessions at once, text-only turns.
+    let c0 = cpu_seconds();
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..sessions {
+        let a = s.agent.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut d = Vec::new();
+            for j in 0..per_session {
+                d.push(turn(&a, format!("conc-{k}-{j}")).await?);
+            }
+            Ok::<_, BoxError>(d)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let wall = t.elapsed();
+    let n = all.len();
+    report(&format!("{sessions} sessions at once"), all, cpu_seconds() - c0);
+    println!(
+        "{sessions} sessions at once: {n} turns in {wall:.2?} = {:.0} turns/s",
+        n as f64 / wall.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn main() -> Result<(), BoxError> {
+    let full = std::env::args().any(|a| a == "--bench");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(main_async(full))
+}
