@@ -584,3 +584,75 @@ pub fn shutdown(fd: RawFd) {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }
+
+/// Overwrites `buf` with zeros in a way the compiler may not elide (secret values).
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference to one byte of `buf`.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `fcntl(fd, F_GETFD)`: fails with EBADF when `fd` is not open.
+pub fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFD takes no pointer argument.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })
+}
+
+/// Sets `FD_CLOEXEC` on `fd`.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    let flags = fd_flags(fd)?;
+    // SAFETY: F_SETFD takes an int argument; no memory involved.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) }).map(|_| ())
+}
+
+/// The file type bits (`st_mode & S_IFMT`) of an open fd.
+pub fn fd_file_type(fd: RawFd) -> io::Result<libc::mode_t> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: st points to writable memory of the size of `struct stat`.
+    check(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it initialized the struct (and zeroed() covers the rest).
+    Ok(unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
+}
+
+/// Takes ownership of an fd inherited from the parent process (`chitin sandbox exec
+/// --env-fd N`). Checks that it is open first.
+///
+/// The launcher calls this once per inherited fd number, before anything else could have
+/// wrapped that number; nothing else in the process owns it.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fd_flags(fd)?;
+    // SAFETY: the fd is open (F_GETFD succeeded) and was inherited across execve, so no Rust
+    // object of this process owns it; the caller adopts each inherited fd number once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Arranges for `fd` (open in this process, normally close-on-exec) to be fd number `target`
+/// in the child that `cmd` spawns, without close-on-exec. Only the child gets it: the parent's
+/// fd keeps its flags, so concurrent spawns by other threads do not inherit it.
+///
+/// `fd` must stay open in the parent until `cmd.spawn()` has returned.
+pub fn inherit_fd_as(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || -> io::Result<()> {
+        if fd == target {
+            // dup2 onto itself keeps close-on-exec: clear it instead.
+            // SAFETY: fcntl with int arguments is async-signal-safe and touches no memory.
+            let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+            // SAFETY: as above.
+            check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
+        } else {
+            // SAFETY: dup2 is async-signal-safe and touches no memory; the new fd has no
+            // close-on-exec flag.
+            check(unsafe { libc::dup2(fd, target) })?;
+        }
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before execve; it only calls fcntl/dup2
+    // (async-signal-safe), does not allocate, and builds errors from errno only.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

@@ -23,7 +23,7 @@ use super::format::{self, DecryptFailure, DecryptKeys};
 use super::{IDENTITY_ENCRYPTED_FILE, IDENTITY_PLAINTEXT_FILE, SecretsError, fsutil};
 
 /// Supplies passphrases (environment, a prompt, or a fixed value for embedding and tests).
-pub trait PassphraseSource {
+pub trait PassphraseSource: Send + Sync {
     /// `new`: the passphrase is being chosen (an interactive source asks twice).
     fn passphrase(&self, what: &Path, new: bool) -> Result<SecretString, SecretsError>;
 }

@@ -17,12 +17,14 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use chitin_sandbox::{Exit, Killed, NetDest, Outcome};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Authorized;
+use crate::secrets::ToolSecrets;
 
 /// Errors of the tools. Messages say what was refused and why.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +64,9 @@ pub enum ToolError {
         "the authorization does not cover these `{tool}` arguments; ask the gate for this exact call"
     )]
     ArgsNotAuthorized { tool: &'static str },
+    /// The secrets this tool asks for could not be decided or released; nothing ran.
+    #[error(transparent)]
+    SecretEnv(#[from] crate::secrets::tool_env::ToolSecretsError),
 }
 
 // ---- strict argument types (what the model sends) --------------------------------------------
@@ -403,6 +408,8 @@ const O_PATH: i32 = 0o10_000_000;
 /// One launcher invocation.
 #[derive(Clone, Copy)]
 struct LaunchRequest<'a> {
+    /// The tool being run (whose `[[sandbox.secret_env]]` entries apply).
+    tool: &'a str,
     argv: &'a [String],
     cwd: Option<&'a Path>,
     stdin: Option<&'a [u8]>,
@@ -423,6 +430,8 @@ pub struct Sandbox {
     pub config_section: crate::config::sandbox::SandboxConfig,
     /// Egress destinations granted by policy for this call (empty: no network).
     pub net: Vec<NetDest>,
+    /// Where tool-environment secrets come from (None: no tool gets any secret).
+    secret_env: Option<Arc<ToolSecrets>>,
 }
 
 impl Sandbox {
@@ -442,11 +451,37 @@ impl Sandbox {
             config,
             config_section,
             net: Vec::new(),
+            secret_env: None,
         })
+    }
+
+    /// Lets tools receive the secrets they ask for in `config_section.secret_env`, each one
+    /// only when the gate allows `secret.use` for that tool and secret at that run. Without
+    /// this, no tool gets any secret.
+    #[must_use]
+    pub fn with_secret_env(mut self, secrets: Arc<ToolSecrets>) -> Self {
+        self.secret_env = Some(secrets);
+        self
+    }
+
+    /// Whether tool-environment secrets are enabled ([`Self::with_secret_env`]).
+    pub fn has_secret_env(&self) -> bool {
+        self.secret_env.is_some()
+    }
+
+    /// Decides and releases the secrets `tool` asks for (none without
+    /// [`Self::with_secret_env`] or without entries for it).
+    fn secret_env_for(&self, tool: &str) -> Result<chitin_sandbox::SecretEnv, ToolError> {
+        let wanted = self.config_section.secret_env_for(tool).next().is_some();
+        match &self.secret_env {
+            Some(ts) if wanted => Ok(ts.release(tool, &self.config_section.secret_env)?.env),
+            _ => Ok(chitin_sandbox::SecretEnv::new()),
+        }
     }
 
     fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
         let LaunchRequest {
+            tool,
             argv,
             cwd,
             stdin,
@@ -458,6 +493,8 @@ impl Sandbox {
         let timeout = timeout_secs
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
             .max(1);
+        // Decided before anything is spawned: a failed decision means nothing runs.
+        let secret_env = self.secret_env_for(tool)?;
         let mut cmd = Command::new(&self.launcher);
         cmd.env_clear();
         cmd.env("CHITIN_HOME", &self.home);
@@ -469,6 +506,18 @@ impl Sandbox {
         cmd.arg("--memory").arg(cfg.memory_mb.to_string());
         cmd.arg("--max-procs").arg(cfg.max_procs.to_string());
         cmd.arg("--capture-json").arg(cap.to_string());
+        let launch_err = |source| ToolError::Launcher {
+            launcher: self.launcher.clone(),
+            source,
+        };
+        // Secret values travel on an inherited pipe (fd 3), never in argv or the environment.
+        let env_pipe = if secret_env.is_empty() {
+            None
+        } else {
+            cmd.arg("--env-fd")
+                .arg(chitin_sandbox::secret_env::ENV_FD.to_string());
+            Some(chitin_sandbox::secret_env::pass_to_child(&mut cmd).map_err(launch_err)?)
+        };
         for n in &self.net {
             cmd.arg("--net").arg(n.to_string());
         }
@@ -485,11 +534,18 @@ impl Sandbox {
             Stdio::null()
         });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let launch_err = |source| ToolError::Launcher {
-            launcher: self.launcher.clone(),
-            source,
-        };
         let mut child = cmd.spawn().map_err(launch_err)?;
+        if let Some((mut w, read_end)) = env_pipe {
+            // Only the launcher holds the read end now: if it dies, the write fails (EPIPE).
+            drop(read_end);
+            let wire = secret_env.to_wire();
+            drop(secret_env);
+            // A thread, so a launcher that stops reading cannot block the caller.
+            std::thread::spawn(move || {
+                let _ = w.write_all(wire.as_slice());
+                drop(wire);
+            });
+        }
         if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
             let data = data.to_vec();
             // A separate thread so a command that does not read stdin cannot deadlock us.
@@ -517,6 +573,7 @@ impl Sandbox {
     /// Runs the in-sandbox file helper with one request and returns its JSON answer.
     fn helper(
         &self,
+        tool: &str,
         ws: &Workspace,
         request: &helper::Request,
     ) -> Result<(serde_json::Value, LaunchReport), ToolError> {
@@ -534,6 +591,7 @@ impl Sandbox {
         let report = self.launch(
             ws,
             &LaunchRequest {
+                tool,
                 argv: &argv,
                 cwd: None,
                 stdin: Some(&body),
@@ -629,6 +687,7 @@ pub fn exec(
     let report = sb.launch(
         ws,
         &LaunchRequest {
+            tool: "exec",
             argv: &args.argv,
             cwd: cwd.as_deref(),
             stdin: args.stdin.as_deref().map(str::as_bytes),
@@ -650,6 +709,7 @@ pub fn read_file(
     require(auth, "read_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "read_file",
         ws,
         &helper::Request::Read {
             path: p.rel,
@@ -669,6 +729,7 @@ pub fn write_file(
     require(auth, "write_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "write_file",
         ws,
         &helper::Request::Write {
             path: p.rel,
@@ -694,6 +755,7 @@ pub fn edit_file(
     }
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "edit_file",
         ws,
         &helper::Request::Edit {
             path: p.rel,
@@ -715,7 +777,7 @@ pub fn list_dir(
 ) -> Result<ToolResult, ToolError> {
     require(auth, "list_dir", args)?;
     let p = ws.resolve(&args.path)?;
-    let (v, report) = sb.helper(ws, &helper::Request::List { path: p.rel })?;
+    let (v, report) = sb.helper("list_dir", ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
 }
 
@@ -841,6 +903,7 @@ mod tests {
             config: None,
             config_section: Default::default(),
             net: Vec::new(),
+            secret_env: None,
         };
         let e = exec(
             &auth,
@@ -871,6 +934,7 @@ mod tests {
             config: None,
             config_section: Default::default(),
             net: Vec::new(),
+            secret_env: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -944,6 +1008,7 @@ mod tests {
                 ..Default::default()
             },
             net: Vec::new(),
+            secret_env: None,
         };
         (home, d, w, sb)
     }
