@@ -259,8 +259,7 @@ fn store_fixture() -> StoreFixture {
 }
 
 #[test]
-fn by_default_a_provider_gets_its_key_for_a_host_in_the_keys_audience_and_the_release_is_audited()
-{
+fn by_default_a_provider_gets_its_key_for_a_host_in_the_keys_audience_and_the_release_is_audited() {
     let f = store_fixture();
     let s = secret("alpha_key");
     let v = f

@@ -431,7 +431,8 @@ fn sandboxed_tool_env(
         session: "canary".into(),
         workspace: ws.canonicalize().unwrap(),
     };
-    let script = "env; printf '\\n'; env | base64 -w0; printf '\\n'; env | od -An -tx1 | tr -d ' \\n'";
+    let script =
+        "env; printf '\\n'; env | base64 -w0; printf '\\n'; env | od -An -tx1 | tr -d ' \\n'";
     let Invoked::Ran { result, .. } = invoke(
         &gate,
         &sandbox,

@@ -222,11 +222,9 @@ fn holds(var: &str, value: &str) -> String {
 
 /// The value and the encodings a tool might print it in.
 fn forms(v: &str) -> Vec<(&'static str, String)> {
-    let pct: String = percent_encoding::percent_encode(
-        v.as_bytes(),
-        percent_encoding::NON_ALPHANUMERIC,
-    )
-    .to_string();
+    let pct: String =
+        percent_encoding::percent_encode(v.as_bytes(), percent_encoding::NON_ALPHANUMERIC)
+            .to_string();
     vec![
         ("raw", v.to_string()),
         ("base64", STANDARD.encode(v)),
@@ -259,7 +257,11 @@ fn a_tool_granted_a_secret_sees_it_and_its_printed_environment_is_redacted() {
         holds("GITHUB_TOKEN", GH)
     );
     let r = exec(&e, &e.sandbox, &script);
-    assert_eq!(r.exit_code, Some(0), "the value in the sandbox differs: {r:?}");
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "the value in the sandbox differs: {r:?}"
+    );
     assert!(
         r.stdout.contains("GITHUB_TOKEN=[REDACTED:github_token]"),
         "{}",
@@ -403,7 +405,10 @@ fn the_value_is_never_in_the_launchers_cmdline_or_environ_nor_under_the_state_di
             let Ok(environ) = std::fs::read(p.path().join("environ")) else {
                 continue;
             };
-            assert!(find(&cmdline, b"--env-fd\x003"), "the hand-off flag is used");
+            assert!(
+                find(&cmdline, b"--env-fd\x003"),
+                "the hand-off flag is used"
+            );
             assert_no_form("the launcher's cmdline", &cmdline, GH);
             assert_no_form("the launcher's environ", &environ, GH);
             assert!(find(&environ, b"CHITIN_HOME="), "environ was really read");
@@ -413,7 +418,11 @@ fn the_value_is_never_in_the_launchers_cmdline_or_environ_nor_under_the_state_di
     }
     assert!(!seen.is_empty(), "the launcher was never seen in /proc");
     let r = runner.join().unwrap();
-    assert_eq!(r.exit_code, Some(0), "the command did not get the value: {r:?}");
+    assert_eq!(
+        r.exit_code,
+        Some(0),
+        "the command did not get the value: {r:?}"
+    );
 
     // Every file under the state dir but the encrypted store.
     let mut files = Vec::new();
@@ -463,12 +472,8 @@ fn launch(fd: &str, wire: Option<&[u8]>, argv: &[&str]) -> (i32, Value) {
         let _ = w.write_all(bytes);
     }
     let out = child.wait_with_output().unwrap();
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "no report ({e}): {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no report ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code().unwrap_or(-1), report)
 }
 
@@ -493,12 +498,11 @@ fn the_launcher_puts_handed_off_values_only_into_the_commands_environment() {
 #[test]
 fn a_hand_off_that_names_a_sandbox_variable_is_refused_and_nothing_runs() {
     let mut forged = b"CHSENV1\n".to_vec();
-    for (k, v) in [("PATH", "/workspace/evil")] {
-        forged.extend_from_slice(&u32::try_from(k.len()).unwrap().to_le_bytes());
-        forged.extend_from_slice(k.as_bytes());
-        forged.extend_from_slice(&u32::try_from(v.len()).unwrap().to_le_bytes());
-        forged.extend_from_slice(v.as_bytes());
-    }
+    let (k, v) = ("PATH", "/workspace/evil");
+    forged.extend_from_slice(&u32::try_from(k.len()).unwrap().to_le_bytes());
+    forged.extend_from_slice(k.as_bytes());
+    forged.extend_from_slice(&u32::try_from(v.len()).unwrap().to_le_bytes());
+    forged.extend_from_slice(v.as_bytes());
     let (code, report) = launch("3", Some(&forged), &["sh", "-c", "echo ran"]);
     assert_eq!(code, 125, "{report}");
     assert_eq!(report["error"]["kind"], "invalid", "{report}");

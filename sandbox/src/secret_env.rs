@@ -340,7 +340,12 @@ mod tests {
             assert!(!err.contains("secret\""), "{err}");
         }
         e.push("K", b"v".to_vec()).unwrap();
-        assert!(e.push("K", b"w".to_vec()).unwrap_err().to_string().contains("twice"));
+        assert!(
+            e.push("K", b"w".to_vec())
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
         let big = vec![b'a'; MAX_VALUE_BYTES + 1];
         assert!(
             e.push("BIG", big)

@@ -129,8 +129,8 @@ impl SandboxConfig {
                     crate::tools::invoke::TOOLS.join(", ")
                 ));
             }
-            let name = crate::secrets::SecretName::parse(&e.secret)
-                .map_err(|m| format!("{at}: {m}"))?;
+            let name =
+                crate::secrets::SecretName::parse(&e.secret).map_err(|m| format!("{at}: {m}"))?;
             if crate::secrets::audit_key::is_reserved(&name) {
                 return Err(format!(
                     "{at}: secret `{name}` is reserved for Chitin and is never released"
@@ -241,11 +241,21 @@ mod tests {
             ("shell", "gh", "GH", "is not a tool"),
             ("exec", "1gh", "GH", "invalid secret name"),
             ("exec", "chitin.audit-signing-key", "K", "reserved"),
-            ("exec", "gh", "GH-TOKEN", "not a valid environment variable name"),
+            (
+                "exec",
+                "gh",
+                "GH-TOKEN",
+                "not a valid environment variable name",
+            ),
             ("exec", "gh", "", "not a valid environment variable name"),
             ("exec", "gh", "PATH", "set by the sandbox itself"),
             ("exec", "gh", "HOME", "set by the sandbox itself"),
-            ("exec", "gh", "LD_PRELOAD=x", "not a valid environment variable name"),
+            (
+                "exec",
+                "gh",
+                "LD_PRELOAD=x",
+                "not a valid environment variable name",
+            ),
         ] {
             let c = SandboxConfig {
                 secret_env: vec![SecretEnvEntry {
@@ -269,8 +279,9 @@ mod tests {
             ..SandboxConfig::default()
         };
         assert!(twice.validate().unwrap_err().contains("already given"));
-        let r: Result<SandboxConfig, _> =
-            toml::from_str("[[secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"GH\"\nvalue = \"x\"\n");
+        let r: Result<SandboxConfig, _> = toml::from_str(
+            "[[secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"GH\"\nvalue = \"x\"\n",
+        );
         assert!(r.unwrap_err().to_string().contains("unknown field"));
     }
 
@@ -280,7 +291,11 @@ mod tests {
             "[[sandbox.secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"PATH\"\n",
             std::path::Path::new("chitin.toml"),
         );
-        assert!(r.unwrap_err().to_string().contains("set by the sandbox itself"));
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("set by the sandbox itself")
+        );
     }
 
     #[test]

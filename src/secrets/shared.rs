@@ -153,13 +153,24 @@ mod tests {
         let shared = SharedSecretStore::new(s);
         struct Quiet;
         impl SecretAudit for Quiet {
-            fn record_release(&self, _: &SecretName, _: &[String], _: &str, _: &str) -> Result<(), String> {
+            fn record_release(
+                &self,
+                _: &SecretName,
+                _: &[String],
+                _: &str,
+                _: &str,
+            ) -> Result<(), String> {
                 Ok(())
             }
             fn record_reveal(&self, _: &SecretName, _: &str) -> Result<(), String> {
                 Ok(())
             }
-            fn record_change(&self, _: &str, _: Option<&SecretName>, _: &str) -> Result<(), String> {
+            fn record_change(
+                &self,
+                _: &str,
+                _: Option<&SecretName>,
+                _: &str,
+            ) -> Result<(), String> {
                 Ok(())
             }
         }
@@ -178,13 +189,20 @@ mod tests {
             })
             .collect();
         for t in threads {
-            assert_eq!(t.join().unwrap(), ("gh".to_string(), b"ghp-value-0001".to_vec()));
+            assert_eq!(
+                t.join().unwrap(),
+                ("gh".to_string(), b"ghp-value-0001".to_vec())
+            );
         }
         assert_eq!(
             shared.cedar_entity(&name).unwrap(),
             json!({"uid": {"type": "Chitin::Secret", "id": "gh"}, "attrs": {"audience": ["api.github.com"]}, "parents": []})
         );
-        assert!(shared.cedar_entity(&SecretName::parse("nope").unwrap()).is_none());
+        assert!(
+            shared
+                .cedar_entity(&SecretName::parse("nope").unwrap())
+                .is_none()
+        );
         // SIGHUP: the reopened store replaces the old one for every holder.
         shared.replace(store(d.path()));
         assert_eq!(shared.audience(&name).unwrap(), ["api.github.com"]);

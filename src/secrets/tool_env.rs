@@ -118,7 +118,8 @@ impl ToolSecrets {
             };
             let name = SecretName::parse(&e.secret).map_err(config)?;
             let req = Self::policy_request(tool, &name).map_err(config)?;
-            let extra: Vec<serde_json::Value> = self.store.cedar_entity(&name).into_iter().collect();
+            let extra: Vec<serde_json::Value> =
+                self.store.cedar_entity(&name).into_iter().collect();
             let verdict = self
                 .gate
                 .check_with_entities(&req, &extra)
