@@ -405,10 +405,7 @@ fn the_value_is_never_in_the_launchers_cmdline_or_environ_nor_under_the_state_di
             let Ok(environ) = std::fs::read(p.path().join("environ")) else {
                 continue;
             };
-            assert!(
-                find(&cmdline, b"--env-fd\x003"),
-                "the hand-off flag is used"
-            );
+            assert!(find(&cmdline, b"--env-fd\0"), "the hand-off flag is used");
             assert_no_form("the launcher's cmdline", &cmdline, GH);
             assert_no_form("the launcher's environ", &environ, GH);
             assert!(find(&environ, b"CHITIN_HOME="), "environ was really read");
@@ -449,8 +446,9 @@ fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 // ---- the launcher's hand-off, attacked directly -----------------------------------------------
 
-/// Runs `chitin sandbox exec --capture-json --env-fd FD -- argv`, writing `wire` into the
-/// pipe that becomes fd 3 (when `wire` is given).
+/// Runs `chitin sandbox exec --capture-json --env-fd FD -- argv`. With `wire`, FD is a pipe
+/// the launcher inherits (as the gateway passes it) and `wire` is written into it; without,
+/// `fd` is passed as given.
 fn launch(fd: &str, wire: Option<&[u8]>, argv: &[&str]) -> (i32, Value) {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let home = tempfile::tempdir_in(base).unwrap();
@@ -460,12 +458,22 @@ fn launch(fd: &str, wire: Option<&[u8]>, argv: &[&str]) -> (i32, Value) {
         .env("CHITIN_HOME", home.path())
         .args(["sandbox", "exec", "--workspace"])
         .arg(ws.path())
-        .args(["--capture-json", "4096", "--env-fd", fd, "--"])
-        .args(argv)
+        .args(["--capture-json", "4096", "--env-fd"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let pipe = wire.map(|_| chitin_sandbox::secret_env::pass_to_child(&mut cmd).unwrap());
+    let pipe = match wire {
+        Some(_) => {
+            let (w, r, n) = chitin_sandbox::secret_env::pass_to_child(&mut cmd).unwrap();
+            cmd.arg(n.to_string());
+            Some((w, r))
+        }
+        None => {
+            cmd.arg(fd);
+            None
+        }
+    };
+    cmd.arg("--").args(argv);
     let child = cmd.spawn().unwrap();
     if let (Some((mut w, r)), Some(bytes)) = (pipe, wire) {
         drop(r);
@@ -480,19 +488,23 @@ fn launch(fd: &str, wire: Option<&[u8]>, argv: &[&str]) -> (i32, Value) {
 #[test]
 fn the_launcher_puts_handed_off_values_only_into_the_commands_environment() {
     let mut env = SecretEnv::new();
-    env.push("K", b"value-through-fd-3".to_vec()).unwrap();
+    env.push("K", b"value-through-the-pipe".to_vec()).unwrap();
     let (code, report) = launch(
-        "3",
+        "-",
         Some(env.to_wire().as_slice()),
         &[
             "sh",
             "-c",
-            "printf %s \"$K\"; test -e /proc/self/fd/3 && echo ' fd3-open'; exit 0",
+            "printf '%s|' \"$K\"; ls /proc/self/fd | tr '\\n' ' '",
         ],
     );
     assert_eq!(code, 0, "{report}");
-    // The launcher closed its copy and the command never inherits fd 3.
-    assert_eq!(report["stdout"], "value-through-fd-3", "{report}");
+    // The value is in the environment, and the command holds only stdio (3 is the directory
+    // `ls` opens itself): the hand-off pipe is not inherited.
+    assert_eq!(
+        report["stdout"], "value-through-the-pipe|0 1 2 3 ",
+        "{report}"
+    );
 }
 
 #[test]
@@ -503,7 +515,7 @@ fn a_hand_off_that_names_a_sandbox_variable_is_refused_and_nothing_runs() {
     forged.extend_from_slice(k.as_bytes());
     forged.extend_from_slice(&u32::try_from(v.len()).unwrap().to_le_bytes());
     forged.extend_from_slice(v.as_bytes());
-    let (code, report) = launch("3", Some(&forged), &["sh", "-c", "echo ran"]);
+    let (code, report) = launch("-", Some(&forged), &["sh", "-c", "echo ran"]);
     assert_eq!(code, 125, "{report}");
     assert_eq!(report["error"]["kind"], "invalid", "{report}");
     assert!(
@@ -522,7 +534,7 @@ fn a_truncated_hand_off_is_refused() {
     env.push("K", b"value-that-gets-cut".to_vec()).unwrap();
     let wire = env.to_wire();
     let cut = &wire.as_slice()[..wire.as_slice().len() - 3];
-    let (code, report) = launch("3", Some(cut), &["true"]);
+    let (code, report) = launch("-", Some(cut), &["true"]);
     assert_eq!(code, 125, "{report}");
     assert!(
         report["error"]["message"]

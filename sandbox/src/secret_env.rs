@@ -2,9 +2,9 @@
 //! to the launcher without argv and without the launcher's own environment.
 //!
 //! API Boundary (the hand-off): the gateway writes [`SecretEnv::to_wire`] into a pipe whose
-//! read end the launcher inherits as fd [`ENV_FD`] (`chitin sandbox exec --env-fd 3`); the
-//! launcher reads it to EOF with [`SecretEnv::read_from_fd`] before anything else and closes
-//! it. The values then exist only in wiped-on-drop buffers of the launcher and in the
+//! read end the launcher inherits under the same fd number N >= 3 ([`pass_to_child`]; flag
+//! `chitin sandbox exec --env-fd N`); the launcher reads it to EOF with
+//! [`SecretEnv::read_from_fd`] before anything else and closes it. The values then exist only in wiped-on-drop buffers of the launcher and in the
 //! environment block of the sandboxed command (its `execve` envp), never in a cmdline or in
 //! the launcher's `/proc/PID/environ`.
 //!
@@ -19,8 +19,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::{SandboxError, sys};
 
-/// The fd number the launcher inherits the secret-environment pipe on.
-pub const ENV_FD: RawFd = 3;
 /// Variables the sandbox sets itself; a secret may not replace them.
 pub const FIXED_ENV_KEYS: &[&str] = &[
     "PATH", "HOME", "LANG", "TERM", "USER", "LOGNAME", "TMPDIR", "PWD",
@@ -273,15 +271,23 @@ fn read_all_wiped(fd: RawFd, max: usize) -> io::Result<WipedBytes> {
     }
 }
 
-/// Gateway side: a pipe whose read end becomes fd [`ENV_FD`] in the child `cmd` spawns (and
-/// only there). Write [`SecretEnv::to_wire`] into the returned writer after `spawn`, then drop
-/// it; drop the returned read end right after `spawn` so a dead launcher gives `EPIPE`
-/// instead of a blocked writer.
-pub fn pass_to_child(cmd: &mut std::process::Command) -> io::Result<(io::PipeWriter, OwnedFd)> {
+/// Gateway side: a pipe whose read end the child `cmd` spawns inherits (and only that child:
+/// the parent's copies stay close-on-exec). Returns the writer, the read end and its fd number
+/// in the child (>= 3; give it as `--env-fd`). Write [`SecretEnv::to_wire`] into the writer
+/// after `spawn`, then drop it; drop the read end right after `spawn`, so a dead launcher
+/// gives `EPIPE` instead of a blocked writer.
+pub fn pass_to_child(
+    cmd: &mut std::process::Command,
+) -> io::Result<(io::PipeWriter, OwnedFd, RawFd)> {
     let (r, w) = io::pipe()?;
-    let r: OwnedFd = r.into();
-    sys::inherit_fd_as(cmd, r.as_raw_fd(), ENV_FD);
-    Ok((w, r))
+    let mut r: OwnedFd = r.into();
+    if r.as_raw_fd() < 3 {
+        // A daemon running with stdio closed: keep the pipe off the child's stdio numbers.
+        r = sys::dup_cloexec_at_least(r.as_raw_fd(), 3)?;
+    }
+    let fd = r.as_raw_fd();
+    sys::inherit_fd(cmd, fd);
+    Ok((w, r, fd))
 }
 
 #[cfg(test)]
@@ -381,11 +387,12 @@ mod tests {
     }
 
     #[test]
-    fn the_read_end_reaches_the_child_as_fd_3_and_only_there() {
+    fn the_read_end_reaches_the_child_under_its_number_and_only_there() {
         let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", "cat <&3"]);
         cmd.stdout(std::process::Stdio::piped());
-        let (mut w, r) = pass_to_child(&mut cmd).unwrap();
+        let (mut w, r, fd) = pass_to_child(&mut cmd).unwrap();
+        assert!(fd >= 3);
+        cmd.args(["-c", &format!("cat <&{fd}")]);
         let child = cmd.spawn().unwrap();
         // The parent's copy stays close-on-exec: concurrent spawns do not inherit it.
         let flags = sys::fd_flags(r.as_raw_fd()).unwrap();

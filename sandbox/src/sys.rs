@@ -629,28 +629,32 @@ pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
-/// Arranges for `fd` (open in this process, normally close-on-exec) to be fd number `target`
-/// in the child that `cmd` spawns, without close-on-exec. Only the child gets it: the parent's
-/// fd keeps its flags, so concurrent spawns by other threads do not inherit it.
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a close-on-exec duplicate numbered `min` or higher.
+pub fn dup_cloexec_at_least(fd: RawFd, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument; no memory involved.
+    let new = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: the kernel just returned this new fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// Makes `fd` (open in this process, close-on-exec) survive `execve` in the child that `cmd`
+/// spawns, under the same number, by clearing `FD_CLOEXEC` in the child only. The parent's
+/// fd keeps its flag, so concurrent spawns by other threads do not inherit it, and no other
+/// fd of the child is touched (unlike a `dup2` onto a fixed number).
 ///
-/// `fd` must stay open in the parent until `cmd.spawn()` has returned.
-pub fn inherit_fd_as(cmd: &mut std::process::Command, fd: RawFd, target: RawFd) {
+/// `fd` must be 3 or higher (std sets up the child's stdio on 0-2 first) and must stay open
+/// in the parent until `cmd.spawn()` has returned.
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd) {
     use std::os::unix::process::CommandExt;
     let hook = move || -> io::Result<()> {
-        if fd == target {
-            // dup2 onto itself keeps close-on-exec: clear it instead.
-            // SAFETY: fcntl with int arguments is async-signal-safe and touches no memory.
-            let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
-            // SAFETY: as above.
-            check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
-        } else {
-            // SAFETY: dup2 is async-signal-safe and touches no memory; the new fd has no
-            // close-on-exec flag.
-            check(unsafe { libc::dup2(fd, target) })?;
-        }
+        // SAFETY: fcntl with int arguments is async-signal-safe and touches no memory.
+        let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
         Ok(())
     };
-    // SAFETY: the hook runs in the forked child before execve; it only calls fcntl/dup2
+    // SAFETY: the hook runs in the forked child before execve; it only calls fcntl
     // (async-signal-safe), does not allocate, and builds errors from errno only.
     unsafe {
         cmd.pre_exec(hook);

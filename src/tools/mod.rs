@@ -510,13 +510,14 @@ impl Sandbox {
             launcher: self.launcher.clone(),
             source,
         };
-        // Secret values travel on an inherited pipe (fd 3), never in argv or the environment.
+        // Secret values travel on an inherited pipe, never in argv or the environment.
         let env_pipe = if secret_env.is_empty() {
             None
         } else {
-            cmd.arg("--env-fd")
-                .arg(chitin_sandbox::secret_env::ENV_FD.to_string());
-            Some(chitin_sandbox::secret_env::pass_to_child(&mut cmd).map_err(launch_err)?)
+            let (w, r, fd) =
+                chitin_sandbox::secret_env::pass_to_child(&mut cmd).map_err(launch_err)?;
+            cmd.arg("--env-fd").arg(fd.to_string());
+            Some((w, r))
         };
         for n in &self.net {
             cmd.arg("--net").arg(n.to_string());
