@@ -181,6 +181,8 @@ def write_secrets():
              {"host": "env:exec"}, "deny", []),
         case("a tool naming an audience host as context still gets nothing", tool("exec"), "secret.use", secret("github_token"),
              {"host": "api.github.com"}, "deny", []),
+        case("a tool running a named program gets nothing by default either", tool("exec"), "secret.use", secret("github_token"),
+             {"host": "env:exec", "command": "git"}, "deny", []),
     ]}
     with open(os.path.join(ROOT, "secrets.json"), "w") as f:
         json.dump(doc, f, indent=2); f.write("\n")

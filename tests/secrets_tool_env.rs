@@ -47,6 +47,15 @@ permit (
 )
 when { context.host == "env:exec" };
 
+@id("test.only-printenv-gets-other-token")
+@reason("A grant limited to one program: other commands run by exec do not get it.")
+permit (
+  principal == Chitin::Tool::"exec",
+  action == Chitin::Action::"secret.use",
+  resource == Chitin::Secret::"other_token"
+)
+when { context.host == "env:exec" && context has command && context.command == "printenv" };
+
 @id("test.exec-gets-missing-token")
 @reason("Granted, but never stored: the tool must refuse to run.")
 permit (
@@ -335,6 +344,43 @@ fn without_a_grant_the_variable_is_absent_and_the_denial_is_audited() {
             .any(|r| r.kind == "secret_use" && r.resource.contains("other_token")),
         "a denied secret is never released"
     );
+}
+
+#[test]
+fn a_grant_limited_to_one_program_reaches_only_that_program() {
+    let e = env();
+    let r = ran(invoke(
+        &e.gate,
+        &e.sandbox,
+        &e.call,
+        "exec",
+        &json!({"argv": ["printenv", "OTHER_TOKEN"]}),
+        None,
+    ));
+    assert_eq!(r.exit_code, Some(0), "printenv did not get it: {r:?}");
+    assert_eq!(r.stdout, "[REDACTED:other_token]\n");
+    let decisions: Vec<(String, Value)> = records(&e)
+        .iter()
+        .filter(|r| {
+            r.kind == "decision" && r.action == "secret.use" && r.resource.contains("other_token")
+        })
+        .map(|r| {
+            (
+                r.decision.clone(),
+                r.payload_json().unwrap()["context"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        decisions,
+        [(
+            "allow".to_string(),
+            json!({"host": "env:exec", "command": "printenv"})
+        )]
+    );
+    // The same exec tool running another program does not get it.
+    let r = exec(&e, &e.sandbox, "test -z \"${OTHER_TOKEN+set}\"");
+    assert_eq!(r.exit_code, Some(0), "sh got OTHER_TOKEN: {r:?}");
 }
 
 #[test]

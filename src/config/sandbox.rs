@@ -35,7 +35,8 @@ output_cap_bytes = 65536
 max_file_bytes = 1048576
 # Secrets a tool asks for in its environment (default: none). For each entry, at every run
 # of `tool`, the gate decides Cedar `secret.use` with principal Chitin::Tool::"<tool>",
-# resource Chitin::Secret::"<secret>" and context { host: "env:<tool>" }. Only allowed
+# resource Chitin::Secret::"<secret>" and context { host: "env:<tool>" } (for exec also
+# `command`, the program's resolved basename, so a grant can name the program). Only allowed
 # secrets are set (as `var`); a denied one is simply absent (the denial is audited). No
 # default policy grants any secret to a tool: add a permit naming the tool and the secret.
 # Values reach the sandboxed command through a pipe, never through argv or the launcher's

@@ -4,7 +4,7 @@
 //! Invariants:
 //! - A value enters a tool's environment only after the gate allowed Cedar `secret.use` with
 //!   principal `Chitin::Tool::"<tool>"`, resource `Chitin::Secret::"<name>"` and context
-//!   `{host: "env:<tool>"}` for this run, and after the release was audited
+//!   `{host: "env:<tool>", command}` for this run, and after the release was audited
 //!   ([`crate::secrets::SecretStore::release_to_tool_env`]: name, audience, who; never the
 //!   value). A denied secret is absent; the gate has recorded the denial.
 //! - A failed decision (audit unavailable, bad request) or a granted secret that cannot be
@@ -87,8 +87,13 @@ impl ToolSecrets {
     }
 
     /// The Cedar request: `secret.use` by `Chitin::Tool::"<tool>"` on
-    /// `Chitin::Secret::"<name>"` with context `{host: "env:<tool>"}`.
-    pub fn policy_request(tool: &str, name: &SecretName) -> Result<PolicyRequest, String> {
+    /// `Chitin::Secret::"<name>"` with context `{host: "env:<tool>"}`, plus `command` (the
+    /// resolved program basename) when the tool runs a program (`exec`).
+    pub fn policy_request(
+        tool: &str,
+        command: Option<&str>,
+        name: &SecretName,
+    ) -> Result<PolicyRequest, String> {
         let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
         let uid = |s: String| {
             s.parse::<cedar_policy::EntityUid>()
@@ -96,6 +101,9 @@ impl ToolSecrets {
         };
         let mut context = Map::new();
         context.insert("host".into(), json!(env_host(tool)));
+        if let Some(c) = command {
+            context.insert("command".into(), json!(c));
+        }
         Ok(PolicyRequest {
             principal: uid(format!("Chitin::Tool::{}", q(tool)))?,
             action: uid("Chitin::Action::\"secret.use\"".into())?,
@@ -105,9 +113,11 @@ impl ToolSecrets {
     }
 
     /// Decides every entry of `entries` that names `tool` and releases the allowed ones.
+    /// `command`: the program this run executes (resolved basename), for `exec`.
     pub fn release<'a>(
         &self,
         tool: &str,
+        command: Option<&str>,
         entries: impl IntoIterator<Item = &'a SecretEnvEntry>,
     ) -> Result<Released, ToolSecretsError> {
         let mut out = Released::default();
@@ -117,7 +127,7 @@ impl ToolSecrets {
                 reason,
             };
             let name = SecretName::parse(&e.secret).map_err(config)?;
-            let req = Self::policy_request(tool, &name).map_err(config)?;
+            let req = Self::policy_request(tool, command, &name).map_err(config)?;
             let extra: Vec<serde_json::Value> =
                 self.store.cedar_entity(&name).into_iter().collect();
             let verdict = self

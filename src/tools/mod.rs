@@ -410,6 +410,8 @@ const O_PATH: i32 = 0o10_000_000;
 struct LaunchRequest<'a> {
     /// The tool being run (whose `[[sandbox.secret_env]]` entries apply).
     tool: &'a str,
+    /// The program `exec` runs (resolved basename; `secret.use` context `command`).
+    command: Option<&'a str>,
     argv: &'a [String],
     cwd: Option<&'a Path>,
     stdin: Option<&'a [u8]>,
@@ -471,10 +473,16 @@ impl Sandbox {
 
     /// Decides and releases the secrets `tool` asks for (none without
     /// [`Self::with_secret_env`] or without entries for it).
-    fn secret_env_for(&self, tool: &str) -> Result<chitin_sandbox::SecretEnv, ToolError> {
+    fn secret_env_for(
+        &self,
+        tool: &str,
+        command: Option<&str>,
+    ) -> Result<chitin_sandbox::SecretEnv, ToolError> {
         let wanted = self.config_section.secret_env_for(tool).next().is_some();
         match &self.secret_env {
-            Some(ts) if wanted => Ok(ts.release(tool, &self.config_section.secret_env)?.env),
+            Some(ts) if wanted => Ok(ts
+                .release(tool, command, &self.config_section.secret_env)?
+                .env),
             _ => Ok(chitin_sandbox::SecretEnv::new()),
         }
     }
@@ -482,6 +490,7 @@ impl Sandbox {
     fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
         let LaunchRequest {
             tool,
+            command,
             argv,
             cwd,
             stdin,
@@ -494,7 +503,7 @@ impl Sandbox {
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
             .max(1);
         // Decided before anything is spawned: a failed decision means nothing runs.
-        let secret_env = self.secret_env_for(tool)?;
+        let secret_env = self.secret_env_for(tool, command)?;
         let mut cmd = Command::new(&self.launcher);
         cmd.env_clear();
         cmd.env("CHITIN_HOME", &self.home);
@@ -593,6 +602,7 @@ impl Sandbox {
             ws,
             &LaunchRequest {
                 tool,
+                command: None,
                 argv: &argv,
                 cwd: None,
                 stdin: Some(&body),
@@ -685,10 +695,17 @@ pub fn exec(
         Some(c) => Some(ws.resolve(c)?.abs),
         None => None,
     };
+    // The program as the gate named it to Cedar (`command`): PATH lookup, symlinks resolved.
+    let command = args.argv.first().and_then(|p| {
+        crate::gate::resolve_program(p, cwd.as_deref().unwrap_or(ws.root()))
+            .ok()
+            .and_then(|r| r.file_name().map(|n| n.to_string_lossy().into_owned()))
+    });
     let report = sb.launch(
         ws,
         &LaunchRequest {
             tool: "exec",
+            command: command.as_deref(),
             argv: &args.argv,
             cwd: cwd.as_deref(),
             stdin: args.stdin.as_deref().map(str::as_bytes),
