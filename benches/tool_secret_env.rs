@@ -165,7 +165,7 @@ when { context.host == "env:exec" && resource != Chitin::Secret::"denied" };
         workspace: w.path().canonicalize().unwrap(),
     };
     let args = json!({"argv": ["/bin/true"]});
-    let mut once = |sb: &Sandbox| {
+    let once = |sb: &Sandbox| {
         let t = Instant::now();
         match invoke(&gate, sb, &call, "exec", &args, None) {
             Ok(Invoked::Ran { result, .. }) if result.exit_code == Some(0) => t.elapsed(),
