@@ -25,6 +25,7 @@ use chitin::config::secrets::{IdentityBackend, SecretsConfig};
 use chitin::gate::{CallContext, Gate, Origin};
 use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::secrets::identity::FixedPassphrase;
+use chitin::secrets::tool_env::ToolSecretsError;
 use chitin::secrets::{SecretName, SecretStore, SecretValue, SharedSecretStore, ToolSecrets};
 use chitin::tools::invoke::{InvokeError, Invoked, invoke};
 use chitin::tools::{Sandbox, ToolError, ToolResult};
@@ -76,6 +77,7 @@ struct Env {
     call: CallContext,
     home: PathBuf,
     ws: PathBuf,
+    shared: SharedSecretStore,
 }
 
 fn entry(secret: &str, var: &str) -> SecretEnvEntry {
@@ -160,7 +162,7 @@ fn env_with(entries: Vec<SecretEnvEntry>) -> Env {
     plain.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     let sandbox = plain
         .clone()
-        .with_secret_env(Arc::new(ToolSecrets::new(gate.clone(), shared)));
+        .with_secret_env(Arc::new(ToolSecrets::new(gate.clone(), shared.clone())));
     let ws = w.path().canonicalize().unwrap();
     let call = CallContext {
         user: "owner".into(),
@@ -176,6 +178,7 @@ fn env_with(entries: Vec<SecretEnvEntry>) -> Env {
         call,
         home,
         ws,
+        shared,
     }
 }
 
@@ -381,6 +384,27 @@ fn a_grant_limited_to_one_program_reaches_only_that_program() {
     // The same exec tool running another program does not get it.
     let r = exec(&e, &e.sandbox, "test -z \"${OTHER_TOKEN+set}\"");
     assert_eq!(r.exit_code, Some(0), "sh got OTHER_TOKEN: {r:?}");
+}
+
+#[test]
+fn with_the_audit_log_unavailable_nothing_is_decided_or_released() {
+    let e = env();
+    let secrets = ToolSecrets::new(e.gate.clone(), e.shared.clone());
+    let entries = e.plain.config_section.secret_env.clone();
+    // Another process holds the audit database's write lock: no record can be written.
+    let other = rusqlite::Connection::open(e.home.join("audit.db")).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let err = secrets.release("exec", Some("dash"), &entries).unwrap_err();
+    assert!(
+        matches!(err, ToolSecretsError::Decision { ref name, .. } if name == "github_token"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("audit log unavailable"), "{err}");
+    other.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        !records(&e).iter().any(|r| r.kind == "secret_use"),
+        "nothing was released"
+    );
 }
 
 #[test]
