@@ -73,7 +73,10 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
         entity_files: vec![ents],
         state_dir: Some(home.clone()),
     })?;
-    let audit = Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default())?);
+    let audit = Arc::new(AuditLog::open(
+        &home,
+        chitin_audit::AuditOptions::default(),
+    )?);
     let gate = Gate::new(Arc::new(engine), audit);
     let cfg = SecretsConfig {
         backend: IdentityBackend::Passphrase,
@@ -89,7 +92,9 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
     let vault = chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(SystemClock))?;
     let store = Arc::new(Store::open(&home.join("state.db"))?);
     let fake = FakeOpenAi::start(vec![]).await?;
-    fake.set_fallback(Step::Reply(Reply::text(["Hello", ", ", "this ", "is ", "an ", "answer."])));
+    fake.set_fallback(Step::Reply(Reply::text([
+        "Hello", ", ", "this ", "is ", "an ", "answer.",
+    ])));
     let config = AgentConfig {
         model: "fake/m".into(),
         max_concurrent_runs: 64,
@@ -107,12 +112,10 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
         gate: gate.clone(),
         store: Arc::clone(&store),
         approvals: Approvals::new(store, gate, Arc::new(SystemClock), DEFAULT_TTL_MS),
-        sandbox: Sandbox {
-            launcher: PathBuf::from(env!("CARGO_BIN_EXE_chitin")),
-            home: home.clone(),
-            config: None,
-            config_section: SandboxConfig::default(),
-            net: Vec::new(),
+        sandbox: {
+            let mut sb = Sandbox::current(home.clone(), None, SandboxConfig::default())?;
+            sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
+            sb
         },
         workspace: w.path().canonicalize()?,
         router: Some(Arc::clone(&router)),
@@ -221,7 +224,11 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     }
     let wall = t.elapsed();
     let n = all.len();
-    report(&format!("{sessions} sessions at once"), all, cpu_seconds() - c0);
+    report(
+        &format!("{sessions} sessions at once"),
+        all,
+        cpu_seconds() - c0,
+    );
     println!(
         "{sessions} sessions at once: {n} turns in {wall:.2?} = {:.0} turns/s",
         n as f64 / wall.as_secs_f64()

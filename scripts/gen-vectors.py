@@ -169,3 +169,44 @@ write("admin.json", "Administration of the gateway.", [
     *[case(f"a non-owner may not {a}", user("mallory"), a, 'Chitin::Gateway::"gateway"', {}, "deny", [])
       for a in ["policy.reload", "audit.export", "data.erase", "config.write"]],
 ])
+
+def secret(n): return f'Chitin::Secret::"{n}"'
+def provider(p): return f'Chitin::Provider::"{p}"'
+
+SECRET_ENTITIES = [
+    {"uid": {"type": "Chitin::Secret", "id": "openai_key"}, "attrs": {"audience": ["api.openai.com"]}, "parents": []},
+    {"uid": {"type": "Chitin::Secret", "id": "anthropic_key"}, "attrs": {"audience": ["api.anthropic.com"]}, "parents": []},
+    {"uid": {"type": "Chitin::Secret", "id": "github_token"}, "attrs": {"audience": ["api.github.com", "github.com"]}, "parents": []},
+    {"uid": {"type": "Chitin::Secret", "id": "no_audience"}, "attrs": {"audience": []}, "parents": []},
+]
+
+def write_secrets():
+    doc = {"description": "Secret release (secret.use): providers get a key only for a host in its audience; tools get nothing by default.",
+           "state_dir": STATE, "entities": ENTITIES + SECRET_ENTITIES, "cases": [
+        case("a provider uses its key for a host in the key's audience", provider("openai"), "secret.use", secret("openai_key"),
+             {"host": "api.openai.com"}, "allow", ["secrets.providers-use-keys-for-their-audience"]),
+        case("any host of a multi-host audience is allowed", provider("gh"), "secret.use", secret("github_token"),
+             {"host": "github.com"}, "allow", ["secrets.providers-use-keys-for-their-audience"]),
+        case("a provider is refused a key for a foreign host", provider("openai"), "secret.use", secret("openai_key"),
+             {"host": "evil.example"}, "deny", []),
+        case("a host that only contains the audience host is foreign", provider("openai"), "secret.use", secret("openai_key"),
+             {"host": "api.openai.com.evil.example"}, "deny", []),
+        case("a subdomain of the audience host is foreign (no wildcards)", provider("openai"), "secret.use", secret("openai_key"),
+             {"host": "x.api.openai.com"}, "deny", []),
+        case("a key goes to its own audience, not to another provider's host", provider("openai"), "secret.use", secret("anthropic_key"),
+             {"host": "api.openai.com"}, "deny", []),
+        case("a secret with an empty audience is never sent anywhere", provider("openai"), "secret.use", secret("no_audience"),
+             {"host": "api.openai.com"}, "deny", []),
+        case("a secret that is not in the store (no entity) is refused", provider("openai"), "secret.use", secret("missing"),
+             {"host": "api.openai.com"}, "deny", []),
+        case("a tool gets no secret in its environment by default", tool("exec"), "secret.use", secret("github_token"),
+             {"host": "env:exec"}, "deny", []),
+        case("a tool naming an audience host as context still gets nothing", tool("exec"), "secret.use", secret("github_token"),
+             {"host": "api.github.com"}, "deny", []),
+        case("a tool running a named program gets nothing by default either", tool("exec"), "secret.use", secret("github_token"),
+             {"host": "env:exec", "command": "git"}, "deny", []),
+    ]}
+    with open(os.path.join(ROOT, "secrets.json"), "w") as f:
+        json.dump(doc, f, indent=2); f.write("\n")
+
+write_secrets()

@@ -151,12 +151,10 @@ fn agent_with(e: &Env, servers: &[(&str, &str, &FakeServer)], o: Opts) -> Agent 
             Arc::new(e.clock.clone()),
             DEFAULT_TTL_MS,
         ),
-        sandbox: Sandbox {
-            launcher: PathBuf::from(env!("CARGO_BIN_EXE_chitin")),
-            home: e.home.clone(),
-            config: None,
-            config_section: SandboxConfig::default(),
-            net: Vec::new(),
+        sandbox: {
+            let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
+            sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
+            sb
         },
         workspace: e.ws.clone(),
         router: Some(Arc::new(router)),

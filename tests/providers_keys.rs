@@ -204,3 +204,118 @@ async fn a_provider_gets_its_key_through_the_gate_and_sends_it_to_its_own_host_o
     assert!(e.to_string().contains("policy denied"), "{e}");
     assert!(other.requests().is_empty());
 }
+
+// ---- the default policy with the real store: keys go only to their audience -------------------
+
+struct StoreFixture {
+    _t: tempfile::TempDir,
+    source: GateKeySource,
+    audit: Arc<AuditLog>,
+}
+
+/// The built-in default policies (no policy dir) and a real secret store holding
+/// `alpha_key` with audience `api.alpha.example` and `127.0.0.1`.
+fn store_fixture() -> StoreFixture {
+    use age::secrecy::SecretString;
+    use chitin::config::secrets::{IdentityBackend, SecretsConfig};
+    use chitin::secrets::identity::FixedPassphrase;
+    use chitin::secrets::{SecretStore, SharedSecretStore};
+    let t = tempfile::tempdir().unwrap();
+    let home = t.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let cfg = SecretsConfig {
+        backend: IdentityBackend::Passphrase,
+        scrypt_work_factor: 4,
+        max_scrypt_work_factor: 12,
+        ..SecretsConfig::default()
+    };
+    let mut store = SecretStore::open_with(
+        &home,
+        &cfg,
+        Box::new(FixedPassphrase(SecretString::from("pw".to_string()))),
+        Arc::new(chitin::clock::SystemClock),
+    )
+    .unwrap();
+    store
+        .set(
+            &SecretName::parse("alpha_key").unwrap(),
+            SecretValue::from_str_copy("sk-ALPHA-real-store-0456"),
+            &["api.alpha.example".into(), "127.0.0.1".into()],
+        )
+        .unwrap();
+    let engine = PolicyEngine::load(EngineSpec {
+        policy_dir: None,
+        entity_files: vec![],
+        state_dir: Some(home.clone()),
+    })
+    .unwrap();
+    let audit = Arc::new(AuditLog::open(&home, AuditOptions::default()).unwrap());
+    let gate = Gate::new(Arc::new(engine), audit.clone());
+    StoreFixture {
+        _t: t,
+        source: GateKeySource::from_store(gate, SharedSecretStore::new(store)),
+        audit,
+    }
+}
+
+#[test]
+fn by_default_a_provider_gets_its_key_for_a_host_in_the_keys_audience_and_the_release_is_audited() {
+    let f = store_fixture();
+    let s = secret("alpha_key");
+    let v = f
+        .source
+        .key_for(&KeyRequest {
+            provider: "alpha",
+            secret: &s,
+            host: "api.alpha.example",
+        })
+        .unwrap();
+    assert_eq!(v.expose(), b"sk-ALPHA-real-store-0456");
+    let recs = f.audit.reader().unwrap().query(&Query::default()).unwrap();
+    let allow = recs
+        .iter()
+        .find(|r| r.kind == "decision" && r.action == "secret.use")
+        .unwrap();
+    assert_eq!(allow.decision, "allow");
+    assert_eq!(
+        allow.policy_ids(),
+        ["secrets.providers-use-keys-for-their-audience"]
+    );
+    let release = recs.iter().find(|r| r.kind == "secret_use").unwrap();
+    assert_eq!(release.actor, "Chitin::Provider::\"alpha\"");
+    let payload = release.payload.clone().unwrap();
+    assert!(payload.contains("api.alpha.example"), "{payload}");
+    assert!(!payload.contains("sk-ALPHA"), "{payload}");
+}
+
+#[test]
+fn by_default_a_key_is_refused_for_a_foreign_host_or_a_secret_not_in_the_store() {
+    let f = store_fixture();
+    let alpha = secret("alpha_key");
+    let missing = secret("beta_key");
+    for (s, host) in [
+        (&alpha, "evil.example"),
+        (&alpha, "api.alpha.example.evil.example"),
+        (&alpha, "x.api.alpha.example"),
+        (&missing, "api.alpha.example"),
+    ] {
+        let e = f
+            .source
+            .key_for(&KeyRequest {
+                provider: "alpha",
+                secret: s,
+                host,
+            })
+            .err()
+            .unwrap();
+        assert!(e.contains("policy denied"), "{host}: {e}");
+    }
+    let recs = f.audit.reader().unwrap().query(&Query::default()).unwrap();
+    assert!(!recs.iter().any(|r| r.kind == "secret_use"), "{recs:?}");
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r.action == "secret.use" && r.decision == "deny")
+            .count(),
+        4
+    );
+}

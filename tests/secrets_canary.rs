@@ -7,7 +7,9 @@
 //! error paths), a tool that prints its environment (raw, base64 and hex dumps of it) passed
 //! through the stream redactor, a fake model that echoes the secrets and their encodings
 //! (transcript, outbound chat message, export), a debug log line, config errors for literal
-//! credentials, and the interim audit trail.
+//! credentials, the interim audit trail, and the real tool path: every canary granted by
+//! policy to the `exec` tool, handed to the sandboxed command through the launcher's pipe
+//! (`[[sandbox.secret_env]]`), and printed raw, base64 and hex by the command.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -206,7 +208,7 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         signer: Some(Arc::new(signer)),
         ..Default::default()
     };
-    let audit = chitin_audit::AuditLog::open(&home, options).unwrap();
+    let audit = Arc::new(chitin_audit::AuditLog::open(&home, options).unwrap());
 
     // 2a. A tool that prints its environment, raw and encoded, output captured in chunks.
     let mut tool = Command::new("sh");
@@ -216,7 +218,7 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         .env("PATH", std::env::var_os("PATH").unwrap_or_default());
     for (name, _) in CANARIES {
         let n = SecretName::parse(name).unwrap();
-        let v = store.reveal(&n, "test:tool-env", &audit).unwrap();
+        let v = store.reveal(&n, "test:tool-env", audit.as_ref()).unwrap();
         tool.env(name, v.expose_str().unwrap());
     }
     let raw_tool_output = tool.output().unwrap().stdout;
@@ -280,6 +282,19 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         let e = SecretRef::parse_credential("providers.openai.api_key", value).unwrap_err();
         outputs.push(("config error".into(), e.into_bytes()));
     }
+
+    // 2e. The real tool path: gate (secret.use per canary), audited release, launcher pipe,
+    // sandboxed command printing its environment; the result is what the model would see.
+    let tool_result = sandboxed_tool_env(tmp.path(), &home, store, Arc::clone(&audit));
+    assert!(
+        tool_result.contains("OPENAI_KEY=[REDACTED:OPENAI_KEY]"),
+        "control: the sandboxed command had the canary in its environment: {tool_result}"
+    );
+    write_private(
+        &home.join("transcripts/sandboxed-tool-result.json"),
+        tool_result.as_bytes(),
+    );
+    outputs.push(("sandboxed tool result".into(), tool_result.into_bytes()));
 
     // Positive control: the unredacted material really contains every form, so the sweep
     // below can see a leak.
@@ -345,6 +360,93 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         haystacks.len()
     );
     assert!(leaks.is_empty(), "canary leaks:\n{}", leaks.join("\n"));
+}
+
+/// Runs `exec` through `tools::invoke` with every canary granted to it by policy and
+/// configured as `[[sandbox.secret_env]]`; returns the (redacted) result as JSON text.
+fn sandboxed_tool_env(
+    tmp: &Path,
+    home: &Path,
+    store: SecretStore,
+    audit: Arc<chitin_audit::AuditLog>,
+) -> String {
+    use chitin::config::sandbox::{SandboxConfig, SecretEnvEntry};
+    use chitin::gate::{CallContext, Gate, Origin};
+    use chitin::policy::{EngineSpec, PolicyEngine};
+    use chitin::secrets::{SharedSecretStore, ToolSecrets};
+    use chitin::tools::Sandbox;
+    use chitin::tools::invoke::{Invoked, invoke};
+
+    let ws = tmp.join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let pol = tmp.join("policies");
+    std::fs::create_dir(&pol).unwrap();
+    for (name, text) in chitin::policy::builtin::DEFAULT_POLICIES {
+        std::fs::write(pol.join(name), text).unwrap();
+    }
+    let mut grants = String::new();
+    for (i, (name, _)) in CANARIES.iter().enumerate() {
+        grants.push_str(&format!(
+            "@id(\"test.exec-gets-{i}\")\n@reason(\"canary\")\npermit (principal == Chitin::Tool::\"exec\", action == Chitin::Action::\"secret.use\", resource == Chitin::Secret::\"{name}\") when {{ context.host == \"env:exec\" }};\n"
+        ));
+    }
+    std::fs::write(pol.join("grants.cedar"), grants).unwrap();
+    let ents = pol.join("entities.json");
+    std::fs::write(
+        &ents,
+        serde_json::json!([
+            {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+            {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let engine = PolicyEngine::load(EngineSpec {
+        policy_dir: Some(pol),
+        entity_files: vec![ents],
+        state_dir: Some(home.to_path_buf()),
+    })
+    .unwrap();
+    let shared = SharedSecretStore::new(store);
+    let redactor = shared.redactor();
+    let gate = Gate::new(Arc::new(engine), audit)
+        .with_redactor(Arc::new(move |s: &str| redactor.redact(s).into_owned()));
+    let cfg = SandboxConfig {
+        secret_env: CANARIES
+            .iter()
+            .map(|(name, _)| SecretEnvEntry {
+                tool: "exec".into(),
+                secret: (*name).into(),
+                var: (*name).into(),
+            })
+            .collect(),
+        ..SandboxConfig::default()
+    };
+    let mut sandbox = Sandbox::current(home.to_path_buf(), None, cfg).unwrap();
+    sandbox.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
+    let sandbox = sandbox.with_secret_env(Arc::new(ToolSecrets::new(gate.clone(), shared)));
+    let call = CallContext {
+        user: "owner".into(),
+        origin: Origin::Model,
+        session: "canary".into(),
+        workspace: ws.canonicalize().unwrap(),
+        tainted: false,
+    };
+    let script =
+        "env; printf '\\n'; env | base64 -w0; printf '\\n'; env | od -An -tx1 | tr -d ' \\n'";
+    let Invoked::Ran { result, .. } = invoke(
+        &gate,
+        &sandbox,
+        &call,
+        "exec",
+        &serde_json::json!({"argv": ["sh", "-c", script]}),
+        None,
+    )
+    .unwrap() else {
+        panic!("the exec call was not allowed")
+    };
+    assert_eq!(result.exit_code, Some(0), "{result:?}");
+    serde_json::to_string(&result).unwrap()
 }
 
 fn urlencode(v: &str) -> String {

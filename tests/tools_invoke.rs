@@ -62,13 +62,8 @@ fn env() -> Env {
     })
     .unwrap();
     let audit = Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap());
-    let sandbox = Sandbox {
-        launcher: PathBuf::from(env!("CARGO_BIN_EXE_chitin")),
-        home: home.clone(),
-        config: None,
-        config_section: SandboxConfig::default(),
-        net: Vec::new(),
-    };
+    let mut sandbox = Sandbox::current(home.clone(), None, SandboxConfig::default()).unwrap();
+    sandbox.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     let ws = w.path().canonicalize().unwrap();
     let call = CallContext {
         user: "owner".into(),

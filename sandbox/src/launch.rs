@@ -152,6 +152,8 @@ pub struct Spec {
     pub limits: Limits,
     /// Extra environment variables (on top of the fixed allowlist).
     pub env: Vec<(String, String)>,
+    /// Secret environment variables (released by policy; wiped on drop, never printed).
+    pub secret_env: crate::SecretEnv,
     /// The program and its arguments (never a shell string).
     pub argv: Vec<String>,
     /// Working directory (must be inside the workspace); default: the workspace.
@@ -172,6 +174,7 @@ impl Spec {
             net: Vec::new(),
             limits: Limits::default(),
             env: Vec::new(),
+            secret_env: crate::SecretEnv::new(),
             argv,
             cwd: None,
             output: Output::Inherit,
@@ -478,6 +481,9 @@ struct Plan {
     net: Vec<(NetDest, [u8; 4])>,
     argv: Vec<CString>,
     env: Vec<CString>,
+    /// `KEY=value` entries of the secret environment (wiped when the plan is dropped or
+    /// when the launcher no longer needs them).
+    secret_env: SecretCStrings,
     path_dirs: Vec<PathBuf>,
     bpf: Vec<libc::sock_filter>,
     abi: ABI,
@@ -491,6 +497,46 @@ fn valid_env_key(k: &str) -> bool {
     let mut it = k.bytes();
     matches!(it.next(), Some(b) if b.is_ascii_alphabetic() || b == b'_')
         && it.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// `KEY=value` C strings holding secrets: wiped on drop (and by [`SecretCStrings::wipe`]).
+#[derive(Default)]
+struct SecretCStrings(Vec<CString>);
+
+impl SecretCStrings {
+    fn build(env: &crate::SecretEnv) -> Result<Self, SandboxError> {
+        let mut out = Self(Vec::with_capacity(env.len()));
+        for (k, v) in env.iter() {
+            let mut b = Vec::with_capacity(k.len() + 1 + v.len() + 1);
+            b.extend_from_slice(k.as_bytes());
+            b.push(b'=');
+            b.extend_from_slice(v);
+            match CString::new(b) {
+                Ok(c) => out.0.push(c),
+                Err(e) => {
+                    let mut b = e.into_vec();
+                    sys::wipe(&mut b);
+                    return Err(SandboxError::Invalid(format!(
+                        "secret environment value of `{k}` contains a NUL byte"
+                    )));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn wipe(&mut self) {
+        for c in self.0.drain(..) {
+            let mut b = c.into_bytes_with_nul();
+            sys::wipe(&mut b);
+        }
+    }
+}
+
+impl Drop for SecretCStrings {
+    fn drop(&mut self) {
+        self.wipe();
+    }
 }
 
 const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin";
@@ -586,6 +632,15 @@ impl Plan {
             }
             env.insert(k.clone(), v.clone());
         }
+        for k in spec.secret_env.names() {
+            if env.contains_key(k) || crate::secret_env::FIXED_ENV_KEYS.contains(&k) {
+                return Err(SandboxError::Invalid(format!(
+                    "secret environment variable `{k}` would replace a variable the sandbox \
+                     or --env sets"
+                )));
+            }
+        }
+        let secret_env = SecretCStrings::build(&spec.secret_env)?;
         let path_dirs = env
             .get("PATH")
             .map(|p| {
@@ -619,6 +674,7 @@ impl Plan {
             net,
             argv,
             env,
+            secret_env,
             path_dirs,
             bpf,
             abi: abi_from(abi),
@@ -803,7 +859,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     if !missing.is_empty() {
         return Err(SandboxError::Unavailable { missing });
     }
-    let plan = Plan::new(spec, abi)?;
+    let mut plan = Plan::new(spec, abi)?;
     let setup = |layer: &str| {
         let layer = layer.to_string();
         move |source| SandboxError::Setup { layer, source }
@@ -864,6 +920,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         init(&plan, spec, &ctx, sync_r);
     }
     sys::close(sync_r);
+    // The child has its own copy; the launcher no longer needs the secret values.
+    plan.secret_env.wipe();
     if let Err(e) = parent_setup(pid_p, &ctx, euid, egid, sync_w) {
         sys::kill(pid_p, libc::SIGKILL);
         let _ = sys::wait4(pid_p, 0);
@@ -1670,7 +1728,12 @@ fn exec(plan: &Plan) -> io::Error {
     };
     let mut argv: Vec<*const libc::c_char> = plan.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let mut envp: Vec<*const libc::c_char> = plan.env.iter().map(|a| a.as_ptr()).collect();
+    let mut envp: Vec<*const libc::c_char> = plan
+        .env
+        .iter()
+        .chain(plan.secret_env.0.iter())
+        .map(|a| a.as_ptr())
+        .collect();
     envp.push(std::ptr::null());
     let bytes = prog.as_bytes();
     if bytes.contains(&b'/') {

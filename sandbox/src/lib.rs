@@ -23,10 +23,12 @@ mod cgroup;
 pub mod fs;
 mod launch;
 pub mod seccomp;
+pub mod secret_env;
 mod support;
 mod sys;
 
 pub use launch::{Captured, CgroupMode, Exit, Killed, Limits, NetDest, Outcome, Output, Spec, run};
+pub use secret_env::SecretEnv;
 pub use support::{MIN_LANDLOCK_ABI, Support, check};
 
 use std::path::PathBuf;

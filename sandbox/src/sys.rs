@@ -584,3 +584,79 @@ pub fn shutdown(fd: RawFd) {
         libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }
+
+/// Overwrites `buf` with zeros in a way the compiler may not elide (secret values).
+pub fn wipe(buf: &mut [u8]) {
+    for b in buf.iter_mut() {
+        // SAFETY: `b` is a valid, aligned, exclusive reference to one byte of `buf`.
+        unsafe { std::ptr::write_volatile(b, 0) };
+    }
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+}
+
+/// `fcntl(fd, F_GETFD)`: fails with EBADF when `fd` is not open.
+pub fn fd_flags(fd: RawFd) -> io::Result<libc::c_int> {
+    // SAFETY: F_GETFD takes no pointer argument.
+    check(unsafe { libc::fcntl(fd, libc::F_GETFD) })
+}
+
+/// Sets `FD_CLOEXEC` on `fd`.
+pub fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    let flags = fd_flags(fd)?;
+    // SAFETY: F_SETFD takes an int argument; no memory involved.
+    check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) }).map(|_| ())
+}
+
+/// The file type bits (`st_mode & S_IFMT`) of an open fd.
+pub fn fd_file_type(fd: RawFd) -> io::Result<libc::mode_t> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: st points to writable memory of the size of `struct stat`.
+    check(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so it initialized the struct (and zeroed() covers the rest).
+    Ok(unsafe { st.assume_init() }.st_mode & libc::S_IFMT)
+}
+
+/// Takes ownership of an fd inherited from the parent process (`chitin sandbox exec
+/// --env-fd N`). Checks that it is open first.
+///
+/// The launcher calls this once per inherited fd number, before anything else could have
+/// wrapped that number; nothing else in the process owns it.
+pub fn adopt_inherited_fd(fd: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    fd_flags(fd)?;
+    // SAFETY: the fd is open (F_GETFD succeeded) and was inherited across execve, so no Rust
+    // object of this process owns it; the caller adopts each inherited fd number once.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `fcntl(fd, F_DUPFD_CLOEXEC, min)`: a close-on-exec duplicate numbered `min` or higher.
+pub fn dup_cloexec_at_least(fd: RawFd, min: RawFd) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument; no memory involved.
+    let new = check(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })?;
+    // SAFETY: the kernel just returned this new fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+/// Makes `fd` (open in this process, close-on-exec) survive `execve` in the child that `cmd`
+/// spawns, under the same number, by clearing `FD_CLOEXEC` in the child only. The parent's
+/// fd keeps its flag, so concurrent spawns by other threads do not inherit it, and no other
+/// fd of the child is touched (unlike a `dup2` onto a fixed number).
+///
+/// `fd` must be 3 or higher (std sets up the child's stdio on 0-2 first) and must stay open
+/// in the parent until `cmd.spawn()` has returned.
+pub fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd) {
+    use std::os::unix::process::CommandExt;
+    let hook = move || -> io::Result<()> {
+        // SAFETY: fcntl with int arguments is async-signal-safe and touches no memory.
+        let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+        // SAFETY: as above.
+        check(unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) })?;
+        Ok(())
+    };
+    // SAFETY: the hook runs in the forked child before execve; it only calls fcntl
+    // (async-signal-safe), does not allocate, and builds errors from errno only.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}

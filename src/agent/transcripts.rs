@@ -282,7 +282,10 @@ impl Transcripts {
     /// The start of a turn, in one transaction (one fsync): the session (created for `user`
     /// if new; refused if it is another user's), the queued run and the user's message, and
     /// the taint when the message is untrusted.
-    #[allow(clippy::too_many_arguments, reason = "one transaction's worth of fields")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one transaction's worth of fields"
+    )]
     pub fn begin_turn(
         &self,
         key: &str,
@@ -324,7 +327,10 @@ impl Transcripts {
 
     /// A step of a run in one transaction (one fsync): the message, the model call's usage
     /// (when it was a model answer) and the run's new status (when it changes).
-    #[allow(clippy::too_many_arguments, reason = "one transaction's worth of fields")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one transaction's worth of fields"
+    )]
     pub fn append_step(
         &self,
         key: &str,
@@ -450,7 +456,10 @@ impl Transcripts {
         Ok(())
     }
 
-    fn insert_usage(tx: &rusqlite::Transaction<'_>, u: &UsageRow<'_>) -> Result<(), TranscriptError> {
+    fn insert_usage(
+        tx: &rusqlite::Transaction<'_>,
+        u: &UsageRow<'_>,
+    ) -> Result<(), TranscriptError> {
         let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
         let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
         tx.execute(

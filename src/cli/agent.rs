@@ -3,7 +3,7 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -11,7 +11,7 @@ use serde_json::json;
 
 use super::{BoxError, CmdResult, Globals, Runtime};
 use crate::agent::{Agent, AgentParts, Sealer, TurnRequest};
-use crate::secrets::{SecretStore, SecretValue};
+use crate::secrets::{SecretValue, SharedSecretStore, ToolSecrets};
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
@@ -47,29 +47,21 @@ impl Sealer for crate::vault::Vault {
 pub fn router(
     config: &crate::config::Config,
     gate: &crate::gate::Gate,
-    secrets: &Arc<Mutex<SecretStore>>,
+    secrets: &SharedSecretStore,
     clock: Arc<dyn crate::clock::Clock>,
 ) -> Result<Option<Arc<crate::providers::Router>>, BoxError> {
     if config.agent.model.trim().is_empty() {
         return Ok(None);
     }
     crate::providers::init_tls();
-    let s = Arc::clone(secrets);
-    let audit = Arc::clone(gate.audit());
-    let release: crate::providers::keys::ReleaseFn = Arc::new(move |authz, host| {
-        let g = s
-            .lock()
-            .map_err(|_| "the secret store lock is poisoned; restart".to_string())?;
-        let v = g.release(authz, host, &*audit).map_err(|e| e.to_string())?;
-        Ok(SecretValue::from_bytes(v.expose().to_vec()))
-    });
     let env: crate::providers::keys::EnvFn = Arc::new(|var: &str| {
         std::env::var(var)
             .ok()
             .filter(|v| !v.is_empty())
             .map(|v| SecretValue::from_str_copy(&v))
     });
-    let keys = crate::providers::GateKeySource::new(gate.clone(), release).with_env(env);
+    let keys =
+        crate::providers::GateKeySource::from_store(gate.clone(), secrets.clone()).with_env(env);
     Ok(Some(Arc::new(crate::providers::Router::from_config(
         config,
         Arc::new(keys),
@@ -81,13 +73,11 @@ pub fn router(
 pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
     let workspace =
         super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
-    let vault = {
-        let mut s = rt
-            .secrets
-            .lock()
-            .map_err(|_| "the secret store lock is poisoned")?;
-        crate::vault::Vault::from_store(&globals.home, &mut s, Arc::clone(&rt.clock))?
-    };
+    let vault = crate::vault::Vault::from_store(
+        &globals.home,
+        &mut rt.secrets.write(),
+        Arc::clone(&rt.clock),
+    )?;
     let sandbox = crate::tools::Sandbox::current(
         globals.home.clone(),
         globals
@@ -95,7 +85,11 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
             .exists()
             .then(|| globals.config_path.clone()),
         rt.config.sandbox.clone(),
-    )?;
+    )?
+    .with_secret_env(Arc::new(ToolSecrets::new(
+        rt.gate.clone(),
+        rt.secrets.clone(),
+    )));
     Ok(Agent::new(AgentParts {
         gate: rt.gate.clone(),
         store: Arc::clone(&rt.store),

@@ -147,7 +147,11 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let secrets_path = secrets.path().to_path_buf();
     let secrets_count = secrets.list().len();
     let vault = crate::vault::Vault::from_store(&globals.home, &mut secrets, Arc::clone(&clock))?;
-    let secrets = Arc::new(std::sync::Mutex::new(secrets));
+    let secrets = crate::secrets::SharedSecretStore::new(secrets);
+    let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
+        gate.clone(),
+        secrets.clone(),
+    )));
     let router = super::agent::router(&config, &gate, &secrets, Arc::clone(&clock))?;
     if router.is_none() {
         println!(
@@ -194,6 +198,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         metrics,
         backend: None,
         agent: Some(agent),
+        shared_secrets: Some(secrets),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

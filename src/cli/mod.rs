@@ -179,8 +179,9 @@ pub struct Runtime {
     pub gate: crate::gate::Gate,
     pub store: std::sync::Arc<crate::store::Store>,
     pub clock: std::sync::Arc<dyn crate::clock::Clock>,
-    /// The unlocked secret store (provider keys are released from it through the gate).
-    pub secrets: std::sync::Arc<std::sync::Mutex<crate::secrets::SecretStore>>,
+    /// The unlocked secret store (provider keys and tool secrets are released from it through
+    /// the gate).
+    pub secrets: crate::secrets::SharedSecretStore,
 }
 
 impl Runtime {
@@ -203,7 +204,7 @@ impl Runtime {
             gate,
             store,
             clock: std::sync::Arc::new(crate::clock::SystemClock),
-            secrets: std::sync::Arc::new(std::sync::Mutex::new(secrets)),
+            secrets: crate::secrets::SharedSecretStore::new(secrets),
         })
     }
 

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use chitin_sandbox::{Exit, NetDest, Output, SandboxError, Spec};
+use chitin_sandbox::{Exit, NetDest, Output, SandboxError, SecretEnv, Spec};
 use clap::{Args, Subcommand};
 
 use super::{CmdResult, Globals};
@@ -51,6 +51,10 @@ pub struct ExecArgs {
     /// Working directory inside the workspace (tool path).
     #[arg(long, value_name = "DIR", hide = true)]
     cwd: Option<PathBuf>,
+    /// Read secret environment variables from this inherited pipe fd (tool path; the values
+    /// never appear in argv or in the launcher's own environment).
+    #[arg(long, value_name = "FD", hide = true)]
+    env_fd: Option<i32>,
     /// The program and its arguments.
     #[arg(last = true, required = true, value_name = "PROGRAM")]
     command: Vec<String>,
@@ -172,8 +176,20 @@ fn exit_code(code: i32) -> ExitCode {
 
 fn exec(args: ExecArgs, globals: &Globals) -> CmdResult {
     let capture = args.capture_json.is_some();
+    // The secret hand-off is read to EOF and closed before anything else (config, paths).
+    let secret_env = match args.env_fd.map(SecretEnv::read_from_fd).transpose() {
+        Ok(e) => e.unwrap_or_default(),
+        Err(e) if capture => {
+            print_report(&LaunchReport::error("invalid", &e.to_string()));
+            return Ok(ExitCode::from(125));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let spec = match build_spec(&args, globals) {
-        Ok(s) => s,
+        Ok(mut s) => {
+            s.secret_env = secret_env;
+            s
+        }
         Err(e) if capture => {
             print_report(&LaunchReport::error("invalid", &e.to_string()));
             return Ok(ExitCode::from(125));

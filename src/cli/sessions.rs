@@ -29,13 +29,11 @@ pub enum SessionsCmd {
 
 pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
     let rt = Runtime::open(globals)?;
-    let vault = {
-        let mut s = rt
-            .secrets
-            .lock()
-            .map_err(|_| "the secret store lock is poisoned")?;
-        crate::vault::Vault::from_store(&globals.home, &mut s, std::sync::Arc::clone(&rt.clock))?
-    };
+    let vault = crate::vault::Vault::from_store(
+        &globals.home,
+        &mut rt.secrets.write(),
+        std::sync::Arc::clone(&rt.clock),
+    )?;
     let t = Transcripts::new(std::sync::Arc::clone(&rt.store), std::sync::Arc::new(vault));
     let v = crate::approvals::visible;
     match cmd {

@@ -90,6 +90,7 @@ impl Config {
             .and_then(|()| providers::validate(&config.providers, &config.agent, &config.pricing))
             .and_then(|()| config.budgets.validate())
             .and_then(|()| config.agent.validate())
+            .and_then(|()| config.sandbox.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,

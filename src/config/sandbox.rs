@@ -33,7 +33,32 @@ tmp_size_mb = 64
 output_cap_bytes = 65536
 # Largest file read_file returns / edit_file accepts, in bytes.
 max_file_bytes = 1048576
+# Secrets a tool asks for in its environment (default: none). For each entry, at every run
+# of `tool`, the gate decides Cedar `secret.use` with principal Chitin::Tool::"<tool>",
+# resource Chitin::Secret::"<secret>" and context { host: "env:<tool>" } (for exec also
+# `command`, the program's resolved basename, so a grant can name the program). Only allowed
+# secrets are set (as `var`); a denied one is simply absent (the denial is audited). No
+# default policy grants any secret to a tool: add a permit naming the tool and the secret.
+# Values reach the sandboxed command through a pipe, never through argv or the launcher's
+# environment; tool output showing them is redacted to [REDACTED:<secret>].
+# `tool`: exec, read_file, write_file, edit_file or list_dir. `secret`: a name in the store
+# (`chitin secrets list`; `chitin.*` names are reserved). `var`: [A-Za-z_][A-Za-z0-9_]*,
+# not one the sandbox sets itself (PATH, HOME, LANG, TERM, USER, LOGNAME, TMPDIR, PWD).
+# [[sandbox.secret_env]]
+# tool = "exec"
+# secret = "github_token"
+# var = "GITHUB_TOKEN"
 "#;
+
+/// One `[[sandbox.secret_env]]` entry: a secret that `tool` asks for in its environment as
+/// `var`. Asking is not getting: the gate decides `secret.use` at every run.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SecretEnvEntry {
+    pub tool: String,
+    pub secret: String,
+    pub var: String,
+}
 
 /// `sandbox.cgroup`.
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -69,6 +94,7 @@ pub struct SandboxConfig {
     pub cgroup: CgroupSetting,
     pub output_cap_bytes: usize,
     pub max_file_bytes: usize,
+    pub secret_env: Vec<SecretEnvEntry>,
 }
 
 impl Default for SandboxConfig {
@@ -84,11 +110,63 @@ impl Default for SandboxConfig {
             cgroup: CgroupSetting::Auto,
             output_cap_bytes: 65536,
             max_file_bytes: 1 << 20,
+            secret_env: Vec::new(),
         }
     }
 }
 
 impl SandboxConfig {
+    /// Checks `secret_env`: known tool, valid secret name (not reserved), valid variable name
+    /// that the sandbox does not set itself, no variable twice for one tool. Messages name
+    /// the entry and what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut seen: Vec<(&str, &str)> = Vec::new();
+        for (i, e) in self.secret_env.iter().enumerate() {
+            let at = format!("[[sandbox.secret_env]] entry {}", i + 1);
+            if !crate::tools::invoke::TOOLS.contains(&e.tool.as_str()) {
+                return Err(format!(
+                    "{at}: tool `{}` is not a tool; use one of {}",
+                    e.tool.escape_default(),
+                    crate::tools::invoke::TOOLS.join(", ")
+                ));
+            }
+            let name =
+                crate::secrets::SecretName::parse(&e.secret).map_err(|m| format!("{at}: {m}"))?;
+            if crate::secrets::audit_key::is_reserved(&name) {
+                return Err(format!(
+                    "{at}: secret `{name}` is reserved for Chitin and is never released"
+                ));
+            }
+            if !chitin_sandbox::secret_env::valid_env_key(&e.var) {
+                return Err(format!(
+                    "{at}: var `{}` is not a valid environment variable name; use \
+                     [A-Za-z_][A-Za-z0-9_]* (at most {} bytes)",
+                    e.var.escape_default(),
+                    chitin_sandbox::secret_env::MAX_KEY_BYTES
+                ));
+            }
+            if chitin_sandbox::secret_env::FIXED_ENV_KEYS.contains(&e.var.as_str()) {
+                return Err(format!(
+                    "{at}: var `{}` is set by the sandbox itself; choose another name",
+                    e.var
+                ));
+            }
+            if seen.contains(&(e.tool.as_str(), e.var.as_str())) {
+                return Err(format!(
+                    "{at}: var `{}` is already given for tool `{}`",
+                    e.var, e.tool
+                ));
+            }
+            seen.push((e.tool.as_str(), e.var.as_str()));
+        }
+        Ok(())
+    }
+
+    /// The `secret_env` entries of one tool.
+    pub fn secret_env_for<'a>(&'a self, tool: &'a str) -> impl Iterator<Item = &'a SecretEnvEntry> {
+        self.secret_env.iter().filter(move |e| e.tool == tool)
+    }
+
     /// The limits a sandboxed run gets from this section.
     pub fn limits(&self) -> chitin_sandbox::Limits {
         chitin_sandbox::Limits {
@@ -137,6 +215,88 @@ mod tests {
         assert_eq!(c.cgroup, CgroupSetting::Off);
         let r: Result<SandboxConfig, _> = toml::from_str("cgroup = \"maybe\"");
         assert!(r.is_err());
+    }
+
+    #[test]
+    fn secret_env_entries_parse_and_validate() {
+        let c: SandboxConfig = toml::from_str(
+            "[[secret_env]]\ntool = \"exec\"\nsecret = \"github_token\"\nvar = \"GITHUB_TOKEN\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.secret_env_for("exec").count(), 1);
+        assert_eq!(c.secret_env_for("read_file").count(), 0);
+        let full = crate::config::Config::parse(
+            &format!(
+                "{}\n[[sandbox.secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"GH\"\n",
+                crate::config::default_toml()
+            ),
+            std::path::Path::new("chitin.toml"),
+        );
+        assert!(full.is_ok(), "{full:?}");
+    }
+
+    #[test]
+    fn bad_secret_env_entries_are_refused_with_what_to_change() {
+        for (tool, secret, var, want) in [
+            ("shell", "gh", "GH", "is not a tool"),
+            ("exec", "1gh", "GH", "invalid secret name"),
+            ("exec", "chitin.audit-signing-key", "K", "reserved"),
+            (
+                "exec",
+                "gh",
+                "GH-TOKEN",
+                "not a valid environment variable name",
+            ),
+            ("exec", "gh", "", "not a valid environment variable name"),
+            ("exec", "gh", "PATH", "set by the sandbox itself"),
+            ("exec", "gh", "HOME", "set by the sandbox itself"),
+            (
+                "exec",
+                "gh",
+                "LD_PRELOAD=x",
+                "not a valid environment variable name",
+            ),
+        ] {
+            let c = SandboxConfig {
+                secret_env: vec![SecretEnvEntry {
+                    tool: tool.into(),
+                    secret: secret.into(),
+                    var: var.into(),
+                }],
+                ..SandboxConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains(want), "{tool} {secret} {var}: {e}");
+            assert!(e.contains("entry 1"), "{e}");
+        }
+        let e = |v: &str| SecretEnvEntry {
+            tool: "exec".into(),
+            secret: "gh".into(),
+            var: v.into(),
+        };
+        let twice = SandboxConfig {
+            secret_env: vec![e("GH"), e("GH")],
+            ..SandboxConfig::default()
+        };
+        assert!(twice.validate().unwrap_err().contains("already given"));
+        let r: Result<SandboxConfig, _> = toml::from_str(
+            "[[secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"GH\"\nvalue = \"x\"\n",
+        );
+        assert!(r.unwrap_err().to_string().contains("unknown field"));
+    }
+
+    #[test]
+    fn a_bad_secret_env_entry_makes_the_whole_config_invalid() {
+        let r = crate::config::Config::parse(
+            "[[sandbox.secret_env]]\ntool = \"exec\"\nsecret = \"gh\"\nvar = \"PATH\"\n",
+            std::path::Path::new("chitin.toml"),
+        );
+        assert!(
+            r.unwrap_err()
+                .to_string()
+                .contains("set by the sandbox itself")
+        );
     }
 
     #[test]

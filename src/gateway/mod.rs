@@ -101,6 +101,9 @@ pub struct Parts {
     /// The agent loop (`/v1/chat/completions`, and the WebSocket backend when `backend` is
     /// `None`).
     pub agent: Option<crate::agent::Agent>,
+    /// The unlocked store the agent releases provider keys and tool secrets from (reopened
+    /// and replaced on SIGHUP).
+    pub shared_secrets: Option<crate::secrets::SharedSecretStore>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -127,6 +130,7 @@ impl Settings {
 
 struct App {
     agent: Option<crate::agent::Agent>,
+    shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
     store: Arc<Store>,
@@ -303,6 +307,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     }
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
+        shared_secrets: parts.shared_secrets,
         clock: Arc::clone(&parts.clock),
         gate: parts.gate,
         store: parts.store,
@@ -519,6 +524,9 @@ fn reload(app: &App) {
             let n = store.list().len();
             write(&*app.redactor, store.redactor());
             write(&app.secrets, (true, format!("unlocked ({n} secrets)")));
+            if let Some(shared) = &app.shared_secrets {
+                shared.replace(store);
+            }
         }
         Err(e) => {
             error!(error = %e, "secret store could not be reopened");

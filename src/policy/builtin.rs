@@ -32,6 +32,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "skills.cedar",
         include_str!("../../policies/default/skills.cedar"),
     ),
+    (
+        "secrets.cedar",
+        include_str!("../../policies/default/secrets.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.

@@ -994,7 +994,12 @@ impl PolicyEngine {
     ) -> Result<bool, PolicyError> {
         let active = self.active();
         let key = (principal.clone(), action.clone());
-        if let Some(v) = active.could_allow.read().ok().and_then(|c| c.get(&key).copied()) {
+        if let Some(v) = active
+            .could_allow
+            .read()
+            .ok()
+            .and_then(|c| c.get(&key).copied())
+        {
             return Ok(v);
         }
         let v = Self::could_allow_uncached(&active, principal, action)?;

@@ -1,6 +1,10 @@
 //! [`GateKeySource`]: the production [`KeySource`]. Every key request is a gate decision
 //! (`secret.use` by `Chitin::Provider::"<name>"` on `Chitin::Secret::"NAME"` with context
 //! `{host}`), recorded in the audit log; only an `allow` reaches the secret store.
+//!
+//! The request carries the Secret entity built from the store (its `audience`), so the
+//! default policy `secrets.providers-use-keys-for-their-audience` can permit a provider's key
+//! for exactly the hosts in the secret's audience.
 
 use std::sync::Arc;
 
@@ -9,7 +13,7 @@ use serde_json::{Map, json};
 use super::{KeyRequest, KeySource};
 use crate::gate::{Authorized, Gate, Verdict};
 use crate::policy::PolicyRequest;
-use crate::secrets::{SecretRef, SecretValue};
+use crate::secrets::{SecretName, SecretRef, SecretValue, SharedSecretStore};
 
 /// Releases a secret for an allowed request: the gateway passes a closure over its
 /// [`crate::secrets::SecretStore`] that calls `store.release(authz, host, audit)` and copies
@@ -19,12 +23,17 @@ pub type ReleaseFn = Arc<dyn Fn(&Authorized, &str) -> Result<SecretValue, String
 /// Reads `env:VAR` credentials (containers). `None`: `env:` credentials are refused.
 pub type EnvFn = Arc<dyn Fn(&str) -> Option<SecretValue> + Send + Sync>;
 
+/// The Cedar entity of a stored secret (`{"uid", "attrs": {"audience": [..]}}`), or None
+/// when the store has no such secret.
+pub type EntityFn = Arc<dyn Fn(&SecretName) -> Option<serde_json::Value> + Send + Sync>;
+
 /// The gate-backed key source.
 #[derive(Clone)]
 pub struct GateKeySource {
     gate: Gate,
     release: ReleaseFn,
     env: Option<EnvFn>,
+    entity: Option<EntityFn>,
 }
 
 impl std::fmt::Debug for GateKeySource {
@@ -32,6 +41,7 @@ impl std::fmt::Debug for GateKeySource {
         f.debug_struct("GateKeySource")
             .field("gate", &self.gate)
             .field("env", &self.env.is_some())
+            .field("entity", &self.entity.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -42,7 +52,29 @@ impl GateKeySource {
             gate,
             release,
             env: None,
+            entity: None,
         }
+    }
+
+    /// The production key source over the gateway's shared store: releases with
+    /// `store.release(authz, host, audit log)` and gives Cedar each secret's entity (its
+    /// audience), so the default audience policy applies.
+    pub fn from_store(gate: Gate, store: SharedSecretStore) -> Self {
+        let audit = Arc::clone(gate.audit());
+        let s1 = store.clone();
+        let release: ReleaseFn = Arc::new(move |authz, host| {
+            s1.release(authz, host, audit.as_ref())
+                .map_err(|e| e.to_string())
+        });
+        let entity: EntityFn = Arc::new(move |name| store.cedar_entity(name));
+        Self::new(gate, release).with_entities(entity)
+    }
+
+    /// Adds the Secret entity (with its audience) to every key decision.
+    #[must_use]
+    pub fn with_entities(mut self, entity: EntityFn) -> Self {
+        self.entity = Some(entity);
+        self
     }
 
     /// Allows `env:VAR` credentials, read by `env` (they bypass the store, not the gate:
@@ -78,7 +110,14 @@ impl GateKeySource {
 impl KeySource for GateKeySource {
     fn key_for(&self, req: &KeyRequest<'_>) -> Result<SecretValue, String> {
         let pr = Self::policy_request(req)?;
-        let verdict = self.gate.check(&pr).map_err(|e| e.to_string())?;
+        let extra: Vec<serde_json::Value> = match (req.secret, &self.entity) {
+            (SecretRef::Secret(name), Some(entity)) => entity(name).into_iter().collect(),
+            _ => Vec::new(),
+        };
+        let verdict = self
+            .gate
+            .check_with_entities(&pr, &extra)
+            .map_err(|e| e.to_string())?;
         let deny = |why: &str| {
             format!(
                 "{why}: secret.use by Chitin::Provider::\"{}\" for host {}; allow it with a \

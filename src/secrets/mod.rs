@@ -21,7 +21,9 @@ pub mod gateway_token;
 pub mod identity;
 pub mod redact;
 pub mod reference;
+pub mod shared;
 pub mod store;
+pub mod tool_env;
 pub mod value;
 
 use std::path::{Path, PathBuf};
@@ -30,7 +32,9 @@ pub use audit::SecretAudit;
 pub use identity::{PassphraseSource, Protection};
 pub use redact::{Redactor, StreamRedactor};
 pub use reference::{CredentialField, SecretRef};
+pub use shared::SharedSecretStore;
 pub use store::{SecretInfo, SecretStore};
+pub use tool_env::ToolSecrets;
 pub use value::{SecretName, SecretValue};
 
 /// File names inside the state directory.

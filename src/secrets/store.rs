@@ -244,6 +244,10 @@ impl SecretStore {
         self.entries.get(name).map(|e| &e.value)
     }
 
+    pub(super) fn list_entry_audience(&self, name: &SecretName) -> Option<&[String]> {
+        self.entries.get(name).map(|e| e.audience.as_slice())
+    }
+
     /// Whether a secret exists.
     pub fn contains(&self, name: &SecretName) -> bool {
         self.entries.contains_key(name)

@@ -18,12 +18,14 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 
 use chitin_sandbox::{Exit, Killed, NetDest, Outcome};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Authorized;
+use crate::secrets::ToolSecrets;
 
 /// Errors of the tools. Messages say what was refused and why.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +65,9 @@ pub enum ToolError {
         "the authorization does not cover these `{tool}` arguments; ask the gate for this exact call"
     )]
     ArgsNotAuthorized { tool: &'static str },
+    /// The secrets this tool asks for could not be decided or released; nothing ran.
+    #[error(transparent)]
+    SecretEnv(#[from] crate::secrets::tool_env::ToolSecretsError),
 }
 
 // ---- strict argument types (what the model sends) --------------------------------------------
@@ -404,6 +409,10 @@ const O_PATH: i32 = 0o10_000_000;
 /// One launcher invocation.
 #[derive(Clone, Copy)]
 struct LaunchRequest<'a> {
+    /// The tool being run (whose `[[sandbox.secret_env]]` entries apply).
+    tool: &'a str,
+    /// The program `exec` runs (resolved basename; `secret.use` context `command`).
+    command: Option<&'a str>,
     argv: &'a [String],
     cwd: Option<&'a Path>,
     stdin: Option<&'a [u8]>,
@@ -424,6 +433,8 @@ pub struct Sandbox {
     pub config_section: crate::config::sandbox::SandboxConfig,
     /// Egress destinations granted by policy for this call (empty: no network).
     pub net: Vec<NetDest>,
+    /// Where tool-environment secrets come from (None: no tool gets any secret).
+    secret_env: Option<Arc<ToolSecrets>>,
 }
 
 impl Sandbox {
@@ -443,11 +454,44 @@ impl Sandbox {
             config,
             config_section,
             net: Vec::new(),
+            secret_env: None,
         })
+    }
+
+    /// Lets tools receive the secrets they ask for in `config_section.secret_env`, each one
+    /// only when the gate allows `secret.use` for that tool and secret at that run. Without
+    /// this, no tool gets any secret.
+    #[must_use]
+    pub fn with_secret_env(mut self, secrets: Arc<ToolSecrets>) -> Self {
+        self.secret_env = Some(secrets);
+        self
+    }
+
+    /// Whether tool-environment secrets are enabled ([`Self::with_secret_env`]).
+    pub fn has_secret_env(&self) -> bool {
+        self.secret_env.is_some()
+    }
+
+    /// Decides and releases the secrets `tool` asks for (none without
+    /// [`Self::with_secret_env`] or without entries for it).
+    fn secret_env_for(
+        &self,
+        tool: &str,
+        command: Option<&str>,
+    ) -> Result<chitin_sandbox::SecretEnv, ToolError> {
+        let wanted = self.config_section.secret_env_for(tool).next().is_some();
+        match &self.secret_env {
+            Some(ts) if wanted => Ok(ts
+                .release(tool, command, &self.config_section.secret_env)?
+                .env),
+            _ => Ok(chitin_sandbox::SecretEnv::new()),
+        }
     }
 
     fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
         let LaunchRequest {
+            tool,
+            command,
             argv,
             cwd,
             stdin,
@@ -459,6 +503,8 @@ impl Sandbox {
         let timeout = timeout_secs
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
             .max(1);
+        // Decided before anything is spawned: a failed decision means nothing runs.
+        let secret_env = self.secret_env_for(tool, command)?;
         let mut cmd = Command::new(&self.launcher);
         cmd.env_clear();
         cmd.env("CHITIN_HOME", &self.home);
@@ -470,6 +516,19 @@ impl Sandbox {
         cmd.arg("--memory").arg(cfg.memory_mb.to_string());
         cmd.arg("--max-procs").arg(cfg.max_procs.to_string());
         cmd.arg("--capture-json").arg(cap.to_string());
+        let launch_err = |source| ToolError::Launcher {
+            launcher: self.launcher.clone(),
+            source,
+        };
+        // Secret values travel on an inherited pipe, never in argv or the environment.
+        let env_pipe = if secret_env.is_empty() {
+            None
+        } else {
+            let (w, r, fd) =
+                chitin_sandbox::secret_env::pass_to_child(&mut cmd).map_err(launch_err)?;
+            cmd.arg("--env-fd").arg(fd.to_string());
+            Some((w, r))
+        };
         for n in &self.net {
             cmd.arg("--net").arg(n.to_string());
         }
@@ -486,11 +545,18 @@ impl Sandbox {
             Stdio::null()
         });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let launch_err = |source| ToolError::Launcher {
-            launcher: self.launcher.clone(),
-            source,
-        };
         let mut child = cmd.spawn().map_err(launch_err)?;
+        if let Some((mut w, read_end)) = env_pipe {
+            // Only the launcher holds the read end now: if it dies, the write fails (EPIPE).
+            drop(read_end);
+            let wire = secret_env.to_wire();
+            drop(secret_env);
+            // A thread, so a launcher that stops reading cannot block the caller.
+            std::thread::spawn(move || {
+                let _ = w.write_all(wire.as_slice());
+                drop(wire);
+            });
+        }
         if let (Some(data), Some(mut w)) = (stdin, child.stdin.take()) {
             let data = data.to_vec();
             // A separate thread so a command that does not read stdin cannot deadlock us.
@@ -518,6 +584,7 @@ impl Sandbox {
     /// Runs the in-sandbox file helper with one request and returns its JSON answer.
     fn helper(
         &self,
+        tool: &str,
         ws: &Workspace,
         request: &helper::Request,
     ) -> Result<(serde_json::Value, LaunchReport), ToolError> {
@@ -535,6 +602,8 @@ impl Sandbox {
         let report = self.launch(
             ws,
             &LaunchRequest {
+                tool,
+                command: None,
                 argv: &argv,
                 cwd: None,
                 stdin: Some(&body),
@@ -627,9 +696,17 @@ pub fn exec(
         Some(c) => Some(ws.resolve(c)?.abs),
         None => None,
     };
+    // The program as the gate named it to Cedar (`command`): PATH lookup, symlinks resolved.
+    let command = args.argv.first().and_then(|p| {
+        crate::gate::resolve_program(p, cwd.as_deref().unwrap_or(ws.root()))
+            .ok()
+            .and_then(|r| r.file_name().map(|n| n.to_string_lossy().into_owned()))
+    });
     let report = sb.launch(
         ws,
         &LaunchRequest {
+            tool: "exec",
+            command: command.as_deref(),
             argv: &args.argv,
             cwd: cwd.as_deref(),
             stdin: args.stdin.as_deref().map(str::as_bytes),
@@ -651,6 +728,7 @@ pub fn read_file(
     require(auth, "read_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "read_file",
         ws,
         &helper::Request::Read {
             path: p.rel,
@@ -670,6 +748,7 @@ pub fn write_file(
     require(auth, "write_file", args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "write_file",
         ws,
         &helper::Request::Write {
             path: p.rel,
@@ -695,6 +774,7 @@ pub fn edit_file(
     }
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
+        "edit_file",
         ws,
         &helper::Request::Edit {
             path: p.rel,
@@ -716,7 +796,7 @@ pub fn list_dir(
 ) -> Result<ToolResult, ToolError> {
     require(auth, "list_dir", args)?;
     let p = ws.resolve(&args.path)?;
-    let (v, report) = sb.helper(ws, &helper::Request::List { path: p.rel })?;
+    let (v, report) = sb.helper("list_dir", ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
 }
 
@@ -842,6 +922,7 @@ mod tests {
             config: None,
             config_section: Default::default(),
             net: Vec::new(),
+            secret_env: None,
         };
         let e = exec(
             &auth,
@@ -872,6 +953,7 @@ mod tests {
             config: None,
             config_section: Default::default(),
             net: Vec::new(),
+            secret_env: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -945,6 +1027,7 @@ mod tests {
                 ..Default::default()
             },
             net: Vec::new(),
+            secret_env: None,
         };
         (home, d, w, sb)
     }
