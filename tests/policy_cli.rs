@@ -113,7 +113,7 @@ fn validate_accepts_the_default_policies() {
     let t = tempfile::tempdir().unwrap();
     let o = chitin(t.path(), &["policy", "validate", "--dir", "policies"], None);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).starts_with("ok: 18 policies"), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("ok: 21 policies"), "{}", stdout(&o));
 }
 
 #[test]
@@ -232,7 +232,7 @@ fn eval_prints_one_decision_object() {
     let req = json!({
         "principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"write_file\"",
         "resource": "Chitin::Tool::\"write_file\"",
-        "context": {"origin": "model", "session": "s", "approved": false,
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false,
                     "workspace": ws, "path": ws.join("a.txt")}
     });
     let o = eval(&home, &req);

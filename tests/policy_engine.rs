@@ -51,7 +51,7 @@ fn exec_req(tool: &str, argv: &[&str], network: bool) -> PolicyRequest {
         "principal": "Chitin::User::\"alice\"",
         "action": "Chitin::Action::\"exec\"",
         "resource": format!("Chitin::Tool::\"{tool}\""),
-        "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
                     "command": argv[0], "argv": argv, "cwd": "/w", "network": network}
     }))
     .unwrap()
@@ -62,7 +62,7 @@ fn read_req(path: &str) -> PolicyRequest {
         "principal": "Chitin::User::\"alice\"",
         "action": "Chitin::Action::\"read_file\"",
         "resource": "Chitin::Tool::\"read_file\"",
-        "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w", "path": path}
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w", "path": path}
     }))
     .unwrap()
 }

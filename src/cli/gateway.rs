@@ -145,8 +145,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )?;
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
     let secrets_path = secrets.path().to_path_buf();
-    let secrets_count = secrets.list().len();
     let vault = crate::vault::Vault::from_store(&globals.home, &mut secrets, Arc::clone(&clock))?;
+    let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
         gate.clone(),
