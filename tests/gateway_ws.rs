@@ -1043,3 +1043,91 @@ async fn the_real_gateway_serves_the_websocket_with_its_own_token_origins_and_li
     assert_eq!(status, 429);
     drop(c);
 }
+
+async fn raw_post(port: u16, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() {
+    let gw = tokio::task::spawn_blocking(|| real::start(""))
+        .await
+        .unwrap();
+    let port = gw.port;
+    let call = json!({"tool": "exec", "args": {"argv": ["/bin/echo", "ws-approved"], "network": ["127.0.0.1:9"]}, "session": "s-ws"});
+    let (status, v) = raw_post(port, "/tools/invoke", &gw.token, &call).await;
+    assert_eq!(status, 202, "{v}");
+    let code = v["approval"]["code"].as_str().unwrap().to_string();
+    let id = v["approval"]["id"].as_str().unwrap().to_string();
+
+    let mut c = Client::connect(port, &gw.token).await;
+    let l = c.call("approvals.list", json!({})).await;
+    let list = l["payload"]["approvals"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{l}");
+    assert_eq!(list[0]["code"], code.as_str());
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["tool"], "exec");
+    assert_eq!(list[0]["session"], "s-ws");
+    assert!(
+        list[0]["summary"].as_str().unwrap().contains("ws-approved"),
+        "{l}"
+    );
+    // An unknown code is not found; then the real one, as the owner (Cedar approval.grant).
+    let r = c
+        .call(
+            "approvals.resolve",
+            json!({"code": "ZZZZZZ", "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "not_found");
+    let r = c
+        .call(
+            "approvals.resolve",
+            json!({"code": code, "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["payload"],
+        json!({"approval_id": id, "code": code, "granted": true, "by": "owner"})
+    );
+    let ev = c.event("approval.resolved").await;
+    assert_eq!(ev["payload"]["code"], code.as_str());
+    assert_eq!(ev["seq"], 1);
+    // Not pending any more.
+    let r = c
+        .call("approvals.resolve", json!({"id": id, "decision": "deny"}))
+        .await;
+    assert_eq!(error_code(&r), "conflict", "{r}");
+    let l = c.call("approvals.list", json!({})).await;
+    assert_eq!(l["payload"]["approvals"], json!([]));
+    // The same call now runs, once.
+    let (status, v) = raw_post(port, "/tools/invoke", &gw.token, &call).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("ws-approved")
+    );
+    assert_eq!(v["approval"], id.as_str());
+}

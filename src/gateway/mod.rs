@@ -279,7 +279,11 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let skills_status = verify_skills(skills.as_ref(), &parts.gate);
     let ws_settings =
         ws::WsSettings::from_config(&parts.config.gateway).map_err(GatewayError::Config)?;
-    let (backend, metrics) = (parts.backend, Arc::clone(&parts.metrics));
+    // Without an agent, approvals still work over the WebSocket (chat answers what to configure).
+    let backend = parts.backend.unwrap_or_else(|| {
+        Arc::new(backend::NoAgent::new(approvals.clone())) as Arc<dyn backend::ChatBackend>
+    });
+    let (backend, metrics) = (Some(backend), Arc::clone(&parts.metrics));
     let app = Arc::new_cyclic(|me| App {
         gate: parts.gate,
         store: parts.store,
