@@ -951,6 +951,12 @@ mod real {
         }
     }
 
+    pub fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
     pub fn start(extra: &str) -> Gw {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
@@ -976,7 +982,11 @@ mod real {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut child = child;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the gateway exited during start: {status}");
+            }
             assert!(Instant::now() < deadline, "the gateway did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1130,4 +1140,66 @@ async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() 
             .contains("ws-approved")
     );
     assert_eq!(v["approval"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_websocket_works_as_wss_from_the_https_origin() {
+    use rustls::pki_types::pem::PemObject;
+    let cfg = format!(
+        "tls_cert = {:?}\ntls_key = {:?}",
+        real::fixture("gateway-test.crt"),
+        real::fixture("gateway-test.key")
+    );
+    let gw = tokio::task::spawn_blocking(move || real::start(&cfg))
+        .await
+        .unwrap();
+    let port = gw.port;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_file(real::fixture("gateway-test.crt"))
+                .unwrap(),
+        )
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let open_wss = |origin: &'static str| {
+        let tls = Arc::clone(&tls);
+        async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = format!("wss://localhost:{port}/ws")
+                .into_client_request()
+                .unwrap();
+            let o = origin.replace("PORT", &port.to_string());
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+            tokio_tungstenite::client_async(req, stream).await
+        }
+    };
+    let (mut ws, _) = open_wss("https://localhost:PORT").await.unwrap();
+    let connect =
+        json!({"type": "req", "id": 1, "method": "connect", "params": {"token": gw.token}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let r = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["payload"]["user"], "owner");
+    match open_wss("https://evil.example").await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("a foreign origin was not refused: {:?}", other.map(|_| ())),
+    }
 }
