@@ -1084,12 +1084,19 @@ async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() 
         .unwrap();
     let port = gw.port;
     let call = json!({"tool": "exec", "args": {"argv": ["/bin/echo", "ws-approved"], "network": ["127.0.0.1:9"]}, "session": "s-ws"});
+    let mut c = Client::connect(port, &gw.token).await;
     let (status, v) = raw_post(port, "/tools/invoke", &gw.token, &call).await;
     assert_eq!(status, 202, "{v}");
     let code = v["approval"]["code"].as_str().unwrap().to_string();
     let id = v["approval"]["id"].as_str().unwrap().to_string();
+    // Announced live to the owner's connections.
+    let ev = c.event("approval.requested").await;
+    assert_eq!(ev["seq"], 1);
+    assert_eq!(ev["payload"]["run_id"], Value::Null);
+    assert_eq!(ev["payload"]["session"], "s-ws");
+    assert_eq!(ev["payload"]["approval"]["code"], code.as_str());
+    assert_eq!(ev["payload"]["approval"]["id"], id.as_str());
 
-    let mut c = Client::connect(port, &gw.token).await;
     let l = c.call("approvals.list", json!({})).await;
     let list = l["payload"]["approvals"].as_array().unwrap().clone();
     assert_eq!(list.len(), 1, "{l}");
@@ -1122,7 +1129,7 @@ async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() 
     );
     let ev = c.event("approval.resolved").await;
     assert_eq!(ev["payload"]["code"], code.as_str());
-    assert_eq!(ev["seq"], 1);
+    assert_eq!(ev["seq"], 2);
     // Not pending any more.
     let r = c
         .call("approvals.resolve", json!({"id": id, "decision": "deny"}))

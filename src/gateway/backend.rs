@@ -45,6 +45,7 @@ pub struct RunStarted {
 ///   `decision` one of `allow`, `deny`, `approval_required`, `invalid`; `outcome` a short
 ///   string or object describing what happened; `policies` the determining policy ids
 /// - `approval.requested`: `{run_id, session, approval: {id, code, expires_at, tool, summary}}`
+///   (`run_id` null when `/tools/invoke` opened it)
 /// - `approval.resolved`: `{approval_id, code, granted, by}`
 /// - `run.finished`: `{run_id, session, status, reply?, error?}` with `status` one of
 ///   `completed`, `failed`, `cancelled`, `timeout`
@@ -201,6 +202,12 @@ pub trait ChatBackend: Send + Sync {
     fn agent_configured(&self) -> bool {
         true
     }
+    /// An approval was opened outside a run (by `POST /tools/invoke`): publish
+    /// `approval.requested` for `user` with `run_id: null` (e.g. via
+    /// [`ApprovalDesk::requested`]). The default publishes nothing.
+    fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
+        let _ = (user, approval);
+    }
 }
 
 /// The approvals half of a backend over the real approval workflow (`crate::approvals`):
@@ -243,11 +250,12 @@ impl ApprovalDesk {
         Self { approvals, events }
     }
 
-    /// The event for an approval the agent just opened for `user`'s run (publish it).
+    /// The event for an approval just opened for `user` (in run `run_id`, or `None` for one
+    /// opened by `/tools/invoke`); publish it on the backend's channel.
     pub fn requested(
         &self,
         user: &str,
-        run_id: &str,
+        run_id: Option<&str>,
         a: &crate::approvals::Approval,
     ) -> BackendEvent {
         BackendEvent {
@@ -381,6 +389,9 @@ impl ChatBackend for NoAgent {
     }
     fn agent_configured(&self) -> bool {
         false
+    }
+    fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
+        let _ = self.events.send(self.desk.requested(user, None, approval));
     }
 }
 

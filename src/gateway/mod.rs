@@ -901,6 +901,10 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
                     .inspect(|a| {
                         app.metrics.approval("requested");
                         info!(tool, code = %a.code, "approval requested");
+                        // Live on the WebSocket (the web page's approval list).
+                        if let Some(b) = app.ws.backend() {
+                            b.approval_opened(&app.owner, a);
+                        }
                     }),
                 Err(e) => Err(e),
             };
