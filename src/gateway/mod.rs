@@ -94,7 +94,8 @@ pub struct Parts {
     /// HTTPS when set (`[gateway] tls_cert` + `tls_key`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: Arc<Metrics>,
-    /// The agent behind the WebSocket chat methods (none: they answer `not_configured`).
+    /// The agent behind the WebSocket chat methods (none: chat answers `not_configured`;
+    /// approvals still work through `backend::NoAgent`).
     pub backend: Option<Arc<dyn backend::ChatBackend>>,
 }
 
