@@ -48,7 +48,9 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn free_port() -> Result<u16, BoxError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 struct Gateway {
@@ -90,7 +92,12 @@ async fn start(home: &Path, client: &reqwest::Client) -> Result<(Gateway, Durati
     }
 }
 
-async fn chat(client: &reqwest::Client, port: u16, token: &str, user: &str) -> Result<Duration, BoxError> {
+async fn chat(
+    client: &reqwest::Client,
+    port: u16,
+    token: &str,
+    user: &str,
+) -> Result<Duration, BoxError> {
     let t = Instant::now();
     let r = client
         .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
@@ -125,7 +132,9 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         (3, 2, 2, Duration::from_millis(200))
     };
     let fake = FakeOpenAi::start(vec![]).await?;
-    fake.set_fallback(Step::Reply(Reply::text(["Hello", ", ", "this ", "is ", "an ", "answer."])));
+    fake.set_fallback(Step::Reply(Reply::text([
+        "Hello", ", ", "this ", "is ", "an ", "answer.",
+    ])));
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))?;
     let home = dir.path().join("home");
     std::fs::create_dir(&home)?;
@@ -139,12 +148,17 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         ),
     )?;
     std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(64).build()?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()?;
 
     let (gw, first) = start(&home, &client).await?;
     drop(gw);
     let (gw, warm) = start(&home, &client).await?;
-    println!("cold start to /ready: first start (creates the state dir) {first:.2?}, restart {warm:.2?}");
+    println!(
+        "cold start to /ready: first start (creates the state dir) {first:.2?}, restart {warm:.2?}"
+    );
     let token = {
         let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
             .args(["token", "show"])
@@ -154,7 +168,10 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         String::from_utf8(out.stdout)?.trim().to_string()
     };
     tokio::time::sleep(idle).await;
-    println!("idle RSS after {idle:.0?}: {:.1} MiB", rss_kib(gw.child.id()) as f64 / 1024.0);
+    println!(
+        "idle RSS after {idle:.0?}: {:.1} MiB",
+        rss_kib(gw.child.id()) as f64 / 1024.0
+    );
 
     // Warm-up.
     for i in 0..5 {
@@ -189,12 +206,19 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     }
     let wall = t.elapsed();
     let n = all.len();
-    line(&format!("{clients} concurrent x {per_client}"), all, cpu_of(pid) - c0);
+    line(
+        &format!("{clients} concurrent x {per_client}"),
+        all,
+        cpu_of(pid) - c0,
+    );
     println!(
         "{clients} concurrent x {per_client}: {n} requests in {wall:.2?} = {:.0} requests/s",
         n as f64 / wall.as_secs_f64()
     );
-    println!("RSS after the load: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    println!(
+        "RSS after the load: {:.1} MiB",
+        rss_kib(pid) as f64 / 1024.0
+    );
     Ok(())
 }
 

@@ -951,6 +951,12 @@ mod real {
         }
     }
 
+    pub fn fixture(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name)
+    }
+
     pub fn start(extra: &str) -> Gw {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
@@ -976,7 +982,11 @@ mod real {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut child = child;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the gateway exited during start: {status}");
+            }
             assert!(Instant::now() < deadline, "the gateway did not start");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -1042,4 +1052,161 @@ async fn the_real_gateway_serves_the_websocket_with_its_own_token_origins_and_li
     let (status, _) = refused_status(port, "/ws", None).await;
     assert_eq!(status, 429);
     drop(c);
+}
+
+async fn raw_post(port: u16, path: &str, token: &str, body: &Value) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = body.to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(60), s.read_to_string(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() {
+    let gw = tokio::task::spawn_blocking(|| real::start(""))
+        .await
+        .unwrap();
+    let port = gw.port;
+    let call = json!({"tool": "exec", "args": {"argv": ["/bin/echo", "ws-approved"], "network": ["127.0.0.1:9"]}, "session": "s-ws"});
+    let mut c = Client::connect(port, &gw.token).await;
+    let (status, v) = raw_post(port, "/tools/invoke", &gw.token, &call).await;
+    assert_eq!(status, 202, "{v}");
+    let code = v["approval"]["code"].as_str().unwrap().to_string();
+    let id = v["approval"]["id"].as_str().unwrap().to_string();
+    // Announced live to the owner's connections.
+    let ev = c.event("approval.requested").await;
+    assert_eq!(ev["seq"], 1);
+    assert_eq!(ev["payload"]["run_id"], Value::Null);
+    assert_eq!(ev["payload"]["session"], "s-ws");
+    assert_eq!(ev["payload"]["approval"]["code"], code.as_str());
+    assert_eq!(ev["payload"]["approval"]["id"], id.as_str());
+
+    let l = c.call("approvals.list", json!({})).await;
+    let list = l["payload"]["approvals"].as_array().unwrap().clone();
+    assert_eq!(list.len(), 1, "{l}");
+    assert_eq!(list[0]["code"], code.as_str());
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["tool"], "exec");
+    assert_eq!(list[0]["session"], "s-ws");
+    assert!(
+        list[0]["summary"].as_str().unwrap().contains("ws-approved"),
+        "{l}"
+    );
+    // An unknown code is not found; then the real one, as the owner (Cedar approval.grant).
+    let r = c
+        .call(
+            "approvals.resolve",
+            json!({"code": "ZZZZZZ", "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "not_found");
+    let r = c
+        .call(
+            "approvals.resolve",
+            json!({"code": code, "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(
+        r["payload"],
+        json!({"approval_id": id, "code": code, "granted": true, "by": "owner"})
+    );
+    let ev = c.event("approval.resolved").await;
+    assert_eq!(ev["payload"]["code"], code.as_str());
+    assert_eq!(ev["seq"], 2);
+    // Not pending any more.
+    let r = c
+        .call("approvals.resolve", json!({"id": id, "decision": "deny"}))
+        .await;
+    assert_eq!(error_code(&r), "conflict", "{r}");
+    let l = c.call("approvals.list", json!({})).await;
+    assert_eq!(l["payload"]["approvals"], json!([]));
+    // The same call now runs, once.
+    let (status, v) = raw_post(port, "/tools/invoke", &gw.token, &call).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(
+        v["result"]["stdout"]
+            .as_str()
+            .unwrap()
+            .contains("ws-approved")
+    );
+    assert_eq!(v["approval"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_websocket_works_as_wss_from_the_https_origin() {
+    use rustls::pki_types::pem::PemObject;
+    let cfg = format!(
+        "tls_cert = {:?}\ntls_key = {:?}",
+        real::fixture("gateway-test.crt"),
+        real::fixture("gateway-test.key")
+    );
+    let gw = tokio::task::spawn_blocking(move || real::start(&cfg))
+        .await
+        .unwrap();
+    let port = gw.port;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_file(real::fixture("gateway-test.crt"))
+                .unwrap(),
+        )
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let open_wss = |origin: &'static str| {
+        let tls = Arc::clone(&tls);
+        async move {
+            let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap();
+            let mut req = format!("wss://localhost:{port}/ws")
+                .into_client_request()
+                .unwrap();
+            let o = origin.replace("PORT", &port.to_string());
+            req.headers_mut().insert("Origin", o.parse().unwrap());
+            tokio_tungstenite::client_async(req, stream).await
+        }
+    };
+    let (mut ws, _) = open_wss("https://localhost:PORT").await.unwrap();
+    let connect =
+        json!({"type": "req", "id": 1, "method": "connect", "params": {"token": gw.token}});
+    ws.send(Message::text(connect.to_string())).await.unwrap();
+    let r = loop {
+        match tokio::time::timeout(WAIT, ws.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break serde_json::from_str::<Value>(&t).unwrap(),
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["payload"]["user"], "owner");
+    match open_wss("https://evil.example").await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403),
+        other => panic!("a foreign origin was not refused: {:?}", other.map(|_| ())),
+    }
 }

@@ -1312,12 +1312,14 @@ impl Run {
                                  "tool": approval.tool, "summary": approval.summary}}),
         );
         let started = tokio::time::Instant::now();
+        let mut resolved_by: Option<String> = None;
         let outcome = loop {
             let inner = Arc::clone(&self.inner);
             let id = approval.id.clone();
             let now = blocking(move || inner.p.approvals.get(&id))
                 .await?
                 .map_err(|e| AgentError::Task(e.to_string()))?;
+            resolved_by.clone_from(&now.resolved_by);
             match now.status.as_str() {
                 "granted" => break ApprovalOutcome::Granted(now.id.clone()),
                 "denied" => {
@@ -1343,7 +1345,8 @@ impl Run {
         };
         self.emit(
             "approval.resolved",
-            json!({"approval_id": approval.id, "code": approval.code, "granted": granted, "reason": by}),
+            json!({"approval_id": approval.id, "code": approval.code, "granted": granted,
+                   "by": resolved_by, "reason": by}),
         );
         self.set_status("running", None, None).await;
         Ok(outcome)

@@ -9,15 +9,17 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
-use super::backend::{BackendError, BackendEvent, BoxFut, ChatBackend, EventKind, RunStarted};
+use super::backend::{
+    ApprovalDesk, BackendError, BackendEvent, BoxFut, ChatBackend, EventKind, RunStarted,
+};
 use crate::agent::{Agent, AgentError, Stored, TurnRequest};
-use crate::approvals::ApprovalError;
 use crate::clock::rfc3339;
 
 /// [`ChatBackend`] for the gateway's agent.
 pub struct AgentBackend {
     agent: Agent,
     events: broadcast::Sender<BackendEvent>,
+    desk: ApprovalDesk,
 }
 
 fn kind(name: &str) -> Option<EventKind> {
@@ -40,20 +42,10 @@ fn agent_err(e: AgentError) -> BackendError {
     }
 }
 
-fn approval_err(e: ApprovalError) -> BackendError {
-    let m = e.to_string();
-    match e {
-        ApprovalError::NotFound(_) => BackendError::NotFound(m),
-        ApprovalError::Expired(_) => BackendError::Conflict(m),
-        ApprovalError::ApproverRefused { .. } => BackendError::Forbidden(m),
-        ApprovalError::NotPending { .. } => BackendError::Conflict(m),
-        _ => BackendError::Unavailable(m),
-    }
-}
-
 impl AgentBackend {
     /// Wraps the agent and starts forwarding its events (must run inside the gateway runtime).
-    pub fn new(agent: Agent) -> Self {
+    /// Approvals are listed and resolved through an [`ApprovalDesk`] over `approvals`.
+    pub fn new(agent: Agent, approvals: crate::approvals::Approvals) -> Self {
         let (events, _) = broadcast::channel(1024);
         let mut rx = agent.subscribe();
         let tx = events.clone();
@@ -80,7 +72,12 @@ impl AgentBackend {
                 }
             }
         });
-        Self { agent, events }
+        let desk = ApprovalDesk::new(approvals, events.clone());
+        Self {
+            agent,
+            events,
+            desk,
+        }
     }
 
     async fn owned_run(&self, user: &str, run_id: &str) -> Result<(), BackendError> {
@@ -212,23 +209,7 @@ impl ChatBackend for AgentBackend {
     }
 
     fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
-        let user = user.to_string();
-        Box::pin(async move {
-            let ap = self.agent.approvals().clone();
-            let list = tokio::task::spawn_blocking(move || ap.list(false))
-                .await
-                .map_err(|e| BackendError::Internal(e.to_string()))?
-                .map_err(approval_err)?;
-            let out: Vec<Value> = list
-                .iter()
-                .filter(|a| a.requester == user)
-                .map(|a| {
-                    json!({"id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
-                                "summary": a.summary, "session": a.session})
-                })
-                .collect();
-            Ok(json!({"approvals": out}))
-        })
+        self.desk.pending(user)
     }
 
     fn resolve_approval(
@@ -237,30 +218,7 @@ impl ChatBackend for AgentBackend {
         code_or_id: &str,
         grant: bool,
     ) -> BoxFut<'_, Result<Value, BackendError>> {
-        let (user, key) = (user.to_string(), code_or_id.to_string());
-        Box::pin(async move {
-            let ap = self.agent.approvals().clone();
-            let u2 = user.clone();
-            let a = tokio::task::spawn_blocking(move || {
-                let code = match ap.get(&key) {
-                    Ok(a) => a.code,
-                    Err(_) => key,
-                };
-                ap.resolve(&code, &u2, grant)
-            })
-            .await
-            .map_err(|e| BackendError::Internal(e.to_string()))?
-            .map_err(approval_err)?;
-            let payload =
-                json!({"approval_id": a.id, "code": a.code, "granted": grant, "by": user});
-            let _nobody = self.events.send(BackendEvent {
-                user: a.requester.clone(),
-                session: a.session.clone(),
-                event: EventKind::ApprovalResolved,
-                payload: payload.clone(),
-            });
-            Ok(payload)
-        })
+        self.desk.resolve(user, code_or_id, grant)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {
@@ -269,5 +227,9 @@ impl ChatBackend for AgentBackend {
 
     fn health(&self) -> Value {
         json!({"model_configured": self.agent.has_model()})
+    }
+
+    fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
+        let _nobody = self.events.send(self.desk.requested(user, None, approval));
     }
 }

@@ -5,8 +5,10 @@
 //!
 //! Contract for implementors (the agent loop):
 //! - Every method gets the authenticated user id (`owner` today). A backend answers only
-//!   about that user's runs, sessions and approvals: a run id or session of another user is
-//!   [`BackendError::NotFound`] (not `Forbidden`: existence is not revealed).
+//!   about that user's runs and sessions: a run id or session of another user is
+//!   [`BackendError::NotFound`] (not `Forbidden`: existence is not revealed). Approvals are
+//!   listed for their requester and resolved by whoever Cedar's `approval.grant` allows
+//!   ([`ApprovalDesk`] does both over `crate::approvals`).
 //! - [`ChatBackend::start_run`] returns at once (the run continues in the background).
 //! - Events are published on the broadcast channel returned by [`ChatBackend::subscribe`],
 //!   with `user` set to the user the run belongs to; the WebSocket layer delivers an event only
@@ -43,6 +45,7 @@ pub struct RunStarted {
 ///   `decision` one of `allow`, `deny`, `approval_required`, `invalid`; `outcome` a short
 ///   string or object describing what happened; `policies` the determining policy ids
 /// - `approval.requested`: `{run_id, session, approval: {id, code, expires_at, tool, summary}}`
+///   (`run_id` null when `/tools/invoke` opened it)
 /// - `approval.resolved`: `{approval_id, code, granted, by}`
 /// - `run.finished`: `{run_id, session, status, reply?, error?}` with `status` one of
 ///   `completed`, `failed`, `cancelled`, `timeout`
@@ -194,6 +197,202 @@ pub trait ChatBackend: Send + Sync {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent>;
     /// A small JSON object about the backend (model configured, runs in flight, ...).
     fn health(&self) -> Value;
+    /// Whether an agent runs chats (false: only approvals work; `connect` reports
+    /// `agent: false` and the page says what to configure).
+    fn agent_configured(&self) -> bool {
+        true
+    }
+    /// An approval was opened outside a run (by `POST /tools/invoke`): publish
+    /// `approval.requested` for `user` with `run_id: null` (e.g. via
+    /// [`ApprovalDesk::requested`]). The default publishes nothing.
+    fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
+        let _ = (user, approval);
+    }
+}
+
+/// The approvals half of a backend over the real approval workflow (`crate::approvals`):
+/// list this user's pending approvals, resolve one by code or id as this user (Cedar
+/// `approval.grant` decides, audited), and publish `approval.resolved`. The agent's backend
+/// can delegate its `approvals` / `resolve_approval` here, and call
+/// [`ApprovalDesk::requested`] when it opens an approval.
+#[derive(Clone)]
+pub struct ApprovalDesk {
+    approvals: crate::approvals::Approvals,
+    events: tokio::sync::broadcast::Sender<BackendEvent>,
+}
+
+fn approval_error(e: crate::approvals::ApprovalError) -> BackendError {
+    use crate::approvals::ApprovalError as A;
+    use crate::gate::GateError;
+    let msg = e.to_string();
+    match e {
+        A::NotFound(_) => BackendError::NotFound(msg),
+        A::NotPending { .. } | A::Expired(_) | A::NotApproved => BackendError::Conflict(msg),
+        A::ApproverRefused { .. } => BackendError::Forbidden(msg),
+        A::Audit(_) | A::Gate(GateError::AuditUnavailable(_)) => BackendError::Unavailable(msg),
+        _ => BackendError::Internal(msg),
+    }
+}
+
+/// The wire shape of an approval (`approvals.list`, `approval.requested`).
+pub fn approval_json(a: &crate::approvals::Approval) -> Value {
+    serde_json::json!({
+        "id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
+        "summary": a.summary, "session": a.session,
+    })
+}
+
+impl ApprovalDesk {
+    pub fn new(
+        approvals: crate::approvals::Approvals,
+        events: tokio::sync::broadcast::Sender<BackendEvent>,
+    ) -> Self {
+        Self { approvals, events }
+    }
+
+    /// The event for an approval just opened for `user` (in run `run_id`, or `None` for one
+    /// opened by `/tools/invoke`); publish it on the backend's channel.
+    pub fn requested(
+        &self,
+        user: &str,
+        run_id: Option<&str>,
+        a: &crate::approvals::Approval,
+    ) -> BackendEvent {
+        BackendEvent {
+            user: user.into(),
+            session: a.session.clone(),
+            event: EventKind::ApprovalRequested,
+            payload: serde_json::json!({"run_id": run_id, "session": a.session, "approval": {
+                "id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
+                "summary": a.summary}}),
+        }
+    }
+
+    /// `user`'s pending approvals (`{approvals: [...]}`), newest first.
+    pub fn pending(&self, user: &str) -> BoxFut<'static, Result<Value, BackendError>> {
+        let approvals = self.approvals.clone();
+        let user = user.to_string();
+        Box::pin(async move {
+            let list = tokio::task::spawn_blocking(move || approvals.list(false))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(approval_error)?;
+            let mine: Vec<Value> = list
+                .iter()
+                .filter(|a| a.requester == user)
+                .map(approval_json)
+                .collect();
+            Ok(serde_json::json!({ "approvals": mine }))
+        })
+    }
+
+    /// Grants or denies the pending approval with this code or id as `user`; publishes
+    /// `approval.resolved` and returns its payload.
+    pub fn resolve(
+        &self,
+        user: &str,
+        code_or_id: &str,
+        grant: bool,
+    ) -> BoxFut<'static, Result<Value, BackendError>> {
+        let approvals = self.approvals.clone();
+        let events = self.events.clone();
+        let user = user.to_string();
+        let key = code_or_id.to_string();
+        Box::pin(async move {
+            let by = user.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                // A code is 6 characters, an id 32 hex digits. Who may resolve is Cedar's
+                // decision (`approval.grant`) either way, as for `chitin approvals approve`.
+                let code = if key.len() > 8 {
+                    approvals
+                        .list(true)?
+                        .into_iter()
+                        .find(|a| a.id == key)
+                        .map(|a| a.code)
+                        .ok_or_else(|| crate::approvals::ApprovalError::NotFound(key.clone()))?
+                } else {
+                    key.clone()
+                };
+                approvals.resolve(&code, &by, grant)
+            })
+            .await
+            .map_err(|e| BackendError::Internal(e.to_string()))?
+            .map_err(approval_error)?;
+            let payload = serde_json::json!({
+                "approval_id": done.id, "code": done.code, "granted": grant, "by": user,
+            });
+            let _ = events.send(BackendEvent {
+                user: done.requester.clone(),
+                session: done.session.clone(),
+                event: EventKind::ApprovalResolved,
+                payload: payload.clone(),
+            });
+            Ok(payload)
+        })
+    }
+}
+
+/// The backend of a gateway without an agent: chat methods answer `not_configured` with what
+/// to configure; approvals (e.g. those `/tools/invoke` opened) can still be listed and
+/// resolved from the web page.
+pub struct NoAgent {
+    desk: ApprovalDesk,
+    events: tokio::sync::broadcast::Sender<BackendEvent>,
+}
+
+impl NoAgent {
+    pub fn new(approvals: crate::approvals::Approvals) -> Self {
+        let (events, _) = tokio::sync::broadcast::channel(256);
+        Self {
+            desk: ApprovalDesk::new(approvals, events.clone()),
+            events,
+        }
+    }
+}
+
+/// What a gateway without an agent answers to chat methods.
+pub const NOT_CONFIGURED: &str = "no agent is configured on this gateway: set [agent] model and add a [[providers]] entry in chitin.toml, then restart `chitin gateway`";
+
+fn not_configured<'a>() -> BoxFut<'a, Result<Value, BackendError>> {
+    Box::pin(async { Err(BackendError::NotConfigured(NOT_CONFIGURED.into())) })
+}
+
+impl ChatBackend for NoAgent {
+    fn start_run(&self, _: &str, _: Option<&str>, _: &str) -> Result<RunStarted, BackendError> {
+        Err(BackendError::NotConfigured(NOT_CONFIGURED.into()))
+    }
+    fn wait_run(&self, _: &str, _: &str, _: Duration) -> BoxFut<'_, Result<Value, BackendError>> {
+        not_configured()
+    }
+    fn history(&self, _: &str, _: &str, _: usize) -> BoxFut<'_, Result<Value, BackendError>> {
+        not_configured()
+    }
+    fn sessions(&self, _: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        not_configured()
+    }
+    fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        self.desk.pending(user)
+    }
+    fn resolve_approval(
+        &self,
+        user: &str,
+        code_or_id: &str,
+        grant: bool,
+    ) -> BoxFut<'_, Result<Value, BackendError>> {
+        self.desk.resolve(user, code_or_id, grant)
+    }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent> {
+        self.events.subscribe()
+    }
+    fn health(&self) -> Value {
+        serde_json::json!({"agent": "not configured"})
+    }
+    fn agent_configured(&self) -> bool {
+        false
+    }
+    fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
+        let _ = self.events.send(self.desk.requested(user, None, approval));
+    }
 }
 
 /// A scripted in-process backend for tests of the WebSocket layer and the web page.

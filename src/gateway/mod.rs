@@ -96,7 +96,8 @@ pub struct Parts {
     /// HTTPS when set (`[gateway] tls_cert` + `tls_key`).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub metrics: Arc<Metrics>,
-    /// The agent behind the WebSocket chat methods (none: they answer `not_configured`).
+    /// The agent behind the WebSocket chat methods (none: chat answers `not_configured`;
+    /// approvals still work through `backend::NoAgent`).
     pub backend: Option<Arc<dyn backend::ChatBackend>>,
     /// The agent loop (`/v1/chat/completions`, and the WebSocket backend when `backend` is
     /// `None`).
@@ -291,13 +292,20 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let skills_status = verify_skills(skills.as_ref(), &parts.gate);
     let ws_settings =
         ws::WsSettings::from_config(&parts.config.gateway).map_err(GatewayError::Config)?;
-    let (backend, metrics) = (parts.backend, Arc::clone(&parts.metrics));
-    let backend = backend.or_else(|| {
-        parts
-            .agent
-            .clone()
-            .map(|a| Arc::new(agent_backend::AgentBackend::new(a)) as Arc<dyn backend::ChatBackend>)
-    });
+    // The agent when there is one; without it, approvals still work over the WebSocket (chat
+    // answers what to configure).
+    let backend = parts
+        .backend
+        .or_else(|| {
+            parts.agent.clone().map(|a| {
+                Arc::new(agent_backend::AgentBackend::new(a, approvals.clone()))
+                    as Arc<dyn backend::ChatBackend>
+            })
+        })
+        .unwrap_or_else(|| {
+            Arc::new(backend::NoAgent::new(approvals.clone())) as Arc<dyn backend::ChatBackend>
+        });
+    let (backend, metrics) = (Some(backend), Arc::clone(&parts.metrics));
     if let Some(agent) = &parts.agent {
         match agent.recover().await {
             Ok(0) => {}
@@ -933,6 +941,10 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
                     .inspect(|a| {
                         app.metrics.approval("requested");
                         info!(tool, code = %a.code, "approval requested");
+                        // Live on the WebSocket (the web page's approval list).
+                        if let Some(b) = app.ws.backend() {
+                            b.approval_opened(&app.owner, a);
+                        }
                     }),
                 Err(e) => Err(e),
             };

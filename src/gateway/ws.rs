@@ -38,7 +38,7 @@ use tokio::sync::{Semaphore, broadcast, mpsc, watch};
 use tracing::{info, warn};
 
 use super::auth::{self, AuthFailure, LimitConfig, Limiter};
-use super::backend::{BackendError, BackendEvent, ChatBackend, EventKind};
+use super::backend::{BackendError, BackendEvent, ChatBackend, EventKind, NOT_CONFIGURED};
 use super::metrics::Metrics;
 use crate::config::gateway::GatewayConfig;
 
@@ -65,8 +65,6 @@ pub const METHODS: [&str; 9] = [
     "approvals.resolve",
     "health",
 ];
-
-const NOT_CONFIGURED: &str = "no agent is configured on this gateway: set [agent] model and add a [[providers]] entry in chitin.toml, then restart `chitin gateway`";
 
 /// Who a token belongs to, and the failed-authentication bookkeeping. The gateway implements
 /// it over its own token and limiter (and audit log); tests use [`TokenAuth`].
@@ -286,6 +284,11 @@ impl Ws {
 
     pub fn backend(&self) -> Option<&Arc<dyn ChatBackend>> {
         self.backend.as_ref()
+    }
+
+    /// Whether chats reach an agent.
+    pub fn agent_configured(&self) -> bool {
+        self.backend.as_ref().is_some_and(|b| b.agent_configured())
     }
 }
 
@@ -752,7 +755,7 @@ async fn connection(ws: Arc<Ws>, mut socket: WebSocket, client: IpAddr, settings
         "user": user,
         "protocol": PROTOCOL_VERSION,
         "server": {"name": "chitin", "version": env!("CARGO_PKG_VERSION")},
-        "agent": ws.backend.is_some(),
+        "agent": ws.agent_configured(),
         "limits": {
             "max_frame_bytes": settings.max_message,
             "ping_interval_ms": u64::try_from(settings.ping_interval.as_millis()).unwrap_or(u64::MAX),
@@ -901,13 +904,14 @@ fn handle_text(
                 return bad(e);
             }
             let backend = ws.backend.as_ref().map(|b| b.health());
+            let agent = ws.agent_configured();
             Some(res_ok(
                 &id,
                 json!({
                     "ok": true,
                     "version": env!("CARGO_PKG_VERSION"),
                     "connections": ws.open_connections(),
-                    "agent": backend.is_some(),
+                    "agent": agent,
                     "backend": backend,
                 }),
             ))

@@ -104,7 +104,7 @@
           setConnected(true);
           setSession(state.session);
           if (!p.agent) {
-            showError('No agent is configured on this gateway: set [agent] model and [[providers]] in chitin.toml.');
+            showError('No agent is configured on this gateway (set [agent] model and [[providers]] in chitin.toml); approvals still work here.');
           }
           loadApprovals();
           if (state.session) loadHistory();
@@ -315,12 +315,18 @@
     }
   }
 
+  // The server's list replaces ours (approvals resolved elsewhere, e.g. the CLI, disappear).
   function loadApprovals() {
     request('approvals.list').then(
       (p) => {
-        for (const a of p.approvals || []) addApproval(a, a);
+        const list = p.approvals || [];
+        const ids = new Set(list.map((a) => String(a.id)));
+        for (const id of Array.from(state.approvals.keys())) if (!ids.has(id)) removeApproval(id);
+        for (const a of list) addApproval(a, a);
       },
-      () => {},
+      (e) => {
+        if (e.code !== 'not_configured') showError('Approvals not loaded: ' + (e.message || e.code));
+      },
     );
   }
 
@@ -368,6 +374,9 @@
       if (ev.key === 'Enter') connect();
     });
     $('send').addEventListener('click', send);
+    $('refresh-approvals').addEventListener('click', () => {
+      if (state.ws) loadApprovals();
+    });
     $('input').addEventListener('keydown', (ev) => {
       if (ev.key === 'Enter' && !ev.shiftKey) {
         ev.preventDefault();
