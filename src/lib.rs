@@ -15,3 +15,4 @@ pub mod skills_host;
 pub mod state;
 pub mod store;
 pub mod tools;
+pub mod vault;

@@ -1,0 +1,842 @@
+//! Per-subject data keys and sealing (crypto-shredding).
+//!
+//! Every piece of personal content Chitin stores (transcript messages, tool outputs,
+//! attachments, session summaries) is sealed with a key that belongs to one data subject: a
+//! Cedar entity reference of type `Chitin::User` or `Chitin::Identity`. Destroying that key
+//! ([`Vault::destroy`]) makes every copy of the subject's content unreadable, wherever the
+//! ciphertext still lies (free pages, WAL frames, old backups).
+//!
+//! Design:
+//! - Sealed format: `"CV1" ‖ key id (16) ‖ nonce (24) ‖ XChaCha20-Poly1305(ciphertext ‖ tag)`
+//!   with associated data `"chitin-vault-v1\0" ‖ subject ‖ "\0" ‖ key id`, so a sealed blob
+//!   moved to another subject's row does not open.
+//! - Data keys live in `vault.keys` in the state directory, itself sealed with XChaCha20-Poly1305
+//!   under the vault master key; the master key lives in the secret store under the reserved
+//!   name `chitin.vault-key` (never released or revealed).
+//! - **Backups never contain `vault.keys`.** A backup carries `secrets.age` (and therefore the
+//!   master key), but not the data keys, so no key that survives an erasure (the store identity,
+//!   the backup identity, the master key) opens an erased subject's content in an old backup.
+//!   The cost: a backup restored on a machine that lost `vault.keys` keeps metadata but not
+//!   content (see `docs/parts/SECURITY.lifecycle.md`).
+//! - A destroyed key leaves a tombstone (its random id and the time, not the subject), so
+//!   [`Vault::open`] reports [`VaultError::Erased`] and a restore can purge rows sealed with
+//!   erased keys.
+//! - Keys are cached in memory (zeroized on drop). Each call compares the file's identity
+//!   (inode, size, mtime) with the cached one and reloads after another process (the CLI's
+//!   `data erase`) changed it; every write re-reads the file under `vault.lock`, so a process
+//!   with a stale cache never resurrects a destroyed key.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use serde::{Deserialize, Serialize};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::secrets::SecretsConfig;
+use crate::secrets::{SecretName, SecretStore, SecretValue, SecretsError, fsutil};
+
+/// The sealed data-key file in the state directory. Never part of a backup.
+pub const VAULT_FILE: &str = "vault.keys";
+/// Writers of `vault.keys` serialize on an exclusive lock of this file.
+pub const VAULT_LOCK: &str = "vault.lock";
+/// The reserved secret holding the master key (64 hex digits).
+pub const VAULT_KEY_SECRET: &str = "chitin.vault-key";
+
+const SEAL_MAGIC: &[u8; 3] = b"CV1";
+const FILE_MAGIC: &[u8; 4] = b"CVK1";
+const ID_LEN: usize = 16;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+const HEADER_LEN: usize = SEAL_MAGIC.len() + ID_LEN + NONCE_LEN;
+const SEAL_AD: &[u8] = b"chitin-vault-v1\0";
+const FILE_AD: &[u8] = b"chitin-vault-keys-v1";
+const MAX_SUBJECT_ID: usize = 256;
+
+/// Errors of the vault. Messages never carry content or key material.
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("the data of {subject} was erased (its key was destroyed); it cannot be read")]
+    Erased { subject: String },
+    #[error(
+        "invalid subject `{0}`: expected a Cedar entity reference such as \
+         Chitin::User::\"alice\" or Chitin::Identity::\"telegram:12345\""
+    )]
+    InvalidSubject(String),
+    #[error("sealed data is malformed or not made by the vault: {0}")]
+    Malformed(&'static str),
+    #[error(
+        "sealed data for {subject} does not open: it was sealed for another subject or changed"
+    )]
+    Tampered { subject: String },
+    #[error(
+        "no data key for {subject} matches the sealed data; was vault.keys replaced or restored \
+         from elsewhere?"
+    )]
+    UnknownKey { subject: String },
+    #[error(
+        "{path} cannot be decrypted with the vault key in the secret store ({reason}); restore the \
+         matching secrets.age, or move {path} away (sealed content becomes unreadable)"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path} exists but the secret store has no `{VAULT_KEY_SECRET}`; restore the secret store \
+         that holds it, or move {path} away (sealed content becomes unreadable)"
+    )]
+    MasterKeyMissing { path: PathBuf },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        path: PathBuf,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Secrets(#[from] SecretsError),
+    #[error("the operating system's random generator failed: {0}")]
+    Random(String),
+    #[error("vault lock poisoned by a panic in another thread; restart the gateway")]
+    Poisoned,
+}
+
+fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> VaultError + 'a {
+    move |source| VaultError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    }
+}
+
+/// The kind of a data subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SubjectKind {
+    User,
+    Identity,
+}
+
+/// A data subject: `Chitin::User::"<id>"` or `Chitin::Identity::"<id>"`, parsed strictly.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Subject {
+    pub kind: SubjectKind,
+    pub id: String,
+}
+
+impl Subject {
+    /// Parses a subject. Strict: exactly `Chitin::User::"ID"` or `Chitin::Identity::"ID"`, no
+    /// whitespace, `ID` of 1..=256 characters without quotes, backslashes, control or
+    /// bidirectional-formatting characters (so the text is its own canonical form).
+    pub fn parse(text: &str) -> Result<Self, VaultError> {
+        let bad = || VaultError::InvalidSubject(printable(text));
+        let (kind, rest) = if let Some(r) = text.strip_prefix("Chitin::User::\"") {
+            (SubjectKind::User, r)
+        } else if let Some(r) = text.strip_prefix("Chitin::Identity::\"") {
+            (SubjectKind::Identity, r)
+        } else {
+            return Err(bad());
+        };
+        let id = rest.strip_suffix('"').ok_or_else(bad)?;
+        if id.is_empty()
+            || id.chars().count() > MAX_SUBJECT_ID
+            || id.chars().any(|c| {
+                c == '"'
+                    || c == '\\'
+                    || c.is_control()
+                    || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+            })
+        {
+            return Err(bad());
+        }
+        Ok(Self {
+            kind,
+            id: id.to_owned(),
+        })
+    }
+
+    /// The user id when this is a `Chitin::User`.
+    pub fn user_id(&self) -> Option<&str> {
+        (self.kind == SubjectKind::User).then_some(self.id.as_str())
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = match self.kind {
+            SubjectKind::User => "User",
+            SubjectKind::Identity => "Identity",
+        };
+        write!(f, "Chitin::{t}::\"{}\"", self.id)
+    }
+}
+
+/// Escapes control characters so an error message cannot forge terminal output.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(300)
+        .flat_map(char::escape_debug)
+        .collect()
+}
+
+/// The random id of a data key (public: it appears in sealed data and tombstones).
+pub type KeyId = [u8; ID_LEN];
+
+struct DataKey {
+    id: KeyId,
+    key: Zeroizing<[u8; 32]>,
+    created_ms: i64,
+}
+
+/// The identity of `vault.keys` as last read (inode, size, mtime): a change means another
+/// process wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: i64,
+    mtime_ns: i64,
+}
+
+#[derive(Default)]
+struct Keys {
+    stamp: Option<Stamp>,
+    by_subject: BTreeMap<String, DataKey>,
+    /// Tombstones: destroyed key id → when.
+    erased: BTreeMap<KeyId, i64>,
+}
+
+/// The vault: seals and opens content per subject. `Send + Sync`; share it in an `Arc`.
+pub struct Vault {
+    path: PathBuf,
+    lock_path: PathBuf,
+    master: Zeroizing<[u8; 32]>,
+    clock: Arc<dyn Clock>,
+    keys: RwLock<Keys>,
+}
+
+impl std::fmt::Debug for Vault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vault").field("path", &self.path).finish()
+    }
+}
+
+impl Vault {
+    /// Opens the vault of the state directory `home`, unlocking the secret store with the
+    /// configured protection (`CHITIN_PASSPHRASE`, prompt or keyring cache). Creates the master
+    /// key in the store on first use.
+    pub fn unlock(home: &Path, cfg: &SecretsConfig) -> Result<Self, VaultError> {
+        let mut store = SecretStore::open(home, cfg)?;
+        Self::from_store(home, &mut store, Arc::new(SystemClock))
+    }
+
+    /// [`Vault::unlock`] with a secret store the caller already unlocked (the gateway and the
+    /// CLI's `Runtime` hold one) and an explicit clock.
+    pub fn from_store(
+        home: &Path,
+        store: &mut SecretStore,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, VaultError> {
+        let path = home.join(VAULT_FILE);
+        let name = SecretName::parse(VAULT_KEY_SECRET).map_err(SecretsError::InvalidName)?;
+        let master = match store.internal_value(&name) {
+            Some(v) => master_of(v)?,
+            None if fsutil::exists(&path) => return Err(VaultError::MasterKeyMissing { path }),
+            None => {
+                let mut k = Zeroizing::new([0u8; 32]);
+                random(&mut k[..])?;
+                let hex = Zeroizing::new(chitin_audit::to_hex(&k[..]));
+                store.set(&name, SecretValue::from_str_copy(&hex), &[])?;
+                k
+            }
+        };
+        let vault = Self {
+            lock_path: home.join(VAULT_LOCK),
+            path,
+            master,
+            clock,
+            keys: RwLock::new(Keys::default()),
+        };
+        vault.refresh()?;
+        Ok(vault)
+    }
+
+    /// The data-key file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Seals `plaintext` for `subject` (a Cedar entity reference), creating the subject's key on
+    /// first use. A fresh random nonce every time.
+    pub fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+        let subject = Subject::parse(subject)?.to_string();
+        self.refresh()?;
+        {
+            let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+            if let Some(k) = keys.by_subject.get(&subject) {
+                return seal_with(k, &subject, plaintext);
+            }
+        }
+        self.modify(|keys, now| {
+            if !keys.by_subject.contains_key(&subject) {
+                let mut key = Zeroizing::new([0u8; 32]);
+                random(&mut key[..])?;
+                let mut id = [0u8; ID_LEN];
+                random(&mut id)?;
+                keys.by_subject.insert(
+                    subject.clone(),
+                    DataKey {
+                        id,
+                        key,
+                        created_ms: now,
+                    },
+                );
+                return Ok(true);
+            }
+            Ok(false)
+        })?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        let k = keys
+            .by_subject
+            .get(&subject)
+            .ok_or_else(|| VaultError::UnknownKey {
+                subject: subject.clone(),
+            })?;
+        seal_with(k, &subject, plaintext)
+    }
+
+    /// Opens what [`Vault::seal`] sealed for `subject`. [`VaultError::Erased`] when the key was
+    /// destroyed; [`VaultError::Tampered`] when the blob was changed or sealed for another
+    /// subject.
+    pub fn open(&self, subject: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, VaultError> {
+        let subject = Subject::parse(subject)?.to_string();
+        let (id, nonce, ct) = split(sealed)?;
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        let Some(k) = keys.by_subject.get(&subject).filter(|k| k.id == id) else {
+            if keys.erased.contains_key(&id) {
+                return Err(VaultError::Erased { subject });
+            }
+            if keys.by_subject.values().any(|k| k.id == id) {
+                return Err(VaultError::Tampered { subject });
+            }
+            return Err(VaultError::UnknownKey { subject });
+        };
+        let cipher = XChaCha20Poly1305::new((&*k.key).into());
+        let ad = associated_data(&subject, &id);
+        cipher
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: &ad })
+            .map(Zeroizing::new)
+            .map_err(|_| VaultError::Tampered { subject })
+    }
+
+    /// Destroys `subject`'s data key (crypto-shredding): every blob sealed with it becomes
+    /// unreadable, here and in every backup. Returns whether a key existed. Idempotent.
+    pub fn destroy(&self, subject: &str) -> Result<bool, VaultError> {
+        let subject = Subject::parse(subject)?.to_string();
+        self.modify(|keys, now| match keys.by_subject.remove(&subject) {
+            Some(k) => {
+                keys.erased.insert(k.id, now);
+                Ok(true)
+            }
+            None => Ok(false),
+        })
+    }
+
+    /// Whether `subject` currently has a data key.
+    pub fn has_key(&self, subject: &str) -> Result<bool, VaultError> {
+        let subject = Subject::parse(subject)?.to_string();
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys.by_subject.contains_key(&subject))
+    }
+
+    /// Whether `sealed` was sealed with a key that has since been destroyed (used after a
+    /// restore to purge rows of erased subjects).
+    pub fn is_erased_blob(&self, sealed: &[u8]) -> Result<bool, VaultError> {
+        let (id, _, _) = split(sealed)?;
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys.erased.contains_key(&id))
+    }
+
+    /// The key id inside a sealed blob.
+    pub fn key_id_of(sealed: &[u8]) -> Result<KeyId, VaultError> {
+        split(sealed).map(|(id, _, _)| id)
+    }
+
+    /// Reloads `vault.keys` if another process changed it since this handle last read it.
+    fn refresh(&self) -> Result<(), VaultError> {
+        let now = stamp(&self.path)?;
+        {
+            let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+            if keys.stamp == now {
+                return Ok(());
+            }
+        }
+        let mut keys = self.keys.write().map_err(|_| VaultError::Poisoned)?;
+        *keys = self.load()?;
+        Ok(())
+    }
+
+    /// Read-modify-write under `vault.lock`: re-reads the file, applies `change`, writes the file
+    /// atomically if `change` says it changed something, and replaces the cache.
+    fn modify(
+        &self,
+        change: impl FnOnce(&mut Keys, i64) -> Result<bool, VaultError>,
+    ) -> Result<bool, VaultError> {
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&self.lock_path)
+            .map_err(io(&self.lock_path, "open"))?;
+        lock.lock().map_err(io(&self.lock_path, "lock"))?;
+        let mut keys = self.load()?;
+        let out = change(&mut keys, self.clock.now_ms())?;
+        if out {
+            let bytes = self.encode(&keys)?;
+            fsutil::write_atomic(&self.path, &bytes)?;
+            keys.stamp = stamp(&self.path)?;
+        }
+        *self.keys.write().map_err(|_| VaultError::Poisoned)? = keys;
+        drop(lock);
+        Ok(out)
+    }
+
+    fn load(&self) -> Result<Keys, VaultError> {
+        let before = stamp(&self.path)?;
+        let Some(bytes) = fsutil::read_private(&self.path)? else {
+            return Ok(Keys::default());
+        };
+        let corrupt = |reason: &str| VaultError::Corrupt {
+            path: self.path.clone(),
+            reason: reason.into(),
+        };
+        let body = bytes
+            .strip_prefix(&FILE_MAGIC[..])
+            .ok_or_else(|| corrupt("not a vault key file"))?;
+        if body.len() < NONCE_LEN + TAG_LEN {
+            return Err(corrupt("truncated"));
+        }
+        let (nonce, ct) = body.split_at(NONCE_LEN);
+        let cipher = XChaCha20Poly1305::new((&*self.master).into());
+        let plain = Zeroizing::new(
+            cipher
+                .decrypt(
+                    XNonce::from_slice(nonce),
+                    Payload {
+                        msg: ct,
+                        aad: FILE_AD,
+                    },
+                )
+                .map_err(|_| corrupt("authentication failed"))?,
+        );
+        let raw: RawFile<'_> =
+            serde_json::from_slice(&plain).map_err(|_| corrupt("malformed contents"))?;
+        if raw.version != 1 {
+            return Err(corrupt("unknown version"));
+        }
+        let mut keys = Keys {
+            stamp: before,
+            ..Keys::default()
+        };
+        for e in raw.keys {
+            let id = decode_id(e.id).ok_or_else(|| corrupt("bad key id"))?;
+            let key = decode_key(e.key).ok_or_else(|| corrupt("bad key"))?;
+            Subject::parse(&e.subject).map_err(|_| corrupt("bad subject"))?;
+            keys.by_subject.insert(
+                e.subject,
+                DataKey {
+                    id,
+                    key,
+                    created_ms: e.created_ms,
+                },
+            );
+        }
+        for t in raw.erased {
+            let id = decode_id(&t.id).ok_or_else(|| corrupt("bad tombstone"))?;
+            keys.erased.insert(id, t.erased_ms);
+        }
+        Ok(keys)
+    }
+
+    fn encode(&self, keys: &Keys) -> Result<Vec<u8>, VaultError> {
+        let hexes: Vec<(String, Zeroizing<String>)> = keys
+            .by_subject
+            .values()
+            .map(|k| {
+                (
+                    chitin_audit::to_hex(&k.id),
+                    Zeroizing::new(chitin_audit::to_hex(&k.key[..])),
+                )
+            })
+            .collect();
+        let file = RawFileOut {
+            version: 1,
+            keys: keys
+                .by_subject
+                .iter()
+                .zip(&hexes)
+                .map(|((subject, k), (id, key))| RawKeyOut {
+                    subject,
+                    id,
+                    key: key.as_str(),
+                    created_ms: k.created_ms,
+                })
+                .collect(),
+            erased: keys
+                .erased
+                .iter()
+                .map(|(id, ms)| RawTombstone {
+                    id: chitin_audit::to_hex(id),
+                    erased_ms: *ms,
+                })
+                .collect(),
+        };
+        let plain = Zeroizing::new(serde_json::to_vec(&file).map_err(|e| VaultError::Corrupt {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        })?);
+        let mut nonce = [0u8; NONCE_LEN];
+        random(&mut nonce)?;
+        let cipher = XChaCha20Poly1305::new((&*self.master).into());
+        let ct = cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: &plain,
+                    aad: FILE_AD,
+                },
+            )
+            .map_err(|_| VaultError::Random("encryption failed".into()))?;
+        let mut out = Vec::with_capacity(FILE_MAGIC.len() + NONCE_LEN + ct.len());
+        out.extend_from_slice(FILE_MAGIC);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&ct);
+        Ok(out)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile<'a> {
+    version: u32,
+    #[serde(borrow)]
+    keys: Vec<RawKey<'a>>,
+    erased: Vec<RawTombstone>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKey<'a> {
+    subject: String,
+    #[serde(borrow)]
+    id: &'a str,
+    /// Borrowed from the zeroizing plaintext, never copied into a `String`.
+    #[serde(borrow)]
+    key: &'a str,
+    created_ms: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTombstone {
+    id: String,
+    erased_ms: i64,
+}
+
+#[derive(Serialize)]
+struct RawFileOut<'a> {
+    version: u32,
+    keys: Vec<RawKeyOut<'a>>,
+    erased: Vec<RawTombstone>,
+}
+
+#[derive(Serialize)]
+struct RawKeyOut<'a> {
+    subject: &'a str,
+    id: &'a str,
+    key: &'a str,
+    created_ms: i64,
+}
+
+fn stamp(path: &Path) -> Result<Option<Stamp>, VaultError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) => Ok(Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: m.mtime(),
+            mtime_ns: m.mtime_nsec(),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(path, "inspect")(e)),
+    }
+}
+
+fn random(buf: &mut [u8]) -> Result<(), VaultError> {
+    getrandom::fill(buf).map_err(|e| VaultError::Random(e.to_string()))
+}
+
+fn associated_data(subject: &str, id: &KeyId) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(SEAL_AD.len() + subject.len() + 1 + ID_LEN);
+    ad.extend_from_slice(SEAL_AD);
+    ad.extend_from_slice(subject.as_bytes());
+    ad.push(0);
+    ad.extend_from_slice(id);
+    ad
+}
+
+fn seal_with(k: &DataKey, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, VaultError> {
+    let mut nonce = [0u8; NONCE_LEN];
+    random(&mut nonce)?;
+    let cipher = XChaCha20Poly1305::new((&*k.key).into());
+    let ad = associated_data(subject, &k.id);
+    let ct = cipher
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &ad,
+            },
+        )
+        .map_err(|_| VaultError::Random("encryption failed".into()))?;
+    let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+    out.extend_from_slice(SEAL_MAGIC);
+    out.extend_from_slice(&k.id);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ct);
+    Ok(out)
+}
+
+fn split(sealed: &[u8]) -> Result<(KeyId, &[u8], &[u8]), VaultError> {
+    if sealed.len() < HEADER_LEN + TAG_LEN {
+        return Err(VaultError::Malformed("too short"));
+    }
+    let (magic, rest) = sealed.split_at(SEAL_MAGIC.len());
+    if magic != SEAL_MAGIC {
+        return Err(VaultError::Malformed("wrong magic"));
+    }
+    let (id, rest) = rest.split_at(ID_LEN);
+    let (nonce, ct) = rest.split_at(NONCE_LEN);
+    let mut key_id = [0u8; ID_LEN];
+    key_id.copy_from_slice(id);
+    Ok((key_id, nonce, ct))
+}
+
+fn master_of(v: &SecretValue) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    decode_key(v.expose_str().unwrap_or("")).ok_or_else(|| {
+        VaultError::Secrets(SecretsError::InvalidValue {
+            name: VAULT_KEY_SECRET.into(),
+            reason: "is not 64 hex digits; restore the store from a backup".into(),
+        })
+    })
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    }
+}
+
+fn decode_into(text: &str, out: &mut [u8]) -> Option<()> {
+    let bytes = text.as_bytes();
+    if bytes.len() != out.len() * 2 {
+        return None;
+    }
+    for (o, pair) in out.iter_mut().zip(bytes.chunks(2)) {
+        let hi = hex_digit(*pair.first()?)?;
+        let lo = hex_digit(*pair.get(1)?)?;
+        *o = (hi << 4) | lo;
+    }
+    Some(())
+}
+
+fn decode_key(text: &str) -> Option<Zeroizing<[u8; 32]>> {
+    let mut k = Zeroizing::new([0u8; 32]);
+    match decode_into(text, &mut k[..]) {
+        Some(()) => Some(k),
+        None => {
+            k.zeroize();
+            None
+        }
+    }
+}
+
+fn decode_id(text: &str) -> Option<KeyId> {
+    let mut id = [0u8; ID_LEN];
+    decode_into(text, &mut id).map(|()| id)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    const ALICE: &str = "Chitin::User::\"alice\"";
+    const BOB: &str = "Chitin::Identity::\"telegram:12345\"";
+
+    fn vault_in(dir: &Path) -> Vault {
+        let master = Zeroizing::new([7u8; 32]);
+        Vault {
+            path: dir.join(VAULT_FILE),
+            lock_path: dir.join(VAULT_LOCK),
+            master,
+            clock: Arc::new(crate::clock::ManualClock::new(1_000)),
+            keys: RwLock::new(Keys::default()),
+        }
+    }
+
+    #[test]
+    fn the_vault_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Vault>();
+    }
+
+    #[test]
+    fn sealed_content_opens_for_its_subject_only() {
+        let d = tempfile::tempdir().unwrap();
+        let v = vault_in(d.path());
+        let s = v.seal(ALICE, b"hello canary").unwrap();
+        assert!(!s.windows(6).any(|w| w == b"canary"));
+        assert_eq!(&v.open(ALICE, &s).unwrap()[..], b"hello canary");
+        v.seal(BOB, b"x").unwrap();
+        assert!(matches!(v.open(BOB, &s), Err(VaultError::Tampered { .. })));
+    }
+
+    #[test]
+    fn two_seals_of_the_same_text_differ() {
+        let d = tempfile::tempdir().unwrap();
+        let v = vault_in(d.path());
+        assert_ne!(
+            v.seal(ALICE, b"same").unwrap(),
+            v.seal(ALICE, b"same").unwrap()
+        );
+    }
+
+    #[test]
+    fn each_kind_of_tamper_fails() {
+        let d = tempfile::tempdir().unwrap();
+        let v = vault_in(d.path());
+        let s = v.seal(ALICE, b"some content here").unwrap();
+        for i in 0..s.len() {
+            let mut t = s.clone();
+            t[i] ^= 1;
+            let e = v.open(ALICE, &t).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    VaultError::Tampered { .. }
+                        | VaultError::Malformed(_)
+                        | VaultError::UnknownKey { .. }
+                ),
+                "byte {i}: {e}"
+            );
+        }
+        assert!(matches!(
+            v.open(ALICE, &s[..s.len() - 1]),
+            Err(VaultError::Tampered { .. })
+        ));
+        assert!(matches!(
+            v.open(ALICE, &s[..10]),
+            Err(VaultError::Malformed("too short"))
+        ));
+    }
+
+    #[test]
+    fn a_destroyed_key_makes_old_blobs_erased_and_a_new_key_is_made_on_next_seal() {
+        let d = tempfile::tempdir().unwrap();
+        let v = vault_in(d.path());
+        let s = v.seal(ALICE, b"before").unwrap();
+        assert!(v.destroy(ALICE).unwrap());
+        assert!(!v.destroy(ALICE).unwrap());
+        assert!(matches!(v.open(ALICE, &s), Err(VaultError::Erased { .. })));
+        assert!(v.is_erased_blob(&s).unwrap());
+        let s2 = v.seal(ALICE, b"after").unwrap();
+        assert_eq!(&v.open(ALICE, &s2).unwrap()[..], b"after");
+        assert!(matches!(v.open(ALICE, &s), Err(VaultError::Erased { .. })));
+    }
+
+    #[test]
+    fn a_second_handle_sees_a_destroy_made_by_the_first_and_never_resurrects_the_key() {
+        let d = tempfile::tempdir().unwrap();
+        let gateway = vault_in(d.path());
+        let cli = vault_in(d.path());
+        let s = gateway.seal(ALICE, b"msg").unwrap();
+        gateway.seal(BOB, b"msg").unwrap();
+        assert_eq!(&cli.open(ALICE, &s).unwrap()[..], b"msg");
+        assert!(cli.destroy(ALICE).unwrap());
+        // The gateway's cached key is dropped on its next call.
+        assert!(matches!(
+            gateway.open(ALICE, &s),
+            Err(VaultError::Erased { .. })
+        ));
+        // A write by the gateway for another subject keeps the tombstone.
+        gateway.seal("Chitin::User::\"carol\"", b"c").unwrap();
+        let third = vault_in(d.path());
+        assert!(matches!(
+            third.open(ALICE, &s),
+            Err(VaultError::Erased { .. })
+        ));
+        assert!(third.has_key(BOB).unwrap());
+    }
+
+    #[test]
+    fn the_key_file_is_private_sealed_and_holds_no_subject_content() {
+        let d = tempfile::tempdir().unwrap();
+        let v = vault_in(d.path());
+        v.seal(ALICE, b"secret text").unwrap();
+        let bytes = std::fs::read(d.path().join(VAULT_FILE)).unwrap();
+        assert!(!bytes.windows(5).any(|w| w == b"alice"));
+        let mode = std::fs::metadata(d.path().join(VAULT_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let mut other = vault_in(d.path());
+        other.master = Zeroizing::new([8u8; 32]);
+        assert!(matches!(
+            other.has_key(ALICE),
+            Err(VaultError::Corrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn subjects_are_parsed_strictly() {
+        for ok in [ALICE, BOB, "Chitin::User::\"a b\""] {
+            assert_eq!(Subject::parse(ok).unwrap().to_string(), ok);
+        }
+        for bad in [
+            "alice",
+            "User::\"alice\"",
+            "Chitin::Group::\"owners\"",
+            "Chitin::User::\"\"",
+            "Chitin::User::\"a\"b\"",
+            "Chitin::User::\"a\\\"\"",
+            "Chitin::User::\"a\nb\"",
+            "Chitin::User::\"a\u{202e}b\"",
+            " Chitin::User::\"alice\"",
+            "Chitin::User::\"alice\" ",
+            "Chitin::User::alice",
+        ] {
+            assert!(Subject::parse(bad).is_err(), "{bad:?}");
+        }
+        let long = format!("Chitin::User::\"{}\"", "a".repeat(257));
+        assert!(Subject::parse(&long).is_err());
+    }
+}
