@@ -362,6 +362,13 @@ impl Vault {
         Ok(keys.erased.contains_key(&id))
     }
 
+    /// The ids of the data keys that exist now (ids are public; for canary sweeps and audits).
+    pub fn live_key_ids(&self) -> Result<Vec<KeyId>, VaultError> {
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys.by_subject.values().map(|k| k.id).collect())
+    }
+
     /// The key id inside a sealed blob.
     pub fn key_id_of(sealed: &[u8]) -> Result<KeyId, VaultError> {
         split(sealed).map(|(id, _, _)| id)
