@@ -40,6 +40,7 @@ file holds one JSON object per line.
 
 | file | what |
 |---|---|
+| README.md | this description |
 | subject.json | the subject (a Cedar entity reference), the export time and the number of items in each file |
 | sessions.jsonl | conversations: key, channel, created/updated times, whether the session saw untrusted content (`tainted`), and the decrypted running summary |
 | messages.jsonl | every stored message of the subject's conversations, decrypted: the subject's own messages (`role` user), the agent's replies (`assistant`) and tool results (`tool`); `class` is transcript, tool_output or attachment |
