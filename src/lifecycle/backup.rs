@@ -462,13 +462,17 @@ pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, Lif
     if !db.exists() {
         return Err(bad("state.db is missing".into()));
     }
-    let conn = rusqlite::Connection::open(&db)?;
-    let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
-    if ok != "ok" {
-        return Err(bad(format!("state.db: {ok}")));
-    }
-    let state_version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    drop(conn);
+    let state = (|| -> Result<(String, i64), rusqlite::Error> {
+        let conn = rusqlite::Connection::open(&db)?;
+        let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok((ok, version))
+    })();
+    let state_version = match state {
+        Ok((ok, v)) if ok == "ok" => v,
+        Ok((problem, _)) => return Err(bad(format!("state.db: {problem}"))),
+        Err(e) => return Err(bad(format!("state.db does not open: {e}"))),
+    };
     let audit = if opened.members.contains_key(chitin_audit::DB_FILE) {
         let key_path = pubkey.map_or_else(|| tmp.0.join(chitin_audit::PUB_FILE), Path::to_path_buf);
         let key = chitin_audit::PublicKey::load(&key_path).map_err(|e| bad(e.to_string()))?;
