@@ -129,7 +129,9 @@ fn the_data_keys_and_lock_files_are_never_in_a_backup() {
 
 /// Decrypts, lets `f` change the tar members (path → bytes, manifest first), re-encrypts to
 /// the same recipient: what an attacker who knows the public recipient can do.
-fn reforge(b: &B, file: &Path, f: &dyn Fn(&mut Vec<(String, Vec<u8>)>)) -> PathBuf {
+type Members = Vec<(String, Vec<u8>)>;
+
+fn reforge(b: &B, file: &Path, f: &dyn Fn(&mut Members)) -> PathBuf {
     let id = backup::load_identity(&b.id_file).unwrap();
     let sealed = std::fs::read(file).unwrap();
     let keys = chitin::secrets::format::DecryptKeys::new(0).with_x25519(id);

@@ -30,14 +30,45 @@ fn seed(h: &H) -> (String, String) {
     let bob = user("bob");
     session(h, "s-a", &alice, "alice", T0, Some(CANARIES[3]));
     message(h, "s-a", &alice, 1, "user", "transcript", T0, CANARIES[0]);
-    message(h, "s-a", &alice, 2, "assistant", "transcript", T0, &format!("reply to {}", CANARIES[0]));
+    message(
+        h,
+        "s-a",
+        &alice,
+        2,
+        "assistant",
+        "transcript",
+        T0,
+        &format!("reply to {}", CANARIES[0]),
+    );
     message(h, "s-a", &alice, 3, "tool", "tool_output", T0, CANARIES[1]);
     message(h, "s-a", &alice, 4, "user", "attachment", T0, CANARIES[2]);
     run_row(h, "r-a", "s-a", &alice, "alice", T0);
     usage_row(h, &alice, "alice", "s-a", "r-a", T0);
-    approval(h, "ap-a", "alice", Some("owner"), "used", T0, "alice wants to run a tool");
-    approval(h, "ap-b", "bob", Some("alice"), "used", T0, "bob asked, alice granted");
-    audit_record(h, &alice, "message.receive", "web", json!({"text": AUDIT_CANARY}));
+    approval(
+        h,
+        "ap-a",
+        "alice",
+        Some("owner"),
+        "used",
+        T0,
+        "alice wants to run a tool",
+    );
+    approval(
+        h,
+        "ap-b",
+        "bob",
+        Some("alice"),
+        "used",
+        T0,
+        "bob asked, alice granted",
+    );
+    audit_record(
+        h,
+        &alice,
+        "message.receive",
+        "web",
+        json!({"text": AUDIT_CANARY}),
+    );
     session(h, "s-b", &bob, "bob", T0, Some(BOB_TEXT));
     message(h, "s-b", &bob, 1, "user", "transcript", T0, BOB_TEXT);
     audit_record(h, &bob, "message.receive", "web", json!({"text": BOB_TEXT}));
@@ -75,11 +106,21 @@ fn after_erase_no_file_and_no_earlier_backup_yields_the_canaries() {
     // Controls: the sweep can see what it looks for. Before the erase, Alice's audit payload is
     // on disk in plaintext and her sealed rows are blobs with a live key.
     let disk = all_bytes(&h);
-    assert!(disk.iter().any(|(_, b)| contains(b, AUDIT_CANARY.as_bytes())));
+    assert!(
+        disk.iter()
+            .any(|(_, b)| contains(b, AUDIT_CANARY.as_bytes()))
+    );
     let alice_key = {
-        let body: Vec<u8> = h.lc.store.conn().unwrap()
-            .query_row("SELECT body FROM messages WHERE session_key = 's-a' AND seq = 1", [], |r| r.get(0))
-            .unwrap();
+        let body: Vec<u8> =
+            h.lc.store
+                .conn()
+                .unwrap()
+                .query_row(
+                    "SELECT body FROM messages WHERE session_key = 's-a' AND seq = 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
         Vault::key_id_of(&body).unwrap()
     };
     assert!(disk.iter().any(|(_, b)| contains(b, &alice_key)));
@@ -96,10 +137,17 @@ fn after_erase_no_file_and_no_earlier_backup_yields_the_canaries() {
         for c in CANARIES.iter().chain([&AUDIT_CANARY]) {
             assert!(!contains(&bytes, c.as_bytes()), "{c} in {}", path.display());
         }
-        assert!(!contains(&bytes, &alice_key), "Alice's key id in {}", path.display());
+        assert!(
+            !contains(&bytes, &alice_key),
+            "Alice's key id in {}",
+            path.display()
+        );
     }
     assert!(!h.lc.vault.has_key(&alice).unwrap());
-    assert!(matches!(h.lc.vault.live_key_ids().unwrap().as_slice(), [_]), "only Bob's key remains");
+    assert!(
+        matches!(h.lc.vault.live_key_ids().unwrap().as_slice(), [_]),
+        "only Bob's key remains"
+    );
 
     // 2. The backup taken before: decrypted with the backup identity, no canary in plaintext;
     //    its sealed rows do not open with the keys that remain.
@@ -107,13 +155,19 @@ fn after_erase_no_file_and_no_earlier_backup_yields_the_canaries() {
     let opened = backup::open(&before, &id).unwrap();
     for (name, bytes) in &opened.members {
         for c in CANARIES {
-            assert!(!contains(bytes, c.as_bytes()), "{c} in backup member {name}");
+            assert!(
+                !contains(bytes, c.as_bytes()),
+                "{c} in backup member {name}"
+            );
         }
         // The data keys are not in the backup in any form.
         assert_ne!(name, "vault.keys");
         // Blobs sealed with a key that still exists: only Bob's.
         if name == "state.db" {
-            assert!(blobs_with_live_keys(&h.lc.vault, bytes) >= 1, "control: Bob's rows");
+            assert!(
+                blobs_with_live_keys(&h.lc.vault, bytes) >= 1,
+                "control: Bob's rows"
+            );
         }
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -136,21 +190,44 @@ fn after_erase_no_file_and_no_earlier_backup_yields_the_canaries() {
                     bob_rows += 1;
                 }
                 Ok(_) => panic!("{subject}'s row opened as {who} after the erase"),
-                Err(VaultError::Erased { .. } | VaultError::Tampered { .. } | VaultError::UnknownKey { .. }) => {}
+                Err(
+                    VaultError::Erased { .. }
+                    | VaultError::Tampered { .. }
+                    | VaultError::UnknownKey { .. },
+                ) => {}
                 Err(e) => panic!("unexpected: {e}"),
             }
         }
         if subject == &alice {
             alice_rows += 1;
-            assert!(matches!(h.lc.vault.open(&alice, body), Err(VaultError::Erased { .. })));
+            assert!(matches!(
+                h.lc.vault.open(&alice, body),
+                Err(VaultError::Erased { .. })
+            ));
         }
     }
-    assert_eq!((alice_rows, bob_rows), (4, 1), "the backup really held Alice's rows");
+    assert_eq!(
+        (alice_rows, bob_rows),
+        (4, 1),
+        "the backup really held Alice's rows"
+    );
 
     // 3. The audit chain still verifies; Bob's data is intact.
     audit_verifies(&h.home);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages WHERE subject = 'Chitin::User::\"bob\"'"), 1);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM approvals WHERE id = 'ap-b' AND resolved_by = 'erased'"), 1);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM messages WHERE subject = 'Chitin::User::\"bob\"'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM approvals WHERE id = 'ap-b' AND resolved_by = 'erased'"
+        ),
+        1
+    );
 }
 
 #[test]
@@ -190,7 +267,14 @@ fn a_dry_run_lists_what_would_go_and_changes_nothing() {
     let head = h.lc.audit.reader().unwrap().head().unwrap();
     let r = erase::erase(&h.lc, &s, "op", true).unwrap();
     assert_eq!(
-        (r.plan.messages, r.plan.sessions, r.plan.runs, r.plan.usage, r.plan.approvals_requested, r.plan.approvals_resolved),
+        (
+            r.plan.messages,
+            r.plan.sessions,
+            r.plan.runs,
+            r.plan.usage,
+            r.plan.approvals_requested,
+            r.plan.approvals_resolved
+        ),
         (4, 1, 1, 1, 1, 1)
     );
     assert!(r.plan.audit_payloads >= 1 && r.plan.data_key);
@@ -235,7 +319,12 @@ fn erase_and_export_are_decided_by_cedar_and_a_non_owner_is_refused() {
             true
         })
         .unwrap();
-    assert!(decisions.iter().any(|d| d.0.contains("mallory") && d.1.contains("data.erase") && d.2 == "deny"), "{decisions:?}");
+    assert!(
+        decisions
+            .iter()
+            .any(|d| d.0.contains("mallory") && d.1.contains("data.erase") && d.2 == "deny"),
+        "{decisions:?}"
+    );
 }
 
 #[test]
@@ -255,10 +344,32 @@ fn a_restore_after_an_erase_purges_the_rows_whose_key_is_gone() {
     drop((lc, gate));
     backup::restore(&opened, &home).unwrap();
     let h = open_at(_t, home, clock);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 5, "the backup's rows are back");
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM messages"),
+        5,
+        "the backup's rows are back"
+    );
     let purged = erase::purge_erased_blobs(&h.lc).unwrap();
     assert_eq!(purged, 5, "4 messages + 1 session summary of Alice");
-    assert_eq!(count(&h, &format!("SELECT COUNT(*) FROM messages WHERE subject = '{}'", alice.replace('\'', "''"))), 0);
-    assert_eq!(count(&h, &format!("SELECT COUNT(*) FROM messages WHERE subject = '{}'", bob.replace('\'', "''"))), 1);
+    assert_eq!(
+        count(
+            &h,
+            &format!(
+                "SELECT COUNT(*) FROM messages WHERE subject = '{}'",
+                alice.replace('\'', "''")
+            )
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &h,
+            &format!(
+                "SELECT COUNT(*) FROM messages WHERE subject = '{}'",
+                bob.replace('\'', "''")
+            )
+        ),
+        1
+    );
     audit_verifies(&h.home);
 }

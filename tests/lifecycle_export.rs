@@ -32,23 +32,79 @@ fn seed(h: &H) -> Seeded {
     for (i, s) in ["s-a1", "s-a2"].iter().enumerate() {
         let at = T0 + i64::try_from(i).unwrap() * DAY;
         session(h, s, &alice, "alice", at, Some(&format!("summary {s}")));
-        ids.push(message(h, s, &alice, 1, "user", "transcript", at, &format!("alice says {s}")));
-        ids.push(message(h, s, &alice, 2, "assistant", "transcript", at, &format!("agent replies {s}")));
-        ids.push(message(h, s, &alice, 3, "tool", "tool_output", at, &format!("tool out {s}")));
-        ids.push(message(h, s, &alice, 4, "user", "attachment", at, &format!("file {s}")));
+        ids.push(message(
+            h,
+            s,
+            &alice,
+            1,
+            "user",
+            "transcript",
+            at,
+            &format!("alice says {s}"),
+        ));
+        ids.push(message(
+            h,
+            s,
+            &alice,
+            2,
+            "assistant",
+            "transcript",
+            at,
+            &format!("agent replies {s}"),
+        ));
+        ids.push(message(
+            h,
+            s,
+            &alice,
+            3,
+            "tool",
+            "tool_output",
+            at,
+            &format!("tool out {s}"),
+        ));
+        ids.push(message(
+            h,
+            s,
+            &alice,
+            4,
+            "user",
+            "attachment",
+            at,
+            &format!("file {s}"),
+        ));
         run_row(h, &format!("r-{s}"), s, &alice, "alice", at);
         usage_row(h, &alice, "alice", s, &format!("r-{s}"), at);
     }
-    approval(h, "ap-alice", "alice", Some("owner"), "used", T0, "alice asked");
+    approval(
+        h,
+        "ap-alice",
+        "alice",
+        Some("owner"),
+        "used",
+        T0,
+        "alice asked",
+    );
     approval(h, "ap-bob", "bob", Some("alice"), "used", T0, BOB_SECRET);
     audit_record(h, &alice, "message.receive", "web", json!({"n": 1}));
-    audit_record(h, "gateway", "approval.request", "Chitin::Tool::\"exec\"", json!({"requester": "alice"}));
+    audit_record(
+        h,
+        "gateway",
+        "approval.request",
+        "Chitin::Tool::\"exec\"",
+        json!({"requester": "alice"}),
+    );
     // Other people, interleaved.
     session(h, "s-b", &bob, "bob", T0, Some(BOB_SECRET));
     message(h, "s-b", &bob, 1, "user", "transcript", T0, BOB_SECRET);
     run_row(h, "r-b", "s-b", &bob, "bob", T0);
     usage_row(h, &bob, "bob", "s-b", "r-b", T0);
-    audit_record(h, &bob, "message.receive", "web", json!({"text": BOB_SECRET}));
+    audit_record(
+        h,
+        &bob,
+        "message.receive",
+        "web",
+        json!({"text": BOB_SECRET}),
+    );
     session(h, "s-i", &ident, "telegram:12345", T0, None);
     message(h, "s-i", &ident, 1, "user", "transcript", T0, BOB_SECRET);
     audit_record(h, &alice, "message.send", "web", json!({"n": 2}));
@@ -78,8 +134,17 @@ fn the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else() {
     );
     let files = export::read_tar(&std::fs::read(&out).unwrap()).unwrap();
     for name in [
-        "README.md", "subject.json", "sessions.jsonl", "messages.jsonl", "runs.jsonl", "usage.jsonl",
-        "approvals.jsonl", "audit/records.jsonl", "audit/chain.jsonl", "audit/checkpoints.jsonl", "audit/audit.pub",
+        "README.md",
+        "subject.json",
+        "sessions.jsonl",
+        "messages.jsonl",
+        "runs.jsonl",
+        "usage.jsonl",
+        "approvals.jsonl",
+        "audit/records.jsonl",
+        "audit/chain.jsonl",
+        "audit/checkpoints.jsonl",
+        "audit/audit.pub",
     ] {
         assert!(files.contains_key(name), "{name} missing");
         assert!(
@@ -97,7 +162,12 @@ fn the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else() {
     assert_eq!(got_sorted, want);
     let all = String::from_utf8_lossy(&files["messages.jsonl"]).into_owned();
     for s in ["s-a1", "s-a2"] {
-        for text in [format!("alice says {s}"), format!("agent replies {s}"), format!("tool out {s}"), format!("file {s}")] {
+        for text in [
+            format!("alice says {s}"),
+            format!("agent replies {s}"),
+            format!("tool out {s}"),
+            format!("file {s}"),
+        ] {
             assert!(all.contains(&text), "{text}");
         }
     }
@@ -108,32 +178,61 @@ fn the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else() {
     assert_eq!(lines(&files, "usage.jsonl").len(), 2);
     let approvals = lines(&files, "approvals.jsonl");
     assert_eq!(approvals.len(), 2);
-    assert!(approvals.iter().any(|a| a["role"] == "requester" && a["id"] == "ap-alice"));
-    assert!(approvals.iter().any(|a| a["role"] == "approver" && a["id"] == "ap-bob"));
+    assert!(
+        approvals
+            .iter()
+            .any(|a| a["role"] == "requester" && a["id"] == "ap-alice")
+    );
+    assert!(
+        approvals
+            .iter()
+            .any(|a| a["role"] == "approver" && a["id"] == "ap-bob")
+    );
     let recs = lines(&files, "audit/records.jsonl");
     let actions: Vec<&str> = recs.iter().map(|r| r["action"].as_str().unwrap()).collect();
-    assert!(actions.contains(&"message.receive") && actions.contains(&"message.send") && actions.contains(&"approval.request"), "{actions:?}");
+    assert!(
+        actions.contains(&"message.receive")
+            && actions.contains(&"message.send")
+            && actions.contains(&"approval.request"),
+        "{actions:?}"
+    );
     assert_eq!(counts.messages, 8);
     assert_eq!(counts.audit_records, u64::try_from(recs.len()).unwrap());
 
     // Nothing of anyone else: Bob's and the Telegram identity's text, ids and keys.
     for (name, bytes) in &files {
-        for other in [BOB_SECRET, "s-b", "r-b", "telegram:12345", "\"bob\"", "User::\\\"bob"] {
+        for other in [
+            BOB_SECRET,
+            "s-b",
+            "r-b",
+            "telegram:12345",
+            "\"bob\"",
+            "User::\\\"bob",
+        ] {
             assert!(!contains(bytes, other.as_bytes()), "{other} in {name}");
         }
     }
     // Never secrets: no vault, secret store or identity material.
     for (name, bytes) in &files {
-        for marker in ["AGE-SECRET-KEY", "chitin.vault-key", "chitin.audit-signing-key", "age-encryption.org"] {
+        for marker in [
+            "AGE-SECRET-KEY",
+            "chitin.vault-key",
+            "chitin.audit-signing-key",
+            "age-encryption.org",
+        ] {
             assert!(!contains(bytes, marker.as_bytes()), "{marker} in {name}");
         }
     }
     // The export is audited.
     let mut exported = false;
-    h.lc.audit.reader().unwrap().for_each_from(1, |r| {
-        exported |= r.action == "data.export" && r.resource == s.alice;
-        true
-    }).unwrap();
+    h.lc.audit
+        .reader()
+        .unwrap()
+        .for_each_from(1, |r| {
+            exported |= r.action == "data.export" && r.resource == s.alice;
+            true
+        })
+        .unwrap();
     assert!(exported);
     // An existing file is never overwritten.
     assert!(export::export(&h.lc, &Subject::parse(&s.alice).unwrap(), &out, "op").is_err());
@@ -155,9 +254,13 @@ fn the_audit_part_verifies_and_each_kind_of_tamper_fails() {
         files.insert(name.into(), text.into_bytes());
         export::verify_audit_part(&files).unwrap_err()
     };
-    let e = edit("audit/records.jsonl", &|r| r["payload"] = json!("{\"n\":9}"));
+    let e = edit("audit/records.jsonl", &|r| {
+        r["payload"] = json!("{\"n\":9}")
+    });
     assert!(e.contains("payload does not match"), "{e}");
-    let e = edit("audit/records.jsonl", &|r| r["action"] = json!("message.forged"));
+    let e = edit("audit/records.jsonl", &|r| {
+        r["action"] = json!("message.forged")
+    });
     assert!(e.contains("hash does not match"), "{e}");
     let e = edit("audit/chain.jsonl", &|l| l["hash"] = json!("00".repeat(32)));
     assert!(e.contains("chain broken") || e.contains("differs"), "{e}");
@@ -175,7 +278,11 @@ fn the_audit_part_verifies_and_each_kind_of_tamper_fails() {
     assert!(export::verify_audit_part(&other_key).is_err());
     let mut dropped = files.clone();
     dropped.remove("audit/chain.jsonl");
-    assert!(export::verify_audit_part(&dropped).unwrap_err().contains("missing"));
+    assert!(
+        export::verify_audit_part(&dropped)
+            .unwrap_err()
+            .contains("missing")
+    );
 }
 
 #[test]
@@ -184,7 +291,10 @@ fn an_identity_subject_exports_its_own_rows() {
     seed(&h);
     let ident = Subject::parse("Chitin::Identity::\"telegram:12345\"").unwrap();
     let (files, counts) = export::collect(&h.lc, &ident).unwrap();
-    assert_eq!((counts.sessions, counts.messages, counts.approvals), (1, 1, 0));
+    assert_eq!(
+        (counts.sessions, counts.messages, counts.approvals),
+        (1, 1, 0)
+    );
     assert!(contains(&files["messages.jsonl"], BOB_SECRET.as_bytes()));
     assert!(!contains(&files["messages.jsonl"], b"alice"));
 }

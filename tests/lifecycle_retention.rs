@@ -35,19 +35,101 @@ fn seed(h: &H) -> (String, i64, i64) {
     let old = now - 100 * DAY;
     let young = now - DAY;
     h.clock.set(now - 400 * DAY);
-    let old_audit = audit_record(h, &alice, "message.receive", "web", json!({"text": "old audit"}));
-    approval(h, "ap-old", "alice", Some("owner"), "used", now - 400 * DAY, "old approval");
+    let old_audit = audit_record(
+        h,
+        &alice,
+        "message.receive",
+        "web",
+        json!({"text": "old audit"}),
+    );
+    approval(
+        h,
+        "ap-old",
+        "alice",
+        Some("owner"),
+        "used",
+        now - 400 * DAY,
+        "old approval",
+    );
     h.clock.set(now - 10 * DAY);
-    let young_audit = audit_record(h, &alice, "message.receive", "web", json!({"text": "young audit"}));
-    approval(h, "ap-young", "alice", Some("owner"), "used", now - 10 * DAY, "young approval");
+    let young_audit = audit_record(
+        h,
+        &alice,
+        "message.receive",
+        "web",
+        json!({"text": "young audit"}),
+    );
+    approval(
+        h,
+        "ap-young",
+        "alice",
+        Some("owner"),
+        "used",
+        now - 10 * DAY,
+        "young approval",
+    );
     session(h, "s-old", &alice, "alice", old, Some("old summary"));
     session(h, "s-young", &alice, "alice", young, Some("young summary"));
-    message(h, "s-old", &alice, 1, "user", "transcript", old, "old question");
-    message(h, "s-old", &alice, 2, "assistant", "transcript", old, "old answer");
-    message(h, "s-young", &alice, 1, "user", "transcript", young, "young question");
-    message(h, "s-young", &alice, 2, "tool", "tool_output", now - 40 * DAY, "old tool output");
-    message(h, "s-young", &alice, 3, "tool", "tool_output", now - 10 * DAY, "young tool output");
-    message(h, "s-young", &alice, 4, "user", "attachment", now - 31 * DAY, "old attachment");
+    message(
+        h,
+        "s-old",
+        &alice,
+        1,
+        "user",
+        "transcript",
+        old,
+        "old question",
+    );
+    message(
+        h,
+        "s-old",
+        &alice,
+        2,
+        "assistant",
+        "transcript",
+        old,
+        "old answer",
+    );
+    message(
+        h,
+        "s-young",
+        &alice,
+        1,
+        "user",
+        "transcript",
+        young,
+        "young question",
+    );
+    message(
+        h,
+        "s-young",
+        &alice,
+        2,
+        "tool",
+        "tool_output",
+        now - 40 * DAY,
+        "old tool output",
+    );
+    message(
+        h,
+        "s-young",
+        &alice,
+        3,
+        "tool",
+        "tool_output",
+        now - 10 * DAY,
+        "young tool output",
+    );
+    message(
+        h,
+        "s-young",
+        &alice,
+        4,
+        "user",
+        "attachment",
+        now - 31 * DAY,
+        "old attachment",
+    );
     run_row(h, "r-old", "s-old", &alice, "alice", old);
     run_row(h, "r-young", "s-young", &alice, "alice", young);
     h.clock.set(now);
@@ -72,23 +154,56 @@ fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untou
     );
 
     // Gone for real: rows removed.
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages WHERE session_key = 's-old'"), 0);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM sessions WHERE key = 's-old'"), 0);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM messages WHERE session_key = 's-old'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM sessions WHERE key = 's-old'"),
+        0
+    );
     assert_eq!(count(&h, "SELECT COUNT(*) FROM runs WHERE id = 'r-old'"), 0);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM approvals WHERE id = 'ap-old'"), 0);
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM approvals WHERE id = 'ap-old'"),
+        0
+    );
     // Younger data untouched, and still readable.
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages WHERE session_key = 's-young'"), 2);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM sessions WHERE key = 's-young'"), 1);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM runs WHERE id = 'r-young'"), 1);
-    assert_eq!(count(&h, "SELECT COUNT(*) FROM approvals WHERE id = 'ap-young'"), 1);
-    let body: Vec<u8> = h
-        .lc
-        .store
-        .conn()
-        .unwrap()
-        .query_row("SELECT body FROM messages WHERE seq = 3 AND session_key = 's-young'", [], |r| r.get(0))
-        .unwrap();
-    assert!(contains(&h.lc.vault.open(&alice, &body).unwrap(), b"young tool output"));
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM messages WHERE session_key = 's-young'"
+        ),
+        2
+    );
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM sessions WHERE key = 's-young'"),
+        1
+    );
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM runs WHERE id = 'r-young'"),
+        1
+    );
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM approvals WHERE id = 'ap-young'"),
+        1
+    );
+    let body: Vec<u8> =
+        h.lc.store
+            .conn()
+            .unwrap()
+            .query_row(
+                "SELECT body FROM messages WHERE seq = 3 AND session_key = 's-young'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+    assert!(contains(
+        &h.lc.vault.open(&alice, &body).unwrap(),
+        b"young tool output"
+    ));
 
     // The expired audit payload is removed, its digest kept; the young one stays; the chain
     // still verifies.
@@ -97,7 +212,11 @@ fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untou
     assert!(old.payload.is_none());
     assert_eq!(old.removed_reason.as_deref(), Some("retention"));
     assert_eq!(old.payload_digest.len(), 32);
-    assert!(reader.range(young_audit, young_audit).unwrap()[0].payload.is_some());
+    assert!(
+        reader.range(young_audit, young_audit).unwrap()[0]
+            .payload
+            .is_some()
+    );
     h.lc.audit.checkpoint_now().unwrap();
     audit_verifies(&h.home);
 
@@ -113,11 +232,20 @@ fn each_run_writes_one_audit_record_with_counts_and_time_ranges_never_content() 
     let r = retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
     let seq = r.audit_seq.unwrap();
     let rec = &h.lc.audit.reader().unwrap().range(seq, seq).unwrap()[0];
-    assert_eq!((rec.kind.as_str(), rec.action.as_str()), ("retention", "retention.run"));
+    assert_eq!(
+        (rec.kind.as_str(), rec.action.as_str()),
+        ("retention", "retention.run")
+    );
     let payload = rec.payload.clone().unwrap();
     assert!(payload.contains("\"deleted\":2"), "{payload}");
     assert!(payload.contains("oldest_ms"), "{payload}");
-    for content in ["old question", "old answer", "old approval", "old audit", "alice"] {
+    for content in [
+        "old question",
+        "old answer",
+        "old approval",
+        "old audit",
+        "alice",
+    ] {
         assert!(!payload.contains(content), "{content} in {payload}");
     }
 }
@@ -159,10 +287,23 @@ fn a_held_subject_survives_retention_and_goes_after_release() {
             true
         })
         .unwrap();
-    assert!(actions.contains(&"retention.hold".to_string()), "{actions:?}");
-    assert!(actions.contains(&"retention.release".to_string()), "{actions:?}");
+    assert!(
+        actions.contains(&"retention.hold".to_string()),
+        "{actions:?}"
+    );
+    assert!(
+        actions.contains(&"retention.release".to_string()),
+        "{actions:?}"
+    );
     let r = retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
-    assert_eq!(r.classes.iter().find(|c| c.class == "transcripts").unwrap().deleted, 2);
+    assert_eq!(
+        r.classes
+            .iter()
+            .find(|c| c.class == "transcripts")
+            .unwrap()
+            .deleted,
+        2
+    );
     assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 2);
 }
 
@@ -173,7 +314,14 @@ fn a_dry_run_counts_but_changes_and_records_nothing() {
     let before = h.lc.audit.reader().unwrap().head().unwrap();
     let r = retention::run(&h.lc, &cfg(), "retention:test", true).unwrap();
     assert!(r.dry_run && r.audit_seq.is_none());
-    assert_eq!(r.classes.iter().find(|c| c.class == "transcripts").unwrap().deleted, 2);
+    assert_eq!(
+        r.classes
+            .iter()
+            .find(|c| c.class == "transcripts")
+            .unwrap()
+            .deleted,
+        2
+    );
     assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 6);
     assert_eq!(h.lc.audit.reader().unwrap().head().unwrap(), before);
 }
@@ -188,11 +336,16 @@ fn forever_keeps_a_class_and_the_security_audit_notes_it() {
     let t = r.classes.iter().find(|x| x.class == "transcripts").unwrap();
     assert_eq!((t.cutoff_ms, t.deleted), (None, 0));
     assert_eq!(
-        count(&h, "SELECT COUNT(*) FROM messages WHERE class = 'transcript'"),
+        count(
+            &h,
+            "SELECT COUNT(*) FROM messages WHERE class = 'transcript'"
+        ),
         3
     );
-    let mut config = chitin::config::Config::default();
-    config.retention = c;
+    let config = chitin::config::Config {
+        retention: c,
+        ..Default::default()
+    };
     let f = chitin::lifecycle::findings(&config);
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].0, "retention.forever.transcripts");
@@ -204,7 +357,15 @@ fn deleted_rows_leave_no_trace_in_the_database_file_or_its_wal() {
     let alice = user("alice");
     let now = T0 + 500 * DAY;
     // Plaintext that lives in the state db: an approval summary.
-    approval(&h, "ap-x", "alice", Some("owner"), "used", now - 400 * DAY, "CANARY-APPROVAL-7731");
+    approval(
+        &h,
+        "ap-x",
+        "alice",
+        Some("owner"),
+        "used",
+        now - 400 * DAY,
+        "CANARY-APPROVAL-7731",
+    );
     session(&h, "s", &alice, "alice", now - 400 * DAY, None);
     h.clock.set(now);
     let raw = |h: &H| {
@@ -214,7 +375,10 @@ fn deleted_rows_leave_no_trace_in_the_database_file_or_its_wal() {
         }
         all
     };
-    assert!(contains(&raw(&h), b"CANARY-APPROVAL-7731"), "control: the canary is on disk before");
+    assert!(
+        contains(&raw(&h), b"CANARY-APPROVAL-7731"),
+        "control: the canary is on disk before"
+    );
     retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
     assert!(!contains(&raw(&h), b"CANARY-APPROVAL-7731"));
 }

@@ -70,8 +70,7 @@ pub fn harness() -> H {
     ]);
     home::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
     let clock = ManualClock::new(T0);
-    let h = open_at(t, home, clock);
-    h
+    open_at(t, home, clock)
 }
 
 /// Opens every piece on an existing home (as after a restart or restore).
@@ -90,8 +89,12 @@ pub fn open_at(t: tempfile::TempDir, home: PathBuf, clock: ManualClock) -> H {
         )
         .unwrap(),
     );
-    let vault =
-        Vault::from_store(&home, &mut secrets, Arc::new(clock.clone()) as Arc<dyn Clock>).unwrap();
+    let vault = Vault::from_store(
+        &home,
+        &mut secrets,
+        Arc::new(clock.clone()) as Arc<dyn Clock>,
+    )
+    .unwrap();
     let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
     let engine = PolicyEngine::load(EngineSpec {
         policy_dir: None,
@@ -138,7 +141,17 @@ pub fn session(h: &H, key: &str, subject: &str, user_id: &str, at: i64, summary:
 }
 
 /// Inserts a message the way the agent does: `body = vault.seal(subject, JSON)`.
-pub fn message(h: &H, session: &str, subject: &str, seq: i64, role: &str, class: &str, at: i64, text: &str) -> i64 {
+#[allow(clippy::too_many_arguments, reason = "one column each")]
+pub fn message(
+    h: &H,
+    session: &str,
+    subject: &str,
+    seq: i64,
+    role: &str,
+    class: &str,
+    at: i64,
+    text: &str,
+) -> i64 {
     let body = json!({"role": role, "content": text}).to_string();
     let sealed = h.lc.vault.seal(subject, body.as_bytes()).unwrap();
     let conn = h.lc.store.conn().unwrap();
@@ -175,7 +188,16 @@ pub fn usage_row(h: &H, subject: &str, user_id: &str, session: &str, run: &str, 
         .unwrap();
 }
 
-pub fn approval(h: &H, id: &str, requester: &str, resolved_by: Option<&str>, status: &str, at: i64, summary: &str) {
+#[allow(clippy::too_many_arguments, reason = "one column each")]
+pub fn approval(
+    h: &H,
+    id: &str,
+    requester: &str,
+    resolved_by: Option<&str>,
+    status: &str,
+    at: i64,
+    summary: &str,
+) {
     h.lc.store
         .conn()
         .unwrap()
@@ -190,13 +212,19 @@ pub fn approval(h: &H, id: &str, requester: &str, resolved_by: Option<&str>, sta
 /// Appends an audit record at the clock's time (as the gate/tools do).
 pub fn audit_record(h: &H, actor: &str, action: &str, resource: &str, payload: Value) -> i64 {
     h.lc.audit
-        .append(chitin_audit::RecordInput::admin(actor, action, resource, payload))
+        .append(chitin_audit::RecordInput::admin(
+            actor, action, resource, payload,
+        ))
         .unwrap()
         .seq
 }
 
 pub fn count(h: &H, sql: &str) -> i64 {
-    h.lc.store.conn().unwrap().query_row(sql, [], |r| r.get(0)).unwrap()
+    h.lc.store
+        .conn()
+        .unwrap()
+        .query_row(sql, [], |r| r.get(0))
+        .unwrap()
 }
 
 /// `chitin audit verify` on the state dir.
