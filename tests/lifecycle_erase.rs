@@ -328,13 +328,14 @@ fn erase_and_export_are_decided_by_cedar_and_a_non_owner_is_refused() {
 }
 
 #[test]
-fn a_restore_after_an_erase_purges_the_rows_whose_key_is_gone() {
+fn a_restore_of_a_backup_older_than_an_erase_erases_the_subject_again() {
     let h = harness();
     let (alice, bob) = seed(&h);
     let identity_file = h.home.parent().unwrap().join("id.txt");
     let recipient = backup::keygen(&identity_file, T0).unwrap();
     let before = h.home.parent().unwrap().join("b.age");
     backup::create(&h.home, &h.lc.store, &h.lc.audit, &recipient, &before, T0).unwrap();
+    h.clock.advance(60_000);
     erase::erase(&h.lc, &Subject::parse(&alice).unwrap(), "op", false).unwrap();
     let opened = backup::open(&before, &backup::load_identity(&identity_file).unwrap()).unwrap();
     let home = h.home.clone();
@@ -349,14 +350,25 @@ fn a_restore_after_an_erase_purges_the_rows_whose_key_is_gone() {
         5,
         "the backup's rows are back"
     );
-    let purged = erase::purge_erased_blobs(&h.lc).unwrap();
-    assert_eq!(purged, 5, "4 messages + 1 session summary of Alice");
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM approvals WHERE requester = 'alice'"
+        ),
+        1
+    );
+    let again = erase::reapply_after_restore(&h.lc, T0, "op").unwrap();
+    assert_eq!(
+        again.subjects,
+        vec![Subject::parse(&alice).unwrap().digest()]
+    );
+    let q = |s: &str| s.replace('\'', "''");
     assert_eq!(
         count(
             &h,
             &format!(
                 "SELECT COUNT(*) FROM messages WHERE subject = '{}'",
-                alice.replace('\'', "''")
+                q(&alice)
             )
         ),
         0
@@ -365,11 +377,34 @@ fn a_restore_after_an_erase_purges_the_rows_whose_key_is_gone() {
         count(
             &h,
             &format!(
+                "SELECT COUNT(*) FROM sessions WHERE subject = '{}'",
+                q(&alice)
+            )
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM approvals WHERE requester = 'alice'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &h,
+            &format!(
                 "SELECT COUNT(*) FROM messages WHERE subject = '{}'",
-                bob.replace('\'', "''")
+                q(&bob)
             )
         ),
         1
     );
+    // Alice's audit payload that the backup brought back is removed again: nothing on disk.
+    for (path, bytes) in all_bytes(&h) {
+        for c in CANARIES.iter().chain([&AUDIT_CANARY]) {
+            assert!(!contains(&bytes, c.as_bytes()), "{c} in {}", path.display());
+        }
+    }
     audit_verifies(&h.home);
 }

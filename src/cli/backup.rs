@@ -157,13 +157,25 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 file.display().to_string(),
                 json!({"created_ms": report.created_ms, "files": report.members}),
             ))?;
-            let purged = crate::lifecycle::erase::purge_erased_blobs(&lc)?;
+            let again = crate::lifecycle::erase::reapply_after_restore(
+                &lc,
+                report.created_ms,
+                "backup:cli",
+            )?;
             lc.audit.shutdown()?;
             println!(
-                "restored {n} files from {} (created {}); purged {purged} rows sealed with erased keys",
+                "restored {n} files from {} (created {})",
                 file.display(),
                 rfc3339(report.created_ms)
             );
+            println!(
+                "erased again {} subject(s) erased since the backup; purged {} rows sealed with destroyed keys",
+                again.subjects.len(),
+                again.purged_rows
+            );
+            for d in &again.held {
+                println!("not erased again (under legal hold in the restored state): {d}");
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -115,6 +115,16 @@ pub fn erase(
     actor: &str,
     dry_run: bool,
 ) -> Result<EraseReport, LifecycleError> {
+    erase_with(lc, subject, actor, dry_run, true)
+}
+
+fn erase_with(
+    lc: &Lifecycle,
+    subject: &Subject,
+    actor: &str,
+    dry_run: bool,
+    destroy_key: bool,
+) -> Result<EraseReport, LifecycleError> {
     if let Some(h) = retention::hold_of(lc, subject)? {
         return Err(LifecycleError::Held {
             subject: subject.to_string(),
@@ -159,7 +169,8 @@ pub fn erase(
         )?;
         tx.commit()?;
     }
-    let key_destroyed = lc.vault.destroy(&s)?;
+    // (After a restore, the key the subject has now was made after the erasure: keep it.)
+    let key_destroyed = destroy_key && lc.vault.destroy(&s)?;
     let seqs = audit_seqs(lc, subject)?;
     for seq in &seqs {
         lc.audit.remove_payload(*seq, "erasure", actor)?;
@@ -215,4 +226,85 @@ pub fn purge_erased_blobs(lc: &Lifecycle) -> Result<u64, LifecycleError> {
         super::scrub(&conn)?;
     }
     Ok(gone)
+}
+
+/// What [`reapply_after_restore`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Reapplied {
+    /// Subjects erased again (by digest).
+    pub subjects: Vec<String>,
+    /// Subjects that could not be erased again because the restored state holds them under
+    /// legal hold (by digest); the operator decides.
+    pub held: Vec<String>,
+    /// Rows sealed with destroyed keys that were deleted.
+    pub purged_rows: u64,
+}
+
+/// Every subject the state names: the agent's tables, approvals, holds, audit actors and
+/// resources.
+fn known_subjects(lc: &Lifecycle) -> Result<std::collections::BTreeSet<Subject>, LifecycleError> {
+    let mut texts = std::collections::BTreeSet::new();
+    {
+        let conn = lc.store.conn()?;
+        for sql in [
+            "SELECT DISTINCT subject FROM messages",
+            "SELECT DISTINCT subject FROM sessions",
+            "SELECT DISTINCT subject FROM runs",
+            "SELECT DISTINCT subject FROM usage",
+            "SELECT subject FROM holds",
+        ] {
+            let mut st = conn.prepare(sql)?;
+            for s in st.query_map([], |r| r.get::<_, String>(0))? {
+                texts.insert(s?);
+            }
+        }
+        let mut st = conn.prepare(
+            "SELECT requester FROM approvals UNION SELECT resolved_by FROM approvals WHERE resolved_by IS NOT NULL",
+        )?;
+        for u in st.query_map([], |r| r.get::<_, String>(0))? {
+            texts.insert(format!("Chitin::User::\"{}\"", u?));
+        }
+    }
+    lc.audit.reader()?.for_each_from(1, |r| {
+        texts.insert(r.actor);
+        texts.insert(r.resource);
+        true
+    })?;
+    Ok(texts
+        .iter()
+        .filter_map(|t| Subject::parse(t).ok())
+        .collect())
+}
+
+/// After restoring a backup made at `backup_created_ms`: every subject erased after that time
+/// (the vault's tombstones, which outlive the restore because `vault.keys` is never in a
+/// backup) is erased again from what the backup brought back — rows, approvals, audit payloads —
+/// and rows sealed with destroyed keys are purged. Audited like any erasure.
+pub fn reapply_after_restore(
+    lc: &Lifecycle,
+    backup_created_ms: i64,
+    actor: &str,
+) -> Result<Reapplied, LifecycleError> {
+    let mut out = Reapplied::default();
+    let digests: std::collections::BTreeSet<String> = lc
+        .vault
+        .erasures_since(backup_created_ms)?
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
+    if !digests.is_empty() {
+        for s in known_subjects(lc)? {
+            let d = s.digest();
+            if !digests.contains(&d) {
+                continue;
+            }
+            match erase_with(lc, &s, actor, false, false) {
+                Ok(_) => out.subjects.push(d),
+                Err(LifecycleError::Held { .. }) => out.held.push(d),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    out.purged_rows = purge_erased_blobs(lc)?;
+    Ok(out)
 }

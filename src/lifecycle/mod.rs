@@ -132,14 +132,9 @@ pub fn scrub_audit_db(db: &Path) -> Result<bool, LifecycleError> {
 }
 
 /// `sha256:<hex>` of a subject, for records that must not carry the subject itself (erasure
-/// receipts).
+/// receipts). Same as [`Subject::digest`].
 pub fn subject_digest(subject: &Subject) -> String {
-    let mut data = b"chitin-subject-v1\0".to_vec();
-    data.extend_from_slice(subject.to_string().as_bytes());
-    format!(
-        "sha256:{}",
-        chitin_audit::to_hex(&chitin_audit::sha256(&data))
-    )
+    subject.digest()
 }
 
 /// Decides an administrative action (`data.export`, `data.erase`) for the operator acting as
