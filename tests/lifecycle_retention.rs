@@ -382,3 +382,59 @@ fn deleted_rows_leave_no_trace_in_the_database_file_or_its_wal() {
     retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
     assert!(!contains(&raw(&h), b"CANARY-APPROVAL-7731"));
 }
+
+#[test]
+fn the_gateway_schedule_runs_retention_and_backups_when_due_and_reports_lag() {
+    use chitin::lifecycle::schedule;
+    let h = harness();
+    seed(&h);
+    let id = h.home.parent().unwrap().join("id.txt");
+    let recipient = chitin::lifecycle::backup::keygen(&id, T0).unwrap();
+    let dir = h.home.parent().unwrap().join("backups");
+    let config = chitin::config::Config {
+        retention: RetentionConfig {
+            interval_minutes: 60,
+            ..cfg()
+        },
+        backup: chitin::config::backup::BackupConfig {
+            recipient,
+            dir: dir.to_string_lossy().into_owned(),
+            interval_hours: 24,
+            keep: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let first = schedule::tick(&h.lc, &config);
+    let r = first.retention.unwrap().unwrap();
+    assert_eq!(
+        r.classes
+            .iter()
+            .find(|c| c.class == "transcripts")
+            .unwrap()
+            .deleted,
+        2
+    );
+    assert!(first.backup.unwrap().unwrap().exists());
+    assert_eq!(schedule::retention_lag_ms(&h.lc, &config), Some(0));
+    // Nothing is due 30 minutes later.
+    h.clock.advance(30 * 60_000);
+    let t = schedule::tick(&h.lc, &config);
+    assert!(t.retention.is_none() && t.backup.is_none());
+    // An hour later retention is due again, the backup is not.
+    h.clock.advance(31 * 60_000);
+    let t = schedule::tick(&h.lc, &config);
+    assert!(t.retention.is_some() && t.backup.is_none());
+    // A job that stopped running shows as lag.
+    h.clock.advance(5 * 3_600_000);
+    assert_eq!(
+        schedule::retention_lag_ms(&h.lc, &config),
+        Some(4 * 3_600_000)
+    );
+    // A day later a second backup is made; rotation keeps two.
+    h.clock.advance(24 * 3_600_000);
+    assert!(schedule::tick(&h.lc, &config).backup.unwrap().is_ok());
+    h.clock.advance(24 * 3_600_000);
+    assert!(schedule::tick(&h.lc, &config).backup.unwrap().is_ok());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+}

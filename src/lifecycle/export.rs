@@ -343,7 +343,15 @@ pub fn export(
     let (files, counts) = collect(lc, subject)?;
     let bytes = to_tar(&files, u64::try_from(lc.clock.now_ms() / 1000).unwrap_or(0))
         .map_err(io_err(out, "build"))?;
-    lc.audit.append(
+    // The file first (an existing one is refused before anything is recorded), then the
+    // record, then the content: no record, no personal data written.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io_err(out, "create"))?;
+    let recorded = lc.audit.append(
         RecordInput::admin(
             actor,
             "data.export",
@@ -351,15 +359,16 @@ pub fn export(
             json!({ "counts": counts }),
         )
         .with_outcome("ok"),
-    )?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(io_err(out, "create"))?;
-    f.write_all(&bytes).map_err(io_err(out, "write"))?;
-    f.sync_all().map_err(io_err(out, "fsync"))?;
+    );
+    let written = recorded.map_err(LifecycleError::from).and_then(|_| {
+        f.write_all(&bytes).map_err(io_err(out, "write"))?;
+        f.sync_all().map_err(io_err(out, "fsync"))
+    });
+    if let Err(e) = written {
+        drop(f);
+        let _ = std::fs::remove_file(out);
+        return Err(e);
+    }
     Ok(counts)
 }
 

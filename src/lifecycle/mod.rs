@@ -16,6 +16,7 @@ pub mod backup;
 pub mod erase;
 pub mod export;
 pub mod retention;
+pub mod schedule;
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::OpenOptionsExt;
