@@ -79,12 +79,6 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             let rt = super::Runtime::open(globals)?;
             backup::recipient(&rt.config.backup.recipient)?;
             let audit = rt.gate.audit();
-            audit.append(chitin_audit::RecordInput::admin(
-                "backup:cli",
-                "backup.create",
-                out.display().to_string(),
-                json!({}),
-            ))?;
             let m = backup::create(
                 &globals.home,
                 &rt.store,

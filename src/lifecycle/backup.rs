@@ -267,7 +267,8 @@ pub fn recipient(text: &str) -> Result<age::x25519::Recipient, LifecycleError> {
     })
 }
 
-/// Creates a backup of `home` at `out` (a new 0600 file), encrypted to `recipient`.
+/// Creates a backup of `home` at `out` (a new 0600 file), encrypted to `recipient`. Audited
+/// (`admin`/`backup.create`) before the snapshot is taken.
 pub fn create(
     home: &Path,
     store: &Store,
@@ -277,6 +278,13 @@ pub fn create(
     now_ms: i64,
 ) -> Result<Manifest, LifecycleError> {
     let rcpt = recipient(recipient_text)?;
+    // Recorded before the snapshot, so the backup's own log holds the record.
+    audit.append(chitin_audit::RecordInput::admin(
+        "backup",
+        "backup.create",
+        out.display().to_string(),
+        serde_json::json!({ "created_ms": now_ms }),
+    ))?;
     let (plain, manifest) = build(home, store, audit, now_ms)?;
     let sealed = encrypt_to_recipients(&plain, &[rcpt]).map_err(LifecycleError::Backup)?;
     let dir = out
