@@ -554,10 +554,15 @@ impl Vault {
                 })
                 .collect(),
         };
-        let plain = Zeroizing::new(serde_json::to_vec(&file).map_err(|e| VaultError::Corrupt {
+        // Reserved up front so the buffer holding key material is never reallocated (a
+        // reallocation would leave an unzeroized copy behind).
+        let mut plain = Zeroizing::new(Vec::with_capacity(
+            64 + keys.by_subject.len() * (MAX_SUBJECT_ID * 6 + 256) + keys.erased.len() * 256,
+        ));
+        serde_json::to_writer(&mut *plain, &file).map_err(|e| VaultError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
-        })?);
+        })?;
         let mut nonce = [0u8; NONCE_LEN];
         random(&mut nonce)?;
         let cipher = XChaCha20Poly1305::new((&*self.master).into());
