@@ -148,6 +148,7 @@ fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untou
     assert_eq!(by("approvals").deleted, 1);
     assert!(by("audit_payloads").deleted >= 1);
     assert_eq!((r.sessions, r.runs), (1, 1));
+    assert!(r.scrubbed);
     assert_eq!(
         by("transcripts").oldest_ms,
         Some(T0 + 500 * DAY - 100 * DAY)

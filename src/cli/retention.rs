@@ -73,6 +73,11 @@ pub fn run(cmd: RetentionCmd, globals: &Globals) -> CmdResult {
                 if let Some(seq) = r.audit_seq {
                     println!("audit record: seq {seq}");
                 }
+                if !dry_run && !r.scrubbed {
+                    eprintln!(
+                        "note: a database was busy, so its rebuild (VACUUM) and WAL truncation wait for the next run"
+                    );
+                }
             }
         }
         RetentionCmd::Hold {

@@ -43,6 +43,9 @@ pub struct RetentionReport {
     pub runs: u64,
     /// The audit record of the run (`None` in a dry run).
     pub audit_seq: Option<i64>,
+    /// Whether the databases were rebuilt and their WALs truncated right away (false: a
+    /// reader kept them busy; the next run does it).
+    pub scrubbed: bool,
 }
 
 /// A legal hold.
@@ -313,6 +316,7 @@ pub fn run(
         sessions: p.sessions,
         runs: p.runs,
         audit_seq: None,
+        scrubbed: true,
     };
     if dry_run {
         return Ok(report);
@@ -377,11 +381,13 @@ pub fn run(
     for seq in &p.audit_seqs {
         lc.audit.remove_payload(*seq, "retention", actor)?;
     }
+    // A busy database only defers the rebuild (secure_delete already zeroed the freed
+    // cells); the next run scrubs again.
     if deleted_rows > 0 {
-        super::scrub(&*lc.store.conn()?)?;
+        report.scrubbed &= super::scrub(&*lc.store.conn()?).unwrap_or(false);
     }
     if !p.audit_seqs.is_empty() {
-        super::scrub_audit_db(&lc.audit.paths().db)?;
+        report.scrubbed &= super::scrub_audit_db(&lc.audit.paths().db).unwrap_or(false);
     }
     Ok(report)
 }
