@@ -153,6 +153,12 @@ fn erase_with(
     let s = subject.to_string();
     let user = subject.user_id().unwrap_or("");
     let is_user = subject.user_id().is_some();
+    // The key first: from here on the content is unreadable everywhere, even if a step below
+    // fails (running the erasure again finishes it). A message a running gateway seals
+    // between these steps uses the destroyed key's successor only if it seals after the
+    // destroy; anything sealed with the destroyed key is swept by the purge below.
+    // (After a restore, the key the subject has now was made after the erasure: keep it.)
+    let key_destroyed = destroy_key && lc.vault.destroy(&s)?;
     {
         let mut conn = lc.store.conn()?;
         let tx = conn.transaction()?;
@@ -169,8 +175,7 @@ fn erase_with(
         )?;
         tx.commit()?;
     }
-    // (After a restore, the key the subject has now was made after the erasure: keep it.)
-    let key_destroyed = destroy_key && lc.vault.destroy(&s)?;
+    purge_erased_blobs(lc)?;
     let seqs = audit_seqs(lc, subject)?;
     for seq in &seqs {
         lc.audit.remove_payload(*seq, "erasure", actor)?;
