@@ -9,6 +9,7 @@ pub mod clock;
 pub mod config;
 pub mod gate;
 pub mod gateway;
+pub mod lifecycle;
 pub mod policy;
 pub mod providers;
 pub mod secrets;

@@ -123,6 +123,14 @@ const MIGRATIONS: &[&str] = &[
         cost_usd      REAL
      ) STRICT;
      CREATE INDEX usage_user_time ON usage(user_id, at_ms);",
+    // 4: legal holds: retention never deletes a held subject's data (a Cedar entity reference,
+    // as in `sessions.subject`).
+    "CREATE TABLE holds (
+        subject     TEXT PRIMARY KEY,
+        reason      TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        created_by  TEXT NOT NULL
+     ) STRICT;",
 ];
 
 /// The state database.

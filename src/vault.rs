@@ -156,6 +156,13 @@ impl Subject {
         })
     }
 
+    /// `sha256:<hex>` of the subject (domain-separated): names a subject in records that must
+    /// not carry it (erasure receipts, tombstones). Guessable ids can be confirmed by hashing
+    /// candidates; it is a pseudonym, not a secret.
+    pub fn digest(&self) -> String {
+        subject_digest_of(&self.to_string())
+    }
+
     /// The user id when this is a `Chitin::User`.
     pub fn user_id(&self) -> Option<&str> {
         (self.kind == SubjectKind::User).then_some(self.id.as_str())
@@ -170,6 +177,15 @@ impl std::fmt::Display for Subject {
         };
         write!(f, "Chitin::{t}::\"{}\"", self.id)
     }
+}
+
+fn subject_digest_of(subject: &str) -> String {
+    let mut data = b"chitin-subject-v1\0".to_vec();
+    data.extend_from_slice(subject.as_bytes());
+    format!(
+        "sha256:{}",
+        chitin_audit::to_hex(&chitin_audit::sha256(&data))
+    )
 }
 
 /// Escapes control characters so an error message cannot forge terminal output.
@@ -200,12 +216,18 @@ struct Stamp {
     mtime_ns: i64,
 }
 
+#[derive(Clone)]
+struct Tombstone {
+    erased_ms: i64,
+    subject_digest: Option<String>,
+}
+
 #[derive(Default)]
 struct Keys {
     stamp: Option<Stamp>,
     by_subject: BTreeMap<String, DataKey>,
-    /// Tombstones: destroyed key id → when.
-    erased: BTreeMap<KeyId, i64>,
+    /// Tombstones: destroyed key id → (when, digest of the subject).
+    erased: BTreeMap<KeyId, Tombstone>,
 }
 
 /// The vault: seals and opens content per subject. `Send + Sync`; share it in an `Arc`.
@@ -338,7 +360,13 @@ impl Vault {
         let subject = Subject::parse(subject)?.to_string();
         self.modify(|keys, now| match keys.by_subject.remove(&subject) {
             Some(k) => {
-                keys.erased.insert(k.id, now);
+                keys.erased.insert(
+                    k.id,
+                    Tombstone {
+                        erased_ms: now,
+                        subject_digest: Some(subject_digest_of(&subject)),
+                    },
+                );
                 Ok(true)
             }
             None => Ok(false),
@@ -360,6 +388,26 @@ impl Vault {
         self.refresh()?;
         let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
         Ok(keys.erased.contains_key(&id))
+    }
+
+    /// The ids of the data keys that exist now (ids are public; for canary sweeps and audits).
+    pub fn live_key_ids(&self) -> Result<Vec<KeyId>, VaultError> {
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys.by_subject.values().map(|k| k.id).collect())
+    }
+
+    /// Erasures made after `since_ms`: `(subject digest, erased_ms)` (used after a restore to
+    /// erase again what an older backup brought back).
+    pub fn erasures_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, VaultError> {
+        self.refresh()?;
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys
+            .erased
+            .values()
+            .filter(|t| t.erased_ms > since_ms)
+            .filter_map(|t| t.subject_digest.clone().map(|d| (d, t.erased_ms)))
+            .collect())
     }
 
     /// The key id inside a sealed blob.
@@ -461,7 +509,13 @@ impl Vault {
         }
         for t in raw.erased {
             let id = decode_id(&t.id).ok_or_else(|| corrupt("bad tombstone"))?;
-            keys.erased.insert(id, t.erased_ms);
+            keys.erased.insert(
+                id,
+                Tombstone {
+                    erased_ms: t.erased_ms,
+                    subject_digest: t.subject_digest,
+                },
+            );
         }
         Ok(keys)
     }
@@ -493,16 +547,22 @@ impl Vault {
             erased: keys
                 .erased
                 .iter()
-                .map(|(id, ms)| RawTombstone {
+                .map(|(id, t)| RawTombstone {
                     id: chitin_audit::to_hex(id),
-                    erased_ms: *ms,
+                    erased_ms: t.erased_ms,
+                    subject_digest: t.subject_digest.clone(),
                 })
                 .collect(),
         };
-        let plain = Zeroizing::new(serde_json::to_vec(&file).map_err(|e| VaultError::Corrupt {
+        // Reserved up front so the buffer holding key material is never reallocated (a
+        // reallocation would leave an unzeroized copy behind).
+        let mut plain = Zeroizing::new(Vec::with_capacity(
+            64 + keys.by_subject.len() * (MAX_SUBJECT_ID * 6 + 256) + keys.erased.len() * 256,
+        ));
+        serde_json::to_writer(&mut *plain, &file).map_err(|e| VaultError::Corrupt {
             path: self.path.clone(),
             reason: e.to_string(),
-        })?);
+        })?;
         let mut nonce = [0u8; NONCE_LEN];
         random(&mut nonce)?;
         let cipher = XChaCha20Poly1305::new((&*self.master).into());
@@ -549,6 +609,9 @@ struct RawKey<'a> {
 struct RawTombstone {
     id: String,
     erased_ms: i64,
+    /// [`Subject::digest`] of the erased subject (not the subject itself).
+    #[serde(default)]
+    subject_digest: Option<String>,
 }
 
 #[derive(Serialize)]

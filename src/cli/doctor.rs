@@ -100,6 +100,15 @@ pub fn run(globals: &Globals, json: bool) -> CmdResult {
                 "run `chitin policy validate` and fix each file:line:col",
             ),
         }
+        // Data lifecycle: classes kept forever (issue #9).
+        for (id, severity, message, fix) in crate::lifecycle::findings(config) {
+            out.push(Finding {
+                id,
+                severity,
+                message,
+                fix,
+            });
+        }
         for f in secrets_doctor::findings(&globals.home, &config.secrets) {
             out.push(Finding {
                 id: f.id.into(),

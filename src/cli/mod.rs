@@ -4,10 +4,13 @@ mod agent;
 pub use agent::{build_agent, router as model_router};
 mod approvals;
 mod audit;
+mod backup;
+mod data;
 mod doctor;
 mod gateway;
 mod init;
 mod policy;
+mod retention;
 mod sandbox;
 mod secrets;
 mod sessions;
@@ -79,6 +82,15 @@ enum Command {
     /// Show or rotate the gateway's bearer token.
     #[command(subcommand)]
     Token(token::TokenCmd),
+    /// Enforce data retention and manage legal holds.
+    #[command(subcommand)]
+    Retention(retention::RetentionCmd),
+    /// GDPR: export or erase everything held about a data subject.
+    #[command(subcommand)]
+    Data(data::DataCmd),
+    /// Encrypted backups of the state directory: create, verify, restore.
+    #[command(subcommand)]
+    Backup(backup::BackupCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +265,9 @@ pub fn main() -> ExitCode {
         Command::Skills(cmd) => skills::run(cmd, &globals),
         Command::Gateway(args) => gateway::run(args, &globals),
         Command::Token(cmd) => token::run(cmd, &globals),
+        Command::Retention(cmd) => retention::run(cmd, &globals),
+        Command::Data(cmd) => data::run(cmd, &globals),
+        Command::Backup(cmd) => backup::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

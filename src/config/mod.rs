@@ -6,9 +6,11 @@
 
 pub mod agent;
 pub mod audit;
+pub mod backup;
 pub mod gateway;
 pub mod policy;
 pub mod providers;
+pub mod retention;
 pub mod sandbox;
 pub mod secrets;
 pub mod skills;
@@ -45,6 +47,8 @@ pub struct Config {
     pub pricing: providers::PricingConfig,
     pub budgets: agent::BudgetsConfig,
     pub gateway: gateway::GatewayConfig,
+    pub retention: retention::RetentionConfig,
+    pub backup: backup::BackupConfig,
 }
 
 impl Config {
@@ -98,6 +102,7 @@ impl Config {
         config
             .gateway
             .validate()
+            .and_then(|()| config.backup.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -133,6 +138,8 @@ pub fn default_toml() -> String {
         providers::TEMPLATE,
         agent::TEMPLATE,
         gateway::TEMPLATE,
+        retention::TEMPLATE,
+        backup::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

@@ -1,0 +1,606 @@
+//! Encrypted backups of the state directory.
+//!
+//! A backup is an age file (X25519, to the operator's `[backup] recipient`) holding a tar:
+//! `MANIFEST.json` (every member's path, size and SHA-256) then `state/<path>` for each file of
+//! the state directory. The databases are consistent snapshots (`VACUUM INTO`), the audit
+//! checkpoint file is cut to the snapshot's last record, so a restored log passes
+//! `chitin audit verify`.
+//!
+//! **Never in a backup:** `vault.keys` (the per-subject data keys) and lock files. This is what
+//! makes an erasure reach old backups: the sealed rows in a backup can only be opened with the
+//! live `vault.keys`, where an erased subject's key no longer exists. See
+//! `docs/parts/SECURITY.lifecycle.md` for the disaster-recovery trade-off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use age::secrecy::ExposeSecret as _;
+use chitin_audit::AuditLog;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{GATEWAY_LOCK, GatewayLock, LifecycleError, io_err};
+use crate::secrets::format::{DecryptKeys, decrypt_all, encrypt_to_recipients};
+use crate::store::Store;
+use crate::vault::{VAULT_FILE, VAULT_LOCK};
+
+/// The manifest member (first in the tar).
+pub const MANIFEST: &str = "MANIFEST.json";
+const FORMAT: &str = "chitin-backup";
+/// Files of the state directory a backup never carries (top level).
+pub const EXCLUDED: &[&str] = &[
+    VAULT_FILE,
+    VAULT_LOCK,
+    GATEWAY_LOCK,
+    crate::secrets::store::LOCK_FILE,
+    "state.db-wal",
+    "state.db-shm",
+    "audit.db-wal",
+    "audit.db-shm",
+];
+/// File name prefix and suffix of scheduled backups.
+pub const SCHEDULED_PREFIX: &str = "chitin-backup-";
+pub const SCHEDULED_SUFFIX: &str = ".age";
+
+/// One member of a backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `MANIFEST.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub created_ms: i64,
+    /// The audit snapshot's last record (0 = empty log).
+    pub audit_last_seq: i64,
+    pub members: Vec<Member>,
+    /// What was deliberately left out.
+    pub excluded: Vec<String>,
+}
+
+/// What `verify` established.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    pub created_ms: i64,
+    pub members: usize,
+    pub bytes: u64,
+    /// `chitin audit verify`'s ok line for the backed-up log.
+    pub audit: String,
+    /// The state database's schema version.
+    pub state_version: i64,
+}
+
+/// A temporary private directory, removed (with its contents) when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(parent: &Path, tag: &str) -> Result<Self, LifecycleError> {
+        let mut r = [0u8; 8];
+        getrandom::fill(&mut r).map_err(|e| LifecycleError::Backup(e.to_string()))?;
+        let p = parent.join(format!(".{tag}-{}", chitin_audit::to_hex(&r)));
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&p)
+            .map_err(io_err(&p, "create directory"))?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    chitin_audit::to_hex(&chitin_audit::sha256(b))
+}
+
+fn read(path: &Path) -> Result<Zeroizing<Vec<u8>>, LifecycleError> {
+    std::fs::read(path)
+        .map(Zeroizing::new)
+        .map_err(io_err(path, "read"))
+}
+
+/// Files of `home` that go into a backup (relative paths), without the live databases and
+/// checkpoint file (those are snapshotted).
+fn walk(
+    home: &Path,
+    rel: &Path,
+    skip_top: &BTreeSet<&str>,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), LifecycleError> {
+    let dir = home.join(rel);
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir, "list"))?
+        .collect::<Result<_, _>>()
+        .map_err(io_err(&dir, "list"))?;
+    entries.sort_by_key(std::fs::DirEntry::file_name);
+    for e in entries {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with('.') || (rel.as_os_str().is_empty() && skip_top.contains(name)) {
+            continue;
+        }
+        let ft = e.file_type().map_err(io_err(&e.path(), "inspect"))?;
+        let r = rel.join(name);
+        if ft.is_dir() {
+            walk(home, &r, skip_top, out)?;
+        } else if ft.is_file() {
+            out.push(r);
+        }
+    }
+    Ok(())
+}
+
+/// The checkpoint lines covering at most `last_seq` (the prefix of the file).
+fn cut_checkpoints(text: &str, last_seq: i64) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let seq = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("seq").and_then(serde_json::Value::as_i64));
+        match seq {
+            Some(s) if s <= last_seq => {
+                out.push_str(line);
+                out.push('\n');
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Builds the backup plaintext (the tar) of `home`.
+fn build(
+    home: &Path,
+    store: &Store,
+    audit: &AuditLog,
+    now_ms: i64,
+) -> Result<(Zeroizing<Vec<u8>>, Manifest), LifecycleError> {
+    // Sign the head first, so the snapshot is covered by a checkpoint.
+    audit.checkpoint_now()?;
+    let tmp = TempDir::new(home, "backup")?;
+    let state_snap = tmp.0.join("state.db");
+    store
+        .conn()?
+        .execute("VACUUM INTO ?1", [state_snap.to_string_lossy().as_ref()])?;
+    let audit_snap = tmp.0.join("audit.db");
+    let audit_last_seq = {
+        let c = rusqlite::Connection::open_with_flags(
+            &audit.paths().db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        c.busy_timeout(std::time::Duration::from_secs(10))?;
+        c.execute("VACUUM INTO ?1", [audit_snap.to_string_lossy().as_ref()])?;
+        let s = rusqlite::Connection::open(&audit_snap)?;
+        s.query_row("SELECT COALESCE(MAX(seq), 0) FROM records", [], |r| {
+            r.get::<_, i64>(0)
+        })?
+    };
+    let cps_path = home.join(chitin_audit::CHECKPOINT_FILE);
+    let cps = match std::fs::read_to_string(&cps_path) {
+        Ok(t) => cut_checkpoints(&t, audit_last_seq),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(&cps_path, "read")(e)),
+    };
+    let mut skip: BTreeSet<&str> = EXCLUDED.iter().copied().collect();
+    skip.extend([
+        "state.db",
+        chitin_audit::DB_FILE,
+        chitin_audit::CHECKPOINT_FILE,
+    ]);
+    let mut rels = Vec::new();
+    walk(home, Path::new(""), &skip, &mut rels)?;
+    let mut members: Vec<(String, Zeroizing<Vec<u8>>)> = vec![
+        ("state.db".into(), read(&state_snap)?),
+        (chitin_audit::DB_FILE.into(), read(&audit_snap)?),
+        (
+            chitin_audit::CHECKPOINT_FILE.into(),
+            Zeroizing::new(cps.into_bytes()),
+        ),
+    ];
+    for r in rels {
+        let bytes = read(&home.join(&r))?;
+        members.push((r.to_string_lossy().into_owned(), bytes));
+    }
+    drop(tmp);
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: 1,
+        created_ms: now_ms,
+        audit_last_seq,
+        members: members
+            .iter()
+            .map(|(p, b)| Member {
+                path: p.clone(),
+                size: u64::try_from(b.len()).unwrap_or(u64::MAX),
+                sha256: sha_hex(b),
+            })
+            .collect(),
+        excluded: EXCLUDED.iter().map(|s| (*s).to_string()).collect(),
+    };
+    let mtime = u64::try_from(now_ms / 1000).unwrap_or(0);
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, bytes: &[u8]| -> Result<(), std::io::Error> {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(u64::try_from(bytes.len()).unwrap_or(u64::MAX));
+        h.set_mode(0o600);
+        h.set_mtime(mtime);
+        h.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut h, name, bytes)
+    };
+    let m =
+        serde_json::to_vec_pretty(&manifest).map_err(|e| LifecycleError::Backup(e.to_string()))?;
+    let werr = |e: std::io::Error| LifecycleError::Backup(format!("cannot build the backup: {e}"));
+    add(MANIFEST, &m).map_err(werr)?;
+    for (p, b) in &members {
+        add(&format!("state/{p}"), b).map_err(werr)?;
+    }
+    let plain = Zeroizing::new(tar.into_inner().map_err(werr)?);
+    Ok((plain, manifest))
+}
+
+/// Parses the configured recipient, or says how to make one.
+pub fn recipient(text: &str) -> Result<age::x25519::Recipient, LifecycleError> {
+    if text.is_empty() {
+        return Err(LifecycleError::Backup(
+            "no backup recipient configured: run `chitin backup keygen --out backup-identity.txt` \
+             on the machine that will keep backups readable (keep that file OFF this host), then \
+             put the printed public key in chitin.toml as [backup] recipient = \"age1...\""
+                .into(),
+        ));
+    }
+    text.parse().map_err(|_| {
+        LifecycleError::Backup(
+            "[backup] recipient is not an age X25519 public key (age1...)".into(),
+        )
+    })
+}
+
+/// Creates a backup of `home` at `out` (a new 0600 file), encrypted to `recipient`. Audited
+/// (`admin`/`backup.create`) before the snapshot is taken.
+pub fn create(
+    home: &Path,
+    store: &Store,
+    audit: &AuditLog,
+    recipient_text: &str,
+    out: &Path,
+    now_ms: i64,
+) -> Result<Manifest, LifecycleError> {
+    let rcpt = recipient(recipient_text)?;
+    // Recorded before the snapshot, so the backup's own log holds the record.
+    audit.append(chitin_audit::RecordInput::admin(
+        "backup",
+        "backup.create",
+        out.display().to_string(),
+        serde_json::json!({ "created_ms": now_ms }),
+    ))?;
+    let (plain, manifest) = build(home, store, audit, now_ms)?;
+    let sealed = encrypt_to_recipients(&plain, &[rcpt]).map_err(LifecycleError::Backup)?;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        out.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(&tmp, "create"))?;
+        f.write_all(&sealed).map_err(io_err(&tmp, "write"))?;
+        f.sync_all().map_err(io_err(&tmp, "fsync"))?;
+        // Never replace an existing file.
+        std::fs::hard_link(&tmp, out).map_err(io_err(out, "create"))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result.map(|()| manifest)
+}
+
+/// Reads an age identity file (`AGE-SECRET-KEY-1...` lines; `#` comments).
+pub fn load_identity(path: &Path) -> Result<age::x25519::Identity, LifecycleError> {
+    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(io_err(path, "read"))?);
+    text.lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .and_then(|l| l.parse::<age::x25519::Identity>().ok())
+        .ok_or_else(|| {
+            LifecycleError::Backup(format!(
+                "{} holds no age X25519 identity (AGE-SECRET-KEY-1...)",
+                path.display()
+            ))
+        })
+}
+
+/// Makes a backup identity: writes `out` (new, 0600) and returns the public key.
+pub fn keygen(out: &Path, now_ms: i64) -> Result<String, LifecycleError> {
+    let id = age::x25519::Identity::generate();
+    let public = id.to_public().to_string();
+    let text = Zeroizing::new(format!(
+        "# created: {}\n# public key: {public}\n{}\n",
+        crate::clock::rfc3339(now_ms),
+        id.to_string().expose_secret()
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(io_err(out, "create"))?;
+    f.write_all(text.as_bytes()).map_err(io_err(out, "write"))?;
+    f.sync_all().map_err(io_err(out, "fsync"))?;
+    Ok(public)
+}
+
+/// A decrypted, digest-checked backup.
+pub struct Opened {
+    pub manifest: Manifest,
+    /// path → bytes, exactly the manifest's members.
+    pub members: BTreeMap<String, Zeroizing<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("manifest", &self.manifest)
+            .finish_non_exhaustive()
+    }
+}
+
+fn safe_rel(p: &str) -> bool {
+    let path = Path::new(p);
+    !p.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Decrypts `file` with `identity` and checks every member against the manifest (all present,
+/// none extra, sizes and SHA-256 equal, safe relative paths).
+pub fn open(file: &Path, identity: &age::x25519::Identity) -> Result<Opened, LifecycleError> {
+    let sealed = std::fs::read(file).map_err(io_err(file, "read"))?;
+    let keys = DecryptKeys::new(0).with_x25519(identity.clone());
+    let plain = decrypt_all(&sealed, &keys).map_err(|e| {
+        LifecycleError::Backup(format!(
+            "{} cannot be decrypted with this identity: {e:?}",
+            file.display()
+        ))
+    })?;
+    let bad = |why: String| LifecycleError::Backup(format!("{}: {why}", file.display()));
+    let mut a = tar::Archive::new(&plain[..]);
+    let mut manifest: Option<Manifest> = None;
+    let mut members = BTreeMap::new();
+    for e in a.entries().map_err(|e| bad(e.to_string()))? {
+        let mut e = e.map_err(|e| bad(e.to_string()))?;
+        if e.header().entry_type() != tar::EntryType::Regular {
+            return Err(bad("a member is not a regular file".into()));
+        }
+        let name = e
+            .path()
+            .map_err(|e| bad(e.to_string()))?
+            .to_string_lossy()
+            .into_owned();
+        let mut data = Zeroizing::new(Vec::new());
+        std::io::Read::read_to_end(&mut e, &mut data).map_err(|e| bad(e.to_string()))?;
+        if manifest.is_none() {
+            if name != MANIFEST {
+                return Err(bad("the manifest is not the first member".into()));
+            }
+            let m: Manifest = serde_json::from_slice(&data)
+                .map_err(|e| bad(format!("malformed manifest: {e}")))?;
+            if m.format != FORMAT || m.version != 1 {
+                return Err(bad("not a Chitin backup (format/version)".into()));
+            }
+            manifest = Some(m);
+            continue;
+        }
+        let rel = name
+            .strip_prefix("state/")
+            .filter(|r| safe_rel(r))
+            .ok_or_else(|| bad(format!("unexpected member {name:?}")))?;
+        if members.insert(rel.to_string(), data).is_some() {
+            return Err(bad(format!("member {rel} appears twice")));
+        }
+    }
+    let manifest = manifest.ok_or_else(|| bad("empty archive".into()))?;
+    let listed: BTreeSet<&str> = manifest.members.iter().map(|m| m.path.as_str()).collect();
+    for m in &manifest.members {
+        let data = members
+            .get(&m.path)
+            .ok_or_else(|| bad(format!("member {} is missing", m.path)))?;
+        if u64::try_from(data.len()).ok() != Some(m.size) || sha_hex(data) != m.sha256 {
+            return Err(bad(format!("member {} does not match its digest", m.path)));
+        }
+    }
+    if let Some(extra) = members.keys().find(|k| !listed.contains(k.as_str())) {
+        return Err(bad(format!("member {extra} is not in the manifest")));
+    }
+    Ok(Opened { manifest, members })
+}
+
+fn write_new(path: &Path, bytes: &[u8]) -> Result<(), LifecycleError> {
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io_err(parent, "create directory"))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path, "create"))?;
+    f.write_all(bytes).map_err(io_err(path, "write"))?;
+    f.sync_all().map_err(io_err(path, "fsync"))
+}
+
+/// Checks an opened backup beyond digests: the state database opens and passes
+/// `integrity_check`, the audit log verifies with the backed-up public key (or `pubkey`, one
+/// obtained independently).
+pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, LifecycleError> {
+    let bad = |why: String| LifecycleError::Backup(format!("backup check failed: {why}"));
+    let tmp = TempDir::new(&std::env::temp_dir(), "chitin-backup-verify")?;
+    for name in [
+        "state.db",
+        chitin_audit::DB_FILE,
+        chitin_audit::CHECKPOINT_FILE,
+        chitin_audit::PUB_FILE,
+    ] {
+        if let Some(b) = opened.members.get(name) {
+            write_new(&tmp.0.join(name), b)?;
+        }
+    }
+    let db = tmp.0.join("state.db");
+    if !db.exists() {
+        return Err(bad("state.db is missing".into()));
+    }
+    let state = (|| -> Result<(String, i64), rusqlite::Error> {
+        let conn = rusqlite::Connection::open(&db)?;
+        let ok: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        Ok((ok, version))
+    })();
+    let state_version = match state {
+        Ok((ok, v)) if ok == "ok" => v,
+        Ok((problem, _)) => return Err(bad(format!("state.db: {problem}"))),
+        Err(e) => return Err(bad(format!("state.db does not open: {e}"))),
+    };
+    let audit = if opened.members.contains_key(chitin_audit::DB_FILE) {
+        let key_path = pubkey.map_or_else(|| tmp.0.join(chitin_audit::PUB_FILE), Path::to_path_buf);
+        let key = chitin_audit::PublicKey::load(&key_path).map_err(|e| bad(e.to_string()))?;
+        let verdict = chitin_audit::Verifier::new(key)
+            .verify_db(
+                &tmp.0.join(chitin_audit::DB_FILE),
+                Some(&tmp.0.join(chitin_audit::CHECKPOINT_FILE)),
+            )
+            .map_err(|e| bad(e.to_string()))?;
+        match verdict {
+            Ok(r) => r.ok_line(),
+            Err(t) => return Err(bad(format!("audit log: {t}"))),
+        }
+    } else {
+        "no audit log in this backup".to_string()
+    };
+    Ok(VerifyReport {
+        created_ms: opened.manifest.created_ms,
+        members: opened.members.len(),
+        bytes: opened
+            .members
+            .values()
+            .map(|b| u64::try_from(b.len()).unwrap_or(0))
+            .sum(),
+        audit,
+        state_version,
+    })
+}
+
+/// Restores `opened` into `home`: refuses while a gateway runs there (and keeps the gateway
+/// lock for the duration, so none starts meanwhile); writes every member to a private staging
+/// directory, removes the live databases' WAL/SHM files, then renames each member into place.
+/// `vault.keys` is never touched (it is not in backups), so keys destroyed after the backup stay
+/// destroyed. Returns the number of files restored.
+pub fn restore(opened: &Opened, home: &Path) -> Result<usize, LifecycleError> {
+    let _lock = GatewayLock::acquire(home)?;
+    let staging = TempDir::new(home, "restore")?;
+    for (p, b) in &opened.members {
+        write_new(&staging.0.join(p), b)?;
+    }
+    for f in [
+        "state.db-wal",
+        "state.db-shm",
+        "audit.db-wal",
+        "audit.db-shm",
+    ] {
+        let p = home.join(f);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p, "remove")(e)),
+        }
+    }
+    let mut n = 0;
+    for (p, b) in &opened.members {
+        let dest = home.join(p);
+        if std::fs::read(&dest).is_ok_and(|cur| cur == b[..]) {
+            continue;
+        }
+        if let Some(parent) = dest.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_err(parent, "create directory"))?;
+        }
+        let src = staging.0.join(p);
+        std::fs::rename(&src, &dest).map_err(io_err(&dest, "replace"))?;
+        n += 1;
+    }
+    if let Ok(d) = std::fs::File::open(home) {
+        let _ = d.sync_all();
+    }
+    Ok(n)
+}
+
+/// Scheduled backup (the gateway calls this every `[backup] interval_hours`): writes
+/// `dir/chitin-backup-<unix ms>.age` and deletes all but the `keep` newest such files.
+/// `Ok(None)` when no `[backup] dir` is configured.
+pub fn scheduled(
+    home: &Path,
+    store: &Store,
+    audit: &AuditLog,
+    cfg: &crate::config::backup::BackupConfig,
+    now_ms: i64,
+) -> Result<Option<PathBuf>, LifecycleError> {
+    if cfg.dir.is_empty() {
+        return Ok(None);
+    }
+    let dir = PathBuf::from(&cfg.dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io_err(&dir, "create directory"))?;
+    let out = dir.join(format!("{SCHEDULED_PREFIX}{now_ms:013}{SCHEDULED_SUFFIX}"));
+    create(home, store, audit, &cfg.recipient, &out, now_ms)?;
+    prune(&dir, cfg.keep.max(1))?;
+    Ok(Some(out))
+}
+
+/// Deletes all but the `keep` newest scheduled backups in `dir`; returns what it deleted.
+pub fn prune(dir: &Path, keep: usize) -> Result<Vec<PathBuf>, LifecycleError> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(io_err(dir, "list"))?
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+        .filter(|n| {
+            n.strip_prefix(SCHEDULED_PREFIX)
+                .and_then(|r| r.strip_suffix(SCHEDULED_SUFFIX))
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    names.sort();
+    let excess = names.len().saturating_sub(keep);
+    let mut gone = Vec::new();
+    for n in names.into_iter().take(excess) {
+        let p = dir.join(n);
+        std::fs::remove_file(&p).map_err(io_err(&p, "remove"))?;
+        gone.push(p);
+    }
+    Ok(gone)
+}

@@ -1,0 +1,416 @@
+//! Retention: deletes each class of data older than its configured period, except for
+//! subjects under legal hold; legal holds themselves.
+//!
+//! One run: count what is expired (per class: rows and the time range), write one audit record
+//! with those counts (never content) — if that fails nothing is deleted —, delete in one
+//! transaction, remove expired audit payloads through the audit crate (digests stay), then
+//! scrub both databases (`VACUUM`, WAL truncated).
+
+use std::collections::BTreeSet;
+
+use chitin_audit::{Kind, RecordInput};
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{Lifecycle, LifecycleError, concerns};
+use crate::config::retention::RetentionConfig;
+use crate::vault::Subject;
+
+/// What one class lost (or would lose, in a dry run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClassReport {
+    pub class: &'static str,
+    /// `None`: kept forever.
+    pub cutoff_ms: Option<i64>,
+    /// Rows (or audit payloads) deleted.
+    pub deleted: u64,
+    /// Oldest and newest creation time among them.
+    pub oldest_ms: Option<i64>,
+    pub newest_ms: Option<i64>,
+    /// Expired rows kept because their subject is under legal hold.
+    pub held: u64,
+}
+
+/// The result of one retention run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RetentionReport {
+    pub dry_run: bool,
+    pub now_ms: i64,
+    pub classes: Vec<ClassReport>,
+    /// Sessions and runs removed with the transcripts class (metadata of expired conversations).
+    pub sessions: u64,
+    pub runs: u64,
+    /// The audit record of the run (`None` in a dry run).
+    pub audit_seq: Option<i64>,
+    /// Whether the databases were rebuilt and their WALs truncated right away (false: a
+    /// reader kept them busy; the next run does it).
+    pub scrubbed: bool,
+}
+
+/// A legal hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Hold {
+    pub subject: String,
+    pub reason: String,
+    pub created_ms: i64,
+    pub created_by: String,
+}
+
+/// The subjects under legal hold.
+pub fn holds(lc: &Lifecycle) -> Result<Vec<Hold>, LifecycleError> {
+    let conn = lc.store.conn()?;
+    let mut st =
+        conn.prepare("SELECT subject, reason, created_ms, created_by FROM holds ORDER BY subject")?;
+    let rows = st.query_map([], |r| {
+        Ok(Hold {
+            subject: r.get(0)?,
+            reason: r.get(1)?,
+            created_ms: r.get(2)?,
+            created_by: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// The hold on `subject`, if any.
+pub fn hold_of(lc: &Lifecycle, subject: &Subject) -> Result<Option<Hold>, LifecycleError> {
+    let conn = lc.store.conn()?;
+    Ok(hold_of_conn(&conn, &subject.to_string())?)
+}
+
+pub(crate) fn hold_of_conn(
+    conn: &rusqlite::Connection,
+    subject: &str,
+) -> Result<Option<Hold>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT subject, reason, created_ms, created_by FROM holds WHERE subject = ?1",
+        [subject],
+        |r| {
+            Ok(Hold {
+                subject: r.get(0)?,
+                reason: r.get(1)?,
+                created_ms: r.get(2)?,
+                created_by: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Puts `subject` under legal hold (audited first). Returns false if it already was (the
+/// reason is then updated).
+pub fn hold(
+    lc: &Lifecycle,
+    subject: &Subject,
+    reason: &str,
+    actor: &str,
+) -> Result<bool, LifecycleError> {
+    let s = subject.to_string();
+    let existed = hold_of(lc, subject)?.is_some();
+    lc.audit.append(
+        RecordInput::new(Kind::Retention, actor, "retention.hold", s.clone())
+            .with_payload(json!({ "reason": reason, "already_held": existed })),
+    )?;
+    let conn = lc.store.conn()?;
+    conn.execute(
+        "INSERT INTO holds (subject, reason, created_ms, created_by) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT(subject) DO UPDATE SET reason = excluded.reason",
+        params![s, reason, lc.clock.now_ms(), actor],
+    )?;
+    Ok(!existed)
+}
+
+/// Releases a legal hold (audited first). Returns false if there was none.
+pub fn release(lc: &Lifecycle, subject: &Subject, actor: &str) -> Result<bool, LifecycleError> {
+    let s = subject.to_string();
+    let existed = hold_of(lc, subject)?.is_some();
+    lc.audit.append(
+        RecordInput::new(Kind::Retention, actor, "retention.release", s.clone())
+            .with_payload(json!({ "was_held": existed })),
+    )?;
+    let conn = lc.store.conn()?;
+    conn.execute("DELETE FROM holds WHERE subject = ?1", [s])?;
+    Ok(existed)
+}
+
+const TERMINAL_RUNS: &str = "('completed', 'failed', 'cancelled', 'timed_out', 'interrupted')";
+const NOT_HELD: &str = "subject NOT IN (SELECT subject FROM holds)";
+
+struct Plan {
+    classes: Vec<ClassReport>,
+    approval_ids: Vec<String>,
+    audit_seqs: Vec<i64>,
+    sessions: u64,
+    runs: u64,
+}
+
+fn range(
+    conn: &rusqlite::Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+) -> Result<(u64, Option<i64>, Option<i64>), rusqlite::Error> {
+    conn.query_row(sql, p, |r| {
+        Ok((
+            u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+            r.get(1)?,
+            r.get(2)?,
+        ))
+    })
+}
+
+fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, LifecycleError> {
+    let held: Vec<Subject> = holds(lc)?
+        .iter()
+        .filter_map(|h| Subject::parse(&h.subject).ok())
+        .collect();
+    let held_users: BTreeSet<String> = held
+        .iter()
+        .filter_map(|s| s.user_id().map(str::to_owned))
+        .collect();
+    let mut classes = Vec::new();
+    let mut approval_ids = Vec::new();
+    let mut audit_seqs = Vec::new();
+    let (mut sessions, mut runs) = (0, 0);
+    let conn = lc.store.conn()?;
+    for (class, period) in cfg.classes() {
+        let cutoff = period.cutoff(now);
+        let mut rep = ClassReport {
+            class,
+            cutoff_ms: cutoff,
+            deleted: 0,
+            oldest_ms: None,
+            newest_ms: None,
+            held: 0,
+        };
+        let Some(cutoff) = cutoff else {
+            classes.push(rep);
+            continue;
+        };
+        match class {
+            "transcripts" | "tool_output" | "attachments" => {
+                let mclass = match class {
+                    "transcripts" => "transcript",
+                    "attachments" => "attachment",
+                    other => other,
+                };
+                (rep.deleted, rep.oldest_ms, rep.newest_ms) = range(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM messages
+                         WHERE class = ?1 AND created_ms < ?2 AND {NOT_HELD}"
+                    ),
+                    params![mclass, cutoff],
+                )?;
+                rep.held = range(
+                    &conn,
+                    "SELECT COUNT(*), NULL, NULL FROM messages WHERE class = ?1 AND created_ms < ?2
+                     AND subject IN (SELECT subject FROM holds)",
+                    params![mclass, cutoff],
+                )?
+                .0;
+                if class == "transcripts" {
+                    runs = range(
+                        &conn,
+                        &format!(
+                            "SELECT COUNT(*), NULL, NULL FROM runs WHERE updated_ms < ?1
+                             AND status IN {TERMINAL_RUNS} AND {NOT_HELD}"
+                        ),
+                        params![cutoff],
+                    )?
+                    .0;
+                    // Sessions idle since the cutoff with no message left after this run.
+                    let c = |p: crate::config::retention::Period| p.cutoff(now).unwrap_or(i64::MIN);
+                    sessions = range(
+                        &conn,
+                        &format!(
+                            "SELECT COUNT(*), NULL, NULL FROM sessions s WHERE s.updated_ms < ?1
+                             AND s.{NOT_HELD} AND NOT EXISTS (SELECT 1 FROM messages m
+                               WHERE m.session_key = s.key AND NOT (
+                                (m.class = 'transcript' AND m.created_ms < ?2)
+                                OR (m.class = 'tool_output' AND m.created_ms < ?3)
+                                OR (m.class = 'attachment' AND m.created_ms < ?4)))"
+                        ),
+                        params![
+                            cutoff,
+                            c(cfg.transcripts),
+                            c(cfg.tool_output),
+                            c(cfg.attachments)
+                        ],
+                    )?
+                    .0;
+                }
+            }
+            "approvals" => {
+                let mut st = conn.prepare(
+                    "SELECT id, requester, created_ms FROM approvals WHERE created_ms < ?1
+                     AND (status IN ('denied', 'expired', 'used') OR expires_ms < ?2)",
+                )?;
+                let rows = st.query_map(params![cutoff, now], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (id, requester, created) = row?;
+                    if held_users.contains(&requester) {
+                        rep.held += 1;
+                        continue;
+                    }
+                    rep.deleted += 1;
+                    rep.oldest_ms = Some(rep.oldest_ms.map_or(created, |o| o.min(created)));
+                    rep.newest_ms = Some(rep.newest_ms.map_or(created, |o| o.max(created)));
+                    approval_ids.push(id);
+                }
+            }
+            "audit_payloads" => {
+                let reader = lc.audit.reader()?;
+                reader.for_each_from(1, |r| {
+                    if r.ts_ms >= cutoff {
+                        return false;
+                    }
+                    let removable = r.payload.is_some()
+                        && !(r.kind == "retention" && r.action == "payload_removed");
+                    if removable {
+                        if held.iter().any(|s| concerns(&r, s)) {
+                            rep.held += 1;
+                        } else {
+                            rep.deleted += 1;
+                            rep.oldest_ms = Some(rep.oldest_ms.map_or(r.ts_ms, |o| o.min(r.ts_ms)));
+                            rep.newest_ms = Some(rep.newest_ms.map_or(r.ts_ms, |o| o.max(r.ts_ms)));
+                            audit_seqs.push(r.seq);
+                        }
+                    }
+                    true
+                })?;
+            }
+            _ => {}
+        }
+        classes.push(rep);
+    }
+    Ok(Plan {
+        classes,
+        approval_ids,
+        audit_seqs,
+        sessions,
+        runs,
+    })
+}
+
+/// One retention run (what the gateway calls on its schedule and `chitin retention run` calls).
+/// `dry_run`: count only, change and record nothing.
+pub fn run(
+    lc: &Lifecycle,
+    cfg: &RetentionConfig,
+    actor: &str,
+    dry_run: bool,
+) -> Result<RetentionReport, LifecycleError> {
+    let now = lc.clock.now_ms();
+    let p = plan(lc, cfg, now)?;
+    let mut report = RetentionReport {
+        dry_run,
+        now_ms: now,
+        classes: p.classes,
+        sessions: p.sessions,
+        runs: p.runs,
+        audit_seq: None,
+        scrubbed: true,
+    };
+    if dry_run {
+        return Ok(report);
+    }
+    // Counts and time ranges only: never content, never subjects.
+    let receipt = lc.audit.append(
+        RecordInput::new(Kind::Retention, actor, "retention.run", "state").with_payload(json!({
+            "now_ms": now,
+            "classes": report.classes,
+            "sessions": report.sessions,
+            "runs": report.runs,
+        })),
+    )?;
+    report.audit_seq = Some(receipt.seq);
+    let cutoff = |class: &str| {
+        report
+            .classes
+            .iter()
+            .find(|c| c.class == class)
+            .and_then(|c| c.cutoff_ms)
+    };
+    let deleted_rows = {
+        let mut conn = lc.store.conn()?;
+        let tx = conn.transaction()?;
+        let mut n = 0usize;
+        for (class, mclass) in [
+            ("transcripts", "transcript"),
+            ("tool_output", "tool_output"),
+            ("attachments", "attachment"),
+        ] {
+            if let Some(c) = cutoff(class) {
+                n += tx.execute(
+                    &format!(
+                        "DELETE FROM messages WHERE class = ?1 AND created_ms < ?2 AND {NOT_HELD}"
+                    ),
+                    params![mclass, c],
+                )?;
+            }
+        }
+        if let Some(c) = cutoff("transcripts") {
+            n += tx.execute(
+                &format!(
+                    "DELETE FROM runs WHERE updated_ms < ?1 AND status IN {TERMINAL_RUNS} AND {NOT_HELD}"
+                ),
+                params![c],
+            )?;
+            n += tx.execute(
+                &format!(
+                    "DELETE FROM sessions WHERE updated_ms < ?1 AND {NOT_HELD}
+                     AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.session_key = sessions.key)"
+                ),
+                params![c],
+            )?;
+        }
+        for id in &p.approval_ids {
+            n += tx.execute("DELETE FROM approvals WHERE id = ?1", [id])?;
+        }
+        tx.set_meta_last_run(now)?;
+        tx.commit()?;
+        n
+    };
+    for seq in &p.audit_seqs {
+        lc.audit.remove_payload(*seq, "retention", actor)?;
+    }
+    // A busy database only defers the rebuild (secure_delete already zeroed the freed
+    // cells); the next run scrubs again.
+    if deleted_rows > 0 {
+        report.scrubbed &= super::scrub(&*lc.store.conn()?).unwrap_or(false);
+    }
+    if !p.audit_seqs.is_empty() {
+        report.scrubbed &= super::scrub_audit_db(&lc.audit.paths().db).unwrap_or(false);
+    }
+    Ok(report)
+}
+
+trait MetaExt {
+    fn set_meta_last_run(&self, now: i64) -> Result<(), rusqlite::Error>;
+}
+
+impl MetaExt for rusqlite::Transaction<'_> {
+    fn set_meta_last_run(&self, now: i64) -> Result<(), rusqlite::Error> {
+        self.execute(
+            "INSERT INTO meta(key, value) VALUES ('retention.last_run_ms', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [now.to_string()],
+        )
+        .map(|_| ())
+    }
+}
+
+/// When retention last ran (unix ms), for a readiness "retention lag" check.
+pub fn last_run_ms(lc: &Lifecycle) -> Result<Option<i64>, LifecycleError> {
+    Ok(lc
+        .store
+        .meta("retention.last_run_ms")?
+        .and_then(|v| v.parse().ok()))
+}

@@ -1,0 +1,74 @@
+//! What the gateway runs on a schedule: retention every `[retention] interval_minutes` and a
+//! backup to `[backup] dir` every `[backup] interval_hours`. The last run of each is kept in the
+//! store's `meta` table, so a restart does not reset the schedule and a readiness check can
+//! report a lag ([`retention_lag_ms`]).
+
+use std::path::PathBuf;
+
+use super::retention::{self, RetentionReport};
+use super::{Lifecycle, LifecycleError, backup};
+use crate::config::Config;
+
+const BACKUP_LAST_RUN: &str = "backup.last_run_ms";
+
+/// What one [`tick`] did. Each part is independent: a failing backup does not stop retention.
+#[derive(Debug, Default)]
+pub struct TickReport {
+    pub retention: Option<Result<RetentionReport, String>>,
+    pub backup: Option<Result<PathBuf, String>>,
+}
+
+fn due(last: Option<i64>, interval_ms: i64, now: i64) -> bool {
+    interval_ms > 0 && last.is_none_or(|l| now.saturating_sub(l) >= interval_ms)
+}
+
+/// Runs whatever is due now. Blocking (SQLite, fsync, age): call it from
+/// `tokio::task::spawn_blocking`, e.g. once a minute.
+pub fn tick(lc: &Lifecycle, config: &Config) -> TickReport {
+    let now = lc.clock.now_ms();
+    let mut out = TickReport::default();
+    let minutes = i64::try_from(config.retention.interval_minutes).unwrap_or(i64::MAX);
+    let last = retention::last_run_ms(lc).ok().flatten();
+    if due(last, minutes.saturating_mul(60_000), now) {
+        out.retention = Some(
+            retention::run(lc, &config.retention, "retention:schedule", false)
+                .map_err(|e| e.to_string()),
+        );
+    }
+    let hours = i64::try_from(config.backup.interval_hours).unwrap_or(i64::MAX);
+    let last_backup = lc
+        .store
+        .meta(BACKUP_LAST_RUN)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok());
+    if !config.backup.dir.is_empty() && due(last_backup, hours.saturating_mul(3_600_000), now) {
+        let made =
+            backup::scheduled(&lc.home, &lc.store, &lc.audit, &config.backup, now).and_then(|p| {
+                lc.store
+                    .set_meta(BACKUP_LAST_RUN, &now.to_string())
+                    .map_err(LifecycleError::from)?;
+                Ok(p)
+            });
+        out.backup = match made {
+            Ok(Some(p)) => Some(Ok(p)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e.to_string())),
+        };
+    }
+    out
+}
+
+/// How far retention is behind its schedule (0 when on time; `None` when it is off). For
+/// `/ready`: a purge job that silently stopped (Rocket.Chat #12862) shows up here.
+pub fn retention_lag_ms(lc: &Lifecycle, config: &Config) -> Option<i64> {
+    let interval = i64::try_from(config.retention.interval_minutes)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(60_000);
+    if interval == 0 {
+        return None;
+    }
+    let now = lc.clock.now_ms();
+    let last = retention::last_run_ms(lc).ok().flatten().unwrap_or(0);
+    Some(now.saturating_sub(last).saturating_sub(interval).max(0))
+}

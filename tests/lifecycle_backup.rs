@@ -1,0 +1,363 @@
+//! Encrypted backups: consistent snapshot, verify (digests, database, audit chain), restore
+//! that passes `chitin audit verify`, each kind of tamper refused, the gateway lock, scheduled
+//! rotation, and the data keys never included.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod lifecycle_support;
+
+use std::path::{Path, PathBuf};
+
+use chitin::lifecycle::{GatewayLock, LifecycleError, backup};
+use lifecycle_support::*;
+use serde_json::json;
+
+struct B {
+    h: H,
+    id_file: PathBuf,
+    recipient: String,
+}
+
+fn setup() -> B {
+    let h = harness();
+    let alice = user("alice");
+    session(&h, "s-a", &alice, "alice", T0, Some("sum"));
+    message(&h, "s-a", &alice, 1, "user", "transcript", T0, "hello");
+    for i in 0..5 {
+        audit_record(&h, &alice, "message.receive", "web", json!({ "i": i }));
+    }
+    let id_file = h.home.parent().unwrap().join("backup-id.txt");
+    let recipient = backup::keygen(&id_file, T0).unwrap();
+    B {
+        h,
+        id_file,
+        recipient,
+    }
+}
+
+fn create(b: &B, name: &str) -> PathBuf {
+    let out = b.h.home.parent().unwrap().join(name);
+    backup::create(
+        &b.h.home,
+        &b.h.lc.store,
+        &b.h.lc.audit,
+        &b.recipient,
+        &out,
+        T0,
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
+    let b = setup();
+    let file = create(&b, "b.age");
+    let id = backup::load_identity(&b.id_file).unwrap();
+    let opened = backup::open(&file, &id).unwrap();
+    let report = backup::check(&opened, None).unwrap();
+    assert!(report.audit.starts_with("ok: "), "{}", report.audit);
+    assert_eq!(report.state_version, chitin::store::Store::latest_version());
+    assert!(opened.members.contains_key("secrets.age"));
+    assert!(opened.members.contains_key("audit.pub"));
+    assert!(opened.members.contains_key("chitin.toml"));
+
+    // Life goes on after the backup: more records, a deleted message.
+    let alice = user("alice");
+    for i in 0..3 {
+        audit_record(&b.h, &alice, "message.send", "web", json!({ "later": i }));
+    }
+    b.h.lc
+        .store
+        .conn()
+        .unwrap()
+        .execute("DELETE FROM messages", [])
+        .unwrap();
+    let home = b.h.home.clone();
+    let clock = b.h.clock.clone();
+    let H { _t, lc, gate, .. } = b.h;
+    lc.audit.shutdown().unwrap();
+    drop((lc, gate));
+
+    let n = backup::restore(&opened, &home).unwrap();
+    assert!(n >= 3, "{n}");
+    let line = audit_verifies(&home);
+    assert!(line.starts_with("ok: "), "{line}");
+    let h = open_at(_t, home, clock);
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 1);
+    let body: Vec<u8> =
+        h.lc.store
+            .conn()
+            .unwrap()
+            .query_row("SELECT body FROM messages", [], |r| r.get(0))
+            .unwrap();
+    assert!(
+        contains(&h.lc.vault.open(&alice, &body).unwrap(), b"hello"),
+        "the live vault opens restored rows"
+    );
+    // The restored log accepts new records and still verifies.
+    audit_record(&h, &alice, "message.receive", "web", json!({}));
+    h.lc.audit.checkpoint_now().unwrap();
+    audit_verifies(&h.home);
+}
+
+#[test]
+fn the_data_keys_and_lock_files_are_never_in_a_backup() {
+    let b = setup();
+    assert!(b.h.home.join("vault.keys").exists());
+    let file = create(&b, "b.age");
+    let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    for name in [
+        "vault.keys",
+        "vault.lock",
+        "secrets.lock",
+        "gateway.lock",
+        "state.db-wal",
+        "audit.db-wal",
+    ] {
+        assert!(
+            !opened.members.contains_key(name),
+            "{name} is in the backup"
+        );
+    }
+    assert!(opened.manifest.excluded.contains(&"vault.keys".to_string()));
+}
+
+/// Decrypts, lets `f` change the tar members (path → bytes, manifest first), re-encrypts to
+/// the same recipient: what an attacker who knows the public recipient can do.
+type Members = Vec<(String, Vec<u8>)>;
+
+fn reforge(b: &B, file: &Path, f: &dyn Fn(&mut Members)) -> PathBuf {
+    let id = backup::load_identity(&b.id_file).unwrap();
+    let sealed = std::fs::read(file).unwrap();
+    let keys = chitin::secrets::format::DecryptKeys::new(0).with_x25519(id);
+    let plain = chitin::secrets::format::decrypt_all(&sealed, &keys).unwrap();
+    let mut members = Vec::new();
+    let mut a = tar::Archive::new(&plain[..]);
+    for e in a.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut data).unwrap();
+        members.push((name, data));
+    }
+    f(&mut members);
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in &members {
+        let mut hd = tar::Header::new_gnu();
+        hd.set_size(data.len() as u64);
+        hd.set_mode(0o600);
+        hd.set_entry_type(tar::EntryType::Regular);
+        hd.set_path(name).unwrap_or_else(|_| {
+            // Names tar refuses to set (e.g. with ..) are written raw.
+            let raw = &mut hd.as_old_mut().name;
+            raw[..name.len()].copy_from_slice(name.as_bytes());
+        });
+        hd.set_cksum();
+        t.append(&hd, &data[..]).unwrap();
+    }
+    let plain = t.into_inner().unwrap();
+    let rcpt: age::x25519::Recipient = b.recipient.parse().unwrap();
+    let out = file.with_extension(format!("forged{}", rand_suffix()));
+    std::fs::write(
+        &out,
+        chitin::secrets::format::encrypt_to_recipients(&plain, &[rcpt]).unwrap(),
+    )
+    .unwrap();
+    out
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+fn refusal(b: &B, file: &Path) -> String {
+    let id = backup::load_identity(&b.id_file).unwrap();
+    match backup::open(file, &id).and_then(|o| backup::check(&o, None)) {
+        Ok(_) => panic!("{} was accepted", file.display()),
+        Err(LifecycleError::Backup(why)) => why,
+        Err(e) => panic!("unexpected error kind: {e}"),
+    }
+}
+
+fn manifest_fix(members: &mut [(String, Vec<u8>)], path: &str) {
+    let data = members
+        .iter()
+        .find(|(n, _)| n == &format!("state/{path}"))
+        .unwrap()
+        .1
+        .clone();
+    let (_, m) = &mut members[0];
+    let mut v: serde_json::Value = serde_json::from_slice(m).unwrap();
+    for e in v["members"].as_array_mut().unwrap() {
+        if e["path"] == path {
+            e["sha256"] = json!(chitin_audit::to_hex(&chitin_audit::sha256(&data)));
+            e["size"] = json!(data.len());
+        }
+    }
+    *m = serde_json::to_vec(&v).unwrap();
+}
+
+#[test]
+fn each_kind_of_backup_tamper_is_refused_with_its_reason() {
+    let b = setup();
+    let file = create(&b, "b.age");
+
+    // Wrong identity.
+    let other = b.h.home.parent().unwrap().join("other-id.txt");
+    backup::keygen(&other, T0).unwrap();
+    let e = backup::open(&file, &backup::load_identity(&other).unwrap()).unwrap_err();
+    assert!(e.to_string().contains("cannot be decrypted"), "{e}");
+
+    // A flipped byte in the ciphertext.
+    let mut bytes = std::fs::read(&file).unwrap();
+    let i = bytes.len() - 40;
+    bytes[i] ^= 1;
+    let flipped = file.with_extension("flipped");
+    std::fs::write(&flipped, &bytes).unwrap();
+    assert!(refusal(&b, &flipped).contains("cannot be decrypted"));
+
+    // Truncated.
+    let truncated = file.with_extension("trunc");
+    std::fs::write(&truncated, &std::fs::read(&file).unwrap()[..200]).unwrap();
+    assert!(refusal(&b, &truncated).contains("cannot be decrypted"));
+
+    // A member changed after the manifest was written.
+    let f = reforge(&b, &file, &|m| {
+        let s = m
+            .iter_mut()
+            .find(|(n, _)| n == "state/secrets.age")
+            .unwrap();
+        s.1[50] ^= 1;
+    });
+    assert!(refusal(&b, &f).contains("member secrets.age does not match its digest"));
+
+    // A member removed.
+    let f = reforge(&b, &file, &|m| m.retain(|(n, _)| n != "state/audit.pub"));
+    assert!(refusal(&b, &f).contains("member audit.pub is missing"));
+
+    // A member added.
+    let f = reforge(&b, &file, &|m| {
+        m.push((
+            "state/policies/evil.cedar".into(),
+            b"permit(principal,action,resource);".to_vec(),
+        ))
+    });
+    assert!(refusal(&b, &f).contains("policies/evil.cedar is not in the manifest"));
+
+    // A member escaping the state dir.
+    let f = reforge(&b, &file, &|m| {
+        m.push(("state/../../etc/cron.d/x".into(), b"x".to_vec()))
+    });
+    assert!(refusal(&b, &f).contains("unexpected member"));
+
+    // The manifest moved away from the front.
+    let f = reforge(&b, &file, &|m| m.rotate_left(1));
+    assert!(refusal(&b, &f).contains("manifest is not the first member"));
+
+    // The audit log edited and the manifest digest recomputed: the chain catches it.
+    let f = reforge(&b, &file, &|m| {
+        let tmp = tempfile::tempdir().unwrap();
+        let db = tmp.path().join("audit.db");
+        let e = m.iter_mut().find(|(n, _)| n == "state/audit.db").unwrap();
+        std::fs::write(&db, &e.1).unwrap();
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("DROP TRIGGER records_only_payload_removal; UPDATE records SET actor = 'forged' WHERE seq = 2;").unwrap();
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        drop(c);
+        e.1 = std::fs::read(&db).unwrap();
+        manifest_fix(m, "audit.db");
+    });
+    let why = refusal(&b, &f);
+    assert!(
+        why.contains("audit log: tampered: first bad record 2"),
+        "{why}"
+    );
+
+    // The state database replaced with garbage and the manifest recomputed.
+    let f = reforge(&b, &file, &|m| {
+        let e = m.iter_mut().find(|(n, _)| n == "state/state.db").unwrap();
+        e.1 = b"not a database at all, just bytes".repeat(200);
+        manifest_fix(m, "state.db");
+    });
+    assert!(refusal(&b, &f).contains("backup check failed"));
+}
+
+#[test]
+fn a_restore_is_refused_while_a_gateway_holds_the_state_dir() {
+    let b = setup();
+    let file = create(&b, "b.age");
+    let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    let gateway = GatewayLock::acquire(&b.h.home).unwrap();
+    let e = backup::restore(&opened, &b.h.home).unwrap_err();
+    assert!(matches!(e, LifecycleError::GatewayRunning { .. }), "{e}");
+    assert!(e.to_string().contains("stop it before restoring"), "{e}");
+    // A second gateway cannot start either.
+    assert!(GatewayLock::acquire(&b.h.home).is_err());
+    drop(gateway);
+}
+
+#[test]
+fn scheduled_backups_go_to_the_configured_dir_and_keep_the_newest_n() {
+    let b = setup();
+    let dir = b.h.home.parent().unwrap().join("backups");
+    let cfg = chitin::config::backup::BackupConfig {
+        recipient: b.recipient.clone(),
+        dir: dir.to_string_lossy().into_owned(),
+        keep: 2,
+        ..Default::default()
+    };
+    let mut made = Vec::new();
+    for i in 0..4 {
+        made.push(
+            backup::scheduled(
+                &b.h.home,
+                &b.h.lc.store,
+                &b.h.lc.audit,
+                &cfg,
+                T0 + i * 3_600_000,
+            )
+            .unwrap()
+            .unwrap(),
+        );
+    }
+    let mut left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    left.sort();
+    assert_eq!(left, made[2..].to_vec());
+    let none = chitin::config::backup::BackupConfig::default();
+    assert!(
+        backup::scheduled(&b.h.home, &b.h.lc.store, &b.h.lc.audit, &none, T0)
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn without_a_recipient_a_backup_is_refused_with_how_to_make_one() {
+    let b = setup();
+    let out = b.h.home.parent().unwrap().join("x.age");
+    let e = backup::create(&b.h.home, &b.h.lc.store, &b.h.lc.audit, "", &out, T0).unwrap_err();
+    assert!(e.to_string().contains("chitin backup keygen"), "{e}");
+    assert!(!out.exists());
+    // An existing file is never overwritten.
+    let f = create(&b, "once.age");
+    let e = backup::create(
+        &b.h.home,
+        &b.h.lc.store,
+        &b.h.lc.audit,
+        &b.recipient,
+        &f,
+        T0,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("File exists"), "{e}");
+}

@@ -1,0 +1,234 @@
+//! The command-line contract of issue #9: `chitin retention`, `chitin data`, `chitin backup`,
+//! run as the operator would, ending with `chitin audit verify` on a restored state dir.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+mod lifecycle_support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use lifecycle_support::*;
+
+fn chitin(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .env("CHITIN_HOME", home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .env("USER", "tester")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const ALICE: &str = "Chitin::User::\"alice\"";
+
+#[test]
+fn the_lifecycle_commands_work_end_to_end_and_a_restored_state_verifies() {
+    let h = harness();
+    // The CLI runs on the real clock.
+    let now = chitin::clock::Clock::now_ms(&chitin::clock::SystemClock);
+    h.clock.set(now);
+    session(&h, "s-a", ALICE, "alice", now, Some("sum"));
+    message(
+        &h,
+        "s-a",
+        ALICE,
+        1,
+        "user",
+        "transcript",
+        now,
+        "cli canary 4242",
+    );
+    let home = h.home.clone();
+    let parent = home.parent().unwrap().to_path_buf();
+    let H { _t, lc, gate, .. } = h;
+    lc.audit.shutdown().unwrap();
+    drop((lc, gate));
+
+    // keygen → config → create → verify.
+    let id = parent.join("backup-id.txt");
+    let o = chitin(&home, &["backup", "keygen", "--out", id.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", out(&o));
+    let recipient = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert!(recipient.starts_with("age1"), "{recipient}");
+    let o = chitin(
+        &home,
+        &["backup", "create", "--out", "/nonexistent-dir/x.age"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(
+        out(&o).contains("no backup recipient configured"),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("chitin backup keygen"), "{}", out(&o));
+    let cfg = format!(
+        "{}\n[backup]\nrecipient = \"{recipient}\"\n",
+        home::TEST_SECRETS_CONFIG
+    );
+    std::fs::write(home.join("chitin.toml"), cfg).unwrap();
+    let file = parent.join("b.age");
+    let o = chitin(
+        &home,
+        &["backup", "create", "--out", file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("data keys are never included"),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(
+        &home,
+        &[
+            "backup",
+            "verify",
+            file.to_str().unwrap(),
+            "--identity",
+            id.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("ok: "),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(&home, &["backup", "verify", file.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("--identity"), "{}", out(&o));
+
+    // Retention and holds.
+    let o = chitin(&home, &["retention", "run", "--dry-run"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("transcripts: would delete 0"),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(
+        &home,
+        &[
+            "retention",
+            "hold",
+            "--subject",
+            ALICE,
+            "--reason",
+            "case 7",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("held: Chitin::User::\"alice\""),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(&home, &["retention", "holds"]);
+    assert!(out(&o).contains("reason: case 7"), "{}", out(&o));
+
+    // Strict subjects; policy; holds block erasure.
+    let o = chitin(&home, &["data", "erase", "--subject", "alice"]);
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(out(&o).contains("invalid subject"), "{}", out(&o));
+    let o = chitin(
+        &home,
+        &["data", "erase", "--subject", ALICE, "--as", "mallory"],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(
+        out(&o).contains("refused: policy denied `data.erase`"),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE]);
+    assert_eq!(o.status.code(), Some(1), "{}", out(&o));
+    assert!(out(&o).contains("under legal hold"), "{}", out(&o));
+    let o = chitin(&home, &["retention", "release", "--subject", ALICE]);
+    assert!(out(&o).contains("released"), "{}", out(&o));
+
+    // Export, then erase (dry run first).
+    let export = parent.join("alice.tar");
+    let o = chitin(
+        &home,
+        &[
+            "data",
+            "export",
+            "--subject",
+            ALICE,
+            "--out",
+            export.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("1 sessions, 1 messages"), "{}", out(&o));
+    assert!(contains(
+        &std::fs::read(&export).unwrap(),
+        b"cli canary 4242"
+    ));
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE, "--dry-run"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        out(&o).contains("would erase Chitin::User::\"alice\""),
+        "{}",
+        out(&o)
+    );
+    assert!(out(&o).contains("messages: 1"), "{}", out(&o));
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("data key: destroyed"), "{}", out(&o));
+    assert!(
+        out(&o).contains("erasure receipt: audit seq"),
+        "{}",
+        out(&o)
+    );
+    let o = chitin(&home, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", out(&o));
+
+    // Restore the backup taken before the erase: Alice's rows come back sealed with a
+    // destroyed key and are purged; the restored log verifies.
+    let o = chitin(
+        &home,
+        &[
+            "backup",
+            "restore",
+            file.to_str().unwrap(),
+            "--identity",
+            id.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("erased again 1 subject(s)"), "{}", out(&o));
+    let o = chitin(&home, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with("ok: "),
+        "{}",
+        out(&o)
+    );
+
+    // `chitin security audit` notes a class kept forever.
+    let cfg = format!(
+        "{}\n[retention]\ntranscripts = \"forever\"\n",
+        home::TEST_SECRETS_CONFIG
+    );
+    std::fs::write(home.join("chitin.toml"), cfg).unwrap();
+    let o = chitin(&home, &["security", "audit", "--json"]);
+    assert!(
+        out(&o).contains("retention.forever.transcripts"),
+        "{}",
+        out(&o)
+    );
+    drop(_t);
+}
