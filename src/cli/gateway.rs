@@ -101,6 +101,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     };
 
     let home = crate::state::Home::create(&globals.home)?;
+    // One gateway per state dir; `chitin backup restore` refuses while this is held.
+    let _lock = crate::lifecycle::GatewayLock::acquire(&globals.home)?;
     let engine = crate::policy::PolicyEngine::load(super::policy::engine_spec(
         globals, &config, None, None,
     )?)?;
@@ -145,7 +147,11 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )?;
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
     let secrets_path = secrets.path().to_path_buf();
-    let vault = crate::vault::Vault::from_store(&globals.home, &mut secrets, Arc::clone(&clock))?;
+    let vault = Arc::new(crate::vault::Vault::from_store(
+        &globals.home,
+        &mut secrets,
+        Arc::clone(&clock),
+    )?);
     let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
@@ -171,7 +177,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         sandbox: sandbox.clone(),
         workspace: workspace.clone(),
         router,
-        sealer: Arc::new(vault),
+        sealer: Arc::clone(&vault) as Arc<dyn crate::agent::Sealer>,
         clock: Arc::clone(&clock),
         config: config.agent.clone(),
         budgets: config.budgets.clone(),
@@ -180,6 +186,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             .ok()
             .map(Arc::new),
     });
+    let store_for_lifecycle = Arc::clone(&store);
+    let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
         globals: globals.clone(),
         secrets_path,
@@ -199,6 +207,13 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         backend: None,
         agent: Some(agent),
         shared_secrets: Some(secrets),
+        lifecycle: Some(crate::lifecycle::Lifecycle {
+            home: globals.home.clone(),
+            store: Arc::clone(&store_for_lifecycle),
+            audit: Arc::clone(&audit_for_lifecycle),
+            vault,
+            clock: Arc::new(crate::clock::SystemClock),
+        }),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

@@ -105,6 +105,8 @@ pub struct Parts {
     /// The unlocked store the agent releases provider keys and tool secrets from (reopened
     /// and replaced on SIGHUP).
     pub shared_secrets: Option<crate::secrets::SharedSecretStore>,
+    /// Retention and scheduled backups, run once a minute when due.
+    pub lifecycle: Option<crate::lifecycle::Lifecycle>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -306,6 +308,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             Arc::new(backend::NoAgent::new(approvals.clone())) as Arc<dyn backend::ChatBackend>
         });
     let (backend, metrics) = (Some(backend), Arc::clone(&parts.metrics));
+    if let Some(lc) = parts.lifecycle {
+        tokio::spawn(lifecycle_schedule(lc, parts.globals.clone()));
+    }
     if let Some(agent) = &parts.agent {
         match agent.recover().await {
             Ok(0) => {}
@@ -542,6 +547,41 @@ fn reload(app: &App) {
                 &app.secrets,
                 (false, format!("reopening the store failed: {e}")),
             );
+        }
+    }
+}
+
+/// Runs retention and scheduled backups when due (checked once a minute), with the config as
+/// it is now (SIGHUP may have changed it).
+async fn lifecycle_schedule(lc: crate::lifecycle::Lifecycle, globals: Globals) {
+    let lc = Arc::new(lc);
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        every.tick().await;
+        let (lc2, g) = (Arc::clone(&lc), globals.clone());
+        let report = tokio::task::spawn_blocking(move || {
+            g.load_config()
+                .map(|c| crate::lifecycle::schedule::tick(&lc2, &c))
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match report {
+            Ok(Ok(r)) => {
+                if let Some(res) = r.retention {
+                    match res {
+                        Ok(rep) => info!(report = ?rep, "retention run"),
+                        Err(e) => error!(error = %e, "retention run failed"),
+                    }
+                }
+                if let Some(res) = r.backup {
+                    match res {
+                        Ok(path) => info!(path = %path.display(), "scheduled backup written"),
+                        Err(e) => error!(error = %e, "scheduled backup failed"),
+                    }
+                }
+            }
+            Ok(Err(e)) => error!(error = %e, "lifecycle schedule: config unreadable"),
+            Err(e) => error!(error = %e, "lifecycle schedule task failed"),
         }
     }
 }
