@@ -229,6 +229,10 @@ impl ChatBackend for AgentBackend {
         json!({"model_configured": self.agent.has_model()})
     }
 
+    fn agent_configured(&self) -> bool {
+        self.agent.has_model()
+    }
+
     fn approval_opened(&self, user: &str, approval: &crate::approvals::Approval) {
         let _nobody = self.events.send(self.desk.requested(user, None, approval));
     }
