@@ -1034,7 +1034,10 @@ async fn the_real_gateway_serves_the_websocket_with_its_own_token_origins_and_li
     let r = c.call("agent.wait", json!({"run_id": run_id})).await;
     assert_eq!(r["payload"]["status"], "completed", "{r}");
     assert!(
-        r["payload"]["reply"].as_str().unwrap().contains("No model is configured"),
+        r["payload"]["reply"]
+            .as_str()
+            .unwrap()
+            .contains("No model is configured"),
         "{r}"
     );
     // Foreign origin, query token.

@@ -27,6 +27,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+#[path = "support/gateway.rs"]
+mod harness;
+
 const TOKEN: &str = "browser-test-token-0123456789";
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -446,5 +449,100 @@ async fn a_wrong_token_in_the_page_is_refused_and_not_kept() {
         .eval("[document.getElementById('error').textContent, sessionStorage.getItem('chitin.token'), document.getElementById('send').disabled]")
         .await;
     assert_eq!(r, json!(["the token is not the gateway token", null, true]));
+    drop(browser);
+}
+
+/// Opens the page of a gateway on `port` in a new tab and connects with `token`.
+async fn open_page(cdp: &mut Cdp, port: u16, token: &str) {
+    let target = cdp
+        .call("Target.createTarget", json!({"url": "about:blank"}))
+        .await;
+    let attached = cdp
+        .call(
+            "Target.attachToTarget",
+            json!({"targetId": target["targetId"], "flatten": true}),
+        )
+        .await;
+    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
+    cdp.call("Runtime.enable", json!({})).await;
+    cdp.call("Page.enable", json!({})).await;
+    cdp.call(
+        "Page.navigate",
+        json!({"url": format!("http://127.0.0.1:{port}/")}),
+    )
+    .await;
+    cdp.wait_for(
+        "document.readyState === 'complete' && !!document.getElementById('connect')",
+        "the page",
+    )
+    .await;
+    cdp.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('connect').click(); true",
+        js(token)
+    ))
+    .await;
+    cdp.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "connected",
+    )
+    .await;
+}
+
+/// End to end: the real gateway binary, its agent loop, a fake OpenAI-compatible model on
+/// loopback, the sandbox, and a person approving in the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_gateway_streams_the_agents_reply_and_runs_a_call_after_approval_in_the_page() {
+    use chitin::providers::testing::{FakeOpenAi, Reply, Step as ModelStep};
+    let fake = FakeOpenAi::start(vec![
+        ModelStep::Reply(Reply::text(["Creating ", "the ", "marker."]).tool_call(
+            "c1",
+            "exec",
+            r#"{"argv":["touch","browser-marker"],"network":["127.0.0.1:9"]}"#,
+            2,
+        )),
+        ModelStep::Reply(Reply::text([" All ", "done."])),
+    ])
+    .await
+    .unwrap();
+    let cfg = format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
+        fake.base_url()
+    );
+    let gw = tokio::task::spawn_blocking(move || harness::Gw::start(&cfg))
+        .await
+        .unwrap();
+    let browser = tokio::task::spawn_blocking(launch).await.unwrap();
+    let mut cdp = Cdp::connect(&browser.endpoint).await;
+    open_page(&mut cdp, gw.port, &gw.token).await;
+    cdp.eval(
+        "document.getElementById('input').value = 'make a marker file'; document.getElementById('send').click(); true",
+    )
+    .await;
+    cdp.wait_for(
+        "!!document.querySelector('.approval button.approve')",
+        "the pending approval",
+    )
+    .await;
+    let summary = cdp
+        .eval("document.querySelector('.approval .summary').textContent")
+        .await;
+    assert!(
+        summary.as_str().unwrap().contains("127.0.0.1:9"),
+        "{summary}"
+    );
+    assert!(!gw.workspace().join("browser-marker").exists());
+    cdp.eval("document.querySelector('.approval button.approve').click(); true")
+        .await;
+    cdp.wait_for(
+        "document.querySelector('.msg.assistant') && document.querySelector('.msg.assistant').dataset.status === 'completed'",
+        "the run to finish",
+    )
+    .await;
+    let end = cdp
+        .eval("[document.querySelector('.msg.assistant .text').textContent, Array.from(document.querySelectorAll('.tool')).map(t => t.dataset.decision)]")
+        .await;
+    assert_eq!(end[0], "Creating the marker. All done.");
+    assert_eq!(end[1], json!(["allow"]), "{end}");
+    assert!(gw.workspace().join("browser-marker").exists());
     drop(browser);
 }
