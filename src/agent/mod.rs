@@ -635,7 +635,10 @@ impl Run {
 
     async fn finish(&self, status: &'static str, error: Option<String>) -> RunSummary {
         let error = error.map(|e| self.inner.p.gate.redact(&e));
-        self.set_status(status, None, error.clone()).await;
+        // A completed run was marked so with its final answer (same transaction).
+        if status != "completed" || error.is_some() {
+            self.set_status(status, None, error.clone()).await;
+        }
         self.stat(|s| *s.runs.entry(status.into()).or_default() += 1);
         let inner = Arc::clone(&self.inner);
         let id = self.id.clone();
@@ -811,7 +814,12 @@ impl Run {
                     text: text.clone(),
                     tool_calls: calls.clone(),
                 };
-                let status = (!calls.is_empty()).then_some("running");
+                // A final answer completes the run in the same transaction.
+                let status = Some(if calls.is_empty() {
+                    "completed"
+                } else {
+                    "running"
+                });
                 blocking(move || {
                     inner.transcripts.append_step(
                         &session,

@@ -40,6 +40,21 @@ pub enum TranscriptError {
     NoRun(String),
 }
 
+/// `execute` with a cached prepared statement (the same few statements run on every turn).
+fn exec(c: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// `query_row` with a cached prepared statement.
+fn row<T>(
+    c: &rusqlite::Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
+}
+
 /// The data subject of a user's content.
 pub fn subject_of(user: &str) -> String {
     format!(
@@ -227,7 +242,8 @@ impl Transcripts {
 
     pub fn set_tainted(&self, key: &str) -> Result<(), TranscriptError> {
         let conn = self.store.conn()?;
-        conn.execute(
+        exec(
+            &conn,
             "UPDATE sessions SET tainted = 1 WHERE key = ?1 AND tainted = 0",
             [key],
         )?;
@@ -262,17 +278,19 @@ impl Transcripts {
             _ => "transcript",
         };
         let size = i64::try_from(body.len()).unwrap_or(i64::MAX);
-        let seq: i64 = tx.query_row(
+        let seq: i64 = row(
+            &tx,
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_key = ?1",
             [key],
             |r| r.get(0),
         )?;
-        tx.execute(
+        exec(&tx,
             "INSERT INTO messages (session_key, run_id, subject, seq, role, class, created_ms, size, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![key, run_id, subject, seq, message.role(), class, now, size, body],
         )?;
-        tx.execute(
+        exec(
+            &tx,
             "UPDATE sessions SET updated_ms = ?2 WHERE key = ?1",
             params![key, now],
         )?;
@@ -307,19 +325,21 @@ impl Transcripts {
             Some(o) if o == user => {}
             Some(_) => return Err(TranscriptError::NotYours(key.into())),
             None => {
-                tx.execute(
+                exec(
+                    &tx,
                     "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
                     params![key, user, subject_of(user), channel, now],
                 )?;
             }
         }
-        tx.execute(
+        exec(
+            &tx,
             "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5)",
             params![run_id, key, user, subject_of(user), now],
         )?;
         self.insert_message(&tx, key, user, Some(run_id), message, now)?;
         if untrusted {
-            tx.execute("UPDATE sessions SET tainted = 1 WHERE key = ?1", [key])?;
+            exec(&tx, "UPDATE sessions SET tainted = 1 WHERE key = ?1", [key])?;
         }
         tx.commit()?;
         Ok(())
@@ -348,9 +368,13 @@ impl Transcripts {
             Self::insert_usage(&tx, u)?;
         }
         if let (Some(st), Some(id)) = (status, run_id) {
-            tx.execute(
-                "UPDATE runs SET status = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![id, st, now],
+            let finished = st == "completed";
+            exec(
+                &tx,
+                "UPDATE runs SET status = ?2, updated_ms = ?3,
+                                 finished_ms = CASE WHEN ?4 THEN ?3 ELSE finished_ms END
+                 WHERE id = ?1",
+                params![id, st, now, finished],
             )?;
         }
         tx.commit()?;
@@ -361,7 +385,8 @@ impl Transcripts {
     pub fn history(&self, key: &str) -> Result<(Option<String>, Vec<Entry>), TranscriptError> {
         let (summary, upto) = {
             let conn = self.store.conn()?;
-            conn.query_row(
+            row(
+                &conn,
                 "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
                 [key],
                 |r| {
@@ -387,7 +412,7 @@ impl Transcripts {
     pub fn messages_after(&self, key: &str, after: i64) -> Result<Vec<Entry>, TranscriptError> {
         let rows: Vec<(i64, Option<String>, i64, String, Vec<u8>)> = {
             let conn = self.store.conn()?;
-            let mut st = conn.prepare(
+            let mut st = conn.prepare_cached(
                 "SELECT seq, run_id, created_ms, subject, body FROM messages WHERE session_key = ?1 AND seq > ?2 ORDER BY seq",
             )?;
             st.query_map(params![key, after], |r| {
@@ -417,7 +442,8 @@ impl Transcripts {
     ) -> Result<(), TranscriptError> {
         let sealed = self.seal(&subject_of(user), &summary)?;
         let conn = self.store.conn()?;
-        conn.execute(
+        exec(
+            &conn,
             "UPDATE sessions SET summary = ?2, summary_seq = ?3 WHERE key = ?1",
             params![key, sealed, upto_seq],
         )?;
@@ -438,7 +464,7 @@ impl Transcripts {
             "completed" | "failed" | "cancelled" | "timed_out" | "interrupted"
         );
         let conn = self.store.conn()?;
-        conn.execute(
+        exec(&conn,
             "UPDATE runs SET status = ?2, approval_id = ?3, error = COALESCE(?4, error), updated_ms = ?5,
                              finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
              WHERE id = ?1",
@@ -462,12 +488,12 @@ impl Transcripts {
     ) -> Result<(), TranscriptError> {
         let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
         let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
-        tx.execute(
+        exec(&tx,
             "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![u.at_ms, u.user, subject_of(u.user), u.session, u.run_id, u.model, u.tool, input, output, u.cost_usd],
         )?;
-        tx.execute(
+        exec(&tx,
             "UPDATE runs SET steps = steps + 1, model = ?2, input_tokens = input_tokens + ?3,
                              output_tokens = output_tokens + ?4, cost_usd = cost_usd + ?5, updated_ms = ?6
              WHERE id = ?1",
@@ -481,7 +507,8 @@ impl Transcripts {
         const DAY: i64 = 86_400_000;
         let start = now_ms.div_euclid(DAY) * DAY;
         let conn = self.store.conn()?;
-        Ok(conn.query_row(
+        Ok(row(
+            &conn,
             "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE user_id = ?1 AND at_ms >= ?2 AND at_ms < ?3",
             params![user, start, start + DAY],
             |r| r.get(0),
@@ -490,7 +517,8 @@ impl Transcripts {
 
     pub fn run(&self, id: &str) -> Result<RunRow, TranscriptError> {
         let conn = self.store.conn()?;
-        conn.query_row(
+        row(
+            &conn,
             &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
             [id],
             run_row,
@@ -502,7 +530,7 @@ impl Transcripts {
     /// Runs that had not finished (queued, running, waiting for an approval), oldest first.
     pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, TranscriptError> {
         let conn = self.store.conn()?;
-        let mut st = conn.prepare(&format!(
+        let mut st = conn.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running', 'waiting_approval') ORDER BY created_ms"
         ))?;
         Ok(st.query_map([], run_row)?.collect::<Result<_, _>>()?)
@@ -512,7 +540,8 @@ impl Transcripts {
     pub fn run_messages(&self, run_id: &str) -> Result<Vec<Entry>, TranscriptError> {
         let key: String = {
             let conn = self.store.conn()?;
-            conn.query_row(
+            row(
+                &conn,
                 "SELECT session_key FROM runs WHERE id = ?1",
                 [run_id],
                 |r| r.get(0),
@@ -522,7 +551,7 @@ impl Transcripts {
         };
         let rows: Vec<(i64, i64, String, Vec<u8>)> = {
             let conn = self.store.conn()?;
-            let mut st = conn.prepare(
+            let mut st = conn.prepare_cached(
                 "SELECT seq, created_ms, subject, body FROM messages WHERE session_key = ?1 AND run_id = ?2 ORDER BY seq",
             )?;
             st.query_map(params![key, run_id], |r| {
@@ -545,7 +574,7 @@ impl Transcripts {
     /// Sessions, newest activity first (all users when `user` is `None`).
     pub fn sessions(&self, user: Option<&str>) -> Result<Vec<SessionRow>, TranscriptError> {
         let conn = self.store.conn()?;
-        let mut st = conn.prepare(
+        let mut st = conn.prepare_cached(
             "SELECT s.key, s.user_id, s.channel, s.created_ms, s.updated_ms, s.tainted,
                     (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key),
                     (SELECT COUNT(*) FROM runs r WHERE r.session_key = s.key)
