@@ -143,7 +143,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     std::fs::write(
         &cfg,
         format!(
-            "[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n\n[gateway]\nworkspace = \"../ws\"\nauth_max_failures = 100000\n\n[agent]\nmodel = \"fake/m\"\nmax_concurrent_runs = 64\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
+            "[gateway]\nworkspace = \"../ws\"\nauth_max_failures = 100000\n\n[agent]\nmodel = \"fake/m\"\nmax_concurrent_runs = 64\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
             fake.base_url()
         ),
     )?;
