@@ -926,10 +926,11 @@ impl Run {
         let history = as_of_run(history, &self.id);
         let messages = context::to_messages(summary.as_deref(), &history);
         let budget = self.inner.p.config.context_budget_tokens;
-        if context::estimate_tokens(&system, &messages) > budget / 4 * 3 && history.len() >= 4 {
-            if let Some(compacted) = self.compact(summary, &history).await? {
-                return Ok((system, compacted, tools));
-            }
+        if context::estimate_tokens(&system, &messages) > budget / 4 * 3
+            && history.len() >= 4
+            && let Some(compacted) = self.compact(summary, &history).await?
+        {
+            return Ok((system, compacted, tools));
         }
         Ok((system, messages, tools))
     }
@@ -1340,10 +1341,10 @@ impl Run {
                 "used" => break ApprovalOutcome::NotGiven("already used".into()),
                 _ => {}
             }
-            if let Some(w) = wait {
-                if started.elapsed() >= w {
-                    break ApprovalOutcome::NotGiven(format!("no answer within {} s", w.as_secs()));
-                }
+            if let Some(w) = wait
+                && started.elapsed() >= w
+            {
+                break ApprovalOutcome::NotGiven(format!("no answer within {} s", w.as_secs()));
             }
             tokio::time::sleep(APPROVAL_POLL).await;
         };

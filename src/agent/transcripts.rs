@@ -119,6 +119,9 @@ pub struct Entry {
     pub message: Stored,
 }
 
+/// A message row before opening: seq, run id, time, subject, sealed body.
+type RawEntry = (i64, Option<String>, i64, String, Vec<u8>);
+
 /// A session's metadata.
 #[derive(Debug, Clone, Serialize)]
 pub struct SessionRow {
@@ -279,18 +282,18 @@ impl Transcripts {
         };
         let size = i64::try_from(body.len()).unwrap_or(i64::MAX);
         let seq: i64 = row(
-            &tx,
+            tx,
             "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_key = ?1",
             [key],
             |r| r.get(0),
         )?;
-        exec(&tx,
+        exec(tx,
             "INSERT INTO messages (session_key, run_id, subject, seq, role, class, created_ms, size, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![key, run_id, subject, seq, message.role(), class, now, size, body],
         )?;
         exec(
-            &tx,
+            tx,
             "UPDATE sessions SET updated_ms = ?2 WHERE key = ?1",
             params![key, now],
         )?;
@@ -410,7 +413,7 @@ impl Transcripts {
 
     /// Every message of a session with `seq > after`, oldest first.
     pub fn messages_after(&self, key: &str, after: i64) -> Result<Vec<Entry>, TranscriptError> {
-        let rows: Vec<(i64, Option<String>, i64, String, Vec<u8>)> = {
+        let rows: Vec<RawEntry> = {
             let conn = self.store.conn()?;
             let mut st = conn.prepare_cached(
                 "SELECT seq, run_id, created_ms, subject, body FROM messages WHERE session_key = ?1 AND seq > ?2 ORDER BY seq",
@@ -488,12 +491,12 @@ impl Transcripts {
     ) -> Result<(), TranscriptError> {
         let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
         let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
-        exec(&tx,
+        exec(tx,
             "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![u.at_ms, u.user, subject_of(u.user), u.session, u.run_id, u.model, u.tool, input, output, u.cost_usd],
         )?;
-        exec(&tx,
+        exec(tx,
             "UPDATE runs SET steps = steps + 1, model = ?2, input_tokens = input_tokens + ?3,
                              output_tokens = output_tokens + ?4, cost_usd = cost_usd + ?5, updated_ms = ?6
              WHERE id = ?1",
