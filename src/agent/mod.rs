@@ -397,6 +397,7 @@ impl Agent {
                 approval_wait,
                 interrupted,
                 reports: Vec::new(),
+                policies: Vec::new(),
             };
             let summary = run.execute(previous, cancel_rx).await;
             let session = summary.session.clone();
@@ -549,6 +550,8 @@ struct Run {
     /// Resumed after a restart while a tool call was running.
     interrupted: bool,
     reports: Vec<ToolCallReport>,
+    /// The determining policies of the call being recorded (for `tool.end`).
+    policies: Vec<String>,
 }
 
 impl Run {
@@ -1080,9 +1083,11 @@ impl Run {
             decision: decision.into(),
             outcome: outcome.into(),
         });
+        let policies = std::mem::take(&mut self.policies);
         self.emit(
             "tool.end",
-            json!({"call_id": c.id, "tool": c.name, "decision": decision, "outcome": outcome}),
+            json!({"call_id": c.id, "tool": c.name, "decision": decision, "outcome": outcome,
+                   "policies": policies}),
         );
         Ok(())
     }
@@ -1172,7 +1177,10 @@ impl Run {
             .await?;
             let max = self.inner.p.config.tool_result_max_bytes;
             match result {
-                Ok(Invoked::Ran { result, .. }) => {
+                Ok(Invoked::Ran {
+                    result, decision, ..
+                }) => {
+                    self.policies = decision.policies.clone();
                     let outcome = match (result.exit_code, &result.killed) {
                         (_, Some(k)) => format!("killed: {k}"),
                         (Some(0), None) => "ok".to_string(),
@@ -1194,6 +1202,7 @@ impl Run {
                         .await;
                 }
                 Ok(Invoked::Denied(d)) => {
+                    self.policies = d.policies.clone();
                     let reasons: Vec<String> = d
                         .policies
                         .iter()
@@ -1224,7 +1233,7 @@ impl Run {
                     return self.record_result(c, "deny", outcome, &content, true).await;
                 }
                 Ok(Invoked::ApprovalRequired {
-                    decision: _,
+                    decision,
                     request_digest,
                 }) => {
                     match self
@@ -1236,6 +1245,7 @@ impl Run {
                             continue;
                         }
                         ApprovalOutcome::NotGiven(why) => {
+                            self.policies = decision.policies.clone();
                             let content = format!(
                                 "not run: this call needs a person's approval, which was not given ({why}). Tell the user; do not retry it another way."
                             );

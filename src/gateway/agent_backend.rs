@@ -100,7 +100,15 @@ impl ChatBackend for AgentBackend {
         session: Option<&str>,
         text: &str,
     ) -> Result<RunStarted, BackendError> {
-        let session = session.map_or_else(|| format!("ws:{user}"), str::to_string);
+        let session = match session {
+            Some(s) => s.to_string(),
+            None => {
+                // A new session for each message without one.
+                let mut b = [0u8; 8];
+                getrandom::fill(&mut b).map_err(|e| BackendError::Internal(e.to_string()))?;
+                format!("ws:{}", chitin_audit::to_hex(&b))
+            }
+        };
         let req = TurnRequest {
             session: session.clone(),
             user: user.to_string(),
