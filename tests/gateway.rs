@@ -736,3 +736,47 @@ fn an_installed_skill_changed_on_disk_is_reported_by_ready_after_sighup() {
         "{detail}"
     );
 }
+
+#[test]
+fn a_bad_policy_file_dropped_in_without_sighup_is_rejected_and_a_fix_applies() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    let bad = gw.home.join("policies/zz-broken.cedar");
+    std::fs::write(
+        &bad,
+        "forbid (principal, action, resource) when { nonsense };\n",
+    )
+    .unwrap();
+    let ready_policies = |want_ok: bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = gw.get("/ready");
+            if r.json()["checks"]["policies"]["ok"] == want_ok {
+                return r.json();
+            }
+            assert!(Instant::now() < deadline, "no reload seen: {}", r.body);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let v = ready_policies(false);
+    assert!(
+        v["checks"]["policies"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("previous set stays active"),
+        "{v}"
+    );
+    // The old set still decides, and the rejection is in the audit log.
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A valid change applies on its own: a forbid on list_dir.
+    std::fs::write(
+        &bad,
+        "@id(\"test.no-list\")\n@reason(\"test\")\nforbid (principal, action == Chitin::Action::\"list_dir\", resource);\n",
+    )
+    .unwrap();
+    ready_policies(true);
+    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("test.no-list"), "{}", r.body);
+}

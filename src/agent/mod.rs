@@ -622,6 +622,7 @@ impl Run {
         // The status stays `queued` until the first answer is stored with it (one write less
         // per turn); `run.started` tells streaming clients.
         self.stat(|s| *s.runs.entry("started".into()).or_default() += 1);
+        tracing::info!(run_id = %self.id, session = %self.session, user = %self.user, "run started");
         self.emit("run.started", json!({}));
         let limit = Duration::from_secs(inner.p.config.run_timeout_secs);
         let outcome = tokio::select! {
@@ -663,6 +664,14 @@ impl Run {
                 },
             },
         };
+        tracing::info!(
+            run_id = %self.id,
+            session = %self.session,
+            status = %summary.status,
+            steps = summary.usage.steps,
+            tools = summary.tool_calls.len(),
+            "run finished"
+        );
         self.emit(
             "run.finished",
             json!({"status": summary.status, "reply": summary.reply, "error": summary.error}),
@@ -1084,6 +1093,14 @@ impl Run {
             outcome: outcome.into(),
         });
         let policies = std::mem::take(&mut self.policies);
+        tracing::info!(
+            run_id = %self.id,
+            call_id = %c.id,
+            tool = %c.name,
+            decision,
+            outcome,
+            "tool call"
+        );
         self.emit(
             "tool.end",
             json!({"call_id": c.id, "tool": c.name, "decision": decision, "outcome": outcome,

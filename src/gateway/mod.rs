@@ -372,6 +372,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
+    tokio::spawn(watch_files(Arc::clone(&app)));
 
     let mut stop_for_server = stop_rx.clone();
     let ws_plane = Arc::clone(&app.ws);
@@ -427,6 +428,71 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     served
 }
 
+/// What a change of the watched files looks like: every file (a directory's entries
+/// included) with its size, modification and change times; a missing file counts too.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: PathBuf, m: &std::fs::Metadata| {
+        (
+            p,
+            m.mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            m.ctime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.ctime_nsec()),
+            m.len(),
+        )
+    };
+    let mut out = Vec::new();
+    for p in paths {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => {
+                out.push(stamp(p.clone(), &m));
+                if let Ok(rd) = std::fs::read_dir(p) {
+                    for e in rd.flatten() {
+                        if let Ok(m) = e.metadata() {
+                            out.push(stamp(e.path(), &m));
+                        }
+                    }
+                }
+            }
+            Ok(m) => out.push(stamp(p.clone(), &m)),
+            Err(_) => out.push((p.clone(), -1, -1, 0)),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Hot reload on file change: the config file, the policy directory and the entity files are
+/// checked every 2 s; a change runs the same reload as SIGHUP (a valid change applies whole,
+/// an invalid one is rejected and shows in `/ready`, the log and the audit log).
+async fn watch_files(app: Arc<App>) {
+    let paths = || {
+        let mut p = app.gate.engine().watched_paths();
+        p.push(app.globals.config_path.clone());
+        p
+    };
+    let mut last = fingerprint(&paths());
+    let mut every = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        every.tick().await;
+        let now = {
+            let paths = paths();
+            tokio::task::spawn_blocking(move || fingerprint(&paths))
+                .await
+                .unwrap_or_default()
+        };
+        if now != last {
+            last = now;
+            info!("config or policy files changed: reloading");
+            let app = Arc::clone(&app);
+            let _ = tokio::task::spawn_blocking(move || reload(&app)).await;
+        }
+    }
+}
+
 /// SIGHUP: reload config, policies and the token; SIGTERM/SIGINT: stop.
 async fn signals(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
     use tokio::signal::unix::{SignalKind, signal};
@@ -454,7 +520,7 @@ async fn signals(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
 
 /// The SIGHUP reload. Each part keeps its last good state when its new one is invalid.
 fn reload(app: &App) {
-    info!("SIGHUP: reloading config, policies and the gateway token");
+    info!("reloading config, policies and the gateway token");
     match app.globals.load_config() {
         Ok(new) => {
             let old = read(&app.config);

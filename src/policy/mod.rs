@@ -965,6 +965,17 @@ impl PolicyEngine {
         }
     }
 
+    /// The files a reload reads (the policy directory, when not the built-in defaults, and the
+    /// entity files): what a file watcher should watch.
+    pub fn watched_paths(&self) -> Vec<PathBuf> {
+        self.spec
+            .policy_dir
+            .iter()
+            .cloned()
+            .chain(self.spec.entity_files.iter().cloned())
+            .collect()
+    }
+
     /// The error of the last failed reload, if the last reload failed.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
