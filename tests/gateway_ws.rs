@@ -1221,3 +1221,62 @@ async fn over_tls_the_websocket_works_as_wss_from_the_https_origin() {
         other => panic!("a foreign origin was not refused: {:?}", other.map(|_| ())),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_the_real_agent_streams_over_the_websocket_and_can_be_cancelled() {
+    use chitin::providers::testing::{FakeOpenAi, Reply, Step as ModelStep};
+    let fake = FakeOpenAi::start(vec![
+        ModelStep::Reply(Reply::text(["Hel", "lo"])),
+        ModelStep::Hang,
+    ])
+    .await
+    .unwrap();
+    let cfg = format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
+        fake.base_url()
+    );
+    let gw = tokio::task::spawn_blocking(move || real::start(&cfg))
+        .await
+        .unwrap();
+    let mut c = open(gw.port, "/ws", None).await.unwrap();
+    let r = c.call("connect", json!({"token": gw.token})).await;
+    assert_eq!(r["payload"]["agent"], true, "{r}");
+    // A streamed reply from the real agent loop.
+    let r = c
+        .call("chat.send", json!({"text": "hi", "session": "ws:test"}))
+        .await;
+    let run_id = r["payload"]["run_id"].as_str().unwrap().to_string();
+    let r = c.call("agent.wait", json!({"run_id": run_id})).await;
+    assert_eq!(r["payload"]["status"], "completed", "{r}");
+    assert_eq!(r["payload"]["reply"], "Hello");
+    let r = c.call("chat.history", json!({"session": "ws:test"})).await;
+    let texts: Vec<&str> = r["payload"]["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, vec!["hi", "Hello"]);
+    // A run whose model hangs is cancelled.
+    let r = c
+        .call("agent", json!({"message": "hang", "session": "ws:test"}))
+        .await;
+    let run_id = r["payload"]["run_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.requests().len() < 2 {
+        assert!(Instant::now() < deadline, "the model was never asked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = c.call("agent.cancel", json!({"run_id": run_id})).await;
+    assert_eq!(r["payload"]["cancelled"], true, "{r}");
+    let r = c.call("agent.wait", json!({"run_id": run_id})).await;
+    assert_eq!(r["payload"]["status"], "cancelled", "{r}");
+    // Another user's run (or a made-up one) is not found.
+    let r = c
+        .call(
+            "agent.cancel",
+            json!({"run_id": "run_000000000000000000000000"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "not_found");
+}

@@ -693,11 +693,24 @@ impl Run {
     /// The loop: resume unanswered calls, then model call / tool calls until a reply.
     async fn drive(&mut self) -> Result<End, AgentError> {
         let Some(router) = self.inner.p.router.clone() else {
-            self.append(Stored::Assistant {
+            let inner = Arc::clone(&self.inner);
+            let (s, u, id, now) = (
+                self.session.clone(),
+                self.user.clone(),
+                self.id.clone(),
+                self.now(),
+            );
+            let m = Stored::Assistant {
                 text: NO_MODEL_REPLY.into(),
                 tool_calls: Vec::new(),
+            };
+            // The answer completes the run in the same transaction, as for a model's answer.
+            blocking(move || {
+                inner
+                    .transcripts
+                    .append_step(&s, &u, Some(&id), &m, None, Some("completed"), now)
             })
-            .await?;
+            .await??;
             self.emit("assistant.delta", json!({"text": NO_MODEL_REPLY}));
             return Ok(End::Reply);
         };

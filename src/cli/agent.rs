@@ -171,7 +171,16 @@ pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {
                 }
             }
         });
-        let s = agent.wait(&run_id, Duration::from_secs(u64::MAX / 4)).await?;
+        // Ctrl-C cancels the run (it ends `cancelled`, recorded) instead of leaving it behind.
+        let forever = Duration::from_secs(u64::MAX / 4);
+        let s = tokio::select! {
+            s = agent.wait(&run_id, forever) => s?,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("cancelling the run ...");
+                agent.cancel(&run_id);
+                agent.wait(&run_id, Duration::from_secs(30)).await?
+            }
+        };
         let _ = printer.await;
         Ok::<_, BoxError>(s)
     })?;

@@ -237,6 +237,15 @@ impl ChatBackend for AgentBackend {
         json!({"model_configured": self.agent.has_model()})
     }
 
+    fn cancel_run(&self, user: &str, run_id: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        let (user, run_id) = (user.to_string(), run_id.to_string());
+        Box::pin(async move {
+            self.owned_run(&user, &run_id).await?;
+            let cancelled = self.agent.cancel(&run_id);
+            Ok(json!({"run_id": run_id, "cancelled": cancelled}))
+        })
+    }
+
     fn agent_configured(&self) -> bool {
         self.agent.has_model()
     }

@@ -197,6 +197,12 @@ pub trait ChatBackend: Send + Sync {
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent>;
     /// A small JSON object about the backend (model configured, runs in flight, ...).
     fn health(&self) -> Value;
+    /// Asks one of `user`'s runs to stop; `{run_id, cancelled}` (`false`: it was not running).
+    fn cancel_run(&self, user: &str, run_id: &str) -> BoxFut<'_, Result<Value, BackendError>> {
+        let _ = user;
+        let run_id = run_id.to_string();
+        Box::pin(async move { Err(BackendError::NotFound(format!("no run `{run_id}`"))) })
+    }
     /// Whether an agent runs chats (false: only approvals work; `connect` reports
     /// `agent: false` and the page says what to configure).
     fn agent_configured(&self) -> bool {

@@ -54,10 +54,11 @@ pub const DEFAULT_HISTORY: usize = 50;
 pub const MAX_HISTORY: usize = 500;
 
 /// The methods, as reported by `connect`.
-pub const METHODS: [&str; 9] = [
+pub const METHODS: [&str; 10] = [
     "connect",
     "agent",
     "agent.wait",
+    "agent.cancel",
     "chat.send",
     "chat.history",
     "sessions.list",
@@ -518,6 +519,12 @@ struct WaitParams {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct CancelParams {
+    run_id: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct HistoryParams {
     session: String,
     #[serde(default)]
@@ -942,7 +949,7 @@ fn handle_text(
                 Err(e) => backend_error(ws, &id, &e),
             })
         }
-        "agent.wait" | "chat.history" | "sessions.list" | "approvals.list"
+        "agent.wait" | "agent.cancel" | "chat.history" | "sessions.list" | "approvals.list"
         | "approvals.resolve" => {
             let call = match prepare(&req.method, req.params) {
                 Ok(c) => c,
@@ -990,6 +997,7 @@ fn handle_text(
 /// A validated call to the backend.
 enum Call {
     Wait(String, Duration),
+    Cancel(String),
     History(String, usize),
     Sessions,
     Approvals,
@@ -1003,6 +1011,11 @@ fn prepare(method: &str, p: Value) -> Result<Call, String> {
             check_id("run_id", &p.run_id)?;
             let ms = p.timeout_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
             Call::Wait(p.run_id, Duration::from_millis(ms))
+        }
+        "agent.cancel" => {
+            let p: CancelParams = params(method, p)?;
+            check_id("run_id", &p.run_id)?;
+            Call::Cancel(p.run_id)
         }
         "chat.history" => {
             let p: HistoryParams = params(method, p)?;
@@ -1044,6 +1057,7 @@ impl Call {
                     .await
                     .unwrap_or(Err(BackendError::Timeout(timeout)))
             }
+            Self::Cancel(run_id) => b.cancel_run(user, &run_id).await,
             Self::History(session, limit) => b.history(user, &session, limit).await,
             Self::Sessions => b.sessions(user).await,
             Self::Approvals => b.approvals(user).await,
