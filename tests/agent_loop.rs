@@ -37,6 +37,9 @@ use chitin::tools::Sandbox;
 use chitin_audit::{AuditLog, Query};
 use serde_json::{Value, json};
 
+/// A secret in every test's store: redacted wherever it would show.
+const CANARY: &str = "sk-canary-9f8e7d6c5b4a3921";
+
 struct Env {
     _dirs: Vec<tempfile::TempDir>,
     home: PathBuf,
@@ -84,6 +87,14 @@ fn env() -> Env {
         Arc::new(clock.clone()),
     )
     .unwrap();
+    secrets
+        .set(
+            &chitin::secrets::SecretName::parse("canary_key").unwrap(),
+            chitin::secrets::SecretValue::from_str_copy(CANARY),
+            &[],
+        )
+        .unwrap();
+    let redactor = secrets.redactor();
     let vault = Arc::new(
         chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(clock.clone())).unwrap(),
     );
@@ -91,7 +102,8 @@ fn env() -> Env {
     let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
     Env {
         ws: w.path().canonicalize().unwrap(),
-        gate: Gate::new(Arc::new(engine), Arc::clone(&audit)),
+        gate: Gate::new(Arc::new(engine), Arc::clone(&audit))
+            .with_redactor(Arc::new(move |s: &str| redactor.redact(s).into_owned())),
         audit,
         store,
         vault,
@@ -888,4 +900,51 @@ async fn a_skill_is_reverified_and_fenced_as_untrusted_and_its_script_runs_throu
         recs.iter()
             .any(|r| r.action == "skill.load" && r.outcome.starts_with("refused"))
     );
+}
+
+fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            files_under(&p, out);
+        } else {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_and_a_tool_echoing_a_secret_get_it_redacted_everywhere() {
+    use base64::Engine as _;
+    let e = env();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(CANARY);
+    let s = FakeAnthropic::start(vec![
+        Step::tool_call("c1", "exec", &json!({"argv": ["echo", CANARY]}).to_string()),
+        Step::Reply(Reply::text(["the key is ", CANARY, " or ", &b64])),
+    ])
+    .await
+    .unwrap();
+    let a = agent(&e, &s, "anthropic");
+    let mut events = a.subscribe();
+    let r = run(&a, turn("s1", "print the key")).await;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let reply = r.reply.unwrap();
+    assert!(!reply.contains(CANARY) && !reply.contains(&b64), "{reply}");
+    assert!(reply.contains("[REDACTED:canary_key]"), "{reply}");
+    // The tool's output reached the model redacted.
+    let second = sent(&s, 1);
+    assert!(!second.contains(CANARY) && second.contains("[REDACTED:canary_key]"), "{second}");
+    while let Ok(ev) = events.try_recv() {
+        let t = ev.payload.to_string();
+        assert!(!t.contains(CANARY) && !t.contains(&b64), "{t}");
+    }
+    // No file of the state dir holds it in the clear (the store itself is age-encrypted).
+    drop(a);
+    let mut files = Vec::new();
+    files_under(&e.home, &mut files);
+    for f in files {
+        let bytes = std::fs::read(&f).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains(CANARY) && !text.contains(&b64), "{} holds the secret", f.display());
+    }
 }
