@@ -933,7 +933,10 @@ async fn a_model_and_a_tool_echoing_a_secret_get_it_redacted_everywhere() {
     assert!(reply.contains("[REDACTED:canary_key]"), "{reply}");
     // The tool's output reached the model redacted.
     let second = sent(&s, 1);
-    assert!(!second.contains(CANARY) && second.contains("[REDACTED:canary_key]"), "{second}");
+    assert!(
+        !second.contains(CANARY) && second.contains("[REDACTED:canary_key]"),
+        "{second}"
+    );
     while let Ok(ev) = events.try_recv() {
         let t = ev.payload.to_string();
         assert!(!t.contains(CANARY) && !t.contains(&b64), "{t}");
@@ -945,6 +948,10 @@ async fn a_model_and_a_tool_echoing_a_secret_get_it_redacted_everywhere() {
     for f in files {
         let bytes = std::fs::read(&f).unwrap();
         let text = String::from_utf8_lossy(&bytes);
-        assert!(!text.contains(CANARY) && !text.contains(&b64), "{} holds the secret", f.display());
+        assert!(
+            !text.contains(CANARY) && !text.contains(&b64),
+            "{} holds the secret",
+            f.display()
+        );
     }
 }

@@ -572,6 +572,23 @@ impl Run {
         self.inner.p.clock.now_ms()
     }
 
+    /// Tool-call arguments with secret values redacted (inside JSON strings when they parse).
+    fn redact_args(&self, raw: &str) -> String {
+        let g = &self.inner.p.gate;
+        match serde_json::from_str::<Value>(raw) {
+            Ok(mut v) => {
+                let before = v.clone();
+                crate::secrets::redact::redact_json_strings(&mut v, &|s| g.redact(s));
+                if v == before {
+                    raw.to_string()
+                } else {
+                    v.to_string()
+                }
+            }
+            Err(_) => g.redact(raw),
+        }
+    }
+
     fn stat(&self, f: impl FnOnce(&mut Stats)) {
         if let Ok(mut s) = self.inner.stats.lock() {
             f(&mut s);
@@ -809,13 +826,15 @@ impl Run {
                 }
             };
             let text = self.inner.p.gate.redact(&resp.text);
+            // Secret values in the model's arguments are redacted before anything stores or
+            // runs them: a secret the model got hold of cannot be sent anywhere by a tool.
             let calls: Vec<StoredCall> = resp
                 .tool_calls
                 .iter()
                 .map(|c| StoredCall {
                     id: c.id.clone(),
                     name: c.name.clone(),
-                    arguments_json: c.arguments_json.clone(),
+                    arguments_json: self.redact_args(&c.arguments_json),
                     malformed: c.malformed.clone(),
                 })
                 .collect();
