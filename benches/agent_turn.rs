@@ -125,6 +125,7 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
         budgets: BudgetsConfig::default(),
         owners: vec!["owner".into()],
         skills: None,
+        redaction_window: 0,
     });
     Ok(Setup {
         _dirs: vec![h, w],

@@ -41,6 +41,8 @@ use serde_json::{Value, json};
 const CANARY: &str = "sk-canary-9f8e7d6c5b4a3921";
 
 struct Env {
+    /// The longest secret pattern (streamed text held back).
+    window: usize,
     _dirs: Vec<tempfile::TempDir>,
     home: PathBuf,
     ws: PathBuf,
@@ -95,12 +97,14 @@ fn env() -> Env {
         )
         .unwrap();
     let redactor = secrets.redactor();
+    let window = redactor.max_pattern_len();
     let vault = Arc::new(
         chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(clock.clone())).unwrap(),
     );
     let outside = o.path().canonicalize().unwrap();
     let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
     Env {
+        window,
         ws: w.path().canonicalize().unwrap(),
         gate: Gate::new(Arc::new(engine), Arc::clone(&audit))
             .with_redactor(Arc::new(move |s: &str| redactor.redact(s).into_owned())),
@@ -176,6 +180,7 @@ fn agent_with(e: &Env, servers: &[(&str, &str, &FakeServer)], o: Opts) -> Agent 
         budgets: o.budgets,
         owners: vec!["owner".into()],
         skills: o.skills,
+        redaction_window: e.window,
     })
 }
 
@@ -920,7 +925,16 @@ async fn a_model_and_a_tool_echoing_a_secret_get_it_redacted_everywhere() {
     let b64 = base64::engine::general_purpose::STANDARD.encode(CANARY);
     let s = FakeAnthropic::start(vec![
         Step::tool_call("c1", "exec", &json!({"argv": ["echo", CANARY]}).to_string()),
-        Step::Reply(Reply::text(["the key is ", CANARY, " or ", &b64])),
+        // The secret and its base64 split across stream chunks.
+        Step::Reply(Reply::text([
+            "the key is ",
+            &CANARY[..9],
+            &CANARY[9..],
+            " or ",
+            &b64[..7],
+            &b64[7..],
+            " ok",
+        ])),
     ])
     .await
     .unwrap();
@@ -937,10 +951,20 @@ async fn a_model_and_a_tool_echoing_a_secret_get_it_redacted_everywhere() {
         !second.contains(CANARY) && second.contains("[REDACTED:canary_key]"),
         "{second}"
     );
+    let mut streamed = String::new();
     while let Ok(ev) = events.try_recv() {
         let t = ev.payload.to_string();
         assert!(!t.contains(CANARY) && !t.contains(&b64), "{t}");
+        if ev.event == "assistant.delta" {
+            streamed.push_str(ev.payload["text"].as_str().unwrap());
+        }
     }
+    // Streamed in pieces, the secret never went out in parts: what streamed is the reply.
+    assert_eq!(streamed, reply);
+    assert!(
+        !streamed.contains(&CANARY[..9]) && !streamed.contains(&b64[..7]),
+        "{streamed}"
+    );
     // No file of the state dir holds it in the clear (the store itself is age-encrypted).
     drop(a);
     let mut files = Vec::new();

@@ -146,6 +146,60 @@ pub struct AgentParts {
     pub owners: Vec<String>,
     /// Installed skills (`None`: the `use_skill` tool is not offered).
     pub skills: Option<Arc<crate::skills_host::SkillsHost>>,
+    /// Bytes of streamed text held back so a secret split across chunks is never streamed in
+    /// parts: the longest secret pattern (`Redactor::max_pattern_len`).
+    pub redaction_window: usize,
+}
+
+/// Redacts streamed text: holds back the last `window` bytes (at least the longest secret
+/// pattern), so a secret split across chunks is replaced whole before any of it is sent.
+struct DeltaRedactor {
+    raw: String,
+    emitted: usize,
+    window: usize,
+}
+
+impl DeltaRedactor {
+    fn new(window: usize) -> Self {
+        Self {
+            raw: String::new(),
+            emitted: 0,
+            window,
+        }
+    }
+
+    /// The text that can be sent now, if any.
+    fn push(&mut self, delta: &str, redact: &dyn Fn(&str) -> String) -> Option<String> {
+        self.raw.push_str(delta);
+        let full = redact(&self.raw);
+        let mut cut = full.len().saturating_sub(self.window);
+        while cut > 0 && !full.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.take(&full, cut)
+    }
+
+    /// Everything not sent yet (the answer is complete).
+    fn finish(&mut self, redact: &dyn Fn(&str) -> String) -> Option<String> {
+        let full = redact(&self.raw);
+        let end = full.len();
+        self.take(&full, end)
+    }
+
+    fn take(&mut self, full: &str, cut: usize) -> Option<String> {
+        if cut <= self.emitted || !full.is_char_boundary(self.emitted) {
+            return None;
+        }
+        let out = full.get(self.emitted..cut)?.to_string();
+        self.emitted = cut;
+        Some(out)
+    }
+
+    /// A retry or failover voids the answer so far.
+    fn reset(&mut self) {
+        self.raw.clear();
+        self.emitted = 0;
+    }
 }
 
 struct Live {
@@ -761,37 +815,53 @@ impl Run {
             let events = self.inner.events.clone();
             let (user, session, run_id) =
                 (self.user.clone(), self.session.clone(), self.id.clone());
-            let redactor = self.inner.p.gate.clone();
-            let mut sink = move |e: ProviderEvent| {
-                let (event, payload) = match e {
-                    ProviderEvent::TextDelta(t) => {
-                        ("assistant.delta", json!({"text": redactor.redact(&t)}))
+            let gate = self.inner.p.gate.clone();
+            let redact = move |s: &str| gate.redact(s);
+            let mut stream = DeltaRedactor::new(self.inner.p.redaction_window);
+            let send = {
+                let (user, session, run_id) = (user.clone(), session.clone(), run_id.clone());
+                let events = events.clone();
+                move |event: &'static str, mut payload: Value| {
+                    if let Value::Object(m) = &mut payload {
+                        m.insert("run_id".into(), json!(run_id));
+                        m.insert("session".into(), json!(session));
                     }
-                    ProviderEvent::Retry {
-                        model,
-                        attempt,
-                        reason,
-                    } => (
+                    let _nobody = events.send(AgentEvent {
+                        user: user.clone(),
+                        session: session.clone(),
+                        event,
+                        payload,
+                    });
+                }
+            };
+            let send2 = send.clone();
+            let stream_ref = &mut stream;
+            let redact_ref = &redact;
+            let mut sink = move |e: ProviderEvent| match e {
+                ProviderEvent::TextDelta(t) => {
+                    if let Some(text) = stream_ref.push(&t, redact_ref) {
+                        send2("assistant.delta", json!({"text": text}));
+                    }
+                }
+                ProviderEvent::Retry {
+                    model,
+                    attempt,
+                    reason,
+                } => {
+                    stream_ref.reset();
+                    send2(
                         "assistant.reset",
                         json!({"model": model, "attempt": attempt, "reason": reason}),
-                    ),
-                    ProviderEvent::Failover { from, to, reason } => (
+                    );
+                }
+                ProviderEvent::Failover { from, to, reason } => {
+                    stream_ref.reset();
+                    send2(
                         "assistant.reset",
                         json!({"from": from, "to": to, "reason": reason}),
-                    ),
-                    _ => return,
-                };
-                let mut payload = payload;
-                if let Value::Object(m) = &mut payload {
-                    m.insert("run_id".into(), json!(run_id));
-                    m.insert("session".into(), json!(session));
+                    );
                 }
-                let _nobody = events.send(AgentEvent {
-                    user: user.clone(),
-                    session: session.clone(),
-                    event,
-                    payload,
-                });
+                _ => {}
             };
             let started = std::time::Instant::now();
             let first_model = router
@@ -825,6 +895,11 @@ impl Run {
                     )));
                 }
             };
+            drop(sink);
+            // The held-back end of the answer, now that no secret can continue past it.
+            if let Some(rest) = stream.finish(&redact) {
+                send("assistant.delta", json!({"text": rest}));
+            }
             let text = self.inner.p.gate.redact(&resp.text);
             // Secret values in the model's arguments are redacted before anything stores or
             // runs them: a secret the model got hold of cannot be sent anywhere by a tool.

@@ -105,6 +105,7 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         skills: crate::skills_host::SkillsHost::open(&globals.home, &rt.config.skills)
             .ok()
             .map(Arc::new),
+        redaction_window: rt.secrets.redactor().max_pattern_len(),
     }))
 }
 

@@ -153,6 +153,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         Arc::clone(&clock),
     )?);
     let secrets_count = secrets.list().len();
+    let redaction_window = secrets.redactor().max_pattern_len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
         gate.clone(),
@@ -185,6 +186,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         skills: crate::skills_host::SkillsHost::open(&globals.home, &config.skills)
             .ok()
             .map(Arc::new),
+        redaction_window: redaction_window,
     });
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
