@@ -186,7 +186,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         skills: crate::skills_host::SkillsHost::open(&globals.home, &config.skills)
             .ok()
             .map(Arc::new),
-        redaction_window: redaction_window,
+        redaction_window,
     });
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
