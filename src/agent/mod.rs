@@ -452,6 +452,7 @@ impl Agent {
                 interrupted,
                 reports: Vec::new(),
                 policies: Vec::new(),
+                prompt: None,
             };
             let summary = run.execute(previous, cancel_rx).await;
             let session = summary.session.clone();
@@ -606,6 +607,9 @@ struct Run {
     reports: Vec<ToolCallReport>,
     /// The determining policies of the call being recorded (for `tool.end`).
     policies: Vec<String>,
+    /// The system prompt and the offered tools, built once per run (the bootstrap files, the
+    /// skills lockfile and the policy analysis are not re-read at every step).
+    prompt: Option<(String, Vec<crate::providers::ToolSpec>)>,
 }
 
 impl Run {
@@ -750,7 +754,14 @@ impl Run {
         summary
     }
 
-    async fn append(&self, m: Stored) -> Result<i64, AgentError> {
+    /// Stores a message of this run, with the model call's usage when it is an answer and
+    /// the run's new status when it changes, in one transaction.
+    async fn store(
+        &self,
+        m: Stored,
+        usage: Option<ModelUsage>,
+        status: Option<&'static str>,
+    ) -> Result<i64, AgentError> {
         let inner = Arc::clone(&self.inner);
         let (s, u, id, now) = (
             self.session.clone(),
@@ -758,30 +769,41 @@ impl Run {
             self.id.clone(),
             self.now(),
         );
-        Ok(blocking(move || inner.transcripts.append(&s, &u, Some(&id), &m, now)).await??)
+        Ok(blocking(move || {
+            let row = usage.as_ref().map(|x| transcripts::UsageRow {
+                at_ms: now,
+                user: &u,
+                session: &s,
+                run_id: &id,
+                model: &x.model,
+                tool: x.tool.as_deref(),
+                input_tokens: x.usage.input_tokens,
+                output_tokens: x.usage.output_tokens,
+                cost_usd: x.cost_usd,
+            });
+            inner
+                .transcripts
+                .append_step(&s, &u, Some(&id), &m, row.as_ref(), status, now)
+        })
+        .await??)
+    }
+
+    /// Marks the session as having taken in untrusted content.
+    async fn taint(&self) -> Result<(), AgentError> {
+        let inner = Arc::clone(&self.inner);
+        let s = self.session.clone();
+        Ok(blocking(move || inner.transcripts.set_tainted(&s)).await??)
     }
 
     /// The loop: resume unanswered calls, then model call / tool calls until a reply.
     async fn drive(&mut self) -> Result<End, AgentError> {
         let Some(router) = self.inner.p.router.clone() else {
-            let inner = Arc::clone(&self.inner);
-            let (s, u, id, now) = (
-                self.session.clone(),
-                self.user.clone(),
-                self.id.clone(),
-                self.now(),
-            );
+            // The answer completes the run in the same transaction, as for a model's answer.
             let m = Stored::Assistant {
                 text: NO_MODEL_REPLY.into(),
                 tool_calls: Vec::new(),
             };
-            // The answer completes the run in the same transaction, as for a model's answer.
-            blocking(move || {
-                inner
-                    .transcripts
-                    .append_step(&s, &u, Some(&id), &m, None, Some("completed"), now)
-            })
-            .await??;
+            self.store(m, None, Some("completed")).await?;
             self.emit("assistant.delta", json!({"text": NO_MODEL_REPLY}));
             return Ok(End::Reply);
         };
@@ -913,55 +935,25 @@ impl Run {
                     malformed: c.malformed.clone(),
                 })
                 .collect();
-            {
-                // The answer, its usage and (when it asks for tools) the `running` status in
-                // one transaction: a crash during a tool call is then known to be one.
-                let inner = Arc::clone(&self.inner);
-                let (user, session, id, now) = (
-                    self.user.clone(),
-                    self.session.clone(),
-                    self.id.clone(),
-                    self.now(),
-                );
-                let (model, tool, usage, cost) = (
-                    resp.model.clone(),
-                    last_tool.clone(),
-                    resp.usage,
-                    resp.cost_usd,
-                );
-                let m = Stored::Assistant {
-                    text: text.clone(),
-                    tool_calls: calls.clone(),
-                };
-                // A final answer completes the run in the same transaction.
-                let status = Some(if calls.is_empty() {
-                    "completed"
-                } else {
-                    "running"
-                });
-                blocking(move || {
-                    inner.transcripts.append_step(
-                        &session,
-                        &user,
-                        Some(&id),
-                        &m,
-                        Some(&transcripts::UsageRow {
-                            at_ms: now,
-                            user: &user,
-                            session: &session,
-                            run_id: &id,
-                            model: &model,
-                            tool: tool.as_deref(),
-                            input_tokens: usage.input_tokens,
-                            output_tokens: usage.output_tokens,
-                            cost_usd: cost,
-                        }),
-                        status,
-                        now,
-                    )
-                })
-                .await??;
-            }
+            // The answer, its usage and the new status in one transaction: `running` when it
+            // asks for tools (a crash during a tool call is then known to be one), `completed`
+            // for a final answer.
+            let usage = ModelUsage {
+                model: resp.model.clone(),
+                tool: last_tool.clone(),
+                usage: resp.usage,
+                cost_usd: resp.cost_usd,
+            };
+            let status = if calls.is_empty() {
+                "completed"
+            } else {
+                "running"
+            };
+            let m = Stored::Assistant {
+                text: text.clone(),
+                tool_calls: calls.clone(),
+            };
+            self.store(m, Some(usage), Some(status)).await?;
             if calls.is_empty() {
                 return Ok(End::Reply);
             }
@@ -1012,7 +1004,7 @@ impl Run {
 
     /// System prompt, messages (compacted when near the budget) and offered tools.
     async fn context(
-        &self,
+        &mut self,
     ) -> Result<
         (
             String,
@@ -1021,27 +1013,34 @@ impl Run {
         ),
         AgentError,
     > {
+        if self.prompt.is_none() {
+            let inner = Arc::clone(&self.inner);
+            let u = self.user.clone();
+            self.prompt = Some(
+                blocking(move || {
+                    let mut system =
+                        context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
+                    let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
+                    let installed = inner
+                        .p
+                        .skills
+                        .as_ref()
+                        .and_then(|h| h.installed().ok())
+                        .unwrap_or_default();
+                    if !installed.is_empty() {
+                        system.push_str("\n\n");
+                        system.push_str(&skills::catalog(&installed));
+                        tools.push(skills::spec(&installed));
+                    }
+                    (system, tools)
+                })
+                .await?,
+            );
+        }
+        let (system, tools) = self.prompt.clone().unwrap_or_default();
         let inner = Arc::clone(&self.inner);
-        let (s, u) = (self.session.clone(), self.user.clone());
-        let (system, summary, history, tools) = blocking(move || -> Result<_, AgentError> {
-            let mut system =
-                context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
-            let (summary, history) = inner.transcripts.history(&s)?;
-            let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
-            let installed = inner
-                .p
-                .skills
-                .as_ref()
-                .and_then(|h| h.installed().ok())
-                .unwrap_or_default();
-            if !installed.is_empty() {
-                system.push_str("\n\n");
-                system.push_str(&skills::catalog(&installed));
-                tools.push(skills::spec(&installed));
-            }
-            Ok((system, summary, history, tools))
-        })
-        .await??;
+        let s = self.session.clone();
+        let (summary, history) = blocking(move || inner.transcripts.history(&s)).await??;
         let history = as_of_run(history, &self.id);
         let messages = context::to_messages(summary.as_deref(), &history);
         let budget = self.inner.p.config.context_budget_tokens;
@@ -1157,8 +1156,8 @@ impl Run {
             let uid = |x: String| x.parse::<cedar_policy::EntityUid>().map_err(|e| AgentError::Task(e.to_string()));
             let req = PolicyRequest {
                 principal: uid(format!("Chitin::User::{}", Value::String(u.clone())))?,
-                action: uid("Chitin::Action::\"model.call\"".into())?,
-                resource: uid("Chitin::Agent::\"main\"".into())?,
+                action: model_call_uids()?.0.clone(),
+                resource: model_call_uids()?.1.clone(),
                 context: ctx,
             };
             match inner.p.gate.check(&req) {
@@ -1185,14 +1184,18 @@ impl Run {
         content: &str,
         is_error: bool,
     ) -> Result<(), AgentError> {
-        self.append(Stored::Tool {
-            tool_use_id: c.id.clone(),
-            tool: c.name.clone(),
-            content: content.to_string(),
-            is_error,
-            decision: decision.into(),
-            outcome: outcome.into(),
-        })
+        self.store(
+            Stored::Tool {
+                tool_use_id: c.id.clone(),
+                tool: c.name.clone(),
+                content: content.to_string(),
+                is_error,
+                decision: decision.into(),
+                outcome: outcome.into(),
+            },
+            None,
+            None,
+        )
         .await?;
         self.reports.push(ToolCallReport {
             tool: c.name.clone(),
@@ -1257,9 +1260,7 @@ impl Run {
             .await?;
             return match used {
                 skills::Used::Loaded { content, outcome } => {
-                    let inner = Arc::clone(&self.inner);
-                    let s = self.session.clone();
-                    blocking(move || inner.transcripts.set_tainted(&s)).await??;
+                    self.taint().await?;
                     self.record_result(c, "allow", &outcome, &content, false)
                         .await
                 }
@@ -1315,11 +1316,7 @@ impl Run {
                     let content =
                         context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
                     // The session has now taken in content no one vouched for.
-                    {
-                        let inner = Arc::clone(&self.inner);
-                        let s = self.session.clone();
-                        blocking(move || inner.transcripts.set_tainted(&s)).await??;
-                    }
+                    self.taint().await?;
                     let is_error = outcome != "ok";
                     return self
                         .record_result(c, "allow", &outcome, &content, is_error)
@@ -1494,6 +1491,29 @@ impl Run {
         self.set_status("running", None, None).await;
         Ok(outcome)
     }
+}
+
+/// The action and resource of every `model.call` decision, parsed once.
+fn model_call_uids()
+-> Result<&'static (cedar_policy::EntityUid, cedar_policy::EntityUid), AgentError> {
+    static UIDS: std::sync::OnceLock<Option<(cedar_policy::EntityUid, cedar_policy::EntityUid)>> =
+        std::sync::OnceLock::new();
+    UIDS.get_or_init(|| {
+        Some((
+            "Chitin::Action::\"model.call\"".parse().ok()?,
+            "Chitin::Agent::\"main\"".parse().ok()?,
+        ))
+    })
+    .as_ref()
+    .ok_or_else(|| AgentError::Task("the model.call entity ids do not parse".into()))
+}
+
+/// A model call's usage, attributed to the tool whose result it answered.
+struct ModelUsage {
+    model: String,
+    tool: Option<String>,
+    usage: crate::providers::Usage,
+    cost_usd: Option<f64>,
 }
 
 enum ApprovalOutcome {

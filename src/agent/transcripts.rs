@@ -253,18 +253,6 @@ impl Transcripts {
         Ok(())
     }
 
-    /// Appends a message (sealed for the session's user); returns its sequence number.
-    pub fn append(
-        &self,
-        key: &str,
-        user: &str,
-        run_id: Option<&str>,
-        message: &Stored,
-        now: i64,
-    ) -> Result<i64, TranscriptError> {
-        self.append_step(key, user, run_id, message, None, None, now)
-    }
-
     fn insert_message(
         &self,
         tx: &rusqlite::Transaction<'_>,
