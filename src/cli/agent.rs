@@ -69,7 +69,49 @@ pub fn router(
     )?)))
 }
 
-/// The agent over an opened runtime (shared by `chitin agent` and the gateway).
+/// What an agent is assembled from (the gateway and `chitin agent` open these their own way).
+pub struct AgentInputs<'a> {
+    pub globals: &'a Globals,
+    pub config: &'a crate::config::Config,
+    pub gate: &'a crate::gate::Gate,
+    pub store: &'a Arc<crate::store::Store>,
+    pub clock: &'a Arc<dyn crate::clock::Clock>,
+    pub secrets: &'a SharedSecretStore,
+    /// The tool sandbox, already carrying the tool secrets (`with_secret_env`).
+    pub sandbox: crate::tools::Sandbox,
+    pub workspace: std::path::PathBuf,
+    pub vault: Arc<crate::vault::Vault>,
+}
+
+/// The agent, assembled the same way for the gateway and `chitin agent`: the model router
+/// with keys through the gate, approvals, skills, the vault as the transcripts' sealer, and
+/// the streaming redaction window of the current secrets.
+pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {
+    Ok(Agent::new(AgentParts {
+        gate: i.gate.clone(),
+        store: Arc::clone(i.store),
+        approvals: crate::approvals::Approvals::new(
+            Arc::clone(i.store),
+            i.gate.clone(),
+            Arc::clone(i.clock),
+            crate::approvals::DEFAULT_TTL_MS,
+        ),
+        sandbox: i.sandbox,
+        workspace: i.workspace,
+        router: router(i.config, i.gate, i.secrets, Arc::clone(i.clock))?,
+        sealer: i.vault,
+        clock: Arc::clone(i.clock),
+        config: i.config.agent.clone(),
+        budgets: i.config.budgets.clone(),
+        owners: vec![i.config.gateway.owner.clone()],
+        skills: crate::skills_host::SkillsHost::open(&i.globals.home, &i.config.skills)
+            .ok()
+            .map(Arc::new),
+        redaction_window: i.secrets.redactor().max_pattern_len(),
+    }))
+}
+
+/// The agent over an opened runtime (`chitin agent`).
 pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
     let workspace =
         super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
@@ -90,23 +132,17 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         rt.gate.clone(),
         rt.secrets.clone(),
     )));
-    Ok(Agent::new(AgentParts {
-        gate: rt.gate.clone(),
-        store: Arc::clone(&rt.store),
-        approvals: rt.approvals(),
+    assemble_agent(AgentInputs {
+        globals,
+        config: &rt.config,
+        gate: &rt.gate,
+        store: &rt.store,
+        clock: &rt.clock,
+        secrets: &rt.secrets,
         sandbox,
         workspace,
-        router: router(&rt.config, &rt.gate, &rt.secrets, Arc::clone(&rt.clock))?,
-        sealer: Arc::new(vault),
-        clock: Arc::clone(&rt.clock),
-        config: rt.config.agent.clone(),
-        budgets: rt.config.budgets.clone(),
-        owners: vec![rt.config.gateway.owner.clone()],
-        skills: crate::skills_host::SkillsHost::open(&globals.home, &rt.config.skills)
-            .ok()
-            .map(Arc::new),
-        redaction_window: rt.secrets.redactor().max_pattern_len(),
-    }))
+        vault: Arc::new(vault),
+    })
 }
 
 pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {

@@ -153,41 +153,28 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         Arc::clone(&clock),
     )?);
     let secrets_count = secrets.list().len();
-    let redaction_window = secrets.redactor().max_pattern_len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
         gate.clone(),
         secrets.clone(),
     )));
-    let router = super::agent::router(&config, &gate, &secrets, Arc::clone(&clock))?;
-    if router.is_none() {
+    if config.agent.model.trim().is_empty() {
         println!(
             "no model is configured: chat answers with how to add one ([[providers]] and [agent] model in {})",
             globals.config_path.display()
         );
     }
-    let agent = crate::agent::Agent::new(crate::agent::AgentParts {
-        gate: gate.clone(),
-        store: Arc::clone(&store),
-        approvals: crate::approvals::Approvals::new(
-            Arc::clone(&store),
-            gate.clone(),
-            Arc::clone(&clock),
-            crate::approvals::DEFAULT_TTL_MS,
-        ),
+    let agent = super::agent::assemble_agent(super::agent::AgentInputs {
+        globals,
+        config: &config,
+        gate: &gate,
+        store: &store,
+        clock: &clock,
+        secrets: &secrets,
         sandbox: sandbox.clone(),
         workspace: workspace.clone(),
-        router,
-        sealer: Arc::clone(&vault) as Arc<dyn crate::agent::Sealer>,
-        clock: Arc::clone(&clock),
-        config: config.agent.clone(),
-        budgets: config.budgets.clone(),
-        owners: vec![config.gateway.owner.clone()],
-        skills: crate::skills_host::SkillsHost::open(&globals.home, &config.skills)
-            .ok()
-            .map(Arc::new),
-        redaction_window,
-    });
+        vault: Arc::clone(&vault),
+    })?;
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
