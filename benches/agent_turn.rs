@@ -6,6 +6,10 @@
 //! `cargo bench --bench agent_turn` prints the table for BENCHMARKS.md. Under `cargo test
 //! --all-targets` (no `--bench` argument) it does a short smoke run.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::*;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,26 +33,6 @@ use chitin::tools::Sandbox;
 use chitin_audit::AuditLog;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let last = sorted.len() - 1;
-    let i = ((last as f64) * p).round() as usize;
-    sorted.get(i.min(last)).copied().unwrap_or_default()
-}
-
-/// Process CPU time (user + system, all threads), seconds.
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 struct Setup {
     _dirs: Vec<tempfile::TempDir>,

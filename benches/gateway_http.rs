@@ -6,6 +6,10 @@
 //! `cargo bench --bench gateway_http` prints the table for BENCHMARKS.md (idle RSS after 60 s).
 //! Under `cargo test --all-targets` (no `--bench` argument) it does a short smoke run.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::*;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -14,26 +18,6 @@ use std::time::{Duration, Instant};
 use chitin::providers::testing::{FakeOpenAi, Reply, Step};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let last = sorted.len() - 1;
-    let i = ((last as f64) * p).round() as usize;
-    sorted.get(i.min(last)).copied().unwrap_or_default()
-}
-
-/// CPU seconds (user + system) of a process, from /proc/PID/stat.
-fn cpu_of(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -179,15 +163,19 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     }
     // Sequential requests, each from its own `user` (a new session each).
     let pid = gw.child.id();
-    let c0 = cpu_of(pid);
+    let c0 = stats::cpu_seconds_of(&pid.to_string());
     let mut d = Vec::new();
     for i in 0..sequential {
         d.push(chat(&client, gw.port, &token, &format!("seq{i}")).await?);
     }
-    line(&format!("{sequential} sequential"), d, cpu_of(pid) - c0);
+    line(
+        &format!("{sequential} sequential"),
+        d,
+        stats::cpu_seconds_of(&pid.to_string()) - c0,
+    );
     // Concurrent clients.
     let token = Arc::new(token);
-    let c0 = cpu_of(pid);
+    let c0 = stats::cpu_seconds_of(&pid.to_string());
     let t = Instant::now();
     let mut tasks = Vec::new();
     for k in 0..clients {
@@ -209,7 +197,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     line(
         &format!("{clients} concurrent x {per_client}"),
         all,
-        cpu_of(pid) - c0,
+        stats::cpu_seconds_of(&pid.to_string()) - c0,
     );
     println!(
         "{clients} concurrent x {per_client}: {n} requests in {wall:.2?} = {:.0} requests/s",

@@ -5,8 +5,12 @@
 //! `cargo bench --bench providers` prints p50/p99/mean per call. Under `cargo test
 //! --all-targets` (no `--bench` argument) it does a short smoke run.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::*;
+
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chitin::clock::SystemClock;
 use chitin::config::agent::AgentConfig;
@@ -14,28 +18,6 @@ use chitin::config::providers::{ModelPrice, PricingConfig, ProviderConfig};
 use chitin::providers::testing::{FakeAnthropic, FakeOpenAi, FakeServer, Reply, StaticKeys, Step};
 use chitin::providers::{ChatRequest, Message, ProviderKind, Router, ToolSpec};
 use chitin::secrets::{CredentialField, SecretName, SecretRef};
-
-/// Process CPU time (user + system, all threads) from /proc/self/stat, in seconds.
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the `(comm)`: state is field 3; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // rest starts at field 3 (index 0), so field n is index n - 3; 100 ticks per second.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let last = sorted.len() - 1;
-    let i = ((last as f64) * p).round() as usize;
-    sorted.get(i.min(last)).copied().unwrap_or_default()
-}
 
 async fn run(
     kind: ProviderKind,

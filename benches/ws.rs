@@ -6,6 +6,10 @@
 //! `cargo bench --bench ws` prints the numbers. Under `cargo test --all-targets` (no
 //! `--bench` argument) it does a short smoke run.
 
+#[path = "support/stats.rs"]
+mod stats;
+use stats::*;
+
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,15 +28,6 @@ const TOKEN: &str = "bench-token";
 
 type Stream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn pct(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let last = sorted.len() - 1;
-    let i = ((last as f64) * p).round() as usize;
-    sorted.get(i.min(last)).copied().unwrap_or_default()
-}
 
 fn report(name: &str, mut d: Vec<Duration>) {
     d.sort();
