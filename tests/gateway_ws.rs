@@ -11,6 +11,9 @@
     reason = "tests"
 )]
 
+#[path = "support/gateway.rs"]
+mod harness;
+
 use std::collections::{HashMap, VecDeque};
 use std::future::IntoFuture;
 use std::net::{IpAddr, SocketAddr};
@@ -931,83 +934,12 @@ async fn raw_get(port: u16, path: &str) -> String {
 
 // ---- the real binary ----
 
+/// The real gateway binary on a free port (the shared harness of `tests/support/gateway.rs`).
 mod real {
-    use super::*;
-    use std::process::{Child, Command, Stdio};
+    pub use super::harness::fixture;
 
-    const PASS: &str = "gateway-ws-test-passphrase";
-
-    pub struct Gw {
-        _dir: tempfile::TempDir,
-        pub port: u16,
-        child: Child,
-        pub token: String,
-    }
-
-    impl Drop for Gw {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    pub fn fixture(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name)
-    }
-
-    pub fn start(extra: &str) -> Gw {
-        let dir = tempfile::tempdir().unwrap();
-        let home = dir.path().join("home");
-        std::fs::create_dir(&home).unwrap();
-        std::fs::write(
-            home.join("chitin.toml"),
-            format!(
-                "[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 16\n\n[gateway]\n{extra}\n"
-            ),
-        )
-        .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_chitin"))
-            .args(["gateway", "--bind", &format!("127.0.0.1:{port}")])
-            .env("CHITIN_HOME", &home)
-            .env("CHITIN_PASSPHRASE", PASS)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("gateway.log")).unwrap())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut child = child;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("the gateway exited during start: {status}");
-            }
-            assert!(Instant::now() < deadline, "the gateway did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
-            .args(["token", "show"])
-            .env("CHITIN_HOME", &home)
-            .env("CHITIN_PASSPHRASE", PASS)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        Gw {
-            _dir: dir,
-            port,
-            child,
-            token,
-        }
+    pub fn start(extra: &str) -> super::harness::Gw {
+        super::harness::Gw::start_with(extra, extra.contains("tls_cert"))
     }
 }
 
