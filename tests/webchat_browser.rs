@@ -274,28 +274,7 @@ async fn the_web_chat_streams_a_reply_shows_tool_decisions_and_approves_an_actio
     let port = serve(Arc::clone(&backend)).await;
     let browser = tokio::task::spawn_blocking(launch).await.unwrap();
     let mut cdp = Cdp::connect(&browser.endpoint).await;
-    let target = cdp
-        .call("Target.createTarget", json!({"url": "about:blank"}))
-        .await;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({"targetId": target["targetId"], "flatten": true}),
-        )
-        .await;
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
-    cdp.call("Runtime.enable", json!({})).await;
-    cdp.call("Page.enable", json!({})).await;
-    cdp.call(
-        "Page.navigate",
-        json!({"url": format!("http://127.0.0.1:{port}/")}),
-    )
-    .await;
-    cdp.wait_for(
-        "document.readyState === 'complete' && !!document.getElementById('connect')",
-        "the page",
-    )
-    .await;
+    new_tab(&mut cdp, port).await;
 
     // Token in, connect.
     cdp.eval(&format!(
@@ -417,27 +396,7 @@ async fn a_wrong_token_in_the_page_is_refused_and_not_kept() {
     let port = serve(backend).await;
     let browser = tokio::task::spawn_blocking(launch).await.unwrap();
     let mut cdp = Cdp::connect(&browser.endpoint).await;
-    let target = cdp
-        .call("Target.createTarget", json!({"url": "about:blank"}))
-        .await;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            json!({"targetId": target["targetId"], "flatten": true}),
-        )
-        .await;
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_string());
-    cdp.call("Runtime.enable", json!({})).await;
-    cdp.call(
-        "Page.navigate",
-        json!({"url": format!("http://127.0.0.1:{port}/")}),
-    )
-    .await;
-    cdp.wait_for(
-        "document.readyState === 'complete' && !!document.getElementById('connect')",
-        "the page",
-    )
-    .await;
+    new_tab(&mut cdp, port).await;
     cdp.eval("document.getElementById('token').value = 'wrong'; document.getElementById('connect').click(); true")
         .await;
     cdp.wait_for(
@@ -452,8 +411,8 @@ async fn a_wrong_token_in_the_page_is_refused_and_not_kept() {
     drop(browser);
 }
 
-/// Opens the page of a gateway on `port` in a new tab and connects with `token`.
-async fn open_page(cdp: &mut Cdp, port: u16, token: &str) {
+/// Opens the gateway's page on `port` in a new tab and waits until it is loaded.
+async fn new_tab(cdp: &mut Cdp, port: u16) {
     let target = cdp
         .call("Target.createTarget", json!({"url": "about:blank"}))
         .await;
@@ -476,6 +435,11 @@ async fn open_page(cdp: &mut Cdp, port: u16, token: &str) {
         "the page",
     )
     .await;
+}
+
+/// Opens the page of a gateway on `port` in a new tab and connects with `token`.
+async fn open_page(cdp: &mut Cdp, port: u16, token: &str) {
+    new_tab(cdp, port).await;
     cdp.eval(&format!(
         "document.getElementById('token').value = {}; document.getElementById('connect').click(); true",
         js(token)
