@@ -564,15 +564,24 @@ impl Transcripts {
 
     /// Sessions, newest activity first (all users when `user` is `None`).
     pub fn sessions(&self, user: Option<&str>) -> Result<Vec<SessionRow>, TranscriptError> {
+        self.session_rows(user, None)
+    }
+
+    fn session_rows(
+        &self,
+        user: Option<&str>,
+        key: Option<&str>,
+    ) -> Result<Vec<SessionRow>, TranscriptError> {
         let conn = self.store.conn()?;
         let mut st = conn.prepare_cached(
             "SELECT s.key, s.user_id, s.channel, s.created_ms, s.updated_ms, s.tainted,
                     (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key),
                     (SELECT COUNT(*) FROM runs r WHERE r.session_key = s.key)
-             FROM sessions s WHERE ?1 IS NULL OR s.user_id = ?1 ORDER BY s.updated_ms DESC, s.key",
+             FROM sessions s WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.key = ?2)
+             ORDER BY s.updated_ms DESC, s.key",
         )?;
         Ok(st
-            .query_map([user], |r| {
+            .query_map(params![user, key], |r| {
                 Ok(SessionRow {
                     key: r.get(0)?,
                     user: r.get(1)?,
@@ -588,9 +597,9 @@ impl Transcripts {
     }
 
     pub fn session(&self, key: &str) -> Result<SessionRow, TranscriptError> {
-        self.sessions(None)?
+        self.session_rows(None, Some(key))?
             .into_iter()
-            .find(|s| s.key == key)
+            .next()
             .ok_or_else(|| TranscriptError::NoSession(key.into()))
     }
 }
