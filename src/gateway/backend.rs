@@ -310,12 +310,7 @@ impl ApprovalDesk {
                 // A code is 6 characters, an id 32 hex digits. Who may resolve is Cedar's
                 // decision (`approval.grant`) either way, as for `chitin approvals approve`.
                 let code = if key.len() > 8 {
-                    approvals
-                        .list(true)?
-                        .into_iter()
-                        .find(|a| a.id == key)
-                        .map(|a| a.code)
-                        .ok_or_else(|| crate::approvals::ApprovalError::NotFound(key.clone()))?
+                    approvals.get(&key)?.code
                 } else {
                     key.clone()
                 };
