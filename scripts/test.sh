@@ -7,5 +7,4 @@ cd "$(dirname "$0")/.."
 command -v age >/dev/null || (apt-get update && apt-get install -y age)
 # headless Chromium drives the web chat page in tests/webchat_browser.rs
 command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
-export CHITIN_CONFORMANCE_DIR="${CHITIN_CONFORMANCE_DIR:-$(cd .. && pwd)/shared/conformance}"
 cargo test --workspace --all-targets

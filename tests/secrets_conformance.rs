@@ -1,8 +1,8 @@
 //! T-SEC-06: the C2SP CCTV age test vectors through Chitin's decrypt path
 //! (`chitin::secrets::format::decrypt_into`, the function the store and the identity file use).
 //!
-//! Vectors live in `$CHITIN_CONFORMANCE_DIR/age-testkit` (default: `../shared/conformance`
-//! next to the repository). Vectors that need hybrid post-quantum identities
+//! Vectors live in the repository's own copy, `tests/vectors/age-testkit` (source, version and
+//! licence in `tests/vectors/README.md`). Vectors that need hybrid post-quantum identities
 //! (`AGE-SECRET-KEY-PQ-1...`) are skipped: Chitin's store uses X25519 and scrypt only. Skipped
 //! vectors are counted and listed; the test fails if no vector ran.
 #![allow(
@@ -25,11 +25,7 @@ use zeroize::Zeroizing;
 const MAX_WORK_FACTOR: u8 = 22;
 
 fn testkit_dir() -> PathBuf {
-    let base = std::env::var_os("CHITIN_CONFORMANCE_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/conformance"),
-        PathBuf::from,
-    );
-    base.join("age-testkit")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/age-testkit")
 }
 
 struct Vector {

@@ -64,10 +64,8 @@ fn main() {
     time("verify_skill_dir, public key (21 files)", n(500), || {
         verify_skill_dir(&dir, &root, &trust, &limits).unwrap();
     });
-    let conf = std::env::var_os("CHITIN_CONFORMANCE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"))
-        .join("sigstore-bundle-verify/bundle-verify");
+    let conf = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors/sigstore-bundle-verify/bundle-verify");
     if let (Ok(a), Ok(b)) = (
         std::fs::read(conf.join("a.txt")),
         std::fs::read_to_string(conf.join("happy-path-v0.3/bundle.sigstore.json")),

@@ -2,8 +2,8 @@
 //! verification path (`chitin_skills::verify_bundle`, the function `chitin skills` uses),
 //! with the artifact's bytes and with its SHA-256 digest. Full agreement is required.
 //!
-//! Cases are read at run time from `$CHITIN_CONFORMANCE_DIR/sigstore-bundle-verify`
-//! (default `../shared/conformance` relative to the repository root).
+//! Cases are read at run time from the repository's own copy,
+//! `tests/vectors/sigstore-bundle-verify` (source, version and licence in `tests/vectors/README.md`).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -21,10 +21,8 @@ const DEFAULT_IDENTITY: &str = "https://github.com/sigstore-conformance/extremel
 const DEFAULT_ISSUER: &str = "https://token.actions.githubusercontent.com";
 
 fn suite_dir() -> PathBuf {
-    let base = std::env::var_os("CHITIN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"));
-    base.join("sigstore-bundle-verify/bundle-verify")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors/sigstore-bundle-verify/bundle-verify")
 }
 
 fn read_trimmed(p: &Path) -> Option<String> {

@@ -205,10 +205,8 @@ fn a_malformed_bundle_is_an_invalid_signature() {
 // ---- keyless: the conformance suite's real Sigstore bundles ------------------------------
 
 fn conformance() -> PathBuf {
-    std::env::var_os("CHITIN_CONFORMANCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance"))
-        .join("sigstore-bundle-verify/bundle-verify")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/vectors/sigstore-bundle-verify/bundle-verify")
 }
 
 const IDENTITY: &str = "https://github.com/sigstore-conformance/extremely-dangerous-public-oidc-beacon/.github/workflows/extremely-dangerous-oidc-beacon.yml@refs/heads/main";
