@@ -164,6 +164,18 @@ fn args_digest(args: &Value) -> [u8; 32] {
     Sha256::digest(s.as_bytes()).into()
 }
 
+/// Applies `redact` to every string value of a JSON document, in place (keys are left alone:
+/// they are names chosen by Chitin, not data). The one walker for audit payloads and tool
+/// results.
+pub fn redact_json_strings(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
+    match v {
+        serde_json::Value::String(s) => *s = redact(s),
+        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| redact_json_strings(x, redact)),
+        serde_json::Value::Object(o) => o.values_mut().for_each(|x| redact_json_strings(x, redact)),
+        _ => {}
+    }
+}
+
 /// Writes JSON with object keys sorted (recursively) and no insignificant whitespace.
 pub fn canonical_json(v: &Value, out: &mut String) {
     match v {
@@ -412,7 +424,7 @@ impl Gate {
     fn redacted(&self, v: &Value) -> Value {
         let mut out = v.clone();
         if let Some(r) = &self.redact {
-            crate::secrets::redact::redact_json_strings(&mut out, &|s| r(s));
+            redact_json_strings(&mut out, &|s| r(s));
         }
         out
     }

@@ -22,7 +22,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 
 /// The result of a command: an exit code, or an error that `main` prints as `chitin: <error>`
 /// and turns into exit status 2.
@@ -102,48 +102,7 @@ enum SecurityCmd {
     },
 }
 
-/// What every command knows: where the state lives and which config file to read.
-#[derive(Debug, Clone)]
-pub struct Globals {
-    /// The state directory (`CHITIN_HOME`, default `~/.chitin`).
-    pub home: PathBuf,
-    /// The configuration file (`--config`, default `$CHITIN_HOME/chitin.toml`).
-    pub config_path: PathBuf,
-    /// Whether `--config` named the file (then it must exist).
-    pub config_explicit: bool,
-}
-
-impl Globals {
-    fn resolve(config: Option<PathBuf>) -> Self {
-        let home = state_home();
-        let config_explicit = config.is_some();
-        let config_path = config.unwrap_or_else(|| home.join("chitin.toml"));
-        Self {
-            home,
-            config_path,
-            config_explicit,
-        }
-    }
-
-    /// Loads the configuration (defaults for a missing file).
-    pub fn load_config(&self) -> Result<Config, ConfigError> {
-        if self.config_path.exists() {
-            crate::state::check_not_writable_by_others(&self.config_path).map_err(|e| {
-                ConfigError::Parse {
-                    path: self.config_path.clone(),
-                    message: e.to_string(),
-                }
-            })?;
-        }
-        if self.config_explicit && !self.config_path.exists() {
-            return Err(ConfigError::Read {
-                path: self.config_path.clone(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
-            });
-        }
-        Config::load(&self.config_path)
-    }
-}
+pub use crate::config::Globals;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -249,7 +208,7 @@ pub fn main() -> ExitCode {
         return crate::tools::helper::main();
     }
     let cli = Cli::parse();
-    let globals = Globals::resolve(cli.config);
+    let globals = Globals::resolve(state_home(), cli.config);
     let result = match cli.command {
         Command::Init => init::run(&globals),
         Command::Agent(args) => agent::run(args, &globals),

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod providers;
 pub mod retention;
 pub mod sandbox;
+pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
 
@@ -145,6 +146,49 @@ pub fn default_toml() -> String {
         out.push_str("\n\n");
     }
     out
+}
+
+/// What every command knows: where the state lives and which config file to read.
+#[derive(Debug, Clone)]
+pub struct Globals {
+    /// The state directory (`CHITIN_HOME`, default `~/.chitin`).
+    pub home: PathBuf,
+    /// The configuration file (`--config`, default `$CHITIN_HOME/chitin.toml`).
+    pub config_path: PathBuf,
+    /// Whether `--config` named the file (then it must exist).
+    pub config_explicit: bool,
+}
+
+impl Globals {
+    /// The state dir `home` and the `--config` file, if one was named.
+    pub fn resolve(home: PathBuf, config: Option<PathBuf>) -> Self {
+        let config_explicit = config.is_some();
+        let config_path = config.unwrap_or_else(|| home.join("chitin.toml"));
+        Self {
+            home,
+            config_path,
+            config_explicit,
+        }
+    }
+
+    /// Loads the configuration (defaults for a missing file).
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        if self.config_path.exists() {
+            crate::state::check_not_writable_by_others(&self.config_path).map_err(|e| {
+                ConfigError::Parse {
+                    path: self.config_path.clone(),
+                    message: e.to_string(),
+                }
+            })?;
+        }
+        if self.config_explicit && !self.config_path.exists() {
+            return Err(ConfigError::Read {
+                path: self.config_path.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        Config::load(&self.config_path)
+    }
 }
 
 #[cfg(test)]

@@ -4,8 +4,26 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::providers::ProviderKind;
-use crate::secrets::{CredentialField, SecretRef};
+use super::secret_ref::{CredentialField, SecretRef};
+
+/// Which wire protocol a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// `POST {base}/v1/messages` with `x-api-key`.
+    Anthropic,
+    /// `POST {base}/chat/completions` with `Authorization: Bearer`.
+    Openai,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Anthropic => "anthropic",
+            Self::Openai => "openai",
+        }
+    }
+}
 
 /// Documentation and defaults for `[[providers]]` and `[pricing]`, written by `chitin init`.
 pub const TEMPLATE: &str = r#"

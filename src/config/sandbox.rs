@@ -130,9 +130,9 @@ impl SandboxConfig {
                     crate::tools::invoke::TOOLS.join(", ")
                 ));
             }
-            let name =
-                crate::secrets::SecretName::parse(&e.secret).map_err(|m| format!("{at}: {m}"))?;
-            if crate::secrets::audit_key::is_reserved(&name) {
+            let name = super::secret_ref::SecretName::parse(&e.secret)
+                .map_err(|m| format!("{at}: {m}"))?;
+            if name.is_reserved() {
                 return Err(format!(
                     "{at}: secret `{name}` is reserved for Chitin and is never released"
                 ));

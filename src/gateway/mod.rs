@@ -41,7 +41,7 @@ use serde_json::{Value, json};
 use tracing::{Instrument, error, info, warn};
 
 use crate::approvals::{ApprovalError, Approvals};
-use crate::cli::Globals;
+use crate::config::Globals;
 use crate::gate::{CallContext, Gate, GateError, Origin};
 use crate::secrets::gateway_token::{self, GatewayToken};
 use crate::store::Store;

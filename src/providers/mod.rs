@@ -49,24 +49,7 @@ pub fn init_tls() {
     let _already_installed = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// Which wire protocol a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// `POST {base}/v1/messages` with `x-api-key`.
-    Anthropic,
-    /// `POST {base}/chat/completions` with `Authorization: Bearer`.
-    Openai,
-}
-
-impl ProviderKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Anthropic => "anthropic",
-            Self::Openai => "openai",
-        }
-    }
-}
+pub use crate::config::providers::ProviderKind;
 
 /// One model turn, independent of the provider.
 #[derive(Debug, Clone, Default)]

@@ -16,7 +16,7 @@ pub const AUDIT_KEY_SECRET: &str = "chitin.audit-signing-key";
 
 /// Names Chitin keeps for itself.
 pub fn is_reserved(name: &SecretName) -> bool {
-    name.as_str().starts_with("chitin.")
+    name.is_reserved()
 }
 
 fn hex(seed: &[u8; 32]) -> Zeroizing<String> {

@@ -271,17 +271,7 @@ fn lower_percent(s: &str) -> String {
     out
 }
 
-/// Applies `redact` to every string value of a JSON document, in place (keys are left alone:
-/// they are names chosen by Chitin, not data). The one walker for audit payloads and tool
-/// results.
-pub fn redact_json_strings(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> String) {
-    match v {
-        serde_json::Value::String(s) => *s = redact(s),
-        serde_json::Value::Array(a) => a.iter_mut().for_each(|x| redact_json_strings(x, redact)),
-        serde_json::Value::Object(o) => o.values_mut().for_each(|x| redact_json_strings(x, redact)),
-        _ => {}
-    }
-}
+pub use crate::gate::redact_json_strings;
 
 #[cfg(test)]
 mod tests {

@@ -8,42 +8,7 @@ pub const MIN_SECRET_LEN: usize = 8;
 /// Longest secret value accepted (64 KiB).
 pub const MAX_SECRET_LEN: usize = 64 * 1024;
 
-/// A secret's name: `[A-Za-z][A-Za-z0-9_.-]{0,63}`. Safe to log, to put in a Cedar entity id
-/// (`Chitin::Secret::"NAME"`) and in `[REDACTED:NAME]`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct SecretName(String);
-
-impl SecretName {
-    /// Validates a name. The error says what is allowed.
-    pub fn parse(name: &str) -> Result<Self, String> {
-        let mut chars = name.chars();
-        let ok_first = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
-        let ok_rest = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-        if ok_first && ok_rest && name.len() <= 64 {
-            Ok(Self(name.to_string()))
-        } else {
-            Err(format!(
-                "invalid secret name `{}`: use 1-64 characters A-Z a-z 0-9 _ . -, starting with a letter",
-                name.escape_default()
-            ))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
-    /// The Cedar resource id of this secret: `Chitin::Secret::"NAME"`.
-    pub fn cedar_resource(&self) -> String {
-        format!("Chitin::Secret::\"{}\"", self.0)
-    }
-}
-
-impl std::fmt::Display for SecretName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+pub use crate::config::secret_ref::SecretName;
 
 /// A secret value. Zeroized on drop; no `Debug`, `Display`, `Clone` or `Serialize`, so it
 /// cannot reach a log line or a config dump by accident. Read it with [`SecretValue::expose`].
