@@ -571,8 +571,8 @@ fn secret_decision(e: &Env, secret: &str) -> Record {
     let resource = format!("Chitin::Secret::\"{secret}\"");
     records(e)
         .into_iter()
-        .filter(|r| r.kind == "decision" && r.action == "secret.use" && r.resource == resource)
-        .last()
+        .rev()
+        .find(|r| r.kind == "decision" && r.action == "secret.use" && r.resource == resource)
         .expect("a secret.use decision")
 }
 
