@@ -515,7 +515,7 @@ impl Gate {
                 decision: Outcome::Deny,
                 policies: Vec::new(),
                 shadow: Vec::new(),
-                errors: vec![why],
+                errors: Vec::new(),
             }));
         }
         let decision = match self.engine.decide_with_entities(req, extra) {
@@ -860,8 +860,8 @@ fn tool_secret_refusal(req: &PolicyRequest) -> Option<String> {
     }
 }
 
-/// The refusal (audited, and in the decision's `errors`) when a tool secret would go to a
-/// program the agent could have written.
+/// The refusal (the audit record's outcome, after `refused: `) when a tool secret would go
+/// to a program the agent could have written.
 pub fn writable_program_refusal(secret: &str, command_path: &str) -> String {
     format!(
         "secret `{secret}` withheld from `{command_path}`: the program is in, or was named \
