@@ -74,7 +74,7 @@ fn exec_req(user: &str) -> PolicyRequest {
         "action": "Chitin::Action::\"exec\"",
         "resource": "Chitin::Tool::\"exec\"",
         "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
-                    "command": "ls", "argv": ["ls", "-la"], "cwd": "/w", "network": true}
+                    "command": "ls", "command_path": "/usr/bin/ls", "argv": ["ls", "-la"], "cwd": "/w", "network": true}
     }))
     .unwrap()
 }

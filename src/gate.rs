@@ -514,6 +514,22 @@ impl Gate {
         let actor = req.principal.to_string();
         let action = req.action_name();
         let resource = req.resource.to_string();
+        if let Some(why) = tool_secret_refusal(req) {
+            // Whatever the policy says: recorded as a refusal, and no `Authorized` exists.
+            self.record_refusal(
+                &actor,
+                &action,
+                &resource,
+                &why,
+                Value::Object(req.context.clone()),
+            )?;
+            return Ok(Verdict::Denied(Decision {
+                decision: Outcome::Deny,
+                policies: Vec::new(),
+                shadow: Vec::new(),
+                errors: Vec::new(),
+            }));
+        }
         let decision = match self.engine.decide_with_entities(req, extra) {
             Ok(d) => d,
             Err(e) => {
@@ -611,12 +627,10 @@ impl Gate {
                     Some(c) => canonical_existing(c, Some(&workspace))?,
                     None => workspace.clone(),
                 };
-                let resolved = resolve_program(program, &cwd)?;
-                let command = resolved
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                ctx.insert("command".into(), json!(command));
+                let program = program_location(program, &cwd, &workspace)?;
+                ctx.insert("command".into(), json!(program.command));
+                ctx.insert("command_path".into(), json!(program.path.to_string_lossy()));
+                ctx.insert("command_writable".into(), json!(program.writable));
                 ctx.insert("argv".into(), json!(argv));
                 ctx.insert("cwd".into(), json!(cwd.to_string_lossy()));
                 ctx.insert("network".into(), json!(network));
@@ -801,6 +815,71 @@ pub fn canonical_for_create(path: &str, base: &Path) -> Result<PathBuf, GateErro
         out.push(m);
     }
     Ok(out.join(name))
+}
+
+/// The program an `exec` runs, as the gate names it to Cedar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramLocation {
+    /// Canonical absolute path (PATH lookup done, symlinks resolved): `command_path`.
+    pub path: PathBuf,
+    /// Its basename: `command`.
+    pub command: String,
+    /// The program, or the path it was named by (a link the agent could swap between the
+    /// decision and the exec), lies where the agent can write: `command_writable`.
+    pub writable: bool,
+}
+
+/// Resolves `program` (argv\[0\]) run from `cwd` in `workspace` (both canonical) like the
+/// sandbox will, and says whether the agent could have put it there.
+pub fn program_location(
+    program: &str,
+    cwd: &Path,
+    workspace: &Path,
+) -> Result<ProgramLocation, GateError> {
+    let path = resolve_program(program, cwd)?;
+    let command = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let writable = crate::policy::named_program_writable(program, cwd, Some(workspace))
+        || crate::policy::agent_can_write(&path, Some(workspace));
+    Ok(ProgramLocation {
+        path,
+        command,
+        writable,
+    })
+}
+
+/// The hard rule of tool secrets, checked before Cedar: a tool's `secret.use` is refused when
+/// the program lies where the agent can write (`command_writable`, or a `command_path` in a
+/// temp dir), and for `exec` when the program could not be named. The refusal text.
+fn tool_secret_refusal(req: &PolicyRequest) -> Option<String> {
+    if req.action_name() != "secret.use" || req.principal.type_name().to_string() != "Chitin::Tool"
+    {
+        return None;
+    }
+    let secret = req.resource.id().unescaped().to_string();
+    let path = req.context.get("command_path").and_then(Value::as_str);
+    let said = req.context.get("command_writable").and_then(Value::as_bool);
+    match path {
+        Some(p) if said != Some(false) || crate::policy::agent_can_write(Path::new(p), None) => {
+            Some(writable_program_refusal(&secret, p))
+        }
+        None if req.principal.id().unescaped() == "exec" => Some(format!(
+            "secret `{secret}` withheld: the program exec runs could not be resolved to a path"
+        )),
+        _ => None,
+    }
+}
+
+/// The refusal (the audit record's outcome, after `refused: `) when a tool secret would go
+/// to a program the agent could have written.
+pub fn writable_program_refusal(secret: &str, command_path: &str) -> String {
+    format!(
+        "secret `{secret}` withheld from `{command_path}`: the program is in, or was named \
+         through, a place the agent can write (the workspace, /tmp, /var/tmp, /dev/shm); tool \
+         secrets go only to programs in system directories, run by name or by their real path"
+    )
 }
 
 /// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name

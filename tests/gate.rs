@@ -254,6 +254,10 @@ fn exec_sees_the_real_program_behind_a_symlink() {
         )
         .unwrap();
     assert_eq!(req.context["command"], json!("rm"));
+    let rm = std::fs::canonicalize("/bin/rm").unwrap();
+    assert_eq!(req.context["command_path"], json!(rm.to_string_lossy()));
+    // Named through a link in the workspace: the agent could re-point it before the exec.
+    assert_eq!(req.context["command_writable"], json!(true));
     let err = f
         .gate
         .check_tool(
@@ -266,6 +270,58 @@ fn exec_sees_the_real_program_behind_a_symlink() {
         )
         .unwrap_err();
     assert!(err.to_string().contains("program not found"), "{err}");
+}
+
+#[test]
+fn exec_names_the_program_by_its_real_path_and_whether_the_agent_could_have_written_it() {
+    let f = fixture();
+    std::fs::write(f.ws.join("git"), "#!/bin/sh\n").unwrap();
+    std::fs::create_dir(f.ws.join("sub")).unwrap();
+    let ws = f.ws.canonicalize().unwrap();
+    let rm = std::fs::canonicalize("/bin/rm").unwrap();
+    let git = ws.join("git");
+    let cases: Vec<(Vec<&str>, Option<&str>, PathBuf, bool)> = vec![
+        (vec!["rm"], None, rm.clone(), false),
+        (vec![rm.to_str().unwrap()], None, rm.clone(), false),
+        (vec!["./git"], None, git.clone(), true),
+        (vec!["../git"], Some("sub"), git.clone(), true),
+        (vec![git.to_str().unwrap()], None, git.clone(), true),
+    ];
+    for (argv, cwd, path, writable) in cases {
+        let req = f
+            .gate
+            .tool_request(
+                &call(&f.ws),
+                &ToolInput::Exec {
+                    argv: argv.iter().map(|s| s.to_string()).collect(),
+                    cwd: cwd.map(str::to_string),
+                    network: false,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            (
+                &req.context["command_path"],
+                &req.context["command_writable"]
+            ),
+            (&json!(path.to_string_lossy()), &json!(writable)),
+            "{argv:?}"
+        );
+    }
+    for tmp in ["/tmp/x/git", "/var/tmp/git", "/dev/shm/git"] {
+        assert!(
+            chitin::policy::agent_can_write(Path::new(tmp), None),
+            "{tmp}"
+        );
+    }
+    assert!(!chitin::policy::agent_can_write(
+        Path::new("/usr/bin/git"),
+        Some(&ws)
+    ));
+    // Every directory the sandbox lets a run write is one the gate counts as writable.
+    for d in chitin_sandbox::SCRATCH_DIRS {
+        assert!(chitin::policy::AGENT_SCRATCH_DIRS.contains(d), "{d}");
+    }
 }
 
 #[test]

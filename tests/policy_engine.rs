@@ -52,7 +52,7 @@ fn exec_req(tool: &str, argv: &[&str], network: bool) -> PolicyRequest {
         "action": "Chitin::Action::\"exec\"",
         "resource": format!("Chitin::Tool::\"{tool}\""),
         "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
-                    "command": argv[0], "argv": argv, "cwd": "/w", "network": network}
+                    "command": argv[0], "command_path": format!("/usr/bin/{}", argv[0]), "argv": argv, "cwd": "/w", "network": network}
     }))
     .unwrap()
 }

@@ -22,7 +22,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use chitin::clock::SystemClock;
 use chitin::config::sandbox::{SandboxConfig, SecretEnvEntry};
 use chitin::config::secrets::{IdentityBackend, SecretsConfig};
-use chitin::gate::{CallContext, Gate, Origin};
+use chitin::gate::{CallContext, Gate, Origin, ProgramLocation, writable_program_refusal};
 use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::secrets::identity::FixedPassphrase;
 use chitin::secrets::tool_env::ToolSecretsError;
@@ -37,6 +37,8 @@ use sha2::Digest as _;
 /// Characters that make every encoding differ from the raw value.
 const GH: &str = "ghp_CANARYenv/0123+abc=&XYZ~9";
 const OTHER: &str = "otr_CANARYnotgranted-5555";
+const GIT: &str = "git_CANARYmodelwritten-7777";
+const BYPATH: &str = "pth_CANARYbypath-4242";
 
 const GRANT: &str = r#"
 @id("test.exec-gets-github-token")
@@ -56,6 +58,27 @@ permit (
   resource == Chitin::Secret::"other_token"
 )
 when { context.host == "env:exec" && context has command && context.command == "printenv" };
+
+@id("test.git-by-name")
+@reason("The grant by program name the attack is about: any program called `git`.")
+permit (
+  principal == Chitin::Tool::"exec",
+  action == Chitin::Action::"secret.use",
+  resource == Chitin::Secret::"git_token"
+)
+when { context.host == "env:exec" && context has command && context.command == "git" };
+
+@id("test.printenv-by-path")
+@reason("A grant by the program's real path, as the documentation recommends.")
+permit (
+  principal == Chitin::Tool::"exec",
+  action == Chitin::Action::"secret.use",
+  resource == Chitin::Secret::"path_token"
+)
+when {
+  context.host == "env:exec" && context has command_path &&
+  context.command_path == "/usr/bin/printenv"
+};
 
 @id("test.exec-gets-missing-token")
 @reason("Granted, but never stored: the tool must refuse to run.")
@@ -117,7 +140,12 @@ fn env_with(entries: Vec<SecretEnvEntry>) -> Env {
         Arc::new(SystemClock),
     )
     .unwrap();
-    for (name, value) in [("github_token", GH), ("other_token", OTHER)] {
+    for (name, value) in [
+        ("github_token", GH),
+        ("other_token", OTHER),
+        ("git_token", GIT),
+        ("path_token", BYPATH),
+    ] {
         store
             .set(
                 &SecretName::parse(name).unwrap(),
@@ -379,7 +407,9 @@ fn a_grant_limited_to_one_program_reaches_only_that_program() {
         decisions,
         [(
             "allow".to_string(),
-            json!({"host": "env:exec", "command": "printenv"})
+            json!({"host": "env:exec", "command": "printenv",
+                   "command_path": "/usr/bin/printenv", "command_writable": false,
+                   "user": "owner", "session": "s1", "tainted": false})
         )]
     );
     // The same exec tool running another program does not get it.
@@ -395,7 +425,14 @@ fn with_the_audit_log_unavailable_nothing_is_decided_or_released() {
     // Another process holds the audit database's write lock: no record can be written.
     let other = rusqlite::Connection::open(e.home.join("audit.db")).unwrap();
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
-    let err = secrets.release("exec", Some("dash"), &entries).unwrap_err();
+    let dash = ProgramLocation {
+        path: "/usr/bin/dash".into(),
+        command: "dash".into(),
+        writable: false,
+    };
+    let err = secrets
+        .release("exec", Some(&e.call), Some(&dash), &entries)
+        .unwrap_err();
     assert!(
         matches!(err, ToolSecretsError::Decision { ref name, .. } if name == "github_token"),
         "{err:?}"
@@ -513,6 +550,235 @@ fn all_files(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(p);
         }
     }
+}
+
+// ---- issue #13 item 4: secrets granted by program name, model-written programs ----------------
+
+fn run(e: &Env, call: &CallContext, argv: &[&str]) -> ToolResult {
+    ran(invoke(
+        &e.gate,
+        &e.sandbox,
+        call,
+        "exec",
+        &json!({ "argv": argv }),
+        None,
+    ))
+}
+
+/// The gate's record of the last `secret.use` decision for `secret` (every exec run decides
+/// each entry, the set-up commands' runs included).
+fn secret_decision(e: &Env, secret: &str) -> Record {
+    let resource = format!("Chitin::Secret::\"{secret}\"");
+    records(e)
+        .into_iter()
+        .rev()
+        .find(|r| r.kind == "decision" && r.action == "secret.use" && r.resource == resource)
+        .expect("a secret.use decision")
+}
+
+fn assert_nowhere(e: &Env, value: &str, outputs: &[(&str, &[u8])]) {
+    for (name, data) in outputs {
+        assert_no_form(name, data, value);
+    }
+    for r in records(e) {
+        let text = r.payload.clone().unwrap_or_default();
+        assert_no_form(&format!("audit record {}", r.seq), text.as_bytes(), value);
+        assert_no_form(
+            &format!("audit outcome {}", r.seq),
+            r.outcome.as_bytes(),
+            value,
+        );
+    }
+    assert!(
+        !records(e).iter().any(|r| r.kind == "secret_use"),
+        "nothing was released"
+    );
+}
+
+#[test]
+fn a_model_written_git_in_the_workspace_does_not_get_the_secret_granted_to_git() {
+    let e = env_with(vec![entry("git_token", "GIT_TOKEN")]);
+    // The model writes its own `git` into the workspace and makes it executable, with the
+    // tools a model has; the policy grants `git_token` to any program called `git`.
+    let script =
+        "#!/bin/sh\nprintenv GIT_TOKEN > leak\nenv > env.txt\necho \"ran:${GIT_TOKEN+set}\"\n";
+    ran(invoke(
+        &e.gate,
+        &e.sandbox,
+        &e.call,
+        "write_file",
+        &json!({"path": "git", "content": script}),
+        None,
+    ));
+    assert_eq!(run(&e, &e.call, &["chmod", "+x", "git"]).exit_code, Some(0));
+    let r = run(&e, &e.call, &["./git", "push"]);
+    // It ran, without the variable.
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str()),
+        (Some(0), "ran:\n"),
+        "{r:?}"
+    );
+    let leak = std::fs::read(e.ws.join("leak")).unwrap();
+    assert!(leak.is_empty(), "the workspace program got the secret");
+    let env_txt = std::fs::read(e.ws.join("env.txt")).unwrap();
+    assert!(!find(&env_txt, b"GIT_TOKEN"));
+    // The exact refusal, recorded by the gate before any policy was asked.
+    let rec = secret_decision(&e, "git_token");
+    let program = e.ws.join("git").display().to_string();
+    assert_eq!(rec.decision, "deny");
+    assert_eq!(
+        rec.outcome,
+        format!(
+            "refused: {}",
+            writable_program_refusal("git_token", &program)
+        )
+    );
+    assert_eq!(
+        rec.outcome,
+        format!(
+            "refused: secret `git_token` withheld from `{program}`: the program is in, or was \
+             named through, a place the agent can write (the workspace, /tmp, /var/tmp, \
+             /dev/shm); tool secrets go only to programs in system directories, run by name \
+             or by their real path"
+        )
+    );
+    assert!(rec.policy_ids().is_empty(), "{:?}", rec.policy_ids());
+    let ctx = rec.payload_json().unwrap();
+    assert_eq!(ctx["command"], "git");
+    assert_eq!(ctx["command_path"], json!(program));
+    assert_eq!(ctx["command_writable"], true);
+    assert_nowhere(
+        &e,
+        GIT,
+        &[
+            ("stdout", r.stdout.as_bytes()),
+            ("stderr", r.stderr.as_bytes()),
+            ("leak", &leak),
+            ("env.txt", &env_txt),
+        ],
+    );
+}
+
+#[test]
+fn a_workspace_link_to_a_system_program_is_named_through_the_workspace_and_gets_no_secret() {
+    // `./printenv -> /usr/bin/printenv`: the bytes are the real printenv's today, but the link
+    // lies where the agent can write and could point elsewhere by the time the sandbox execs
+    // it, so it counts as writable whether the grant is by name or by path.
+    let e = env_with(vec![
+        entry("other_token", "OTHER_TOKEN"),
+        entry("path_token", "PATH_TOKEN"),
+    ]);
+    let ln = run(&e, &e.call, &["ln", "-s", "/usr/bin/printenv", "printenv"]);
+    assert_eq!(ln.exit_code, Some(0), "{ln:?}");
+    for var in ["OTHER_TOKEN", "PATH_TOKEN"] {
+        let r = run(&e, &e.call, &["./printenv", var]);
+        assert_eq!((r.exit_code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
+    }
+    for secret in ["other_token", "path_token"] {
+        let rec = secret_decision(&e, secret);
+        assert_eq!(rec.decision, "deny");
+        assert_eq!(
+            rec.outcome,
+            format!(
+                "refused: {}",
+                writable_program_refusal(secret, "/usr/bin/printenv")
+            )
+        );
+        let ctx = rec.payload_json().unwrap();
+        assert_eq!(ctx["command_path"], "/usr/bin/printenv");
+        assert_eq!(ctx["command_writable"], true);
+    }
+    assert_nowhere(&e, OTHER, &[]);
+    assert_nowhere(&e, BYPATH, &[]);
+}
+
+#[test]
+fn a_grant_by_path_reaches_the_system_program_run_by_name_or_by_its_path() {
+    let e = env_with(vec![entry("path_token", "PATH_TOKEN")]);
+    for argv0 in ["printenv", "/usr/bin/printenv"] {
+        let r = run(&e, &e.call, &[argv0, "PATH_TOKEN"]);
+        assert_eq!(
+            (r.exit_code, r.stdout.as_str()),
+            (Some(0), "[REDACTED:path_token]\n"),
+            "{argv0}: {r:?}"
+        );
+    }
+    let allows: Vec<(String, Vec<String>, Value)> = records(&e)
+        .iter()
+        .filter(|r| r.kind == "decision" && r.action == "secret.use")
+        .map(|r| {
+            (
+                r.decision.clone(),
+                r.policy_ids(),
+                r.payload_json().unwrap()["context"].clone(),
+            )
+        })
+        .collect();
+    let want = (
+        "allow".to_string(),
+        vec!["test.printenv-by-path".to_string()],
+        json!({"host": "env:exec", "command": "printenv", "command_path": "/usr/bin/printenv",
+               "command_writable": false, "user": "owner", "session": "s1", "tainted": false}),
+    );
+    assert_eq!(allows, [want.clone(), want]);
+}
+
+#[test]
+fn a_tainted_session_gets_no_tool_secret_even_for_a_granted_system_program() {
+    let e = env_with(vec![entry("path_token", "PATH_TOKEN")]);
+    let tainted = CallContext {
+        tainted: true,
+        ..e.call.clone()
+    };
+    let r = run(&e, &tainted, &["printenv", "PATH_TOKEN"]);
+    assert_eq!((r.exit_code, r.stdout.as_str()), (Some(1), ""), "{r:?}");
+    let rec = secret_decision(&e, "path_token");
+    assert_eq!(rec.decision, "deny");
+    assert_eq!(rec.policy_ids(), ["secrets.tools-none-in-tainted-sessions"]);
+    assert_eq!(rec.payload_json().unwrap()["context"]["tainted"], true);
+    assert_nowhere(&e, BYPATH, &[("stdout", r.stdout.as_bytes())]);
+}
+
+#[test]
+fn no_caller_can_get_a_tool_secret_released_to_a_program_in_a_temp_dir() {
+    // Straight to the release API with a program location that claims not to be writable:
+    // the gate looks at the path itself, whatever the caller and the policies say (the test
+    // policy grants `github_token` to every exec run).
+    let e = env();
+    let secrets = ToolSecrets::new(e.gate.clone(), e.shared.clone());
+    let entries = vec![entry("github_token", "GITHUB_TOKEN")];
+    for dir in ["/tmp/x", "/var/tmp", "/dev/shm/y"] {
+        let liar = ProgramLocation {
+            path: Path::new(dir).join("git"),
+            command: "git".into(),
+            writable: false,
+        };
+        let out = secrets
+            .release("exec", Some(&e.call), Some(&liar), &entries)
+            .unwrap();
+        assert!(out.env.is_empty() && out.granted.is_empty(), "{dir}");
+        assert_eq!(out.denied.len(), 1);
+    }
+    // And without a program at all, exec gets nothing either.
+    let out = secrets
+        .release("exec", Some(&e.call), None, &entries)
+        .unwrap();
+    assert!(out.granted.is_empty());
+    let outcomes: Vec<String> = records(&e)
+        .into_iter()
+        .filter(|r| r.action == "secret.use")
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            format!("refused: {}", writable_program_refusal("github_token", "/tmp/x/git")),
+            format!("refused: {}", writable_program_refusal("github_token", "/var/tmp/git")),
+            format!("refused: {}", writable_program_refusal("github_token", "/dev/shm/y/git")),
+            "refused: secret `github_token` withheld: the program exec runs could not be resolved to a path".to_string(),
+        ]
+    );
+    assert!(!records(&e).iter().any(|r| r.kind == "secret_use"));
 }
 
 // ---- the launcher's hand-off, attacked directly -----------------------------------------------

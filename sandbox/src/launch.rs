@@ -1750,3 +1750,33 @@ fn exec(plan: &Plan) -> io::Error {
     }
     last
 }
+
+#[cfg(test)]
+mod scratch_tests {
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn every_writable_mount_but_the_workspace_is_a_scratch_dir() {
+        let ws = Path::new("/srv/ws");
+        let ops = mount_plan(ws, &[], &[], &[], 1).unwrap();
+        let mut writable = Vec::new();
+        for op in &ops {
+            match op {
+                MountOp::Bind { dst, rw: true, .. } if dst != ws => writable.push(dst.clone()),
+                MountOp::Tmpfs { dst, mode, .. } if mode & 0o002 != 0 => {
+                    writable.push(dst.clone());
+                }
+                _ => {}
+            }
+        }
+        assert!(!writable.is_empty());
+        for d in &writable {
+            assert!(
+                crate::SCRATCH_DIRS.iter().any(|s| Path::new(s) == d),
+                "{} is writable in the sandbox but not in SCRATCH_DIRS",
+                d.display()
+            );
+        }
+    }
+}

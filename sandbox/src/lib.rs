@@ -31,6 +31,11 @@ pub use launch::{Captured, CgroupMode, Exit, Killed, Limits, NetDest, Outcome, O
 pub use secret_env::SecretEnv;
 pub use support::{MIN_LANDLOCK_ABI, Support, check};
 
+/// The directories every sandboxed run may write besides its workspace and `--rw` paths: the
+/// private tmpfs mounts of the mount plan (the landlock rules grant writes nowhere else). The
+/// gateway treats a program found under one of them as one the agent could have written.
+pub const SCRATCH_DIRS: &[&str] = &["/tmp", "/dev/shm"];
+
 use std::path::PathBuf;
 
 /// Errors of the jailer. Each names the layer that failed.

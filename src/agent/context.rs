@@ -10,7 +10,7 @@ use crate::policy::PolicyEngine;
 use crate::providers::{Message, ToolCall, ToolSpec};
 
 /// The workspace files users know from other assistants, in the order they are included.
-pub const BOOTSTRAP_FILES: &[&str] = &["AGENTS.md", "SOUL.md", "USER.md", "MEMORY.md"];
+pub use crate::policy::BOOTSTRAP_FILES;
 /// Each bootstrap file is cut to this many bytes.
 pub const BOOTSTRAP_MAX_BYTES: usize = 32 * 1024;
 

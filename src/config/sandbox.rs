@@ -35,10 +35,16 @@ output_cap_bytes = 65536
 max_file_bytes = 1048576
 # Secrets a tool asks for in its environment (default: none). For each entry, at every run
 # of `tool`, the gate decides Cedar `secret.use` with principal Chitin::Tool::"<tool>",
-# resource Chitin::Secret::"<secret>" and context { host: "env:<tool>" } (for exec also
-# `command`, the program's resolved basename, so a grant can name the program). Only allowed
-# secrets are set (as `var`); a denied one is simply absent (the denial is audited). No
-# default policy grants any secret to a tool: add a permit naming the tool and the secret.
+# resource Chitin::Secret::"<secret>" and context { host: "env:<tool>", user, session,
+# tainted } (for exec also `command_path`, the program's real path after the PATH lookup and
+# symlinks, `command_writable` and `command`, its basename). Only allowed secrets are set (as
+# `var`); a denied one is simply absent (the denial is audited). No default policy grants any
+# secret to a tool: add a permit naming the tool, the secret and the program by its path,
+#   when { context.host == "env:exec" && context has command_path &&
+#          context.command_path == "/usr/bin/git" }
+# (not by `command == "git"`: the model can write its own `./git`). A program in the
+# workspace, /tmp, /var/tmp or /dev/shm (or run through a link there) never gets a secret,
+# and the default policies release none in a session that has read untrusted content.
 # Values reach the sandboxed command through a pipe, never through argv or the launcher's
 # environment; tool output showing them is redacted to [REDACTED:<secret>].
 # `tool`: exec, read_file, write_file, edit_file or list_dir. `secret`: a name in the store

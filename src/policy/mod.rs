@@ -6,8 +6,9 @@
 //!   reload the last good set stays active and the error is kept for `/ready`.
 //! - Every policy has a unique `@id`, which is its policy id in every decision.
 //! - `@mode("shadow")` policies are evaluated and reported, never enforced.
-//! - Derived context attributes (`in_workspace`, `touches_state_dir`) are computed here from
-//!   the request, never taken from the caller.
+//! - Derived context attributes (`in_workspace`, `touches_state_dir`, `prompt_file`,
+//!   `memory_file`, `command_writable`) are computed here from the request, never taken from
+//!   the caller.
 
 pub mod builtin;
 mod diag;
@@ -763,9 +764,146 @@ fn decide_in(
     Ok((Outcome::Deny, e.policies, e.errors))
 }
 
-/// Computes the derived context attributes (`in_workspace`, `touches_state_dir`) for file
-/// tools and exec; `None` for other actions.
+/// The workspace files that become the system prompt, in the order they are included
+/// (`crate::agent::context` reads exactly these; policies see `context.prompt_file`).
+pub const BOOTSTRAP_FILES: &[&str] = &["AGENTS.md", "SOUL.md", "USER.md", "MEMORY.md"];
+/// The agent's memory: this file at the workspace root ...
+pub const MEMORY_FILE: &str = "MEMORY.md";
+/// ... and everything under this directory of the workspace (`context.memory_file`).
+pub const MEMORY_DIR: &str = "memory";
+
+/// Host directories every sandboxed tool can write besides its workspace: the sandbox's
+/// private scratch mounts (`chitin_sandbox::SCRATCH_DIRS`, kept a subset of this list by a
+/// test) and the host's shared temp directories.
+pub const AGENT_SCRATCH_DIRS: &[&str] = &["/tmp", "/var/tmp", "/dev/shm"];
+
+/// Whether `path` (absolute) lies in a location the agent can write: the workspace (when
+/// given) or anything below it, or one of [`AGENT_SCRATCH_DIRS`] (also by its canonical
+/// form). Lexical: `path` is normalized, nothing on it is followed.
+pub fn agent_can_write(path: &Path, workspace: Option<&Path>) -> bool {
+    static SCRATCH: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+    let Some(p) = normalize(path) else {
+        // Not absolute: it cannot be placed, so it counts as writable (fail closed).
+        return true;
+    };
+    let scratch = SCRATCH.get_or_init(|| {
+        let mut v: Vec<PathBuf> = AGENT_SCRATCH_DIRS.iter().map(PathBuf::from).collect();
+        for d in AGENT_SCRATCH_DIRS {
+            if let Ok(c) = std::fs::canonicalize(d)
+                && !v.contains(&c)
+            {
+                v.push(c);
+            }
+        }
+        v
+    });
+    workspace
+        .and_then(normalize)
+        .is_some_and(|w| p.starts_with(w))
+        || scratch.iter().any(|s| p.starts_with(s))
+}
+
+/// Whether a program named `program` (argv\[0\]) from `cwd` is reached through a place the
+/// agent can write: only a name with a `/` is looked up from `cwd` (a bare name goes through
+/// the sandbox's PATH of system directories). A name with `..` counts as writable: `..` after
+/// a link the agent controls leads wherever the link does, which no lexical check can tell.
+pub fn named_program_writable(program: &str, cwd: &Path, workspace: Option<&Path>) -> bool {
+    if !program.contains('/') {
+        return false;
+    }
+    let p = Path::new(program);
+    p.components().any(|c| c == Component::ParentDir) || agent_can_write(&cwd.join(p), workspace)
+}
+
+/// Whether `rel` (a path relative to the workspace root) is a bootstrap file. Compared
+/// without regard to ASCII case, so a case-folding filesystem cannot give a second name.
+fn is_prompt_file(rel: &Path) -> bool {
+    let mut c = rel.components();
+    match (c.next(), c.next()) {
+        (Some(Component::Normal(n)), None) => BOOTSTRAP_FILES
+            .iter()
+            .any(|b| n.to_str().is_some_and(|n| n.eq_ignore_ascii_case(b))),
+        _ => false,
+    }
+}
+
+/// Whether `rel` (relative to the workspace root) is `MEMORY.md` or in `memory/`.
+fn is_memory_file(rel: &Path) -> bool {
+    let first = rel.components().next();
+    let single = rel.components().count() == 1;
+    match first {
+        Some(Component::Normal(n)) => n.to_str().is_some_and(|n| {
+            (single && n.eq_ignore_ascii_case(MEMORY_FILE)) || n.eq_ignore_ascii_case(MEMORY_DIR)
+        }),
+        _ => false,
+    }
+}
+
+/// Computes the derived context attributes: `in_workspace` and `touches_state_dir` for file
+/// tools and exec; `prompt_file` and `memory_file` for file tools; `command_writable` for
+/// exec and for a `secret.use` request that names a program (`command_path`). Empty for
+/// other requests. A caller's value under a derived name is replaced.
 fn derive_context(
+    action: &str,
+    ctx: &Map<String, Value>,
+    state_dirs: &[PathBuf],
+) -> Vec<(&'static str, bool)> {
+    let string = |k: &str| ctx.get(k).and_then(Value::as_str);
+    if action == "secret.use" {
+        // The releasing code computes it with the workspace; the engine can only add what the
+        // path itself shows (a temp dir), never clear it.
+        return match string("command_path") {
+            Some(p) => {
+                let said = ctx.get("command_writable").and_then(Value::as_bool);
+                let ws = string("workspace").map(Path::new);
+                vec![(
+                    "command_writable",
+                    said.unwrap_or(false) || agent_can_write(Path::new(p), ws),
+                )]
+            }
+            None => Vec::new(),
+        };
+    }
+    match derive_paths(action, ctx, state_dirs) {
+        Some((in_ws, touches)) => {
+            let mut out = vec![("in_workspace", in_ws), ("touches_state_dir", touches)];
+            let workspace = string("workspace").and_then(|w| normalize(Path::new(w)));
+            let exec_shape =
+                action == "exec" || ctx.contains_key("cwd") || ctx.contains_key("argv");
+            if !exec_shape {
+                let rel = match (
+                    string("path").and_then(|p| normalize(Path::new(p))),
+                    &workspace,
+                ) {
+                    (Some(p), Some(w)) => p.strip_prefix(w).ok().map(Path::to_path_buf),
+                    _ => None,
+                };
+                let rel = rel.as_deref();
+                out.push(("prompt_file", rel.is_some_and(is_prompt_file)));
+                out.push(("memory_file", rel.is_some_and(is_memory_file)));
+            } else if action == "exec" || ctx.contains_key("command_path") {
+                // The program, or the name it was given by (a link the agent could swap
+                // between this decision and the exec), lies where the agent can write.
+                let ws = workspace.as_deref();
+                let resolved =
+                    string("command_path").is_none_or(|p| agent_can_write(Path::new(p), ws));
+                let cwd = Path::new(string("cwd").unwrap_or(""));
+                let named = ctx
+                    .get("argv")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.first())
+                    .and_then(Value::as_str)
+                    .is_some_and(|p| named_program_writable(p, cwd, ws));
+                out.push(("command_writable", resolved || named));
+            }
+            out
+        }
+        None => Vec::new(),
+    }
+}
+
+/// `in_workspace` and `touches_state_dir` for file tools and exec; `None` for other actions.
+fn derive_paths(
     action: &str,
     ctx: &Map<String, Value>,
     state_dirs: &[PathBuf],
@@ -1098,19 +1236,19 @@ impl PolicyEngine {
         let action_name = req.action_name();
         let derived = derive_context(&action_name, &req.context, &self.state_dirs);
         let is_grant = action_name == "approval.grant";
+        let is_secret_use = action_name == "secret.use";
         // Builds the request from the caller's context without copying it: derived attributes
         // replace whatever the caller sent under those names, and `approved` can be overridden.
         let build = |approved: Option<bool>| -> Result<Request, PolicyError> {
             let mut pairs = Vec::with_capacity(req.context.len() + 2);
             for (k, v) in &req.context {
-                let is_derived =
-                    derived.is_some() && (k == "in_workspace" || k == "touches_state_dir");
+                let is_derived = derived.iter().any(|(name, _)| *name == k.as_str());
                 if is_derived || (approved.is_some() && k == "approved") {
                     continue;
                 }
                 // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema
                 // check happens in `Request::new` (types, missing and undeclared attributes).
-                let value = if is_grant && k == "requester" {
+                let value = if (is_grant && k == "requester") || (is_secret_use && k == "user") {
                     requester_entity(v)
                 } else {
                     restricted(v)
@@ -1118,12 +1256,8 @@ impl PolicyEngine {
                 .map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?;
                 pairs.push((k.clone(), value));
             }
-            if let Some((in_ws, touches)) = derived {
-                pairs.push(("in_workspace".into(), RestrictedExpression::new_bool(in_ws)));
-                pairs.push((
-                    "touches_state_dir".into(),
-                    RestrictedExpression::new_bool(touches),
-                ));
+            for (name, v) in &derived {
+                pairs.push(((*name).into(), RestrictedExpression::new_bool(*v)));
             }
             if let Some(a) = approved {
                 pairs.push(("approved".into(), RestrictedExpression::new_bool(a)));
@@ -1200,8 +1334,9 @@ impl PolicyEngine {
     }
 }
 
-/// `approval.grant`'s `requester` is a `User`. It may be given as a user id (`"alice"`), an
-/// entity reference (`"Chitin::User::\"alice\""`) or Cedar's JSON entity forms.
+/// `approval.grant`'s `requester` and `secret.use`'s `user` are a `User`. It may be given as a
+/// user id (`"alice"`), an entity reference (`"Chitin::User::\"alice\""`) or Cedar's JSON
+/// entity forms.
 fn requester_entity(v: &Value) -> Result<RestrictedExpression, String> {
     match v {
         Value::String(s) if s.contains("::") => {

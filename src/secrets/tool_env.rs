@@ -4,9 +4,12 @@
 //! Invariants:
 //! - A value enters a tool's environment only after the gate allowed Cedar `secret.use` with
 //!   principal `Chitin::Tool::"<tool>"`, resource `Chitin::Secret::"<name>"` and context
-//!   `{host: "env:<tool>", command}` for this run, and after the release was audited
+//!   `{host: "env:<tool>", command, command_path, command_writable, user, session, tainted}`
+//!   for this run, and after the release was audited
 //!   ([`crate::secrets::SecretStore::release_to_tool_env`]: name, audience, who; never the
 //!   value). A denied secret is absent; the gate has recorded the denial.
+//! - A program the agent could have written (`command_writable`) never gets a secret: the gate
+//!   refuses it before Cedar, whatever the policy says.
 //! - A failed decision (audit unavailable, bad request) or a granted secret that cannot be
 //!   released is an error: the tool does not run (fail closed, and the operator sees why).
 //! - Values leave this module only inside a [`chitin_sandbox::SecretEnv`] (wiped on drop).
@@ -16,7 +19,7 @@ use serde_json::{Map, json};
 
 use super::{SecretName, SecretsError, SharedSecretStore};
 use crate::config::sandbox::SecretEnvEntry;
-use crate::gate::{Gate, GateError, Verdict};
+use crate::gate::{CallContext, Gate, GateError, ProgramLocation, Verdict};
 use crate::policy::PolicyRequest;
 
 /// Errors of the tool-environment release. Each one means the tool does not run.
@@ -87,11 +90,13 @@ impl ToolSecrets {
     }
 
     /// The Cedar request: `secret.use` by `Chitin::Tool::"<tool>"` on
-    /// `Chitin::Secret::"<name>"` with context `{host: "env:<tool>"}`, plus `command` (the
-    /// resolved program basename) when the tool runs a program (`exec`).
+    /// `Chitin::Secret::"<name>"` with context `{host: "env:<tool>"}`, plus `user`, `session`
+    /// and `tainted` of the call, and `command`, `command_path` and `command_writable` when
+    /// the tool runs a program (`exec`).
     pub fn policy_request(
         tool: &str,
-        command: Option<&str>,
+        call: Option<&CallContext>,
+        program: Option<&ProgramLocation>,
         name: &SecretName,
     ) -> Result<PolicyRequest, String> {
         let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
@@ -101,8 +106,15 @@ impl ToolSecrets {
         };
         let mut context = Map::new();
         context.insert("host".into(), json!(env_host(tool)));
-        if let Some(c) = command {
-            context.insert("command".into(), json!(c));
+        if let Some(p) = program {
+            context.insert("command".into(), json!(p.command));
+            context.insert("command_path".into(), json!(p.path.to_string_lossy()));
+            context.insert("command_writable".into(), json!(p.writable));
+        }
+        if let Some(c) = call {
+            context.insert("user".into(), json!(c.user));
+            context.insert("session".into(), json!(c.session));
+            context.insert("tainted".into(), json!(c.tainted));
         }
         Ok(PolicyRequest {
             principal: uid(format!("Chitin::Tool::{}", q(tool)))?,
@@ -113,11 +125,12 @@ impl ToolSecrets {
     }
 
     /// Decides every entry of `entries` that names `tool` and releases the allowed ones.
-    /// `command`: the program this run executes (resolved basename), for `exec`.
+    /// `call`: who the run is for; `program`: what it executes, for `exec`.
     pub fn release<'a>(
         &self,
         tool: &str,
-        command: Option<&str>,
+        call: Option<&CallContext>,
+        program: Option<&ProgramLocation>,
         entries: impl IntoIterator<Item = &'a SecretEnvEntry>,
     ) -> Result<Released, ToolSecretsError> {
         let mut out = Released::default();
@@ -127,7 +140,7 @@ impl ToolSecrets {
                 reason,
             };
             let name = SecretName::parse(&e.secret).map_err(config)?;
-            let req = Self::policy_request(tool, command, &name).map_err(config)?;
+            let req = Self::policy_request(tool, call, program, &name).map_err(config)?;
             let extra: Vec<serde_json::Value> =
                 self.store.cedar_entity(&name).into_iter().collect();
             let verdict = self

@@ -143,7 +143,7 @@ pub fn invoke(
         Parsed::Fetch(a) => normalized(a)?,
     };
     // Network destinations must parse before anything is decided.
-    let mut sb = sandbox.clone();
+    let mut sb = sandbox.clone().for_call(call);
     if let Parsed::Exec(a) = &parsed {
         sb.net = Vec::new();
         for d in &a.network {

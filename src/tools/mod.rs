@@ -411,8 +411,9 @@ const O_PATH: i32 = 0o10_000_000;
 struct LaunchRequest<'a> {
     /// The tool being run (whose `[[sandbox.secret_env]]` entries apply).
     tool: &'a str,
-    /// The program `exec` runs (resolved basename; `secret.use` context `command`).
-    command: Option<&'a str>,
+    /// The program `exec` runs (`secret.use` context `command`, `command_path`,
+    /// `command_writable`).
+    program: Option<&'a crate::gate::ProgramLocation>,
     argv: &'a [String],
     cwd: Option<&'a Path>,
     stdin: Option<&'a [u8]>,
@@ -435,6 +436,8 @@ pub struct Sandbox {
     pub net: Vec<NetDest>,
     /// Where tool-environment secrets come from (None: no tool gets any secret).
     secret_env: Option<Arc<ToolSecrets>>,
+    /// The call this run is for (`secret.use` context `user`, `session`, `tainted`).
+    call: Option<crate::gate::CallContext>,
 }
 
 impl Sandbox {
@@ -455,6 +458,7 @@ impl Sandbox {
             config_section,
             net: Vec::new(),
             secret_env: None,
+            call: None,
         })
     }
 
@@ -464,6 +468,15 @@ impl Sandbox {
     #[must_use]
     pub fn with_secret_env(mut self, secrets: Arc<ToolSecrets>) -> Self {
         self.secret_env = Some(secrets);
+        self
+    }
+
+    /// This sandbox for one call: the user, session and taint its tool secrets are decided
+    /// for (without it, a tool's `secret.use` request has none of them, and the default
+    /// policies release nothing).
+    #[must_use]
+    pub fn for_call(mut self, call: &crate::gate::CallContext) -> Self {
+        self.call = Some(call.clone());
         self
     }
 
@@ -477,12 +490,17 @@ impl Sandbox {
     fn secret_env_for(
         &self,
         tool: &str,
-        command: Option<&str>,
+        program: Option<&crate::gate::ProgramLocation>,
     ) -> Result<chitin_sandbox::SecretEnv, ToolError> {
         let wanted = self.config_section.secret_env_for(tool).next().is_some();
         match &self.secret_env {
             Some(ts) if wanted => Ok(ts
-                .release(tool, command, &self.config_section.secret_env)?
+                .release(
+                    tool,
+                    self.call.as_ref(),
+                    program,
+                    &self.config_section.secret_env,
+                )?
                 .env),
             _ => Ok(chitin_sandbox::SecretEnv::new()),
         }
@@ -491,7 +509,7 @@ impl Sandbox {
     fn launch(&self, ws: &Workspace, req: &LaunchRequest<'_>) -> Result<LaunchReport, ToolError> {
         let LaunchRequest {
             tool,
-            command,
+            program,
             argv,
             cwd,
             stdin,
@@ -504,7 +522,7 @@ impl Sandbox {
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
             .max(1);
         // Decided before anything is spawned: a failed decision means nothing runs.
-        let secret_env = self.secret_env_for(tool, command)?;
+        let secret_env = self.secret_env_for(tool, program)?;
         let mut cmd = Command::new(&self.launcher);
         cmd.env_clear();
         cmd.env("CHITIN_HOME", &self.home);
@@ -603,7 +621,7 @@ impl Sandbox {
             ws,
             &LaunchRequest {
                 tool,
-                command: None,
+                program: None,
                 argv: &argv,
                 cwd: None,
                 stdin: Some(&body),
@@ -696,17 +714,16 @@ pub fn exec(
         Some(c) => Some(ws.resolve(c)?.abs),
         None => None,
     };
-    // The program as the gate named it to Cedar (`command`): PATH lookup, symlinks resolved.
-    let command = args.argv.first().and_then(|p| {
-        crate::gate::resolve_program(p, cwd.as_deref().unwrap_or(ws.root()))
-            .ok()
-            .and_then(|r| r.file_name().map(|n| n.to_string_lossy().into_owned()))
+    // The program as the gate named it to Cedar: PATH lookup, symlinks resolved, and whether
+    // the agent could have put it (or a link to it) there.
+    let program = args.argv.first().and_then(|p| {
+        crate::gate::program_location(p, cwd.as_deref().unwrap_or(ws.root()), ws.root()).ok()
     });
     let report = sb.launch(
         ws,
         &LaunchRequest {
             tool: "exec",
-            command: command.as_deref(),
+            program: program.as_ref(),
             argv: &args.argv,
             cwd: cwd.as_deref(),
             stdin: args.stdin.as_deref().map(str::as_bytes),
@@ -923,6 +940,7 @@ mod tests {
             config_section: Default::default(),
             net: Vec::new(),
             secret_env: None,
+            call: None,
         };
         let e = exec(
             &auth,
@@ -954,6 +972,7 @@ mod tests {
             config_section: Default::default(),
             net: Vec::new(),
             secret_env: None,
+            call: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1028,6 +1047,7 @@ mod tests {
             },
             net: Vec::new(),
             secret_env: None,
+            call: None,
         };
         (home, d, w, sb)
     }
