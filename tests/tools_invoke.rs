@@ -19,6 +19,9 @@ use chitin::tools::invoke::{InvokeError, Invoked, invoke};
 use chitin_audit::{AuditLog, Query, Record};
 use serde_json::{Value, json};
 
+#[path = "support/fetch.rs"]
+mod fetch_support;
+
 struct Env {
     _dirs: Vec<tempfile::TempDir>,
     gate: Gate,
@@ -441,6 +444,13 @@ fn ctx_of(r: &Record) -> Value {
     p["context"].clone()
 }
 
+/// Reloads the policies without `guard.no-private-fetch` (a test can only serve on 127.0.0.1).
+fn drop_private_guard(e: &Env) {
+    let pol = e.home.join("policies");
+    fetch_support::policies_allowing_loopback_fetch(&pol, None);
+    e.gate.engine().reload().unwrap();
+}
+
 fn fetch_decisions(e: &Env) -> Vec<Record> {
     records(e)
         .into_iter()
@@ -568,17 +578,7 @@ fn a_fetch_connects_only_to_the_addresses_the_gate_judged() {
         &["127.0.0.1"],
         "@id(\"test.pinned-name\")\npermit (principal, action == Chitin::Action::\"web_fetch\", resource)\nwhen { context.host == \"pinned.invalid\" };\n",
     );
-    // Without the guard: rebuild the engine from a directory that leaves it out.
-    let pol = e.home.join("policies");
-    let g = std::fs::read_to_string(pol.join("guardrails.cedar")).unwrap();
-    let start = g.find("@id(\"guard.no-private-fetch\")").unwrap();
-    let end = start + g[start..].find("};").unwrap() + 2;
-    std::fs::write(
-        pol.join("guardrails.cedar"),
-        format!("{}{}", &g[..start], &g[end..]),
-    )
-    .unwrap();
-    e.gate.engine().reload().unwrap();
+    drop_private_guard(&e);
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let server = std::thread::spawn(move || {
@@ -644,4 +644,64 @@ fn integer_ipv4_network_destinations_are_ip_literals() {
     )
     .unwrap();
     assert!(matches!(r, Invoked::ApprovalRequired { .. }), "{r:?}");
+}
+
+#[test]
+fn an_approval_binds_the_url_as_written_and_counts_in_both_decisions() {
+    let (e, rec) = env_resolving(&["127.0.0.1"], "");
+    drop_private_guard(&e);
+    let (port, seen) = fetch_support::serve_page("posted");
+    let ap = approvals_for(&e);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let args = json!({"url": format!("http://forms.invalid:{port}/submit"), "method": "POST", "body": "a=1"});
+    let go = |a: &Value| invoke(&e.gate, &e.sandbox, &e.call, "web_fetch", a, Some(&ap)).unwrap();
+    let Invoked::ApprovalRequired { request_digest, .. } = go(&args) else {
+        panic!("a POST needs approval")
+    };
+    // Waiting for a person: nothing has been looked up yet.
+    assert!(rec.asked.lock().unwrap().is_empty());
+    let pending = ap
+        .request("owner", "s1", "web_fetch", &args, request_digest)
+        .unwrap();
+    ap.resolve(&pending.code, "owner", true).unwrap();
+    let Invoked::Ran { result, .. } = go(&args) else {
+        panic!("expected the approved fetch to run")
+    };
+    assert_eq!(
+        result.output.as_ref().unwrap()["body"],
+        "posted",
+        "{result:?}"
+    );
+    let got = seen.try_recv().unwrap();
+    assert_eq!(
+        (got.line.as_str(), got.body.as_str()),
+        ("POST /submit HTTP/1.1", "a=1")
+    );
+    assert_eq!(
+        *rec.asked.lock().unwrap(),
+        vec!["forms.invalid".to_string()]
+    );
+    let seq: Vec<(String, Value, Value)> = fetch_decisions(&e)
+        .iter()
+        .map(|r| {
+            let c = ctx_of(r);
+            (
+                r.decision.clone(),
+                c["resolved"].clone(),
+                c["approved"].clone(),
+            )
+        })
+        .collect();
+    let step =
+        |d: &str, resolved: bool, approved: bool| (d.to_string(), json!(resolved), json!(approved));
+    assert_eq!(
+        seq,
+        vec![
+            step("approval_required", false, false),
+            step("approval_required", false, false),
+            step("allow", false, true),
+            step("allow", true, true),
+        ]
+    );
 }
