@@ -9,6 +9,7 @@
 //! - Every decision (and every refusal of bad input) is written to the audit log before the
 //!   verdict is returned; if the record cannot be written, the verdict is "no" (fail closed).
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,7 +19,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::approvals::Redeemed;
-use crate::policy::{Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest};
+use crate::net::{Resolver, SystemResolver, WebUrl};
+use crate::policy::{Action, Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest, Tool};
 
 /// Errors of the gate. Every one of them means "no action".
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +37,8 @@ pub enum GateError {
         "the approval presented was granted for a different request; this call needs its own approval"
     )]
     ApprovalMismatch,
+    #[error("web_fetch: {0}; nothing was fetched")]
+    Unresolvable(String),
 }
 
 /// Proof that the policy engine allowed one specific request. It cannot be built outside
@@ -42,23 +46,27 @@ pub enum GateError {
 #[derive(Debug)]
 pub struct Authorized {
     principal: String,
-    action: String,
+    action: Action,
     resource: String,
     policies: Vec<String>,
     request_digest: [u8; 32],
     /// SHA-256 of the canonical tool arguments this authorization covers (tool calls only).
     args_digest: Option<[u8; 32]>,
+    /// `web_fetch`: the addresses the second decision judged; the fetch connects to exactly
+    /// these (it never resolves the host itself).
+    pinned: Vec<SocketAddr>,
 }
 
 impl Authorized {
-    fn new(req: &PolicyRequest, decision: &Decision, args: Option<&Value>) -> Self {
+    fn new(action: Action, req: &PolicyRequest, decision: &Decision, args: Option<&Value>) -> Self {
         Self {
             principal: req.principal.to_string(),
-            action: req.action_name(),
+            action,
             resource: req.resource.to_string(),
             policies: decision.policies.clone(),
             request_digest: request_digest_with(req, args),
             args_digest: args.map(args_digest),
+            pinned: Vec::new(),
         }
     }
 
@@ -77,14 +85,22 @@ impl Authorized {
         dead_code,
         reason = "used by unit tests of modules that take an Authorized"
     )]
+    #[expect(
+        clippy::panic,
+        reason = "test helper: an unknown action id is a bug in the test"
+    )]
     pub(crate) fn for_test(principal: &str, action: &str, resource: &str) -> Self {
+        let Some(action) = Action::from_id(action) else {
+            panic!("`{action}` is not an action id");
+        };
         Self {
             principal: principal.into(),
-            action: action.into(),
+            action,
             resource: resource.into(),
             policies: vec!["test".into()],
             request_digest: [0; 32],
             args_digest: None,
+            pinned: Vec::new(),
         }
     }
 
@@ -92,9 +108,9 @@ impl Authorized {
     pub fn principal(&self) -> &str {
         &self.principal
     }
-    /// The Cedar action id, e.g. `exec`.
-    pub fn action(&self) -> &str {
-        &self.action
+    /// The action that was allowed.
+    pub fn action(&self) -> Action {
+        self.action
     }
     /// The Cedar resource, e.g. `Chitin::Tool::"exec"`.
     pub fn resource(&self) -> &str {
@@ -107,6 +123,11 @@ impl Authorized {
     /// SHA-256 of the canonical request (without `approved`): what an approval is bound to.
     pub fn request_digest(&self) -> &[u8; 32] {
         &self.request_digest
+    }
+    /// `web_fetch`: the resolved addresses the gate judged, the only ones to connect to
+    /// (empty for every other action).
+    pub fn pinned_addrs(&self) -> &[SocketAddr] {
+        &self.pinned
     }
 }
 
@@ -266,8 +287,8 @@ pub enum ToolInput {
         channel: String,
         target: String,
     },
-    /// `host` and `private_address` are derived by the gate from the URL (every address the
-    /// host resolves to is checked).
+    /// Decided twice (see [`Gate::check_tool_call`]): first on the URL as written (no DNS),
+    /// then, after an allow, on every address the host resolves to.
     WebFetch {
         url: String,
         method: String,
@@ -277,7 +298,7 @@ pub enum ToolInput {
 impl ToolInput {
     /// What the gate judges, derived from a tool call's normalized arguments (the same JSON the
     /// tool will run with): one source of truth for Cedar's context and for the run.
-    pub fn from_args(tool: &str, args: &Value) -> Result<Self, GateError> {
+    pub fn from_args(tool: Tool, args: &Value) -> Result<Self, GateError> {
         let bad = |m: &str| GateError::InvalidRequest(format!("{tool}: {m}"));
         let path = |default: Option<&str>| -> Result<String, GateError> {
             match args.get("path") {
@@ -289,7 +310,7 @@ impl ToolInput {
             }
         };
         Ok(match tool {
-            "exec" => {
+            Tool::Exec => {
                 let argv = args
                     .get("argv")
                     .and_then(Value::as_array)
@@ -313,13 +334,13 @@ impl ToolInput {
                 };
                 Self::Exec { argv, cwd, network }
             }
-            "read_file" => Self::ReadFile { path: path(None)? },
-            "list_dir" => Self::ListDir {
+            Tool::ReadFile => Self::ReadFile { path: path(None)? },
+            Tool::ListDir => Self::ListDir {
                 path: path(Some("."))?,
             },
-            "write_file" => Self::WriteFile { path: path(None)? },
-            "edit_file" => Self::EditFile { path: path(None)? },
-            "send_message" => {
+            Tool::WriteFile => Self::WriteFile { path: path(None)? },
+            Tool::EditFile => Self::EditFile { path: path(None)? },
+            Tool::SendMessage => {
                 let s = |k: &str| match args.get(k) {
                     Some(Value::String(v)) => Ok(v.clone()),
                     _ => Err(bad(&format!("`{k}` must be a string"))),
@@ -329,7 +350,7 @@ impl ToolInput {
                     target: s("target")?,
                 }
             }
-            "web_fetch" => {
+            Tool::WebFetch => {
                 let url = match args.get("url") {
                     Some(Value::String(v)) => v.clone(),
                     _ => return Err(bad("`url` must be a string")),
@@ -341,24 +362,19 @@ impl ToolInput {
                 };
                 Self::WebFetch { url, method }
             }
-            other => {
-                return Err(GateError::InvalidRequest(format!(
-                    "no built-in tool `{other}`"
-                )));
-            }
         })
     }
 
-    /// The tool (and Cedar action) name.
-    pub fn tool(&self) -> &'static str {
+    /// The tool (decided as the action of the same name).
+    pub fn tool(&self) -> Tool {
         match self {
-            Self::Exec { .. } => "exec",
-            Self::ReadFile { .. } => "read_file",
-            Self::ListDir { .. } => "list_dir",
-            Self::WriteFile { .. } => "write_file",
-            Self::EditFile { .. } => "edit_file",
-            Self::SendMessage { .. } => "send_message",
-            Self::WebFetch { .. } => "web_fetch",
+            Self::Exec { .. } => Tool::Exec,
+            Self::ReadFile { .. } => Tool::ReadFile,
+            Self::ListDir { .. } => Tool::ListDir,
+            Self::WriteFile { .. } => Tool::WriteFile,
+            Self::EditFile { .. } => Tool::EditFile,
+            Self::SendMessage { .. } => Tool::SendMessage,
+            Self::WebFetch { .. } => Tool::WebFetch,
         }
     }
 }
@@ -382,6 +398,8 @@ pub struct Gate {
     engine: Arc<PolicyEngine>,
     audit: Arc<AuditLog>,
     redact: Option<Redact>,
+    /// Resolves `web_fetch` hosts, only after a first allow.
+    resolver: Arc<dyn Resolver>,
 }
 
 impl std::fmt::Debug for Gate {
@@ -399,7 +417,15 @@ impl Gate {
             engine,
             audit,
             redact: None,
+            resolver: Arc::new(SystemResolver),
         }
+    }
+
+    /// Resolves `web_fetch` hosts with `resolver` instead of the system resolver.
+    #[must_use]
+    pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     /// Redacts every string of a decision's payload before it is recorded.
@@ -514,7 +540,21 @@ impl Gate {
         let actor = req.principal.to_string();
         let action = req.action_name();
         let resource = req.resource.to_string();
-        if let Some(why) = tool_secret_refusal(req) {
+        let Some(chitin_action) = req.chitin_action() else {
+            let e = GateError::InvalidRequest(format!(
+                "`{}` is not one of Chitin's actions; the gate authorizes only those",
+                req.action
+            ));
+            self.record_refusal(
+                &actor,
+                &action,
+                &resource,
+                &e.to_string(),
+                Value::Object(req.context.clone()),
+            )?;
+            return Err(e);
+        };
+        if let Some(why) = tool_secret_refusal(req, chitin_action) {
             // Whatever the policy says: recorded as a refusal, and no `Authorized` exists.
             self.record_refusal(
                 &actor,
@@ -593,7 +633,10 @@ impl Gate {
             )?;
         }
         Ok(match decision.decision {
-            Outcome::Allow => Verdict::Allowed(Authorized::new(req, &decision, args), decision),
+            Outcome::Allow => Verdict::Allowed(
+                Authorized::new(chitin_action, req, &decision, args),
+                decision,
+            ),
             Outcome::Deny => Verdict::Denied(decision),
             Outcome::ApprovalRequired => Verdict::ApprovalRequired {
                 request_digest: request_digest_with(req, args),
@@ -654,24 +697,33 @@ impl Gate {
                 );
             }
             ToolInput::WebFetch { url, method } => {
-                let target = crate::tools::fetch::FetchTarget::resolve(url)
+                // Phase 1: only what the request says. No DNS, no network.
+                let target = WebUrl::parse(url)
                     .map_err(|e| GateError::InvalidRequest(format!("web_fetch: {e}")))?;
+                let literal: Vec<IpAddr> = target.ip.into_iter().collect();
                 ctx.insert("url".into(), json!(target.url.as_str()));
+                ctx.insert("scheme".into(), json!(target.scheme));
                 ctx.insert("host".into(), json!(target.host));
                 ctx.insert("method".into(), json!(method));
-                ctx.insert("private_address".into(), json!(target.private_address()));
+                ctx.insert("ip_literal".into(), json!(target.ip.is_some()));
+                ctx.insert("resolved".into(), json!(false));
+                ctx.insert("addresses".into(), addresses_json(&literal));
+                ctx.insert(
+                    "private_address".into(),
+                    json!(crate::net::any_private(&literal)),
+                );
             }
         }
         let uid = |s: String| {
             s.parse::<EntityUid>()
                 .map_err(|e| GateError::InvalidRequest(e.to_string()))
         };
-        Ok(PolicyRequest {
-            principal: uid(format!("Chitin::User::{}", quote(&call.user)))?,
-            action: uid(format!("Chitin::Action::{}", quote(input.tool())))?,
-            resource: uid(format!("Chitin::Tool::{}", quote(input.tool())))?,
-            context: ctx,
-        })
+        Ok(PolicyRequest::new(
+            uid(format!("Chitin::User::{}", quote(&call.user)))?,
+            input.tool().action(),
+            input.tool().uid(),
+            ctx,
+        ))
     }
 
     /// Canonicalizes and decides a tool call described by `input` (no approval, no argument
@@ -679,8 +731,10 @@ impl Gate {
     /// recorded as a refusal and never reaches Cedar.
     pub fn check_tool(&self, call: &CallContext, input: &ToolInput) -> Result<Verdict, GateError> {
         match self.tool_request(call, input) {
-            Ok(req) => self.check_bound(&req, None, &[]),
-            Err(e) => Err(self.refuse_input(call, input.tool(), &format!("{input:?}"), e)?),
+            Ok(req) => self.decide_tool(call, input, &req, None, &format!("{input:?}")),
+            Err(e) => {
+                Err(self.refuse_input(call, input.tool().as_str(), &format!("{input:?}"), e)?)
+            }
         }
     }
 
@@ -688,29 +742,109 @@ impl Gate {
     /// derived from exactly these arguments, the `Authorized` covers exactly them, and an
     /// approval counts only as a [`Redeemed`] approval for this exact call (its digest must
     /// match; only `Approvals::redeem` makes one).
+    ///
+    /// `web_fetch` is decided twice, and nothing touches the network before the first allow:
+    /// 1. on the request as written (scheme, host, whether it is an IP literal, method, URL;
+    ///    `resolved` false; `private_address` true only for a non-public IP literal);
+    /// 2. after that allow, the host is resolved (IP literals are not) and the request is
+    ///    decided again with `resolved` true, `addresses` and `private_address` computed from
+    ///    every address. The `Authorized` of the second allow carries those addresses, and the
+    ///    fetch connects to exactly them.
+    ///
+    /// An approval binds the request as written (phase 1's digest with the full arguments,
+    /// which is what the person was shown); it never binds DNS answers, which nobody saw.
+    /// A redeemed approval counts as `approved` in both phases, and when the second decision
+    /// asks for approval, the approval asked for is the same phase-1 digest. Both decisions
+    /// are audited.
     pub fn check_tool_call(
         &self,
         call: &CallContext,
-        tool: &str,
+        tool: Tool,
         args: &Value,
         redeemed: Option<&Redeemed>,
     ) -> Result<Verdict, GateError> {
+        let name = tool.as_str();
         let input = match ToolInput::from_args(tool, args) {
             Ok(i) => i,
-            Err(e) => return Err(self.refuse_input(call, tool, &args.to_string(), e)?),
+            Err(e) => return Err(self.refuse_input(call, name, &args.to_string(), e)?),
         };
         let mut req = match self.tool_request(call, &input) {
             Ok(r) => r,
-            Err(e) => return Err(self.refuse_input(call, tool, &args.to_string(), e)?),
+            Err(e) => return Err(self.refuse_input(call, name, &args.to_string(), e)?),
         };
         if let Some(r) = redeemed {
             if r.digest() != &request_digest_with(&req, Some(args)) {
                 let e = GateError::ApprovalMismatch;
-                return Err(self.refuse_input(call, tool, &args.to_string(), e)?);
+                return Err(self.refuse_input(call, name, &args.to_string(), e)?);
             }
             req.context.insert("approved".into(), json!(true));
         }
-        self.check_bound(&req, Some(args), &[])
+        self.decide_tool(call, &input, &req, Some(args), &args.to_string())
+    }
+
+    /// Decides a built tool request; for `web_fetch`, both phases (see
+    /// [`Self::check_tool_call`]).
+    fn decide_tool(
+        &self,
+        call: &CallContext,
+        input: &ToolInput,
+        req: &PolicyRequest,
+        args: Option<&Value>,
+        shown: &str,
+    ) -> Result<Verdict, GateError> {
+        let first = self.check_bound(req, args, &[])?;
+        let ToolInput::WebFetch { url, .. } = input else {
+            return Ok(first);
+        };
+        let Verdict::Allowed(..) = first else {
+            return Ok(first);
+        };
+        // Phase 2: only now may the network be asked.
+        let target =
+            WebUrl::parse(url).map_err(|e| GateError::InvalidRequest(format!("web_fetch: {e}")))?;
+        let addrs = match (target.ip, target.host_name()) {
+            (Some(ip), _) => vec![ip],
+            (None, Some(host)) => match self.resolver.resolve(host, target.port) {
+                Ok(a) if !a.is_empty() => a,
+                Ok(_) => {
+                    let e = GateError::Unresolvable(format!("`{host}` resolves to no address"));
+                    return Err(self.refuse_input(call, Tool::WebFetch.as_str(), shown, e)?);
+                }
+                Err(why) => {
+                    let e = GateError::Unresolvable(why);
+                    return Err(self.refuse_input(call, Tool::WebFetch.as_str(), shown, e)?);
+                }
+            },
+            (None, None) => {
+                let e = GateError::InvalidRequest("web_fetch: the url has no host".into());
+                return Err(self.refuse_input(call, Tool::WebFetch.as_str(), shown, e)?);
+            }
+        };
+        let mut second = req.clone();
+        second.context.insert("resolved".into(), json!(true));
+        second
+            .context
+            .insert("addresses".into(), addresses_json(&addrs));
+        second.context.insert(
+            "private_address".into(),
+            json!(crate::net::any_private(&addrs)),
+        );
+        Ok(match self.check_bound(&second, args, &[])? {
+            Verdict::Allowed(mut auth, decision) => {
+                auth.request_digest = request_digest_with(req, args);
+                auth.pinned = addrs
+                    .iter()
+                    .map(|ip| SocketAddr::new(*ip, target.port))
+                    .collect();
+                Verdict::Allowed(auth, decision)
+            }
+            Verdict::Denied(d) => Verdict::Denied(d),
+            // The approval to ask for is the one phase 1 binds (see above).
+            Verdict::ApprovalRequired { decision, .. } => Verdict::ApprovalRequired {
+                decision,
+                request_digest: request_digest_with(req, args),
+            },
+        })
     }
 
     /// Records input that never reached Cedar as a refusal; returns the error to hand back.
@@ -727,6 +861,14 @@ impl Gate {
         self.record_refusal(&actor, tool, &resource, &e.to_string(), details)?;
         Ok(e)
     }
+}
+
+/// Addresses as a Cedar set of strings (sorted, no duplicates).
+fn addresses_json(addrs: &[IpAddr]) -> Value {
+    let mut v: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    v.sort();
+    v.dedup();
+    json!(v)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -853,9 +995,8 @@ pub fn program_location(
 /// The hard rule of tool secrets, checked before Cedar: a tool's `secret.use` is refused when
 /// the program lies where the agent can write (`command_writable`, or a `command_path` in a
 /// temp dir), and for `exec` when the program could not be named. The refusal text.
-fn tool_secret_refusal(req: &PolicyRequest) -> Option<String> {
-    if req.action_name() != "secret.use" || req.principal.type_name().to_string() != "Chitin::Tool"
-    {
+fn tool_secret_refusal(req: &PolicyRequest, action: Action) -> Option<String> {
+    if action != Action::SecretUse || req.principal.type_name().to_string() != "Chitin::Tool" {
         return None;
     }
     let secret = req.resource.id().unescaped().to_string();

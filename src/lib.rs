@@ -10,6 +10,7 @@ pub mod config;
 pub mod gate;
 pub mod gateway;
 pub mod lifecycle;
+pub mod net;
 pub mod policy;
 pub mod providers;
 pub mod secrets;

@@ -9,6 +9,8 @@
     reason = "tests"
 )]
 
+#[path = "support/fetch.rs"]
+mod fetch_support;
 #[path = "support/home.rs"]
 mod support;
 
@@ -55,6 +57,12 @@ struct Env {
 }
 
 fn env() -> Env {
+    env_with(false)
+}
+
+/// `loopback_fetch`: a policy directory (the defaults without `guard.no-private-fetch`) so
+/// that a page served from 127.0.0.1 can be fetched.
+fn env_with(loopback_fetch: bool) -> Env {
     // Not under /tmp: the sandbox gives every command a private /tmp.
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (h, w, o) = (
@@ -69,8 +77,13 @@ fn env() -> Env {
         {"uid": {"type": "Chitin::User", "id": "stranger"}, "attrs": {}, "parents": []}
     ]);
     support::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
+    let policy_dir = loopback_fetch.then(|| {
+        let d = h.path().join("policies");
+        fetch_support::policies_allowing_loopback_fetch(&d, None);
+        d
+    });
     let engine = PolicyEngine::load(EngineSpec {
-        policy_dir: None,
+        policy_dir,
         entity_files: vec![home.join("entities.json")],
         state_dir: Some(home.clone()),
     })
@@ -314,6 +327,75 @@ async fn a_multi_step_tool_loop_runs_through_the_sandbox_and_taints_the_session(
         tools.contains(&"exec".to_string()) && tools.contains(&"web_fetch".to_string()),
         "{tools:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offered_tool_runs_for_the_model_and_its_result_reaches_the_model() {
+    let e = env_with(true);
+    let (port, seen) = fetch_support::serve_page("PAGE-FROM-LOOPBACK-41c9");
+    let url = format!("http://127.0.0.1:{port}/page");
+    let s = FakeOpenAi::start(vec![
+        Step::tool_call(
+            "c1",
+            "write_file",
+            r#"{"path":"notes.txt","content":"alpha line\n"}"#,
+        ),
+        Step::tool_call(
+            "c2",
+            "edit_file",
+            r#"{"path":"notes.txt","old_string":"alpha","new_string":"beta-7d1"}"#,
+        ),
+        Step::tool_call("c3", "read_file", r#"{"path":"notes.txt"}"#),
+        Step::tool_call("c4", "list_dir", r#"{"path":"."}"#),
+        Step::tool_call("c5", "exec", r#"{"argv":["wc","-c","notes.txt"]}"#),
+        Step::tool_call("c6", "web_fetch", &json!({"url": url}).to_string()),
+        Step::text("all done"),
+    ])
+    .await
+    .unwrap();
+    let a = agent(&e, &s, "openai");
+    let r = run(&a, turn("s-all", "use every tool")).await;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let offered: Vec<String> = s.requests()[0].body["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["function"]["name"].as_str().unwrap().to_string())
+        .collect();
+    let tools = [
+        "write_file",
+        "edit_file",
+        "read_file",
+        "list_dir",
+        "exec",
+        "web_fetch",
+    ];
+    for t in tools {
+        assert!(
+            offered.contains(&t.to_string()),
+            "{t} not offered: {offered:?}"
+        );
+    }
+    assert_eq!(
+        decisions(&r),
+        tools
+            .iter()
+            .map(|t| (t.to_string(), "allow".to_string()))
+            .collect::<Vec<_>>()
+    );
+    // Each tool really ran, and its result is in the next request to the model.
+    assert_eq!(
+        std::fs::read_to_string(e.ws.join("notes.txt")).unwrap(),
+        "beta-7d1 line\n"
+    );
+    assert!(sent(&s, 3).contains("beta-7d1 line"), "{}", sent(&s, 3));
+    assert!(sent(&s, 4).contains("notes.txt"), "{}", sent(&s, 4));
+    assert!(sent(&s, 5).contains("14 notes.txt"), "{}", sent(&s, 5));
+    let page = sent(&s, 6);
+    assert!(page.contains("PAGE-FROM-LOOPBACK-41c9"), "{page}");
+    assert!(!page.contains("not for `web_fetch`"), "{page}");
+    assert_eq!(seen.try_recv().unwrap().line, "GET /page HTTP/1.1");
+    assert_eq!(r.reply.as_deref(), Some("all done"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

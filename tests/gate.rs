@@ -92,7 +92,7 @@ fn a_read_inside_the_workspace_is_authorized_for_exactly_that_request() {
     let Verdict::Allowed(auth, _) = v else {
         panic!("expected allow, got {v:?}")
     };
-    assert_eq!(auth.action(), "read_file");
+    assert_eq!(auth.action(), chitin::policy::Action::ReadFile);
     assert_eq!(auth.principal(), "Chitin::User::\"owner\"");
     assert_eq!(auth.policies(), ["tools.owner-files-in-workspace"]);
 }

@@ -22,6 +22,8 @@ use serde_json::{Value, json};
 #[path = "support/gateway.rs"]
 mod harness;
 use harness::*;
+#[path = "support/fetch.rs"]
+mod fetch_support;
 
 fn metric(text: &str, line_prefix: &str) -> u64 {
     text.lines()
@@ -332,6 +334,80 @@ fn tool_calls_are_allowed_in_the_workspace_and_denied_outside_it() {
         .invoke(&json!({"tool": "read_file", "args": {"path": ws.join("link").to_str().unwrap()}}));
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("guard.state-dir-off-limits"), "{}", r.body);
+}
+
+#[test]
+fn every_invokable_tool_runs_through_tools_invoke() {
+    // The default policies without `guard.no-private-fetch`: the page is served on 127.0.0.1.
+    let pol = tempfile::tempdir().unwrap();
+    fetch_support::policies_allowing_loopback_fetch(pol.path(), None);
+    let gw = Gw::start(&format!("\n[policy]\ndir = {:?}\n", pol.path()));
+    let (port, seen) = fetch_support::serve_page("PAGE-VIA-GATEWAY-5e2a");
+    let ws = gw.workspace();
+    let f = ws.join("g.txt");
+    let f = f.to_str().unwrap();
+    let calls = [
+        json!({"tool": "write_file", "args": {"path": f, "content": "one two\n"}}),
+        json!({"tool": "edit_file", "args": {"path": f, "old_string": "two", "new_string": "three-c4"}}),
+        json!({"tool": "read_file", "args": {"path": f}}),
+        json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}),
+        json!({"tool": "exec", "args": {"argv": ["cat", "g.txt"]}}),
+        json!({"tool": "web_fetch", "args": {"url": format!("http://127.0.0.1:{port}/p?q=1")}}),
+    ];
+    let mut results = Vec::new();
+    for call in &calls {
+        let r = gw.invoke(call);
+        assert_eq!(r.status, 200, "{call}: {}", r.body);
+        let v = r.json();
+        assert_eq!(v["decision"]["outcome"], "allow", "{call}: {v}");
+        assert_eq!(v["result"]["exit_code"], 0, "{call}: {v}");
+        results.push(v["result"].clone());
+    }
+    assert_eq!(
+        std::fs::read_to_string(ws.join("g.txt")).unwrap(),
+        "one three-c4\n"
+    );
+    assert!(
+        results[2].to_string().contains("one three-c4"),
+        "{}",
+        results[2]
+    );
+    assert!(results[3].to_string().contains("g.txt"), "{}", results[3]);
+    assert_eq!(results[4]["stdout"], "one three-c4\n", "{}", results[4]);
+    assert_eq!(results[5]["output"]["status"], 200, "{}", results[5]);
+    assert_eq!(
+        results[5]["output"]["body"], "PAGE-VIA-GATEWAY-5e2a",
+        "{}",
+        results[5]
+    );
+    assert_eq!(seen.try_recv().unwrap().line, "GET /p?q=1 HTTP/1.1");
+}
+
+#[test]
+fn a_web_fetch_of_a_name_resolving_to_loopback_is_refused_by_the_second_decision() {
+    let gw = Gw::start("");
+    let (port, seen) = fetch_support::serve_page("MUST-NOT-BE-FETCHED");
+    let r = gw.invoke(
+        &json!({"tool": "web_fetch", "args": {"url": format!("http://localhost:{port}/")}}),
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        r.json()["error"],
+        json!({"code": "policy_denied", "message": "the policy engine denied this call",
+               "policies": ["guard.no-private-fetch"]})
+    );
+    // Integer and short IPv4 forms are loopback literals, refused before any lookup.
+    for host in ["2130706433", "0x7f000001", "0177.0.0.1", "127.1"] {
+        let r = gw.invoke(
+            &json!({"tool": "web_fetch", "args": {"url": format!("http://{host}:{port}/")}}),
+        );
+        assert_eq!(r.status, 403, "{host}: {}", r.body);
+        assert_eq!(
+            r.json()["error"]["policies"],
+            json!(["guard.no-private-fetch"])
+        );
+    }
+    assert!(seen.try_recv().is_err(), "nothing reached the page");
 }
 
 #[test]

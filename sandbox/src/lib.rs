@@ -21,6 +21,7 @@
 
 mod cgroup;
 pub mod fs;
+pub mod host;
 mod launch;
 pub mod seccomp;
 pub mod secret_env;

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::transcripts::{Entry, Stored};
-use crate::policy::PolicyEngine;
+use crate::policy::{PolicyEngine, Tool};
 use crate::providers::{Message, ToolCall, ToolSpec};
 
 /// The workspace files users know from other assistants, in the order they are included.
@@ -98,9 +98,9 @@ pub fn cap(s: &str, max: usize) -> String {
     )
 }
 
-fn spec(name: &str, description: &str, schema: Value) -> ToolSpec {
+fn spec(tool: Tool, description: &str, schema: Value) -> ToolSpec {
     ToolSpec {
-        name: name.into(),
+        name: tool.as_str().into(),
         description: description.into(),
         input_schema: schema,
     }
@@ -110,7 +110,7 @@ fn spec(name: &str, description: &str, schema: Value) -> ToolSpec {
 pub fn all_tools() -> Vec<ToolSpec> {
     vec![
         spec(
-            "exec",
+            Tool::Exec,
             "Run a program in the sandbox (no shell unless you run one explicitly). Paths are relative to the workspace.",
             json!({"type": "object", "additionalProperties": false, "required": ["argv"], "properties": {
                 "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1, "description": "program and arguments"},
@@ -121,14 +121,14 @@ pub fn all_tools() -> Vec<ToolSpec> {
             }}),
         ),
         spec(
-            "read_file",
+            Tool::ReadFile,
             "Read a text file in the workspace.",
             json!({"type": "object", "additionalProperties": false, "required": ["path"], "properties": {
                 "path": {"type": "string"}
             }}),
         ),
         spec(
-            "write_file",
+            Tool::WriteFile,
             "Create or replace a file in the workspace.",
             json!({"type": "object", "additionalProperties": false, "required": ["path", "content"], "properties": {
                 "path": {"type": "string"},
@@ -137,7 +137,7 @@ pub fn all_tools() -> Vec<ToolSpec> {
             }}),
         ),
         spec(
-            "edit_file",
+            Tool::EditFile,
             "Replace text in a file in the workspace.",
             json!({"type": "object", "additionalProperties": false, "required": ["path", "old_string", "new_string"], "properties": {
                 "path": {"type": "string"},
@@ -147,14 +147,14 @@ pub fn all_tools() -> Vec<ToolSpec> {
             }}),
         ),
         spec(
-            "list_dir",
+            Tool::ListDir,
             "List a directory in the workspace.",
             json!({"type": "object", "additionalProperties": false, "properties": {
                 "path": {"type": "string", "description": "default: the workspace"}
             }}),
         ),
         spec(
-            "web_fetch",
+            Tool::WebFetch,
             "Fetch a URL over HTTP(S). Redirects are returned, not followed.",
             json!({"type": "object", "additionalProperties": false, "required": ["url"], "properties": {
                 "url": {"type": "string"},
@@ -175,10 +175,8 @@ pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
     all_tools()
         .into_iter()
         .filter(|t| {
-            format!("Chitin::Action::{}", Value::String(t.name.clone()))
-                .parse::<cedar_policy::EntityUid>()
-                .ok()
-                .and_then(|a| engine.could_allow(&principal, &a).ok())
+            Tool::from_id(&t.name)
+                .and_then(|tool| engine.could_allow(&principal, &tool.action().uid()).ok())
                 .unwrap_or(false)
         })
         .collect()

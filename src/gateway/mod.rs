@@ -1174,6 +1174,9 @@ fn respond(
                 InvokeError::Gate(GateError::ApprovalMismatch) => {
                     (StatusCode::FORBIDDEN, "approval_mismatch", "error")
                 }
+                InvokeError::Gate(GateError::Unresolvable(_)) => {
+                    (StatusCode::BAD_GATEWAY, "host_unresolvable", "error")
+                }
                 InvokeError::Approval(crate::approvals::ApprovalError::Audit(_)) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "audit_unavailable",

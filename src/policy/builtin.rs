@@ -3,6 +3,8 @@
 
 use serde_json::{Value, json};
 
+use super::Tool;
+
 /// The Cedar schema (`policies/schema.cedarschema`).
 pub const SCHEMA: &str = include_str!("../../policies/schema.cedarschema");
 
@@ -46,40 +48,40 @@ pub struct ToolInfo {
     pub effects: &'static [&'static str],
 }
 
-/// The built-in tools. Their Cedar actions have the same names.
+/// The built-in tools (every [`Tool`], in its order). Their Cedar actions have the same names.
 pub const TOOLS: &[ToolInfo] = &[
     ToolInfo {
-        name: "exec",
+        name: Tool::Exec.as_str(),
         risk: "medium",
         effects: &["exec"],
     },
     ToolInfo {
-        name: "read_file",
+        name: Tool::ReadFile.as_str(),
         risk: "low",
         effects: &["fs_read"],
     },
     ToolInfo {
-        name: "list_dir",
+        name: Tool::ListDir.as_str(),
         risk: "low",
         effects: &["fs_read"],
     },
     ToolInfo {
-        name: "write_file",
+        name: Tool::WriteFile.as_str(),
         risk: "medium",
         effects: &["fs_write"],
     },
     ToolInfo {
-        name: "edit_file",
+        name: Tool::EditFile.as_str(),
         risk: "medium",
         effects: &["fs_write"],
     },
     ToolInfo {
-        name: "web_fetch",
+        name: Tool::WebFetch.as_str(),
         risk: "medium",
         effects: &["network"],
     },
     ToolInfo {
-        name: "send_message",
+        name: Tool::SendMessage.as_str(),
         risk: "medium",
         effects: &["message"],
     },
@@ -109,4 +111,19 @@ pub fn entities_json() -> Value {
         json!({"uid": {"type": "Chitin::Gateway", "id": GATEWAY_ID}, "attrs": {}, "parents": []}),
     );
     Value::Array(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tool_has_one_built_in_entity() {
+        let names: Vec<&str> = TOOLS.iter().map(|t| t.name).collect();
+        let tools: Vec<&str> = Tool::ALL.iter().map(|t| t.as_str()).collect();
+        let (mut a, mut b) = (names.clone(), tools.clone());
+        a.sort_unstable();
+        b.sort_unstable();
+        assert_eq!(a, b);
+    }
 }

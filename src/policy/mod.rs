@@ -10,6 +10,7 @@
 //!   `memory_file`, `command_writable`) are computed here from the request, never taken from
 //!   the caller.
 
+mod action;
 pub mod builtin;
 mod diag;
 pub mod vectors;
@@ -27,6 +28,7 @@ use cedar_policy::{
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+pub use action::{Action, Tool};
 pub use diag::Diagnostic;
 
 /// Errors of the policy engine.
@@ -640,9 +642,30 @@ impl PolicyRequest {
         })
     }
 
+    /// A request for one of Chitin's own actions.
+    pub fn new(
+        principal: EntityUid,
+        action: Action,
+        resource: EntityUid,
+        context: Map<String, Value>,
+    ) -> Self {
+        Self {
+            principal,
+            action: action.uid(),
+            resource,
+            context,
+        }
+    }
+
     /// The action's id, e.g. `exec`.
     pub fn action_name(&self) -> String {
         self.action.id().unescaped().to_string()
+    }
+
+    /// The action, when it is one of Chitin's (an operator's schema may declare others, which
+    /// `chitin policy eval` and vectors can decide but the gate never authorizes).
+    pub fn chitin_action(&self) -> Option<Action> {
+        Action::from_uid(&self.action)
     }
 }
 
@@ -913,13 +936,14 @@ fn derive_paths(
     let under_state = |p: &Path| state_dirs.iter().any(|s| p.starts_with(s));
     // By the context's shape, not the action's name: an operator's own file action with a
     // `path` gets the same derived attributes (and the caller's values are ignored).
-    let shape = if action == "exec" || ctx.contains_key("cwd") || ctx.contains_key("argv") {
-        "exec"
-    } else if ctx.contains_key("path") {
-        "file"
-    } else {
-        ""
-    };
+    let shape =
+        if action == Action::Exec.as_str() || ctx.contains_key("cwd") || ctx.contains_key("argv") {
+            "exec"
+        } else if ctx.contains_key("path") {
+            "file"
+        } else {
+            ""
+        };
     let (target, extra_touch) = match shape {
         "file" => (string("path"), false),
         "exec" => {

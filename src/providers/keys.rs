@@ -100,7 +100,7 @@ impl GateKeySource {
         context.insert("host".into(), json!(req.host));
         Ok(PolicyRequest {
             principal: uid(format!("Chitin::Provider::{}", q(req.provider)))?,
-            action: uid("Chitin::Action::\"secret.use\"".into())?,
+            action: crate::policy::Action::SecretUse.uid(),
             resource: uid(format!("Chitin::Secret::{}", q(&resource_id)))?,
             context,
         })

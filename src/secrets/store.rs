@@ -472,12 +472,9 @@ impl SecretStore {
             reason,
         };
         let action = authz.action();
-        let action_ok = action == SECRET_USE_ACTION
-            || action == format!("Chitin::Action::\"{SECRET_USE_ACTION}\"");
-        if !action_ok {
+        if action != crate::policy::Action::SecretUse {
             return Err(refuse(format!(
-                "the authorization is for action `{}`, not `{SECRET_USE_ACTION}`",
-                action.escape_default()
+                "the authorization is for action `{action}`, not `{SECRET_USE_ACTION}`"
             )));
         }
         let name = resource

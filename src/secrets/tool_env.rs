@@ -118,7 +118,7 @@ impl ToolSecrets {
         }
         Ok(PolicyRequest {
             principal: uid(format!("Chitin::Tool::{}", q(tool)))?,
-            action: uid("Chitin::Action::\"secret.use\"".into())?,
+            action: crate::policy::Action::SecretUse.uid(),
             resource: uid(format!("Chitin::Secret::{}", q(name.as_str())))?,
             context,
         })

@@ -19,17 +19,27 @@ use super::{
 };
 use crate::approvals::{ApprovalError, Approvals};
 use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
-use crate::policy::Decision;
+use crate::policy::{Decision, Tool};
 use chitin_audit::{GateDecision, RecordInput, ToolRun};
 
-/// The tools that exist (and are offered to models).
+/// The tools that can be invoked (and are offered to models).
+pub const INVOKABLE: &[Tool] = &[
+    Tool::Exec,
+    Tool::ReadFile,
+    Tool::WriteFile,
+    Tool::EditFile,
+    Tool::ListDir,
+    Tool::WebFetch,
+];
+
+/// Their names.
 pub const TOOLS: &[&str] = &[
-    "exec",
-    "read_file",
-    "write_file",
-    "edit_file",
-    "list_dir",
-    "web_fetch",
+    Tool::Exec.as_str(),
+    Tool::ReadFile.as_str(),
+    Tool::WriteFile.as_str(),
+    Tool::EditFile.as_str(),
+    Tool::ListDir.as_str(),
+    Tool::WebFetch.as_str(),
 ];
 
 /// Errors of a tool call. Each one means nothing ran.
@@ -80,6 +90,19 @@ enum Parsed {
     Fetch(WebFetchArgs),
 }
 
+impl Parsed {
+    fn tool(&self) -> Tool {
+        match self {
+            Self::Exec(_) => Tool::Exec,
+            Self::Read(_) => Tool::ReadFile,
+            Self::Write(_) => Tool::WriteFile,
+            Self::Edit(_) => Tool::EditFile,
+            Self::List(_) => Tool::ListDir,
+            Self::Fetch(_) => Tool::WebFetch,
+        }
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(tool: &str, args: &Value) -> Result<T, InvokeError> {
     super::parse_args(args).map_err(|e| InvokeError::InvalidArgs {
         tool: tool.into(),
@@ -110,13 +133,14 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
-    let parsed = match tool {
-        "exec" => parse(tool, args).map(Parsed::Exec),
-        "read_file" => parse(tool, args).map(Parsed::Read),
-        "write_file" => parse(tool, args).map(Parsed::Write),
-        "edit_file" => parse(tool, args).map(Parsed::Edit),
-        "list_dir" => parse(tool, args).map(Parsed::List),
-        "web_fetch" => parse::<WebFetchArgs>(tool, args).and_then(|a| {
+    let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t));
+    let parsed = match known {
+        Some(Tool::Exec) => parse(tool, args).map(Parsed::Exec),
+        Some(Tool::ReadFile) => parse(tool, args).map(Parsed::Read),
+        Some(Tool::WriteFile) => parse(tool, args).map(Parsed::Write),
+        Some(Tool::EditFile) => parse(tool, args).map(Parsed::Edit),
+        Some(Tool::ListDir) => parse(tool, args).map(Parsed::List),
+        Some(Tool::WebFetch) => parse::<WebFetchArgs>(tool, args).and_then(|a| {
             a.normalize()
                 .map(Parsed::Fetch)
                 .map_err(|e| InvokeError::InvalidArgs {
@@ -124,7 +148,7 @@ pub fn invoke(
                     message: e.to_string(),
                 })
         }),
-        other => Err(InvokeError::UnknownTool(other.to_string())),
+        Some(Tool::SendMessage) | None => Err(InvokeError::UnknownTool(tool.to_string())),
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -160,13 +184,14 @@ pub fn invoke(
             }
         }
     }
-    let mut verdict = gate.check_tool_call(call, tool, &norm, None)?;
+    let tool_id = parsed.tool();
+    let mut verdict = gate.check_tool_call(call, tool_id, &norm, None)?;
     let mut redeemed_id = None;
     if let (Verdict::ApprovalRequired { request_digest, .. }, Some(ap)) = (&verdict, approvals) {
         match ap.redeem(request_digest) {
             Ok(redeemed) => {
                 redeemed_id = Some(redeemed.approval().id.clone());
-                verdict = gate.check_tool_call(call, tool, &norm, Some(&redeemed))?;
+                verdict = gate.check_tool_call(call, tool_id, &norm, Some(&redeemed))?;
             }
             Err(ApprovalError::NotApproved) => {}
             Err(e) => return Err(e.into()),

@@ -25,6 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::gate::Authorized;
+use crate::policy::{Action, Tool};
 use crate::secrets::ToolSecrets;
 
 /// Errors of the tools. Messages say what was refused and why.
@@ -60,7 +61,7 @@ pub enum ToolError {
         source: std::io::Error,
     },
     #[error("the authorization is for `{got}`, not for `{want}`")]
-    WrongAction { want: &'static str, got: String },
+    WrongAction { want: Action, got: Action },
     #[error(
         "the authorization does not cover these `{tool}` arguments; ask the gate for this exact call"
     )]
@@ -669,16 +670,18 @@ impl Sandbox {
 }
 
 /// An `Authorized` is for one action and one exact set of arguments: anything else is refused.
-fn require<A: Serialize>(auth: &Authorized, want: &'static str, args: &A) -> Result<(), ToolError> {
-    if auth.action() != want {
+fn require<A: Serialize>(auth: &Authorized, want: Tool, args: &A) -> Result<(), ToolError> {
+    if auth.action() != want.action() {
         return Err(ToolError::WrongAction {
-            want,
-            got: auth.action().to_string(),
+            want: want.action(),
+            got: auth.action(),
         });
     }
     let value = serde_json::to_value(args).map_err(|e| ToolError::InvalidArgs(e.to_string()))?;
     if !auth.covers_args(&value) {
-        return Err(ToolError::ArgsNotAuthorized { tool: want });
+        return Err(ToolError::ArgsNotAuthorized {
+            tool: want.as_str(),
+        });
     }
     Ok(())
 }
@@ -703,7 +706,7 @@ pub fn exec(
     ws: &Workspace,
     args: &ExecArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "exec", args)?;
+    require(auth, Tool::Exec, args)?;
     if args.argv.is_empty() || args.argv.first().is_some_and(String::is_empty) {
         return Err(ToolError::InvalidArgs("argv must name a program".into()));
     }
@@ -742,7 +745,7 @@ pub fn read_file(
     ws: &Workspace,
     args: &ReadFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "read_file", args)?;
+    require(auth, Tool::ReadFile, args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
         "read_file",
@@ -762,7 +765,7 @@ pub fn write_file(
     ws: &Workspace,
     args: &WriteFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "write_file", args)?;
+    require(auth, Tool::WriteFile, args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper(
         "write_file",
@@ -783,7 +786,7 @@ pub fn edit_file(
     ws: &Workspace,
     args: &EditFileArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "edit_file", args)?;
+    require(auth, Tool::EditFile, args)?;
     if args.old_string.is_empty() {
         return Err(ToolError::InvalidArgs(
             "old_string must not be empty".into(),
@@ -811,7 +814,7 @@ pub fn list_dir(
     ws: &Workspace,
     args: &ListDirArgs,
 ) -> Result<ToolResult, ToolError> {
-    require(auth, "list_dir", args)?;
+    require(auth, Tool::ListDir, args)?;
     let p = ws.resolve(&args.path)?;
     let (v, report) = sb.helper("list_dir", ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
@@ -956,7 +959,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            matches!(e, ToolError::WrongAction { want: "exec", .. }),
+            matches!(
+                e,
+                ToolError::WrongAction {
+                    want: Action::Exec,
+                    got: Action::ReadFile
+                }
+            ),
             "{e}"
         );
     }
