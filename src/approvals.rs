@@ -80,9 +80,11 @@ pub struct Approval {
     pub summary: String,
     /// The normalized arguments the approval is bound to (secrets redacted).
     pub args: Value,
-    /// Every argument as a person sees it (built from `args`); see [`Approval::to_json`].
+    /// Every argument as a person sees it, built from `args` on first use (an agent polling
+    /// an approval does not escape and hash a large stdin every time); see
+    /// [`Approval::presentation`].
     #[serde(skip)]
-    pub presentation: Presentation,
+    presentation: std::sync::OnceLock<Presentation>,
     pub request_digest: String,
     pub status: String,
     pub created_at: String,
@@ -548,6 +550,12 @@ fn shown_args(text: &str) -> Value {
 }
 
 impl Approval {
+    /// Every argument it binds, as a person sees it (built from `args`, once).
+    pub fn presentation(&self) -> &Presentation {
+        self.presentation
+            .get_or_init(|| Presentation::of(&self.tool, &self.args))
+    }
+
     /// The wire form of an approval (WebSocket `approval.requested` and `approvals.list`,
     /// `/tools/invoke`, `chitin approvals list --json`): `{id, code, status, expires_at, tool,
     /// summary, requester, session, request_digest, fields}`, each field abbreviated when
@@ -559,7 +567,7 @@ impl Approval {
             "tool": self.tool, "summary": self.summary, "requester": self.requester,
             "session": self.session, "request_digest": self.request_digest,
             "resolved_by": self.resolved_by,
-            "fields": self.presentation.to_json(full),
+            "fields": self.presentation().to_json(full),
         })
     }
 
@@ -582,7 +590,7 @@ impl Approval {
                 .map(|b| format!("resolved by: {}\n", v(b)))
                 .unwrap_or_default(),
             self.summary,
-            self.presentation.render_full()
+            self.presentation().render_full()
         )
     }
 }
@@ -624,7 +632,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
         code: r.get(1)?,
         requester: r.get(2)?,
         session: r.get(3)?,
-        presentation: Presentation::of(&tool, &args),
+        presentation: std::sync::OnceLock::new(),
         tool,
         summary: r.get(5)?,
         args,

@@ -1207,6 +1207,22 @@ mod tests {
         ] {
             assert!(prepare("approvals.resolve", bad.clone()).is_err(), "{bad}");
         }
+        // An id is an id, a code a code: never taken for one another.
+        match prepare(
+            "approvals.resolve",
+            json!({"id": "ABC123", "decision": "deny"}),
+        ) {
+            Ok(Call::Resolve(crate::approvals::ApprovalRef::Id(i), false)) => {
+                assert_eq!(i, "ABC123")
+            }
+            _ => panic!("an id param is resolved as an id"),
+        }
+        assert!(matches!(
+            prepare("approvals.show", json!({"code": "abc123"})),
+            Ok(Call::Show(crate::approvals::ApprovalRef::Code(c))) if c == "ABC123"
+        ));
+        assert!(prepare("approvals.show", json!({})).is_err());
+        assert!(prepare("approvals.show", json!({"id": "a", "decision": "deny"})).is_err());
     }
 
     #[test]
