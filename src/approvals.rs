@@ -35,6 +35,12 @@ const CODE_LEN: usize = 6;
 pub enum ApprovalError {
     #[error("no approval with code {0}; `chitin approvals list` shows the open ones")]
     NotFound(String),
+    #[error("no approval with id {0}; `chitin approvals list --all` shows them all")]
+    UnknownId(String),
+    #[error(
+        "{0} open approvals have code {1}; resolve by id instead (`chitin approvals list --json` shows the ids)"
+    )]
+    AmbiguousCode(usize, String),
     #[error("approval {code} is already {status}")]
     NotPending { code: String, status: String },
     #[error("approval {0} has expired; the action was refused and must be asked for again")]
@@ -70,9 +76,15 @@ pub struct Approval {
     pub requester: String,
     pub session: String,
     pub tool: String,
-    /// The exact action in plain words.
+    /// The exact action in plain words: every argument, large ones abbreviated.
     pub summary: String,
+    /// The normalized arguments the approval is bound to (secrets redacted).
     pub args: Value,
+    /// Every argument as a person sees it, built from `args` on first use (an agent polling
+    /// an approval does not escape and hash a large stdin every time); see
+    /// [`Approval::presentation`].
+    #[serde(skip)]
+    presentation: std::sync::OnceLock<Presentation>,
     pub request_digest: String,
     pub status: String,
     pub created_at: String,
@@ -133,68 +145,374 @@ fn random_bytes<const N: usize>() -> Result<[u8; N], ApprovalError> {
     Ok(b)
 }
 
-/// The action in plain words: tool, arguments, paths and hosts, nothing elided that matters.
+/// The action in plain words: every argument the approval binds, large values abbreviated
+/// (size, SHA-256, head and tail). Same as `Presentation::of(tool, args).summary()`.
 pub fn describe(tool: &str, args: &Value) -> String {
-    let s = |k: &str| visible(args.get(k).and_then(Value::as_str).unwrap_or(""));
-    match tool {
-        "exec" => {
-            let argv: Vec<String> = args
-                .get("argv")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .map(|x| x.as_str().map_or_else(|| x.to_string(), shell_word))
-                        .collect()
-                })
-                .unwrap_or_default();
-            let mut out = format!("run `{}`", argv.join(" "));
-            if !s("cwd").is_empty() {
-                out.push_str(&format!(" in {}", s("cwd")));
-            }
-            if let Some(net) = args
-                .get("network")
-                .and_then(Value::as_array)
-                .filter(|n| !n.is_empty())
-            {
-                let hosts: Vec<String> =
-                    net.iter().filter_map(Value::as_str).map(visible).collect();
-                out.push_str(&format!(" with network access to {}", hosts.join(", ")));
-            }
-            out
+    Presentation::of(tool, args).summary()
+}
+
+// ---- what a person sees: the approval presentation -----------------------------------------
+
+/// Text values longer than this (bytes) are abbreviated (size, SHA-256, head and tail) in
+/// summaries, events and lists; `chitin approvals show` and the web page show them whole.
+pub const ABBREVIATE_ABOVE: usize = 512;
+/// How many characters of the head and of the tail an abbreviated value shows.
+pub const HEAD_TAIL_CHARS: usize = 96;
+
+/// What kind of JSON leaf a field is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldKind {
+    Text,
+    Number,
+    Boolean,
+    Null,
+    EmptyList,
+    EmptyObject,
+}
+
+/// One leaf of the normalized arguments an approval is bound to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Field {
+    /// Where it is in the arguments, as a JSON pointer (`/argv/0`, `/stdin`).
+    pub path: String,
+    /// The name people read (`argv[0]`, `stdin`, `headers.accept`), escaped.
+    pub label: String,
+    pub kind: FieldKind,
+    /// The whole value, escaped ([`exact`]): text without quotes, anything else as JSON.
+    pub value: String,
+    /// Size of the value in bytes (UTF-8, before escaping).
+    pub bytes: usize,
+    /// SHA-256 (hex) of those bytes.
+    pub sha256: String,
+    /// The first and last [`HEAD_TAIL_CHARS`] characters, escaped (text only).
+    head: String,
+    tail: String,
+}
+
+impl Field {
+    fn new(path: String, label: String, v: &Value) -> Self {
+        use sha2::Digest as _;
+        let (kind, raw) = match v {
+            Value::String(s) => (FieldKind::Text, s.clone()),
+            Value::Number(n) => (FieldKind::Number, n.to_string()),
+            Value::Bool(b) => (FieldKind::Boolean, b.to_string()),
+            Value::Null => (FieldKind::Null, "null".to_string()),
+            Value::Array(_) => (FieldKind::EmptyList, "[]".to_string()),
+            Value::Object(_) => (FieldKind::EmptyObject, "{}".to_string()),
+        };
+        let n = raw.chars().count();
+        let head: String = raw.chars().take(HEAD_TAIL_CHARS).collect();
+        let tail: String = raw
+            .chars()
+            .skip(n.saturating_sub(HEAD_TAIL_CHARS))
+            .collect();
+        Self {
+            path,
+            label,
+            kind,
+            value: exact(&raw),
+            bytes: raw.len(),
+            sha256: hex(&sha2::Sha256::digest(raw.as_bytes())),
+            head: exact(&head),
+            tail: exact(&tail),
         }
-        "write_file" => format!(
-            "write {} bytes to {}",
-            args.get("content")
-                .and_then(Value::as_str)
-                .map_or(0, str::len),
-            s("path")
-        ),
-        "edit_file" => format!(
-            "edit {}: replace {:?} with {:?}",
-            s("path"),
-            s("old_string"),
-            s("new_string")
-        ),
-        "read_file" => format!("read {}", s("path")),
-        "list_dir" => format!("list {}", s("path")),
-        "send_message" => format!("send a message to {} on {}", s("target"), s("channel")),
-        "web_fetch" => format!("{} {}", s("method"), s("url")),
-        other => visible(&format!("{other} {args}")),
+    }
+
+    /// Whether the value is shown abbreviated outside the full views.
+    pub fn is_large(&self) -> bool {
+        self.bytes > ABBREVIATE_ABOVE
+    }
+
+    /// The value as a summary shows it: text quoted (or abbreviated when large), anything
+    /// else as JSON.
+    pub fn short(&self) -> String {
+        match self.kind {
+            FieldKind::Text if self.is_large() => format!(
+                "{} bytes, sha256 {}, \"{}\" … \"{}\"",
+                self.bytes,
+                self.sha256,
+                self.head.replace('"', "\\\""),
+                self.tail.replace('"', "\\\"")
+            ),
+            FieldKind::Text => format!("\"{}\"", self.value.replace('"', "\\\"")),
+            _ => self.value.clone(),
+        }
+    }
+
+    /// A bare word when the value is short plain text (`notes.md`, `example.com:443`),
+    /// otherwise [`Field::short`].
+    fn word(&self) -> String {
+        if self.kind == FieldKind::Text
+            && !self.value.is_empty()
+            && !self.is_large()
+            && self
+                .value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%~".contains(c))
+        {
+            self.value.clone()
+        } else {
+            self.short()
+        }
+    }
+
+    /// The wire form: `{path, label, kind, bytes, sha256, complete, value}` when the value is
+    /// small or `full`, else `{..., complete: false, head, tail}` (the full text through
+    /// `approvals.show` / `chitin approvals show`).
+    pub fn to_json(&self, full: bool) -> Value {
+        let mut o = json!({
+            "path": self.path, "label": self.label, "kind": self.kind,
+            "bytes": self.bytes, "sha256": self.sha256,
+        });
+        if let Value::Object(m) = &mut o {
+            if full || !self.is_large() {
+                m.insert("complete".into(), json!(true));
+                m.insert("value".into(), json!(self.value));
+            } else {
+                m.insert("complete".into(), json!(false));
+                m.insert("head".into(), json!(self.head));
+                m.insert("tail".into(), json!(self.tail));
+            }
+        }
+        o
     }
 }
 
-fn shell_word(s: &str) -> String {
-    if !s.is_empty()
-        && s.chars()
+/// Everything an approval binds, as a person sees it: one [`Field`] for every leaf of the
+/// normalized arguments the request digest covers (`gate::request_digest_with`), built once,
+/// from those arguments, for every place an approval is shown (summary, WebSocket event, web
+/// page, CLI, `/tools/invoke`). Nothing can be bound without being shown: the fields are the
+/// arguments, leaf for leaf.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Presentation {
+    pub tool: String,
+    pub fields: Vec<Field>,
+}
+
+/// The arguments shown first, in this order, per tool (the rest follow in key order).
+fn preferred(tool: &str) -> &'static [&'static str] {
+    match tool {
+        "exec" => &["argv", "cwd", "network", "env", "stdin", "timeout_secs"],
+        "write_file" => &["path", "create_dirs", "content"],
+        "edit_file" => &["path", "replace_all", "old_string", "new_string"],
+        "web_fetch" => &["method", "url", "headers", "body"],
+        "send_message" => &["channel", "target"],
+        _ => &["path"],
+    }
+}
+
+/// `~` and `/` escaped as in a JSON pointer.
+fn pointer_token(k: &str) -> String {
+    k.replace('~', "~0").replace('/', "~1")
+}
+
+fn walk(v: &Value, path: &str, label: &str, out: &mut Vec<Field>) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, x) in m {
+                let l = if label.is_empty() {
+                    exact(k)
+                } else {
+                    format!("{label}.{}", exact(k))
+                };
+                walk(x, &format!("{path}/{}", pointer_token(k)), &l, out);
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            for (i, x) in a.iter().enumerate() {
+                walk(x, &format!("{path}/{i}"), &format!("{label}[{i}]"), out);
+            }
+        }
+        leaf => out.push(Field::new(
+            path.to_string(),
+            if label.is_empty() {
+                "arguments".into()
+            } else {
+                label.to_string()
+            },
+            leaf,
+        )),
+    }
+}
+
+impl Presentation {
+    /// The presentation of a call of `tool` with these (normalized) arguments.
+    pub fn of(tool: &str, args: &Value) -> Self {
+        let mut fields = Vec::new();
+        match args {
+            Value::Object(m) if !m.is_empty() => {
+                let first = preferred(tool);
+                let mut keys: Vec<&String> = m.keys().collect();
+                keys.sort_by_key(|k| {
+                    (
+                        first.iter().position(|p| p == k).unwrap_or(first.len()),
+                        k.as_str(),
+                    )
+                });
+                for k in keys {
+                    if let Some(v) = m.get(k) {
+                        walk(v, &format!("/{}", pointer_token(k)), &exact(k), &mut fields);
+                    }
+                }
+            }
+            other => walk(other, "", "", &mut fields),
+        }
+        Self {
+            tool: tool.to_string(),
+            fields,
+        }
+    }
+
+    fn at(&self, path: &str) -> Option<&Field> {
+        self.fields.iter().find(|f| f.path == path)
+    }
+
+    fn under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a Field> + 'a {
+        self.fields.iter().filter(move |f| {
+            f.path == prefix
+                || f.path
+                    .strip_prefix(prefix)
+                    .is_some_and(|r| r.starts_with('/'))
+        })
+    }
+
+    /// One line: what the call does, then every other argument (`; label: value`), large
+    /// values abbreviated. Only nulls and `false` flags are left out (they change nothing).
+    pub fn summary(&self) -> String {
+        let mut used: Vec<&str> = Vec::new();
+        let mut word = |p: &'static str| -> String {
+            match self.at(p) {
+                Some(f) if f.kind == FieldKind::Text => {
+                    used.push(p);
+                    f.word()
+                }
+                _ => String::new(),
+            }
+        };
+        let mut out = match self.tool.as_str() {
+            "exec" => String::new(),
+            "write_file" => format!("write {}", word("/path")),
+            "edit_file" => format!("edit {}", word("/path")),
+            "read_file" => format!("read {}", word("/path")),
+            "list_dir" => format!("list {}", word("/path")),
+            "send_message" => {
+                let t = word("/target");
+                format!("send a message to {t} on {}", word("/channel"))
+            }
+            "web_fetch" => {
+                let m = word("/method");
+                format!("{m} {}", word("/url"))
+            }
+            other => exact(other),
+        };
+        if self.tool == "exec" {
+            let argv: Vec<&Field> = self.under("/argv").collect();
+            let words: Vec<String> = argv
+                .iter()
+                .map(|f| match f.kind {
+                    FieldKind::Text if f.is_large() => format!("⟨{}⟩", f.short()),
+                    FieldKind::Text => shell_word_exact(&f.value),
+                    _ => f.value.clone(),
+                })
+                .collect();
+            used.extend(argv.iter().map(|f| f.path.as_str()));
+            out = format!("run `{}`", words.join(" "));
+            if let Some(f) = self.at("/cwd").filter(|f| f.kind == FieldKind::Text) {
+                out.push_str(&format!(" in {}", f.word()));
+                used.push("/cwd");
+            }
+            let net: Vec<&Field> = self
+                .under("/network")
+                .filter(|f| f.kind == FieldKind::Text)
+                .collect();
+            if !net.is_empty() {
+                let hosts: Vec<String> = net.iter().map(|f| f.word()).collect();
+                out.push_str(&format!(" with network access to {}", hosts.join(", ")));
+                used.extend(net.iter().map(|f| f.path.as_str()));
+            }
+        }
+        for f in &self.fields {
+            if used.contains(&f.path.as_str())
+                || f.kind == FieldKind::Null
+                || (f.kind == FieldKind::Boolean && f.value == "false")
+            {
+                continue;
+            }
+            out.push_str(&format!("; {}: {}", f.label, f.short()));
+        }
+        out
+    }
+
+    /// Every field in full, one per line (text split after each newline, every line marked
+    /// `  | ` so no value can pass for another field), for `chitin approvals show`.
+    pub fn render_full(&self) -> String {
+        let mut out = String::new();
+        for f in &self.fields {
+            match f.kind {
+                FieldKind::Text => {
+                    out.push_str(&format!(
+                        "{} ({} bytes, sha256 {}):\n",
+                        f.label, f.bytes, f.sha256
+                    ));
+                    for line in escaped_lines(&f.value) {
+                        out.push_str("  | ");
+                        out.push_str(line);
+                        out.push('\n');
+                    }
+                }
+                _ => out.push_str(&format!("{}: {}\n", f.label, f.value)),
+            }
+        }
+        out
+    }
+
+    /// The fields' wire forms (see [`Field::to_json`]).
+    pub fn to_json(&self, full: bool) -> Value {
+        Value::Array(self.fields.iter().map(|f| f.to_json(full)).collect())
+    }
+}
+
+/// An [`exact`]-escaped text cut after each escaped newline (`\n`, not a literal `\\n`).
+fn escaped_lines(escaped: &str) -> Vec<&str> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    let mut it = escaped.char_indices();
+    while let Some((_, c)) = it.next() {
+        if c == '\\'
+            && let Some((j, n)) = it.next()
+            && n == 'n'
+        {
+            lines.push(&escaped[start..j + 1]);
+            start = j + 1;
+        }
+    }
+    if start < escaped.len() || lines.is_empty() {
+        lines.push(&escaped[start..]);
+    }
+    lines
+}
+
+/// A shell word of an already [`exact`]-escaped text.
+fn shell_word_exact(escaped: &str) -> String {
+    if !escaped.is_empty()
+        && escaped
+            .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
     {
-        s.to_string()
-    } else if s.chars().any(is_deceptive) {
-        // Bash's $'...' quoting with every control/format character escaped.
-        format!("$'{}'", visible(s).replace('\'', "\\'"))
+        escaped.to_string()
+    } else if escaped.contains('\\') {
+        // Bash's $'...' quoting: the escapes read as what they stand for.
+        format!("$'{}'", escaped.replace('\'', "\\'"))
     } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
+        format!("'{}'", escaped.replace('\'', "'\\''"))
     }
+}
+
+/// [`visible`], and a backslash doubled, so that two different texts never look the same
+/// (a literal `\n` shows as `\\n`, a newline as `\n`).
+pub fn exact(s: &str) -> String {
+    visible(&s.replace('\\', "\\\\"))
 }
 
 /// Characters that can make a summary show something other than what it says: C0/C1
@@ -226,17 +544,98 @@ pub fn visible(s: &str) -> String {
 
 const COLUMNS: &str = "id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by";
 
+/// The stored (redacted) arguments; text that is not JSON is shown as it is.
+fn shown_args(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+impl Approval {
+    /// Every argument it binds, as a person sees it (built from `args`, once).
+    pub fn presentation(&self) -> &Presentation {
+        self.presentation
+            .get_or_init(|| Presentation::of(&self.tool, &self.args))
+    }
+
+    /// The wire form of an approval (WebSocket `approval.requested` and `approvals.list`,
+    /// `/tools/invoke`, `chitin approvals list --json`): `{id, code, status, expires_at, tool,
+    /// summary, requester, session, request_digest, fields}`, each field abbreviated when
+    /// large unless `full` (`approvals.show`, `chitin approvals show`).
+    pub fn to_json(&self, full: bool) -> Value {
+        json!({
+            "id": self.id, "code": self.code, "status": self.status,
+            "created_at": self.created_at, "expires_at": self.expires_at,
+            "tool": self.tool, "summary": self.summary, "requester": self.requester,
+            "session": self.session, "request_digest": self.request_digest,
+            "resolved_by": self.resolved_by,
+            "fields": self.presentation().to_json(full),
+        })
+    }
+
+    /// Everything, in full and escaped, for a person at a terminal.
+    pub fn render_full(&self) -> String {
+        let v = visible;
+        format!(
+            "approval {} (code {})\nstatus: {}\ntool: {}\nrequested by: {}\nsession: {}\ncreated: {}\nexpires: {}\nrequest digest: {}\n{}summary: {}\n\narguments:\n{}",
+            v(&self.id),
+            v(&self.code),
+            v(&self.status),
+            v(&self.tool),
+            v(&self.requester),
+            v(&self.session),
+            self.created_at,
+            self.expires_at,
+            self.request_digest,
+            self.resolved_by
+                .as_deref()
+                .map(|b| format!("resolved by: {}\n", v(b)))
+                .unwrap_or_default(),
+            self.summary,
+            self.presentation().render_full()
+        )
+    }
+}
+
+/// Which approval a person means: an id (32 hex digits) or a code (6 letters and digits).
+/// The two cannot be confused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApprovalRef {
+    Id(String),
+    Code(String),
+}
+
+impl ApprovalRef {
+    /// The code or id.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Id(s) | Self::Code(s) => s,
+        }
+    }
+
+    /// Reads a code or an id as a person typed it.
+    pub fn parse(s: &str) -> Self {
+        let t = s.trim();
+        if t.len() == 32 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Self::Id(t.to_ascii_lowercase())
+        } else {
+            Self::Code(t.to_ascii_uppercase())
+        }
+    }
+}
+
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
     let args: String = r.get(6)?;
     let digest: Vec<u8> = r.get(7)?;
+    let tool: String = r.get(4)?;
+    let args = shown_args(&args);
     Ok(Approval {
         id: r.get(0)?,
         code: r.get(1)?,
         requester: r.get(2)?,
         session: r.get(3)?,
-        tool: r.get(4)?,
+        presentation: std::sync::OnceLock::new(),
+        tool,
         summary: r.get(5)?,
-        args: serde_json::from_str(&args).unwrap_or(Value::Null),
+        args,
         request_digest: hex(&digest),
         status: r.get(8)?,
         created_at: rfc3339(r.get(9)?),
@@ -274,8 +673,9 @@ impl Approvals {
     ) -> Result<Approval, ApprovalError> {
         let now = self.clock.now_ms();
         let id = hex(&random_bytes::<16>()?);
-        let summary = self.gate.redact(&describe(tool, args));
+        // What is shown is built from exactly the arguments stored (secrets redacted).
         let args_text = self.gate.redact(&args.to_string());
+        let summary = Presentation::of(tool, &shown_args(&args_text)).summary();
         let expires = now.saturating_add(self.ttl_ms);
         let mut conn = self.store.conn()?;
         let tx = conn.transaction()?;
@@ -318,12 +718,16 @@ impl Approvals {
         )?;
         tx.commit()?;
         drop(conn);
-        self.by_code(&code)
+        self.by_id(&id)
     }
 
     /// One approval by id (after expiring the ones that are due).
     pub fn get(&self, id: &str) -> Result<Approval, ApprovalError> {
         self.expire_due()?;
+        self.by_id(id)
+    }
+
+    fn by_id(&self, id: &str) -> Result<Approval, ApprovalError> {
         let conn = self.store.conn()?;
         conn.query_row(
             &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
@@ -331,20 +735,41 @@ impl Approvals {
             row,
         )
         .optional()?
-        .ok_or_else(|| ApprovalError::NotFound(id.into()))
+        .ok_or_else(|| ApprovalError::UnknownId(visible(id)))
     }
 
-    fn by_code(&self, code: &str) -> Result<Approval, ApprovalError> {
-        let conn = self.store.conn()?;
-        conn.query_row(
-            &format!(
-                "SELECT {COLUMNS} FROM approvals WHERE code = ?1 ORDER BY created_ms DESC LIMIT 1"
-            ),
-            [code],
-            row,
-        )
-        .optional()?
-        .ok_or_else(|| ApprovalError::NotFound(code.into()))
+    /// The approval a code or id names (after expiring the ones that are due). An id names
+    /// exactly that approval. A code names the open approval with that code (codes are unique
+    /// among open approvals; two would be refused as ambiguous), else the newest one that
+    /// had it (so the answer can say it is already resolved).
+    pub fn find(&self, key: &ApprovalRef) -> Result<Approval, ApprovalError> {
+        self.expire_due()?;
+        match key {
+            ApprovalRef::Id(id) => self.by_id(id),
+            ApprovalRef::Code(code) => {
+                let conn = self.store.conn()?;
+                let mut st = conn.prepare(&format!(
+                    "SELECT {COLUMNS} FROM approvals WHERE code = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC"
+                ))?;
+                let mut open: Vec<Approval> =
+                    st.query_map([code], row)?.collect::<Result<_, _>>()?;
+                if open.len() > 1 {
+                    return Err(ApprovalError::AmbiguousCode(open.len(), visible(code)));
+                }
+                if let Some(a) = open.pop() {
+                    return Ok(a);
+                }
+                conn.query_row(
+                    &format!(
+                        "SELECT {COLUMNS} FROM approvals WHERE code = ?1 ORDER BY created_ms DESC LIMIT 1"
+                    ),
+                    [code],
+                    row,
+                )
+                .optional()?
+                .ok_or_else(|| ApprovalError::NotFound(visible(code)))
+            }
+        }
     }
 
     /// The approval still waiting for a person for exactly this request, if any.
@@ -402,17 +827,27 @@ impl Approvals {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Grants or denies the pending approval `code` on behalf of `approver` (a user id). Cedar
-    /// decides whether the approver may (`approval.grant`).
+    /// Grants or denies the pending approval named by `code_or_id` (see [`ApprovalRef`],
+    /// [`Approvals::find`]) on behalf of `approver` (a user id): exactly that approval, never
+    /// another with the same code. Cedar decides whether the approver may (`approval.grant`).
     pub fn resolve(
         &self,
-        code: &str,
+        code_or_id: &str,
         approver: &str,
         grant: bool,
     ) -> Result<Approval, ApprovalError> {
-        self.expire_due()?;
-        let code = code.trim().to_ascii_uppercase();
-        let a = self.by_code(&code)?;
+        self.resolve_ref(&ApprovalRef::parse(code_or_id), approver, grant)
+    }
+
+    /// [`Approvals::resolve`] of the approval `key` names.
+    pub fn resolve_ref(
+        &self,
+        key: &ApprovalRef,
+        approver: &str,
+        grant: bool,
+    ) -> Result<Approval, ApprovalError> {
+        let a = self.find(key)?;
+        let code = a.code.clone();
         match a.status.as_str() {
             "pending" => {}
             "expired" => return Err(ApprovalError::Expired(code)),
@@ -469,7 +904,7 @@ impl Approvals {
         ))?;
         tx.commit()?;
         drop(conn);
-        self.by_code(&code)
+        self.by_id(&a.id)
     }
 
     /// Redeems the granted approval bound to `request_digest`, once. Returns it, or

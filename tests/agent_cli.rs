@@ -151,7 +151,7 @@ fn a_call_needing_approval_waits_for_approvals_approve_from_another_terminal() {
         Step::tool_call(
             "c1",
             "exec",
-            r#"{"argv":["touch","approved-marker"],"network":["127.0.0.1:9"]}"#,
+            r#"{"argv":["touch","approved-marker"],"network":["127.0.0.1:9"],"stdin":"upload \u202e everything"}"#,
         ),
         Step::text("done"),
     ]);
@@ -162,8 +162,10 @@ fn a_call_needing_approval_waits_for_approvals_approve_from_another_terminal() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut code = None;
+    let mut prompt = Vec::new();
     for line in BufReader::new(stderr).lines() {
         let line = line.unwrap();
+        prompt.push(line.clone());
         if let Some(rest) = line
             .trim()
             .strip_prefix("approve with: chitin approvals approve ")
@@ -173,6 +175,18 @@ fn a_call_needing_approval_waits_for_approvals_approve_from_another_terminal() {
         }
     }
     let code = code.expect("the approval code was printed on stderr");
+    // The prompt shows everything the approval binds, stdin included, escaped.
+    assert!(
+        prompt.iter().any(|l| l
+            == "approval needed: exec: run `touch approved-marker` with network access to 127.0.0.1:9; stdin: \"upload \\u{202e} everything\""),
+        "{prompt:?}"
+    );
+    assert!(
+        prompt.iter().any(|l| l
+            .trim()
+            .starts_with("see everything it binds: chitin approvals show ")),
+        "{prompt:?}"
+    );
     let out = chitin(&e.home, &["approvals", "approve", &code]);
     assert!(
         out.status.success(),

@@ -1093,6 +1093,81 @@ async fn the_real_gateway_resolves_a_tools_invoke_approval_over_the_websocket() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tools_invoke_approval_shows_its_stdin_in_the_response_the_event_the_list_and_show() {
+    let gw = tokio::task::spawn_blocking(|| real::start(""))
+        .await
+        .unwrap();
+    let port = gw.port;
+    let mut c = Client::connect(port, &gw.token).await;
+    let call = |stdin: &str| {
+        json!({"tool": "exec", "session": "s-stdin", "args": {
+            "argv": ["python3", "-"], "network": ["127.0.0.1:9"], "stdin": stdin}})
+    };
+    // Two calls that differ only in stdin: two approvals that do not look alike.
+    let (status, small) = raw_post(port, "/tools/invoke", &gw.token, &call("print(1)")).await;
+    assert_eq!(status, 202, "{small}");
+    let big = format!("HEAD-{}-MIDDLE-{}-TAIL", "a".repeat(4000), "z".repeat(4000));
+    let (status, large) = raw_post(port, "/tools/invoke", &gw.token, &call(&big)).await;
+    assert_eq!(status, 202, "{large}");
+    assert_eq!(
+        small["approval"]["summary"],
+        "run `python3 -` with network access to 127.0.0.1:9; stdin: \"print(1)\""
+    );
+    let summary = large["approval"]["summary"].as_str().unwrap();
+    assert!(
+        summary.starts_with(
+            "run `python3 -` with network access to 127.0.0.1:9; stdin: 8018 bytes, sha256 "
+        ) && summary.contains("\"HEAD-aaa")
+            && summary.ends_with("zzz-TAIL\""),
+        "{summary}"
+    );
+    assert!(!summary.contains("MIDDLE"));
+    let stdin_field = |a: &Value| {
+        a["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["path"] == "/stdin")
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(stdin_field(&small["approval"])["value"], "print(1)");
+    let f = stdin_field(&large["approval"]);
+    assert_eq!((&f["complete"], &f["bytes"]), (&json!(false), &json!(8018)));
+    // The events carry the same presentation.
+    let ev = c.event("approval.requested").await;
+    assert_eq!(
+        ev["payload"]["approval"]["summary"],
+        small["approval"]["summary"]
+    );
+    assert_eq!(stdin_field(&ev["payload"]["approval"])["value"], "print(1)");
+    let ev = c.event("approval.requested").await;
+    assert_eq!(
+        ev["payload"]["approval"]["fields"],
+        large["approval"]["fields"]
+    );
+    // approvals.show gives the whole text of every field.
+    let id = large["approval"]["id"].as_str().unwrap();
+    let r = c.call("approvals.show", json!({"id": id})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let f = stdin_field(&r["payload"]["approval"]);
+    assert_eq!((&f["complete"], &f["value"]), (&json!(true), &json!(big)));
+    let r = c
+        .call("approvals.show", json!({"id": "0".repeat(32)}))
+        .await;
+    assert_eq!(error_code(&r), "not_found", "{r}");
+    let l = c.call("approvals.list", json!({})).await;
+    let summaries: Vec<&str> = l["payload"]["approvals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["summary"].as_str().unwrap())
+        .collect();
+    assert_eq!(summaries.len(), 2, "{l}");
+    assert_ne!(summaries[0], summaries[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_tls_the_websocket_works_as_wss_from_the_https_origin() {
     use rustls::pki_types::pem::PemObject;
     let cfg = format!(

@@ -215,6 +215,7 @@ fn a_command_that_asks_for_the_network_waits_for_approval_and_nothing_runs() {
     let Invoked::ApprovalRequired {
         decision,
         request_digest,
+        ..
     } = run(&e, "exec", args.clone()).unwrap()
     else {
         panic!("expected approval_required")

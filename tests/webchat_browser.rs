@@ -457,13 +457,19 @@ async fn open_page(cdp: &mut Cdp, port: u16, token: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_gateway_streams_the_agents_reply_and_runs_a_call_after_approval_in_the_page() {
     use chitin::providers::testing::{FakeOpenAi, Reply, Step as ModelStep};
+    // What the call binds includes a stdin too large to show inline, with a bidi override.
+    let stdin = format!(
+        "BEGIN\u{202e}{}MIDDLE-MARKER{}END",
+        "y".repeat(3000),
+        "z".repeat(3000)
+    );
+    let call =
+        json!({"argv": ["touch", "browser-marker"], "network": ["127.0.0.1:9"], "stdin": stdin})
+            .to_string();
     let fake = FakeOpenAi::start(vec![
-        ModelStep::Reply(Reply::text(["Creating ", "the ", "marker."]).tool_call(
-            "c1",
-            "exec",
-            r#"{"argv":["touch","browser-marker"],"network":["127.0.0.1:9"]}"#,
-            2,
-        )),
+        ModelStep::Reply(
+            Reply::text(["Creating ", "the ", "marker."]).tool_call("c1", "exec", &call, 2),
+        ),
         ModelStep::Reply(Reply::text([" All ", "done."])),
     ])
     .await
@@ -494,6 +500,49 @@ async fn the_real_gateway_streams_the_agents_reply_and_runs_a_call_after_approva
         summary.as_str().unwrap().contains("127.0.0.1:9"),
         "{summary}"
     );
+    // Every bound argument is on the page, labelled; the large stdin abbreviated (size,
+    // sha256, head and tail), escaped, with its full text one click away.
+    let fields = cdp
+        .eval(
+            "Array.from(document.querySelectorAll('.approval .fields dt')).map(d => d.textContent)",
+        )
+        .await;
+    assert_eq!(
+        fields,
+        json!([
+            "argv[0]",
+            "argv[1]",
+            "cwd",
+            "network[0]",
+            "stdin",
+            "timeout_secs"
+        ])
+    );
+    let shown = cdp
+        .eval("(() => { const v = document.querySelectorAll('.approval .field-value'); const m = document.querySelectorAll('.approval .field-meta'); return [v[4].textContent, m[4].textContent, v[4].dataset.complete]; })()")
+        .await;
+    let (text, meta) = (shown[0].as_str().unwrap(), shown[1].as_str().unwrap());
+    assert!(
+        text.starts_with("BEGIN\\u{202e}yyy") && text.ends_with("zzzEND"),
+        "{text}"
+    );
+    assert!(!text.contains("MIDDLE-MARKER") && !text.contains('\u{202e}'));
+    assert!(
+        meta.starts_with("6024 bytes, sha256 ") && meta.ends_with("(abbreviated)"),
+        "{meta}"
+    );
+    assert_eq!(shown[2], "false");
+    cdp.eval("document.querySelector('.approval button.show-full').click(); true")
+        .await;
+    cdp.wait_for(
+        "document.querySelectorAll('.approval .field-value')[4].dataset.complete === 'true'",
+        "the full text",
+    )
+    .await;
+    let full = cdp
+        .eval("document.querySelectorAll('.approval .field-value')[4].textContent")
+        .await;
+    assert_eq!(full, json!(chitin::approvals::exact(&stdin)));
     assert!(!gw.workspace().join("browser-marker").exists());
     cdp.eval("document.querySelector('.approval button.approve').click(); true")
         .await;

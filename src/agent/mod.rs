@@ -1356,9 +1356,10 @@ impl Run {
                 Ok(Invoked::ApprovalRequired {
                     decision,
                     request_digest,
+                    args: bound,
                 }) => {
                     match self
-                        .await_approval(c, &args, request_digest, waited_for.is_some())
+                        .await_approval(c, &bound, request_digest, waited_for.is_some())
                         .await?
                     {
                         ApprovalOutcome::Granted(id) => {
@@ -1448,8 +1449,7 @@ impl Run {
             .await;
         self.emit(
             "approval.requested",
-            json!({"approval": {"id": approval.id, "code": approval.code, "expires_at": approval.expires_at,
-                                 "tool": approval.tool, "summary": approval.summary}}),
+            json!({ "approval": approval.to_json(false) }),
         );
         let started = tokio::time::Instant::now();
         let mut resolved_by: Option<String> = None;

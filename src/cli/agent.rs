@@ -191,9 +191,10 @@ pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {
                             let a = &e.payload["approval"];
                             let v = |k: &str| crate::approvals::visible(a[k].as_str().unwrap_or(""));
                             eprintln!(
-                                "approval needed: {}: {}\n  approve with: chitin approvals approve {}   (expires {})",
+                                "approval needed: {}: {}\n  see everything it binds: chitin approvals show {}\n  approve with: chitin approvals approve {}   (expires {})",
                                 v("tool"),
                                 v("summary"),
+                                v("id"),
                                 v("code"),
                                 v("expires_at")
                             );

@@ -1,4 +1,4 @@
-//! `chitin approvals list | approve CODE | deny CODE`.
+//! `chitin approvals list | show CODE|ID | approve CODE|ID | deny CODE|ID`.
 
 use std::process::ExitCode;
 
@@ -16,15 +16,26 @@ pub enum ApprovalsCmd {
         #[arg(long)]
         all: bool,
     },
-    /// Grant the approval with this code (single use, for exactly the request it names).
+    /// Everything one approval binds, every argument in full and escaped (control and bidi
+    /// characters made visible).
+    Show {
+        /// The approval's code or id (an id names exactly one approval).
+        #[arg(value_name = "CODE|ID")]
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grant the approval with this code or id (single use, for exactly the request it names).
     Approve {
+        #[arg(value_name = "CODE|ID")]
         code: String,
         /// The user approving (Cedar decides whether they may: `approval.grant`)
         #[arg(long = "as", value_name = "USER", default_value = "owner")]
         as_user: String,
     },
-    /// Deny the approval with this code; the action is refused.
+    /// Deny the approval with this code or id; the action is refused.
     Deny {
+        #[arg(value_name = "CODE|ID")]
         code: String,
         #[arg(long = "as", value_name = "USER", default_value = "owner")]
         as_user: String,
@@ -32,17 +43,19 @@ pub enum ApprovalsCmd {
 }
 
 /// One approval per line; every field a requester chose is escaped so no control or bidi
-/// character can rewrite what the operator sees.
+/// character can rewrite what the operator sees. The summary names every argument (large
+/// ones abbreviated); `chitin approvals show` prints them whole.
 fn line(a: &Approval) -> String {
     let v = crate::approvals::visible;
     format!(
-        "{}  {:<8}  expires {}  {}: {}  (requested by {})",
+        "{}  {:<8}  expires {}  {}: {}  (requested by {}; id {})",
         a.code,
         a.status,
         a.expires_at,
         v(&a.tool),
         v(&a.summary),
-        v(&a.requester)
+        v(&a.requester),
+        v(&a.id)
     )
 }
 
@@ -53,6 +66,7 @@ pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
         ApprovalsCmd::List { json, all } => {
             let list = approvals.list(all)?;
             if json {
+                let list: Vec<serde_json::Value> = list.iter().map(|a| a.to_json(false)).collect();
                 println!("{}", serde_json::to_string(&list)?);
             } else if list.is_empty() {
                 println!("no {}approvals", if all { "" } else { "open " });
@@ -60,6 +74,14 @@ pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
                 for a in &list {
                     println!("{}", line(a));
                 }
+            }
+        }
+        ApprovalsCmd::Show { key, json } => {
+            let a = approvals.find(&crate::approvals::ApprovalRef::parse(&key))?;
+            if json {
+                println!("{}", serde_json::to_string(&a.to_json(true))?);
+            } else {
+                print!("{}", a.render_full());
             }
         }
         ApprovalsCmd::Approve { code, as_user } => {

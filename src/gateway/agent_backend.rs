@@ -220,13 +220,21 @@ impl ChatBackend for AgentBackend {
         self.desk.pending(user)
     }
 
+    fn approval(
+        &self,
+        user: &str,
+        key: &crate::approvals::ApprovalRef,
+    ) -> BoxFut<'_, Result<Value, BackendError>> {
+        self.desk.show(user, key)
+    }
+
     fn resolve_approval(
         &self,
         user: &str,
-        code_or_id: &str,
+        key: &crate::approvals::ApprovalRef,
         grant: bool,
     ) -> BoxFut<'_, Result<Value, BackendError>> {
-        self.desk.resolve(user, code_or_id, grant)
+        self.desk.resolve(user, key, grant)
     }
 
     fn subscribe(&self) -> broadcast::Receiver<BackendEvent> {

@@ -23,6 +23,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::approvals::ApprovalRef;
+
 /// A boxed future, the return type of the async backend methods (object-safe without a
 /// macro crate).
 pub type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -44,8 +46,9 @@ pub struct RunStarted {
 /// - `tool.end`: `{run_id, session, call_id, tool, decision, outcome, policies}` with
 ///   `decision` one of `allow`, `deny`, `approval_required`, `invalid`; `outcome` a short
 ///   string or object describing what happened; `policies` the determining policy ids
-/// - `approval.requested`: `{run_id, session, approval: {id, code, expires_at, tool, summary}}`
-///   (`run_id` null when `/tools/invoke` opened it)
+/// - `approval.requested`: `{run_id, session, approval: {id, code, expires_at, tool, summary,
+///   fields?, ...}}` (`run_id` null when `/tools/invoke` opened it; `fields` every argument the
+///   approval binds, see `Approval::to_json`)
 /// - `approval.resolved`: `{approval_id, code, granted, by}`
 /// - `run.finished`: `{run_id, session, status, reply?, error?}` with `status` one of
 ///   `completed`, `failed`, `cancelled`, `timeout`
@@ -154,8 +157,9 @@ impl BackendError {
 /// - `history`: `{session, messages: [{role: "user"|"assistant"|"tool", text, at?, run_id?}]}`,
 ///   oldest first, at most `limit` (the most recent ones)
 /// - `sessions`: `{sessions: [{session, title?, updated_at?, runs?}]}`
-/// - `approvals`: `{approvals: [{id, code, expires_at, tool, summary, session?, run_id?}]}`
-///   (pending ones of this user)
+/// - `approvals`: `{approvals: [{id, code, expires_at, tool, summary, fields?, session?,
+///   run_id?}]}` (pending ones of this user)
+/// - `approval`: `{approval: {..., fields}}` with every field in full (`approvals.show`)
 /// - `resolve_approval`: `{approval_id, code, granted, by}` (same as `approval.resolved`)
 /// - `health`: any JSON object (merged into the `health` method's payload)
 pub trait ChatBackend: Send + Sync {
@@ -185,12 +189,18 @@ pub trait ChatBackend: Send + Sync {
     fn sessions(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>>;
     /// The pending approvals `user` may see.
     fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>>;
-    /// Grants (`grant == true`) or denies the approval with this code or id, as `user`
-    /// (Cedar `approval.grant` decides whether `user` may).
+    /// One of `user`'s approvals by code or id, every field in full (`approvals.show`).
+    fn approval(&self, user: &str, key: &ApprovalRef) -> BoxFut<'_, Result<Value, BackendError>> {
+        let _ = user;
+        let key = crate::approvals::visible(key.as_str());
+        Box::pin(async move { Err(BackendError::NotFound(format!("no approval `{key}`"))) })
+    }
+    /// Grants (`grant == true`) or denies the approval with this code or id (an id: exactly
+    /// that approval), as `user` (Cedar `approval.grant` decides whether `user` may).
     fn resolve_approval(
         &self,
         user: &str,
-        code_or_id: &str,
+        key: &ApprovalRef,
         grant: bool,
     ) -> BoxFut<'_, Result<Value, BackendError>>;
     /// A receiver of every event from now on (all users; the WebSocket layer filters).
@@ -232,20 +242,20 @@ fn approval_error(e: crate::approvals::ApprovalError) -> BackendError {
     use crate::gate::GateError;
     let msg = e.to_string();
     match e {
-        A::NotFound(_) => BackendError::NotFound(msg),
-        A::NotPending { .. } | A::Expired(_) | A::NotApproved => BackendError::Conflict(msg),
+        A::NotFound(_) | A::UnknownId(_) => BackendError::NotFound(msg),
+        A::NotPending { .. } | A::Expired(_) | A::NotApproved | A::AmbiguousCode(..) => {
+            BackendError::Conflict(msg)
+        }
         A::ApproverRefused { .. } => BackendError::Forbidden(msg),
         A::Audit(_) | A::Gate(GateError::AuditUnavailable(_)) => BackendError::Unavailable(msg),
         _ => BackendError::Internal(msg),
     }
 }
 
-/// The wire shape of an approval (`approvals.list`, `approval.requested`).
+/// The wire shape of an approval (`approvals.list`, `approval.requested`): every field it
+/// binds, large ones abbreviated (`approvals.show` gives them whole).
 pub fn approval_json(a: &crate::approvals::Approval) -> Value {
-    serde_json::json!({
-        "id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
-        "summary": a.summary, "session": a.session,
-    })
+    a.to_json(false)
 }
 
 impl ApprovalDesk {
@@ -268,9 +278,8 @@ impl ApprovalDesk {
             user: user.into(),
             session: a.session.clone(),
             event: EventKind::ApprovalRequested,
-            payload: serde_json::json!({"run_id": run_id, "session": a.session, "approval": {
-                "id": a.id, "code": a.code, "expires_at": a.expires_at, "tool": a.tool,
-                "summary": a.summary}}),
+            payload: serde_json::json!({"run_id": run_id, "session": a.session,
+                                        "approval": approval_json(a)}),
         }
     }
 
@@ -292,29 +301,50 @@ impl ApprovalDesk {
         })
     }
 
+    /// One of `user`'s approvals (by code or id) with every field in full
+    /// (`{approval: {...}}`); another user's is not found.
+    pub fn show(
+        &self,
+        user: &str,
+        key: &ApprovalRef,
+    ) -> BoxFut<'static, Result<Value, BackendError>> {
+        let approvals = self.approvals.clone();
+        let user = user.to_string();
+        let key = key.clone();
+        Box::pin(async move {
+            let a = tokio::task::spawn_blocking(move || approvals.find(&key))
+                .await
+                .map_err(|e| BackendError::Internal(e.to_string()))?
+                .map_err(approval_error)?;
+            if a.requester != user {
+                return Err(BackendError::NotFound(format!(
+                    "no approval with id {}",
+                    crate::approvals::visible(&a.id)
+                )));
+            }
+            Ok(serde_json::json!({ "approval": a.to_json(true) }))
+        })
+    }
+
     /// Grants or denies the pending approval with this code or id as `user`; publishes
     /// `approval.resolved` and returns its payload.
     pub fn resolve(
         &self,
         user: &str,
-        code_or_id: &str,
+        key: &ApprovalRef,
         grant: bool,
     ) -> BoxFut<'static, Result<Value, BackendError>> {
         let approvals = self.approvals.clone();
         let events = self.events.clone();
         let user = user.to_string();
-        let key = code_or_id.to_string();
+        let key = key.clone();
         Box::pin(async move {
             let by = user.clone();
             let done = tokio::task::spawn_blocking(move || {
-                // A code is 6 characters, an id 32 hex digits. Who may resolve is Cedar's
-                // decision (`approval.grant`) either way, as for `chitin approvals approve`.
-                let code = if key.len() > 8 {
-                    approvals.get(&key)?.code
-                } else {
-                    key.clone()
-                };
-                approvals.resolve(&code, &by, grant)
+                // A code is 6 characters, an id 32 hex digits: an id resolves exactly that
+                // approval. Who may resolve is Cedar's decision (`approval.grant`) either way,
+                // as for `chitin approvals approve`.
+                approvals.resolve_ref(&key, &by, grant)
             })
             .await
             .map_err(|e| BackendError::Internal(e.to_string()))?
@@ -374,13 +404,16 @@ impl ChatBackend for NoAgent {
     fn approvals(&self, user: &str) -> BoxFut<'_, Result<Value, BackendError>> {
         self.desk.pending(user)
     }
+    fn approval(&self, user: &str, key: &ApprovalRef) -> BoxFut<'_, Result<Value, BackendError>> {
+        self.desk.show(user, key)
+    }
     fn resolve_approval(
         &self,
         user: &str,
-        code_or_id: &str,
+        key: &ApprovalRef,
         grant: bool,
     ) -> BoxFut<'_, Result<Value, BackendError>> {
-        self.desk.resolve(user, code_or_id, grant)
+        self.desk.resolve(user, key, grant)
     }
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<BackendEvent> {
         self.events.subscribe()
@@ -792,9 +825,10 @@ pub mod testing {
         fn resolve_approval(
             &self,
             user: &str,
-            code_or_id: &str,
+            key: &crate::approvals::ApprovalRef,
             grant: bool,
         ) -> BoxFut<'_, Result<Value, BackendError>> {
+            let code_or_id = key.as_str();
             self.record(Call::Resolve {
                 user: user.into(),
                 code_or_id: code_or_id.into(),

@@ -1036,14 +1036,18 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
         Some(&app.approvals),
     );
     match result {
-        Ok(Invoked::ApprovalRequired { request_digest, .. }) => {
+        Ok(Invoked::ApprovalRequired {
+            request_digest,
+            args,
+            ..
+        }) => {
             app.metrics.tool_call("approval_required");
             // A retry of a call that already waits for a person gets the same approval.
             let open = match app.approvals.open_for(&request_digest) {
                 Ok(Some(a)) => Ok(a),
                 Ok(None) => app
                     .approvals
-                    .request(&app.owner, session, tool, &body.args, request_digest)
+                    .request(&app.owner, session, tool, &args, request_digest)
                     .inspect(|a| {
                         app.metrics.approval("requested");
                         info!(tool, code = %a.code, "approval requested");
@@ -1057,12 +1061,7 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
             match open {
                 Ok(a) => (
                     StatusCode::ACCEPTED,
-                    axum::Json(json!({"approval": {
-                        "id": a.id,
-                        "code": a.code,
-                        "expires_at": a.expires_at,
-                        "summary": a.summary,
-                    }})),
+                    axum::Json(json!({ "approval": a.to_json(false) })),
                 )
                     .into_response(),
                 Err(e) => approval_error(app, &e),

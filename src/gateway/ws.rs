@@ -54,7 +54,7 @@ pub const DEFAULT_HISTORY: usize = 50;
 pub const MAX_HISTORY: usize = 500;
 
 /// The methods, as reported by `connect`.
-pub const METHODS: [&str; 10] = [
+pub const METHODS: [&str; 11] = [
     "connect",
     "agent",
     "agent.wait",
@@ -63,6 +63,7 @@ pub const METHODS: [&str; 10] = [
     "chat.history",
     "sessions.list",
     "approvals.list",
+    "approvals.show",
     "approvals.resolve",
     "health",
 ];
@@ -537,6 +538,15 @@ struct Empty {}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ShowParams {
+    #[serde(default)]
+    code: Option<String>,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ResolveParams {
     #[serde(default)]
     code: Option<String>,
@@ -950,7 +960,7 @@ fn handle_text(
             })
         }
         "agent.wait" | "agent.cancel" | "chat.history" | "sessions.list" | "approvals.list"
-        | "approvals.resolve" => {
+        | "approvals.show" | "approvals.resolve" => {
             let call = match prepare(&req.method, req.params) {
                 Ok(c) => c,
                 Err(e) => return bad(e),
@@ -1001,7 +1011,8 @@ enum Call {
     History(String, usize),
     Sessions,
     Approvals,
-    Resolve(String, bool),
+    Show(crate::approvals::ApprovalRef),
+    Resolve(crate::approvals::ApprovalRef, bool),
 }
 
 fn prepare(method: &str, p: Value) -> Result<Call, String> {
@@ -1034,17 +1045,32 @@ fn prepare(method: &str, p: Value) -> Result<Call, String> {
             params::<Empty>(method, p)?;
             Call::Approvals
         }
+        "approvals.show" => {
+            let p: ShowParams = params(method, p)?;
+            Call::Show(approval_ref(method, p.code, p.id)?)
+        }
         _ => {
             let p: ResolveParams = params(method, p)?;
-            let key = match (p.code, p.id) {
-                (Some(c), None) => c,
-                (None, Some(i)) => i,
-                _ => return Err("approvals.resolve needs exactly one of code or id".into()),
-            };
-            check_id("code/id", &key)?;
+            let key = approval_ref(method, p.code, p.id)?;
             Call::Resolve(key, matches!(p.decision, Decision::Approve))
         }
     })
+}
+
+/// Exactly one of `code` and `id`; an id names exactly that approval (never another with the
+/// same code).
+fn approval_ref(
+    method: &str,
+    code: Option<String>,
+    id: Option<String>,
+) -> Result<crate::approvals::ApprovalRef, String> {
+    let key = match (code, id) {
+        (Some(c), None) => crate::approvals::ApprovalRef::Code(c.trim().to_ascii_uppercase()),
+        (None, Some(i)) => crate::approvals::ApprovalRef::Id(i),
+        _ => return Err(format!("{method} needs exactly one of code or id")),
+    };
+    check_id("code/id", key.as_str())?;
+    Ok(key)
 }
 
 impl Call {
@@ -1061,6 +1087,7 @@ impl Call {
             Self::History(session, limit) => b.history(user, &session, limit).await,
             Self::Sessions => b.sessions(user).await,
             Self::Approvals => b.approvals(user).await,
+            Self::Show(key) => b.approval(user, &key).await,
             Self::Resolve(key, grant) => b.resolve_approval(user, &key, grant).await,
         }
     }
@@ -1180,6 +1207,22 @@ mod tests {
         ] {
             assert!(prepare("approvals.resolve", bad.clone()).is_err(), "{bad}");
         }
+        // An id is an id, a code a code: never taken for one another.
+        match prepare(
+            "approvals.resolve",
+            json!({"id": "ABC123", "decision": "deny"}),
+        ) {
+            Ok(Call::Resolve(crate::approvals::ApprovalRef::Id(i), false)) => {
+                assert_eq!(i, "ABC123")
+            }
+            _ => panic!("an id param is resolved as an id"),
+        }
+        assert!(matches!(
+            prepare("approvals.show", json!({"code": "abc123"})),
+            Ok(Call::Show(crate::approvals::ApprovalRef::Code(c))) if c == "ABC123"
+        ));
+        assert!(prepare("approvals.show", json!({})).is_err());
+        assert!(prepare("approvals.show", json!({"id": "a", "decision": "deny"})).is_err());
     }
 
     #[test]

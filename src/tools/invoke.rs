@@ -73,10 +73,13 @@ pub enum Invoked {
     },
     /// Denied by policy.
     Denied(Decision),
-    /// Needs an approval bound to `request_digest` before it can run.
+    /// Needs an approval bound to `request_digest` before it can run. `args` are the
+    /// normalized arguments that digest covers: open the approval with exactly these, so it
+    /// shows what it binds.
     ApprovalRequired {
         decision: Decision,
         request_digest: [u8; 32],
+        args: Value,
     },
 }
 
@@ -207,6 +210,7 @@ pub fn invoke(
             return Ok(Invoked::ApprovalRequired {
                 decision,
                 request_digest,
+                args: norm,
             });
         }
     };

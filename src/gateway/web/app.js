@@ -267,6 +267,7 @@
     head.appendChild(el('span', 'approval-tool', ' ' + String(a.tool)));
     li.appendChild(head);
     li.appendChild(el('span', 'summary', a.summary));
+    addFields(li, id, a.fields);
     if (a.expires_at) li.appendChild(el('small', 'expires', 'expires ' + a.expires_at));
     if (ctx && ctx.session) li.title = 'session ' + ctx.session;
     const approve = el('button', 'approve', 'Approve');
@@ -280,6 +281,66 @@
     state.approvals.set(id, li);
     $('approvals').appendChild(li);
     refreshNoApprovals();
+  }
+
+  function fieldMeta(f) {
+    return String(f.bytes) + ' bytes, sha256 ' + String(f.sha256);
+  }
+
+  // Fills one field's value box: the whole value, or its head and tail when the server sent
+  // an abbreviation. Text only (textContent), never markup.
+  function fillField(row, f) {
+    if (f.complete) {
+      row.value.textContent = String(f.value == null ? '' : f.value);
+      row.value.dataset.complete = 'true';
+      row.meta.textContent = f.kind === 'text' ? fieldMeta(f) : String(f.kind);
+    } else {
+      row.value.textContent = String(f.head) + ' … ' + String(f.tail);
+      row.value.dataset.complete = 'false';
+      row.meta.textContent = fieldMeta(f) + ' (abbreviated)';
+    }
+  }
+
+  // Every argument the approval binds (the server's `fields`), each labelled; large values
+  // abbreviated with a button that loads the full text (approvals.show).
+  function addFields(li, id, fields) {
+    if (!Array.isArray(fields) || !fields.length) return;
+    const dl = el('dl', 'fields');
+    const rows = new Map(); // field path -> {value, meta}
+    for (const f of fields) {
+      if (!f || typeof f !== 'object') continue;
+      dl.appendChild(el('dt', 'field-label', f.label));
+      const dd = el('dd', 'field');
+      dd.dataset.kind = String(f.kind);
+      const row = { value: el('pre', 'field-value'), meta: el('small', 'field-meta') };
+      dd.appendChild(row.value);
+      dd.appendChild(row.meta);
+      dl.appendChild(dd);
+      rows.set(String(f.path), row);
+      fillField(row, f);
+    }
+    li.appendChild(dl);
+    if (!fields.some((f) => f && f.complete === false)) return;
+    const more = el('button', 'show-full', 'Show full text');
+    more.type = 'button';
+    more.addEventListener('click', () => {
+      more.disabled = true;
+      request('approvals.show', { id }).then(
+        (p) => {
+          const full = (p.approval && p.approval.fields) || [];
+          for (const f of full) {
+            const row = f && rows.get(String(f.path));
+            if (row) fillField(row, f);
+          }
+          more.remove();
+        },
+        (e) => {
+          more.disabled = false;
+          showError('Approval not loaded: ' + (e.message || e.code));
+        },
+      );
+    });
+    li.appendChild(more);
   }
 
   function removeApproval(id) {
