@@ -22,6 +22,7 @@
 mod cgroup;
 pub mod fs;
 mod launch;
+pub mod pidfd;
 pub mod seccomp;
 pub mod secret_env;
 mod support;
