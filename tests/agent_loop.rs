@@ -1031,7 +1031,12 @@ fn tool_runs(e: &Env) -> Vec<(String, Value)> {
         .unwrap()
         .into_iter()
         .filter(|r| r.kind == "tool_run")
-        .map(|r| (r.outcome.clone(), r.payload_json().unwrap()["killed_by"].clone()))
+        .map(|r| {
+            (
+                r.outcome.clone(),
+                r.payload_json().unwrap()["killed_by"].clone(),
+            )
+        })
         .collect()
 }
 

@@ -398,7 +398,10 @@ fn wait_for_file(path: &Path) {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    panic!("{} never appeared: the command did not start", path.display());
+    panic!(
+        "{} never appeared: the command did not start",
+        path.display()
+    );
 }
 
 #[test]
@@ -426,7 +429,10 @@ fn when_the_audit_write_after_a_run_fails_the_answer_says_it_ran() {
         ),
         "{err}"
     );
-    assert_eq!((result.exit_code, result.stdout.as_str()), (Some(0), "out\n"));
+    assert_eq!(
+        (result.exit_code, result.stdout.as_str()),
+        (Some(0), "out\n")
+    );
     assert_eq!(
         std::fs::read_to_string(e.ws.join("effect.txt")).unwrap(),
         "effect\n"

@@ -1011,8 +1011,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
                 Err(_) => false,
             },
             None => {
-                cancelled = sys::poll_in(&[stop_fd], 0)
-                    .is_ok_and(|r| r.first().is_some_and(|x| *x != 0));
+                cancelled =
+                    sys::poll_in(&[stop_fd], 0).is_ok_and(|r| r.first().is_some_and(|x| *x != 0));
                 match sys::wait4(pid_p, libc::WNOHANG) {
                     Ok((p, s, _)) if p == pid_p => {
                         reaped = Some(s);

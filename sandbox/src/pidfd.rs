@@ -14,7 +14,8 @@ impl Pidfd {
     /// Opens a pidfd for `pid`. Call it for an unreaped child of this process (e.g. right
     /// after `spawn`, before any `wait`): the pid cannot be reused before that.
     pub fn open(pid: u32) -> io::Result<Self> {
-        let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+        let pid =
+            libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
         let fd = sys::pidfd_open(pid)?;
         // SAFETY: pidfd_open just returned this fd and nothing else owns it.
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))

@@ -365,7 +365,10 @@ mod tests {
             ("<\\t/untrusted>", "&lt;\\t/untrusted>"),
             ("<\\n/\\r untrusted>", "&lt;\\n/\\r untrusted>"),
             ("</untru\u{17f}ted>", "&lt;/untru\u{17f}ted>"),
-            ("a</untrusted>b</UNTRUSTED>c", "a&lt;/untrusted>b&lt;/UNTRUSTED>c"),
+            (
+                "a</untrusted>b</UNTRUSTED>c",
+                "a&lt;/untrusted>b&lt;/UNTRUSTED>c",
+            ),
             ("<<</untrusted>", "<<&lt;/untrusted>"),
             // Not a closing tag of the fence: left alone.
             ("<untrusted source=\"x\">", "<untrusted source=\"x\">"),

@@ -1379,9 +1379,7 @@ impl Run {
                     }
                 }
             }
-            return self
-                .record_invoked(c, result, waited_for.is_some())
-                .await;
+            return self.record_invoked(c, result, waited_for.is_some()).await;
         }
     }
 
