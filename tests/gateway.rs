@@ -856,3 +856,52 @@ fn a_bad_policy_file_dropped_in_without_sighup_is_rejected_and_a_fix_applies() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("test.no-list"), "{}", r.body);
 }
+
+#[test]
+fn a_tool_that_ran_is_not_reported_as_nothing_ran_when_its_audit_record_fails() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    let (port, auth) = (gw.port, gw.bearer());
+    // The command starts, waits until the test holds the audit database's write lock, then
+    // has its effect and ends: the audit record of the run cannot be written.
+    let call = std::thread::spawn(move || {
+        let body = json!({"tool": "exec", "args": {"argv": ["sh", "-c",
+            "touch started; while [ ! -e go ]; do sleep 0.05; done; echo effect > effect.txt; echo out"]}})
+        .to_string();
+        http(
+            port,
+            "POST",
+            "/tools/invoke",
+            &[("Authorization", &auth)],
+            body.as_bytes(),
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ws.join("started").exists() {
+        assert!(Instant::now() < deadline, "the command never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let blocker = rusqlite::Connection::open(gw.home.join("audit.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    std::fs::write(ws.join("go"), "").unwrap();
+    let r = call.join().unwrap();
+    blocker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(r.status, 500, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "audit_failed_after_run", "{v}");
+    assert_eq!(v["error"]["ran"], true, "{v}");
+    assert_eq!(v["error"]["audit"], "failed", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().starts_with(
+            "the `exec` call ran (its effects happened), but the audit record of the run could not be written: "
+        ),
+        "{v}"
+    );
+    assert!(!r.body.contains("nothing ran"), "{v}");
+    assert_eq!(v["result"]["exit_code"], 0, "{v}");
+    assert_eq!(v["result"]["stdout"], "out\n", "{v}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("effect.txt")).unwrap(),
+        "effect\n"
+    );
+}

@@ -345,3 +345,38 @@ fn killing_the_launcher_kills_the_whole_sandbox() {
     child.wait().unwrap();
     assert_no_survivors(&marker);
 }
+
+#[test]
+fn sigterm_to_the_launcher_kills_the_whole_sandbox_and_reports_cancelled() {
+    let e = env();
+    let marker = format!("300.{}", std::process::id());
+    // A daemonized child and the command itself sleep, each with the marker in its argv.
+    let script = format!("(setsid sleep {marker} &); touch started; sleep {marker}; touch done");
+    let child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .env("CHITIN_HOME", e.home.path())
+        .args(["sandbox", "exec", "--capture-json", "65536", "--workspace"])
+        .arg(e.ws.path())
+        .args(["--timeout", "600", "--", "sh", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Launcher, sandbox init, `sh` and the two `sleep`s carry the marker.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(e.ws.path().join("started").exists() && survivors(&marker) >= 5) {
+        assert!(Instant::now() < deadline, "the sandbox never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    // The launcher reports only after the sandbox is gone: nothing with the marker is left.
+    assert_eq!(survivors(&marker), 0, "processes survived the cancel");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["killed"], "cancelled", "{report}");
+    assert_eq!(report["signal"], 9, "{report}");
+    assert!(!e.ws.path().join("done").exists());
+}

@@ -706,3 +706,55 @@ fn an_approval_binds_the_url_as_written_and_counts_in_both_decisions() {
         ]
     );
 }
+
+/// Waits (generously: the machine may be loaded) until the sandboxed command wrote `path`.
+fn wait_for_file(path: &Path) {
+    for _ in 0..1200 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!(
+        "{} never appeared: the command did not start",
+        path.display()
+    );
+}
+
+#[test]
+fn when_the_audit_write_after_a_run_fails_the_answer_says_it_ran() {
+    let e = env();
+    // The command starts, waits until the test holds the audit database's write lock, then
+    // has its effect and ends; the audit record of the run then cannot be written.
+    let args = json!({"argv": ["sh", "-c",
+        "touch started; while [ ! -e go ]; do sleep 0.05; done; echo effect > effect.txt; echo out"]});
+    let (gate, sandbox, call) = (e.gate.clone(), e.sandbox.clone(), e.call.clone());
+    let h = std::thread::spawn(move || invoke(&gate, &sandbox, &call, "exec", &args, None));
+    wait_for_file(&e.ws.join("started"));
+    let blocker = rusqlite::Connection::open(e.home.join("audit.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    std::fs::write(e.ws.join("go"), "").unwrap();
+    let got = h.join().unwrap();
+    blocker.execute_batch("ROLLBACK").unwrap();
+    let Err(InvokeError::RanUnaudited { result, .. }) = &got else {
+        panic!("expected RanUnaudited, got {got:?}");
+    };
+    let err = got.as_ref().unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "the `exec` call ran (its effects happened), but the audit record of the run could not be written: "
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        (result.exit_code, result.stdout.as_str()),
+        (Some(0), "out\n")
+    );
+    assert_eq!(
+        std::fs::read_to_string(e.ws.join("effect.txt")).unwrap(),
+        "effect\n"
+    );
+    // Only the decision is in the log.
+    let kinds: Vec<String> = records(&e).iter().map(|r| r.kind.clone()).collect();
+    assert_eq!(kinds, vec!["decision".to_string()]);
+}

@@ -203,6 +203,9 @@ pub enum Killed {
     FileSize,
     /// A seccomp kill-class syscall (by name), or `abi` for a foreign-ABI syscall.
     Seccomp(String),
+    /// The launcher was asked to stop (SIGTERM or SIGINT: a cancelled run) and killed the
+    /// whole sandbox before reporting.
+    Cancelled,
 }
 
 impl fmt::Display for Killed {
@@ -213,6 +216,7 @@ impl fmt::Display for Killed {
             Killed::Cpu => f.write_str("cpu"),
             Killed::FileSize => f.write_str("file-size"),
             Killed::Seccomp(s) => write!(f, "seccomp:{s}"),
+            Killed::Cancelled => f.write_str("cancelled"),
         }
     }
 }
@@ -900,6 +904,11 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         cgroup: cgroup.as_ref().map(|c| c.procs.clone()).unwrap_or_default(),
     };
     let (sync_r, sync_w) = sys::pipe().map_err(setup("sync pipe"))?;
+    // SIGTERM/SIGINT (a cancelled run) are taken on a signalfd from here on, so the launcher
+    // kills the whole sandbox and still reports, instead of dying with the sandbox left to
+    // PDEATHSIG and its cgroup left behind. Blocked before `clone`: P inherits the mask (it
+    // ignores them anyway as PID 1), C resets it before exec.
+    let stop_fd = sys::stop_signal_fd().map_err(setup("signal mask"))?;
     let flags = libc::CLONE_NEWUSER
         | libc::CLONE_NEWNS
         | libc::CLONE_NEWPID
@@ -910,6 +919,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         sys::clone_fork(flags).map_err(setup("namespaces (clone user/pid/net/mount/ipc/uts)"))?;
     if pid_p == 0 {
         sys::close(sync_w);
+        sys::close(stop_fd);
         init(&plan, spec, &ctx, sync_r);
     }
     sys::close(sync_r);
@@ -919,6 +929,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         sys::kill(pid_p, libc::SIGKILL);
         let _ = sys::wait4(pid_p, 0);
         sys::close(sync_w);
+        sys::close(stop_fd);
         return Err(e);
     }
     sys::close(sync_w);
@@ -974,6 +985,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         .checked_add(spec.limits.timeout)
         .unwrap_or_else(|| start + Duration::from_secs(100 * 365 * 24 * 3600));
     let mut reaped: Option<i32> = None;
+    let mut cancelled = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -982,26 +994,38 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         }
         let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
         let ready = match pidfd {
-            Some(fd) => sys::poll_in(&[fd], ms)
-                .map(|r| r.first().is_some_and(|x| *x != 0))
-                .unwrap_or(false),
-            None => match sys::wait4(pid_p, libc::WNOHANG) {
-                Ok((p, s, _)) if p == pid_p => {
-                    reaped = Some(s);
-                    true
+            Some(fd) => match sys::poll_in(&[fd, stop_fd], ms) {
+                Ok(r) => {
+                    // P's end wins over a stop request that came at the same time.
+                    let done = r.first().is_some_and(|x| *x != 0);
+                    cancelled = !done && r.get(1).is_some_and(|x| *x != 0);
+                    done
                 }
-                _ => false,
+                Err(_) => false,
             },
+            None => {
+                cancelled =
+                    sys::poll_in(&[stop_fd], 0).is_ok_and(|r| r.first().is_some_and(|x| *x != 0));
+                match sys::wait4(pid_p, libc::WNOHANG) {
+                    Ok((p, s, _)) if p == pid_p => {
+                        reaped = Some(s);
+                        true
+                    }
+                    _ => false,
+                }
+            }
         };
-        if ready {
+        if ready || cancelled {
             break;
         }
         if pidfd.is_none() {
             std::thread::sleep(Duration::from_millis(5).min(left));
         }
     }
-    if timed_out {
-        // P is PID 1 of the sandbox: its death kills every process in the namespace.
+    sys::close(stop_fd);
+    if timed_out || (cancelled && reaped.is_none()) {
+        // P is PID 1 of the sandbox: its death kills every process in the namespace, and
+        // P is reaped (below) only once all of them are gone.
         sys::kill(pid_p, libc::SIGKILL);
     }
     let p_status = match reaped {
@@ -1052,7 +1076,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         .iter()
         .find_map(|&(k, _, b)| (k == REC_CPU_USEC).then_some(b))
         .unwrap_or(0);
-    let exit = match (exit, timed_out) {
+    let exit = match (exit, timed_out || cancelled) {
         (Some(e), _) => e,
         (None, true) => Exit::Signal(libc::SIGKILL),
         (None, false) => {
@@ -1072,6 +1096,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         i64::try_from(spec.limits.cpu_secs.saturating_mul(1_000_000)).unwrap_or(i64::MAX);
     let killed = if timed_out {
         Some(Killed::Timeout)
+    } else if cancelled {
+        Some(Killed::Cancelled)
     } else if let Some(name) = seccomp_kill {
         Some(Killed::Seccomp(name))
     } else {

@@ -23,6 +23,7 @@ mod cgroup;
 pub mod fs;
 pub mod host;
 mod launch;
+pub mod pidfd;
 pub mod seccomp;
 pub mod secret_env;
 mod support;

@@ -468,6 +468,39 @@ pub fn sigchld_fd() -> io::Result<RawFd> {
     check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })
 }
 
+/// Blocks SIGTERM and SIGINT (in this thread and the threads it starts later) and returns a
+/// signalfd for them (signals already pending are reported too).
+pub fn stop_signal_fd() -> io::Result<RawFd> {
+    // SAFETY: an all-zero sigset_t is valid; sigemptyset/sigaddset initialise it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid sigset_t.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+    }
+    // SAFETY: set is valid; old set not requested.
+    check(unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) })?;
+    // SAFETY: set is valid.
+    check(unsafe { libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })
+}
+
+/// `pidfd_send_signal(fd, sig)`: signals exactly the process the pidfd was opened for, never a
+/// later process that reused its pid.
+pub fn pidfd_send_signal(fd: RawFd, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: no memory involved (siginfo NULL, flags 0).
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
+    .map(|_| ())
+}
+
 /// Unblocks every signal and resets the handlers we may have changed to default.
 pub fn reset_signals() {
     // SAFETY: an all-zero sigset_t is valid after sigemptyset.

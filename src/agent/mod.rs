@@ -14,6 +14,10 @@
 //!   `daily_budget_usd` in the context).
 //! - A call that needs approval pauses the run; only a granted approval bound to exactly that
 //!   call lets it run, once. Denied, expired or not-awaited approvals are refusals for the model.
+//! - A run that is cancelled or times out stops the sandbox of the tool call in progress (the
+//!   launcher kills PID 1 of the sandbox's namespace, so every process in it) and waits for
+//!   it before it ends; the call is recorded as `interrupted` ("it may have run", with what
+//!   it reported), never as "not run".
 
 pub mod context;
 pub mod skills;
@@ -36,6 +40,7 @@ use crate::policy::PolicyRequest;
 use crate::providers::{ChatRequest, ProviderEvent, Router};
 use crate::store::Store;
 use crate::tools::Sandbox;
+use crate::tools::cancel::{Cancel, CancelReason};
 use crate::tools::invoke::{InvokeError, Invoked};
 pub use transcripts::{Sealer, Stored, StoredCall, Transcripts};
 
@@ -453,6 +458,8 @@ impl Agent {
                 reports: Vec::new(),
                 policies: Vec::new(),
                 prompt: None,
+                cancel: Cancel::new(),
+                inflight: None,
             };
             let summary = run.execute(previous, cancel_rx).await;
             let session = summary.session.clone();
@@ -469,7 +476,10 @@ impl Agent {
         });
     }
 
-    /// Asks a run to stop (at its next await point). `false` when it is not running here.
+    /// Asks a run to stop (at its next await point). A tool call in progress has its sandbox
+    /// killed (the whole process tree) before the run ends, and is recorded, audited and later
+    /// shown to the model as `interrupted: it may have run`. `false` when it is not running
+    /// here.
     pub fn cancel(&self, run_id: &str) -> bool {
         self.0
             .live
@@ -610,6 +620,17 @@ struct Run {
     /// The system prompt and the offered tools, built once per run (the bootstrap files, the
     /// skills lockfile and the policy analysis are not re-read at every step).
     prompt: Option<(String, Vec<crate::providers::ToolSpec>)>,
+    /// Fired when the run is cancelled or times out: stops the sandbox of the call in progress.
+    cancel: Cancel,
+    /// The tool call in progress (set while its task runs), so a cancelled or timed-out run
+    /// can wait for its end and record what happened instead of dropping it.
+    inflight: Option<InFlight>,
+}
+
+/// A tool call whose blocking task is running.
+struct InFlight {
+    call: StoredCall,
+    task: tokio::task::JoinHandle<Result<Invoked, InvokeError>>,
 }
 
 impl Run {
@@ -709,6 +730,19 @@ impl Run {
             },
             () = async { let _ = cancel.wait_for(|c| *c).await; } => ("cancelled", Some("cancelled".into())),
         };
+        let stop = match outcome.0 {
+            "cancelled" => Some(CancelReason::Cancelled),
+            "timed_out" => Some(CancelReason::RunTimeout),
+            _ => None,
+        };
+        if let Some(reason) = stop {
+            // Stop the sandbox of the call in progress (and any call not started yet), then
+            // record what that call did before the run ends.
+            self.cancel.cancel(reason);
+            if let Err(e) = self.settle_inflight(reason).await {
+                tracing::error!(run = %self.id, error = %e, "cannot record the interrupted tool call");
+            }
+        }
         self.finish(outcome.0, outcome.1).await
     }
 
@@ -814,7 +848,7 @@ impl Run {
         for c in pending {
             if first {
                 first = false;
-                self.record_result(&c, "not_run", "interrupted", "interrupted: the gateway stopped while this call was running; it is not known whether it finished", true).await?;
+                self.record_result(&c, "interrupted", "gateway stopped", "interrupted: it may have run. The gateway stopped while this call was running; whether it finished, and what it changed, is not known. It is not run again: check its effects before repeating it.", true).await?;
                 continue;
             }
             last_tool = Some(c.name.clone());
@@ -1281,7 +1315,6 @@ impl Run {
         }
         let mut waited_for: Option<String> = None;
         loop {
-            let inner = Arc::clone(&self.inner);
             let tainted = {
                 let inner = Arc::clone(&self.inner);
                 let s = self.session.clone();
@@ -1289,121 +1322,200 @@ impl Run {
             };
             let call = self.call_context(tainted);
             let (name, a) = (c.name.clone(), args.clone());
-            let result = blocking(move || {
+            let inner = Arc::clone(&self.inner);
+            // The sandbox of this call is stopped when the run is cancelled or times out.
+            let sandbox = inner.p.sandbox.clone().with_cancel(self.cancel.clone());
+            let task = tokio::task::spawn_blocking(move || {
                 crate::tools::invoke::invoke(
                     &inner.p.gate,
-                    &inner.p.sandbox,
+                    &sandbox,
                     &call,
                     &name,
                     &a,
                     Some(&inner.p.approvals),
                 )
-            })
-            .await?;
-            let max = self.inner.p.config.tool_result_max_bytes;
-            match result {
-                Ok(Invoked::Ran {
-                    result, decision, ..
-                }) => {
-                    self.policies = decision.policies.clone();
-                    let outcome = match (result.exit_code, &result.killed) {
-                        (_, Some(k)) => format!("killed: {k}"),
-                        (Some(0), None) => "ok".to_string(),
-                        (Some(n), None) => format!("exit {n}"),
-                        (None, None) => "ended".to_string(),
-                    };
-                    let body = serde_json::to_string(&result).unwrap_or_default();
-                    let content =
-                        context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
-                    // The session has now taken in content no one vouched for.
-                    self.taint().await?;
-                    let is_error = outcome != "ok";
-                    return self
-                        .record_result(c, "allow", &outcome, &content, is_error)
-                        .await;
-                }
-                Ok(Invoked::Denied(d)) => {
-                    self.policies = d.policies.clone();
-                    let reasons: Vec<String> = d
-                        .policies
-                        .iter()
-                        .map(|p| {
-                            self.inner
-                                .p
-                                .gate
-                                .engine()
-                                .active()
-                                .compiled
-                                .reason(p)
-                                .map_or_else(|| p.clone(), |r| format!("{p}: {r}"))
-                        })
-                        .collect();
-                    let content = if reasons.is_empty() {
-                        "denied by policy: no policy permits this call (deny by default). Do not retry it another way; tell the user what you could not do.".to_string()
-                    } else {
-                        format!(
-                            "denied by policy: {}. Do not retry it another way; tell the user what you could not do.",
-                            reasons.join("; ")
-                        )
-                    };
-                    let outcome = if waited_for.is_some() {
-                        "approval_denied"
-                    } else {
-                        "denied"
-                    };
-                    return self.record_result(c, "deny", outcome, &content, true).await;
-                }
-                Ok(Invoked::ApprovalRequired {
-                    decision,
-                    request_digest,
-                    args: bound,
-                }) => {
-                    match self
-                        .await_approval(c, &bound, request_digest, waited_for.is_some())
-                        .await?
-                    {
-                        ApprovalOutcome::Granted(id) => {
-                            waited_for = Some(id);
-                            continue;
-                        }
-                        ApprovalOutcome::NotGiven(why) => {
-                            self.policies = decision.policies.clone();
-                            let content = format!(
-                                "not run: this call needs a person's approval, which was not given ({why}). Tell the user; do not retry it another way."
-                            );
-                            return self
-                                .record_result(
-                                    c,
-                                    "approval_required",
-                                    &format!("approval {why}"),
-                                    &content,
-                                    true,
-                                )
-                                .await;
-                        }
+            });
+            // Kept in the run while it runs: if the run is stopped here, `settle_inflight`
+            // waits for the (killed) call and records what it did.
+            self.inflight = Some(InFlight {
+                call: c.clone(),
+                task,
+            });
+            let joined = match self.inflight.as_mut() {
+                Some(f) => Some((&mut f.task).await),
+                None => None,
+            };
+            self.inflight = None;
+            let result = joined
+                .ok_or_else(|| AgentError::Task("the tool call's task was lost".into()))?
+                .map_err(|e| AgentError::Task(e.to_string()))?;
+            if let Ok(Invoked::ApprovalRequired {
+                decision,
+                request_digest,
+                args: bound,
+            }) = &result
+            {
+                match self
+                    .await_approval(c, bound, *request_digest, waited_for.is_some())
+                    .await?
+                {
+                    ApprovalOutcome::Granted(id) => {
+                        waited_for = Some(id);
+                        continue;
+                    }
+                    ApprovalOutcome::NotGiven(why) => {
+                        self.policies = decision.policies.clone();
+                        let content = format!(
+                            "not run: this call needs a person's approval, which was not given ({why}). Tell the user; do not retry it another way."
+                        );
+                        return self
+                            .record_result(
+                                c,
+                                "approval_required",
+                                &format!("approval {why}"),
+                                &content,
+                                true,
+                            )
+                            .await;
                     }
                 }
-                Err(InvokeError::UnknownTool(_) | InvokeError::InvalidArgs { .. })
-                | Err(InvokeError::Gate(_)) => {
-                    let e = match result {
-                        Err(e) => e.to_string(),
-                        Ok(_) => String::new(),
-                    };
-                    let content =
-                        format!("invalid call, not run: {}", self.inner.p.gate.redact(&e));
-                    return self
-                        .record_result(c, "invalid", "invalid", &content, true)
-                        .await;
-                }
-                Err(e) => {
+            }
+            return self.record_invoked(c, result, waited_for.is_some()).await;
+        }
+    }
+
+    /// After the run was cancelled or timed out (`self.cancel` fired): waits for the tool
+    /// call that was in progress, whose sandbox is being killed, and records what happened.
+    async fn settle_inflight(&mut self, reason: CancelReason) -> Result<(), AgentError> {
+        let Some(f) = self.inflight.take() else {
+            return Ok(());
+        };
+        let result = f.task.await.map_err(|e| AgentError::Task(e.to_string()))?;
+        if let Ok(Invoked::ApprovalRequired { decision, .. }) = &result {
+            self.policies = decision.policies.clone();
+            let content = format!(
+                "not run: this call needs a person's approval, and the run was {} before one was asked for.",
+                stopped_how(reason.as_str())
+            );
+            return self
+                .record_result(&f.call, "approval_required", "run ended", &content, true)
+                .await;
+        }
+        self.record_invoked(&f.call, result, false).await
+    }
+
+    /// Records the answer of `tools::invoke` for the model, the transcript and the events.
+    async fn record_invoked(
+        &mut self,
+        c: &StoredCall,
+        result: Result<Invoked, InvokeError>,
+        approved: bool,
+    ) -> Result<(), AgentError> {
+        let max = self.inner.p.config.tool_result_max_bytes;
+        match result {
+            Ok(Invoked::Ran {
+                result, decision, ..
+            }) => {
+                self.policies = decision.policies.clone();
+                let body = serde_json::to_string(&result).unwrap_or_default();
+                let fenced = context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
+                // The session has now taken in content no one vouched for.
+                self.taint().await?;
+                if let Some(k @ ("cancelled" | "run-timeout")) = result.killed.as_deref() {
+                    // Stopped with the run: it may have had part (or all) of its effects.
                     let content = format!(
-                        "the call failed and did not run: {}",
-                        self.inner.p.gate.redact(&e.to_string())
+                        "interrupted: it may have run. The run was {} while this call was running; its sandbox was killed before the call finished, so some or all of its effects may have happened. Check before repeating it. What it reported until then:\n{fenced}",
+                        stopped_how(k)
                     );
                     return self
-                        .record_result(c, "error", "error", &content, true)
+                        .record_result(c, "interrupted", &format!("killed: {k}"), &content, true)
                         .await;
                 }
+                let outcome = ran_outcome(&result);
+                let is_error = outcome != "ok";
+                self.record_result(c, "allow", &outcome, &fenced, is_error)
+                    .await
+            }
+            Err(InvokeError::RanUnaudited {
+                result,
+                decision,
+                audit,
+                ..
+            }) => {
+                self.policies = decision.policies.clone();
+                let body = serde_json::to_string(&result).unwrap_or_default();
+                let fenced = context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
+                self.taint().await?;
+                let outcome = format!("{}, audit failed", ran_outcome(&result));
+                let content = format!(
+                    "this call ran, but its audit record could not be written ({}); do not run more tools until the operator fixed the audit log. Its result:\n{fenced}",
+                    self.inner.p.gate.redact(&audit)
+                );
+                self.record_result(c, "allow", &outcome, &content, true)
+                    .await
+            }
+            Ok(Invoked::Denied(d)) => {
+                self.policies = d.policies.clone();
+                let reasons: Vec<String> = d
+                    .policies
+                    .iter()
+                    .map(|p| {
+                        self.inner
+                            .p
+                            .gate
+                            .engine()
+                            .active()
+                            .compiled
+                            .reason(p)
+                            .map_or_else(|| p.clone(), |r| format!("{p}: {r}"))
+                    })
+                    .collect();
+                let content = if reasons.is_empty() {
+                    "denied by policy: no policy permits this call (deny by default). Do not retry it another way; tell the user what you could not do.".to_string()
+                } else {
+                    format!(
+                        "denied by policy: {}. Do not retry it another way; tell the user what you could not do.",
+                        reasons.join("; ")
+                    )
+                };
+                let outcome = if approved {
+                    "approval_denied"
+                } else {
+                    "denied"
+                };
+                self.record_result(c, "deny", outcome, &content, true).await
+            }
+            Ok(Invoked::ApprovalRequired { decision, .. }) => {
+                // Handled by the caller; reached only if it was not.
+                self.policies = decision.policies.clone();
+                let content = "not run: this call needs a person's approval, which was not given. Tell the user; do not retry it another way.";
+                self.record_result(c, "approval_required", "approval not asked", content, true)
+                    .await
+            }
+            Err(InvokeError::Tool(crate::tools::ToolError::Cancelled(how))) => {
+                let content = format!("not run: the run was {how} before this call started.");
+                self.record_result(c, "not_run", "not started", &content, true)
+                    .await
+            }
+            Err(
+                e @ (InvokeError::UnknownTool(_)
+                | InvokeError::InvalidArgs { .. }
+                | InvokeError::Gate(_)),
+            ) => {
+                let content = format!(
+                    "invalid call, not run: {}",
+                    self.inner.p.gate.redact(&e.to_string())
+                );
+                self.record_result(c, "invalid", "invalid", &content, true)
+                    .await
+            }
+            Err(e) => {
+                let content = format!(
+                    "the call failed and did not run: {}",
+                    self.inner.p.gate.redact(&e.to_string())
+                );
+                self.record_result(c, "error", "error", &content, true)
+                    .await
             }
         }
     }
@@ -1519,4 +1631,23 @@ struct ModelUsage {
 enum ApprovalOutcome {
     Granted(String),
     NotGiven(String),
+}
+
+/// A finished call's outcome for the report: `ok`, `exit N`, `killed: LIMIT` or `ended`.
+fn ran_outcome(r: &crate::tools::ToolResult) -> String {
+    match (r.exit_code, &r.killed) {
+        (_, Some(k)) => format!("killed: {k}"),
+        (Some(0), None) => "ok".to_string(),
+        (Some(n), None) => format!("exit {n}"),
+        (None, None) => "ended".to_string(),
+    }
+}
+
+/// "cancelled" / "stopped by its time limit" for a `killed` value of a stopped run.
+fn stopped_how(killed: &str) -> &'static str {
+    if killed == "run-timeout" {
+        "stopped by its time limit ([agent] run_timeout_secs)"
+    } else {
+        "cancelled"
+    }
 }

@@ -94,7 +94,9 @@ pub enum Stored {
         tool: String,
         content: String,
         is_error: bool,
-        /// allow | deny | approval_required | invalid | error | not_run
+        /// allow | deny | approval_required | invalid | error | interrupted (it may have run:
+        /// the run was cancelled or timed out, or the gateway stopped, while it ran) | not_run
+        /// (older records)
         decision: String,
         outcome: String,
     },

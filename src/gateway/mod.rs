@@ -1154,6 +1154,32 @@ fn respond(
         }
         Err(e) => {
             let msg = logging::redact(&app.redactor, &e.to_string());
+            if let InvokeError::RanUnaudited {
+                result, decision, ..
+            } = e
+            {
+                // The tool ran: say so, with its result, never "nothing ran".
+                app.metrics.tool_call("error");
+                if let Some(k) = &result.killed {
+                    app.metrics.sandbox_kill(k);
+                }
+                error!(tool, error = %msg, "tool ran but its audit record failed");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(json!({
+                        "error": {
+                            "code": "audit_failed_after_run",
+                            "message": msg,
+                            "ran": true,
+                            "audit": "failed",
+                        },
+                        "result": result,
+                        "decision": {"outcome": decision.decision.as_str(), "policies": decision.policies},
+                        "approval": approval,
+                    })),
+                )
+                    .into_response();
+            }
             let (status, code, metric) = match &e {
                 InvokeError::UnknownTool(_) => (StatusCode::NOT_FOUND, "unknown_tool", "invalid"),
                 InvokeError::InvalidArgs { .. } => {
@@ -1185,6 +1211,11 @@ fn respond(
                     (StatusCode::INTERNAL_SERVER_ERROR, "approval_error", "error")
                 }
                 InvokeError::Tool(t) => tool_status(t),
+                InvokeError::RanUnaudited { .. } => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "audit_failed_after_run",
+                    "error",
+                ),
             };
             app.metrics.tool_call(metric);
             warn!(tool, code, error = %msg, "tool call failed");

@@ -7,8 +7,10 @@
 //!   recorded as refusals and returned as errors.
 //! - The gate sees, and the `Authorized` covers, the normalized parsed arguments; the tool runs
 //!   exactly those (the tools re-check the binding).
-//! - Every run is recorded (argv, limits, exit, which limit killed it) after it ends; output is
-//!   redacted (with the gate's redactor) before anyone sees it or it is recorded.
+//! - Every run is recorded (argv, limits, exit, which limit killed it, `cancelled` /
+//!   `run-timeout` when a stopped run killed it) after it ends; output is redacted (with the
+//!   gate's redactor) before anyone sees it or it is recorded. When that record cannot be
+//!   written, the answer is [`InvokeError::RanUnaudited`]: the call ran, never "nothing ran".
 
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -42,7 +44,7 @@ pub const TOOLS: &[&str] = &[
     Tool::WebFetch.as_str(),
 ];
 
-/// Errors of a tool call. Each one means nothing ran.
+/// Errors of a tool call. Each one means nothing ran, except [`InvokeError::RanUnaudited`].
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error(
@@ -59,6 +61,17 @@ pub enum InvokeError {
     Audit(String),
     #[error(transparent)]
     Approval(#[from] ApprovalError),
+    /// The tool RAN (its effects happened) but the audit record of the run could not be
+    /// written afterwards. Carries the (redacted) result: never report this as "nothing ran".
+    #[error(
+        "the `{tool}` call ran (its effects happened), but the audit record of the run could not be written: {audit}; check the audit log (`chitin doctor`) before running more tools"
+    )]
+    RanUnaudited {
+        tool: String,
+        audit: String,
+        result: Box<ToolResult>,
+        decision: Box<Decision>,
+    },
 }
 
 /// What happened to a tool call.
@@ -250,10 +263,21 @@ pub fn invoke(
     if let Err(e) = &run {
         input = input.with_outcome(format!("error: {}", redact_str(&e.to_string())));
     }
-    gate.audit()
-        .append(input)
-        .map_err(|e| InvokeError::Audit(e.to_string()))?;
-    let mut result = run?;
+    let audited = gate.audit().append(input);
+    let mut result = match (run, audited) {
+        (Ok(r), Ok(_)) => r,
+        (Ok(mut r), Err(e)) => {
+            r.redact_with(|s| gate.redact(s));
+            return Err(InvokeError::RanUnaudited {
+                tool: tool.to_string(),
+                audit: redact_str(&e.to_string()),
+                result: Box::new(r),
+                decision: Box::new(decision),
+            });
+        }
+        (Err(_), Err(e)) => return Err(InvokeError::Audit(e.to_string())),
+        (Err(e), Ok(_)) => return Err(e.into()),
+    };
     result.redact_with(|s| gate.redact(s));
     Ok(Invoked::Ran {
         result,

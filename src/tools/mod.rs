@@ -9,6 +9,7 @@
 //!
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
+pub mod cancel;
 pub mod fetch;
 pub mod helper;
 pub mod invoke;
@@ -69,6 +70,9 @@ pub enum ToolError {
     /// The secrets this tool asks for could not be decided or released; nothing ran.
     #[error(transparent)]
     SecretEnv(#[from] crate::secrets::tool_env::ToolSecretsError),
+    /// The run was cancelled (or timed out) before the tool started; nothing ran.
+    #[error("the run was {0} before this tool started; nothing ran")]
+    Cancelled(&'static str),
 }
 
 // ---- strict argument types (what the model sends) --------------------------------------------
@@ -439,6 +443,8 @@ pub struct Sandbox {
     secret_env: Option<Arc<ToolSecrets>>,
     /// The call this run is for (`secret.use` context `user`, `session`, `tainted`).
     call: Option<crate::gate::CallContext>,
+    /// Stops the launcher of a call in progress when the run is cancelled or times out.
+    cancel: Option<cancel::Cancel>,
 }
 
 impl Sandbox {
@@ -460,7 +466,16 @@ impl Sandbox {
             net: Vec::new(),
             secret_env: None,
             call: None,
+            cancel: None,
         })
+    }
+
+    /// Tools run through this sandbox are stopped (the whole sandbox killed) when `cancel`
+    /// fires, and do not start after it fired.
+    #[must_use]
+    pub fn with_cancel(mut self, cancel: cancel::Cancel) -> Self {
+        self.cancel = Some(cancel);
+        self
     }
 
     /// Lets tools receive the secrets they ask for in `config_section.secret_env`, each one
@@ -522,6 +537,12 @@ impl Sandbox {
         let timeout = timeout_secs
             .map_or(cfg.timeout_secs, |t| t.min(cfg.timeout_secs))
             .max(1);
+        if let Some(r) = self.cancel.as_ref().and_then(cancel::Cancel::reason) {
+            return Err(ToolError::Cancelled(match r {
+                cancel::CancelReason::Cancelled => "cancelled",
+                cancel::CancelReason::RunTimeout => "stopped by its timeout",
+            }));
+        }
         // Decided before anything is spawned: a failed decision means nothing runs.
         let secret_env = self.secret_env_for(tool, program)?;
         let mut cmd = Command::new(&self.launcher);
@@ -583,13 +604,34 @@ impl Sandbox {
                 let _ = w.write_all(&data);
             });
         }
-        let out = child.wait_with_output().map_err(launch_err)?;
-        let report: LaunchReport = serde_json::from_slice(&out.stdout).map_err(|e| {
-            ToolError::Sandbox(format!(
-                "launcher gave no report ({e}); stderr: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        })?;
+        let (out, stopped) =
+            cancel::wait_with_output(child, self.cancel.as_ref()).map_err(launch_err)?;
+        let mut report: LaunchReport = match (serde_json::from_slice(&out.stdout), stopped) {
+            (Ok(r), _) => r,
+            // The launcher was killed after the grace period: its sandbox died with it
+            // (PDEATHSIG), what the command did until then is not known.
+            (Err(_), Some(_)) => LaunchReport {
+                exit_code: None,
+                signal: Some(9),
+                killed: Some("cancelled".into()),
+                duration_ms: 0,
+                stdout: String::new(),
+                stderr: String::new(),
+                stdout_dropped: 0,
+                stderr_dropped: 0,
+                cgroup: false,
+                error: None,
+            },
+            (Err(e), None) => {
+                return Err(ToolError::Sandbox(format!(
+                    "launcher gave no report ({e}); stderr: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        };
+        if let (Some(r), Some("cancelled")) = (stopped, report.killed.as_deref()) {
+            report.killed = Some(r.as_str().into());
+        }
         if let Some(err) = &report.error {
             return Err(match err.kind.as_str() {
                 "unavailable" => ToolError::SandboxUnavailable(err.message.clone()),
@@ -631,6 +673,14 @@ impl Sandbox {
                 extra_ro: &[&self.launcher],
             },
         )?;
+        if report
+            .killed
+            .as_deref()
+            .is_some_and(|k| k == "cancelled" || k == "run-timeout")
+        {
+            // Stopped by a cancelled run: whether the file changed is not known.
+            return Ok((serde_json::Value::Null, report));
+        }
         let answer: helper::Answer = serde_json::from_str(report.stdout.trim()).map_err(|e| {
             ToolError::Sandbox(format!(
                 "file helper gave no answer ({e}); killed: {:?}; stderr: {}",
@@ -944,6 +994,7 @@ mod tests {
             net: Vec::new(),
             secret_env: None,
             call: None,
+            cancel: None,
         };
         let e = exec(
             &auth,
@@ -982,6 +1033,7 @@ mod tests {
             net: Vec::new(),
             secret_env: None,
             call: None,
+            cancel: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1057,6 +1109,7 @@ mod tests {
             net: Vec::new(),
             secret_env: None,
             call: None,
+            cancel: None,
         };
         (home, d, w, sb)
     }
