@@ -233,7 +233,8 @@ fn a_web_page_cannot_lock_the_owner_out() {
         // What another site's page makes the owner's browser send: an <img> (no Origin, but
         // Sec-Fetch-Site), a fetch or form post (Origin), a page on another port of localhost
         // (same-site), a token in the URL, and the browser's own CORS preflights.
-        let attempts: [(&str, &str, Vec<(&str, &str)>); 7] = [
+        type Attempt<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+        let attempts: [Attempt<'_>; 7] = [
             ("GET", "/metrics", vec![("Sec-Fetch-Site", "cross-site")]),
             ("GET", "/metrics", vec![evil]),
             ("GET", "/metrics", vec![("Sec-Fetch-Site", "same-site")]),

@@ -222,9 +222,9 @@ pub fn mount_flags(path: &CStr) -> io::Result<libc::c_ulong> {
 }
 
 /// `sysconf(_SC_ARG_MAX)`: -1 when the system gives no value.
-pub fn arg_max() -> i64 {
+pub fn arg_max() -> libc::c_long {
     // SAFETY: sysconf takes a plain integer name and touches no memory of ours.
-    i64::from(unsafe { libc::sysconf(libc::_SC_ARG_MAX) })
+    unsafe { libc::sysconf(libc::_SC_ARG_MAX) }
 }
 
 /// Sets a limit, never above the current hard limit (which an unprivileged process cannot

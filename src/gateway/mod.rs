@@ -1055,15 +1055,13 @@ fn providers_check(app: &App, cfg: &crate::config::Config) -> (bool, String) {
                     ));
                 }
             }
-            Some(SecretRef::Env(var)) => {
-                if std::env::var_os(var).is_none_or(|v| v.is_empty()) {
-                    problems.push(format!(
-                        "provider {}: api_key env:{var} is not set in the gateway's environment",
-                        p.name
-                    ));
-                }
+            Some(SecretRef::Env(var)) if std::env::var_os(var).is_none_or(|v| v.is_empty()) => {
+                problems.push(format!(
+                    "provider {}: api_key env:{var} is not set in the gateway's environment",
+                    p.name
+                ));
             }
-            None => {}
+            Some(SecretRef::Env(_)) | None => {}
         }
     }
     if !problems.is_empty() {
