@@ -43,7 +43,7 @@ fn health_answers_ok_without_a_token() {
 
 #[test]
 fn a_missing_wrong_or_query_string_token_is_refused_with_401() {
-    let gw = Gw::start("auth_max_failures = 50");
+    let mut gw = Gw::start("auth_max_failures = 50");
     let missing = http(gw.port, "GET", "/metrics", &[], b"");
     assert_eq!(missing.status, 401);
     assert_eq!(missing.json()["error"]["code"], "unauthorized");
@@ -90,7 +90,11 @@ fn a_missing_wrong_or_query_string_token_is_refused_with_401() {
     // The header alone works.
     assert_eq!(gw.get("/metrics").status, 200);
 
-    // The attempts are in the audit log, without the token.
+    // The attempts are in the audit log, without the token: the first failure of the window
+    // on its own, the others (the query-token ones among them) in one summary when the window
+    // ends (here: at shutdown).
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
     let out = gw.chitin(&["audit", "export", "--format", "jsonl"]);
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("gateway.auth"), "{log}");
@@ -103,35 +107,41 @@ fn a_missing_wrong_or_query_string_token_is_refused_with_401() {
     let refusal = text
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .find(|v| v["fields"]["reason"] == "query_token")
-        .expect("the query-token refusal is logged");
+        .find(|v| v["fields"]["reason"] == "missing")
+        .expect("the first refusal is logged");
     assert_eq!(refusal["span"]["request_id"].as_str().unwrap().len(), 16);
     assert_eq!(refusal["span"]["route"], "/metrics");
 }
 
 #[test]
-fn repeated_failures_lock_the_address_out_with_429_even_with_the_right_token() {
+fn repeated_failures_get_429_for_failed_attempts_but_never_for_the_right_token() {
     let gw = Gw::start(
         "auth_max_failures = 3\nauth_window_secs = 60\nauth_lockout_secs = 300\ntrusted_proxies = [\"127.0.0.1\"]",
     );
     let wrong = "Bearer ".to_string() + &"f".repeat(64);
-    for _ in 0..3 {
-        let r = http(
+    let fail = |gw: &Gw| {
+        http(
             gw.port,
             "GET",
             "/metrics",
             &[("Authorization", &wrong)],
             b"",
-        );
-        assert_eq!(r.status, 401);
+        )
+    };
+    for _ in 0..3 {
+        assert_eq!(fail(&gw).status, 401);
     }
-    let r = gw.get("/metrics");
+    // Over the allowance: failed attempts get 429...
+    let r = fail(&gw);
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "rate_limited");
     assert!(r.header("retry-after").unwrap().parse::<u64>().unwrap() > 200);
-    let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": "."}}));
-    assert_eq!(r.status, 429);
-    // A query-string token from the locked-out address: 429, and no new audit record.
+    // ...the right token from the same address passes at once, on every route.
+    assert_eq!(gw.get("/metrics").status, 200);
+    let r =
+        gw.invoke(&json!({"tool": "list_dir", "args": {"path": gw.workspace().to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A query-string token from the throttled address: 429, and no new audit record.
     let records = |gw: &Gw| {
         String::from_utf8_lossy(&gw.chitin(&["audit", "export"]).stdout)
             .matches("gateway.auth")
@@ -141,30 +151,182 @@ fn repeated_failures_lock_the_address_out_with_429_even_with_the_right_token() {
     let target = format!("/metrics?token={}", gw.token);
     assert_eq!(http(gw.port, "GET", &target, &[], b"").status, 429);
     assert_eq!(records(&gw), before);
-    // Another client behind the trusted proxy is not affected...
+    // Another client behind the trusted proxy is counted on its own: 401, not 429.
     let other = http(
         gw.port,
         "GET",
         "/metrics",
         &[
-            ("Authorization", &gw.bearer()),
+            ("Authorization", &wrong),
             ("X-Forwarded-For", "203.0.113.9"),
         ],
         b"",
     );
-    assert_eq!(other.status, 200, "{}", other.body);
-    assert!(
-        other
-            .body
-            .contains("chitin_auth_failures_total{reason=\"rate_limited\"} 3")
+    assert_eq!(other.status, 401, "{}", other.body);
+    let m = gw.get("/metrics").body;
+    assert_eq!(
+        metric(&m, "chitin_auth_failures_total{reason=\"rate_limited\"}"),
+        2
     );
-    assert!(
-        other
-            .body
-            .contains("chitin_auth_failures_total{reason=\"wrong\"} 3")
+    assert_eq!(
+        metric(&m, "chitin_auth_failures_total{reason=\"wrong\"}"),
+        5
     );
-    // ...and liveness still answers for the locked-out address.
+    // Liveness answers for everyone.
     assert_eq!(http(gw.port, "GET", "/health", &[], b"").status, 200);
+}
+
+/// The `gateway.auth` records of the audit log, oldest first.
+fn auth_records(gw: &Gw) -> Vec<Value> {
+    let out = gw.chitin(&["audit", "export", "--format", "jsonl"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .map(|v| v.get("record").cloned().unwrap_or(v))
+        .filter(|r| r["action"] == "gateway.auth")
+        .collect()
+}
+
+/// Waits (bounded) until the audit log holds `n` `gateway.auth` records (they are written
+/// after the response), then returns them.
+fn wait_auth_records(gw: &Gw, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let recs = auth_records(gw);
+        if recs.len() >= n || Instant::now() > deadline {
+            return recs;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const CROSS_ORIGIN_REFUSED: &str = "requests from other sites' pages are refused (a foreign Origin, Sec-Fetch-Site other than same-origin, or a CORS preflight); use the gateway's own web page, an origin in [gateway] allowed_origins, or a client outside the browser";
+const ORIGIN_REFUSED: &str = "this page's origin may not open the gateway's WebSocket; open the web chat from the gateway's own address or add the origin to [gateway] allowed_origins";
+
+#[test]
+fn a_web_page_cannot_lock_the_owner_out() {
+    let mut gw =
+        Gw::start("auth_max_failures = 5\nauth_window_secs = 3600\nauth_lockout_secs = 300");
+    let port = gw.port;
+    let evil = ("Origin", "http://evil.example");
+    let wrong = format!("Bearer {}", "0".repeat(64));
+    let in_url = format!("/metrics?token={}", "0".repeat(64));
+    let cross = json!({"error": {"code": "cross_origin_refused", "message": CROSS_ORIGIN_REFUSED}});
+    let preflight = [
+        evil,
+        ("Access-Control-Request-Method", "POST"),
+        (
+            "Access-Control-Request-Headers",
+            "authorization,content-type",
+        ),
+    ];
+    let upgrade = [
+        evil,
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    for _ in 0..20 {
+        // What another site's page makes the owner's browser send: an <img> (no Origin, but
+        // Sec-Fetch-Site), a fetch or form post (Origin), a page on another port of localhost
+        // (same-site), a token in the URL, and the browser's own CORS preflights.
+        type Attempt<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+        let attempts: [Attempt<'_>; 7] = [
+            ("GET", "/metrics", vec![("Sec-Fetch-Site", "cross-site")]),
+            ("GET", "/metrics", vec![evil]),
+            ("GET", "/metrics", vec![("Sec-Fetch-Site", "same-site")]),
+            (
+                "POST",
+                "/tools/invoke",
+                vec![evil, ("Authorization", &wrong)],
+            ),
+            ("GET", &in_url, vec![("Sec-Fetch-Site", "cross-site")]),
+            ("OPTIONS", "/tools/invoke", preflight.to_vec()),
+            ("OPTIONS", "/v1/chat/completions", preflight.to_vec()),
+        ];
+        for (method, target, headers) in &attempts {
+            let r = http(port, method, target, headers, b"");
+            assert_eq!(r.status, 403, "{method} {target} {headers:?}: {}", r.body);
+            assert_eq!(r.json(), cross, "{method} {target}");
+        }
+        // A cross-origin WebSocket, with and without a credential in the URL: the origin
+        // refusal, not 401.
+        for target in ["/ws", "/ws?token=0000"] {
+            let r = http(port, "GET", target, &upgrade, b"");
+            assert_eq!(r.status, 403, "{target}: {}", r.body);
+            assert_eq!(
+                r.json(),
+                json!({"error": {"code": "origin_refused", "message": ORIGIN_REFUSED}})
+            );
+        }
+    }
+    // None of that counted: the owner's token works at once, nothing is audited.
+    let r = gw.get("/metrics");
+    assert_eq!(r.status, 200, "{}", r.body);
+    for reason in [
+        "missing",
+        "malformed",
+        "wrong",
+        "query_token",
+        "rate_limited",
+    ] {
+        let line = format!("chitin_auth_failures_total{{reason=\"{reason}\"}}");
+        assert_eq!(metric(&r.body, &line), 0, "{reason}");
+    }
+    assert!(auth_records(&gw).is_empty());
+
+    // Failures from loopback itself (wrong, missing, malformed, a token in the URL): 401,
+    // then 429 once over the allowance...
+    let statuses: Vec<u16> = (0..20)
+        .map(|i| match i % 4 {
+            0 => http(port, "GET", "/metrics", &[("Authorization", &wrong)], b"").status,
+            1 => http(port, "GET", "/metrics", &[], b"").status,
+            2 => {
+                http(
+                    port,
+                    "POST",
+                    "/tools/invoke",
+                    &[("Authorization", "Basic abc")],
+                    b"{}",
+                )
+                .status
+            }
+            _ => http(port, "GET", &in_url, &[], b"").status,
+        })
+        .collect();
+    assert_eq!(statuses[..5], [401; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    // ...and the right token still gets 200 immediately, on every route.
+    assert_eq!(gw.get("/metrics").status, 200);
+    let r =
+        gw.invoke(&json!({"tool": "list_dir", "args": {"path": gw.workspace().to_str().unwrap()}}));
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Audited in bounded form: the first failure on its own...
+    let recs = wait_auth_records(&gw, 1);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["actor"], "client:127.0.0.1");
+    assert_eq!(recs[0]["outcome"], "refused: wrong");
+    // ...the other 19 in one summary when the window ends (here: at shutdown).
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    let recs = auth_records(&gw);
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(recs[1]["actor"], "client:127.0.0.1");
+    assert_eq!(recs[1]["outcome"], "refused 19 more times within 3600 s");
+    let payload: Value = match &recs[1]["payload"] {
+        Value::String(s) => serde_json::from_str(s).unwrap(),
+        v => v.clone(),
+    };
+    assert_eq!(
+        payload,
+        json!({"count": 19, "reasons": {"malformed": 5, "missing": 5, "query_token": 5, "wrong": 4}, "window_secs": 3600})
+    );
 }
 
 #[test]
@@ -855,6 +1017,85 @@ fn a_bad_policy_file_dropped_in_without_sighup_is_rejected_and_a_fix_applies() {
     let r = gw.invoke(&json!({"tool": "list_dir", "args": {"path": ws.to_str().unwrap()}}));
     assert_eq!(r.status, 403, "{}", r.body);
     assert!(r.body.contains("test.no-list"), "{}", r.body);
+}
+
+#[test]
+fn a_client_sending_its_headers_byte_by_byte_is_cut_off_after_the_header_timeout() {
+    use std::io::Read;
+    let gw = Gw::start("header_timeout_secs = 1");
+    let mut s = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        .unwrap();
+    // One more header byte after each read timeout, never the end of the head (slowloris):
+    // the server must close the connection. The bound is far above the configured second.
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break true,
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        if s.write_all(b"a").is_err() {
+            break true;
+        }
+    };
+    assert!(
+        closed,
+        "a slow request head kept its connection open for 60 s"
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert!(got.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    // Everyone else is served as usual.
+    assert_eq!(http(gw.port, "GET", "/health", &[], b"").status, 200);
+}
+
+#[test]
+fn an_argv_too_large_for_execve_is_a_400_naming_the_limit_not_sandbox_unavailable() {
+    let gw = Gw::start("max_body_kib = 16384");
+    // 7.2 MB of arguments: over the kernel's limit whatever the stack limit (6 MiB at most).
+    let mut argv = vec!["echo".to_string()];
+    argv.extend(std::iter::repeat_n("a".repeat(120_000), 60));
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": argv}}));
+    assert_eq!(r.status, 400, "{}", &r.body[..r.body.len().min(300)]);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "invalid_args");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(
+            "invalid arguments for `exec`: argv is 7200553 bytes; one exec can carry at most "
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.ends_with("pass large data on stdin or in a workspace file"),
+        "{msg}"
+    );
+    // One argument over the kernel's per-argument limit, the whole far under the total.
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": ["echo", "b".repeat(200_000)]}}));
+    assert_eq!(r.status, 400, "{}", &r.body[..r.body.len().min(300)]);
+    assert_eq!(
+        r.json(),
+        json!({"error": {"code": "invalid_args", "message": "invalid arguments for `exec`: argv[1] is 200000 bytes; one argument may be at most 131071 bytes (the kernel's limit); pass large data on stdin or in a workspace file"}})
+    );
+    // A large argument under the limit runs.
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": ["sh", "-c", "printf %s \"$1\" | wc -c", "sh", "c".repeat(100_000)]}}));
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    assert_eq!(
+        r.json()["result"]["stdout"].as_str().unwrap().trim(),
+        "100000"
+    );
 }
 
 #[test]

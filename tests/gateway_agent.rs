@@ -204,3 +204,86 @@ fn sigterm_mid_run_loses_nothing_acknowledged_and_the_run_completes_after_restar
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn chat_completions_refuses_unknown_fields_by_name_and_accepts_common_client_options() {
+    let (_rt, s) = fake(vec![Step::text("fine")]);
+    let gw = Gw::start(&with_model(&s.base_url()));
+    let hi = json!([{"role": "user", "content": "hi"}]);
+    let r = chat(
+        &gw,
+        &json!({"model": "chitin", "messages": hi, "approved": true}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"error": {"code": "invalid_request", "message": "unknown field `approved`; accepted: model, messages, stream, user, n; accepted and ignored: temperature, top_p, max_tokens, max_completion_tokens, stop, presence_penalty, frequency_penalty, seed, logit_bias, logprobs, top_logprobs, stream_options, tools, tool_choice, parallel_tool_calls, response_format, metadata, store, reasoning_effort, service_tier"}})
+    );
+    let r = chat(&gw, &json!({"model": "chitin", "messages": hi, "n": 2}));
+    assert_eq!(r.status, 400);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "n must be 1: the agent gives one answer per request"
+    );
+    assert!(s.requests().is_empty(), "nothing reached the model");
+    // What OpenAI clients commonly send is accepted (and ignored: the agent's config decides).
+    let r = chat(
+        &gw,
+        &json!({"model": "chitin", "messages": hi, "temperature": 0.2, "top_p": 1,
+                "max_tokens": 100, "max_completion_tokens": 100, "n": 1, "stop": ["\n"],
+                "presence_penalty": 0, "frequency_penalty": 0, "seed": 7, "logprobs": false,
+                "stream_options": {"include_usage": true}, "tool_choice": "auto",
+                "tools": [{"type": "function", "function": {"name": "x", "parameters": {}}}],
+                "parallel_tool_calls": false, "response_format": {"type": "text"},
+                "metadata": {}, "store": false, "user": "u1"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["message"]["content"], "fine");
+}
+
+#[test]
+fn ready_reports_a_missing_provider_key_and_failing_providers_and_ok_when_they_answer() {
+    // A provider whose key reference does not resolve: not ok, with the reason (never a value).
+    let (_rt, s) = fake(vec![]);
+    let gw = Gw::start(&format!(
+        "{}api_key = \"secret:fake_key\"\n",
+        with_model(&s.base_url())
+    ));
+    let r = gw.get("/ready");
+    assert_eq!(r.status, 503, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["ready"], false);
+    assert_eq!(
+        v["checks"]["providers"],
+        json!({"ok": false, "detail": "provider fake: api_key secret:fake_key is not in the secret store (store it with `chitin secrets set fake_key`, then reload with SIGHUP)"})
+    );
+    drop(gw);
+
+    // A provider that answers errors: ok until three calls in a row failed, then not ok with
+    // the last error; ok again once it answers.
+    let (_rt2, s2) = fake(vec![]);
+    s2.set_fallback(Step::status(400));
+    let gw = Gw::start(&format!("{}max_attempts = 1\n", with_model(&s2.base_url())));
+    let ok =
+        json!({"ok": true, "detail": "model fake/m1 configured, 1 providers, their keys present"});
+    assert_eq!(gw.get("/ready").json()["checks"]["providers"], ok);
+    let hi = json!({"model": "chitin", "messages": [{"role": "user", "content": "hi"}]});
+    for _ in 0..3 {
+        assert_eq!(chat(&gw, &hi).status, 502);
+    }
+    let r = gw.get("/ready");
+    assert_eq!(r.status, 503, "{}", r.body);
+    let p = r.json()["checks"]["providers"].clone();
+    assert_eq!(p["ok"], false, "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(
+            "the last 3 model calls failed (after retries and fallbacks); last error: "
+        ),
+        "{detail}"
+    );
+    assert!(detail.contains("fake error 400"), "{detail}");
+    s2.set_fallback(Step::text("back"));
+    assert_eq!(chat(&gw, &hi).status, 200);
+    assert_eq!(gw.get("/ready").json()["checks"]["providers"], ok);
+}

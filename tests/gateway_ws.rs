@@ -50,20 +50,18 @@ struct TwoUsers {
 }
 
 impl WsAuth for TwoUsers {
-    fn locked_out(&self, client: IpAddr) -> Option<Duration> {
-        self.limiter.lock().unwrap().locked(client, Instant::now())
-    }
     fn user_for(&self, token: &[u8]) -> Option<String> {
         self.tokens
             .iter()
             .find(|(t, _)| t.as_bytes() == token)
             .map(|(_, u)| (*u).to_string())
     }
-    fn failed(&self, client: IpAddr, _why: AuthFailure) {
+    fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration> {
         self.limiter
             .lock()
             .unwrap()
-            .fail(client, Instant::now(), limits(100));
+            .fail(client, why, Instant::now(), limits(100))
+            .throttled
     }
 }
 
@@ -425,25 +423,60 @@ async fn a_foreign_origin_is_refused_with_403_before_the_upgrade() {
 }
 
 #[tokio::test]
-async fn repeated_failures_lock_the_address_out_even_with_the_right_token() {
+async fn repeated_failed_connects_are_throttled_but_the_right_token_still_connects() {
     let s = start_with(vec![], WsSettings::default(), 3).await;
-    for _ in 0..3 {
+    let mut codes = Vec::new();
+    for _ in 0..5 {
         let mut c = open(s.port, "/ws", None).await.unwrap();
         let r = c.call("connect", json!({"token": "wrong"})).await;
-        assert_eq!(error_code(&r), "unauthorized");
+        codes.push(error_code(&r).to_string());
     }
-    let (status, body) = refused_status(s.port, "/ws", None).await;
-    assert_eq!(status, 429);
-    assert_eq!(body["error"]["code"], "rate_limited");
-    // A connection opened before the lockout cannot authenticate either.
+    assert_eq!(
+        codes,
+        [
+            "unauthorized",
+            "unauthorized",
+            "unauthorized",
+            "rate_limited",
+            "rate_limited"
+        ]
+    );
+    // The upgrade itself carries no credential: never refused for earlier failures.
+    let mut c = open(s.port, "/ws", None).await.unwrap();
+    let r = c.call("connect", json!({"token": TOKEN})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    // A connection opened before the failures authenticates too.
     let s2 = start_with(vec![], WsSettings::default(), 2).await;
     let mut early = open(s2.port, "/ws", None).await.unwrap();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let mut c = open(s2.port, "/ws", None).await.unwrap();
         c.call("connect", json!({"token": "wrong"})).await;
     }
     let r = early.call("connect", json!({"token": TOKEN})).await;
-    assert_eq!(error_code(&r), "rate_limited");
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+const ORIGIN_REFUSED: &str = "this page's origin may not open the gateway's WebSocket; open the web chat from the gateway's own address or add the origin to [gateway] allowed_origins";
+
+#[tokio::test]
+async fn a_foreign_origin_is_refused_before_the_query_token_and_counts_as_nothing() {
+    let s = start_with(vec![], WsSettings::default(), 1).await;
+    for path in [
+        format!("/ws?token={TOKEN}"),
+        "/ws?token=wrong".into(),
+        "/ws".into(),
+    ] {
+        let (status, body) = refused_status(s.port, &path, Some("http://evil.example")).await;
+        assert_eq!(status, 403, "{path}");
+        assert_eq!(
+            body,
+            json!({"error": {"code": "origin_refused", "message": ORIGIN_REFUSED}})
+        );
+    }
+    assert!(s.auth.failures().is_empty(), "{:?}", s.auth.failures());
+    let mut c = open(s.port, "/ws", None).await.unwrap();
+    let r = c.call("connect", json!({"token": TOKEN})).await;
+    assert_eq!(r["ok"], true, "{r}");
 }
 
 #[tokio::test]
@@ -992,9 +1025,57 @@ async fn the_real_gateway_serves_the_websocket_with_its_own_token_origins_and_li
         let r = c.call("connect", json!({"token": "0".repeat(64)})).await;
         assert_eq!(error_code(&r), "unauthorized");
     }
-    let (status, _) = refused_status(port, "/ws", None).await;
-    assert_eq!(status, 429);
+    let mut c2 = open(port, "/ws", None).await.unwrap();
+    let r = c2.call("connect", json!({"token": "0".repeat(64)})).await;
+    assert_eq!(error_code(&r), "rate_limited");
+    // The right token is never refused for failures.
+    let mut c3 = open(port, "/ws", None).await.unwrap();
+    let r = c3.call("connect", json!({"token": gw.token})).await;
+    assert_eq!(r["ok"], true, "{r}");
     drop(c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_origin_websockets_and_failed_connects_never_refuse_the_right_token() {
+    let gw = tokio::task::spawn_blocking(|| real::start("auth_max_failures = 3"))
+        .await
+        .unwrap();
+    let port = gw.port;
+    // Another site's page opening WebSockets, even with the right token in the URL: the
+    // origin refusal (not 401), and nothing counted.
+    for i in 0..20 {
+        let path = match i % 3 {
+            0 => "/ws".to_string(),
+            1 => "/ws?token=0000".to_string(),
+            _ => format!("/ws?token={}", gw.token),
+        };
+        let (status, body) = refused_status(port, &path, Some("http://evil.example")).await;
+        assert_eq!(status, 403, "{path}");
+        assert_eq!(
+            body,
+            json!({"error": {"code": "origin_refused", "message": ORIGIN_REFUSED}})
+        );
+    }
+    let mut c = open(port, "/ws", Some(&format!("http://127.0.0.1:{port}")))
+        .await
+        .unwrap();
+    let r = c.call("connect", json!({"token": gw.token})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    // Failed connects from loopback: unauthorized, then rate_limited...
+    let mut codes = Vec::new();
+    for _ in 0..6 {
+        let mut c = open(port, "/ws", None).await.unwrap();
+        let r = c.call("connect", json!({"token": "0".repeat(64)})).await;
+        codes.push(error_code(&r).to_string());
+    }
+    assert_eq!(codes[..3], ["unauthorized"; 3]);
+    assert_eq!(codes[3..], ["rate_limited"; 3]);
+    // ...and the right token still connects at once, from the page's origin and without one.
+    for origin in [Some(format!("http://localhost:{port}")), None] {
+        let mut c = open(port, "/ws", origin.as_deref()).await.unwrap();
+        let r = c.call("connect", json!({"token": gw.token})).await;
+        assert_eq!(r["ok"], true, "{origin:?}: {r}");
+    }
 }
 
 async fn raw_post(port: u16, path: &str, token: &str, body: &Value) -> (u16, Value) {

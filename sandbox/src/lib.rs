@@ -40,6 +40,19 @@ pub const SCRATCH_DIRS: &[&str] = &["/tmp", "/dev/shm"];
 
 use std::path::PathBuf;
 
+/// The longest single argument or environment string one `execve` accepts, its NUL included
+/// (the kernel's `MAX_ARG_STRLEN`, 32 pages).
+pub const MAX_ARG_STRLEN: usize = 32 * 4096;
+
+/// The most bytes of argument and environment strings (NULs and pointers included) one
+/// `execve` accepts: `sysconf(_SC_ARG_MAX)` (a quarter of the stack limit) within the kernel's
+/// own bounds (at least 128 KiB, at most 6 MiB); beyond it `execve` fails with `E2BIG`.
+pub fn exec_args_limit() -> usize {
+    const FLOOR: usize = 128 * 1024;
+    const CEILING: usize = 6 * 1024 * 1024;
+    usize::try_from(sys::arg_max()).map_or(FLOOR, |n| n.clamp(FLOOR, CEILING))
+}
+
 /// Errors of the jailer. Each names the layer that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {

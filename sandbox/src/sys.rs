@@ -221,6 +221,12 @@ pub fn mount_flags(path: &CStr) -> io::Result<libc::c_ulong> {
     Ok(st.f_flag)
 }
 
+/// `sysconf(_SC_ARG_MAX)`: -1 when the system gives no value.
+pub fn arg_max() -> libc::c_long {
+    // SAFETY: sysconf takes a plain integer name and touches no memory of ours.
+    unsafe { libc::sysconf(libc::_SC_ARG_MAX) }
+}
+
 /// Sets a limit, never above the current hard limit (which an unprivileged process cannot
 /// raise anyway): the result is always at most what was asked.
 pub fn setrlimit(res: libc::__rlimit_resource_t, soft: u64, hard: u64) -> io::Result<()> {

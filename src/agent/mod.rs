@@ -223,6 +223,10 @@ struct Stats {
     latency: BTreeMap<String, (u64, u64)>,
     /// Spend in USD by user.
     spend: BTreeMap<String, f64>,
+    /// Model calls (after retries and fallbacks) that failed since the last one that
+    /// succeeded, and the last failure (for `/ready`).
+    failed_in_a_row: u64,
+    last_failure: Option<String>,
 }
 
 struct Inner {
@@ -303,6 +307,19 @@ impl Agent {
 
     pub fn approvals(&self) -> &Approvals {
         &self.0.p.approvals
+    }
+
+    /// How many model calls (after retries and fallbacks) failed since the last one that
+    /// succeeded, and the last failure.
+    pub fn model_health(&self) -> (u64, Option<String>) {
+        self.0.stats.lock().map_or((0, None), |s| {
+            (
+                s.failed_in_a_row,
+                (s.failed_in_a_row > 0)
+                    .then(|| s.last_failure.clone())
+                    .flatten(),
+            )
+        })
     }
 
     /// Prometheus text: runs by status, model calls by model and outcome, model latency,
@@ -933,6 +950,7 @@ impl Run {
                         *s.model_calls
                             .entry(format!("{}\u{0}ok", r.model))
                             .or_default() += 1;
+                        s.failed_in_a_row = 0;
                         let l = s.latency.entry(r.model.clone()).or_default();
                         l.0 = l.0.saturating_add(ms);
                         l.1 += 1;
@@ -941,10 +959,13 @@ impl Run {
                     r
                 }
                 Err(e) => {
+                    let failure = e.to_string();
                     self.stat(|s| {
                         *s.model_calls
                             .entry(format!("{first_model}\u{0}error"))
-                            .or_default() += 1
+                            .or_default() += 1;
+                        s.failed_in_a_row += 1;
+                        s.last_failure = Some(failure);
                     });
                     return Ok(End::Failed(format!(
                         "the model could not be reached: {e}. Your message is saved; send it again when the provider is back, or fix [[providers]] in chitin.toml"

@@ -24,13 +24,20 @@ tls_key = ""
 # The agent workspace tool calls run in. Empty: "chitin-workspace" next to the state directory
 # (~/chitin-workspace for ~/.chitin), created 0700. It may not overlap the state directory.
 workspace = ""
-# Failed authentications allowed per client address within auth_window_secs; the next one locks
-# that address out (429, even with the right token) for auth_lockout_secs. Loopback included.
+# Failed authentications allowed per client (an IPv4 address, or an IPv6 /64) within
+# auth_window_secs; after that, that client's *failed* attempts are answered 429 for
+# auth_lockout_secs. A request with the right token is never refused. Requests from other
+# sites' pages (a foreign Origin, Sec-Fetch-Site cross-site, CORS preflights) are refused
+# (403) and do not count. Failures are audited once per client and window plus one summary
+# with their count.
 auth_max_failures = 5
 auth_window_secs = 60
 auth_lockout_secs = 300
 # Largest request body accepted, in KiB (larger: 400 body_too_large).
 max_body_kib = 1024
+# Seconds a client has to send a complete request head; a slower one (slowloris) has its
+# connection closed.
+header_timeout_secs = 10
 # On SIGTERM, how long in-flight requests may take to finish before the gateway stops anyway.
 shutdown_grace_secs = 10
 # Extra browser origins (scheme://host[:port]) allowed to open the WebSocket at /ws, e.g. the
@@ -64,6 +71,7 @@ pub struct GatewayConfig {
     pub auth_window_secs: u64,
     pub auth_lockout_secs: u64,
     pub max_body_kib: usize,
+    pub header_timeout_secs: u64,
     pub shutdown_grace_secs: u64,
     pub allowed_origins: Vec<String>,
     pub ws_max_frame_kib: usize,
@@ -85,6 +93,7 @@ impl Default for GatewayConfig {
             auth_window_secs: 60,
             auth_lockout_secs: 300,
             max_body_kib: 1024,
+            header_timeout_secs: 10,
             shutdown_grace_secs: 10,
             allowed_origins: Vec::new(),
             ws_max_frame_kib: 256,
@@ -108,6 +117,9 @@ impl GatewayConfig {
         }
         if self.auth_max_failures == 0 {
             return Err("[gateway] auth_max_failures must be at least 1".into());
+        }
+        if self.header_timeout_secs == 0 {
+            return Err("[gateway] header_timeout_secs must be at least 1".into());
         }
         self.origins()?;
         if self.ws_max_frame_kib == 0 || self.ws_max_frame_kib > 16 * 1024 {

@@ -1,73 +1,204 @@
 //! Who is asking: the client address (trusted proxies decide when `X-Forwarded-For` counts),
 //! the bearer token check and the failed-authentication limiter.
+//!
+//! The limiter only ever looks at *failed* attempts: a request with the valid token passes
+//! whatever other requests from the same address did (gateway tokens are 256-bit, so refusing
+//! the right token protects nothing against guessing and lets any web page lock the owner out).
+//! A client over its allowance gets 429 instead of 401 for its failed attempts, and its
+//! failures are audited in bounded form: one record for the first failure of a window, one
+//! summary record with the count of the others when the window ends.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// Limits for failed authentications per client address.
+/// Limits for failed authentications per client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitConfig {
+    /// Failed attempts allowed per client within `window`; the one that reaches it makes the
+    /// client's further failed attempts get 429 for `lockout`.
     pub max_failures: u32,
+    /// The counting window, also the audit aggregation window.
     pub window: Duration,
+    /// How long failed attempts of a client over its allowance are answered 429.
     pub lockout: Duration,
+}
+
+/// Whom failures are counted for: an IPv4 address, or the /64 prefix of an IPv6 address (a
+/// single host usually holds a whole /64, so per-address counting would count nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientKey(IpAddr);
+
+impl ClientKey {
+    pub fn of(ip: IpAddr) -> Self {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                Self(IpAddr::V6(Ipv6Addr::new(
+                    s[0], s[1], s[2], s[3], 0, 0, 0, 0,
+                )))
+            }
+            v4 @ IpAddr::V4(_) => Self(v4),
+        }
+    }
+}
+
+impl fmt::Display for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            IpAddr::V4(v4) => write!(f, "{v4}"),
+            IpAddr::V6(v6) => write!(f, "{v6}/64"),
+        }
+    }
 }
 
 #[derive(Debug)]
 struct Slot {
     window_start: Instant,
     failures: u32,
-    locked_until: Option<Instant>,
+    throttled_until: Option<Instant>,
+    /// Start of the audit window (its first failure was audited on its own).
+    audit_start: Option<Instant>,
+    /// Failures of the audit window after the first one, by reason.
+    unaudited: BTreeMap<&'static str, u32>,
 }
 
-/// Failed authentications per client address. A locked-out address gets 429 for every
-/// protected request until the lockout ends, whatever token it sends.
+/// What one failed attempt means for its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub client: ClientKey,
+    /// `Some(remaining)`: the client is over its allowance; answer 429 with `Retry-After`.
+    pub throttled: Option<Duration>,
+    /// This failure brought the client to its allowance.
+    pub throttled_now: bool,
+    /// The first failure of the client's audit window: write its audit record now (the
+    /// window's other failures go into one [`Summary`]).
+    pub audit_now: bool,
+    /// The previous audit window of this client ended with failures not yet audited.
+    pub ended: Option<Summary>,
+}
+
+/// The failures of one client in one audit window that were not audited one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub client: ClientKey,
+    pub count: u32,
+    pub reasons: BTreeMap<&'static str, u32>,
+    pub window: Duration,
+}
+
+/// Failed authentications per client. Nothing here ever refuses a valid credential.
 #[derive(Debug, Default)]
 pub struct Limiter {
-    slots: HashMap<IpAddr, Slot>,
+    slots: HashMap<ClientKey, Slot>,
 }
 
-/// Most addresses remembered; beyond that, entries with nothing to remember are dropped.
+/// Most clients remembered; beyond that, entries with nothing to remember are dropped, and
+/// failures of new clients are counted together under the unspecified address.
 const MAX_SLOTS: usize = 65_536;
 
 impl Limiter {
-    /// The remaining lockout of `ip`, if it is locked out.
-    pub fn locked(&mut self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let slot = self.slots.get_mut(&ip)?;
-        match slot.locked_until {
-            Some(until) if until > now => Some(until - now),
-            Some(_) => {
-                self.slots.remove(&ip);
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Records one failure; true when this failure locks the address out.
-    pub fn fail(&mut self, ip: IpAddr, now: Instant, cfg: LimitConfig) -> bool {
-        if self.slots.len() >= MAX_SLOTS {
+    /// Records one failed attempt of `ip` for `why`.
+    pub fn fail(
+        &mut self,
+        ip: IpAddr,
+        why: AuthFailure,
+        now: Instant,
+        cfg: LimitConfig,
+    ) -> Failure {
+        let mut key = ClientKey::of(ip);
+        if self.slots.len() >= MAX_SLOTS && !self.slots.contains_key(&key) {
             self.slots.retain(|_, s| {
-                s.locked_until.is_some_and(|u| u > now)
+                s.throttled_until.is_some_and(|u| u > now)
                     || now.duration_since(s.window_start) < cfg.window
+                    || !s.unaudited.is_empty()
             });
+            if self.slots.len() >= MAX_SLOTS {
+                key = ClientKey(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+            }
         }
-        let slot = self.slots.entry(ip).or_insert(Slot {
+        let slot = self.slots.entry(key).or_insert(Slot {
             window_start: now,
             failures: 0,
-            locked_until: None,
+            throttled_until: None,
+            audit_start: None,
+            unaudited: BTreeMap::new(),
         });
+        // Auditing: the first failure of a window on its own, the rest summarized.
+        let (audit_now, ended) = match slot.audit_start {
+            Some(t) if now.duration_since(t) < cfg.window => {
+                *slot.unaudited.entry(why.as_str()).or_default() += 1;
+                (false, None)
+            }
+            _ => {
+                slot.audit_start = Some(now);
+                (true, take_summary(key, slot, cfg.window))
+            }
+        };
+        // Throttling of failed attempts only.
+        if let Some(until) = slot.throttled_until {
+            if until > now {
+                return Failure {
+                    client: key,
+                    throttled: Some(until - now),
+                    throttled_now: false,
+                    audit_now,
+                    ended,
+                };
+            }
+            slot.throttled_until = None;
+            slot.window_start = now;
+            slot.failures = 0;
+        }
         if now.duration_since(slot.window_start) >= cfg.window {
             slot.window_start = now;
             slot.failures = 0;
         }
         slot.failures = slot.failures.saturating_add(1);
-        if slot.failures >= cfg.max_failures && slot.locked_until.is_none() {
-            slot.locked_until = Some(now + cfg.lockout);
-            return true;
+        let throttled_now = slot.failures >= cfg.max_failures;
+        if throttled_now {
+            slot.throttled_until = Some(now + cfg.lockout);
         }
-        false
+        Failure {
+            client: key,
+            throttled: None,
+            throttled_now,
+            audit_now,
+            ended,
+        }
     }
+
+    /// The summaries of audit windows that have ended (all pending ones with `all`, at
+    /// shutdown), each taken once.
+    pub fn summaries(&mut self, now: Instant, cfg: LimitConfig, all: bool) -> Vec<Summary> {
+        let mut out = Vec::new();
+        for (key, slot) in &mut self.slots {
+            let ended = slot
+                .audit_start
+                .is_none_or(|t| now.duration_since(t) >= cfg.window);
+            if (all || ended)
+                && let Some(s) = take_summary(*key, slot, cfg.window)
+            {
+                out.push(s);
+            }
+        }
+        out.sort_by_key(|s| s.client);
+        out
+    }
+}
+
+fn take_summary(client: ClientKey, slot: &mut Slot, window: Duration) -> Option<Summary> {
+    if slot.unaudited.is_empty() {
+        return None;
+    }
+    let reasons = std::mem::take(&mut slot.unaudited);
+    Some(Summary {
+        client,
+        count: reasons.values().sum(),
+        reasons,
+        window,
+    })
 }
 
 /// The client address: the TCP peer, or — only when the peer is a trusted proxy — the
@@ -192,18 +323,25 @@ mod tests {
     }
 
     #[test]
-    fn the_third_failure_in_a_window_locks_the_address_out_until_the_lockout_ends() {
+    fn the_third_failure_in_a_window_throttles_only_the_failed_attempts_of_that_client() {
         let mut l = Limiter::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         let t = Instant::now();
-        assert!(!l.fail(ip, t, cfg()));
-        assert!(!l.fail(ip, t, cfg()));
-        assert!(l.locked(ip, t).is_none());
-        assert!(l.fail(ip, t, cfg()));
-        assert!(l.locked(ip, t + Duration::from_secs(299)).is_some());
-        assert!(l.locked(ip, t + Duration::from_secs(301)).is_none());
+        let w = AuthFailure::Wrong;
+        assert_eq!(l.fail(ip, w, t, cfg()).throttled, None);
+        assert_eq!(l.fail(ip, w, t, cfg()).throttled, None);
+        let third = l.fail(ip, w, t, cfg());
+        assert!(third.throttled_now);
+        assert_eq!(third.throttled, None);
+        let later = l.fail(ip, w, t + Duration::from_secs(299), cfg());
+        assert_eq!(later.throttled, Some(Duration::from_secs(1)));
+        // Failures while throttled do not extend it.
+        assert_eq!(
+            l.fail(ip, w, t + Duration::from_secs(301), cfg()).throttled,
+            None
+        );
         let other: IpAddr = "127.0.0.2".parse().unwrap();
-        assert!(l.locked(other, t).is_none());
+        assert_eq!(l.fail(other, w, t, cfg()).throttled, None);
     }
 
     #[test]
@@ -211,10 +349,91 @@ mod tests {
         let mut l = Limiter::default();
         let ip: IpAddr = "::1".parse().unwrap();
         let t = Instant::now();
-        l.fail(ip, t, cfg());
-        l.fail(ip, t, cfg());
-        assert!(!l.fail(ip, t + Duration::from_secs(61), cfg()));
-        assert!(l.locked(ip, t + Duration::from_secs(61)).is_none());
+        l.fail(ip, AuthFailure::Missing, t, cfg());
+        l.fail(ip, AuthFailure::Missing, t, cfg());
+        let f = l.fail(ip, AuthFailure::Missing, t + Duration::from_secs(61), cfg());
+        assert!(!f.throttled_now);
+        assert_eq!(f.throttled, None);
+    }
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64_and_ipv4_mapped_ones_as_ipv4() {
+        let mut l = Limiter::default();
+        let t = Instant::now();
+        for host in ["2001:db8:1:2::1", "2001:db8:1:2::2", "2001:db8:1:2:ffff::9"] {
+            l.fail(host.parse().unwrap(), AuthFailure::Wrong, t, cfg());
+        }
+        let f = l.fail(
+            "2001:db8:1:2::77".parse().unwrap(),
+            AuthFailure::Wrong,
+            t,
+            cfg(),
+        );
+        assert_eq!(f.client.to_string(), "2001:db8:1:2::/64");
+        assert!(f.throttled.is_some(), "the /64 is one client");
+        let next_net = l.fail(
+            "2001:db8:1:3::1".parse().unwrap(),
+            AuthFailure::Wrong,
+            t,
+            cfg(),
+        );
+        assert_eq!(next_net.throttled, None);
+        let mapped = l.fail(
+            "::ffff:10.0.0.1".parse().unwrap(),
+            AuthFailure::Wrong,
+            t,
+            cfg(),
+        );
+        assert_eq!(mapped.client.to_string(), "10.0.0.1");
+    }
+
+    #[test]
+    fn failures_are_audited_once_per_window_and_summarized_with_their_count() {
+        let mut l = Limiter::default();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let t = Instant::now();
+        let first = l.fail(ip, AuthFailure::Wrong, t, cfg());
+        assert!(first.audit_now);
+        for i in 0..19 {
+            let why = if i % 2 == 0 {
+                AuthFailure::Missing
+            } else {
+                AuthFailure::QueryToken
+            };
+            let f = l.fail(ip, why, t + Duration::from_secs(1), cfg());
+            assert!(!f.audit_now && f.ended.is_none());
+        }
+        // Nothing to summarize while the window runs...
+        assert!(
+            l.summaries(t + Duration::from_secs(59), cfg(), false)
+                .is_empty()
+        );
+        // ...one summary when it has ended, taken once.
+        let s = l.summaries(t + Duration::from_secs(60), cfg(), false);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].count, 19);
+        assert_eq!(s[0].reasons["missing"], 10);
+        assert_eq!(s[0].reasons["query_token"], 9);
+        assert!(
+            l.summaries(t + Duration::from_secs(61), cfg(), true)
+                .is_empty()
+        );
+        // A failure after the window starts a new one, audited on its own; the pending rest of
+        // the previous window comes with it.
+        l.fail(ip, AuthFailure::Wrong, t + Duration::from_secs(100), cfg());
+        l.fail(ip, AuthFailure::Wrong, t + Duration::from_secs(101), cfg());
+        let f = l.fail(ip, AuthFailure::Wrong, t + Duration::from_secs(200), cfg());
+        assert!(f.audit_now);
+        assert_eq!(f.ended.unwrap().count, 1);
+        l.fail(
+            ip,
+            AuthFailure::Malformed,
+            t + Duration::from_secs(201),
+            cfg(),
+        );
+        let all = l.summaries(t + Duration::from_secs(202), cfg(), true);
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].reasons["malformed"], 1);
     }
 
     #[test]

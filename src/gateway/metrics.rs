@@ -80,7 +80,7 @@ impl Metrics {
         self.checkpoints.fetch_add(1, Ordering::Relaxed);
     }
     /// WebSocket connection outcomes: `upgraded`, `authenticated`, `auth_failed`,
-    /// `refused_origin`, `refused_locked_out`, `refused_capacity`.
+    /// `refused_origin`, `refused_capacity`.
     pub fn ws_connection(&self, outcome: &str) {
         self.ws_connections.inc(outcome);
     }

@@ -5,8 +5,12 @@
 //!   the token maps to one principal, the configured owner (`Chitin::User::"<owner>"`).
 //! - A token in the URL query is refused (401) on every route, even next to a valid header,
 //!   and the attempt is logged and audited without the value.
-//! - Failed authentications are limited per client address (loopback included); a locked-out
-//!   address gets 429 on protected routes whatever it sends.
+//! - A request with the valid token is never refused because of failures (its own client's
+//!   or anyone else's). Failed authentications are limited per client (IPv4 address, IPv6
+//!   /64): over the allowance, failed attempts get 429. Requests from other sites' pages
+//!   (foreign `Origin`, `Sec-Fetch-Site` not same-origin, CORS preflights) are refused with
+//!   403 first and never count. Failures are audited once per client and window plus a summary.
+//! - A client has `[gateway] header_timeout_secs` to send a request head (slowloris).
 //! - `/tools/invoke` goes through `tools::invoke` (strict parsing, the gate, the sandbox, the
 //!   audit log) on a blocking thread; approvals are redeemed only for the exact request digest.
 //! - Log lines are passed through the secrets redactor; request bodies and query strings are
@@ -22,7 +26,6 @@ pub mod tls;
 pub mod web;
 pub mod ws;
 
-use std::future::IntoFuture;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -115,6 +118,8 @@ struct Settings {
     limits: LimitConfig,
     proxies: Vec<IpAddr>,
     max_body: usize,
+    /// How long a client may take to send a request head (new connections).
+    header_timeout: Duration,
 }
 
 impl Settings {
@@ -127,6 +132,7 @@ impl Settings {
             },
             proxies: c.proxies()?,
             max_body: c.max_body_kib.saturating_mul(1024).max(1024),
+            header_timeout: Duration::from_secs(c.header_timeout_secs.max(1)),
         })
     }
 }
@@ -186,23 +192,6 @@ fn verify_skills(skills: Option<&crate::skills_host::SkillsHost>, gate: &Gate) -
 /// The TCP peer of a connection, plain or TLS.
 #[derive(Debug, Clone, Copy)]
 struct Peer(SocketAddr);
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self(*s.remote_addr())
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tls::TlsListener>>
-    for Peer
-{
-    fn connect_info(s: axum::serve::IncomingStream<'_, tls::TlsListener>) -> Self {
-        Self(*s.remote_addr())
-    }
-}
 
 /// The client address of a request (after the trusted-proxy rule).
 #[derive(Debug, Clone, Copy)]
@@ -373,6 +362,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
     tokio::spawn(watch_files(Arc::clone(&app)));
+    tokio::spawn(auth_summaries(Arc::clone(&app)));
 
     let mut stop_for_server = stop_rx.clone();
     let ws_plane = Arc::clone(&app.ws);
@@ -385,28 +375,26 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         let _ = stop_for_bound.wait_for(|s| *s).await;
         tokio::time::sleep(grace).await;
     };
-    let service = router(Arc::clone(&app)).into_make_service_with_connect_info::<Peer>();
-    // The same select for both listener types (their server futures differ in type).
-    macro_rules! run_until_stopped {
-        ($server:expr) => {
-            tokio::select! {
-                r = $server.with_graceful_shutdown(shutdown).into_future() => r.map_err(GatewayError::Serve),
-                () = bound => {
-                    warn!(grace_secs = grace.as_secs(), "in-flight requests did not finish in time; stopping anyway");
-                    Ok(())
-                }
-            }
-        };
-    }
+    let routes = router(Arc::clone(&app));
     let served = match tls {
-        None => run_until_stopped!(axum::serve(listener, service)),
+        None => serve_http(listener, &app, routes, shutdown, bound).await,
         Some(config) => {
             let listener = tls::TlsListener::new(listener, config).map_err(GatewayError::Serve)?;
-            run_until_stopped!(axum::serve(listener, service))
+            serve_http(listener, &app, routes, shutdown, bound).await
         }
     };
     info!("gateway stopping: writing the final audit checkpoint");
+    // The failed authentications not yet audited are summarized before the log closes.
+    let pending: Vec<RecordInput> = flush_auth_summaries(&app, true)
+        .iter()
+        .map(summary_record)
+        .collect();
     let closed = tokio::task::spawn_blocking(move || {
+        for r in pending {
+            if let Err(e) = audit.append(r) {
+                error!(error = %e, "auth failure summary could not be audited");
+            }
+        }
         let _ = audit.append(RecordInput::new(
             Kind::System,
             "gateway",
@@ -426,6 +414,101 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         Err(e) => return Err(GatewayError::AuditShutdown(e.to_string())),
     }
     served
+}
+
+/// The router with the connection's peer address as `ConnectInfo<Peer>` on every request.
+#[derive(Clone)]
+struct WithPeer {
+    inner: hyper_util::service::TowerToHyperService<Router>,
+    peer: Peer,
+}
+
+type Incoming = hyper::Request<hyper::body::Incoming>;
+
+impl hyper::service::Service<Incoming> for WithPeer {
+    type Response = <hyper_util::service::TowerToHyperService<Router> as hyper::service::Service<
+        Incoming,
+    >>::Response;
+    type Error = <hyper_util::service::TowerToHyperService<Router> as hyper::service::Service<
+        Incoming,
+    >>::Error;
+    type Future = <hyper_util::service::TowerToHyperService<Router> as hyper::service::Service<
+        Incoming,
+    >>::Future;
+
+    fn call(&self, mut req: Incoming) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        hyper::service::Service::call(&self.inner, req)
+    }
+}
+
+/// The HTTP/1.1 server: one task per connection, each with the header read timeout
+/// (`[gateway] header_timeout_secs`), so a client that sends its request head slowly
+/// (slowloris) is cut off instead of holding a connection for good. HTTP/2 is not served (its
+/// server has no such timeout). On `shutdown` it stops accepting and lets the open
+/// connections finish their requests until `bound`.
+async fn serve_http<L>(
+    mut listener: L,
+    app: &Arc<App>,
+    routes: Router,
+    shutdown: impl std::future::Future<Output = ()>,
+    bound: impl std::future::Future<Output = ()>,
+) -> Result<(), GatewayError>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let (closed_tx, closed_rx) = tokio::sync::watch::channel(());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(shutdown);
+    loop {
+        let (io, addr) = tokio::select! {
+            c = listener.accept() => c,
+            () = &mut shutdown => break,
+        };
+        let header_timeout = read(&app.settings).header_timeout;
+        let svc = WithPeer {
+            inner: hyper_util::service::TowerToHyperService::new(routes.clone()),
+            peer: Peer(addr),
+        };
+        let mut stop = stop_rx.clone();
+        let open = closed_rx.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = builder
+                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let mut stopping = false;
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(client = %addr, error = %e, "connection ended");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(closed_rx);
+    tokio::select! {
+        () = closed_tx.closed() => {}
+        () = bound => {
+            warn!("in-flight requests did not finish in time; stopping anyway");
+        }
+    }
+    Ok(())
 }
 
 /// What a change of the watched files looks like: every file (a directory's entries
@@ -679,15 +762,29 @@ async fn front(
     let method = req.method().clone();
     let span = tracing::info_span!("request", request_id = %id, %method, route, client = %client);
     req.extensions_mut().insert(Client(client));
-    let mut resp = if auth::query_has_token(req.uri().query()) {
+    // Another site's page (an `<img>`, a form, a fetch, a CORS preflight, a WebSocket) is
+    // refused before anything else and is not a failed authentication: the owner's browser
+    // sends it, so counting it would let any page throttle the owner's address.
+    let guarded = !matches!(route, "/health" | "/ready" | "/");
+    let mut resp = if guarded
+        && (method == axum::http::Method::OPTIONS || app.ws.foreign_request(req.headers()))
+    {
+        let _g = span.enter();
+        tracing::debug!(client = %client, "cross-origin request refused");
+        if route == "/ws" {
+            app.metrics.ws_connection("refused_origin");
+            ws::origin_refused()
+        } else {
+            error_body(
+                StatusCode::FORBIDDEN,
+                "cross_origin_refused",
+                CROSS_ORIGIN_REFUSED,
+            )
+        }
+    } else if auth::query_has_token(req.uri().query()) {
         // Never look at the value; record the attempt and refuse.
         let _g = span.enter();
-        // A locked-out address is answered 429 without another audit record, so a flood of
-        // such requests cannot fill the audit log.
-        match lockout_response(&app, client) {
-            Some(resp) => resp,
-            None => auth_failed(&app, client, AuthFailure::QueryToken),
-        }
+        auth_failed(&app, client, AuthFailure::QueryToken)
     } else {
         next.run(req).instrument(span.clone()).await
     };
@@ -705,6 +802,9 @@ async fn front(
     resp
 }
 
+/// The refusal of a request from another site's page.
+const CROSS_ORIGIN_REFUSED: &str = "requests from other sites' pages are refused (a foreign Origin, Sec-Fetch-Site other than same-origin, or a CORS preflight); use the gateway's own web page, an origin in [gateway] allowed_origins, or a client outside the browser";
+
 fn request_id() -> String {
     let mut b = [0u8; 8];
     if getrandom::fill(&mut b).is_err() {
@@ -716,63 +816,123 @@ fn request_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// Records a failed authentication (metrics, limiter, log, audit) and answers 401.
+/// Records a failed authentication (metrics, limiter, log, audit) and answers 401, or 429
+/// when the client is over its allowance of failed attempts. The log and the audit log get
+/// the first failure of a client's window and one summary of the rest (`audit_summary`).
 fn auth_failed(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> Response {
+    let f = record_failure(app, client, why);
+    match f.throttled {
+        Some(remaining) => rate_limited(remaining),
+        None => {
+            let mut resp = error_body(StatusCode::UNAUTHORIZED, "unauthorized", why.message());
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp
+        }
+    }
+}
+
+/// The bookkeeping of one failed authentication (shared by HTTP and the WebSocket).
+fn record_failure(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> auth::Failure {
     app.metrics.auth_failure(why.as_str());
     let limits = read(&app.settings).limits;
-    let locked_now = match app.limiter.lock() {
-        Ok(mut l) => l.fail(client, Instant::now(), limits),
-        Err(p) => p.into_inner().fail(client, Instant::now(), limits),
+    let f = match app.limiter.lock() {
+        Ok(mut l) => l.fail(client, why, Instant::now(), limits),
+        Err(p) => p.into_inner().fail(client, why, Instant::now(), limits),
     };
-    warn!(reason = why.as_str(), client = %client, locked_out = locked_now, "authentication failed");
-    let audit = Arc::clone(app.gate.audit());
-    let outcome = if locked_now {
-        format!("refused: {}; address locked out", why.as_str())
+    if f.throttled.is_some() {
+        app.metrics.auth_failure("rate_limited");
+    }
+    if let Some(s) = f.ended.clone() {
+        audit_summary(app, &s);
+    }
+    if f.audit_now || f.throttled_now {
+        warn!(reason = why.as_str(), client = %f.client, throttled = f.throttled_now, "authentication failed");
     } else {
-        format!("refused: {}", why.as_str())
-    };
-    let input = RecordInput::new(
+        tracing::debug!(reason = why.as_str(), client = %f.client, "authentication failed");
+    }
+    if f.audit_now {
+        let input = RecordInput::new(
+            Kind::System,
+            format!("client:{}", f.client),
+            "gateway.auth",
+            "gateway",
+        )
+        .with_outcome(format!("refused: {}", why.as_str()));
+        append_detached(app, input, "auth failure");
+    }
+    f
+}
+
+/// One audit record for the failures of a client's window after its first one.
+fn audit_summary(app: &Arc<App>, s: &auth::Summary) {
+    warn!(client = %s.client, count = s.count, "more failed authentications in the window");
+    append_detached(app, summary_record(s), "auth failure summary");
+}
+
+fn summary_record(s: &auth::Summary) -> RecordInput {
+    RecordInput::new(
         Kind::System,
-        format!("client:{client}"),
+        format!("client:{}", s.client),
         "gateway.auth",
         "gateway",
     )
-    .with_outcome(outcome);
-    // The refusal does not wait for the record: nothing is allowed either way.
-    tokio::task::spawn_blocking(move || {
-        if let Err(e) = audit.append(input) {
-            error!(error = %e, "auth failure could not be audited");
-        }
-    });
-    let mut resp = error_body(StatusCode::UNAUTHORIZED, "unauthorized", why.message());
-    resp.headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    resp
+    .with_outcome(format!(
+        "refused {} more times within {} s",
+        s.count,
+        s.window.as_secs()
+    ))
+    .with_payload(
+        json!({"count": s.count, "reasons": s.reasons, "window_secs": s.window.as_secs()}),
+    )
 }
 
-/// 429 with `Retry-After` when `client` is locked out.
-fn lockout_response(app: &Arc<App>, client: IpAddr) -> Option<Response> {
-    let remaining = match app.limiter.lock() {
-        Ok(mut l) => l.locked(client, Instant::now()),
-        Err(p) => p.into_inner().locked(client, Instant::now()),
-    }?;
-    app.metrics.auth_failure("rate_limited");
+/// Appends without making the caller wait: nothing is allowed either way.
+fn append_detached(app: &Arc<App>, input: RecordInput, what: &'static str) {
+    let audit = Arc::clone(app.gate.audit());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = audit.append(input) {
+            error!(error = %e, "{what} could not be audited");
+        }
+    });
+}
+
+/// Writes the summaries of the failed-authentication windows that have ended (all pending
+/// ones with `all`, at shutdown).
+fn flush_auth_summaries(app: &Arc<App>, all: bool) -> Vec<auth::Summary> {
+    let limits = read(&app.settings).limits;
+    match app.limiter.lock() {
+        Ok(mut l) => l.summaries(Instant::now(), limits, all),
+        Err(p) => p.into_inner().summaries(Instant::now(), limits, all),
+    }
+}
+
+/// Audits the summaries of ended windows every few seconds.
+async fn auth_summaries(app: Arc<App>) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        every.tick().await;
+        for s in flush_auth_summaries(&app, false) {
+            audit_summary(&app, &s);
+        }
+    }
+}
+
+/// 429 with `Retry-After` for a failed attempt of a client over its allowance.
+fn rate_limited(remaining: Duration) -> Response {
     let mut resp = error_body(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limited",
-        "too many failed authentications from this address; wait and retry",
+        "too many failed authentications from this address; wait and retry (a request with the right token is never refused)",
     );
     if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
         resp.headers_mut().insert(header::RETRY_AFTER, v);
     }
-    Some(resp)
+    resp
 }
 
-/// Checks the limiter and the bearer token.
+/// Checks the bearer token. A valid token always passes; the limiter only sees failures.
 fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    if let Some(resp) = lockout_response(app, client) {
-        return Err(Box::new(resp));
-    }
     let presented = auth::bearer(
         headers
             .get(header::AUTHORIZATION)
@@ -850,22 +1010,7 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
     };
     let sandbox = check(app.sandbox_check.0, app.sandbox_check.1.clone());
     let cfg = read(&app.config);
-    let providers = if cfg.agent.model.is_empty() {
-        check(
-            true,
-            "no model configured; set [agent] model and [[providers]] in chitin.toml",
-        )
-    } else {
-        // Configured (and validated when the config was loaded); reachability shows per call.
-        check(
-            true,
-            format!(
-                "model {} configured, {} providers",
-                cfg.agent.model,
-                cfg.providers.len()
-            ),
-        )
-    };
+    let providers = providers_check(app, &cfg);
     let (skills_ok, skills_detail) = read(&app.skills_status);
     vec![
         ("store", store),
@@ -876,6 +1021,72 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         ("providers", providers),
         ("skills", check(skills_ok, skills_detail)),
     ]
+}
+
+/// Model calls in a row that must fail (after retries and fallbacks) before `/ready` reports
+/// the providers as not ok.
+const PROVIDER_FAILURES_NOT_READY: u64 = 3;
+
+/// The `providers` check: the model configuration, every provider's key reference resolving
+/// (whether the named secret is in the store or the variable is set; never the value), and
+/// the outcome of the last model calls.
+fn providers_check(app: &App, cfg: &crate::config::Config) -> (bool, String) {
+    use crate::secrets::SecretRef;
+    if cfg.agent.model.is_empty() {
+        return check(
+            true,
+            "no model configured; set [agent] model and [[providers]] in chitin.toml",
+        );
+    }
+    let mut problems = Vec::new();
+    for p in &cfg.providers {
+        match p.api_key.as_ref().map(|k| &k.0) {
+            Some(SecretRef::Secret(name)) => {
+                let present = app
+                    .shared_secrets
+                    .as_ref()
+                    .is_some_and(|s| s.read().contains(name));
+                if !present {
+                    problems.push(format!(
+                        "provider {}: api_key secret:{} is not in the secret store (store it with `chitin secrets set {}`, then reload with SIGHUP)",
+                        p.name,
+                        name.as_str(),
+                        name.as_str()
+                    ));
+                }
+            }
+            Some(SecretRef::Env(var)) if std::env::var_os(var).is_none_or(|v| v.is_empty()) => {
+                problems.push(format!(
+                    "provider {}: api_key env:{var} is not set in the gateway's environment",
+                    p.name
+                ));
+            }
+            Some(SecretRef::Env(_)) | None => {}
+        }
+    }
+    if !problems.is_empty() {
+        return check(false, problems.join("; "));
+    }
+    if let Some(agent) = &app.agent {
+        let (failed, last) = agent.model_health();
+        if failed >= PROVIDER_FAILURES_NOT_READY {
+            return check(
+                false,
+                format!(
+                    "the last {failed} model calls failed (after retries and fallbacks); last error: {}",
+                    last.unwrap_or_default()
+                ),
+            );
+        }
+    }
+    check(
+        true,
+        format!(
+            "model {} configured, {} providers, their keys present",
+            cfg.agent.model,
+            cfg.providers.len()
+        ),
+    )
 }
 
 /// `GET /ready`: public; the `detail` texts only for a caller with the token.

@@ -26,22 +26,44 @@ struct Body_ {
     stream: bool,
     #[serde(default)]
     user: Option<String>,
-    // Accepted and ignored sampling options clients commonly send.
     #[serde(default)]
-    #[allow(
-        dead_code,
-        reason = "accepted for compatibility; the agent's config decides"
-    )]
-    temperature: Option<f64>,
-    #[serde(default)]
-    #[allow(
-        dead_code,
-        reason = "accepted for compatibility; the agent's config decides"
-    )]
-    max_tokens: Option<u64>,
-    #[serde(default)]
-    #[allow(dead_code, reason = "accepted for compatibility")]
-    stream_options: Option<Value>,
+    n: Option<u64>,
+}
+
+/// The request fields the gateway honours.
+const HONOURED: [&str; 5] = ["model", "messages", "stream", "user", "n"];
+
+/// Fields OpenAI clients commonly send that are accepted and ignored: the gateway's agent
+/// decides sampling, limits and tools (client-defined `tools` are not offered to the model).
+const IGNORED: [&str; 20] = [
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "stream_options",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "metadata",
+    "store",
+    "reasoning_effort",
+    "service_tier",
+];
+
+/// The first field of the request that is neither honoured nor knowingly ignored.
+fn unknown_field(body: &Value) -> Option<String> {
+    body.as_object()?
+        .keys()
+        .find(|k| !HONOURED.contains(&k.as_str()) && !IGNORED.contains(&k.as_str()))
+        .cloned()
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,7 +116,33 @@ pub async fn chat_completions(State(app): State<Arc<App>>, req: Request<Body>) -
             "the request body is larger than [gateway] max_body_kib",
         );
     };
-    let body: Body_ = match serde_json::from_slice(&bytes) {
+    let raw: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(e) => {
+            return bad(
+                "invalid_request",
+                &format!("expected an OpenAI chat completion request: {e}"),
+            );
+        }
+    };
+    if let Some(field) = unknown_field(&raw) {
+        let field = field
+            .chars()
+            .take(64)
+            .collect::<String>()
+            .escape_debug()
+            .to_string();
+        let msg = format!(
+            "unknown field `{field}`; accepted: {}; accepted and ignored: {}",
+            HONOURED.join(", "),
+            IGNORED.join(", ")
+        );
+        return bad(
+            "invalid_request",
+            &super::logging::redact(&app.redactor, &msg),
+        );
+    }
+    let body: Body_ = match serde_json::from_value(raw) {
         Ok(b) => b,
         Err(e) => {
             return bad(
@@ -103,6 +151,12 @@ pub async fn chat_completions(State(app): State<Arc<App>>, req: Request<Body>) -
             );
         }
     };
+    if body.n.is_some_and(|n| n != 1) {
+        return bad(
+            "invalid_request",
+            "n must be 1: the agent gives one answer per request",
+        );
+    }
     if body.model != "chitin" && !body.model.starts_with("chitin:") {
         return bad(
             "model_not_found",

@@ -4,11 +4,12 @@
 //! `docs/protocol.md` ("WebSocket protocol"); that text is the contract.
 //!
 //! Invariants:
-//! - Before the upgrade: a credential in the query string is refused (401, counted as a failed
-//!   authentication), a locked-out client address is refused (429), a present `Origin` that is
-//!   not one of the gateway's own origins or `[gateway] allowed_origins` is refused (403),
-//!   and the connection cap is enforced (503). A request without `Origin` (not a browser) may
-//!   upgrade; it still has to authenticate.
+//! - Before the upgrade, first of all: a present `Origin` that is not one of the gateway's own
+//!   origins or `[gateway] allowed_origins` (or `Sec-Fetch-Site` saying another site) is
+//!   refused (403 `origin_refused`) and counts as nothing. Then a credential in the query
+//!   string is refused (401, counted as a failed authentication) and the connection cap is
+//!   enforced (503). A request without `Origin` (not a browser) may upgrade; it still has to
+//!   authenticate. Earlier failures never refuse a `connect` with the right token.
 //! - Nothing but `connect` is served before authentication. A first frame that is not a
 //!   `connect` with the right token (or none within `ws_connect_timeout_secs`) gets an error
 //!   response, counts as a failed authentication of the client address, and the connection is
@@ -35,7 +36,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
-use tracing::{info, warn};
+use tracing::info;
 
 use super::auth::{self, AuthFailure, LimitConfig, Limiter};
 use super::backend::{BackendError, BackendEvent, ChatBackend, EventKind, NOT_CONFIGURED};
@@ -71,12 +72,12 @@ pub const METHODS: [&str; 11] = [
 /// Who a token belongs to, and the failed-authentication bookkeeping. The gateway implements
 /// it over its own token and limiter (and audit log); tests use [`TokenAuth`].
 pub trait WsAuth: Send + Sync {
-    /// The remaining lockout of `client`, if it is locked out.
-    fn locked_out(&self, client: IpAddr) -> Option<Duration>;
     /// The user a presented token acts for (constant-time comparison), `None` if no user.
     fn user_for(&self, token: &[u8]) -> Option<String>;
-    /// Records one failed authentication of `client` (limiter, metrics, log, audit).
-    fn failed(&self, client: IpAddr, why: AuthFailure);
+    /// Records one failed authentication of `client` (limiter, metrics, log, audit);
+    /// `Some(retry_after)` when the client is over its allowance of failed attempts (the
+    /// refusal then says `rate_limited`).
+    fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration>;
 }
 
 /// A [`WsAuth`] over one token acting for one user, with its own limiter (for running the
@@ -107,25 +108,22 @@ impl TokenAuth {
 }
 
 impl WsAuth for TokenAuth {
-    fn locked_out(&self, client: IpAddr) -> Option<Duration> {
-        match self.limiter.lock() {
-            Ok(mut l) => l.locked(client, Instant::now()),
-            Err(p) => p.into_inner().locked(client, Instant::now()),
-        }
-    }
     fn user_for(&self, token: &[u8]) -> Option<String> {
         use subtle::ConstantTimeEq;
         (self.token.len() == token.len() && bool::from(self.token.as_slice().ct_eq(token)))
             .then(|| self.user.clone())
     }
-    fn failed(&self, client: IpAddr, why: AuthFailure) {
+    fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration> {
         if let Ok(mut f) = self.failures.lock() {
             f.push((client, why));
         }
         match self.limiter.lock() {
-            Ok(mut l) => l.fail(client, Instant::now(), self.limits),
-            Err(p) => p.into_inner().fail(client, Instant::now(), self.limits),
-        };
+            Ok(mut l) => l.fail(client, why, Instant::now(), self.limits),
+            Err(p) => p
+                .into_inner()
+                .fail(client, why, Instant::now(), self.limits),
+        }
+        .throttled
     }
 }
 
@@ -134,13 +132,6 @@ impl WsAuth for TokenAuth {
 pub(super) struct AppAuth(pub(super) Weak<super::App>);
 
 impl WsAuth for AppAuth {
-    fn locked_out(&self, client: IpAddr) -> Option<Duration> {
-        let app = self.0.upgrade()?;
-        match app.limiter.lock() {
-            Ok(mut l) => l.locked(client, Instant::now()),
-            Err(p) => p.into_inner().locked(client, Instant::now()),
-        }
-    }
     fn user_for(&self, token: &[u8]) -> Option<String> {
         let app = self.0.upgrade()?;
         // Today one token for one principal; per-user tokens would map here.
@@ -148,10 +139,9 @@ impl WsAuth for AppAuth {
             .matches(token)
             .then(|| app.owner.clone())
     }
-    fn failed(&self, client: IpAddr, why: AuthFailure) {
-        if let Some(app) = self.0.upgrade() {
-            let _ = super::auth_failed(&app, client, why);
-        }
+    fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration> {
+        let app = self.0.upgrade()?;
+        super::record_failure(&app, client, why).throttled
     }
 }
 
@@ -274,6 +264,22 @@ impl Ws {
         own || self.settings().allowed_origins.contains(&o)
     }
 
+    /// Whether a request comes from another site's page: a present `Origin` that is not
+    /// allowed ([`Self::origin_allowed`]; several `Origin` headers count as foreign), or, without
+    /// `Origin`, `Sec-Fetch-Site` other than `same-origin` or `none` (a browser's own
+    /// navigation). Requests without either header are not from a browser page.
+    pub fn foreign_request(&self, headers: &axum::http::HeaderMap) -> bool {
+        let origins: Vec<&HeaderValue> = headers.get_all(header::ORIGIN).iter().collect();
+        if !origins.is_empty() {
+            return !(origins.len() == 1
+                && origins[0].to_str().is_ok_and(|o| self.origin_allowed(o)));
+        }
+        headers
+            .get_all("sec-fetch-site")
+            .iter()
+            .any(|v| !matches!(v.as_bytes(), b"same-origin" | b"none"))
+    }
+
     /// Connections open now.
     pub fn open_connections(&self) -> usize {
         self.open.load(Ordering::Relaxed)
@@ -322,6 +328,15 @@ fn client_of(req: &Request) -> IpAddr {
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip().to_canonical())
 }
 
+/// The refusal of a WebSocket upgrade from another site's page (403 `origin_refused`).
+pub fn origin_refused() -> Response {
+    error_response(
+        StatusCode::FORBIDDEN,
+        "origin_refused",
+        "this page's origin may not open the gateway's WebSocket; open the web chat from the gateway's own address or add the origin to [gateway] allowed_origins",
+    )
+}
+
 /// Decrements the open-connection count when the connection (or a failed upgrade) ends.
 struct OpenGuard {
     open: Arc<AtomicUsize>,
@@ -337,40 +352,27 @@ impl Drop for OpenGuard {
 
 async fn upgrade(State(ws): State<Arc<Ws>>, req: Request) -> Response {
     let client = client_of(&req);
+    // The origin first: another site's page is refused before anything is counted.
+    if ws.foreign_request(req.headers()) {
+        ws.metrics.ws_connection("refused_origin");
+        return origin_refused();
+    }
     if auth::query_has_token(req.uri().query()) {
         ws.metrics.ws_connection("auth_failed");
-        ws.auth.failed(client, AuthFailure::QueryToken);
+        if let Some(remaining) = ws.auth.failed(client, AuthFailure::QueryToken) {
+            ws.metrics.auth_failure("rate_limited");
+            let mut resp =
+                error_response(StatusCode::TOO_MANY_REQUESTS, "rate_limited", RATE_LIMITED);
+            if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return resp;
+        }
         return error_response(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             AuthFailure::QueryToken.message(),
         );
-    }
-    if let Some(remaining) = ws.auth.locked_out(client) {
-        ws.metrics.ws_connection("refused_locked_out");
-        ws.metrics.auth_failure("rate_limited");
-        let mut resp = error_response(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            "too many failed authentications from this address; wait and retry",
-        );
-        if let Ok(v) = HeaderValue::from_str(&remaining.as_secs().max(1).to_string()) {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return resp;
-    }
-    let origins: Vec<&HeaderValue> = req.headers().get_all(header::ORIGIN).iter().collect();
-    if !origins.is_empty() {
-        let ok = origins.len() == 1 && origins[0].to_str().is_ok_and(|o| ws.origin_allowed(o));
-        if !ok {
-            ws.metrics.ws_connection("refused_origin");
-            warn!(client = %client, "WebSocket upgrade refused: foreign Origin");
-            return error_response(
-                StatusCode::FORBIDDEN,
-                "origin_refused",
-                "this page's origin may not open the gateway's WebSocket; open the web chat from the gateway's own address or add the origin to [gateway] allowed_origins",
-            );
-        }
     }
     if *ws.stop.borrow() {
         return error_response(
@@ -596,8 +598,7 @@ async fn authenticate(
         let msg = tokio::select! {
             m = socket.recv() => m,
             () = tokio::time::sleep_until(deadline) => {
-                ws.auth.failed(client, AuthFailure::Missing);
-                refuse(ws, socket, &Value::Null, "unauthorized",
+                refuse_failed(ws, socket, client, AuthFailure::Missing, &Value::Null, "unauthorized",
                     "no connect request with the token arrived in time; send {\"type\":\"req\",\"id\":1,\"method\":\"connect\",\"params\":{\"token\":\"...\"}} first").await;
                 return None;
             }
@@ -607,10 +608,11 @@ async fn authenticate(
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Binary(_))) => {
                 ws.metrics.ws_frame("in");
-                ws.auth.failed(client, AuthFailure::Missing);
-                refuse(
+                refuse_failed(
                     ws,
                     socket,
+                    client,
+                    AuthFailure::Missing,
                     &Value::Null,
                     "unauthorized",
                     "the first frame must be a JSON text connect request with the token",
@@ -622,10 +624,11 @@ async fn authenticate(
         };
         ws.metrics.ws_frame("in");
         if text.len() > settings.max_message {
-            ws.auth.failed(client, AuthFailure::Malformed);
-            refuse(
+            refuse_failed(
                 ws,
                 socket,
+                client,
+                AuthFailure::Malformed,
                 &Value::Null,
                 "frame_too_large",
                 "the connect frame is larger than the frame limit",
@@ -636,10 +639,11 @@ async fn authenticate(
         let req = match parse_req(text.as_str()) {
             Ok(r) => r,
             Err((id, _, msg)) => {
-                ws.auth.failed(client, AuthFailure::Malformed);
-                refuse(
+                refuse_failed(
                     ws,
                     socket,
+                    client,
+                    AuthFailure::Malformed,
                     &id,
                     "unauthorized",
                     &format!("the first frame must be a connect request: {msg}"),
@@ -649,41 +653,21 @@ async fn authenticate(
             }
         };
         if req.method != "connect" {
-            ws.auth.failed(client, AuthFailure::Missing);
-            refuse(
-                ws,
-                socket,
+            refuse_failed(ws, socket, client, AuthFailure::Missing,
                 &req.id,
                 "unauthorized",
                 "send the connect request with the gateway token first (`chitin token show` prints it)",
-            )
-            .await;
-            return None;
-        }
-        if ws.auth.locked_out(client).is_some() {
-            ws.metrics.auth_failure("rate_limited");
-            refuse(
-                ws,
-                socket,
-                &req.id,
-                "rate_limited",
-                "too many failed authentications from this address; wait and retry",
-            )
-            .await;
+            ).await;
             return None;
         }
         let p: ConnectParams = match params("connect", req.params) {
             Ok(p) => p,
             Err(_) => {
-                ws.auth.failed(client, AuthFailure::Missing);
-                refuse(
-                    ws,
-                    socket,
+                refuse_failed(ws, socket, client, AuthFailure::Missing,
                     &req.id,
                     "unauthorized",
                     "connect needs params {\"token\": \"<gateway token>\"} (`chitin token show` prints it)",
-                )
-                .await;
+                ).await;
                 return None;
             }
         };
@@ -691,10 +675,11 @@ async fn authenticate(
         return match ws.auth.user_for(token.as_bytes()) {
             Some(user) => Some((req.id, user)),
             None => {
-                ws.auth.failed(client, AuthFailure::Wrong);
-                refuse(
+                refuse_failed(
                     ws,
                     socket,
+                    client,
+                    AuthFailure::Wrong,
                     &req.id,
                     "unauthorized",
                     AuthFailure::Wrong.message(),
@@ -703,6 +688,28 @@ async fn authenticate(
                 None
             }
         };
+    }
+}
+
+/// The refusal of a failed attempt of a client over its allowance.
+const RATE_LIMITED: &str = "too many failed authentications from this address; wait and retry (a connect with the right token is never refused)";
+
+/// Records a failed authentication and refuses it: `rate_limited` when the client is over its
+/// allowance, else `code` with `message`.
+async fn refuse_failed(
+    ws: &Ws,
+    socket: &mut WebSocket,
+    client: IpAddr,
+    why: AuthFailure,
+    id: &Value,
+    code: &str,
+    message: &str,
+) {
+    if ws.auth.failed(client, why).is_some() {
+        ws.metrics.auth_failure("rate_limited");
+        refuse(ws, socket, id, "rate_limited", RATE_LIMITED).await;
+    } else {
+        refuse(ws, socket, id, code, message).await;
     }
 }
 

@@ -82,6 +82,7 @@ pub enum ToolError {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecArgs {
+    #[serde(deserialize_with = "argv_within_exec_limits")]
     pub argv: Vec<String>,
     /// Working directory relative to the workspace.
     #[serde(default)]
@@ -97,6 +98,44 @@ pub struct ExecArgs {
     /// approval; only these destinations are reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<String>,
+}
+
+/// Room kept for what the sandbox launcher adds to one exec (its flags, paths, environment).
+const EXEC_OVERHEAD: usize = 64 * 1024;
+
+/// `argv`, refused when the kernel could not exec it (`E2BIG`): checked while parsing, so a
+/// command that is too large is an invalid argument before anything is decided, not a failed
+/// launch.
+fn argv_within_exec_limits<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<String>, D::Error> {
+    let argv = Vec::<String>::deserialize(d)?;
+    check_exec_size(&argv).map_err(serde::de::Error::custom)?;
+    Ok(argv)
+}
+
+/// Whether one `execve` can carry `argv`: each argument under the kernel's per-string limit,
+/// all of them (with their NULs and pointers, and room for the launcher's own) within
+/// [`chitin_sandbox::exec_args_limit`].
+pub fn check_exec_size(argv: &[String]) -> Result<(), String> {
+    let per_arg = chitin_sandbox::MAX_ARG_STRLEN - 1;
+    if let Some((i, a)) = argv.iter().enumerate().find(|(_, a)| a.len() > per_arg) {
+        return Err(format!(
+            "argv[{i}] is {} bytes; one argument may be at most {per_arg} bytes (the kernel's limit); pass large data on stdin or in a workspace file",
+            a.len()
+        ));
+    }
+    let total: usize = argv
+        .iter()
+        .map(|a| a.len() + 1 + std::mem::size_of::<usize>())
+        .sum();
+    let limit = chitin_sandbox::exec_args_limit().saturating_sub(EXEC_OVERHEAD);
+    if total > limit {
+        return Err(format!(
+            "argv is {total} bytes; one exec can carry at most {limit} bytes of arguments here (the kernel's limit, a quarter of the stack size limit, less the sandbox's own); pass large data on stdin or in a workspace file"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
