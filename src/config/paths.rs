@@ -57,6 +57,16 @@ pub fn trust_paths(config: &Config, home: &Path, config_path: &Path) -> Vec<(Str
             home.join(chitin_audit::CHECKPOINT_FILE),
         ),
     ];
+    // Each entry of the policy directory too: a file or subdirectory there that is a symlink
+    // into the workspace is as writable as the workspace.
+    let policy_dir = in_home(home, &config.policy.dir);
+    let mut entries = Vec::new();
+    walk(&policy_dir, 8, &mut entries);
+    out.extend(
+        entries
+            .into_iter()
+            .map(|p| ("a file of [policy] dir".to_string(), p)),
+    );
     let mut optional = |what: &str, value: &str, base: Option<&Path>| {
         if !value.is_empty() {
             let p = match base {
@@ -72,6 +82,27 @@ pub fn trust_paths(config: &Config, home: &Path, config_path: &Path) -> Vec<(Str
     optional("[backup] identity", &config.backup.identity, None);
     optional("[skills] trusted_root", &config.skills.trusted_root, None);
     out
+}
+
+/// Most entries of the policy directory looked at (a larger directory is not walked further).
+const MAX_ENTRIES: usize = 10_000;
+
+/// Every entry below `dir` (not following symlinked directories), at most `depth` levels.
+fn walk(dir: &Path, depth: u32, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if out.len() >= MAX_ENTRIES {
+            return;
+        }
+        let p = e.path();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        out.push(p.clone());
+        if is_dir && depth > 0 {
+            walk(&p, depth - 1, out);
+        }
+    }
 }
 
 /// The areas the agent's tools (or any local process) can write, with their names.
@@ -170,6 +201,34 @@ mod tests {
         let ws = std::fs::canonicalize(&ws).unwrap();
         assert_eq!(resolved(&link), ws.join("not-yet"));
         assert_eq!(resolved(&link.join("a.cedar")), ws.join("not-yet/a.cedar"));
+    }
+
+    #[test]
+    fn a_policy_file_symlinked_into_the_workspace_is_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let home = t.path().join("home");
+        let ws = t.path().join("ws");
+        std::fs::create_dir_all(home.join("policies")).unwrap();
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(
+            ws.join("open.cedar"),
+            "permit(principal, action, resource);",
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(ws.join("open.cedar"), home.join("policies/open.cedar"))
+            .unwrap();
+        let text = format!("[gateway]\nworkspace = {:?}\n", ws.display().to_string());
+        let c = Config::parse(&text, Path::new("c")).unwrap();
+        // The home itself is under /tmp here: compare only against the workspace.
+        let areas = writable_areas(&c, &home);
+        assert_eq!(areas[0].0, "the workspace");
+        let ws_real = resolved(&areas[0].1);
+        let bad: Vec<String> = trust_paths(&c, &home, &home.join("chitin.toml"))
+            .into_iter()
+            .filter(|(_, p)| resolved(p).starts_with(&ws_real))
+            .map(|(w, _)| w)
+            .collect();
+        assert_eq!(bad, vec!["a file of [policy] dir".to_string()]);
     }
 
     #[test]
