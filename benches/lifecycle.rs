@@ -118,9 +118,9 @@ fn main() {
     let size = std::fs::metadata(&out).unwrap().len();
     let t = Instant::now();
     let opened = backup::open(&out, &backup::load_identity(&id).unwrap()).unwrap();
-    backup::check(&opened, None).unwrap();
+    backup::check(opened, &h.lc.audit.public_key()).unwrap();
     println!(
-        "backup create: {create_ms:.0} ms, {} files, {:.1} MiB; verify (decrypt, digests, integrity_check, audit chain): {:.0} ms",
+        "backup create: {create_ms:.0} ms, {} files, {:.1} MiB; verify (decrypt, digests, signature, integrity_check, audit chain): {:.0} ms",
         m.members.len(),
         size as f64 / 1048576.0,
         t.elapsed().as_secs_f64() * 1e3

@@ -1040,3 +1040,27 @@ pub fn resolve_program(program: &str, cwd: &Path) -> Result<PathBuf, GateError> 
         reason: format!("program not found in {}", TOOL_PATH.join(":")),
     })
 }
+
+/// The one place an administrative request is built: `principal` is the real user
+/// (`Chitin::User::"<principal>"`: the gateway's authenticated user, or the CLI's configured
+/// operator), `action_id` one of the administration actions of the schema (`policy.reload`,
+/// `token.show`, `backup.restore`, ...), the resource is always `Chitin::Gateway::"gateway"`.
+pub fn admin_request(
+    principal: &str,
+    action_id: &str,
+    context: Map<String, Value>,
+) -> Result<PolicyRequest, GateError> {
+    let uid = |s: String| {
+        s.parse::<EntityUid>()
+            .map_err(|e| GateError::InvalidRequest(e.to_string()))
+    };
+    Ok(PolicyRequest {
+        principal: uid(format!("Chitin::User::{}", quote(principal)))?,
+        action: uid(format!("Chitin::Action::{}", quote(action_id)))?,
+        resource: uid(format!(
+            "Chitin::Gateway::{}",
+            quote(crate::policy::builtin::GATEWAY_ID)
+        ))?,
+        context,
+    })
+}

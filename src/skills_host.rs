@@ -747,12 +747,7 @@ impl SkillsHost {
 
 /// Trust changes and removals are configuration changes: Cedar `config.write` on the gateway.
 fn admin_check(gate: &Gate, principal: &str) -> Result<(), SkillsError> {
-    let req = PolicyRequest {
-        principal: uid("User", principal)?,
-        action: uid("Action", "config.write")?,
-        resource: uid("Gateway", crate::policy::builtin::GATEWAY_ID)?,
-        context: Map::new(),
-    };
+    let req = crate::gate::admin_request(principal, "config.write", Map::new())?;
     match gate.check(&req)? {
         Verdict::Allowed(..) => Ok(()),
         Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. } => {

@@ -22,6 +22,9 @@ fn home() -> Home {
     // passphrase (cheap scrypt for tests), the way the gateway opens the log.
     let dir = tempfile::tempdir().unwrap();
     let home = support::private_home(dir.path(), "state");
+    // The CLI operator (default: the gateway owner, `owner`) is an owner: `audit append`,
+    // `query` and `export` are decided by the policies for it.
+    support::write_owner_entities(&home);
     Home { _dir: dir, home }
 }
 
@@ -52,7 +55,7 @@ fn append(home: &Path, i: usize) {
             "audit",
             "append",
             "--kind",
-            "decision",
+            "system",
             "--actor",
             &actor,
             "--action",
@@ -86,16 +89,16 @@ fn append_and_checkpoint_are_recorded_and_verify_prints_the_ok_line() {
     let h = home();
     append(&h.home, 1);
     append(&h.home, 2);
-    // Each append writes the operator's admin record and the record itself, and the process
-    // checkpoints on exit.
+    // Each append writes the policy decision (`audit.append` for the operator), the operator's
+    // admin record and the record itself, and the process checkpoints on exit.
     let o = chitin(&h.home, &["audit", "checkpoint"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stdout(&o).starts_with("checkpoint: seq 5 head "),
+        stdout(&o).starts_with("checkpoint: seq 7 head "),
         "{}",
         stdout(&o)
     );
-    assert_ok_line(&chitin(&h.home, &["audit", "verify"]), 5, 5);
+    assert_ok_line(&chitin(&h.home, &["audit", "verify"]), 7, 7);
 
     let o = chitin(&h.home, &["audit", "query", "--kind", "admin", "--json"]);
     assert!(o.status.success());
@@ -118,9 +121,16 @@ fn append_and_checkpoint_are_recorded_and_verify_prints_the_ok_line() {
     );
     assert!(o.status.success());
     let text = stdout(&o);
-    assert!(text.starts_with("#4 "), "{text}");
-    assert!(text.contains("decision user2 exec tool:exec"), "{text}");
-    assert!(text.contains("{\"n\":2}"), "{text}");
+    assert!(text.starts_with("#6 "), "{text}");
+    assert!(
+        text.contains("system user2 exec tool:exec -> operator-written"),
+        "{text}"
+    );
+    assert!(text.contains("\"payload\":{\"n\":2}"), "{text}");
+    assert!(
+        text.contains("\"operator_written\":true,\"payload\":{\"n\":2},\"written_by\":\"Chitin::User::\\\"owner\\\"\""),
+        "{text}"
+    );
 }
 
 #[test]
@@ -177,15 +187,15 @@ fn an_export_verifies_offline_and_a_tampered_export_exits_1() {
         &["audit", "export", "--out", out.to_str().unwrap()],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    // 6 records + the export's own admin record.
+    // 9 records + the export's decision and its own admin record.
     let o = chitin(
         &h.home,
         &["audit", "verify", "--export", out.to_str().unwrap()],
     );
-    assert_ok_line(&o, 7, 7);
+    assert_ok_line(&o, 11, 11);
 
     let text = std::fs::read_to_string(&out).unwrap();
-    // The first `"user1"` is record 4's actor (record 3's payload holds it escaped).
+    // The first `"user1"` is record 6's actor (record 5's payload holds it escaped).
     let tampered = h.home.join("tampered.jsonl");
     std::fs::write(&tampered, text.replacen("\"user1\"", "\"userX\"", 1)).unwrap();
     let o = chitin(
@@ -194,7 +204,7 @@ fn an_export_verifies_offline_and_a_tampered_export_exits_1() {
     );
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stdout(&o).starts_with("tampered: first bad record 4: modified field actor"),
+        stdout(&o).starts_with("tampered: first bad record 6: modified field actor"),
         "{}",
         stdout(&o)
     );
@@ -282,7 +292,7 @@ fn append_fails_closed_when_the_audit_database_is_locked() {
     assert!(stdout(&o).is_empty());
     db.execute_batch("ROLLBACK").unwrap();
     drop(db);
-    assert_ok_line(&chitin(&h.home, &["audit", "verify"]), 2, 2);
+    assert_ok_line(&chitin(&h.home, &["audit", "verify"]), 3, 3);
 }
 
 #[test]

@@ -15,6 +15,7 @@ use std::process::{Command, Output};
 fn setup() -> (tempfile::TempDir, std::path::PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let home = support::private_home(t.path(), "state");
+    support::write_owner_entities(&home);
     (t, home)
 }
 

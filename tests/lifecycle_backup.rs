@@ -1,6 +1,6 @@
-//! Encrypted backups: consistent snapshot, verify (digests, database, audit chain), restore
-//! that passes `chitin audit verify`, each kind of tamper refused, the gateway lock, scheduled
-//! rotation, and the data keys never included.
+//! Encrypted backups: consistent snapshot, verify (signature, digests, database, audit chain),
+//! restore that passes `chitin audit verify`, each kind of tamper and forgery refused, the
+//! gateway lock, scheduled rotation, and the data keys never included.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -59,7 +59,8 @@ fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
     let file = create(&b, "b.age");
     let id = backup::load_identity(&b.id_file).unwrap();
     let opened = backup::open(&file, &id).unwrap();
-    let report = backup::check(&opened, None).unwrap();
+    let verified = backup::check(opened, &b.h.lc.audit.public_key()).unwrap();
+    let (opened, report) = (verified.opened(), &verified.report);
     assert!(report.audit.starts_with("ok: "), "{}", report.audit);
     assert_eq!(report.state_version, chitin::store::Store::latest_version());
     assert!(opened.members.contains_key("secrets.age"));
@@ -83,7 +84,7 @@ fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
     lc.audit.shutdown().unwrap();
     drop((lc, gate));
 
-    let n = backup::restore(&opened, &home).unwrap();
+    let n = backup::restore(&verified, &home).unwrap();
     assert!(n >= 3, "{n}");
     let line = audit_verifies(&home);
     assert!(line.starts_with("ok: "), "{line}");
@@ -179,7 +180,7 @@ fn rand_suffix() -> u64 {
 
 fn refusal(b: &B, file: &Path) -> String {
     let id = backup::load_identity(&b.id_file).unwrap();
-    match backup::open(file, &id).and_then(|o| backup::check(&o, None)) {
+    match backup::open(file, &id).and_then(|o| backup::check(o, &b.h.lc.audit.public_key())) {
         Ok(_) => panic!("{} was accepted", file.display()),
         Err(LifecycleError::Backup(why)) => why,
         Err(e) => panic!("unexpected error kind: {e}"),
@@ -202,6 +203,19 @@ fn manifest_fix(members: &mut [(String, Vec<u8>)], path: &str) {
         }
     }
     *m = serde_json::to_vec(&v).unwrap();
+}
+
+/// Re-signs the (changed) manifest with `signer`, as someone holding that key could.
+fn resign(members: &mut [(String, Vec<u8>)], signer: &chitin_audit::KeySigner) {
+    let sig = chitin_audit::ManifestSignature::sign(signer, &members[0].1).unwrap();
+    assert_eq!(members[1].0, "MANIFEST.sig");
+    members[1].1 = serde_json::to_vec(&sig).unwrap();
+}
+
+/// The deployment's own audit key (what an insider with the passphrase holds).
+fn own_signer(b: &B) -> chitin_audit::KeySigner {
+    let mut store = open_store(&b.h.home);
+    chitin::secrets::audit_key::signer(&mut store, &b.h.home).unwrap()
 }
 
 #[test]
@@ -227,6 +241,20 @@ fn each_kind_of_backup_tamper_is_refused_with_its_reason() {
     let truncated = file.with_extension("trunc");
     std::fs::write(&truncated, &std::fs::read(&file).unwrap()[..200]).unwrap();
     assert!(refusal(&b, &truncated).contains("cannot be decrypted"));
+
+    // A changed manifest without a new signature: the signature catches it.
+    let f2 = reforge(&b, &file, &|m| {
+        let mut v: serde_json::Value = serde_json::from_slice(&m[0].1).unwrap();
+        v["created_ms"] = json!(1);
+        m[0].1 = serde_json::to_vec(&v).unwrap();
+    });
+    assert!(
+        refusal(&b, &f2).starts_with(
+            "backup check failed: the manifest signature does not verify with the trusted audit key"
+        ),
+        "{}",
+        refusal(&b, &f2)
+    );
 
     // A member changed after the manifest was written.
     let f = reforge(&b, &file, &|m| {
@@ -261,7 +289,9 @@ fn each_kind_of_backup_tamper_is_refused_with_its_reason() {
     let f = reforge(&b, &file, &|m| m.rotate_left(1));
     assert!(refusal(&b, &f).contains("manifest is not the first member"));
 
-    // The audit log edited and the manifest digest recomputed: the chain catches it.
+    // The audit log edited and the manifest digest recomputed and re-signed (with the
+    // deployment's own key): the chain catches it.
+    let signer = own_signer(&b);
     let f = reforge(&b, &file, &|m| {
         let tmp = tempfile::tempdir().unwrap();
         let db = tmp.path().join("audit.db");
@@ -273,6 +303,7 @@ fn each_kind_of_backup_tamper_is_refused_with_its_reason() {
         drop(c);
         e.1 = std::fs::read(&db).unwrap();
         manifest_fix(m, "audit.db");
+        resign(m, &signer);
     });
     let why = refusal(&b, &f);
     assert!(
@@ -285,6 +316,7 @@ fn each_kind_of_backup_tamper_is_refused_with_its_reason() {
         let e = m.iter_mut().find(|(n, _)| n == "state/state.db").unwrap();
         e.1 = b"not a database at all, just bytes".repeat(200);
         manifest_fix(m, "state.db");
+        resign(m, &signer);
     });
     assert!(refusal(&b, &f).contains("backup check failed"));
 }
@@ -294,8 +326,9 @@ fn a_restore_is_refused_while_a_gateway_holds_the_state_dir() {
     let b = setup();
     let file = create(&b, "b.age");
     let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    let verified = backup::check(opened, &b.h.lc.audit.public_key()).unwrap();
     let gateway = GatewayLock::acquire(&b.h.home).unwrap();
-    let e = backup::restore(&opened, &b.h.home).unwrap_err();
+    let e = backup::restore(&verified, &b.h.home).unwrap_err();
     assert!(matches!(e, LifecycleError::GatewayRunning { .. }), "{e}");
     assert!(e.to_string().contains("stop it before restoring"), "{e}");
     // A second gateway cannot start either.
@@ -360,4 +393,108 @@ fn without_a_recipient_a_backup_is_refused_with_how_to_make_one() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("File exists"), "{e}");
+}
+
+/// What an attacker holding only the public recipient can build: the container exactly as
+/// `backup::create` lays it out (manifest, signature, members), with a permissive policy and
+/// no audit log.
+fn forge(b: &B, signature: Option<&chitin_audit::KeySigner>) -> PathBuf {
+    let evil = b"permit(principal, action, resource);".to_vec();
+    let state_db = std::fs::read(b.h.home.join("state.db")).unwrap();
+    let members: Vec<(String, Vec<u8>)> = vec![
+        ("state.db".into(), state_db),
+        ("policies/evil.cedar".into(), evil),
+    ];
+    let manifest = json!({
+        "format": "chitin-backup",
+        "version": backup::VERSION,
+        "created_ms": T0,
+        "audit_last_seq": 0,
+        "members": members.iter().map(|(p, d)| json!({
+            "path": p,
+            "size": d.len(),
+            "sha256": chitin_audit::to_hex(&chitin_audit::sha256(d)),
+        })).collect::<Vec<_>>(),
+        "excluded": [],
+    });
+    let m = serde_json::to_vec_pretty(&manifest).unwrap();
+    let mut entries = vec![(backup::MANIFEST.to_string(), m.clone())];
+    if let Some(signer) = signature {
+        let sig = chitin_audit::ManifestSignature::sign(signer, &m).unwrap();
+        entries.push((
+            backup::MANIFEST_SIG.into(),
+            serde_json::to_vec(&sig).unwrap(),
+        ));
+    }
+    entries.extend(members.into_iter().map(|(p, d)| (format!("state/{p}"), d)));
+    let mut t = tar::Builder::new(Vec::new());
+    for (name, data) in &entries {
+        let mut hd = tar::Header::new_ustar();
+        hd.set_size(data.len() as u64);
+        hd.set_mode(0o600);
+        hd.set_entry_type(tar::EntryType::Regular);
+        t.append_data(&mut hd, name, &data[..]).unwrap();
+    }
+    let rcpt: age::x25519::Recipient = b.recipient.parse().unwrap();
+    let out =
+        b.h.home
+            .parent()
+            .unwrap()
+            .join(format!("forged-{}.age", rand_suffix()));
+    let sealed =
+        chitin::secrets::format::encrypt_to_recipients(&t.into_inner().unwrap(), &[rcpt]).unwrap();
+    std::fs::write(&out, sealed).unwrap();
+    out
+}
+
+#[test]
+fn a_backup_forged_with_only_the_recipient_is_refused_unsigned_or_signed_with_another_key() {
+    let b = setup();
+    let unsigned = forge(&b, None);
+    assert_eq!(
+        refusal(&b, &unsigned),
+        format!(
+            "{}: the manifest is not signed by an audit key (no MANIFEST.sig after MANIFEST.json); an unsigned backup is never trusted",
+            unsigned.display()
+        )
+    );
+    let attacker = chitin_audit::KeySigner::from_seed(&[7u8; 32]);
+    let signed = forge(&b, Some(&attacker));
+    assert_eq!(
+        refusal(&b, &signed),
+        format!(
+            "backup check failed: the manifest is signed by key {}, not by the trusted audit key {} (this deployment's audit.pub, or --trust-key FILE); nothing from it is trusted",
+            chitin_audit::CheckpointSigner::public_key(&attacker).id_hex(),
+            b.h.lc.audit.public_key().id_hex()
+        )
+    );
+}
+
+#[test]
+fn a_signed_backup_without_its_audit_log_is_refused() {
+    let b = setup();
+    // Even the deployment's own key does not make a backup without its audit log restorable.
+    let signed = forge(&b, Some(&own_signer(&b)));
+    assert_eq!(
+        refusal(&b, &signed),
+        "backup check failed: the backup holds no audit log (missing: audit.db, audit.checkpoints, audit.pub); a backup without its audit log is never restored"
+    );
+}
+
+#[test]
+fn a_backup_verifies_with_an_explicit_trusted_key_and_not_with_another() {
+    let b = setup();
+    let file = create(&b, "b.age");
+    let id = backup::load_identity(&b.id_file).unwrap();
+    // The key as a new machine would get it: the old deployment's audit.pub text.
+    let text = std::fs::read_to_string(b.h.home.join("audit.pub")).unwrap();
+    let key = chitin_audit::PublicKey::parse(&text).unwrap();
+    assert!(backup::check(backup::open(&file, &id).unwrap(), &key).is_ok());
+    let other =
+        chitin_audit::CheckpointSigner::public_key(&chitin_audit::KeySigner::from_seed(&[9u8; 32]));
+    let e = backup::check(backup::open(&file, &id).unwrap(), &other).unwrap_err();
+    assert!(
+        e.to_string().contains("not by the trusted audit key"),
+        "{e}"
+    );
 }

@@ -142,10 +142,25 @@ fn the_lifecycle_commands_work_end_to_end_and_a_restored_state_verifies() {
     let o = chitin(&home, &["data", "erase", "--subject", "alice"]);
     assert_eq!(o.status.code(), Some(2), "{}", out(&o));
     assert!(out(&o).contains("invalid subject"), "{}", out(&o));
+    // The CLI decides for its configured operator ([cli] operator); `--as` no longer exists.
     let o = chitin(
         &home,
         &["data", "erase", "--subject", ALICE, "--as", "mallory"],
     );
+    assert_eq!(o.status.code(), Some(2), "{}", out(&o));
+    assert!(
+        out(&o).contains("unexpected argument '--as'"),
+        "{}",
+        out(&o)
+    );
+    let owner_cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    std::fs::write(
+        home.join("chitin.toml"),
+        format!("{owner_cfg}\n[cli]\noperator = \"mallory\"\n"),
+    )
+    .unwrap();
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE]);
+    std::fs::write(home.join("chitin.toml"), &owner_cfg).unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", out(&o));
     assert!(
         out(&o).contains("refused: policy denied `data.erase`"),
@@ -206,9 +221,11 @@ fn the_lifecycle_commands_work_end_to_end_and_a_restored_state_verifies() {
             file.to_str().unwrap(),
             "--identity",
             id.to_str().unwrap(),
+            "--yes",
         ],
     );
     assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("replace state.db ("), "{}", out(&o));
     assert!(out(&o).contains("erased again 1 subject(s)"), "{}", out(&o));
     let o = chitin(&home, &["audit", "verify"]);
     assert!(o.status.success(), "{}", out(&o));

@@ -338,12 +338,13 @@ fn a_restore_of_a_backup_older_than_an_erase_erases_the_subject_again() {
     h.clock.advance(60_000);
     erase::erase(&h.lc, &Subject::parse(&alice).unwrap(), "op", false).unwrap();
     let opened = backup::open(&before, &backup::load_identity(&identity_file).unwrap()).unwrap();
+    let verified = backup::check(opened, &h.lc.audit.public_key()).unwrap();
     let home = h.home.clone();
     let clock = h.clock.clone();
     let H { _t, lc, gate, .. } = h;
     lc.audit.shutdown().unwrap();
     drop((lc, gate));
-    backup::restore(&opened, &home).unwrap();
+    backup::restore(&verified, &home).unwrap();
     let h = open_at(_t, home, clock);
     assert_eq!(
         count(&h, "SELECT COUNT(*) FROM messages"),

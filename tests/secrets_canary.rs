@@ -154,6 +154,8 @@ fn no_canary_appears_anywhere_but_inside_the_encrypted_store() {
         "[secrets]\nbackend = \"passphrase\"\nscrypt_work_factor = 4\nmax_scrypt_work_factor = 12\n",
     )
     .unwrap();
+    // The CLI operator (the default owner) is an owner, so `secrets set` is allowed.
+    std::fs::write(home.join("entities.json"), r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},{"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#).unwrap();
     let mut outputs: Vec<(String, Vec<u8>)> = Vec::new();
 
     // 1. The CLI.

@@ -19,6 +19,8 @@ struct Home {
     path: PathBuf,
 }
 
+const OWNER_ENTITIES: &str = r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},{"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#;
+
 impl Home {
     fn new(config: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -26,6 +28,9 @@ impl Home {
         std::fs::create_dir(&path).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700)).unwrap();
         std::fs::write(path.join("chitin.toml"), config).unwrap();
+        // The CLI operator (the default owner) is an owner: set, rm and reveal are decided
+        // by the policies for it.
+        std::fs::write(path.join("entities.json"), OWNER_ENTITIES).unwrap();
         Self { _dir: dir, path }
     }
 
@@ -147,9 +152,14 @@ fn get_without_reveal_is_refused_and_a_reveal_is_audited_without_the_value() {
     // The reveal is in the hash-chained audit log, with the name and who, never the value.
     let reader = chitin_audit::AuditReader::open(&h.file("audit.db")).unwrap();
     let recs = reader.query(&chitin_audit::Query::default()).unwrap();
+    // The operator's reveal was decided (and recorded) first, then the reveal itself.
+    assert!(recs.iter().any(|r| r.action == "secret.reveal"
+        && r.kind.as_str() == "decision"
+        && r.decision == "allow"
+        && r.actor == "Chitin::User::\"owner\""));
     let reveal = recs
         .iter()
-        .find(|r| r.action == "secret.reveal")
+        .find(|r| r.action == "secret.reveal" && r.kind.as_str() == "secret_use")
         .expect("a reveal record");
     assert_eq!(reveal.kind.as_str(), "secret_use");
     assert_eq!(reveal.resource, "Chitin::Secret::\"K\"");

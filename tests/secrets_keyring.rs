@@ -49,6 +49,8 @@ fn home(backend: &str) -> tempfile::TempDir {
         format!("[secrets]\nbackend = \"{backend}\"\nscrypt_work_factor = 4\nmax_scrypt_work_factor = 12\n"),
     )
     .unwrap();
+    // The CLI operator (the default owner) is an owner: set and reveal are allowed.
+    std::fs::write(d.path().join("entities.json"), r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},{"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#).unwrap();
     d
 }
 

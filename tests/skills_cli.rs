@@ -72,6 +72,19 @@ impl Env {
         chitin(&self.home, args)
     }
 
+    /// Runs `args` with `[cli] operator` set to `user`: the command line has no `--as`, it
+    /// acts for its configured operator.
+    fn run_as(&self, user: &str, args: &[&str]) -> Output {
+        let path = self.home.join("chitin.toml");
+        let cfg = fs::read_to_string(&path).unwrap();
+        let as_user = cfg.replace("operator = \"\"", &format!("operator = \"{user}\""));
+        assert_ne!(as_user, cfg, "the config has an [cli] operator line");
+        fs::write(&path, as_user).unwrap();
+        let o = self.run(args);
+        fs::write(&path, cfg).unwrap();
+        o
+    }
+
     fn trust(&self) {
         let pubkey = format!("{}.pub", self.key.display());
         let o = self.run(&["skills", "trust", "add", "--key", &pubkey, "--name", "ops"]);
@@ -252,7 +265,7 @@ fn policy_decides_who_may_install_and_names_the_denying_policy() {
     e.trust();
     let d = e.skill("s", "1.0.0");
     // A user who is not an owner.
-    let o = e.run(&["skills", "install", d.to_str().unwrap(), "--as", "mallory"]);
+    let o = e.run_as("mallory", &["skills", "install", d.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(out(&o), "policy denied: no policy permits it");
     // A site policy that demands transparency-logged signatures.
@@ -416,7 +429,7 @@ fn keyless_identities_are_added_listed_and_removed_and_audited() {
     let list = out(&e.run(&["skills", "trust", "list"]));
     assert!(list.contains("acme-ci keyless issuer=https://token.actions.githubusercontent.com subject=https://github.com/acme/skills/.github/workflows/release.yml@refs/heads/main"), "{list}");
     // Only owners change the trust list.
-    let o = e.run(&["skills", "trust", "remove", "acme-ci", "--as", "mallory"]);
+    let o = e.run_as("mallory", &["skills", "trust", "remove", "acme-ci"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(out(&o).starts_with("policy denied"));
     assert!(

@@ -107,6 +107,57 @@ impl Checkpoint {
     }
 }
 
+const MANIFEST_DOMAIN: &[u8] = b"chitin-backup-manifest-v1\0";
+
+/// A backup manifest's signature by the deployment's audit key (the key that signs the log's
+/// checkpoints, under its own domain so neither signature can pass for the other).
+///
+/// ```text
+/// signed = "chitin-backup-manifest-v1\0" || key_id[8] || SHA-256(manifest bytes)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestSignature {
+    /// First 8 bytes of SHA-256 of the signing public key (hex).
+    pub key_id: String,
+    /// Ed25519 signature (hex).
+    pub sig: String,
+}
+
+impl ManifestSignature {
+    fn message(manifest: &[u8], key_id: &[u8; 8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(MANIFEST_DOMAIN.len() + 8 + 32);
+        m.extend_from_slice(MANIFEST_DOMAIN);
+        m.extend_from_slice(key_id);
+        m.extend_from_slice(&sha256(manifest));
+        m
+    }
+
+    /// Signs `manifest` (its exact bytes).
+    pub fn sign(signer: &dyn CheckpointSigner, manifest: &[u8]) -> Result<Self, AuditError> {
+        let key_id = key_id(&signer.public_key());
+        let sig = signer.sign(&Self::message(manifest, &key_id))?;
+        Ok(Self {
+            key_id: to_hex(&key_id),
+            sig: to_hex(&sig),
+        })
+    }
+
+    /// Checks the signature over `manifest` against `key`.
+    pub fn verify(&self, key: &PublicKey, manifest: &[u8]) -> Result<(), CheckpointProblem> {
+        let kid = key_id(key);
+        if from_hex(&self.key_id).as_deref() != Some(&kid[..]) {
+            return Err(CheckpointProblem::WrongKey);
+        }
+        let sig: [u8; 64] = from_hex(&self.sig)
+            .and_then(|v| v.try_into().ok())
+            .ok_or(CheckpointProblem::BadSignature)?;
+        let vk = VerifyingKey::from_bytes(&key.0).map_err(|_| CheckpointProblem::BadSignature)?;
+        vk.verify(&Self::message(manifest, &kid), &Signature::from_bytes(&sig))
+            .map_err(|_| CheckpointProblem::BadSignature)
+    }
+}
+
 /// An Ed25519 public key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PublicKey(pub [u8; 32]);
@@ -310,6 +361,31 @@ mod tests {
         forged.seq = 8;
         assert_eq!(
             forged.verify(&a.public_key()),
+            Err(CheckpointProblem::BadSignature)
+        );
+    }
+
+    #[test]
+    fn a_manifest_signature_verifies_only_for_its_bytes_and_key_and_never_as_a_checkpoint() {
+        let a = KeySigner::from_seed(&[1u8; 32]);
+        let b = KeySigner::from_seed(&[2u8; 32]);
+        let s = ManifestSignature::sign(&a, b"{\"members\":[]}").unwrap();
+        assert_eq!(s.verify(&a.public_key(), b"{\"members\":[]}"), Ok(()));
+        assert_eq!(
+            s.verify(&a.public_key(), b"{\"members\":[1]}"),
+            Err(CheckpointProblem::BadSignature)
+        );
+        assert_eq!(
+            s.verify(&b.public_key(), b"{\"members\":[]}"),
+            Err(CheckpointProblem::WrongKey)
+        );
+        let by_b = ManifestSignature::sign(&b, b"x").unwrap();
+        let claimed = ManifestSignature {
+            key_id: s.key_id.clone(),
+            sig: by_b.sig,
+        };
+        assert_eq!(
+            claimed.verify(&a.public_key(), b"x"),
             Err(CheckpointProblem::BadSignature)
         );
     }

@@ -19,8 +19,8 @@ mod store;
 mod verify;
 
 pub use checkpoint::{
-    Checkpoint, CheckpointProblem, CheckpointSigner, KeySigner, PublicKey, key_id, new_seed,
-    parse_checkpoint_lines, read_key_file_seed,
+    Checkpoint, CheckpointProblem, CheckpointSigner, KeySigner, ManifestSignature, PublicKey,
+    key_id, new_seed, parse_checkpoint_lines, read_key_file_seed,
 };
 pub use error::AuditError;
 pub use log::{

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use crate::checkpoint::{Checkpoint, CheckpointSigner, KeySigner, PublicKey};
+use crate::checkpoint::{Checkpoint, CheckpointSigner, KeySigner, ManifestSignature, PublicKey};
 use crate::record::{
     GENESIS_HASH, HashInput, Kind, RecordInput, canonical_json, compute_hash, field_check,
     from_hex, sha256, to_hex,
@@ -204,6 +204,7 @@ pub struct AuditLog {
     thread: Mutex<Option<JoinHandle<()>>>,
     paths: AuditPaths,
     public_key: PublicKey,
+    signer: Arc<dyn CheckpointSigner>,
 }
 
 impl AuditLog {
@@ -272,7 +273,7 @@ impl AuditLog {
             conn: Some(conn),
             db_path: paths.db.clone(),
             cp_file,
-            signer,
+            signer: Arc::clone(&signer),
             opts: options,
             shared: shared.clone(),
             last_cp_seq: last_cp.map_or(0, |c| c.0),
@@ -294,7 +295,14 @@ impl AuditLog {
             thread: Mutex::new(Some(thread)),
             paths,
             public_key,
+            signer,
         })
+    }
+
+    /// Signs a backup manifest with this log's key (see [`ManifestSignature`]), so a restore
+    /// can check that the backup was made by this deployment.
+    pub fn sign_backup_manifest(&self, manifest: &[u8]) -> Result<ManifestSignature, AuditError> {
+        ManifestSignature::sign(self.signer.as_ref(), manifest)
     }
 
     fn send(&self, msg: Msg) -> Result<(), AuditError> {

@@ -95,6 +95,15 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// Whether an operator may write a record of this kind by hand (`chitin audit append`):
+    /// only `admin` and `system`. Decisions, tool runs and the other kinds are written by the
+    /// components that do the thing, so a hand-written record can never pass for one.
+    pub fn operator_writable(self) -> bool {
+        matches!(self, Kind::Admin | Kind::System)
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -218,6 +227,29 @@ impl RecordInput {
             outcome,
             payload,
             ..Self::new(Kind::ToolRun, actor, "tool.run", tool)
+        }
+    }
+
+    /// A record an operator wrote by hand (`chitin audit append`), marked as such: outcome
+    /// `operator-written`, and the payload wrapped as
+    /// `{"operator_written": true, "written_by": <by>, "payload": <payload>}`. Callers must
+    /// refuse kinds that are not [`Kind::operator_writable`].
+    pub fn operator_written(
+        kind: Kind,
+        by: &str,
+        actor: impl Into<String>,
+        action: impl Into<String>,
+        resource: impl Into<String>,
+        payload: serde_json::Value,
+    ) -> Self {
+        Self {
+            outcome: "operator-written".into(),
+            payload: serde_json::json!({
+                "operator_written": true,
+                "written_by": by,
+                "payload": payload,
+            }),
+            ..Self::new(kind, actor, action, resource)
         }
     }
 

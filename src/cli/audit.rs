@@ -148,6 +148,27 @@ fn open_log(globals: &Globals) -> Result<std::sync::Arc<AuditLog>, BoxError> {
     super::open_audit(globals)
 }
 
+/// The log, once `action` (`audit.read`, `audit.export`, `audit.append`) is allowed for the
+/// CLI operator ([cli] operator) by the policies; the decision is recorded either way. `Err`
+/// carries the refusal's exit code (the refusal is printed).
+fn decided_log(
+    globals: &Globals,
+    action: &str,
+) -> Result<Result<(std::sync::Arc<AuditLog>, String), ExitCode>, BoxError> {
+    let config = globals.load_config()?;
+    crate::state::Home::create(&globals.home)?;
+    let mut store = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+    let gate = super::admin_gate(globals, &config, &mut store)?;
+    let log = std::sync::Arc::clone(gate.audit());
+    match super::operator_may(&gate, &config, action)? {
+        None => Ok(Ok((log, config.operator().to_string()))),
+        Some(refused) => {
+            log.shutdown()?;
+            Ok(Err(refused))
+        }
+    }
+}
+
 fn parse_time(flag: &str, value: Option<String>) -> Result<Option<i64>, BoxError> {
     match value {
         None => Ok(None),
@@ -212,7 +233,10 @@ fn export_cmd(
 ) -> CmdResult {
     let since_ms = parse_time("since", since)?;
     let until_ms = parse_time("until", until)?;
-    let log = open_log(globals)?;
+    let log = match decided_log(globals, "audit.export")? {
+        Ok((log, _)) => log,
+        Err(refused) => return Ok(refused),
+    };
     // Reading the log out is recorded, and the checkpoint that follows covers every record,
     // so the export verifies on its own.
     log.append(RecordInput::admin(
@@ -303,8 +327,14 @@ fn query(
         until_ms: parse_time("until", until)?,
         limit,
     };
-    let reader = AuditReader::open(&globals.home.join(chitin_audit::DB_FILE))?;
+    let log = match decided_log(globals, "audit.read")? {
+        Ok((log, _)) => log,
+        Err(refused) => return Ok(refused),
+    };
+    let reader = AuditReader::open(&log.paths().db)?;
     let records = reader.query(&q)?;
+    drop(reader);
+    log.shutdown()?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     if json {
@@ -393,8 +423,21 @@ fn append(
             serde_json::from_str(&text).map_err(|e| format!("--payload is not valid JSON: {e}"))?
         }
     };
-    let log = open_log(globals)?;
-    let input = RecordInput::new(kind, actor, action, resource).with_payload(payload);
+    // Decisions and tool runs are written by the gate and the sandbox only: an operator's
+    // record can never pass for one. Checked before anything is opened or recorded.
+    if !kind.operator_writable() {
+        println!(
+            "refused: `chitin audit append` writes only admin and system records, not `{kind}`; \
+             decision and tool_run records come from the gate and the sandbox only"
+        );
+        return Ok(ExitCode::from(1));
+    }
+    let (log, operator_user) = match decided_log(globals, "audit.append")? {
+        Ok(v) => v,
+        Err(refused) => return Ok(refused),
+    };
+    let by = crate::skills_host::user_uid(&operator_user);
+    let input = RecordInput::operator_written(kind, &by, actor, action, resource, payload);
     // The operator's own action is recorded first, then the record itself.
     log.append(RecordInput::admin(
         operator(),

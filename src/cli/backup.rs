@@ -1,4 +1,8 @@
 //! `chitin backup create --out FILE | verify FILE | restore FILE | keygen --out FILE`.
+//!
+//! A backup is trusted only when its manifest is signed by this deployment's audit key: the
+//! state dir's current `audit.pub`, or `--trust-key FILE` (disaster recovery onto a new
+//! machine). `restore` shows what it would replace and needs `--yes` or a "yes" on a terminal.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,15 +27,23 @@ pub enum BackupCmd {
         /// The backup identity (default: [backup] identity)
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
-        /// Verify the audit log with this public key instead of the one in the backup
-        #[arg(long, value_name = "FILE")]
-        pubkey: Option<PathBuf>,
+        /// The audit public key the backup must be signed with [default: $CHITIN_HOME/audit.pub]
+        #[arg(long = "trust-key", alias = "pubkey", value_name = "FILE")]
+        trust_key: Option<PathBuf>,
     },
-    /// Restore a backup into the state directory (refused while a gateway runs on it).
+    /// Restore a backup into the state directory (refused while a gateway runs on it): shows
+    /// what would be replaced, then asks (or needs --yes).
     Restore {
         file: PathBuf,
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
+        /// The audit public key the backup must be signed with [default: $CHITIN_HOME/audit.pub];
+        /// for restoring onto a new machine: the audit.pub of the deployment that made it
+        #[arg(long = "trust-key", value_name = "FILE")]
+        trust_key: Option<PathBuf>,
+        /// Replace the listed files without asking
+        #[arg(long)]
+        yes: bool,
     },
     /// Make a backup identity: writes FILE (keep it off this host) and prints the recipient.
     Keygen {
@@ -53,15 +65,71 @@ fn identity_path(
         })
 }
 
+/// The key a backup must be signed with: `--trust-key FILE`, else this deployment's audit.pub.
+fn trusted_key(
+    given: Option<&Path>,
+    home: &Path,
+) -> Result<chitin_audit::PublicKey, LifecycleError> {
+    let path = given.map_or_else(|| home.join(chitin_audit::PUB_FILE), Path::to_path_buf);
+    if given.is_none() && !path.exists() {
+        return Err(LifecycleError::Backup(format!(
+            "no audit key to check the backup against: {} does not exist; on a new machine pass \
+             --trust-key FILE (the audit.pub of the deployment that made the backup)",
+            path.display()
+        )));
+    }
+    chitin_audit::PublicKey::load(&path)
+        .map_err(|e| LifecycleError::Backup(format!("trusted key {}: {e}", path.display())))
+}
+
 fn verified(
     file: &Path,
     identity: &Path,
-    pubkey: Option<&Path>,
-) -> Result<(backup::Opened, backup::VerifyReport), LifecycleError> {
+    trusted: &chitin_audit::PublicKey,
+) -> Result<backup::Verified, LifecycleError> {
     let id = backup::load_identity(identity)?;
     let opened = backup::open(file, &id)?;
-    let report = backup::check(&opened, pubkey)?;
-    Ok((opened, report))
+    backup::check(opened, trusted)
+}
+
+/// Prints what a restore would change; returns how many files it would write.
+fn print_plan(file: &Path, home: &Path, plan: &[(String, backup::Change)]) -> usize {
+    println!(
+        "restoring {} into {} would:",
+        file.display(),
+        home.display()
+    );
+    let mut same = 0;
+    for (path, change) in plan {
+        match change {
+            backup::Change::Replace { old_size, new_size } => {
+                println!("  replace {path} ({old_size} bytes -> {new_size} bytes)");
+            }
+            backup::Change::Add { size } => println!("  add     {path} ({size} bytes)"),
+            backup::Change::Same => same += 1,
+        }
+    }
+    println!("  keep    {same} file(s) that are already identical");
+    println!(
+        "  (state.db and audit.db are replaced whole: every table in them; files not in the backup are left as they are)"
+    );
+    plan.len() - same
+}
+
+/// `--yes`, or "yes" typed on a terminal.
+fn confirmed(yes: bool) -> Result<bool, std::io::Error> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        return Ok(false);
+    }
+    print!("Replace these files? Type \"yes\" to restore: ");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim() == "yes")
 }
 
 pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
@@ -77,6 +145,10 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
         }
         BackupCmd::Create { out } => {
             let rt = super::Runtime::open(globals)?;
+            if let Some(refused) = super::operator_may(&rt.gate, &rt.config, "backup.create")? {
+                rt.gate.audit().shutdown()?;
+                return Ok(refused);
+            }
             backup::recipient(&rt.config.backup.recipient)?;
             let audit = rt.gate.audit();
             let m = backup::create(
@@ -99,12 +171,15 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
         BackupCmd::Verify {
             file,
             identity,
-            pubkey,
+            trust_key,
         } => {
             let config = globals.load_config()?;
             let identity = identity_path(identity, &config)?;
-            match verified(&file, &identity, pubkey.as_deref()) {
-                Ok((_, r)) => {
+            match trusted_key(trust_key.as_deref(), &globals.home)
+                .and_then(|key| verified(&file, &identity, &key))
+            {
+                Ok(v) => {
+                    let r = &v.report;
                     println!(
                         "ok: {} files, {} bytes, created {}, state schema {}; audit {}",
                         r.members,
@@ -122,10 +197,29 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 Err(e) => Err(e.into()),
             }
         }
-        BackupCmd::Restore { file, identity } => {
+        BackupCmd::Restore {
+            file,
+            identity,
+            trust_key,
+            yes,
+        } => {
             let config = globals.load_config()?;
             let identity = identity_path(identity, &config)?;
-            let (opened, report) = match verified(&file, &identity, None) {
+            crate::state::Home::create(&globals.home)?;
+            // Decided for the CLI operator before the backup is even opened; the decision is
+            // recorded in the live log (which the restore then replaces: the restored log
+            // records the restore itself, with the operator).
+            let mut store = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+            let gate = super::admin_gate(globals, &config, &mut store)?;
+            let decided = super::operator_may(&gate, &config, "backup.restore");
+            gate.audit().shutdown()?;
+            drop((gate, store));
+            if let Some(refused) = decided? {
+                return Ok(refused);
+            }
+            let verified = match trusted_key(trust_key.as_deref(), &globals.home)
+                .and_then(|key| verified(&file, &identity, &key))
+            {
                 Ok(v) => v,
                 Err(LifecycleError::Backup(why)) => {
                     println!("bad backup: {why}; nothing was restored");
@@ -133,8 +227,16 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 }
                 Err(e) => return Err(e.into()),
             };
-            crate::state::Home::create(&globals.home)?;
-            let n = match backup::restore(&opened, &globals.home) {
+            let report = verified.report.clone();
+            let plan = backup::plan(&verified, &globals.home);
+            print_plan(&file, &globals.home, &plan);
+            if !confirmed(yes)? {
+                println!(
+                    "refused: the restore was not confirmed; run it on a terminal and type yes, or pass --yes; nothing was restored"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let n = match backup::restore(&verified, &globals.home) {
                 Ok(n) => n,
                 Err(e @ LifecycleError::GatewayRunning { .. }) => {
                     println!("refused: {e}");
@@ -145,17 +247,15 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // The restored log records its own restore; rows sealed with keys destroyed since
             // the backup are deleted so an erasure stays an erasure.
             let (_rt, lc) = super::data::open_lifecycle(globals)?;
+            let operator = crate::skills_host::user_uid(config.operator());
             lc.audit.append(chitin_audit::RecordInput::admin(
-                "backup:cli",
+                operator.as_str(),
                 "backup.restore",
                 file.display().to_string(),
-                json!({"created_ms": report.created_ms, "files": report.members}),
+                json!({"created_ms": report.created_ms, "files": report.members, "replaced": n, "decision": "allow"}),
             ))?;
-            let again = crate::lifecycle::erase::reapply_after_restore(
-                &lc,
-                report.created_ms,
-                "backup:cli",
-            )?;
+            let again =
+                crate::lifecycle::erase::reapply_after_restore(&lc, report.created_ms, &operator)?;
             lc.audit.shutdown()?;
             println!(
                 "restored {n} files from {} (created {})",

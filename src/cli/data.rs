@@ -20,9 +20,6 @@ pub enum DataCmd {
         /// The archive to write (a new file, mode 0600)
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// The user the operator acts as (Cedar decides)
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// Erase a subject's data everywhere and destroy their data key (Cedar `data.erase`).
     Erase {
@@ -31,8 +28,6 @@ pub enum DataCmd {
         /// List what would be erased; change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
 }
 
@@ -65,21 +60,19 @@ fn refusal(e: LifecycleError) -> CmdResult {
 }
 
 pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
-    let (subject, as_user) = match &cmd {
-        DataCmd::Export {
-            subject, as_user, ..
-        }
-        | DataCmd::Erase {
-            subject, as_user, ..
-        } => (subject.clone(), as_user.clone()),
+    let subject = match &cmd {
+        DataCmd::Export { subject, .. } | DataCmd::Erase { subject, .. } => subject.clone(),
     };
     // Strict parsing before anything is opened or recorded.
     let subject = Subject::parse(&subject)?;
     let (rt, lc) = open_lifecycle(globals)?;
-    let actor = crate::skills_host::user_uid(&as_user);
+    // Decided for the CLI operator ([cli] operator, default the gateway owner): the command
+    // line cannot claim to be someone else.
+    let operator = rt.config.operator().to_string();
+    let actor = crate::skills_host::user_uid(&operator);
     let code = match cmd {
         DataCmd::Export { out, .. } => {
-            match lifecycle::admin_check(&rt.gate, &as_user, "data.export")
+            match lifecycle::admin_check(&rt.gate, &operator, "data.export")
                 .and_then(|()| lifecycle::export::export(&lc, &subject, &out, &actor))
             {
                 Ok(c) => {
@@ -105,7 +98,7 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
             }
         }
         DataCmd::Erase { dry_run, .. } => {
-            match lifecycle::admin_check(&rt.gate, &as_user, "data.erase")
+            match lifecycle::admin_check(&rt.gate, &operator, "data.erase")
                 .and_then(|()| lifecycle::erase::erase(&lc, &subject, &actor, dry_run))
             {
                 Ok(r) => {

@@ -76,6 +76,10 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         None
     };
 
+    // Before anything is created: no path that defines behaviour or trust may overlap the
+    // workspace or the shared temp directories.
+    crate::config::paths::check_separation(&config, &globals.home, &globals.config_path)?;
+
     let redactor: logging::SharedRedactor =
         Arc::new(RwLock::new(crate::secrets::Redactor::empty()));
     logging::init(Arc::clone(&redactor));

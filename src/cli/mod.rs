@@ -143,6 +143,43 @@ pub fn open_audit_with_sink(
     )?))
 }
 
+/// The gate the command line decides administrative actions with: the configured policies and
+/// entities, and the audit log (opened with `store`, which holds its signing key).
+pub(crate) fn admin_gate(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+) -> Result<crate::gate::Gate, BoxError> {
+    let engine =
+        crate::policy::PolicyEngine::load(policy::engine_spec(globals, config, None, None)?)?;
+    let audit = open_audit_with(globals, config, store)?;
+    let redactor = store.redactor();
+    Ok(
+        crate::gate::Gate::new(std::sync::Arc::new(engine), audit).with_redactor(
+            std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
+        ),
+    )
+}
+
+/// Decides administrative `action` for the command line's operator (`[cli] operator`, default
+/// the gateway owner) through the gate, which records the decision. A refusal is printed as
+/// `refused: policy denied `<action>` for Chitin::User::"<operator>" (...)` and its exit code
+/// (1) returned: the caller then does nothing.
+pub(crate) fn operator_may(
+    gate: &crate::gate::Gate,
+    config: &Config,
+    action: &str,
+) -> Result<Option<ExitCode>, BoxError> {
+    match crate::lifecycle::admin_check(gate, config.operator(), action) {
+        Ok(()) => Ok(None),
+        Err(e @ crate::lifecycle::LifecycleError::Denied { .. }) => {
+            println!("refused: {e}");
+            Ok(Some(ExitCode::from(1)))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// What the gateway and the commands that act run on: config, the gate (policy engine + audit
 /// log) and the state store, built the same way everywhere.
 pub struct Runtime {

@@ -26,15 +26,11 @@ pub enum RetentionCmd {
         subject: String,
         #[arg(long, default_value = "legal hold")]
         reason: String,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// Release a legal hold.
     Release {
         #[arg(long, value_name = "SUBJECT")]
         subject: String,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// List legal holds.
     Holds,
@@ -48,7 +44,28 @@ fn range(oldest: Option<i64>, newest: Option<i64>) -> String {
 }
 
 pub fn run(cmd: RetentionCmd, globals: &Globals) -> CmdResult {
+    // Subjects are parsed strictly before anything is opened or recorded.
+    let subject = match &cmd {
+        RetentionCmd::Hold { subject, .. } | RetentionCmd::Release { subject } => {
+            Some(Subject::parse(subject)?)
+        }
+        RetentionCmd::Run { .. } | RetentionCmd::Holds => None,
+    };
     let (rt, lc) = open_lifecycle(globals)?;
+    // Decided for the CLI operator ([cli] operator), recorded; listing holds is not an action.
+    let action = match &cmd {
+        RetentionCmd::Run { .. } => Some("retention.run"),
+        RetentionCmd::Hold { .. } => Some("retention.hold"),
+        RetentionCmd::Release { .. } => Some("retention.release"),
+        RetentionCmd::Holds => None,
+    };
+    if let Some(action) = action
+        && let Some(refused) = super::operator_may(&rt.gate, &rt.config, action)?
+    {
+        lc.audit.shutdown()?;
+        return Ok(refused);
+    }
+    let actor = crate::skills_host::user_uid(rt.config.operator());
     match cmd {
         RetentionCmd::Run { dry_run, json } => {
             let r = retention::run(&lc, &rt.config.retention, "retention:cli", dry_run)?;
@@ -80,22 +97,16 @@ pub fn run(cmd: RetentionCmd, globals: &Globals) -> CmdResult {
                 }
             }
         }
-        RetentionCmd::Hold {
-            subject,
-            reason,
-            as_user,
-        } => {
-            let s = Subject::parse(&subject)?;
-            let actor = crate::skills_host::user_uid(&as_user);
+        RetentionCmd::Hold { reason, .. } => {
+            let s = subject.ok_or("no subject")?;
             if retention::hold(&lc, &s, &reason, &actor)? {
                 println!("held: {s}");
             } else {
                 println!("already held: {s} (reason updated)");
             }
         }
-        RetentionCmd::Release { subject, as_user } => {
-            let s = Subject::parse(&subject)?;
-            let actor = crate::skills_host::user_uid(&as_user);
+        RetentionCmd::Release { .. } => {
+            let s = subject.ok_or("no subject")?;
             if retention::release(&lc, &s, &actor)? {
                 println!("released: {s}");
             } else {

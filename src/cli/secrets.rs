@@ -84,6 +84,24 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
     // The audit log's signing key lives in this store, so the log is opened with the store the
     // command already unlocked, and only by commands that record something.
     let audit_with = |store: &mut SecretStore| super::open_audit_with(globals, &config, store);
+    // set, rm and reveal are decided for the CLI operator ([cli] operator) before anything is
+    // read or changed; the decision is recorded.
+    let decided = |store: &mut SecretStore,
+                   action: &str|
+     -> Result<
+        Result<Arc<chitin_audit::AuditLog>, ExitCode>,
+        Box<dyn std::error::Error + Send + Sync>,
+    > {
+        let gate = super::admin_gate(globals, &config, store)?;
+        let audit = Arc::clone(gate.audit());
+        match super::operator_may(&gate, &config, action)? {
+            None => Ok(Ok(audit)),
+            Some(refused) => {
+                audit.shutdown()?;
+                Ok(Err(refused))
+            }
+        }
+    };
     let reserved = |name: &SecretName| -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         if crate::secrets::audit_key::is_reserved(name) {
             return Err(format!("`{name}` is reserved for Chitin (names starting with `chitin.`); choose another name").into());
@@ -96,9 +114,13 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             let name = parse_name(&name)?;
             reserved(&name)?;
             let mut store = open()?;
+            // Input is checked first: a bad value or audience is refused without writing.
             let value = read_value(&name)?;
             store.check_set(&name, &value, &audience)?;
-            let audit = audit_with(&mut store)?;
+            let audit = match decided(&mut store, "secret.set")? {
+                Ok(a) => a,
+                Err(refused) => return Ok(refused),
+            };
             audit
                 .record_change("set", Some(&name), &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
@@ -171,7 +193,10 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
                 .into());
             }
             let mut store = open()?;
-            let audit = audit_with(&mut store)?;
+            let audit = match decided(&mut store, "secret.reveal")? {
+                Ok(a) => a,
+                Err(refused) => return Ok(refused),
+            };
             let value = store.reveal(&name, &who(), &*audit)?;
             let mut out = std::io::stdout().lock();
             out.write_all(value.expose())?;
@@ -182,10 +207,13 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             let name = parse_name(&name)?;
             reserved(&name)?;
             let mut store = open()?;
+            let audit = match decided(&mut store, "secret.remove")? {
+                Ok(a) => a,
+                Err(refused) => return Ok(refused),
+            };
             if !store.contains(&name) {
                 return Err(crate::secrets::SecretsError::NotFound(name.to_string()).into());
             }
-            let audit = audit_with(&mut store)?;
             audit
                 .record_change("rm", Some(&name), &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;

@@ -53,16 +53,9 @@ pub enum SkillsCmd {
         /// other content. Audited.
         #[arg(long)]
         force: bool,
-        /// The Cedar User on whose behalf the operator acts.
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// Re-verify installed skills against the lockfile.
-    Verify {
-        name: Option<String>,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
-    },
+    Verify { name: Option<String> },
     /// Manage the trusted signers the default policy consults.
     #[command(subcommand)]
     Trust(TrustCmd),
@@ -72,11 +65,7 @@ pub enum SkillsCmd {
         json: bool,
     },
     /// Remove an installed skill.
-    Remove {
-        name: String,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
-    },
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -94,22 +83,19 @@ pub enum TrustCmd {
         /// Certificate subject (SAN: email or URI) (keyless), matched exactly
         #[arg(long, requires = "issuer")]
         subject: Option<String>,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// List trusted signers.
     List,
     /// Remove a trusted signer.
-    Remove {
-        name: String,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
-    },
+    Remove { name: String },
 }
 
 struct Ctx {
     host: SkillsHost,
     gate: Gate,
+    /// The user the command line acts as ([cli] operator, default the gateway owner): there
+    /// is no `--as`, so the command line cannot decide as someone else.
+    operator: String,
 }
 
 fn open(globals: &Globals) -> Result<Ctx, Box<dyn std::error::Error + Send + Sync>> {
@@ -121,6 +107,7 @@ fn open(globals: &Globals) -> Result<Ctx, Box<dyn std::error::Error + Send + Syn
     Ok(Ctx {
         host,
         gate: rt.gate,
+        operator: rt.config.operator().to_string(),
     })
 }
 
@@ -172,15 +159,11 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
                 }
             }
         }
-        SkillsCmd::Install {
-            path,
-            force,
-            as_user,
-        } => {
+        SkillsCmd::Install { path, force } => {
             let c = open(globals)?;
             match c
                 .host
-                .install(&c.gate, &as_user, &path, force, SystemClock.now_ms())
+                .install(&c.gate, &c.operator, &path, force, SystemClock.now_ms())
             {
                 Ok(i) => {
                     let e = &i.entry;
@@ -201,12 +184,12 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
                 Err(e) => refusal(e),
             }
         }
-        SkillsCmd::Verify { name, as_user } => {
+        SkillsCmd::Verify { name } => {
             let c = open(globals)?;
             let statuses =
                 match c
                     .host
-                    .verify_installed(&c.gate, &user_uid(&as_user), name.as_deref())
+                    .verify_installed(&c.gate, &user_uid(&c.operator), name.as_deref())
                 {
                     Ok(s) => s,
                     Err(e) => return refusal(e),
@@ -246,9 +229,9 @@ pub fn run(cmd: SkillsCmd, globals: &Globals) -> CmdResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        SkillsCmd::Remove { name, as_user } => {
+        SkillsCmd::Remove { name } => {
             let c = open(globals)?;
-            match c.host.remove(&c.gate, &as_user, &name) {
+            match c.host.remove(&c.gate, &c.operator, &name) {
                 Ok(e) => {
                     println!("removed {} {} {}", e.name, e.version, e.digest);
                     Ok(ExitCode::SUCCESS)
@@ -289,7 +272,6 @@ fn trust(cmd: TrustCmd, globals: &Globals) -> CmdResult {
             name,
             issuer,
             subject,
-            as_user,
         } => {
             let entry = match (key, issuer, subject) {
                 (Some(k), None, None) => {
@@ -320,7 +302,7 @@ fn trust(cmd: TrustCmd, globals: &Globals) -> CmdResult {
                     subject,
                 } => format!("trusted {name} issuer={issuer} subject={subject}"),
             };
-            match c.host.trust_add(&c.gate, &as_user, entry) {
+            match c.host.trust_add(&c.gate, &c.operator, entry) {
                 Ok(()) => {
                     println!("{shown}");
                     Ok(ExitCode::SUCCESS)
@@ -350,9 +332,9 @@ fn trust(cmd: TrustCmd, globals: &Globals) -> CmdResult {
             }
             Ok(ExitCode::SUCCESS)
         }
-        TrustCmd::Remove { name, as_user } => {
+        TrustCmd::Remove { name } => {
             let c = open(globals)?;
-            match c.host.trust_remove(&c.gate, &as_user, &name) {
+            match c.host.trust_remove(&c.gate, &c.operator, &name) {
                 Ok(()) => {
                     println!("removed {name}");
                     Ok(ExitCode::SUCCESS)

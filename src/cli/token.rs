@@ -27,7 +27,16 @@ pub fn run(cmd: TokenCmd, globals: &Globals) -> CmdResult {
     let config = globals.load_config()?;
     crate::state::Home::create(&globals.home)?;
     let mut store = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
-    let audit = super::open_audit_with(globals, &config, &mut store)?;
+    let gate = super::admin_gate(globals, &config, &mut store)?;
+    let audit = std::sync::Arc::clone(gate.audit());
+    let action = match cmd {
+        TokenCmd::Show => "token.show",
+        TokenCmd::Rotate => "token.rotate",
+    };
+    if let Some(refused) = super::operator_may(&gate, &config, action)? {
+        audit.shutdown().map_err(|e| e.to_string())?;
+        return Ok(refused);
+    }
     let resource = format!("secret:{GATEWAY_TOKEN_SECRET}");
     // The record first: an action that cannot be audited does not happen.
     let record = |action: &str| {

@@ -7,7 +7,9 @@
 pub mod agent;
 pub mod audit;
 pub mod backup;
+pub mod cli;
 pub mod gateway;
+pub mod paths;
 pub mod policy;
 pub mod providers;
 pub mod retention;
@@ -32,6 +34,17 @@ pub enum ConfigError {
     },
     #[error("invalid config {path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error(
+        "{what} {} (resolved: {}) overlaps {area_name} {}, which the agent's tools or other local processes can write; a file there could change what Chitin allows or trusts. Move {what} outside it",
+        path.display(), resolved.display(), area.display()
+    )]
+    Overlap {
+        what: String,
+        path: PathBuf,
+        resolved: PathBuf,
+        area_name: String,
+        area: PathBuf,
+    },
 }
 
 /// The whole configuration file.
@@ -50,9 +63,19 @@ pub struct Config {
     pub gateway: gateway::GatewayConfig,
     pub retention: retention::RetentionConfig,
     pub backup: backup::BackupConfig,
+    pub cli: cli::CliConfig,
 }
 
 impl Config {
+    /// The user the command line acts as: `[cli] operator`, else the gateway owner.
+    pub fn operator(&self) -> &str {
+        if self.cli.operator.is_empty() {
+            &self.gateway.owner
+        } else {
+            &self.cli.operator
+        }
+    }
+
     /// The agent workspace: `[agent] workspace` (with `~/` expanded), else `[gateway] workspace`.
     pub fn workspace_dir(&self, home: &std::path::Path) -> std::path::PathBuf {
         let w = self.agent.workspace.trim();
@@ -104,6 +127,7 @@ impl Config {
             .gateway
             .validate()
             .and_then(|()| config.backup.validate())
+            .and_then(|()| config.cli.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -141,6 +165,7 @@ pub fn default_toml() -> String {
         gateway::TEMPLATE,
         retention::TEMPLATE,
         backup::TEMPLATE,
+        cli::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");
@@ -206,6 +231,20 @@ mod tests {
         let c = Config::parse(&default_toml(), Path::new("chitin.toml")).unwrap();
         assert_eq!(c.policy.dir, "policies");
         assert_eq!(c.policy.entities, "entities.json");
+        assert_eq!(c.cli.operator, "");
+        assert_eq!(c.operator(), "owner");
+    }
+
+    #[test]
+    fn the_cli_operator_is_the_configured_user_or_the_owner() {
+        let c = Config::parse("[cli]\noperator = \"mallory\"\n", Path::new("c")).unwrap();
+        assert_eq!(c.operator(), "mallory");
+        let c = Config::parse("[gateway]\nowner = \"alice\"\n", Path::new("c")).unwrap();
+        assert_eq!(c.operator(), "alice");
+        let e = Config::parse("[cli]\noperator = \" x\"\n", Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("[cli] operator"), "{e}");
+        let e = Config::parse("[cli]\nas = \"x\"\n", Path::new("c")).unwrap_err();
+        assert!(e.to_string().contains("as"), "{e}");
     }
 
     #[test]

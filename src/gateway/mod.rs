@@ -162,6 +162,9 @@ struct App {
     /// `/ready` reports the last result. (Each use re-verifies again: `SkillsHost::load`.)
     skills: Option<crate::skills_host::SkillsHost>,
     skills_status: RwLock<(bool, String)>,
+    /// Why the last reload was refused as a whole (a trust path overlapping a writable area),
+    /// shown by `/ready` until a reload succeeds.
+    reload_refused: RwLock<Option<String>>,
     /// The WebSocket control plane (`/ws`) and the chat backend slot.
     ws: Arc<ws::Ws>,
 }
@@ -330,6 +333,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         audit_head_at_start: head,
         skills,
         skills_status: RwLock::new(skills_status),
+        reload_refused: RwLock::new(None),
         ws: Arc::new(ws::Ws::new(
             backend,
             Arc::new(ws::AppAuth(me.clone())),
@@ -604,7 +608,33 @@ async fn signals(app: Arc<App>, stop: tokio::sync::watch::Sender<bool>) {
 /// The SIGHUP reload. Each part keeps its last good state when its new one is invalid.
 fn reload(app: &App) {
     info!("reloading config, policies and the gateway token");
-    match app.globals.load_config() {
+    let loaded = app.globals.load_config();
+    // A config (or a swapped directory or symlink) that puts a trust path where the agent's
+    // tools can write is refused whole: the last good config and policies stay.
+    let candidate = loaded
+        .as_ref()
+        .map_or_else(|_| read(&app.config), Clone::clone);
+    if let Err(e) = crate::config::paths::check_separation(
+        &candidate,
+        &app.globals.home,
+        &app.globals.config_path,
+    ) {
+        app.metrics.policy_reload("rejected");
+        error!(error = %e, "reload refused; the last good config and policies stay active");
+        let _ = app.gate.audit().append(
+            RecordInput::admin(
+                "gateway",
+                "config.reload",
+                "config",
+                json!({"error": e.to_string()}),
+            )
+            .with_outcome("rejected: the last good config and policies stay active"),
+        );
+        write(&app.reload_refused, Some(e.to_string()));
+        return;
+    }
+    write(&app.reload_refused, None);
+    match loaded {
         Ok(new) => {
             let old = read(&app.config);
             match Settings::of(&new.gateway) {
@@ -653,7 +683,21 @@ fn reload(app: &App) {
         }
         Err(e) => warn!(error = %e, "config not reloaded; the previous config stays in effect"),
     }
-    match app.gate.reload_policies("gateway") {
+    // `policy.reload` is decided for the operator: a SIGHUP or a file change comes from whoever
+    // controls the host, the same person the command line acts for ([cli] operator).
+    let operator = read(&app.config).operator().to_string();
+    let allowed = crate::gate::admin_request(&operator, "policy.reload", serde_json::Map::new())
+        .and_then(|req| app.gate.check(&req));
+    let reloaded = match allowed {
+        Ok(crate::gate::Verdict::Allowed(..)) => app
+            .gate
+            .reload_policies(&format!("Chitin::User::{operator:?}")),
+        Ok(_) => Err(crate::gate::GateError::InvalidRequest(format!(
+            "policy denied `policy.reload` for Chitin::User::{operator:?}"
+        ))),
+        Err(e) => Err(e),
+    };
+    match reloaded {
         Ok(r) => {
             app.metrics.policy_reload("ok");
             info!(
@@ -982,7 +1026,15 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         chitin_audit::AuditHealth::Failed { reason, .. } => check(false, reason),
     };
     let engine = app.gate.engine();
+    let refused = read(&app.reload_refused);
     let policies = match engine.last_error() {
+        _ if refused.is_some() => check(
+            false,
+            format!(
+                "the last reload was refused, the previous config and policies stay active: {}",
+                refused.unwrap_or_default()
+            ),
+        ),
         Some(e) => check(
             false,
             format!("the last reload failed, the previous set stays active: {e}"),

@@ -1,8 +1,15 @@
 //! Encrypted backups of the state directory.
 //!
 //! A backup is an age file (X25519, to the operator's `[backup] recipient`) holding a tar:
-//! `MANIFEST.json` (every member's path, size and SHA-256) then `state/<path>` for each file of
-//! the state directory. The databases are consistent snapshots (`VACUUM INTO`), the audit
+//! `MANIFEST.json` (every member's path, size and SHA-256), `MANIFEST.sig` (the manifest's
+//! Ed25519 signature by the deployment's audit key, [`chitin_audit::ManifestSignature`]) then
+//! `state/<path>` for each file of the state directory.
+//!
+//! **Trust:** the recipient is public, so anyone can encrypt a tar to it; what makes a backup
+//! ours is the signature. [`check`] accepts a backup only when its manifest is signed by the
+//! trusted audit key (the state dir's current `audit.pub`, or an explicit `--trust-key FILE` for
+//! disaster recovery onto a new machine), it carries its audit log, that log verifies with the
+//! same key, and its `audit.pub` is that key. [`restore`] takes only a [`Verified`] backup. The databases are consistent snapshots (`VACUUM INTO`), the audit
 //! checkpoint file is cut to the snapshot's last record, so a restored log passes
 //! `chitin audit verify`.
 //!
@@ -28,6 +35,10 @@ use crate::vault::{VAULT_FILE, VAULT_LOCK};
 
 /// The manifest member (first in the tar).
 pub const MANIFEST: &str = "MANIFEST.json";
+/// The manifest's signature (second in the tar).
+pub const MANIFEST_SIG: &str = "MANIFEST.sig";
+/// The backup format version (2: signed manifests).
+pub const VERSION: u32 = 2;
 const FORMAT: &str = "chitin-backup";
 /// Files of the state directory a backup never carries (top level).
 pub const EXCLUDED: &[&str] = &[
@@ -216,7 +227,7 @@ fn build(
     drop(tmp);
     let manifest = Manifest {
         format: FORMAT.into(),
-        version: 1,
+        version: VERSION,
         created_ms: now_ms,
         audit_last_seq,
         members: members
@@ -241,8 +252,11 @@ fn build(
     };
     let m =
         serde_json::to_vec_pretty(&manifest).map_err(|e| LifecycleError::Backup(e.to_string()))?;
+    let sig = serde_json::to_vec(&audit.sign_backup_manifest(&m)?)
+        .map_err(|e| LifecycleError::Backup(e.to_string()))?;
     let werr = |e: std::io::Error| LifecycleError::Backup(format!("cannot build the backup: {e}"));
     add(MANIFEST, &m).map_err(werr)?;
+    add(MANIFEST_SIG, &sig).map_err(werr)?;
     for (p, b) in &members {
         add(&format!("state/{p}"), b).map_err(werr)?;
     }
@@ -349,9 +363,12 @@ pub fn keygen(out: &Path, now_ms: i64) -> Result<String, LifecycleError> {
     Ok(public)
 }
 
-/// A decrypted, digest-checked backup.
+/// A decrypted, digest-checked backup (not yet trusted: see [`check`]).
 pub struct Opened {
     pub manifest: Manifest,
+    /// The manifest's exact bytes (what the signature covers).
+    manifest_bytes: Vec<u8>,
+    signature: chitin_audit::ManifestSignature,
     /// path → bytes, exactly the manifest's members.
     pub members: BTreeMap<String, Zeroizing<Vec<u8>>>,
 }
@@ -382,7 +399,8 @@ pub fn open(file: &Path, identity: &age::x25519::Identity) -> Result<Opened, Lif
     })?;
     let bad = |why: String| LifecycleError::Backup(format!("{}: {why}", file.display()));
     let mut a = tar::Archive::new(&plain[..]);
-    let mut manifest: Option<Manifest> = None;
+    let mut manifest: Option<(Manifest, Vec<u8>)> = None;
+    let mut signature: Option<chitin_audit::ManifestSignature> = None;
     let mut members = BTreeMap::new();
     for e in a.entries().map_err(|e| bad(e.to_string()))? {
         let mut e = e.map_err(|e| bad(e.to_string()))?;
@@ -402,10 +420,20 @@ pub fn open(file: &Path, identity: &age::x25519::Identity) -> Result<Opened, Lif
             }
             let m: Manifest = serde_json::from_slice(&data)
                 .map_err(|e| bad(format!("malformed manifest: {e}")))?;
-            if m.format != FORMAT || m.version != 1 {
+            if m.format != FORMAT || !(1..=VERSION).contains(&m.version) {
                 return Err(bad("not a Chitin backup (format/version)".into()));
             }
-            manifest = Some(m);
+            manifest = Some((m, data.to_vec()));
+            continue;
+        }
+        if signature.is_none() {
+            if name != MANIFEST_SIG {
+                return Err(bad(UNSIGNED.into()));
+            }
+            signature = Some(
+                serde_json::from_slice(&data)
+                    .map_err(|e| bad(format!("malformed manifest signature: {e}")))?,
+            );
             continue;
         }
         let rel = name
@@ -416,7 +444,8 @@ pub fn open(file: &Path, identity: &age::x25519::Identity) -> Result<Opened, Lif
             return Err(bad(format!("member {rel} appears twice")));
         }
     }
-    let manifest = manifest.ok_or_else(|| bad("empty archive".into()))?;
+    let (manifest, manifest_bytes) = manifest.ok_or_else(|| bad("empty archive".into()))?;
+    let signature = signature.ok_or_else(|| bad(UNSIGNED.into()))?;
     let listed: BTreeSet<&str> = manifest.members.iter().map(|m| m.path.as_str()).collect();
     for m in &manifest.members {
         let data = members
@@ -429,8 +458,17 @@ pub fn open(file: &Path, identity: &age::x25519::Identity) -> Result<Opened, Lif
     if let Some(extra) = members.keys().find(|k| !listed.contains(k.as_str())) {
         return Err(bad(format!("member {extra} is not in the manifest")));
     }
-    Ok(Opened { manifest, members })
+    Ok(Opened {
+        manifest,
+        manifest_bytes,
+        signature,
+        members,
+    })
 }
+
+/// Why an unsigned backup (or one made before backups were signed) is refused.
+const UNSIGNED: &str = "the manifest is not signed by an audit key (no MANIFEST.sig after MANIFEST.json); \
+     an unsigned backup is never trusted";
 
 fn write_new(path: &Path, bytes: &[u8]) -> Result<(), LifecycleError> {
     if let Some(parent) = path.parent() {
@@ -450,11 +488,62 @@ fn write_new(path: &Path, bytes: &[u8]) -> Result<(), LifecycleError> {
     f.sync_all().map_err(io_err(path, "fsync"))
 }
 
-/// Checks an opened backup beyond digests: the state database opens and passes
-/// `integrity_check`, the audit log verifies with the backed-up public key (or `pubkey`, one
-/// obtained independently).
-pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, LifecycleError> {
+/// A backup that passed [`check`]: signed by the trusted audit key, with an audit log that
+/// verifies under it. Only this can be restored.
+#[derive(Debug)]
+pub struct Verified {
+    opened: Opened,
+    pub report: VerifyReport,
+}
+
+impl Verified {
+    /// The backup's members and manifest.
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+}
+
+/// Checks an opened backup beyond digests, in this order: the manifest's signature verifies
+/// with `trusted` (the deployment's audit key); the backup carries its audit log (`audit.db`,
+/// `audit.checkpoints`, `audit.pub`) and its `audit.pub` is `trusted`; the state database opens
+/// and passes `integrity_check`; the audit log verifies (chain and checkpoints) with `trusted`.
+pub fn check(
+    opened: Opened,
+    trusted: &chitin_audit::PublicKey,
+) -> Result<Verified, LifecycleError> {
     let bad = |why: String| LifecycleError::Backup(format!("backup check failed: {why}"));
+    match opened.signature.verify(trusted, &opened.manifest_bytes) {
+        Ok(()) => {}
+        Err(chitin_audit::CheckpointProblem::WrongKey) => {
+            return Err(bad(format!(
+                "the manifest is signed by key {}, not by the trusted audit key {} (this \
+                 deployment's audit.pub, or --trust-key FILE); nothing from it is trusted",
+                opened.signature.key_id,
+                trusted.id_hex()
+            )));
+        }
+        Err(chitin_audit::CheckpointProblem::BadSignature) => {
+            return Err(bad(format!(
+                "the manifest signature does not verify with the trusted audit key {}; the \
+                 backup was altered or forged",
+                trusted.id_hex()
+            )));
+        }
+    }
+    let missing: Vec<&str> = [
+        chitin_audit::DB_FILE,
+        chitin_audit::CHECKPOINT_FILE,
+        chitin_audit::PUB_FILE,
+    ]
+    .into_iter()
+    .filter(|n| !opened.members.contains_key(*n))
+    .collect();
+    if !missing.is_empty() {
+        return Err(bad(format!(
+            "the backup holds no audit log (missing: {}); a backup without its audit log is never restored",
+            missing.join(", ")
+        )));
+    }
     let tmp = TempDir::new(&std::env::temp_dir(), "chitin-backup-verify")?;
     for name in [
         "state.db",
@@ -465,6 +554,15 @@ pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, Lif
         if let Some(b) = opened.members.get(name) {
             write_new(&tmp.0.join(name), b)?;
         }
+    }
+    let backed_up_key = chitin_audit::PublicKey::load(&tmp.0.join(chitin_audit::PUB_FILE))
+        .map_err(|e| bad(format!("audit.pub: {e}")))?;
+    if backed_up_key != *trusted {
+        return Err(bad(format!(
+            "the backup's audit.pub is key {}, not the trusted audit key {}",
+            backed_up_key.id_hex(),
+            trusted.id_hex()
+        )));
     }
     let db = tmp.0.join("state.db");
     if !db.exists() {
@@ -481,23 +579,17 @@ pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, Lif
         Ok((problem, _)) => return Err(bad(format!("state.db: {problem}"))),
         Err(e) => return Err(bad(format!("state.db does not open: {e}"))),
     };
-    let audit = if opened.members.contains_key(chitin_audit::DB_FILE) {
-        let key_path = pubkey.map_or_else(|| tmp.0.join(chitin_audit::PUB_FILE), Path::to_path_buf);
-        let key = chitin_audit::PublicKey::load(&key_path).map_err(|e| bad(e.to_string()))?;
-        let verdict = chitin_audit::Verifier::new(key)
-            .verify_db(
-                &tmp.0.join(chitin_audit::DB_FILE),
-                Some(&tmp.0.join(chitin_audit::CHECKPOINT_FILE)),
-            )
-            .map_err(|e| bad(e.to_string()))?;
-        match verdict {
-            Ok(r) => r.ok_line(),
-            Err(t) => return Err(bad(format!("audit log: {t}"))),
-        }
-    } else {
-        "no audit log in this backup".to_string()
+    let verdict = chitin_audit::Verifier::new(*trusted)
+        .verify_db(
+            &tmp.0.join(chitin_audit::DB_FILE),
+            Some(&tmp.0.join(chitin_audit::CHECKPOINT_FILE)),
+        )
+        .map_err(|e| bad(e.to_string()))?;
+    let audit = match verdict {
+        Ok(r) => r.ok_line(),
+        Err(t) => return Err(bad(format!("audit log: {t}"))),
     };
-    Ok(VerifyReport {
+    let report = VerifyReport {
         created_ms: opened.manifest.created_ms,
         members: opened.members.len(),
         bytes: opened
@@ -507,15 +599,50 @@ pub fn check(opened: &Opened, pubkey: Option<&Path>) -> Result<VerifyReport, Lif
             .sum(),
         audit,
         state_version,
-    })
+    };
+    Ok(Verified { opened, report })
 }
 
-/// Restores `opened` into `home`: refuses while a gateway runs there (and keeps the gateway
+/// What a restore would do to one file of the state directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The file does not exist: it is created.
+    Add { size: u64 },
+    /// The file exists with other content: it is replaced.
+    Replace { old_size: u64, new_size: u64 },
+    /// The file already holds exactly this content.
+    Same,
+}
+
+/// What restoring `verified` into `home` would change, file by file (relative path, change),
+/// in path order. Files of `home` that are not in the backup are left as they are.
+pub fn plan(verified: &Verified, home: &Path) -> Vec<(String, Change)> {
+    verified
+        .opened
+        .members
+        .iter()
+        .map(|(p, b)| {
+            let new_size = u64::try_from(b.len()).unwrap_or(u64::MAX);
+            let change = match std::fs::read(home.join(p)) {
+                Ok(cur) if cur == b[..] => Change::Same,
+                Ok(cur) => Change::Replace {
+                    old_size: u64::try_from(cur.len()).unwrap_or(u64::MAX),
+                    new_size,
+                },
+                Err(_) => Change::Add { size: new_size },
+            };
+            (p.clone(), change)
+        })
+        .collect()
+}
+
+/// Restores a [`Verified`] backup into `home`: refuses while a gateway runs there (and keeps the gateway
 /// lock for the duration, so none starts meanwhile); writes every member to a private staging
 /// directory, removes the live databases' WAL/SHM files, then renames each member into place.
 /// `vault.keys` is never touched (it is not in backups), so keys destroyed after the backup stay
 /// destroyed. Returns the number of files restored.
-pub fn restore(opened: &Opened, home: &Path) -> Result<usize, LifecycleError> {
+pub fn restore(verified: &Verified, home: &Path) -> Result<usize, LifecycleError> {
+    let opened = &verified.opened;
     let _lock = GatewayLock::acquire(home)?;
     let staging = TempDir::new(home, "restore")?;
     for (p, b) in &opened.members {

@@ -28,7 +28,6 @@ use rusqlite::Connection;
 
 use crate::clock::Clock;
 use crate::gate::{Gate, GateError, Verdict};
-use crate::policy::PolicyRequest;
 use crate::store::{Store, StoreError};
 use crate::vault::{Subject, Vault, VaultError};
 
@@ -138,24 +137,11 @@ pub fn subject_digest(subject: &Subject) -> String {
     subject.digest()
 }
 
-/// Decides an administrative action (`data.export`, `data.erase`) for the operator acting as
-/// `Chitin::User::"<user>"` on the gateway, through the gate (which records the decision).
+/// Decides an administrative action (`data.export`, `retention.run`, `backup.restore`, ...) for
+/// `Chitin::User::"<user>"` on the gateway, through the gate (which records the decision). `user`
+/// is the real principal: the CLI's configured operator, or the gateway's authenticated user.
 pub fn admin_check(gate: &Gate, user: &str, action: &str) -> Result<(), LifecycleError> {
-    let uid = |ty: &str, id: &str| -> Result<cedar_policy::EntityUid, LifecycleError> {
-        let tn =
-            <cedar_policy::EntityTypeName as std::str::FromStr>::from_str(&format!("Chitin::{ty}"))
-                .map_err(|e| GateError::InvalidRequest(e.to_string()))?;
-        Ok(cedar_policy::EntityUid::from_type_name_and_id(
-            tn,
-            cedar_policy::EntityId::new(id),
-        ))
-    };
-    let req = PolicyRequest {
-        principal: uid("User", user)?,
-        action: uid("Action", action)?,
-        resource: uid("Gateway", crate::policy::builtin::GATEWAY_ID)?,
-        context: serde_json::Map::new(),
-    };
+    let req = crate::gate::admin_request(user, action, serde_json::Map::new())?;
     match gate.check(&req)? {
         Verdict::Allowed(..) => Ok(()),
         Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. } => {

@@ -183,7 +183,9 @@ impl Gw {
     }
 
     pub fn start_with(extra_config: &str, tls: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        // Not under /tmp: the gateway refuses a state dir in a directory every local process
+        // can write.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let root = dir.path().to_path_buf();
         let home = root.join("home");
         std::fs::create_dir(&home).unwrap();

@@ -30,3 +30,25 @@ pub fn write_private(path: &Path, bytes: &[u8]) {
         .unwrap();
     std::io::Write::write_all(&mut f, bytes).unwrap();
 }
+
+/// The entities `chitin init` writes: `User::"owner"` (the default CLI operator and gateway
+/// owner) in `Group::"owners"`, plus `User::"mallory"`, who is in no group.
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this file needs it"
+)]
+pub const OWNER_ENTITIES: &str = r#"[
+  {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+  {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
+  {"uid": {"type": "Chitin::User", "id": "mallory"}, "attrs": {}, "parents": []}
+]
+"#;
+
+/// Writes [`OWNER_ENTITIES`] as `home/entities.json` (0600).
+#[allow(
+    dead_code,
+    reason = "not every test binary that includes this file needs it"
+)]
+pub fn write_owner_entities(home: &Path) {
+    write_private(&home.join("entities.json"), OWNER_ENTITIES.as_bytes());
+}
