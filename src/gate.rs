@@ -1043,11 +1043,11 @@ pub fn resolve_program(program: &str, cwd: &Path) -> Result<PathBuf, GateError> 
 
 /// The one place an administrative request is built: `principal` is the real user
 /// (`Chitin::User::"<principal>"`: the gateway's authenticated user, or the CLI's configured
-/// operator), `action_id` one of the administration actions of the schema (`policy.reload`,
+/// operator), `action` one of the administration actions of the schema (`policy.reload`,
 /// `token.show`, `backup.restore`, ...), the resource is always `Chitin::Gateway::"gateway"`.
 pub fn admin_request(
     principal: &str,
-    action_id: &str,
+    action: Action,
     context: Map<String, Value>,
 ) -> Result<PolicyRequest, GateError> {
     let uid = |s: String| {
@@ -1056,7 +1056,7 @@ pub fn admin_request(
     };
     Ok(PolicyRequest {
         principal: uid(format!("Chitin::User::{}", quote(principal)))?,
-        action: uid(format!("Chitin::Action::{}", quote(action_id)))?,
+        action: action.uid(),
         resource: uid(format!(
             "Chitin::Gateway::{}",
             quote(crate::policy::builtin::GATEWAY_ID)

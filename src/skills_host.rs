@@ -747,7 +747,8 @@ impl SkillsHost {
 
 /// Trust changes and removals are configuration changes: Cedar `config.write` on the gateway.
 fn admin_check(gate: &Gate, principal: &str) -> Result<(), SkillsError> {
-    let req = crate::gate::admin_request(principal, "config.write", Map::new())?;
+    let req =
+        crate::gate::admin_request(principal, crate::policy::Action::ConfigWrite, Map::new())?;
     match gate.check(&req)? {
         Verdict::Allowed(..) => Ok(()),
         Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. } => {

@@ -301,10 +301,13 @@ fn a_subject_under_legal_hold_is_not_erased() {
 fn erase_and_export_are_decided_by_cedar_and_a_non_owner_is_refused() {
     let h = harness();
     seed(&h);
-    for action in ["data.erase", "data.export"] {
+    for action in [
+        chitin::policy::Action::DataErase,
+        chitin::policy::Action::DataExport,
+    ] {
         let e = lifecycle::admin_check(&h.gate, "mallory", action).unwrap_err();
         assert!(matches!(e, LifecycleError::Denied { .. }), "{e}");
-        assert!(e.to_string().contains(action), "{e}");
+        assert!(e.to_string().contains(action.as_str()), "{e}");
         lifecycle::admin_check(&h.gate, "owner", action).unwrap();
     }
     // Both decisions were recorded by the gate.

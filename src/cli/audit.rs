@@ -153,7 +153,7 @@ fn open_log(globals: &Globals) -> Result<std::sync::Arc<AuditLog>, BoxError> {
 /// carries the refusal's exit code (the refusal is printed).
 fn decided_log(
     globals: &Globals,
-    action: &str,
+    action: crate::policy::Action,
 ) -> Result<Result<(std::sync::Arc<AuditLog>, String), ExitCode>, BoxError> {
     let config = globals.load_config()?;
     crate::state::Home::create(&globals.home)?;
@@ -233,7 +233,7 @@ fn export_cmd(
 ) -> CmdResult {
     let since_ms = parse_time("since", since)?;
     let until_ms = parse_time("until", until)?;
-    let log = match decided_log(globals, "audit.export")? {
+    let log = match decided_log(globals, crate::policy::Action::AuditExport)? {
         Ok((log, _)) => log,
         Err(refused) => return Ok(refused),
     };
@@ -327,7 +327,7 @@ fn query(
         until_ms: parse_time("until", until)?,
         limit,
     };
-    let log = match decided_log(globals, "audit.read")? {
+    let log = match decided_log(globals, crate::policy::Action::AuditRead)? {
         Ok((log, _)) => log,
         Err(refused) => return Ok(refused),
     };
@@ -432,7 +432,7 @@ fn append(
         );
         return Ok(ExitCode::from(1));
     }
-    let (log, operator_user) = match decided_log(globals, "audit.append")? {
+    let (log, operator_user) = match decided_log(globals, crate::policy::Action::AuditAppend)? {
         Ok(v) => v,
         Err(refused) => return Ok(refused),
     };

@@ -145,7 +145,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
         }
         BackupCmd::Create { out } => {
             let rt = super::Runtime::open(globals)?;
-            if let Some(refused) = super::operator_may(&rt.gate, &rt.config, "backup.create")? {
+            if let Some(refused) =
+                super::operator_may(&rt.gate, &rt.config, crate::policy::Action::BackupCreate)?
+            {
                 rt.gate.audit().shutdown()?;
                 return Ok(refused);
             }
@@ -211,7 +213,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // records the restore itself, with the operator).
             let mut store = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
             let gate = super::admin_gate(globals, &config, &mut store)?;
-            let decided = super::operator_may(&gate, &config, "backup.restore");
+            let decided = super::operator_may(&gate, &config, crate::policy::Action::BackupRestore);
             gate.audit().shutdown()?;
             drop((gate, store));
             if let Some(refused) = decided? {

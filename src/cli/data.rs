@@ -72,7 +72,7 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
     let actor = crate::skills_host::user_uid(&operator);
     let code = match cmd {
         DataCmd::Export { out, .. } => {
-            match lifecycle::admin_check(&rt.gate, &operator, "data.export")
+            match lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataExport)
                 .and_then(|()| lifecycle::export::export(&lc, &subject, &out, &actor))
             {
                 Ok(c) => {
@@ -98,7 +98,7 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
             }
         }
         DataCmd::Erase { dry_run, .. } => {
-            match lifecycle::admin_check(&rt.gate, &operator, "data.erase")
+            match lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataErase)
                 .and_then(|()| lifecycle::erase::erase(&lc, &subject, &actor, dry_run))
             {
                 Ok(r) => {

@@ -168,7 +168,7 @@ pub(crate) fn admin_gate(
 pub(crate) fn operator_may(
     gate: &crate::gate::Gate,
     config: &Config,
-    action: &str,
+    action: crate::policy::Action,
 ) -> Result<Option<ExitCode>, BoxError> {
     match crate::lifecycle::admin_check(gate, config.operator(), action) {
         Ok(()) => Ok(None),

@@ -54,9 +54,9 @@ pub fn run(cmd: RetentionCmd, globals: &Globals) -> CmdResult {
     let (rt, lc) = open_lifecycle(globals)?;
     // Decided for the CLI operator ([cli] operator), recorded; listing holds is not an action.
     let action = match &cmd {
-        RetentionCmd::Run { .. } => Some("retention.run"),
-        RetentionCmd::Hold { .. } => Some("retention.hold"),
-        RetentionCmd::Release { .. } => Some("retention.release"),
+        RetentionCmd::Run { .. } => Some(crate::policy::Action::RetentionRun),
+        RetentionCmd::Hold { .. } => Some(crate::policy::Action::RetentionHold),
+        RetentionCmd::Release { .. } => Some(crate::policy::Action::RetentionRelease),
         RetentionCmd::Holds => None,
     };
     if let Some(action) = action

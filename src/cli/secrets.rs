@@ -87,7 +87,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
     // set, rm and reveal are decided for the CLI operator ([cli] operator) before anything is
     // read or changed; the decision is recorded.
     let decided = |store: &mut SecretStore,
-                   action: &str|
+                   action: crate::policy::Action|
      -> Result<
         Result<Arc<chitin_audit::AuditLog>, ExitCode>,
         Box<dyn std::error::Error + Send + Sync>,
@@ -117,7 +117,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             // Input is checked first: a bad value or audience is refused without writing.
             let value = read_value(&name)?;
             store.check_set(&name, &value, &audience)?;
-            let audit = match decided(&mut store, "secret.set")? {
+            let audit = match decided(&mut store, crate::policy::Action::SecretSet)? {
                 Ok(a) => a,
                 Err(refused) => return Ok(refused),
             };
@@ -193,7 +193,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
                 .into());
             }
             let mut store = open()?;
-            let audit = match decided(&mut store, "secret.reveal")? {
+            let audit = match decided(&mut store, crate::policy::Action::SecretReveal)? {
                 Ok(a) => a,
                 Err(refused) => return Ok(refused),
             };
@@ -207,7 +207,7 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             let name = parse_name(&name)?;
             reserved(&name)?;
             let mut store = open()?;
-            let audit = match decided(&mut store, "secret.remove")? {
+            let audit = match decided(&mut store, crate::policy::Action::SecretRemove)? {
                 Ok(a) => a,
                 Err(refused) => return Ok(refused),
             };

@@ -30,8 +30,8 @@ pub fn run(cmd: TokenCmd, globals: &Globals) -> CmdResult {
     let gate = super::admin_gate(globals, &config, &mut store)?;
     let audit = std::sync::Arc::clone(gate.audit());
     let action = match cmd {
-        TokenCmd::Show => "token.show",
-        TokenCmd::Rotate => "token.rotate",
+        TokenCmd::Show => crate::policy::Action::TokenShow,
+        TokenCmd::Rotate => crate::policy::Action::TokenRotate,
     };
     if let Some(refused) = super::operator_may(&gate, &config, action)? {
         audit.shutdown().map_err(|e| e.to_string())?;

@@ -686,8 +686,12 @@ fn reload(app: &App) {
     // `policy.reload` is decided for the operator: a SIGHUP or a file change comes from whoever
     // controls the host, the same person the command line acts for ([cli] operator).
     let operator = read(&app.config).operator().to_string();
-    let allowed = crate::gate::admin_request(&operator, "policy.reload", serde_json::Map::new())
-        .and_then(|req| app.gate.check(&req));
+    let allowed = crate::gate::admin_request(
+        &operator,
+        crate::policy::Action::PolicyReload,
+        serde_json::Map::new(),
+    )
+    .and_then(|req| app.gate.check(&req));
     let reloaded = match allowed {
         Ok(crate::gate::Verdict::Allowed(..)) => app
             .gate

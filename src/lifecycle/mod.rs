@@ -140,13 +140,17 @@ pub fn subject_digest(subject: &Subject) -> String {
 /// Decides an administrative action (`data.export`, `retention.run`, `backup.restore`, ...) for
 /// `Chitin::User::"<user>"` on the gateway, through the gate (which records the decision). `user`
 /// is the real principal: the CLI's configured operator, or the gateway's authenticated user.
-pub fn admin_check(gate: &Gate, user: &str, action: &str) -> Result<(), LifecycleError> {
+pub fn admin_check(
+    gate: &Gate,
+    user: &str,
+    action: crate::policy::Action,
+) -> Result<(), LifecycleError> {
     let req = crate::gate::admin_request(user, action, serde_json::Map::new())?;
     match gate.check(&req)? {
         Verdict::Allowed(..) => Ok(()),
         Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. } => {
             Err(LifecycleError::Denied {
-                action: action.into(),
+                action: action.as_str().into(),
                 principal: format!("Chitin::User::{user:?}"),
                 policies: d.policies,
             })
