@@ -611,12 +611,9 @@ impl Gate {
             }
             ToolInput::ReadFile { path }
             | ToolInput::ListDir { path }
-            | ToolInput::EditFile { path } => {
-                let p = canonical_existing(path, Some(&workspace))?;
-                ctx.insert("path".into(), json!(p.to_string_lossy()));
-            }
-            ToolInput::WriteFile { path } => {
-                let p = canonical_for_create(path, &workspace)?;
+            | ToolInput::EditFile { path }
+            | ToolInput::WriteFile { path } => {
+                let p = workspace_path(&workspace, path)?;
                 ctx.insert("path".into(), json!(p.to_string_lossy()));
             }
             ToolInput::SendMessage { channel, target } => {
@@ -741,54 +738,27 @@ pub fn canonical_existing(path: &str, base: Option<&Path>) -> Result<PathBuf, Ga
     })
 }
 
-/// Canonicalizes a path that may not exist yet (a file about to be written): its parent must
-/// exist and the last component must be a plain name. An existing path (including a symlink,
-/// which is resolved) is canonicalized as a whole.
-pub fn canonical_for_create(path: &str, base: &Path) -> Result<PathBuf, GateError> {
-    let abs = absolute(path, Some(base))?;
-    if std::fs::symlink_metadata(&abs).is_ok() {
-        return canonical_existing(path, Some(base));
-    }
-    let name = match abs.components().next_back() {
-        Some(std::path::Component::Normal(n)) => n.to_os_string(),
-        _ => {
-            return Err(GateError::InvalidPath {
-                path: path.into(),
-                reason: "does not end in a file name".into(),
-            });
-        }
-    };
-    let parent = abs.parent().ok_or_else(|| GateError::InvalidPath {
-        path: path.into(),
-        reason: "has no parent directory".into(),
+/// Canonicalizes a file tool's path for Cedar the way the tool will open it
+/// ([`crate::tools::Workspace::resolve`]: lexical checks, then a walk beneath the workspace
+/// descriptor, never by name). Anything outside the workspace (an absolute path elsewhere,
+/// `..`, a symlink that leaves it) is refused before Cedar with a message that does not depend
+/// on what exists outside; a file or directories not created yet resolve to where they will be.
+fn workspace_path(workspace: &Path, path: &str) -> Result<PathBuf, GateError> {
+    use crate::tools::ToolError;
+    let ws = crate::tools::Workspace::new(workspace).map_err(|e| GateError::InvalidPath {
+        path: workspace.display().to_string(),
+        reason: e.to_string(),
     })?;
-    // Directories that do not exist yet (write_file with create_dirs): the nearest existing
-    // ancestor is canonicalized and the missing part must be plain names (no `..`, no `.`).
-    let mut existing = parent;
-    let mut missing: Vec<std::ffi::OsString> = Vec::new();
-    while std::fs::symlink_metadata(existing).is_err() {
-        match existing.components().next_back() {
-            Some(std::path::Component::Normal(n)) => missing.push(n.to_os_string()),
-            _ => {
-                return Err(GateError::InvalidPath {
-                    path: path.into(),
-                    reason: "a directory to be created is not a plain name".into(),
-                });
-            }
-        }
-        existing = existing.parent().ok_or_else(|| GateError::InvalidPath {
+    ws.resolve(path)
+        .map(|p| p.abs)
+        .map_err(|e| GateError::InvalidPath {
             path: path.into(),
-            reason: "has no existing parent directory".into(),
-        })?;
-    }
-    let mut out = std::fs::canonicalize(existing).map_err(|e| GateError::InvalidPath {
-        path: path.into(),
-        reason: format!("parent directory cannot be resolved: {e}"),
-    })?;
-    for m in missing.iter().rev() {
-        out.push(m);
-    }
-    Ok(out.join(name))
+            reason: match e {
+                ToolError::Path { reason, .. } => reason,
+                ToolError::SymlinkEscape { .. } => "a symlink on it leaves the workspace".into(),
+                other => other.to_string(),
+            },
+        })
 }
 
 /// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name

@@ -18,3 +18,4 @@ pub mod state;
 pub mod store;
 pub mod tools;
 pub mod vault;
+pub mod wsfs;
