@@ -596,7 +596,7 @@ impl Gate {
                     GateError::InvalidRequest("exec needs a program (argv is empty)".into())
                 })?;
                 let cwd = match cwd {
-                    Some(c) => canonical_existing(c, Some(&workspace))?,
+                    Some(c) => workspace_path(&workspace, c, true)?,
                     None => workspace.clone(),
                 };
                 let resolved = resolve_program(program, &cwd)?;
@@ -611,9 +611,12 @@ impl Gate {
             }
             ToolInput::ReadFile { path }
             | ToolInput::ListDir { path }
-            | ToolInput::EditFile { path }
-            | ToolInput::WriteFile { path } => {
-                let p = workspace_path(&workspace, path)?;
+            | ToolInput::EditFile { path } => {
+                let p = workspace_path(&workspace, path, true)?;
+                ctx.insert("path".into(), json!(p.to_string_lossy()));
+            }
+            ToolInput::WriteFile { path } => {
+                let p = workspace_path(&workspace, path, false)?;
                 ctx.insert("path".into(), json!(p.to_string_lossy()));
             }
             ToolInput::SendMessage { channel, target } => {
@@ -738,27 +741,32 @@ pub fn canonical_existing(path: &str, base: Option<&Path>) -> Result<PathBuf, Ga
     })
 }
 
-/// Canonicalizes a file tool's path for Cedar the way the tool will open it
-/// ([`crate::tools::Workspace::resolve`]: lexical checks, then a walk beneath the workspace
-/// descriptor, never by name). Anything outside the workspace (an absolute path elsewhere,
-/// `..`, a symlink that leaves it) is refused before Cedar with a message that does not depend
-/// on what exists outside; a file or directories not created yet resolve to where they will be.
-fn workspace_path(workspace: &Path, path: &str) -> Result<PathBuf, GateError> {
-    use crate::tools::ToolError;
-    let ws = crate::tools::Workspace::new(workspace).map_err(|e| GateError::InvalidPath {
-        path: workspace.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    ws.resolve(path)
-        .map(|p| p.abs)
-        .map_err(|e| GateError::InvalidPath {
-            path: path.into(),
-            reason: match e {
-                ToolError::Path { reason, .. } => reason,
-                ToolError::SymlinkEscape { .. } => "a symlink on it leaves the workspace".into(),
-                other => other.to_string(),
-            },
-        })
+/// Locates a path a tool call names for Cedar ([`crate::wsfs::locate`]): inside the workspace
+/// it is walked beneath the workspace descriptor (symlinks inside resolved, never followed by
+/// name); outside it (an absolute path, `..`, a symlink that leads out) it is only normalized
+/// lexically and never looked at, so the decision and its message do not depend on what exists
+/// there. `must_exist`: a missing path inside the workspace is refused (read, list, edit, cwd);
+/// otherwise it is where the file (and directories) will be created.
+fn workspace_path(workspace: &Path, path: &str, must_exist: bool) -> Result<PathBuf, GateError> {
+    use crate::wsfs::Located;
+    let invalid = |reason: String| GateError::InvalidPath {
+        path: path.into(),
+        reason,
+    };
+    if path.is_empty() || path.contains('\0') {
+        return Err(invalid("empty or contains NUL".into()));
+    }
+    match crate::wsfs::locate(workspace, Path::new(path)) {
+        Ok(Located::Outside(p)) => Ok(p),
+        Ok(Located::Inside(r)) if r.exists || !must_exist => Ok(r.abs),
+        Ok(Located::Inside(_)) => Err(invalid(
+            "cannot be resolved: no such file or directory in the workspace".into(),
+        )),
+        Err(crate::wsfs::WsFsError::BadName { .. }) => Err(invalid(
+            "a directory to be created is not a plain name".into(),
+        )),
+        Err(e) => Err(invalid(e.to_string())),
+    }
 }
 
 /// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name

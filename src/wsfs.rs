@@ -95,6 +95,10 @@ fn plain(name: &OsStr) -> Result<&OsStr, WsFsError> {
     Ok(name)
 }
 
+fn widen<T: Into<u64>>(v: T) -> u64 {
+    v.into()
+}
+
 fn kind(ft: FileType) -> &'static str {
     match ft {
         FileType::RegularFile => "a regular file",
@@ -218,7 +222,8 @@ impl WsDir {
                 kind: kind(ft),
             });
         }
-        let links = u64::from(st.st_nlink);
+        // `nlink_t` is 64-bit on some architectures, 32-bit on others.
+        let links = widen(st.st_nlink);
         if links != 1 {
             return Err(WsFsError::HardLinked {
                 path: shown.display().to_string(),
@@ -342,18 +347,18 @@ pub fn canonical_root(root: &Path) -> Result<PathBuf, WsFsError> {
 
 /// Where a workspace-relative path leads, resolved from the root descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
-    /// It exists: its canonical absolute path (read back from the open descriptor).
-    Existing(PathBuf),
-    /// Only its parent exists (a file to create): the parent's canonical path and the name.
-    NewIn(PathBuf, std::ffi::OsString),
-    /// Its parent does not exist either (`create_dirs`).
-    Missing,
+pub struct Resolved {
+    /// The canonical absolute path: read back from the descriptor of the path, or of its
+    /// nearest existing ancestor with the missing plain names appended (a file, or directories,
+    /// to create).
+    pub abs: PathBuf,
+    /// Whether the whole path exists.
+    pub exists: bool,
 }
 
-/// Canonicalizes the (lexically checked, relative) path `rel` beneath `root` for the gate:
-/// an `openat2(O_PATH, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` walk, so symlinks inside the
-/// workspace are resolved by the kernel and any that leave it fail with
+/// Canonicalizes the (lexically checked, relative, no `..`) path `rel` beneath `root` for the
+/// gate: an `openat2(O_PATH, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` walk, so symlinks inside
+/// the workspace are resolved by the kernel and any that leave it fail with
 /// [`WsFsError::Escapes`], whatever lies outside (no existence oracle).
 pub fn resolve(root: &Path, rel: &Path) -> Result<Resolved, WsFsError> {
     let dir = WsDir::root(root)?;
@@ -381,20 +386,171 @@ pub fn resolve(root: &Path, rel: &Path) -> Result<Resolved, WsFsError> {
             source,
         })
     };
-    match beneath(rel) {
-        Ok(fd) => Ok(Resolved::Existing(back(fd)?)),
-        Err(rustix::io::Errno::NOENT) => {
-            let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
-                return Err(WsFsError::BadName {
-                    path: rel.display().to_string(),
+    // The nearest existing ancestor (the root at worst), and the names below it.
+    let mut existing = rel;
+    let mut missing: Vec<&OsStr> = Vec::new();
+    loop {
+        match beneath(existing) {
+            Ok(fd) => {
+                let mut abs = back(fd)?;
+                for m in missing.iter().rev() {
+                    abs.push(m);
+                }
+                return Ok(Resolved {
+                    abs,
+                    exists: missing.is_empty(),
                 });
-            };
-            match beneath(parent) {
-                Ok(fd) => Ok(Resolved::NewIn(back(fd)?, name.to_os_string())),
-                Err(rustix::io::Errno::NOENT) => Ok(Resolved::Missing),
-                Err(e) => Err(WsFsError::from_errno(rel, e)),
+            }
+            Err(rustix::io::Errno::NOENT) => {
+                let (Some(parent), Some(name)) = (existing.parent(), existing.file_name()) else {
+                    return Err(WsFsError::BadName {
+                        path: rel.display().to_string(),
+                    });
+                };
+                missing.push(name);
+                existing = parent;
+            }
+            Err(e) => return Err(WsFsError::from_errno(rel, e)),
+        }
+    }
+}
+
+/// Where a path a tool call names leads, as the gate shows it to Cedar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    /// Inside the workspace (symlinks inside it resolved).
+    Inside(Resolved),
+    /// Outside the workspace: the host path it names, normalized lexically (`.` and `..`
+    /// removed) and never looked at, so nothing about what exists outside leaks into the
+    /// decision or the refusal. A symlink in the workspace that leads out gives the path its
+    /// target names, joined with the rest of the path.
+    Outside(PathBuf),
+}
+
+/// Normalizes `p` lexically: `.` dropped, `..` removes the previous name (never above `/`).
+pub fn normalize_lexically(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::RootDir => out.push("/"),
+            Component::CurDir | Component::Prefix(_) => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    out
+}
+
+/// How many symlinks [`locate`] follows inside the workspace (the kernel's limit).
+const MAX_LINKS: usize = 40;
+
+/// Locates `path` (absolute, or relative to the workspace `root`, which must be canonical) for
+/// the gate, walking it one component at a time from the root descriptor: each name is looked
+/// at with `fstatat(AT_SYMLINK_NOFOLLOW)` beneath the directory reached so far (opened with
+/// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`); a symlink's target is read with `readlinkat` and
+/// walked the same way. The walk never opens, stats or reads anything outside the workspace:
+/// as soon as the path (or a link's target) leaves it, the rest is only normalized lexically
+/// ([`Located::Outside`]).
+pub fn locate(root: &Path, path: &Path) -> Result<Located, WsFsError> {
+    use std::collections::VecDeque;
+    use std::path::Component;
+    let shown = || path.display().to_string();
+    let rest: VecDeque<std::ffi::OsString> = if path.is_absolute() {
+        let norm = normalize_lexically(path);
+        match norm.strip_prefix(root) {
+            Ok(r) => r.iter().map(OsStr::to_os_string).collect(),
+            Err(_) => return Ok(Located::Outside(norm)),
+        }
+    } else {
+        path.iter().map(OsStr::to_os_string).collect()
+    };
+    let mut rest = rest;
+    let root_dir = WsDir::root(root)?;
+    // The directories walked into, each held open: (name, descriptor).
+    let mut stack: Vec<(std::ffi::OsString, WsDir)> = Vec::new();
+    let mut links = 0;
+    let here = |stack: &[(std::ffi::OsString, WsDir)]| {
+        let mut p = root.to_path_buf();
+        for (n, _) in stack {
+            p.push(n);
+        }
+        p
+    };
+    while let Some(c) = rest.pop_front() {
+        match Path::new(&c).components().next() {
+            None | Some(Component::CurDir) => continue,
+            Some(Component::ParentDir) => {
+                if stack.pop().is_none() {
+                    // Above the workspace root: the rest is outside.
+                    let mut out = root.join("..");
+                    out.extend(rest.iter());
+                    return Ok(Located::Outside(normalize_lexically(&out)));
+                }
+                continue;
+            }
+            Some(Component::RootDir | Component::Prefix(_)) => {
+                return Err(WsFsError::BadName { path: shown() });
+            }
+            Some(Component::Normal(_)) => {}
+        }
+        let dir = stack.last().map_or(&root_dir, |(_, d)| d);
+        let st = match rustix::fs::statat(&dir.fd, c.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => {
+                // Not there yet (a file, or directories, to create): the rest must be names.
+                let mut abs = here(&stack);
+                abs.push(&c);
+                for r in &rest {
+                    if !matches!(Path::new(r).components().next(), Some(Component::Normal(_))) {
+                        return Err(WsFsError::BadName { path: shown() });
+                    }
+                    abs.push(r);
+                }
+                return Ok(Located::Inside(Resolved { abs, exists: false }));
+            }
+            Err(e) => return Err(WsFsError::from_errno(path, e)),
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(WsFsError::Symlink { path: shown() });
+                }
+                let target = rustix::fs::readlinkat(&dir.fd, c.as_os_str(), Vec::new())
+                    .map_err(|e| WsFsError::from_errno(path, e))?;
+                let target = PathBuf::from(OsStr::from_bytes(target.to_bytes()));
+                if target.is_absolute() {
+                    // The kernel never follows an absolute link beneath the workspace (the
+                    // tools refuse it), so it counts as leaving, wherever it points.
+                    let mut out = target;
+                    out.extend(rest.iter());
+                    return Ok(Located::Outside(normalize_lexically(&out)));
+                }
+                for t in target.iter().rev() {
+                    rest.push_front(t.to_os_string());
+                }
+            }
+            FileType::Directory => {
+                let d = dir.open_dir(Path::new(&c))?;
+                stack.push((c, d));
+            }
+            _ if rest.iter().all(|r| r == ".") => {
+                let mut abs = here(&stack);
+                abs.push(&c);
+                return Ok(Located::Inside(Resolved { abs, exists: true }));
+            }
+            _ => {
+                return Err(WsFsError::NotADirectory {
+                    path: here(&stack).join(&c).display().to_string(),
+                });
             }
         }
-        Err(e) => Err(WsFsError::from_errno(rel, e)),
     }
+    Ok(Located::Inside(Resolved {
+        abs: here(&stack),
+        exists: true,
+    }))
 }

@@ -921,7 +921,7 @@ async fn bootstrap_files_swapped_for_links_fifos_or_huge_files_never_reach_or_st
     // No reader or writer on the FIFO but the gateway: a blocking open would never return.
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &e.ws.join("SOUL.md"),
+        e.ws.join("SOUL.md"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o600),
         0,

@@ -98,56 +98,71 @@ fn a_read_inside_the_workspace_is_authorized_for_exactly_that_request() {
 }
 
 #[test]
-fn a_symlink_in_the_workspace_that_leaves_it_is_refused_before_cedar() {
-    // The gate resolves beneath the workspace descriptor and never follows a link out of it,
-    // so the refusal is the same whether the target exists or not (no host-path oracle).
+fn a_symlink_in_the_workspace_is_judged_by_its_target() {
     let f = fixture();
     std::os::unix::fs::symlink(f.outside.join("secret.txt"), f.ws.join("innocent.md")).unwrap();
-    std::os::unix::fs::symlink(f.outside.join("missing.txt"), f.ws.join("other.md")).unwrap();
-    for name in ["innocent.md", "other.md"] {
-        let err = f
-            .gate
-            .tool_request(&call(&f.ws), &ToolInput::ReadFile { path: name.into() })
-            .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!("invalid path {name:?}: a symlink on it leaves the workspace")
-        );
-        let err = f
-            .gate
-            .check_tool(&call(&f.ws), &ToolInput::ReadFile { path: name.into() })
-            .unwrap_err();
-        assert!(matches!(err, GateError::InvalidPath { .. }), "{err}");
-    }
+    let req = f
+        .gate
+        .tool_request(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "innocent.md".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        req.context["path"],
+        json!(f.outside.join("secret.txt").canonicalize().unwrap())
+    );
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "innocent.md".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
 }
 
 #[test]
-fn a_symlinked_directory_pointing_at_the_state_dir_is_refused_before_cedar() {
+fn a_symlinked_directory_pointing_at_the_state_dir_hits_the_guard() {
     let f = fixture();
     std::os::unix::fs::symlink(&f.home, f.ws.join("cache")).unwrap();
-    for input in [
-        ToolInput::ReadFile {
-            path: "cache/secrets.age".into(),
-        },
-        // Writing a new file through the link is refused the same way.
-        ToolInput::WriteFile {
-            path: "cache/new.txt".into(),
-        },
-    ] {
-        let err = f.gate.check_tool(&call(&f.ws), &input).unwrap_err();
-        assert!(
-            err.to_string()
-                .ends_with(": a symlink on it leaves the workspace"),
-            "{err}"
-        );
-    }
-    assert!(!f.home.join("new.txt").exists());
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::ReadFile {
+                path: "cache/secrets.age".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+    assert_eq!(v.decision().policies, vec!["guard.state-dir-off-limits"]);
+    // Writing a new file through the link is caught the same way.
+    let v = f
+        .gate
+        .check_tool(
+            &call(&f.ws),
+            &ToolInput::WriteFile {
+                path: "cache/new.txt".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
+    assert!(
+        v.decision()
+            .policies
+            .contains(&"guard.state-dir-off-limits".to_string())
+    );
 }
 
 #[test]
-fn dot_dot_paths_are_refused_before_the_decision() {
+fn dot_dot_paths_are_resolved_before_the_decision() {
     let f = fixture();
-    let err = f
+    let v = f
         .gate
         .check_tool(
             &call(&f.ws),
@@ -155,11 +170,8 @@ fn dot_dot_paths_are_refused_before_the_decision() {
                 path: "../outside/secret.txt".into(),
             },
         )
-        .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid path \"../outside/secret.txt\": parent-directory components (..) are not accepted"
-    );
+        .unwrap();
+    assert_eq!(outcome(&v), Outcome::Deny);
 }
 
 #[test]
@@ -170,14 +182,11 @@ fn a_path_that_cannot_be_canonicalized_is_refused_as_invalid_input() {
         .check_tool(
             &call(&f.ws),
             &ToolInput::ReadFile {
-                path: "/no/such/dir/x".into(),
+                path: "missing/x".into(),
             },
         )
         .unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "invalid path \"/no/such/dir/x\": absolute path outside the workspace"
-    );
+    assert!(matches!(err, GateError::InvalidPath { .. }), "{err}");
     let err = f
         .gate
         .check_tool(
@@ -189,7 +198,7 @@ fn a_path_that_cannot_be_canonicalized_is_refused_as_invalid_input() {
         .unwrap_err();
     assert!(
         err.to_string()
-            .contains("parent-directory components (..) are not accepted"),
+            .contains("a directory to be created is not a plain name"),
         "{err}"
     );
     let err = f
@@ -316,7 +325,7 @@ fn every_decision_and_every_refusal_is_in_the_audit_chain() {
                 path: "../outside/secret.txt".into(),
             },
         )
-        .unwrap_err();
+        .unwrap();
     f.gate
         .check_tool(
             &c,
@@ -332,7 +341,7 @@ fn every_decision_and_every_refusal_is_in_the_audit_chain() {
         .check_tool(
             &c,
             &ToolInput::ReadFile {
-                path: "/etc/definitely-not-there-xyz".into(),
+                path: "missing".into(),
             },
         )
         .unwrap_err();

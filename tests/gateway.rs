@@ -335,6 +335,32 @@ fn tool_calls_are_allowed_in_the_workspace_and_denied_outside_it() {
 }
 
 #[test]
+fn refusals_of_paths_outside_the_workspace_are_byte_identical_whether_or_not_they_exist() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    std::os::unix::fs::symlink("/etc/passwd", ws.join("to-passwd")).unwrap();
+    std::os::unix::fs::symlink("/etc/definitely-not-there-xyz", ws.join("to-nothing")).unwrap();
+    for (exists, absent) in [
+        ("/etc/passwd", "/etc/definitely-not-there-xyz"),
+        (
+            "../../../../../../../etc/passwd",
+            "../../../../../../../etc/definitely-not-there-xyz",
+        ),
+        ("to-passwd", "to-nothing"),
+    ] {
+        let a = gw.invoke(&json!({"tool": "read_file", "args": {"path": exists}}));
+        let b = gw.invoke(&json!({"tool": "read_file", "args": {"path": absent}}));
+        assert_eq!(
+            (a.status, &a.body),
+            (b.status, &b.body),
+            "{exists} vs {absent}"
+        );
+        assert_eq!(a.status, 403, "{}", a.body);
+        assert_eq!(a.json()["error"]["code"], "policy_denied");
+    }
+}
+
+#[test]
 fn unknown_tools_are_404_and_bad_arguments_are_400() {
     let gw = Gw::start("max_body_kib = 1");
     let ws = gw.workspace();

@@ -88,7 +88,7 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     (
         "src/gate.rs",
         Some("canonical_existing"),
-        "KNOWN GAP: exec's `cwd` and program (`./prog` in the workspace) are still resolved by name for Cedar; item 4 (`command_path`) rewrites exec program resolution. File tool paths go through `tools::Workspace::resolve` (wsfs)",
+        "KNOWN GAP: exec's program (`./prog` in the workspace, via `resolve_program`) is still resolved by name for Cedar; item 4 (`command_path`) rewrites exec program resolution. File tool paths and exec's cwd go through `wsfs::locate`",
     ),
     (
         "src/gateway/mod.rs",
@@ -112,13 +112,41 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     ),
     ("src/vault.rs", None, "the vault files in the state dir"),
     ("src/config/mod.rs", None, "reads the config file"),
-    ("src/policy/mod.rs", None, "reads the policy dir and entity files"),
-    ("src/policy/vectors.rs", None, "reads policy test vector files"),
-    ("src/secrets/audit_key.rs", None, "the audit key files in the state dir"),
-    ("src/secrets/doctor.rs", None, "inspects the state dir's secret files"),
-    ("src/secrets/fsutil.rs", None, "private files in the state dir"),
-    ("src/secrets/identity.rs", None, "the identity file in the state dir"),
-    ("src/secrets/store.rs", None, "the secrets store lock in the state dir"),
+    (
+        "src/policy/mod.rs",
+        None,
+        "reads the policy dir and entity files",
+    ),
+    (
+        "src/policy/vectors.rs",
+        None,
+        "reads policy test vector files",
+    ),
+    (
+        "src/secrets/audit_key.rs",
+        None,
+        "the audit key files in the state dir",
+    ),
+    (
+        "src/secrets/doctor.rs",
+        None,
+        "inspects the state dir's secret files",
+    ),
+    (
+        "src/secrets/fsutil.rs",
+        None,
+        "private files in the state dir",
+    ),
+    (
+        "src/secrets/identity.rs",
+        None,
+        "the identity file in the state dir",
+    ),
+    (
+        "src/secrets/store.rs",
+        None,
+        "the secrets store lock in the state dir",
+    ),
     (
         "src/cli/agent.rs",
         None,
@@ -131,18 +159,42 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         None,
         "operator CLI at start: creates the configured workspace root itself (before any sandboxed run) and checks the state dir",
     ),
-    ("src/cli/init.rs", None, "operator CLI: writes the initial config and policy dir"),
-    ("src/cli/mod.rs", None, "operator CLI: reads the config file"),
-    ("src/cli/policy.rs", None, "operator CLI: policy dir and vectors"),
+    (
+        "src/cli/init.rs",
+        None,
+        "operator CLI: writes the initial config and policy dir",
+    ),
+    (
+        "src/cli/mod.rs",
+        None,
+        "operator CLI: reads the config file",
+    ),
+    (
+        "src/cli/policy.rs",
+        None,
+        "operator CLI: policy dir and vectors",
+    ),
     (
         "src/cli/sandbox.rs",
         None,
         "operator CLI: `chitin sandbox exec` checks host paths it is asked to bind",
     ),
-    ("src/cli/secrets.rs", None, "operator CLI: secrets benchmark files"),
+    (
+        "src/cli/secrets.rs",
+        None,
+        "operator CLI: secrets benchmark files",
+    ),
     ("src/lifecycle/backup.rs", None, "backups of the state dir"),
-    ("src/lifecycle/export.rs", None, "the operator's export archive"),
-    ("src/lifecycle/mod.rs", None, "the lifecycle lock in the state dir"),
+    (
+        "src/lifecycle/export.rs",
+        None,
+        "the operator's export archive",
+    ),
+    (
+        "src/lifecycle/mod.rs",
+        None,
+        "the lifecycle lock in the state dir",
+    ),
 ];
 
 /// A line-level finding: file, enclosing function, line number, pattern.
@@ -228,11 +280,7 @@ fn scan(root: &Path) -> Vec<Hit> {
     files.sort();
     let mut hits = Vec::new();
     for f in files {
-        let rel = f
-            .strip_prefix(root)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+        let rel = f.strip_prefix(root).unwrap().to_string_lossy().into_owned();
         let src = std::fs::read_to_string(&f).unwrap();
         let mut function: Option<String> = None;
         for (n, line) in non_test_lines(&src) {
@@ -240,12 +288,12 @@ fn scan(root: &Path) -> Vec<Hit> {
                 function = Some(name);
             }
             let code = line.split("//").next().unwrap_or("");
-            let extra: &[&'static str] = if is_workspace_facing(&rel) && rel != "src/tools/helper.rs"
-            {
-                WORKSPACE_EXTRA
-            } else {
-                &[]
-            };
+            let extra: &[&'static str] =
+                if is_workspace_facing(&rel) && rel != "src/tools/helper.rs" {
+                    WORKSPACE_EXTRA
+                } else {
+                    &[]
+                };
             for p in PATH_OPS.iter().chain(extra) {
                 if code.contains(p) {
                     hits.push(Hit {
@@ -348,6 +396,9 @@ fn the_scanner_sees_test_modules_as_tests_and_finds_functions() {
         lines.iter().map(|(n, _)| *n).collect::<Vec<_>>(),
         vec![1, 2, 3, 8]
     );
-    assert_eq!(fn_name("pub fn canonical_existing(p: &str)"), Some("canonical_existing".into()));
+    assert_eq!(
+        fn_name("pub fn canonical_existing(p: &str)"),
+        Some("canonical_existing".into())
+    );
     assert_eq!(fn_name("let f = dfn x;"), None);
 }

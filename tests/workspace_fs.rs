@@ -81,7 +81,8 @@ fn racing(n: usize, swap: impl Fn() + Send + 'static, mut work: impl FnMut()) {
     swapper.join().unwrap();
 }
 
-const SKIPPED_NOTE: &str = "not included: it is not a regular file with a single link directly in the workspace]";
+const SKIPPED_NOTE: &str =
+    "not included: it is not a regular file with a single link directly in the workspace]";
 
 // ---- bootstrap files -------------------------------------------------------------------------
 
@@ -115,22 +116,24 @@ fn a_bootstrap_file_symlinked_to_a_0600_host_file_is_skipped_and_never_read() {
     let prompt = context::system_prompt("", &d.ws);
     assert!(!prompt.contains(HOST_SECRET));
     assert!(prompt.contains(&format!("[workspace file AGENTS.md {SKIPPED_NOTE}")));
-    assert!(prompt.contains(
-        "<workspace-file name=\"USER.md\">\nthe user's notes\n</workspace-file>"
-    ));
+    assert!(
+        prompt.contains("<workspace-file name=\"USER.md\">\nthe user's notes\n</workspace-file>")
+    );
     assert_eq!(mode(&secret), 0o600);
 }
 
 #[test]
 fn racing_a_symlink_swap_never_puts_a_host_file_into_the_prompt() {
+    const ROUNDS: usize = 30_000;
     let d = dirs();
     let secret = host_secret(&d.outside);
     std::fs::write(d.ws.join("AGENTS.md"), "benign agents file").unwrap();
     std::os::unix::fs::symlink(&secret, d.ws.join("AGENTS.alt")).unwrap();
     let ws = d.ws.clone();
     let (mut included, mut skipped) = (0, 0);
+    // 30,000 rounds: the old check-then-read code leaked the host file into about 200 of them.
     racing(
-        3000,
+        ROUNDS,
         move || exchange(&ws, "AGENTS.md", "AGENTS.alt"),
         || {
             let prompt = context::system_prompt("", &d.ws);
@@ -143,7 +146,7 @@ fn racing_a_symlink_swap_never_puts_a_host_file_into_the_prompt() {
             }
         },
     );
-    assert_eq!(included + skipped, 3000);
+    assert_eq!(included + skipped, ROUNDS);
 }
 
 #[test]
@@ -258,7 +261,13 @@ fn a_directory_or_a_link_to_a_device_named_like_a_bootstrap_file_is_not_read() {
                 .into(),
         }
     );
-    assert!(matches!(&got[1], Bootstrap::Skipped { name: "SOUL.md", .. }));
+    assert!(matches!(
+        &got[1],
+        Bootstrap::Skipped {
+            name: "SOUL.md",
+            ..
+        }
+    ));
     assert_eq!(got.len(), 2);
 }
 
@@ -273,7 +282,10 @@ fn wsfs_refuses_links_and_escapes_and_reads_plain_files() {
     std::os::unix::fs::symlink(&d.outside, d.ws.join("out")).unwrap();
     let root = WsDir::root(&d.ws).unwrap();
     let c = root.read_capped(Path::new("sub/f"), 4).unwrap();
-    assert_eq!((c.bytes.as_slice(), c.size, c.truncated()), (&b"insi"[..], 6, true));
+    assert_eq!(
+        (c.bytes.as_slice(), c.size, c.truncated()),
+        (&b"insi"[..], 6, true)
+    );
     let e = root
         .read_capped(Path::new("out/host-secret"), 100)
         .unwrap_err();
@@ -301,7 +313,10 @@ fn wsfs_refuses_links_and_escapes_and_reads_plain_files() {
 
 fn skill_files() -> Vec<(PathBuf, Vec<u8>)> {
     vec![
-        (PathBuf::from("SKILL.md"), b"---\nname: weather\n---\n".to_vec()),
+        (
+            PathBuf::from("SKILL.md"),
+            b"---\nname: weather\n---\n".to_vec(),
+        ),
         (PathBuf::from("scripts/run.sh"), b"echo sunny\n".to_vec()),
     ]
 }
@@ -376,15 +391,16 @@ fn racing_a_dot_skills_swap_never_deletes_or_chmods_outside_the_workspace() {
     std::os::unix::fs::symlink(d.outside.join("stage-target"), d.ws.join(".skills-alt")).unwrap();
     let ws = d.ws.clone();
     let (mut ok, mut refused) = (0, 0);
+    // 3,000 rounds: enough for the old by-path code to delete the victims outside.
     racing(
-        300,
+        3000,
         move || exchange(&ws, ".skills", ".skills-alt"),
         || match skills::stage(&d.ws, "weather", &skill_files()) {
             Ok(_) => ok += 1,
             Err(_) => refused += 1,
         },
     );
-    assert_eq!(ok + refused, 300);
+    assert_eq!(ok + refused, 3000);
     assert_intact(&v);
 }
 
@@ -412,4 +428,86 @@ fn a_skill_is_staged_read_only_and_restaged_over_its_old_copy() {
         .collect();
     names.sort();
     assert_eq!(names, vec!["SKILL.md"]);
+}
+
+// ---- gate-side canonicalization (tools::Workspace::resolve on wsfs) --------------------------
+
+#[test]
+fn a_path_to_create_through_a_symlinked_directory_is_shown_to_the_policy_canonically() {
+    let d = dirs();
+    std::fs::create_dir(d.ws.join("protected")).unwrap();
+    std::os::unix::fs::symlink("protected", d.ws.join("link")).unwrap();
+    let w = chitin::tools::Workspace::new(&d.ws).unwrap();
+    // Directories still to be created below a link: the policy sees where they will be.
+    assert_eq!(
+        w.resolve("link/new/deeper/x.txt").unwrap().abs,
+        d.ws.join("protected/new/deeper/x.txt")
+    );
+    assert_eq!(
+        w.resolve("link/x.txt").unwrap().abs,
+        d.ws.join("protected/x.txt")
+    );
+    assert_eq!(
+        w.resolve("fresh/x.txt").unwrap().abs,
+        d.ws.join("fresh/x.txt")
+    );
+    // A link out of the workspace is refused whether its target exists or not.
+    std::os::unix::fs::symlink(&d.outside, d.ws.join("out")).unwrap();
+    std::os::unix::fs::symlink(d.outside.join("nope"), d.ws.join("out2")).unwrap();
+    for p in ["out/new/x", "out2/new/x", "out", "out2"] {
+        assert_eq!(
+            w.resolve(p).unwrap_err().to_string(),
+            format!("path `{p}` refused: a symlink on it leaves the workspace")
+        );
+    }
+}
+
+#[test]
+fn the_gate_locates_paths_without_looking_outside_the_workspace() {
+    use chitin::wsfs::{Located, Resolved, locate};
+    let d = dirs();
+    std::fs::create_dir(d.ws.join("src")).unwrap();
+    std::fs::write(d.ws.join("src/a.txt"), "x").unwrap();
+    std::os::unix::fs::symlink("src", d.ws.join("in-link")).unwrap();
+    std::os::unix::fs::symlink("../src/../../x/./y", d.ws.join("src/out-rel")).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow-nope", d.ws.join("out-abs")).unwrap();
+    std::os::unix::fs::symlink("loop", d.ws.join("loop")).unwrap();
+    let parent = d.ws.parent().unwrap();
+    let l = |p: &str| locate(&d.ws, Path::new(p));
+    let inside = |abs: PathBuf, exists| Located::Inside(Resolved { abs, exists });
+    assert_eq!(
+        l("in-link/a.txt").unwrap(),
+        inside(d.ws.join("src/a.txt"), true)
+    );
+    assert_eq!(
+        l(&d.ws.join("src/./a.txt").display().to_string()).unwrap(),
+        inside(d.ws.join("src/a.txt"), true)
+    );
+    assert_eq!(l(".").unwrap(), inside(d.ws.clone(), true));
+    assert_eq!(
+        l("in-link/new/b").unwrap(),
+        inside(d.ws.join("src/new/b"), false)
+    );
+    assert_eq!(
+        l("src/out-rel/z").unwrap(),
+        Located::Outside(parent.join("x/y/z"))
+    );
+    assert_eq!(
+        l("out-abs/z").unwrap(),
+        Located::Outside(PathBuf::from("/etc/shadow-nope/z"))
+    );
+    assert_eq!(
+        l("../../etc/./passwd").unwrap(),
+        Located::Outside(parent.parent().unwrap().join("etc/passwd"))
+    );
+    assert_eq!(
+        l("/etc/../root/x").unwrap(),
+        Located::Outside(PathBuf::from("/root/x"))
+    );
+    assert!(matches!(l("new/../../x"), Err(WsFsError::BadName { .. })));
+    assert!(matches!(l("loop/x"), Err(WsFsError::Symlink { .. })));
+    assert!(matches!(
+        l("src/a.txt/x"),
+        Err(WsFsError::NotADirectory { .. })
+    ));
 }

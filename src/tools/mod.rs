@@ -345,13 +345,10 @@ impl Workspace {
     /// an `openat2(RESOLVE_BENEATH)` walk from the workspace root, so symlinks that leave the
     /// workspace are refused. A missing final component is allowed (a file to create).
     pub fn resolve(&self, user: &str) -> Result<WsPath, ToolError> {
-        use crate::wsfs::{Resolved, WsFsError};
+        use crate::wsfs::WsFsError;
         let rel = self.lexical(user)?;
         let abs = match crate::wsfs::resolve(&self.root, &rel) {
-            Ok(Resolved::Existing(abs)) => abs,
-            Ok(Resolved::NewIn(parent, name)) => parent.join(name),
-            // The parent is missing too (create_dirs): resolve lexically.
-            Ok(Resolved::Missing) => self.root.join(&rel),
+            Ok(r) => r.abs,
             Err(WsFsError::Escapes { .. }) => {
                 return Err(ToolError::SymlinkEscape { path: user.into() });
             }
