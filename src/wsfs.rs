@@ -14,12 +14,21 @@
 //! - Nothing is created, changed or removed by path: `mkdirat`, `openat2(O_CREAT|O_EXCL)`,
 //!   `fchmod` on an open descriptor, `unlinkat` relative to a directory descriptor that was
 //!   itself opened without following links.
-//! - Gate-side canonicalization ([`resolve`]) walks from the root descriptor with
-//!   `RESOLVE_BENEATH` (symlinks inside the workspace are followed by the kernel, never out of
-//!   it) and reads the result back from the descriptor.
+//! - What the gate shows Cedar ([`locate`]) is found by walking the path one name at a time
+//!   beneath the root descriptor (`fstatat(AT_SYMLINK_NOFOLLOW)`, `readlinkat` for links inside
+//!   the workspace); once the path or a link's target leaves the workspace the rest is only
+//!   normalized lexically, never looked at: no decision or message depends on what exists
+//!   outside. What the tools accept ([`resolve`]) is an `openat2(RESOLVE_BENEATH)` walk that
+//!   refuses any escape, read back from the descriptor.
+//! - Known limit: the gate's resolution and the file helper's (inside the sandbox) are two
+//!   walks; a symlink swapped inside the workspace between them can redirect a call to
+//!   another file inside the workspace (never outside: the helper resolves beneath its own
+//!   root descriptor, and landlock holds it to the workspace). Policies that tell files
+//!   inside the workspace apart are subject to that race.
 //!
-//! `tests/tidy_workspace_fs.rs` fails the build when `std::fs` path operations appear in a
-//! module that handles workspace paths (anything but this module and the in-sandbox helper).
+//! `tests/tidy_workspace_fs.rs` fails when a filesystem operation by path appears anywhere in
+//! `src/` outside its allow-list (this module, the in-sandbox helper, and modules that never
+//! see a workspace path, each with its reason).
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};

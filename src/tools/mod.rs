@@ -3,9 +3,10 @@
 //! Architecture Invariant: no tool touches the filesystem or runs a program in the gateway
 //! process. Every tool spawns the single-threaded launcher `chitin sandbox exec` (landlock,
 //! seccomp, namespaces, limits); the file tools run the hidden `chitin __fs-helper` inside it.
-//! Before that, the gate canonicalizes the path with [`Workspace::resolve`] (lexical checks,
-//! then an `openat2(RESOLVE_BENEATH)` walk) and asks Cedar; the helper enforces the workspace
-//! boundary again inside the sandbox, and landlock enforces it a third time in the kernel.
+//! Before that, the gate locates the path beneath the workspace descriptor (`wsfs::locate`)
+//! and asks Cedar; the tool accepts it only through [`Workspace::resolve`] (lexical checks,
+//! then an `openat2(RESOLVE_BENEATH)` walk); the helper enforces the workspace boundary again
+//! inside the sandbox, and landlock enforces it a third time in the kernel.
 //!
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
