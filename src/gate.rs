@@ -667,7 +667,7 @@ impl Gate {
                     GateError::InvalidRequest("exec needs a program (argv is empty)".into())
                 })?;
                 let cwd = match cwd {
-                    Some(c) => canonical_existing(c, Some(&workspace))?,
+                    Some(c) => workspace_path(&workspace, c, true)?,
                     None => workspace.clone(),
                 };
                 let program = program_location(program, &cwd, &workspace)?;
@@ -681,11 +681,11 @@ impl Gate {
             ToolInput::ReadFile { path }
             | ToolInput::ListDir { path }
             | ToolInput::EditFile { path } => {
-                let p = canonical_existing(path, Some(&workspace))?;
+                let p = workspace_path(&workspace, path, true)?;
                 ctx.insert("path".into(), json!(p.to_string_lossy()));
             }
             ToolInput::WriteFile { path } => {
-                let p = canonical_for_create(path, &workspace)?;
+                let p = workspace_path(&workspace, path, false)?;
                 ctx.insert("path".into(), json!(p.to_string_lossy()));
             }
             ToolInput::SendMessage { channel, target } => {
@@ -909,54 +909,32 @@ pub fn canonical_existing(path: &str, base: Option<&Path>) -> Result<PathBuf, Ga
     })
 }
 
-/// Canonicalizes a path that may not exist yet (a file about to be written): its parent must
-/// exist and the last component must be a plain name. An existing path (including a symlink,
-/// which is resolved) is canonicalized as a whole.
-pub fn canonical_for_create(path: &str, base: &Path) -> Result<PathBuf, GateError> {
-    let abs = absolute(path, Some(base))?;
-    if std::fs::symlink_metadata(&abs).is_ok() {
-        return canonical_existing(path, Some(base));
-    }
-    let name = match abs.components().next_back() {
-        Some(std::path::Component::Normal(n)) => n.to_os_string(),
-        _ => {
-            return Err(GateError::InvalidPath {
-                path: path.into(),
-                reason: "does not end in a file name".into(),
-            });
-        }
+/// Locates a path a tool call names for Cedar ([`crate::wsfs::locate`]): inside the workspace
+/// it is walked beneath the workspace descriptor (symlinks inside resolved, never followed by
+/// name); outside it (an absolute path, `..`, a symlink that leads out) it is only normalized
+/// lexically and never looked at, so the decision and its message do not depend on what exists
+/// there. `must_exist`: a missing path inside the workspace is refused (read, list, edit, cwd);
+/// otherwise it is where the file (and directories) will be created.
+fn workspace_path(workspace: &Path, path: &str, must_exist: bool) -> Result<PathBuf, GateError> {
+    use crate::wsfs::Located;
+    let invalid = |reason: String| GateError::InvalidPath {
+        path: path.into(),
+        reason,
     };
-    let parent = abs.parent().ok_or_else(|| GateError::InvalidPath {
-        path: path.into(),
-        reason: "has no parent directory".into(),
-    })?;
-    // Directories that do not exist yet (write_file with create_dirs): the nearest existing
-    // ancestor is canonicalized and the missing part must be plain names (no `..`, no `.`).
-    let mut existing = parent;
-    let mut missing: Vec<std::ffi::OsString> = Vec::new();
-    while std::fs::symlink_metadata(existing).is_err() {
-        match existing.components().next_back() {
-            Some(std::path::Component::Normal(n)) => missing.push(n.to_os_string()),
-            _ => {
-                return Err(GateError::InvalidPath {
-                    path: path.into(),
-                    reason: "a directory to be created is not a plain name".into(),
-                });
-            }
-        }
-        existing = existing.parent().ok_or_else(|| GateError::InvalidPath {
-            path: path.into(),
-            reason: "has no existing parent directory".into(),
-        })?;
+    if path.is_empty() || path.contains('\0') {
+        return Err(invalid("empty or contains NUL".into()));
     }
-    let mut out = std::fs::canonicalize(existing).map_err(|e| GateError::InvalidPath {
-        path: path.into(),
-        reason: format!("parent directory cannot be resolved: {e}"),
-    })?;
-    for m in missing.iter().rev() {
-        out.push(m);
+    match crate::wsfs::locate(workspace, Path::new(path)) {
+        Ok(Located::Outside(p)) => Ok(p),
+        Ok(Located::Inside(r)) if r.exists || !must_exist => Ok(r.abs),
+        Ok(Located::Inside(_)) => Err(invalid(
+            "cannot be resolved: no such file or directory in the workspace".into(),
+        )),
+        Err(crate::wsfs::WsFsError::BadName { .. }) => Err(invalid(
+            "a directory to be created is not a plain name".into(),
+        )),
+        Err(e) => Err(invalid(e.to_string())),
     }
-    Ok(out.join(name))
 }
 
 /// The program an `exec` runs, as the gate names it to Cedar.

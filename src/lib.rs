@@ -19,3 +19,4 @@ pub mod state;
 pub mod store;
 pub mod tools;
 pub mod vault;
+pub mod wsfs;

@@ -166,6 +166,37 @@ impl LoadedSkill {
     pub fn instructions(&self) -> &str {
         &self.meta.instructions
     }
+
+    /// Every file of the verified copy in the skills store (never the workspace), as
+    /// `(relative path, content)` sorted by path; a symlink or special file is refused.
+    pub fn files(&self) -> Result<Vec<(PathBuf, Vec<u8>)>, SkillsError> {
+        fn walk(
+            dir: &Path,
+            rel: &Path,
+            out: &mut Vec<(PathBuf, Vec<u8>)>,
+        ) -> Result<(), SkillsError> {
+            let mut entries: Vec<_> = std::fs::read_dir(dir)
+                .map_err(|e| io(dir, e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| io(dir, e))?;
+            entries.sort_by_key(std::fs::DirEntry::file_name);
+            for e in entries {
+                let (p, r) = (e.path(), rel.join(e.file_name()));
+                let meta = std::fs::symlink_metadata(&p).map_err(|e| io(&p, e))?;
+                if meta.is_dir() {
+                    walk(&p, &r, out)?;
+                } else if meta.is_file() {
+                    out.push((r, std::fs::read(&p).map_err(|e| io(&p, e))?));
+                } else {
+                    return Err(SkillError::FileChanged(r.to_string_lossy().into_owned()).into());
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.dir, Path::new(""), &mut out)?;
+        Ok(out)
+    }
 }
 
 /// The result of re-verifying one installed skill.

@@ -989,6 +989,49 @@ async fn a_skill_is_reverified_and_fenced_as_untrusted_and_its_script_runs_throu
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_files_swapped_for_links_fifos_or_huge_files_never_reach_or_stall_the_prompt() {
+    use std::os::unix::fs::PermissionsExt;
+    let e = env();
+    let host = |name: &str| {
+        let p = e.outside.join(name);
+        std::fs::write(&p, format!("HOST-0600-CANARY-{name}")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    std::os::unix::fs::symlink(host("a"), e.ws.join("AGENTS.md")).unwrap();
+    // No reader or writer on the FIFO but the gateway: a blocking open would never return.
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        e.ws.join("SOUL.md"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let huge = std::fs::File::create(e.ws.join("USER.md")).unwrap();
+    std::io::Write::write_all(&mut &huge, b"USER-HEAD").unwrap();
+    huge.set_len(250 * 1024 * 1024).unwrap();
+    drop(huge);
+    std::fs::hard_link(host("m"), e.ws.join("MEMORY.md")).unwrap();
+    let s = FakeAnthropic::start(vec![Step::text("ok")]).await.unwrap();
+    let a = agent(&e, &s, "anthropic");
+    let r = run(&a, turn("s1", "hi")).await;
+    assert_eq!(r.status, "completed", "{r:?}");
+    let system = s.requests()[0].body["system"].to_string();
+    assert!(!system.contains("HOST-0600-CANARY"), "{system}");
+    for name in ["AGENTS.md", "SOUL.md", "MEMORY.md"] {
+        assert!(
+            system.contains(&format!(
+                "[workspace file {name} not included: it is not a regular file with a single link directly in the workspace]"
+            )),
+            "{name}: {system}"
+        );
+    }
+    assert!(system.contains("<workspace-file name=\\\"USER.md\\\">\\nUSER-HEAD"));
+    assert!(system.contains("[... cut: 32768 of 262144000 bytes shown]"));
+}
+
 fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let p = e.path();

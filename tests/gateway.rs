@@ -573,6 +573,32 @@ fn a_web_fetch_of_a_name_resolving_to_loopback_is_refused_by_the_second_decision
 }
 
 #[test]
+fn refusals_of_paths_outside_the_workspace_are_byte_identical_whether_or_not_they_exist() {
+    let gw = Gw::start("");
+    let ws = gw.workspace();
+    std::os::unix::fs::symlink("/etc/passwd", ws.join("to-passwd")).unwrap();
+    std::os::unix::fs::symlink("/etc/definitely-not-there-xyz", ws.join("to-nothing")).unwrap();
+    for (exists, absent) in [
+        ("/etc/passwd", "/etc/definitely-not-there-xyz"),
+        (
+            "../../../../../../../etc/passwd",
+            "../../../../../../../etc/definitely-not-there-xyz",
+        ),
+        ("to-passwd", "to-nothing"),
+    ] {
+        let a = gw.invoke(&json!({"tool": "read_file", "args": {"path": exists}}));
+        let b = gw.invoke(&json!({"tool": "read_file", "args": {"path": absent}}));
+        assert_eq!(
+            (a.status, &a.body),
+            (b.status, &b.body),
+            "{exists} vs {absent}"
+        );
+        assert_eq!(a.status, 403, "{}", a.body);
+        assert_eq!(a.json()["error"]["code"], "policy_denied");
+    }
+}
+
+#[test]
 fn unknown_tools_are_404_and_bad_arguments_are_400() {
     let gw = Gw::start("max_body_kib = 1");
     let ws = gw.workspace();

@@ -198,6 +198,85 @@ fn a_read_through_a_symlink_out_of_the_workspace_is_denied_before_the_sandbox() 
     assert_eq!(recs[0].decision, "deny");
 }
 
+/// What the caller learns from a call on `path`: the decision, or the refusal with the path
+/// itself replaced by `P`.
+fn answer(e: &Env, tool: &str, path: &str) -> String {
+    let args = match tool {
+        "write_file" => json!({"path": path, "content": "x"}),
+        "edit_file" => json!({"path": path, "old_string": "a", "new_string": "b"}),
+        "exec" => json!({"argv": ["true"], "cwd": path}),
+        _ => json!({"path": path}),
+    };
+    match run(e, tool, args) {
+        Ok(Invoked::Denied(d)) => {
+            format!("denied: {:?} {:?} {:?}", d.decision, d.policies, d.errors)
+        }
+        Err(err) => format!(
+            "refused: {}",
+            err.to_string().replace(&format!("{path:?}"), "P")
+        ),
+        Ok(other) => panic!("{tool} {path}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn refusals_of_paths_outside_the_workspace_do_not_say_whether_they_exist() {
+    let e = env();
+    let missing = e.outside.join("definitely-not-there-xyz");
+    let present = e.outside.join("secret.txt");
+    std::os::unix::fs::symlink(&present, e.ws.join("to-present")).unwrap();
+    std::os::unix::fs::symlink(&missing, e.ws.join("to-missing")).unwrap();
+    std::os::unix::fs::symlink(
+        "../../../../../../../../etc/passwd",
+        e.ws.join("rel-present"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        "../../../../../../../../etc/definitely-not-there-xyz",
+        e.ws.join("rel-missing"),
+    )
+    .unwrap();
+    let up = |p: &Path| {
+        format!(
+            "../{}",
+            p.strip_prefix(e.ws.parent().unwrap()).unwrap().display()
+        )
+    };
+    let pairs = [
+        (
+            "/etc/passwd".to_string(),
+            "/etc/definitely-not-there-xyz".to_string(),
+        ),
+        ("/etc".into(), "/etc/definitely-not-there-xyz/".into()),
+        (
+            "../../../../../../../../etc/passwd".into(),
+            "../../../../../../../../etc/definitely-not-there-xyz".into(),
+        ),
+        (up(&present), up(&missing)),
+        ("to-present".into(), "to-missing".into()),
+        ("rel-present".into(), "rel-missing".into()),
+        ("to-present/x".into(), "to-missing/x".into()),
+    ];
+    for tool in ["read_file", "list_dir", "edit_file", "write_file", "exec"] {
+        for (exists, absent) in &pairs {
+            let (a, b) = (answer(&e, tool, exists), answer(&e, tool, absent));
+            assert_eq!(a, b, "{tool}: {exists} vs {absent}");
+            assert!(a.starts_with("denied: Deny ["), "{tool} {exists}: {a}");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(&present).unwrap(),
+        "TOP-SECRET-OUTSIDE"
+    );
+    assert!(!missing.exists());
+    // Nothing ran: every call is a denial in the audit log, no tool_run record.
+    assert!(
+        records(&e)
+            .iter()
+            .all(|r| r.decision == "deny" && r.kind == "decision")
+    );
+}
+
 #[test]
 fn reading_the_state_dir_is_denied_by_the_guard_policy() {
     let e = env();

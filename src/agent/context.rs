@@ -30,36 +30,85 @@ pub fn system_prompt(extra: &str, workspace: &Path) -> String {
         s.push_str("\n\n");
         s.push_str(extra.trim());
     }
-    for (name, text) in bootstrap(workspace) {
-        s.push_str(&format!(
-            "\n\n<workspace-file name=\"{name}\">\n{}\n</workspace-file>",
-            neutralize(&text, "workspace-file")
-        ));
+    for file in bootstrap(workspace) {
+        match file {
+            Bootstrap::Included { name, text, size } => {
+                let cut = if size > text.len() as u64 {
+                    format!("\n[... cut: {} of {size} bytes shown]", text.len())
+                } else {
+                    String::new()
+                };
+                s.push_str(&format!(
+                    "\n\n<workspace-file name=\"{name}\">\n{}{cut}\n</workspace-file>",
+                    neutralize(&text, "workspace-file")
+                ));
+            }
+            Bootstrap::Skipped { name, .. } => s.push_str(&format!(
+                "\n\n[workspace file {name} not included: {BOOTSTRAP_SKIPPED}]"
+            )),
+        }
     }
     s
 }
 
-/// The bootstrap files present in the workspace root. A file is read only when it is a
-/// regular file inside the workspace (no symlink or hard link to elsewhere), and is capped.
-pub fn bootstrap(workspace: &Path) -> Vec<(&'static str, String)> {
-    let Ok(ws) = crate::tools::Workspace::new(workspace) else {
-        return Vec::new();
+/// What the prompt says about a bootstrap file that is present but was not read (the
+/// details go to the log, not to the model).
+pub const BOOTSTRAP_SKIPPED: &str =
+    "it is not a regular file with a single link directly in the workspace";
+
+/// What became of one bootstrap file that is present in the workspace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// Read: at most [`BOOTSTRAP_MAX_BYTES`] of it, and the size the file has.
+    Included {
+        name: &'static str,
+        text: String,
+        size: u64,
+    },
+    /// Present but refused (a symlink, FIFO, device, directory, hard link, ...): why.
+    Skipped { name: &'static str, reason: String },
+}
+
+/// The bootstrap files present in the workspace root, read through [`crate::wsfs`]: each is
+/// opened beneath the workspace descriptor without following any symlink, `O_NONBLOCK` (a
+/// FIFO cannot block), checked on the open descriptor (a regular file with one link), and at
+/// most [`BOOTSTRAP_MAX_BYTES`] of it are read (a longer file is cut, with a marker). A file
+/// that is present but refused is logged and listed as skipped.
+pub fn bootstrap(workspace: &Path) -> Vec<Bootstrap> {
+    let root = match crate::wsfs::WsDir::root(workspace) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "bootstrap files not read");
+            return Vec::new();
+        }
     };
     let mut out = Vec::new();
     for name in BOOTSTRAP_FILES {
-        let Ok(p) = ws.resolve(name) else { continue };
-        let path = p.abs.as_path();
-        let Ok(meta) = std::fs::symlink_metadata(path) else {
-            continue;
-        };
-        if !meta.is_file() {
-            continue;
+        match root.read_capped(Path::new(name), BOOTSTRAP_MAX_BYTES as u64) {
+            Ok(c) => {
+                let text = match std::str::from_utf8(&c.bytes) {
+                    Ok(t) => t.to_string(),
+                    // Cut inside a character: drop the partial character.
+                    Err(e) if e.error_len().is_none() => {
+                        String::from_utf8_lossy(&c.bytes[..e.valid_up_to()]).into_owned()
+                    }
+                    Err(_) => String::from_utf8_lossy(&c.bytes).into_owned(),
+                };
+                out.push(Bootstrap::Included {
+                    name,
+                    text,
+                    size: c.size,
+                });
+            }
+            Err(crate::wsfs::WsFsError::NotFound { .. }) => {}
+            Err(e) => {
+                tracing::warn!(file = %name, error = %e, "bootstrap file not included in the system prompt");
+                out.push(Bootstrap::Skipped {
+                    name,
+                    reason: e.to_string(),
+                });
+            }
         }
-        let Ok(bytes) = std::fs::read(path) else {
-            continue;
-        };
-        let cut = &bytes[..bytes.len().min(BOOTSTRAP_MAX_BYTES)];
-        out.push((*name, String::from_utf8_lossy(cut).into_owned()));
     }
     out
 }

@@ -9,8 +9,9 @@
 //!   (`.skills/<name>/`), where running a script is an ordinary `exec` call through the gate
 //!   and the sandbox.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::{Component, Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -81,7 +82,11 @@ pub fn use_skill(
         Ok(l) => l,
         Err(e) => return Used::Refused(e.to_string()),
     };
-    let files = match stage(&loaded.dir, workspace, &loaded.entry.name) {
+    let files = match loaded
+        .files()
+        .map_err(|e| e.to_string())
+        .and_then(|f| stage(workspace, &loaded.entry.name, &f))
+    {
         Ok(f) => f,
         Err(e) => return Used::Refused(format!("the skill could not be staged: {e}")),
     };
@@ -100,9 +105,18 @@ pub fn use_skill(
     }
 }
 
-/// Copies the verified skill tree into `workspace/.skills/<name>` (replacing an older copy),
-/// refusing symlinks anywhere on the way.
-fn stage(src: &Path, workspace: &Path, name: &str) -> Result<Vec<String>, String> {
+/// Stages a skill's files (`(relative path, content)`, from the verified store copy) in
+/// `workspace/.skills/<name>`, replacing an older copy; returns the staged paths. Everything
+/// goes through [`crate::wsfs`]: `.skills` and every directory under it are opened without
+/// following links (a swapped-in symlink is refused, or removed as a link, never followed),
+/// the old copy is removed through directory descriptors, files are created `O_EXCL` and
+/// made read-only with `fchmod` on their own descriptors.
+pub fn stage(
+    workspace: &Path,
+    name: &str,
+    files: &[(PathBuf, Vec<u8>)],
+) -> Result<Vec<String>, String> {
+    use crate::wsfs::{WsDir, WsFsError};
     if name.is_empty()
         || !name
             .chars()
@@ -114,71 +128,47 @@ fn stage(src: &Path, workspace: &Path, name: &str) -> Result<Vec<String>, String
             name.escape_default()
         ));
     }
-    let ws = std::fs::canonicalize(workspace).map_err(|e| e.to_string())?;
-    let root = ws.join(STAGE_DIR);
-    match std::fs::symlink_metadata(&root) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("{STAGE_DIR} in the workspace is not a directory")),
-        Err(_) => std::fs::create_dir(&root).map_err(|e| e.to_string())?,
+    let e = |e: WsFsError| e.to_string();
+    let root = WsDir::root(workspace).map_err(e)?;
+    let stage_dir = root.ensure_dir(OsStr::new(STAGE_DIR), 0o755).map_err(e)?;
+    match stage_dir.remove_tree(OsStr::new(name)) {
+        Ok(()) | Err(WsFsError::NotFound { .. }) => {}
+        Err(err) => return Err(err.to_string()),
     }
-    let dest = root.join(name);
-    if let Ok(m) = std::fs::symlink_metadata(&dest) {
-        if m.is_dir() {
-            make_writable(&dest);
-            std::fs::remove_dir_all(&dest).map_err(|e| e.to_string())?;
-        } else {
-            std::fs::remove_file(&dest).map_err(|e| e.to_string())?;
-        }
-    }
-    let mut files = Vec::new();
-    copy_tree(src, &dest, Path::new(""), &mut files)?;
-    files.sort();
-    Ok(files)
-}
-
-fn copy_tree(src: &Path, dest: &Path, rel: &Path, files: &mut Vec<String>) -> Result<(), String> {
-    std::fs::create_dir(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    let mut entries: Vec<_> = std::fs::read_dir(src)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
-    entries.sort_by_key(std::fs::DirEntry::file_name);
-    for e in entries {
-        let name = e.file_name();
-        let meta = std::fs::symlink_metadata(e.path()).map_err(|e| e.to_string())?;
-        let r = rel.join(&name);
-        if meta.is_dir() {
-            copy_tree(&e.path(), &dest.join(&name), &r, files)?;
-        } else if meta.is_file() {
-            let bytes = std::fs::read(e.path()).map_err(|e| e.to_string())?;
-            let to = dest.join(&name);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&to)
-                .map_err(|e| format!("{}: {e}", to.display()))?;
-            std::io::Write::write_all(&mut f, &bytes).map_err(|e| e.to_string())?;
-            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o444))
-                .map_err(|e| e.to_string())?;
-            files.push(r.to_string_lossy().into_owned());
-        } else {
-            return Err(format!("{} is neither a file nor a directory", r.display()));
-        }
-    }
-    std::fs::set_permissions(dest, std::fs::Permissions::from_mode(0o555))
-        .map_err(|e| e.to_string())
-}
-
-/// Best effort: lets an older staged copy be removed (directories were made read-only).
-fn make_writable(dir: &Path) {
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if let Ok(m) = std::fs::symlink_metadata(e.path())
-                && m.is_dir()
-            {
-                make_writable(&e.path());
+    let dest = stage_dir.ensure_dir(OsStr::new(name), 0o755).map_err(e)?;
+    // Directories made along the way, by relative path; made read-only once all is written.
+    let mut dirs: BTreeMap<PathBuf, WsDir> = BTreeMap::new();
+    let mut staged = Vec::new();
+    for (rel, bytes) in files {
+        let mut parts: Vec<&OsStr> = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(p) => parts.push(p),
+                _ => return Err(format!("{} is not a plain relative path", rel.display())),
             }
         }
+        let Some((file, parents)) = parts.split_last() else {
+            return Err("an empty file name".into());
+        };
+        let mut at = PathBuf::new();
+        for p in parents {
+            let next = at.join(p);
+            if !dirs.contains_key(&next) {
+                let parent = dirs.get(&at).unwrap_or(&dest);
+                let d = parent.ensure_dir(p, 0o755).map_err(e)?;
+                dirs.insert(next.clone(), d);
+            }
+            at = next;
+        }
+        dirs.get(&at)
+            .unwrap_or(&dest)
+            .create_file(file, bytes, 0o444)
+            .map_err(e)?;
+        staged.push(rel.to_string_lossy().into_owned());
     }
+    for d in dirs.values().chain(std::iter::once(&dest)) {
+        d.chmod(0o555).map_err(e)?;
+    }
+    staged.sort();
+    Ok(staged)
 }

@@ -3,9 +3,10 @@
 //! Architecture Invariant: no tool touches the filesystem or runs a program in the gateway
 //! process. Every tool spawns the single-threaded launcher `chitin sandbox exec` (landlock,
 //! seccomp, namespaces, limits); the file tools run the hidden `chitin __fs-helper` inside it.
-//! Before that, the gate canonicalizes the path with [`Workspace::resolve`] (lexical checks,
-//! then an `openat2(RESOLVE_BENEATH)` walk) and asks Cedar; the helper enforces the workspace
-//! boundary again inside the sandbox, and landlock enforces it a third time in the kernel.
+//! Before that, the gate locates the path beneath the workspace descriptor (`wsfs::locate`)
+//! and asks Cedar; the tool accepts it only through [`Workspace::resolve`] (lexical checks,
+//! then an `openat2(RESOLVE_BENEATH)` walk); the helper enforces the workspace boundary again
+//! inside the sandbox, and landlock enforces it a third time in the kernel.
 //!
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
@@ -16,7 +17,6 @@ pub mod invoke;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -329,16 +329,10 @@ pub struct WsPath {
 impl Workspace {
     pub fn new(root: impl AsRef<Path>) -> Result<Self, ToolError> {
         let r = root.as_ref();
-        let root = std::fs::canonicalize(r).map_err(|e| ToolError::Path {
+        let root = crate::wsfs::canonical_root(r).map_err(|e| ToolError::Path {
             path: r.display().to_string(),
-            reason: format!("workspace cannot be resolved: {e}"),
+            reason: format!("workspace cannot be used: {e}"),
         })?;
-        if !root.is_dir() || root == Path::new("/") {
-            return Err(ToolError::Path {
-                path: r.display().to_string(),
-                reason: "workspace must be a directory other than /".into(),
-            });
-        }
         Ok(Self { root })
     }
 
@@ -396,42 +390,25 @@ impl Workspace {
     /// an `openat2(RESOLVE_BENEATH)` walk from the workspace root, so symlinks that leave the
     /// workspace are refused. A missing final component is allowed (a file to create).
     pub fn resolve(&self, user: &str) -> Result<WsPath, ToolError> {
+        use crate::wsfs::WsFsError;
         let rel = self.lexical(user)?;
-        let root = chitin_sandbox::fs::open_dir(&self.root).map_err(|e| ToolError::Path {
-            path: user.into(),
-            reason: format!("workspace cannot be opened: {e}"),
-        })?;
-        let map = |e: std::io::Error| match e.raw_os_error() {
-            Some(EXDEV) => ToolError::SymlinkEscape {
-                path: user.to_string(),
-            },
-            Some(ELOOP) => ToolError::Path {
-                path: user.to_string(),
-                reason: "too many symlinks or a /proc magic link".into(),
-            },
-            _ => ToolError::Path {
-                path: user.to_string(),
-                reason: e.to_string(),
-            },
-        };
-        let abs = match chitin_sandbox::fs::open_beneath(root.as_fd(), &rel, O_PATH, 0) {
-            Ok(fd) => chitin_sandbox::fs::fd_path(fd.as_fd()).map_err(map)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let parent = rel.parent().unwrap_or(Path::new(""));
-                let name = rel.file_name().ok_or_else(|| ToolError::Path {
-                    path: user.into(),
-                    reason: "no file name".into(),
-                })?;
-                match chitin_sandbox::fs::open_beneath(root.as_fd(), parent, O_PATH, 0) {
-                    Ok(fd) => chitin_sandbox::fs::fd_path(fd.as_fd())
-                        .map_err(map)?
-                        .join(name),
-                    // The parent is missing too (create_dirs): resolve lexically.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => self.root.join(&rel),
-                    Err(e) => return Err(map(e)),
-                }
+        let abs = match crate::wsfs::resolve(&self.root, &rel) {
+            Ok(r) => r.abs,
+            Err(WsFsError::Escapes { .. }) => {
+                return Err(ToolError::SymlinkEscape { path: user.into() });
             }
-            Err(e) => return Err(map(e)),
+            Err(WsFsError::Symlink { .. }) => {
+                return Err(ToolError::Path {
+                    path: user.to_string(),
+                    reason: "too many symlinks or a /proc magic link".into(),
+                });
+            }
+            Err(e) => {
+                return Err(ToolError::Path {
+                    path: user.to_string(),
+                    reason: e.to_string(),
+                });
+            }
         };
         if !abs.starts_with(&self.root) {
             return Err(ToolError::SymlinkEscape { path: user.into() });
@@ -443,10 +420,6 @@ impl Workspace {
         })
     }
 }
-
-const EXDEV: i32 = 18;
-const ELOOP: i32 = 40;
-const O_PATH: i32 = 0o10_000_000;
 
 // ---- running through the sandbox -------------------------------------------------------------
 
