@@ -1219,7 +1219,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         sys::close(st_r);
         return Err(e);
     }
-    sys::close(sync_w);
+    // sync_w stays open until P is reaped: P learns from its hang-up that the launcher is
+    // gone.
 
     // Launcher side.
     sys::close(st_w);
@@ -1307,6 +1308,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         None => sys::wait4(pid_p, 0).map(|(_, s, _)| s).ok(),
     };
     let duration = start.elapsed();
+    sys::close(sync_w);
     if let Some(fd) = pidfd {
         sys::close(fd);
     }
@@ -1563,6 +1565,18 @@ fn init(plan: &Plan, spec: &Spec, ctx: &ChildCtx, sync_r: RawFd) -> ! {
             sys::setgroups_none().and_then(|()| sys::become_ids(SANDBOX_UID, SANDBOX_UID))
     {
         fail(st, Stage::Identity, 0, &e);
+    }
+    if plan.ids.remapped() {
+        // The credential change cleared the parent-death signal: set it again, then make
+        // sure the launcher did not die before that (it holds the sync pipe's write end
+        // until it has reaped us, so a hang-up means it is gone).
+        if sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).is_err() {
+            sys::exit_now(125);
+        }
+        match sys::poll_in(&[sync_r], 0) {
+            Ok(r) if r.first().is_some_and(|x| x & libc::POLLHUP == 0) => {}
+            _ => sys::exit_now(125),
+        }
     }
     // Not dumpable: /proc/1/* of the init stays closed to the command.
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
