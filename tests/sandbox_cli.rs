@@ -95,7 +95,12 @@ fn check_prints_the_contract_json_and_exits_zero_with_full_enforcement() {
         .map(|e| e.as_str().unwrap())
         .collect();
     assert!(etc.contains(&"/etc/ssl/certs"), "{etc:?}");
-    for never in ["/etc/ssl", "/etc/ssl/private", "/etc/shadow", "/etc/gshadow"] {
+    for never in [
+        "/etc/ssl",
+        "/etc/ssl/private",
+        "/etc/shadow",
+        "/etc/gshadow",
+    ] {
         assert!(!etc.contains(&never), "{never} in {etc:?}");
     }
     // This machine (Linux 6.18, landlock ABI 7) gives full enforcement.

@@ -588,7 +588,11 @@ fn host_unix_sockets_are_unreachable() {
     // No AF_UNIX socket can be created at all (seccomp), so no path is ever tried.
     expect_lines(
         &r,
-        &["fixture EAFNOSUPPORT", "dbus EAFNOSUPPORT", "docker EAFNOSUPPORT"],
+        &[
+            "fixture EAFNOSUPPORT",
+            "dbus EAFNOSUPPORT",
+            "docker EAFNOSUPPORT",
+        ],
     );
 }
 
