@@ -336,6 +336,22 @@ mod tests {
     }
 
     #[test]
+    fn a_subid_user_that_is_not_a_user_name_is_refused() {
+        for bad in ["", "root:0:1", "a b", "x\ny"] {
+            let c = SandboxConfig {
+                subid_user: bad.into(),
+                ..SandboxConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("sandbox.subid_user"), "{bad:?}: {e}");
+        }
+        let c: SandboxConfig =
+            toml::from_str("subid_user = \"agents\"\nworkspace_quota_mb = 0\n").unwrap();
+        c.validate().unwrap();
+        assert!(c.limits().workspace.bytes == 0 && c.limits().workspace.inodes == 100_000);
+    }
+
+    #[test]
     fn an_unknown_sandbox_key_is_rejected() {
         let r: Result<SandboxConfig, _> = toml::from_str("allow_unsandboxed = true");
         assert!(r.unwrap_err().to_string().contains("unknown field"));
