@@ -66,14 +66,43 @@ fn check_prints_the_contract_json_and_exits_zero_with_full_enforcement() {
         sorted,
         [
             "enforced",
+            "etc",
+            "identity",
             "landlock_abi",
             "missing",
             "net_ns",
             "pid_ns",
             "seccomp",
+            "unix_sockets",
             "user_ns"
         ]
     );
+    // The tests run as root: the report says tools would not.
+    assert_eq!(v["identity"]["launcher_euid"], 0, "{v}");
+    assert_ne!(v["identity"]["host_uid"], 0, "{v}");
+    assert_ne!(v["identity"]["host_gid"], 0, "{v}");
+    assert!(
+        v["identity"]["workspace"]
+            .as_str()
+            .unwrap()
+            .starts_with("id-mapped"),
+        "{v}"
+    );
+    let etc: Vec<&str> = v["etc"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(etc.contains(&"/etc/ssl/certs"), "{etc:?}");
+    for never in [
+        "/etc/ssl",
+        "/etc/ssl/private",
+        "/etc/shadow",
+        "/etc/gshadow",
+    ] {
+        assert!(!etc.contains(&never), "{never} in {etc:?}");
+    }
     // This machine (Linux 6.18, landlock ABI 7) gives full enforcement.
     assert!(v["landlock_abi"].as_i64().unwrap() >= 3);
     assert_eq!(v["seccomp"], true);

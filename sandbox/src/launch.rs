@@ -22,8 +22,9 @@ use crate::cgroup::Cgroup;
 use crate::support::MIN_LANDLOCK_ABI;
 use crate::{SandboxError, seccomp, sys};
 
-/// Inside the sandbox the command runs as this uid/gid, mapped to the launcher's euid/egid.
-/// A non-zero uid means `execve` never grants capabilities.
+/// Inside the sandbox the command runs as this uid/gid, mapped to the launcher's euid/egid
+/// when the launcher is unprivileged, and to an unprivileged host id when it is root (see
+/// [`crate::ids`]). A non-zero uid means `execve` never grants capabilities.
 pub const SANDBOX_UID: u32 = 1000;
 
 /// Concurrent egress connections relayed for one sandbox.
@@ -50,6 +51,10 @@ pub struct Limits {
     pub open_files: u64,
     /// Size of the private `/tmp` (tmpfs).
     pub tmp_size_mb: u64,
+    /// The workspace quota, checked before each run (see [`crate::quota`]): a run that starts
+    /// at or over it cannot grow any file (`RLIMIT_FSIZE` 0); a run that starts under it
+    /// cannot grow one file past what is left.
+    pub workspace: crate::Quota,
 }
 
 impl Default for Limits {
@@ -62,6 +67,10 @@ impl Default for Limits {
             file_size_mb: 256,
             open_files: 256,
             tmp_size_mb: 64,
+            workspace: crate::Quota {
+                bytes: 1024 << 20,
+                inodes: 100_000,
+            },
         }
     }
 }
@@ -155,6 +164,9 @@ pub struct Spec {
     /// Paths no bound path may be inside of or contain (the Chitin state dir, other sessions).
     pub forbidden: Vec<PathBuf>,
     pub cgroup: CgroupMode,
+    /// For a root launcher: the user whose `/etc/subuid`/`/etc/subgid` range gives the
+    /// sandbox its host ids (else `nobody`); see [`crate::ids`].
+    pub subid_user: String,
 }
 
 impl Spec {
@@ -173,6 +185,7 @@ impl Spec {
             output: Output::Inherit,
             forbidden: Vec::new(),
             cgroup: CgroupMode::Auto,
+            subid_user: crate::ids::DEFAULT_SUBID_USER.into(),
         }
     }
 }
@@ -270,6 +283,7 @@ enum Stage {
     Landlock,
     Seccomp,
     Handoff,
+    Identity,
 }
 
 const STAGES: &[(Stage, &str)] = &[
@@ -293,6 +307,10 @@ const STAGES: &[(Stage, &str)] = &[
     (Stage::Landlock, "landlock"),
     (Stage::Seccomp, "seccomp"),
     (Stage::Handoff, "seccomp listener handoff"),
+    (
+        Stage::Identity,
+        "sandbox uid/gid (setgroups, setresgid, setresuid)",
+    ),
 ];
 
 fn stage_name(code: i64, mounts: &[MountOp]) -> String {
@@ -365,6 +383,17 @@ enum MountOp {
         src: PathBuf,
         dst: PathBuf,
     },
+    /// A user bind prepared by a root launcher as a detached mount tree (`open_tree`), made
+    /// read-only or ID-mapped there, and attached by P with `move_mount`: P (an unprivileged
+    /// host uid's namespace) never resolves the host path itself.
+    Attach {
+        src: PathBuf,
+        dst: PathBuf,
+        rw: bool,
+        dir: bool,
+        /// The tree's fd (set by the launcher before the clone; -1 until then).
+        fd: RawFd,
+    },
 }
 
 impl fmt::Display for MountOp {
@@ -386,6 +415,13 @@ impl fmt::Display for MountOp {
             MountOp::File { dst, .. } => write!(f, "file {}", dst.display()),
             MountOp::Copy { src, .. } => write!(f, "copy {}", src.display()),
             MountOp::Mask { dst } => write!(f, "mask {}", dst.display()),
+            MountOp::Attach { src, dst, rw, .. } => write!(
+                f,
+                "attach {} -> {} {}",
+                src.display(),
+                dst.display(),
+                if *rw { "rw, id-mapped" } else { "ro" }
+            ),
         }
     }
 }
@@ -393,23 +429,51 @@ impl fmt::Display for MountOp {
 const SYSTEM_DIRS: &[&str] = &[
     "/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32",
 ];
-const ETC_FILES: &[&str] = &[
+/// The read-only view of the host's `/etc`: only these entries (an allow-list; `name*` means
+/// every entry starting with `name`), and of those only what any host user may read anyway
+/// (world-readable files, world-readable and -searchable directories). `passwd`, `group`,
+/// `hosts`, `hostname` and `resolv.conf` are the sandbox's own. Never shown: `shadow`,
+/// `gshadow`, `sudoers*`, `ssl/private`, `ssh/`, `environment`, `profile.d`, package-manager
+/// and service configuration (credentials live there).
+pub const ETC_VIEW: &[&str] = &[
+    // dynamic linker, name service, network
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
-    "alternatives",
-    "ssl",
-    "ca-certificates",
-    "ca-certificates.conf",
-    "localtime",
-    "timezone",
     "nsswitch.conf",
+    "host.conf",
+    "gai.conf",
     "protocols",
     "services",
+    "networks",
+    // many /usr/bin programs are symlinks through /etc/alternatives
+    "alternatives",
+    // TLS trust (certificates only, never ssl/private)
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "ca-certificates",
+    "ca-certificates.conf",
+    // time, locale, system identity
+    "localtime",
+    "timezone",
+    "locale.alias",
+    "locale.conf",
+    "default/locale",
+    "os-release",
+    "lsb-release",
+    "debian_version",
+    "mtab",
+    "shells",
+    // programs' system-wide defaults
+    "bash.bashrc",
+    "profile",
+    "inputrc",
     "mime.types",
+    "magic",
+    "magic.mime",
     "gitconfig",
-    "python3",
-    "python3.11",
+    "perl",
+    "python3*",
 ];
 // Not masked because other layers already close them: `kcore` and `kmsg` need capabilities
 // the sandbox lacks, `kallsyms` shows zeros without CAP_SYSLOG, `sysrq-trigger` and `sys/*` are
@@ -484,6 +548,11 @@ struct Plan {
     path_dirs: Vec<PathBuf>,
     bpf: Vec<libc::sock_filter>,
     abi: ABI,
+    /// The host ids of the command.
+    ids: crate::HostIds,
+    /// `RLIMIT_FSIZE` of the command in bytes (the per-file limit, lowered to what the
+    /// workspace quota has left; 0 when the run starts over quota).
+    fsize: u64,
 }
 
 fn cstring(b: &[u8], what: &str) -> Result<CString, SandboxError> {
@@ -552,7 +621,7 @@ fn abi_from(n: i32) -> ABI {
 }
 
 impl Plan {
-    fn new(spec: &Spec, abi: i32) -> Result<Self, SandboxError> {
+    fn new(spec: &Spec, abi: i32, ids: crate::HostIds) -> Result<Self, SandboxError> {
         if spec.argv.is_empty() {
             return Err(SandboxError::Invalid("no program given".into()));
         }
@@ -657,7 +726,14 @@ impl Plan {
             .map(|a| cstring(a.as_bytes(), "argument"))
             .collect::<Result<Vec<_>, _>>()?;
 
-        let mounts = mount_plan(&workspace, &ro, &rw, &net, spec.limits.tmp_size_mb)?;
+        let mounts = mount_plan(
+            &workspace,
+            &ro,
+            &rw,
+            &net,
+            spec.limits.tmp_size_mb,
+            ids.remapped(),
+        )?;
         let bpf = seccomp::default_program().map_err(|e| SandboxError::Setup {
             layer: "seccomp profile".into(),
             source: io::Error::other(e.to_string()),
@@ -675,8 +751,121 @@ impl Plan {
             path_dirs,
             bpf,
             abi: abi_from(abi),
+            ids,
+            fsize: spec.limits.file_size_mb.saturating_mul(1 << 20),
         })
     }
+
+    /// A root launcher's half of the user binds: each becomes a detached mount tree, private,
+    /// nosuid and nodev; read-only ones read-only; the workspace and `--rw` paths ID-mapped
+    /// through a user namespace mapping host uid/gid 0 (the owner of what the root gateway
+    /// creates) to the sandbox's host ids. Inside, the command (that host id) then owns the
+    /// workspace's files; what it creates is stored as owned by root, as the gateway's own
+    /// files are. Nothing on disk changes owner or mode.
+    fn open_trees(&mut self) -> Result<(), SandboxError> {
+        if !self
+            .mounts
+            .iter()
+            .any(|m| matches!(m, MountOp::Attach { .. }))
+        {
+            return Ok(());
+        }
+        let userns =
+            idmap_userns(self.ids.uid, self.ids.gid).map_err(|source| SandboxError::Setup {
+                layer: "ID-mapping user namespace for the workspace".into(),
+                source,
+            })?;
+        let mut result = Ok(());
+        for op in &mut self.mounts {
+            let MountOp::Attach { src, rw, fd, .. } = op else {
+                continue;
+            };
+            let opened = sys::open_tree_clone(&c(src)).and_then(|t| {
+                let base = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+                let set = if *rw {
+                    sys::mount_setattr_tree(t, base | sys::MOUNT_ATTR_IDMAP, Some(userns))
+                } else {
+                    sys::mount_setattr_tree(t, base | sys::MOUNT_ATTR_RDONLY, None)
+                };
+                match set {
+                    Ok(()) => Ok(t),
+                    Err(e) => {
+                        sys::close(t);
+                        Err(e)
+                    }
+                }
+            });
+            match opened {
+                Ok(t) => *fd = t,
+                Err(source) => {
+                    let hint = if *rw {
+                        "; the gateway runs as root, so the workspace must be ID-mapped for the \
+                         sandbox's unprivileged uid: put it on a filesystem that supports \
+                         ID-mapped mounts (ext4, xfs, btrfs, tmpfs on Linux >= 6.3) or run the \
+                         gateway as an unprivileged user"
+                    } else {
+                        ""
+                    };
+                    result = Err(SandboxError::Path {
+                        path: src.clone(),
+                        reason: format!("cannot prepare the bind mount: {source}{hint}"),
+                    });
+                    break;
+                }
+            }
+        }
+        sys::close(userns);
+        if result.is_err() {
+            self.close_trees();
+        }
+        result
+    }
+
+    /// Closes the launcher's (or P's) copies of the detached trees.
+    fn close_trees(&mut self) {
+        for op in &mut self.mounts {
+            if let MountOp::Attach { fd, .. } = op
+                && *fd >= 0
+            {
+                sys::close(*fd);
+                *fd = -1;
+            }
+        }
+    }
+}
+
+/// A user namespace whose only mapping is uid 0 -> `uid` and gid 0 -> `gid` (host ids), used
+/// as the idmapping of the workspace mount: on-disk owner 0 appears as `uid`, and files `uid`
+/// creates are stored as owned by 0. Made by a short-lived child that waits on a pipe; the
+/// namespace lives on through the returned fd.
+fn idmap_userns(uid: u32, gid: u32) -> io::Result<RawFd> {
+    let (r, w) = sys::pipe()?;
+    let pid = match sys::clone_fork(libc::CLONE_NEWUSER) {
+        Ok(p) => p,
+        Err(e) => {
+            sys::close(r);
+            sys::close(w);
+            return Err(e);
+        }
+    };
+    if pid == 0 {
+        sys::close(w);
+        let mut b = [0u8; 1];
+        let _ = sys::read(r, &mut b);
+        sys::exit_now(0);
+    }
+    sys::close(r);
+    let dir = PathBuf::from(format!("/proc/{pid}"));
+    let made = std::fs::write(dir.join("uid_map"), format!("0 {uid} 1"))
+        .and_then(|()| std::fs::write(dir.join("setgroups"), "deny"))
+        .and_then(|()| std::fs::write(dir.join("gid_map"), format!("0 {gid} 1")))
+        .and_then(|()| {
+            use std::os::fd::IntoRawFd;
+            std::fs::File::open(dir.join("ns/user")).map(IntoRawFd::into_raw_fd)
+        });
+    sys::close(w);
+    let _ = sys::wait4(pid, 0);
+    made
 }
 
 fn mount_plan(
@@ -685,6 +874,7 @@ fn mount_plan(
     rw: &[PathBuf],
     net: &[(NetDest, [u8; 4])],
     tmp_size_mb: u64,
+    attach: bool,
 ) -> Result<Vec<MountOp>, SandboxError> {
     let mut ops = Vec::new();
     for d in SYSTEM_DIRS {
@@ -714,24 +904,24 @@ fn mount_plan(
             reason: "the system directory /usr is missing".into(),
         });
     }
-    for f in ETC_FILES {
-        let p = Path::new("/etc").join(f);
+    for p in etc_view() {
         match std::fs::symlink_metadata(&p) {
             Ok(m) if m.file_type().is_symlink() => {
                 if let Ok(target) = std::fs::read_link(&p) {
                     ops.push(MountOp::Symlink { target, dst: p });
                 }
             }
+            Ok(m) if !world_readable(&m) => {}
             Ok(m) if m.is_file() && m.len() <= 256 * 1024 => ops.push(MountOp::Copy {
                 src: p.clone(),
                 dst: p,
             }),
-            Ok(_) => ops.push(MountOp::Bind {
+            Ok(m) if m.is_file() || m.is_dir() => ops.push(MountOp::Bind {
                 src: p.clone(),
                 dst: p,
                 rw: false,
             }),
-            Err(_) => {}
+            _ => {}
         }
     }
     let ws = workspace.to_string_lossy();
@@ -814,16 +1004,94 @@ fn mount_plan(
     user.push((workspace.to_path_buf(), true));
     user.sort_by_key(|(p, _)| p.components().count());
     for (p, rw) in user {
-        ops.push(MountOp::Bind {
-            src: p.clone(),
-            dst: p,
-            rw,
-        });
+        if attach {
+            ops.push(MountOp::Attach {
+                dir: p.is_dir(),
+                src: p.clone(),
+                dst: p,
+                rw,
+                fd: -1,
+            });
+        } else {
+            ops.push(MountOp::Bind {
+                src: p.clone(),
+                dst: p,
+                rw,
+            });
+        }
     }
     Ok(ops)
 }
 
+/// The host paths of the `/etc` view: [`ETC_VIEW`] with globs expanded, only entries that
+/// exist and are symlinks or world-readable, sorted.
+pub fn etc_view() -> Vec<PathBuf> {
+    let etc = Path::new("/etc");
+    let mut out = Vec::new();
+    for e in ETC_VIEW {
+        if let Some(prefix) = e.strip_suffix('*') {
+            if let Ok(d) = std::fs::read_dir(etc) {
+                out.extend(
+                    d.filter_map(Result::ok)
+                        .filter(|x| x.file_name().as_bytes().starts_with(prefix.as_bytes()))
+                        .map(|x| x.path()),
+                );
+            }
+        } else {
+            out.push(etc.join(e));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out.retain(|p| {
+        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink() || world_readable(&m))
+    });
+    out
+}
+
+/// Whether any host user may read this (files: o+r; directories: o+rx). Symlinks are judged
+/// where they lead, inside the view.
+fn world_readable(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = m.permissions().mode();
+    if m.is_dir() {
+        mode & 0o005 == 0o005
+    } else {
+        mode & 0o004 != 0
+    }
+}
+
 // ---- the launcher (L) ------------------------------------------------------------------------
+
+/// Measures the workspace against its quota and lowers the command's file-size limit: to 0
+/// when the run starts at or over the quota (files can only shrink or be deleted in this run;
+/// the returned notice says so), else to what is left of the byte quota.
+fn apply_quota(plan: &mut Plan, quota: &crate::Quota) -> Result<Option<String>, SandboxError> {
+    if quota.is_unlimited() {
+        return Ok(None);
+    }
+    let usage = crate::quota::measure(&plan.workspace, quota).map_err(|e| SandboxError::Path {
+        path: e.path,
+        reason: format!(
+            "cannot measure the workspace for its quota ({}); nothing ran: make every \
+             directory of the workspace readable and searchable by the gateway's user",
+            e.source
+        ),
+    })?;
+    if quota.exceeded_by(&usage) {
+        plan.fsize = 0;
+        return Ok(Some(format!(
+            "the workspace is over its quota ({} of at most {} bytes and {} inodes): no file \
+             can grow in this run (writes fail with \"File too large\"); delete files to get \
+             under the quota",
+            usage, quota.bytes, quota.inodes
+        )));
+    }
+    if let Some(left) = quota.bytes_left(&usage) {
+        plan.fsize = plan.fsize.min(left);
+    }
+    Ok(None)
+}
 
 fn simulated_missing() -> Vec<String> {
     // Test hook that can only make the sandbox refuse (never weaker): names layers to treat as
@@ -856,7 +1124,13 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     if !missing.is_empty() {
         return Err(SandboxError::Unavailable { missing });
     }
-    let mut plan = Plan::new(spec, abi)?;
+    let ids = crate::ids::current(&spec.subid_user);
+    let mut plan = Plan::new(spec, abi, ids)?;
+    let notice = apply_quota(&mut plan, &spec.limits.workspace)?;
+    if let (Some(n), Output::Inherit) = (&notice, spec.output) {
+        eprintln!("chitin: {n}");
+    }
+    plan.open_trees()?;
     let setup = |layer: &str| {
         let layer = layer.to_string();
         move |source| SandboxError::Setup { layer, source }
@@ -892,8 +1166,6 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
             })?,
         ),
     };
-    let euid = sys::geteuid();
-    let egid = sys::getegid();
     let start = Instant::now();
 
     let ctx = ChildCtx {
@@ -923,16 +1195,36 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         init(&plan, spec, &ctx, sync_r);
     }
     sys::close(sync_r);
-    // The child has its own copy; the launcher no longer needs the secret values.
+    // The child has its own copy; the launcher no longer needs the secret values, nor the
+    // mount trees.
     plan.secret_env.wipe();
-    if let Err(e) = parent_setup(pid_p, &ctx, euid, egid, sync_w) {
+    plan.close_trees();
+    if let Err(e) = parent_setup(pid_p, &ctx, &plan.ids, sync_w) {
         sys::kill(pid_p, libc::SIGKILL);
         let _ = sys::wait4(pid_p, 0);
         sys::close(sync_w);
         sys::close(stop_fd);
+        // P may have failed first (the sync pipe then breaks): its report names the step.
+        sys::close(st_w);
+        let mut buf = [0u8; 16];
+        while let Ok(16) = sys::read(st_r, &mut buf) {
+            let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+            let a = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            let mut b8 = [0u8; 8];
+            b8.copy_from_slice(&buf[8..]);
+            if kind == REC_SETUP {
+                sys::close(st_r);
+                return Err(SandboxError::Setup {
+                    layer: stage_name(i64::from_le_bytes(b8), &plan.mounts),
+                    source: io::Error::from_raw_os_error(a),
+                });
+            }
+        }
+        sys::close(st_r);
         return Err(e);
     }
-    sys::close(sync_w);
+    // sync_w stays open until P is reaped: P learns from its hang-up that the launcher is
+    // gone.
 
     // Launcher side.
     sys::close(st_w);
@@ -1033,6 +1325,7 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         None => sys::wait4(pid_p, 0).map(|(_, s, _)| s).ok(),
     };
     let duration = start.elapsed();
+    sys::close(sync_w);
     if let Some(fd) = pidfd {
         sys::close(fd);
     }
@@ -1044,7 +1337,13 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     }
     let mut outs = readers.into_iter().map(|h| h.join().unwrap_or_default());
     let stdout = outs.next().unwrap_or_default();
-    let stderr = outs.next().unwrap_or_default();
+    let mut stderr = outs.next().unwrap_or_default();
+    if let Some(n) = &notice {
+        // The command's reader (the model, through the tool result) learns why writes fail.
+        let mut b = format!("chitin: {n}\n").into_bytes();
+        b.append(&mut stderr.bytes);
+        stderr.bytes = b;
+    }
 
     for &(kind, a, b) in &records {
         match kind {
@@ -1221,8 +1520,7 @@ const SYNC_CGROUP: u8 = 2;
 fn parent_setup(
     pid_p: libc::pid_t,
     ctx: &ChildCtx,
-    euid: u32,
-    egid: u32,
+    ids: &crate::HostIds,
     sync_w: RawFd,
 ) -> Result<(), SandboxError> {
     let setup = |layer: &str| {
@@ -1230,11 +1528,23 @@ fn parent_setup(
         move |source| SandboxError::Setup { layer, source }
     };
     let proc_dir = PathBuf::from(format!("/proc/{pid_p}"));
-    std::fs::write(proc_dir.join("setgroups"), "deny").map_err(setup("uid/gid map"))?;
-    std::fs::write(proc_dir.join("uid_map"), format!("{SANDBOX_UID} {euid} 1"))
-        .map_err(setup("uid/gid map"))?;
-    std::fs::write(proc_dir.join("gid_map"), format!("{SANDBOX_UID} {egid} 1"))
-        .map_err(setup("uid/gid map"))?;
+    // An unprivileged launcher may map only itself, and must deny setgroups to map its gid.
+    // A root launcher maps the sandbox to another host id; P still runs as host root (unmapped
+    // inside) until the command drops to SANDBOX_UID, and setgroups stays allowed so that
+    // the command can first drop root's supplementary groups.
+    if !ids.remapped() {
+        std::fs::write(proc_dir.join("setgroups"), "deny").map_err(setup("uid/gid map"))?;
+    }
+    std::fs::write(
+        proc_dir.join("uid_map"),
+        format!("{SANDBOX_UID} {} 1", ids.uid),
+    )
+    .map_err(setup("uid/gid map"))?;
+    std::fs::write(
+        proc_dir.join("gid_map"),
+        format!("{SANDBOX_UID} {} 1", ids.gid),
+    )
+    .map_err(setup("uid/gid map"))?;
     sys::write_all(sync_w, &[SYNC_MAPPED]).map_err(setup("sandbox init"))?;
     let me = pid_p.to_string();
     for procs in &ctx.cgroup {
@@ -1264,6 +1574,29 @@ fn init(plan: &Plan, spec: &Spec, ctx: &ChildCtx, sync_r: RawFd) -> ! {
     }
     // Files can be created only once our uid is mapped.
     await_sync(sync_r, SYNC_MAPPED);
+    // A root launcher mapped SANDBOX_UID to an unprivileged host id and left us host root
+    // (unmapped here): drop root's supplementary groups (kept across clone) and become that
+    // id before anything else. The capabilities in this namespace stay (no uid 0 is mapped,
+    // so no setuid fixup applies) until the command drops them; the host paths read while
+    // building the view are then read as that unprivileged id.
+    if plan.ids.remapped()
+        && let Err(e) =
+            sys::setgroups_none().and_then(|()| sys::become_ids(SANDBOX_UID, SANDBOX_UID))
+    {
+        fail(st, Stage::Identity, 0, &e);
+    }
+    if plan.ids.remapped() {
+        // The credential change cleared the parent-death signal: set it again, then make
+        // sure the launcher did not die before that (it holds the sync pipe's write end
+        // until it has reaped us, so a hang-up means it is gone).
+        if sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong).is_err() {
+            sys::exit_now(125);
+        }
+        match sys::poll_in(&[sync_r], 0) {
+            Ok(r) if r.first().is_some_and(|x| x & libc::POLLHUP == 0) => {}
+            _ => sys::exit_now(125),
+        }
+    }
     // Not dumpable: /proc/1/* of the init stays closed to the command.
     let _ = sys::prctl(libc::PR_SET_DUMPABLE, 0);
     let _ = sys::sethostname(b"sandbox");
@@ -1463,6 +1796,9 @@ fn build_view(plan: &Plan, spec: &Spec, st: RawFd) {
     );
     for (i, op) in plan.mounts.iter().enumerate() {
         m(i, apply(op, spec));
+        if let MountOp::Attach { fd, .. } = op {
+            sys::close(*fd);
+        }
     }
     let _ = &plan.workspace;
     // The root itself becomes read-only.
@@ -1561,6 +1897,20 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
             )?;
             remount(&dc, true, true)
         }
+        MountOp::Attach { dst, dir, fd, .. } => {
+            let d = under(NEW, dst);
+            if *dir {
+                mkdir_p(&d)?;
+            } else {
+                if let Some(parent) = d.parent() {
+                    mkdir_p(parent)?;
+                }
+                if !d.exists() {
+                    std::fs::write(&d, b"")?;
+                }
+            }
+            sys::move_mount_to(*fd, &c(&d))
+        }
         MountOp::Copy { src, dst } => {
             let d = under(NEW, dst);
             if let Some(parent) = d.parent() {
@@ -1592,6 +1942,10 @@ fn command(plan: &Plan, spec: &Spec, ctx: &ChildCtx, notify: RawFd) -> ! {
     {
         fail(st, Stage::Stdio, 0, &err);
     }
+    if plan.fsize == 0 {
+        // Over quota: a write fails with EFBIG ("File too large") instead of killing.
+        sys::ignore_sigxfsz();
+    }
     let l = &spec.limits;
     let mb = |x: u64| x.saturating_mul(1 << 20);
     let as_limit = if ctx.cgroup.is_empty() {
@@ -1602,7 +1956,7 @@ fn command(plan: &Plan, spec: &Spec, ctx: &ChildCtx, notify: RawFd) -> ! {
     let limits = [
         (libc::RLIMIT_AS, as_limit, as_limit),
         (libc::RLIMIT_NPROC, l.max_procs, l.max_procs),
-        (libc::RLIMIT_FSIZE, mb(l.file_size_mb), mb(l.file_size_mb)),
+        (libc::RLIMIT_FSIZE, plan.fsize, plan.fsize),
         (libc::RLIMIT_CPU, l.cpu_secs, l.cpu_secs.saturating_add(1)),
         (libc::RLIMIT_NOFILE, l.open_files, l.open_files),
         (libc::RLIMIT_CORE, 0, 0),

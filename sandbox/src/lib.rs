@@ -5,12 +5,15 @@
 //!
 //! ```text
 //! L  launcher (`chitin sandbox exec`, host namespaces, single-threaded until it clones)
+//! │    measures the workspace against its quota; as root, prepares the user binds as
+//! │    detached mount trees (the workspace ID-mapped for the sandbox's host uid);
 //! │    clone(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS); writes the child's uid/gid maps and
 //! │    joins it to the per-run cgroup; waits with the timeout; relays egress; captures output
 //! └─ P  PID 1 of the new PID namespace: brings up loopback, creates egress listeners,
 //!    │  builds the mount view (tmpfs root, read-only binds, workspace, /tmp, /dev, /proc),
 //!    │  pivot_root; then supervises: seccomp notifications, reaping, exit report
-//!    └─ C  the command: setsid, stdio, rlimits, no_new_privs, capabilities dropped,
+//!    └─ C  the command: setsid, stdio, (root launcher: drops root's groups and becomes the
+//!          unprivileged host id, see `ids`), rlimits, no_new_privs, capabilities dropped,
 //!          landlock, seccomp (listener handed to P), close-on-exec of every other fd, execve
 //! ```
 //!
@@ -22,14 +25,21 @@
 mod cgroup;
 pub mod fs;
 pub mod host;
+pub mod ids;
 mod launch;
 pub mod pidfd;
+pub mod quota;
 pub mod seccomp;
 pub mod secret_env;
 mod support;
 mod sys;
 
-pub use launch::{Captured, CgroupMode, Exit, Killed, Limits, NetDest, Outcome, Output, Spec, run};
+pub use ids::HostIds;
+pub use launch::{
+    Captured, CgroupMode, ETC_VIEW, Exit, Killed, Limits, NetDest, Outcome, Output, Spec,
+    etc_view as launch_etc_view, run,
+};
+pub use quota::Quota;
 pub use secret_env::SecretEnv;
 pub use support::{MIN_LANDLOCK_ABI, Support, check};
 

@@ -524,13 +524,21 @@ mod tests {
             run(&prog, a, nr("ioctl"), [0, 0x5401, 0, 0, 0, 0]),
             SECCOMP_RET_ALLOW
         );
-        // Socket families and types.
-        for fam in [1u64, 2, 10] {
+        // Socket families and types: no AF_UNIX socket (pathname connect), but UNIX pairs.
+        for fam in [2u64, 10] {
             assert_eq!(
                 run(&prog, a, nr("socket"), [fam, 1, 0, 0, 0, 0]),
                 SECCOMP_RET_ALLOW
             );
         }
+        assert_eq!(
+            run(&prog, a, nr("socket"), [1, 1, 0, 0, 0, 0]),
+            errno(libc::EAFNOSUPPORT)
+        );
+        assert_eq!(
+            run(&prog, a, nr("socketpair"), [1, 1, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
         assert_eq!(
             run(&prog, a, nr("socket"), [16, 3, 0, 0, 0, 0]),
             errno(libc::EAFNOSUPPORT)

@@ -699,3 +699,135 @@ pub fn inherit_fd(cmd: &mut std::process::Command, fd: RawFd) {
         cmd.pre_exec(hook);
     }
 }
+
+// ---- identity and ID-mapped mounts (root launcher) -------------------------------------------
+
+/// `struct mount_attr` of `mount_setattr(2)`.
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+
+/// `open_tree(AT_FDCWD, path, OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE |
+/// AT_SYMLINK_NOFOLLOW)`: a detached copy of the mount tree at `path` (a recursive bind that
+/// is not attached anywhere yet). Needs `CAP_SYS_ADMIN` over the caller's mount namespace.
+pub fn open_tree_clone(path: &CStr) -> io::Result<RawFd> {
+    let flags = OPEN_TREE_CLONE
+        | libc::c_uint::try_from(libc::O_CLOEXEC | libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW)
+            .unwrap_or(0);
+    // SAFETY: path is a valid NUL-terminated string; the other arguments are integers.
+    let fd = check_long(unsafe {
+        libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags)
+    })?;
+    RawFd::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
+}
+
+/// `mount_setattr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, ...)` on a detached tree: sets the
+/// `MOUNT_ATTR_*` bits in `set` on every mount of the tree, makes them private, and, with
+/// `MOUNT_ATTR_IDMAP`, ID-maps them through the user namespace `userns_fd`.
+pub fn mount_setattr_tree(fd: RawFd, set: u64, userns_fd: Option<RawFd>) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: libc::MS_PRIVATE,
+        userns_fd: userns_fd.map_or(0, |u| u64::try_from(u).unwrap_or(0)),
+    };
+    let empty = c"";
+    let flags = libc::c_uint::try_from(libc::AT_EMPTY_PATH | libc::AT_RECURSIVE).unwrap_or(0);
+    // SAFETY: `empty` is a valid NUL-terminated string; `attr` is a valid mount_attr whose
+    // size is passed; the kernel only reads it.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd,
+            empty.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(|_| ())
+}
+
+/// `move_mount(fd, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH)`: attaches a detached tree.
+pub fn move_mount_to(fd: RawFd, target: &CStr) -> io::Result<()> {
+    let empty = c"";
+    // SAFETY: both strings are valid and NUL-terminated; the rest are integers.
+    check_long(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(|_| ())
+}
+
+/// Drops every supplementary group (needs `CAP_SETGID` in the user namespace and
+/// `/proc/self/setgroups` = allow).
+pub fn setgroups_none() -> io::Result<()> {
+    // SAFETY: a zero-length list; the pointer is not read.
+    check(unsafe { libc::setgroups(0, std::ptr::null()) }).map(|_| ())
+}
+
+/// `setresgid(gid, gid, gid)` then `setresuid(uid, uid, uid)`.
+pub fn become_ids(uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresgid(gid, gid, gid) })?;
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::setresuid(uid, uid, uid) }).map(|_| ())
+}
+
+/// Ignores SIGXFSZ so that a write past `RLIMIT_FSIZE` fails with `EFBIG` instead of killing
+/// (the ignored disposition survives `execve`).
+pub fn ignore_sigxfsz() {
+    // SAFETY: setting a disposition to SIG_IGN has no memory preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
+/// `fstatat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn lstat_at(dir: RawFd, name: &CStr) -> io::Result<libc::stat> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: name is valid; st points to writable memory of the size of `struct stat`.
+    check(unsafe {
+        libc::fstatat(
+            dir,
+            name.as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
+    // SAFETY: fstatat succeeded and initialized the struct.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// `openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)`: a subdirectory, never
+/// through a symlink.
+pub fn open_subdir(dir: RawFd, name: &CStr) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: name is a valid NUL-terminated string.
+    let fd = check(unsafe {
+        libc::openat(
+            dir,
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}

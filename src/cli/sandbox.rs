@@ -62,13 +62,19 @@ pub struct ExecArgs {
 
 pub fn run(cmd: SandboxCmd, globals: &Globals) -> CmdResult {
     match cmd {
-        SandboxCmd::Check => Ok(check()),
+        SandboxCmd::Check => Ok(check(globals)),
         SandboxCmd::Exec(args) => exec(*args, globals),
     }
 }
 
-fn check() -> ExitCode {
+fn check(globals: &Globals) -> ExitCode {
     let s = chitin_sandbox::check();
+    // The identity a tool run would get (the config's subid_user; the default without one).
+    let subid_user = globals
+        .load_config()
+        .map(|c| c.sandbox.subid_user)
+        .unwrap_or_else(|_| chitin_sandbox::ids::DEFAULT_SUBID_USER.into());
+    let ids = chitin_sandbox::ids::current(&subid_user);
     let mut missing = s.missing.clone();
     if let Ok(v) = std::env::var("CHITIN_SANDBOX_SIMULATE_MISSING") {
         missing.extend(
@@ -86,6 +92,22 @@ fn check() -> ExitCode {
         "net_ns": s.net_ns,
         "enforced": enforced,
         "missing": missing,
+        "identity": {
+            "launcher_euid": ids.launcher_euid,
+            "sandbox_uid": 1000,
+            "host_uid": ids.uid,
+            "host_gid": ids.gid,
+            "workspace": if ids.remapped() { "id-mapped (on-disk owner root appears as the sandbox user)" } else { "bind (the launcher's own files)" },
+            "summary": ids.to_string(),
+        },
+        "etc": {
+            "mode": "allow-list (world-readable entries only; passwd, group, hosts, hostname, resolv.conf are the sandbox's own)",
+            "entries": chitin_sandbox::launch_etc_view()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>(),
+        },
+        "unix_sockets": "socket(AF_UNIX) refused (EAFNOSUPPORT); socketpair allowed",
     });
     println!("{json}");
     ExitCode::from(if enforced { 0 } else { 1 })
@@ -163,6 +185,7 @@ fn build_spec(
     spec.cwd = args.cwd.clone();
     spec.forbidden = forbidden(globals, &args.workspace);
     spec.cgroup = cfg.cgroup.mode();
+    spec.subid_user = cfg.subid_user.clone();
     spec.output = match args.capture_json {
         Some(cap) => Output::Capture { cap },
         None => Output::Inherit,

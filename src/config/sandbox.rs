@@ -33,6 +33,19 @@ tmp_size_mb = 64
 output_cap_bytes = 65536
 # Largest file read_file returns / edit_file accepts, in bytes.
 max_file_bytes = 1048576
+# Workspace quota: disk space in MiB (allocated blocks, as `du`) and inodes (files,
+# directories, links), 0 = no limit. Measured before every sandboxed run. A run that starts
+# at or over the quota can delete and shrink files but not grow any (writes fail with "File
+# too large"); a run that starts under it cannot grow one file past what is left. Several
+# files written in one run can still pass it together: the next run is then limited.
+workspace_quota_mb = 1024
+workspace_quota_inodes = 100000
+# Only when the gateway runs as root: sandboxed tools never run as host root. They run as
+# the first uid/gid of this user's ranges in /etc/subuid and /etc/subgid (add e.g.
+# `chitin:200000:65536` to both to reserve ids for Chitin), else as nobody/nogroup (65534).
+# The workspace is ID-mapped for that uid (it owns the workspace's files inside the sandbox;
+# on disk they stay owned by root). An unprivileged gateway's tools run as its own uid.
+subid_user = "chitin"
 # Secrets a tool asks for in its environment (default: none). For each entry, at every run
 # of `tool`, the gate decides Cedar `secret.use` with principal Chitin::Tool::"<tool>",
 # resource Chitin::Secret::"<secret>" and context { host: "env:<tool>", user, session,
@@ -100,6 +113,9 @@ pub struct SandboxConfig {
     pub cgroup: CgroupSetting,
     pub output_cap_bytes: usize,
     pub max_file_bytes: usize,
+    pub workspace_quota_mb: u64,
+    pub workspace_quota_inodes: u64,
+    pub subid_user: String,
     pub secret_env: Vec<SecretEnvEntry>,
 }
 
@@ -116,6 +132,9 @@ impl Default for SandboxConfig {
             cgroup: CgroupSetting::Auto,
             output_cap_bytes: 65536,
             max_file_bytes: 1 << 20,
+            workspace_quota_mb: 1024,
+            workspace_quota_inodes: 100_000,
+            subid_user: chitin_sandbox::ids::DEFAULT_SUBID_USER.into(),
             secret_env: Vec::new(),
         }
     }
@@ -126,6 +145,19 @@ impl SandboxConfig {
     /// that the sandbox does not set itself, no variable twice for one tool. Messages name
     /// the entry and what to change.
     pub fn validate(&self) -> Result<(), String> {
+        let u = &self.subid_user;
+        if u.is_empty()
+            || u.len() > 32
+            || !u
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(format!(
+                "sandbox.subid_user `{}` is not a user name; use letters, digits, '_', '-', '.' \
+                 (at most 32 bytes), e.g. \"chitin\"",
+                u.escape_default()
+            ));
+        }
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for (i, e) in self.secret_env.iter().enumerate() {
             let at = format!("[[sandbox.secret_env]] entry {}", i + 1);
@@ -183,6 +215,10 @@ impl SandboxConfig {
             file_size_mb: self.file_size_mb,
             open_files: self.open_files.max(16),
             tmp_size_mb: self.tmp_size_mb.max(1),
+            workspace: chitin_sandbox::Quota {
+                bytes: self.workspace_quota_mb.saturating_mul(1 << 20),
+                inodes: self.workspace_quota_inodes,
+            },
         }
     }
 }
@@ -303,6 +339,22 @@ mod tests {
                 .to_string()
                 .contains("set by the sandbox itself")
         );
+    }
+
+    #[test]
+    fn a_subid_user_that_is_not_a_user_name_is_refused() {
+        for bad in ["", "root:0:1", "a b", "x\ny"] {
+            let c = SandboxConfig {
+                subid_user: bad.into(),
+                ..SandboxConfig::default()
+            };
+            let e = c.validate().unwrap_err();
+            assert!(e.contains("sandbox.subid_user"), "{bad:?}: {e}");
+        }
+        let c: SandboxConfig =
+            toml::from_str("subid_user = \"agents\"\nworkspace_quota_mb = 0\n").unwrap();
+        c.validate().unwrap();
+        assert!(c.limits().workspace.bytes == 0 && c.limits().workspace.inodes == 100_000);
     }
 
     #[test]
