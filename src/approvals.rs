@@ -92,19 +92,24 @@ pub struct Approval {
     pub resolved_by: Option<String>,
 }
 
-/// Proof that a granted approval for one exact request was just redeemed (marked used, once).
-/// Only [`Approvals::redeem`] makes one; the gate accepts `approved = true` only with it, and
-/// only when its digest is the digest of the call being decided.
+/// A granted approval for one exact request, just redeemed (marked used, once), with the
+/// gate's proof of it ([`crate::gate::Redeemed`]). Only [`Approvals::redeem`] makes one; the
+/// gate accepts `approved = true` only with its proof, and only when the digest is the digest
+/// of the call being decided.
 #[derive(Debug)]
 pub struct Redeemed {
-    digest: [u8; 32],
+    proof: crate::gate::Redeemed,
     approval: Approval,
 }
 
 impl Redeemed {
     /// The request digest the approval was bound to.
     pub fn digest(&self) -> &[u8; 32] {
-        &self.digest
+        self.proof.digest()
+    }
+    /// What the gate takes as proof of the redemption.
+    pub fn proof(&self) -> &crate::gate::Redeemed {
+        &self.proof
     }
     /// The approval, now `used`.
     pub fn approval(&self) -> &Approval {
@@ -944,7 +949,7 @@ impl Approvals {
             row,
         )?;
         Ok(Redeemed {
-            digest: *request_digest,
+            proof: crate::gate::Redeemed::after_redemption(*request_digest),
             approval,
         })
     }

@@ -18,7 +18,6 @@ use chitin_audit::{AuditLog, GateDecision, RecordInput};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::approvals::Redeemed;
 use crate::net::{Resolver, SystemResolver, WebUrl};
 use crate::policy::{Action, Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest, Tool};
 
@@ -128,6 +127,26 @@ impl Authorized {
     /// (empty for every other action).
     pub fn pinned_addrs(&self) -> &[SocketAddr] {
         &self.pinned
+    }
+}
+
+/// Proof that a granted approval for one exact request was just redeemed (marked `used`,
+/// once). Only `approvals::Approvals::redeem` makes one (the constructor is crate-visible, and
+/// `tests/architecture_layers.rs` fails if any other module calls it); the gate decides a call
+/// as approved only with it, and only when its digest is the digest of the call being decided.
+#[derive(Debug)]
+pub struct Redeemed {
+    digest: [u8; 32],
+}
+
+impl Redeemed {
+    /// Made by `Approvals::redeem` after it marked the approval used, in the same transaction.
+    pub(crate) fn after_redemption(digest: [u8; 32]) -> Self {
+        Self { digest }
+    }
+    /// The request digest the approval was bound to.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
     }
 }
 

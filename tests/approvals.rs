@@ -759,3 +759,54 @@ fn a_stale_id_never_resolves_a_newer_approval_that_reuses_its_code() {
         Err(ApprovalError::NotApproved)
     ));
 }
+
+#[test]
+fn the_cli_resolves_approvals_as_its_configured_operator_and_a_non_owner_is_refused() {
+    let e = env();
+    let ap = approvals(&e);
+    let a = ap
+        .request("owner", "s1", "exec", &json!({"argv": ["ls"]}), [26; 32])
+        .unwrap();
+    drop(ap);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_chitin"))
+            .env("CHITIN_HOME", &e.home)
+            .env("CHITIN_PASSPHRASE", PASS)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // `--as` is gone: nobody picks the approver on the command line.
+    let o = run(&["approvals", "approve", &a.code, "--as", "owner"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unexpected argument '--as'"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A non-owner operator is refused by Cedar (`approval.grant`) and nothing changes.
+    support::write_private(
+        &e.home.join("chitin.toml"),
+        b"[cli]\noperator = \"mallory\"\n",
+    );
+    let o = run(&["approvals", "approve", &a.code]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("mallory may not resolve approvals for exec (policy decision: deny"),
+        "{err}"
+    );
+    let o = run(&["approvals", "show", &a.id, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["status"], "pending");
+    // The owner (the default operator) may.
+    support::write_private(
+        &e.home.join("chitin.toml"),
+        b"[cli]\noperator = \"owner\"\n",
+    );
+    let o = run(&["approvals", "approve", &a.code]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).starts_with(&format!("approved {}: exec: ", a.code))
+    );
+}

@@ -2132,11 +2132,18 @@ mod scratch_tests {
     #[test]
     fn every_writable_mount_but_the_workspace_is_a_scratch_dir() {
         let ws = Path::new("/srv/ws");
-        let ops = mount_plan(ws, &[], &[], &[], 1).unwrap();
+        // Both ways user paths are mounted: bound (unprivileged launcher) and attached as
+        // prepared, possibly ID-mapped trees (root launcher).
+        let mut ops = mount_plan(ws, &[], &[], &[], 1, false).unwrap();
+        ops.extend(mount_plan(ws, &[], &[], &[], 1, true).unwrap());
         let mut writable = Vec::new();
         for op in &ops {
             match op {
-                MountOp::Bind { dst, rw: true, .. } if dst != ws => writable.push(dst.clone()),
+                MountOp::Bind { dst, rw: true, .. } | MountOp::Attach { dst, rw: true, .. }
+                    if dst != ws =>
+                {
+                    writable.push(dst.clone());
+                }
                 MountOp::Tmpfs { dst, mode, .. } if mode & 0o002 != 0 => {
                     writable.push(dst.clone());
                 }

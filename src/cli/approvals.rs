@@ -29,16 +29,11 @@ pub enum ApprovalsCmd {
     Approve {
         #[arg(value_name = "CODE|ID")]
         code: String,
-        /// The user approving (Cedar decides whether they may: `approval.grant`)
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
     /// Deny the approval with this code or id; the action is refused.
     Deny {
         #[arg(value_name = "CODE|ID")]
         code: String,
-        #[arg(long = "as", value_name = "USER", default_value = "owner")]
-        as_user: String,
     },
 }
 
@@ -84,8 +79,10 @@ pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
                 print!("{}", a.render_full());
             }
         }
-        ApprovalsCmd::Approve { code, as_user } => {
-            let a = approvals.resolve(&code, &as_user, true)?;
+        // The approver is the CLI operator (`[cli] operator`, default the owner); Cedar decides
+        // whether they may (`approval.grant`). There is no `--as`.
+        ApprovalsCmd::Approve { code } => {
+            let a = approvals.resolve(&code, rt.config.operator(), true)?;
             println!(
                 "approved {}: {}: {}",
                 a.code,
@@ -93,8 +90,8 @@ pub fn run(cmd: ApprovalsCmd, globals: &Globals) -> CmdResult {
                 crate::approvals::visible(&a.summary)
             );
         }
-        ApprovalsCmd::Deny { code, as_user } => {
-            let a = approvals.resolve(&code, &as_user, false)?;
+        ApprovalsCmd::Deny { code } => {
+            let a = approvals.resolve(&code, rt.config.operator(), false)?;
             println!(
                 "denied {}: {}: {}",
                 a.code,

@@ -161,11 +161,11 @@ impl SandboxConfig {
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for (i, e) in self.secret_env.iter().enumerate() {
             let at = format!("[[sandbox.secret_env]] entry {}", i + 1);
-            if !crate::tools::invoke::TOOLS.contains(&e.tool.as_str()) {
+            if !crate::policy::TOOLS.contains(&e.tool.as_str()) {
                 return Err(format!(
                     "{at}: tool `{}` is not a tool; use one of {}",
                     e.tool.escape_default(),
-                    crate::tools::invoke::TOOLS.join(", ")
+                    crate::policy::TOOLS.join(", ")
                 ));
             }
             let name = super::secret_ref::SecretName::parse(&e.secret)

@@ -148,6 +148,26 @@ impl Tool {
     }
 }
 
+/// The tools that can be invoked (and are offered to models).
+pub const INVOKABLE: &[Tool] = &[
+    Tool::Exec,
+    Tool::ReadFile,
+    Tool::WriteFile,
+    Tool::EditFile,
+    Tool::ListDir,
+    Tool::WebFetch,
+];
+
+/// Their names.
+pub const TOOLS: &[&str] = &[
+    Tool::Exec.as_str(),
+    Tool::ReadFile.as_str(),
+    Tool::WriteFile.as_str(),
+    Tool::EditFile.as_str(),
+    Tool::ListDir.as_str(),
+    Tool::WebFetch.as_str(),
+];
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]

@@ -28,7 +28,7 @@ use cedar_policy::{
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-pub use action::{Action, Tool};
+pub use action::{Action, INVOKABLE, TOOLS, Tool};
 pub use diag::Diagnostic;
 
 /// Errors of the policy engine.

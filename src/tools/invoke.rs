@@ -24,25 +24,7 @@ use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
 use crate::policy::{Decision, Tool};
 use chitin_audit::{GateDecision, RecordInput, ToolRun};
 
-/// The tools that can be invoked (and are offered to models).
-pub const INVOKABLE: &[Tool] = &[
-    Tool::Exec,
-    Tool::ReadFile,
-    Tool::WriteFile,
-    Tool::EditFile,
-    Tool::ListDir,
-    Tool::WebFetch,
-];
-
-/// Their names.
-pub const TOOLS: &[&str] = &[
-    Tool::Exec.as_str(),
-    Tool::ReadFile.as_str(),
-    Tool::WriteFile.as_str(),
-    Tool::EditFile.as_str(),
-    Tool::ListDir.as_str(),
-    Tool::WebFetch.as_str(),
-];
+pub use crate::policy::{INVOKABLE, TOOLS};
 
 /// Errors of a tool call. Each one means nothing ran, except [`InvokeError::RanUnaudited`].
 #[derive(Debug, thiserror::Error)]
@@ -207,7 +189,7 @@ pub fn invoke(
         match ap.redeem(request_digest) {
             Ok(redeemed) => {
                 redeemed_id = Some(redeemed.approval().id.clone());
-                verdict = gate.check_tool_call(call, tool_id, &norm, Some(&redeemed))?;
+                verdict = gate.check_tool_call(call, tool_id, &norm, Some(redeemed.proof()))?;
             }
             Err(ApprovalError::NotApproved) => {}
             Err(e) => return Err(e.into()),
