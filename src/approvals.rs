@@ -777,14 +777,17 @@ impl Approvals {
         }
     }
 
-    /// The approval still waiting for a person for exactly this request, if any.
+    /// The approval still open for exactly this request, if any: waiting for a person
+    /// (`pending`) or granted and not yet redeemed (`granted`). A run that comes back to a call
+    /// after a restart finds its approval either way, whether the person answered before or
+    /// after the run looked (redemption stays single-use and bound to the digest).
     pub fn open_for(&self, request_digest: &[u8; 32]) -> Result<Option<Approval>, ApprovalError> {
         self.expire_due()?;
         let conn = self.store.conn()?;
         Ok(conn
             .query_row(
                 &format!(
-                    "SELECT {COLUMNS} FROM approvals WHERE request_digest = ?1 AND status = 'pending' ORDER BY created_ms DESC LIMIT 1"
+                    "SELECT {COLUMNS} FROM approvals WHERE request_digest = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC LIMIT 1"
                 ),
                 [request_digest.to_vec()],
                 row,

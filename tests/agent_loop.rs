@@ -574,9 +574,13 @@ fn a_paused_run_survives_a_restart_and_completes_after_approval() {
     rt2.block_on(async {
         let a = agent(&e, &s2, "anthropic");
         assert_eq!(a.summary(&id).await.unwrap().status, "waiting_approval");
-        assert_eq!(a.recover().await.unwrap(), 1);
+        // The person answers while the gateway is down, before the run is resumed: the
+        // resumed run must find its (now granted) approval instead of opening a new one.
+        // (Answering after `recover` races the resumed run; both orders must work, and this
+        // one is the order that used to lose the approval, made deterministic.)
         a.approvals().resolve(&code, "owner", true).unwrap();
-        let r = a.wait(&id, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(a.recover().await.unwrap(), 1);
+        let r = a.wait(&id, Duration::from_secs(120)).await.unwrap();
         assert_eq!(r.status, "completed", "{r:?}");
         assert_eq!(r.reply.as_deref(), Some("done after restart"));
         assert_eq!(decisions(&r), vec![("exec".into(), "allow".into())]);

@@ -800,6 +800,7 @@ fn the_cli_resolves_approvals_as_its_configured_operator_and_a_non_owner_is_refu
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["status"], "pending");
     // The owner (the default operator) may.
+    std::fs::remove_file(e.home.join("chitin.toml")).unwrap();
     support::write_private(
         &e.home.join("chitin.toml"),
         b"[cli]\noperator = \"owner\"\n",

@@ -501,7 +501,7 @@ fn tool_calls_are_allowed_in_the_workspace_and_denied_outside_it() {
 #[test]
 fn every_invokable_tool_runs_through_tools_invoke() {
     // The default policies without `guard.no-private-fetch`: the page is served on 127.0.0.1.
-    let pol = tempfile::tempdir().unwrap();
+    let pol = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     fetch_support::policies_allowing_loopback_fetch(pol.path(), None);
     let gw = Gw::start(&format!("\n[policy]\ndir = {:?}\n", pol.path()));
     let (port, seen) = fetch_support::serve_page("PAGE-VIA-GATEWAY-5e2a");
