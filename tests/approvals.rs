@@ -785,10 +785,16 @@ fn the_cli_resolves_approvals_as_its_configured_operator_and_a_non_owner_is_refu
         String::from_utf8_lossy(&o.stderr)
     );
     // A non-owner operator is refused by Cedar (`approval.grant`) and nothing changes.
-    support::write_private(
-        &e.home.join("chitin.toml"),
-        b"[cli]\noperator = \"mallory\"\n",
-    );
+    let set_operator = |who: &str| {
+        let path = e.home.join("chitin.toml");
+        std::fs::remove_file(&path).unwrap();
+        let cfg = format!(
+            "{}[cli]\noperator = \"{who}\"\n",
+            support::TEST_SECRETS_CONFIG
+        );
+        support::write_private(&path, cfg.as_bytes());
+    };
+    set_operator("mallory");
     let o = run(&["approvals", "approve", &a.code]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -800,11 +806,7 @@ fn the_cli_resolves_approvals_as_its_configured_operator_and_a_non_owner_is_refu
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["status"], "pending");
     // The owner (the default operator) may.
-    std::fs::remove_file(e.home.join("chitin.toml")).unwrap();
-    support::write_private(
-        &e.home.join("chitin.toml"),
-        b"[cli]\noperator = \"owner\"\n",
-    );
+    set_operator("owner");
     let o = run(&["approvals", "approve", &a.code]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
