@@ -975,7 +975,7 @@ pub fn program_location(
     cwd: &Path,
     workspace: &Path,
 ) -> Result<ProgramLocation, GateError> {
-    let path = resolve_program(program, cwd)?;
+    let path = resolve_program(program, cwd, workspace)?;
     let command = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1022,9 +1022,26 @@ pub fn writable_program_refusal(secret: &str, command_path: &str) -> String {
 
 /// Resolves a program like the sandbox will: a name with a `/` relative to `cwd`, a bare name
 /// through [`TOOL_PATH`]; then symlinks are resolved, so `command` names the real binary.
-pub fn resolve_program(program: &str, cwd: &Path) -> Result<PathBuf, GateError> {
+pub fn resolve_program(program: &str, cwd: &Path, workspace: &Path) -> Result<PathBuf, GateError> {
     if program.contains('/') {
-        return canonical_existing(program, Some(cwd));
+        // A path: inside the workspace it is walked beneath the workspace descriptor (the
+        // gateway never follows a workspace path by name); a path that is, or leads, outside
+        // names a host program and is canonicalized there.
+        let abs = absolute(program, Some(cwd))?;
+        return match crate::wsfs::locate(workspace, &abs) {
+            Ok(crate::wsfs::Located::Inside(r)) if r.exists => Ok(r.abs),
+            Ok(crate::wsfs::Located::Inside(_)) => Err(GateError::InvalidPath {
+                path: program.into(),
+                reason: "cannot be resolved: no such file or directory in the workspace".into(),
+            }),
+            Ok(crate::wsfs::Located::Outside(host)) => {
+                canonical_existing(&host.to_string_lossy(), None)
+            }
+            Err(e) => Err(GateError::InvalidPath {
+                path: program.into(),
+                reason: e.to_string(),
+            }),
+        };
     }
     for dir in TOOL_PATH {
         let candidate = Path::new(dir).join(program);

@@ -88,7 +88,7 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     (
         "src/gate.rs",
         Some("canonical_existing"),
-        "KNOWN GAP: exec's program (`./prog` in the workspace, via `resolve_program`) is still resolved by name for Cedar; item 4 (`command_path`) rewrites exec program resolution. File tool paths and exec's cwd go through `wsfs::locate`",
+        "canonicalizes the configured workspace root and host paths outside the workspace (system programs found on the tool PATH, or a program path that `wsfs::locate` found to lead outside); paths inside the workspace go through `wsfs::locate`",
     ),
     (
         "src/gateway/mod.rs",
