@@ -876,10 +876,38 @@ impl Gate {
     ) -> Result<GateError, GateError> {
         let actor = format!("Chitin::User::{}", quote(&call.user));
         let resource = format!("Chitin::Tool::{}", quote(tool));
-        let details = json!({"input": input, "session": call.session});
+        let mut details = bounded_text("input", &self.redact(input));
+        if let Value::Object(m) = &mut details {
+            m.insert("session".into(), json!(call.session));
+        }
         self.record_refusal(&actor, tool, &resource, &e.to_string(), details)?;
         Ok(e)
     }
+}
+
+/// Largest refused input kept whole in an audit record.
+pub const REFUSED_TEXT_KEPT: usize = 16 * 1024;
+
+/// `{field: text}` for an audit payload when `text` is small; otherwise `{field_head,
+/// field_bytes, field_sha256}` (the first [`REFUSED_TEXT_KEPT`] bytes, the size and the
+/// SHA-256 of the whole), so one bad call cannot put megabytes into the log. Redact first.
+pub fn bounded_text(field: &str, text: &str) -> Value {
+    let mut m = Map::new();
+    if text.len() <= REFUSED_TEXT_KEPT {
+        m.insert(field.into(), json!(text));
+        return Value::Object(m);
+    }
+    let mut end = REFUSED_TEXT_KEPT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    m.insert(format!("{field}_head"), json!(&text[..end]));
+    m.insert(format!("{field}_bytes"), json!(text.len()));
+    m.insert(
+        format!("{field}_sha256"),
+        json!(hex(&Sha256::digest(text.as_bytes()))),
+    );
+    Value::Object(m)
 }
 
 /// Addresses as a Cedar set of strings (sorted, no duplicates).

@@ -837,3 +837,34 @@ fn when_the_audit_write_after_a_run_fails_the_answer_says_it_ran() {
     let kinds: Vec<String> = records(&e).iter().map(|r| r.kind.clone()).collect();
     assert_eq!(kinds, vec!["decision".to_string()]);
 }
+
+#[test]
+fn a_huge_refused_call_is_audited_by_size_digest_and_head_not_whole() {
+    use sha2::Digest as _;
+    let e = env();
+    let big = "A".repeat(300 * 1024);
+    let args = json!({"path": "x.txt", "content": big, "approved": true});
+    let err = run(&e, "write_file", args.clone()).unwrap_err();
+    assert!(err.to_string().contains("approved"), "{err}");
+    let recs = records(&e);
+    assert_eq!(recs.len(), 1, "one refusal record");
+    let p = recs[0].payload_json().unwrap();
+    let text = args.to_string();
+    let want: String = sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(p["args_bytes"], json!(text.len()));
+    assert_eq!(p["args_sha256"], json!(want));
+    assert_eq!(p["args_head"].as_str().unwrap().len(), 16 * 1024);
+    assert!(p.get("args").is_none());
+    assert!(recs[0].payload.as_deref().unwrap().len() < 20 * 1024);
+    // A small refused call is kept whole, as before.
+    let small = json!({"path": "x.txt", "content": "hi", "approved": true});
+    run(&e, "write_file", small.clone()).unwrap_err();
+    let recs = records(&e);
+    assert_eq!(
+        recs[1].payload_json().unwrap()["args"],
+        json!(small.to_string())
+    );
+}

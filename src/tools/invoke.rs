@@ -310,7 +310,7 @@ fn refuse(
         resource,
         GateDecision::Deny,
         Vec::new(),
-        json!({"args": r(&args.to_string())}),
+        crate::gate::bounded_text("args", &r(&args.to_string())),
     )
     .with_outcome(format!("refused: {}", r(&err.to_string())));
     gate.audit()
