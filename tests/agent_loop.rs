@@ -819,6 +819,37 @@ async fn a_run_can_be_cancelled_and_a_hanging_provider_times_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_while_queued_ends_at_once_and_never_reaches_the_model() {
+    let e = env();
+    let s = FakeAnthropic::start(vec![]).await.unwrap();
+    s.set_fallback(Step::Hang);
+    let a = agent(&e, &s, "anthropic");
+    // The first run of the session holds its lane (its model call hangs); the second waits.
+    let first = a.submit(turn("s1", "FIRST")).await.unwrap();
+    let second = a.submit(turn("s1", "SECOND-QUEUED")).await.unwrap();
+    assert!(a.cancel(&second));
+    let r = a.wait(&second, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.status, "cancelled", "{r:?}");
+    assert_eq!(
+        r.error.as_deref(),
+        Some("cancelled while queued; nothing ran")
+    );
+    // The first run is still going; nothing of the second reached the model.
+    assert!(matches!(
+        a.summary(&first).await.unwrap().status.as_str(),
+        "queued" | "running"
+    ));
+    assert!(
+        s.requests()
+            .iter()
+            .all(|q| !q.body.to_string().contains("SECOND-QUEUED"))
+    );
+    assert!(a.cancel(&first));
+    let r = a.wait(&first, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r.status, "cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_of_one_session_are_serial_and_see_only_earlier_messages() {
     let e = env();
     let s = FakeOpenAi::start(vec![

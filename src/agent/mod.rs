@@ -723,11 +723,24 @@ impl Run {
         mut cancel: watch::Receiver<bool>,
     ) -> RunSummary {
         let inner = Arc::clone(&self.inner);
-        if let Some(mut prev) = previous {
-            // A dropped sender (the previous task died) also frees the lane.
-            let _ = prev.wait_for(Option::is_some).await;
-        }
-        let Ok(_slot) = Arc::clone(&inner.slots).acquire_owned().await else {
+        // Queued behind the session's previous run and then for a free slot: a cancel while
+        // queued ends the run at once (nothing of it ran).
+        let queued = async {
+            if let Some(mut prev) = previous {
+                // A dropped sender (the previous task died) also frees the lane.
+                let _ = prev.wait_for(Option::is_some).await;
+            }
+            Arc::clone(&inner.slots).acquire_owned().await
+        };
+        let slot = tokio::select! {
+            s = queued => s,
+            () = async { let _ = cancel.wait_for(|c| *c).await; } => {
+                return self
+                    .finish("cancelled", Some("cancelled while queued; nothing ran".into()))
+                    .await;
+            }
+        };
+        let Ok(_slot) = slot else {
             return self
                 .finish("failed", Some("the agent is shutting down".into()))
                 .await;
