@@ -650,10 +650,11 @@ fn integer_and_short_ipv4_urls_are_private_literals_refused_before_any_lookup() 
     }
 }
 
-#[test]
-fn a_fetch_connects_only_to_the_addresses_the_gate_judged() {
-    // The recorder answers 127.0.0.1 for a name no real resolver knows: the fetch reaching
-    // the page proves it used the pinned answer and did not resolve again.
+/// Fetches `http://<spelling>:PORT/` where the gate's resolver (the recorder) answers
+/// 127.0.0.1 for `pinned.invalid`, a name no real resolver knows: reaching the page proves the
+/// fetch used the pinned answer and did not resolve again. Returns the body, the request head
+/// the page saw and the names the gate asked about.
+fn fetch_through_the_pinned_answer(spelling: &str) -> (String, String, Vec<String>) {
     let (e, rec) = env_resolving(
         &["127.0.0.1"],
         "@id(\"test.pinned-name\")\npermit (principal, action == Chitin::Action::\"web_fetch\", resource)\nwhen { context.host == \"pinned.invalid\" };\n",
@@ -680,26 +681,41 @@ fn a_fetch_connects_only_to_the_addresses_the_gate_judged() {
     });
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _guard = rt.enter();
-    let url = format!("http://pinned.invalid:{port}/");
+    let url = format!("http://{spelling}:{port}/");
     let r = run(&e, "web_fetch", json!({"url": url})).unwrap();
     let Invoked::Ran { result, .. } = r else {
         panic!("expected a run, got {r:?}")
     };
-    assert_eq!(
-        result.output.as_ref().unwrap()["body"],
-        "pinned",
-        "{result:?}"
-    );
+    let body = result.output.as_ref().unwrap()["body"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let head = server.join().unwrap();
+    let asked = rec.asked.lock().unwrap().clone();
+    (body, head, asked)
+}
+
+#[test]
+fn a_fetch_connects_only_to_the_addresses_the_gate_judged() {
+    let (body, head, asked) = fetch_through_the_pinned_answer("pinned.invalid");
+    assert_eq!(body, "pinned");
     assert!(
-        head.to_ascii_lowercase()
-            .contains(&format!("host: pinned.invalid:{port}")),
+        head.to_ascii_lowercase().contains("host: pinned.invalid:"),
         "{head}"
     );
-    assert_eq!(
-        *rec.asked.lock().unwrap(),
-        vec!["pinned.invalid".to_string()]
-    );
+    assert_eq!(asked, vec!["pinned.invalid".to_string()]);
+}
+
+#[test]
+fn a_trailing_dot_or_other_case_in_the_host_never_makes_the_fetch_resolve_again() {
+    // The attack: the gate judges `evil.tld` (public answer), the fetch asks the system for
+    // `evil.tld.` and gets the attacker's second answer (loopback, metadata). Here the system
+    // resolver cannot know `pinned.invalid` at all: only the pinned answer reaches the page.
+    for spelling in ["pinned.invalid.", "PINNED.Invalid."] {
+        let (body, _, asked) = fetch_through_the_pinned_answer(spelling);
+        assert_eq!(body, "pinned", "{spelling}");
+        assert_eq!(asked, vec!["pinned.invalid".to_string()], "{spelling}");
+    }
 }
 
 #[test]

@@ -55,6 +55,14 @@ impl WebFetchArgs {
                 self.method.escape_default()
             )));
         }
+        // A body goes only with the methods that carry one (and that the default policies send
+        // for approval): a GET or HEAD with a body would move data out without one.
+        if self.body.is_some() && !["POST", "PUT", "PATCH"].contains(&self.method.as_str()) {
+            return Err(ToolError::InvalidArgs(format!(
+                "a request body is sent only with POST, PUT or PATCH, not {}",
+                self.method
+            )));
+        }
         if self
             .body
             .as_ref()
@@ -66,6 +74,34 @@ impl WebFetchArgs {
         }
         WebUrl::parse(&self.url).map_err(ToolError::InvalidArgs)?;
         Ok(self)
+    }
+}
+
+/// The only resolver a `web_fetch` client has: the judged host's pinned addresses, nothing
+/// else (see [`fetch`]).
+struct PinnedResolver {
+    host: String,
+    addrs: Vec<std::net::SocketAddr>,
+}
+
+/// A host name as DNS compares it: ASCII case folded, trailing dots removed.
+fn dns_key(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
+impl reqwest::dns::Resolve for PinnedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let answer: Result<reqwest::dns::Addrs, Box<dyn std::error::Error + Send + Sync>> =
+            if dns_key(name.as_str()) == self.host {
+                Ok(Box::new(self.addrs.clone().into_iter()))
+            } else {
+                Err(format!(
+                    "web_fetch resolves only the host the gate judged, not `{}`",
+                    name.as_str().escape_default()
+                )
+                .into())
+            };
+        Box::pin(std::future::ready(answer))
     }
 }
 
@@ -91,10 +127,15 @@ pub fn fetch(auth: &Authorized, args: &WebFetchArgs) -> Result<ToolResult, ToolE
         .connect_timeout(Duration::from_secs(10))
         .no_proxy()
         .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")));
-    // A name connects to the pinned addresses only (reqwest asks no resolver for it); an IP
+    // Nothing here ever asks DNS: the client's only resolver answers the name the gate judged
+    // (in any spelling reqwest may pass: letter case, a trailing dot) with the pinned addresses
+    // and refuses every other name, so no fallback to the system resolver exists. An IP
     // literal is its own single pinned address.
     if let Some(host) = target.host_name() {
-        builder = builder.resolve_to_addrs(host, pinned);
+        builder = builder.dns_resolver(PinnedResolver {
+            host: dns_key(host),
+            addrs: pinned.to_vec(),
+        });
     } else if target
         .ip
         .map(|ip| std::net::SocketAddr::new(ip, target.port))
@@ -178,6 +219,62 @@ mod tests {
         reason = "tests"
     )]
     use super::*;
+
+    #[test]
+    fn the_fetch_resolver_answers_only_the_judged_host_in_any_spelling() {
+        use reqwest::dns::Resolve as _;
+        let addr: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let r = PinnedResolver {
+            host: dns_key("Pinned.Invalid"),
+            addrs: vec![addr],
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        for name in ["pinned.invalid", "pinned.invalid.", "PINNED.INVALID.."] {
+            let got: Vec<_> = rt
+                .block_on(r.resolve(name.parse().unwrap()))
+                .unwrap()
+                .collect();
+            assert_eq!(got, vec![addr], "{name}");
+        }
+        for other in ["evil.tld", "pinned.invalid.evil.tld", "localhost"] {
+            let e = rt
+                .block_on(r.resolve(other.parse().unwrap()))
+                .err()
+                .unwrap();
+            assert_eq!(
+                e.to_string(),
+                format!("web_fetch resolves only the host the gate judged, not `{other}`")
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_is_refused_with_methods_that_do_not_carry_one() {
+        for m in ["GET", "get", "HEAD", "DELETE"] {
+            let a = WebFetchArgs {
+                url: "http://example.com/".into(),
+                method: m.into(),
+                body: Some("secret data".into()),
+            };
+            let e = a.normalize().err().unwrap();
+            assert_eq!(
+                e.to_string(),
+                ToolError::InvalidArgs(format!(
+                    "a request body is sent only with POST, PUT or PATCH, not {}",
+                    m.to_ascii_uppercase()
+                ))
+                .to_string()
+            );
+        }
+        let ok = WebFetchArgs {
+            url: "http://example.com/".into(),
+            method: "post".into(),
+            body: Some("x".into()),
+        };
+        assert_eq!(ok.normalize().unwrap().method, "POST");
+    }
 
     #[test]
     fn a_fetch_without_pinned_addresses_is_refused_before_any_network() {
