@@ -58,13 +58,17 @@ impl Env {
 }
 
 /// Probe helpers inside the sandbox: `sc(nr, ...)` returns 0 or the errno of a raw syscall;
-/// `t(name, f)` prints `name OK` or `name ERRNAME`.
+/// `P(b"path")` is a C string's address for `sc`; `t(name, f)` prints `name OK` or
+/// `name ERRNAME`.
 const PRELUDE: &str = r#"
 import os, ctypes, errno, socket, sys
 libc = ctypes.CDLL(None, use_errno=True)
 def sc(nr, *a):
     r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(x) for x in a])
     return 0 if r >= 0 else ctypes.get_errno()
+KEEP = []
+def P(s):
+    b = ctypes.create_string_buffer(s); KEEP.append(b); return ctypes.addressof(b)
 def t(name, f):
     try:
         f(); print(name, "OK")
@@ -314,6 +318,47 @@ fn every_denied_syscall_class_fails_with_its_reviewed_errno() {
             "0",
         ),
         ("socketpair_inet", "sc(53, 2, 1, 0, 0)", "97"),
+        (
+            "socketpair_unix_dgram",
+            "sc(53, 1, 2, 0, ctypes.addressof(ctypes.create_string_buffer(8)))",
+            "1",
+        ),
+        (
+            "socketpair_unix_seqpacket",
+            "sc(53, 1, 5, 0, ctypes.addressof(ctypes.create_string_buffer(8)))",
+            "0",
+        ),
+        // setuid/setgid bits are refused however they are asked for; plain modes work.
+        ("mkfile", "(open('suid', 'w').close(), 0)[1]", "0"),
+        ("chmod_setuid", "sc(90, P(b'suid'), 0o4755)", "1"),
+        ("chmod_setgid", "sc(90, P(b'suid'), 0o2755)", "1"),
+        ("chmod_plain", "sc(90, P(b'suid'), 0o755)", "0"),
+        (
+            "fchmodat_setuid",
+            "sc(268, -100, P(b'suid'), 0o4755, 0)",
+            "1",
+        ),
+        (
+            "fchmod_setuid",
+            "sc(91, os.open('suid', os.O_RDONLY), 0o4755)",
+            "1",
+        ),
+        (
+            "openat_create_setuid",
+            "sc(257, -100, P(b'suid2'), 0o101, 0o4755)",
+            "1",
+        ),
+        ("creat_setuid", "sc(85, P(b'suid3'), 0o6755)", "1"),
+        (
+            "openat_create_plain",
+            "sc(257, -100, P(b'plain'), 0o101, 0o644)",
+            "0",
+        ),
+        (
+            "mode_after",
+            "oct(os.stat('suid').st_mode & 0o7777)",
+            "0o755",
+        ),
     ];
     let code: String = cases
         .iter()
