@@ -143,19 +143,24 @@ fn an_operator_who_is_not_an_owner_is_refused_every_admin_action_and_each_refusa
 
     configure(&h, Some("mallory"), &recipient, &id);
     let b = backup.to_str().unwrap();
-    let cases: [(&str, Vec<&str>); 6] = [
+    let cases: [(&str, Vec<&str>); 10] = [
         ("token.show", vec!["token", "show"]),
         ("secret.reveal", vec!["secrets", "get", "K", "--reveal"]),
+        ("secret.reveal", vec!["secrets", "export-identity"]),
+        ("secret.set", vec!["secrets", "rotate-key"]),
         ("backup.restore", vec!["backup", "restore", b, "--yes"]),
         ("retention.run", vec!["retention", "run"]),
         ("audit.export", vec!["audit", "export"]),
         ("data.erase", vec!["data", "erase", "--subject", ALICE]),
+        ("data.export", vec!["sessions", "list"]),
+        ("data.export", vec!["sessions", "show", "s1"]),
     ];
     for (action, args) in &cases {
         let o = chitin(&h.home, args);
         assert_eq!(o.status.code(), Some(1), "{action}: {}", out(&o));
         assert_eq!(stdout(&o), refusal(action, "mallory"), "{action}");
         assert!(!out(&o).contains("admin-secret-value"), "{}", out(&o));
+        assert!(!out(&o).contains("AGE-SECRET-KEY"), "{}", out(&o));
     }
 
     configure(&h, None, &recipient, &id);
@@ -172,6 +177,8 @@ fn an_operator_who_is_not_an_owner_is_refused_every_admin_action_and_each_refusa
     assert_eq!(token.trim().len(), 64);
     let value = stdout(&ok(&h.home, &["secrets", "get", "K", "--reveal"]));
     assert_eq!(value.trim(), "admin-secret-value-1");
+    assert!(stdout(&ok(&h.home, &["secrets", "export-identity"])).contains("AGE-SECRET-KEY"));
+    ok(&h.home, &["sessions", "list"]);
     ok(&h.home, &["retention", "run"]);
     ok(&h.home, &["audit", "export"]);
     let o = ok(&h.home, &["data", "erase", "--subject", ALICE]);

@@ -221,8 +221,12 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             writeln!(err, "chitin: removed secret `{name}`")?;
         }
         SecretsCmd::RotateKey => {
+            // Re-encrypting the whole store changes it: decided like setting a secret.
             let mut store = open()?;
-            let audit = audit_with(&mut store)?;
+            let audit = match decided(&mut store, crate::policy::Action::SecretSet)? {
+                Ok(a) => a,
+                Err(refused) => return Ok(refused),
+            };
             audit
                 .record_change("rotate-key", None, &who())
                 .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
@@ -268,8 +272,12 @@ pub fn run(cmd: SecretsCmd, globals: &Globals) -> CmdResult {
             writeln!(err, "chitin: identity protected by: {}", store.protection())?;
         }
         SecretsCmd::ExportIdentity => {
+            // The identity opens every secret: decided like revealing one (at least).
             let mut store = open()?;
-            let audit = audit_with(&mut store)?;
+            let audit = match decided(&mut store, crate::policy::Action::SecretReveal)? {
+                Ok(a) => a,
+                Err(refused) => return Ok(refused),
+            };
             audit
                 .record_change("export-identity", None, &who())
                 .map_err(|e| {

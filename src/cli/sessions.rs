@@ -29,6 +29,13 @@ pub enum SessionsCmd {
 
 pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
     let rt = Runtime::open(globals)?;
+    // Listing and showing sessions opens every user's transcripts: decided as `data.export`
+    // for the CLI operator, before anything is decrypted.
+    if let Some(refused) =
+        super::operator_may(&rt.gate, &rt.config, crate::policy::Action::DataExport)?
+    {
+        return Ok(refused);
+    }
     let vault = crate::vault::Vault::from_store(
         &globals.home,
         &mut rt.secrets.write(),
