@@ -157,7 +157,26 @@ pub fn check_separation(
     home: &Path,
     config_path: &Path,
 ) -> Result<(), ConfigError> {
-    let areas: Vec<(String, PathBuf)> = writable_areas(config, home)
+    check_separation_also(config, home, config_path, None)
+}
+
+/// [`check_separation`], with one more workspace to keep apart: on a reload, the workspace the
+/// running gateway's tools use (a changed workspace only takes effect at restart, so the new
+/// trust paths must stay out of both).
+pub fn check_separation_also(
+    config: &Config,
+    home: &Path,
+    config_path: &Path,
+    running_workspace: Option<&Path>,
+) -> Result<(), ConfigError> {
+    let mut all = writable_areas(config, home);
+    if let Some(w) = running_workspace {
+        all.push((
+            "the running gateway's workspace".to_string(),
+            w.to_path_buf(),
+        ));
+    }
+    let areas: Vec<(String, PathBuf)> = all
         .into_iter()
         .map(|(n, p)| {
             let r = resolved(&p);
@@ -190,6 +209,30 @@ mod tests {
         reason = "tests"
     )]
     use super::*;
+
+    #[test]
+    fn a_reload_keeps_trust_paths_out_of_the_running_workspace_too() {
+        // Paths that do not exist resolve as written (and are outside every temp dir).
+        let base = Path::new("/nonexistent-chitin-reload-test");
+        let home = base.join("home");
+        let running = base.join("ws-running");
+        let next = base.join("ws-next");
+        // The new config moves the workspace (effective at restart) and puts the policy dir
+        // into the workspace the running gateway's tools still write.
+        let text = format!(
+            "[agent]\nworkspace = {:?}\n[policy]\ndir = {:?}\n",
+            next,
+            running.join("policies")
+        );
+        let c = crate::config::Config::parse(&text, Path::new("chitin.toml")).unwrap();
+        check_separation(&c, &home, &home.join("chitin.toml")).unwrap();
+        let e = check_separation_also(&c, &home, &home.join("chitin.toml"), Some(&running))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("the running gateway's workspace"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn a_symlink_into_the_workspace_resolves_to_the_workspace_even_when_dangling() {

@@ -614,10 +614,12 @@ fn reload(app: &App) {
     let candidate = loaded
         .as_ref()
         .map_or_else(|_| read(&app.config), Clone::clone);
-    if let Err(e) = crate::config::paths::check_separation(
+    let running_workspace = read(&app.config).workspace_dir(&app.globals.home);
+    if let Err(e) = crate::config::paths::check_separation_also(
         &candidate,
         &app.globals.home,
         &app.globals.config_path,
+        Some(&running_workspace),
     ) {
         app.metrics.policy_reload("rejected");
         error!(error = %e, "reload refused; the last good config and policies stay active");
@@ -648,7 +650,10 @@ fn reload(app: &App) {
             let needs_restart = [
                 ("bind", old.gateway.bind != new.gateway.bind),
                 ("owner", old.gateway.owner != new.gateway.owner),
-                ("workspace", old.gateway.workspace != new.gateway.workspace),
+                (
+                    "workspace",
+                    old.workspace_dir(&app.globals.home) != new.workspace_dir(&app.globals.home),
+                ),
                 (
                     "tls",
                     old.gateway.tls_cert != new.gateway.tls_cert
