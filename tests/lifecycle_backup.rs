@@ -84,10 +84,31 @@ fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
     lc.audit.shutdown().unwrap();
     drop((lc, gate));
 
-    let n = backup::restore(&verified, &home).unwrap();
-    assert!(n >= 3, "{n}");
+    let restored = backup::restore(&verified, &home).unwrap();
+    assert!(restored.replaced >= 3, "{restored:?}");
     let line = audit_verifies(&home);
     assert!(line.starts_with("ok: "), "{line}");
+    // The history recorded after the backup is not erased: the live log was archived whole
+    // and still verifies on its own, with the three later records in it.
+    let archive = restored.audit_archive.clone().unwrap();
+    assert!(
+        archive.starts_with(home.join("audit-archive")),
+        "{archive:?}"
+    );
+    let archived = audit_verifies(&archive);
+    assert!(archived.starts_with("ok: "), "{archived}");
+    let later: i64 = rusqlite::Connection::open_with_flags(
+        archive.join("audit.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap()
+    .query_row(
+        "SELECT COUNT(*) FROM records WHERE action = 'message.send'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap();
+    assert!(later >= 3, "{later}");
     let h = open_at(_t, home, clock);
     assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 1);
     let body: Vec<u8> =

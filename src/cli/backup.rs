@@ -238,8 +238,8 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
                 return Ok(ExitCode::from(1));
             }
-            let n = match backup::restore(&verified, &globals.home) {
-                Ok(n) => n,
+            let restored = match backup::restore(&verified, &globals.home) {
+                Ok(r) => r,
                 Err(e @ LifecycleError::GatewayRunning { .. }) => {
                     println!("refused: {e}");
                     return Ok(ExitCode::from(1));
@@ -254,16 +254,25 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 operator.as_str(),
                 "backup.restore",
                 file.display().to_string(),
-                json!({"created_ms": report.created_ms, "files": report.members, "replaced": n, "decision": "allow"}),
+                json!({"created_ms": report.created_ms, "files": report.members, "replaced": restored.replaced,
+                       "audit_archive": restored.audit_archive.as_ref().map(|p| p.display().to_string()),
+                       "decision": "allow"}),
             ))?;
             let again =
                 crate::lifecycle::erase::reapply_after_restore(&lc, report.created_ms, &operator)?;
             lc.audit.shutdown()?;
             println!(
-                "restored {n} files from {} (created {})",
+                "restored {} files from {} (created {})",
+                restored.replaced,
                 file.display(),
                 rfc3339(report.created_ms)
             );
+            if let Some(dir) = &restored.audit_archive {
+                println!(
+                    "the audit log before the restore is kept, whole and verifiable, in {}",
+                    dir.display()
+                );
+            }
             println!(
                 "erased again {} subject(s) erased since the backup; purged {} rows sealed with destroyed keys",
                 again.subjects.len(),

@@ -636,24 +636,37 @@ pub fn plan(verified: &Verified, home: &Path) -> Vec<(String, Change)> {
         .collect()
 }
 
-/// Restores a [`Verified`] backup into `home`: refuses while a gateway runs there (and keeps the gateway
-/// lock for the duration, so none starts meanwhile); writes every member to a private staging
-/// directory, removes the live databases' WAL/SHM files, then renames each member into place.
-/// `vault.keys` is never touched (it is not in backups), so keys destroyed after the backup stay
-/// destroyed. Returns the number of files restored.
-pub fn restore(verified: &Verified, home: &Path) -> Result<usize, LifecycleError> {
+/// What a restore did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// Files replaced or added.
+    pub replaced: usize,
+    /// Where the live audit log was moved before the backup's replaced it (with its
+    /// checkpoints, WAL and a copy of `audit.pub`, so it still verifies on its own): a restore
+    /// never erases audit history recorded after the backup.
+    pub audit_archive: Option<PathBuf>,
+}
+
+/// The live audit log's files a restore moves into the archive (never deletes).
+const AUDIT_FILES: &[&str] = &[
+    "audit.db",
+    "audit.db-wal",
+    "audit.db-shm",
+    "audit.checkpoints",
+];
+
+/// Restores a verified backup into `home`: the state database, vault keys file, audit log and
+/// config files are replaced by the backup's. The live audit log is first moved, whole, into
+/// `audit-archive/restore-<unix ms>/` (with a copy of `audit.pub`), so the records made after
+/// the backup are kept and still verify. Refused while a gateway holds the state dir.
+pub fn restore(verified: &Verified, home: &Path) -> Result<Restored, LifecycleError> {
     let opened = &verified.opened;
     let _lock = GatewayLock::acquire(home)?;
     let staging = TempDir::new(home, "restore")?;
     for (p, b) in &opened.members {
         write_new(&staging.0.join(p), b)?;
     }
-    for f in [
-        "state.db-wal",
-        "state.db-shm",
-        "audit.db-wal",
-        "audit.db-shm",
-    ] {
+    for f in ["state.db-wal", "state.db-shm"] {
         let p = home.join(f);
         match std::fs::remove_file(&p) {
             Ok(()) => {}
@@ -661,6 +674,7 @@ pub fn restore(verified: &Verified, home: &Path) -> Result<usize, LifecycleError
             Err(e) => return Err(io_err(&p, "remove")(e)),
         }
     }
+    let audit_archive = archive_audit(home)?;
     let mut n = 0;
     for (p, b) in &opened.members {
         let dest = home.join(p);
@@ -681,7 +695,50 @@ pub fn restore(verified: &Verified, home: &Path) -> Result<usize, LifecycleError
     if let Ok(d) = std::fs::File::open(home) {
         let _ = d.sync_all();
     }
-    Ok(n)
+    Ok(Restored {
+        replaced: n,
+        audit_archive,
+    })
+}
+
+/// Moves the live audit log's files into a new `audit-archive/restore-<unix ms>/` (0700) and
+/// copies `audit.pub` beside them. `None` when there was no audit log.
+fn archive_audit(home: &Path) -> Result<Option<PathBuf>, LifecycleError> {
+    if !home.join("audit.db").exists() {
+        return Ok(None);
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let base = home.join("audit-archive");
+    let mut dir = base.join(format!("restore-{stamp}"));
+    let mut k = 1;
+    while dir.exists() {
+        dir = base.join(format!("restore-{stamp}-{k}"));
+        k += 1;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io_err(&dir, "create directory"))?;
+    for f in AUDIT_FILES {
+        let from = home.join(f);
+        match std::fs::rename(&from, dir.join(f)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&from, "move into the audit archive")(e)),
+        }
+    }
+    let public = home.join(chitin_audit::PUB_FILE);
+    if public.exists() {
+        let bytes = std::fs::read(&public).map_err(io_err(&public, "read"))?;
+        write_new(&dir.join(chitin_audit::PUB_FILE), &bytes)?;
+    }
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(Some(dir))
 }
 
 /// Scheduled backup (the gateway calls this every `[backup] interval_hours`): writes
