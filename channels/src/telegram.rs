@@ -1114,6 +1114,12 @@ impl CallbackQuery {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     fn cfg(base: &str, token: &str) -> TelegramConfig {

@@ -123,6 +123,12 @@ fn good_hard_cut(s: &str, i: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     fn check(text: &str, max: usize) -> Vec<String> {
