@@ -1,0 +1,1 @@
+//! Text helpers shared by adapters (placeholder: `split` lands with the Telegram adapter).
