@@ -118,9 +118,7 @@ pub enum Event {
     Edited(Message),
     Button(ButtonPress),
     /// An update of a kind Chitin does not handle; acknowledged and ignored.
-    Ignored {
-        what: String,
-    },
+    Ignored { what: String },
 }
 
 /// One inbound event with its channel-unique id (the deduplication key).
@@ -205,9 +203,7 @@ pub enum SendError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChannelError {
     /// The platform refused our credentials (401/403/404 on the API root).
-    #[error(
-        "the platform refused the bot's credentials: {0}; check the token (`chitin secrets set`) and `api_base`"
-    )]
+    #[error("the platform refused the bot's credentials: {0}; check the token (`chitin secrets set`) and `api_base`")]
     Unauthorized(String),
     #[error("rate limited by the platform: retry after {} s", .retry_after.as_secs())]
     RateLimited { retry_after: Duration },
