@@ -131,6 +131,78 @@ const MIGRATIONS: &[&str] = &[
         created_ms  INTEGER NOT NULL,
         created_by  TEXT NOT NULL
      ) STRICT;",
+    // 5: chat channels. Inbound events are unique per (channel, event_id) and committed with
+    // the channel's cursor in one transaction; only an admitted message keeps its text, sealed
+    // with the data subject's key (`subject`); the outbox is what the gateway sends, with its
+    // delivery state; pairing requests; the managed entity store (identity -> user) that the
+    // policy engine merges with entities.json.
+    "CREATE TABLE channel_events (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel      TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        received_ms  INTEGER NOT NULL,
+        event_kind   TEXT NOT NULL CHECK (event_kind IN ('message', 'edited', 'button', 'ignored')),
+        chat_id      TEXT,
+        chat_kind    TEXT CHECK (chat_kind IN ('dm', 'group')),
+        thread       TEXT,
+        sender_id    TEXT,
+        message_id   TEXT,
+        status       TEXT NOT NULL CHECK (status IN ('new', 'admitted', 'denied', 'pairing', 'ignored', 'done')),
+        subject      TEXT,
+        text         BLOB,
+        callback_id  TEXT,
+        button_data  TEXT,
+        updated_ms   INTEGER NOT NULL,
+        UNIQUE (channel, event_id)
+     ) STRICT;
+     CREATE INDEX channel_events_status ON channel_events(channel, status, id);
+     CREATE INDEX channel_events_subject ON channel_events(subject);
+     CREATE TABLE channel_cursors (
+        channel     TEXT PRIMARY KEY,
+        cursor      TEXT NOT NULL,
+        updated_ms  INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE channel_outbox (
+        id                   INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel              TEXT NOT NULL,
+        chat_id              TEXT NOT NULL,
+        chat_kind            TEXT NOT NULL CHECK (chat_kind IN ('dm', 'group')),
+        thread               TEXT,
+        text                 TEXT NOT NULL,
+        buttons_json         TEXT NOT NULL DEFAULT '[]',
+        reply_to             TEXT,
+        kind                 TEXT NOT NULL CHECK (kind IN ('reply', 'approval', 'pairing', 'send_message')),
+        status               TEXT NOT NULL CHECK (status IN ('queued', 'sending', 'sent', 'failed', 'dead')),
+        attempts             INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms      INTEGER NOT NULL,
+        platform_message_id  TEXT,
+        last_error           TEXT,
+        created_ms           INTEGER NOT NULL,
+        updated_ms           INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX channel_outbox_due ON channel_outbox(channel, status, next_attempt_ms);
+     CREATE INDEX channel_outbox_chat ON channel_outbox(channel, chat_id, status, id);
+     CREATE TABLE pairing_requests (
+        code         TEXT PRIMARY KEY,
+        channel      TEXT NOT NULL,
+        identity     TEXT NOT NULL,
+        chat_id      TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        expires_ms   INTEGER NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'denied', 'expired')),
+        user_id      TEXT,
+        resolved_by  TEXT,
+        resolved_ms  INTEGER
+     ) STRICT;
+     CREATE INDEX pairing_requests_identity ON pairing_requests(identity, created_ms);
+     CREATE INDEX pairing_requests_status ON pairing_requests(status, expires_ms);
+     CREATE TABLE managed_entities (
+        identity   TEXT PRIMARY KEY,
+        user_id    TEXT NOT NULL,
+        channel    TEXT NOT NULL,
+        added_by   TEXT NOT NULL,
+        added_ms   INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The state database.

@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod audit;
 pub mod backup;
+pub mod channels;
 pub mod cli;
 pub mod gateway;
 pub mod paths;
@@ -64,6 +65,7 @@ pub struct Config {
     pub retention: retention::RetentionConfig,
     pub backup: backup::BackupConfig,
     pub cli: cli::CliConfig,
+    pub channels: Vec<channels::ChannelConfig>,
 }
 
 impl Config {
@@ -128,6 +130,7 @@ impl Config {
             .validate()
             .and_then(|()| config.backup.validate())
             .and_then(|()| config.cli.validate())
+            .and_then(|()| channels::validate(&config.channels))
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -166,6 +169,7 @@ pub fn default_toml() -> String {
         retention::TEMPLATE,
         backup::TEMPLATE,
         cli::TEMPLATE,
+        channels::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

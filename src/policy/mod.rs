@@ -540,6 +540,21 @@ impl EntitySource {
     }
 }
 
+/// The name the managed entity store has in error messages.
+pub const MANAGED_SOURCE: &str = "managed entities (state.db: paired identities)";
+
+/// The entity files followed by the managed entities (when there are any).
+fn with_managed(files: &[EntitySource], managed: &[Value]) -> Vec<EntitySource> {
+    let mut out = files.to_vec();
+    if !managed.is_empty() {
+        out.push(EntitySource {
+            name: MANAGED_SOURCE.into(),
+            json: Value::Array(managed.to_vec()),
+        });
+    }
+    out
+}
+
 /// Builds the entity store: the built-in entities plus each source, checked against the
 /// schema. A source that redefines an entity (including a built-in tool) is an error.
 pub fn build_entities(schema: &Schema, sources: &[EntitySource]) -> Result<Entities, PolicyError> {
@@ -1011,9 +1026,11 @@ pub struct EngineSpec {
 /// A compiled set with its entities: what a decision is made against.
 #[derive(Debug)]
 pub struct Active {
-    pub compiled: Compiled,
+    pub compiled: Arc<Compiled>,
     pub entities: Entities,
     pub source: String,
+    /// The entity files as read for this set (reused when only the managed entities change).
+    files: Vec<EntitySource>,
     /// [`PolicyEngine::could_allow`] answers for this set (it is replaced whole on reload).
     could_allow: RwLock<HashMap<(EntityUid, EntityUid), bool>>,
 }
@@ -1032,6 +1049,11 @@ pub struct LoadReport {
 pub struct PolicyEngine {
     spec: EngineSpec,
     active: RwLock<Arc<Active>>,
+    /// Entities Chitin manages in `state.db` (paired identities), merged with the entity
+    /// files on every build; see [`Self::set_managed_entities`].
+    managed: RwLock<Vec<Value>>,
+    /// Serializes reloads and managed-entity updates (each builds from the other's result).
+    updating: Mutex<()>,
     last_error: Mutex<Option<String>>,
     state_dirs: Vec<PathBuf>,
 }
@@ -1039,7 +1061,7 @@ pub struct PolicyEngine {
 impl PolicyEngine {
     /// Loads and validates; an invalid set is an error (refuse to start).
     pub fn load(spec: EngineSpec) -> Result<Self, PolicyError> {
-        let active = Self::build(&spec)?;
+        let active = Self::build(&spec, &[])?;
         let mut state_dirs = Vec::new();
         if let Some(sd) = &spec.state_dir {
             if let Some(n) = normalize(sd) {
@@ -1054,6 +1076,8 @@ impl PolicyEngine {
         Ok(Self {
             spec,
             active: RwLock::new(Arc::new(active)),
+            managed: RwLock::default(),
+            updating: Mutex::new(()),
             last_error: Mutex::new(None),
             state_dirs,
         })
@@ -1069,17 +1093,20 @@ impl PolicyEngine {
         Self {
             spec,
             active: RwLock::new(Arc::new(Active {
-                compiled,
+                compiled: Arc::new(compiled),
                 entities,
                 source: "<in memory>".into(),
+                files: Vec::new(),
                 could_allow: RwLock::default(),
             })),
+            managed: RwLock::default(),
+            updating: Mutex::new(()),
             last_error: Mutex::new(None),
             state_dirs: state_dir.into_iter().collect(),
         }
     }
 
-    fn build(spec: &EngineSpec) -> Result<Active, PolicyError> {
+    fn build(spec: &EngineSpec, managed: &[Value]) -> Result<Active, PolicyError> {
         let (input, source) = match &spec.policy_dir {
             Some(d) => (PolicyInput::from_dir(d)?, d.display().to_string()),
             None => (PolicyInput::embedded(), "<built-in defaults>".to_string()),
@@ -1091,19 +1118,79 @@ impl PolicyEngine {
                 sources.push(EntitySource::from_file(f)?);
             }
         }
-        let entities = build_entities(compiled.schema(), &sources)?;
+        let entities = build_entities(compiled.schema(), &with_managed(&sources, managed))?;
         Ok(Active {
-            compiled,
+            compiled: Arc::new(compiled),
             entities,
             source,
+            files: sources,
             could_allow: RwLock::default(),
         })
+    }
+
+    /// The managed entities as they are now.
+    fn managed_now(&self) -> Vec<Value> {
+        match self.managed.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The active set with `managed` as the managed entities (same policies, same entity
+    /// files as read for the active set): built, not installed.
+    fn with_managed_entities(&self, managed: &[Value]) -> Result<Active, PolicyError> {
+        let active = self.active();
+        let entities = build_entities(
+            active.compiled.schema(),
+            &with_managed(&active.files, managed),
+        )?;
+        Ok(Active {
+            compiled: Arc::clone(&active.compiled),
+            entities,
+            source: active.source.clone(),
+            files: active.files.clone(),
+            could_allow: RwLock::default(),
+        })
+    }
+
+    /// Checks that `managed` (Cedar entity JSON, e.g. paired identities from `state.db`)
+    /// would build with the active set: valid against the schema and redefining nothing the
+    /// entity files define. Changes nothing.
+    pub fn check_managed_entities(&self, managed: &[Value]) -> Result<(), PolicyError> {
+        self.with_managed_entities(managed).map(|_| ())
+    }
+
+    /// Replaces the managed entities (the entity store Chitin keeps in `state.db`: paired
+    /// identities as members of their `User`) and installs the rebuilt entity store with the
+    /// active policies, whole or not at all. Every later reload merges them again with the
+    /// entity files; an entity file that redefines a managed entity makes that reload fail
+    /// (the last good set stays).
+    pub fn set_managed_entities(&self, managed: Vec<Value>) -> Result<(), PolicyError> {
+        let _serial = self.updating.lock().map_err(|_| PolicyError::Entities {
+            source_name: MANAGED_SOURCE.into(),
+            message: "policy engine lock poisoned; restart the gateway".into(),
+        })?;
+        let active = self.with_managed_entities(&managed)?;
+        match self.managed.write() {
+            Ok(mut g) => *g = managed,
+            Err(poisoned) => *poisoned.into_inner() = managed,
+        }
+        let mut g = match self.active.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *g = Arc::new(active);
+        Ok(())
     }
 
     /// Re-reads policies and entities. On success the new set replaces the old one atomically;
     /// on failure the old set stays active and the error is remembered (see [`Self::last_error`]).
     pub fn reload(&self) -> Result<LoadReport, PolicyError> {
-        match Self::build(&self.spec) {
+        let _serial = match self.updating.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match Self::build(&self.spec, &self.managed_now()) {
             Ok(active) => {
                 let report = report_of(&active);
                 // A poisoned lock only means a reader panicked; the swap itself is still whole.

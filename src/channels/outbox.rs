@@ -1,0 +1,534 @@
+//! The durable outbox: every message the gateway sends is a row first; a sender claims due
+//! rows atomically, sends them through the platform adapter and records the outcome.
+//!
+//! Row states: `queued` (waiting, due at `next_attempt_ms`) -> `sending` (claimed) -> `sent`
+//! (platform message id recorded; never sent again) | `queued` again (retry) | `failed`
+//! (refused by the platform, or may have been delivered: never re-sent automatically) |
+//! `dead` (retries exhausted or too old). A row found `sending` when the gateway starts was
+//! being sent when it stopped: the request may have reached the platform, so it is marked
+//! `failed` ("may have been delivered"), audited and counted, never re-sent silently.
+
+use std::sync::atomic::Ordering;
+
+use chitin_audit::{Kind, RecordInput};
+use chitin_channels::{Button, ChatRef, OutMessage, Platform, SendError};
+use rusqlite::{Transaction, params};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::{
+    BACKOFF_BASE_MS, BACKOFF_MAX_MS, ChannelsError, Engine, MAX_OUTBOX_AGE_MS, chat_kind_str,
+    parse_chat_kind,
+};
+
+/// What an outbox row is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxKind {
+    /// The agent's answer in a conversation.
+    Reply,
+    /// An approval prompt with Approve / Deny buttons.
+    Approval,
+    /// A pairing code, or the confirmation of a pairing.
+    Pairing,
+    /// The agent's `send_message` tool.
+    SendMessage,
+}
+
+impl OutboxKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reply => "reply",
+            Self::Approval => "approval",
+            Self::Pairing => "pairing",
+            Self::SendMessage => "send_message",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "approval" => Self::Approval,
+            "pairing" => Self::Pairing,
+            "send_message" => Self::SendMessage,
+            _ => Self::Reply,
+        }
+    }
+}
+
+/// Where an outbox row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboxStatus {
+    Queued,
+    Sending,
+    Sent,
+    Failed,
+    Dead,
+}
+
+impl OutboxStatus {
+    fn parse(s: &str) -> Self {
+        match s {
+            "sending" => Self::Sending,
+            "sent" => Self::Sent,
+            "failed" => Self::Failed,
+            "dead" => Self::Dead,
+            _ => Self::Queued,
+        }
+    }
+}
+
+/// A message to queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxNew {
+    pub channel: String,
+    pub chat: ChatRef,
+    /// Plain text, at most the platform's limit (see [`Engine::enqueue_split`]).
+    pub text: String,
+    pub buttons: Vec<Button>,
+    pub reply_to: Option<String>,
+    pub kind: OutboxKind,
+}
+
+/// One outbox row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub channel: String,
+    pub chat: ChatRef,
+    pub text: String,
+    pub buttons: Vec<Button>,
+    pub reply_to: Option<String>,
+    pub kind: OutboxKind,
+    pub status: OutboxStatus,
+    /// Attempts made (a claim counts one; a rate-limited attempt is given back).
+    pub attempts: u32,
+    pub next_attempt_ms: i64,
+    pub platform_message_id: Option<String>,
+    pub last_error: Option<String>,
+    pub created_ms: i64,
+}
+
+impl OutboxRow {
+    /// What the adapter sends.
+    pub fn message(&self) -> OutMessage {
+        OutMessage {
+            chat: self.chat.clone(),
+            text: self.text.clone(),
+            reply_to: self.reply_to.clone(),
+            buttons: self.buttons.clone(),
+        }
+    }
+}
+
+/// What [`Engine::record_failure`] did with a row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureOutcome {
+    /// Queued again, due at this time (unix ms).
+    Retry { at_ms: i64 },
+    /// Refused by the platform, or possibly delivered: not sent again.
+    Failed,
+    /// Retries exhausted (or too old): a dead letter.
+    Dead,
+}
+
+/// What one [`deliver_due`] step did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryReport {
+    pub sent: Vec<i64>,
+    pub retried: Vec<i64>,
+    pub failed: Vec<i64>,
+    pub dead: Vec<i64>,
+}
+
+fn buttons_json(b: &[Button]) -> String {
+    Value::Array(
+        b.iter()
+            .map(|x| json!({"label": x.label, "data": x.data}))
+            .collect(),
+    )
+    .to_string()
+}
+
+fn parse_buttons(s: &str) -> Vec<Button> {
+    serde_json::from_str::<Vec<Value>>(s)
+        .unwrap_or_default()
+        .iter()
+        .map(|v| Button {
+            label: v
+                .get("label")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            data: v
+                .get("data")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+        })
+        .collect()
+}
+
+const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: r.get(0)?,
+        channel: r.get(1)?,
+        chat: ChatRef {
+            id: r.get(2)?,
+            kind: parse_chat_kind(&r.get::<_, String>(3)?),
+            thread: r.get(4)?,
+        },
+        text: r.get(5)?,
+        buttons: parse_buttons(&r.get::<_, String>(6)?),
+        reply_to: r.get(7)?,
+        kind: OutboxKind::parse(&r.get::<_, String>(8)?),
+        status: OutboxStatus::parse(&r.get::<_, String>(9)?),
+        attempts: u32::try_from(r.get::<_, i64>(10)?).unwrap_or(0),
+        next_attempt_ms: r.get(11)?,
+        platform_message_id: r.get(12)?,
+        last_error: r.get(13)?,
+        created_ms: r.get(14)?,
+    })
+}
+
+/// The random 50-100 % share of a delay (jitter), from the OS; the full delay without
+/// randomness.
+fn jittered(delay_ms: i64) -> i64 {
+    let mut b = [0u8; 8];
+    if getrandom::fill(&mut b).is_err() {
+        return delay_ms;
+    }
+    let half = delay_ms / 2;
+    let span = u64::try_from(delay_ms - half + 1).unwrap_or(1).max(1);
+    half + i64::try_from(u64::from_le_bytes(b) % span).unwrap_or(0)
+}
+
+/// The backoff before retry number `attempt` (1-based): `base * 2^(attempt-1)`, capped.
+pub fn backoff_ms(attempt: u32) -> i64 {
+    let exp = attempt.saturating_sub(1).min(30);
+    BACKOFF_BASE_MS
+        .saturating_mul(1_i64 << exp)
+        .min(BACKOFF_MAX_MS)
+}
+
+impl Engine {
+    pub(super) fn enqueue_in(
+        &self,
+        tx: &Transaction<'_>,
+        m: &OutboxNew,
+        now: i64,
+    ) -> Result<i64, ChannelsError> {
+        tx.prepare_cached(
+            "INSERT INTO channel_outbox (channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status,
+                 attempts, next_attempt_ms, created_ms, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', 0, ?9, ?9, ?9)",
+        )?
+        .execute(params![
+            m.channel,
+            m.chat.id,
+            chat_kind_str(m.chat.kind),
+            m.chat.thread,
+            m.text,
+            buttons_json(&m.buttons),
+            m.reply_to,
+            m.kind.as_str(),
+            now
+        ])?;
+        Ok(tx.last_insert_rowid())
+    }
+
+    /// Queues one message (due now). Returns its row id.
+    pub fn enqueue(&self, m: &OutboxNew) -> Result<i64, ChannelsError> {
+        self.settings(&m.channel)?;
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let id = self.enqueue_in(&tx, m, now)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    /// Queues a long text as several messages of at most `max_chars` UTF-16 code units each
+    /// (`chitin_channels::text::split`), split on paragraph, line and word boundaries (buttons go with the last part), in one transaction;
+    /// they are sent in order. Returns the row ids.
+    pub fn enqueue_split(
+        &self,
+        m: &OutboxNew,
+        max_chars: usize,
+    ) -> Result<Vec<i64>, ChannelsError> {
+        self.settings(&m.channel)?;
+        // Telegram's unit (UTF-16 code units); whitespace-only pieces are not messages.
+        let parts: Vec<String> = chitin_channels::text::split(&m.text, max_chars)
+            .into_iter()
+            .filter(|p| !p.trim().is_empty())
+            .collect();
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let mut ids = Vec::with_capacity(parts.len());
+        let last = parts.len().saturating_sub(1);
+        for (i, part) in parts.into_iter().enumerate() {
+            let piece = OutboxNew {
+                text: part,
+                buttons: if i == last {
+                    m.buttons.clone()
+                } else {
+                    Vec::new()
+                },
+                reply_to: if i == 0 { m.reply_to.clone() } else { None },
+                ..m.clone()
+            };
+            ids.push(self.enqueue_in(&tx, &piece, now)?);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// One outbox row.
+    pub fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM channel_outbox WHERE id = ?1"
+        ))?;
+        let mut rows = st.query_map([id], row)?;
+        Ok(rows.next().transpose()?)
+    }
+
+    /// The outbox rows of a channel, oldest first.
+    pub fn outbox(&self, channel: &str) -> Result<Vec<OutboxRow>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 ORDER BY id"
+        ))?;
+        let rows = st.query_map([channel], row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Claims up to `limit` rows of `channel` that are due at `now_ms`, `queued -> sending`
+    /// in one statement (a row is claimed by one sender only), counting one attempt each. Per
+    /// chat only the oldest unsent row is claimable, so a chat's messages go out in order.
+    pub fn claim_due(
+        &self,
+        channel: &str,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, ChannelsError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare_cached(&format!(
+            "UPDATE channel_outbox SET status = 'sending', attempts = attempts + 1, updated_ms = ?2
+             WHERE id IN (
+               SELECT o.id FROM channel_outbox o
+               WHERE o.channel = ?1 AND o.status = 'queued' AND o.next_attempt_ms <= ?2
+                 AND NOT EXISTS (SELECT 1 FROM channel_outbox p
+                                 WHERE p.channel = o.channel AND p.chat_id = o.chat_id AND p.id < o.id
+                                   AND p.status IN ('queued', 'sending'))
+               ORDER BY o.id LIMIT ?3)
+             AND status = 'queued'
+             RETURNING {COLUMNS}"
+        ))?;
+        let mut rows: Vec<OutboxRow> = st
+            .query_map(params![channel, now_ms, limit], row)?
+            .collect::<Result<_, _>>()?;
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    /// Records a successful send: `sending -> sent` with the platform's message id. A row
+    /// that is not `sending` (recovered at start, resolved elsewhere) is not touched.
+    pub fn record_sent(&self, id: i64, platform_message_id: &str) -> Result<(), ChannelsError> {
+        let now = self.clock.now_ms();
+        let conn = self.store.conn()?;
+        let n = conn.execute(
+            "UPDATE channel_outbox SET status = 'sent', platform_message_id = ?2, last_error = NULL, updated_ms = ?3
+             WHERE id = ?1 AND status = 'sending'",
+            params![id, platform_message_id, now],
+        )?;
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(ChannelsError::NotSending(id))
+        }
+    }
+
+    /// Records a failed send and decides what happens next:
+    /// - `RateLimited { retry_after }`: queued again exactly `retry_after` later; the attempt
+    ///   is given back (the platform said when);
+    /// - `Transient` that did not reach the platform: queued again after exponential backoff
+    ///   with jitter (`1 s * 2^(n-1)`, capped at 5 min, 50-100 %), until
+    ///   `max_send_attempts` attempts were made, then a dead letter;
+    /// - `Transient` that may have reached it (`maybe_delivered`): `failed`, "may have been
+    ///   delivered", not sent again (never silently twice);
+    /// - `Permanent`: `failed`.
+    ///
+    /// A row older than [`MAX_OUTBOX_AGE_MS`] becomes a dead letter at any failure. Failed and
+    /// dead rows are audited and counted.
+    pub fn record_failure(
+        &self,
+        id: i64,
+        err: &SendError,
+    ) -> Result<FailureOutcome, ChannelsError> {
+        let now = self.clock.now_ms();
+        let Some(r) = self.outbox_row(id)? else {
+            return Err(ChannelsError::NotSending(id));
+        };
+        if r.status != OutboxStatus::Sending {
+            return Err(ChannelsError::NotSending(id));
+        }
+        let max = self
+            .channels
+            .get(&r.channel)
+            .map_or(super::DEFAULT_MAX_SEND_ATTEMPTS, |c| c.max_send_attempts);
+        let too_old = now.saturating_sub(r.created_ms) > MAX_OUTBOX_AGE_MS;
+        let message = err.to_string();
+        let (outcome, attempts, why) = match err {
+            _ if too_old => (FailureOutcome::Dead, r.attempts, "too old"),
+            SendError::RateLimited { retry_after } => {
+                let wait = i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX);
+                (
+                    FailureOutcome::Retry {
+                        at_ms: now.saturating_add(wait),
+                    },
+                    r.attempts.saturating_sub(1),
+                    "rate limited",
+                )
+            }
+            SendError::Transient {
+                maybe_delivered: true,
+                ..
+            } => (
+                FailureOutcome::Failed,
+                r.attempts,
+                "may have been delivered",
+            ),
+            SendError::Transient { .. } if r.attempts >= max => {
+                (FailureOutcome::Dead, r.attempts, "retries exhausted")
+            }
+            SendError::Transient { .. } => (
+                FailureOutcome::Retry {
+                    at_ms: now.saturating_add(jittered(backoff_ms(r.attempts))),
+                },
+                r.attempts,
+                "transient",
+            ),
+            SendError::Permanent(_) => (FailureOutcome::Failed, r.attempts, "refused"),
+        };
+        let (status, next) = match &outcome {
+            FailureOutcome::Retry { at_ms } => ("queued", *at_ms),
+            FailureOutcome::Failed => ("failed", r.next_attempt_ms),
+            FailureOutcome::Dead => ("dead", r.next_attempt_ms),
+        };
+        let last_error = if why == "may have been delivered" {
+            format!("may have been delivered, not sent again: {message}")
+        } else if matches!(outcome, FailureOutcome::Dead) {
+            format!("{why} after {attempts} attempts: {message}")
+        } else {
+            message
+        };
+        let last_error = self.gate.redact(&last_error);
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "UPDATE channel_outbox SET status = ?2, attempts = ?3, next_attempt_ms = ?4, last_error = ?5, updated_ms = ?6
+             WHERE id = ?1 AND status = 'sending'",
+            params![id, status, i64::from(attempts), next, last_error, now],
+        )?;
+        if n != 1 {
+            return Err(ChannelsError::NotSending(id));
+        }
+        if !matches!(outcome, FailureOutcome::Retry { .. }) {
+            self.audit_undelivered(&r, status, &last_error)?;
+        }
+        tx.commit()?;
+        match outcome {
+            FailureOutcome::Dead => {
+                self.counters.dead.fetch_add(1, Ordering::Relaxed);
+            }
+            FailureOutcome::Failed if why == "may have been delivered" => {
+                self.counters
+                    .maybe_delivered
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    fn audit_undelivered(
+        &self,
+        r: &OutboxRow,
+        status: &str,
+        why: &str,
+    ) -> Result<(), ChannelsError> {
+        self.audit(
+            RecordInput::new(
+                Kind::Message,
+                "gateway",
+                "message.send",
+                format!("channel:{}", r.channel),
+            )
+            .with_outcome(status.to_string())
+            .with_payload(json!({
+                "outbox_id": r.id, "kind": r.kind.as_str(), "chat": r.chat.id,
+                "attempts": r.attempts, "error": why, "chars": r.text.chars().count(),
+            })),
+        )
+    }
+
+    /// At start, before any sender runs: every row left `sending` by the previous process was
+    /// being sent when it stopped, and the platform may have received it. Such rows are marked
+    /// `failed` ("may have been delivered"), audited and counted, and never re-sent
+    /// automatically. Returns their ids.
+    pub fn recover_interrupted_sends(&self) -> Result<Vec<i64>, ChannelsError> {
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let rows: Vec<OutboxRow> = {
+            let mut st = tx.prepare(&format!(
+                "SELECT {COLUMNS} FROM channel_outbox WHERE status = 'sending' ORDER BY id"
+            ))?;
+            st.query_map([], row)?.collect::<Result<_, _>>()?
+        };
+        let why = "interrupted while sending (the gateway stopped): may have been delivered, not sent again";
+        for r in &rows {
+            tx.execute(
+                "UPDATE channel_outbox SET status = 'failed', last_error = ?2, updated_ms = ?3 WHERE id = ?1 AND status = 'sending'",
+                params![r.id, why, now],
+            )?;
+            self.audit_undelivered(r, "failed", why)?;
+        }
+        tx.commit()?;
+        self.counters
+            .maybe_delivered
+            .fetch_add(u64::try_from(rows.len()).unwrap_or(0), Ordering::Relaxed);
+        Ok(rows.iter().map(|r| r.id).collect())
+    }
+}
+
+/// One sender step for `channel`: claims the due rows, sends each through `platform` and
+/// records the outcome. Call it whenever a row was queued or the earliest `next_attempt_ms`
+/// has come.
+pub async fn deliver_due(
+    engine: &Engine,
+    channel: &str,
+    platform: &dyn Platform,
+    limit: usize,
+) -> Result<DeliveryReport, ChannelsError> {
+    let rows = engine.claim_due(channel, engine.now_ms(), limit)?;
+    let mut report = DeliveryReport::default();
+    for r in rows {
+        match platform.send(&r.message()).await {
+            Ok(sent) => {
+                engine.record_sent(r.id, &sent.message_id)?;
+                report.sent.push(r.id);
+            }
+            Err(e) => match engine.record_failure(r.id, &e)? {
+                FailureOutcome::Retry { .. } => report.retried.push(r.id),
+                FailureOutcome::Failed => report.failed.push(r.id),
+                FailureOutcome::Dead => report.dead.push(r.id),
+            },
+        }
+    }
+    Ok(report)
+}

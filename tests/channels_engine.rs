@@ -1,0 +1,871 @@
+//! The channel engine in process, over the real state database, gate (Cedar + audit log) and
+//! vault: durable ingress, admission, pairing and the outbox. The platform is scripted.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+#[path = "support/home.rs"]
+mod home;
+#[path = "support/scripted_platform.rs"]
+mod scripted;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use age::secrecy::SecretString;
+use chitin::channels::{
+    Admission, ChannelSettings, ChannelsError, DenyReason, Engine, FailureOutcome, OutboxKind,
+    OutboxNew, OutboxStatus, Sealer, deliver_due, session_key,
+};
+use chitin::clock::{Clock, ManualClock};
+use chitin::config::secrets::{IdentityBackend, SecretsConfig};
+use chitin::gate::Gate;
+use chitin::policy::{EngineSpec, PolicyEngine};
+use chitin::secrets::SecretStore;
+use chitin::secrets::identity::FixedPassphrase;
+use chitin::store::Store;
+use chitin::vault::Vault;
+use chitin_channels::{
+    ChatKind, ChatRef, Event, Inbound, Message, Polled, SendError, Sender as Who,
+};
+use scripted::ScriptedPlatform;
+use zeroize::Zeroizing;
+
+const PASS: &str = "channels-test-pass";
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600_000;
+const CH: &str = "tg";
+
+/// The vault, with a switch that makes sealing fail (to break a commit half-way).
+struct Switchable {
+    vault: Vault,
+    fail: AtomicBool,
+}
+
+impl Sealer for Switchable {
+    fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String> {
+        if self.fail.load(Ordering::SeqCst) {
+            return Err("sealing switched off by the test".into());
+        }
+        Sealer::seal(&self.vault, subject, plaintext)
+    }
+    fn open(&self, subject: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
+        Sealer::open(&self.vault, subject, sealed)
+    }
+}
+
+struct H {
+    _t: tempfile::TempDir,
+    home: PathBuf,
+    clock: ManualClock,
+    gate: Gate,
+    sealer: Arc<Switchable>,
+    engine: Engine,
+}
+
+fn settings() -> ChannelSettings {
+    ChannelSettings {
+        max_send_attempts: 3,
+        ..ChannelSettings::new(CH, "telegram")
+    }
+}
+
+/// A private home where `User::"owner"` is in `Group::"owners"`, `User::"mallory"` in no
+/// group, and `Identity::"telegram:1"` (defined in entities.json) is the owner's.
+fn harness() -> H {
+    let t = tempfile::tempdir().unwrap();
+    let home = home::private_home(t.path(), "home");
+    let ents = serde_json::json!([
+        {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+        {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
+        {"uid": {"type": "Chitin::User", "id": "mallory"}, "attrs": {}, "parents": []},
+        {"uid": {"type": "Chitin::Identity", "id": "telegram:1"}, "attrs": {"channel": CH}, "parents": [{"type": "Chitin::User", "id": "owner"}]}
+    ]);
+    home::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
+    let clock = ManualClock::new(T0);
+    let cfg = SecretsConfig {
+        backend: IdentityBackend::Passphrase,
+        scrypt_work_factor: 16,
+        ..SecretsConfig::default()
+    };
+    let mut secrets = SecretStore::open_with(
+        &home,
+        &cfg,
+        Box::new(FixedPassphrase(SecretString::from(PASS.to_string()))),
+        Arc::new(chitin::clock::SystemClock),
+    )
+    .unwrap();
+    let signer = chitin::secrets::audit_key::signer(&mut secrets, &home).unwrap();
+    let c = clock.clone();
+    let audit = Arc::new(
+        chitin_audit::AuditLog::open(
+            &home,
+            chitin_audit::AuditOptions {
+                signer: Some(Arc::new(signer)),
+                clock: Arc::new(move || c.now_ms()),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    let vault = Vault::from_store(
+        &home,
+        &mut secrets,
+        Arc::new(clock.clone()) as Arc<dyn Clock>,
+    )
+    .unwrap();
+    let policy = PolicyEngine::load(EngineSpec {
+        policy_dir: None,
+        entity_files: vec![home.join("entities.json")],
+        state_dir: Some(home.clone()),
+    })
+    .unwrap();
+    let gate = Gate::new(Arc::new(policy), audit);
+    let sealer = Arc::new(Switchable {
+        vault,
+        fail: AtomicBool::new(false),
+    });
+    let engine = engine_on(&home, &gate, &clock, &sealer);
+    H {
+        _t: t,
+        home,
+        clock,
+        gate,
+        sealer,
+        engine,
+    }
+}
+
+/// An engine on its own connection to `state.db` (as after a restart, or a second sender).
+fn engine_on(home: &Path, gate: &Gate, clock: &ManualClock, sealer: &Arc<Switchable>) -> Engine {
+    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
+    let e = Engine::new(
+        store,
+        gate.clone(),
+        Arc::new(clock.clone()),
+        Arc::clone(sealer) as Arc<dyn Sealer>,
+        vec![settings()],
+    );
+    e.load_managed_entities().unwrap();
+    e
+}
+
+fn dm(sender: &str) -> ChatRef {
+    ChatRef {
+        id: sender.into(),
+        kind: ChatKind::Dm,
+        thread: None,
+    }
+}
+
+fn group() -> ChatRef {
+    ChatRef {
+        id: "-100777".into(),
+        kind: ChatKind::Group,
+        thread: None,
+    }
+}
+
+fn msg(chat: ChatRef, sender: &str, id: &str, text: &str, mentioned: bool) -> Message {
+    Message {
+        chat,
+        message_id: id.into(),
+        sender: Who {
+            id: sender.into(),
+            display: format!("user {sender}"),
+            is_bot: false,
+        },
+        text: text.into(),
+        mentioned,
+        reply_to: None,
+        attachments: Vec::new(),
+    }
+}
+
+fn inbound(event_id: &str, m: Message) -> Inbound {
+    Inbound {
+        event_id: event_id.into(),
+        event: Event::Message(m),
+    }
+}
+
+fn polled(events: Vec<Inbound>, cursor: &str) -> Polled {
+    Polled {
+        events,
+        cursor: Some(cursor.into()),
+    }
+}
+
+fn count(h: &H, sql: &str) -> i64 {
+    let store = Store::open(&h.home.join("state.db")).unwrap();
+    let conn = store.conn().unwrap();
+    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+fn audit_records(h: &H) -> Vec<chitin_audit::Record> {
+    h.gate
+        .audit()
+        .reader()
+        .unwrap()
+        .query(&chitin_audit::Query::default())
+        .unwrap()
+}
+
+/// Every byte Chitin wrote under the home (state.db and its WAL, audit log, vault, ...).
+fn home_bytes_contain(home: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![home.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(b) = std::fs::read(&p)
+                && b.windows(needle.len()).any(|w| w == needle)
+            {
+                hits.push(p);
+            }
+        }
+    }
+    hits
+}
+
+/// The pairing code the engine sent to a stranger (from its one outbox row).
+fn code_sent(h: &H) -> String {
+    let rows = h.engine.outbox(CH).unwrap();
+    let row = rows
+        .iter()
+        .rev()
+        .find(|r| r.kind == OutboxKind::Pairing)
+        .unwrap();
+    row.text
+        .split("Pairing code: ")
+        .nth(1)
+        .unwrap()
+        .chars()
+        .take(8)
+        .collect()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+// ---- durable ingress ----------------------------------------------------------------------
+
+#[test]
+fn a_redelivered_poll_is_committed_once_and_admitted_once() {
+    let h = harness();
+    let p = polled(
+        vec![inbound("u:10", msg(dm("1"), "1", "5", "hello", false))],
+        "11",
+    );
+    let first = h.engine.commit_polled(CH, &p).unwrap();
+    assert_eq!(
+        (first.stored, first.duplicates, first.admitted.len()),
+        (1, 0, 1)
+    );
+    // The platform did not see the acknowledgement (crash after the commit): same update again.
+    let again = h.engine.commit_polled(CH, &p).unwrap();
+    assert_eq!(
+        (again.stored, again.duplicates, again.admitted.len()),
+        (0, 1, 0)
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_events"), 1);
+    assert_eq!(h.engine.next_cursor(CH).unwrap().as_deref(), Some("11"));
+    assert_eq!(h.engine.counters().duplicates, 1);
+}
+
+#[test]
+fn a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_stores_both() {
+    let h = harness();
+    h.engine
+        .commit_polled(CH, &polled(Vec::new(), "10"))
+        .unwrap();
+    let p = polled(
+        vec![
+            inbound("u:10", msg(group(), "666", "7", "not for the bot", false)),
+            inbound("u:11", msg(dm("1"), "1", "8", "admitted, sealed", false)),
+        ],
+        "12",
+    );
+    // The first event is inserted, then sealing the second fails: the transaction is dropped.
+    h.sealer.fail.store(true, Ordering::SeqCst);
+    let err = h.engine.commit_polled(CH, &p).unwrap_err();
+    assert!(
+        matches!(&err, ChannelsError::Seal(m) if m.contains("switched off")),
+        "{err}"
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_events"), 0);
+    assert_eq!(h.engine.next_cursor(CH).unwrap().as_deref(), Some("10"));
+    // The platform redelivers from the old cursor; this time the commit goes through.
+    h.sealer.fail.store(false, Ordering::SeqCst);
+    let ok = h.engine.commit_polled(CH, &p).unwrap();
+    assert_eq!((ok.stored, ok.duplicates), (2, 0));
+    assert_eq!(h.engine.next_cursor(CH).unwrap().as_deref(), Some("12"));
+    let pending = h.engine.admitted_pending(CH).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].message.text, "admitted, sealed");
+    assert_eq!(pending[0].user, "owner");
+    assert!(h.engine.mark_done(pending[0].row_id).unwrap());
+    assert!(h.engine.admitted_pending(CH).unwrap().is_empty());
+}
+
+// ---- admission and pairing ----------------------------------------------------------------
+
+#[test]
+fn an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_gets_none() {
+    let h = harness();
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound(
+                    "u:1",
+                    msg(dm("500"), "500", "1", "hi, who are you?", false),
+                )],
+                "2",
+            ),
+        )
+        .unwrap();
+    assert!(
+        matches!(c.admissions[0].1, Admission::PairingCodeSent { .. }),
+        "{:?}",
+        c.admissions
+    );
+    assert!(c.admitted.is_empty());
+    let rows = h.engine.outbox(CH).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].kind, OutboxKind::Pairing);
+    assert_eq!(rows[0].chat, dm("500"));
+    let code = code_sent(&h);
+    assert_eq!(code.len(), 8);
+    let list = h.engine.pairing_list().unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].code.as_str(), list[0].identity.as_str()),
+        (code.as_str(), "telegram:500")
+    );
+
+    h.clock.advance(10 * 60 * 1000);
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:2", msg(dm("500"), "500", "2", "hello??", false))],
+                "3",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        c.admissions[0].1,
+        Admission::Denied(DenyReason::PairingAlreadySent)
+    );
+    assert_eq!(h.engine.outbox(CH).unwrap().len(), 1, "no second code");
+    // Neither message kept its text.
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM channel_events WHERE text IS NOT NULL"
+        ),
+        0
+    );
+    assert!(home_bytes_contain(&h.home, b"who are you").is_empty());
+    // (The scan does see what is stored in clear: the outbox row with the code.)
+    assert!(!home_bytes_contain(&h.home, code.as_bytes()).is_empty());
+    assert_eq!(h.engine.counters().denied, 2);
+    // The request was audited (and the decisions, by the gate).
+    let recs = audit_records(&h);
+    assert!(recs.iter().any(|r| r.action == "pairing.request"
+        && r.actor == "Chitin::Identity::\"telegram:500\""
+        && r.outcome == "pending"));
+    assert_eq!(
+        recs.iter()
+            .filter(|r| r.action == "message.receive" && r.decision == "deny")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitted() {
+    let h = harness();
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:1", msg(dm("500"), "500", "1", "hi", false))],
+                "2",
+            ),
+        )
+        .unwrap();
+    let code = code_sent(&h);
+    let r = h
+        .engine
+        .pairing_approve(&code.to_lowercase(), "owner", "owner")
+        .unwrap();
+    assert_eq!(
+        (r.status.as_str(), r.user.as_deref()),
+        ("approved", Some("owner"))
+    );
+    assert_eq!(h.engine.users_of("telegram:500").unwrap(), ["owner"]);
+    // The code is single use.
+    let again = h
+        .engine
+        .pairing_approve(&code, "owner", "owner")
+        .unwrap_err();
+    assert!(
+        matches!(&again, ChannelsError::PairingNotPending { status, .. } if status == "approved"),
+        "{again}"
+    );
+    // The person is told, in the DM.
+    let rows = h.engine.outbox(CH).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[1].text.starts_with("Paired"), "{}", rows[1].text);
+
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound(
+                    "u:2",
+                    msg(dm("500"), "500", "2", "secret plans 7d1f", false),
+                )],
+                "3",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        c.admissions[0].1,
+        Admission::Admitted {
+            user: "owner".into(),
+            session: session_key(CH, &dm("500")),
+        }
+    );
+    assert_eq!(c.admitted[0].message.text, "secret plans 7d1f");
+    // Stored sealed: the text is nowhere in clear.
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM channel_events WHERE status = 'admitted' AND text IS NOT NULL AND subject = 'Chitin::User::\"owner\"'"
+        ),
+        1
+    );
+    assert!(home_bytes_contain(&h.home, b"secret plans 7d1f").is_empty());
+    assert_eq!(
+        h.engine.admitted_pending(CH).unwrap()[0].message.text,
+        "secret plans 7d1f"
+    );
+    // The pairing survives a restart (managed store in state.db, loaded into a new engine).
+    let policy = PolicyEngine::load(EngineSpec {
+        policy_dir: None,
+        entity_files: vec![h.home.join("entities.json")],
+        state_dir: Some(h.home.clone()),
+    })
+    .unwrap();
+    let gate2 = Gate::new(Arc::new(policy), Arc::clone(h.gate.audit()));
+    let e2 = engine_on(&h.home, &gate2, &h.clock, &h.sealer);
+    assert_eq!(e2.users_of("telegram:500").unwrap(), ["owner"]);
+    // And a reload of the policies keeps it.
+    gate2.reload_policies("owner").unwrap();
+    assert_eq!(e2.users_of("telegram:500").unwrap(), ["owner"]);
+
+    // Revoking makes it a stranger again.
+    h.engine
+        .pairing_revoke("Chitin::Identity::\"telegram:500\"", "owner")
+        .unwrap();
+    assert!(h.engine.users_of("telegram:500").unwrap().is_empty());
+}
+
+#[test]
+fn a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited() {
+    let h = harness();
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:1", msg(dm("500"), "500", "1", "hi", false))],
+                "2",
+            ),
+        )
+        .unwrap();
+    let code = code_sent(&h);
+    let err = h
+        .engine
+        .pairing_approve(&code, "mallory", "mallory")
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "mallory may not decide pairings (policy decision: deny)"
+    );
+    let recs = audit_records(&h);
+    assert!(recs.iter().any(|r| r.actor == "Chitin::User::\"mallory\""
+        && r.action == "pairing.approve"
+        && r.decision == "deny"));
+    assert!(
+        !recs
+            .iter()
+            .any(|r| r.action == "pairing.approve" && r.kind == "admin")
+    );
+    // Nothing changed: still unpaired, code still open, and the stranger is still refused.
+    assert!(h.engine.users_of("telegram:500").unwrap().is_empty());
+    assert_eq!(h.engine.pairing_list().unwrap().len(), 1);
+    let err = h
+        .engine
+        .pairing_revoke("telegram:1", "mallory")
+        .unwrap_err();
+    assert!(matches!(err, ChannelsError::PairingRefused { .. }), "{err}");
+    // An expired code cannot be approved by anyone.
+    h.clock.advance(61 * 60 * 1000);
+    let err = h
+        .engine
+        .pairing_approve(&code, "owner", "owner")
+        .unwrap_err();
+    assert!(matches!(err, ChannelsError::PairingExpired(_)), "{err}");
+}
+
+#[test]
+fn a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text() {
+    let h = harness();
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![
+                    inbound("u:1", msg(group(), "1", "1", "group chatter c0ffee", false)),
+                    inbound(
+                        "u:2",
+                        msg(group(), "1", "2", "@chitin_bot what time is it", true),
+                    ),
+                ],
+                "3",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        c.admissions[0].1,
+        Admission::Denied(DenyReason::Policy(vec![
+            "admission.groups-need-mention".into()
+        ]))
+    );
+    assert_eq!(
+        c.admissions[1].1,
+        Admission::Admitted {
+            user: "owner".into(),
+            session: session_key(CH, &group()),
+        }
+    );
+    // No pairing code in a group, no text for the denied message anywhere on disk.
+    assert!(h.engine.outbox(CH).unwrap().is_empty());
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM channel_events WHERE status = 'denied' AND text IS NULL AND subject IS NULL"
+        ),
+        1
+    );
+    assert!(home_bytes_contain(&h.home, b"c0ffee").is_empty());
+    // A paired non-owner mentioning the bot in the group is not admitted either.
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:3", msg(dm("600"), "600", "1", "hi", false))],
+                "4",
+            ),
+        )
+        .unwrap();
+    let code = code_sent(&h);
+    h.engine.pairing_approve(&code, "owner", "mallory").unwrap();
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound(
+                    "u:4",
+                    msg(group(), "600", "3", "@chitin_bot hi", true),
+                )],
+                "5",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        c.admissions[0].1,
+        Admission::Denied(DenyReason::Policy(Vec::new()))
+    );
+}
+
+#[test]
+fn each_conversation_and_topic_is_its_own_session() {
+    let topic = ChatRef {
+        thread: Some("9".into()),
+        ..group()
+    };
+    let keys = [
+        session_key(CH, &dm("1")),
+        session_key(CH, &group()),
+        session_key(CH, &topic),
+        session_key("other", &dm("1")),
+    ];
+    let unique: std::collections::BTreeSet<_> = keys.iter().collect();
+    assert_eq!(unique.len(), 4, "{keys:?}");
+    assert_eq!(keys[2], "channel:tg:group:-100777:thread:9");
+}
+
+// ---- outbox --------------------------------------------------------------------------------
+
+fn reply(text: &str) -> OutboxNew {
+    OutboxNew {
+        channel: CH.into(),
+        chat: dm("1"),
+        text: text.into(),
+        buttons: Vec::new(),
+        reply_to: None,
+        kind: OutboxKind::Reply,
+    }
+}
+
+#[test]
+fn two_senders_racing_for_one_row_claim_it_once() {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("once")).unwrap();
+    let a = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    let b = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    let barrier = Barrier::new(2);
+    let now = h.clock.now_ms();
+    let (ra, rb) = std::thread::scope(|s| {
+        let ta = s.spawn(|| {
+            barrier.wait();
+            a.claim_due(CH, now, 10).unwrap()
+        });
+        let tb = s.spawn(|| {
+            barrier.wait();
+            b.claim_due(CH, now, 10).unwrap()
+        });
+        (ta.join().unwrap(), tb.join().unwrap())
+    });
+    let claimed: Vec<i64> = ra.iter().chain(rb.iter()).map(|r| r.id).collect();
+    assert_eq!(claimed, [id]);
+    assert!(h.engine.claim_due(CH, now, 10).unwrap().is_empty());
+}
+
+#[test]
+fn a_429_waits_exactly_retry_after_then_the_row_is_sent_once() {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("after the flood")).unwrap();
+    let p = ScriptedPlatform::new();
+    p.fail_next(SendError::RateLimited {
+        retry_after: Duration::from_secs(7),
+    });
+    let r = block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert_eq!(r.retried, [id]);
+    let row = h.engine.outbox_row(id).unwrap().unwrap();
+    assert_eq!(row.status, OutboxStatus::Queued);
+    assert_eq!(row.next_attempt_ms, T0 + 7_000);
+    assert_eq!(row.attempts, 0, "a rate-limited attempt is not counted");
+    h.clock.advance(6_999);
+    assert!(
+        block_on(deliver_due(&h.engine, CH, &p, 10))
+            .unwrap()
+            .sent
+            .is_empty()
+    );
+    h.clock.advance(1);
+    assert_eq!(
+        block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap().sent,
+        [id]
+    );
+    let row = h.engine.outbox_row(id).unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.platform_message_id.as_deref()),
+        (OutboxStatus::Sent, Some("1001"))
+    );
+    // Sent rows are never sent again.
+    h.clock.advance(3_600_000);
+    assert!(
+        block_on(deliver_due(&h.engine, CH, &p, 10))
+            .unwrap()
+            .sent
+            .is_empty()
+    );
+    assert_eq!(p.sends().len(), 2);
+}
+
+#[test]
+fn a_permanent_refusal_marks_the_row_failed_and_it_is_not_retried() {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("to a blocked chat")).unwrap();
+    let p = ScriptedPlatform::new();
+    p.fail_next(SendError::Permanent(
+        "Forbidden: bot was blocked by the user".into(),
+    ));
+    assert_eq!(
+        block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap().failed,
+        [id]
+    );
+    let row = h.engine.outbox_row(id).unwrap().unwrap();
+    assert_eq!(row.status, OutboxStatus::Failed);
+    assert!(row.last_error.unwrap().contains("blocked by the user"));
+    h.clock.advance(3_600_000);
+    assert!(
+        h.engine
+            .claim_due(CH, h.clock.now_ms(), 10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(p.sends().len(), 1);
+    assert!(
+        audit_records(&h)
+            .iter()
+            .any(|r| r.action == "message.send" && r.outcome == "failed")
+    );
+}
+
+#[test]
+fn transient_failures_back_off_and_end_as_a_dead_letter_after_the_last_attempt() {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("into the void")).unwrap();
+    let p = ScriptedPlatform::new();
+    let transient = || SendError::Transient {
+        message: "HTTP 502".into(),
+        maybe_delivered: false,
+    };
+    for attempt in 1..=2u32 {
+        p.fail_next(transient());
+        let now = h.clock.now_ms();
+        assert_eq!(
+            block_on(deliver_due(&h.engine, CH, &p, 10))
+                .unwrap()
+                .retried,
+            [id]
+        );
+        let row = h.engine.outbox_row(id).unwrap().unwrap();
+        let full = 1_000 * (1_i64 << (attempt - 1));
+        assert!(
+            (now + full / 2..=now + full).contains(&row.next_attempt_ms),
+            "attempt {attempt}: due {} not in the backoff band",
+            row.next_attempt_ms - now
+        );
+        h.clock.set(row.next_attempt_ms);
+    }
+    p.fail_next(transient());
+    assert_eq!(
+        block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap().dead,
+        [id]
+    );
+    let row = h.engine.outbox_row(id).unwrap().unwrap();
+    assert_eq!((row.status, row.attempts), (OutboxStatus::Dead, 3));
+    assert!(
+        row.last_error
+            .unwrap()
+            .starts_with("retries exhausted after 3 attempts")
+    );
+    assert_eq!(h.engine.status(CH).unwrap().dead, 1);
+    assert_eq!(h.engine.counters().dead, 1);
+    assert!(
+        audit_records(&h)
+            .iter()
+            .any(|r| r.action == "message.send" && r.outcome == "dead")
+    );
+    h.clock.advance(3_600_000);
+    assert!(
+        h.engine
+            .claim_due(CH, h.clock.now_ms(), 10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_row_left_sending_by_a_crash_is_not_resent_silently_after_the_restart() {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("maybe twice")).unwrap();
+    let claimed = h.engine.claim_due(CH, h.clock.now_ms(), 10).unwrap();
+    assert_eq!(claimed.len(), 1);
+    // The gateway dies here (the request may have reached the platform). Restart:
+    let restarted = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    assert_eq!(restarted.recover_interrupted_sends().unwrap(), [id]);
+    let row = restarted.outbox_row(id).unwrap().unwrap();
+    assert_eq!(row.status, OutboxStatus::Failed);
+    assert!(row.last_error.unwrap().contains("may have been delivered"));
+    let p = ScriptedPlatform::new();
+    h.clock.advance(3_600_000);
+    let r = block_on(deliver_due(&restarted, CH, &p, 10)).unwrap();
+    assert!(r.sent.is_empty());
+    assert!(p.sends().is_empty(), "nothing is re-sent");
+    // A late answer from the old process cannot flip it to sent either.
+    assert!(matches!(
+        h.engine.record_sent(id, "999"),
+        Err(ChannelsError::NotSending(_))
+    ));
+    assert_eq!(restarted.counters().maybe_delivered, 1);
+    assert!(audit_records(&h).iter().any(|r| {
+        r.action == "message.send"
+            && r.outcome == "failed"
+            && r.payload
+                .as_deref()
+                .is_some_and(|p| p.contains("may have been delivered"))
+    }));
+}
+
+#[test]
+fn a_timeout_after_the_request_went_out_is_not_retried_and_a_chats_rows_stay_in_order() {
+    let h = harness();
+    let first = h.engine.enqueue(&reply("one")).unwrap();
+    let second = h.engine.enqueue(&reply("two")).unwrap();
+    // Only the oldest unsent row of a chat is claimable.
+    let c = h.engine.claim_due(CH, h.clock.now_ms(), 10).unwrap();
+    assert_eq!(c.iter().map(|r| r.id).collect::<Vec<_>>(), [first]);
+    assert_eq!(
+        h.engine
+            .record_failure(
+                first,
+                &SendError::Transient {
+                    message: "timed out waiting for the answer".into(),
+                    maybe_delivered: true,
+                }
+            )
+            .unwrap(),
+        FailureOutcome::Failed
+    );
+    let p = ScriptedPlatform::new();
+    let r = block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert_eq!(r.sent, [second]);
+    assert_eq!(p.sends().len(), 1);
+    assert_eq!(p.sends()[0].text, "two");
+}
+
+#[test]
+fn a_long_reply_is_queued_in_parts_within_the_limit() {
+    let h = harness();
+    let para = "word ".repeat(199) + "word";
+    let text = vec![para; 10].join("\n\n");
+    let ids = h.engine.enqueue_split(&reply(&text), 4096).unwrap();
+    assert_eq!(ids.len(), 3);
+    let rows = h.engine.outbox(CH).unwrap();
+    // Telegram counts UTF-16 code units; the parts are cut after paragraph breaks and join
+    // back to exactly the text.
+    assert!(rows.iter().all(|r| r.text.encode_utf16().count() <= 4096));
+    assert!(
+        rows[..rows.len() - 1]
+            .iter()
+            .all(|r| r.text.ends_with("\n\n"))
+    );
+    assert_eq!(
+        rows.iter().map(|r| r.text.as_str()).collect::<String>(),
+        text
+    );
+}
