@@ -203,6 +203,19 @@ const MIGRATIONS: &[&str] = &[
         added_by   TEXT NOT NULL,
         added_ms   INTEGER NOT NULL
      ) STRICT;",
+    // 6: prompt files (`AGENTS.md`, ...) whose content was written by a run of a tainted
+    // session (`tools::prompt_guard`): the system prompt shows that exact content (`digest`)
+    // as untrusted data. One row per content; `session`/`run_id`/`at_ms` of the latest run
+    // that wrote it.
+    "CREATE TABLE prompt_file_taint (
+        workspace  TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        digest     TEXT NOT NULL,
+        session    TEXT NOT NULL,
+        run_id     TEXT,
+        at_ms      INTEGER NOT NULL,
+        PRIMARY KEY (workspace, name, digest)
+     ) STRICT;",
 ];
 
 /// The state database.

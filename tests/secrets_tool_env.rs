@@ -190,7 +190,10 @@ fn env_with(entries: Vec<SecretEnvEntry>) -> Env {
     plain.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     let sandbox = plain
         .clone()
-        .with_secret_env(Arc::new(ToolSecrets::new(gate.clone(), shared.clone())));
+        .with_secret_env(Arc::new(ToolSecrets::new(gate.clone(), shared.clone())))
+        .with_prompt_marks(chitin::tools::prompt_guard::PromptMarks::new(Arc::new(
+            chitin::store::Store::open(&home.join("state.db")).unwrap(),
+        )));
     let ws = w.path().canonicalize().unwrap();
     let call = CallContext {
         user: "owner".into(),

@@ -884,3 +884,78 @@ fn a_huge_refused_call_is_audited_by_size_digest_and_head_not_whole() {
         json!(small.to_string())
     );
 }
+
+// ---- issue #13 item 11: prompt files changed by tainted runs ---------------------------------
+
+#[test]
+fn a_tainted_call_without_the_prompt_file_record_does_not_run() {
+    let e = env();
+    let call = CallContext {
+        tainted: true,
+        ..e.call.clone()
+    };
+    let err = invoke(
+        &e.gate,
+        &e.sandbox,
+        &call,
+        "exec",
+        &json!({"argv": ["sh", "-c", "printf OBEY > AGENTS.md"]}),
+        None,
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the gateway has no record of prompt files changed by tainted runs (state.db); nothing ran"
+    );
+    assert!(!e.ws.join("AGENTS.md").exists());
+}
+
+#[test]
+fn an_untainted_write_of_a_prompt_file_vouches_for_its_content() {
+    use chitin::tools::prompt_guard::{PromptMarks, digest};
+    let e = env();
+    let marks = PromptMarks::new(Arc::new(
+        chitin::store::Store::open(&e.home.join("state.db")).unwrap(),
+    ));
+    let sb = e.sandbox.clone().with_prompt_marks(marks.clone());
+    let tainted = CallContext {
+        tainted: true,
+        ..e.call.clone()
+    };
+    let obey = digest("OBEY", 4);
+    let ran = invoke(
+        &e.gate,
+        &sb,
+        &tainted,
+        "exec",
+        &json!({"argv": ["sh", "-c", "printf OBEY > AGENTS.md"]}),
+        None,
+    )
+    .unwrap();
+    assert!(matches!(ran, Invoked::Ran { .. }), "{ran:?}");
+    assert!(marks.is_marked(&e.ws, "AGENTS.md", &obey).unwrap());
+    // The operator's own call (untainted, as `/tools/invoke` makes them) writes that content.
+    let ran = invoke(
+        &e.gate,
+        &sb,
+        &e.call,
+        "write_file",
+        &json!({"path": "AGENTS.md", "content": "OBEY"}),
+        None,
+    )
+    .unwrap();
+    assert!(matches!(ran, Invoked::Ran { .. }), "{ran:?}");
+    assert!(!marks.is_marked(&e.ws, "AGENTS.md", &obey).unwrap());
+    let actions: Vec<String> = records(&e)
+        .into_iter()
+        .filter(|r| r.kind == "system")
+        .map(|r| r.action)
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "workspace.prompt_file.untrusted",
+            "workspace.prompt_file.trusted"
+        ]
+    );
+}

@@ -113,7 +113,7 @@ fn a_bootstrap_file_symlinked_to_a_0600_host_file_is_skipped_and_never_read() {
             },
         ]
     );
-    let prompt = context::system_prompt("", &d.ws);
+    let prompt = context::system_prompt("", &d.ws, &|_, _| false).text;
     assert!(!prompt.contains(HOST_SECRET));
     assert!(prompt.contains(&format!("[workspace file AGENTS.md {SKIPPED_NOTE}")));
     assert!(
@@ -136,7 +136,7 @@ fn racing_a_symlink_swap_never_puts_a_host_file_into_the_prompt() {
         ROUNDS,
         move || exchange(&ws, "AGENTS.md", "AGENTS.alt"),
         || {
-            let prompt = context::system_prompt("", &d.ws);
+            let prompt = context::system_prompt("", &d.ws, &|_, _| false).text;
             assert!(!prompt.contains(HOST_SECRET), "{prompt}");
             if prompt.contains("benign agents file") {
                 included += 1;
@@ -188,7 +188,7 @@ fn a_fifo_as_a_bootstrap_file_is_skipped_without_blocking() {
             },
         ]
     );
-    let prompt = context::system_prompt("", &d.ws);
+    let prompt = context::system_prompt("", &d.ws, &|_, _| false).text;
     assert!(!prompt.contains("FIFO-CANARY"));
     drop(writer);
     // Without any writer (the case that blocked gateway threads for good) the same holds.
@@ -214,7 +214,7 @@ fn a_sparse_250_mb_bootstrap_file_is_read_only_up_to_the_limit() {
     drop(f);
     let before = peak_rss_kib();
     let got = context::bootstrap(&d.ws);
-    let prompt = context::system_prompt("", &d.ws);
+    let prompt = context::system_prompt("", &d.ws, &|_, _| false).text;
     let grown_mib = (peak_rss_kib() - before) / 1024;
     // The old code read the whole file (250 MB) before cutting it.
     assert!(grown_mib < 64, "peak RSS grew by {grown_mib} MiB");
@@ -241,7 +241,7 @@ fn a_bootstrap_file_hard_linked_to_a_host_file_is_refused() {
             reason: "`MEMORY.md` has 2 hard links, so other names for it may be outside the workspace; copy it instead of linking it".into(),
         }]
     );
-    let prompt = context::system_prompt("", &d.ws);
+    let prompt = context::system_prompt("", &d.ws, &|_, _| false).text;
     assert!(!prompt.contains(HOST_SECRET));
     assert!(prompt.contains(&format!("[workspace file MEMORY.md {SKIPPED_NOTE}")));
 }

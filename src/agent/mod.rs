@@ -42,6 +42,7 @@ use crate::store::Store;
 use crate::tools::Sandbox;
 use crate::tools::cancel::{Cancel, CancelReason};
 use crate::tools::invoke::{InvokeError, Invoked};
+use crate::tools::prompt_guard::PromptMarks;
 pub use transcripts::{Sealer, Stored, StoredCall, Transcripts};
 
 /// The reply when no model is configured.
@@ -1084,10 +1085,21 @@ impl Run {
         if self.prompt.is_none() {
             let inner = Arc::clone(&self.inner);
             let u = self.user.clone();
-            self.prompt = Some(
-                blocking(move || {
-                    let mut system =
-                        context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace);
+            let (prompt, untrusted) = blocking(move || {
+                    // Bootstrap files written by a tainted tool run are shown as data; when
+                    // the record cannot be read, every one of them is.
+                    let marks = PromptMarks::new(Arc::clone(&inner.p.store));
+                    let ws = crate::wsfs::canonical_root(&inner.p.workspace)
+                        .unwrap_or_else(|_| inner.p.workspace.clone());
+                    let is_marked = |name: &str, digest: &str| {
+                        marks.is_marked(&ws, name, digest).unwrap_or_else(|e| {
+                            tracing::warn!(error = %e, "prompt-file record unreadable: bootstrap files shown as untrusted");
+                            true
+                        })
+                    };
+                    let prompt =
+                        context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace, &is_marked);
+                    let mut system = prompt.text;
                     let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
                     let installed = inner
                         .p
@@ -1100,10 +1112,14 @@ impl Run {
                         system.push_str(&skills::catalog(&installed));
                         tools.push(skills::spec(&installed));
                     }
-                    (system, tools)
+                    ((system, tools), prompt.untrusted)
                 })
-                .await?,
-            );
+                .await?;
+            if !untrusted.is_empty() {
+                // The run reads content no one vouched for.
+                self.taint().await?;
+            }
+            self.prompt = Some(prompt);
         }
         let (system, tools) = self.prompt.clone().unwrap_or_default();
         let inner = Arc::clone(&self.inner);
@@ -1358,7 +1374,12 @@ impl Run {
             let (name, a) = (c.name.clone(), args.clone());
             let inner = Arc::clone(&self.inner);
             // The sandbox of this call is stopped when the run is cancelled or times out.
-            let sandbox = inner.p.sandbox.clone().with_cancel(self.cancel.clone());
+            let sandbox = inner
+                .p
+                .sandbox
+                .clone()
+                .with_cancel(self.cancel.clone())
+                .with_prompt_marks(PromptMarks::new(Arc::clone(&inner.p.store)).for_run(&self.id));
             let task = tokio::task::spawn_blocking(move || {
                 crate::tools::invoke::invoke(
                     &inner.p.gate,

@@ -158,10 +158,14 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )?);
     let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
-    let sandbox = sandbox.with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
-        gate.clone(),
-        secrets.clone(),
-    )));
+    let sandbox = sandbox
+        .with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
+            gate.clone(),
+            secrets.clone(),
+        )))
+        .with_prompt_marks(crate::tools::prompt_guard::PromptMarks::new(Arc::clone(
+            &store,
+        )));
     if config.agent.model.trim().is_empty() {
         println!(
             "no model is configured: chat answers with how to add one ([[providers]] and [agent] model in {})",

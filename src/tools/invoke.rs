@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{
     EditFileArgs, ExecArgs, ListDirArgs, ReadFileArgs, Sandbox, ToolError, ToolResult, Workspace,
-    WriteFileArgs, fetch::WebFetchArgs,
+    WriteFileArgs, fetch::WebFetchArgs, prompt_guard,
 };
 use crate::approvals::{ApprovalError, Approvals};
 use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
@@ -211,7 +211,38 @@ pub fn invoke(
     };
     let ws = Workspace::new(&call.workspace)?;
     let started = std::time::Instant::now();
-    let run = run_parsed(&auth, &sb, &ws, &parsed);
+    // Around a sandboxed run of a tainted call: which prompt files it changed (recorded as
+    // untrusted); an approved or untainted write of one vouches for its content.
+    let target = match &parsed {
+        Parsed::Write(a) => ws
+            .resolve(&a.path)
+            .ok()
+            .and_then(|p| prompt_guard::Target::of(&p.rel, Some(&a.content))),
+        Parsed::Edit(a) => ws
+            .resolve(&a.path)
+            .ok()
+            .and_then(|p| prompt_guard::Target::of(&p.rel, None)),
+        _ => None,
+    };
+    let watch = prompt_guard::Watch {
+        call,
+        actor: &actor,
+        tool,
+        approved: redeemed_id.is_some(),
+        target: target.as_ref(),
+    };
+    let (run, watched) = match &parsed {
+        // `web_fetch` runs no sandbox and touches no file.
+        Parsed::Fetch(_) => (run_parsed(&auth, &sb, &ws, &parsed), Ok(())),
+        _ => match prompt_guard::Guard::before(sb.prompt_marks(), ws.root(), watch) {
+            Ok(guard) => {
+                let run = run_parsed(&auth, &sb, &ws, &parsed);
+                let watched = guard.after(gate.audit(), run.is_ok()).map(|_| ());
+                (run, watched)
+            }
+            Err(e) => (Err(ToolError::from(e)), Ok(())),
+        },
+    };
     let argv = match &parsed {
         Parsed::Exec(a) => a.argv.clone(),
         Parsed::Fetch(a) => vec![tool.to_string(), a.method.clone(), a.url.clone()],
@@ -246,6 +277,13 @@ pub fn invoke(
         input = input.with_outcome(format!("error: {}", redact_str(&e.to_string())));
     }
     let audited = gate.audit().append(input);
+    // Prompt files this run changed that could not be recorded as untrusted: report it like
+    // a run whose record failed (it ran; stop before running more).
+    let audited = match (audited, watched) {
+        (Ok(_), Err(w)) => Err(w),
+        (Ok(r), Ok(())) => Ok(r),
+        (Err(e), _) => Err(e.to_string()),
+    };
     let mut result = match (run, audited) {
         (Ok(r), Ok(_)) => r,
         (Ok(mut r), Err(e)) => {
@@ -257,7 +295,7 @@ pub fn invoke(
                 decision: Box::new(decision),
             });
         }
-        (Err(_), Err(e)) => return Err(InvokeError::Audit(e.to_string())),
+        (Err(_), Err(e)) => return Err(InvokeError::Audit(e)),
         (Err(e), Ok(_)) => return Err(e.into()),
     };
     result.redact_with(|s| gate.redact(s));

@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod fetch;
 pub mod helper;
 pub mod invoke;
+pub mod prompt_guard;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -73,6 +74,9 @@ pub enum ToolError {
     /// The run was cancelled (or timed out) before the tool started; nothing ran.
     #[error("the run was {0} before this tool started; nothing ran")]
     Cancelled(&'static str),
+    /// A tainted call whose changes to the prompt files could not be watched; nothing ran.
+    #[error(transparent)]
+    PromptGuard(#[from] prompt_guard::GuardError),
 }
 
 // ---- strict argument types (what the model sends) --------------------------------------------
@@ -457,6 +461,9 @@ pub struct Sandbox {
     call: Option<crate::gate::CallContext>,
     /// Stops the launcher of a call in progress when the run is cancelled or times out.
     cancel: Option<cancel::Cancel>,
+    /// Where the prompt files a tainted run changes are recorded (without it, tainted calls
+    /// do not run).
+    prompt_marks: Option<prompt_guard::PromptMarks>,
 }
 
 impl Sandbox {
@@ -479,6 +486,7 @@ impl Sandbox {
             secret_env: None,
             call: None,
             cancel: None,
+            prompt_marks: None,
         })
     }
 
@@ -506,6 +514,19 @@ impl Sandbox {
     pub fn for_call(mut self, call: &crate::gate::CallContext) -> Self {
         self.call = Some(call.clone());
         self
+    }
+
+    /// Records the prompt files that tainted runs through this sandbox change
+    /// ([`prompt_guard`]); a tainted call does not run without it.
+    #[must_use]
+    pub fn with_prompt_marks(mut self, marks: prompt_guard::PromptMarks) -> Self {
+        self.prompt_marks = Some(marks);
+        self
+    }
+
+    /// The record of prompt files changed by tainted runs, if attached.
+    pub fn prompt_marks(&self) -> Option<&prompt_guard::PromptMarks> {
+        self.prompt_marks.as_ref()
     }
 
     /// Whether tool-environment secrets are enabled ([`Self::with_secret_env`]).
@@ -1007,6 +1028,7 @@ mod tests {
             secret_env: None,
             call: None,
             cancel: None,
+            prompt_marks: None,
         };
         let e = exec(
             &auth,
@@ -1046,6 +1068,7 @@ mod tests {
             secret_env: None,
             call: None,
             cancel: None,
+            prompt_marks: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1122,6 +1145,7 @@ mod tests {
             secret_env: None,
             call: None,
             cancel: None,
+            prompt_marks: None,
         };
         (home, d, w, sb)
     }
