@@ -58,6 +58,9 @@ const PATH_OPS: &[&str] = &[
     ".read_dir()",
     ".read_link()",
     ".symlink_metadata()",
+    ".is_file()",
+    ".is_dir()",
+    ".is_symlink()",
 ];
 
 /// Extra patterns for the modules that handle workspace paths: no importing path functions
@@ -89,6 +92,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "src/gate.rs",
         Some("canonical_existing"),
         "canonicalizes the configured workspace root and host paths outside the workspace (system programs found on the tool PATH, or a program path that `wsfs::locate` found to lead outside); paths inside the workspace go through `wsfs::locate`",
+    ),
+    (
+        "src/gate.rs",
+        Some("resolve_program"),
+        "looks a bare program name up in the system directories of the tool PATH (`/usr/bin`, ...), never in the workspace; a program path with `/` goes through `wsfs::locate`",
     ),
     (
         "src/gateway/mod.rs",
