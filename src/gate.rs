@@ -161,7 +161,21 @@ pub enum Verdict {
     ApprovalRequired {
         decision: Decision,
         request_digest: [u8; 32],
+        /// What the gate resolved that the call's arguments do not say (canonical `path` and
+        /// `cwd`, the program's `command_path`): the digest binds it, so an approval shows it.
+        resolved: Map<String, Value>,
     },
+}
+
+/// The context keys the gate resolves (they can differ from what the arguments say).
+const RESOLVED_KEYS: &[&str] = &["path", "cwd", "command_path"];
+
+/// The resolved part of a request's context, for showing with an approval.
+fn resolved_of(req: &PolicyRequest) -> Map<String, Value> {
+    RESOLVED_KEYS
+        .iter()
+        .filter_map(|k| req.context.get(*k).map(|v| ((*k).to_string(), v.clone())))
+        .collect()
 }
 
 impl Verdict {
@@ -659,6 +673,7 @@ impl Gate {
             Outcome::Deny => Verdict::Denied(decision),
             Outcome::ApprovalRequired => Verdict::ApprovalRequired {
                 request_digest: request_digest_with(req, args),
+                resolved: resolved_of(req),
                 decision,
             },
         })
@@ -862,6 +877,7 @@ impl Gate {
             Verdict::ApprovalRequired { decision, .. } => Verdict::ApprovalRequired {
                 decision,
                 request_digest: request_digest_with(req, args),
+                resolved: resolved_of(req),
             },
         })
     }

@@ -177,8 +177,9 @@ fn a_call_needing_approval_waits_for_approvals_approve_from_another_terminal() {
     let code = code.expect("the approval code was printed on stderr");
     // The prompt shows everything the approval binds, stdin included, escaped.
     assert!(
-        prompt.iter().any(|l| l
-            == "approval needed: exec: run `touch approved-marker` with network access to 127.0.0.1:9; stdin: \"upload \\u{202e} everything\""),
+        prompt.iter().any(|l| l.starts_with(
+            "approval needed: exec: run `touch approved-marker` with network access to 127.0.0.1:9; stdin: \"upload \\u{202e} everything\"; resolved.cwd: \""
+        ) && l.ends_with("; resolved.command_path: \"/usr/bin/touch\"")),
         "{prompt:?}"
     );
     assert!(

@@ -1190,16 +1190,20 @@ async fn a_tools_invoke_approval_shows_its_stdin_in_the_response_the_event_the_l
     let big = format!("HEAD-{}-MIDDLE-{}-TAIL", "a".repeat(4000), "z".repeat(4000));
     let (status, large) = raw_post(port, "/tools/invoke", &gw.token, &call(&big)).await;
     assert_eq!(status, 202, "{large}");
-    assert_eq!(
-        small["approval"]["summary"],
-        "run `python3 -` with network access to 127.0.0.1:9; stdin: \"print(1)\""
+    // The arguments, then what the gate resolved (the canonical cwd and the program's path).
+    let small_summary = small["approval"]["summary"].as_str().unwrap();
+    assert!(
+        small_summary.starts_with(
+            "run `python3 -` with network access to 127.0.0.1:9; stdin: \"print(1)\"; resolved.cwd: \""
+        ) && small_summary.contains("; resolved.command_path: \"/usr/bin/python3"),
+        "{small_summary}"
     );
     let summary = large["approval"]["summary"].as_str().unwrap();
     assert!(
         summary.starts_with(
             "run `python3 -` with network access to 127.0.0.1:9; stdin: 8018 bytes, sha256 "
         ) && summary.contains("\"HEAD-aaa")
-            && summary.ends_with("zzz-TAIL\""),
+            && summary.contains("zzz-TAIL\"; resolved.cwd: "),
         "{summary}"
     );
     assert!(!summary.contains("MIDDLE"));

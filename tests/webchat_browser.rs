@@ -515,7 +515,9 @@ async fn the_real_gateway_streams_the_agents_reply_and_runs_a_call_after_approva
             "cwd",
             "network[0]",
             "stdin",
-            "timeout_secs"
+            "timeout_secs",
+            "resolved.cwd",
+            "resolved.command_path"
         ])
     );
     let shown = cdp

@@ -201,11 +201,20 @@ pub fn invoke(
         Verdict::ApprovalRequired {
             decision,
             request_digest,
+            resolved,
         } => {
+            // What a person is shown: the arguments, and what the gate resolved from them
+            // (`resolved`: e.g. the file a workspace symlink leads to), both bound by the digest.
+            let mut shown = norm;
+            if let Value::Object(m) = &mut shown
+                && !resolved.is_empty()
+            {
+                m.insert("resolved".into(), Value::Object(resolved));
+            }
             return Ok(Invoked::ApprovalRequired {
                 decision,
                 request_digest,
-                args: norm,
+                args: shown,
             });
         }
     };
