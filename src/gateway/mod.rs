@@ -19,6 +19,7 @@
 pub mod agent_backend;
 pub mod auth;
 pub mod backend;
+pub mod channels;
 pub mod logging;
 pub mod metrics;
 mod openai;
@@ -110,6 +111,8 @@ pub struct Parts {
     pub shared_secrets: Option<crate::secrets::SharedSecretStore>,
     /// Retention and scheduled backups, run once a minute when due.
     pub lifecycle: Option<crate::lifecycle::Lifecycle>,
+    /// The chat channels (`[[channels]]`); none configured: nothing of them runs.
+    pub channels: Option<channels::ChannelsRuntime>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -310,6 +313,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             Err(e) => error!(error = %e, "could not resume unfinished runs"),
         }
     }
+    let channel_agent = parts.agent.clone();
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
         shared_secrets: parts.shared_secrets,
@@ -365,6 +369,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
+    if let Some(ch) = parts.channels {
+        ch.spawn(channel_agent, stop_rx.clone());
+    }
     tokio::spawn(watch_files(Arc::clone(&app)));
     tokio::spawn(auth_summaries(Arc::clone(&app)));
 

@@ -1,0 +1,497 @@
+//! The channel runtime of `chitin gateway` (only when `[[channels]]` are configured): for each
+//! channel, the bot token released through the gate (Cedar `secret.use` by
+//! `Chitin::Channel::"<name>"` for the API host), the platform adapter, a polling task
+//! (poll → commit events and cursor in one transaction → one agent turn per admitted message →
+//! its reply into the durable outbox) and a delivery task (interrupted sends recovered at start,
+//! then the due outbox rows sent whenever one is queued, and at least once a second for retries
+//! and rows queued by another process such as `chitin pairing approve`).
+//!
+//! Nothing here logs a token: the adapters keep it out of their errors, and only channel names,
+//! counts and ids are logged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitin_channels::telegram::{Telegram, TelegramConfig, TelegramMode, default_allowed_updates};
+use chitin_channels::{ChannelError, ChatRef, Platform};
+use serde_json::{Map, json};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+use zeroize::Zeroizing;
+
+use crate::channels::{
+    AdmittedEvent, ChannelSettings, Engine, OutboxKind, OutboxNew, Sealer, deliver_due,
+};
+use crate::config::channels::{ChannelConfig, ChannelKind, ChannelMode};
+use crate::gate::{Gate, Verdict};
+use crate::policy::PolicyRequest;
+use crate::secrets::{SecretRef, SharedSecretStore};
+
+/// Outbox rows sent per delivery step.
+const DELIVERY_BATCH: usize = 16;
+/// How often the delivery task looks for due rows without being woken.
+const DELIVERY_TICK: Duration = Duration::from_secs(1);
+/// Pause after a failed poll (network, 5xx, protocol).
+const POLL_ERROR_PAUSE: Duration = Duration::from_secs(5);
+/// Pause after the platform refused the credentials.
+const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(60);
+/// How often the typing indicator is renewed while a turn runs.
+const TYPING_EVERY: Duration = Duration::from_secs(4);
+/// The longest a turn is waited for before its reply is given up.
+const TURN_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// One channel ready to run: its name and connected-on-start adapter.
+struct Channel {
+    name: String,
+    platform: Arc<dyn Platform>,
+}
+
+/// The channels of this gateway and the engine they share.
+pub struct ChannelsRuntime {
+    engine: Arc<Engine>,
+    channels: Vec<Channel>,
+}
+
+impl std::fmt::Debug for ChannelsRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelsRuntime")
+            .field(
+                "channels",
+                &self.channels.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Releases a channel credential through the gate: Cedar `secret.use` by
+/// `Chitin::Channel::"<channel>"` on the secret, with `host` the API host; only an allow
+/// reaches the secret store (which checks the audience again and audits the release).
+pub fn release_credential(
+    gate: &Gate,
+    secrets: &SharedSecretStore,
+    channel: &str,
+    secret: &SecretRef,
+    host: &str,
+) -> Result<Zeroizing<String>, String> {
+    let SecretRef::Secret(name) = secret else {
+        return Err(format!(
+            "channel `{channel}`: credentials must be \"secret:NAME\" references"
+        ));
+    };
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let uid = |s: String| {
+        s.parse::<cedar_policy::EntityUid>()
+            .map_err(|e| format!("invalid entity: {e}"))
+    };
+    let mut context = Map::new();
+    context.insert("host".into(), json!(host));
+    let req = PolicyRequest {
+        principal: uid(format!("Chitin::Channel::{}", q(channel)))?,
+        action: crate::policy::Action::SecretUse.uid(),
+        resource: uid(format!("Chitin::Secret::{}", q(name.as_str())))?,
+        context,
+    };
+    let extra: Vec<serde_json::Value> = secrets.cedar_entity(name).into_iter().collect();
+    let verdict = gate
+        .check_with_entities(&req, &extra)
+        .map_err(|e| e.to_string())?;
+    let refused = |why: &str| {
+        format!(
+            "{why}: secret.use by Chitin::Channel::\"{channel}\" on secret {} for host {host}; \
+             store the token with `chitin secrets set {} --audience {host}`",
+            name.as_str(),
+            name.as_str()
+        )
+    };
+    let authz = match verdict {
+        Verdict::Allowed(a, _) => a,
+        Verdict::Denied(_) => return Err(refused("policy denied")),
+        Verdict::ApprovalRequired { .. } => {
+            return Err(refused(
+                "policy asks for an approval, which start-up cannot wait for",
+            ));
+        }
+    };
+    let value = secrets
+        .release(&authz, host, gate.audit().as_ref())
+        .map_err(|e| e.to_string())?;
+    let text = value
+        .expose_str()
+        .ok_or_else(|| format!("secret {} is not UTF-8 text", name.as_str()))?;
+    Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+/// Builds the adapter of one `[[channels]]` table, its token released through the gate.
+fn adapter(
+    c: &ChannelConfig,
+    gate: &Gate,
+    secrets: &SharedSecretStore,
+) -> Result<Arc<dyn Platform>, String> {
+    let (api_base, host) = c.parsed_api_base()?;
+    let token = release_credential(gate, secrets, &c.name, &c.token.0, &host)?;
+    match c.kind {
+        ChannelKind::Telegram => {
+            if c.mode == ChannelMode::Webhook {
+                return Err(format!(
+                    "channel `{}`: webhook mode is not served by this gateway yet; use mode = \"polling\"",
+                    c.name
+                ));
+            }
+            let cfg = TelegramConfig {
+                api_base,
+                token,
+                mode: TelegramMode::Polling,
+                webhook_secret: None,
+                poll_timeout_secs: u32::try_from(c.poll_timeout_secs).unwrap_or(30),
+                allowed_updates: default_allowed_updates(),
+            };
+            let t = Telegram::new(cfg).map_err(|e| format!("channel `{}`: {e}", c.name))?;
+            Ok(Arc::new(t))
+        }
+    }
+}
+
+impl ChannelsRuntime {
+    /// The runtime of the configured channels (`None` when there are none). A channel whose
+    /// token cannot be released or whose adapter cannot be built is logged and left out; the
+    /// gateway runs without it.
+    pub fn build(
+        configs: &[ChannelConfig],
+        gate: &Gate,
+        store: &Arc<crate::store::Store>,
+        clock: &Arc<dyn crate::clock::Clock>,
+        secrets: &SharedSecretStore,
+        sealer: Arc<dyn Sealer>,
+    ) -> Option<Self> {
+        if configs.is_empty() {
+            return None;
+        }
+        let engine = Arc::new(Engine::new(
+            Arc::clone(store),
+            gate.clone(),
+            Arc::clone(clock),
+            sealer,
+            configs.iter().map(ChannelSettings::from_config).collect(),
+        ));
+        let mut channels = Vec::new();
+        for c in configs {
+            match adapter(c, gate, secrets) {
+                Ok(platform) => channels.push(Channel {
+                    name: c.name.clone(),
+                    platform,
+                }),
+                Err(e) => error!(channel = %c.name, error = %e, "channel not started"),
+            }
+        }
+        Some(Self { engine, channels })
+    }
+
+    /// Starts the tasks of every channel; they stop when `stop` turns true.
+    pub fn spawn(self, agent: Option<crate::agent::Agent>, stop: watch::Receiver<bool>) {
+        if let Err(e) = self.engine.load_managed_entities() {
+            error!(error = %e, "paired identities could not be loaded");
+        }
+        match self.engine.recover_interrupted_sends() {
+            Ok(ids) if !ids.is_empty() => warn!(
+                rows = ids.len(),
+                "outbox rows interrupted while sending are marked failed (may have been delivered)"
+            ),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "interrupted sends could not be recovered"),
+        }
+        let mut wakers = BTreeMap::new();
+        for ch in self.channels {
+            let notify = Arc::new(Notify::new());
+            wakers.insert(ch.name.clone(), Arc::clone(&notify));
+            tokio::spawn(deliver_loop(
+                Arc::clone(&self.engine),
+                ch.name.clone(),
+                Arc::clone(&ch.platform),
+                Arc::clone(&notify),
+                stop.clone(),
+            ));
+            tokio::spawn(poll_loop(
+                Arc::clone(&self.engine),
+                ch.name,
+                ch.platform,
+                notify,
+                agent.clone(),
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+/// Waits `d` or until stop; true when stopping.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+async fn poll_loop(
+    engine: Arc<Engine>,
+    name: String,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    agent: Option<crate::agent::Agent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    // Connect (getMe: the bot's username for mentions), retrying until it works or we stop.
+    loop {
+        let r = tokio::select! {
+            r = platform.connect() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match r {
+            Ok(bot) => {
+                info!(channel = %name, bot = %bot.username, "channel connected");
+                break;
+            }
+            Err(e) => {
+                error!(channel = %name, error = %e, "channel could not connect; retrying");
+                let d = match e {
+                    ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
+                    ChannelError::RateLimited { retry_after } => retry_after,
+                    _ => POLL_ERROR_PAUSE,
+                };
+                if pause(d, &mut stop).await {
+                    return;
+                }
+            }
+        }
+    }
+    let max_chars = platform.limits().max_text_chars;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let cursor = match blocking(&engine, {
+            let name = name.clone();
+            move |e| e.next_cursor(&name).map_err(|e| e.to_string())
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                error!(channel = %name, error = %e, "cannot read the channel cursor");
+                if pause(POLL_ERROR_PAUSE, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let polled = tokio::select! {
+            r = platform.poll(cursor.as_deref()) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let polled = match polled {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(channel = %name, error = %e, "poll failed");
+                let d = match e {
+                    ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
+                    ChannelError::RateLimited { retry_after } => retry_after,
+                    _ => POLL_ERROR_PAUSE,
+                };
+                if pause(d, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if polled.events.is_empty() && polled.cursor.is_none() {
+            continue;
+        }
+        // Pairings approved by another process (`chitin pairing approve`) are in state.db:
+        // re-read them so this batch is decided with them.
+        let committed = blocking(&engine, {
+            let name = name.clone();
+            move |e| {
+                if !polled.events.is_empty() {
+                    e.load_managed_entities().map_err(|e| e.to_string())?;
+                }
+                e.commit_polled(&name, &polled).map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing stored, cursor unchanged: the platform redelivers.
+                error!(channel = %name, error = %e, "events could not be stored; polling again");
+                if pause(POLL_ERROR_PAUSE, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if committed.stored > 0 || committed.duplicates > 0 {
+            info!(
+                channel = %name,
+                stored = committed.stored,
+                duplicates = committed.duplicates,
+                admitted = committed.admitted.len(),
+                "channel events committed"
+            );
+        }
+        // Pairing codes were queued with the commit.
+        notify.notify_one();
+        for ev in committed.admitted {
+            match &agent {
+                Some(agent) => {
+                    start_turn(agent, &engine, &name, &platform, &notify, ev, max_chars).await;
+                }
+                None => {
+                    let text = "No model is configured for this assistant yet.".to_string();
+                    enqueue_reply(&engine, &name, &ev, text, max_chars, &notify).await;
+                }
+            }
+        }
+    }
+}
+
+/// Runs a synchronous engine call off the async threads.
+async fn blocking<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    f: impl FnOnce(&Engine) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let e = Arc::clone(engine);
+    tokio::task::spawn_blocking(move || f(&e))
+        .await
+        .map_err(|e| format!("engine task failed: {e}"))?
+}
+
+/// Submits the turn of an admitted message (in order: runs of one session are serial in the
+/// agent) and spawns the task that waits for it and queues its reply.
+async fn start_turn(
+    agent: &crate::agent::Agent,
+    engine: &Arc<Engine>,
+    channel: &str,
+    platform: &Arc<dyn Platform>,
+    notify: &Arc<Notify>,
+    ev: AdmittedEvent,
+    max_chars: usize,
+) {
+    let req = crate::agent::TurnRequest {
+        session: ev.session.clone(),
+        user: ev.user.clone(),
+        channel: channel.to_string(),
+        text: ev.message.text.clone(),
+        approval_wait: None,
+    };
+    let run_id = match agent.submit(req).await {
+        Ok(id) => id,
+        Err(e) => {
+            error!(channel = %channel, event = %ev.event_id, error = %e, "turn could not start");
+            let text = format!("Sorry, this message could not be handled: {e}");
+            enqueue_reply(engine, channel, &ev, text, max_chars, notify).await;
+            return;
+        }
+    };
+    let (agent, engine, platform, notify, channel) = (
+        agent.clone(),
+        Arc::clone(engine),
+        Arc::clone(platform),
+        Arc::clone(notify),
+        channel.to_string(),
+    );
+    tokio::spawn(async move {
+        let chat = ev.message.chat.clone();
+        let typing = tokio::spawn(typing_loop(Arc::clone(&platform), chat));
+        let summary = agent.wait(&run_id, TURN_WAIT).await;
+        typing.abort();
+        let text = match summary {
+            Ok(s) => match s.reply.filter(|r| !r.trim().is_empty()) {
+                Some(r) => r,
+                None => format!(
+                    "The turn ended {} without an answer{}.",
+                    s.status,
+                    s.error.map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+            },
+            Err(e) => format!("The turn could not finish: {e}"),
+        };
+        enqueue_reply(&engine, &channel, &ev, text, max_chars, &notify).await;
+    });
+}
+
+/// Queues a reply to an admitted message (split at the platform's limit) and marks the
+/// message done, then wakes the sender.
+async fn enqueue_reply(
+    engine: &Arc<Engine>,
+    channel: &str,
+    ev: &AdmittedEvent,
+    text: String,
+    max_chars: usize,
+    notify: &Arc<Notify>,
+) {
+    let m = OutboxNew {
+        channel: channel.to_string(),
+        chat: ev.message.chat.clone(),
+        text,
+        buttons: Vec::new(),
+        reply_to: Some(ev.message.message_id.clone()),
+        kind: OutboxKind::Reply,
+    };
+    let row = ev.row_id;
+    let r = blocking(engine, move |e| {
+        e.enqueue_split(&m, max_chars).map_err(|e| e.to_string())?;
+        e.mark_done(row).map_err(|e| e.to_string())
+    })
+    .await;
+    if let Err(e) = r {
+        error!(channel = %channel, event = %ev.event_id, error = %e, "reply could not be queued");
+    }
+    notify.notify_one();
+}
+
+/// "typing…" every few seconds until aborted (failures are ignored: it is only a hint).
+async fn typing_loop(platform: Arc<dyn Platform>, chat: ChatRef) {
+    loop {
+        let _ = platform.typing(&chat).await;
+        tokio::time::sleep(TYPING_EVERY).await;
+    }
+}
+
+async fn deliver_loop(
+    engine: Arc<Engine>,
+    name: String,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let full = match deliver_due(&engine, &name, platform.as_ref(), DELIVERY_BATCH).await {
+            Ok(r) => {
+                if !r.dead.is_empty() || !r.failed.is_empty() {
+                    warn!(
+                        channel = %name,
+                        failed = r.failed.len(),
+                        dead = r.dead.len(),
+                        "outbox rows could not be delivered"
+                    );
+                }
+                let n = r.sent.len() + r.retried.len() + r.failed.len() + r.dead.len();
+                n >= DELIVERY_BATCH
+            }
+            Err(e) => {
+                error!(channel = %name, error = %e, "outbox delivery step failed");
+                false
+            }
+        };
+        if full {
+            continue;
+        }
+        tokio::select! {
+            () = notify.notified() => {}
+            () = tokio::time::sleep(DELIVERY_TICK) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
