@@ -1,0 +1,188 @@
+//! Telegram through the real `chitin gateway` binary, against the fake Bot API server of
+//! `chitin-channels` and a fake model: pairing end to end, the model's answer as a
+//! `sendMessage`, and a redelivered update processed once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+#[path = "support/gateway.rs"]
+mod harness;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
+use chitin_channels::telegram::fake::{
+    FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
+};
+use harness::{Gw, PASS};
+use serde_json::Value;
+
+/// Waits (generous deadline: a loaded machine) until `f` returns `Some`.
+fn until<T>(what: &str, gw: &Gw, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; gateway log:\n{}",
+            std::fs::read_to_string(gw.root.join("gateway.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn config(model: &FakeServer, tg: &FakeTelegram) -> String {
+    format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+         [[channels]]\nname = \"tg\"\nkind = \"telegram\"\ntoken = \"secret:tg_token\"\napi_base = \"http://{}\"\nmode = \"polling\"\n",
+        model.base_url(),
+        tg.addr()
+    )
+}
+
+fn set_secret(gw: &Gw, name: &str, audience: &str, value: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", name, "--audience", audience])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn status(gw: &Gw) -> Value {
+    let out = gw.chitin(&["channels", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0].clone()
+}
+
+fn sent_to(tg: &FakeTelegram, chat: i64) -> Vec<SentMessage> {
+    tg.sent()
+        .into_iter()
+        .filter(|m| m.chat_id == chat)
+        .collect()
+}
+
+#[test]
+fn a_stranger_gets_one_pairing_code_and_after_approval_the_models_answer_once_per_update() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![
+            Step::Reply(Reply::text(["The answer is 42."])),
+            Step::Reply(Reply::text(["Pong from the model."])),
+        ]))
+        .unwrap();
+    // The gateway starts without the token in the store: the channel is left out (logged),
+    // the gateway runs. Then the token is stored for the fake's host and the gateway restarted.
+    let mut gw = Gw::start(&config(&model, &tg));
+    assert_eq!(gw.get("/health").status, 200);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+
+    let out = gw.chitin(&["channels", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "tg");
+    assert_eq!(list[0]["kind"], "telegram");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(TOKEN));
+
+    // An unpaired DM: one pairing code, nothing to the model.
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    let code_msg = until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    assert!(out.status.success());
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pending.as_array().unwrap().len(), 1, "{pending}");
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    assert_eq!(pending[0]["identity"], "telegram:4242");
+    assert!(code_msg.text.contains(&code), "{}", code_msg.text);
+    assert_eq!(code_msg.parse_mode, None);
+
+    // A second DM before approval: stored, not admitted, no second code.
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello again"));
+    until("the second DM to be stored", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(2)).then_some(())
+    });
+    let s = status(&gw);
+    assert_eq!(s["denied"], 2, "{s}");
+    assert_eq!(s["queued"], 0, "{s}");
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+    assert!(model.requests().is_empty(), "the model saw an unpaired DM");
+
+    // The owner (the CLI operator) approves; the gateway sees it at its next batch.
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("telegram:4242"));
+
+    // The next DM reaches the model; the same update delivered twice is one turn.
+    let asked = tg.push_message_twice(MessageBuilder::text(&dm, &alice, "what is the answer?"));
+    let answer = until("the model's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    assert_eq!(answer.text, "The answer is 42.");
+    assert_eq!(answer.parse_mode, None);
+
+    // A later message gets the model's *second* reply: had the duplicate been a second turn,
+    // it would have taken that reply.
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    let pong = until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong from the model.");
+    assert_eq!(model.requests().len(), 2);
+    let replies_to_asked = sent_to(&tg, dm.id)
+        .iter()
+        .filter(|m| m.reply_to == Some(asked.message_id))
+        .count();
+    assert_eq!(replies_to_asked, 1);
+
+    // SIGTERM stops the gateway cleanly; the token never reached its log.
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains(TOKEN), "the bot token is in the gateway log");
+    assert!(log.contains("channel connected"), "{log}");
+    // The redelivered copy was recognized and dropped at the commit.
+    assert!(log.contains("\"duplicates\":1"), "{log}");
+}
