@@ -186,3 +186,66 @@ fn a_stranger_gets_one_pairing_code_and_after_approval_the_models_answer_once_pe
     // The redelivered copy was recognized and dropped at the commit.
     assert!(log.contains("\"duplicates\":1"), "{log}");
 }
+
+/// A gateway with the `tg` channel and `alice` (4242) paired with the owner through the CLI.
+fn paired(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeTelegram, FakeServer, Gw) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt.block_on(FakeOpenAi::start(steps)).unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    assert!(out.status.success());
+    (rt, tg, model, gw)
+}
+
+#[test]
+fn a_turn_cut_by_sigkill_is_resumed_after_restart_and_answered_once() {
+    let (_rt, tg, model, mut gw) = paired(vec![
+        Step::Hang,
+        Step::Reply(Reply::text(["Answer after the restart."])),
+        Step::Reply(Reply::text(["Pong."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "a question"));
+    // The update is committed and acknowledged, the model is working on it: kill the gateway.
+    until("the model to be asked", &gw, || {
+        (!model.requests().is_empty()).then_some(())
+    });
+    gw.signal("-KILL");
+    let _ = gw.wait_exit();
+    gw.spawn();
+    let answer = until("the resumed run's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text == "Answer after the restart.")
+    });
+    assert_eq!(answer.parse_mode, None);
+    // The message is not run a second time: the next one gets the next scripted reply.
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    let pong = until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong.");
+    let answers = sent_to(&tg, dm.id)
+        .iter()
+        .filter(|m| m.text == "Answer after the restart.")
+        .count();
+    assert_eq!(answers, 1);
+    assert_eq!(model.requests().len(), 3);
+}

@@ -264,6 +264,9 @@ async fn poll_loop(
         }
     }
     let max_chars = platform.limits().max_text_chars;
+    if let Some(agent) = &agent {
+        recover_turns(agent, &engine, &name, &platform, &notify, max_chars).await;
+    }
     loop {
         if *stop.borrow() {
             return;
@@ -346,7 +349,17 @@ async fn poll_loop(
                 }
                 None => {
                     let text = "No model is configured for this assistant yet.".to_string();
-                    enqueue_reply(&engine, &name, &ev, text, max_chars, &notify).await;
+                    enqueue_reply(
+                        &engine,
+                        &name,
+                        &ev.message.chat,
+                        Some(&ev.message.message_id),
+                        text,
+                        max_chars,
+                        &notify,
+                    )
+                    .await;
+                    mark_done(&engine, &name, &ev).await;
                 }
             }
         }
@@ -387,10 +400,23 @@ async fn start_turn(
         Err(e) => {
             error!(channel = %channel, event = %ev.event_id, error = %e, "turn could not start");
             let text = format!("Sorry, this message could not be handled: {e}");
-            enqueue_reply(engine, channel, &ev, text, max_chars, notify).await;
+            enqueue_reply(
+                engine,
+                channel,
+                &ev.message.chat,
+                Some(&ev.message.message_id),
+                text,
+                max_chars,
+                notify,
+            )
+            .await;
+            mark_done(engine, channel, &ev).await;
             return;
         }
     };
+    // The run is recorded: from here a restart resumes it (agent recovery) and
+    // `recover_turns` queues its reply, so the message is not run again.
+    mark_done(engine, channel, &ev).await;
     let (agent, engine, platform, notify, channel) = (
         agent.clone(),
         Arc::clone(engine),
@@ -400,22 +426,143 @@ async fn start_turn(
     );
     tokio::spawn(async move {
         let chat = ev.message.chat.clone();
-        let typing = tokio::spawn(typing_loop(Arc::clone(&platform), chat));
-        let summary = agent.wait(&run_id, TURN_WAIT).await;
-        typing.abort();
-        let text = match summary {
-            Ok(s) => match s.reply.filter(|r| !r.trim().is_empty()) {
-                Some(r) => r,
-                None => format!(
-                    "The turn ended {} without an answer{}.",
-                    s.status,
-                    s.error.map(|e| format!(": {e}")).unwrap_or_default()
-                ),
-            },
-            Err(e) => format!("The turn could not finish: {e}"),
-        };
-        enqueue_reply(&engine, &channel, &ev, text, max_chars, &notify).await;
+        let reply_to = ev.message.message_id.clone();
+        reply_when_done(
+            agent,
+            engine,
+            platform,
+            notify,
+            channel,
+            chat,
+            Some(reply_to),
+            run_id,
+            max_chars,
+        )
+        .await;
     });
+}
+
+/// Waits for a run (typing shown meanwhile) and queues its reply to `chat`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per path; a struct would only rename them"
+)]
+async fn reply_when_done(
+    agent: crate::agent::Agent,
+    engine: Arc<Engine>,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    channel: String,
+    chat: ChatRef,
+    reply_to: Option<String>,
+    run_id: String,
+    max_chars: usize,
+) {
+    let typing = tokio::spawn(typing_loop(Arc::clone(&platform), chat.clone()));
+    let summary = agent.wait(&run_id, TURN_WAIT).await;
+    typing.abort();
+    let text = match summary {
+        Ok(s) => match s.reply.filter(|r| !r.trim().is_empty()) {
+            Some(r) => r,
+            None => format!(
+                "The turn ended {} without an answer{}.",
+                s.status,
+                s.error.map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        },
+        Err(e) => format!("The turn could not finish: {e}"),
+    };
+    enqueue_reply(
+        &engine,
+        &channel,
+        &chat,
+        reply_to.as_deref(),
+        text,
+        max_chars,
+        &notify,
+    )
+    .await;
+}
+
+/// Marks an admitted event handled (its turn is recorded by the agent).
+async fn mark_done(engine: &Arc<Engine>, channel: &str, ev: &AdmittedEvent) {
+    let row = ev.row_id;
+    if let Err(e) = blocking(engine, move |e| e.mark_done(row).map_err(|e| e.to_string())).await {
+        error!(channel = %channel, event = %ev.event_id, error = %e, "event could not be marked handled");
+    }
+}
+
+/// The chat of a channel session key (`channel:<name>:<dm|group>:<chat>[:thread:<id>]`, parts
+/// `%`-escaped), when the key is one of `channel`'s.
+pub fn chat_of_session(channel: &str, session: &str) -> Option<ChatRef> {
+    let unescape = |s: &str| s.replace("%3A", ":").replace("%25", "%");
+    let mut parts = session.split(':');
+    if parts.next()? != "channel" || unescape(parts.next()?) != channel {
+        return None;
+    }
+    let kind = match parts.next()? {
+        "dm" => chitin_channels::ChatKind::Dm,
+        "group" => chitin_channels::ChatKind::Group,
+        _ => return None,
+    };
+    let id = unescape(parts.next()?);
+    let thread = match (parts.next(), parts.next()) {
+        (None, _) => None,
+        (Some("thread"), Some(t)) => Some(unescape(t)),
+        _ => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    let chat = ChatRef { id, kind, thread };
+    (crate::channels::session_key(channel, &chat) == session).then_some(chat)
+}
+
+/// After a restart: the runs of this channel's sessions that the agent resumed get their
+/// replies queued when they finish, and admitted messages whose turn never started are run.
+async fn recover_turns(
+    agent: &crate::agent::Agent,
+    engine: &Arc<Engine>,
+    name: &str,
+    platform: &Arc<dyn Platform>,
+    notify: &Arc<Notify>,
+    max_chars: usize,
+) {
+    match agent.transcripts().unfinished_runs() {
+        Ok(runs) => {
+            for r in runs {
+                let Some(chat) = chat_of_session(name, &r.session) else {
+                    continue;
+                };
+                info!(channel = %name, run = %r.id, "reply of a resumed run will be sent");
+                tokio::spawn(reply_when_done(
+                    agent.clone(),
+                    Arc::clone(engine),
+                    Arc::clone(platform),
+                    Arc::clone(notify),
+                    name.to_string(),
+                    chat,
+                    None,
+                    r.id,
+                    max_chars,
+                ));
+            }
+        }
+        Err(e) => error!(channel = %name, error = %e, "unfinished runs could not be listed"),
+    }
+    let pending = blocking(engine, {
+        let name = name.to_string();
+        move |e| e.admitted_pending(&name).map_err(|e| e.to_string())
+    })
+    .await;
+    match pending {
+        Ok(list) => {
+            for ev in list {
+                start_turn(agent, engine, name, platform, notify, ev, max_chars).await;
+            }
+        }
+        Err(e) => error!(channel = %name, error = %e, "admitted messages could not be read"),
+    }
 }
 
 /// Queues a reply to an admitted message (split at the platform's limit) and marks the
@@ -423,27 +570,26 @@ async fn start_turn(
 async fn enqueue_reply(
     engine: &Arc<Engine>,
     channel: &str,
-    ev: &AdmittedEvent,
+    chat: &ChatRef,
+    reply_to: Option<&str>,
     text: String,
     max_chars: usize,
     notify: &Arc<Notify>,
 ) {
     let m = OutboxNew {
         channel: channel.to_string(),
-        chat: ev.message.chat.clone(),
+        chat: chat.clone(),
         text,
         buttons: Vec::new(),
-        reply_to: Some(ev.message.message_id.clone()),
+        reply_to: reply_to.map(str::to_string),
         kind: OutboxKind::Reply,
     };
-    let row = ev.row_id;
     let r = blocking(engine, move |e| {
-        e.enqueue_split(&m, max_chars).map_err(|e| e.to_string())?;
-        e.mark_done(row).map_err(|e| e.to_string())
+        e.enqueue_split(&m, max_chars).map_err(|e| e.to_string())
     })
     .await;
     if let Err(e) = r {
-        error!(channel = %channel, event = %ev.event_id, error = %e, "reply could not be queued");
+        error!(channel = %channel, error = %e, "reply could not be queued");
     }
     notify.notify_one();
 }
@@ -493,5 +639,38 @@ async fn deliver_loop(
             () = tokio::time::sleep(DELIVERY_TICK) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+    use chitin_channels::ChatKind;
+
+    #[test]
+    fn session_keys_give_back_their_chat_and_only_for_their_channel() {
+        let chat = ChatRef {
+            id: "-100:5%".into(),
+            kind: ChatKind::Group,
+            thread: Some("7".into()),
+        };
+        let key = crate::channels::session_key("tg", &chat);
+        assert_eq!(chat_of_session("tg", &key), Some(chat));
+        assert_eq!(chat_of_session("tg2", &key), None);
+        let dm = ChatRef {
+            id: "42".into(),
+            kind: ChatKind::Dm,
+            thread: None,
+        };
+        let key = crate::channels::session_key("tg", &dm);
+        assert_eq!(chat_of_session("tg", &key), Some(dm));
+        assert_eq!(chat_of_session("tg", "api:alice"), None);
+        assert_eq!(chat_of_session("tg", "channel:tg:dm:42:extra"), None);
     }
 }
