@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
 use chitin_channels::telegram::fake::{
-    FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
+    Failure, FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
 };
 use harness::{Gw, PASS};
 use serde_json::Value;
@@ -208,6 +208,12 @@ fn paired(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeTelegram, FakeServe
     let code = pending[0]["code"].as_str().unwrap().to_string();
     let out = gw.chitin(&["pairing", "approve", &code]);
     assert!(out.status.success());
+    // The approval's notice, queued by the CLI, is delivered by the running gateway.
+    until("the pairing notice", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text.starts_with("Paired:"))
+    });
     (rt, tg, model, gw)
 }
 
@@ -248,4 +254,57 @@ fn a_turn_cut_by_sigkill_is_resumed_after_restart_and_answered_once() {
         .count();
     assert_eq!(answers, 1);
     assert_eq!(model.requests().len(), 3);
+}
+
+#[test]
+fn a_long_answer_is_split_a_429_is_waited_out_and_a_refused_send_is_not_retried() {
+    let long: String = (0..100)
+        .map(|i| format!("Paragraph {i}: {}", "x".repeat(85)))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    assert!(long.len() > 9_000);
+    let (_rt, tg, _model, gw) = paired(vec![
+        Step::Reply(Reply::text([long.as_str()])),
+        Step::Reply(Reply::text(["Pong."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    // The first send of the answer is rate limited for 1 s: it is sent after the wait.
+    tg.fail_next("sendMessage", 1, Failure::RateLimited { retry_after: 1 });
+    let asked = tg.push_message(MessageBuilder::text(&dm, &alice, "a long one please"));
+    let parts = until("every part of the long answer", &gw, || {
+        let parts: Vec<SentMessage> = sent_to(&tg, dm.id)
+            .into_iter()
+            .skip_while(|m| m.reply_to != Some(asked.message_id))
+            .collect();
+        parts
+            .last()
+            .is_some_and(|m| m.text.ends_with(&"x".repeat(85)) && m.text.contains("Paragraph 99"))
+            .then_some(parts)
+    });
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    assert!(parts.iter().all(|m| m.text.encode_utf16().count() <= 4096));
+    // Split on paragraph boundaries: nothing lost, nothing added but whitespace.
+    let joined: Vec<&str> = parts
+        .iter()
+        .flat_map(|m| m.text.split_whitespace())
+        .collect();
+    assert_eq!(joined, long.split_whitespace().collect::<Vec<_>>());
+    // The 429 was one more sendMessage call than the messages delivered.
+    assert_eq!(tg.calls_of("sendMessage").len(), tg.sent().len() + 1);
+    let s = status(&gw);
+    assert_eq!(s["queued"], 0, "{s}");
+
+    // A permanent refusal (400) is recorded as failed, never sent again.
+    tg.fail_next(
+        "sendMessage",
+        1,
+        Failure::BadRequest("Bad Request: chat not found".into()),
+    );
+    tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    until("the refused reply to be recorded", &gw, || {
+        (status(&gw)["failed"].as_i64() == Some(1)).then_some(())
+    });
+    assert!(sent_to(&tg, dm.id).iter().all(|m| m.text != "Pong."));
+    assert_eq!(status(&gw)["queued"], 0);
 }
