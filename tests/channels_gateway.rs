@@ -308,3 +308,76 @@ fn a_long_answer_is_split_a_429_is_waited_out_and_a_refused_send_is_not_retried(
     assert!(sent_to(&tg, dm.id).iter().all(|m| m.text != "Pong."));
     assert_eq!(status(&gw)["queued"], 0);
 }
+
+#[test]
+fn in_a_group_the_bot_answers_only_when_mentioned() {
+    let (_rt, tg, model, gw) = paired(vec![Step::Reply(Reply::text(["Hello group."]))]);
+    let alice = FakeUser::new(4242, "Alice");
+    let group = FakeChat::group(-5001, "Friends");
+    let before = status(&gw)["events"].as_i64().unwrap();
+    tg.push_message(MessageBuilder::text(&group, &alice, "just chatting"));
+    until("the unmentioned group message to be decided", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(before + 1)).then_some(())
+    });
+    assert!(sent_to(&tg, group.id).is_empty());
+    assert!(model.requests().is_empty());
+    let asked = tg.push_message(MessageBuilder::text(
+        &group,
+        &alice,
+        "@chitin_test_bot say hello",
+    ));
+    let answer = until("the answer in the group", &gw, || {
+        sent_to(&tg, group.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    assert_eq!(answer.text, "Hello group.");
+    assert_eq!(model.requests().len(), 1);
+    assert_eq!(sent_to(&tg, group.id).len(), 1);
+}
+
+#[test]
+fn an_operator_cedar_does_not_permit_cannot_approve_a_pairing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    let mallory = FakeUser::new(666, "Mallory");
+    let dm = FakeChat::private(&mallory);
+    tg.push_message(MessageBuilder::text(&dm, &mallory, "let me in"));
+    until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    // The CLI acts as `[cli] operator`; a user no policy lets decide pairings is refused.
+    let cfg = gw.home.join("chitin.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[cli]\noperator = \"mallory\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("refused: mallory may not decide pairings (policy decision: deny"),
+        "{stdout}"
+    );
+    // Still unpaired: the request is still open and the next DM does not reach the model.
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pending[0]["code"], code.as_str());
+    tg.push_message(MessageBuilder::text(&dm, &mallory, "am I in?"));
+    until("the second DM to be decided", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(2)).then_some(())
+    });
+    assert_eq!(status(&gw)["denied"], 2);
+    assert!(model.requests().is_empty());
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+}
