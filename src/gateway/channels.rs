@@ -152,7 +152,71 @@ fn adapter(
     }
 }
 
+/// What `/metrics` reads of the channels: the engine's counters and each channel's outbox.
+#[derive(Clone)]
+pub struct ChannelMetrics {
+    engine: Arc<Engine>,
+    names: Vec<String>,
+}
+
+impl ChannelMetrics {
+    /// Prometheus text: counters since start and the durable outbox and event counts per
+    /// channel (reads `state.db`: call off the async threads).
+    pub fn render(&self) -> String {
+        let c = self.engine.counters();
+        let mut t = String::new();
+        t.push_str("# TYPE chitin_channel_messages_denied_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_messages_denied_total {}\n",
+            c.denied
+        ));
+        t.push_str("# TYPE chitin_channel_pairing_codes_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_pairing_codes_total {}\n",
+            c.pairing_codes
+        ));
+        t.push_str("# TYPE chitin_channel_duplicates_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_duplicates_total {}\n",
+            c.duplicates
+        ));
+        t.push_str("# TYPE chitin_channel_dead_letters_total counter\n");
+        t.push_str(&format!("chitin_channel_dead_letters_total {}\n", c.dead));
+        t.push_str("# TYPE chitin_channel_maybe_delivered_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_maybe_delivered_total {}\n",
+            c.maybe_delivered
+        ));
+        t.push_str("# TYPE chitin_channel_outbox gauge\n");
+        for name in &self.names {
+            let Ok(s) = self.engine.status(name) else {
+                continue;
+            };
+            for (status, n) in [
+                ("queued", s.queued),
+                ("sending", s.sending),
+                ("sent", s.sent),
+                ("failed", s.failed),
+                ("dead", s.dead),
+            ] {
+                t.push_str(&format!(
+                    "chitin_channel_outbox{{channel=\"{name}\",status=\"{status}\"}} {n}\n"
+                ));
+            }
+        }
+        t
+    }
+}
+
 impl ChannelsRuntime {
+    /// The `/metrics` view of these channels.
+    pub fn metrics(&self) -> ChannelMetrics {
+        ChannelMetrics {
+            engine: Arc::clone(&self.engine),
+            names: self.channels.iter().map(|c| c.name.clone()).collect(),
+        }
+    }
+
     /// The runtime of the configured channels (`None` when there are none). A channel whose
     /// token cannot be released or whose adapter cannot be built is logged and left out; the
     /// gateway runs without it.

@@ -142,6 +142,7 @@ impl Settings {
 
 struct App {
     agent: Option<crate::agent::Agent>,
+    channel_metrics: Option<channels::ChannelMetrics>,
     shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
@@ -314,8 +315,13 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         }
     }
     let channel_agent = parts.agent.clone();
+    let channel_metrics = parts
+        .channels
+        .as_ref()
+        .map(channels::ChannelsRuntime::metrics);
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
+        channel_metrics,
         shared_secrets: parts.shared_secrets,
         clock: Arc::clone(&parts.clock),
         gate: parts.gate,
@@ -1207,6 +1213,11 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     let mut text = app.metrics.render(appends);
     if let Some(a) = &app.agent {
         text.push_str(&a.metrics_text());
+    }
+    if let Some(m) = app.channel_metrics.clone()
+        && let Ok(t) = tokio::task::spawn_blocking(move || m.render()).await
+    {
+        text.push_str(&t);
     }
     let mut resp = text.into_response();
     resp.headers_mut().insert(
