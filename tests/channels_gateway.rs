@@ -386,3 +386,29 @@ fn an_operator_cedar_does_not_permit_cannot_approve_a_pairing() {
     assert!(model.requests().is_empty());
     assert_eq!(sent_to(&tg, dm.id).len(), 1);
 }
+
+#[test]
+fn a_bot_token_is_not_released_for_an_api_host_outside_its_audience() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    // The token is meant for the public API only; the config points the channel elsewhere.
+    set_secret(&gw, "tg_token", "api.telegram.org", TOKEN);
+    gw.spawn();
+    // The channel is set up before the gateway listens: the refusal is already logged.
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(
+        log.contains(
+            "policy denied: secret.use by Chitin::Channel::\\\"tg\\\" on secret tg_token for host 127.0.0.1"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN));
+    assert!(tg.calls().is_empty(), "the fake Bot API was called");
+    assert_eq!(gw.get("/health").status, 200);
+}
