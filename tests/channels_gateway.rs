@@ -412,3 +412,67 @@ fn a_bot_token_is_not_released_for_an_api_host_outside_its_audience() {
     assert!(tg.calls().is_empty(), "the fake Bot API was called");
     assert_eq!(gw.get("/health").status, 200);
 }
+
+const HOOK_SECRET: &str = "hook-secret_0123456789abcdefABCDEF";
+
+fn post_webhook(gw: &Gw, secret: Option<&str>, update: &Value) -> harness::Resp {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(s) = secret {
+        headers.push(("X-Telegram-Bot-Api-Secret-Token", s));
+    }
+    gw.try_req(
+        "POST",
+        "/channels/tg/webhook",
+        &headers,
+        update.to_string().as_bytes(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    let cfg = config(&model, &tg).replace(
+        "mode = \"polling\"",
+        "mode = \"webhook\"\nwebhook_secret = \"secret:tg_hook\"",
+    );
+    let mut gw = Gw::start(&cfg);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    set_secret(&gw, "tg_hook", "127.0.0.1", HOOK_SECRET);
+    gw.spawn();
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    let update = tg
+        .webhook_update(MessageBuilder::text(&dm, &alice, "hello bot"))
+        .update;
+
+    // No secret, a wrong one: 401, nothing stored, nothing sent.
+    let r = post_webhook(&gw, None, &update);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post_webhook(&gw, Some("hook-secret_0123456789abcdefABCDEX"), &update);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "unauthorized");
+    assert_eq!(status(&gw)["events"], 0);
+
+    // The right secret: committed before the 200 (the pairing code follows); the same update
+    // delivered again is recognized.
+    let r = post_webhook(&gw, Some(HOOK_SECRET), &update);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(status(&gw)["events"], 1);
+    let r = post_webhook(&gw, Some(HOOK_SECRET), &update);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(status(&gw)["events"], 1);
+    let code = until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    assert!(code.text.contains("Pairing code:"), "{}", code.text);
+    assert_eq!(status(&gw)["queued"], 0);
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+    assert!(tg.calls_of("getUpdates").is_empty());
+}

@@ -45,12 +45,119 @@ const TURN_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
 struct Channel {
     name: String,
     platform: Arc<dyn Platform>,
+    webhook: bool,
+}
+
+/// What handling one channel's committed events needs.
+struct Ctx {
+    engine: Arc<Engine>,
+    name: String,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    agent: Option<crate::agent::Agent>,
+    max_chars: usize,
+}
+
+/// The webhook-mode channels, by name (filled when the tasks start).
+#[derive(Default)]
+pub struct Webhooks {
+    gate: Option<Gate>,
+    by_name: std::sync::RwLock<BTreeMap<String, Arc<Ctx>>>,
+}
+
+/// The answer to a webhook request: status and a short reason (never a credential).
+pub struct WebhookAnswer {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Webhooks {
+    /// Handles `POST /channels/<name>/webhook`: the platform's secret is checked (constant
+    /// time) before anything is parsed or stored; the events are committed before the 200,
+    /// and a refused request is audited (without its body) and answered 401.
+    pub async fn handle(
+        &self,
+        name: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> WebhookAnswer {
+        let ctx = self.by_name.read().ok().and_then(|m| m.get(name).cloned());
+        let Some(ctx) = ctx else {
+            return WebhookAnswer {
+                status: 404,
+                code: "not_found",
+                message: "no such route".into(),
+            };
+        };
+        let events = match ctx.platform.parse_webhook(headers, body) {
+            Ok(ev) => ev,
+            Err(ChannelError::WebhookRefused(why)) => {
+                warn!(channel = %ctx.name, reason = %why, "webhook request refused");
+                if let Some(gate) = &self.gate {
+                    let rec = chitin_audit::RecordInput::new(
+                        chitin_audit::Kind::System,
+                        "channel",
+                        "channel.webhook.refused",
+                        format!("channel:{}", ctx.name),
+                    )
+                    .with_outcome("deny")
+                    .with_payload(json!({"reason": why}));
+                    let audit = Arc::clone(gate.audit());
+                    let _ = tokio::task::spawn_blocking(move || audit.append(rec)).await;
+                }
+                return WebhookAnswer {
+                    status: 401,
+                    code: "unauthorized",
+                    message: "webhook secret missing or wrong".into(),
+                };
+            }
+            Err(e) => {
+                return WebhookAnswer {
+                    status: 400,
+                    code: "bad_request",
+                    message: e.to_string(),
+                };
+            }
+        };
+        let committed = blocking(&ctx.engine, {
+            let name = ctx.name.clone();
+            move |e| {
+                if !events.is_empty() {
+                    e.load_managed_entities().map_err(|e| e.to_string())?;
+                }
+                e.commit_events(&name, &events, None)
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        match committed {
+            Ok(c) => {
+                dispatch(&ctx, c).await;
+                WebhookAnswer {
+                    status: 200,
+                    code: "ok",
+                    message: String::new(),
+                }
+            }
+            // Not stored: a non-2xx answer makes the platform deliver it again.
+            Err(e) => {
+                error!(channel = %ctx.name, error = %e, "webhook events could not be stored");
+                WebhookAnswer {
+                    status: 503,
+                    code: "unavailable",
+                    message: "the events could not be stored; deliver them again".into(),
+                }
+            }
+        }
+    }
 }
 
 /// The channels of this gateway and the engine they share.
 pub struct ChannelsRuntime {
     engine: Arc<Engine>,
     channels: Vec<Channel>,
+    webhooks: Arc<Webhooks>,
 }
 
 impl std::fmt::Debug for ChannelsRuntime {
@@ -132,17 +239,26 @@ fn adapter(
     let token = release_credential(gate, secrets, &c.name, &c.token.0, &host)?;
     match c.kind {
         ChannelKind::Telegram => {
-            if c.mode == ChannelMode::Webhook {
-                return Err(format!(
-                    "channel `{}`: webhook mode is not served by this gateway yet; use mode = \"polling\"",
-                    c.name
-                ));
-            }
+            let (mode, webhook_secret) = match (c.mode, &c.webhook_secret) {
+                (ChannelMode::Polling, _) => (TelegramMode::Polling, None),
+                (ChannelMode::Webhook, Some(secret)) => (
+                    TelegramMode::Webhook,
+                    Some(release_credential(
+                        gate, secrets, &c.name, &secret.0, &host,
+                    )?),
+                ),
+                (ChannelMode::Webhook, None) => {
+                    return Err(format!(
+                        "channel `{}`: webhook mode needs webhook_secret = \"secret:NAME\"",
+                        c.name
+                    ));
+                }
+            };
             let cfg = TelegramConfig {
                 api_base,
                 token,
-                mode: TelegramMode::Polling,
-                webhook_secret: None,
+                mode,
+                webhook_secret,
                 poll_timeout_secs: u32::try_from(c.poll_timeout_secs).unwrap_or(30),
                 allowed_updates: default_allowed_updates(),
             };
@@ -209,6 +325,11 @@ impl ChannelMetrics {
 }
 
 impl ChannelsRuntime {
+    /// The webhook receiver (`POST /channels/<name>/webhook`).
+    pub fn webhooks(&self) -> Arc<Webhooks> {
+        Arc::clone(&self.webhooks)
+    }
+
     /// The `/metrics` view of these channels.
     pub fn metrics(&self) -> ChannelMetrics {
         ChannelMetrics {
@@ -244,11 +365,20 @@ impl ChannelsRuntime {
                 Ok(platform) => channels.push(Channel {
                     name: c.name.clone(),
                     platform,
+                    webhook: c.mode == ChannelMode::Webhook,
                 }),
                 Err(e) => error!(channel = %c.name, error = %e, "channel not started"),
             }
         }
-        Some(Self { engine, channels })
+        let webhooks = Arc::new(Webhooks {
+            gate: Some(gate.clone()),
+            by_name: std::sync::RwLock::new(BTreeMap::new()),
+        });
+        Some(Self {
+            engine,
+            channels,
+            webhooks,
+        })
     }
 
     /// Starts the tasks of every channel; they stop when `stop` turns true.
@@ -275,14 +405,20 @@ impl ChannelsRuntime {
                 Arc::clone(&notify),
                 stop.clone(),
             ));
-            tokio::spawn(poll_loop(
-                Arc::clone(&self.engine),
-                ch.name,
-                ch.platform,
+            let ctx = Arc::new(Ctx {
+                engine: Arc::clone(&self.engine),
+                name: ch.name.clone(),
+                max_chars: ch.platform.limits().max_text_chars,
+                platform: ch.platform,
                 notify,
-                agent.clone(),
-                stop.clone(),
-            ));
+                agent: agent.clone(),
+            });
+            if ch.webhook
+                && let Ok(mut m) = self.webhooks.by_name.write()
+            {
+                m.insert(ch.name.clone(), Arc::clone(&ctx));
+            }
+            tokio::spawn(poll_loop(ctx, ch.webhook, stop.clone()));
         }
     }
 }
@@ -295,14 +431,14 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn poll_loop(
-    engine: Arc<Engine>,
-    name: String,
-    platform: Arc<dyn Platform>,
-    notify: Arc<Notify>,
-    agent: Option<crate::agent::Agent>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn poll_loop(ctx: Arc<Ctx>, webhook: bool, mut stop: watch::Receiver<bool>) {
+    let (engine, name, platform, notify, agent) = (
+        &ctx.engine,
+        &ctx.name,
+        &ctx.platform,
+        &ctx.notify,
+        &ctx.agent,
+    );
     // Connect (getMe: the bot's username for mentions), retrying until it works or we stop.
     loop {
         let r = tokio::select! {
@@ -327,15 +463,20 @@ async fn poll_loop(
             }
         }
     }
-    let max_chars = platform.limits().max_text_chars;
-    if let Some(agent) = &agent {
-        recover_turns(agent, &engine, &name, &platform, &notify, max_chars).await;
+    let max_chars = ctx.max_chars;
+    if let Some(agent) = agent {
+        recover_turns(agent, engine, name, platform, notify, max_chars).await;
+    }
+    if webhook {
+        // Events arrive on the webhook route; nothing to poll.
+        let _ = stop.wait_for(|s| *s).await;
+        return;
     }
     loop {
         if *stop.borrow() {
             return;
         }
-        let cursor = match blocking(&engine, {
+        let cursor = match blocking(engine, {
             let name = name.clone();
             move |e| e.next_cursor(&name).map_err(|e| e.to_string())
         })
@@ -374,7 +515,7 @@ async fn poll_loop(
         }
         // Pairings approved by another process (`chitin pairing approve`) are in state.db:
         // re-read them so this batch is decided with them.
-        let committed = blocking(&engine, {
+        let committed = blocking(engine, {
             let name = name.clone();
             move |e| {
                 if !polled.events.is_empty() {
@@ -395,36 +536,43 @@ async fn poll_loop(
                 continue;
             }
         };
-        if committed.stored > 0 || committed.duplicates > 0 {
-            info!(
-                channel = %name,
-                stored = committed.stored,
-                duplicates = committed.duplicates,
-                admitted = committed.admitted.len(),
-                "channel events committed"
-            );
-        }
-        // Pairing codes were queued with the commit.
-        notify.notify_one();
-        for ev in committed.admitted {
-            match &agent {
-                Some(agent) => {
-                    start_turn(agent, &engine, &name, &platform, &notify, ev, max_chars).await;
-                }
-                None => {
-                    let text = "No model is configured for this assistant yet.".to_string();
-                    enqueue_reply(
-                        &engine,
-                        &name,
-                        &ev.message.chat,
-                        Some(&ev.message.message_id),
-                        text,
-                        max_chars,
-                        &notify,
-                    )
-                    .await;
-                    mark_done(&engine, &name, &ev).await;
-                }
+        dispatch(&ctx, committed).await;
+    }
+}
+
+/// After a commit: logs it, wakes the sender (pairing codes were queued with it) and starts
+/// the turns of the admitted messages, in order.
+async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
+    let (engine, name, platform, notify) = (&ctx.engine, &ctx.name, &ctx.platform, &ctx.notify);
+    let max_chars = ctx.max_chars;
+    if committed.stored > 0 || committed.duplicates > 0 {
+        info!(
+            channel = %name,
+            stored = committed.stored,
+            duplicates = committed.duplicates,
+            admitted = committed.admitted.len(),
+            "channel events committed"
+        );
+    }
+    notify.notify_one();
+    for ev in committed.admitted {
+        match &ctx.agent {
+            Some(agent) => {
+                start_turn(agent, engine, name, platform, notify, ev, max_chars).await;
+            }
+            None => {
+                let text = "No model is configured for this assistant yet.".to_string();
+                enqueue_reply(
+                    engine,
+                    name,
+                    &ev.message.chat,
+                    Some(&ev.message.message_id),
+                    text,
+                    max_chars,
+                    notify,
+                )
+                .await;
+                mark_done(engine, name, &ev).await;
             }
         }
     }

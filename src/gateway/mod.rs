@@ -143,6 +143,8 @@ impl Settings {
 struct App {
     agent: Option<crate::agent::Agent>,
     channel_metrics: Option<channels::ChannelMetrics>,
+    /// `POST /channels/<name>/webhook` (no gateway token: the platform's secret instead).
+    channel_webhooks: Option<Arc<channels::Webhooks>>,
     shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
@@ -260,6 +262,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
+        .route("/channels/{name}/webhook", post(channel_webhook))
         .merge(protected)
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -319,9 +322,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         .channels
         .as_ref()
         .map(channels::ChannelsRuntime::metrics);
+    let channel_webhooks = parts
+        .channels
+        .as_ref()
+        .map(channels::ChannelsRuntime::webhooks);
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
         channel_metrics,
+        channel_webhooks,
         shared_secrets: parts.shared_secrets,
         clock: Arc::clone(&parts.clock),
         gate: parts.gate,
@@ -1202,6 +1210,33 @@ async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
         axum::Json(json!({"ready": ready, "checks": Value::Object(map)})),
     )
         .into_response()
+}
+
+/// A platform's webhook delivery: checked with the channel's webhook secret (not the gateway
+/// token), committed before the 200.
+async fn channel_webhook(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(hooks) = app.channel_webhooks.clone() else {
+        return error_body(StatusCode::NOT_FOUND, "not_found", "no such route");
+    };
+    let hdrs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let a = hooks.handle(&name, &hdrs, &body).await;
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::OK {
+        return axum::Json(json!({"ok": true})).into_response();
+    }
+    error_body(status, a.code, &a.message)
 }
 
 async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
