@@ -475,4 +475,20 @@ fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
     assert_eq!(status(&gw)["queued"], 0);
     assert_eq!(sent_to(&tg, dm.id).len(), 1);
     assert!(tg.calls_of("getUpdates").is_empty());
+    // Both refusals are in the audit log, with the reason and without the body.
+    let out = gw.chitin(&["audit", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = String::from_utf8_lossy(&out.stdout);
+    let refused: Vec<&str> = export
+        .lines()
+        .filter(|l| l.contains("channel.webhook.refused"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{export}");
+    assert!(refused[0].contains("header is missing"), "{}", refused[0]);
+    assert!(refused[1].contains("header is wrong"), "{}", refused[1]);
+    assert!(refused.iter().all(|l| !l.contains("hello bot")));
 }
