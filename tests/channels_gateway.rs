@@ -436,9 +436,16 @@ fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
     let model = rt
         .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
         .unwrap();
+    // Where the platform is told to post (the test posts itself).
+    let url = format!(
+        "http://127.0.0.1:{}/channels/tg/webhook",
+        harness::free_port()
+    );
     let cfg = config(&model, &tg).replace(
         "mode = \"polling\"",
-        "mode = \"webhook\"\nwebhook_secret = \"secret:tg_hook\"",
+        &format!(
+            "mode = \"webhook\"\nwebhook_secret = \"secret:tg_hook\"\nwebhook_url = \"{url}\""
+        ),
     );
     let mut gw = Gw::start(&cfg);
     gw.signal("-TERM");
@@ -475,6 +482,10 @@ fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
     assert_eq!(status(&gw)["queued"], 0);
     assert_eq!(sent_to(&tg, dm.id).len(), 1);
     assert!(tg.calls_of("getUpdates").is_empty());
+    // Registered at start, with the secret.
+    let hook = until("the webhook registration", &gw, || tg.webhook());
+    assert_eq!(hook.url, url);
+    assert_eq!(hook.secret_token.as_deref(), Some(HOOK_SECRET));
     // Both refusals are in the audit log, with the reason and without the body.
     let out = gw.chitin(&["audit", "export"]);
     assert!(

@@ -46,6 +46,8 @@ struct Channel {
     name: String,
     platform: Arc<dyn Platform>,
     webhook: bool,
+    /// Webhook mode with `webhook_url`: registered at start.
+    register: Option<(Arc<Telegram>, reqwest::Url)>,
 }
 
 /// What handling one channel's committed events needs.
@@ -234,7 +236,7 @@ fn adapter(
     c: &ChannelConfig,
     gate: &Gate,
     secrets: &SharedSecretStore,
-) -> Result<Arc<dyn Platform>, String> {
+) -> Result<Arc<Telegram>, String> {
     let (api_base, host) = c.parsed_api_base()?;
     let token = release_credential(gate, secrets, &c.name, &c.token.0, &host)?;
     match c.kind {
@@ -362,11 +364,18 @@ impl ChannelsRuntime {
         let mut channels = Vec::new();
         for c in configs {
             match adapter(c, gate, secrets) {
-                Ok(platform) => channels.push(Channel {
-                    name: c.name.clone(),
-                    platform,
-                    webhook: c.mode == ChannelMode::Webhook,
-                }),
+                Ok(tg) => {
+                    let register = match c.webhook_url.as_deref().map(reqwest::Url::parse) {
+                        Some(Ok(url)) => Some((Arc::clone(&tg), url)),
+                        _ => None,
+                    };
+                    channels.push(Channel {
+                        name: c.name.clone(),
+                        platform: tg,
+                        webhook: c.mode == ChannelMode::Webhook,
+                        register,
+                    });
+                }
                 Err(e) => error!(channel = %c.name, error = %e, "channel not started"),
             }
         }
@@ -418,7 +427,7 @@ impl ChannelsRuntime {
             {
                 m.insert(ch.name.clone(), Arc::clone(&ctx));
             }
-            tokio::spawn(poll_loop(ctx, ch.webhook, stop.clone()));
+            tokio::spawn(poll_loop(ctx, ch.webhook, ch.register, stop.clone()));
         }
     }
 }
@@ -431,7 +440,12 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
-async fn poll_loop(ctx: Arc<Ctx>, webhook: bool, mut stop: watch::Receiver<bool>) {
+async fn poll_loop(
+    ctx: Arc<Ctx>,
+    webhook: bool,
+    register: Option<(Arc<Telegram>, reqwest::Url)>,
+    mut stop: watch::Receiver<bool>,
+) {
     let (engine, name, platform, notify, agent) = (
         &ctx.engine,
         &ctx.name,
@@ -466,6 +480,12 @@ async fn poll_loop(ctx: Arc<Ctx>, webhook: bool, mut stop: watch::Receiver<bool>
     let max_chars = ctx.max_chars;
     if let Some(agent) = agent {
         recover_turns(agent, engine, name, platform, notify, max_chars).await;
+    }
+    if let Some((tg, url)) = register {
+        match tg.set_webhook(&url).await {
+            Ok(()) => info!(channel = %name, url = %url, "webhook registered"),
+            Err(e) => error!(channel = %name, error = %e, "webhook could not be registered"),
+        }
     }
     if webhook {
         // Events arrive on the webhook route; nothing to poll.
