@@ -183,6 +183,15 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         workspace: workspace.clone(),
         vault: Arc::clone(&vault),
     })?;
+    // Only when `[[channels]]` are configured: tokens released through the gate now.
+    let channels = crate::gateway::channels::ChannelsRuntime::build(
+        &config.channels,
+        &gate,
+        &store,
+        &clock,
+        &secrets,
+        Arc::clone(&vault) as Arc<dyn crate::channels::Sealer>,
+    );
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
@@ -211,6 +220,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             vault,
             clock: Arc::new(crate::clock::SystemClock),
         }),
+        channels,
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

@@ -9,6 +9,7 @@ mod data;
 mod doctor;
 mod gateway;
 mod init;
+mod pairing;
 mod policy;
 mod retention;
 mod sandbox;
@@ -91,6 +92,12 @@ enum Command {
     /// Encrypted backups of the state directory: create, verify, restore.
     #[command(subcommand)]
     Backup(backup::BackupCmd),
+    /// Pair chat identities with users: list, approve, deny, revoke.
+    #[command(subcommand)]
+    Pairing(pairing::PairingCmd),
+    /// The configured chat channels and their state.
+    #[command(subcommand)]
+    Channels(pairing::ChannelsCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -264,6 +271,8 @@ pub fn main() -> ExitCode {
         Command::Retention(cmd) => retention::run(cmd, &globals),
         Command::Data(cmd) => data::run(cmd, &globals),
         Command::Backup(cmd) => backup::run(cmd, &globals),
+        Command::Pairing(cmd) => pairing::run_pairing(cmd, &globals),
+        Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
     };
     match result {
         Ok(code) => code,

@@ -25,7 +25,13 @@ pub const TEMPLATE: &str = r#"
 # mode = "polling"                      # "polling" (getUpdates) or "webhook" (the platform
 #                                       #   POSTs to /channels/<name>/webhook on the gateway)
 # webhook_secret = "secret:tg_webhook"  # required in webhook mode: the shared secret the
-#                                       #   platform sends in every webhook request
+#                                       #   platform sends in every webhook request (store it
+#                                       #   with the same --audience as the token: it is released
+#                                       #   by Cedar `secret.use` for the API host)
+# webhook_url = "https://bot.example.com/channels/telegram/webhook"
+#                                       # webhook mode: registered with the platform at start
+#                                       #   (setWebhook); https (http only for loopback); unset:
+#                                       #   register it yourself
 # poll_timeout_secs = 30                # long-poll wait per request, 1-300
 # pairing_code_ttl_secs = 3600          # a pairing code expires after this long, 60-86400
 # max_send_attempts = 8                 # tries per outgoing message (network errors, 5xx) before
@@ -77,6 +83,10 @@ pub struct ChannelConfig {
     pub mode: ChannelMode,
     #[serde(default, deserialize_with = "webhook_secret_field")]
     pub webhook_secret: Option<CredentialField>,
+    /// Webhook mode: the public URL of this gateway's `/channels/<name>/webhook`, registered
+    /// with the platform at start (`setWebhook`); unset: registered by the operator.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
     #[serde(default = "d_poll")]
     pub poll_timeout_secs: u64,
     #[serde(default = "d_pairing_ttl")]
@@ -198,6 +208,22 @@ pub fn validate(channels: &[ChannelConfig]) -> Result<(), String> {
                 "[[channels]] `{n}`: mode = \"webhook\" needs webhook_secret = \"secret:NAME\" \
                  (store a long random value with `chitin secrets set NAME`)"
             ));
+        }
+        if let Some(u) = &c.webhook_url {
+            let url = reqwest::Url::parse(u)
+                .map_err(|e| format!("[[channels]] `{n}`: webhook_url is not a URL ({e})"))?;
+            let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+            let loopback = super::providers::is_loopback(&host);
+            if url.scheme() != "https" && !(url.scheme() == "http" && loopback) {
+                return Err(format!(
+                    "[[channels]] `{n}`: webhook_url must start with https:// (http:// only for loopback)"
+                ));
+            }
+            if c.mode != ChannelMode::Webhook {
+                return Err(format!(
+                    "[[channels]] `{n}`: webhook_url is only for mode = \"webhook\""
+                ));
+            }
         }
         if !(1..=300).contains(&c.poll_timeout_secs) {
             return Err(format!(

@@ -19,6 +19,7 @@
 pub mod agent_backend;
 pub mod auth;
 pub mod backend;
+pub mod channels;
 pub mod logging;
 pub mod metrics;
 mod openai;
@@ -110,6 +111,8 @@ pub struct Parts {
     pub shared_secrets: Option<crate::secrets::SharedSecretStore>,
     /// Retention and scheduled backups, run once a minute when due.
     pub lifecycle: Option<crate::lifecycle::Lifecycle>,
+    /// The chat channels (`[[channels]]`); none configured: nothing of them runs.
+    pub channels: Option<channels::ChannelsRuntime>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -139,6 +142,9 @@ impl Settings {
 
 struct App {
     agent: Option<crate::agent::Agent>,
+    channel_metrics: Option<channels::ChannelMetrics>,
+    /// `POST /channels/<name>/webhook` (no gateway token: the platform's secret instead).
+    channel_webhooks: Option<Arc<channels::Webhooks>>,
     shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
@@ -256,6 +262,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
+        .route("/channels/{name}/webhook", post(channel_webhook))
         .merge(protected)
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -310,8 +317,19 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             Err(e) => error!(error = %e, "could not resume unfinished runs"),
         }
     }
+    let channel_agent = parts.agent.clone();
+    let channel_metrics = parts
+        .channels
+        .as_ref()
+        .map(channels::ChannelsRuntime::metrics);
+    let channel_webhooks = parts
+        .channels
+        .as_ref()
+        .map(channels::ChannelsRuntime::webhooks);
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
+        channel_metrics,
+        channel_webhooks,
         shared_secrets: parts.shared_secrets,
         clock: Arc::clone(&parts.clock),
         gate: parts.gate,
@@ -365,6 +383,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
+    if let Some(ch) = parts.channels {
+        ch.spawn(channel_agent, stop_rx.clone());
+    }
     tokio::spawn(watch_files(Arc::clone(&app)));
     tokio::spawn(auth_summaries(Arc::clone(&app)));
 
@@ -1191,6 +1212,33 @@ async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
         .into_response()
 }
 
+/// A platform's webhook delivery: checked with the channel's webhook secret (not the gateway
+/// token), committed before the 200.
+async fn channel_webhook(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(hooks) = app.channel_webhooks.clone() else {
+        return error_body(StatusCode::NOT_FOUND, "not_found", "no such route");
+    };
+    let hdrs: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let a = hooks.handle(&name, &hdrs, &body).await;
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::OK {
+        return axum::Json(json!({"ok": true})).into_response();
+    }
+    error_body(status, a.code, &a.message)
+}
+
 async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     let app2 = Arc::clone(&app);
     let head = tokio::task::spawn_blocking(move || audit_head(app2.gate.audit()))
@@ -1200,6 +1248,11 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     let mut text = app.metrics.render(appends);
     if let Some(a) = &app.agent {
         text.push_str(&a.metrics_text());
+    }
+    if let Some(m) = app.channel_metrics.clone()
+        && let Ok(t) = tokio::task::spawn_blocking(move || m.render()).await
+    {
+        text.push_str(&t);
     }
     let mut resp = text.into_response();
     resp.headers_mut().insert(

@@ -609,6 +609,28 @@ impl FakeTelegram {
         self.push_message_as("message", m)
     }
 
+    /// Queues a `message` update twice in a row with the same `update_id` (a redelivery the
+    /// receiver must recognize); returns its ids.
+    pub fn push_message_twice(&self, m: MessageBuilder) -> Pushed {
+        let pushed = {
+            let mut st = self.lock();
+            let message_id = st.message_id();
+            st.chats.insert(m.chat.id, m.chat.json());
+            st.known.insert((m.chat.id, message_id));
+            let message = m.build(message_id, &st.bot);
+            let (update_id, update) = st.enqueue("message", message.clone());
+            st.queue.push_back(update.clone());
+            Pushed {
+                update_id,
+                message_id,
+                message,
+                update,
+            }
+        };
+        self.notify();
+        pushed
+    }
+
     /// Queues a message as another update kind (`channel_post`, …).
     pub fn push_message_as(&self, kind: &str, m: MessageBuilder) -> Pushed {
         let pushed = {

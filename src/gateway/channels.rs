@@ -1,0 +1,908 @@
+//! The channel runtime of `chitin gateway` (only when `[[channels]]` are configured): for each
+//! channel, the bot token released through the gate (Cedar `secret.use` by
+//! `Chitin::Channel::"<name>"` for the API host), the platform adapter, a polling task
+//! (poll → commit events and cursor in one transaction → one agent turn per admitted message →
+//! its reply into the durable outbox) and a delivery task (interrupted sends recovered at start,
+//! then the due outbox rows sent whenever one is queued, and at least once a second for retries
+//! and rows queued by another process such as `chitin pairing approve`).
+//!
+//! Nothing here logs a token: the adapters keep it out of their errors, and only channel names,
+//! counts and ids are logged.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chitin_channels::telegram::{Telegram, TelegramConfig, TelegramMode, default_allowed_updates};
+use chitin_channels::{ChannelError, ChatRef, Platform};
+use serde_json::{Map, json};
+use tokio::sync::{Notify, watch};
+use tracing::{error, info, warn};
+use zeroize::Zeroizing;
+
+use crate::channels::{
+    AdmittedEvent, ChannelSettings, Engine, OutboxKind, OutboxNew, Sealer, deliver_due,
+};
+use crate::config::channels::{ChannelConfig, ChannelKind, ChannelMode};
+use crate::gate::{Gate, Verdict};
+use crate::policy::PolicyRequest;
+use crate::secrets::{SecretRef, SharedSecretStore};
+
+/// Outbox rows sent per delivery step.
+const DELIVERY_BATCH: usize = 16;
+/// How often the delivery task looks for due rows without being woken.
+const DELIVERY_TICK: Duration = Duration::from_secs(1);
+/// Pause after a failed poll (network, 5xx, protocol).
+const POLL_ERROR_PAUSE: Duration = Duration::from_secs(5);
+/// Pause after the platform refused the credentials.
+const UNAUTHORIZED_PAUSE: Duration = Duration::from_secs(60);
+/// How often the typing indicator is renewed while a turn runs.
+const TYPING_EVERY: Duration = Duration::from_secs(4);
+/// The longest a turn is waited for before its reply is given up.
+const TURN_WAIT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// One channel ready to run: its name and connected-on-start adapter.
+struct Channel {
+    name: String,
+    platform: Arc<dyn Platform>,
+    webhook: bool,
+    /// Webhook mode with `webhook_url`: registered at start.
+    register: Option<(Arc<Telegram>, reqwest::Url)>,
+}
+
+/// What handling one channel's committed events needs.
+struct Ctx {
+    engine: Arc<Engine>,
+    name: String,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    agent: Option<crate::agent::Agent>,
+    max_chars: usize,
+}
+
+/// The webhook-mode channels, by name (filled when the tasks start).
+#[derive(Default)]
+pub struct Webhooks {
+    gate: Option<Gate>,
+    by_name: std::sync::RwLock<BTreeMap<String, Arc<Ctx>>>,
+}
+
+/// The answer to a webhook request: status and a short reason (never a credential).
+pub struct WebhookAnswer {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Webhooks {
+    /// Handles `POST /channels/<name>/webhook`: the platform's secret is checked (constant
+    /// time) before anything is parsed or stored; the events are committed before the 200,
+    /// and a refused request is audited (without its body) and answered 401.
+    pub async fn handle(
+        &self,
+        name: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> WebhookAnswer {
+        let ctx = self.by_name.read().ok().and_then(|m| m.get(name).cloned());
+        let Some(ctx) = ctx else {
+            return WebhookAnswer {
+                status: 404,
+                code: "not_found",
+                message: "no such route".into(),
+            };
+        };
+        let events = match ctx.platform.parse_webhook(headers, body) {
+            Ok(ev) => ev,
+            Err(ChannelError::WebhookRefused(why)) => {
+                warn!(channel = %ctx.name, reason = %why, "webhook request refused");
+                if let Some(gate) = &self.gate {
+                    let rec = chitin_audit::RecordInput::new(
+                        chitin_audit::Kind::System,
+                        "channel",
+                        "channel.webhook.refused",
+                        format!("channel:{}", ctx.name),
+                    )
+                    .with_outcome("deny")
+                    .with_payload(json!({"reason": why}));
+                    let audit = Arc::clone(gate.audit());
+                    let _ = tokio::task::spawn_blocking(move || audit.append(rec)).await;
+                }
+                return WebhookAnswer {
+                    status: 401,
+                    code: "unauthorized",
+                    message: "webhook secret missing or wrong".into(),
+                };
+            }
+            Err(e) => {
+                return WebhookAnswer {
+                    status: 400,
+                    code: "bad_request",
+                    message: e.to_string(),
+                };
+            }
+        };
+        let committed = blocking(&ctx.engine, {
+            let name = ctx.name.clone();
+            move |e| {
+                if !events.is_empty() {
+                    e.load_managed_entities().map_err(|e| e.to_string())?;
+                }
+                e.commit_events(&name, &events, None)
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        match committed {
+            Ok(c) => {
+                dispatch(&ctx, c).await;
+                WebhookAnswer {
+                    status: 200,
+                    code: "ok",
+                    message: String::new(),
+                }
+            }
+            // Not stored: a non-2xx answer makes the platform deliver it again.
+            Err(e) => {
+                error!(channel = %ctx.name, error = %e, "webhook events could not be stored");
+                WebhookAnswer {
+                    status: 503,
+                    code: "unavailable",
+                    message: "the events could not be stored; deliver them again".into(),
+                }
+            }
+        }
+    }
+}
+
+/// The channels of this gateway and the engine they share.
+pub struct ChannelsRuntime {
+    engine: Arc<Engine>,
+    channels: Vec<Channel>,
+    webhooks: Arc<Webhooks>,
+}
+
+impl std::fmt::Debug for ChannelsRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelsRuntime")
+            .field(
+                "channels",
+                &self.channels.iter().map(|c| &c.name).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+/// Releases a channel credential through the gate: Cedar `secret.use` by
+/// `Chitin::Channel::"<channel>"` on the secret, with `host` the API host; only an allow
+/// reaches the secret store (which checks the audience again and audits the release).
+pub fn release_credential(
+    gate: &Gate,
+    secrets: &SharedSecretStore,
+    channel: &str,
+    secret: &SecretRef,
+    host: &str,
+) -> Result<Zeroizing<String>, String> {
+    let SecretRef::Secret(name) = secret else {
+        return Err(format!(
+            "channel `{channel}`: credentials must be \"secret:NAME\" references"
+        ));
+    };
+    let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+    let uid = |s: String| {
+        s.parse::<cedar_policy::EntityUid>()
+            .map_err(|e| format!("invalid entity: {e}"))
+    };
+    let mut context = Map::new();
+    context.insert("host".into(), json!(host));
+    let req = PolicyRequest {
+        principal: uid(format!("Chitin::Channel::{}", q(channel)))?,
+        action: crate::policy::Action::SecretUse.uid(),
+        resource: uid(format!("Chitin::Secret::{}", q(name.as_str())))?,
+        context,
+    };
+    let extra: Vec<serde_json::Value> = secrets.cedar_entity(name).into_iter().collect();
+    let verdict = gate
+        .check_with_entities(&req, &extra)
+        .map_err(|e| e.to_string())?;
+    let refused = |why: &str| {
+        format!(
+            "{why}: secret.use by Chitin::Channel::\"{channel}\" on secret {} for host {host}; \
+             store the token with `chitin secrets set {} --audience {host}`",
+            name.as_str(),
+            name.as_str()
+        )
+    };
+    let authz = match verdict {
+        Verdict::Allowed(a, _) => a,
+        Verdict::Denied(_) => return Err(refused("policy denied")),
+        Verdict::ApprovalRequired { .. } => {
+            return Err(refused(
+                "policy asks for an approval, which start-up cannot wait for",
+            ));
+        }
+    };
+    let value = secrets
+        .release(&authz, host, gate.audit().as_ref())
+        .map_err(|e| e.to_string())?;
+    let text = value
+        .expose_str()
+        .ok_or_else(|| format!("secret {} is not UTF-8 text", name.as_str()))?;
+    Ok(Zeroizing::new(text.trim().to_string()))
+}
+
+/// Builds the adapter of one `[[channels]]` table, its token released through the gate.
+fn adapter(
+    c: &ChannelConfig,
+    gate: &Gate,
+    secrets: &SharedSecretStore,
+) -> Result<Arc<Telegram>, String> {
+    let (api_base, host) = c.parsed_api_base()?;
+    let token = release_credential(gate, secrets, &c.name, &c.token.0, &host)?;
+    match c.kind {
+        ChannelKind::Telegram => {
+            let (mode, webhook_secret) = match (c.mode, &c.webhook_secret) {
+                (ChannelMode::Polling, _) => (TelegramMode::Polling, None),
+                (ChannelMode::Webhook, Some(secret)) => (
+                    TelegramMode::Webhook,
+                    Some(release_credential(
+                        gate, secrets, &c.name, &secret.0, &host,
+                    )?),
+                ),
+                (ChannelMode::Webhook, None) => {
+                    return Err(format!(
+                        "channel `{}`: webhook mode needs webhook_secret = \"secret:NAME\"",
+                        c.name
+                    ));
+                }
+            };
+            let cfg = TelegramConfig {
+                api_base,
+                token,
+                mode,
+                webhook_secret,
+                poll_timeout_secs: u32::try_from(c.poll_timeout_secs).unwrap_or(30),
+                allowed_updates: default_allowed_updates(),
+            };
+            let t = Telegram::new(cfg).map_err(|e| format!("channel `{}`: {e}", c.name))?;
+            Ok(Arc::new(t))
+        }
+    }
+}
+
+/// What `/metrics` reads of the channels: the engine's counters and each channel's outbox.
+#[derive(Clone)]
+pub struct ChannelMetrics {
+    engine: Arc<Engine>,
+    names: Vec<String>,
+}
+
+impl ChannelMetrics {
+    /// Prometheus text: counters since start and the durable outbox and event counts per
+    /// channel (reads `state.db`: call off the async threads).
+    pub fn render(&self) -> String {
+        let c = self.engine.counters();
+        let mut t = String::new();
+        t.push_str("# TYPE chitin_channel_messages_denied_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_messages_denied_total {}\n",
+            c.denied
+        ));
+        t.push_str("# TYPE chitin_channel_pairing_codes_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_pairing_codes_total {}\n",
+            c.pairing_codes
+        ));
+        t.push_str("# TYPE chitin_channel_duplicates_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_duplicates_total {}\n",
+            c.duplicates
+        ));
+        t.push_str("# TYPE chitin_channel_dead_letters_total counter\n");
+        t.push_str(&format!("chitin_channel_dead_letters_total {}\n", c.dead));
+        t.push_str("# TYPE chitin_channel_maybe_delivered_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_maybe_delivered_total {}\n",
+            c.maybe_delivered
+        ));
+        t.push_str("# TYPE chitin_channel_outbox gauge\n");
+        for name in &self.names {
+            let Ok(s) = self.engine.status(name) else {
+                continue;
+            };
+            for (status, n) in [
+                ("queued", s.queued),
+                ("sending", s.sending),
+                ("sent", s.sent),
+                ("failed", s.failed),
+                ("dead", s.dead),
+            ] {
+                t.push_str(&format!(
+                    "chitin_channel_outbox{{channel=\"{name}\",status=\"{status}\"}} {n}\n"
+                ));
+            }
+        }
+        t
+    }
+}
+
+impl ChannelsRuntime {
+    /// The webhook receiver (`POST /channels/<name>/webhook`).
+    pub fn webhooks(&self) -> Arc<Webhooks> {
+        Arc::clone(&self.webhooks)
+    }
+
+    /// The `/metrics` view of these channels.
+    pub fn metrics(&self) -> ChannelMetrics {
+        ChannelMetrics {
+            engine: Arc::clone(&self.engine),
+            names: self.channels.iter().map(|c| c.name.clone()).collect(),
+        }
+    }
+
+    /// The runtime of the configured channels (`None` when there are none). A channel whose
+    /// token cannot be released or whose adapter cannot be built is logged and left out; the
+    /// gateway runs without it.
+    pub fn build(
+        configs: &[ChannelConfig],
+        gate: &Gate,
+        store: &Arc<crate::store::Store>,
+        clock: &Arc<dyn crate::clock::Clock>,
+        secrets: &SharedSecretStore,
+        sealer: Arc<dyn Sealer>,
+    ) -> Option<Self> {
+        if configs.is_empty() {
+            return None;
+        }
+        let engine = Arc::new(Engine::new(
+            Arc::clone(store),
+            gate.clone(),
+            Arc::clone(clock),
+            sealer,
+            configs.iter().map(ChannelSettings::from_config).collect(),
+        ));
+        let mut channels = Vec::new();
+        for c in configs {
+            match adapter(c, gate, secrets) {
+                Ok(tg) => {
+                    let register = match c.webhook_url.as_deref().map(reqwest::Url::parse) {
+                        Some(Ok(url)) => Some((Arc::clone(&tg), url)),
+                        _ => None,
+                    };
+                    channels.push(Channel {
+                        name: c.name.clone(),
+                        platform: tg,
+                        webhook: c.mode == ChannelMode::Webhook,
+                        register,
+                    });
+                }
+                Err(e) => error!(channel = %c.name, error = %e, "channel not started"),
+            }
+        }
+        let webhooks = Arc::new(Webhooks {
+            gate: Some(gate.clone()),
+            by_name: std::sync::RwLock::new(BTreeMap::new()),
+        });
+        Some(Self {
+            engine,
+            channels,
+            webhooks,
+        })
+    }
+
+    /// Starts the tasks of every channel; they stop when `stop` turns true.
+    pub fn spawn(self, agent: Option<crate::agent::Agent>, stop: watch::Receiver<bool>) {
+        if let Err(e) = self.engine.load_managed_entities() {
+            error!(error = %e, "paired identities could not be loaded");
+        }
+        match self.engine.recover_interrupted_sends() {
+            Ok(ids) if !ids.is_empty() => warn!(
+                rows = ids.len(),
+                "outbox rows interrupted while sending are marked failed (may have been delivered)"
+            ),
+            Ok(_) => {}
+            Err(e) => error!(error = %e, "interrupted sends could not be recovered"),
+        }
+        let mut wakers = BTreeMap::new();
+        for ch in self.channels {
+            let notify = Arc::new(Notify::new());
+            wakers.insert(ch.name.clone(), Arc::clone(&notify));
+            tokio::spawn(deliver_loop(
+                Arc::clone(&self.engine),
+                ch.name.clone(),
+                Arc::clone(&ch.platform),
+                Arc::clone(&notify),
+                stop.clone(),
+            ));
+            let ctx = Arc::new(Ctx {
+                engine: Arc::clone(&self.engine),
+                name: ch.name.clone(),
+                max_chars: ch.platform.limits().max_text_chars,
+                platform: ch.platform,
+                notify,
+                agent: agent.clone(),
+            });
+            if ch.webhook
+                && let Ok(mut m) = self.webhooks.by_name.write()
+            {
+                m.insert(ch.name.clone(), Arc::clone(&ctx));
+            }
+            tokio::spawn(poll_loop(ctx, ch.webhook, ch.register, stop.clone()));
+        }
+    }
+}
+
+/// Waits `d` or until stop; true when stopping.
+async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
+async fn poll_loop(
+    ctx: Arc<Ctx>,
+    webhook: bool,
+    register: Option<(Arc<Telegram>, reqwest::Url)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (engine, name, platform, notify, agent) = (
+        &ctx.engine,
+        &ctx.name,
+        &ctx.platform,
+        &ctx.notify,
+        &ctx.agent,
+    );
+    // Connect (getMe: the bot's username for mentions), retrying until it works or we stop.
+    loop {
+        let r = tokio::select! {
+            r = platform.connect() => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match r {
+            Ok(bot) => {
+                info!(channel = %name, bot = %bot.username, "channel connected");
+                break;
+            }
+            Err(e) => {
+                error!(channel = %name, error = %e, "channel could not connect; retrying");
+                let d = match e {
+                    ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
+                    ChannelError::RateLimited { retry_after } => retry_after,
+                    _ => POLL_ERROR_PAUSE,
+                };
+                if pause(d, &mut stop).await {
+                    return;
+                }
+            }
+        }
+    }
+    let max_chars = ctx.max_chars;
+    if let Some(agent) = agent {
+        recover_turns(agent, engine, name, platform, notify, max_chars).await;
+    }
+    if let Some((tg, url)) = register {
+        match tg.set_webhook(&url).await {
+            Ok(()) => info!(channel = %name, url = %url, "webhook registered"),
+            Err(e) => error!(channel = %name, error = %e, "webhook could not be registered"),
+        }
+    }
+    if webhook {
+        // Events arrive on the webhook route; nothing to poll.
+        let _ = stop.wait_for(|s| *s).await;
+        return;
+    }
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let cursor = match blocking(engine, {
+            let name = name.clone();
+            move |e| e.next_cursor(&name).map_err(|e| e.to_string())
+        })
+        .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                error!(channel = %name, error = %e, "cannot read the channel cursor");
+                if pause(POLL_ERROR_PAUSE, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        let polled = tokio::select! {
+            r = platform.poll(cursor.as_deref()) => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let polled = match polled {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(channel = %name, error = %e, "poll failed");
+                let d = match e {
+                    ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
+                    ChannelError::RateLimited { retry_after } => retry_after,
+                    _ => POLL_ERROR_PAUSE,
+                };
+                if pause(d, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        if polled.events.is_empty() && polled.cursor.is_none() {
+            continue;
+        }
+        // Pairings approved by another process (`chitin pairing approve`) are in state.db:
+        // re-read them so this batch is decided with them.
+        let committed = blocking(engine, {
+            let name = name.clone();
+            move |e| {
+                if !polled.events.is_empty() {
+                    e.load_managed_entities().map_err(|e| e.to_string())?;
+                }
+                e.commit_polled(&name, &polled).map_err(|e| e.to_string())
+            }
+        })
+        .await;
+        let committed = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                // Nothing stored, cursor unchanged: the platform redelivers.
+                error!(channel = %name, error = %e, "events could not be stored; polling again");
+                if pause(POLL_ERROR_PAUSE, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        dispatch(&ctx, committed).await;
+    }
+}
+
+/// After a commit: logs it, wakes the sender (pairing codes were queued with it) and starts
+/// the turns of the admitted messages, in order.
+async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
+    let (engine, name, platform, notify) = (&ctx.engine, &ctx.name, &ctx.platform, &ctx.notify);
+    let max_chars = ctx.max_chars;
+    if committed.stored > 0 || committed.duplicates > 0 {
+        info!(
+            channel = %name,
+            stored = committed.stored,
+            duplicates = committed.duplicates,
+            admitted = committed.admitted.len(),
+            "channel events committed"
+        );
+    }
+    notify.notify_one();
+    for ev in committed.admitted {
+        match &ctx.agent {
+            Some(agent) => {
+                start_turn(agent, engine, name, platform, notify, ev, max_chars).await;
+            }
+            None => {
+                let text = "No model is configured for this assistant yet.".to_string();
+                enqueue_reply(
+                    engine,
+                    name,
+                    &ev.message.chat,
+                    Some(&ev.message.message_id),
+                    text,
+                    max_chars,
+                    notify,
+                )
+                .await;
+                mark_done(engine, name, &ev).await;
+            }
+        }
+    }
+}
+
+/// Runs a synchronous engine call off the async threads.
+async fn blocking<T: Send + 'static>(
+    engine: &Arc<Engine>,
+    f: impl FnOnce(&Engine) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let e = Arc::clone(engine);
+    tokio::task::spawn_blocking(move || f(&e))
+        .await
+        .map_err(|e| format!("engine task failed: {e}"))?
+}
+
+/// Submits the turn of an admitted message (in order: runs of one session are serial in the
+/// agent) and spawns the task that waits for it and queues its reply.
+async fn start_turn(
+    agent: &crate::agent::Agent,
+    engine: &Arc<Engine>,
+    channel: &str,
+    platform: &Arc<dyn Platform>,
+    notify: &Arc<Notify>,
+    ev: AdmittedEvent,
+    max_chars: usize,
+) {
+    let req = crate::agent::TurnRequest {
+        session: ev.session.clone(),
+        user: ev.user.clone(),
+        channel: channel.to_string(),
+        text: ev.message.text.clone(),
+        approval_wait: None,
+    };
+    let run_id = match agent.submit(req).await {
+        Ok(id) => id,
+        Err(e) => {
+            error!(channel = %channel, event = %ev.event_id, error = %e, "turn could not start");
+            let text = format!("Sorry, this message could not be handled: {e}");
+            enqueue_reply(
+                engine,
+                channel,
+                &ev.message.chat,
+                Some(&ev.message.message_id),
+                text,
+                max_chars,
+                notify,
+            )
+            .await;
+            mark_done(engine, channel, &ev).await;
+            return;
+        }
+    };
+    // The run is recorded: from here a restart resumes it (agent recovery) and
+    // `recover_turns` queues its reply, so the message is not run again.
+    mark_done(engine, channel, &ev).await;
+    let (agent, engine, platform, notify, channel) = (
+        agent.clone(),
+        Arc::clone(engine),
+        Arc::clone(platform),
+        Arc::clone(notify),
+        channel.to_string(),
+    );
+    tokio::spawn(async move {
+        let chat = ev.message.chat.clone();
+        let reply_to = ev.message.message_id.clone();
+        reply_when_done(
+            agent,
+            engine,
+            platform,
+            notify,
+            channel,
+            chat,
+            Some(reply_to),
+            run_id,
+            max_chars,
+        )
+        .await;
+    });
+}
+
+/// Waits for a run (typing shown meanwhile) and queues its reply to `chat`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site per path; a struct would only rename them"
+)]
+async fn reply_when_done(
+    agent: crate::agent::Agent,
+    engine: Arc<Engine>,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    channel: String,
+    chat: ChatRef,
+    reply_to: Option<String>,
+    run_id: String,
+    max_chars: usize,
+) {
+    let typing = tokio::spawn(typing_loop(Arc::clone(&platform), chat.clone()));
+    let summary = agent.wait(&run_id, TURN_WAIT).await;
+    typing.abort();
+    let text = match summary {
+        Ok(s) => match s.reply.filter(|r| !r.trim().is_empty()) {
+            Some(r) => r,
+            None => format!(
+                "The turn ended {} without an answer{}.",
+                s.status,
+                s.error.map(|e| format!(": {e}")).unwrap_or_default()
+            ),
+        },
+        Err(e) => format!("The turn could not finish: {e}"),
+    };
+    enqueue_reply(
+        &engine,
+        &channel,
+        &chat,
+        reply_to.as_deref(),
+        text,
+        max_chars,
+        &notify,
+    )
+    .await;
+}
+
+/// Marks an admitted event handled (its turn is recorded by the agent).
+async fn mark_done(engine: &Arc<Engine>, channel: &str, ev: &AdmittedEvent) {
+    let row = ev.row_id;
+    if let Err(e) = blocking(engine, move |e| e.mark_done(row).map_err(|e| e.to_string())).await {
+        error!(channel = %channel, event = %ev.event_id, error = %e, "event could not be marked handled");
+    }
+}
+
+/// The chat of a channel session key (`channel:<name>:<dm|group>:<chat>[:thread:<id>]`, parts
+/// `%`-escaped), when the key is one of `channel`'s.
+pub fn chat_of_session(channel: &str, session: &str) -> Option<ChatRef> {
+    let unescape = |s: &str| s.replace("%3A", ":").replace("%25", "%");
+    let mut parts = session.split(':');
+    if parts.next()? != "channel" || unescape(parts.next()?) != channel {
+        return None;
+    }
+    let kind = match parts.next()? {
+        "dm" => chitin_channels::ChatKind::Dm,
+        "group" => chitin_channels::ChatKind::Group,
+        _ => return None,
+    };
+    let id = unescape(parts.next()?);
+    let thread = match (parts.next(), parts.next()) {
+        (None, _) => None,
+        (Some("thread"), Some(t)) => Some(unescape(t)),
+        _ => return None,
+    };
+    if parts.next().is_some() {
+        return None;
+    }
+    let chat = ChatRef { id, kind, thread };
+    (crate::channels::session_key(channel, &chat) == session).then_some(chat)
+}
+
+/// After a restart: the runs of this channel's sessions that the agent resumed get their
+/// replies queued when they finish, and admitted messages whose turn never started are run.
+async fn recover_turns(
+    agent: &crate::agent::Agent,
+    engine: &Arc<Engine>,
+    name: &str,
+    platform: &Arc<dyn Platform>,
+    notify: &Arc<Notify>,
+    max_chars: usize,
+) {
+    match agent.transcripts().unfinished_runs() {
+        Ok(runs) => {
+            for r in runs {
+                let Some(chat) = chat_of_session(name, &r.session) else {
+                    continue;
+                };
+                info!(channel = %name, run = %r.id, "reply of a resumed run will be sent");
+                tokio::spawn(reply_when_done(
+                    agent.clone(),
+                    Arc::clone(engine),
+                    Arc::clone(platform),
+                    Arc::clone(notify),
+                    name.to_string(),
+                    chat,
+                    None,
+                    r.id,
+                    max_chars,
+                ));
+            }
+        }
+        Err(e) => error!(channel = %name, error = %e, "unfinished runs could not be listed"),
+    }
+    let pending = blocking(engine, {
+        let name = name.to_string();
+        move |e| e.admitted_pending(&name).map_err(|e| e.to_string())
+    })
+    .await;
+    match pending {
+        Ok(list) => {
+            for ev in list {
+                start_turn(agent, engine, name, platform, notify, ev, max_chars).await;
+            }
+        }
+        Err(e) => error!(channel = %name, error = %e, "admitted messages could not be read"),
+    }
+}
+
+/// Queues a reply to an admitted message (split at the platform's limit) and marks the
+/// message done, then wakes the sender.
+async fn enqueue_reply(
+    engine: &Arc<Engine>,
+    channel: &str,
+    chat: &ChatRef,
+    reply_to: Option<&str>,
+    text: String,
+    max_chars: usize,
+    notify: &Arc<Notify>,
+) {
+    let m = OutboxNew {
+        channel: channel.to_string(),
+        chat: chat.clone(),
+        text,
+        buttons: Vec::new(),
+        reply_to: reply_to.map(str::to_string),
+        kind: OutboxKind::Reply,
+    };
+    let r = blocking(engine, move |e| {
+        e.enqueue_split(&m, max_chars).map_err(|e| e.to_string())
+    })
+    .await;
+    if let Err(e) = r {
+        error!(channel = %channel, error = %e, "reply could not be queued");
+    }
+    notify.notify_one();
+}
+
+/// "typing…" every few seconds until aborted (failures are ignored: it is only a hint).
+async fn typing_loop(platform: Arc<dyn Platform>, chat: ChatRef) {
+    loop {
+        let _ = platform.typing(&chat).await;
+        tokio::time::sleep(TYPING_EVERY).await;
+    }
+}
+
+async fn deliver_loop(
+    engine: Arc<Engine>,
+    name: String,
+    platform: Arc<dyn Platform>,
+    notify: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let full = match deliver_due(&engine, &name, platform.as_ref(), DELIVERY_BATCH).await {
+            Ok(r) => {
+                if !r.dead.is_empty() || !r.failed.is_empty() {
+                    warn!(
+                        channel = %name,
+                        failed = r.failed.len(),
+                        dead = r.dead.len(),
+                        "outbox rows could not be delivered"
+                    );
+                }
+                let n = r.sent.len() + r.retried.len() + r.failed.len() + r.dead.len();
+                n >= DELIVERY_BATCH
+            }
+            Err(e) => {
+                error!(channel = %name, error = %e, "outbox delivery step failed");
+                false
+            }
+        };
+        if full {
+            continue;
+        }
+        tokio::select! {
+            () = notify.notified() => {}
+            () = tokio::time::sleep(DELIVERY_TICK) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+    use chitin_channels::ChatKind;
+
+    #[test]
+    fn session_keys_give_back_their_chat_and_only_for_their_channel() {
+        let chat = ChatRef {
+            id: "-100:5%".into(),
+            kind: ChatKind::Group,
+            thread: Some("7".into()),
+        };
+        let key = crate::channels::session_key("tg", &chat);
+        assert_eq!(chat_of_session("tg", &key), Some(chat));
+        assert_eq!(chat_of_session("tg2", &key), None);
+        let dm = ChatRef {
+            id: "42".into(),
+            kind: ChatKind::Dm,
+            thread: None,
+        };
+        let key = crate::channels::session_key("tg", &dm);
+        assert_eq!(chat_of_session("tg", &key), Some(dm));
+        assert_eq!(chat_of_session("tg", "api:alice"), None);
+        assert_eq!(chat_of_session("tg", "channel:tg:dm:42:extra"), None);
+    }
+}

@@ -1,0 +1,505 @@
+//! Telegram through the real `chitin gateway` binary, against the fake Bot API server of
+//! `chitin-channels` and a fake model: pairing end to end, the model's answer as a
+//! `sendMessage`, and a redelivered update processed once.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+#[path = "support/gateway.rs"]
+mod harness;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
+use chitin_channels::telegram::fake::{
+    Failure, FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
+};
+use harness::{Gw, PASS};
+use serde_json::Value;
+
+/// Waits (generous deadline: a loaded machine) until `f` returns `Some`.
+fn until<T>(what: &str, gw: &Gw, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; gateway log:\n{}",
+            std::fs::read_to_string(gw.root.join("gateway.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn config(model: &FakeServer, tg: &FakeTelegram) -> String {
+    format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+         [[channels]]\nname = \"tg\"\nkind = \"telegram\"\ntoken = \"secret:tg_token\"\napi_base = \"http://{}\"\nmode = \"polling\"\n",
+        model.base_url(),
+        tg.addr()
+    )
+}
+
+fn set_secret(gw: &Gw, name: &str, audience: &str, value: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", name, "--audience", audience])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn status(gw: &Gw) -> Value {
+    let out = gw.chitin(&["channels", "status", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0].clone()
+}
+
+fn sent_to(tg: &FakeTelegram, chat: i64) -> Vec<SentMessage> {
+    tg.sent()
+        .into_iter()
+        .filter(|m| m.chat_id == chat)
+        .collect()
+}
+
+#[test]
+fn a_stranger_gets_one_pairing_code_and_after_approval_the_models_answer_once_per_update() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![
+            Step::Reply(Reply::text(["The answer is 42."])),
+            Step::Reply(Reply::text(["Pong from the model."])),
+        ]))
+        .unwrap();
+    // The gateway starts without the token in the store: the channel is left out (logged),
+    // the gateway runs. Then the token is stored for the fake's host and the gateway restarted.
+    let mut gw = Gw::start(&config(&model, &tg));
+    assert_eq!(gw.get("/health").status, 200);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+
+    let out = gw.chitin(&["channels", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["name"], "tg");
+    assert_eq!(list[0]["kind"], "telegram");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(TOKEN));
+
+    // An unpaired DM: one pairing code, nothing to the model.
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    let code_msg = until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    assert!(out.status.success());
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pending.as_array().unwrap().len(), 1, "{pending}");
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    assert_eq!(pending[0]["identity"], "telegram:4242");
+    assert!(code_msg.text.contains(&code), "{}", code_msg.text);
+    assert_eq!(code_msg.parse_mode, None);
+
+    // A second DM before approval: stored, not admitted, no second code.
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello again"));
+    until("the second DM to be stored", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(2)).then_some(())
+    });
+    let s = status(&gw);
+    assert_eq!(s["denied"], 2, "{s}");
+    assert_eq!(s["queued"], 0, "{s}");
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+    assert!(model.requests().is_empty(), "the model saw an unpaired DM");
+
+    // The owner (the CLI operator) approves; the gateway sees it at its next batch.
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("telegram:4242"));
+
+    // The next DM reaches the model; the same update delivered twice is one turn.
+    let asked = tg.push_message_twice(MessageBuilder::text(&dm, &alice, "what is the answer?"));
+    let answer = until("the model's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    assert_eq!(answer.text, "The answer is 42.");
+    assert_eq!(answer.parse_mode, None);
+
+    // A later message gets the model's *second* reply: had the duplicate been a second turn,
+    // it would have taken that reply.
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    let pong = until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong from the model.");
+    assert_eq!(model.requests().len(), 2);
+    let replies_to_asked = sent_to(&tg, dm.id)
+        .iter()
+        .filter(|m| m.reply_to == Some(asked.message_id))
+        .count();
+    assert_eq!(replies_to_asked, 1);
+
+    // SIGTERM stops the gateway cleanly; the token never reached its log.
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains(TOKEN), "the bot token is in the gateway log");
+    assert!(log.contains("channel connected"), "{log}");
+    // The redelivered copy was recognized and dropped at the commit.
+    assert!(log.contains("\"duplicates\":1"), "{log}");
+}
+
+/// A gateway with the `tg` channel and `alice` (4242) paired with the owner through the CLI.
+fn paired(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeTelegram, FakeServer, Gw) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt.block_on(FakeOpenAi::start(steps)).unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    assert!(out.status.success());
+    // The approval's notice, queued by the CLI, is delivered by the running gateway.
+    until("the pairing notice", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text.starts_with("Paired:"))
+    });
+    (rt, tg, model, gw)
+}
+
+#[test]
+fn a_turn_cut_by_sigkill_is_resumed_after_restart_and_answered_once() {
+    let (_rt, tg, model, mut gw) = paired(vec![
+        Step::Hang,
+        Step::Reply(Reply::text(["Answer after the restart."])),
+        Step::Reply(Reply::text(["Pong."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "a question"));
+    // The update is committed and acknowledged, the model is working on it: kill the gateway.
+    until("the model to be asked", &gw, || {
+        (!model.requests().is_empty()).then_some(())
+    });
+    gw.signal("-KILL");
+    let _ = gw.wait_exit();
+    gw.spawn();
+    let answer = until("the resumed run's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text == "Answer after the restart.")
+    });
+    assert_eq!(answer.parse_mode, None);
+    // The message is not run a second time: the next one gets the next scripted reply.
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    let pong = until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong.");
+    let answers = sent_to(&tg, dm.id)
+        .iter()
+        .filter(|m| m.text == "Answer after the restart.")
+        .count();
+    assert_eq!(answers, 1);
+    assert_eq!(model.requests().len(), 3);
+}
+
+#[test]
+fn a_long_answer_is_split_a_429_is_waited_out_and_a_refused_send_is_not_retried() {
+    let long: String = (0..100)
+        .map(|i| format!("Paragraph {i}: {}", "x".repeat(85)))
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    assert!(long.len() > 9_000);
+    let (_rt, tg, _model, gw) = paired(vec![
+        Step::Reply(Reply::text([long.as_str()])),
+        Step::Reply(Reply::text(["Pong."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    // The first send of the answer is rate limited for 1 s: it is sent after the wait.
+    tg.fail_next("sendMessage", 1, Failure::RateLimited { retry_after: 1 });
+    let asked = tg.push_message(MessageBuilder::text(&dm, &alice, "a long one please"));
+    let parts = until("every part of the long answer", &gw, || {
+        let parts: Vec<SentMessage> = sent_to(&tg, dm.id)
+            .into_iter()
+            .skip_while(|m| m.reply_to != Some(asked.message_id))
+            .collect();
+        parts
+            .last()
+            .is_some_and(|m| m.text.ends_with(&"x".repeat(85)) && m.text.contains("Paragraph 99"))
+            .then_some(parts)
+    });
+    assert!(parts.len() >= 3, "{} parts", parts.len());
+    assert!(parts.iter().all(|m| m.text.encode_utf16().count() <= 4096));
+    // Split on paragraph boundaries: nothing lost, nothing added but whitespace.
+    let joined: Vec<&str> = parts
+        .iter()
+        .flat_map(|m| m.text.split_whitespace())
+        .collect();
+    assert_eq!(joined, long.split_whitespace().collect::<Vec<_>>());
+    // The 429 was one more sendMessage call than the messages delivered.
+    assert_eq!(tg.calls_of("sendMessage").len(), tg.sent().len() + 1);
+    let s = status(&gw);
+    assert_eq!(s["queued"], 0, "{s}");
+
+    // A permanent refusal (400) is recorded as failed, never sent again.
+    tg.fail_next(
+        "sendMessage",
+        1,
+        Failure::BadRequest("Bad Request: chat not found".into()),
+    );
+    tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    until("the refused reply to be recorded", &gw, || {
+        (status(&gw)["failed"].as_i64() == Some(1)).then_some(())
+    });
+    assert!(sent_to(&tg, dm.id).iter().all(|m| m.text != "Pong."));
+    assert_eq!(status(&gw)["queued"], 0);
+    let metrics = gw.get("/metrics").body;
+    assert!(
+        metrics.contains("chitin_channel_outbox{channel=\"tg\",status=\"failed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn in_a_group_the_bot_answers_only_when_mentioned() {
+    let (_rt, tg, model, gw) = paired(vec![Step::Reply(Reply::text(["Hello group."]))]);
+    let alice = FakeUser::new(4242, "Alice");
+    let group = FakeChat::group(-5001, "Friends");
+    let before = status(&gw)["events"].as_i64().unwrap();
+    tg.push_message(MessageBuilder::text(&group, &alice, "just chatting"));
+    until("the unmentioned group message to be decided", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(before + 1)).then_some(())
+    });
+    assert!(sent_to(&tg, group.id).is_empty());
+    assert!(model.requests().is_empty());
+    let asked = tg.push_message(MessageBuilder::text(
+        &group,
+        &alice,
+        "@chitin_test_bot say hello",
+    ));
+    let answer = until("the answer in the group", &gw, || {
+        sent_to(&tg, group.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    assert_eq!(answer.text, "Hello group.");
+    assert_eq!(model.requests().len(), 1);
+    assert_eq!(sent_to(&tg, group.id).len(), 1);
+}
+
+#[test]
+fn an_operator_cedar_does_not_permit_cannot_approve_a_pairing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    let mallory = FakeUser::new(666, "Mallory");
+    let dm = FakeChat::private(&mallory);
+    tg.push_message(MessageBuilder::text(&dm, &mallory, "let me in"));
+    until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    // The CLI acts as `[cli] operator`; a user no policy lets decide pairings is refused.
+    let cfg = gw.home.join("chitin.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("\n[cli]\noperator = \"mallory\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let out = gw.chitin(&["pairing", "approve", &code]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("refused: mallory may not decide pairings (policy decision: deny"),
+        "{stdout}"
+    );
+    // Still unpaired: the request is still open and the next DM does not reach the model.
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pending[0]["code"], code.as_str());
+    tg.push_message(MessageBuilder::text(&dm, &mallory, "am I in?"));
+    until("the second DM to be decided", &gw, || {
+        (status(&gw)["events"].as_i64() == Some(2)).then_some(())
+    });
+    assert_eq!(status(&gw)["denied"], 2);
+    assert!(model.requests().is_empty());
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+}
+
+#[test]
+fn a_bot_token_is_not_released_for_an_api_host_outside_its_audience() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    let mut gw = Gw::start(&config(&model, &tg));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    // The token is meant for the public API only; the config points the channel elsewhere.
+    set_secret(&gw, "tg_token", "api.telegram.org", TOKEN);
+    gw.spawn();
+    // The channel is set up before the gateway listens: the refusal is already logged.
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(
+        log.contains(
+            "policy denied: secret.use by Chitin::Channel::\\\"tg\\\" on secret tg_token for host 127.0.0.1"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN));
+    assert!(tg.calls().is_empty(), "the fake Bot API was called");
+    assert_eq!(gw.get("/health").status, 200);
+}
+
+const HOOK_SECRET: &str = "hook-secret_0123456789abcdefABCDEF";
+
+fn post_webhook(gw: &Gw, secret: Option<&str>, update: &Value) -> harness::Resp {
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(s) = secret {
+        headers.push(("X-Telegram-Bot-Api-Secret-Token", s));
+    }
+    gw.try_req(
+        "POST",
+        "/channels/tg/webhook",
+        &headers,
+        update.to_string().as_bytes(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["never"]))]))
+        .unwrap();
+    // Where the platform is told to post (the test posts itself).
+    let url = format!(
+        "http://127.0.0.1:{}/channels/tg/webhook",
+        harness::free_port()
+    );
+    let cfg = config(&model, &tg).replace(
+        "mode = \"polling\"",
+        &format!(
+            "mode = \"webhook\"\nwebhook_secret = \"secret:tg_hook\"\nwebhook_url = \"{url}\""
+        ),
+    );
+    let mut gw = Gw::start(&cfg);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    set_secret(&gw, "tg_hook", "127.0.0.1", HOOK_SECRET);
+    gw.spawn();
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    let update = tg
+        .webhook_update(MessageBuilder::text(&dm, &alice, "hello bot"))
+        .update;
+
+    // No secret, a wrong one: 401, nothing stored, nothing sent.
+    let r = post_webhook(&gw, None, &update);
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = post_webhook(&gw, Some("hook-secret_0123456789abcdefABCDEX"), &update);
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "unauthorized");
+    assert_eq!(status(&gw)["events"], 0);
+
+    // The right secret: committed before the 200 (the pairing code follows); the same update
+    // delivered again is recognized.
+    let r = post_webhook(&gw, Some(HOOK_SECRET), &update);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(status(&gw)["events"], 1);
+    let r = post_webhook(&gw, Some(HOOK_SECRET), &update);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(status(&gw)["events"], 1);
+    let code = until("the pairing code reply", &gw, || {
+        sent_to(&tg, dm.id).into_iter().next()
+    });
+    assert!(code.text.contains("Pairing code:"), "{}", code.text);
+    assert_eq!(status(&gw)["queued"], 0);
+    assert_eq!(sent_to(&tg, dm.id).len(), 1);
+    assert!(tg.calls_of("getUpdates").is_empty());
+    // Registered at start, with the secret.
+    let hook = until("the webhook registration", &gw, || tg.webhook());
+    assert_eq!(hook.url, url);
+    assert_eq!(hook.secret_token.as_deref(), Some(HOOK_SECRET));
+    // Both refusals are in the audit log, with the reason and without the body.
+    let out = gw.chitin(&["audit", "export"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let export = String::from_utf8_lossy(&out.stdout);
+    let refused: Vec<&str> = export
+        .lines()
+        .filter(|l| l.contains("channel.webhook.refused"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{export}");
+    assert!(refused[0].contains("header is missing"), "{}", refused[0]);
+    assert!(refused[1].contains("header is wrong"), "{}", refused[1]);
+    assert!(refused.iter().all(|l| !l.contains("hello bot")));
+}
