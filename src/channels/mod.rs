@@ -34,6 +34,7 @@
 //!   never re-sent automatically: it is marked `failed` with "may have been delivered",
 //!   audited and counted (at most once, never silently twice).
 
+mod buttons;
 mod ingress;
 mod outbox;
 mod pairing;
@@ -52,6 +53,7 @@ use crate::gate::{Gate, GateError};
 use crate::policy::PolicyError;
 use crate::store::{Store, StoreError};
 
+pub use buttons::PendingPress;
 pub use ingress::{Admission, AdmittedEvent, Committed, DenyReason};
 pub use outbox::{
     DeliveryReport, FailureOutcome, OutboxKind, OutboxNew, OutboxRow, OutboxStatus, deliver_due,

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{error, info, warn};
 use zeroize::Zeroizing;
 
+use crate::approvals::{ApprovalError, ApprovalRef};
 use crate::channels::{
     AdmittedEvent, ChannelSettings, Engine, OutboxKind, OutboxNew, Sealer, deliver_due,
 };
@@ -422,6 +423,13 @@ impl ChannelsRuntime {
                 notify,
                 agent: agent.clone(),
             });
+            if let Some(agent) = &agent {
+                tokio::spawn(approval_prompts(
+                    agent.clone(),
+                    Arc::clone(&ctx),
+                    stop.clone(),
+                ));
+            }
             if ch.webhook
                 && let Ok(mut m) = self.webhooks.by_name.write()
             {
@@ -430,6 +438,105 @@ impl ChannelsRuntime {
             tokio::spawn(poll_loop(ctx, ch.webhook, ch.register, stop.clone()));
         }
     }
+}
+
+/// Posts every approval that a run of one of this channel's sessions opens into that
+/// conversation (outbox kind `approval`): the approval in full as `chitin approvals show`
+/// renders it (split at the platform limit), with Approve / Deny buttons (`a:<id>` / `d:<id>`).
+async fn approval_prompts(
+    agent: crate::agent::Agent,
+    ctx: Arc<Ctx>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut events = agent.subscribe();
+    loop {
+        let ev = tokio::select! {
+            _ = stop.changed() => return,
+            ev = events.recv() => ev,
+        };
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                warn!(channel = %ctx.name, skipped = n, "agent events were missed; some approval prompts may not be posted");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        };
+        if ev.event != "approval.requested" {
+            continue;
+        }
+        let Some(chat) = chat_of_session(&ctx.name, &ev.session) else {
+            continue;
+        };
+        let Some(id) = ev.payload["approval"]["id"].as_str().map(str::to_string) else {
+            continue;
+        };
+        let approval = {
+            let agent = agent.clone();
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || agent.approvals().get(&id)).await
+        };
+        let approval = match approval {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                error!(channel = %ctx.name, approval = %id, error = %e, "approval could not be read");
+                continue;
+            }
+            Err(e) => {
+                error!(channel = %ctx.name, error = %e, "approval read task failed");
+                continue;
+            }
+        };
+        let text = approval_text(&approval);
+        let m = OutboxNew {
+            channel: ctx.name.clone(),
+            chat,
+            text,
+            buttons: approval_buttons(&approval.id),
+            reply_to: None,
+            kind: OutboxKind::Approval,
+        };
+        let max_chars = ctx.max_chars;
+        let r = blocking(&ctx.engine, move |e| {
+            e.enqueue_split(&m, max_chars).map_err(|e| e.to_string())
+        })
+        .await;
+        match r {
+            Ok(_) => {
+                info!(channel = %ctx.name, approval = %id, "approval posted to the conversation")
+            }
+            Err(e) => {
+                error!(channel = %ctx.name, approval = %id, error = %e, "approval prompt could not be queued")
+            }
+        }
+        ctx.notify.notify_one();
+    }
+}
+
+/// The text of an approval prompt in a chat: everything the approval binds, as plain text.
+fn approval_text(a: &crate::approvals::Approval) -> String {
+    format!(
+        "Approval needed: {}\n\n{}\n\nApprove or deny with the buttons, or reply /approve {} or /deny {} (also: chitin approvals show {}).",
+        a.summary,
+        a.render_full(),
+        a.code,
+        a.code,
+        a.id
+    )
+}
+
+/// The Approve / Deny buttons of an approval (`a:<id>` / `d:<id>`).
+fn approval_buttons(id: &str) -> Vec<chitin_channels::Button> {
+    vec![
+        chitin_channels::Button {
+            label: "Approve".into(),
+            data: format!("a:{id}"),
+        },
+        chitin_channels::Button {
+            label: "Deny".into(),
+            data: format!("d:{id}"),
+        },
+    ]
 }
 
 /// Waits `d` or until stop; true when stopping.
@@ -575,7 +682,30 @@ async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
         );
     }
     notify.notify_one();
+    handle_presses(ctx).await;
     for ev in committed.admitted {
+        if let Some(agent) = &ctx.agent
+            && let Some((grant, code)) = approval_command(&ev.message.text)
+        {
+            let chat = Some(ev.message.chat.clone());
+            let text =
+                match decide(agent, ctx, &ev.user, chat, ApprovalRef::parse(code), grant).await {
+                    Ok(a) => decided_text(&a, grant),
+                    Err(why) => why,
+                };
+            enqueue_reply(
+                engine,
+                name,
+                &ev.message.chat,
+                Some(&ev.message.message_id),
+                text,
+                max_chars,
+                notify,
+            )
+            .await;
+            mark_done(engine, name, &ev).await;
+            continue;
+        }
         match &ctx.agent {
             Some(agent) => {
                 start_turn(agent, engine, name, platform, notify, ev, max_chars).await;
@@ -594,6 +724,155 @@ async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
                 .await;
                 mark_done(engine, name, &ev).await;
             }
+        }
+    }
+}
+
+/// `/approve CODE` or `/deny CODE` (also `/approve@bot CODE`): grant or not, and the code.
+fn approval_command(text: &str) -> Option<(bool, &str)> {
+    let mut words = text.split_whitespace();
+    let cmd = words.next()?;
+    let cmd = cmd.split_once('@').map_or(cmd, |(c, _)| c);
+    let grant = match cmd {
+        "/approve" => true,
+        "/deny" => false,
+        _ => return None,
+    };
+    let code = words.next()?;
+    words.next().is_none().then_some((grant, code))
+}
+
+/// Decides the approval `key` for `approver` (a `User`, or for an unpaired presser its
+/// identity, which Cedar `approval.grant` refuses) through [`Approvals::resolve_ref`], the
+/// path the web page and the CLI take. With `chat`, the approval must belong to that
+/// conversation. The error is a short sentence for the chat.
+async fn decide(
+    agent: &crate::agent::Agent,
+    ctx: &Ctx,
+    approver: &str,
+    chat: Option<ChatRef>,
+    key: ApprovalRef,
+    grant: bool,
+) -> Result<crate::approvals::Approval, String> {
+    let (agent, approver, channel) = (agent.clone(), approver.to_string(), ctx.name.clone());
+    let r = tokio::task::spawn_blocking(move || {
+        let approvals = agent.approvals();
+        if let Some(chat) = chat {
+            let a = approvals.find(&key).map_err(|e| short_refusal(&e))?;
+            if chat_of_session(&channel, &a.session).as_ref() != Some(&chat) {
+                return Err("This approval does not belong to this conversation.".to_string());
+            }
+        }
+        approvals
+            .resolve_ref(&key, &approver, grant)
+            .map_err(|e| short_refusal(&e))
+    })
+    .await;
+    match r {
+        Ok(r) => r,
+        Err(e) => Err(format!("The decision could not be made: {e}")),
+    }
+}
+
+/// What a person in a chat is told when a decision is refused.
+fn short_refusal(e: &ApprovalError) -> String {
+    match e {
+        ApprovalError::ApproverRefused { .. } => {
+            "Refused: you are not allowed to decide this approval.".into()
+        }
+        ApprovalError::Expired(_) => "Refused: this approval has expired.".into(),
+        ApprovalError::NotPending { .. } => "Refused: this approval is already decided.".into(),
+        ApprovalError::NotFound(_) | ApprovalError::UnknownId(_) => {
+            "Refused: no such approval.".into()
+        }
+        other => format!("The decision could not be made: {other}"),
+    }
+}
+
+/// The text an approval message becomes once decided (buttons removed).
+fn decided_text(a: &crate::approvals::Approval, grant: bool) -> String {
+    format!(
+        "{} by {}: {} (approval {})",
+        if grant { "Approved" } else { "Denied" },
+        a.resolved_by.as_deref().unwrap_or("?"),
+        a.summary,
+        a.code
+    )
+}
+
+/// Decides the button presses of this channel that are not handled yet: approver = the
+/// `User` the pressing identity is paired to; the press is answered (the refusal, or the
+/// outcome) and, on success, the approval message is edited to show who decided.
+async fn handle_presses(ctx: &Ctx) {
+    let Some(agent) = &ctx.agent else {
+        return;
+    };
+    let name = ctx.name.clone();
+    let presses = match blocking(&ctx.engine, move |e| {
+        e.pending_presses(&name).map_err(|e| e.to_string())
+    })
+    .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            error!(channel = %ctx.name, error = %e, "button presses could not be read");
+            return;
+        }
+    };
+    for p in presses {
+        let identity = crate::channels::identity_id(ctx.platform.kind(), &p.sender_id);
+        let users = {
+            let identity = identity.clone();
+            blocking(&ctx.engine, move |e| {
+                e.users_of(&identity).map_err(|e| e.to_string())
+            })
+            .await
+        };
+        let answer = match (p.data.split_once(':'), users) {
+            (_, Err(e)) => {
+                error!(channel = %ctx.name, error = %e, "presser could not be looked up");
+                continue;
+            }
+            (Some((verb @ ("a" | "d"), id)), Ok(users)) => {
+                let grant = verb == "a";
+                let approver = users.first().cloned().unwrap_or_else(|| identity.clone());
+                match decide(
+                    agent,
+                    ctx,
+                    &approver,
+                    Some(p.chat.clone()),
+                    ApprovalRef::Id(id.to_string()),
+                    grant,
+                )
+                .await
+                {
+                    Ok(a) => {
+                        let text = decided_text(&a, grant);
+                        if let Err(e) = ctx.platform.edit(&p.chat, &p.message_id, &text, None).await
+                        {
+                            warn!(channel = %ctx.name, approval = %a.id, error = %e, "approval message could not be edited");
+                        }
+                        info!(channel = %ctx.name, approval = %a.id, grant, "approval decided in chat");
+                        if grant { "Approved." } else { "Denied." }.to_string()
+                    }
+                    Err(why) => {
+                        warn!(channel = %ctx.name, identity = %identity, "approval press refused");
+                        why
+                    }
+                }
+            }
+            (_, Ok(_)) => "This button does nothing.".to_string(),
+        };
+        let row = p.row_id;
+        if let Err(e) = blocking(&ctx.engine, move |e| {
+            e.mark_press_done(row).map_err(|e| e.to_string())
+        })
+        .await
+        {
+            error!(channel = %ctx.name, error = %e, "button press could not be marked handled");
+        }
+        if let Err(e) = ctx.platform.answer_button(&p.callback_id, &answer).await {
+            warn!(channel = %ctx.name, error = %e, "button press could not be answered");
         }
     }
 }

@@ -1,0 +1,59 @@
+//! Button presses the platform delivered (stored by the ingress with status `new`), read back
+//! in order for the approval flow, which decides them (whose identity may press) and marks
+//! them done.
+
+use chitin_channels::ChatRef;
+use rusqlite::params;
+
+use super::{ChannelsError, Engine, parse_chat_kind};
+
+/// A stored button press not handled yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingPress {
+    pub row_id: i64,
+    pub chat: ChatRef,
+    /// The platform user who pressed (not yet an identity: `<kind>:` is added by the caller).
+    pub sender_id: String,
+    /// The bot's message that carries the button.
+    pub message_id: String,
+    pub callback_id: String,
+    /// Untrusted: anyone can send any data.
+    pub data: String,
+}
+
+impl Engine {
+    /// The presses of `channel` not handled yet, oldest first.
+    pub fn pending_presses(&self, channel: &str) -> Result<Vec<PendingPress>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare_cached(
+            "SELECT id, chat_id, chat_kind, thread, sender_id, message_id, callback_id, button_data
+             FROM channel_events WHERE channel = ?1 AND event_kind = 'button' AND status = 'new'
+             ORDER BY id LIMIT 64",
+        )?;
+        let rows = st.query_map([channel], |r| {
+            Ok(PendingPress {
+                row_id: r.get(0)?,
+                chat: ChatRef {
+                    id: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
+                    kind: parse_chat_kind(&r.get::<_, Option<String>>(2)?.unwrap_or_default()),
+                    thread: r.get(3)?,
+                },
+                sender_id: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
+                message_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                callback_id: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                data: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Marks a press handled (it is not decided again after a restart).
+    pub fn mark_press_done(&self, row_id: i64) -> Result<(), ChannelsError> {
+        let now = self.now_ms();
+        self.store.conn()?.execute(
+            "UPDATE channel_events SET status = 'done', updated_ms = ?2 WHERE id = ?1 AND event_kind = 'button'",
+            params![row_id, now],
+        )?;
+        Ok(())
+    }
+}
