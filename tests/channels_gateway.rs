@@ -503,3 +503,156 @@ fn webhook_mode_refuses_a_wrong_secret_and_commits_a_right_one_once() {
     assert!(refused[1].contains("header is wrong"), "{}", refused[1]);
     assert!(refused.iter().all(|l| !l.contains("hello bot")));
 }
+
+fn net_exec(argv: &[&str]) -> String {
+    serde_json::json!({"argv": argv, "network": ["127.0.0.1:9"]}).to_string()
+}
+
+/// The approval prompt posted into `chat` (the message with buttons) and its approval id.
+fn approval_prompt(tg: &FakeTelegram, gw: &Gw, chat: i64) -> (SentMessage, String) {
+    let prompt = until("the approval prompt in the chat", gw, || {
+        sent_to(tg, chat)
+            .into_iter()
+            .find(|m| !m.buttons.is_empty())
+    });
+    let id = prompt.buttons[0].1.trim_start_matches("a:").to_string();
+    assert_eq!(id.len(), 32, "{:?}", prompt.buttons);
+    (prompt, id)
+}
+
+fn approval_status(gw: &Gw, id: &str) -> String {
+    let out = gw.chitin(&["approvals", "list", "--all", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == id)
+        .map(|a| a["status"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+#[test]
+fn an_approval_is_posted_in_the_chat_a_strangers_press_is_refused_and_the_owners_press_runs_the_call()
+ {
+    let (_rt, tg, _model, gw) = paired(vec![
+        Step::tool_call("c1", "exec", &net_exec(&["true"])),
+        Step::Reply(Reply::text(["It ran."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "run it"));
+    let (prompt, id) = approval_prompt(&tg, &gw, dm.id);
+    assert_eq!(
+        prompt.buttons,
+        vec![
+            ("Approve".to_string(), format!("a:{id}")),
+            ("Deny".to_string(), format!("d:{id}")),
+        ]
+    );
+    // Everything the approval binds, and where the full text is.
+    assert!(prompt.text.contains("127.0.0.1:9"), "{}", prompt.text);
+    assert!(prompt.text.contains("argv"), "{}", prompt.text);
+    assert!(
+        prompt.text.contains(&format!("chitin approvals show {id}")),
+        "{}",
+        prompt.text
+    );
+    assert_eq!(prompt.parse_mode, None);
+
+    // A stranger (never paired) presses Approve: refused by Cedar, answered, still pending.
+    let mallory = FakeUser::new(666, "Mallory");
+    let press = tg.push_callback(&mallory, dm.id, prompt.message_id, &format!("a:{id}"));
+    let answer = until("the refusal of the stranger's press", &gw, || {
+        tg.answers()
+            .into_iter()
+            .find(|a| a.callback_id == press.callback_id)
+    });
+    assert_eq!(
+        answer.text.as_deref(),
+        Some("Refused: you are not allowed to decide this approval.")
+    );
+    assert_eq!(approval_status(&gw, &id), "pending");
+    assert!(tg.edits().is_empty());
+    let out = gw.chitin(&["audit", "query", "--kind", "decision", "--json"]);
+    let audit: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "approval.grant"
+                && r["decision"] == "deny"
+                && r.to_string().contains("telegram:666")),
+        "{audit}"
+    );
+
+    // The owner presses Approve: the call runs, the message shows who decided, the answer comes.
+    let press = tg.push_callback(&alice, dm.id, prompt.message_id, &format!("a:{id}"));
+    let answer = until("the answer to the owner's press", &gw, || {
+        tg.answers()
+            .into_iter()
+            .find(|a| a.callback_id == press.callback_id)
+    });
+    assert_eq!(answer.text.as_deref(), Some("Approved."));
+    let edit = until("the approval message edited", &gw, || {
+        tg.edits()
+            .into_iter()
+            .find(|e| e.message_id == prompt.message_id)
+    });
+    assert!(
+        edit.text.starts_with("Approved by owner: "),
+        "{}",
+        edit.text
+    );
+    assert!(edit.buttons.unwrap_or_default().is_empty());
+    until("the run's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text == "It ran.")
+    });
+    assert_eq!(approval_status(&gw, &id), "used");
+}
+
+#[test]
+fn deny_with_the_code_in_the_chat_refuses_the_call() {
+    let (_rt, tg, model, gw) = paired(vec![
+        Step::tool_call("c1", "exec", &net_exec(&["true"])),
+        Step::Reply(Reply::text(["Not done."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "run it"));
+    let (prompt, id) = approval_prompt(&tg, &gw, dm.id);
+    let out = gw.chitin(&["approvals", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = list[0]["code"].as_str().unwrap().to_string();
+    assert!(
+        prompt.text.contains(&format!("/deny {code}")),
+        "{}",
+        prompt.text
+    );
+    let deny = tg.push_message(MessageBuilder::text(&dm, &alice, &format!("/deny {code}")));
+    let reply = until("the reply to /deny", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(deny.message_id))
+    });
+    assert!(
+        reply.text.starts_with("Denied by owner: "),
+        "{}",
+        reply.text
+    );
+    until("the run's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text == "Not done.")
+    });
+    assert_eq!(approval_status(&gw, &id), "denied");
+    // The model was told the call was refused; `/deny` itself never reached the model.
+    assert_eq!(model.requests().len(), 2);
+}
