@@ -412,6 +412,31 @@ impl ToolInput {
     }
 }
 
+/// Whether `send_message` to `target` of `channel` answers the calling session's own
+/// conversation: the target is the session itself (`chitin`, or a channel's session key
+/// `channel:<name>:...`), or `<kind>:<dm|group>:<chat id>` naming the chat that session is
+/// (a forum topic's session is only matched by its session key).
+fn same_conversation(channel: &str, target: &str, session: &str) -> bool {
+    let part = |s: &str| s.replace('%', "%25").replace(':', "%3A");
+    let prefix = format!("channel:{}:", part(channel));
+    if channel == "chitin" {
+        return target == session;
+    }
+    if !session.starts_with(&prefix) {
+        return false;
+    }
+    if target == session {
+        return true;
+    }
+    let mut it = target.splitn(3, ':');
+    match (it.next(), it.next(), it.next()) {
+        (Some(_kind), Some(k @ ("dm" | "group")), Some(chat)) if !chat.is_empty() => {
+            format!("{prefix}{k}:{}", part(chat)) == session
+        }
+        _ => false,
+    }
+}
+
 /// The directories searched for a bare program name (the sandbox's PATH).
 pub const TOOL_PATH: &[&str] = &[
     "/usr/local/bin",
@@ -727,7 +752,7 @@ impl Gate {
                 ctx.insert("target".into(), json!(target));
                 ctx.insert(
                     "same_conversation".into(),
-                    json!(channel == "chitin" && *target == call.session),
+                    json!(same_conversation(channel, target, &call.session)),
                 );
             }
             ToolInput::WebFetch { url, method } => {

@@ -656,3 +656,47 @@ fn deny_with_the_code_in_the_chat_refuses_the_call() {
     // The model was told the call was refused; `/deny` itself never reached the model.
     assert_eq!(model.requests().len(), 2);
 }
+
+#[test]
+fn send_message_to_the_same_conversation_is_delivered_through_the_outbox() {
+    let (_rt, tg, model, gw) = paired(vec![
+        Step::tool_call(
+            "c1",
+            "send_message",
+            &serde_json::json!({"channel": "tg", "target": "telegram:dm:4242", "text": "Hello from the tool."})
+                .to_string(),
+        ),
+        Step::Reply(Reply::text(["Sent it."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "say hello"));
+    until("the run's answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.text == "Sent it.")
+    });
+    let sent: Vec<_> = sent_to(&tg, dm.id)
+        .into_iter()
+        .filter(|m| m.text == "Hello from the tool.")
+        .collect();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].parse_mode, None);
+    // Offered to the model, with this conversation named as a target.
+    let first = model.requests()[0].body.to_string();
+    assert!(first.contains("\"send_message\""), "{first}");
+    assert!(first.contains("channel:tg:dm:4242"), "{first}");
+    // Decided by Cedar `send_message` as the same conversation.
+    let out = gw.chitin(&["audit", "query", "--kind", "decision", "--json"]);
+    let audit: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "send_message"
+                && r["decision"] == "allow"
+                && r.to_string().contains("same_conversation")),
+        "{audit}"
+    );
+}

@@ -299,6 +299,27 @@ pub fn all_tools() -> Vec<ToolSpec> {
     ]
 }
 
+/// `send_message`, when `user` could ever be allowed to call it (offered only where chat
+/// channels are configured).
+pub fn send_message_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> {
+    let principal = format!("Chitin::User::{}", Value::String(user.to_string()))
+        .parse::<cedar_policy::EntityUid>()
+        .ok()?;
+    engine
+        .could_allow(&principal, &Tool::SendMessage.action().uid())
+        .ok()
+        .filter(|ok| *ok)?;
+    Some(spec(
+        Tool::SendMessage,
+        "Send a text message to a chat conversation (a channel's session key, or <kind>:<dm|group>:<chat id>). Plain text.",
+        json!({"type": "object", "additionalProperties": false, "required": ["channel", "target", "text"], "properties": {
+            "channel": {"type": "string", "description": "the channel's name"},
+            "target": {"type": "string", "description": "the conversation"},
+            "text": {"type": "string"}
+        }}),
+    ))
+}
+
 /// The tools `user` could ever be allowed to call (the others are not offered).
 pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
     let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))

@@ -1085,6 +1085,7 @@ impl Run {
         if self.prompt.is_none() {
             let inner = Arc::clone(&self.inner);
             let u = self.user.clone();
+            let session = self.session.clone();
             let (prompt, untrusted) = blocking(move || {
                     // Bootstrap files written by a tainted tool run are shown as data; when
                     // the record cannot be read, every one of them is.
@@ -1101,6 +1102,15 @@ impl Run {
                         context::system_prompt(&inner.p.config.system_prompt, &inner.p.workspace, &is_marked);
                     let mut system = prompt.text;
                     let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
+                    // `send_message` only where chat channels are configured.
+                    if inner.p.sandbox.messenger().is_some()
+                        && let Some(spec) = context::send_message_spec(inner.p.gate.engine(), &u)
+                    {
+                        tools.push(spec);
+                        system.push_str(&format!(
+                            "\n\nThis conversation's send_message target is `{session}`."
+                        ));
+                    }
                     let installed = inner
                         .p
                         .skills

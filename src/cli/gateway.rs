@@ -172,17 +172,6 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             globals.config_path.display()
         );
     }
-    let agent = super::agent::assemble_agent(super::agent::AgentInputs {
-        globals,
-        config: &config,
-        gate: &gate,
-        store: &store,
-        clock: &clock,
-        secrets: &secrets,
-        sandbox: sandbox.clone(),
-        workspace: workspace.clone(),
-        vault: Arc::clone(&vault),
-    })?;
     // Only when `[[channels]]` are configured: tokens released through the gate now.
     let channels = crate::gateway::channels::ChannelsRuntime::build(
         &config.channels,
@@ -192,6 +181,22 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         &secrets,
         Arc::clone(&vault) as Arc<dyn crate::channels::Sealer>,
     );
+    // The agent's `send_message` delivers through the channels' outbox (only with channels).
+    let agent_sandbox = match &channels {
+        Some(c) => sandbox.clone().with_messenger(c.messenger()),
+        None => sandbox.clone(),
+    };
+    let agent = super::agent::assemble_agent(super::agent::AgentInputs {
+        globals,
+        config: &config,
+        gate: &gate,
+        store: &store,
+        clock: &clock,
+        secrets: &secrets,
+        sandbox: agent_sandbox,
+        workspace: workspace.clone(),
+        vault: Arc::clone(&vault),
+    })?;
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {

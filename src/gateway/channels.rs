@@ -49,6 +49,8 @@ struct Channel {
     webhook: bool,
     /// Webhook mode with `webhook_url`: registered at start.
     register: Option<(Arc<Telegram>, reqwest::Url)>,
+    /// Wakes its delivery task.
+    notify: Arc<Notify>,
 }
 
 /// What handling one channel's committed events needs.
@@ -375,6 +377,7 @@ impl ChannelsRuntime {
                         platform: tg,
                         webhook: c.mode == ChannelMode::Webhook,
                         register,
+                        notify: Arc::new(Notify::new()),
                     });
                 }
                 Err(e) => error!(channel = %c.name, error = %e, "channel not started"),
@@ -388,6 +391,27 @@ impl ChannelsRuntime {
             engine,
             channels,
             webhooks,
+        })
+    }
+
+    /// Where the agent's `send_message` delivers: this runtime's outbox.
+    pub fn messenger(&self) -> Arc<dyn crate::tools::message::Messenger> {
+        Arc::new(OutboxMessenger {
+            engine: Arc::clone(&self.engine),
+            channels: self
+                .channels
+                .iter()
+                .map(|c| {
+                    (
+                        c.name.clone(),
+                        (
+                            c.platform.kind(),
+                            c.platform.limits().max_text_chars,
+                            Arc::clone(&c.notify),
+                        ),
+                    )
+                })
+                .collect(),
         })
     }
 
@@ -406,7 +430,7 @@ impl ChannelsRuntime {
         }
         let mut wakers = BTreeMap::new();
         for ch in self.channels {
-            let notify = Arc::new(Notify::new());
+            let notify = Arc::clone(&ch.notify);
             wakers.insert(ch.name.clone(), Arc::clone(&notify));
             tokio::spawn(deliver_loop(
                 Arc::clone(&self.engine),
@@ -537,6 +561,71 @@ fn approval_buttons(id: &str) -> Vec<chitin_channels::Button> {
             data: format!("d:{id}"),
         },
     ]
+}
+
+/// `send_message` into the outbox (kind `send_message`) of a running channel; the gate has
+/// decided the call before this runs.
+struct OutboxMessenger {
+    engine: Arc<Engine>,
+    /// Channel name → (platform kind, text limit, its delivery task's waker).
+    channels: BTreeMap<String, (&'static str, usize, Arc<Notify>)>,
+}
+
+impl std::fmt::Debug for OutboxMessenger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutboxMessenger")
+            .field("channels", &self.channels.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl crate::tools::message::Messenger for OutboxMessenger {
+    fn send(&self, channel: &str, target: &str, text: &str) -> Result<String, String> {
+        let Some((kind, max_chars, notify)) = self.channels.get(channel) else {
+            return Err(format!(
+                "no running channel named `{}`",
+                channel.escape_default()
+            ));
+        };
+        let chat = chat_of_session(channel, target)
+            .or_else(|| {
+                let mut it = target.splitn(3, ':');
+                let (k, ck, id) = (it.next()?, it.next()?, it.next()?);
+                let ck = match ck {
+                    "dm" => chitin_channels::ChatKind::Dm,
+                    "group" => chitin_channels::ChatKind::Group,
+                    _ => return None,
+                };
+                (k == *kind && !id.is_empty()).then(|| ChatRef {
+                    id: id.to_string(),
+                    kind: ck,
+                    thread: None,
+                })
+            })
+            .ok_or_else(|| {
+                format!(
+                    "`{}` is not a conversation of channel `{channel}`; use its session key or {kind}:<dm|group>:<chat id>",
+                    target.escape_default()
+                )
+            })?;
+        if text.trim().is_empty() {
+            return Err("the text is empty".into());
+        }
+        let m = OutboxNew {
+            channel: channel.to_string(),
+            chat,
+            text: text.to_string(),
+            buttons: Vec::new(),
+            reply_to: None,
+            kind: OutboxKind::SendMessage,
+        };
+        let ids = self
+            .engine
+            .enqueue_split(&m, *max_chars)
+            .map_err(|e| format!("the message could not be queued: {e}"))?;
+        notify.notify_one();
+        Ok(format!("{} message(s) queued for delivery", ids.len()))
+    }
 }
 
 /// Waits `d` or until stop; true when stopping.

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::{
     EditFileArgs, ExecArgs, ListDirArgs, ReadFileArgs, Sandbox, ToolError, ToolResult, Workspace,
-    WriteFileArgs, fetch::WebFetchArgs, prompt_guard,
+    WriteFileArgs, fetch::WebFetchArgs, message::SendMessageArgs, prompt_guard,
 };
 use crate::approvals::{ApprovalError, Approvals};
 use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
@@ -86,6 +86,7 @@ enum Parsed {
     Edit(EditFileArgs),
     List(ListDirArgs),
     Fetch(WebFetchArgs),
+    Send(SendMessageArgs),
 }
 
 impl Parsed {
@@ -97,6 +98,7 @@ impl Parsed {
             Self::Edit(_) => Tool::EditFile,
             Self::List(_) => Tool::ListDir,
             Self::Fetch(_) => Tool::WebFetch,
+            Self::Send(_) => Tool::SendMessage,
         }
     }
 }
@@ -131,7 +133,8 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
-    let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t));
+    // `send_message` is invocable too; it runs only where a messenger is attached (channels).
+    let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t) || *t == Tool::SendMessage);
     let parsed = match known {
         Some(Tool::Exec) => parse(tool, args).map(Parsed::Exec),
         Some(Tool::ReadFile) => parse(tool, args).map(Parsed::Read),
@@ -146,7 +149,8 @@ pub fn invoke(
                     message: e.to_string(),
                 })
         }),
-        Some(Tool::SendMessage) | None => Err(InvokeError::UnknownTool(tool.to_string())),
+        Some(Tool::SendMessage) => parse(tool, args).map(Parsed::Send),
+        None => Err(InvokeError::UnknownTool(tool.to_string())),
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -163,6 +167,7 @@ pub fn invoke(
         Parsed::Edit(a) => normalized(a)?,
         Parsed::List(a) => normalized(a)?,
         Parsed::Fetch(a) => normalized(a)?,
+        Parsed::Send(a) => normalized(a)?,
     };
     // Network destinations must parse before anything is decided.
     let mut sb = sandbox.clone().for_call(call);
@@ -242,7 +247,7 @@ pub fn invoke(
     };
     let (run, watched) = match &parsed {
         // `web_fetch` runs no sandbox and touches no file.
-        Parsed::Fetch(_) => (run_parsed(&auth, &sb, &ws, &parsed), Ok(())),
+        Parsed::Fetch(_) | Parsed::Send(_) => (run_parsed(&auth, &sb, &ws, &parsed), Ok(())),
         _ => match prompt_guard::Guard::before(sb.prompt_marks(), ws.root(), watch) {
             Ok(guard) => {
                 let run = run_parsed(&auth, &sb, &ws, &parsed);
@@ -255,6 +260,7 @@ pub fn invoke(
     let argv = match &parsed {
         Parsed::Exec(a) => a.argv.clone(),
         Parsed::Fetch(a) => vec![tool.to_string(), a.method.clone(), a.url.clone()],
+        Parsed::Send(a) => vec![tool.to_string(), a.channel.clone(), a.target.clone()],
         _ => vec![tool.to_string(), path_of(&parsed).to_string()],
     };
     let redact_str = |s: &str| gate.redact(s);
@@ -328,12 +334,13 @@ fn run_parsed(
         Parsed::Edit(a) => super::edit_file(auth, sb, ws, a),
         Parsed::List(a) => super::list_dir(auth, sb, ws, a),
         Parsed::Fetch(a) => super::fetch::fetch(auth, a),
+        Parsed::Send(a) => super::message::send_message(auth, sb, a),
     }
 }
 
 fn path_of(parsed: &Parsed) -> &str {
     match parsed {
-        Parsed::Exec(_) | Parsed::Fetch(_) => "",
+        Parsed::Exec(_) | Parsed::Fetch(_) | Parsed::Send(_) => "",
         Parsed::Read(a) => &a.path,
         Parsed::Write(a) => &a.path,
         Parsed::Edit(a) => &a.path,

@@ -14,6 +14,7 @@ pub mod cancel;
 pub mod fetch;
 pub mod helper;
 pub mod invoke;
+pub mod message;
 pub mod prompt_guard;
 
 use std::collections::BTreeMap;
@@ -464,6 +465,8 @@ pub struct Sandbox {
     /// Where the prompt files a tainted run changes are recorded (without it, tainted calls
     /// do not run).
     prompt_marks: Option<prompt_guard::PromptMarks>,
+    /// Where `send_message` delivers (only when chat channels are configured).
+    messenger: Option<std::sync::Arc<dyn message::Messenger>>,
 }
 
 impl Sandbox {
@@ -487,6 +490,7 @@ impl Sandbox {
             call: None,
             cancel: None,
             prompt_marks: None,
+            messenger: None,
         })
     }
 
@@ -519,6 +523,17 @@ impl Sandbox {
     /// Records the prompt files that tainted runs through this sandbox change
     /// ([`prompt_guard`]); a tainted call does not run without it.
     #[must_use]
+    pub fn with_messenger(mut self, m: std::sync::Arc<dyn message::Messenger>) -> Self {
+        self.messenger = Some(m);
+        self
+    }
+
+    /// Where `send_message` delivers, if chat channels are configured.
+    pub fn messenger(&self) -> Option<&std::sync::Arc<dyn message::Messenger>> {
+        self.messenger.as_ref()
+    }
+
+    /// Attaches the record of prompt files changed by tainted runs.
     pub fn with_prompt_marks(mut self, marks: prompt_guard::PromptMarks) -> Self {
         self.prompt_marks = Some(marks);
         self
@@ -1029,6 +1044,7 @@ mod tests {
             call: None,
             cancel: None,
             prompt_marks: None,
+            messenger: None,
         };
         let e = exec(
             &auth,
@@ -1069,6 +1085,7 @@ mod tests {
             call: None,
             cancel: None,
             prompt_marks: None,
+            messenger: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1146,6 +1163,7 @@ mod tests {
             call: None,
             cancel: None,
             prompt_marks: None,
+            messenger: None,
         };
         (home, d, w, sb)
     }
