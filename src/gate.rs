@@ -1147,3 +1147,28 @@ pub fn admin_request(
         context,
     })
 }
+
+#[cfg(test)]
+mod same_conversation_tests {
+    use super::same_conversation;
+
+    #[test]
+    fn a_channel_session_is_its_own_conversation_by_key_or_by_chat() {
+        let s = "channel:tg:dm:4242";
+        assert!(same_conversation("tg", s, s));
+        assert!(same_conversation("tg", "telegram:dm:4242", s));
+        assert!(!same_conversation("tg", "telegram:dm:4243", s));
+        assert!(!same_conversation("tg", "telegram:group:4242", s));
+        // Another channel's chat with the same id is another conversation.
+        assert!(!same_conversation("other", "telegram:dm:4242", s));
+        assert!(!same_conversation("tg", "channel:tg:dm:4242", "web-1"));
+        // A chat id cannot smuggle in a thread or another key part.
+        assert!(!same_conversation(
+            "tg",
+            "telegram:group:-100:thread:7",
+            "channel:tg:group:-100:thread:7"
+        ));
+        assert!(same_conversation("chitin", "web-1", "web-1"));
+        assert!(!same_conversation("chitin", "web-2", "web-1"));
+    }
+}
