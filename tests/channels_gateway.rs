@@ -591,6 +591,19 @@ fn an_approval_is_posted_in_the_chat_a_strangers_press_is_refused_and_the_owners
         "{audit}"
     );
 
+    // Approve data replayed from another chat (even by the owner): not that conversation's.
+    let press = tg.push_callback(&alice, 999, 1, &format!("a:{id}"));
+    let answer = until("the refusal of a press from another chat", &gw, || {
+        tg.answers()
+            .into_iter()
+            .find(|a| a.callback_id == press.callback_id)
+    });
+    assert_eq!(
+        answer.text.as_deref(),
+        Some("This approval does not belong to this conversation.")
+    );
+    assert_eq!(approval_status(&gw, &id), "pending");
+
     // The owner presses Approve: the call runs, the message shows who decided, the answer comes.
     let press = tg.push_callback(&alice, dm.id, prompt.message_id, &format!("a:{id}"));
     let answer = until("the answer to the owner's press", &gw, || {
