@@ -666,6 +666,14 @@ fn deny_with_the_code_in_the_chat_refuses_the_call() {
             .find(|m| m.text == "Not done.")
     });
     assert_eq!(approval_status(&gw, &id), "denied");
+    // The prompt shows the outcome, whoever decided and however (here: the text command).
+    let edit = until("the approval message edited", &gw, || {
+        tg.edits()
+            .into_iter()
+            .find(|e| e.message_id == prompt.message_id)
+    });
+    assert!(edit.text.starts_with("Denied by owner: "), "{}", edit.text);
+    assert!(edit.buttons.unwrap_or_default().is_empty());
     // The model was told the call was refused; `/deny` itself never reached the model.
     assert_eq!(model.requests().len(), 2);
 }

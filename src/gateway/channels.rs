@@ -486,12 +486,18 @@ async fn approval_prompts(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         };
-        if ev.event != "approval.requested" {
-            continue;
-        }
         let Some(chat) = chat_of_session(&ctx.name, &ev.session) else {
             continue;
         };
+        if ev.event == "approval.resolved" {
+            if let Some(id) = ev.payload["approval_id"].as_str() {
+                edit_decided_prompt(&agent, &ctx, &chat, id).await;
+            }
+            continue;
+        }
+        if ev.event != "approval.requested" {
+            continue;
+        }
         let Some(id) = ev.payload["approval"]["id"].as_str().map(str::to_string) else {
             continue;
         };
@@ -534,6 +540,53 @@ async fn approval_prompts(
             }
         }
         ctx.notify.notify_one();
+    }
+}
+
+/// After an approval of this conversation was decided anywhere (chat, web page, CLI) or
+/// expired: its prompt is edited to show the outcome and who decided, buttons removed.
+async fn edit_decided_prompt(agent: &crate::agent::Agent, ctx: &Ctx, chat: &ChatRef, id: &str) {
+    let (a, rows) = {
+        let (agent, engine, id, name) = (
+            agent.clone(),
+            Arc::clone(&ctx.engine),
+            id.to_string(),
+            ctx.name.clone(),
+        );
+        match tokio::task::spawn_blocking(move || {
+            let a = agent.approvals().get(&id).map_err(|e| e.to_string())?;
+            let rows = engine.outbox(&name).map_err(|e| e.to_string())?;
+            Ok::<_, String>((a, rows))
+        })
+        .await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                warn!(channel = %ctx.name, error = %e, "decided approval's prompt not found");
+                return;
+            }
+            Err(e) => {
+                warn!(channel = %ctx.name, error = %e, "approval lookup task failed");
+                return;
+            }
+        }
+    };
+    let data = format!("a:{}", a.id);
+    let Some(message_id) = rows
+        .iter()
+        .filter(|r| r.kind == OutboxKind::Approval && &r.chat == chat)
+        .find(|r| r.buttons.iter().any(|b| b.data == data))
+        .and_then(|r| r.platform_message_id.clone())
+    else {
+        return;
+    };
+    let text = match a.status.as_str() {
+        "granted" | "used" => decided_text(&a, true),
+        "denied" => decided_text(&a, false),
+        other => format!("Approval {} {other}: {}", a.code, a.summary),
+    };
+    if let Err(e) = ctx.platform.edit(chat, &message_id, &text, None).await {
+        warn!(channel = %ctx.name, approval = %a.id, error = %e, "approval message could not be edited");
     }
 }
 
@@ -936,11 +989,8 @@ async fn handle_presses(ctx: &Ctx) {
                 .await
                 {
                     Ok(a) => {
-                        let text = decided_text(&a, grant);
-                        if let Err(e) = ctx.platform.edit(&p.chat, &p.message_id, &text, None).await
-                        {
-                            warn!(channel = %ctx.name, approval = %a.id, error = %e, "approval message could not be edited");
-                        }
+                        // The prompt is edited when the run sees the decision
+                        // (`approval.resolved`), whoever decided.
                         info!(channel = %ctx.name, approval = %a.id, grant, "approval decided in chat");
                         if grant { "Approved." } else { "Denied." }.to_string()
                     }
