@@ -233,7 +233,14 @@ fn a_turn_cut_by_sigkill_is_resumed_after_restart_and_answered_once() {
     });
     gw.signal("-KILL");
     let _ = gw.wait_exit();
+    // The restarted channel cannot connect for 3 s (a 429 on getMe), so the resumed run
+    // (the model answers at once) finishes before the channel's tasks start: its reply must
+    // still be sent (the runs to answer are noted before the agent resumes them).
+    tg.fail_next("getMe", 1, Failure::RateLimited { retry_after: 3 });
     gw.spawn();
+    until("the resumed run to reach the model", &gw, || {
+        (model.requests().len() >= 2).then_some(())
+    });
     let answer = until("the resumed run's answer", &gw, || {
         sent_to(&tg, dm.id)
             .into_iter()

@@ -61,6 +61,8 @@ struct Ctx {
     notify: Arc<Notify>,
     agent: Option<crate::agent::Agent>,
     max_chars: usize,
+    /// The runs left unfinished by the last gateway (noted before the agent resumed them).
+    unfinished: Vec<(String, String)>,
 }
 
 /// The webhook-mode channels, by name (filled when the tasks start).
@@ -163,6 +165,10 @@ pub struct ChannelsRuntime {
     engine: Arc<Engine>,
     channels: Vec<Channel>,
     webhooks: Arc<Webhooks>,
+    /// The runs (id, session) the last gateway left unfinished, listed *before* the agent
+    /// resumes them ([`Self::note_unfinished_runs`]): a resumed run may finish before the
+    /// channel tasks start, and its reply must still be sent.
+    unfinished: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for ChannelsRuntime {
@@ -330,6 +336,19 @@ impl ChannelMetrics {
 }
 
 impl ChannelsRuntime {
+    /// Notes the runs the last gateway left unfinished. Call it before `Agent::recover`: the
+    /// replies of the resumed runs of channel sessions are then sent however fast they finish.
+    pub fn note_unfinished_runs(&self, agent: &crate::agent::Agent) {
+        match agent.transcripts().unfinished_runs() {
+            Ok(runs) => {
+                if let Ok(mut u) = self.unfinished.lock() {
+                    *u = runs.into_iter().map(|r| (r.id, r.session)).collect();
+                }
+            }
+            Err(e) => error!(error = %e, "unfinished runs could not be listed"),
+        }
+    }
+
     /// The webhook receiver (`POST /channels/<name>/webhook`).
     pub fn webhooks(&self) -> Arc<Webhooks> {
         Arc::clone(&self.webhooks)
@@ -391,6 +410,7 @@ impl ChannelsRuntime {
             engine,
             channels,
             webhooks,
+            unfinished: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -428,6 +448,11 @@ impl ChannelsRuntime {
             Ok(_) => {}
             Err(e) => error!(error = %e, "interrupted sends could not be recovered"),
         }
+        let unfinished = self
+            .unfinished
+            .lock()
+            .map(|u| u.clone())
+            .unwrap_or_default();
         let mut wakers = BTreeMap::new();
         for ch in self.channels {
             let notify = Arc::clone(&ch.notify);
@@ -446,6 +471,7 @@ impl ChannelsRuntime {
                 platform: ch.platform,
                 notify,
                 agent: agent.clone(),
+                unfinished: unfinished.clone(),
             });
             if let Some(agent) = &agent {
                 tokio::spawn(approval_prompts(
@@ -728,7 +754,16 @@ async fn poll_loop(
     }
     let max_chars = ctx.max_chars;
     if let Some(agent) = agent {
-        recover_turns(agent, engine, name, platform, notify, max_chars).await;
+        recover_turns(
+            agent,
+            engine,
+            name,
+            platform,
+            notify,
+            max_chars,
+            &ctx.unfinished,
+        )
+        .await;
     }
     if let Some((tg, url)) = register {
         match tg.set_webhook(&url).await {
@@ -1177,28 +1212,26 @@ async fn recover_turns(
     platform: &Arc<dyn Platform>,
     notify: &Arc<Notify>,
     max_chars: usize,
+    unfinished: &[(String, String)],
 ) {
-    match agent.transcripts().unfinished_runs() {
-        Ok(runs) => {
-            for r in runs {
-                let Some(chat) = chat_of_session(name, &r.session) else {
-                    continue;
-                };
-                info!(channel = %name, run = %r.id, "reply of a resumed run will be sent");
-                tokio::spawn(reply_when_done(
-                    agent.clone(),
-                    Arc::clone(engine),
-                    Arc::clone(platform),
-                    Arc::clone(notify),
-                    name.to_string(),
-                    chat,
-                    None,
-                    r.id,
-                    max_chars,
-                ));
-            }
-        }
-        Err(e) => error!(channel = %name, error = %e, "unfinished runs could not be listed"),
+    // Listed before the agent resumed them, so a run that has finished since is still here
+    // (`Agent::wait` then answers from its stored summary).
+    for (run_id, session) in unfinished {
+        let Some(chat) = chat_of_session(name, session) else {
+            continue;
+        };
+        info!(channel = %name, run = %run_id, "reply of a resumed run will be sent");
+        tokio::spawn(reply_when_done(
+            agent.clone(),
+            Arc::clone(engine),
+            Arc::clone(platform),
+            Arc::clone(notify),
+            name.to_string(),
+            chat,
+            None,
+            run_id.clone(),
+            max_chars,
+        ));
     }
     let pending = blocking(engine, {
         let name = name.to_string();
