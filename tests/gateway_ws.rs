@@ -946,6 +946,10 @@ async fn the_chat_page_is_served_with_a_strict_content_security_policy() {
             .contains("content-type: text/javascript")
     );
     assert!(js.contains("sessionStorage"));
+    // The pairing list: built with textContent only, never markup from the server.
+    assert!(body.contains("id=\"pairings\""));
+    assert!(js.contains("pairing.list") && js.contains("pairing.resolve"));
+    assert!(!js.contains("innerHTML") && !js.contains("insertAdjacentHTML"));
 }
 
 async fn raw_get(port: u16, path: &str) -> String {
