@@ -577,6 +577,36 @@ fn a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text() 
         1
     );
     assert!(home_bytes_contain(&h.home, b"c0ffee").is_empty());
+    // Not stored: only the dedup key remains, without chat, sender or message id.
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM channel_events WHERE event_id = 'u:1' AND chat_id IS NULL
+             AND chat_kind IS NULL AND thread IS NULL AND sender_id IS NULL AND message_id IS NULL"
+        ),
+        1
+    );
+    // ... and a webhook-style redelivery of the same update is still recognized.
+    let again = h
+        .engine
+        .commit_events(
+            CH,
+            &[inbound(
+                "u:1",
+                msg(group(), "1", "1", "group chatter c0ffee", false),
+            )],
+            None,
+        )
+        .unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 1));
+    // The audit record of the refusal stays (without the text).
+    let recs = audit_records(&h);
+    assert!(
+        recs.iter()
+            .any(|r| format!("{r:?}").contains("admission.groups-need-mention")),
+        "the refusal is audited"
+    );
+    assert!(!recs.iter().any(|r| format!("{r:?}").contains("c0ffee")));
     // A paired non-owner mentioning the bot in the group is not admitted either.
     h.engine
         .commit_polled(

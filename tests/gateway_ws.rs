@@ -946,6 +946,10 @@ async fn the_chat_page_is_served_with_a_strict_content_security_policy() {
             .contains("content-type: text/javascript")
     );
     assert!(js.contains("sessionStorage"));
+    // The pairing list: built with textContent only, never markup from the server.
+    assert!(body.contains("id=\"pairings\""));
+    assert!(js.contains("pairing.list") && js.contains("pairing.resolve"));
+    assert!(!js.contains("innerHTML") && !js.contains("insertAdjacentHTML"));
 }
 
 async fn raw_get(port: u16, path: &str) -> String {
@@ -1371,4 +1375,175 @@ async fn a_run_of_the_real_agent_streams_over_the_websocket_and_can_be_cancelled
         )
         .await;
     assert_eq!(error_code(&r), "not_found");
+}
+
+// ---- pairing over the WebSocket (real gateway, a Telegram channel on the fake Bot API) ----
+
+mod pairing {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
+    use chitin_channels::telegram::fake::{
+        FakeChat, FakeTelegram, FakeUser, MessageBuilder, TOKEN,
+    };
+
+    use super::*;
+
+    pub struct Setup {
+        pub _rt: tokio::runtime::Runtime,
+        pub tg: FakeTelegram,
+        pub _model: FakeServer,
+        pub gw: super::harness::Gw,
+        pub code: String,
+    }
+
+    /// A gateway whose `[gateway] owner` (the WebSocket's user) is `owner` and whose CLI acts
+    /// as `owner`, with the `tg` channel, and one open pairing request (Alice, 4242, wrote to the bot in a DM and got her code).
+    pub fn gateway_with_a_pending_pairing(owner: &str) -> Setup {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let tg = rt.block_on(FakeTelegram::start()).unwrap();
+        let model = rt
+            .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text(["hi"]))]))
+            .unwrap();
+        let cfg = format!(
+            "owner = \"{owner}\"\n\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n\
+             [[channels]]\nname = \"tg\"\nkind = \"telegram\"\ntoken = \"secret:tg_token\"\napi_base = \"http://{}\"\nmode = \"polling\"\n\n\
+             [cli]\noperator = \"owner\"\n",
+            model.base_url(),
+            tg.addr()
+        );
+        let mut gw = super::harness::Gw::start(&cfg);
+        gw.signal("-TERM");
+        assert!(gw.wait_exit().success());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+            .args(["secrets", "set", "tg_token", "--audience", "127.0.0.1"])
+            .env("CHITIN_HOME", &gw.home)
+            .env("CHITIN_PASSPHRASE", super::harness::PASS)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(TOKEN.as_bytes())
+            .unwrap();
+        assert!(child.wait_with_output().unwrap().status.success());
+        gw.spawn();
+        let alice = FakeUser::new(4242, "Alice");
+        let dm = FakeChat::private(&alice);
+        tg.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let code = loop {
+            let out = gw.chitin(&["pairing", "list", "--json"]);
+            let list: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            if let Some(c) = list[0]["code"].as_str() {
+                break c.to_string();
+            }
+            assert!(Instant::now() < deadline, "no pairing request");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Setup {
+            _rt: rt,
+            tg,
+            _model: model,
+            gw,
+            code,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_lists_and_approves_a_pairing_over_the_websocket() {
+    use chitin_channels::telegram::fake::{FakeChat, FakeUser, MessageBuilder};
+    let s = tokio::task::spawn_blocking(|| pairing::gateway_with_a_pending_pairing("owner"))
+        .await
+        .unwrap();
+    let mut c = Client::connect(s.gw.port, &s.gw.token).await;
+    let r = c.call("pairing.list", json!({})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    let reqs = r["payload"]["requests"].as_array().unwrap();
+    assert_eq!(reqs.len(), 1, "{r}");
+    assert_eq!(reqs[0]["code"], s.code.as_str());
+    assert_eq!(reqs[0]["identity"], "telegram:4242");
+    assert_eq!(reqs[0]["channel"], "tg");
+    // A bad decision is refused before anything is decided.
+    let r = c
+        .call(
+            "pairing.resolve",
+            json!({"code": s.code, "decision": "maybe"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "invalid_params", "{r}");
+    let r = c
+        .call(
+            "pairing.resolve",
+            json!({"code": s.code, "decision": "approve"}),
+        )
+        .await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["payload"]["request"]["identity"], "telegram:4242");
+    assert_eq!(r["payload"]["request"]["user"], "owner");
+    // Single use: the same code again is a conflict, and nothing is open any more.
+    let r = c
+        .call(
+            "pairing.resolve",
+            json!({"code": s.code, "decision": "deny"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "conflict", "{r}");
+    let r = c.call("pairing.list", json!({})).await;
+    assert_eq!(r["payload"]["requests"], json!([]), "{r}");
+    // Paired: Alice's next DM reaches the model and its answer is sent to her.
+    tokio::task::spawn_blocking(move || {
+        let alice = FakeUser::new(4242, "Alice");
+        let dm = FakeChat::private(&alice);
+        s.tg.push_message(MessageBuilder::text(&dm, &alice, "am I in?"));
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !s
+            .tg
+            .sent()
+            .iter()
+            .any(|m| m.chat_id == dm.id && m.text == "hi")
+        {
+            assert!(Instant::now() < deadline, "no answer after the pairing");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        drop(s);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_cedar_does_not_permit_can_neither_list_nor_approve_pairings_over_the_websocket() {
+    let s = tokio::task::spawn_blocking(|| pairing::gateway_with_a_pending_pairing("mallory"))
+        .await
+        .unwrap();
+    let mut c = Client::connect(s.gw.port, &s.gw.token).await;
+    let r = c.call("pairing.list", json!({})).await;
+    assert_eq!(error_code(&r), "forbidden", "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("mallory may not decide pairings (policy decision: deny"),
+        "{r}"
+    );
+    let r = c
+        .call(
+            "pairing.resolve",
+            json!({"code": s.code, "decision": "approve", "user": "mallory"}),
+        )
+        .await;
+    assert_eq!(error_code(&r), "forbidden", "{r}");
+    // Still open: the CLI (operator `owner`) sees the request unchanged.
+    let out = s.gw.chitin(&["pairing", "list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["code"], s.code.as_str());
+    assert_eq!(list[0]["status"], "pending");
+    tokio::task::spawn_blocking(move || drop(s)).await.unwrap();
 }

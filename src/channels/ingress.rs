@@ -191,16 +191,28 @@ impl Engine {
                     }
                     _ => (None, None),
                 };
+                // A group message that is not admitted is not stored: only the dedup key
+                // `(channel, event_id)` is kept, so a webhook redelivery of the same update is
+                // still recognized. No chat, sender or message id, no text (the audit record of
+                // the Cedar decision is the only trace of who wrote where).
+                let keep_ids = matches!(admission, Admission::Admitted { .. })
+                    || m.chat.kind != chitin_channels::ChatKind::Group;
+                let ids = |v: &str| keep_ids.then(|| v.to_owned());
+                let thread = if keep_ids {
+                    m.chat.thread.clone()
+                } else {
+                    None
+                };
                 tx.prepare_cached(insert)?.execute(params![
                     ch.name,
                     ev.event_id,
                     now,
                     "message",
-                    m.chat.id,
-                    chat_kind_str(m.chat.kind),
-                    m.chat.thread,
-                    m.sender.id,
-                    m.message_id,
+                    ids(&m.chat.id),
+                    keep_ids.then(|| chat_kind_str(m.chat.kind)),
+                    thread,
+                    ids(&m.sender.id),
+                    ids(&m.message_id),
                     admission.status(),
                     subject,
                     text,

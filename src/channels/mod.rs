@@ -18,9 +18,11 @@
 //! - **Admission is Cedar** (`message.receive`): principal `Chitin::Identity::"<kind>:<user>"`
 //!   (attribute `channel`, parents from the entity files and the managed store), resource
 //!   `Chitin::Conversation::"<kind>:<dm|group>:<chat>"` (`channel`, `kind`), context
-//!   `mentioned`, `paired`. A message that is not admitted is stored without its text (only
-//!   ids and times, for deduplication) and its decision record carries no text; an admitted
-//!   message's text is sealed with its `User`'s data key (the subject of the turn).
+//!   `mentioned`, `paired`. A message that is not admitted is stored without its text and
+//!   its decision record carries no text; a *group* message that is not admitted is not
+//!   stored at all: only its dedup key `(channel, event_id)` and times remain (no chat,
+//!   sender or message id), so a webhook redelivery is still dropped. An admitted message's
+//!   text is sealed with its `User`'s data key (the subject of the turn).
 //! - **Pairing.** Only an unpaired identity writing in a direct message gets a code: one code
 //!   per identity per hour, at most [`MAX_PENDING_PAIRINGS`] open codes, 8 characters from a
 //!   32-letter alphabet (40 bits, OS randomness), single use, expiring. Approving, denying and

@@ -193,6 +193,14 @@ impl Engine {
         Ok(list)
     }
 
+    /// The open pairing requests, for `user` only if Cedar permits `pairing.approve` for
+    /// them (a user who may not decide pairings does not see who asked): the WebSocket's and
+    /// the web page's `pairing.list`.
+    pub fn pairing_list_for(&self, user: &str) -> Result<Vec<PairingRequest>, ChannelsError> {
+        self.may_decide_pairings(user)?;
+        self.pairing_list()
+    }
+
     /// Cedar `pairing.approve` for `user` (recorded by the gate); refused unless allowed.
     fn may_decide_pairings(&self, user: &str) -> Result<(), ChannelsError> {
         let req = admin_request(user, Action::PairingApprove, Map::new())?;

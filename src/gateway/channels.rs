@@ -1325,6 +1325,13 @@ async fn deliver_loop(
     }
 }
 
+impl ChannelsRuntime {
+    /// The engine, for the WebSocket's `pairing.list` / `pairing.resolve`.
+    pub fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.engine)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(

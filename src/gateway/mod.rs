@@ -356,12 +356,20 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         skills,
         skills_status: RwLock::new(skills_status),
         reload_refused: RwLock::new(None),
-        ws: Arc::new(ws::Ws::new(
-            backend,
-            Arc::new(ws::AppAuth(me.clone())),
-            metrics,
-            ws_settings,
-        )),
+        ws: Arc::new(
+            ws::Ws::new(
+                backend,
+                Arc::new(ws::AppAuth(me.clone())),
+                metrics,
+                ws_settings,
+            )
+            .with_pairing(
+                parts
+                    .channels
+                    .as_ref()
+                    .map(channels::ChannelsRuntime::engine),
+            ),
+        ),
     });
 
     let listener = tokio::net::TcpListener::bind(parts.bind)

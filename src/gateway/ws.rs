@@ -55,7 +55,7 @@ pub const DEFAULT_HISTORY: usize = 50;
 pub const MAX_HISTORY: usize = 500;
 
 /// The methods, as reported by `connect`.
-pub const METHODS: [&str; 11] = [
+pub const METHODS: [&str; 13] = [
     "connect",
     "agent",
     "agent.wait",
@@ -66,6 +66,8 @@ pub const METHODS: [&str; 11] = [
     "approvals.list",
     "approvals.show",
     "approvals.resolve",
+    "pairing.list",
+    "pairing.resolve",
     "health",
 ];
 
@@ -184,6 +186,8 @@ impl WsSettings {
 /// The WebSocket control plane: shared by every connection.
 pub struct Ws {
     backend: Option<Arc<dyn ChatBackend>>,
+    /// The channel engine, for `pairing.list` / `pairing.resolve` (none: no `[[channels]]`).
+    pairing: Option<Arc<crate::channels::Engine>>,
     auth: Arc<dyn WsAuth>,
     metrics: Arc<Metrics>,
     settings: RwLock<WsSettings>,
@@ -201,6 +205,7 @@ impl Ws {
     ) -> Self {
         Self {
             backend,
+            pairing: None,
             auth,
             metrics,
             settings: RwLock::new(settings),
@@ -208,6 +213,13 @@ impl Ws {
             open: Arc::new(AtomicUsize::new(0)),
             stop: watch::channel(false).0,
         }
+    }
+
+    /// Serves `pairing.list` / `pairing.resolve` from the channel engine.
+    #[must_use]
+    pub fn with_pairing(mut self, engine: Option<Arc<crate::channels::Engine>>) -> Self {
+        self.pairing = engine;
+        self
     }
 
     /// Sets the gateway's own origins from the address it listens on (call after binding):
@@ -998,6 +1010,59 @@ fn handle_text(
             });
             None
         }
+        "pairing.list" | "pairing.resolve" => {
+            let call = match prepare_pairing(&req.method, req.params) {
+                Ok(c) => c,
+                Err(e) => return bad(e),
+            };
+            let Some(engine) = ws.pairing.as_ref().map(Arc::clone) else {
+                return Some(error(
+                    ws,
+                    &id,
+                    "not_configured",
+                    "no chat channel is configured ([[channels]] in chitin.toml), so there is nothing to pair",
+                ));
+            };
+            let Ok(permit) = Arc::clone(in_flight).try_acquire_owned() else {
+                return Some(error(
+                    ws,
+                    &id,
+                    "busy",
+                    &format!(
+                        "{MAX_IN_FLIGHT} requests of this connection are still waiting; wait for their responses"
+                    ),
+                ));
+            };
+            let ws = Arc::clone(ws);
+            let out = out.clone();
+            let user = user.to_string();
+            tokio::spawn(async move {
+                let done = tokio::task::spawn_blocking(move || call.run(&engine, &user)).await;
+                let reply = match done {
+                    Ok(Ok(v)) => res_ok(&id, v),
+                    Ok(Err(e)) => {
+                        let code = match &e {
+                            crate::channels::ChannelsError::PairingRefused { .. } => "forbidden",
+                            crate::channels::ChannelsError::PairingNotFound(_) => "not_found",
+                            crate::channels::ChannelsError::PairingNotPending { .. }
+                            | crate::channels::ChannelsError::PairingExpired(_) => "conflict",
+                            crate::channels::ChannelsError::UnknownUser(_) => "invalid_params",
+                            _ => "internal",
+                        };
+                        error(&ws, &id, code, &e.to_string())
+                    }
+                    Err(_) => error(
+                        &ws,
+                        &id,
+                        "internal",
+                        "the pairing task failed; see the gateway log",
+                    ),
+                };
+                let _ = out.send(Out::Res(reply)).await;
+                drop(permit);
+            });
+            None
+        }
         other => Some(error(
             ws,
             &id,
@@ -1008,6 +1073,58 @@ fn handle_text(
                 METHODS.join(", ")
             ),
         )),
+    }
+}
+
+/// A validated pairing call, decided by the channel engine (Cedar `pairing.approve` for the
+/// connection's user).
+enum PairingCall {
+    List,
+    Approve { code: String, user: Option<String> },
+    Deny(String),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PairingResolveParams {
+    code: String,
+    decision: String,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+fn prepare_pairing(method: &str, p: Value) -> Result<PairingCall, String> {
+    if method == "pairing.list" {
+        params::<Empty>(method, p)?;
+        return Ok(PairingCall::List);
+    }
+    let p: PairingResolveParams = params(method, p)?;
+    let code = p.code.trim().to_string();
+    if code.is_empty() || code.len() > 64 {
+        return Err("pairing.resolve needs the pairing `code` the person received".into());
+    }
+    match (p.decision.as_str(), p.user) {
+        ("approve", user) => Ok(PairingCall::Approve { code, user }),
+        ("deny", None) => Ok(PairingCall::Deny(code)),
+        ("deny", Some(_)) => Err("`user` is only for decision \"approve\"".into()),
+        _ => Err("`decision` must be \"approve\" or \"deny\"".into()),
+    }
+}
+
+impl PairingCall {
+    fn run(
+        self,
+        engine: &crate::channels::Engine,
+        user: &str,
+    ) -> Result<Value, crate::channels::ChannelsError> {
+        Ok(match self {
+            Self::List => json!({"requests": engine.pairing_list_for(user)?}),
+            Self::Approve { code, user: target } => {
+                let target = target.unwrap_or_else(|| user.to_string());
+                json!({"request": engine.pairing_approve(&code, user, &target)?})
+            }
+            Self::Deny(code) => json!({"request": engine.pairing_deny(&code, user)?}),
+        })
     }
 }
 

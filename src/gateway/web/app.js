@@ -107,6 +107,7 @@
             showError('No agent is configured on this gateway (set [agent] model and [[providers]] in chitin.toml); approvals still work here.');
           }
           loadApprovals();
+          loadPairings();
           if (state.session) loadHistory();
         },
         (e) => {
@@ -391,6 +392,59 @@
     );
   }
 
+  // Pairing requests (pairing.list / pairing.resolve): who asked, from which channel and
+  // chat, until when; text only. Approving pairs the identity with the connected user.
+  function loadPairings() {
+    request('pairing.list').then(
+      (p) => {
+        const list = p.requests || [];
+        const ul = $('pairings');
+        ul.replaceChildren();
+        for (const r of list) ul.appendChild(pairingItem(r));
+        $('no-pairings').hidden = list.length > 0;
+        $('no-pairings').textContent = 'None.';
+      },
+      (e) => {
+        $('pairings').replaceChildren();
+        $('no-pairings').hidden = false;
+        // not_configured: no channel; forbidden: this user may not decide pairings.
+        $('no-pairings').textContent =
+          e.code === 'not_configured' || e.code === 'forbidden' ? String(e.message || e.code) : 'Not loaded: ' + String(e.message || e.code);
+      },
+    );
+  }
+
+  function pairingItem(r) {
+    const li = el('li', 'pairing');
+    const head = el('div');
+    head.appendChild(el('span', 'code', r.code));
+    head.appendChild(el('span', 'pairing-identity', ' ' + String(r.identity)));
+    li.appendChild(head);
+    li.appendChild(el('span', 'summary', 'channel ' + String(r.channel) + ', chat ' + String(r.chat_id) + '; approving pairs this identity with you'));
+    if (r.expires_at) li.appendChild(el('small', 'expires', 'expires ' + r.expires_at));
+    for (const decision of ['approve', 'deny']) {
+      const b = el('button', decision, decision === 'approve' ? 'Approve' : 'Deny');
+      b.type = 'button';
+      b.addEventListener('click', () => {
+        for (const x of li.querySelectorAll('button')) x.disabled = true;
+        request('pairing.resolve', { code: String(r.code), decision }).then(
+          (p) => {
+            const q = p.request || {};
+            append(el('div', 'msg system', 'Pairing ' + String(q.code) + ' (' + String(q.identity) + ') ' + (decision === 'approve' ? 'approved' : 'denied') + '.'));
+            loadPairings();
+          },
+          (e) => {
+            for (const x of li.querySelectorAll('button')) x.disabled = false;
+            showError('Pairing not resolved: ' + (e.message || e.code));
+            loadPairings();
+          },
+        );
+      });
+      li.appendChild(b);
+    }
+    return li;
+  }
+
   function loadHistory() {
     request('chat.history', { session: state.session, limit: 50 }).then(
       (p) => {
@@ -437,6 +491,9 @@
     $('send').addEventListener('click', send);
     $('refresh-approvals').addEventListener('click', () => {
       if (state.ws) loadApprovals();
+    });
+    $('refresh-pairings').addEventListener('click', () => {
+      if (state.ws) loadPairings();
     });
     $('input').addEventListener('keydown', (ev) => {
       if (ev.key === 'Enter' && !ev.shiftKey) {
