@@ -870,17 +870,7 @@ async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
                     Ok(a) => decided_text(&a, grant),
                     Err(why) => why,
                 };
-            enqueue_reply(
-                engine,
-                name,
-                &ev.message.chat,
-                Some(&ev.message.message_id),
-                text,
-                max_chars,
-                notify,
-            )
-            .await;
-            mark_done(engine, name, &ev).await;
+            answer_without_a_turn(ctx, &ev, text).await;
             continue;
         }
         match &ctx.agent {
@@ -889,20 +879,26 @@ async fn dispatch(ctx: &Ctx, committed: crate::channels::Committed) {
             }
             None => {
                 let text = "No model is configured for this assistant yet.".to_string();
-                enqueue_reply(
-                    engine,
-                    name,
-                    &ev.message.chat,
-                    Some(&ev.message.message_id),
-                    text,
-                    max_chars,
-                    notify,
-                )
-                .await;
-                mark_done(engine, name, &ev).await;
+                answer_without_a_turn(ctx, &ev, text).await;
             }
         }
     }
+}
+
+/// Answers an admitted message without an agent turn (a chat command, or no model): the reply
+/// is queued in the outbox and the message marked handled.
+async fn answer_without_a_turn(ctx: &Ctx, ev: &AdmittedEvent, text: String) {
+    enqueue_reply(
+        &ctx.engine,
+        &ctx.name,
+        &ev.message.chat,
+        Some(&ev.message.message_id),
+        text,
+        ctx.max_chars,
+        &ctx.notify,
+    )
+    .await;
+    mark_done(&ctx.engine, &ctx.name, ev).await;
 }
 
 /// `/approve CODE` or `/deny CODE` (also `/approve@bot CODE`): grant or not, and the code.
