@@ -128,6 +128,7 @@ async fn turn(agent: &Agent, session: String) -> Result<Duration, BoxError> {
             channel: "bench".into(),
             text: "What is on my list today?".into(),
             approval_wait: Some(Duration::ZERO),
+            origin: None,
         })
         .await?;
     let s = agent.wait(&id, Duration::from_secs(60)).await?;

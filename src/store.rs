@@ -216,6 +216,20 @@ const MIGRATIONS: &[&str] = &[
         at_ms      INTEGER NOT NULL,
         PRIMARY KEY (workspace, name, digest)
      ) STRICT;",
+    // 7: exactly-once chat turns and streamed replies. `runs.origin` names what started a run
+    // (`channel:<name>:<event row id>`): a message whose turn was recorded is never run again
+    // after a crash. `channel_outbox.dedup_key` makes queuing idempotent (a reply per run, an
+    // approval prompt per approval); `edit_text` is the final text a streamed reply's message
+    // is still to be edited to. `channel_events.attachments`: the files of an admitted
+    // message (platform references, names, sizes; sealed like its text), fetched when its turn
+    // starts.
+    "ALTER TABLE runs ADD COLUMN origin TEXT;
+     CREATE UNIQUE INDEX runs_origin ON runs(origin) WHERE origin IS NOT NULL;
+     ALTER TABLE channel_outbox ADD COLUMN dedup_key TEXT;
+     ALTER TABLE channel_outbox ADD COLUMN edit_text TEXT;
+     CREATE UNIQUE INDEX channel_outbox_dedup ON channel_outbox(channel, dedup_key) WHERE dedup_key IS NOT NULL;
+     CREATE INDEX channel_outbox_edits ON channel_outbox(channel, status) WHERE edit_text IS NOT NULL;
+     ALTER TABLE channel_events ADD COLUMN attachments BLOB;",
 ];
 
 /// The state database.

@@ -208,6 +208,7 @@ fn turn(session: &str, text: &str) -> TurnRequest {
         channel: "test".into(),
         text: text.into(),
         approval_wait: None,
+        origin: None,
     }
 }
 

@@ -665,6 +665,7 @@ fn reply(text: &str) -> OutboxNew {
         buttons: Vec::new(),
         reply_to: None,
         kind: OutboxKind::Reply,
+        dedup_key: None,
     }
 }
 

@@ -13,8 +13,12 @@
 //!   cursor acknowledges them (Telegram: `getUpdates` with `offset`). A crash between the two
 //!   redelivers the events; their [`Inbound::event_id`] is unique per channel, so the engine
 //!   drops the duplicates.
-//! - [`Platform::parse_webhook`] checks a webhook request's secret (constant time) and parses
-//!   its events without acknowledging anything; the engine answers 200 after the commit.
+//! - [`Platform::webhook`] checks a webhook request's signature or secret (constant time) and
+//!   parses its events without acknowledging anything; the engine commits them and only then
+//!   answers 200 (with the adapter's [`WebhookParsed::reply`] body, if any: a Slack
+//!   `url_verification` challenge, a WhatsApp `hub.challenge`). The gateway serves
+//!   `GET`/`POST /channels/<name>/<route>` and hands every such request to the channel's
+//!   adapter, which answers [`ChannelError::NoSuchRoute`] for routes it does not have.
 //! - [`Platform::send`] returns the platform's message id on success, or a [`SendError`] that
 //!   says whether to retry (and after how long) or give up.
 //! - Credentials are handed to an adapter already released by the gateway (Cedar `secret.use`
@@ -117,6 +121,13 @@ pub enum Event {
     /// An edit of an earlier message: not a new turn (the engine records and ignores it).
     Edited(Message),
     Button(ButtonPress),
+    /// The bot was invited into a conversation (a Matrix room invite): the engine decides
+    /// the inviter (Cedar `message.receive`) and joins ([`Platform::join`]) only when
+    /// admitted.
+    Invited {
+        chat: ChatRef,
+        sender: Sender,
+    },
     /// An update of a kind Chitin does not handle; acknowledged and ignored.
     Ignored {
         what: String,
@@ -158,6 +169,10 @@ pub struct OutMessage {
     pub reply_to: Option<String>,
     /// One row of buttons (approvals: Approve / Deny).
     pub buttons: Vec<Button>,
+    /// Unique per outbox row and the same on every retry of it: a platform that deduplicates
+    /// sends by a client key (Matrix `txnId`, Discord `nonce`) gets this one, so a retried
+    /// send cannot post twice.
+    pub delivery_id: String,
 }
 
 /// A message the platform accepted.
@@ -224,6 +239,64 @@ pub enum ChannelError {
     /// A webhook body that is not a valid update (answer 400).
     #[error("invalid webhook body: {0}")]
     BadWebhook(String),
+    /// A webhook route or method this adapter does not serve (answer 404).
+    #[error("no such webhook route")]
+    NoSuchRoute,
+    /// An attachment larger than the limit (it is not fetched).
+    #[error("the file is larger than the limit of {max_bytes} bytes")]
+    TooLarge { max_bytes: u64 },
+    /// This platform cannot do that (e.g. fetch attachments).
+    #[error("not supported by this platform: {0}")]
+    Unsupported(&'static str),
+}
+
+/// A request to one of a channel's webhook routes, `<method> /channels/<name>/<route>`.
+#[derive(Debug, Clone, Copy)]
+pub struct WebhookRequest<'a> {
+    /// `GET` or `POST`.
+    pub method: &'a str,
+    /// The last path segment: `webhook` (Telegram, WhatsApp), `events`, `interactivity`
+    /// (Slack), ...
+    pub route: &'a str,
+    /// The raw query string, without the `?` (empty when there is none).
+    pub query: &'a str,
+    pub headers: &'a [(String, String)],
+    /// The raw body (signatures are computed over these exact bytes).
+    pub body: &'a [u8],
+}
+
+impl WebhookRequest<'_> {
+    /// The values of the header `name` (case-insensitive).
+    pub fn header_values<'s>(&'s self, name: &'s str) -> impl Iterator<Item = &'s str> + 's {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The header `name` when it is present exactly once.
+    pub fn single_header<'s>(&'s self, name: &'s str) -> Option<&'s str> {
+        let mut it = self.header_values(name);
+        let first = it.next()?;
+        it.next().is_none().then_some(first)
+    }
+}
+
+/// What an adapter made of a webhook request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WebhookParsed {
+    /// The events to commit (before the answer is sent).
+    pub events: Vec<Inbound>,
+    /// The body of the 200 answer, if the platform expects one (`None`: the gateway's usual
+    /// `{"ok":true}`).
+    pub reply: Option<WebhookBody>,
+}
+
+/// The body of a webhook answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookBody {
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
 /// An adapter's configuration cannot work (found when it is built, before any request).
@@ -244,12 +317,9 @@ pub trait Platform: Send + Sync + 'static {
     fn connect(&self) -> BoxFuture<'_, Result<BotInfo, ChannelError>>;
     /// Waits (long poll, bounded by the adapter's poll timeout) for events after `cursor`.
     fn poll<'a>(&'a self, cursor: Option<&'a str>) -> BoxFuture<'a, Result<Polled, ChannelError>>;
-    /// Checks a webhook request (its secret, in constant time) and parses its events.
-    fn parse_webhook(
-        &self,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<Vec<Inbound>, ChannelError>;
+    /// Checks a webhook request (its secret or signature, in constant time) and parses its
+    /// events; acknowledges nothing (the gateway answers after committing them).
+    fn webhook(&self, req: &WebhookRequest<'_>) -> Result<WebhookParsed, ChannelError>;
     /// Sends one message (its text at most [`Limits::max_text_chars`]).
     fn send<'a>(&'a self, msg: &'a OutMessage) -> BoxFuture<'a, Result<Sent, SendError>>;
     /// Replaces the text (and buttons: `None` removes them) of a message the bot sent.
@@ -268,4 +338,29 @@ pub trait Platform: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SendError>>;
     /// Shows "typing…" in the chat for a few seconds.
     fn typing<'a>(&'a self, chat: &'a ChatRef) -> BoxFuture<'a, Result<(), SendError>>;
+    /// Accepts an invitation into `chat` (see [`Event::Invited`]).
+    fn join<'a>(&'a self, chat: &'a ChatRef) -> BoxFuture<'a, Result<(), SendError>> {
+        let _ = chat;
+        Box::pin(async {
+            Err(SendError::Permanent(
+                "this platform has no invitations".into(),
+            ))
+        })
+    }
+    /// True when the platform deduplicates a retried send by [`OutMessage::delivery_id`]
+    /// (Matrix `txnId`): the engine may then resend a message whose send was interrupted
+    /// (crash, timeout) instead of marking it "may have been delivered".
+    fn sends_are_idempotent(&self) -> bool {
+        false
+    }
+    /// Downloads an attachment of an admitted message, refusing (without reading it all) one
+    /// larger than `max_bytes`.
+    fn fetch_attachment<'a>(
+        &'a self,
+        attachment: &'a Attachment,
+        max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
+        let _ = (attachment, max_bytes);
+        Box::pin(async { Err(ChannelError::Unsupported("fetching attachments")) })
+    }
 }

@@ -37,7 +37,7 @@ use crate::text::{truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
-    Sent,
+    Sent, WebhookParsed, WebhookRequest,
 };
 
 /// The public Bot API root.
@@ -67,7 +67,7 @@ const DEFAULT_RETRY_AFTER_SECS: u64 = 5;
 pub enum TelegramMode {
     /// `getUpdates` long polling ([`Platform::poll`]); `connect` deletes any webhook.
     Polling,
-    /// Telegram posts updates to the gateway ([`Platform::parse_webhook`]); register the URL
+    /// Telegram posts updates to the gateway ([`Platform::webhook`]); register the URL
     /// with [`Telegram::set_webhook`].
     Webhook,
 }
@@ -427,6 +427,81 @@ impl Telegram {
         }
     }
 
+    /// `getFile`, then the download from `<base>/file/bot<token>/<file_path>`, bounded by
+    /// `max_bytes` (the announced size is checked first, the bytes read as they come).
+    async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
+        let too_large = || ChannelError::TooLarge { max_bytes };
+        if a.size.is_some_and(|n| n > max_bytes) {
+            return Err(too_large());
+        }
+        let file = self
+            .call(
+                "getFile",
+                &json!({ "file_id": a.file_ref }),
+                REQUEST_TIMEOUT,
+            )
+            .await
+            .map_err(channel_error)?;
+        if file
+            .get("file_size")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > max_bytes)
+        {
+            return Err(too_large());
+        }
+        let Some(path) = file.get("file_path").and_then(Value::as_str) else {
+            return Err(ChannelError::Protocol(
+                "getFile answered without a file_path (the file may be larger than 20 MB)".into(),
+            ));
+        };
+        if path.is_empty()
+            || path.contains("..")
+            || path.starts_with('/')
+            || !path
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b))
+        {
+            return Err(ChannelError::Protocol(
+                "getFile answered a file_path this adapter does not fetch".into(),
+            ));
+        }
+        let url = Zeroizing::new(format!(
+            "{}/file/bot{}/{path}",
+            self.base,
+            self.token.as_str()
+        ));
+        let mut resp = self
+            .http
+            .get(url.as_str())
+            .timeout(REQUEST_TIMEOUT * 4)
+            .send()
+            .await
+            .map_err(|e| channel_error(self.network_error("file download", e, false)))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            return Err(if status >= 500 || status == 429 {
+                ChannelError::Transient(format!("file download: HTTP {status}"))
+            } else {
+                ChannelError::Protocol(format!("file download: HTTP {status}"))
+            });
+        }
+        if resp.content_length().is_some_and(|n| n > max_bytes) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| channel_error(self.network_error("file download", e, false)))?
+        {
+            if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > max_bytes {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
     async fn edit_inner(
         &self,
         chat: &ChatRef,
@@ -537,11 +612,10 @@ impl Platform for Telegram {
         })
     }
 
-    fn parse_webhook(
-        &self,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Result<Vec<Inbound>, ChannelError> {
+    fn webhook(&self, req: &WebhookRequest<'_>) -> Result<WebhookParsed, ChannelError> {
+        if req.route != "webhook" || req.method != "POST" {
+            return Err(ChannelError::NoSuchRoute);
+        }
         let refuse = |why: &str| Err(ChannelError::WebhookRefused(why.to_owned()));
         if self.mode != TelegramMode::Webhook {
             return refuse("this channel is in polling mode: it takes no webhook requests");
@@ -549,11 +623,9 @@ impl Platform for Telegram {
         let Some(expected) = &self.webhook_secret else {
             return refuse("this channel has no webhook secret");
         };
-        let mut given = headers
-            .iter()
-            .filter(|(name, _)| name.eq_ignore_ascii_case(SECRET_HEADER));
+        let mut given = req.header_values(SECRET_HEADER);
         let (first, second) = (given.next(), given.next());
-        let Some((_, value)) = first else {
+        let Some(value) = first else {
             return refuse("the X-Telegram-Bot-Api-Secret-Token header is missing");
         };
         if second.is_some() {
@@ -563,6 +635,7 @@ impl Platform for Telegram {
         if !bool::from(value.as_bytes().ct_eq(expected.as_bytes())) {
             return refuse("the X-Telegram-Bot-Api-Secret-Token header is wrong");
         }
+        let body = req.body;
         if body.len() > MAX_WEBHOOK_BODY {
             return Err(ChannelError::BadWebhook(format!(
                 "the body is larger than {MAX_WEBHOOK_BODY} bytes"
@@ -576,7 +649,18 @@ impl Platform for Telegram {
             ));
         };
         let bot = self.bot_snapshot();
-        Ok(vec![self.map_update(id, &update, bot.as_ref())])
+        Ok(WebhookParsed {
+            events: vec![self.map_update(id, &update, bot.as_ref())],
+            reply: None,
+        })
+    }
+
+    fn fetch_attachment<'a>(
+        &'a self,
+        attachment: &'a Attachment,
+        max_bytes: u64,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
+        Box::pin(self.fetch_inner(attachment, max_bytes))
     }
 
     fn send<'a>(&'a self, msg: &'a OutMessage) -> BoxFuture<'a, Result<Sent, SendError>> {

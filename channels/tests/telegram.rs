@@ -74,6 +74,7 @@ fn out(chat: &ChatRef, text: &str) -> OutMessage {
         text: text.into(),
         reply_to: None,
         buttons: vec![],
+        delivery_id: "test-1".into(),
     }
 }
 
@@ -676,6 +677,106 @@ async fn the_token_never_appears_in_any_error_text_or_debug_output() {
     );
 }
 
+/// A `POST /channels/<name>/webhook` request to the adapter.
+fn parse_webhook(
+    tg: &Telegram,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Result<Vec<chitin_channels::Inbound>, ChannelError> {
+    let req = chitin_channels::WebhookRequest {
+        method: "POST",
+        route: "webhook",
+        query: "",
+        headers,
+        body,
+    };
+    tg.webhook(&req).map(|p| {
+        assert_eq!(p.reply, None, "Telegram expects no answer body");
+        p.events
+    })
+}
+
+#[tokio::test]
+async fn a_webhook_request_to_another_route_or_method_is_not_found() {
+    let fake = FakeTelegram::start().await.unwrap();
+    let tg = webhook_adapter(&fake);
+    let headers = vec![(
+        "x-telegram-bot-api-secret-token".to_owned(),
+        SECRET.to_owned(),
+    )];
+    for (method, route) in [("GET", "webhook"), ("POST", "events"), ("POST", "")] {
+        let req = chitin_channels::WebhookRequest {
+            method,
+            route,
+            query: "",
+            headers: &headers,
+            body: b"{}",
+        };
+        assert_eq!(
+            tg.webhook(&req).unwrap_err(),
+            ChannelError::NoSuchRoute,
+            "{method} {route}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_attachment_is_fetched_with_get_file_and_refused_over_the_limit() {
+    let fake = FakeTelegram::start().await.unwrap();
+    let tg = connected(&fake).await;
+    fake.put_file("doc-1", "documents/file_7.pdf", b"%PDF-1.7 tiny".to_vec());
+    let a = chitin_channels::Attachment {
+        file_ref: "doc-1".into(),
+        name: Some("report.pdf".into()),
+        mime: Some("application/pdf".into()),
+        size: Some(13),
+    };
+    assert_eq!(
+        tg.fetch_attachment(&a, 1024).await.unwrap(),
+        b"%PDF-1.7 tiny"
+    );
+    assert_eq!(fake.downloads(), vec!["documents/file_7.pdf".to_string()]);
+
+    // Announced too large: refused before any request.
+    let big = chitin_channels::Attachment {
+        size: Some(5000),
+        ..a.clone()
+    };
+    assert_eq!(
+        tg.fetch_attachment(&big, 1024).await.unwrap_err(),
+        ChannelError::TooLarge { max_bytes: 1024 }
+    );
+    // Announced small but larger in fact: refused, nothing kept.
+    fake.put_file("doc-2", "documents/file_8.bin", vec![7u8; 4000]);
+    let lying = chitin_channels::Attachment {
+        file_ref: "doc-2".into(),
+        size: Some(10),
+        ..a.clone()
+    };
+    assert_eq!(
+        tg.fetch_attachment(&lying, 1024).await.unwrap_err(),
+        ChannelError::TooLarge { max_bytes: 1024 }
+    );
+    assert_eq!(
+        fake.downloads().len(),
+        1,
+        "refused on getFile's size, before the download"
+    );
+    // An unknown file is the platform's refusal, without the token.
+    let unknown = chitin_channels::Attachment {
+        file_ref: "nope".into(),
+        size: None,
+        ..a
+    };
+    let e = tg.fetch_attachment(&unknown, 1024).await.unwrap_err();
+    assert!(e.to_string().contains("wrong file_id"), "{e}");
+    assert!(
+        !e.to_string()
+            .contains(chitin_channels::telegram::fake::TOKEN),
+        "{e}"
+    );
+}
+
 #[tokio::test]
 async fn a_webhook_request_without_the_right_secret_is_refused() {
     let fake = FakeTelegram::start().await.unwrap();
@@ -690,7 +791,7 @@ async fn a_webhook_request_without_the_right_secret_is_refused() {
     let header = |v: &str| vec![("x-telegram-bot-api-secret-token".to_owned(), v.to_owned())];
 
     assert_eq!(
-        tg.parse_webhook(&[], body.as_bytes()).unwrap_err(),
+        parse_webhook(&tg, &[], body.as_bytes()).unwrap_err(),
         ChannelError::WebhookRefused(
             "the X-Telegram-Bot-Api-Secret-Token header is missing".into()
         )
@@ -702,8 +803,7 @@ async fn a_webhook_request_without_the_right_secret_is_refused() {
         "wh",
     ] {
         assert_eq!(
-            tg.parse_webhook(&header(wrong), body.as_bytes())
-                .unwrap_err(),
+            parse_webhook(&tg, &header(wrong), body.as_bytes()).unwrap_err(),
             ChannelError::WebhookRefused(
                 "the X-Telegram-Bot-Api-Secret-Token header is wrong".into()
             ),
@@ -713,16 +813,16 @@ async fn a_webhook_request_without_the_right_secret_is_refused() {
     let mut twice = header(SECRET);
     twice.extend(header("other"));
     assert_eq!(
-        tg.parse_webhook(&twice, body.as_bytes()).unwrap_err(),
+        parse_webhook(&tg, &twice, body.as_bytes()).unwrap_err(),
         ChannelError::WebhookRefused("more than one X-Telegram-Bot-Api-Secret-Token header".into())
     );
 
-    let events = tg.parse_webhook(&header(SECRET), body.as_bytes()).unwrap();
+    let events = parse_webhook(&tg, &header(SECRET), body.as_bytes()).unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].event_id, format!("u:{}", pushed.update_id));
     assert_eq!(message(&events[0]).text, "hi");
     assert_eq!(
-        tg.parse_webhook(&header(SECRET), b"{not json").unwrap_err(),
+        parse_webhook(&tg, &header(SECRET), b"{not json").unwrap_err(),
         ChannelError::BadWebhook(
             "the body is not JSON: key must be a string at line 1 column 2".into()
         )
@@ -731,9 +831,7 @@ async fn a_webhook_request_without_the_right_secret_is_refused() {
     // A polling channel takes no webhook requests, even with a matching header.
     let polling = connected(&fake).await;
     assert_eq!(
-        polling
-            .parse_webhook(&header(SECRET), body.as_bytes())
-            .unwrap_err(),
+        parse_webhook(&polling, &header(SECRET), body.as_bytes()).unwrap_err(),
         ChannelError::WebhookRefused(
             "this channel is in polling mode: it takes no webhook requests".into()
         )

@@ -101,6 +101,9 @@ pub struct TurnRequest {
     /// How long a call needing approval may wait for it (`None`: until the approval expires;
     /// zero: refuse such calls at once).
     pub approval_wait: Option<Duration>,
+    /// What started the turn, unique (`channel:<name>:<event row>`): a turn is submitted once
+    /// per origin; submitting it again gives back the first run's id and runs nothing.
+    pub origin: Option<String>,
 }
 
 /// One tool call of a run, as reported.
@@ -401,7 +404,7 @@ impl Agent {
         let run_id = new_run_id()?;
         let inner = Arc::clone(&self.0);
         let (rid, r) = (run_id.clone(), req.clone());
-        blocking(move || -> Result<(), AgentError> {
+        let existing = blocking(move || -> Result<Option<String>, AgentError> {
             let now = inner.p.clock.now_ms();
             let untrusted = !inner.p.owners.contains(&r.user);
             let m = Stored::User {
@@ -409,12 +412,23 @@ impl Agent {
                 from: r.user.clone(),
                 untrusted,
             };
-            inner
-                .transcripts
-                .begin_turn(&r.session, &r.user, &r.channel, &rid, &m, untrusted, now)?;
-            Ok(())
+            Ok(inner.transcripts.begin_turn(
+                &r.session,
+                &r.user,
+                &r.channel,
+                &rid,
+                r.origin.as_deref(),
+                &m,
+                untrusted,
+                now,
+            )?)
         })
         .await??;
+        // Already submitted (before a restart): that run was resumed by `recover` or has
+        // finished; it is not started again.
+        if let Some(id) = existing {
+            return Ok(id);
+        }
         self.spawn_run(
             run_id.clone(),
             req.session,

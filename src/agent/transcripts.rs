@@ -297,18 +297,32 @@ impl Transcripts {
         clippy::too_many_arguments,
         reason = "one transaction's worth of fields"
     )]
+    /// With `origin` (what started the turn, e.g. `channel:<name>:<event row>`), a turn is
+    /// begun once per origin: when a run with that origin exists, nothing is written and its
+    /// id is returned (`Some`).
     pub fn begin_turn(
         &self,
         key: &str,
         user: &str,
         channel: &str,
         run_id: &str,
+        origin: Option<&str>,
         message: &Stored,
         untrusted: bool,
         now: i64,
-    ) -> Result<(), TranscriptError> {
+    ) -> Result<Option<String>, TranscriptError> {
         let mut conn = self.store.conn()?;
         let tx = conn.transaction()?;
+        if let Some(origin) = origin {
+            let existing: Option<String> = tx
+                .query_row("SELECT id FROM runs WHERE origin = ?1", [origin], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            if existing.is_some() {
+                return Ok(existing);
+            }
+        }
         let owner: Option<String> = tx
             .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
                 r.get(0)
@@ -327,15 +341,15 @@ impl Transcripts {
         }
         exec(
             &tx,
-            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5)",
-            params![run_id, key, user, subject_of(user), now],
+            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5, ?6)",
+            params![run_id, key, user, subject_of(user), now, origin],
         )?;
         self.insert_message(&tx, key, user, Some(run_id), message, now)?;
         if untrusted {
             exec(&tx, "UPDATE sessions SET tainted = 1 WHERE key = ?1", [key])?;
         }
         tx.commit()?;
-        Ok(())
+        Ok(None)
     }
 
     /// A step of a run in one transaction (one fsync): the message, the model call's usage

@@ -220,8 +220,20 @@ impl Engine {
                     Option::<String>::None,
                 ])?;
                 if let Admission::Admitted { user, session } = &admission {
+                    let row_id = tx.last_insert_rowid();
+                    if !m.attachments.is_empty() {
+                        let subject = super::user_uid(user);
+                        let sealed = self
+                            .sealer
+                            .seal(&subject, attachments_json(&m.attachments).as_bytes())
+                            .map_err(ChannelsError::Seal)?;
+                        tx.prepare_cached(
+                            "UPDATE channel_events SET attachments = ?2 WHERE id = ?1",
+                        )?
+                        .execute(params![row_id, sealed])?;
+                    }
                     out.admitted.push(AdmittedEvent {
-                        row_id: tx.last_insert_rowid(),
+                        row_id,
                         event_id: ev.event_id.clone(),
                         user: user.clone(),
                         session: session.clone(),
@@ -276,7 +288,9 @@ impl Engine {
                     data,
                 ])?;
             }
-            Event::Ignored { .. } => {
+            // Invitations are declined by not joining (no platform in this build invites the
+            // bot); recorded for deduplication only.
+            Event::Ignored { .. } | Event::Invited { .. } => {
                 tx.prepare_cached(insert)?.execute(params![
                     ch.name,
                     ev.event_id,
@@ -403,7 +417,7 @@ impl Engine {
     pub fn admitted_pending(&self, channel: &str) -> Result<Vec<AdmittedEvent>, ChannelsError> {
         let conn = self.store.conn()?;
         let mut st = conn.prepare(
-            "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text
+            "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text, attachments
              FROM channel_events WHERE channel = ?1 AND status = 'admitted' ORDER BY id",
         )?;
         type Row = (
@@ -416,6 +430,7 @@ impl Engine {
             String,
             String,
             Vec<u8>,
+            Option<Vec<u8>>,
         );
         let rows: Vec<Row> = st
             .query_map([channel], |r| {
@@ -429,18 +444,30 @@ impl Engine {
                     r.get(6)?,
                     r.get(7)?,
                     r.get(8)?,
+                    r.get(9)?,
                 ))
             })?
             .collect::<Result<_, _>>()?;
         drop(st);
         drop(conn);
         let mut out = Vec::with_capacity(rows.len());
-        for (row_id, event_id, chat_id, kind, thread, sender, message_id, subject, sealed) in rows {
+        for (row_id, event_id, chat_id, kind, thread, sender, message_id, subject, sealed, files) in
+            rows
+        {
             let plain = self
                 .sealer
                 .open(&subject, &sealed)
                 .map_err(ChannelsError::Seal)?;
             let text = String::from_utf8_lossy(&plain).into_owned();
+            let attachments = match files {
+                Some(f) => parse_attachments(
+                    &self
+                        .sealer
+                        .open(&subject, &f)
+                        .map_err(ChannelsError::Seal)?,
+                ),
+                None => Vec::new(),
+            };
             let user = subject
                 .strip_prefix("Chitin::User::")
                 .and_then(|q| serde_json::from_str::<String>(q).ok())
@@ -466,11 +493,46 @@ impl Engine {
                     text,
                     mentioned: true,
                     reply_to: None,
-                    attachments: Vec::new(),
+                    attachments,
                 },
             });
         }
         Ok(out)
+    }
+
+    /// The turns of `channel` started since `since_ms` whose reply is not queued yet (the
+    /// gateway stopped while they ran, or between their end and the queuing of the reply):
+    /// (run id, conversation, the message to reply to). Their reply is queued once
+    /// (`reply:<run>`), whatever the order of restarts.
+    pub fn turns_without_reply(
+        &self,
+        channel: &str,
+        since_ms: i64,
+    ) -> Result<Vec<(String, chitin_channels::ChatRef, Option<String>)>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(
+            "SELECT r.id, e.chat_id, e.chat_kind, e.thread, e.message_id
+             FROM channel_events e JOIN runs r ON r.origin = 'channel:' || e.channel || ':' || e.id
+             WHERE e.channel = ?1 AND e.status = 'done' AND e.received_ms >= ?2
+               AND NOT EXISTS (SELECT 1 FROM channel_outbox o
+                               WHERE o.channel = ?1 AND o.dedup_key = 'reply:' || r.id || '#0')
+             ORDER BY e.id",
+        )?;
+        let rows = st
+            .query_map(params![channel, since_ms], |r| {
+                let kind: String = r.get(2)?;
+                Ok((
+                    r.get::<_, String>(0)?,
+                    chitin_channels::ChatRef {
+                        id: r.get(1)?,
+                        kind: parse_chat_kind(&kind),
+                        thread: r.get(3)?,
+                    },
+                    r.get::<_, Option<String>>(4)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
     }
 
     /// Marks an admitted event as handled (its turn finished).
@@ -482,4 +544,35 @@ impl Engine {
             params![row_id, now],
         )? == 1)
     }
+}
+
+/// The attachments of a message as stored (sealed): platform reference, name, type, size.
+fn attachments_json(a: &[chitin_channels::Attachment]) -> String {
+    serde_json::Value::Array(
+        a.iter()
+            .map(|a| {
+                serde_json::json!({
+                    "file_ref": a.file_ref, "name": a.name, "mime": a.mime, "size": a.size,
+                })
+            })
+            .collect(),
+    )
+    .to_string()
+}
+
+fn parse_attachments(bytes: &[u8]) -> Vec<chitin_channels::Attachment> {
+    let Ok(serde_json::Value::Array(items)) = serde_json::from_slice(bytes) else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|v| {
+            Some(chitin_channels::Attachment {
+                file_ref: v.get("file_ref")?.as_str()?.to_string(),
+                name: v.get("name").and_then(|n| n.as_str()).map(str::to_string),
+                mime: v.get("mime").and_then(|n| n.as_str()).map(str::to_string),
+                size: v.get("size").and_then(serde_json::Value::as_u64),
+            })
+        })
+        .collect()
 }

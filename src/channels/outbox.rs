@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use chitin_audit::{Kind, RecordInput};
 use chitin_channels::{Button, ChatRef, OutMessage, Platform, SendError};
-use rusqlite::{Transaction, params};
+use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -87,6 +87,9 @@ pub struct OutboxNew {
     pub buttons: Vec<Button>,
     pub reply_to: Option<String>,
     pub kind: OutboxKind,
+    /// Queued once per key per channel (a reply per run, a prompt per approval): queuing the
+    /// same key again adds nothing. [`Engine::enqueue_split`] keys its parts `<key>#<n>`.
+    pub dedup_key: Option<String>,
 }
 
 /// One outbox row.
@@ -106,6 +109,9 @@ pub struct OutboxRow {
     pub platform_message_id: Option<String>,
     pub last_error: Option<String>,
     pub created_ms: i64,
+    pub dedup_key: Option<String>,
+    /// The text the sent message is still to be edited to (a streamed reply's final text).
+    pub edit_text: Option<String>,
 }
 
 impl OutboxRow {
@@ -116,6 +122,7 @@ impl OutboxRow {
             text: self.text.clone(),
             reply_to: self.reply_to.clone(),
             buttons: self.buttons.clone(),
+            delivery_id: format!("chitin-{}-{}", self.channel, self.id),
         }
     }
 }
@@ -135,6 +142,8 @@ pub enum FailureOutcome {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeliveryReport {
     pub sent: Vec<i64>,
+    /// Rows whose final edit was attempted.
+    pub edited: Vec<i64>,
     pub retried: Vec<i64>,
     pub failed: Vec<i64>,
     pub dead: Vec<i64>,
@@ -168,7 +177,7 @@ fn parse_buttons(s: &str) -> Vec<Button> {
         .collect()
 }
 
-const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms";
+const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms, dedup_key, edit_text";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {
@@ -189,6 +198,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         platform_message_id: r.get(12)?,
         last_error: r.get(13)?,
         created_ms: r.get(14)?,
+        dedup_key: r.get(15)?,
+        edit_text: r.get(16)?,
     })
 }
 
@@ -219,10 +230,21 @@ impl Engine {
         m: &OutboxNew,
         now: i64,
     ) -> Result<i64, ChannelsError> {
+        if let Some(key) = &m.dedup_key
+            && let Some(id) = tx
+                .query_row(
+                    "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
+                    params![m.channel, key],
+                    |r| r.get::<_, i64>(0),
+                )
+                .optional()?
+        {
+            return Ok(id);
+        }
         tx.prepare_cached(
             "INSERT INTO channel_outbox (channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status,
-                 attempts, next_attempt_ms, created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', 0, ?9, ?9, ?9)",
+                 attempts, next_attempt_ms, created_ms, updated_ms, dedup_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', 0, ?9, ?9, ?9, ?10)",
         )?
         .execute(params![
             m.channel,
@@ -233,7 +255,8 @@ impl Engine {
             buttons_json(&m.buttons),
             m.reply_to,
             m.kind.as_str(),
-            now
+            now,
+            m.dedup_key,
         ])?;
         Ok(tx.last_insert_rowid())
     }
@@ -277,6 +300,7 @@ impl Engine {
                     Vec::new()
                 },
                 reply_to: if i == 0 { m.reply_to.clone() } else { None },
+                dedup_key: m.dedup_key.as_ref().map(|k| format!("{k}#{i}")),
                 ..m.clone()
             };
             ids.push(self.enqueue_in(&tx, &piece, now)?);
@@ -439,6 +463,7 @@ impl Engine {
         }
         if !matches!(outcome, FailureOutcome::Retry { .. }) {
             self.audit_undelivered(&r, status, &last_error)?;
+            self.requeue_final_text(&tx, &r, now)?;
         }
         tx.commit()?;
         match outcome {
@@ -476,6 +501,205 @@ impl Engine {
         )
     }
 
+    /// Makes `reply` (keyed `reply:<run>` by the caller) the final answer of a streamed
+    /// reply whose draft row is keyed `draft_key` (if any), idempotently, in one transaction:
+    /// - when `<key>#0` is queued already, nothing changes (it was finalized before);
+    /// - the draft still queued takes the first part as its text; a draft being sent or sent
+    ///   keeps its message and gets the first part as `edit_text` (the sender edits it);
+    ///   a draft that failed, or none, means the first part is queued as a new message;
+    /// - the other parts are queued after it. Returns the rows of the answer, in order.
+    pub fn finalize_reply(
+        &self,
+        draft_key: Option<&str>,
+        reply: &OutboxNew,
+        max_chars: usize,
+    ) -> Result<Vec<i64>, ChannelsError> {
+        self.settings(&reply.channel)?;
+        let Some(key) = reply.dedup_key.clone() else {
+            return self.enqueue_split(reply, max_chars);
+        };
+        let parts: Vec<String> = chitin_channels::text::split(&reply.text, max_chars)
+            .into_iter()
+            .filter(|p| !p.trim().is_empty())
+            .collect();
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let first_key = format!("{key}#0");
+        let done: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
+                params![reply.channel, first_key],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if done.is_some() {
+            let mut st = tx.prepare(
+                "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key LIKE ?2 ESCAPE '\\' ORDER BY id",
+            )?;
+            let like = format!(
+                "{}#%",
+                key.replace('\\', "\\\\")
+                    .replace('%', "\\%")
+                    .replace('_', "\\_")
+            );
+            let ids = st
+                .query_map(params![reply.channel, like], |r| r.get::<_, i64>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(ids);
+        }
+        let draft_status: Option<(i64, String)> = match draft_key {
+            Some(k) => tx
+                .query_row(
+                    "SELECT id, status FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
+                    params![reply.channel, k],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?,
+            None => None,
+        };
+        let mut ids = Vec::with_capacity(parts.len());
+        for (i, part) in parts.into_iter().enumerate() {
+            let part_key = format!("{key}#{i}");
+            if i == 0
+                && let Some((id, status)) = &draft_status
+            {
+                let sql = match status.as_str() {
+                    "queued" => Some(
+                        "UPDATE channel_outbox SET text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
+                    ),
+                    "sending" | "sent" => Some(
+                        "UPDATE channel_outbox SET edit_text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
+                    ),
+                    _ => None,
+                };
+                if let Some(sql) = sql {
+                    tx.execute(sql, params![id, part, part_key, now])?;
+                    ids.push(*id);
+                    continue;
+                }
+            }
+            let piece = OutboxNew {
+                text: part,
+                reply_to: if i == 0 { reply.reply_to.clone() } else { None },
+                dedup_key: Some(part_key),
+                ..reply.clone()
+            };
+            ids.push(self.enqueue_in(&tx, &piece, now)?);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// A row that will not be sent (failed, dead) or whose final edit cannot be made, but
+    /// carries a streamed reply's final text (`edit_text`): that text is queued as a new
+    /// message under the row's key (the row gives it up), so the answer is not lost.
+    fn requeue_final_text(
+        &self,
+        tx: &Transaction<'_>,
+        r: &OutboxRow,
+        now: i64,
+    ) -> Result<(), ChannelsError> {
+        let Some(text) = &r.edit_text else {
+            return Ok(());
+        };
+        tx.execute(
+            "UPDATE channel_outbox SET dedup_key = NULL, edit_text = NULL, updated_ms = ?2 WHERE id = ?1",
+            params![r.id, now],
+        )?;
+        let m = OutboxNew {
+            channel: r.channel.clone(),
+            chat: r.chat.clone(),
+            text: text.clone(),
+            buttons: r.buttons.clone(),
+            reply_to: r.reply_to.clone(),
+            kind: r.kind,
+            dedup_key: r.dedup_key.clone(),
+        };
+        self.enqueue_in(tx, &m, now)?;
+        Ok(())
+    }
+
+    /// Sent rows of `channel` whose message is still to be edited to its `edit_text`.
+    pub fn due_edits(&self, channel: &str, limit: usize) -> Result<Vec<OutboxRow>, ChannelsError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM channel_outbox
+             WHERE channel = ?1 AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
+             ORDER BY id LIMIT ?3"
+        ))?;
+        let rows = st
+            .query_map(params![channel, self.clock.now_ms(), limit], row)?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Records the outcome of a final edit: done (the row's text becomes the edited text),
+    /// retried later (rate limit, transient; up to `max_send_attempts`), or given up and the
+    /// text queued as a new message instead (refused, e.g. the message was deleted).
+    pub fn record_edit(
+        &self,
+        id: i64,
+        result: Result<(), &SendError>,
+    ) -> Result<(), ChannelsError> {
+        let now = self.clock.now_ms();
+        let Some(r) = self.outbox_row(id)? else {
+            return Ok(());
+        };
+        let Some(text) = r.edit_text.clone() else {
+            return Ok(());
+        };
+        let max = self
+            .channels
+            .get(&r.channel)
+            .map_or(super::DEFAULT_MAX_SEND_ATTEMPTS, |c| c.max_send_attempts);
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        match result {
+            Ok(()) => {
+                tx.execute(
+                    "UPDATE channel_outbox SET text = ?2, edit_text = NULL, last_error = NULL, updated_ms = ?3
+                     WHERE id = ?1 AND edit_text = ?2",
+                    params![id, text, now],
+                )?;
+            }
+            Err(SendError::RateLimited { retry_after }) => {
+                let wait = i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX);
+                tx.execute(
+                    "UPDATE channel_outbox SET next_attempt_ms = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![id, now.saturating_add(wait), now],
+                )?;
+            }
+            Err(e @ SendError::Transient { .. }) if r.attempts < max.saturating_add(1) => {
+                let attempts = r.attempts.saturating_add(1);
+                tx.execute(
+                    "UPDATE channel_outbox SET attempts = ?2, next_attempt_ms = ?3, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
+                    params![
+                        id,
+                        i64::from(attempts),
+                        now.saturating_add(jittered(backoff_ms(attempts))),
+                        self.gate.redact(&format!("final edit: {e}")),
+                        now
+                    ],
+                )?;
+            }
+            Err(e) => {
+                tx.execute(
+                    "UPDATE channel_outbox SET last_error = ?2 WHERE id = ?1",
+                    params![
+                        id,
+                        self.gate
+                            .redact(&format!("final edit failed, sent as a new message: {e}"))
+                    ],
+                )?;
+                self.requeue_final_text(&tx, &r, now)?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// At start, before any sender runs: every row left `sending` by the previous process was
     /// being sent when it stopped, and the platform may have received it. Such rows are marked
     /// `failed` ("may have been delivered"), audited and counted, and never re-sent
@@ -497,6 +721,7 @@ impl Engine {
                 params![r.id, why, now],
             )?;
             self.audit_undelivered(r, "failed", why)?;
+            self.requeue_final_text(&tx, r, now)?;
         }
         tx.commit()?;
         self.counters
@@ -529,6 +754,16 @@ pub async fn deliver_due(
                 FailureOutcome::Dead => report.dead.push(r.id),
             },
         }
+    }
+    // Final edits of streamed replies (idempotent: the same text again changes nothing).
+    for r in engine.due_edits(channel, limit)? {
+        let (Some(message_id), Some(text)) = (&r.platform_message_id, &r.edit_text) else {
+            continue;
+        };
+        let buttons = (!r.buttons.is_empty()).then_some(r.buttons.as_slice());
+        let result = platform.edit(&r.chat, message_id, text, buttons).await;
+        engine.record_edit(r.id, result.as_ref().map(|_| ()))?;
+        report.edited.push(r.id);
     }
     Ok(report)
 }

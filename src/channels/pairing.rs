@@ -159,6 +159,7 @@ impl Engine {
                 buttons: Vec::new(),
                 reply_to: Some(m.message_id.clone()),
                 kind: OutboxKind::Pairing,
+                dedup_key: None,
             },
             now,
         )?;
@@ -322,6 +323,7 @@ impl Engine {
                         buttons: Vec::new(),
                         reply_to: None,
                         kind: OutboxKind::Pairing,
+                        dedup_key: None,
                     },
                     now,
                 )?;

@@ -177,6 +177,7 @@ pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {
                 channel: "cli".into(),
                 text: args.message,
                 approval_wait: args.approval_timeout.map(Duration::from_secs),
+                origin: None,
             })
             .await?;
         let printer = tokio::spawn({

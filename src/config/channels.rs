@@ -37,6 +37,12 @@ pub const TEMPLATE: &str = r#"
 # max_send_attempts = 8                 # tries per outgoing message (network errors, 5xx) before
 #                                       #   it becomes a dead letter, 1-100; rate limits (429)
 #                                       #   wait as the platform says and do not count
+# stream_edit_ms = 1000                 # a streamed answer is shown as one message edited at
+#                                       #   most this often (ms, 500-60000) while the model
+#                                       #   writes, then finalized; 0: send the answer when done
+# max_attachment_mb = 20                # files sent with an admitted message are saved in the
+#                                       #   workspace under inbox/<channel>/ up to this size
+#                                       #   (MB, 0-100; 0: never saved); never executed
 "#;
 
 /// The default API root of each platform.
@@ -93,6 +99,13 @@ pub struct ChannelConfig {
     pub pairing_code_ttl_secs: u64,
     #[serde(default = "d_attempts")]
     pub max_send_attempts: u32,
+    /// Streamed answers: the interval between edits of the one message that shows them, in
+    /// ms (0: no streaming; the answer is sent when complete).
+    #[serde(default = "d_stream_edit")]
+    pub stream_edit_ms: u64,
+    /// The largest attachment saved to the workspace inbox, in MB (0: none saved).
+    #[serde(default = "d_attachment_mb")]
+    pub max_attachment_mb: u64,
 }
 
 fn d_poll() -> u64 {
@@ -103,6 +116,12 @@ fn d_pairing_ttl() -> u64 {
 }
 fn d_attempts() -> u32 {
     8
+}
+fn d_stream_edit() -> u64 {
+    1000
+}
+fn d_attachment_mb() -> u64 {
+    20
 }
 
 /// A channel credential: only `secret:NAME` (it must go through Cedar `secret.use` for the
@@ -240,6 +259,16 @@ pub fn validate(channels: &[ChannelConfig]) -> Result<(), String> {
                 "[[channels]] `{n}`: max_send_attempts must be 1..=100 (default 8)"
             ));
         }
+        if c.stream_edit_ms != 0 && !(500..=60_000).contains(&c.stream_edit_ms) {
+            return Err(format!(
+                "[[channels]] `{n}`: stream_edit_ms must be 0 (no streaming) or 500..=60000 (default 1000): platforms limit how often a message may be edited"
+            ));
+        }
+        if c.max_attachment_mb > 100 {
+            return Err(format!(
+                "[[channels]] `{n}`: max_attachment_mb must be 0..=100 (default 20)"
+            ));
+        }
     }
     Ok(())
 }
@@ -275,9 +304,11 @@ mod tests {
             (
                 ch.poll_timeout_secs,
                 ch.pairing_code_ttl_secs,
-                ch.max_send_attempts
+                ch.max_send_attempts,
+                ch.stream_edit_ms,
+                ch.max_attachment_mb
             ),
-            (30, 3600, 8)
+            (30, 3600, 8, 1000, 20)
         );
     }
 

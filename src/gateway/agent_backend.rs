@@ -115,6 +115,7 @@ impl ChatBackend for AgentBackend {
             channel: "ws".into(),
             text: text.to_string(),
             approval_wait: None,
+            origin: None,
         };
         let agent = self.agent.clone();
         // Persisting the message before answering is the point: wait for it here.

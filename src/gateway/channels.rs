@@ -72,33 +72,42 @@ pub struct Webhooks {
     by_name: std::sync::RwLock<BTreeMap<String, Arc<Ctx>>>,
 }
 
-/// The answer to a webhook request: status and a short reason (never a credential).
+/// The answer to a webhook request: status and a short reason (never a credential), and on
+/// success the body the platform expects, if any.
 pub struct WebhookAnswer {
     pub status: u16,
     pub code: &'static str,
     pub message: String,
+    pub body: Option<chitin_channels::WebhookBody>,
+}
+
+impl WebhookAnswer {
+    fn error(status: u16, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            body: None,
+        }
+    }
 }
 
 impl Webhooks {
-    /// Handles `POST /channels/<name>/webhook`: the platform's secret is checked (constant
-    /// time) before anything is parsed or stored; the events are committed before the 200,
-    /// and a refused request is audited (without its body) and answered 401.
+    /// Handles `GET|POST /channels/<name>/<route>`: the adapter checks the platform's secret
+    /// or signature (constant time) before anything is parsed or stored; the events are
+    /// committed before the 200, and a refused request is audited (without its body) and
+    /// answered 401.
     pub async fn handle(
         &self,
         name: &str,
-        headers: &[(String, String)],
-        body: &[u8],
+        req: &chitin_channels::WebhookRequest<'_>,
     ) -> WebhookAnswer {
         let ctx = self.by_name.read().ok().and_then(|m| m.get(name).cloned());
         let Some(ctx) = ctx else {
-            return WebhookAnswer {
-                status: 404,
-                code: "not_found",
-                message: "no such route".into(),
-            };
+            return WebhookAnswer::error(404, "not_found", "no such route");
         };
-        let events = match ctx.platform.parse_webhook(headers, body) {
-            Ok(ev) => ev,
+        let parsed = match ctx.platform.webhook(req) {
+            Ok(p) => p,
             Err(ChannelError::WebhookRefused(why)) => {
                 warn!(channel = %ctx.name, reason = %why, "webhook request refused");
                 if let Some(gate) = &self.gate {
@@ -109,24 +118,22 @@ impl Webhooks {
                         format!("channel:{}", ctx.name),
                     )
                     .with_outcome("deny")
-                    .with_payload(json!({"reason": why}));
+                    .with_payload(json!({"reason": why, "route": req.route}));
                     let audit = Arc::clone(gate.audit());
                     let _ = tokio::task::spawn_blocking(move || audit.append(rec)).await;
                 }
-                return WebhookAnswer {
-                    status: 401,
-                    code: "unauthorized",
-                    message: "webhook secret missing or wrong".into(),
-                };
+                return WebhookAnswer::error(
+                    401,
+                    "unauthorized",
+                    "webhook secret or signature missing or wrong",
+                );
             }
-            Err(e) => {
-                return WebhookAnswer {
-                    status: 400,
-                    code: "bad_request",
-                    message: e.to_string(),
-                };
+            Err(ChannelError::NoSuchRoute) => {
+                return WebhookAnswer::error(404, "not_found", "no such route");
             }
+            Err(e) => return WebhookAnswer::error(400, "bad_request", e.to_string()),
         };
+        let (events, reply) = (parsed.events, parsed.reply);
         let committed = blocking(&ctx.engine, {
             let name = ctx.name.clone();
             move |e| {
@@ -145,16 +152,17 @@ impl Webhooks {
                     status: 200,
                     code: "ok",
                     message: String::new(),
+                    body: reply,
                 }
             }
             // Not stored: a non-2xx answer makes the platform deliver it again.
             Err(e) => {
                 error!(channel = %ctx.name, error = %e, "webhook events could not be stored");
-                WebhookAnswer {
-                    status: 503,
-                    code: "unavailable",
-                    message: "the events could not be stored; deliver them again".into(),
-                }
+                WebhookAnswer::error(
+                    503,
+                    "unavailable",
+                    "the events could not be stored; deliver them again",
+                )
             }
         }
     }
@@ -349,7 +357,7 @@ impl ChannelsRuntime {
         }
     }
 
-    /// The webhook receiver (`POST /channels/<name>/webhook`).
+    /// The webhook receiver (`GET|POST /channels/<name>/<route>`).
     pub fn webhooks(&self) -> Arc<Webhooks> {
         Arc::clone(&self.webhooks)
     }

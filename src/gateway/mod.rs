@@ -143,7 +143,7 @@ impl Settings {
 struct App {
     agent: Option<crate::agent::Agent>,
     channel_metrics: Option<channels::ChannelMetrics>,
-    /// `POST /channels/<name>/webhook` (no gateway token: the platform's secret instead).
+    /// `GET|POST /channels/<name>/<route>` (no gateway token: the platform's secret or signature instead).
     channel_webhooks: Option<Arc<channels::Webhooks>>,
     shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
@@ -262,7 +262,10 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/ready", get(ready_handler))
-        .route("/channels/{name}/webhook", post(channel_webhook))
+        .route(
+            "/channels/{name}/{route}",
+            get(channel_webhook).post(channel_webhook),
+        )
         .merge(protected)
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -1224,11 +1227,14 @@ async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
         .into_response()
 }
 
-/// A platform's webhook delivery: checked with the channel's webhook secret (not the gateway
-/// token), committed before the 200.
+/// A platform's webhook request (`GET|POST /channels/<name>/<route>`): checked by the
+/// channel's adapter with the platform's secret or signature (not the gateway token),
+/// committed before the 200.
 async fn channel_webhook(
     State(app): State<Arc<App>>,
-    axum::extract::Path(name): axum::extract::Path<String>,
+    axum::extract::Path((name, route)): axum::extract::Path<(String, String)>,
+    method: axum::http::Method,
+    uri: axum::http::Uri,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -1243,10 +1249,20 @@ async fn channel_webhook(
                 .map(|v| (k.as_str().to_string(), v.to_string()))
         })
         .collect();
-    let a = hooks.handle(&name, &hdrs, &body).await;
+    let req = chitin_channels::WebhookRequest {
+        method: method.as_str(),
+        route: &route,
+        query: uri.query().unwrap_or(""),
+        headers: &hdrs,
+        body: &body,
+    };
+    let a = hooks.handle(&name, &req).await;
     let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if status == StatusCode::OK {
-        return axum::Json(json!({"ok": true})).into_response();
+        return match a.body {
+            Some(b) => ([(header::CONTENT_TYPE, b.content_type)], b.body).into_response(),
+            None => axum::Json(json!({"ok": true})).into_response(),
+        };
     }
     error_body(status, a.code, &a.message)
 }

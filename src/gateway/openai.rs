@@ -191,6 +191,7 @@ pub async fn chat_completions(State(app): State<Arc<App>>, req: Request<Body>) -
             channel: "api".into(),
             text,
             approval_wait: None,
+            origin: None,
         })
         .await
     {

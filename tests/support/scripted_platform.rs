@@ -70,11 +70,10 @@ impl Platform for ScriptedPlatform {
             })
         })
     }
-    fn parse_webhook(
+    fn webhook(
         &self,
-        _headers: &[(String, String)],
-        _body: &[u8],
-    ) -> Result<Vec<Inbound>, ChannelError> {
+        _req: &chitin_channels::WebhookRequest<'_>,
+    ) -> Result<chitin_channels::WebhookParsed, ChannelError> {
         Err(ChannelError::WebhookRefused("scripted platform".into()))
     }
     fn send<'a>(&'a self, msg: &'a OutMessage) -> BoxFuture<'a, Result<Sent, SendError>> {

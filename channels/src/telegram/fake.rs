@@ -22,7 +22,12 @@
 //!   text and buttons it is "message is not modified";
 //! - `answerCallbackQuery` accepts each pushed button press's id once.
 //!
-//! Not modelled: `allowed_updates` filtering, form-encoded or multipart bodies, files.
+//! - `getFile` of a file the test stored ([`FakeTelegram::put_file`]) answers its `file_path`
+//!   and `file_size` (no `file_path` over 20 MB, as the real API), and
+//!   `GET /file/bot<token>/<file_path>` serves its bytes; an unknown `file_id` is
+//!   "wrong file_id or the file is temporarily unavailable".
+//!
+//! Not modelled: `allowed_updates` filtering, form-encoded or multipart bodies, uploads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -475,6 +480,10 @@ struct State {
     calls: Vec<Call>,
     failures: HashMap<String, VecDeque<Failure>>,
     webhook: Option<Webhook>,
+    /// Stored files by `file_id`: (`file_path`, bytes).
+    files: HashMap<String, (String, Vec<u8>)>,
+    /// `file_path`s downloaded, in order.
+    downloads: Vec<String>,
 }
 
 impl State {
@@ -549,6 +558,8 @@ impl FakeTelegram {
             calls: Vec::new(),
             failures: HashMap::new(),
             webhook: None,
+            files: HashMap::new(),
+            downloads: Vec::new(),
         }));
         let (pushed, _) = watch::channel(0u64);
         let task = {
@@ -600,6 +611,18 @@ impl FakeTelegram {
     }
 
     /// Makes a chat known (a pushed message does it too).
+    /// Stores a file the bot can fetch with `getFile` (as if a user had sent it).
+    pub fn put_file(&self, file_id: &str, file_path: &str, bytes: Vec<u8>) {
+        self.lock()
+            .files
+            .insert(file_id.into(), (file_path.into(), bytes));
+    }
+
+    /// The `file_path`s the bot downloaded, in order.
+    pub fn downloads(&self) -> Vec<String> {
+        self.lock().downloads.clone()
+    }
+
     pub fn add_chat(&self, chat: &FakeChat) {
         self.lock().chats.insert(chat.id, chat.json());
     }
@@ -876,6 +899,32 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Answered {
     let path = req.uri().path().to_owned();
+    if let Some(rest) = path.strip_prefix("/file/bot") {
+        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some((token, file_path)) = rest.split_once('/') else {
+            return Ok(error(404, "Not Found"));
+        };
+        if token != st.token {
+            return Ok(error(401, "Unauthorized"));
+        }
+        let found = st
+            .files
+            .values()
+            .find(|(p, _)| p == file_path)
+            .map(|(_, bytes)| bytes.clone());
+        return Ok(match found {
+            Some(bytes) => {
+                st.downloads.push(file_path.to_owned());
+                let mut r = Response::new(Full::new(Bytes::from(bytes)));
+                r.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                r
+            }
+            None => error(404, "Not Found"),
+        });
+    }
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return Err(DropConnection),
@@ -940,6 +989,25 @@ async fn dispatch(
         }
         "sendmessage" => send_message(&mut st, params),
         "editmessagetext" => edit_message(&mut st, params),
+        "getfile" => {
+            let id = params["file_id"].as_str().unwrap_or_default();
+            match st.files.get(id) {
+                Some((path, bytes)) => {
+                    let size = bytes.len();
+                    let mut file =
+                        json!({ "file_id": id, "file_unique_id": "u", "file_size": size });
+                    // The Bot API gives no download path for files over 20 MB.
+                    if size <= 20 * 1024 * 1024 {
+                        file["file_path"] = path.as_str().into();
+                    }
+                    ok(file)
+                }
+                None => error(
+                    400,
+                    "Bad Request: wrong file_id or the file is temporarily unavailable",
+                ),
+            }
+        }
         "answercallbackquery" => {
             let Some(id) = params["callback_query_id"].as_str() else {
                 return error(
