@@ -282,6 +282,26 @@ impl WsDir {
             .map_err(|e| WsFsError::from_errno(&shown, e))
     }
 
+    /// Whether this directory has an entry `name` (of any kind; a symlink is not followed).
+    pub fn has(&self, name: &OsStr) -> bool {
+        plain(name)
+            .is_ok_and(|n| rustix::fs::statat(&self.fd, n, AtFlags::SYMLINK_NOFOLLOW).is_ok())
+    }
+
+    /// Renames the entry `from` of this directory to `to` (both plain names), refusing to
+    /// replace anything already at `to`.
+    pub fn rename_new(&self, from: &OsStr, to: &OsStr) -> Result<(), WsFsError> {
+        let (from, to) = (plain(from)?, plain(to)?);
+        rustix::fs::renameat_with(
+            &self.fd,
+            from,
+            &self.fd,
+            to,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| WsFsError::from_errno(&self.rel(Path::new(to)), e))
+    }
+
     /// Sets this directory's mode (`fchmod` on the held descriptor).
     pub fn chmod(&self, mode: u32) -> Result<(), WsFsError> {
         rustix::fs::fchmod(&self.fd, Mode::from_raw_mode(mode))

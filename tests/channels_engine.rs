@@ -900,3 +900,225 @@ fn a_long_reply_is_queued_in_parts_within_the_limit() {
         text
     );
 }
+
+// ---- exactly-once replies and streamed answers ------------------------------------------------
+
+fn keyed(text: &str, key: &str) -> OutboxNew {
+    OutboxNew {
+        dedup_key: Some(key.into()),
+        ..reply(text)
+    }
+}
+
+fn outbox_texts(h: &H) -> Vec<(String, OutboxStatus, Option<String>)> {
+    h.engine
+        .outbox(CH)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.text, r.status, r.dedup_key))
+        .collect()
+}
+
+#[test]
+fn a_message_queued_twice_under_one_key_is_one_row_and_one_send() {
+    let h = harness();
+    let first = h
+        .engine
+        .enqueue_split(&keyed("Approve this?", "approval:a1"), 4096)
+        .unwrap();
+    // The run resumed after a restart asks again for the same approval.
+    let again = h
+        .engine
+        .enqueue_split(&keyed("Approve this?", "approval:a1"), 4096)
+        .unwrap();
+    assert_eq!(first, again);
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert_eq!(p.sends().len(), 1);
+    assert_eq!(
+        outbox_texts(&h),
+        [(
+            "Approve this?".to_string(),
+            OutboxStatus::Sent,
+            Some("approval:a1#0".to_string())
+        )]
+    );
+}
+
+#[test]
+fn a_draft_still_queued_takes_the_final_text_and_no_second_message_is_sent() {
+    let h = harness();
+    h.engine
+        .enqueue(&keyed("The answer so far …", "draft:r1"))
+        .unwrap();
+    h.engine
+        .finalize_reply(
+            Some("draft:r1"),
+            &keyed("The whole answer.", "reply:r1"),
+            4096,
+        )
+        .unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    let sends: Vec<String> = p.sends().into_iter().map(|m| m.text).collect();
+    assert_eq!(sends, ["The whole answer."]);
+    assert!(p.edits().is_empty());
+}
+
+#[test]
+fn a_sent_draft_is_edited_to_the_final_text_and_finalizing_again_changes_nothing() {
+    let h = harness();
+    let draft = h
+        .engine
+        .enqueue(&keyed("The answer so far …", "draft:r1"))
+        .unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    // A long final answer: the first part replaces the draft, the rest follows it.
+    let long = format!("{}\n\n{}", "a".repeat(30), "b".repeat(30));
+    let ids = h
+        .engine
+        .finalize_reply(Some("draft:r1"), &keyed(&long, "reply:r1"), 40)
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(ids[0], draft);
+    // A second finalization (the reply task after a restart) adds nothing.
+    let again = h
+        .engine
+        .finalize_reply(Some("draft:r1"), &keyed(&long, "reply:r1"), 40)
+        .unwrap();
+    assert_eq!(again, ids);
+    let r = block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert_eq!(r.sent, [ids[1]]);
+    assert_eq!(r.edited, [draft]);
+    let edits = p.edits();
+    assert_eq!(edits.len(), 1);
+    let first = format!("{}\n\n", "a".repeat(30));
+    assert_eq!(
+        (edits[0].1.as_str(), edits[0].2.as_str()),
+        ("1001", first.as_str())
+    );
+    let row = h.engine.outbox_row(draft).unwrap().unwrap();
+    assert_eq!((row.text, row.edit_text), (first, None));
+    assert_eq!(p.sends()[1].text, "b".repeat(30));
+    // Nothing is left to edit or send.
+    let r = block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert!(r.sent.is_empty() && r.edited.is_empty());
+    assert_eq!(p.sends().len(), 2);
+}
+
+#[test]
+fn a_final_edit_the_platform_refuses_is_sent_as_a_new_message_instead() {
+    let h = harness();
+    let draft = h.engine.enqueue(&keyed("So far …", "draft:r2")).unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    h.engine
+        .finalize_reply(Some("draft:r2"), &keyed("Final.", "reply:r2"), 4096)
+        .unwrap();
+    // The user deleted the draft message: the edit is refused for good.
+    p.fail_next_edit(SendError::Permanent("message to edit not found".into()));
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    let sends: Vec<String> = p.sends().into_iter().map(|m| m.text).collect();
+    assert_eq!(sends, ["So far …", "Final."]);
+    let row = h.engine.outbox_row(draft).unwrap().unwrap();
+    assert_eq!((row.edit_text, row.dedup_key), (None, None));
+    assert!(row.last_error.unwrap().contains("sent as a new message"));
+}
+
+#[test]
+fn a_final_text_on_a_draft_that_fails_to_send_is_queued_again_as_its_own_message() {
+    let h = harness();
+    let draft = h.engine.enqueue(&keyed("So far …", "draft:r3")).unwrap();
+    let claimed = h.engine.claim_due(CH, T0, 10).unwrap();
+    assert_eq!(claimed[0].id, draft);
+    // Finalized while the draft is being sent; then the send is refused.
+    h.engine
+        .finalize_reply(Some("draft:r3"), &keyed("Final answer.", "reply:r3"), 4096)
+        .unwrap();
+    h.engine
+        .record_failure(draft, &SendError::Permanent("chat not found".into()))
+        .unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    let sends: Vec<String> = p.sends().into_iter().map(|m| m.text).collect();
+    assert_eq!(sends, ["Final answer."]);
+    let rows = outbox_texts(&h);
+    assert_eq!(rows[0].1, OutboxStatus::Failed);
+    assert_eq!(
+        rows[1],
+        (
+            "Final answer.".to_string(),
+            OutboxStatus::Sent,
+            Some("reply:r3#0".to_string())
+        )
+    );
+}
+
+#[test]
+fn a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restart() {
+    let h = harness();
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:1", msg(dm("1"), "1", "10", "question", true))],
+                "2",
+            ),
+        )
+        .unwrap();
+    let ev = &c.admitted[0];
+    // The turn was recorded (run with this message as origin) and the message marked done;
+    // the gateway stopped before the reply was queued.
+    {
+        let store = Store::open(&h.home.join("state.db")).unwrap();
+        let conn = store.conn().unwrap();
+        conn.execute(
+            "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, 'owner', 'Chitin::User::\"owner\"', 'tg', ?2, ?2)",
+            rusqlite::params![ev.session, T0],
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES ('run-1', ?1, 'owner', 'Chitin::User::\"owner\"', 'completed', ?2, ?2, ?3)",
+            rusqlite::params![ev.session, T0, format!("channel:{CH}:{}", ev.row_id)],
+        )
+        .unwrap();
+    }
+    h.engine.mark_done(ev.row_id).unwrap();
+    let waiting = h.engine.turns_without_reply(CH, T0 - 1).unwrap();
+    assert_eq!(
+        waiting,
+        [("run-1".to_string(), dm("1"), Some("10".to_string()))]
+    );
+    // Once its reply is queued (whoever does it first), it is not listed again.
+    h.engine
+        .finalize_reply(Some("draft:run-1"), &keyed("Answer.", "reply:run-1"), 4096)
+        .unwrap();
+    assert!(h.engine.turns_without_reply(CH, T0 - 1).unwrap().is_empty());
+    // Turns older than the window are not answered any more.
+    assert!(h.engine.turns_without_reply(CH, T0 + 1).unwrap().is_empty());
+}
+
+#[test]
+fn the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text() {
+    let h = harness();
+    let mut m = msg(dm("1"), "1", "10", "see attached", true);
+    m.attachments = vec![chitin_channels::Attachment {
+        file_ref: "doc-1".into(),
+        name: Some("secret-plans.pdf".into()),
+        mime: Some("application/pdf".into()),
+        size: Some(1234),
+    }];
+    h.engine
+        .commit_polled(CH, &polled(vec![inbound("u:1", m.clone())], "2"))
+        .unwrap();
+    let pending = h.engine.admitted_pending(CH).unwrap();
+    assert_eq!(pending[0].message.attachments, m.attachments);
+    assert!(
+        home_bytes_contain(&h.home, b"secret-plans.pdf").is_empty(),
+        "an attachment's name is stored in clear"
+    );
+}

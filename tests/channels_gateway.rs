@@ -13,6 +13,7 @@ mod harness;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
@@ -189,10 +190,18 @@ fn a_stranger_gets_one_pairing_code_and_after_approval_the_models_answer_once_pe
 
 /// A gateway with the `tg` channel and `alice` (4242) paired with the owner through the CLI.
 fn paired(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeTelegram, FakeServer, Gw) {
+    paired_with(steps, "")
+}
+
+/// [`paired`] with more keys in the `[[channels]]` table.
+fn paired_with(
+    steps: Vec<Step>,
+    channel_keys: &str,
+) -> (tokio::runtime::Runtime, FakeTelegram, FakeServer, Gw) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tg = rt.block_on(FakeTelegram::start()).unwrap();
     let model = rt.block_on(FakeOpenAi::start(steps)).unwrap();
-    let mut gw = Gw::start(&config(&model, &tg));
+    let mut gw = Gw::start(&format!("{}{channel_keys}", config(&model, &tg)));
     gw.signal("-TERM");
     assert!(gw.wait_exit().success());
     set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
@@ -727,4 +736,295 @@ fn send_message_to_the_same_conversation_is_delivered_through_the_outbox() {
                 && r.to_string().contains("same_conversation")),
         "{audit}"
     );
+}
+
+#[test]
+fn a_slow_answer_is_streamed_into_one_message_that_is_then_edited_to_the_whole_answer() {
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let first = format!("Streaming starts here. {}", "word ".repeat(60));
+    let rest = "And this is the end.";
+    let (_rt, tg, _model, gw) = paired_with(
+        vec![Step::Gated {
+            reply: Reply::text([first.clone(), rest.to_string()]),
+            // The role event and the first piece; the rest waits for the gate.
+            events: 2,
+            gate: Arc::clone(&gate),
+        }],
+        "stream_edit_ms = 500\n",
+    );
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    let asked = tg.push_message(MessageBuilder::text(&dm, &alice, "tell me slowly"));
+    // While the model is paused mid-answer, the text so far is shown as a reply.
+    let draft = until("the streamed draft", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    assert!(
+        draft.text.starts_with("Streaming starts here."),
+        "{}",
+        draft.text
+    );
+    assert!(draft.text.ends_with(" …"), "{}", draft.text);
+    assert_eq!(draft.parse_mode, None);
+    // "typing…" was shown while the model worked.
+    assert!(
+        tg.chat_actions()
+            .iter()
+            .any(|a| a.chat_id == dm.id && a.action == "typing"),
+        "{:?}",
+        tg.chat_actions()
+    );
+    gate.notify_one();
+    let whole = format!("{first}{rest}");
+    until("the draft edited to the whole answer", &gw, || {
+        tg.edits()
+            .into_iter()
+            .find(|e| e.message_id == draft.message_id && e.text == whole)
+    });
+    // One message for the answer: no second copy was sent.
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    let answers = sent_to(&tg, dm.id)
+        .into_iter()
+        .filter(|m| m.reply_to == Some(asked.message_id))
+        .count();
+    assert_eq!(answers, 1);
+    // Nothing edited the message after the whole answer.
+    let last = tg
+        .edits()
+        .into_iter()
+        .rfind(|e| e.message_id == draft.message_id)
+        .unwrap();
+    assert_eq!(last.text, whole);
+}
+
+#[test]
+fn files_sent_by_a_paired_user_are_saved_in_the_workspace_inbox_and_named_to_the_model() {
+    let (_rt, tg, model, gw) = paired_with(
+        vec![
+            Step::Reply(Reply::text(["Got the file."])),
+            Step::Reply(Reply::text(["Too big, sorry."])),
+        ],
+        "max_attachment_mb = 1\n",
+    );
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.put_file(
+        "doc-1",
+        "documents/file_1.txt",
+        b"hello attachment".to_vec(),
+    );
+    let sent = tg.push_message(MessageBuilder::document(
+        &dm,
+        &alice,
+        "doc-1",
+        "../../etc/report.txt",
+        "text/plain",
+        16,
+        Some("please read it"),
+    ));
+    until("the answer to the file", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(sent.message_id))
+    });
+    // Saved inside the workspace's inbox under a cleaned name, as data (not executable).
+    let inbox = gw.workspace().join("inbox").join("tg");
+    let files: Vec<_> = std::fs::read_dir(&inbox)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.ends_with("-0-_.._etc_report.txt"), "{name}");
+    assert_eq!(std::fs::read(&files[0]).unwrap(), b"hello attachment");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&files[0]).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    // The model is told where it is, with the caption.
+    let asked = model.requests()[0].body.to_string();
+    assert!(asked.contains("please read it"), "{asked}");
+    assert!(
+        asked.contains(&format!("saved to inbox/tg/{name} in the workspace")),
+        "{asked}"
+    );
+
+    // Over the channel's limit: not fetched, and the model is told why.
+    tg.put_file("doc-2", "documents/file_2.bin", vec![0u8; 2 * 1024 * 1024]);
+    let big = tg.push_message(MessageBuilder::document(
+        &dm,
+        &alice,
+        "doc-2",
+        "big.bin",
+        "application/octet-stream",
+        2 * 1024 * 1024,
+        None,
+    ));
+    until("the answer to the big file", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(big.message_id))
+    });
+    let asked = model.requests()[1].body.to_string();
+    assert!(
+        asked.contains("big.bin (application/octet-stream) was not saved: the file is larger than the limit of 1048576 bytes"),
+        "{asked}"
+    );
+    assert_eq!(tg.downloads(), ["documents/file_1.txt"]);
+    assert_eq!(std::fs::read_dir(&inbox).unwrap().count(), 1);
+}
+
+/// Runs SQL against the stopped gateway's `state.db`.
+fn with_state_db(gw: &Gw, sql: &str) -> usize {
+    let conn = rusqlite::Connection::open(gw.home.join("state.db")).unwrap();
+    conn.execute(sql, []).unwrap()
+}
+
+#[test]
+fn a_message_whose_turn_was_recorded_is_not_run_again_and_a_reply_lost_before_queuing_is_sent_after_restart()
+ {
+    let (_rt, tg, model, mut gw) = paired(vec![
+        Step::Reply(Reply::text(["First answer."])),
+        Step::Reply(Reply::text(["Pong one."])),
+        Step::Reply(Reply::text(["Pong two."])),
+    ]);
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    let asked = tg.push_message(MessageBuilder::text(&dm, &alice, "a question"));
+    until("the answer", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(asked.message_id))
+    });
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    // As if the gateway had died after recording the turn but before marking the message
+    // handled: the restart must not run it a second time.
+    let n = with_state_db(
+        &gw,
+        "UPDATE channel_events SET status = 'admitted' WHERE event_kind = 'message' AND status = 'done'",
+    );
+    assert!(n >= 1);
+    gw.spawn();
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping"));
+    let pong = until("the reply to the next message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong one.");
+    assert_eq!(model.requests().len(), 2, "the recorded turn ran again");
+    let firsts = |tg: &FakeTelegram| {
+        sent_to(tg, dm.id)
+            .iter()
+            .filter(|m| m.text == "First answer.")
+            .count()
+    };
+    assert_eq!(firsts(&tg), 1, "the recorded turn was answered twice");
+
+    // As if the gateway had died after the run ended but before its reply was queued: the
+    // reply is queued once after the restart, without asking the model again.
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    let n = with_state_db(
+        &gw,
+        "DELETE FROM channel_outbox WHERE dedup_key LIKE 'reply:%' AND text = 'First answer.'",
+    );
+    assert_eq!(n, 1);
+    gw.spawn();
+    until("the lost reply sent after the restart", &gw, || {
+        (firsts(&tg) == 2).then_some(())
+    });
+    let ping = tg.push_message(MessageBuilder::text(&dm, &alice, "ping again"));
+    let pong = until("the reply to the last message", &gw, || {
+        sent_to(&tg, dm.id)
+            .into_iter()
+            .find(|m| m.reply_to == Some(ping.message_id))
+    });
+    assert_eq!(pong.text, "Pong two.");
+    assert_eq!(model.requests().len(), 3);
+    assert_eq!(firsts(&tg), 2);
+}
+
+#[test]
+fn a_paired_non_owner_in_the_same_group_cannot_approve_and_the_owner_can() {
+    let (_rt, tg, _model, gw) = paired(vec![
+        Step::tool_call("c1", "exec", &net_exec(&["true"])),
+        Step::Reply(Reply::text(["It ran in the group."])),
+    ]);
+    // Bob is paired too, but to the user `bob`, who is not an owner.
+    let bob = FakeUser::new(5151, "Bob");
+    let bob_dm = FakeChat::private(&bob);
+    tg.push_message(MessageBuilder::text(&bob_dm, &bob, "hi"));
+    until("bob's pairing code", &gw, || {
+        sent_to(&tg, bob_dm.id).into_iter().next()
+    });
+    let out = gw.chitin(&["pairing", "list", "--json"]);
+    let pending: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let code = pending[0]["code"].as_str().unwrap().to_string();
+    let ents_path = gw.home.join("entities.json");
+    let mut ents: Value =
+        serde_json::from_str(&std::fs::read_to_string(&ents_path).unwrap()).unwrap();
+    ents.as_array_mut().unwrap().push(serde_json::json!(
+        {"uid": {"type": "Chitin::User", "id": "bob"}, "attrs": {}, "parents": []}
+    ));
+    std::fs::write(&ents_path, ents.to_string()).unwrap();
+    let out = gw.chitin(&["pairing", "approve", &code, "--user", "bob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alice = FakeUser::new(4242, "Alice");
+    let group = FakeChat::group(-5002, "Team");
+    tg.push_message(MessageBuilder::text(
+        &group,
+        &alice,
+        "@chitin_test_bot run it",
+    ));
+    let (prompt, id) = approval_prompt(&tg, &gw, group.id);
+    let press = tg.push_callback(&bob, group.id, prompt.message_id, &format!("a:{id}"));
+    let answer = until("the refusal of bob's press", &gw, || {
+        tg.answers()
+            .into_iter()
+            .find(|a| a.callback_id == press.callback_id)
+    });
+    assert_eq!(
+        answer.text.as_deref(),
+        Some("Refused: you are not allowed to decide this approval.")
+    );
+    assert_eq!(approval_status(&gw, &id), "pending");
+    let out = gw.chitin(&["audit", "query", "--kind", "decision", "--json"]);
+    let audit: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["action"] == "approval.grant"
+                && r["decision"] == "deny"
+                && r.to_string().contains("User::\\\"bob\\\"")),
+        "{audit}"
+    );
+    // The owner's press in the same group runs the call.
+    let press = tg.push_callback(&alice, group.id, prompt.message_id, &format!("a:{id}"));
+    let answer = until("the owner's press answered", &gw, || {
+        tg.answers()
+            .into_iter()
+            .find(|a| a.callback_id == press.callback_id)
+    });
+    assert_eq!(answer.text.as_deref(), Some("Approved."));
+    until("the run's answer in the group", &gw, || {
+        sent_to(&tg, group.id)
+            .into_iter()
+            .find(|m| m.text == "It ran in the group.")
+    });
 }

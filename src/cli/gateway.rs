@@ -180,6 +180,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         &clock,
         &secrets,
         Arc::clone(&vault) as Arc<dyn crate::channels::Sealer>,
+        &workspace,
     );
     // The agent's `send_message` delivers through the channels' outbox (only with channels).
     let agent_sandbox = match &channels {

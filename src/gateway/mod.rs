@@ -314,10 +314,6 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         tokio::spawn(lifecycle_schedule(lc, parts.globals.clone()));
     }
     if let Some(agent) = &parts.agent {
-        // The channels note the runs to answer before the agent resumes (and may finish) them.
-        if let Some(ch) = &parts.channels {
-            ch.note_unfinished_runs(agent);
-        }
         match agent.recover().await {
             Ok(0) => {}
             Ok(n) => info!(runs = n, "resumed runs left unfinished by the last gateway"),

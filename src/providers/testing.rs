@@ -116,6 +116,13 @@ pub enum Step {
     /// Send the response head and the first `events` stream events, then close the
     /// connection (an incomplete chunked body).
     DropAfter { reply: Reply, events: usize },
+    /// Stream the first `events` events, wait until the test calls `gate.notify_one()`, then
+    /// stream the rest (a model that pauses mid-answer, for streamed replies).
+    Gated {
+        reply: Reply,
+        events: usize,
+        gate: std::sync::Arc<tokio::sync::Notify>,
+    },
     /// A streamed error event after the first event (Anthropic `event: error`, OpenAI
     /// `data: {"error":...}`).
     StreamError { kind: String, message: String },
@@ -494,6 +501,20 @@ async fn answer(kind: Kind, sock: &mut TcpStream, req: &RecordedRequest, step: S
             let part: Vec<String> = all.into_iter().take(events).collect();
             write_sse(sock, &part, Some(false)).await
         }
+        Step::Gated {
+            reply,
+            events,
+            gate,
+        } if stream => {
+            let all = sse_events(kind, &model, &reply, include_usage);
+            let (first, rest) = all.split_at(events.min(all.len()));
+            write_sse_gated(sock, first, rest, &gate).await
+        }
+        Step::Gated { reply, gate, .. } => {
+            gate.notified().await;
+            let body = whole_body(kind, &model, &reply);
+            write_whole(sock, 200, "application/json", &[], body.as_bytes()).await
+        }
         Step::StreamError { kind: ty, message } => {
             let first = sse_events(kind, &model, &Reply::text(["x"]), false)
                 .into_iter()
@@ -571,6 +592,38 @@ async fn write_sse(sock: &mut TcpStream, events: &[String], end: Option<bool>) -
             false
         }
     }
+}
+
+/// A chunked SSE answer: `first`, a pause until `gate` is notified, then `rest` and the end.
+async fn write_sse_gated(
+    sock: &mut TcpStream,
+    first: &[String],
+    rest: &[String],
+    gate: &tokio::sync::Notify,
+) -> bool {
+    let chunk = |e: &String| {
+        let mut out = format!("{:x}\r\n", e.len()).into_bytes();
+        out.extend_from_slice(e.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        out
+    };
+    let mut out =
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n\
+                transfer-encoding: chunked\r\n\r\n"
+            .to_vec();
+    for e in first {
+        out.extend(chunk(e));
+    }
+    if sock.write_all(&out).await.is_err() || sock.flush().await.is_err() {
+        return false;
+    }
+    gate.notified().await;
+    let mut out = Vec::new();
+    for e in rest {
+        out.extend(chunk(e));
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    sock.write_all(&out).await.is_ok()
 }
 
 fn sse(event: &str, data: &Value) -> String {

@@ -14,8 +14,8 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use chitin_channels::{
-    BotInfo, BoxFuture, Button, ChannelError, ChatRef, Inbound, Limits, OutMessage, Platform,
-    Polled, SendError, Sent,
+    BotInfo, BoxFuture, Button, ChannelError, ChatRef, Limits, OutMessage, Platform, Polled,
+    SendError, Sent,
 };
 
 #[derive(Default)]
@@ -23,6 +23,9 @@ pub struct ScriptedPlatform {
     script: Mutex<VecDeque<Result<Sent, SendError>>>,
     sent: Mutex<Vec<OutMessage>>,
     next_id: Mutex<u64>,
+    edit_script: Mutex<VecDeque<SendError>>,
+    /// (chat, message id, text) of every edit asked for.
+    edits: Mutex<Vec<(ChatRef, String, String)>>,
 }
 
 impl ScriptedPlatform {
@@ -36,6 +39,16 @@ impl ScriptedPlatform {
     /// The next `send` answers with this error.
     pub fn fail_next(&self, e: SendError) {
         self.script.lock().unwrap().push_back(Err(e));
+    }
+
+    /// The next `edit` answers with this error.
+    pub fn fail_next_edit(&self, e: SendError) {
+        self.edit_script.lock().unwrap().push_back(e);
+    }
+
+    /// Every edit asked for: (chat, message id, text), in order (failed ones included).
+    pub fn edits(&self) -> Vec<(ChatRef, String, String)> {
+        self.edits.lock().unwrap().clone()
     }
 
     /// Every message `send` was called with, in order (failed attempts included).
@@ -90,12 +103,17 @@ impl Platform for ScriptedPlatform {
     }
     fn edit<'a>(
         &'a self,
-        _chat: &'a ChatRef,
-        _message_id: &'a str,
-        _text: &'a str,
+        chat: &'a ChatRef,
+        message_id: &'a str,
+        text: &'a str,
         _buttons: Option<&'a [Button]>,
     ) -> BoxFuture<'a, Result<(), SendError>> {
-        Box::pin(async { Ok(()) })
+        self.edits
+            .lock()
+            .unwrap()
+            .push((chat.clone(), message_id.to_string(), text.to_string()));
+        let r = self.edit_script.lock().unwrap().pop_front();
+        Box::pin(async move { r.map_or(Ok(()), Err) })
     }
     fn answer_button<'a>(
         &'a self,
