@@ -230,6 +230,15 @@ const MIGRATIONS: &[&str] = &[
      CREATE UNIQUE INDEX channel_outbox_dedup ON channel_outbox(channel, dedup_key) WHERE dedup_key IS NOT NULL;
      CREATE INDEX channel_outbox_edits ON channel_outbox(channel, status) WHERE edit_text IS NOT NULL;
      ALTER TABLE channel_events ADD COLUMN attachments BLOB;",
+    // 8: each channel's connection as its gateway last reported it (for `chitin channels
+    // status`, which runs in another process): refreshed while the channel runs.
+    "CREATE TABLE channel_state (
+        channel      TEXT PRIMARY KEY,
+        connected    INTEGER NOT NULL,
+        since_ms     INTEGER NOT NULL,
+        last_error   TEXT,
+        updated_ms   INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The state database.

@@ -427,6 +427,12 @@ fn a_bot_token_is_not_released_for_an_api_host_outside_its_audience() {
     assert!(!log.contains(TOKEN));
     assert!(tg.calls().is_empty(), "the fake Bot API was called");
     assert_eq!(gw.get("/health").status, 200);
+    let ready = gw.get("/ready").json();
+    assert_eq!(
+        ready["checks"]["channels"],
+        serde_json::json!({"ok": false, "detail": "tg: not started (see the gateway log)"}),
+        "{ready}"
+    );
 }
 
 const HOOK_SECRET: &str = "hook-secret_0123456789abcdefABCDEF";
@@ -1027,4 +1033,63 @@ fn a_paired_non_owner_in_the_same_group_cannot_approve_and_the_owner_can() {
             .into_iter()
             .find(|m| m.text == "It ran in the group.")
     });
+}
+
+#[test]
+fn status_metrics_and_ready_report_a_channel_that_cannot_connect_while_the_gateway_keeps_serving() {
+    let (_rt, tg, _model, gw) = paired(vec![Step::Reply(Reply::text(["Still here."]))]);
+    let s = status(&gw);
+    assert_eq!(
+        (s["kind"].as_str(), s["connected"].as_bool()),
+        (Some("telegram"), Some(true)),
+        "{s}"
+    );
+    assert!(
+        s["connected_since_ms"].is_i64() && s["reported_ms"].is_i64(),
+        "{s}"
+    );
+    let ready = gw.get("/ready").json();
+    assert_eq!(ready["checks"]["channels"]["ok"], true, "{ready}");
+    assert_eq!(
+        ready["checks"]["channels"]["detail"], "tg: connected",
+        "{ready}"
+    );
+
+    // The platform starts refusing the token: the channel reports it, the gateway stays up.
+    tg.fail_next(
+        "getUpdates",
+        1,
+        Failure::Forbidden("Forbidden: bot was kicked".into()),
+    );
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    // A pushed message ends the current long poll; the next poll is the refused one.
+    tg.push_message(MessageBuilder::text(&dm, &alice, "are you there?"));
+    let s = until("the channel reported disconnected", &gw, || {
+        let s = status(&gw);
+        (s["connected"] == false).then_some(s)
+    });
+    assert!(
+        s["connection_error"]
+            .as_str()
+            .unwrap()
+            .contains("bot was kicked"),
+        "{s}"
+    );
+    let ready = gw.get("/ready").json();
+    assert_eq!(ready["checks"]["channels"]["ok"], false, "{ready}");
+    let detail = ready["checks"]["channels"]["detail"].as_str().unwrap();
+    assert!(detail.starts_with("tg: cannot connect:"), "{detail}");
+    assert!(!detail.contains(TOKEN), "{detail}");
+    // The API still answers; readiness does not depend on a chat platform.
+    assert_eq!(gw.get("/health").status, 200);
+    let metrics = gw.get("/metrics").body;
+    assert!(
+        metrics.contains("chitin_channel_connected{channel=\"tg\",kind=\"telegram\"} 0"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("chitin_channel_lag_seconds{channel=\"tg\",kind=\"telegram\"}"));
+    let out = gw.chitin(&["channels", "status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("tg (telegram)  cannot connect:"), "{text}");
 }

@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use chitin_audit::RecordInput;
 use chitin_channels::{ChatKind, ChatRef};
+use rusqlite::OptionalExtension;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
@@ -201,8 +202,22 @@ pub struct EngineCounters {
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
 pub struct ChannelStatus {
     pub channel: String,
+    pub kind: String,
+    /// As the running gateway last reported it (`None`: never; see `reported_ms`).
+    pub connected: Option<bool>,
+    /// Why the channel cannot connect (the platform's error, without credentials).
+    pub connection_error: Option<String>,
+    /// When the connection state last changed.
+    pub connected_since_ms: Option<i64>,
+    /// When the gateway last reported the connection (it refreshes it every
+    /// [`CONNECTION_REFRESH_MS`] while the channel runs; older means no gateway runs it).
+    pub reported_ms: Option<i64>,
     pub cursor: Option<String>,
     pub last_event_ms: Option<i64>,
+    /// How long the oldest message waiting to be sent has waited (0: none waiting).
+    pub lag_ms: i64,
+    /// Messages waiting for a retry after a failed attempt.
+    pub retrying: i64,
     pub events: i64,
     pub denied: i64,
     pub queued: i64,
@@ -382,8 +397,42 @@ impl Engine {
             pending_pairings: one(
                 "SELECT COUNT(*) FROM pairing_requests WHERE channel = ?1 AND status = 'pending'",
             )?,
+            kind: self
+                .channels
+                .get(channel)
+                .map(|c| c.kind.clone())
+                .unwrap_or_default(),
+            retrying: one(
+                "SELECT COUNT(*) FROM channel_outbox WHERE channel = ?1 AND status = 'queued' AND attempts > 0",
+            )?,
             ..ChannelStatus::default()
         };
+        let oldest: Option<i64> = conn.query_row(
+            "SELECT MIN(created_ms) FROM channel_outbox WHERE channel = ?1 AND status IN ('queued', 'sending')",
+            [channel],
+            |r| r.get(0),
+        )?;
+        s.lag_ms = oldest.map_or(0, |t| self.clock.now_ms().saturating_sub(t).max(0));
+        if let Some((connected, since, error, reported)) = conn
+            .query_row(
+                "SELECT connected, since_ms, last_error, updated_ms FROM channel_state WHERE channel = ?1",
+                [channel],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? != 0,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .optional()?
+        {
+            s.connected = Some(connected);
+            s.connected_since_ms = Some(since);
+            s.connection_error = error;
+            s.reported_ms = Some(reported);
+        }
         let mut st = conn.prepare(
             "SELECT status, COUNT(*) FROM channel_outbox WHERE channel = ?1 GROUP BY status",
         )?;
@@ -403,4 +452,31 @@ impl Engine {
         }
         Ok(s)
     }
+
+    /// Records whether `channel` is connected (and why not), as its gateway sees it now. The
+    /// time of the last change is kept while the state stays the same.
+    pub fn report_connection(
+        &self,
+        channel: &str,
+        connected: bool,
+        error: Option<&str>,
+    ) -> Result<(), ChannelsError> {
+        let now = self.clock.now_ms();
+        let error = error.map(|e| self.gate.redact(e));
+        let conn = self.store.conn()?;
+        conn.execute(
+            "INSERT INTO channel_state (channel, connected, since_ms, last_error, updated_ms)
+             VALUES (?1, ?2, ?3, ?4, ?3)
+             ON CONFLICT(channel) DO UPDATE SET
+               since_ms = CASE WHEN connected = excluded.connected THEN since_ms ELSE excluded.since_ms END,
+               connected = excluded.connected,
+               last_error = excluded.last_error,
+               updated_ms = excluded.updated_ms",
+            rusqlite::params![channel, i64::from(connected), now, error],
+        )?;
+        Ok(())
+    }
 }
+
+/// How often a running channel refreshes its reported connection state.
+pub const CONNECTION_REFRESH_MS: i64 = 30_000;

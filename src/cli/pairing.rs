@@ -194,10 +194,37 @@ pub fn run_channels(cmd: ChannelsCmd, globals: &Globals) -> CmdResult {
             } else if all.is_empty() {
                 println!("no channels configured ([[channels]] in chitin.toml)");
             } else {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
                 for s in &all {
+                    let ago = |ms: i64| format!("{}s ago", now.saturating_sub(ms).max(0) / 1000);
+                    let stale = s.reported_ms.is_none_or(|t| {
+                        now.saturating_sub(t) > 2 * crate::channels::CONNECTION_REFRESH_MS
+                    });
+                    let connection = match (s.connected, &s.connection_error) {
+                        (None, _) => "never started".to_string(),
+                        _ if stale => format!(
+                            "not running (last report {})",
+                            s.reported_ms.map(ago).unwrap_or_default()
+                        ),
+                        (Some(true), _) => format!(
+                            "connected since {}",
+                            s.connected_since_ms.map(ago).unwrap_or_default()
+                        ),
+                        (Some(false), Some(e)) => format!("cannot connect: {e}"),
+                        (Some(false), None) => "not connected".to_string(),
+                    };
                     println!(
-                        "{}  events {} (not admitted {})  outbox: queued {} sending {} sent {} failed {} dead {}  pending pairings {}",
+                        "{} ({})  {connection}  last event {}  lag {} ms  retrying {}",
                         s.channel,
+                        s.kind,
+                        s.last_event_ms.map(ago).unwrap_or_else(|| "never".into()),
+                        s.lag_ms,
+                        s.retrying
+                    );
+                    println!(
+                        "  events {} (not admitted {})  outbox: queued {} sending {} sent {} failed {} dead {}  pending pairings {}",
                         s.events,
                         s.denied,
                         s.queued,

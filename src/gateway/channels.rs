@@ -325,11 +325,39 @@ impl ChannelMetrics {
             "chitin_channel_maybe_delivered_total {}\n",
             c.maybe_delivered
         ));
+        let statuses: Vec<_> = self
+            .names
+            .iter()
+            .filter_map(|n| self.engine.status(n).ok())
+            .collect();
+        t.push_str("# TYPE chitin_channel_connected gauge\n");
+        for s in &statuses {
+            t.push_str(&format!(
+                "chitin_channel_connected{{channel=\"{}\",kind=\"{}\"}} {}\n",
+                s.channel,
+                s.kind,
+                u8::from(s.connected == Some(true))
+            ));
+        }
+        t.push_str("# TYPE chitin_channel_lag_seconds gauge\n");
+        for s in &statuses {
+            t.push_str(&format!(
+                "chitin_channel_lag_seconds{{channel=\"{}\",kind=\"{}\"}} {:.3}\n",
+                s.channel,
+                s.kind,
+                s.lag_ms as f64 / 1000.0
+            ));
+        }
+        t.push_str("# TYPE chitin_channel_retrying gauge\n");
+        for s in &statuses {
+            t.push_str(&format!(
+                "chitin_channel_retrying{{channel=\"{}\",kind=\"{}\"}} {}\n",
+                s.channel, s.kind, s.retrying
+            ));
+        }
         t.push_str("# TYPE chitin_channel_outbox gauge\n");
-        for name in &self.names {
-            let Ok(s) = self.engine.status(name) else {
-                continue;
-            };
+        for s in &statuses {
+            let name = &s.channel;
             for (status, n) in [
                 ("queued", s.queued),
                 ("sending", s.sending),
@@ -343,6 +371,38 @@ impl ChannelMetrics {
             }
         }
         t
+    }
+}
+
+impl ChannelMetrics {
+    /// The `channels` check of `/ready`: every configured channel connected, or which ones
+    /// cannot connect and why (reads `state.db`: call off the async threads). A channel that
+    /// was left out at start (its credentials refused) is reported too.
+    pub fn readiness(&self, configured: &[String]) -> (bool, String) {
+        let mut ok = true;
+        let mut parts = Vec::new();
+        for name in configured {
+            if !self.names.contains(name) {
+                ok = false;
+                parts.push(format!("{name}: not started (see the gateway log)"));
+                continue;
+            }
+            match self.engine.status(name) {
+                Ok(s) if s.connected == Some(true) => parts.push(format!("{name}: connected")),
+                Ok(s) => {
+                    ok = false;
+                    parts.push(match s.connection_error {
+                        Some(e) => format!("{name}: cannot connect: {e}"),
+                        None => format!("{name}: not connected yet"),
+                    });
+                }
+                Err(e) => {
+                    ok = false;
+                    parts.push(format!("{name}: state unavailable: {e}"));
+                }
+            }
+        }
+        (ok, parts.join("; "))
     }
 }
 
@@ -709,6 +769,24 @@ impl crate::tools::message::Messenger for OutboxMessenger {
     }
 }
 
+/// How often a running channel refreshes its reported connection state.
+const CONNECTION_REFRESH: Duration =
+    Duration::from_millis(crate::channels::CONNECTION_REFRESH_MS.unsigned_abs());
+
+/// Records the channel's connection state in `state.db` (for `chitin channels status`,
+/// `/ready` and `/metrics`); a failure to record it is only logged.
+async fn report_connection(ctx: &Ctx, connected: bool, error: Option<String>) {
+    let name = ctx.name.clone();
+    if let Err(e) = blocking(&ctx.engine, move |e| {
+        e.report_connection(&name, connected, error.as_deref())
+            .map_err(|e| e.to_string())
+    })
+    .await
+    {
+        warn!(channel = %ctx.name, error = %e, "connection state could not be recorded");
+    }
+}
+
 /// Waits `d` or until stop; true when stopping.
 async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
@@ -733,10 +811,12 @@ async fn poll_loop(
         match r {
             Ok(bot) => {
                 info!(channel = %name, bot = %bot.username, "channel connected");
+                report_connection(&ctx, true, None).await;
                 break;
             }
             Err(e) => {
                 error!(channel = %name, error = %e, "channel could not connect; retrying");
+                report_connection(&ctx, false, Some(e.to_string())).await;
                 let d = match e {
                     ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
                     ChannelError::RateLimited { retry_after } => retry_after,
@@ -758,13 +838,22 @@ async fn poll_loop(
         }
     }
     if webhook {
-        // Events arrive on the webhook route; nothing to poll.
-        let _ = stop.wait_for(|s| *s).await;
+        // Events arrive on the webhook route; nothing to poll. The connection is reported
+        // as it was at connect, refreshed so `chitin channels status` sees the gateway alive.
+        while !pause(CONNECTION_REFRESH, &mut stop).await {
+            report_connection(&ctx, true, None).await;
+        }
         return;
     }
+    let mut connected = true;
+    let mut reported = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             return;
+        }
+        if connected && reported.elapsed() >= CONNECTION_REFRESH {
+            report_connection(&ctx, true, None).await;
+            reported = tokio::time::Instant::now();
         }
         let cursor = match blocking(engine, {
             let name = name.clone();
@@ -789,6 +878,8 @@ async fn poll_loop(
             Ok(p) => p,
             Err(e) => {
                 warn!(channel = %name, error = %e, "poll failed");
+                report_connection(&ctx, false, Some(e.to_string())).await;
+                connected = false;
                 let d = match e {
                     ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
                     ChannelError::RateLimited { retry_after } => retry_after,
@@ -800,6 +891,11 @@ async fn poll_loop(
                 continue;
             }
         };
+        if !connected {
+            info!(channel = %name, "channel connected again");
+            report_connection(&ctx, true, None).await;
+            (connected, reported) = (true, tokio::time::Instant::now());
+        }
         if polled.events.is_empty() && polled.cursor.is_none() {
             continue;
         }

@@ -1105,7 +1105,8 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
     let cfg = read(&app.config);
     let providers = providers_check(app, &cfg);
     let (skills_ok, skills_detail) = read(&app.skills_status);
-    vec![
+    let configured: Vec<String> = cfg.channels.iter().map(|c| c.name.clone()).collect();
+    let mut list = vec![
         ("store", store),
         ("audit", audit),
         ("policies", policies),
@@ -1113,8 +1114,24 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         ("sandbox", sandbox),
         ("providers", providers),
         ("skills", check(skills_ok, skills_detail)),
-    ]
+    ];
+    if !configured.is_empty() {
+        let channels = match &app.channel_metrics {
+            Some(m) => m.readiness(&configured),
+            None => check(
+                false,
+                "the channels could not be started (see the gateway log)",
+            ),
+        };
+        list.push((CHANNELS_CHECK, channels));
+    }
+    list
 }
+
+/// The `/ready` check of the chat channels. It is reported but does not make the gateway
+/// unready: a channel that cannot connect must not take the API, the web chat and the other
+/// channels out of service.
+const CHANNELS_CHECK: &str = "channels";
 
 /// Model calls in a row that must fail (after retries and fallbacks) before `/ready` reports
 /// the providers as not ok.
@@ -1201,7 +1218,10 @@ async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
             "readiness checks failed to run",
         );
     };
-    let ready = list.iter().all(|(_, (ok, _))| *ok);
+    let ready = list
+        .iter()
+        .filter(|(name, _)| *name != CHANNELS_CHECK)
+        .all(|(_, (ok, _))| *ok);
     let mut map = serde_json::Map::new();
     for (name, (ok, detail)) in list {
         let v = if detailed {
