@@ -239,6 +239,38 @@ const MIGRATIONS: &[&str] = &[
         last_error   TEXT,
         updated_ms   INTEGER NOT NULL
      ) STRICT;",
+    // 9: invitations of the bot into a conversation (Matrix room invites) are events too:
+    // decided by Cedar like a message, joined only when admitted. SQLite cannot change a
+    // CHECK constraint in place, so the table is rebuilt with the same columns.
+    "CREATE TABLE channel_events_v9 (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel      TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        received_ms  INTEGER NOT NULL,
+        event_kind   TEXT NOT NULL CHECK (event_kind IN ('message', 'edited', 'button', 'ignored', 'invite')),
+        chat_id      TEXT,
+        chat_kind    TEXT CHECK (chat_kind IN ('dm', 'group')),
+        thread       TEXT,
+        sender_id    TEXT,
+        message_id   TEXT,
+        status       TEXT NOT NULL CHECK (status IN ('new', 'admitted', 'denied', 'pairing', 'ignored', 'done')),
+        subject      TEXT,
+        text         BLOB,
+        callback_id  TEXT,
+        button_data  TEXT,
+        updated_ms   INTEGER NOT NULL,
+        attachments  BLOB,
+        UNIQUE (channel, event_id)
+     ) STRICT;
+     INSERT INTO channel_events_v9 (id, channel, event_id, received_ms, event_kind, chat_id, chat_kind, thread,
+                                    sender_id, message_id, status, subject, text, callback_id, button_data,
+                                    updated_ms, attachments)
+       SELECT id, channel, event_id, received_ms, event_kind, chat_id, chat_kind, thread, sender_id, message_id,
+              status, subject, text, callback_id, button_data, updated_ms, attachments FROM channel_events;
+     DROP TABLE channel_events;
+     ALTER TABLE channel_events_v9 RENAME TO channel_events;
+     CREATE INDEX channel_events_status ON channel_events(channel, status, id);
+     CREATE INDEX channel_events_subject ON channel_events(subject);",
 ];
 
 /// The state database.

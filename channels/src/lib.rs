@@ -339,6 +339,11 @@ pub trait Platform: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SendError>>;
     /// Shows "typing…" in the chat for a few seconds.
     fn typing<'a>(&'a self, chat: &'a ChatRef) -> BoxFuture<'a, Result<(), SendError>>;
+    /// Whether messages can carry buttons ([`OutMessage::buttons`]); without them, people
+    /// answer approval prompts with `/approve CODE` and `/deny CODE`.
+    fn has_buttons(&self) -> bool {
+        true
+    }
     /// Accepts an invitation into `chat` (see [`Event::Invited`]).
     fn join<'a>(&'a self, chat: &'a ChatRef) -> BoxFuture<'a, Result<(), SendError>> {
         let _ = chat;

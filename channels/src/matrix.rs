@@ -1116,6 +1116,11 @@ impl Platform for Matrix {
         true
     }
 
+    /// Matrix messages have no buttons: approvals are answered with `/approve CODE`.
+    fn has_buttons(&self) -> bool {
+        false
+    }
+
     fn fetch_attachment<'a>(
         &'a self,
         attachment: &'a Attachment,

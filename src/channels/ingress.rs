@@ -74,6 +74,19 @@ pub struct Committed {
     pub admitted: Vec<AdmittedEvent>,
     /// The outcome of every new message, by event id, in order.
     pub admissions: Vec<(String, Admission)>,
+    /// Invitations whose inviter Cedar admitted: the conversations to join, in order.
+    pub invites: Vec<AdmittedInvite>,
+}
+
+/// An invitation of the bot into a conversation that Cedar admitted (join it, then
+/// [`Engine::mark_done`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdmittedInvite {
+    pub row_id: i64,
+    pub event_id: String,
+    pub chat: chitin_channels::ChatRef,
+    /// The inviter's identity (`<kind>:<id>`).
+    pub inviter: String,
 }
 
 /// Who a sender is to Cedar.
@@ -288,9 +301,48 @@ impl Engine {
                     data,
                 ])?;
             }
-            // Invitations are declined by not joining (no platform in this build invites the
-            // bot); recorded for deduplication only.
-            Event::Ignored { .. } | Event::Invited { .. } => {
+            Event::Invited { chat, sender } => {
+                // Decided like a message addressed to the bot, without a pairing offer (the
+                // bot cannot write into a conversation it has not joined).
+                let probe = Message {
+                    chat: chat.clone(),
+                    message_id: String::new(),
+                    sender: sender.clone(),
+                    text: String::new(),
+                    mentioned: true,
+                    reply_to: None,
+                    attachments: Vec::new(),
+                };
+                let admitted = matches!(
+                    self.decide_in(ch, &probe)?,
+                    (Verdict::Allowed(..), users) if !users.is_empty()
+                );
+                tx.prepare_cached(insert)?.execute(params![
+                    ch.name,
+                    ev.event_id,
+                    now,
+                    "invite",
+                    chat.id,
+                    chat_kind_str(chat.kind),
+                    chat.thread,
+                    sender.id,
+                    Option::<String>::None,
+                    if admitted { "admitted" } else { "denied" },
+                    Option::<String>::None,
+                    Option::<Vec<u8>>::None,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                ])?;
+                if admitted {
+                    out.invites.push(AdmittedInvite {
+                        row_id: tx.last_insert_rowid(),
+                        event_id: ev.event_id.clone(),
+                        chat: chat.clone(),
+                        inviter: identity_id(&ch.kind, &sender.id),
+                    });
+                }
+            }
+            Event::Ignored { .. } => {
                 tx.prepare_cached(insert)?.execute(params![
                     ch.name,
                     ev.event_id,
@@ -382,19 +434,10 @@ impl Engine {
         now: i64,
     ) -> Result<Admission, ChannelsError> {
         let identity = identity_id(&ch.kind, &m.sender.id);
-        let p = self.principal(&identity, &ch.name, Some((&ch.kind, &m.chat)))?;
-        let paired = !p.users.is_empty();
-        let req = PolicyRequest::from_json(&json!({
-            "principal": p.uid,
-            "action": "Chitin::Action::\"message.receive\"",
-            "resource": conversation_uid(&ch.kind, &m.chat),
-            "context": {"mentioned": m.mentioned, "paired": paired},
-        }))
-        .map_err(crate::gate::GateError::from)?;
-        // Recorded by the gate (principal, conversation, context: never the text).
-        let verdict = self.gate.check_with_entities(&req, &p.extra)?;
+        let (verdict, users) = self.decide_in(ch, m)?;
+        let paired = !users.is_empty();
         match verdict {
-            Verdict::Allowed(..) => match p.users.first() {
+            Verdict::Allowed(..) => match users.first() {
                 Some(user) => Ok(Admission::Admitted {
                     user: user.clone(),
                     session: session_key(&ch.name, &m.chat),
@@ -412,13 +455,64 @@ impl Engine {
         }
     }
 
+    /// Cedar `message.receive` for `m` (recorded by the gate: principal, conversation and
+    /// context, never the text), and the users its sender is paired to.
+    fn decide_in(
+        &self,
+        ch: &ChannelSettings,
+        m: &Message,
+    ) -> Result<(Verdict, Vec<String>), ChannelsError> {
+        let identity = identity_id(&ch.kind, &m.sender.id);
+        let p = self.principal(&identity, &ch.name, Some((&ch.kind, &m.chat)))?;
+        let paired = !p.users.is_empty();
+        let req = PolicyRequest::from_json(&json!({
+            "principal": p.uid,
+            "action": "Chitin::Action::\"message.receive\"",
+            "resource": conversation_uid(&ch.kind, &m.chat),
+            "context": {"mentioned": m.mentioned, "paired": paired},
+        }))
+        .map_err(crate::gate::GateError::from)?;
+        let verdict = self.gate.check_with_entities(&req, &p.extra)?;
+        Ok((verdict, p.users))
+    }
+
+    /// Admitted invitations not joined yet (what a restarted gateway joins).
+    pub fn invites_pending(&self, channel: &str) -> Result<Vec<AdmittedInvite>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(
+            "SELECT id, event_id, chat_id, chat_kind, thread, sender_id FROM channel_events
+             WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'invite' ORDER BY id",
+        )?;
+        let kind = self
+            .channels
+            .get(channel)
+            .map(|c| c.kind.clone())
+            .unwrap_or_default();
+        let rows = st
+            .query_map([channel], |r| {
+                let chat_kind: String = r.get(3)?;
+                Ok(AdmittedInvite {
+                    row_id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    chat: chitin_channels::ChatRef {
+                        id: r.get(2)?,
+                        kind: parse_chat_kind(&chat_kind),
+                        thread: r.get(4)?,
+                    },
+                    inviter: identity_id(&kind, &r.get::<_, String>(5)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
     /// Admitted messages not yet marked done, oldest first, with their text opened (what a
     /// restarted gateway runs again).
     pub fn admitted_pending(&self, channel: &str) -> Result<Vec<AdmittedEvent>, ChannelsError> {
         let conn = self.store.conn()?;
         let mut st = conn.prepare(
             "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text, attachments
-             FROM channel_events WHERE channel = ?1 AND status = 'admitted' ORDER BY id",
+             FROM channel_events WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'message' ORDER BY id",
         )?;
         type Row = (
             i64,

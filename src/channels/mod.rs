@@ -57,7 +57,7 @@ use crate::policy::PolicyError;
 use crate::store::{Store, StoreError};
 
 pub use buttons::PendingPress;
-pub use ingress::{Admission, AdmittedEvent, Committed, DenyReason};
+pub use ingress::{Admission, AdmittedEvent, AdmittedInvite, Committed, DenyReason};
 pub use outbox::{
     DeliveryReport, FailureOutcome, OutboxKind, OutboxNew, OutboxRow, OutboxStatus, deliver_due,
 };
@@ -279,9 +279,38 @@ pub fn conversation_uid(kind: &str, chat: &ChatRef) -> String {
     )
 }
 
-/// `:` and `%` escaped, so the parts of a session key cannot run into each other.
+/// A part of a session key: every byte other than `A-Z a-z 0-9 . -` written as `_XX` (hex),
+/// so the parts cannot run into each other (`:` is escaped) and the key stays within what
+/// the agent accepts (Matrix `!room:server`, Signal group ids in base64, ...). Telegram's
+/// numeric ids are unchanged.
 fn key_part(s: &str) -> String {
-    s.replace('%', "%25").replace(':', "%3A")
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("_{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The inverse of [`key_part`] (`None` for text it cannot have produced).
+pub fn key_unpart(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'_' {
+            let hex = [bytes.next()?, bytes.next()?];
+            let hex = std::str::from_utf8(&hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+        } else if b.is_ascii_alphanumeric() || b == b'.' || b == b'-' {
+            out.push(b);
+        } else {
+            return None;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// The agent session of a conversation: one per direct message, per group and per thread of a
@@ -289,9 +318,9 @@ fn key_part(s: &str) -> String {
 /// sender in a group shares the group's session; each turn's principal is its own sender's
 /// `User` ([`Admission::Admitted`]).
 pub fn session_key(channel: &str, chat: &ChatRef) -> String {
+    // Channel names are `[a-z0-9_-]` (checked by the config): they are used as they are.
     let mut k = format!(
-        "channel:{}:{}:{}",
-        key_part(channel),
+        "channel:{channel}:{}:{}",
         chat.kind.as_str(),
         key_part(&chat.id)
     );

@@ -159,10 +159,7 @@ pub fn run_channels(cmd: ChannelsCmd, globals: &Globals) -> CmdResult {
                         "name": c.name,
                         "kind": c.kind.as_str(),
                         "api_base": c.api_base_or_default(),
-                        "mode": match c.mode {
-                            crate::config::channels::ChannelMode::Polling => "polling",
-                            crate::config::channels::ChannelMode::Webhook => "webhook",
-                        },
+                        "mode": c.mode().as_str(),
                     })
                 })
                 .collect();

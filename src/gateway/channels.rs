@@ -251,30 +251,33 @@ pub fn release_credential(
     Ok(Zeroizing::new(text.trim().to_string()))
 }
 
-/// Builds the adapter of one `[[channels]]` table, its token released through the gate.
-fn adapter(
-    c: &ChannelConfig,
-    gate: &Gate,
-    secrets: &SharedSecretStore,
-) -> Result<Arc<Telegram>, String> {
+/// A built adapter and, for a Telegram webhook channel with `webhook_url`, what to register
+/// at start.
+struct Built {
+    platform: Arc<dyn Platform>,
+    register: Option<(Arc<Telegram>, reqwest::Url)>,
+}
+
+/// Builds the adapter of one `[[channels]]` table, its credentials released through the gate
+/// (Cedar `secret.use` for `Chitin::Channel::"<name>"` and the API host).
+fn adapter(c: &ChannelConfig, gate: &Gate, secrets: &SharedSecretStore) -> Result<Built, String> {
     let (api_base, host) = c.parsed_api_base()?;
-    let token = release_credential(gate, secrets, &c.name, &c.token.0, &host)?;
+    let release = |field: &Option<crate::config::secret_ref::CredentialField>, key: &str| {
+        let Some(f) = field else {
+            return Err(format!("channel `{}`: `{key}` is not set", c.name));
+        };
+        release_credential(gate, secrets, &c.name, &f.0, &host)
+    };
+    let invalid = |e: chitin_channels::ConfigError| format!("channel `{}`: {e}", c.name);
     match c.kind {
         ChannelKind::Telegram => {
-            let (mode, webhook_secret) = match (c.mode, &c.webhook_secret) {
-                (ChannelMode::Polling, _) => (TelegramMode::Polling, None),
-                (ChannelMode::Webhook, Some(secret)) => (
+            let token = release(&c.token, "token")?;
+            let (mode, webhook_secret) = match c.mode() {
+                ChannelMode::Webhook => (
                     TelegramMode::Webhook,
-                    Some(release_credential(
-                        gate, secrets, &c.name, &secret.0, &host,
-                    )?),
+                    Some(release(&c.webhook_secret, "webhook_secret")?),
                 ),
-                (ChannelMode::Webhook, None) => {
-                    return Err(format!(
-                        "channel `{}`: webhook mode needs webhook_secret = \"secret:NAME\"",
-                        c.name
-                    ));
-                }
+                _ => (TelegramMode::Polling, None),
             };
             let cfg = TelegramConfig {
                 api_base,
@@ -284,9 +287,34 @@ fn adapter(
                 poll_timeout_secs: u32::try_from(c.poll_timeout_secs).unwrap_or(30),
                 allowed_updates: default_allowed_updates(),
             };
-            let t = Telegram::new(cfg).map_err(|e| format!("channel `{}`: {e}", c.name))?;
-            Ok(Arc::new(t))
+            let t = Arc::new(Telegram::new(cfg).map_err(invalid)?);
+            let register = match c.webhook_url.as_deref().map(reqwest::Url::parse) {
+                Some(Ok(url)) => Some((Arc::clone(&t), url)),
+                _ => None,
+            };
+            Ok(Built {
+                platform: t,
+                register,
+            })
         }
+        ChannelKind::Matrix => {
+            let cfg = chitin_channels::matrix::MatrixConfig {
+                homeserver: api_base,
+                access_token: release(&c.access_token, "access_token")?,
+                user_id: c.user_id.clone().unwrap_or_default(),
+                poll_timeout_ms: c.poll_timeout_secs.saturating_mul(1000),
+            };
+            let m = chitin_channels::matrix::Matrix::new(cfg).map_err(invalid)?;
+            Ok(Built {
+                platform: Arc::new(m),
+                register: None,
+            })
+        }
+        other => Err(format!(
+            "channel `{}`: kind = \"{}\" is not available in this build",
+            c.name,
+            other.as_str()
+        )),
     }
 }
 
@@ -445,15 +473,11 @@ impl ChannelsRuntime {
         let mut channels = Vec::new();
         for c in configs {
             match adapter(c, gate, secrets) {
-                Ok(tg) => {
-                    let register = match c.webhook_url.as_deref().map(reqwest::Url::parse) {
-                        Some(Ok(url)) => Some((Arc::clone(&tg), url)),
-                        _ => None,
-                    };
+                Ok(Built { platform, register }) => {
                     channels.push(Channel {
                         name: c.name.clone(),
-                        platform: tg,
-                        webhook: c.mode == ChannelMode::Webhook,
+                        platform,
+                        webhook: c.mode().is_push(),
                         stream_every: (c.stream_edit_ms > 0)
                             .then(|| Duration::from_millis(c.stream_edit_ms)),
                         max_attachment_bytes: c.max_attachment_mb.saturating_mul(1024 * 1024),
@@ -602,12 +626,17 @@ async fn approval_prompts(
                 continue;
             }
         };
-        let text = approval_text(&approval);
+        let buttons = ctx.platform.has_buttons();
+        let text = approval_text(&approval, buttons);
         let m = OutboxNew {
             channel: ctx.name.clone(),
             chat,
             text,
-            buttons: approval_buttons(&approval.id),
+            buttons: if buttons {
+                approval_buttons(&approval.id)
+            } else {
+                Vec::new()
+            },
             reply_to: None,
             kind: OutboxKind::Approval,
             // A run resumed after a restart asks again: the prompt is posted once.
@@ -658,11 +687,13 @@ async fn edit_decided_prompt(agent: &crate::agent::Agent, ctx: &Ctx, chat: &Chat
             }
         }
     };
-    let data = format!("a:{}", a.id);
+    // The prompt's last part (the one with the buttons, where the platform has them).
+    let key = format!("approval:{}#", a.id);
     let Some(message_id) = rows
         .iter()
         .filter(|r| r.kind == OutboxKind::Approval && &r.chat == chat)
-        .find(|r| r.buttons.iter().any(|b| b.data == data))
+        .filter(|r| r.dedup_key.as_deref().is_some_and(|k| k.starts_with(&key)))
+        .next_back()
         .and_then(|r| r.platform_message_id.clone())
     else {
         return;
@@ -677,14 +708,21 @@ async fn edit_decided_prompt(agent: &crate::agent::Agent, ctx: &Ctx, chat: &Chat
     }
 }
 
-/// The text of an approval prompt in a chat: everything the approval binds, as plain text.
-fn approval_text(a: &crate::approvals::Approval) -> String {
+/// The text of an approval prompt in a chat: everything the approval binds, as plain text,
+/// and how to answer it on this platform.
+fn approval_text(a: &crate::approvals::Approval, buttons: bool) -> String {
+    let how = if buttons {
+        format!(
+            "Approve or deny with the buttons, or reply /approve {} or /deny {}",
+            a.code, a.code
+        )
+    } else {
+        format!("Reply /approve {} or /deny {}", a.code, a.code)
+    };
     format!(
-        "Approval needed: {}\n\n{}\n\nApprove or deny with the buttons, or reply /approve {} or /deny {} (also: chitin approvals show {}).",
+        "Approval needed: {}\n\n{}\n\n{how} (also: chitin approvals show {}).",
         a.summary,
         a.render_full(),
-        a.code,
-        a.code,
         a.id
     )
 }
@@ -941,6 +979,7 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
     }
     notify.notify_one();
     handle_presses(ctx).await;
+    join_invites(ctx, committed.invites).await;
     for ev in committed.admitted {
         if let Some(agent) = &ctx.agent
             && let Some((grant, code)) = approval_command(&ev.message.text)
@@ -959,6 +998,38 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
             None => {
                 let text = "No model is configured for this assistant yet.".to_string();
                 answer_without_a_turn(ctx, &ev, text).await;
+            }
+        }
+    }
+}
+
+/// Joins the conversations an admitted inviter invited the bot into, and marks each
+/// invitation handled once joined or refused for good (a platform error that may pass, such as
+/// a network failure, leaves it for the next start).
+async fn join_invites(ctx: &Ctx, invites: Vec<crate::channels::AdmittedInvite>) {
+    for inv in invites {
+        let done = match ctx.platform.join(&inv.chat).await {
+            Ok(()) => {
+                info!(channel = %ctx.name, chat = %inv.chat.id, inviter = %inv.inviter, "joined on an admitted invitation");
+                true
+            }
+            Err(chitin_channels::SendError::Permanent(why)) => {
+                warn!(channel = %ctx.name, chat = %inv.chat.id, reason = %why, "invitation not accepted");
+                true
+            }
+            Err(e) => {
+                warn!(channel = %ctx.name, chat = %inv.chat.id, error = %e, "invitation could not be accepted now; retried at the next start");
+                false
+            }
+        };
+        if done {
+            let row = inv.row_id;
+            if let Err(e) = blocking(&ctx.engine, move |e| {
+                e.mark_done(row).map_err(|e| e.to_string())
+            })
+            .await
+            {
+                error!(channel = %ctx.name, error = %e, "invitation could not be marked handled");
             }
         }
     }
@@ -1490,6 +1561,15 @@ async fn recover_turns(ctx: &Arc<Ctx>, agent: &crate::agent::Agent) {
         }
         Err(e) => error!(channel = %ctx.name, error = %e, "unanswered turns could not be read"),
     }
+    match blocking(&ctx.engine, {
+        let name = ctx.name.clone();
+        move |e| e.invites_pending(&name).map_err(|e| e.to_string())
+    })
+    .await
+    {
+        Ok(invites) => join_invites(ctx, invites).await,
+        Err(e) => error!(channel = %ctx.name, error = %e, "pending invitations could not be read"),
+    }
     let pending = blocking(&ctx.engine, {
         let name = ctx.name.clone();
         move |e| e.admitted_pending(&name).map_err(|e| e.to_string())
@@ -1516,9 +1596,9 @@ async fn mark_done(engine: &Arc<Engine>, channel: &str, ev: &AdmittedEvent) {
 /// The chat of a channel session key (`channel:<name>:<dm|group>:<chat>[:thread:<id>]`, parts
 /// `%`-escaped), when the key is one of `channel`'s.
 pub fn chat_of_session(channel: &str, session: &str) -> Option<ChatRef> {
-    let unescape = |s: &str| s.replace("%3A", ":").replace("%25", "%");
+    let unescape = |s: &str| crate::channels::key_unpart(s);
     let mut parts = session.split(':');
-    if parts.next()? != "channel" || unescape(parts.next()?) != channel {
+    if parts.next()? != "channel" || parts.next()? != channel {
         return None;
     }
     let kind = match parts.next()? {
@@ -1526,10 +1606,10 @@ pub fn chat_of_session(channel: &str, session: &str) -> Option<ChatRef> {
         "group" => chitin_channels::ChatKind::Group,
         _ => return None,
     };
-    let id = unescape(parts.next()?);
+    let id = unescape(parts.next()?)?;
     let thread = match (parts.next(), parts.next()) {
         (None, _) => None,
-        (Some("thread"), Some(t)) => Some(unescape(t)),
+        (Some("thread"), Some(t)) => Some(unescape(t)?),
         _ => return None,
     };
     if parts.next().is_some() {
@@ -1647,5 +1727,22 @@ mod tests {
         assert_eq!(chat_of_session("tg", &key), Some(dm));
         assert_eq!(chat_of_session("tg", "api:alice"), None);
         assert_eq!(chat_of_session("tg", "channel:tg:dm:42:extra"), None);
+        // Ids with characters the agent refuses in a session key (Matrix rooms, Signal
+        // groups) are escaped into ones it accepts, and come back whole.
+        for id in ["!room1:fake.test", "aGVsbG8+/w==", "_5F", "é"] {
+            let chat = ChatRef {
+                id: id.into(),
+                kind: ChatKind::Group,
+                thread: Some("$thread:x".into()),
+            };
+            let key = crate::channels::session_key("mx_1", &chat);
+            assert!(
+                key.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)),
+                "{key}"
+            );
+            assert_eq!(chat_of_session("mx_1", &key), Some(chat), "{key}");
+        }
+        assert_eq!(chat_of_session("tg", "channel:tg:dm:_ZZ"), None);
     }
 }
