@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod matrix;
+pub mod slack;
 pub mod telegram;
 pub mod text;
 

@@ -11,6 +11,8 @@
 //! `[label](https://…)` arrive as those characters, and model output cannot forge a link, a
 //! mention or formatting. Hence this module has no escaping helper; one is needed only if an
 //! adapter ever sends markup, and then every piece of untrusted text must go through it.
+//! Slack is such a platform (its message text always interprets `<…>` control sequences):
+//! [`crate::slack::escape`] escapes `&`, `<` and `>` in everything the Slack adapter sends.
 
 /// The length of `s` in UTF-16 code units (the unit of [`crate::Limits::max_text_chars`]).
 pub fn utf16_len(s: &str) -> usize {
