@@ -260,7 +260,12 @@ struct Built {
 
 /// Builds the adapter of one `[[channels]]` table, its credentials released through the gate
 /// (Cedar `secret.use` for `Chitin::Channel::"<name>"` and the API host).
-fn adapter(c: &ChannelConfig, gate: &Gate, secrets: &SharedSecretStore) -> Result<Built, String> {
+fn adapter(
+    c: &ChannelConfig,
+    gate: &Gate,
+    secrets: &SharedSecretStore,
+    clock: &Arc<dyn crate::clock::Clock>,
+) -> Result<Built, String> {
     let (api_base, host) = c.parsed_api_base()?;
     let release = |field: &Option<crate::config::secret_ref::CredentialField>, key: &str| {
         let Some(f) = field else {
@@ -307,6 +312,26 @@ fn adapter(c: &ChannelConfig, gate: &Gate, secrets: &SharedSecretStore) -> Resul
             let m = chitin_channels::matrix::Matrix::new(cfg).map_err(invalid)?;
             Ok(Built {
                 platform: Arc::new(m),
+                register: None,
+            })
+        }
+        ChannelKind::Slack => {
+            use chitin_channels::slack::{Slack, SlackConfig};
+            let bot_token = release(&c.bot_token, "bot_token")?;
+            let mut cfg = match c.mode() {
+                ChannelMode::Socket => {
+                    SlackConfig::socket(bot_token, release(&c.app_token, "app_token")?)
+                }
+                _ => SlackConfig::events(bot_token, release(&c.signing_secret, "signing_secret")?),
+            }
+            .map_err(invalid)?;
+            cfg.api_base = api_base;
+            cfg.poll_timeout = Duration::from_secs(c.poll_timeout_secs);
+            // Request timestamps are checked against the gateway's clock.
+            let clock = Arc::clone(clock);
+            cfg.clock = Arc::new(move || clock.now_ms());
+            Ok(Built {
+                platform: Arc::new(Slack::new(cfg).map_err(invalid)?),
                 register: None,
             })
         }
@@ -472,7 +497,7 @@ impl ChannelsRuntime {
         ));
         let mut channels = Vec::new();
         for c in configs {
-            match adapter(c, gate, secrets) {
+            match adapter(c, gate, secrets, clock) {
                 Ok(Built { platform, register }) => {
                     channels.push(Channel {
                         name: c.name.clone(),
@@ -691,9 +716,11 @@ async fn edit_decided_prompt(agent: &crate::agent::Agent, ctx: &Ctx, chat: &Chat
     let key = format!("approval:{}#", a.id);
     let Some(message_id) = rows
         .iter()
-        .filter(|r| r.kind == OutboxKind::Approval && &r.chat == chat)
-        .filter(|r| r.dedup_key.as_deref().is_some_and(|k| k.starts_with(&key)))
-        .next_back()
+        .rfind(|r| {
+            r.kind == OutboxKind::Approval
+                && &r.chat == chat
+                && r.dedup_key.as_deref().is_some_and(|k| k.starts_with(&key))
+        })
         .and_then(|r| r.platform_message_id.clone())
     else {
         return;
