@@ -1122,3 +1122,34 @@ fn the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text() {
         "an attachment's name is stored in clear"
     );
 }
+
+#[test]
+fn a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to() {
+    let h = harness();
+    let prompt = OutboxNew {
+        kind: OutboxKind::Approval,
+        ..keyed("Approval needed: exec", "approval:0123abcd")
+    };
+    h.engine.enqueue_split(&prompt, 4096).unwrap();
+    h.engine.enqueue(&reply("an ordinary answer")).unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    assert_eq!(
+        h.engine.approval_of_message(CH, &dm("1"), "1001").unwrap(),
+        Some("0123abcd".to_string())
+    );
+    // Another message of the bot, another chat, or an unknown id: no approval.
+    assert_eq!(
+        h.engine.approval_of_message(CH, &dm("1"), "1002").unwrap(),
+        None
+    );
+    assert_eq!(
+        h.engine.approval_of_message(CH, &dm("2"), "1001").unwrap(),
+        None
+    );
+    assert_eq!(
+        h.engine.approval_of_message(CH, &dm("1"), "9").unwrap(),
+        None
+    );
+}

@@ -3,7 +3,7 @@
 //! them done.
 
 use chitin_channels::ChatRef;
-use rusqlite::params;
+use rusqlite::{OptionalExtension, params};
 
 use super::{ChannelsError, Engine, parse_chat_kind};
 
@@ -55,5 +55,30 @@ impl Engine {
             params![row_id, now],
         )?;
         Ok(())
+    }
+
+    /// The approval whose prompt is the bot's message `message_id` in `chat` (a reaction on
+    /// it answers the approval, on platforms without buttons).
+    pub fn approval_of_message(
+        &self,
+        channel: &str,
+        chat: &ChatRef,
+        message_id: &str,
+    ) -> Result<Option<String>, ChannelsError> {
+        let conn = self.store.conn()?;
+        let key: Option<Option<String>> = conn
+            .query_row(
+                "SELECT dedup_key FROM channel_outbox
+                 WHERE channel = ?1 AND chat_id = ?2 AND platform_message_id = ?3 AND kind = 'approval'
+                 ORDER BY id DESC LIMIT 1",
+                params![channel, chat.id, message_id],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(key.flatten().and_then(|k| {
+            k.strip_prefix("approval:")
+                .and_then(|rest| rest.split_once('#'))
+                .map(|(id, _)| id.to_string())
+        }))
     }
 }

@@ -1169,7 +1169,45 @@ async fn handle_presses(ctx: &Ctx) {
             })
             .await
         };
-        let answer = match (p.data.split_once(':'), users) {
+        // A reaction (platforms without buttons): 👍 grants, 👎 denies the approval whose
+        // prompt it reacts to; any other reaction, or one on another message, is not an answer.
+        let reacted = match p.data.strip_prefix("react:") {
+            Some(emoji) => {
+                let grant = if emoji.starts_with('\u{1F44D}') {
+                    Some(true)
+                } else if emoji.starts_with('\u{1F44E}') {
+                    Some(false)
+                } else {
+                    None
+                };
+                let (name, chat, mid) = (ctx.name.clone(), p.chat.clone(), p.message_id.clone());
+                let approval = blocking(&ctx.engine, move |e| {
+                    e.approval_of_message(&name, &chat, &mid)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .ok()
+                .flatten();
+                match (grant, approval) {
+                    (Some(g), Some(id)) => Some(Some((g, id))),
+                    _ => Some(None),
+                }
+            }
+            None => None,
+        };
+        if let Some(None) = reacted {
+            let row = p.row_id;
+            let _ = blocking(&ctx.engine, move |e| {
+                e.mark_press_done(row).map_err(|e| e.to_string())
+            })
+            .await;
+            continue;
+        }
+        let data = match &reacted {
+            Some(Some((grant, id))) => format!("{}:{id}", if *grant { "a" } else { "d" }),
+            _ => p.data.clone(),
+        };
+        let answer = match (data.split_once(':'), users) {
             (_, Err(e)) => {
                 error!(channel = %ctx.name, error = %e, "presser could not be looked up");
                 continue;
