@@ -1165,11 +1165,20 @@ impl PolicyEngine {
     /// active policies, whole or not at all. Every later reload merges them again with the
     /// entity files; an entity file that redefines a managed entity makes that reload fail
     /// (the last good set stays).
+    /// The same set again (the channel engine re-reads the store before every batch) changes
+    /// nothing and costs no rebuild.
     pub fn set_managed_entities(&self, managed: Vec<Value>) -> Result<(), PolicyError> {
         let _serial = self.updating.lock().map_err(|_| PolicyError::Entities {
             source_name: MANAGED_SOURCE.into(),
             message: "policy engine lock poisoned; restart the gateway".into(),
         })?;
+        let unchanged = match self.managed.read() {
+            Ok(g) => *g == managed,
+            Err(poisoned) => *poisoned.into_inner() == managed,
+        };
+        if unchanged {
+            return Ok(());
+        }
         let active = self.with_managed_entities(&managed)?;
         match self.managed.write() {
             Ok(mut g) => *g = managed,
