@@ -1153,3 +1153,30 @@ fn a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to() {
         None
     );
 }
+
+#[test]
+fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_again_with_the_same_id()
+ {
+    let h = harness();
+    let id = h.engine.enqueue(&reply("exactly once")).unwrap();
+    let claimed = h.engine.claim_due(CH, h.clock.now_ms(), 10).unwrap();
+    let first_id = claimed[0].message().delivery_id;
+    // The gateway dies mid-send. The channel's platform deduplicates resends (Matrix txnId):
+    let restarted = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    assert!(
+        restarted
+            .recover_interrupted_sends_except(&[CH.to_string()])
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        restarted.outbox_row(id).unwrap().unwrap().status,
+        OutboxStatus::Queued
+    );
+    let p = ScriptedPlatform::new();
+    let r = block_on(deliver_due(&restarted, CH, &p, 10)).unwrap();
+    assert_eq!(r.sent, [id]);
+    // The resend carries the same delivery id, which the platform deduplicates on.
+    assert_eq!(p.sends()[0].delivery_id, first_id);
+    assert_eq!(restarted.counters().maybe_delivered, 0);
+}

@@ -705,6 +705,16 @@ impl Engine {
     /// `failed` ("may have been delivered"), audited and counted, and never re-sent
     /// automatically. Returns their ids.
     pub fn recover_interrupted_sends(&self) -> Result<Vec<i64>, ChannelsError> {
+        self.recover_interrupted_sends_except(&[])
+    }
+
+    /// [`Self::recover_interrupted_sends`], except that the rows of `idempotent` channels
+    /// (whose platform deduplicates a resend by the row's delivery id, e.g. Matrix `txnId`)
+    /// are queued again: resending them cannot post twice. Returns the ids marked failed.
+    pub fn recover_interrupted_sends_except(
+        &self,
+        idempotent: &[String],
+    ) -> Result<Vec<i64>, ChannelsError> {
         let now = self.clock.now_ms();
         let mut conn = self.store.conn()?;
         let tx = conn.transaction()?;
@@ -715,6 +725,15 @@ impl Engine {
             st.query_map([], row)?.collect::<Result<_, _>>()?
         };
         let why = "interrupted while sending (the gateway stopped): may have been delivered, not sent again";
+        let (resend, rows): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
+            .into_iter()
+            .partition(|r| idempotent.contains(&r.channel));
+        for r in &resend {
+            tx.execute(
+                "UPDATE channel_outbox SET status = 'queued', next_attempt_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status = 'sending'",
+                params![r.id, now],
+            )?;
+        }
         for r in &rows {
             tx.execute(
                 "UPDATE channel_outbox SET status = 'failed', last_error = ?2, updated_ms = ?3 WHERE id = ?1 AND status = 'sending'",
@@ -748,6 +767,22 @@ pub async fn deliver_due(
                 engine.record_sent(r.id, &sent.message_id)?;
                 report.sent.push(r.id);
             }
+            // A platform that deduplicates resends by delivery id: an answer lost in transit
+            // is retried like any transient failure.
+            Err(SendError::Transient {
+                message,
+                maybe_delivered: true,
+            }) if platform.sends_are_idempotent() => match engine.record_failure(
+                r.id,
+                &SendError::Transient {
+                    message,
+                    maybe_delivered: false,
+                },
+            )? {
+                FailureOutcome::Retry { .. } => report.retried.push(r.id),
+                FailureOutcome::Failed => report.failed.push(r.id),
+                FailureOutcome::Dead => report.dead.push(r.id),
+            },
             Err(e) => match engine.record_failure(r.id, &e)? {
                 FailureOutcome::Retry { .. } => report.retried.push(r.id),
                 FailureOutcome::Failed => report.failed.push(r.id),

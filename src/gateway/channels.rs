@@ -551,7 +551,13 @@ impl ChannelsRuntime {
         if let Err(e) = self.engine.load_managed_entities() {
             error!(error = %e, "paired identities could not be loaded");
         }
-        match self.engine.recover_interrupted_sends() {
+        let idempotent: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|c| c.platform.sends_are_idempotent())
+            .map(|c| c.name.clone())
+            .collect();
+        match self.engine.recover_interrupted_sends_except(&idempotent) {
             Ok(ids) if !ids.is_empty() => warn!(
                 rows = ids.len(),
                 "outbox rows interrupted while sending are marked failed (may have been delivered)"
