@@ -632,32 +632,35 @@ impl<'a> Loader<'a> {
         let text_line = before.matches('\n').count();
         let col_in_line = before.rsplit('\n').next().map_or(0, |l| l.chars().count());
         let this_line = text.split('\n').nth(text_line).unwrap_or("");
-        let (src_line, src_col) = match style {
+        let candidates: Vec<(usize, usize)> = match style {
             Style::Plain | Style::Quoted => {
                 if text_line > 0 {
                     return node.pos;
                 }
                 let skip = usize::from(*style == Style::Quoted);
-                (node.pos.line as usize, node.pos.col as usize + skip)
+                vec![(node.pos.line as usize, node.pos.col as usize + skip)]
             }
-            Style::Block => {
-                let line = node.pos.line as usize + 1 + text_line;
-                let Some(src) = self.lines.get(line.wrapping_sub(1)) else {
-                    return node.pos;
-                };
-                let indent = src.chars().take_while(|c| *c == ' ').count();
-                (line, indent + 1)
+            // yaml-rust2 marks a block scalar where its content starts; other parsers mark the
+            // `|` line, so both are tried.
+            Style::Block => [0, 1]
+                .iter()
+                .filter_map(|d| {
+                    let line = node.pos.line as usize + d + text_line;
+                    let src = self.lines.get(line.checked_sub(1)?)?;
+                    Some((line, src.chars().take_while(|c| *c == ' ').count() + 1))
+                })
+                .collect(),
+        };
+        for (src_line, src_col) in candidates {
+            let Some(src) = src_line.checked_sub(1).and_then(|l| self.lines.get(l)) else {
+                continue;
+            };
+            let rest: String = src.chars().skip(src_col - 1).collect();
+            if rest.starts_with(this_line) {
+                return Pos::new(src_line, src_col + col_in_line);
             }
-        };
-        let Some(src) = self.lines.get(src_line.wrapping_sub(1)) else {
-            return node.pos;
-        };
-        let rest: String = src.chars().skip(src_col - 1).collect();
-        if rest.starts_with(this_line) {
-            Pos::new(src_line, src_col + col_in_line)
-        } else {
-            node.pos
         }
+        node.pos
     }
 
     // -- ids and scopes ---------------------------------------------------------------------

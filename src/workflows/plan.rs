@@ -247,7 +247,12 @@ pub fn plan(wf: &Workflow, args: &Args) -> Result<Plan, RenderError> {
     for (i, step) in wf.steps.iter().enumerate() {
         let (item, text) = plan_step(wf, step, args)?;
         items.push(item);
-        lines.push(format!("  {}. {}", i + 1, text.join("\n     ")));
+        // Multi-line commands stay readable: continuation lines are indented under their entry.
+        let body: Vec<String> = text
+            .iter()
+            .map(|l| l.trim_end().replace('\n', "\n       "))
+            .collect();
+        lines.push(format!("  {}. {}", i + 1, body.join("\n     ")));
     }
     lines.push(String::new());
     Ok(Plan {

@@ -780,7 +780,7 @@ impl JsonParser {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
     use super::*;
 
     fn map_keys(n: &Node) -> Vec<(String, Pos)> {

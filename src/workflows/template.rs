@@ -1054,8 +1054,8 @@ fn heredoc_body(
         if line == h.delim.as_slice() {
             return Ok((end + 1).min(b.len()));
         }
-        for j in i..end {
-            if b[j] == b'$'
+        for (j, c) in b.iter().enumerate().take(end).skip(i) {
+            if *c == b'$'
                 && let Some((_, var)) = find(j)?
             {
                 return Err(unsupported(j, &var, "inside a here-document"));
