@@ -702,15 +702,18 @@ fn scan_shell(text: &str, find: &mut Finder<'_>) -> Result<Vec<Slot>, TemplateEr
                     word_start = true;
                 }
                 b')' => {
+                    // The `)` that ends `$(...)` continues the word it is part of (`$(a)#b`
+                    // has no comment); any other `)` is an operator.
+                    word_start = true;
                     match stack.last_mut() {
                         Some(Frame::Subst { parens: 0 }) => {
                             stack.pop();
+                            word_start = false;
                         }
                         Some(Frame::Subst { parens }) => *parens -= 1,
                         _ => {}
                     }
                     i += 1;
-                    word_start = matches!(stack.last(), Some(Frame::Top | Frame::Subst { .. }));
                 }
                 b' ' | b'\t' | b';' | b'&' | b'|' | b'<' | b'>' => {
                     i += 1;
@@ -1246,6 +1249,35 @@ mod tests {
         }
         // The unclosed-backtick case is an error only because a placeholder precedes it.
         assert!(Template::compile("echo `x", Dialect::Shell, &N).is_ok());
+    }
+
+    #[test]
+    fn words_comments_and_operators_are_told_apart_as_sh_does() {
+        // `#` inside a word is not a comment; the quote after it opens a string.
+        assert_eq!(
+            shell("echo $(a)#' \n ${x} '", "v"),
+            "echo $(a)#' \n ''v'' '"
+        );
+        assert_eq!(shell("echo a#b ${x}", "v"), "echo a#b 'v'");
+        assert_eq!(shell("echo a #b ${x}", "v"), "echo a #b ${x}");
+        assert_eq!(shell("echo $((1<<2)) ${x}", "v"), "echo $((1<<2)) 'v'");
+        assert_eq!(
+            shell("echo ${#} $# ${#HOME} ${x}", "v"),
+            "echo ${#} $# ${#HOME} 'v'"
+        );
+        assert_eq!(
+            shell("case $1 in a) echo ${x};; esac", "v"),
+            "case $1 in a) echo 'v';; esac"
+        );
+        assert_eq!(
+            shell("(cd / && echo ${x}) | cat", "v"),
+            "(cd / && echo 'v') | cat"
+        );
+        assert_eq!(shell("echo $\"${x}\"", "v"), "echo $\"\"'v'\"\"");
+        assert_eq!(
+            shell("echo \"$(echo ')' \"${x}\")\"", "v"),
+            "echo \"$(echo ')' \"\"'v'\"\")\""
+        );
     }
 
     #[test]
