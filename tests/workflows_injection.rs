@@ -216,3 +216,86 @@ fn the_plan_shows_arguments_quoted_and_step_results_as_written() {
     let env: BTreeMap<String, String> = serde_json::from_value(p.items[1]["env"].clone()).unwrap();
     assert_eq!(env["FROM_STEP"], "$src.json.value");
 }
+
+/// Differential check of the quoting lexer against the real `sh`: random templates built from
+/// shell fragments (quotes, substitutions, comments, here-documents, `case`, `$((`, ...) are
+/// compiled; every one the loader accepts is rendered with values that try to break out of any
+/// context and run with `sh -c`. The canary must never be created. (The fragments contain no
+/// command that could create it on their own.)
+#[test]
+fn random_templates_never_let_a_value_out_of_its_quotes() {
+    use chitin::workflows::template::{Dialect, Names, RefTarget, Template, Vars};
+
+    struct OneArg;
+    impl Names for OneArg {
+        fn is_arg(&self, name: &str) -> bool {
+            name == "x"
+        }
+        fn step(&self, _: &str) -> RefTarget {
+            RefTarget::NotAStep
+        }
+    }
+
+    const FRAGMENTS: &[&str] = &[
+        "echo", "echo", " ", " ", " ", "'", "\"", "$(", ")", "(", "#", "\\", "\n", "a", ";",
+        "${x}", "${x}", "${x}", "${x}", "`", "<<E\n", "\nE\n", "<<-'E'\n", "|", "$((1+", "))",
+        "${HOME:-", "}", "$", "{", "&&", "$'", "case ", " in ", "esac", "=", "x${x}y", "\"${x}\"",
+        "'${x}'", "$\"", "\t", "<<<", "$#",
+    ];
+
+    let dir = tempfile::tempdir().unwrap();
+    let canary = dir.path().join("canary");
+    let c = canary.display().to_string();
+    let values = [
+        format!("V';touch {c};'\"$(touch {c})\"`touch {c}`\n touch {c} #"),
+        format!("a\nE\ntouch {c}\nE\n"),
+        format!("\\'\\\"; touch {c}; ${{IFS}}$(touch {c})"),
+    ];
+
+    let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let (mut accepted, mut tried) = (0, 0);
+    for _ in 0..2000 {
+        let len = 3 + (next() % 10) as usize;
+        let text: String = (0..len)
+            .map(|_| FRAGMENTS[(next() % FRAGMENTS.len() as u64) as usize])
+            .collect();
+        tried += 1;
+        let Ok(t) = Template::compile(&text, Dialect::Shell, &OneArg) else {
+            continue;
+        };
+        if t.vars().next().is_none() {
+            continue;
+        }
+        accepted += 1;
+        for v in &values {
+            let args: BTreeMap<String, Value> = [("x".to_string(), json!(v))].into();
+            let rendered = t
+                .render(Vars {
+                    args: &args,
+                    results: None,
+                })
+                .unwrap();
+            let out = std::process::Command::new("timeout")
+                .args(["5", "/bin/sh", "-c", &rendered])
+                .current_dir(dir.path())
+                .env_clear()
+                .env("PATH", "/usr/bin:/bin")
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            assert_ne!(out.status.code(), Some(124), "timed out: {rendered:?}");
+            assert!(
+                !canary.exists(),
+                "template {text:?} let the value out: {rendered:?}"
+            );
+        }
+    }
+    // The generator must exercise the lexer, not only produce refused templates.
+    assert!(accepted > tried / 10, "{accepted} of {tried} accepted");
+}
