@@ -542,3 +542,64 @@ Edges:
 "#
     );
 }
+
+#[test]
+fn branch_and_loop_commands_layer_env_and_cwd_like_lobster() {
+    use chitin::workflows::plan::{branch_command, sub_step_command};
+    use chitin::workflows::{Results, StepResult};
+    let text = r#"
+args: {who: {default: "a b"}}
+env: {LEVEL: workflow, W: w}
+cwd: /w
+steps:
+  - id: src
+    run: echo '["x y"]'
+  - id: p
+    env: {LEVEL: step, S: s}
+    cwd: /s
+    parallel:
+      branches:
+        - {id: b, run: "echo ${who}", env: {LEVEL: branch}}
+        - {id: c, run: "echo $src.stdout", cwd: /c}
+  - id: loop
+    for_each: $src.json
+    env: {ITEM: $item.stdout}
+    steps:
+      - {id: one, run: "echo $item.json $index.json", env: {LEVEL: sub}}
+"#;
+    let wf = Workflow::parse(text, "t.lobster").unwrap();
+    let args = Args::resolve(&wf, None).unwrap();
+    let mut rs = Results::new();
+    rs.insert("src", StepResult::from_stdout("[\"x y\"]\n".into()));
+    let StepKind::Parallel(p) = &wf.steps[1].kind else {
+        panic!()
+    };
+    let b = branch_command(&wf, &wf.steps[1], &p.branches[0], &args, Some(&rs)).unwrap();
+    assert_eq!(b.text, "echo 'a b'");
+    assert_eq!(
+        (
+            b.env["LEVEL"].as_str(),
+            b.env["S"].as_str(),
+            b.env["W"].as_str()
+        ),
+        ("branch", "s", "w")
+    );
+    assert_eq!(b.cwd.as_deref(), Some("/s"));
+    let c = branch_command(&wf, &wf.steps[1], &p.branches[1], &args, Some(&rs)).unwrap();
+    assert_eq!(c.text, "echo '[\"x y\"]\n'");
+    assert_eq!(
+        (c.env["LEVEL"].as_str(), c.cwd.as_deref()),
+        ("step", Some("/c"))
+    );
+    let StepKind::ForEach(f) = &wf.steps[2].kind else {
+        panic!()
+    };
+    let it = rs.for_iteration(&f.item_var, &json!("x y"), &f.index_var, 0);
+    let one = sub_step_command(&wf, &wf.steps[2], &f.steps[0], &args, Some(&it)).unwrap();
+    assert_eq!(one.text, "echo 'x y' '0'");
+    assert_eq!(
+        (one.env["LEVEL"].as_str(), one.env["ITEM"].as_str()),
+        ("sub", "x y")
+    );
+    assert_eq!(one.cwd.as_deref(), Some("/w"));
+}

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::format::{
-    Action, ArgValue, Backoff, CostAction, EnvVar, OnError, Stdin, Step, StepKind, Wait, Workflow,
+    Action, ArgValue, Backoff, Branch, CostAction, EnvVar, OnError, Stdin, Step, StepKind, SubStep,
+    Wait, Workflow,
 };
 use super::results::Results;
 use super::template::{RenderError, Template, Vars, args_env, js_json, render_value};
@@ -181,6 +182,44 @@ pub fn step_command(
         results,
     )
     .map(Some)
+}
+
+/// The command of a parallel branch: the parallel step's `env`/`cwd` apply under the branch's
+/// own (Lobster: `branch.cwd ?? step.cwd ?? workflow.cwd`, step env then branch env).
+pub fn branch_command(
+    wf: &Workflow,
+    step: &Step,
+    branch: &Branch,
+    args: &Args,
+    results: Option<&Results>,
+) -> Result<Command, RenderError> {
+    command(
+        wf,
+        &branch.action,
+        &[&step.env, &branch.env],
+        &[branch.cwd.as_ref(), step.cwd.as_ref()],
+        args,
+        results,
+    )
+}
+
+/// The command of a for_each sub-step for one item: `results` must be the iteration's
+/// (see [`Results::for_iteration`]); the loop's `env`/`cwd` apply under the sub-step's own.
+pub fn sub_step_command(
+    wf: &Workflow,
+    step: &Step,
+    sub: &SubStep,
+    args: &Args,
+    results: Option<&Results>,
+) -> Result<Command, RenderError> {
+    command(
+        wf,
+        &sub.action,
+        &[&step.env, &sub.env],
+        &[sub.cwd.as_ref(), step.cwd.as_ref()],
+        args,
+        results,
+    )
 }
 
 /// A step's stdin value: a referenced value itself, rendered text, or JSON (`None`: no stdin).
