@@ -20,4 +20,5 @@ pub mod state;
 pub mod store;
 pub mod tools;
 pub mod vault;
+pub mod workflows;
 pub mod wsfs;

@@ -161,6 +161,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "operator CLI: whether the config file exists",
     ),
     ("src/cli/audit.rs", None, "operator CLI: audit export files"),
+    (
+        "src/cli/workflow.rs",
+        None,
+        "operator CLI: reads the workflow file the operator names (size-capped); the gateway will load workflows from the workspace through wsfs",
+    ),
     ("src/cli/doctor.rs", None, "operator CLI: state dir checks"),
     (
         "src/cli/gateway.rs",

@@ -17,6 +17,7 @@ mod secrets;
 mod sessions;
 mod skills;
 mod token;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -98,6 +99,9 @@ enum Command {
     /// The configured chat channels and their state.
     #[command(subcommand)]
     Channels(pairing::ChannelsCmd),
+    /// Lobster-compatible workflows: check, plan (--dry-run) and draw a workflow file.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -273,6 +277,7 @@ pub fn main() -> ExitCode {
         Command::Backup(cmd) => backup::run(cmd, &globals),
         Command::Pairing(cmd) => pairing::run_pairing(cmd, &globals),
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
+        Command::Workflow(cmd) => workflow::run(cmd),
     };
     match result {
         Ok(code) => code,
