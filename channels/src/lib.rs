@@ -26,6 +26,7 @@
 //!   log line and `Debug` output.
 #![forbid(unsafe_code)]
 
+pub mod discord;
 pub mod telegram;
 pub mod text;
 
