@@ -26,6 +26,7 @@
 //!   log line and `Debug` output.
 #![forbid(unsafe_code)]
 
+pub mod discord;
 pub mod matrix;
 pub mod slack;
 pub mod telegram;
