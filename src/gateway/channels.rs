@@ -335,6 +335,16 @@ fn adapter(
                 register: None,
             })
         }
+        ChannelKind::Discord => {
+            use chitin_channels::discord::{Discord, DiscordConfig};
+            let mut cfg = DiscordConfig::new(release(&c.token, "token")?).map_err(invalid)?;
+            cfg.api_base = api_base;
+            cfg.poll_timeout_secs = u32::try_from(c.poll_timeout_secs).unwrap_or(30);
+            Ok(Built {
+                platform: Arc::new(Discord::new(cfg).map_err(invalid)?),
+                register: None,
+            })
+        }
         other => Err(format!(
             "channel `{}`: kind = \"{}\" is not available in this build",
             c.name,

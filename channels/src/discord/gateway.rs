@@ -705,15 +705,26 @@ async fn close(ws: &mut Ws) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.close(Some(frame))).await;
 }
 
-/// A gateway URL this adapter connects to: `wss://`, or `ws://` on a loopback address
-/// (tests), without credentials, with `v=10&encoding=json` as its query.
+/// A gateway URL this adapter connects to: `wss://` on Discord's gateway domain
+/// (`discord.gg` and its subdomains: the bot token is sent there, and only there), or `ws://`
+/// on a loopback address (tests), without credentials, with `v=10&encoding=json` as its query.
 pub(super) fn gateway_ws_url(url: &str) -> Result<Url, String> {
     let mut u = Url::parse(url).map_err(|_| "the gateway URL is not a URL".to_owned())?;
     if !u.username().is_empty() || u.password().is_some() {
         return Err("the gateway URL has credentials".into());
     }
+    let discord = u.host_str().is_some_and(|h| {
+        let h = h.trim_end_matches('.').to_ascii_lowercase();
+        h == "discord.gg" || h.ends_with(".discord.gg")
+    });
     match u.scheme() {
-        "wss" => {}
+        "wss" if discord || is_loopback(&u) => {}
+        "wss" => {
+            return Err(format!(
+                "the gateway URL {} is not on discord.gg: the bot token is sent only to Discord's gateway",
+                u.host_str().unwrap_or_default()
+            ));
+        }
         "ws" if is_loopback(&u) => {}
         _ => {
             return Err(format!(
@@ -821,5 +832,34 @@ fn host_label(url: &Url) -> String {
         (Some(h), Some(p)) => format!("{h}:{p}"),
         (Some(h), None) => h.to_owned(),
         _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::gateway_ws_url;
+
+    #[test]
+    fn the_token_goes_only_to_discords_gateway_domain_or_loopback() {
+        for ok in [
+            "wss://gateway.discord.gg",
+            "wss://gateway-us-east1-b.discord.gg/",
+            "ws://127.0.0.1:4000/gw",
+            "wss://[::1]:9/",
+        ] {
+            let u = gateway_ws_url(ok).unwrap();
+            assert_eq!(u.query(), Some("v=10&encoding=json"), "{ok}");
+        }
+        for bad in [
+            "wss://evil.example/",
+            "wss://discord.gg.evil.example/",
+            "wss://notdiscord.gg/",
+            "ws://gateway.discord.gg/",
+            "wss://user:pw@gateway.discord.gg/",
+            "https://gateway.discord.gg/",
+        ] {
+            assert!(gateway_ws_url(bad).is_err(), "{bad}");
+        }
     }
 }
