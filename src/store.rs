@@ -271,6 +271,11 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE channel_events_v9 RENAME TO channel_events;
      CREATE INDEX channel_events_status ON channel_events(channel, status, id);
      CREATE INDEX channel_events_subject ON channel_events(subject);",
+    // 10: what the platform reported of a sent message (WhatsApp status callbacks: delivered,
+    // read, failed), on its outbox row; looked up by the platform's message id.
+    "ALTER TABLE channel_outbox ADD COLUMN platform_status TEXT;
+     CREATE INDEX channel_outbox_platform_id ON channel_outbox(channel, platform_message_id)
+       WHERE platform_message_id IS NOT NULL;",
 ];
 
 /// The state database.

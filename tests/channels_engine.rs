@@ -1180,3 +1180,94 @@ fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_ag
     assert_eq!(p.sends()[0].delivery_id, first_id);
     assert_eq!(restarted.counters().maybe_delivered, 0);
 }
+
+#[test]
+fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_audited() {
+    use chitin_channels::{DeliveryReport, DeliveryState};
+    let h = harness();
+    let id = h.engine.enqueue(&reply("hello")).unwrap();
+    let p = ScriptedPlatform::new();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    let status = |e: &str, state: DeliveryState| Inbound {
+        event_id: e.into(),
+        event: Event::Status(DeliveryReport {
+            message_id: "1001".into(),
+            state,
+        }),
+    };
+    let platform_status = || {
+        count(
+            &h,
+            &format!(
+                "SELECT COUNT(*) FROM channel_outbox WHERE id = {id} AND platform_status = 'read'"
+            ),
+        )
+    };
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![
+                    status("s:1", DeliveryState::Delivered),
+                    status("s:2", DeliveryState::Read),
+                    // A late "delivered" does not go back from "read".
+                    status("s:3", DeliveryState::Delivered),
+                ],
+                "2",
+            ),
+        )
+        .unwrap();
+    assert_eq!(platform_status(), 1);
+    assert_eq!(
+        h.engine.outbox_row(id).unwrap().unwrap().status,
+        OutboxStatus::Sent
+    );
+
+    let id2 = h.engine.enqueue(&reply("outside the window")).unwrap();
+    block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![Inbound {
+                    event_id: "s:4".into(),
+                    event: Event::Status(DeliveryReport {
+                        message_id: "1002".into(),
+                        state: DeliveryState::Failed(
+                            "131047: more than 24 hours since the customer last replied".into(),
+                        ),
+                    }),
+                }],
+                "3",
+            ),
+        )
+        .unwrap();
+    let row = h.engine.outbox_row(id2).unwrap().unwrap();
+    assert_eq!(row.status, OutboxStatus::Failed);
+    assert!(
+        row.last_error
+            .unwrap()
+            .contains("the platform reported it undelivered: 131047"),
+    );
+    assert_eq!(h.engine.counters().undelivered, 1);
+    assert!(audit_records(&h).iter().any(|r| r.action == "message.send"
+        && r.outcome == "failed"
+        && r.payload.as_deref().is_some_and(|p| p.contains("131047"))));
+    // A report about a message the bot never sent changes nothing.
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![Inbound {
+                    event_id: "s:5".into(),
+                    event: Event::Status(DeliveryReport {
+                        message_id: "999999".into(),
+                        state: DeliveryState::Failed("?".into()),
+                    }),
+                }],
+                "4",
+            ),
+        )
+        .unwrap();
+    assert_eq!(h.engine.counters().undelivered, 1);
+}

@@ -131,10 +131,33 @@ pub enum Event {
         chat: ChatRef,
         sender: Sender,
     },
+    /// The platform reports what became of a message the bot sent (WhatsApp status
+    /// callbacks): the engine records it on the outbox row with that platform message id.
+    Status(DeliveryReport),
     /// An update of a kind Chitin does not handle; acknowledged and ignored.
     Ignored {
         what: String,
     },
+}
+
+/// What became of a message the bot sent, as the platform reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryReport {
+    /// The platform's id of the bot's message ([`Sent::message_id`]).
+    pub message_id: String,
+    pub state: DeliveryState,
+}
+
+/// A sent message's fate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Accepted by the platform's servers.
+    Sent,
+    /// On the recipient's device.
+    Delivered,
+    Read,
+    /// The platform gave up on it (e.g. outside WhatsApp's 24-hour window), and why.
+    Failed(String),
 }
 
 /// One inbound event with its channel-unique id (the deduplication key).

@@ -342,6 +342,25 @@ impl Engine {
                     });
                 }
             }
+            Event::Status(report) => {
+                self.record_platform_status(tx, &ch.name, report, now)?;
+                tx.prepare_cached(insert)?.execute(params![
+                    ch.name,
+                    ev.event_id,
+                    now,
+                    "ignored",
+                    Option::<String>::None,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                    report.message_id,
+                    "ignored",
+                    Option::<String>::None,
+                    Option::<Vec<u8>>::None,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                ])?;
+            }
             Event::Ignored { .. } => {
                 tx.prepare_cached(insert)?.execute(params![
                     ch.name,

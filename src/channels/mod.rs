@@ -181,6 +181,7 @@ struct Counters {
     duplicates: AtomicU64,
     dead: AtomicU64,
     maybe_delivered: AtomicU64,
+    undelivered: AtomicU64,
 }
 
 /// Counters since start, for `/metrics`.
@@ -196,6 +197,8 @@ pub struct EngineCounters {
     pub dead: u64,
     /// Outbox rows marked failed because their send may have reached the platform.
     pub maybe_delivered: u64,
+    /// Sent messages the platform later reported undelivered.
+    pub undelivered: u64,
 }
 
 /// The state of one channel, for `chitin channels status`.
@@ -392,6 +395,7 @@ impl Engine {
             duplicates: c.duplicates.load(Ordering::Relaxed),
             dead: c.dead.load(Ordering::Relaxed),
             maybe_delivered: c.maybe_delivered.load(Ordering::Relaxed),
+            undelivered: c.undelivered.load(Ordering::Relaxed),
         }
     }
 

@@ -700,6 +700,61 @@ impl Engine {
         Ok(())
     }
 
+    /// Records what the platform reported of a sent message on its outbox row (inside the
+    /// ingress transaction): `delivered`/`read`/`sent` as `platform_status`; `failed` turns the
+    /// row `failed` with the platform's reason, audited and counted like any undelivered
+    /// message (it is not sent again: WhatsApp refuses free-form messages outside its 24-hour
+    /// window, and a template is the operator's decision). Reports of unknown ids are ignored.
+    pub(super) fn record_platform_status(
+        &self,
+        tx: &Transaction<'_>,
+        channel: &str,
+        report: &chitin_channels::DeliveryReport,
+        now: i64,
+    ) -> Result<(), ChannelsError> {
+        use chitin_channels::DeliveryState;
+        let row: Option<OutboxRow> = tx
+            .prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 AND platform_message_id = ?2 ORDER BY id DESC LIMIT 1"
+            ))?
+            .query_row(params![channel, report.message_id], row)
+            .optional()?;
+        let Some(r) = row else {
+            return Ok(());
+        };
+        match &report.state {
+            DeliveryState::Failed(why) => {
+                let why = self
+                    .gate
+                    .redact(&format!("the platform reported it undelivered: {why}"));
+                let n = tx.execute(
+                    "UPDATE channel_outbox SET status = 'failed', platform_status = 'failed', last_error = ?2, updated_ms = ?3
+                     WHERE id = ?1 AND status = 'sent'",
+                    params![r.id, why, now],
+                )?;
+                if n == 1 {
+                    self.audit_undelivered(&r, "failed", &why)?;
+                    self.counters.undelivered.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            state => {
+                let s = match state {
+                    DeliveryState::Sent => "sent",
+                    DeliveryState::Delivered => "delivered",
+                    _ => "read",
+                };
+                // A later report never goes back (read, then a late "delivered").
+                tx.execute(
+                    "UPDATE channel_outbox SET platform_status = ?2, updated_ms = ?3
+                     WHERE id = ?1 AND COALESCE(platform_status, '') NOT IN ('read', 'failed')
+                       AND NOT (?2 = 'sent' AND platform_status = 'delivered')",
+                    params![r.id, s, now],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     /// At start, before any sender runs: every row left `sending` by the previous process was
     /// being sent when it stopped, and the platform may have received it. Such rows are marked
     /// `failed` ("may have been delivered"), audited and counted, and never re-sent

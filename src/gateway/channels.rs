@@ -383,6 +383,11 @@ impl ChannelMetrics {
         ));
         t.push_str("# TYPE chitin_channel_dead_letters_total counter\n");
         t.push_str(&format!("chitin_channel_dead_letters_total {}\n", c.dead));
+        t.push_str("# TYPE chitin_channel_undelivered_total counter\n");
+        t.push_str(&format!(
+            "chitin_channel_undelivered_total {}\n",
+            c.undelivered
+        ));
         t.push_str("# TYPE chitin_channel_maybe_delivered_total counter\n");
         t.push_str(&format!(
             "chitin_channel_maybe_delivered_total {}\n",

@@ -62,7 +62,7 @@ impl Item {
             Event::Message(m) | Event::Edited(m) => m.chat = chat,
             Event::Button(b) => b.chat = chat,
             Event::Invited { chat: c, .. } => *c = chat,
-            Event::Ignored { .. } => {}
+            Event::Ignored { .. } | Event::Status(_) => {}
         }
         event
     }
