@@ -26,8 +26,10 @@
 //!   log line and `Debug` output.
 #![forbid(unsafe_code)]
 
+pub mod signal;
 pub mod telegram;
 pub mod text;
+pub mod whatsapp;
 
 use std::future::Future;
 use std::pin::Pin;

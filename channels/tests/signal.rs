@@ -1,0 +1,1 @@
+//! The Signal adapter against its fake (follows in the next commit).
