@@ -67,7 +67,7 @@ pub mod fake;
 use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -104,8 +104,8 @@ pub const SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 pub const MAX_WEBHOOK_BODY: usize = 3 * 1024 * 1024;
 /// What [`Platform::poll`] waits before answering nothing (WhatsApp has no polling).
 pub const IDLE_POLL: Duration = Duration::from_secs(300);
-/// The data prefix of a reaction mapped to a button press (`react:👍`).
-pub const REACTION_PREFIX: &str = "react:";
+/// The data prefix of a reaction mapped to a button press (`react:👍`), as for Signal.
+pub use crate::signal::REACTION_PREFIX;
 /// Error code: more than 24 hours since the user last wrote (re-engagement message).
 pub const ERROR_REENGAGEMENT: i64 = 131_047;
 /// Largest Graph API JSON answer read.
@@ -190,8 +190,6 @@ pub struct WhatsApp {
     app_secret: Zeroizing<String>,
     verify_token: Zeroizing<String>,
     http: reqwest::Client,
-    /// The display number `connect` learned.
-    display: RwLock<Option<String>>,
     partial: Mutex<HashMap<String, Partial>>,
 }
 
@@ -296,7 +294,6 @@ impl WhatsApp {
             app_secret: cfg.app_secret,
             verify_token: cfg.verify_token,
             http,
-            display: RwLock::new(None),
             partial: Mutex::new(HashMap::new()),
         })
     }
@@ -821,7 +818,6 @@ impl Platform for WhatsApp {
                 .map(|d| d.chars().filter(char::is_ascii_digit).collect::<String>())
                 .filter(|d| !d.is_empty())
                 .unwrap_or_else(|| self.phone_number_id.clone());
-            *self.display.write().unwrap_or_else(PoisonError::into_inner) = Some(display.clone());
             Ok(BotInfo {
                 id: self.phone_number_id.clone(),
                 username: display,
@@ -1497,7 +1493,7 @@ impl WaMessage {
                 })
             }
             "" => ignored("a message without a type".into()),
-            other => ignored(format!("a {other} message")),
+            other => ignored(format!("a message of type {other}")),
         }
     }
 }

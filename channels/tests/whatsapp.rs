@@ -399,7 +399,7 @@ async fn text_button_replies_reactions_media_and_unsupported_messages_map_as_doc
     assert_eq!(
         events[8].event,
         Event::Ignored {
-            what: "a location message".into()
+            what: "a message of type location".into()
         }
     );
     assert_eq!(
