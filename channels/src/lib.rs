@@ -29,8 +29,10 @@
 pub mod discord;
 pub mod matrix;
 pub mod slack;
+pub mod signal;
 pub mod telegram;
 pub mod text;
+pub mod whatsapp;
 
 use std::future::Future;
 use std::pin::Pin;
