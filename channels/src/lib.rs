@@ -28,8 +28,8 @@
 
 pub mod discord;
 pub mod matrix;
-pub mod slack;
 pub mod signal;
+pub mod slack;
 pub mod telegram;
 pub mod text;
 pub mod whatsapp;

@@ -785,6 +785,12 @@ impl Platform for Signal {
         "signal"
     }
 
+    /// Signal messages have no buttons: approvals are answered with `/approve CODE` or a 👍 /
+    /// 👎 reaction on the prompt.
+    fn has_buttons(&self) -> bool {
+        false
+    }
+
     /// [`MAX_TEXT`]; buttons are not sent, so their data is not limited by Signal.
     fn limits(&self) -> Limits {
         Limits {

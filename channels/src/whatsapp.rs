@@ -29,9 +29,9 @@
 //!   Signal's reactions, see [`crate::signal`]; a removed reaction is ignored); everything else
 //!   [`Event::Ignored`].
 //! - **Delivery statuses.** `statuses[]` (sent, delivered, read, failed) become
-//!   [`Event::Ignored`] with `what` = the status, id `ws:<wamid>:<status>`;
-//!   [`WhatsApp::parse_statuses`] gives them in full (with the error of a failed one) for the
-//!   engine's outbox. Errors outside a message (`value.errors[]`) produce no events.
+//!   [`Event::Status`] (id `ws:<wamid>:<status>`; a failed one carries the classified error,
+//!   e.g. the 24-hour window), which the engine records on the outbox row; other statuses are
+//!   [`Event::Ignored`]. [`WhatsApp::parse_statuses`] gives them in full. Errors outside a message (`value.errors[]`) produce no events.
 //! - **Sending.** Plain text (`type: text`, `preview_url: false`: no link preview, and WhatsApp
 //!   interprets no markup in a text it is sent this way other than its own `*bold*` `_italic_`
 //!   styling, which carries no links or mentions), replies with `context.message_id`. Buttons
@@ -81,8 +81,8 @@ use zeroize::Zeroizing;
 use crate::text::{split, truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
-    ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
-    Sent, WebhookBody, WebhookParsed, WebhookRequest,
+    ConfigError, DeliveryReport, DeliveryState, Event, Inbound, Limits, Message, OutMessage,
+    Platform, Polled, SendError, Sender, Sent, WebhookBody, WebhookParsed, WebhookRequest,
 };
 
 /// The public Graph API root, with the API version this adapter was written against.
@@ -765,10 +765,30 @@ impl WhatsApp {
                 let Ok(s) = WaStatus::deserialize(s) else {
                     continue;
                 };
-                events.push(Inbound {
-                    event_id: format!("ws:{}:{}", s.id, s.status),
-                    event: Event::Ignored { what: s.status },
-                });
+                let event_id = format!("ws:{}:{}", s.id, s.status);
+                let status = s.into_status();
+                let state = match status.status.as_str() {
+                    "sent" => Some(DeliveryState::Sent),
+                    "delivered" => Some(DeliveryState::Delivered),
+                    "read" => Some(DeliveryState::Read),
+                    "failed" => {
+                        Some(DeliveryState::Failed(status.error.as_ref().map_or_else(
+                            || "failed".to_string(),
+                            |e| e.send_error().to_string(),
+                        )))
+                    }
+                    _ => None,
+                };
+                let event = match state {
+                    Some(state) => Event::Status(DeliveryReport {
+                        message_id: status.wamid,
+                        state,
+                    }),
+                    None => Event::Ignored {
+                        what: status.status,
+                    },
+                };
+                events.push(Inbound { event_id, event });
             }
         }
         Ok(WebhookParsed {

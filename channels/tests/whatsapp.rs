@@ -436,7 +436,7 @@ async fn notifications_for_another_number_or_field_produce_no_events() {
 }
 
 #[tokio::test]
-async fn statuses_are_ignored_events_and_parse_statuses_gives_them_with_their_errors() {
+async fn statuses_are_delivery_reports_and_parse_statuses_gives_them_with_their_errors() {
     let fake = FakeWhatsApp::start().await.unwrap();
     let wa = adapter(&fake);
     let note = fake.statuses_notification(vec![
@@ -457,11 +457,22 @@ async fn statuses_are_ignored_events_and_parse_statuses_gives_them_with_their_er
         ]
     );
     assert_eq!(
-        events[3].event,
-        Event::Ignored {
-            what: "failed".into()
-        }
+        events[1].event,
+        Event::Status(chitin_channels::DeliveryReport {
+            message_id: "wamid.A".into(),
+            state: chitin_channels::DeliveryState::Delivered,
+        })
     );
+    match &events[3].event {
+        Event::Status(chitin_channels::DeliveryReport {
+            message_id,
+            state: chitin_channels::DeliveryState::Failed(why),
+        }) => {
+            assert_eq!(message_id, "wamid.B");
+            assert!(why.contains("131047") && why.contains("24 hours"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
 
     let statuses = wa.parse_statuses(&note.body).unwrap();
     assert_eq!(statuses.len(), 4);

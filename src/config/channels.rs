@@ -75,7 +75,7 @@ pub const TEMPLATE: &str = r#"
 # app_secret = "secret:wa_app_secret"   # required: checks X-Hub-Signature-256 of webhooks
 # verify_token = "secret:wa_verify"     # required: the webhook verification handshake
 # phone_number_id = "123456789012345"   # required: the business number's id
-# api_base = "https://graph.facebook.com/v21.0"
+# api_base = "https://graph.facebook.com/v26.0"
 #                                       # webhook URL to configure: https://<gateway>/channels/<name>/webhook
 #
 # [[channels]]                          # Signal, through a signal-cli daemon you run
@@ -97,7 +97,7 @@ pub const TEMPLATE: &str = r#"
 pub const TELEGRAM_API_BASE: &str = "https://api.telegram.org";
 pub const SLACK_API_BASE: &str = "https://slack.com/api";
 pub const DISCORD_API_BASE: &str = "https://discord.com/api/v10";
-pub const WHATSAPP_API_BASE: &str = "https://graph.facebook.com/v21.0";
+pub const WHATSAPP_API_BASE: &str = "https://graph.facebook.com/v26.0";
 
 /// Which platform a channel talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,6 +362,9 @@ impl ChannelConfig {
         match url.scheme() {
             "https" => {}
             "http" if super::providers::is_loopback(&host) => {}
+            // signal-cli's daemon has no TLS and no authentication: the adapter accepts it only
+            // on this host or a private network.
+            "http" if self.kind == ChannelKind::Signal => {}
             _ => {
                 return Err(format!(
                     "{p}: {key} must start with https:// (http:// only for a loopback server): \

@@ -345,11 +345,30 @@ fn adapter(
                 register: None,
             })
         }
-        other => Err(format!(
-            "channel `{}`: kind = \"{}\" is not available in this build",
-            c.name,
-            other.as_str()
-        )),
+        ChannelKind::Whatsapp => {
+            use chitin_channels::whatsapp::{WhatsApp, WhatsAppConfig};
+            let mut cfg = WhatsAppConfig::new(
+                c.phone_number_id.clone().unwrap_or_default(),
+                release(&c.access_token, "access_token")?,
+                release(&c.app_secret, "app_secret")?,
+                release(&c.verify_token, "verify_token")?,
+            )
+            .map_err(invalid)?;
+            cfg.api_base = api_base;
+            Ok(Built {
+                platform: Arc::new(WhatsApp::new(cfg).map_err(invalid)?),
+                register: None,
+            })
+        }
+        ChannelKind::Signal => {
+            use chitin_channels::signal::{Signal, SignalConfig};
+            let mut cfg = SignalConfig::new(api_base, c.account.clone().unwrap_or_default());
+            cfg.poll_timeout_secs = u32::try_from(c.poll_timeout_secs).unwrap_or(30);
+            Ok(Built {
+                platform: Arc::new(Signal::new(cfg).map_err(invalid)?),
+                register: None,
+            })
+        }
     }
 }
 
