@@ -72,6 +72,8 @@ pub struct Committed {
     pub duplicates: usize,
     /// The admitted messages among them, in order.
     pub admitted: Vec<AdmittedEvent>,
+    /// Button presses (and reactions) stored, to be decided.
+    pub presses: usize,
     /// The outcome of every new message, by event id, in order.
     pub admissions: Vec<(String, Admission)>,
     /// Invitations whose inviter Cedar admitted: the conversations to join, in order.
@@ -284,6 +286,7 @@ impl Engine {
                     }
                     data.truncate(cut);
                 }
+                out.presses += 1;
                 tx.prepare_cached(insert)?.execute(params![
                     ch.name,
                     ev.event_id,
@@ -525,13 +528,17 @@ impl Engine {
         Ok(rows)
     }
 
-    /// Admitted messages not yet marked done, oldest first, with their text opened (what a
-    /// restarted gateway runs again).
+    /// Admitted messages whose turn was never recorded (no run has them as origin) and that
+    /// were not answered otherwise (marked done), oldest first, with their text opened: what a
+    /// restarted gateway runs. A message whose turn was recorded stays `admitted`: its run is
+    /// the record, so no second write is needed per message.
     pub fn admitted_pending(&self, channel: &str) -> Result<Vec<AdmittedEvent>, ChannelsError> {
         let conn = self.store.conn()?;
         let mut st = conn.prepare(
             "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text, attachments
-             FROM channel_events WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'message' ORDER BY id",
+             FROM channel_events WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'message'
+               AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.origin = 'channel:' || channel_events.channel || ':' || channel_events.id)
+             ORDER BY id",
         )?;
         type Row = (
             i64,
@@ -626,7 +633,7 @@ impl Engine {
         let mut st = conn.prepare(
             "SELECT r.id, e.chat_id, e.chat_kind, e.thread, e.message_id
              FROM channel_events e JOIN runs r ON r.origin = 'channel:' || e.channel || ':' || e.id
-             WHERE e.channel = ?1 AND e.status = 'done' AND e.received_ms >= ?2
+             WHERE e.channel = ?1 AND e.status IN ('admitted', 'done') AND e.received_ms >= ?2
                AND NOT EXISTS (SELECT 1 FROM channel_outbox o
                                WHERE o.channel = ?1 AND o.dedup_key = 'reply:' || r.id || '#0')
              ORDER BY e.id",

@@ -935,6 +935,8 @@ async fn poll_loop(
     }
     if let Some(agent) = agent {
         recover_turns(&ctx, agent).await;
+        // Presses stored before a restart and not decided yet.
+        handle_presses(&ctx).await;
     }
     if let Some((tg, url)) = register {
         match tg.set_webhook(&url).await {
@@ -952,6 +954,8 @@ async fn poll_loop(
     }
     let mut connected = true;
     let mut reported = tokio::time::Instant::now();
+    // The cursor is read once; after that it is the one this loop committed last.
+    let mut cursor: Option<Option<String>> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -960,13 +964,21 @@ async fn poll_loop(
             report_connection(&ctx, true, None).await;
             reported = tokio::time::Instant::now();
         }
-        let cursor = match blocking(engine, {
-            let name = name.clone();
-            move |e| e.next_cursor(&name).map_err(|e| e.to_string())
-        })
-        .await
-        {
-            Ok(c) => c,
+        let current = match &cursor {
+            Some(c) => Ok(c.clone()),
+            None => {
+                blocking(engine, {
+                    let name = name.clone();
+                    move |e| e.next_cursor(&name).map_err(|e| e.to_string())
+                })
+                .await
+            }
+        };
+        let current = match current {
+            Ok(c) => {
+                cursor = Some(c.clone());
+                c
+            }
             Err(e) => {
                 error!(channel = %name, error = %e, "cannot read the channel cursor");
                 if pause(POLL_ERROR_PAUSE, &mut stop).await {
@@ -976,7 +988,7 @@ async fn poll_loop(
             }
         };
         let polled = tokio::select! {
-            r = platform.poll(cursor.as_deref()) => r,
+            r = platform.poll(current.as_deref()) => r,
             _ = stop.wait_for(|s| *s) => return,
         };
         let polled = match polled {
@@ -1004,6 +1016,7 @@ async fn poll_loop(
         if polled.events.is_empty() && polled.cursor.is_none() {
             continue;
         }
+        let next = polled.cursor.clone();
         // Pairings approved by another process (`chitin pairing approve`) are in state.db:
         // re-read them so this batch is decided with them.
         let committed = blocking(engine, {
@@ -1027,6 +1040,9 @@ async fn poll_loop(
                 continue;
             }
         };
+        if let Some(c) = next {
+            cursor = Some(Some(c));
+        }
         dispatch(&ctx, committed).await;
     }
 }
@@ -1045,7 +1061,9 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
         );
     }
     notify.notify_one();
-    handle_presses(ctx).await;
+    if committed.presses > 0 {
+        handle_presses(ctx).await;
+    }
     join_invites(ctx, committed.invites).await;
     for ev in committed.admitted {
         if let Some(agent) = &ctx.agent
@@ -1336,9 +1354,9 @@ async fn start_turn(ctx: &Arc<Ctx>, agent: &crate::agent::Agent, ev: AdmittedEve
             return;
         }
     };
-    // The run is recorded: from here a restart resumes it (agent recovery) and
-    // `recover_turns` queues its reply, so the message is not run again.
-    mark_done(&ctx.engine, &ctx.name, &ev).await;
+    // The run is recorded with this message as its origin: from here a restart resumes it
+    // (agent recovery) and `recover_turns` queues its reply; the message is not run again
+    // (`admitted_pending` skips messages that have a run), so nothing more is written here.
     let (ctx, agent) = (Arc::clone(ctx), agent.clone());
     tokio::spawn(async move {
         let chat = ev.message.chat.clone();
