@@ -1182,7 +1182,7 @@ fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_ag
 }
 
 #[test]
-fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_audited() {
+fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_an_audited_dead_letter() {
     use chitin_channels::{DeliveryReport, DeliveryState};
     let h = harness();
     let id = h.engine.enqueue(&reply("hello")).unwrap();
@@ -1243,15 +1243,16 @@ fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_audited() 
         )
         .unwrap();
     let row = h.engine.outbox_row(id2).unwrap().unwrap();
-    assert_eq!(row.status, OutboxStatus::Failed);
+    assert_eq!(row.status, OutboxStatus::Dead);
     assert!(
         row.last_error
             .unwrap()
             .contains("the platform reported it undelivered: 131047"),
     );
     assert_eq!(h.engine.counters().undelivered, 1);
+    assert_eq!(h.engine.counters().dead, 1);
     assert!(audit_records(&h).iter().any(|r| r.action == "message.send"
-        && r.outcome == "failed"
+        && r.outcome == "dead"
         && r.payload.as_deref().is_some_and(|p| p.contains("131047"))));
     // A report about a message the bot never sent changes nothing.
     h.engine

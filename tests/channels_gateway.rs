@@ -325,7 +325,9 @@ fn a_long_answer_is_split_a_429_is_waited_out_and_a_refused_send_is_not_retried(
     assert_eq!(status(&gw)["queued"], 0);
     let metrics = gw.get("/metrics").body;
     assert!(
-        metrics.contains("chitin_channel_outbox{channel=\"tg\",status=\"failed\"} 1"),
+        metrics.contains(
+            "chitin_channel_outbox{channel=\"tg\",kind=\"telegram\",status=\"failed\"} 1"
+        ),
         "{metrics}"
     );
 }

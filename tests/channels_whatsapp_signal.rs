@@ -3,7 +3,7 @@
 //!
 //! WhatsApp: the verification handshake, a forged signature refused and audited, pairing, an
 //! answer as a reply, an approval by reply button, and a message refused later by WhatsApp
-//! (outside the 24-hour window) recorded as failed on its outbox row.
+//! (outside the 24-hour window) recorded as a dead letter on its outbox row.
 //! Signal: pairing, an answer quoting the question, and an approval answered by a 👍 reaction
 //! from the owner after a stranger's reaction was refused.
 #![allow(
@@ -154,7 +154,7 @@ fn on_whatsapp_the_handshake_signatures_pairing_buttons_and_late_failures_work()
     });
 
     // The answer goes out after the 24-hour window closed (the model took its time):
-    // WhatsApp accepts the send, then reports it failed; the row is marked failed.
+    // WhatsApp accepts the send, then reports it failed; the row becomes a dead letter.
     let late = wa.notification(&[Incoming::text(&alice, "one more")]);
     assert_eq!(post(&late.headers(), &late.body).status, 200);
     until("the model asked", &gw, || {
@@ -168,9 +168,9 @@ fn on_whatsapp_the_handshake_signatures_pairing_buttons_and_late_failures_work()
     assert!(!sent.delivered);
     let note = wa.status_notification().unwrap();
     assert_eq!(post(&note.headers(), &note.body).status, 200);
-    let s = until("the failure recorded", &gw, || {
+    let s = until("the dead letter recorded", &gw, || {
         let s = status_of(&gw, "wa");
-        (s["failed"] == 1).then_some(s)
+        (s["dead"] == 1).then_some(s)
     });
     assert!(s["sent"].as_i64().unwrap() >= 4, "{s}");
     let metrics = gw.get("/metrics").body;

@@ -701,10 +701,10 @@ impl Engine {
     }
 
     /// Records what the platform reported of a sent message on its outbox row (inside the
-    /// ingress transaction): `delivered`/`read`/`sent` as `platform_status`; `failed` turns the
-    /// row `failed` with the platform's reason, audited and counted like any undelivered
-    /// message (it is not sent again: WhatsApp refuses free-form messages outside its 24-hour
-    /// window, and a template is the operator's decision). Reports of unknown ids are ignored.
+    /// ingress transaction): `delivered`/`read`/`sent` as `platform_status`; `failed` makes the
+    /// row a dead letter with the platform's reason, audited and counted (it is not sent
+    /// again: WhatsApp refuses free-form messages outside its 24-hour window, and a template is
+    /// the operator's decision). Reports of unknown ids are ignored.
     pub(super) fn record_platform_status(
         &self,
         tx: &Transaction<'_>,
@@ -728,13 +728,14 @@ impl Engine {
                     .gate
                     .redact(&format!("the platform reported it undelivered: {why}"));
                 let n = tx.execute(
-                    "UPDATE channel_outbox SET status = 'failed', platform_status = 'failed', last_error = ?2, updated_ms = ?3
+                    "UPDATE channel_outbox SET status = 'dead', platform_status = 'failed', last_error = ?2, updated_ms = ?3
                      WHERE id = ?1 AND status = 'sent'",
                     params![r.id, why, now],
                 )?;
                 if n == 1 {
-                    self.audit_undelivered(&r, "failed", &why)?;
+                    self.audit_undelivered(&r, "dead", &why)?;
                     self.counters.undelivered.fetch_add(1, Ordering::Relaxed);
+                    self.counters.dead.fetch_add(1, Ordering::Relaxed);
                 }
             }
             state => {

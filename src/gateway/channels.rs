@@ -453,7 +453,8 @@ impl ChannelMetrics {
                 ("dead", s.dead),
             ] {
                 t.push_str(&format!(
-                    "chitin_channel_outbox{{channel=\"{name}\",status=\"{status}\"}} {n}\n"
+                    "chitin_channel_outbox{{channel=\"{name}\",kind=\"{}\",status=\"{status}\"}} {n}\n",
+                    s.kind
                 ));
             }
         }
