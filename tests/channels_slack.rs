@@ -273,3 +273,76 @@ fn slack_socket_mode_acknowledges_after_the_commit_and_survives_a_dropped_socket
     let s: Value = status_of(&gw, "sl");
     assert_eq!(s["connected"], true, "{s}");
 }
+
+#[test]
+fn a_slack_event_acknowledged_before_a_sigkill_is_answered_exactly_once_after_the_restart() {
+    let (_rt, slack, model, mut gw) = started(
+        vec![
+            Step::Hang,
+            Step::Reply(Reply::text(["Answer after the restart."])),
+            Step::Reply(Reply::text(["Pong."])),
+        ],
+        false,
+    );
+    let alice = FakeUser::new("U0ALICE001", "Alice");
+    let dm = FakeChannel::dm("D0ALICE001");
+    let hello = slack.message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    assert_eq!(
+        post(&gw, "events", SIGNING_SECRET, &hello.bytes(), &[]).status,
+        200
+    );
+    until("the pairing code", &gw, || {
+        posted_in(&slack, &dm.id).into_iter().next()
+    });
+    approve_open_pairing(&gw, None);
+    until("the pairing notice", &gw, || {
+        posted_in(&slack, &dm.id)
+            .into_iter()
+            .find(|p| p.text.starts_with("Paired:"))
+    });
+    // Slack got its 200 (the event is committed); the model is working on it: SIGKILL.
+    let asked = slack.message(MessageBuilder::text(&dm, &alice, "a question"));
+    assert_eq!(
+        post(&gw, "events", SIGNING_SECRET, &asked.bytes(), &[]).status,
+        200
+    );
+    until("the model asked", &gw, || {
+        (!model.requests().is_empty()).then_some(())
+    });
+    gw.signal("-KILL");
+    let _ = gw.wait_exit();
+    gw.spawn();
+    until("the resumed turn's answer", &gw, || {
+        posted_in(&slack, &dm.id)
+            .into_iter()
+            .find(|p| p.text == "Answer after the restart.")
+    });
+    // Slack retries the delivery it may think was lost: recognized, not run again.
+    assert_eq!(
+        post(
+            &gw,
+            "events",
+            SIGNING_SECRET,
+            &asked.bytes(),
+            &[("X-Slack-Retry-Num", "1")]
+        )
+        .status,
+        200
+    );
+    let ping = slack.message(MessageBuilder::text(&dm, &alice, "ping"));
+    assert_eq!(
+        post(&gw, "events", SIGNING_SECRET, &ping.bytes(), &[]).status,
+        200
+    );
+    until("the next answer", &gw, || {
+        posted_in(&slack, &dm.id)
+            .into_iter()
+            .find(|p| p.text == "Pong.")
+    });
+    let answers = posted_in(&slack, &dm.id)
+        .iter()
+        .filter(|p| p.text == "Answer after the restart.")
+        .count();
+    assert_eq!(answers, 1);
+    assert_eq!(model.requests().len(), 3);
+}
