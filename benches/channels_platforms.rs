@@ -4,7 +4,10 @@
 //! fsyncs, the turn, the reply through the outbox) for Slack (Events API and Socket Mode),
 //! Discord, WhatsApp, Signal and Matrix, and the time from a dropped socket to the answer of a
 //! message sent right after the drop (Discord's gateway, Slack's Socket Mode). Telegram has
-//! its own bench (`channels`).
+//! its own bench (`channels`, 100 conversations); here it runs the same way as the others, as
+//! the baseline. Every platform's messages go to one conversation, so its history grows over
+//! the run (the agent's context cost per turn grows with it: issue #21's "flat in session
+//! length"), which the baseline shares.
 //!
 //! `cargo bench --bench channels_platforms` prints the numbers for BENCHMARKS.md. Under `cargo
 //! test --all-targets` (no `--bench` argument) it does a short smoke run.
@@ -134,6 +137,33 @@ fn main() {
     let model = rt.block_on(FakeOpenAi::start(Vec::new())).unwrap();
     model.set_fallback(Step::Reply(Reply::text([ANSWER])));
     println!("chat platforms (loopback fakes + zero-latency fake model), one message at a time:");
+
+    // Telegram, the same way (one direct conversation), as the baseline of this table.
+    {
+        use chitin_channels::telegram::fake::{
+            FakeChat, FakeTelegram, FakeUser, MessageBuilder, TOKEN,
+        };
+        let tg = rt.block_on(FakeTelegram::start()).unwrap();
+        let gw = gateway(
+            &model,
+            &format!(
+                "[[channels]]\nname = \"tg\"\nkind = \"telegram\"\ntoken = \"secret:t\"\napi_base = \"http://{}\"\n",
+                tg.addr()
+            ),
+            &[("t", TOKEN)],
+            "tg",
+        );
+        let alice = FakeUser::new(4242, "Alice");
+        let dm = FakeChat::private(&alice);
+        tg.push_message(MessageBuilder::text(&dm, &alice, "hi"));
+        until("the pairing code", &gw, || tg.sent().into_iter().next());
+        approve_open_pairing(&gw, None);
+        let answers = || tg.sent().iter().filter(|m| m.text == ANSWER).count();
+        let send = |i: usize| {
+            tg.push_message(MessageBuilder::text(&dm, &alice, &format!("q{i}")));
+        };
+        measure("telegram", &gw, n, send, answers);
+    }
 
     // Slack, Events API (signed POSTs to the gateway) and Socket Mode.
     {
