@@ -10,34 +10,18 @@
 
 #[path = "support/gateway.rs"]
 mod harness;
+#[path = "support/chat.rs"]
+mod chat;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
 use chitin_channels::telegram::fake::{
     Failure, FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
 };
-use harness::{Gw, PASS};
+use chat::{set_secret, until};
+use harness::Gw;
 use serde_json::Value;
-
-/// Waits (generous deadline: a loaded machine) until `f` returns `Some`.
-fn until<T>(what: &str, gw: &Gw, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; gateway log:\n{}",
-            std::fs::read_to_string(gw.root.join("gateway.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 fn config(model: &FakeServer, tg: &FakeTelegram) -> String {
     format!(
@@ -46,30 +30,6 @@ fn config(model: &FakeServer, tg: &FakeTelegram) -> String {
         model.base_url(),
         tg.addr()
     )
-}
-
-fn set_secret(gw: &Gw, name: &str, audience: &str, value: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
-        .args(["secrets", "set", name, "--audience", audience])
-        .env("CHITIN_HOME", &gw.home)
-        .env("CHITIN_PASSPHRASE", PASS)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn status(gw: &Gw) -> Value {
