@@ -478,12 +478,16 @@ mod tests {
     use super::*;
 
     fn at(s: &str) -> i64 {
-        crate::clock::parse_rfc3339(s).unwrap()
+        s.parse::<jiff::Timestamp>().unwrap().as_millisecond()
+    }
+
+    fn rfc3339(ms: i64) -> String {
+        jiff::Timestamp::from_millisecond(ms).unwrap().to_string()
     }
 
     fn next(expr: &str, tz: &str, after: &str) -> String {
         let s = Schedule::cron(expr, tz).unwrap();
-        crate::clock::rfc3339(s.next_after(at(after)).unwrap())
+        rfc3339(s.next_after(at(after)).unwrap())
     }
 
     #[test]
@@ -572,9 +576,9 @@ mod tests {
         // 2026-10-25 repeats 02:00-03:00: 02:30 runs at its first occurrence only.
         let s = Schedule::cron("30 2 * * *", "Europe/Berlin").unwrap();
         let first = s.next_after(at("2026-10-24T12:00:00Z")).unwrap();
-        assert_eq!(crate::clock::rfc3339(first), "2026-10-25T00:30:00Z");
+        assert_eq!(rfc3339(first), "2026-10-25T00:30:00Z");
         assert_eq!(
-            crate::clock::rfc3339(s.next_after(first).unwrap()),
+            rfc3339(s.next_after(first).unwrap()),
             "2026-10-26T01:30:00Z"
         );
     }
@@ -611,11 +615,11 @@ mod tests {
     fn every_is_aligned_to_the_epoch_and_parses_compound_durations() {
         let s = Schedule::every("15m").unwrap();
         assert_eq!(
-            crate::clock::rfc3339(s.next_after(at("2026-03-06T07:01:00Z")).unwrap()),
+            rfc3339(s.next_after(at("2026-03-06T07:01:00Z")).unwrap()),
             "2026-03-06T07:15:00Z"
         );
         assert_eq!(
-            crate::clock::rfc3339(s.next_after(at("2026-03-06T07:15:00Z")).unwrap()),
+            rfc3339(s.next_after(at("2026-03-06T07:15:00Z")).unwrap()),
             "2026-03-06T07:30:00Z"
         );
         assert_eq!(parse_duration_ms("1h30m").unwrap(), 5_400_000);
@@ -633,18 +637,18 @@ mod tests {
         let every = Schedule::every("1m").unwrap();
         let (a, now) = (at("2026-03-01T00:00:30Z"), at("2026-03-06T07:01:30Z"));
         assert_eq!(
-            crate::clock::rfc3339(every.latest_between(a, now).unwrap()),
+            rfc3339(every.latest_between(a, now).unwrap()),
             "2026-03-06T07:01:00Z"
         );
         assert_eq!(every.latest_between(now, now), None);
         let dense = Schedule::cron("* * * * *", "UTC").unwrap();
         assert_eq!(
-            crate::clock::rfc3339(dense.latest_between(a, now).unwrap()),
+            rfc3339(dense.latest_between(a, now).unwrap()),
             "2026-03-06T07:01:00Z"
         );
         let sparse = Schedule::cron("0 9 1 * *", "UTC").unwrap();
         assert_eq!(
-            crate::clock::rfc3339(
+            rfc3339(
                 sparse
                     .latest_between(at("2025-01-01T00:00:00Z"), now)
                     .unwrap()
