@@ -36,6 +36,10 @@ pub struct JobRow {
     pub last_tick_ms: Option<i64>,
 }
 
+/// A `cron_jobs` row before its job JSON is parsed: name, source, user, job JSON, created by,
+/// created, last time.
+type RawJob = (String, String, String, String, String, i64, Option<i64>);
+
 impl JobRow {
     /// Whether answers are filtered by the heartbeat convention.
     pub fn is_heartbeat(&self) -> bool {
@@ -185,7 +189,7 @@ impl JobStore {
         let mut st = conn.prepare(
             "SELECT name, source, user_id, job_json, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
         )?;
-        let rows: Vec<(String, String, String, String, String, i64, Option<i64>)> = st
+        let rows: Vec<RawJob> = st
             .query_map([], |r| {
                 Ok((
                     r.get(0)?,

@@ -301,7 +301,7 @@ impl Scheduler {
                 _ = stop.wait_for(|s| *s) => return,
             }
             n = n.wrapping_add(1);
-            if n % RESYNC_TICKS == 0 {
+            if n.is_multiple_of(RESYNC_TICKS) {
                 let (jobs, g, runner) = (
                     Arc::clone(&self.jobs),
                     globals.clone(),

@@ -28,7 +28,7 @@ pub enum CronCmd {
         json: bool,
     },
     /// Add a job that runs as the operator (or --user).
-    Add(AddArgs),
+    Add(Box<AddArgs>),
     /// Remove a job added with `chitin cron add` or by the agent.
     Remove {
         #[arg(value_name = "NAME")]
@@ -144,7 +144,7 @@ pub fn run(cmd: CronCmd, globals: &Globals) -> CmdResult {
     store.sync_config(&rt.config)?;
     match cmd {
         CronCmd::List { json } => list(&store, json),
-        CronCmd::Add(a) => add(&rt, &store, a),
+        CronCmd::Add(a) => add(&rt, &store, *a),
         CronCmd::Remove { name } => {
             let row = match store.get(&name)? {
                 Some(r) => r,

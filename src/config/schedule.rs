@@ -110,9 +110,7 @@ impl Schedule {
                 starts.push(after_ms);
                 starts.dedup();
                 for start in starts {
-                    let Some(mut t) = self.next_after(start) else {
-                        return None;
-                    };
+                    let mut t = self.next_after(start)?;
                     if t > now_ms {
                         continue;
                     }
