@@ -34,6 +34,11 @@ fn fake(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeServer) {
 /// A gateway with the model and `hooks`, whose secrets are stored (then the gateway is
 /// restarted, since hook secrets are released at start).
 fn gateway(s: &FakeServer, hooks: &str) -> Gw {
+    gateway_with_policy(s, hooks, None)
+}
+
+/// [`gateway`] with one more policy file in the state dir's policies when restarted.
+fn gateway_with_policy(s: &FakeServer, hooks: &str, policy: Option<&str>) -> Gw {
     let mut gw = Gw::start(&format!(
         "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n{hooks}",
         s.base_url()
@@ -66,6 +71,12 @@ fn gateway(s: &FakeServer, hooks: &str) -> Gw {
     }
     gw.signal("-TERM");
     assert!(gw.wait_exit().success());
+    if let Some(text) = policy {
+        use std::os::unix::fs::PermissionsExt;
+        let f = gw.home.join("policies/zz-test.cedar");
+        std::fs::write(&f, text).unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
     gw.spawn();
     gw
 }
@@ -317,4 +328,49 @@ fn an_oversized_body_is_413_and_a_stale_generic_timestamp_is_401() {
     // An unknown hook is just not found.
     let r = post(&gw, "nope", &[], b"{}");
     assert_eq!(r.status, 404, "{}", r.body);
+}
+
+#[test]
+fn a_delivery_cedar_denies_is_refused_with_403_and_runs_nothing() {
+    let (_rt, s) = fake(vec![]);
+    s.set_fallback(Step::text("should not run"));
+    let gw = gateway_with_policy(
+        &s,
+        GH_HOOK,
+        Some(
+            "@id(\"test.no-push-to-the-agent\")\n@reason(\"test\")\nforbid (principal == Chitin::Hook::\"github\", action == Chitin::Action::\"webhook.receive\", resource)\nwhen { context.event == \"push\" };\n",
+        ),
+    );
+    let body = br#"{"ref":"refs/heads/main"}"#;
+    let r = post(
+        &gw,
+        "github",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "d-push"),
+            (
+                "X-Hub-Signature-256",
+                &sign_github(GH_SECRET.as_bytes(), body),
+            ),
+        ],
+        body,
+    );
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(
+        r.json()["error"]["message"],
+        "policy denied `webhook.receive` for Chitin::Hook::\"github\" on Chitin::Target::\"session:hook:github\" (test.no-push-to-the-agent)"
+    );
+    assert_eq!(delivery_status(&gw, "d-push"), None);
+    // Another event of the same hook is still allowed by the default policy.
+    let r = github(
+        &gw,
+        "d-issue",
+        body,
+        &sign_github(GH_SECRET.as_bytes(), body),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    until("the allowed delivery's end", || {
+        delivery_status(&gw, "d-issue").as_deref() == Some("completed")
+    });
+    assert_eq!(s.requests().len(), 1);
 }
