@@ -58,6 +58,7 @@ struct Env {
     gate: Gate,
     store: Arc<Store>,
     vault: Arc<chitin::vault::Vault>,
+    secrets: chitin::secrets::SharedSecretStore,
 }
 
 fn env() -> Env {
@@ -96,6 +97,13 @@ fn env() -> Env {
     let vault = Arc::new(
         chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(clock.clone())).unwrap(),
     );
+    secrets
+        .set(
+            &chitin::secrets::SecretName::parse("wf_hook").unwrap(),
+            chitin::secrets::SecretValue::from_str_copy("wf-secret\n"),
+            &["wf.hooks.invalid".to_string()],
+        )
+        .unwrap();
     let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
     Env {
         ws: w.path().canonicalize().unwrap(),
@@ -103,6 +111,7 @@ fn env() -> Env {
         audit,
         store,
         vault,
+        secrets: chitin::secrets::SharedSecretStore::new(secrets),
         home,
         clock,
         _dirs: vec![h, w],
@@ -746,4 +755,68 @@ async fn the_cron_tool_refuses_to_run_a_job_as_someone_else_and_is_not_offered_t
     // A user no policy lets manage cron jobs is not offered the tool.
     assert!(chitin::agent::context::cron_spec(e.gate.engine(), "owner").is_some());
     assert!(chitin::agent::context::cron_spec(e.gate.engine(), "stranger").is_none());
+}
+
+/// A webhook whose target is a workflow: the launcher gets the body as `payload` (parsed JSON),
+/// the event and the delivery id, once per delivery id; the secret (stored with a trailing
+/// newline) is released through Cedar for the hook's pseudo-host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_with_a_workflow_target_starts_it_once_per_delivery() {
+    use chitin::automation::hooks::{Hooks, sign_generic};
+    let e = env();
+    let cfg = config(
+        "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\nargs = { team = \"core\" }\n",
+    );
+    let c = cron(&e, &cfg);
+    let launcher = Arc::new(Launcher::default());
+    c.runner
+        .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+    let hooks = Hooks::build(
+        &cfg.hooks,
+        "owner",
+        &e.gate,
+        &e.secrets,
+        Arc::clone(&c.runner),
+        Arc::clone(&e.store),
+        Arc::new(e.clock.clone()),
+    );
+    let body = br#"{"build":42,"status":"failed"}"#;
+    let sig = sign_generic(b"wf-secret", START_MS / 1000, body);
+    let headers = vec![
+        ("X-Chitin-Signature".to_string(), sig),
+        ("X-Chitin-Delivery".to_string(), "ci-42".to_string()),
+        ("X-Chitin-Event".to_string(), "build.failed".to_string()),
+    ];
+    let a = hooks.handle("wf", &headers, body).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["workflow"], "started");
+    let again = hooks.handle("wf", &headers, body).await;
+    assert_eq!(again.body["duplicate"], true, "{:?}", again.body);
+    until("the launcher's call", || {
+        !launcher.0.lock().unwrap().is_empty()
+    })
+    .await;
+    let calls = launcher.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let (file, args, principal, origin) = &calls[0];
+    assert_eq!(file, &PathBuf::from("workflows/ci.lobster"));
+    assert_eq!(
+        args,
+        &json!({"team": "core", "payload": {"build": 42, "status": "failed"},
+                "event": "build.failed", "delivery": "ci-42"})
+    );
+    assert_eq!(principal, "owner");
+    assert_eq!(origin, "hook:wf:ci-42");
+    // The release of the secret was decided for the hook and audited.
+    let released: Vec<_> = e
+        .audit
+        .reader()
+        .unwrap()
+        .query(&Query::default())
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.action == "secret.use" && r.actor == "Chitin::Hook::\"wf\"")
+        .map(|r| r.decision)
+        .collect();
+    assert!(released.contains(&"allow".to_string()), "{released:?}");
 }

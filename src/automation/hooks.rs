@@ -196,9 +196,46 @@ struct Hook {
     secret: Option<SecretValue>,
 }
 
+/// A delivery this process is starting (removed from the set when dropped).
+struct Starting {
+    set: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    key: String,
+}
+
+impl Starting {
+    /// `None` when the same delivery is being started by another request right now.
+    fn claim(
+        set: &Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+        hook: &str,
+        delivery: &str,
+    ) -> Option<Self> {
+        let key = format!("{hook}\u{0}{delivery}");
+        let mut s = match set.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.insert(key.clone()).then(|| Self {
+            set: Arc::clone(set),
+            key,
+        })
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        let mut s = match self.set.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.remove(&self.key);
+    }
+}
+
 /// The configured hooks.
 pub struct Hooks {
     by_name: BTreeMap<String, Hook>,
+    /// Deliveries being started by a request now.
+    starting: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     gate: Gate,
     runner: Arc<Runner>,
     store: Arc<Store>,
@@ -325,6 +362,7 @@ impl Hooks {
         }
         Self {
             by_name,
+            starting: Arc::default(),
             gate: gate.clone(),
             runner,
             store,
@@ -455,8 +493,19 @@ impl Hooks {
         if let Err(why) = self.decide(hook, &resource, &event, &delivery, body.len()) {
             return HookAnswer::error(403, "forbidden", why);
         }
-        // Recorded before the answer: the same delivery id again runs nothing.
+        // Recorded before the answer: the same delivery id again runs nothing. (While this
+        // request starts it, a concurrent copy is a duplicate too.)
+        let Some(_starting) = Starting::claim(&self.starting, name, &delivery) else {
+            return HookAnswer::ok(json!({"ok": true, "duplicate": true, "delivery": delivery}));
+        };
         let digest = hex(&Sha256::digest(body));
+        // A workflow starts right after the answer: recorded as started. A turn is `accepted`
+        // until it is recorded (a delivery left `accepted` by a stopped gateway is taken over
+        // when the sender delivers it again).
+        let first_status = match &target {
+            Target::Prompt(_) => "accepted",
+            Target::Workflow { .. } => "started",
+        };
         let fresh = {
             let (store, name, d, e, now) = (
                 Arc::clone(&self.store),
@@ -467,7 +516,7 @@ impl Hooks {
             );
             let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
             tokio::task::spawn_blocking(move || {
-                record_delivery(&store, &name, &d, &e, &digest, len, now)
+                record_delivery(&store, &name, &d, &e, &digest, len, first_status, now)
             })
             .await
             .map_err(|e| e.to_string())
@@ -694,6 +743,7 @@ pub fn render(template: &str, hook: &str, event: &str, delivery: &str, body: &[u
 /// Records a delivery id; `false` when it was recorded already and must not run again. A
 /// delivery recorded by an attempt that never started its turn (the gateway stopped before
 /// answering, so the sender delivers again) is taken over.
+#[allow(clippy::too_many_arguments, reason = "one row's worth of fields")]
 fn record_delivery(
     store: &Store,
     hook: &str,
@@ -701,6 +751,7 @@ fn record_delivery(
     event: &str,
     digest: &str,
     bytes: i64,
+    status: &str,
     now: i64,
 ) -> Result<bool, String> {
     let mut conn = store.conn().map_err(|e| e.to_string())?;
@@ -718,8 +769,8 @@ fn record_delivery(
         Some(_) => false,
         None => {
             tx.execute(
-                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6)",
-                params![hook, delivery, event, digest, bytes, now],
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![hook, delivery, event, digest, bytes, status, now],
             )
             .map_err(|e| e.to_string())?;
             true
