@@ -841,6 +841,36 @@ impl Gate {
         self.decide_tool(call, &input, &req, Some(args), &args.to_string())
     }
 
+    /// Decides a model's or user's call of an action that is not a built-in tool but takes
+    /// arguments (the agent's `cron` tool: `cron.manage`). As for a tool call, the decision
+    /// binds the full `args` (the digest an approval is bound to, and the `Authorized`'s
+    /// arguments), and `approved` is true only with a [`Redeemed`] approval of exactly this
+    /// request. `req.context` must not carry `approved` (it is set here).
+    pub fn check_call(
+        &self,
+        req: &PolicyRequest,
+        args: &Value,
+        redeemed: Option<&Redeemed>,
+    ) -> Result<Verdict, GateError> {
+        let mut req = req.clone();
+        req.context.insert("approved".into(), json!(false));
+        if let Some(r) = redeemed {
+            if r.digest() != &request_digest_with(&req, Some(args)) {
+                let e = GateError::ApprovalMismatch;
+                self.record_refusal(
+                    &req.principal.to_string(),
+                    &req.action_name(),
+                    &req.resource.to_string(),
+                    &e.to_string(),
+                    bounded_text("args", &self.redact(&args.to_string())),
+                )?;
+                return Err(e);
+            }
+            req.context.insert("approved".into(), json!(true));
+        }
+        self.check_bound(&req, Some(args), &[])
+    }
+
     /// Decides a built tool request; for `web_fetch`, both phases (see
     /// [`Self::check_tool_call`]).
     fn decide_tool(

@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod approvals;
+pub mod automation;
 pub mod channels;
 pub mod cli;
 pub mod clock;

@@ -276,6 +276,53 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE channel_outbox ADD COLUMN platform_status TEXT;
      CREATE INDEX channel_outbox_platform_id ON channel_outbox(channel, platform_message_id)
        WHERE platform_message_id IS NOT NULL;",
+    // 11: automation. Cron jobs from
+    // chitin.toml (source `config`, synced by the gateway), `chitin cron add` (`cli`), the
+    // agent's `cron` tool (`agent`) and the heartbeat, each as its JSON, with the latest time
+    // considered. `cron_firings`: one row per job and slot (`t:<ms>` for a scheduled time,
+    // `manual:<id>` for `chitin cron run`), written BEFORE the run starts, so a restart never
+    // runs a time twice; then the run and its outcome. `hook_deliveries`: one row per webhook
+    // and delivery id, written before the answer, so a replay runs nothing; the body's size and
+    // SHA-256 only, never the body.
+    "CREATE TABLE cron_jobs (
+        name         TEXT PRIMARY KEY,
+        source       TEXT NOT NULL CHECK (source IN ('config', 'cli', 'agent', 'heartbeat')),
+        user_id      TEXT NOT NULL,
+        job_json     TEXT NOT NULL,
+        created_by   TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        updated_ms   INTEGER NOT NULL,
+        last_tick_ms INTEGER
+     ) STRICT;
+     CREATE TABLE cron_firings (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        job          TEXT NOT NULL,
+        slot         TEXT NOT NULL,
+        tick_ms      INTEGER NOT NULL,
+        kind         TEXT NOT NULL CHECK (kind IN ('scheduled', 'missed', 'manual')),
+        status       TEXT NOT NULL CHECK (status IN ('requested', 'started', 'skipped', 'completed', 'failed', 'interrupted')),
+        run_id       TEXT,
+        result       TEXT,
+        requested_by TEXT,
+        created_ms   INTEGER NOT NULL,
+        finished_ms  INTEGER,
+        UNIQUE (job, slot)
+     ) STRICT;
+     CREATE INDEX cron_firings_status ON cron_firings(status);
+     CREATE TABLE hook_deliveries (
+        hook         TEXT NOT NULL,
+        delivery_id  TEXT NOT NULL,
+        event        TEXT NOT NULL,
+        body_sha256  TEXT NOT NULL,
+        body_bytes   INTEGER NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('accepted', 'started', 'completed', 'failed', 'ignored', 'interrupted')),
+        run_id       TEXT,
+        result       TEXT,
+        received_ms  INTEGER NOT NULL,
+        finished_ms  INTEGER,
+        PRIMARY KEY (hook, delivery_id)
+     ) STRICT;
+     CREATE INDEX hook_deliveries_received ON hook_deliveries(received_ms);",
 ];
 
 /// The state database.

@@ -320,6 +320,22 @@ pub fn send_message_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> 
     ))
 }
 
+/// The `cron` tool, when `user` could ever be allowed `cron.manage`.
+pub fn cron_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> {
+    let principal = format!("Chitin::User::{}", Value::String(user.to_string()))
+        .parse::<cedar_policy::EntityUid>()
+        .ok()?;
+    engine
+        .could_allow(&principal, &crate::policy::Action::CronManage.uid())
+        .ok()
+        .filter(|ok| *ok)?;
+    Some(ToolSpec {
+        name: crate::tools::cron::TOOL.into(),
+        description: crate::tools::cron::DESCRIPTION.into(),
+        input_schema: crate::tools::cron::input_schema(),
+    })
+}
+
 /// The tools `user` could ever be allowed to call (the others are not offered).
 pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
     let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))

@@ -392,6 +392,17 @@ impl Agent {
 
     /// Persists the message and the run, starts the run, and returns its id at once.
     pub async fn submit(&self, req: TurnRequest) -> Result<String, AgentError> {
+        self.submit_with(req, false).await
+    }
+
+    /// [`Self::submit`] for a turn whose text carries untrusted data the caller fenced itself
+    /// (a webhook's body inside the operator's prompt template): the session is tainted in
+    /// the same transaction as the message, whoever the user is.
+    pub async fn submit_tainted(&self, req: TurnRequest) -> Result<String, AgentError> {
+        self.submit_with(req, true).await
+    }
+
+    async fn submit_with(&self, req: TurnRequest, taint: bool) -> Result<String, AgentError> {
         if !valid_session(&req.session) {
             return Err(AgentError::InvalidSession(req.session));
         }
@@ -419,7 +430,7 @@ impl Agent {
                 &rid,
                 r.origin.as_deref(),
                 &m,
-                untrusted,
+                untrusted || taint,
                 now,
             )?)
         })
@@ -1124,6 +1135,12 @@ impl Run {
                         system.push_str(&format!(
                             "\n\nThis conversation's send_message target is `{session}`."
                         ));
+                    }
+                    // `cron` only where the gateway keeps jobs.
+                    if inner.p.sandbox.cron_jobs().is_some()
+                        && let Some(spec) = context::cron_spec(inner.p.gate.engine(), &u)
+                    {
+                        tools.push(spec);
                     }
                     let installed = inner
                         .p

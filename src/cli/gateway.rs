@@ -182,11 +182,26 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         Arc::clone(&vault) as Arc<dyn crate::channels::Sealer>,
         &workspace,
     );
-    // The agent's `send_message` delivers through the channels' outbox (only with channels).
+    // Cron jobs, webhooks and the heartbeat: configured jobs written to state.db, hook
+    // secrets released through the gate now; answers go to chats through the channels'
+    // outbox.
+    let automation = crate::automation::Automation::build(
+        &config,
+        &gate,
+        &store,
+        &clock,
+        &secrets,
+        channels
+            .as_ref()
+            .map(crate::gateway::channels::ChannelsRuntime::messenger),
+    )?;
+    // The agent's `send_message` delivers through the channels' outbox (only with channels);
+    // its `cron` tool keeps jobs in the automation's store.
     let agent_sandbox = match &channels {
         Some(c) => sandbox.clone().with_messenger(c.messenger()),
         None => sandbox.clone(),
-    };
+    }
+    .with_cron(automation.jobs());
     let agent = super::agent::assemble_agent(super::agent::AgentInputs {
         globals,
         config: &config,
@@ -227,6 +242,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             clock: Arc::new(crate::clock::SystemClock),
         }),
         channels,
+        automation: Some(automation),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

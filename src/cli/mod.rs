@@ -5,6 +5,7 @@ pub use agent::{build_agent, router as model_router};
 mod approvals;
 mod audit;
 mod backup;
+mod cron;
 mod data;
 mod doctor;
 mod gateway;
@@ -102,6 +103,9 @@ enum Command {
     /// Lobster-compatible workflows: check, plan (--dry-run) and draw a workflow file.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCmd),
+    /// Cron jobs the gateway runs: list, add, remove, run now.
+    #[command(subcommand)]
+    Cron(cron::CronCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -278,6 +282,7 @@ pub fn main() -> ExitCode {
         Command::Pairing(cmd) => pairing::run_pairing(cmd, &globals),
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd),
+        Command::Cron(cmd) => cron::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

@@ -51,6 +51,8 @@ pub struct AgentConfig {
     pub max_tokens: u32,
     pub context_budget_tokens: u64,
     pub tool_result_max_bytes: usize,
+    /// `[agent.heartbeat]` (documented in `config::automation`).
+    pub heartbeat: super::automation::HeartbeatConfig,
 }
 
 impl Default for AgentConfig {
@@ -66,6 +68,7 @@ impl Default for AgentConfig {
             max_tokens: 4096,
             context_budget_tokens: 64_000,
             tool_result_max_bytes: 16 * 1024,
+            heartbeat: super::automation::HeartbeatConfig::default(),
         }
     }
 }

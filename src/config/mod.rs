@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod automation;
 pub mod backup;
 pub mod channels;
 pub mod cli;
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod providers;
 pub mod retention;
 pub mod sandbox;
+pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
@@ -66,6 +68,8 @@ pub struct Config {
     pub backup: backup::BackupConfig,
     pub cli: cli::CliConfig,
     pub channels: Vec<channels::ChannelConfig>,
+    pub cron: Vec<automation::CronJob>,
+    pub hooks: Vec<automation::HookConfig>,
 }
 
 impl Config {
@@ -131,6 +135,14 @@ impl Config {
             .and_then(|()| config.backup.validate())
             .and_then(|()| config.cli.validate())
             .and_then(|()| channels::validate(&config.channels))
+            .and_then(|()| {
+                automation::validate(
+                    &config.cron,
+                    &config.hooks,
+                    &config.agent.heartbeat,
+                    &config.channels,
+                )
+            })
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -170,6 +182,7 @@ pub fn default_toml() -> String {
         backup::TEMPLATE,
         cli::TEMPLATE,
         channels::TEMPLATE,
+        automation::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

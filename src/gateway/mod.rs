@@ -113,6 +113,8 @@ pub struct Parts {
     pub lifecycle: Option<crate::lifecycle::Lifecycle>,
     /// The chat channels (`[[channels]]`); none configured: nothing of them runs.
     pub channels: Option<channels::ChannelsRuntime>,
+    /// Cron jobs, webhooks (`POST /hooks/<name>`) and the heartbeat.
+    pub automation: Option<crate::automation::Automation>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -145,6 +147,8 @@ struct App {
     channel_metrics: Option<channels::ChannelMetrics>,
     /// `GET|POST /channels/<name>/<route>` (no gateway token: the platform's secret or signature instead).
     channel_webhooks: Option<Arc<channels::Webhooks>>,
+    /// `POST /hooks/<name>` (no gateway token: the hook's signature instead).
+    hooks: Option<Arc<crate::automation::hooks::Hooks>>,
     shared_secrets: Option<crate::secrets::SharedSecretStore>,
     clock: Arc<dyn crate::clock::Clock>,
     gate: Gate,
@@ -266,6 +270,7 @@ fn router(app: Arc<App>) -> Router {
             "/channels/{name}/{route}",
             get(channel_webhook).post(channel_webhook),
         )
+        .route("/hooks/{name}", post(hook_webhook))
         .merge(protected)
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
@@ -320,6 +325,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             Err(e) => error!(error = %e, "could not resume unfinished runs"),
         }
     }
+    if let (Some(auto), Some(agent)) = (&parts.automation, &parts.agent) {
+        auto.set_agent(agent.clone());
+    }
     let channel_agent = parts.agent.clone();
     let channel_metrics = parts
         .channels
@@ -333,6 +341,10 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         agent: parts.agent,
         channel_metrics,
         channel_webhooks,
+        hooks: parts
+            .automation
+            .as_ref()
+            .map(crate::automation::Automation::hooks),
         shared_secrets: parts.shared_secrets,
         clock: Arc::clone(&parts.clock),
         gate: parts.gate,
@@ -396,6 +408,11 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
     if let Some(ch) = parts.channels {
         ch.spawn(channel_agent, stop_rx.clone());
+    }
+    // After the agent resumed its runs: the scheduler finishes the firings of the last
+    // gateway, then looks once a second.
+    if let Some(auto) = &parts.automation {
+        auto.spawn(app.globals.clone(), stop_rx.clone());
     }
     tokio::spawn(watch_files(Arc::clone(&app)));
     tokio::spawn(auth_summaries(Arc::clone(&app)));
@@ -842,6 +859,7 @@ async fn front(
         "/tools/invoke" => "/tools/invoke",
         "/ws" => "/ws",
         "/" | "/app.js" | "/app.css" => "/",
+        p if p.starts_with("/hooks/") => "/hooks",
         _ => "other",
     };
     let method = req.method().clone();
@@ -1281,6 +1299,43 @@ async fn channel_webhook(
         };
     }
     error_body(status, a.code, &a.message)
+}
+
+/// `POST /hooks/<name>`: the body is read up to the hook's `max_body_kib` (413 beyond), then
+/// handed to `automation::hooks` (signature, deduplication, Cedar, the turn or workflow).
+async fn hook_webhook(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let Some(hooks) = app.hooks.clone() else {
+        return error_body(StatusCode::NOT_FOUND, "not_found", "no such route");
+    };
+    let Some(limit) = hooks.max_body(&name) else {
+        return error_body(StatusCode::NOT_FOUND, "not_found", "no such route");
+    };
+    let hdrs: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_string(), v.to_string()))
+        })
+        .collect();
+    let Ok(body) = axum::body::to_bytes(req.into_body(), limit).await else {
+        return error_body(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!(
+                "the body is larger than this hook's limit of {} KiB ([[hooks]] max_body_kib)",
+                limit / 1024
+            ),
+        );
+    };
+    let a = hooks.handle(&name, &hdrs, &body).await;
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, axum::Json(a.body)).into_response()
 }
 
 async fn metrics_handler(State(app): State<Arc<App>>) -> Response {

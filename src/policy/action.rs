@@ -71,6 +71,8 @@ closed_enum! {
         RetentionRun => "retention.run",
         RetentionHold => "retention.hold",
         RetentionRelease => "retention.release",
+        CronManage => "cron.manage",
+        WebhookReceive => "webhook.receive",
     }
 }
 

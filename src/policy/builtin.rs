@@ -38,6 +38,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "secrets.cedar",
         include_str!("../../policies/default/secrets.cedar"),
     ),
+    (
+        "automation.cedar",
+        include_str!("../../policies/default/automation.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.

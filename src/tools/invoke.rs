@@ -132,6 +132,9 @@ pub fn invoke(
     args: &Value,
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
+    if tool == super::cron::TOOL {
+        return super::cron::invoke(gate, sandbox, call, args, approvals);
+    }
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     // `send_message` is invocable too; it runs only where a messenger is attached (channels).
     let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t) || *t == Tool::SendMessage);
@@ -349,7 +352,7 @@ fn path_of(parsed: &Parsed) -> &str {
 }
 
 /// Records a call that never reached a decision (unknown tool, bad arguments) as a refusal.
-fn refuse(
+pub(super) fn refuse(
     gate: &Gate,
     actor: &str,
     tool: &str,

@@ -11,6 +11,7 @@
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
 pub mod cancel;
+pub mod cron;
 pub mod fetch;
 pub mod helper;
 pub mod invoke;
@@ -467,6 +468,8 @@ pub struct Sandbox {
     prompt_marks: Option<prompt_guard::PromptMarks>,
     /// Where `send_message` delivers (only when chat channels are configured).
     messenger: Option<std::sync::Arc<dyn message::Messenger>>,
+    /// Where the `cron` tool keeps jobs (only in the gateway).
+    cron: Option<std::sync::Arc<dyn cron::CronJobs>>,
 }
 
 impl Sandbox {
@@ -491,6 +494,7 @@ impl Sandbox {
             cancel: None,
             prompt_marks: None,
             messenger: None,
+            cron: None,
         })
     }
 
@@ -531,6 +535,18 @@ impl Sandbox {
     /// Where `send_message` delivers, if chat channels are configured.
     pub fn messenger(&self) -> Option<&std::sync::Arc<dyn message::Messenger>> {
         self.messenger.as_ref()
+    }
+
+    /// Lets the `cron` tool add, list and remove jobs in the gateway's automation store.
+    #[must_use]
+    pub fn with_cron(mut self, jobs: std::sync::Arc<dyn cron::CronJobs>) -> Self {
+        self.cron = Some(jobs);
+        self
+    }
+
+    /// Where the `cron` tool keeps jobs, if anywhere.
+    pub fn cron_jobs(&self) -> Option<&std::sync::Arc<dyn cron::CronJobs>> {
+        self.cron.as_ref()
     }
 
     /// Attaches the record of prompt files changed by tainted runs.
@@ -1045,6 +1061,7 @@ mod tests {
             cancel: None,
             prompt_marks: None,
             messenger: None,
+            cron: None,
         };
         let e = exec(
             &auth,
@@ -1086,6 +1103,7 @@ mod tests {
             cancel: None,
             prompt_marks: None,
             messenger: None,
+            cron: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1164,6 +1182,7 @@ mod tests {
             cancel: None,
             prompt_marks: None,
             messenger: None,
+            cron: None,
         };
         (home, d, w, sb)
     }

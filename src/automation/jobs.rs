@@ -1,0 +1,534 @@
+//! The cron jobs and their firings in `state.db` (tables `cron_jobs`, `cron_firings`).
+//!
+//! Jobs come from four places, kept apart by `source`: `config` (`[[cron]]`, written by
+//! [`JobStore::sync_config`] at gateway start and every minute), `heartbeat`
+//! (`[agent.heartbeat]`, the same way), `cli` (`chitin cron add`) and `agent` (the `cron`
+//! tool). Only `cli` and `agent` jobs can be removed here; the others are changed in
+//! chitin.toml.
+
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{OptionalExtension, params};
+use serde_json::{Value, json};
+
+use super::AutomationError;
+use crate::clock::{Clock, rfc3339};
+use crate::config::Config;
+use crate::config::automation::{CronJob, HEARTBEAT_JOB, Target};
+use crate::config::channels::ChannelConfig;
+use crate::store::Store;
+
+/// Firings older than this are deleted (the latest of each job is kept).
+const FIRINGS_KEPT_MS: i64 = 30 * 86_400_000;
+
+/// A stored job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRow {
+    pub name: String,
+    /// `config`, `heartbeat`, `cli` or `agent`.
+    pub source: String,
+    /// The user it runs as.
+    pub user: String,
+    pub job: CronJob,
+    pub created_by: String,
+    pub created_ms: i64,
+    /// The latest time considered (fired or skipped); `None`: none yet.
+    pub last_tick_ms: Option<i64>,
+}
+
+/// A `cron_jobs` row before its job JSON is parsed: name, source, user, job JSON, created by,
+/// created, last time.
+type RawJob = (String, String, String, String, String, i64, Option<i64>);
+
+impl JobRow {
+    /// Whether answers are filtered by the heartbeat convention.
+    pub fn is_heartbeat(&self) -> bool {
+        self.source == "heartbeat"
+    }
+}
+
+/// A stored firing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FiringRow {
+    pub id: i64,
+    pub job: String,
+    /// `t:<ms>` (a scheduled time) or `manual:<id>`.
+    pub slot: String,
+    pub tick_ms: i64,
+    /// `scheduled`, `missed` or `manual`.
+    pub kind: String,
+    /// `requested`, `started`, `skipped`, `completed`, `failed` or `interrupted`.
+    pub status: String,
+    pub run_id: Option<String>,
+    pub result: Option<String>,
+    pub created_ms: i64,
+}
+
+/// What the job store knows beyond the database: which chat channels exist (for `deliver`),
+/// as of the last config read.
+#[derive(Debug, Clone)]
+struct Settings {
+    channels: Vec<ChannelConfig>,
+}
+
+/// The job store.
+pub struct JobStore {
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    settings: RwLock<Settings>,
+}
+
+impl std::fmt::Debug for JobStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobStore").finish_non_exhaustive()
+    }
+}
+
+fn firing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FiringRow> {
+    Ok(FiringRow {
+        id: r.get(0)?,
+        job: r.get(1)?,
+        slot: r.get(2)?,
+        tick_ms: r.get(3)?,
+        kind: r.get(4)?,
+        status: r.get(5)?,
+        run_id: r.get(6)?,
+        result: r.get(7)?,
+        created_ms: r.get(8)?,
+    })
+}
+
+const FIRING_COLUMNS: &str = "id, job, slot, tick_ms, kind, status, run_id, result, created_ms";
+
+impl JobStore {
+    /// The store over `state.db`; `channels` are the configured chat channels (for
+    /// `deliver`).
+    pub fn new(store: Arc<Store>, clock: Arc<dyn Clock>, channels: Vec<ChannelConfig>) -> Self {
+        Self {
+            store,
+            clock,
+            settings: RwLock::new(Settings { channels }),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Writes the jobs of `[[cron]]` and `[agent.heartbeat]` into the store in one
+    /// transaction: new ones added, changed ones updated (their last time kept, so a change
+    /// does not re-run a time), removed ones deleted. A `cli` or `agent` job with the name of
+    /// a configured job is replaced by it (logged).
+    pub fn sync_config(&self, config: &Config) -> Result<(), AutomationError> {
+        if let Ok(mut s) = self.settings.write() {
+            *s = Settings {
+                channels: config.channels.clone(),
+            };
+        }
+        let owner = config.gateway.owner.clone();
+        let mut wanted: Vec<(CronJob, &str)> =
+            config.cron.iter().map(|j| (j.clone(), "config")).collect();
+        if let Some(h) = config.agent.heartbeat.job() {
+            wanted.push((h, "heartbeat"));
+        }
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        for (job, source) in &wanted {
+            let user = job.user.clone().unwrap_or_else(|| owner.clone());
+            let text = serde_json::to_string(job).map_err(|e| AutomationError::BadJob {
+                name: job.name.clone(),
+                reason: e.to_string(),
+            })?;
+            let existing: Option<(String, String, String)> = tx
+                .query_row(
+                    "SELECT source, job_json, user_id FROM cron_jobs WHERE name = ?1",
+                    [&job.name],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            match existing {
+                Some((s, j, u)) if s == *source && j == text && u == user => {}
+                Some((s, _, _)) => {
+                    if s != *source {
+                        tracing::warn!(job = %job.name, was = %s, "a cron job added at run time is replaced by the one in chitin.toml");
+                    }
+                    tx.execute(
+                        "UPDATE cron_jobs SET source = ?2, user_id = ?3, job_json = ?4, created_by = 'chitin.toml', updated_ms = ?5 WHERE name = ?1",
+                        params![job.name, source, user, text, now],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'chitin.toml', ?5, ?5)",
+                        params![job.name, source, user, text, now],
+                    )?;
+                }
+            }
+        }
+        let names: Vec<String> = {
+            let mut st =
+                tx.prepare("SELECT name FROM cron_jobs WHERE source IN ('config', 'heartbeat')")?;
+            st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        for n in names {
+            if !wanted.iter().any(|(j, _)| j.name == n) {
+                tx.execute("DELETE FROM cron_jobs WHERE name = ?1", [&n])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every job, by name.
+    pub fn all(&self) -> Result<Vec<JobRow>, AutomationError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(
+            "SELECT name, source, user_id, job_json, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
+        )?;
+        let rows: Vec<RawJob> = st
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(name, source, user, text, created_by, created_ms, last)| {
+                let job: CronJob =
+                    serde_json::from_str(&text).map_err(|e| AutomationError::BadJob {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(JobRow {
+                    name,
+                    source,
+                    user,
+                    job,
+                    created_by,
+                    created_ms,
+                    last_tick_ms: last,
+                })
+            })
+            .collect()
+    }
+
+    /// One job.
+    pub fn get(&self, name: &str) -> Result<Option<JobRow>, AutomationError> {
+        Ok(self.all()?.into_iter().find(|j| j.name == name))
+    }
+
+    /// Checks a job that is to be added: valid (schedule, time zone, target, `deliver`
+    /// against the configured channels) and its name free.
+    pub fn check_new(&self, job: &CronJob) -> Result<(), AutomationError> {
+        job.validate(&self.settings().channels)
+            .map_err(AutomationError::Invalid)?;
+        if self.get(&job.name)?.is_some() {
+            return Err(AutomationError::Exists(job.name.clone()));
+        }
+        Ok(())
+    }
+
+    /// Adds a job (`source` `cli` or `agent`) that runs as `user`.
+    pub fn add(
+        &self,
+        job: &CronJob,
+        user: &str,
+        source: &str,
+        created_by: &str,
+    ) -> Result<JobRow, AutomationError> {
+        self.check_new(job)?;
+        let mut job = job.clone();
+        job.user = Some(user.to_string());
+        let text = serde_json::to_string(&job).map_err(|e| AutomationError::BadJob {
+            name: job.name.clone(),
+            reason: e.to_string(),
+        })?;
+        let now = self.clock.now_ms();
+        let conn = self.store.conn()?;
+        let n = conn.execute(
+            "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT(name) DO NOTHING",
+            params![job.name, source, user, text, created_by, now],
+        )?;
+        if n == 0 {
+            return Err(AutomationError::Exists(job.name.clone()));
+        }
+        Ok(JobRow {
+            name: job.name.clone(),
+            source: source.to_string(),
+            user: user.to_string(),
+            job,
+            created_by: created_by.to_string(),
+            created_ms: now,
+            last_tick_ms: None,
+        })
+    }
+
+    /// Removes a `cli` or `agent` job and its firings.
+    pub fn remove(&self, name: &str) -> Result<(), AutomationError> {
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let source: Option<String> = tx
+            .query_row(
+                "SELECT source FROM cron_jobs WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        match source.as_deref() {
+            None => return Err(AutomationError::NoJob(name.to_string())),
+            Some("config" | "heartbeat") => {
+                return Err(AutomationError::FromConfig(name.to_string()));
+            }
+            Some(_) => {}
+        }
+        tx.execute("DELETE FROM cron_jobs WHERE name = ?1", [name])?;
+        tx.execute("DELETE FROM cron_firings WHERE job = ?1", [name])?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a time of `job` as fired (status `started`) and advances the job's last time,
+    /// in one transaction, BEFORE the run starts. `None` when that time was recorded already
+    /// (by this or an earlier gateway): it must not run again.
+    pub fn claim_tick(
+        &self,
+        job: &str,
+        tick_ms: i64,
+        kind: &str,
+    ) -> Result<Option<FiringRow>, AutomationError> {
+        self.record_tick(job, tick_ms, kind, "started", None)
+    }
+
+    /// Records a time of `job` as skipped (missed while the gateway was down, `missed =
+    /// "skip"`) and advances the job's last time.
+    pub fn skip_tick(&self, job: &str, tick_ms: i64) -> Result<(), AutomationError> {
+        self.record_tick(
+            job,
+            tick_ms,
+            "missed",
+            "skipped",
+            Some("missed while the gateway was down; skipped (missed = \"skip\")"),
+        )
+        .map(|_| ())
+    }
+
+    fn record_tick(
+        &self,
+        job: &str,
+        tick_ms: i64,
+        kind: &str,
+        status: &str,
+        result: Option<&str>,
+    ) -> Result<Option<FiringRow>, AutomationError> {
+        let now = self.clock.now_ms();
+        let slot = format!("t:{tick_ms}");
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let n = tx.execute(
+            "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, result, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(job, slot) DO NOTHING",
+            params![job, slot, tick_ms, kind, status, result, now],
+        )?;
+        tx.execute(
+            "UPDATE cron_jobs SET last_tick_ms = MAX(COALESCE(last_tick_ms, ?2), ?2) WHERE name = ?1",
+            params![job, tick_ms],
+        )?;
+        let row = if n == 0 {
+            None
+        } else {
+            Some(tx.query_row(
+                &format!("SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 AND slot = ?2"),
+                params![job, slot],
+                firing_row,
+            )?)
+        };
+        tx.commit()?;
+        Ok(row)
+    }
+
+    /// Asks the gateway to run `job` now (`chitin cron run`): a `manual` firing in status
+    /// `requested`, started at the scheduler's next look (within a second while it runs).
+    pub fn request_run(&self, job: &str, requested_by: &str) -> Result<FiringRow, AutomationError> {
+        if self.get(job)?.is_none() {
+            return Err(AutomationError::NoJob(job.to_string()));
+        }
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| AutomationError::Task(e.to_string()))?;
+        let slot = format!(
+            "manual:{}",
+            id.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let now = self.clock.now_ms();
+        let conn = self.store.conn()?;
+        conn.execute(
+            "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, requested_by, created_ms) VALUES (?1, ?2, ?3, 'manual', 'requested', ?4, ?3)",
+            params![job, slot, now, requested_by],
+        )?;
+        Ok(conn.query_row(
+            &format!("SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 AND slot = ?2"),
+            params![job, slot],
+            firing_row,
+        )?)
+    }
+
+    /// Claims every `requested` firing (status `started`), in one transaction.
+    pub fn claim_requested(&self) -> Result<Vec<FiringRow>, AutomationError> {
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let rows: Vec<FiringRow> = {
+            let mut st = tx.prepare(&format!(
+                "UPDATE cron_firings SET status = 'started' WHERE status = 'requested' RETURNING {FIRING_COLUMNS}"
+            ))?;
+            st.query_map([], firing_row)?.collect::<Result<_, _>>()?
+        };
+        tx.commit()?;
+        Ok(rows)
+    }
+
+    /// Firings left `started` (by a gateway that stopped).
+    pub fn unfinished(&self) -> Result<Vec<FiringRow>, AutomationError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE status = 'started' ORDER BY id"
+        ))?;
+        Ok(st.query_map([], firing_row)?.collect::<Result<_, _>>()?)
+    }
+
+    /// Every firing of `job`, oldest first.
+    pub fn firings(&self, job: &str) -> Result<Vec<FiringRow>, AutomationError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 ORDER BY id"
+        ))?;
+        Ok(st.query_map([job], firing_row)?.collect::<Result<_, _>>()?)
+    }
+
+    /// The run a firing started.
+    pub fn set_run(&self, firing: i64, run_id: &str) -> Result<(), AutomationError> {
+        let conn = self.store.conn()?;
+        conn.execute(
+            "UPDATE cron_firings SET run_id = ?2 WHERE id = ?1",
+            params![firing, run_id],
+        )?;
+        Ok(())
+    }
+
+    /// How a firing ended (`completed`, `failed` or `interrupted`).
+    pub fn finish(&self, firing: i64, status: &str, result: &str) -> Result<(), AutomationError> {
+        let now = self.clock.now_ms();
+        let conn = self.store.conn()?;
+        conn.execute(
+            "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1",
+            params![firing, status, result, now],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes finished firings older than 30 days (the latest of each job is kept) and
+    /// webhook deliveries older than 7 days (the deduplication window).
+    pub fn prune(&self) -> Result<(), AutomationError> {
+        let now = self.clock.now_ms();
+        let conn = self.store.conn()?;
+        conn.execute(
+            "DELETE FROM cron_firings WHERE created_ms < ?1 AND status NOT IN ('requested', 'started')
+               AND id NOT IN (SELECT MAX(id) FROM cron_firings GROUP BY job)",
+            [now - FIRINGS_KEPT_MS],
+        )?;
+        conn.execute(
+            "DELETE FROM hook_deliveries WHERE received_ms < ?1",
+            [now - super::hooks::DEDUP_WINDOW_MS],
+        )?;
+        Ok(())
+    }
+
+    /// A job as the `cron` tool, `chitin cron list --json` and the log show it.
+    pub fn summary(&self, j: &JobRow) -> Value {
+        let schedule = j.job.parsed_schedule();
+        let now = self.clock.now_ms();
+        let next = schedule
+            .as_ref()
+            .ok()
+            .and_then(|s| s.next_after(now.max(j.last_tick_ms.unwrap_or(now))));
+        let last = self
+            .firings(&j.name)
+            .ok()
+            .and_then(|f| f.into_iter().next_back())
+            .map(|f| {
+                json!({"at": rfc3339(f.tick_ms), "kind": f.kind, "status": f.status,
+                       "run_id": f.run_id, "result": f.result})
+            });
+        let mut v = json!({
+            "name": j.name,
+            "source": j.source,
+            "user": j.user,
+            "schedule": schedule.map_or_else(|e| format!("invalid: {e}"), |s| s.describe()),
+            "session": j.job.session_key(),
+            "deliver": j.job.deliver.clone().unwrap_or_default(),
+            "missed": j.job.missed.as_str(),
+            "next_run": next.map(rfc3339),
+            "last": last,
+            "created_by": j.created_by,
+        });
+        if let Some(m) = v.as_object_mut() {
+            match j.job.target() {
+                Ok(Target::Prompt(p)) => {
+                    m.insert("prompt".into(), json!(p));
+                }
+                Ok(Target::Workflow { file, args }) => {
+                    m.insert("workflow".into(), json!(file));
+                    m.insert("args".into(), args);
+                }
+                Err(e) => {
+                    m.insert("target".into(), json!(format!("invalid: {e}")));
+                }
+            }
+        }
+        v
+    }
+}
+
+impl crate::tools::cron::CronJobs for JobStore {
+    fn check(&self, job: &CronJob) -> Result<(), String> {
+        if job.name == HEARTBEAT_JOB {
+            return Err("the name `heartbeat` is reserved; pick another".into());
+        }
+        self.check_new(job).map_err(|e| e.to_string())
+    }
+
+    fn job_user(&self, name: &str) -> Result<Option<String>, String> {
+        self.get(name)
+            .map(|j| j.map(|j| j.user))
+            .map_err(|e| e.to_string())
+    }
+
+    fn add(&self, job: &CronJob, user: &str, created_by: &str) -> Result<Value, String> {
+        let row = JobStore::add(self, job, user, "agent", created_by).map_err(|e| e.to_string())?;
+        tracing::info!(job = %row.name, user = %user, by = %created_by, "cron job added by the agent");
+        Ok(self.summary(&row))
+    }
+
+    fn list(&self, user: &str) -> Result<Value, String> {
+        let all = self.all().map_err(|e| e.to_string())?;
+        Ok(Value::Array(
+            all.iter()
+                .filter(|j| j.user == user)
+                .map(|j| self.summary(j))
+                .collect(),
+        ))
+    }
+
+    fn remove(&self, name: &str) -> Result<(), String> {
+        JobStore::remove(self, name).map_err(|e| e.to_string())?;
+        tracing::info!(job = %name, "cron job removed by the agent");
+        Ok(())
+    }
+}
