@@ -162,7 +162,7 @@ impl Runner {
                 result: format!("run {run_id}: answer kept in the session"),
             };
         }
-        match self.deliver(deliver, &text) {
+        match self.deliver(deliver, &text, &format!("automation:{run_id}")) {
             Ok(_) => Outcome {
                 status: "completed",
                 result: format!("run {run_id}: delivered to {deliver}"),
@@ -175,8 +175,9 @@ impl Runner {
     }
 
     /// Queues `text` for the chat conversation `deliver` (`channel:<name>:<dm|group>:<id>`)
-    /// in the channels' outbox.
-    pub fn deliver(&self, deliver: &str, text: &str) -> Result<String, String> {
+    /// in the channels' outbox, once per `key` (a run delivered again after a restart is not
+    /// sent twice).
+    pub fn deliver(&self, deliver: &str, text: &str, key: &str) -> Result<String, String> {
         let Some(m) = &self.messenger else {
             return Err("no chat channels are running in this gateway".into());
         };
@@ -190,10 +191,10 @@ impl Runner {
         };
         // As a session key first (ids escaped as the channel engine writes them), then as
         // `<kind>:<dm|group>:<raw chat id>`.
-        match m.send(channel, deliver, text) {
+        match m.send_once(channel, deliver, text, key) {
             Ok(r) => Ok(r),
             Err(first) => match self.kinds.get(channel) {
-                Some(kind) => m.send(channel, &format!("{kind}:{rest}"), text),
+                Some(kind) => m.send_once(channel, &format!("{kind}:{rest}"), text, key),
                 None => Err(first),
             },
         }

@@ -827,6 +827,30 @@ impl std::fmt::Debug for OutboxMessenger {
 
 impl crate::tools::message::Messenger for OutboxMessenger {
     fn send(&self, channel: &str, target: &str, text: &str) -> Result<String, String> {
+        self.queue(channel, target, text, None)
+    }
+
+    fn send_once(
+        &self,
+        channel: &str,
+        target: &str,
+        text: &str,
+        key: &str,
+    ) -> Result<String, String> {
+        self.queue(channel, target, text, Some(key))
+    }
+}
+
+impl OutboxMessenger {
+    /// Queues `text` for `target` of `channel`, split at the platform's limit, under `key`
+    /// when given (queued once per key).
+    fn queue(
+        &self,
+        channel: &str,
+        target: &str,
+        text: &str,
+        key: Option<&str>,
+    ) -> Result<String, String> {
         let Some((kind, max_chars, notify)) = self.channels.get(channel) else {
             return Err(format!(
                 "no running channel named `{}`",
@@ -864,7 +888,7 @@ impl crate::tools::message::Messenger for OutboxMessenger {
             buttons: Vec::new(),
             reply_to: None,
             kind: OutboxKind::SendMessage,
-            dedup_key: None,
+            dedup_key: key.map(str::to_string),
         };
         let ids = self
             .engine

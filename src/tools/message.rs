@@ -27,6 +27,18 @@ pub trait Messenger: Send + Sync + std::fmt::Debug {
     /// Queues `text` for conversation `target` of `channel` (durably, before returning);
     /// returns a short receipt for the model. The error is a sentence for the model.
     fn send(&self, channel: &str, target: &str, text: &str) -> Result<String, String>;
+    /// [`Self::send`], queued once per `key` (e.g. `automation:<run>`): sending again under the
+    /// same key (a retry after a restart) adds nothing.
+    fn send_once(
+        &self,
+        channel: &str,
+        target: &str,
+        text: &str,
+        key: &str,
+    ) -> Result<String, String> {
+        let _ = key;
+        self.send(channel, target, text)
+    }
 }
 
 /// Queues the message an `Authorized` covers.
