@@ -1,0 +1,1 @@
+//! The agent's `workflow` tool over the runner.
