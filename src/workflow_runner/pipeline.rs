@@ -258,6 +258,14 @@ pub fn parse(text: &str, marks: &[Range<usize>]) -> Result<Vec<Stage>, String> {
             ));
         }
         let exec_like = name_w.text == "exec";
+        // Flags that never take a value (Lobster's parser would read `exec --json gh pr list`
+        // as `--json gh`).
+        let switches: &[&str] = match name_w.text.as_str() {
+            "exec" => &["json"],
+            "sort" => &["desc"],
+            "chitin.invoke" => &["each"],
+            _ => &[],
+        };
         let mut positional = Vec::new();
         let mut flags = Vec::new();
         let mut i = 0;
@@ -279,6 +287,7 @@ pub fn parse(text: &str, marks: &[Range<usize>]) -> Result<Vec<Stage>, String> {
                 }
                 let v = match value {
                     Some(v) => Flag::Value(word(v)),
+                    None if switches.contains(&key_w.text.as_str()) => Flag::On,
                     None => match rest.get(i + 1) {
                         // A following literal `--x` is the next flag; a value that starts
                         // with `--` is still a value.
@@ -706,8 +715,8 @@ mod tests {
         let s = p(r#"exec --json gh pr list | where state="open | closed" | head --n 3"#);
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].name, "exec");
-        assert!(s[0].flag("json").is_some());
-        assert_eq!(s[0].flag("json").unwrap().text, "gh");
+        assert!(s[0].has("json"));
+        assert_eq!(s[0].positional[0].text, "gh");
         assert_eq!(s[1].positional[0].text, "state=open | closed");
         assert_eq!(s[2].flag("n").unwrap().text, "3");
     }
