@@ -194,10 +194,45 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         store: &store,
         clock: &clock,
         secrets: &secrets,
-        sandbox: agent_sandbox,
+        sandbox: agent_sandbox.clone(),
         workspace: workspace.clone(),
         vault: Arc::clone(&vault),
     })?;
+    // Workflows: approvals they open show where the agent's do (chats, the web page); the
+    // agent's own `workflow` calls announce theirs themselves.
+    let events: Arc<dyn Fn(crate::workflow_runner::RunnerEvent) + Send + Sync> = {
+        let agent = agent.clone();
+        Arc::new(move |e| match e {
+            crate::workflow_runner::RunnerEvent::ApprovalRequested {
+                user,
+                session,
+                run_id,
+                origin,
+                approval,
+            } if origin != "model" => agent.publish(crate::agent::AgentEvent {
+                user,
+                session: session.clone(),
+                event: "approval.requested",
+                payload: json!({"approval": approval.to_json(false), "run_id": null,
+                                "session": session, "workflow_run": run_id}),
+            }),
+            crate::workflow_runner::RunnerEvent::ApprovalRequested { .. } => {}
+        })
+    };
+    let workflows = super::workflow::assemble_runner(super::workflow::RunnerInputs {
+        config: &config,
+        gate: &gate,
+        store: &store,
+        clock: &clock,
+        secrets: &secrets,
+        sandbox: agent_sandbox,
+        workspace: workspace.clone(),
+        vault: Arc::clone(&vault),
+        events: Some(events),
+    })?;
+    agent.set_workflow_tool(Arc::new(crate::workflow_runner::tool::RunnerTool::new(
+        workflows.clone(),
+    )));
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
@@ -227,6 +262,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             clock: Arc::new(crate::clock::SystemClock),
         }),
         channels,
+        workflows: Some(workflows),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

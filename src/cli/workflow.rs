@@ -205,14 +205,46 @@ fn load(path: &Path) -> Result<Workflow, Failure> {
     Workflow::parse(&text, &shown).map_err(Failure::parse)
 }
 
-/// The runner over an opened runtime, as the CLI and the gateway build it: the agent's
-/// sandbox (with tool secrets), the workspace, `[workflows]`, the model router, the vault as
-/// sealer, the resume-token key from the secret store.
-pub(crate) fn build_runner(
-    globals: &Globals,
-    rt: &Runtime,
-    events: Option<Arc<dyn Fn(crate::workflow_runner::RunnerEvent) + Send + Sync>>,
-) -> Result<Runner, BoxError> {
+/// What a runner is built from (the CLI and the gateway open these their own way).
+pub(crate) struct RunnerInputs<'a> {
+    pub config: &'a crate::config::Config,
+    pub gate: &'a crate::gate::Gate,
+    pub store: &'a Arc<crate::store::Store>,
+    pub clock: &'a Arc<dyn crate::clock::Clock>,
+    pub secrets: &'a crate::secrets::SharedSecretStore,
+    /// The tool sandbox, with the tool secrets (and, in the gateway, the channels' messenger).
+    pub sandbox: crate::tools::Sandbox,
+    pub workspace: PathBuf,
+    pub vault: Arc<crate::vault::Vault>,
+    pub events: Option<Arc<dyn Fn(crate::workflow_runner::RunnerEvent) + Send + Sync>>,
+}
+
+/// The runner, assembled the same way for the gateway and the CLI: `[workflows]`, the model
+/// router (keys through the gate), the vault as sealer, the resume-token key from the secret
+/// store (created there on first use).
+pub(crate) fn assemble_runner(i: RunnerInputs<'_>) -> Result<Runner, BoxError> {
+    let token_key = TokenKey::from_store(&mut i.secrets.write())?;
+    let home_dir = std::env::var_os("HOME").map(PathBuf::from);
+    Ok(Runner::new(RunnerParts {
+        gate: i.gate.clone(),
+        store: Arc::clone(i.store),
+        sandbox: i.sandbox,
+        workspace: i.workspace,
+        library: i.config.workflows.library_dirs(home_dir.as_deref()),
+        router: super::agent::router(i.config, i.gate, i.secrets, Arc::clone(i.clock))?,
+        sealer: i.vault,
+        clock: Arc::clone(i.clock),
+        sleeper: Arc::new(crate::providers::retry::TokioSleeper),
+        token_key,
+        token_ttl_ms: i.config.workflows.ttl_ms(),
+        budgets: i.config.budgets.clone(),
+        max_steps: i.config.workflows.max_steps,
+        events: i.events,
+    }))
+}
+
+/// The runner over an opened runtime (the CLI).
+pub(crate) fn build_runner(globals: &Globals, rt: &Runtime) -> Result<Runner, BoxError> {
     let workspace =
         super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
     let vault = crate::vault::Vault::from_store(
@@ -220,7 +252,6 @@ pub(crate) fn build_runner(
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
-    let token_key = TokenKey::from_store(&mut rt.secrets.write())?;
     let sandbox = crate::tools::Sandbox::current(
         globals.home.clone(),
         globals
@@ -233,23 +264,17 @@ pub(crate) fn build_runner(
         rt.gate.clone(),
         rt.secrets.clone(),
     )));
-    let home_dir = std::env::var_os("HOME").map(PathBuf::from);
-    Ok(Runner::new(RunnerParts {
-        gate: rt.gate.clone(),
-        store: Arc::clone(&rt.store),
+    assemble_runner(RunnerInputs {
+        config: &rt.config,
+        gate: &rt.gate,
+        store: &rt.store,
+        clock: &rt.clock,
+        secrets: &rt.secrets,
         sandbox,
         workspace,
-        library: rt.config.workflows.library_dirs(home_dir.as_deref()),
-        router: super::agent::router(&rt.config, &rt.gate, &rt.secrets, Arc::clone(&rt.clock))?,
-        sealer: Arc::new(vault),
-        clock: Arc::clone(&rt.clock),
-        sleeper: Arc::new(crate::providers::retry::TokioSleeper),
-        token_key,
-        token_ttl_ms: rt.config.workflows.ttl_ms(),
-        budgets: rt.config.budgets.clone(),
-        max_steps: rt.config.workflows.max_steps,
-        events,
-    }))
+        vault: Arc::new(vault),
+        events: None,
+    })
 }
 
 fn tokio_rt() -> Result<tokio::runtime::Runtime, Failure> {
@@ -263,7 +288,7 @@ fn tokio_rt() -> Result<tokio::runtime::Runtime, Failure> {
 /// The runtime and the runner, or the failure to report.
 fn open(globals: &Globals) -> Result<(Runtime, Runner), Failure> {
     let rt = Runtime::open(globals).map_err(Failure::runtime)?;
-    let runner = build_runner(globals, &rt, None).map_err(Failure::runtime)?;
+    let runner = build_runner(globals, &rt).map_err(Failure::runtime)?;
     Ok((rt, runner))
 }
 

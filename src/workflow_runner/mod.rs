@@ -95,6 +95,8 @@ pub enum RunnerEvent {
         user: String,
         session: String,
         run_id: String,
+        /// The run's origin (`model`: the agent's tool call waits for it and says so itself).
+        origin: String,
         approval: Box<Approval>,
     },
 }
@@ -807,6 +809,7 @@ impl Runner {
             user: run.owner.clone(),
             session: run.session.clone(),
             run_id: run.id.clone(),
+            origin: run.origin.clone(),
             approval: Box::new(a.clone()),
         });
         Ok(a)
