@@ -1030,3 +1030,142 @@ fn the_model_running_a_workflow_file_changed_in_its_session_needs_approval() {
     write(&e, "mine.lobster", "steps:\n  - id: a\n    run: 'true'\n");
     assert_eq!(start(&r, "mine.lobster", json!({})).status(), "ok");
 }
+
+// ---- the agent's `workflow` tool ------------------------------------------------------------
+
+fn agent_over(e: &Env, s: &FakeServer, r: &Runner) -> chitin::agent::Agent {
+    let m = model(e, s);
+    let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
+    sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
+    let a = chitin::agent::Agent::new(chitin::agent::AgentParts {
+        gate: e.gate.clone(),
+        store: Arc::clone(&e.store),
+        approvals: chitin::approvals::Approvals::new(
+            Arc::clone(&e.store),
+            e.gate.clone(),
+            Arc::new(e.clock.clone()),
+            chitin::approvals::DEFAULT_TTL_MS,
+        ),
+        sandbox: sb,
+        workspace: e.ws.clone(),
+        router: m.router,
+        sealer: Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
+        clock: Arc::new(e.clock.clone()),
+        config: AgentConfig {
+            model: "fake/m1".into(),
+            ..AgentConfig::default()
+        },
+        budgets: BudgetsConfig::default(),
+        owners: vec!["owner".into()],
+        skills: None,
+        redaction_window: 0,
+    });
+    a.set_workflow_tool(Arc::new(chitin::workflow_runner::tool::RunnerTool::new(
+        r.clone(),
+    )));
+    a
+}
+
+fn turn(
+    rtm: &tokio::runtime::Runtime,
+    a: &chitin::agent::Agent,
+    text: &str,
+) -> chitin::agent::RunSummary {
+    rtm.block_on(async {
+        let id = a
+            .submit(chitin::agent::TurnRequest {
+                session: "ws:wf".into(),
+                user: "owner".into(),
+                channel: "test".into(),
+                text: text.into(),
+                approval_wait: Some(Duration::from_secs(60)),
+                origin: None,
+            })
+            .await
+            .unwrap();
+        a.wait(&id, Duration::from_secs(120)).await.unwrap()
+    })
+}
+
+#[test]
+fn the_agent_runs_a_workflow_in_one_call_and_gets_the_envelope() {
+    let e = env();
+    write(
+        &e,
+        "flows/count.lobster",
+        "args:\n  n: {}\nsteps:\n  - id: seq\n    run: seq ${n} | wc -l\n",
+    );
+    // The file predates the session (the session begins a minute later).
+    e.clock.advance(60_000);
+    let rtm = rt();
+    let s = rtm
+        .block_on(FakeOpenAi::start(vec![
+            Step::tool_call(
+                "c1",
+                "workflow",
+                r#"{"file": "flows/count.lobster", "args": {"n": 3}}"#,
+            ),
+            Step::text("three"),
+        ]))
+        .unwrap();
+    let r = runner_with(&e, model(&e, &s));
+    let a = agent_over(&e, &s, &r);
+    let sum = turn(&rtm, &a, "count to three");
+    assert_eq!(sum.status, "completed", "{sum:?}");
+    assert_eq!(sum.tool_calls[0].tool, "workflow");
+    assert_eq!(sum.tool_calls[0].outcome, "ok");
+    // The tool was offered, and its result (the envelope, fenced) went back to the model.
+    let reqs = s.requests();
+    assert!(reqs[0].body["tools"].to_string().contains("\"workflow\""));
+    let second = reqs[1].body["messages"].to_string();
+    assert!(second.contains("protocolVersion"), "{second}");
+    assert!(second.contains("untrusted"), "{second}");
+    let runs = r.list(None, 10).unwrap();
+    assert_eq!(
+        (runs[0].origin.as_str(), runs[0].status.as_str()),
+        ("model", "ok")
+    );
+}
+
+#[test]
+fn a_workflow_the_model_wrote_in_its_session_runs_only_after_a_person_approves() {
+    let e = env();
+    let rtm = rt();
+    let s = rtm
+        .block_on(FakeOpenAi::start(vec![
+            Step::tool_call(
+                "c1",
+                "write_file",
+                r#"{"path": "flows/mine.lobster", "create_dirs": true, "content": "steps:\n  - id: a\n    run: touch ran-by-model\n"}"#,
+            ),
+            Step::tool_call("c2", "workflow", r#"{"file": "flows/mine.lobster"}"#),
+            Step::text("done"),
+        ]))
+        .unwrap();
+    let r = runner_with(&e, model(&e, &s));
+    let a = agent_over(&e, &s, &r);
+    // A person approves once the approval shows up (as on the web page or in a chat).
+    let approvals = r.approvals().clone();
+    let approver = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let open = approvals.list(false).unwrap();
+            if let Some(a) = open.iter().find(|a| a.tool == "workflow") {
+                assert!(a.summary.contains("mine"), "{}", a.summary);
+                approvals.resolve(&a.id, "owner", true).unwrap();
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no approval appeared: {:?}",
+                approvals.list(true).unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let sum = turn(&rtm, &a, "write a workflow and run it");
+    approver.join().unwrap();
+    assert_eq!(sum.status, "completed", "{sum:?}");
+    assert_eq!(sum.tool_calls[1].outcome, "ok", "{sum:?}");
+    assert!(e.ws.join("ran-by-model").exists());
+}

@@ -38,8 +38,11 @@ type Produced = (StepResult, Vec<(String, StepResult)>);
 /// Why a step did not produce a result.
 #[derive(Debug, Clone)]
 pub(crate) enum StepErr {
-    /// The step failed (a command's exit, a refused value, ...): `on_error` and `retry` apply.
+    /// The step failed (a command's exit, a timeout, ...): `on_error` and `retry` apply.
     Failed(String),
+    /// The step cannot work as written (an unknown pipeline stage or flag, a substituted value
+    /// where shell text is read): `on_error` applies, a retry would fail the same way.
+    Refused(String),
     /// Policy denied a call of the step (with the policy ids): `on_error` applies.
     Denied(String),
     /// Policy asks for an approval of a call: the run pauses (where it can).
@@ -51,7 +54,9 @@ pub(crate) enum StepErr {
 impl StepErr {
     fn message(&self) -> String {
         match self {
-            StepErr::Failed(m) | StepErr::Denied(m) | StepErr::Fatal(m) => m.clone(),
+            StepErr::Failed(m) | StepErr::Refused(m) | StepErr::Denied(m) | StepErr::Fatal(m) => {
+                m.clone()
+            }
             StepErr::Approval(a) => format!(
                 "a call needs approval {} ({}), which cannot be waited for here",
                 a.code, a.summary
@@ -866,13 +871,13 @@ impl Runner {
         cancel: &Cancel,
     ) -> Result<StepResult, StepErr> {
         let stages = pipeline::parse(&p.cmd.text, &p.marks)
-            .map_err(|e| StepErr::Failed(format!("pipeline: {e}")))?;
+            .map_err(|e| StepErr::Refused(format!("pipeline: {e}")))?;
         // Every stage is known before anything runs.
         if let Some(s) = stages.iter().find(|s| {
             !pipeline::PURE.contains(&s.name.as_str())
                 && !pipeline::EFFECTFUL.contains(&s.name.as_str())
         }) {
-            return Err(StepErr::Failed(format!(
+            return Err(StepErr::Refused(format!(
                 "pipeline stage `{}` is not available in Chitin's workflow runner; it runs {} (and {}); use `exec` for a program or a `run:` step",
                 s.name,
                 pipeline::EFFECTFUL.join(", "),
@@ -916,9 +921,9 @@ impl Runner {
     ) -> Result<Vec<Value>, StepErr> {
         stage
             .only_flags(&["json", "stdin", "shell"])
-            .map_err(StepErr::Failed)?;
+            .map_err(StepErr::Refused)?;
         let refuse = |w: &Word| {
-            StepErr::Failed(format!(
+            StepErr::Refused(format!(
                 "exec: the shell text `{}` contains a substituted value (`${{arg}}` or `$step...`), which the shell would read as code; pass values through `env` or LOBSTER_ARG_* / LOBSTER_ARGS_JSON instead",
                 crate::approvals::visible(&w.text)
             ))
@@ -1024,7 +1029,7 @@ impl Runner {
     ) -> Result<Vec<Value>, StepErr> {
         stage
             .only_flags(&["prompt", "max-tokens"])
-            .map_err(StepErr::Failed)?;
+            .map_err(StepErr::Refused)?;
         let prompt = stage
             .flag("prompt")
             .or_else(|| stage.positional.first())
@@ -1169,7 +1174,7 @@ impl Runner {
     ) -> Result<Vec<Value>, StepErr> {
         stage
             .only_flags(&["tool", "args-json", "each", "item-key"])
-            .map_err(StepErr::Failed)?;
+            .map_err(StepErr::Refused)?;
         let tool = stage
             .flag("tool")
             .ok_or_else(|| StepErr::Failed("chitin.invoke needs --tool NAME".into()))?;
