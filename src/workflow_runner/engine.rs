@@ -1442,6 +1442,11 @@ impl Runner {
                     StepErr::Failed(m) => {
                         StepErr::Failed(format!("sub-step `{}` (item {i}): {m}", sub.id))
                     }
+                    // Pausing here would run the earlier items again on resume.
+                    StepErr::Approval(a) => StepErr::Refused(format!(
+                        "sub-step `{}` (item {i}): a call needs approval {} ({}), which cannot be waited for inside for_each; give that call its own step",
+                        sub.id, a.code, a.summary
+                    )),
                     other => other,
                 })?;
                 scoped.insert(sub.id.clone(), r);
