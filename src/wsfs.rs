@@ -251,8 +251,12 @@ impl WsDir {
                 path: shown.display().to_string(),
                 source,
             })?;
-        let changed_ms = i64::try_from(st.st_ctime)
-            .unwrap_or(i64::MAX)
+        #[allow(
+            clippy::useless_conversion,
+            reason = "st_ctime is i64 on 64-bit targets, i32 on some others"
+        )]
+        let ctime = i64::try_from(st.st_ctime).unwrap_or(i64::MAX);
+        let changed_ms = ctime
             .saturating_mul(1000)
             .saturating_add(i64::try_from(st.st_ctime_nsec).unwrap_or(0) / 1_000_000);
         Ok(Capped {

@@ -79,6 +79,7 @@ impl WorkflowsConfig {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]

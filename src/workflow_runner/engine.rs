@@ -596,7 +596,7 @@ impl Runner {
                             }
                             OnError::Continue => {}
                             OnError::SkipRest => {
-                                for rest in f.wf.steps[idx + 1..].to_vec() {
+                                for rest in f.wf.steps[idx + 1..].iter().cloned() {
                                     let r = StepResult::skipped();
                                     let _ = self.0.runs.step_finished(
                                         &f.row,

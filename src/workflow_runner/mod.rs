@@ -1122,14 +1122,12 @@ impl Runner {
         // `approval.grant` and the approval's own limits.
         if let (Some(a), Intent::Approve(grant)) = (&approval, &req.intent)
             && a.status == "pending"
-        {
-            if let Err(e) =
+            && let Err(e) =
                 self.0
                     .approvals
                     .resolve_ref(&ApprovalRef::Id(a.id.clone()), &req.principal, *grant)
-            {
-                return Err(release(e.into()));
-            }
+        {
+            return Err(release(e.into()));
         }
         if let Then::Cancel(why) = then {
             // A cancelled run's approval is no longer asked for: deny it (as the canceller,

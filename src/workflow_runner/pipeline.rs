@@ -271,7 +271,7 @@ pub fn parse(text: &str, marks: &[Range<usize>]) -> Result<Vec<Stage>, String> {
         let mut i = 0;
         while i < rest.len() {
             let t = &rest[i];
-            if is_flag(t) && !(exec_like && !positional.is_empty()) {
+            if is_flag(t) && (!exec_like || positional.is_empty()) {
                 let body = &t[2..];
                 let (key, value): (&[Ch], Option<&[Ch]>) =
                     match body.iter().position(|c| c.c == '=') {
@@ -703,7 +703,12 @@ pub fn describe(stage: &Stage) -> Value {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::single_range_in_vec_init,
+        reason = "tests; a one-range list of marks is what a one-placeholder render gives"
+    )]
     use super::*;
 
     fn p(text: &str) -> Vec<Stage> {

@@ -185,6 +185,7 @@ fn walk(schema: &Value, v: &Value, at: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use serde_json::json;
 
     use super::*;
