@@ -163,8 +163,7 @@ fn main() -> Result<(), BoxError> {
         for c in &commands {
             let t = Instant::now();
             let args = serde_json::json!({"argv": ["sh", "-c", c]});
-            let r =
-                chitin::tools::invoke::invoke(&s.gate, &s.sandbox, &call, "exec", &args, None)?;
+            let r = chitin::tools::invoke::invoke(&s.gate, &s.sandbox, &call, "exec", &args, None)?;
             assert!(matches!(r, chitin::tools::invoke::Invoked::Ran { .. }));
             d.push(t.elapsed());
         }

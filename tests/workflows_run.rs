@@ -303,6 +303,19 @@ fn a_substituted_argument_stays_one_argv_word_through_the_sandbox() {
         !e.ws.join("pwned").exists(),
         "the injected command ran in the workspace"
     );
+    // The issue's own example: `touch /tmp/pwned` would run in this sandbox's private /tmp,
+    // so the same step checks for it after using the value.
+    write(
+        &e,
+        "tmp.lobster",
+        "args:\n  x: {}\nsteps:\n  - id: s\n    run: sh -c 'echo $#' count ${x}; test ! -e /tmp/pwned && echo clean\n",
+    );
+    let env = start(
+        &runner(&e),
+        "tmp.lobster",
+        json!({"x": "\"; touch /tmp/pwned #"}),
+    );
+    assert_eq!(ok_output(&env), vec![json!("1\nclean\n")]);
     // The same value in the environment, as Lobster gives it.
     write(
         &e,
@@ -408,6 +421,33 @@ fn a_run_pauses_at_an_approval_and_finishes_when_approved_with_its_token() {
     );
     assert_eq!(ok_output(&done), vec![json!("approved by owner")]);
     assert_eq!(r.approvals().get(id).unwrap().status, "used");
+    // The run's life is in the audit log, next to the decisions of its steps.
+    let recs = e
+        .gate
+        .audit()
+        .reader()
+        .unwrap()
+        .query(&chitin_audit::Query::default())
+        .unwrap();
+    let run = env.run_id.clone().unwrap();
+    let ours: Vec<(String, String)> = recs
+        .iter()
+        .filter(|r| r.resource == format!("workflow_run:{run}"))
+        .map(|r| (r.action.clone(), r.outcome.clone()))
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("workflow.start", "running"),
+        ("workflow.pause", "approval"),
+        ("workflow.end", "ok"),
+        ("workflow.resume", "ok"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(ours, want);
+    assert!(recs.iter().any(|r| r.action == "exec"
+        && r.payload.as_deref().is_some_and(|p| p.contains("\"workflow\":\"gated\"")
+            && p.contains("\"origin\":\"automation\""))));
 }
 
 #[test]

@@ -304,6 +304,20 @@ impl Runner {
     fn finish(&self, run: &RunRow, end: End) -> Envelope {
         let now = self.now();
         let id = Some(run.id.clone());
+        let status = match &end {
+            End::Ok(_) => "ok",
+            End::Paused(_) => "paused",
+            End::Failed(_) => "failed",
+        };
+        if status != "paused" {
+            self.audit(
+                &run.owner,
+                "workflow.end",
+                &run.id,
+                status,
+                json!({"workflow": run.name}),
+            );
+        }
         match end {
             End::Ok(items) => {
                 let out = Value::Array(items.clone());

@@ -434,6 +434,30 @@ impl Runner {
         &self.0.runs
     }
 
+    /// A record of the run's life in the audit log (`kind` system): who, which run, what
+    /// happened; never step output or arguments. Best effort: the steps' own decisions and
+    /// tool runs are recorded (fail closed) by the gate.
+    fn audit(&self, actor: &str, action: &str, run: &str, outcome: &str, payload: Value) {
+        let actor = if actor.starts_with("Chitin::") {
+            actor.to_string()
+        } else {
+            format!("Chitin::User::{}", Value::String(actor.to_string()))
+        };
+        let r = self.0.p.gate.audit().append(
+            chitin_audit::RecordInput::new(
+                chitin_audit::Kind::System,
+                actor,
+                action,
+                format!("workflow_run:{run}"),
+            )
+            .with_outcome(outcome)
+            .with_payload(payload),
+        );
+        if let Err(e) = r {
+            tracing::error!(run, action, error = %e, "workflow audit record could not be written");
+        }
+    }
+
     fn notify(&self, e: RunnerEvent) {
         if let Some(f) = &self.0.p.events {
             f(e);
@@ -780,6 +804,14 @@ impl Runner {
             .runs
             .create_run(&row)
             .map_err(|e| (e.into(), Some(run_id.clone())))?;
+        self.audit(
+            &req.principal,
+            "workflow.start",
+            &run_id,
+            "running",
+            json!({"workflow": name, "file": loc.shown(), "digest": format!("sha256:{}", read.sha),
+                   "origin": origin_str(req.origin), "session": session}),
+        );
         Ok(self.drive_run(row, loc, read, wf, 0, None).await)
     }
 
@@ -853,6 +885,14 @@ impl Runner {
             used_by: None,
         };
         self.0.runs.save_pause(run, &p, now)?;
+        self.audit(
+            &run.owner,
+            "workflow.pause",
+            &run.id,
+            kind,
+            json!({"step": step, "approval": p.approval_id, "pause": p.id,
+                   "expires_at": crate::clock::rfc3339(p.expires_ms)}),
+        );
         Ok(self.paused_envelope(run, &p))
     }
 
@@ -902,9 +942,35 @@ impl Runner {
     /// envelope saying why (malformed, modified or expired token, a pause already used, a
     /// changed workflow file, an approver the approval does not accept, a policy denial).
     pub async fn resume(&self, req: ResumeRequest) -> Envelope {
+        let (who, intent) = (req.principal.clone(), req.intent.as_str());
+        let by = match &req.key {
+            ResumeKey::Token(_) => "token",
+            ResumeKey::Id(_) => "id",
+        };
         match self.resume_inner(req).await {
-            Ok(e) => e,
-            Err((f, run)) => Envelope::error(f.kind, &self.0.p.gate.redact(&f.message), run),
+            Ok(e) => {
+                if let Some(run) = &e.run_id {
+                    self.audit(
+                        &who,
+                        "workflow.resume",
+                        run,
+                        e.status(),
+                        json!({"intent": intent, "by": by}),
+                    );
+                }
+                e
+            }
+            Err((f, run)) => {
+                let m = self.0.p.gate.redact(&f.message);
+                self.audit(
+                    &who,
+                    "workflow.resume",
+                    run.as_deref().unwrap_or("unknown"),
+                    &format!("refused: {m}"),
+                    json!({"intent": intent, "by": by}),
+                );
+                Envelope::error(f.kind, &m, run)
+            }
         }
     }
 
