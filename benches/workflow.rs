@@ -195,6 +195,45 @@ fn main() -> Result<(), BoxError> {
         d,
         cpu_seconds() + children_cpu_seconds() - c0,
     );
+    // 4. Optional: Lobster itself on the same file (`LOBSTER=/path/to/node_modules/.bin/lobster`;
+    // install `@clawdbot/lobster` in a scratch directory, never in this project). Its per-step
+    // cost is (time of the N-step file - time of a 1-step file) / (N - 1), so Node's start-up
+    // is left out.
+    if let Some(lobster) = std::env::var_os("LOBSTER") {
+        let one = s.ws.join("one.lobster");
+        std::fs::write(&one, "name: one\nsteps:\n  - id: s0\n    run: echo step 0\n")?;
+        let time = |file: &Path| -> Result<Duration, BoxError> {
+            let t = Instant::now();
+            let o = std::process::Command::new(&lobster)
+                .args(["run", "--mode", "tool"])
+                .arg(file)
+                .current_dir(&s.ws)
+                .output()?;
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            Ok(t.elapsed())
+        };
+        let mut d = Vec::new();
+        let c0 = children_cpu_seconds();
+        let mut c1 = 0.0;
+        for _ in 0..runs {
+            let full_run = time(&s.ws.join("bench.lobster"))?;
+            let c = children_cpu_seconds();
+            let single = time(&one)?;
+            c1 += children_cpu_seconds() - c;
+            d.push(full_run.saturating_sub(single) / (steps - 1).max(1));
+        }
+        let cpu_full = children_cpu_seconds() - c0 - c1;
+        let n = f64::from(runs * (steps - 1).max(1));
+        d.sort();
+        println!(
+            "{:<40} n={:<5} p50={:>9.2?} p99={:>9.2?}                  cpu/step={:.2} ms",
+            "lobster (node), per step",
+            d.len(),
+            pct(&d, 0.5),
+            pct(&d, 0.99),
+            (cpu_full - c1) * 1000.0 / n
+        );
+    }
     Ok(())
 }
 

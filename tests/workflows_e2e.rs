@@ -289,7 +289,7 @@ fn a_step_interrupted_by_a_kill_without_retry_is_reported_interrupted_and_not_re
     let run = run_id_of(&gw);
     let o = gw.chitin(&["workflow", "recover", "--json"]);
     assert!(o.status.success(), "{}", err(&o));
-    assert_eq!(envelope(&o), json!({"recovered": 1}));
+    assert_eq!(envelope(&o), json!({"recovered": 1, "continued": 0}));
     let v = show_until(&gw, &run, |v| v["status"] != "running");
     assert_eq!(v["status"], "failed", "{v}");
     assert_eq!(v["steps"][0]["status"], "interrupted", "{v}");
@@ -302,7 +302,7 @@ fn a_step_interrupted_by_a_kill_without_retry_is_reported_interrupted_and_not_re
     );
     // A second recover finds nothing.
     let o = gw.chitin(&["workflow", "recover", "--json"]);
-    assert_eq!(envelope(&o), json!({"recovered": 0}));
+    assert_eq!(envelope(&o), json!({"recovered": 0, "continued": 0}));
 }
 
 #[test]

@@ -446,8 +446,9 @@ fn a_run_pauses_at_an_approval_and_finishes_when_approved_with_its_token() {
     .collect();
     assert_eq!(ours, want);
     assert!(recs.iter().any(|r| r.action == "exec"
-        && r.payload.as_deref().is_some_and(|p| p.contains("\"workflow\":\"gated\"")
-            && p.contains("\"origin\":\"automation\""))));
+        && r.payload.as_deref().is_some_and(
+            |p| p.contains("\"workflow\":\"gated\"") && p.contains("\"origin\":\"automation\"")
+        )));
 }
 
 #[test]

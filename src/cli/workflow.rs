@@ -54,7 +54,8 @@ pub enum WorkflowCmd {
         json: bool,
     },
     /// Continue runs a stopped process left running (a step that was running is interrupted
-    /// and re-run only when it has `retry`). The gateway does this at start.
+    /// and re-run only when it has `retry`), and paused runs whose approval was decided
+    /// elsewhere (or whose pause expired). The gateway does both on its own.
     Recover {
         #[arg(long)]
         json: bool,
@@ -503,11 +504,13 @@ fn show(globals: &Globals, run: &str, json: bool) -> CmdResult {
 fn recover(globals: &Globals, json: bool) -> CmdResult {
     let (_rt, runner) = open(globals).map_err(|f| f.message)?;
     let tokio = tokio_rt().map_err(|f| f.message)?;
-    let n = tokio.block_on(runner.recover());
+    let (n, m) = tokio.block_on(async { (runner.recover().await, runner.tick().await) });
     if json {
-        println!("{}", serde_json::json!({"recovered": n}));
+        println!("{}", serde_json::json!({"recovered": n, "continued": m}));
     } else {
-        println!("recovered {n} workflow run(s)");
+        println!(
+            "recovered {n} interrupted workflow run(s); continued or ended {m} paused run(s) whose approval was decided or whose pause expired"
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

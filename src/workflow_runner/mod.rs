@@ -1482,8 +1482,9 @@ impl Runner {
                             .steps(&run)
                             .ok()
                             .and_then(|s| {
+                                // `paused` without a pause: it died while pausing.
                                 s.into_iter()
-                                    .find(|s| s.status == "running")
+                                    .find(|s| s.status == "running" || s.status == "paused")
                                     .map(|s| s.step)
                             });
                         let cursor = run.cursor;
