@@ -156,6 +156,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         &mut secrets,
         Arc::clone(&clock),
     )?);
+    // The workflow runner's resume-token key exists before the secrets are counted (`/ready`).
+    drop(crate::workflow_runner::TokenKey::from_store(&mut secrets)?);
     let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox
