@@ -149,6 +149,25 @@ fn main() -> Result<(), BoxError> {
         cpu_seconds() - c0 + children_cpu_seconds(),
     );
 
+    // 1b. The script with a process per command (`sh -c '...'` per line, as Lobster and the
+    // runner start one per step).
+    let forked = s.ws.join("bench-forked.sh");
+    let lines: Vec<String> = commands.iter().map(|c| format!("sh -c '{c}'")).collect();
+    std::fs::write(&forked, lines.join("\n") + "\n")?;
+    let mut d = Vec::new();
+    let c0 = cpu_seconds() + children_cpu_seconds();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let o = std::process::Command::new("sh").arg(&forked).output()?;
+        assert!(o.status.success());
+        d.extend(std::iter::repeat_n(t.elapsed() / steps, steps as usize));
+    }
+    report(
+        "shell script, sh -c per command",
+        d,
+        cpu_seconds() + children_cpu_seconds() - c0,
+    );
+
     // 2. Each command as one `exec` tool call (gate + sandbox + audit).
     let call = CallContext {
         user: "owner".into(),
