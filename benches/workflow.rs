@@ -220,7 +220,10 @@ fn main() -> Result<(), BoxError> {
     // is left out.
     if let Some(lobster) = std::env::var_os("LOBSTER") {
         let one = s.ws.join("one.lobster");
-        std::fs::write(&one, "name: one\nsteps:\n  - id: s0\n    run: echo step 0\n")?;
+        std::fs::write(
+            &one,
+            "name: one\nsteps:\n  - id: s0\n    run: echo step 0\n",
+        )?;
         let time = |file: &Path| -> Result<Duration, BoxError> {
             let t = Instant::now();
             let o = std::process::Command::new(&lobster)

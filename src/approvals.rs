@@ -438,6 +438,13 @@ impl Presentation {
                 let m = word("/method");
                 format!("{m} {}", word("/url"))
             }
+            "workflow" => {
+                let w = word("/workflow");
+                match word("/step") {
+                    s if s.is_empty() => format!("run workflow {w}"),
+                    s => format!("workflow {w}, step {s}"),
+                }
+            }
             other => exact(other),
         };
         if self.tool == "exec" {

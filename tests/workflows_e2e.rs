@@ -93,7 +93,11 @@ fn a_paused_run_is_approved_over_the_cli_and_finishes() {
     assert!(gw.workspace().join("old.log").exists());
     // It waits where tool approvals wait.
     let o = gw.chitin(&["approvals", "list"]);
-    assert!(out(&o).contains("workflow: workflow;"), "{}", out(&o));
+    assert!(
+        out(&o).contains("workflow: workflow tidy, step list; prompt: \"Delete old.log?\""),
+        "{}",
+        out(&o)
+    );
     let o = gw.chitin(&[
         "workflow",
         "resume",
