@@ -56,6 +56,12 @@ pub enum ApprovalError {
     },
     #[error("no granted, unexpired approval covers this request")]
     NotApproved,
+    #[error("{approver} may not resolve approval {code}: {why}")]
+    WrongApprover {
+        approver: String,
+        code: String,
+        why: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -90,6 +96,10 @@ pub struct Approval {
     pub created_at: String,
     pub expires_at: String,
     pub resolved_by: Option<String>,
+    /// Only this user may resolve it (a workflow gate's `required_approver`).
+    pub required_approver: Option<String>,
+    /// Anyone but this user may grant it (`require_different_approver`: the run's owner).
+    pub distinct_from: Option<String>,
 }
 
 /// A granted approval for one exact request, just redeemed (marked used, once), with the
@@ -115,6 +125,15 @@ impl Redeemed {
     pub fn approval(&self) -> &Approval {
         &self.approval
     }
+}
+
+/// Who may resolve an approval, beyond what Cedar's `approval.grant` says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// Only this user may grant or deny it.
+    pub required_approver: Option<String>,
+    /// This user may not grant it (they may still deny it).
+    pub distinct_from: Option<String>,
 }
 
 /// The approval workflow over the state database.
@@ -303,6 +322,16 @@ fn preferred(tool: &str) -> &'static [&'static str] {
         "edit_file" => &["path", "replace_all", "old_string", "new_string"],
         "web_fetch" => &["method", "url", "headers", "body"],
         "send_message" => &["channel", "target"],
+        "workflow" => &[
+            "workflow",
+            "step",
+            "prompt",
+            "items",
+            "preview",
+            "file",
+            "file_sha256",
+            "run",
+        ],
         _ => &["path"],
     }
 }
@@ -408,6 +437,13 @@ impl Presentation {
             "web_fetch" => {
                 let m = word("/method");
                 format!("{m} {}", word("/url"))
+            }
+            "workflow" => {
+                let w = word("/workflow");
+                match word("/step") {
+                    s if s.is_empty() => format!("run workflow {w}"),
+                    s => format!("workflow {w}, step {s}"),
+                }
             }
             other => exact(other),
         };
@@ -547,7 +583,7 @@ pub fn visible(s: &str) -> String {
     out
 }
 
-const COLUMNS: &str = "id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by";
+const COLUMNS: &str = "id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by, required_approver, distinct_from";
 
 /// The stored (redacted) arguments; text that is not JSON is shown as it is.
 fn shown_args(text: &str) -> Value {
@@ -646,6 +682,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
         created_at: rfc3339(r.get(9)?),
         expires_at: rfc3339(r.get(10)?),
         resolved_by: r.get(11)?,
+        required_approver: r.get(12)?,
+        distinct_from: r.get(13)?,
     })
 }
 
@@ -675,6 +713,28 @@ impl Approvals {
         tool: &str,
         args: &Value,
         request_digest: [u8; 32],
+    ) -> Result<Approval, ApprovalError> {
+        self.request_constrained(
+            requester,
+            session,
+            tool,
+            args,
+            request_digest,
+            &Constraints::default(),
+        )
+    }
+
+    /// [`Approvals::request`] with limits on who may resolve it (a workflow approval gate's
+    /// `required_approver` and `require_different_approver`), checked by
+    /// [`Approvals::resolve_ref`] after Cedar's `approval.grant`.
+    pub fn request_constrained(
+        &self,
+        requester: &str,
+        session: &str,
+        tool: &str,
+        args: &Value,
+        request_digest: [u8; 32],
+        limits: &Constraints,
     ) -> Result<Approval, ApprovalError> {
         let now = self.clock.now_ms();
         let id = hex(&random_bytes::<16>()?);
@@ -710,9 +770,10 @@ impl Approvals {
             ));
         }
         tx.execute(
-            "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10)",
-            params![id, code, requester, session, tool, summary, args_text, request_digest.to_vec(), now, expires],
+            "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, required_approver, distinct_from)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?11, ?12)",
+            params![id, code, requester, session, tool, summary, args_text, request_digest.to_vec(), now, expires,
+                    limits.required_approver, limits.distinct_from],
         )?;
         // The record first: if it cannot be written, the request does not exist.
         self.audit(
@@ -865,6 +926,25 @@ impl Approvals {
                     status: other.into(),
                 });
             }
+        }
+        if let Some(who) = &a.required_approver
+            && who != approver
+        {
+            return Err(ApprovalError::WrongApprover {
+                approver: visible(approver),
+                code,
+                why: format!("only {} may resolve it (required_approver)", visible(who)),
+            });
+        }
+        if grant
+            && let Some(who) = &a.distinct_from
+            && who == approver
+        {
+            return Err(ApprovalError::WrongApprover {
+                approver: visible(approver),
+                code,
+                why: "it asks for a different approver than the one who started the run (require_different_approver)".into(),
+            });
         }
         let req = PolicyRequest::from_json(&json!({
             "principal": user_uid(approver),

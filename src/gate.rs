@@ -295,6 +295,28 @@ pub struct CallContext {
     pub tainted: bool,
 }
 
+/// The workflow step a tool call (or model call) is made for: named in the Cedar context as
+/// `workflow`, `workflow_digest` and `step`, and covered by the request digest, so an approval
+/// of one step's call never approves the same call in another workflow or step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepContext {
+    /// The workflow's name (`Chitin::Workflow::"<name>"`).
+    pub workflow: String,
+    /// `sha256:<hex>` of the workflow file.
+    pub workflow_digest: String,
+    /// The step id (a branch or sub-step id inside `parallel` / `for_each`).
+    pub step: String,
+}
+
+impl StepContext {
+    /// Adds the three attributes to a Cedar context.
+    pub fn insert_into(&self, ctx: &mut Map<String, Value>) {
+        ctx.insert("workflow".into(), json!(self.workflow));
+        ctx.insert("workflow_digest".into(), json!(self.workflow_digest));
+        ctx.insert("step".into(), json!(self.step));
+    }
+}
+
 /// A built-in tool call as the gate sees it (arguments already parsed strictly).
 #[derive(Debug, Clone)]
 pub enum ToolInput {
@@ -394,6 +416,11 @@ impl ToolInput {
                     Some(_) => return Err(bad("`method` must be a string")),
                 };
                 Self::WebFetch { url, method }
+            }
+            Tool::Workflow => {
+                return Err(bad(
+                    "is decided by the workflow runner (`workflow.run` on the workflow), not as a tool call",
+                ));
             }
         })
     }
@@ -589,6 +616,36 @@ impl Gate {
         self.check_bound(req, None, extra)
     }
 
+    /// [`Self::check_with_entities`] for a request that an approval may cover (`workflow.run`
+    /// of a file the model wrote): the request is decided as approved (`context.approved`
+    /// true) only with a [`Redeemed`] approval whose digest is this request's digest (made
+    /// only by `Approvals::redeem`); `approved` is false otherwise, whatever the caller put in
+    /// the context.
+    pub fn check_redeemed(
+        &self,
+        req: &PolicyRequest,
+        extra: &[Value],
+        redeemed: Option<&Redeemed>,
+    ) -> Result<Verdict, GateError> {
+        let mut req = req.clone();
+        req.context.insert("approved".into(), json!(false));
+        if let Some(r) = redeemed {
+            if r.digest() != &request_digest(&req) {
+                let e = GateError::ApprovalMismatch;
+                self.record_refusal(
+                    &req.principal.to_string(),
+                    &req.action_name(),
+                    &req.resource.to_string(),
+                    &e.to_string(),
+                    Value::Object(req.context.clone()),
+                )?;
+                return Err(e);
+            }
+            req.context.insert("approved".into(), json!(true));
+        }
+        self.check_bound(&req, None, extra)
+    }
+
     fn check_bound(
         &self,
         req: &PolicyRequest,
@@ -712,6 +769,17 @@ impl Gate {
         call: &CallContext,
         input: &ToolInput,
     ) -> Result<PolicyRequest, GateError> {
+        self.tool_request_for(call, None, input)
+    }
+
+    /// [`Self::tool_request`] for a call made by a workflow step (`step`: named in the
+    /// context).
+    pub fn tool_request_for(
+        &self,
+        call: &CallContext,
+        step: Option<&StepContext>,
+        input: &ToolInput,
+    ) -> Result<PolicyRequest, GateError> {
         let approved = false;
         let workspace = canonical_existing(&call.workspace.to_string_lossy(), None)?;
         let mut ctx = Map::new();
@@ -720,6 +788,9 @@ impl Gate {
         ctx.insert("approved".into(), json!(approved));
         ctx.insert("tainted".into(), json!(call.tainted));
         ctx.insert("workspace".into(), json!(workspace.to_string_lossy()));
+        if let Some(st) = step {
+            st.insert_into(&mut ctx);
+        }
         match input {
             ToolInput::Exec { argv, cwd, network } => {
                 let program = argv.first().ok_or_else(|| {
@@ -822,12 +893,25 @@ impl Gate {
         args: &Value,
         redeemed: Option<&Redeemed>,
     ) -> Result<Verdict, GateError> {
+        self.check_tool_call_for(call, None, tool, args, redeemed)
+    }
+
+    /// [`Self::check_tool_call`] for a call made by a workflow step (`step`: named in the
+    /// Cedar context and covered by the digest).
+    pub fn check_tool_call_for(
+        &self,
+        call: &CallContext,
+        step: Option<&StepContext>,
+        tool: Tool,
+        args: &Value,
+        redeemed: Option<&Redeemed>,
+    ) -> Result<Verdict, GateError> {
         let name = tool.as_str();
         let input = match ToolInput::from_args(tool, args) {
             Ok(i) => i,
             Err(e) => return Err(self.refuse_input(call, name, &args.to_string(), e)?),
         };
-        let mut req = match self.tool_request(call, &input) {
+        let mut req = match self.tool_request_for(call, step, &input) {
             Ok(r) => r,
             Err(e) => return Err(self.refuse_input(call, name, &args.to_string(), e)?),
         };

@@ -21,5 +21,6 @@ pub mod state;
 pub mod store;
 pub mod tools;
 pub mod vault;
+pub mod workflow_runner;
 pub mod workflows;
 pub mod wsfs;

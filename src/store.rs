@@ -323,6 +323,68 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (hook, delivery_id)
      ) STRICT;
      CREATE INDEX hook_deliveries_received ON hook_deliveries(received_ms);",
+    // 12: workflow runs (`workflow_runner`): one row per run (sub-workflows too, with their
+    // parent), its steps' results and its pauses (approval and input gates, policy
+    // approvals). Arguments, results, outputs, errors and pause requests are sealed with the
+    // owner's key (`subject`); ids, names, digests, statuses and times stay queryable.
+    // `runner_pid`/`runner_start` name the process running it (a dead one: `interrupted`).
+    // Approvals learn who may resolve them: `required_approver` (only that user),
+    // `distinct_from` (anyone but that user), both for workflow approval gates.
+    "CREATE TABLE workflow_runs (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        file_root     TEXT NOT NULL,
+        file_rel      TEXT NOT NULL,
+        file_sha256   TEXT NOT NULL,
+        owner         TEXT NOT NULL,
+        subject       TEXT NOT NULL,
+        origin        TEXT NOT NULL CHECK (origin IN ('user', 'model', 'automation')),
+        session       TEXT NOT NULL,
+        tainted       INTEGER NOT NULL DEFAULT 0,
+        parent_run    TEXT,
+        status        TEXT NOT NULL CHECK (status IN ('running', 'paused', 'ok', 'failed', 'cancelled', 'interrupted')),
+        args          BLOB NOT NULL,
+        args_digest   TEXT NOT NULL,
+        cursor        INTEGER NOT NULL DEFAULT 0,
+        cost_usd      REAL NOT NULL DEFAULT 0,
+        output        BLOB,
+        error         BLOB,
+        runner_pid    INTEGER,
+        runner_start  INTEGER,
+        created_ms    INTEGER NOT NULL,
+        updated_ms    INTEGER NOT NULL,
+        finished_ms   INTEGER
+     ) STRICT;
+     CREATE INDEX workflow_runs_status ON workflow_runs(status);
+     CREATE INDEX workflow_runs_subject ON workflow_runs(subject);
+     CREATE TABLE workflow_steps (
+        run_id       TEXT NOT NULL,
+        step         TEXT NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('running', 'ok', 'failed', 'skipped', 'interrupted', 'paused')),
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        result       BLOB,
+        started_ms   INTEGER NOT NULL,
+        finished_ms  INTEGER,
+        PRIMARY KEY (run_id, step)
+     ) STRICT;
+     CREATE TABLE workflow_pauses (
+        id           TEXT PRIMARY KEY,
+        run_id       TEXT NOT NULL,
+        step         TEXT NOT NULL,
+        kind         TEXT NOT NULL CHECK (kind IN ('approval', 'input', 'policy', 'run')),
+        nonce        BLOB NOT NULL,
+        approval_id  TEXT,
+        request      BLOB NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('pending', 'claimed', 'used', 'cancelled')),
+        created_ms   INTEGER NOT NULL,
+        expires_ms   INTEGER NOT NULL,
+        used_ms      INTEGER,
+        used_by      TEXT
+     ) STRICT;
+     CREATE INDEX workflow_pauses_run ON workflow_pauses(run_id, status);
+     CREATE INDEX workflow_pauses_approval ON workflow_pauses(approval_id);
+     ALTER TABLE approvals ADD COLUMN required_approver TEXT;
+     ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
 ];
 
 /// The state database.

@@ -127,6 +127,9 @@ pub struct Capped {
     pub bytes: Vec<u8>,
     /// The size `fstat` reported on the open descriptor.
     pub size: u64,
+    /// The inode's change time (`st_ctime`) in ms since the epoch: the kernel sets it on
+    /// every write, rename or attribute change, and no process can set it to another value.
+    pub changed_ms: i64,
 }
 
 impl Capped {
@@ -248,7 +251,19 @@ impl WsDir {
                 path: shown.display().to_string(),
                 source,
             })?;
-        Ok(Capped { bytes, size })
+        #[allow(
+            clippy::useless_conversion,
+            reason = "st_ctime is i64 on 64-bit targets, i32 on some others"
+        )]
+        let ctime = i64::try_from(st.st_ctime).unwrap_or(i64::MAX);
+        let changed_ms = ctime
+            .saturating_mul(1000)
+            .saturating_add(i64::try_from(st.st_ctime_nsec).unwrap_or(0) / 1_000_000);
+        Ok(Capped {
+            bytes,
+            size,
+            changed_ms,
+        })
     }
 
     /// The directory `name` in this one, created (mode `mode`) when missing. An existing

@@ -359,6 +359,7 @@ fn every_argument_of(tool: &str) -> serde_json::Value {
             stdin: Some("import os\nupload(os.listdir('.'))".into()),
             timeout_secs: Some(17),
             network: vec!["uploads.example:80".into(), "cdn.example:443".into()],
+            env: [("LOBSTER_ARG_DIR".to_string(), "inbox/old".to_string())].into(),
         }),
         "read_file" => serde_json::to_value(ReadFileArgs {
             path: "notes/read-me.md".into(),

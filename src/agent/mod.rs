@@ -216,6 +216,47 @@ struct Live {
     done: watch::Receiver<Option<RunSummary>>,
 }
 
+/// A boxed future (object-safe async trait methods).
+pub type BoxFut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// One call of the `workflow` tool.
+#[derive(Debug, Clone)]
+pub struct WorkflowCall {
+    /// The user the run is for (the principal of every step).
+    pub user: String,
+    pub session: String,
+    /// The session has taken in untrusted content.
+    pub tainted: bool,
+    /// The model's arguments, unparsed.
+    pub args: Value,
+}
+
+/// What the `workflow` tool answered.
+#[derive(Debug, Clone)]
+pub struct WorkflowAnswer {
+    /// Lobster's tool envelope.
+    pub envelope: Value,
+    /// The approval the run waits for, if it paused for one.
+    pub approval_id: Option<String>,
+}
+
+/// The agent's `workflow` tool: the workflow runner, attached with
+/// [`Agent::set_workflow_tool`] (the agent does not depend on the runner).
+pub trait WorkflowTool: Send + Sync {
+    /// The specification the model sees.
+    fn spec(&self) -> crate::providers::ToolSpec;
+    /// Runs or resumes a workflow for the call's user (origin `model`).
+    fn call(&self, call: WorkflowCall) -> BoxFut<'_, WorkflowAnswer>;
+    /// After a person decided the approval `approval_id` the run waited for (`granted`), or
+    /// the wait ended: the run's answer now (continued, cancelled, or still waiting).
+    fn settle(
+        &self,
+        call: WorkflowCall,
+        approval_id: String,
+        granted: bool,
+    ) -> BoxFut<'_, WorkflowAnswer>;
+}
+
 /// Counters for `/metrics` (Prometheus text from [`Agent::metrics_text`]).
 #[derive(Default)]
 struct Stats {
@@ -242,6 +283,8 @@ struct Inner {
     lanes: Mutex<HashMap<String, watch::Receiver<Option<RunSummary>>>>,
     slots: Arc<Semaphore>,
     live: Mutex<HashMap<String, Live>>,
+    /// The `workflow` tool, once attached.
+    workflows: std::sync::OnceLock<Arc<dyn WorkflowTool>>,
 }
 
 /// The agent runtime (cheap to clone).
@@ -297,7 +340,20 @@ impl Agent {
             lanes: Mutex::new(HashMap::new()),
             slots,
             live: Mutex::new(HashMap::new()),
+            workflows: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Offers the `workflow` tool (to users Cedar could allow `workflow.run`), run by `tool`.
+    /// Once; a second call is ignored.
+    pub fn set_workflow_tool(&self, tool: Arc<dyn WorkflowTool>) {
+        let _first = self.0.workflows.set(tool);
+    }
+
+    /// Publishes an event as if a run had emitted it (the workflow runner's approvals, so
+    /// that chats and the web page show them like a run's).
+    pub fn publish(&self, event: AgentEvent) {
+        let _nobody = self.0.events.send(event);
     }
 
     /// Whether a model is configured.
@@ -1142,6 +1198,18 @@ impl Run {
                     {
                         tools.push(spec);
                     }
+                    if let Some(wt) = inner.workflows.get()
+                        && let Ok(principal) = format!("Chitin::User::{}", Value::String(u.clone()))
+                            .parse::<cedar_policy::EntityUid>()
+                        && inner
+                            .p
+                            .gate
+                            .engine()
+                            .could_allow(&principal, &crate::policy::Action::WorkflowRun.uid())
+                            .unwrap_or(false)
+                    {
+                        tools.push(wt.spec());
+                    }
                     let installed = inner
                         .p
                         .skills
@@ -1404,6 +1472,11 @@ impl Run {
                 }
             };
         }
+        if c.name == crate::policy::Tool::Workflow.as_str()
+            && let Some(tool) = self.inner.workflows.get().cloned()
+        {
+            return self.workflow_call(c, &tool, args).await;
+        }
         let mut waited_for: Option<String> = None;
         loop {
             let tainted = {
@@ -1478,6 +1551,62 @@ impl Run {
             }
             return self.record_invoked(c, result, waited_for.is_some()).await;
         }
+    }
+
+    /// The `workflow` tool: runs (or resumes) a workflow through the runner; when the run
+    /// waits for an approval, waits for a person like for a tool's approval, then lets the
+    /// runner continue it. The envelope is the result, fenced as data.
+    async fn workflow_call(
+        &mut self,
+        c: &StoredCall,
+        tool: &Arc<dyn WorkflowTool>,
+        args: Value,
+    ) -> Result<(), AgentError> {
+        let tainted = {
+            let inner = Arc::clone(&self.inner);
+            let s = self.session.clone();
+            blocking(move || inner.transcripts.is_tainted(&s)).await??
+        };
+        let call = WorkflowCall {
+            user: self.user.clone(),
+            session: self.session.clone(),
+            tainted,
+            args,
+        };
+        let mut answer = tool.call(call.clone()).await;
+        let mut asked: Vec<String> = Vec::new();
+        while let Some(id) = answer.approval_id.clone() {
+            if asked.contains(&id) {
+                break;
+            }
+            asked.push(id.clone());
+            let inner = Arc::clone(&self.inner);
+            let aid = id.clone();
+            let approval = blocking(move || inner.p.approvals.get(&aid))
+                .await?
+                .map_err(|e| AgentError::Task(e.to_string()))?;
+            let outcome = self.wait_for_approval(approval).await?;
+            let granted = matches!(outcome, ApprovalOutcome::Granted(_));
+            answer = tool.settle(call.clone(), id, granted).await;
+        }
+        let max = self.inner.p.config.tool_result_max_bytes;
+        let body = answer.envelope.to_string();
+        let fenced = context::fence("tool:workflow", &context::cap(&body, max));
+        self.taint().await?;
+        let ok = answer.envelope["ok"] == json!(true);
+        let status = answer.envelope["status"]
+            .as_str()
+            .unwrap_or("error")
+            .to_string();
+        let outcome = if ok { status } else { "error".to_string() };
+        self.record_result(
+            c,
+            if ok { "allow" } else { "error" },
+            &outcome,
+            &fenced,
+            !ok,
+        )
+        .await
     }
 
     /// After the run was cancelled or timed out (`self.cancel` fired): waits for the tool
@@ -1637,7 +1766,6 @@ impl Run {
             c.name.clone(),
             args.clone(),
         );
-        let wait = self.approval_wait;
         let approval = blocking(
             move || -> Result<crate::approvals::Approval, crate::approvals::ApprovalError> {
                 match inner.p.approvals.open_for(&digest)? {
@@ -1648,6 +1776,16 @@ impl Run {
         )
         .await?
         .map_err(|e| AgentError::Task(e.to_string()))?;
+        self.wait_for_approval(approval).await
+    }
+
+    /// Waits for a person to decide an open approval (the run is `waiting_approval`
+    /// meanwhile, and `approval.requested` / `approval.resolved` are emitted).
+    async fn wait_for_approval(
+        &self,
+        approval: crate::approvals::Approval,
+    ) -> Result<ApprovalOutcome, AgentError> {
+        let wait = self.approval_wait;
         if wait == Some(Duration::ZERO) {
             return Ok(ApprovalOutcome::NotGiven(
                 "not awaited: --approval-timeout 0".into(),

@@ -132,8 +132,19 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         rt.gate.clone(),
         rt.secrets.clone(),
     )));
-    assemble_agent(AgentInputs {
+    let vault = Arc::new(vault);
+    let agent = assemble_agent(AgentInputs {
         globals,
+        config: &rt.config,
+        gate: &rt.gate,
+        store: &rt.store,
+        clock: &rt.clock,
+        secrets: &rt.secrets,
+        sandbox: sandbox.clone(),
+        workspace: workspace.clone(),
+        vault: Arc::clone(&vault),
+    })?;
+    let runner = super::workflow::assemble_runner(super::workflow::RunnerInputs {
         config: &rt.config,
         gate: &rt.gate,
         store: &rt.store,
@@ -141,8 +152,13 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         secrets: &rt.secrets,
         sandbox,
         workspace,
-        vault: Arc::new(vault),
-    })
+        vault,
+        events: None,
+    })?;
+    agent.set_workflow_tool(Arc::new(crate::workflow_runner::tool::RunnerTool::new(
+        runner,
+    )));
+    Ok(agent)
 }
 
 pub fn run(args: AgentArgs, globals: &Globals) -> CmdResult {

@@ -156,6 +156,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         &mut secrets,
         Arc::clone(&clock),
     )?);
+    // The workflow runner's resume-token key exists before the secrets are counted (`/ready`).
+    drop(crate::workflow_runner::TokenKey::from_store(&mut secrets)?);
     let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox
@@ -209,10 +211,47 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         store: &store,
         clock: &clock,
         secrets: &secrets,
-        sandbox: agent_sandbox,
+        sandbox: agent_sandbox.clone(),
         workspace: workspace.clone(),
         vault: Arc::clone(&vault),
     })?;
+    // Workflows: approvals they open show where the agent's do (chats, the web page); the
+    // agent's own `workflow` calls announce theirs themselves.
+    let events: Arc<dyn Fn(crate::workflow_runner::RunnerEvent) + Send + Sync> = {
+        let agent = agent.clone();
+        Arc::new(move |e| match e {
+            crate::workflow_runner::RunnerEvent::ApprovalRequested {
+                user,
+                session,
+                run_id,
+                origin,
+                approval,
+            } if origin != "model" => agent.publish(crate::agent::AgentEvent {
+                user,
+                session: session.clone(),
+                event: "approval.requested",
+                payload: json!({"approval": approval.to_json(false), "run_id": null,
+                                "session": session, "workflow_run": run_id}),
+            }),
+            crate::workflow_runner::RunnerEvent::ApprovalRequested { .. } => {}
+        })
+    };
+    let workflows = super::workflow::assemble_runner(super::workflow::RunnerInputs {
+        config: &config,
+        gate: &gate,
+        store: &store,
+        clock: &clock,
+        secrets: &secrets,
+        sandbox: agent_sandbox,
+        workspace: workspace.clone(),
+        vault: Arc::clone(&vault),
+        events: Some(events),
+    })?;
+    agent.set_workflow_tool(Arc::new(crate::workflow_runner::tool::RunnerTool::new(
+        workflows.clone(),
+    )));
+    // Cron and webhook targets that name a workflow run it through the same runner.
+    automation.set_launcher(Arc::new(RunnerLauncher(workflows.clone())));
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
@@ -243,9 +282,38 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         }),
         channels,
         automation: Some(automation),
+        workflows: Some(workflows),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the workflows of cron jobs and webhooks (`automation::WorkflowLauncher`) with the
+/// workflow runner: as the job's or hook's user, origin `automation` (steps are decided as
+/// automation), tainted when the arguments carry a webhook's body.
+struct RunnerLauncher(crate::workflow_runner::Runner);
+
+impl crate::automation::WorkflowLauncher for RunnerLauncher {
+    fn start(
+        &self,
+        file: &std::path::Path,
+        args: serde_json::Value,
+        principal: &str,
+        origin: &str,
+    ) -> Result<serde_json::Value, String> {
+        let req = crate::workflow_runner::StartRequest {
+            file: file.to_string_lossy().into_owned(),
+            args: Some(args),
+            principal: principal.to_string(),
+            origin: crate::gate::Origin::Automation,
+            session: None,
+            tainted: origin.starts_with("hook:"),
+        };
+        // Called on the blocking pool (`automation::run`), inside the gateway's runtime.
+        let handle = tokio::runtime::Handle::try_current()
+            .map_err(|e| format!("the workflow runner needs the gateway's runtime: {e}"))?;
+        Ok(handle.block_on(self.0.start(req)).value)
+    }
 }
 
 #[cfg(test)]

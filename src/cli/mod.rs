@@ -100,7 +100,7 @@ enum Command {
     /// The configured chat channels and their state.
     #[command(subcommand)]
     Channels(pairing::ChannelsCmd),
-    /// Lobster-compatible workflows: check, plan (--dry-run) and draw a workflow file.
+    /// Lobster-compatible workflows: run, resume, list, show, plan (--dry-run) and draw.
     #[command(subcommand)]
     Workflow(workflow::WorkflowCmd),
     /// Cron jobs the gateway runs: list, add, remove, run now.
@@ -281,7 +281,7 @@ pub fn main() -> ExitCode {
         Command::Backup(cmd) => backup::run(cmd, &globals),
         Command::Pairing(cmd) => pairing::run_pairing(cmd, &globals),
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
-        Command::Workflow(cmd) => workflow::run(cmd),
+        Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
     };
     match result {

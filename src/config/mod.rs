@@ -20,6 +20,7 @@ pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
+pub mod workflows;
 
 use std::path::{Path, PathBuf};
 
@@ -59,6 +60,7 @@ pub struct Config {
     pub sandbox: sandbox::SandboxConfig,
     pub secrets: secrets::SecretsConfig,
     pub skills: skills::SkillsConfig,
+    pub workflows: workflows::WorkflowsConfig,
     pub providers: Vec<providers::ProviderConfig>,
     pub agent: agent::AgentConfig,
     pub pricing: providers::PricingConfig,
@@ -125,6 +127,7 @@ impl Config {
             .and_then(|()| config.budgets.validate())
             .and_then(|()| config.agent.validate())
             .and_then(|()| config.sandbox.validate())
+            .and_then(|()| config.workflows.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -175,6 +178,7 @@ pub fn default_toml() -> String {
         sandbox::TEMPLATE,
         secrets::TEMPLATE,
         skills::TEMPLATE,
+        workflows::TEMPLATE,
         providers::TEMPLATE,
         agent::TEMPLATE,
         gateway::TEMPLATE,

@@ -246,7 +246,7 @@ fn approval_error(e: crate::approvals::ApprovalError) -> BackendError {
         A::NotPending { .. } | A::Expired(_) | A::NotApproved | A::AmbiguousCode(..) => {
             BackendError::Conflict(msg)
         }
-        A::ApproverRefused { .. } => BackendError::Forbidden(msg),
+        A::ApproverRefused { .. } | A::WrongApprover { .. } => BackendError::Forbidden(msg),
         A::Audit(_) | A::Gate(GateError::AuditUnavailable(_)) => BackendError::Unavailable(msg),
         _ => BackendError::Internal(msg),
     }

@@ -115,6 +115,8 @@ pub struct Parts {
     pub channels: Option<channels::ChannelsRuntime>,
     /// Cron jobs, webhooks (`POST /hooks/<name>`) and the heartbeat.
     pub automation: Option<crate::automation::Automation>,
+    /// The workflow runner (its background loop continues approved and interrupted runs).
+    pub workflows: Option<crate::workflow_runner::Runner>,
 }
 
 /// Settings that SIGHUP may change without a restart.
@@ -406,6 +408,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(signals(Arc::clone(&app), stop_tx));
+    if let Some(runner) = parts.workflows {
+        tokio::spawn(runner.background(stop_rx.clone()));
+    }
     if let Some(ch) = parts.channels {
         ch.spawn(channel_agent, stop_rx.clone());
     }

@@ -165,6 +165,14 @@ fn erase_with(
         for table in ["messages", "sessions", "runs", "usage"] {
             tx.execute(&format!("DELETE FROM {table} WHERE subject = ?1"), [&s])?;
         }
+        // Workflow runs (their steps and pauses first: they hang off the run).
+        for table in ["workflow_steps", "workflow_pauses"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE run_id IN (SELECT id FROM workflow_runs WHERE subject = ?1)"),
+                [&s],
+            )?;
+        }
+        tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", [&s])?;
         tx.execute(
             "DELETE FROM approvals WHERE ?2 AND requester = ?1",
             params![user, is_user],
@@ -260,6 +268,7 @@ fn known_subjects(lc: &Lifecycle) -> Result<std::collections::BTreeSet<Subject>,
             "SELECT DISTINCT subject FROM sessions",
             "SELECT DISTINCT subject FROM runs",
             "SELECT DISTINCT subject FROM usage",
+            "SELECT DISTINCT subject FROM workflow_runs",
             "SELECT subject FROM holds",
         ] {
             let mut st = conn.prepare(sql)?;

@@ -73,6 +73,8 @@ closed_enum! {
         RetentionRelease => "retention.release",
         CronManage => "cron.manage",
         WebhookReceive => "webhook.receive",
+        WorkflowRun => "workflow.run",
+        WorkflowResume => "workflow.resume",
     }
 }
 
@@ -87,6 +89,10 @@ closed_enum! {
         ListDir => "list_dir",
         WebFetch => "web_fetch",
         SendMessage => "send_message",
+        /// Runs (and resumes) Lobster workflow files; decided as `workflow.run` /
+        /// `workflow.resume` on `Chitin::Workflow::"<name>"` by the workflow runner, never
+        /// through `tools::invoke`.
+        Workflow => "workflow",
     }
 }
 
@@ -131,9 +137,11 @@ impl Action {
 }
 
 impl Tool {
-    /// The Cedar action this tool is decided as (same id).
+    /// The Cedar action this tool is decided as (same id; `workflow` is decided as
+    /// `workflow.run`, on the workflow it runs).
     pub const fn action(self) -> Action {
         match self {
+            Self::Workflow => Action::WorkflowRun,
             Self::Exec => Action::Exec,
             Self::ReadFile => Action::ReadFile,
             Self::WriteFile => Action::WriteFile,
@@ -189,6 +197,11 @@ mod tests {
     #[test]
     fn every_tool_is_decided_as_the_action_of_the_same_name() {
         for t in Tool::ALL {
+            if *t == Tool::Workflow {
+                assert_eq!(t.action(), Action::WorkflowRun);
+                assert_eq!(Action::WorkflowRun.tool(), Some(Tool::Workflow));
+                continue;
+            }
             assert_eq!(t.action().as_str(), t.as_str());
             assert_eq!(t.action().tool(), Some(*t));
             assert_eq!(t.uid().to_string(), format!("Chitin::Tool::\"{t}\""));

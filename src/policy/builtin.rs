@@ -42,6 +42,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "automation.cedar",
         include_str!("../../policies/default/automation.cedar"),
     ),
+    (
+        "workflows.cedar",
+        include_str!("../../policies/default/workflows.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.
@@ -88,6 +92,12 @@ pub const TOOLS: &[ToolInfo] = &[
         name: Tool::SendMessage.as_str(),
         risk: "medium",
         effects: &["message"],
+    },
+    // A workflow runs commands, files, the network and the model, each step decided on its own.
+    ToolInfo {
+        name: Tool::Workflow.as_str(),
+        risk: "high",
+        effects: &["workflow"],
     },
 ];
 

@@ -20,7 +20,7 @@ use super::{
     WriteFileArgs, fetch::WebFetchArgs, message::SendMessageArgs, prompt_guard,
 };
 use crate::approvals::{ApprovalError, Approvals};
-use crate::gate::{Authorized, CallContext, Gate, GateError, Verdict};
+use crate::gate::{Authorized, CallContext, Gate, GateError, StepContext, Verdict};
 use crate::policy::{Decision, Tool};
 use chitin_audit::{GateDecision, RecordInput, ToolRun};
 
@@ -132,6 +132,20 @@ pub fn invoke(
     args: &Value,
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
+    invoke_step(gate, sandbox, call, None, tool, args, approvals)
+}
+
+/// [`invoke`] for a call a workflow step makes: `step` names the workflow, its file's digest
+/// and the step in the Cedar context (and so in the digest an approval binds).
+pub fn invoke_step(
+    gate: &Gate,
+    sandbox: &Sandbox,
+    call: &CallContext,
+    step: Option<&StepContext>,
+    tool: &str,
+    args: &Value,
+    approvals: Option<&Approvals>,
+) -> Result<Invoked, InvokeError> {
     if tool == super::cron::TOOL {
         return super::cron::invoke(gate, sandbox, call, args, approvals);
     }
@@ -153,7 +167,8 @@ pub fn invoke(
                 })
         }),
         Some(Tool::SendMessage) => parse(tool, args).map(Parsed::Send),
-        None => Err(InvokeError::UnknownTool(tool.to_string())),
+        // Filtered out above: the workflow runner decides and runs workflows.
+        Some(Tool::Workflow) | None => Err(InvokeError::UnknownTool(tool.to_string())),
     };
     let parsed = match parsed {
         Ok(p) => p,
@@ -191,13 +206,14 @@ pub fn invoke(
         }
     }
     let tool_id = parsed.tool();
-    let mut verdict = gate.check_tool_call(call, tool_id, &norm, None)?;
+    let mut verdict = gate.check_tool_call_for(call, step, tool_id, &norm, None)?;
     let mut redeemed_id = None;
     if let (Verdict::ApprovalRequired { request_digest, .. }, Some(ap)) = (&verdict, approvals) {
         match ap.redeem(request_digest) {
             Ok(redeemed) => {
                 redeemed_id = Some(redeemed.approval().id.clone());
-                verdict = gate.check_tool_call(call, tool_id, &norm, Some(redeemed.proof()))?;
+                verdict =
+                    gate.check_tool_call_for(call, step, tool_id, &norm, Some(redeemed.proof()))?;
             }
             Err(ApprovalError::NotApproved) => {}
             Err(e) => return Err(e.into()),

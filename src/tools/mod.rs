@@ -104,6 +104,42 @@ pub struct ExecArgs {
     /// approval; only these destinations are reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub network: Vec<String>,
+    /// Environment variables set for the command on top of the sandbox's minimal environment
+    /// (a workflow step's declared `env` and `LOBSTER_ARG_*`); never the gateway's own. The
+    /// gate's digest covers them, so an approval shows and binds every one.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "valid_env"
+    )]
+    pub env: BTreeMap<String, String>,
+}
+
+/// The most variables one `exec` may set (`env`).
+pub const MAX_EXEC_ENV: usize = 256;
+
+/// `env`: names `[A-Za-z_][A-Za-z0-9_]*`, no NUL in a value, at most [`MAX_EXEC_ENV`].
+fn valid_env<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let env = BTreeMap::<String, String>::deserialize(d)?;
+    if env.len() > MAX_EXEC_ENV {
+        return Err(serde::de::Error::custom(format!(
+            "env has {} variables; at most {MAX_EXEC_ENV}",
+            env.len()
+        )));
+    }
+    for (k, v) in &env {
+        if !chitin_sandbox::secret_env::valid_env_key(k) {
+            return Err(serde::de::Error::custom(format!(
+                "env: `{k}` is not a variable name ([A-Za-z_][A-Za-z0-9_]*)"
+            )));
+        }
+        if v.contains('\0') {
+            return Err(serde::de::Error::custom(format!(
+                "env: the value of `{k}` contains a NUL byte"
+            )));
+        }
+    }
+    Ok(env)
 }
 
 /// Room kept for what the sandbox launcher adds to one exec (its flags, paths, environment).
@@ -443,6 +479,8 @@ struct LaunchRequest<'a> {
     timeout_secs: Option<u64>,
     cap: usize,
     extra_ro: &'a [&'a Path],
+    /// `--env KEY=VALUE` for the command (exec's `env`).
+    env: &'a BTreeMap<String, String>,
 }
 
 /// How tools reach the sandbox: the launcher binary and the limits from `[sandbox]`.
@@ -596,6 +634,7 @@ impl Sandbox {
             timeout_secs,
             cap,
             extra_ro,
+            env,
         } = *req;
         let cfg = &self.config_section;
         let timeout = timeout_secs
@@ -638,6 +677,9 @@ impl Sandbox {
         }
         for p in extra_ro {
             cmd.arg("--ro").arg(p);
+        }
+        for (k, v) in env {
+            cmd.arg("--env").arg(format!("{k}={v}"));
         }
         if let Some(c) = cwd {
             cmd.arg("--cwd").arg(c);
@@ -735,6 +777,7 @@ impl Sandbox {
                 timeout_secs: None,
                 cap,
                 extra_ro: &[&self.launcher],
+                env: &BTreeMap::new(),
             },
         )?;
         if report
@@ -847,6 +890,7 @@ pub fn exec(
             timeout_secs: args.timeout_secs,
             cap: sb.config_section.output_cap_bytes,
             extra_ro: &[],
+            env: &args.env,
         },
     )?;
     Ok(result_from(&report, None))
@@ -1073,6 +1117,7 @@ mod tests {
                 stdin: None,
                 timeout_secs: None,
                 network: Vec::new(),
+                env: BTreeMap::new(),
             },
         )
         .unwrap_err();
@@ -1111,6 +1156,7 @@ mod tests {
             stdin: None,
             timeout_secs: None,
             network: Vec::new(),
+            env: BTreeMap::new(),
         };
         let e = exec(&auth, &sb, &w, &args).unwrap_err();
         assert!(matches!(e, ToolError::Launcher { .. }), "{e}");
@@ -1198,6 +1244,7 @@ mod tests {
             stdin: None,
             timeout_secs: None,
             network: Vec::new(),
+            env: BTreeMap::new(),
         }
     }
 

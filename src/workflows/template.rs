@@ -196,6 +196,17 @@ impl Template {
 
     /// The text with every placeholder replaced by its quoted value.
     pub fn render(&self, vars: Vars<'_>) -> Result<String, RenderError> {
+        self.render_marked(vars).map(|(text, _)| text)
+    }
+
+    /// [`Template::render`], and where each inserted value lies in the result (byte ranges,
+    /// the quoting inserted with it included), so that a reader of the text (a pipeline's
+    /// tokenizer) can tell the words the file wrote from the words a value supplied.
+    pub fn render_marked(
+        &self,
+        vars: Vars<'_>,
+    ) -> Result<(String, Vec<std::ops::Range<usize>>), RenderError> {
+        let mut marks = Vec::new();
         let mut out = String::with_capacity(self.source.len());
         for part in &self.parts {
             match part {
@@ -232,11 +243,13 @@ impl Template {
                     if value.contains('\0') {
                         return Err(RenderError::Nul(var.to_string()));
                     }
+                    let start = out.len();
                     insert(&mut out, &value, self.dialect, *ctx);
+                    marks.push(start..out.len());
                 }
             }
         }
-        Ok(out)
+        Ok((out, marks))
     }
 }
 
