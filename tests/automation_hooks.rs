@@ -374,3 +374,62 @@ fn a_delivery_cedar_denies_is_refused_with_403_and_runs_nothing() {
     });
     assert_eq!(s.requests().len(), 1);
 }
+
+#[test]
+fn a_signed_delivery_to_a_workflow_target_runs_the_workflow_once_with_the_body_as_one_argument() {
+    let (_rt, s) = fake(vec![]);
+    s.set_fallback(Step::text("unused"));
+    let hooks = "[[hooks]]\nname = \"generic\"\nsecret = \"secret:gen_hook\"\nformat = \"generic\"\nworkflow = \"hook-echo.lobster\"\n";
+    let gw = gateway(&s, hooks);
+    std::fs::write(
+        gw.workspace().join("hook-echo.lobster"),
+        "name: hook-echo\nargs:\n  payload:\n    default: \"\"\n  event:\n    default: \"\"\n  delivery:\n    default: \"\"\nsteps:\n  - id: save\n    run: printf '%s' ${payload} > from-hook.txt\n",
+    )
+    .unwrap();
+    let body = br#"{"note":"; touch pwned-by-hook #"}"#;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sig = sign_generic(GEN_SECRET.as_bytes(), i64::try_from(now).unwrap(), body);
+    let r = post(
+        &gw,
+        "generic",
+        &[
+            ("X-Chitin-Signature", &sig),
+            ("X-Chitin-Delivery", "d-wf-1"),
+        ],
+        body,
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = |gw: &Gw| -> Option<(String, Option<String>)> {
+        state_db(gw)
+            .query_row(
+                "SELECT status, result FROM hook_deliveries WHERE hook = 'generic' AND delivery_id = 'd-wf-1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ok()
+    };
+    until("the workflow's end", || {
+        status(&gw).is_some_and(|(s, _)| s == "completed" || s == "failed")
+    });
+    let (st, result) = status(&gw).unwrap();
+    assert_eq!(st, "completed", "{result:?}");
+    // The body arrived as one argument: written whole, nothing injected.
+    let written = std::fs::read_to_string(gw.workspace().join("from-hook.txt")).unwrap();
+    assert!(written.contains("; touch pwned-by-hook #"), "{written}");
+    assert!(!gw.workspace().join("pwned-by-hook").exists());
+    // A replay runs nothing.
+    let r = post(
+        &gw,
+        "generic",
+        &[
+            ("X-Chitin-Signature", &sig),
+            ("X-Chitin-Delivery", "d-wf-1"),
+        ],
+        body,
+    );
+    assert_eq!(r.json()["duplicate"], true);
+    assert!(s.requests().is_empty(), "a workflow target asks no model");
+}

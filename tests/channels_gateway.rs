@@ -8,18 +8,18 @@
     reason = "tests"
 )]
 
-#[path = "support/gateway.rs"]
-mod harness;
 #[path = "support/chat.rs"]
 mod chat;
+#[path = "support/gateway.rs"]
+mod harness;
 
 use std::sync::Arc;
 
+use chat::{set_secret, until};
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
 use chitin_channels::telegram::fake::{
     Failure, FakeChat, FakeTelegram, FakeUser, MessageBuilder, SentMessage, TOKEN,
 };
-use chat::{set_secret, until};
 use harness::Gw;
 use serde_json::Value;
 
