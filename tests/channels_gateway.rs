@@ -1055,3 +1055,47 @@ fn status_metrics_and_ready_report_a_channel_that_cannot_connect_while_the_gatew
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tg (telegram)  cannot connect:"), "{text}");
 }
+
+#[test]
+fn a_workflow_the_model_runs_from_a_chat_pauses_for_an_approval_pressed_in_the_chat_and_finishes() {
+    let (_rt, tg, _model, gw) = paired(vec![
+        Step::tool_call("c1", "workflow", r#"{"file": "chat-approval.lobster"}"#),
+        Step::Reply(Reply::text(["Done."])),
+    ]);
+    std::fs::write(
+        gw.workspace().join("chat-approval.lobster"),
+        "name: chat-approval\nsteps:\n  - id: ask\n    approval: \"Write the marker file?\"\n  - id: write\n    run: echo approved > marker.txt\n",
+    )
+    .unwrap();
+    let alice = FakeUser::new(4242, "Alice");
+    let dm = FakeChat::private(&alice);
+    tg.push_message(MessageBuilder::text(&dm, &alice, "run the workflow"));
+    // Every approval the run asks for is posted here with buttons (the workflow's gate, and
+    // the run itself if policy asks for it); the owner presses Approve on each.
+    let mut pressed = std::collections::BTreeSet::new();
+    until("the model's final answer", &gw, || {
+        for p in sent_to(&tg, dm.id)
+            .into_iter()
+            .filter(|m| !m.buttons.is_empty())
+        {
+            if pressed.insert(p.message_id) {
+                tg.push_callback(&alice, dm.id, p.message_id, &p.buttons[0].1);
+            }
+        }
+        sent_to(&tg, dm.id).into_iter().find(|m| m.text == "Done.")
+    });
+    assert!(!pressed.is_empty(), "no approval was posted in the chat");
+    let prompts: Vec<String> = sent_to(&tg, dm.id)
+        .into_iter()
+        .filter(|m| !m.buttons.is_empty())
+        .map(|m| m.text)
+        .collect();
+    assert!(
+        prompts.iter().any(|t| t.contains("Write the marker file?")),
+        "{prompts:?}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(gw.workspace().join("marker.txt")).unwrap(),
+        "approved\n"
+    );
+}
