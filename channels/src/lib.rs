@@ -27,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod discord;
+mod http;
 pub mod matrix;
 pub mod signal;
 pub mod slack;
