@@ -85,6 +85,7 @@ pub use self::gateway::{
 use self::rest::{ApiError, CallError, REQUEST_TIMEOUT, Rest, Route};
 use self::wire::{Bot, ChannelInfo, Item, is_interaction_token, is_snowflake};
 use crate::http;
+use crate::text::check_button;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ChannelError, ChatKind, ChatRef, ConfigError, Inbound,
     Limits, OutMessage, Platform, Polled, SendError, Sent, WebhookParsed, WebhookRequest,
@@ -809,12 +810,7 @@ fn components(buttons: &[Button]) -> Result<Value, SendError> {
                 "a button's label is {label_len} characters; Discord takes 1-{MAX_BUTTON_LABEL}"
             )));
         }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Discord takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Discord")?;
         if buttons[..i].iter().any(|o| o.data == b.data) {
             return Err(SendError::Permanent(
                 "two buttons have the same data (Discord needs distinct custom_ids)".into(),

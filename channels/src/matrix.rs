@@ -68,7 +68,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::http;
-use crate::text::utf16_len;
+use crate::text::check_sendable;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ChannelError, ChatKind, ChatRef, ConfigError, Event,
     Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender, Sent, WebhookParsed,
@@ -1187,17 +1187,7 @@ fn check_user_id(user_id: &str) -> Result<(), ConfigError> {
 
 /// A text the homeserver would take, refused here without a request otherwise.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent("the message text is empty".into()));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over this adapter's Matrix limit of {MAX_TEXT}: \
-             split it with `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, None, "this adapter's Matrix limit of")
 }
 
 fn room_id(id: &str) -> Result<&str, SendError> {

@@ -88,7 +88,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::http;
-use crate::text::utf16_len;
+use crate::text::check_sendable;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -1136,19 +1136,7 @@ fn with_mentions(text: String, mentions: &[Mention]) -> String {
 
 /// A text signal-cli would refuse (or Chitin should not send), refused without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Signal refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over this adapter's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Signal"), "this adapter's")
 }
 
 /// The per-recipient results signal-cli attaches to a failed send.

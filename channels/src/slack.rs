@@ -96,7 +96,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::http;
-use crate::text::{split, truncate, utf16_len};
+use crate::text::{check_button, check_sendable, split, truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -946,15 +946,7 @@ fn blocks(text: &str, buttons: &[Button]) -> Result<Value, SendError> {
     }
     let mut elements = Vec::with_capacity(buttons.len());
     for (i, b) in buttons.iter().enumerate() {
-        if b.label.trim().is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Slack takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Slack")?;
         elements.push(json!({
             "type": "button",
             "action_id": format!("chitin_{i}"),
@@ -1084,19 +1076,7 @@ fn check_signing_secret(secret: &str) -> Result<(), ConfigError> {
 
 /// A text Slack would refuse or truncate, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Slack refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over the Slack adapter's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Slack"), "the Slack adapter's")
 }
 
 /// A Slack id (`C…`, `D…`, `G…`, `U…`, `W…`): letters and digits only.

@@ -33,7 +33,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::http;
-use crate::text::{truncate, utf16_len};
+use crate::text::{check_button, check_sendable, truncate};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -724,19 +724,7 @@ fn check_webhook_secret(secret: &str) -> Result<(), ConfigError> {
 
 /// A text Telegram would refuse, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Telegram refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over Telegram's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Telegram"), "Telegram's")
 }
 
 fn chat_id(id: &str) -> Value {
@@ -766,15 +754,7 @@ fn thread_id(chat: &ChatRef) -> Result<Option<i64>, SendError> {
 fn keyboard(buttons: &[Button]) -> Result<Value, SendError> {
     let mut row = Vec::with_capacity(buttons.len());
     for b in buttons {
-        if b.label.trim().is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Telegram takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Telegram")?;
         row.push(json!({ "text": b.label, "callback_data": b.data }));
     }
     let rows: Vec<Value> = if row.is_empty() {

@@ -79,7 +79,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::http;
-use crate::text::{split, truncate, utf16_len};
+use crate::text::{check_button, check_sendable, split, truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, DeliveryReport, DeliveryState, Event, Inbound, Limits, Message, OutMessage,
@@ -903,16 +903,8 @@ fn reply_buttons(buttons: &[Button]) -> Result<Vec<Value>, SendError> {
     }
     let mut out = Vec::with_capacity(buttons.len());
     for (i, b) in buttons.iter().enumerate() {
+        check_button(b, MAX_BUTTON_ID, "WhatsApp")?;
         let label = b.label.trim();
-        if label.is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_ID {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; WhatsApp takes 1-{MAX_BUTTON_ID}",
-                b.data.len()
-            )));
-        }
         if buttons.iter().take(i).any(|o| o.data == b.data) {
             return Err(SendError::Permanent(
                 "two buttons have the same data (WhatsApp needs unique button ids)".into(),
@@ -958,19 +950,7 @@ fn recipient(chat: &ChatRef) -> Result<&str, SendError> {
 
 /// A text WhatsApp would refuse, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (WhatsApp refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} characters, over WhatsApp's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("WhatsApp"), "WhatsApp's")
 }
 
 /// How long to wait after a rate-limit error (Graph API errors carry no `retry_after`).
