@@ -65,7 +65,6 @@ mod wire;
 pub mod fake;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -83,8 +82,10 @@ pub use self::gateway::{
     INTENT_DIRECT_MESSAGES, INTENT_GUILD_MESSAGES, INTENT_GUILDS, INTENT_MESSAGE_CONTENT, INTENTS,
     MAX_BUFFERED,
 };
-use self::rest::{CONNECT_TIMEOUT, CallError, REQUEST_TIMEOUT, Rest, Route};
+use self::rest::{ApiError, CallError, REQUEST_TIMEOUT, Rest, Route};
 use self::wire::{Bot, ChannelInfo, Item, is_interaction_token, is_snowflake};
+use crate::http;
+use crate::text::check_button;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ChannelError, ChatKind, ChatRef, ConfigError, Inbound,
     Limits, OutMessage, Platform, Polled, SendError, Sent, WebhookParsed, WebhookRequest,
@@ -118,6 +119,12 @@ const CALLBACK_DEFERRED_UPDATE: u64 = 6;
 const ALREADY_ACKNOWLEDGED: u64 = 40060;
 /// Longest `nonce`.
 const MAX_NONCE: usize = 25;
+/// Discord asks bots for this form of User-Agent.
+const USER_AGENT: &str = concat!(
+    "DiscordBot (https://github.com/chitin, ",
+    env!("CARGO_PKG_VERSION"),
+    ")"
+);
 
 /// One Discord channel's settings, credentials already released by the gateway.
 pub struct DiscordConfig {
@@ -169,6 +176,8 @@ struct TaskSlot {
 /// The Discord adapter. Build it with [`Discord::new`]; `connect` checks the token and learns
 /// the bot's account, the first `poll` starts the gateway session.
 pub struct Discord {
+    /// The API root as configured (attachments may be fetched from its origin).
+    api_base: Url,
     rest: Arc<Rest>,
     shared: Arc<Shared>,
     token: Zeroizing<String>,
@@ -243,20 +252,9 @@ impl Discord {
     /// Checks the configuration and builds the HTTP client and TLS settings; sends nothing.
     pub fn new(cfg: DiscordConfig) -> Result<Self, ConfigError> {
         check_token(&cfg.token)?;
-        check_api_base(&cfg.api_base)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect could carry the Authorization header's token elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            // Discord asks bots for this form of User-Agent.
-            .user_agent(concat!(
-                "DiscordBot (https://github.com/chitin, ",
-                env!("CARGO_PKG_VERSION"),
-                ")"
-            ))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
+        http::check_api_root(&cfg.api_base, "api_base", "the token")?;
+        // No redirects: one could carry the Authorization header's token elsewhere.
+        let http = http::client(USER_AGENT)?;
         let base = cfg.api_base.as_str().trim_end_matches('/').to_owned();
         let rest = Rest::new(base, cfg.token.clone(), http).map_err(ConfigError::Invalid)?;
         let mut intents = INTENTS;
@@ -264,6 +262,7 @@ impl Discord {
             intents &= !INTENT_MESSAGE_CONTENT;
         }
         Ok(Self {
+            api_base: cfg.api_base,
             rest: Arc::new(rest),
             shared: Arc::new(Shared::default()),
             token: cfg.token,
@@ -427,9 +426,9 @@ impl Discord {
                 .ok()
                 .and_then(|c| c.thread_parent())
                 .filter(|p| is_snowflake(p)),
-            Err(CallError::Api {
+            Err(CallError::Api(ApiError::Status {
                 status: 403 | 404, ..
-            }) => None,
+            })) => None,
             Err(e) => return Err(channel_error(e)),
         };
         self.shared
@@ -596,10 +595,10 @@ impl Discord {
             match self.rest.call(&r, Some(&body)).await {
                 Ok(_) => return Ok(()),
                 // The gateway task's acknowledgement got there first: follow up instead.
-                Err(CallError::Api {
+                Err(CallError::Api(ApiError::Status {
                     code: Some(ALREADY_ACKNOWLEDGED),
                     ..
-                }) => {}
+                })) => {}
                 Err(e) => return Err(send_error(e)),
             }
         }
@@ -631,74 +630,25 @@ impl Discord {
     /// `max_bytes` (the announced size first, then the bytes as they come). No credential is
     /// sent: attachment URLs are signed.
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
-        let too_large = || ChannelError::TooLarge { max_bytes };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let url = Url::parse(&a.file_ref)
             .map_err(|_| ChannelError::Protocol("the attachment's URL is not a URL".into()))?;
-        if !self.may_fetch(&url) {
+        // `https` on Discord's CDN hosts, or the API root's own origin (a local proxy, the
+        // fake in tests).
+        if !http::may_download(&url, &self.api_base, &CDN_HOSTS) {
             return Err(ChannelError::Protocol(format!(
                 "the attachment is not on Discord's CDN ({}): not fetched",
                 url.host_str().unwrap_or("no host")
             )));
         }
-        let net =
-            |e: reqwest::Error| match self
-                .rest
-                .network_error("attachment download", e, false, None)
-            {
-                CallError::Network { message, .. } => ChannelError::Transient(message),
-                other => ChannelError::Transient(format!("{other:?}")),
-            };
-        let mut resp = self
+        let req = self
             .rest
             .http()
             .get(url.as_str())
-            .timeout(REQUEST_TIMEOUT * 4)
-            .send()
-            .await
-            .map_err(net)?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(if status >= 500 || status == 429 {
-                ChannelError::Transient(format!("attachment download: HTTP {status}"))
-            } else {
-                ChannelError::Protocol(format!(
-                    "attachment download: HTTP {status} (attachment links expire after a day)"
-                ))
-            });
-        }
-        if resp.content_length().is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(net)? {
-            if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > max_bytes {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
-    }
-
-    /// An attachment URL this adapter fetches: `https` on Discord's CDN hosts, or the API
-    /// root's own origin (a local proxy, the fake in tests).
-    fn may_fetch(&self, url: &Url) -> bool {
-        if !url.username().is_empty() || url.password().is_some() {
-            return false;
-        }
-        let cdn = url.scheme() == "https"
-            && url.port().is_none()
-            && url
-                .host_str()
-                .is_some_and(|h| CDN_HOSTS.iter().any(|c| h.eq_ignore_ascii_case(c)));
-        let same_origin = Url::parse(self.rest.base()).is_ok_and(|base| {
-            base.scheme() == url.scheme()
-                && base.host_str() == url.host_str()
-                && base.port_or_known_default() == url.port_or_known_default()
-        });
-        cdn || same_origin
+            .timeout(REQUEST_TIMEOUT * 4);
+        let hint = |_| Some("attachment links expire after a day");
+        let secrets = self.rest.secrets(None);
+        http::download(req, "attachment download", max_bytes, &secrets, hint).await
     }
 }
 
@@ -860,12 +810,7 @@ fn components(buttons: &[Button]) -> Result<Value, SendError> {
                 "a button's label is {label_len} characters; Discord takes 1-{MAX_BUTTON_LABEL}"
             )));
         }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Discord takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Discord")?;
         if buttons[..i].iter().any(|o| o.data == b.data) {
             return Err(SendError::Permanent(
                 "two buttons have the same data (Discord needs distinct custom_ids)".into(),
@@ -975,14 +920,10 @@ fn truncate_chars(s: &str, n: usize) -> &str {
 }
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::RateLimited { retry_after } => SendError::RateLimited { retry_after },
+    e.into_send_error(|api| match api {
+        ApiError::RateLimited { retry_after } => SendError::RateLimited { retry_after },
         // The platform received the request; whether it acted on it is unknown.
-        CallError::Api {
+        ApiError::Status {
             status: 500..,
             message,
             ..
@@ -990,14 +931,14 @@ fn send_error(e: CallError) -> SendError {
             message,
             maybe_delivered: true,
         },
-        CallError::Api {
+        ApiError::Status {
             status: 401,
             message,
             ..
         } => SendError::Permanent(format!(
             "{message}: the bot's token was refused; check it (`chitin secrets set`) and `api_base`"
         )),
-        CallError::Api {
+        ApiError::Status {
             status: 403,
             message,
             ..
@@ -1005,31 +946,25 @@ fn send_error(e: CallError) -> SendError {
             "{message}: the bot lacks a permission in this channel (View Channel, Send \
              Messages, Send Messages in Threads) or cannot message this user"
         )),
-        CallError::Api { message, .. } => SendError::Permanent(message),
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+        ApiError::Status { message, .. } => SendError::Permanent(message),
+    })
 }
 
 fn channel_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::RateLimited { retry_after } => ChannelError::RateLimited { retry_after },
-        CallError::Api {
+    e.into_channel_error(|api| match api {
+        ApiError::RateLimited { retry_after } => ChannelError::RateLimited { retry_after },
+        ApiError::Status {
             status: 500..,
             message,
             ..
         } => ChannelError::Transient(message),
-        CallError::Api {
+        ApiError::Status {
             status: 401 | 403,
             message,
             ..
         } => ChannelError::Unauthorized(message),
-        CallError::Api { message, .. } => ChannelError::Protocol(message),
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+        ApiError::Status { message, .. } => ChannelError::Protocol(message),
+    })
 }
 
 /// The TLS settings of the gateway's `wss` connection: rustls with the process's crypto
@@ -1069,38 +1004,6 @@ fn check_token(token: &str) -> Result<(), ConfigError> {
              digits, `.`, `_`, `-`); set it again with `chitin secrets set`"
                 .into(),
         ))
-    }
-}
-
-fn check_api_base(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not have a query or fragment".into(),
-        ));
-    }
-    let loopback = url.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(ConfigError::Invalid(format!(
-            "`api_base` {url} is plain http on a non-loopback host: the token would cross the \
-             network in clear; use https"
-        ))),
-        other => Err(ConfigError::Invalid(format!(
-            "`api_base` has the scheme {other:?}: use https"
-        ))),
     }
 }
 

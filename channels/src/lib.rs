@@ -27,6 +27,9 @@
 #![forbid(unsafe_code)]
 
 pub mod discord;
+#[cfg(feature = "fake")]
+mod fake_http;
+mod http;
 pub mod matrix;
 pub mod signal;
 pub mod slack;

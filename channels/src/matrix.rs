@@ -58,7 +58,6 @@ pub mod fake;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -68,7 +67,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-use crate::text::utf16_len;
+use crate::http;
+use crate::text::check_sendable;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ChannelError, ChatKind, ChatRef, ConfigError, Event,
     Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender, Sent, WebhookParsed,
@@ -106,7 +106,6 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// Timeout of a request other than a long poll or a download.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 const DOWNLOAD_TIMEOUT: Duration = Duration::from_secs(120);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much longer than its `timeout` a long poll may take before it counts as failed.
 const POLL_GRACE: Duration = Duration::from_secs(15);
 /// The wait when a 429 carries neither `retry_after_ms` nor `Retry-After`.
@@ -248,20 +247,16 @@ impl fmt::Debug for Matrix {
 }
 
 /// Why a call failed (internal; mapped to [`SendError`] or [`ChannelError`]).
+type CallError = http::CallError<ApiError>;
+
+/// The homeserver answered with an error status.
 #[derive(Debug)]
-enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached the homeserver.
-    Network { message: String, sent: bool },
-    /// The homeserver answered with an error status.
-    Api {
-        status: u16,
-        /// `M_…`, empty when the answer was not a Matrix error.
-        errcode: String,
-        message: String,
-        retry_after: Option<Duration>,
-    },
-    /// A success status whose body is not what the API documents.
-    BadAnswer(String),
+struct ApiError {
+    status: u16,
+    /// `M_…`, empty when the answer was not a Matrix error.
+    errcode: String,
+    message: String,
+    retry_after: Option<Duration>,
 }
 
 /// A Matrix error body (`{"errcode": "M_…", "error": "…"}`).
@@ -280,18 +275,11 @@ struct BadSegment;
 impl Matrix {
     /// Checks the configuration and builds the HTTP client; sends nothing.
     pub fn new(cfg: MatrixConfig) -> Result<Self, ConfigError> {
-        check_homeserver(&cfg.homeserver)?;
+        http::check_api_root(&cfg.homeserver, "homeserver", "the access token")?;
         check_access_token(&cfg.access_token)?;
         check_user_id(&cfg.user_id)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect could carry the request (and its body) elsewhere; a proxy would see
-            // the token.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
+        // No redirects: one could carry the request (and its body) elsewhere.
+        let http = http::client(http::USER_AGENT)?;
         Ok(Self {
             base: cfg.homeserver.as_str().trim_end_matches('/').to_owned(),
             token: cfg.access_token,
@@ -329,55 +317,9 @@ impl Matrix {
         Ok(url)
     }
 
-    /// Removes the token from a text that is about to leave this adapter.
-    fn redact(&self, text: String) -> String {
-        if !self.token.is_empty() && text.contains(self.token.as_str()) {
-            text.replace(self.token.as_str(), "<redacted>")
-        } else {
-            text
-        }
-    }
-
-    fn network_error(&self, what: &str, e: reqwest::Error, sent: bool) -> CallError {
-        let sent = sent && !e.is_connect() && !e.is_builder();
-        let e = e.without_url();
-        let mut message = format!("{what}: {e}");
-        // The chain of causes (hyper, io) says what actually happened.
-        let err: &dyn std::error::Error = &e;
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
-        CallError::Network {
-            message: self.redact(message),
-            sent,
-        }
-    }
-
-    /// Reads a body of at most `max` bytes.
-    async fn read_body(
-        &self,
-        what: &str,
-        resp: &mut reqwest::Response,
-        max: usize,
-    ) -> Result<Vec<u8>, CallError> {
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > max {
-                        return Err(CallError::BadAnswer(format!(
-                            "{what}: the answer is larger than {max} bytes"
-                        )));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => return Ok(body),
-                Err(e) => return Err(self.network_error(what, e, true)),
-            }
-        }
+    /// The credential every text leaving this adapter is scrubbed of.
+    fn secrets(&self) -> [&str; 1] {
+        [self.token.as_str()]
     }
 
     /// The error of a non-success answer.
@@ -392,19 +334,19 @@ impl Matrix {
             Ok(e) if e.errcode.is_some() => {
                 let errcode = e.errcode.unwrap_or_default();
                 let text = e.error.unwrap_or_else(|| format!("HTTP {status}"));
-                CallError::Api {
+                CallError::Api(ApiError {
                     status,
-                    message: self.redact(format!("{what}: {text} ({errcode})")),
+                    message: http::redact(format!("{what}: {text} ({errcode})"), &self.secrets()),
                     errcode,
                     retry_after: e.retry_after_ms.map(Duration::from_millis).or(header_retry),
-                }
+                })
             }
-            _ => CallError::Api {
+            _ => CallError::Api(ApiError {
                 status,
                 errcode: String::new(),
                 message: format!("{what}: HTTP {status} without a Matrix error"),
                 retry_after: header_retry,
-            },
+            }),
         }
     }
 
@@ -428,10 +370,10 @@ impl Matrix {
         let mut resp = req
             .send()
             .await
-            .map_err(|e| self.network_error(what, e, true))?;
+            .map_err(|e| CallError::network(what, e, true, &self.secrets()))?;
         let status = resp.status().as_u16();
         let header_retry = retry_after_header(&resp);
-        let body = self.read_body(what, &mut resp, MAX_ANSWER_BYTES).await?;
+        let body = http::read_answer(what, &mut resp, MAX_ANSWER_BYTES, &self.secrets()).await?;
         if !(200..300).contains(&status) {
             return Err(self.api_error(what, status, header_retry, &body));
         }
@@ -488,7 +430,7 @@ impl Matrix {
                 .map(str::trim)
                 .filter(|n| !n.is_empty())
                 .map(String::from)),
-            Err(CallError::Api { status: 404, .. }) => Ok(None),
+            Err(CallError::Api(ApiError { status: 404, .. })) => Ok(None),
             Err(e) => Err(channel_error(e)),
         }
     }
@@ -766,11 +708,11 @@ impl Matrix {
                 self.rooms().encrypted.insert(room.to_owned());
                 Ok(true)
             }
-            Err(CallError::Api {
+            Err(CallError::Api(ApiError {
                 status: 404,
                 errcode,
                 ..
-            }) if errcode == "M_NOT_FOUND" => Ok(false),
+            })) if errcode == "M_NOT_FOUND" => Ok(false),
             // Nothing was sent: whatever failed, the message was not delivered.
             Err(e) => Err(match send_error(e) {
                 SendError::Transient { message, .. } => SendError::Transient {
@@ -966,47 +908,37 @@ impl Matrix {
     /// then `Content-Length`, then the bytes as they come). A redirect (a CDN) is followed once,
     /// without the token, and only to `https` (or `http` on loopback).
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
-        let too_large = || ChannelError::TooLarge { max_bytes };
         let Some((server, media)) = parse_mxc(&a.file_ref) else {
             return Err(ChannelError::Protocol(format!(
                 "{:?} is not an mxc://<server>/<media id> URI",
                 a.file_ref
             )));
         };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let url = self
             .url(CLIENT_V1, &["media", "download", server, media])
             .map_err(|_| ChannelError::Protocol("media download: bad URL".into()))?;
         let what = "media download";
-        let mut resp = self
+        let secrets = self.secrets();
+        let req = self
             .http
             .get(&url)
             .bearer_auth(self.token.as_str())
-            .timeout(DOWNLOAD_TIMEOUT)
-            .send()
-            .await
-            .map_err(|e| channel_error(self.network_error(what, e, false)))?;
+            .timeout(DOWNLOAD_TIMEOUT);
+        let mut resp = http::send_download(req, what, &secrets).await?;
         if matches!(resp.status().as_u16(), 307 | 308) {
             let target = redirect_target(&resp).ok_or_else(|| {
                 ChannelError::Protocol(
                     "media download: a redirect to somewhere other than https".into(),
                 )
             })?;
-            resp = self
-                .http
-                .get(target)
-                .timeout(DOWNLOAD_TIMEOUT)
-                .send()
-                .await
-                .map_err(|e| channel_error(self.network_error(what, e, false)))?;
+            let req = self.http.get(target).timeout(DOWNLOAD_TIMEOUT);
+            resp = http::send_download(req, what, &secrets).await?;
         }
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let header_retry = retry_after_header(&resp);
-            let body = self
-                .read_body(what, &mut resp, 64 * 1024)
+            let body = http::read_answer::<ApiError>(what, &mut resp, 64 * 1024, &secrets)
                 .await
                 .unwrap_or_default();
             return Err(channel_error(self.api_error(
@@ -1016,21 +948,7 @@ impl Matrix {
                 &body,
             )));
         }
-        if resp.content_length().is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| channel_error(self.network_error(what, e, false)))?
-        {
-            if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > max_bytes {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        http::read_download(resp, what, max_bytes, &secrets).await
     }
 }
 
@@ -1133,12 +1051,8 @@ impl Platform for Matrix {
 // ---- Errors ----
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::Api {
+    e.into_send_error(|api| match api {
+        ApiError {
             status: 429,
             retry_after,
             ..
@@ -1146,7 +1060,7 @@ fn send_error(e: CallError) -> SendError {
             retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
         },
         // The homeserver received the request; whether it acted on it is unknown.
-        CallError::Api {
+        ApiError {
             status: 500..,
             message,
             ..
@@ -1154,58 +1068,52 @@ fn send_error(e: CallError) -> SendError {
             message,
             maybe_delivered: true,
         },
-        CallError::Api {
+        ApiError {
             status: 401,
             message,
             ..
         } => SendError::Permanent(format!(
             "{message}: the homeserver refused the access token; check it (`chitin secrets set`)"
         )),
-        CallError::Api { message, .. } => SendError::Permanent(message),
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+        ApiError { message, .. } => SendError::Permanent(message),
+    })
 }
 
 /// For calls about something other than the account (media, look-ups): a 403 or 404 is the
 /// thing's, not the token's.
 fn channel_error(e: CallError) -> ChannelError {
     match e {
-        CallError::Api {
+        CallError::Api(ApiError {
             status: 403 | 404,
             message,
             ..
-        } => ChannelError::Protocol(message),
+        }) => ChannelError::Protocol(message),
         other => account_error(other),
     }
 }
 
 /// For `whoami` and `/sync`: a 401, 403 or 404 means the token or the homeserver URL is wrong.
 fn account_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::Api {
+    e.into_channel_error(|api| match api {
+        ApiError {
             status: 429,
             retry_after,
             ..
         } => ChannelError::RateLimited {
             retry_after: retry_after.unwrap_or(DEFAULT_RETRY_AFTER),
         },
-        CallError::Api {
+        ApiError {
             status: 500..,
             message,
             ..
         } => ChannelError::Transient(message),
-        CallError::Api {
+        ApiError {
             status: 401 | 403 | 404,
             message,
             ..
         } => ChannelError::Unauthorized(message),
-        CallError::Api { message, .. } => ChannelError::Protocol(message),
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+        ApiError { message, .. } => ChannelError::Protocol(message),
+    })
 }
 
 fn encrypted_refusal(room: &str) -> String {
@@ -1219,13 +1127,9 @@ fn bad_id(what: &str, id: &str) -> SendError {
     SendError::Permanent(format!("{:?} is not a Matrix {what}", id))
 }
 
-/// The `Retry-After` header in seconds (the HTTP-date form is not used by homeservers).
+/// The `Retry-After` header (in seconds).
 fn retry_after_header(resp: &reqwest::Response) -> Option<Duration> {
-    resp.headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs)
+    http::retry_after_secs(resp.headers()).map(Duration::from_secs)
 }
 
 /// Where a media redirect points, if it is `https` (or `http` on loopback) without
@@ -1241,48 +1145,13 @@ fn redirect_target(resp: &reqwest::Response) -> Option<Url> {
         && url.password().is_none()
         && match url.scheme() {
             "https" => true,
-            "http" => is_loopback(&url),
+            "http" => http::is_loopback(&url),
             _ => false,
         };
     ok.then_some(url)
 }
 
 // ---- Checks and encodings ----
-
-fn is_loopback(url: &Url) -> bool {
-    url.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    })
-}
-
-fn check_homeserver(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`homeserver` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`homeserver` must not have a query or fragment".into(),
-        ));
-    }
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if is_loopback(url) => Ok(()),
-        "http" => Err(ConfigError::Invalid(format!(
-            "`homeserver` {url} is plain http on a non-loopback host: the access token would \
-             cross the network in clear; use https"
-        ))),
-        other => Err(ConfigError::Invalid(format!(
-            "`homeserver` has the scheme {other:?}: use https"
-        ))),
-    }
-}
 
 fn check_access_token(token: &str) -> Result<(), ConfigError> {
     if !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -1318,17 +1187,7 @@ fn check_user_id(user_id: &str) -> Result<(), ConfigError> {
 
 /// A text the homeserver would take, refused here without a request otherwise.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent("the message text is empty".into()));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over this adapter's Matrix limit of {MAX_TEXT}: \
-             split it with `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, None, "this adapter's Matrix limit of")
 }
 
 fn room_id(id: &str) -> Result<&str, SendError> {

@@ -87,7 +87,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::text::utf16_len;
+use crate::http;
+use crate::text::check_sendable;
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -106,7 +107,6 @@ const MAX_BATCH: usize = 100;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// signal-cli sends a keep-alive every 15 s: a stream silent this long is dead.
 const STREAM_IDLE: Duration = Duration::from_secs(60);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest JSON-RPC answer read (attachments have their own bound).
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// Largest server-sent event (one envelope).
@@ -285,10 +285,11 @@ impl Drop for Signal {
 }
 
 /// Why a daemon call failed (internal; mapped to [`SendError`] or [`ChannelError`]).
+type CallError = http::CallError<DaemonError>;
+
+/// The daemon's error answer.
 #[derive(Debug)]
-enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached the daemon.
-    Network { message: String, sent: bool },
+enum DaemonError {
     /// An HTTP status other than 200.
     Http { status: u16, message: String },
     /// A JSON-RPC error object.
@@ -297,8 +298,6 @@ enum CallError {
         message: String,
         data: Value,
     },
-    /// A 200 whose body is not a JSON-RPC answer.
-    BadAnswer(String),
 }
 
 impl Signal {
@@ -313,13 +312,7 @@ impl Signal {
                  (+<country code><number>, as registered in signal-cli)"
             )));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
+        let http = http::client(http::USER_AGENT)?;
         let instance = format!("{:016x}", RandomState::new().build_hasher().finish());
         let (changed, _) = watch::channel(0u64);
         Ok(Self {
@@ -386,54 +379,27 @@ impl Signal {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request = json!({ "jsonrpc": "2.0", "method": method, "params": params, "id": id });
         let url = format!("{}/api/v1/rpc", self.base);
-        let mut resp = match self
+        // The daemon has no credential: there is nothing to scrub.
+        let mut resp = self
             .http
             .post(&url)
             .timeout(timeout)
             .json(&request)
             .send()
             .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                let sent = !e.is_connect() && !e.is_builder();
-                return Err(CallError::Network {
-                    message: describe(method, e),
-                    sent,
-                });
-            }
-        };
+            .map_err(|e| CallError::network(method, e, true, &[]))?;
         let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > max {
-                        return Err(CallError::BadAnswer(format!(
-                            "{method}: the answer is larger than {max} bytes"
-                        )));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(CallError::Network {
-                        message: describe(method, e),
-                        sent: true,
-                    });
-                }
-            }
-        }
+        let body = http::read_answer(method, &mut resp, max, &[]).await?;
         if status != 200 {
-            return Err(CallError::Http {
+            return Err(CallError::Api(DaemonError::Http {
                 status,
                 message: format!("{method}: {}", http_hint(status)),
-            });
+            }));
         }
         let answer: Value = serde_json::from_slice(&body)
             .map_err(|_| CallError::BadAnswer(format!("{method}: the answer is not JSON-RPC")))?;
         if let Some(error) = answer.get("error").filter(|e| !e.is_null()) {
-            return Err(CallError::Rpc {
+            return Err(CallError::Api(DaemonError::Rpc {
                 code: error.get("code").and_then(Value::as_i64).unwrap_or(0),
                 message: format!(
                     "{method}: {}",
@@ -443,7 +409,7 @@ impl Signal {
                         .unwrap_or("an error without a message")
                 ),
                 data: error.get("data").cloned().unwrap_or(Value::Null),
-            });
+            }));
         }
         if answer.get("id").and_then(Value::as_u64) != Some(id) {
             return Err(CallError::BadAnswer(format!(
@@ -517,9 +483,7 @@ impl Signal {
 
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
         let too_large = || ChannelError::TooLarge { max_bytes };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let mut parts = a.file_ref.splitn(3, '|');
         let (Some(id), Some(kind), Some(chat)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(ChannelError::Protocol(
@@ -565,9 +529,10 @@ impl Signal {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(data)
             .map_err(|_| ChannelError::Protocol("getAttachment: the data is not base64".into()))?;
-        if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > max_bytes {
-            return Err(too_large());
-        }
+        http::check_size(
+            Some(u64::try_from(bytes.len()).unwrap_or(u64::MAX)),
+            max_bytes,
+        )?;
         Ok(bytes)
     }
 
@@ -973,7 +938,7 @@ async fn stream_once(http: &reqwest::Client, url: &str, inbox: &Inbox) -> Result
         .header(reqwest::header::ACCEPT, "text/event-stream")
         .send()
         .await
-        .map_err(|e| describe(what, e))?;
+        .map_err(|e| http::failure_text(what, e, &[]))?;
     let status = resp.status().as_u16();
     if status != 200 {
         return Err(format!("{what}: {}", http_hint(status)));
@@ -993,7 +958,7 @@ async fn stream_once(http: &reqwest::Client, url: &str, inbox: &Inbox) -> Result
                 let _ = e;
                 return Ok(());
             }
-            Ok(Err(e)) => return Err(describe(what, e)),
+            Ok(Err(e)) => return Err(http::failure_text(what, e, &[])),
             Ok(Ok(None)) if got_data => return Ok(()),
             Ok(Ok(None)) => return Err(format!("{what}: the daemon closed the stream")),
             Ok(Ok(Some(c))) => c,
@@ -1073,20 +1038,6 @@ impl SseParser {
 }
 
 // ---- Helpers ----
-
-/// The text of a request error (the URL holds no credential; the causes say what happened).
-fn describe(what: &str, e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut message = format!("{what}: {e}");
-    let err: &dyn std::error::Error = &e;
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        message.push_str(": ");
-        message.push_str(&c.to_string());
-        cause = c.source();
-    }
-    message
-}
 
 fn http_hint(status: u16) -> String {
     match status {
@@ -1185,19 +1136,7 @@ fn with_mentions(text: String, mentions: &[Mention]) -> String {
 
 /// A text signal-cli would refuse (or Chitin should not send), refused without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Signal refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over this adapter's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Signal"), "this adapter's")
 }
 
 /// The per-recipient results signal-cli attaches to a failed send.
@@ -1229,12 +1168,8 @@ fn retry_after(data: &Value) -> Duration {
 }
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::Http { status, message } => {
+    e.into_send_error(|daemon| match daemon {
+        DaemonError::Http { status, message } => {
             if status >= 500 {
                 SendError::Transient {
                     message,
@@ -1244,7 +1179,7 @@ fn send_error(e: CallError) -> SendError {
                 SendError::Permanent(message)
             }
         }
-        CallError::Rpc {
+        DaemonError::Rpc {
             code,
             message,
             data,
@@ -1283,27 +1218,22 @@ fn send_error(e: CallError) -> SendError {
             )),
             _ => SendError::Permanent(message),
         },
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+    })
 }
 
 fn channel_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::Http { status, message } if status >= 500 => ChannelError::Transient(message),
-        CallError::Http { message, .. } => ChannelError::Protocol(message),
-        CallError::Rpc { code: -5, data, .. } => ChannelError::RateLimited {
+    e.into_channel_error(|daemon| match daemon {
+        DaemonError::Http { status, message } if status >= 500 => ChannelError::Transient(message),
+        DaemonError::Http { message, .. } => ChannelError::Protocol(message),
+        DaemonError::Rpc { code: -5, data, .. } => ChannelError::RateLimited {
             retry_after: retry_after(&data),
         },
-        CallError::Rpc {
+        DaemonError::Rpc {
             code: -3 | -32603,
             message,
             ..
         } => ChannelError::Transient(message),
-        CallError::Rpc {
+        DaemonError::Rpc {
             code: -32602,
             message,
             ..
@@ -1311,22 +1241,12 @@ fn channel_error(e: CallError) -> ChannelError {
             "{message}: the daemon does not have this account; register or link it in \
              signal-cli"
         )),
-        CallError::Rpc { message, .. } => ChannelError::Protocol(message),
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+        DaemonError::Rpc { message, .. } => ChannelError::Protocol(message),
+    })
 }
 
 fn check_api_base(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not have a query or fragment".into(),
-        ));
-    }
+    http::check_root_parts(url, "api_base")?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(ConfigError::Invalid(format!(
             "`api_base` has the scheme {:?}: use http (on this host) or https",
@@ -1334,14 +1254,10 @@ fn check_api_base(url: &Url) -> Result<(), ConfigError> {
         )));
     }
     let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-    let private = match host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
-        Ok(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private(),
-        Ok(IpAddr::V6(ip)) => ip.is_loopback() || ip.is_unique_local(),
-        Err(_) => {
+    let private = match http::host_ip(&host) {
+        Some(IpAddr::V4(ip)) => ip.is_loopback() || ip.is_private(),
+        Some(IpAddr::V6(ip)) => ip.is_loopback() || ip.is_unique_local(),
+        None => {
             host == "localhost"
                 || (!host.is_empty() && !host.contains('.'))
                 || [".internal", ".local", ".lan", ".home.arpa"]

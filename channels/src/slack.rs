@@ -83,7 +83,6 @@ pub mod fake;
 mod socket;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -96,7 +95,8 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::text::{split, truncate, utf16_len};
+use crate::http;
+use crate::text::{check_button, check_sendable, split, truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -130,7 +130,6 @@ pub const FILES_HOST: &str = "files.slack.com";
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 /// Timeout of one Web API request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The wait when a 429 carries no `Retry-After` (Slack's limits are per minute).
 const DEFAULT_RETRY_AFTER_SECS: u64 = 30;
 
@@ -248,8 +247,8 @@ enum Token {
 pub struct Slack {
     /// The API root without a trailing `/`.
     base: String,
-    /// `api_base`'s scheme, host and port (attachments may be fetched from there).
-    api_origin: (String, String, Option<u16>),
+    /// The API root as configured (attachments may be fetched from its origin).
+    api_base: Url,
     bot_token: Zeroizing<String>,
     signing_secret: Option<Zeroizing<String>>,
     app_token: Option<Zeroizing<String>>,
@@ -280,21 +279,17 @@ impl fmt::Debug for Slack {
 }
 
 /// Why a Web API call failed (internal; mapped to [`SendError`] or [`ChannelError`]).
+type CallError = http::CallError<ApiError>;
+
+/// An error answer: `{"ok":false,"error":…}` (any status) or a non-2xx status.
 #[derive(Debug)]
-enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached the platform.
-    Network { message: String, sent: bool },
-    /// An error answer: `{"ok":false,"error":…}` (any status) or a non-2xx status.
-    Api {
-        status: u16,
-        /// `<method>: <error code>`.
-        error: String,
-        /// The bare error code (`channel_not_found`), empty when the body had none.
-        code: String,
-        retry_after: Option<u64>,
-    },
-    /// A success status whose body is not a Web API answer.
-    BadAnswer(String),
+struct ApiError {
+    status: u16,
+    /// `<method>: <error code>`.
+    error: String,
+    /// The bare error code (`channel_not_found`), empty when the body had none.
+    code: String,
+    retry_after: Option<u64>,
 }
 
 /// Error codes that mean the token is not accepted for this call.
@@ -322,7 +317,7 @@ impl Slack {
     /// Checks the configuration and builds the HTTP client; sends nothing.
     pub fn new(cfg: SlackConfig) -> Result<Self, ConfigError> {
         check_token(&cfg.bot_token, "xoxb-", "bot token")?;
-        check_api_base(&cfg.api_base)?;
+        http::check_api_root(&cfg.api_base, "api_base", "the tokens")?;
         if let Some(app) = &cfg.app_token {
             check_token(app, "xapp-", "app-level token")?;
         }
@@ -351,23 +346,12 @@ impl Slack {
                 Some(socket::tls_config()?)
             }
         };
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect would carry the Authorization header's token elsewhere (or to a login
-            // page instead of a file); a proxy would see it.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
-        let api_origin = (
-            cfg.api_base.scheme().to_owned(),
-            cfg.api_base.host_str().unwrap_or_default().to_owned(),
-            cfg.api_base.port_or_known_default(),
-        );
+        // No redirects: one would carry the Authorization header's token elsewhere (or to a
+        // login page instead of a file).
+        let http = http::client(http::USER_AGENT)?;
         Ok(Self {
             base: cfg.api_base.as_str().trim_end_matches('/').to_owned(),
-            api_origin,
+            api_base: cfg.api_base,
             bot_token: cfg.bot_token,
             signing_secret: cfg.signing_secret,
             app_token: cfg.app_token,
@@ -409,37 +393,18 @@ impl Slack {
         Ok(bot)
     }
 
-    /// Removes every credential from a text that is about to leave this adapter.
-    fn redact(&self, mut text: String) -> String {
-        let secrets = [
-            Some(&self.bot_token),
-            self.app_token.as_ref(),
-            self.signing_secret.as_ref(),
-        ];
-        for s in secrets.into_iter().flatten() {
-            if !s.is_empty() && text.contains(s.as_str()) {
-                text = text.replace(s.as_str(), "<redacted>");
-            }
-        }
-        text
+    /// The credentials every text leaving this adapter is scrubbed of (empty: not set).
+    fn secrets(&self) -> [&str; 3] {
+        [
+            self.bot_token.as_str(),
+            self.app_token.as_ref().map_or("", |s| s.as_str()),
+            self.signing_secret.as_ref().map_or("", |s| s.as_str()),
+        ]
     }
 
-    fn network_error(&self, what: &str, e: reqwest::Error, sent: bool) -> CallError {
-        let sent = sent && !e.is_connect() && !e.is_builder();
-        let e = e.without_url();
-        let mut message = format!("{what}: {e}");
-        // The chain of causes (hyper, io) says what actually happened.
-        let err: &dyn std::error::Error = &e;
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
-        CallError::Network {
-            message: self.redact(message),
-            sent,
-        }
+    /// Removes every credential from a text that is about to leave this adapter.
+    fn redact(&self, text: String) -> String {
+        http::redact(text, &self.secrets())
     }
 
     fn bearer(&self, token: Token) -> Result<HeaderValue, CallError> {
@@ -452,12 +417,9 @@ impl Slack {
                 "this channel has no app-level token".into(),
             ));
         };
-        let value = Zeroizing::new(format!("Bearer {}", secret.as_str()));
         // The token was checked to be visible ASCII, so this cannot fail.
-        let mut header = HeaderValue::from_str(&value)
-            .map_err(|_| CallError::BadAnswer("the token is not a valid header value".into()))?;
-        header.set_sensitive(true);
-        Ok(header)
+        http::auth_header("Bearer", secret)
+            .ok_or_else(|| CallError::BadAnswer("the token is not a valid header value".into()))
     }
 
     /// One Web API call: POST JSON to `<base>/<method>`; the whole answer on `"ok": true`.
@@ -474,28 +436,10 @@ impl Slack {
             .body(body)
             .send()
             .await
-            .map_err(|e| self.network_error(method, e, true))?;
+            .map_err(|e| CallError::network(method, e, true, &self.secrets()))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                        return Err(CallError::BadAnswer(format!(
-                            "{method}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-                        )));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(self.network_error(method, e, true)),
-            }
-        }
+        let retry_after = http::retry_after_secs(resp.headers());
+        let body = http::read_answer(method, &mut resp, MAX_ANSWER_BYTES, &self.secrets()).await?;
         let success = (200..300).contains(&status);
         let answer: Option<Value> = serde_json::from_slice(&body).ok();
         let ok = answer
@@ -515,22 +459,22 @@ impl Slack {
                 } else {
                     format!("{method}: {code}")
                 };
-                Err(CallError::Api {
+                Err(CallError::Api(ApiError {
                     status,
                     error: self.redact(error),
                     code: self.redact(code),
                     retry_after,
-                })
+                }))
             }
             _ if success => Err(CallError::BadAnswer(format!(
                 "{method}: HTTP {status} with a body that is not a Web API answer"
             ))),
-            _ => Err(CallError::Api {
+            _ => Err(CallError::Api(ApiError {
                 status,
                 error: format!("{method}: HTTP {status} without a Web API answer"),
                 code: String::new(),
                 retry_after,
-            }),
+            })),
         }
     }
 
@@ -791,30 +735,8 @@ impl Slack {
             .map_err(send_error)
     }
 
-    /// The attachment URL may receive the bot token: `https://files.slack.com`, or the
-    /// `api_base` origin (the fake in tests, where it is loopback).
-    fn may_fetch(&self, url: &Url) -> bool {
-        if !url.username().is_empty() || url.password().is_some() {
-            return false;
-        }
-        let Some(host) = url.host_str() else {
-            return false;
-        };
-        let slack_files = url.scheme() == "https"
-            && host.eq_ignore_ascii_case(FILES_HOST)
-            && url.port_or_known_default() == Some(443);
-        let (scheme, api_host, port) = &self.api_origin;
-        let api = url.scheme() == scheme
-            && host.eq_ignore_ascii_case(api_host)
-            && url.port_or_known_default() == *port;
-        slack_files || api
-    }
-
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
-        let too_large = || ChannelError::TooLarge { max_bytes };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let Some((_, url)) = a.file_ref.split_once(' ') else {
             return Err(ChannelError::Protocol(
                 "this Slack file has no download URL (not fetched)".into(),
@@ -823,7 +745,9 @@ impl Slack {
         let url = Url::parse(url).map_err(|_| {
             ChannelError::Protocol("the Slack file's download URL is not a URL".into())
         })?;
-        if !self.may_fetch(&url) {
+        // The URL receives the bot token: `https://files.slack.com`, or the `api_base` origin
+        // (the fake in tests, where it is loopback).
+        if !http::may_download(&url, &self.api_base, &[FILES_HOST]) {
             return Err(ChannelError::Protocol(format!(
                 "the Slack file's download URL is not on https://{FILES_HOST}: not fetched"
             )));
@@ -831,41 +755,18 @@ impl Slack {
         let auth = self
             .bearer(Token::Bot)
             .map_err(|_| ChannelError::Protocol("the bot token is not a header value".into()))?;
-        let what = "file download";
-        let mut resp = self
+        let req = self
             .http
             .get(url)
             .timeout(REQUEST_TIMEOUT * 4)
-            .header(AUTHORIZATION, auth)
-            .send()
-            .await
-            .map_err(|e| channel_error(self.network_error(what, e, false)))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(match status {
-                429 | 500.. => ChannelError::Transient(format!("{what}: HTTP {status}")),
-                300..=399 => ChannelError::Protocol(format!(
-                    "{what}: HTTP {status} (a redirect, not followed: the bot may lack the \
-                     files:read scope or access to the file)"
-                )),
-                _ => ChannelError::Protocol(format!("{what}: HTTP {status}")),
-            });
-        }
-        if resp.content_length().is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| channel_error(self.network_error(what, e, false)))?
-        {
-            if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > max_bytes {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+            .header(AUTHORIZATION, auth);
+        let hint = |status| {
+            (300..=399).contains(&status).then_some(
+                "a redirect, not followed: the bot may lack the files:read scope or access to \
+                 the file",
+            )
+        };
+        http::download(req, "file download", max_bytes, &self.secrets(), hint).await
     }
 }
 
@@ -1045,15 +946,7 @@ fn blocks(text: &str, buttons: &[Button]) -> Result<Value, SendError> {
     }
     let mut elements = Vec::with_capacity(buttons.len());
     for (i, b) in buttons.iter().enumerate() {
-        if b.label.trim().is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Slack takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Slack")?;
         elements.push(json!({
             "type": "button",
             "action_id": format!("chitin_{i}"),
@@ -1085,12 +978,8 @@ fn blocks(text: &str, buttons: &[Button]) -> Result<Value, SendError> {
 }
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::Api {
+    e.into_send_error(|api| match api {
+        ApiError {
             status,
             code,
             retry_after,
@@ -1101,41 +990,36 @@ fn send_error(e: CallError) -> SendError {
             }
         }
         // The platform received the request; whether it acted on it is unknown.
-        CallError::Api { status, error, .. } if status >= 500 => SendError::Transient {
+        ApiError { status, error, .. } if status >= 500 => SendError::Transient {
             message: error,
             maybe_delivered: true,
         },
-        CallError::Api { error, code, .. } if TRANSIENT_ERRORS.contains(&code.as_str()) => {
+        ApiError { error, code, .. } if TRANSIENT_ERRORS.contains(&code.as_str()) => {
             SendError::Transient {
                 message: error,
                 maybe_delivered: true,
             }
         }
-        CallError::Api { error, code, .. } if AUTH_ERRORS.contains(&code.as_str()) => {
+        ApiError { error, code, .. } if AUTH_ERRORS.contains(&code.as_str()) => {
             SendError::Permanent(format!(
                 "{error}: the bot token was refused or lacks a scope; check it (`chitin secrets \
                  set`), the app's scopes and `api_base`"
             ))
         }
-        CallError::Api {
+        ApiError {
             status: 401 | 403 | 404,
             error,
             ..
         } => SendError::Permanent(format!(
             "{error}: check the bot token (`chitin secrets set`) and `api_base`"
         )),
-        CallError::Api { error, .. } => SendError::Permanent(error),
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+        ApiError { error, .. } => SendError::Permanent(error),
+    })
 }
 
 fn channel_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::Api {
+    e.into_channel_error(|api| match api {
+        ApiError {
             status,
             code,
             retry_after,
@@ -1145,21 +1029,20 @@ fn channel_error(e: CallError) -> ChannelError {
                 retry_after: Duration::from_secs(retry_after.unwrap_or(DEFAULT_RETRY_AFTER_SECS)),
             }
         }
-        CallError::Api { status, error, .. } if status >= 500 => ChannelError::Transient(error),
-        CallError::Api { error, code, .. } if TRANSIENT_ERRORS.contains(&code.as_str()) => {
+        ApiError { status, error, .. } if status >= 500 => ChannelError::Transient(error),
+        ApiError { error, code, .. } if TRANSIENT_ERRORS.contains(&code.as_str()) => {
             ChannelError::Transient(error)
         }
-        CallError::Api { error, code, .. } if AUTH_ERRORS.contains(&code.as_str()) => {
+        ApiError { error, code, .. } if AUTH_ERRORS.contains(&code.as_str()) => {
             ChannelError::Unauthorized(error)
         }
-        CallError::Api {
+        ApiError {
             status: 401 | 403 | 404,
             error,
             ..
         } => ChannelError::Unauthorized(error),
-        CallError::Api { error, .. } => ChannelError::Protocol(error),
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+        ApiError { error, .. } => ChannelError::Protocol(error),
+    })
 }
 
 fn check_token(token: &str, prefix: &str, what: &str) -> Result<(), ConfigError> {
@@ -1191,56 +1074,9 @@ fn check_signing_secret(secret: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// `host` is `localhost` or a loopback address.
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn check_api_base(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not have a query or fragment".into(),
-        ));
-    }
-    let loopback = url.host_str().is_some_and(is_loopback);
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(ConfigError::Invalid(format!(
-            "`api_base` {url} is plain http on a non-loopback host: the tokens would cross the \
-             network in clear; use https"
-        ))),
-        other => Err(ConfigError::Invalid(format!(
-            "`api_base` has the scheme {other:?}: use https"
-        ))),
-    }
-}
-
 /// A text Slack would refuse or truncate, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Slack refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over the Slack adapter's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Slack"), "the Slack adapter's")
 }
 
 /// A Slack id (`C…`, `D…`, `G…`, `U…`, `W…`): letters and digits only.

@@ -23,7 +23,6 @@
 pub mod fake;
 
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{PoisonError, RwLock};
 use std::time::Duration;
 
@@ -33,7 +32,8 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::text::{truncate, utf16_len};
+use crate::http;
+use crate::text::{check_button, check_sendable, truncate};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, Event, Inbound, Limits, Message, OutMessage, Platform, Polled, SendError, Sender,
@@ -56,7 +56,6 @@ pub const MAX_WEBHOOK_BODY: usize = 1024 * 1024;
 const MAX_ANSWER_BYTES: usize = 16 * 1024 * 1024;
 /// Timeout of a request other than a long poll.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How much longer than its `timeout` a long poll may take before it counts as failed.
 const POLL_GRACE: Duration = Duration::from_secs(15);
 /// The wait when a 429 carries no `retry_after`.
@@ -159,19 +158,15 @@ impl fmt::Debug for Telegram {
 }
 
 /// Why a Bot API call failed (internal; mapped to [`SendError`] or [`ChannelError`]).
+type CallError = http::CallError<ApiError>;
+
+/// The platform's error answer.
 #[derive(Debug)]
-enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached the platform.
-    Network { message: String, sent: bool },
-    /// The platform answered with an error.
-    Api {
-        code: u16,
-        description: String,
-        retry_after: Option<u64>,
-        migrate_to: Option<i64>,
-    },
-    /// A success status whose body is not a Bot API answer.
-    BadAnswer(String),
+struct ApiError {
+    code: u16,
+    description: String,
+    retry_after: Option<u64>,
+    migrate_to: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -194,7 +189,7 @@ impl Telegram {
     /// Checks the configuration and builds the HTTP client; sends nothing.
     pub fn new(cfg: TelegramConfig) -> Result<Self, ConfigError> {
         check_token(&cfg.token)?;
-        check_api_base(&cfg.api_base)?;
+        http::check_api_root(&cfg.api_base, "api_base", "the token")?;
         if let Some(secret) = &cfg.webhook_secret {
             check_webhook_secret(secret)?;
         } else if cfg.mode == TelegramMode::Webhook {
@@ -203,14 +198,8 @@ impl Telegram {
                     .into(),
             ));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect would carry the token (in the path) elsewhere; a proxy would see it.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
+        // No redirects: one would carry the token (in the path) elsewhere.
+        let http = http::client(http::USER_AGENT)?;
         Ok(Self {
             base: cfg.api_base.as_str().trim_end_matches('/').to_owned(),
             token: cfg.token,
@@ -284,31 +273,9 @@ impl Telegram {
         Ok(bot)
     }
 
-    /// Removes the token from a text that is about to leave this adapter.
-    fn redact(&self, text: String) -> String {
-        if !self.token.is_empty() && text.contains(self.token.as_str()) {
-            text.replace(self.token.as_str(), "<redacted>")
-        } else {
-            text
-        }
-    }
-
-    fn network_error(&self, method: &str, e: reqwest::Error, sent: bool) -> CallError {
-        let sent = sent && !e.is_connect() && !e.is_builder();
-        let e = e.without_url();
-        let mut message = format!("{method}: {e}");
-        // The chain of causes (hyper, io) says what actually happened.
-        let err: &dyn std::error::Error = &e;
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
-        CallError::Network {
-            message: self.redact(message),
-            sent,
-        }
+    /// The credential every text leaving this adapter is scrubbed of.
+    fn secrets(&self) -> [&str; 1] {
+        [self.token.as_str()]
     }
 
     /// One Bot API call: POST JSON to `<base>/bot<token>/<method>`; the `result` on success.
@@ -326,56 +293,39 @@ impl Telegram {
             .json(params)
             .send()
             .await
-            .map_err(|e| self.network_error(method, e, true))?;
+            .map_err(|e| CallError::network(method, e, true, &self.secrets()))?;
         let status = resp.status().as_u16();
-        let header_retry = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-                        return Err(CallError::BadAnswer(format!(
-                            "{method}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-                        )));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(self.network_error(method, e, true)),
-            }
-        }
+        let header_retry = http::retry_after_secs(resp.headers());
+        let body = http::read_answer(method, &mut resp, MAX_ANSWER_BYTES, &self.secrets()).await?;
         let success = (200..300).contains(&status);
         match serde_json::from_slice::<ApiAnswer>(&body) {
             Ok(answer) if answer.ok && success => answer.result.ok_or_else(|| {
                 CallError::BadAnswer(format!("{method}: the answer has no `result`"))
             }),
-            Ok(answer) => Err(CallError::Api {
+            Ok(answer) => Err(CallError::Api(ApiError {
                 code: if success {
                     answer.error_code.unwrap_or(500)
                 } else {
                     status
                 },
-                description: self.redact(
+                description: http::redact(
                     answer
                         .description
                         .unwrap_or_else(|| format!("HTTP {status}")),
+                    &self.secrets(),
                 ),
                 retry_after: answer.parameters.retry_after.or(header_retry),
                 migrate_to: answer.parameters.migrate_to_chat_id,
-            }),
+            })),
             Err(_) if success => Err(CallError::BadAnswer(format!(
                 "{method}: HTTP {status} with a body that is not a Bot API answer"
             ))),
-            Err(_) => Err(CallError::Api {
+            Err(_) => Err(CallError::Api(ApiError {
                 code: status,
                 description: format!("{method}: HTTP {status} without a Bot API answer"),
                 retry_after: header_retry,
                 migrate_to: None,
-            }),
+            })),
         }
     }
 
@@ -430,10 +380,7 @@ impl Telegram {
     /// `getFile`, then the download from `<base>/file/bot<token>/<file_path>`, bounded by
     /// `max_bytes` (the announced size is checked first, the bytes read as they come).
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
-        let too_large = || ChannelError::TooLarge { max_bytes };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let file = self
             .call(
                 "getFile",
@@ -442,13 +389,7 @@ impl Telegram {
             )
             .await
             .map_err(channel_error)?;
-        if file
-            .get("file_size")
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n > max_bytes)
-        {
-            return Err(too_large());
-        }
+        http::check_size(file.get("file_size").and_then(Value::as_u64), max_bytes)?;
         let Some(path) = file.get("file_path").and_then(Value::as_str) else {
             return Err(ChannelError::Protocol(
                 "getFile answered without a file_path (the file may be larger than 20 MB)".into(),
@@ -470,36 +411,8 @@ impl Telegram {
             self.base,
             self.token.as_str()
         ));
-        let mut resp = self
-            .http
-            .get(url.as_str())
-            .timeout(REQUEST_TIMEOUT * 4)
-            .send()
-            .await
-            .map_err(|e| channel_error(self.network_error("file download", e, false)))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(if status >= 500 || status == 429 {
-                ChannelError::Transient(format!("file download: HTTP {status}"))
-            } else {
-                ChannelError::Protocol(format!("file download: HTTP {status}"))
-            });
-        }
-        if resp.content_length().is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| channel_error(self.network_error("file download", e, false)))?
-        {
-            if u64::try_from(body.len() + chunk.len()).unwrap_or(u64::MAX) > max_bytes {
-                return Err(too_large());
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body)
+        let req = self.http.get(url.as_str()).timeout(REQUEST_TIMEOUT * 4);
+        http::download(req, "file download", max_bytes, &self.secrets(), |_| None).await
     }
 
     async fn edit_inner(
@@ -521,11 +434,11 @@ impl Telegram {
         match self.call("editMessageText", &params, REQUEST_TIMEOUT).await {
             Ok(_) => Ok(()),
             // Same text and buttons as now: the message already shows what was asked.
-            Err(CallError::Api {
+            Err(CallError::Api(ApiError {
                 code: 400,
                 description,
                 ..
-            }) if description.contains("message is not modified") => Ok(()),
+            })) if description.contains("message is not modified") => Ok(()),
             Err(e) => Err(send_error(e)),
         }
     }
@@ -709,12 +622,8 @@ impl Platform for Telegram {
 }
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::Api {
+    e.into_send_error(|api| match api {
+        ApiError {
             code: 429,
             retry_after,
             ..
@@ -722,7 +631,7 @@ fn send_error(e: CallError) -> SendError {
             retry_after: Duration::from_secs(retry_after.unwrap_or(DEFAULT_RETRY_AFTER_SECS)),
         },
         // The platform received the request; whether it acted on it is unknown.
-        CallError::Api {
+        ApiError {
             code: 500..,
             description,
             ..
@@ -730,58 +639,52 @@ fn send_error(e: CallError) -> SendError {
             message: description,
             maybe_delivered: true,
         },
-        CallError::Api {
+        ApiError {
             code: 401 | 404,
             description,
             ..
         } => SendError::Permanent(format!(
             "{description}: the bot's token was refused; check it (`chitin secrets set`) and `api_base`"
         )),
-        CallError::Api {
+        ApiError {
             description,
             migrate_to: Some(to),
             ..
         } => SendError::Permanent(format!(
             "{description}: the group became the supergroup {to}; its conversation continues there"
         )),
-        CallError::Api { description, .. } => SendError::Permanent(description),
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+        ApiError { description, .. } => SendError::Permanent(description),
+    })
 }
 
 fn channel_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::Api {
+    e.into_channel_error(|api| match api {
+        ApiError {
             code: 429,
             retry_after,
             ..
         } => ChannelError::RateLimited {
             retry_after: Duration::from_secs(retry_after.unwrap_or(DEFAULT_RETRY_AFTER_SECS)),
         },
-        CallError::Api {
+        ApiError {
             code: 500..,
             description,
             ..
         } => ChannelError::Transient(description),
-        CallError::Api {
+        ApiError {
             code: 401 | 403 | 404,
             description,
             ..
         } => ChannelError::Unauthorized(description),
-        CallError::Api {
+        ApiError {
             code: 409,
             description,
             ..
         } => ChannelError::Transient(format!(
             "{description} (another process polls this bot, or a webhook is set)"
         )),
-        CallError::Api { description, .. } => ChannelError::Protocol(description),
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+        ApiError { description, .. } => ChannelError::Protocol(description),
+    })
 }
 
 fn check_token(token: &str) -> Result<(), ConfigError> {
@@ -819,53 +722,9 @@ fn check_webhook_secret(secret: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn check_api_base(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not have a query or fragment".into(),
-        ));
-    }
-    let loopback = url.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(ConfigError::Invalid(format!(
-            "`api_base` {url} is plain http on a non-loopback host: the token would cross the \
-             network in clear; use https"
-        ))),
-        other => Err(ConfigError::Invalid(format!(
-            "`api_base` has the scheme {other:?}: use https"
-        ))),
-    }
-}
-
 /// A text Telegram would refuse, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (Telegram refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} UTF-16 units, over Telegram's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("Telegram"), "Telegram's")
 }
 
 fn chat_id(id: &str) -> Value {
@@ -895,15 +754,7 @@ fn thread_id(chat: &ChatRef) -> Result<Option<i64>, SendError> {
 fn keyboard(buttons: &[Button]) -> Result<Value, SendError> {
     let mut row = Vec::with_capacity(buttons.len());
     for b in buttons {
-        if b.label.trim().is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_DATA {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; Telegram takes 1-{MAX_BUTTON_DATA}",
-                b.data.len()
-            )));
-        }
+        check_button(b, MAX_BUTTON_DATA, "Telegram")?;
         row.push(json!({ "text": b.label, "callback_data": b.data }));
     }
     let rows: Vec<Value> = if row.is_empty() {

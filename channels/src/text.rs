@@ -1,4 +1,5 @@
-//! Text helpers shared by the adapters: measuring and splitting a long answer into messages.
+//! Text helpers shared by the adapters: measuring and splitting a long answer into messages,
+//! and refusing a text or a button the platform would refuse before any request is made.
 //!
 //! **Unit.** Lengths here are counted in UTF-16 code units, the unit Telegram counts its 4096
 //! limit in (an emoji outside the Basic Multilingual Plane such as 😀 is 2 units; `é` is 1).
@@ -13,6 +14,8 @@
 //! adapter ever sends markup, and then every piece of untrusted text must go through it.
 //! Slack is such a platform (its message text always interprets `<…>` control sequences):
 //! [`crate::slack::escape`] escapes `&`, `<` and `>` in everything the Slack adapter sends.
+
+use crate::{Button, SendError};
 
 /// The length of `s` in UTF-16 code units (the unit of [`crate::Limits::max_text_chars`]).
 pub fn utf16_len(s: &str) -> usize {
@@ -123,6 +126,48 @@ fn good_hard_cut(s: &str, i: usize) -> bool {
     !joins_previous && !joins_next
 }
 
+/// Refuses, before any request, a text to send that is empty (white space only) or longer than
+/// `max` UTF-16 units. `refused_by` names the platform that refuses empty messages (`None`: the
+/// adapter does); `limit` says whose limit `max` is ("Telegram's", "this adapter's").
+pub(crate) fn check_sendable(
+    text: &str,
+    max: usize,
+    refused_by: Option<&str>,
+    limit: &str,
+) -> Result<(), SendError> {
+    if text.trim().is_empty() {
+        return Err(SendError::Permanent(match refused_by {
+            Some(platform) => {
+                format!("the message text is empty ({platform} refuses empty messages)")
+            }
+            None => "the message text is empty".into(),
+        }));
+    }
+    let len = utf16_len(text);
+    if len > max {
+        return Err(SendError::Permanent(format!(
+            "the text is {len} UTF-16 units, over {limit} {max}: split it with \
+             `chitin_channels::text::split`"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses, before any request, a button `platform` would refuse: an empty label, or data that
+/// is empty or longer than `max_data` bytes.
+pub(crate) fn check_button(b: &Button, max_data: usize, platform: &str) -> Result<(), SendError> {
+    if b.label.trim().is_empty() {
+        return Err(SendError::Permanent("a button has an empty label".into()));
+    }
+    if b.data.is_empty() || b.data.len() > max_data {
+        return Err(SendError::Permanent(format!(
+            "a button's data is {} bytes; {platform} takes 1-{max_data}",
+            b.data.len()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -132,6 +177,52 @@ mod tests {
         reason = "tests"
     )]
     use super::*;
+
+    #[test]
+    fn a_text_to_send_must_be_non_empty_and_within_the_limit() {
+        assert!(check_sendable("hi", 2, Some("X"), "X's").is_ok());
+        assert!(check_sendable("😀", 2, Some("X"), "X's").is_ok());
+        assert_eq!(
+            check_sendable(" \n", 10, Some("X"), "X's"),
+            Err(SendError::Permanent(
+                "the message text is empty (X refuses empty messages)".into()
+            ))
+        );
+        assert_eq!(
+            check_sendable("", 10, None, "X's"),
+            Err(SendError::Permanent("the message text is empty".into()))
+        );
+        assert_eq!(
+            check_sendable("😀!", 2, None, "this adapter's"),
+            Err(SendError::Permanent(
+                "the text is 3 UTF-16 units, over this adapter's 2: split it with \
+                 `chitin_channels::text::split`"
+                    .into()
+            ))
+        );
+    }
+
+    #[test]
+    fn a_button_needs_a_label_and_data_within_the_limit() {
+        let b = |label: &str, data: &str| Button {
+            label: label.into(),
+            data: data.into(),
+        };
+        assert!(check_button(&b("Approve", "a:1"), 3, "X").is_ok());
+        assert_eq!(
+            check_button(&b(" ", "a:1"), 3, "X"),
+            Err(SendError::Permanent("a button has an empty label".into()))
+        );
+        for data in ["", "a:12"] {
+            assert_eq!(
+                check_button(&b("Approve", data), 3, "X"),
+                Err(SendError::Permanent(format!(
+                    "a button's data is {} bytes; X takes 1-3",
+                    data.len()
+                )))
+            );
+        }
+    }
 
     fn check(text: &str, max: usize) -> Vec<String> {
         let pieces = split(text, max);

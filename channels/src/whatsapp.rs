@@ -66,19 +66,20 @@ pub mod fake;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::IpAddr;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use reqwest::Url;
+use reqwest::header::{AUTHORIZATION, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use crate::text::{split, truncate, utf16_len};
+use crate::http;
+use crate::text::{check_button, check_sendable, split, truncate, utf16_len};
 use crate::{
     Attachment, BotInfo, BoxFuture, Button, ButtonPress, ChannelError, ChatKind, ChatRef,
     ConfigError, DeliveryReport, DeliveryState, Event, Inbound, Limits, Message, OutMessage,
@@ -111,7 +112,8 @@ pub const ERROR_REENGAGEMENT: i64 = 131_047;
 /// Largest Graph API JSON answer read.
 const MAX_ANSWER_BYTES: usize = 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Meta's media hosts (besides the API root's own): a leading `.` stands for its subdomains.
+const MEDIA_HOSTS: [&str; 2] = ["lookaside.fbsbx.com", ".fbcdn.net"];
 /// Longest accepted `hub.challenge` (Meta sends a number).
 const MAX_CHALLENGE: usize = 128;
 /// Multi-part sends remembered for resumption (oldest forgotten beyond this).
@@ -206,21 +208,17 @@ impl fmt::Debug for WhatsApp {
 }
 
 /// Why a Graph API call failed (internal; mapped to [`SendError`] or [`ChannelError`]).
+type CallError = http::CallError<ApiError>;
+
+/// The platform's error answer.
 #[derive(Debug)]
-enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached the platform.
-    Network { message: String, sent: bool },
-    /// The platform answered with an error.
-    Api {
-        status: u16,
-        code: Option<i64>,
-        /// `message` and `error_data.details`, credentials removed.
-        text: String,
-        transient: bool,
-        retry_after: Option<u64>,
-    },
-    /// A success status whose body is not what the API documents.
-    BadAnswer(String),
+struct ApiError {
+    status: u16,
+    code: Option<i64>,
+    /// `message` and `error_data.details`, credentials removed.
+    text: String,
+    transient: bool,
+    retry_after: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -246,7 +244,7 @@ struct GraphErrorData {
 impl WhatsApp {
     /// Checks the configuration and builds the HTTP client; sends nothing.
     pub fn new(cfg: WhatsAppConfig) -> Result<Self, ConfigError> {
-        check_api_base(&cfg.api_base)?;
+        http::check_api_root(&cfg.api_base, "api_base", "the access token")?;
         let id = &cfg.phone_number_id;
         if id.is_empty() || id.len() > 32 || !id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(ConfigError::Invalid(format!(
@@ -278,14 +276,8 @@ impl WhatsApp {
                     .into(),
             ));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            // A redirect would carry the bearer token elsewhere; a proxy would see it.
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .user_agent(concat!("chitin/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ConfigError::Invalid(format!("HTTP client: {}", e.without_url())))?;
+        // No redirects: one would carry the bearer token elsewhere.
+        let http = http::client(http::USER_AGENT)?;
         Ok(Self {
             base: cfg.api_base.as_str().trim_end_matches('/').to_owned(),
             base_url: cfg.api_base,
@@ -357,80 +349,42 @@ impl WhatsApp {
         Ok(out)
     }
 
-    /// Removes every credential from a text that is about to leave this adapter.
-    fn redact(&self, mut text: String) -> String {
-        for secret in [&self.access_token, &self.app_secret, &self.verify_token] {
-            if !secret.is_empty() && text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), "<redacted>");
-            }
-        }
-        text
+    /// The credentials every text leaving this adapter is scrubbed of.
+    fn secrets(&self) -> [&str; 3] {
+        [
+            self.access_token.as_str(),
+            self.app_secret.as_str(),
+            self.verify_token.as_str(),
+        ]
     }
 
-    fn network_error(&self, what: &str, e: reqwest::Error, sent: bool) -> CallError {
-        let sent = sent && !e.is_connect() && !e.is_builder();
-        let e = e.without_url();
-        let mut message = format!("{what}: {e}");
-        let err: &dyn std::error::Error = &e;
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
-        CallError::Network {
-            message: self.redact(message),
-            sent,
-        }
-    }
-
-    /// Reads an answer's body, at most `max` bytes (`None`: over the limit).
-    async fn read_body(
-        &self,
-        what: &str,
-        resp: &mut reqwest::Response,
-        max: usize,
-    ) -> Result<Option<Vec<u8>>, CallError> {
-        let mut body = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if body.len() + chunk.len() > max {
-                        return Ok(None);
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => return Ok(Some(body)),
-                Err(e) => return Err(self.network_error(what, e, true)),
-            }
-        }
+    /// `Authorization: Bearer <access token>`, marked sensitive.
+    fn bearer(&self) -> Option<HeaderValue> {
+        http::auth_header("Bearer", &self.access_token)
     }
 
     /// One Graph API call to `<base>/<path>` (JSON body for POST); the JSON answer on success.
     async fn call(&self, what: &str, path: &str, body: Option<&Value>) -> Result<Value, CallError> {
         let url = format!("{}/{path}", self.base);
-        let bearer = Zeroizing::new(format!("Bearer {}", self.access_token.as_str()));
         let req = match body {
             Some(b) => self.http.post(&url).json(b),
             None => self.http.get(&url),
         };
+        // The token was checked to be visible ASCII, so this cannot fail.
+        let Some(bearer) = self.bearer() else {
+            return Err(CallError::BadAnswer(
+                "the access token is not a valid header value".into(),
+            ));
+        };
         let mut resp = req
-            .header(reqwest::header::AUTHORIZATION, bearer.as_str())
+            .header(AUTHORIZATION, bearer)
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
-            .map_err(|e| self.network_error(what, e, true))?;
+            .map_err(|e| CallError::network(what, e, true, &self.secrets()))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let Some(body) = self.read_body(what, &mut resp, MAX_ANSWER_BYTES).await? else {
-            return Err(CallError::BadAnswer(format!(
-                "{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-            )));
-        };
+        let retry_after = http::retry_after_secs(resp.headers());
+        let body = http::read_answer(what, &mut resp, MAX_ANSWER_BYTES, &self.secrets()).await?;
         if (200..300).contains(&status) {
             return serde_json::from_slice::<Value>(&body).map_err(|_| {
                 CallError::BadAnswer(format!(
@@ -452,21 +406,21 @@ impl WhatsApp {
                     text.push_str(": ");
                     text.push_str(&details);
                 }
-                CallError::Api {
+                CallError::Api(ApiError {
                     status,
                     code: error.code,
-                    text: self.redact(format!("{what}: {text}")),
+                    text: http::redact(format!("{what}: {text}"), &self.secrets()),
                     transient: error.is_transient,
                     retry_after,
-                }
+                })
             }
-            Err(_) => CallError::Api {
+            Err(_) => CallError::Api(ApiError {
                 status,
                 code: None,
                 text: format!("{what}: HTTP {status} without a Graph API error"),
                 transient: false,
                 retry_after,
-            },
+            }),
         })
     }
 
@@ -561,10 +515,7 @@ impl WhatsApp {
 
     /// `GET /<media id>` for the download URL, then the download, bounded by `max_bytes`.
     async fn fetch_inner(&self, a: &Attachment, max_bytes: u64) -> Result<Vec<u8>, ChannelError> {
-        let too_large = || ChannelError::TooLarge { max_bytes };
-        if a.size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(a.size, max_bytes)?;
         let id = &a.file_ref;
         if id.is_empty()
             || id.len() > 128
@@ -586,9 +537,7 @@ impl WhatsApp {
             Some(Value::String(s)) => s.parse::<u64>().ok(),
             _ => None,
         };
-        if size.is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
+        http::check_size(size, max_bytes)?;
         let Some(url) = media.get("url").and_then(Value::as_str) else {
             return Err(ChannelError::Protocol(
                 "media: the answer has no download url".into(),
@@ -596,60 +545,24 @@ impl WhatsApp {
         };
         let url = Url::parse(url)
             .map_err(|_| ChannelError::Protocol("media: the download url is not a URL".into()))?;
-        if !self.media_host_allowed(&url) {
+        // Meta's media hosts over https, or the API root's own origin.
+        if !http::may_download(&url, &self.base_url, &MEDIA_HOSTS) {
             return Err(ChannelError::Protocol(format!(
                 "media: the download url's host {:?} is not one of Meta's; not fetched",
                 url.host_str().unwrap_or_default()
             )));
         }
-        let bearer = Zeroizing::new(format!("Bearer {}", self.access_token.as_str()));
-        let mut resp = self
+        let Some(bearer) = self.bearer() else {
+            return Err(ChannelError::Protocol(
+                "the access token is not a valid header value".into(),
+            ));
+        };
+        let req = self
             .http
             .get(url)
-            .header(reqwest::header::AUTHORIZATION, bearer.as_str())
-            .timeout(REQUEST_TIMEOUT * 4)
-            .send()
-            .await
-            .map_err(|e| channel_error(self.network_error("media download", e, false)))?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(if status >= 500 || status == 429 {
-                ChannelError::Transient(format!("media download: HTTP {status}"))
-            } else {
-                ChannelError::Protocol(format!("media download: HTTP {status}"))
-            });
-        }
-        if resp.content_length().is_some_and(|n| n > max_bytes) {
-            return Err(too_large());
-        }
-        let max = usize::try_from(max_bytes).unwrap_or(usize::MAX);
-        match self
-            .read_body("media download", &mut resp, max)
-            .await
-            .map_err(channel_error)?
-        {
-            Some(bytes) => Ok(bytes),
-            None => Err(too_large()),
-        }
-    }
-
-    /// Meta's media hosts over https, or the API root's own host, scheme and port.
-    fn media_host_allowed(&self, url: &Url) -> bool {
-        let same_origin = url.scheme() == self.base_url.scheme()
-            && url.host_str().is_some()
-            && url.host_str() == self.base_url.host_str()
-            && url.port_or_known_default() == self.base_url.port_or_known_default();
-        if same_origin {
-            return true;
-        }
-        let Some(host) = url.host_str() else {
-            return false;
-        };
-        let host = host.to_ascii_lowercase();
-        url.scheme() == "https"
-            && url.port_or_known_default() == Some(443)
-            && url.username().is_empty()
-            && (host == "lookaside.fbsbx.com" || host.ends_with(".fbcdn.net"))
+            .header(AUTHORIZATION, bearer)
+            .timeout(REQUEST_TIMEOUT * 4);
+        http::download(req, "media download", max_bytes, &self.secrets(), |_| None).await
     }
 
     fn handshake(&self, query: &str) -> Result<WebhookParsed, ChannelError> {
@@ -821,11 +734,11 @@ impl Platform for WhatsApp {
             );
             let info = match self.call("phone number", &path, None).await {
                 Ok(v) => v,
-                Err(CallError::Api {
+                Err(CallError::Api(ApiError {
                     code: Some(100),
                     text,
                     ..
-                }) => {
+                })) => {
                     return Err(ChannelError::Unauthorized(format!(
                         "{text} (check `phone_number_id`)"
                     )));
@@ -990,16 +903,8 @@ fn reply_buttons(buttons: &[Button]) -> Result<Vec<Value>, SendError> {
     }
     let mut out = Vec::with_capacity(buttons.len());
     for (i, b) in buttons.iter().enumerate() {
+        check_button(b, MAX_BUTTON_ID, "WhatsApp")?;
         let label = b.label.trim();
-        if label.is_empty() {
-            return Err(SendError::Permanent("a button has an empty label".into()));
-        }
-        if b.data.is_empty() || b.data.len() > MAX_BUTTON_ID {
-            return Err(SendError::Permanent(format!(
-                "a button's data is {} bytes; WhatsApp takes 1-{MAX_BUTTON_ID}",
-                b.data.len()
-            )));
-        }
         if buttons.iter().take(i).any(|o| o.data == b.data) {
             return Err(SendError::Permanent(
                 "two buttons have the same data (WhatsApp needs unique button ids)".into(),
@@ -1045,19 +950,7 @@ fn recipient(chat: &ChatRef) -> Result<&str, SendError> {
 
 /// A text WhatsApp would refuse, refused here without a request.
 fn check_text(text: &str) -> Result<(), SendError> {
-    if text.trim().is_empty() {
-        return Err(SendError::Permanent(
-            "the message text is empty (WhatsApp refuses empty messages)".into(),
-        ));
-    }
-    let len = utf16_len(text);
-    if len > MAX_TEXT {
-        return Err(SendError::Permanent(format!(
-            "the text is {len} characters, over WhatsApp's {MAX_TEXT}: split it with \
-             `chitin_channels::text::split`"
-        )));
-    }
-    Ok(())
+    check_sendable(text, MAX_TEXT, Some("WhatsApp"), "WhatsApp's")
 }
 
 /// How long to wait after a rate-limit error (Graph API errors carry no `retry_after`).
@@ -1115,29 +1008,21 @@ fn classify(
 }
 
 fn send_error(e: CallError) -> SendError {
-    match e {
-        CallError::Network { message, sent } => SendError::Transient {
-            message,
-            maybe_delivered: sent,
-        },
-        CallError::Api {
+    e.into_send_error(|api| {
+        let ApiError {
             status,
             code,
             text,
             transient,
             retry_after,
-        } => classify(status, code, text, transient, retry_after, true),
-        CallError::BadAnswer(message) => SendError::Transient {
-            message,
-            maybe_delivered: true,
-        },
-    }
+        } = api;
+        classify(status, code, text, transient, retry_after, true)
+    })
 }
 
 fn channel_error(e: CallError) -> ChannelError {
-    match e {
-        CallError::Network { message, .. } => ChannelError::Transient(message),
-        CallError::Api {
+    e.into_channel_error(|api| match api {
+        ApiError {
             status,
             code,
             retry_after,
@@ -1145,7 +1030,7 @@ fn channel_error(e: CallError) -> ChannelError {
         } if is_rate_limit(status, code) => ChannelError::RateLimited {
             retry_after: Duration::from_secs(retry_after.unwrap_or(default_retry_after(code))),
         },
-        CallError::Api {
+        ApiError {
             status,
             code,
             text,
@@ -1161,8 +1046,7 @@ fn channel_error(e: CallError) -> ChannelError {
                 ChannelError::Protocol(text)
             }
         }
-        CallError::BadAnswer(message) => ChannelError::Protocol(message),
-    }
+    })
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -1206,38 +1090,6 @@ pub fn signature(app_secret: &[u8], body: &[u8]) -> String {
             format!("sha256={}", encode_hex(&mac.finalize().into_bytes()))
         }
         Err(_) => String::new(),
-    }
-}
-
-fn check_api_base(url: &Url) -> Result<(), ConfigError> {
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not contain a user name or password".into(),
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(ConfigError::Invalid(
-            "`api_base` must not have a query or fragment".into(),
-        ));
-    }
-    let loopback = url.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost")
-            || host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    });
-    match url.scheme() {
-        "https" => Ok(()),
-        "http" if loopback => Ok(()),
-        "http" => Err(ConfigError::Invalid(format!(
-            "`api_base` {url} is plain http on a non-loopback host: the access token would \
-             cross the network in clear; use https"
-        ))),
-        other => Err(ConfigError::Invalid(format!(
-            "`api_base` has the scheme {other:?}: use https"
-        ))),
     }
 }
 

@@ -7,6 +7,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use chitin_channels::{
     OutMessage, Platform, SendError,
 };
 use serde_json::json;
+use support::{chat, closed_port, message, text_to};
 use zeroize::Zeroizing;
 
 const GUILD: &str = "700000000000000001";
@@ -71,28 +74,11 @@ fn guild() -> FakeGuild {
 }
 
 fn group_ref() -> ChatRef {
-    ChatRef {
-        id: GENERAL.into(),
-        kind: ChatKind::Group,
-        thread: None,
-    }
+    chat(GENERAL, ChatKind::Group)
 }
 
 fn out(chat: &ChatRef, text: &str, delivery_id: &str) -> OutMessage {
-    OutMessage {
-        chat: chat.clone(),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: delivery_id.into(),
-    }
-}
-
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
+    text_to(chat, text, delivery_id)
 }
 
 /// Polls (carrying the cursor, as the engine does) until `n` events arrived; then checks
@@ -391,16 +377,7 @@ async fn an_edit_is_an_edited_event_whose_id_carries_the_edit_time() {
 }
 
 fn approval_buttons() -> Vec<Button> {
-    vec![
-        Button {
-            label: "Approve".into(),
-            data: "a:ap-1".into(),
-        },
-        Button {
-            label: "Deny".into(),
-            data: "d:ap-1".into(),
-        },
-    ]
+    support::approve_deny("a:ap-1", "d:ap-1")
 }
 
 #[tokio::test]
@@ -777,12 +754,8 @@ async fn server_errors_and_drops_are_transient_and_refusals_permanent() {
     ));
 
     // Nobody listening: not delivered.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let mut cfg = config(&fake, TOKEN);
-    cfg.api_base = format!("http://{closed}/api/v10").parse().unwrap();
+    cfg.api_base = format!("http://{}/api/v10", closed_port()).parse().unwrap();
     let offline = Discord::new(cfg).unwrap();
     let err = offline
         .send(&out(&group_ref(), "x", "chitin-d-4"))

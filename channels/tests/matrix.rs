@@ -7,6 +7,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chitin_channels::matrix::fake::{BOT, Failure, FakeMatrix, SERVER, TOKEN};
@@ -17,6 +19,7 @@ use chitin_channels::{
     Platform, SendError, WebhookRequest,
 };
 use serde_json::{Value, json};
+use support::{Shown, chat, closed_port, ignored, message, text_to};
 use zeroize::Zeroizing;
 
 const ALICE: &str = "@alice:fake.test";
@@ -28,12 +31,6 @@ fn config(fake: &FakeMatrix, token: &str) -> MatrixConfig {
     // An idle poll answers at once (tests never wait a poll timeout out).
     c.poll_timeout_ms = 0;
     c
-}
-
-/// A loopback address nobody listens on.
-fn closed_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 async fn connected(fake: &FakeMatrix) -> Matrix {
@@ -56,36 +53,8 @@ async fn poll_from(m: &Matrix, cursor: &str) -> (Vec<Inbound>, String) {
     (polled.events, next)
 }
 
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
-fn ignored(ev: &Inbound) -> &str {
-    match &ev.event {
-        Event::Ignored { what } => what,
-        other => panic!("expected Ignored, got {other:?}"),
-    }
-}
-
-fn chat(room: &str, kind: ChatKind) -> ChatRef {
-    ChatRef {
-        id: room.into(),
-        kind,
-        thread: None,
-    }
-}
-
 fn out(room: &str, text: &str, delivery_id: &str) -> OutMessage {
-    OutMessage {
-        chat: chat(room, ChatKind::Group),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: delivery_id.into(),
-    }
+    text_to(&chat(room, ChatKind::Group), text, delivery_id)
 }
 
 /// Alice, Bob and Carol have display names; a DM room with Alice and a group with both.
@@ -1257,11 +1226,7 @@ async fn the_token_never_appears_in_urls_errors_or_debug_output() {
     let fake = FakeMatrix::start().await.unwrap();
     let (_, group) = rooms(&fake);
     let (m, cursor) = started(&fake).await;
-    let mut shown: Vec<String> = Vec::new();
-    let mut record = |display: String, debug: String| {
-        shown.push(display);
-        shown.push(debug);
-    };
+    let mut shown = Shown::default();
     for f in [
         Failure::RateLimited { retry_after_ms: 1 },
         Failure::ServerError,
@@ -1271,11 +1236,9 @@ async fn the_token_never_appears_in_urls_errors_or_debug_output() {
         Failure::Forbidden(format!("refused Authorization: Bearer {TOKEN}")),
     ] {
         fake.fail_next("send", 1, f.clone());
-        let e = m.send(&out(&group, "hi", "d1")).await.unwrap_err();
-        record(e.to_string(), format!("{e:?}"));
+        shown.error(&m.send(&out(&group, "hi", "d1")).await.unwrap_err());
         fake.fail_next("sync", 1, f.clone());
-        let e = m.poll(Some(&cursor)).await.unwrap_err();
-        record(e.to_string(), format!("{e:?}"));
+        shown.error(&m.poll(Some(&cursor)).await.unwrap_err());
         fake.fail_next("media", 1, f);
         let uri = fake.put_media("M_1", "text/plain", b"x".to_vec());
         let a = Attachment {
@@ -1285,30 +1248,21 @@ async fn the_token_never_appears_in_urls_errors_or_debug_output() {
             size: None,
         };
         if let Err(e) = m.fetch_attachment(&a, 10).await {
-            record(e.to_string(), format!("{e:?}"));
+            shown.error(&e);
         }
     }
-    record(format!("{m:?}"), String::new());
+    shown.debug(&m);
     let gone = Matrix::new(MatrixConfig::new(
         format!("http://{}/", closed_port()).parse().unwrap(),
         BOT,
         Zeroizing::new(TOKEN.into()),
     ))
     .unwrap();
-    let e = gone.connect().await.unwrap_err();
-    record(e.to_string(), format!("{e:?}"));
-    let e = gone.send(&out(&group, "hi", "d1")).await.unwrap_err();
-    record(e.to_string(), format!("{e:?}"));
+    shown.error(&gone.connect().await.unwrap_err());
+    shown.error(&gone.send(&out(&group, "hi", "d1")).await.unwrap_err());
 
-    for s in &shown {
-        assert!(!s.contains(TOKEN), "token leaked: {s}");
-    }
-    assert!(
-        shown
-            .iter()
-            .any(|s| s.contains("refused Authorization: Bearer <redacted>")),
-        "{shown:#?}"
-    );
+    shown.assert_hides(&[TOKEN]);
+    shown.assert_some_contains("refused Authorization: Bearer <redacted>");
     for c in fake.calls() {
         assert!(!c.target.contains(TOKEN), "token in a URL: {}", c.target);
     }

@@ -7,6 +7,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chitin_channels::signal::fake::{
@@ -14,10 +16,11 @@ use chitin_channels::signal::fake::{
 };
 use chitin_channels::signal::{Signal, SignalConfig, reaction_verdict};
 use chitin_channels::{
-    Attachment, ButtonPress, ChannelError, ChatKind, ChatRef, Event, Inbound, Message, OutMessage,
-    Platform, Polled, SendError, WebhookRequest,
+    Attachment, ChannelError, ChatKind, ChatRef, Event, Message, OutMessage, Platform, Polled,
+    SendError, WebhookRequest,
 };
 use serde_json::json;
+use support::{chat, ignored, message, press, text_to};
 
 const GROUP: &str = "Pmpi+EfPWmsxiomLe9Nx2XF9HOE483p6iKiFj65iMwI=";
 /// Generous: only reached when something is broken.
@@ -48,50 +51,15 @@ fn bob() -> FakeContact {
 }
 
 fn dm(c: &FakeContact) -> ChatRef {
-    ChatRef {
-        id: c.id(),
-        kind: ChatKind::Dm,
-        thread: None,
-    }
+    chat(&c.id(), ChatKind::Dm)
 }
 
 fn group() -> ChatRef {
-    ChatRef {
-        id: GROUP.into(),
-        kind: ChatKind::Group,
-        thread: None,
-    }
+    chat(GROUP, ChatKind::Group)
 }
 
 fn out(chat: &ChatRef, text: &str) -> OutMessage {
-    OutMessage {
-        chat: chat.clone(),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: "d-1".into(),
-    }
-}
-
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
-fn press(ev: &Inbound) -> &ButtonPress {
-    match &ev.event {
-        Event::Button(p) => p,
-        other => panic!("expected a button press, got {other:?}"),
-    }
-}
-
-fn ignored(ev: &Inbound) -> &str {
-    match &ev.event {
-        Event::Ignored { what } => what,
-        other => panic!("expected Ignored, got {other:?}"),
-    }
+    text_to(chat, text, "d-1")
 }
 
 /// Polls without acknowledging until at least `n` events are buffered (a poll answers at

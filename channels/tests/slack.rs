@@ -8,6 +8,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,10 +19,11 @@ use chitin_channels::slack::fake::{
 };
 use chitin_channels::slack::{Clock, MAX_TEXT, Slack, SlackConfig, SlackMode};
 use chitin_channels::{
-    Attachment, Button, ButtonPress, ChannelError, ChatKind, ChatRef, Event, Inbound, Message,
-    OutMessage, Platform, SendError, WebhookBody, WebhookParsed, WebhookRequest,
+    Attachment, Button, ChannelError, ChatKind, ChatRef, Event, Inbound, OutMessage, Platform,
+    SendError, WebhookBody, WebhookParsed, WebhookRequest,
 };
 use serde_json::{Value, json};
+use support::{Shown, closed_port, ignored, message, press, text_to};
 use zeroize::Zeroizing;
 
 fn clock() -> Clock {
@@ -115,35 +118,8 @@ fn post_interaction(s: &Slack, payload: &Value) -> Result<Vec<Inbound>, ChannelE
         .map(|p| p.events)
 }
 
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
-fn press(ev: &Inbound) -> &ButtonPress {
-    match &ev.event {
-        Event::Button(b) => b,
-        other => panic!("expected a button press, got {other:?}"),
-    }
-}
-
-fn ignored(ev: &Inbound) -> &str {
-    match &ev.event {
-        Event::Ignored { what } => what,
-        other => panic!("expected an ignored event, got {other:?}"),
-    }
-}
-
 fn out(chat: &ChatRef, text: &str) -> OutMessage {
-    OutMessage {
-        chat: chat.clone(),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: "test-1".into(),
-    }
+    text_to(chat, text, "test-1")
 }
 
 fn group_thread(channel: &FakeChannel, ts: &str) -> ChatRef {
@@ -155,24 +131,11 @@ fn group_thread(channel: &FakeChannel, ts: &str) -> ChatRef {
 }
 
 fn dm_ref() -> ChatRef {
-    ChatRef {
-        id: dm().id,
-        kind: ChatKind::Dm,
-        thread: None,
-    }
+    support::chat(&dm().id, ChatKind::Dm)
 }
 
 fn approve_deny() -> Vec<Button> {
-    vec![
-        Button {
-            label: "Approve".into(),
-            data: "approval:7f3a:approve".into(),
-        },
-        Button {
-            label: "Deny".into(),
-            data: "approval:7f3a:deny".into(),
-        },
-    ]
+    support::approve_deny("approval:7f3a:approve", "approval:7f3a:deny")
 }
 
 #[tokio::test]
@@ -1003,7 +966,7 @@ async fn no_credential_appears_in_any_error_or_debug_output() {
         APP_TOKEN.rsplit('-').next().unwrap(),
         SIGNING_SECRET,
     ];
-    let mut shown: Vec<String> = Vec::new();
+    let mut shown = Shown::default();
     let s = connected(&fake).await;
     fake.add_channel(&dm());
     for f in [
@@ -1014,47 +977,28 @@ async fn no_credential_appears_in_any_error_or_debug_output() {
         Failure::Error(format!("bad header Bearer {BOT_TOKEN}")),
     ] {
         fake.fail_next("chat.postMessage", 1, f);
-        let e = s.send(&out(&dm_ref(), "hi")).await.unwrap_err();
-        shown.push(e.to_string());
-        shown.push(format!("{e:?}"));
+        shown.error(&s.send(&out(&dm_ref(), "hi")).await.unwrap_err());
     }
-    assert!(
-        shown
-            .iter()
-            .any(|m| m.contains("bad header Bearer <redacted>")),
-        "{shown:#?}"
-    );
-    shown.push(format!("{s:?}"));
-    shown.push(format!("{:?}", events_config(&fake)));
+    shown.assert_some_contains("bad header Bearer <redacted>");
+    shown.debug(&s);
+    shown.debug(&events_config(&fake));
     let sock = Slack::new(socket_config(&fake)).unwrap();
-    shown.push(format!("{sock:?}"));
-    shown.push(format!("{:?}", socket_config(&fake)));
+    shown.debug(&sock);
+    shown.debug(&socket_config(&fake));
     fake.fail_next(
         "apps.connections.open",
         1,
         Failure::Error(format!("echo {APP_TOKEN}")),
     );
-    let e = sock.connect().await.unwrap_err();
-    shown.push(e.to_string());
+    shown.text(sock.connect().await.unwrap_err());
     // Nobody listening: the error must not carry the Authorization header either.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let mut c = socket_config(&fake);
-    c.api_base = format!("http://{closed}/api").parse().unwrap();
+    c.api_base = format!("http://{}/api", closed_port()).parse().unwrap();
     let gone = Slack::new(c).unwrap();
-    let e = gone.connect().await.unwrap_err();
-    shown.push(e.to_string());
-    shown.push(format!("{e:?}"));
-    let sig = post_event(&s, b"{}").unwrap_err();
-    shown.push(sig.to_string());
-    for text in &shown {
-        for secret in secret_parts {
-            assert!(!text.contains(secret), "credential leaked: {text}");
-        }
-    }
-    assert!(shown.iter().any(|t| t.contains("<redacted>")));
+    shown.error(&gone.connect().await.unwrap_err());
+    shown.text(post_event(&s, b"{}").unwrap_err());
+    shown.assert_hides(&secret_parts);
+    shown.assert_some_contains("<redacted>");
 }
 
 // ---- Socket Mode ----

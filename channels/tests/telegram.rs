@@ -7,6 +7,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chitin_channels::telegram::fake::{
@@ -19,6 +21,7 @@ use chitin_channels::{
     SendError,
 };
 use serde_json::json;
+use support::{Shown, chat, closed_port, message, text_to};
 use zeroize::Zeroizing;
 
 const SECRET: &str = "wh-secret_0123456789abcdef";
@@ -29,12 +32,6 @@ fn config(fake: &FakeTelegram, token: &str) -> TelegramConfig {
     // An empty poll answers at once (tests never wait a poll timeout out).
     c.poll_timeout_secs = 0;
     c
-}
-
-/// A loopback address nobody listens on.
-fn closed_port() -> std::net::SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 fn config_at(addr: std::net::SocketAddr, token: &str) -> TelegramConfig {
@@ -69,36 +66,15 @@ fn group() -> FakeChat {
 }
 
 fn out(chat: &ChatRef, text: &str) -> OutMessage {
-    OutMessage {
-        chat: chat.clone(),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: "test-1".into(),
-    }
+    text_to(chat, text, "test-1")
 }
 
 fn dm_ref(user: &FakeUser) -> ChatRef {
-    ChatRef {
-        id: user.id.to_string(),
-        kind: ChatKind::Dm,
-        thread: None,
-    }
+    chat(&user.id.to_string(), ChatKind::Dm)
 }
 
 fn group_ref() -> ChatRef {
-    ChatRef {
-        id: group().id.to_string(),
-        kind: ChatKind::Group,
-        thread: None,
-    }
-}
-
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
+    chat(&group().id.to_string(), ChatKind::Group)
 }
 
 /// Polls once and acknowledges (a second poll with the cursor), returning the first batch.
@@ -638,11 +614,7 @@ async fn the_token_never_appears_in_any_error_text_or_debug_output() {
     let tg = connected(&fake).await;
     fake.add_chat(&group());
     let secret_part = TOKEN.split_once(':').unwrap().1;
-    let mut shown: Vec<String> = Vec::new();
-    let mut record = |display: String, debug: String| {
-        shown.push(display);
-        shown.push(debug);
-    };
+    let mut shown = Shown::default();
     for f in [
         Failure::RateLimited { retry_after: 1 },
         Failure::ServerError,
@@ -652,29 +624,18 @@ async fn the_token_never_appears_in_any_error_text_or_debug_output() {
         Failure::BadRequest(format!("Bad Request: POST /bot{TOKEN}/sendMessage failed")),
     ] {
         fake.fail_next("sendMessage", 1, f.clone());
-        let e = tg.send(&out(&group_ref(), "hi")).await.unwrap_err();
-        record(e.to_string(), format!("{e:?}"));
+        shown.error(&tg.send(&out(&group_ref(), "hi")).await.unwrap_err());
         fake.fail_next("getUpdates", 1, f);
-        let e = tg.poll(None).await.unwrap_err();
-        record(e.to_string(), format!("{e:?}"));
+        shown.error(&tg.poll(None).await.unwrap_err());
     }
-    record(format!("{tg:?}"), String::new());
+    shown.debug(&tg);
     // Nobody listening: reqwest's own error would name the URL, token included.
     let gone = Telegram::new(config_at(closed_port(), TOKEN)).unwrap();
-    let e = gone.connect().await.unwrap_err();
-    record(e.to_string(), format!("{e:?}"));
-    let e = gone.send(&out(&group_ref(), "hi")).await.unwrap_err();
-    record(e.to_string(), format!("{e:?}"));
+    shown.error(&gone.connect().await.unwrap_err());
+    shown.error(&gone.send(&out(&group_ref(), "hi")).await.unwrap_err());
 
-    for s in &shown {
-        assert!(!s.contains(secret_part), "token leaked: {s}");
-    }
-    assert!(
-        shown
-            .iter()
-            .any(|s| s.contains("Bad Request: POST /bot<redacted>/sendMessage")),
-        "{shown:#?}"
-    );
+    shown.assert_hides(&[secret_part]);
+    shown.assert_some_contains("Bad Request: POST /bot<redacted>/sendMessage");
 }
 
 /// A `POST /channels/<name>/webhook` request to the adapter.

@@ -7,6 +7,8 @@
     reason = "tests"
 )]
 
+mod support;
+
 use std::time::Duration;
 
 use chitin_channels::text::utf16_len;
@@ -18,10 +20,11 @@ use chitin_channels::whatsapp::{
     DeliveryStatus, MAX_INTERACTIVE_BODY, StatusError, WhatsApp, WhatsAppConfig,
 };
 use chitin_channels::{
-    Attachment, Button, ButtonPress, ChannelError, ChatKind, ChatRef, Event, Inbound, Message,
-    OutMessage, Platform, SendError, WebhookBody, WebhookParsed, WebhookRequest,
+    Attachment, Button, ChannelError, ChatKind, ChatRef, Event, OutMessage, Platform, SendError,
+    WebhookBody, WebhookParsed, WebhookRequest,
 };
 use serde_json::json;
+use support::{Shown, approve_deny, chat, message, press, text_to};
 use zeroize::Zeroizing;
 
 fn config(fake: &FakeWhatsApp) -> WhatsAppConfig {
@@ -45,34 +48,15 @@ fn alice() -> FakeUser {
 }
 
 fn dm(user: &FakeUser) -> ChatRef {
-    ChatRef {
-        id: user.wa_id.clone(),
-        kind: ChatKind::Dm,
-        thread: None,
-    }
+    chat(&user.wa_id, ChatKind::Dm)
 }
 
 fn out(chat: &ChatRef, text: &str) -> OutMessage {
-    OutMessage {
-        chat: chat.clone(),
-        text: text.into(),
-        reply_to: None,
-        buttons: vec![],
-        delivery_id: "d-1".into(),
-    }
+    text_to(chat, text, "d-1")
 }
 
 fn approval_buttons() -> Vec<Button> {
-    vec![
-        Button {
-            label: "Approve".into(),
-            data: "a:01J9ZQ3".into(),
-        },
-        Button {
-            label: "Deny".into(),
-            data: "d:01J9ZQ3".into(),
-        },
-    ]
+    approve_deny("a:01J9ZQ3", "d:01J9ZQ3")
 }
 
 fn post(
@@ -97,20 +81,6 @@ fn get(wa: &WhatsApp, query: &str) -> Result<WebhookParsed, ChannelError> {
         headers: &[],
         body: b"",
     })
-}
-
-fn message(ev: &Inbound) -> &Message {
-    match &ev.event {
-        Event::Message(m) => m,
-        other => panic!("expected a message, got {other:?}"),
-    }
-}
-
-fn press(ev: &Inbound) -> &ButtonPress {
-    match &ev.event {
-        Event::Button(p) => p,
-        other => panic!("expected a button press, got {other:?}"),
-    }
 }
 
 fn refused(e: Result<WebhookParsed, ChannelError>) -> String {
@@ -913,7 +883,9 @@ async fn credentials_never_appear_in_any_error_text_or_debug_output() {
     let fake = FakeWhatsApp::start().await.unwrap();
     let wa = adapter(&fake);
     fake.open_window(&alice().wa_id);
-    let mut shown: Vec<String> = vec![format!("{wa:?}"), format!("{:?}", config(&fake))];
+    let mut shown = Shown::default();
+    shown.debug(&wa);
+    shown.debug(&config(&fake));
     for f in [
         Failure::server_error(),
         Failure::BadGateway,
@@ -929,26 +901,14 @@ async fn credentials_never_appear_in_any_error_text_or_debug_output() {
         },
     ] {
         fake.fail_next("send", 1, f.clone());
-        let e = wa.send(&out(&dm(&alice()), "hi")).await.unwrap_err();
-        shown.push(e.to_string());
-        shown.push(format!("{e:?}"));
+        shown.error(&wa.send(&out(&dm(&alice()), "hi")).await.unwrap_err());
         fake.fail_next("phone", 1, f);
-        let e = wa.connect().await.unwrap_err();
-        shown.push(e.to_string());
-        shown.push(format!("{e:?}"));
+        shown.error(&wa.connect().await.unwrap_err());
     }
     let note = fake.notification(&[Incoming::text(&alice(), "x")]);
     let e = post(&wa, &note.headers_signed_with("wrong"), &note.body).unwrap_err();
-    shown.push(format!("{e:?}"));
-    let e = get(&wa, &handshake_query("subscribe", "nope", "1")).unwrap_err();
-    shown.push(format!("{e:?}"));
-    for s in &shown {
-        for secret in [ACCESS_TOKEN, APP_SECRET, VERIFY_TOKEN] {
-            assert!(!s.contains(secret), "credential leaked: {s}");
-        }
-    }
-    assert!(
-        shown.iter().any(|s| s.contains("Bearer <redacted>")),
-        "{shown:#?}"
-    );
+    shown.debug(&e);
+    shown.debug(&get(&wa, &handshake_query("subscribe", "nope", "1")).unwrap_err());
+    shown.assert_hides(&[ACCESS_TOKEN, APP_SECRET, VERIFY_TOKEN]);
+    shown.assert_some_contains("Bearer <redacted>");
 }

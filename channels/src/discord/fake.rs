@@ -41,31 +41,27 @@
 //!
 //! Not modelled: sharding, compression, ETF, slash commands, uploads, presence.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 use reqwest::Url;
 use serde_json::{Map, Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::handshake::server::{
     ErrorResponse, Request as WsRequest, Response as WsResponse,
 };
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 
 /// The token [`FakeDiscord::start`] accepts.
 pub const TOKEN: &str = "MTAwMDAwMDAwMDAwMDAwMDAx.GFakeT.fake_token-for-tests-only_0123456789";
@@ -468,7 +464,7 @@ struct State {
     calls: Vec<Call>,
     rate_limited: usize,
     deduplicated: usize,
-    failures: HashMap<Endpoint, VecDeque<Failure>>,
+    failures: Script<Endpoint, Failure>,
     buckets: HashMap<Endpoint, BucketConfig>,
     windows: HashMap<(Endpoint, String), Window>,
     interactions: HashMap<String, OpenInteraction>,
@@ -521,18 +517,16 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeDiscord {
-    api_base: Url,
-    rest_addr: SocketAddr,
+    /// The HTTP API (the first listener) and the gateway; its changes wake
+    /// [`FakeDiscord::wait_until`].
+    server: Server<State>,
     gateway_addr: SocketAddr,
-    state: Arc<Mutex<State>>,
-    changed: watch::Sender<u64>,
-    tasks: Vec<JoinHandle<()>>,
 }
 
 impl fmt::Debug for FakeDiscord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FakeDiscord")
-            .field("rest_addr", &self.rest_addr)
+            .field("rest_addr", &self.server.addr())
             .field("gateway_addr", &self.gateway_addr)
             .finish_non_exhaustive()
     }
@@ -540,9 +534,7 @@ impl fmt::Debug for FakeDiscord {
 
 impl Drop for FakeDiscord {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        // The accept loops stop with `server`; the live gateway connection is closed here.
         if let Some(conn) = self.lock().conn.take() {
             let _ = conn.tx.send(Cmd::Drop);
         }
@@ -550,10 +542,6 @@ impl Drop for FakeDiscord {
 }
 
 type Shared = (Arc<Mutex<State>>, watch::Sender<u64>);
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 impl FakeDiscord {
     /// Starts a fake for [`TOKEN`] and the bot [`FakeUser::bot`].
@@ -564,16 +552,14 @@ impl FakeDiscord {
     /// Starts a fake for `token` and `bot`: the API and the gateway on free ports of
     /// 127.0.0.1.
     pub async fn start_with(token: &str, bot: FakeUser) -> std::io::Result<Self> {
-        let rest = TcpListener::bind("127.0.0.1:0").await?;
-        let gateway = TcpListener::bind("127.0.0.1:0").await?;
-        let (rest_addr, gateway_addr) = (rest.local_addr()?, gateway.local_addr()?);
-        let api_base = Url::parse(&format!("http://{rest_addr}{API_PREFIX}"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let rest = fake_http::bind(API_PREFIX).await?;
+        let gateway = fake_http::bind("/").await?;
+        let gateway_addr = gateway.addr;
+        let state = State {
             token: token.into(),
             bot,
             gateway_port: gateway_addr.port(),
-            rest_port: rest_addr.port(),
+            rest_port: rest.addr.port(),
             next_id: 1_300_000_000_000_000_000,
             channels: HashMap::new(),
             messages: HashMap::new(),
@@ -586,7 +572,7 @@ impl FakeDiscord {
             calls: Vec::new(),
             rate_limited: 0,
             deduplicated: 0,
-            failures: HashMap::new(),
+            failures: Script::default(),
             buckets: HashMap::new(),
             windows: HashMap::new(),
             interactions: HashMap::new(),
@@ -604,58 +590,28 @@ impl FakeDiscord {
             resumes: Vec::new(),
             connections: Vec::new(),
             heartbeats: Vec::new(),
-        }));
-        let (changed, _) = watch::channel(0u64);
-        let rest_task = {
-            let shared: Shared = (Arc::clone(&state), changed.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = rest.accept().await else {
-                        continue;
-                    };
-                    let shared = shared.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| handle(shared.clone(), req));
-                        // An error here is a dropped connection (scripted or the client's).
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
         };
-        let gateway_task = {
-            let shared: Shared = (Arc::clone(&state), changed.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = gateway.accept().await else {
-                        continue;
-                    };
-                    tokio::spawn(serve_gateway(shared.clone(), sock));
-                }
-            })
-        };
+        let mut server = rest.serve(state, |state, changed, req| handle((state, changed), req));
+        server.accept(gateway, |state, changed, sock| {
+            serve_gateway((state, changed), sock)
+        });
         Ok(Self {
-            api_base,
-            rest_addr,
+            server,
             gateway_addr,
-            state,
-            changed,
-            tasks: vec![rest_task, gateway_task],
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        lock(&self.state)
+        self.server.lock()
     }
 
     fn bump(&self) {
-        self.changed.send_modify(|n| *n += 1);
+        self.server.notify();
     }
 
     /// The API root to configure (`http://127.0.0.1:<port>/api/v10`).
     pub fn api_base(&self) -> Url {
-        self.api_base.clone()
+        self.server.url()
     }
 
     /// The gateway's main URL (as `GET /gateway/bot` answers it).
@@ -669,7 +625,7 @@ impl FakeDiscord {
 
     /// Waits (up to [`WAIT`]) until `cond` holds; false if it never did.
     pub async fn wait_until(&self, mut cond: impl FnMut() -> bool) -> bool {
-        let mut rx = self.changed.subscribe();
+        let mut rx = self.server.changes().subscribe();
         let deadline = Instant::now() + WAIT;
         loop {
             rx.borrow_and_update();
@@ -749,9 +705,7 @@ impl FakeDiscord {
     /// The next `times` requests to `endpoint` fail with `failure` (after earlier scripted
     /// ones).
     pub fn fail_next(&self, endpoint: Endpoint, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(endpoint).or_default();
-        q.extend(std::iter::repeat_n(failure, times));
+        self.lock().failures.push(endpoint, times, failure);
     }
 
     // ---- Gateway events ----
@@ -1224,42 +1178,17 @@ fn on_client_payload(
 
 // ---- The HTTP API ----
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
+fake_http::failing_by_drop_variants!(Failure);
 
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
+fn error(status: u16, code: u64, message: &str) -> Reply {
+    fake_http::json(
+        fake_http::status(status, StatusCode::BAD_REQUEST),
+        &json!({ "message": message, "code": code }),
+    )
 }
 
-impl std::error::Error for DropConnection {}
-
-type Answer = Response<Full<Bytes>>;
-type Answered = Result<Answer, DropConnection>;
-
-fn respond(status: StatusCode, body: &Value) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
-fn empty(status: StatusCode) -> Answer {
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = status;
-    resp
-}
-
-fn error(status: u16, code: u64, message: &str) -> Answer {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    respond(status, &json!({ "message": message, "code": code }))
-}
-
-fn form_error(field: &str, message: &str) -> Answer {
-    respond(
+fn form_error(field: &str, message: &str) -> Reply {
+    fake_http::json(
         StatusCode::BAD_REQUEST,
         &json!({
             "message": "Invalid Form Body",
@@ -1269,32 +1198,26 @@ fn form_error(field: &str, message: &str) -> Answer {
     )
 }
 
-fn set_header(resp: &mut Answer, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        resp.headers_mut().insert(HeaderName::from_static(name), v);
-    }
-}
-
-fn failure_response(f: &Failure, endpoint: Endpoint) -> Answer {
+fn failure_response(f: &Failure, endpoint: Endpoint) -> Reply {
     match f {
         Failure::RateLimited {
             retry_after,
             global,
         } => {
-            let mut r = respond(
+            let mut r = fake_http::json(
                 StatusCode::TOO_MANY_REQUESTS,
                 &json!({ "message": "You are being rate limited.", "retry_after": retry_after, "global": global }),
             );
-            set_header(&mut r, "retry-after", format!("{}", retry_after.ceil()));
+            fake_http::set_header(&mut r, "retry-after", format!("{}", retry_after.ceil()));
             if *global {
-                set_header(&mut r, "x-ratelimit-global", "true".into());
-                set_header(&mut r, "x-ratelimit-scope", "global".into());
+                fake_http::set_header(&mut r, "x-ratelimit-global", "true");
+                fake_http::set_header(&mut r, "x-ratelimit-scope", "global");
             } else {
-                set_header(&mut r, "x-ratelimit-scope", "user".into());
-                set_header(&mut r, "x-ratelimit-bucket", endpoint.bucket().into());
-                set_header(&mut r, "x-ratelimit-limit", "5".into());
-                set_header(&mut r, "x-ratelimit-remaining", "0".into());
-                set_header(
+                fake_http::set_header(&mut r, "x-ratelimit-scope", "user");
+                fake_http::set_header(&mut r, "x-ratelimit-bucket", endpoint.bucket());
+                fake_http::set_header(&mut r, "x-ratelimit-limit", "5");
+                fake_http::set_header(&mut r, "x-ratelimit-remaining", "0");
+                fake_http::set_header(
                     &mut r,
                     "x-ratelimit-reset-after",
                     format!("{retry_after:.3}"),
@@ -1303,15 +1226,11 @@ fn failure_response(f: &Failure, endpoint: Endpoint) -> Answer {
             r
         }
         Failure::ServerError => error(500, 0, "500: Internal Server Error"),
-        Failure::BadGateway => {
-            let mut r = Response::new(Full::new(Bytes::from(
-                "<html><head><title>502 Bad Gateway</title></head><body>cloudflare</body></html>",
-            )));
-            *r.status_mut() = StatusCode::BAD_GATEWAY;
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
-            r
-        }
+        Failure::BadGateway => fake_http::respond(
+            StatusCode::BAD_GATEWAY,
+            "text/html",
+            "<html><head><title>502 Bad Gateway</title></head><body>cloudflare</body></html>",
+        ),
         Failure::Status {
             status,
             code,
@@ -1362,20 +1281,12 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Answered {
         return Ok(match found {
             Some(bytes) => {
                 st.downloads.push(full_path);
-                let mut r = Response::new(Full::new(Bytes::from(bytes)));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                r
+                fake_http::respond(StatusCode::OK, "application/octet-stream", bytes)
             }
             None => error(404, 0, "404: Not Found"),
         });
     }
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(DropConnection),
-    };
+    let body = fake_http::body(req).await?;
     let Some(path) = full_path.strip_prefix(API_PREFIX) else {
         return Ok(error(404, 0, "404: Not Found"));
     };
@@ -1414,21 +1325,20 @@ async fn handle(shared: Shared, req: Request<Incoming>) -> Answered {
             body: params.clone(),
             authorization: authorization.clone(),
         });
-        st.failures.get_mut(&endpoint).and_then(VecDeque::pop_front)
+        st.failures.next(&endpoint)
     };
     changed.send_modify(|n| *n += 1);
-    let answer = match failure {
-        None => route(&state, endpoint, &ids, &params),
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = route(&state, endpoint, &ids, &params);
-            changed.send_modify(|n| *n += 1);
-            return Err(DropConnection);
-        }
-        Some(f) => failure_response(&f, endpoint),
+    // Every answer, and a request handled before its connection is dropped, is a change.
+    let bump = |answer: Reply| {
+        changed.send_modify(|n| *n += 1);
+        answer
     };
-    changed.send_modify(|n| *n += 1);
-    Ok(answer)
+    fake_http::scripted(
+        failure,
+        |f| bump(failure_response(f, endpoint)),
+        || async { bump(route(&state, endpoint, &ids, &params)) },
+    )
+    .await
 }
 
 /// Applies the endpoint's bucket: the 429 when it is spent, else the headers to add.
@@ -1436,7 +1346,7 @@ fn bucket(
     st: &mut State,
     endpoint: Endpoint,
     major: &str,
-) -> Result<Vec<(&'static str, String)>, Box<Answer>> {
+) -> Result<Vec<(&'static str, String)>, Box<Reply>> {
     let cfg = st.buckets.get(&endpoint).copied().unwrap_or(BucketConfig {
         limit: 1000,
         reset_after: 60.0,
@@ -1458,16 +1368,16 @@ fn bucket(
     let left = (cfg.reset_after - now.duration_since(window.started).as_secs_f64()).max(0.0);
     if window.used >= cfg.limit {
         st.rate_limited += 1;
-        let mut r = respond(
+        let mut r = fake_http::json(
             StatusCode::TOO_MANY_REQUESTS,
             &json!({ "message": "You are being rate limited.", "retry_after": left, "global": false }),
         );
-        set_header(&mut r, "retry-after", format!("{}", left.ceil()));
-        set_header(&mut r, "x-ratelimit-scope", "user".into());
-        set_header(&mut r, "x-ratelimit-bucket", endpoint.bucket().into());
-        set_header(&mut r, "x-ratelimit-limit", cfg.limit.to_string());
-        set_header(&mut r, "x-ratelimit-remaining", "0".into());
-        set_header(&mut r, "x-ratelimit-reset-after", format!("{left:.3}"));
+        fake_http::set_header(&mut r, "retry-after", format!("{}", left.ceil()));
+        fake_http::set_header(&mut r, "x-ratelimit-scope", "user");
+        fake_http::set_header(&mut r, "x-ratelimit-bucket", endpoint.bucket());
+        fake_http::set_header(&mut r, "x-ratelimit-limit", cfg.limit.to_string());
+        fake_http::set_header(&mut r, "x-ratelimit-remaining", "0");
+        fake_http::set_header(&mut r, "x-ratelimit-reset-after", format!("{left:.3}"));
         return Err(Box::new(r));
     }
     window.used += 1;
@@ -1486,7 +1396,7 @@ fn bucket(
     ])
 }
 
-fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Value) -> Answer {
+fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Value) -> Reply {
     let mut st = lock(state);
     let major = ids.first().cloned().unwrap_or_default();
     let headers = match bucket(&mut st, endpoint, &major) {
@@ -1494,8 +1404,8 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
         Err(limited) => return *limited,
     };
     let mut answer = match endpoint {
-        Endpoint::UsersMe => respond(StatusCode::OK, &st.bot.json()),
-        Endpoint::GatewayBot => respond(
+        Endpoint::UsersMe => fake_http::json(StatusCode::OK, &st.bot.json()),
+        Endpoint::GatewayBot => fake_http::json(
             StatusCode::OK,
             &json!({
                 "url": format!("ws://127.0.0.1:{}", st.gateway_port),
@@ -1504,7 +1414,7 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
             }),
         ),
         Endpoint::GetChannel => match st.channels.get(&major) {
-            Some(c) => respond(StatusCode::OK, &c.json()),
+            Some(c) => fake_http::json(StatusCode::OK, &c.json()),
             None => error(404, 10003, "Unknown Channel"),
         },
         Endpoint::CreateMessage => create_message(&mut st, &major, params),
@@ -1517,7 +1427,7 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
         Endpoint::Typing => {
             if st.channels.contains_key(&major) {
                 st.typing.push(major);
-                empty(StatusCode::NO_CONTENT)
+                fake_http::empty(StatusCode::NO_CONTENT)
             } else {
                 error(404, 10003, "Unknown Channel")
             }
@@ -1535,7 +1445,7 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
                             kind: params["type"].as_u64().unwrap_or(0),
                             body: params.clone(),
                         });
-                        empty(StatusCode::NO_CONTENT)
+                        fake_http::empty(StatusCode::NO_CONTENT)
                     }
                 }
                 _ => error(404, 10062, "Unknown interaction"),
@@ -1558,7 +1468,7 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
                         body: params.clone(),
                     });
                     let mid = st.snowflake();
-                    respond(
+                    fake_http::json(
                         StatusCode::OK,
                         &json!({ "id": mid, "content": params["content"], "flags": params["flags"], "author": st.bot.json() }),
                     )
@@ -1569,13 +1479,13 @@ fn route(state: &Mutex<State>, endpoint: Endpoint, ids: &[String], params: &Valu
         }
     };
     for (name, value) in headers {
-        set_header(&mut answer, name, value);
+        fake_http::set_header(&mut answer, name, value);
     }
     answer
 }
 
 /// A components array Discord would refuse, refused here.
-fn bad_components(components: &Value) -> Option<Answer> {
+fn bad_components(components: &Value) -> Option<Reply> {
     let Some(rows) = components.as_array() else {
         return (!components.is_null()).then(|| form_error("components", "must be an array"));
     };
@@ -1610,7 +1520,7 @@ fn bad_components(components: &Value) -> Option<Answer> {
     None
 }
 
-fn bad_content(params: &Value, creating: bool) -> Option<Answer> {
+fn bad_content(params: &Value, creating: bool) -> Option<Reply> {
     let content = params["content"].as_str().unwrap_or_default();
     let has_components = params["components"]
         .as_array()
@@ -1624,7 +1534,7 @@ fn bad_content(params: &Value, creating: bool) -> Option<Answer> {
     bad_components(&params["components"])
 }
 
-fn create_message(st: &mut State, channel_id: &str, params: &Value) -> Answer {
+fn create_message(st: &mut State, channel_id: &str, params: &Value) -> Reply {
     let Some(channel) = st.channels.get(channel_id).cloned() else {
         return error(404, 10003, "Unknown Channel");
     };
@@ -1644,7 +1554,7 @@ fn create_message(st: &mut State, channel_id: &str, params: &Value) -> Answer {
         && let Some(existing) = st.nonces.get(n).and_then(|id| st.messages.get(id)).cloned()
     {
         st.deduplicated += 1;
-        return respond(StatusCode::OK, &existing);
+        return fake_http::json(StatusCode::OK, &existing);
     }
     let reference = &params["message_reference"];
     let mut referenced = None;
@@ -1695,10 +1605,10 @@ fn create_message(st: &mut State, channel_id: &str, params: &Value) -> Answer {
     });
     // Discord sends the bot its own messages too.
     st.dispatch("MESSAGE_CREATE", message.clone());
-    respond(StatusCode::OK, &message)
+    fake_http::json(StatusCode::OK, &message)
 }
 
-fn edit_message(st: &mut State, channel_id: &str, message_id: &str, params: &Value) -> Answer {
+fn edit_message(st: &mut State, channel_id: &str, message_id: &str, params: &Value) -> Reply {
     if !st.channels.contains_key(channel_id) {
         return error(404, 10003, "Unknown Channel");
     }
@@ -1729,5 +1639,5 @@ fn edit_message(st: &mut State, channel_id: &str, message_id: &str, params: &Val
         body: params.clone(),
     });
     st.dispatch("MESSAGE_UPDATE", message.clone());
-    respond(StatusCode::OK, &message)
+    fake_http::json(StatusCode::OK, &message)
 }

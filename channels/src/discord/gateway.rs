@@ -35,7 +35,6 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -58,9 +57,10 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use zeroize::Zeroizing;
 
-use super::rest::{CallError, Rest, Route};
+use super::rest::{ApiError, CallError, Rest, Route};
 use super::wire::{self, Bot, ChannelInfo, GuildCreate, Item, Payload, Ready, ThreadListSync};
 use crate::ChannelError;
+use crate::http::{host_ip, is_loopback};
 
 /// `GUILDS`: guild, channel and thread events.
 pub const INTENT_GUILDS: u64 = 1 << 0;
@@ -322,12 +322,12 @@ impl Ctx {
         };
         let answer = match self.rest.call(&route, None).await {
             Ok(v) => v,
-            Err(CallError::Api {
+            Err(CallError::Api(ApiError::Status {
                 status: 401 | 403,
                 message,
                 ..
-            }) => return Err(End::Fatal(ChannelError::Unauthorized(message))),
-            Err(CallError::RateLimited { retry_after }) => {
+            })) => return Err(End::Fatal(ChannelError::Unauthorized(message))),
+            Err(CallError::Api(ApiError::RateLimited { retry_after })) => {
                 return Err(End::Wait(
                     retry_after,
                     "GET /gateway/bot: rate limited".into(),
@@ -336,7 +336,9 @@ impl Ctx {
             Err(CallError::Network { message, .. } | CallError::BadAnswer(message)) => {
                 return Err(End::Failed(message));
             }
-            Err(CallError::Api { message, .. }) => return Err(End::Failed(message)),
+            Err(CallError::Api(ApiError::Status { message, .. })) => {
+                return Err(End::Failed(message));
+            }
         };
         let gw = GatewayBot::deserialize(&answer)
             .map_err(|_| End::Failed("GET /gateway/bot: the answer has no `url`".into()))?;
@@ -739,20 +741,6 @@ pub(super) fn gateway_ws_url(url: &str) -> Result<Url, String> {
     u.set_query(Some("v=10&encoding=json"));
     u.set_fragment(None);
     Ok(u)
-}
-
-pub(super) fn is_loopback(u: &Url) -> bool {
-    u.host_str().is_some_and(|host| {
-        host.eq_ignore_ascii_case("localhost") || host_ip(host).is_some_and(|ip| ip.is_loopback())
-    })
-}
-
-/// The address a URL's host names, if it is an IP address (`[::1]` included).
-fn host_ip(host: &str) -> Option<IpAddr> {
-    host.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .ok()
 }
 
 /// A byte stream the WebSocket runs over (TCP, or TLS over TCP).

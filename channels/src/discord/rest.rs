@@ -6,7 +6,7 @@
 //! fraction). A route is mapped to its bucket when an answer names it, and the bucket's state
 //! is kept per top-level resource (the channel, or the interaction / webhook): a request whose
 //! bucket is empty waits for the reset before it is sent, up to [`MAX_BUCKET_WAIT`]; a longer
-//! wait is returned as [`CallError::RateLimited`] so the engine's outbox waits instead of a
+//! wait is returned as [`ApiError::RateLimited`] so the engine's outbox waits instead of a
 //! sender task. A request counts against its bucket when it is sent, so concurrent requests do
 //! not all spend the last one.
 //!
@@ -29,6 +29,8 @@ use serde_json::Value;
 use tokio::time::Instant;
 use zeroize::Zeroizing;
 
+use crate::http;
+
 /// The longest wait for an empty bucket before a request is sent; longer is `RateLimited`.
 pub(super) const MAX_BUCKET_WAIT: Duration = Duration::from_secs(10);
 /// The wait when a 429 names none.
@@ -38,7 +40,6 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Largest answer read (a message object is a few KiB).
 const MAX_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 pub(super) const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bucket maps are cleared when they grow past this (they are only a cache of the headers).
 const MAX_BUCKETS: usize = 10_000;
 
@@ -63,20 +64,19 @@ pub(super) struct Route {
 }
 
 /// Why a request failed.
+pub(super) type CallError = http::CallError<ApiError>;
+
+/// What Discord's rate limits or error answer said.
 #[derive(Debug)]
-pub(super) enum CallError {
-    /// No HTTP answer. `sent`: the request may have reached Discord.
-    Network { message: String, sent: bool },
+pub(super) enum ApiError {
     /// HTTP 429, or a bucket that stays empty longer than [`MAX_BUCKET_WAIT`].
     RateLimited { retry_after: Duration },
     /// Discord answered with an error status: its JSON error `code` and `message`, if any.
-    Api {
+    Status {
         status: u16,
         code: Option<u64>,
         message: String,
     },
-    /// A success status whose body is not JSON.
-    BadAnswer(String),
 }
 
 #[derive(Clone, Copy)]
@@ -119,10 +119,8 @@ impl Rest {
         token: Zeroizing<String>,
         http: reqwest::Client,
     ) -> Result<Self, String> {
-        let value = Zeroizing::new(format!("Bot {}", token.as_str()));
-        let mut auth = HeaderValue::from_str(value.as_str())
-            .map_err(|_| "the bot token is not a valid header value".to_owned())?;
-        auth.set_sensitive(true);
+        let auth = http::auth_header("Bot", &token)
+            .ok_or_else(|| "the bot token is not a valid header value".to_owned())?;
         Ok(Self {
             base,
             auth,
@@ -140,39 +138,10 @@ impl Rest {
         &self.http
     }
 
-    /// Removes the bot token and `extra` from a text that is about to leave the adapter.
-    pub(super) fn redact(&self, text: String, extra: Option<&str>) -> String {
-        let mut text = text;
-        for secret in [Some(self.token.as_str()), extra].into_iter().flatten() {
-            if !secret.is_empty() && text.contains(secret) {
-                text = text.replace(secret, "<redacted>");
-            }
-        }
-        text
-    }
-
-    pub(super) fn network_error(
-        &self,
-        what: &str,
-        e: reqwest::Error,
-        sent: bool,
-        extra: Option<&str>,
-    ) -> CallError {
-        let sent = sent && !e.is_connect() && !e.is_builder();
-        let e = e.without_url();
-        let mut message = format!("{what}: {e}");
-        // The chain of causes (hyper, io) says what actually happened.
-        let err: &dyn std::error::Error = &e;
-        let mut cause = err.source();
-        while let Some(c) = cause {
-            message.push_str(": ");
-            message.push_str(&c.to_string());
-            cause = c.source();
-        }
-        CallError::Network {
-            message: self.redact(message, extra),
-            sent,
-        }
+    /// The bot token and `extra` (an interaction token): what every text leaving the adapter
+    /// is scrubbed of.
+    pub(super) fn secrets<'a>(&'a self, extra: Option<&'a str>) -> [&'a str; 2] {
+        [self.token.as_str(), extra.unwrap_or_default()]
     }
 
     /// Sends one request (after waiting for its bucket) and returns the JSON answer (`Null`
@@ -183,7 +152,7 @@ impl Rest {
         body: Option<&Value>,
     ) -> Result<Value, CallError> {
         self.wait_for_bucket(route).await?;
-        let secret = route.secret.as_ref().map(|s| s.as_str());
+        let secrets = self.secrets(route.secret.as_ref().map(|s| s.as_str()));
         let url = Zeroizing::new(format!("{}{}", self.base, route.path));
         let mut req = self
             .http
@@ -199,7 +168,7 @@ impl Rest {
         let mut resp = req
             .send()
             .await
-            .map_err(|e| self.network_error(what, e, true, secret))?;
+            .map_err(|e| CallError::network(what, e, true, &secrets))?;
         let status = resp.status().as_u16();
         self.learn(route, resp.headers(), status);
         let header_retry = retry_after_header(resp.headers());
@@ -208,21 +177,7 @@ impl Rest {
             .get("x-ratelimit-global")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        let mut bytes = Vec::new();
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
-                        return Err(CallError::BadAnswer(format!(
-                            "{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes"
-                        )));
-                    }
-                    bytes.extend_from_slice(&chunk);
-                }
-                Ok(None) => break,
-                Err(e) => return Err(self.network_error(what, e, true, secret)),
-            }
-        }
+        let bytes = http::read_answer(what, &mut resp, MAX_ANSWER_BYTES, &secrets).await?;
         let json: Option<Value> = serde_json::from_slice(&bytes).ok();
         if (200..300).contains(&status) {
             return match json {
@@ -247,7 +202,7 @@ impl Rest {
                     .unwrap_or(false);
             let retry_after = body_retry.or(header_retry).unwrap_or(DEFAULT_RETRY_AFTER);
             self.limited(route, retry_after, global);
-            return Err(CallError::RateLimited { retry_after });
+            return Err(CallError::Api(ApiError::RateLimited { retry_after }));
         }
         let code = json
             .as_ref()
@@ -261,11 +216,11 @@ impl Rest {
                 || format!("HTTP {status}"),
                 |m| format!("{m} (HTTP {status})"),
             );
-        Err(CallError::Api {
+        Err(CallError::Api(ApiError::Status {
             status,
             code,
-            message: self.redact(format!("{what}: {message}"), secret),
-        })
+            message: http::redact(format!("{what}: {message}"), &secrets),
+        }))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Limits> {
@@ -311,7 +266,7 @@ impl Rest {
             match wait {
                 None => return Ok(()),
                 Some((d, _)) if d > MAX_BUCKET_WAIT => {
-                    return Err(CallError::RateLimited { retry_after: d });
+                    return Err(CallError::Api(ApiError::RateLimited { retry_after: d }));
                 }
                 Some((d, _)) => tokio::time::sleep(d).await,
             }
@@ -406,7 +361,10 @@ mod tests {
             reqwest::Client::new(),
         )
         .unwrap();
-        let out = rest.redact("x TOKENVALUE.abc y ITOKEN".into(), Some("ITOKEN"));
+        let out = http::redact(
+            "x TOKENVALUE.abc y ITOKEN".into(),
+            &rest.secrets(Some("ITOKEN")),
+        );
         assert_eq!(out, "x <redacted> y <redacted>");
         assert!(!format!("{rest:?}").contains("TOKENVALUE"));
     }

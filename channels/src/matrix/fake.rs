@@ -46,23 +46,19 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use reqwest::Url;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 
 /// The access token [`FakeMatrix::start`] accepts.
 pub const TOKEN: &str = "syt_Y2hpdGlu_FakeMatrixAccessTokenForTests_0a1B2c";
@@ -211,6 +207,7 @@ struct Media {
     cdn: bool,
 }
 
+#[derive(Default)]
 struct State {
     token: String,
     bot: String,
@@ -233,7 +230,8 @@ struct State {
     media: HashMap<String, Media>,
     downloads: Vec<Download>,
     calls: Vec<Call>,
-    failures: HashMap<String, VecDeque<Failure>>,
+    /// Scripted failures by endpoint.
+    failures: Script<String, Failure>,
 }
 
 impl State {
@@ -338,24 +336,13 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeMatrix {
-    addr: SocketAddr,
-    homeserver: Url,
-    state: Arc<Mutex<State>>,
-    pushed: watch::Sender<u64>,
-    task: JoinHandle<()>,
+    /// The state; its changes wake a waiting `/sync`.
+    server: Server<State>,
 }
 
 impl fmt::Debug for FakeMatrix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeMatrix")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FakeMatrix {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.debug("FakeMatrix", f)
     }
 }
 
@@ -371,79 +358,35 @@ impl FakeMatrix {
         bot: &str,
         bot_name: Option<&str>,
     ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let base = format!("http://{addr}");
-        let homeserver =
-            Url::parse(&format!("{base}/")).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let listener = fake_http::bind("/").await?;
+        let state = State {
             token: token.into(),
             bot: bot.into(),
             bot_name: bot_name.map(String::from),
-            base,
+            base: format!("http://{}", listener.addr),
             pos: 1000,
-            next_event: 0,
-            next_room: 0,
-            rooms: BTreeMap::new(),
-            names: HashMap::new(),
-            direct: BTreeMap::new(),
-            direct_pos: None,
-            txns: HashMap::new(),
-            sent: Vec::new(),
-            typing: Vec::new(),
-            joins: Vec::new(),
-            leaves: Vec::new(),
-            media: HashMap::new(),
-            downloads: Vec::new(),
-            calls: Vec::new(),
-            failures: HashMap::new(),
-        }));
-        let (pushed, _) = watch::channel(0u64);
-        let task = {
-            let state = Arc::clone(&state);
-            let pushed = pushed.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = Arc::clone(&state);
-                    let pushed = pushed.clone();
-                    tokio::spawn(async move {
-                        let svc =
-                            service_fn(move |req| handle(Arc::clone(&state), pushed.clone(), req));
-                        // An error here is a dropped connection (scripted or the client's).
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
+            ..State::default()
         };
         Ok(Self {
-            addr,
-            homeserver,
-            state,
-            pushed,
-            task,
+            server: listener.serve(state, handle),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.server.lock()
     }
 
     fn notify(&self) {
-        self.pushed.send_modify(|n| *n += 1);
+        self.server.notify();
     }
 
     /// The homeserver URL to configure (`http://127.0.0.1:<port>/`).
     pub fn homeserver(&self) -> Url {
-        self.homeserver.clone()
+        self.server.url()
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The `next_batch` a sync would answer now.
@@ -646,9 +589,7 @@ impl FakeMatrix {
     /// The next `times` requests to `endpoint` (as in [`Call::endpoint`]) fail with `failure`
     /// (after earlier scripted ones).
     pub fn fail_next(&self, endpoint: &str, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(endpoint.into()).or_default();
-        q.extend(std::iter::repeat_n(failure, times));
+        self.lock().failures.push(endpoint.into(), times, failure);
     }
 }
 
@@ -659,8 +600,6 @@ fn now_ms() -> u64 {
 }
 
 // ---- HTTP ----
-
-type FakeBody = BoxBody<Bytes, Infallible>;
 
 /// A body of known chunks whose size is not announced (sent chunked).
 struct Chunked(VecDeque<Bytes>);
@@ -677,46 +616,23 @@ impl Body for Chunked {
     }
 }
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
+fake_http::failing_by_drop_variants!(Failure);
 
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
+fn ok(body: Value) -> Reply {
+    fake_http::json(StatusCode::OK, &body)
 }
 
-impl std::error::Error for DropConnection {}
-
-type Answered = Result<Response<FakeBody>, DropConnection>;
-
-fn respond_raw(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<FakeBody> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
-    *resp.status_mut() = status;
-    if let Ok(v) = HeaderValue::from_str(content_type) {
-        resp.headers_mut().insert(CONTENT_TYPE, v);
-    }
-    resp
+fn error(status: u16, errcode: &str, message: &str) -> Reply {
+    fake_http::json(
+        fake_http::status(status, StatusCode::BAD_REQUEST),
+        &json!({ "errcode": errcode, "error": message }),
+    )
 }
 
-fn respond(status: StatusCode, body: &Value) -> Response<FakeBody> {
-    respond_raw(status, "application/json", body.to_string().into_bytes())
-}
-
-fn ok(body: Value) -> Response<FakeBody> {
-    respond(StatusCode::OK, &body)
-}
-
-fn error(status: u16, errcode: &str, message: &str) -> Response<FakeBody> {
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    respond(status, &json!({ "errcode": errcode, "error": message }))
-}
-
-fn failure_response(f: &Failure) -> Response<FakeBody> {
+fn failure_response(f: &Failure) -> Reply {
     match f {
         Failure::RateLimited { retry_after_ms } => {
-            let mut r = respond(
+            let mut r = fake_http::json(
                 StatusCode::TOO_MANY_REQUESTS,
                 &json!({
                     "errcode": "M_LIMIT_EXCEEDED",
@@ -731,7 +647,7 @@ fn failure_response(f: &Failure) -> Response<FakeBody> {
             r
         }
         Failure::RateLimitedHeader { retry_after_secs } => {
-            let mut r = respond(
+            let mut r = fake_http::json(
                 StatusCode::TOO_MANY_REQUESTS,
                 &json!({ "errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests" }),
             );
@@ -740,10 +656,10 @@ fn failure_response(f: &Failure) -> Response<FakeBody> {
             r
         }
         Failure::ServerError => error(500, "M_UNKNOWN", "Internal server error"),
-        Failure::BadGateway => respond_raw(
+        Failure::BadGateway => fake_http::respond(
             StatusCode::BAD_GATEWAY,
             "text/html",
-            b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>".to_vec(),
+            "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
         ),
         Failure::Forbidden(m) => error(403, "M_FORBIDDEN", m),
         // Not reached: drops are handled before.
@@ -909,23 +825,15 @@ async fn handle(
     let query: Vec<(String, String)> = Url::parse(&format!("http://fake{target}"))
         .map(|u| u.query_pairs().into_owned().collect())
         .unwrap_or_default();
-    let bearer = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(String::from);
+    let bearer = fake_http::bearer(req.headers());
     let segments: Option<Vec<String>> = req.uri().path().split('/').skip(1).map(decode).collect();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(DropConnection),
-    };
+    let body = fake_http::body(req).await?;
     let Some(segments) = segments else {
         return Ok(error(400, "M_UNRECOGNIZED", "Invalid path encoding"));
     };
     let route = route(&method, &segments);
     let failure = {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&state);
         let authorized = bearer.as_deref() == Some(st.token.as_str());
         st.calls.push(Call {
             endpoint: route.endpoint(),
@@ -940,7 +848,7 @@ async fn handle(
                 return Ok(error(401, "M_MISSING_TOKEN", "Missing access token."));
             }
             (_, true, false) => {
-                return Ok(respond(
+                return Ok(fake_http::json(
                     StatusCode::UNAUTHORIZED,
                     &json!({
                         "errcode": "M_UNKNOWN_TOKEN",
@@ -951,9 +859,7 @@ async fn handle(
             }
             _ => {}
         }
-        st.failures
-            .get_mut(route.endpoint())
-            .and_then(VecDeque::pop_front)
+        st.failures.next(route.endpoint())
     };
     let params: Value = if body.is_empty() {
         json!({})
@@ -963,16 +869,11 @@ async fn handle(
             _ => return Ok(error(400, "M_NOT_JSON", "Content not JSON.")),
         }
     };
-    match failure {
-        None => {}
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = dispatch(&state, &pushed, route, &query, &params, bearer.is_some()).await;
-            return Err(DropConnection);
-        }
-        Some(f) => return Ok(failure_response(&f)),
-    }
-    Ok(dispatch(&state, &pushed, route, &query, &params, bearer.is_some()).await)
+    let authorization = bearer.is_some();
+    fake_http::scripted(failure, failure_response, || {
+        dispatch(&state, &pushed, route, &query, &params, authorization)
+    })
+    .await
 }
 
 async fn dispatch(
@@ -982,11 +883,11 @@ async fn dispatch(
     query: &[(String, String)],
     params: &Value,
     has_authorization: bool,
-) -> Response<FakeBody> {
+) -> Reply {
     if let Route::Sync = route {
         return sync(state, pushed, query).await;
     }
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut st = lock(state);
     let changed_before = st.pos;
     let resp = match route {
         Route::Whoami => {
@@ -1102,7 +1003,7 @@ fn joined<'s>(st: &'s State, room: &str) -> Option<&'s Room> {
         .filter(|r| r.membership(&st.bot) == Some(Membership::Join))
 }
 
-fn not_in_room(st: &State, room: &str) -> Response<FakeBody> {
+fn not_in_room(st: &State, room: &str) -> Reply {
     error(
         403,
         "M_FORBIDDEN",
@@ -1110,7 +1011,7 @@ fn not_in_room(st: &State, room: &str) -> Response<FakeBody> {
     )
 }
 
-fn send(st: &mut State, room: &str, kind: &str, txn: &str, content: &Value) -> Response<FakeBody> {
+fn send(st: &mut State, room: &str, kind: &str, txn: &str, content: &Value) -> Reply {
     if joined(st, room).is_none() {
         return not_in_room(st, room);
     }
@@ -1131,7 +1032,7 @@ fn send(st: &mut State, room: &str, kind: &str, txn: &str, content: &Value) -> R
     ok(json!({ "event_id": id }))
 }
 
-fn join(st: &mut State, room: &str) -> Response<FakeBody> {
+fn join(st: &mut State, room: &str) -> Reply {
     let bot = st.bot.clone();
     let Some(r) = st.rooms.get(room) else {
         return error(
@@ -1151,16 +1052,14 @@ fn join(st: &mut State, room: &str) -> Response<FakeBody> {
     }
 }
 
-fn media(st: &mut State, server: &str, media_id: &str) -> Response<FakeBody> {
+fn media(st: &mut State, server: &str, media_id: &str) -> Reply {
     let found = (server == SERVER).then(|| st.media.get(media_id)).flatten();
     let Some(m) = found else {
         return error(404, "M_NOT_FOUND", "Not found");
     };
     if m.cdn {
-        let mut r = respond_raw(StatusCode::TEMPORARY_REDIRECT, "text/plain", Vec::new());
-        if let Ok(v) = HeaderValue::from_str(&format!("{}/cdn/{media_id}", st.base)) {
-            r.headers_mut().insert(LOCATION, v);
-        }
+        let mut r = fake_http::respond(StatusCode::TEMPORARY_REDIRECT, "text/plain", "");
+        fake_http::set_header(&mut r, "location", format!("{}/cdn/{media_id}", st.base));
         return r;
     }
     let resp = media_body(m);
@@ -1172,12 +1071,12 @@ fn media(st: &mut State, server: &str, media_id: &str) -> Response<FakeBody> {
     resp
 }
 
-fn media_body(m: &Media) -> Response<FakeBody> {
+fn media_body(m: &Media) -> Reply {
     let mut resp = if m.chunked {
         let chunks: VecDeque<Bytes> = m.bytes.chunks(1024).map(Bytes::copy_from_slice).collect();
         Response::new(Chunked(chunks).boxed())
     } else {
-        Response::new(Full::new(Bytes::from(m.bytes.clone())).boxed())
+        Response::new(fake_http::whole(m.bytes.clone()))
     };
     if let Ok(v) = HeaderValue::from_str(&m.content_type) {
         resp.headers_mut().insert(CONTENT_TYPE, v);
@@ -1211,7 +1110,7 @@ fn strings(v: &Value) -> Option<Vec<String>> {
 }
 
 impl Filter {
-    fn parse(json: Option<&str>) -> Result<Self, Box<Response<FakeBody>>> {
+    fn parse(json: Option<&str>) -> Result<Self, Box<Reply>> {
         let v: Value = match json {
             None => json!({}),
             Some(s) if s.starts_with('{') => serde_json::from_str(s)
@@ -1263,7 +1162,7 @@ async fn sync(
     state: &Arc<Mutex<State>>,
     pushed: &watch::Sender<u64>,
     query: &[(String, String)],
-) -> Response<FakeBody> {
+) -> Reply {
     let param = |name: &str| {
         query
             .iter()
@@ -1287,7 +1186,7 @@ async fn sync(
     loop {
         rx.borrow_and_update();
         {
-            let st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let st = lock(state);
             let (answer, has_data) = sync_answer(&st, since, &filter);
             if has_data || since.is_none() {
                 return ok(answer);
@@ -1297,7 +1196,7 @@ async fn sync(
             .await
             .is_err()
         {
-            let st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let st = lock(state);
             return ok(sync_answer(&st, since, &filter).0);
         }
     }

@@ -27,24 +27,20 @@ use std::convert::Infallible;
 use std::fmt;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use reqwest::Url;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 
 /// The bot's number the fake serves.
 pub const ACCOUNT: &str = "+15550001111";
@@ -368,6 +364,7 @@ pub struct Call {
     pub params: Value,
 }
 
+#[derive(Default)]
 struct State {
     next_ts: u64,
     subscribers: Vec<mpsc::UnboundedSender<Bytes>>,
@@ -379,7 +376,7 @@ struct State {
     sends: Vec<SentMessage>,
     typing: Vec<Typing>,
     reactions: Vec<Value>,
-    failures: HashMap<String, VecDeque<Option<Failure>>>,
+    failures: Script<String, Failure>,
     attachments: HashMap<String, Vec<u8>>,
     groups: HashSet<String>,
 }
@@ -393,89 +390,39 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeSignal {
-    addr: SocketAddr,
-    api_base: Url,
-    state: Arc<Mutex<State>>,
-    /// The number of stream connections accepted so far.
-    streams: watch::Sender<u64>,
-    task: JoinHandle<()>,
+    /// The state; its changes count the stream connections accepted so far.
+    server: Server<State>,
 }
 
 impl fmt::Debug for FakeSignal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeSignal")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FakeSignal {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.debug("FakeSignal", f)
     }
 }
 
 impl FakeSignal {
     /// Starts a fake daemon for [`ACCOUNT`] on a free port of 127.0.0.1.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let api_base = Url::parse(&format!("http://{addr}"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let state = State {
             next_ts: 1_700_000_000_000,
-            subscribers: Vec::new(),
-            pending: VecDeque::new(),
-            refused_streams: VecDeque::new(),
-            calls: Vec::new(),
-            sends: Vec::new(),
-            typing: Vec::new(),
-            reactions: Vec::new(),
-            failures: HashMap::new(),
-            attachments: HashMap::new(),
-            groups: HashSet::new(),
-        }));
-        let (streams, _) = watch::channel(0u64);
-        let task = {
-            let state = Arc::clone(&state);
-            let streams = streams.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = Arc::clone(&state);
-                    let streams = streams.clone();
-                    tokio::spawn(async move {
-                        let svc =
-                            service_fn(move |req| handle(Arc::clone(&state), streams.clone(), req));
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
+            ..State::default()
         };
         Ok(Self {
-            addr,
-            api_base,
-            state,
-            streams,
-            task,
+            server: fake_http::bind("").await?.serve(state, handle),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.server.lock()
     }
 
     /// The daemon's root to configure (`http://127.0.0.1:<port>`).
     pub fn api_base(&self) -> Url {
-        self.api_base.clone()
+        self.server.url()
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Streams an envelope (or queues it until a stream is open); returns its timestamp (the
@@ -508,12 +455,12 @@ impl FakeSignal {
 
     /// Stream connections accepted so far.
     pub fn streams_opened(&self) -> u64 {
-        *self.streams.borrow()
+        *self.server.changes().borrow()
     }
 
     /// Waits (at most `deadline`) until `count` stream connections were accepted.
     pub async fn wait_for_stream(&self, count: u64, deadline: Duration) -> bool {
-        let mut rx = self.streams.subscribe();
+        let mut rx = self.server.changes().subscribe();
         tokio::time::timeout(deadline, rx.wait_for(|n| *n >= count))
             .await
             .is_ok_and(|r| r.is_ok())
@@ -557,9 +504,7 @@ impl FakeSignal {
 
     /// The next `times` calls of `method` fail (after the ones scripted before).
     pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(method.into()).or_default();
-        q.extend(std::iter::repeat_n(Some(failure), times));
+        self.lock().failures.push(method.into(), times, failure);
     }
 }
 
@@ -596,34 +541,17 @@ impl hyper::body::Body for StreamBody {
     }
 }
 
-type Body = BoxBody<Bytes, Infallible>;
+fake_http::failing_by_drop_variants!(Failure);
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
-
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
+fn empty(status: u16) -> Reply {
+    fake_http::empty(fake_http::status(status, StatusCode::INTERNAL_SERVER_ERROR))
 }
 
-impl std::error::Error for DropConnection {}
-
-fn empty(status: u16) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::new()).boxed());
-    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    r
+fn json_response(body: &Value) -> Reply {
+    fake_http::json(StatusCode::OK, body)
 }
 
-fn json_response(body: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())).boxed());
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
-}
-
-fn rpc_error(id: &Value, code: i64, message: &str, data: Value) -> Response<Body> {
+fn rpc_error(id: &Value, code: i64, message: &str, data: Value) -> Reply {
     json_response(&json!({
         "jsonrpc": "2.0",
         "error": { "code": code, "message": message, "data": data },
@@ -631,7 +559,7 @@ fn rpc_error(id: &Value, code: i64, message: &str, data: Value) -> Response<Body
     }))
 }
 
-fn failure_response(id: &Value, f: &Failure) -> Response<Body> {
+fn failure_response(id: &Value, f: &Failure) -> Reply {
     match f {
         Failure::Rpc {
             code,
@@ -673,7 +601,7 @@ async fn handle(
     state: Arc<Mutex<State>>,
     streams: watch::Sender<u64>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, DropConnection> {
+) -> Answered {
     let path = req.uri().path().to_owned();
     let method = req.method().as_str().to_owned();
     match (method.as_str(), path.as_str()) {
@@ -685,22 +613,19 @@ async fn handle(
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with("application/json"));
-            let body = match req.into_body().collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => return Err(DropConnection),
-            };
+            let body = fake_http::body(req).await?;
             if !json_body {
                 return Ok(empty(415));
             }
-            rpc(&state, &body)
+            rpc(&state, &body).await
         }
         (_, "/api/v1/rpc" | "/api/v1/events" | "/api/v1/check") => Ok(empty(405)),
         _ => Ok(empty(404)),
     }
 }
 
-fn events(state: &Arc<Mutex<State>>, streams: &watch::Sender<u64>) -> Response<Body> {
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+fn events(state: &Arc<Mutex<State>>, streams: &watch::Sender<u64>) -> Reply {
+    let mut st = lock(state);
     if let Some(status) = st.refused_streams.pop_front() {
         return empty(status);
     }
@@ -717,7 +642,7 @@ fn events(state: &Arc<Mutex<State>>, streams: &watch::Sender<u64>) -> Response<B
     r
 }
 
-fn rpc(state: &Arc<Mutex<State>>, body: &[u8]) -> Result<Response<Body>, DropConnection> {
+async fn rpc(state: &Arc<Mutex<State>>, body: &[u8]) -> Answered {
     let Ok(request) = serde_json::from_slice::<Value>(body) else {
         return Ok(rpc_error(&Value::Null, -32700, "Parse error", Value::Null));
     };
@@ -732,7 +657,7 @@ fn rpc(state: &Arc<Mutex<State>>, body: &[u8]) -> Result<Response<Body>, DropCon
     };
     let params = request.get("params").cloned().unwrap_or_else(|| json!({}));
     let failure = {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(state);
         st.calls.push(Call {
             method: method.into(),
             params: params.clone(),
@@ -749,24 +674,17 @@ fn rpc(state: &Arc<Mutex<State>>, body: &[u8]) -> Result<Response<Body>, DropCon
                 Value::Null,
             ));
         }
-        st.failures
-            .get_mut(method)
-            .and_then(VecDeque::pop_front)
-            .flatten()
+        st.failures.next(method)
     };
-    match failure {
-        None => {}
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = dispatch(state, &id, method, &params);
-            return Err(DropConnection);
-        }
-        Some(f) => return Ok(failure_response(&id, &f)),
-    }
-    Ok(dispatch(state, &id, method, &params))
+    fake_http::scripted(
+        failure,
+        |f| failure_response(&id, f),
+        || async { dispatch(state, &id, method, &params) },
+    )
+    .await
 }
 
-fn ok(id: &Value, result: Value) -> Response<Body> {
+fn ok(id: &Value, result: Value) -> Reply {
     json_response(&json!({ "jsonrpc": "2.0", "result": result, "id": id }))
 }
 
@@ -781,8 +699,8 @@ fn targets(params: &Value) -> (Option<String>, Option<String>) {
     (recipient, group)
 }
 
-fn dispatch(state: &Arc<Mutex<State>>, id: &Value, method: &str, params: &Value) -> Response<Body> {
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+fn dispatch(state: &Arc<Mutex<State>>, id: &Value, method: &str, params: &Value) -> Reply {
+    let mut st = lock(state);
     match method {
         "version" => ok(id, json!({ "version": "0.13.99-fake" })),
         "getUserStatus" => {

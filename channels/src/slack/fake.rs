@@ -35,25 +35,20 @@
 //! Not modelled: form-encoded Web API bodies, pagination, `response_url`, several simultaneous
 //! Socket Mode connections, redelivery on the same connection after Slack's timeout.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, LOCATION, RETRY_AFTER};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, StatusCode};
 use reqwest::Url;
 use serde_json::{Map, Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::handshake::server::{
@@ -61,6 +56,7 @@ use tokio_tungstenite::tungstenite::handshake::server::{
 };
 
 use super::sign;
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 
 /// The bot token [`FakeSlack::start`] accepts.
 pub const BOT_TOKEN: &str = "xoxb-1000000001-2000000002-FakeBotTokenForTestsOnly0123";
@@ -399,7 +395,7 @@ struct State {
     updates: Vec<Update>,
     ephemerals: Vec<Ephemeral>,
     calls: Vec<Call>,
-    failures: HashMap<String, VecDeque<Failure>>,
+    failures: Script<String, Failure>,
     /// Files by id: (name, mimetype, bytes).
     files: HashMap<String, (String, String, Vec<u8>)>,
     downloads: Vec<String>,
@@ -448,26 +444,14 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeSlack {
-    addr: SocketAddr,
-    api_base: Url,
-    state: Arc<Mutex<State>>,
-    changes: watch::Sender<u64>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The Web API (the first listener) and the Socket Mode WebSocket; its changes wake the
+    /// socket connections and the waiters for acknowledgements.
+    server: Server<State>,
 }
 
 impl fmt::Debug for FakeSlack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeSlack")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FakeSlack {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.server.debug("FakeSlack", f)
     }
 }
 
@@ -479,17 +463,13 @@ impl FakeSlack {
 
     /// Starts a fake for these tokens on free ports of 127.0.0.1 (Web API and WebSocket).
     pub async fn start_with(bot_token: &str, app_token: &str) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let ws_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let ws_addr = ws_listener.local_addr()?;
-        let api_base = Url::parse(&format!("http://{addr}/api"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let listener = fake_http::bind("/api").await?;
+        let ws_listener = fake_http::bind("/").await?;
+        let state = State {
             bot_token: bot_token.into(),
             app_token: app_token.into(),
-            origin: format!("http://{addr}"),
-            ws_addr,
+            origin: format!("http://{}", listener.addr),
+            ws_addr: ws_listener.addr,
             next_ts: 100,
             next_id: 0,
             channels: HashSet::new(),
@@ -498,7 +478,7 @@ impl FakeSlack {
             updates: Vec::new(),
             ephemerals: Vec::new(),
             calls: Vec::new(),
-            failures: HashMap::new(),
+            failures: Script::default(),
             files: HashMap::new(),
             downloads: Vec::new(),
             tickets: HashSet::new(),
@@ -508,62 +488,27 @@ impl FakeSlack {
             live: 0,
             disconnects: 0,
             drops: 0,
-        }));
-        let (changes, _) = watch::channel(0u64);
-        let http_task = {
-            let state = Arc::clone(&state);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = Arc::clone(&state);
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| handle(Arc::clone(&state), req));
-                        // An error here is a dropped connection (scripted or the client's).
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
         };
-        let ws_task = {
-            let state = Arc::clone(&state);
-            let changes = changes.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = ws_listener.accept().await else {
-                        continue;
-                    };
-                    tokio::spawn(serve_socket(Arc::clone(&state), changes.clone(), sock));
-                }
-            })
-        };
-        Ok(Self {
-            addr,
-            api_base,
-            state,
-            changes,
-            tasks: vec![http_task, ws_task],
-        })
+        let mut server = listener.serve(state, |state, _, req| handle(state, req));
+        server.accept(ws_listener, serve_socket);
+        Ok(Self { server })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.server.lock()
     }
 
     fn notify(&self) {
-        self.changes.send_modify(|n| *n += 1);
+        self.server.notify();
     }
 
     /// The API root to configure (`http://127.0.0.1:<port>/api`).
     pub fn api_base(&self) -> Url {
-        self.api_base.clone()
+        self.server.url()
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// Makes a conversation known (building an event in it does it too).
@@ -759,7 +704,7 @@ impl FakeSlack {
 
     /// Waits (up to 10 s) until at least `n` acknowledgements were received; returns them.
     pub async fn wait_for_acks(&self, n: usize) -> Vec<String> {
-        let mut rx = self.changes.subscribe();
+        let mut rx = self.server.changes().subscribe();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             rx.borrow_and_update();
@@ -859,68 +804,42 @@ impl FakeSlack {
 
     /// The next `times` calls of `method` fail with `failure` (after earlier scripted ones).
     pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(method.to_owned()).or_default();
-        q.extend(std::iter::repeat_n(failure, times));
+        self.lock().failures.push(method.to_owned(), times, failure);
     }
 }
 
 // ---- The Web API ----
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
+fake_http::failing_by_drop_variants!(Failure);
 
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
+fn respond(status: StatusCode, body: Value) -> Reply {
+    fake_http::respond(status, "application/json; charset=utf-8", body.to_string())
 }
 
-impl std::error::Error for DropConnection {}
-
-type Answered = Result<Response<Full<Bytes>>, DropConnection>;
-
-fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
-}
-
-fn ok(mut fields: Value) -> Response<Full<Bytes>> {
+fn ok(mut fields: Value) -> Reply {
     fields["ok"] = true.into();
     respond(StatusCode::OK, fields)
 }
 
-fn error(code: &str) -> Response<Full<Bytes>> {
+fn error(code: &str) -> Reply {
     respond(StatusCode::OK, json!({ "ok": false, "error": code }))
 }
 
-fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
+fn failure_response(f: &Failure) -> Reply {
     match f {
         Failure::RateLimited { retry_after } => {
             let mut r = respond(
                 StatusCode::TOO_MANY_REQUESTS,
                 json!({ "ok": false, "error": "ratelimited" }),
             );
-            if let Ok(v) = HeaderValue::from_str(&retry_after.to_string()) {
-                r.headers_mut().insert(RETRY_AFTER, v);
-            }
+            fake_http::set_header(&mut r, "retry-after", retry_after.to_string());
             r
         }
-        Failure::ServerError => {
-            let mut r = Response::new(Full::new(Bytes::from_static(
-                b"<html><body>500 Internal Server Error</body></html>",
-            )));
-            *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
-            r
-        }
+        Failure::ServerError => fake_http::respond(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/html",
+            "<html><body>500 Internal Server Error</body></html>",
+        ),
         Failure::Error(code) => error(code),
         // Not reached: drops are handled before.
         Failure::Drop | Failure::DropAfterHandling => error("internal_error"),
@@ -929,12 +848,7 @@ fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
 
 async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Answered {
     let path = req.uri().path().to_owned();
-    let bearer = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(String::from);
+    let bearer = fake_http::bearer(req.headers());
     if req.method() == Method::GET && path.starts_with("/files-pri/") {
         return Ok(download(&state, &path, bearer.as_deref()));
     }
@@ -944,10 +858,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Answered {
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(DropConnection),
-    };
+    let body = fake_http::body(req).await?;
     let Some(method) = path.strip_prefix("/api/").map(String::from) else {
         return Ok(respond(
             StatusCode::NOT_FOUND,
@@ -965,7 +876,7 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Answered {
         return Ok(error("invalid_arguments"));
     };
     let failure = {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&state);
         let Some(token) = bearer else {
             return Ok(error("not_authed"));
         };
@@ -986,28 +897,22 @@ async fn handle(state: Arc<Mutex<State>>, req: Request<Incoming>) -> Answered {
             params: params.clone(),
             content_type,
         });
-        st.failures.get_mut(&method).and_then(VecDeque::pop_front)
+        st.failures.next(method.as_str())
     };
-    match failure {
-        None => {}
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = dispatch(&state, &method, &params);
-            return Err(DropConnection);
-        }
-        Some(f) => return Ok(failure_response(&f)),
-    }
-    Ok(dispatch(&state, &method, &params))
+    fake_http::scripted(failure, failure_response, || async {
+        dispatch(&state, &method, &params)
+    })
+    .await
 }
 
-fn download(state: &Arc<Mutex<State>>, path: &str, bearer: Option<&str>) -> Response<Full<Bytes>> {
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+fn download(state: &Arc<Mutex<State>>, path: &str, bearer: Option<&str>) -> Reply {
+    let mut st = lock(state);
     if bearer != Some(st.bot_token.as_str()) {
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::FOUND;
-        r.headers_mut().insert(
-            LOCATION,
-            HeaderValue::from_static("https://fake.slack.com/?redir=%2Ffiles-pri"),
+        let mut r = fake_http::empty(StatusCode::FOUND);
+        fake_http::set_header(
+            &mut r,
+            "location",
+            "https://fake.slack.com/?redir=%2Ffiles-pri",
         );
         return r;
     }
@@ -1021,15 +926,11 @@ fn download(state: &Arc<Mutex<State>>, path: &str, bearer: Option<&str>) -> Resp
     match st.files.get(&id).cloned() {
         Some((_, mime, bytes)) => {
             st.downloads.push(id);
-            let mut r = Response::new(Full::new(Bytes::from(bytes)));
-            if let Ok(v) = HeaderValue::from_str(&mime) {
-                r.headers_mut().insert(CONTENT_TYPE, v);
-            }
-            r
+            fake_http::respond(StatusCode::OK, &mime, bytes)
         }
         None => {
-            let mut r = Response::new(Full::new(Bytes::from_static(b"Not Found")));
-            *r.status_mut() = StatusCode::NOT_FOUND;
+            let mut r = fake_http::empty(StatusCode::NOT_FOUND);
+            *r.body_mut() = fake_http::whole("Not Found");
             r
         }
     }
@@ -1108,8 +1009,8 @@ fn bad_blocks(blocks: &Value) -> bool {
     false
 }
 
-fn dispatch(state: &Arc<Mutex<State>>, method: &str, params: &Value) -> Response<Full<Bytes>> {
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+fn dispatch(state: &Arc<Mutex<State>>, method: &str, params: &Value) -> Reply {
+    let mut st = lock(state);
     match method {
         "auth.test" => ok(json!({
             "url": "https://fake.slack.com/",
@@ -1154,7 +1055,7 @@ fn dispatch(state: &Arc<Mutex<State>>, method: &str, params: &Value) -> Response
     }
 }
 
-fn post_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
+fn post_message(st: &mut State, params: &Value) -> Reply {
     let channel = params["channel"].as_str().unwrap_or_default().to_owned();
     if !st.channels.contains(&channel) {
         return error("channel_not_found");
@@ -1201,7 +1102,7 @@ fn post_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
     ok(json!({ "channel": channel, "ts": ts, "message": message }))
 }
 
-fn update_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
+fn update_message(st: &mut State, params: &Value) -> Reply {
     let channel = params["channel"].as_str().unwrap_or_default().to_owned();
     let ts = params["ts"].as_str().unwrap_or_default().to_owned();
     if !st.channels.contains(&channel) {
@@ -1266,7 +1167,7 @@ impl Callback for TicketCheck {
             .find_map(|kv| kv.strip_prefix("ticket="))
             .unwrap_or_default()
             .to_owned();
-        let mut st = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&self.0);
         if st.tickets.remove(&ticket) {
             Ok(resp)
         } else {
@@ -1288,7 +1189,7 @@ async fn serve_socket(state: Arc<Mutex<State>>, changes: watch::Sender<u64>, tcp
     let (mut seen_disconnects, mut seen_drops) = loop {
         rx.borrow_and_update();
         {
-            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = lock(&state);
             if st.live == 0 || Instant::now() >= deadline {
                 st.live += 1;
                 st.connections += 1;
@@ -1310,7 +1211,7 @@ async fn serve_socket(state: Arc<Mutex<State>>, changes: watch::Sender<u64>, tcp
     while alive {
         rx.borrow_and_update();
         let todo = {
-            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = lock(&state);
             if st.drops > seen_drops {
                 seen_drops = st.drops;
                 Todo::Drop
@@ -1368,7 +1269,7 @@ async fn serve_socket(state: Arc<Mutex<State>>, changes: watch::Sender<u64>, tcp
                         .ok()
                         .and_then(|v| v["envelope_id"].as_str().map(String::from));
                     if let Some(id) = id {
-                        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+                        let mut st = lock(&state);
                         if let Some(e) = st.envelopes.iter_mut().find(|e| e.id == id) {
                             e.acked = true;
                         }
@@ -1383,6 +1284,6 @@ async fn serve_socket(state: Arc<Mutex<State>>, changes: watch::Sender<u64>, tcp
         }
     }
     drop(ws);
-    state.lock().unwrap_or_else(PoisonError::into_inner).live -= 1;
+    lock(&state).live -= 1;
     changes.send_modify(|n| *n += 1);
 }

@@ -40,7 +40,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use super::{CONNECT_TIMEOUT, Slack, SlackMode, Token, channel_error, is_loopback};
+use super::{Slack, SlackMode, Token, channel_error};
+use crate::http::{CONNECT_TIMEOUT, is_loopback_host};
 use crate::{ChannelError, ConfigError, Event, Inbound, Polled};
 
 /// Largest envelope read (a message event with many files, a big interaction).
@@ -159,7 +160,7 @@ impl Slack {
             .to_owned();
         let tls = match url.scheme() {
             "wss" => true,
-            "ws" if is_loopback(&host) => false,
+            "ws" if is_loopback_host(&host) => false,
             _ => {
                 return Err(ChannelError::Protocol(
                     "apps.connections.open answered a url that is neither wss:// nor a \

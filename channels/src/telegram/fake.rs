@@ -32,22 +32,16 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming;
+use hyper::{Request, StatusCode};
 use reqwest::Url;
 use serde_json::{Map, Value, json};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 use crate::text::utf16_len;
 
 /// The token [`FakeTelegram::start`] accepts.
@@ -478,7 +472,8 @@ struct State {
     answers: Vec<Answer>,
     actions: Vec<ChatAction>,
     calls: Vec<Call>,
-    failures: HashMap<String, VecDeque<Failure>>,
+    /// Scripted failures by method, lower case.
+    failures: Script<String, Failure>,
     webhook: Option<Webhook>,
     /// Stored files by `file_id`: (`file_path`, bytes).
     files: HashMap<String, (String, Vec<u8>)>,
@@ -507,24 +502,13 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeTelegram {
-    addr: SocketAddr,
-    api_base: Url,
-    state: Arc<Mutex<State>>,
-    pushed: watch::Sender<u64>,
-    task: JoinHandle<()>,
+    /// The state; its changes are pushed updates (a waiting `getUpdates` answers).
+    server: Server<State>,
 }
 
 impl fmt::Debug for FakeTelegram {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeTelegram")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FakeTelegram {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.debug("FakeTelegram", f)
     }
 }
 
@@ -536,11 +520,8 @@ impl FakeTelegram {
 
     /// Starts a fake for `token` and `bot` on a free port of 127.0.0.1.
     pub async fn start_with(token: &str, bot: FakeUser) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let api_base = Url::parse(&format!("http://{addr}/"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let listener = fake_http::bind("/").await?;
+        let state = State {
             token: token.into(),
             bot,
             next_update_id: 500_000_001,
@@ -556,53 +537,27 @@ impl FakeTelegram {
             answers: Vec::new(),
             actions: Vec::new(),
             calls: Vec::new(),
-            failures: HashMap::new(),
+            failures: Script::default(),
             webhook: None,
             files: HashMap::new(),
             downloads: Vec::new(),
-        }));
-        let (pushed, _) = watch::channel(0u64);
-        let task = {
-            let state = Arc::clone(&state);
-            let pushed = pushed.clone();
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = Arc::clone(&state);
-                    let pushed = pushed.clone();
-                    tokio::spawn(async move {
-                        let svc =
-                            service_fn(move |req| handle(Arc::clone(&state), pushed.clone(), req));
-                        // An error here is a dropped connection (scripted or the client's).
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
         };
         Ok(Self {
-            addr,
-            api_base,
-            state,
-            pushed,
-            task,
+            server: listener.serve(state, handle),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.server.lock()
     }
 
     /// The API root to configure (`http://127.0.0.1:<port>/`).
     pub fn api_base(&self) -> Url {
-        self.api_base.clone()
+        self.server.url()
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// The bot's account.
@@ -811,13 +766,13 @@ impl FakeTelegram {
 
     /// The next `times` calls of `method` fail with `failure` (after earlier scripted ones).
     pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(method.to_ascii_lowercase()).or_default();
-        q.extend(std::iter::repeat_n(failure, times));
+        self.lock()
+            .failures
+            .push(method.to_ascii_lowercase(), times, failure);
     }
 
     fn notify(&self) {
-        self.pushed.send_modify(|n| *n += 1);
+        self.server.notify();
     }
 }
 
@@ -827,53 +782,24 @@ fn now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(0))
 }
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
+fake_http::failing_by_drop_variants!(Failure);
 
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
-}
-
-impl std::error::Error for DropConnection {}
-
-type Answered = Result<Response<Full<Bytes>>, DropConnection>;
-
-fn respond(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    respond_raw(status, "application/json", body.to_string())
-}
-
-fn respond_raw(
-    status: StatusCode,
-    content_type: &'static str,
-    body: String,
-) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
-
-fn error(code: u16, description: &str) -> Response<Full<Bytes>> {
-    let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
-    respond(
-        status,
-        json!({ "ok": false, "error_code": code, "description": description }),
+fn error(code: u16, description: &str) -> Reply {
+    fake_http::json(
+        fake_http::status(code, StatusCode::BAD_REQUEST),
+        &json!({ "ok": false, "error_code": code, "description": description }),
     )
 }
 
-fn ok(result: Value) -> Response<Full<Bytes>> {
-    respond(StatusCode::OK, json!({ "ok": true, "result": result }))
+fn ok(result: Value) -> Reply {
+    fake_http::json(StatusCode::OK, &json!({ "ok": true, "result": result }))
 }
 
-fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
+fn failure_response(f: &Failure) -> Reply {
     match f {
-        Failure::RateLimited { retry_after } => respond(
+        Failure::RateLimited { retry_after } => fake_http::json(
             StatusCode::TOO_MANY_REQUESTS,
-            json!({
+            &json!({
                 "ok": false,
                 "error_code": 429,
                 "description": format!("Too Many Requests: retry after {retry_after}"),
@@ -881,10 +807,10 @@ fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
             }),
         ),
         Failure::ServerError => error(500, "Internal Server Error"),
-        Failure::BadGateway => respond_raw(
+        Failure::BadGateway => fake_http::respond(
             StatusCode::BAD_GATEWAY,
             "text/html",
-            "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>".into(),
+            "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
         ),
         Failure::BadRequest(d) => error(400, d),
         Failure::Forbidden(d) => error(403, d),
@@ -900,7 +826,7 @@ async fn handle(
 ) -> Answered {
     let path = req.uri().path().to_owned();
     if let Some(rest) = path.strip_prefix("/file/bot") {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&state);
         let Some((token, file_path)) = rest.split_once('/') else {
             return Ok(error(404, "Not Found"));
         };
@@ -915,20 +841,12 @@ async fn handle(
         return Ok(match found {
             Some(bytes) => {
                 st.downloads.push(file_path.to_owned());
-                let mut r = Response::new(Full::new(Bytes::from(bytes)));
-                r.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                r
+                fake_http::respond(StatusCode::OK, "application/octet-stream", bytes)
             }
             None => error(404, "Not Found"),
         });
     }
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(DropConnection),
-    };
+    let body = fake_http::body(req).await?;
     let Some((token, method)) = path
         .strip_prefix("/bot")
         .and_then(|rest| rest.split_once('/'))
@@ -945,7 +863,7 @@ async fn handle(
         }
     };
     let failure = {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&state);
         if token != st.token {
             return Ok(error(401, "Unauthorized"));
         }
@@ -953,20 +871,12 @@ async fn handle(
             method: method.clone(),
             params: params.clone(),
         });
-        st.failures
-            .get_mut(&method.to_ascii_lowercase())
-            .and_then(VecDeque::pop_front)
+        st.failures.next(method.to_ascii_lowercase().as_str())
     };
-    match failure {
-        None => {}
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = dispatch(&state, &pushed, &method, &params).await;
-            return Err(DropConnection);
-        }
-        Some(f) => return Ok(failure_response(&f)),
-    }
-    Ok(dispatch(&state, &pushed, &method, &params).await)
+    fake_http::scripted(failure, failure_response, || {
+        dispatch(&state, &pushed, &method, &params)
+    })
+    .await
 }
 
 async fn dispatch(
@@ -974,11 +884,11 @@ async fn dispatch(
     pushed: &watch::Sender<u64>,
     method: &str,
     params: &Value,
-) -> Response<Full<Bytes>> {
+) -> Reply {
     if method.eq_ignore_ascii_case("getUpdates") {
         return get_updates(state, pushed, params).await;
     }
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut st = lock(state);
     match method.to_ascii_lowercase().as_str() {
         "getme" => {
             let mut me = st.bot.json();
@@ -1069,7 +979,7 @@ async fn get_updates(
     state: &Arc<Mutex<State>>,
     pushed: &watch::Sender<u64>,
     params: &Value,
-) -> Response<Full<Bytes>> {
+) -> Reply {
     let offset = params["offset"].as_i64();
     let limit = params["limit"]
         .as_u64()
@@ -1080,7 +990,7 @@ async fn get_updates(
     loop {
         rx.borrow_and_update();
         {
-            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut st = lock(state);
             if st.webhook.is_some() {
                 return error(
                     409,
@@ -1122,7 +1032,7 @@ fn buttons_of(markup: &Value) -> Vec<(String, String)> {
 }
 
 /// A reply markup Telegram would refuse.
-fn bad_markup(markup: &Value) -> Option<Response<Full<Bytes>>> {
+fn bad_markup(markup: &Value) -> Option<Reply> {
     if markup.is_null() {
         return None;
     }
@@ -1146,7 +1056,7 @@ fn bad_markup(markup: &Value) -> Option<Response<Full<Bytes>>> {
     None
 }
 
-fn bad_text(text: Option<&str>) -> Option<Response<Full<Bytes>>> {
+fn bad_text(text: Option<&str>) -> Option<Reply> {
     match text {
         None => Some(error(400, "Bad Request: message text is empty")),
         Some(t) if t.trim().is_empty() => Some(error(400, "Bad Request: message text is empty")),
@@ -1155,7 +1065,7 @@ fn bad_text(text: Option<&str>) -> Option<Response<Full<Bytes>>> {
     }
 }
 
-fn send_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
+fn send_message(st: &mut State, params: &Value) -> Reply {
     let Some(chat_id) = params["chat_id"].as_i64() else {
         return error(400, "Bad Request: chat not found");
     };
@@ -1211,7 +1121,7 @@ fn send_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
     ok(message)
 }
 
-fn edit_message(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
+fn edit_message(st: &mut State, params: &Value) -> Reply {
     let (Some(chat_id), Some(message_id)) =
         (params["chat_id"].as_i64(), params["message_id"].as_i64())
     else {

@@ -28,26 +28,21 @@
 //! Not modelled: templates, media upload, read receipts, typing indicators, message statuses
 //! other than the ones the test builds.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming as HyperBody};
-use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::Incoming as HyperBody;
+use hyper::header::AUTHORIZATION;
+use hyper::{Request, StatusCode};
 use reqwest::Url;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use super::{SIGNATURE_HEADER, encode_hex, signature};
+use crate::fake_http::{self, Answered, Reply, Script, Server, lock};
 
 /// The business phone number's id the fake serves.
 pub const PHONE_NUMBER_ID: &str = "106540352242922";
@@ -402,13 +397,14 @@ struct Media {
     url: Option<String>,
 }
 
+#[derive(Default)]
 struct State {
     next_wamid: u64,
     windows: HashSet<String>,
     sent: Vec<SentMessage>,
     calls: Vec<Call>,
     /// Scripted outcomes of the next calls per method (`None`: handled normally).
-    failures: HashMap<String, VecDeque<Option<Failure>>>,
+    failures: Script<String, Option<Failure>>,
     media: HashMap<String, Media>,
     downloads: Vec<String>,
     /// Failed statuses waiting to be posted (wamid → recipient).
@@ -425,80 +421,39 @@ impl State {
 
 /// The running fake. Stops accepting connections when dropped.
 pub struct FakeWhatsApp {
-    addr: SocketAddr,
-    api_base: Url,
-    state: Arc<Mutex<State>>,
-    task: JoinHandle<()>,
+    server: Server<State>,
 }
 
 impl fmt::Debug for FakeWhatsApp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FakeWhatsApp")
-            .field("addr", &self.addr)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for FakeWhatsApp {
-    fn drop(&mut self) {
-        self.task.abort();
+        self.server.debug("FakeWhatsApp", f)
     }
 }
 
 impl FakeWhatsApp {
     /// Starts a fake on a free port of 127.0.0.1.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let api_base = Url::parse(&format!("http://{addr}/v26.0"))
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let state = Arc::new(Mutex::new(State {
+        let listener = fake_http::bind("/v26.0").await?;
+        let addr = listener.addr;
+        let state = State {
             next_wamid: 1,
-            windows: HashSet::new(),
-            sent: Vec::new(),
-            calls: Vec::new(),
-            failures: HashMap::new(),
-            media: HashMap::new(),
-            downloads: Vec::new(),
-            failed: Vec::new(),
-        }));
-        let task = {
-            let state = Arc::clone(&state);
-            tokio::spawn(async move {
-                loop {
-                    let Ok((sock, _)) = listener.accept().await else {
-                        continue;
-                    };
-                    let state = Arc::clone(&state);
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req| handle(Arc::clone(&state), addr, req));
-                        // An error here is a dropped connection (scripted or the client's).
-                        let _ = http1::Builder::new()
-                            .serve_connection(TokioIo::new(sock), svc)
-                            .await;
-                    });
-                }
-            })
+            ..State::default()
         };
-        Ok(Self {
-            addr,
-            api_base,
-            state,
-            task,
-        })
+        let server = listener.serve(state, move |state, _, req| handle(state, addr, req));
+        Ok(Self { server })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.server.lock()
     }
 
     /// The API root to configure (`http://127.0.0.1:<port>/v26.0`).
     pub fn api_base(&self) -> Url {
-        self.api_base.clone()
+        self.server.url()
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     /// A `messages` notification for this number with these messages (fresh wamids); opens
@@ -599,17 +554,15 @@ impl FakeWhatsApp {
     /// The next `times` calls of `method` (`send`, `phone`, `media`, `download`) fail (after
     /// the ones scripted before).
     pub fn fail_next(&self, method: &str, times: usize, failure: Failure) {
-        let mut st = self.lock();
-        let q = st.failures.entry(method.into()).or_default();
-        q.extend(std::iter::repeat_n(Some(failure), times));
+        self.lock()
+            .failures
+            .push(method.into(), times, Some(failure));
     }
 
     /// The next `times` calls of `method` are handled normally before the failures scripted
     /// after this (e.g. the second piece of a message fails: `pass_next(1)`, `fail_next(1)`).
     pub fn pass_next(&self, method: &str, times: usize) {
-        let mut st = self.lock();
-        let q = st.failures.entry(method.into()).or_default();
-        q.extend(std::iter::repeat_n(None, times));
+        self.lock().failures.push(method.into(), times, None);
     }
 }
 
@@ -619,39 +572,13 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The connection is to be closed without an answer.
-#[derive(Debug)]
-struct DropConnection;
+fake_http::failing_by_drop_variants!(Failure);
 
-impl fmt::Display for DropConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("scripted connection drop")
-    }
+fn respond(status: u16, body: &Value) -> Reply {
+    fake_http::json(fake_http::status(status, StatusCode::BAD_REQUEST), body)
 }
 
-impl std::error::Error for DropConnection {}
-
-type Answered = Result<Response<Full<Bytes>>, DropConnection>;
-
-fn respond_raw(status: u16, content_type: &'static str, body: Vec<u8>) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
-    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
-
-fn respond(status: u16, body: &Value) -> Response<Full<Bytes>> {
-    respond_raw(status, "application/json", body.to_string().into_bytes())
-}
-
-fn graph_error(
-    http: u16,
-    code: i64,
-    message: &str,
-    details: &str,
-    is_transient: bool,
-) -> Response<Full<Bytes>> {
+fn graph_error(http: u16, code: i64, message: &str, details: &str, is_transient: bool) -> Reply {
     let mut error = json!({
         "message": message,
         "type": "OAuthException",
@@ -667,7 +594,7 @@ fn graph_error(
     respond(http, &json!({ "error": error }))
 }
 
-fn invalid(details: &str) -> Response<Full<Bytes>> {
+fn invalid(details: &str) -> Reply {
     graph_error(
         400,
         131_009,
@@ -677,7 +604,7 @@ fn invalid(details: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
+fn failure_response(f: &Failure) -> Reply {
     match f {
         Failure::Graph {
             http,
@@ -686,10 +613,10 @@ fn failure_response(f: &Failure) -> Response<Full<Bytes>> {
             details,
             is_transient,
         } => graph_error(*http, *code, message, details, *is_transient),
-        Failure::BadGateway => respond_raw(
-            502,
+        Failure::BadGateway => fake_http::respond(
+            StatusCode::BAD_GATEWAY,
             "text/html",
-            b"<html><head><title>502 Bad Gateway</title></head></html>".to_vec(),
+            "<html><head><title>502 Bad Gateway</title></head></html>",
         ),
         Failure::Drop | Failure::DropAfterHandling => graph_error(500, 1, "unreachable", "", true),
     }
@@ -704,10 +631,7 @@ async fn handle(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<HyperBo
     let http_method = req.method().as_str().to_owned();
     let full_path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or_default().to_owned();
-    let body = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return Err(DropConnection),
-    };
+    let body = fake_http::body(req).await?;
     if !authorized {
         return Ok(graph_error(
             401,
@@ -741,27 +665,18 @@ async fn handle(state: Arc<Mutex<State>>, addr: SocketAddr, req: Request<HyperBo
         }
     };
     let failure = {
-        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut st = lock(&state);
         st.calls.push(Call {
             method: method.into(),
             path: format!("/{}{}", rest.join("/"), query_suffix(&query)),
             params: params.clone(),
         });
-        st.failures
-            .get_mut(method)
-            .and_then(VecDeque::pop_front)
-            .flatten()
+        st.failures.next(method).flatten()
     };
-    match failure {
-        None => {}
-        Some(Failure::Drop) => return Err(DropConnection),
-        Some(Failure::DropAfterHandling) => {
-            let _ = dispatch(&state, addr, method, &rest, &params);
-            return Err(DropConnection);
-        }
-        Some(f) => return Ok(failure_response(&f)),
-    }
-    Ok(dispatch(&state, addr, method, &rest, &params))
+    fake_http::scripted(failure, failure_response, || async {
+        dispatch(&state, addr, method, &rest, &params)
+    })
+    .await
 }
 
 fn query_suffix(query: &str) -> String {
@@ -778,8 +693,8 @@ fn dispatch(
     method: &str,
     rest: &[&str],
     params: &Value,
-) -> Response<Full<Bytes>> {
-    let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+) -> Reply {
+    let mut st = lock(state);
     match method {
         "phone" => respond(
             200,
@@ -818,16 +733,16 @@ fn dispatch(
             match st.media.get(id).map(|m| m.bytes.clone()) {
                 Some(bytes) => {
                     st.downloads.push(id.into());
-                    respond_raw(200, "application/octet-stream", bytes)
+                    fake_http::respond(StatusCode::OK, "application/octet-stream", bytes)
                 }
-                None => respond_raw(404, "text/plain", b"Not Found".to_vec()),
+                None => fake_http::respond(StatusCode::NOT_FOUND, "text/plain", "Not Found"),
             }
         }
         _ => unknown_object(rest.first().copied().unwrap_or_default()),
     }
 }
 
-fn unknown_object(id: &str) -> Response<Full<Bytes>> {
+fn unknown_object(id: &str) -> Reply {
     graph_error(
         400,
         100,
@@ -839,7 +754,7 @@ fn unknown_object(id: &str) -> Response<Full<Bytes>> {
     )
 }
 
-fn send(st: &mut State, params: &Value) -> Response<Full<Bytes>> {
+fn send(st: &mut State, params: &Value) -> Reply {
     if params["messaging_product"].as_str() != Some("whatsapp") {
         return graph_error(
             400,
