@@ -433,3 +433,33 @@ fn a_signed_delivery_to_a_workflow_target_runs_the_workflow_once_with_the_body_a
     assert_eq!(r.json()["duplicate"], true);
     assert!(s.requests().is_empty(), "a workflow target asks no model");
 }
+
+#[test]
+fn a_flood_of_forged_deliveries_is_answered_429_past_the_limit_and_a_signed_one_still_runs() {
+    let (_rt, s) = fake(vec![]);
+    s.set_fallback(Step::text("Triaged."));
+    let gw = gateway(&s, GH_HOOK);
+    let body = br#"{"action":"opened"}"#;
+    let limit = chitin::automation::hooks::MAX_AUDITED_REFUSALS_PER_MINUTE as usize;
+    for i in 0..limit + 5 {
+        let r = github(&gw, &format!("forged-{i}"), body, "sha256=00");
+        let want = if i < limit { 401 } else { 429 };
+        assert_eq!(r.status, want, "request {i}: {}", r.body);
+    }
+    // A correctly signed delivery is not limited: the owner's webhooks keep working.
+    let sig = sign_github(GH_SECRET.as_bytes(), body);
+    let r = github(&gw, "real-1", body, &sig);
+    assert_eq!(r.status, 200, "{}", r.body);
+    until("the real delivery's end", || {
+        delivery_status(&gw, "real-1").as_deref() == Some("completed")
+    });
+    // The refusals were audited one by one up to the limit, then once for the rest.
+    let out = gw.chitin(&["audit", "export", "--format", "jsonl"]);
+    let export = String::from_utf8_lossy(&out.stdout);
+    let refused = export
+        .lines()
+        .filter(|l| l.contains("webhook.refused"))
+        .count();
+    assert_eq!(refused, limit + 1, "{export}");
+    assert!(export.contains("further refusals this minute are answered 429"));
+}

@@ -240,7 +240,14 @@ pub struct Hooks {
     runner: Arc<Runner>,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    /// Per hook: the minute (its start, unix ms) and the refusals counted in it.
+    refused: std::sync::Mutex<BTreeMap<String, (i64, u32)>>,
 }
+
+/// Refused requests per hook and minute that are audited one by one; past it, each is counted
+/// and answered 429, and one record says the limit was reached (a flood of forged requests
+/// costs an HMAC each, not an audit write each). Correctly signed deliveries are never limited.
+pub const MAX_AUDITED_REFUSALS_PER_MINUTE: u32 = 30;
 
 impl std::fmt::Debug for Hooks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -367,7 +374,22 @@ impl Hooks {
             runner,
             store,
             clock,
+            refused: std::sync::Mutex::default(),
         }
+    }
+
+    /// Counts a refusal of `hook` at `now`; its number within the current minute.
+    fn count_refusal(&self, hook: &str, now: i64) -> u32 {
+        let mut m = match self.refused.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let e = m.entry(hook.to_string()).or_insert((now, 0));
+        if now.saturating_sub(e.0) >= 60_000 || now < e.0 {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+        e.1
     }
 
     /// The largest body the hook accepts (`None`: no such hook).
@@ -434,6 +456,25 @@ impl Hooks {
         let signature = match verified {
             Ok(s) => s,
             Err(e) => {
+                let n = self.count_refusal(name, now);
+                if n > MAX_AUDITED_REFUSALS_PER_MINUTE {
+                    if n == MAX_AUDITED_REFUSALS_PER_MINUTE + 1 {
+                        tracing::warn!(hook = %name, "webhook refusals over the limit: counted, no longer audited one by one this minute");
+                        self.audit_refusal(
+                            name,
+                            &format!(
+                                "more than {MAX_AUDITED_REFUSALS_PER_MINUTE} refused requests this minute: further refusals this minute are answered 429 and not recorded one by one"
+                            ),
+                            body,
+                        )
+                        .await;
+                    }
+                    return HookAnswer::error(
+                        429,
+                        "too_many_requests",
+                        "too many refused requests to this webhook; retry in a minute",
+                    );
+                }
                 tracing::warn!(hook = %name, reason = %e, "webhook request refused");
                 self.audit_refusal(name, &e.to_string(), body).await;
                 return HookAnswer::error(401, "unauthorized", format!("webhook refused: {e}"));
