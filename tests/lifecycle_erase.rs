@@ -412,3 +412,75 @@ fn a_restore_of_a_backup_older_than_an_erase_erases_the_subject_again() {
     }
     audit_verifies(&h.home);
 }
+
+#[test]
+fn erasing_a_user_removes_their_chat_messages_pairings_and_the_cron_jobs_they_added() {
+    let h = harness();
+    let (alice, _) = seed(&h);
+    {
+        let conn = h.lc.store.conn().unwrap();
+        for (id, subject) in [(1, alice.as_str()), (2, "Chitin::User::\"bob\"")] {
+            conn.execute(
+                "INSERT INTO channel_events (id, channel, event_id, received_ms, event_kind, chat_id, chat_kind, sender_id, message_id, status, subject, text, updated_ms)
+                 VALUES (?1, 'tg', ?2, 0, 'message', '42', 'dm', '42', '7', 'admitted', ?3, x'00', 0)",
+                rusqlite::params![id, format!("u:{id}"), subject],
+            )
+            .unwrap();
+        }
+        for (identity, user) in [("telegram:42", "alice"), ("telegram:43", "bob")] {
+            conn.execute(
+                "INSERT INTO managed_entities (identity, user_id, channel, added_by, added_ms) VALUES (?1, ?2, 'tg', 'owner', 0)",
+                rusqlite::params![identity, user],
+            )
+            .unwrap();
+        }
+        for (name, source, user) in [
+            ("alice-daily", "agent", "alice"),
+            ("alice-cfg", "config", "alice"),
+            ("bob-daily", "cli", "bob"),
+        ] {
+            conn.execute(
+                "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '{}', ?3, 0, 0)",
+                rusqlite::params![name, source, user],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, created_ms) VALUES (?1, 't:0', 0, 'scheduled', 'completed', 0)",
+                [name],
+            )
+            .unwrap();
+        }
+    }
+    let s = Subject::parse(&alice).unwrap();
+    let plan = erase::erase(&h.lc, &s, "op", true).unwrap().plan;
+    assert_eq!(
+        (plan.chat_messages, plan.chat_pairings, plan.cron_jobs),
+        (1, 1, 1)
+    );
+    erase::erase(&h.lc, &s, "op", false).unwrap();
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_events"), 1);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM managed_entities WHERE user_id = 'alice'"
+        ),
+        0
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM managed_entities"), 1);
+    // The job she added and its firings go; the operator's configured job and Bob's stay.
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM cron_jobs WHERE name = 'alice-daily'"
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM cron_firings WHERE job = 'alice-daily'"
+        ),
+        0
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM cron_jobs"), 2);
+}

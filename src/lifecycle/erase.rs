@@ -29,6 +29,13 @@ pub struct ErasePlan {
     pub audit_payloads: u64,
     /// Whether the subject has a data key (destroyed by the erasure).
     pub data_key: bool,
+    /// Chat messages the subject sent (`channel_events` sealed with their key; deleted).
+    pub chat_messages: u64,
+    /// Chat identities paired to the user (unpaired: the pairing says who they are).
+    pub chat_pairings: u64,
+    /// Cron jobs the user added (with `chitin cron add` or the agent's `cron` tool) and their
+    /// firings; jobs from `chitin.toml` stay (they are the operator's configuration).
+    pub cron_jobs: u64,
 }
 
 /// The outcome of an erasure.
@@ -99,6 +106,21 @@ pub fn plan(lc: &Lifecycle, subject: &Subject) -> Result<ErasePlan, LifecycleErr
             )?,
             audit_payloads: 0,
             data_key: false,
+            chat_messages: count(
+                &conn,
+                "SELECT COUNT(*) FROM channel_events WHERE subject = ?1",
+                [&s],
+            )?,
+            chat_pairings: count(
+                &conn,
+                "SELECT COUNT(*) FROM managed_entities WHERE ?2 AND user_id = ?1",
+                params![user, is_user],
+            )?,
+            cron_jobs: count(
+                &conn,
+                "SELECT COUNT(*) FROM cron_jobs WHERE ?2 AND user_id = ?1 AND source IN ('cli', 'agent')",
+                params![user, is_user],
+            )?,
         }
     };
     p.audit_payloads = u64::try_from(audit_seqs(lc, subject)?.len()).unwrap_or(0);
@@ -173,6 +195,25 @@ fn erase_with(
             )?;
         }
         tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", [&s])?;
+        // Chat: the messages they sent, the identities paired to them (and the pairing
+        // requests naming them), the jobs they added and those jobs' firings.
+        tx.execute("DELETE FROM channel_events WHERE subject = ?1", [&s])?;
+        tx.execute(
+            "DELETE FROM managed_entities WHERE ?2 AND user_id = ?1",
+            params![user, is_user],
+        )?;
+        tx.execute(
+            "DELETE FROM pairing_requests WHERE ?2 AND user_id = ?1",
+            params![user, is_user],
+        )?;
+        tx.execute(
+            "DELETE FROM cron_firings WHERE job IN (SELECT name FROM cron_jobs WHERE ?2 AND user_id = ?1 AND source IN ('cli', 'agent'))",
+            params![user, is_user],
+        )?;
+        tx.execute(
+            "DELETE FROM cron_jobs WHERE ?2 AND user_id = ?1 AND source IN ('cli', 'agent')",
+            params![user, is_user],
+        )?;
         tx.execute(
             "DELETE FROM approvals WHERE ?2 AND requester = ?1",
             params![user, is_user],
