@@ -1051,6 +1051,12 @@ fn status_metrics_and_ready_report_a_channel_that_cannot_connect_while_the_gatew
         "{metrics}"
     );
     assert!(metrics.contains("chitin_channel_lag_seconds{channel=\"tg\",kind=\"telegram\"}"));
+    assert!(
+        metrics.contains(
+            "chitin_channel_last_event_timestamp_seconds{channel=\"tg\",kind=\"telegram\"}"
+        ),
+        "{metrics}"
+    );
     let out = gw.chitin(&["channels", "status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("tg (telegram)  cannot connect:"), "{text}");

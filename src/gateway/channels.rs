@@ -435,6 +435,17 @@ impl ChannelMetrics {
                 s.lag_ms as f64 / 1000.0
             ));
         }
+        t.push_str("# TYPE chitin_channel_last_event_timestamp_seconds gauge\n");
+        for s in &statuses {
+            if let Some(ms) = s.last_event_ms {
+                t.push_str(&format!(
+                    "chitin_channel_last_event_timestamp_seconds{{channel=\"{}\",kind=\"{}\"}} {:.3}\n",
+                    s.channel,
+                    s.kind,
+                    ms as f64 / 1000.0
+                ));
+            }
+        }
         t.push_str("# TYPE chitin_channel_retrying gauge\n");
         for s in &statuses {
             t.push_str(&format!(
