@@ -23,6 +23,7 @@ fn cfg() -> RetentionConfig {
         attachments: Period::Ms(30 * DAY),
         audit_payloads: Period::Ms(365 * DAY),
         approvals: Period::Ms(365 * DAY),
+        chat: Period::Ms(30 * DAY),
         interval_minutes: 60,
     }
 }
@@ -438,4 +439,79 @@ fn the_gateway_schedule_runs_retention_and_backups_when_due_and_reports_lag() {
     h.clock.advance(24 * 3_600_000);
     assert!(schedule::tick(&h.lc, &config).backup.unwrap().is_ok());
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+}
+
+#[test]
+fn chat_events_sent_messages_and_decided_pairings_older_than_their_retention_are_deleted() {
+    let h = harness();
+    let now = T0 + 500 * DAY;
+    h.clock.set(now);
+    let alice = user("alice");
+    let bob = user("bob");
+    {
+        let conn = h.lc.store.conn().unwrap();
+        // (id, received, subject): an old admitted message, an old refused one without text,
+        // a young one, and an old one of a subject under legal hold.
+        for (id, at, subject) in [
+            (1, now - 40 * DAY, Some(alice.as_str())),
+            (2, now - 40 * DAY, None),
+            (3, now - DAY, Some(alice.as_str())),
+            (4, now - 40 * DAY, Some(bob.as_str())),
+        ] {
+            conn.execute(
+                "INSERT INTO channel_events (id, channel, event_id, received_ms, event_kind, status, subject, text, updated_ms)
+                 VALUES (?1, 'tg', ?2, ?3, 'message', 'admitted', ?4, x'00', ?3)",
+                rusqlite::params![id, format!("u:{id}"), at, subject],
+            )
+            .unwrap();
+        }
+        for (id, at, status) in [
+            (1, now - 40 * DAY, "sent"),
+            (2, now - 40 * DAY, "dead"),
+            (3, now - 40 * DAY, "queued"),
+            (4, now - DAY, "sent"),
+        ] {
+            conn.execute(
+                "INSERT INTO channel_outbox (id, channel, chat_id, chat_kind, text, kind, status, next_attempt_ms, created_ms, updated_ms)
+                 VALUES (?1, 'tg', '42', 'dm', 'a reply', 'reply', ?2, ?3, ?3, ?3)",
+                rusqlite::params![id, status, at],
+            )
+            .unwrap();
+        }
+        for (code, status) in [("AAAA1111", "approved"), ("BBBB2222", "pending")] {
+            conn.execute(
+                "INSERT INTO pairing_requests (code, channel, identity, chat_id, created_ms, expires_ms, status)
+                 VALUES (?1, 'tg', 'telegram:42', '42', ?2, ?3, ?4)",
+                rusqlite::params![code, now - 40 * DAY, now + DAY, status],
+            )
+            .unwrap();
+        }
+    }
+    retention::hold(&h.lc, &Subject::parse(&bob).unwrap(), "court order", "op").unwrap();
+    let r = retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
+    let chat = r.classes.iter().find(|c| c.class == "chat").unwrap();
+    // Events 1 and 2, outbox rows 1 and 2, the approved pairing.
+    assert_eq!((chat.deleted, chat.held), (5, 1));
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM channel_events ORDER BY id"),
+        2
+    );
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM channel_events WHERE id IN (3, 4)"),
+        2
+    );
+    // A message still to be sent is never deleted, however old.
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM channel_outbox WHERE id IN (3, 4)"),
+        2
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_outbox"), 2);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM pairing_requests WHERE status = 'pending'"
+        ),
+        1
+    );
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM pairing_requests"), 1);
 }

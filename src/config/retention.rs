@@ -21,6 +21,9 @@ attachments = "30d"
 audit_payloads = "365d"
 # Resolved or expired approval requests.
 approvals = "365d"
+# Chat channels: received events (their sealed text and the deduplication keys), sent or
+# undeliverable outbox messages (their text is stored to send it), decided pairing requests.
+chat = "30d"
 # How often the gateway runs retention, in minutes (0 = only `chitin retention run`).
 interval_minutes = 60
 "#;
@@ -84,6 +87,7 @@ pub struct RetentionConfig {
     pub attachments: Period,
     pub audit_payloads: Period,
     pub approvals: Period,
+    pub chat: Period,
     pub interval_minutes: u64,
 }
 
@@ -97,6 +101,7 @@ impl Default for RetentionConfig {
             attachments: Period::Ms(30 * DAY),
             audit_payloads: Period::Ms(365 * DAY),
             approvals: Period::Ms(365 * DAY),
+            chat: Period::Ms(30 * DAY),
             interval_minutes: 60,
         }
     }
@@ -104,13 +109,14 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// `(class, period)` for every class, in a fixed order.
-    pub fn classes(&self) -> [(&'static str, Period); 5] {
+    pub fn classes(&self) -> [(&'static str, Period); 6] {
         [
             ("transcripts", self.transcripts),
             ("tool_output", self.tool_output),
             ("attachments", self.attachments),
             ("audit_payloads", self.audit_payloads),
             ("approvals", self.approvals),
+            ("chat", self.chat),
         ]
     }
 }

@@ -136,6 +136,12 @@ pub fn release(lc: &Lifecycle, subject: &Subject, actor: &str) -> Result<bool, L
 
 const TERMINAL_RUNS: &str = "('completed', 'failed', 'cancelled', 'timed_out', 'interrupted')";
 const NOT_HELD: &str = "subject NOT IN (SELECT subject FROM holds)";
+/// A chat event not about a held subject (an event without text has no subject).
+const CHAT_NOT_HELD: &str = "(subject IS NULL OR subject NOT IN (SELECT subject FROM holds))";
+/// Outbox rows that are done with: sent, failed or dead (never one still to send).
+const CHAT_OUTBOX_DONE: &str = "status IN ('sent', 'failed', 'dead')";
+/// Pairing requests that were decided or expired (an open one stays until it expires).
+const CHAT_PAIRING_DONE: &str = "status <> 'pending'";
 
 struct Plan {
     classes: Vec<ClassReport>,
@@ -240,6 +246,43 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
                     )?
                     .0;
                 }
+            }
+            "chat" => {
+                let events = range(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(*), MIN(received_ms), MAX(received_ms) FROM channel_events
+                         WHERE received_ms < ?1 AND {CHAT_NOT_HELD}"
+                    ),
+                    params![cutoff],
+                )?;
+                rep.held = range(
+                    &conn,
+                    "SELECT COUNT(*), NULL, NULL FROM channel_events WHERE received_ms < ?1
+                     AND subject IN (SELECT subject FROM holds)",
+                    params![cutoff],
+                )?
+                .0;
+                let outbox = range(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM channel_outbox
+                         WHERE created_ms < ?1 AND {CHAT_OUTBOX_DONE}"
+                    ),
+                    params![cutoff],
+                )?;
+                let pairings = range(
+                    &conn,
+                    &format!(
+                        "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM pairing_requests
+                         WHERE created_ms < ?1 AND {CHAT_PAIRING_DONE}"
+                    ),
+                    params![cutoff],
+                )?;
+                rep.deleted = events.0 + outbox.0 + pairings.0;
+                let times = [events, outbox, pairings];
+                rep.oldest_ms = times.iter().filter_map(|t| t.1).min();
+                rep.newest_ms = times.iter().filter_map(|t| t.2).max();
             }
             "approvals" => {
                 let mut st = conn.prepare(
@@ -373,6 +416,22 @@ pub fn run(
         }
         for id in &p.approval_ids {
             n += tx.execute("DELETE FROM approvals WHERE id = ?1", [id])?;
+        }
+        if let Some(c) = cutoff("chat") {
+            n += tx.execute(
+                &format!("DELETE FROM channel_events WHERE received_ms < ?1 AND {CHAT_NOT_HELD}"),
+                params![c],
+            )?;
+            n += tx.execute(
+                &format!("DELETE FROM channel_outbox WHERE created_ms < ?1 AND {CHAT_OUTBOX_DONE}"),
+                params![c],
+            )?;
+            n += tx.execute(
+                &format!(
+                    "DELETE FROM pairing_requests WHERE created_ms < ?1 AND {CHAT_PAIRING_DONE}"
+                ),
+                params![c],
+            )?;
         }
         tx.set_meta_last_run(now)?;
         tx.commit()?;
