@@ -9,30 +9,25 @@
 #[path = "support/stats.rs"]
 mod stats;
 use stats::*;
+#[path = "support/core.rs"]
+mod core;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use age::secrecy::SecretString;
 use chitin::agent::{Agent, AgentParts, TurnRequest};
 use chitin::approvals::{Approvals, DEFAULT_TTL_MS};
 use chitin::clock::SystemClock;
 use chitin::config::agent::{AgentConfig, BudgetsConfig};
 use chitin::config::providers::{PricingConfig, ProviderConfig};
 use chitin::config::sandbox::SandboxConfig;
-use chitin::config::secrets::{IdentityBackend, SecretsConfig};
-use chitin::gate::Gate;
-use chitin::policy::{EngineSpec, PolicyEngine};
+
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, StaticKeys, Step};
 use chitin::providers::{ChatRequest, Message, ProviderKind, Router};
-use chitin::secrets::SecretStore;
-use chitin::secrets::identity::FixedPassphrase;
-use chitin::store::Store;
 use chitin::tools::Sandbox;
-use chitin_audit::AuditLog;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use core::BoxError;
 
 struct Setup {
     _dirs: Vec<tempfile::TempDir>,
@@ -42,39 +37,14 @@ struct Setup {
 }
 
 async fn setup(base: &Path) -> Result<Setup, BoxError> {
-    let (h, w) = (tempfile::tempdir_in(base)?, tempfile::tempdir_in(base)?);
-    let home = h.path().join("home");
-    std::fs::create_dir(&home)?;
-    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let ents = home.join("entities.json");
-    std::fs::write(
-        &ents,
-        r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},
-            {"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#,
-    )?;
-    let engine = PolicyEngine::load(EngineSpec {
-        policy_dir: None,
-        entity_files: vec![ents],
-        state_dir: Some(home.clone()),
-    })?;
-    let audit = Arc::new(AuditLog::open(
-        &home,
-        chitin_audit::AuditOptions::default(),
-    )?);
-    let gate = Gate::new(Arc::new(engine), audit);
-    let cfg = SecretsConfig {
-        backend: IdentityBackend::Passphrase,
-        scrypt_work_factor: 10,
-        ..SecretsConfig::default()
-    };
-    let mut secrets = SecretStore::open_with(
-        &home,
-        &cfg,
-        Box::new(FixedPassphrase(SecretString::from("bench"))),
-        Arc::new(SystemClock),
-    )?;
-    let vault = chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(SystemClock))?;
-    let store = Arc::new(Store::open(&home.join("state.db"))?);
+    let core::Core {
+        dirs,
+        home,
+        ws: core_ws,
+        gate,
+        vault,
+        store,
+    } = core::core(base)?;
     let fake = FakeOpenAi::start(vec![]).await?;
     fake.set_fallback(Step::Reply(Reply::text([
         "Hello", ", ", "this ", "is ", "an ", "answer.",
@@ -101,7 +71,7 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
             sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
             sb
         },
-        workspace: w.path().canonicalize()?,
+        workspace: core_ws,
         router: Some(Arc::clone(&router)),
         sealer: Arc::new(vault),
         clock: Arc::new(SystemClock),
@@ -112,7 +82,7 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
         redaction_window: 0,
     });
     Ok(Setup {
-        _dirs: vec![h, w],
+        _dirs: dirs,
         agent,
         router,
         fake,

@@ -9,26 +9,21 @@
 #[path = "support/stats.rs"]
 mod stats;
 use stats::*;
+#[path = "support/core.rs"]
+mod core;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use age::secrecy::SecretString;
 use chitin::clock::SystemClock;
 use chitin::config::agent::BudgetsConfig;
 use chitin::config::sandbox::SandboxConfig;
-use chitin::config::secrets::{IdentityBackend, SecretsConfig};
 use chitin::gate::{CallContext, Gate, Origin};
-use chitin::policy::{EngineSpec, PolicyEngine};
-use chitin::secrets::SecretStore;
-use chitin::secrets::identity::FixedPassphrase;
-use chitin::store::Store;
 use chitin::tools::Sandbox;
 use chitin::workflow_runner::{Runner, RunnerParts, StartRequest, TokenKey};
-use chitin_audit::AuditLog;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use core::BoxError;
 
 struct Setup {
     _dirs: Vec<tempfile::TempDir>,
@@ -39,40 +34,15 @@ struct Setup {
 }
 
 fn setup(base: &Path) -> Result<Setup, BoxError> {
-    let (h, w) = (tempfile::tempdir_in(base)?, tempfile::tempdir_in(base)?);
-    let home = h.path().join("home");
-    std::fs::create_dir(&home)?;
-    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-    let ents = home.join("entities.json");
-    std::fs::write(
-        &ents,
-        r#"[{"uid":{"type":"Chitin::Group","id":"owners"},"attrs":{},"parents":[]},
-            {"uid":{"type":"Chitin::User","id":"owner"},"attrs":{},"parents":[{"type":"Chitin::Group","id":"owners"}]}]"#,
-    )?;
-    let engine = PolicyEngine::load(EngineSpec {
-        policy_dir: None,
-        entity_files: vec![ents],
-        state_dir: Some(home.clone()),
-    })?;
-    let audit = Arc::new(AuditLog::open(
-        &home,
-        chitin_audit::AuditOptions::default(),
-    )?);
-    let gate = Gate::new(Arc::new(engine), audit);
-    let cfg = SecretsConfig {
-        backend: IdentityBackend::Passphrase,
-        scrypt_work_factor: 10,
-        ..SecretsConfig::default()
-    };
-    let mut secrets = SecretStore::open_with(
-        &home,
-        &cfg,
-        Box::new(FixedPassphrase(SecretString::from("bench"))),
-        Arc::new(SystemClock),
-    )?;
-    let vault = chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(SystemClock))?;
-    let store = Arc::new(Store::open(&home.join("state.db"))?);
-    let ws = w.path().canonicalize()?;
+    let core::Core {
+        dirs,
+        home,
+        ws: core_ws,
+        gate,
+        vault,
+        store,
+    } = core::core(base)?;
+    let ws = core_ws;
     let mut sandbox = Sandbox::current(home.clone(), None, SandboxConfig::default())?;
     sandbox.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     let runner = Runner::new(RunnerParts {
@@ -92,7 +62,7 @@ fn setup(base: &Path) -> Result<Setup, BoxError> {
         events: None,
     });
     Ok(Setup {
-        _dirs: vec![h, w],
+        _dirs: dirs,
         runner,
         gate,
         sandbox,
