@@ -2,6 +2,7 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and the invariants each module keeps.
 
+pub mod accounts;
 pub mod agent;
 pub mod approvals;
 pub mod automation;

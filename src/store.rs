@@ -385,6 +385,68 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX workflow_pauses_approval ON workflow_pauses(approval_id);
      ALTER TABLE approvals ADD COLUMN required_approver TEXT;
      ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
+    // Operator accounts (issue #17): users managed in state.db (`chitin users add`, single
+    // sign-on), per-user API tokens (only a SHA-256 of the secret part is kept), browser
+    // sessions (a SHA-256 of the cookie), devices held until an owner approves them, and the
+    // server side of OIDC logins (state, nonce, PKCE verifier; each used once).
+    "CREATE TABLE account_users (
+        user_id     TEXT PRIMARY KEY,
+        groups      TEXT NOT NULL,
+        source      TEXT NOT NULL CHECK (source IN ('cli', 'oidc', 'proxy')),
+        added_by    TEXT NOT NULL,
+        added_ms    INTEGER NOT NULL,
+        updated_ms  INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE api_tokens (
+        id            TEXT PRIMARY KEY,
+        user_id       TEXT NOT NULL,
+        name          TEXT NOT NULL,
+        hash          BLOB NOT NULL,
+        created_by    TEXT NOT NULL,
+        created_ms    INTEGER NOT NULL,
+        expires_ms    INTEGER,
+        last_used_ms  INTEGER
+     ) STRICT;
+     CREATE INDEX api_tokens_user ON api_tokens(user_id);
+     CREATE TABLE web_sessions (
+        id            TEXT PRIMARY KEY,
+        hash          BLOB NOT NULL,
+        user_id       TEXT NOT NULL,
+        groups        TEXT NOT NULL,
+        method        TEXT NOT NULL,
+        csrf          TEXT NOT NULL,
+        device_id     TEXT,
+        client        TEXT NOT NULL,
+        created_ms    INTEGER NOT NULL,
+        last_seen_ms  INTEGER NOT NULL,
+        expires_ms    INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX web_sessions_user ON web_sessions(user_id);
+     CREATE TABLE devices (
+        id          TEXT PRIMARY KEY,
+        hash        BLOB NOT NULL,
+        user_id     TEXT NOT NULL,
+        status      TEXT NOT NULL CHECK (status IN ('pending', 'approved', 'revoked')),
+        client      TEXT NOT NULL,
+        user_agent  TEXT NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        decided_ms  INTEGER,
+        decided_by  TEXT
+     ) STRICT;
+     CREATE INDEX devices_user ON devices(user_id);
+     CREATE TABLE oidc_logins (
+        state       TEXT PRIMARY KEY,
+        nonce       TEXT NOT NULL,
+        verifier    TEXT NOT NULL,
+        browser     BLOB NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL,
+        used_ms     INTEGER
+     ) STRICT;
+     CREATE TABLE oidc_nonces_used (
+        nonce    TEXT PRIMARY KEY,
+        used_ms  INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The state database.

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod auth;
 pub mod automation;
 pub mod backup;
 pub mod channels;
@@ -69,6 +70,7 @@ pub struct Config {
     pub retention: retention::RetentionConfig,
     pub backup: backup::BackupConfig,
     pub cli: cli::CliConfig,
+    pub auth: auth::AuthConfig,
     pub channels: Vec<channels::ChannelConfig>,
     pub cron: Vec<automation::CronJob>,
     pub hooks: Vec<automation::HookConfig>,
@@ -137,6 +139,7 @@ impl Config {
             .validate()
             .and_then(|()| config.backup.validate())
             .and_then(|()| config.cli.validate())
+            .and_then(|()| config.auth.validate())
             .and_then(|()| channels::validate(&config.channels))
             .and_then(|()| {
                 automation::validate(
@@ -185,6 +188,7 @@ pub fn default_toml() -> String {
         retention::TEMPLATE,
         backup::TEMPLATE,
         cli::TEMPLATE,
+        auth::TEMPLATE,
         channels::TEMPLATE,
         automation::TEMPLATE,
     ] {

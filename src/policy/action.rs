@@ -75,6 +75,8 @@ closed_enum! {
         WebhookReceive => "webhook.receive",
         WorkflowRun => "workflow.run",
         WorkflowResume => "workflow.resume",
+        UserManage => "user.manage",
+        TokenManage => "token.manage",
     }
 }
 

@@ -43,6 +43,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         include_str!("../../policies/default/automation.cedar"),
     ),
     (
+        "accounts.cedar",
+        include_str!("../../policies/default/accounts.cedar"),
+    ),
+    (
         "workflows.cedar",
         include_str!("../../policies/default/workflows.cedar"),
     ),

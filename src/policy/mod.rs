@@ -1052,6 +1052,9 @@ pub struct PolicyEngine {
     /// Entities Chitin manages in `state.db` (paired identities), merged with the entity
     /// files on every build; see [`Self::set_managed_entities`].
     managed: RwLock<Vec<Value>>,
+    /// Operator accounts Chitin manages in `state.db` (`User` entities with their groups, from
+    /// `chitin users add` and single sign-on); see [`Self::set_managed_users`].
+    managed_users: RwLock<Vec<Value>>,
     /// Serializes reloads and managed-entity updates (each builds from the other's result).
     updating: Mutex<()>,
     last_error: Mutex<Option<String>>,
@@ -1077,6 +1080,7 @@ impl PolicyEngine {
             spec,
             active: RwLock::new(Arc::new(active)),
             managed: RwLock::default(),
+            managed_users: RwLock::default(),
             updating: Mutex::new(()),
             last_error: Mutex::new(None),
             state_dirs,
@@ -1100,6 +1104,7 @@ impl PolicyEngine {
                 could_allow: RwLock::default(),
             })),
             managed: RwLock::default(),
+            managed_users: RwLock::default(),
             updating: Mutex::new(()),
             last_error: Mutex::new(None),
             state_dirs: state_dir.into_iter().collect(),
@@ -1128,12 +1133,107 @@ impl PolicyEngine {
         })
     }
 
-    /// The managed entities as they are now.
+    /// The managed entities as they are now (paired identities, then managed users).
     fn managed_now(&self) -> Vec<Value> {
-        match self.managed.read() {
+        let mut all = match self.managed.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        all.extend(self.users_now());
+        all
+    }
+
+    /// The managed users as they are now.
+    fn users_now(&self) -> Vec<Value> {
+        match self.managed_users.read() {
             Ok(g) => g.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }
+    }
+
+    /// Checks that `users` (managed `User` entities) would build with the active set and the
+    /// paired identities. Changes nothing.
+    pub fn check_managed_users(&self, users: &[Value]) -> Result<(), PolicyError> {
+        let mut all = match self.managed.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        all.extend(users.iter().cloned());
+        self.with_managed_entities(&all).map(|_| ())
+    }
+
+    /// Replaces the managed users (operator accounts kept in `state.db`) and installs the
+    /// rebuilt entity store, whole or not at all; the same set again costs nothing.
+    pub fn set_managed_users(&self, users: Vec<Value>) -> Result<(), PolicyError> {
+        let _serial = self.updating.lock().map_err(|_| PolicyError::Entities {
+            source_name: MANAGED_SOURCE.into(),
+            message: "policy engine lock poisoned; restart the gateway".into(),
+        })?;
+        if self.users_now() == users {
+            return Ok(());
+        }
+        let mut all = match self.managed.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        all.extend(users.iter().cloned());
+        let active = self.with_managed_entities(&all)?;
+        match self.managed_users.write() {
+            Ok(mut g) => *g = users,
+            Err(poisoned) => *poisoned.into_inner() = users,
+        }
+        let mut g = match self.active.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *g = Arc::new(active);
+        Ok(())
+    }
+
+    /// The groups `user` is in (transitively) in the active entity store, sorted; empty for a
+    /// user the store does not know.
+    pub fn groups_of(&self, user: &str) -> Vec<String> {
+        let active = self.active();
+        let Ok(uid) = format!("Chitin::User::{}", Value::String(user.to_string())).parse::<EntityUid>()
+        else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = active
+            .entities
+            .ancestors(&uid)
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_name().to_string() == "Chitin::Group")
+            .map(|a| a.id().unescaped().to_string())
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The ids of the `Chitin::User` entities the entity files define, sorted.
+    pub fn entity_file_users(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .active()
+            .files
+            .iter()
+            .filter_map(|f| f.json.as_array())
+            .flatten()
+            .filter(|v| v["uid"]["type"] == "Chitin::User")
+            .filter_map(|v| v["uid"]["id"].as_str().map(str::to_string))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Whether the entity files (not the managed store) define `Chitin::User::"<user>"`.
+    pub fn user_in_entity_files(&self, user: &str) -> bool {
+        let key = format!("Chitin::User::{user:?}");
+        self.active()
+            .files
+            .iter()
+            .any(|f| f.json.as_array().is_some_and(|a| a.iter().any(|v| uid_key(v) == key)))
     }
 
     /// The active set with `managed` as the managed entities (same policies, same entity
@@ -1157,7 +1257,9 @@ impl PolicyEngine {
     /// would build with the active set: valid against the schema and redefining nothing the
     /// entity files define. Changes nothing.
     pub fn check_managed_entities(&self, managed: &[Value]) -> Result<(), PolicyError> {
-        self.with_managed_entities(managed).map(|_| ())
+        let mut all = managed.to_vec();
+        all.extend(self.users_now());
+        self.with_managed_entities(&all).map(|_| ())
     }
 
     /// Replaces the managed entities (the entity store Chitin keeps in `state.db`: paired
@@ -1179,7 +1281,9 @@ impl PolicyEngine {
         if unchanged {
             return Ok(());
         }
-        let active = self.with_managed_entities(&managed)?;
+        let mut all = managed.clone();
+        all.extend(self.users_now());
+        let active = self.with_managed_entities(&all)?;
         match self.managed.write() {
             Ok(mut g) => *g = managed,
             Err(poisoned) => *poisoned.into_inner() = managed,
