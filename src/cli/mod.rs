@@ -18,6 +18,7 @@ mod secrets;
 mod sessions;
 mod skills;
 mod token;
+mod users;
 mod workflow;
 
 use std::path::PathBuf;
@@ -106,6 +107,15 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// Operator accounts: Cedar users in groups (add, list, remove).
+    #[command(subcommand)]
+    Users(users::UsersCmd),
+    /// Per-user API tokens: issue, list, revoke.
+    #[command(subcommand)]
+    Tokens(users::TokensCmd),
+    /// Browsers held for an owner's approval: list, approve, revoke.
+    #[command(subcommand)]
+    Devices(users::DevicesCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -167,6 +177,11 @@ pub(crate) fn admin_gate(
 ) -> Result<crate::gate::Gate, BoxError> {
     let engine =
         crate::policy::PolicyEngine::load(policy::engine_spec(globals, config, None, None)?)?;
+    // Managed users (`chitin users add`, single sign-on) may be the operator.
+    let db = globals.home.join("state.db");
+    if db.exists() {
+        crate::accounts::install_users(&engine, &crate::store::Store::open(&db)?)?;
+    }
     let audit = open_audit_with(globals, config, store)?;
     let redactor = store.redactor();
     Ok(
@@ -222,6 +237,8 @@ impl Runtime {
             std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
         );
         let store = std::sync::Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+        // Managed users (`chitin users add`, single sign-on) are principals too.
+        crate::accounts::install_users(gate.engine(), &store)?;
         Ok(Self {
             config,
             gate,
@@ -283,6 +300,9 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Users(cmd) => users::run_users(cmd, &globals),
+        Command::Tokens(cmd) => users::run_tokens(cmd, &globals),
+        Command::Devices(cmd) => users::run_devices(cmd, &globals),
     };
     match result {
         Ok(code) => code,

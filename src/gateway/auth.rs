@@ -1,5 +1,7 @@
 //! Who is asking: the client address (trusted proxies decide when `X-Forwarded-For` counts),
-//! the bearer token check and the failed-authentication limiter.
+//! the authenticated user ([`AuthedUser`]: gateway token, per-user API token, browser session
+//! or trusted proxy), cookies and CSRF, the bearer token check and the failed-authentication
+//! limiter.
 //!
 //! The limiter only ever looks at *failed* attempts: a request with the valid token passes
 //! whatever other requests from the same address did (gateway tokens are 256-bit, so refusing
@@ -228,6 +230,134 @@ pub fn client_addr(peer: SocketAddr, forwarded_for: Option<&str>, trusted: &[IpA
     client
 }
 
+/// How a request authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// The gateway token (`chitin token show`): always the configured owner.
+    GatewayToken,
+    /// A per-user API token (`chitin tokens issue`), by its id.
+    ApiToken { id: String },
+    /// A browser session cookie (after a single sign-on login), by its id.
+    Session { id: String },
+    /// A trusted identity proxy's signed JWT header.
+    Proxy,
+}
+
+impl AuthMethod {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::GatewayToken => "gateway_token",
+            Self::ApiToken { .. } => "api_token",
+            Self::Session { .. } => "session",
+            Self::Proxy => "proxy",
+        }
+    }
+}
+
+/// The authenticated person behind a request, WebSocket connection or CLI call: the Cedar
+/// principal `Chitin::User::"<id>"` every decision for it is made for, the groups the
+/// entity store puts it in (as Cedar sees them when it authenticated) and how it proved
+/// who it is. Only the gateway's authentication (`gateway::authenticate`) makes one; handlers
+/// behind the authentication middleware take it as `Extension<AuthedUser>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthedUser {
+    user: String,
+    groups: Vec<String>,
+    method: AuthMethod,
+}
+
+impl AuthedUser {
+    pub(in crate::gateway) fn new(user: String, groups: Vec<String>, method: AuthMethod) -> Self {
+        Self {
+            user,
+            groups,
+            method,
+        }
+    }
+
+    /// The Cedar user id (`alice@example.com` in `Chitin::User::"alice@example.com"`).
+    pub fn id(&self) -> &str {
+        &self.user
+    }
+
+    /// The groups the user is in (transitively), sorted.
+    pub fn groups(&self) -> &[String] {
+        &self.groups
+    }
+
+    /// Whether the user is in `group`.
+    pub fn in_group(&self, group: &str) -> bool {
+        self.groups.iter().any(|g| g == group)
+    }
+
+    pub fn method(&self) -> &AuthMethod {
+        &self.method
+    }
+
+    /// `Chitin::User::"<id>"`, as decisions and audit records name it.
+    pub fn principal(&self) -> String {
+        crate::accounts::principal(&self.user)
+    }
+
+    /// Whether the request came with an ambient browser credential (a session cookie or a
+    /// proxy header) rather than an explicit bearer token: such requests need the CSRF
+    /// header to change anything.
+    pub fn ambient(&self) -> bool {
+        matches!(self.method, AuthMethod::Session { .. } | AuthMethod::Proxy)
+    }
+}
+
+/// The browser session cookie.
+pub const SESSION_COOKIE: &str = "chitin_session";
+/// The long-lived cookie that identifies a browser as a (pending or approved) device.
+pub const DEVICE_COOKIE: &str = "chitin_device";
+/// The short-lived cookie that binds a started single sign-on login to its browser.
+pub const LOGIN_COOKIE: &str = "chitin_login";
+/// The header a cookie-authenticated state-changing request carries its CSRF token in.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The value of cookie `name` (the first one), from every `Cookie` header.
+pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// A `Set-Cookie` value: `HttpOnly`, `Path=/`, the given `SameSite`, `Secure` when the
+/// browser reaches the gateway over TLS; `max_age` 0 deletes the cookie.
+pub fn set_cookie(name: &str, value: &str, max_age_s: i64, secure: bool, same_site: &str) -> String {
+    let mut c = format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite={same_site}; Max-Age={}",
+        max_age_s.max(0)
+    );
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// Whether a method changes nothing (and so needs no CSRF token).
+pub fn safe_method(m: &axum::http::Method) -> bool {
+    matches!(
+        *m,
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    )
+}
+
+/// Compares a presented CSRF token with the session's, in constant time.
+pub fn csrf_matches(presented: Option<&str>, expected: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.is_some_and(|p| {
+        p.len() == expected.len() && bool::from(p.as_bytes().ct_eq(expected.as_bytes()))
+    })
+}
+
 /// Why a request is not authenticated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -235,6 +365,10 @@ pub enum AuthFailure {
     Malformed,
     Wrong,
     QueryToken,
+    /// A session cookie that names no live session (expired, logged out, user removed).
+    Session,
+    /// A trusted proxy's token that does not verify.
+    ProxyToken,
 }
 
 impl AuthFailure {
@@ -244,6 +378,8 @@ impl AuthFailure {
             Self::Malformed => "malformed",
             Self::Wrong => "wrong",
             Self::QueryToken => "query_token",
+            Self::Session => "session",
+            Self::ProxyToken => "proxy_token",
         }
     }
     pub fn message(self) -> &'static str {
@@ -252,7 +388,15 @@ impl AuthFailure {
                 "send the gateway token as `Authorization: Bearer <token>` (`chitin token show` prints it)"
             }
             Self::Malformed => "the Authorization header must be `Bearer <token>`",
+            // Kept word for word (the web page and clients match it); it also covers an
+            // API token that is unknown, revoked or expired.
             Self::Wrong => "the token is not the gateway token",
+            Self::Session => {
+                "the session has expired or was ended; sign in again at /auth/login"
+            }
+            Self::ProxyToken => {
+                "the identity proxy's token does not verify; sign in through the proxy again"
+            }
             Self::QueryToken => {
                 "tokens are never accepted in the URL; send `Authorization: Bearer <token>` and rotate a token that was put in a URL (`chitin token rotate`)"
             }
@@ -463,6 +607,24 @@ mod tests {
         assert!(query_has_token(Some("TOKEN=abc")));
         assert!(!query_has_token(Some("tokens_used=3")));
         assert!(!query_has_token(None));
+    }
+
+    #[test]
+    fn cookies_are_found_by_exact_name_and_csrf_compares_whole_values() {
+        let mut h = axum::http::HeaderMap::new();
+        h.append(
+            axum::http::header::COOKIE,
+            "a=1; chitin_session_x=evil; chitin_session=abc.def".parse().unwrap(),
+        );
+        h.append(axum::http::header::COOKIE, "chitin_device=dev".parse().unwrap());
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc.def"));
+        assert_eq!(cookie(&h, DEVICE_COOKIE), Some("dev"));
+        assert_eq!(cookie(&h, "missing"), None);
+        assert!(csrf_matches(Some("tok"), "tok"));
+        assert!(!csrf_matches(Some("to"), "tok"));
+        assert!(!csrf_matches(None, "tok"));
+        let c = set_cookie(SESSION_COOKIE, "v", 60, true, "Strict");
+        assert_eq!(c, "chitin_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=60; Secure");
     }
 
     #[test]

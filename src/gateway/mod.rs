@@ -21,6 +21,7 @@ pub mod auth;
 pub mod backend;
 pub mod channels;
 pub mod logging;
+pub mod login;
 pub mod metrics;
 mod openai;
 pub mod tls;
@@ -179,6 +180,14 @@ struct App {
     reload_refused: RwLock<Option<String>>,
     /// The WebSocket control plane (`/ws`) and the chat backend slot.
     ws: Arc<ws::Ws>,
+    /// Operator accounts: managed users, API tokens, browser sessions, devices.
+    accounts: crate::accounts::Accounts,
+    /// Single sign-on (`[auth.oidc]`), when configured.
+    oidc: Option<Arc<crate::accounts::oidc::Oidc>>,
+    /// A trusted identity proxy (`[auth.proxy]`), when configured.
+    proxy_auth: Option<Arc<crate::accounts::jwt::ProxyAuth>>,
+    /// Whether the gateway serves TLS itself (cookies get `Secure`).
+    tls_on: bool,
 }
 
 /// Re-verifies every installed skill (each verification is audited) and summarizes it for
@@ -274,6 +283,7 @@ fn router(app: Arc<App>) -> Router {
         )
         .route("/hooks/{name}", post(hook_webhook))
         .merge(protected)
+        .merge(login::routes())
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
@@ -330,6 +340,34 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     if let (Some(auto), Some(agent)) = (&parts.automation, &parts.agent) {
         auto.set_agent(agent.clone());
     }
+    let accounts = crate::accounts::Accounts::new(
+        Arc::clone(&parts.store),
+        parts.gate.clone(),
+        Arc::clone(&parts.clock),
+    );
+    if let Err(e) = accounts.sync() {
+        error!(error = %e, "managed users could not be installed; only the entity files apply");
+    }
+    let oidc = if parts.config.auth.oidc.enabled() {
+        Some(Arc::new(
+            crate::accounts::oidc::Oidc::new(
+                parts.config.auth.oidc.clone(),
+                accounts.clone(),
+                parts.shared_secrets.clone(),
+            )
+            .map_err(|e| GatewayError::Config(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let proxy_auth = if parts.config.auth.proxy.enabled() {
+        Some(Arc::new(
+            crate::accounts::jwt::ProxyAuth::new(parts.config.auth.proxy.clone())
+                .map_err(|e| GatewayError::Config(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
     let channel_agent = parts.agent.clone();
     let channel_metrics = parts
         .channels
@@ -369,6 +407,10 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         skills,
         skills_status: RwLock::new(skills_status),
         reload_refused: RwLock::new(None),
+        accounts,
+        oidc,
+        proxy_auth,
+        tls_on: tls.is_some(),
         ws: Arc::new(
             ws::Ws::new(
                 backend,
@@ -864,6 +906,8 @@ async fn front(
         "/tools/invoke" => "/tools/invoke",
         "/ws" => "/ws",
         "/" | "/app.js" | "/app.css" => "/",
+        "/auth/login" | "/auth/callback" => "/auth/login",
+        p if p.starts_with("/auth/") => "/auth",
         p if p.starts_with("/hooks/") => "/hooks",
         _ => "other",
     };
@@ -873,7 +917,10 @@ async fn front(
     // Another site's page (an `<img>`, a form, a fetch, a CORS preflight, a WebSocket) is
     // refused before anything else and is not a failed authentication: the owner's browser
     // sends it, so counting it would let any page throttle the owner's address.
-    let guarded = !matches!(route, "/health" | "/ready" | "/");
+    // `/auth/login` and `/auth/callback` are top-level navigations that come from other
+    // sites (a link, the identity provider's redirect); they change nothing a page could
+    // abuse (the login is bound to its browser by a cookie and a one-time state).
+    let guarded = !matches!(route, "/health" | "/ready" | "/" | "/auth/login");
     let mut resp = if guarded
         && (method == axum::http::Method::OPTIONS || app.ws.foreign_request(req.headers()))
     {
@@ -1039,31 +1086,22 @@ fn rate_limited(remaining: Duration) -> Response {
     resp
 }
 
-/// Checks the bearer token. A valid token always passes; the limiter only sees failures.
-fn authenticate(app: &Arc<App>, client: IpAddr, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let presented = auth::bearer(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    );
-    let token = read(&app.token);
-    match presented {
-        Ok(t) if token.matches(t) => Ok(()),
-        Ok(_) => Err(Box::new(auth_failed(app, client, AuthFailure::Wrong))),
-        Err(f) => Err(Box::new(auth_failed(app, client, f))),
-    }
-}
-
 fn client_of(req: &Request) -> IpAddr {
     req.extensions()
         .get::<Client>()
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0)
 }
 
-async fn require_auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+/// The authentication middleware of the protected routes: the request goes on with its
+/// [`auth::AuthedUser`] as an extension (`Extension<AuthedUser>` in a handler), or is refused
+/// (401, 403, 429). See [`login::authenticate`].
+async fn require_auth(State(app): State<Arc<App>>, mut req: Request, next: Next) -> Response {
     let client = client_of(&req);
-    match authenticate(&app, client, req.headers()) {
-        Ok(()) => next.run(req).await,
+    match login::authenticate(&app, client, req.method(), req.headers()).await {
+        Ok(user) => {
+            req.extensions_mut().insert(user);
+            next.run(req).await
+        }
         Err(resp) => *resp,
     }
 }
@@ -1226,8 +1264,8 @@ fn providers_check(app: &App, cfg: &crate::config::Config) -> (bool, String) {
 async fn ready_handler(State(app): State<Arc<App>>, req: Request) -> Response {
     let client = client_of(&req);
     let detailed = if req.headers().contains_key(header::AUTHORIZATION) {
-        match authenticate(&app, client, req.headers()) {
-            Ok(()) => true,
+        match login::authenticate(&app, client, req.method(), req.headers()).await {
+            Ok(_) => true,
             Err(resp) => return *resp,
         }
     } else {
@@ -1388,7 +1426,11 @@ fn valid_session(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
-async fn invoke_handler(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+async fn invoke_handler(
+    State(app): State<Arc<App>>,
+    axum::Extension(user): axum::Extension<auth::AuthedUser>,
+    req: Request<Body>,
+) -> Response {
     let max = read(&app.settings).max_body;
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), max).await else {
         app.metrics.tool_call("invalid");
@@ -1428,7 +1470,9 @@ async fn invoke_handler(State(app): State<Arc<App>>, req: Request<Body>) -> Resp
     }
     let app2 = Arc::clone(&app);
     let span = tracing::Span::current();
-    match tokio::task::spawn_blocking(move || span.in_scope(|| run_tool(&app2, &body, &session)))
+    match tokio::task::spawn_blocking(move || {
+        span.in_scope(|| run_tool(&app2, user.id(), &body, &session))
+    })
         .await
     {
         Ok(resp) => resp,
@@ -1445,9 +1489,9 @@ async fn invoke_handler(State(app): State<Arc<App>>, req: Request<Body>) -> Resp
 }
 
 /// The blocking tool path: decide, redeem or request an approval, run.
-fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
+fn run_tool(app: &App, user: &str, body: &InvokeBody, session: &str) -> Response {
     let call = CallContext {
-        user: app.owner.clone(),
+        user: user.to_string(),
         origin: Origin::User,
         session: session.to_string(),
         workspace: app.workspace.clone(),
@@ -1476,13 +1520,13 @@ fn run_tool(app: &App, body: &InvokeBody, session: &str) -> Response {
                 Ok(Some(a)) => Ok(a),
                 Ok(None) => app
                     .approvals
-                    .request(&app.owner, session, tool, &args, request_digest)
+                    .request(user, session, tool, &args, request_digest)
                     .inspect(|a| {
                         app.metrics.approval("requested");
                         info!(tool, code = %a.code, "approval requested");
                         // Live on the WebSocket (the web page's approval list).
                         if let Some(b) = app.ws.backend() {
-                            b.approval_opened(&app.owner, a);
+                            b.approval_opened(user, a);
                         }
                     }),
                 Err(e) => Err(e),

@@ -108,7 +108,11 @@ fn bad(code: &str, m: &str) -> Response {
     error_body(StatusCode::BAD_REQUEST, code, m)
 }
 
-pub async fn chat_completions(State(app): State<Arc<App>>, req: Request<Body>) -> Response {
+pub async fn chat_completions(
+    State(app): State<Arc<App>>,
+    axum::Extension(who): axum::Extension<super::auth::AuthedUser>,
+    req: Request<Body>,
+) -> Response {
     let max = read(&app.settings).max_body;
     let Ok(bytes) = axum::body::to_bytes(req.into_body(), max).await else {
         return bad(
@@ -182,12 +186,18 @@ pub async fn chat_completions(State(app): State<Arc<App>>, req: Request<Body>) -
             "the agent is not available",
         );
     };
-    let session = session_for(body.user.as_deref(), &app.owner);
+    // The owner names its sessions freely (`user`); anyone else's sessions are theirs alone.
+    let session = if who.id() == app.owner {
+        session_for(body.user.as_deref(), &app.owner)
+    } else {
+        let label = body.user.as_deref().unwrap_or("");
+        session_for(Some(&format!("{}:{label}", who.id())), who.id())
+    };
     let mut events = agent.subscribe();
     let run_id = match agent
         .submit(TurnRequest {
             session: session.clone(),
-            user: app.owner.clone(),
+            user: who.id().to_string(),
             channel: "api".into(),
             text,
             approval_wait: None,

@@ -80,6 +80,12 @@ pub trait WsAuth: Send + Sync {
     /// `Some(retry_after)` when the client is over its allowance of failed attempts (the
     /// refusal then says `rate_limited`).
     fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration>;
+    /// The user of a browser session cookie on the upgrade request (a live session whose
+    /// device, if any, is approved), so the page's `connect` needs no token. `None` by
+    /// default.
+    fn cookie_user(&self, _headers: &axum::http::HeaderMap) -> Option<String> {
+        None
+    }
 }
 
 /// A [`WsAuth`] over one token acting for one user, with its own limiter (for running the
@@ -136,10 +142,31 @@ pub(super) struct AppAuth(pub(super) Weak<super::App>);
 impl WsAuth for AppAuth {
     fn user_for(&self, token: &[u8]) -> Option<String> {
         let app = self.0.upgrade()?;
-        // Today one token for one principal; per-user tokens would map here.
-        super::read(&app.token)
-            .matches(token)
-            .then(|| app.owner.clone())
+        // The gateway token is the owner's; a per-user API token is its user's.
+        if super::read(&app.token).matches(token) {
+            return Some(app.owner.clone());
+        }
+        match app.accounts.verify_token(token) {
+            Ok(found) => found.map(|(_, user)| user),
+            Err(e) => {
+                tracing::warn!(error = %e, "API token lookup failed");
+                None
+            }
+        }
+    }
+    fn cookie_user(&self, headers: &axum::http::HeaderMap) -> Option<String> {
+        let app = self.0.upgrade()?;
+        let cookie = auth::cookie(headers, auth::SESSION_COOKIE)?;
+        let idle = super::read(&app.config).auth.session_idle_secs;
+        let idle_ms = i64::try_from(idle.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let s = app.accounts.session(cookie, idle_ms).ok()??;
+        if let Some(d) = &s.device {
+            let dev = app.accounts.device_by_id(d).ok()??;
+            if dev.status != "approved" {
+                return None;
+            }
+        }
+        Some(s.user)
     }
     fn failed(&self, client: IpAddr, why: AuthFailure) -> Option<Duration> {
         let app = self.0.upgrade()?;
@@ -393,6 +420,9 @@ async fn upgrade(State(ws): State<Arc<Ws>>, req: Request) -> Response {
             "the gateway is shutting down",
         );
     }
+    // A browser session (cookie) authenticates the upgrade itself; the origin check above
+    // keeps other sites' pages from riding on it.
+    let pre = ws.auth.cookie_user(req.headers());
     let settings = ws.settings();
     let n = ws.open.fetch_add(1, Ordering::Relaxed);
     ws.metrics.ws_open(true);
@@ -420,7 +450,7 @@ async fn upgrade(State(ws): State<Arc<Ws>>, req: Request) -> Response {
         .max_frame_size(hard)
         .on_upgrade(move |socket| async move {
             ws.metrics.ws_connection("upgraded");
-            connection(ws, socket, client, settings).await;
+            connection(ws, socket, client, settings, pre).await;
             drop(guard);
         })
 }
@@ -501,7 +531,10 @@ fn parse_req(text: &str) -> Result<Req, (Value, &'static str, String)> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConnectParams {
-    token: String,
+    /// The gateway token or an API token; may be left out when the upgrade request carried a
+    /// browser session cookie.
+    #[serde(default)]
+    token: Option<String>,
     /// Free-form client description (logged length-limited); optional.
     #[serde(default)]
     #[expect(dead_code, reason = "accepted for forward compatibility, not used")]
@@ -604,6 +637,7 @@ async fn authenticate(
     socket: &mut WebSocket,
     client: IpAddr,
     settings: &WsSettings,
+    pre: Option<String>,
 ) -> Option<(Value, String)> {
     let deadline = tokio::time::Instant::now() + settings.connect_timeout;
     loop {
@@ -683,7 +717,19 @@ async fn authenticate(
                 return None;
             }
         };
-        let token = zeroize::Zeroizing::new(p.token);
+        let token = match (p.token, pre) {
+            (Some(t), _) => zeroize::Zeroizing::new(t),
+            // The upgrade came with a live browser session: that is who connects.
+            (None, Some(user)) => return Some((req.id, user)),
+            (None, None) => {
+                refuse_failed(ws, socket, client, AuthFailure::Missing,
+                    &req.id,
+                    "unauthorized",
+                    "connect needs params {\"token\": \"<gateway token>\"} (`chitin token show` prints it)",
+                ).await;
+                return None;
+            }
+        };
         return match ws.auth.user_for(token.as_bytes()) {
             Some(user) => Some((req.id, user)),
             None => {
@@ -775,10 +821,16 @@ async fn next_event(
     }
 }
 
-async fn connection(ws: Arc<Ws>, mut socket: WebSocket, client: IpAddr, settings: WsSettings) {
+async fn connection(
+    ws: Arc<Ws>,
+    mut socket: WebSocket,
+    client: IpAddr,
+    settings: WsSettings,
+    pre: Option<String>,
+) {
     let mut stop = ws.stop.subscribe();
     let authed = tokio::select! {
-        a = authenticate(&ws, &mut socket, client, &settings) => a,
+        a = authenticate(&ws, &mut socket, client, &settings, pre) => a,
         () = stopped(&mut stop) => None,
     };
     let Some((connect_id, user)) = authed else {

@@ -183,6 +183,18 @@ impl Gw {
     }
 
     pub fn start_with(extra_config: &str, tls: bool) -> Self {
+        Self::start_custom(free_port(), extra_config, tls, |_| {})
+    }
+
+    /// [`Self::start_with`] on a chosen port (for config that names the gateway's own
+    /// address), with `prepare` run on the state dir before the gateway starts (e.g. to write
+    /// `entities.json`).
+    pub fn start_custom(
+        port: u16,
+        extra_config: &str,
+        tls: bool,
+        prepare: impl FnOnce(&Path),
+    ) -> Self {
         // Not under /tmp: the gateway refuses a state dir in a directory every local process
         // can write.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
@@ -196,7 +208,7 @@ impl Gw {
             ),
         )
         .unwrap();
-        let port = free_port();
+        prepare(&home);
         let mut gw = Self {
             _dir: dir,
             root,

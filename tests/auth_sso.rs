@@ -1,0 +1,547 @@
+//! Single sign-on, browser sessions, device pairing and the trusted identity proxy, checked
+//! from outside: the real `chitin gateway` against a fake OpenID Connect issuer on loopback
+//! (`support/oidc.rs`: real discovery, JWKS, authorization and token endpoints with PKCE).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "tests"
+)]
+
+use std::path::Path;
+
+use serde_json::{Value, json};
+
+#[path = "support/gateway.rs"]
+mod harness;
+use harness::*;
+#[path = "support/oidc.rs"]
+mod oidc;
+use oidc::{CLIENT_ID, FakeIssuer};
+
+const ENTITIES: &str = r#"[
+  {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
+  {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
+  {"uid": {"type": "Chitin::User", "id": "mallory"}, "attrs": {}, "parents": []}
+]
+"#;
+
+fn prepare(home: &Path) {
+    std::fs::write(home.join("entities.json"), ENTITIES).unwrap();
+}
+
+fn oidc_config(idp: &FakeIssuer, scheme: &str, port: u16) -> String {
+    format!(
+        "\n[auth.oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nredirect_uri = \"{scheme}://127.0.0.1:{port}/auth/callback\"\n",
+        idp.issuer()
+    )
+}
+
+fn start(idp: &FakeIssuer, gateway_extra: &str, tls: bool) -> Gw {
+    let port = free_port();
+    let (scheme, tls_lines) = if tls {
+        (
+            "https",
+            format!(
+                "tls_cert = {:?}\ntls_key = {:?}\n",
+                fixture("gateway-test.crt"),
+                fixture("gateway-test.key")
+            ),
+        )
+    } else {
+        ("http", String::new())
+    };
+    let cfg = format!(
+        "{tls_lines}{gateway_extra}\n{}",
+        oidc_config(idp, scheme, port)
+    );
+    Gw::start_custom(port, &cfg, tls, prepare)
+}
+
+/// Every `Set-Cookie` of a response.
+fn set_cookies(r: &Resp) -> Vec<String> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("set-cookie"))
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// `name=value` of the cookie `name` a response sets (non-empty), if any.
+fn cookie_pair(r: &Resp, name: &str) -> Option<String> {
+    set_cookies(r)
+        .into_iter()
+        .filter_map(|c| c.split(';').next().map(str::to_string))
+        .find(|p| p.starts_with(&format!("{name}=")) && p.len() > name.len() + 1)
+}
+
+fn path_and_query(url: &str) -> String {
+    let u = reqwest::Url::parse(url).unwrap();
+    match u.query() {
+        Some(q) => format!("{}?{q}", u.path()),
+        None => u.path().to_string(),
+    }
+}
+
+/// What one browser login produced.
+struct Login {
+    /// The callback response.
+    resp: Resp,
+    /// The callback target, for replaying it.
+    callback: String,
+    /// The login-binding cookie.
+    binding: String,
+}
+
+/// A browser login: `/auth/login` (302 to the issuer), the issuer's authorization endpoint
+/// (302 back with a code), `/auth/callback` with the login cookie. `extra` headers go with
+/// every gateway request (a device cookie, `X-Forwarded-For`).
+fn login(gw: &Gw, idp: &FakeIssuer, extra: &[(&str, &str)]) -> Login {
+    let start = gw.try_req("GET", "/auth/login", extra, b"").unwrap();
+    assert_eq!(start.status, 302, "{}", start.body);
+    let to_idp = start.header("location").unwrap().to_string();
+    assert!(to_idp.starts_with(&format!("{}/authorize?", idp.issuer())), "{to_idp}");
+    assert!(to_idp.contains("code_challenge_method=S256"), "{to_idp}");
+    assert!(!to_idp.contains("code_verifier"), "{to_idp}");
+    let binding = cookie_pair(&start, "chitin_login").expect("a login-binding cookie");
+    let login_cookie = set_cookies(&start)
+        .into_iter()
+        .find(|c| c.starts_with("chitin_login="))
+        .unwrap();
+    assert!(login_cookie.contains("HttpOnly") && login_cookie.contains("SameSite=Lax"));
+    let at_idp = http(idp.port, "GET", &path_and_query(&to_idp), &[], b"");
+    assert_eq!(at_idp.status, 302, "{}", at_idp.body);
+    let back = at_idp.header("location").unwrap().to_string();
+    let callback = path_and_query(&back);
+    assert!(callback.starts_with("/auth/callback?"), "{callback}");
+    let mut headers: Vec<(&str, &str)> = extra.to_vec();
+    let cookie_header = match extra.iter().find(|(k, _)| *k == "Cookie") {
+        Some((_, c)) => format!("{c}; {binding}"),
+        None => binding.clone(),
+    };
+    headers.retain(|(k, _)| *k != "Cookie");
+    headers.push(("Cookie", &cookie_header));
+    let resp = gw.try_req("GET", &callback, &headers, b"").unwrap();
+    Login {
+        resp,
+        callback,
+        binding,
+    }
+}
+
+fn session_of(gw: &Gw, cookie: &str, extra: &[(&str, &str)]) -> Resp {
+    let mut h = extra.to_vec();
+    h.push(("Cookie", cookie));
+    gw.try_req("GET", "/auth/session", &h, b"").unwrap()
+}
+
+#[test]
+fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signed_in_user() {
+    let idp = FakeIssuer::start();
+    let gw = start(&idp, "", false);
+    let l = login(&gw, &idp, &[]);
+    assert_eq!(l.resp.status, 200, "{}", l.resp.body);
+    assert!(l.resp.body.contains("signed in as alice@example.com"), "{}", l.resp.body);
+    let raw = set_cookies(&l.resp)
+        .into_iter()
+        .find(|c| c.starts_with("chitin_session=") && !c.starts_with("chitin_session=;"))
+        .expect("a session cookie");
+    assert!(raw.contains("; HttpOnly"), "{raw}");
+    assert!(raw.contains("; SameSite=Strict"), "{raw}");
+    assert!(raw.contains("; Path=/"), "{raw}");
+    assert!(!raw.contains("Secure"), "plain http on loopback: {raw}");
+    // No token or session in a URL: the page goes on to `/` by itself.
+    assert!(l.resp.body.contains("url=/\""), "{}", l.resp.body);
+    let cookie = cookie_pair(&l.resp, "chitin_session").unwrap();
+
+    let s = session_of(&gw, &cookie, &[]);
+    assert_eq!(s.status, 200, "{}", s.body);
+    let v = s.json();
+    assert_eq!(v["user"], "alice@example.com");
+    assert_eq!(v["groups"], json!(["owners"]));
+    assert_eq!(v["method"], "session");
+    let csrf = v["csrf"].as_str().unwrap().to_string();
+    assert!(csrf.len() >= 32);
+
+    // The user was provisioned with the issuer's groups.
+    let out = gw.chitin(&["users", "list", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let users: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alice = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "alice@example.com")
+        .unwrap();
+    assert_eq!(alice["source"], "oidc");
+    assert_eq!(alice["groups"], json!(["owners"]));
+    assert_eq!(alice["sessions"], 1);
+
+    // A state-changing request with the cookie alone is refused (CSRF), with the token it runs
+    // as alice (an owner: listing the workspace is allowed).
+    std::fs::create_dir_all(gw.workspace()).unwrap();
+    let body = json!({"tool": "list_dir", "args": {"path": "."}}).to_string();
+    let no_csrf = gw
+        .try_req(
+            "POST",
+            "/tools/invoke",
+            &[("Cookie", &cookie), ("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(no_csrf.status, 403, "{}", no_csrf.body);
+    assert_eq!(no_csrf.json()["error"]["code"], "csrf_refused");
+    let wrong_csrf = gw
+        .try_req(
+            "POST",
+            "/tools/invoke",
+            &[
+                ("Cookie", &cookie),
+                ("X-CSRF-Token", "not-the-token"),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(wrong_csrf.status, 403, "{}", wrong_csrf.body);
+    assert_eq!(wrong_csrf.json()["error"]["code"], "csrf_refused");
+    let ok = gw
+        .try_req(
+            "POST",
+            "/tools/invoke",
+            &[
+                ("Cookie", &cookie),
+                ("X-CSRF-Token", &csrf),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(
+        ok.json()["decision"]["policies"],
+        json!(["tools.owner-files-in-workspace"])
+    );
+    let audit = gw.chitin(&[
+        "audit",
+        "query",
+        "--actor",
+        "Chitin::User::\"alice@example.com\"",
+        "--json",
+    ]);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(text.contains("list_dir"), "the decision is recorded for alice: {text}");
+
+    // Logout needs the CSRF token too, ends the session and clears the cookie.
+    let refused = gw
+        .try_req("POST", "/auth/logout", &[("Cookie", &cookie)], b"")
+        .unwrap();
+    assert_eq!(refused.status, 403);
+    assert_eq!(refused.json()["error"]["code"], "csrf_refused");
+    let out = gw
+        .try_req(
+            "POST",
+            "/auth/logout",
+            &[("Cookie", &cookie), ("X-CSRF-Token", &csrf)],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(out.status, 200, "{}", out.body);
+    assert!(
+        set_cookies(&out)
+            .iter()
+            .any(|c| c.starts_with("chitin_session=;") && c.contains("Max-Age=0")),
+        "{:?}",
+        out.headers
+    );
+    let after = session_of(&gw, &cookie, &[]);
+    assert_eq!(after.status, 401, "{}", after.body);
+}
+
+/// Runs a login that must be refused: 401 (or the given status) with `code`, and no session.
+fn refused_login(gw: &Gw, idp: &FakeIssuer, code: &str, message: &str) {
+    let l = login(gw, idp, &[]);
+    assert_eq!(l.resp.status, 401, "{code}: {}", l.resp.body);
+    let v = l.resp.json();
+    assert_eq!(v["error"]["code"], code, "{}", l.resp.body);
+    assert_eq!(v["error"]["message"], message, "{}", l.resp.body);
+    assert!(
+        cookie_pair(&l.resp, "chitin_session").is_none(),
+        "no session for a refused login"
+    );
+    idp.reset();
+}
+
+#[test]
+fn id_tokens_with_a_wrong_audience_an_expiry_in_the_past_a_bad_signature_an_unknown_key_or_a_used_nonce_are_refused()
+ {
+    let idp = FakeIssuer::start();
+    let gw = start(&idp, "", false);
+
+    idp.set(|b| b.aud = Some("some-other-client".into()));
+    refused_login(
+        &gw,
+        &idp,
+        "wrong_audience",
+        "the token's audience (aud) is not this gateway",
+    );
+    idp.set(|b| b.exp_in_s = -3600);
+    refused_login(&gw, &idp, "expired", "the token has expired (exp)");
+    idp.set(|b| b.rogue_signature = true);
+    refused_login(
+        &gw,
+        &idp,
+        "bad_signature",
+        "the token's signature does not verify against the issuer's keys",
+    );
+    let fetches = idp.jwks_fetches();
+    idp.set(|b| b.kid = Some("rotated-away".into()));
+    refused_login(
+        &gw,
+        &idp,
+        "unknown_kid",
+        "the token is signed with key id `rotated-away`, which the issuer's key set (JWKS) does not list",
+    );
+    idp.set(|b| b.kid = Some("rotated-away".into()));
+    refused_login(
+        &gw,
+        &idp,
+        "unknown_kid",
+        "the token is signed with key id `rotated-away`, which the issuer's key set (JWKS) does not list",
+    );
+    assert!(
+        idp.jwks_fetches() <= fetches + 1,
+        "an unknown kid re-fetches the key set at most once per interval"
+    );
+
+    // A good login, then its nonce again in a new login: replayed.
+    let good = login(&gw, &idp, &[]);
+    assert_eq!(good.resp.status, 200, "{}", good.resp.body);
+    let used = idp.issued_nonces().last().unwrap().clone();
+    idp.set(|b| b.nonce = Some(used.clone()));
+    refused_login(
+        &gw,
+        &idp,
+        "nonce_replayed",
+        "the ID token's nonce was already used: a replayed login is refused",
+    );
+    idp.set(|b| b.nonce = Some("a-nonce-this-login-never-sent".into()));
+    refused_login(
+        &gw,
+        &idp,
+        "nonce_mismatch",
+        "the ID token's nonce does not match this login",
+    );
+
+    // The same callback twice: the state is used once.
+    let again = gw
+        .try_req(
+            "GET",
+            &good.callback,
+            &[("Cookie", &good.binding)],
+            b"",
+        )
+        .unwrap();
+    assert_eq!(again.status, 401, "{}", again.body);
+    assert_eq!(again.json()["error"]["code"], "state_unknown");
+
+    // A callback without the browser's login cookie (login CSRF): refused.
+    let l = login(&gw, &idp, &[]);
+    assert_eq!(l.resp.status, 200);
+    let start = gw.try_req("GET", "/auth/login", &[], b"").unwrap();
+    let to_idp = start.header("location").unwrap().to_string();
+    let at_idp = http(idp.port, "GET", &path_and_query(&to_idp), &[], b"");
+    let cb = path_and_query(at_idp.header("location").unwrap());
+    let foreign = gw.try_req("GET", &cb, &[], b"").unwrap();
+    assert_eq!(foreign.status, 401, "{}", foreign.body);
+    assert_eq!(foreign.json()["error"]["code"], "other_browser");
+
+    // Every refusal is in the audit log with its reason.
+    let audit = gw.chitin(&["audit", "query", "--json"]);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    for code in [
+        "wrong_audience",
+        "expired",
+        "bad_signature",
+        "unknown_kid",
+        "nonce_replayed",
+        "state_unknown",
+    ] {
+        assert!(text.contains(&format!("refused: {code}")), "{code} audited");
+    }
+}
+
+#[test]
+fn over_tls_the_session_cookie_is_also_secure() {
+    let idp = FakeIssuer::start();
+    let gw = start(&idp, "", true);
+    let l = login(&gw, &idp, &[]);
+    assert_eq!(l.resp.status, 200, "{}", l.resp.body);
+    let raw = set_cookies(&l.resp)
+        .into_iter()
+        .find(|c| c.starts_with("chitin_session="))
+        .unwrap();
+    assert!(raw.contains("; Secure"), "{raw}");
+    assert!(raw.contains("; HttpOnly") && raw.contains("; SameSite=Strict"), "{raw}");
+}
+
+#[test]
+fn a_browser_signing_in_from_a_remote_address_waits_as_a_pending_device_until_an_owner_approves_it()
+ {
+    let idp = FakeIssuer::start();
+    let gw = start(&idp, "trusted_proxies = [\"127.0.0.1\"]", false);
+    let remote = [("X-Forwarded-For", "203.0.113.7")];
+    let l = login(&gw, &idp, &remote);
+    assert_eq!(l.resp.status, 200, "{}", l.resp.body);
+    assert!(l.resp.body.contains("Waiting for approval"), "{}", l.resp.body);
+    let session = cookie_pair(&l.resp, "chitin_session").unwrap();
+    let device = cookie_pair(&l.resp, "chitin_device").expect("a device cookie");
+    let both = format!("{session}; {device}");
+
+    let held = session_of(&gw, &both, &remote);
+    assert_eq!(held.status, 403, "{}", held.body);
+    assert_eq!(held.json()["error"]["code"], "device_pending");
+    let id = held.header("x-chitin-device").unwrap().to_string();
+
+    let out = gw.chitin(&["devices", "list", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["status"], "pending");
+    assert_eq!(list[0]["user"], "alice@example.com");
+    assert_eq!(list[0]["client"], "203.0.113.7");
+
+    // Someone outside `owners` may not approve it (Cedar pairing.approve).
+    let other = gw.root.join("mallory.toml");
+    let text = std::fs::read_to_string(gw.home.join("chitin.toml")).unwrap();
+    std::fs::write(&other, format!("{text}\n[cli]\noperator = \"mallory\"\n")).unwrap();
+    let denied = gw.chitin(&["--config", other.to_str().unwrap(), "devices", "approve", &id]);
+    assert_eq!(denied.status.code(), Some(1), "{}", String::from_utf8_lossy(&denied.stderr));
+    let said = String::from_utf8_lossy(&denied.stdout);
+    assert!(
+        said.starts_with("refused: policy denied `pairing.approve` for Chitin::User::\"mallory\""),
+        "{said}"
+    );
+    assert_eq!(session_of(&gw, &both, &remote).status, 403);
+
+    let ok = gw.chitin(&["devices", "approve", &id]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(String::from_utf8_lossy(&ok.stdout).contains(&format!("approved device {id}")));
+    let s = session_of(&gw, &both, &remote);
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert_eq!(s.json()["user"], "alice@example.com");
+
+    // The approved browser signs in again without a new device.
+    let again = login(&gw, &idp, &[("X-Forwarded-For", "203.0.113.7"), ("Cookie", &device)]);
+    assert_eq!(again.resp.status, 200, "{}", again.resp.body);
+    assert!(again.resp.body.contains("Signed in"), "{}", again.resp.body);
+    assert!(cookie_pair(&again.resp, "chitin_device").is_none());
+
+    // Revoking the device ends its sessions.
+    let rv = gw.chitin(&["devices", "revoke", &id]);
+    assert!(rv.status.success(), "{}", String::from_utf8_lossy(&rv.stderr));
+    let gone = session_of(&gw, &both, &remote);
+    assert_eq!(gone.status, 401, "{}", gone.body);
+
+    // From loopback no device is needed.
+    let local = login(&gw, &idp, &[]);
+    assert_eq!(local.resp.status, 200);
+    assert!(cookie_pair(&local.resp, "chitin_device").is_none());
+    let c = cookie_pair(&local.resp, "chitin_session").unwrap();
+    assert_eq!(session_of(&gw, &c, &[]).status, 200);
+}
+
+fn proxy_claims(aud: &str, exp_in: i64, email: &str) -> Value {
+    let now = FakeIssuer::now_s();
+    json!({
+        "iss": "https://team.cloudflareaccess.example",
+        "aud": [aud],
+        "exp": now + exp_in,
+        "iat": now,
+        "email": email,
+        "groups": ["staff"],
+    })
+}
+
+#[test]
+fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_and_audience_signs_in()
+ {
+    let idp = FakeIssuer::start();
+    let cfg = format!(
+        "auth_max_failures = 50\n\n[auth.proxy]\nheader = \"Cf-Access-Jwt-Assertion\"\njwks_url = \"{}/jwks\"\nissuer = \"https://team.cloudflareaccess.example\"\naudience = \"chitin-aud\"\n",
+        idp.issuer()
+    );
+    let gw = Gw::start_custom(free_port(), &cfg, false, prepare);
+    let good = idp.sign(&proxy_claims("chitin-aud", 300, "carol@example.com"));
+
+    // Reading works with the header alone, as carol (groups from the token).
+    let s = gw
+        .try_req("GET", "/auth/session", &[("Cf-Access-Jwt-Assertion", &good)], b"")
+        .unwrap();
+    assert_eq!(s.status, 200, "{}", s.body);
+    let v = s.json();
+    assert_eq!(v["user"], "carol@example.com");
+    assert_eq!(v["groups"], json!(["staff"]));
+    let csrf = v["csrf"].as_str().unwrap().to_string();
+    let cookie = cookie_pair(&s, "chitin_session").unwrap();
+    let m = gw
+        .try_req("GET", "/metrics", &[("Cf-Access-Jwt-Assertion", &good)], b"")
+        .unwrap();
+    assert_eq!(m.status, 200, "{}", m.body);
+
+    // Changing something needs the session and its CSRF token, not the ambient header.
+    let body = json!({"tool": "list_dir", "args": {"path": "."}}).to_string();
+    let post = gw
+        .try_req(
+            "POST",
+            "/tools/invoke",
+            &[("Cf-Access-Jwt-Assertion", &good), ("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(post.status, 403, "{}", post.body);
+    assert_eq!(post.json()["error"]["code"], "csrf_refused");
+    // With them, carol (staff, not an owner) is decided as herself: denied.
+    let as_carol = gw
+        .try_req(
+            "POST",
+            "/tools/invoke",
+            &[
+                ("Cookie", &cookie),
+                ("X-CSRF-Token", &csrf),
+                ("Content-Type", "application/json"),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(as_carol.status, 403, "{}", as_carol.body);
+    assert_eq!(as_carol.json()["error"]["code"], "policy_denied");
+
+    let refused = |headers: &[(&str, &str)]| {
+        let r = gw.try_req("GET", "/metrics", headers, b"").unwrap();
+        assert_eq!(r.status, 401, "{headers:?}: {}", r.body);
+        r
+    };
+    let wrong_aud = idp.sign(&proxy_claims("another-app", 300, "carol@example.com"));
+    refused(&[("Cf-Access-Jwt-Assertion", &wrong_aud)]);
+    let expired = idp.sign(&proxy_claims("chitin-aud", -3600, "carol@example.com"));
+    refused(&[("Cf-Access-Jwt-Assertion", &expired)]);
+    let forged = idp.sign_rogue(&proxy_claims("chitin-aud", 300, "owner"));
+    refused(&[("Cf-Access-Jwt-Assertion", &forged)]);
+    // An unsigned token (alg none) and a bare user header are nothing.
+    use base64::Engine;
+    let enc = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let unsigned = format!(
+        "{}.{}.",
+        enc(&json!({"alg": "none", "typ": "JWT"})),
+        enc(&proxy_claims("chitin-aud", 300, "owner"))
+    );
+    refused(&[("Cf-Access-Jwt-Assertion", &unsigned)]);
+    refused(&[("X-User", "owner"), ("X-Forwarded-User", "owner")]);
+
+    let audit = gw.chitin(&["audit", "query", "--json"]);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    for code in ["wrong_audience", "expired", "bad_signature", "malformed"] {
+        assert!(text.contains(&format!("refused: {code}")), "{code} audited: {text}");
+    }
+}
