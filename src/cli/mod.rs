@@ -178,10 +178,8 @@ pub(crate) fn admin_gate(
     let engine =
         crate::policy::PolicyEngine::load(policy::engine_spec(globals, config, None, None)?)?;
     // Managed users (`chitin users add`, single sign-on) may be the operator.
-    let db = globals.home.join("state.db");
-    if db.exists() {
-        crate::accounts::install_users(&engine, &crate::store::Store::open(&db)?)?;
-    }
+    let home = crate::state::Home::create(&globals.home)?;
+    crate::accounts::install_users(&engine, &crate::store::Store::open(&home.path("state.db"))?)?;
     let audit = open_audit_with(globals, config, store)?;
     let redactor = store.redactor();
     Ok(

@@ -263,7 +263,8 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Result<AuthConfig, String> {
-        let c: AuthConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        // As `Config::parse` reports it: the message, never the file's text.
+        let c: AuthConfig = toml::from_str(text).map_err(|e| e.message().to_string())?;
         c.validate().map(|()| c)
     }
 
