@@ -232,6 +232,11 @@ fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signe
     let text = String::from_utf8_lossy(&audit.stdout);
     assert!(text.contains("list_dir"), "the decision is recorded for alice: {text}");
 
+    // The WebSocket takes the session cookie of the upgrade: `connect` needs no token.
+    let c = ws_connect_with_cookie(gw.port, &cookie);
+    assert_eq!(c["ok"], true, "{c}");
+    assert_eq!(c["payload"]["user"], "alice@example.com");
+
     // Logout needs the CSRF token too, ends the session and clears the cookie.
     let refused = gw
         .try_req("POST", "/auth/logout", &[("Cookie", &cookie)], b"")
@@ -256,6 +261,30 @@ fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signe
     );
     let after = session_of(&gw, &cookie, &[]);
     assert_eq!(after.status, 401, "{}", after.body);
+}
+
+/// The `connect` answer of a WebSocket opened with `cookie` and a `connect` without a token.
+fn ws_connect_with_cookie(port: u16, cookie: &str) -> Value {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut req = format!("ws://127.0.0.1:{port}/ws").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("cookie", cookie.parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let frame = json!({"type": "req", "id": 1, "method": "connect", "params": {}});
+        ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        loop {
+            if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
+                return serde_json::from_str(t.as_str()).unwrap();
+            }
+        }
+    })
 }
 
 /// Runs a login that must be refused: 401 (or the given status) with `code`, and no session.
@@ -294,6 +323,13 @@ fn id_tokens_with_a_wrong_audience_an_expiry_in_the_past_a_bad_signature_an_unkn
         "bad_signature",
         "the token's signature does not verify against the issuer's keys",
     );
+    // The issuer rotates its keys: the new kid makes the gateway fetch the JWKS again, once.
+    let before = idp.jwks_fetches();
+    idp.rotate();
+    let rotated = login(&gw, &idp, &[]);
+    assert_eq!(rotated.resp.status, 200, "{}", rotated.resp.body);
+    assert_eq!(idp.jwks_fetches(), before + 1);
+    // A made-up kid right after: refused without hammering the issuer.
     let fetches = idp.jwks_fetches();
     idp.set(|b| b.kid = Some("rotated-away".into()));
     refused_login(
@@ -309,8 +345,9 @@ fn id_tokens_with_a_wrong_audience_an_expiry_in_the_past_a_bad_signature_an_unkn
         "unknown_kid",
         "the token is signed with key id `rotated-away`, which the issuer's key set (JWKS) does not list",
     );
-    assert!(
-        idp.jwks_fetches() <= fetches + 1,
+    assert_eq!(
+        idp.jwks_fetches(),
+        fetches,
         "an unknown kid re-fetches the key set at most once per interval"
     );
 

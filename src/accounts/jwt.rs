@@ -141,7 +141,8 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> Result<Value, Stri
 
 struct Cached {
     set: Arc<JwkSet>,
-    fetched: Instant,
+    /// When a token's unknown key id last made us fetch the set again.
+    refetched: Option<Instant>,
 }
 
 /// A JWKS at a URL, cached; re-fetched when a token names a key it does not hold (rate
@@ -187,19 +188,21 @@ impl KeySet {
         Ok(Arc::new(set))
     }
 
-    /// The key set, fetched if there is none yet; with `refresh`, fetched again unless the
-    /// last fetch was less than [`REFETCH_INTERVAL`] ago.
+    /// The key set, fetched if there is none yet; with `refresh` (a token named a key the
+    /// set does not hold: the issuer may have rotated its keys), fetched again unless such a
+    /// re-fetch happened less than [`REFETCH_INTERVAL`] ago (so a flood of tokens with made-up
+    /// key ids cannot make the gateway hammer the issuer).
     async fn get(&self, refresh: bool) -> Result<(Arc<JwkSet>, bool), LoginError> {
         let mut g = self.cache.lock().await;
         if let Some(c) = g.as_ref()
-            && (!refresh || c.fetched.elapsed() < REFETCH_INTERVAL)
+            && (!refresh || c.refetched.is_some_and(|t| t.elapsed() < REFETCH_INTERVAL))
         {
             return Ok((Arc::clone(&c.set), false));
         }
         let set = self.fetch().await?;
         *g = Some(Cached {
             set: Arc::clone(&set),
-            fetched: Instant::now(),
+            refetched: if refresh { Some(Instant::now()) } else { None },
         });
         Ok((set, true))
     }

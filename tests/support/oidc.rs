@@ -42,6 +42,8 @@ pub struct Behavior {
     pub groups: Vec<String>,
     /// The client secret the token endpoint requires (HTTP Basic), if any.
     pub client_secret: Option<String>,
+    /// Sign with the second key `k2`, which the JWKS publishes only after [`FakeIssuer::rotate`].
+    pub second_key: bool,
 }
 
 impl Default for Behavior {
@@ -55,6 +57,7 @@ impl Default for Behavior {
             email: "alice@example.com".into(),
             groups: vec!["owners".into()],
             client_secret: None,
+            second_key: false,
         }
     }
 }
@@ -69,6 +72,8 @@ struct Inner {
     behavior: Behavior,
     codes: HashMap<String, Code>,
     jwks_fetches: usize,
+    /// Whether the JWKS also publishes `k2`.
+    rotated: bool,
     /// Nonces of the ID tokens issued so far.
     issued_nonces: Vec<String>,
 }
@@ -81,6 +86,7 @@ pub struct FakeIssuer {
     jwk: Value,
 }
 
+
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
@@ -90,6 +96,13 @@ fn now_s() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
+}
+
+fn jwk_of(kid: &str, public: &[u8]) -> Value {
+    json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": b64(&public[1..33]), "y": b64(&public[33..65]),
+    })
 }
 
 fn keypair() -> (Vec<u8>, Vec<u8>) {
@@ -105,17 +118,17 @@ impl FakeIssuer {
         let port = listener.local_addr().unwrap().port();
         let (key, public) = keypair();
         let (rogue, _) = keypair();
+        let (key2, public2) = keypair();
         assert_eq!(public.len(), 65);
-        let jwk = json!({
-            "kty": "EC", "crv": "P-256", "kid": "k1", "alg": "ES256", "use": "sig",
-            "x": b64(&public[1..33]), "y": b64(&public[33..65]),
-        });
+        let jwk = jwk_of("k1", &public);
+        let second = Arc::new((key2, jwk_of("k2", &public2)));
         let fake = Self {
             port,
             inner: Arc::new(Mutex::new(Inner {
                 behavior: Behavior::default(),
                 codes: HashMap::new(),
                 jwks_fetches: 0,
+                rotated: false,
                 issued_nonces: Vec::new(),
             })),
             key: Arc::new(key),
@@ -130,10 +143,15 @@ impl FakeIssuer {
         );
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (inner, key, rogue, jwk) =
-                    (Arc::clone(&inner), Arc::clone(&key), Arc::clone(&rogue), jwk.clone());
+                let (inner, key, rogue, jwk, second) = (
+                    Arc::clone(&inner),
+                    Arc::clone(&key),
+                    Arc::clone(&rogue),
+                    jwk.clone(),
+                    Arc::clone(&second),
+                );
                 std::thread::spawn(move || {
-                    let _ = serve(stream, port, &inner, &key, &rogue, &jwk);
+                    let _ = serve(stream, port, &inner, &key, &rogue, &jwk, &second);
                 });
             }
         });
@@ -148,8 +166,19 @@ impl FakeIssuer {
         f(&mut self.inner.lock().unwrap().behavior);
     }
 
+    /// Back to the default behavior (a rotation stays: `k2` keeps signing).
     pub fn reset(&self) {
-        self.inner.lock().unwrap().behavior = Behavior::default();
+        let mut g = self.inner.lock().unwrap();
+        let rotated = g.rotated;
+        g.behavior = Behavior::default();
+        g.behavior.second_key = rotated;
+    }
+
+    /// Publishes a second key `k2` and signs the next ID tokens with it.
+    pub fn rotate(&self) {
+        let mut g = self.inner.lock().unwrap();
+        g.rotated = true;
+        g.behavior.second_key = true;
     }
 
     pub fn jwks_fetches(&self) -> usize {
@@ -207,6 +236,7 @@ fn serve(
     key: &[u8],
     rogue: &[u8],
     jwk: &Value,
+    second: &(Vec<u8>, Value),
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
@@ -251,12 +281,19 @@ fn serve(
             respond(&mut s, "200 OK", &json_type, &doc.to_string());
         }
         ("GET", "/jwks") => {
-            inner.lock().unwrap().jwks_fetches += 1;
+            let mut g = inner.lock().unwrap();
+            g.jwks_fetches += 1;
+            let keys = if g.rotated {
+                json!([jwk, second.1])
+            } else {
+                json!([jwk])
+            };
+            drop(g);
             respond(
                 &mut s,
                 "200 OK",
                 &json_type,
-                &json!({ "keys": [jwk] }).to_string(),
+                &json!({ "keys": keys }).to_string(),
             );
         }
         ("GET", "/authorize") => {
@@ -339,8 +376,15 @@ fn serve(
                 "groups": b.groups,
             });
             let mut h = Header::new(Algorithm::ES256);
-            h.kid = Some(b.kid.clone().unwrap_or_else(|| "k1".into()));
-            let signing = if b.rogue_signature { rogue } else { key };
+            let default_kid = if b.second_key { "k2" } else { "k1" };
+            h.kid = Some(b.kid.clone().unwrap_or_else(|| default_kid.into()));
+            let signing = if b.rogue_signature {
+                rogue
+            } else if b.second_key {
+                second.0.as_slice()
+            } else {
+                key
+            };
             let id_token =
                 jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(signing)).unwrap();
             respond(
