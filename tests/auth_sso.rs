@@ -582,3 +582,73 @@ fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_a
         assert!(text.contains(&format!("refused: {code}")), "{code} audited: {text}");
     }
 }
+
+#[test]
+fn a_confidential_client_sends_its_secret_released_through_cedar_only_to_the_token_endpoint_host()
+ {
+    let idp = FakeIssuer::start();
+    idp.set(|b| b.client_secret = Some("s3cret-CANARY".into()));
+    let port = free_port();
+    let cfg = format!(
+        "\n[auth.oidc]\nissuer = \"{}\"\nclient_id = \"{CLIENT_ID}\"\nclient_secret = \"secret:oidc_client\"\nredirect_uri = \"http://127.0.0.1:{port}/auth/callback\"\n",
+        idp.issuer()
+    );
+    let gw = Gw::start_custom(port, &cfg, false, prepare);
+    // Without the secret in the store the login cannot finish (and says why).
+    let l = login(&gw, &idp, &[]);
+    assert_eq!(l.resp.status, 503, "{}", l.resp.body);
+    assert_eq!(l.resp.json()["error"]["code"], "secret_unavailable");
+
+    let set = |audience: &str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chitin"))
+            .args(["secrets", "set", "oidc_client", "--audience", audience])
+            .env("CHITIN_HOME", &gw.home)
+            .env("CHITIN_PASSPHRASE", PASS)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"s3cret-CANARY")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    // Stored for another host: Cedar refuses to release it to the issuer.
+    set("idp.example.com");
+    gw.signal("-HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let l = login(&gw, &idp, &[]);
+        let v = l.resp.json();
+        if l.resp.status == 503
+            && v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("policy denied secret.use by Chitin::Provider::\"oidc\"")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", l.resp.body);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    set("127.0.0.1");
+    gw.signal("-HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let l = login(&gw, &idp, &[]);
+        if l.resp.status == 200 {
+            assert!(cookie_pair(&l.resp, "chitin_session").is_some());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", l.resp.body);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains("s3cret-CANARY"), "the secret is never logged");
+}

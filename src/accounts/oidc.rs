@@ -327,9 +327,12 @@ impl Oidc {
             .body(body);
         if let Some(s) = &secret {
             // client_secret_basic (RFC 6749 2.3.1: both parts form-url-encoded first).
-            let enc = |b: &[u8]| {
-                percent_encoding::percent_encode(b, percent_encoding::NON_ALPHANUMERIC).to_string()
-            };
+            const FORM: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+                .remove(b'-')
+                .remove(b'.')
+                .remove(b'_')
+                .remove(b'*');
+            let enc = |b: &[u8]| percent_encoding::percent_encode(b, FORM).to_string();
             let user = enc(self.cfg.client_id.as_bytes());
             let pass = zeroize::Zeroizing::new(enc(s.expose().trim_ascii()));
             req = req.basic_auth(user, Some(pass.as_str()));
