@@ -100,7 +100,10 @@ fn login(gw: &Gw, idp: &FakeIssuer, extra: &[(&str, &str)]) -> Login {
     let start = gw.try_req("GET", "/auth/login", extra, b"").unwrap();
     assert_eq!(start.status, 302, "{}", start.body);
     let to_idp = start.header("location").unwrap().to_string();
-    assert!(to_idp.starts_with(&format!("{}/authorize?", idp.issuer())), "{to_idp}");
+    assert!(
+        to_idp.starts_with(&format!("{}/authorize?", idp.issuer())),
+        "{to_idp}"
+    );
     assert!(to_idp.contains("code_challenge_method=S256"), "{to_idp}");
     assert!(!to_idp.contains("code_verifier"), "{to_idp}");
     let binding = cookie_pair(&start, "chitin_login").expect("a login-binding cookie");
@@ -141,7 +144,11 @@ fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signe
     let gw = start(&idp, "", false);
     let l = login(&gw, &idp, &[]);
     assert_eq!(l.resp.status, 200, "{}", l.resp.body);
-    assert!(l.resp.body.contains("signed in as alice@example.com"), "{}", l.resp.body);
+    assert!(
+        l.resp.body.contains("signed in as alice@example.com"),
+        "{}",
+        l.resp.body
+    );
     let raw = set_cookies(&l.resp)
         .into_iter()
         .find(|c| c.starts_with("chitin_session=") && !c.starts_with("chitin_session=;"))
@@ -165,7 +172,11 @@ fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signe
 
     // The user was provisioned with the issuer's groups.
     let out = gw.chitin(&["users", "list", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let users: Value = serde_json::from_slice(&out.stdout).unwrap();
     let alice = users
         .as_array()
@@ -230,7 +241,10 @@ fn a_login_at_the_issuer_gives_a_strict_http_only_session_that_acts_as_the_signe
         "--json",
     ]);
     let text = String::from_utf8_lossy(&audit.stdout);
-    assert!(text.contains("list_dir"), "the decision is recorded for alice: {text}");
+    assert!(
+        text.contains("list_dir"),
+        "the decision is recorded for alice: {text}"
+    );
 
     // The WebSocket takes the session cookie of the upgrade: `connect` needs no token.
     let c = ws_connect_with_cookie(gw.port, &cookie);
@@ -273,12 +287,15 @@ fn ws_connect_with_cookie(port: u16, cookie: &str) -> Value {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut req = format!("ws://127.0.0.1:{port}/ws").into_client_request().unwrap();
-        req.headers_mut()
-            .insert("cookie", cookie.parse().unwrap());
+        let mut req = format!("ws://127.0.0.1:{port}/ws")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("cookie", cookie.parse().unwrap());
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         let frame = json!({"type": "req", "id": 1, "method": "connect", "params": {}});
-        ws.send(Message::Text(frame.to_string().into())).await.unwrap();
+        ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
         loop {
             if let Message::Text(t) = ws.next().await.unwrap().unwrap() {
                 return serde_json::from_str(t.as_str()).unwrap();
@@ -372,12 +389,7 @@ fn id_tokens_with_a_wrong_audience_an_expiry_in_the_past_a_bad_signature_an_unkn
 
     // The same callback twice: the state is used once.
     let again = gw
-        .try_req(
-            "GET",
-            &good.callback,
-            &[("Cookie", &good.binding)],
-            b"",
-        )
+        .try_req("GET", &good.callback, &[("Cookie", &good.binding)], b"")
         .unwrap();
     assert_eq!(again.status, 401, "{}", again.body);
     assert_eq!(again.json()["error"]["code"], "state_unknown");
@@ -419,18 +431,25 @@ fn over_tls_the_session_cookie_is_also_secure() {
         .find(|c| c.starts_with("chitin_session="))
         .unwrap();
     assert!(raw.contains("; Secure"), "{raw}");
-    assert!(raw.contains("; HttpOnly") && raw.contains("; SameSite=Strict"), "{raw}");
+    assert!(
+        raw.contains("; HttpOnly") && raw.contains("; SameSite=Strict"),
+        "{raw}"
+    );
 }
 
 #[test]
 fn a_browser_signing_in_from_a_remote_address_waits_as_a_pending_device_until_an_owner_approves_it()
- {
+{
     let idp = FakeIssuer::start();
     let gw = start(&idp, "trusted_proxies = [\"127.0.0.1\"]", false);
     let remote = [("X-Forwarded-For", "203.0.113.7")];
     let l = login(&gw, &idp, &remote);
     assert_eq!(l.resp.status, 200, "{}", l.resp.body);
-    assert!(l.resp.body.contains("Waiting for approval"), "{}", l.resp.body);
+    assert!(
+        l.resp.body.contains("Waiting for approval"),
+        "{}",
+        l.resp.body
+    );
     let session = cookie_pair(&l.resp, "chitin_session").unwrap();
     let device = cookie_pair(&l.resp, "chitin_device").expect("a device cookie");
     let both = format!("{session}; {device}");
@@ -441,7 +460,11 @@ fn a_browser_signing_in_from_a_remote_address_waits_as_a_pending_device_until_an
     let id = held.header("x-chitin-device").unwrap().to_string();
 
     let out = gw.chitin(&["devices", "list", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["id"], id.as_str());
     assert_eq!(list[0]["status"], "pending");
@@ -452,8 +475,19 @@ fn a_browser_signing_in_from_a_remote_address_waits_as_a_pending_device_until_an
     let other = gw.root.join("mallory.toml");
     let text = std::fs::read_to_string(gw.home.join("chitin.toml")).unwrap();
     std::fs::write(&other, format!("{text}\n[cli]\noperator = \"mallory\"\n")).unwrap();
-    let denied = gw.chitin(&["--config", other.to_str().unwrap(), "devices", "approve", &id]);
-    assert_eq!(denied.status.code(), Some(1), "{}", String::from_utf8_lossy(&denied.stderr));
+    let denied = gw.chitin(&[
+        "--config",
+        other.to_str().unwrap(),
+        "devices",
+        "approve",
+        &id,
+    ]);
+    assert_eq!(
+        denied.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
     let said = String::from_utf8_lossy(&denied.stdout);
     assert!(
         said.starts_with("refused: policy denied `pairing.approve` for Chitin::User::\"mallory\""),
@@ -462,21 +496,33 @@ fn a_browser_signing_in_from_a_remote_address_waits_as_a_pending_device_until_an
     assert_eq!(session_of(&gw, &both, &remote).status, 403);
 
     let ok = gw.chitin(&["devices", "approve", &id]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     assert!(String::from_utf8_lossy(&ok.stdout).contains(&format!("approved device {id}")));
     let s = session_of(&gw, &both, &remote);
     assert_eq!(s.status, 200, "{}", s.body);
     assert_eq!(s.json()["user"], "alice@example.com");
 
     // The approved browser signs in again without a new device.
-    let again = login(&gw, &idp, &[("X-Forwarded-For", "203.0.113.7"), ("Cookie", &device)]);
+    let again = login(
+        &gw,
+        &idp,
+        &[("X-Forwarded-For", "203.0.113.7"), ("Cookie", &device)],
+    );
     assert_eq!(again.resp.status, 200, "{}", again.resp.body);
     assert!(again.resp.body.contains("Signed in"), "{}", again.resp.body);
     assert!(cookie_pair(&again.resp, "chitin_device").is_none());
 
     // Revoking the device ends its sessions.
     let rv = gw.chitin(&["devices", "revoke", &id]);
-    assert!(rv.status.success(), "{}", String::from_utf8_lossy(&rv.stderr));
+    assert!(
+        rv.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rv.stderr)
+    );
     let gone = session_of(&gw, &both, &remote);
     assert_eq!(gone.status, 401, "{}", gone.body);
 
@@ -513,7 +559,12 @@ fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_a
 
     // Reading works with the header alone, as carol (groups from the token).
     let s = gw
-        .try_req("GET", "/auth/session", &[("Cf-Access-Jwt-Assertion", &good)], b"")
+        .try_req(
+            "GET",
+            "/auth/session",
+            &[("Cf-Access-Jwt-Assertion", &good)],
+            b"",
+        )
         .unwrap();
     assert_eq!(s.status, 200, "{}", s.body);
     let v = s.json();
@@ -522,7 +573,12 @@ fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_a
     let csrf = v["csrf"].as_str().unwrap().to_string();
     let cookie = cookie_pair(&s, "chitin_session").unwrap();
     let m = gw
-        .try_req("GET", "/metrics", &[("Cf-Access-Jwt-Assertion", &good)], b"")
+        .try_req(
+            "GET",
+            "/metrics",
+            &[("Cf-Access-Jwt-Assertion", &good)],
+            b"",
+        )
         .unwrap();
     assert_eq!(m.status, 200, "{}", m.body);
 
@@ -532,7 +588,10 @@ fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_a
         .try_req(
             "POST",
             "/tools/invoke",
-            &[("Cf-Access-Jwt-Assertion", &good), ("Content-Type", "application/json")],
+            &[
+                ("Cf-Access-Jwt-Assertion", &good),
+                ("Content-Type", "application/json"),
+            ],
             body.as_bytes(),
         )
         .unwrap();
@@ -579,13 +638,15 @@ fn behind_a_trusted_identity_proxy_only_its_signed_token_with_the_right_issuer_a
     let audit = gw.chitin(&["audit", "query", "--json"]);
     let text = String::from_utf8_lossy(&audit.stdout);
     for code in ["wrong_audience", "expired", "bad_signature", "malformed"] {
-        assert!(text.contains(&format!("refused: {code}")), "{code} audited: {text}");
+        assert!(
+            text.contains(&format!("refused: {code}")),
+            "{code} audited: {text}"
+        );
     }
 }
 
 #[test]
-fn a_confidential_client_sends_its_secret_released_through_cedar_only_to_the_token_endpoint_host()
- {
+fn a_confidential_client_sends_its_secret_released_through_cedar_only_to_the_token_endpoint_host() {
     let idp = FakeIssuer::start();
     idp.set(|b| b.client_secret = Some("s3cret-CANARY".into()));
     let port = free_port();
@@ -617,7 +678,11 @@ fn a_confidential_client_sends_its_secret_released_through_cedar_only_to_the_tok
             .write_all(b"s3cret-CANARY")
             .unwrap();
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     // Stored for another host: Cedar refuses to release it to the issuer.
     set("idp.example.com");

@@ -46,7 +46,10 @@ fn issue(gw: &Gw, args: &[&str]) -> (String, String) {
     let text = ok(&gw.chitin(&a));
     let lines: Vec<&str> = text.lines().collect();
     let token = lines.last().unwrap().to_string();
-    assert!(token.starts_with("cht_"), "the token alone on the last line: {text}");
+    assert!(
+        token.starts_with("cht_"),
+        "the token alone on the last line: {text}"
+    );
     assert!(!token.contains(' '));
     let id = token[4..20].to_string();
     (id, token)
@@ -78,7 +81,9 @@ fn ws_connect(port: u16, token: &str) -> Value {
             .await
             .unwrap();
         let req = json!({"type": "req", "id": 1, "method": "connect", "params": {"token": token}});
-        ws.send(Message::Text(req.to_string().into())).await.unwrap();
+        ws.send(Message::Text(req.to_string().into()))
+            .await
+            .unwrap();
         loop {
             let m = ws.next().await.unwrap().unwrap();
             if let Message::Text(t) = m {
@@ -105,8 +110,7 @@ fn users_and_tokens_are_managed_from_the_cli_and_each_token_is_decided_as_its_ow
         "{}",
         String::from_utf8_lossy(&file_user.stderr)
     );
-    let list: Value =
-        serde_json::from_str(&ok(&gw.chitin(&["users", "list", "--json"]))).unwrap();
+    let list: Value = serde_json::from_str(&ok(&gw.chitin(&["users", "list", "--json"]))).unwrap();
     let by = |u: &str| {
         list.as_array()
             .unwrap()
@@ -167,7 +171,10 @@ fn users_and_tokens_are_managed_from_the_cli_and_each_token_is_decided_as_its_ow
         "Chitin::User::\"bob\"",
         "--json",
     ]));
-    assert!(audit.contains("list_dir") && audit.contains("deny"), "{audit}");
+    assert!(
+        audit.contains("list_dir") && audit.contains("deny"),
+        "{audit}"
+    );
 
     // The WebSocket connects as the token's user.
     let c = ws_connect(gw.port, &bob);
@@ -198,7 +205,9 @@ fn users_and_tokens_are_managed_from_the_cli_and_each_token_is_decided_as_its_ow
     );
     let denied = gw.chitin(&["--config", cfg, "users", "add", "eve", "--group", "owners"]);
     assert_eq!(denied.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&denied.stdout).starts_with("refused: policy denied `user.manage`"));
+    assert!(
+        String::from_utf8_lossy(&denied.stdout).starts_with("refused: policy denied `user.manage`")
+    );
 
     // Removing a user revokes its tokens.
     let out = ok(&gw.chitin(&["users", "remove", "alice"]));
@@ -223,14 +232,24 @@ fn an_expired_token_is_refused_and_listed_as_expired() {
     ok(&gw.chitin(&["users", "add", "carol", "--group", "owners"]));
     let (id, token) = issue(&gw, &["--user", "carol", "--expires", "2s"]);
     let r = gw
-        .try_req("GET", "/metrics", &[("Authorization", &format!("Bearer {token}"))], b"")
+        .try_req(
+            "GET",
+            "/metrics",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        )
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     // Wait for the expiry to pass (a condition, polled with a generous deadline).
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let r = gw
-            .try_req("GET", "/metrics", &[("Authorization", &format!("Bearer {token}"))], b"")
+            .try_req(
+                "GET",
+                "/metrics",
+                &[("Authorization", &format!("Bearer {token}"))],
+                b"",
+            )
             .unwrap();
         if r.status == 401 {
             break;

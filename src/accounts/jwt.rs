@@ -155,7 +155,9 @@ pub struct KeySet {
 
 impl std::fmt::Debug for KeySet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeySet").field("url", &self.url).finish_non_exhaustive()
+        f.debug_struct("KeySet")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -258,20 +260,21 @@ impl KeySet {
         v.set_audience(&[audience]);
         v.set_issuer(&[issuer]);
         v.set_required_spec_claims(&["iss", "aud"]);
-        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature => LoginError::BadSignature,
-                ErrorKind::InvalidAudience => LoginError::WrongAudience,
-                ErrorKind::InvalidIssuer => LoginError::WrongIssuer,
-                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
-                    LoginError::Algorithm(format!("{:?}", header.alg))
+        let data =
+            jsonwebtoken::decode::<Map<String, Value>>(token, &key, &v).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::InvalidSignature => LoginError::BadSignature,
+                    ErrorKind::InvalidAudience => LoginError::WrongAudience,
+                    ErrorKind::InvalidIssuer => LoginError::WrongIssuer,
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidKeyFormat => {
+                        LoginError::Algorithm(format!("{:?}", header.alg))
+                    }
+                    ErrorKind::MissingRequiredClaim(c) => {
+                        LoginError::Malformed(format!("the `{c}` claim is missing"))
+                    }
+                    other => LoginError::Malformed(format!("{other:?}")),
                 }
-                ErrorKind::MissingRequiredClaim(c) => {
-                    LoginError::Malformed(format!("the `{c}` claim is missing"))
-                }
-                other => LoginError::Malformed(format!("{other:?}")),
-            }
-        })?;
+            })?;
         let claims = data.claims;
         let now_s = now_ms.div_euclid(1000);
         let exp = claims
@@ -291,7 +294,11 @@ impl KeySet {
 }
 
 fn printable(s: &str) -> String {
-    s.chars().take(64).collect::<String>().escape_default().to_string()
+    s.chars()
+        .take(64)
+        .collect::<String>()
+        .escape_default()
+        .to_string()
 }
 
 /// The user and groups a verified token names: `user_claim` (a non-empty string; for

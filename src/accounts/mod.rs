@@ -48,9 +48,7 @@ pub enum AccountsError {
     InvalidUser(String),
     #[error("invalid group `{0}`: use 1-128 printable characters without surrounding spaces")]
     InvalidGroup(String),
-    #[error(
-        "user `{0}` is defined in the entity files (entities.json); change or remove it there"
-    )]
+    #[error("user `{0}` is defined in the entity files (entities.json); change or remove it there")]
     DefinedInFile(String),
     #[error("no user `{0}`; add it with `chitin users add {0}` (or define it in entities.json)")]
     UnknownUser(String),
@@ -232,8 +230,10 @@ fn split_credential(s: &str, sep: char) -> Option<(&str, &str)> {
     let id = s.get(..ID_HEX)?;
     let rest = s.get(ID_HEX..)?;
     let secret = rest.strip_prefix(sep)?;
-    (id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) && !secret.is_empty())
-        .then_some((id, secret))
+    (id.bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        && !secret.is_empty())
+    .then_some((id, secret))
 }
 
 /// Checks a user id: 1-128 printable characters, no surrounding spaces.
@@ -244,7 +244,11 @@ pub fn valid_user(user: &str) -> Result<(), AccountsError> {
         || user.chars().any(char::is_control)
     {
         return Err(AccountsError::InvalidUser(
-            user.chars().take(64).collect::<String>().escape_default().to_string(),
+            user.chars()
+                .take(64)
+                .collect::<String>()
+                .escape_default()
+                .to_string(),
         ));
     }
     Ok(())
@@ -257,7 +261,12 @@ fn valid_group(group: &str) -> Result<(), AccountsError> {
         || group.chars().any(char::is_control)
     {
         return Err(AccountsError::InvalidGroup(
-            group.chars().take(64).collect::<String>().escape_default().to_string(),
+            group
+                .chars()
+                .take(64)
+                .collect::<String>()
+                .escape_default()
+                .to_string(),
         ));
     }
     Ok(())
@@ -293,6 +302,10 @@ impl std::fmt::Debug for Accounts {
 }
 
 type Row = (String, Vec<String>, String);
+/// user, hash, expires, last used.
+type TokenRow = (String, Vec<u8>, Option<i64>, Option<i64>);
+/// hash, user, method, csrf, device, last seen, expires.
+type SessionRow = (Vec<u8>, String, String, String, Option<String>, i64, i64);
 
 impl Accounts {
     pub fn new(store: Arc<Store>, gate: Gate, clock: Arc<dyn Clock>) -> Self {
@@ -504,10 +517,7 @@ impl Accounts {
         if self.gate.engine().user_in_entity_files(user) {
             return Ok(false);
         }
-        let existing = self
-            .rows()?
-            .into_iter()
-            .find(|(u, _, _)| u == user);
+        let existing = self.rows()?.into_iter().find(|(u, _, _)| u == user);
         if let Some((_, old, src)) = &existing {
             if src == Source::Cli.as_str() {
                 return Ok(false);
@@ -523,7 +533,11 @@ impl Accounts {
                 principal(user),
                 json!({"user": user, "groups": groups}),
             )
-            .with_outcome(if existing.is_some() { "updated" } else { "created" }),
+            .with_outcome(if existing.is_some() {
+                "updated"
+            } else {
+                "created"
+            }),
         )?;
         self.put_user(user, &groups, source, source.as_str())?;
         Ok(true)
@@ -706,16 +720,18 @@ impl Accounts {
         self.decide(actor, Action::TokenManage)?;
         let user: Option<String> = {
             let conn = self.store.conn()?;
-            conn.query_row(
-                "SELECT user_id FROM api_tokens WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )
+            conn.query_row("SELECT user_id FROM api_tokens WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
             .optional()?
         };
         let Some(user) = user else {
             return Err(AccountsError::UnknownToken(
-                id.chars().take(64).collect::<String>().escape_default().to_string(),
+                id.chars()
+                    .take(64)
+                    .collect::<String>()
+                    .escape_default()
+                    .to_string(),
             ));
         };
         self.audit(Self::admin_record(
@@ -731,7 +747,10 @@ impl Accounts {
 
     /// The user a presented API token acts for: `Some((token id, user))` when the token
     /// exists, matches (constant time) and has not expired.
-    pub fn verify_token(&self, presented: &[u8]) -> Result<Option<(String, String)>, AccountsError> {
+    pub fn verify_token(
+        &self,
+        presented: &[u8],
+    ) -> Result<Option<(String, String)>, AccountsError> {
         let Ok(text) = std::str::from_utf8(presented) else {
             return Ok(None);
         };
@@ -743,7 +762,7 @@ impl Accounts {
         };
         let now = self.clock.now_ms();
         let conn = self.store.conn()?;
-        let row: Option<(String, Vec<u8>, Option<i64>, Option<i64>)> = conn
+        let row: Option<TokenRow> = conn
             .query_row(
                 "SELECT user_id, hash, expires_ms, last_used_ms FROM api_tokens WHERE id = ?1",
                 [id],
@@ -782,14 +801,12 @@ impl Accounts {
         let now = self.clock.now_ms();
         let expires_ms = now.saturating_add(max_ms);
         let groups = serde_json::to_string(&self.groups_of(user)).unwrap_or_else(|_| "[]".into());
-        self.audit(
-            RecordInput::admin(
-                principal(user),
-                "session.start",
-                format!("session:{id}"),
-                json!({"method": method, "device": device, "client": client, "expires_ms": expires_ms}),
-            ),
-        )?;
+        self.audit(RecordInput::admin(
+            principal(user),
+            "session.start",
+            format!("session:{id}"),
+            json!({"method": method, "device": device, "client": client, "expires_ms": expires_ms}),
+        ))?;
         let conn = self.store.conn()?;
         conn.execute(
             "INSERT INTO web_sessions (id, hash, user_id, groups, method, csrf, device_id, client, created_ms, last_seen_ms, expires_ms)
@@ -806,13 +823,17 @@ impl Accounts {
 
     /// The live session a cookie names: it must match, be within its absolute expiry and have
     /// been used within `idle_ms`. An idle or expired session is deleted.
-    pub fn session(&self, cookie: &str, idle_ms: i64) -> Result<Option<SessionInfo>, AccountsError> {
+    pub fn session(
+        &self,
+        cookie: &str,
+        idle_ms: i64,
+    ) -> Result<Option<SessionInfo>, AccountsError> {
         let Some((id, secret)) = split_credential(cookie, '.') else {
             return Ok(None);
         };
         let now = self.clock.now_ms();
         let conn = self.store.conn()?;
-        let row: Option<(Vec<u8>, String, String, String, Option<String>, i64, i64)> = conn
+        let row: Option<SessionRow> = conn
             .query_row(
                 "SELECT hash, user_id, method, csrf, device_id, last_seen_ms, expires_ms FROM web_sessions WHERE id = ?1",
                 [id],
@@ -915,7 +936,14 @@ impl Accounts {
         conn.execute(
             "INSERT INTO devices (id, hash, user_id, status, client, user_agent, created_ms)
              VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
-            params![id, sha256(secret.as_bytes()).to_vec(), user, client, ua, now],
+            params![
+                id,
+                sha256(secret.as_bytes()).to_vec(),
+                user,
+                client,
+                ua,
+                now
+            ],
         )?;
         Ok(NewDevice {
             info: DeviceInfo {
@@ -940,7 +968,9 @@ impl Accounts {
             "SELECT id, user_id, status, client, user_agent, created_ms, decided_ms, decided_by
              FROM devices ORDER BY created_ms, id",
         )?;
-        let list = st.query_map([], device_row)?.collect::<Result<Vec<_>, _>>()?;
+        let list = st
+            .query_map([], device_row)?
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(list)
     }
 
@@ -955,7 +985,11 @@ impl Accounts {
         self.decide(actor, Action::PairingApprove)?;
         let Some(dev) = self.device_by_id(id)? else {
             return Err(AccountsError::UnknownDevice(
-                id.chars().take(64).collect::<String>().escape_default().to_string(),
+                id.chars()
+                    .take(64)
+                    .collect::<String>()
+                    .escape_default()
+                    .to_string(),
             ));
         };
         let wanted = if approve { "approved" } else { "revoked" };
@@ -969,7 +1003,11 @@ impl Accounts {
         self.audit(
             Self::admin_record(
                 actor,
-                if approve { "device.approve" } else { "device.revoke" },
+                if approve {
+                    "device.approve"
+                } else {
+                    "device.revoke"
+                },
                 &format!("device:{id}"),
                 json!({"user": dev.user, "client": dev.client, "user_agent": dev.user_agent}),
             )
@@ -1056,7 +1094,10 @@ mod tests {
         assert_eq!(split_credential("0123456789ABCDEF_secret", '_'), None);
         assert_eq!(split_credential("0123456789abcdef_", '_'), None);
         assert_eq!(split_credential("short", '.'), None);
-        assert_eq!(split_credential("0123456789abcdef.x", '.'), Some(("0123456789abcdef", "x")));
+        assert_eq!(
+            split_credential("0123456789abcdef.x", '.'),
+            Some(("0123456789abcdef", "x"))
+        );
     }
 
     #[test]

@@ -147,16 +147,24 @@ impl Oidc {
         let challenge = b64url(&sha256(verifier.as_bytes()));
         let now = self.accounts.now_ms();
         {
-            let conn = self.accounts.store().conn().map_err(super::AccountsError::from)?;
-            conn.execute(
-                "DELETE FROM oidc_logins WHERE expires_ms < ?1",
-                [now],
-            )
-            .map_err(super::AccountsError::from)?;
+            let conn = self
+                .accounts
+                .store()
+                .conn()
+                .map_err(super::AccountsError::from)?;
+            conn.execute("DELETE FROM oidc_logins WHERE expires_ms < ?1", [now])
+                .map_err(super::AccountsError::from)?;
             conn.execute(
                 "INSERT INTO oidc_logins (state, nonce, verifier, browser, created_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![state, nonce, verifier, sha256(binding.as_bytes()), now, now + LOGIN_TTL_MS],
+                params![
+                    state,
+                    nonce,
+                    verifier,
+                    sha256(binding.as_bytes()),
+                    now,
+                    now + LOGIN_TTL_MS
+                ],
             )
             .map_err(super::AccountsError::from)?;
         }
@@ -184,7 +192,11 @@ impl Oidc {
         let now = self.accounts.now_ms();
         // Consumed first: a state is good for one attempt, whatever happens next.
         let row: Option<(String, String, Vec<u8>)> = {
-            let conn = self.accounts.store().conn().map_err(super::AccountsError::from)?;
+            let conn = self
+                .accounts
+                .store()
+                .conn()
+                .map_err(super::AccountsError::from)?;
             conn.query_row(
                 "UPDATE oidc_logins SET used_ms = ?2
                  WHERE state = ?1 AND used_ms IS NULL AND expires_ms > ?2
@@ -212,7 +224,11 @@ impl Oidc {
             .and_then(Value::as_str)
             .ok_or(LoginError::NonceMismatch)?;
         {
-            let conn = self.accounts.store().conn().map_err(super::AccountsError::from)?;
+            let conn = self
+                .accounts
+                .store()
+                .conn()
+                .map_err(super::AccountsError::from)?;
             let used = conn
                 .query_row(
                     "SELECT 1 FROM oidc_nonces_used WHERE nonce = ?1",
@@ -234,7 +250,8 @@ impl Oidc {
             )
             .map_err(super::AccountsError::from)?;
         }
-        let (user, groups) = user_and_groups(&claims, &self.cfg.user_claim, &self.cfg.groups_claim)?;
+        let (user, groups) =
+            user_and_groups(&claims, &self.cfg.user_claim, &self.cfg.groups_claim)?;
         let groups_applied = self.accounts.provision(&user, &groups, Source::Oidc)?;
         Ok(LoggedIn {
             user,
@@ -298,7 +315,12 @@ impl Oidc {
             .map_err(|e| LoginError::Secret(e.to_string()))
     }
 
-    async fn exchange(&self, d: &Discovery, code: &str, verifier: &str) -> Result<String, LoginError> {
+    async fn exchange(
+        &self,
+        d: &Discovery,
+        code: &str,
+        verifier: &str,
+    ) -> Result<String, LoginError> {
         let host = host_of(&d.token_endpoint)
             .ok_or_else(|| LoginError::Discovery("token_endpoint has no host".into()))?;
         let secret = self.client_secret(&host)?;
@@ -352,7 +374,10 @@ impl Oidc {
             return Err(LoginError::Exchange(format!(
                 "HTTP {} {}",
                 status.as_u16(),
-                err.chars().filter(|c| c.is_ascii_graphic()).take(64).collect::<String>()
+                err.chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(64)
+                    .collect::<String>()
             )));
         }
         v.get("id_token")

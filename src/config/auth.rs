@@ -192,14 +192,15 @@ impl OidcConfig {
         if self.client_id.trim().is_empty() {
             return Err("[auth.oidc] client_id is required when issuer is set".into());
         }
-        if !(self.redirect_uri.starts_with("https://")
-            || secure_or_loopback(&self.redirect_uri))
+        if !(self.redirect_uri.starts_with("https://") || secure_or_loopback(&self.redirect_uri))
             || !self.redirect_uri.ends_with("/auth/callback")
         {
             return Err("[auth.oidc] redirect_uri must be the gateway's https://HOST/auth/callback (or http://127.0.0.1:PORT/auth/callback on loopback)".into());
         }
         if self.user_claim.trim().is_empty() {
-            return Err("[auth.oidc] user_claim may not be empty (e.g. \"email\" or \"sub\")".into());
+            return Err(
+                "[auth.oidc] user_claim may not be empty (e.g. \"email\" or \"sub\")".into(),
+            );
         }
         if !self.scopes.iter().any(|s| s == "openid") {
             return Err("[auth.oidc] scopes must include \"openid\"".into());
@@ -220,7 +221,9 @@ impl ProxyConfig {
         }
         let h = &self.header;
         if !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-            return Err("[auth.proxy] header must be an HTTP header name (letters, digits, -)".into());
+            return Err(
+                "[auth.proxy] header must be an HTTP header name (letters, digits, -)".into(),
+            );
         }
         if h.eq_ignore_ascii_case("authorization") || h.eq_ignore_ascii_case("cookie") {
             return Err("[auth.proxy] header may not be Authorization or Cookie".into());

@@ -331,7 +331,13 @@ pub fn cookie<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a 
 
 /// A `Set-Cookie` value: `HttpOnly`, `Path=/`, the given `SameSite`, `Secure` when the
 /// browser reaches the gateway over TLS; `max_age` 0 deletes the cookie.
-pub fn set_cookie(name: &str, value: &str, max_age_s: i64, secure: bool, same_site: &str) -> String {
+pub fn set_cookie(
+    name: &str,
+    value: &str,
+    max_age_s: i64,
+    secure: bool,
+    same_site: &str,
+) -> String {
     let mut c = format!(
         "{name}={value}; Path=/; HttpOnly; SameSite={same_site}; Max-Age={}",
         max_age_s.max(0)
@@ -391,9 +397,7 @@ impl AuthFailure {
             // Kept word for word (the web page and clients match it); it also covers an
             // API token that is unknown, revoked or expired.
             Self::Wrong => "the token is not the gateway token",
-            Self::Session => {
-                "the session has expired or was ended; sign in again at /auth/login"
-            }
+            Self::Session => "the session has expired or was ended; sign in again at /auth/login",
             Self::ProxyToken => {
                 "the identity proxy's token does not verify; sign in through the proxy again"
             }
@@ -614,9 +618,14 @@ mod tests {
         let mut h = axum::http::HeaderMap::new();
         h.append(
             axum::http::header::COOKIE,
-            "a=1; chitin_session_x=evil; chitin_session=abc.def".parse().unwrap(),
+            "a=1; chitin_session_x=evil; chitin_session=abc.def"
+                .parse()
+                .unwrap(),
         );
-        h.append(axum::http::header::COOKIE, "chitin_device=dev".parse().unwrap());
+        h.append(
+            axum::http::header::COOKIE,
+            "chitin_device=dev".parse().unwrap(),
+        );
         assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc.def"));
         assert_eq!(cookie(&h, DEVICE_COOKIE), Some("dev"));
         assert_eq!(cookie(&h, "missing"), None);
@@ -624,7 +633,10 @@ mod tests {
         assert!(!csrf_matches(Some("to"), "tok"));
         assert!(!csrf_matches(None, "tok"));
         let c = set_cookie(SESSION_COOKIE, "v", 60, true, "Strict");
-        assert_eq!(c, "chitin_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=60; Secure");
+        assert_eq!(
+            c,
+            "chitin_session=v; Path=/; HttpOnly; SameSite=Strict; Max-Age=60; Secure"
+        );
     }
 
     #[test]

@@ -56,7 +56,12 @@ fn refused(status: StatusCode, code: &str, message: &str) -> Box<Response> {
 /// Whether the gateway's cookies get `Secure`: it serves TLS itself, or single sign-on
 /// returns to an https:// address (a TLS-terminating proxy in front).
 fn secure(app: &App) -> bool {
-    app.tls_on || read(&app.config).auth.oidc.redirect_uri.starts_with("https://")
+    app.tls_on
+        || read(&app.config)
+            .auth
+            .oidc
+            .redirect_uri
+            .starts_with("https://")
 }
 
 fn device_pending(id: &str) -> Box<Response> {
@@ -73,26 +78,24 @@ fn device_pending(id: &str) -> Box<Response> {
     Box::new(resp)
 }
 
-fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::accounts::AccountsError> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T, Box<Response>>> {
-    async move {
-        match tokio::task::spawn_blocking(f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => {
-                warn!(error = %e, "accounts store failed during authentication");
-                Err(refused(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "accounts_unavailable",
-                    "the accounts store could not be read; see the gateway log",
-                ))
-            }
-            Err(_) => Err(refused(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "authentication failed to run",
-            )),
+) -> Result<T, Box<Response>> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            warn!(error = %e, "accounts store failed during authentication");
+            Err(refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "accounts_unavailable",
+                "the accounts store could not be read; see the gateway log",
+            ))
         }
+        Err(_) => Err(refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "authentication failed to run",
+        )),
     }
 }
 
@@ -168,7 +171,11 @@ pub(in crate::gateway) async fn authenticate(
             ));
         }
         let groups = app.accounts.groups_of(&s.user);
-        return Ok(AuthedUser::new(s.user, groups, AuthMethod::Session { id: s.id }));
+        return Ok(AuthedUser::new(
+            s.user,
+            groups,
+            AuthMethod::Session { id: s.id },
+        ));
     }
     if let Some(proxy) = app.proxy_auth.clone()
         && let Some(v) = headers.get(proxy.header()).and_then(|v| v.to_str().ok())
@@ -349,7 +356,13 @@ async fn start_session(
         } else {
             None
         };
-        let s = acc.create_session(&user2, method, device.as_deref(), &client.to_string(), max_ms)?;
+        let s = acc.create_session(
+            &user2,
+            method,
+            device.as_deref(),
+            &client.to_string(),
+            max_ms,
+        )?;
         Ok((s, new_device, pending))
     })
     .await?;
@@ -381,7 +394,11 @@ async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
         let binding = match crate::accounts::random::<32>() {
             Ok(b) => crate::accounts::b64url(&b),
             Err(e) => {
-                return error_body(StatusCode::INTERNAL_SERVER_ERROR, "internal", &e.to_string());
+                return error_body(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    &e.to_string(),
+                );
             }
         };
         return match oidc.begin(&binding).await {
@@ -426,7 +443,11 @@ async fn authenticate_proxy_for_login(
     headers: &HeaderMap,
 ) -> Result<String, Box<Response>> {
     let Some(proxy) = app.proxy_auth.clone() else {
-        return Err(refused(StatusCode::NOT_FOUND, "not_configured", "no identity proxy is configured"));
+        return Err(refused(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            "no identity proxy is configured",
+        ));
     };
     let Some(v) = headers.get(proxy.header()).and_then(|v| v.to_str().ok()) else {
         return Err(Box::new(auth_failed(app, client, AuthFailure::Missing)));
@@ -436,8 +457,11 @@ async fn authenticate_proxy_for_login(
         Ok((user, groups)) => {
             let acc = app.accounts.clone();
             let (u2, g2) = (user.clone(), groups);
-            blocking(move || acc.provision(&u2, &g2, crate::accounts::Source::Proxy).map(|_| ()))
-                .await?;
+            blocking(move || {
+                acc.provision(&u2, &g2, crate::accounts::Source::Proxy)
+                    .map(|_| ())
+            })
+            .await?;
             Ok(user)
         }
         Err(e) => {
@@ -505,7 +529,11 @@ async fn callback(
 ) -> Response {
     let client = client_of(&req);
     let Some(oidc) = app.oidc.clone() else {
-        return error_body(StatusCode::NOT_FOUND, "not_configured", &LoginError::NotConfigured.to_string());
+        return error_body(
+            StatusCode::NOT_FOUND,
+            "not_configured",
+            &LoginError::NotConfigured.to_string(),
+        );
     };
     let fail = |e: LoginError| {
         warn!(code = e.code(), error = %e, "single sign-on refused");
@@ -518,11 +546,18 @@ async fn callback(
             _ => StatusCode::UNAUTHORIZED,
         };
         let mut resp = error_body(status, e.code(), &e.to_string());
-        add_cookie(&mut resp, &auth::set_cookie(LOGIN_COOKIE, "", 0, secure(&app), "Lax"));
+        add_cookie(
+            &mut resp,
+            &auth::set_cookie(LOGIN_COOKIE, "", 0, secure(&app), "Lax"),
+        );
         resp
     };
     if let Some(err) = q.error {
-        let text: String = err.chars().filter(char::is_ascii_graphic).take(64).collect();
+        let text: String = err
+            .chars()
+            .filter(char::is_ascii_graphic)
+            .take(64)
+            .collect();
         return fail(LoginError::Provider(text));
     }
     let (Some(code), Some(state)) = (q.code, q.state) else {
@@ -530,7 +565,9 @@ async fn callback(
             "the callback needs `code` and `state`".into(),
         ));
     };
-    let binding = auth::cookie(req.headers(), LOGIN_COOKIE).unwrap_or("").to_string();
+    let binding = auth::cookie(req.headers(), LOGIN_COOKIE)
+        .unwrap_or("")
+        .to_string();
     match oidc.finish(&state, &code, &binding).await {
         Ok(who) => finish_page(&app, &who.user, "oidc", client, req.headers()).await,
         Err(e) => fail(e),
@@ -543,10 +580,7 @@ async fn session(State(app): State<Arc<App>>, req: Request) -> Response {
     let client = client_of(&req);
     let headers = req.headers();
     let has_session = auth::cookie(headers, SESSION_COOKIE).is_some();
-    if !has_session
-        && !headers.contains_key(header::AUTHORIZATION)
-        && app.proxy_auth.is_some()
-    {
+    if !has_session && !headers.contains_key(header::AUTHORIZATION) && app.proxy_auth.is_some() {
         let user = match authenticate_proxy_for_login(&app, client, headers).await {
             Ok(u) => u,
             Err(resp) => return *resp,
@@ -585,7 +619,9 @@ async fn session(State(app): State<Arc<App>>, req: Request) -> Response {
     if let AuthMethod::Session { id } = user.method() {
         let (acc, c, idle) = (
             app.accounts.clone(),
-            auth::cookie(headers, SESSION_COOKIE).unwrap_or("").to_string(),
+            auth::cookie(headers, SESSION_COOKIE)
+                .unwrap_or("")
+                .to_string(),
             session_idle_ms(&app),
         );
         if let Ok(Some(s)) = blocking(move || acc.session(&c, idle)).await {

@@ -1473,7 +1473,7 @@ async fn invoke_handler(
     match tokio::task::spawn_blocking(move || {
         span.in_scope(|| run_tool(&app2, user.id(), &body, &session))
     })
-        .await
+    .await
     {
         Ok(resp) => resp,
         Err(e) => {

@@ -1194,7 +1194,8 @@ impl PolicyEngine {
     /// user the store does not know.
     pub fn groups_of(&self, user: &str) -> Vec<String> {
         let active = self.active();
-        let Ok(uid) = format!("Chitin::User::{}", Value::String(user.to_string())).parse::<EntityUid>()
+        let Ok(uid) =
+            format!("Chitin::User::{}", Value::String(user.to_string())).parse::<EntityUid>()
         else {
             return Vec::new();
         };
@@ -1230,10 +1231,11 @@ impl PolicyEngine {
     /// Whether the entity files (not the managed store) define `Chitin::User::"<user>"`.
     pub fn user_in_entity_files(&self, user: &str) -> bool {
         let key = format!("Chitin::User::{user:?}");
-        self.active()
-            .files
-            .iter()
-            .any(|f| f.json.as_array().is_some_and(|a| a.iter().any(|v| uid_key(v) == key)))
+        self.active().files.iter().any(|f| {
+            f.json
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| uid_key(v) == key))
+        })
     }
 
     /// The active set with `managed` as the managed entities (same policies, same entity

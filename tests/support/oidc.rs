@@ -5,10 +5,7 @@
 //! the PKCE verifier against the challenge and the client's credentials, and returns a signed
 //! ID token). [`Behavior`] makes it misbehave the ways tests need (wrong audience, expired,
 //! signed by a key it does not publish, an unknown kid, a chosen nonce).
-#![allow(
-    dead_code,
-    reason = "each test file uses a different part of the fake"
-)]
+#![allow(dead_code, reason = "each test file uses a different part of the fake")]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -85,7 +82,6 @@ pub struct FakeIssuer {
     rogue: Arc<Vec<u8>>,
     jwk: Value,
 }
-
 
 fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
@@ -301,7 +297,8 @@ fn serve(
             let ok = q.get("response_type").map(String::as_str) == Some("code")
                 && q.get("client_id").map(String::as_str) == Some(CLIENT_ID)
                 && q.get("code_challenge_method").map(String::as_str) == Some("S256")
-                && q.get("scope").is_some_and(|s| s.split(' ').any(|x| x == "openid"));
+                && q.get("scope")
+                    .is_some_and(|s| s.split(' ').any(|x| x == "openid"));
             if !ok {
                 respond(&mut s, "400 Bad Request", &[], "bad authorization request");
                 return Ok(());
@@ -346,7 +343,12 @@ fn serve(
             let code = f.get("code").cloned().unwrap_or_default();
             let Some(c) = g.codes.remove(&code) else {
                 drop(g);
-                respond(&mut s, "400 Bad Request", &json_type, r#"{"error":"invalid_grant"}"#);
+                respond(
+                    &mut s,
+                    "400 Bad Request",
+                    &json_type,
+                    r#"{"error":"invalid_grant"}"#,
+                );
                 return Ok(());
             };
             let verifier = f.get("code_verifier").cloned().unwrap_or_default();
@@ -357,7 +359,12 @@ fn serve(
                 && pkce_ok;
             if !ok {
                 drop(g);
-                respond(&mut s, "400 Bad Request", &json_type, r#"{"error":"invalid_grant"}"#);
+                respond(
+                    &mut s,
+                    "400 Bad Request",
+                    &json_type,
+                    r#"{"error":"invalid_grant"}"#,
+                );
                 return Ok(());
             }
             let nonce = b.nonce.clone().unwrap_or(c.nonce);
