@@ -808,6 +808,8 @@ impl Accounts {
             json!({"method": method, "device": device, "client": client, "expires_ms": expires_ms}),
         ))?;
         let conn = self.store.conn()?;
+        // Sessions past their absolute end are never presented again: dropped here.
+        conn.execute("DELETE FROM web_sessions WHERE expires_ms <= ?1", [now])?;
         conn.execute(
             "INSERT INTO web_sessions (id, hash, user_id, groups, method, csrf, device_id, client, created_ms, last_seen_ms, expires_ms)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",

@@ -249,6 +249,13 @@ impl Oidc {
                 params![got, now],
             )
             .map_err(super::AccountsError::from)?;
+            // A nonce is only ever sent by a login that lives LOGIN_TTL_MS, so remembering
+            // used ones for a day covers every ID token that could still carry one.
+            conn.execute(
+                "DELETE FROM oidc_nonces_used WHERE used_ms < ?1",
+                [now - 86_400_000],
+            )
+            .map_err(super::AccountsError::from)?;
         }
         let (user, groups) =
             user_and_groups(&claims, &self.cfg.user_claim, &self.cfg.groups_claim)?;

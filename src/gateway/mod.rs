@@ -771,6 +771,10 @@ fn reload(app: &App) {
                     "audit",
                     format!("{:?}", old.audit) != format!("{:?}", new.audit),
                 ),
+                (
+                    "auth.oidc / auth.proxy",
+                    old.auth.oidc != new.auth.oidc || old.auth.proxy != new.auth.proxy,
+                ),
             ];
             for (key, changed) in needs_restart {
                 if changed {
