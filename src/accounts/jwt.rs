@@ -77,6 +77,8 @@ pub enum LoginError {
     Exchange(String),
     #[error("the client secret could not be released: {0}")]
     Secret(String),
+    #[error("too many sign-ins are in progress; try again in a few minutes")]
+    Busy,
     #[error(transparent)]
     Accounts(#[from] super::AccountsError),
 }
@@ -104,6 +106,7 @@ impl LoginError {
             Self::Jwks(_) => "jwks_failed",
             Self::Exchange(_) => "exchange_failed",
             Self::Secret(_) => "secret_unavailable",
+            Self::Busy => "busy",
             Self::Accounts(_) => "accounts_error",
         }
     }

@@ -23,6 +23,8 @@ use crate::policy::{Action, PolicyRequest};
 
 /// How long a started login may take.
 pub const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;
+/// Logins that may be in flight at once (started, not finished, not expired).
+pub const MAX_OPEN_LOGINS: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 struct Discovery {
@@ -154,6 +156,14 @@ impl Oidc {
                 .map_err(super::AccountsError::from)?;
             conn.execute("DELETE FROM oidc_logins WHERE expires_ms < ?1", [now])
                 .map_err(super::AccountsError::from)?;
+            // Anyone may start a login: a bound on the ones in flight keeps that from filling
+            // the database.
+            let open: i64 = conn
+                .query_row("SELECT count(*) FROM oidc_logins", [], |r| r.get(0))
+                .map_err(super::AccountsError::from)?;
+            if open >= MAX_OPEN_LOGINS {
+                return Err(LoginError::Busy);
+            }
             conn.execute(
                 "INSERT INTO oidc_logins (state, nonce, verifier, browser, created_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

@@ -375,6 +375,8 @@ pub enum AuthFailure {
     Session,
     /// A trusted proxy's token that does not verify.
     ProxyToken,
+    /// A single sign-on callback with an unknown, used or foreign login state.
+    LoginState,
 }
 
 impl AuthFailure {
@@ -386,6 +388,7 @@ impl AuthFailure {
             Self::QueryToken => "query_token",
             Self::Session => "session",
             Self::ProxyToken => "proxy_token",
+            Self::LoginState => "login_state",
         }
     }
     pub fn message(self) -> &'static str {
@@ -400,6 +403,9 @@ impl AuthFailure {
             Self::Session => "the session has expired or was ended; sign in again at /auth/login",
             Self::ProxyToken => {
                 "the identity proxy's token does not verify; sign in through the proxy again"
+            }
+            Self::LoginState => {
+                "the login state is unknown, expired or already used; start again at /auth/login"
             }
             Self::QueryToken => {
                 "tokens are never accepted in the URL; send `Authorization: Bearer <token>` and rotate a token that was put in a URL (`chitin token rotate`)"

@@ -418,7 +418,11 @@ async fn login(State(app): State<Arc<App>>, req: Request) -> Response {
             }
             Err(e) => {
                 warn!(error = %e, "single sign-on could not start");
-                error_body(StatusCode::BAD_GATEWAY, e.code(), &e.to_string())
+                let status = match e {
+                    LoginError::Busy | LoginError::Accounts(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                error_body(status, e.code(), &e.to_string())
             }
         };
     }
@@ -537,7 +541,20 @@ async fn callback(
     };
     let fail = |e: LoginError| {
         warn!(code = e.code(), error = %e, "single sign-on refused");
-        audit_login(&app, "oidc", None, client, Err(&e));
+        match e {
+            // Anyone can send these without having started a login: counted and audited in
+            // bounded form, like other failed authentications.
+            LoginError::StateUnknown | LoginError::OtherBrowser | LoginError::Malformed(_) => {
+                let f = super::record_failure(&app, client, AuthFailure::LoginState);
+                if let Some(remaining) = f.throttled {
+                    return super::rate_limited(remaining);
+                }
+                if f.audit_now {
+                    audit_login(&app, "oidc", None, client, Err(&e));
+                }
+            }
+            _ => audit_login(&app, "oidc", None, client, Err(&e)),
+        }
         let status = match e {
             LoginError::Discovery(_) | LoginError::Jwks(_) | LoginError::Exchange(_) => {
                 StatusCode::BAD_GATEWAY
