@@ -385,6 +385,27 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX workflow_pauses_approval ON workflow_pauses(approval_id);
      ALTER TABLE approvals ADD COLUMN required_approver TEXT;
      ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
+    // 13: automation durability and sealing. `cron_jobs.job_sealed`: the job's JSON sealed
+    // with its user's data key (the prompt is user text); `job_json` is emptied by the job
+    // store when it seals a row written before this version. `hook_deliveries.body`: a
+    // workflow target's body, sealed with the hook user's key (`subject`), stored before the
+    // 2xx and dropped once the run has started, so a stop between the answer and the start
+    // loses nothing. `workflow_state`: the values of the pipeline stages `state.set` /
+    // `state.get` / `diff.last`, per owner and workflow, sealed.
+    "ALTER TABLE cron_jobs ADD COLUMN job_sealed BLOB;
+     ALTER TABLE hook_deliveries ADD COLUMN body BLOB;
+     ALTER TABLE hook_deliveries ADD COLUMN subject TEXT;
+     CREATE INDEX hook_deliveries_pending ON hook_deliveries(status) WHERE body IS NOT NULL;
+     CREATE TABLE workflow_state (
+        owner        TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        workflow     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        value        BLOB NOT NULL,
+        updated_ms   INTEGER NOT NULL,
+        PRIMARY KEY (owner, workflow, key)
+     ) STRICT;
+     CREATE INDEX workflow_state_subject ON workflow_state(subject);",
 ];
 
 /// The state database.

@@ -196,6 +196,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         channels
             .as_ref()
             .map(crate::gateway::channels::ChannelsRuntime::messenger),
+        Arc::clone(&vault) as Arc<dyn crate::agent::Sealer>,
     )?;
     // The agent's `send_message` delivers through the channels' outbox (only with channels);
     // its `cron` tool keeps jobs in the automation's store.
@@ -306,7 +307,8 @@ impl crate::automation::WorkflowLauncher for RunnerLauncher {
             args: Some(args),
             principal: principal.to_string(),
             origin: crate::gate::Origin::Automation,
-            session: None,
+            // A webhook delivery's run has the delivery as its session: started once.
+            session: origin.starts_with("hook:").then(|| origin.to_string()),
             tainted: origin.starts_with("hook:"),
         };
         // Called on the blocking pool (`automation::run`), inside the gateway's runtime.

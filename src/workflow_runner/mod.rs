@@ -687,6 +687,20 @@ impl Runner {
 
     async fn start_inner(&self, req: StartRequest) -> Result<Envelope, (Failure, Option<String>)> {
         let no_run = |f: Failure| (f, None);
+        // A webhook delivery's run is started once: its session names the delivery, and a
+        // second start (the next gateway starting a delivery the last one had claimed) gets
+        // the first run's envelope, once that run no longer runs.
+        if let Some(s) = req.session.as_deref().filter(|s| s.starts_with("hook:"))
+            && let Some(run) = self.0.runs.run_of_session(s).map_err(|e| no_run(e.into()))?
+        {
+            loop {
+                let now = self.0.runs.run(&run.id).map_err(|e| no_run(e.into()))?;
+                if now.as_ref().is_none_or(|r| r.status != "running") {
+                    return Ok(self.envelope_of(&run.id));
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         let loc = self
             .locate(&req.file, req.origin)
             .map_err(|m| no_run(Failure::runtime(m)))?;

@@ -224,6 +224,21 @@ impl RunStore {
         raws.into_iter().map(|r| self.finish_raw(r)).collect()
     }
 
+    /// The top-level run of a session, the oldest first (a trigger's session names one
+    /// delivery: at most one run).
+    pub fn run_of_session(&self, session: &str) -> Result<Option<RunRow>, RunStoreError> {
+        let raw = {
+            let conn = self.store.conn()?;
+            conn.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM workflow_runs WHERE session = ?1 AND parent_run IS NULL ORDER BY created_ms, id LIMIT 1"),
+                [session],
+                raw_run,
+            )
+            .optional()?
+        };
+        raw.map(|r| self.finish_raw(r)).transpose()
+    }
+
     /// Runs in `status`.
     pub fn with_status(&self, status: &str) -> Result<Vec<RunRow>, RunStoreError> {
         let raws: Vec<RawRun> = {
