@@ -195,6 +195,14 @@ fn erase_with(
             )?;
         }
         tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", [&s])?;
+        // What their workflows kept (`state.set`) and their webhook deliveries' stored bodies.
+        tx.execute("DELETE FROM workflow_state WHERE subject = ?1", [&s])?;
+        tx.execute(
+            "UPDATE hook_deliveries SET body = NULL, status = CASE WHEN status IN ('accepted', 'started') THEN 'failed' ELSE status END,
+                    result = CASE WHEN status IN ('accepted', 'started') THEN 'erased before it started' ELSE result END
+             WHERE subject = ?1 AND body IS NOT NULL",
+            [&s],
+        )?;
         // Chat: the messages they sent, the identities paired to them (and the pairing
         // requests naming them), the jobs they added and those jobs' firings.
         tx.execute("DELETE FROM channel_events WHERE subject = ?1", [&s])?;
