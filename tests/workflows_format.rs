@@ -574,7 +574,9 @@ steps:
     let StepKind::Parallel(p) = &wf.steps[1].kind else {
         panic!()
     };
-    let b = branch_command(&wf, &wf.steps[1], &p.branches[0], &args, Some(&rs)).unwrap();
+    let b = branch_command(&wf, &wf.steps[1], &p.branches[0], &args, Some(&rs))
+        .unwrap()
+        .unwrap();
     assert_eq!(b.text, "echo 'a b'");
     assert_eq!(
         (
@@ -585,7 +587,9 @@ steps:
         ("branch", "s", "w")
     );
     assert_eq!(b.cwd.as_deref(), Some("/s"));
-    let c = branch_command(&wf, &wf.steps[1], &p.branches[1], &args, Some(&rs)).unwrap();
+    let c = branch_command(&wf, &wf.steps[1], &p.branches[1], &args, Some(&rs))
+        .unwrap()
+        .unwrap();
     assert_eq!(c.text, "echo '[\"x y\"]\n'");
     assert_eq!(
         (c.env["LEVEL"].as_str(), c.cwd.as_deref()),
@@ -595,7 +599,9 @@ steps:
         panic!()
     };
     let it = rs.for_iteration(&f.item_var, &json!("x y"), &f.index_var, 0);
-    let one = sub_step_command(&wf, &wf.steps[2], &f.steps[0], &args, Some(&it)).unwrap();
+    let one = sub_step_command(&wf, &wf.steps[2], &f.steps[0], &args, Some(&it))
+        .unwrap()
+        .unwrap();
     assert_eq!(one.text, "echo 'x y' '0'");
     assert_eq!(
         (one.env["LEVEL"].as_str(), one.env["ITEM"].as_str()),

@@ -1210,3 +1210,199 @@ fn a_workflow_the_model_wrote_in_its_session_runs_only_after_a_person_approves()
     assert_eq!(sum.tool_calls[1].outcome, "ok", "{sum:?}");
     assert!(e.ws.join("ran-by-model").exists());
 }
+
+// ---- pauses inside parallel branches and for_each bodies ----------------------------------
+
+fn lines(e: &Env, name: &str) -> Vec<String> {
+    std::fs::read_to_string(e.ws.join(name))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const PARALLEL_GATE: &str = "steps:\n  - id: both\n    parallel:\n      branches:\n        - id: fast\n          run: echo fast >> fast.log; printf fast\n        - id: publish\n          run: echo built >> publish.log; echo '{\"artifact\":\"app-1.2.tgz\"}'\n          approval: Publish the build?\n  - id: after\n    run: echo after >> after.log; printf '%s %s %s' $publish.approved $fast.stdout $publish.json.artifact\n";
+
+/// An approval gate in a parallel branch pauses the run like a top-level gate: the other
+/// branches finish and are kept, and after the approval (given to a new runner, as after a
+/// restart) the run goes on from there without running any branch again.
+#[test]
+fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart() {
+    let e = env();
+    write(&e, "par.lobster", PARALLEL_GATE);
+    let env = start(&runner(&e), "par.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let req = &env.value["requiresApproval"];
+    assert_eq!(req["prompt"], "Publish the build?");
+    assert_eq!(req["items"], json!([{"artifact": "app-1.2.tgz"}]));
+    assert_eq!(lines(&e, "fast.log"), ["fast"]);
+    assert_eq!(lines(&e, "publish.log"), ["built"]);
+    assert!(lines(&e, "after.log").is_empty());
+    // The paused place is recorded: the branch, inside its step.
+    let run_id = env.run_id.clone().unwrap();
+    let show = runner(&e).show(&run_id).unwrap();
+    assert_eq!(show["status"], "paused");
+    // A new runner over the same state (a restart) continues it.
+    let r2 = runner(&e);
+    let done = resume(
+        &r2,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(ok_output(&done), vec![json!("true fast app-1.2.tgz")]);
+    assert_eq!(lines(&e, "fast.log"), ["fast"], "a branch ran twice");
+    assert_eq!(lines(&e, "publish.log"), ["built"], "a branch ran twice");
+    assert_eq!(lines(&e, "after.log"), ["after"]);
+    // The token was used up.
+    let again = resume(
+        &r2,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert!(error_message(&again).contains("already resumed"));
+}
+
+#[test]
+fn denying_a_gate_in_a_parallel_branch_cancels_the_run() {
+    let e = env();
+    write(&e, "par.lobster", PARALLEL_GATE);
+    let r = runner(&e);
+    let env = start(&r, "par.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert!(lines(&e, "after.log").is_empty());
+    assert_eq!(lines(&e, "publish.log"), ["built"]);
+}
+
+/// A call in a parallel branch that policy wants approved pauses the run; approved, only that
+/// branch runs (the call it asked about), its sibling is not run again.
+#[test]
+fn a_policy_approval_in_a_parallel_branch_pauses_and_only_that_branch_runs_after_it() {
+    let e = env_with(Some(
+        "@id(\"test.danger-needs-approval\")\n@reason(\"test\")\nforbid (principal, action == Chitin::Action::\"exec\", resource)\nwhen { context has step && context.step == \"danger\" }\nunless { context.approved };\n",
+    ));
+    write(
+        &e,
+        "pol.lobster",
+        "steps:\n  - id: both\n    parallel:\n      branches:\n        - id: safe\n          run: echo safe >> safe.log; printf safe\n        - id: danger\n          run: echo danger >> danger.log; printf danger\n  - id: after\n    run: printf '%s+%s' $safe.stdout $danger.stdout\n",
+    );
+    let env = start(&runner(&e), "pol.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(lines(&e, "safe.log"), ["safe"]);
+    assert!(lines(&e, "danger.log").is_empty());
+    let id = env.approval_id.clone().unwrap();
+    let r2 = runner(&e);
+    assert_eq!(r2.approvals().get(&id).unwrap().tool, "exec");
+    let done = resume(&r2, ResumeKey::Id(id), Intent::Approve(true), "owner");
+    assert_eq!(ok_output(&done), vec![json!("safe+danger")]);
+    assert_eq!(lines(&e, "safe.log"), ["safe"], "the sibling ran twice");
+    assert_eq!(lines(&e, "danger.log"), ["danger"]);
+}
+
+const LOOP_GATE: &str = "steps:\n  - id: list\n    run: echo '[\"a.tmp\", \"b.tmp\", \"c.tmp\"]'\n  - id: clean\n    for_each: $list.json\n    steps:\n      - id: note\n        run: printf '%s\\n' $item.json >> seen.log\n      - id: confirm\n        approval: Delete this file?\n      - id: rm\n        when: $confirm.approved\n        run: printf '%s\\n' $item.json >> deleted.log; printf '%s' $item.json\n";
+
+/// An approval gate in a for_each body asks once per item, showing the item; each approval
+/// continues exactly there (earlier items and sub-steps are not run again, also across a
+/// restart), and a denial cancels the run.
+#[test]
+fn an_approval_gate_in_a_for_each_body_asks_per_item_and_resumes_exactly_there() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let env = start(&runner(&e), "loop.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(env.value["requiresApproval"]["prompt"], "Delete this file?");
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["a.tmp"]));
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp"]);
+    // Approve item a with a new runner (a restart in between).
+    let env = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["b.tmp"]));
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+    // Item b by its approval id.
+    let env = resume(
+        &runner(&e),
+        ResumeKey::Id(env.approval_id.clone().unwrap()),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["c.tmp"]));
+    // Item c denied: the run is cancelled, nothing more runs.
+    let r = runner(&e);
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp", "b.tmp"]);
+}
+
+#[test]
+fn a_for_each_body_whose_gates_are_all_approved_finishes_with_each_items_results() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let r = runner(&e);
+    let mut env = start(&r, "loop.lobster", json!({}));
+    for _ in 0..3 {
+        assert_eq!(env.status(), "needs_approval", "{}", env.value);
+        env = resume(
+            &r,
+            ResumeKey::Token(token(&env)),
+            Intent::Approve(true),
+            "owner",
+        );
+    }
+    let out = ok_output(&env);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[2]["item"], "c.tmp");
+    assert_eq!(out[2]["rm"], "c.tmp");
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+}
+
+/// A call policy wants approved inside a for_each body pauses at that item; approved, the
+/// loop goes on from that item (the earlier items' calls are not made again).
+#[test]
+fn a_policy_approval_in_a_for_each_body_pauses_at_its_item() {
+    let e = env_with(Some(
+        "@id(\"test.danger-needs-approval\")\n@reason(\"test\")\nforbid (principal, action == Chitin::Action::\"exec\", resource)\nwhen { context has step && context.step == \"danger\" }\nunless { context.approved };\n",
+    ));
+    write(
+        &e,
+        "polloop.lobster",
+        "steps:\n  - id: list\n    run: echo '[1, 2]'\n  - id: each\n    for_each: $list.json\n    steps:\n      - id: safe\n        run: printf '%s\\n' $item.json >> safe.log\n      - id: danger\n        run: printf '%s\\n' $item.json >> danger.log\n",
+    );
+    let r = runner(&e);
+    let mut env = start(&r, "polloop.lobster", json!({}));
+    for n in 1..=2 {
+        assert_eq!(env.status(), "needs_approval", "{}", env.value);
+        let a = r.approvals().get(env.approval_id.as_ref().unwrap()).unwrap();
+        assert!(a.summary.contains(&format!("printf")), "{}", a.summary);
+        assert_eq!(lines(&e, "safe.log").len(), n);
+        env = resume(
+            &runner(&e),
+            ResumeKey::Token(token(&env)),
+            Intent::Approve(true),
+            "owner",
+        );
+    }
+    assert_eq!(env.status(), "ok", "{}", env.value);
+    assert_eq!(lines(&e, "safe.log"), ["1", "2"]);
+    assert_eq!(lines(&e, "danger.log"), ["1", "2"]);
+}
