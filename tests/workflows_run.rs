@@ -1406,3 +1406,148 @@ fn a_policy_approval_in_a_for_each_body_pauses_at_its_item() {
     assert_eq!(lines(&e, "safe.log"), ["1", "2"]);
     assert_eq!(lines(&e, "danger.log"), ["1", "2"]);
 }
+
+// ---- pipeline gates, state and filters -----------------------------------------------------
+
+const APPROVE_PIPE: &str = r#"{"name": "send", "steps": [{"id": "send", "pipeline": "exec --json \"printf x >> ran.log; printf '[1,2,3]'\" | approve --prompt \"Send these?\" --preview-from-stdin --limit 2 | exec --stdin json \"cat > sent.json\""}]}"#;
+
+/// `approve` in a pipeline pauses the run with the items it holds; approved, the pipeline
+/// goes on after it with those items (the stages before it are not run again); denied, the
+/// run is cancelled and the stages after it never run.
+#[test]
+fn a_pipeline_approve_stage_pauses_and_goes_on_after_it_with_its_items() {
+    let e = env();
+    write(&e, "send.json", APPROVE_PIPE);
+    let env = start(&runner(&e), "send.json", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let req = &env.value["requiresApproval"];
+    assert_eq!(req["prompt"], "Send these?");
+    assert_eq!(req["items"], json!([1, 2, 3]));
+    assert_eq!(req["preview"], "[\n  1,\n  2\n]");
+    assert!(!e.ws.join("sent.json").exists());
+    let done = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(done.status(), "ok", "{}", done.value);
+    let sent: Value =
+        serde_json::from_str(&std::fs::read_to_string(e.ws.join("sent.json")).unwrap()).unwrap();
+    assert_eq!(sent, json!([1, 2, 3]));
+    assert_eq!(lines(&e, "ran.log"), ["x"], "a stage before the gate ran again");
+    // Denied: cancelled, the next stage never runs.
+    std::fs::remove_file(e.ws.join("sent.json")).unwrap();
+    let r = runner(&e);
+    let env = start(&r, "send.json", json!({}));
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert!(!e.ws.join("sent.json").exists());
+}
+
+/// `ask` pauses for an answer matching its schema; the answer is the next stage's item.
+#[test]
+fn a_pipeline_ask_stage_takes_an_answer_that_matches_its_schema() {
+    let e = env();
+    write(
+        &e,
+        "review.json",
+        r#"{"steps": [{"id": "review", "pipeline": "exec --json \"printf '{\\\"title\\\":\\\"Q3 draft\\\"}'\" | ask --prompt \"Review the draft\" --subject-from-stdin | template --text \"{{decision | upper}}: {{feedback | default none}}\""}]}"#,
+    );
+    let r = runner(&e);
+    let env = start(&r, "review.json", json!({}));
+    assert_eq!(env.status(), "needs_input", "{}", env.value);
+    let req = &env.value["requiresInput"];
+    assert_eq!(req["prompt"], "Review the draft");
+    assert_eq!(req["subject"]["text"], "{\"title\":\"Q3 draft\"}");
+    assert_eq!(
+        req["responseSchema"]["properties"]["decision"]["enum"],
+        json!(["approve", "reject", "redraft"])
+    );
+    let bad = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Respond(json!({"decision": "maybe"})),
+        "owner",
+    );
+    assert!(
+        error_message(&bad).contains("does not match the input's responseSchema"),
+        "{}",
+        bad.value
+    );
+    let done = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Respond(json!({"decision": "redraft", "feedback": "shorter"})),
+        "owner",
+    );
+    assert_eq!(ok_output(&done), vec![json!("REDRAFT: shorter")]);
+}
+
+/// `state.set` / `state.get` / `diff.last` keep values between runs, per owner and workflow,
+/// sealed in state.db; `diff.last` says whether the value changed since the last run.
+#[test]
+fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
+    let e = env();
+    write(
+        &e,
+        "watch.lobster",
+        "name: watch\nargs:\n  seen: {}\nsteps:\n  - id: diff\n    stdin: ${seen}\n    pipeline: diff.last --key inbox\n  - id: keep\n    stdin: $diff.json.changed\n    pipeline: state.set last-changed\n  - id: read\n    pipeline: state.get inbox\n",
+    );
+    let r = runner(&e);
+    let run = |seen: &str| {
+        let env = start(&r, "watch.lobster", json!({"seen": seen}));
+        assert_eq!(env.status(), "ok", "{}", env.value);
+        r.show(env.run_id.as_deref().unwrap()).unwrap()
+    };
+    let first = run("Quokka-7781 invoice");
+    let diff = |show: &Value| show["steps"][0]["result"]["json"].clone();
+    assert_eq!(
+        diff(&first),
+        json!({"kind": "diff.last", "key": "inbox", "changed": true, "before": null, "after": "Quokka-7781 invoice"})
+    );
+    let second = run("Quokka-7781 invoice");
+    assert_eq!(diff(&second)["changed"], false);
+    let third = run("Quokka-7781 invoice, Wombat-22 reminder");
+    assert_eq!(diff(&third)["changed"], true);
+    assert_eq!(diff(&third)["before"], "Quokka-7781 invoice");
+    assert_eq!(
+        third["steps"][2]["result"]["json"],
+        "Quokka-7781 invoice, Wombat-22 reminder"
+    );
+    // Another workflow does not see this one's state.
+    write(
+        &e,
+        "other.lobster",
+        "name: other\nsteps:\n  - id: read\n    pipeline: state.get inbox\n",
+    );
+    let env = start(&r, "other.lobster", json!({}));
+    assert_eq!(ok_output(&env), Vec::<Value>::new());
+    // Sealed: the values are not in the database's bytes.
+    let mut raw = std::fs::read(e.home.join("state.db")).unwrap();
+    raw.extend(std::fs::read(e.home.join("state.db-wal")).unwrap_or_default());
+    assert!(!raw.windows(11).any(|w| w == b"Wombat-22 r"));
+    // A bad key and Google's gog stages are refused with the reason.
+    write(
+        &e,
+        "bad.lobster",
+        "steps:\n  - id: s\n    pipeline: state.get \"../etc passwd\"\n",
+    );
+    let m = error_message(&start(&r, "bad.lobster", json!({})));
+    assert!(m.contains("must be 1-200 characters"), "{m}");
+    write(
+        &e,
+        "gog.lobster",
+        "steps:\n  - id: s\n    pipeline: gog.gmail.search --query \"is:unread\"\n",
+    );
+    let m = error_message(&start(&r, "gog.lobster", json!({})));
+    assert!(
+        m.contains("`gog.gmail.search` is not available") && m.contains("gog CLI"),
+        "{m}"
+    );
+}

@@ -990,6 +990,42 @@ impl Runner {
         }
     }
 
+    /// `state.get KEY`, `state.set KEY`, `diff.last --key KEY`: values the workflow keeps
+    /// between runs, per owner and workflow (its name), sealed with the owner's key.
+    fn state_stage(&self, f: &Frame, stage: &Stage, items: Vec<Value>) -> Result<Vec<Value>, StepErr> {
+        let name = stage.name.as_str();
+        let flags: &[&str] = if name == "diff.last" { &["key"] } else { &[] };
+        stage.only_flags(flags).map_err(StepErr::Refused)?;
+        let key = state_key(stage, name)?;
+        let (owner, wf) = (&f.row.owner, &f.row.name);
+        if name == "state.get" {
+            return Ok(vec![
+                self.0.runs.state_get(owner, wf, &key)?.unwrap_or(Value::Null),
+            ]);
+        }
+        let value = match items.len() {
+            1 => items.into_iter().next().unwrap_or(Value::Null),
+            _ => Value::Array(items),
+        };
+        if js_json(&value).len() > MAX_STATE_BYTES {
+            return Err(StepErr::Failed(format!(
+                "{name} {key}: the value is larger than {MAX_STATE_BYTES} bytes of JSON"
+            )));
+        }
+        let before = self.0.runs.state_swap(owner, wf, &key, &value, self.now())?;
+        if name == "state.set" {
+            return Ok(vec![value]);
+        }
+        let before = before.unwrap_or(Value::Null);
+        Ok(vec![json!({
+            "kind": "diff.last",
+            "key": key,
+            "changed": before != value,
+            "before": before,
+            "after": value,
+        })])
+    }
+
     // ---- pipelines ----------------------------------------------------------------------
 
     #[allow(
@@ -1009,20 +1045,58 @@ impl Runner {
         let stages = pipeline::parse(&p.cmd.text, &p.marks)
             .map_err(|e| StepErr::Refused(format!("pipeline: {e}")))?;
         // Every stage is known before anything runs.
-        if let Some(s) = stages.iter().find(|s| {
-            !pipeline::PURE.contains(&s.name.as_str())
-                && !pipeline::EFFECTFUL.contains(&s.name.as_str())
-        }) {
+        let known = |n: &str| {
+            [
+                pipeline::PURE,
+                pipeline::EFFECTFUL,
+                pipeline::GATES,
+                pipeline::STATE,
+            ]
+            .iter()
+            .any(|l| l.contains(&n))
+        };
+        if let Some(s) = stages.iter().find(|s| !known(&s.name)) {
+            let why = if s.name.starts_with("gog.") || s.name == "email.triage" {
+                " (Google's gog CLI is not run by Chitin: give the agent a tool for the mailbox and call it with `chitin.invoke --tool NAME`, or run a program with `exec`)"
+            } else if s.name.starts_with("openclaw.") || s.name.starts_with("clawd.") {
+                " (use `chitin.invoke --tool NAME --args-json '{...}'`: the same tool call, through Chitin's gate)"
+            } else {
+                ""
+            };
             return Err(StepErr::Refused(format!(
-                "pipeline stage `{}` is not available in Chitin's workflow runner; it runs {} (and {}); use `exec` for a program or a `run:` step",
+                "pipeline stage `{}` is not available in Chitin's workflow runner{why}; it runs {}, {}, {} and {}; use `exec` for a program or a `run:` step",
                 s.name,
                 pipeline::EFFECTFUL.join(", "),
+                pipeline::GATES.join(", "),
+                pipeline::STATE.join(", "),
                 pipeline::PURE.join(", ")
             )));
         }
         let mut items = pipeline::input_items(p.stdin.clone());
+        // After a pause at an `approve` or `ask` stage the pipeline goes on after it, with the
+        // items it held (or the answer): the stages before it are not run again.
+        let mut from = 0;
+        if stages
+            .iter()
+            .any(|s| pipeline::GATES.contains(&s.name.as_str()))
+        {
+            let done = completed(self.0.runs.steps(&f.row)?);
+            for (n, st) in stages.iter().enumerate().rev() {
+                if !pipeline::GATES.contains(&st.name.as_str()) {
+                    continue;
+                }
+                if let Some(r) = done.get(&format!("{key}@{n}")) {
+                    items = match st.name.as_str() {
+                        "ask" => vec![r.response.clone().or_else(|| r.json.clone()).unwrap_or(Value::Null)],
+                        _ => pipeline::input_items(r.json.clone()),
+                    };
+                    from = n + 1;
+                    break;
+                }
+            }
+        }
         let mut rendered: Option<String> = None;
-        for stage in &stages {
+        for (n, stage) in stages.iter().enumerate().skip(from) {
             rendered = None;
             items = match stage.name.as_str() {
                 "exec" => {
@@ -1031,6 +1105,13 @@ impl Runner {
                 }
                 "llm.invoke" => self.llm_stage(ctx, f, step_id, stage, items).await?,
                 "chitin.invoke" => self.invoke_stage(f, step_id, stage, items, cancel).await?,
+                "approve" => {
+                    return Err(approve_stage(stage, items, &format!("{key}@{n}"))?);
+                }
+                "ask" => return Err(ask_stage(stage, items, &format!("{key}@{n}"))?),
+                "state.get" | "state.set" | "diff.last" => {
+                    self.state_stage(f, stage, items)?
+                }
                 _ => {
                     let out = pipeline::run_pure(stage, items).map_err(StepErr::Failed)?;
                     rendered = out.rendered;
@@ -1979,6 +2060,134 @@ fn completed(
         .filter_map(|r| r.result.map(|v| (r.step, result_from_json(&v))))
         .collect()
 }
+
+/// `approve [--prompt P] [--preview-from-stdin] [--limit N] [--emit]`: the run pauses with
+/// the items as what is approved; approved, the items go on to the next stage.
+fn approve_stage(stage: &Stage, items: Vec<Value>, key: &str) -> Result<StepErr, StepErr> {
+    stage
+        .only_flags(&["prompt", "emit", "preview-from-stdin", "limit"])
+        .map_err(StepErr::Refused)?;
+    let prompt = stage
+        .flag("prompt")
+        .or_else(|| stage.positional.first())
+        .map_or_else(|| "Approve?".to_string(), |w| w.text.clone());
+    let limit = match stage.flag("limit") {
+        Some(w) => w
+            .text
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| StepErr::Failed("approve --limit must be a number".into()))?,
+        None => 5,
+    };
+    let preview = stage.has("preview-from-stdin").then(|| {
+        let shown: Vec<&Value> = items.iter().take(limit).collect();
+        if shown.iter().all(|v| v.is_string()) {
+            shown
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        }
+    });
+    let gate = GateSpec {
+        prompt: Some(prompt),
+        preview,
+        ..GateSpec::default()
+    };
+    Ok(StepErr::Pause(Box::new(Nested {
+        key: key.to_string(),
+        what: NestedWhat::Gate {
+            gate,
+            items: items.clone(),
+            stdout: None,
+            result: StepResult {
+                json: Some(Value::Array(items)),
+                ..StepResult::default()
+            },
+        },
+    })))
+}
+
+/// `ask [--prompt P] [--schema JSON] [--subject-from-stdin] [--emit]`: the run pauses for an
+/// answer matching the schema (Lobster's default: `{decision: approve|reject|redraft,
+/// feedback}`); the answer is the next stage's one item.
+fn ask_stage(stage: &Stage, items: Vec<Value>, key: &str) -> Result<StepErr, StepErr> {
+    stage
+        .only_flags(&["prompt", "schema", "subject-from-stdin", "emit"])
+        .map_err(StepErr::Refused)?;
+    let prompt = stage
+        .flag("prompt")
+        .or_else(|| stage.positional.first())
+        .map_or_else(|| "Input required".to_string(), |w| w.text.clone());
+    let schema = match stage.flag("schema") {
+        Some(w) => {
+            let v: Value = serde_json::from_str(&w.text)
+                .map_err(|_| StepErr::Failed("ask --schema must be valid JSON".into()))?;
+            if !v.is_object() {
+                return Err(StepErr::Failed(
+                    "ask --schema must decode to a JSON schema object".into(),
+                ));
+            }
+            v
+        }
+        None => json!({
+            "type": "object",
+            "properties": {
+                "decision": {"type": "string", "enum": ["approve", "reject", "redraft"]},
+                "feedback": {"type": "string", "description": "Feedback for redraft"},
+            },
+            "required": ["decision"],
+        }),
+    };
+    let mut request = json!({"type": "input_request", "prompt": prompt, "responseSchema": schema});
+    if let Value::Object(m) = &mut request {
+        if stage.has("subject-from-stdin") && !items.is_empty() {
+            let text: String = items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => s.clone(),
+                    other => js_json(other),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                .chars()
+                .take(2000)
+                .collect();
+            m.insert("subject".into(), json!({"text": text}));
+        }
+        m.insert("items".into(), Value::Array(items));
+    }
+    Ok(StepErr::Pause(Box::new(Nested {
+        key: key.to_string(),
+        what: NestedWhat::Input { request },
+    })))
+}
+
+/// A `state.*` / `diff.last` key: 1-200 characters `A-Z a-z 0-9 . _ : / -`.
+fn state_key(stage: &Stage, name: &str) -> Result<String, StepErr> {
+    let w = stage
+        .flag("key")
+        .or_else(|| stage.positional.first())
+        .ok_or_else(|| StepErr::Failed(format!("{name} requires a key")))?;
+    let k = w.text.trim();
+    if k.is_empty()
+        || k.len() > 200
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'))
+    {
+        return Err(StepErr::Failed(format!(
+            "{name}: the key `{}` must be 1-200 characters A-Z a-z 0-9 . _ : / -",
+            crate::approvals::visible(k)
+        )));
+    }
+    Ok(k.to_string())
+}
+
+/// The largest value `state.set` / `diff.last` keeps (1 MiB of JSON).
+const MAX_STATE_BYTES: usize = 1 << 20;
 
 /// A fresh pause nonce.
 fn nonce() -> Result<[u8; 16], Failure> {
