@@ -858,7 +858,10 @@ async fn cron_prompts_are_sealed_in_the_state_database_and_old_clear_rows_are_se
     .unwrap();
     c.jobs.add(&added, "owner", "cli", "owner").unwrap();
     let raw = raw_state(&e);
-    assert!(!has(&raw, "Quillfeather"), "a configured prompt is in the clear");
+    assert!(
+        !has(&raw, "Quillfeather"),
+        "a configured prompt is in the clear"
+    );
     assert!(!has(&raw, "Zanzibar"), "an added prompt is in the clear");
     // A row as schema 12 wrote it: the job's JSON in the clear.
     {
@@ -887,7 +890,8 @@ async fn cron_prompts_are_sealed_in_the_state_database_and_old_clear_rows_are_se
             .unwrap();
         assert_eq!(clear, "");
         assert!(sealed.is_some_and(|b| !has(&b, "Wolfsbane")));
-        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
     }
     assert!(
         !has(&raw_state(&e), "Wolfsbane"),
@@ -898,14 +902,22 @@ async fn cron_prompts_are_sealed_in_the_state_database_and_old_clear_rows_are_se
         .store
         .conn()
         .unwrap()
-        .query_row("SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'", [], |r| r.get(0))
+        .query_row(
+            "SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     c.jobs.sync_config(&cfg).unwrap();
     let after: Vec<u8> = e
         .store
         .conn()
         .unwrap()
-        .query_row("SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'", [], |r| r.get(0))
+        .query_row(
+            "SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert_eq!(before, after);
 }
@@ -965,14 +977,20 @@ async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_t
     };
     // The first gateway: acknowledged, claimed, then stuck inside the launcher.
     let first = cron(&e, &cfg);
-    let stuck = Arc::new(Stuck(Mutex::new(0), std::sync::atomic::AtomicBool::new(false)));
+    let stuck = Arc::new(Stuck(
+        Mutex::new(0),
+        std::sync::atomic::AtomicBool::new(false),
+    ));
     first
         .runner
         .set_launcher(Arc::clone(&stuck) as Arc<dyn WorkflowLauncher>);
     let hooks = hooks_with(Arc::clone(&first.runner));
     let a = hooks.handle("wf", &headers, body).await;
     assert_eq!(a.status, 200, "{:?}", a.body);
-    until("the first launcher's call", || *stuck.0.lock().unwrap() == 1).await;
+    until("the first launcher's call", || {
+        *stuck.0.lock().unwrap() == 1
+    })
+    .await;
     assert_eq!(status(), ("started".to_string(), true));
     assert!(
         !has(&raw_state(&e), "Marmalade-Kestrel"),

@@ -532,7 +532,11 @@ fn a_workflow_delivery_acknowledged_before_a_kill_is_started_once_after_the_rest
     assert_eq!(row(&gw), ("completed".to_string(), false));
     assert_eq!(runs(&gw), 1);
     let saved = std::fs::read_to_string(gw.workspace().join("saved.txt")).unwrap();
-    assert_eq!(saved.matches("Periwinkle-Osprey-4471").count(), 1, "{saved}");
+    assert_eq!(
+        saved.matches("Periwinkle-Osprey-4471").count(),
+        1,
+        "{saved}"
+    );
     // A replay and another restart run nothing more.
     let r = post(&gw, "generic", &headers, body);
     assert_eq!(r.json()["duplicate"], true, "{}", r.body);
@@ -543,5 +547,9 @@ fn a_workflow_delivery_acknowledged_before_a_kill_is_started_once_after_the_rest
     assert_eq!(r.json()["duplicate"], true, "{}", r.body);
     assert_eq!(runs(&gw), 1);
     let saved = std::fs::read_to_string(gw.workspace().join("saved.txt")).unwrap();
-    assert_eq!(saved.matches("Periwinkle-Osprey-4471").count(), 1, "{saved}");
+    assert_eq!(
+        saved.matches("Periwinkle-Osprey-4471").count(),
+        1,
+        "{saved}"
+    );
 }

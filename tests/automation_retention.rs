@@ -134,7 +134,13 @@ fn ended_workflow_runs_firings_and_deliveries_are_deleted_after_their_period_and
     delivery(&h, "d_starting", "alice", "started", true, old);
     delivery(&h, "d_young", "alice", "failed", false, young);
     delivery(&h, "d_held", "bob", "completed", false, old);
-    retention::hold(&h.lc, &Subject::parse(&user("bob")).unwrap(), "litigation", "test").unwrap();
+    retention::hold(
+        &h.lc,
+        &Subject::parse(&user("bob")).unwrap(),
+        "litigation",
+        "test",
+    )
+    .unwrap();
     h.clock.set(now);
 
     let dry = retention::run(&h.lc, &cfg(), "test", true).unwrap();
@@ -179,20 +185,22 @@ fn ended_workflow_runs_firings_and_deliveries_are_deleted_after_their_period_and
         ["j_alice t:1", "j_alice t:4", "j_bob t:1", "j_bob t:2"]
     );
     assert_eq!(
-        ids(&h, "SELECT delivery_id FROM hook_deliveries ORDER BY delivery_id"),
+        ids(
+            &h,
+            "SELECT delivery_id FROM hook_deliveries ORDER BY delivery_id"
+        ),
         ["d_held", "d_starting", "d_waiting", "d_young"]
     );
     // Counts only in the audit record of the run.
-    let rec = h
-        .lc
-        .audit
-        .reader()
-        .unwrap()
-        .query(&chitin_audit::Query::default())
-        .unwrap()
-        .into_iter()
-        .rfind(|x| x.action == "retention.run")
-        .unwrap();
+    let rec =
+        h.lc.audit
+            .reader()
+            .unwrap()
+            .query(&chitin_audit::Query::default())
+            .unwrap()
+            .into_iter()
+            .rfind(|x| x.action == "retention.run")
+            .unwrap();
     let payload = rec.payload.unwrap().to_string();
     assert!(payload.contains("\"workflows\"") && payload.contains("\"automation\""));
     assert!(!payload.contains("wf_old") && !payload.contains("d_old"));

@@ -412,3 +412,69 @@ fn the_examples_run_as_far_as_this_machine_has_their_programs() {
         assert!(m.contains(want), "{file}: {m}");
     }
 }
+
+const LOOP_AND_PIPELINE: &str = "name: tidy-each\nsteps:\n  - id: list\n    run: printf '[\"a.log\", \"b.log\"]'\n  - id: each\n    for_each: $list.json\n    steps:\n      - id: ask\n        approval: Delete this log?\n      - id: rm\n        when: $ask.approved\n        run: rm -- $item.json && printf '%s' $item.json\n  - id: record\n    stdin: $each.json\n    pipeline: pick item | diff.last --key deleted | approve --prompt \"Record the deletions?\" | exec --stdin json \"cat > record.json\"\n";
+
+fn resume_cli(gw: &Gw, token: &str) -> Value {
+    let o = gw.chitin(&[
+        "workflow",
+        "resume",
+        "--token",
+        token,
+        "--approve",
+        "yes",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", out(&o), err(&o));
+    envelope(&o)
+}
+
+/// Through the binary: a for_each body's approval gate asks per item (showing the item) and a
+/// pipeline's `approve` stage asks before its last stage; each `chitin workflow resume`
+/// continues exactly there, and `diff.last` keeps its value for the next run.
+#[test]
+fn gates_inside_a_loop_and_a_pipeline_are_approved_over_the_cli_one_by_one() {
+    let gw = Gw::start("");
+    let f = write(&gw, "tidy-each.lobster", LOOP_AND_PIPELINE);
+    write(&gw, "a.log", "a");
+    write(&gw, "b.log", "b");
+    let o = gw.chitin(&["workflow", "run", &f, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let mut env = envelope(&o);
+    for (file, left) in [("a.log", true), ("b.log", false)] {
+        assert_eq!(env["status"], "needs_approval", "{env}");
+        assert_eq!(env["requiresApproval"]["items"], json!([file]));
+        assert_eq!(env["requiresApproval"]["prompt"], "Delete this log?");
+        env = resume_cli(
+            &gw,
+            env["requiresApproval"]["resumeToken"].as_str().unwrap(),
+        );
+        assert!(!gw.workspace().join(file).exists());
+        assert_eq!(gw.workspace().join("b.log").exists(), left);
+    }
+    assert_eq!(env["status"], "needs_approval", "{env}");
+    let req = &env["requiresApproval"];
+    assert_eq!(req["prompt"], "Record the deletions?");
+    assert_eq!(req["items"][0]["changed"], true);
+    assert_eq!(
+        req["items"][0]["after"],
+        json!([{"item": "a.log"}, {"item": "b.log"}])
+    );
+    let env = resume_cli(&gw, req["resumeToken"].as_str().unwrap());
+    assert_eq!(env["status"], "ok", "{env}");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(gw.workspace().join("record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record[0]["kind"], "diff.last");
+    assert_eq!(record[0]["before"], Value::Null);
+    // `chitin workflow show` lists the loop's parts per item.
+    let run = run_id_of(&gw);
+    let show = show_until(&gw, &run, |v| v["status"] == "ok");
+    let names: Vec<&str> = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert!(names.contains(&"each[1].rm"), "{names:?}");
+}

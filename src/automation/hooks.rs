@@ -344,6 +344,10 @@ fn valid_delivery(s: &str) -> bool {
 impl Hooks {
     /// The configured hooks, each secret released through the gate now (a refusal is logged
     /// and the hook answers 503 until a restart).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the hooks' parts, each named at the one call in `Automation::build`"
+    )]
     pub fn build(
         configs: &[HookConfig],
         owner: &str,
@@ -707,9 +711,17 @@ impl Hooks {
             let Some(h) = self.by_name.get(&hook) else {
                 let o = Outcome {
                     status: "failed",
-                    result: "the hook is no longer configured; the stored delivery was not started".into(),
+                    result: "the hook is no longer configured; the stored delivery was not started"
+                        .into(),
                 };
-                finish_delivery(Arc::clone(&self.store), Arc::clone(&self.clock), hook, delivery, o).await;
+                finish_delivery(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.clock),
+                    hook,
+                    delivery,
+                    o,
+                )
+                .await;
                 continue;
             };
             if subject != subject_of(&h.user) {
@@ -717,7 +729,14 @@ impl Hooks {
                     status: "failed",
                     result: "the hook's user changed; the stored delivery was not started".into(),
                 };
-                finish_delivery(Arc::clone(&self.store), Arc::clone(&self.clock), hook, delivery, o).await;
+                finish_delivery(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.clock),
+                    hook,
+                    delivery,
+                    o,
+                )
+                .await;
                 continue;
             }
             let body = match self.sealer.open(&subject, &sealed) {
@@ -727,7 +746,14 @@ impl Hooks {
                         status: "failed",
                         result: format!("the stored body cannot be opened: {e}"),
                     };
-                    finish_delivery(Arc::clone(&self.store), Arc::clone(&self.clock), hook, delivery, o).await;
+                    finish_delivery(
+                        Arc::clone(&self.store),
+                        Arc::clone(&self.clock),
+                        hook,
+                        delivery,
+                        o,
+                    )
+                    .await;
                     continue;
                 }
             };
@@ -961,7 +987,14 @@ fn pending_deliveries(store: &Store) -> Result<Vec<PendingRow>, String> {
         .map_err(|e| e.to_string())?;
     let rows = st
         .query_map([], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
         })
         .map_err(|e| e.to_string())?;
     rows.collect::<Result<_, _>>().map_err(|e| e.to_string())

@@ -37,7 +37,15 @@ pub struct JobRow {
 
 /// A `cron_jobs` row before its job JSON is opened and parsed: name, source, user, sealed job
 /// JSON, created by, created, last time.
-type RawJob = (String, String, String, Option<Vec<u8>>, String, i64, Option<i64>);
+type RawJob = (
+    String,
+    String,
+    String,
+    Option<Vec<u8>>,
+    String,
+    i64,
+    Option<i64>,
+);
 
 impl JobRow {
     /// Whether answers are filtered by the heartbeat convention.
@@ -125,13 +133,13 @@ impl JobStore {
     }
 
     fn open_job(&self, name: &str, user: &str, blob: &[u8]) -> Result<String, AutomationError> {
-        let bytes = self
-            .sealer
-            .open(&subject_of(user), blob)
-            .map_err(|e| AutomationError::BadJob {
-                name: name.to_string(),
-                reason: format!("cannot open it: {e}"),
-            })?;
+        let bytes =
+            self.sealer
+                .open(&subject_of(user), blob)
+                .map_err(|e| AutomationError::BadJob {
+                    name: name.to_string(),
+                    reason: format!("cannot open it: {e}"),
+                })?;
         String::from_utf8(bytes.to_vec()).map_err(|e| AutomationError::BadJob {
             name: name.to_string(),
             reason: e.to_string(),
@@ -263,29 +271,31 @@ impl JobStore {
         drop(st);
         drop(conn);
         rows.into_iter()
-            .map(|(name, source, user, sealed, created_by, created_ms, last)| {
-                let Some(sealed) = sealed else {
-                    return Err(AutomationError::BadJob {
+            .map(
+                |(name, source, user, sealed, created_by, created_ms, last)| {
+                    let Some(sealed) = sealed else {
+                        return Err(AutomationError::BadJob {
+                            name,
+                            reason: "it is not sealed yet (the gateway seals it at start)".into(),
+                        });
+                    };
+                    let text = self.open_job(&name, &user, &sealed)?;
+                    let job: CronJob =
+                        serde_json::from_str(&text).map_err(|e| AutomationError::BadJob {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    Ok(JobRow {
                         name,
-                        reason: "it is not sealed yet (the gateway seals it at start)".into(),
-                    });
-                };
-                let text = self.open_job(&name, &user, &sealed)?;
-                let job: CronJob =
-                    serde_json::from_str(&text).map_err(|e| AutomationError::BadJob {
-                        name: name.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(JobRow {
-                    name,
-                    source,
-                    user,
-                    job,
-                    created_by,
-                    created_ms,
-                    last_tick_ms: last,
-                })
-            })
+                        source,
+                        user,
+                        job,
+                        created_by,
+                        created_ms,
+                        last_tick_ms: last,
+                    })
+                },
+            )
             .collect()
     }
 

@@ -119,7 +119,10 @@ impl Automation {
         ));
         let sealed = jobs.seal_legacy()?;
         if sealed > 0 {
-            tracing::info!(jobs = sealed, "cron jobs stored before sealing are now sealed");
+            tracing::info!(
+                jobs = sealed,
+                "cron jobs stored before sealing are now sealed"
+            );
         }
         jobs.sync_config(config)?;
         let runner = Arc::new(run::Runner::new(messenger, &config.channels));
@@ -183,7 +186,10 @@ impl Automation {
         tokio::spawn(async move {
             let n = hooks.start_pending().await;
             if n > 0 {
-                tracing::info!(deliveries = n, "started webhook deliveries a stopped gateway had acknowledged");
+                tracing::info!(
+                    deliveries = n,
+                    "started webhook deliveries a stopped gateway had acknowledged"
+                );
             }
         });
     }

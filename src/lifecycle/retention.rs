@@ -144,7 +144,8 @@ const CHAT_OUTBOX_DONE: &str = "status IN ('sent', 'failed', 'dead')";
 const CHAT_PAIRING_DONE: &str = "status <> 'pending'";
 
 /// Workflow runs that ended (a sub-workflow's run goes with its top-level run).
-const WORKFLOW_DONE: &str = "parent_run IS NULL AND status IN ('ok', 'failed', 'cancelled', 'interrupted')
+const WORKFLOW_DONE: &str =
+    "parent_run IS NULL AND status IN ('ok', 'failed', 'cancelled', 'interrupted')
      AND NOT EXISTS (SELECT 1 FROM workflow_pauses p WHERE p.run_id = workflow_runs.id
                      AND p.status IN ('pending', 'claimed'))";
 
@@ -333,7 +334,8 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
                         r.get::<_, i64>(2)?,
                     ))
                 })?;
-                let held_subjects: BTreeSet<String> = held.iter().map(ToString::to_string).collect();
+                let held_subjects: BTreeSet<String> =
+                    held.iter().map(ToString::to_string).collect();
                 for row in rows {
                     let (id, subject, at) = row?;
                     if held_subjects.contains(&subject) {
@@ -347,7 +349,8 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
                 }
             }
             "automation" => {
-                let held_subjects: BTreeSet<String> = held.iter().map(ToString::to_string).collect();
+                let held_subjects: BTreeSet<String> =
+                    held.iter().map(ToString::to_string).collect();
                 // Firings that ended, except each job's latest; a held user's jobs are kept.
                 let mut st = conn.prepare(
                     "SELECT f.id, j.user_id, f.created_ms FROM cron_firings f

@@ -101,9 +101,9 @@ pub(crate) enum NestedWhat {
 pub(crate) fn top_index(wf: &Workflow, key: &str) -> Option<usize> {
     let head = key.split(['[', '@']).next().unwrap_or(key);
     wf.steps.iter().position(|s| s.id == head).or_else(|| {
-        wf.steps.iter().position(|s| {
-            matches!(&s.kind, StepKind::Parallel(p) if p.branches.iter().any(|b| b.id == head))
-        })
+        wf.steps.iter().position(
+            |s| matches!(&s.kind, StepKind::Parallel(p) if p.branches.iter().any(|b| b.id == head)),
+        )
     })
 }
 
@@ -976,8 +976,16 @@ impl Runner {
                 });
                 let nonce = nonce().map_err(|e| StepErr::Fatal(e.message))?;
                 let pid = random_hex::<16>().map_err(|e| StepErr::Fatal(e.message))?;
-                self.pause(&f.row, &n.key, "policy", request, Some(&a), Some(pid), nonce)
-                    .map_err(|e| StepErr::Fatal(e.message))
+                self.pause(
+                    &f.row,
+                    &n.key,
+                    "policy",
+                    request,
+                    Some(&a),
+                    Some(pid),
+                    nonce,
+                )
+                .map_err(|e| StepErr::Fatal(e.message))
             }
             NestedWhat::Input { request } => {
                 self.0
@@ -992,7 +1000,12 @@ impl Runner {
 
     /// `state.get KEY`, `state.set KEY`, `diff.last --key KEY`: values the workflow keeps
     /// between runs, per owner and workflow (its name), sealed with the owner's key.
-    fn state_stage(&self, f: &Frame, stage: &Stage, items: Vec<Value>) -> Result<Vec<Value>, StepErr> {
+    fn state_stage(
+        &self,
+        f: &Frame,
+        stage: &Stage,
+        items: Vec<Value>,
+    ) -> Result<Vec<Value>, StepErr> {
         let name = stage.name.as_str();
         let flags: &[&str] = if name == "diff.last" { &["key"] } else { &[] };
         stage.only_flags(flags).map_err(StepErr::Refused)?;
@@ -1000,7 +1013,10 @@ impl Runner {
         let (owner, wf) = (&f.row.owner, &f.row.name);
         if name == "state.get" {
             return Ok(vec![
-                self.0.runs.state_get(owner, wf, &key)?.unwrap_or(Value::Null),
+                self.0
+                    .runs
+                    .state_get(owner, wf, &key)?
+                    .unwrap_or(Value::Null),
             ]);
         }
         let value = match items.len() {
@@ -1012,7 +1028,10 @@ impl Runner {
                 "{name} {key}: the value is larger than {MAX_STATE_BYTES} bytes of JSON"
             )));
         }
-        let before = self.0.runs.state_swap(owner, wf, &key, &value, self.now())?;
+        let before = self
+            .0
+            .runs
+            .state_swap(owner, wf, &key, &value, self.now())?;
         if name == "state.set" {
             return Ok(vec![value]);
         }
@@ -1087,7 +1106,12 @@ impl Runner {
                 }
                 if let Some(r) = done.get(&format!("{key}@{n}")) {
                     items = match st.name.as_str() {
-                        "ask" => vec![r.response.clone().or_else(|| r.json.clone()).unwrap_or(Value::Null)],
+                        "ask" => vec![
+                            r.response
+                                .clone()
+                                .or_else(|| r.json.clone())
+                                .unwrap_or(Value::Null),
+                        ],
                         _ => pipeline::input_items(r.json.clone()),
                     };
                     from = n + 1;
@@ -1109,9 +1133,7 @@ impl Runner {
                     return Err(approve_stage(stage, items, &format!("{key}@{n}"))?);
                 }
                 "ask" => return Err(ask_stage(stage, items, &format!("{key}@{n}"))?),
-                "state.get" | "state.set" | "diff.last" => {
-                    self.state_stage(f, stage, items)?
-                }
+                "state.get" | "state.set" | "diff.last" => self.state_stage(f, stage, items)?,
                 _ => {
                     let out = pipeline::run_pure(stage, items).map_err(StepErr::Failed)?;
                     rendered = out.rendered;
@@ -1470,13 +1492,9 @@ impl Runner {
             let cmd = plan::branch_command(&f.wf, step, b, &f.args, Some(&f.results))
                 .map_err(|e| StepErr::Failed(format!("branch `{}`: {e}", b.id)))?;
             let pl = match (&b.action, cmd) {
-                (Some(action), Some(cmd)) => Some(plan_action(
-                    f,
-                    &f.results,
-                    action,
-                    cmd,
-                    b.stdin.as_ref(),
-                )?),
+                (Some(action), Some(cmd)) => {
+                    Some(plan_action(f, &f.results, action, cmd, b.stdin.as_ref())?)
+                }
                 _ => None,
             };
             // A pure gate shows its stdin.
@@ -1678,14 +1696,10 @@ impl Runner {
         let mut paused = paused.into_iter();
         if let Some(first) = paused.next() {
             for other in paused {
-                let _ = self.0.runs.step_finished(
-                    &f.row,
-                    &other.key,
-                    "paused",
-                    None,
-                    None,
-                    self.now(),
-                );
+                let _ =
+                    self.0
+                        .runs
+                        .step_finished(&f.row, &other.key, "paused", None, None, self.now());
             }
             return Err(StepErr::Pause(Box::new(first)));
         }
@@ -1776,16 +1790,7 @@ impl Runner {
                         let cancel = Cancel::new();
                         let t = timer(&cancel, step.timeout_ms);
                         let r = self
-                            .run_action(
-                                ctx,
-                                f,
-                                &sub.id,
-                                &key,
-                                action,
-                                pl,
-                                step.timeout_ms,
-                                &cancel,
-                            )
+                            .run_action(ctx, f, &sub.id, &key, action, pl, step.timeout_ms, &cancel)
                             .await;
                         if let Some(t) = t {
                             t.abort();
@@ -1801,12 +1806,8 @@ impl Runner {
                             let items = if sub.action.is_some() {
                                 output_items(&res)
                             } else {
-                                match plan::stdin_value(
-                                    sub.stdin.as_ref(),
-                                    &f.args,
-                                    Some(&scoped),
-                                )
-                                .map_err(|e| StepErr::Failed(e.to_string()))?
+                                match plan::stdin_value(sub.stdin.as_ref(), &f.args, Some(&scoped))
+                                    .map_err(|e| StepErr::Failed(e.to_string()))?
                                 {
                                     Some(v) => pipeline::input_items(Some(v)),
                                     None => vec![item.clone()],
@@ -2052,9 +2053,7 @@ impl Runner {
 }
 
 /// The results of the parts of a run that completed (`ok`), by key.
-fn completed(
-    rows: Vec<super::StepRow>,
-) -> std::collections::HashMap<String, StepResult> {
+fn completed(rows: Vec<super::StepRow>) -> std::collections::HashMap<String, StepResult> {
     rows.into_iter()
         .filter(|r| r.status == "ok")
         .filter_map(|r| r.result.map(|v| (r.step, result_from_json(&v))))

@@ -691,7 +691,11 @@ impl Runner {
         // second start (the next gateway starting a delivery the last one had claimed) gets
         // the first run's envelope, once that run no longer runs.
         if let Some(s) = req.session.as_deref().filter(|s| s.starts_with("hook:"))
-            && let Some(run) = self.0.runs.run_of_session(s).map_err(|e| no_run(e.into()))?
+            && let Some(run) = self
+                .0
+                .runs
+                .run_of_session(s)
+                .map_err(|e| no_run(e.into()))?
         {
             loop {
                 let now = self.0.runs.run(&run.id).map_err(|e| no_run(e.into()))?;

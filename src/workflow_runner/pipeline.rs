@@ -651,8 +651,9 @@ fn apply_filter(v: Option<Value>, expr: &str) -> Result<Option<Value>, String> {
                 .join(arg(1).unwrap_or(", "))),
             other => s(text_of(other.as_ref())),
         },
-        "json" => s(serde_json::to_string_pretty(&v.unwrap_or(Value::Null))
-            .map_err(|e| e.to_string())?),
+        "json" => s(
+            serde_json::to_string_pretty(&v.unwrap_or(Value::Null)).map_err(|e| e.to_string())?
+        ),
         "string" => s(text_of(v.as_ref())),
         "default" => match v {
             None | Some(Value::Null) => arg(1).map(|d| Value::String(d.to_string())),
@@ -667,18 +668,25 @@ fn apply_filter(v: Option<Value>, expr: &str) -> Result<Option<Value>, String> {
             };
             match n {
                 Some(x) if x.is_finite() => {
-                    let dec = arg(1).and_then(|a| a.parse::<i32>().ok()).unwrap_or(0).clamp(0, 15);
+                    let dec = arg(1)
+                        .and_then(|a| a.parse::<i32>().ok())
+                        .unwrap_or(0)
+                        .clamp(0, 15);
                     let f = 10f64.powi(dec);
                     let r = (x * f).round() / f;
-                    Some(serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number))
-                        .map(|n| match n.as_f64() {
+                    Some(serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number)).map(
+                        |n| match n.as_f64() {
                             Some(x) if x.fract() == 0.0 && x.abs() < 9e15 => {
-                                #[expect(clippy::cast_possible_truncation, reason = "checked whole and small")]
+                                #[expect(
+                                    clippy::cast_possible_truncation,
+                                    reason = "checked whole and small"
+                                )]
                                 let i = x as i64;
                                 Value::from(i)
                             }
                             _ => n,
-                        })
+                        },
+                    )
                 }
                 _ => v,
             }
@@ -686,7 +694,9 @@ fn apply_filter(v: Option<Value>, expr: &str) -> Result<Option<Value>, String> {
         "date" => {
             let ms = match &v {
                 Some(Value::Number(n)) => n.as_i64(),
-                Some(Value::String(t)) if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_digit()) => {
+                Some(Value::String(t))
+                    if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_digit()) =>
+                {
                     t.trim().parse::<i64>().ok()
                 }
                 Some(Value::String(t)) => crate::clock::parse_rfc3339(t.trim()),
@@ -1001,12 +1011,18 @@ mod tests {
         assert_eq!(r("{{title | lower | trim}}"), "fix the build");
         assert_eq!(r("{{tags | join}}"), "ci, infra");
         assert_eq!(r("{{tags | join \" + \"}}"), "ci + infra");
-        assert_eq!(r("{{tags | first}}/{{tags | last}}/{{tags | length}}"), "ci/infra/2");
+        assert_eq!(
+            r("{{tags | first}}/{{tags | last}}/{{tags | length}}"),
+            "ci/infra/2"
+        );
         assert_eq!(r("{{body | truncate 4}}"), "abcd...");
         assert_eq!(r("{{body | truncate}}"), "abcdefghij");
         assert_eq!(r("{{body | replace 'cd' '-'}}"), "ab-efghij");
         assert_eq!(r("{{csv | split ; | last}}"), "c");
-        assert_eq!(r("{{missing | default \"none\"}}|{{empty | default x}}"), "none|x");
+        assert_eq!(
+            r("{{missing | default \"none\"}}|{{empty | default x}}"),
+            "none|x"
+        );
         assert_eq!(r("{{n | round 1}}|{{n | round}}"), "2.5|2");
         assert_eq!(r("{{when | date YYYY-MM-DD}}"), "2026-01-01");
         assert_eq!(r("{{iso | date \"DD.MM.YYYY HH:mm\"}}"), "01.01.2026 00:00");

@@ -163,8 +163,7 @@ fn build(wf: &Workflow) -> Graph {
                 g.groups
                     .push((step.id.clone(), format!("{}: branches", step.id)));
                 for b in &p.branches {
-                    let mut details: Vec<String> =
-                        b.action.iter().map(action_detail).collect();
+                    let mut details: Vec<String> = b.action.iter().map(action_detail).collect();
                     if let Some(a) = &b.approval {
                         details.push(clip(&format!("approval: {}", a.prompt_for(&b.id))));
                     }
@@ -186,8 +185,7 @@ fn build(wf: &Workflow) -> Graph {
                     format!("{}: for each ${}", step.id, f.item_var),
                 ));
                 for s in &f.steps {
-                    let mut details: Vec<String> =
-                        s.action.iter().map(action_detail).collect();
+                    let mut details: Vec<String> = s.action.iter().map(action_detail).collect();
                     if let Some(a) = &s.approval {
                         details.push(clip(&format!("approval: {}", a.prompt_for(&s.id))));
                     }
