@@ -478,3 +478,72 @@ fn gates_inside_a_loop_and_a_pipeline_are_approved_over_the_cli_one_by_one() {
         .collect();
     assert!(names.contains(&"each[1].rm"), "{names:?}");
 }
+
+/// The `downloads-review` example: one approval per file (showing the file), a "no" stops the
+/// review, the next run asks about what is left, and an unchanged folder asks nothing.
+#[test]
+fn the_downloads_review_example_asks_per_file_and_remembers_the_folder() {
+    if !Path::new("/usr/bin/jq").exists() {
+        eprintln!("skipped downloads-review: /usr/bin/jq is not installed");
+        return;
+    }
+    let gw = Gw::start("");
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows/downloads-review.lobster");
+    let f = write(
+        &gw,
+        "downloads-review.lobster",
+        &std::fs::read_to_string(src).unwrap(),
+    );
+    let dl = gw.workspace().join("Downloads");
+    std::fs::create_dir_all(&dl).unwrap();
+    for name in ["x.zip", "y.pdf"] {
+        std::fs::write(dl.join(name), name).unwrap();
+    }
+    let run = || envelope(&gw.chitin(&["workflow", "run", &f, "--json"]));
+    let answer = |env: &Value, yes: &str| {
+        envelope(&gw.chitin(&[
+            "workflow",
+            "resume",
+            "--id",
+            env["requiresApproval"]["approvalId"].as_str().unwrap(),
+            "--approve",
+            yes,
+            "--json",
+        ]))
+    };
+    let env = run();
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/x.zip"]),
+        "{env}"
+    );
+    let env = answer(&env, "yes");
+    assert!(!dl.join("x.zip").exists());
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/y.pdf"]),
+        "{env}"
+    );
+    let env = answer(&env, "no");
+    assert_eq!(env["status"], "cancelled", "{env}");
+    assert!(dl.join("y.pdf").exists());
+    // The folder changed since the first run: asked again about what is left.
+    let env = run();
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/y.pdf"]),
+        "{env}"
+    );
+    let env = answer(&env, "yes");
+    assert_eq!(env["status"], "ok", "{env}");
+    assert_eq!(env["output"][0]["delete"], "deleted Downloads/y.pdf");
+    // Empty now (changed once more), then unchanged: nothing is asked.
+    assert_eq!(run()["status"], "ok");
+    let env = run();
+    assert_eq!(env["status"], "ok", "{env}");
+    assert_eq!(
+        env["output"],
+        json!([{"kind": "diff.last", "key": "downloads", "changed": false, "before": [], "after": []}])
+    );
+}
