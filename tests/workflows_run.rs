@@ -1558,3 +1558,41 @@ fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
         "{m}"
     );
 }
+
+/// A gate inside a loop approved where tool approvals are approved (the web page, a chat
+/// button: the approval alone) is continued by the gateway's tick, exactly there; denied
+/// there, the run is cancelled.
+#[test]
+fn a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let r = runner(&e);
+    let env = start(&r, "loop.lobster", json!({}));
+    let run = env.run_id.clone().unwrap();
+    r.approvals()
+        .resolve(env.approval_id.as_deref().unwrap(), "alice", true)
+        .unwrap();
+    // A new runner's tick (the gateway restarted meanwhile).
+    let r2 = runner(&e);
+    assert_eq!(rt().block_on(r2.tick()), 1);
+    let next = r2.envelope_of(&run);
+    assert_eq!(next.status(), "needs_approval", "{}", next.value);
+    assert_eq!(next.value["requiresApproval"]["items"], json!(["b.tmp"]));
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+    let show = r2.show(&run).unwrap();
+    let confirm = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "clean[0].confirm")
+        .unwrap()
+        .clone();
+    assert_eq!(confirm["result"]["approvedBy"], "alice", "{confirm}");
+    r2.approvals()
+        .resolve(next.approval_id.as_deref().unwrap(), "alice", false)
+        .unwrap();
+    assert_eq!(rt().block_on(r2.tick()), 1);
+    assert_eq!(r2.envelope_of(&run).status(), "cancelled");
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+}
