@@ -920,6 +920,17 @@ async fn cron_prompts_are_sealed_in_the_state_database_and_old_clear_rows_are_se
         )
         .unwrap();
     assert_eq!(before, after);
+    // A row that cannot be opened is left out (and logged); the others still run.
+    e.store
+        .conn()
+        .unwrap()
+        .execute(
+            "UPDATE cron_jobs SET job_sealed = x'00' WHERE name = 'added'",
+            [],
+        )
+        .unwrap();
+    let names: Vec<String> = c.jobs.all().unwrap().into_iter().map(|j| j.name).collect();
+    assert_eq!(names, ["inbox", "legacy"]);
 }
 
 /// A launcher that does not return until released (the process "dies" while starting the

@@ -214,10 +214,10 @@ impl JobStore {
                     .and_then(|b| self.open_job(&job.name, u, b).ok())
                     .is_some_and(|j| j == text)
             };
-            let sealed = self.seal_job(&user, &text)?;
             match existing {
                 Some((s, j, u)) if s == *source && u == user && same(&j, &u) => {}
                 Some((s, _, _)) => {
+                    let sealed = self.seal_job(&user, &text)?;
                     if s != *source {
                         tracing::warn!(job = %job.name, was = %s, "a cron job added at run time is replaced by the one in chitin.toml");
                     }
@@ -227,6 +227,7 @@ impl JobStore {
                     )?;
                 }
                 None => {
+                    let sealed = self.seal_job(&user, &text)?;
                     tx.execute(
                         "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, 'chitin.toml', ?5, ?5)",
                         params![job.name, source, user, sealed, now],
@@ -270,33 +271,36 @@ impl JobStore {
             .collect::<Result<_, _>>()?;
         drop(st);
         drop(conn);
-        rows.into_iter()
-            .map(
-                |(name, source, user, sealed, created_by, created_ms, last)| {
-                    let Some(sealed) = sealed else {
-                        return Err(AutomationError::BadJob {
-                            name,
-                            reason: "it is not sealed yet (the gateway seals it at start)".into(),
-                        });
-                    };
-                    let text = self.open_job(&name, &user, &sealed)?;
-                    let job: CronJob =
-                        serde_json::from_str(&text).map_err(|e| AutomationError::BadJob {
-                            name: name.clone(),
-                            reason: e.to_string(),
-                        })?;
-                    Ok(JobRow {
-                        name,
-                        source,
-                        user,
-                        job,
-                        created_by,
-                        created_ms,
-                        last_tick_ms: last,
+        // A job that cannot be opened (its user's key was destroyed by an erasure, a damaged
+        // row) is left out and logged, never run: the others still run.
+        let mut out = Vec::new();
+        for (name, source, user, sealed, created_by, created_ms, last) in rows {
+            let job = sealed
+                .ok_or_else(|| AutomationError::BadJob {
+                    name: name.clone(),
+                    reason: "it is not sealed".into(),
+                })
+                .and_then(|b| self.open_job(&name, &user, &b))
+                .and_then(|text| {
+                    serde_json::from_str::<CronJob>(&text).map_err(|e| AutomationError::BadJob {
+                        name: name.clone(),
+                        reason: e.to_string(),
                     })
-                },
-            )
-            .collect()
+                });
+            match job {
+                Ok(job) => out.push(JobRow {
+                    name,
+                    source,
+                    user,
+                    job,
+                    created_by,
+                    created_ms,
+                    last_tick_ms: last,
+                }),
+                Err(e) => tracing::error!(job = %name, error = %e, "cron job left out"),
+            }
+        }
+        Ok(out)
     }
 
     /// One job.
