@@ -40,7 +40,9 @@ fn endpoints(approval_id: &str) -> Vec<(&'static str, String, Option<Value>)> {
         (
             "POST",
             "/api/v1/policy/explain".into(),
-            Some(json!({"principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"usage.read\"", "resource": "Chitin::Gateway::\"gateway\""})),
+            Some(
+                json!({"principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"usage.read\"", "resource": "Chitin::Gateway::\"gateway\""}),
+            ),
         ),
         ("GET", "/api/v1/policy/shadow".into(), None),
         ("GET", "/api/v1/pairing".into(), None),
@@ -74,7 +76,10 @@ fn post(gw: &Gw, path: &str, body: &Value) -> Resp {
 
 /// The gateway with an agent on a fake OpenAI-compatible model (priced), with a generous
 /// failed-authentication allowance (these tests fail on purpose, many times).
-fn start(rt: &tokio::runtime::Runtime, extra: &str) -> (Gw, chitin::providers::testing::FakeServer) {
+fn start(
+    rt: &tokio::runtime::Runtime,
+    extra: &str,
+) -> (Gw, chitin::providers::testing::FakeServer) {
     use chitin::providers::testing::{FakeOpenAi, Reply, Step};
     let fake = rt
         .block_on(FakeOpenAi::start(vec![
@@ -150,7 +155,10 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
         .iter()
         .map(|m| m["message"]["text"].as_str().unwrap_or("").to_string())
         .collect();
-    assert!(texts.contains(&"what is in the workspace?".to_string()), "{one}");
+    assert!(
+        texts.contains(&"what is in the workspace?".to_string()),
+        "{one}"
+    );
     assert!(texts.contains(&"Nothing there.".to_string()), "{one}");
     let run = &one["runs"][0];
     assert_eq!(run["task"], "chat");
@@ -203,7 +211,10 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     assert_eq!(full_stdin["complete"], true);
     assert_eq!(full_stdin["value"], stdin.as_str());
     assert_eq!(full["arguments"]["stdin"], stdin.as_str());
-    assert_eq!(full["arguments"]["argv"], json!(["touch", "approved-marker"]));
+    assert_eq!(
+        full["arguments"]["argv"],
+        json!(["touch", "approved-marker"])
+    );
     assert_eq!(full["requester"], "owner");
     assert!(full["expires_at"].as_str().unwrap().ends_with('Z'));
 
@@ -246,7 +257,10 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
         .iter()
         .map(|x| x["status"].as_str().unwrap())
         .collect();
-    assert!(statuses.contains(&"used") && statuses.contains(&"denied"), "{all}");
+    assert!(
+        statuses.contains(&"used") && statuses.contains(&"denied"),
+        "{all}"
+    );
     assert_eq!(
         get(&gw, "/api/v1/approvals")["approvals"],
         json!([]),
@@ -254,7 +268,10 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     );
 
     // Audit: query by action and decision (newest first, paged), one record, verify, export.
-    let q = get(&gw, "/api/v1/audit?action=exec&decision=approval_required&limit=1");
+    let q = get(
+        &gw,
+        "/api/v1/audit?action=exec&decision=approval_required&limit=1",
+    );
     let first = &q["records"][0];
     assert_eq!(first["action"], "exec");
     assert_eq!(first["decision"], "approval_required");
@@ -281,10 +298,17 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
             .contains("chitin-audit.jsonl")
     );
     assert!(export.body.lines().count() > 10, "{}", export.body);
-    assert!(export.body.contains("\"audit.export\""), "the export is itself recorded");
+    assert!(
+        export.body.contains("\"audit.export\""),
+        "the export is itself recorded"
+    );
     let unknown = gw.get("/api/v1/audit?acter=x");
     assert_eq!(unknown.status, 400, "{}", unknown.body);
-    assert!(unknown.body.contains("unknown query parameter"), "{}", unknown.body);
+    assert!(
+        unknown.body.contains("unknown query parameter"),
+        "{}",
+        unknown.body
+    );
 
     // Usage: per model and per task, the same numbers as `chitin usage`.
     let by_model = get(&gw, "/api/v1/usage?by=model");
@@ -296,12 +320,20 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     assert_eq!(by_task["groups"][0]["key"], "chat");
     assert_eq!(by_task["budgets"][0]["user"], "owner");
     let cli = gw.chitin(&["usage", "--by", "model", "--json"]);
-    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    assert!(
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
+    );
     let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
     assert_eq!(cli["groups"], by_model["groups"]);
     let text = gw.chitin(&["usage", "--by", "task"]);
     let text = String::from_utf8(text.stdout).unwrap();
-    assert!(text.lines().any(|l| l.starts_with("chat ") && l.contains("0.0112")), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("chat ") && l.contains("0.0112")),
+        "{text}"
+    );
     assert_eq!(gw.get("/api/v1/usage?by=colour").status, 400);
 
     // Policy: the set with @reasons, explain (an allow and a default deny), shadow report.
@@ -315,7 +347,12 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
         .clone();
     assert_eq!(own["effect"], "permit");
     assert_eq!(own["mode"], "enforce");
-    assert!(own["reason"].as_str().unwrap().contains("their own sessions"));
+    assert!(
+        own["reason"]
+            .as_str()
+            .unwrap()
+            .contains("their own sessions")
+    );
     assert!(own["text"].as_str().unwrap().contains("session.read"));
     assert!(pol["last_reload_error"].is_null());
     let allow = post(
@@ -327,7 +364,12 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     let allow = allow.json();
     assert_eq!(allow["decision"], "allow");
     assert_eq!(allow["policies"][0]["id"], "control.owners");
-    assert!(allow["policies"][0]["reason"].as_str().unwrap().starts_with("Owners may see usage"));
+    assert!(
+        allow["policies"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("Owners may see usage")
+    );
     let deny = post(
         &gw,
         "/api/v1/policy/explain",
@@ -336,7 +378,12 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     .json();
     assert_eq!(deny["decision"], "deny");
     assert_eq!(deny["policies"], json!([]));
-    assert!(deny["change"].as_str().unwrap().contains("no permit policy matches"));
+    assert!(
+        deny["change"]
+            .as_str()
+            .unwrap()
+            .contains("no permit policy matches")
+    );
     let malformed = post(&gw, "/api/v1/policy/explain", &json!({"principal": 1}));
     assert_eq!(malformed.status, 400, "{}", malformed.body);
     let shadow = get(&gw, "/api/v1/policy/shadow?days=3");
@@ -347,7 +394,11 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
         get(&gw, "/api/v1/pairing"),
         json!({"requests": [], "channels": []})
     );
-    let r = post(&gw, "/api/v1/pairing/ABCDEF/resolve", &json!({"decision": "deny"}));
+    let r = post(
+        &gw,
+        "/api/v1/pairing/ABCDEF/resolve",
+        &json!({"decision": "deny"}),
+    );
     assert_eq!(r.status, 404, "{}", r.body);
 
     // Health: readiness details, version, uptime, sandbox, retention and backups.
@@ -367,7 +418,11 @@ fn every_endpoint_refuses_a_request_without_a_valid_token_with_401() {
     let a = open_approval(&gw, "never", "");
     let id = a["id"].as_str().unwrap().to_string();
     for (method, path, body) in endpoints(&id) {
-        for auth in [None, Some("Bearer not-the-token"), Some("Basic b3duZXI6eA==")] {
+        for auth in [
+            None,
+            Some("Bearer not-the-token"),
+            Some("Basic b3duZXI6eA=="),
+        ] {
             let r = send(&gw, method, &path, body.as_ref(), auth);
             assert_eq!(r.status, 401, "{method} {path} with {auth:?}: {}", r.body);
             assert_eq!(r.header("www-authenticate"), Some("Bearer"));
@@ -418,7 +473,10 @@ fn every_endpoint_refuses_with_403_and_the_policy_ids_when_cedar_forbids_it() {
     let rt = runtime();
     let keep = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let dir = policy_dir(keep.path(), FORBID);
-    let (gw, _fake) = start(&rt, &format!("\n[policy]\ndir = {:?}\n", dir.display().to_string()));
+    let (gw, _fake) = start(
+        &rt,
+        &format!("\n[policy]\ndir = {:?}\n", dir.display().to_string()),
+    );
     chat_turn(&gw);
     let a = open_approval(&gw, "never", "");
     let id = a["id"].as_str().unwrap().to_string();
@@ -427,9 +485,16 @@ fn every_endpoint_refuses_with_403_and_the_policy_ids_when_cedar_forbids_it() {
         assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
         let e = r.json()["error"].clone();
         assert_eq!(e["code"], "policy_denied", "{method} {path}: {e}");
-        assert_eq!(e["policies"], json!(["test.forbid-control"]), "{method} {path}: {e}");
+        assert_eq!(
+            e["policies"],
+            json!(["test.forbid-control"]),
+            "{method} {path}: {e}"
+        );
         assert!(
-            e["message"].as_str().unwrap().contains("Chitin::User::\"owner\""),
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("Chitin::User::\"owner\""),
             "{e}"
         );
     }
@@ -438,6 +503,10 @@ fn every_endpoint_refuses_with_403_and_the_policy_ids_when_cedar_forbids_it() {
     let list: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(list[0]["status"], "pending", "{list}");
     let cli = gw.chitin(&["usage"]);
-    assert_eq!(cli.status.code(), Some(1), "chitin usage is decided the same way");
+    assert_eq!(
+        cli.status.code(),
+        Some(1),
+        "chitin usage is decided the same way"
+    );
     assert!(String::from_utf8_lossy(&cli.stdout).contains("refused"));
 }

@@ -44,8 +44,7 @@ fn json_get(gw: &Gw, path: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_and_reads_usage()
-{
+async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_and_reads_usage() {
     use chitin::providers::testing::{FakeOpenAi, Reply, Step};
     let fake = FakeOpenAi::start(vec![
         Step::Reply(
@@ -79,7 +78,11 @@ async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_
     .await
     .unwrap();
     // An approval whose stdin is too large for a summary, with a bidi override in it.
-    let stdin = format!("BEGIN\u{202e}{}MIDDLE-MARKER{}END", "y".repeat(2000), "z".repeat(2000));
+    let stdin = format!(
+        "BEGIN\u{202e}{}MIDDLE-MARKER{}END",
+        "y".repeat(2000),
+        "z".repeat(2000)
+    );
     let call = json!({"tool": "exec", "args": {"argv": ["touch", "browser-approved"], "network": ["127.0.0.1:9"], "stdin": stdin}, "session": "ops"});
     let r = gw.invoke(&call);
     assert_eq!(r.status, 202, "{}", r.body);

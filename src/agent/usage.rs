@@ -320,7 +320,10 @@ mod tests {
         assert_eq!(parse_since("7d", now), Some(3 * DAY_MS));
         assert_eq!(parse_since("12h", now), Some(now - 12 * 3_600_000));
         assert_eq!(parse_since("1970-01-02", now), Some(DAY_MS));
-        assert_eq!(parse_since("1970-01-02T00:00:01Z", now), Some(DAY_MS + 1000));
+        assert_eq!(
+            parse_since("1970-01-02T00:00:01Z", now),
+            Some(DAY_MS + 1000)
+        );
         assert_eq!(parse_since("-1d", now), None);
         assert_eq!(parse_since("soon", now), None);
     }

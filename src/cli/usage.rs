@@ -37,7 +37,9 @@ pub fn run(args: UsageArgs, globals: &Globals) -> CmdResult {
                 .ok_or_else(|| usage::SINCE_HELP.replace("since", "--since"))?,
         ),
     };
-    if let Some(refused) = super::operator_may(&rt.gate, &rt.config, crate::policy::Action::UsageRead)? {
+    if let Some(refused) =
+        super::operator_may(&rt.gate, &rt.config, crate::policy::Action::UsageRead)?
+    {
         return Ok(refused);
     }
     let r = usage::report(&rt.store, by, since, now, &rt.config.budgets)?;

@@ -192,7 +192,6 @@ impl Cdp {
     }
 }
 
-
 impl Cdp {
     /// Opens `url` in a new tab (this client then talks to it) and waits until it is loaded.
     pub async fn open(&mut self, url: &str) {

@@ -42,7 +42,10 @@ fn record_json(r: &Record, detail: bool) -> Value {
         "hash": chitin_audit::to_hex(&r.hash),
     });
     if detail && let Value::Object(m) = &mut v {
-        m.insert("prev_hash".into(), json!(chitin_audit::to_hex(&r.prev_hash)));
+        m.insert(
+            "prev_hash".into(),
+            json!(chitin_audit::to_hex(&r.prev_hash)),
+        );
         m.insert(
             "payload_digest".into(),
             json!(chitin_audit::to_hex(&r.payload_digest)),
@@ -124,7 +127,9 @@ pub(super) async fn query(
             actor.as_ref().is_none_or(|a| &r.actor == a)
                 && action.as_ref().is_none_or(|a| &r.action == a)
                 && decision.as_ref().is_none_or(|d| &r.decision == d)
-                && outcome.as_ref().is_none_or(|o| r.outcome.contains(o.as_str()))
+                && outcome
+                    .as_ref()
+                    .is_none_or(|o| r.outcome.contains(o.as_str()))
                 && kind.as_ref().is_none_or(|k| &r.kind == k)
                 && since.is_none_or(|s| r.ts_ms >= s)
                 && until.is_none_or(|u| r.ts_ms <= u)
@@ -161,11 +166,9 @@ pub(super) async fn record(
     Path(seq): Path<String>,
 ) -> Response {
     blocking(app, move |app| {
-        let seq: i64 = seq
-            .parse()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| ApiError::BadRequest("a record is named by its sequence number".into()))?;
+        let seq: i64 = seq.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+            ApiError::BadRequest("a record is named by its sequence number".into())
+        })?;
         admin(app, &p, Action::AuditRead)?;
         let r = reader(app)?
             .range(seq, seq)?

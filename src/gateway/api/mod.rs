@@ -105,10 +105,9 @@ impl From<crate::agent::transcripts::TranscriptError> for ApiError {
     fn from(e: crate::agent::transcripts::TranscriptError) -> Self {
         use crate::agent::transcripts::TranscriptError as T;
         match e {
-            T::NoSession(k) => Self::NotFound(format!(
-                "no session `{}`",
-                crate::approvals::visible(&k)
-            )),
+            T::NoSession(k) => {
+                Self::NotFound(format!("no session `{}`", crate::approvals::visible(&k)))
+            }
             T::NoRun(r) => Self::NotFound(format!("no run `{}`", crate::approvals::visible(&r))),
             other => Self::Internal(other.to_string()),
         }
@@ -167,8 +166,8 @@ pub(super) fn principal(
     app: &Arc<App>,
     headers: &HeaderMap,
     client: IpAddr,
-) -> Result<Principal, Response> {
-    super::authenticate(app, client, headers).map_err(|r| *r)?;
+) -> Result<Principal, Box<Response>> {
+    super::authenticate(app, client, headers)?;
     Ok(Principal {
         user: app.owner.clone(),
     })
@@ -185,7 +184,9 @@ impl FromRequestParts<Arc<App>> for Caller {
             .extensions
             .get::<Client>()
             .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0);
-        principal(app, &parts.headers, client).map(Caller)
+        principal(app, &parts.headers, client)
+            .map(Caller)
+            .map_err(|r| *r)
     }
 }
 
@@ -482,8 +483,7 @@ async fn approvals(
             }
         };
         let list = app.approvals.list(all)?;
-        let (owners, hidden) =
-            readable_owners(app, &p, list.iter().map(|a| a.requester.as_str()))?;
+        let (owners, hidden) = readable_owners(app, &p, list.iter().map(|a| a.requester.as_str()))?;
         let out: Vec<Value> = list
             .iter()
             .filter(|a| owners.contains(&a.requester))
@@ -590,9 +590,10 @@ async fn usage(
         let now = app.clock.now_ms();
         let since = match q.get("since") {
             None => None,
-            Some(s) => Some(crate::agent::usage::parse_since(s, now).ok_or_else(|| {
-                ApiError::BadRequest(crate::agent::usage::SINCE_HELP.into())
-            })?),
+            Some(s) => Some(
+                crate::agent::usage::parse_since(s, now)
+                    .ok_or_else(|| ApiError::BadRequest(crate::agent::usage::SINCE_HELP.into()))?,
+            ),
         };
         admin(app, &p, Action::UsageRead)?;
         let budgets = super::read(&app.config).budgets;
