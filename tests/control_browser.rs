@@ -212,6 +212,30 @@ async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_
             explained[1].as_str().unwrap().starts_with("control.owners (permit): Owners may see usage"),
             "{explained}"
         );
+        // Start from a recent decision: the exec call that asked for approval, explained
+        // again against the active policies.
+        cdp.eval("document.getElementById('explain-recent-load').click(); true")
+            .await;
+        let picked = cdp
+            .wait_for(
+                "(() => { const o = Array.from(document.querySelectorAll('#explain-recent option')).find(o => o.textContent.includes('approval_required: Chitin::User::\"owner\" exec')); if (!o) return ''; const s = document.getElementById('explain-recent'); s.value = o.value; s.dispatchEvent(new Event('change')); return o.value; })()",
+                "a recent exec decision",
+            )
+            .await;
+        assert!(picked.as_str().unwrap().parse::<i64>().is_ok(), "{picked}");
+        cdp.eval("document.getElementById('explain-decision').textContent = ''; document.getElementById('explain-run').click(); true")
+            .await;
+        cdp.wait_for(
+            "document.getElementById('explain-decision').textContent",
+            "the explanation of the recorded decision",
+        )
+        .await;
+        let again = cdp
+            .eval("[document.getElementById('explain-decision').textContent, document.getElementById('explain-action').value, document.getElementById('explain-policies').textContent]")
+            .await;
+        assert_eq!(again[0], "approval_required", "{again}");
+        assert_eq!(again[1], "Chitin::Action::\"exec\"");
+        assert!(again[2].as_str().unwrap().contains("tools.owner-exec-network-approved"), "{again}");
         // A malformed request is explained in words, not a crash.
         cdp.eval("document.getElementById('explain-context').value = '{not json'; document.getElementById('explain-run').click(); true")
             .await;

@@ -7,7 +7,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const VIEWS = ['sessions', 'approvals', 'audit', 'policy', 'usage', 'channels', 'health'];
-  const state = { auditBefore: null };
+  const state = { auditBefore: null, auditRecord: null, recent: null };
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -293,7 +293,43 @@
     const pre = $('audit-detail');
     pre.textContent = JSON.stringify(d.record, null, 2);
     pre.hidden = false;
+    state.auditRecord = d.record;
+    $('audit-explain').hidden = !requestOf(d.record);
     pre.focus();
+  }
+
+  // The policy request a recorded decision was made for (its context as recorded, redacted).
+  function requestOf(r) {
+    if (!r || r.kind !== 'decision' || !r.payload || typeof r.payload.context !== 'object') return null;
+    return {
+      principal: r.actor,
+      action: 'Chitin::Action::' + JSON.stringify(r.action),
+      resource: r.resource,
+      context: r.payload.context,
+    };
+  }
+
+  function fillExplain(req) {
+    $('explain-principal').value = req.principal;
+    $('explain-action').value = req.action;
+    $('explain-resource').value = req.resource;
+    $('explain-context').value = JSON.stringify(req.context, null, 2);
+  }
+
+  async function loadRecentDecisions() {
+    const data = await api('GET', '/api/v1/audit?kind=decision&limit=30');
+    const sel = $('explain-recent');
+    clear(sel);
+    state.recent = new Map();
+    sel.appendChild(el('option', null, '(pick one)')).value = '';
+    for (const r of data.records) {
+      const req = requestOf(r);
+      if (!req) continue;
+      state.recent.set(String(r.seq), req);
+      const o = el('option', null, '#' + r.seq + ' ' + r.decision + ': ' + r.actor + ' ' + r.action + ' ' + r.resource);
+      o.value = String(r.seq);
+      sel.appendChild(o);
+    }
   }
 
   async function verifyAudit() {
@@ -494,6 +530,18 @@
     $('audit-verify').addEventListener('click', () => guarded(verifyAudit));
     $('audit-export').addEventListener('click', () => guarded(exportAudit));
     $('explain-run').addEventListener('click', () => guarded(runExplain));
+    $('explain-recent-load').addEventListener('click', () => guarded(loadRecentDecisions));
+    $('explain-recent').addEventListener('change', () => {
+      const req = state.recent && state.recent.get($('explain-recent').value);
+      if (req) fillExplain(req);
+    });
+    $('audit-explain').addEventListener('click', () => {
+      const req = requestOf(state.auditRecord);
+      if (!req) return;
+      fillExplain(req);
+      location.hash = '#policy';
+      guarded(runExplain);
+    });
     $('shadow-load').addEventListener('click', () => guarded(loadShadow));
     $('usage-load').addEventListener('click', () => guarded(loadUsage));
     window.addEventListener('hashchange', show);
