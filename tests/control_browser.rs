@@ -268,6 +268,43 @@ async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_
         assert_eq!(usage[1], "0.0112");
         assert_eq!(usage[2], "2");
 
+        // Audit: the approval's steps are in the log; one record's detail; the chain verifies.
+        cdp.eval("location.hash = '#audit'; true").await;
+        cdp.eval("document.getElementById('audit-action').value = 'exec'; document.getElementById('audit-decision').value = 'approval_required'; document.getElementById('audit-search').click(); true")
+            .await;
+        cdp.wait_for(
+            "document.querySelectorAll('#audit-table tbody tr[data-decision=\"approval_required\"]').length > 0 && Array.from(document.querySelectorAll('#audit-table tbody tr')).every(t => t.dataset.decision === 'approval_required')",
+            "the exec decisions",
+        )
+        .await;
+        cdp.eval("document.querySelector('#audit-table tbody tr button').click(); true")
+            .await;
+        cdp.wait_for("!document.getElementById('audit-detail').hidden", "the record")
+            .await;
+        let rec: Value = serde_json::from_str(
+            cdp.eval("document.getElementById('audit-detail').textContent")
+                .await
+                .as_str()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(rec["action"], "exec");
+        assert_eq!(rec["prev_hash"].as_str().unwrap().len(), 64);
+        cdp.eval("document.getElementById('audit-verify').click(); true")
+            .await;
+        cdp.wait_for(
+            "document.getElementById('audit-verify-status').dataset.ok",
+            "the verification",
+        )
+        .await;
+        let verified = cdp
+            .eval("document.getElementById('audit-verify-status').textContent")
+            .await;
+        assert!(
+            verified.as_str().unwrap().starts_with("Chain verified: ok: "),
+            "{verified}"
+        );
+
         // Health.
         cdp.eval("location.hash = '#health'; true").await;
         cdp.wait_for(
