@@ -314,6 +314,121 @@ mod tests {
         assert_eq!(Task::of_call(None), Task::Workflow);
     }
 
+    /// Stores content as it is (the tests read no content).
+    struct Plain;
+
+    impl crate::agent::Sealer for Plain {
+        fn seal(&self, _: &str, p: &[u8]) -> Result<Vec<u8>, String> {
+            Ok(p.to_vec())
+        }
+        fn open(&self, _: &str, s: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+            Ok(zeroize::Zeroizing::new(s.to_vec()))
+        }
+    }
+
+    #[test]
+    fn each_model_call_is_recorded_with_its_task_and_reported_by_task_user_model_and_day() {
+        use crate::agent::transcripts::UsageRow;
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(Store::open(&dir.path().join("state.db")).unwrap());
+        let t = crate::agent::Transcripts::new(
+            std::sync::Arc::clone(&store),
+            std::sync::Arc::new(Plain),
+        );
+        let now = 3 * DAY_MS + 1000;
+        let turns = [
+            ("r-chat", "web-1", "alice", None),
+            ("r-chan", "channel:tg:dm:1", "alice", Some("channel:tg:7")),
+            ("r-cron", "cron:daily", "bob", Some("cron:daily:100")),
+            ("r-hook", "hook:gh", "bob", Some("hook:gh:d1")),
+        ];
+        for (run, session, user, origin) in turns {
+            let m = crate::agent::Stored::User {
+                text: "hi".into(),
+                from: user.into(),
+                untrusted: false,
+            };
+            t.begin_turn(session, user, "test", run, origin, &m, false, now)
+                .unwrap();
+        }
+        let call = |run: &str, session: &str, user: &str, model: &str, cost: Option<f64>| {
+            t.record_usage(&UsageRow {
+                at_ms: now,
+                user,
+                session,
+                run_id: run,
+                model,
+                tool: None,
+                input_tokens: 100,
+                output_tokens: 10,
+                cost_usd: cost,
+            })
+            .unwrap();
+        };
+        call("r-chat", "web-1", "alice", "p/a", Some(1.0));
+        call("r-chat", "web-1", "alice", "p/a", Some(1.0));
+        call("r-chan", "channel:tg:dm:1", "alice", "p/a", Some(0.5));
+        call("r-cron", "cron:daily", "bob", "p/b", Some(0.25));
+        call("r-hook", "hook:gh", "bob", "p/b", None);
+        // A workflow's `llm.invoke`: its run is a workflow run, not an agent run.
+        call("wf-1", "wf-session", "bob", "p/b", Some(0.125));
+        let budgets = crate::config::agent::BudgetsConfig {
+            daily_usd_per_user: 5.0,
+            ..Default::default()
+        };
+        let by_task = report(&store, UsageBy::Task, None, now, &budgets).unwrap();
+        let keys: Vec<(Option<&str>, i64, f64)> = by_task
+            .groups
+            .iter()
+            .map(|g| (g.key.as_deref(), g.calls, g.cost_usd))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Some("chat"), 2, 2.0),
+                (Some("channel"), 1, 0.5),
+                (Some("cron"), 1, 0.25),
+                (Some("workflow"), 1, 0.125),
+                (Some("webhook"), 1, 0.0),
+            ]
+        );
+        assert_eq!(by_task.groups[4].unpriced_calls, 1);
+        assert_eq!(by_task.total.calls, 6);
+        assert_eq!(by_task.total.runs, 5);
+        assert_eq!(by_task.total.cost_usd, 2.875);
+        let by_user = report(&store, UsageBy::User, None, now, &budgets).unwrap();
+        assert_eq!(by_user.groups[0].key.as_deref(), Some("alice"));
+        assert_eq!(by_user.groups[0].cost_usd, 2.5);
+        assert_eq!(
+            by_user.budgets,
+            vec![
+                Budget {
+                    user: "alice".into(),
+                    spent_today_usd: 2.5,
+                    daily_limit_usd: Some(5.0)
+                },
+                Budget {
+                    user: "bob".into(),
+                    spent_today_usd: 0.375,
+                    daily_limit_usd: Some(5.0)
+                },
+            ]
+        );
+        let by_day = report(&store, UsageBy::Day, None, now, &budgets).unwrap();
+        assert_eq!(by_day.groups[0].key.as_deref(), Some("1970-01-04"));
+        // Nothing since tomorrow.
+        let later = report(&store, UsageBy::Model, Some(now + DAY_MS), now, &budgets).unwrap();
+        assert!(later.groups.is_empty());
+        assert_eq!(later.total.calls, 0);
+        let spend = spend_by_session(&store).unwrap();
+        assert_eq!(spend["web-1"], 2.0);
+        // The run rows carry their origin, so a run's task is known too.
+        assert_eq!(
+            Task::of_origin(t.run("r-cron").unwrap().origin.as_deref()),
+            Task::Cron
+        );
+    }
+
     #[test]
     fn since_takes_days_hours_dates_and_times() {
         let now = 10 * DAY_MS;
