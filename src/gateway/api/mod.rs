@@ -751,3 +751,82 @@ async fn health(State(app): State<Arc<App>>, Caller(p): Caller) -> Response {
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
+    use super::*;
+
+    #[test]
+    fn a_resolve_body_takes_exactly_a_known_decision() {
+        assert!(decision_of(&json!({"decision": "approve"}), &["decision"]).unwrap());
+        assert!(!decision_of(&json!({"decision": "deny"}), &["decision"]).unwrap());
+        for bad in [
+            json!({"decision": "Approve"}),
+            json!({"decision": true}),
+            json!({}),
+            json!({"decision": "approve", "approved": true}),
+            json!(["approve"]),
+        ] {
+            assert!(
+                matches!(
+                    decision_of(&bad, &["decision"]),
+                    Err(ApiError::BadRequest(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unknown_query_parameter_is_refused_not_ignored() {
+        let q = HashMap::from([("acter".to_string(), "x".to_string())]);
+        let Err(ApiError::BadRequest(m)) = params(q, &["actor"]) else {
+            panic!("accepted an unknown parameter");
+        };
+        assert!(m.contains("`acter`") && m.contains("actor"), "{m}");
+        let ok = HashMap::from([("actor".to_string(), "x".to_string())]);
+        assert!(params(ok, &["actor"]).is_ok());
+    }
+
+    #[test]
+    fn an_approval_is_named_by_its_id_never_by_a_code() {
+        assert_eq!(
+            approval_id("0123456789ABCDEF0123456789abcdef").unwrap(),
+            "0123456789abcdef0123456789abcdef"
+        );
+        assert!(matches!(
+            approval_id("K7QX2M"),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn a_refusal_is_403_with_the_action_and_the_policy_ids() {
+        let r = ApiError::Denied {
+            action: Action::SessionRead,
+            principal: user_uid("bob"),
+            policies: vec!["p1".into(), "p2".into()],
+        }
+        .into_response();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let body = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(axum::body::to_bytes(r.into_body(), 1 << 16))
+            .unwrap();
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"]["code"], "policy_denied");
+        assert_eq!(v["error"]["action"], "session.read");
+        assert_eq!(v["error"]["policies"], json!(["p1", "p2"]));
+        assert_eq!(
+            v["error"]["message"],
+            "policy denied `session.read` for Chitin::User::\"bob\"; ask an owner to change the policies"
+        );
+    }
+}
