@@ -126,7 +126,12 @@ fn runtime() -> tokio::runtime::Runtime {
 #[test]
 fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health() {
     let rt = runtime();
-    let (gw, _fake) = start(&rt, "");
+    let keep = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = policy_dir(keep.path(), SHADOW);
+    let (gw, _fake) = start(
+        &rt,
+        &format!("\n[policy]\ndir = {:?}\n", dir.display().to_string()),
+    );
     chat_turn(&gw);
 
     // Sessions: the turn's session with its channel, user, activity, spend and taint.
@@ -386,8 +391,26 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     );
     let malformed = post(&gw, "/api/v1/policy/explain", &json!({"principal": 1}));
     assert_eq!(malformed.status, 400, "{}", malformed.body);
+    assert_eq!(pol["shadow"], 1);
+    let sp = pol["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "test.shadow-no-listing")
+        .unwrap()
+        .clone();
+    assert_eq!(sp["mode"], "shadow");
+    assert_eq!(sp["effect"], "forbid");
+    // The shadow report: the turn's `list_dir` would have been denied.
     let shadow = get(&gw, "/api/v1/policy/shadow?days=3");
     assert_eq!(shadow["days"], 3);
+    assert_eq!(
+        shadow["policies"],
+        json!([{"id": "test.shadow-no-listing", "would_deny": 1, "would_allow": 0}])
+    );
+    assert_eq!(shadow["latest"][0]["action"], "list_dir");
+    assert_eq!(shadow["latest"][0]["decision"], "shadow_deny");
+    assert_eq!(gw.get("/api/v1/policy/shadow?days=91").status, 400);
 
     // Pairing without channels: nothing pending, nothing to resolve.
     assert_eq!(
@@ -435,6 +458,13 @@ fn every_endpoint_refuses_a_request_without_a_valid_token_with_401() {
         "pending"
     );
 }
+
+const SHADOW: &str = r#"
+@id("test.shadow-no-listing")
+@mode("shadow")
+@reason("Trying out: no directory listings.")
+forbid (principal, action == Chitin::Action::"list_dir", resource);
+"#;
 
 const FORBID: &str = r#"
 @id("test.forbid-control")

@@ -118,11 +118,75 @@ fn pairing_requests_are_listed_with_the_channels_state_and_approved_or_denied_ov
     assert_eq!(usage["groups"][0]["calls"], 1);
     assert_eq!(usage["groups"][0]["input_tokens"], 400);
 
-    // Another stranger, denied from the API.
+    // Another stranger, paired with another user (`bob`, also in `owners`, so his messages
+    // are admitted): the owner's session list leaves bob's session out, and reading it is
+    // refused (by default a user reads only their own sessions).
     let bob = FakeUser::new(777, "Bob");
-    let dm2 = FakeChat::private(&bob);
-    tg.push_message(MessageBuilder::text(&dm2, &bob, "let me in"));
-    let code2 = until("the second request", &gw, || {
+    let dm_bob = FakeChat::private(&bob);
+    tg.push_message(MessageBuilder::text(&dm_bob, &bob, "hello"));
+    let code_bob = until("bob's request", &gw, || {
+        let v = api(&gw, "GET", "/api/v1/pairing", None).json();
+        v["requests"][0]["code"].as_str().map(str::to_string)
+    });
+    // Pairing with a user the entities do not have is refused in words...
+    let unknown_user = api(
+        &gw,
+        "POST",
+        &format!("/api/v1/pairing/{code_bob}/resolve"),
+        Some(&json!({"decision": "approve", "user": "bob"})),
+    );
+    assert_eq!(unknown_user.status, 400, "{}", unknown_user.body);
+    assert!(
+        unknown_user.body.contains("add it to entities.json"),
+        "{}",
+        unknown_user.body
+    );
+    // ...and works once the user is added (the gateway reloads the entities on change).
+    let ents_path = gw.home.join("entities.json");
+    let mut ents: Value =
+        serde_json::from_str(&std::fs::read_to_string(&ents_path).unwrap()).unwrap();
+    ents.as_array_mut().unwrap().push(json!(
+        {"uid": {"type": "Chitin::User", "id": "bob"}, "attrs": {},
+         "parents": [{"type": "Chitin::Group", "id": "owners"}]}
+    ));
+    std::fs::write(&ents_path, ents.to_string()).unwrap();
+    let paired = until("the pairing with bob", &gw, || {
+        let r = api(
+            &gw,
+            "POST",
+            &format!("/api/v1/pairing/{code_bob}/resolve"),
+            Some(&json!({"decision": "approve", "user": "bob"})),
+        );
+        (r.status != 400).then_some(r)
+    });
+    assert_eq!(paired.status, 200, "{}", paired.body);
+    assert_eq!(paired.json()["request"]["user"], "bob");
+    tg.push_message(MessageBuilder::text(&dm_bob, &bob, "what do you know?"));
+    let list = until("bob's session to exist", &gw, || {
+        let v = api(&gw, "GET", "/api/v1/sessions", None).json();
+        (v["hidden_owners"] == 1).then_some(v)
+    });
+    let keys: Vec<&str> = list["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, vec!["channel:tg:dm:4242"], "{list}");
+    let refused = api(&gw, "GET", "/api/v1/sessions/channel:tg:dm:777", None);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    let e = refused.json()["error"].clone();
+    assert_eq!(e["action"], "session.read");
+    assert_eq!(e["policies"], json!([]), "a default deny names no policy");
+    let own = api(&gw, "GET", "/api/v1/sessions/channel:tg:dm:4242", None);
+    assert_eq!(own.status, 200, "{}", own.body);
+    assert_eq!(own.json()["runs"][0]["task"], "channel");
+
+    // A third stranger, denied from the API.
+    let carol = FakeUser::new(778, "Carol");
+    let dm2 = FakeChat::private(&carol);
+    tg.push_message(MessageBuilder::text(&dm2, &carol, "let me in"));
+    let code2 = until("the third request", &gw, || {
         let v = api(&gw, "GET", "/api/v1/pairing", None).json();
         v["requests"][0]["code"].as_str().map(str::to_string)
     });

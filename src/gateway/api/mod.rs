@@ -677,6 +677,7 @@ async fn resolve_pairing(
                 let msg = e.to_string();
                 Err(match e {
                     C::PairingNotFound(_) => ApiError::NotFound(msg),
+                    C::UnknownUser(_) => ApiError::BadRequest(msg),
                     C::PairingExpired(_) | C::PairingNotPending { .. } => ApiError::Conflict(msg),
                     C::PairingRefused { .. } => ApiError::Denied {
                         action: Action::PairingApprove,
