@@ -406,6 +406,19 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (owner, workflow, key)
      ) STRICT;
      CREATE INDEX workflow_state_subject ON workflow_state(subject);",
+    // 14: what caused each model call (`usage.task`: chat, channel, cron, webhook, workflow),
+    // so spend can be told apart by task (`chitin usage --by task`, `GET /api/v1/usage`).
+    // Existing rows are classified from their run's origin; a call outside an agent run is a
+    // workflow's `llm.invoke`.
+    "ALTER TABLE usage ADD COLUMN task TEXT;
+     UPDATE usage SET task = COALESCE(
+        (SELECT CASE WHEN r.origin LIKE 'channel:%' THEN 'channel'
+                     WHEN r.origin LIKE 'cron:%' THEN 'cron'
+                     WHEN r.origin LIKE 'hook:%' THEN 'webhook'
+                     ELSE 'chat' END
+         FROM runs r WHERE r.id = usage.run_id),
+        'workflow');
+     CREATE INDEX usage_time ON usage(at_ms);",
 ];
 
 /// The state database.

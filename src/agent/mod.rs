@@ -22,6 +22,7 @@
 pub mod context;
 pub mod skills;
 pub mod transcripts;
+pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -18,6 +18,7 @@ mod secrets;
 mod sessions;
 mod skills;
 mod token;
+mod usage;
 mod workflow;
 
 use std::path::PathBuf;
@@ -106,6 +107,8 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// Spend and tokens per user, model, session, day, tool or task, with today's budgets.
+    Usage(usage::UsageArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +286,7 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Usage(args) => usage::run(args, &globals),
     };
     match result {
         Ok(code) => code,

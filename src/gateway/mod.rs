@@ -17,6 +17,7 @@
 //!   never logged.
 
 pub mod agent_backend;
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod channels;
@@ -274,6 +275,7 @@ fn router(app: Arc<App>) -> Router {
         )
         .route("/hooks/{name}", post(hook_webhook))
         .merge(protected)
+        .merge(api::routes(&app))
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
@@ -864,6 +866,8 @@ async fn front(
         "/tools/invoke" => "/tools/invoke",
         "/ws" => "/ws",
         "/" | "/app.js" | "/app.css" => "/",
+        "/control" | "/control.js" | "/control.css" => "/control",
+        p if p.starts_with("/api/") => "/api",
         p if p.starts_with("/hooks/") => "/hooks",
         _ => "other",
     };
@@ -873,7 +877,7 @@ async fn front(
     // Another site's page (an `<img>`, a form, a fetch, a CORS preflight, a WebSocket) is
     // refused before anything else and is not a failed authentication: the owner's browser
     // sends it, so counting it would let any page throttle the owner's address.
-    let guarded = !matches!(route, "/health" | "/ready" | "/");
+    let guarded = !matches!(route, "/health" | "/ready" | "/" | "/control");
     let mut resp = if guarded
         && (method == axum::http::Method::OPTIONS || app.ws.foreign_request(req.headers()))
     {

@@ -75,6 +75,10 @@ closed_enum! {
         WebhookReceive => "webhook.receive",
         WorkflowRun => "workflow.run",
         WorkflowResume => "workflow.resume",
+        SessionRead => "session.read",
+        UsageRead => "usage.read",
+        PolicyRead => "policy.read",
+        HealthRead => "health.read",
     }
 }
 

@@ -46,6 +46,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "workflows.cedar",
         include_str!("../../policies/default/workflows.cedar"),
     ),
+    (
+        "control.cedar",
+        include_str!("../../policies/default/control.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.
