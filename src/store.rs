@@ -387,8 +387,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
     // The memory index (`tools::memory`): per user, a random index key sealed with the user's
     // data key; documents (memory files, transcript messages) by id, with no text; an FTS5
-    // table of keyed term hashes (no plaintext term is ever stored), contentless, with
-    // secure-delete so a deleted document's terms are removed from the index pages.
+    // table of keyed term hashes (no plaintext term is ever stored) with secure-delete, so a
+    // deleted document's terms are removed from the index pages (not only tombstoned: a
+    // contentless table could not, it does not know a deleted row's terms).
     // Deleting a transcript message (retention, erasure) deletes its document, and deleting a
     // document deletes its index entries, by trigger.
     "CREATE TABLE memory_index_keys (
@@ -414,7 +415,7 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (subject, workspace, path)
      ) STRICT;
      CREATE INDEX memory_docs_subject ON memory_docs(subject, kind);
-     CREATE VIRTUAL TABLE memory_fts USING fts5(terms, content='', contentless_delete=1, tokenize='ascii');
+     CREATE VIRTUAL TABLE memory_fts USING fts5(terms, tokenize='ascii');
      INSERT INTO memory_fts(memory_fts, rank) VALUES ('secure-delete', 1);
      CREATE TRIGGER memory_docs_gone AFTER DELETE ON memory_docs BEGIN
         DELETE FROM memory_fts WHERE rowid = old.id;

@@ -567,12 +567,8 @@ async fn a_tainted_patch_of_the_memory_file_needs_one_approval_that_shows_every_
     else {
         panic!("expected an approval request, got {r:?}");
     };
-    assert!(
-        decision
-            .policies
-            .contains(&"guard.tainted-prompt-and-memory-writes-need-approval".to_string()),
-        "{decision:?}"
-    );
+    // The permit that applies once approved (the guard forbids it until then).
+    assert_eq!(decision.policies, vec!["tools.owner-files-in-workspace".to_string()]);
     let files: Vec<String> = shown["files"]
         .as_array()
         .unwrap()
@@ -888,8 +884,9 @@ async fn sessions_send_starts_a_fenced_turn_in_the_other_session_and_needs_appro
             "sessions_send",
             r#"{"session":"s-one","text":"reminder: water the plants"}"#,
         ),
-        Step::text("posted"),
-        Step::text("thanks for the reminder"),
+        // The two runs (s-two's answer, s-one's posted turn) ask the model concurrently.
+        Step::text("done"),
+        Step::text("done"),
     ])
     .await
     .unwrap();
@@ -902,7 +899,9 @@ async fn sessions_send_starts_a_fenced_turn_in_the_other_session_and_needs_appro
     let mut found = None;
     for _ in 0..600 {
         let (_, h) = a.transcripts().history("s-one").unwrap();
-        if h.iter().any(|m| matches!(&m.message, Stored::Assistant { text, .. } if text == "thanks for the reminder")) {
+        if h.len() >= 4
+            && matches!(&h[3].message, Stored::Assistant { text, .. } if text == "done")
+        {
             found = Some(h);
             break;
         }
