@@ -12,6 +12,8 @@
 
 #[path = "support/fetch.rs"]
 mod fetch_support;
+#[path = "support/gateway.rs"]
+mod gateway_support;
 mod lifecycle_support;
 #[path = "support/search.rs"]
 mod search_support;
@@ -923,4 +925,42 @@ async fn sessions_send_starts_a_fenced_turn_in_the_other_session_and_needs_appro
     .await
     .unwrap();
     assert!(matches!(r, Invoked::ApprovalRequired { .. }), "{r:?}");
+}
+
+// ---- through the real binary --------------------------------------------------------------
+
+#[test]
+fn the_gateway_offers_web_search_apply_patch_and_memory_on_tools_invoke() {
+    let fake = search_support::start(search_support::Kind::Searxng, None, "");
+    let gw = gateway_support::Gw::start(&format!(
+        "\n[tools.web_search]\nbackend = \"searxng\"\napi_base = \"{}\"\ncount = 2\n",
+        fake.base()
+    ));
+    let ws = gw.workspace();
+    // web_search: the query reaches the backend; the results come back.
+    let r = gw.invoke(&json!({"tool": "web_search", "args": {"query": "chitin cedar"}, "session": "s-gw"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["result"]["output"]["results"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(fake.seen()[0].param("q").as_deref(), Some("chitin cedar"));
+    // apply_patch: two files, one call.
+    std::fs::write(ws.join("a.txt"), "one\n").unwrap();
+    let patch = "--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-one\n+uno\n--- /dev/null\n+++ b/MEMORY.md\n@@ -0,0 +1 @@\n+The gateway test remembers quetzalcoatl.\n";
+    let r = gw.invoke(&json!({"tool": "apply_patch", "args": {"patch": patch}, "session": "s-gw"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(std::fs::read_to_string(ws.join("a.txt")).unwrap(), "uno\n");
+    // memory_search finds what the patch wrote into MEMORY.md; memory_get reads it.
+    let r = gw.invoke(&json!({"tool": "memory_search", "args": {"query": "quetzalcoatl"}, "session": "s-gw"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["result"]["output"]["results"][0]["path"], "MEMORY.md", "{v}");
+    let r = gw.invoke(&json!({"tool": "memory_get", "args": {"path": "MEMORY.md"}, "session": "s-gw"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("quetzalcoatl"), "{}", r.body);
+    // A patch outside the workspace is refused, with the guard named.
+    let outside = format!("--- /dev/null\n+++ {}/evil.txt\n@@ -0,0 +1 @@\n+x\n", gw.root.display());
+    let r = gw.invoke(&json!({"tool": "apply_patch", "args": {"patch": outside}, "session": "s-gw"}));
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.body.contains("guard.writes-outside-workspace-need-approval"), "{}", r.body);
+    assert!(!gw.root.join("evil.txt").exists());
 }
