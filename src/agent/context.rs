@@ -373,19 +373,39 @@ pub fn attached_tools(
     }
     if sandbox.memory().is_some() {
         if could(Tool::MemorySearch) {
-            out.push(spec(Tool::MemorySearch, memory::SEARCH_DESCRIPTION, memory::search_schema()));
+            out.push(spec(
+                Tool::MemorySearch,
+                memory::SEARCH_DESCRIPTION,
+                memory::search_schema(),
+            ));
         }
         if could(Tool::MemoryGet) {
-            out.push(spec(Tool::MemoryGet, memory::GET_DESCRIPTION, memory::get_schema()));
+            out.push(spec(
+                Tool::MemoryGet,
+                memory::GET_DESCRIPTION,
+                memory::get_schema(),
+            ));
         }
     }
     if sessions || sandbox.sessions().is_some() {
         if could(Tool::SessionsList) {
-            out.push(spec(Tool::SessionsList, st::LIST_DESCRIPTION, st::list_schema()));
-            out.push(spec(Tool::SessionsHistory, st::HISTORY_DESCRIPTION, st::history_schema()));
+            out.push(spec(
+                Tool::SessionsList,
+                st::LIST_DESCRIPTION,
+                st::list_schema(),
+            ));
+            out.push(spec(
+                Tool::SessionsHistory,
+                st::HISTORY_DESCRIPTION,
+                st::history_schema(),
+            ));
         }
         if could(Tool::SessionsSend) {
-            out.push(spec(Tool::SessionsSend, st::SEND_DESCRIPTION, st::send_schema()));
+            out.push(spec(
+                Tool::SessionsSend,
+                st::SEND_DESCRIPTION,
+                st::send_schema(),
+            ));
         }
     }
     out

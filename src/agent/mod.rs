@@ -331,10 +331,13 @@ impl Agent {
     pub fn new(mut parts: AgentParts) -> Self {
         // `memory_search` / `memory_get` over this agent's transcripts and workspace.
         if parts.sandbox.memory().is_none() {
-            parts.sandbox = parts.sandbox.clone().with_memory(session_tools::memory_index(
-                Arc::clone(&parts.store),
-                Arc::clone(&parts.sealer),
-            ));
+            parts.sandbox = parts
+                .sandbox
+                .clone()
+                .with_memory(session_tools::memory_index(
+                    Arc::clone(&parts.store),
+                    Arc::clone(&parts.sealer),
+                ));
         }
         let (events, _) = broadcast::channel(1024);
         let slots = Arc::new(Semaphore::new(

@@ -24,10 +24,7 @@ impl Sealing for SealerAdapter {
 }
 
 /// The memory index over `store`, sealing its per-user keys with `sealer`.
-pub fn memory_index(
-    store: Arc<crate::store::Store>,
-    sealer: Arc<dyn Sealer>,
-) -> Arc<MemoryIndex> {
+pub fn memory_index(store: Arc<crate::store::Store>, sealer: Arc<dyn Sealer>) -> Arc<MemoryIndex> {
     Arc::new(MemoryIndex::new(store, Arc::new(SealerAdapter(sealer))))
 }
 
@@ -89,8 +86,15 @@ impl SessionStore for AgentSessions {
 
     fn history(&self, user: &str, session: &str, limit: u32) -> Result<Vec<Value>, String> {
         let t = self.0.transcripts();
-        if t.session_owner(session).map_err(|e| e.to_string())?.as_deref() != Some(user) {
-            return Err(format!("no session `{}` of yours", session.escape_default()));
+        if t.session_owner(session)
+            .map_err(|e| e.to_string())?
+            .as_deref()
+            != Some(user)
+        {
+            return Err(format!(
+                "no session `{}` of yours",
+                session.escape_default()
+            ));
         }
         let (_, entries) = t.history(session).map_err(|e| e.to_string())?;
         let skip = entries

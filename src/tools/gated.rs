@@ -56,8 +56,8 @@ pub(super) fn base_context(
     ctx.insert("session".into(), json!(call.session));
     ctx.insert("tainted".into(), json!(call.tainted));
     if workspace {
-        let ws = crate::wsfs::canonical_root(&call.workspace)
-            .unwrap_or_else(|_| call.workspace.clone());
+        let ws =
+            crate::wsfs::canonical_root(&call.workspace).unwrap_or_else(|_| call.workspace.clone());
         ctx.insert("workspace".into(), json!(ws.to_string_lossy()));
     }
     if let Some(s) = step {

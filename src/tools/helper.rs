@@ -358,7 +358,11 @@ fn patch_files(
                     Ok(x) => x,
                     // A missing parent directory is created in the commit step.
                     Err(Answer::Err { kind, .. }) if kind == "not_found" => {
-                        planned.push((f, apply_file(f, None).map_err(|e| err("patch", e.to_string()))?, 0o644));
+                        planned.push((
+                            f,
+                            apply_file(f, None).map_err(|e| err("patch", e.to_string()))?,
+                            0o644,
+                        ));
                         continue;
                     }
                     Err(a) => return Err(a),
@@ -376,7 +380,9 @@ fn patch_files(
             }
             FileOp::Modify | FileOp::Delete => {
                 let file = open_file(root, &f.path, max)?;
-                let mode = file.metadata().map_or(0o644, |m| m.permissions().mode() & 0o777);
+                let mode = file
+                    .metadata()
+                    .map_or(0o644, |m| m.permissions().mode() & 0o777);
                 drop(file);
                 (Some(read(root, &f.path, max)?), mode)
             }
@@ -385,7 +391,10 @@ fn patch_files(
         if new.as_ref().is_some_and(|n| n.len() > max) {
             return Err(err(
                 "too_large",
-                format!("{}: the patched file would be larger than the {max}-byte limit", f.path),
+                format!(
+                    "{}: the patched file would be larger than the {max}-byte limit",
+                    f.path
+                ),
             ));
         }
         planned.push((f, new, mode));
@@ -411,11 +420,12 @@ fn patch_files(
         let tmp = format!(".chitin-patch-{pid}-{i}.tmp");
         if let Some(content) = new {
             let _ = sfs::unlink_at(dir.as_fd(), OsStr::new(&tmp));
-            let written = sfs::create_excl_at(dir.as_fd(), OsStr::new(&tmp), 0o600).and_then(|mut t| {
-                t.write_all(content.as_bytes())?;
-                t.set_permissions(std::fs::Permissions::from_mode(*mode))?;
-                t.sync_all()
-            });
+            let written =
+                sfs::create_excl_at(dir.as_fd(), OsStr::new(&tmp), 0o600).and_then(|mut t| {
+                    t.write_all(content.as_bytes())?;
+                    t.set_permissions(std::fs::Permissions::from_mode(*mode))?;
+                    t.sync_all()
+                });
             if let Err(e) = written {
                 let _ = sfs::unlink_at(dir.as_fd(), OsStr::new(&tmp));
                 cleanup(&staged);

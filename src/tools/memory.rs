@@ -259,7 +259,9 @@ impl MemoryIndex {
         };
         let mut key: Key = Zeroizing::new([0u8; 32]);
         if bytes.len() != 32 {
-            return Err(MemoryError::Key("the stored index key has the wrong length".into()));
+            return Err(MemoryError::Key(
+                "the stored index key has the wrong length".into(),
+            ));
         }
         key.copy_from_slice(&bytes);
         Ok(key)
@@ -326,7 +328,14 @@ impl MemoryIndex {
                      WHERE subject = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                 )?;
                 st.query_map(params![subject, cursor, BATCH], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
                 })?
                 .collect::<Result<_, _>>()?
             };
@@ -379,7 +388,12 @@ impl MemoryIndex {
         out
     }
 
-    fn walk(dir: &crate::wsfs::WsDir, rel: &str, depth: usize, out: &mut Vec<(String, Vec<u8>, i64)>) {
+    fn walk(
+        dir: &crate::wsfs::WsDir,
+        rel: &str,
+        depth: usize,
+        out: &mut Vec<(String, Vec<u8>, i64)>,
+    ) {
         let Ok(mut names) = dir.names() else {
             return;
         };
@@ -419,8 +433,10 @@ impl MemoryIndex {
             let mut st = tx.prepare(
                 "SELECT id, path, mac FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2",
             )?;
-            st.query_map(params![subject, ws], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?
+            st.query_map(params![subject, ws], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?
         };
         let mut present = BTreeSet::new();
         for (path, bytes, changed) in &files {
@@ -480,7 +496,16 @@ impl MemoryIndex {
             .unwrap_or_else(|_| workspace.to_path_buf())
             .to_string_lossy()
             .into_owned();
-        type Row = (String, Option<String>, Option<i64>, Option<String>, Option<i64>, Option<String>, i64, f64);
+        type Row = (
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            i64,
+            f64,
+        );
         let rows: Vec<Row> = {
             let conn = self.store.conn()?;
             let mut st = conn.prepare(
@@ -491,7 +516,16 @@ impl MemoryIndex {
                  ORDER BY bm25(memory_fts) LIMIT ?4",
             )?;
             st.query_map(params![expr, subject, ws, limit], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?))
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
             })?
             .collect::<Result<_, _>>()?
         };
@@ -569,13 +603,14 @@ impl MemoryIndex {
                     )));
                 };
                 let _ = owner;
-                let plain = self
-                    .sealing
-                    .open(&subject, &body)
-                    .map_err(|e| MemoryError::NotFound(format!("the message cannot be opened: {e}")))?;
-                Ok(json!({"path": format!("transcript:{session}#{seq}"), "source": "transcript",
+                let plain = self.sealing.open(&subject, &body).map_err(|e| {
+                    MemoryError::NotFound(format!("the message cannot be opened: {e}"))
+                })?;
+                Ok(
+                    json!({"path": format!("transcript:{session}#{seq}"), "source": "transcript",
                           "session": session, "seq": seq, "role": role, "created_ms": created,
-                          "content": message_text(&plain)}))
+                          "content": message_text(&plain)}),
+                )
             }
         }
     }
@@ -690,7 +725,10 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let Some(index) = memory(sandbox) else {
-        let e = gated::invalid(tool, "the memory index is kept by the agent; this runtime has none");
+        let e = gated::invalid(
+            tool,
+            "the memory index is kept by the agent; this runtime has none",
+        );
         return Err(gated::refused(gate, call, tool, e, args));
     };
     let user = gated::user_uid(&call.user)?;
@@ -708,9 +746,16 @@ pub fn invoke(
             None
         };
         if let Some(m) = bad {
-            return Err(gated::refused(gate, call, tool, gated::invalid(tool, m), args));
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, m),
+                args,
+            ));
         }
-        let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
+        let norm =
+            serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
         let mut ctx = gated::base_context(call, step, true);
         ctx.insert("query".into(), json!(parsed.query));
         ctx.insert("limit".into(), json!(limit));
@@ -726,7 +771,15 @@ pub fn invoke(
     let parsed: MemoryGetArgs = gated::parse(gate, call, tool, args)?;
     let r = match MemoryRef::parse(&parsed.path) {
         Ok(r) => r,
-        Err(m) => return Err(gated::refused(gate, call, tool, gated::invalid(tool, m), args)),
+        Err(m) => {
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, m),
+                args,
+            ));
+        }
     };
     let mut ctx = gated::base_context(call, step, true);
     match &r {
@@ -777,16 +830,29 @@ mod tests {
 
     #[test]
     fn memory_references_are_memory_files_or_transcript_messages_only() {
-        assert_eq!(MemoryRef::parse("MEMORY.md").unwrap(), MemoryRef::File("MEMORY.md".into()));
+        assert_eq!(
+            MemoryRef::parse("MEMORY.md").unwrap(),
+            MemoryRef::File("MEMORY.md".into())
+        );
         assert_eq!(
             MemoryRef::parse("memory/2026-01-02.md").unwrap(),
             MemoryRef::File("memory/2026-01-02.md".into())
         );
         assert_eq!(
             MemoryRef::parse("transcript:chitin#12").unwrap(),
-            MemoryRef::Transcript { session: "chitin".into(), seq: 12 }
+            MemoryRef::Transcript {
+                session: "chitin".into(),
+                seq: 12
+            }
         );
-        for bad in ["notes.md", "memory/../secrets.md", "/etc/passwd", "memory/x.txt", "transcript:a#x", "memory//a.md"] {
+        for bad in [
+            "notes.md",
+            "memory/../secrets.md",
+            "/etc/passwd",
+            "memory/x.txt",
+            "transcript:a#x",
+            "memory//a.md",
+        ] {
             assert!(MemoryRef::parse(bad).is_err(), "{bad}");
         }
     }
@@ -801,7 +867,11 @@ mod tests {
 
     #[test]
     fn a_snippet_shows_the_text_around_the_first_query_word() {
-        let text = format!("{} the needle is here {}", "a ".repeat(200), "b ".repeat(200));
+        let text = format!(
+            "{} the needle is here {}",
+            "a ".repeat(200),
+            "b ".repeat(200)
+        );
         let q: BTreeSet<String> = ["needle".to_string()].into();
         let s = snippet(&text, &q);
         assert!(s.contains("the needle is here"), "{s}");

@@ -114,7 +114,10 @@ pub enum PatchError {
 
 fn strip_prefix(p: &str) -> String {
     let p = p.split('\t').next().unwrap_or(p).trim_end();
-    let p = p.strip_prefix('"').and_then(|q| q.strip_suffix('"')).unwrap_or(p);
+    let p = p
+        .strip_prefix('"')
+        .and_then(|q| q.strip_suffix('"'))
+        .unwrap_or(p);
     for pre in ["a/", "b/"] {
         if let Some(rest) = p.strip_prefix(pre) {
             return rest.to_string();
@@ -212,8 +215,7 @@ pub fn parse(text: &str) -> Result<Vec<FilePatch>, PatchError> {
             if !l.starts_with("@@ ") {
                 break;
             }
-            let (a, b, _c, d) =
-                hunk_header(l).ok_or_else(|| perr(i, "malformed hunk header"))?;
+            let (a, b, _c, d) = hunk_header(l).ok_or_else(|| perr(i, "malformed hunk header"))?;
             i += 1;
             let mut hunk = Hunk {
                 old_start: a,
@@ -274,7 +276,10 @@ pub fn parse(text: &str) -> Result<Vec<FilePatch>, PatchError> {
             return Err(perr(i.saturating_sub(1), "a file section without hunks"));
         }
         if files.iter().any(|f| f.path == path) {
-            return Err(perr(i.saturating_sub(1), "a file appears twice in the patch"));
+            return Err(perr(
+                i.saturating_sub(1),
+                "a file appears twice in the patch",
+            ));
         }
         files.push(FilePatch { path, op, hunks });
     }
@@ -329,9 +334,8 @@ pub fn apply_file(fp: &FilePatch, current: Option<&str>) -> Result<Option<String
             })
             .collect();
         let expected = h.old_start.saturating_sub(1).max(pos);
-        let matches_at = |at: usize| {
-            at + want.len() <= old.len() && old[at..at + want.len()] == want[..]
-        };
+        let matches_at =
+            |at: usize| at + want.len() <= old.len() && old[at..at + want.len()] == want[..];
         // The header's position first, then the nearest position after the previous hunk.
         let at = if matches_at(expected) {
             Some(expected)
@@ -424,7 +428,15 @@ pub fn invoke(
     }
     let files = match parse(&parsed.patch) {
         Ok(f) => f,
-        Err(e) => return Err(gated::refused(gate, call, tool, gated::invalid(tool, e.to_string()), args)),
+        Err(e) => {
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, e.to_string()),
+                args,
+            ));
+        }
     };
     let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
     // Each path as `write_file` would see it: located by the gate, same request.
@@ -477,7 +489,11 @@ pub fn invoke(
         Err(e) => (Err(ToolError::from(e)), Ok(())),
     };
     let mut argv = vec![tool.as_str().to_string()];
-    argv.extend(files.iter().map(|f| format!("{}:{}", f.op.as_str(), f.path)));
+    argv.extend(
+        files
+            .iter()
+            .map(|f| format!("{}:{}", f.op.as_str(), f.path)),
+    );
     let run = match watched {
         Ok(()) => run,
         Err(w) => {
@@ -513,13 +529,12 @@ mod tests {
         assert_eq!((f[0].path.as_str(), f[0].op), ("src/a.txt", FileOp::Modify));
         assert_eq!((f[1].path.as_str(), f[1].op), ("new.txt", FileOp::Create));
         assert_eq!(
-            apply_file(&f[0], Some("one\ntwo\nthree\n")).unwrap().unwrap(),
+            apply_file(&f[0], Some("one\ntwo\nthree\n"))
+                .unwrap()
+                .unwrap(),
             "one\nTWO\nthree\n"
         );
-        assert_eq!(
-            apply_file(&f[1], None).unwrap().unwrap(),
-            "hello\nworld\n"
-        );
+        assert_eq!(apply_file(&f[1], None).unwrap().unwrap(), "hello\nworld\n");
     }
 
     #[test]
@@ -536,7 +551,9 @@ mod tests {
         let p = "--- a/f\n+++ b/f\n@@ -2,2 +2,2 @@\n c\n-d\n+D\n";
         let f = parse(p).unwrap();
         assert_eq!(
-            apply_file(&f[0], Some("x\ny\na\nb\nc\nd\ne\n")).unwrap().unwrap(),
+            apply_file(&f[0], Some("x\ny\na\nb\nc\nd\ne\n"))
+                .unwrap()
+                .unwrap(),
             "x\ny\na\nb\nc\nD\ne\n"
         );
     }
@@ -554,12 +571,18 @@ mod tests {
     #[test]
     fn renames_binary_patches_and_short_hunks_are_refused() {
         for (p, want) in [
-            ("diff --git a/x b/y\nrename from x\nrename to y\n", "renames"),
+            (
+                "diff --git a/x b/y\nrename from x\nrename to y\n",
+                "renames",
+            ),
             ("--- a/x\n+++ b/y\n@@ -1 +1 @@\n-a\n+b\n", "rename"),
             ("Binary files a/x and b/x differ\n", "binary"),
             ("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n a\n", "fewer lines"),
             ("just text\n", "no file changes"),
-            ("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n", "twice"),
+            (
+                "--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n",
+                "twice",
+            ),
         ] {
             let e = parse(p).unwrap_err().to_string();
             assert!(e.contains(want), "{p:?}: {e}");

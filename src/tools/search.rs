@@ -337,7 +337,11 @@ pub fn search(
     }
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
-        Err(e) => return Ok(failed(format!("the search backend's answer is not JSON: {e}"))),
+        Err(e) => {
+            return Ok(failed(format!(
+                "the search backend's answer is not JSON: {e}"
+            )));
+        }
     };
     let results = match results_of(ws.cfg.backend, &parsed, count) {
         Ok(r) => r,
@@ -382,7 +386,15 @@ pub fn invoke(
     };
     let count = match check_query(&parsed.query).and_then(|()| ws.count(parsed.count)) {
         Ok(c) => c,
-        Err(m) => return Err(gated::refused(gate, call, tool, gated::invalid(tool, m), args)),
+        Err(m) => {
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, m),
+                args,
+            ));
+        }
     };
     let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
     let req = ws.policy_request(call, step, &parsed, count)?;
@@ -410,14 +422,23 @@ mod tests {
         ]});
         let r = results_of(SearchBackend::Searxng, &sx, 5).unwrap();
         assert_eq!(r.len(), 2);
-        assert_eq!(r[0], json!({"title": "A title", "url": "https://a.example/", "snippet": "one & two"}));
+        assert_eq!(
+            r[0],
+            json!({"title": "A title", "url": "https://a.example/", "snippet": "one & two"})
+        );
         let br = json!({"type": "search", "web": {"type": "search", "results": [
             {"url": "https://c.example/", "title": "C", "description": "<strong>c</strong> text"},
             {"url": "https://d.example/", "title": "D", "description": "d"}
         ]}});
         let r = results_of(SearchBackend::Brave, &br, 1).unwrap();
-        assert_eq!(r, vec![json!({"title": "C", "url": "https://c.example/", "snippet": "c text"})]);
-        assert_eq!(results_of(SearchBackend::Brave, &json!({}), 3).unwrap(), Vec::<Value>::new());
+        assert_eq!(
+            r,
+            vec![json!({"title": "C", "url": "https://c.example/", "snippet": "c text"})]
+        );
+        assert_eq!(
+            results_of(SearchBackend::Brave, &json!({}), 3).unwrap(),
+            Vec::<Value>::new()
+        );
     }
 
     #[test]
@@ -434,7 +455,11 @@ mod tests {
             s.request_url("a b&c", 5).as_str(),
             "http://127.0.0.1:9/searx/search?q=a+b%26c&format=json"
         );
-        let b = ws("brave", "https://api.search.brave.com/res/v1", Some("secret:brave"));
+        let b = ws(
+            "brave",
+            "https://api.search.brave.com/res/v1",
+            Some("secret:brave"),
+        );
         assert_eq!(
             b.request_url("x", 3).as_str(),
             "https://api.search.brave.com/res/v1/web/search?q=x&count=3"

@@ -172,7 +172,10 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let Some(store) = sandbox.sessions().map(Arc::clone) else {
-        let e = gated::invalid(tool, "sessions are kept by the agent; this runtime has none");
+        let e = gated::invalid(
+            tool,
+            "sessions are kept by the agent; this runtime has none",
+        );
         return Err(gated::refused(gate, call, tool, e, args));
     };
     let user = gated::user_uid(&call.user)?;
@@ -207,7 +210,10 @@ pub fn invoke(
         }
         Tool::SessionsHistory => {
             let parsed: SessionsHistoryArgs = gated::parse(gate, call, tool, args)?;
-            if parsed.limit.is_some_and(|l| !(1..=MAX_HISTORY).contains(&l)) {
+            if parsed
+                .limit
+                .is_some_and(|l| !(1..=MAX_HISTORY).contains(&l))
+            {
                 let e = gated::invalid(tool, format!("limit must be 1 to {MAX_HISTORY}"));
                 return Err(gated::refused(gate, call, tool, e, args));
             }
@@ -243,7 +249,13 @@ pub fn invoke(
                 None
             };
             if let Some(m) = bad {
-                return Err(gated::refused(gate, call, tool, gated::invalid(tool, m), args));
+                return Err(gated::refused(
+                    gate,
+                    call,
+                    tool,
+                    gated::invalid(tool, m),
+                    args,
+                ));
             }
             let owner = owner_of(&parsed.session)?;
             let norm =
