@@ -1140,6 +1140,19 @@ fn the_gateway_offers_web_search_apply_patch_and_memory_on_tools_invoke() {
         gw.invoke(&json!({"tool": "memory_get", "args": {"path": "MEMORY.md"}, "session": "s-gw"}));
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("quetzalcoatl"), "{}", r.body);
+    // sessions_list / sessions_history are offered too (the owner's sessions only).
+    let r = gw.invoke(&json!({"tool": "sessions_list", "args": {}, "session": "s-gw"}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.json()["result"]["output"]["sessions"].is_array(),
+        "{}",
+        r.body
+    );
+    let r = gw.invoke(
+        &json!({"tool": "sessions_history", "args": {"session": "nope"}, "session": "s-gw"}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("no session `nope`"), "{}", r.body);
     // A patch outside the workspace is refused, with the guard named.
     let outside = format!(
         "--- /dev/null\n+++ {}/evil.txt\n@@ -0,0 +1 @@\n+x\n",
