@@ -17,9 +17,8 @@ mod gateway_support;
 mod lifecycle_support;
 #[path = "support/search.rs"]
 mod search_support;
-#[path = "support/home.rs"]
-mod support;
 
+use lifecycle_support::home as support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -201,7 +201,7 @@ pub(super) fn finish(
             ..ToolRun::default()
         },
     };
-    let mut input = RecordInput::tool_run(&actor(call), tool.as_str(), &record);
+    let mut input = RecordInput::tool_run(actor(call), tool.as_str(), &record);
     if let Err(e) = &run {
         input = input.with_outcome(format!("error: {}", redact(&e.to_string())));
     }

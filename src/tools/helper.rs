@@ -443,8 +443,7 @@ fn patch_files(
     }
     // 3. Commit: swap each one in; on a failure, undo the ones done (in reverse).
     let mut failed: Option<Answer> = None;
-    for i in 0..staged.len() {
-        let s = &staged[i];
+    for s in &mut staged {
         let tmp = OsStr::new(&s.tmp);
         let r = match s.op {
             FileOp::Modify => match sfs::lstat_at(s.dir.as_fd(), s.name) {
@@ -458,7 +457,7 @@ fn patch_files(
             FileOp::Delete => sfs::rename2_at(s.dir.as_fd(), s.name, tmp, Rename::NoReplace),
         };
         match r {
-            Ok(()) => staged[i].done = true,
+            Ok(()) => s.done = true,
             Err(e) => {
                 failed = Some(io_answer(s.path, &e));
                 break;
