@@ -656,6 +656,78 @@ mod tests {
         assert_eq!(inside + refused, 10_000);
     }
 
+    fn patch(text: &str) -> Vec<super::super::patch::FilePatch> {
+        super::super::patch::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_patch_applies_to_every_file_or_to_none() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), "1\n2\n").unwrap();
+        std::fs::write(d.path().join("c"), "gone\n").unwrap();
+        std::fs::write(d.path().join("h"), "x\n").unwrap();
+        std::fs::hard_link(d.path().join("h"), d.path().join("h2")).unwrap();
+        let r = root(d.path());
+        // The second file is hard-linked: refused, and the first is untouched.
+        let bad = patch(
+            "--- a/a\n+++ b/a\n@@ -1,2 +1,2 @@\n 1\n-2\n+two\n--- a/h\n+++ b/h\n@@ -1 +1 @@\n-x\n+y\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: bad,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "hardlink");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\n2\n"
+        );
+        assert_eq!(std::fs::read_to_string(d.path().join("h")).unwrap(), "x\n");
+        // Modify, create (with its directory), delete: all applied.
+        let good = patch(
+            "--- a/a\n+++ b/a\n@@ -1,2 +1,2 @@\n 1\n-2\n+two\n--- /dev/null\n+++ b/sub/new\n@@ -0,0 +1 @@\n+fresh\n--- a/c\n+++ /dev/null\n@@ -1 +0,0 @@\n-gone\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: good,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "ok", "{a:?}");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\ntwo\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("sub/new")).unwrap(),
+            "fresh\n"
+        );
+        assert!(!d.path().join("c").exists());
+        for e in std::fs::read_dir(d.path()).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!n.starts_with(".chitin-"), "{n}");
+        }
+        // Creating a file that exists is refused before anything is written.
+        let again = patch(
+            "--- a/a\n+++ b/a\n@@ -1 +1 @@\n-1\n+one\n--- /dev/null\n+++ b/sub/new\n@@ -0,0 +1 @@\n+x\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: again,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "patch");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\ntwo\n"
+        );
+    }
+
     #[test]
     fn write_creates_directories_only_when_asked() {
         let d = tempfile::tempdir().unwrap();
