@@ -419,6 +419,44 @@ const MIGRATIONS: &[&str] = &[
          FROM runs r WHERE r.id = usage.run_id),
         'workflow');
      CREATE INDEX usage_time ON usage(at_ms);",
+    // 15: the memory index (`tools::memory`): per user, a random index key sealed with the user's
+    // data key; documents (memory files, transcript messages) by id, with no text; an FTS5
+    // table of keyed term hashes (no plaintext term is ever stored) with secure-delete, so a
+    // deleted document's terms are removed from the index pages (not only tombstoned: a
+    // contentless table could not, it does not know a deleted row's terms).
+    // Deleting a transcript message (retention, erasure) deletes its document, and deleting a
+    // document deletes its index entries, by trigger.
+    "CREATE TABLE memory_index_keys (
+        subject     TEXT PRIMARY KEY,
+        sealed      BLOB NOT NULL
+     ) STRICT;
+     CREATE TABLE memory_cursor (
+        subject          TEXT PRIMARY KEY,
+        last_message_id  INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE memory_docs (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        subject      TEXT NOT NULL,
+        kind         TEXT NOT NULL CHECK (kind IN ('file', 'transcript')),
+        workspace    TEXT,
+        path         TEXT,
+        mac          TEXT,
+        message_id   INTEGER UNIQUE,
+        session_key  TEXT,
+        seq          INTEGER,
+        role         TEXT,
+        created_ms   INTEGER NOT NULL,
+        UNIQUE (subject, workspace, path)
+     ) STRICT;
+     CREATE INDEX memory_docs_subject ON memory_docs(subject, kind);
+     CREATE VIRTUAL TABLE memory_fts USING fts5(terms, tokenize='ascii');
+     INSERT INTO memory_fts(memory_fts, rank) VALUES ('secure-delete', 1);
+     CREATE TRIGGER memory_docs_gone AFTER DELETE ON memory_docs BEGIN
+        DELETE FROM memory_fts WHERE rowid = old.id;
+     END;
+     CREATE TRIGGER memory_messages_gone AFTER DELETE ON messages BEGIN
+        DELETE FROM memory_docs WHERE message_id = old.id;
+     END;",
 ];
 
 /// The state database.

@@ -253,6 +253,13 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )));
     // Cron and webhook targets that name a workflow run it through the same runner.
     automation.set_launcher(Arc::new(RunnerLauncher(workflows.clone())));
+    // `/tools/invoke` offers what the agent does: web search, its memory index, its sessions.
+    let sandbox = super::agent::with_web_search(sandbox, &config, &secrets)?
+        .with_sessions(agent.session_store());
+    let sandbox = match agent.memory_index() {
+        Some(m) => sandbox.with_memory(m),
+        None => sandbox,
+    };
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {

@@ -184,7 +184,17 @@ fn erase_with(
     {
         let mut conn = lc.store.conn()?;
         let tx = conn.transaction()?;
-        for table in ["messages", "sessions", "runs", "usage"] {
+        // The memory index too: its documents (and, by trigger, their index terms), its key
+        // and cursor.
+        for table in [
+            "messages",
+            "sessions",
+            "runs",
+            "usage",
+            "memory_docs",
+            "memory_index_keys",
+            "memory_cursor",
+        ] {
             tx.execute(&format!("DELETE FROM {table} WHERE subject = ?1"), [&s])?;
         }
         // Workflow runs (their steps and pauses first: they hang off the run).

@@ -103,6 +103,42 @@ pub const TOOLS: &[ToolInfo] = &[
         risk: "high",
         effects: &["workflow"],
     },
+    ToolInfo {
+        name: Tool::WebSearch.as_str(),
+        risk: "medium",
+        effects: &["network"],
+    },
+    // Decided path by path as `write_file` (the resource is `Tool::"write_file"`).
+    ToolInfo {
+        name: Tool::ApplyPatch.as_str(),
+        risk: "medium",
+        effects: &["fs_write"],
+    },
+    ToolInfo {
+        name: Tool::MemorySearch.as_str(),
+        risk: "low",
+        effects: &["memory_read"],
+    },
+    ToolInfo {
+        name: Tool::MemoryGet.as_str(),
+        risk: "low",
+        effects: &["memory_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsList.as_str(),
+        risk: "low",
+        effects: &["session_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsHistory.as_str(),
+        risk: "low",
+        effects: &["session_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsSend.as_str(),
+        risk: "medium",
+        effects: &["message"],
+    },
 ];
 
 /// The gateway entity's id (`Chitin::Gateway::"gateway"`), the resource of admin actions.

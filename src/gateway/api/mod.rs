@@ -227,6 +227,11 @@ fn may_read_session(
         "action": "Chitin::Action::\"session.read\"",
         "resource": format!("Chitin::Session::{}", Value::String(key.to_string())),
         "context": {
+            "origin": "control",
+            "session": "",
+            "approved": false,
+            "tainted": false,
+            "op": if key == "*" { "list" } else { "read" },
             "owner": {"__entity": {"type": "Chitin::User", "id": owner}},
             "channel": channel,
         },
