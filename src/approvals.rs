@@ -53,6 +53,8 @@ pub enum ApprovalError {
         tool: String,
         decision: String,
         policies: String,
+        /// The determining policies' ids (what `policies` lists).
+        policy_ids: Vec<String>,
     },
     #[error("no granted, unexpired approval covers this request")]
     NotApproved,
@@ -966,6 +968,7 @@ impl Approvals {
                     } else {
                         format!(": {}", d.policies.join(", "))
                     },
+                    policy_ids: d.policies.clone(),
                 });
             }
         }

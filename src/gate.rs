@@ -212,6 +212,18 @@ pub fn request_digest_with(req: &PolicyRequest, args: Option<&Value>) -> [u8; 32
     Sha256::digest(s.as_bytes()).into()
 }
 
+/// The digest an approval of a call decided on several requests binds
+/// ([`Gate::check_calls`]): SHA-256 over a domain string and each request's digest (with the
+/// arguments).
+pub fn calls_digest(reqs: &[PolicyRequest], args: &Value) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"chitin-calls-v1\0");
+    for r in reqs {
+        h.update(request_digest_with(r, Some(args)));
+    }
+    h.finalize().into()
+}
+
 fn args_digest(args: &Value) -> [u8; 32] {
     let mut s = String::new();
     canonical_json(args, &mut s);
@@ -420,6 +432,17 @@ impl ToolInput {
             Tool::Workflow => {
                 return Err(bad(
                     "is decided by the workflow runner (`workflow.run` on the workflow), not as a tool call",
+                ));
+            }
+            Tool::WebSearch
+            | Tool::ApplyPatch
+            | Tool::MemorySearch
+            | Tool::MemoryGet
+            | Tool::SessionsList
+            | Tool::SessionsHistory
+            | Tool::SessionsSend => {
+                return Err(bad(
+                    "is decided by its own module in `tools` (`Gate::check_call` / `check_calls`), not as a built-in tool input",
                 ));
             }
         })
@@ -953,6 +976,90 @@ impl Gate {
             req.context.insert("approved".into(), json!(true));
         }
         self.check_bound(&req, Some(args), &[])
+    }
+
+    /// Decides one call that is several requests at once, all or nothing (`apply_patch`: each
+    /// path it touches, decided as `write_file` would be). Every request is decided and
+    /// recorded, bound to the full `args`; the call is allowed only when every request is: one
+    /// deny denies the whole call (its decision is returned), otherwise one request needing
+    /// approval makes the whole call need one approval, bound to the digest over all requests
+    /// and `args` (so an approval shows and binds every path). With a [`Redeemed`] approval of
+    /// exactly that digest, every request is decided as approved. One request is decided
+    /// exactly as [`Self::check_call`] decides it. The `Authorized` names the first request's
+    /// action and resource and covers `args`.
+    pub fn check_calls(
+        &self,
+        reqs: &[PolicyRequest],
+        args: &Value,
+        redeemed: Option<&Redeemed>,
+    ) -> Result<Verdict, GateError> {
+        let [first, ..] = reqs else {
+            return Err(GateError::InvalidRequest(
+                "a call must be decided on at least one request".into(),
+            ));
+        };
+        if reqs.len() == 1 {
+            return self.check_call(first, args, redeemed);
+        }
+        let unapproved: Vec<PolicyRequest> = reqs
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.context.insert("approved".into(), json!(false));
+                r
+            })
+            .collect();
+        let digest = calls_digest(&unapproved, args);
+        let approved = match redeemed {
+            Some(r) if r.digest() != &digest => {
+                let e = GateError::ApprovalMismatch;
+                self.record_refusal(
+                    &first.principal.to_string(),
+                    &first.action_name(),
+                    &first.resource.to_string(),
+                    &e.to_string(),
+                    bounded_text("args", &self.redact(&args.to_string())),
+                )?;
+                return Err(e);
+            }
+            Some(_) => true,
+            None => false,
+        };
+        let mut needs_approval: Option<Decision> = None;
+        let mut allowed: Vec<(Authorized, Decision)> = Vec::new();
+        for r in &unapproved {
+            let mut r = r.clone();
+            r.context.insert("approved".into(), json!(approved));
+            match self.check_bound(&r, Some(args), &[])? {
+                Verdict::Denied(d) => return Ok(Verdict::Denied(d)),
+                Verdict::ApprovalRequired { decision, .. } => {
+                    needs_approval.get_or_insert(decision);
+                }
+                Verdict::Allowed(a, d) => allowed.push((a, d)),
+            }
+        }
+        if let Some(decision) = needs_approval {
+            return Ok(Verdict::ApprovalRequired {
+                decision,
+                request_digest: digest,
+                resolved: Map::new(),
+            });
+        }
+        let mut policies: Vec<String> = Vec::new();
+        for (_, d) in &allowed {
+            for p in &d.policies {
+                if !policies.contains(p) {
+                    policies.push(p.clone());
+                }
+            }
+        }
+        let Some((mut auth, mut decision)) = allowed.into_iter().next() else {
+            return Err(GateError::InvalidRequest("no request was decided".into()));
+        };
+        auth.request_digest = digest;
+        auth.policies.clone_from(&policies);
+        decision.policies = policies;
+        Ok(Verdict::Allowed(auth, decision))
     }
 
     /// Decides a built tool request; for `web_fetch`, both phases (see

@@ -385,6 +385,78 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX workflow_pauses_approval ON workflow_pauses(approval_id);
      ALTER TABLE approvals ADD COLUMN required_approver TEXT;
      ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
+    // 13: automation durability and sealing. `cron_jobs.job_sealed`: the job's JSON sealed
+    // with its user's data key (the prompt is user text); `job_json` is emptied by the job
+    // store when it seals a row written before this version. `hook_deliveries.body`: a
+    // workflow target's body, sealed with the hook user's key (`subject`), stored before the
+    // 2xx and dropped once the run has started, so a stop between the answer and the start
+    // loses nothing. `workflow_state`: the values of the pipeline stages `state.set` /
+    // `state.get` / `diff.last`, per owner and workflow, sealed.
+    "ALTER TABLE cron_jobs ADD COLUMN job_sealed BLOB;
+     ALTER TABLE hook_deliveries ADD COLUMN body BLOB;
+     ALTER TABLE hook_deliveries ADD COLUMN subject TEXT;
+     CREATE INDEX hook_deliveries_pending ON hook_deliveries(status) WHERE body IS NOT NULL;
+     CREATE TABLE workflow_state (
+        owner        TEXT NOT NULL,
+        subject      TEXT NOT NULL,
+        workflow     TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        value        BLOB NOT NULL,
+        updated_ms   INTEGER NOT NULL,
+        PRIMARY KEY (owner, workflow, key)
+     ) STRICT;
+     CREATE INDEX workflow_state_subject ON workflow_state(subject);",
+    // 14: what caused each model call (`usage.task`: chat, channel, cron, webhook, workflow),
+    // so spend can be told apart by task (`chitin usage --by task`, `GET /api/v1/usage`).
+    // Existing rows are classified from their run's origin; a call outside an agent run is a
+    // workflow's `llm.invoke`.
+    "ALTER TABLE usage ADD COLUMN task TEXT;
+     UPDATE usage SET task = COALESCE(
+        (SELECT CASE WHEN r.origin LIKE 'channel:%' THEN 'channel'
+                     WHEN r.origin LIKE 'cron:%' THEN 'cron'
+                     WHEN r.origin LIKE 'hook:%' THEN 'webhook'
+                     ELSE 'chat' END
+         FROM runs r WHERE r.id = usage.run_id),
+        'workflow');
+     CREATE INDEX usage_time ON usage(at_ms);",
+    // 15: the memory index (`tools::memory`): per user, a random index key sealed with the user's
+    // data key; documents (memory files, transcript messages) by id, with no text; an FTS5
+    // table of keyed term hashes (no plaintext term is ever stored) with secure-delete, so a
+    // deleted document's terms are removed from the index pages (not only tombstoned: a
+    // contentless table could not, it does not know a deleted row's terms).
+    // Deleting a transcript message (retention, erasure) deletes its document, and deleting a
+    // document deletes its index entries, by trigger.
+    "CREATE TABLE memory_index_keys (
+        subject     TEXT PRIMARY KEY,
+        sealed      BLOB NOT NULL
+     ) STRICT;
+     CREATE TABLE memory_cursor (
+        subject          TEXT PRIMARY KEY,
+        last_message_id  INTEGER NOT NULL
+     ) STRICT;
+     CREATE TABLE memory_docs (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        subject      TEXT NOT NULL,
+        kind         TEXT NOT NULL CHECK (kind IN ('file', 'transcript')),
+        workspace    TEXT,
+        path         TEXT,
+        mac          TEXT,
+        message_id   INTEGER UNIQUE,
+        session_key  TEXT,
+        seq          INTEGER,
+        role         TEXT,
+        created_ms   INTEGER NOT NULL,
+        UNIQUE (subject, workspace, path)
+     ) STRICT;
+     CREATE INDEX memory_docs_subject ON memory_docs(subject, kind);
+     CREATE VIRTUAL TABLE memory_fts USING fts5(terms, tokenize='ascii');
+     INSERT INTO memory_fts(memory_fts, rank) VALUES ('secure-delete', 1);
+     CREATE TRIGGER memory_docs_gone AFTER DELETE ON memory_docs BEGIN
+        DELETE FROM memory_fts WHERE rowid = old.id;
+     END;
+     CREATE TRIGGER memory_messages_gone AFTER DELETE ON messages BEGIN
+        DELETE FROM memory_docs WHERE message_id = old.id;
+     END;",
     // Operator accounts (issue #17): users managed in state.db (`chitin users add`, single
     // sign-on), per-user API tokens (only a SHA-256 of the secret part is kept), browser
     // sessions (a SHA-256 of the cookie), devices held until an owner approves them, and the

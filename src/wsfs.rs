@@ -354,7 +354,7 @@ impl WsDir {
     }
 
     /// The names in this directory (without `.` and `..`).
-    fn names(&self) -> Result<Vec<std::ffi::OsString>, WsFsError> {
+    pub fn names(&self) -> Result<Vec<std::ffi::OsString>, WsFsError> {
         let fd = self.open_beneath(
             Path::new("."),
             OFlags::RDONLY | OFlags::DIRECTORY,

@@ -560,6 +560,14 @@ fn a_paused_run_survives_a_restart_and_completes_after_approval() {
         let a = agent(&e, &s, "anthropic");
         let id = a.submit(turn("s1", "go")).await.unwrap();
         let ap = wait_for_approval(&a).await;
+        // The approval is stored before the run records that it waits for it: wait for both
+        // before the "crash", or the run may be caught in between (status `running`).
+        for _ in 0..1200 {
+            if a.summary(&id).await.unwrap().status == "waiting_approval" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         (s, id, ap.code)
     });
     // The fake server keeps running on its own runtime; the agent's runtime "crashes".
@@ -917,7 +925,8 @@ async fn tools_no_policy_could_allow_are_not_offered() {
     let e = env();
     let engine = e.gate.engine();
     let owner = chitin::agent::context::offered_tools(engine, "owner");
-    assert_eq!(owner.len(), 6, "{owner:?}");
+    assert_eq!(owner.len(), 7, "{owner:?}");
+    assert!(owner.iter().any(|t| t.name == "apply_patch"), "{owner:?}");
     assert!(chitin::agent::context::offered_tools(engine, "stranger").is_empty());
     let _ = Value::Null;
 }

@@ -387,6 +387,14 @@ fn every_argument_of(tool: &str) -> serde_json::Value {
             .normalize()
             .unwrap(),
         ),
+        "web_search" => serde_json::to_value(chitin::tools::search::WebSearchArgs {
+            query: "acme quarterly numbers".into(),
+            count: Some(7),
+        }),
+        "apply_patch" => serde_json::to_value(chitin::tools::patch::ApplyPatchArgs {
+            patch: "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1 +1 @@\n-check(x)?;\n+/* skipped */\n"
+                .into(),
+        }),
         other => panic!("no example for tool `{other}`: add one with every argument set"),
     };
     v.unwrap()

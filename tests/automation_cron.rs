@@ -225,6 +225,7 @@ fn cron(e: &Env, config: &Config) -> Cron {
         Arc::clone(&e.store),
         Arc::new(e.clock.clone()),
         config.channels.clone(),
+        Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
     ));
     jobs.sync_config(config).unwrap();
     let outbox = Arc::new(Outbox::default());
@@ -779,6 +780,7 @@ async fn a_webhook_with_a_workflow_target_starts_it_once_per_delivery() {
         Arc::clone(&c.runner),
         Arc::clone(&e.store),
         Arc::new(e.clock.clone()),
+        Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
     );
     let body = br#"{"build":42,"status":"failed"}"#;
     let sig = sign_generic(b"wf-secret", START_MS / 1000, body);
@@ -819,4 +821,210 @@ async fn a_webhook_with_a_workflow_target_starts_it_once_per_delivery() {
         .map(|r| r.decision)
         .collect();
     assert!(released.contains(&"allow".to_string()), "{released:?}");
+}
+
+/// The bytes of `state.db` and its WAL (what a copy of the state dir would show).
+fn raw_state(e: &Env) -> Vec<u8> {
+    let mut out = std::fs::read(e.home.join("state.db")).unwrap();
+    if let Ok(w) = std::fs::read(e.home.join("state.db-wal")) {
+        out.extend_from_slice(&w);
+    }
+    out
+}
+
+fn has(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// A job's prompt is user text: it is stored sealed with its user's key, never in the clear,
+/// and a job stored in the clear by an older version is sealed when the store is opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cron_prompts_are_sealed_in_the_state_database_and_old_clear_rows_are_sealed_on_open() {
+    let e = env();
+    let cfg = config(
+        "[[cron]]\nname = \"inbox\"\nevery = \"1h\"\nprompt = \"Summarise the mail from Dr Quillfeather about the biopsy\"\n",
+    );
+    let c = cron(&e, &cfg);
+    let all = c.jobs.all().unwrap();
+    assert_eq!(all.len(), 1);
+    assert!(
+        c.jobs.summary(&all[0]).to_string().contains("Quillfeather"),
+        "the job opens for its readers"
+    );
+    // `chitin cron add`: sealed as well.
+    let added: chitin::config::automation::CronJob = toml::from_str(
+        "name = \"added\"\nevery = \"2h\"\nprompt = \"Remind me of the Zanzibar divorce hearing\"\n",
+    )
+    .unwrap();
+    c.jobs.add(&added, "owner", "cli", "owner").unwrap();
+    let raw = raw_state(&e);
+    assert!(
+        !has(&raw, "Quillfeather"),
+        "a configured prompt is in the clear"
+    );
+    assert!(!has(&raw, "Zanzibar"), "an added prompt is in the clear");
+    // A row as schema 12 wrote it: the job's JSON in the clear.
+    {
+        let conn = e.store.conn().unwrap();
+        conn.execute(
+            "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms)
+             VALUES ('legacy', 'cli', 'owner', ?1, 'owner', 1, 1)",
+            [r#"{"name":"legacy","every":"1h","prompt":"Ask about the Wolfsbane lawsuit"}"#],
+        )
+        .unwrap();
+    }
+    let n = c.jobs.seal_legacy().unwrap();
+    assert_eq!(n, 1);
+    let names: Vec<String> = c.jobs.all().unwrap().into_iter().map(|j| j.name).collect();
+    assert_eq!(names, ["added", "inbox", "legacy"]);
+    let legacy = c.jobs.get("legacy").unwrap().unwrap();
+    assert!(c.jobs.summary(&legacy).to_string().contains("Wolfsbane"));
+    {
+        let conn = e.store.conn().unwrap();
+        let (clear, sealed): (String, Option<Vec<u8>>) = conn
+            .query_row(
+                "SELECT job_json, job_sealed FROM cron_jobs WHERE name = 'legacy'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(clear, "");
+        assert!(sealed.is_some_and(|b| !has(&b, "Wolfsbane")));
+        conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);")
+            .unwrap();
+    }
+    assert!(
+        !has(&raw_state(&e), "Wolfsbane"),
+        "the old clear text is overwritten"
+    );
+    // Unchanged configured jobs are not rewritten (their sealed bytes stay), changed ones are.
+    let before: Vec<u8> = e
+        .store
+        .conn()
+        .unwrap()
+        .query_row(
+            "SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    c.jobs.sync_config(&cfg).unwrap();
+    let after: Vec<u8> = e
+        .store
+        .conn()
+        .unwrap()
+        .query_row(
+            "SELECT job_sealed FROM cron_jobs WHERE name = 'inbox'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(before, after);
+    // A row that cannot be opened is left out (and logged); the others still run.
+    e.store
+        .conn()
+        .unwrap()
+        .execute(
+            "UPDATE cron_jobs SET job_sealed = x'00' WHERE name = 'added'",
+            [],
+        )
+        .unwrap();
+    let names: Vec<String> = c.jobs.all().unwrap().into_iter().map(|j| j.name).collect();
+    assert_eq!(names, ["inbox", "legacy"]);
+}
+
+/// A launcher that does not return until released (the process "dies" while starting the
+/// run; released at the end of the test so the runtime can stop).
+struct Stuck(Mutex<u32>, std::sync::atomic::AtomicBool);
+
+impl WorkflowLauncher for Stuck {
+    fn start(&self, _: &Path, _: Value, _: &str, _: &str) -> Result<Value, String> {
+        *self.0.lock().unwrap() += 1;
+        while !self.1.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+        Err("the process was gone".into())
+    }
+}
+
+/// A workflow delivery is stored (body sealed) before the 2xx. A gateway that stopped after
+/// claiming it but before its run finished starting leaves it `started`: the next gateway
+/// starts it, once; a replay of the delivery id still runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next() {
+    use chitin::automation::hooks::{Hooks, sign_generic};
+    let e = env();
+    let cfg = config(
+        "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\n",
+    );
+    let body = br#"{"build":7,"secret_note":"Marmalade-Kestrel"}"#;
+    let sig = sign_generic(b"wf-secret", START_MS / 1000, body);
+    let headers = vec![
+        ("X-Chitin-Signature".to_string(), sig),
+        ("X-Chitin-Delivery".to_string(), "ci-7".to_string()),
+    ];
+    let hooks_with = |runner: Arc<Runner>| {
+        Hooks::build(
+            &cfg.hooks,
+            "owner",
+            &e.gate,
+            &e.secrets,
+            runner,
+            Arc::clone(&e.store),
+            Arc::new(e.clock.clone()),
+            Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
+        )
+    };
+    let status = || -> (String, bool) {
+        e.store
+            .conn()
+            .unwrap()
+            .query_row(
+                "SELECT status, body IS NOT NULL FROM hook_deliveries WHERE delivery_id = 'ci-7'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    // The first gateway: acknowledged, claimed, then stuck inside the launcher.
+    let first = cron(&e, &cfg);
+    let stuck = Arc::new(Stuck(
+        Mutex::new(0),
+        std::sync::atomic::AtomicBool::new(false),
+    ));
+    first
+        .runner
+        .set_launcher(Arc::clone(&stuck) as Arc<dyn WorkflowLauncher>);
+    let hooks = hooks_with(Arc::clone(&first.runner));
+    let a = hooks.handle("wf", &headers, body).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    until("the first launcher's call", || {
+        *stuck.0.lock().unwrap() == 1
+    })
+    .await;
+    assert_eq!(status(), ("started".to_string(), true));
+    assert!(
+        !has(&raw_state(&e), "Marmalade-Kestrel"),
+        "the stored body is sealed"
+    );
+    // The next gateway.
+    let second = cron(&e, &cfg);
+    let launcher = Arc::new(Launcher::default());
+    second
+        .runner
+        .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+    let hooks = hooks_with(Arc::clone(&second.runner));
+    assert_eq!(hooks.start_pending().await, 1);
+    until("the delivery's end", || status().0 == "completed").await;
+    let calls = launcher.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].1["payload"]["secret_note"], "Marmalade-Kestrel");
+    assert_eq!(calls[0].3, "hook:wf:ci-7");
+    // Finished: the stored body is gone, nothing is pending, a replay runs nothing.
+    assert_eq!(status(), ("completed".to_string(), false));
+    assert_eq!(hooks.start_pending().await, 0);
+    let again = hooks.handle("wf", &headers, body).await;
+    assert_eq!(again.body["duplicate"], true, "{:?}", again.body);
+    assert_eq!(launcher.0.lock().unwrap().len(), 1);
+    stuck.1.store(true, std::sync::atomic::Ordering::SeqCst);
 }

@@ -463,3 +463,93 @@ fn a_flood_of_forged_deliveries_is_answered_429_past_the_limit_and_a_signed_one_
     assert_eq!(refused, limit + 1, "{export}");
     assert!(export.contains("further refusals this minute are answered 429"));
 }
+
+/// A workflow delivery is stored with its body (sealed) before the 200: a gateway killed after
+/// the answer and before the start loses nothing. The next gateway starts it once; a replay
+/// of the delivery id runs nothing.
+#[test]
+fn a_workflow_delivery_acknowledged_before_a_kill_is_started_once_after_the_restart() {
+    let (_rt, s) = fake(vec![]);
+    s.set_fallback(Step::text("unused"));
+    let hooks = "[[hooks]]\nname = \"generic\"\nsecret = \"secret:gen_hook\"\nformat = \"generic\"\nworkflow = \"hook-save.lobster\"\n";
+    let mut gw = gateway(&s, hooks);
+    std::fs::write(
+        gw.workspace().join("hook-save.lobster"),
+        "name: hook-save\nargs:\n  payload:\n    default: \"\"\n  event:\n    default: \"\"\n  delivery:\n    default: \"\"\nsteps:\n  - id: save\n    run: printf '%s\\n' ${payload} >> saved.txt\n",
+    )
+    .unwrap();
+    // This gateway acknowledges workflow deliveries and starts none (as if it stopped right
+    // after answering).
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    gw.env = vec![("CHITIN_TEST_HOLD_HOOK_STARTS".into(), "1".into())];
+    gw.spawn();
+    let body = br#"{"ticket":"Periwinkle-Osprey-4471"}"#;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sig = sign_generic(GEN_SECRET.as_bytes(), i64::try_from(now).unwrap(), body);
+    let headers = [
+        ("X-Chitin-Signature", sig.as_str()),
+        ("X-Chitin-Delivery", "d-held-1"),
+    ];
+    let r = post(&gw, "generic", &headers, body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let row = |gw: &Gw| -> (String, bool) {
+        state_db(gw)
+            .query_row(
+                "SELECT status, body IS NOT NULL FROM hook_deliveries WHERE hook = 'generic' AND delivery_id = 'd-held-1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    let runs = |gw: &Gw| -> i64 {
+        state_db(gw)
+            .query_row(
+                "SELECT COUNT(*) FROM workflow_runs WHERE session = 'hook:generic:d-held-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(row(&gw), ("accepted".to_string(), true));
+    assert_eq!(runs(&gw), 0);
+    gw.signal("-KILL");
+    gw.wait_exit();
+    // The stored body is sealed: not in the database's bytes.
+    let mut raw = std::fs::read(gw.home.join("state.db")).unwrap();
+    raw.extend(std::fs::read(gw.home.join("state.db-wal")).unwrap_or_default());
+    assert!(!raw.windows(22).any(|w| w == b"Periwinkle-Osprey-4471"));
+    // The next gateway starts it.
+    gw.env.clear();
+    gw.spawn();
+    until("the held delivery's end", || {
+        let (s, _) = row(&gw);
+        s == "completed" || s == "failed"
+    });
+    assert_eq!(row(&gw), ("completed".to_string(), false));
+    assert_eq!(runs(&gw), 1);
+    let saved = std::fs::read_to_string(gw.workspace().join("saved.txt")).unwrap();
+    assert_eq!(
+        saved.matches("Periwinkle-Osprey-4471").count(),
+        1,
+        "{saved}"
+    );
+    // A replay and another restart run nothing more.
+    let r = post(&gw, "generic", &headers, body);
+    assert_eq!(r.json()["duplicate"], true, "{}", r.body);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    gw.spawn();
+    let r = post(&gw, "generic", &headers, body);
+    assert_eq!(r.json()["duplicate"], true, "{}", r.body);
+    assert_eq!(runs(&gw), 1);
+    let saved = std::fs::read_to_string(gw.workspace().join("saved.txt")).unwrap();
+    assert_eq!(
+        saved.matches("Periwinkle-Osprey-4471").count(),
+        1,
+        "{saved}"
+    );
+}

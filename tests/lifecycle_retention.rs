@@ -24,6 +24,8 @@ fn cfg() -> RetentionConfig {
         audit_payloads: Period::Ms(365 * DAY),
         approvals: Period::Ms(365 * DAY),
         chat: Period::Ms(30 * DAY),
+        workflows: Period::Ms(90 * DAY),
+        automation: Period::Ms(30 * DAY),
         interval_minutes: 60,
     }
 }

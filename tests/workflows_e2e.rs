@@ -412,3 +412,138 @@ fn the_examples_run_as_far_as_this_machine_has_their_programs() {
         assert!(m.contains(want), "{file}: {m}");
     }
 }
+
+const LOOP_AND_PIPELINE: &str = "name: tidy-each\nsteps:\n  - id: list\n    run: printf '[\"a.log\", \"b.log\"]'\n  - id: each\n    for_each: $list.json\n    steps:\n      - id: ask\n        approval: Delete this log?\n      - id: rm\n        when: $ask.approved\n        run: rm -- $item.json && printf '%s' $item.json\n  - id: record\n    stdin: $each.json\n    pipeline: pick item | diff.last --key deleted | approve --prompt \"Record the deletions?\" | exec --stdin json \"cat > record.json\"\n";
+
+fn resume_cli(gw: &Gw, token: &str) -> Value {
+    let o = gw.chitin(&[
+        "workflow",
+        "resume",
+        "--token",
+        token,
+        "--approve",
+        "yes",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}{}", out(&o), err(&o));
+    envelope(&o)
+}
+
+/// Through the binary: a for_each body's approval gate asks per item (showing the item) and a
+/// pipeline's `approve` stage asks before its last stage; each `chitin workflow resume`
+/// continues exactly there, and `diff.last` keeps its value for the next run.
+#[test]
+fn gates_inside_a_loop_and_a_pipeline_are_approved_over_the_cli_one_by_one() {
+    let gw = Gw::start("");
+    let f = write(&gw, "tidy-each.lobster", LOOP_AND_PIPELINE);
+    write(&gw, "a.log", "a");
+    write(&gw, "b.log", "b");
+    let o = gw.chitin(&["workflow", "run", &f, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", err(&o));
+    let mut env = envelope(&o);
+    for (file, left) in [("a.log", true), ("b.log", false)] {
+        assert_eq!(env["status"], "needs_approval", "{env}");
+        assert_eq!(env["requiresApproval"]["items"], json!([file]));
+        assert_eq!(env["requiresApproval"]["prompt"], "Delete this log?");
+        env = resume_cli(
+            &gw,
+            env["requiresApproval"]["resumeToken"].as_str().unwrap(),
+        );
+        assert!(!gw.workspace().join(file).exists());
+        assert_eq!(gw.workspace().join("b.log").exists(), left);
+    }
+    assert_eq!(env["status"], "needs_approval", "{env}");
+    let req = &env["requiresApproval"];
+    assert_eq!(req["prompt"], "Record the deletions?");
+    assert_eq!(req["items"][0]["changed"], true);
+    assert_eq!(
+        req["items"][0]["after"],
+        json!([{"item": "a.log"}, {"item": "b.log"}])
+    );
+    let env = resume_cli(&gw, req["resumeToken"].as_str().unwrap());
+    assert_eq!(env["status"], "ok", "{env}");
+    let record: Value =
+        serde_json::from_str(&std::fs::read_to_string(gw.workspace().join("record.json")).unwrap())
+            .unwrap();
+    assert_eq!(record[0]["kind"], "diff.last");
+    assert_eq!(record[0]["before"], Value::Null);
+    // `chitin workflow show` lists the loop's parts per item.
+    let run = run_id_of(&gw);
+    let show = show_until(&gw, &run, |v| v["status"] == "ok");
+    let names: Vec<&str> = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert!(names.contains(&"each[1].rm"), "{names:?}");
+}
+
+/// The `downloads-review` example: one approval per file (showing the file), a "no" stops the
+/// review, the next run asks about what is left, and an unchanged folder asks nothing.
+#[test]
+fn the_downloads_review_example_asks_per_file_and_remembers_the_folder() {
+    if !Path::new("/usr/bin/jq").exists() {
+        eprintln!("skipped downloads-review: /usr/bin/jq is not installed");
+        return;
+    }
+    let gw = Gw::start("");
+    let src =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/workflows/downloads-review.lobster");
+    let f = write(
+        &gw,
+        "downloads-review.lobster",
+        &std::fs::read_to_string(src).unwrap(),
+    );
+    let dl = gw.workspace().join("Downloads");
+    std::fs::create_dir_all(&dl).unwrap();
+    for name in ["x.zip", "y.pdf"] {
+        std::fs::write(dl.join(name), name).unwrap();
+    }
+    let run = || envelope(&gw.chitin(&["workflow", "run", &f, "--json"]));
+    let answer = |env: &Value, yes: &str| {
+        envelope(&gw.chitin(&[
+            "workflow",
+            "resume",
+            "--id",
+            env["requiresApproval"]["approvalId"].as_str().unwrap(),
+            "--approve",
+            yes,
+            "--json",
+        ]))
+    };
+    let env = run();
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/x.zip"]),
+        "{env}"
+    );
+    let env = answer(&env, "yes");
+    assert!(!dl.join("x.zip").exists());
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/y.pdf"]),
+        "{env}"
+    );
+    let env = answer(&env, "no");
+    assert_eq!(env["status"], "cancelled", "{env}");
+    assert!(dl.join("y.pdf").exists());
+    // The folder changed since the first run: asked again about what is left.
+    let env = run();
+    assert_eq!(
+        env["requiresApproval"]["items"],
+        json!(["Downloads/y.pdf"]),
+        "{env}"
+    );
+    let env = answer(&env, "yes");
+    assert_eq!(env["status"], "ok", "{env}");
+    assert_eq!(env["output"][0]["delete"], "deleted Downloads/y.pdf");
+    // Empty now (changed once more), then unchanged: nothing is asked.
+    assert_eq!(run()["status"], "ok");
+    let env = run();
+    assert_eq!(env["status"], "ok", "{env}");
+    assert_eq!(
+        env["output"],
+        json!([{"kind": "diff.last", "key": "downloads", "changed": false, "before": [], "after": []}])
+    );
+}

@@ -136,11 +136,52 @@ fn results_inside_parallel_and_for_each_are_scoped() {
         err("t.lobster", text),
         "t.lobster:10:15: step `after` `run`: `$one.stdout`: `one` is a sub-step of the for_each step `loop` and its result exists only inside that loop; after the loop use `$loop.json`"
     );
-    let text = "steps:\n  - id: src\n    run: x\n  - id: loop\n    for_each: $src.json\n    steps:\n      - id: one\n        approval: true\n        run: y\n";
+    let text = "steps:\n  - id: src\n    run: x\n  - id: loop\n    for_each: $src.json\n    steps:\n      - id: one\n        input: {prompt: p, responseSchema: {type: object}}\n";
     assert_eq!(
         err("t.lobster", text),
-        "t.lobster:8:9: sub-step `one` of step `loop`: a for_each body runs only commands and pipelines, not `approval`; put it in a step before or after the loop"
+        "t.lobster:8:9: sub-step `one` of step `loop`: a for_each body runs only commands, pipelines and approval gates, not `input`; put it in a step before or after the loop"
     );
+    let text = "steps:\n  - id: src\n    run: x\n  - id: loop\n    for_each: $src.json\n    steps:\n      - id: one\n        env: {A: b}\n";
+    assert_eq!(
+        err("t.lobster", text),
+        "t.lobster:7:9: sub-step `one` of step `loop` needs `run` (or `command`), `pipeline` or `approval`"
+    );
+}
+
+/// Chitin's extension: approval gates in a for_each body (asked per item) and in parallel
+/// branches, pure or after the action; a later sub-step may read the gate's `approved`.
+#[test]
+fn approval_gates_load_in_loop_bodies_and_branches() {
+    use chitin::workflows::StepKind;
+    let text = "steps:\n  - id: src\n    run: x\n  - id: loop\n    for_each: $src.json\n    steps:\n      - id: ok\n        approval: Delete it?\n      - id: rm\n        when: $ok.approved\n        run: y\n        approval: {prompt: Sure?, require_different_approver: true}\n  - id: p\n    parallel:\n      branches:\n        - id: gate\n          approval: true\n        - id: build\n          pipeline: exec make\n          approval: Ship?\n";
+    let wf = chitin::workflows::Workflow::parse(text, "t.lobster").unwrap();
+    let StepKind::ForEach(f) = &wf.steps[1].kind else {
+        panic!()
+    };
+    assert!(f.steps[0].action.is_none());
+    assert_eq!(
+        f.steps[0].approval.as_ref().unwrap().prompt.as_deref(),
+        Some("Delete it?")
+    );
+    assert!(f.steps[1].action.is_some());
+    assert!(
+        f.steps[1]
+            .approval
+            .as_ref()
+            .unwrap()
+            .require_different_approver
+    );
+    let StepKind::Parallel(p) = &wf.steps[2].kind else {
+        panic!()
+    };
+    assert!(p.branches[0].action.is_none() && p.branches[0].approval.is_some());
+    assert_eq!(
+        p.branches[1].approval.as_ref().unwrap().prompt.as_deref(),
+        Some("Ship?")
+    );
+    // The graph and the plan show them.
+    let g = graph::render(&wf, GraphFormat::Ascii);
+    assert!(g.contains("approval: Delete it?"), "{g}");
 }
 
 #[test]
@@ -329,7 +370,7 @@ fn a_file_with_every_kind_of_step_loads_into_typed_values() {
         (p.wait, p.timeout_ms, p.branches.len()),
         (Wait::Any, Some(500), 2)
     );
-    assert!(matches!(p.branches[1].action, Action::Pipeline(_)));
+    assert!(matches!(p.branches[1].action, Some(Action::Pipeline(_))));
     assert!(matches!(p.branches[1].stdin, Some(Stdin::Ref(_))));
     assert_eq!(s[2].when.as_ref().unwrap().source, "$list.approved");
     let StepKind::ForEach(f) = &s[3].kind else {
@@ -574,7 +615,9 @@ steps:
     let StepKind::Parallel(p) = &wf.steps[1].kind else {
         panic!()
     };
-    let b = branch_command(&wf, &wf.steps[1], &p.branches[0], &args, Some(&rs)).unwrap();
+    let b = branch_command(&wf, &wf.steps[1], &p.branches[0], &args, Some(&rs))
+        .unwrap()
+        .unwrap();
     assert_eq!(b.text, "echo 'a b'");
     assert_eq!(
         (
@@ -585,7 +628,9 @@ steps:
         ("branch", "s", "w")
     );
     assert_eq!(b.cwd.as_deref(), Some("/s"));
-    let c = branch_command(&wf, &wf.steps[1], &p.branches[1], &args, Some(&rs)).unwrap();
+    let c = branch_command(&wf, &wf.steps[1], &p.branches[1], &args, Some(&rs))
+        .unwrap()
+        .unwrap();
     assert_eq!(c.text, "echo '[\"x y\"]\n'");
     assert_eq!(
         (c.env["LEVEL"].as_str(), c.cwd.as_deref()),
@@ -595,7 +640,9 @@ steps:
         panic!()
     };
     let it = rs.for_iteration(&f.item_var, &json!("x y"), &f.index_var, 0);
-    let one = sub_step_command(&wf, &wf.steps[2], &f.steps[0], &args, Some(&it)).unwrap();
+    let one = sub_step_command(&wf, &wf.steps[2], &f.steps[0], &args, Some(&it))
+        .unwrap()
+        .unwrap();
     assert_eq!(one.text, "echo 'x y' '0'");
     assert_eq!(
         (one.env["LEVEL"].as_str(), one.env["ITEM"].as_str()),

@@ -1210,3 +1210,389 @@ fn a_workflow_the_model_wrote_in_its_session_runs_only_after_a_person_approves()
     assert_eq!(sum.tool_calls[1].outcome, "ok", "{sum:?}");
     assert!(e.ws.join("ran-by-model").exists());
 }
+
+// ---- pauses inside parallel branches and for_each bodies ----------------------------------
+
+fn lines(e: &Env, name: &str) -> Vec<String> {
+    std::fs::read_to_string(e.ws.join(name))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+const PARALLEL_GATE: &str = "steps:\n  - id: both\n    parallel:\n      branches:\n        - id: fast\n          run: echo fast >> fast.log; printf fast\n        - id: publish\n          run: echo built >> publish.log; echo '{\"artifact\":\"app-1.2.tgz\"}'\n          approval: Publish the build?\n  - id: after\n    run: echo after >> after.log; printf '%s %s %s' $publish.approved $fast.stdout $publish.json.artifact\n";
+
+/// An approval gate in a parallel branch pauses the run like a top-level gate: the other
+/// branches finish and are kept, and after the approval (given to a new runner, as after a
+/// restart) the run goes on from there without running any branch again.
+#[test]
+fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart() {
+    let e = env();
+    write(&e, "par.lobster", PARALLEL_GATE);
+    let env = start(&runner(&e), "par.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let req = &env.value["requiresApproval"];
+    assert_eq!(req["prompt"], "Publish the build?");
+    assert_eq!(req["items"], json!([{"artifact": "app-1.2.tgz"}]));
+    assert_eq!(lines(&e, "fast.log"), ["fast"]);
+    assert_eq!(lines(&e, "publish.log"), ["built"]);
+    assert!(lines(&e, "after.log").is_empty());
+    // The paused place is recorded: the branch, inside its step.
+    let run_id = env.run_id.clone().unwrap();
+    let show = runner(&e).show(&run_id).unwrap();
+    assert_eq!(show["status"], "paused");
+    // A new runner over the same state (a restart) continues it.
+    let r2 = runner(&e);
+    let done = resume(
+        &r2,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(ok_output(&done), vec![json!("true fast app-1.2.tgz")]);
+    assert_eq!(lines(&e, "fast.log"), ["fast"], "a branch ran twice");
+    assert_eq!(lines(&e, "publish.log"), ["built"], "a branch ran twice");
+    assert_eq!(lines(&e, "after.log"), ["after"]);
+    // The token was used up.
+    let again = resume(
+        &r2,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert!(error_message(&again).contains("already resumed"));
+}
+
+#[test]
+fn denying_a_gate_in_a_parallel_branch_cancels_the_run() {
+    let e = env();
+    write(&e, "par.lobster", PARALLEL_GATE);
+    let r = runner(&e);
+    let env = start(&r, "par.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert!(lines(&e, "after.log").is_empty());
+    assert_eq!(lines(&e, "publish.log"), ["built"]);
+}
+
+/// A call in a parallel branch that policy wants approved pauses the run; approved, only that
+/// branch runs (the call it asked about), its sibling is not run again.
+#[test]
+fn a_policy_approval_in_a_parallel_branch_pauses_and_only_that_branch_runs_after_it() {
+    let e = env_with(Some(
+        "@id(\"test.danger-needs-approval\")\n@reason(\"test\")\nforbid (principal, action == Chitin::Action::\"exec\", resource)\nwhen { context has step && context.step == \"danger\" }\nunless { context.approved };\n",
+    ));
+    write(
+        &e,
+        "pol.lobster",
+        "steps:\n  - id: both\n    parallel:\n      branches:\n        - id: safe\n          run: echo safe >> safe.log; printf safe\n        - id: danger\n          run: echo danger >> danger.log; printf danger\n  - id: after\n    run: printf '%s+%s' $safe.stdout $danger.stdout\n",
+    );
+    let env = start(&runner(&e), "pol.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(lines(&e, "safe.log"), ["safe"]);
+    assert!(lines(&e, "danger.log").is_empty());
+    let id = env.approval_id.clone().unwrap();
+    let r2 = runner(&e);
+    assert_eq!(r2.approvals().get(&id).unwrap().tool, "exec");
+    let done = resume(&r2, ResumeKey::Id(id), Intent::Approve(true), "owner");
+    assert_eq!(ok_output(&done), vec![json!("safe+danger")]);
+    assert_eq!(lines(&e, "safe.log"), ["safe"], "the sibling ran twice");
+    assert_eq!(lines(&e, "danger.log"), ["danger"]);
+}
+
+const LOOP_GATE: &str = "steps:\n  - id: list\n    run: echo '[\"a.tmp\", \"b.tmp\", \"c.tmp\"]'\n  - id: clean\n    for_each: $list.json\n    steps:\n      - id: note\n        run: printf '%s\\n' $item.json >> seen.log\n      - id: confirm\n        approval: Delete this file?\n      - id: rm\n        when: $confirm.approved\n        run: printf '%s\\n' $item.json >> deleted.log; printf '%s' $item.json\n";
+
+/// An approval gate in a for_each body asks once per item, showing the item; each approval
+/// continues exactly there (earlier items and sub-steps are not run again, also across a
+/// restart), and a denial cancels the run.
+#[test]
+fn an_approval_gate_in_a_for_each_body_asks_per_item_and_resumes_exactly_there() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let env = start(&runner(&e), "loop.lobster", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(env.value["requiresApproval"]["prompt"], "Delete this file?");
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["a.tmp"]));
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp"]);
+    // Approve item a with a new runner (a restart in between).
+    let env = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["b.tmp"]));
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+    // Item b by its approval id.
+    let env = resume(
+        &runner(&e),
+        ResumeKey::Id(env.approval_id.clone().unwrap()),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(env.value["requiresApproval"]["items"], json!(["c.tmp"]));
+    // Item c denied: the run is cancelled, nothing more runs.
+    let r = runner(&e);
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp", "b.tmp"]);
+}
+
+#[test]
+fn a_for_each_body_whose_gates_are_all_approved_finishes_with_each_items_results() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let r = runner(&e);
+    let mut env = start(&r, "loop.lobster", json!({}));
+    for _ in 0..3 {
+        assert_eq!(env.status(), "needs_approval", "{}", env.value);
+        env = resume(
+            &r,
+            ResumeKey::Token(token(&env)),
+            Intent::Approve(true),
+            "owner",
+        );
+    }
+    let out = ok_output(&env);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(out[2]["item"], "c.tmp");
+    assert_eq!(out[2]["rm"], "c.tmp");
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp", "b.tmp", "c.tmp"]);
+}
+
+/// A call policy wants approved inside a for_each body pauses at that item; approved, the
+/// loop goes on from that item (the earlier items' calls are not made again).
+#[test]
+fn a_policy_approval_in_a_for_each_body_pauses_at_its_item() {
+    let e = env_with(Some(
+        "@id(\"test.danger-needs-approval\")\n@reason(\"test\")\nforbid (principal, action == Chitin::Action::\"exec\", resource)\nwhen { context has step && context.step == \"danger\" }\nunless { context.approved };\n",
+    ));
+    write(
+        &e,
+        "polloop.lobster",
+        "steps:\n  - id: list\n    run: echo '[1, 2]'\n  - id: each\n    for_each: $list.json\n    steps:\n      - id: safe\n        run: printf '%s\\n' $item.json >> safe.log\n      - id: danger\n        run: printf '%s\\n' $item.json >> danger.log\n",
+    );
+    let r = runner(&e);
+    let mut env = start(&r, "polloop.lobster", json!({}));
+    for n in 1..=2 {
+        assert_eq!(env.status(), "needs_approval", "{}", env.value);
+        let a = r
+            .approvals()
+            .get(env.approval_id.as_ref().unwrap())
+            .unwrap();
+        assert!(a.summary.contains(">> danger.log"), "{}", a.summary);
+        assert_eq!(lines(&e, "safe.log").len(), n);
+        env = resume(
+            &runner(&e),
+            ResumeKey::Token(token(&env)),
+            Intent::Approve(true),
+            "owner",
+        );
+    }
+    assert_eq!(env.status(), "ok", "{}", env.value);
+    assert_eq!(lines(&e, "safe.log"), ["1", "2"]);
+    assert_eq!(lines(&e, "danger.log"), ["1", "2"]);
+}
+
+// ---- pipeline gates, state and filters -----------------------------------------------------
+
+const APPROVE_PIPE: &str = r#"{"name": "send", "steps": [{"id": "send", "pipeline": "exec --json \"printf x >> ran.log; printf '[1,2,3]'\" | approve --prompt \"Send these?\" --preview-from-stdin --limit 2 | exec --stdin json \"cat > sent.json\""}]}"#;
+
+/// `approve` in a pipeline pauses the run with the items it holds; approved, the pipeline
+/// goes on after it with those items (the stages before it are not run again); denied, the
+/// run is cancelled and the stages after it never run.
+#[test]
+fn a_pipeline_approve_stage_pauses_and_goes_on_after_it_with_its_items() {
+    let e = env();
+    write(&e, "send.json", APPROVE_PIPE);
+    let env = start(&runner(&e), "send.json", json!({}));
+    assert_eq!(env.status(), "needs_approval", "{}", env.value);
+    let req = &env.value["requiresApproval"];
+    assert_eq!(req["prompt"], "Send these?");
+    assert_eq!(req["items"], json!([1, 2, 3]));
+    assert_eq!(req["preview"], "[\n  1,\n  2\n]");
+    assert!(!e.ws.join("sent.json").exists());
+    let done = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(true),
+        "owner",
+    );
+    assert_eq!(done.status(), "ok", "{}", done.value);
+    let sent: Value =
+        serde_json::from_str(&std::fs::read_to_string(e.ws.join("sent.json")).unwrap()).unwrap();
+    assert_eq!(sent, json!([1, 2, 3]));
+    assert_eq!(
+        lines(&e, "ran.log"),
+        ["x"],
+        "a stage before the gate ran again"
+    );
+    // Denied: cancelled, the next stage never runs.
+    std::fs::remove_file(e.ws.join("sent.json")).unwrap();
+    let r = runner(&e);
+    let env = start(&r, "send.json", json!({}));
+    let done = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Approve(false),
+        "owner",
+    );
+    assert_eq!(done.status(), "cancelled", "{}", done.value);
+    assert!(!e.ws.join("sent.json").exists());
+}
+
+/// `ask` pauses for an answer matching its schema; the answer is the next stage's item.
+#[test]
+fn a_pipeline_ask_stage_takes_an_answer_that_matches_its_schema() {
+    let e = env();
+    write(
+        &e,
+        "review.json",
+        r#"{"steps": [{"id": "review", "pipeline": "exec --json \"printf '{\\\"title\\\":\\\"Q3 draft\\\"}'\" | ask --prompt \"Review the draft\" --subject-from-stdin | template --text \"{{decision | upper}}: {{feedback | default none}}\""}]}"#,
+    );
+    let r = runner(&e);
+    let env = start(&r, "review.json", json!({}));
+    assert_eq!(env.status(), "needs_input", "{}", env.value);
+    let req = &env.value["requiresInput"];
+    assert_eq!(req["prompt"], "Review the draft");
+    assert_eq!(req["subject"]["text"], "{\"title\":\"Q3 draft\"}");
+    assert_eq!(
+        req["responseSchema"]["properties"]["decision"]["enum"],
+        json!(["approve", "reject", "redraft"])
+    );
+    let bad = resume(
+        &r,
+        ResumeKey::Token(token(&env)),
+        Intent::Respond(json!({"decision": "maybe"})),
+        "owner",
+    );
+    assert!(
+        error_message(&bad).contains("does not match the input's responseSchema"),
+        "{}",
+        bad.value
+    );
+    let done = resume(
+        &runner(&e),
+        ResumeKey::Token(token(&env)),
+        Intent::Respond(json!({"decision": "redraft", "feedback": "shorter"})),
+        "owner",
+    );
+    assert_eq!(ok_output(&done), vec![json!("REDRAFT: shorter")]);
+}
+
+/// `state.set` / `state.get` / `diff.last` keep values between runs, per owner and workflow,
+/// sealed in state.db; `diff.last` says whether the value changed since the last run.
+#[test]
+fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
+    let e = env();
+    write(
+        &e,
+        "watch.lobster",
+        "name: watch\nargs:\n  seen: {}\nsteps:\n  - id: diff\n    stdin: ${seen}\n    pipeline: diff.last --key inbox\n  - id: keep\n    stdin: $diff.json.changed\n    pipeline: state.set last-changed\n  - id: read\n    pipeline: state.get inbox\n",
+    );
+    let r = runner(&e);
+    let run = |seen: &str| {
+        let env = start(&r, "watch.lobster", json!({"seen": seen}));
+        assert_eq!(env.status(), "ok", "{}", env.value);
+        r.show(env.run_id.as_deref().unwrap()).unwrap()
+    };
+    let first = run("Quokka-7781 invoice");
+    let diff = |show: &Value| show["steps"][0]["result"]["json"].clone();
+    assert_eq!(
+        diff(&first),
+        json!({"kind": "diff.last", "key": "inbox", "changed": true, "before": null, "after": "Quokka-7781 invoice"})
+    );
+    let second = run("Quokka-7781 invoice");
+    assert_eq!(diff(&second)["changed"], false);
+    let third = run("Quokka-7781 invoice, Wombat-22 reminder");
+    assert_eq!(diff(&third)["changed"], true);
+    assert_eq!(diff(&third)["before"], "Quokka-7781 invoice");
+    assert_eq!(
+        third["steps"][2]["result"]["json"],
+        "Quokka-7781 invoice, Wombat-22 reminder"
+    );
+    // Another workflow does not see this one's state.
+    write(
+        &e,
+        "other.lobster",
+        "name: other\nsteps:\n  - id: read\n    pipeline: state.get inbox\n",
+    );
+    let env = start(&r, "other.lobster", json!({}));
+    assert_eq!(ok_output(&env), Vec::<Value>::new());
+    // Sealed: the values are not in the database's bytes.
+    let mut raw = std::fs::read(e.home.join("state.db")).unwrap();
+    raw.extend(std::fs::read(e.home.join("state.db-wal")).unwrap_or_default());
+    assert!(!raw.windows(11).any(|w| w == b"Wombat-22 r"));
+    // A bad key and Google's gog stages are refused with the reason.
+    write(
+        &e,
+        "bad.lobster",
+        "steps:\n  - id: s\n    pipeline: state.get \"../etc passwd\"\n",
+    );
+    let m = error_message(&start(&r, "bad.lobster", json!({})));
+    assert!(m.contains("must be 1-200 characters"), "{m}");
+    write(
+        &e,
+        "gog.lobster",
+        "steps:\n  - id: s\n    pipeline: gog.gmail.search --query \"is:unread\"\n",
+    );
+    let m = error_message(&start(&r, "gog.lobster", json!({})));
+    assert!(
+        m.contains("`gog.gmail.search` is not available") && m.contains("gog CLI"),
+        "{m}"
+    );
+}
+
+/// A gate inside a loop approved where tool approvals are approved (the web page, a chat
+/// button: the approval alone) is continued by the gateway's tick, exactly there; denied
+/// there, the run is cancelled.
+#[test]
+fn a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick() {
+    let e = env();
+    write(&e, "loop.lobster", LOOP_GATE);
+    let r = runner(&e);
+    let env = start(&r, "loop.lobster", json!({}));
+    let run = env.run_id.clone().unwrap();
+    r.approvals()
+        .resolve(env.approval_id.as_deref().unwrap(), "alice", true)
+        .unwrap();
+    // A new runner's tick (the gateway restarted meanwhile).
+    let r2 = runner(&e);
+    assert_eq!(rt().block_on(r2.tick()), 1);
+    let next = r2.envelope_of(&run);
+    assert_eq!(next.status(), "needs_approval", "{}", next.value);
+    assert_eq!(next.value["requiresApproval"]["items"], json!(["b.tmp"]));
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+    let show = r2.show(&run).unwrap();
+    let confirm = show["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "clean[0].confirm")
+        .unwrap()
+        .clone();
+    assert_eq!(confirm["result"]["approvedBy"], "alice", "{confirm}");
+    r2.approvals()
+        .resolve(next.approval_id.as_deref().unwrap(), "alice", false)
+        .unwrap();
+    assert_eq!(rt().block_on(r2.tick()), 1);
+    assert_eq!(r2.envelope_of(&run).status(), "cancelled");
+    assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp"]);
+    assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+}

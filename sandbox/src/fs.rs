@@ -98,6 +98,40 @@ pub fn rename_at(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr) -> io::Result<()
     }
 }
 
+/// How [`rename2_at`] renames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rename {
+    /// Fails with `EEXIST` when `to` exists (`RENAME_NOREPLACE`).
+    NoReplace,
+    /// Swaps `from` and `to` atomically; both must exist (`RENAME_EXCHANGE`).
+    Exchange,
+}
+
+/// `renameat2(dir, from, dir, to, flags)`: the entries are renamed (or swapped) atomically,
+/// never written through a link.
+pub fn rename2_at(dir: BorrowedFd<'_>, from: &OsStr, to: &OsStr, how: Rename) -> io::Result<()> {
+    let (f, t) = (cpath(from.as_bytes())?, cpath(to.as_bytes())?);
+    let flags = match how {
+        Rename::NoReplace => libc::RENAME_NOREPLACE,
+        Rename::Exchange => libc::RENAME_EXCHANGE,
+    };
+    // SAFETY: both names are valid C strings; the flags are one of the two constants above.
+    let r = unsafe {
+        libc::renameat2(
+            dir.as_raw_fd(),
+            f.as_ptr(),
+            dir.as_raw_fd(),
+            t.as_ptr(),
+            flags,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// `unlinkat(dir, name, 0)`.
 pub fn unlink_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     let n = cpath(name.as_bytes())?;

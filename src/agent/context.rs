@@ -288,6 +288,11 @@ pub fn all_tools() -> Vec<ToolSpec> {
             }}),
         ),
         spec(
+            Tool::ApplyPatch,
+            crate::tools::patch::DESCRIPTION,
+            crate::tools::patch::input_schema(),
+        ),
+        spec(
             Tool::WebFetch,
             "Fetch a URL over HTTP(S). Redirects are returned, not followed.",
             json!({"type": "object", "additionalProperties": false, "required": ["url"], "properties": {
@@ -334,6 +339,76 @@ pub fn cron_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> {
         description: crate::tools::cron::DESCRIPTION.into(),
         input_schema: crate::tools::cron::input_schema(),
     })
+}
+
+/// `web_search` (with a configured backend), `memory_search` / `memory_get` (with a memory
+/// index) and `sessions_*` (with `sessions`: the agent's own session store) when `user` could
+/// ever be allowed their actions. Their names, descriptions and schemas are Chitin's own.
+pub fn attached_tools(
+    engine: &PolicyEngine,
+    user: &str,
+    sandbox: &crate::tools::Sandbox,
+    sessions: bool,
+) -> Vec<ToolSpec> {
+    use crate::tools::{memory, search, sessions as st};
+    let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))
+        .parse::<cedar_policy::EntityUid>()
+    else {
+        return Vec::new();
+    };
+    let could = |t: Tool| {
+        engine
+            .could_allow(&principal, &t.action().uid())
+            .unwrap_or(false)
+    };
+    let mut out = Vec::new();
+    if let Some(ws) = sandbox.web_search()
+        && could(Tool::WebSearch)
+    {
+        out.push(spec(
+            Tool::WebSearch,
+            search::DESCRIPTION,
+            search::input_schema(ws.config().max_count),
+        ));
+    }
+    if sandbox.memory().is_some() {
+        if could(Tool::MemorySearch) {
+            out.push(spec(
+                Tool::MemorySearch,
+                memory::SEARCH_DESCRIPTION,
+                memory::search_schema(),
+            ));
+        }
+        if could(Tool::MemoryGet) {
+            out.push(spec(
+                Tool::MemoryGet,
+                memory::GET_DESCRIPTION,
+                memory::get_schema(),
+            ));
+        }
+    }
+    if sessions || sandbox.sessions().is_some() {
+        if could(Tool::SessionsList) {
+            out.push(spec(
+                Tool::SessionsList,
+                st::LIST_DESCRIPTION,
+                st::list_schema(),
+            ));
+            out.push(spec(
+                Tool::SessionsHistory,
+                st::HISTORY_DESCRIPTION,
+                st::history_schema(),
+            ));
+        }
+        if could(Tool::SessionsSend) {
+            out.push(spec(
+                Tool::SessionsSend,
+                st::SEND_DESCRIPTION,
+                st::send_schema(),
+            ));
+        }
+    }
+    out
 }
 
 /// The tools `user` could ever be allowed to call (the others are not offered).

@@ -20,8 +20,10 @@
 //!   it reported), never as "not run".
 
 pub mod context;
+pub mod session_tools;
 pub mod skills;
 pub mod transcripts;
+pub mod usage;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -327,7 +329,17 @@ enum End {
 }
 
 impl Agent {
-    pub fn new(parts: AgentParts) -> Self {
+    pub fn new(mut parts: AgentParts) -> Self {
+        // `memory_search` / `memory_get` over this agent's transcripts and workspace.
+        if parts.sandbox.memory().is_none() {
+            parts.sandbox = parts
+                .sandbox
+                .clone()
+                .with_memory(session_tools::memory_index(
+                    Arc::clone(&parts.store),
+                    Arc::clone(&parts.sealer),
+                ));
+        }
         let (events, _) = broadcast::channel(1024);
         let slots = Arc::new(Semaphore::new(
             usize::try_from(parts.config.max_concurrent_runs.max(1)).unwrap_or(1),
@@ -348,6 +360,16 @@ impl Agent {
     /// Once; a second call is ignored.
     pub fn set_workflow_tool(&self, tool: Arc<dyn WorkflowTool>) {
         let _first = self.0.workflows.set(tool);
+    }
+
+    /// The sessions of this agent, for the `sessions_*` tools (`Sandbox::with_sessions`).
+    pub fn session_store(&self) -> Arc<dyn crate::tools::sessions::SessionStore> {
+        Arc::new(session_tools::AgentSessions(self.clone()))
+    }
+
+    /// The memory index of this agent, for the `memory_*` tools (`Sandbox::with_memory`).
+    pub fn memory_index(&self) -> Option<Arc<crate::tools::memory::MemoryIndex>> {
+        self.0.p.sandbox.memory().cloned()
     }
 
     /// Publishes an event as if a run had emitted it (the workflow runner's approvals, so
@@ -1192,6 +1214,14 @@ impl Run {
                             "\n\nThis conversation's send_message target is `{session}`."
                         ));
                     }
+                    // `web_search`, `memory_*`, `sessions_*` where their parts are attached
+                    // (sessions: always, by this agent).
+                    tools.extend(context::attached_tools(
+                        inner.p.gate.engine(),
+                        &u,
+                        &inner.p.sandbox,
+                        true,
+                    ));
                     // `cron` only where the gateway keeps jobs.
                     if inner.p.sandbox.cron_jobs().is_some()
                         && let Some(spec) = context::cron_spec(inner.p.gate.engine(), &u)
@@ -1493,7 +1523,10 @@ impl Run {
                 .sandbox
                 .clone()
                 .with_cancel(self.cancel.clone())
-                .with_prompt_marks(PromptMarks::new(Arc::clone(&inner.p.store)).for_run(&self.id));
+                .with_prompt_marks(PromptMarks::new(Arc::clone(&inner.p.store)).for_run(&self.id))
+                .with_sessions(Arc::new(session_tools::AgentSessions(Agent(Arc::clone(
+                    &inner,
+                )))));
             let task = tokio::task::spawn_blocking(move || {
                 crate::tools::invoke::invoke(
                     &inner.p.gate,

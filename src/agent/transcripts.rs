@@ -154,6 +154,8 @@ pub struct RunRow {
     pub cost_usd: f64,
     pub approval_id: Option<String>,
     pub error: Option<String>,
+    /// What started it (`channel:...`, `cron:...`, `hook:...`; none for a chat turn).
+    pub origin: Option<String>,
 }
 
 /// One model call's usage, attributed.
@@ -178,7 +180,7 @@ pub struct Transcripts {
     sealer: Arc<dyn Sealer>,
 }
 
-const RUN_COLUMNS: &str = "id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps, model, input_tokens, output_tokens, cost_usd, approval_id, error";
+const RUN_COLUMNS: &str = "id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps, model, input_tokens, output_tokens, cost_usd, approval_id, error, origin";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     Ok(RunRow {
@@ -196,6 +198,7 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         cost_usd: r.get(11)?,
         approval_id: r.get(12)?,
         error: r.get(13)?,
+        origin: r.get(14)?,
     })
 }
 
@@ -495,10 +498,20 @@ impl Transcripts {
     ) -> Result<(), TranscriptError> {
         let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
         let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
+        // What caused the call: the agent run's origin, or a workflow's `llm.invoke` (a
+        // workflow run is not an agent run).
+        let origin: Option<Option<String>> = row(
+            tx,
+            "SELECT origin FROM runs WHERE id = ?1",
+            [u.run_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+        let task = super::usage::Task::of_call(origin.as_ref().map(Option::as_deref));
         exec(tx,
-            "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![u.at_ms, u.user, subject_of(u.user), u.session, u.run_id, u.model, u.tool, input, output, u.cost_usd],
+            "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd, task)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            params![u.at_ms, u.user, subject_of(u.user), u.session, u.run_id, u.model, u.tool, input, output, u.cost_usd, task.as_str()],
         )?;
         exec(tx,
             "UPDATE runs SET steps = steps + 1, model = ?2, input_tokens = input_tokens + ?3,
@@ -532,6 +545,15 @@ impl Transcripts {
         )
         .optional()?
         .ok_or_else(|| TranscriptError::NoRun(id.into()))
+    }
+
+    /// A session's runs, oldest first.
+    pub fn session_runs(&self, key: &str) -> Result<Vec<RunRow>, TranscriptError> {
+        let conn = self.store.conn()?;
+        let mut st = conn.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE session_key = ?1 ORDER BY created_ms, id"
+        ))?;
+        Ok(st.query_map([key], run_row)?.collect::<Result<_, _>>()?)
     }
 
     /// Runs that had not finished (queued, running, waiting for an approval), oldest first.

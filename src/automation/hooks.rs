@@ -19,7 +19,8 @@ use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
 use super::run::{Filter, Outcome, Runner};
-use crate::agent::TurnRequest;
+use crate::agent::transcripts::subject_of;
+use crate::agent::{Sealer, TurnRequest};
 use crate::clock::Clock;
 use crate::config::automation::{HookConfig, HookFormat, MAX_PROMPT_BYTES, Target, valid_event};
 use crate::gate::{Gate, Verdict};
@@ -29,8 +30,6 @@ use crate::store::Store;
 
 /// How far a generic signature's timestamp may be from the gateway's clock (5 minutes).
 pub const TOLERANCE_MS: i64 = 5 * 60_000;
-/// How long delivery ids are kept for deduplication (7 days).
-pub const DEDUP_WINDOW_MS: i64 = 7 * 86_400_000;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -240,8 +239,13 @@ pub struct Hooks {
     runner: Arc<Runner>,
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    /// Seals a workflow target's body (with the hook user's key) while it waits to start.
+    sealer: Arc<dyn Sealer>,
     /// Per hook: the minute (its start, unix ms) and the refusals counted in it.
     refused: std::sync::Mutex<BTreeMap<String, (i64, u32)>>,
+    /// Tests only (debug builds, `CHITIN_TEST_HOLD_HOOK_STARTS=1`): acknowledged workflow
+    /// deliveries are not started, as if the gateway stopped right after the 2xx.
+    hold_starts: bool,
 }
 
 /// Refused requests per hook and minute that are audited one by one; past it, each is counted
@@ -340,6 +344,10 @@ fn valid_delivery(s: &str) -> bool {
 impl Hooks {
     /// The configured hooks, each secret released through the gate now (a refusal is logged
     /// and the hook answers 503 until a restart).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the hooks' parts, each named at the one call in `Automation::build`"
+    )]
     pub fn build(
         configs: &[HookConfig],
         owner: &str,
@@ -348,6 +356,7 @@ impl Hooks {
         runner: Arc<Runner>,
         store: Arc<Store>,
         clock: Arc<dyn Clock>,
+        sealer: Arc<dyn Sealer>,
     ) -> Self {
         let mut by_name = BTreeMap::new();
         for c in configs {
@@ -374,7 +383,9 @@ impl Hooks {
             runner,
             store,
             clock,
+            sealer,
             refused: std::sync::Mutex::default(),
+            hold_starts: hold_starts_for_tests(),
         }
     }
 
@@ -540,12 +551,23 @@ impl Hooks {
             return HookAnswer::ok(json!({"ok": true, "duplicate": true, "delivery": delivery}));
         };
         let digest = hex(&Sha256::digest(body));
-        // A workflow starts right after the answer: recorded as started. A turn is `accepted`
-        // until it is recorded (a delivery left `accepted` by a stopped gateway is taken over
-        // when the sender delivers it again).
-        let first_status = match &target {
-            Target::Prompt(_) => "accepted",
-            Target::Workflow { .. } => "started",
+        // A turn is `accepted` until it is recorded (a delivery left `accepted` by a stopped
+        // gateway is taken over when the sender delivers it again). A workflow's body is
+        // stored sealed with the delivery before the answer; the delivery is started after it
+        // (here, or by the next gateway when this one stops first), claimed once.
+        let sealed_body = match &target {
+            Target::Prompt(_) => None,
+            Target::Workflow { .. } => match self.sealer.seal(&subject_of(&hook.user), body) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    tracing::error!(hook = %name, error = %e, "webhook body not sealed");
+                    return HookAnswer::error(
+                        503,
+                        "unavailable",
+                        "the delivery could not be stored; deliver it again",
+                    );
+                }
+            },
         };
         let fresh = {
             let (store, name, d, e, now) = (
@@ -556,8 +578,19 @@ impl Hooks {
                 now,
             );
             let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
+            let subject = subject_of(&hook.user);
             tokio::task::spawn_blocking(move || {
-                record_delivery(&store, &name, &d, &e, &digest, len, first_status, now)
+                record_delivery(
+                    &store,
+                    &name,
+                    &d,
+                    &e,
+                    &digest,
+                    len,
+                    &subject,
+                    sealed_body,
+                    now,
+                )
             })
             .await
             .map_err(|e| e.to_string())
@@ -579,39 +612,161 @@ impl Hooks {
                 );
             }
         }
-        let origin = format!("hook:{name}:{delivery}");
         match target {
             Target::Prompt(template) => {
+                let origin = format!("hook:{name}:{delivery}");
                 self.start_turn(hook, &template, &event, &delivery, &origin, body)
                     .await
             }
-            Target::Workflow { file, args } => {
-                let mut args = match args {
-                    Value::Object(m) => m,
-                    _ => Map::new(),
-                };
-                let payload = serde_json::from_slice::<Value>(body)
-                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(body).into_owned()));
-                args.insert("payload".into(), payload);
-                args.insert("event".into(), json!(event));
-                args.insert("delivery".into(), json!(delivery));
-                let (runner, user, store, clock, hname, d) = (
-                    Arc::clone(&self.runner),
-                    hook.user.clone(),
-                    Arc::clone(&self.store),
-                    Arc::clone(&self.clock),
-                    name.to_string(),
-                    delivery.clone(),
-                );
-                tokio::spawn(async move {
-                    let o = runner
-                        .run_workflow(&file, Value::Object(args), &user, &origin)
-                        .await;
-                    finish_delivery(store, clock, hname, d, o).await;
-                });
+            Target::Workflow { .. } => {
+                if !self.hold_starts {
+                    let me = Pending {
+                        hook: name.to_string(),
+                        delivery: delivery.clone(),
+                        event: event.clone(),
+                        body: body.to_vec(),
+                        claimed: false,
+                    };
+                    self.spawn_start(me);
+                }
                 HookAnswer::ok(json!({"ok": true, "delivery": delivery, "workflow": "started"}))
             }
         }
+    }
+
+    /// Starts a stored workflow delivery on its own task: claimed (`accepted` ->
+    /// `started`, once), run, its outcome recorded and its stored body dropped.
+    fn spawn_start(&self, p: Pending) {
+        let Some(hook) = self.by_name.get(&p.hook) else {
+            return;
+        };
+        let (runner, user, store, clock, cfg) = (
+            Arc::clone(&self.runner),
+            hook.user.clone(),
+            Arc::clone(&self.store),
+            Arc::clone(&self.clock),
+            hook.cfg.clone(),
+        );
+        tokio::spawn(async move {
+            let claimed = p.claimed || {
+                let (store, h, d) = (Arc::clone(&store), p.hook.clone(), p.delivery.clone());
+                tokio::task::spawn_blocking(move || claim_delivery(&store, &h, &d))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "webhook delivery could not be claimed");
+                        false
+                    })
+            };
+            if !claimed {
+                return;
+            }
+            let o = match cfg.target() {
+                Ok(Target::Workflow { file, args }) => {
+                    let mut args = match args {
+                        Value::Object(m) => m,
+                        _ => Map::new(),
+                    };
+                    let payload = serde_json::from_slice::<Value>(&p.body).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&p.body).into_owned())
+                    });
+                    args.insert("payload".into(), payload);
+                    args.insert("event".into(), json!(p.event));
+                    args.insert("delivery".into(), json!(p.delivery));
+                    let origin = format!("hook:{}:{}", p.hook, p.delivery);
+                    runner
+                        .run_workflow(&file, Value::Object(args), &user, &origin)
+                        .await
+                }
+                Ok(Target::Prompt(_)) => Outcome {
+                    status: "failed",
+                    result: "the hook's target is no longer a workflow; the stored delivery was not started".into(),
+                },
+                Err(e) => Outcome {
+                    status: "failed",
+                    result: format!("the hook is misconfigured: {e}"),
+                },
+            };
+            finish_delivery(store, clock, p.hook, p.delivery, o).await;
+        });
+    }
+
+    /// Starts the workflow deliveries a stopped gateway acknowledged but did not finish
+    /// starting: `accepted` ones (claimed now) and `started` ones whose run may not have
+    /// been created (the launcher starts one run per delivery: the run's session is the
+    /// delivery's origin, so a run that exists is not started again). Returns how many.
+    pub async fn start_pending(&self) -> usize {
+        let store = Arc::clone(&self.store);
+        let rows = tokio::task::spawn_blocking(move || pending_deliveries(&store)).await;
+        let rows = match rows.map_err(|e| e.to_string()).and_then(|r| r) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "pending webhook deliveries could not be read");
+                return 0;
+            }
+        };
+        let mut n = 0;
+        for (hook, delivery, event, status, subject, sealed) in rows {
+            let Some(h) = self.by_name.get(&hook) else {
+                let o = Outcome {
+                    status: "failed",
+                    result: "the hook is no longer configured; the stored delivery was not started"
+                        .into(),
+                };
+                finish_delivery(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.clock),
+                    hook,
+                    delivery,
+                    o,
+                )
+                .await;
+                continue;
+            };
+            if subject != subject_of(&h.user) {
+                let o = Outcome {
+                    status: "failed",
+                    result: "the hook's user changed; the stored delivery was not started".into(),
+                };
+                finish_delivery(
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.clock),
+                    hook,
+                    delivery,
+                    o,
+                )
+                .await;
+                continue;
+            }
+            let body = match self.sealer.open(&subject, &sealed) {
+                Ok(b) => b.to_vec(),
+                Err(e) => {
+                    let o = Outcome {
+                        status: "failed",
+                        result: format!("the stored body cannot be opened: {e}"),
+                    };
+                    finish_delivery(
+                        Arc::clone(&self.store),
+                        Arc::clone(&self.clock),
+                        hook,
+                        delivery,
+                        o,
+                    )
+                    .await;
+                    continue;
+                }
+            };
+            n += 1;
+            self.spawn_start(Pending {
+                hook,
+                delivery,
+                event,
+                body,
+                claimed: status == "started",
+            });
+        }
+        n
     }
 
     /// Cedar `webhook.receive` for the hook's configured target.
@@ -781,9 +936,74 @@ pub fn render(template: &str, hook: &str, event: &str, delivery: &str, body: &[u
     }
 }
 
-/// Records a delivery id; `false` when it was recorded already and must not run again. A
-/// delivery recorded by an attempt that never started its turn (the gateway stopped before
-/// answering, so the sender delivers again) is taken over.
+/// A stored workflow delivery to start.
+struct Pending {
+    hook: String,
+    delivery: String,
+    event: String,
+    body: Vec<u8>,
+    /// Already `started` (by a gateway that stopped): not claimed again.
+    claimed: bool,
+}
+
+/// Whether acknowledged workflow deliveries are held back (tests of a stop between the 2xx
+/// and the start; debug builds only).
+fn hold_starts_for_tests() -> bool {
+    #[cfg(debug_assertions)]
+    {
+        std::env::var_os("CHITIN_TEST_HOLD_HOOK_STARTS").is_some_and(|v| v == "1")
+    }
+    #[cfg(not(debug_assertions))]
+    {
+        false
+    }
+}
+
+/// Claims a stored workflow delivery for starting (`accepted` -> `started`); `false`: another
+/// starter has it.
+fn claim_delivery(store: &Store, hook: &str, delivery: &str) -> Result<bool, String> {
+    let conn = store.conn().map_err(|e| e.to_string())?;
+    let n = conn
+        .execute(
+            "UPDATE hook_deliveries SET status = 'started' WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND body IS NOT NULL",
+            params![hook, delivery],
+        )
+        .map_err(|e| e.to_string())?;
+    Ok(n == 1)
+}
+
+/// A stored workflow delivery not yet finished: hook, delivery id, event, status, subject,
+/// sealed body.
+type PendingRow = (String, String, String, String, String, Vec<u8>);
+
+fn pending_deliveries(store: &Store) -> Result<Vec<PendingRow>, String> {
+    let conn = store.conn().map_err(|e| e.to_string())?;
+    let mut st = conn
+        .prepare(
+            "SELECT hook, delivery_id, event, status, subject, body FROM hook_deliveries
+             WHERE body IS NOT NULL AND subject IS NOT NULL AND status IN ('accepted', 'started')
+             ORDER BY received_ms, delivery_id",
+        )
+        .map_err(|e| e.to_string())?;
+    let rows = st
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })
+        .map_err(|e| e.to_string())?;
+    rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+}
+
+/// Records a delivery id (with a workflow target's sealed body and its subject); `false` when
+/// it was recorded already and must not run again. A turn's delivery recorded by an attempt
+/// that never started its turn (the gateway stopped before answering, so the sender delivers
+/// again) is taken over; a stored workflow delivery is started from the store, never again.
 #[allow(clippy::too_many_arguments, reason = "one row's worth of fields")]
 fn record_delivery(
     store: &Store,
@@ -792,26 +1012,27 @@ fn record_delivery(
     event: &str,
     digest: &str,
     bytes: i64,
-    status: &str,
+    subject: &str,
+    body: Option<Vec<u8>>,
     now: i64,
 ) -> Result<bool, String> {
     let mut conn = store.conn().map_err(|e| e.to_string())?;
     let tx = conn.transaction().map_err(|e| e.to_string())?;
-    let existing: Option<(String, Option<String>)> = tx
+    let existing: Option<(String, Option<String>, bool)> = tx
         .query_row(
-            "SELECT status, run_id FROM hook_deliveries WHERE hook = ?1 AND delivery_id = ?2",
+            "SELECT status, run_id, body IS NOT NULL FROM hook_deliveries WHERE hook = ?1 AND delivery_id = ?2",
             params![hook, delivery],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()
         .map_err(|e| e.to_string())?;
     let fresh = match existing {
-        Some((status, None)) if status == "accepted" => true,
+        Some((status, None, false)) if status == "accepted" && body.is_none() => true,
         Some(_) => false,
         None => {
             tx.execute(
-                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![hook, delivery, event, digest, bytes, status, now],
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6, ?7, ?8)",
+                params![hook, delivery, event, digest, bytes, now, body, subject],
             )
             .map_err(|e| e.to_string())?;
             true
@@ -834,7 +1055,7 @@ async fn finish_delivery(
     let r = tokio::task::spawn_blocking(move || {
         store.conn().map_err(|e| e.to_string()).and_then(|c| {
             c.execute(
-                "UPDATE hook_deliveries SET status = ?3, result = ?4, finished_ms = ?5 WHERE hook = ?1 AND delivery_id = ?2",
+                "UPDATE hook_deliveries SET status = ?3, result = ?4, finished_ms = ?5, body = NULL WHERE hook = ?1 AND delivery_id = ?2",
                 params![hook, delivery, status, result, clock.now_ms()],
             )
             .map_err(|e| e.to_string())

@@ -12,14 +12,13 @@ use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::AutomationError;
+use crate::agent::Sealer;
+use crate::agent::transcripts::subject_of;
 use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::config::automation::{CronJob, HEARTBEAT_JOB, Target};
 use crate::config::channels::ChannelConfig;
 use crate::store::Store;
-
-/// Firings older than this are deleted (the latest of each job is kept).
-const FIRINGS_KEPT_MS: i64 = 30 * 86_400_000;
 
 /// A stored job.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,9 +35,17 @@ pub struct JobRow {
     pub last_tick_ms: Option<i64>,
 }
 
-/// A `cron_jobs` row before its job JSON is parsed: name, source, user, job JSON, created by,
-/// created, last time.
-type RawJob = (String, String, String, String, String, i64, Option<i64>);
+/// A `cron_jobs` row before its job JSON is opened and parsed: name, source, user, sealed job
+/// JSON, created by, created, last time.
+type RawJob = (
+    String,
+    String,
+    String,
+    Option<Vec<u8>>,
+    String,
+    i64,
+    Option<i64>,
+);
 
 impl JobRow {
     /// Whether answers are filtered by the heartbeat convention.
@@ -75,6 +82,8 @@ struct Settings {
 pub struct JobStore {
     store: Arc<Store>,
     clock: Arc<dyn Clock>,
+    /// Seals each job's JSON (its prompt is user text) with its user's data key.
+    sealer: Arc<dyn Sealer>,
     settings: RwLock<Settings>,
 }
 
@@ -103,12 +112,62 @@ const FIRING_COLUMNS: &str = "id, job, slot, tick_ms, kind, status, run_id, resu
 impl JobStore {
     /// The store over `state.db`; `channels` are the configured chat channels (for
     /// `deliver`).
-    pub fn new(store: Arc<Store>, clock: Arc<dyn Clock>, channels: Vec<ChannelConfig>) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        clock: Arc<dyn Clock>,
+        channels: Vec<ChannelConfig>,
+        sealer: Arc<dyn Sealer>,
+    ) -> Self {
         Self {
             store,
             clock,
+            sealer,
             settings: RwLock::new(Settings { channels }),
         }
+    }
+
+    fn seal_job(&self, user: &str, text: &str) -> Result<Vec<u8>, AutomationError> {
+        self.sealer
+            .seal(&subject_of(user), text.as_bytes())
+            .map_err(|e| AutomationError::Invalid(format!("cannot seal a cron job: {e}")))
+    }
+
+    fn open_job(&self, name: &str, user: &str, blob: &[u8]) -> Result<String, AutomationError> {
+        let bytes =
+            self.sealer
+                .open(&subject_of(user), blob)
+                .map_err(|e| AutomationError::BadJob {
+                    name: name.to_string(),
+                    reason: format!("cannot open it: {e}"),
+                })?;
+        String::from_utf8(bytes.to_vec()).map_err(|e| AutomationError::BadJob {
+            name: name.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Seals the jobs written before jobs were sealed (schema 13): each one's JSON moves to
+    /// `job_sealed` and `job_json` is emptied (secure_delete overwrites the old text). Returns
+    /// how many it sealed; run once when the store is opened.
+    pub fn seal_legacy(&self) -> Result<usize, AutomationError> {
+        let rows: Vec<(String, String, String)> = {
+            let conn = self.store.conn()?;
+            let mut st = conn.prepare(
+                "SELECT name, user_id, job_json FROM cron_jobs WHERE job_sealed IS NULL",
+            )?;
+            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect::<Result<_, _>>()?
+        };
+        let mut n = 0;
+        for (name, user, text) in rows {
+            let sealed = self.seal_job(&user, &text)?;
+            let conn = self.store.conn()?;
+            n += conn.execute(
+                "UPDATE cron_jobs SET job_sealed = ?2, job_json = '' WHERE name = ?1 AND job_sealed IS NULL",
+                params![name, sealed],
+            )?;
+        }
+        Ok(n)
     }
 
     fn settings(&self) -> Settings {
@@ -143,28 +202,35 @@ impl JobStore {
                 name: job.name.clone(),
                 reason: e.to_string(),
             })?;
-            let existing: Option<(String, String, String)> = tx
+            let existing: Option<(String, Option<Vec<u8>>, String)> = tx
                 .query_row(
-                    "SELECT source, job_json, user_id FROM cron_jobs WHERE name = ?1",
+                    "SELECT source, job_sealed, user_id FROM cron_jobs WHERE name = ?1",
                     [&job.name],
                     |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
                 )
                 .optional()?;
+            let same = |blob: &Option<Vec<u8>>, u: &str| {
+                blob.as_ref()
+                    .and_then(|b| self.open_job(&job.name, u, b).ok())
+                    .is_some_and(|j| j == text)
+            };
             match existing {
-                Some((s, j, u)) if s == *source && j == text && u == user => {}
+                Some((s, j, u)) if s == *source && u == user && same(&j, &u) => {}
                 Some((s, _, _)) => {
+                    let sealed = self.seal_job(&user, &text)?;
                     if s != *source {
                         tracing::warn!(job = %job.name, was = %s, "a cron job added at run time is replaced by the one in chitin.toml");
                     }
                     tx.execute(
-                        "UPDATE cron_jobs SET source = ?2, user_id = ?3, job_json = ?4, created_by = 'chitin.toml', updated_ms = ?5 WHERE name = ?1",
-                        params![job.name, source, user, text, now],
+                        "UPDATE cron_jobs SET source = ?2, user_id = ?3, job_json = '', job_sealed = ?4, created_by = 'chitin.toml', updated_ms = ?5 WHERE name = ?1",
+                        params![job.name, source, user, sealed, now],
                     )?;
                 }
                 None => {
+                    let sealed = self.seal_job(&user, &text)?;
                     tx.execute(
-                        "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, 'chitin.toml', ?5, ?5)",
-                        params![job.name, source, user, text, now],
+                        "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, 'chitin.toml', ?5, ?5)",
+                        params![job.name, source, user, sealed, now],
                     )?;
                 }
             }
@@ -185,9 +251,10 @@ impl JobStore {
 
     /// Every job, by name.
     pub fn all(&self) -> Result<Vec<JobRow>, AutomationError> {
+        self.seal_legacy()?;
         let conn = self.store.conn()?;
         let mut st = conn.prepare(
-            "SELECT name, source, user_id, job_json, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
+            "SELECT name, source, user_id, job_sealed, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
         )?;
         let rows: Vec<RawJob> = st
             .query_map([], |r| {
@@ -202,14 +269,26 @@ impl JobStore {
                 ))
             })?
             .collect::<Result<_, _>>()?;
-        rows.into_iter()
-            .map(|(name, source, user, text, created_by, created_ms, last)| {
-                let job: CronJob =
-                    serde_json::from_str(&text).map_err(|e| AutomationError::BadJob {
+        drop(st);
+        drop(conn);
+        // A job that cannot be opened (its user's key was destroyed by an erasure, a damaged
+        // row) is left out and logged, never run: the others still run.
+        let mut out = Vec::new();
+        for (name, source, user, sealed, created_by, created_ms, last) in rows {
+            let job = sealed
+                .ok_or_else(|| AutomationError::BadJob {
+                    name: name.clone(),
+                    reason: "it is not sealed".into(),
+                })
+                .and_then(|b| self.open_job(&name, &user, &b))
+                .and_then(|text| {
+                    serde_json::from_str::<CronJob>(&text).map_err(|e| AutomationError::BadJob {
                         name: name.clone(),
                         reason: e.to_string(),
-                    })?;
-                Ok(JobRow {
+                    })
+                });
+            match job {
+                Ok(job) => out.push(JobRow {
                     name,
                     source,
                     user,
@@ -217,9 +296,11 @@ impl JobStore {
                     created_by,
                     created_ms,
                     last_tick_ms: last,
-                })
-            })
-            .collect()
+                }),
+                Err(e) => tracing::error!(job = %name, error = %e, "cron job left out"),
+            }
+        }
+        Ok(out)
     }
 
     /// One job.
@@ -253,11 +334,12 @@ impl JobStore {
             name: job.name.clone(),
             reason: e.to_string(),
         })?;
+        let sealed = self.seal_job(user, &text)?;
         let now = self.clock.now_ms();
         let conn = self.store.conn()?;
         let n = conn.execute(
-            "INSERT INTO cron_jobs (name, source, user_id, job_json, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6) ON CONFLICT(name) DO NOTHING",
-            params![job.name, source, user, text, created_by, now],
+            "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?6) ON CONFLICT(name) DO NOTHING",
+            params![job.name, source, user, sealed, created_by, now],
         )?;
         if n == 0 {
             return Err(AutomationError::Exists(job.name.clone()));
@@ -429,23 +511,6 @@ impl JobStore {
         conn.execute(
             "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1",
             params![firing, status, result, now],
-        )?;
-        Ok(())
-    }
-
-    /// Deletes finished firings older than 30 days (the latest of each job is kept) and
-    /// webhook deliveries older than 7 days (the deduplication window).
-    pub fn prune(&self) -> Result<(), AutomationError> {
-        let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        conn.execute(
-            "DELETE FROM cron_firings WHERE created_ms < ?1 AND status NOT IN ('requested', 'started')
-               AND id NOT IN (SELECT MAX(id) FROM cron_firings GROUP BY job)",
-            [now - FIRINGS_KEPT_MS],
-        )?;
-        conn.execute(
-            "DELETE FROM hook_deliveries WHERE received_ms < ?1",
-            [now - super::hooks::DEDUP_WINDOW_MS],
         )?;
         Ok(())
     }

@@ -109,12 +109,21 @@ impl Automation {
         clock: &Arc<dyn Clock>,
         secrets: &SharedSecretStore,
         messenger: Option<Arc<dyn crate::tools::message::Messenger>>,
+        sealer: Arc<dyn crate::agent::Sealer>,
     ) -> Result<Self, AutomationError> {
         let jobs = Arc::new(jobs::JobStore::new(
             Arc::clone(store),
             Arc::clone(clock),
             config.channels.clone(),
+            Arc::clone(&sealer),
         ));
+        let sealed = jobs.seal_legacy()?;
+        if sealed > 0 {
+            tracing::info!(
+                jobs = sealed,
+                "cron jobs stored before sealing are now sealed"
+            );
+        }
         jobs.sync_config(config)?;
         let runner = Arc::new(run::Runner::new(messenger, &config.channels));
         runner.set_ack_max_chars(config.agent.heartbeat.ack_max_chars);
@@ -126,6 +135,7 @@ impl Automation {
             Arc::clone(&runner),
             Arc::clone(store),
             Arc::clone(clock),
+            sealer,
         ));
         Ok(Self {
             jobs,
@@ -171,5 +181,16 @@ impl Automation {
     pub fn spawn(&self, globals: crate::config::Globals, stop: tokio::sync::watch::Receiver<bool>) {
         let scheduler = self.scheduler();
         tokio::spawn(scheduler.run(globals, stop));
+        // Webhook deliveries acknowledged by a gateway that stopped before starting them.
+        let hooks = Arc::clone(&self.hooks);
+        tokio::spawn(async move {
+            let n = hooks.start_pending().await;
+            if n > 0 {
+                tracing::info!(
+                    deliveries = n,
+                    "started webhook deliveries a stopped gateway had acknowledged"
+                );
+            }
+        });
     }
 }

@@ -25,7 +25,8 @@ use crate::config::automation::Target;
 pub const GRACE_MS: i64 = 60_000;
 /// How often the gateway looks.
 const TICK: Duration = Duration::from_secs(1);
-/// How often the configured jobs are re-read and old records pruned, in ticks.
+/// How often the configured jobs are re-read, in ticks (old firings and deliveries are
+/// deleted by retention: `[retention] automation`).
 const RESYNC_TICKS: u64 = 60;
 
 /// A firing that was started by a tick (its task delivers the answer and records the end).
@@ -276,7 +277,7 @@ impl Scheduler {
     }
 
     /// The gateway's loop: recovery, then a look every second until `stop`; every minute the
-    /// configured jobs are re-read from the config file and old records pruned.
+    /// configured jobs are re-read from the config file.
     pub async fn run(
         self: Arc<Self>,
         globals: crate::config::Globals,
@@ -312,8 +313,7 @@ impl Scheduler {
                         .load_config()
                         .map_err(|e| AutomationError::Invalid(e.to_string()))?;
                     runner.set_ack_max_chars(config.agent.heartbeat.ack_max_chars);
-                    jobs.sync_config(&config)?;
-                    jobs.prune()
+                    jobs.sync_config(&config)
                 })
                 .await;
                 if let Err(e) = r {

@@ -86,7 +86,24 @@ pub struct AgentInputs<'a> {
 /// The agent, assembled the same way for the gateway and `chitin agent`: the model router
 /// with keys through the gate, approvals, skills, the vault as the transcripts' sealer, and
 /// the streaming redaction window of the current secrets.
+/// `sandbox` with the configured `web_search` backend attached ([tools.web_search]; its key
+/// is released from `secrets` through the gate).
+pub fn with_web_search(
+    sandbox: crate::tools::Sandbox,
+    config: &crate::config::Config,
+    secrets: &SharedSecretStore,
+) -> Result<crate::tools::Sandbox, BoxError> {
+    Ok(match &config.tools.web_search {
+        Some(c) => sandbox.with_web_search(Arc::new(crate::tools::search::WebSearch::new(
+            c.clone(),
+            Some(secrets.clone()),
+        )?)),
+        None => sandbox,
+    })
+}
+
 pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {
+    let sandbox = with_web_search(i.sandbox, i.config, i.secrets)?;
     Ok(Agent::new(AgentParts {
         gate: i.gate.clone(),
         store: Arc::clone(i.store),
@@ -96,7 +113,7 @@ pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {
             Arc::clone(i.clock),
             crate::approvals::DEFAULT_TTL_MS,
         ),
-        sandbox: i.sandbox,
+        sandbox,
         workspace: i.workspace,
         router: router(i.config, i.gate, i.secrets, Arc::clone(i.clock))?,
         sealer: i.vault,

@@ -115,12 +115,19 @@ fn decide(
     }
 }
 
-fn jobs(rt: &Runtime) -> JobStore {
-    JobStore::new(
+/// The job store, its prompts sealed with the vault.
+fn jobs(globals: &Globals, rt: &Runtime) -> Result<JobStore, super::BoxError> {
+    let vault = crate::vault::Vault::from_store(
+        &globals.home,
+        &mut rt.secrets.write(),
+        Arc::clone(&rt.clock),
+    )?;
+    Ok(JobStore::new(
         Arc::clone(&rt.store),
         Arc::clone(&rt.clock),
         rt.config.channels.clone(),
-    )
+        Arc::new(vault),
+    ))
 }
 
 /// A command-defined failure (exit 1) or an error (exit 2).
@@ -139,7 +146,7 @@ fn failed(e: AutomationError) -> CmdResult {
 
 pub fn run(cmd: CronCmd, globals: &Globals) -> CmdResult {
     let rt = Runtime::open(globals)?;
-    let store = jobs(&rt);
+    let store = jobs(globals, &rt)?;
     // The configured jobs as the gateway sees them (it does the same every minute).
     store.sync_config(&rt.config)?;
     match cmd {

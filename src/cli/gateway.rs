@@ -196,6 +196,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         channels
             .as_ref()
             .map(crate::gateway::channels::ChannelsRuntime::messenger),
+        Arc::clone(&vault) as Arc<dyn crate::agent::Sealer>,
     )?;
     // The agent's `send_message` delivers through the channels' outbox (only with channels);
     // its `cron` tool keeps jobs in the automation's store.
@@ -252,6 +253,13 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )));
     // Cron and webhook targets that name a workflow run it through the same runner.
     automation.set_launcher(Arc::new(RunnerLauncher(workflows.clone())));
+    // `/tools/invoke` offers what the agent does: web search, its memory index, its sessions.
+    let sandbox = super::agent::with_web_search(sandbox, &config, &secrets)?
+        .with_sessions(agent.session_store());
+    let sandbox = match agent.memory_index() {
+        Some(m) => sandbox.with_memory(m),
+        None => sandbox,
+    };
     let store_for_lifecycle = Arc::clone(&store);
     let audit_for_lifecycle = Arc::clone(gate.audit());
     let parts = Parts {
@@ -306,7 +314,8 @@ impl crate::automation::WorkflowLauncher for RunnerLauncher {
             args: Some(args),
             principal: principal.to_string(),
             origin: crate::gate::Origin::Automation,
-            session: None,
+            // A webhook delivery's run has the delivery as its session: started once.
+            session: origin.starts_with("hook:").then(|| origin.to_string()),
             tainted: origin.starts_with("hook:"),
         };
         // Called on the blocking pool (`automation::run`), inside the gateway's runtime.

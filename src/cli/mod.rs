@@ -18,6 +18,7 @@ mod secrets;
 mod sessions;
 mod skills;
 mod token;
+mod usage;
 mod users;
 mod workflow;
 
@@ -107,6 +108,8 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// Spend and tokens per user, model, session, day, tool or task, with today's budgets.
+    Usage(usage::UsageArgs),
     /// Operator accounts: Cedar users in groups (add, list, remove).
     #[command(subcommand)]
     Users(users::UsersCmd),
@@ -298,6 +301,7 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Usage(args) => usage::run(args, &globals),
         Command::Users(cmd) => users::run_users(cmd, &globals),
         Command::Tokens(cmd) => users::run_tokens(cmd, &globals),
         Command::Devices(cmd) => users::run_devices(cmd, &globals),

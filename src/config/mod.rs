@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
+pub mod tools;
 pub mod workflows;
 
 use std::path::{Path, PathBuf};
@@ -74,6 +75,7 @@ pub struct Config {
     pub channels: Vec<channels::ChannelConfig>,
     pub cron: Vec<automation::CronJob>,
     pub hooks: Vec<automation::HookConfig>,
+    pub tools: tools::ToolsConfig,
 }
 
 impl Config {
@@ -130,6 +132,13 @@ impl Config {
             .and_then(|()| config.agent.validate())
             .and_then(|()| config.sandbox.validate())
             .and_then(|()| config.workflows.validate())
+            .and_then(|()| {
+                config
+                    .tools
+                    .web_search
+                    .as_ref()
+                    .map_or(Ok(()), tools::WebSearchConfig::validate)
+            })
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -191,6 +200,7 @@ pub fn default_toml() -> String {
         auth::TEMPLATE,
         channels::TEMPLATE,
         automation::TEMPLATE,
+        tools::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

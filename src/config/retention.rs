@@ -24,6 +24,15 @@ approvals = "365d"
 # Chat channels: received events (their sealed text and the deduplication keys), sent or
 # undeliverable outbox messages (their text is stored to send it), decided pairing requests.
 chat = "30d"
+# Workflow runs that ended (ok, failed, cancelled, interrupted), with their step results, their
+# sub-workflow runs and their used or cancelled pauses. A paused run (its pause pending) is
+# never deleted. The values workflows keep with `state.set` are not a retention class: they
+# stay until the workflow or the user's erasure removes them.
+workflows = "90d"
+# Automation records: cron firings that ended (the latest of each job is kept, for
+# `chitin cron list`) and webhook deliveries that ended. A delivery id is deduplicated for as
+# long as it is kept; a delivery acknowledged but not yet started is never deleted.
+automation = "30d"
 # How often the gateway runs retention, in minutes (0 = only `chitin retention run`).
 interval_minutes = 60
 "#;
@@ -88,6 +97,8 @@ pub struct RetentionConfig {
     pub audit_payloads: Period,
     pub approvals: Period,
     pub chat: Period,
+    pub workflows: Period,
+    pub automation: Period,
     pub interval_minutes: u64,
 }
 
@@ -102,6 +113,8 @@ impl Default for RetentionConfig {
             audit_payloads: Period::Ms(365 * DAY),
             approvals: Period::Ms(365 * DAY),
             chat: Period::Ms(30 * DAY),
+            workflows: Period::Ms(90 * DAY),
+            automation: Period::Ms(30 * DAY),
             interval_minutes: 60,
         }
     }
@@ -109,7 +122,7 @@ impl Default for RetentionConfig {
 
 impl RetentionConfig {
     /// `(class, period)` for every class, in a fixed order.
-    pub fn classes(&self) -> [(&'static str, Period); 6] {
+    pub fn classes(&self) -> [(&'static str, Period); 8] {
         [
             ("transcripts", self.transcripts),
             ("tool_output", self.tool_output),
@@ -117,6 +130,8 @@ impl RetentionConfig {
             ("audit_payloads", self.audit_payloads),
             ("approvals", self.approvals),
             ("chat", self.chat),
+            ("workflows", self.workflows),
+            ("automation", self.automation),
         ]
     }
 }

@@ -17,6 +17,7 @@
 //!   never logged.
 
 pub mod agent_backend;
+pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod channels;
@@ -284,6 +285,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/hooks/{name}", post(hook_webhook))
         .merge(protected)
         .merge(login::routes())
+        .merge(api::routes(&app))
         .merge(ws::routes(Arc::clone(&app.ws)))
         .fallback(|| async { error_body(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(middleware::from_fn_with_state(Arc::clone(&app), front))
@@ -912,6 +914,8 @@ async fn front(
         "/" | "/app.js" | "/app.css" => "/",
         "/auth/login" | "/auth/callback" => "/auth/login",
         p if p.starts_with("/auth/") => "/auth",
+        "/control" | "/control.js" | "/control.css" => "/control",
+        p if p.starts_with("/api/") => "/api",
         p if p.starts_with("/hooks/") => "/hooks",
         _ => "other",
     };
@@ -924,7 +928,10 @@ async fn front(
     // `/auth/login` and `/auth/callback` are top-level navigations that come from other
     // sites (a link, the identity provider's redirect); they change nothing a page could
     // abuse (the login is bound to its browser by a cookie and a one-time state).
-    let guarded = !matches!(route, "/health" | "/ready" | "/" | "/auth/login");
+    let guarded = !matches!(
+        route,
+        "/health" | "/ready" | "/" | "/auth/login" | "/control"
+    );
     let mut resp = if guarded
         && (method == axum::http::Method::OPTIONS || app.ws.foreign_request(req.headers()))
     {

@@ -242,6 +242,11 @@ impl Ws {
         }
     }
 
+    /// The channel engine (pairing requests, channel state), if channels are configured.
+    pub fn pairing_engine(&self) -> Option<&Arc<crate::channels::Engine>> {
+        self.pairing.as_ref()
+    }
+
     /// Serves `pairing.list` / `pairing.resolve` from the channel engine.
     #[must_use]
     pub fn with_pairing(mut self, engine: Option<Arc<crate::channels::Engine>>) -> Self {

@@ -184,7 +184,17 @@ fn erase_with(
     {
         let mut conn = lc.store.conn()?;
         let tx = conn.transaction()?;
-        for table in ["messages", "sessions", "runs", "usage"] {
+        // The memory index too: its documents (and, by trigger, their index terms), its key
+        // and cursor.
+        for table in [
+            "messages",
+            "sessions",
+            "runs",
+            "usage",
+            "memory_docs",
+            "memory_index_keys",
+            "memory_cursor",
+        ] {
             tx.execute(&format!("DELETE FROM {table} WHERE subject = ?1"), [&s])?;
         }
         // Workflow runs (their steps and pauses first: they hang off the run).
@@ -195,6 +205,14 @@ fn erase_with(
             )?;
         }
         tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", [&s])?;
+        // What their workflows kept (`state.set`) and their webhook deliveries' stored bodies.
+        tx.execute("DELETE FROM workflow_state WHERE subject = ?1", [&s])?;
+        tx.execute(
+            "UPDATE hook_deliveries SET body = NULL, status = CASE WHEN status IN ('accepted', 'started') THEN 'failed' ELSE status END,
+                    result = CASE WHEN status IN ('accepted', 'started') THEN 'erased before it started' ELSE result END
+             WHERE subject = ?1 AND body IS NOT NULL",
+            [&s],
+        )?;
         // Chat: the messages they sent, the identities paired to them (and the pairing
         // requests naming them), the jobs they added and those jobs' firings.
         tx.execute("DELETE FROM channel_events WHERE subject = ?1", [&s])?;

@@ -143,9 +143,20 @@ const CHAT_OUTBOX_DONE: &str = "status IN ('sent', 'failed', 'dead')";
 /// Pairing requests that were decided or expired (an open one stays until it expires).
 const CHAT_PAIRING_DONE: &str = "status <> 'pending'";
 
+/// Workflow runs that ended (a sub-workflow's run goes with its top-level run).
+const WORKFLOW_DONE: &str =
+    "parent_run IS NULL AND status IN ('ok', 'failed', 'cancelled', 'interrupted')
+     AND NOT EXISTS (SELECT 1 FROM workflow_pauses p WHERE p.run_id = workflow_runs.id
+                     AND p.status IN ('pending', 'claimed'))";
+
 struct Plan {
     classes: Vec<ClassReport>,
     approval_ids: Vec<String>,
+    /// Top-level workflow runs to delete (with their sub-workflow runs, steps and pauses).
+    workflow_runs: Vec<String>,
+    /// Cron firings (ids) and webhook deliveries (hook, delivery id) to delete.
+    firings: Vec<i64>,
+    deliveries: Vec<(String, String)>,
     audit_seqs: Vec<i64>,
     sessions: u64,
     runs: u64,
@@ -176,6 +187,9 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
         .collect();
     let mut classes = Vec::new();
     let mut approval_ids = Vec::new();
+    let mut workflow_runs = Vec::new();
+    let mut firings = Vec::new();
+    let mut deliveries = Vec::new();
     let mut audit_seqs = Vec::new();
     let (mut sessions, mut runs) = (0, 0);
     let conn = lc.store.conn()?;
@@ -308,6 +322,87 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
                     approval_ids.push(id);
                 }
             }
+            "workflows" => {
+                let mut st = conn.prepare(&format!(
+                    "SELECT id, subject, COALESCE(finished_ms, updated_ms) FROM workflow_runs
+                     WHERE COALESCE(finished_ms, updated_ms) < ?1 AND {WORKFLOW_DONE}"
+                ))?;
+                let rows = st.query_map(params![cutoff], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                let held_subjects: BTreeSet<String> =
+                    held.iter().map(ToString::to_string).collect();
+                for row in rows {
+                    let (id, subject, at) = row?;
+                    if held_subjects.contains(&subject) {
+                        rep.held += 1;
+                        continue;
+                    }
+                    rep.deleted += 1;
+                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                    workflow_runs.push(id);
+                }
+            }
+            "automation" => {
+                let held_subjects: BTreeSet<String> =
+                    held.iter().map(ToString::to_string).collect();
+                // Firings that ended, except each job's latest; a held user's jobs are kept.
+                let mut st = conn.prepare(
+                    "SELECT f.id, j.user_id, f.created_ms FROM cron_firings f
+                     LEFT JOIN cron_jobs j ON j.name = f.job
+                     WHERE f.created_ms < ?1 AND f.status NOT IN ('requested', 'started')
+                       AND f.id NOT IN (SELECT MAX(id) FROM cron_firings GROUP BY job)",
+                )?;
+                let rows = st.query_map(params![cutoff], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (id, user, at) = row?;
+                    if user.is_some_and(|u| held_users.contains(&u)) {
+                        rep.held += 1;
+                        continue;
+                    }
+                    rep.deleted += 1;
+                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                    firings.push(id);
+                }
+                drop(st);
+                // Deliveries that ended (never one acknowledged and not yet started or
+                // still starting).
+                let mut st = conn.prepare(
+                    "SELECT hook, delivery_id, subject, received_ms FROM hook_deliveries
+                     WHERE received_ms < ?1 AND status NOT IN ('accepted', 'started')",
+                )?;
+                let rows = st.query_map(params![cutoff], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?;
+                for row in rows {
+                    let (hook, delivery, subject, at) = row?;
+                    if subject.is_some_and(|s| held_subjects.contains(&s)) {
+                        rep.held += 1;
+                        continue;
+                    }
+                    rep.deleted += 1;
+                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                    deliveries.push((hook, delivery));
+                }
+            }
             "audit_payloads" => {
                 let reader = lc.audit.reader()?;
                 reader.for_each_from(1, |r| {
@@ -336,6 +431,9 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
     Ok(Plan {
         classes,
         approval_ids,
+        workflow_runs,
+        firings,
+        deliveries,
         audit_seqs,
         sessions,
         runs,
@@ -416,6 +514,28 @@ pub fn run(
         }
         for id in &p.approval_ids {
             n += tx.execute("DELETE FROM approvals WHERE id = ?1", [id])?;
+        }
+        for id in &p.workflow_runs {
+            // The run and its sub-workflow runs (`<id>.<hex>`, nested the same way).
+            let family = "(id = ?1 OR substr(id, 1, length(?1) + 1) = ?1 || '.')";
+            for table in ["workflow_steps", "workflow_pauses"] {
+                n += tx.execute(
+                    &format!(
+                        "DELETE FROM {table} WHERE run_id IN (SELECT id FROM workflow_runs WHERE {family})"
+                    ),
+                    [id],
+                )?;
+            }
+            n += tx.execute(&format!("DELETE FROM workflow_runs WHERE {family}"), [id])?;
+        }
+        for id in &p.firings {
+            n += tx.execute("DELETE FROM cron_firings WHERE id = ?1", [id])?;
+        }
+        for (hook, delivery) in &p.deliveries {
+            n += tx.execute(
+                "DELETE FROM hook_deliveries WHERE hook = ?1 AND delivery_id = ?2 AND status NOT IN ('accepted', 'started')",
+                params![hook, delivery],
+            )?;
         }
         if let Some(c) = cutoff("chat") {
             n += tx.execute(

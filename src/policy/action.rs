@@ -75,6 +75,18 @@ closed_enum! {
         WebhookReceive => "webhook.receive",
         WorkflowRun => "workflow.run",
         WorkflowResume => "workflow.resume",
+        SessionRead => "session.read",
+        UsageRead => "usage.read",
+        PolicyRead => "policy.read",
+        HealthRead => "health.read",
+        /// A web search through the configured backend (network egress to its host).
+        WebSearch => "web_search",
+        /// A search of the user's memory files and past transcripts.
+        MemorySearch => "memory_search",
+        /// Reading one memory file or one past transcript message.
+        MemoryGet => "memory_get",
+        /// Posting a message into another of the user's sessions.
+        SessionsSend => "sessions_send",
         UserManage => "user.manage",
         TokenManage => "token.manage",
     }
@@ -95,6 +107,21 @@ closed_enum! {
         /// `workflow.resume` on `Chitin::Workflow::"<name>"` by the workflow runner, never
         /// through `tools::invoke`.
         Workflow => "workflow",
+        /// Searches the web through the configured backend; decided as `web_search`.
+        WebSearch => "web_search",
+        /// Applies a unified diff over several workspace files; each touched path is decided
+        /// as `write_file`, all or nothing.
+        ApplyPatch => "apply_patch",
+        /// Searches memory files and past transcripts; decided as `memory_search`.
+        MemorySearch => "memory_search",
+        /// Reads one memory file or transcript message; decided as `memory_get`.
+        MemoryGet => "memory_get",
+        /// Lists the user's sessions; decided as `session.read` on `Session::"*"`.
+        SessionsList => "sessions_list",
+        /// A session's history; decided as `session.read` on the session.
+        SessionsHistory => "sessions_history",
+        /// Posts into another of the user's sessions; decided as `sessions_send`.
+        SessionsSend => "sessions_send",
     }
 }
 
@@ -151,6 +178,12 @@ impl Tool {
             Self::ListDir => Action::ListDir,
             Self::WebFetch => Action::WebFetch,
             Self::SendMessage => Action::SendMessage,
+            Self::WebSearch => Action::WebSearch,
+            Self::ApplyPatch => Action::WriteFile,
+            Self::MemorySearch => Action::MemorySearch,
+            Self::MemoryGet => Action::MemoryGet,
+            Self::SessionsList | Self::SessionsHistory => Action::SessionRead,
+            Self::SessionsSend => Action::SessionsSend,
         }
     }
 
@@ -168,6 +201,8 @@ pub const INVOKABLE: &[Tool] = &[
     Tool::EditFile,
     Tool::ListDir,
     Tool::WebFetch,
+    Tool::WebSearch,
+    Tool::ApplyPatch,
 ];
 
 /// Their names.
@@ -178,6 +213,8 @@ pub const TOOLS: &[&str] = &[
     Tool::EditFile.as_str(),
     Tool::ListDir.as_str(),
     Tool::WebFetch.as_str(),
+    Tool::WebSearch.as_str(),
+    Tool::ApplyPatch.as_str(),
 ];
 
 #[cfg(test)]
@@ -202,6 +239,17 @@ mod tests {
             if *t == Tool::Workflow {
                 assert_eq!(t.action(), Action::WorkflowRun);
                 assert_eq!(Action::WorkflowRun.tool(), Some(Tool::Workflow));
+                continue;
+            }
+            // A patch writes files: each path it touches is decided as `write_file`.
+            if *t == Tool::ApplyPatch {
+                assert_eq!(t.action(), Action::WriteFile);
+                continue;
+            }
+            // Reading sessions (list, history) is one action, on the session read.
+            if matches!(t, Tool::SessionsList | Tool::SessionsHistory) {
+                assert_eq!(t.action(), Action::SessionRead);
+                assert_eq!(Action::SessionRead.tool(), Some(Tool::SessionsList));
                 continue;
             }
             assert_eq!(t.action().as_str(), t.as_str());

@@ -50,6 +50,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "workflows.cedar",
         include_str!("../../policies/default/workflows.cedar"),
     ),
+    (
+        "control.cedar",
+        include_str!("../../policies/default/control.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.
@@ -102,6 +106,42 @@ pub const TOOLS: &[ToolInfo] = &[
         name: Tool::Workflow.as_str(),
         risk: "high",
         effects: &["workflow"],
+    },
+    ToolInfo {
+        name: Tool::WebSearch.as_str(),
+        risk: "medium",
+        effects: &["network"],
+    },
+    // Decided path by path as `write_file` (the resource is `Tool::"write_file"`).
+    ToolInfo {
+        name: Tool::ApplyPatch.as_str(),
+        risk: "medium",
+        effects: &["fs_write"],
+    },
+    ToolInfo {
+        name: Tool::MemorySearch.as_str(),
+        risk: "low",
+        effects: &["memory_read"],
+    },
+    ToolInfo {
+        name: Tool::MemoryGet.as_str(),
+        risk: "low",
+        effects: &["memory_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsList.as_str(),
+        risk: "low",
+        effects: &["session_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsHistory.as_str(),
+        risk: "low",
+        effects: &["session_read"],
+    },
+    ToolInfo {
+        name: Tool::SessionsSend.as_str(),
+        risk: "medium",
+        effects: &["message"],
     },
 ];
 

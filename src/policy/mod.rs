@@ -211,9 +211,30 @@ pub struct Compiled {
     enforced_count: usize,
     files: Vec<String>,
     warnings: Vec<Diagnostic>,
+    listing: Vec<PolicyListing>,
+}
+
+/// One policy of a compiled set, as the Control UI lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyListing {
+    pub id: String,
+    /// The file it was read from.
+    pub file: String,
+    /// `enforce` or `shadow`.
+    pub mode: &'static str,
+    /// `permit` or `forbid`.
+    pub effect: &'static str,
+    pub reason: Option<String>,
+    /// The policy in Cedar syntax.
+    pub text: String,
 }
 
 impl Compiled {
+    /// Every policy of the set, in file order.
+    pub fn listing(&self) -> &[PolicyListing] {
+        &self.listing
+    }
+
     /// The schema the set was validated against.
     pub fn schema(&self) -> &Schema {
         &self.schema
@@ -383,7 +404,29 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
             message: m,
         }])
     })?;
+    let listing = policies
+        .iter()
+        .map(|p| {
+            let id = AsRef::<str>::as_ref(p.id()).to_string();
+            PolicyListing {
+                file: locate(p.id()).0.to_string(),
+                mode: if shadow.contains(p.id()) {
+                    "shadow"
+                } else {
+                    "enforce"
+                },
+                effect: match p.effect() {
+                    Effect::Permit => "permit",
+                    Effect::Forbid => "forbid",
+                },
+                reason: reasons.get(&id).cloned(),
+                text: p.to_string(),
+                id,
+            }
+        })
+        .collect();
     Ok(Compiled {
+        listing,
         schema,
         slices,
         set_cache: RwLock::new(HashMap::new()),

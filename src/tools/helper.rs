@@ -51,6 +51,11 @@ pub enum Request {
     List {
         path: String,
     },
+    /// `apply_patch`: every file or none (see [`patch_files`]).
+    Patch {
+        files: Vec<super::patch::FilePatch>,
+        max_bytes: usize,
+    },
 }
 
 impl Request {
@@ -60,6 +65,7 @@ impl Request {
             | Request::Write { path, .. }
             | Request::Edit { path, .. }
             | Request::List { path } => path,
+            Request::Patch { files, .. } => files.first().map_or(".", |f| f.path.as_str()),
         }
     }
 }
@@ -146,6 +152,7 @@ pub fn handle_at(root: BorrowedFd<'_>, req: &Request) -> Answer {
         } => edit(root, path, old_string, new_string, *replace_all, *max_bytes)
             .map(|n| serde_json::json!({"path": path, "replacements": n})),
         Request::List { path } => list(root, path),
+        Request::Patch { files, max_bytes } => patch_files(root, files, *max_bytes),
     };
     match r {
         Ok(v) => Answer::Ok(v),
@@ -321,6 +328,168 @@ fn edit(
     Ok(count)
 }
 
+/// One file of a patch, staged.
+struct Staged<'a> {
+    path: &'a str,
+    op: super::patch::FileOp,
+    dir: OwnedFd,
+    name: &'a OsStr,
+    /// The staged new content (create, modify) or, once deleted, the old file's parking name.
+    tmp: String,
+    done: bool,
+}
+
+/// Applies a patch atomically: every hunk is checked against every file before anything is
+/// written; new contents are staged beside their targets (fsynced), then swapped in with
+/// `renameat2`; a failure part way swaps back what was done. All files or none.
+fn patch_files(
+    root: BorrowedFd<'_>,
+    files: &[super::patch::FilePatch],
+    max: usize,
+) -> Result<serde_json::Value, Answer> {
+    use super::patch::{FileOp, apply_file};
+    use chitin_sandbox::fs::Rename;
+    // 1. Check: read each file, apply its hunks in memory.
+    let mut planned: Vec<(&super::patch::FilePatch, Option<String>, u32)> = Vec::new();
+    for f in files {
+        let (current, mode) = match f.op {
+            FileOp::Create => {
+                let (dir, name) = match parent_dir(root, &f.path, false) {
+                    Ok(x) => x,
+                    // A missing parent directory is created in the commit step.
+                    Err(Answer::Err { kind, .. }) if kind == "not_found" => {
+                        planned.push((
+                            f,
+                            apply_file(f, None).map_err(|e| err("patch", e.to_string()))?,
+                            0o644,
+                        ));
+                        continue;
+                    }
+                    Err(a) => return Err(a),
+                };
+                match sfs::lstat_at(dir.as_fd(), name) {
+                    Err(e) if e.raw_os_error() == Some(ENOENT) => (None, 0o644),
+                    Ok(_) => {
+                        return Err(err(
+                            "patch",
+                            format!("{}: the file to create exists already", f.path),
+                        ));
+                    }
+                    Err(e) => return Err(io_answer(&f.path, &e)),
+                }
+            }
+            FileOp::Modify | FileOp::Delete => {
+                let file = open_file(root, &f.path, max)?;
+                let mode = file
+                    .metadata()
+                    .map_or(0o644, |m| m.permissions().mode() & 0o777);
+                drop(file);
+                (Some(read(root, &f.path, max)?), mode)
+            }
+        };
+        let new = apply_file(f, current.as_deref()).map_err(|e| err("patch", e.to_string()))?;
+        if new.as_ref().is_some_and(|n| n.len() > max) {
+            return Err(err(
+                "too_large",
+                format!(
+                    "{}: the patched file would be larger than the {max}-byte limit",
+                    f.path
+                ),
+            ));
+        }
+        planned.push((f, new, mode));
+    }
+    // 2. Stage: the new contents beside their targets.
+    let pid = std::process::id();
+    let mut staged: Vec<Staged<'_>> = Vec::new();
+    let cleanup = |staged: &[Staged<'_>]| {
+        for s in staged {
+            if !s.done {
+                let _ = sfs::unlink_at(s.dir.as_fd(), OsStr::new(&s.tmp));
+            }
+        }
+    };
+    for (i, (f, new, mode)) in planned.iter().enumerate() {
+        let (dir, name) = match parent_dir(root, &f.path, f.op == FileOp::Create) {
+            Ok(x) => x,
+            Err(a) => {
+                cleanup(&staged);
+                return Err(a);
+            }
+        };
+        let tmp = format!(".chitin-patch-{pid}-{i}.tmp");
+        if let Some(content) = new {
+            let _ = sfs::unlink_at(dir.as_fd(), OsStr::new(&tmp));
+            let written =
+                sfs::create_excl_at(dir.as_fd(), OsStr::new(&tmp), 0o600).and_then(|mut t| {
+                    t.write_all(content.as_bytes())?;
+                    t.set_permissions(std::fs::Permissions::from_mode(*mode))?;
+                    t.sync_all()
+                });
+            if let Err(e) = written {
+                let _ = sfs::unlink_at(dir.as_fd(), OsStr::new(&tmp));
+                cleanup(&staged);
+                return Err(io_answer(&f.path, &e));
+            }
+        }
+        staged.push(Staged {
+            path: &f.path,
+            op: f.op,
+            dir,
+            name,
+            tmp,
+            done: false,
+        });
+    }
+    // 3. Commit: swap each one in; on a failure, undo the ones done (in reverse).
+    let mut failed: Option<Answer> = None;
+    for s in &mut staged {
+        let tmp = OsStr::new(&s.tmp);
+        let r = match s.op {
+            FileOp::Modify => match sfs::lstat_at(s.dir.as_fd(), s.name) {
+                Ok(st) if st.is_file && !st.is_symlink && st.nlink == 1 => {
+                    sfs::rename2_at(s.dir.as_fd(), tmp, s.name, Rename::Exchange)
+                }
+                Ok(_) => Err(std::io::Error::other("changed while the patch was applied")),
+                Err(e) => Err(e),
+            },
+            FileOp::Create => sfs::rename2_at(s.dir.as_fd(), tmp, s.name, Rename::NoReplace),
+            FileOp::Delete => sfs::rename2_at(s.dir.as_fd(), s.name, tmp, Rename::NoReplace),
+        };
+        match r {
+            Ok(()) => s.done = true,
+            Err(e) => {
+                failed = Some(io_answer(s.path, &e));
+                break;
+            }
+        }
+    }
+    if let Some(a) = failed {
+        for s in staged.iter().rev().filter(|s| s.done) {
+            let tmp = OsStr::new(&s.tmp);
+            let _ = match s.op {
+                FileOp::Modify => sfs::rename2_at(s.dir.as_fd(), tmp, s.name, Rename::Exchange),
+                FileOp::Create => sfs::unlink_at(s.dir.as_fd(), s.name),
+                FileOp::Delete => sfs::rename2_at(s.dir.as_fd(), tmp, s.name, Rename::NoReplace),
+            };
+        }
+        for s in &mut staged {
+            s.done = false;
+        }
+        cleanup(&staged);
+        return Err(a);
+    }
+    // 4. The old contents (swapped out, parked) go.
+    let mut changed = Vec::new();
+    for s in &staged {
+        if s.op != FileOp::Create {
+            let _ = sfs::unlink_at(s.dir.as_fd(), OsStr::new(&s.tmp));
+        }
+        changed.push(serde_json::json!({"path": s.path, "op": s.op.as_str()}));
+    }
+    Ok(serde_json::json!({"applied": true, "files": changed}))
+}
+
 fn list(root: BorrowedFd<'_>, path: &str) -> Result<serde_json::Value, Answer> {
     let fd = sfs::open_beneath(root, rel(path)?, O_RDONLY | O_DIRECTORY, 0)
         .map_err(|e| io_answer(path, &e))?;
@@ -485,6 +654,78 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         flipper.join().unwrap();
         assert_eq!(inside + refused, 10_000);
+    }
+
+    fn patch(text: &str) -> Vec<super::super::patch::FilePatch> {
+        super::super::patch::parse(text).unwrap()
+    }
+
+    #[test]
+    fn a_patch_applies_to_every_file_or_to_none() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a"), "1\n2\n").unwrap();
+        std::fs::write(d.path().join("c"), "gone\n").unwrap();
+        std::fs::write(d.path().join("h"), "x\n").unwrap();
+        std::fs::hard_link(d.path().join("h"), d.path().join("h2")).unwrap();
+        let r = root(d.path());
+        // The second file is hard-linked: refused, and the first is untouched.
+        let bad = patch(
+            "--- a/a\n+++ b/a\n@@ -1,2 +1,2 @@\n 1\n-2\n+two\n--- a/h\n+++ b/h\n@@ -1 +1 @@\n-x\n+y\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: bad,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "hardlink");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\n2\n"
+        );
+        assert_eq!(std::fs::read_to_string(d.path().join("h")).unwrap(), "x\n");
+        // Modify, create (with its directory), delete: all applied.
+        let good = patch(
+            "--- a/a\n+++ b/a\n@@ -1,2 +1,2 @@\n 1\n-2\n+two\n--- /dev/null\n+++ b/sub/new\n@@ -0,0 +1 @@\n+fresh\n--- a/c\n+++ /dev/null\n@@ -1 +0,0 @@\n-gone\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: good,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "ok", "{a:?}");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\ntwo\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("sub/new")).unwrap(),
+            "fresh\n"
+        );
+        assert!(!d.path().join("c").exists());
+        for e in std::fs::read_dir(d.path()).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().into_owned();
+            assert!(!n.starts_with(".chitin-"), "{n}");
+        }
+        // Creating a file that exists is refused before anything is written.
+        let again = patch(
+            "--- a/a\n+++ b/a\n@@ -1 +1 @@\n-1\n+one\n--- /dev/null\n+++ b/sub/new\n@@ -0,0 +1 @@\n+x\n",
+        );
+        let a = handle_at(
+            r.as_fd(),
+            &Request::Patch {
+                files: again,
+                max_bytes: 100,
+            },
+        );
+        assert_eq!(kind(&a), "patch");
+        assert_eq!(
+            std::fs::read_to_string(d.path().join("a")).unwrap(),
+            "1\ntwo\n"
+        );
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub use crate::policy::{INVOKABLE, TOOLS};
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error(
-        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir, web_fetch"
+        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir, web_fetch, web_search, apply_patch (and, where configured, send_message, cron, memory_search, memory_get, sessions_list, sessions_history, sessions_send)"
     )]
     UnknownTool(String),
     #[error("invalid arguments for `{tool}`: {message}")]
@@ -149,6 +149,22 @@ pub fn invoke_step(
     if tool == super::cron::TOOL {
         return super::cron::invoke(gate, sandbox, call, args, approvals);
     }
+    // The tools that build their own Cedar requests.
+    match Tool::from_id(tool) {
+        Some(Tool::ApplyPatch) => {
+            return super::patch::invoke(gate, sandbox, call, step, args, approvals);
+        }
+        Some(Tool::WebSearch) => {
+            return super::search::invoke(gate, sandbox, call, step, args, approvals);
+        }
+        Some(t @ (Tool::MemorySearch | Tool::MemoryGet)) => {
+            return super::memory::invoke(gate, sandbox, call, step, t, args, approvals);
+        }
+        Some(t @ (Tool::SessionsList | Tool::SessionsHistory | Tool::SessionsSend)) => {
+            return super::sessions::invoke(gate, sandbox, call, step, t, args, approvals);
+        }
+        _ => {}
+    }
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     // `send_message` is invocable too; it runs only where a messenger is attached (channels).
     let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t) || *t == Tool::SendMessage);
@@ -168,7 +184,18 @@ pub fn invoke_step(
         }),
         Some(Tool::SendMessage) => parse(tool, args).map(Parsed::Send),
         // Filtered out above: the workflow runner decides and runs workflows.
-        Some(Tool::Workflow) | None => Err(InvokeError::UnknownTool(tool.to_string())),
+        // The workflow runner decides and runs workflows; the tools above returned already.
+        Some(
+            Tool::Workflow
+            | Tool::WebSearch
+            | Tool::ApplyPatch
+            | Tool::MemorySearch
+            | Tool::MemoryGet
+            | Tool::SessionsList
+            | Tool::SessionsHistory
+            | Tool::SessionsSend,
+        )
+        | None => Err(InvokeError::UnknownTool(tool.to_string())),
     };
     let parsed = match parsed {
         Ok(p) => p,

@@ -13,10 +13,15 @@
 pub mod cancel;
 pub mod cron;
 pub mod fetch;
+mod gated;
 pub mod helper;
 pub mod invoke;
+pub mod memory;
 pub mod message;
+pub mod patch;
 pub mod prompt_guard;
+pub mod search;
+pub mod sessions;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -508,6 +513,18 @@ pub struct Sandbox {
     messenger: Option<std::sync::Arc<dyn message::Messenger>>,
     /// Where the `cron` tool keeps jobs (only in the gateway).
     cron: Option<std::sync::Arc<dyn cron::CronJobs>>,
+    /// The runtime parts of `web_search`, `memory_*` and `sessions_*` (each tool is offered
+    /// and runs only where its part is attached).
+    extras: Extras,
+}
+
+/// The runtime parts some tools need (see [`Sandbox::with_web_search`],
+/// [`Sandbox::with_memory`], [`Sandbox::with_sessions`]).
+#[derive(Debug, Clone, Default)]
+pub struct Extras {
+    web_search: Option<Arc<search::WebSearch>>,
+    memory: Option<Arc<memory::MemoryIndex>>,
+    sessions: Option<Arc<dyn sessions::SessionStore>>,
 }
 
 impl Sandbox {
@@ -533,7 +550,44 @@ impl Sandbox {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            extras: Extras::default(),
         })
+    }
+
+    /// Lets `web_search` query the configured backend.
+    #[must_use]
+    pub fn with_web_search(mut self, w: Arc<search::WebSearch>) -> Self {
+        self.extras.web_search = Some(w);
+        self
+    }
+
+    /// The configured search backend, if any.
+    pub fn web_search(&self) -> Option<&Arc<search::WebSearch>> {
+        self.extras.web_search.as_ref()
+    }
+
+    /// Lets `memory_search` / `memory_get` use the per-user memory index.
+    #[must_use]
+    pub fn with_memory(mut self, m: Arc<memory::MemoryIndex>) -> Self {
+        self.extras.memory = Some(m);
+        self
+    }
+
+    /// The memory index, if attached.
+    pub fn memory(&self) -> Option<&Arc<memory::MemoryIndex>> {
+        self.extras.memory.as_ref()
+    }
+
+    /// Lets `sessions_*` read the user's sessions and post into them.
+    #[must_use]
+    pub fn with_sessions(mut self, s: Arc<dyn sessions::SessionStore>) -> Self {
+        self.extras.sessions = Some(s);
+        self
+    }
+
+    /// The session store, if attached.
+    pub fn sessions(&self) -> Option<&Arc<dyn sessions::SessionStore>> {
+        self.extras.sessions.as_ref()
     }
 
     /// Tools run through this sandbox are stopped (the whole sandbox killed) when `cancel`
@@ -1106,6 +1160,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            extras: Extras::default(),
         };
         let e = exec(
             &auth,
@@ -1149,6 +1204,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            extras: Extras::default(),
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1229,6 +1285,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            extras: Extras::default(),
         };
         (home, d, w, sb)
     }

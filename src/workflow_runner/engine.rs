@@ -47,6 +47,9 @@ pub(crate) enum StepErr {
     Denied(String),
     /// Policy asks for an approval of a call: the run pauses (where it can).
     Approval(Box<Approval>),
+    /// Something inside the step waits for a person (a parallel branch, a for_each item, a
+    /// pipeline's `approve` or `ask` stage): the run pauses there.
+    Pause(Box<Nested>),
     /// The run cannot go on (store, audit, the cost limit, the step limit): ends the run.
     Fatal(String),
 }
@@ -61,8 +64,47 @@ impl StepErr {
                 "a call needs approval {} ({}), which cannot be waited for here",
                 a.code, a.summary
             ),
+            StepErr::Pause(n) => format!(
+                "`{}` waits for a person, which cannot be waited for here",
+                n.key
+            ),
         }
     }
+}
+
+/// A pause inside a step.
+#[derive(Debug, Clone)]
+pub(crate) struct Nested {
+    /// Where, as stored in `workflow_steps` and in the pause: a branch id, `loop[i].sub` (a
+    /// for_each sub-step for item `i`), or either (or a step id) with `@<n>` for a pipeline's
+    /// stage `n`.
+    pub(crate) key: String,
+    pub(crate) what: NestedWhat,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum NestedWhat {
+    /// A call there needs an approval Cedar asked for.
+    Policy(Approval),
+    /// An approval gate (after the action, if any, produced `result`).
+    Gate {
+        gate: GateSpec,
+        items: Vec<Value>,
+        stdout: Option<String>,
+        result: StepResult,
+    },
+    /// A pipeline's `ask`: the request as the envelope shows it.
+    Input { request: Value },
+}
+
+/// The step id at the top level of the workflow that a nested key belongs to.
+pub(crate) fn top_index(wf: &Workflow, key: &str) -> Option<usize> {
+    let head = key.split(['[', '@']).next().unwrap_or(key);
+    wf.steps.iter().position(|s| s.id == head).or_else(|| {
+        wf.steps.iter().position(
+            |s| matches!(&s.kind, StepKind::Parallel(p) if p.branches.iter().any(|b| b.id == head)),
+        )
+    })
 }
 
 impl From<super::RunStoreError> for StepErr {
@@ -453,7 +495,7 @@ impl Runner {
                                 Ok(v) => pipeline::input_items(v),
                                 Err(e) => return End::Failed(e.to_string()),
                             };
-                            return match self.gate_pause(f, &step, gate, items, None) {
+                            return match self.gate_pause(f, &step.id, gate, items, None) {
                                 Ok(env) => End::Paused(env),
                                 Err(e) => End::Failed(e.message()),
                             };
@@ -519,7 +561,7 @@ impl Runner {
                             }
                             return match self.gate_pause(
                                 f,
-                                &step,
+                                &step.id,
                                 &gate,
                                 output_items(&res),
                                 res.stdout.as_deref(),
@@ -563,6 +605,22 @@ impl Runner {
                         ) {
                             Ok(env) => End::Paused(env),
                             Err(e) => End::Failed(e.message),
+                        };
+                    }
+                    Err(StepErr::Pause(n)) if allow_pause => {
+                        if let Err(e) = self.0.runs.step_finished(
+                            &f.row,
+                            &step.id,
+                            "paused",
+                            None,
+                            Some(idx),
+                            self.now(),
+                        ) {
+                            return End::Failed(e.to_string());
+                        }
+                        return match self.nested_pause(f, *n) {
+                            Ok(env) => End::Paused(env),
+                            Err(e) => End::Failed(e.message()),
                         };
                     }
                     Err(StepErr::Fatal(m)) => {
@@ -685,7 +743,16 @@ impl Runner {
                 let cancel = Cancel::new();
                 let t = timer(&cancel, step.timeout_ms);
                 let r = self
-                    .run_action(ctx, f, &step.id, &action, planned, step.timeout_ms, &cancel)
+                    .run_action(
+                        ctx,
+                        f,
+                        &step.id,
+                        &step.id,
+                        &action,
+                        planned,
+                        step.timeout_ms,
+                        &cancel,
+                    )
                     .await;
                 if let Some(t) = t {
                     t.abort();
@@ -711,6 +778,7 @@ impl Runner {
         ctx: &Ctx,
         f: &Frame,
         step_id: &str,
+        key: &str,
         action: &Action,
         p: Planned,
         timeout_ms: Option<u32>,
@@ -736,7 +804,10 @@ impl Runner {
                 let r = self.gated(f, step_id, "exec", args, cancel).await?;
                 command_result(r, timeout_ms)
             }
-            Action::Pipeline(_) => self.pipeline(ctx, f, step_id, &p, timeout_ms, cancel).await,
+            Action::Pipeline(_) => {
+                self.pipeline(ctx, f, step_id, key, &p, timeout_ms, cancel)
+                    .await
+            }
         }
     }
 
@@ -813,13 +884,13 @@ impl Runner {
     fn gate_pause(
         &self,
         f: &Frame,
-        step: &Step,
+        step_id: &str,
         gate: &GateSpec,
         items: Vec<Value>,
         stdout: Option<&str>,
     ) -> Result<Envelope, StepErr> {
         let nonce = nonce().map_err(|e| StepErr::Fatal(e.message))?;
-        let prompt = gate.prompt_for(&step.id);
+        let prompt = gate.prompt_for(step_id);
         let items = gate.items.clone().unwrap_or(items);
         let preview = gate.preview.clone().or_else(|| {
             stdout
@@ -827,7 +898,7 @@ impl Runner {
                 .map(|s| s.chars().take(2000).collect())
         });
         let mut binds = json!({
-            "workflow": f.row.name, "run": f.row.id, "step": step.id, "prompt": prompt,
+            "workflow": f.row.name, "run": f.row.id, "step": step_id, "prompt": prompt,
             "items": items, "file": f.loc.shown(), "file_sha256": format!("sha256:{}", f.sha),
             "args_digest": f.row.args_digest, "nonce": super::hex(&nonce),
         });
@@ -863,7 +934,7 @@ impl Runner {
         }
         self.pause(
             &f.row,
-            &step.id,
+            step_id,
             "approval",
             request,
             Some(&approval),
@@ -873,13 +944,119 @@ impl Runner {
         .map_err(|e| StepErr::Fatal(e.message))
     }
 
+    /// Pauses the run at a pause inside a step (its key names where).
+    fn nested_pause(&self, f: &Frame, n: Nested) -> Result<Envelope, StepErr> {
+        let now = self.now();
+        match n.what {
+            NestedWhat::Gate {
+                gate,
+                items,
+                stdout,
+                result,
+            } => {
+                self.0.runs.step_finished(
+                    &f.row,
+                    &n.key,
+                    "paused",
+                    Some(&result.to_json(&n.key)),
+                    None,
+                    now,
+                )?;
+                self.gate_pause(f, &n.key, &gate, items, stdout.as_deref())
+            }
+            NestedWhat::Policy(a) => {
+                self.0
+                    .runs
+                    .step_finished(&f.row, &n.key, "paused", None, None, now)?;
+                let request = json!({
+                    "type": "approval_request",
+                    "prompt": format!("`{}` of workflow `{}` needs approval: {}: {}", n.key, f.row.name, a.tool, a.summary),
+                    "items": [a.to_json(false)],
+                    "initiatedBy": f.row.owner,
+                });
+                let nonce = nonce().map_err(|e| StepErr::Fatal(e.message))?;
+                let pid = random_hex::<16>().map_err(|e| StepErr::Fatal(e.message))?;
+                self.pause(
+                    &f.row,
+                    &n.key,
+                    "policy",
+                    request,
+                    Some(&a),
+                    Some(pid),
+                    nonce,
+                )
+                .map_err(|e| StepErr::Fatal(e.message))
+            }
+            NestedWhat::Input { request } => {
+                self.0
+                    .runs
+                    .step_finished(&f.row, &n.key, "paused", None, None, now)?;
+                let nonce = nonce().map_err(|e| StepErr::Fatal(e.message))?;
+                self.pause(&f.row, &n.key, "input", request, None, None, nonce)
+                    .map_err(|e| StepErr::Fatal(e.message))
+            }
+        }
+    }
+
+    /// `state.get KEY`, `state.set KEY`, `diff.last --key KEY`: values the workflow keeps
+    /// between runs, per owner and workflow (its name), sealed with the owner's key.
+    fn state_stage(
+        &self,
+        f: &Frame,
+        stage: &Stage,
+        items: Vec<Value>,
+    ) -> Result<Vec<Value>, StepErr> {
+        let name = stage.name.as_str();
+        let flags: &[&str] = if name == "diff.last" { &["key"] } else { &[] };
+        stage.only_flags(flags).map_err(StepErr::Refused)?;
+        let key = state_key(stage, name)?;
+        let (owner, wf) = (&f.row.owner, &f.row.name);
+        if name == "state.get" {
+            return Ok(vec![
+                self.0
+                    .runs
+                    .state_get(owner, wf, &key)?
+                    .unwrap_or(Value::Null),
+            ]);
+        }
+        let value = match items.len() {
+            1 => items.into_iter().next().unwrap_or(Value::Null),
+            _ => Value::Array(items),
+        };
+        if js_json(&value).len() > MAX_STATE_BYTES {
+            return Err(StepErr::Failed(format!(
+                "{name} {key}: the value is larger than {MAX_STATE_BYTES} bytes of JSON"
+            )));
+        }
+        let before = self
+            .0
+            .runs
+            .state_swap(owner, wf, &key, &value, self.now())?;
+        if name == "state.set" {
+            return Ok(vec![value]);
+        }
+        let before = before.unwrap_or(Value::Null);
+        Ok(vec![json!({
+            "kind": "diff.last",
+            "key": key,
+            "changed": before != value,
+            "before": before,
+            "after": value,
+        })])
+    }
+
     // ---- pipelines ----------------------------------------------------------------------
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one pipeline's parts, each named at the call"
+    )]
     async fn pipeline(
         &self,
         ctx: &Ctx,
         f: &Frame,
         step_id: &str,
+        key: &str,
         p: &Planned,
         timeout_ms: Option<u32>,
         cancel: &Cancel,
@@ -887,20 +1064,63 @@ impl Runner {
         let stages = pipeline::parse(&p.cmd.text, &p.marks)
             .map_err(|e| StepErr::Refused(format!("pipeline: {e}")))?;
         // Every stage is known before anything runs.
-        if let Some(s) = stages.iter().find(|s| {
-            !pipeline::PURE.contains(&s.name.as_str())
-                && !pipeline::EFFECTFUL.contains(&s.name.as_str())
-        }) {
+        let known = |n: &str| {
+            [
+                pipeline::PURE,
+                pipeline::EFFECTFUL,
+                pipeline::GATES,
+                pipeline::STATE,
+            ]
+            .iter()
+            .any(|l| l.contains(&n))
+        };
+        if let Some(s) = stages.iter().find(|s| !known(&s.name)) {
+            let why = if s.name.starts_with("gog.") || s.name == "email.triage" {
+                " (Google's gog CLI is not run by Chitin: give the agent a tool for the mailbox and call it with `chitin.invoke --tool NAME`, or run a program with `exec`)"
+            } else if s.name.starts_with("openclaw.") || s.name.starts_with("clawd.") {
+                " (use `chitin.invoke --tool NAME --args-json '{...}'`: the same tool call, through Chitin's gate)"
+            } else {
+                ""
+            };
             return Err(StepErr::Refused(format!(
-                "pipeline stage `{}` is not available in Chitin's workflow runner; it runs {} (and {}); use `exec` for a program or a `run:` step",
+                "pipeline stage `{}` is not available in Chitin's workflow runner{why}; it runs {}, {}, {} and {}; use `exec` for a program or a `run:` step",
                 s.name,
                 pipeline::EFFECTFUL.join(", "),
+                pipeline::GATES.join(", "),
+                pipeline::STATE.join(", "),
                 pipeline::PURE.join(", ")
             )));
         }
         let mut items = pipeline::input_items(p.stdin.clone());
+        // After a pause at an `approve` or `ask` stage the pipeline goes on after it, with the
+        // items it held (or the answer): the stages before it are not run again.
+        let mut from = 0;
+        if stages
+            .iter()
+            .any(|s| pipeline::GATES.contains(&s.name.as_str()))
+        {
+            let done = completed(self.0.runs.steps(&f.row)?);
+            for (n, st) in stages.iter().enumerate().rev() {
+                if !pipeline::GATES.contains(&st.name.as_str()) {
+                    continue;
+                }
+                if let Some(r) = done.get(&format!("{key}@{n}")) {
+                    items = match st.name.as_str() {
+                        "ask" => vec![
+                            r.response
+                                .clone()
+                                .or_else(|| r.json.clone())
+                                .unwrap_or(Value::Null),
+                        ],
+                        _ => pipeline::input_items(r.json.clone()),
+                    };
+                    from = n + 1;
+                    break;
+                }
+            }
+        }
         let mut rendered: Option<String> = None;
-        for stage in &stages {
+        for (n, stage) in stages.iter().enumerate().skip(from) {
             rendered = None;
             items = match stage.name.as_str() {
                 "exec" => {
@@ -909,6 +1129,11 @@ impl Runner {
                 }
                 "llm.invoke" => self.llm_stage(ctx, f, step_id, stage, items).await?,
                 "chitin.invoke" => self.invoke_stage(f, step_id, stage, items, cancel).await?,
+                "approve" => {
+                    return Err(approve_stage(stage, items, &format!("{key}@{n}"))?);
+                }
+                "ask" => return Err(ask_stage(stage, items, &format!("{key}@{n}"))?),
+                "state.get" | "state.set" | "diff.last" => self.state_stage(f, stage, items)?,
                 _ => {
                     let out = pipeline::run_pure(stage, items).map_err(StepErr::Failed)?;
                     rendered = out.rendered;
@@ -1254,15 +1479,35 @@ impl Runner {
         let StepKind::Parallel(p) = &step.kind else {
             return Err(StepErr::Fatal("not a parallel step".into()));
         };
+        // Branches that completed before a pause (or an earlier attempt) are not run again.
+        let done = completed(self.0.runs.steps(&f.row)?);
+        let mut reused = Vec::new();
         let mut planned = Vec::new();
         for b in &p.branches {
+            if let Some(r) = done.get(&b.id) {
+                reused.push((b.id.clone(), r.clone()));
+                continue;
+            }
             self.count_step(ctx)?;
             let cmd = plan::branch_command(&f.wf, step, b, &f.args, Some(&f.results))
                 .map_err(|e| StepErr::Failed(format!("branch `{}`: {e}", b.id)))?;
-            let pl = plan_action(f, &f.results, &b.action, cmd, b.stdin.as_ref())?;
-            planned.push((b.id.clone(), b.action.clone(), pl, Cancel::new()));
+            let pl = match (&b.action, cmd) {
+                (Some(action), Some(cmd)) => {
+                    Some(plan_action(f, &f.results, action, cmd, b.stdin.as_ref())?)
+                }
+                _ => None,
+            };
+            // A pure gate shows its stdin.
+            let gate_items = match &b.action {
+                None => pipeline::input_items(
+                    plan::stdin_value(b.stdin.as_ref(), &f.args, Some(&f.results))
+                        .map_err(|e| StepErr::Failed(e.to_string()))?,
+                ),
+                Some(_) => Vec::new(),
+            };
+            planned.push((b, pl, gate_items, Cancel::new()));
         }
-        let cancels: Vec<Cancel> = planned.iter().map(|(_, _, _, c)| c.clone()).collect();
+        let cancels: Vec<Cancel> = planned.iter().map(|(.., c)| c.clone()).collect();
         let timed_out = Arc::new(AtomicBool::new(false));
         let whole = p.timeout_ms.map(|ms| {
             let (cs, t) = (cancels.clone(), Arc::clone(&timed_out));
@@ -1274,51 +1519,111 @@ impl Runner {
                 }
             })
         });
-        for (id, ..) in &planned {
-            self.0.runs.step_started(&f.row.id, id, None, self.now())?;
+        for (b, ..) in &planned {
+            self.0
+                .runs
+                .step_started(&f.row.id, &b.id, None, self.now())?;
         }
         let futs: Vec<BoxFut<'_, (String, Result<StepResult, StepErr>)>> = planned
             .into_iter()
-            .map(|(id, action, pl, cancel)| {
+            .map(|(b, pl, gate_items, cancel)| {
                 let fut: BoxFut<'_, (String, Result<StepResult, StepErr>)> = Box::pin(async move {
-                    let t = timer(&cancel, step.timeout_ms);
-                    let r = self
-                        .run_action(ctx, f, &id, &action, pl, step.timeout_ms, &cancel)
-                        .await;
-                    if let Some(t) = t {
-                        t.abort();
-                    }
-                    (id, r)
+                    let r = match (&b.action, pl) {
+                        (Some(action), Some(pl)) => {
+                            let t = timer(&cancel, step.timeout_ms);
+                            let r = self
+                                .run_action(
+                                    ctx,
+                                    f,
+                                    &b.id,
+                                    &b.id,
+                                    action,
+                                    pl,
+                                    step.timeout_ms,
+                                    &cancel,
+                                )
+                                .await;
+                            if let Some(t) = t {
+                                t.abort();
+                            }
+                            r
+                        }
+                        _ => Ok(StepResult::default()),
+                    };
+                    let r = match r {
+                        Ok(res) => match &b.approval {
+                            Some(gate) => Err(StepErr::Pause(Box::new(Nested {
+                                key: b.id.clone(),
+                                what: NestedWhat::Gate {
+                                    gate: gate.clone(),
+                                    items: if b.action.is_some() {
+                                        output_items(&res)
+                                    } else {
+                                        gate_items
+                                    },
+                                    stdout: res.stdout.clone(),
+                                    result: res,
+                                },
+                            }))),
+                            None => Ok(res),
+                        },
+                        Err(StepErr::Approval(a)) => Err(StepErr::Pause(Box::new(Nested {
+                            key: b.id.clone(),
+                            what: NestedWhat::Policy(*a),
+                        }))),
+                        Err(e) => Err(e),
+                    };
+                    (b.id.clone(), r)
                 });
                 fut
             })
             .collect();
         let settled: Vec<(String, Result<StepResult, StepErr>)> = match p.wait {
             Wait::All => futures_util::future::join_all(futs).await,
+            Wait::Any if futs.is_empty() => Vec::new(),
             Wait::Any => {
-                let (first, _, rest) = futures_util::future::select_all(futs).await;
-                // The others are stopped (their sandboxes killed) and waited for.
-                for c in &cancels {
-                    c.cancel(CancelReason::Cancelled);
+                // The first branch to finish wins; one waiting for a person has not finished.
+                let mut rest = futs;
+                let mut waiting = Vec::new();
+                let mut first = None;
+                while !rest.is_empty() {
+                    let (r, _, others) = futures_util::future::select_all(rest).await;
+                    rest = others;
+                    if matches!(r.1, Err(StepErr::Pause(_))) {
+                        waiting.push(r);
+                    } else {
+                        first = Some(r);
+                        break;
+                    }
                 }
-                let others = futures_util::future::join_all(rest).await;
-                for (id, r) in &others {
-                    let m = match r {
-                        Ok(_) => "another branch finished first".to_string(),
-                        Err(e) => {
-                            format!("stopped: another branch finished first ({})", e.message())
+                match first {
+                    None => waiting,
+                    Some(first) => {
+                        // The others are stopped (their sandboxes killed) and waited for.
+                        for c in &cancels {
+                            c.cancel(CancelReason::Cancelled);
                         }
-                    };
-                    let _ = self.0.runs.step_finished(
-                        &f.row,
-                        id,
-                        "skipped",
-                        Some(&error_result(&m).to_json(id)),
-                        None,
-                        self.now(),
-                    );
+                        let others = futures_util::future::join_all(rest).await;
+                        for (id, r) in others.iter().chain(waiting.iter()) {
+                            let m = match r {
+                                Ok(_) => "another branch finished first".to_string(),
+                                Err(e) => format!(
+                                    "stopped: another branch finished first ({})",
+                                    e.message()
+                                ),
+                            };
+                            let _ = self.0.runs.step_finished(
+                                &f.row,
+                                id,
+                                "skipped",
+                                Some(&error_result(&m).to_json(id)),
+                                None,
+                                self.now(),
+                            );
+                        }
+                        vec![first]
+                    }
                 }
-                vec![first]
             }
         };
         if let Some(w) = whole {
@@ -1326,26 +1631,36 @@ impl Runner {
         }
         let mut merged = Map::new();
         let mut failures = Vec::new();
+        let mut paused: Vec<Nested> = Vec::new();
         let mut first_stdout = None;
         let mut branches = Vec::new();
-        for (id, r) in &settled {
+        let in_order: Vec<(String, Result<StepResult, StepErr>)> = reused
+            .into_iter()
+            .map(|(id, r)| (id, Ok(r)))
+            .chain(settled)
+            .collect();
+        let reused_ids: Vec<String> = done.keys().cloned().collect();
+        for (id, r) in &in_order {
             match r {
                 Ok(res) => {
                     branches.push((id.clone(), res.clone()));
-                    self.0.runs.step_finished(
-                        &f.row,
-                        id,
-                        "ok",
-                        Some(&res.to_json(id)),
-                        None,
-                        self.now(),
-                    )?;
+                    if !reused_ids.contains(id) {
+                        self.0.runs.step_finished(
+                            &f.row,
+                            id,
+                            "ok",
+                            Some(&res.to_json(id)),
+                            None,
+                            self.now(),
+                        )?;
+                    }
                     if let Some(j) = &res.json {
                         merged.insert(id.clone(), j.clone());
                     }
                     first_stdout.get_or_insert_with(|| res.stdout.clone().unwrap_or_default());
                 }
                 Err(StepErr::Fatal(m)) => return Err(StepErr::Fatal(m.clone())),
+                Err(StepErr::Pause(n)) => paused.push((**n).clone()),
                 Err(e) => {
                     let _ = self.0.runs.step_finished(
                         &f.row,
@@ -1375,6 +1690,18 @@ impl Runner {
                 "parallel branch failed: {}",
                 failures.join("; ")
             )));
+        }
+        // Branches waiting for a person: the run pauses at the first; the others ask again
+        // when it goes on (their finished siblings are kept).
+        let mut paused = paused.into_iter();
+        if let Some(first) = paused.next() {
+            for other in paused {
+                let _ =
+                    self.0
+                        .runs
+                        .step_finished(&f.row, &other.key, "paused", None, None, self.now());
+            }
+            return Err(StepErr::Pause(Box::new(first)));
         }
         let stdout = match p.wait {
             Wait::Any => first_stdout.unwrap_or_default(),
@@ -1417,12 +1744,21 @@ impl Runner {
             }
             Err(e) => return Err(StepErr::Failed(e.to_string())),
         };
+        // Each sub-step's result is kept per item (`loop[i].sub`): after a pause (or in a
+        // later attempt) the items and sub-steps that completed are not run again.
+        let done = completed(self.0.runs.steps(&f.row)?);
+        let key_of = |i: usize, sub: &str| format!("{}[{i}].{sub}", step.id);
         let batch = usize::try_from(fe.batch_size.unwrap_or(1).max(1)).unwrap_or(1);
         let mut out = Vec::new();
         for (i, item) in list.iter().enumerate() {
+            let all_done = fe
+                .steps
+                .iter()
+                .all(|sub| done.contains_key(&key_of(i, &sub.id)));
             if let Some(ms) = fe.pause_ms
                 && i > 0
                 && i % batch == 0
+                && !all_done
             {
                 self.0.p.sleeper.sleep(Duration::from_millis(ms)).await;
             }
@@ -1430,6 +1766,11 @@ impl Runner {
                 .results
                 .for_iteration(&fe.item_var, item, &fe.index_var, i);
             for sub in &fe.steps {
+                let key = key_of(i, &sub.id);
+                if let Some(r) = done.get(&key) {
+                    scoped.insert(sub.id.clone(), r.clone());
+                    continue;
+                }
                 if let Some(c) = &sub.when {
                     match c.evaluate(&scoped) {
                         Ok(true) => {}
@@ -1443,26 +1784,69 @@ impl Runner {
                 self.count_step(ctx)?;
                 let cmd = plan::sub_step_command(&f.wf, step, sub, &f.args, Some(&scoped))
                     .map_err(|e| StepErr::Failed(format!("`{}` (item {i}): {e}", sub.id)))?;
-                let pl = plan_action(f, &scoped, &sub.action, cmd, sub.stdin.as_ref())?;
-                let cancel = Cancel::new();
-                let t = timer(&cancel, step.timeout_ms);
-                let r = self
-                    .run_action(ctx, f, &sub.id, &sub.action, pl, step.timeout_ms, &cancel)
-                    .await;
-                if let Some(t) = t {
-                    t.abort();
-                }
-                let r = r.map_err(|e| match e {
-                    StepErr::Failed(m) => {
-                        StepErr::Failed(format!("sub-step `{}` (item {i}): {m}", sub.id))
+                let r = match (&sub.action, cmd) {
+                    (Some(action), Some(cmd)) => {
+                        let pl = plan_action(f, &scoped, action, cmd, sub.stdin.as_ref())?;
+                        let cancel = Cancel::new();
+                        let t = timer(&cancel, step.timeout_ms);
+                        let r = self
+                            .run_action(ctx, f, &sub.id, &key, action, pl, step.timeout_ms, &cancel)
+                            .await;
+                        if let Some(t) = t {
+                            t.abort();
+                        }
+                        r
                     }
-                    // Pausing here would run the earlier items again on resume.
-                    StepErr::Approval(a) => StepErr::Refused(format!(
-                        "sub-step `{}` (item {i}): a call needs approval {} ({}), which cannot be waited for inside for_each; give that call its own step",
-                        sub.id, a.code, a.summary
-                    )),
-                    other => other,
-                })?;
+                    _ => Ok(StepResult::default()),
+                };
+                let r = match r {
+                    Ok(res) => match &sub.approval {
+                        Some(gate) => {
+                            // A pure gate shows its stdin, else the item.
+                            let items = if sub.action.is_some() {
+                                output_items(&res)
+                            } else {
+                                match plan::stdin_value(sub.stdin.as_ref(), &f.args, Some(&scoped))
+                                    .map_err(|e| StepErr::Failed(e.to_string()))?
+                                {
+                                    Some(v) => pipeline::input_items(Some(v)),
+                                    None => vec![item.clone()],
+                                }
+                            };
+                            return Err(StepErr::Pause(Box::new(Nested {
+                                key,
+                                what: NestedWhat::Gate {
+                                    gate: gate.clone(),
+                                    items,
+                                    stdout: res.stdout.clone(),
+                                    result: res,
+                                },
+                            })));
+                        }
+                        None => res,
+                    },
+                    Err(StepErr::Failed(m)) => {
+                        return Err(StepErr::Failed(format!(
+                            "sub-step `{}` (item {i}): {m}",
+                            sub.id
+                        )));
+                    }
+                    Err(StepErr::Approval(a)) => {
+                        return Err(StepErr::Pause(Box::new(Nested {
+                            key,
+                            what: NestedWhat::Policy(*a),
+                        })));
+                    }
+                    Err(other) => return Err(other),
+                };
+                self.0.runs.step_finished(
+                    &f.row,
+                    &key,
+                    "ok",
+                    Some(&r.to_json(&sub.id)),
+                    None,
+                    self.now(),
+                )?;
                 scoped.insert(sub.id.clone(), r);
             }
             let mut iter = Map::new();
@@ -1667,6 +2051,142 @@ impl Runner {
         })
     }
 }
+
+/// The results of the parts of a run that completed (`ok`), by key.
+fn completed(rows: Vec<super::StepRow>) -> std::collections::HashMap<String, StepResult> {
+    rows.into_iter()
+        .filter(|r| r.status == "ok")
+        .filter_map(|r| r.result.map(|v| (r.step, result_from_json(&v))))
+        .collect()
+}
+
+/// `approve [--prompt P] [--preview-from-stdin] [--limit N] [--emit]`: the run pauses with
+/// the items as what is approved; approved, the items go on to the next stage.
+fn approve_stage(stage: &Stage, items: Vec<Value>, key: &str) -> Result<StepErr, StepErr> {
+    stage
+        .only_flags(&["prompt", "emit", "preview-from-stdin", "limit"])
+        .map_err(StepErr::Refused)?;
+    let prompt = stage
+        .flag("prompt")
+        .or_else(|| stage.positional.first())
+        .map_or_else(|| "Approve?".to_string(), |w| w.text.clone());
+    let limit = match stage.flag("limit") {
+        Some(w) => w
+            .text
+            .trim()
+            .parse::<usize>()
+            .map_err(|_| StepErr::Failed("approve --limit must be a number".into()))?,
+        None => 5,
+    };
+    let preview = stage.has("preview-from-stdin").then(|| {
+        let shown: Vec<&Value> = items.iter().take(limit).collect();
+        if shown.iter().all(|v| v.is_string()) {
+            shown
+                .iter()
+                .filter_map(|v| v.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            serde_json::to_string_pretty(&shown).unwrap_or_default()
+        }
+    });
+    let gate = GateSpec {
+        prompt: Some(prompt),
+        preview,
+        ..GateSpec::default()
+    };
+    Ok(StepErr::Pause(Box::new(Nested {
+        key: key.to_string(),
+        what: NestedWhat::Gate {
+            gate,
+            items: items.clone(),
+            stdout: None,
+            result: StepResult {
+                json: Some(Value::Array(items)),
+                ..StepResult::default()
+            },
+        },
+    })))
+}
+
+/// `ask [--prompt P] [--schema JSON] [--subject-from-stdin] [--emit]`: the run pauses for an
+/// answer matching the schema (Lobster's default: `{decision: approve|reject|redraft,
+/// feedback}`); the answer is the next stage's one item.
+fn ask_stage(stage: &Stage, items: Vec<Value>, key: &str) -> Result<StepErr, StepErr> {
+    stage
+        .only_flags(&["prompt", "schema", "subject-from-stdin", "emit"])
+        .map_err(StepErr::Refused)?;
+    let prompt = stage
+        .flag("prompt")
+        .or_else(|| stage.positional.first())
+        .map_or_else(|| "Input required".to_string(), |w| w.text.clone());
+    let schema = match stage.flag("schema") {
+        Some(w) => {
+            let v: Value = serde_json::from_str(&w.text)
+                .map_err(|_| StepErr::Failed("ask --schema must be valid JSON".into()))?;
+            if !v.is_object() {
+                return Err(StepErr::Failed(
+                    "ask --schema must decode to a JSON schema object".into(),
+                ));
+            }
+            v
+        }
+        None => json!({
+            "type": "object",
+            "properties": {
+                "decision": {"type": "string", "enum": ["approve", "reject", "redraft"]},
+                "feedback": {"type": "string", "description": "Feedback for redraft"},
+            },
+            "required": ["decision"],
+        }),
+    };
+    let mut request = json!({"type": "input_request", "prompt": prompt, "responseSchema": schema});
+    if let Value::Object(m) = &mut request {
+        if stage.has("subject-from-stdin") && !items.is_empty() {
+            let text: String = items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => s.clone(),
+                    other => js_json(other),
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+                .chars()
+                .take(2000)
+                .collect();
+            m.insert("subject".into(), json!({"text": text}));
+        }
+        m.insert("items".into(), Value::Array(items));
+    }
+    Ok(StepErr::Pause(Box::new(Nested {
+        key: key.to_string(),
+        what: NestedWhat::Input { request },
+    })))
+}
+
+/// A `state.*` / `diff.last` key: 1-200 characters `A-Z a-z 0-9 . _ : / -`.
+fn state_key(stage: &Stage, name: &str) -> Result<String, StepErr> {
+    let w = stage
+        .flag("key")
+        .or_else(|| stage.positional.first())
+        .ok_or_else(|| StepErr::Failed(format!("{name} requires a key")))?;
+    let k = w.text.trim();
+    if k.is_empty()
+        || k.len() > 200
+        || !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '/' | '-'))
+    {
+        return Err(StepErr::Failed(format!(
+            "{name}: the key `{}` must be 1-200 characters A-Z a-z 0-9 . _ : / -",
+            crate::approvals::visible(k)
+        )));
+    }
+    Ok(k.to_string())
+}
+
+/// The largest value `state.set` / `diff.last` keeps (1 MiB of JSON).
+const MAX_STATE_BYTES: usize = 1 << 20;
 
 /// A fresh pause nonce.
 fn nonce() -> Result<[u8; 16], Failure> {

@@ -687,6 +687,24 @@ impl Runner {
 
     async fn start_inner(&self, req: StartRequest) -> Result<Envelope, (Failure, Option<String>)> {
         let no_run = |f: Failure| (f, None);
+        // A webhook delivery's run is started once: its session names the delivery, and a
+        // second start (the next gateway starting a delivery the last one had claimed) gets
+        // the first run's envelope, once that run no longer runs.
+        if let Some(s) = req.session.as_deref().filter(|s| s.starts_with("hook:"))
+            && let Some(run) = self
+                .0
+                .runs
+                .run_of_session(s)
+                .map_err(|e| no_run(e.into()))?
+        {
+            loop {
+                let now = self.0.runs.run(&run.id).map_err(|e| no_run(e.into()))?;
+                if now.as_ref().is_none_or(|r| r.status != "running") {
+                    return Ok(self.envelope_of(&run.id));
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
         let loc = self
             .locate(&req.file, req.origin)
             .map_err(|m| no_run(Failure::runtime(m)))?;
@@ -1266,7 +1284,10 @@ impl Runner {
         by: &str,
     ) -> Result<Envelope, Failure> {
         let now = self.now();
-        let idx = wf.steps.iter().position(|s| s.id == pause.step);
+        // The top-level step the pause is in; `nested`: the pause is inside it (a branch, a
+        // for_each item, a pipeline stage), and the step runs again, its completed parts kept.
+        let idx = engine::top_index(&wf, &pause.step);
+        let nested = idx.is_some_and(|i| wf.steps[i].id != pause.step);
         let mut answer: Option<(String, crate::workflows::StepResult)> = None;
         let from = match pause.kind.as_str() {
             "run" => {
@@ -1330,7 +1351,37 @@ impl Runner {
                 result.approved_by = Some(by.to_string());
                 result.initiated_by = Some(run.owner.clone());
                 answer = Some((pause.step.clone(), result));
-                i + 1
+                if nested { i } else { i + 1 }
+            }
+            "input" if nested => {
+                let i = idx.ok_or_else(|| Failure::runtime("the paused step is gone"))?;
+                let Intent::Respond(value) = &req.intent else {
+                    return Err(Failure::runtime("this run waits for input"));
+                };
+                let mut value = value.clone();
+                if let (Value::Object(m), Some(Value::Object(d))) =
+                    (&mut value, pause.request.get("defaults"))
+                {
+                    for (k, v) in d {
+                        m.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+                if let Some(schema) = pause.request.get("responseSchema") {
+                    schema::check(schema, &value).map_err(|e| {
+                        Failure::runtime(format!(
+                            "the response does not match the input's responseSchema: {e}; nothing was resumed"
+                        ))
+                    })?;
+                }
+                answer = Some((
+                    pause.step.clone(),
+                    crate::workflows::StepResult {
+                        json: Some(value.clone()),
+                        response: Some(value),
+                        ..Default::default()
+                    },
+                ));
+                i
             }
             "input" => {
                 let i = idx.ok_or_else(|| Failure::runtime("the paused step is gone"))?;
@@ -1482,10 +1533,12 @@ impl Runner {
                             .steps(&run)
                             .ok()
                             .and_then(|s| {
-                                // `paused` without a pause: it died while pausing.
+                                // `paused` without a pause: it died while pausing. A part of a
+                                // step (a branch, an item) interrupts the whole step.
                                 s.into_iter()
                                     .find(|s| s.status == "running" || s.status == "paused")
-                                    .map(|s| s.step)
+                                    .and_then(|s| engine::top_index(&wf, &s.step))
+                                    .map(|i| wf.steps[i].id.clone())
                             });
                         let cursor = run.cursor;
                         self.drive_run(run, loc, read, wf, cursor, interrupted)

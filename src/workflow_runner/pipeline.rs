@@ -319,6 +319,10 @@ pub const PURE: &[&str] = &[
 ];
 /// The stages with effects, each decided by the gate.
 pub const EFFECTFUL: &[&str] = &["exec", "llm.invoke", "chitin.invoke"];
+/// The stages that wait for a person: the run pauses there and continues after them.
+pub const GATES: &[&str] = &["approve", "ask"];
+/// The stages over the workflow's own state (`state.db`, sealed, per owner and workflow).
+pub const STATE: &[&str] = &["state.get", "state.set", "diff.last"];
 
 /// What a pure stage produced: items for the next stage, and text it rendered (`json`).
 pub struct PureOut {
@@ -492,7 +496,12 @@ pub fn run_pure(stage: &Stage, items: Vec<Value>) -> Result<PureOut, String> {
 }
 
 /// `{{path}}` / `{{.}}` in `tpl` with values of `item` (strings as they are, other values as
-/// JSON, missing as nothing). Lobster's filters (`{{x | upper}}`) are refused by name.
+/// JSON, missing as nothing), with Lobster's filters: `{{title | upper}}`,
+/// `{{body | truncate 40}}`, `{{tags | join ", "}}`, `{{n | default "none"}}`. The filters are
+/// Lobster's: upper, lower, trim, truncate N (default 80, `...` appended), replace "from" "to",
+/// split SEP (default ","), first, last, length, join SEP (default ", "), json (indented),
+/// string, default VALUE, round N, date FORMAT (`YYYY MM DD HH mm ss`, UTC; a number is epoch
+/// milliseconds, a string RFC 3339). An unknown filter is an error naming it.
 fn render_braces(tpl: &str, item: &Value) -> Result<String, String> {
     let mut out = String::new();
     let mut rest = tpl;
@@ -504,21 +513,228 @@ fn render_braces(tpl: &str, item: &Value) -> Result<String, String> {
             return Ok(out);
         };
         let expr = after[..end].trim();
-        if expr.contains('|') {
-            return Err(format!(
-                "template filters (`{{{{{expr}}}}}`) are not supported by Chitin's runner; use a plain {{{{path}}}}"
-            ));
-        }
-        let v = if expr == "." || expr == "this" {
+        let chain = split_filter_chain(expr);
+        let path = chain.first().map_or("", String::as_str);
+        let mut v = if path == "." || path == "this" {
             Some(item.clone())
         } else {
-            get_path(item, expr)
+            get_path(item, path)
         };
+        for f in chain.iter().skip(1) {
+            v = apply_filter(v, f)?;
+        }
         out.push_str(&render_value(v.as_ref()));
         rest = &after[end + 2..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// `path | f a | g` split on `|` outside quotes (Lobster's `splitFilterChain`).
+fn split_filter_chain(expr: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = expr.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '\'' => {
+                cur.push(c);
+                while let Some(d) = chars.next() {
+                    cur.push(d);
+                    if d == '\\' {
+                        if let Some(e) = chars.next() {
+                            cur.push(e);
+                        }
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '|' => parts.push(std::mem::take(&mut cur).trim().to_string()),
+            _ => cur.push(c),
+        }
+    }
+    parts.push(cur.trim().to_string());
+    parts
+}
+
+/// `name arg "quoted arg"` (Lobster's `parseFilterExpression`).
+fn filter_words(expr: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut chars = expr.trim().chars().peekable();
+    while let Some(&c) = chars.peek() {
+        if c == ' ' {
+            chars.next();
+            continue;
+        }
+        let mut w = String::new();
+        if c == '"' || c == '\'' {
+            chars.next();
+            while let Some(d) = chars.next() {
+                if d == '\\' {
+                    if let Some(e) = chars.next() {
+                        w.push(e);
+                    }
+                } else if d == c {
+                    break;
+                } else {
+                    w.push(d);
+                }
+            }
+        } else {
+            while let Some(&d) = chars.peek() {
+                if d == ' ' {
+                    break;
+                }
+                w.push(d);
+                chars.next();
+            }
+        }
+        words.push(w);
+    }
+    words
+}
+
+/// A value as a filter reads text (`String(v ?? "")`; objects and lists as JSON).
+fn text_of(v: Option<&Value>) -> String {
+    render_value(v)
+}
+
+/// Applies one filter expression.
+fn apply_filter(v: Option<Value>, expr: &str) -> Result<Option<Value>, String> {
+    let words = filter_words(expr);
+    let name = words.first().map_or("", String::as_str);
+    let arg = |i: usize| words.get(i).map(String::as_str);
+    let s = |t: String| Some(Value::String(t));
+    Ok(match name {
+        "upper" => s(text_of(v.as_ref()).to_uppercase()),
+        "lower" => s(text_of(v.as_ref()).to_lowercase()),
+        "trim" => s(text_of(v.as_ref()).trim().to_string()),
+        "truncate" => {
+            let t = text_of(v.as_ref());
+            let n = arg(1).and_then(|a| a.parse::<usize>().ok()).unwrap_or(80);
+            if t.chars().count() > n {
+                s(format!("{}...", t.chars().take(n).collect::<String>()))
+            } else {
+                s(t)
+            }
+        }
+        "replace" => s(text_of(v.as_ref()).replace(arg(1).unwrap_or(""), arg(2).unwrap_or(""))),
+        "split" => {
+            let t = text_of(v.as_ref());
+            let sep = arg(1).unwrap_or(",");
+            let parts: Vec<Value> = if sep.is_empty() {
+                t.chars().map(|c| Value::String(c.to_string())).collect()
+            } else {
+                t.split(sep).map(|p| Value::String(p.to_string())).collect()
+            };
+            Some(Value::Array(parts))
+        }
+        "first" => match v {
+            Some(Value::Array(a)) => a.into_iter().next(),
+            other => other,
+        },
+        "last" => match v {
+            Some(Value::Array(a)) => a.into_iter().last(),
+            other => other,
+        },
+        "length" => Some(Value::from(match &v {
+            Some(Value::Array(a)) => a.len(),
+            Some(Value::String(t)) => t.encode_utf16().count(),
+            _ => 0,
+        })),
+        "join" => match v {
+            Some(Value::Array(a)) => s(a
+                .iter()
+                .map(|x| text_of(Some(x)))
+                .collect::<Vec<_>>()
+                .join(arg(1).unwrap_or(", "))),
+            other => s(text_of(other.as_ref())),
+        },
+        "json" => s(
+            serde_json::to_string_pretty(&v.unwrap_or(Value::Null)).map_err(|e| e.to_string())?
+        ),
+        "string" => s(text_of(v.as_ref())),
+        "default" => match v {
+            None | Some(Value::Null) => arg(1).map(|d| Value::String(d.to_string())),
+            Some(Value::String(t)) if t.is_empty() => arg(1).map(|d| Value::String(d.to_string())),
+            other => other,
+        },
+        "round" => {
+            let n = match &v {
+                Some(Value::Number(n)) => n.as_f64(),
+                Some(Value::String(t)) => t.trim().parse::<f64>().ok(),
+                _ => None,
+            };
+            match n {
+                Some(x) if x.is_finite() => {
+                    let dec = arg(1)
+                        .and_then(|a| a.parse::<i32>().ok())
+                        .unwrap_or(0)
+                        .clamp(0, 15);
+                    let f = 10f64.powi(dec);
+                    let r = (x * f).round() / f;
+                    Some(serde_json::Number::from_f64(r).map_or(Value::Null, Value::Number)).map(
+                        |n| match n.as_f64() {
+                            Some(x) if x.fract() == 0.0 && x.abs() < 9e15 => {
+                                #[expect(
+                                    clippy::cast_possible_truncation,
+                                    reason = "checked whole and small"
+                                )]
+                                let i = x as i64;
+                                Value::from(i)
+                            }
+                            _ => n,
+                        },
+                    )
+                }
+                _ => v,
+            }
+        }
+        "date" => {
+            let ms = match &v {
+                Some(Value::Number(n)) => n.as_i64(),
+                Some(Value::String(t))
+                    if !t.trim().is_empty() && t.trim().bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    t.trim().parse::<i64>().ok()
+                }
+                Some(Value::String(t)) => crate::clock::parse_rfc3339(t.trim()),
+                _ => None,
+            };
+            match ms {
+                None => s(text_of(v.as_ref())),
+                Some(ms) => match arg(1) {
+                    // JavaScript's toISOString(): milliseconds, `Z`.
+                    None => s(format!(
+                        "{}.{:03}Z",
+                        format_date(ms, "YYYY-MM-DDTHH:mm:ss"),
+                        ms.rem_euclid(1000)
+                    )),
+                    Some(fmt) => s(format_date(ms, fmt)),
+                },
+            }
+        }
+        "" => return Err("an empty template filter (`{{x | }}`)".into()),
+        other => {
+            return Err(format!(
+                "unknown template filter `{other}`; the filters are upper, lower, trim, truncate, replace, split, first, last, length, join, json, string, default, round, date"
+            ));
+        }
+    })
+}
+
+/// Lobster's date format: the first `YYYY`, `MM`, `DD`, `HH`, `mm`, `ss` replaced (UTC).
+fn format_date(ms: i64, fmt: &str) -> String {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000) else {
+        return ms.to_string();
+    };
+    fmt.replacen("YYYY", &t.year().to_string(), 1)
+        .replacen("MM", &format!("{:02}", u8::from(t.month())), 1)
+        .replacen("DD", &format!("{:02}", t.day()), 1)
+        .replacen("HH", &format!("{:02}", t.hour()), 1)
+        .replacen("mm", &format!("{:02}", t.minute()), 1)
+        .replacen("ss", &format!("{:02}", t.second()), 1)
 }
 
 /// A dot path into a value (`a.b.0`).
@@ -780,6 +996,41 @@ mod tests {
         let j = run_pure(&p("json")[0], items.clone()).unwrap();
         assert!(j.items.is_empty());
         assert!(j.rendered.unwrap().starts_with("[\n"));
-        assert!(run_pure(&p("template --text \"{{n | upper}}\"")[0], items).is_err());
+        assert_eq!(run("template --text \"{{n | upper}}\"")[0], "B");
+    }
+
+    #[test]
+    fn template_filters_behave_as_lobsters() {
+        let item = json!({
+            "title": "  Fix the Build  ", "tags": ["ci", "infra"], "n": 2.456, "empty": "",
+            "when": 1_767_225_600_000_i64, "iso": "2026-01-01T00:00:00Z", "csv": "a;b;c",
+            "body": "abcdefghij", "obj": {"k": 1},
+        });
+        let r = |tpl: &str| render_braces(tpl, &item).unwrap();
+        assert_eq!(r("{{title | trim | upper}}"), "FIX THE BUILD");
+        assert_eq!(r("{{title | lower | trim}}"), "fix the build");
+        assert_eq!(r("{{tags | join}}"), "ci, infra");
+        assert_eq!(r("{{tags | join \" + \"}}"), "ci + infra");
+        assert_eq!(
+            r("{{tags | first}}/{{tags | last}}/{{tags | length}}"),
+            "ci/infra/2"
+        );
+        assert_eq!(r("{{body | truncate 4}}"), "abcd...");
+        assert_eq!(r("{{body | truncate}}"), "abcdefghij");
+        assert_eq!(r("{{body | replace 'cd' '-'}}"), "ab-efghij");
+        assert_eq!(r("{{csv | split ; | last}}"), "c");
+        assert_eq!(
+            r("{{missing | default \"none\"}}|{{empty | default x}}"),
+            "none|x"
+        );
+        assert_eq!(r("{{n | round 1}}|{{n | round}}"), "2.5|2");
+        assert_eq!(r("{{when | date YYYY-MM-DD}}"), "2026-01-01");
+        assert_eq!(r("{{iso | date \"DD.MM.YYYY HH:mm\"}}"), "01.01.2026 00:00");
+        assert_eq!(r("{{when | date}}"), "2026-01-01T00:00:00.000Z");
+        assert_eq!(r("{{obj | json}}"), "{\n  \"k\": 1\n}");
+        assert_eq!(r("{{n | string}}"), "2.456");
+        assert_eq!(r("{{title | length}}"), "17");
+        let e = render_braces("{{title | shout}}", &item).unwrap_err();
+        assert!(e.contains("unknown template filter `shout`"), "{e}");
     }
 }

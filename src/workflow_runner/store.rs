@@ -224,6 +224,21 @@ impl RunStore {
         raws.into_iter().map(|r| self.finish_raw(r)).collect()
     }
 
+    /// The top-level run of a session, the oldest first (a trigger's session names one
+    /// delivery: at most one run).
+    pub fn run_of_session(&self, session: &str) -> Result<Option<RunRow>, RunStoreError> {
+        let raw = {
+            let conn = self.store.conn()?;
+            conn.query_row(
+                &format!("SELECT {RUN_COLUMNS} FROM workflow_runs WHERE session = ?1 AND parent_run IS NULL ORDER BY created_ms, id LIMIT 1"),
+                [session],
+                raw_run,
+            )
+            .optional()?
+        };
+        raw.map(|r| self.finish_raw(r)).transpose()
+    }
+
     /// Runs in `status`.
     pub fn with_status(&self, status: &str) -> Result<Vec<RunRow>, RunStoreError> {
         let raws: Vec<RawRun> = {
@@ -498,5 +513,56 @@ impl RunStore {
         )?;
         let rows = st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// A value a workflow kept with `state.set` (or `diff.last`), opened.
+    pub fn state_get(
+        &self,
+        owner: &str,
+        workflow: &str,
+        key: &str,
+    ) -> Result<Option<Value>, RunStoreError> {
+        let blob: Option<Vec<u8>> = {
+            let conn = self.store.conn()?;
+            conn.query_row(
+                "SELECT value FROM workflow_state WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
+                params![owner, workflow, key],
+                |r| r.get(0),
+            )
+            .optional()?
+        };
+        blob.map(|b| self.open(owner, &b)).transpose()
+    }
+
+    /// Keeps `value` under `key` for the owner's workflow (sealed); returns the value it
+    /// replaces, read and written in one transaction.
+    pub fn state_swap(
+        &self,
+        owner: &str,
+        workflow: &str,
+        key: &str,
+        value: &Value,
+        now: i64,
+    ) -> Result<Option<Value>, RunStoreError> {
+        let sealed = self.seal(owner, value)?;
+        let before: Option<Vec<u8>> = {
+            let mut conn = self.store.conn()?;
+            let tx = conn.transaction()?;
+            let before = tx
+                .query_row(
+                    "SELECT value FROM workflow_state WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
+                    params![owner, workflow, key],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            tx.execute(
+                "INSERT INTO workflow_state (owner, subject, workflow, key, value, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (owner, workflow, key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                params![owner, subject_of(owner), workflow, key, sealed, now],
+            )?;
+            tx.commit()?;
+            before
+        };
+        before.map(|b| self.open(owner, &b)).transpose()
     }
 }

@@ -195,12 +195,16 @@ pub enum Wait {
     Any,
 }
 
-/// One branch of a parallel step: a command or pipeline.
+/// One branch of a parallel step: a command or pipeline, an approval gate after it, or a
+/// pure approval gate (Chitin: Lobster has no gates in branches).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Branch {
     pub id: String,
     pub pos: Pos,
-    pub action: Action,
+    /// `None`: a pure approval gate (then `approval` is set).
+    pub action: Option<Action>,
+    /// A gate that fires after the action (or is the branch).
+    pub approval: Option<Approval>,
     pub env: Vec<EnvVar>,
     pub cwd: Option<Template>,
     pub stdin: Option<Stdin>,
@@ -243,12 +247,16 @@ pub struct ForEach {
     pub steps: Vec<SubStep>,
 }
 
-/// A step of a for_each body: a command or pipeline.
+/// A step of a for_each body: a command or pipeline, an approval gate after it, or a pure
+/// approval gate asked once per item (Chitin: Lobster has no gates in loops).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SubStep {
     pub id: String,
     pub pos: Pos,
-    pub action: Action,
+    /// `None`: a pure approval gate (then `approval` is set).
+    pub action: Option<Action>,
+    /// A gate that fires after the action (or is the sub-step).
+    pub approval: Option<Approval>,
     pub env: Vec<EnvVar>,
     pub cwd: Option<Template>,
     pub stdin: Option<Stdin>,
@@ -521,12 +529,15 @@ const STEP_FIELDS: &[&str] = &[
     "on_error",
     "retry",
 ];
-const BRANCH_FIELDS: &[&str] = &["id", "run", "command", "pipeline", "env", "cwd", "stdin"];
+const BRANCH_FIELDS: &[&str] = &[
+    "id", "run", "command", "pipeline", "approval", "env", "cwd", "stdin",
+];
 const SUB_FIELDS: &[&str] = &[
     "id",
     "run",
     "command",
     "pipeline",
+    "approval",
     "env",
     "cwd",
     "stdin",
@@ -1639,6 +1650,34 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// A branch's or sub-step's action and gate: a command or pipeline, optionally with
+    /// `approval` after it, or only `approval`.
+    fn action_or_gate(
+        &self,
+        f: &mut Fields<'_>,
+        what: &str,
+        node: &Node,
+        at: At<'_>,
+    ) -> R<(Option<Action>, Option<Approval>)> {
+        let approval = match f.node("approval") {
+            Some(n) => self.approval(n, what)?,
+            None => None,
+        };
+        let has_action = ["run", "command", "pipeline"]
+            .iter()
+            .any(|k| f.entries.iter().any(|(key, _)| key.name == *k));
+        if !has_action && approval.is_some() {
+            return Ok((None, approval));
+        }
+        if !has_action {
+            return Err(self.err(
+                node.pos,
+                format!("{what} needs `run` (or `command`), `pipeline` or `approval`"),
+            ));
+        }
+        Ok((Some(self.action(f, what, node, at)?), approval))
+    }
+
     fn parallel(&self, node: &Node, what: &str, index: usize, parent: &str) -> R<Parallel> {
         let w = format!("{what} `parallel`");
         let mut f = self.fields(node, &w)?;
@@ -1693,7 +1732,7 @@ impl<'a> Loader<'a> {
                 top: index,
                 id: &id,
             };
-            let action = self.action(&mut bf, &bw, b, at)?;
+            let (action, approval) = self.action_or_gate(&mut bf, &bw, b, at)?;
             let env = bf
                 .node("env")
                 .map(|n| self.env(n, &format!("{bw} `env`"), at))
@@ -1712,6 +1751,7 @@ impl<'a> Loader<'a> {
                 id: id.clone(),
                 pos: id_node.pos,
                 action,
+                approval,
                 env,
                 cwd,
                 stdin,
@@ -1843,17 +1883,15 @@ impl<'a> Loader<'a> {
                 index_var: &index_var,
             };
             // Kinds a loop body cannot hold get a specific message.
-            for bad in [
-                "approval", "input", "workflow", "parallel", "for_each", "steps",
-            ] {
+            for bad in ["input", "workflow", "parallel", "for_each", "steps"] {
                 if let Some((key, _)) = sf.take(bad) {
                     return Err(self.err(
                         key.pos,
-                        format!("{sw}: a for_each body runs only commands and pipelines, not `{bad}`; put it in a step before or after the loop"),
+                        format!("{sw}: a for_each body runs only commands, pipelines and approval gates, not `{bad}`; put it in a step before or after the loop"),
                     ));
                 }
             }
-            let action = self.action(&mut sf, &sw, s, at)?;
+            let (action, approval) = self.action_or_gate(&mut sf, &sw, s, at)?;
             let env = sf
                 .node("env")
                 .map(|n| self.env(n, &format!("{sw} `env`"), at))
@@ -1884,6 +1922,7 @@ impl<'a> Loader<'a> {
                 id: id.clone(),
                 pos: id_node.pos,
                 action,
+                approval,
                 env,
                 cwd,
                 stdin,

@@ -163,10 +163,17 @@ fn build(wf: &Workflow) -> Graph {
                 g.groups
                     .push((step.id.clone(), format!("{}: branches", step.id)));
                 for b in &p.branches {
+                    let mut details: Vec<String> = b.action.iter().map(action_detail).collect();
+                    if let Some(a) = &b.approval {
+                        details.push(clip(&format!("approval: {}", a.prompt_for(&b.id))));
+                    }
                     g.nodes.push(GNode {
                         id: b.id.clone(),
-                        kind: format!("branch {}", b.action.name()),
-                        details: vec![action_detail(&b.action)],
+                        kind: format!(
+                            "branch {}",
+                            b.action.as_ref().map_or("approval", Action::name)
+                        ),
+                        details,
                         shape: Shape::Box,
                         parent: Some(step.id.clone()),
                     });
@@ -178,13 +185,19 @@ fn build(wf: &Workflow) -> Graph {
                     format!("{}: for each ${}", step.id, f.item_var),
                 ));
                 for s in &f.steps {
-                    let mut details = vec![action_detail(&s.action)];
+                    let mut details: Vec<String> = s.action.iter().map(action_detail).collect();
+                    if let Some(a) = &s.approval {
+                        details.push(clip(&format!("approval: {}", a.prompt_for(&s.id))));
+                    }
                     if let Some(c) = &s.when {
                         details.push(clip(&format!("when: {}", c.source)));
                     }
                     g.nodes.push(GNode {
                         id: s.id.clone(),
-                        kind: format!("loop {}", s.action.name()),
+                        kind: format!(
+                            "loop {}",
+                            s.action.as_ref().map_or("approval", Action::name)
+                        ),
                         details,
                         shape: Shape::Box,
                         parent: Some(step.id.clone()),

@@ -192,15 +192,19 @@ pub fn branch_command(
     branch: &Branch,
     args: &Args,
     results: Option<&Results>,
-) -> Result<Command, RenderError> {
+) -> Result<Option<Command>, RenderError> {
+    let Some(action) = &branch.action else {
+        return Ok(None);
+    };
     command(
         wf,
-        &branch.action,
+        action,
         &[&step.env, &branch.env],
         &[branch.cwd.as_ref(), step.cwd.as_ref()],
         args,
         results,
     )
+    .map(Some)
 }
 
 /// The command of a for_each sub-step for one item: `results` must be the iteration's
@@ -211,15 +215,19 @@ pub fn sub_step_command(
     sub: &SubStep,
     args: &Args,
     results: Option<&Results>,
-) -> Result<Command, RenderError> {
+) -> Result<Option<Command>, RenderError> {
+    let Some(action) = &sub.action else {
+        return Ok(None);
+    };
     command(
         wf,
-        &sub.action,
+        action,
         &[&step.env, &sub.env],
         &[sub.cwd.as_ref(), step.cwd.as_ref()],
         args,
         results,
     )
+    .map(Some)
 }
 
 /// A step's stdin value: a referenced value itself, rendered text, or JSON (`None`: no stdin).
@@ -387,17 +395,32 @@ fn plan_step(wf: &Workflow, step: &Step, args: &Args) -> Result<(Value, Vec<Stri
             }
             let mut branches = Vec::new();
             for b in &p.branches {
-                let text = b.action.template().render(vars)?;
-                lines.push(format!(
-                    "branch {} [{}]: {text}{}",
-                    b.id,
-                    b.action.name(),
-                    deferred_note(b.action.template())
-                ));
                 let mut bj = serde_json::Map::new();
                 bj.insert("id".into(), json!(b.id));
-                bj.insert("kind".into(), json!(b.action.name()));
-                bj.insert(b.action.name().into(), json!(text));
+                match &b.action {
+                    Some(action) => {
+                        let text = action.template().render(vars)?;
+                        lines.push(format!(
+                            "branch {} [{}]: {text}{}",
+                            b.id,
+                            action.name(),
+                            deferred_note(action.template())
+                        ));
+                        bj.insert("kind".into(), json!(action.name()));
+                        bj.insert(action.name().into(), json!(text));
+                    }
+                    None => {
+                        bj.insert("kind".into(), json!("approval"));
+                    }
+                }
+                if let Some(a) = &b.approval {
+                    lines.push(format!(
+                        "branch {} [approval required] {}",
+                        b.id,
+                        a.prompt_for(&b.id)
+                    ));
+                    bj.insert("approval".into(), gate_json(a, &b.id));
+                }
                 let env = declared_env(&[&step.env, &b.env], args)?;
                 if !env.is_empty() {
                     bj.insert("env".into(), env_json(&env));
@@ -428,22 +451,37 @@ fn plan_step(wf: &Workflow, step: &Step, args: &Args) -> Result<(Value, Vec<Stri
             }
             let mut subs = Vec::new();
             for (k, s) in fe.steps.iter().enumerate() {
-                let text = s.action.template().render(vars)?;
                 let when = s
                     .when
                     .as_ref()
                     .map_or(String::new(), |c| format!("  when: {}", c.source));
-                lines.push(format!(
-                    "  {}. {} [{}]{when}: {text}{}",
-                    k + 1,
-                    s.id,
-                    s.action.name(),
-                    deferred_note(s.action.template())
-                ));
                 let mut sj = serde_json::Map::new();
                 sj.insert("id".into(), json!(s.id));
-                sj.insert("kind".into(), json!(s.action.name()));
-                sj.insert(s.action.name().into(), json!(text));
+                match &s.action {
+                    Some(action) => {
+                        let text = action.template().render(vars)?;
+                        lines.push(format!(
+                            "  {}. {} [{}]{when}: {text}{}",
+                            k + 1,
+                            s.id,
+                            action.name(),
+                            deferred_note(action.template())
+                        ));
+                        sj.insert("kind".into(), json!(action.name()));
+                        sj.insert(action.name().into(), json!(text));
+                    }
+                    None => {
+                        lines.push(format!("  {}. {} [approval]{when}", k + 1, s.id));
+                        sj.insert("kind".into(), json!("approval"));
+                    }
+                }
+                if let Some(a) = &s.approval {
+                    lines.push(format!(
+                        "     [approval required for each item] {}",
+                        a.prompt_for(&s.id)
+                    ));
+                    sj.insert("approval".into(), gate_json(a, &s.id));
+                }
                 if let Some(c) = &s.when {
                     sj.insert("when".into(), json!(c.source));
                 }
@@ -463,15 +501,7 @@ fn plan_step(wf: &Workflow, step: &Step, args: &Args) -> Result<(Value, Vec<Stri
     };
     if let Some(a) = gate {
         let prompt = a.prompt_for(&step.id);
-        let mut aj = serde_json::Map::new();
-        aj.insert("prompt".into(), json!(prompt));
-        if let Some(r) = &a.required_approver {
-            aj.insert("requiredApprover".into(), json!(r));
-        }
-        if a.require_different_approver {
-            aj.insert("requireDifferentApprover".into(), json!(true));
-        }
-        item.insert("approval".into(), Value::Object(aj));
+        item.insert("approval".into(), gate_json(a, &step.id));
         lines.push(format!(
             "[approval required] {prompt}{}{}",
             a.required_approver
@@ -553,4 +583,17 @@ fn plan_step(wf: &Workflow, step: &Step, args: &Args) -> Result<(Value, Vec<Stri
     let mut all = vec![head];
     all.extend(lines);
     Ok((Value::Object(item), all))
+}
+
+/// An approval gate as the plan shows it.
+fn gate_json(a: &crate::workflows::format::Approval, id: &str) -> Value {
+    let mut aj = serde_json::Map::new();
+    aj.insert("prompt".into(), json!(a.prompt_for(id)));
+    if let Some(r) = &a.required_approver {
+        aj.insert("requiredApprover".into(), json!(r));
+    }
+    if a.require_different_approver {
+        aj.insert("requireDifferentApprover".into(), json!(true));
+    }
+    Value::Object(aj)
 }

@@ -166,6 +166,8 @@ pub struct Gw {
     pub child: Option<Child>,
     pub token: String,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// More environment for the gateway process (set before [`Gw::spawn`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl Gw {
@@ -217,6 +219,7 @@ impl Gw {
             child: None,
             token: String::new(),
             tls: tls.then(tls_client),
+            env: Vec::new(),
         };
         gw.spawn();
         gw
@@ -235,6 +238,7 @@ impl Gw {
             .env("CHITIN_HOME", &self.home)
             .env("CHITIN_PASSPHRASE", PASS)
             .env("CHITIN_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

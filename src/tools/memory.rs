@@ -1,0 +1,880 @@
+//! `memory_search` and `memory_get`: the user's memory files (`MEMORY.md`, `memory/**/*.md`
+//! in the workspace, read through [`crate::wsfs`]) and their past transcripts, through a
+//! per-user full-text index in `state.db` (SQLite FTS5).
+//!
+//! Invariants:
+//! - The index never holds a plaintext term: each word is stored as a keyed hash
+//!   (HMAC-SHA-256 under a random per-user index key, itself sealed with the user's data key
+//!   in the vault). A query is hashed the same way; snippets come from decrypting the hit
+//!   (only the asking user's messages are opened). One user's terms cannot match another's.
+//! - Searches and reads only ever return the asking user's data: transcript documents are
+//!   filtered by the user's subject, a `transcript:` reference names a session that must be
+//!   theirs, files come from the call's workspace.
+//! - The index is covered by retention and erasure: deleting a transcript message deletes its
+//!   document and that document's index entries (triggers, migration "memory index"), FTS5
+//!   `secure-delete` removes them from the index pages, erasure deletes the user's
+//!   documents, key and cursor (and destroys the data key that sealed the index key).
+//! - Updated incrementally before each search: transcript messages after the user's cursor,
+//!   memory files whose content changed (compared by keyed digest), files gone.
+//! - Decided before anything is read: Cedar `memory_search` (the query) and `memory_get`
+//!   (`source`, the file's canonical path with the derived `memory_file`, or the session).
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hmac::{Hmac, Mac};
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use super::gated::{self, Gated};
+use super::invoke::{InvokeError, Invoked};
+use super::{Sandbox, ToolError, ToolResult};
+use crate::approvals::Approvals;
+use crate::gate::{Authorized, CallContext, Gate, StepContext};
+use crate::policy::{Action, PolicyRequest, Tool};
+use crate::store::Store;
+
+/// Results returned when the model does not say, and the most.
+pub const DEFAULT_LIMIT: u32 = 8;
+pub const MAX_LIMIT: u32 = 50;
+/// The longest query.
+pub const MAX_QUERY_CHARS: usize = 400;
+/// Memory files larger than this are indexed up to it; `memory_get` returns up to it.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+/// Memory files indexed per workspace (the rest are skipped, and the answer says so).
+pub const MAX_FILES: usize = 2000;
+const MAX_DEPTH: usize = 8;
+const SNIPPET_CHARS: usize = 240;
+/// Transcript messages indexed per batch (one transaction each).
+const BATCH: i64 = 500;
+
+/// What the model is told.
+pub const SEARCH_DESCRIPTION: &str = "Search your memory: the memory files (MEMORY.md, memory/*.md) and your past conversations. Returns ranked hits with a snippet and a `path` to read in full with memory_get.";
+pub const GET_DESCRIPTION: &str = "Read one memory file (MEMORY.md or memory/...md) or one past message (`transcript:<session>#<seq>`, as memory_search returns it).";
+
+pub fn search_schema() -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": ["query"], "properties": {
+        "query": {"type": "string", "description": "words to look for"},
+        "limit": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}
+    }})
+}
+
+pub fn get_schema() -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": ["path"], "properties": {
+        "path": {"type": "string", "description": "MEMORY.md, memory/<file>.md, or transcript:<session>#<seq>"}
+    }})
+}
+
+/// `memory_search` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemorySearchArgs {
+    pub query: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// `memory_get` arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryGetArgs {
+    pub path: String,
+}
+
+/// Seals and opens content with a data subject's key (the vault).
+pub trait Sealing: Send + Sync {
+    fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String>;
+    fn open(&self, subject: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String>;
+}
+
+/// Errors of the memory index; sentences for the model or the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("state database: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("the memory index key cannot be sealed or opened: {0}")]
+    Key(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The data subject of a user (as `sessions.subject` and `messages.subject` name it).
+pub fn subject_of(user: &str) -> String {
+    format!("Chitin::User::{}", Value::String(user.to_string()))
+}
+
+/// What a reference in `memory_get` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemoryRef {
+    /// A workspace-relative memory file.
+    File(String),
+    /// A message of a session.
+    Transcript { session: String, seq: i64 },
+}
+
+impl MemoryRef {
+    /// Parses `transcript:<session>#<seq>` or a workspace-relative memory file path
+    /// (`MEMORY.md`, `memory/...md`; lexically, without `..`).
+    pub fn parse(p: &str) -> Result<Self, String> {
+        if let Some(rest) = p.strip_prefix("transcript:") {
+            let (session, seq) = rest
+                .rsplit_once('#')
+                .ok_or("a transcript reference is `transcript:<session>#<seq>`")?;
+            let seq: i64 = seq
+                .parse()
+                .map_err(|_| "the message number after `#` must be a number")?;
+            if session.is_empty() {
+                return Err("the transcript reference names no session".into());
+            }
+            return Ok(Self::Transcript {
+                session: session.to_string(),
+                seq,
+            });
+        }
+        let path = p.trim_start_matches("./");
+        let lower = path.to_ascii_lowercase();
+        let parts: Vec<&str> = path.split('/').collect();
+        if path.contains('\0')
+            || parts
+                .iter()
+                .any(|c| c.is_empty() || *c == "." || *c == "..")
+        {
+            return Err(format!(
+                "`{}` is not a memory file path; use MEMORY.md or memory/<file>.md",
+                p.escape_default()
+            ));
+        }
+        let is_memory = lower == "memory.md"
+            || (lower.starts_with("memory/") && lower.ends_with(".md") && parts.len() >= 2);
+        if !is_memory {
+            return Err(format!(
+                "`{}` is not a memory file (MEMORY.md or memory/**/*.md); read other files with read_file",
+                p.escape_default()
+            ));
+        }
+        Ok(Self::File(path.to_string()))
+    }
+}
+
+/// Words of a text with their byte ranges: maximal runs of alphanumeric characters, lower
+/// case, 1 to 64 characters.
+fn words(text: &str) -> Vec<(usize, usize, String)> {
+    let mut out = Vec::new();
+    let mut start: Option<usize> = None;
+    let push = |out: &mut Vec<(usize, usize, String)>, s: usize, e: usize| {
+        let w = text[s..e].to_lowercase();
+        if w.chars().count() <= 64 {
+            out.push((s, e, w));
+        }
+    };
+    for (i, c) in text.char_indices() {
+        if c.is_alphanumeric() {
+            start.get_or_insert(i);
+        } else if let Some(s) = start.take() {
+            push(&mut out, s, i);
+        }
+    }
+    if let Some(s) = start {
+        push(&mut out, s, text.len());
+    }
+    out
+}
+
+/// The per-user index.
+pub struct MemoryIndex {
+    store: Arc<Store>,
+    sealing: Arc<dyn Sealing>,
+}
+
+impl std::fmt::Debug for MemoryIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryIndex").finish_non_exhaustive()
+    }
+}
+
+/// One hit.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Hit {
+    /// What to pass to `memory_get`.
+    pub path: String,
+    /// `file` | `transcript`.
+    pub source: &'static str,
+    pub snippet: String,
+    pub score: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    pub created_ms: i64,
+}
+
+type Key = Zeroizing<[u8; 32]>;
+
+impl MemoryIndex {
+    pub fn new(store: Arc<Store>, sealing: Arc<dyn Sealing>) -> Self {
+        Self { store, sealing }
+    }
+
+    /// The user's index key (made and stored sealed on first use).
+    fn key(&self, subject: &str) -> Result<Key, MemoryError> {
+        let conn = self.store.conn()?;
+        let sealed: Option<Vec<u8>> = conn
+            .query_row(
+                "SELECT sealed FROM memory_index_keys WHERE subject = ?1",
+                [subject],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let bytes = match sealed {
+            Some(s) => self.sealing.open(subject, &s).map_err(MemoryError::Key)?,
+            None => {
+                let mut k = Zeroizing::new(vec![0u8; 32]);
+                getrandom::fill(&mut k).map_err(|e| MemoryError::Key(e.to_string()))?;
+                let sealed = self.sealing.seal(subject, &k).map_err(MemoryError::Key)?;
+                conn.execute(
+                    "INSERT INTO memory_index_keys (subject, sealed) VALUES (?1, ?2)
+                     ON CONFLICT(subject) DO NOTHING",
+                    params![subject, sealed],
+                )?;
+                // Another process may have won the race: use the stored one.
+                let stored: Vec<u8> = conn.query_row(
+                    "SELECT sealed FROM memory_index_keys WHERE subject = ?1",
+                    [subject],
+                    |r| r.get(0),
+                )?;
+                self.sealing
+                    .open(subject, &stored)
+                    .map_err(MemoryError::Key)?
+            }
+        };
+        let mut key: Key = Zeroizing::new([0u8; 32]);
+        if bytes.len() != 32 {
+            return Err(MemoryError::Key(
+                "the stored index key has the wrong length".into(),
+            ));
+        }
+        key.copy_from_slice(&bytes);
+        Ok(key)
+    }
+
+    fn mac(key: &Key, domain: &[u8], data: &[u8]) -> Result<[u8; 32], MemoryError> {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key.as_slice())
+            .map_err(|e| MemoryError::Key(e.to_string()))?;
+        m.update(domain);
+        m.update(data);
+        Ok(m.finalize().into_bytes().into())
+    }
+
+    /// The indexed form of one (lower-case) word: `t` and 20 hex digits of its keyed hash.
+    fn term(key: &Key, word: &str) -> Result<String, MemoryError> {
+        let h = Self::mac(key, b"chitin-memory-term-v1\0", word.as_bytes())?;
+        let mut s = String::from("t");
+        for b in &h[..10] {
+            s.push_str(&format!("{b:02x}"));
+        }
+        Ok(s)
+    }
+
+    /// The indexed form of `word` for `user` (what the raw index holds for it).
+    pub fn term_for(&self, user: &str, word: &str) -> Result<String, MemoryError> {
+        let key = self.key(&subject_of(user))?;
+        Self::term(&key, &word.to_lowercase())
+    }
+
+    fn terms(key: &Key, text: &str) -> Result<String, MemoryError> {
+        let mut out = String::new();
+        for (_, _, w) in words(text) {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&Self::term(key, &w)?);
+        }
+        Ok(out)
+    }
+
+    /// Brings the user's index up to date: new transcript messages, changed memory files.
+    pub fn sync(&self, user: &str, workspace: &Path) -> Result<(), MemoryError> {
+        let subject = subject_of(user);
+        let key = self.key(&subject)?;
+        self.sync_transcripts(&subject, &key)?;
+        self.sync_files(&subject, &key, workspace)
+    }
+
+    fn sync_transcripts(&self, subject: &str, key: &Key) -> Result<(), MemoryError> {
+        loop {
+            let mut conn = self.store.conn()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let cursor: i64 = tx
+                .query_row(
+                    "SELECT last_message_id FROM memory_cursor WHERE subject = ?1",
+                    [subject],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(0);
+            let rows: Vec<(i64, String, i64, String, i64, Vec<u8>)> = {
+                let mut st = tx.prepare(
+                    "SELECT id, session_key, seq, role, created_ms, body FROM messages
+                     WHERE subject = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                )?;
+                st.query_map(params![subject, cursor, BATCH], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })?
+                .collect::<Result<_, _>>()?
+            };
+            let Some(last) = rows.last().map(|r| r.0) else {
+                return Ok(());
+            };
+            for (id, session, seq, role, created, body) in &rows {
+                // A message that cannot be opened (its key destroyed) has nothing to index.
+                let Ok(plain) = self.sealing.open(subject, body) else {
+                    continue;
+                };
+                let text = message_text(&plain);
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let n = tx.execute(
+                    "INSERT OR IGNORE INTO memory_docs (subject, kind, message_id, session_key, seq, role, created_ms)
+                     VALUES (?1, 'transcript', ?2, ?3, ?4, ?5, ?6)",
+                    params![subject, id, session, seq, role, created],
+                )?;
+                if n == 1 {
+                    let doc = tx.last_insert_rowid();
+                    tx.execute(
+                        "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
+                        params![doc, Self::terms(key, &text)?],
+                    )?;
+                }
+            }
+            tx.execute(
+                "INSERT INTO memory_cursor (subject, last_message_id) VALUES (?1, ?2)
+                 ON CONFLICT(subject) DO UPDATE SET last_message_id = excluded.last_message_id",
+                params![subject, last],
+            )?;
+            tx.commit()?;
+        }
+    }
+
+    /// The memory files of a workspace: `MEMORY.md` and `memory/**/*.md` (no symlinks).
+    fn memory_files(workspace: &Path) -> Vec<(String, Vec<u8>, i64)> {
+        let Ok(root) = crate::wsfs::WsDir::root(workspace) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        if let Ok(c) = root.read_capped(Path::new("MEMORY.md"), MAX_FILE_BYTES) {
+            out.push(("MEMORY.md".to_string(), c.bytes, c.changed_ms));
+        }
+        if let Ok(dir) = root.open_dir(Path::new("memory")) {
+            Self::walk(&dir, "memory", 0, &mut out);
+        }
+        out
+    }
+
+    fn walk(
+        dir: &crate::wsfs::WsDir,
+        rel: &str,
+        depth: usize,
+        out: &mut Vec<(String, Vec<u8>, i64)>,
+    ) {
+        let Ok(mut names) = dir.names() else {
+            return;
+        };
+        names.sort();
+        for n in names {
+            if out.len() >= MAX_FILES {
+                return;
+            }
+            let Some(name) = n.to_str() else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = format!("{rel}/{name}");
+            if name.to_ascii_lowercase().ends_with(".md")
+                && let Ok(c) = dir.read_capped(Path::new(OsStr::new(name)), MAX_FILE_BYTES)
+            {
+                out.push((path, c.bytes, c.changed_ms));
+            } else if depth < MAX_DEPTH
+                && let Ok(sub) = dir.open_dir(Path::new(OsStr::new(name)))
+            {
+                Self::walk(&sub, &path, depth + 1, out);
+            }
+        }
+    }
+
+    fn sync_files(&self, subject: &str, key: &Key, workspace: &Path) -> Result<(), MemoryError> {
+        let ws = crate::wsfs::canonical_root(workspace)
+            .unwrap_or_else(|_| workspace.to_path_buf())
+            .to_string_lossy()
+            .into_owned();
+        let files = Self::memory_files(workspace);
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let known: Vec<(i64, String, String)> = {
+            let mut st = tx.prepare(
+                "SELECT id, path, mac FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2",
+            )?;
+            st.query_map(params![subject, ws], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut present = BTreeSet::new();
+        for (path, bytes, changed) in &files {
+            present.insert(path.clone());
+            let mac = hex(&Self::mac(key, b"chitin-memory-file-v1\0", bytes)?);
+            if known.iter().any(|(_, p, m)| p == path && *m == mac) {
+                continue;
+            }
+            tx.execute(
+                "DELETE FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2 AND path = ?3",
+                params![subject, ws, path],
+            )?;
+            let text = String::from_utf8_lossy(bytes);
+            tx.execute(
+                "INSERT INTO memory_docs (subject, kind, workspace, path, mac, created_ms)
+                 VALUES (?1, 'file', ?2, ?3, ?4, ?5)",
+                params![subject, ws, path, mac, changed],
+            )?;
+            let doc = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
+                params![doc, Self::terms(key, &text)?],
+            )?;
+        }
+        for (id, path, _) in &known {
+            if !present.contains(path) {
+                tx.execute("DELETE FROM memory_docs WHERE id = ?1", [id])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Searches the user's memory files (in `workspace`) and transcripts; syncs first.
+    pub fn search(
+        &self,
+        user: &str,
+        workspace: &Path,
+        query: &str,
+        limit: u32,
+    ) -> Result<Vec<Hit>, MemoryError> {
+        self.sync(user, workspace)?;
+        let subject = subject_of(user);
+        let key = self.key(&subject)?;
+        let qwords: BTreeSet<String> = words(query).into_iter().map(|(_, _, w)| w).collect();
+        if qwords.is_empty() {
+            return Err(MemoryError::Invalid(
+                "the query has no words to look for".into(),
+            ));
+        }
+        let expr = qwords
+            .iter()
+            .map(|w| Self::term(&key, w).map(|t| format!("\"{t}\"")))
+            .collect::<Result<Vec<_>, _>>()?
+            .join(" OR ");
+        let ws = crate::wsfs::canonical_root(workspace)
+            .unwrap_or_else(|_| workspace.to_path_buf())
+            .to_string_lossy()
+            .into_owned();
+        type Row = (
+            String,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            i64,
+            f64,
+        );
+        let rows: Vec<Row> = {
+            let conn = self.store.conn()?;
+            let mut st = conn.prepare(
+                "SELECT d.kind, d.path, d.message_id, d.session_key, d.seq, d.role, d.created_ms, bm25(memory_fts)
+                 FROM memory_fts JOIN memory_docs d ON d.id = memory_fts.rowid
+                 WHERE memory_fts MATCH ?1 AND d.subject = ?2
+                   AND (d.kind = 'transcript' OR d.workspace = ?3)
+                 ORDER BY bm25(memory_fts) LIMIT ?4",
+            )?;
+            st.query_map(params![expr, subject, ws, limit], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?
+        };
+        let mut hits = Vec::new();
+        for (kind, path, message_id, session, seq, role, created, score) in rows {
+            let (text, reference, source) = match (kind.as_str(), path, message_id, &session, seq) {
+                ("file", Some(p), _, _, _) => {
+                    let text = crate::wsfs::WsDir::root(workspace)
+                        .and_then(|r| r.read_capped(Path::new(&p), MAX_FILE_BYTES))
+                        .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+                        .unwrap_or_default();
+                    (text, p, "file")
+                }
+                (_, _, Some(id), Some(s), Some(q)) => {
+                    let body: Option<Vec<u8>> = self
+                        .store
+                        .conn()?
+                        .query_row(
+                            "SELECT body FROM messages WHERE id = ?1 AND subject = ?2",
+                            params![id, subject],
+                            |r| r.get(0),
+                        )
+                        .optional()?;
+                    let text = body
+                        .and_then(|b| self.sealing.open(&subject, &b).ok())
+                        .map(|p| message_text(&p))
+                        .unwrap_or_default();
+                    (text, format!("transcript:{s}#{q}"), "transcript")
+                }
+                _ => continue,
+            };
+            hits.push(Hit {
+                path: reference,
+                source,
+                snippet: snippet(&text, &qwords),
+                score: -score,
+                session: session.clone(),
+                role,
+                created_ms: created,
+            });
+        }
+        Ok(hits)
+    }
+
+    /// One memory file of `workspace` or one message of the user's own transcripts.
+    pub fn get(&self, user: &str, workspace: &Path, r: &MemoryRef) -> Result<Value, MemoryError> {
+        match r {
+            MemoryRef::File(p) => {
+                let root = crate::wsfs::WsDir::root(workspace)
+                    .map_err(|e| MemoryError::NotFound(e.to_string()))?;
+                let c = root
+                    .read_capped(Path::new(p), MAX_FILE_BYTES)
+                    .map_err(|e| MemoryError::NotFound(e.to_string()))?;
+                Ok(json!({"path": p, "source": "file",
+                          "content": String::from_utf8_lossy(&c.bytes),
+                          "truncated": c.truncated(), "bytes": c.size}))
+            }
+            MemoryRef::Transcript { session, seq } => {
+                let subject = subject_of(user);
+                let row: Option<(String, i64, Vec<u8>, String)> = self
+                    .store
+                    .conn()?
+                    .query_row(
+                        "SELECT m.role, m.created_ms, m.body, s.user_id FROM messages m
+                         JOIN sessions s ON s.key = m.session_key
+                         WHERE m.session_key = ?1 AND m.seq = ?2 AND m.subject = ?3",
+                        params![session, seq, subject],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                    .optional()?;
+                let Some((role, created, body, owner)) = row.filter(|r| r.3 == user) else {
+                    return Err(MemoryError::NotFound(format!(
+                        "no message {seq} in a session `{}` of yours",
+                        session.escape_default()
+                    )));
+                };
+                let _ = owner;
+                let plain = self.sealing.open(&subject, &body).map_err(|e| {
+                    MemoryError::NotFound(format!("the message cannot be opened: {e}"))
+                })?;
+                Ok(
+                    json!({"path": format!("transcript:{session}#{seq}"), "source": "transcript",
+                          "session": session, "seq": seq, "role": role, "created_ms": created,
+                          "content": message_text(&plain)}),
+                )
+            }
+        }
+    }
+
+    /// The user a session belongs to, if it exists.
+    pub fn session_owner(&self, session: &str) -> Result<Option<String>, MemoryError> {
+        Ok(self
+            .store
+            .conn()?
+            .query_row(
+                "SELECT user_id FROM sessions WHERE key = ?1",
+                [session],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The text of a stored transcript message (its sealed JSON): a user's or the assistant's
+/// text, a tool result's content.
+fn message_text(plain: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(plain).unwrap_or(Value::Null);
+    let field = match v.get("role").and_then(Value::as_str) {
+        Some("tool") => "content",
+        _ => "text",
+    };
+    v.get(field)
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string()
+}
+
+/// About [`SNIPPET_CHARS`] characters of `text` around the first query word in it.
+fn snippet(text: &str, qwords: &BTreeSet<String>) -> String {
+    let at = words(text)
+        .into_iter()
+        .find(|(_, _, w)| qwords.contains(w))
+        .map_or(0, |(s, _, _)| s);
+    let before: Vec<(usize, char)> = text[..at].char_indices().collect();
+    let start = before
+        .len()
+        .checked_sub(SNIPPET_CHARS / 3)
+        .and_then(|i| before.get(i))
+        .map_or(0, |(i, _)| *i);
+    let rest = &text[start..];
+    let end = rest
+        .char_indices()
+        .nth(SNIPPET_CHARS)
+        .map_or(rest.len(), |(i, _)| i);
+    let mut s = rest[..end].split_whitespace().collect::<Vec<_>>().join(" ");
+    if start > 0 {
+        s.insert_str(0, "… ");
+    }
+    if end < rest.len() {
+        s.push_str(" …");
+    }
+    s
+}
+
+fn memory(sandbox: &Sandbox) -> Option<Arc<MemoryIndex>> {
+    sandbox.memory().map(Arc::clone)
+}
+
+/// Runs the search an `Authorized` covers.
+pub fn memory_search(
+    auth: &Authorized,
+    index: &MemoryIndex,
+    call: &CallContext,
+    args: &MemorySearchArgs,
+) -> Result<ToolResult, ToolError> {
+    super::require(auth, Tool::MemorySearch, args)?;
+    let started = Instant::now();
+    let limit = args.limit.unwrap_or(DEFAULT_LIMIT);
+    let hits = index
+        .search(&call.user, &call.workspace, &args.query, limit)
+        .map_err(|e| ToolError::InvalidArgs(format!("memory_search: {e}")))?;
+    Ok(gated::output(
+        started,
+        json!({"query": args.query, "results": hits}),
+    ))
+}
+
+/// Reads what an `Authorized` covers.
+pub fn memory_get(
+    auth: &Authorized,
+    index: &MemoryIndex,
+    call: &CallContext,
+    args: &MemoryGetArgs,
+) -> Result<ToolResult, ToolError> {
+    super::require(auth, Tool::MemoryGet, args)?;
+    let started = Instant::now();
+    let r = MemoryRef::parse(&args.path).map_err(ToolError::InvalidArgs)?;
+    let v = index
+        .get(&call.user, &call.workspace, &r)
+        .map_err(|e| ToolError::InvalidArgs(format!("memory_get: {e}")))?;
+    Ok(gated::output(started, v))
+}
+
+/// Runs one `memory_search` / `memory_get` call (the tool path of
+/// [`super::invoke::invoke`]).
+pub fn invoke(
+    gate: &Gate,
+    sandbox: &Sandbox,
+    call: &CallContext,
+    step: Option<&StepContext>,
+    tool: Tool,
+    args: &Value,
+    approvals: Option<&Approvals>,
+) -> Result<Invoked, InvokeError> {
+    let Some(index) = memory(sandbox) else {
+        let e = gated::invalid(
+            tool,
+            "the memory index is kept by the agent; this runtime has none",
+        );
+        return Err(gated::refused(gate, call, tool, e, args));
+    };
+    let user = gated::user_uid(&call.user)?;
+    let started = Instant::now();
+    if tool == Tool::MemorySearch {
+        let parsed: MemorySearchArgs = gated::parse(gate, call, tool, args)?;
+        let limit = parsed.limit.unwrap_or(DEFAULT_LIMIT);
+        let bad = if parsed.query.trim().is_empty() || words(&parsed.query).is_empty() {
+            Some("the query has no words to look for".to_string())
+        } else if parsed.query.chars().count() > MAX_QUERY_CHARS {
+            Some(format!("query is longer than {MAX_QUERY_CHARS} characters"))
+        } else if !(1..=MAX_LIMIT).contains(&limit) {
+            Some(format!("limit must be 1 to {MAX_LIMIT}"))
+        } else {
+            None
+        };
+        if let Some(m) = bad {
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, m),
+                args,
+            ));
+        }
+        let norm =
+            serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
+        let mut ctx = gated::base_context(call, step, true);
+        ctx.insert("query".into(), json!(parsed.query));
+        ctx.insert("limit".into(), json!(limit));
+        let req = PolicyRequest::new(user, Action::MemorySearch, tool.uid(), ctx);
+        let go = match gated::decide(gate, approvals, &[req], &norm, norm.clone())? {
+            Gated::Go(g) => g,
+            Gated::Done(i) => return Ok(i),
+        };
+        let run = memory_search(&go.auth, &index, call, &parsed);
+        let argv = vec![tool.as_str().to_string(), parsed.query.clone()];
+        return gated::finish(gate, call, tool, &argv, started, run, go);
+    }
+    let parsed: MemoryGetArgs = gated::parse(gate, call, tool, args)?;
+    let r = match MemoryRef::parse(&parsed.path) {
+        Ok(r) => r,
+        Err(m) => {
+            return Err(gated::refused(
+                gate,
+                call,
+                tool,
+                gated::invalid(tool, m),
+                args,
+            ));
+        }
+    };
+    let mut ctx = gated::base_context(call, step, true);
+    match &r {
+        MemoryRef::File(p) => {
+            // Located as read_file's path is: canonical, beneath the workspace descriptor.
+            let ws = crate::tools::Workspace::new(&call.workspace)?;
+            let abs: PathBuf = match ws.resolve(p) {
+                Ok(w) => w.abs,
+                Err(e) => return Err(gated::refused(gate, call, tool, e.into(), args)),
+            };
+            ctx.insert("source".into(), json!("file"));
+            ctx.insert("path".into(), json!(abs.to_string_lossy()));
+            ctx.insert("target_session".into(), json!(""));
+        }
+        MemoryRef::Transcript { session, .. } => {
+            // Only the user's own sessions: another user's is refused before any decision.
+            match index.session_owner(session) {
+                Ok(Some(owner)) if owner == call.user => {}
+                Ok(_) => {
+                    let e = gated::invalid(
+                        tool,
+                        format!("no session `{}` of yours", session.escape_default()),
+                    );
+                    return Err(gated::refused(gate, call, tool, e, args));
+                }
+                Err(e) => return Err(gated::invalid(tool, e.to_string())),
+            }
+            ctx.insert("source".into(), json!("transcript"));
+            ctx.insert("path".into(), json!(""));
+            ctx.insert("target_session".into(), json!(session));
+        }
+    }
+    let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
+    let req = PolicyRequest::new(user, Action::MemoryGet, tool.uid(), ctx);
+    let go = match gated::decide(gate, approvals, &[req], &norm, norm.clone())? {
+        Gated::Go(g) => g,
+        Gated::Done(i) => return Ok(i),
+    };
+    let run = memory_get(&go.auth, &index, call, &parsed);
+    let argv = vec![tool.as_str().to_string(), parsed.path.clone()];
+    gated::finish(gate, call, tool, &argv, started, run, go)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn memory_references_are_memory_files_or_transcript_messages_only() {
+        assert_eq!(
+            MemoryRef::parse("MEMORY.md").unwrap(),
+            MemoryRef::File("MEMORY.md".into())
+        );
+        assert_eq!(
+            MemoryRef::parse("memory/2026-01-02.md").unwrap(),
+            MemoryRef::File("memory/2026-01-02.md".into())
+        );
+        assert_eq!(
+            MemoryRef::parse("transcript:chitin#12").unwrap(),
+            MemoryRef::Transcript {
+                session: "chitin".into(),
+                seq: 12
+            }
+        );
+        for bad in [
+            "notes.md",
+            "memory/../secrets.md",
+            "/etc/passwd",
+            "memory/x.txt",
+            "transcript:a#x",
+            "memory//a.md",
+        ] {
+            assert!(MemoryRef::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn words_are_lower_case_runs_of_letters_and_digits_with_their_place() {
+        let w = words("Hello, Wörld 42!");
+        let ws: Vec<&str> = w.iter().map(|x| x.2.as_str()).collect();
+        assert_eq!(ws, ["hello", "wörld", "42"]);
+        assert_eq!(&"Hello, Wörld 42!"[w[1].0..w[1].1], "Wörld");
+    }
+
+    #[test]
+    fn a_snippet_shows_the_text_around_the_first_query_word() {
+        let text = format!(
+            "{} the needle is here {}",
+            "a ".repeat(200),
+            "b ".repeat(200)
+        );
+        let q: BTreeSet<String> = ["needle".to_string()].into();
+        let s = snippet(&text, &q);
+        assert!(s.contains("the needle is here"), "{s}");
+        assert!(s.starts_with("… ") && s.ends_with(" …"), "{s}");
+    }
+}
