@@ -13,6 +13,10 @@
 mod action;
 pub mod builtin;
 mod diag;
+pub mod diff;
+pub mod explain;
+pub mod lint;
+pub mod shadow_report;
 pub mod vectors;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -211,9 +215,47 @@ pub struct Compiled {
     enforced_count: usize,
     files: Vec<String>,
     warnings: Vec<Diagnostic>,
+    /// Every policy (enforced and shadow), in file order, keyed by `@id`.
+    all: Vec<Policy>,
+    /// Where each policy starts: `@id` -> (file, line, col).
+    locations: HashMap<String, (String, usize, usize)>,
+    /// The schema's text (what tooling reads context shapes from).
+    schema_text: String,
 }
 
 impl Compiled {
+    /// Every policy of the set (enforced and shadow), in file order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.all
+    }
+    /// Whether the policy with this id is in shadow mode.
+    pub fn is_shadow(&self, id: &str) -> bool {
+        self.shadow.contains(&PolicyId::new(id))
+    }
+    /// Where a policy starts, as `file:line:col`.
+    pub fn location(&self, id: &str) -> Option<String> {
+        self.locations
+            .get(id)
+            .map(|(f, l, c)| format!("{f}:{l}:{c}"))
+    }
+    /// The schema's text.
+    pub fn schema_text(&self) -> &str {
+        &self.schema_text
+    }
+    /// The policies (enforced and shadow) whose action scope can match `action`, in file
+    /// order.
+    pub fn policies_for_action(&self, action: &EntityUid) -> Vec<&Policy> {
+        let Some(slice) = self.slices.get(action) else {
+            return Vec::new();
+        };
+        let ids: HashSet<&PolicyId> = slice
+            .unconstrained
+            .iter()
+            .chain(slice.by_anchor.values().flatten())
+            .map(Policy::id)
+            .collect();
+        self.all.iter().filter(|p| ids.contains(p.id())).collect()
+    }
     /// The schema the set was validated against.
     pub fn schema(&self) -> &Schema {
         &self.schema
@@ -257,6 +299,7 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
     let mut origin: HashMap<String, usize> = HashMap::new(); // policy id -> file index
     let mut shadow = HashSet::new();
     let mut reasons = BTreeMap::new();
+    let mut locations = HashMap::new();
     for (file_idx, src) in input.policies.iter().enumerate() {
         let set = match PolicySet::from_str(&src.text) {
             Ok(s) => s,
@@ -331,6 +374,8 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
                 reasons.insert(id.clone(), r.to_string());
             }
             origin.insert(id.clone(), file_idx);
+            let at_ = Diagnostic::at_offset(&src.name, &src.text, at(n), "");
+            locations.insert(id.clone(), (src.name.clone(), at_.line, at_.col));
             policies.push(p.new_id(PolicyId::new(&id)));
         }
     }
@@ -393,6 +438,9 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
         reasons,
         files: input.policies.iter().map(|s| s.name.clone()).collect(),
         warnings,
+        all: policies,
+        locations,
+        schema_text: input.schema.text.clone(),
     })
 }
 
