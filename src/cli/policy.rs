@@ -378,7 +378,6 @@ fn lint_text(report: &lint::LintReport) -> String {
     out
 }
 
-#[expect(clippy::too_many_arguments, reason = "one parameter per flag")]
 fn explain_cmd(
     globals: &Globals,
     config: &Config,

@@ -104,23 +104,23 @@ pub fn diff(old: &PolicyEngine, new: &PolicyEngine, requests: &[Value]) -> DiffR
 /// ...}]}`), or JSON lines (one request per line).
 pub fn parse_requests(text: &str) -> Result<Vec<Value>, PolicyError> {
     let trimmed = text.trim_start();
-    if trimmed.starts_with('[') || trimmed.starts_with('{') {
-        if let Ok(v) = serde_json::from_str::<Value>(text) {
-            return match v {
-                Value::Array(a) => Ok(a),
-                Value::Object(m) if m.contains_key("cases") => Ok(m
-                    .get("cases")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|c| c.get("request").cloned())
-                    .collect()),
-                Value::Object(m) => Ok(vec![Value::Object(m)]),
-                _ => Err(PolicyError::Request(
-                    "requests must be a JSON array of requests".into(),
-                )),
-            };
-        }
+    if (trimmed.starts_with('[') || trimmed.starts_with('{'))
+        && let Ok(v) = serde_json::from_str::<Value>(text)
+    {
+        return match v {
+            Value::Array(a) => Ok(a),
+            Value::Object(m) if m.contains_key("cases") => Ok(m
+                .get("cases")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.get("request").cloned())
+                .collect()),
+            Value::Object(m) => Ok(vec![Value::Object(m)]),
+            _ => Err(PolicyError::Request(
+                "requests must be a JSON array of requests".into(),
+            )),
+        };
     }
     text.lines()
         .enumerate()
