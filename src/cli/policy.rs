@@ -323,8 +323,7 @@ fn lint_cmd(
 ) -> CmdResult {
     check_home(globals)?;
     let engine = PolicyEngine::load(engine_spec(globals, config, dir, entities)?)?;
-    let active = engine.active();
-    let report = lint::lint(&active.compiled, &active.entities);
+    let report = lint::lint_engine(&engine);
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -161,6 +161,12 @@ fn allowed_checks(p: &Policy) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Lints the engine's active set with its entities (what `chitin security audit` calls).
+pub fn lint_engine(engine: &super::PolicyEngine) -> LintReport {
+    let active = engine.active();
+    lint(&active.compiled, &active.entities)
+}
+
 /// Lints a compiled set with its entities.
 pub fn lint(compiled: &Compiled, entities: &Entities) -> LintReport {
     let mut out = Vec::new();
