@@ -459,3 +459,68 @@ fn the_gate_records_allow_turning_into_approval_required_as_shadow_approval_requ
         .unwrap();
     assert_eq!(decision_records(&f).len(), 3);
 }
+
+#[test]
+fn decision_vectors_can_pin_what_a_shadow_trial_would_change() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut files: Vec<(String, String)> = policy::builtin::DEFAULT_POLICIES
+        .iter()
+        .map(|(n, t)| ((*n).to_string(), (*t).to_string()))
+        .collect();
+    files.push((
+        "trial.cedar".into(),
+        r#"@id("trial:no-network") @mode("shadow")
+           forbid (principal, action == Chitin::Action::"exec", resource) when { context.approved };"#
+            .into(),
+    ));
+    for (n, text) in &files {
+        std::fs::write(dir.join(n), text).unwrap();
+        std::fs::set_permissions(dir.join(n), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let case = |shadow_decision: &str| {
+        json!({"entities": owners(), "state_dir": "/srv/chitin", "cases": [{
+            "name": "network exec under the trial",
+            "request": {"principal": "Chitin::User::\"alice\"", "action": "Chitin::Action::\"exec\"",
+                        "resource": "Chitin::Tool::\"exec\"",
+                        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false,
+                                    "workspace": "/w", "command": "curl", "command_path": "/usr/bin/curl",
+                                    "argv": ["curl"], "cwd": "/w", "network": true}},
+            "decision": "approval_required", "policies": ["tools.owner-exec-network-approved"],
+            "shadow": ["trial:no-network"], "shadow_decision": shadow_decision}]})
+    };
+    let good = t.path().join("good.json");
+    std::fs::write(&good, case("deny").to_string()).unwrap();
+    let bad = t.path().join("bad.json");
+    std::fs::write(&bad, case("allow").to_string()).unwrap();
+    let home = t.path().join("home");
+    let run = |f: &Path| {
+        chitin_bin(
+            &home,
+            &[
+                "policy",
+                "test",
+                "--dir",
+                dir.to_str().unwrap(),
+                f.to_str().unwrap(),
+            ],
+            "",
+        )
+    };
+    let o = run(&good);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "1 passed, 0 failed\n");
+    let o = run(&bad);
+    assert_eq!(o.status.code(), Some(1));
+    let f = bad.display();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!(
+            "FAIL {f}: network exec under the trial: expected approval_required [\"tools.owner-exec-network-approved\"] shadow [\"trial:no-network\"] shadow_decision allow, \
+             got approval_required [\"tools.owner-exec-network-approved\"] shadow [\"trial:no-network\"] shadow_decision deny errors []\n0 passed, 1 failed\n"
+        )
+    );
+}

@@ -479,7 +479,18 @@ fn sliced_engine_decisions_equal_a_plain_cedar_evaluation_of_the_whole_set() {
     let mut seen = BTreeSet::new();
     let mut shadow_reports = 0;
     for n in 0..70 {
-        let text = policy_set(&mut rng, n);
+        // Every third set sits on top of the default policies (anchored scopes, groups of
+        // actions, derived attributes, approval paths as shipped).
+        let mut text = if n % 3 == 0 {
+            policy::builtin::DEFAULT_POLICIES
+                .iter()
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>()
+                .join("\n")
+        } else {
+            String::new()
+        };
+        text.push_str(&policy_set(&mut rng, n));
         let mut input = PolicyInput::embedded();
         input.policies = vec![Source {
             name: format!("set{n}.cedar"),
