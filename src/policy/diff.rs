@@ -13,7 +13,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
-use super::lint::PolicyInfo;
+use super::lint::conditions_of;
 use super::{Compiled, Outcome, PolicyEngine, PolicyError, PolicyRequest};
 
 /// One side of a compared request.
@@ -195,8 +195,7 @@ pub fn generate_requests(
     }
     for compiled in [old, new] {
         for p in compiled.policies() {
-            let info = PolicyInfo::new(compiled, p);
-            for c in &info.conditions {
+            for c in &conditions_of(p) {
                 collect_strings(c, &mut pools.literals);
             }
         }

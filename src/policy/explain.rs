@@ -12,7 +12,7 @@ use cedar_policy::Effect;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::lint::{PolicyInfo, context_attr};
+use super::lint::{conditions_of, context_attr};
 use super::{Active, Compiled, Decision, Outcome, PolicyEngine, PolicyError, PolicyRequest};
 
 /// A policy named by an explanation.
@@ -71,6 +71,15 @@ pub struct ExplainOptions {
     /// Only these context attributes are changed (all when empty).
     #[serde(default)]
     pub attributes: Vec<String>,
+}
+
+/// [`explain`] for a request in JSON (the form `chitin policy eval` takes).
+pub fn explain_value(
+    engine: &PolicyEngine,
+    request: &Value,
+    opts: &ExplainOptions,
+) -> Result<Explanation, PolicyError> {
+    explain(engine, &PolicyRequest::from_json(request)?, opts)
 }
 
 /// Explains the engine's decision on `req`.
@@ -179,8 +188,7 @@ fn candidates(
     }
     let mut literals: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in compiled.policies_for_action(&req.action) {
-        let info = PolicyInfo::new(compiled, p);
-        for c in &info.conditions {
+        for c in &conditions_of(p) {
             collect_literals(c, &mut literals);
         }
     }

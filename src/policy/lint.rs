@@ -7,7 +7,7 @@
 //! "requires" `context.approved` when `context.approved` is one of the top-level `&&` terms of
 //! a `when` clause (or `!context.approved` of an `unless` clause).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use cedar_policy::{
     ActionConstraint, Effect, Entities, EntityTypeName, EntityUid, Policy, PrincipalConstraint,
@@ -171,10 +171,11 @@ pub fn lint_engine(engine: &super::PolicyEngine) -> LintReport {
 pub fn lint(compiled: &Compiled, entities: &Entities) -> LintReport {
     let mut out = Vec::new();
     let mut suppressed = 0;
+    let actions = compiled.actions_by_policy();
     let info: Vec<PolicyInfo> = compiled
         .policies()
         .iter()
-        .map(|p| PolicyInfo::new(compiled, p))
+        .map(|p| PolicyInfo::new(compiled, p, &actions))
         .collect();
     for p in &info {
         let allowed = allowed_checks(p.policy);
@@ -356,13 +357,13 @@ pub(crate) struct PolicyInfo<'a> {
 }
 
 impl<'a> PolicyInfo<'a> {
-    pub(crate) fn new(compiled: &Compiled, policy: &'a Policy) -> Self {
+    pub(crate) fn new(
+        compiled: &Compiled,
+        policy: &'a Policy,
+        actions: &HashMap<String, BTreeSet<EntityUid>>,
+    ) -> Self {
         let id = policy.id().to_string();
-        let conditions: Vec<Value> = policy
-            .to_json()
-            .ok()
-            .and_then(|j| j.get("conditions").and_then(Value::as_array).cloned())
-            .unwrap_or_default();
+        let conditions = conditions_of(policy);
         let mut conjuncts = Vec::new();
         for c in &conditions {
             let body = c.get("body").cloned().unwrap_or(Value::Null);
@@ -372,17 +373,7 @@ impl<'a> PolicyInfo<'a> {
                 flatten_and(&body, &mut conjuncts);
             }
         }
-        let actions = compiled
-            .schema()
-            .actions()
-            .filter(|a| {
-                compiled
-                    .policies_for_action(a)
-                    .iter()
-                    .any(|p| p.id() == policy.id())
-            })
-            .cloned()
-            .collect();
+        let actions = actions.get(&id).cloned().unwrap_or_default();
         Self {
             location: compiled.location(&id).unwrap_or_default(),
             reason: policy
@@ -442,6 +433,14 @@ fn mentions_var(v: &Value, var: &str) -> bool {
         Value::Array(a) => a.iter().any(|x| mentions_var(x, var)),
         _ => false,
     }
+}
+
+/// A policy's `when` / `unless` clauses as Cedar's JSON AST (`{"kind", "body"}`).
+pub(crate) fn conditions_of(p: &Policy) -> Vec<Value> {
+    p.to_json()
+        .ok()
+        .and_then(|j| j.get("conditions").and_then(Value::as_array).cloned())
+        .unwrap_or_default()
 }
 
 /// `context.<name>` in Cedar's JSON AST.

@@ -242,6 +242,22 @@ impl Compiled {
     pub fn schema_text(&self) -> &str {
         &self.schema_text
     }
+    /// For each policy id, the schema actions its action scope matches.
+    pub fn actions_by_policy(&self) -> HashMap<String, BTreeSet<EntityUid>> {
+        let mut out: HashMap<String, BTreeSet<EntityUid>> = HashMap::new();
+        for (action, slice) in &self.slices {
+            for p in slice
+                .unconstrained
+                .iter()
+                .chain(slice.by_anchor.values().flatten())
+            {
+                out.entry(p.id().to_string())
+                    .or_default()
+                    .insert(action.clone());
+            }
+        }
+        out
+    }
     /// The policies (enforced and shadow) whose action scope can match `action`, in file
     /// order.
     pub fn policies_for_action(&self, action: &EntityUid) -> Vec<&Policy> {
