@@ -135,3 +135,78 @@ pub fn parse_window(s: &str) -> Option<i64> {
     }
     n.checked_mul(ms)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(
+        seq: i64,
+        ts_ms: i64,
+        actor: &str,
+        enforced: &str,
+        shadow: &str,
+        ids: &[&str],
+    ) -> ShadowRecord {
+        ShadowRecord {
+            seq,
+            ts_ms,
+            actor: actor.into(),
+            action: "exec".into(),
+            resource: "Chitin::Tool::\"exec\"".into(),
+            enforced: enforced.into(),
+            shadow: shadow.into(),
+            policies: ids.iter().map(|s| (*s).to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn windows_are_days_hours_minutes_seconds_or_weeks() {
+        assert_eq!(parse_window("7d"), Some(7 * 86_400_000));
+        assert_eq!(parse_window("24h"), Some(86_400_000));
+        assert_eq!(parse_window("30m"), Some(1_800_000));
+        assert_eq!(parse_window("90s"), Some(90_000));
+        assert_eq!(parse_window("2w"), Some(14 * 86_400_000));
+        for bad in ["", "d", "7", "7y", "-1d", "1.5d", "99999999999999999d"] {
+            assert_eq!(parse_window(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_report_counts_each_policy_once_per_decision_and_leaves_out_older_records() {
+        let records = [
+            rec(1, 100, "a", "allow", "deny", &["t:x"]),
+            rec(5, 200, "a", "approval_required", "deny", &["t:x", "t:y"]),
+            rec(9, 300, "b", "approval_required", "deny", &["t:x"]),
+            rec(12, 400, "b", "allow", "approval_required", &["t:y"]),
+        ];
+        let r = report(&records, 150);
+        assert_eq!(r.records, 3);
+        assert_eq!(r.policies.len(), 2);
+        let x = &r.policies[0];
+        assert_eq!(x.policy, "t:x");
+        assert_eq!(x.decisions, 2);
+        assert_eq!(
+            x.changes,
+            BTreeMap::from([("approval_required -> deny".to_string(), 2)])
+        );
+        assert_eq!((x.principals, x.first_seq, x.last_seq), (2, 5, 9));
+        assert_eq!((x.first_ts_ms, x.last_ts_ms), (200, 300));
+        let y = &r.policies[1];
+        assert_eq!(y.policy, "t:y");
+        assert_eq!(y.decisions, 2);
+        assert_eq!(y.changes.len(), 2);
+        assert_eq!((y.first_seq, y.last_seq), (5, 12));
+    }
+
+    #[test]
+    fn shadow_labels_name_the_outcome_they_would_give() {
+        assert_eq!(outcome_of_label("shadow_deny"), Some("deny"));
+        assert_eq!(outcome_of_label("shadow_allow"), Some("allow"));
+        assert_eq!(
+            outcome_of_label("shadow_approval_required"),
+            Some("approval_required")
+        );
+        assert_eq!(outcome_of_label("deny"), None);
+    }
+}
