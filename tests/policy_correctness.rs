@@ -188,6 +188,31 @@ fn an_erroring_shadow_forbid_with_a_colon_in_its_id_is_reported_by_its_whole_id(
 }
 
 #[test]
+fn a_shadow_forbid_that_errors_only_before_approval_is_named_whatever_its_id() {
+    // Enforced: an operator's permit allows writes in the workspace, on any tool. The shadow
+    // forbid is `unless approved` first, so it errors on `resource.risk` (a tool the entity
+    // store does not know) only in the request as made: allow would become approval_required.
+    // The id is reported whole, with `.` or `:` alike.
+    for id in ["trial.risky-tools", "trial:risky-tools", "a:b:c"] {
+        let e = engine(&defaults_with(&format!(
+            r#"@id("{id}") @mode("shadow")
+               forbid (principal, action == Chitin::Action::"write_file", resource)
+               unless {{ context.approved }} when {{ resource.risk == "high" }};
+               @id("ops:ghost-writes")
+               permit (principal in Chitin::Group::"owners", action == Chitin::Action::"write_file", resource)
+               when {{ context.in_workspace }};"#
+        )));
+        let mut r = write_req("/w/a.txt");
+        r.resource = r#"Chitin::Tool::"ghost""#.parse().unwrap();
+        let d = e.decide(&r).unwrap();
+        assert_eq!(d.decision, Outcome::Allow, "{id}");
+        assert_eq!(d.policies, vec!["ops:ghost-writes"], "{id}");
+        assert_eq!(d.shadow, vec![id.to_string()], "{id}");
+        assert_eq!(d.shadow_decision, Some(Outcome::ApprovalRequired), "{id}");
+    }
+}
+
+#[test]
 fn an_unconditional_forbid_on_another_principal_type_does_not_hide_tools_that_are_allowed() {
     let e = engine(&defaults_with(
         r#"@id("tools-get-no-secrets") forbid (principal is Chitin::Tool, action, resource);"#,
