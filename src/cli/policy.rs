@@ -22,7 +22,7 @@ pub enum PolicyCmd {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
-    /// Decide one request and print {"decision", "policies", "shadow", "errors"}.
+    /// Decide one request and print {"decision", "policies", "shadow", ["shadow_decision",] "errors"}.
     Eval {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
