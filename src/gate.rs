@@ -705,6 +705,7 @@ impl Gate {
                 decision: Outcome::Deny,
                 policies: Vec::new(),
                 shadow: Vec::new(),
+                shadow_decision: None,
                 errors: Vec::new(),
             }));
         }
@@ -748,21 +749,27 @@ impl Gate {
             decision.policies.clone(),
             payload,
         ))?;
-        if !decision.shadow.is_empty() {
-            // What the shadow policies would have done, as its own record for easy querying.
-            let would = if decision.decision == Outcome::Allow {
-                GateDecision::ShadowDeny
-            } else {
-                GateDecision::ShadowAllow
+        if let Some(would) = decision.shadow_decision {
+            // What the shadow policies would have done, as its own record for easy querying:
+            // labelled with the outcome they would have given, whichever evaluation (the
+            // request as made or its approval re-evaluation) they change.
+            let label = match would {
+                Outcome::Allow => GateDecision::ShadowAllow,
+                Outcome::Deny => GateDecision::ShadowDeny,
+                Outcome::ApprovalRequired => GateDecision::ShadowApprovalRequired,
             };
             self.record(
                 RecordInput::gate_decision(
                     &actor,
                     &action,
                     &resource,
-                    would,
+                    label,
                     decision.shadow.clone(),
-                    json!({"enforced": decision.decision.as_str()}),
+                    json!({
+                        "enforced": decision.decision.as_str(),
+                        "shadow_decision": would.as_str(),
+                        "request_digest": hex(&request_digest_with(req, args)),
+                    }),
                 )
                 .with_outcome(format!(
                     "not enforced (enforced: {})",

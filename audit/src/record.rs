@@ -132,6 +132,8 @@ pub enum GateDecision {
     ShadowAllow,
     /// Shadow mode: the policy would have denied; enforcement was off.
     ShadowDeny,
+    /// Shadow mode: the policy would have asked for approval; enforcement was off.
+    ShadowApprovalRequired,
 }
 
 impl GateDecision {
@@ -143,6 +145,7 @@ impl GateDecision {
             GateDecision::ApprovalRequired => "approval_required",
             GateDecision::ShadowAllow => "shadow_allow",
             GateDecision::ShadowDeny => "shadow_deny",
+            GateDecision::ShadowApprovalRequired => "shadow_approval_required",
         }
     }
 }
@@ -159,7 +162,8 @@ pub struct RecordInput {
     pub action: String,
     /// On what: `Chitin::Tool::"exec"`, a path, a channel, ...
     pub resource: String,
-    /// `allow`, `deny`, `approval_required`, `shadow_allow`, `shadow_deny`, or empty.
+    /// `allow`, `deny`, `approval_required`, `shadow_allow`, `shadow_deny`,
+    /// `shadow_approval_required`, or empty.
     pub decision: String,
     /// The ids of the policies that determined the decision.
     pub policies: Vec<String>,

@@ -151,7 +151,7 @@ fn open_log(globals: &Globals) -> Result<std::sync::Arc<AuditLog>, BoxError> {
 /// The log, once `action` (`audit.read`, `audit.export`, `audit.append`) is allowed for the
 /// CLI operator ([cli] operator) by the policies; the decision is recorded either way. `Err`
 /// carries the refusal's exit code (the refusal is printed).
-fn decided_log(
+pub(super) fn decided_log(
     globals: &Globals,
     action: crate::policy::Action,
 ) -> Result<Result<(std::sync::Arc<AuditLog>, String), ExitCode>, BoxError> {

@@ -67,7 +67,7 @@ enum Command {
     /// Security review of the installation (the same checks as doctor).
     #[command(subcommand)]
     Security(SecurityCmd),
-    /// Validate, evaluate and test Cedar policies.
+    /// Validate, evaluate, test, lint, explain and diff Cedar policies; report shadow trials.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
     /// Run commands inside the sandbox, check what the kernel can enforce.

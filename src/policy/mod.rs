@@ -13,6 +13,10 @@
 mod action;
 pub mod builtin;
 mod diag;
+pub mod diff;
+pub mod explain;
+pub mod lint;
+pub mod shadow_report;
 pub mod vectors;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -25,7 +29,7 @@ use cedar_policy::{
     EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
     RestrictedExpression, Schema, ValidationMode, Validator,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use action::{Action, INVOKABLE, TOOLS, Tool};
@@ -212,6 +216,12 @@ pub struct Compiled {
     files: Vec<String>,
     warnings: Vec<Diagnostic>,
     listing: Vec<PolicyListing>,
+    /// Every policy (enforced and shadow), in file order, keyed by `@id`.
+    all: Vec<Policy>,
+    /// Where each policy starts: `@id` -> (file, line, col).
+    locations: HashMap<String, (String, usize, usize)>,
+    /// The schema's text (what tooling reads context shapes from).
+    schema_text: String,
 }
 
 /// One policy of a compiled set, as the Control UI lists it.
@@ -235,6 +245,54 @@ impl Compiled {
         &self.listing
     }
 
+    /// Every policy of the set (enforced and shadow), in file order.
+    pub fn policies(&self) -> &[Policy] {
+        &self.all
+    }
+    /// Whether the policy with this id is in shadow mode.
+    pub fn is_shadow(&self, id: &str) -> bool {
+        self.shadow.contains(&PolicyId::new(id))
+    }
+    /// Where a policy starts, as `file:line:col`.
+    pub fn location(&self, id: &str) -> Option<String> {
+        self.locations
+            .get(id)
+            .map(|(f, l, c)| format!("{f}:{l}:{c}"))
+    }
+    /// The schema's text.
+    pub fn schema_text(&self) -> &str {
+        &self.schema_text
+    }
+    /// For each policy id, the schema actions its action scope matches.
+    pub fn actions_by_policy(&self) -> HashMap<String, BTreeSet<EntityUid>> {
+        let mut out: HashMap<String, BTreeSet<EntityUid>> = HashMap::new();
+        for (action, slice) in &self.slices {
+            for p in slice
+                .unconstrained
+                .iter()
+                .chain(slice.by_anchor.values().flatten())
+            {
+                out.entry(p.id().to_string())
+                    .or_default()
+                    .insert(action.clone());
+            }
+        }
+        out
+    }
+    /// The policies (enforced and shadow) whose action scope can match `action`, in file
+    /// order.
+    pub fn policies_for_action(&self, action: &EntityUid) -> Vec<&Policy> {
+        let Some(slice) = self.slices.get(action) else {
+            return Vec::new();
+        };
+        let ids: HashSet<&PolicyId> = slice
+            .unconstrained
+            .iter()
+            .chain(slice.by_anchor.values().flatten())
+            .map(Policy::id)
+            .collect();
+        self.all.iter().filter(|p| ids.contains(p.id())).collect()
+    }
     /// The schema the set was validated against.
     pub fn schema(&self) -> &Schema {
         &self.schema
@@ -278,6 +336,7 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
     let mut origin: HashMap<String, usize> = HashMap::new(); // policy id -> file index
     let mut shadow = HashSet::new();
     let mut reasons = BTreeMap::new();
+    let mut locations = HashMap::new();
     for (file_idx, src) in input.policies.iter().enumerate() {
         let set = match PolicySet::from_str(&src.text) {
             Ok(s) => s,
@@ -352,6 +411,8 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
                 reasons.insert(id.clone(), r.to_string());
             }
             origin.insert(id.clone(), file_idx);
+            let at_ = Diagnostic::at_offset(&src.name, &src.text, at(n), "");
+            locations.insert(id.clone(), (src.name.clone(), at_.line, at_.col));
             policies.push(p.new_id(PolicyId::new(&id)));
         }
     }
@@ -436,6 +497,9 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
         reasons,
         files: input.policies.iter().map(|s| s.name.clone()).collect(),
         warnings,
+        all: policies,
+        locations,
+        schema_text: input.schema.text.clone(),
     })
 }
 
@@ -728,7 +792,7 @@ impl PolicyRequest {
 }
 
 /// The three outcomes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Allow,
@@ -748,15 +812,20 @@ impl Outcome {
 }
 
 /// A decision with its reasons.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// The enforced outcome.
     pub decision: Outcome,
     /// The determining policies: the permits that allow (or that approval would unlock), or
     /// the forbids that deny (including forbids that errored). Empty for a default deny.
     pub policies: Vec<String>,
-    /// Shadow policies that would have changed the outcome had they been enforced.
+    /// Shadow policies that would have changed the outcome had they been enforced: those
+    /// that make the request as made, or its approval re-evaluation, come out differently.
     pub shadow: Vec<String>,
+    /// The outcome had the shadow policies been enforced; present only when it differs from
+    /// `decision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow_decision: Option<Outcome>,
     /// Evaluation errors, as `policy <id>: <message>`.
     pub errors: Vec<String>,
 }
@@ -823,6 +892,28 @@ fn err_message(e: &cedar_policy::AuthorizationError) -> String {
     }
 }
 
+/// The decision over one set: both evaluations it made and the outcome.
+struct Decided {
+    outcome: Outcome,
+    /// The request as made.
+    first: Eval,
+    /// The same request with `approved = true`, when the first was denied and the request
+    /// can be approved.
+    approved: Option<Eval>,
+}
+
+impl Decided {
+    /// The determining policies and the errors reported for the outcome.
+    fn reasons(self) -> (Vec<String>, Vec<String>) {
+        let errors = self.first.errors;
+        let policies = match (self.outcome, self.approved) {
+            (Outcome::ApprovalRequired, Some(a)) => a.policies,
+            _ => self.first.policies,
+        };
+        (policies.into_iter().collect(), errors)
+    }
+}
+
 /// The decision procedure over one set: allow / deny / approval_required, with reasons.
 /// `approved` builds the same request with `approved = true`; it is only called after a deny.
 fn decide_in(
@@ -831,18 +922,32 @@ fn decide_in(
     approved: &mut dyn FnMut() -> Result<Option<Request>, PolicyError>,
     entities: &Entities,
     forbids: &HashSet<PolicyId>,
-) -> Result<(Outcome, BTreeSet<String>, Vec<String>), PolicyError> {
+) -> Result<Decided, PolicyError> {
     let e = evaluate(set, first, entities, forbids);
     if e.allow {
-        return Ok((Outcome::Allow, e.policies, e.errors));
+        return Ok(Decided {
+            outcome: Outcome::Allow,
+            first: e,
+            approved: None,
+        });
     }
     if let Some(alt) = approved()? {
         let a = evaluate(set, &alt, entities, forbids);
-        if a.allow {
-            return Ok((Outcome::ApprovalRequired, a.policies, e.errors));
-        }
+        return Ok(Decided {
+            outcome: if a.allow {
+                Outcome::ApprovalRequired
+            } else {
+                Outcome::Deny
+            },
+            first: e,
+            approved: Some(a),
+        });
     }
-    Ok((Outcome::Deny, e.policies, e.errors))
+    Ok(Decided {
+        outcome: Outcome::Deny,
+        first: e,
+        approved: None,
+    })
 }
 
 /// The workspace files that become the system prompt, in the order they are included
@@ -1440,19 +1545,16 @@ impl PolicyEngine {
             .sets_for(action, principal, &active.entities)?;
         let mut permit = false;
         for p in sets.enforced.policies() {
+            // The set holds every policy that may apply to some principal with these anchors
+            // (`principal is T` and `principal == E` for an ancestor E are in it too): only
+            // those whose scope matches this principal count, either way.
+            if !principal_scope_matches(p, principal, &active.entities) {
+                continue;
+            }
             match p.effect() {
                 cedar_policy::Effect::Permit => permit = true,
                 cedar_policy::Effect::Forbid => {
-                    let unconditional = p
-                        .to_json()
-                        .ok()
-                        .and_then(|j| {
-                            j.get("conditions")
-                                .and_then(Value::as_array)
-                                .map(Vec::is_empty)
-                        })
-                        .unwrap_or(false);
-                    if unconditional
+                    if is_unconditional(p)
                         && matches!(
                             p.resource_constraint(),
                             cedar_policy::ResourceConstraint::Any
@@ -1487,37 +1589,60 @@ impl PolicyEngine {
         let entities = if extra.is_empty() {
             &active.entities
         } else {
-            let add = Entities::from_json_value(
-                Value::Array(extra.to_vec()),
-                Some(&active.compiled.schema),
-            )
-            .map_err(|e| PolicyError::Request(format!("request entities: {e}")))?;
-            merged = active
-                .entities
-                .clone()
-                .add_entities(add, Some(&active.compiled.schema))
-                .map_err(|e| PolicyError::Request(format!("request entities: {e}")))?;
+            merged = merge_extra(&active, extra)?;
             &merged
         };
+        self.decide_in_active(&active, req, entities, &[])
+    }
+
+    /// The derived context attributes the engine computes for `req` (name, value): what
+    /// overrides anything the caller sent under those names.
+    pub fn derived_context(&self, req: &PolicyRequest) -> Vec<(&'static str, bool)> {
+        derive_context(&req.action_name(), &req.context, &self.state_dirs)
+    }
+
+    /// Decides `req` against `active` with `overrides` (context attribute, JSON value)
+    /// replacing the caller's values and the derived ones (what `explain` asks: "what if this
+    /// attribute were different").
+    pub(crate) fn decide_in_active(
+        &self,
+        active: &Active,
+        req: &PolicyRequest,
+        entities: &Entities,
+        overrides: &[(String, Value)],
+    ) -> Result<Decision, PolicyError> {
         let compiled = &active.compiled;
         let schema = &compiled.schema;
         let sets = compiled.sets_for(&req.action, &req.principal, entities)?;
         let action_name = req.action_name();
-        let derived = derive_context(&action_name, &req.context, &self.state_dirs);
+        let mut derived: Vec<(&str, Value)> =
+            derive_context(&action_name, &req.context, &self.state_dirs)
+                .into_iter()
+                .map(|(n, v)| (n, Value::Bool(v)))
+                .collect();
+        for (name, v) in overrides {
+            derived.retain(|(n, _)| *n != name.as_str());
+            derived.push((name.as_str(), v.clone()));
+        }
         let is_grant = action_name == "approval.grant";
         let is_secret_use = action_name == "secret.use";
+        let entity_field =
+            |k: &str| (is_grant && k == "requester") || (is_secret_use && k == "user");
+        let replaced = |k: &str, approved: Option<bool>| {
+            derived.iter().any(|(name, _)| *name == k) || (approved.is_some() && k == "approved")
+        };
         // Builds the request from the caller's context without copying it: derived attributes
-        // replace whatever the caller sent under those names, and `approved` can be overridden.
-        let build = |approved: Option<bool>| -> Result<Request, PolicyError> {
+        // (and overrides) replace whatever the caller sent under those names, and `approved`
+        // can be overridden.
+        let fast = |approved: Option<bool>| -> Result<Request, PolicyError> {
             let mut pairs = Vec::with_capacity(req.context.len() + 2);
             for (k, v) in &req.context {
-                let is_derived = derived.iter().any(|(name, _)| *name == k.as_str());
-                if is_derived || (approved.is_some() && k == "approved") {
+                if replaced(k, approved) {
                     continue;
                 }
                 // Typed pairs are ~8x cheaper than Cedar's JSON context parser; the schema
                 // check happens in `Request::new` (types, missing and undeclared attributes).
-                let value = if (is_grant && k == "requester") || (is_secret_use && k == "user") {
+                let value = if entity_field(k) {
                     requester_entity(v)
                 } else {
                     restricted(v)
@@ -1526,7 +1651,9 @@ impl PolicyEngine {
                 pairs.push((k.clone(), value));
             }
             for (name, v) in &derived {
-                pairs.push(((*name).into(), RestrictedExpression::new_bool(*v)));
+                let value = restricted(v)
+                    .map_err(|e| PolicyError::Request(format!("context.{name}: {e}")))?;
+                pairs.push(((*name).into(), value));
             }
             if let Some(a) = approved {
                 pairs.push(("approved".into(), RestrictedExpression::new_bool(a)));
@@ -1549,6 +1676,52 @@ impl PolicyEngine {
             )
             .map_err(|e| PolicyError::Request(e.to_string()))
         };
+        // Cedar's own schema-directed JSON parser: it accepts every form Cedar does (a decimal
+        // or IP address written as a plain string where the schema expects one, the
+        // `{"fn": ..., "arg": ...}` and `{"__extn": ...}` forms, implicit entity references).
+        // Used only when the typed build refuses the context.
+        let cedar_json = |approved: Option<bool>| -> Result<Request, PolicyError> {
+            let mut m = Map::new();
+            for (k, v) in &req.context {
+                if replaced(k, approved) {
+                    continue;
+                }
+                let value = match v {
+                    Value::String(s) if entity_field(k) => user_entity_json(s)
+                        .map_err(|e| PolicyError::Request(format!("context.{k}: {e}")))?,
+                    other => other.clone(),
+                };
+                m.insert(k.clone(), value);
+            }
+            for (name, v) in &derived {
+                m.insert((*name).to_string(), v.clone());
+            }
+            if let Some(a) = approved {
+                m.insert("approved".into(), Value::Bool(a));
+            }
+            let context = Context::from_json_value(Value::Object(m), Some((schema, &req.action)))
+                .map_err(|e| PolicyError::Request(format!("context: {e}")))?;
+            Request::new(
+                req.principal.clone(),
+                req.action.clone(),
+                req.resource.clone(),
+                context,
+                Some(schema),
+            )
+            .map_err(|e| PolicyError::Request(e.to_string()))
+        };
+        let (first, use_json) = match fast(None) {
+            Ok(r) => (r, false),
+            // The typed build's message is kept when Cedar refuses the context too.
+            Err(e) => (cedar_json(None).map_err(|_| e)?, true),
+        };
+        let build = |approved: Option<bool>| {
+            if use_json {
+                cedar_json(approved)
+            } else {
+                fast(approved)
+            }
+        };
         // The `approved = true` variant, built at most once and only when a deny needs it.
         let wants_variant = matches!(req.context.get("approved"), Some(Value::Bool(false)));
         let mut variant: Option<Request> = None;
@@ -1558,49 +1731,110 @@ impl PolicyEngine {
             }
             Ok(variant.clone())
         };
-        let first = build(None)?;
-        let (outcome, policies, errors) = decide_in(
-            &sets.enforced,
-            &first,
-            &mut approved,
-            entities,
-            &compiled.forbids,
-        )?;
-        let mut shadow = Vec::new();
+        let forbids = &compiled.forbids;
+        let enforced = decide_in(&sets.enforced, &first, &mut approved, entities, forbids)?;
+        let outcome = enforced.outcome;
+        let mut shadow = BTreeSet::new();
+        let mut shadow_decision = None;
         if let Some(with_shadow) = &sets.with_shadow {
-            let (s_outcome, s_policies, s_errors) = decide_in(
-                with_shadow,
-                &first,
-                &mut approved,
-                entities,
-                &compiled.forbids,
-            )?;
-            if s_outcome != outcome {
-                shadow = s_policies
-                    .into_iter()
-                    .filter(|id| compiled.shadow.contains(&PolicyId::new(id)))
-                    .collect();
-                if shadow.is_empty() {
-                    // The change came from a shadow policy that errored or from one that is
-                    // not itself determining (e.g. a shadow forbid cancelling a permit).
-                    shadow = s_errors
+            let trial = decide_in(with_shadow, &first, &mut approved, entities, forbids)?;
+            if trial.outcome != outcome {
+                // The shadow policies that make an evaluation come out differently: in the
+                // request as made and, where the outcome depends on it, in the approval
+                // re-evaluation. Ids are carried as data, never read back out of messages.
+                let ids = |e: &Eval| -> Vec<String> {
+                    e.policies
                         .iter()
-                        .filter_map(|e| e.strip_prefix("policy ").and_then(|r| r.split(':').next()))
-                        .filter(|id| compiled.shadow.contains(&PolicyId::new(*id)))
-                        .map(str::to_string)
-                        .collect();
+                        .filter(|id| compiled.shadow.contains(&PolicyId::new(id.as_str())))
+                        .cloned()
+                        .collect()
+                };
+                if trial.first.allow != enforced.first.allow {
+                    shadow.extend(ids(&trial.first));
                 }
-                shadow.sort();
-                shadow.dedup();
+                if let Some(t2) = &trial.approved {
+                    let e2 = match &enforced.approved {
+                        Some(e2) => Some(e2.allow),
+                        None => approved()?
+                            .map(|alt| evaluate(&sets.enforced, &alt, entities, forbids).allow),
+                    };
+                    if e2.is_some_and(|allow| allow != t2.allow) {
+                        shadow.extend(ids(t2));
+                    }
+                }
+                shadow_decision = Some(trial.outcome);
             }
         }
+        let (policies, errors) = enforced.reasons();
         Ok(Decision {
             decision: outcome,
-            policies: policies.into_iter().collect(),
-            shadow,
+            policies,
+            shadow: shadow.into_iter().collect(),
+            shadow_decision,
             errors,
         })
     }
+}
+
+/// Whether `p`'s principal scope matches `principal` (with its ancestors in `entities`).
+pub(crate) fn principal_scope_matches(
+    p: &Policy,
+    principal: &EntityUid,
+    entities: &Entities,
+) -> bool {
+    let within = |e: &EntityUid| {
+        e == principal
+            || entities
+                .ancestors(principal)
+                .is_some_and(|mut a| a.any(|x| x == e))
+    };
+    match p.principal_constraint() {
+        PrincipalConstraint::Any => true,
+        PrincipalConstraint::Is(t) => principal.type_name() == &t,
+        PrincipalConstraint::Eq(e) => &e == principal,
+        PrincipalConstraint::In(e) => within(&e),
+        PrincipalConstraint::IsIn(t, e) => principal.type_name() == &t && within(&e),
+    }
+}
+
+/// Whether a policy has no `when` / `unless` clause.
+pub(crate) fn is_unconditional(p: &Policy) -> bool {
+    p.to_json()
+        .ok()
+        .and_then(|j| {
+            j.get("conditions")
+                .and_then(Value::as_array)
+                .map(Vec::is_empty)
+        })
+        .unwrap_or(false)
+}
+
+/// The active entities plus request-specific ones (checked against the schema; redefining an
+/// entity is an error).
+fn merge_extra(active: &Active, extra: &[Value]) -> Result<Entities, PolicyError> {
+    let add =
+        Entities::from_json_value(Value::Array(extra.to_vec()), Some(&active.compiled.schema))
+            .map_err(|e| PolicyError::Request(format!("request entities: {e}")))?;
+    active
+        .entities
+        .clone()
+        .add_entities(add, Some(&active.compiled.schema))
+        .map_err(|e| PolicyError::Request(format!("request entities: {e}")))
+}
+
+/// A `User` written as an id (`"alice"`) or an entity reference (`Chitin::User::"alice"`),
+/// in Cedar's JSON entity form.
+fn user_entity_json(s: &str) -> Result<Value, String> {
+    let uid = if s.contains("::") {
+        EntityUid::from_str(s).map_err(|e| e.to_string())?
+    } else {
+        let ty = EntityTypeName::from_str("Chitin::User").map_err(|e| e.to_string())?;
+        EntityUid::from_type_name_and_id(ty, EntityId::new(s))
+    };
+    Ok(serde_json::json!({"__entity": {
+        "type": uid.type_name().to_string(),
+        "id": uid.id().unescaped(),
+    }}))
 }
 
 /// `approval.grant`'s `requester` and `secret.use`'s `user` are a `User`. It may be given as a
@@ -1638,9 +1872,13 @@ fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
                 .map(restricted)
                 .collect::<Result<Vec<_>, _>>()?,
         ),
-        Value::Object(m) if m.len() == 1 && m.contains_key("__extn") => {
-            // An extension value: `{"__extn": {"fn": "decimal" | "ip", "arg": "..."}}`.
-            let e = &m["__extn"];
+        Value::Object(m)
+            if (m.len() == 1 && m.contains_key("__extn"))
+                || (m.len() == 2 && m.contains_key("fn") && m.contains_key("arg")) =>
+        {
+            // An extension value: `{"__extn": {"fn": "decimal" | "ip", "arg": "..."}}` or
+            // Cedar's implicit form `{"fn": ..., "arg": ...}`.
+            let e = m.get("__extn").unwrap_or(v);
             let f = e
                 .get("fn")
                 .and_then(Value::as_str)

@@ -5,10 +5,11 @@
 //!   "entities": [ Cedar entity JSON ... ],
 //!   "cases": [ { "name": "...", "request": {principal, action, resource, context},
 //!                "decision": "allow", "policies": ["tools.owner-files-in-workspace"],
-//!                "shadow": [] } ],
+//!                "shadow": [], "shadow_decision": "deny" } ],
 //!   "state_dir": "/srv/chitin" }
 //! ```
-//! `policies` (and `shadow`, when given) must match exactly, order aside.
+//! `policies` (and `shadow` and `shadow_decision`, when given) must match exactly, order
+//! aside.
 
 use std::path::Path;
 
@@ -41,6 +42,9 @@ struct Case {
     policies: Vec<String>,
     #[serde(default)]
     shadow: Option<Vec<String>>,
+    /// The decision the shadow policies would give (`null` or absent: they change nothing).
+    #[serde(default)]
+    shadow_decision: Option<String>,
 }
 
 /// The result of running vector files.
@@ -94,20 +98,35 @@ pub fn run_file(
                     s.sort();
                     s == d.shadow
                 });
-                if d.decision.as_str() == case.decision && want_p == got_p && shadow_ok {
+                let shadow_decision_ok = case
+                    .shadow_decision
+                    .as_deref()
+                    .is_none_or(|want| d.shadow_decision.map(super::Outcome::as_str) == Some(want));
+                if d.decision.as_str() == case.decision
+                    && want_p == got_p
+                    && shadow_ok
+                    && shadow_decision_ok
+                {
                     Ok(())
                 } else {
                     Err(format!(
-                        "expected {} {:?}{}, got {} {:?} shadow {:?} errors {:?}",
+                        "expected {} {:?}{}{}, got {} {:?} shadow {:?}{} errors {:?}",
                         case.decision,
                         case.policies,
                         case.shadow
                             .as_ref()
                             .map(|s| format!(" shadow {s:?}"))
                             .unwrap_or_default(),
+                        case.shadow_decision
+                            .as_ref()
+                            .map(|s| format!(" shadow_decision {s}"))
+                            .unwrap_or_default(),
                         d.decision.as_str(),
                         d.policies,
                         d.shadow,
+                        d.shadow_decision
+                            .map(|s| format!(" shadow_decision {}", s.as_str()))
+                            .unwrap_or_default(),
                         d.errors
                     ))
                 }
