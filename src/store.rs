@@ -385,6 +385,23 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX workflow_pauses_approval ON workflow_pauses(approval_id);
      ALTER TABLE approvals ADD COLUMN required_approver TEXT;
      ALTER TABLE approvals ADD COLUMN distinct_from TEXT;",
+    // MCP servers trusted by an owner (`chitin mcp trust`): the server's identity (command
+    // line or URL) and the pinned tool definitions; a tool whose definition no longer has its
+    // pinned digest is withheld.
+    "CREATE TABLE mcp_trust (
+        server       TEXT PRIMARY KEY,
+        identity     TEXT NOT NULL,
+        list_digest  TEXT NOT NULL,
+        trusted_ms   INTEGER NOT NULL,
+        trusted_by   TEXT NOT NULL
+     ) STRICT;
+     CREATE TABLE mcp_pins (
+        server       TEXT NOT NULL,
+        tool         TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        definition   TEXT NOT NULL,
+        PRIMARY KEY (server, tool)
+     ) STRICT;",
 ];
 
 /// The state database.

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod channels;
 pub mod cli;
 pub mod gateway;
+pub mod mcp;
 pub mod paths;
 pub mod policy;
 pub mod providers;
@@ -72,6 +73,7 @@ pub struct Config {
     pub channels: Vec<channels::ChannelConfig>,
     pub cron: Vec<automation::CronJob>,
     pub hooks: Vec<automation::HookConfig>,
+    pub mcp: mcp::McpConfig,
 }
 
 impl Config {
@@ -128,6 +130,7 @@ impl Config {
             .and_then(|()| config.agent.validate())
             .and_then(|()| config.sandbox.validate())
             .and_then(|()| config.workflows.validate())
+            .and_then(|()| config.mcp.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -187,6 +190,7 @@ pub fn default_toml() -> String {
         cli::TEMPLATE,
         channels::TEMPLATE,
         automation::TEMPLATE,
+        mcp::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

@@ -75,6 +75,9 @@ closed_enum! {
         WebhookReceive => "webhook.receive",
         WorkflowRun => "workflow.run",
         WorkflowResume => "workflow.resume",
+        McpCall => "mcp.call",
+        McpEgress => "mcp.egress",
+        McpTrust => "mcp.trust",
     }
 }
 

@@ -149,6 +149,9 @@ pub fn invoke_step(
     if tool == super::cron::TOOL {
         return super::cron::invoke(gate, sandbox, call, args, approvals);
     }
+    if tool.starts_with(super::mcp::PREFIX) {
+        return super::mcp::invoke(gate, sandbox, call, step, tool, args, approvals);
+    }
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     // `send_message` is invocable too; it runs only where a messenger is attached (channels).
     let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t) || *t == Tool::SendMessage);

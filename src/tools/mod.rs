@@ -15,6 +15,7 @@ pub mod cron;
 pub mod fetch;
 pub mod helper;
 pub mod invoke;
+pub mod mcp;
 pub mod message;
 pub mod prompt_guard;
 
@@ -508,6 +509,8 @@ pub struct Sandbox {
     messenger: Option<std::sync::Arc<dyn message::Messenger>>,
     /// Where the `cron` tool keeps jobs (only in the gateway).
     cron: Option<std::sync::Arc<dyn cron::CronJobs>>,
+    /// The configured MCP servers (`mcp__<server>__<tool>` tools), if any.
+    mcp: Option<std::sync::Arc<dyn mcp::McpTools>>,
 }
 
 impl Sandbox {
@@ -533,6 +536,7 @@ impl Sandbox {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            mcp: None,
         })
     }
 
@@ -580,6 +584,18 @@ impl Sandbox {
     pub fn with_cron(mut self, jobs: std::sync::Arc<dyn cron::CronJobs>) -> Self {
         self.cron = Some(jobs);
         self
+    }
+
+    /// Lets the agent call the tools of the configured MCP servers.
+    #[must_use]
+    pub fn with_mcp(mut self, hub: std::sync::Arc<dyn mcp::McpTools>) -> Self {
+        self.mcp = Some(hub);
+        self
+    }
+
+    /// The configured MCP servers, if any.
+    pub fn mcp(&self) -> Option<&std::sync::Arc<dyn mcp::McpTools>> {
+        self.mcp.as_ref()
     }
 
     /// Where the `cron` tool keeps jobs, if anywhere.
@@ -1106,6 +1122,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            mcp: None,
         };
         let e = exec(
             &auth,
@@ -1149,6 +1166,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            mcp: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1229,6 +1247,7 @@ mod tests {
             prompt_marks: None,
             messenger: None,
             cron: None,
+            mcp: None,
         };
         (home, d, w, sb)
     }
