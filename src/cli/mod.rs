@@ -10,6 +10,7 @@ mod data;
 mod doctor;
 mod gateway;
 mod init;
+mod mcp;
 mod pairing;
 mod policy;
 mod retention;
@@ -106,6 +107,9 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// MCP servers: list them and their tools, trust (pin) or untrust a server's tools.
+    #[command(subcommand)]
+    Mcp(mcp::McpCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -283,6 +287,7 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Mcp(cmd) => mcp::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,
