@@ -114,7 +114,10 @@ fn list(hub: &Hub, json_out: bool) -> CmdResult {
                 r.name
             ),
             Some(t) => format!("trusted by {} at {}", t.trusted_by, rfc3339(t.trusted_ms)),
-            None => format!("not trusted: nothing offered until `chitin mcp trust {}`", r.name),
+            None => format!(
+                "not trusted: nothing offered until `chitin mcp trust {}`",
+                r.name
+            ),
         };
         println!(
             "{}  {}  {}  {trust}{}",
@@ -228,7 +231,9 @@ fn untrust(rt: &Runtime, hub: &Hub, server: &str) -> CmdResult {
         json!({"server": server, "op": "untrust", "was_trusted": was}),
     ))?;
     if was {
-        println!("untrusted: {server} (none of its tools is offered until `chitin mcp trust {server}`)");
+        println!(
+            "untrusted: {server} (none of its tools is offered until `chitin mcp trust {server}`)"
+        );
     } else {
         println!("{server} was not trusted; nothing changed");
     }

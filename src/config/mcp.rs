@@ -285,10 +285,7 @@ impl McpConfig {
         for s in &self.servers {
             s.validate()?;
             if !seen.insert(s.name.as_str()) {
-                return Err(format!(
-                    "[[mcp.servers]] name `{}` is used twice",
-                    s.name
-                ));
+                return Err(format!("[[mcp.servers]] name `{}` is used twice", s.name));
             }
         }
         Ok(())

@@ -159,11 +159,7 @@ impl HttpConn {
         }
         let (tx, rx) = mpsc::channel();
         self.jobs
-            .send(Job {
-                msg,
-                id,
-                reply: tx,
-            })
+            .send(Job { msg, id, reply: tx })
             .map_err(|_| McpError::Exited {
                 server: self.server.clone(),
                 reason: "the HTTP client stopped".into(),

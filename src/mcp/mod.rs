@@ -46,9 +46,7 @@ pub enum McpError {
     NotConfigured(String),
     #[error("MCP server `{server}` could not be started: {reason}")]
     Start { server: String, reason: String },
-    #[error(
-        "MCP server `{server}` stopped: {reason}; it is started again at the next use"
-    )]
+    #[error("MCP server `{server}` stopped: {reason}; it is started again at the next use")]
     Exited { server: String, reason: String },
     #[error(
         "MCP server `{server}` did not answer within {secs} s (timeout_secs); it was stopped and is started again at the next use"
@@ -165,7 +163,11 @@ impl std::fmt::Debug for Hub {
         f.debug_struct("Hub")
             .field(
                 "servers",
-                &self.slots.iter().map(|s| s.cfg.name.clone()).collect::<Vec<_>>(),
+                &self
+                    .slots
+                    .iter()
+                    .map(|s| s.cfg.name.clone())
+                    .collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -411,7 +413,9 @@ impl Hub {
         };
         cmd.arg("--").arg(command).args(&cfg.args);
         let cap = cfg.max_result_bytes().max(1024 * 1024) + 64 * 1024;
-        Ok(Conn::Stdio(stdio::StdioConn::spawn(name, cmd, secret, cap)?))
+        Ok(Conn::Stdio(stdio::StdioConn::spawn(
+            name, cmd, secret, cap,
+        )?))
     }
 
     /// Starts (and initializes) the server.
@@ -425,12 +429,7 @@ impl Hub {
                 cfg.max_result_bytes().max(1024 * 1024),
             )?),
         };
-        let init = conn.request(
-            "initialize",
-            wire::initialize_params(),
-            cfg.timeout(),
-            None,
-        );
+        let init = conn.request("initialize", wire::initialize_params(), cfg.timeout(), None);
         let version = init.and_then(|r| {
             wire::negotiated_version(&r).map_err(|message| McpError::Protocol {
                 server: cfg.name.clone(),
@@ -469,7 +468,10 @@ impl Hub {
             return Err(McpError::Backoff {
                 server: slot.cfg.name.clone(),
                 failures: st.failures,
-                secs: at.saturating_duration_since(Instant::now()).as_secs().max(1),
+                secs: at
+                    .saturating_duration_since(Instant::now())
+                    .as_secs()
+                    .max(1),
             });
         }
         match self.start(&slot.cfg) {
@@ -564,7 +566,11 @@ impl Hub {
     /// The listing: the cached one unless the server said it changed.
     fn listing(&self, slot: &Slot, st: &mut SlotState) -> Result<Vec<ToolDef>, McpError> {
         let changed = st.conn.as_ref().is_some_and(|c| c.take_list_changed());
-        match (&st.listing, changed, st.conn.as_ref().is_some_and(|c| c.alive())) {
+        match (
+            &st.listing,
+            changed,
+            st.conn.as_ref().is_some_and(|c| c.alive()),
+        ) {
             (Some(l), false, true) => Ok(l.clone()),
             _ => self.list_now(slot, st),
         }
@@ -744,7 +750,10 @@ impl McpTools for Hub {
                 "MCP server `{server}`'s command line or URL changed since it was trusted; an owner must run `chitin mcp trust {server}` again"
             ));
         }
-        let mut st = slot.state.lock().map_err(|_| "a server's lock was poisoned".to_string())?;
+        let mut st = slot
+            .state
+            .lock()
+            .map_err(|_| "a server's lock was poisoned".to_string())?;
         let listed = self.listing(slot, &mut st).map_err(|e| e.to_string())?;
         let Some(def) = listed.iter().find(|d| d.name == tool) else {
             return Err(format!(
@@ -753,7 +762,10 @@ impl McpTools for Hub {
             ));
         };
         if let Some(why) = wire::unusable(server, def) {
-            return Err(format!("MCP tool `{}` cannot be used: {why}", tool.escape_default()));
+            return Err(format!(
+                "MCP tool `{}` cannot be used: {why}",
+                tool.escape_default()
+            ));
         }
         match trust.pins.get(tool) {
             Some(p) if *p == def.digest => Ok(Self::info(cfg, def)),
@@ -784,7 +796,10 @@ impl McpTools for Hub {
         let cfg = &slot.cfg;
         // One call at a time per server holds the slot only to get the connection.
         let conn = {
-            let mut st = slot.state.lock().map_err(|_| "a server's lock was poisoned".to_string())?;
+            let mut st = slot
+                .state
+                .lock()
+                .map_err(|_| "a server's lock was poisoned".to_string())?;
             self.conn(slot, &mut st).map_err(|e| e.to_string())?
         };
         let r = conn.request(
@@ -807,7 +822,10 @@ impl McpTools for Hub {
                 message,
             })
         });
-        let mut st = slot.state.lock().map_err(|_| "a server's lock was poisoned".to_string())?;
+        let mut st = slot
+            .state
+            .lock()
+            .map_err(|_| "a server's lock was poisoned".to_string())?;
         // Only the connection this call used is judged (another call may have restarted it).
         let same = st.conn.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn));
         if same {
@@ -829,7 +847,10 @@ pub fn report_json(r: &ServerReport) -> Value {
         .map(|t| {
             let mut m = Map::new();
             m.insert("name".into(), json!(t.name));
-            m.insert("full_name".into(), json!(crate::tools::mcp::tool_name(&r.name, &t.name)));
+            m.insert(
+                "full_name".into(),
+                json!(crate::tools::mcp::tool_name(&r.name, &t.name)),
+            );
             m.insert("status".into(), json!(t.status.as_str()));
             if let ToolStatus::Unusable(why) = &t.status {
                 m.insert("reason".into(), json!(why));

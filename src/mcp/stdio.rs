@@ -60,7 +60,11 @@ impl Shared {
     }
 
     fn stderr(&self) -> String {
-        let tail = self.stderr_tail.lock().map(|t| t.clone()).unwrap_or_default();
+        let tail = self
+            .stderr_tail
+            .lock()
+            .map(|t| t.clone())
+            .unwrap_or_default();
         let s = String::from_utf8_lossy(&tail);
         let s = s.trim();
         if s.is_empty() {
@@ -136,7 +140,11 @@ impl StdioConn {
     pub fn spawn(
         server: &str,
         mut cmd: Command,
-        secret: Option<(std::io::PipeWriter, std::os::fd::OwnedFd, chitin_sandbox::SecretEnv)>,
+        secret: Option<(
+            std::io::PipeWriter,
+            std::os::fd::OwnedFd,
+            chitin_sandbox::SecretEnv,
+        )>,
         line_cap: usize,
     ) -> Result<Self, McpError> {
         cmd.stdin(ProcStdio::piped())
@@ -173,9 +181,11 @@ impl StdioConn {
             stderr_tail: Mutex::new(Vec::new()),
             stdin: Mutex::new(Some(stdin)),
         });
+        let (stderr_done, stderr_closed) = mpsc::channel::<()>();
         {
             let sh = Arc::clone(&shared);
             std::thread::spawn(move || {
+                let _done = stderr_done;
                 let mut r = stderr;
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = r.read(&mut buf) {
@@ -192,7 +202,7 @@ impl StdioConn {
         }
         {
             let sh = Arc::clone(&shared);
-            std::thread::spawn(move || reader(&sh, stdout, line_cap));
+            std::thread::spawn(move || reader(&sh, stdout, line_cap, &stderr_closed));
         }
         Ok(Self {
             shared,
@@ -318,12 +328,20 @@ impl Drop for StdioConn {
     }
 }
 
-fn reader(sh: &Shared, stdout: std::process::ChildStdout, cap: usize) {
+fn reader(
+    sh: &Shared,
+    stdout: std::process::ChildStdout,
+    cap: usize,
+    stderr_closed: &mpsc::Receiver<()>,
+) {
     let mut r = BufReader::with_capacity(64 * 1024, stdout);
     loop {
         let line = match read_line(&mut r, cap) {
             Ok(Some(l)) => l,
             Ok(None) => {
+                // stdout and stderr close together (when the launcher exits); the stderr
+                // tail is part of the error, so wait (briefly) for its last bytes.
+                let _ = stderr_closed.recv_timeout(Duration::from_secs(10));
                 sh.die("the server exited".into());
                 return;
             }
@@ -378,7 +396,10 @@ mod tests {
         assert!(matches!(read_line(&mut r, 10), Err(None)));
         let mut r = BufReader::with_capacity(4, &data[..]);
         read_line(&mut r, 100).unwrap();
-        assert_eq!(read_line(&mut r, 100).unwrap().unwrap(), b"0123456789abcdef");
+        assert_eq!(
+            read_line(&mut r, 100).unwrap().unwrap(),
+            b"0123456789abcdef"
+        );
         assert_eq!(read_line(&mut r, 100).unwrap().unwrap(), b"last");
         assert_eq!(read_line(&mut r, 100).unwrap(), None);
     }

@@ -215,12 +215,19 @@ pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, Strin
     let content = match result.get("content") {
         Some(c @ Value::Array(_)) => c.clone(),
         None => json!([]),
-        Some(_) => return Err("the server's tools/call answer has a `content` that is not an array".into()),
+        Some(_) => {
+            return Err(
+                "the server's tools/call answer has a `content` that is not an array".into(),
+            );
+        }
     };
     Ok(crate::tools::mcp::McpOutput {
         content,
         structured: result.get("structuredContent").cloned(),
-        is_error: result.get("isError").and_then(Value::as_bool).unwrap_or(false),
+        is_error: result
+            .get("isError")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     })
 }
 

@@ -46,7 +46,10 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
         "workflows.cedar",
         include_str!("../../policies/default/workflows.cedar"),
     ),
-    ("mcp.cedar", include_str!("../../policies/default/mcp.cedar")),
+    (
+        "mcp.cedar",
+        include_str!("../../policies/default/mcp.cedar"),
+    ),
 ];
 
 /// A built-in tool: its name, risk and effects.

@@ -217,7 +217,10 @@ pub fn check_args(schema: &Value, args: &Value) -> Result<(), String> {
     if let Some(req) = schema.get("required").and_then(Value::as_array) {
         for r in req.iter().filter_map(Value::as_str) {
             if !obj.contains_key(r) {
-                return Err(format!("missing required argument `{}`", r.escape_default()));
+                return Err(format!(
+                    "missing required argument `{}`",
+                    r.escape_default()
+                ));
             }
         }
     }
@@ -350,7 +353,7 @@ pub fn invoke(
         }
         (Err(_), Err(e)) => return Err(InvokeError::Audit(e.to_string())),
         (Err(e), Ok(_)) => {
-            return Err(ToolError::Sandbox(format!("MCP server `{server}`: {e}")).into());
+            return Err(ToolError::Mcp(e).into());
         }
     };
     let mut r = result(server, tool, &output, duration_ms);
@@ -403,9 +406,21 @@ mod tests {
         let schema = json!({"type": "object", "additionalProperties": false, "required": ["q"],
             "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}});
         assert!(check_args(&schema, &json!({"q": "x", "n": 3})).is_ok());
-        assert!(check_args(&schema, &json!({"n": 3})).unwrap_err().contains("`q`"));
-        assert!(check_args(&schema, &json!({"q": 1})).unwrap_err().contains("string"));
-        assert!(check_args(&schema, &json!({"q": "x", "approved": true})).unwrap_err().contains("unknown"));
+        assert!(
+            check_args(&schema, &json!({"n": 3}))
+                .unwrap_err()
+                .contains("`q`")
+        );
+        assert!(
+            check_args(&schema, &json!({"q": 1}))
+                .unwrap_err()
+                .contains("string")
+        );
+        assert!(
+            check_args(&schema, &json!({"q": "x", "approved": true}))
+                .unwrap_err()
+                .contains("unknown")
+        );
         assert!(check_args(&schema, &json!(["q"])).is_err());
     }
 }

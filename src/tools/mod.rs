@@ -77,6 +77,10 @@ pub enum ToolError {
     /// The run was cancelled (or timed out) before the tool started; nothing ran.
     #[error("the run was {0} before this tool started; nothing ran")]
     Cancelled(&'static str),
+    /// An MCP server failed the call (crashed, timed out, answered too much, broke the
+    /// protocol); the server is started again at the next call.
+    #[error("{0}")]
+    Mcp(String),
     /// A tainted call whose changes to the prompt files could not be watched; nothing ran.
     #[error(transparent)]
     PromptGuard(#[from] prompt_guard::GuardError),
