@@ -46,7 +46,9 @@ fn tools() -> Value {
         {"name": "env", "description": "A high-risk tool (the default risk).",
          "inputSchema": schema(json!({"name": {"type": "string"}}), &["name"])},
         {"name": "crashy", "description": "Crashes once.", "inputSchema": schema(json!({}), &[])},
-        {"name": "slow", "description": "Never answers.", "inputSchema": schema(json!({}), &[])}
+        {"name": "slow", "description": "Never answers.", "inputSchema": schema(json!({}), &[])},
+        {"name": "big", "description": "A large answer.",
+         "inputSchema": schema(json!({"bytes": {"type": "integer"}}), &["bytes"])}
     ])
 }
 
@@ -57,7 +59,7 @@ fn behavior(tools: &Value) -> Value {
 /// The server's config: risks for the tools the tests call without approval.
 fn server_config(name: &str, extra: &str) -> String {
     format!(
-        "\n[[mcp.servers]]\nname = \"{name}\"\ncommand = \"python3\"\nargs = [\"server.py\"]\ntimeout_secs = 5\n{extra}\n[mcp.servers.tools.echo]\nrisk = \"low\"\n[mcp.servers.tools.probe]\nrisk = \"low\"\n[mcp.servers.tools.inject]\nrisk = \"low\"\n[mcp.servers.tools.crashy]\nrisk = \"low\"\n[mcp.servers.tools.slow]\nrisk = \"low\"\n[mcp.servers.tools.remember]\nrisk = \"medium\"\n"
+        "\n[[mcp.servers]]\nname = \"{name}\"\ncommand = \"python3\"\nargs = [\"server.py\"]\ntimeout_secs = 5\n{extra}\n[mcp.servers.tools.echo]\nrisk = \"low\"\n[mcp.servers.tools.probe]\nrisk = \"low\"\n[mcp.servers.tools.inject]\nrisk = \"low\"\n[mcp.servers.tools.crashy]\nrisk = \"low\"\n[mcp.servers.tools.slow]\nrisk = \"low\"\n[mcp.servers.tools.big]\nrisk = \"low\"\n[mcp.servers.tools.remember]\nrisk = \"medium\"\n"
     )
 }
 
@@ -237,7 +239,7 @@ fn an_owner_trusts_a_server_and_the_agent_calls_its_tool_inside_the_sandbox_with
     assert_eq!(before[0]["trusted"], false);
     assert_eq!(status_of(&before, "notes", "echo"), "new");
     let out = ok(&chitin(&e.home, &["mcp", "trust", "notes"]));
-    assert!(out.contains("trusted: notes (7 tools pinned"), "{out}");
+    assert!(out.contains("trusted: notes (8 tools pinned"), "{out}");
     assert!(out.contains("mcp__notes__echo  risk=low"), "{out}");
     assert!(
         out.contains("description: \"Echo the text back.\""),
@@ -533,6 +535,22 @@ fn a_hanging_server_times_out_as_a_tool_error_and_the_next_call_gets_a_fresh_ser
     let r = invoke(&g, "mcp__notes__echo", json!({"text": "after"}));
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.contains("echo: after"), "{}", r.body);
+}
+
+#[test]
+fn a_result_larger_than_the_limit_is_a_tool_error_and_the_server_goes_on() {
+    let (g, _dir) = gateway(&server_config("notes", "max_result_kib = 2\n"));
+    let r = invoke(&g, "mcp__notes__big", json!({"bytes": 1000}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = invoke(&g, "mcp__notes__big", json!({"bytes": 5000}));
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(
+        r.body.contains("at most 2048 (max_result_kib)"),
+        "{}",
+        r.body
+    );
+    let r = invoke(&g, "mcp__notes__echo", json!({"text": "still here"}));
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 struct HttpFake {
