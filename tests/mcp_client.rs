@@ -459,6 +459,63 @@ fn trust_is_decided_by_policy_for_the_operator() {
     assert_eq!(list_json(&e.home)[0]["trusted"], false);
 }
 
+#[test]
+fn an_env_secret_reaches_the_server_only_when_policy_allows_it_and_never_the_model() {
+    let e = env(
+        Vec::new(),
+        &server_config(
+            "notes",
+            "env = { NOTES_TOKEN = \"secret:notes_token\", LEVEL = \"info\" }\n[mcp.servers.tools.env]\nrisk = \"low\"\n",
+        ),
+    );
+    let mut set = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", "notes_token"])
+        .env("CHITIN_HOME", &e.home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut set.stdin.take().unwrap(), b"tok-5f2c9a61-value").unwrap();
+    let out = set.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    // No policy grants it: the server does not start.
+    let out = chitin(&e.home, &["mcp", "trust", "notes"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("policy did not allow secret `notes_token`"),
+        "{}",
+        stderr(&out)
+    );
+    support::write_private(
+        &e.home.join("policies/token.cedar"),
+        br#"@id("site.notes-token")
+@reason("The notes MCP server gets its token.")
+permit (principal == Chitin::Tool::"mcp:notes", action == Chitin::Action::"secret.use", resource == Chitin::Secret::"notes_token")
+when { context.command_writable == false };
+"#,
+    );
+    ok(&chitin(&e.home, &["mcp", "trust", "notes"]));
+    e.model.push(Step::tool_call(
+        "c1",
+        "mcp__notes__env",
+        r#"{"name":"NOTES_TOKEN"}"#,
+    ));
+    e.model.push(Step::tool_call(
+        "c2",
+        "mcp__notes__env",
+        r#"{"name":"LEVEL"}"#,
+    ));
+    e.model.push(Step::text("done"));
+    let v = agent(&e.home, "env");
+    assert_eq!(v["tool_calls"][0]["decision"], "allow", "{v}");
+    let token = tool_message(&e.model, 1);
+    assert!(token.contains("env: [REDACTED:notes_token]"), "{token}");
+    assert!(!token.contains("tok-5f2c9a61-value"), "{token}");
+    assert!(tool_message(&e.model, 2).contains("env: info"));
+}
+
 // ---- through the gateway: /tools/invoke, approvals, crashes, hangs, HTTP servers ----------
 
 fn gateway(extra: &str) -> (gw::Gw, PathBuf) {

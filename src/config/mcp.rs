@@ -25,7 +25,7 @@ pub const TEMPLATE: &str = r#"
 #                                     # (principal Chitin::Tool::"mcp:<name>")
 # hosts = ["api.example.com:443"]     # network the server may get (each decided by policy)
 # ro = []                             # extra read-only paths in its sandbox (absolute)
-# timeout_secs = 60                   # one call (and the start-up handshake)
+# timeout_secs = 60                   # one call (start-up and tool lists: at least 30 s)
 # max_result_kib = 256                # a larger result is an error
 # memory_mb = 512                     # the server's sandbox memory limit
 # lifetime_secs = 86400               # the sandbox's wall clock: restarted when it ends
@@ -160,6 +160,12 @@ impl McpServerConfig {
     /// A call's time limit.
     pub fn timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.timeout_secs.max(1))
+    }
+
+    /// The time limit of the start-up handshake and of tool listings: `timeout_secs`, but at
+    /// least 30 s (a cold start on a busy machine).
+    pub fn startup_timeout(&self) -> std::time::Duration {
+        self.timeout().max(std::time::Duration::from_secs(30))
     }
 
     /// The largest result accepted, in bytes.

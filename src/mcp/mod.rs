@@ -425,11 +425,16 @@ impl Hub {
             Transport::Http { url } => Conn::Http(http::HttpConn::new(
                 &cfg.name,
                 url,
-                cfg.timeout(),
+                cfg.startup_timeout(),
                 cfg.max_result_bytes().max(1024 * 1024),
             )?),
         };
-        let init = conn.request("initialize", wire::initialize_params(), cfg.timeout(), None);
+        let init = conn.request(
+            "initialize",
+            wire::initialize_params(),
+            cfg.startup_timeout(),
+            None,
+        );
         let version = init.and_then(|r| {
             wire::negotiated_version(&r).map_err(|message| McpError::Protocol {
                 server: cfg.name.clone(),
@@ -528,7 +533,7 @@ impl Hub {
                     Some(c) => json!({"cursor": c}),
                     None => json!({}),
                 };
-                let r = conn.request("tools/list", params, slot.cfg.timeout(), None)?;
+                let r = conn.request("tools/list", params, slot.cfg.startup_timeout(), None)?;
                 let (page, next) =
                     wire::parse_tools_page(&r).map_err(|message| McpError::Protocol {
                         server: name.clone(),

@@ -233,7 +233,7 @@ pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, Strin
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
     use super::*;
 
     #[test]
