@@ -493,7 +493,7 @@ fn an_env_secret_reaches_the_server_only_when_policy_allows_it_and_never_the_mod
         br#"@id("site.notes-token")
 @reason("The notes MCP server gets its token.")
 permit (principal == Chitin::Tool::"mcp:notes", action == Chitin::Action::"secret.use", resource == Chitin::Secret::"notes_token")
-when { context.command_writable == false };
+when { context has command_writable && context.command_writable == false };
 "#,
     );
     ok(&chitin(&e.home, &["mcp", "trust", "notes"]));

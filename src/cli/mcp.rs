@@ -70,6 +70,7 @@ fn hub(
             gate.clone(),
             secrets.clone(),
         ))),
+        &config.gateway.owner,
     ))
 }
 

@@ -156,6 +156,9 @@ pub struct Hub {
     gate: Gate,
     launch: Launch,
     secrets: Option<Arc<crate::secrets::ToolSecrets>>,
+    /// The user a server's start is decided for (`secret.use` context `user`): the gateway
+    /// owner.
+    owner: String,
 }
 
 impl std::fmt::Debug for Hub {
@@ -244,6 +247,7 @@ impl Hub {
         store: Arc<crate::store::Store>,
         sandbox: &crate::tools::Sandbox,
         secrets: Option<Arc<crate::secrets::ToolSecrets>>,
+        owner: &str,
     ) -> Self {
         Self {
             slots: config
@@ -265,6 +269,7 @@ impl Hub {
                 sandbox: sandbox.config_section.clone(),
             },
             secrets,
+            owner: owner.to_string(),
         }
     }
 
@@ -367,8 +372,17 @@ impl Hub {
                 ));
             };
             let program = crate::gate::program_location(command, &dir, &dir).ok();
+            // The start is no session's: it acts on no untrusted content (the server gets
+            // its secrets for its whole life, whichever call started it).
+            let start_call = crate::gate::CallContext {
+                user: self.owner.clone(),
+                origin: crate::gate::Origin::Automation,
+                session: format!("mcp:{name}"),
+                workspace: dir.clone(),
+                tainted: false,
+            };
             let released = ts
-                .release(&tool, None, program.as_ref(), &entries)
+                .release(&tool, Some(&start_call), program.as_ref(), &entries)
                 .map_err(|e| start(e.to_string()))?;
             if let Some(d) = released.denied.first() {
                 return Err(start(format!(
