@@ -151,6 +151,14 @@ def http():
         def do_POST(self):
             n = int(self.headers.get("Content-Length", "0"))
             msg = json.loads(self.rfile.read(n))
+            redirect = behavior().get("redirect")
+            if redirect:
+                log(msg)
+                self.send_response(307)
+                self.send_header("Location", redirect)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if msg.get("method") != "initialize" and self.headers.get("Mcp-Session-Id") != session:
                 self.send_response(400)
                 self.end_headers()
