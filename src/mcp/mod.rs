@@ -738,6 +738,35 @@ impl Hub {
     }
 }
 
+/// The refusal of a tool whose definition is not the pinned one any more.
+fn changed(server: &str, tool: &str) -> String {
+    format!(
+        "MCP tool `{tool}` of `{server}` changed (its description or schema, or it is gone) since it was trusted; it is withheld until an owner runs `chitin mcp trust {server}` again"
+    )
+}
+
+impl Hub {
+    /// The server's trust record, when it is trusted under its current identity.
+    fn trusted(&self, server: &str) -> Result<pins::Trust, String> {
+        let slot = self.slot(server).map_err(|e| e.to_string())?;
+        let trust = self
+            .pins
+            .get(server)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| {
+                format!(
+                    "MCP server `{server}` is not trusted; an owner must review its tools and run `chitin mcp trust {server}`"
+                )
+            })?;
+        if trust.identity != Self::identity(&slot.cfg) {
+            return Err(format!(
+                "MCP server `{server}`'s command line or URL changed since it was trusted; an owner must run `chitin mcp trust {server}` again"
+            ));
+        }
+        Ok(trust)
+    }
+}
+
 impl McpTools for Hub {
     fn offered(&self) -> Vec<McpToolInfo> {
         let mut out = Vec::new();
@@ -752,49 +781,54 @@ impl McpTools for Hub {
         out
     }
 
+    /// Decides nothing and starts nothing: the tool must be pinned (and the server's identity
+    /// unchanged). When the server is running, its current listing (asked again if it said
+    /// the list changed) must still match the pin; otherwise the pinned definition is used and
+    /// [`Self::call`] checks the live one before sending anything.
     fn resolve(&self, server: &str, tool: &str) -> Result<McpToolInfo, String> {
         let slot = self.slot(server).map_err(|e| e.to_string())?;
         let cfg = &slot.cfg;
-        let trust = self
-            .pins
-            .get(server)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| {
-                format!(
-                    "MCP server `{server}` is not trusted; an owner must review its tools and run `chitin mcp trust {server}`"
-                )
-            })?;
-        if trust.identity != Self::identity(cfg) {
+        let trust = self.trusted(server)?;
+        let Some(pin) = trust.pins.get(tool) else {
             return Err(format!(
-                "MCP server `{server}`'s command line or URL changed since it was trusted; an owner must run `chitin mcp trust {server}` again"
+                "MCP tool `{}` of `{server}` is not trusted (new, or unknown); it is withheld until an owner runs `chitin mcp trust {server}`",
+                tool.escape_default()
             ));
-        }
+        };
         let mut st = slot
             .state
             .lock()
             .map_err(|_| "a server's lock was poisoned".to_string())?;
-        let listed = self.listing(slot, &mut st).map_err(|e| e.to_string())?;
-        let Some(def) = listed.iter().find(|d| d.name == tool) else {
-            return Err(format!(
-                "MCP server `{server}` has no tool `{}`",
-                tool.escape_default()
-            ));
+        let running = st.conn.as_ref().is_some_and(|c| c.alive());
+        let def = if running {
+            let listed = self.listing(slot, &mut st).map_err(|e| e.to_string())?;
+            let Some(def) = listed.into_iter().find(|d| d.name == tool) else {
+                return Err(format!(
+                    "MCP server `{server}` no longer lists the tool `{}`",
+                    tool.escape_default()
+                ));
+            };
+            if def.digest != *pin {
+                return Err(changed(server, tool));
+            }
+            def
+        } else {
+            let raw = trust
+                .definitions
+                .get(tool)
+                .cloned()
+                .ok_or_else(|| format!("the pin of MCP tool `{tool}` has no definition"))?;
+            let (mut defs, _) = wire::parse_tools_page(&json!({ "tools": [raw] }))?;
+            defs.pop()
+                .ok_or_else(|| format!("the pin of MCP tool `{tool}` has no definition"))?
         };
-        if let Some(why) = wire::unusable(server, def) {
+        if let Some(why) = wire::unusable(server, &def) {
             return Err(format!(
                 "MCP tool `{}` cannot be used: {why}",
                 tool.escape_default()
             ));
         }
-        match trust.pins.get(tool) {
-            Some(p) if *p == def.digest => Ok(Self::info(cfg, def)),
-            Some(_) => Err(format!(
-                "MCP tool `{tool}` of `{server}` changed (its description or schema) since it was trusted; it is withheld until an owner runs `chitin mcp trust {server}` again"
-            )),
-            None => Err(format!(
-                "MCP tool `{tool}` of `{server}` is new and not trusted; it is withheld until an owner runs `chitin mcp trust {server}`"
-            )),
-        }
+        Ok(Self::info(cfg, &def))
     }
 
     fn call(
@@ -813,13 +847,21 @@ impl McpTools for Hub {
         }
         let slot = self.slot(server).map_err(|e| e.to_string())?;
         let cfg = &slot.cfg;
-        // One call at a time per server holds the slot only to get the connection.
+        // The slot is held only to get the connection and check the definition: before
+        // anything is sent, the tool the server lists now must still be the pinned one.
+        let trust = self.trusted(server)?;
         let conn = {
             let mut st = slot
                 .state
                 .lock()
                 .map_err(|_| "a server's lock was poisoned".to_string())?;
-            self.conn(slot, &mut st).map_err(|e| e.to_string())?
+            let conn = self.conn(slot, &mut st).map_err(|e| e.to_string())?;
+            let listed = self.listing(slot, &mut st).map_err(|e| e.to_string())?;
+            let live = listed.iter().find(|d| d.name == tool).map(|d| &d.digest);
+            if live.is_none() || live != trust.pins.get(tool) {
+                return Err(changed(server, tool));
+            }
+            conn
         };
         let r = conn.request(
             "tools/call",

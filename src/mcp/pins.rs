@@ -22,6 +22,8 @@ pub struct Trust {
     pub trusted_by: String,
     /// Tool name -> definition digest.
     pub pins: BTreeMap<String, String>,
+    /// Tool name -> the definition as it was listed then.
+    pub definitions: BTreeMap<String, serde_json::Value>,
 }
 
 /// The pins in `state.db`.
@@ -61,21 +63,37 @@ impl Pins {
             return Ok(None);
         };
         let mut stmt = conn
-            .prepare("SELECT tool, digest FROM mcp_pins WHERE server = ?1")
+            .prepare("SELECT tool, digest, definition FROM mcp_pins WHERE server = ?1")
             .map_err(db)?;
-        let pins = stmt
+        let rows = stmt
             .query_map(params![server], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
             })
             .map_err(db)?
-            .collect::<Result<BTreeMap<_, _>, _>>()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(db)?;
+        let mut pins = BTreeMap::new();
+        let mut definitions = BTreeMap::new();
+        for (tool, digest, definition) in rows {
+            let def: serde_json::Value = serde_json::from_str(&definition).map_err(db)?;
+            // A definition that no longer hashes to its pin (the row was edited) pins nothing.
+            if super::wire::digest(&def) != digest {
+                continue;
+            }
+            definitions.insert(tool.clone(), def);
+            pins.insert(tool, digest);
+        }
         Ok(Some(Trust {
             identity,
             list_digest,
             trusted_ms,
             trusted_by,
             pins,
+            definitions,
         }))
     }
 
