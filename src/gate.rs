@@ -966,6 +966,18 @@ impl Gate {
         args: &Value,
         redeemed: Option<&Redeemed>,
     ) -> Result<Verdict, GateError> {
+        self.check_call_with_entities(req, args, &[], redeemed)
+    }
+
+    /// [`Self::check_call`] with request-specific entities (Cedar entity JSON, recorded with
+    /// the decision), e.g. the `McpTool` and `McpArgs` entities of an MCP tool call.
+    pub fn check_call_with_entities(
+        &self,
+        req: &PolicyRequest,
+        args: &Value,
+        extra: &[Value],
+        redeemed: Option<&Redeemed>,
+    ) -> Result<Verdict, GateError> {
         let mut req = req.clone();
         req.context.insert("approved".into(), json!(false));
         if let Some(r) = redeemed {
@@ -982,7 +994,7 @@ impl Gate {
             }
             req.context.insert("approved".into(), json!(true));
         }
-        self.check_bound(&req, Some(args), &[])
+        self.check_bound(&req, Some(args), extra)
     }
 
     /// Decides one call that is several requests at once, all or nothing (`apply_patch`: each

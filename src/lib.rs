@@ -13,6 +13,7 @@ pub mod config;
 pub mod gate;
 pub mod gateway;
 pub mod lifecycle;
+pub mod mcp;
 pub mod net;
 pub mod policy;
 pub mod providers;

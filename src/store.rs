@@ -457,7 +457,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TRIGGER memory_messages_gone AFTER DELETE ON messages BEGIN
         DELETE FROM memory_docs WHERE message_id = old.id;
      END;",
-    // Operator accounts (issue #17): users managed in state.db (`chitin users add`, single
+    // 16: operator accounts (issue #17): users managed in state.db (`chitin users add`, single
     // sign-on), per-user API tokens (only a SHA-256 of the secret part is kept), browser
     // sessions (a SHA-256 of the cookie), devices held until an owner approves them, and the
     // server side of OIDC logins (state, nonce, PKCE verifier; each used once).
@@ -518,6 +518,22 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE oidc_nonces_used (
         nonce    TEXT PRIMARY KEY,
         used_ms  INTEGER NOT NULL
+    // 17: MCP servers trusted by an owner (`chitin mcp trust`): the server's identity (command
+    // line or URL) and the pinned tool definitions; a tool whose definition no longer has its
+    // pinned digest is withheld.
+    "CREATE TABLE mcp_trust (
+        server       TEXT PRIMARY KEY,
+        identity     TEXT NOT NULL,
+        list_digest  TEXT NOT NULL,
+        trusted_ms   INTEGER NOT NULL,
+        trusted_by   TEXT NOT NULL
+     ) STRICT;
+     CREATE TABLE mcp_pins (
+        server       TEXT NOT NULL,
+        tool         TEXT NOT NULL,
+        digest       TEXT NOT NULL,
+        definition   TEXT NOT NULL,
+        PRIMARY KEY (server, tool)
      ) STRICT;",
 ];
 

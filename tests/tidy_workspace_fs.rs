@@ -168,6 +168,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     ),
     ("src/cli/audit.rs", None, "operator CLI: audit export files"),
     (
+        "src/cli/mcp.rs",
+        Some("run"),
+        "operator CLI: whether the config file exists (passed to the sandbox launcher)",
+    ),
+    (
         "src/cli/workflow.rs",
         None,
         "operator CLI: reads the workflow file the operator names (size-capped); the gateway will load workflows from the workspace through wsfs",

@@ -1228,6 +1228,14 @@ impl Run {
                     {
                         tools.push(spec);
                     }
+                    // MCP tools: only the pinned ones whose definitions did not change.
+                    if let Some(hub) = inner.p.sandbox.mcp() {
+                        tools.extend(context::mcp_specs(
+                            inner.p.gate.engine(),
+                            &u,
+                            &hub.offered(),
+                        ));
+                    }
                     if let Some(wt) = inner.workflows.get()
                         && let Ok(principal) = format!("Chitin::User::{}", Value::String(u.clone()))
                             .parse::<cedar_policy::EntityUid>()

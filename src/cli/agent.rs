@@ -149,6 +149,7 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         rt.gate.clone(),
         rt.secrets.clone(),
     )));
+    let sandbox = super::mcp::attach(sandbox, &rt.config, &rt.gate, &rt.store, &rt.secrets);
     let vault = Arc::new(vault);
     let agent = assemble_agent(AgentInputs {
         globals,

@@ -168,6 +168,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         .with_prompt_marks(crate::tools::prompt_guard::PromptMarks::new(Arc::clone(
             &store,
         )));
+    // `mcp__<server>__<tool>` for the agent and /tools/invoke (only with [[mcp.servers]]).
+    let sandbox = super::mcp::attach(sandbox, &config, &gate, &store, &secrets);
     if config.agent.model.trim().is_empty() {
         println!(
             "no model is configured: chat answers with how to add one ([[providers]] and [agent] model in {})",

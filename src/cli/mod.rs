@@ -10,6 +10,7 @@ mod data;
 mod doctor;
 mod gateway;
 mod init;
+mod mcp;
 mod pairing;
 mod policy;
 mod retention;
@@ -119,6 +120,9 @@ enum Command {
     /// Browsers held for an owner's approval: list, approve, revoke.
     #[command(subcommand)]
     Devices(users::DevicesCmd),
+    /// MCP servers: list them and their tools, trust (pin) or untrust a server's tools.
+    #[command(subcommand)]
+    Mcp(mcp::McpCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -305,6 +309,7 @@ pub fn main() -> ExitCode {
         Command::Users(cmd) => users::run_users(cmd, &globals),
         Command::Tokens(cmd) => users::run_tokens(cmd, &globals),
         Command::Devices(cmd) => users::run_devices(cmd, &globals),
+        Command::Mcp(cmd) => mcp::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

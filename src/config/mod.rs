@@ -12,6 +12,7 @@ pub mod backup;
 pub mod channels;
 pub mod cli;
 pub mod gateway;
+pub mod mcp;
 pub mod paths;
 pub mod policy;
 pub mod providers;
@@ -76,6 +77,7 @@ pub struct Config {
     pub cron: Vec<automation::CronJob>,
     pub hooks: Vec<automation::HookConfig>,
     pub tools: tools::ToolsConfig,
+    pub mcp: mcp::McpConfig,
 }
 
 impl Config {
@@ -139,6 +141,7 @@ impl Config {
                     .as_ref()
                     .map_or(Ok(()), tools::WebSearchConfig::validate)
             })
+            .and_then(|()| config.mcp.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -201,6 +204,7 @@ pub fn default_toml() -> String {
         channels::TEMPLATE,
         automation::TEMPLATE,
         tools::TEMPLATE,
+        mcp::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

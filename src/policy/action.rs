@@ -89,6 +89,9 @@ closed_enum! {
         SessionsSend => "sessions_send",
         UserManage => "user.manage",
         TokenManage => "token.manage",
+        McpCall => "mcp.call",
+        McpEgress => "mcp.egress",
+        McpTrust => "mcp.trust",
     }
 }
 

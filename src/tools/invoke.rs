@@ -165,6 +165,9 @@ pub fn invoke_step(
         }
         _ => {}
     }
+    if tool.starts_with(super::mcp::PREFIX) {
+        return super::mcp::invoke(gate, sandbox, call, step, tool, args, approvals);
+    }
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     // `send_message` is invocable too; it runs only where a messenger is attached (channels).
     let known = Tool::from_id(tool).filter(|t| INVOKABLE.contains(t) || *t == Tool::SendMessage);

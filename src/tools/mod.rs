@@ -17,6 +17,7 @@ mod gated;
 pub mod helper;
 pub mod invoke;
 pub mod memory;
+pub mod mcp;
 pub mod message;
 pub mod patch;
 pub mod prompt_guard;
@@ -81,6 +82,10 @@ pub enum ToolError {
     /// The run was cancelled (or timed out) before the tool started; nothing ran.
     #[error("the run was {0} before this tool started; nothing ran")]
     Cancelled(&'static str),
+    /// An MCP server failed the call (crashed, timed out, answered too much, broke the
+    /// protocol); the server is started again at the next call.
+    #[error("{0}")]
+    Mcp(String),
     /// A tainted call whose changes to the prompt files could not be watched; nothing ran.
     #[error(transparent)]
     PromptGuard(#[from] prompt_guard::GuardError),
@@ -525,6 +530,8 @@ pub struct Extras {
     web_search: Option<Arc<search::WebSearch>>,
     memory: Option<Arc<memory::MemoryIndex>>,
     sessions: Option<Arc<dyn sessions::SessionStore>>,
+    /// The configured MCP servers (`mcp__<server>__<tool>` tools), if any.
+    mcp: Option<std::sync::Arc<dyn mcp::McpTools>>,
 }
 
 impl Sandbox {
@@ -551,6 +558,7 @@ impl Sandbox {
             messenger: None,
             cron: None,
             extras: Extras::default(),
+            mcp: None,
         })
     }
 
@@ -634,6 +642,18 @@ impl Sandbox {
     pub fn with_cron(mut self, jobs: std::sync::Arc<dyn cron::CronJobs>) -> Self {
         self.cron = Some(jobs);
         self
+    }
+
+    /// Lets the agent call the tools of the configured MCP servers.
+    #[must_use]
+    pub fn with_mcp(mut self, hub: std::sync::Arc<dyn mcp::McpTools>) -> Self {
+        self.mcp = Some(hub);
+        self
+    }
+
+    /// The configured MCP servers, if any.
+    pub fn mcp(&self) -> Option<&std::sync::Arc<dyn mcp::McpTools>> {
+        self.mcp.as_ref()
     }
 
     /// Where the `cron` tool keeps jobs, if anywhere.
@@ -1161,6 +1181,7 @@ mod tests {
             messenger: None,
             cron: None,
             extras: Extras::default(),
+            mcp: None,
         };
         let e = exec(
             &auth,
@@ -1205,6 +1226,7 @@ mod tests {
             messenger: None,
             cron: None,
             extras: Extras::default(),
+            mcp: None,
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1286,6 +1308,7 @@ mod tests {
             messenger: None,
             cron: None,
             extras: Extras::default(),
+            mcp: None,
         };
         (home, d, w, sb)
     }

@@ -1,0 +1,298 @@
+//! The MCP wire format: JSON-RPC 2.0 messages, the protocol versions Chitin speaks, tool
+//! definitions and their digests.
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// The protocol versions Chitin speaks, newest first. `initialize` asks for the first; a
+/// server answering with another one of these is accepted, anything else is refused.
+pub const PROTOCOL_VERSIONS: &[&str] = &["2025-06-18", "2025-03-26", "2024-11-05"];
+
+/// The most tools one server may list (a server listing more is refused).
+pub const MAX_TOOLS: usize = 512;
+
+/// The most `tools/list` pages followed.
+pub const MAX_PAGES: usize = 64;
+
+/// A JSON-RPC request.
+pub fn request(id: u64, method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+/// A JSON-RPC notification.
+pub fn notification(method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "method": method, "params": params})
+}
+
+/// The `initialize` parameters.
+pub fn initialize_params() -> Value {
+    json!({
+        "protocolVersion": PROTOCOL_VERSIONS[0],
+        "capabilities": {},
+        "clientInfo": {"name": "chitin", "version": env!("CARGO_PKG_VERSION")}
+    })
+}
+
+/// What a message from the server is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// The answer to request `id`: its `result`, or its `error` as a sentence.
+    Response {
+        id: u64,
+        result: Result<Value, String>,
+    },
+    /// A request from the server (`ping`, `roots/list`, `sampling/createMessage`, ...).
+    Request { id: Value, method: String },
+    /// A notification (`notifications/tools/list_changed`, logging, progress, ...).
+    Notification { method: String },
+}
+
+/// Classifies one JSON-RPC message; `None` for anything that is not one.
+pub fn classify(v: &Value) -> Option<Incoming> {
+    let m = v.as_object()?;
+    if m.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return None;
+    }
+    match (m.get("method").and_then(Value::as_str), m.get("id")) {
+        (Some(method), Some(id)) if !id.is_null() => Some(Incoming::Request {
+            id: id.clone(),
+            method: method.to_string(),
+        }),
+        (Some(method), _) => Some(Incoming::Notification {
+            method: method.to_string(),
+        }),
+        (None, Some(id)) => {
+            let id = id.as_u64()?;
+            let result = match (m.get("result"), m.get("error")) {
+                (Some(r), None) => Ok(r.clone()),
+                (_, Some(e)) => Err(error_text(e)),
+                (None, None) => Err("the server's answer has neither result nor error".into()),
+            };
+            Some(Incoming::Response { id, result })
+        }
+        (None, None) => None,
+    }
+}
+
+/// A JSON-RPC error object as a sentence (the server's message is quoted, escaped, capped).
+fn error_text(e: &Value) -> String {
+    let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
+    let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+    let msg: String = msg.chars().take(500).collect();
+    format!(
+        "the server answered error {code}: \"{}\"",
+        msg.escape_default()
+    )
+}
+
+/// The answer to a server's request: `ping` gets an empty result, anything else "method not
+/// found" (Chitin offers servers no roots, sampling or elicitation).
+pub fn answer_server_request(id: &Value, method: &str) -> Value {
+    if method == "ping" {
+        json!({"jsonrpc": "2.0", "id": id, "result": {}})
+    } else {
+        json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}})
+    }
+}
+
+/// Checks the `initialize` result: the protocol version must be one Chitin speaks.
+pub fn negotiated_version(result: &Value) -> Result<String, String> {
+    let v = result
+        .get("protocolVersion")
+        .and_then(Value::as_str)
+        .ok_or("the server's initialize answer has no protocolVersion")?;
+    if PROTOCOL_VERSIONS.contains(&v) {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "the server speaks MCP protocol version `{}`; Chitin speaks {}",
+            v.escape_default(),
+            PROTOCOL_VERSIONS.join(", ")
+        ))
+    }
+}
+
+/// One tool as a server lists it. Everything but `name` is the server's untrusted text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolDef {
+    pub name: String,
+    pub title: Option<String>,
+    pub description: String,
+    pub input_schema: Value,
+    /// `sha256:<hex>` over the canonical JSON of the whole definition as listed: any change
+    /// to the name, title, description, schemas or annotations changes it.
+    pub digest: String,
+    /// The definition as listed.
+    pub raw: Value,
+}
+
+/// `sha256:<hex>` of canonical JSON.
+pub fn digest(v: &Value) -> String {
+    let mut s = String::new();
+    crate::gate::canonical_json(v, &mut s);
+    let d = Sha256::digest(s.as_bytes());
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// Parses one `tools/list` page: the tools and the next cursor.
+pub fn parse_tools_page(result: &Value) -> Result<(Vec<ToolDef>, Option<String>), String> {
+    let tools = result
+        .get("tools")
+        .and_then(Value::as_array)
+        .ok_or("the server's tools/list answer has no `tools` array")?;
+    let mut out = Vec::with_capacity(tools.len());
+    for t in tools {
+        let name = t
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or("a tool in the server's list has no name")?;
+        let input_schema = match t.get("inputSchema") {
+            Some(s @ Value::Object(_)) => s.clone(),
+            None => json!({"type": "object"}),
+            Some(_) => {
+                return Err(format!(
+                    "tool `{}`: inputSchema is not an object",
+                    name.escape_default()
+                ));
+            }
+        };
+        out.push(ToolDef {
+            name: name.to_string(),
+            title: t.get("title").and_then(Value::as_str).map(str::to_string),
+            description: t
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
+            input_schema,
+            digest: digest(t),
+            raw: t.clone(),
+        });
+    }
+    let next = result
+        .get("nextCursor")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    Ok((out, next))
+}
+
+/// Why a listed tool cannot be offered whatever the pins say (its name does not fit a model
+/// API's tool names), if it cannot.
+pub fn unusable(server: &str, def: &ToolDef) -> Option<String> {
+    let ok = !def.name.is_empty()
+        && def
+            .name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !ok {
+        return Some("its name is not made of A-Z a-z 0-9 _ - only".into());
+    }
+    let full = crate::tools::mcp::tool_name(server, &def.name);
+    if full.len() > 64 {
+        return Some(format!(
+            "`{full}` is longer than the 64 characters model APIs accept"
+        ));
+    }
+    None
+}
+
+/// The whole listing's digest (names and definition digests, sorted).
+pub fn list_digest(tools: &[ToolDef]) -> String {
+    let mut pairs: Vec<(&str, &str)> = tools
+        .iter()
+        .map(|t| (t.name.as_str(), t.digest.as_str()))
+        .collect();
+    pairs.sort_unstable();
+    digest(&json!(pairs))
+}
+
+/// Extracts `content`, `structuredContent` and `isError` from a `tools/call` result.
+pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, String> {
+    let content = match result.get("content") {
+        Some(c @ Value::Array(_)) => c.clone(),
+        None => json!([]),
+        Some(_) => {
+            return Err(
+                "the server's tools/call answer has a `content` that is not an array".into(),
+            );
+        }
+    };
+    Ok(crate::tools::mcp::McpOutput {
+        content,
+        structured: result.get("structuredContent").cloned(),
+        is_error: result
+            .get("isError")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn messages_are_classified_by_their_fields() {
+        assert_eq!(
+            classify(&json!({"jsonrpc": "2.0", "id": 3, "result": {"a": 1}})),
+            Some(Incoming::Response {
+                id: 3,
+                result: Ok(json!({"a": 1}))
+            })
+        );
+        let Some(Incoming::Response { result: Err(e), .. }) = classify(
+            &json!({"jsonrpc": "2.0", "id": 3, "error": {"code": -32602, "message": "bad\nthing"}}),
+        ) else {
+            panic!("not an error response");
+        };
+        assert_eq!(e, "the server answered error -32602: \"bad\\nthing\"");
+        assert_eq!(
+            classify(&json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})),
+            Some(Incoming::Notification {
+                method: "notifications/tools/list_changed".into()
+            })
+        );
+        assert!(matches!(
+            classify(&json!({"jsonrpc": "2.0", "id": "x", "method": "ping"})),
+            Some(Incoming::Request { .. })
+        ));
+        assert_eq!(classify(&json!({"id": 1, "result": {}})), None);
+    }
+
+    #[test]
+    fn only_known_protocol_versions_are_accepted() {
+        assert_eq!(
+            negotiated_version(&json!({"protocolVersion": "2025-03-26"})).unwrap(),
+            "2025-03-26"
+        );
+        assert!(
+            negotiated_version(&json!({"protocolVersion": "1999-01-01"}))
+                .unwrap_err()
+                .contains("1999-01-01")
+        );
+    }
+
+    #[test]
+    fn any_change_to_a_definition_changes_its_digest() {
+        let page = json!({"tools": [
+            {"name": "a", "description": "one", "inputSchema": {"type": "object"}},
+            {"name": "a", "description": "one ", "inputSchema": {"type": "object"}},
+            {"name": "a", "description": "one", "inputSchema": {"type": "object", "properties": {"x": {}}}}
+        ], "nextCursor": "c2"});
+        let (tools, next) = parse_tools_page(&page).unwrap();
+        assert_eq!(next.as_deref(), Some("c2"));
+        assert_ne!(tools[0].digest, tools[1].digest);
+        assert_ne!(tools[0].digest, tools[2].digest);
+        let bad = ToolDef {
+            name: "a b".into(),
+            ..tools[0].clone()
+        };
+        assert!(unusable("s", &bad).is_some());
+        assert!(unusable("s", &tools[0]).is_none());
+    }
+}
