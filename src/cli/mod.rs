@@ -15,6 +15,7 @@ mod policy;
 mod retention;
 mod sandbox;
 mod secrets;
+mod service;
 mod sessions;
 mod skills;
 mod token;
@@ -49,10 +50,14 @@ struct Cli {
 enum Command {
     /// Create the state directory, a documented config, default policies and the store.
     Init,
-    /// Check the installation: state permissions, config, policies, sandbox, secrets, audit.
+    /// Check the installation: state permissions, config, policies, sandbox, secrets, audit;
+    /// exit 0 (nothing above low), 1 (medium/high), 2 (critical).
     Doctor {
         #[arg(long)]
         json: bool,
+        /// Repair what is safe: narrow permissions, create missing directories (never widens)
+        #[arg(long)]
+        fix: bool,
     },
     /// Run one agent turn in process: the model, tools through the gate, the reply.
     Agent(agent::AgentArgs),
@@ -62,7 +67,8 @@ enum Command {
     /// Approve or deny high-risk actions waiting for a person.
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCmd),
-    /// Security review of the installation (the same checks as doctor).
+    /// Security review of the whole deployment (exposure, files, secrets, sandbox, policy,
+    /// skills, channels, approvals, audit, lifecycle, providers, updates).
     #[command(subcommand)]
     Security(SecurityCmd),
     /// Validate, evaluate and test Cedar policies.
@@ -106,14 +112,23 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// Run the gateway as a hardened systemd service: install, status, uninstall.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
 }
 
 #[derive(Debug, Subcommand)]
 enum SecurityCmd {
-    /// Run every security check; exit 1 on a critical finding.
+    /// Run every security check; exit 0 (nothing above low), 1 (medium/high), 2 (critical).
     Audit {
         #[arg(long)]
         json: bool,
+        /// Also verify the whole audit chain and test-decrypt the newest backup
+        #[arg(long)]
+        deep: bool,
+        /// The backup identity for --deep [default: [backup] identity]
+        #[arg(long, value_name = "FILE", requires = "deep")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -266,9 +281,30 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args, &globals),
         Command::Sessions(cmd) => sessions::run(cmd, &globals),
         Command::Approvals(cmd) => approvals::run(cmd, &globals),
-        Command::Doctor { json } | Command::Security(SecurityCmd::Audit { json }) => {
-            doctor::run(&globals, json)
-        }
+        Command::Doctor { json, fix } => doctor::run(
+            &globals,
+            &doctor::Options {
+                json,
+                fix,
+                deep: false,
+                identity: None,
+                audit: false,
+            },
+        ),
+        Command::Security(SecurityCmd::Audit {
+            json,
+            deep,
+            identity,
+        }) => doctor::run(
+            &globals,
+            &doctor::Options {
+                json,
+                fix: false,
+                deep,
+                identity,
+                audit: true,
+            },
+        ),
         Command::Policy(cmd) => policy::run(cmd, &globals),
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
@@ -283,6 +319,7 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Service(cmd) => service::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,
