@@ -30,9 +30,10 @@ pub struct Options {
 
 fn context(globals: &Globals, o: &Options) -> Context {
     let config = globals.load_config().map_err(|e| e.to_string());
-    let policy = config.as_ref().ok().map(|c| {
-        super::policy::engine_spec(globals, c, None, None).map_err(|e| e.to_string())
-    });
+    let policy = config
+        .as_ref()
+        .ok()
+        .map(|c| super::policy::engine_spec(globals, c, None, None).map_err(|e| e.to_string()));
     Context {
         home: globals.home.clone(),
         config_path: globals.config_path.clone(),
@@ -47,13 +48,20 @@ fn context(globals: &Globals, o: &Options) -> Context {
     }
 }
 
-fn print(report: &Report, json: bool) -> Result<(), serde_json::Error> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+fn print(report: &Report, json: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Write as _;
+    let text = if json {
+        let mut t = serde_json::to_string_pretty(&report.to_json())?;
+        t.push('\n');
+        t
     } else {
-        print!("{}", report.to_text());
+        report.to_text()
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Runs the checks (and the repairs with `fix`) and prints the report.
@@ -81,7 +89,9 @@ pub fn run(globals: &Globals, o: &Options) -> CmdResult {
         // Said once, after the list.
         let n = report.findings.iter().filter(|f| f.repairable).count();
         print(&report, false)?;
-        println!("{n} of these can be repaired with `chitin doctor --fix` (permissions narrowed, missing directories created; nothing is widened)");
+        println!(
+            "{n} of these can be repaired with `chitin doctor --fix` (permissions narrowed, missing directories created; nothing is widened)"
+        );
         return Ok(ExitCode::from(report.exit_code()));
     }
     print(&report, o.json)?;

@@ -132,7 +132,10 @@ fn under_home_dirs(p: &Path) -> bool {
 pub fn render(spec: &UnitSpec) -> String {
     use std::fmt::Write as _;
     let mut u = String::new();
-    let _ = writeln!(u, "{MARKER}. Re-run it to update; `chitin service uninstall` removes it.");
+    let _ = writeln!(
+        u,
+        "{MARKER}. Re-run it to update; `chitin service uninstall` removes it."
+    );
     let _ = writeln!(u, "[Unit]");
     let _ = writeln!(u, "Description=Chitin policy gateway for AI agents");
     let _ = writeln!(u, "Documentation=man:systemd.exec(5)");
@@ -145,7 +148,11 @@ pub fn render(spec: &UnitSpec) -> String {
     let _ = writeln!(u, "Type=simple");
     let mut exec = format!("{} gateway", unit_quote(&spec.executable));
     if let Some(c) = &spec.config {
-        exec = format!("{} --config {} gateway", unit_quote(&spec.executable), unit_quote(c));
+        exec = format!(
+            "{} --config {} gateway",
+            unit_quote(&spec.executable),
+            unit_quote(c)
+        );
     }
     let _ = writeln!(u, "ExecStart={exec}");
     let _ = writeln!(u, "ExecReload=/bin/kill -HUP $MAINPID");
@@ -169,10 +176,22 @@ pub fn render(spec: &UnitSpec) -> String {
     let _ = writeln!(u, "RestartSec=5s");
     let _ = writeln!(u, "TimeoutStopSec=30s");
     let _ = writeln!(u);
-    let _ = writeln!(u, "# Hardening. The sandbox confines each tool run itself and needs user, PID, network,");
-    let _ = writeln!(u, "# mount, IPC and UTS namespaces, the mount API, seccomp and landlock: all allowed below.");
-    let _ = writeln!(u, "# /proc must stay without over-mounts (no ProtectKernelTunables/ProtectKernelLogs/ProcSubset):");
-    let _ = writeln!(u, "# the kernel refuses a fresh /proc in a user namespace when parts of /proc are covered.");
+    let _ = writeln!(
+        u,
+        "# Hardening. The sandbox confines each tool run itself and needs user, PID, network,"
+    );
+    let _ = writeln!(
+        u,
+        "# mount, IPC and UTS namespaces, the mount API, seccomp and landlock: all allowed below."
+    );
+    let _ = writeln!(
+        u,
+        "# /proc must stay without over-mounts (no ProtectKernelTunables/ProtectKernelLogs/ProcSubset):"
+    );
+    let _ = writeln!(
+        u,
+        "# the kernel refuses a fresh /proc in a user namespace when parts of /proc are covered."
+    );
     let _ = writeln!(u, "NoNewPrivileges=yes");
     let _ = writeln!(u, "ProtectSystem=strict");
     // ReadWritePaths= can open paths under a read-only /home, not under an inaccessible one.
@@ -211,7 +230,11 @@ pub fn render(spec: &UnitSpec) -> String {
     let _ = writeln!(
         u,
         "WantedBy={}",
-        if spec.user_unit { "default.target" } else { "multi-user.target" }
+        if spec.user_unit {
+            "default.target"
+        } else {
+            "multi-user.target"
+        }
     );
     u
 }
@@ -273,13 +296,9 @@ fn systemctl(user: bool, args: &[&str]) -> Result<String, ServiceError> {
     } else {
         Err(ServiceError::Systemctl {
             args: args.join(" "),
-            why: format!(
-                "{} {}",
-                text,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )
-            .trim()
-            .to_string(),
+            why: format!("{} {}", text, String::from_utf8_lossy(&out.stderr).trim())
+                .trim()
+                .to_string(),
         })
     }
 }
@@ -336,8 +355,14 @@ pub fn run(cmd: ServiceCmd, globals: &Globals) -> CmdResult {
             run_as,
             force,
         ),
-        ServiceCmd::Status { user, unit_dir: dir } => status(user, dir),
-        ServiceCmd::Uninstall { user, unit_dir: dir } => uninstall(user, dir),
+        ServiceCmd::Status {
+            user,
+            unit_dir: dir,
+        } => status(user, dir),
+        ServiceCmd::Uninstall {
+            user,
+            unit_dir: dir,
+        } => uninstall(user, dir),
     }
 }
 
@@ -408,7 +433,9 @@ fn install(
         user_unit: user,
         executable,
         home: home.clone(),
-        config: globals.config_explicit.then(|| absolute(&globals.config_path)),
+        config: globals
+            .config_explicit
+            .then(|| absolute(&globals.config_path)),
         writable,
         passphrase_file: passphrase_file.clone(),
         memory_max: memory_max.to_string(),
@@ -437,12 +464,17 @@ fn install(
             Err(_) => println!(
                 "the passphrase credential {} does not exist yet; create it (0600) before starting:\n  install -d -m 700 {}\n  (umask 077; cat > {})   # type the passphrase, then Ctrl-D",
                 p.display(),
-                p.parent().map_or_else(String::new, |d| d.display().to_string()),
+                p.parent()
+                    .map_or_else(String::new, |d| d.display().to_string()),
                 p.display()
             ),
         }
     }
-    let ctl = if user { "systemctl --user" } else { "systemctl" };
+    let ctl = if user {
+        "systemctl --user"
+    } else {
+        "systemctl"
+    };
     if explicit {
         println!(
             "not enabled (unit directory given); to use it:\n  {ctl} daemon-reload\n  {ctl} enable --now {UNIT_NAME}"
@@ -460,7 +492,11 @@ fn status(user: bool, dir: Option<PathBuf>) -> CmdResult {
     let path = dir.join(UNIT_NAME);
     match ours(&path)? {
         None => {
-            println!("not installed: {} does not exist (`chitin service install{}`)", path.display(), if user { " --user" } else { "" });
+            println!(
+                "not installed: {} does not exist (`chitin service install{}`)",
+                path.display(),
+                if user { " --user" } else { "" }
+            );
             return Ok(ExitCode::from(1));
         }
         Some(false) => println!("{} exists but was not written by chitin", path.display()),
@@ -468,9 +504,16 @@ fn status(user: bool, dir: Option<PathBuf>) -> CmdResult {
     }
     let text = std::fs::read_to_string(&path).map_err(io("read", &path))?;
     for l in text.lines() {
-        if ["ExecStart=", "Environment=", "User=", "LoadCredential=", "ReadWritePaths=", "MemoryMax="]
-            .iter()
-            .any(|k| l.starts_with(k))
+        if [
+            "ExecStart=",
+            "Environment=",
+            "User=",
+            "LoadCredential=",
+            "ReadWritePaths=",
+            "MemoryMax=",
+        ]
+        .iter()
+        .any(|k| l.starts_with(k))
         {
             println!("  {l}");
         }
@@ -488,7 +531,12 @@ fn status(user: bool, dir: Option<PathBuf>) -> CmdResult {
     }
     if let Ok(s) = systemctl(
         user,
-        &["show", UNIT_NAME, "-p", "MainPID,NRestarts,ActiveEnterTimestamp,Result"],
+        &[
+            "show",
+            UNIT_NAME,
+            "-p",
+            "MainPID,NRestarts,ActiveEnterTimestamp,Result",
+        ],
     ) {
         for l in s.lines() {
             println!("  {l}");
@@ -551,7 +599,10 @@ mod tests {
     fn protect_home_is_read_only_only_when_something_lives_under_home() {
         let u = render(&spec("/var/lib/chitin"));
         assert!(u.contains("\nProtectHome=yes\n"), "{u}");
-        assert!(u.contains("\nReadWritePaths=/var/lib/chitin \"/srv/chitin work\"\n"), "{u}");
+        assert!(
+            u.contains("\nReadWritePaths=/var/lib/chitin \"/srv/chitin work\"\n"),
+            "{u}"
+        );
         let u = render(&spec("/home/a/.chitin"));
         assert!(u.contains("\nProtectHome=read-only\n"), "{u}");
     }

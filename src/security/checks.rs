@@ -44,7 +44,11 @@ fn days(ms: i64) -> i64 {
 }
 
 fn ago(now: i64, then: i64) -> String {
-    format!("{} ({} days ago)", rfc3339(then), days(now.saturating_sub(then)))
+    format!(
+        "{} ({} days ago)",
+        rfc3339(then),
+        days(now.saturating_sub(then))
+    )
 }
 
 fn ro(path: &Path) -> Option<rusqlite::Connection> {
@@ -243,7 +247,10 @@ impl<'a> Run<'a> {
                         Severity::High,
                         "A configured TLS file cannot be read",
                         format!("[gateway] {what} = {}: {e}", p.display()),
-                        format!("put the PEM file at {} or fix [gateway] {what}", p.display()),
+                        format!(
+                            "put the PEM file at {} or fix [gateway] {what}",
+                            p.display()
+                        ),
                     )),
                     Ok(m) if what == "tls_key" && m.permissions().mode() & 0o077 != 0 => {
                         let mode = m.permissions().mode() & 0o7777;
@@ -320,7 +327,11 @@ impl<'a> Run<'a> {
                 format!(
                     "gateway token {} days old, {}",
                     days(age),
-                    if rotated { "rotated before" } else { "never rotated" }
+                    if rotated {
+                        "rotated before"
+                    } else {
+                        "never rotated"
+                    }
                 ),
             );
         }
@@ -396,10 +407,8 @@ impl<'a> Run<'a> {
             format!("modes and owners of {n} entries under {}", home.display()),
         );
         // Policy-bearing paths outside the state directory.
-        let mut bearing: Vec<(String, PathBuf)> = vec![(
-            "the config file".into(),
-            self.ctx.config_path.clone(),
-        )];
+        let mut bearing: Vec<(String, PathBuf)> =
+            vec![("the config file".into(), self.ctx.config_path.clone())];
         if let Some(Ok(spec)) = &self.ctx.policy {
             if let Some(d) = &spec.policy_dir {
                 bearing.push(("the policy directory".into(), d.clone()));
@@ -437,7 +446,9 @@ impl<'a> Run<'a> {
                             Category::Files,
                             "files.policy_path_writable",
                             Severity::Critical,
-                            format!("{what} can be changed by other users (Chitin refuses to load it)"),
+                            format!(
+                                "{what} can be changed by other users (Chitin refuses to load it)"
+                            ),
                             format!("{} has mode {mode:04o}", t.display()),
                             "",
                         )
@@ -455,9 +466,18 @@ impl<'a> Run<'a> {
                         Category::Files,
                         "files.policy_path_owner",
                         Severity::High,
-                        format!("{what} belongs to another user, who can change what Chitin allows"),
-                        format!("{} is owned by uid {} (Chitin runs as uid {uid})", t.display(), tm.uid()),
-                        format!("chown {uid} {} (or move it somewhere only you and root can write)", super::shell_path(&t)),
+                        format!(
+                            "{what} belongs to another user, who can change what Chitin allows"
+                        ),
+                        format!(
+                            "{} is owned by uid {} (Chitin runs as uid {uid})",
+                            t.display(),
+                            tm.uid()
+                        ),
+                        format!(
+                            "chown {uid} {} (or move it somewhere only you and root can write)",
+                            super::shell_path(&t)
+                        ),
                     ));
                 }
             }
@@ -521,7 +541,11 @@ impl<'a> Run<'a> {
         }
         self.saw(
             Category::Files,
-            format!("workspace {} against {} protected paths", ws.display(), protected.len()),
+            format!(
+                "workspace {} against {} protected paths",
+                ws.display(),
+                protected.len()
+            ),
         );
     }
 
@@ -534,8 +558,15 @@ impl<'a> Run<'a> {
                 id,
                 Severity::High,
                 "A file in the state directory belongs to another user",
-                format!("{} is owned by uid {} (Chitin runs as uid {uid})", path.display(), meta.uid()),
-                format!("chown {uid} {} if it is really yours; otherwise find out who put it there", super::shell_path(path)),
+                format!(
+                    "{} is owned by uid {} (Chitin runs as uid {uid})",
+                    path.display(),
+                    meta.uid()
+                ),
+                format!(
+                    "chown {uid} {} if it is really yours; otherwise find out who put it there",
+                    super::shell_path(path)
+                ),
             ));
         }
     }
@@ -587,8 +618,16 @@ impl<'a> Run<'a> {
                     seen,
                     extra,
                     Finding::new(
-                        if is_secret_file { Category::Secrets } else { Category::Files },
-                        if is_secret_file { "secrets.file_permissions" } else { "files.state_writable" },
+                        if is_secret_file {
+                            Category::Secrets
+                        } else {
+                            Category::Files
+                        },
+                        if is_secret_file {
+                            "secrets.file_permissions"
+                        } else {
+                            "files.state_writable"
+                        },
                         Severity::Critical,
                         "A file or directory in the state directory is writable by other users",
                         format!("{} has mode {mode:04o}", path.display()),
@@ -604,9 +643,21 @@ impl<'a> Run<'a> {
                     seen,
                     extra,
                     Finding::new(
-                        if is_secret_file { Category::Secrets } else { Category::Files },
-                        if is_secret_file { "secrets.file_permissions" } else { "files.state_readable" },
-                        if is_secret_file { Severity::Critical } else { Severity::Medium },
+                        if is_secret_file {
+                            Category::Secrets
+                        } else {
+                            Category::Files
+                        },
+                        if is_secret_file {
+                            "secrets.file_permissions"
+                        } else {
+                            "files.state_readable"
+                        },
+                        if is_secret_file {
+                            Severity::Critical
+                        } else {
+                            Severity::Medium
+                        },
                         "A file or directory in the state directory is readable by other users",
                         format!(
                             "{} has mode {mode:04o} (expected {})",
@@ -631,8 +682,15 @@ impl<'a> Run<'a> {
                         "files.state_owner",
                         Severity::High,
                         "A file in the state directory belongs to another user",
-                        format!("{} is owned by uid {} (Chitin runs as uid {uid})", path.display(), meta.uid()),
-                        format!("chown {uid} {} if it is really yours; otherwise find out who put it there", super::shell_path(&path)),
+                        format!(
+                            "{} is owned by uid {} (Chitin runs as uid {uid})",
+                            path.display(),
+                            meta.uid()
+                        ),
+                        format!(
+                            "chown {uid} {} if it is really yours; otherwise find out who put it there",
+                            super::shell_path(&path)
+                        ),
                     );
                     self.limited(seen, extra, f);
                 }
@@ -671,7 +729,9 @@ impl<'a> Run<'a> {
                 "secrets.weak_scrypt" => "The passphrase protection is weak",
                 "secrets.file_symlink" => "A secret file is a symbolic link",
                 "secrets.file_owner" => "A secret file belongs to another user",
-                "secrets.stale_temp_file" => "A temporary file of an interrupted write is left over",
+                "secrets.stale_temp_file" => {
+                    "A temporary file of an interrupted write is left over"
+                }
                 "secrets.config_invalid" => "The [secrets] configuration is invalid",
                 _ => "Secret store problem",
             };
@@ -722,7 +782,10 @@ impl<'a> Run<'a> {
         }
         self.saw(
             Category::Secrets,
-            format!("{} credential references in the config ({env_refs} env:)", refs.len()),
+            format!(
+                "{} credential references in the config ({env_refs} env:)",
+                refs.len()
+            ),
         );
         let Some(list) = self.secrets.clone() else {
             return;
@@ -761,7 +824,10 @@ impl<'a> Run<'a> {
                     "secrets.never_used",
                     Severity::Low,
                     format!("A secret was never released in {} days", days(age)),
-                    format!("`{name}`, created {}, has no release in the audit log", ago(self.now(), s.created_ms)),
+                    format!(
+                        "`{name}`, created {}, has no release in the audit log",
+                        ago(self.now(), s.created_ms)
+                    ),
                     format!("remove it if nothing needs it: `chitin secrets rm {name}`"),
                 ));
             }
@@ -957,17 +1023,26 @@ impl<'a> Run<'a> {
                 "policy.permit_all" => (
                     Severity::Critical,
                     "A policy permits everything",
-                    format!("delete policy `{}` or give it a principal, an action and a condition", i.policy),
+                    format!(
+                        "delete policy `{}` or give it a principal, an action and a condition",
+                        i.policy
+                    ),
                 ),
                 "policy.unconstrained_permit" => (
                     Severity::High,
                     "A permit has an unconstrained principal or action",
-                    format!("constrain policy `{}` (e.g. `principal in Chitin::Group::\"owners\"`, `action == Chitin::Action::\"...\"`) or add a `when` condition", i.policy),
+                    format!(
+                        "constrain policy `{}` (e.g. `principal in Chitin::Group::\"owners\"`, `action == Chitin::Action::\"...\"`) or add a `when` condition",
+                        i.policy
+                    ),
                 ),
                 _ => (
                     Severity::Low,
                     "A policy has no @reason",
-                    format!("add @reason(\"...\") above policy `{}`: it is shown with every decision it makes", i.policy),
+                    format!(
+                        "add @reason(\"...\") above policy `{}`: it is shown with every decision it makes",
+                        i.policy
+                    ),
                 ),
             };
             self.add(Finding::new(
@@ -1002,10 +1077,19 @@ impl<'a> Run<'a> {
     }
 
     /// Decides a probe request with extra entities: `Some(true)` when it would be allowed.
-    fn probe(&self, principal: &str, action: policy::Action, resource: &str, context: Value, extra: &[Value]) -> Option<bool> {
+    fn probe(
+        &self,
+        principal: &str,
+        action: policy::Action,
+        resource: &str,
+        context: Value,
+        extra: &[Value],
+    ) -> Option<bool> {
         let engine = self.engine.as_ref()?;
         let uid = |s: &str| s.parse::<cedar_policy::EntityUid>().ok();
-        let Value::Object(ctx) = context else { return None };
+        let Value::Object(ctx) = context else {
+            return None;
+        };
         let req = PolicyRequest::new(uid(principal)?, action, uid(resource)?, ctx);
         engine
             .decide_with_entities(&req, extra)
@@ -1057,9 +1141,10 @@ impl<'a> Run<'a> {
                     .collect()
             })
             .unwrap_or_default();
-        let project_fp = chitin_skills::keys::PublicKey::from_pem(crate::skills_host::PROJECT_KEY_PEM)
-            .map(|k| k.fingerprint())
-            .ok();
+        let project_fp =
+            chitin_skills::keys::PublicKey::from_pem(crate::skills_host::PROJECT_KEY_PEM)
+                .map(|k| k.fingerprint())
+                .ok();
         let trusted = |e: &crate::skills_host::LockEntry| -> bool {
             if e.issuer.is_empty() {
                 (c.skills.trust_project_key && project_fp.as_deref() == Some(e.signer.as_str()))
@@ -1097,15 +1182,25 @@ impl<'a> Run<'a> {
                     format!("An installed skill was not re-verified in {VERIFY_MAX_AGE_DAYS} days"),
                     match last_ok {
                         Some(t) => format!("`{}` last verified {}", e.name, ago(self.now(), t)),
-                        None => format!("`{}` never re-verified since its install {}", e.name, ago(self.now(), e.installed_at_ms)),
+                        None => format!(
+                            "`{}` never re-verified since its install {}",
+                            e.name,
+                            ago(self.now(), e.installed_at_ms)
+                        ),
                     },
-                    format!("`chitin skills verify {}` (the gateway also re-verifies at start)", e.name),
+                    format!(
+                        "`chitin skills verify {}` (the gateway also re-verifies at start)",
+                        e.name
+                    ),
                 ));
             }
         }
         let mut keys = 0;
         for t in &entries {
-            if let crate::skills_host::TrustEntry::Key { name, fingerprint, .. } = t {
+            if let crate::skills_host::TrustEntry::Key {
+                name, fingerprint, ..
+            } = t
+            {
                 keys += 1;
                 self.add(Finding::new(
                     Category::Skills,
@@ -1117,8 +1212,12 @@ impl<'a> Run<'a> {
                 ));
             }
             let used = installed.iter().any(|e| match t {
-                crate::skills_host::TrustEntry::Key { fingerprint, .. } => e.issuer.is_empty() && *fingerprint == e.signer,
-                crate::skills_host::TrustEntry::Keyless { issuer, subject, .. } => *issuer == e.issuer && *subject == e.signer,
+                crate::skills_host::TrustEntry::Key { fingerprint, .. } => {
+                    e.issuer.is_empty() && *fingerprint == e.signer
+                }
+                crate::skills_host::TrustEntry::Keyless {
+                    issuer, subject, ..
+                } => *issuer == e.issuer && *subject == e.signer,
             });
             if !used {
                 self.add(Finding::new(
@@ -1127,7 +1226,10 @@ impl<'a> Run<'a> {
                     Severity::Info,
                     "A trusted signer signs no installed skill",
                     format!("trust entry `{}`", t.name()),
-                    format!("`chitin skills trust remove {}` unless you expect skills from it", t.name()),
+                    format!(
+                        "`chitin skills trust remove {}` unless you expect skills from it",
+                        t.name()
+                    ),
                 ));
             }
         }
@@ -1137,7 +1239,11 @@ impl<'a> Run<'a> {
                 "{} installed skills, {} trust entries ({keys} keys), project key {}",
                 installed.len(),
                 entries.len(),
-                if c.skills.trust_project_key { "trusted" } else { "not trusted" }
+                if c.skills.trust_project_key {
+                    "trusted"
+                } else {
+                    "not trusted"
+                }
             ),
         );
     }
@@ -1202,7 +1308,9 @@ impl<'a> Run<'a> {
         let push = c.channels.iter().filter(|ch| ch.mode().is_push()).count();
         self.saw(
             Category::Channels,
-            format!("{push} webhook channels, each with a secret or signature (required at config load)"),
+            format!(
+                "{push} webhook channels, each with a secret or signature (required at config load)"
+            ),
         );
         let dead: Vec<(String, i64)> = self
             .state_db
@@ -1306,7 +1414,10 @@ impl<'a> Run<'a> {
         let records: i64 = self
             .audit_db
             .as_ref()
-            .and_then(|c| c.query_row("SELECT count(*) FROM records", [], |r| r.get(0)).ok())
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM records", [], |r| r.get(0))
+                    .ok()
+            })
             .unwrap_or(0);
         if self.ctx.verify_chain && db.exists() && key.exists() {
             let verdict = chitin_audit::PublicKey::load(&key)
@@ -1317,18 +1428,18 @@ impl<'a> Run<'a> {
                         .map_err(|e| e.to_string())
                 });
             match verdict {
-                Ok(chitin_audit::Verdict::Ok(s)) => {
-                    self.saw(Category::Audit, format!("chain verified: {s:?}"));
+                Ok(Ok(s)) => {
+                    self.saw(Category::Audit, format!("chain verified: {}", s.ok_line()));
                     if let Err(e) = marks::record(&home, Mark::AuditVerified, self.now()) {
                         self.saw(Category::Audit, format!("(could not record the verification: {e})"));
                     }
                 }
-                Ok(other) => self.add(Finding::new(
+                Ok(Err(tamper)) => self.add(Finding::new(
                     Category::Audit,
                     "audit.tampered",
                     Severity::Critical,
                     "The audit log fails verification",
-                    format!("{other:?}"),
+                    tamper.to_string(),
                     "run `chitin audit verify` for the first bad record; restore from a backup and keep the damaged copy for investigation",
                 )),
                 Err(e) => self.add(Finding::new(
@@ -1366,7 +1477,9 @@ impl<'a> Run<'a> {
         // Records past the last signed checkpoint.
         if let Some(c) = &self.audit_db {
             let last_seq: i64 = c
-                .query_row("SELECT coalesce(max(seq), 0) FROM records", [], |r| r.get(0))
+                .query_row("SELECT coalesce(max(seq), 0) FROM records", [], |r| {
+                    r.get(0)
+                })
                 .unwrap_or(0);
             let cp: Option<(i64, i64)> = c
                 .query_row(
@@ -1378,7 +1491,11 @@ impl<'a> Run<'a> {
             let cp_seq = cp.map_or(0, |x| x.0);
             if last_seq > cp_seq {
                 let oldest_uncovered: i64 = c
-                    .query_row("SELECT ts_ms FROM records WHERE seq = ?1", [cp_seq + 1], |r| r.get(0))
+                    .query_row(
+                        "SELECT ts_ms FROM records WHERE seq = ?1",
+                        [cp_seq + 1],
+                        |r| r.get(0),
+                    )
                     .unwrap_or(self.now());
                 if self.now().saturating_sub(oldest_uncovered) > CHECKPOINT_MAX_AGE_MS {
                     self.add(Finding::new(
@@ -1400,7 +1517,8 @@ impl<'a> Run<'a> {
                 Category::Audit,
                 format!(
                     "{last_seq} records, last checkpoint at seq {cp_seq}{}",
-                    cp.map(|(_, t)| format!(" ({})", rfc3339(t))).unwrap_or_default()
+                    cp.map(|(_, t)| format!(" ({})", rfc3339(t)))
+                        .unwrap_or_default()
                 ),
             );
         }
@@ -1620,16 +1738,20 @@ impl<'a> Run<'a> {
             ));
             return;
         };
-        let identity = self.ctx.backup_identity.clone().or_else(|| {
-            (!c.backup.identity.is_empty()).then(|| PathBuf::from(&c.backup.identity))
-        });
+        let identity =
+            self.ctx.backup_identity.clone().or_else(|| {
+                (!c.backup.identity.is_empty()).then(|| PathBuf::from(&c.backup.identity))
+            });
         let Some(identity) = identity else {
             self.add(Finding::new(
                 Category::Lifecycle,
                 "lifecycle.backup_test_skipped",
                 Severity::Info,
                 "The newest backup was not test-decrypted: no identity on this machine",
-                format!("{} (no --identity, [backup] identity empty)", file.display()),
+                format!(
+                    "{} (no --identity, [backup] identity empty)",
+                    file.display()
+                ),
                 "`chitin security audit --deep --identity FILE` with the backup identity",
             ));
             return;
@@ -1637,7 +1759,8 @@ impl<'a> Run<'a> {
         let result = (|| {
             let key = chitin_audit::PublicKey::load(&self.home().join(chitin_audit::PUB_FILE))
                 .map_err(|e| e.to_string())?;
-            let id = crate::lifecycle::backup::load_identity(&identity).map_err(|e| e.to_string())?;
+            let id =
+                crate::lifecycle::backup::load_identity(&identity).map_err(|e| e.to_string())?;
             let opened = crate::lifecycle::backup::open(file, &id).map_err(|e| e.to_string())?;
             crate::lifecycle::backup::check(opened, &key).map_err(|e| e.to_string())
         })();
@@ -1703,7 +1826,8 @@ impl<'a> Run<'a> {
             }
         }
         if !c.providers.is_empty() {
-            let limited = c.budgets.daily_usd_per_user > 0.0 || c.budgets.users.values().any(|v| *v > 0.0);
+            let limited =
+                c.budgets.daily_usd_per_user > 0.0 || c.budgets.users.values().any(|v| *v > 0.0);
             if !limited {
                 self.add(Finding::new(
                     Category::Providers,
@@ -1722,7 +1846,9 @@ impl<'a> Run<'a> {
                             Severity::Low,
                             "A model has no price, so its spend does not count against the budget",
                             format!("model `{m}` has no [pricing] entry"),
-                            format!("add [pricing.\"{m}\"] input_per_mtok = ..., output_per_mtok = ..."),
+                            format!(
+                                "add [pricing.\"{m}\"] input_per_mtok = ..., output_per_mtok = ..."
+                            ),
                         ));
                     }
                 }
@@ -1875,7 +2001,8 @@ fn cgroup_available() -> Option<String> {
                     continue;
                 }
                 let dir = Path::new(mp).join(path.trim_start_matches('/'));
-                let ctl = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+                let ctl =
+                    std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
                 if ctl.contains("memory") && ctl.contains("pids") && writable(&dir) {
                     return Some(format!("cgroup v2 at {}", dir.display()));
                 }
@@ -1887,7 +2014,9 @@ fn cgroup_available() -> Option<String> {
             let mut it = l.splitn(3, ':');
             let _ = it.next();
             let c = it.next()?;
-            c.split(',').any(|x| x == want).then(|| it.next().unwrap_or("").to_string())
+            c.split(',')
+                .any(|x| x == want)
+                .then(|| it.next().unwrap_or("").to_string())
         })?;
         let (mp, _, _) = mounts
             .iter()
@@ -1900,4 +2029,3 @@ fn cgroup_available() -> Option<String> {
         _ => None,
     }
 }
-

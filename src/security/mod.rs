@@ -272,7 +272,12 @@ impl Report {
     pub fn counts(&self) -> Vec<(Severity, usize)> {
         Severity::ALL
             .iter()
-            .map(|s| (*s, self.findings.iter().filter(|f| f.severity == *s).count()))
+            .map(|s| {
+                (
+                    *s,
+                    self.findings.iter().filter(|f| f.severity == *s).count(),
+                )
+            })
             .collect()
     }
 
@@ -308,12 +313,7 @@ impl Report {
                 self.checked.len()
             );
             for c in &self.checked {
-                let _ = writeln!(
-                    out,
-                    "  {:<10} {}",
-                    c.category.as_str(),
-                    c.checks.join("; ")
-                );
+                let _ = writeln!(out, "  {:<10} {}", c.category.as_str(), c.checks.join("; "));
             }
         } else {
             let counts: Vec<String> = self
@@ -364,9 +364,11 @@ pub fn run(ctx: &Context) -> Report {
     let mut r = checks::Run::new(ctx);
     r.all();
     let mut report = r.finish();
-    report
-        .findings
-        .sort_by(|a, b| b.severity.cmp(&a.severity).then(a.category.cmp(&b.category)));
+    report.findings.sort_by(|a, b| {
+        b.severity
+            .cmp(&a.severity)
+            .then(a.category.cmp(&b.category))
+    });
     report
 }
 

@@ -60,7 +60,9 @@ pub fn lint(input: &PolicyInput) -> Vec<LintIssue> {
             } else if principal_any || action_any {
                 let what = match (principal_any, action_any) {
                     (true, true) => "any principal to take any action",
-                    (true, false) => "any principal (anyone, including unpaired identities and tools)",
+                    (true, false) => {
+                        "any principal (anyone, including unpaired identities and tools)"
+                    }
                     _ => "any action (including admin actions and ones added later)",
                 };
                 out.push(LintIssue {
@@ -78,8 +80,9 @@ pub fn lint(input: &PolicyInput) -> Vec<LintIssue> {
 /// The 1-based line of `@id("<id>")` in `text` (1 when it is not found).
 fn line_of(text: &str, id: &str) -> usize {
     let needle = format!("@id({})", serde_json::Value::String(id.to_string()));
-    text.find(&needle)
-        .map_or(1, |at| text.get(..at).map_or(1, |b| b.matches('\n').count() + 1))
+    text.find(&needle).map_or(1, |at| {
+        text.get(..at).map_or(1, |b| b.matches('\n').count() + 1)
+    })
 }
 
 #[cfg(test)]
