@@ -405,6 +405,19 @@ fn install(
         writable.push(absolute(Path::new(&config.backup.dir)));
     }
     writable.dedup();
+    // PrivateTmp=yes gives the service its own /tmp and /var/tmp: state there would vanish.
+    if let Some(p) = writable
+        .iter()
+        .find(|p| p.starts_with("/tmp") || p.starts_with("/var/tmp"))
+    {
+        return Err(ServiceError::Invalid(format!(
+            "{} is under /tmp or /var/tmp, which the service cannot see (PrivateTmp=yes gives it \
+             its own); move the state directory, the workspace and the backup directory elsewhere \
+             (e.g. /var/lib/chitin, or ~/.chitin for --user)",
+            p.display()
+        ))
+        .into());
+    }
     let executable = std::env::current_exe().map(|p| absolute(&p)).map_err(|e| {
         ServiceError::Invalid(format!("cannot tell where the chitin binary is: {e}"))
     })?;
