@@ -268,6 +268,8 @@ struct Stats {
     latency: BTreeMap<String, (u64, u64)>,
     /// Spend in USD by user.
     spend: BTreeMap<String, f64>,
+    /// Model calls refused because the user's daily budget was reached, by user.
+    budget_exhausted: BTreeMap<String, u64>,
     /// Model calls (after retries and fallbacks) that failed since the last one that
     /// succeeded, and the last failure (for `/ready`).
     failed_in_a_row: u64,
@@ -437,6 +439,17 @@ impl Agent {
         );
         for (u, v) in &s.spend {
             let _ = writeln!(out, "chitin_spend_usd_total{{user=\"{}\"}} {v}", esc(u));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_budget_exhausted_total Model calls refused because the user's daily budget was reached, by user.\n# TYPE chitin_budget_exhausted_total counter"
+        );
+        for (u, v) in &s.budget_exhausted {
+            let _ = writeln!(
+                out,
+                "chitin_budget_exhausted_total{{user=\"{}\"}} {v}",
+                esc(u)
+            );
         }
         out
     }
@@ -1357,6 +1370,9 @@ impl Run {
                 Ok(Verdict::Allowed(..)) => Ok(None),
                 Ok(Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. }) => {
                     let over = limit > 0.0 && spent >= limit;
+                    if over && let Ok(mut st) = inner.stats.lock() {
+                        *st.budget_exhausted.entry(u.clone()).or_default() += 1;
+                    }
                     Ok(Some(if over {
                         format!("daily budget reached: {u} has spent ${spent:.4} of ${limit:.4} today (policy {}); it resets at 00:00 UTC or raise [budgets] in chitin.toml", d.policies.join(", "))
                     } else {
