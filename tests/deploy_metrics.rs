@@ -12,6 +12,10 @@ use std::path::{Path, PathBuf};
 
 use yaml_rust2::YamlLoader;
 
+#[path = "support/gateway.rs"]
+#[allow(dead_code, reason = "the shared harness has more than this file uses")]
+mod harness;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -47,7 +51,11 @@ fn code_metrics() -> BTreeMap<String, String> {
             let rest = &text[i + "# TYPE ".len()..];
             let name = ident_at(rest);
             let ty = ident_at(rest[name.len()..].trim_start());
-            assert!(!ty.is_empty(), "{}: # TYPE {name} without a type", f.display());
+            assert!(
+                !ty.is_empty(),
+                "{}: # TYPE {name} without a type",
+                f.display()
+            );
             out.insert(name.to_string(), ty.to_string());
         }
         for (i, _) in text.match_indices("family(") {
@@ -71,7 +79,10 @@ fn documented() -> BTreeMap<String, String> {
         if cells.len() < 6 {
             continue;
         }
-        let Some(name) = cells[1].strip_prefix("`chitin_").and_then(|n| n.strip_suffix('`')) else {
+        let Some(name) = cells[1]
+            .strip_prefix("`chitin_")
+            .and_then(|n| n.strip_suffix('`'))
+        else {
             continue;
         };
         let name = format!("chitin_{name}");
@@ -89,9 +100,15 @@ fn every_exported_metric_is_documented_with_its_type_and_nothing_else_is() {
     let code = code_metrics();
     let docs = documented();
     let missing: Vec<_> = code.keys().filter(|k| !docs.contains_key(*k)).collect();
-    assert!(missing.is_empty(), "exported but not in docs/metrics.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "exported but not in docs/metrics.md: {missing:?}"
+    );
     let stale: Vec<_> = docs.keys().filter(|k| !code.contains_key(*k)).collect();
-    assert!(stale.is_empty(), "in docs/metrics.md but not exported: {stale:?}");
+    assert!(
+        stale.is_empty(),
+        "in docs/metrics.md but not exported: {stale:?}"
+    );
     for (name, ty) in &code {
         assert_eq!(&docs[name], ty, "type of {name}");
     }
@@ -111,7 +128,11 @@ fn used(expr: &str, known: &BTreeMap<String, String>) -> BTreeSet<String> {
         let base = ["_sum", "_count", "_bucket"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
-            .filter(|b| known.get(*b).is_some_and(|t| t == "summary" || t == "histogram"))
+            .filter(|b| {
+                known
+                    .get(*b)
+                    .is_some_and(|t| t == "summary" || t == "histogram")
+            })
             .map_or(name.clone(), str::to_string);
         out.insert(base);
     }
@@ -131,16 +152,25 @@ fn the_alert_rules_cover_the_required_signals_and_use_only_exported_metrics() {
         for r in g["rules"].as_vec().expect("rules") {
             let alert = r["alert"].as_str().expect("alert name");
             assert!(names.insert(alert.to_string()), "{alert} twice");
-            let expr = r["expr"].as_str().unwrap_or_else(|| panic!("{alert}: expr"));
+            let expr = r["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{alert}: expr"));
             assert!(
-                ["critical", "warning", "info"].contains(&r["labels"]["severity"].as_str().unwrap_or("")),
+                ["critical", "warning", "info"]
+                    .contains(&r["labels"]["severity"].as_str().unwrap_or("")),
                 "{alert}: labels.severity"
             );
-            assert!(r["annotations"]["summary"].as_str().is_some(), "{alert}: summary");
+            assert!(
+                r["annotations"]["summary"].as_str().is_some(),
+                "{alert}: summary"
+            );
             let u = used(expr, &code);
             assert!(!u.is_empty(), "{alert} uses no chitin metric: {expr}");
             for m in &u {
-                assert!(code.contains_key(m), "{alert} uses {m}, which the gateway does not export");
+                assert!(
+                    code.contains_key(m),
+                    "{alert} uses {m}, which the gateway does not export"
+                );
             }
             all.extend(u);
         }
@@ -170,15 +200,25 @@ fn the_grafana_dashboard_is_valid_json_and_uses_only_exported_metrics() {
     let mut ids = BTreeSet::new();
     let mut all = BTreeSet::new();
     for p in panels {
-        assert!(ids.insert(p["id"].as_u64().unwrap()), "panel ids are unique");
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "panel ids are unique"
+        );
         let g = &p["gridPos"];
-        assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24, "{p}");
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{p}"
+        );
         for t in p["targets"].as_array().unwrap() {
             let expr = t["expr"].as_str().unwrap();
             assert!(t["refId"].as_str().is_some());
             let u = used(expr, &code);
             for m in &u {
-                assert!(code.contains_key(m), "panel {} uses {m}, which the gateway does not export", p["title"]);
+                assert!(
+                    code.contains_key(m),
+                    "panel {} uses {m}, which the gateway does not export",
+                    p["title"]
+                );
             }
             all.extend(u);
         }
@@ -186,4 +226,51 @@ fn the_grafana_dashboard_is_valid_json_and_uses_only_exported_metrics() {
     // Every exported family is on the dashboard.
     let missing: Vec<_> = code.keys().filter(|k| !all.contains(*k)).collect();
     assert!(missing.is_empty(), "not on the dashboard: {missing:?}");
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_running_gateway_exports_the_audit_sink_and_the_approval_backlog() {
+    let gw = harness::Gw::start("");
+    let m = gw.get("/metrics").body;
+    assert_eq!(value(&m, "chitin_audit_sink_up"), Some(1.0), "{m}");
+    assert_eq!(value(&m, "chitin_approvals_pending"), Some(0.0), "{m}");
+    assert!(
+        m.contains("# TYPE chitin_sandbox_refusals_total counter"),
+        "{m}"
+    );
+    // A call that needs a person opens an approval: the backlog is 1 until it is answered.
+    let call = serde_json::json!({"tool": "exec", "args": {"argv": ["/bin/echo", "x"], "network": ["127.0.0.1:9"]}, "session": "s-metrics"});
+    let r = gw.invoke(&call);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let code = r.json()["approval"]["code"].as_str().unwrap().to_string();
+    assert_eq!(
+        value(&gw.get("/metrics").body, "chitin_approvals_pending"),
+        Some(1.0)
+    );
+    let out = gw.chitin(&["approvals", "deny", &code]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        value(&gw.get("/metrics").body, "chitin_approvals_pending"),
+        Some(0.0)
+    );
+    // Every family the scrape shows is documented.
+    let docs = documented();
+    for l in m.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = l.split(' ').nth(2).unwrap();
+        assert!(
+            docs.contains_key(name),
+            "{name} is exported but not documented"
+        );
+    }
 }
