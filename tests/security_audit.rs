@@ -931,3 +931,49 @@ fn the_passphrase_can_come_from_a_systemd_credential() {
     assert!(!o.status.success());
     assert!(text(&o).contains("wrong passphrase"), "{}", text(&o));
 }
+
+#[test]
+fn every_finding_id_the_code_can_emit_is_documented() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let categories = [
+        "config",
+        "exposure",
+        "files",
+        "secrets",
+        "sandbox",
+        "policy",
+        "skills",
+        "channels",
+        "approvals",
+        "audit",
+        "lifecycle",
+        "providers",
+        "updates",
+    ];
+    let mut ids = std::collections::BTreeSet::new();
+    for f in [
+        "src/security/checks.rs",
+        "src/security/policy_lint.rs",
+        "src/secrets/doctor.rs",
+    ] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        for part in text.split('"').skip(1).step_by(2) {
+            let Some((cat, rest)) = part.split_once('.') else {
+                continue;
+            };
+            if categories.contains(&cat)
+                && !rest.is_empty()
+                && rest.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            {
+                ids.insert(part.to_string());
+            }
+        }
+    }
+    assert!(ids.len() > 50, "the scan found too few ids: {ids:?}");
+    let missing: Vec<_> = ids
+        .iter()
+        .filter(|id| !doc.contains(&format!("`{id}`")))
+        .collect();
+    assert!(missing.is_empty(), "not in docs/operations.md: {missing:?}");
+}
