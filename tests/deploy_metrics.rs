@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use yaml_rust2::YamlLoader;
 
 #[path = "support/gateway.rs"]
-#[allow(dead_code, reason = "the shared harness has more than this file uses")]
 mod harness;
 
 fn root() -> PathBuf {

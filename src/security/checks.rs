@@ -1332,7 +1332,7 @@ impl<'a> Run<'a> {
                 Severity::Medium,
                 "Messages could not be delivered and will not be retried",
                 format!("channel `{ch}`: {n} dead letters in the outbox"),
-                format!("`chitin channels status` shows the channel's state; fix the cause (revoked token, blocked bot, deleted chat) — dead letters are kept until [retention] chat expires them"),
+                "`chitin channels status` shows the channel's state; fix the cause (revoked token, blocked bot, deleted chat); dead letters are kept until [retention] chat expires them",
             ));
         }
         self.saw(
@@ -1528,13 +1528,7 @@ impl<'a> Run<'a> {
             let total = st.f_blocks.saturating_mul(st.f_frsize).max(1);
             let pct = free.saturating_mul(100) / total;
             let mib = free / (1024 * 1024);
-            let sev = if pct < 5 || mib < 512 {
-                Some(Severity::High)
-            } else if pct < 10 || mib < 2048 {
-                Some(Severity::Medium)
-            } else {
-                None
-            };
+            let sev = disk_severity(free, total);
             if let Some(severity) = sev {
                 self.add(Finding::new(
                     Category::Audit,
@@ -1900,6 +1894,20 @@ impl<'a> Run<'a> {
     }
 }
 
+/// How bad `free` bytes left of `total` is for the audit log: absolute amounts, since the log
+/// grows by kilobytes per turn (a percentage would cry wolf on large disks): below 512 MiB or
+/// 1 % high, below 2 GiB medium.
+fn disk_severity(free: u64, total: u64) -> Option<Severity> {
+    const MIB: u64 = 1024 * 1024;
+    if free < 512 * MIB || free.saturating_mul(100) < total {
+        Some(Severity::High)
+    } else if free < 2048 * MIB {
+        Some(Severity::Medium)
+    } else {
+        None
+    }
+}
+
 fn yes(b: bool) -> &'static str {
     if b { "yes" } else { "NO" }
 }
@@ -2027,5 +2035,20 @@ fn cgroup_available() -> Option<String> {
     match (v1("memory"), v1("pids")) {
         (Some(m), Some(_)) => Some(format!("cgroup v1 at {}", m.display())),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_space_is_judged_by_what_is_left_not_by_the_percentage_of_a_large_disk() {
+        const GIB: u64 = 1024 * 1024 * 1024;
+        assert_eq!(disk_severity(14 * GIB, 252 * GIB), None);
+        assert_eq!(disk_severity(GIB, 252 * GIB), Some(Severity::Medium));
+        assert_eq!(disk_severity(GIB / 4, 252 * GIB), Some(Severity::High));
+        assert_eq!(disk_severity(3 * GIB, 400 * GIB), Some(Severity::High));
+        assert_eq!(disk_severity(3 * GIB, 10 * GIB), None);
     }
 }
