@@ -284,6 +284,59 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             severity: "high",
         },
         Case {
+            name: "a remote trusted proxy on a network bind",
+            seed: |h| {
+                for f in ["cert.pem", "key.pem"] {
+                    std::fs::write(h.root.join(f), "x").unwrap();
+                    chmod(&h.root.join(f), 0o600);
+                }
+                let p = |f: &str| format!("{:?}", h.root.join(f).display().to_string());
+                h.set("gateway", "tls_cert", &p("cert.pem"));
+                h.set("gateway", "tls_key", &p("key.pem"));
+                h.set("gateway", "bind", "\"0.0.0.0:18789\"");
+                h.set("gateway", "trusted_proxies", "[\"10.0.0.5\"]");
+            },
+            id: "exposure.remote_trusted_proxy",
+            severity: "medium",
+        },
+        Case {
+            name: "listening on every interface",
+            seed: |h| {
+                for f in ["cert.pem", "key.pem"] {
+                    std::fs::write(h.root.join(f), "x").unwrap();
+                    chmod(&h.root.join(f), 0o600);
+                }
+                let p = |f: &str| format!("{:?}", h.root.join(f).display().to_string());
+                h.set("gateway", "tls_cert", &p("cert.pem"));
+                h.set("gateway", "tls_key", &p("key.pem"));
+                h.set("gateway", "bind", "\"0.0.0.0:18789\"");
+            },
+            id: "exposure.all_interfaces",
+            severity: "low",
+        },
+        Case {
+            name: "audit records not covered by a checkpoint for days",
+            seed: |h| {
+                append_records(h, 2);
+                let c = rusqlite::Connection::open(h.home.join("audit.db")).unwrap();
+                let triggers: Vec<String> = c
+                    .prepare("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                for t in triggers {
+                    c.execute_batch(&format!("DROP TRIGGER {t}")).unwrap();
+                }
+                c.execute("DELETE FROM checkpoints", []).unwrap();
+                c.execute("UPDATE records SET ts_ms = ts_ms - 3 * 86400000", [])
+                    .unwrap();
+            },
+            id: "audit.checkpoint_stale",
+            severity: "medium",
+        },
+        Case {
             name: "a plain-http browser origin",
             seed: |h| {
                 h.set(
@@ -498,6 +551,21 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             },
             id: "skills.untrusted_signer",
             severity: "high",
+        },
+        Case {
+            name: "an installed skill never re-verified",
+            seed: |h| {
+                let d = h.home.join("skills");
+                std::fs::create_dir_all(&d).unwrap();
+                chmod(&d, 0o700);
+                std::fs::write(d.join("lock.json"), format!(
+                    "{{\"skills\": {{\"notes\": {{\"name\": \"notes\", \"version\": \"1.0.0\", \"digest\": \"sha256:{}\", \"signer\": \"SHA256:gone\", \"issuer\": \"\", \"transparency\": false, \"installed_at_ms\": 1}}}}}}",
+                    "a".repeat(64)
+                )).unwrap();
+                chmod(&d.join("lock.json"), 0o600);
+            },
+            id: "skills.not_reverified",
+            severity: "low",
         },
         Case {
             name: "a key signer in the trust list",

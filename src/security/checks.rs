@@ -2046,7 +2046,8 @@ mod tests {
     fn disk_space_is_judged_by_what_is_left_not_by_the_percentage_of_a_large_disk() {
         const GIB: u64 = 1024 * 1024 * 1024;
         assert_eq!(disk_severity(14 * GIB, 252 * GIB), None);
-        assert_eq!(disk_severity(GIB, 252 * GIB), Some(Severity::Medium));
+        assert_eq!(disk_severity(GIB, 50 * GIB), Some(Severity::Medium));
+        assert_eq!(disk_severity(GIB, 252 * GIB), Some(Severity::High));
         assert_eq!(disk_severity(GIB / 4, 252 * GIB), Some(Severity::High));
         assert_eq!(disk_severity(3 * GIB, 400 * GIB), Some(Severity::High));
         assert_eq!(disk_severity(3 * GIB, 10 * GIB), None);
