@@ -786,6 +786,27 @@ async fn over_the_daily_budget_the_policy_denies_the_model_call() {
                 .any(|p| p == "budget.deny-over-daily-budget")),
         "{recs:?}"
     );
+    // /metrics: the refusal, and the cost and tokens of the call that ran, by model.
+    let m = a.metrics_text();
+    let line = |prefix: &str| {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+    };
+    assert!(
+        line("chitin_budget_exhausted_total{user=").is_some_and(|l| l.ends_with(" 1")),
+        "{m}"
+    );
+    assert_eq!(
+        line("chitin_model_cost_usd_total{model=\"fake/m1\"}").as_deref(),
+        Some("chitin_model_cost_usd_total{model=\"fake/m1\"} 18"),
+        "{m}"
+    );
+    assert_eq!(
+        line("chitin_model_tokens_total{model=\"fake/m1\",direction=\"output\"}").as_deref(),
+        Some("chitin_model_tokens_total{model=\"fake/m1\",direction=\"output\"} 1000000"),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

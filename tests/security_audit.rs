@@ -1053,11 +1053,17 @@ fn the_gateway_token_age_and_rotation_are_checked() {
     assert!(show.status.success(), "{}", text(&show));
     let (_, v) = h.audit(&[]);
     let checked = v["checked"].to_string();
-    assert!(checked.contains("gateway token 0 days old, never rotated"), "{checked}");
+    assert!(
+        checked.contains("gateway token 0 days old, never rotated"),
+        "{checked}"
+    );
     assert!(!checked.contains(&String::from_utf8_lossy(&show.stdout).trim().to_string()));
     let o = chitin(&h.home, &["token", "rotate"]);
     assert!(o.status.success(), "{}", text(&o));
     let (_, v) = h.audit(&[]);
     let checked = v["checked"].to_string();
-    assert!(checked.contains("gateway token 0 days old, rotated before"), "{checked}");
+    assert!(
+        checked.contains("gateway token 0 days old, rotated before"),
+        "{checked}"
+    );
 }

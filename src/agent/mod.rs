@@ -270,6 +270,8 @@ struct Stats {
     spend: BTreeMap<String, f64>,
     /// Model calls refused because the user's daily budget was reached, by user.
     budget_exhausted: BTreeMap<String, u64>,
+    /// Per model: (input tokens, output tokens, cost in USD) of successful calls.
+    usage: BTreeMap<String, (u64, u64, f64)>,
     /// Model calls (after retries and fallbacks) that failed since the last one that
     /// succeeded, and the last failure (for `/ready`).
     failed_in_a_row: u64,
@@ -444,6 +446,30 @@ impl Agent {
             out,
             "# HELP chitin_budget_exhausted_total Model calls refused because the user's daily budget was reached, by user.\n# TYPE chitin_budget_exhausted_total counter"
         );
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_tokens_total Tokens of successful model calls, by model and direction (input, output).\n# TYPE chitin_model_tokens_total counter"
+        );
+        for (m, (i, o, _)) in &s.usage {
+            for (dir, n) in [("input", i), ("output", o)] {
+                let _ = writeln!(
+                    out,
+                    "chitin_model_tokens_total{{model=\"{}\",direction=\"{dir}\"}} {n}",
+                    esc(m)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_cost_usd_total Cost in USD of successful model calls from [pricing], by model (provider/model).\n# TYPE chitin_model_cost_usd_total counter"
+        );
+        for (m, (_, _, c)) in &s.usage {
+            let _ = writeln!(
+                out,
+                "chitin_model_cost_usd_total{{model=\"{}\"}} {c}",
+                esc(m)
+            );
+        }
         for (u, v) in &s.budget_exhausted {
             let _ = writeln!(
                 out,
@@ -1063,6 +1089,10 @@ impl Run {
                         l.0 = l.0.saturating_add(ms);
                         l.1 += 1;
                         *s.spend.entry(user).or_default() += r.cost_usd.unwrap_or(0.0);
+                        let u = s.usage.entry(r.model.clone()).or_default();
+                        u.0 = u.0.saturating_add(r.usage.input_tokens);
+                        u.1 = u.1.saturating_add(r.usage.output_tokens);
+                        u.2 += r.cost_usd.unwrap_or(0.0);
                     });
                     r
                 }
