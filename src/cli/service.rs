@@ -461,6 +461,11 @@ fn install(
     }
     write_unit(&path, &render(&spec))?;
     println!("wrote {}", path.display());
+    if !user && spec.run_as.is_none() {
+        println!(
+            "note: the service runs as root (no User=); to run it as an unprivileged user, give that user the state directory and pass --run-as USER"
+        );
+    }
     if let Some(p) = &passphrase_file {
         match std::fs::metadata(p) {
             Ok(m) => {
