@@ -272,6 +272,8 @@ struct Stats {
     budget_exhausted: BTreeMap<String, u64>,
     /// Per model: (input tokens, output tokens, cost in USD) of successful calls.
     usage: BTreeMap<String, (u64, u64, f64)>,
+    /// Tool calls refused because the sandbox could not be set up, by tool.
+    sandbox_refusals: BTreeMap<String, u64>,
     /// Model calls (after retries and fallbacks) that failed since the last one that
     /// succeeded, and the last failure (for `/ready`).
     failed_in_a_row: u64,
@@ -384,6 +386,16 @@ impl Agent {
                     .flatten(),
             )
         })
+    }
+
+    /// Tool calls of agent turns refused because the sandbox could not be set up, by tool
+    /// (the gateway adds them to `chitin_sandbox_refusals_total`).
+    pub fn sandbox_refusals(&self) -> BTreeMap<String, u64> {
+        self.0
+            .stats
+            .lock()
+            .map(|s| s.sandbox_refusals.clone())
+            .unwrap_or_default()
     }
 
     /// Prometheus text: runs by status, model calls by model and outcome, model latency,
@@ -1781,6 +1793,17 @@ impl Run {
                     .await
             }
             Err(e) => {
+                if matches!(
+                    e,
+                    InvokeError::Tool(
+                        crate::tools::ToolError::SandboxUnavailable(_)
+                            | crate::tools::ToolError::Sandbox(_)
+                            | crate::tools::ToolError::Launcher { .. }
+                    )
+                ) {
+                    let tool = c.name.clone();
+                    self.stat(|s| *s.sandbox_refusals.entry(tool).or_default() += 1);
+                }
                 let content = format!(
                     "the call failed and did not run: {}",
                     self.inner.p.gate.redact(&e.to_string())

@@ -111,6 +111,19 @@ impl Metrics {
     /// The exposition text. `audit_appends` is the number of records appended to the audit
     /// chain since the gateway started (head sequence now minus at start).
     pub fn render(&self, audit_appends: Option<u64>) -> String {
+        self.render_with(audit_appends, &BTreeMap::new())
+    }
+
+    /// [`Self::render`], with the agent's sandbox refusals (by tool) added to the gateway's.
+    pub fn render_with(
+        &self,
+        audit_appends: Option<u64>,
+        agent_refusals: &BTreeMap<String, u64>,
+    ) -> String {
+        let mut refusals = self.sandbox_refusals.snapshot();
+        for (k, v) in agent_refusals {
+            *refusals.entry(k.clone()).or_insert(0) += v;
+        }
         let mut out = String::new();
         let mut family = |name: &str, help: &str, label: &str, values: BTreeMap<String, u64>| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -141,7 +154,7 @@ impl Metrics {
             "chitin_sandbox_refusals_total",
             "Tool calls refused because the sandbox cannot enforce its layers here, by tool.",
             "tool",
-            self.sandbox_refusals.snapshot(),
+            refusals,
         );
         family(
             "chitin_auth_failures_total",
@@ -287,6 +300,10 @@ mod tests {
             m.render(None)
                 .contains("chitin_sandbox_refusals_total{tool=\"exec\"} 1")
         );
+        let agent = BTreeMap::from([("exec".to_string(), 2), ("read_file".to_string(), 1)]);
+        let text = m.render_with(None, &agent);
+        assert!(text.contains("chitin_sandbox_refusals_total{tool=\"exec\"} 3"));
+        assert!(text.contains("chitin_sandbox_refusals_total{tool=\"read_file\"} 1"));
         let s = render_state(false, Some(1_500), Some(3));
         assert!(s.contains("chitin_audit_sink_up 0\n"));
         assert!(s.contains("chitin_audit_sink_failed_since_timestamp_seconds 1.500\n"));

@@ -1349,7 +1349,12 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
         .await
         .ok();
     let appends = head.map(|h| u64::try_from(h - app.audit_head_at_start).unwrap_or(0));
-    let mut text = app.metrics.render(appends);
+    let agent_refusals = app
+        .agent
+        .as_ref()
+        .map(|a| a.sandbox_refusals())
+        .unwrap_or_default();
+    let mut text = app.metrics.render_with(appends, &agent_refusals);
     let (audit_ok, since) = match app.gate.audit().health() {
         chitin_audit::AuditHealth::Ok => (true, None),
         chitin_audit::AuditHealth::Failed { since_ms, .. } => (false, Some(since_ms)),
