@@ -72,6 +72,9 @@ impl Home {
         let h = Self { _t: t, root, home };
         h.set("secrets", "backend", "\"passphrase\"");
         h.set("secrets", "scrypt_work_factor", "16");
+        // The free space of the test machine's disk is not the test's to control: off here,
+        // judged against a known threshold by its own case.
+        h.set("audit", "min_free_disk_mb", "0");
         std::fs::create_dir_all(h.root.join("chitin-workspace")).unwrap();
         chmod(&h.root.join("chitin-workspace"), 0o700);
         h
@@ -408,6 +411,12 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             },
             id: "channels.group_without_mention",
             severity: "medium",
+        },
+        Case {
+            name: "less disk space than [audit] min_free_disk_mb",
+            seed: |h| h.set("audit", "min_free_disk_mb", "1000000000000"),
+            id: "audit.disk_low",
+            severity: "high",
         },
         Case {
             name: "cgroups off",

@@ -1528,7 +1528,8 @@ impl<'a> Run<'a> {
             let total = st.f_blocks.saturating_mul(st.f_frsize).max(1);
             let pct = free.saturating_mul(100) / total;
             let mib = free / (1024 * 1024);
-            let sev = disk_severity(free, total);
+            let min_mib = config.map_or(2048, |c| c.audit.min_free_disk_mb);
+            let sev = disk_severity(free, min_mib);
             if let Some(severity) = sev {
                 self.add(Finding::new(
                     Category::Audit,
@@ -1894,14 +1895,14 @@ impl<'a> Run<'a> {
     }
 }
 
-/// How bad `free` bytes left of `total` is for the audit log: absolute amounts, since the log
-/// grows by kilobytes per turn (a percentage would cry wolf on large disks): below 512 MiB or
-/// 1 % high, below 2 GiB medium.
-fn disk_severity(free: u64, total: u64) -> Option<Severity> {
-    const MIB: u64 = 1024 * 1024;
-    if free < 512 * MIB || free.saturating_mul(100) < total {
+/// How bad `free` bytes left is for the audit log, against `[audit] min_free_disk_mb`: an
+/// absolute amount, since the log grows by kilobytes per turn (a percentage would cry wolf on
+/// large disks). Below a quarter of it high, below it medium; 0 never reports.
+fn disk_severity(free: u64, min_mib: u64) -> Option<Severity> {
+    let min = min_mib.saturating_mul(1024 * 1024);
+    if free < min / 4 {
         Some(Severity::High)
-    } else if free < 2048 * MIB {
+    } else if free < min {
         Some(Severity::Medium)
     } else {
         None
@@ -2045,11 +2046,9 @@ mod tests {
     #[test]
     fn disk_space_is_judged_by_what_is_left_not_by_the_percentage_of_a_large_disk() {
         const GIB: u64 = 1024 * 1024 * 1024;
-        assert_eq!(disk_severity(14 * GIB, 252 * GIB), None);
-        assert_eq!(disk_severity(GIB, 50 * GIB), Some(Severity::Medium));
-        assert_eq!(disk_severity(GIB, 252 * GIB), Some(Severity::High));
-        assert_eq!(disk_severity(GIB / 4, 252 * GIB), Some(Severity::High));
-        assert_eq!(disk_severity(3 * GIB, 400 * GIB), Some(Severity::High));
-        assert_eq!(disk_severity(3 * GIB, 10 * GIB), None);
+        assert_eq!(disk_severity(14 * GIB, 2048), None);
+        assert_eq!(disk_severity(GIB, 2048), Some(Severity::Medium));
+        assert_eq!(disk_severity(GIB / 4, 2048), Some(Severity::High));
+        assert_eq!(disk_severity(0, 0), None, "0 turns the check off");
     }
 }
