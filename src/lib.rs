@@ -18,6 +18,7 @@ pub mod net;
 pub mod policy;
 pub mod providers;
 pub mod secrets;
+pub mod security;
 pub mod skills_host;
 pub mod state;
 pub mod store;

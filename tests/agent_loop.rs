@@ -143,6 +143,8 @@ struct Opts {
     config: AgentConfig,
     budgets: BudgetsConfig,
     pricing: PricingConfig,
+    /// Another sandbox launcher than the chitin binary (a fake that reports a refusal).
+    launcher: Option<PathBuf>,
 }
 
 fn opts() -> Opts {
@@ -154,6 +156,7 @@ fn opts() -> Opts {
         },
         budgets: BudgetsConfig::default(),
         pricing: PricingConfig::default(),
+        launcher: None,
     }
 }
 
@@ -182,7 +185,10 @@ fn agent_with(e: &Env, servers: &[(&str, &str, &FakeServer)], o: Opts) -> Agent 
         ),
         sandbox: {
             let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
-            sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
+            sb.launcher = o
+                .launcher
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_chitin")));
             sb
         },
         workspace: e.ws.clone(),
@@ -793,6 +799,27 @@ async fn over_the_daily_budget_the_policy_denies_the_model_call() {
                 .iter()
                 .any(|p| p == "budget.deny-over-daily-budget")),
         "{recs:?}"
+    );
+    // /metrics: the refusal, and the cost and tokens of the call that ran, by model.
+    let m = a.metrics_text();
+    let line = |prefix: &str| {
+        m.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+    };
+    assert!(
+        line("chitin_budget_exhausted_total{user=").is_some_and(|l| l.ends_with(" 1")),
+        "{m}"
+    );
+    assert_eq!(
+        line("chitin_model_cost_usd_total{model=\"fake/m1\"}").as_deref(),
+        Some("chitin_model_cost_usd_total{model=\"fake/m1\"} 18"),
+        "{m}"
+    );
+    assert_eq!(
+        line("chitin_model_tokens_total{model=\"fake/m1\",direction=\"output\"}").as_deref(),
+        Some("chitin_model_tokens_total{model=\"fake/m1\",direction=\"output\"} 1000000"),
+        "{m}"
     );
 }
 
@@ -1708,4 +1735,33 @@ async fn a_tool_result_cannot_close_its_untrusted_fence_in_any_spelling() {
         ),
         "{tool_msg}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_the_sandbox_refuses_is_not_run_and_is_counted_for_the_metrics() {
+    let e = env();
+    // A launcher that reports what `chitin sandbox exec` reports when a layer is missing.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let fake = dir.path().join("fake-launcher");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho '{\"error\":{\"kind\":\"unavailable\",\"message\":\"sandbox unavailable: missing landlock (simulated)\"}}'\nexit 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let s = FakeAnthropic::start(vec![
+        Step::tool_call("c1", "exec", r#"{"argv":["touch","made"]}"#),
+        Step::text("could not"),
+    ])
+    .await
+    .unwrap();
+    let mut o = opts();
+    o.launcher = Some(fake);
+    let a = agent_with(&e, &[("fake", "anthropic", &s)], o);
+    assert!(a.sandbox_refusals().is_empty());
+    let r = run(&a, turn("s1", "make a file")).await;
+    assert_eq!(r.tool_calls.len(), 1, "{r:?}");
+    assert_eq!(r.tool_calls[0].decision, "error", "{r:?}");
+    assert!(!e.ws.join("made").exists());
+    assert_eq!(a.sandbox_refusals().get("exec"), Some(&1), "{r:?}");
 }

@@ -270,6 +270,12 @@ struct Stats {
     latency: BTreeMap<String, (u64, u64)>,
     /// Spend in USD by user.
     spend: BTreeMap<String, f64>,
+    /// Model calls refused because the user's daily budget was reached, by user.
+    budget_exhausted: BTreeMap<String, u64>,
+    /// Per model: (input tokens, output tokens, cost in USD) of successful calls.
+    usage: BTreeMap<String, (u64, u64, f64)>,
+    /// Tool calls refused because the sandbox could not be set up, by tool.
+    sandbox_refusals: BTreeMap<String, u64>,
     /// Model calls (after retries and fallbacks) that failed since the last one that
     /// succeeded, and the last failure (for `/ready`).
     failed_in_a_row: u64,
@@ -404,6 +410,16 @@ impl Agent {
         })
     }
 
+    /// Tool calls of agent turns refused because the sandbox could not be set up, by tool
+    /// (the gateway adds them to `chitin_sandbox_refusals_total`).
+    pub fn sandbox_refusals(&self) -> BTreeMap<String, u64> {
+        self.0
+            .stats
+            .lock()
+            .map(|s| s.sandbox_refusals.clone())
+            .unwrap_or_default()
+    }
+
     /// Prometheus text: runs by status, model calls by model and outcome, model latency,
     /// spend by user.
     pub fn metrics_text(&self) -> String {
@@ -459,6 +475,41 @@ impl Agent {
         );
         for (u, v) in &s.spend {
             let _ = writeln!(out, "chitin_spend_usd_total{{user=\"{}\"}} {v}", esc(u));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_budget_exhausted_total Model calls refused because the user's daily budget was reached, by user.\n# TYPE chitin_budget_exhausted_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_tokens_total Tokens of successful model calls, by model and direction (input, output).\n# TYPE chitin_model_tokens_total counter"
+        );
+        for (m, (i, o, _)) in &s.usage {
+            for (dir, n) in [("input", i), ("output", o)] {
+                let _ = writeln!(
+                    out,
+                    "chitin_model_tokens_total{{model=\"{}\",direction=\"{dir}\"}} {n}",
+                    esc(m)
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP chitin_model_cost_usd_total Cost in USD of successful model calls from [pricing], by model (provider/model).\n# TYPE chitin_model_cost_usd_total counter"
+        );
+        for (m, (_, _, c)) in &s.usage {
+            let _ = writeln!(
+                out,
+                "chitin_model_cost_usd_total{{model=\"{}\"}} {c}",
+                esc(m)
+            );
+        }
+        for (u, v) in &s.budget_exhausted {
+            let _ = writeln!(
+                out,
+                "chitin_budget_exhausted_total{{user=\"{}\"}} {v}",
+                esc(u)
+            );
         }
         out
     }
@@ -1072,6 +1123,10 @@ impl Run {
                         l.0 = l.0.saturating_add(ms);
                         l.1 += 1;
                         *s.spend.entry(user).or_default() += r.cost_usd.unwrap_or(0.0);
+                        let u = s.usage.entry(r.model.clone()).or_default();
+                        u.0 = u.0.saturating_add(r.usage.input_tokens);
+                        u.1 = u.1.saturating_add(r.usage.output_tokens);
+                        u.2 += r.cost_usd.unwrap_or(0.0);
                     });
                     r
                 }
@@ -1395,6 +1450,9 @@ impl Run {
                 Ok(Verdict::Allowed(..)) => Ok(None),
                 Ok(Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. }) => {
                     let over = limit > 0.0 && spent >= limit;
+                    if over && let Ok(mut st) = inner.stats.lock() {
+                        *st.budget_exhausted.entry(u.clone()).or_default() += 1;
+                    }
                     Ok(Some(if over {
                         format!("daily budget reached: {u} has spent ${spent:.4} of ${limit:.4} today (policy {}); it resets at 00:00 UTC or raise [budgets] in chitin.toml", d.policies.join(", "))
                     } else {
@@ -1776,6 +1834,17 @@ impl Run {
                     .await
             }
             Err(e) => {
+                if matches!(
+                    e,
+                    InvokeError::Tool(
+                        crate::tools::ToolError::SandboxUnavailable(_)
+                            | crate::tools::ToolError::Sandbox(_)
+                            | crate::tools::ToolError::Launcher { .. }
+                    )
+                ) {
+                    let tool = c.name.clone();
+                    self.stat(|s| *s.sandbox_refusals.entry(tool).or_default() += 1);
+                }
                 let content = format!(
                     "the call failed and did not run: {}",
                     self.inner.p.gate.redact(&e.to_string())

@@ -188,6 +188,12 @@ fn verify(
     let pubkey = pubkey.unwrap_or_else(|| globals.home.join(chitin_audit::PUB_FILE));
     let key = PublicKey::load(&pubkey)?;
     let verifier = Verifier::new(key);
+    // Only a verification of this state dir's own log is remembered (`chitin security audit`
+    // reports when it last succeeded).
+    let own_log = export.is_none()
+        && db
+            .as_deref()
+            .is_none_or(|d| d == globals.home.join(chitin_audit::DB_FILE));
     let verdict = match export {
         Some(x) => verifier.verify_export(&x)?,
         None => {
@@ -203,6 +209,17 @@ fn verify(
     match verdict {
         Ok(report) => {
             println!("{}", report.ok_line());
+            if own_log {
+                use crate::clock::Clock as _;
+                let now = crate::clock::SystemClock.now_ms();
+                if let Err(e) = crate::security::marks::record(
+                    &globals.home,
+                    crate::security::marks::Mark::AuditVerified,
+                    now,
+                ) {
+                    eprintln!("note: could not record the verification in state.db: {e}");
+                }
+            }
             if report.last_checkpoint.is_none() && report.records > 0 {
                 eprintln!(
                     "note: the log has no signed checkpoint yet, so only the chain protects it; \

@@ -161,6 +161,13 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 &out,
                 rt.clock.now_ms(),
             )?;
+            if let Err(e) = crate::security::marks::record(
+                &globals.home,
+                crate::security::marks::Mark::BackupCreated,
+                rt.clock.now_ms(),
+            ) {
+                eprintln!("note: could not record the backup in state.db: {e}");
+            }
             println!(
                 "backup written to {}: {} files, audit through seq {} (data keys are never included)",
                 out.display(),
@@ -182,6 +189,13 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             {
                 Ok(v) => {
                     let r = &v.report;
+                    if let Err(e) = crate::security::marks::record(
+                        &globals.home,
+                        crate::security::marks::Mark::BackupVerified,
+                        SystemClock.now_ms(),
+                    ) {
+                        eprintln!("note: could not record the test restore in state.db: {e}");
+                    }
                     println!(
                         "ok: {} files, {} bytes, created {}, state schema {}; audit {}",
                         r.members,

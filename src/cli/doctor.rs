@@ -1,196 +1,99 @@
-//! `chitin doctor` and `chitin security audit`: checks an operator runs before trusting an
-//! install. Each finding has a stable id, a severity, what is wrong and how to fix it.
-//! Exit status 1 when any finding is critical.
+//! `chitin doctor [--json] [--fix]` and `chitin security audit [--json] [--deep] [--identity
+//! FILE]`: the checks of `crate::security`, printed as text or JSON.
+//!
+//! Exit status (both commands): 0 when nothing above `low` was found, 1 for a `medium` or
+//! `high` finding, 2 for a `critical` one (after `--fix`, what is left counts).
+//!
+//! `doctor` checks the installation without the passphrase (the secret store stays locked)
+//! and verifies the audit chain; `--fix` repairs what is safe to repair: it clears
+//! permission bits that give other users access and creates missing directories 0700, and
+//! never widens anything. `security audit` also unlocks the secret store to read names,
+//! audiences and ages (never values); `--deep` verifies the audit chain and test-decrypts the
+//! newest backup.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use serde::Serialize;
-
 use super::{CmdResult, Globals};
-use crate::policy::{self, PolicyInput};
-use crate::secrets::doctor::{self as secrets_doctor, Severity};
-use crate::state::Home;
+use crate::clock::{Clock, SystemClock};
+use crate::security::{self, Context, Report};
 
-#[derive(Debug, Serialize)]
-struct Finding {
-    id: String,
-    severity: &'static str,
-    message: String,
-    fix: String,
+/// What to run.
+pub struct Options {
+    pub json: bool,
+    pub fix: bool,
+    pub deep: bool,
+    pub identity: Option<PathBuf>,
+    /// `security audit` (unlocks the secret store) rather than `doctor`.
+    pub audit: bool,
 }
 
-fn sev(s: Severity) -> &'static str {
-    match s {
-        Severity::Info => "info",
-        Severity::Warn => "warn",
-        Severity::Critical => "critical",
+fn context(globals: &Globals, o: &Options) -> Context {
+    let config = globals.load_config().map_err(|e| e.to_string());
+    let policy = config
+        .as_ref()
+        .ok()
+        .map(|c| super::policy::engine_spec(globals, c, None, None).map_err(|e| e.to_string()));
+    Context {
+        home: globals.home.clone(),
+        config_path: globals.config_path.clone(),
+        config,
+        policy,
+        now_ms: SystemClock.now_ms(),
+        verify_chain: !o.audit || o.deep,
+        test_backup: o.audit && o.deep,
+        backup_identity: o.identity.clone(),
+        executable: std::env::current_exe().ok(),
+        open_secrets: o.audit,
     }
 }
 
-fn push(out: &mut Vec<Finding>, id: &str, severity: &'static str, message: String, fix: &str) {
-    out.push(Finding {
-        id: id.into(),
-        severity,
-        message,
-        fix: fix.into(),
-    });
+fn print(report: &Report, json: bool) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use std::io::Write as _;
+    let text = if json {
+        let mut t = serde_json::to_string_pretty(&report.to_json())?;
+        t.push('\n');
+        t
+    } else {
+        report.to_text()
+    };
+    // A reader that stops early (`| head`) is not an error.
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
 }
 
-/// Runs every check and prints the findings (as JSON with `json`).
-pub fn run(globals: &Globals, json: bool) -> CmdResult {
-    let mut out = Vec::new();
-    let home = match Home::open(&globals.home) {
-        Ok(h) => Some(h),
-        Err(e) => {
-            push(
-                &mut out,
-                "state.unusable",
-                "critical",
-                e.to_string(),
-                "fix the state directory as the message says, or run `chitin init`",
-            );
-            None
-        }
-    };
-    let config = match globals.load_config() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            push(
-                &mut out,
-                "config.invalid",
-                "critical",
-                e.to_string(),
-                "edit chitin.toml; every key is documented in the file `chitin init` writes",
-            );
-            None
-        }
-    };
-    if let Some(config) = &config {
-        let input = match super::policy::policy_dir(globals, config, None) {
-            Err(e) => Err(e),
-            Ok(Some(d)) => PolicyInput::from_dir(&d),
-            Ok(None) => {
-                push(
-                    &mut out,
-                    "policy.builtin",
-                    "info",
-                    "no policy directory: the built-in default policies are in force".into(),
-                    "run `chitin init` to install editable copies",
-                );
-                Ok(PolicyInput::embedded())
+/// Runs the checks (and the repairs with `fix`) and prints the report.
+pub fn run(globals: &Globals, o: &Options) -> CmdResult {
+    let mut report = security::run(&context(globals, o));
+    if o.fix {
+        let (done, failed) = security::repair(&report);
+        // The repairs go to stderr with --json, so stdout stays one JSON document.
+        for d in &done {
+            if o.json {
+                eprintln!("fixed: {d}");
+            } else {
+                println!("fixed: {d}");
             }
-        };
-        match input.and_then(|i| policy::compile(&i)) {
-            Ok(c) if c.shadow_count() > 0 => push(
-                &mut out,
-                "policy.shadow",
-                "info",
-                format!(
-                    "{} policies are in shadow mode (reported, not enforced)",
-                    c.shadow_count()
-                ),
-                "remove @mode(\"shadow\") once the trial is over",
-            ),
-            Ok(_) => {}
-            Err(e) => push(
-                &mut out,
-                "policy.invalid",
-                "critical",
-                e.to_string(),
-                "run `chitin policy validate` and fix each file:line:col",
-            ),
         }
-        // Data lifecycle: classes kept forever (issue #9).
-        for (id, severity, message, fix) in crate::lifecycle::findings(config) {
-            out.push(Finding {
-                id,
-                severity,
-                message,
-                fix,
-            });
+        for f in &failed {
+            eprintln!("could not fix: {f}");
         }
-        for f in secrets_doctor::findings(&globals.home, &config.secrets) {
-            out.push(Finding {
-                id: f.id.into(),
-                severity: sev(f.severity),
-                message: f.message,
-                fix: f.fix,
-            });
+        if !done.is_empty() || !failed.is_empty() {
+            report = security::run(&context(globals, o));
+        } else if !o.json {
+            println!("nothing to fix automatically");
         }
-    }
-    let support = chitin_sandbox::check();
-    if !support.enforced() {
-        push(
-            &mut out,
-            "sandbox.not_enforced",
-            "critical",
-            format!(
-                "the kernel cannot fully confine tools (missing: {}); shell and file tools will refuse to run",
-                support.missing.join(", ")
-            ),
-            "run on Linux with landlock (ABI >= 4), seccomp and unprivileged user namespaces enabled",
+    } else if !o.json && report.findings.iter().any(|f| f.repairable) {
+        // Said once, after the list.
+        let n = report.findings.iter().filter(|f| f.repairable).count();
+        print(&report, false)?;
+        println!(
+            "{n} of these can be repaired with `chitin doctor --fix` (permissions narrowed, missing directories created; nothing is widened)"
         );
+        return Ok(ExitCode::from(report.exit_code()));
     }
-    if let Some(home) = &home {
-        let db = home.path(chitin_audit::DB_FILE);
-        let key = home.path(chitin_audit::PUB_FILE);
-        let cps = home.path(chitin_audit::CHECKPOINT_FILE);
-        if !db.exists() && (key.exists() || cps.exists()) {
-            push(
-                &mut out,
-                "audit.missing",
-                "critical",
-                format!(
-                    "the audit database {} is gone although its key and checkpoints exist",
-                    db.display()
-                ),
-                "restore audit.db from a backup; `chitin audit verify --export FILE` checks an earlier export",
-            );
-        }
-        if db.exists() && key.exists() {
-            let verdict = chitin_audit::PublicKey::load(&key)
-                .map_err(|e| e.to_string())
-                .and_then(|k| {
-                    chitin_audit::Verifier::new(k)
-                        // Cross-checked against the checkpoint file: a truncated or emptied
-                        // database does not pass.
-                        .verify_db(&db, Some(&cps))
-                        .map_err(|e| e.to_string())
-                });
-            match verdict {
-                Ok(chitin_audit::Verdict::Ok(_)) => {}
-                Ok(other) => push(
-                    &mut out,
-                    "audit.tampered",
-                    "critical",
-                    format!("{other:?}"),
-                    "run `chitin audit verify` for the first bad record; restore from a backup",
-                ),
-                Err(e) => push(
-                    &mut out,
-                    "audit.unverifiable",
-                    "critical",
-                    e,
-                    "run `chitin audit verify`",
-                ),
-            }
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&out)?);
-    } else if out.is_empty() {
-        println!("ok: no findings");
-    } else {
-        for f in &out {
-            println!(
-                "[{}] {}: {}\n    fix: {}",
-                f.severity, f.id, f.message, f.fix
-            );
-        }
-    }
-    Ok(if out.iter().any(|f| f.severity == "critical") {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    print(&report, o.json)?;
+    Ok(ExitCode::from(report.exit_code()))
 }

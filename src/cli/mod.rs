@@ -16,6 +16,7 @@ mod policy;
 mod retention;
 mod sandbox;
 mod secrets;
+mod service;
 mod sessions;
 mod skills;
 mod token;
@@ -52,10 +53,14 @@ struct Cli {
 enum Command {
     /// Create the state directory, a documented config, default policies and the store.
     Init,
-    /// Check the installation: state permissions, config, policies, sandbox, secrets, audit.
+    /// Check the installation: state permissions, config, policies, sandbox, secrets, audit;
+    /// exit 0 (nothing above low), 1 (medium/high), 2 (critical).
     Doctor {
         #[arg(long)]
         json: bool,
+        /// Repair what is safe: narrow permissions, create missing directories (never widens)
+        #[arg(long)]
+        fix: bool,
     },
     /// Run one agent turn in process: the model, tools through the gate, the reply.
     Agent(agent::AgentArgs),
@@ -65,7 +70,8 @@ enum Command {
     /// Approve or deny high-risk actions waiting for a person.
     #[command(subcommand)]
     Approvals(approvals::ApprovalsCmd),
-    /// Security review of the installation (the same checks as doctor).
+    /// Security review of the whole deployment (exposure, files, secrets, sandbox, policy,
+    /// skills, channels, approvals, audit, lifecycle, providers, updates).
     #[command(subcommand)]
     Security(SecurityCmd),
     /// Validate, evaluate, test, lint, explain and diff Cedar policies; report shadow trials.
@@ -123,14 +129,23 @@ enum Command {
     /// MCP servers: list them and their tools, trust (pin) or untrust a server's tools.
     #[command(subcommand)]
     Mcp(mcp::McpCmd),
+    /// Run the gateway as a hardened systemd service: install, status, uninstall.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
 }
 
 #[derive(Debug, Subcommand)]
 enum SecurityCmd {
-    /// Run every security check; exit 1 on a critical finding.
+    /// Run every security check; exit 0 (nothing above low), 1 (medium/high), 2 (critical).
     Audit {
         #[arg(long)]
         json: bool,
+        /// Also verify the whole audit chain and test-decrypt the newest backup
+        #[arg(long)]
+        deep: bool,
+        /// The backup identity for --deep [default: [backup] identity]
+        #[arg(long, value_name = "FILE", requires = "deep")]
+        identity: Option<PathBuf>,
     },
 }
 
@@ -288,9 +303,30 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args, &globals),
         Command::Sessions(cmd) => sessions::run(cmd, &globals),
         Command::Approvals(cmd) => approvals::run(cmd, &globals),
-        Command::Doctor { json } | Command::Security(SecurityCmd::Audit { json }) => {
-            doctor::run(&globals, json)
-        }
+        Command::Doctor { json, fix } => doctor::run(
+            &globals,
+            &doctor::Options {
+                json,
+                fix,
+                deep: false,
+                identity: None,
+                audit: false,
+            },
+        ),
+        Command::Security(SecurityCmd::Audit {
+            json,
+            deep,
+            identity,
+        }) => doctor::run(
+            &globals,
+            &doctor::Options {
+                json,
+                fix: false,
+                deep,
+                identity,
+                audit: true,
+            },
+        ),
         Command::Policy(cmd) => policy::run(cmd, &globals),
         Command::Sandbox(cmd) => sandbox::run(cmd, &globals),
         Command::Audit(cmd) => audit::run(cmd, &globals),
@@ -310,6 +346,7 @@ pub fn main() -> ExitCode {
         Command::Tokens(cmd) => users::run_tokens(cmd, &globals),
         Command::Devices(cmd) => users::run_devices(cmd, &globals),
         Command::Mcp(cmd) => mcp::run(cmd, &globals),
+        Command::Service(cmd) => service::run(cmd, &globals),
     };
     match result {
         Ok(code) => code,

@@ -20,6 +20,9 @@ lock_timeout_ms = 2000
 # Refuse to grow audit.db beyond this many MiB (0 = no limit). When reached, audited actions
 # are refused and /ready reports the audit sink as failed.
 max_db_mb = 0
+# `chitin security audit` and `chitin doctor` report audit.disk_low when the filesystem of the
+# state directory has less than this many MiB free (high below a quarter of it; 0 = never).
+min_free_disk_mb = 2048
 "#;
 
 /// The `[audit]` section.
@@ -31,6 +34,7 @@ pub struct AuditConfig {
     pub max_batch: usize,
     pub lock_timeout_ms: u64,
     pub max_db_mb: u64,
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for AuditConfig {
@@ -41,6 +45,7 @@ impl Default for AuditConfig {
             max_batch: 1024,
             lock_timeout_ms: 2000,
             max_db_mb: 0,
+            min_free_disk_mb: 2048,
         }
     }
 }

@@ -30,6 +30,7 @@ pub struct Metrics {
     tool_calls: Family,
     approvals: Family,
     sandbox_kills: Family,
+    sandbox_refusals: Family,
     auth_failures: Family,
     policy_reloads: Family,
     checkpoints: AtomicU64,
@@ -67,6 +68,10 @@ impl Metrics {
     /// Which limit killed a sandboxed run (`timeout`, `memory`, `seccomp:<syscall>`, ...).
     pub fn sandbox_kill(&self, reason: &str) {
         self.sandbox_kills.inc(reason);
+    }
+    /// A tool call refused because the sandbox cannot confine it here (by tool).
+    pub fn sandbox_refusal(&self, tool: &str) {
+        self.sandbox_refusals.inc(tool);
     }
     /// `missing`, `malformed`, `wrong`, `query_token`, `rate_limited`.
     pub fn auth_failure(&self, reason: &str) {
@@ -106,6 +111,19 @@ impl Metrics {
     /// The exposition text. `audit_appends` is the number of records appended to the audit
     /// chain since the gateway started (head sequence now minus at start).
     pub fn render(&self, audit_appends: Option<u64>) -> String {
+        self.render_with(audit_appends, &BTreeMap::new())
+    }
+
+    /// [`Self::render`], with the agent's sandbox refusals (by tool) added to the gateway's.
+    pub fn render_with(
+        &self,
+        audit_appends: Option<u64>,
+        agent_refusals: &BTreeMap<String, u64>,
+    ) -> String {
+        let mut refusals = self.sandbox_refusals.snapshot();
+        for (k, v) in agent_refusals {
+            *refusals.entry(k.clone()).or_insert(0) += v;
+        }
         let mut out = String::new();
         let mut family = |name: &str, help: &str, label: &str, values: BTreeMap<String, u64>| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -131,6 +149,12 @@ impl Metrics {
             "Sandboxed runs killed by a limit or filter, by reason.",
             "reason",
             self.sandbox_kills.snapshot(),
+        );
+        family(
+            "chitin_sandbox_refusals_total",
+            "Tool calls refused because the sandbox cannot enforce its layers here, by tool.",
+            "tool",
+            refusals,
         );
         family(
             "chitin_auth_failures_total",
@@ -208,6 +232,44 @@ impl Metrics {
     }
 }
 
+/// The audit sink's state and the approval backlog, read at scrape time: `audit_ok` is the
+/// audit log's health (a failed sink refuses every audited action), `since_ms` when it
+/// failed; `pending` the approvals waiting for a person (`None` when the store cannot be read).
+pub fn render_state(audit_ok: bool, since_ms: Option<i64>, pending: Option<u64>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP chitin_audit_sink_up 1 while audit records can be written; 0 while the audit log refuses appends (every audited action is refused)."
+    );
+    let _ = writeln!(out, "# TYPE chitin_audit_sink_up gauge");
+    let _ = writeln!(out, "chitin_audit_sink_up {}", u8::from(audit_ok));
+    if let Some(ms) = since_ms {
+        let _ = writeln!(
+            out,
+            "# HELP chitin_audit_sink_failed_since_timestamp_seconds When the audit log started refusing appends."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE chitin_audit_sink_failed_since_timestamp_seconds gauge"
+        );
+        #[expect(clippy::cast_precision_loss, reason = "a timestamp in seconds")]
+        let secs = ms as f64 / 1000.0;
+        let _ = writeln!(
+            out,
+            "chitin_audit_sink_failed_since_timestamp_seconds {secs:.3}"
+        );
+    }
+    if let Some(n) = pending {
+        let _ = writeln!(
+            out,
+            "# HELP chitin_approvals_pending Approval requests waiting for a person (not expired)."
+        );
+        let _ = writeln!(out, "# TYPE chitin_approvals_pending gauge");
+        let _ = writeln!(out, "chitin_approvals_pending {n}");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -233,5 +295,18 @@ mod tests {
         assert!(text.contains("chitin_sandbox_kills_total{reason=\"seccomp:\\\"ptrace\\\"\"} 1"));
         assert!(text.contains("chitin_audit_appends_total 7"));
         assert!(text.contains("# TYPE chitin_auth_failures_total counter"));
+        m.sandbox_refusal("exec");
+        assert!(
+            m.render(None)
+                .contains("chitin_sandbox_refusals_total{tool=\"exec\"} 1")
+        );
+        let agent = BTreeMap::from([("exec".to_string(), 2), ("read_file".to_string(), 1)]);
+        let text = m.render_with(None, &agent);
+        assert!(text.contains("chitin_sandbox_refusals_total{tool=\"exec\"} 3"));
+        assert!(text.contains("chitin_sandbox_refusals_total{tool=\"read_file\"} 1"));
+        let s = render_state(false, Some(1_500), Some(3));
+        assert!(s.contains("chitin_audit_sink_up 0\n"));
+        assert!(s.contains("chitin_audit_sink_failed_since_timestamp_seconds 1.500\n"));
+        assert!(s.contains("chitin_approvals_pending 3\n"));
     }
 }

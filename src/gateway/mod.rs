@@ -1398,7 +1398,33 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
         .await
         .ok();
     let appends = head.map(|h| u64::try_from(h - app.audit_head_at_start).unwrap_or(0));
-    let mut text = app.metrics.render(appends);
+    let agent_refusals = app
+        .agent
+        .as_ref()
+        .map(|a| a.sandbox_refusals())
+        .unwrap_or_default();
+    let mut text = app.metrics.render_with(appends, &agent_refusals);
+    let (audit_ok, since) = match app.gate.audit().health() {
+        chitin_audit::AuditHealth::Ok => (true, None),
+        chitin_audit::AuditHealth::Failed { since_ms, .. } => (false, Some(since_ms)),
+    };
+    let store = Arc::clone(&app.store);
+    let now = app.clock.now_ms();
+    let pending = tokio::task::spawn_blocking(move || {
+        store.conn().ok().and_then(|c| {
+            c.query_row(
+                "SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_ms > ?1",
+                [now],
+                |r| r.get::<_, i64>(0),
+            )
+            .ok()
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+    .and_then(|n| u64::try_from(n).ok());
+    text.push_str(&metrics::render_state(audit_ok, since, pending));
     if let Some(a) = &app.agent {
         text.push_str(&a.metrics_text());
     }
@@ -1702,6 +1728,9 @@ fn respond(
                 ),
             };
             app.metrics.tool_call(metric);
+            if code == "sandbox_unavailable" {
+                app.metrics.sandbox_refusal(tool);
+            }
             warn!(tool, code, error = %msg, "tool call failed");
             error_body(status, code, &msg)
         }

@@ -28,7 +28,8 @@ pub trait PassphraseSource: Send + Sync {
     fn passphrase(&self, what: &Path, new: bool) -> Result<SecretString, SecretsError>;
 }
 
-/// `CHITIN_PASSPHRASE`, else a prompt on the terminal (`/dev/tty`, no echo).
+/// `CHITIN_PASSPHRASE`, else the systemd credential `chitin-passphrase`, else a prompt on
+/// the terminal (`/dev/tty`, no echo).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EnvOrPrompt;
 
@@ -47,6 +48,9 @@ impl PassphraseSource for EnvOrPrompt {
                 )));
             }
             return Ok(SecretString::from(v));
+        }
+        if let Some(p) = systemd_credential()? {
+            return Ok(p);
         }
         let prompt = if new {
             format!("New passphrase for {}: ", what.display())
@@ -77,6 +81,44 @@ impl PassphraseSource for EnvOrPrompt {
         }
         Ok(SecretString::from(first.to_string()))
     }
+}
+
+/// The systemd credential holding the passphrase (`LoadCredential=chitin-passphrase:FILE`
+/// in the unit `chitin service install` writes): systemd puts the file in
+/// `$CREDENTIALS_DIRECTORY`, readable only by the service, so the passphrase is never in the
+/// unit or the environment. One trailing newline is removed.
+pub const CREDENTIAL_NAME: &str = "chitin-passphrase";
+
+fn systemd_credential() -> Result<Option<SecretString>, SecretsError> {
+    let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY").filter(|d| !d.is_empty()) else {
+        return Ok(None);
+    };
+    let path = Path::new(&dir).join(CREDENTIAL_NAME);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => Zeroizing::new(b),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(SecretsError::PassphraseUnavailable(format!(
+                "cannot read the systemd credential {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|_| {
+        SecretsError::PassphraseUnavailable(format!(
+            "the systemd credential {} is not UTF-8",
+            path.display()
+        ))
+    })?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(SecretsError::PassphraseUnavailable(format!(
+            "the systemd credential {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Some(SecretString::from(text.to_string())))
 }
 
 /// A fixed passphrase (for an embedding program that got it elsewhere, and for tests).
