@@ -378,7 +378,7 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     let deny = post(
         &gw,
         "/api/v1/policy/explain",
-        &json!({"principal": "Chitin::User::\"mallory\"", "action": "Chitin::Action::\"session.read\"", "resource": "Chitin::Session::\"api:t1\"", "context": {"owner": {"__entity": {"type": "Chitin::User", "id": "owner"}}, "channel": "api"}}),
+        &json!({"principal": "Chitin::User::\"mallory\"", "action": "Chitin::Action::\"session.read\"", "resource": "Chitin::Session::\"api:t1\"", "context": {"origin": "control", "session": "", "approved": false, "tainted": false, "op": "read", "owner": {"__entity": {"type": "Chitin::User", "id": "owner"}}, "channel": "api"}}),
     )
     .json();
     assert_eq!(deny["decision"], "deny");
