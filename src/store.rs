@@ -518,6 +518,7 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE oidc_nonces_used (
         nonce    TEXT PRIMARY KEY,
         used_ms  INTEGER NOT NULL
+     ) STRICT;",
     // 17: MCP servers trusted by an owner (`chitin mcp trust`): the server's identity (command
     // line or URL) and the pinned tool definitions; a tool whose definition no longer has its
     // pinned digest is withheld.

@@ -53,6 +53,8 @@ pub const DEFAULT_POLICIES: &[(&str, &str)] = &[
     (
         "control.cedar",
         include_str!("../../policies/default/control.cedar"),
+    ),
+    (
         "mcp.cedar",
         include_str!("../../policies/default/mcp.cedar"),
     ),

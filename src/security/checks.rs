@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Value, json};
 
 use super::marks::{self, Mark};
-use super::{Category, Checked, Context, Finding, Repair, Report, Severity, policy_lint};
+use super::{Category, Checked, Context, Finding, Repair, Report, Severity};
 use crate::clock::rfc3339;
 use crate::config::Config;
 use crate::config::secret_ref::{CredentialField, SecretRef};
@@ -1017,54 +1017,11 @@ impl<'a> Run<'a> {
                 "change the policy as the warning says (`chitin policy validate` shows it)",
             ));
         }
-        let issues = policy_lint::lint(&input);
-        for i in &issues {
-            let (severity, title, fix) = match i.id {
-                "policy.permit_all" => (
-                    Severity::Critical,
-                    "A policy permits everything",
-                    format!(
-                        "delete policy `{}` or give it a principal, an action and a condition",
-                        i.policy
-                    ),
-                ),
-                "policy.unconstrained_permit" => (
-                    Severity::High,
-                    "A permit has an unconstrained principal or action",
-                    format!(
-                        "constrain policy `{}` (e.g. `principal in Chitin::Group::\"owners\"`, `action == Chitin::Action::\"...\"`) or add a `when` condition",
-                        i.policy
-                    ),
-                ),
-                _ => (
-                    Severity::Low,
-                    "A policy has no @reason",
-                    format!(
-                        "add @reason(\"...\") above policy `{}`: it is shown with every decision it makes",
-                        i.policy
-                    ),
-                ),
-            };
-            self.add(Finding::new(
-                Category::Policy,
-                i.id,
-                severity,
-                title,
-                format!("{}: policy `{}` {}", i.location, i.policy, i.message),
-                fix,
-            ));
-        }
-        self.saw(
-            Category::Policy,
-            format!(
-                "{} enforced policies in {} files compile; lint: missing @reason, unconstrained permits ({} issues)",
-                compiled.enforced_count(),
-                compiled.files().len(),
-                issues.len()
-            ),
-        );
         match PolicyEngine::load(spec) {
-            Ok(e) => self.engine = Some(e),
+            Ok(e) => {
+                self.policy_lint(&e, &compiled);
+                self.engine = Some(e);
+            }
             Err(e) => self.add(Finding::new(
                 Category::Policy,
                 "policy.invalid",
@@ -1074,6 +1031,42 @@ impl<'a> Run<'a> {
                 "run `chitin policy validate` and fix what it names (entities.json included)",
             )),
         }
+    }
+
+    /// The findings of `chitin policy lint` (`policy::lint`) on the active set, as audit
+    /// findings: `policy.permit_all`, `policy.unconstrained_permit` and
+    /// `policy.missing_reason` keep their ids; every other lint check is
+    /// `policy.lint.<check id>` with the lint's severity, observation and fix.
+    fn policy_lint(&mut self, engine: &PolicyEngine, compiled: &policy::Compiled) {
+        let report = policy::lint::lint_engine(engine);
+        for f in &report.findings {
+            let id = match f.id.as_str() {
+                "permit-allows-everything" => "policy.permit_all".to_string(),
+                "permit-unconstrained-principal" | "permit-unconstrained-action" => {
+                    "policy.unconstrained_permit".to_string()
+                }
+                "policy-missing-reason" => "policy.missing_reason".to_string(),
+                other => format!("policy.lint.{other}"),
+            };
+            self.add(Finding::new(
+                Category::Policy,
+                &id,
+                audit_severity(f.severity),
+                f.title.clone(),
+                format!("{}: policy `{}`: {}", f.location, f.policy, f.observed),
+                f.fix.clone(),
+            ));
+        }
+        self.saw(
+            Category::Policy,
+            format!(
+                "{} enforced policies in {} files compile; `chitin policy lint` checks ({} findings, {} left out by @lint_allow)",
+                compiled.enforced_count(),
+                compiled.files().len(),
+                report.findings.len(),
+                report.suppressed
+            ),
+        );
     }
 
     /// Decides a probe request with extra entities: `Some(true)` when it would be allowed.
@@ -2050,5 +2043,16 @@ mod tests {
         assert_eq!(disk_severity(GIB, 2048), Some(Severity::Medium));
         assert_eq!(disk_severity(GIB / 4, 2048), Some(Severity::High));
         assert_eq!(disk_severity(0, 0), None, "0 turns the check off");
+    }
+}
+
+/// The audit's severity of a `chitin policy lint` finding (the same five levels).
+fn audit_severity(s: policy::lint::Severity) -> Severity {
+    match s {
+        policy::lint::Severity::Info => Severity::Info,
+        policy::lint::Severity::Low => Severity::Low,
+        policy::lint::Severity::Medium => Severity::Medium,
+        policy::lint::Severity::High => Severity::High,
+        policy::lint::Severity::Critical => Severity::Critical,
     }
 }

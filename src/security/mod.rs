@@ -10,7 +10,6 @@
 
 mod checks;
 pub mod marks;
-pub mod policy_lint;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

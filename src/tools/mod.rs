@@ -521,6 +521,8 @@ pub struct Sandbox {
     /// The runtime parts of `web_search`, `memory_*` and `sessions_*` (each tool is offered
     /// and runs only where its part is attached).
     extras: Extras,
+    /// The configured MCP servers (`mcp__<server>__<tool>` tools), if any.
+    mcp: Option<std::sync::Arc<dyn mcp::McpTools>>,
 }
 
 /// The runtime parts some tools need (see [`Sandbox::with_web_search`],
@@ -530,8 +532,6 @@ pub struct Extras {
     web_search: Option<Arc<search::WebSearch>>,
     memory: Option<Arc<memory::MemoryIndex>>,
     sessions: Option<Arc<dyn sessions::SessionStore>>,
-    /// The configured MCP servers (`mcp__<server>__<tool>` tools), if any.
-    mcp: Option<std::sync::Arc<dyn mcp::McpTools>>,
 }
 
 impl Sandbox {
