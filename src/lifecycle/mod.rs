@@ -16,6 +16,8 @@ pub mod backup;
 pub mod erase;
 pub mod export;
 pub mod retention;
+pub mod offsite;
+pub mod s3;
 pub mod schedule;
 
 use std::fs::OpenOptions;
