@@ -251,7 +251,10 @@ fn a_wrong_secret_key_is_refused_by_the_store_signature_check() {
     let out = s.gw.chitin(&["backup", "list"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HTTP 403 Forbidden (SignatureDoesNotMatch)"), "{err}");
+    assert!(
+        err.contains("HTTP 403 Forbidden (SignatureDoesNotMatch)"),
+        "{err}"
+    );
     assert_eq!(s.s3.statuses("GET"), vec![403]);
     assert!(!err.contains("not-the-secret-key"), "{err}");
 }

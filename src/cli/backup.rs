@@ -212,7 +212,12 @@ fn list(globals: &Globals, json_out: bool) -> CmdResult {
         None => println!("remote: no [backup] target configured"),
         Some(r) => {
             for b in r {
-                println!("remote  {}  {}  {} bytes", b.name, rfc3339(b.created_ms), b.size);
+                println!(
+                    "remote  {}  {}  {} bytes",
+                    b.name,
+                    rfc3339(b.created_ms),
+                    b.size
+                );
             }
             println!("last upload: {}", when(status.last_upload_ms));
             if let Some(e) = &status.last_error {
@@ -241,9 +246,7 @@ fn fetch(globals: &Globals, name: &str, out: &Path) -> CmdResult {
     let now = rt.clock.now_ms();
     let all = offsite::backups(client.target(), &offsite::block_on(client.list(now))??);
     let Some(found) = all.iter().find(|b| b.name == name || b.key == name) else {
-        println!(
-            "refused: no remote backup named {name:?}; `chitin backup list` shows the names"
-        );
+        println!("refused: no remote backup named {name:?}; `chitin backup list` shows the names");
         return Ok(ExitCode::from(1));
     };
     let bytes = offsite::block_on(client.get(&found.key, now))??;

@@ -125,9 +125,9 @@ pub struct S3Target {
 impl S3Target {
     /// Parses `s3://bucket[/prefix]`. Bucket names follow S3's rules (3-63 of `a-z0-9.-`).
     pub fn parse(text: &str) -> Result<Self, String> {
-        let rest = text.strip_prefix("s3://").ok_or_else(|| {
-            format!("[backup] target {text:?} is not an s3://bucket/prefix URL")
-        })?;
+        let rest = text
+            .strip_prefix("s3://")
+            .ok_or_else(|| format!("[backup] target {text:?} is not an s3://bucket/prefix URL"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let ok = (3..=63).contains(&bucket.len())
             && bucket
@@ -139,8 +139,7 @@ impl S3Target {
             ));
         }
         let prefix = prefix.trim_matches('/').to_string();
-        if prefix.split('/').any(|s| s == "." || s == "..")
-            || prefix.chars().any(char::is_control)
+        if prefix.split('/').any(|s| s == "." || s == "..") || prefix.chars().any(char::is_control)
         {
             return Err(format!("[backup] target: prefix {prefix:?} is not allowed"));
         }
@@ -277,5 +276,4 @@ mod tests {
             "https://s3.eu-west-1.amazonaws.com/"
         );
     }
-
 }

@@ -848,13 +848,19 @@ async fn lifecycle_schedule(
                 match r.offsite {
                     Some(Ok(rep)) => {
                         match &rep.upload {
-                            Some(Ok(key)) => info!(key = %key, pruned = rep.pruned.len(), "off-site backup uploaded"),
+                            Some(Ok(key)) => {
+                                info!(key = %key, pruned = rep.pruned.len(), "off-site backup uploaded")
+                            }
                             Some(Err(e)) => error!(error = %e, "off-site backup upload failed"),
                             None => {}
                         }
                         match &rep.test_restore {
-                            Some(Ok(key)) => info!(key = %key, "off-site backup test-restore passed"),
-                            Some(Err(e)) => error!(error = %e, "off-site backup test-restore failed"),
+                            Some(Ok(key)) => {
+                                info!(key = %key, "off-site backup test-restore passed")
+                            }
+                            Some(Err(e)) => {
+                                error!(error = %e, "off-site backup test-restore failed")
+                            }
                             None => {}
                         }
                     }

@@ -15,8 +15,8 @@
 pub mod backup;
 pub mod erase;
 pub mod export;
-pub mod retention;
 pub mod offsite;
+pub mod retention;
 pub mod s3;
 pub mod schedule;
 

@@ -72,7 +72,11 @@ fn credential(
         SecretRef::Env(var) => {
             return std::env::var(&var)
                 .map(|v| Zeroizing::new(v.trim().to_string()))
-                .map_err(|_| err(format!("{field}: the environment variable {var} is not set")));
+                .map_err(|_| {
+                    err(format!(
+                        "{field}: the environment variable {var} is not set"
+                    ))
+                });
         }
         SecretRef::Secret(name) => name,
     };
@@ -283,9 +287,11 @@ pub fn test_restore_due(lc: &super::Lifecycle, cfg: &BackupConfig) -> Result<boo
         .meta(TEST_RESTORE_ATTEMPT)?
         .and_then(|v| v.parse().ok());
     let now = lc.clock.now_ms();
-    Ok(every > 0
-        && !cfg.identity.is_empty()
-        && last.is_none_or(|l| now.saturating_sub(l) >= every))
+    Ok(
+        every > 0
+            && !cfg.identity.is_empty()
+            && last.is_none_or(|l| now.saturating_sub(l) >= every),
+    )
 }
 
 /// What one off-site round did.

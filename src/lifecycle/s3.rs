@@ -71,7 +71,9 @@ fn host_header(url: &reqwest::Url) -> String {
 pub fn uri_encode(s: &str, path: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') || (path && b == b'/')
+        if b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'_' | b'.' | b'~')
+            || (path && b == b'/')
         {
             out.push(char::from(b));
         } else {
@@ -358,8 +360,7 @@ impl Client {
                 .text()
                 .await
                 .map_err(|e| err(format!("S3 listing: {e}")))?;
-            let (objects, next) =
-                parse_list(&text).map_err(|e| err(format!("S3 listing: {e}")))?;
+            let (objects, next) = parse_list(&text).map_err(|e| err(format!("S3 listing: {e}")))?;
             out.extend(objects);
             match next {
                 Some(t) => token = Some(t),

@@ -57,8 +57,8 @@ pub fn tick_with(lc: &Lifecycle, config: &Config, offsite: Option<Offsite<'_>>) 
     let wanted = !config.backup.dir.is_empty() || !config.backup.target.is_empty();
     let mut made = None;
     if wanted && due(last_backup, hours.saturating_mul(3_600_000), now) {
-        let made_now =
-            backup::scheduled(&lc.home, &lc.store, &lc.audit, &config.backup, now).and_then(|p| {
+        let made_now = backup::scheduled(&lc.home, &lc.store, &lc.audit, &config.backup, now)
+            .and_then(|p| {
                 lc.store
                     .set_meta(BACKUP_LAST_RUN, &now.to_string())
                     .map_err(LifecycleError::from)?;
@@ -73,8 +73,8 @@ pub fn tick_with(lc: &Lifecycle, config: &Config, offsite: Option<Offsite<'_>>) 
             Err(e) => Some(Err(e.to_string())),
         };
     }
-    let round_due = made.is_some()
-        || offsite::test_restore_due(lc, &config.backup).unwrap_or(false);
+    let round_due =
+        made.is_some() || offsite::test_restore_due(lc, &config.backup).unwrap_or(false);
     if !config.backup.target.is_empty() && round_due {
         let round = offsite_round(lc, config, offsite, made.as_deref());
         // A backup staged only for upload does not stay on this host once it is uploaded.

@@ -337,12 +337,7 @@ fn handle(req: &Req, state: &Mutex<State>) -> (u16, Vec<u8>) {
             (204, Vec::new())
         }
         ("GET", true) => {
-            let q = |n: &str| {
-                query
-                    .iter()
-                    .find(|(k, _)| k == n)
-                    .map(|(_, v)| v.clone())
-            };
+            let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
             if q("list-type").as_deref() != Some("2") {
                 return error(400, "InvalidArgument");
             }
