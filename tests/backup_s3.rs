@@ -274,3 +274,43 @@ fn credentials_without_the_endpoint_in_their_audience_are_never_released() {
     // Nothing was sent to the store.
     assert!(s.s3.state.lock().unwrap().log.is_empty());
 }
+
+#[test]
+fn a_newest_remote_backup_that_does_not_decrypt_fails_its_test_restore_and_is_recorded() {
+    let mut s = setup(fake_s3::SECRET_KEY, "127.0.0.1", "test_restore_hours = 24");
+    // Someone with write access to the bucket planted a "newer" backup.
+    let forged = format!("site-a/chitin-backup-{:013}.age", now_ms() + 3_600_000);
+    s.s3.put(
+        BUCKET,
+        &forged,
+        b"age-encryption.org/v1\n-> X25519 forged\n",
+    );
+    s.gw.spawn();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(s.gw.root.join("gateway.log")).unwrap_or_default();
+        if log.contains("off-site backup test-restore failed") {
+            assert!(log.contains("off-site backup uploaded"), "{log}");
+            assert!(!log.contains("test-restore passed"), "{log}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no test-restore failure in:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.gw.signal("-TERM");
+    s.gw.wait_exit();
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&s.gw.chitin(&["backup", "list", "--json"]))).unwrap();
+    assert!(list["test_restore_last_ok_ms"].is_null(), "{list}");
+    let e = list["test_restore_last_error"].as_str().unwrap();
+    assert!(e.contains("cannot be decrypted with this identity"), "{e}");
+    let text = ok(&s.gw.chitin(&["backup", "list"]));
+    assert!(
+        text.contains("last successful test-restore: never"),
+        "{text}"
+    );
+    assert!(text.contains("last test-restore error: "), "{text}");
+}
