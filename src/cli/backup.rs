@@ -1,4 +1,5 @@
-//! `chitin backup create --out FILE | verify FILE | restore FILE | keygen --out FILE`.
+//! `chitin backup create --out FILE | verify FILE | restore FILE | list | fetch NAME --out FILE |
+//! keygen --out FILE`.
 //!
 //! A backup is trusted only when its manifest is signed by this deployment's audit key: the
 //! state dir's current `audit.pub`, or `--trust-key FILE` (disaster recovery onto a new
@@ -12,7 +13,7 @@ use serde_json::json;
 
 use super::{CmdResult, Globals};
 use crate::clock::{Clock, SystemClock, rfc3339};
-use crate::lifecycle::{LifecycleError, backup};
+use crate::lifecycle::{LifecycleError, backup, offsite};
 
 #[derive(Debug, Subcommand)]
 pub enum BackupCmd {
@@ -44,6 +45,19 @@ pub enum BackupCmd {
         /// Replace the listed files without asking
         #[arg(long)]
         yes: bool,
+    },
+    /// List scheduled backups: local ([backup] dir) and remote ([backup] target), oldest first,
+    /// with when the last upload and test-restore succeeded.
+    List {
+        /// One JSON object instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download one remote backup (a name from `chitin backup list`) to a new file.
+    Fetch {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
     },
     /// Make a backup identity: writes FILE (keep it off this host) and prints the recipient.
     Keygen {
@@ -132,8 +146,125 @@ fn confirmed(yes: bool) -> Result<bool, std::io::Error> {
     Ok(line.trim() == "yes")
 }
 
+/// Local scheduled backups in `dir` (name, created ms, size), oldest first.
+fn local_backups(dir: &str) -> Vec<(String, i64, u64)> {
+    if dir.is_empty() {
+        return Vec::new();
+    }
+    let mut out: Vec<(String, i64, u64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_owned();
+            let ms = name
+                .strip_prefix(backup::SCHEDULED_PREFIX)?
+                .strip_suffix(backup::SCHEDULED_SUFFIX)?
+                .parse()
+                .ok()?;
+            let size = e.metadata().ok()?.len();
+            Some((name, ms, size))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn when(ms: Option<i64>) -> String {
+    ms.map_or_else(|| "never".into(), rfc3339)
+}
+
+fn list(globals: &Globals, json_out: bool) -> CmdResult {
+    let rt = super::Runtime::open(globals)?;
+    let cfg = &rt.config.backup;
+    let local = local_backups(&cfg.dir);
+    let client = offsite::client(cfg, &rt.gate, &rt.secrets);
+    let status = offsite::status(&rt.store)?;
+    rt.gate.audit().shutdown()?;
+    let remote = match client? {
+        Some(c) => {
+            let objects = offsite::block_on(c.list(rt.clock.now_ms()))??;
+            Some(offsite::backups(c.target(), &objects))
+        }
+        None => None,
+    };
+    if json_out {
+        let v = json!({
+            "local": local.iter().map(|(n, ms, size)| json!({"name": n, "created_ms": ms, "size": size})).collect::<Vec<_>>(),
+            "remote": remote.as_ref().map(|r| r.iter().map(|b| json!({"name": b.name, "key": b.key, "created_ms": b.created_ms, "size": b.size})).collect::<Vec<_>>()),
+            "last_upload_ms": status.last_upload_ms,
+            "last_upload_key": status.last_upload_key,
+            "last_upload_error": status.last_error,
+            "test_restore_last_attempt_ms": status.test_restore_attempt_ms,
+            "test_restore_last_ok_ms": status.test_restore_ok_ms,
+            "test_restore_last_error": status.test_restore_error,
+        });
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if cfg.dir.is_empty() {
+        println!("local: no [backup] dir configured");
+    }
+    for (n, ms, size) in &local {
+        println!("local   {n}  {}  {size} bytes", rfc3339(*ms));
+    }
+    match &remote {
+        None => println!("remote: no [backup] target configured"),
+        Some(r) => {
+            for b in r {
+                println!(
+                    "remote  {}  {}  {} bytes",
+                    b.name,
+                    rfc3339(b.created_ms),
+                    b.size
+                );
+            }
+            println!("last upload: {}", when(status.last_upload_ms));
+            if let Some(e) = &status.last_error {
+                println!("last upload error: {e}");
+            }
+            println!(
+                "last successful test-restore: {}",
+                when(status.test_restore_ok_ms)
+            );
+            if let Some(e) = &status.test_restore_error {
+                println!("last test-restore error: {e}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fetch(globals: &Globals, name: &str, out: &Path) -> CmdResult {
+    let rt = super::Runtime::open(globals)?;
+    let client = offsite::client(&rt.config.backup, &rt.gate, &rt.secrets);
+    rt.gate.audit().shutdown()?;
+    let Some(client) = client? else {
+        println!("refused: no [backup] target is configured; nothing to fetch from");
+        return Ok(ExitCode::from(1));
+    };
+    let now = rt.clock.now_ms();
+    let all = offsite::backups(client.target(), &offsite::block_on(client.list(now))??);
+    let Some(found) = all.iter().find(|b| b.name == name || b.key == name) else {
+        println!("refused: no remote backup named {name:?}; `chitin backup list` shows the names");
+        return Ok(ExitCode::from(1));
+    };
+    let bytes = offsite::block_on(client.get(&found.key, now))??;
+    backup::write_private(out, &bytes)?;
+    println!(
+        "fetched {} ({} bytes) to {}; check it with `chitin backup verify {}`",
+        found.key,
+        bytes.len(),
+        out.display(),
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
     match cmd {
+        BackupCmd::List { json } => list(globals, json),
+        BackupCmd::Fetch { name, out } => fetch(globals, &name, &out),
         BackupCmd::Keygen { out } => {
             let public = backup::keygen(&out, SystemClock.now_ms())?;
             println!("{public}");

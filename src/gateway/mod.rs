@@ -330,7 +330,11 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         });
     let (backend, metrics) = (Some(backend), Arc::clone(&parts.metrics));
     if let Some(lc) = parts.lifecycle {
-        tokio::spawn(lifecycle_schedule(lc, parts.globals.clone()));
+        let offsite = parts
+            .shared_secrets
+            .clone()
+            .map(|secrets| (parts.gate.clone(), secrets));
+        tokio::spawn(lifecycle_schedule(lc, parts.globals.clone(), offsite));
     }
     if let Some(agent) = &parts.agent {
         match agent.recover().await {
@@ -857,15 +861,21 @@ fn reload(app: &App) {
 
 /// Runs retention and scheduled backups when due (checked once a minute), with the config as
 /// it is now (SIGHUP may have changed it).
-async fn lifecycle_schedule(lc: crate::lifecycle::Lifecycle, globals: Globals) {
+async fn lifecycle_schedule(
+    lc: crate::lifecycle::Lifecycle,
+    globals: Globals,
+    offsite: Option<(Gate, crate::secrets::SharedSecretStore)>,
+) {
     let lc = Arc::new(lc);
+    let offsite = Arc::new(offsite);
     let mut every = tokio::time::interval(Duration::from_secs(60));
     loop {
         every.tick().await;
-        let (lc2, g) = (Arc::clone(&lc), globals.clone());
+        let (lc2, g, off) = (Arc::clone(&lc), globals.clone(), Arc::clone(&offsite));
         let report = tokio::task::spawn_blocking(move || {
+            let off = off.as_ref().as_ref().map(|(gate, secrets)| (gate, secrets));
             g.load_config()
-                .map(|c| crate::lifecycle::schedule::tick(&lc2, &c))
+                .map(|c| crate::lifecycle::schedule::tick_with(&lc2, &c, off))
                 .map_err(|e| e.to_string())
         })
         .await;
@@ -882,6 +892,28 @@ async fn lifecycle_schedule(lc: crate::lifecycle::Lifecycle, globals: Globals) {
                         Ok(path) => info!(path = %path.display(), "scheduled backup written"),
                         Err(e) => error!(error = %e, "scheduled backup failed"),
                     }
+                }
+                match r.offsite {
+                    Some(Ok(rep)) => {
+                        match &rep.upload {
+                            Some(Ok(key)) => {
+                                info!(key = %key, pruned = rep.pruned.len(), "off-site backup uploaded")
+                            }
+                            Some(Err(e)) => error!(error = %e, "off-site backup upload failed"),
+                            None => {}
+                        }
+                        match &rep.test_restore {
+                            Some(Ok(key)) => {
+                                info!(key = %key, "off-site backup test-restore passed")
+                            }
+                            Some(Err(e)) => {
+                                error!(error = %e, "off-site backup test-restore failed")
+                            }
+                            None => {}
+                        }
+                    }
+                    Some(Err(e)) => error!(error = %e, "off-site backup round failed"),
+                    None => {}
                 }
             }
             Ok(Err(e)) => error!(error = %e, "lifecycle schedule: config unreadable"),

@@ -112,6 +112,25 @@ impl Drop for TempDir {
     }
 }
 
+/// A private scratch directory (0700) under a parent, removed with its contents when dropped.
+pub struct Scratch(TempDir);
+
+impl Scratch {
+    pub fn path(&self) -> &Path {
+        &self.0.0
+    }
+}
+
+/// Makes a [`Scratch`] directory `.<tag>-<random>` under `parent`.
+pub fn scratch_dir(parent: &Path, tag: &str) -> Result<Scratch, LifecycleError> {
+    TempDir::new(parent, tag).map(Scratch)
+}
+
+/// Writes a new private (0600) file, fsynced; never replaces an existing one.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), LifecycleError> {
+    write_new(path, bytes)
+}
+
 fn sha_hex(b: &[u8]) -> String {
     chitin_audit::to_hex(&chitin_audit::sha256(b))
 }
@@ -741,9 +760,15 @@ fn archive_audit(home: &Path) -> Result<Option<PathBuf>, LifecycleError> {
     Ok(Some(dir))
 }
 
+/// Where scheduled backups are staged for upload when `[backup] target` is set without a
+/// `[backup] dir` (inside the state dir; dot-names are never backed up). The staged file is
+/// removed after the upload.
+pub const OFFSITE_STAGING: &str = ".offsite-staging";
+
 /// Scheduled backup (the gateway calls this every `[backup] interval_hours`): writes
 /// `dir/chitin-backup-<unix ms>.age` and deletes all but the `keep` newest such files.
-/// `Ok(None)` when no `[backup] dir` is configured.
+/// With only `[backup] target` set, the file is written to `<home>/.offsite-staging/` (kept
+/// there until uploaded). `Ok(None)` when neither `[backup] dir` nor `target` is configured.
 pub fn scheduled(
     home: &Path,
     store: &Store,
@@ -751,10 +776,13 @@ pub fn scheduled(
     cfg: &crate::config::backup::BackupConfig,
     now_ms: i64,
 ) -> Result<Option<PathBuf>, LifecycleError> {
-    if cfg.dir.is_empty() {
+    let dir = if !cfg.dir.is_empty() {
+        PathBuf::from(&cfg.dir)
+    } else if !cfg.target.is_empty() {
+        home.join(OFFSITE_STAGING)
+    } else {
         return Ok(None);
-    }
-    let dir = PathBuf::from(&cfg.dir);
+    };
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -15,7 +15,9 @@
 pub mod backup;
 pub mod erase;
 pub mod export;
+pub mod offsite;
 pub mod retention;
+pub mod s3;
 pub mod schedule;
 
 use std::fs::OpenOptions;
