@@ -347,7 +347,7 @@ fn a_restore_of_a_backup_older_than_an_erase_erases_the_subject_again() {
     let H { _t, lc, gate, .. } = h;
     lc.audit.shutdown().unwrap();
     drop((lc, gate));
-    backup::restore(&verified, &home).unwrap();
+    backup::restore(&verified, &home).unwrap().commit();
     let h = open_at(_t, home, clock);
     assert_eq!(
         count(&h, "SELECT COUNT(*) FROM messages"),

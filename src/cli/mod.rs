@@ -12,6 +12,7 @@ mod gateway;
 mod init;
 mod pairing;
 mod policy;
+mod progress;
 mod retention;
 mod sandbox;
 mod secrets;
@@ -31,10 +32,22 @@ use crate::config::Config;
 /// and turns into exit status 2.
 pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
 
+/// `chitin --version`: the version and what it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CHITIN_BUILD_COMMIT"),
+    ", built ",
+    env!("CHITIN_BUILD_DATE"),
+    ", ",
+    env!("CHITIN_BUILD_RUSTC"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "chitin",
-    version,
+    version = VERSION,
     about = "A security-hardened policy gateway for AI agents"
 )]
 struct Cli {
@@ -222,6 +235,7 @@ impl Runtime {
             std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
         );
         let store = std::sync::Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+        report_migration(&store);
         Ok(Self {
             config,
             gate,
@@ -239,6 +253,19 @@ impl Runtime {
             std::sync::Arc::clone(&self.clock),
             crate::approvals::DEFAULT_TTL_MS,
         )
+    }
+}
+
+/// Says on stderr that opening `store` upgraded its schema, and where the copy taken before
+/// is.
+pub(crate) fn report_migration(store: &crate::store::Store) {
+    if let Some((from, copy)) = store.migrated_from() {
+        eprintln!(
+            "chitin: upgraded {} from schema {from} to {}; the database as it was is kept at {}",
+            store.path().display(),
+            crate::store::Store::latest_version(),
+            copy.display()
+        );
     }
 }
 
