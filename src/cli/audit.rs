@@ -188,6 +188,7 @@ fn verify(
     let pubkey = pubkey.unwrap_or_else(|| globals.home.join(chitin_audit::PUB_FILE));
     let key = PublicKey::load(&pubkey)?;
     let verifier = Verifier::new(key);
+    let spin = super::progress::spinner("verifying the audit log");
     let verdict = match export {
         Some(x) => verifier.verify_export(&x)?,
         None => {
@@ -200,6 +201,7 @@ fn verify(
             verifier.verify_db(&db, Some(&cps))?
         }
     };
+    spin.finish_and_clear();
     match verdict {
         Ok(report) => {
             println!("{}", report.ok_line());
@@ -258,6 +260,7 @@ fn export_cmd(
     };
     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     let cps = log.paths().checkpoints.clone();
+    let spin = super::progress::spinner("exporting the audit log");
     let summary = match &out {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -283,6 +286,7 @@ fn export_cmd(
             export::write_export(&reader, Some(&cps), since_ms, until_ms, fmt, now, &mut w)?
         }
     };
+    spin.finish_and_clear();
     drop(reader);
     log.shutdown()?;
     eprintln!(

@@ -153,6 +153,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             }
             backup::recipient(&rt.config.backup.recipient)?;
             let audit = rt.gate.audit();
+            let spin = super::progress::spinner("creating the backup");
             let m = backup::create(
                 &globals.home,
                 &rt.store,
@@ -160,7 +161,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 &rt.config.backup.recipient,
                 &out,
                 rt.clock.now_ms(),
-            )?;
+            );
+            spin.finish_and_clear();
+            let m = m?;
             println!(
                 "backup written to {}: {} files (the data keys included), audit through seq {}",
                 out.display(),

@@ -18,6 +18,8 @@ mod sandbox;
 mod secrets;
 mod sessions;
 mod skills;
+mod status;
+mod onboard;
 mod token;
 mod workflow;
 
@@ -119,6 +121,12 @@ enum Command {
     /// Cron jobs the gateway runs: list, add, remove, run now.
     #[command(subcommand)]
     Cron(cron::CronCmd),
+    /// One screen: gateway up, model reachable, channels, pending approvals, last backup,
+    /// audit head (exit 1 when the gateway is not running or not ready).
+    Status(status::StatusArgs),
+    /// First run, interactively or with flags: provider (key tested), model, a first
+    /// channel (and its pairing), the budget; writes chitin.toml.
+    Onboard(onboard::OnboardArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -310,6 +318,8 @@ pub fn main() -> ExitCode {
         Command::Channels(cmd) => pairing::run_channels(cmd, &globals),
         Command::Workflow(cmd) => workflow::run(cmd, &globals),
         Command::Cron(cmd) => cron::run(cmd, &globals),
+        Command::Status(args) => status::run(args, &globals),
+        Command::Onboard(args) => onboard::run(args, &globals),
     };
     match result {
         Ok(code) => code,

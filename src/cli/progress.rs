@@ -21,3 +21,18 @@ pub fn bar(len: u64, what: &str) -> ProgressBar {
     bar.set_message(what.to_string());
     bar
 }
+
+/// A spinner for work whose size is not known in advance (`what` beside it, the time spent
+/// after it). Hidden unless stderr is a terminal. Finish it with `finish_and_clear`.
+pub fn spinner(what: &str) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let s = ProgressBar::new_spinner();
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} {elapsed_precise}") {
+        s.set_style(style);
+    }
+    s.set_message(what.to_string());
+    s.enable_steady_tick(std::time::Duration::from_millis(120));
+    s
+}
