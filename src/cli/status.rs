@@ -59,17 +59,25 @@ fn gateway_holds_lock(globals: &Globals) -> bool {
 /// The gateway: running (lock), answering, ready, and which readiness checks fail.
 fn gateway_status(globals: &Globals, rt: &Runtime, token: Option<&str>) -> Value {
     let running = gateway_holds_lock(globals);
-    let bind = rt.config.gateway.bind_addr(None).ok();
-    let url = bind.map(|b| {
-        format!(
-            "{}://{b}",
-            if rt.config.gateway.tls() {
-                "https"
-            } else {
-                "http"
-            }
-        )
-    });
+    // Where the running gateway said it listens (a --bind or --port may differ from the
+    // config), else the configured address.
+    let listening = rt
+        .store
+        .meta(crate::gateway::LISTENING_META)
+        .ok()
+        .flatten()
+        .filter(|_| running);
+    let (bind, url) = match listening.as_deref().and_then(|u| {
+        let rest = u.split_once("://")?.1;
+        Some((rest.parse::<SocketAddr>().ok()?, u.to_string()))
+    }) {
+        Some((addr, url)) => (Some(addr), Some(url)),
+        None => {
+            let bind = rt.config.gateway.bind_addr(None).ok();
+            let scheme = if rt.config.gateway.tls() { "https" } else { "http" };
+            (bind, bind.map(|b| format!("{scheme}://{b}")))
+        }
+    };
     let mut out = json!({"running": running, "url": url, "answering": false, "ready": false,
                          "failing": []});
     if !running {

@@ -126,6 +126,9 @@ pub struct Parts {
 pub type ReconfigureAgent =
     Arc<dyn Fn(&crate::config::Config) -> Result<(), String> + Send + Sync>;
 
+/// `meta` key in `state.db`: the URL the running gateway listens on (`chitin status`).
+pub const LISTENING_META: &str = "gateway.listening";
+
 /// Settings that SIGHUP may change without a restart.
 #[derive(Debug, Clone)]
 struct Settings {
@@ -419,6 +422,13 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     })
     .await;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Where this gateway listens, for `chitin status` (a --bind/--port may differ from the config).
+    if let Err(e) = app
+        .store
+        .set_meta(LISTENING_META, &format!("{scheme}://{local}"))
+    {
+        warn!(error = %e, "cannot record the listening address for `chitin status`");
+    }
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     println!("chitin gateway listening on {scheme}://{local}");
     println!("  web chat:  {scheme}://{local}/ (paste the token)");
