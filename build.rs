@@ -28,7 +28,8 @@ fn civil(days: i64) -> (i64, i64, i64) {
 }
 
 fn main() {
-    let commit = run("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let commit =
+        run("git", &["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".into());
     // Rebuild the info when the checked-out commit changes (worktrees keep HEAD elsewhere).
     // Only files that exist are named: cargo reruns a script whose named file is missing.
     let watch = |path: String| {

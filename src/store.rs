@@ -641,7 +641,11 @@ mod tests {
         let older = Store::latest_version() - 1;
         {
             let mut c = Connection::open(&p).unwrap();
-            for (i, m) in MIGRATIONS.iter().take(usize::try_from(older).unwrap()).enumerate() {
+            for (i, m) in MIGRATIONS
+                .iter()
+                .take(usize::try_from(older).unwrap())
+                .enumerate()
+            {
                 let tx = c.transaction().unwrap();
                 tx.execute_batch(m).unwrap();
                 tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())

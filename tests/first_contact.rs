@@ -71,7 +71,9 @@ fn reply_of(r: &Resp) -> String {
 
 #[test]
 fn changing_the_model_takes_effect_on_reload_without_a_restart() {
-    let (_rt, s) = fake(vec![Step::Reply(Reply::text(["answered by the new model"]))]);
+    let (_rt, s) = fake(vec![Step::Reply(Reply::text([
+        "answered by the new model",
+    ]))]);
     let gw = Gw::start("");
     assert!(
         reply_of(&chat(&gw, "hello")).starts_with("No model is configured"),
@@ -91,7 +93,10 @@ fn changing_the_model_takes_effect_on_reload_without_a_restart() {
             .as_str()
             .is_some_and(|d| d.contains("model: fake/m1"))
     });
-    assert_eq!(reply_of(&chat(&gw, "hello again")), "answered by the new model");
+    assert_eq!(
+        reply_of(&chat(&gw, "hello again")),
+        "answered by the new model"
+    );
     assert_eq!(s.requests().len(), 1, "the fake provider answered the chat");
 }
 
@@ -100,7 +105,10 @@ fn an_invalid_config_on_reload_is_said_in_ready_naming_the_table_and_the_old_one
     let gw = Gw::start("");
     let base = std::fs::read_to_string(gw.home.join("chitin.toml")).unwrap();
     // What appending a README snippet with a table the file already has gives.
-    rewrite_config(&gw.home, &format!("{base}\n[gateway]\nbind = \"127.0.0.1:1\"\n"));
+    rewrite_config(
+        &gw.home,
+        &format!("{base}\n[gateway]\nbind = \"127.0.0.1:1\"\n"),
+    );
     gw.signal("-HUP");
     let v = ready_until(&gw, "the config error in /ready", |v| {
         v["checks"]["config"]["ok"] == json!(false)
@@ -110,7 +118,10 @@ fn an_invalid_config_on_reload_is_said_in_ready_naming_the_table_and_the_old_one
         detail.contains("table [gateway] is defined twice"),
         "{detail}"
     );
-    assert!(detail.contains("the previous config stays in effect"), "{detail}");
+    assert!(
+        detail.contains("the previous config stays in effect"),
+        "{detail}"
+    );
     assert_eq!(v["ready"], false);
     // Fixed: ready again.
     rewrite_config(&gw.home, &base);
@@ -152,7 +163,10 @@ fn a_second_gateway_on_the_same_home_is_told_one_already_runs() {
 
 /// Starts `chitin gateway ARGS` on a fresh home with stdout in a file; returns the child, the
 /// home's parent and the stdout path once `/health` answers on `port`.
-fn gateway_with_stdout(args: &[&str], port: u16) -> (std::process::Child, tempfile::TempDir, PathBuf) {
+fn gateway_with_stdout(
+    args: &[&str],
+    port: u16,
+) -> (std::process::Child, tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let home = support::private_home(t.path(), "home");
     let stdout = t.path().join("stdout");
@@ -194,7 +208,8 @@ fn gateway_with_stdout(args: &[&str], port: u16) -> (std::process::Child, tempfi
 #[test]
 fn gateway_port_is_127_0_0_1_port_and_the_banner_names_every_entry_point() {
     let port = free_port();
-    let (mut child, _t, stdout) = gateway_with_stdout(&["gateway", "--port", &port.to_string()], port);
+    let (mut child, _t, stdout) =
+        gateway_with_stdout(&["gateway", "--port", &port.to_string()], port);
     let deadline = Instant::now() + Duration::from_secs(60);
     let banner = loop {
         let b = std::fs::read_to_string(&stdout).unwrap();
@@ -226,7 +241,10 @@ fn version_shows_the_commit_the_build_date_and_rustc() {
         .unwrap();
     assert!(out.status.success());
     let v = String::from_utf8_lossy(&out.stdout);
-    assert!(v.starts_with(&format!("chitin {} (commit ", env!("CARGO_PKG_VERSION"))), "{v}");
+    assert!(
+        v.starts_with(&format!("chitin {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{v}"
+    );
     assert!(v.contains(", built 20"), "{v}");
     assert!(v.contains("rustc 1."), "{v}");
 }
@@ -314,14 +332,17 @@ fn an_approval_left_pending_by_a_run_that_ended_is_expired_with_it() {
         Step::text("still not approved"),
     ]);
     let (_t, home) = agent_home(&s.base_url());
-    let o = chitin(&home, &["agent", "-m", "go", "--approval-timeout", "0", "--json"]);
+    let o = chitin(
+        &home,
+        &["agent", "-m", "go", "--approval-timeout", "0", "--json"],
+    );
     assert!(o.status.success(), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tool_calls"][0]["decision"], "approval_required");
     // The run is over: its approval is no longer open, and approving it now is refused.
     let o = chitin(&home, &["approvals", "list", "--all", "--json"]);
-    let list: Value = serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    let list: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
     let a = &list.as_array().unwrap()[0];
     assert_eq!(a["status"], "expired", "{list}");
     let code = a["code"].as_str().unwrap();
@@ -329,7 +350,10 @@ fn an_approval_left_pending_by_a_run_that_ended_is_expired_with_it() {
     assert!(!o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("expired"), "{}", text(&o));
     // The next identical call asks again; nothing ran.
-    let o = chitin(&home, &["agent", "-m", "again", "--approval-timeout", "0", "--json"]);
+    let o = chitin(
+        &home,
+        &["agent", "-m", "again", "--approval-timeout", "0", "--json"],
+    );
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tool_calls"][0]["decision"], "approval_required", "{v}");
     assert!(!home.parent().unwrap().join("ws/net-marker").exists());
@@ -354,7 +378,10 @@ fn status_shows_the_gateway_model_approvals_backup_and_audit_head() {
     assert_eq!(v["backup"]["last_at"], Value::Null);
     let o = gw.chitin(&["status"]);
     let screen = String::from_utf8_lossy(&o.stdout);
-    assert!(screen.contains("gateway    up and ready at http://"), "{screen}");
+    assert!(
+        screen.contains("gateway    up and ready at http://"),
+        "{screen}"
+    );
     assert!(screen.contains("model      fake/m1: reachable"), "{screen}");
     assert!(screen.contains("approvals  0 pending"), "{screen}");
     assert!(screen.contains("audit      head seq "), "{screen}");
@@ -373,7 +400,8 @@ fn status_without_a_gateway_says_so_and_exits_1() {
 
 /// The README's `toml` blocks, each as written.
 fn readme_toml_blocks() -> Vec<String> {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
     let mut out = Vec::new();
     let mut cur: Option<String> = None;
     for line in readme.lines() {
@@ -406,14 +434,23 @@ fn every_readme_toml_snippet_pastes_into_the_generated_config() {
 fn the_readme_says_how_to_run_chitin_and_chitin_audit_verify_which_is_built() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
-    assert!(readme.contains("cargo install --path ."), "how to get `chitin` on the PATH");
-    assert!(readme.contains("cargo install --path audit"), "how to get `chitin-audit-verify`");
+    assert!(
+        readme.contains("cargo install --path ."),
+        "how to get `chitin` on the PATH"
+    );
+    assert!(
+        readme.contains("cargo install --path audit"),
+        "how to get `chitin-audit-verify`"
+    );
     let audit = std::fs::read_to_string(root.join("audit/Cargo.toml")).unwrap();
     assert!(audit.contains("name = \"chitin-audit-verify\""));
     assert!(root.join("audit/src/bin/chitin-audit-verify.rs").is_file());
     // The README's edit instruction names the line the template has.
     assert!(chitin::config::default_toml().contains("[agent]\n# The model the agent uses"));
-    assert!(readme.contains("model = \"\""), "the README names the line to edit");
+    assert!(
+        readme.contains("model = \"\""),
+        "the README names the line to edit"
+    );
 }
 
 #[test]

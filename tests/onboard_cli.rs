@@ -100,7 +100,10 @@ fn non_interactive_onboarding_tests_the_key_then_writes_the_config_and_stores_th
     assert_eq!(c.agent.model, "openai/m1");
     assert_eq!(c.budgets.daily_usd_per_user, 5.0);
     assert_eq!(c.providers.len(), 1);
-    assert_eq!(c.providers[0].base_url.as_deref(), Some(s.base_url().as_str()));
+    assert_eq!(
+        c.providers[0].base_url.as_deref(),
+        Some(s.base_url().as_str())
+    );
     // The template's comments are kept; the key is only a reference.
     let raw = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
     assert!(raw.contains("# The model the agent uses"));
@@ -165,11 +168,11 @@ fn without_a_terminal_or_flags_onboard_says_what_to_pass() {
 
 /// `chitin onboard` on a pseudo-terminal (`script`), answering each question when it is
 /// asked; returns the whole terminal transcript and the exit status.
-fn onboard_on_a_terminal(home: &Path, answers: &[(&str, &str)]) -> (String, std::process::ExitStatus) {
-    let cmd = format!(
-        "{} onboard",
-        env!("CARGO_BIN_EXE_chitin")
-    );
+fn onboard_on_a_terminal(
+    home: &Path,
+    answers: &[(&str, &str)],
+) -> (String, std::process::ExitStatus) {
+    let cmd = format!("{} onboard", env!("CARGO_BIN_EXE_chitin"));
     let mut child = Command::new("script")
         .args(["-q", "-f", "-e", "-c", &cmd, "/dev/null"])
         .env("CHITIN_HOME", home)
@@ -197,7 +200,10 @@ fn onboard_on_a_terminal(home: &Path, answers: &[(&str, &str)]) -> (String, std:
         // Wait for the question, then answer it.
         while !seen.contains(prompt) {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "never asked {prompt:?}; the terminal shows:\n{seen}");
+            assert!(
+                !left.is_zero(),
+                "never asked {prompt:?}; the terminal shows:\n{seen}"
+            );
             if let Ok(chunk) = rx.recv_timeout(left) {
                 seen.push_str(&String::from_utf8_lossy(&chunk));
                 all.push_str(&String::from_utf8_lossy(&chunk));

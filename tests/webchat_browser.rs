@@ -624,7 +624,9 @@ async fn after_too_many_wrong_tokens_the_page_says_this_address_is_locked_out() 
         .eval("document.getElementById('error').textContent")
         .await;
     assert!(
-        text.as_str().unwrap().starts_with("Locked out: too many failed token attempts"),
+        text.as_str()
+            .unwrap()
+            .starts_with("Locked out: too many failed token attempts"),
         "{text}"
     );
     drop(browser);
@@ -684,7 +686,9 @@ async fn the_page_says_why_it_disconnected_and_reconnects_by_itself_after_a_gate
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_works_at_phone_width() {
-    let backend = ScriptedBackend::new(vec![Step::Delta("a reply that is long enough to wrap on a phone screen".into())]);
+    let backend = ScriptedBackend::new(vec![Step::Delta(
+        "a reply that is long enough to wrap on a phone screen".into(),
+    )]);
     let port = serve(backend).await;
     let browser = tokio::task::spawn_blocking(launch).await.unwrap();
     let mut cdp = Cdp::connect(&browser.endpoint).await;
@@ -694,7 +698,8 @@ async fn the_page_works_at_phone_width() {
         json!({"width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": true}),
     )
     .await;
-    cdp.wait_for("window.innerWidth === 375", "the phone viewport").await;
+    cdp.wait_for("window.innerWidth === 375", "the phone viewport")
+        .await;
     cdp.eval(&format!(
         "document.getElementById('token').value = {}; document.getElementById('connect').click(); true",
         js(TOKEN)

@@ -242,25 +242,22 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 return Ok(ExitCode::from(1));
             }
             let bar = super::progress::bar(0, "restoring");
-            let restoring = match backup::restore_with_progress(
-                &verified,
-                &globals.home,
-                &mut |done, total| {
+            let restoring =
+                match backup::restore_with_progress(&verified, &globals.home, &mut |done, total| {
                     bar.set_length(total);
                     bar.set_position(done);
-                },
-            ) {
-                Ok(r) => r,
-                Err(e @ LifecycleError::GatewayRunning { .. }) => {
-                    bar.abandon();
-                    println!("refused: {e}");
-                    return Ok(ExitCode::from(1));
-                }
-                Err(e) => {
-                    bar.abandon();
-                    return Err(e.into());
-                }
-            };
+                }) {
+                    Ok(r) => r,
+                    Err(e @ LifecycleError::GatewayRunning { .. }) => {
+                        bar.abandon();
+                        println!("refused: {e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                    Err(e) => {
+                        bar.abandon();
+                        return Err(e.into());
+                    }
+                };
             bar.finish_and_clear();
             // The restored log records its own restore; every subject erased since the backup
             // is erased again from what it brought back, and rows sealed with keys destroyed
@@ -305,7 +302,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
             }
             if restored.data_keys_restored {
-                println!("the backup's data keys were installed: its conversations can be read here");
+                println!(
+                    "the backup's data keys were installed: its conversations can be read here"
+                );
             } else {
                 println!(
                     "the data keys already here (vault.keys) were kept: they open the backup's conversations unless erased since"

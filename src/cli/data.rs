@@ -101,7 +101,11 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
             }
         }
         DataCmd::Erase { dry_run, .. } => {
-            let spin = super::progress::spinner(if dry_run { "planning the erasure" } else { "erasing" });
+            let spin = super::progress::spinner(if dry_run {
+                "planning the erasure"
+            } else {
+                "erasing"
+            });
             let done =
                 lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataErase)
                     .and_then(|()| lifecycle::erase::erase(&lc, &subject, &actor, dry_run));

@@ -64,9 +64,7 @@ pub fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError
 
 pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let config = globals.load_config()?;
-    let bind = config
-        .gateway
-        .bind_addr(args.bind_override().as_deref())?;
+    let bind = config.gateway.bind_addr(args.bind_override().as_deref())?;
     // Before anything is created: an exposed gateway never starts.
     check_exposure(bind, config.gateway.tls())?;
     crate::gateway::tls::install_provider();

@@ -10,6 +10,7 @@ mod data;
 mod doctor;
 mod gateway;
 mod init;
+mod onboard;
 mod pairing;
 mod policy;
 mod progress;
@@ -19,7 +20,6 @@ mod secrets;
 mod sessions;
 mod skills;
 mod status;
-mod onboard;
 mod token;
 mod workflow;
 

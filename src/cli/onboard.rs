@@ -159,7 +159,12 @@ impl crate::providers::KeySource for TypedKey {
 }
 
 /// Sends one short request to `config`'s model with `key`; the model's answer or why not.
-fn key_test(config: &Config, provider: &str, host: &str, key: Option<&SecretValue>) -> Result<String, String> {
+fn key_test(
+    config: &Config,
+    provider: &str,
+    host: &str,
+    key: Option<&SecretValue>,
+) -> Result<String, String> {
     let keys: Arc<dyn crate::providers::KeySource> = match key {
         Some(k) => Arc::new(TypedKey {
             provider: provider.into(),
@@ -169,12 +174,9 @@ fn key_test(config: &Config, provider: &str, host: &str, key: Option<&SecretValu
         None => Arc::new(crate::providers::NoKeys),
     };
     crate::providers::init_tls();
-    let router = crate::providers::Router::from_config(
-        config,
-        keys,
-        Arc::new(crate::clock::SystemClock),
-    )
-    .map_err(|e| e.to_string())?;
+    let router =
+        crate::providers::Router::from_config(config, keys, Arc::new(crate::clock::SystemClock))
+            .map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -258,23 +260,51 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         .map_err(|e| format!("cannot read {}: {e}", globals.config_path.display()))?;
     let current = Config::parse(&original, &globals.config_path)?;
     if interactive {
-        println!("Chitin first run: the model, a chat channel and a budget. Enter keeps [defaults].");
+        println!(
+            "Chitin first run: the model, a chat channel and a budget. Enter keeps [defaults]."
+        );
     }
 
     // 1. The provider and its key, tested.
     let provider = match args.provider {
         Some(p) => p,
         None => {
-            let a = ask.line("Model provider (anthropic, openai, ollama)", "", "--provider")?;
-            ProviderChoice::from_str(&a, true).map_err(|_| format!("unknown provider `{a}`: anthropic, openai or ollama"))?
+            let a = ask.line(
+                "Model provider (anthropic, openai, ollama)",
+                "",
+                "--provider",
+            )?;
+            ProviderChoice::from_str(&a, true)
+                .map_err(|_| format!("unknown provider `{a}`: anthropic, openai or ollama"))?
         }
     };
     let (kind, default_name, default_base, default_model, needs_key) = match provider {
-        ProviderChoice::Anthropic => ("anthropic", "anthropic", "https://api.anthropic.com", "claude-sonnet-4-5", true),
-        ProviderChoice::Openai => ("openai", "openai", "https://api.openai.com/v1", "gpt-4o-mini", true),
-        ProviderChoice::Ollama => ("openai", "local", "http://127.0.0.1:11434/v1", "llama3.1", false),
+        ProviderChoice::Anthropic => (
+            "anthropic",
+            "anthropic",
+            "https://api.anthropic.com",
+            "claude-sonnet-4-5",
+            true,
+        ),
+        ProviderChoice::Openai => (
+            "openai",
+            "openai",
+            "https://api.openai.com/v1",
+            "gpt-4o-mini",
+            true,
+        ),
+        ProviderChoice::Ollama => (
+            "openai",
+            "local",
+            "http://127.0.0.1:11434/v1",
+            "llama3.1",
+            false,
+        ),
     };
-    let name = args.provider_name.clone().unwrap_or_else(|| default_name.into());
+    let name = args
+        .provider_name
+        .clone()
+        .unwrap_or_else(|| default_name.into());
     if current.providers.iter().any(|p| p.name == name) {
         return Err(format!(
             "a provider named `{name}` is already configured in {}; pick another with --provider-name, or edit the file",
@@ -288,7 +318,10 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         None => default_base.to_string(),
     };
     let host = host_of(&base_url)?;
-    let model_default = args.model.clone().unwrap_or_else(|| default_model.to_string());
+    let model_default = args
+        .model
+        .clone()
+        .unwrap_or_else(|| default_model.to_string());
     let mut model = if args.model.is_some() || !interactive {
         model_default
     } else {
@@ -301,21 +334,32 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         let t = v.expose_str().map(str::trim).unwrap_or("").to_string();
         (!t.is_empty()).then(|| SecretValue::from_str_copy(&t))
     } else if needs_key {
-        Some(ask.secret(&format!("API key for {host}"), "--api-key-env VAR or --api-key-stdin")?)
+        Some(ask.secret(
+            &format!("API key for {host}"),
+            "--api-key-env VAR or --api-key-stdin",
+        )?)
     } else {
         None
     };
     let key_name = SecretName::parse(&format!("{}_key", name.replace('-', "_")))
         .map_err(|e| format!("cannot name the key secret after provider `{name}`: {e}"))?;
     let candidate = |model: &str, with_key: bool| -> Result<(String, Config), BoxError> {
-        let mut text = set_in_table(&original, "agent", "model", &toml_str(&format!("{name}/{model}")));
+        let mut text = set_in_table(
+            &original,
+            "agent",
+            "model",
+            &toml_str(&format!("{name}/{model}")),
+        );
         text.push_str(&format!(
             "\n[[providers]]\nname = {}\nkind = {}\nbase_url = {}\n{}",
             toml_str(&name),
             toml_str(kind),
             toml_str(&base_url),
             if with_key {
-                format!("api_key = {}\n", toml_str(&format!("secret:{}", key_name.as_str())))
+                format!(
+                    "api_key = {}\n",
+                    toml_str(&format!("secret:{}", key_name.as_str()))
+                )
             } else {
                 String::new()
             }
@@ -336,7 +380,8 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
             }
             Err(e) if interactive => {
                 println!("key test failed: {e}");
-                let again = ask.line("Try again with another key and model? (yes/no)", "yes", "")?;
+                let again =
+                    ask.line("Try again with another key and model? (yes/no)", "yes", "")?;
                 if !again.eq_ignore_ascii_case("yes") && !again.eq_ignore_ascii_case("y") {
                     println!("nothing was written");
                     return Ok(ExitCode::from(1));
@@ -366,15 +411,22 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         Some(c) => c,
         None if interactive => {
             let a = ask.line("A chat channel now (telegram, none)", "none", "--channel")?;
-            ChannelChoice::from_str(&a, true).map_err(|_| format!("unknown channel `{a}`: telegram or none"))?
+            ChannelChoice::from_str(&a, true)
+                .map_err(|_| format!("unknown channel `{a}`: telegram or none"))?
         }
         None => ChannelChoice::None,
     };
     let mut channel_name = None;
     if channel == ChannelChoice::Telegram {
-        let cname = args.channel_name.clone().unwrap_or_else(|| "telegram".into());
+        let cname = args
+            .channel_name
+            .clone()
+            .unwrap_or_else(|| "telegram".into());
         if current.channels.iter().any(|c| c.name == cname) {
-            return Err(format!("a channel named `{cname}` is already configured; pick another with --channel-name").into());
+            return Err(format!(
+                "a channel named `{cname}` is already configured; pick another with --channel-name"
+            )
+            .into());
         }
         let api = args
             .channel_api_base
@@ -382,7 +434,10 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
             .unwrap_or_else(|| "https://api.telegram.org".into());
         let token = match &args.channel_token_env {
             Some(var) => from_env(var)?,
-            None => ask.secret("Telegram bot token (from @BotFather)", "--channel-token-env VAR")?,
+            None => ask.secret(
+                "Telegram bot token (from @BotFather)",
+                "--channel-token-env VAR",
+            )?,
         };
         let token_name = SecretName::parse(&format!("{}_token", cname.replace('-', "_")))
             .map_err(|e| format!("cannot name the token secret after channel `{cname}`: {e}"))?;
@@ -408,15 +463,25 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
     let budget = match args.budget_usd {
         Some(b) => b,
         None if interactive => {
-            let a = ask.line("Daily budget per user in USD (0: no limit)", "0", "--budget-usd")?;
-            a.parse::<f64>().map_err(|_| format!("`{a}` is not a number of USD"))?
+            let a = ask.line(
+                "Daily budget per user in USD (0: no limit)",
+                "0",
+                "--budget-usd",
+            )?;
+            a.parse::<f64>()
+                .map_err(|_| format!("`{a}` is not a number of USD"))?
         }
         None => current.budgets.daily_usd_per_user,
     };
     if !budget.is_finite() || budget < 0.0 {
         return Err("the budget must be 0 or more USD".into());
     }
-    text = set_in_table(&text, "budgets", "daily_usd_per_user", &format!("{budget:?}"));
+    text = set_in_table(
+        &text,
+        "budgets",
+        "daily_usd_per_user",
+        &format!("{budget:?}"),
+    );
     // The whole result must be a valid config before anything is written.
     let final_config = Config::parse(&text, &globals.config_path)?;
 
@@ -426,7 +491,8 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
     let gate = super::admin_gate(globals, &current, &mut store)?;
     let audit = Arc::clone(gate.audit());
     if !credentials.is_empty()
-        && let Some(refused) = super::operator_may(&gate, &current, crate::policy::Action::SecretSet)?
+        && let Some(refused) =
+            super::operator_may(&gate, &current, crate::policy::Action::SecretSet)?
     {
         audit.shutdown()?;
         return Ok(refused);
@@ -438,7 +504,7 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         audit
             .record_change("set", Some(&c.name), "cli:onboard")
             .map_err(|e| format!("audit record could not be written ({e}); nothing changed"))?;
-        store.set(&c.name, c.value, &[c.audience.clone()])?;
+        store.set(&c.name, c.value, std::slice::from_ref(&c.audience))?;
         println!("stored secret `{}` (audience: {})", c.name, c.audience);
     }
     audit
@@ -449,7 +515,9 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
             json!({"model": final_config.agent.model, "provider": name,
                    "channel": channel_name, "budget_usd": budget}),
         ))
-        .map_err(|e| format!("audit record could not be written ({e}); the config was not changed"))?;
+        .map_err(|e| {
+            format!("audit record could not be written ({e}); the config was not changed")
+        })?;
     crate::state::write_atomic(&globals.config_path, text.as_bytes())?;
     audit.shutdown()?;
     drop((gate, store));
@@ -457,7 +525,11 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         "wrote {}: model {}, daily budget {}",
         globals.config_path.display(),
         final_config.agent.model,
-        if budget > 0.0 { format!("{budget} USD per user") } else { "none".into() }
+        if budget > 0.0 {
+            format!("{budget} USD per user")
+        } else {
+            "none".into()
+        }
     );
 
     // 5. Pairing: the bot answers a first message with a code, approved here.
@@ -487,6 +559,35 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         );
     }
     let bind = final_config.gateway.bind.clone();
-    println!("next: `chitin gateway`, then open http://{bind}/ (the token: `chitin token show`); `chitin status` shows how it runs");
+    println!(
+        "next: `chitin gateway`, then open http://{bind}/ (the token: `chitin token show`); `chitin status` shows how it runs"
+    );
     Ok(code_result)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn set_in_table_replaces_the_key_in_its_table_only_and_keeps_comments() {
+        let text =
+            "[agent]\n# The model\nmodel = \"\"\nmax_steps = 16\n\n[budgets]\nmodel = \"x\"\n";
+        let out = set_in_table(text, "agent", "model", "\"p/m\"");
+        assert_eq!(
+            out,
+            "[agent]\n# The model\nmodel = \"p/m\"\nmax_steps = 16\n\n[budgets]\nmodel = \"x\"\n"
+        );
+        let out = set_in_table(text, "budgets", "daily_usd_per_user", "5.0");
+        assert!(
+            out.contains("[budgets]\ndaily_usd_per_user = 5.0\nmodel = \"x\""),
+            "{out}"
+        );
+        let out = set_in_table("[cli]\n", "agent", "model", "\"a/b\"");
+        assert_eq!(out, "[cli]\n\n[agent]\nmodel = \"a/b\"\n");
+        // A commented-out key is not the key.
+        let out = set_in_table("[agent]\n# model = \"old\"\n", "agent", "model", "\"n/m\"");
+        assert_eq!(out, "[agent]\nmodel = \"n/m\"\n# model = \"old\"\n");
+    }
 }

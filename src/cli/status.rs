@@ -74,7 +74,11 @@ fn gateway_status(globals: &Globals, rt: &Runtime, token: Option<&str>) -> Value
         Some((addr, url)) => (Some(addr), Some(url)),
         None => {
             let bind = rt.config.gateway.bind_addr(None).ok();
-            let scheme = if rt.config.gateway.tls() { "https" } else { "http" };
+            let scheme = if rt.config.gateway.tls() {
+                "https"
+            } else {
+                "http"
+            };
             (bind, bind.map(|b| format!("{scheme}://{b}")))
         }
     };
@@ -178,8 +182,10 @@ fn channels_status(rt: &Runtime) -> Result<Value, super::BoxError> {
             (Some(true), true) => "connected",
             (Some(false), true) => "not connected",
         };
-        list.push(json!({"name": c.name, "kind": c.kind.as_str(), "state": state,
-                         "error": if fresh { error } else { None }}));
+        list.push(
+            json!({"name": c.name, "kind": c.kind.as_str(), "state": state,
+                         "error": if fresh { error } else { None }}),
+        );
     }
     Ok(Value::Array(list))
 }
@@ -229,8 +235,8 @@ pub fn run(args: StatusArgs, globals: &Globals) -> CmdResult {
         "version": super::VERSION,
     });
     rt.gate.audit().shutdown()?;
-    let ok = report["gateway"]["running"] == json!(true)
-        && report["gateway"]["ready"] != json!(false);
+    let ok =
+        report["gateway"]["running"] == json!(true) && report["gateway"]["ready"] != json!(false);
     if args.json {
         println!("{report}");
     } else {
@@ -289,7 +295,8 @@ fn print_screen(r: &Value) {
         .map(|a| {
             a.iter()
                 .map(|c| {
-                    let mut t = format!("{} ({}): {}", s(&c["name"]), s(&c["kind"]), s(&c["state"]));
+                    let mut t =
+                        format!("{} ({}): {}", s(&c["name"]), s(&c["kind"]), s(&c["state"]));
                     if let Some(e) = c["error"].as_str() {
                         t.push_str(&format!(" — {e}"));
                     }

@@ -196,8 +196,7 @@ fn key_of(line: &str) -> Option<&str> {
     let k = k.trim();
     let plain = !k.is_empty()
         && k.len() <= 64
-        && k
-            .chars()
+        && k.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     plain.then_some(k)
 }
@@ -386,7 +385,10 @@ mod tests {
             .unwrap()
             + 1;
         assert!(err.contains(&format!("first at line {first}")), "{err}");
-        assert!(err.contains("change its keys in the first [agent]"), "{err}");
+        assert!(
+            err.contains("change its keys in the first [agent]"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -123,8 +123,7 @@ pub struct Parts {
 }
 
 /// See [`Parts::reconfigure_agent`]: an error keeps the agent's previous settings.
-pub type ReconfigureAgent =
-    Arc<dyn Fn(&crate::config::Config) -> Result<(), String> + Send + Sync>;
+pub type ReconfigureAgent = Arc<dyn Fn(&crate::config::Config) -> Result<(), String> + Send + Sync>;
 
 /// `meta` key in `state.db`: the URL the running gateway listens on (`chitin status`).
 pub const LISTENING_META: &str = "gateway.listening";
@@ -432,7 +431,9 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     println!("chitin gateway listening on {scheme}://{local}");
     println!("  web chat:  {scheme}://{local}/ (paste the token)");
-    println!("  OpenAI:    POST {scheme}://{local}/v1/chat/completions  GET {scheme}://{local}/v1/models");
+    println!(
+        "  OpenAI:    POST {scheme}://{local}/v1/chat/completions  GET {scheme}://{local}/v1/models"
+    );
     println!("  WebSocket: {ws_scheme}://{local}/ws");
     println!("  send `Authorization: Bearer <token>` (`chitin token show` prints the token)");
     println!("  health: {scheme}://{local}/health  readiness: {scheme}://{local}/ready");

@@ -420,9 +420,21 @@ mod first_contact_tests {
             reason: reason.into(),
         };
         let e = ProviderError::AllFailed(vec![
-            f("local/llama", 1, "cannot connect to http://127.0.0.1:9/v1: refused"),
-            f("local/llama", 2, "cannot connect to http://127.0.0.1:9/v1: refused"),
-            f("local/llama", 3, "cannot connect to http://127.0.0.1:9/v1: refused"),
+            f(
+                "local/llama",
+                1,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
+            f(
+                "local/llama",
+                2,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
+            f(
+                "local/llama",
+                3,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
             f("other/m", 1, "HTTP 401"),
         ]);
         assert_eq!(
