@@ -728,7 +728,10 @@ async fn a_cron_job_from_a_tainted_session_waits_for_the_owner_s_approval() {
         if let Some(p) = a.approvals().list(false).unwrap().into_iter().next() {
             break p;
         }
-        assert!(std::time::Instant::now() < deadline, "no approval was asked");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval was asked"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(pending.args["name"], "exfil");

@@ -56,7 +56,10 @@ fn fresh_with(edit: &dyn Fn(&str) -> Option<String>) -> (tempfile::TempDir, std:
     use std::os::unix::fs::DirBuilderExt;
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
-    std::fs::DirBuilder::new().mode(0o700).create(&home).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&home)
+        .unwrap();
     let cfg: Vec<String> = chitin::config::default_toml()
         .lines()
         .map(|l| match (edit(l), l) {

@@ -341,6 +341,10 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
     } else {
         None
     };
+    // A value the store would refuse is said now, before anything is sent or asked further.
+    if let Some(k) = &key {
+        k.check_len().map_err(|e| format!("the API key: {e}"))?;
+    }
     let key_name = SecretName::parse(&format!("{}_key", name.replace('-', "_")))
         .map_err(|e| format!("cannot name the key secret after provider `{name}`: {e}"))?;
     let candidate = |model: &str, with_key: bool| -> Result<(String, Config), BoxError> {
@@ -439,6 +443,9 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
                 "--channel-token-env VAR",
             )?,
         };
+        token
+            .check_len()
+            .map_err(|e| format!("the bot token: {e}"))?;
         let token_name = SecretName::parse(&format!("{}_token", cname.replace('-', "_")))
             .map_err(|e| format!("cannot name the token secret after channel `{cname}`: {e}"))?;
         text.push_str(&format!(
