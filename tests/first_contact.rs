@@ -473,3 +473,29 @@ fn a_pasted_duplicate_table_is_refused_naming_the_table_by_the_cli_too() {
     assert!(e.contains("first at line 5, again at line 8"), "{e}");
     assert!(!e.contains("llama3.1"), "values are never quoted: {e}");
 }
+
+#[test]
+fn init_without_a_passphrase_sets_up_the_rest_and_says_how_to_create_the_secret_store() {
+    let t = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let home = support::private_home(t.path(), "home");
+    let o = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .arg("init")
+        .env("CHITIN_HOME", &home)
+        .env_remove("CHITIN_PASSPHRASE")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("the secret store and the gateway token were not created")
+            && err.contains("CHITIN_PASSPHRASE"),
+        "{err}"
+    );
+    assert!(home.join("state.db").is_file());
+    assert!(!home.join("secrets.age").exists());
+    // With the passphrase, init finishes the job.
+    let o = chitin(&home, &["init"]);
+    assert!(text(&o).contains("created secrets"), "{}", text(&o));
+    assert!(chitin(&home, &["token", "show"]).status.success());
+}

@@ -101,7 +101,24 @@ fn init(globals: &Globals, with_secrets: bool) -> CmdResult {
     // checkpoint key, the data-key vault's master key and the workflow resume-token key.
     drop(store);
     if with_secrets {
-        secret_material(globals, &config, &home)?;
+        match secret_material(globals, &config, &home) {
+            Ok(()) => {}
+            // No passphrase can be had (no CHITIN_PASSPHRASE, no terminal): nothing of the
+            // secret store was written; the rest of the set-up stands. Said exactly, with how
+            // to finish it.
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<crate::secrets::SecretsError>(),
+                    Some(crate::secrets::SecretsError::PassphraseUnavailable(_))
+                ) =>
+            {
+                eprintln!(
+                    "chitin: the secret store and the gateway token were not created ({e}); run `chitin init` again with CHITIN_PASSPHRASE set or on a terminal (the gateway's first start and `chitin token show` also create them)"
+                );
+                println!("skipped secrets  (no passphrase)");
+            }
+            Err(e) => return Err(e),
+        }
     }
     home.check_permissions()?;
     println!("Chitin is initialised in {}", home.root().display());
