@@ -886,6 +886,47 @@ impl Approvals {
         Ok(due.len())
     }
 
+    /// Expires those of `ids` still open (pending, or granted and not redeemed) because the
+    /// run `run_id` that asked for them no longer waits (`why`); records it. Returns how many.
+    pub fn expire_ids(
+        &self,
+        ids: &[String],
+        run_id: &str,
+        why: &str,
+    ) -> Result<usize, ApprovalError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let now = self.clock.now_ms();
+        let mut conn = self.store.conn()?;
+        let tx = conn.transaction()?;
+        let mut done: Vec<(String, String)> = Vec::new();
+        for id in ids {
+            let code: Option<String> = tx
+                .query_row(
+                    "UPDATE approvals SET status = 'expired', resolved_ms = ?1
+                     WHERE id = ?2 AND status IN ('pending', 'granted') RETURNING code",
+                    params![now, id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(code) = code {
+                done.push((id.clone(), code));
+            }
+        }
+        if done.is_empty() {
+            return Ok(0);
+        }
+        self.audit(
+            RecordInput::new(Kind::Approval, "gateway", "approval.expire", "approvals")
+                .with_outcome("expired")
+                .with_payload(json!({"approvals": done.iter().map(|(id, code)| json!({"id": id, "code": code})).collect::<Vec<_>>(),
+                                     "run_id": run_id, "reason": why})),
+        )?;
+        tx.commit()?;
+        Ok(done.len())
+    }
+
     /// Approvals, newest first: the open ones, or all with `all`.
     pub fn list(&self, all: bool) -> Result<Vec<Approval>, ApprovalError> {
         self.expire_due()?;

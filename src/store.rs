@@ -18,8 +18,11 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     #[error(
-        "store {path} has schema version {found}, newer than this Chitin understands ({known}); \
-         upgrade Chitin or restore a backup"
+        "store {path} has schema version {found}, newer than this Chitin understands ({known}): \
+         it was written by a newer Chitin, and this one refuses to touch it rather than lose data. \
+         Run the newer `chitin` binary again (`chitin --version` shows which one this is), or, to go \
+         back to this version, restore a backup made by it (`chitin backup restore FILE`, or the \
+         copy `state.db.before-schema-*.bak` kept by the upgrade next to the database)"
     )]
     TooNew {
         path: PathBuf,
@@ -543,6 +546,9 @@ const MIGRATIONS: &[&str] = &[
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// When this open migrated an existing database: its schema version before, and the copy
+    /// of it taken first.
+    migrated: Option<(i64, PathBuf)>,
 }
 
 impl Store {
@@ -571,11 +577,18 @@ impl Store {
         // Deleted content is overwritten, not left in free pages.
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(sql)?;
-        migrate(&mut conn, path)?;
+        let migrated = migrate(&mut conn, path)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            migrated,
         })
+    }
+
+    /// Whether opening migrated an existing database: the schema version it had, and where
+    /// the copy taken before migrating is (`state.db.before-schema-<new>.bak`).
+    pub fn migrated_from(&self) -> Option<(i64, &Path)> {
+        self.migrated.as_ref().map(|(v, p)| (*v, p.as_path()))
     }
 
     /// The database file.
@@ -633,7 +646,53 @@ fn current_version(conn: &Connection) -> rusqlite::Result<i64> {
     conn.query_row("PRAGMA user_version", [], |r| r.get(0))
 }
 
-fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
+/// Copies the database (consistent, through SQLite: `VACUUM INTO`) to
+/// `<path>.before-schema-<known>.bak`, mode 0600, replacing an older copy atomically.
+fn backup_before_migrating(
+    conn: &Connection,
+    path: &Path,
+    known: i64,
+) -> Result<PathBuf, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map_or_else(|| "state.db".into(), |n| n.to_string_lossy().into_owned());
+    let target = path.with_file_name(format!("{name}.before-schema-{known}.bak"));
+    let tmp = path.with_file_name(format!("{name}.before-schema-{known}.bak.tmp"));
+    let io = |source: std::io::Error| StoreError::Sqlite {
+        path: tmp.clone(),
+        source: rusqlite::Error::ToSqlConversionFailure(Box::new(source)),
+    };
+    let _ = std::fs::remove_file(&tmp);
+    // Created empty and private first: VACUUM INTO fills an empty file and keeps its mode.
+    drop(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(io)?,
+    );
+    let tmp_text = tmp.to_string_lossy().into_owned();
+    conn.execute("VACUUM INTO ?1", [&tmp_text])
+        .map_err(|source| StoreError::Sqlite {
+            path: tmp.clone(),
+            source,
+        })?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, &target).map_err(io)?;
+    if let Some(dir) = target.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    Ok(target)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<Option<(i64, PathBuf)>, StoreError> {
     let sql = |source| StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
@@ -647,6 +706,12 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             known,
         });
     }
+    // An existing database is copied before the first migration touches it.
+    let migrated = if found > 0 && found < known {
+        Some((found, backup_before_migrating(conn, path, known)?))
+    } else {
+        None
+    };
     for (i, migration) in MIGRATIONS
         .iter()
         .enumerate()
@@ -659,7 +724,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
             .map_err(sql)?;
         tx.commit().map_err(sql)?;
     }
-    Ok(())
+    Ok(migrated)
 }
 
 #[cfg(test)]
@@ -712,5 +777,62 @@ mod tests {
         drop(c);
         let err = Store::open(&p).unwrap_err().to_string();
         assert!(err.contains("schema version 99, newer than"), "{err}");
+        assert!(err.contains("Run the newer `chitin` binary"), "{err}");
+        assert!(err.contains("chitin backup restore FILE"), "{err}");
+        // Refused before anything was written: still the newer version.
+        let c = Connection::open(&p).unwrap();
+        assert_eq!(current_version(&c).unwrap(), 99);
+    }
+
+    #[test]
+    fn migrating_an_older_database_first_keeps_a_copy_of_it() {
+        let t = tempfile::tempdir().unwrap();
+        let p = t.path().join("state.db");
+        // A database as the previous release left it: every migration but the last.
+        let older = Store::latest_version() - 1;
+        {
+            let mut c = Connection::open(&p).unwrap();
+            for (i, m) in MIGRATIONS
+                .iter()
+                .take(usize::try_from(older).unwrap())
+                .enumerate()
+            {
+                let tx = c.transaction().unwrap();
+                tx.execute_batch(m).unwrap();
+                tx.pragma_update(None, "user_version", i64::try_from(i + 1).unwrap())
+                    .unwrap();
+                tx.commit().unwrap();
+            }
+            c.execute("INSERT INTO meta(key, value) VALUES ('k', 'before')", [])
+                .unwrap();
+        }
+        let s = Store::open(&p).unwrap();
+        assert_eq!(s.version().unwrap(), Store::latest_version());
+        let (from, copy) = s.migrated_from().unwrap();
+        assert_eq!(from, older);
+        let copy = copy.to_path_buf();
+        assert_eq!(
+            copy,
+            t.path().join(format!(
+                "state.db.before-schema-{}.bak",
+                Store::latest_version()
+            ))
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let c = Connection::open(&copy).unwrap();
+        assert_eq!(current_version(&c).unwrap(), older);
+        let v: String = c
+            .query_row("SELECT value FROM meta WHERE key = 'k'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, "before");
+        // A database already at the latest version is not copied again.
+        drop(s);
+        std::fs::remove_file(&copy).unwrap();
+        assert!(Store::open(&p).unwrap().migrated_from().is_none());
+        assert!(!copy.exists());
     }
 }

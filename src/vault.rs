@@ -13,11 +13,10 @@
 //! - Data keys live in `vault.keys` in the state directory, itself sealed with XChaCha20-Poly1305
 //!   under the vault master key; the master key lives in the secret store under the reserved
 //!   name `chitin.vault-key` (never released or revealed).
-//! - **Backups never contain `vault.keys`.** A backup carries `secrets.age` (and therefore the
-//!   master key), but not the data keys, so no key that survives an erasure (the store identity,
-//!   the backup identity, the master key) opens an erased subject's content in an old backup.
-//!   The cost: a backup restored on a machine that lost `vault.keys` keeps metadata but not
-//!   content (see `docs/parts/SECURITY.lifecycle.md`).
+//! - **Backups carry `vault.keys`** (sealed under the master key, inside the archive encrypted
+//!   to the backup recipient), so a restore onto a new machine brings content back. A restore
+//!   where a `vault.keys` exists keeps it and erases again every subject erased since the backup
+//!   (see `docs/parts/SECURITY.lifecycle.md` for what this means for old backup files).
 //! - A destroyed key leaves a tombstone (its random id and the time, not the subject), so
 //!   [`Vault::open`] reports [`VaultError::Erased`] and a restore can purge rows sealed with
 //!   erased keys.
@@ -41,7 +40,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::secrets::SecretsConfig;
 use crate::secrets::{SecretName, SecretStore, SecretValue, SecretsError, fsutil};
 
-/// The sealed data-key file in the state directory. Never part of a backup.
+/// The sealed data-key file in the state directory (in backups; see the module docs).
 pub const VAULT_FILE: &str = "vault.keys";
 /// Writers of `vault.keys` serialize on an exclusive lock of this file.
 pub const VAULT_LOCK: &str = "vault.lock";

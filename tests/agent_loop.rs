@@ -1239,9 +1239,13 @@ async fn a_session_tainted_by_a_tool_result_needs_approval_to_rewrite_agents_md(
             &json!(e.ws.join("AGENTS.md").display().to_string())
         )
     );
-    let ap = a.approvals().list(false).unwrap();
+    // The approval was opened for exactly this write, and expired when the run stopped
+    // waiting for it (issue #19: approving it later must not let a later identical write run).
+    assert!(a.approvals().list(false).unwrap().is_empty());
+    let ap = a.approvals().list(true).unwrap();
     assert_eq!(ap.len(), 1, "{ap:?}");
     assert_eq!(ap[0].tool, "write_file");
+    assert_eq!(ap[0].status, "expired");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

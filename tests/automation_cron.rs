@@ -706,9 +706,11 @@ async fn a_cron_job_from_a_tainted_session_waits_for_the_owner_s_approval() {
     let r = a.wait(&id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.tool_calls[0].decision, "approval_required", "{r:?}");
     assert!(c.jobs.get("exfil").unwrap().is_none(), "nothing was added");
+    // The approval showed exactly this job, and expired with the run that stopped waiting for
+    // it: approving it afterwards is refused (it would let a later identical call through).
     let ap = a
         .approvals()
-        .list(false)
+        .list(true)
         .unwrap()
         .into_iter()
         .next()
@@ -716,9 +718,25 @@ async fn a_cron_job_from_a_tainted_session_waits_for_the_owner_s_approval() {
     assert_eq!(ap.tool, "cron");
     assert_eq!(ap.args["name"], "exfil");
     assert_eq!(ap.args["deliver"], "channel:tg:dm:666");
-    // The owner approves exactly this job; the model's same call then goes through, once.
-    a.approvals().resolve(&ap.code, "owner", true).unwrap();
-    let id = a.submit(turn("try again")).await.unwrap();
+    assert_eq!(ap.status, "expired");
+    assert!(a.approvals().resolve(&ap.code, "owner", true).is_err());
+    // A run that waits: the owner approves exactly this job while it waits; it goes through.
+    let mut waiting = turn("try again");
+    waiting.approval_wait = Some(Duration::from_secs(120));
+    let id = a.submit(waiting).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let pending = loop {
+        if let Some(p) = a.approvals().list(false).unwrap().into_iter().next() {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no approval was asked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(pending.args["name"], "exfil");
+    a.approvals().resolve(&pending.code, "owner", true).unwrap();
     let r = a.wait(&id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(r.tool_calls[0].decision, "allow", "{r:?}");
     assert_eq!(c.jobs.get("exfil").unwrap().unwrap().user, "owner");

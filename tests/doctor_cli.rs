@@ -55,21 +55,39 @@ fn ids(f: &[Value]) -> Vec<String> {
 }
 
 fn fresh() -> (tempfile::TempDir, std::path::PathBuf) {
+    fresh_with(&|_| None)
+}
+
+/// A state dir set up by `chitin init` (which creates the secret store too) from the
+/// documented template with test settings, `edit` changing lines before init runs.
+fn fresh_with(edit: &dyn Fn(&str) -> Option<String>) -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::DirBuilderExt;
     let t = tempfile::tempdir().unwrap();
     let home = t.path().join("home");
-    assert!(chitin(&home, &["init"], "").status.success());
-    let cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
-    let cfg: Vec<String> = cfg
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&home)
+        .unwrap();
+    let cfg: Vec<String> = chitin::config::default_toml()
         .lines()
-        .map(|l| match l {
-            l if l.starts_with("scrypt_work_factor = ") => "scrypt_work_factor = 16".to_string(),
-            l if l.starts_with("backend = ") => "backend = \"passphrase\"".to_string(),
+        .map(|l| match (edit(l), l) {
+            (Some(x), _) => x,
+            (None, l) if l.starts_with("scrypt_work_factor = ") => {
+                "scrypt_work_factor = 16".to_string()
+            }
+            (None, l) if l.starts_with("backend = ") => "backend = \"passphrase\"".to_string(),
             // The test machine's free disk space is not the test's to control.
-            l if l.starts_with("min_free_disk_mb = ") => "min_free_disk_mb = 0".to_string(),
-            l => l.to_string(),
+            (None, l) if l.starts_with("min_free_disk_mb = ") => "min_free_disk_mb = 0".to_string(),
+            (None, l) => l.to_string(),
         })
         .collect();
     std::fs::write(home.join("chitin.toml"), cfg.join("\n")).unwrap();
+    std::fs::set_permissions(
+        home.join("chitin.toml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    assert!(chitin(&home, &["init"], "").status.success());
     (t, home)
 }
 
@@ -90,20 +108,15 @@ fn a_fresh_install_has_no_finding_above_low() {
 
 #[test]
 fn a_plaintext_identity_is_flagged() {
-    let (_t, home) = fresh();
-    let cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
-    let cfg = cfg
-        .lines()
-        .map(|l| match l {
-            l if l.starts_with("backend = ") => "backend = \"file\"".to_string(),
-            l if l.starts_with("allow_plaintext_identity = ") => {
-                "allow_plaintext_identity = true".to_string()
-            }
-            l => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(home.join("chitin.toml"), cfg).unwrap();
+    let (_t, home) = fresh_with(&|l| {
+        if l.starts_with("backend = ") {
+            Some("backend = \"file\"".to_string())
+        } else if l.starts_with("allow_plaintext_identity = ") {
+            Some("allow_plaintext_identity = true".to_string())
+        } else {
+            None
+        }
+    });
     assert!(
         chitin(&home, &["secrets", "set", "K"], "doctor-canary-value-1")
             .status

@@ -371,6 +371,7 @@ fn ready_reports_each_check_with_ok_and_detail() {
     let checks = v["checks"].as_object().unwrap();
     let names: Vec<&str> = checks.keys().map(String::as_str).collect();
     for n in [
+        "config",
         "store",
         "audit",
         "policies",
@@ -383,7 +384,7 @@ fn ready_reports_each_check_with_ok_and_detail() {
         assert!(checks[n]["ok"].is_boolean(), "{v}");
         assert!(checks[n]["detail"].is_string(), "{v}");
     }
-    assert_eq!(checks.len(), 7);
+    assert_eq!(checks.len(), 8);
     let all_ok = checks.values().all(|c| c["ok"] == true);
     assert_eq!(v["ready"], all_ok);
     assert_eq!(r.status, if all_ok { 200 } else { 503 });

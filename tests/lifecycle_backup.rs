@@ -1,6 +1,7 @@
 //! Encrypted backups: consistent snapshot, verify (signature, digests, database, audit chain),
 //! restore that passes `chitin audit verify`, each kind of tamper and forgery refused, the
-//! gateway lock, scheduled rotation, and the data keys never included.
+//! gateway lock, scheduled rotation, the data keys included (a restore onto a new machine
+//! brings conversations back), and a restore that fails part-way putting everything back.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -84,8 +85,9 @@ fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
     lc.audit.shutdown().unwrap();
     drop((lc, gate));
 
-    let restored = backup::restore(&verified, &home).unwrap();
+    let restored = backup::restore(&verified, &home).unwrap().commit();
     assert!(restored.replaced >= 3, "{restored:?}");
+    assert!(!restored.data_keys_restored, "the live vault.keys is kept");
     let line = audit_verifies(&home);
     assert!(line.starts_with("ok: "), "{line}");
     // The history recorded after the backup is not erased: the live log was archived whole
@@ -128,13 +130,16 @@ fn a_backup_verifies_and_a_restored_state_passes_audit_verify() {
 }
 
 #[test]
-fn the_data_keys_and_lock_files_are_never_in_a_backup() {
+fn the_data_keys_are_in_a_backup_and_lock_files_never_are() {
     let b = setup();
     assert!(b.h.home.join("vault.keys").exists());
     let file = create(&b, "b.age");
     let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    assert_eq!(
+        opened.members["vault.keys"][..],
+        std::fs::read(b.h.home.join("vault.keys")).unwrap()[..]
+    );
     for name in [
-        "vault.keys",
         "vault.lock",
         "secrets.lock",
         "gateway.lock",
@@ -146,7 +151,130 @@ fn the_data_keys_and_lock_files_are_never_in_a_backup() {
             "{name} is in the backup"
         );
     }
-    assert!(opened.manifest.excluded.contains(&"vault.keys".to_string()));
+    assert!(!opened.manifest.excluded.contains(&"vault.keys".to_string()));
+}
+
+/// Copies `from`'s backup into a fresh state dir on "another machine" (nothing but the
+/// directory) and opens it there.
+fn restore_elsewhere(b: &B, file: &Path) -> (H, backup::Restored) {
+    let t = tempfile::tempdir().unwrap();
+    let home = home::private_home(t.path(), "home");
+    let opened = backup::open(file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    // Disaster recovery: the old machine's audit key is trusted explicitly (--trust-key).
+    let verified = backup::check(opened, &b.h.lc.audit.public_key()).unwrap();
+    let restored = backup::restore(&verified, &home).unwrap().commit();
+    let h = open_at(t, home, b.h.clock.clone());
+    (h, restored)
+}
+
+#[test]
+fn a_backup_restored_onto_a_new_machine_brings_the_conversations_back() {
+    let b = setup();
+    let file = create(&b, "b.age");
+    let (h, restored) = restore_elsewhere(&b, &file);
+    assert!(restored.data_keys_restored, "{restored:?}");
+    assert!(restored.audit_archive.is_none());
+    let alice = user("alice");
+    let body: Vec<u8> =
+        h.lc.store
+            .conn()
+            .unwrap()
+            .query_row("SELECT body FROM messages", [], |r| r.get(0))
+            .unwrap();
+    assert!(
+        contains(&h.lc.vault.open(&alice, &body).unwrap(), b"hello"),
+        "the restored data keys open the restored conversation"
+    );
+    assert!(audit_verifies(&h.home).starts_with("ok: "));
+}
+
+#[test]
+fn a_restore_that_fails_part_way_puts_every_file_back() {
+    let b = setup();
+    // A nested file that sorts after every other member: the last one the restore writes.
+    std::fs::create_dir(b.h.home.join("zz")).unwrap();
+    home::write_private(&b.h.home.join("zz/notes.txt"), b"notes");
+    let file = create(&b, "b.age");
+    let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    let verified = backup::check(opened, &b.h.lc.audit.public_key()).unwrap();
+    // Life goes on: the live state and log differ from the backup's.
+    let alice = user("alice");
+    audit_record(&b.h, &alice, "message.send", "web", json!({"later": 1}));
+    b.h.lc
+        .store
+        .conn()
+        .unwrap()
+        .execute("DELETE FROM messages", [])
+        .unwrap();
+    let home = b.h.home.clone();
+    let clock = b.h.clock.clone();
+    let H { _t, lc, gate, .. } = b.h;
+    lc.audit.checkpoint_now().unwrap();
+    lc.audit.shutdown().unwrap();
+    drop((lc, gate));
+    // The last member the restore writes cannot be put in place: a file stands where the
+    // backup has a directory, so the restore fails after the others were replaced.
+    assert_eq!(
+        verified.opened().members.keys().last().unwrap(),
+        "zz/notes.txt"
+    );
+    let blocker = home.join("zz");
+    std::fs::remove_dir_all(&blocker).unwrap();
+    home::write_private(&blocker, b"in the way");
+    let snapshot = |dir: &Path| -> Vec<(PathBuf, Vec<u8>)> {
+        let mut v: Vec<(PathBuf, Vec<u8>)> = files_under(dir)
+            .into_iter()
+            .filter(|p| !p.starts_with(dir.join("gateway.lock")))
+            .map(|p| {
+                let bytes = std::fs::read(&p).unwrap_or_default();
+                (p, bytes)
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = snapshot(&home);
+    let e = backup::restore(&verified, &home).unwrap_err();
+    assert!(e.to_string().contains("zz"), "{e}");
+    assert_eq!(snapshot(&home), before, "every file is as it was");
+    assert!(!home.join("audit-archive").exists());
+    // The live state is intact: the later record is in the log, the messages still gone.
+    assert!(audit_verifies(&home).starts_with("ok: "));
+    let h = open_at(_t, home, clock);
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM messages"),
+        0,
+        "nothing of the backup was left behind"
+    );
+}
+
+#[test]
+fn a_restore_dropped_before_commit_puts_every_file_back() {
+    let b = setup();
+    let file = create(&b, "b.age");
+    let opened = backup::open(&file, &backup::load_identity(&b.id_file).unwrap()).unwrap();
+    let verified = backup::check(opened, &b.h.lc.audit.public_key()).unwrap();
+    b.h.lc
+        .store
+        .conn()
+        .unwrap()
+        .execute("DELETE FROM messages", [])
+        .unwrap();
+    let home = b.h.home.clone();
+    let clock = b.h.clock.clone();
+    let H { _t, lc, gate, .. } = b.h;
+    lc.audit.checkpoint_now().unwrap();
+    lc.audit.shutdown().unwrap();
+    drop((lc, gate));
+    let restoring = backup::restore(&verified, &home).unwrap();
+    assert!(restoring.restored().replaced >= 3);
+    assert!(home.join("audit-archive").exists());
+    // A later step failed (say, erasing again): the restore is dropped, not committed.
+    drop(restoring);
+    assert!(!home.join("audit-archive").exists());
+    assert!(audit_verifies(&home).starts_with("ok: "));
+    let h = open_at(_t, home, clock);
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 0);
 }
 
 /// Decrypts, lets `f` change the tar members (path → bytes, manifest first), re-encrypts to

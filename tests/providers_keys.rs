@@ -319,3 +319,42 @@ fn by_default_a_key_is_refused_for_a_foreign_host_or_a_secret_not_in_the_store()
         4
     );
 }
+
+#[test]
+fn a_key_refused_for_a_host_outside_its_audience_says_to_add_the_host_with_audience() {
+    let f = store_fixture();
+    let alpha = secret("alpha_key");
+    let e = f
+        .source
+        .key_for(&KeyRequest {
+            provider: "alpha",
+            secret: &alpha,
+            host: "api.other.example",
+        })
+        .err()
+        .unwrap();
+    assert!(
+        e.contains(
+            "provider `alpha` sends its key to api.other.example, but secret `alpha_key` may only be sent to [api.alpha.example, 127.0.0.1]"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("chitin secrets set alpha_key --audience api.other.example"),
+        "{e}"
+    );
+    assert!(!e.contains("Cedar policy"), "{e}");
+    assert!(!e.contains("sk-ALPHA"), "{e}");
+    // A secret that is not in the store is still a plain refusal.
+    let missing = secret("beta_key");
+    let e = f
+        .source
+        .key_for(&KeyRequest {
+            provider: "alpha",
+            secret: &missing,
+            host: "api.alpha.example",
+        })
+        .err()
+        .unwrap();
+    assert!(!e.contains("--audience"), "{e}");
+}

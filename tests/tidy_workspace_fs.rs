@@ -215,6 +215,16 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     ),
     ("src/lifecycle/backup.rs", None, "backups of the state dir"),
     (
+        "src/store.rs",
+        Some("backup_before_migrating"),
+        "the copy of state.db taken before a schema migration, next to it in the state dir",
+    ),
+    (
+        "src/cli/onboard.rs",
+        None,
+        "operator CLI: reads and rewrites the config file",
+    ),
+    (
         "src/lifecycle/export.rs",
         None,
         "the operator's export archive",

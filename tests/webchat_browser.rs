@@ -237,6 +237,10 @@ async fn serve(backend: Arc<ScriptedBackend>) -> u16 {
     addr.port()
 }
 
+/// The conversation as shown, top to bottom, without system notes: `user:<text>`,
+/// `assistant:<text>` (one per text segment), `tool:<name>`.
+const SEQUENCE: &str = "Array.from(document.getElementById('messages').children).filter(e => !e.classList.contains('system')).map(e => e.classList.contains('tool') ? 'tool:' + e.querySelector('.tool-name').textContent : (e.classList.contains('user') ? 'user:' : 'assistant:') + (e.querySelector('.text') ? e.querySelector('.text').textContent : e.textContent))";
+
 fn js(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
@@ -377,11 +381,20 @@ async fn the_web_chat_streams_a_reply_shows_tool_decisions_and_approves_an_actio
     )
     .await;
     let end = cdp
-        .eval("[document.querySelector('.msg.assistant .text').textContent, document.querySelectorAll('.approval').length, document.querySelectorAll('.tool[data-decision=\"allow\"]').length, document.getElementById('no-approvals').hidden]")
+        .eval("[document.querySelectorAll('.approval').length, document.querySelectorAll('.tool[data-decision=\"allow\"]').length, document.getElementById('no-approvals').hidden]")
         .await;
+    assert_eq!(end, json!([0, 2, false]));
+    // Each tool card stands where it happened: the text after the calls is below them.
     assert_eq!(
-        end,
-        json!([format!("Hello, {hostile} world. Done."), 0, 2, false])
+        cdp.eval(SEQUENCE).await,
+        json!([
+            "user:tidy up the workspace",
+            format!("assistant:Hello, {hostile} world."),
+            "tool:read_file",
+            "tool:write_file",
+            "tool:exec",
+            "assistant: Done."
+        ])
     );
     let note = cdp
         .eval("Array.from(document.querySelectorAll('.msg.system')).map(m => m.textContent).join('|')")
@@ -407,7 +420,20 @@ async fn a_wrong_token_in_the_page_is_refused_and_not_kept() {
     let r = cdp
         .eval("[document.getElementById('error').textContent, sessionStorage.getItem('chitin.token'), document.getElementById('send').disabled]")
         .await;
-    assert_eq!(r, json!(["the token is not the gateway token", null, true]));
+    assert_eq!(
+        r,
+        json!([
+            "the token is not the gateway token — paste the current token (`chitin token show`).",
+            null,
+            true
+        ])
+    );
+    // Refused is refused: the page does not retry by itself.
+    assert_eq!(
+        cdp.eval("[document.getElementById('status').textContent, document.getElementById('status').dataset.state]")
+            .await,
+        json!(["refused", "error"])
+    );
     drop(browser);
 }
 
@@ -554,10 +580,145 @@ async fn the_real_gateway_streams_the_agents_reply_and_runs_a_call_after_approva
     )
     .await;
     let end = cdp
-        .eval("[document.querySelector('.msg.assistant .text').textContent, Array.from(document.querySelectorAll('.tool')).map(t => t.dataset.decision)]")
+        .eval("Array.from(document.querySelectorAll('.tool')).map(t => t.dataset.decision)")
         .await;
-    assert_eq!(end[0], "Creating the marker. All done.");
-    assert_eq!(end[1], json!(["allow"]), "{end}");
+    assert_eq!(end, json!(["allow"]), "{end}");
+    assert_eq!(
+        cdp.eval(SEQUENCE).await,
+        json!([
+            "user:make a marker file",
+            "assistant:Creating the marker.",
+            "tool:exec",
+            "assistant: All done."
+        ])
+    );
     assert!(gw.workspace().join("browser-marker").exists());
+    drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_too_many_wrong_tokens_the_page_says_this_address_is_locked_out() {
+    let backend = ScriptedBackend::new(vec![]);
+    let port = serve(backend).await;
+    let browser = tokio::task::spawn_blocking(launch).await.unwrap();
+    let mut cdp = Cdp::connect(&browser.endpoint).await;
+    new_tab(&mut cdp, port).await;
+    // The server allows 5 failures a minute; past that, attempts are refused as rate limited.
+    let mut last = Value::Null;
+    for _ in 0..8 {
+        cdp.eval("document.getElementById('status').dataset.state = 'x'; document.getElementById('token').value = 'wrong'; document.getElementById('connect').click(); true")
+            .await;
+        last = cdp
+            .wait_for(
+                "document.getElementById('status').dataset.state === 'error' && document.getElementById('status').textContent",
+                "the refusal",
+            )
+            .await;
+        if last == "locked out" {
+            break;
+        }
+        assert_eq!(last, "refused");
+    }
+    assert_eq!(last, "locked out");
+    let text = cdp
+        .eval("document.getElementById('error').textContent")
+        .await;
+    assert!(
+        text.as_str()
+            .unwrap()
+            .starts_with("Locked out: too many failed token attempts"),
+        "{text}"
+    );
+    drop(browser);
+}
+
+/// The real gateway stops (SIGTERM) and starts again on the same port: the page says why it
+/// lost the connection and reconnects by itself, with nothing typed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_says_why_it_disconnected_and_reconnects_by_itself_after_a_gateway_restart() {
+    let mut gw = tokio::task::spawn_blocking(|| harness::Gw::start(""))
+        .await
+        .unwrap();
+    let browser = tokio::task::spawn_blocking(launch).await.unwrap();
+    let mut cdp = Cdp::connect(&browser.endpoint).await;
+    open_page(&mut cdp, gw.port, &gw.token).await;
+    gw.signal("-TERM");
+    let mut gw = tokio::task::spawn_blocking(move || {
+        gw.wait_exit();
+        gw
+    })
+    .await
+    .unwrap();
+    let said = cdp
+        .wait_for(
+            "document.getElementById('status').dataset.state === 'reconnecting' && document.getElementById('error').textContent",
+            "the disconnect reason",
+        )
+        .await;
+    let said = said.as_str().unwrap();
+    assert!(
+        said.starts_with("Disconnected: the gateway restarted or is stopping")
+            || said.starts_with("Disconnected: the connection to the gateway was lost"),
+        "{said}"
+    );
+    assert!(said.contains("Reconnecting by itself"), "{said}");
+    let gw = tokio::task::spawn_blocking(move || {
+        gw.spawn();
+        gw
+    })
+    .await
+    .unwrap();
+    let status = cdp
+        .wait_for(
+            "document.getElementById('status').dataset.state === 'connected' && document.getElementById('status').textContent",
+            "the reconnection",
+        )
+        .await;
+    assert_eq!(status, "connected as owner");
+    assert_eq!(
+        cdp.eval("[document.getElementById('error').textContent.startsWith('Disconnected'), document.getElementById('send').disabled, Array.from(document.querySelectorAll('.msg.system')).map(m => m.textContent)]")
+            .await,
+        json!([false, false, ["Reconnected."]])
+    );
+    drop(gw);
+    drop(browser);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_works_at_phone_width() {
+    let backend = ScriptedBackend::new(vec![Step::Delta(
+        "a reply that is long enough to wrap on a phone screen".into(),
+    )]);
+    let port = serve(backend).await;
+    let browser = tokio::task::spawn_blocking(launch).await.unwrap();
+    let mut cdp = Cdp::connect(&browser.endpoint).await;
+    new_tab(&mut cdp, port).await;
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 375, "height": 740, "deviceScaleFactor": 2, "mobile": true}),
+    )
+    .await;
+    cdp.wait_for("window.innerWidth === 375", "the phone viewport")
+        .await;
+    cdp.eval(&format!(
+        "document.getElementById('token').value = {}; document.getElementById('connect').click(); true",
+        js(TOKEN)
+    ))
+    .await;
+    cdp.wait_for(
+        "document.getElementById('status').dataset.state === 'connected'",
+        "connected",
+    )
+    .await;
+    cdp.eval("document.getElementById('input').value = 'hi'; document.getElementById('send').click(); true")
+        .await;
+    cdp.wait_for("!!document.querySelector('.msg.assistant')", "the reply")
+        .await;
+    // Nothing scrolls sideways; the chat takes the whole width, the side panel goes below it;
+    // the message box and the send button are on screen.
+    let m = cdp
+        .eval("(() => { const r = (id) => document.getElementById(id).getBoundingClientRect(); const w = window.innerWidth; return [document.documentElement.scrollWidth <= w, r('chat').width >= 0.9 * w, document.querySelector('aside').getBoundingClientRect().top >= r('chat').bottom, r('send').right <= w, r('input').width >= 0.5 * w, r('token').right <= w]; })()")
+        .await;
+    assert_eq!(m, json!([true, true, true, true, true, true]), "{m}");
     drop(browser);
 }

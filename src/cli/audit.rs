@@ -194,6 +194,7 @@ fn verify(
         && db
             .as_deref()
             .is_none_or(|d| d == globals.home.join(chitin_audit::DB_FILE));
+    let spin = super::progress::spinner("verifying the audit log");
     let verdict = match export {
         Some(x) => verifier.verify_export(&x)?,
         None => {
@@ -206,6 +207,7 @@ fn verify(
             verifier.verify_db(&db, Some(&cps))?
         }
     };
+    spin.finish_and_clear();
     match verdict {
         Ok(report) => {
             println!("{}", report.ok_line());
@@ -275,6 +277,7 @@ fn export_cmd(
     };
     let now = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     let cps = log.paths().checkpoints.clone();
+    let spin = super::progress::spinner("exporting the audit log");
     let summary = match &out {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
@@ -300,6 +303,7 @@ fn export_cmd(
             export::write_export(&reader, Some(&cps), since_ms, until_ms, fmt, now, &mut w)?
         }
     };
+    spin.finish_and_clear();
     drop(reader);
     log.shutdown()?;
     eprintln!(

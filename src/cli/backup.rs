@@ -284,6 +284,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             }
             backup::recipient(&rt.config.backup.recipient)?;
             let audit = rt.gate.audit();
+            let spin = super::progress::spinner("creating the backup");
             let m = backup::create(
                 &globals.home,
                 &rt.store,
@@ -291,7 +292,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 &rt.config.backup.recipient,
                 &out,
                 rt.clock.now_ms(),
-            )?;
+            );
+            spin.finish_and_clear();
+            let m = m?;
             if let Err(e) = crate::security::marks::record(
                 &globals.home,
                 crate::security::marks::Mark::BackupCreated,
@@ -300,7 +303,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 eprintln!("note: could not record the backup in state.db: {e}");
             }
             println!(
-                "backup written to {}: {} files, audit through seq {} (data keys are never included)",
+                "backup written to {}: {} files (the data keys included), audit through seq {}",
                 out.display(),
                 m.members.len(),
                 m.audit_last_seq
@@ -383,29 +386,54 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
                 return Ok(ExitCode::from(1));
             }
-            let restored = match backup::restore(&verified, &globals.home) {
-                Ok(r) => r,
-                Err(e @ LifecycleError::GatewayRunning { .. }) => {
-                    println!("refused: {e}");
-                    return Ok(ExitCode::from(1));
-                }
-                Err(e) => return Err(e.into()),
+            let bar = super::progress::bar(0, "restoring");
+            let restoring =
+                match backup::restore_with_progress(&verified, &globals.home, &mut |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }) {
+                    Ok(r) => r,
+                    Err(e @ LifecycleError::GatewayRunning { .. }) => {
+                        bar.abandon();
+                        println!("refused: {e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                    Err(e) => {
+                        bar.abandon();
+                        return Err(e.into());
+                    }
+                };
+            bar.finish_and_clear();
+            // The restored log records its own restore; every subject erased since the backup
+            // is erased again from what it brought back, and rows sealed with keys destroyed
+            // since are deleted, so an erasure stays an erasure. Only then is the restore
+            // committed: if any of this fails, `restoring` puts every file back when dropped
+            // (after the databases opened on the restored files are closed).
+            let restored = restoring.restored().clone();
+            let again = {
+                let (rt, lc) = super::data::open_lifecycle(globals)?;
+                let operator = crate::skills_host::user_uid(config.operator());
+                lc.audit.append(chitin_audit::RecordInput::admin(
+                    operator.as_str(),
+                    "backup.restore",
+                    file.display().to_string(),
+                    json!({"created_ms": report.created_ms, "files": report.members, "replaced": restored.replaced,
+                           "audit_archive": restored.audit_archive.as_ref().map(|p| p.display().to_string()),
+                           "data_keys_restored": restored.data_keys_restored,
+                           "decision": "allow"}),
+                ))?;
+                let again = crate::lifecycle::erase::reapply_after_restore(
+                    &lc,
+                    report.created_ms,
+                    &operator,
+                );
+                let shut = lc.audit.shutdown();
+                drop((lc, rt));
+                let again = again?;
+                shut?;
+                again
             };
-            // The restored log records its own restore; rows sealed with keys destroyed since
-            // the backup are deleted so an erasure stays an erasure.
-            let (_rt, lc) = super::data::open_lifecycle(globals)?;
-            let operator = crate::skills_host::user_uid(config.operator());
-            lc.audit.append(chitin_audit::RecordInput::admin(
-                operator.as_str(),
-                "backup.restore",
-                file.display().to_string(),
-                json!({"created_ms": report.created_ms, "files": report.members, "replaced": restored.replaced,
-                       "audit_archive": restored.audit_archive.as_ref().map(|p| p.display().to_string()),
-                       "decision": "allow"}),
-            ))?;
-            let again =
-                crate::lifecycle::erase::reapply_after_restore(&lc, report.created_ms, &operator)?;
-            lc.audit.shutdown()?;
+            let restored = restoring.commit();
             println!(
                 "restored {} files from {} (created {})",
                 restored.replaced,
@@ -416,6 +444,15 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 println!(
                     "the audit log before the restore is kept, whole and verifiable, in {}",
                     dir.display()
+                );
+            }
+            if restored.data_keys_restored {
+                println!(
+                    "the backup's data keys were installed: its conversations can be read here"
+                );
+            } else {
+                println!(
+                    "the data keys already here (vault.keys) were kept: they open the backup's conversations unless erased since"
                 );
             }
             println!(

@@ -72,9 +72,12 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
     let actor = crate::skills_host::user_uid(&operator);
     let code = match cmd {
         DataCmd::Export { out, .. } => {
-            match lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataExport)
-                .and_then(|()| lifecycle::export::export(&lc, &subject, &out, &actor))
-            {
+            let spin = super::progress::spinner("exporting");
+            let done =
+                lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataExport)
+                    .and_then(|()| lifecycle::export::export(&lc, &subject, &out, &actor));
+            spin.finish_and_clear();
+            match done {
                 Ok(c) => {
                     println!(
                         "exported {subject} to {}: {} sessions, {} messages, {} runs, {} usage records, {} approvals, {} audit records",
@@ -98,9 +101,16 @@ pub fn run(cmd: DataCmd, globals: &Globals) -> CmdResult {
             }
         }
         DataCmd::Erase { dry_run, .. } => {
-            match lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataErase)
-                .and_then(|()| lifecycle::erase::erase(&lc, &subject, &actor, dry_run))
-            {
+            let spin = super::progress::spinner(if dry_run {
+                "planning the erasure"
+            } else {
+                "erasing"
+            });
+            let done =
+                lifecycle::admin_check(&rt.gate, &operator, crate::policy::Action::DataErase)
+                    .and_then(|()| lifecycle::erase::erase(&lc, &subject, &actor, dry_run));
+            spin.finish_and_clear();
+            match done {
                 Ok(r) => {
                     let p = &r.plan;
                     let verb = if dry_run { "would erase" } else { "erased" };

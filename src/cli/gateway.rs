@@ -15,8 +15,20 @@ use crate::secrets::gateway_token;
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
     /// Listen address [default: [gateway] bind, 127.0.0.1:18789]
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "port")]
     bind: Option<String>,
+    /// Listen on 127.0.0.1:PORT (shorthand of `--bind 127.0.0.1:PORT`)
+    #[arg(long, value_name = "PORT")]
+    port: Option<u16>,
+}
+
+impl GatewayArgs {
+    /// The `--bind` address, or `127.0.0.1:PORT` for `--port PORT`.
+    fn bind_override(&self) -> Option<String> {
+        self.port
+            .map(|p| format!("127.0.0.1:{p}"))
+            .or_else(|| self.bind.clone())
+    }
 }
 
 /// Refuses a non-loopback address without TLS.
@@ -52,7 +64,7 @@ pub fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError
 
 pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let config = globals.load_config()?;
-    let bind = config.gateway.bind_addr(args.bind.as_deref())?;
+    let bind = config.gateway.bind_addr(args.bind_override().as_deref())?;
     // Before anything is created: an exposed gateway never starts.
     check_exposure(bind, config.gateway.tls())?;
     crate::gateway::tls::install_provider();
@@ -87,7 +99,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     // A fresh machine: the same steps as `chitin init` (idempotent, never overwrites).
     if !globals.home.join("state.db").exists() || !globals.config_path.exists() {
         // An invalid installed policy set makes the engine load below fail with the reason.
-        super::init::run(globals)?;
+        super::init::run_files(globals)?;
     }
     let config = globals.load_config()?;
     // The kernel check forks: done before any thread (audit writer, runtime) exists.
@@ -106,7 +118,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
 
     let home = crate::state::Home::create(&globals.home)?;
     // One gateway per state dir; `chitin backup restore` refuses while this is held.
-    let _lock = crate::lifecycle::GatewayLock::acquire(&globals.home)?;
+    let _lock = crate::lifecycle::GatewayLock::acquire_for_gateway(&globals.home)?;
     let engine = crate::policy::PolicyEngine::load(super::policy::engine_spec(
         globals, &config, None, None,
     )?)?;
@@ -140,6 +152,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let gate = crate::gate::Gate::new(Arc::new(engine), audit)
         .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
     let store = Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+    super::report_migration(&store);
     let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
     let sandbox = crate::tools::Sandbox::current(
         globals.home.clone(),
@@ -253,6 +266,22 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     agent.set_workflow_tool(Arc::new(crate::workflow_runner::tool::RunnerTool::new(
         workflows.clone(),
     )));
+    // A reload (SIGHUP or a file change) applies a changed model, [agent], [[providers]],
+    // [pricing] and [budgets] to the running agent: keys through the same gate and store.
+    let reconfigure_agent: crate::gateway::ReconfigureAgent = {
+        let (agent, gate, secrets, clock) = (
+            agent.clone(),
+            gate.clone(),
+            secrets.clone(),
+            Arc::clone(&clock),
+        );
+        Arc::new(move |config: &crate::config::Config| {
+            let router = super::agent::router(config, &gate, &secrets, Arc::clone(&clock))
+                .map_err(|e| e.to_string())?;
+            agent.reconfigure(router, config.agent.clone(), config.budgets.clone());
+            Ok(())
+        })
+    };
     // Cron and webhook targets that name a workflow run it through the same runner.
     automation.set_launcher(Arc::new(RunnerLauncher(workflows.clone())));
     // `/tools/invoke` offers what the agent does: web search, its memory index, its sessions.
@@ -293,6 +322,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         channels,
         automation: Some(automation),
         workflows: Some(workflows),
+        reconfigure_agent: Some(reconfigure_agent),
     };
     crate::gateway::run(parts)?;
     Ok(ExitCode::SUCCESS)

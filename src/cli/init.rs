@@ -24,6 +24,16 @@ const DEFAULT_ENTITIES: &str = r#"[
 "#;
 
 pub fn run(globals: &Globals) -> CmdResult {
+    init(globals, true)
+}
+
+/// `chitin init` without the secret store: the gateway's first start, which opens the store
+/// itself right after (one passphrase prompt, not two).
+pub fn run_files(globals: &Globals) -> CmdResult {
+    init(globals, false)
+}
+
+fn init(globals: &Globals, with_secrets: bool) -> CmdResult {
     let home = Home::create(&globals.home)?;
     let report = |what: &str, path: &std::path::Path, created: bool| {
         println!(
@@ -85,9 +95,75 @@ pub fn run(globals: &Globals) -> CmdResult {
             return Ok(ExitCode::from(1));
         }
     }
+    // What the gateway would create on its first start, so that `chitin token show`, the
+    // audit commands and backups work right after `init`: the encrypted secret store (it asks
+    // for a passphrase, or reads CHITIN_PASSPHRASE), the gateway token, the audit log with its
+    // checkpoint key, the data-key vault's master key and the workflow resume-token key.
+    drop(store);
+    if with_secrets {
+        match secret_material(globals, &config, &home) {
+            Ok(()) => {}
+            // No passphrase can be had (no CHITIN_PASSPHRASE, no terminal): nothing of the
+            // secret store was written; the rest of the set-up stands. Said exactly, with how
+            // to finish it.
+            Err(e)
+                if matches!(
+                    e.downcast_ref::<crate::secrets::SecretsError>(),
+                    Some(crate::secrets::SecretsError::PassphraseUnavailable(_))
+                ) =>
+            {
+                eprintln!(
+                    "chitin: the secret store and the gateway token were not created ({e}); run `chitin init` again with CHITIN_PASSPHRASE set or on a terminal (the gateway's first start and `chitin token show` also create them)"
+                );
+                println!("skipped secrets  (no passphrase)");
+            }
+            Err(e) => return Err(e),
+        }
+    }
     home.check_permissions()?;
     println!("Chitin is initialised in {}", home.root().display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Creates (or keeps) the secret store and the keys in it, and the audit log, reporting each.
+fn secret_material(
+    globals: &Globals,
+    config: &crate::config::Config,
+    home: &Home,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use crate::secrets::gateway_token;
+    let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+    let (_token, created) = gateway_token::ensure(&mut secrets)?;
+    let audit = super::open_audit_with(globals, config, &mut secrets)?;
+    if created {
+        audit
+            .append(chitin_audit::RecordInput::admin(
+                "cli:init",
+                "gateway.token.create",
+                format!("secret:{}", gateway_token::GATEWAY_TOKEN_SECRET),
+                serde_json::json!({}),
+            ))
+            .map_err(|e| format!("audit record could not be written: {e}"))?;
+    }
+    drop(crate::vault::Vault::from_store(
+        &globals.home,
+        &mut secrets,
+        std::sync::Arc::new(crate::clock::SystemClock),
+    )?);
+    drop(crate::workflow_runner::TokenKey::from_store(&mut secrets)?);
+    audit.shutdown().map_err(|e| e.to_string())?;
+    let store_path = secrets.path().to_path_buf();
+    println!(
+        "{} secrets  {}",
+        if created { "created" } else { "kept   " },
+        store_path.display()
+    );
+    println!(
+        "{} token    (`chitin token show` prints it)",
+        if created { "created" } else { "kept   " }
+    );
+    println!("ready    audit    {}", home.path("audit.db").display());
+    Ok(())
 }
 
 fn write_config_if_absent(

@@ -11,14 +11,17 @@ mod doctor;
 mod gateway;
 mod init;
 mod mcp;
+mod onboard;
 mod pairing;
 mod policy;
+mod progress;
 mod retention;
 mod sandbox;
 mod secrets;
 mod service;
 mod sessions;
 mod skills;
+mod status;
 mod token;
 mod usage;
 mod users;
@@ -35,10 +38,22 @@ use crate::config::Config;
 /// and turns into exit status 2.
 pub type CmdResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
 
+/// `chitin --version`: the version and what it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("CHITIN_BUILD_COMMIT"),
+    ", built ",
+    env!("CHITIN_BUILD_DATE"),
+    ", ",
+    env!("CHITIN_BUILD_RUSTC"),
+    ")"
+);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "chitin",
-    version,
+    version = VERSION,
     about = "A security-hardened policy gateway for AI agents"
 )]
 struct Cli {
@@ -132,6 +147,12 @@ enum Command {
     /// Run the gateway as a hardened systemd service: install, status, uninstall.
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// One screen: gateway up, model reachable, channels, pending approvals, last backup,
+    /// audit head (exit 1 when the gateway is not running or not ready).
+    Status(status::StatusArgs),
+    /// First run, interactively or with flags: provider (key tested), model, a first
+    /// channel (and its pairing), the budget; writes chitin.toml.
+    Onboard(onboard::OnboardArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -259,6 +280,7 @@ impl Runtime {
         let store = std::sync::Arc::new(crate::store::Store::open(&home.path("state.db"))?);
         // Managed users (`chitin users add`, single sign-on) are principals too.
         crate::accounts::install_users(gate.engine(), &store)?;
+        report_migration(&store);
         Ok(Self {
             config,
             gate,
@@ -276,6 +298,19 @@ impl Runtime {
             std::sync::Arc::clone(&self.clock),
             crate::approvals::DEFAULT_TTL_MS,
         )
+    }
+}
+
+/// Says on stderr that opening `store` upgraded its schema, and where the copy taken before
+/// is.
+pub(crate) fn report_migration(store: &crate::store::Store) {
+    if let Some((from, copy)) = store.migrated_from() {
+        eprintln!(
+            "chitin: upgraded {} from schema {from} to {}; the database as it was is kept at {}",
+            store.path().display(),
+            crate::store::Store::latest_version(),
+            copy.display()
+        );
     }
 }
 
@@ -347,6 +382,8 @@ pub fn main() -> ExitCode {
         Command::Devices(cmd) => users::run_devices(cmd, &globals),
         Command::Mcp(cmd) => mcp::run(cmd, &globals),
         Command::Service(cmd) => service::run(cmd, &globals),
+        Command::Status(args) => status::run(args, &globals),
+        Command::Onboard(args) => onboard::run(args, &globals),
     };
     match result {
         Ok(code) => code,

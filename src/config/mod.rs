@@ -121,9 +121,17 @@ impl Config {
                 let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
                 format!("line {line}, column {col}: ")
             });
+            let place = e
+                .span()
+                .map(|span| where_in_toml(text, span.start))
+                .unwrap_or_default();
             ConfigError::Parse {
                 path: path.to_path_buf(),
-                message: format!("{}{}", location.unwrap_or_default(), e.message().trim_end()),
+                message: format!(
+                    "{}{}{place}",
+                    location.unwrap_or_default(),
+                    e.message().trim_end()
+                ),
             }
         })?;
         config
@@ -178,6 +186,73 @@ impl Config {
                 source,
             }),
         }
+    }
+}
+
+/// A TOML table header (`[a.b]` or `[[a]]`) on `line`, as written (names only, no values).
+fn header_of(line: &str) -> Option<&str> {
+    let t = line.trim();
+    let t = t.split_once('#').map_or(t, |(h, _)| h).trim_end();
+    let inner = t
+        .strip_prefix("[[")
+        .and_then(|r| r.strip_suffix("]]"))
+        .or_else(|| t.strip_prefix('[').and_then(|r| r.strip_suffix(']')))?;
+    let inner = inner.trim();
+    let plain = !inner.is_empty()
+        && inner
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '"' | ' '));
+    plain.then_some(t)
+}
+
+/// A bare key (`name = ...`) at the start of `line`, if it is one.
+fn key_of(line: &str) -> Option<&str> {
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim();
+    let plain = !k.is_empty()
+        && k.len() <= 64
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    plain.then_some(k)
+}
+
+/// Names the table (and the key) of the config line holding byte `at`, for parse errors
+/// whose own message does not ("duplicate key"): " (key `model` in table [agent]; ...)".
+/// Only names are quoted, never a value. A second definition of a table says where the
+/// first one is, and that its keys are edited there.
+fn where_in_toml(text: &str, at: usize) -> String {
+    let before = text.get(..at).unwrap_or("");
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = text
+        .get(line_start..)
+        .and_then(|r| r.split('\n').next())
+        .unwrap_or("");
+    let headers: Vec<(usize, &str)> = text
+        .split('\n')
+        .enumerate()
+        .filter_map(|(i, l)| header_of(l).map(|h| (i + 1, h)))
+        .collect();
+    let this_line = before.matches('\n').count() + 1;
+    if let Some(h) = header_of(line) {
+        if h.starts_with("[[") {
+            return format!(" (table {h})");
+        }
+        if let Some((first, _)) = headers.iter().find(|(n, x)| *x == h && *n < this_line) {
+            return format!(
+                " (table {h} is defined twice: first at line {first}, again at line {this_line}; \
+                 a table may appear once, so change its keys in the first {h} instead of adding another)"
+            );
+        }
+        return format!(" (table {h})");
+    }
+    let table = headers
+        .iter()
+        .rev()
+        .find(|(n, _)| *n < this_line)
+        .map_or("the top level (before any table)", |(_, h)| h);
+    match key_of(line) {
+        Some(k) => format!(" (key `{k}` in table {table})"),
+        None => format!(" (in table {table})"),
     }
 }
 
@@ -313,6 +388,44 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("polcy"), "{err}");
+    }
+
+    #[test]
+    fn appending_a_second_agent_table_names_the_table_and_both_lines() {
+        let text = format!("{}\n[agent]\nmodel = \"local/llama3.1\"\n", default_toml());
+        let err = Config::parse(&text, Path::new("c.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("table [agent] is defined twice"), "{err}");
+        let first = default_toml()
+            .split('\n')
+            .position(|l| l == "[agent]")
+            .unwrap()
+            + 1;
+        assert!(err.contains(&format!("first at line {first}")), "{err}");
+        assert!(
+            err.contains("change its keys in the first [agent]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_duplicate_or_mistyped_key_names_the_key_and_its_table() {
+        let err = Config::parse(
+            "[agent]\nmodel = \"a/b\"\nmodel = \"c/d\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key `model` in table [agent]"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+        let err = Config::parse(
+            "[gateway]\nbind = \"x\"\n[agent]\nmax_steps = \"many\"\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("key `max_steps` in table [agent]"), "{err}");
     }
 
     #[test]

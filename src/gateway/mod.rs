@@ -119,7 +119,16 @@ pub struct Parts {
     pub automation: Option<crate::automation::Automation>,
     /// The workflow runner (its background loop continues approved and interrupted runs).
     pub workflows: Option<crate::workflow_runner::Runner>,
+    /// Applies a reloaded config to the agent (model router, `[agent]`, `[budgets]`); built
+    /// by the command line, which knows how to assemble a router.
+    pub reconfigure_agent: Option<ReconfigureAgent>,
 }
+
+/// See [`Parts::reconfigure_agent`]: an error keeps the agent's previous settings.
+pub type ReconfigureAgent = Arc<dyn Fn(&crate::config::Config) -> Result<(), String> + Send + Sync>;
+
+/// `meta` key in `state.db`: the URL the running gateway listens on (`chitin status`).
+pub const LISTENING_META: &str = "gateway.listening";
 
 /// Settings that SIGHUP may change without a restart.
 #[derive(Debug, Clone)]
@@ -148,6 +157,10 @@ impl Settings {
 
 struct App {
     agent: Option<crate::agent::Agent>,
+    reconfigure_agent: Option<ReconfigureAgent>,
+    /// Why the last config reload failed (the file did not parse or validate), shown by
+    /// `/ready` until a reload succeeds: the gateway never keeps an old config silently.
+    config_error: RwLock<Option<String>>,
     channel_metrics: Option<channels::ChannelMetrics>,
     /// `GET|POST /channels/<name>/<route>` (no gateway token: the platform's secret or signature instead).
     channel_webhooks: Option<Arc<channels::Webhooks>>,
@@ -172,6 +185,8 @@ struct App {
     sandbox_check: (bool, String),
     globals: Globals,
     audit_head_at_start: i64,
+    /// When the gateway started (unix ms).
+    started_ms: i64,
     /// Installed skills, re-verified against the lockfile (audited) at start and on SIGHUP;
     /// `/ready` reports the last result. (Each use re-verifies again: `SkillsHost::load`.)
     skills: Option<crate::skills_host::SkillsHost>,
@@ -271,6 +286,8 @@ fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/tools/invoke", post(invoke_handler))
         .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .route("/v1/models/{id}", get(openai::model))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&app),
             require_auth,
@@ -385,6 +402,8 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         .map(channels::ChannelsRuntime::webhooks);
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
+        reconfigure_agent: parts.reconfigure_agent,
+        config_error: RwLock::new(None),
         channel_metrics,
         channel_webhooks,
         hooks: parts
@@ -410,6 +429,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         sandbox_check: parts.sandbox_check,
         globals: parts.globals,
         audit_head_at_start: head,
+        started_ms: parts.clock.now_ms(),
         skills,
         skills_status: RwLock::new(skills_status),
         reload_refused: RwLock::new(None),
@@ -449,7 +469,20 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     })
     .await;
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // Where this gateway listens, for `chitin status` (a --bind/--port may differ from the config).
+    if let Err(e) = app
+        .store
+        .set_meta(LISTENING_META, &format!("{scheme}://{local}"))
+    {
+        warn!(error = %e, "cannot record the listening address for `chitin status`");
+    }
+    let ws_scheme = if tls.is_some() { "wss" } else { "ws" };
     println!("chitin gateway listening on {scheme}://{local}");
+    println!("  web chat:  {scheme}://{local}/ (paste the token)");
+    println!(
+        "  OpenAI:    POST {scheme}://{local}/v1/chat/completions  GET {scheme}://{local}/v1/models"
+    );
+    println!("  WebSocket: {ws_scheme}://{local}/ws");
     println!("  send `Authorization: Bearer <token>` (`chitin token show` prints the token)");
     println!("  health: {scheme}://{local}/health  readiness: {scheme}://{local}/ready");
     info!(bind = %local, tls = tls.is_some(), workspace = %app.workspace.display(), "gateway listening");
@@ -790,9 +823,52 @@ fn reload(app: &App) {
                     );
                 }
             }
+            if old.agent.max_concurrent_runs != new.agent.max_concurrent_runs {
+                warn!(
+                    section = "agent.max_concurrent_runs",
+                    "changed in the config, takes effect only after a restart"
+                );
+            }
+            // The model, the other [agent] settings, providers, pricing and budgets apply now.
+            let agent_changed = format!("{:?}", old.agent) != format!("{:?}", new.agent)
+                || format!("{:?}", old.providers) != format!("{:?}", new.providers)
+                || format!("{:?}", old.pricing) != format!("{:?}", new.pricing)
+                || format!("{:?}", old.budgets) != format!("{:?}", new.budgets);
+            let mut agent_error = None;
+            if agent_changed && let Some(reconfigure) = &app.reconfigure_agent {
+                match reconfigure(&new) {
+                    Ok(()) => info!(model = %new.agent.model, "agent settings reloaded"),
+                    Err(e) => {
+                        error!(error = %e, "agent settings not reloaded; the previous model and settings stay in effect");
+                        agent_error = Some(format!(
+                            "the agent settings were not applied ({e}); the previous model and settings stay in effect"
+                        ));
+                    }
+                }
+            }
+            write(&app.config_error, agent_error);
             write(&app.config, new);
         }
-        Err(e) => warn!(error = %e, "config not reloaded; the previous config stays in effect"),
+        Err(e) => {
+            // Said everywhere an operator looks: the log, stderr, `/ready`, the audit log.
+            error!(error = %e, "config not reloaded; the previous config stays in effect");
+            eprintln!("chitin: {e}; the previous config stays in effect until the file is fixed");
+            let _ = app.gate.audit().append(
+                RecordInput::admin(
+                    "gateway",
+                    "config.reload",
+                    "config",
+                    json!({"error": e.to_string()}),
+                )
+                .with_outcome("rejected: the previous config stays in effect"),
+            );
+            write(
+                &app.config_error,
+                Some(format!(
+                    "the config was not reloaded, the previous config stays in effect: {e}"
+                )),
+            );
+        }
     }
     // `policy.reload` is decided for the operator: a SIGHUP or a file change comes from whoever
     // controls the host, the same person the command line acts for ([cli] operator).
@@ -1210,7 +1286,23 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
     let providers = providers_check(app, &cfg);
     let (skills_ok, skills_detail) = read(&app.skills_status);
     let configured: Vec<String> = cfg.channels.iter().map(|c| c.name.clone()).collect();
+    let config_check = match read(&app.config_error) {
+        Some(e) => check(false, e),
+        None => check(
+            true,
+            format!(
+                "{} in effect (model: {})",
+                app.globals.config_path.display(),
+                if cfg.agent.model.is_empty() {
+                    "none"
+                } else {
+                    cfg.agent.model.as_str()
+                }
+            ),
+        ),
+    };
     let mut list = vec![
+        ("config", config_check),
         ("store", store),
         ("audit", audit),
         ("policies", policies),

@@ -333,3 +333,40 @@ pub async fn chat_completions(
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| error_body(StatusCode::INTERNAL_SERVER_ERROR, "internal", "response"))
 }
+
+/// The one model OpenAI clients see: the gateway's agent (which provider model answers is
+/// the gateway's `[agent] model`, never the client's choice).
+fn model_object(app: &App, id: &str) -> Value {
+    let cfg = read(&app.config);
+    json!({
+        "id": id,
+        "object": "model",
+        "created": app.started_ms / 1000,
+        "owned_by": "chitin",
+        "chitin": {"agent_model": cfg.agent.model, "fallbacks": cfg.agent.fallbacks},
+    })
+}
+
+/// `GET /v1/models`: the models `POST /v1/chat/completions` accepts (OpenAI's list format).
+pub async fn models(State(app): State<Arc<App>>) -> Response {
+    (
+        StatusCode::OK,
+        axum::Json(json!({"object": "list", "data": [model_object(&app, "chitin")]})),
+    )
+        .into_response()
+}
+
+/// `GET /v1/models/<id>`: one model (`chitin`), or OpenAI's `model_not_found`.
+pub async fn model(
+    State(app): State<Arc<App>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    if id == "chitin" {
+        return (StatusCode::OK, axum::Json(model_object(&app, "chitin"))).into_response();
+    }
+    error_body(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        "the only model is \"chitin\" (the gateway's agent decides which provider model answers)",
+    )
+}

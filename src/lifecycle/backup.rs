@@ -13,10 +13,15 @@
 //! checkpoint file is cut to the snapshot's last record, so a restored log passes
 //! `chitin audit verify`.
 //!
-//! **Never in a backup:** `vault.keys` (the per-subject data keys) and lock files. This is what
-//! makes an erasure reach old backups: the sealed rows in a backup can only be opened with the
-//! live `vault.keys`, where an erased subject's key no longer exists. See
-//! `docs/parts/SECURITY.lifecycle.md` for the disaster-recovery trade-off.
+//! **Data keys:** `vault.keys` (the per-subject data keys, sealed under the vault master key in
+//! `secrets.age`) is in the backup, read after the database snapshot so every key a snapshot
+//! row was sealed with is there, and encrypted with everything else to the backup recipient:
+//! a backup restored onto a new machine brings the conversations back. A restore where a
+//! `vault.keys` already exists keeps that one (it has the tombstones of later erasures), and
+//! every erasure recorded after the backup was taken is applied again to what the backup
+//! brought back (`erase::reapply_after_restore`) before the restore is committed. Never in a
+//! backup: lock files. See `docs/parts/SECURITY.lifecycle.md` for what this means for old
+//! backup files.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -42,7 +47,6 @@ pub const VERSION: u32 = 2;
 const FORMAT: &str = "chitin-backup";
 /// Files of the state directory a backup never carries (top level).
 pub const EXCLUDED: &[&str] = &[
-    VAULT_FILE,
     VAULT_LOCK,
     GATEWAY_LOCK,
     crate::secrets::store::LOCK_FILE,
@@ -636,10 +640,12 @@ pub enum Change {
 /// What restoring `verified` into `home` would change, file by file (relative path, change),
 /// in path order. Files of `home` that are not in the backup are left as they are.
 pub fn plan(verified: &Verified, home: &Path) -> Vec<(String, Change)> {
+    let keep_live_keys = home.join(VAULT_FILE).exists();
     verified
         .opened
         .members
         .iter()
+        .filter(|(p, _)| !(keep_live_keys && p.as_str() == VAULT_FILE))
         .map(|(p, b)| {
             let new_size = u64::try_from(b.len()).unwrap_or(u64::MAX);
             let change = match std::fs::read(home.join(p)) {
@@ -664,6 +670,11 @@ pub struct Restored {
     /// checkpoints, WAL and a copy of `audit.pub`, so it still verifies on its own): a restore
     /// never erases audit history recorded after the backup.
     pub audit_archive: Option<PathBuf>,
+    /// Whether the backup's data keys (`vault.keys`) were installed: on a machine without
+    /// one (a new machine). Where a `vault.keys` exists it is kept: it holds every key the
+    /// backup's rows were sealed with that has not been destroyed since, and the tombstones
+    /// of the erasures made since.
+    pub data_keys_restored: bool,
 }
 
 /// The live audit log's files a restore moves into the archive (never deletes).
@@ -674,30 +685,174 @@ const AUDIT_FILES: &[&str] = &[
     "audit.checkpoints",
 ];
 
-/// Restores a verified backup into `home`: the state database, vault keys file, audit log and
-/// config files are replaced by the backup's. The live audit log is first moved, whole, into
-/// `audit-archive/restore-<unix ms>/` (with a copy of `audit.pub`), so the records made after
-/// the backup are kept and still verify. Refused while a gateway holds the state dir.
-pub fn restore(verified: &Verified, home: &Path) -> Result<Restored, LifecycleError> {
-    let opened = &verified.opened;
-    let _lock = GatewayLock::acquire(home)?;
-    let staging = TempDir::new(home, "restore")?;
-    for (p, b) in &opened.members {
-        write_new(&staging.0.join(p), b)?;
+/// A restore whose files are in place but not yet committed: until [`Restoring::commit`],
+/// dropping it (an error in a later step, such as erasing again what the backup brought
+/// back) puts every file back as it was, so a restore that fails part-way leaves nothing
+/// half-written. Holds the gateway lock throughout.
+#[derive(Debug)]
+pub struct Restoring {
+    home: PathBuf,
+    /// `<home>/.restore-<random>/`: `new/` the staged members, `old/` what they replaced.
+    work: Option<TempDir>,
+    /// Each file put in place, and where the file it replaced was moved (None: it was new).
+    placed: Vec<(PathBuf, Option<PathBuf>)>,
+    /// The live audit log's archive dir and the files moved into it.
+    archived: Option<(PathBuf, Vec<&'static str>)>,
+    restored: Restored,
+    _lock: GatewayLock,
+}
+
+impl std::fmt::Debug for TempDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TempDir").field(&self.0).finish()
     }
-    for f in ["state.db-wal", "state.db-shm"] {
-        let p = home.join(f);
-        match std::fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&p, "remove")(e)),
+}
+
+impl Restoring {
+    /// What was restored (so far).
+    pub fn restored(&self) -> &Restored {
+        &self.restored
+    }
+
+    /// Keeps the restore: the replaced files are deleted.
+    pub fn commit(mut self) -> Restored {
+        self.placed.clear();
+        self.archived = None;
+        drop(self.work.take());
+        if let Ok(d) = std::fs::File::open(&self.home) {
+            let _ = d.sync_all();
+        }
+        self.restored.clone()
+    }
+
+    /// Puts every replaced file back, newest change first, and the live audit log back from
+    /// its archive. Best effort per file (a failure is reported, the others still go back).
+    fn rollback(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        while let Some((dest, old)) = self.placed.pop() {
+            let r = match &old {
+                Some(old) => std::fs::rename(old, &dest),
+                None => std::fs::remove_file(&dest),
+            };
+            if let Err(e) = r {
+                problems.push(format!("{}: {e}", dest.display()));
+            }
+        }
+        if let Some((dir, files)) = self.archived.take() {
+            for f in files {
+                if let Err(e) = std::fs::rename(dir.join(f), self.home.join(f)) {
+                    problems.push(format!("{f}: {e}"));
+                }
+            }
+            let _ = std::fs::remove_file(dir.join(chitin_audit::PUB_FILE));
+            let _ = std::fs::remove_dir(&dir);
+            if let Some(base) = dir.parent() {
+                let _ = std::fs::remove_dir(base);
+            }
+        }
+        if let Ok(d) = std::fs::File::open(&self.home) {
+            let _ = d.sync_all();
+        }
+        problems
+    }
+}
+
+impl Drop for Restoring {
+    fn drop(&mut self) {
+        if self.placed.is_empty() && self.archived.is_none() {
+            return;
+        }
+        let problems = self.rollback();
+        if problems.is_empty() {
+            eprintln!(
+                "chitin: the restore did not complete; every file of {} was put back as it was",
+                self.home.display()
+            );
+        } else {
+            // Kept (not deleted with the work dir) so nothing is lost.
+            if let Some(w) = self.work.take() {
+                let kept = w.0.clone();
+                std::mem::forget(w);
+                eprintln!(
+                    "chitin: the restore did not complete and {} file(s) could not be put back ({}); \
+                     the replaced files are kept in {}",
+                    problems.len(),
+                    problems.join("; "),
+                    kept.display()
+                );
+            }
         }
     }
-    let audit_archive = archive_audit(home)?;
-    let mut n = 0;
-    for (p, b) in &opened.members {
+}
+
+/// Restores a verified backup into `home`: the state database, audit log, secret store and
+/// config files are replaced by the backup's; the backup's data keys only where `home` has
+/// none (see [`Restored::data_keys_restored`]). The live audit log is first moved, whole, into
+/// `audit-archive/restore-<unix ms>/` (with a copy of `audit.pub`), so the records made after
+/// the backup are kept and still verify. Every member is written to a staging directory first
+/// and each replaced file is moved aside, so any failure puts everything back. Refused while a
+/// gateway holds the state dir. The caller finishes with [`Restoring::commit`].
+pub fn restore(verified: &Verified, home: &Path) -> Result<Restoring, LifecycleError> {
+    restore_with_progress(verified, home, &mut |_, _| {})
+}
+
+/// [`restore`], calling `progress(done, total)` after each file is staged and placed.
+pub fn restore_with_progress(
+    verified: &Verified,
+    home: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Restoring, LifecycleError> {
+    let opened = &verified.opened;
+    let lock = GatewayLock::acquire(home)?;
+    let work = TempDir::new(home, "restore")?;
+    let (new_dir, old_dir) = (work.0.join("new"), work.0.join("old"));
+    let keep_live_keys = home.join(VAULT_FILE).exists();
+    let members: Vec<(&String, &Zeroizing<Vec<u8>>)> = opened
+        .members
+        .iter()
+        .filter(|(p, _)| !(keep_live_keys && p.as_str() == VAULT_FILE))
+        .collect();
+    let total = u64::try_from(members.len() * 2).unwrap_or(u64::MAX);
+    let mut done = 0u64;
+    for (p, b) in &members {
+        write_new(&new_dir.join(p), b)?;
+        done += 1;
+        progress(done, total);
+    }
+    let mut r = Restoring {
+        home: home.to_path_buf(),
+        work: Some(work),
+        placed: Vec::new(),
+        archived: None,
+        restored: Restored {
+            replaced: 0,
+            audit_archive: None,
+            data_keys_restored: !keep_live_keys && opened.members.contains_key(VAULT_FILE),
+        },
+        _lock: lock,
+    };
+    // The live database's WAL goes aside with it (it may hold committed transactions).
+    for f in ["state.db-wal", "state.db-shm"] {
+        let from = home.join(f);
+        let to = old_dir.join(f);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&old_dir)
+            .map_err(io_err(&old_dir, "create directory"))?;
+        match std::fs::rename(&from, &to) {
+            Ok(()) => r.placed.push((from, Some(to))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&from, "move aside")(e)),
+        }
+    }
+    r.archived = archive_audit(home)?;
+    r.restored.audit_archive = r.archived.as_ref().map(|(d, _)| d.clone());
+    for (p, b) in &members {
         let dest = home.join(p);
+        done += 1;
         if std::fs::read(&dest).is_ok_and(|cur| cur == b[..]) {
+            progress(done, total);
             continue;
         }
         if let Some(parent) = dest.parent() {
@@ -707,22 +862,42 @@ pub fn restore(verified: &Verified, home: &Path) -> Result<Restored, LifecycleEr
                 .create(parent)
                 .map_err(io_err(parent, "create directory"))?;
         }
-        let src = staging.0.join(p);
-        std::fs::rename(&src, &dest).map_err(io_err(&dest, "replace"))?;
-        n += 1;
+        let aside = old_dir.join(p);
+        let moved = match std::fs::symlink_metadata(&dest) {
+            Ok(_) => {
+                if let Some(parent) = aside.parent() {
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(parent)
+                        .map_err(io_err(parent, "create directory"))?;
+                }
+                std::fs::rename(&dest, &aside).map_err(io_err(&dest, "move aside"))?;
+                Some(aside)
+            }
+            Err(_) => None,
+        };
+        r.placed.push((dest.clone(), moved));
+        let src = new_dir.join(p);
+        if let Err(e) = std::fs::rename(&src, &dest) {
+            // Nothing was put at `dest`: only the file moved aside goes back.
+            if let Some((d, Some(old))) = r.placed.pop() {
+                let _ = std::fs::rename(old, d);
+            }
+            return Err(io_err(&dest, "replace")(e));
+        }
+        r.restored.replaced += 1;
+        progress(done, total);
     }
     if let Ok(d) = std::fs::File::open(home) {
         let _ = d.sync_all();
     }
-    Ok(Restored {
-        replaced: n,
-        audit_archive,
-    })
+    Ok(r)
 }
 
 /// Moves the live audit log's files into a new `audit-archive/restore-<unix ms>/` (0700) and
 /// copies `audit.pub` beside them. `None` when there was no audit log.
-fn archive_audit(home: &Path) -> Result<Option<PathBuf>, LifecycleError> {
+fn archive_audit(home: &Path) -> Result<Option<(PathBuf, Vec<&'static str>)>, LifecycleError> {
     if !home.join("audit.db").exists() {
         return Ok(None);
     }
@@ -741,12 +916,20 @@ fn archive_audit(home: &Path) -> Result<Option<PathBuf>, LifecycleError> {
         .mode(0o700)
         .create(&dir)
         .map_err(io_err(&dir, "create directory"))?;
+    let mut moved = Vec::new();
     for f in AUDIT_FILES {
         let from = home.join(f);
         match std::fs::rename(&from, dir.join(f)) {
-            Ok(()) => {}
+            Ok(()) => moved.push(*f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&from, "move into the audit archive")(e)),
+            Err(e) => {
+                // Put back what already moved: the live log stays whole in one place.
+                for m in moved {
+                    let _ = std::fs::rename(dir.join(m), home.join(m));
+                }
+                let _ = std::fs::remove_dir(&dir);
+                return Err(io_err(&from, "move into the audit archive")(e));
+            }
         }
     }
     let public = home.join(chitin_audit::PUB_FILE);
@@ -757,7 +940,7 @@ fn archive_audit(home: &Path) -> Result<Option<PathBuf>, LifecycleError> {
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
-    Ok(Some(dir))
+    Ok(Some((dir, moved)))
 }
 
 /// Where scheduled backups are staged for upload when `[backup] target` is set without a

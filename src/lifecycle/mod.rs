@@ -66,6 +66,11 @@ pub enum LifecycleError {
     Backup(String),
     #[error("a gateway is running on {home} (it holds {lock}); stop it before restoring a backup")]
     GatewayRunning { home: PathBuf, lock: PathBuf },
+    #[error(
+        "another gateway is already running on {home} (it holds {lock}); one gateway serves a state directory: \
+         use the running one (`chitin status`), stop it first, or give this one its own state directory with CHITIN_HOME"
+    )]
+    AlreadyRunning { home: PathBuf, lock: PathBuf },
 }
 
 pub(crate) fn io_err<'a>(
@@ -183,6 +188,17 @@ impl GatewayLock {
             }),
             Err(std::fs::TryLockError::Error(e)) => Err(io_err(&path, "lock")(e)),
         }
+    }
+
+    /// Takes the lock for a starting gateway: the same lock as [`Self::acquire`], with an
+    /// error that says a gateway already serves `home` (not what a restore needs).
+    pub fn acquire_for_gateway(home: &Path) -> Result<Self, LifecycleError> {
+        Self::acquire(home).map_err(|e| match e {
+            LifecycleError::GatewayRunning { home, lock } => {
+                LifecycleError::AlreadyRunning { home, lock }
+            }
+            other => other,
+        })
     }
 }
 

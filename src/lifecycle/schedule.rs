@@ -9,7 +9,8 @@ use super::retention::{self, RetentionReport};
 use super::{Lifecycle, LifecycleError, backup, offsite};
 use crate::config::Config;
 
-const BACKUP_LAST_RUN: &str = "backup.last_run_ms";
+/// `meta` key: when the last scheduled backup was made (unix ms).
+pub const BACKUP_LAST_RUN: &str = "backup.last_run_ms";
 
 /// What one [`tick`] did. Each part is independent: a failing backup does not stop retention.
 #[derive(Debug, Default)]

@@ -118,12 +118,40 @@ impl KeySource for GateKeySource {
             .gate
             .check_with_entities(&pr, &extra)
             .map_err(|e| e.to_string())?;
-        let deny = |why: &str| {
-            format!(
+        // A stored key whose audience does not name this provider's host is the common case
+        // (the key was stored without `--audience`, or for another host): say how to fix that,
+        // not how to write a policy.
+        let audience_miss = match &extra.first() {
+            Some(entity) => {
+                let audience: Vec<String> = entity["attrs"]["audience"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|h| h.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (!audience.iter().any(|h| h.eq_ignore_ascii_case(req.host))).then_some(audience)
+            }
+            None => None,
+        };
+        let deny = |why: &str| match (&audience_miss, req.secret) {
+            (Some(audience), SecretRef::Secret(name)) => format!(
+                "{why}: provider `{}` sends its key to {}, but secret `{}` may only be sent to [{}]; \
+                 add the host with `chitin secrets set {} --audience {}` (the value is read from stdin; \
+                 repeat --audience for every host it may go to), then reload the gateway (SIGHUP)",
+                req.provider,
+                req.host,
+                name.as_str(),
+                audience.join(", "),
+                name.as_str(),
+                req.host
+            ),
+            _ => format!(
                 "{why}: secret.use by Chitin::Provider::\"{}\" for host {}; allow it with a \
                  Cedar policy (try it with `chitin policy eval`)",
                 req.provider, req.host
-            )
+            ),
         };
         let authz = match verdict {
             Verdict::Allowed(authz, _) => authz,

@@ -350,8 +350,26 @@ fn join_attempts(a: &[AttemptFailure]) -> String {
     if a.is_empty() {
         return "no model is configured; set [agent] model".into();
     }
-    a.iter()
-        .map(ToString::to_string)
+    // Retries of one model that failed the same way are said once, with their attempts
+    // ("m (attempts 1-3): reason"), not once per attempt.
+    let mut groups: Vec<(&str, u32, u32, &str)> = Vec::new();
+    for f in a {
+        match groups.last_mut() {
+            Some((model, _, last, reason)) if *model == f.model && *reason == f.reason => {
+                *last = f.attempt;
+            }
+            _ => groups.push((&f.model, f.attempt, f.attempt, &f.reason)),
+        }
+    }
+    groups
+        .iter()
+        .map(|(model, first, last, reason)| {
+            if first == last {
+                format!("{model} (attempt {first}): {reason}")
+            } else {
+                format!("{model} (attempts {first}-{last}): {reason}")
+            }
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -387,5 +405,42 @@ impl ProviderError {
             }
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod first_contact_tests {
+    use super::*;
+
+    #[test]
+    fn retries_failing_the_same_way_are_reported_once_with_their_attempts() {
+        let f = |model: &str, attempt, reason: &str| AttemptFailure {
+            model: model.into(),
+            attempt,
+            reason: reason.into(),
+        };
+        let e = ProviderError::AllFailed(vec![
+            f(
+                "local/llama",
+                1,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
+            f(
+                "local/llama",
+                2,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
+            f(
+                "local/llama",
+                3,
+                "cannot connect to http://127.0.0.1:9/v1: refused",
+            ),
+            f("other/m", 1, "HTTP 401"),
+        ]);
+        assert_eq!(
+            e.to_string(),
+            "every model failed: local/llama (attempts 1-3): cannot connect to \
+             http://127.0.0.1:9/v1: refused; other/m (attempt 1): HTTP 401"
+        );
     }
 }

@@ -10,11 +10,51 @@
     nextId: 1,
     pending: new Map(), // request id -> {resolve, reject}
     session: sessionStorage.getItem('chitin.session'),
-    runs: new Map(), // run_id -> {msg, text, finished}
+    runs: new Map(), // run_id -> {segments: [msg], text: span of the open segment or null, finished}
     tools: new Map(), // call_id -> element
     approvals: new Map(), // approval id -> element
     noted: new Set(), // approval ids whose resolution was shown
+    // Reconnecting: the timer, the attempt number, whether the person disconnected or the
+    // gateway refused the token (then the page does not retry by itself).
+    retryTimer: null,
+    attempt: 0,
+    stop: false,
+    everConnected: false,
   };
+
+  // What the page says when the connection ends, by WebSocket close code.
+  function closeReason(ev) {
+    if (ev.code === 1001) return 'the gateway restarted or is stopping';
+    if (ev.code === 1008) return 'the gateway closed the connection (' + (ev.reason || 'policy') + ')';
+    if (ev.code === 1009) return 'a message was too large for the gateway';
+    if (ev.code === 1006) return 'the connection to the gateway was lost (the gateway stopped, or the network)';
+    return 'the connection closed (' + ev.code + (ev.reason ? ' ' + ev.reason : '') + ')';
+  }
+
+  // Refusals of `connect` that retrying with the same token cannot fix.
+  function refusalText(e) {
+    if (e.code === 'rate_limited') {
+      return 'Locked out: too many failed token attempts from this address. Wait a few minutes (the gateway\'s [gateway] auth_lockout_secs), then connect with the right token.';
+    }
+    if (e.code === 'unauthorized') {
+      return String(e.message || 'the token was refused') + ' — paste the current token (`chitin token show`).';
+    }
+    return 'Refused: ' + String(e.message || e.code);
+  }
+
+  function scheduleReconnect(why) {
+    if (state.stop || !sessionStorage.getItem('chitin.token')) {
+      setStatus('disconnected', 'disconnected');
+      showError('Disconnected: ' + why + '.');
+      return;
+    }
+    const delay = Math.min(30, Math.pow(2, state.attempt));
+    state.attempt += 1;
+    setStatus('reconnecting in ' + delay + ' s', 'reconnecting');
+    showError('Disconnected: ' + why + '. Reconnecting by itself in ' + delay + ' s (attempt ' + state.attempt + ').');
+    clearTimeout(state.retryTimer);
+    state.retryTimer = setTimeout(() => connect(true), delay * 1000);
+  }
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -76,8 +116,14 @@
     $('token').disabled = on;
   }
 
-  function connect() {
-    showError('');
+  function connect(retry) {
+    clearTimeout(state.retryTimer);
+    state.retryTimer = null;
+    if (retry !== true) {
+      state.attempt = 0;
+      state.stop = false;
+      showError('');
+    }
     const typed = $('token').value.trim();
     const token = typed || sessionStorage.getItem('chitin.token') || '';
     if (!token) {
@@ -100,9 +146,14 @@
       request('connect', { token, client: { name: 'chitin-web' } }).then(
         (p) => {
           sessionStorage.setItem('chitin.token', token);
+          const again = state.attempt > 0;
+          state.attempt = 0;
+          state.everConnected = true;
           setStatus('connected as ' + p.user, 'connected');
           setConnected(true);
           setSession(state.session);
+          showError('');
+          if (again) append(el('div', 'msg system', 'Reconnected.'));
           if (!p.agent) {
             showError('No agent is configured on this gateway (set [agent] model and [[providers]] in chitin.toml); approvals still work here.');
           }
@@ -111,26 +162,33 @@
           if (state.session) loadHistory();
         },
         (e) => {
+          if (e.code === 'closed') return; // the close handler says why
+          // The token is wrong (or this address is locked out): retrying cannot help.
           sessionStorage.removeItem('chitin.token');
-          setStatus('refused', 'error');
-          showError(e.message || e.code);
+          state.stop = true;
+          setStatus(e.code === 'rate_limited' ? 'locked out' : 'refused', 'error');
+          showError(refusalText(e));
         },
       );
     });
     ws.addEventListener('message', (m) => onFrame(ws, m.data));
-    ws.addEventListener('close', () => {
+    ws.addEventListener('close', (ev) => {
       if (state.ws !== ws) return;
       state.ws = null;
       setConnected(false);
-      if ($('status').dataset.state !== 'error') setStatus('disconnected', 'disconnected');
       for (const p of state.pending.values()) p.reject({ code: 'closed', message: 'connection closed' });
       state.pending.clear();
+      if ($('status').dataset.state === 'error') return; // refused: already said why
+      scheduleReconnect(closeReason(ev));
     });
   }
 
   function disconnect() {
+    state.stop = true;
+    clearTimeout(state.retryTimer);
     sessionStorage.removeItem('chitin.token');
     if (state.ws) state.ws.close();
+    else setStatus('disconnected', 'disconnected');
   }
 
   function onFrame(ws, data) {
@@ -160,18 +218,30 @@
     return !state.session || p.session === state.session || state.runs.has(p.run_id);
   }
 
+  // A run's answer is shown as text segments between its tool cards, in the order things
+  // happened: a tool call closes the open segment, the next text opens a new one after it.
   function runEl(runId) {
     let r = state.runs.get(runId);
     if (!r) {
-      const msg = el('div', 'msg assistant');
-      msg.dataset.runId = String(runId);
-      const text = el('span', 'text');
-      msg.appendChild(text);
-      r = { msg, text, finished: false };
+      r = { segments: [], text: null, finished: false };
       state.runs.set(runId, r);
-      append(msg);
     }
     return r;
+  }
+
+  function openText(runId) {
+    const r = runEl(runId);
+    if (!r.text) {
+      const msg = el('div', 'msg assistant');
+      msg.dataset.runId = String(runId);
+      if (r.segments.length) msg.classList.add('continued');
+      const text = el('span', 'text');
+      msg.appendChild(text);
+      r.segments.push(msg);
+      r.text = text;
+      append(msg);
+    }
+    return r.text;
   }
 
   function onEvent(name, p) {
@@ -181,8 +251,7 @@
         break;
       case 'assistant.delta':
         if (mine(p)) {
-          const r = runEl(p.run_id);
-          r.text.textContent += String(p.text == null ? '' : p.text);
+          openText(p.run_id).textContent += String(p.text == null ? '' : p.text);
           scroll();
         }
         break;
@@ -210,6 +279,8 @@
   }
 
   function toolStart(p) {
+    // The text so far ends here; what the model writes after the call goes below the card.
+    if (state.runs.has(p.run_id)) state.runs.get(p.run_id).text = null;
     const t = el('div', 'tool');
     t.dataset.callId = String(p.call_id);
     t.dataset.runId = String(p.run_id);
@@ -247,9 +318,12 @@
   function runFinished(p) {
     const r = runEl(p.run_id);
     r.finished = true;
-    r.msg.dataset.status = String(p.status);
-    if (p.reply && !r.text.textContent) r.text.textContent = String(p.reply);
-    if (p.error) r.msg.appendChild(el('span', 'error', p.error));
+    const shown = r.segments.some((m) => m.textContent);
+    if (p.reply && !shown) openText(p.run_id).textContent = String(p.reply);
+    if (!r.segments.length) openText(p.run_id);
+    for (const m of r.segments) m.dataset.status = String(p.status);
+    if (p.error) r.segments[r.segments.length - 1].appendChild(el('span', 'error', p.error));
+    r.text = null;
     scroll();
   }
 
@@ -452,8 +526,15 @@
         state.runs.clear();
         state.tools.clear();
         for (const m of p.messages || []) {
-          const role = m.role === 'user' ? 'user' : m.role === 'assistant' ? 'assistant' : 'system';
-          const e = el('div', 'msg ' + role, m.text);
+          let e;
+          if (m.role === 'tool') {
+            // A tool call where it happened, between the texts of its run.
+            e = el('div', 'tool history');
+            e.appendChild(el('span', 'tool-outcome', m.text));
+          } else {
+            const role = m.role === 'user' ? 'user' : m.role === 'assistant' ? 'assistant' : 'system';
+            e = el('div', 'msg ' + role, m.text);
+          }
           if (m.run_id) e.dataset.runId = String(m.run_id);
           append(e);
         }
@@ -502,6 +583,10 @@
       }
     });
     refreshNoApprovals();
+    // Back online: try at once instead of waiting for the timer.
+    window.addEventListener('online', () => {
+      if (!state.ws && state.retryTimer) connect(true);
+    });
     if (sessionStorage.getItem('chitin.token')) connect();
   }
 
