@@ -1029,10 +1029,7 @@ fn every_finding_id_the_code_can_emit_is_documented() {
         "updates",
     ];
     let mut ids = std::collections::BTreeSet::new();
-    for f in [
-        "src/security/checks.rs",
-        "src/secrets/doctor.rs",
-    ] {
+    for f in ["src/security/checks.rs", "src/secrets/doctor.rs"] {
         let text = std::fs::read_to_string(root.join(f)).unwrap();
         for part in text.split('"').skip(1).step_by(2) {
             let Some((cat, rest)) = part.split_once('.') else {
