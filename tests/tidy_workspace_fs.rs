@@ -177,7 +177,31 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         None,
         "operator CLI: reads the workflow file the operator names (size-capped); the gateway will load workflows from the workspace through wsfs",
     ),
-    ("src/cli/doctor.rs", None, "operator CLI: state dir checks"),
+    (
+        "src/cli/service.rs",
+        None,
+        "operator CLI: the systemd unit file it writes, reads and removes in the unit directory (and the state dir and workspace root it names in the unit); never a file inside the workspace",
+    ),
+    (
+        "src/security/checks.rs",
+        None,
+        "security audit and doctor: metadata of the state dir, the config and policy paths and the configured workspace root (whether it exists, modes, owners); never opens a file inside the workspace",
+    ),
+    (
+        "src/security/marks.rs",
+        None,
+        "whether state.db exists in the state dir before recording or reading a success mark",
+    ),
+    (
+        "src/lifecycle/offsite.rs",
+        Some("upload"),
+        "reads the backup file the schedule just wrote in the backup dir or the staging dir under the state dir",
+    ),
+    (
+        "src/lifecycle/schedule.rs",
+        Some("tick_with"),
+        "removes the staged off-site backup under the state dir once it is uploaded",
+    ),
     (
         "src/cli/gateway.rs",
         None,
