@@ -188,6 +188,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "security audit and doctor: metadata of the state dir, the config and policy paths and the configured workspace root (whether it exists, modes, owners); never opens a file inside the workspace",
     ),
     (
+        "src/security/mod.rs",
+        Some("apply"),
+        "doctor --fix: clears permission bits or creates 0700 directories of the state dir and policy paths, never following a symlink; never a workspace file",
+    ),
+    (
         "src/security/marks.rs",
         None,
         "whether state.db exists in the state dir before recording or reading a success mark",
