@@ -495,7 +495,7 @@ forbid (principal, action == Chitin::Action::"exec", resource) when { context.co
     // Both allowed and approvable requests can be newly denied; the summary counts each kind.
     let allowed = changes
         .iter()
-        .filter(|l| l.contains("approval_required -> deny"))
+        .filter(|l| l.contains(": approval_required ["))
         .count();
     let kinds: Vec<String> = [
         ("allow", changes.len() - allowed),
@@ -511,7 +511,8 @@ forbid (principal, action == Chitin::Action::"exec", resource) when { context.co
             "{} of 400 requests change ({})",
             changes.len(),
             kinds.join(", ")
-        )
+        ),
+        "{text}"
     );
 
     // The same set on both sides changes nothing: exit 0.
