@@ -2032,6 +2032,17 @@ fn cgroup_available() -> Option<String> {
     }
 }
 
+/// The audit's severity of a `chitin policy lint` finding (the same five levels).
+fn audit_severity(s: policy::lint::Severity) -> Severity {
+    match s {
+        policy::lint::Severity::Info => Severity::Info,
+        policy::lint::Severity::Low => Severity::Low,
+        policy::lint::Severity::Medium => Severity::Medium,
+        policy::lint::Severity::High => Severity::High,
+        policy::lint::Severity::Critical => Severity::Critical,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2043,16 +2054,5 @@ mod tests {
         assert_eq!(disk_severity(GIB, 2048), Some(Severity::Medium));
         assert_eq!(disk_severity(GIB / 4, 2048), Some(Severity::High));
         assert_eq!(disk_severity(0, 0), None, "0 turns the check off");
-    }
-}
-
-/// The audit's severity of a `chitin policy lint` finding (the same five levels).
-fn audit_severity(s: policy::lint::Severity) -> Severity {
-    match s {
-        policy::lint::Severity::Info => Severity::Info,
-        policy::lint::Severity::Low => Severity::Low,
-        policy::lint::Severity::Medium => Severity::Medium,
-        policy::lint::Severity::High => Severity::High,
-        policy::lint::Severity::Critical => Severity::Critical,
     }
 }
