@@ -275,7 +275,7 @@ async fn a_connection_dropped_on_every_attempt_ends_in_a_clear_error() {
     assert!(a.iter().all(|x| x.reason.contains("ended early")), "{e}");
     assert!(
         e.to_string()
-            .starts_with("every model failed: p/m1 (attempt 1)"),
+            .starts_with("every model failed: p/m1 (attempts 1-3)"),
         "{e}"
     );
 }
@@ -357,11 +357,11 @@ async fn when_every_model_fails_the_error_names_each_model_and_why() {
     let e = s.router.chat(&hello(), &mut sink).await.unwrap_err();
     let msg = e.to_string();
     for want in [
-        "a/big (attempt 3)",
+        "a/big (attempts 1-3)",
         "HTTP 500",
         "b/medium (attempt 1)",
         "HTTP 401",
-        "c/small (attempt 3)",
+        "c/small (attempts 1-3)",
         "cannot connect",
         "d/denied (attempt 1)",
         "no API key for provider `d`",
