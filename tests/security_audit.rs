@@ -529,22 +529,6 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             severity: "low",
         },
         Case {
-            name: "a plaintext identity",
-            seed: |h| {
-                h.set("secrets", "backend", "\"file\"");
-                h.set("secrets", "allow_plaintext_identity", "true");
-                let o = run(
-                    Path::new(env!("CARGO_BIN_EXE_chitin")),
-                    &h.home,
-                    &["secrets", "set", "k", "--audience", "example.com"],
-                    "value-two-long",
-                );
-                assert!(o.status.success(), "{}", text(&o));
-            },
-            id: "secrets.identity_plaintext",
-            severity: "medium",
-        },
-        Case {
             name: "an installed skill whose signer is no longer trusted, and a key signer",
             seed: |h| {
                 let d = h.home.join("skills");
