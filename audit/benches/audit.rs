@@ -2,6 +2,8 @@
 //! with 1 and 8 writers, blocking and pipelined, and verification speed.
 //!
 //! Run: `cargo bench -p chitin-audit --bench audit` (optionally `-- --quick` or `-- --verify-only`).
+//! PostgreSQL (feature `postgres`, a server on 127.0.0.1:5432 or `CHITIN_TEST_PG`):
+//! `cargo bench -p chitin-audit --features postgres --bench audit -- --postgres`.
 //! Under `cargo test --all-targets` it only runs a few records through every path.
 //! Results and method: docs/parts/BENCHMARKS.audit.md.
 
@@ -80,6 +82,18 @@ fn main() {
         println!("smoke run (use `cargo bench` for numbers)");
         appends(2, 3, 2);
         verify_benches(Some(500));
+        #[cfg(feature = "postgres")]
+        pg::appends(2, 2, 3, 2);
+        return;
+    }
+    #[cfg(feature = "postgres")]
+    if std::env::args().any(|a| a == "--postgres") {
+        let scale = if std::env::args().any(|a| a == "--quick") {
+            1
+        } else {
+            4
+        };
+        pg::benches(scale);
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
@@ -168,4 +182,123 @@ fn verify_benches(records: Option<u64>) {
         bytes.len() / 1_000_000,
         n as f64 / secs
     );
+}
+
+/// Appends through PostgreSQL: `writers` separate `AuditLog`s (as separate gateways would be,
+/// each with its own connection and writer thread) on one fresh database.
+#[cfg(feature = "postgres")]
+mod pg {
+    use std::collections::VecDeque;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use chitin_audit::{AuditLog, AuditOptions, KeySigner, PgConfig, Verifier};
+
+    fn server() -> String {
+        std::env::var("CHITIN_TEST_PG")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    }
+
+    fn admin() -> postgres::Client {
+        postgres::Client::connect(
+            &format!("{}/test?sslmode=disable", server()),
+            postgres::NoTls,
+        )
+        .expect("PostgreSQL on 127.0.0.1:5432 (or CHITIN_TEST_PG)")
+    }
+
+    /// Durable records/s with `writers` logs × `threads` threads, each keeping `window` in
+    /// flight (1 = blocking `append`).
+    pub fn appends(writers: usize, threads: usize, per_thread: u64, window: usize) -> f64 {
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).unwrap();
+        let name = format!("chitin_audit_bench_{}", chitin_audit::to_hex(&rnd));
+        admin()
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let config = PgConfig::from_url(&format!("{}/{name}?sslmode=disable", server())).unwrap();
+        let signer: Arc<dyn chitin_audit::CheckpointSigner> =
+            Arc::new(KeySigner::from_seed(&[3u8; 32]));
+        let dirs: Vec<tempfile::TempDir> =
+            (0..writers).map(|_| tempfile::tempdir().unwrap()).collect();
+        let logs: Vec<Arc<AuditLog>> = dirs
+            .iter()
+            .map(|d| {
+                Arc::new(
+                    AuditLog::open_postgres(
+                        d.path(),
+                        &config,
+                        AuditOptions {
+                            checkpoint_every_records: 1000,
+                            signer: Some(signer.clone()),
+                            ..AuditOptions::default()
+                        },
+                    )
+                    .unwrap(),
+                )
+            })
+            .collect();
+        let start = Instant::now();
+        let handles: Vec<_> = logs
+            .iter()
+            .enumerate()
+            .flat_map(|(w, log)| (0..threads).map(move |t| (w, t, log.clone())))
+            .map(|(w, t, log)| {
+                std::thread::spawn(move || {
+                    let mut inflight = VecDeque::new();
+                    for i in 0..per_thread {
+                        if inflight.len() >= window {
+                            let p: chitin_audit::PendingReceipt = inflight.pop_front().unwrap();
+                            p.wait().unwrap();
+                        }
+                        let n = (w * 1_000 + t) as u64 * per_thread + i;
+                        inflight.push_back(log.submit(super::input(n)).unwrap());
+                    }
+                    for p in inflight {
+                        p.wait().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let secs = start.elapsed().as_secs_f64();
+        for log in &logs {
+            log.shutdown().unwrap();
+        }
+        let total = writers as u64 * threads as u64 * per_thread;
+        let report = Verifier::new(signer.public_key())
+            .verify_postgres(&config, &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(report.records, total);
+        drop(logs);
+        let _ = admin().batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+        total as f64 / secs
+    }
+
+    pub fn benches(scale: u64) {
+        println!("chitin-audit on PostgreSQL (synchronous_commit=on, group commit, one chain)");
+        println!(
+            "1 writer, blocking append:                {:>9.0} records/s",
+            appends(1, 1, 250 * scale, 1)
+        );
+        println!(
+            "1 writer, 8 threads blocking:             {:>9.0} records/s",
+            appends(1, 8, 250 * scale, 1)
+        );
+        println!(
+            "1 writer, 256 in flight:                  {:>9.0} records/s",
+            appends(1, 1, 5_000 * scale, 256)
+        );
+        println!(
+            "3 writers, 8 threads each blocking:       {:>9.0} records/s",
+            appends(3, 8, 100 * scale, 1)
+        );
+        println!(
+            "3 writers, 64 in flight each:             {:>9.0} records/s",
+            appends(3, 1, 2_000 * scale, 64)
+        );
+    }
 }

@@ -16,6 +16,8 @@ pub enum AuditError {
     Closed,
     #[error("audit database {path}: {message}")]
     Database { path: PathBuf, message: String },
+    #[error("audit database {target}: {message}")]
+    Postgres { target: String, message: String },
     #[error("{what}: {source}")]
     Io {
         what: String,

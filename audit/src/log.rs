@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-
+use crate::backend::{Removal, WriterStore};
 use crate::checkpoint::{Checkpoint, CheckpointSigner, KeySigner, ManifestSignature, PublicKey};
+use crate::record::Record;
 use crate::record::{
     GENESIS_HASH, HashInput, Kind, RecordInput, canonical_json, compute_hash, field_check,
     from_hex, sha256, to_hex,
 };
-use crate::store::{self, CHECKPOINT_FILE, DB_FILE, INSERT_SQL, KEY_FILE, PUB_FILE, db_err};
+use crate::store::{self, CHECKPOINT_FILE, DB_FILE, KEY_FILE, PUB_FILE, SqliteStore};
+use crate::verify::{Verdict, Verifier};
 use crate::{AuditError, fsutil};
 
 /// A source of wall-clock time in unix milliseconds. Any `Fn() -> i64` works, so the gateway
@@ -203,8 +204,66 @@ pub struct AuditLog {
     shared: Arc<Shared>,
     thread: Mutex<Option<JoinHandle<()>>>,
     paths: AuditPaths,
+    location: Location,
     public_key: PublicKey,
     signer: Arc<dyn CheckpointSigner>,
+}
+
+/// Where the records live.
+enum Location {
+    Sqlite,
+    #[cfg(feature = "postgres")]
+    Postgres(Arc<crate::pg::PgConfig>),
+}
+
+/// The state directory: created 0700; the signer (given, or `audit.key`, created once); the
+/// published `audit.pub`, which must match the signer.
+fn prepare_dir(
+    dir: &Path,
+    options: &AuditOptions,
+) -> Result<(AuditPaths, Arc<dyn CheckpointSigner>), AuditError> {
+    fsutil::ensure_dir(dir)?;
+    let paths = AuditPaths::in_dir(dir);
+    let signer: Arc<dyn CheckpointSigner> = match &options.signer {
+        Some(s) => s.clone(),
+        None => {
+            if !paths.key.exists() && paths.public_key.exists() {
+                // Never mint a new key for an existing log: its checkpoints would no longer
+                // verify under the published key.
+                return Err(AuditError::KeyFile {
+                    path: paths.key.clone(),
+                    reason: format!("is missing but {} exists", paths.public_key.display()),
+                });
+            }
+            Arc::new(KeySigner::load_or_create(&paths.key)?)
+        }
+    };
+    let public_key = signer.public_key();
+    match std::fs::read_to_string(&paths.public_key) {
+        Ok(text) => {
+            let existing = PublicKey::parse(&text)?;
+            if existing != public_key {
+                return Err(AuditError::KeyFile {
+                    path: paths.public_key.clone(),
+                    reason: format!(
+                        "holds key {} but the signing key is {}; the signing key was replaced",
+                        existing.id_hex(),
+                        public_key.id_hex()
+                    ),
+                });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fsutil::write_private(&paths.public_key, &public_key.to_text())?;
+        }
+        Err(e) => {
+            return Err(AuditError::Io {
+                what: format!("read {}", paths.public_key.display()),
+                source: e,
+            });
+        }
+    }
+    Ok((paths, signer))
 }
 
 impl AuditLog {
@@ -212,57 +271,45 @@ impl AuditLog {
     /// `audit.checkpoints`, `audit.key` (unless a signer is given) and `audit.pub`.
     /// Files are 0600, the directory 0700.
     pub fn open(dir: &Path, options: AuditOptions) -> Result<Self, AuditError> {
-        fsutil::ensure_dir(dir)?;
-        let paths = AuditPaths::in_dir(dir);
-        let signer: Arc<dyn CheckpointSigner> = match &options.signer {
-            Some(s) => s.clone(),
-            None => {
-                if !paths.key.exists() && paths.public_key.exists() {
-                    // Never mint a new key for an existing log: its checkpoints would no longer
-                    // verify under the published key.
-                    return Err(AuditError::KeyFile {
-                        path: paths.key.clone(),
-                        reason: format!("is missing but {} exists", paths.public_key.display()),
-                    });
-                }
-                Arc::new(KeySigner::load_or_create(&paths.key)?)
-            }
-        };
+        let (paths, signer) = prepare_dir(dir, &options)?;
+        let store = SqliteStore::open(&paths.db, options.lock_timeout, options.max_db_bytes)?;
+        Self::start(paths, signer, Box::new(store), Location::Sqlite, options)
+    }
+
+    /// Opens (creating its tables if needed) the log in PostgreSQL. Several `AuditLog`s — in
+    /// several processes, on several hosts — may append to the same database: appends are
+    /// serialized in the database, so they form one chain. `dir` is this writer's state
+    /// directory: `audit.pub`, `audit.key` (unless a signer is given) and `audit.checkpoints`,
+    /// where this writer keeps a copy of every checkpoint it signs (a witness outside the
+    /// database). The database remembers the deployment's public key: a writer with another
+    /// key is refused.
+    #[cfg(feature = "postgres")]
+    pub fn open_postgres(
+        dir: &Path,
+        config: &crate::pg::PgConfig,
+        options: AuditOptions,
+    ) -> Result<Self, AuditError> {
+        let (paths, signer) = prepare_dir(dir, &options)?;
+        let store = crate::pg::PgStore::open(config, &signer.public_key())?;
+        Self::start(
+            paths,
+            signer,
+            Box::new(store),
+            Location::Postgres(Arc::new(config.clone())),
+            options,
+        )
+    }
+
+    fn start(
+        paths: AuditPaths,
+        signer: Arc<dyn CheckpointSigner>,
+        mut store: Box<dyn WriterStore>,
+        location: Location,
+        options: AuditOptions,
+    ) -> Result<Self, AuditError> {
         let public_key = signer.public_key();
-        match std::fs::read_to_string(&paths.public_key) {
-            Ok(text) => {
-                let existing = PublicKey::parse(&text)?;
-                if existing != public_key {
-                    return Err(AuditError::KeyFile {
-                        path: paths.public_key.clone(),
-                        reason: format!(
-                            "holds key {} but the signing key is {}; the signing key was replaced",
-                            existing.id_hex(),
-                            public_key.id_hex()
-                        ),
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fsutil::write_private(&paths.public_key, &public_key.to_text())?;
-            }
-            Err(e) => {
-                return Err(AuditError::Io {
-                    what: format!("read {}", paths.public_key.display()),
-                    source: e,
-                });
-            }
-        }
-        let conn = store::open_writer(&paths.db, options.lock_timeout, options.max_db_bytes)?;
         let cp_file = fsutil::open_append_private(&paths.checkpoints)?;
-        let last_cp: Option<(i64, i64)> = conn
-            .query_row(
-                "SELECT seq, time_ms FROM checkpoints ORDER BY seq DESC, rowid DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db_err(&paths.db))?;
+        let last_cp = store.checkpoint_marks()?;
         let now = options.clock.now_ms();
         let shared = Arc::new(Shared {
             write_error: Mutex::new(None),
@@ -270,8 +317,7 @@ impl AuditLog {
         });
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
-            conn: Some(conn),
-            db_path: paths.db.clone(),
+            store,
             cp_file,
             signer: Arc::clone(&signer),
             opts: options,
@@ -294,6 +340,7 @@ impl AuditLog {
             shared,
             thread: Mutex::new(Some(thread)),
             paths,
+            location,
             public_key,
             signer,
         })
@@ -316,6 +363,25 @@ impl AuditLog {
     /// several appends in flight (they share a commit).
     pub fn submit(&self, input: RecordInput) -> Result<PendingReceipt, AuditError> {
         let prepared = Prepared::new(input)?;
+        #[cfg(feature = "postgres")]
+        if matches!(self.location, Location::Postgres(_)) {
+            // PostgreSQL text cannot hold NUL: refuse this record alone rather than fail the
+            // whole group commit it would join.
+            for (name, v) in [
+                ("actor", &prepared.actor),
+                ("action", &prepared.action),
+                ("resource", &prepared.resource),
+                ("decision", &prepared.decision),
+                ("outcome", &prepared.outcome),
+            ] {
+                if v.contains('\0') {
+                    return Err(AuditError::InvalidInput(format!(
+                        "the record's {name} contains a NUL character, which the PostgreSQL \
+                         audit log cannot store; the action was not performed"
+                    )));
+                }
+            }
+        }
         let (rtx, rrx) = mpsc::sync_channel(1);
         self.send(Msg::Append(prepared, rtx))?;
         Ok(PendingReceipt(rrx))
@@ -394,7 +460,33 @@ impl AuditLog {
 
     /// A read-only view (its own connection).
     pub fn reader(&self) -> Result<store::AuditReader, AuditError> {
-        store::AuditReader::open(&self.paths.db)
+        match &self.location {
+            Location::Sqlite => store::AuditReader::open(&self.paths.db),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(config) => store::AuditReader::open_postgres(config),
+        }
+    }
+
+    /// `sqlite` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match &self.location {
+            Location::Sqlite => "sqlite",
+            #[cfg(feature = "postgres")]
+            Location::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Verifies the whole log now with this log's public key: the database, cross-checked with
+    /// the checkpoint file in the state directory (`chitin audit verify`).
+    pub fn verify(&self) -> Result<Verdict, AuditError> {
+        let verifier = Verifier::new(self.public_key);
+        match &self.location {
+            Location::Sqlite => verifier.verify_db(&self.paths.db, Some(&self.paths.checkpoints)),
+            #[cfg(feature = "postgres")]
+            Location::Postgres(config) => {
+                verifier.verify_postgres(config, &[self.paths.checkpoints.as_path()])
+            }
+        }
     }
 
     /// Stops the writer after a final checkpoint of any uncovered records (gateway shutdown).
@@ -421,8 +513,7 @@ impl Drop for AuditLog {
 }
 
 struct Writer {
-    conn: Option<Connection>,
-    db_path: PathBuf,
+    store: Box<dyn WriterStore>,
     cp_file: std::fs::File,
     signer: Arc<dyn CheckpointSigner>,
     opts: AuditOptions,
@@ -509,30 +600,15 @@ impl Writer {
         Duration::from_millis(u64::try_from(wait).unwrap_or(1))
     }
 
-    fn conn(&mut self) -> Result<&mut Connection, AuditError> {
-        if self.conn.is_none() {
-            self.conn = Some(store::open_writer(
-                &self.db_path,
-                self.opts.lock_timeout,
-                self.opts.max_db_bytes,
-            )?);
-        }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| AuditError::Internal("no connection".into()))
-    }
-
     fn refresh_head(&mut self) {
-        if let Some(c) = &self.conn
-            && let Ok(h) = store::read_head(c, &self.db_path)
-        {
+        if let Ok(h) = self.store.head() {
             self.head_seq = h.map_or(0, |h| h.0);
         }
     }
 
     fn fail_write(&mut self, e: &AuditError) {
         // Drop the connection: the next batch reopens it and re-reads the head.
-        self.conn = None;
+        self.store.reset();
         let now = self.now();
         let reason = e.to_string();
         *lock(&self.shared.write_error) = Some((reason.clone(), now));
@@ -563,112 +639,106 @@ impl Writer {
 
     fn try_commit(&mut self, batch: &[Prepared]) -> Result<Vec<Receipt>, AuditError> {
         let now = self.now();
-        self.try_commit_with(batch, now, |_| Ok(()))
+        self.try_commit_with(batch, now, None)
     }
 
-    /// One transaction: `before` (inside the write lock), then the outage note if one is due,
-    /// then `batch`. Nothing is acknowledged unless the commit (fsync) succeeded.
+    /// One transaction: the write lock, `removal` if any, then the outage note if one is due,
+    /// then `batch`, each chained to the head read under the lock. Nothing is acknowledged
+    /// unless the commit (fsync) succeeded.
     fn try_commit_with(
         &mut self,
         batch: &[Prepared],
         now: i64,
-        before: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(), AuditError>,
+        removal: Option<&Removal<'_>>,
     ) -> Result<Vec<Receipt>, AuditError> {
         let outage = self.outage.clone();
-        let db_path = self.db_path.clone();
-        let e = db_err(&db_path);
-        let conn = self.conn()?;
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&e)?;
-        before(&tx)?;
-        // Re-read the head inside the write lock: another process (the CLI) may have appended.
-        let head = store::read_head(&tx, &db_path)?;
-        let (mut seq, mut prev) = match head {
-            Some((s, h)) => (
-                s,
-                <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
-                    AuditError::Unavailable(format!(
-                        "the head record {s} has a malformed hash; run `chitin audit verify`"
-                    ))
-                })?,
-            ),
-            None => (0, GENESIS_HASH),
-        };
-        let mut receipts = Vec::with_capacity(batch.len());
-        {
-            let mut st = tx.prepare_cached(INSERT_SQL).map_err(&e)?;
-            let note;
-            let mut items: Vec<&Prepared> = Vec::with_capacity(batch.len() + 1);
-            if let Some((since, reason)) = outage {
-                note = Prepared::new(RecordInput {
-                    outcome: "recovered".into(),
-                    payload: serde_json::json!({
-                        "since_ms": since, "recovered_ms": now, "reason": reason,
-                    }),
-                    ..RecordInput::new(Kind::System, "gateway", "audit.outage", "audit")
-                })?;
-                items.push(&note);
-            }
-            items.extend(batch.iter());
-            for (i, p) in items.iter().enumerate() {
-                seq += 1;
-                let kind = p.kind.as_str();
-                let hash = compute_hash(&HashInput {
-                    seq,
-                    ts_ms: now,
-                    kind,
-                    actor: &p.actor,
-                    action: &p.action,
-                    resource: &p.resource,
-                    decision: &p.decision,
-                    policies: &p.policies,
-                    outcome: &p.outcome,
-                    payload_digest: &p.digest,
-                    prev_hash: &prev,
-                });
-                let check = field_check(
-                    now,
-                    [
-                        kind,
-                        &p.actor,
-                        &p.action,
-                        &p.resource,
-                        &p.decision,
-                        &p.policies,
-                        &p.outcome,
-                    ],
-                );
-                st.execute(params![
-                    seq,
-                    now,
-                    kind,
-                    p.actor,
-                    p.action,
-                    p.resource,
-                    p.decision,
-                    p.policies,
-                    p.outcome,
-                    &p.digest[..],
-                    p.payload,
-                    &check[..],
-                    &prev[..],
-                    &hash[..],
-                ])
-                .map_err(&e)?;
-                prev = hash;
-                let is_note = i == 0 && items.len() > batch.len();
-                if !is_note {
-                    receipts.push(Receipt {
+        let mut receipts: Vec<Receipt> = Vec::with_capacity(batch.len());
+        let mut last_seq = 0;
+        self.store
+            .commit(removal, &mut |head: crate::backend::Head| {
+                receipts.clear();
+                let (mut seq, mut prev) = match head {
+                Some((s, h)) => (
+                    s,
+                    <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
+                        AuditError::Unavailable(format!(
+                            "the head record {s} has a malformed hash; run `chitin audit verify`"
+                        ))
+                    })?,
+                ),
+                None => (0, GENESIS_HASH),
+            };
+                let note = match &outage {
+                    Some((since, reason)) => Some(Prepared::new(RecordInput {
+                        outcome: "recovered".into(),
+                        payload: serde_json::json!({
+                            "since_ms": since, "recovered_ms": now, "reason": reason,
+                        }),
+                        ..RecordInput::new(Kind::System, "gateway", "audit.outage", "audit")
+                    })?),
+                    None => None,
+                };
+                let mut rows = Vec::with_capacity(batch.len() + 1);
+                for (i, p) in note.iter().chain(batch.iter()).enumerate() {
+                    seq += 1;
+                    let kind = p.kind.as_str();
+                    let hash = compute_hash(&HashInput {
                         seq,
-                        hash,
                         ts_ms: now,
+                        kind,
+                        actor: &p.actor,
+                        action: &p.action,
+                        resource: &p.resource,
+                        decision: &p.decision,
+                        policies: &p.policies,
+                        outcome: &p.outcome,
+                        payload_digest: &p.digest,
+                        prev_hash: &prev,
                     });
+                    let check = field_check(
+                        now,
+                        [
+                            kind,
+                            &p.actor,
+                            &p.action,
+                            &p.resource,
+                            &p.decision,
+                            &p.policies,
+                            &p.outcome,
+                        ],
+                    );
+                    rows.push(Record {
+                        seq,
+                        ts_ms: now,
+                        kind: kind.to_string(),
+                        actor: p.actor.clone(),
+                        action: p.action.clone(),
+                        resource: p.resource.clone(),
+                        decision: p.decision.clone(),
+                        policies: p.policies.clone(),
+                        outcome: p.outcome.clone(),
+                        payload_digest: p.digest.to_vec(),
+                        payload: Some(p.payload.clone()),
+                        removed_at_ms: None,
+                        removed_reason: None,
+                        field_check: check.to_vec(),
+                        prev_hash: prev.to_vec(),
+                        hash: hash.to_vec(),
+                    });
+                    prev = hash;
+                    let is_note = i == 0 && note.is_some();
+                    if !is_note {
+                        receipts.push(Receipt {
+                            seq,
+                            hash,
+                            ts_ms: now,
+                        });
+                    }
                 }
-            }
-        }
-        tx.commit().map_err(&e)?;
-        self.head_seq = seq;
+                last_seq = seq;
+                Ok(rows)
+            })?;
+        self.head_seq = self.head_seq.max(last_seq);
         Ok(receipts)
     }
 
@@ -684,25 +754,14 @@ impl Writer {
             ));
         }
         let now = self.now();
-        let db_path = self.db_path.clone();
-        let e = db_err(&db_path);
-        let row: Option<(Vec<u8>, Option<String>, String, String)> = {
-            let conn = match self.conn() {
-                Ok(c) => c,
-                Err(err) => {
-                    self.fail_write(&err);
-                    return Err(AuditError::Unavailable(err.to_string()));
-                }
-            };
-            conn.query_row(
-                "SELECT payload_digest, payload, kind, action FROM records WHERE seq = ?1",
-                params![target],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()
-            .map_err(&e)?
+        let facts = match self.store.payload_facts(target) {
+            Ok(f) => f,
+            Err(err) => {
+                self.fail_write(&err);
+                return Err(AuditError::Unavailable(err.to_string()));
+            }
         };
-        let (digest, payload, kind, action) = row.ok_or(AuditError::NoSuchRecord(target))?;
+        let (digest, payload, kind, action) = facts.ok_or(AuditError::NoSuchRecord(target))?;
         if payload.is_none() {
             return Err(AuditError::InvalidInput(format!(
                 "the payload of record {target} was already removed"
@@ -728,23 +787,13 @@ impl Writer {
                 format!("audit:{target}"),
             )
         })?;
-        let reason_owned = reason.to_string();
-        let result = self.try_commit_with(std::slice::from_ref(&note), now, |tx| {
-            let changed = tx
-                .execute(
-                    "UPDATE records SET payload = NULL, removed_at_ms = ?1, removed_reason = ?2 \
-                     WHERE seq = ?3 AND payload IS NOT NULL AND payload_digest = ?4",
-                    params![now, reason_owned, target, digest],
-                )
-                .map_err(&e)?;
-            if changed == 1 {
-                Ok(())
-            } else {
-                Err(AuditError::InvalidInput(format!(
-                    "record {target} changed while its payload was being removed; retry"
-                )))
-            }
-        });
+        let removal = Removal {
+            seq: target,
+            now,
+            reason,
+            digest: &digest,
+        };
+        let result = self.try_commit_with(std::slice::from_ref(&note), now, Some(&removal));
         match result {
             Ok(mut r) => {
                 *lock(&self.shared.write_error) = None;
@@ -753,7 +802,7 @@ impl Writer {
                     .ok_or_else(|| AuditError::Internal("no receipt".into()))
             }
             Err(err @ AuditError::InvalidInput(_)) => {
-                self.conn = None;
+                self.store.reset();
                 Err(err)
             }
             Err(err) => {
@@ -763,18 +812,34 @@ impl Writer {
         }
     }
 
-    /// Every N records, and every T seconds even when idle (a heartbeat: the same head with a
-    /// new time shows the log was alive and had not grown).
-    fn maybe_checkpoint(&mut self) {
+    fn checkpoint_due(&self) -> bool {
         let uncovered = self.head_seq.saturating_sub(self.last_cp_seq);
         let by_count = uncovered > 0
             && self.opts.checkpoint_every_records > 0
             && u64::try_from(uncovered).unwrap_or(0) >= self.opts.checkpoint_every_records;
         let by_time = self.opts.checkpoint_every_ms > 0
             && self.now().saturating_sub(self.last_cp_time) >= self.opts.checkpoint_every_ms;
-        if by_count || by_time {
-            let _ = self.write_checkpoint();
+        by_count || by_time
+    }
+
+    /// Every N records, and every T seconds even when idle (a heartbeat: the same head with a
+    /// new time shows the log was alive and had not grown). When several writers share the log,
+    /// a checkpoint another writer just signed counts: one heartbeat per interval, not one per
+    /// writer.
+    fn maybe_checkpoint(&mut self) {
+        if !self.checkpoint_due() {
+            return;
         }
+        if self.store.shared()
+            && let Ok(Some((seq, time))) = self.store.checkpoint_marks()
+        {
+            self.last_cp_seq = self.last_cp_seq.max(seq);
+            self.last_cp_time = self.last_cp_time.max(time);
+            if !self.checkpoint_due() {
+                return;
+            }
+        }
+        let _ = self.write_checkpoint();
     }
 
     fn final_checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
@@ -798,7 +863,7 @@ impl Writer {
                 let since = slot.as_ref().map_or(now, |s| s.1);
                 *slot = Some((format!("checkpoint failed: {e}"), since));
                 drop(slot);
-                self.conn = None;
+                self.store.reset();
                 // Retry on time no sooner than one interval later (count-based retries happen
                 // after every batch).
                 self.last_cp_time = now;
@@ -809,9 +874,7 @@ impl Writer {
 
     fn try_checkpoint(&mut self) -> Result<Checkpoint, AuditError> {
         let now = self.now();
-        let db_path = self.db_path.clone();
-        let conn = self.conn()?;
-        let (seq, head) = match store::read_head(conn, &db_path)? {
+        let (seq, head) = match self.store.head()? {
             Some((s, h)) => (
                 s,
                 <[u8; 32]>::try_from(h.as_slice()).map_err(|_| {
@@ -821,22 +884,15 @@ impl Writer {
             None => (0, GENESIS_HASH),
         };
         // Never sign a tail that does not extend the last signed head.
-        let anchor: Option<(i64, String)> = conn
-            .query_row(
-                "SELECT seq, head FROM checkpoints ORDER BY seq DESC, rowid DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .map_err(db_err(&db_path))?;
-        if let Some((a_seq, a_head)) = anchor {
+        if let Some(anchor) = self.store.last_checkpoint()? {
+            let a_seq = anchor.seq;
             if seq < a_seq {
                 return Err(AuditError::Unavailable(format!(
                     "refusing to sign: the database ends at record {seq} but checkpoint {a_seq} \
                      exists (truncated); run `chitin audit verify`"
                 )));
             }
-            let a_hash = from_hex(&a_head)
+            let a_hash = from_hex(&anchor.head)
                 .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok())
                 .ok_or_else(|| {
                     AuditError::Unavailable(format!(
@@ -844,7 +900,7 @@ impl Writer {
                          `chitin audit verify`"
                     ))
                 })?;
-            let reader = store::AuditReader::open(&db_path)?;
+            let reader = self.store.reader()?;
             if let Err(t) = crate::verify::check_tail(&reader, a_seq, a_hash)? {
                 return Err(AuditError::Unavailable(format!(
                     "refusing to sign a checkpoint over a tampered log ({t}); run `chitin audit verify`"
@@ -861,13 +917,8 @@ impl Writer {
                 what: "append to the checkpoint file".into(),
                 source: e,
             })?;
-        let conn = self.conn()?;
-        conn.execute(
-            "INSERT INTO checkpoints (seq, head, time_ms, key_id, sig) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![cp.seq, cp.head, cp.time_ms, cp.key_id, cp.sig],
-        )
-        .map_err(db_err(&db_path))?;
-        self.last_cp_seq = seq;
+        self.store.insert_checkpoint(&cp)?;
+        self.last_cp_seq = self.last_cp_seq.max(seq);
         self.last_cp_time = now;
         self.head_seq = self.head_seq.max(seq);
         if let Some(sink) = &self.opts.on_checkpoint {

@@ -1,4 +1,4 @@
-//! SQLite storage: the schema, row conversion and read-only queries.
+//! SQLite storage: the schema, row conversion, the writer's store and the readers.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +7,7 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags, params};
 
 use crate::AuditError;
+use crate::backend::Head;
 use crate::checkpoint::Checkpoint;
 use crate::record::Record;
 
@@ -63,7 +64,7 @@ CREATE TRIGGER IF NOT EXISTS checkpoints_no_delete BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'checkpoints are append-only'); END;
 ";
 
-pub(crate) const INSERT_SQL: &str = "INSERT INTO records (seq, ts_ms, kind, actor, action, \
+const INSERT_SQL: &str = "INSERT INTO records (seq, ts_ms, kind, actor, action, \
     resource, decision, policies, outcome, payload_digest, payload, removed_at_ms, removed_reason, \
     field_check, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, \
     NULL, ?12, ?13, ?14)";
@@ -215,28 +216,72 @@ pub struct Query {
     pub limit: Option<u64>,
 }
 
-/// Read-only access to an audit database (its own connection; safe while the gateway writes).
+/// Read-only access to an audit log (its own connection; safe while gateways write): the SQLite
+/// file, or (feature `postgres`) the PostgreSQL tables.
 pub struct AuditReader {
-    conn: Connection,
-    path: PathBuf,
+    inner: ReaderInner,
+}
+
+enum ReaderInner {
+    Sqlite {
+        conn: Connection,
+        path: PathBuf,
+    },
+    #[cfg(feature = "postgres")]
+    Postgres(crate::pg::PgReader),
 }
 
 impl AuditReader {
-    /// Opens `db` read-only.
+    /// Opens the SQLite database `db` read-only.
     pub fn open(db: &Path) -> Result<Self, AuditError> {
         Ok(Self {
-            conn: open_reader(db)?,
-            path: db.to_path_buf(),
+            inner: ReaderInner::Sqlite {
+                conn: open_reader(db)?,
+                path: db.to_path_buf(),
+            },
         })
     }
 
-    /// The database path.
+    /// Opens a PostgreSQL-backed log read-only (a repeatable-read snapshot per query).
+    #[cfg(feature = "postgres")]
+    pub fn open_postgres(config: &crate::pg::PgConfig) -> Result<Self, AuditError> {
+        Ok(Self {
+            inner: ReaderInner::Postgres(crate::pg::PgReader::open(config)?),
+        })
+    }
+
+    /// Another reader on the same log, with its own connection.
+    pub(crate) fn reopen(&self) -> Result<Self, AuditError> {
+        match &self.inner {
+            ReaderInner::Sqlite { path, .. } => Self::open(path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => Ok(Self {
+                inner: ReaderInner::Postgres(r.reopen()?),
+            }),
+        }
+    }
+
+    /// The database path (for PostgreSQL: the connection target without its password).
     pub fn path(&self) -> &Path {
-        &self.path
+        match &self.inner {
+            ReaderInner::Sqlite { path, .. } => path,
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => r.target_path(),
+        }
+    }
+
+    /// Whether the log is in SQLite (its checkpoint file must hold every checkpoint).
+    pub(crate) fn is_sqlite(&self) -> bool {
+        matches!(self.inner, ReaderInner::Sqlite { .. })
     }
 
     /// Records matching `q`, in sequence order.
     pub fn query(&self, q: &Query) -> Result<Vec<Record>, AuditError> {
+        let (conn, path) = match &self.inner {
+            ReaderInner::Sqlite { conn, path } => (conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => return r.query(q),
+        };
         let sql = format!(
             "SELECT * FROM (SELECT {COLUMNS} FROM records \
              WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR actor = ?2) \
@@ -244,8 +289,8 @@ impl AuditReader {
              ORDER BY seq DESC LIMIT ?5) ORDER BY seq"
         );
         let limit = q.limit.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let e = db_err(&self.path);
-        let mut st = self.conn.prepare(&sql).map_err(&e)?;
+        let e = db_err(path);
+        let mut st = conn.prepare(&sql).map_err(&e)?;
         let rows = st
             .query_map(
                 params![q.kind, q.actor, q.since_ms, q.until_ms, limit],
@@ -257,9 +302,13 @@ impl AuditReader {
 
     /// Records with `from <= seq <= to`, in sequence order.
     pub fn range(&self, from: i64, to: i64) -> Result<Vec<Record>, AuditError> {
-        let e = db_err(&self.path);
-        let mut st = self
-            .conn
+        let (conn, path) = match &self.inner {
+            ReaderInner::Sqlite { conn, path } => (conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => return r.range(from, to),
+        };
+        let e = db_err(path);
+        let mut st = conn
             .prepare(&format!(
                 "SELECT {COLUMNS} FROM records WHERE seq >= ?1 AND seq <= ?2 ORDER BY seq"
             ))
@@ -274,9 +323,13 @@ impl AuditReader {
         from: i64,
         mut f: impl FnMut(Record) -> bool,
     ) -> Result<(), AuditError> {
-        let e = db_err(&self.path);
-        let mut st = self
-            .conn
+        let (conn, path) = match &self.inner {
+            ReaderInner::Sqlite { conn, path } => (conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => return r.for_each_from(from, &mut f),
+        };
+        let e = db_err(path);
+        let mut st = conn
             .prepare(&format!(
                 "SELECT {COLUMNS} FROM records WHERE seq >= ?1 ORDER BY seq"
             ))
@@ -296,17 +349,20 @@ impl AuditReader {
         since_ms: Option<i64>,
         until_ms: Option<i64>,
     ) -> Result<Option<(i64, i64)>, AuditError> {
-        let e = db_err(&self.path);
-        let first: Option<i64> = self
-            .conn
+        let (conn, path) = match &self.inner {
+            ReaderInner::Sqlite { conn, path } => (conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => return r.seq_bounds(since_ms, until_ms),
+        };
+        let e = db_err(path);
+        let first: Option<i64> = conn
             .query_row(
                 "SELECT MIN(seq) FROM records WHERE ?1 IS NULL OR ts_ms >= ?1",
                 params![since_ms],
                 |r| r.get(0),
             )
             .map_err(&e)?;
-        let last: Option<i64> = self
-            .conn
+        let last: Option<i64> = conn
             .query_row(
                 "SELECT MAX(seq) FROM records WHERE ?1 IS NULL OR ts_ms <= ?1",
                 params![until_ms],
@@ -321,9 +377,13 @@ impl AuditReader {
 
     /// The checkpoints stored in the database, in insertion order.
     pub fn checkpoints(&self) -> Result<Vec<Checkpoint>, AuditError> {
-        let e = db_err(&self.path);
-        let mut st = self
-            .conn
+        let (conn, path) = match &self.inner {
+            ReaderInner::Sqlite { conn, path } => (conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => return r.checkpoints(),
+        };
+        let e = db_err(path);
+        let mut st = conn
             .prepare("SELECT seq, head, time_ms, key_id, sig FROM checkpoints ORDER BY rowid")
             .map_err(&e)?;
         let rows = st
@@ -342,7 +402,173 @@ impl AuditReader {
 
     /// The number of records and the head `(seq, hash)`.
     pub fn head(&self) -> Result<Option<(i64, Vec<u8>)>, AuditError> {
-        read_head(&self.conn, &self.path)
+        match &self.inner {
+            ReaderInner::Sqlite { conn, path } => read_head(conn, path),
+            #[cfg(feature = "postgres")]
+            ReaderInner::Postgres(r) => r.head(),
+        }
+    }
+}
+
+/// The SQLite side of the writer: one connection, `BEGIN IMMEDIATE` as the write lock (other
+/// processes, e.g. the CLI, may append to the same file).
+pub(crate) struct SqliteStore {
+    conn: Option<Connection>,
+    path: PathBuf,
+    lock_timeout: Duration,
+    max_db_bytes: Option<u64>,
+}
+
+impl SqliteStore {
+    pub(crate) fn open(
+        path: &Path,
+        lock_timeout: Duration,
+        max_db_bytes: Option<u64>,
+    ) -> Result<Self, AuditError> {
+        let conn = open_writer(path, lock_timeout, max_db_bytes)?;
+        Ok(Self {
+            conn: Some(conn),
+            path: path.to_path_buf(),
+            lock_timeout,
+            max_db_bytes,
+        })
+    }
+
+    fn conn(&mut self) -> Result<&mut Connection, AuditError> {
+        if self.conn.is_none() {
+            self.conn = Some(open_writer(
+                &self.path,
+                self.lock_timeout,
+                self.max_db_bytes,
+            )?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| AuditError::Internal("no connection".into()))
+    }
+}
+
+impl crate::backend::WriterStore for SqliteStore {
+    fn commit(
+        &mut self,
+        removal: Option<&crate::backend::Removal<'_>>,
+        build: &mut crate::backend::BuildRows<'_>,
+    ) -> Result<(), AuditError> {
+        let path = self.path.clone();
+        let e = db_err(&path);
+        let conn = self.conn()?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&e)?;
+        if let Some(r) = removal {
+            let changed = tx
+                .execute(
+                    "UPDATE records SET payload = NULL, removed_at_ms = ?1, removed_reason = ?2 \
+                     WHERE seq = ?3 AND payload IS NOT NULL AND payload_digest = ?4",
+                    params![r.now, r.reason, r.seq, r.digest],
+                )
+                .map_err(&e)?;
+            if changed != 1 {
+                return Err(r.changed_error());
+            }
+        }
+        // Re-read the head inside the write lock: another process (the CLI) may have appended.
+        let head = read_head(&tx, &path)?;
+        let rows = build(head)?;
+        {
+            let mut st = tx.prepare_cached(INSERT_SQL).map_err(&e)?;
+            for r in &rows {
+                st.execute(params![
+                    r.seq,
+                    r.ts_ms,
+                    r.kind,
+                    r.actor,
+                    r.action,
+                    r.resource,
+                    r.decision,
+                    r.policies,
+                    r.outcome,
+                    r.payload_digest,
+                    r.payload,
+                    r.field_check,
+                    r.prev_hash,
+                    r.hash,
+                ])
+                .map_err(&e)?;
+            }
+        }
+        tx.commit().map_err(&e)
+    }
+
+    fn head(&mut self) -> Result<Head, AuditError> {
+        let path = self.path.clone();
+        read_head(self.conn()?, &path)
+    }
+
+    fn payload_facts(
+        &mut self,
+        seq: i64,
+    ) -> Result<Option<crate::backend::PayloadFacts>, AuditError> {
+        use rusqlite::OptionalExtension;
+        let path = self.path.clone();
+        self.conn()?
+            .query_row(
+                "SELECT payload_digest, payload, kind, action FROM records WHERE seq = ?1",
+                params![seq],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(db_err(&path))
+    }
+
+    fn last_checkpoint(&mut self) -> Result<Option<Checkpoint>, AuditError> {
+        use rusqlite::OptionalExtension;
+        let path = self.path.clone();
+        self.conn()?
+            .query_row(
+                "SELECT seq, head, time_ms, key_id, sig FROM checkpoints \
+                 ORDER BY seq DESC, rowid DESC LIMIT 1",
+                [],
+                |r| {
+                    Ok(Checkpoint {
+                        seq: r.get(0)?,
+                        head: r.get(1)?,
+                        time_ms: r.get(2)?,
+                        key_id: r.get(3)?,
+                        sig: r.get(4)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db_err(&path))
+    }
+
+    fn checkpoint_marks(&mut self) -> Result<Option<(i64, i64)>, AuditError> {
+        Ok(self.last_checkpoint()?.map(|c| (c.seq, c.time_ms)))
+    }
+
+    fn insert_checkpoint(&mut self, cp: &Checkpoint) -> Result<(), AuditError> {
+        let path = self.path.clone();
+        self.conn()?
+            .execute(
+                "INSERT INTO checkpoints (seq, head, time_ms, key_id, sig) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![cp.seq, cp.head, cp.time_ms, cp.key_id, cp.sig],
+            )
+            .map_err(db_err(&path))?;
+        Ok(())
+    }
+
+    fn reader(&self) -> Result<AuditReader, AuditError> {
+        AuditReader::open(&self.path)
+    }
+
+    fn shared(&self) -> bool {
+        false
+    }
+
+    fn reset(&mut self) {
+        self.conn = None;
     }
 }
 

@@ -171,11 +171,10 @@ impl Source for DbSource<'_> {
         }
         // The main pass: a second connection decodes rows on another thread while this one
         // hashes (the two halves cost about the same).
-        let path = self.0.path().to_path_buf();
+        let reader = self.0.reopen()?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(8);
         std::thread::scope(|scope| {
             let producer = scope.spawn(move || -> Result<(), AuditError> {
-                let reader = AuditReader::open(&path)?;
                 let mut batch = Vec::with_capacity(BATCH);
                 let mut stopped = false;
                 reader.for_each_from(seq_hint, |r| {
@@ -294,6 +293,32 @@ impl Verifier {
         checkpoint_file: Option<&Path>,
     ) -> Result<Verdict, AuditError> {
         let reader = AuditReader::open(db)?;
+        let files: Vec<&Path> = checkpoint_file.into_iter().collect();
+        self.verify_reader(&reader, &files)
+    }
+
+    /// Verifies a PostgreSQL-backed log, cross-checked against the checkpoint files of the
+    /// writers that signed it (each gateway's `audit.checkpoints`; pass those you have). Every
+    /// checkpoint in a file counts as signed evidence: rows deleted or rewritten in the database
+    /// after it was signed are reported exactly as in a SQLite log.
+    #[cfg(feature = "postgres")]
+    pub fn verify_postgres(
+        &self,
+        config: &crate::pg::PgConfig,
+        checkpoint_files: &[&Path],
+    ) -> Result<Verdict, AuditError> {
+        let reader = AuditReader::open_postgres(config)?;
+        self.verify_reader(&reader, checkpoint_files)
+    }
+
+    /// Verifies the log `reader` reads. A SQLite log has one checkpoint file, which must hold
+    /// every checkpoint of the database; a shared (PostgreSQL) log has one per writer, each
+    /// holding that writer's checkpoints.
+    pub fn verify_reader(
+        &self,
+        reader: &AuditReader,
+        checkpoint_files: &[&Path],
+    ) -> Result<Verdict, AuditError> {
         let db_cps = match reader.checkpoints() {
             Ok(c) => c,
             Err(e) => {
@@ -303,9 +328,10 @@ impl Verifier {
                 };
             }
         };
+        let single_file = reader.is_sqlite() && checkpoint_files.len() == 1;
         let mut problems: Vec<Tamper> = Vec::new();
         let mut all: Vec<Checkpoint> = db_cps.clone();
-        if let Some(path) = checkpoint_file {
+        for path in checkpoint_files {
             match std::fs::read_to_string(path) {
                 Ok(text) => {
                     let file_cps = match parse_checkpoint_lines(&text) {
@@ -331,21 +357,23 @@ impl Verifier {
                             cps
                         }
                     };
-                    for c in &db_cps {
-                        if !file_cps.contains(c) {
-                            problems.push(Tamper {
-                                seq: c.seq,
-                                reason: TamperReason::CheckpointFile(format!(
-                                    "checkpoint {} is in the database but not in {}",
-                                    c.seq,
-                                    path.display()
-                                )),
-                            });
+                    if single_file {
+                        for c in &db_cps {
+                            if !file_cps.contains(c) {
+                                problems.push(Tamper {
+                                    seq: c.seq,
+                                    reason: TamperReason::CheckpointFile(format!(
+                                        "checkpoint {} is in the database but not in {}",
+                                        c.seq,
+                                        path.display()
+                                    )),
+                                });
+                            }
                         }
                     }
                     all.extend(file_cps);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && single_file => {
                     if let Some(first) = db_cps.iter().map(|c| c.seq).min() {
                         problems.push(Tamper {
                             seq: first,
@@ -366,7 +394,7 @@ impl Verifier {
         }
         let (cps, cp_problem) = self.check_checkpoints(&all);
         problems.extend(cp_problem);
-        let pass = self.run_pass(&DbSource(&reader), &cps, Mode::Database, None, None)?;
+        let pass = self.run_pass(&DbSource(reader), &cps, Mode::Database, None, None)?;
         Ok(earliest(pass, problems, &cps))
     }
 

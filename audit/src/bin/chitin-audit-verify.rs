@@ -4,7 +4,10 @@
 //! ```text
 //! chitin-audit-verify --export FILE --pubkey FILE
 //! chitin-audit-verify --db FILE --pubkey FILE [--checkpoints FILE]
+//! chitin-audit-verify --postgres URL --pubkey FILE [--checkpoints FILE]...   (feature `postgres`)
 //! ```
+//! With `--postgres`, each `--checkpoints FILE` is one gateway's `audit.checkpoints` (the
+//! checkpoints it signed, kept outside the database); give those you have.
 //! Exit 0 and `ok: N records, head <hex>, last checkpoint <seq>`; exit 1 and
 //! `tampered: first bad record <seq>: <reason>`; exit 2 on usage or I/O errors.
 
@@ -13,21 +16,34 @@ use std::process::ExitCode;
 
 use chitin_audit::{PublicKey, Verifier};
 
+#[cfg(not(feature = "postgres"))]
 const USAGE: &str = "usage: chitin-audit-verify --export FILE --pubkey FILE\n       \
 chitin-audit-verify --db FILE --pubkey FILE [--checkpoints FILE]";
+#[cfg(feature = "postgres")]
+const USAGE: &str = "usage: chitin-audit-verify --export FILE --pubkey FILE\n       \
+chitin-audit-verify --db FILE --pubkey FILE [--checkpoints FILE]\n       \
+chitin-audit-verify --postgres URL --pubkey FILE [--checkpoints FILE]...";
 
 fn main() -> ExitCode {
     let mut export: Option<PathBuf> = None;
     let mut db: Option<PathBuf> = None;
     let mut pubkey: Option<PathBuf> = None;
-    let mut checkpoints: Option<PathBuf> = None;
+    let mut checkpoints: Vec<PathBuf> = Vec::new();
+    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+    let mut postgres: Option<PathBuf> = None;
+    let mut next_checkpoint: Option<PathBuf> = None;
     let mut args = std::env::args_os().skip(1);
     while let Some(a) = args.next() {
+        if let Some(c) = next_checkpoint.take() {
+            checkpoints.push(c);
+        }
         let slot = match a.to_str() {
             Some("--export") => &mut export,
             Some("--db") => &mut db,
             Some("--pubkey") => &mut pubkey,
-            Some("--checkpoints") => &mut checkpoints,
+            Some("--checkpoints") => &mut next_checkpoint,
+            #[cfg(feature = "postgres")]
+            Some("--postgres") => &mut postgres,
             Some("-h" | "--help") => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -45,6 +61,7 @@ fn main() -> ExitCode {
             }
         }
     }
+    checkpoints.extend(next_checkpoint);
     let Some(pubkey) = pubkey else {
         eprintln!("chitin-audit-verify: --pubkey FILE is required (the log's audit.pub)\n{USAGE}");
         return ExitCode::from(2);
@@ -57,10 +74,16 @@ fn main() -> ExitCode {
         }
     };
     let verifier = Verifier::new(key);
-    let result = match (export, db) {
-        (Some(x), None) => verifier.verify_export(&x),
-        (None, Some(d)) => {
-            let cp = checkpoints.unwrap_or_else(|| {
+    let result = match (export, db, postgres) {
+        (Some(x), None, None) => verifier.verify_export(&x),
+        (None, Some(d), None) => {
+            if checkpoints.len() > 1 {
+                eprintln!(
+                    "chitin-audit-verify: a SQLite log has one checkpoint file; give --checkpoints once\n{USAGE}"
+                );
+                return ExitCode::from(2);
+            }
+            let cp = checkpoints.pop().unwrap_or_else(|| {
                 d.parent().map_or_else(
                     || PathBuf::from(chitin_audit::CHECKPOINT_FILE),
                     |p| p.join(chitin_audit::CHECKPOINT_FILE),
@@ -68,9 +91,27 @@ fn main() -> ExitCode {
             });
             verifier.verify_db(&d, Some(&cp))
         }
+        #[cfg(feature = "postgres")]
+        (None, None, Some(url)) => {
+            let config = match url
+                .to_str()
+                .ok_or_else(|| {
+                    chitin_audit::AuditError::InvalidInput("the URL is not UTF-8".into())
+                })
+                .and_then(chitin_audit::PgConfig::from_url)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("chitin-audit-verify: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let files: Vec<&std::path::Path> = checkpoints.iter().map(PathBuf::as_path).collect();
+            verifier.verify_postgres(&config, &files)
+        }
         _ => {
             eprintln!(
-                "chitin-audit-verify: give exactly one of --export FILE or --db FILE\n{USAGE}"
+                "chitin-audit-verify: give exactly one of --export FILE or --db FILE (or --postgres URL, in a build with the `postgres` feature)\n{USAGE}"
             );
             return ExitCode::from(2);
         }
