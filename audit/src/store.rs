@@ -228,7 +228,7 @@ enum ReaderInner {
         path: PathBuf,
     },
     #[cfg(feature = "postgres")]
-    Postgres(crate::pg::PgReader),
+    Postgres(Box<crate::pg::PgReader>),
 }
 
 impl AuditReader {
@@ -246,7 +246,7 @@ impl AuditReader {
     #[cfg(feature = "postgres")]
     pub fn open_postgres(config: &crate::pg::PgConfig) -> Result<Self, AuditError> {
         Ok(Self {
-            inner: ReaderInner::Postgres(crate::pg::PgReader::open(config)?),
+            inner: ReaderInner::Postgres(Box::new(crate::pg::PgReader::open(config)?)),
         })
     }
 
@@ -256,7 +256,7 @@ impl AuditReader {
             ReaderInner::Sqlite { path, .. } => Self::open(path),
             #[cfg(feature = "postgres")]
             ReaderInner::Postgres(r) => Ok(Self {
-                inner: ReaderInner::Postgres(r.reopen()?),
+                inner: ReaderInner::Postgres(Box::new(r.reopen()?)),
             }),
         }
     }

@@ -29,7 +29,10 @@ fn main() -> ExitCode {
     let mut db: Option<PathBuf> = None;
     let mut pubkey: Option<PathBuf> = None;
     let mut checkpoints: Vec<PathBuf> = Vec::new();
-    #[cfg_attr(not(feature = "postgres"), allow(unused_mut))]
+    #[cfg_attr(
+        not(feature = "postgres"),
+        allow(unused_mut, reason = "only --postgres sets it")
+    )]
     let mut postgres: Option<PathBuf> = None;
     let mut next_checkpoint: Option<PathBuf> = None;
     let mut args = std::env::args_os().skip(1);
