@@ -268,11 +268,19 @@ mod pg {
             log.shutdown().unwrap();
         }
         let total = writers as u64 * threads as u64 * per_thread;
+        let start = Instant::now();
         let report = Verifier::new(signer.public_key())
             .verify_postgres(&config, &[])
             .unwrap()
             .unwrap();
+        let verify_secs = start.elapsed().as_secs_f64();
         assert_eq!(report.records, total);
+        if total >= 10_000 {
+            println!(
+                "  (verify_postgres of these {total} records: {:.0} records/s)",
+                total as f64 / verify_secs
+            );
+        }
         drop(logs);
         let _ = admin().batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
         total as f64 / secs

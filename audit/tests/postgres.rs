@@ -236,6 +236,64 @@ fn several_logs_in_several_threads_append_one_gap_free_chain() {
 }
 
 #[test]
+fn queued_records_wait_for_the_head_lock_and_then_commit_in_one_transaction() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let log = AuditLog::open_postgres(dir.path(), &db.config(), options(&clock, 0)).unwrap();
+    log.append(input(0)).unwrap();
+    // Another writer's append transaction holds the head row.
+    let mut other = db.client();
+    let mut held = other.transaction().unwrap();
+    held.query_one("SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    let first = log.submit(input(1)).unwrap();
+    // The writer now waits for the lock (polled, generous deadline).
+    let mut watcher = db.client();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let waiting: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'chitin-audit' AND wait_event_type = 'Lock'",
+                &[&db.name],
+            )
+            .unwrap()
+            .get(0);
+        if waiting == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never waited for the head lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Everything submitted meanwhile queues behind it ...
+    let queued: Vec<_> = (2..50).map(|i| log.submit(input(i)).unwrap()).collect();
+    held.commit().unwrap();
+    assert_eq!(first.wait().unwrap().seq, 2);
+    let seqs: Vec<i64> = queued.into_iter().map(|p| p.wait().unwrap().seq).collect();
+    assert_eq!(seqs, (3..=50).collect::<Vec<_>>());
+    // ... and commits as one batch: one transaction (one xmin) for records 3..=50.
+    let xids: Vec<String> = watcher
+        .query(
+            "SELECT xmin::text FROM audit_records WHERE seq >= 2 ORDER BY seq",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(xids.len(), 49);
+    assert!(xids[1..].iter().all(|x| *x == xids[1]), "{xids:?}");
+    assert_ne!(xids[0], xids[1]);
+    log.shutdown().unwrap();
+    let witness = dir.path().join("audit.checkpoints");
+    assert_eq!(pg_verify(&db, &[&witness]).unwrap().records, 50);
+}
+
+#[test]
 fn a_writer_with_another_audit_key_is_refused() {
     let db = TestDb::new();
     let _first = build_pg(&db, 2, 0);
