@@ -448,7 +448,8 @@ impl AuditLog {
         }
     }
 
-    /// The file locations.
+    /// The file locations. On PostgreSQL `db` is not used (the records are in the database):
+    /// read through [`reader`](Self::reader) and verify with [`verify`](Self::verify).
     pub fn paths(&self) -> &AuditPaths {
         &self.paths
     }
