@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::sync::{Arc, RwLock};
 
-
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt as _;
