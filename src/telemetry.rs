@@ -202,6 +202,7 @@ where
         .with_tracer(tracer)
         .with_location(false)
         .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(only_our_spans)
         .boxed();
     Ok(Some((

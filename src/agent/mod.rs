@@ -1224,8 +1224,14 @@ impl Run {
             match &answer {
                 Ok(r) => {
                     call_span.record("gen_ai.response.model", r.model.as_str());
-                    call_span.record("gen_ai.usage.input_tokens", r.usage.input_tokens);
-                    call_span.record("gen_ai.usage.output_tokens", r.usage.output_tokens);
+                    call_span.record(
+                        "gen_ai.usage.input_tokens",
+                        i64::try_from(r.usage.input_tokens).unwrap_or(i64::MAX),
+                    );
+                    call_span.record(
+                        "gen_ai.usage.output_tokens",
+                        i64::try_from(r.usage.output_tokens).unwrap_or(i64::MAX),
+                    );
                     if let Some(c) = r.cost_usd {
                         call_span.record("chitin.cost_usd", c);
                     }

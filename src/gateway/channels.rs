@@ -1060,7 +1060,7 @@ async fn poll_loop(
             "channel.receive",
             otel.kind = "consumer",
             chitin.channel = %name,
-            chitin.events = polled.events.len(),
+            chitin.events = i64::try_from(polled.events.len()).unwrap_or(i64::MAX),
             chitin.admitted = tracing::field::Empty,
         );
         // Pairings approved by another process (`chitin pairing approve`) are in state.db:
@@ -1090,7 +1090,10 @@ async fn poll_loop(
         if let Some(c) = next {
             cursor = Some(Some(c));
         }
-        receive.record("chitin.admitted", committed.admitted.len());
+        receive.record(
+            "chitin.admitted",
+            i64::try_from(committed.admitted.len()).unwrap_or(i64::MAX),
+        );
         dispatch(&ctx, committed).instrument(receive).await;
     }
 }

@@ -1025,6 +1025,9 @@ async fn front(
         "/control" | "/control.js" | "/control.css" => "/control",
         p if p.starts_with("/api/") => "/api",
         p if p.starts_with("/hooks/") => "/hooks",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        p if p.starts_with("/v1/models") => "/v1/models",
+        p if p.starts_with("/channels/") => "/channels",
         _ => "other",
     };
     let method = req.method().clone();
@@ -1090,7 +1093,7 @@ async fn front(
     }
     let status = resp.status().as_u16();
     app.metrics.request(route, status);
-    span.record("http.response.status_code", status);
+    span.record("http.response.status_code", i64::from(status));
     if status >= 500 {
         span.record("otel.status_code", "ERROR");
     }

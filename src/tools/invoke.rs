@@ -369,7 +369,10 @@ pub fn invoke_step(
             span.record("otel.status_code", "ERROR");
         }
     }
-    span.record("chitin.duration_ms", record.duration_ms);
+    span.record(
+        "chitin.duration_ms",
+        i64::try_from(record.duration_ms).unwrap_or(i64::MAX),
+    );
     let mut input = RecordInput::tool_run(&actor, tool, &record);
     if let Err(e) = &run {
         input = input.with_outcome(format!("error: {}", redact_str(&e.to_string())));
