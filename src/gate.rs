@@ -669,7 +669,44 @@ impl Gate {
         self.check_bound(&req, None, extra)
     }
 
+    /// [`Self::decide_bound`] inside a `gate.decision` span: the action, the resource, the
+    /// outcome and the determining policy ids (never the context or the arguments).
     fn check_bound(
+        &self,
+        req: &PolicyRequest,
+        args: Option<&Value>,
+        extra: &[Value],
+    ) -> Result<Verdict, GateError> {
+        let span = tracing::info_span!(
+            "gate.decision",
+            chitin.action = %req.action_name(),
+            chitin.resource = %req.resource,
+            chitin.decision = tracing::field::Empty,
+            chitin.policy_ids = tracing::field::Empty,
+            chitin.shadow_policy_ids = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let _in = span.enter();
+        let verdict = self.decide_bound(req, args, extra);
+        let (outcome, d) = match &verdict {
+            Ok(Verdict::Allowed(_, d)) => ("allow", Some(d)),
+            Ok(Verdict::Denied(d)) => ("deny", Some(d)),
+            Ok(Verdict::ApprovalRequired { decision, .. }) => ("approval_required", Some(decision)),
+            Err(_) => ("refused", None),
+        };
+        span.record("chitin.decision", outcome);
+        if let Some(d) = d {
+            span.record("chitin.policy_ids", d.policies.join(",").as_str());
+            if !d.shadow.is_empty() {
+                span.record("chitin.shadow_policy_ids", d.shadow.join(",").as_str());
+            }
+        } else {
+            span.record("otel.status_code", "ERROR");
+        }
+        verdict
+    }
+
+    fn decide_bound(
         &self,
         req: &PolicyRequest,
         args: Option<&Value>,

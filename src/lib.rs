@@ -22,6 +22,7 @@ pub mod security;
 pub mod skills_host;
 pub mod state;
 pub mod store;
+pub mod telemetry;
 pub mod tools;
 pub mod vault;
 pub mod workflow_runner;

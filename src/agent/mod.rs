@@ -33,6 +33,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 use tokio::sync::{Semaphore, broadcast, watch};
+use tracing::Instrument;
 
 use crate::approvals::Approvals;
 use crate::clock::Clock;
@@ -342,7 +343,9 @@ fn new_run_id() -> Result<String, AgentError> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, AgentError> {
-    tokio::task::spawn_blocking(f)
+    // The blocking work belongs to the run's turn span (its gate decisions are the turn's).
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
         .await
         .map_err(|e| AgentError::Task(e.to_string()))
 }
@@ -670,34 +673,47 @@ impl Agent {
             );
         }
         let inner = Arc::clone(&self.0);
-        tokio::spawn(async move {
-            let run = Run {
-                inner: Arc::clone(&inner),
-                id: run_id.clone(),
-                session,
-                user,
-                approval_wait,
-                interrupted,
-                reports: Vec::new(),
-                policies: Vec::new(),
-                prompt: None,
-                cancel: Cancel::new(),
-                inflight: None,
-                opened: Mutex::new(Vec::new()),
-            };
-            let summary = run.execute(previous, cancel_rx).await;
-            let session = summary.session.clone();
-            let _closed = done_tx.send(Some(summary));
-            if let Ok(mut live) = inner.live.lock() {
-                live.remove(&run_id);
+        // The turn's span: a child of what submitted it (an HTTP request, a WebSocket turn, a
+        // channel message, a cron firing), a trace of its own when a restart resumes it. The
+        // parent of its model calls, gate decisions and tool runs.
+        let turn = tracing::info_span!(
+            "agent.turn",
+            chitin.run_id = %run_id,
+            chitin.session = %session,
+            chitin.user = %user,
+            chitin.resumed = interrupted,
+        );
+        tokio::spawn(
+            async move {
+                let run = Run {
+                    inner: Arc::clone(&inner),
+                    id: run_id.clone(),
+                    session,
+                    user,
+                    approval_wait,
+                    interrupted,
+                    reports: Vec::new(),
+                    policies: Vec::new(),
+                    prompt: None,
+                    cancel: Cancel::new(),
+                    inflight: None,
+                    opened: Mutex::new(Vec::new()),
+                };
+                let summary = run.execute(previous, cancel_rx).await;
+                let session = summary.session.clone();
+                let _closed = done_tx.send(Some(summary));
+                if let Ok(mut live) = inner.live.lock() {
+                    live.remove(&run_id);
+                }
+                // Forget the session's lane when no later run was queued behind this one.
+                if let Ok(mut lanes) = inner.lanes.lock()
+                    && lanes.get(&session).is_some_and(|l| l.borrow().is_some())
+                {
+                    lanes.remove(&session);
+                }
             }
-            // Forget the session's lane when no later run was queued behind this one.
-            if let Ok(mut lanes) = inner.lanes.lock()
-                && lanes.get(&session).is_some_and(|l| l.borrow().is_some())
-            {
-                lanes.remove(&session);
-            }
-        });
+            .instrument(turn),
+        );
     }
 
     /// Asks a run to stop (at its next await point). A tool call in progress has its sandbox
@@ -1190,7 +1206,42 @@ impl Run {
                 .first()
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            let resp = match router.chat(&req, &mut sink).await {
+            let call_span = tracing::info_span!(
+                "model.call",
+                otel.kind = "client",
+                gen_ai.operation.name = "chat",
+                gen_ai.request.model = %first_model,
+                gen_ai.response.model = tracing::field::Empty,
+                gen_ai.usage.input_tokens = tracing::field::Empty,
+                gen_ai.usage.output_tokens = tracing::field::Empty,
+                chitin.cost_usd = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            );
+            let answer = router
+                .chat(&req, &mut sink)
+                .instrument(call_span.clone())
+                .await;
+            match &answer {
+                Ok(r) => {
+                    call_span.record("gen_ai.response.model", r.model.as_str());
+                    call_span.record(
+                        "gen_ai.usage.input_tokens",
+                        i64::try_from(r.usage.input_tokens).unwrap_or(i64::MAX),
+                    );
+                    call_span.record(
+                        "gen_ai.usage.output_tokens",
+                        i64::try_from(r.usage.output_tokens).unwrap_or(i64::MAX),
+                    );
+                    if let Some(c) = r.cost_usd {
+                        call_span.record("chitin.cost_usd", c);
+                    }
+                }
+                Err(_) => {
+                    call_span.record("otel.status_code", "ERROR");
+                }
+            }
+            drop(call_span);
+            let resp = match answer {
                 Ok(r) => {
                     let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     let user = self.user.clone();
@@ -1673,7 +1724,9 @@ impl Run {
                 .with_sessions(Arc::new(session_tools::AgentSessions(Agent(Arc::clone(
                     &inner,
                 )))));
+            let span = tracing::Span::current();
             let task = tokio::task::spawn_blocking(move || {
+                let _in_turn = span.enter();
                 crate::tools::invoke::invoke(
                     &inner.p.gate,
                     &sandbox,

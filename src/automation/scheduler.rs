@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::AutomationError;
 use super::jobs::{FiringRow, JobRow, JobStore};
@@ -59,6 +60,17 @@ impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler").finish_non_exhaustive()
     }
+}
+
+/// One trace per firing: its turn (or workflow) is the child.
+fn fire_span(job: &str, kind: &str) -> tracing::Span {
+    tracing::info_span!(
+        parent: None,
+        "cron.fire",
+        otel.kind = "internal",
+        chitin.job = job,
+        chitin.firing = kind,
+    )
 }
 
 async fn blocking<T: Send + 'static>(
@@ -114,16 +126,26 @@ impl Scheduler {
             let Some(firing) = blocking(move || jobs.claim_tick(&name, latest, kind)).await? else {
                 continue;
             };
-            tracing::info!(job = %job.name, time = %rfc3339(latest), kind, "cron job fired");
-            report.started.push(self.start(job, firing).await);
+            let span = fire_span(&job.name, kind);
+            span.in_scope(|| {
+                tracing::info!(job = %job.name, time = %rfc3339(latest), kind, "cron job fired");
+            });
+            report
+                .started
+                .push(self.start(job, firing).instrument(span).await);
         }
         let jobs = Arc::clone(&self.jobs);
         for firing in blocking(move || jobs.claim_requested()).await? {
             let (jobs, name) = (Arc::clone(&self.jobs), firing.job.clone());
             match blocking(move || jobs.get(&name)).await? {
                 Some(job) => {
-                    tracing::info!(job = %job.name, "cron job run on request");
-                    report.started.push(self.start(job, firing).await);
+                    let span = fire_span(&job.name, "requested");
+                    span.in_scope(|| {
+                        tracing::info!(job = %job.name, "cron job run on request");
+                    });
+                    report
+                        .started
+                        .push(self.start(job, firing).instrument(span).await);
                 }
                 None => {
                     let (jobs, id) = (Arc::clone(&self.jobs), firing.id);

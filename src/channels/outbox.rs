@@ -15,6 +15,7 @@ use chitin_channels::{Button, ChatRef, OutMessage, Platform, SendError};
 use rusqlite::{OptionalExtension, Transaction, params};
 use serde::Serialize;
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use super::{
     BACKOFF_BASE_MS, BACKOFF_MAX_MS, ChannelsError, Engine, MAX_OUTBOX_AGE_MS, chat_kind_str,
@@ -818,7 +819,26 @@ pub async fn deliver_due(
     let rows = engine.claim_due(channel, engine.now_ms(), limit)?;
     let mut report = DeliveryReport::default();
     for r in rows {
-        match platform.send(&r.message()).await {
+        // One trace per delivery attempt (the turn that queued it may be long over).
+        let span = tracing::info_span!(
+            parent: None,
+            "outbox.deliver",
+            otel.kind = "producer",
+            chitin.channel = channel,
+            chitin.outbox_id = r.id,
+            chitin.outcome = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+        );
+        let sent = platform.send(&r.message()).instrument(span.clone()).await;
+        span.record(
+            "chitin.outcome",
+            if sent.is_ok() { "sent" } else { "failed" },
+        );
+        if sent.is_err() {
+            span.record("otel.status_code", "ERROR");
+        }
+        drop(span);
+        match sent {
             Ok(sent) => {
                 engine.record_sent(r.id, &sent.message_id)?;
                 report.sent.push(r.id);

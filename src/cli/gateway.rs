@@ -94,7 +94,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
 
     let redactor: logging::SharedRedactor =
         Arc::new(RwLock::new(crate::secrets::Redactor::empty()));
-    logging::init(Arc::clone(&redactor));
+    // Kept until the gateway stops: dropping it sends the last spans.
+    let telemetry = logging::init(Arc::clone(&redactor), &config.telemetry)?;
 
     // A fresh machine: the same steps as `chitin init` (idempotent, never overwrites).
     if !globals.home.join("state.db").exists() || !globals.config_path.exists() {
@@ -325,6 +326,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         reconfigure_agent: Some(reconfigure_agent),
     };
     crate::gateway::run(parts)?;
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -22,6 +22,7 @@ pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
+pub mod telemetry;
 pub mod tools;
 pub mod workflows;
 
@@ -78,6 +79,7 @@ pub struct Config {
     pub hooks: Vec<automation::HookConfig>,
     pub tools: tools::ToolsConfig,
     pub mcp: mcp::McpConfig,
+    pub telemetry: telemetry::TelemetryConfig,
 }
 
 impl Config {
@@ -160,6 +162,7 @@ impl Config {
             .and_then(|()| config.backup.validate())
             .and_then(|()| config.cli.validate())
             .and_then(|()| config.auth.validate())
+            .and_then(|()| config.telemetry.validate())
             .and_then(|()| channels::validate(&config.channels))
             .and_then(|()| {
                 automation::validate(
@@ -280,6 +283,7 @@ pub fn default_toml() -> String {
         automation::TEMPLATE,
         tools::TEMPLATE,
         mcp::TEMPLATE,
+        telemetry::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

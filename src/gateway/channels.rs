@@ -17,7 +17,7 @@ use chitin_channels::telegram::{Telegram, TelegramConfig, TelegramMode, default_
 use chitin_channels::{ChannelError, ChatRef, Platform};
 use serde_json::{Map, json};
 use tokio::sync::{Notify, watch};
-use tracing::{error, info, warn};
+use tracing::{Instrument, error, info, warn};
 use zeroize::Zeroizing;
 
 use crate::approvals::{ApprovalError, ApprovalRef};
@@ -1053,6 +1053,16 @@ async fn poll_loop(
             continue;
         }
         let next = polled.cursor.clone();
+        // One trace per poll that brought events: storing them and admitting each message
+        // (`message.receive` decisions).
+        let receive = tracing::info_span!(
+            parent: None,
+            "channel.receive",
+            otel.kind = "consumer",
+            chitin.channel = %name,
+            chitin.events = i64::try_from(polled.events.len()).unwrap_or(i64::MAX),
+            chitin.admitted = tracing::field::Empty,
+        );
         // Pairings approved by another process (`chitin pairing approve`) are in state.db:
         // re-read them so this batch is decided with them.
         let committed = blocking(engine, {
@@ -1064,6 +1074,7 @@ async fn poll_loop(
                 e.commit_polled(&name, &polled).map_err(|e| e.to_string())
             }
         })
+        .instrument(receive.clone())
         .await;
         let committed = match committed {
             Ok(c) => c,
@@ -1079,7 +1090,11 @@ async fn poll_loop(
         if let Some(c) = next {
             cursor = Some(Some(c));
         }
-        dispatch(&ctx, committed).await;
+        receive.record(
+            "chitin.admitted",
+            i64::try_from(committed.admitted.len()).unwrap_or(i64::MAX),
+        );
+        dispatch(&ctx, committed).instrument(receive).await;
     }
 }
 
@@ -1102,24 +1117,40 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
     }
     join_invites(ctx, committed.invites).await;
     for ev in committed.admitted {
-        if let Some(agent) = &ctx.agent
-            && let Some((grant, code)) = approval_command(&ev.message.text)
-        {
-            let chat = Some(ev.message.chat.clone());
-            let text =
-                match decide(agent, ctx, &ev.user, chat, ApprovalRef::parse(code), grant).await {
-                    Ok(a) => decided_text(&a, grant),
-                    Err(why) => why,
-                };
+        // One trace per admitted message (its turn is the child), linked to the poll or
+        // webhook request that brought it in.
+        let span = tracing::info_span!(
+            parent: None,
+            "channel.message",
+            otel.kind = "consumer",
+            chitin.channel = %name,
+            chitin.event_id = %ev.event_id,
+            chitin.user = %ev.user,
+            chitin.session = %ev.session,
+        );
+        crate::telemetry::link_to_current(&span);
+        handle_admitted(ctx, ev).instrument(span).await;
+    }
+}
+
+/// An admitted message: an approval command answered at once, or the agent's turn.
+async fn handle_admitted(ctx: &Arc<Ctx>, ev: AdmittedEvent) {
+    if let Some(agent) = &ctx.agent
+        && let Some((grant, code)) = approval_command(&ev.message.text)
+    {
+        let chat = Some(ev.message.chat.clone());
+        let text = match decide(agent, ctx, &ev.user, chat, ApprovalRef::parse(code), grant).await {
+            Ok(a) => decided_text(&a, grant),
+            Err(why) => why,
+        };
+        answer_without_a_turn(ctx, &ev, text).await;
+        return;
+    }
+    match &ctx.agent {
+        Some(agent) => start_turn(ctx, agent, ev).await,
+        None => {
+            let text = "No model is configured for this assistant yet.".to_string();
             answer_without_a_turn(ctx, &ev, text).await;
-            continue;
-        }
-        match &ctx.agent {
-            Some(agent) => start_turn(ctx, agent, ev).await,
-            None => {
-                let text = "No model is configured for this assistant yet.".to_string();
-                answer_without_a_turn(ctx, &ev, text).await;
-            }
         }
     }
 }
@@ -1353,7 +1384,9 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce(&Engine) -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
     let e = Arc::clone(engine);
-    tokio::task::spawn_blocking(move || f(&e))
+    // Admission decisions belong to the span that brought the events in.
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(|| f(&e)))
         .await
         .map_err(|e| format!("engine task failed: {e}"))?
 }

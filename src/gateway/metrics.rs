@@ -232,6 +232,33 @@ impl Metrics {
     }
 }
 
+/// The OTLP exporter's counters (`[telemetry]`; all zero while tracing is off).
+pub fn render_telemetry(c: crate::telemetry::ExportCounts) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP chitin_otlp_spans_dropped_total Trace spans not delivered to the OTLP collector, by reason (queue_full: the collector is slower than the gateway; export_failed: it refused, timed out or is down)."
+    );
+    let _ = writeln!(out, "# TYPE chitin_otlp_spans_dropped_total counter");
+    let _ = writeln!(
+        out,
+        "chitin_otlp_spans_dropped_total{{reason=\"queue_full\"}} {}",
+        c.dropped_queue_full
+    );
+    let _ = writeln!(
+        out,
+        "chitin_otlp_spans_dropped_total{{reason=\"export_failed\"}} {}",
+        c.dropped_export_failed
+    );
+    let _ = writeln!(
+        out,
+        "# HELP chitin_otlp_spans_exported_total Trace spans the OTLP collector accepted."
+    );
+    let _ = writeln!(out, "# TYPE chitin_otlp_spans_exported_total counter");
+    let _ = writeln!(out, "chitin_otlp_spans_exported_total {}", c.exported);
+    out
+}
+
 /// The audit sink's state and the approval backlog, read at scrape time: `audit_ok` is the
 /// audit log's health (a failed sink refuses every audited action), `since_ms` when it
 /// failed; `pending` the approvals waiting for a person (`None` when the store cannot be read).

@@ -1025,10 +1025,36 @@ async fn front(
         "/control" | "/control.js" | "/control.css" => "/control",
         p if p.starts_with("/api/") => "/api",
         p if p.starts_with("/hooks/") => "/hooks",
+        "/v1/chat/completions" => "/v1/chat/completions",
+        p if p.starts_with("/v1/models") => "/v1/models",
+        p if p.starts_with("/channels/") => "/channels",
         _ => "other",
     };
     let method = req.method().clone();
-    let span = tracing::info_span!("request", request_id = %id, %method, route, client = %client);
+    let otel_name = format!("{method} {route}");
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        %method,
+        route,
+        client = %client,
+        otel.name = %otel_name,
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    // A trusted proxy (`[gateway] trusted_proxies`) may continue its caller's trace; anyone
+    // else's `traceparent` is ignored (a new trace starts here).
+    if proxies.contains(&peer.ip().to_canonical())
+        && let Some(tp) = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+    {
+        crate::telemetry::continue_trace(&span, tp);
+    }
     req.extensions_mut().insert(Client(client));
     // Another site's page (an `<img>`, a form, a fetch, a CORS preflight, a WebSocket) is
     // refused before anything else and is not a failed authentication: the owner's browser
@@ -1067,6 +1093,10 @@ async fn front(
     }
     let status = resp.status().as_u16();
     app.metrics.request(route, status);
+    span.record("http.response.status_code", i64::from(status));
+    if status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
     let _g = span.enter();
     info!(
         status,
@@ -1549,6 +1579,7 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     .flatten()
     .and_then(|n| u64::try_from(n).ok());
     text.push_str(&metrics::render_state(audit_ok, since, pending));
+    text.push_str(&metrics::render_telemetry(crate::telemetry::counts()));
     if let Some(a) = &app.agent {
         text.push_str(&a.metrics_text());
     }

@@ -36,7 +36,7 @@ use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
-use tracing::info;
+use tracing::{Instrument, info};
 
 use super::auth::{self, AuthFailure, LimitConfig, Limiter};
 use super::backend::{BackendError, BackendEvent, ChatBackend, EventKind, NOT_CONFIGURED};
@@ -1030,8 +1030,22 @@ fn handle_text(
             let Some(b) = ws.backend.as_ref() else {
                 return Some(error(ws, &id, "not_configured", NOT_CONFIGURED));
             };
+            // One trace per chat turn (the connection lives longer than any of them): the
+            // agent's turn span is its child.
+            let span = tracing::info_span!(
+                parent: None,
+                "ws.turn",
+                otel.kind = "server",
+                rpc.method = %req.method,
+                chitin.user = %user,
+                chitin.run_id = tracing::field::Empty,
+            );
+            let _in_turn = span.enter();
             Some(match b.start_run(user, session.as_deref(), &text) {
-                Ok(r) => res_ok(&id, json!({"run_id": r.run_id, "session": r.session})),
+                Ok(r) => {
+                    span.record("chitin.run_id", r.run_id.as_str());
+                    res_ok(&id, json!({"run_id": r.run_id, "session": r.session}))
+                }
                 Err(e) => backend_error(ws, &id, &e),
             })
         }
@@ -1057,14 +1071,24 @@ fn handle_text(
             let ws = Arc::clone(ws);
             let out = out.clone();
             let user = user.to_string();
-            tokio::spawn(async move {
-                let reply = match call.run(b.as_ref(), &user).await {
-                    Ok(v) => res_ok(&id, v),
-                    Err(e) => backend_error(&ws, &id, &e),
-                };
-                let _ = out.send(Out::Res(reply)).await;
-                drop(permit);
-            });
+            let span = tracing::info_span!(
+                parent: None,
+                "ws.request",
+                otel.kind = "server",
+                rpc.method = %req.method,
+                chitin.user = %user,
+            );
+            tokio::spawn(
+                async move {
+                    let reply = match call.run(b.as_ref(), &user).await {
+                        Ok(v) => res_ok(&id, v),
+                        Err(e) => backend_error(&ws, &id, &e),
+                    };
+                    let _ = out.send(Out::Res(reply)).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
             None
         }
         "pairing.list" | "pairing.resolve" => {

@@ -272,6 +272,20 @@ pub fn invoke_step(
             });
         }
     };
+    // The run, after the decision: a sibling of the gate's spans under the turn.
+    let sandboxed = !matches!(parsed, Parsed::Fetch(_) | Parsed::Send(_));
+    let span = tracing::info_span!(
+        "tool.run",
+        chitin.tool = tool_id.as_str(),
+        chitin.sandbox = if sandboxed { "spawned" } else { "none" },
+        chitin.approved = redeemed_id.is_some(),
+        process.exit.code = tracing::field::Empty,
+        chitin.signal = tracing::field::Empty,
+        chitin.killed_by = tracing::field::Empty,
+        chitin.duration_ms = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let _in_run = span.enter();
     let ws = Workspace::new(&call.workspace)?;
     let started = std::time::Instant::now();
     // Around a sandboxed run of a tainted call: which prompt files it changed (recorded as
@@ -336,6 +350,29 @@ pub fn invoke_step(
             ..ToolRun::default()
         },
     };
+    match &run {
+        Ok(r) => {
+            if let Some(code) = r.exit_code {
+                span.record("process.exit.code", code);
+            }
+            if let Some(sig) = r.signal {
+                span.record("chitin.signal", sig);
+            }
+            if let Some(k) = &r.killed {
+                span.record("chitin.killed_by", k.as_str());
+            }
+            if r.exit_code.is_some_and(|c| c != 0) || r.killed.is_some() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+    span.record(
+        "chitin.duration_ms",
+        i64::try_from(record.duration_ms).unwrap_or(i64::MAX),
+    );
     let mut input = RecordInput::tool_run(&actor, tool, &record);
     if let Err(e) = &run {
         input = input.with_outcome(format!("error: {}", redact_str(&e.to_string())));
