@@ -628,6 +628,138 @@ impl Gate {
         self.check_bound(req, None, &[])
     }
 
+    /// Decides the requests of one listing together and records them as ONE decision record
+    /// (the Control UI's lists are decided per owner of what they show; a page is one record,
+    /// not one per owner). All requests have the same principal and action; the first one
+    /// gates the listing (the caller's own items), so the record names the first request's
+    /// resource and outcome, the determining policies of every request, and in its payload
+    /// (`listing`) each request's resource, context (redacted), outcome, policies, shadow
+    /// policies and errors. Shadow differences add one `shadow_*` record, as for
+    /// [`Self::check`]. Returns each request's decision, in order. No `Authorized` is made:
+    /// a listing only reads, and the caller filters what it shows by these decisions.
+    pub fn check_listing(&self, reqs: &[PolicyRequest]) -> Result<Vec<Decision>, GateError> {
+        let [first, ..] = reqs else {
+            return Ok(Vec::new());
+        };
+        let actor = first.principal.to_string();
+        let action = first.action_name();
+        let resource = first.resource.to_string();
+        let refuse = |why: String, ctx: &Map<String, Value>| -> Result<GateError, GateError> {
+            let e = GateError::InvalidRequest(why);
+            self.record_refusal(
+                &actor,
+                &action,
+                &resource,
+                &e.to_string(),
+                Value::Object(ctx.clone()),
+            )?;
+            Ok(e)
+        };
+        match first.chitin_action() {
+            Some(a) if a != Action::SecretUse => {}
+            _ => {
+                return Err(refuse(
+                    format!(
+                        "`{}` cannot be decided as a listing; the gate lists only Chitin's read actions",
+                        first.action
+                    ),
+                    &first.context,
+                )?);
+            }
+        }
+        let mut decisions = Vec::with_capacity(reqs.len());
+        for r in reqs {
+            if r.principal != first.principal || r.action != first.action {
+                return Err(refuse(
+                    "a listing is decided for one principal and one action".into(),
+                    &r.context,
+                )?);
+            }
+            match self.engine.decide_with_entities(r, &[]) {
+                Ok(d) => decisions.push(d),
+                Err(e) => {
+                    self.record_refusal(
+                        &actor,
+                        &action,
+                        &r.resource.to_string(),
+                        &e.to_string(),
+                        Value::Object(r.context.clone()),
+                    )?;
+                    return Err(e.into());
+                }
+            }
+        }
+        let mut policies: Vec<String> = Vec::new();
+        let mut shadow: Vec<String> = Vec::new();
+        for d in &decisions {
+            for p in &d.policies {
+                if !policies.contains(p) {
+                    policies.push(p.clone());
+                }
+            }
+            for p in &d.shadow {
+                if !shadow.contains(p) {
+                    shadow.push(p.clone());
+                }
+            }
+        }
+        let items: Vec<Value> = reqs
+            .iter()
+            .zip(&decisions)
+            .map(|(r, d)| {
+                json!({
+                    "resource": r.resource.to_string(),
+                    "context": self.redacted(&Value::Object(r.context.clone())),
+                    "decision": d.decision.as_str(),
+                    "policies": d.policies,
+                    "shadow": d.shadow,
+                    "shadow_decision": d.shadow_decision.map(Outcome::as_str),
+                    "errors": d.errors,
+                })
+            })
+            .collect();
+        let gate_decision = |o: Outcome| match o {
+            Outcome::Allow => GateDecision::Allow,
+            Outcome::Deny => GateDecision::Deny,
+            Outcome::ApprovalRequired => GateDecision::ApprovalRequired,
+        };
+        let outcome = decisions.first().map_or(Outcome::Deny, |d| d.decision);
+        self.record(RecordInput::gate_decision(
+            &actor,
+            &action,
+            &resource,
+            gate_decision(outcome),
+            policies,
+            json!({"listing": items, "requests": reqs.len()}),
+        ))?;
+        let would: Vec<Outcome> = decisions.iter().filter_map(|d| d.shadow_decision).collect();
+        if !would.is_empty() {
+            let label = if would.contains(&Outcome::Deny) {
+                GateDecision::ShadowDeny
+            } else if would.contains(&Outcome::Allow) {
+                GateDecision::ShadowAllow
+            } else {
+                GateDecision::ShadowApprovalRequired
+            };
+            self.record(
+                RecordInput::gate_decision(
+                    &actor,
+                    &action,
+                    &resource,
+                    label,
+                    shadow,
+                    json!({"enforced": outcome.as_str(), "listing": reqs.len()}),
+                )
+                .with_outcome(format!(
+                    "not enforced in {} of {} listed requests",
+                    would.len(),
+                    reqs.len()
+                )),
+            )?;
+        }
+        Ok(decisions)
+    }
+
     /// [`Self::check`] with request-specific entities (Cedar entity JSON) added for this
     /// decision only, e.g. the `Skill` entity built from a verified signature. They are
     /// recorded with the decision.

@@ -539,6 +539,14 @@ const MIGRATIONS: &[&str] = &[
         definition   TEXT NOT NULL,
         PRIMARY KEY (server, tool)
      ) STRICT;",
+    // 18: users removed by an operator (`chitin users remove`, issue #17): a tombstone so the
+    // next single sign-on (or identity proxy) login does not create them again; `chitin users
+    // add` lifts it. Only SHA-256 of the user id is kept (no personal data in clear), so the
+    // tombstone stays when the user's data is erased and the removal keeps holding.
+    "CREATE TABLE account_removed (
+        user_hash   BLOB PRIMARY KEY,
+        removed_ms  INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The state database.

@@ -141,7 +141,9 @@ fn removing_a_user_ends_its_sessions_and_tokens_and_its_groups_leave_the_policy_
     ));
     // mallory (no group) may not manage users.
     match e.acc.add_user("mallory", "eve", &["owners".into()]) {
-        Err(AccountsError::Denied { action, .. }) => assert_eq!(action, "user.manage"),
+        Err(AccountsError::Denied { action, .. }) => {
+            assert_eq!(action, chitin::policy::Action::UserManage)
+        }
         other => panic!("{other:?}"),
     }
 }

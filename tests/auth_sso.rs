@@ -18,6 +18,8 @@ use harness::*;
 #[path = "support/oidc.rs"]
 mod oidc;
 use oidc::{CLIENT_ID, FakeIssuer};
+#[path = "support/chat.rs"]
+mod chat;
 
 const ENTITIES: &str = r#"[
   {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
@@ -716,4 +718,372 @@ fn a_confidential_client_sends_its_secret_released_through_cedar_only_to_the_tok
     }
     let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
     assert!(!log.contains("s3cret-CANARY"), "the secret is never logged");
+}
+
+/// A policy directory: the default policies and `extra`.
+fn policy_dir(root: &Path, extra: &str) -> std::path::PathBuf {
+    let dir = root.join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    let defaults = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default");
+    for e in std::fs::read_dir(defaults).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("zz-test.cedar"), extra).unwrap();
+    dir
+}
+
+const MALLORY_MAY_TALK: &str = r#"
+@id("test.mallory-may-talk")
+@reason("Mallory's paired chat identity is admitted, but she is not an owner.")
+permit (principal in Chitin::User::"mallory", action == Chitin::Action::"message.receive", resource)
+when { context.paired };
+"#;
+
+/// A remote browser's login: the session and device cookies (`Cookie` form) and the id of
+/// the device it waits as.
+fn remote_login(gw: &Gw, idp: &FakeIssuer) -> (String, String) {
+    let remote = [("X-Forwarded-For", "203.0.113.9")];
+    let l = login(gw, idp, &remote);
+    assert_eq!(l.resp.status, 200, "{}", l.resp.body);
+    assert!(
+        l.resp.body.contains("Waiting for approval"),
+        "{}",
+        l.resp.body
+    );
+    let both = format!(
+        "{}; {}",
+        cookie_pair(&l.resp, "chitin_session").unwrap(),
+        cookie_pair(&l.resp, "chitin_device").unwrap()
+    );
+    let held = session_of(gw, &both, &remote);
+    assert_eq!(held.status, 403, "{}", held.body);
+    assert_eq!(held.json()["error"]["code"], "device_pending");
+    assert!(
+        held.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/device approve"),
+        "{}",
+        held.body
+    );
+    let id = held.header("x-chitin-device").unwrap().to_string();
+    (both, id)
+}
+
+fn api_as(gw: &Gw, bearer: &str, method: &str, path: &str, body: Option<&Value>) -> Resp {
+    let text = body.map(Value::to_string).unwrap_or_default();
+    gw.try_req(
+        method,
+        path,
+        &[
+            ("Authorization", bearer),
+            ("Content-Type", "application/json"),
+        ],
+        text.as_bytes(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn a_pending_device_is_decided_on_the_control_api_and_by_an_owners_chat_command_and_refused_to_others()
+ {
+    use chitin_channels::telegram::fake::{
+        FakeChat, FakeTelegram, FakeUser, MessageBuilder, TOKEN,
+    };
+    let idp = FakeIssuer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let tg = rt.block_on(FakeTelegram::start()).unwrap();
+    let keep = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = policy_dir(keep.path(), MALLORY_MAY_TALK);
+    let port = free_port();
+    let cfg = format!(
+        "trusted_proxies = [\"127.0.0.1\"]\nauth_max_failures = 1000\n\n[policy]\ndir = {:?}\n\n\
+         [[channels]]\nname = \"tg\"\nkind = \"telegram\"\ntoken = \"secret:tg_token\"\napi_base = \"http://{}\"\nmode = \"polling\"\n{}",
+        dir.display().to_string(),
+        tg.addr(),
+        oidc_config(&idp, "http", port)
+    );
+    let mut gw = Gw::start_custom(port, &cfg, false, prepare);
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    chat::set_secret(&gw, "tg_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    let owner = gw.bearer();
+
+    // The owner's and mallory's Telegram identities, paired from the API.
+    let pair = |tg_user: &FakeUser, user: &str| {
+        let dm = FakeChat::private(tg_user);
+        tg.push_message(MessageBuilder::text(&dm, tg_user, "hello"));
+        let code = chat::until("the pairing request", &gw, || {
+            let v = api_as(&gw, &owner, "GET", "/api/v1/pairing", None).json();
+            v["requests"][0]["code"].as_str().map(str::to_string)
+        });
+        let r = api_as(
+            &gw,
+            &owner,
+            "POST",
+            &format!("/api/v1/pairing/{code}/resolve"),
+            Some(&json!({"decision": "approve", "user": user})),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        dm
+    };
+    let owner_tg = FakeUser::new(4242, "Owner");
+    let owner_dm = pair(&owner_tg, "owner");
+    let mallory_tg = FakeUser::new(777, "Mallory");
+    let mallory_dm = pair(&mallory_tg, "mallory");
+    // Says `text` in `dm` as `who` and waits for the reply to it.
+    let say = |dm: &FakeChat, who: &FakeUser, text: &str| -> String {
+        let asked = tg.push_message(MessageBuilder::text(dm, who, text));
+        chat::until("the reply in the chat", &gw, || {
+            tg.sent()
+                .into_iter()
+                .find(|m| m.reply_to == Some(asked.message_id))
+                .map(|m| m.text)
+        })
+    };
+
+    // A browser signs in from another address: a pending device.
+    let (browser, id) = remote_login(&gw, &idp);
+    let remote = [("X-Forwarded-For", "203.0.113.9")];
+
+    // Mallory is admitted in chat but may not approve devices: refused in words, nothing
+    // changes.
+    let refused = say(&mallory_dm, &mallory_tg, &format!("/device approve {id}"));
+    assert_eq!(
+        refused,
+        "Refused: you are not allowed to approve devices (pairing.approve; no policy permits it)."
+    );
+    assert_eq!(session_of(&gw, &browser, &remote).status, 403);
+    // Nor over the API with her own token.
+    let issued = gw.chitin(&["tokens", "issue", "--user", "mallory"]);
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let mallory = format!(
+        "Bearer {}",
+        String::from_utf8_lossy(&issued.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+    );
+    for (method, path, body) in [
+        ("GET", "/api/v1/devices".to_string(), None),
+        ("GET", "/api/v1/pairing".to_string(), None),
+        (
+            "POST",
+            format!("/api/v1/devices/{id}/resolve"),
+            Some(json!({"decision": "approve"})),
+        ),
+    ] {
+        let r = api_as(&gw, &mallory, method, &path, body.as_ref());
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "policy_denied");
+        assert_eq!(r.json()["error"]["action"], "pairing.approve");
+        assert_eq!(r.json()["error"]["policies"], json!([]));
+    }
+    assert_eq!(session_of(&gw, &browser, &remote).status, 403);
+
+    // The owner lists the waiting browsers in chat and approves this one.
+    let listed = say(&owner_dm, &owner_tg, "/devices");
+    assert!(
+        listed.starts_with("Browsers waiting for approval:\n"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains(&format!("{id} for alice@example.com from 203.0.113.9")),
+        "{listed}"
+    );
+    let approved = say(&owner_dm, &owner_tg, &format!("/device approve {id}"));
+    assert_eq!(
+        approved,
+        format!("Device {id} of alice@example.com from 203.0.113.9 is approved.")
+    );
+    let s = session_of(&gw, &browser, &remote);
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert_eq!(s.json()["user"], "alice@example.com");
+    let again = say(&owner_dm, &owner_tg, &format!("/device approve {id}"));
+    assert!(
+        again.starts_with(&format!("Refused: device `{id}` is approved")),
+        "{again}"
+    );
+    let none = say(&owner_dm, &owner_tg, "/devices");
+    assert_eq!(none, "No browser is waiting for approval.");
+
+    // A second browser: listed on the Channels and pairing API, denied there.
+    let (second, id2) = remote_login(&gw, &idp);
+    let listed = api_as(&gw, &owner, "GET", "/api/v1/pairing", None).json();
+    let devices = listed["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{listed}");
+    assert_eq!(devices[0]["id"], id2.as_str(), "pending devices come first");
+    assert_eq!(devices[0]["status"], "pending");
+    assert_eq!(devices[0]["user"], "alice@example.com");
+    assert_eq!(devices[0]["client"], "203.0.113.9");
+    assert_eq!(devices[1]["id"], id.as_str());
+    assert_eq!(devices[1]["status"], "approved");
+    assert_eq!(devices[1]["decided_by"], "Chitin::User::\"owner\"");
+    let bad = api_as(
+        &gw,
+        &owner,
+        "POST",
+        &format!("/api/v1/devices/{id2}/resolve"),
+        Some(&json!({"decision": "revoke"})),
+    );
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let denied = api_as(
+        &gw,
+        &owner,
+        "POST",
+        &format!("/api/v1/devices/{id2}/resolve"),
+        Some(&json!({"decision": "deny"})),
+    );
+    assert_eq!(denied.status, 200, "{}", denied.body);
+    assert_eq!(denied.json()["device"]["status"], "revoked");
+    assert_eq!(session_of(&gw, &second, &remote).status, 401);
+    let twice = api_as(
+        &gw,
+        &owner,
+        "POST",
+        &format!("/api/v1/devices/{id2}/resolve"),
+        Some(&json!({"decision": "approve"})),
+    );
+    assert_eq!(twice.status, 409, "{}", twice.body);
+    // Denying the approved browser revokes it and ends its session.
+    let revoked = api_as(
+        &gw,
+        &owner,
+        "POST",
+        &format!("/api/v1/devices/{id}/resolve"),
+        Some(&json!({"decision": "deny"})),
+    );
+    assert_eq!(revoked.status, 200, "{}", revoked.body);
+    assert_eq!(session_of(&gw, &browser, &remote).status, 401);
+
+    // Every decision is in the audit log with who made it.
+    let out = gw.chitin(&["audit", "query", "--kind", "admin", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let records: Vec<Value> = serde_json::from_str(&text).unwrap();
+    let of = |action: &str| {
+        records
+            .iter()
+            .filter(|r| r["action"] == action)
+            .map(|r| r["resource"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of("device.approve"), vec![format!("device:{id}")], "{text}");
+    let mut revokes = of("device.revoke");
+    revokes.sort();
+    let mut want = vec![format!("device:{id}"), format!("device:{id2}")];
+    want.sort();
+    assert_eq!(revokes, want, "{text}");
+    assert!(
+        records
+            .iter()
+            .filter(|r| r["action"] == "device.approve" || r["action"] == "device.revoke")
+            .all(|r| r["actor"] == "Chitin::User::\"owner\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_removed_user_loses_their_sessions_and_tokens_and_is_not_created_again_by_the_next_login() {
+    let idp = FakeIssuer::start();
+    let gw = start(&idp, "", false);
+    let user = "alice@example.com";
+    let l = login(&gw, &idp, &[]);
+    assert_eq!(l.resp.status, 200, "{}", l.resp.body);
+    let cookie = cookie_pair(&l.resp, "chitin_session").unwrap();
+    assert_eq!(session_of(&gw, &cookie, &[]).status, 200);
+    let issued = gw.chitin(&["tokens", "issue", "--user", user]);
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let bearer = format!(
+        "Bearer {}",
+        String::from_utf8_lossy(&issued.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+    );
+    let with_token = |gw: &Gw| {
+        gw.try_req("GET", "/auth/session", &[("Authorization", &bearer)], b"")
+            .unwrap()
+    };
+    assert_eq!(with_token(&gw).status, 200);
+
+    let out = gw.chitin(&["users", "remove", user]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Everything the user held ends at once.
+    assert_eq!(session_of(&gw, &cookie, &[]).status, 401);
+    assert_eq!(with_token(&gw).status, 401);
+
+    // Signing in again at the issuer does not bring the user back.
+    let again = login(&gw, &idp, &[]);
+    assert_eq!(again.resp.status, 403, "{}", again.resp.body);
+    let e = again.resp.json()["error"].clone();
+    assert_eq!(e["code"], "user_removed");
+    assert_eq!(
+        e["message"],
+        "the user `alice@example.com` was removed by an operator and is not created again by signing in; ask an owner to add them back (`chitin users add`)"
+    );
+    assert!(cookie_pair(&again.resp, "chitin_session").is_none());
+    let users: Value =
+        serde_json::from_slice(&gw.chitin(&["users", "list", "--json"]).stdout).unwrap();
+    assert!(
+        users.as_array().unwrap().iter().all(|u| u["user"] != user),
+        "{users}"
+    );
+    // The refused login is audited (written in the background: polled).
+    chat::until("the refused login in the audit log", &gw, || {
+        let audit = gw.chitin(&["audit", "query", "--kind", "system", "--json"]);
+        String::from_utf8_lossy(&audit.stdout)
+            .contains("refused: user_removed")
+            .then_some(())
+    });
+    // The tombstone keeps no user id in clear.
+    let db = rusqlite::Connection::open(gw.home.join("state.db")).unwrap();
+    let (n, hash): (i64, Vec<u8>) = db
+        .query_row(
+            "SELECT count(*), max(user_hash) FROM account_removed",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(hash.len(), 32);
+    assert!(!String::from_utf8_lossy(&hash).contains("alice"));
+
+    // An owner adding the user lets them in again, with the operator's groups.
+    let out = gw.chitin(&["users", "add", user, "--group", "owners"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = login(&gw, &idp, &[]);
+    assert_eq!(back.resp.status, 200, "{}", back.resp.body);
+    let c = cookie_pair(&back.resp, "chitin_session").unwrap();
+    let s = session_of(&gw, &c, &[]);
+    assert_eq!(s.status, 200, "{}", s.body);
+    assert_eq!(s.json()["user"], user);
+    let n: i64 = db
+        .query_row("SELECT count(*) FROM account_removed", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
 }

@@ -52,6 +52,12 @@ fn endpoints(approval_id: &str) -> Vec<(&'static str, String, Option<Value>)> {
             Some(json!({"decision": "deny"})),
         ),
         ("GET", "/api/v1/health".into(), None),
+        ("GET", "/api/v1/devices".into(), None),
+        (
+            "POST",
+            "/api/v1/devices/0123456789abcdef/resolve".into(),
+            Some(json!({"decision": "approve"})),
+        ),
     ]
 }
 
@@ -383,12 +389,56 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     .json();
     assert_eq!(deny["decision"], "deny");
     assert_eq!(deny["policies"], json!([]));
+    assert!(deny.get("change").is_none(), "{deny}");
+    // mallory reading her own session would be allowed by `session.own`: the hint is not a
+    // context attribute change (`owner` is an entity), so there is none.
+    assert_eq!(deny["would_allow"], json!([]));
+
+    // A crafted denial with a would-allow hint: the API and `chitin policy explain --json`
+    // answer the same JSON (the same code, `policy::explain`).
+    let crafted = json!({
+        "principal": "Chitin::User::\"owner\"", "action": "Chitin::Action::\"write_file\"",
+        "resource": "Chitin::Tool::\"write_file\"",
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false,
+                    "workspace": "/ws", "path": "/etc/x"}
+    });
+    let api = post(&gw, "/api/v1/policy/explain", &crafted);
+    assert_eq!(api.status, 200, "{}", api.body);
+    let api = api.json();
+    let file = gw.root.join("explain-request.json");
+    std::fs::write(&file, crafted.to_string()).unwrap();
+    let cli = gw.chitin(&[
+        "policy",
+        "explain",
+        "--request",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
     assert!(
-        deny["change"]
-            .as_str()
-            .unwrap()
-            .contains("no permit policy matches")
+        cli.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cli.stderr)
     );
+    let cli: Value = serde_json::from_slice(&cli.stdout).unwrap();
+    assert_eq!(api, cli);
+    assert_eq!(api["decision"], "deny");
+    assert_eq!(
+        api["policies"][0]["id"],
+        "guard.writes-outside-workspace-need-approval"
+    );
+    assert_eq!(api["policies"][0]["effect"], "forbid");
+    assert_eq!(
+        api["would_allow"],
+        json!([{
+            "attribute": "in_workspace", "from": false, "to": true, "derived": true,
+            "decision": "allow", "policies": [cli["would_allow"][0]["policies"][0].clone()],
+        }])
+    );
+    assert_eq!(
+        api["would_allow"][0]["policies"][0]["id"],
+        "tools.owner-files-in-workspace"
+    );
+    assert_eq!(api["derived"]["in_workspace"], false);
     let malformed = post(&gw, "/api/v1/policy/explain", &json!({"principal": 1}));
     assert_eq!(malformed.status, 400, "{}", malformed.body);
     assert_eq!(pol["shadow"], 1);
@@ -415,8 +465,15 @@ fn the_owner_sees_sessions_runs_approvals_audit_usage_policy_pairing_and_health(
     // Pairing without channels: nothing pending, nothing to resolve.
     assert_eq!(
         get(&gw, "/api/v1/pairing"),
-        json!({"requests": [], "channels": []})
+        json!({"requests": [], "channels": [], "devices": []})
     );
+    assert_eq!(get(&gw, "/api/v1/devices"), json!({"devices": []}));
+    let r = post(
+        &gw,
+        "/api/v1/devices/0123456789abcdef/resolve",
+        &json!({"decision": "approve"}),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
     let r = post(
         &gw,
         "/api/v1/pairing/ABCDEF/resolve",
@@ -539,4 +596,136 @@ fn every_endpoint_refuses_with_403_and_the_policy_ids_when_cedar_forbids_it() {
         "chitin usage is decided the same way"
     );
     assert!(String::from_utf8_lossy(&cli.stdout).contains("refused"));
+}
+
+/// `GET /api/v1/audit?action=session.read` as the owner: the records, newest first.
+fn session_read_records(gw: &Gw) -> Vec<Value> {
+    get(gw, "/api/v1/audit?action=session.read&limit=500")["records"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn sessions_are_paged_with_a_cursor_and_each_list_request_is_one_audit_record() {
+    use chitin::providers::testing::{Reply, Step};
+    let rt = runtime();
+    let (gw, fake) = start(&rt, "");
+    chat_turn(&gw);
+    fake.set_fallback(Step::Reply(Reply::text(["Fine."]).usage(10, 1)));
+    for user in ["t2", "t3", "t4"] {
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            &json!({"model": "chitin", "user": user, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    // Another owner's session, through an API token of theirs.
+    let out = gw.chitin(&["users", "add", "bob", "--group", "owners"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = gw.chitin(&["tokens", "issue", "--user", "bob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bob = format!(
+        "Bearer {}",
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .trim()
+    );
+    let r = send(
+        &gw,
+        "POST",
+        "/v1/chat/completions",
+        Some(
+            &json!({"model": "chitin", "user": "b1", "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        Some(&bob),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // The whole list, then the same in pages of two.
+    let whole = get(&gw, "/api/v1/sessions");
+    let keys = |v: &Value| -> Vec<String> {
+        v["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["key"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = keys(&whole);
+    assert_eq!(all.len(), 4, "{whole}");
+    assert!(all.iter().all(|k| k.starts_with("api:t")), "{whole}");
+    assert_eq!(whole["next"], Value::Null);
+    assert_eq!(
+        whole["hidden_owners"], 1,
+        "bob's sessions are not the owner's"
+    );
+    let first = get(&gw, "/api/v1/sessions?limit=2");
+    assert_eq!(keys(&first), all[..2].to_vec());
+    let cursor = first["next"].as_str().unwrap().to_string();
+    let second = get(&gw, &format!("/api/v1/sessions?limit=2&cursor={cursor}"));
+    assert_eq!(keys(&second), all[2..].to_vec());
+    assert_eq!(second["next"], Value::Null);
+    let third = get(&gw, "/api/v1/sessions?limit=3");
+    let rest = get(
+        &gw,
+        &format!(
+            "/api/v1/sessions?limit=3&cursor={}",
+            third["next"].as_str().unwrap()
+        ),
+    );
+    assert_eq!(keys(&rest), all[3..].to_vec());
+    for bad in [
+        "limit=0",
+        "limit=501",
+        "limit=x",
+        "cursor=nonsense!",
+        "cursor=MTI",
+    ] {
+        let r = gw.get(&format!("/api/v1/sessions?{bad}"));
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+
+    // One list request, two owners decided: one `session.read` record, with both decisions.
+    let before = session_read_records(&gw).len();
+    get(&gw, "/api/v1/sessions?limit=1");
+    let after = session_read_records(&gw);
+    assert_eq!(after.len(), before + 1, "one record per list request");
+    let rec = &after[0];
+    assert_eq!(rec["actor"], "Chitin::User::\"owner\"");
+    assert_eq!(rec["resource"], "Chitin::Session::\"*\"");
+    assert_eq!(rec["decision"], "allow");
+    assert_eq!(rec["policies"], json!(["session.own"]));
+    let listing = rec["payload"]["listing"].as_array().unwrap();
+    assert_eq!(listing.len(), 2, "{rec}");
+    assert_eq!(
+        listing[0]["context"]["owner"],
+        json!({"__entity": {"type": "Chitin::User", "id": "owner"}})
+    );
+    assert_eq!(listing[0]["decision"], "allow");
+    assert_eq!(
+        listing[1]["context"]["owner"],
+        json!({"__entity": {"type": "Chitin::User", "id": "bob"}})
+    );
+    assert_eq!(listing[1]["decision"], "deny");
+    // The approvals list too.
+    let before = session_read_records(&gw).len();
+    get(&gw, "/api/v1/approvals?status=all");
+    assert_eq!(session_read_records(&gw).len(), before + 1);
+
+    // bob sees only his own session, on his own list.
+    let r = send(&gw, "GET", "/api/v1/sessions", None, Some(&bob));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(keys(&r.json()), vec!["api:bob:b1".to_string()]);
 }

@@ -1,7 +1,9 @@
 //! The Control UI (`/control`) in a real browser: headless Chromium against the real gateway
 //! binary with its agent on a fake model. A person signs in with the token, opens a session
 //! and its run, approves a call on the Approvals page with its full arguments on screen (at
-//! phone width), explains a policy decision and reads the usage. A failing step leaves a
+//! phone width), explains a policy decision and reads the usage. A person outside `owners`
+//! signs in with single sign-on (the fake issuer of `support/oidc.rs`), sees only their own
+//! sessions and is refused another user's approval in words. A failing step leaves a
 //! screenshot in `target/browser-artifacts/`.
 #![allow(
     clippy::unwrap_used,
@@ -20,6 +22,8 @@ use serde_json::{Value, json};
 mod cdp;
 #[path = "support/gateway.rs"]
 mod harness;
+#[path = "support/oidc.rs"]
+mod oidc;
 
 use cdp::{Cdp, js};
 use harness::Gw;
@@ -355,5 +359,237 @@ async fn a_wrong_token_on_the_control_page_is_refused_in_plain_words() {
         );
     })
     .await;
+    drop(browser);
+}
+
+/// The test's policies: the defaults, plus a `team` whose members may use the model, may open
+/// one session of someone else in the Control UI (not list them), and may never decide an
+/// approval.
+const TEAM_POLICIES: &str = r#"
+@id("test.team-model-calls")
+@reason("The team may use the assistant.")
+permit (principal in Chitin::Group::"team", action == Chitin::Action::"model.call", resource);
+
+@id("test.team-opens-one-session")
+@reason("The team may open a session someone shows them in the Control UI, but not list other people's sessions.")
+permit (principal in Chitin::Group::"team", action == Chitin::Action::"session.read", resource is Chitin::Session)
+when { context.origin == "control" && context.op == "read" };
+
+@id("test.only-owners-approve")
+@reason("Only owners decide approvals.")
+forbid (principal, action == Chitin::Action::"approval.grant", resource)
+unless { principal in Chitin::Group::"owners" };
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_owner_signs_in_with_sso_sees_only_their_sessions_and_is_refused_another_users_approval_in_words()
+ {
+    use chitin::providers::testing::{FakeOpenAi, Reply, Step};
+    let fake = FakeOpenAi::start(vec![]).await.unwrap();
+    fake.set_fallback(Step::Reply(Reply::text(["Hello."]).usage(10, 1)));
+    let idp = tokio::task::spawn_blocking(oidc::FakeIssuer::start)
+        .await
+        .unwrap();
+    idp.set(|b| {
+        b.email = "carol@example.com".into();
+        b.groups = vec!["team".into()];
+    });
+    let keep = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = keep.path().join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    for e in
+        std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default"))
+            .unwrap()
+    {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    std::fs::write(dir.join("zz-team.cedar"), TEAM_POLICIES).unwrap();
+    let port = harness::free_port();
+    let cfg = format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n\n[policy]\ndir = {:?}\n\n[auth.oidc]\nissuer = \"{}\"\nclient_id = \"{}\"\nredirect_uri = \"http://127.0.0.1:{port}/auth/callback\"\n",
+        fake.base_url(),
+        dir.display().to_string(),
+        idp.issuer(),
+        oidc::CLIENT_ID,
+    );
+    let gw = tokio::task::spawn_blocking(move || {
+        let gw = harness::Gw::start_custom(port, &cfg, false, |_| {});
+        // The owner's session and an approval the owner asked for.
+        let r = gw
+            .try_req(
+                "POST",
+                "/v1/chat/completions",
+                &[("Authorization", &gw.bearer()), ("Content-Type", "application/json")],
+                json!({"model": "chitin", "user": "o1", "messages": [{"role": "user", "content": "hello"}]})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        gw
+    })
+    .await
+    .unwrap();
+    let r = gw.invoke(&json!({"tool": "exec", "args": {"argv": ["touch", "never"], "network": ["127.0.0.1:9"]}, "session": "ops"}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let approval_id = r.json()["approval"]["id"].as_str().unwrap().to_string();
+    let gw = Arc::new(gw);
+
+    let browser = tokio::task::spawn_blocking(cdp::launch).await.unwrap();
+    let client: Shared = Arc::new(tokio::sync::Mutex::new(
+        Cdp::connect(&browser.endpoint).await,
+    ));
+    let c2 = Arc::clone(&client);
+    let gw2 = Arc::clone(&gw);
+    let id2 = approval_id.clone();
+    with_screenshot(&client, "control-ui-non-owner", async move {
+        let gw = gw2;
+        let mut guard = c2.lock().await;
+        let cdp = &mut *guard;
+        cdp.open(&format!("http://127.0.0.1:{port}/control#sessions"))
+            .await;
+        // Single sign-on is configured: the SSO link next to the owner's token form.
+        cdp.wait_for(
+            "!document.getElementById('login').hidden && !document.getElementById('sso').hidden",
+            "the sign-in form with the SSO link",
+        )
+        .await;
+        let offered = cdp
+            .eval("(() => { const a = document.getElementById('sso-link'); const t = document.getElementById('token'); return [a.textContent, a.getAttribute('href'), t.offsetParent !== null]; })()")
+            .await;
+        assert_eq!(offered, json!(["Sign in with SSO", "/auth/login", true]));
+        // Follow it: the issuer signs carol in and sends the browser back.
+        cdp.eval("document.getElementById('sso-link').click(); true").await;
+        let g = Arc::clone(&gw);
+        tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+            loop {
+                let out = g.chitin(&["users", "list", "--json"]);
+                let users: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+                let signed_in = users.as_array().is_some_and(|l| {
+                    l.iter()
+                        .any(|u| u["user"] == "carol@example.com" && u["sessions"] == 1)
+                });
+                if signed_in {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "carol never signed in: {users}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            // Her own session, through an API token of hers.
+            let out = g.chitin(&["tokens", "issue", "--user", "carol@example.com"]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let token = String::from_utf8_lossy(&out.stdout).lines().last().unwrap().trim().to_string();
+            let r = g
+                .try_req(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("Authorization", &format!("Bearer {token}")), ("Content-Type", "application/json")],
+                    json!({"model": "chitin", "user": "c1", "messages": [{"role": "user", "content": "hi"}]})
+                        .to_string()
+                        .as_bytes(),
+                )
+                .unwrap();
+            assert_eq!(r.status, 200, "{}", r.body);
+        })
+        .await
+        .unwrap();
+
+        // The chat page connects as her without a token (the session cookie goes with the
+        // WebSocket upgrade).
+        cdp.open(&format!("http://127.0.0.1:{port}/")).await;
+        cdp.wait_for(
+            "document.getElementById('status').dataset.state === 'connected'",
+            "the chat page connected",
+        )
+        .await;
+        let status = cdp.eval("document.getElementById('status').textContent").await;
+        assert_eq!(status, "connected as carol@example.com");
+
+        // The Control page takes up the browser's session: no token asked for.
+        cdp.open(&format!("http://127.0.0.1:{port}/control#sessions"))
+            .await;
+        cdp.wait_for(
+            "!document.getElementById('whoami').hidden && document.getElementById('login').hidden",
+            "the signed-in page",
+        )
+        .await;
+        let who = cdp.eval("document.getElementById('whoami-user').textContent").await;
+        assert_eq!(who, "Signed in as carol@example.com");
+        cdp.wait_for(
+            "document.querySelectorAll('#sessions-table tbody tr').length > 0",
+            "carol's session",
+        )
+        .await;
+        let users = cdp
+            .eval("Array.from(document.querySelectorAll('#sessions-table tbody tr')).map(t => t.children[1].textContent)")
+            .await;
+        assert_eq!(users, json!(["carol@example.com"]), "only her own session");
+        let stored = cdp
+            .eval("[sessionStorage.getItem('chitin.token'), document.cookie]")
+            .await;
+        assert_eq!(stored, json!([null, ""]), "no token stored; the session cookie is HttpOnly");
+
+        // The owner's approval is not in her list; opened by its id, deciding it is refused.
+        cdp.eval("location.hash = '#approvals'; true").await;
+        cdp.wait_for(
+            "!document.getElementById('approvals-empty').hidden",
+            "her (empty) approvals list",
+        )
+        .await;
+        cdp.eval(&format!(
+            "document.getElementById('approval-id').value = {}; document.getElementById('approval-open').click(); true",
+            js(&id2)
+        ))
+        .await;
+        cdp.wait_for(
+            "!!document.querySelector('#approval-opened .approval[data-status=\"pending\"] button.approve')",
+            "the opened approval",
+        )
+        .await;
+        cdp.eval("document.querySelector('#approval-opened button.approve').click(); true")
+            .await;
+        cdp.wait_for("!document.getElementById('error').hidden", "the refusal")
+            .await;
+        let err = cdp.eval("document.getElementById('error').textContent").await;
+        assert_eq!(
+            err,
+            "Refused by policy: policy denied `approval.grant` for Chitin::User::\"carol@example.com\"; ask an owner to change the policies (policies: test.only-owners-approve)"
+        );
+
+        // Signing out ends the session: the sign-in form again.
+        cdp.eval("location.hash = '#sessions'; true").await;
+        cdp.eval("document.getElementById('signout').click(); true").await;
+        cdp.wait_for(
+            "!document.getElementById('login').hidden && document.getElementById('whoami').hidden",
+            "the sign-in form after signing out",
+        )
+        .await;
+    })
+    .await;
+
+    // Nothing was decided, and the refusal is in the audit log with the policy.
+    let a = json_get(&gw, &format!("/api/v1/approvals/{approval_id}"));
+    assert_eq!(a["approval"]["status"], "pending");
+    let recs = json_get(
+        &gw,
+        "/api/v1/audit?action=approval.grant&actor=Chitin::User::%22carol@example.com%22",
+    );
+    assert_eq!(recs["records"][0]["decision"], "deny", "{recs}");
+    assert_eq!(
+        recs["records"][0]["policies"],
+        json!(["test.only-owners-approve"])
+    );
+    let users: Value =
+        serde_json::from_slice(&gw.chitin(&["users", "list", "--json"]).stdout).unwrap();
+    let carol = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "carol@example.com")
+        .unwrap()
+        .clone();
+    assert_eq!(carol["sessions"], 0, "signed out: {carol}");
     drop(browser);
 }

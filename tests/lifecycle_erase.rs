@@ -491,3 +491,86 @@ fn erasing_a_user_removes_their_chat_messages_pairings_and_the_cron_jobs_they_ad
     );
     assert_eq!(count(&h, "SELECT COUNT(*) FROM cron_jobs"), 2);
 }
+
+#[test]
+fn erasing_a_user_deletes_their_account_tokens_sessions_and_devices_and_keeps_others_rows() {
+    let h = harness();
+    let (alice, _) = seed(&h);
+    {
+        let conn = h.lc.store.conn().unwrap();
+        for user in ["alice", "bob"] {
+            conn.execute(
+                "INSERT INTO account_users (user_id, groups, source, added_by, added_ms, updated_ms) VALUES (?1, '[]', 'oidc', ?2, 0, 0)",
+                rusqlite::params![user, if user == "bob" { alice.as_str() } else { "oidc" }],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO api_tokens (id, user_id, name, hash, created_by, created_ms) VALUES (?1, ?2, 'api', x'00', ?3, 0)",
+                rusqlite::params![format!("tok-{user}"), user, alice],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO web_sessions (id, hash, user_id, groups, method, csrf, client, created_ms, last_seen_ms, expires_ms) VALUES (?1, x'00', ?2, '[]', 'oidc', 'c', '127.0.0.1', 0, 0, 1)",
+                rusqlite::params![format!("ses-{user}"), user],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO devices (id, hash, user_id, status, client, user_agent, created_ms, decided_by) VALUES (?1, x'00', ?2, 'approved', '203.0.113.7', 'ua', 0, ?3)",
+                rusqlite::params![format!("dev-{user}"), user, alice],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO account_removed (user_hash, removed_ms) VALUES (x'0102', 0)",
+            [],
+        )
+        .unwrap();
+    }
+    let s = Subject::parse(&alice).unwrap();
+    let plan = erase::erase(&h.lc, &s, "op", true).unwrap().plan;
+    assert_eq!(
+        (
+            plan.account_user,
+            plan.api_tokens,
+            plan.web_sessions,
+            plan.devices
+        ),
+        (1, 1, 1, 1)
+    );
+    erase::erase(&h.lc, &s, "op", false).unwrap();
+    for table in ["account_users", "api_tokens", "web_sessions", "devices"] {
+        assert_eq!(
+            count(
+                &h,
+                &format!("SELECT COUNT(*) FROM {table} WHERE user_id = 'alice'")
+            ),
+            0,
+            "{table}"
+        );
+        assert_eq!(
+            count(
+                &h,
+                &format!("SELECT COUNT(*) FROM {table} WHERE user_id = 'bob'")
+            ),
+            1,
+            "{table}"
+        );
+    }
+    // Where alice acted for bob, bob's rows stay and name her no more.
+    for sql in [
+        "SELECT COUNT(*) FROM api_tokens WHERE created_by = 'erased'",
+        "SELECT COUNT(*) FROM devices WHERE decided_by = 'erased'",
+        "SELECT COUNT(*) FROM account_users WHERE added_by = 'erased'",
+    ] {
+        assert_eq!(count(&h, sql), 1, "{sql}");
+    }
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM api_tokens WHERE created_by LIKE '%alice%'"
+        ),
+        0
+    );
+    // A removal tombstone (a hash, no personal data) stays.
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM account_removed"), 1);
+}

@@ -79,6 +79,10 @@ pub enum LoginError {
     Secret(String),
     #[error("too many sign-ins are in progress; try again in a few minutes")]
     Busy,
+    #[error(
+        "the user `{0}` was removed by an operator and is not created again by signing in; ask an owner to add them back (`chitin users add`)"
+    )]
+    Removed(String),
     #[error(transparent)]
     Accounts(#[from] super::AccountsError),
 }
@@ -107,6 +111,7 @@ impl LoginError {
             Self::Exchange(_) => "exchange_failed",
             Self::Secret(_) => "secret_unavailable",
             Self::Busy => "busy",
+            Self::Removed(_) => "user_removed",
             Self::Accounts(_) => "accounts_error",
         }
     }

@@ -38,7 +38,7 @@ use crate::store::Store;
 pub enum AccountsError {
     #[error("policy denied `{action}` for {principal} (determining policies: [{}])", policies.join(", "))]
     Denied {
-        action: &'static str,
+        action: Action,
         principal: String,
         policies: Vec<String>,
     },
@@ -52,6 +52,10 @@ pub enum AccountsError {
     DefinedInFile(String),
     #[error("no user `{0}`; add it with `chitin users add {0}` (or define it in entities.json)")]
     UnknownUser(String),
+    #[error(
+        "user `{0}` was removed by an operator; an owner lets them in again with `chitin users add {0}`"
+    )]
+    Removed(String),
     #[error("no API token with id `{0}`; `chitin tokens list` shows the ids")]
     UnknownToken(String),
     #[error("no device `{0}`; `chitin devices list` shows the ids")]
@@ -332,7 +336,7 @@ impl Accounts {
             Verdict::Allowed(..) => Ok(()),
             Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. } => {
                 Err(AccountsError::Denied {
-                    action: action.as_str(),
+                    action,
                     principal: principal(actor),
                     policies: d.policies,
                 })
@@ -445,8 +449,16 @@ impl Accounts {
             .map_err(|e| AccountsError::Entities(e.to_string()))?;
         let now = self.clock.now_ms();
         {
-            let conn = self.store.conn()?;
-            conn.execute(
+            let mut conn = self.store.conn()?;
+            let tx = conn.transaction()?;
+            if source == Source::Cli {
+                // An operator adding the user lifts a removal.
+                tx.execute(
+                    "DELETE FROM account_removed WHERE user_hash = ?1",
+                    [sha256(user.as_bytes()).to_vec()],
+                )?;
+            }
+            tx.execute(
                 "INSERT INTO account_users (user_id, groups, source, added_by, added_ms, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?5)
                  ON CONFLICT(user_id) DO UPDATE SET groups = ?2, source = ?3, updated_ms = ?5",
@@ -458,9 +470,23 @@ impl Accounts {
                     now
                 ],
             )?;
+            tx.commit()?;
         }
         self.sync()?;
         Ok(())
+    }
+
+    /// Whether an operator removed `user` (and nobody added them again since).
+    pub fn removed(&self, user: &str) -> Result<bool, AccountsError> {
+        let conn = self.store.conn()?;
+        Ok(conn
+            .query_row(
+                "SELECT 1 FROM account_removed WHERE user_hash = ?1",
+                [sha256(user.as_bytes()).to_vec()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
     }
 
     /// `chitin users add USER [--group G]...`: adds the user (or replaces its groups).
@@ -481,11 +507,12 @@ impl Accounts {
         if self.gate.engine().user_in_entity_files(user) {
             return Err(AccountsError::DefinedInFile(user.into()));
         }
+        let re_enabled = self.removed(user)?;
         self.audit(Self::admin_record(
             actor,
             "user.add",
             &principal(user),
-            json!({"user": user, "groups": groups}),
+            json!({"user": user, "groups": groups, "re_enabled": re_enabled}),
         ))?;
         self.put_user(user, &groups, Source::Cli, &principal(actor))?;
         Ok(UserInfo {
@@ -499,7 +526,8 @@ impl Accounts {
 
     /// A user signed in through single sign-on: provisioned (or its groups refreshed) unless
     /// the operator defined it (entity files or `chitin users add`), whose groups stay.
-    /// Returns whether the IdP's groups were applied.
+    /// Returns whether the IdP's groups were applied. A user an operator removed is refused
+    /// ([`AccountsError::Removed`]) until `chitin users add` lets them in again.
     pub fn provision(
         &self,
         user: &str,
@@ -516,6 +544,9 @@ impl Accounts {
         groups.dedup();
         if self.gate.engine().user_in_entity_files(user) {
             return Ok(false);
+        }
+        if self.removed(user)? {
+            return Err(AccountsError::Removed(user.to_string()));
         }
         let existing = self.rows()?.into_iter().find(|(u, _, _)| u == user);
         if let Some((_, old, src)) = &existing {
@@ -587,8 +618,9 @@ impl Accounts {
     }
 
     /// `chitin users remove USER`: removes a managed user and ends everything it holds (API
-    /// tokens, browser sessions, devices) in one transaction. A user of the entity files
-    /// keeps its entity (edit the file), but its tokens, sessions and devices end too.
+    /// tokens, browser sessions, devices) in one transaction, leaving a tombstone (SHA-256 of
+    /// the id) so single sign-on does not create the user again (`chitin users add` lifts it).
+    /// A user of the entity files is refused (edit the file).
     pub fn remove_user(&self, actor: &str, user: &str) -> Result<Removed, AccountsError> {
         valid_user(user)?;
         self.decide(actor, Action::UserManage)?;
@@ -613,6 +645,10 @@ impl Accounts {
             let sessions = tx.execute("DELETE FROM web_sessions WHERE user_id = ?1", [user])?;
             let devices = tx.execute("DELETE FROM devices WHERE user_id = ?1", [user])?;
             tx.execute("DELETE FROM account_users WHERE user_id = ?1", [user])?;
+            tx.execute(
+                "INSERT OR REPLACE INTO account_removed (user_hash, removed_ms) VALUES (?1, ?2)",
+                params![sha256(user.as_bytes()).to_vec(), self.clock.now_ms()],
+            )?;
             tx.commit()?;
             Removed {
                 user: user.into(),

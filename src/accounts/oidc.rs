@@ -269,7 +269,11 @@ impl Oidc {
         }
         let (user, groups) =
             user_and_groups(&claims, &self.cfg.user_claim, &self.cfg.groups_claim)?;
-        let groups_applied = self.accounts.provision(&user, &groups, Source::Oidc)?;
+        let groups_applied = match self.accounts.provision(&user, &groups, Source::Oidc) {
+            Ok(applied) => applied,
+            Err(super::AccountsError::Removed(u)) => return Err(LoginError::Removed(u)),
+            Err(e) => return Err(e.into()),
+        };
         Ok(LoggedIn {
             user,
             groups,

@@ -69,6 +69,8 @@ struct Ctx {
     max_attachment_bytes: u64,
     /// The agent's workspace (attachments are saved under `inbox/<channel>/`).
     workspace: std::path::PathBuf,
+    /// Operator accounts: an owner's `/devices` and `/device approve|deny ID` chat commands.
+    accounts: crate::accounts::Accounts,
 }
 
 /// The webhook-mode channels, by name (filled when the tasks start).
@@ -593,7 +595,12 @@ impl ChannelsRuntime {
     }
 
     /// Starts the tasks of every channel; they stop when `stop` turns true.
-    pub fn spawn(self, agent: Option<crate::agent::Agent>, stop: watch::Receiver<bool>) {
+    pub fn spawn(
+        self,
+        agent: Option<crate::agent::Agent>,
+        accounts: crate::accounts::Accounts,
+        stop: watch::Receiver<bool>,
+    ) {
         if let Err(e) = self.engine.load_managed_entities() {
             error!(error = %e, "paired identities could not be loaded");
         }
@@ -632,6 +639,7 @@ impl ChannelsRuntime {
                 stream_every: ch.stream_every,
                 max_attachment_bytes: ch.max_attachment_bytes,
                 workspace: self.workspace.clone(),
+                accounts: accounts.clone(),
             });
             if let Some(agent) = &agent {
                 tokio::spawn(approval_prompts(
@@ -1133,8 +1141,13 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
     }
 }
 
-/// An admitted message: an approval command answered at once, or the agent's turn.
+/// An admitted message: a device or approval command answered at once, or the agent's turn.
 async fn handle_admitted(ctx: &Arc<Ctx>, ev: AdmittedEvent) {
+    if let Some(cmd) = device_command(&ev.message.text) {
+        let text = device_answer(ctx, &ev.user, cmd).await;
+        answer_without_a_turn(ctx, &ev, text).await;
+        return;
+    }
     if let Some(agent) = &ctx.agent
         && let Some((grant, code)) = approval_command(&ev.message.text)
     {
@@ -1206,6 +1219,116 @@ fn approval_command(text: &str) -> Option<(bool, &str)> {
     };
     let code = words.next()?;
     words.next().is_none().then_some((grant, code))
+}
+
+/// A device chat command: `/devices` (the devices waiting for approval), `/device approve ID`
+/// or `/device deny ID` (also `/devices@bot`, `/device@bot ...`).
+#[derive(Debug, PartialEq, Eq)]
+enum DeviceCommand<'a> {
+    List,
+    Decide {
+        approve: bool,
+        id: &'a str,
+    },
+    /// `/device` with anything else: the usage is the answer.
+    Usage,
+}
+
+fn device_command(text: &str) -> Option<DeviceCommand<'_>> {
+    let mut words = text.split_whitespace();
+    let cmd = words.next()?;
+    let cmd = cmd.split_once('@').map_or(cmd, |(c, _)| c);
+    let rest: Vec<&str> = words.collect();
+    match cmd {
+        "/devices" if rest.is_empty() => Some(DeviceCommand::List),
+        "/devices" => Some(DeviceCommand::Usage),
+        "/device" => Some(match rest.as_slice() {
+            ["approve", id] => DeviceCommand::Decide { approve: true, id },
+            ["deny", id] => DeviceCommand::Decide { approve: false, id },
+            _ => DeviceCommand::Usage,
+        }),
+        _ => None,
+    }
+}
+
+/// Runs a device command for `user` (the `User` the sender is paired to): Cedar
+/// `pairing.approve` through `accounts` (audited; the same path as `chitin devices` and the
+/// Control page). The answer is a short sentence for the chat.
+async fn device_answer(ctx: &Ctx, user: &str, cmd: DeviceCommand<'_>) -> String {
+    use crate::accounts::AccountsError as A;
+    let (acc, user) = (ctx.accounts.clone(), user.to_string());
+    let owned = match cmd {
+        DeviceCommand::Usage => {
+            return "Use /devices to list the browsers waiting for approval, then /device approve ID or /device deny ID.".into();
+        }
+        DeviceCommand::List => None,
+        DeviceCommand::Decide { approve, id } => Some((approve, id.to_string())),
+    };
+    let r = tokio::task::spawn_blocking(move || -> Result<String, A> {
+        acc.refresh()?;
+        match owned {
+            None => {
+                let pending: Vec<String> = acc
+                    .list_devices(&user)?
+                    .into_iter()
+                    .filter(|d| d.status == "pending")
+                    .map(|d| {
+                        format!(
+                            "{} for {} from {} ({}), since {}",
+                            d.id,
+                            d.user,
+                            d.client,
+                            if d.user_agent.is_empty() {
+                                "no browser name"
+                            } else {
+                                d.user_agent.as_str()
+                            },
+                            crate::clock::rfc3339(d.created_ms)
+                        )
+                    })
+                    .collect();
+                Ok(if pending.is_empty() {
+                    "No browser is waiting for approval.".into()
+                } else {
+                    format!(
+                        "Browsers waiting for approval:\n{}\nReply /device approve ID or /device deny ID.",
+                        pending.join("\n")
+                    )
+                })
+            }
+            Some((approve, id)) => {
+                let d = acc.decide_device(&user, &id, approve)?;
+                Ok(format!(
+                    "Device {} of {} from {} is {}.",
+                    d.id, d.user, d.client, d.status
+                ))
+            }
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(text)) => {
+            info!(channel = %ctx.name, "device command answered");
+            text
+        }
+        Ok(Err(A::Denied { policies, .. })) => {
+            warn!(channel = %ctx.name, "device command refused by policy");
+            format!(
+                "Refused: you are not allowed to approve devices (pairing.approve; {}).",
+                if policies.is_empty() {
+                    "no policy permits it".to_string()
+                } else {
+                    format!("policies: {}", policies.join(", "))
+                }
+            )
+        }
+        Ok(Err(e @ (A::UnknownDevice(_) | A::DeviceState { .. }))) => format!("Refused: {e}."),
+        Ok(Err(e)) => {
+            error!(channel = %ctx.name, error = %e, "device command failed");
+            "The device could not be decided now; see the gateway log.".into()
+        }
+        Err(e) => format!("The device could not be decided: {e}"),
+    }
 }
 
 /// Decides the approval `key` for `approver` (a `User`, or for an unpaired presser its
@@ -1899,6 +2022,41 @@ mod tests {
     )]
     use super::*;
     use chitin_channels::ChatKind;
+
+    #[test]
+    fn device_chat_commands_are_recognised_exactly() {
+        assert_eq!(device_command("/devices"), Some(DeviceCommand::List));
+        assert_eq!(
+            device_command("/devices@chitin_bot"),
+            Some(DeviceCommand::List)
+        );
+        assert_eq!(
+            device_command("/device approve 0123456789abcdef"),
+            Some(DeviceCommand::Decide {
+                approve: true,
+                id: "0123456789abcdef"
+            })
+        );
+        assert_eq!(
+            device_command("/device@bot deny ab"),
+            Some(DeviceCommand::Decide {
+                approve: false,
+                id: "ab"
+            })
+        );
+        assert_eq!(device_command("/device"), Some(DeviceCommand::Usage));
+        assert_eq!(
+            device_command("/device approve"),
+            Some(DeviceCommand::Usage)
+        );
+        assert_eq!(
+            device_command("/device approve a b"),
+            Some(DeviceCommand::Usage)
+        );
+        assert_eq!(device_command("/devices all"), Some(DeviceCommand::Usage));
+        assert_eq!(device_command("please /device approve a"), None);
+        assert_eq!(device_command("/approve K7QX2M"), None);
+    }
 
     #[test]
     fn session_keys_give_back_their_chat_and_only_for_their_channel() {

@@ -1,5 +1,6 @@
 //! Who a request is ([`authenticate`]) and the browser's sign-in routes:
-//! `GET /auth/login`, `GET /auth/callback`, `GET /auth/session`, `POST /auth/logout`.
+//! `GET /auth/methods`, `GET /auth/login`, `GET /auth/callback`, `GET /auth/session`,
+//! `POST /auth/logout`.
 //!
 //! Credentials, in this order:
 //! 1. `Authorization: Bearer <token>`: the gateway token (the owner) or a per-user API token
@@ -43,10 +44,29 @@ const DEVICE_MAX_AGE_S: i64 = 365 * 86_400;
 /// The routes of this module (no authentication middleware: each checks what it needs).
 pub(super) fn routes() -> Router<Arc<App>> {
     Router::new()
+        .route("/auth/methods", get(methods))
         .route("/auth/login", get(login))
         .route("/auth/callback", get(callback))
         .route("/auth/session", get(session))
         .route("/auth/logout", post(logout))
+}
+
+/// `GET /auth/methods` (no authentication, nothing about any user): how a browser can sign
+/// in here, so the sign-in pages offer "Sign in with SSO" only where it works, and whether
+/// this request carries a session cookie (unchecked), so a page asks `GET /auth/session` only
+/// when it may have a session (a request without credentials counts as a failed
+/// authentication).
+async fn methods(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
+    let mut resp = axum::Json(json!({
+        "token": true,
+        "oidc": app.oidc.is_some(),
+        "proxy": app.proxy_auth.is_some(),
+        "session_cookie": auth::cookie(&headers, SESSION_COOKIE).is_some(),
+    }))
+    .into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
 }
 
 fn refused(status: StatusCode, code: &str, message: &str) -> Box<Response> {
@@ -69,7 +89,7 @@ fn device_pending(id: &str) -> Box<Response> {
         StatusCode::FORBIDDEN,
         "device_pending",
         &format!(
-            "this browser is a new device waiting for an owner's approval: `chitin devices approve {id}` (device {id})"
+            "this browser is a new device waiting for an owner's approval (device {id}): an owner approves it on the Control page (Channels and pairing), in chat with `/device approve {id}`, or with `chitin devices approve {id}`"
         ),
     );
     if let Ok(v) = HeaderValue::from_str(id) {
@@ -218,17 +238,43 @@ pub(in crate::gateway) async fn authenticate(
                 }
             }
         }
-        let acc = app.accounts.clone();
-        let (u2, g2) = (user.clone(), groups.clone());
-        blocking(move || {
-            acc.provision(&u2, &g2, crate::accounts::Source::Proxy)
-                .map(|_| ())
-        })
-        .await?;
+        provision_proxy(app, client, &user, groups).await?;
         let groups = app.accounts.groups_of(&user);
         return Ok(AuthedUser::new(user, groups, AuthMethod::Proxy));
     }
     Err(Box::new(auth_failed(app, client, AuthFailure::Missing)))
+}
+
+/// Provisions the user of a verified proxy token. A user an operator removed is refused
+/// (403 `user_removed`, audited as a refused login), never created again.
+async fn provision_proxy(
+    app: &Arc<App>,
+    client: IpAddr,
+    user: &str,
+    groups: Vec<String>,
+) -> Result<(), Box<Response>> {
+    let (acc, u2) = (app.accounts.clone(), user.to_string());
+    let removed =
+        blocking(
+            move || match acc.provision(&u2, &groups, crate::accounts::Source::Proxy) {
+                Ok(_) => Ok(None),
+                Err(crate::accounts::AccountsError::Removed(u)) => Ok(Some(u)),
+                Err(e) => Err(e),
+            },
+        )
+        .await?;
+    match removed {
+        None => Ok(()),
+        Some(u) => {
+            let e = LoginError::Removed(u);
+            warn!(
+                code = e.code(),
+                "identity proxy user refused: removed by an operator"
+            );
+            audit_login(app, "proxy", None, client, Err(&e));
+            Err(refused(StatusCode::FORBIDDEN, e.code(), &e.to_string()))
+        }
+    }
 }
 
 fn session_idle_ms(app: &App) -> i64 {
@@ -282,7 +328,7 @@ fn page(status: StatusCode, title: &str, text: &str, next: bool) -> Response {
         ""
     };
     let html = format!(
-        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">{refresh}<title>{}</title></head><body><h1>{}</h1><p>{}</p><p><a href=\"/\">Continue to Chitin</a></p></body></html>",
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width\">{refresh}<title>{}</title></head><body><h1>{}</h1><p>{}</p><p><a href=\"/\">Continue to Chitin</a> · <a href=\"/control\">Open the control page</a></p></body></html>",
         esc(title),
         esc(title),
         esc(text)
@@ -459,13 +505,7 @@ async fn authenticate_proxy_for_login(
     let token = zeroize::Zeroizing::new(v.to_string());
     match proxy.verify(&token, app.clock.now_ms()).await {
         Ok((user, groups)) => {
-            let acc = app.accounts.clone();
-            let (u2, g2) = (user.clone(), groups);
-            blocking(move || {
-                acc.provision(&u2, &g2, crate::accounts::Source::Proxy)
-                    .map(|_| ())
-            })
-            .await?;
+            provision_proxy(app, client, &user, groups).await?;
             Ok(user)
         }
         Err(e) => {
@@ -494,7 +534,7 @@ async fn finish_page(
             StatusCode::OK,
             "Waiting for approval",
             &format!(
-                "You are signed in as {user}, but this browser is a new device. An owner must approve it first: chitin devices approve {id}. Then continue."
+                "You are signed in as {user}, but this browser is a new device (device {id}). An owner must approve it first: on the Control page (Channels and pairing), in chat with /device approve {id}, or with chitin devices approve {id}. Then continue."
             ),
             false,
         ),
@@ -560,6 +600,7 @@ async fn callback(
                 StatusCode::BAD_GATEWAY
             }
             LoginError::Accounts(_) | LoginError::Secret(_) => StatusCode::SERVICE_UNAVAILABLE,
+            LoginError::Removed(_) => StatusCode::FORBIDDEN,
             _ => StatusCode::UNAUTHORIZED,
         };
         let mut resp = error_body(status, e.code(), &e.to_string());

@@ -493,7 +493,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         tokio::spawn(runner.background(stop_rx.clone()));
     }
     if let Some(ch) = parts.channels {
-        ch.spawn(channel_agent, stop_rx.clone());
+        ch.spawn(channel_agent, app.accounts.clone(), stop_rx.clone());
     }
     // After the agent resumed its runs: the scheduler finishes the firings of the last
     // gateway, then looks once a second.

@@ -36,6 +36,15 @@ pub struct ErasePlan {
     /// Cron jobs the user added (with `chitin cron add` or the agent's `cron` tool) and their
     /// firings; jobs from `chitin.toml` stay (they are the operator's configuration).
     pub cron_jobs: u64,
+    /// The user's operator account (issue #17): the managed user row (`account_users`; a
+    /// user of `entities.json` is the operator's file and stays there), API tokens, browser
+    /// sessions and devices. Rows that name the user only as who issued a token, decided a
+    /// device or added a user keep the row with `erased` in that place. A removal tombstone
+    /// (`account_removed`, SHA-256 of the id only) stays, so a removed user stays removed.
+    pub account_user: u64,
+    pub api_tokens: u64,
+    pub web_sessions: u64,
+    pub devices: u64,
 }
 
 /// The outcome of an erasure.
@@ -119,6 +128,26 @@ pub fn plan(lc: &Lifecycle, subject: &Subject) -> Result<ErasePlan, LifecycleErr
             cron_jobs: count(
                 &conn,
                 "SELECT COUNT(*) FROM cron_jobs WHERE ?2 AND user_id = ?1 AND source IN ('cli', 'agent')",
+                params![user, is_user],
+            )?,
+            account_user: count(
+                &conn,
+                "SELECT COUNT(*) FROM account_users WHERE ?2 AND user_id = ?1",
+                params![user, is_user],
+            )?,
+            api_tokens: count(
+                &conn,
+                "SELECT COUNT(*) FROM api_tokens WHERE ?2 AND user_id = ?1",
+                params![user, is_user],
+            )?,
+            web_sessions: count(
+                &conn,
+                "SELECT COUNT(*) FROM web_sessions WHERE ?2 AND user_id = ?1",
+                params![user, is_user],
+            )?,
+            devices: count(
+                &conn,
+                "SELECT COUNT(*) FROM devices WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
         }
@@ -240,6 +269,25 @@ fn erase_with(
             "UPDATE approvals SET resolved_by = 'erased' WHERE ?2 AND resolved_by = ?1",
             params![user, is_user],
         )?;
+        // Their operator account: what they hold goes; where they acted for others, the
+        // other person's row stays with `erased` in their place. (`oidc_logins` and
+        // `oidc_nonces_used` name nobody: a login's state before the user is known.)
+        for table in ["api_tokens", "web_sessions", "devices", "account_users"] {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE ?2 AND user_id = ?1"),
+                params![user, is_user],
+            )?;
+        }
+        for (table, column) in [
+            ("api_tokens", "created_by"),
+            ("devices", "decided_by"),
+            ("account_users", "added_by"),
+        ] {
+            tx.execute(
+                &format!("UPDATE {table} SET {column} = 'erased' WHERE ?2 AND {column} = ?1"),
+                params![s, is_user],
+            )?;
+        }
         tx.commit()?;
     }
     purge_erased_blobs(lc)?;

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::{ApiError, App, Caller, admin, blocking, body_json, params};
 use crate::clock::{parse_rfc3339, rfc3339};
-use crate::policy::{Action, Outcome, PolicyRequest};
+use crate::policy::{Action, PolicyRequest};
 
 /// Records read per step while paging backwards.
 const CHUNK: i64 = 512;
@@ -298,10 +298,14 @@ pub(super) async fn policies(State(app): State<Arc<App>>, Caller(p): Caller) -> 
 }
 
 /// `POST /api/v1/policy/explain` with a policy request (`{"principal", "action",
-/// "resource", "context"}`, entity references in Cedar syntax): the decision against the
-/// active set, the determining policies with their `@reason`s, shadow policies that would
-/// differ, evaluation errors and, for a denial, what would have to change. Nothing is
-/// enforced or recorded as a decision (the `policy.read` check is).
+/// "resource", "context"}`, entity references in Cedar syntax): [`policy::explain`], the
+/// same code and the same JSON as `chitin policy explain --json` (the decision against the
+/// active set, the determining and shadow policies with their `@reason`s, evaluation errors,
+/// the derived context and, for a request that is not allowed, the single context changes
+/// that would allow it). Nothing is enforced or recorded as a decision (the `policy.read`
+/// check is).
+///
+/// [`policy::explain`]: crate::policy::explain::explain
 pub(super) async fn explain(
     State(app): State<Arc<App>>,
     Caller(p): Caller,
@@ -311,51 +315,13 @@ pub(super) async fn explain(
         let v = body_json(app, &body)?;
         let req = PolicyRequest::from_json(&v).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         admin(app, &p, Action::PolicyRead)?;
-        let engine = app.gate.engine();
-        let d = engine
-            .decide(&req)
-            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        let active = engine.active();
-        let listing = active.compiled.listing();
-        let info = |id: &String| {
-            let l = listing.iter().find(|l| &l.id == id);
-            json!({
-                "id": id,
-                "effect": l.map(|l| l.effect),
-                "mode": l.map(|l| l.mode),
-                "reason": l.and_then(|l| l.reason.clone()),
-                "file": l.map(|l| l.file.clone()),
-            })
-        };
-        let forbids: Vec<&String> = d
-            .policies
-            .iter()
-            .filter(|id| listing.iter().any(|l| &l.id == *id && l.effect == "forbid"))
-            .collect();
-        let change = match d.decision {
-            Outcome::Allow => Value::Null,
-            Outcome::ApprovalRequired => json!(
-                "allowed only with a person's approval: the permits listed match once the request is approved"
-            ),
-            Outcome::Deny if !forbids.is_empty() => json!(format!(
-                "the forbid policies {} deny it; one of them would have to change (and a permit match)",
-                forbids
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )),
-            Outcome::Deny => json!(
-                "no permit policy matches (deny by default); a permit for this principal, action and resource would have to be added"
-            ),
-        };
-        Ok(json!({
-            "decision": d.decision.as_str(),
-            "policies": d.policies.iter().map(info).collect::<Vec<_>>(),
-            "shadow": d.shadow.iter().map(info).collect::<Vec<_>>(),
-            "errors": d.errors,
-            "change": change,
-        }))
+        let x = crate::policy::explain::explain(
+            app.gate.engine(),
+            &req,
+            &crate::policy::explain::ExplainOptions::default(),
+        )
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        serde_json::to_value(&x).map_err(|e| ApiError::Internal(e.to_string()))
     })
     .await
 }

@@ -31,7 +31,7 @@ use super::{App, Client};
 use crate::approvals::{ApprovalError, ApprovalRef};
 use crate::clock::rfc3339;
 use crate::gate::{GateError, Verdict};
-use crate::policy::{Action, PolicyRequest};
+use crate::policy::{Action, Outcome, PolicyRequest};
 
 /// Errors of the API, each answered with a status and `{"error": {"code", "message"}}`.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +117,32 @@ impl From<crate::agent::transcripts::TranscriptError> for ApiError {
 impl From<chitin_audit::AuditError> for ApiError {
     fn from(e: chitin_audit::AuditError) -> Self {
         Self::Internal(e.to_string())
+    }
+}
+
+impl From<crate::accounts::AccountsError> for ApiError {
+    fn from(e: crate::accounts::AccountsError) -> Self {
+        use crate::accounts::AccountsError as A;
+        let msg = e.to_string();
+        match e {
+            A::Denied {
+                action,
+                principal,
+                policies,
+            } => Self::Denied {
+                action,
+                principal,
+                policies,
+            },
+            A::UnknownDevice(_) | A::UnknownUser(_) | A::UnknownToken(_) => Self::NotFound(msg),
+            A::DeviceState { .. } => Self::Conflict(msg),
+            A::InvalidUser(_) | A::InvalidGroup(_) | A::InvalidName | A::InvalidExpiry(_) => {
+                Self::BadRequest(msg)
+            }
+            A::DefinedInFile(_) => Self::Conflict(msg),
+            A::Audit(m) | A::Gate(GateError::AuditUnavailable(m)) => Self::Unavailable(m),
+            _ => Self::Internal(msg),
+        }
     }
 }
 
@@ -222,15 +248,14 @@ fn admin(app: &App, p: &Principal, action: Action) -> Result<(), ApiError> {
     decide(app, action, &req)
 }
 
-/// `session.read` of session `key` (`*`: the list of `owner`'s sessions) for `p`.
-fn may_read_session(
-    app: &App,
+/// The `session.read` request of session `key` (`*`: the list of `owner`'s sessions) for `p`.
+fn session_read(
     p: &Principal,
     key: &str,
     owner: &str,
     channel: &str,
-) -> Result<(), ApiError> {
-    let req = PolicyRequest::from_json(&json!({
+) -> Result<PolicyRequest, ApiError> {
+    PolicyRequest::from_json(&json!({
         "principal": user_uid(&p.user),
         "action": "Chitin::Action::\"session.read\"",
         "resource": format!("Chitin::Session::{}", Value::String(key.to_string())),
@@ -244,29 +269,61 @@ fn may_read_session(
             "channel": channel,
         },
     }))
-    .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    decide(app, Action::SessionRead, &req)
+    .map_err(|e| ApiError::BadRequest(e.to_string()))
 }
 
-/// The owners (other than `p` themself) whose sessions `p` may read: one `session.read`
-/// decision per owner on `Chitin::Session::"*"`. `p`'s own are decided first: a refusal
-/// there refuses the whole list.
+/// `session.read` of session `key` for `p` (one decision, recorded).
+fn may_read_session(
+    app: &App,
+    p: &Principal,
+    key: &str,
+    owner: &str,
+    channel: &str,
+) -> Result<(), ApiError> {
+    decide(
+        app,
+        Action::SessionRead,
+        &session_read(p, key, owner, channel)?,
+    )
+}
+
+/// The owners whose sessions `p` may read, and how many others there were: one
+/// `session.read` decision per owner on `Chitin::Session::"*"`, `p`'s own first (a refusal
+/// there refuses the whole list), all recorded as ONE audit record for the request
+/// ([`crate::gate::Gate::check_listing`]).
 fn readable_owners<'a>(
     app: &App,
     p: &Principal,
     owners: impl Iterator<Item = &'a str>,
 ) -> Result<(BTreeSet<String>, usize), ApiError> {
-    may_read_session(app, p, "*", &p.user, "*")?;
+    let others: Vec<&str> = owners
+        .filter(|o| *o != p.user)
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
+        .collect();
+    let mut reqs = vec![session_read(p, "*", &p.user, "*")?];
+    for o in &others {
+        reqs.push(session_read(p, "*", o, "*")?);
+    }
+    let decisions = app.gate.check_listing(&reqs)?;
+    let mut verdicts = decisions.iter().map(|d| d.decision == Outcome::Allow);
+    if verdicts.next() != Some(true) {
+        return Err(ApiError::Denied {
+            action: Action::SessionRead,
+            principal: user_uid(&p.user),
+            policies: decisions
+                .first()
+                .map(|d| d.policies.clone())
+                .unwrap_or_default(),
+        });
+    }
     let mut ok = BTreeSet::from([p.user.clone()]);
     let mut hidden = 0;
-    let distinct: BTreeSet<&str> = owners.filter(|o| *o != p.user).collect();
-    for owner in distinct {
-        match may_read_session(app, p, "*", owner, "*") {
-            Ok(()) => {
-                ok.insert(owner.to_string());
-            }
-            Err(ApiError::Denied { .. }) => hidden += 1,
-            Err(e) => return Err(e),
+    for (owner, allowed) in others.iter().zip(verdicts) {
+        if allowed {
+            ok.insert((*owner).to_string());
+        } else {
+            hidden += 1;
         }
     }
     Ok((ok, hidden))
@@ -335,6 +392,8 @@ pub(super) fn routes(app: &Arc<App>) -> Router<Arc<App>> {
         .route("/api/v1/policy/shadow", get(audit::shadow))
         .route("/api/v1/pairing", get(pairing))
         .route("/api/v1/pairing/{code}/resolve", post(resolve_pairing))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}/resolve", post(resolve_device))
         .route("/api/v1/health", get(health))
         .merge(pages::routes())
 }
@@ -356,24 +415,78 @@ fn session_json(s: &crate::agent::transcripts::SessionRow, spend: f64) -> Value 
     })
 }
 
-/// `GET /api/v1/sessions[?user=U]`: the sessions the caller may read, most recent first.
+/// Sessions per page unless `limit` says otherwise, and at most.
+const SESSIONS_PAGE: usize = 50;
+const SESSIONS_MAX_PAGE: usize = 500;
+
+/// The position after session `s` in the list's order (most recent activity first, then
+/// key), as the opaque `cursor` of the next page.
+fn session_cursor(s: &crate::agent::transcripts::SessionRow) -> String {
+    crate::accounts::b64url(format!("{}:{}", s.updated_ms, s.key).as_bytes())
+}
+
+fn parse_cursor(c: &str) -> Result<(i64, String), ApiError> {
+    use base64::Engine;
+    let bad = || {
+        ApiError::BadRequest(
+            "`cursor` must be the `next` of an earlier answer of this endpoint".into(),
+        )
+    };
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(c)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(raw).map_err(|_| bad())?;
+    let (ms, key) = text.split_once(':').ok_or_else(bad)?;
+    Ok((ms.parse().map_err(|_| bad())?, key.to_string()))
+}
+
+/// `GET /api/v1/sessions[?user=U][&limit=N][&cursor=C]`: the sessions the caller may read,
+/// most recent activity first, `limit` (default 50, at most 500) per page; `next` (or
+/// `null` at the end) is the `cursor` of the following page. One audit record per request.
 async fn sessions(
     State(app): State<Arc<App>>,
     Caller(p): Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     blocking(app, move |app| {
-        let q = params(q, &["user"])?;
+        let q = params(q, &["user", "limit", "cursor"])?;
+        let limit = match q.get("limit") {
+            None => SESSIONS_PAGE,
+            Some(l) => l
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=SESSIONS_MAX_PAGE).contains(n))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "`limit` must be between 1 and {SESSIONS_MAX_PAGE}"
+                    ))
+                })?,
+        };
+        let after = q.get("cursor").map(|c| parse_cursor(c)).transpose()?;
         let t = transcripts(app)?;
         let all = t.sessions(q.get("user").map(String::as_str))?;
         let (owners, hidden) = readable_owners(app, &p, all.iter().map(|s| s.user.as_str()))?;
-        let spend = crate::agent::usage::spend_by_session(&app.store)?;
-        let list: Vec<Value> = all
+        // The store's order: updated_ms descending, then key ascending.
+        let mut visible = all
             .iter()
             .filter(|s| owners.contains(&s.user))
+            .filter(|s| {
+                after.as_ref().is_none_or(|(ms, key)| {
+                    s.updated_ms < *ms || (s.updated_ms == *ms && s.key.as_str() > key.as_str())
+                })
+            })
+            .peekable();
+        let page: Vec<_> = visible.by_ref().take(limit).collect();
+        let next = match (visible.peek(), page.last()) {
+            (Some(_), Some(last)) => Some(session_cursor(last)),
+            _ => None,
+        };
+        let spend = crate::agent::usage::spend_by_session(&app.store)?;
+        let list: Vec<Value> = page
+            .iter()
             .map(|s| session_json(s, spend.get(&s.key).copied().unwrap_or(0.0)))
             .collect();
-        Ok(json!({"sessions": list, "hidden_owners": hidden}))
+        Ok(json!({"sessions": list, "hidden_owners": hidden, "next": next}))
     })
     .await
 }
@@ -618,13 +731,13 @@ async fn usage(
 
 // ---- pairing and channels ------------------------------------------------------------------
 
-/// `GET /api/v1/pairing`: open pairing requests and each channel's connection state
-/// (`pairing.approve`).
+/// `GET /api/v1/pairing`: open pairing requests, each channel's connection state and the
+/// browsers (devices) of the Control UI with their status (`pairing.approve`, decided once).
 async fn pairing(State(app): State<Arc<App>>, Caller(p): Caller) -> Response {
     blocking(app, move |app| {
-        admin(app, &p, Action::PairingApprove)?;
+        let devices = device_list(app, &p)?;
         let Some(engine) = app.ws.pairing_engine() else {
-            return Ok(json!({"requests": [], "channels": []}));
+            return Ok(json!({"requests": [], "channels": [], "devices": devices}));
         };
         let requests = engine
             .pairing_list()
@@ -649,7 +762,55 @@ async fn pairing(State(app): State<Arc<App>>, Caller(p): Caller) -> Response {
                 "failed": s.failed, "dead": s.dead, "lag_ms": s.lag_ms,
             }));
         }
-        Ok(json!({"requests": requests, "channels": channels}))
+        Ok(json!({"requests": requests, "channels": channels, "devices": devices}))
+    })
+    .await
+}
+
+fn device_json(d: &crate::accounts::DeviceInfo) -> Value {
+    json!({
+        "id": d.id, "user": d.user, "status": d.status, "client": d.client,
+        "user_agent": d.user_agent, "created_at": rfc3339(d.created_ms),
+        "decided_at": d.decided_ms.map(rfc3339), "decided_by": d.decided_by,
+    })
+}
+
+/// Every device, pending ones first, then newest first (`pairing.approve`, decided by
+/// `accounts` for the caller).
+fn device_list(app: &App, p: &Principal) -> Result<Vec<Value>, ApiError> {
+    let mut list = app.accounts.list_devices(&p.user)?;
+    list.sort_by(|a, b| {
+        (b.status == "pending")
+            .cmp(&(a.status == "pending"))
+            .then(b.created_ms.cmp(&a.created_ms))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(list.iter().map(device_json).collect())
+}
+
+/// `GET /api/v1/devices`: the browsers registered for the Control UI (`pairing.approve`).
+async fn devices(State(app): State<Arc<App>>, Caller(p): Caller) -> Response {
+    blocking(app, move |app| {
+        Ok(json!({"devices": device_list(app, &p)?}))
+    })
+    .await
+}
+
+/// `POST /api/v1/devices/{id}/resolve` `{"decision": "approve"|"deny"}`: approves a pending
+/// device, or denies it (a pending or an approved device is revoked, and its sessions end).
+/// The same path as `chitin devices approve|revoke` and the chat command (Cedar
+/// `pairing.approve`, audited before it commits).
+async fn resolve_device(
+    State(app): State<Arc<App>>,
+    Caller(p): Caller,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    blocking(app, move |app| {
+        let approve = decision_of(&body_json(app, &body)?, &["decision"])?;
+        let d = app.accounts.decide_device(&p.user, &id, approve)?;
+        tracing::info!(device = %d.id, approved = approve, by = %p.user, "device decided from the control API");
+        Ok(json!({ "device": device_json(&d) }))
     })
     .await
 }

@@ -1,18 +1,20 @@
 //! The Control UI page at `GET /control`: one HTML document with a view per part (sessions,
 //! approvals, audit, policy, usage, channels and pairing, health), its script and stylesheet,
-//! compiled into the binary and served with the chat page's strict Content-Security-Policy
-//! (no inline script or style, no external resource, connections only to the gateway). The
-//! page asks for the token (kept in `sessionStorage`, shared with the chat page) and calls
-//! the JSON API with it; it renders every server text with `textContent`.
+//! compiled into the binary and served (by the chat page's helpers, `gateway::web`) with the
+//! chat page's strict Content-Security-Policy (no inline script or style, no external
+//! resource, connections only to the gateway). The page signs in with the gateway token (kept
+//! in `sessionStorage`, shared with the chat page) or a browser session from single sign-on
+//! (the SSO link is offered when `[auth.oidc]` is configured), calls the JSON API, and
+//! renders every server text with `textContent`.
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderMap, HeaderValue, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::get;
 
 use super::App;
+use crate::gateway::web::{asset, html_page};
 
 pub const CONTROL_HTML: &str = include_str!("../web/control.html");
 pub const CONTROL_JS: &str = include_str!("../web/control.js");
@@ -31,45 +33,9 @@ pub(super) fn routes() -> Router<Arc<App>> {
         )
 }
 
-fn hardening(resp: &mut Response) {
-    let h = resp.headers_mut();
-    for (k, v) in [
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (header::CACHE_CONTROL, "no-store"),
-    ] {
-        h.insert(k, HeaderValue::from_static(v));
-    }
-    h.insert(
-        "cross-origin-opener-policy",
-        HeaderValue::from_static("same-origin"),
-    );
-    h.insert(
-        "cross-origin-resource-policy",
-        HeaderValue::from_static("same-origin"),
-    );
-}
-
-async fn index(_headers: HeaderMap) -> Response {
-    let mut resp = (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        CONTROL_HTML,
-    )
-        .into_response();
-    hardening(&mut resp);
+async fn index() -> Response {
     // The page talks to the API over fetch only (no WebSocket): `connect-src 'self'`.
-    if let Ok(v) = HeaderValue::from_str(&crate::gateway::web::csp(None)) {
-        resp.headers_mut()
-            .insert(header::CONTENT_SECURITY_POLICY, v);
-    }
-    resp
-}
-
-fn asset(body: &'static str, content_type: &'static str) -> Response {
-    let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
-    hardening(&mut resp);
-    resp
+    html_page(CONTROL_HTML, &crate::gateway::web::csp(None))
 }
 
 #[cfg(test)]

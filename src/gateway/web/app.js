@@ -20,6 +20,9 @@
     attempt: 0,
     stop: false,
     everConnected: false,
+    // The browser holds a session from single sign-on (an HttpOnly cookie sent with the
+    // WebSocket upgrade): `connect` then needs no token.
+    cookie: false,
   };
 
   // What the page says when the connection ends, by WebSocket close code.
@@ -43,7 +46,7 @@
   }
 
   function scheduleReconnect(why) {
-    if (state.stop || !sessionStorage.getItem('chitin.token')) {
+    if (state.stop || (!sessionStorage.getItem('chitin.token') && !state.cookie)) {
       setStatus('disconnected', 'disconnected');
       showError('Disconnected: ' + why + '.');
       return;
@@ -126,7 +129,7 @@
     }
     const typed = $('token').value.trim();
     const token = typed || sessionStorage.getItem('chitin.token') || '';
-    if (!token) {
+    if (!token && !state.cookie) {
       showError('Enter the gateway token (`chitin token show` prints it).');
       return;
     }
@@ -143,9 +146,11 @@
     state.ws = ws;
     setStatus('connecting', 'connecting');
     ws.addEventListener('open', () => {
-      request('connect', { token, client: { name: 'chitin-web' } }).then(
+      const params = { client: { name: 'chitin-web' } };
+      if (token) params.token = token;
+      request('connect', params).then(
         (p) => {
-          sessionStorage.setItem('chitin.token', token);
+          if (token) sessionStorage.setItem('chitin.token', token);
           const again = state.attempt > 0;
           state.attempt = 0;
           state.everConnected = true;
@@ -163,8 +168,10 @@
         },
         (e) => {
           if (e.code === 'closed') return; // the close handler says why
-          // The token is wrong (or this address is locked out): retrying cannot help.
+          // The token is wrong, the session ended (or this address is locked out): retrying
+          // cannot help.
           sessionStorage.removeItem('chitin.token');
+          state.cookie = false;
           state.stop = true;
           setStatus(e.code === 'rate_limited' ? 'locked out' : 'refused', 'error');
           showError(refusalText(e));
@@ -587,7 +594,21 @@
     window.addEventListener('online', () => {
       if (!state.ws && state.retryTimer) connect(true);
     });
-    if (sessionStorage.getItem('chitin.token')) connect();
+    if (sessionStorage.getItem('chitin.token')) {
+      connect();
+      return;
+    }
+    // Offer single sign-on where it is configured; a browser already signed in connects.
+    fetch('/auth/methods', { cache: 'no-store', credentials: 'same-origin' })
+      .then((r) => r.json())
+      .then((m) => {
+        $('sso').hidden = !m.oidc;
+        if (m.session_cookie) {
+          state.cookie = true;
+          connect();
+        }
+      })
+      .catch(() => {});
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', init);

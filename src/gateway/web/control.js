@@ -1,13 +1,22 @@
 // Chitin control page. Talks to the gateway's JSON API under /api/v1 (docs/protocol.md).
-// Rules: the token lives in sessionStorage only (shared with the chat page of this tab);
-// everything the server sends is rendered with textContent (never as markup); ids from the
+// Two ways in: the gateway token (the owner; kept in sessionStorage only, shared with the
+// chat page of this tab) or a browser session from single sign-on (`/auth/login`): an
+// HttpOnly cookie the script never sees, plus the session's CSRF token (from
+// `GET /auth/session`, kept in memory) on every request that changes something.
+// Rules: everything the server sends is rendered with textContent (never as markup); ids from the
 // server are used in URLs only through encodeURIComponent.
 'use strict';
 
 (function () {
   const $ = (id) => document.getElementById(id);
   const VIEWS = ['sessions', 'approvals', 'audit', 'policy', 'usage', 'channels', 'health'];
-  const state = { auditBefore: null, auditRecord: null, recent: null };
+  const state = {
+    auditBefore: null, auditRecord: null, recent: null, sessionsCursor: null,
+    // The browser session (single sign-on): {user, csrf}, or null.
+    web: null,
+    // Whether `/auth/methods` was asked since the last refusal.
+    probed: false,
+  };
 
   function el(tag, cls, text) {
     const e = document.createElement(tag);
@@ -52,8 +61,59 @@
     }
   }
 
+  function showLogin() {
+    $('login').hidden = false;
+    $('whoami').hidden = true;
+  }
+
+  function signedOut() {
+    sessionStorage.removeItem('chitin.token');
+    state.web = null;
+    state.probed = false;
+    showLogin();
+  }
+
+  // How this gateway lets a browser in, and whether this browser holds a session: the SSO
+  // link is offered when single sign-on is configured; a session (or a trusted identity
+  // proxy) is taken up without asking for the token.
+  async function probe() {
+    state.probed = true;
+    let m;
+    try {
+      const resp = await fetch('/auth/methods', { cache: 'no-store', credentials: 'same-origin' });
+      m = await resp.json();
+    } catch (_) {
+      return;
+    }
+    $('sso').hidden = !m.oidc;
+    if (!m.session_cookie && !m.proxy) return;
+    const resp = await fetch('/auth/session', { cache: 'no-store', credentials: 'same-origin' });
+    let body = null;
+    try { body = await resp.json(); } catch (_) { body = null; }
+    if (resp.ok && body && body.csrf) {
+      state.web = { user: body.user, csrf: body.csrf };
+      $('whoami-user').textContent = 'Signed in as ' + body.user;
+      $('whoami').hidden = false;
+      return;
+    }
+    if (resp.status === 403 && body && body.error && body.error.code === 'device_pending') {
+      showLogin();
+      throw new Error('This browser waits for an owner\'s approval as a new device: ' + body.error.message);
+    }
+  }
+
+  async function signOut() {
+    if (state.web) {
+      await raw('POST', '/auth/logout');
+    }
+    signedOut();
+    showError('');
+  }
+
   async function raw(method, path, body) {
-    const headers = { Authorization: 'Bearer ' + token() };
+    const headers = {};
+    if (token()) headers.Authorization = 'Bearer ' + token();
+    else if (state.web && method !== 'GET' && method !== 'HEAD') headers['X-CSRF-Token'] = state.web.csrf;
     const init = { method, headers, cache: 'no-store', credentials: 'same-origin' };
     if (body !== undefined) {
       headers['Content-Type'] = 'application/json';
@@ -65,10 +125,7 @@
     } catch (e) {
       throw new ApiError(0, { error: { message: 'the gateway cannot be reached (' + e.message + ')' } });
     }
-    if (resp.status === 401) {
-      sessionStorage.removeItem('chitin.token');
-      $('login').hidden = false;
-    }
+    if (resp.status === 401) signedOut();
     if (!resp.ok) {
       let parsed = null;
       try { parsed = await resp.json(); } catch (_) { parsed = null; }
@@ -114,27 +171,31 @@
     return VIEWS.includes(h) ? h : 'sessions';
   }
 
-  function show() {
+  async function show() {
     const v = current();
     for (const name of VIEWS) $('view-' + name).hidden = name !== v;
     for (const a of document.querySelectorAll('nav a[data-view]')) {
       if (a.dataset.view === v) a.setAttribute('aria-current', 'page');
       else a.removeAttribute('aria-current');
     }
-    if (!token()) {
-      $('login').hidden = false;
+    if (!token() && !state.web && !state.probed) await probe();
+    if (!token() && !state.web) {
+      showLogin();
       return;
     }
     $('login').hidden = true;
-    guarded(LOADERS[v]);
+    await LOADERS[v]();
   }
 
   // ---- sessions ------------------------------------------------------------------------
 
-  async function loadSessions() {
-    const data = await api('GET', '/api/v1/sessions');
+  // The first page of sessions, or (more) the next one appended.
+  async function loadSessions(more) {
+    const p = new URLSearchParams({ limit: '50' });
+    if (more && state.sessionsCursor) p.set('cursor', state.sessionsCursor);
+    const data = await api('GET', '/api/v1/sessions?' + p.toString());
     const body = $('sessions-table').querySelector('tbody');
-    clear(body);
+    if (!more) clear(body);
     for (const s of data.sessions) {
       const tr = el('tr');
       tr.dataset.key = s.key;
@@ -149,7 +210,9 @@
       cell(tr, s.tainted ? 'tainted' : '');
       body.appendChild(tr);
     }
-    $('sessions-empty').hidden = data.sessions.length > 0;
+    state.sessionsCursor = data.next;
+    $('sessions-more').hidden = !data.next;
+    $('sessions-empty').hidden = body.children.length > 0;
   }
 
   function messageText(m) {
@@ -238,8 +301,19 @@
 
   async function resolveApproval(a, decision) {
     const d = await api('POST', '/api/v1/approvals/' + encodeURIComponent(a.id) + '/resolve', { decision });
+    clear($('approval-opened'));
     await loadApprovals();
     $('approvals-list').prepend(el('li', 'note', 'Approval ' + d.approval.code + (d.approval.granted ? ' approved.' : ' denied.')));
+  }
+
+  // One approval by its id (from a chat message, a colleague or the audit log), in full.
+  async function openApproval() {
+    const id = $('approval-id').value.trim();
+    if (!id) throw new Error('Enter the approval\'s id (32 hex digits).');
+    const d = await api('GET', '/api/v1/approvals/' + encodeURIComponent(id));
+    const ul = $('approval-opened');
+    clear(ul);
+    ul.appendChild(approvalCard(d.approval));
   }
 
   async function loadApprovals() {
@@ -390,12 +464,28 @@
       resource: $('explain-resource').value.trim(),
       context,
     });
+    // The answer is `chitin policy explain --json`'s (docs/policy-tooling.md).
     $('explain-decision').textContent = r.decision;
-    $('explain-change').textContent = r.change || '';
+    const forbids = r.policies.filter((x) => x.effect === 'forbid').map((x) => x.id);
+    let change = '';
+    if (r.decision === 'approval_required') change = 'Allowed only with a person\'s approval.';
+    else if (r.decision === 'deny' && forbids.length) change = 'Denied by ' + forbids.join(', ') + '; one of them would have to change.';
+    else if (r.decision === 'deny') change = 'No permit policy applies (deny by default).';
+    if (r.decision !== 'allow') {
+      change += r.would_allow.length ? ' It would be allowed if:' : ' No single context change would allow it.';
+    }
+    $('explain-change').textContent = change;
     const ul = $('explain-policies');
     clear(ul);
-    for (const x of r.policies) ul.appendChild(el('li', 'determining', x.id + ' (' + (x.effect || '?') + '): ' + (x.reason || '')));
-    for (const x of r.shadow) ul.appendChild(el('li', 'shadow', 'shadow ' + x.id + ' would decide otherwise: ' + (x.reason || '')));
+    for (const x of r.policies) ul.appendChild(el('li', 'determining', x.id + ' (' + x.effect + '): ' + (x.reason || '(no @reason)')));
+    for (const x of r.shadow) ul.appendChild(el('li', 'shadow', 'shadow ' + x.id + ' would make it ' + (r.shadow_decision || '?') + ': ' + (x.reason || '(no @reason)')));
+    const would = $('explain-would');
+    clear(would);
+    for (const c of r.would_allow) {
+      const li = el('li', 'would', 'context.' + c.attribute + (c.derived ? ' (derived by Chitin)' : '') + ' were ' + JSON.stringify(c.to) + ' (not ' + JSON.stringify(c.from) + '): ' + c.decision + (c.policies.length ? ' by ' + c.policies.map((x) => x.id).join(', ') : ''));
+      li.dataset.attribute = c.attribute;
+      would.appendChild(li);
+    }
     const errs = $('explain-errors');
     clear(errs);
     for (const e of r.errors) errs.appendChild(el('li', null, e));
@@ -477,6 +567,29 @@
       pl.appendChild(li);
     }
     $('pairing-empty').hidden = r.requests.length > 0;
+    const dl = $('devices-list');
+    clear(dl);
+    for (const d of r.devices || []) {
+      const li = el('li', 'device');
+      li.dataset.id = d.id;
+      li.dataset.status = d.status;
+      li.appendChild(el('span', 'code', d.id));
+      li.appendChild(el('span', 'status', ' ' + d.status));
+      li.appendChild(el('span', 'summary', ' ' + d.user + ' from ' + d.client + (d.user_agent ? ' (' + d.user_agent + ')' : '') + ', since ' + d.created_at + (d.decided_by ? '; decided by ' + d.decided_by + ' at ' + d.decided_at : '')));
+      const decide = (decision) => async () => {
+        const x = await api('POST', '/api/v1/devices/' + encodeURIComponent(d.id) + '/resolve', { decision });
+        await loadChannels();
+        $('devices-list').prepend(el('li', 'note', 'Device ' + x.device.id + ' of ' + x.device.user + ' is ' + x.device.status + '.'));
+      };
+      if (d.status === 'pending') {
+        li.appendChild(button('Approve', 'approve', decide('approve')));
+        li.appendChild(button('Deny', 'deny', decide('deny')));
+      } else if (d.status === 'approved') {
+        li.appendChild(button('Revoke', 'deny', decide('deny')));
+      }
+      dl.appendChild(li);
+    }
+    $('devices-empty').hidden = (r.devices || []).length > 0;
   }
 
   // ---- health --------------------------------------------------------------------------
@@ -498,7 +611,7 @@
   }
 
   const LOADERS = {
-    sessions: loadSessions,
+    sessions: () => loadSessions(false),
     approvals: loadApprovals,
     audit: () => loadAudit(false),
     policy: loadPolicy,
@@ -515,7 +628,7 @@
     }
     sessionStorage.setItem('chitin.token', t);
     $('token').value = '';
-    show();
+    guarded(show);
   }
 
   document.addEventListener('DOMContentLoaded', () => {
@@ -525,6 +638,8 @@
       b.addEventListener('click', () => guarded(LOADERS[b.dataset.reload]));
     }
     $('approvals-all').addEventListener('change', () => guarded(loadApprovals));
+    $('sessions-more').addEventListener('click', () => guarded(() => loadSessions(true)));
+    $('approval-open').addEventListener('click', () => guarded(openApproval));
     $('audit-search').addEventListener('click', () => guarded(() => loadAudit(false)));
     $('audit-more').addEventListener('click', () => guarded(() => loadAudit(true)));
     $('audit-verify').addEventListener('click', () => guarded(verifyAudit));
@@ -544,7 +659,8 @@
     });
     $('shadow-load').addEventListener('click', () => guarded(loadShadow));
     $('usage-load').addEventListener('click', () => guarded(loadUsage));
-    window.addEventListener('hashchange', show);
-    show();
+    $('signout').addEventListener('click', () => guarded(signOut));
+    window.addEventListener('hashchange', () => guarded(show));
+    guarded(show);
   });
 })();

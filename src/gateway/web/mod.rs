@@ -57,18 +57,18 @@ pub fn csp(host: Option<&str>) -> String {
     )
 }
 
+/// The headers every page and asset gets: no sniffing, no framing, no referrer, no caching,
+/// same-origin opener and resource policies.
 fn hardening(resp: &mut Response) {
     let h = resp.headers_mut();
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for (k, v) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::CACHE_CONTROL, "no-store"),
+    ] {
+        h.insert(k, HeaderValue::from_static(v));
+    }
     h.insert(
         "cross-origin-opener-policy",
         HeaderValue::from_static("same-origin"),
@@ -79,21 +79,24 @@ fn hardening(resp: &mut Response) {
     );
 }
 
-async fn index(headers: HeaderMap) -> Response {
-    let mut resp = (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        INDEX_HTML,
-    )
-        .into_response();
+/// An HTML page compiled into the binary, with the hardening headers and the
+/// Content-Security-Policy `csp` (the chat page and the Control page share this).
+pub(in crate::gateway) fn html_page(html: &'static str, csp: &str) -> Response {
+    let mut resp = ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response();
     hardening(&mut resp);
-    if let Ok(v) = HeaderValue::from_str(&csp(sane_host(&headers))) {
+    if let Ok(v) = HeaderValue::from_str(csp) {
         resp.headers_mut()
             .insert(header::CONTENT_SECURITY_POLICY, v);
     }
     resp
 }
 
-fn asset(body: &'static str, content_type: &'static str) -> Response {
+async fn index(headers: HeaderMap) -> Response {
+    html_page(INDEX_HTML, &csp(sane_host(&headers)))
+}
+
+/// A script or stylesheet compiled into the binary, with the hardening headers.
+pub(in crate::gateway) fn asset(body: &'static str, content_type: &'static str) -> Response {
     let mut resp = ([(header::CONTENT_TYPE, content_type)], body).into_response();
     hardening(&mut resp);
     resp
