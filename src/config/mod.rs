@@ -22,6 +22,7 @@ pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
+pub mod store;
 pub mod tools;
 pub mod workflows;
 
@@ -78,6 +79,7 @@ pub struct Config {
     pub hooks: Vec<automation::HookConfig>,
     pub tools: tools::ToolsConfig,
     pub mcp: mcp::McpConfig,
+    pub store: store::StoreConfig,
 }
 
 impl Config {
@@ -150,6 +152,7 @@ impl Config {
                     .map_or(Ok(()), tools::WebSearchConfig::validate)
             })
             .and_then(|()| config.mcp.validate())
+            .and_then(|()| config.store.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -280,6 +283,7 @@ pub fn default_toml() -> String {
         automation::TEMPLATE,
         tools::TEMPLATE,
         mcp::TEMPLATE,
+        store::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");
