@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite. Works on a fresh Debian machine with only the Rust toolchain:
 # it installs the few system tools the tests drive (age for interoperability, chromium for the
-# web chat page) when missing.
+# web chat page, PostgreSQL for the storage tests) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Tests run sandboxed tools in workspaces under target/tmp, and the sandbox gives every tool its
@@ -14,4 +14,7 @@ esac
 command -v age >/dev/null || (apt-get update && apt-get install -y age)
 # headless Chromium drives the web chat page in tests/webchat_browser.rs
 command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+# PostgreSQL on 127.0.0.1:5432 for the storage tests (tests/store_*.rs, tests/approvals.rs):
+# started from Debian's packages when none answers.
+./scripts/pg-test-server.sh
 cargo test --workspace --all-targets

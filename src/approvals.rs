@@ -14,14 +14,13 @@
 use std::sync::Arc;
 
 use chitin_audit::{Kind, RecordInput};
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::clock::{Clock, rfc3339};
 use crate::gate::{Gate, GateError, Verdict};
 use crate::policy::PolicyRequest;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, params};
 
 /// How long an approval request stays open unless configured otherwise.
 pub const DEFAULT_TTL_MS: i64 = 10 * 60 * 1000;
@@ -70,8 +69,8 @@ pub enum ApprovalError {
     Gate(#[from] GateError),
     #[error("audit log unavailable, nothing changed: {0}")]
     Audit(String),
-    #[error("approval store: {0}")]
-    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] chitin_store::Error),
     #[error("no randomness from the OS for an approval id: {0}")]
     Random(String),
 }
@@ -665,7 +664,7 @@ impl ApprovalRef {
     }
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Approval> {
+fn row(r: &chitin_store::Row) -> Result<Approval, ApprovalError> {
     let args: String = r.get(6)?;
     let digest: Vec<u8> = r.get(7)?;
     let tool: String = r.get(4)?;
@@ -744,48 +743,43 @@ impl Approvals {
         let args_text = self.gate.redact(&args.to_string());
         let summary = Presentation::of(tool, &shown_args(&args_text)).summary();
         let expires = now.saturating_add(self.ttl_ms);
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        // A fresh code that no open approval uses.
-        let mut code = String::new();
-        for _ in 0..16 {
-            let r = random_bytes::<CODE_LEN>()?;
-            let candidate: String = r
-                .iter()
-                .map(|b| char::from(CODE_ALPHABET[usize::from(*b) % CODE_ALPHABET.len()]))
-                .collect();
-            let taken: Option<String> = tx
-                .query_row(
+        self.store.db().tx(|tx| {
+            // A fresh code that no open approval uses.
+            let mut code = String::new();
+            for _ in 0..16 {
+                let r = random_bytes::<CODE_LEN>()?;
+                let candidate: String = r
+                    .iter()
+                    .map(|b| char::from(CODE_ALPHABET[usize::from(*b) % CODE_ALPHABET.len()]))
+                    .collect();
+                let taken = tx.query_opt(
                     "SELECT id FROM approvals WHERE code = ?1 AND status IN ('pending', 'granted')",
-                    [&candidate],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if taken.is_none() {
-                code = candidate;
-                break;
+                    params![candidate],
+                )?;
+                if taken.is_none() {
+                    code = candidate;
+                    break;
+                }
             }
-        }
-        if code.is_empty() {
-            return Err(ApprovalError::Random(
-                "could not find a free approval code".into(),
-            ));
-        }
-        tx.execute(
-            "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, required_approver, distinct_from)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?11, ?12)",
-            params![id, code, requester, session, tool, summary, args_text, request_digest.to_vec(), now, expires,
-                    limits.required_approver, limits.distinct_from],
-        )?;
-        // The record first: if it cannot be written, the request does not exist.
-        self.audit(
-            RecordInput::new(Kind::Approval, user_uid(requester), "approval.request", format!("Chitin::Tool::{}", Value::String(tool.into())))
-                .with_outcome("pending")
-                .with_payload(json!({"id": id, "code": code, "session": session, "summary": summary,
-                                     "request_digest": hex(&request_digest), "expires_at": rfc3339(expires)})),
-        )?;
-        tx.commit()?;
-        drop(conn);
+            if code.is_empty() {
+                return Err(ApprovalError::Random(
+                    "could not find a free approval code".into(),
+                ));
+            }
+            tx.execute(
+                "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, required_approver, distinct_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'pending', ?9, ?10, ?11, ?12)",
+                params![id, code, requester, session, tool, summary, args_text, request_digest, now, expires,
+                        limits.required_approver, limits.distinct_from],
+            )?;
+            // The record first: if it cannot be written, the request does not exist.
+            self.audit(
+                RecordInput::new(Kind::Approval, user_uid(requester), "approval.request", format!("Chitin::Tool::{}", Value::String(tool.into())))
+                    .with_outcome("pending")
+                    .with_payload(json!({"id": id, "code": code, "session": session, "summary": summary,
+                                         "request_digest": hex(&request_digest), "expires_at": rfc3339(expires)})),
+            )
+        })?;
         self.by_id(&id)
     }
 
@@ -796,14 +790,17 @@ impl Approvals {
     }
 
     fn by_id(&self, id: &str) -> Result<Approval, ApprovalError> {
-        let conn = self.store.conn()?;
-        conn.query_row(
-            &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
-            [id],
-            row,
-        )
-        .optional()?
-        .ok_or_else(|| ApprovalError::UnknownId(visible(id)))
+        self.store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
+                    params![id],
+                )
+            })?
+            .map(|r| row(&r))
+            .transpose()?
+            .ok_or_else(|| ApprovalError::UnknownId(visible(id)))
     }
 
     /// The approval a code or id names (after expiring the ones that are due). An id names
@@ -814,29 +811,30 @@ impl Approvals {
         self.expire_due()?;
         match key {
             ApprovalRef::Id(id) => self.by_id(id),
-            ApprovalRef::Code(code) => {
-                let conn = self.store.conn()?;
-                let mut st = conn.prepare(&format!(
-                    "SELECT {COLUMNS} FROM approvals WHERE code = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC"
-                ))?;
-                let mut open: Vec<Approval> =
-                    st.query_map([code], row)?.collect::<Result<_, _>>()?;
+            ApprovalRef::Code(code) => self.store.db().with(|c| {
+                let mut open: Vec<Approval> = c.query_map(
+                    &format!(
+                        "SELECT {COLUMNS} FROM approvals WHERE code = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC"
+                    ),
+                    params![code],
+                    row,
+                )?;
                 if open.len() > 1 {
                     return Err(ApprovalError::AmbiguousCode(open.len(), visible(code)));
                 }
                 if let Some(a) = open.pop() {
                     return Ok(a);
                 }
-                conn.query_row(
+                c.query_opt(
                     &format!(
                         "SELECT {COLUMNS} FROM approvals WHERE code = ?1 ORDER BY created_ms DESC LIMIT 1"
                     ),
-                    [code],
-                    row,
-                )
-                .optional()?
+                    params![code],
+                )?
+                .map(|r| row(&r))
+                .transpose()?
                 .ok_or_else(|| ApprovalError::NotFound(visible(code)))
-            }
+            }),
         }
     }
 
@@ -846,44 +844,42 @@ impl Approvals {
     /// after the run looked (redemption stays single-use and bound to the digest).
     pub fn open_for(&self, request_digest: &[u8; 32]) -> Result<Option<Approval>, ApprovalError> {
         self.expire_due()?;
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row(
-                &format!(
-                    "SELECT {COLUMNS} FROM approvals WHERE request_digest = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC LIMIT 1"
-                ),
-                [request_digest.to_vec()],
-                row,
-            )
-            .optional()?)
+        self.store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    &format!(
+                        "SELECT {COLUMNS} FROM approvals WHERE request_digest = ?1 AND status IN ('pending', 'granted') ORDER BY created_ms DESC LIMIT 1"
+                    ),
+                    params![request_digest],
+                )
+            })?
+            .map(|r| row(&r))
+            .transpose()
     }
 
     /// Marks every open approval whose time is up as expired (and records it).
     pub fn expire_due(&self) -> Result<usize, ApprovalError> {
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let due: Vec<(String, String)> = {
-            let mut st = tx.prepare(
-                "SELECT id, code FROM approvals WHERE status IN ('pending', 'granted') AND expires_ms <= ?1",
+        self.store.db().tx(|tx| {
+            // Exactly the rows this statement expired (another replica may expire some at
+            // the same time: each is recorded by the one that changed it).
+            let due: Vec<(String, String)> = tx.query_map(
+                "UPDATE approvals SET status = 'expired', resolved_ms = ?1
+                 WHERE status IN ('pending', 'granted') AND expires_ms <= ?1 RETURNING id, code",
+                params![now],
+                |r| Ok::<_, ApprovalError>((r.get(0)?, r.get(1)?)),
             )?;
-            let rows = st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        if due.is_empty() {
-            return Ok(0);
-        }
-        tx.execute(
-            "UPDATE approvals SET status = 'expired', resolved_ms = ?1 WHERE status IN ('pending', 'granted') AND expires_ms <= ?1",
-            [now],
-        )?;
-        self.audit(
-            RecordInput::new(Kind::Approval, "gateway", "approval.expire", "approvals")
-                .with_outcome("expired")
-                .with_payload(json!({"approvals": due.iter().map(|(id, code)| json!({"id": id, "code": code})).collect::<Vec<_>>()})),
-        )?;
-        tx.commit()?;
-        Ok(due.len())
+            if due.is_empty() {
+                return Ok(0);
+            }
+            self.audit(
+                RecordInput::new(Kind::Approval, "gateway", "approval.expire", "approvals")
+                    .with_outcome("expired")
+                    .with_payload(json!({"approvals": due.iter().map(|(id, code)| json!({"id": id, "code": code})).collect::<Vec<_>>()})),
+            )?;
+            Ok(due.len())
+        })
     }
 
     /// Expires those of `ids` still open (pending, or granted and not redeemed) because the
@@ -898,45 +894,42 @@ impl Approvals {
             return Ok(0);
         }
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let mut done: Vec<(String, String)> = Vec::new();
-        for id in ids {
-            let code: Option<String> = tx
-                .query_row(
+        self.store.db().tx(|tx| {
+            let mut done: Vec<(String, String)> = Vec::new();
+            for id in ids {
+                let code = tx.query_opt(
                     "UPDATE approvals SET status = 'expired', resolved_ms = ?1
                      WHERE id = ?2 AND status IN ('pending', 'granted') RETURNING code",
                     params![now, id],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(code) = code {
-                done.push((id.clone(), code));
+                )?;
+                if let Some(code) = code {
+                    done.push((id.clone(), code.get(0)?));
+                }
             }
-        }
-        if done.is_empty() {
-            return Ok(0);
-        }
-        self.audit(
-            RecordInput::new(Kind::Approval, "gateway", "approval.expire", "approvals")
-                .with_outcome("expired")
-                .with_payload(json!({"approvals": done.iter().map(|(id, code)| json!({"id": id, "code": code})).collect::<Vec<_>>(),
-                                     "run_id": run_id, "reason": why})),
-        )?;
-        tx.commit()?;
-        Ok(done.len())
+            if done.is_empty() {
+                return Ok(0);
+            }
+            self.audit(
+                RecordInput::new(Kind::Approval, "gateway", "approval.expire", "approvals")
+                    .with_outcome("expired")
+                    .with_payload(json!({"approvals": done.iter().map(|(id, code)| json!({"id": id, "code": code})).collect::<Vec<_>>(),
+                                         "run_id": run_id, "reason": why})),
+            )?;
+            Ok(done.len())
+        })
     }
 
     /// Approvals, newest first: the open ones, or all with `all`.
     pub fn list(&self, all: bool) -> Result<Vec<Approval>, ApprovalError> {
         self.expire_due()?;
-        let conn = self.store.conn()?;
         let filter = if all { "" } else { "WHERE status = 'pending'" };
-        let mut st = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM approvals {filter} ORDER BY created_ms DESC"
-        ))?;
-        let rows = st.query_map([], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!("SELECT {COLUMNS} FROM approvals {filter} ORDER BY created_ms DESC"),
+                params![],
+                row,
+            )
+        })
     }
 
     /// Grants or denies the pending approval named by `code_or_id` (see [`ApprovalRef`],
@@ -1015,27 +1008,25 @@ impl Approvals {
         }
         let now = self.clock.now_ms();
         let status = if grant { "granted" } else { "denied" };
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE approvals SET status = ?1, resolved_by = ?2, resolved_ms = ?3 WHERE id = ?4 AND status = 'pending' AND expires_ms > ?3",
-            params![status, approver, now, a.id],
-        )?;
-        if changed != 1 {
-            return Err(ApprovalError::NotPending {
-                code,
-                status: "resolved by someone else or expired".into(),
-            });
-        }
-        self.audit(RecordInput::approval(
-            user_uid(approver),
-            format!("approval:{}", a.id),
-            grant,
-            json!({"code": a.code, "tool": a.tool, "summary": a.summary, "requester": a.requester,
-                   "request_digest": a.request_digest}),
-        ))?;
-        tx.commit()?;
-        drop(conn);
+        self.store.db().tx(|tx| {
+            let changed = tx.execute(
+                "UPDATE approvals SET status = ?1, resolved_by = ?2, resolved_ms = ?3 WHERE id = ?4 AND status = 'pending' AND expires_ms > ?3",
+                params![status, approver, now, a.id],
+            )?;
+            if changed != 1 {
+                return Err(ApprovalError::NotPending {
+                    code,
+                    status: "resolved by someone else or expired".into(),
+                });
+            }
+            self.audit(RecordInput::approval(
+                user_uid(approver),
+                format!("approval:{}", a.id),
+                grant,
+                json!({"code": a.code, "tool": a.tool, "summary": a.summary, "requester": a.requester,
+                       "request_digest": a.request_digest}),
+            ))
+        })?;
         self.by_id(&a.id)
     }
 
@@ -1044,37 +1035,40 @@ impl Approvals {
     pub fn redeem(&self, request_digest: &[u8; 32]) -> Result<Redeemed, ApprovalError> {
         self.expire_due()?;
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let id: Option<String> = tx
-            .query_row(
-                "UPDATE approvals SET status = 'used', used_ms = ?1
-                 WHERE id = (SELECT id FROM approvals WHERE request_digest = ?2 AND status = 'granted' AND expires_ms > ?1
-                             ORDER BY created_ms LIMIT 1)
-                 RETURNING id",
-                params![now, request_digest.to_vec()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(id) = id else {
-            return Err(ApprovalError::NotApproved);
-        };
-        self.audit(
-            RecordInput::new(
-                Kind::Approval,
-                "gateway",
-                "approval.redeem",
-                format!("approval:{id}"),
-            )
-            .with_outcome("used")
-            .with_payload(json!({"request_digest": hex(request_digest)})),
-        )?;
-        tx.commit()?;
-        let approval = conn.query_row(
-            &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
-            [&id],
-            row,
-        )?;
+        let approval = self.store.db().tx(|tx| {
+            // `status = 'granted'` again on the outer row: under PostgreSQL's read committed,
+            // a second replica redeeming at the same instant waits for the first and then
+            // re-checks only the outer WHERE, which must refuse the row the first one used.
+            let id: Option<String> = tx
+                .query_opt(
+                    "UPDATE approvals SET status = 'used', used_ms = ?1
+                     WHERE id = (SELECT id FROM approvals WHERE request_digest = ?2 AND status = 'granted' AND expires_ms > ?1
+                                 ORDER BY created_ms LIMIT 1)
+                       AND status = 'granted'
+                     RETURNING id",
+                    params![now, request_digest],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            let Some(id) = id else {
+                return Err(ApprovalError::NotApproved);
+            };
+            self.audit(
+                RecordInput::new(
+                    Kind::Approval,
+                    "gateway",
+                    "approval.redeem",
+                    format!("approval:{id}"),
+                )
+                .with_outcome("used")
+                .with_payload(json!({"request_digest": hex(request_digest)})),
+            )?;
+            let r = tx.query_row(
+                &format!("SELECT {COLUMNS} FROM approvals WHERE id = ?1"),
+                params![id],
+            )?;
+            row(&r)
+        })?;
         Ok(Redeemed {
             proof: crate::gate::Redeemed::after_redemption(*request_digest),
             approval,

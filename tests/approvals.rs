@@ -22,6 +22,7 @@ use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::secrets::SecretStore;
 use chitin::secrets::identity::FixedPassphrase;
 use chitin::store::Store;
+use chitin_store::Dialect;
 use serde_json::json;
 
 const PASS: &str = "approvals-test-pass";
@@ -30,9 +31,16 @@ struct Env {
     _t: tempfile::TempDir,
     home: PathBuf,
     clock: ManualClock,
+    /// The approvals live here instead of the home's state.db (a fresh database per test).
+    pg: Option<chitin_store::testing::TestPg>,
 }
 
 fn env() -> Env {
+    env_on(Dialect::Sqlite)
+}
+
+/// An environment whose approvals are kept on the given backend.
+fn env_on(d: Dialect) -> Env {
     let t = tempfile::tempdir().unwrap();
     let home = support::private_home(t.path(), "home");
     let ents = json!([
@@ -46,11 +54,42 @@ fn env() -> Env {
         _t: t,
         home,
         clock: ManualClock::new(chitin::clock::SystemClock.now_ms()),
+        pg: (d == Dialect::Postgres).then(|| chitin_store::testing::TestPg::new().unwrap()),
     }
 }
 
+/// Runs a test body on SQLite and on PostgreSQL (`<test>::on_sqlite`, `<test>::on_postgres`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin_store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin_store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_granted_approval_is_redeemed_once_for_exactly_its_request,
+    a_denied_approval_cannot_be_redeemed_or_granted_later,
+    an_approval_expires_and_then_nothing_can_use_it,
+    only_a_user_policy_lets_approve_may_resolve,
+    pending_approvals_survive_a_restart,
+    two_redemptions_at_the_same_instant_use_an_approval_once,
+);
+
 /// The workflow as the gateway builds it (audit key from the secret store).
 fn approvals(e: &Env) -> Approvals {
+    approvals_with(e, gate(e))
+}
+
+/// The gate as the gateway builds it (audit key from the secret store).
+fn gate(e: &Env) -> Gate {
     let cfg = SecretsConfig {
         backend: IdentityBackend::Passphrase,
         scrypt_work_factor: 16,
@@ -78,8 +117,16 @@ fn approvals(e: &Env) -> Approvals {
         state_dir: Some(e.home.clone()),
     })
     .unwrap();
-    let gate = Gate::new(Arc::new(engine), Arc::new(audit));
-    let db = Arc::new(Store::open(&e.home.join("state.db")).unwrap());
+    Gate::new(Arc::new(engine), Arc::new(audit))
+}
+
+/// Approvals over `gate` and a newly opened store.
+fn approvals_with(e: &Env, gate: Gate) -> Approvals {
+    // Reopened each time, as a restarted gateway would.
+    let db = Arc::new(match &e.pg {
+        Some(pg) => Store::from_db(pg.db().unwrap()),
+        None => Store::open(&e.home.join("state.db")).unwrap(),
+    });
     Approvals::new(db, gate, Arc::new(e.clock.clone()), DEFAULT_TTL_MS)
 }
 
@@ -96,9 +143,8 @@ fn audit_actions(home: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-#[test]
-fn a_granted_approval_is_redeemed_once_for_exactly_its_request() {
-    let e = env();
+fn a_granted_approval_is_redeemed_once_for_exactly_its_request(d: Dialect) {
+    let e = env_on(d);
     let ap = approvals(&e);
     let a = ap
         .request("owner", "s1", "exec", &rm_args("./tmp/a"), [7; 32])
@@ -142,9 +188,8 @@ fn a_granted_approval_is_redeemed_once_for_exactly_its_request() {
     );
 }
 
-#[test]
-fn a_denied_approval_cannot_be_redeemed_or_granted_later() {
-    let e = env();
+fn a_denied_approval_cannot_be_redeemed_or_granted_later(d: Dialect) {
+    let e = env_on(d);
     let ap = approvals(&e);
     let a = ap
         .request("owner", "s1", "exec", &rm_args("x"), [1; 32])
@@ -167,9 +212,8 @@ fn a_denied_approval_cannot_be_redeemed_or_granted_later() {
     );
 }
 
-#[test]
-fn an_approval_expires_and_then_nothing_can_use_it() {
-    let e = env();
+fn an_approval_expires_and_then_nothing_can_use_it(d: Dialect) {
+    let e = env_on(d);
     let ap = approvals(&e);
     let a = ap
         .request("owner", "s1", "exec", &rm_args("x"), [2; 32])
@@ -197,9 +241,8 @@ fn an_approval_expires_and_then_nothing_can_use_it() {
     );
 }
 
-#[test]
-fn only_a_user_policy_lets_approve_may_resolve() {
-    let e = env();
+fn only_a_user_policy_lets_approve_may_resolve(d: Dialect) {
+    let e = env_on(d);
     let ap = approvals(&e);
     let a = ap
         .request("owner", "s1", "exec", &rm_args("x"), [4; 32])
@@ -222,9 +265,8 @@ fn only_a_user_policy_lets_approve_may_resolve() {
     assert_eq!(ap.list(false).unwrap()[0].status, "pending");
 }
 
-#[test]
-fn pending_approvals_survive_a_restart() {
-    let e = env();
+fn pending_approvals_survive_a_restart(d: Dialect) {
+    let e = env_on(d);
     let code = approvals(&e)
         .request(
             "owner",
@@ -248,6 +290,40 @@ fn pending_approvals_survive_a_restart() {
         approvals(&e).redeem(&[5; 32]).unwrap().approval().status,
         "used"
     );
+}
+
+fn two_redemptions_at_the_same_instant_use_an_approval_once(d: Dialect) {
+    let e = env_on(d);
+    let ap = approvals(&e);
+    for round in 0..5u8 {
+        let digest = [100 + round; 32];
+        let a = ap
+            .request("owner", "s1", "exec", &rm_args("x"), digest)
+            .unwrap();
+        ap.resolve(&a.code, "owner", true).unwrap();
+        // Two gateways (separate database connections; one audit log) redeem the same
+        // request at once.
+        let barrier = std::sync::Barrier::new(2);
+        let used = std::sync::atomic::AtomicUsize::new(0);
+        let g = gate(&e);
+        let (one, two) = (approvals_with(&e, g.clone()), approvals_with(&e, g));
+        std::thread::scope(|s| {
+            for mine in [&one, &two] {
+                let (barrier, used) = (&barrier, &used);
+                s.spawn(move || {
+                    barrier.wait();
+                    match mine.redeem(&digest) {
+                        Ok(_) => {
+                            used.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(ApprovalError::NotApproved) => {}
+                        Err(other) => panic!("{other}"),
+                    }
+                });
+            }
+        });
+        assert_eq!(used.into_inner(), 1, "round {round}: redeemed exactly once");
+    }
 }
 
 #[test]

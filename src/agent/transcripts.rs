@@ -9,11 +9,12 @@
 
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::store::{Store, StoreError};
+use chitin_store::{Conn, Row};
+
+use crate::store::{Store, StoreError, params};
 
 /// Seals and opens content with a data subject's key (the vault).
 pub trait Sealer: Send + Sync {
@@ -26,8 +27,8 @@ pub trait Sealer: Send + Sync {
 pub enum TranscriptError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("state database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] chitin_store::Error),
     #[error("cannot seal or open transcript content: {0}")]
     Seal(String),
     #[error("stored message is not readable: {0}")]
@@ -38,21 +39,6 @@ pub enum TranscriptError {
     NoSession(String),
     #[error("no run `{0}`")]
     NoRun(String),
-}
-
-/// `execute` with a cached prepared statement (the same few statements run on every turn).
-fn exec(c: &rusqlite::Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
-    c.prepare_cached(sql)?.execute(p)
-}
-
-/// `query_row` with a cached prepared statement.
-fn row<T>(
-    c: &rusqlite::Connection,
-    sql: &str,
-    p: impl rusqlite::Params,
-    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    c.prepare_cached(sql)?.query_row(p, f)
 }
 
 /// The data subject of a user's content.
@@ -182,7 +168,7 @@ pub struct Transcripts {
 
 const RUN_COLUMNS: &str = "id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps, model, input_tokens, output_tokens, cost_usd, approval_id, error, origin";
 
-fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+fn run_row(r: &Row) -> Result<RunRow, TranscriptError> {
     Ok(RunRow {
         id: r.get(0)?,
         session: r.get(1)?,
@@ -230,37 +216,36 @@ impl Transcripts {
 
     /// The owner of a session, if it exists.
     pub fn session_owner(&self, key: &str) -> Result<Option<String>, TranscriptError> {
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()?)
+        self.store.db().with(|c| {
+            c.query_opt("SELECT user_id FROM sessions WHERE key = ?1", params![key])?
+                .map(|r| r.get(0))
+                .transpose()
+                .map_err(TranscriptError::from)
+        })
     }
 
     pub fn is_tainted(&self, key: &str) -> Result<bool, TranscriptError> {
-        let conn = self.store.conn()?;
-        let t: Option<i64> = conn
-            .query_row("SELECT tainted FROM sessions WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let t: Option<i64> = self.store.db().with(|c| {
+            c.query_opt("SELECT tainted FROM sessions WHERE key = ?1", params![key])?
+                .map(|r| r.get(0))
+                .transpose()
+        })?;
         Ok(t.unwrap_or(0) != 0)
     }
 
     pub fn set_tainted(&self, key: &str) -> Result<(), TranscriptError> {
-        let conn = self.store.conn()?;
-        exec(
-            &conn,
-            "UPDATE sessions SET tainted = 1 WHERE key = ?1 AND tainted = 0",
-            [key],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE sessions SET tainted = 1 WHERE key = ?1 AND tainted = 0",
+                params![key],
+            )
+        })?;
         Ok(())
     }
 
     fn insert_message(
         &self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &mut Conn<'_>,
         key: &str,
         user: &str,
         run_id: Option<&str>,
@@ -274,19 +259,18 @@ impl Transcripts {
             _ => "transcript",
         };
         let size = i64::try_from(body.len()).unwrap_or(i64::MAX);
-        let seq: i64 = row(
-            tx,
-            "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_key = ?1",
-            [key],
-            |r| r.get(0),
-        )?;
-        exec(tx,
+        let seq: i64 = tx
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM messages WHERE session_key = ?1",
+                params![key],
+            )?
+            .get(0)?;
+        tx.execute(
             "INSERT INTO messages (session_key, run_id, subject, seq, role, class, created_ms, size, body)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![key, run_id, subject, seq, message.role(), class, now, size, body],
         )?;
-        exec(
-            tx,
+        tx.execute(
             "UPDATE sessions SET updated_ms = ?2 WHERE key = ?1",
             params![key, now],
         )?;
@@ -314,45 +298,40 @@ impl Transcripts {
         untrusted: bool,
         now: i64,
     ) -> Result<Option<String>, TranscriptError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        if let Some(origin) = origin {
-            let existing: Option<String> = tx
-                .query_row("SELECT id FROM runs WHERE origin = ?1", [origin], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            if existing.is_some() {
-                return Ok(existing);
+        self.store.db().tx(|tx| {
+            if let Some(origin) = origin {
+                let existing: Option<String> = tx
+                    .query_opt("SELECT id FROM runs WHERE origin = ?1", params![origin])?
+                    .map(|r| r.get(0))
+                    .transpose()?;
+                if existing.is_some() {
+                    return Ok(existing);
+                }
             }
-        }
-        let owner: Option<String> = tx
-            .query_row("SELECT user_id FROM sessions WHERE key = ?1", [key], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        match owner {
-            Some(o) if o == user => {}
-            Some(_) => return Err(TranscriptError::NotYours(key.into())),
-            None => {
-                exec(
-                    &tx,
-                    "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                    params![key, user, subject_of(user), channel, now],
-                )?;
+            let owner: Option<String> = tx
+                .query_opt("SELECT user_id FROM sessions WHERE key = ?1", params![key])?
+                .map(|r| r.get(0))
+                .transpose()?;
+            match owner {
+                Some(o) if o == user => {}
+                Some(_) => return Err(TranscriptError::NotYours(key.into())),
+                None => {
+                    tx.execute(
+                        "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                        params![key, user, subject_of(user), channel, now],
+                    )?;
+                }
             }
-        }
-        exec(
-            &tx,
-            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5, ?6)",
-            params![run_id, key, user, subject_of(user), now, origin],
-        )?;
-        self.insert_message(&tx, key, user, Some(run_id), message, now)?;
-        if untrusted {
-            exec(&tx, "UPDATE sessions SET tainted = 1 WHERE key = ?1", [key])?;
-        }
-        tx.commit()?;
-        Ok(None)
+            tx.execute(
+                "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5, ?6)",
+                params![run_id, key, user, subject_of(user), now, origin],
+            )?;
+            self.insert_message(tx, key, user, Some(run_id), message, now)?;
+            if untrusted {
+                tx.execute("UPDATE sessions SET tainted = 1 WHERE key = ?1", params![key])?;
+            }
+            Ok(None)
+        })
     }
 
     /// A step of a run in one transaction (one fsync): the message, the model call's usage
@@ -371,45 +350,41 @@ impl Transcripts {
         status: Option<&str>,
         now: i64,
     ) -> Result<i64, TranscriptError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let seq = self.insert_message(&tx, key, user, run_id, message, now)?;
-        if let Some(u) = usage {
-            Self::insert_usage(&tx, u)?;
-        }
-        if let (Some(st), Some(id)) = (status, run_id) {
-            let finished = st == "completed";
-            exec(
-                &tx,
-                "UPDATE runs SET status = ?2, updated_ms = ?3,
-                                 finished_ms = CASE WHEN ?4 THEN ?3 ELSE finished_ms END
-                 WHERE id = ?1",
-                params![id, st, now, finished],
-            )?;
-        }
-        tx.commit()?;
-        Ok(seq)
+        self.store.db().tx(|tx| {
+            let seq = self.insert_message(tx, key, user, run_id, message, now)?;
+            if let Some(u) = usage {
+                Self::insert_usage(tx, u)?;
+            }
+            if let (Some(st), Some(id)) = (status, run_id) {
+                let finished = st == "completed";
+                tx.execute(
+                    "UPDATE runs SET status = ?2, updated_ms = ?3,
+                                     finished_ms = CASE WHEN ?4 THEN ?3 ELSE finished_ms END
+                     WHERE id = ?1",
+                    params![id, st, now, finished],
+                )?;
+            }
+            Ok(seq)
+        })
     }
 
     /// The compaction summary (if any) and the messages after it, oldest first.
     pub fn history(&self, key: &str) -> Result<(Option<String>, Vec<Entry>), TranscriptError> {
         let (summary, upto) = {
-            let conn = self.store.conn()?;
-            row(
-                &conn,
-                "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
-                [key],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, Option<Vec<u8>>>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                },
+            let r = self
+                .store
+                .db()
+                .with(|c| {
+                    c.query_opt(
+                        "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
+                        params![key],
+                    )
+                })?
+                .ok_or_else(|| TranscriptError::NoSession(key.into()))?;
+            (
+                (r.get::<String>(0)?, r.get::<Option<Vec<u8>>>(1)?),
+                r.get::<i64>(2)?,
             )
-            .optional()?
-            .ok_or_else(|| TranscriptError::NoSession(key.into()))
-            .map(|(subject, s, upto)| ((subject, s), upto))?
         };
         let summary = match summary {
             (subject, Some(blob)) => Some(self.open::<String>(&subject, &blob)?),
@@ -420,16 +395,13 @@ impl Transcripts {
 
     /// Every message of a session with `seq > after`, oldest first.
     pub fn messages_after(&self, key: &str, after: i64) -> Result<Vec<Entry>, TranscriptError> {
-        let rows: Vec<RawEntry> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare_cached(
+        let rows: Vec<RawEntry> = self.store.db().with(|c| {
+            c.query_map(
                 "SELECT seq, run_id, created_ms, subject, body FROM messages WHERE session_key = ?1 AND seq > ?2 ORDER BY seq",
-            )?;
-            st.query_map(params![key, after], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-            })?
-            .collect::<Result<_, _>>()?
-        };
+                params![key, after],
+                |r| Ok::<_, TranscriptError>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+        })?;
         rows.into_iter()
             .map(|(seq, run_id, created_ms, subject, body)| {
                 Ok(Entry {
@@ -451,12 +423,12 @@ impl Transcripts {
         upto_seq: i64,
     ) -> Result<(), TranscriptError> {
         let sealed = self.seal(&subject_of(user), &summary)?;
-        let conn = self.store.conn()?;
-        exec(
-            &conn,
-            "UPDATE sessions SET summary = ?2, summary_seq = ?3 WHERE key = ?1",
-            params![key, sealed, upto_seq],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE sessions SET summary = ?2, summary_seq = ?3 WHERE key = ?1",
+                params![key, sealed, upto_seq],
+            )
+        })?;
         Ok(())
     }
 
@@ -473,47 +445,38 @@ impl Transcripts {
             status,
             "completed" | "failed" | "cancelled" | "timed_out" | "interrupted"
         );
-        let conn = self.store.conn()?;
-        exec(&conn,
-            "UPDATE runs SET status = ?2, approval_id = ?3, error = COALESCE(?4, error), updated_ms = ?5,
-                             finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
-             WHERE id = ?1",
-            params![id, status, approval_id, error, now, finished],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE runs SET status = ?2, approval_id = ?3, error = COALESCE(?4, error), updated_ms = ?5,
+                                 finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
+                 WHERE id = ?1",
+                params![id, status, approval_id, error, now, finished],
+            )
+        })?;
         Ok(())
     }
 
     /// Adds one model call to a run's totals and records its usage.
     pub fn record_usage(&self, u: &UsageRow<'_>) -> Result<(), TranscriptError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        Self::insert_usage(&tx, u)?;
-        tx.commit()?;
-        Ok(())
+        self.store.db().tx(|tx| Self::insert_usage(tx, u))
     }
 
-    fn insert_usage(
-        tx: &rusqlite::Transaction<'_>,
-        u: &UsageRow<'_>,
-    ) -> Result<(), TranscriptError> {
+    fn insert_usage(tx: &mut Conn<'_>, u: &UsageRow<'_>) -> Result<(), TranscriptError> {
         let input = i64::try_from(u.input_tokens).unwrap_or(i64::MAX);
         let output = i64::try_from(u.output_tokens).unwrap_or(i64::MAX);
         // What caused the call: the agent run's origin, or a workflow's `llm.invoke` (a
         // workflow run is not an agent run).
-        let origin: Option<Option<String>> = row(
-            tx,
-            "SELECT origin FROM runs WHERE id = ?1",
-            [u.run_id],
-            |r| r.get(0),
-        )
-        .optional()?;
+        let origin: Option<Option<String>> = tx
+            .query_opt("SELECT origin FROM runs WHERE id = ?1", params![u.run_id])?
+            .map(|r| r.get(0))
+            .transpose()?;
         let task = super::usage::Task::of_call(origin.as_ref().map(Option::as_deref));
-        exec(tx,
+        tx.execute(
             "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, tool, input_tokens, output_tokens, cost_usd, task)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![u.at_ms, u.user, subject_of(u.user), u.session, u.run_id, u.model, u.tool, input, output, u.cost_usd, task.as_str()],
         )?;
-        exec(tx,
+        tx.execute(
             "UPDATE runs SET steps = steps + 1, model = ?2, input_tokens = input_tokens + ?3,
                              output_tokens = output_tokens + ?4, cost_usd = cost_usd + ?5, updated_ms = ?6
              WHERE id = ?1",
@@ -526,68 +489,75 @@ impl Transcripts {
     pub fn spend_today(&self, user: &str, now_ms: i64) -> Result<f64, TranscriptError> {
         const DAY: i64 = 86_400_000;
         let start = now_ms.div_euclid(DAY) * DAY;
-        let conn = self.store.conn()?;
-        Ok(row(
-            &conn,
-            "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE user_id = ?1 AND at_ms >= ?2 AND at_ms < ?3",
-            params![user, start, start + DAY],
-            |r| r.get(0),
-        )?)
+        Ok(self.store.db().with(|c| {
+            c.query_row(
+                "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE user_id = ?1 AND at_ms >= ?2 AND at_ms < ?3",
+                params![user, start, start + DAY],
+            )?
+            .get(0)
+        })?)
     }
 
     pub fn run(&self, id: &str) -> Result<RunRow, TranscriptError> {
-        let conn = self.store.conn()?;
-        row(
-            &conn,
-            &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
-            [id],
-            run_row,
-        )
-        .optional()?
-        .ok_or_else(|| TranscriptError::NoRun(id.into()))
+        self.store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                    params![id],
+                )
+            })?
+            .map(|r| run_row(&r))
+            .transpose()?
+            .ok_or_else(|| TranscriptError::NoRun(id.into()))
     }
 
     /// A session's runs, oldest first.
     pub fn session_runs(&self, key: &str) -> Result<Vec<RunRow>, TranscriptError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE session_key = ?1 ORDER BY created_ms, id"
-        ))?;
-        Ok(st.query_map([key], run_row)?.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE session_key = ?1 ORDER BY created_ms, id"
+                ),
+                params![key],
+                run_row,
+            )
+        })
     }
 
     /// Runs that had not finished (queued, running, waiting for an approval), oldest first.
     pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, TranscriptError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running', 'waiting_approval') ORDER BY created_ms"
-        ))?;
-        Ok(st.query_map([], run_row)?.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs WHERE status IN ('queued', 'running', 'waiting_approval') ORDER BY created_ms, id"
+                ),
+                params![],
+                run_row,
+            )
+        })
     }
 
     /// The messages a run added, oldest first.
     pub fn run_messages(&self, run_id: &str) -> Result<Vec<Entry>, TranscriptError> {
-        let key: String = {
-            let conn = self.store.conn()?;
-            row(
-                &conn,
-                "SELECT session_key FROM runs WHERE id = ?1",
-                [run_id],
-                |r| r.get(0),
-            )
-            .optional()?
-            .ok_or_else(|| TranscriptError::NoRun(run_id.into()))?
-        };
-        let rows: Vec<(i64, i64, String, Vec<u8>)> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare_cached(
-                "SELECT seq, created_ms, subject, body FROM messages WHERE session_key = ?1 AND run_id = ?2 ORDER BY seq",
-            )?;
-            st.query_map(params![key, run_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        let key: String = self
+            .store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    "SELECT session_key FROM runs WHERE id = ?1",
+                    params![run_id],
+                )
             })?
-            .collect::<Result<_, _>>()?
-        };
+            .ok_or_else(|| TranscriptError::NoRun(run_id.into()))?
+            .get(0)?;
+        let rows: Vec<(i64, i64, String, Vec<u8>)> = self.store.db().with(|c| {
+            c.query_map(
+                "SELECT seq, created_ms, subject, body FROM messages WHERE session_key = ?1 AND run_id = ?2 ORDER BY seq",
+                params![key, run_id],
+                |r| Ok::<_, TranscriptError>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+        })?;
         rows.into_iter()
             .map(|(seq, created_ms, subject, body)| {
                 Ok(Entry {
@@ -610,28 +580,28 @@ impl Transcripts {
         user: Option<&str>,
         key: Option<&str>,
     ) -> Result<Vec<SessionRow>, TranscriptError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(
-            "SELECT s.key, s.user_id, s.channel, s.created_ms, s.updated_ms, s.tainted,
-                    (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key),
-                    (SELECT COUNT(*) FROM runs r WHERE r.session_key = s.key)
-             FROM sessions s WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.key = ?2)
-             ORDER BY s.updated_ms DESC, s.key",
-        )?;
-        Ok(st
-            .query_map(params![user, key], |r| {
-                Ok(SessionRow {
-                    key: r.get(0)?,
-                    user: r.get(1)?,
-                    channel: r.get(2)?,
-                    created_ms: r.get(3)?,
-                    updated_ms: r.get(4)?,
-                    tainted: r.get::<_, i64>(5)? != 0,
-                    messages: r.get(6)?,
-                    runs: r.get(7)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT s.key, s.user_id, s.channel, s.created_ms, s.updated_ms, s.tainted,
+                        (SELECT COUNT(*) FROM messages m WHERE m.session_key = s.key),
+                        (SELECT COUNT(*) FROM runs r WHERE r.session_key = s.key)
+                 FROM sessions s WHERE (?1 IS NULL OR s.user_id = ?1) AND (?2 IS NULL OR s.key = ?2)
+                 ORDER BY s.updated_ms DESC, s.key",
+                params![user, key],
+                |r| {
+                    Ok::<_, TranscriptError>(SessionRow {
+                        key: r.get(0)?,
+                        user: r.get(1)?,
+                        channel: r.get(2)?,
+                        created_ms: r.get(3)?,
+                        updated_ms: r.get(4)?,
+                        tainted: r.get::<i64>(5)? != 0,
+                        messages: r.get(6)?,
+                        runs: r.get(7)?,
+                    })
+                },
+            )
+        })
     }
 
     pub fn session(&self, key: &str) -> Result<SessionRow, TranscriptError> {

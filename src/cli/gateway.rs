@@ -64,6 +64,13 @@ pub fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError
 
 pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let config = globals.load_config()?;
+    // PostgreSQL only once every module is ported: never half on one database, half on
+    // another. Refused before anything is created or connected.
+    if config.store.backend == crate::config::store::Backend::Postgres
+        && let Some(why) = crate::store::gateway_refusal()
+    {
+        return Err(why.into());
+    }
     let bind = config.gateway.bind_addr(args.bind_override().as_deref())?;
     // Before anything is created: an exposed gateway never starts.
     check_exposure(bind, config.gateway.tls())?;

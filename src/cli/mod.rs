@@ -22,6 +22,7 @@ mod service;
 mod sessions;
 mod skills;
 mod status;
+mod store;
 mod token;
 mod usage;
 mod users;
@@ -147,6 +148,9 @@ enum Command {
     /// Run the gateway as a hardened systemd service: install, status, uninstall.
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// The state database on SQLite or PostgreSQL: migrate, check, copy to PostgreSQL.
+    #[command(subcommand)]
+    Store(store::StoreCmd),
     /// One screen: gateway up, model reachable, channels, pending approvals, last backup,
     /// audit head (exit 1 when the gateway is not running or not ready).
     Status(status::StatusArgs),
@@ -382,6 +386,7 @@ pub fn main() -> ExitCode {
         Command::Devices(cmd) => users::run_devices(cmd, &globals),
         Command::Mcp(cmd) => mcp::run(cmd, &globals),
         Command::Service(cmd) => service::run(cmd, &globals),
+        Command::Store(cmd) => store::run(cmd, &globals),
         Command::Status(args) => status::run(args, &globals),
         Command::Onboard(args) => onboard::run(args, &globals),
     };

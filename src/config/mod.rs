@@ -23,6 +23,7 @@ pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
 pub mod telemetry;
+pub mod store;
 pub mod tools;
 pub mod workflows;
 
@@ -80,6 +81,7 @@ pub struct Config {
     pub tools: tools::ToolsConfig,
     pub mcp: mcp::McpConfig,
     pub telemetry: telemetry::TelemetryConfig,
+    pub store: store::StoreConfig,
 }
 
 impl Config {
@@ -152,6 +154,7 @@ impl Config {
                     .map_or(Ok(()), tools::WebSearchConfig::validate)
             })
             .and_then(|()| config.mcp.validate())
+            .and_then(|()| config.store.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),
                 message,
@@ -284,6 +287,7 @@ pub fn default_toml() -> String {
         tools::TEMPLATE,
         mcp::TEMPLATE,
         telemetry::TEMPLATE,
+        store::TEMPLATE,
     ] {
         out.push_str(section.trim());
         out.push_str("\n\n");

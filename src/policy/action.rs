@@ -68,6 +68,9 @@ closed_enum! {
         SecretReveal => "secret.reveal",
         BackupCreate => "backup.create",
         BackupRestore => "backup.restore",
+        /// `chitin store migrate` / `copy`: the schema of the state database, and copying all
+        /// of it into PostgreSQL.
+        StoreManage => "store.manage",
         RetentionRun => "retention.run",
         RetentionHold => "retention.hold",
         RetentionRelease => "retention.release",
