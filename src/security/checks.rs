@@ -39,6 +39,9 @@ const SECRET_FILES: [&str; 3] = [
     crate::secrets::IDENTITY_PLAINTEXT_FILE,
 ];
 
+/// An API token without expiry: id, user, name, issued, last used.
+type TokenRow = (String, String, String, i64, Option<i64>);
+
 fn days(ms: i64) -> i64 {
     ms / DAY_MS
 }
@@ -342,7 +345,7 @@ impl<'a> Run<'a> {
     /// until someone notices and revokes it.
     fn api_tokens(&mut self) {
         let Some(db) = &self.state_db else { return };
-        let rows: Result<Vec<(String, String, String, i64, Option<i64>)>, _> = db
+        let rows: Result<Vec<TokenRow>, _> = db
             .prepare(
                 "SELECT id, user_id, name, created_ms, last_used_ms FROM api_tokens
                  WHERE expires_ms IS NULL ORDER BY created_ms, id",

@@ -23,6 +23,9 @@ pub const ACCESS_KEY: &str = "AKIAFAKES3TESTKEY001";
 pub const SECRET_KEY: &str = "fake/S3+secret/key/for+tests/0123456789";
 pub const REGION: &str = "eu-test-1";
 
+/// A multipart upload in progress: bucket, key, part number -> bytes.
+pub type Upload = (String, String, BTreeMap<u32, Vec<u8>>);
+
 #[derive(Default)]
 pub struct State {
     /// bucket -> key -> bytes
@@ -32,7 +35,7 @@ pub struct State {
     /// Keys per listing page.
     pub max_keys: usize,
     /// Multipart uploads in progress: upload id -> (bucket, key, part number -> bytes).
-    pub uploads: BTreeMap<String, (String, String, BTreeMap<u32, Vec<u8>>)>,
+    pub uploads: BTreeMap<String, Upload>,
     /// Uploads created so far (the next id).
     pub uploads_created: u64,
     /// The smallest part S3 accepts (5 MiB) except the last; tests lower it.
