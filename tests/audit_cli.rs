@@ -339,3 +339,51 @@ fn append_rejects_an_unknown_kind_and_invalid_json() {
         stderr(&o)
     );
 }
+
+/// Runs `chitin ARGS` with stdout a pipe whose reader is already gone (`chitin ... | head`
+/// after head exited).
+fn into_closed_pipe(home: &Path, args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .env("CHITIN_HOME", home)
+        .env("CHITIN_PASSPHRASE", "audit-cli-test-passphrase")
+        .env("USER", "tester")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The only read end is ours: once it is closed, every write the child makes is EPIPE.
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn long_output_into_a_closed_pipe_ends_quietly_without_a_panic() {
+    let h = home();
+    for i in 0..3 {
+        append(&h.home, i);
+    }
+    for args in [
+        &["audit", "query"][..],
+        &["audit", "query", "--json"],
+        &["audit", "export"],
+        &["usage"],
+        &["sessions", "list"],
+        // A command that prints with println!: the fallback for every other command.
+        &[
+            "policy",
+            "validate",
+            "--dir",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/policies"),
+        ],
+    ] {
+        let o = into_closed_pipe(&h.home, args);
+        let err = stderr(&o);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(141), "{args:?}: {err}");
+    }
+    // With a reader, the same commands succeed.
+    assert!(chitin(&h.home, &["audit", "query"]).status.success());
+}

@@ -314,3 +314,156 @@ fn a_newest_remote_backup_that_does_not_decrypt_fails_its_test_restore_and_is_re
     );
     assert!(text.contains("last test-restore error: "), "{text}");
 }
+
+/// The requests the fake received whose method is `method` and whose target contains `needle`.
+fn requests(s3: &FakeS3, method: &str, needle: &str) -> Vec<(String, u16)> {
+    s3.state
+        .lock()
+        .unwrap()
+        .log
+        .iter()
+        .filter(|(m, t, _)| m == method && t.contains(needle))
+        .map(|(_, t, st)| (t.clone(), *st))
+        .collect()
+}
+
+/// The gateway's log once it contains `needle`.
+fn log_with(gw: &Gw, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap_or_default();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in:\n{log}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_backup_above_the_multipart_threshold_is_uploaded_in_parts_and_test_restores() {
+    let mut s = setup(
+        fake_s3::SECRET_KEY,
+        "127.0.0.1",
+        "test_restore_hours = 24\nmultipart_threshold_bytes = 4096\nmultipart_part_bytes = 4096",
+    );
+    // S3 refuses parts under 5 MiB; this store accepts the test's 4 KiB parts (the last may
+    // be smaller), and still checks each part's ETag and order on completion.
+    s.s3.state.lock().unwrap().min_part_size = 4096;
+    s.gw.spawn();
+    wait_for_log(&s.gw, "off-site backup test-restore passed");
+    s.gw.signal("-TERM");
+    s.gw.wait_exit();
+
+    let keys: Vec<String> =
+        s.s3.keys(BUCKET)
+            .into_iter()
+            .filter(|k| k.starts_with("site-a/chitin-backup-"))
+            .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let body = s.s3.object(BUCKET, &keys[0]).unwrap();
+    assert!(body.len() > 2 * 4096, "a backup of {} bytes", body.len());
+    assert!(body.starts_with(b"age-encryption.org/v1\n"));
+    let path = format!("/{BUCKET}/{}", keys[0]);
+    // One CreateMultipartUpload, one UploadPart per 4 KiB, one CompleteMultipartUpload; never a
+    // single PUT of the whole object.
+    let created = requests(&s.s3, "POST", "?uploads");
+    assert_eq!(created, vec![(format!("{path}?uploads="), 200)]);
+    let parts = requests(&s.s3, "PUT", "partNumber=");
+    assert_eq!(parts.len(), body.len().div_ceil(4096), "{parts:?}");
+    for (i, (t, st)) in parts.iter().enumerate() {
+        assert!(
+            t.starts_with(&format!("{path}?partNumber={}&uploadId=upload-1-", i + 1)),
+            "{t}"
+        );
+        assert_eq!(*st, 200);
+    }
+    assert!(
+        requests(&s.s3, "PUT", "")
+            .iter()
+            .all(|(t, _)| t.contains("partNumber="))
+    );
+    let completed = requests(&s.s3, "POST", "?uploadId=");
+    assert_eq!(completed.len(), 1);
+    assert_eq!(completed[0].1, 200);
+    assert!(s.s3.state.lock().unwrap().uploads.is_empty());
+    // What the test-restore checked is the assembled object; `fetch` gives it back whole.
+    let out = s.gw.root.join("fetched.age");
+    let name = keys[0].strip_prefix("site-a/").unwrap();
+    ok(&s
+        .gw
+        .chitin(&["backup", "fetch", name, "--out", out.to_str().unwrap()]));
+    assert_eq!(std::fs::read(&out).unwrap(), body);
+    let v = ok(&s.gw.chitin(&[
+        "backup",
+        "verify",
+        out.to_str().unwrap(),
+        "--identity",
+        s.identity.to_str().unwrap(),
+    ]));
+    assert!(v.starts_with("ok: "), "{v}");
+}
+
+#[test]
+fn a_multipart_upload_that_fails_part_way_is_aborted_and_the_failure_is_recorded() {
+    let mut s = setup(
+        fake_s3::SECRET_KEY,
+        "127.0.0.1",
+        "test_restore_hours = 0\nmultipart_threshold_bytes = 4096\nmultipart_part_bytes = 4096",
+    );
+    {
+        let mut st = s.s3.state.lock().unwrap();
+        st.min_part_size = 4096;
+        st.fail_part = Some(2);
+    }
+    s.gw.spawn();
+    let log = log_with(&s.gw, "off-site backup upload failed");
+    assert!(
+        log.contains("S3 PUT site-a/chitin-backup-")
+            && log.contains("HTTP 500 Internal Server Error (InternalError)"),
+        "{log}"
+    );
+    assert!(log.contains("(the multipart upload was aborted)"), "{log}");
+    s.gw.signal("-TERM");
+    s.gw.wait_exit();
+    // Part 1 was stored, part 2 refused, then the upload was aborted: no object, no parts left.
+    let parts = requests(&s.s3, "PUT", "partNumber=");
+    assert_eq!(
+        parts.iter().map(|(_, st)| *st).collect::<Vec<_>>(),
+        vec![200, 500],
+        "{parts:?}"
+    );
+    let aborted = requests(&s.s3, "DELETE", "?uploadId=upload-1-");
+    assert_eq!(aborted.len(), 1, "{aborted:?}");
+    assert_eq!(aborted[0].1, 204);
+    assert!(requests(&s.s3, "POST", "?uploadId=").is_empty());
+    assert!(s.s3.state.lock().unwrap().uploads.is_empty());
+    assert!(
+        !s.s3
+            .keys(BUCKET)
+            .iter()
+            .any(|k| k.starts_with("site-a/chitin-backup-")),
+        "{:?}",
+        s.s3.keys(BUCKET)
+    );
+    // The failure is recorded where `chitin backup list` and the security audit see it.
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&s.gw.chitin(&["backup", "list", "--json"]))).unwrap();
+    assert!(list["last_upload_key"].is_null(), "{list}");
+    let audit = s.gw.chitin(&["security", "audit", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
+    let f = v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == "lifecycle.offsite_upload_failed")
+        .unwrap_or_else(|| panic!("{v:#}"));
+    assert_eq!(f["severity"], "high");
+    assert!(
+        f["observed"]
+            .as_str()
+            .unwrap()
+            .ends_with("(the multipart upload was aborted); no upload ever succeeded"),
+        "{f}"
+    );
+}

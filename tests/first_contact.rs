@@ -359,13 +359,41 @@ fn an_approval_left_pending_by_a_run_that_ended_is_expired_with_it() {
     assert!(!home.parent().unwrap().join("ws/net-marker").exists());
 }
 
+fn set_secret(home: &Path, name: &str, audience: &str, value: &str) {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", name, "--audience", audience])
+        .env("CHITIN_HOME", home)
+        .env("CHITIN_PASSPHRASE", harness::PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 #[test]
 fn status_shows_the_gateway_model_approvals_backup_and_audit_head() {
     let (_rt, s) = fake(vec![]);
-    let gw = Gw::start(&format!(
-        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
+    s.set_models(&["m0", "m1"]);
+    s.require_models_key("status-probe-key-0001");
+    let mut gw = Gw::start(&format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\napi_key = \"secret:fake_key\"\n",
         s.base_url()
     ));
+    // The key is stored while the gateway is stopped, so it starts ready.
+    gw.signal("-TERM");
+    gw.wait_exit();
+    set_secret(&gw.home, "fake_key", "127.0.0.1", "status-probe-key-0001");
+    gw.spawn();
     let o = gw.chitin(&["status", "--json"]);
     assert!(o.status.success(), "{}", text(&o));
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -373,18 +401,80 @@ fn status_shows_the_gateway_model_approvals_backup_and_audit_head() {
     assert_eq!(v["gateway"]["ready"], true, "{v}");
     assert_eq!(v["model"]["model"], "fake/m1");
     assert_eq!(v["model"]["reachable"], true, "{v}");
+    assert_eq!(v["model"]["http_status"], 200, "{v}");
+    assert_eq!(v["model"]["key_accepted"], true, "{v}");
+    assert_eq!(v["model"]["model_listed"], true, "{v}");
     assert_eq!(v["approvals_pending"], 0);
     assert!(v["audit_head"]["seq"].as_i64().unwrap() > 0, "{v}");
     assert_eq!(v["backup"]["last_at"], Value::Null);
+    // The probe was an HTTP request for the model list, with the key, and spent nothing.
+    let asked: Vec<_> = s
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/v1/models")
+        .collect();
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].method, "GET");
+    assert_eq!(
+        asked[0].header("authorization"),
+        Some("Bearer status-probe-key-0001")
+    );
+    assert!(s.requests().iter().all(|r| r.path == "/v1/models"));
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).contains("status-probe-key-0001"),
+        "the key is never printed"
+    );
     let o = gw.chitin(&["status"]);
     let screen = String::from_utf8_lossy(&o.stdout);
     assert!(
         screen.contains("gateway    up and ready at http://"),
         "{screen}"
     );
-    assert!(screen.contains("model      fake/m1: reachable"), "{screen}");
+    assert!(
+        screen.contains(&format!(
+            "model      fake/m1: reachable (GET {}/models: HTTP 200, the model is listed)",
+            s.base_url()
+        )),
+        "{screen}"
+    );
     assert!(screen.contains("approvals  0 pending"), "{screen}");
     assert!(screen.contains("audit      head seq "), "{screen}");
+
+    // A wrong key is said to be refused by the provider.
+    set_secret(&gw.home, "fake_key", "127.0.0.1", "a-wrong-key-000000001");
+    let o = gw.chitin(&["status", "--json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["model"]["reachable"], true, "{v}");
+    assert_eq!(v["model"]["http_status"], 401, "{v}");
+    assert_eq!(v["model"]["key_accepted"], false, "{v}");
+    let o = gw.chitin(&["status"]);
+    let screen = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        screen.contains("model      fake/m1: reachable but the key is REFUSED (GET "),
+        "{screen}"
+    );
+}
+
+#[test]
+fn status_says_a_port_that_accepts_connections_but_speaks_no_http_is_not_a_reachable_model() {
+    // A listener that accepts and hangs up: a TCP connect succeeds, no HTTP answer comes.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    let (_t, home) = agent_home(&format!("http://127.0.0.1:{port}/v1"));
+    let o = chitin(&home, &["status", "--json"]);
+    let v: Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&o)));
+    assert_eq!(v["model"]["reachable"], false, "{v}");
+    let detail = v["model"]["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(&format!("GET http://127.0.0.1:{port}/v1/models: ")),
+        "{detail}"
+    );
 }
 
 #[test]

@@ -298,7 +298,10 @@ fn interactive_onboarding_on_a_terminal_asks_each_question_and_writes_the_answer
             ("API root [https://api.openai.com/v1]: ", &base),
             ("Model [gpt-4o-mini]: ", "m2"),
             ("API key for 127.0.0.1 (not shown): ", "sk-typed-on-a-tty"),
-            ("A chat channel now (telegram, none) [none]: ", ""),
+            (
+                "A chat channel now (telegram, slack, discord, none) [none]: ",
+                "",
+            ),
             ("Daily budget per user in USD (0: no limit) [0]: ", "2.5"),
         ],
     );
@@ -337,7 +340,10 @@ fn onboarding_adds_a_telegram_bot_and_pairs_the_first_person_who_writes_to_it() 
     tty.answer("API root [https://api.openai.com/v1]: ", &model.base_url());
     tty.answer("Model [gpt-4o-mini]: ", "m1");
     tty.answer("API key for 127.0.0.1 (not shown): ", "sk-onboard-telegram");
-    tty.answer("A chat channel now (telegram, none) [none]: ", "telegram");
+    tty.answer(
+        "A chat channel now (telegram, slack, discord, none) [none]: ",
+        "telegram",
+    );
     tty.answer("Telegram bot token (from @BotFather) (not shown): ", TOKEN);
     tty.answer("Daily budget per user in USD (0: no limit) [0]: ", "0");
     tty.expect("Start the gateway in another terminal");
@@ -381,6 +387,311 @@ fn onboarding_adds_a_telegram_bot_and_pairs_the_first_person_who_writes_to_it() 
     assert_eq!(c.channels[0].name, "telegram");
     let raw = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
     assert!(raw.contains("token = \"secret:telegram_token\""), "{raw}");
+    assert!(!raw.contains(TOKEN));
+    let o = chitin(&home, &["pairing", "list", "--json"], &[]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
+
+/// A free loopback port for a gateway.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn gateway(home: &Path, port: u16) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["gateway", "--port", &port.to_string()])
+        .env("CHITIN_HOME", home)
+        .env("CHITIN_PASSPHRASE", PASS)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn stop(mut gateway: std::process::Child) {
+    let _ = Command::new("kill").arg(gateway.id().to_string()).status();
+    let _ = gateway.wait();
+}
+
+/// Polls `f` until it gives a value (a generous deadline: the machine may be busy).
+fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn open_pairing_code(home: &Path) -> Option<String> {
+    let o = chitin(home, &["pairing", "list", "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v[0]["code"].as_str().map(str::to_string)
+}
+
+fn secrets_json(home: &Path) -> String {
+    let o = chitin(home, &["secrets", "list", "--json"], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn non_interactive_onboarding_adds_a_slack_app_in_socket_mode_that_pairs_its_first_user() {
+    use chitin_channels::slack::fake::{
+        APP_TOKEN, BOT_TOKEN, FakeChannel, FakeSlack, FakeUser, MessageBuilder,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::text("OK")]))
+        .unwrap();
+    let slack = rt.block_on(FakeSlack::start()).unwrap();
+    let (_t, home) = fresh_home();
+    let api = slack.api_base().to_string();
+    let o = chitin(
+        &home,
+        &[
+            "onboard",
+            "--non-interactive",
+            "--provider",
+            "openai",
+            "--base-url",
+            &model.base_url(),
+            "--api-key-env",
+            "ONBOARD_KEY",
+            "--model",
+            "m1",
+            "--channel",
+            "slack",
+            "--channel-token-env",
+            "SLACK_BOT",
+            "--slack-app-token-env",
+            "SLACK_APP",
+            "--channel-api-base",
+            &api,
+        ],
+        &[
+            ("ONBOARD_KEY", "sk-onboard-slack"),
+            ("SLACK_BOT", BOT_TOKEN),
+            ("SLACK_APP", APP_TOKEN),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("pair later: message the bot on slack"),
+        "{}",
+        text(&o)
+    );
+    let c = config(&home);
+    assert_eq!(c.channels.len(), 1);
+    assert_eq!(c.channels[0].name, "slack");
+    assert_eq!(c.channels[0].kind.as_str(), "slack");
+    let raw = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    assert!(
+        raw.contains("kind = \"slack\"\nbot_token = \"secret:slack_bot_token\"\napp_token = \"secret:slack_app_token\"\nmode = \"socket\"\n"),
+        "{raw}"
+    );
+    assert!(!raw.contains(BOT_TOKEN) && !raw.contains(APP_TOKEN));
+    // Both tokens are stored for the API host only.
+    let list = secrets_json(&home);
+    for name in ["slack_bot_token", "slack_app_token"] {
+        let line = list
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{list}"));
+        assert!(line.contains("127.0.0.1"), "{line}");
+    }
+    // The gateway connects with them; the first person to write gets a code, approved here.
+    let gw = gateway(&home, free_port());
+    until("the channel connected", || {
+        let o = chitin(&home, &["status", "--json"], &[]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+        (v["channels"][0]["state"] == "connected").then_some(())
+    });
+    let alice = FakeUser::new("U0ALICE001", "Alice");
+    let dm = FakeChannel::dm("D0ALICE001");
+    let hello = slack.message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    slack.push_event(&hello.body);
+    let code = until("the pairing code", || open_pairing_code(&home));
+    until("the code posted to Alice", || {
+        slack
+            .posted()
+            .into_iter()
+            .find(|p| p.channel == dm.id && p.text.contains(&code))
+    });
+    let o = chitin(&home, &["pairing", "approve", &code], &[]);
+    stop(gw);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("slack:U0ALICE001"), "{}", text(&o));
+}
+
+#[test]
+fn onboarding_a_slack_app_with_the_events_api_stores_the_signing_secret_and_says_where_slack_posts()
+{
+    use chitin_channels::slack::fake::{BOT_TOKEN, SIGNING_SECRET};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::text("OK")]))
+        .unwrap();
+    let (_t, home) = fresh_home();
+    let o = chitin(
+        &home,
+        &[
+            "onboard",
+            "--non-interactive",
+            "--provider",
+            "openai",
+            "--base-url",
+            &model.base_url(),
+            "--api-key-env",
+            "ONBOARD_KEY",
+            "--model",
+            "m1",
+            "--channel",
+            "slack",
+            "--channel-name",
+            "work",
+            "--slack-mode",
+            "events",
+            "--channel-token-env",
+            "SLACK_BOT",
+            "--slack-signing-secret-env",
+            "SLACK_SIGN",
+        ],
+        &[
+            ("ONBOARD_KEY", "sk-onboard-slack"),
+            ("SLACK_BOT", BOT_TOKEN),
+            ("SLACK_SIGN", SIGNING_SECRET),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("/channels/work/events"), "{}", text(&o));
+    let raw = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    assert!(
+        raw.contains("name = \"work\"\nkind = \"slack\"\nbot_token = \"secret:work_bot_token\"\nsigning_secret = \"secret:work_signing_secret\"\nmode = \"events\"\n"),
+        "{raw}"
+    );
+    assert!(!raw.contains(SIGNING_SECRET));
+    let list = secrets_json(&home);
+    for name in ["work_bot_token", "work_signing_secret"] {
+        let line = list
+            .lines()
+            .find(|l| l.contains(name))
+            .unwrap_or_else(|| panic!("{list}"));
+        assert!(line.contains("slack.com"), "{line}");
+    }
+}
+
+#[test]
+fn a_slack_token_of_the_wrong_kind_is_refused_before_anything_is_written() {
+    use chitin_channels::slack::fake::APP_TOKEN;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::text("OK")]))
+        .unwrap();
+    let (_t, home) = fresh_home();
+    assert!(chitin(&home, &["init"], &[]).status.success());
+    let before = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    // A user token (xoxp-) where the bot token (xoxb-) belongs.
+    let o = chitin(
+        &home,
+        &[
+            "onboard",
+            "--non-interactive",
+            "--provider",
+            "openai",
+            "--base-url",
+            &model.base_url(),
+            "--api-key-env",
+            "ONBOARD_KEY",
+            "--model",
+            "m1",
+            "--channel",
+            "slack",
+            "--channel-token-env",
+            "SLACK_BOT",
+            "--slack-app-token-env",
+            "SLACK_APP",
+        ],
+        &[
+            ("ONBOARD_KEY", "sk-onboard-slack"),
+            ("SLACK_BOT", "xoxp-1-user-token-pasted-by-mistake"),
+            ("SLACK_APP", APP_TOKEN),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("Slack: channel configuration: the bot token is not of the form xoxb-"),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("user-token-pasted"), "{}", text(&o));
+    assert_eq!(
+        std::fs::read_to_string(home.join("chitin.toml")).unwrap(),
+        before
+    );
+    let list = secrets_json(&home);
+    assert!(
+        !list.contains("slack_") && !list.contains("openai_key"),
+        "{list}"
+    );
+}
+
+#[test]
+fn onboarding_adds_a_discord_bot_on_a_terminal_and_pairs_the_first_person_who_writes_to_it() {
+    use chitin_channels::discord::fake::{
+        FakeChannel, FakeDiscord, FakeUser, MessageBuilder, TOKEN,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::text("OK")]))
+        .unwrap();
+    let dc = rt.block_on(FakeDiscord::start()).unwrap();
+    let (_t, home) = fresh_home();
+    assert!(chitin(&home, &["init"], &[]).status.success());
+    let api = dc.api_base().to_string();
+    let mut tty = Tty::start_with(&home, &["--channel-api-base", &api]);
+    tty.answer("Model provider (anthropic, openai, ollama): ", "openai");
+    tty.answer("API root [https://api.openai.com/v1]: ", &model.base_url());
+    tty.answer("Model [gpt-4o-mini]: ", "m1");
+    tty.answer("API key for 127.0.0.1 (not shown): ", "sk-onboard-discord");
+    tty.answer(
+        "A chat channel now (telegram, slack, discord, none) [none]: ",
+        "discord",
+    );
+    tty.answer(
+        "Discord bot token (Developer Portal, Bot; enable the Message Content intent) (not shown): ",
+        TOKEN,
+    );
+    tty.answer("Daily budget per user in USD (0: no limit) [0]: ", "0");
+    tty.expect("Start the gateway in another terminal");
+    let gw = gateway(&home, free_port());
+    assert!(rt.block_on(dc.wait_ready()), "the gateway never identified");
+    let alice = FakeUser::new("200000000000000001", "alice");
+    let dm = FakeChannel::dm("300000000000000001");
+    dc.add_channel(&dm);
+    dc.push_message(MessageBuilder::text(&dm, &alice, "hello bot"));
+    let code = until("the pairing code", || open_pairing_code(&home));
+    until("the code sent to alice", || {
+        dc.sent()
+            .into_iter()
+            .find(|m| m.channel_id == dm.id && m.content.contains(&code))
+    });
+    tty.answer("Pairing code (Enter to skip): ", &code);
+    let (all, status) = tty.finish();
+    stop(gw);
+    assert!(status.success(), "{all}");
+    assert!(all.contains("discord:200000000000000001"), "{all}");
+    let raw = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    assert!(
+        raw.contains("kind = \"discord\"\ntoken = \"secret:discord_token\"\n"),
+        "{raw}"
+    );
     assert!(!raw.contains(TOKEN));
     let o = chitin(&home, &["pairing", "list", "--json"], &[]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");

@@ -352,6 +352,27 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             severity: "medium",
         },
         Case {
+            name: "the store's identity converted to a plaintext file",
+            seed: |h| {
+                // What an operator does to drop the passphrase: export the identity, keep it
+                // as the plaintext identity file, and switch the backend to `file`.
+                let o = chitin(&h.home, &["secrets", "export-identity"]);
+                assert!(o.status.success(), "{}", text(&o));
+                assert!(o.stdout.starts_with(b"# created: "), "{}", text(&o));
+                let plain = h.home.join("secrets.identity");
+                std::fs::write(&plain, &o.stdout).unwrap();
+                chmod(&plain, 0o600);
+                std::fs::remove_file(h.home.join("secrets.identity.age")).unwrap();
+                h.set("secrets", "backend", "\"file\"");
+                h.set("secrets", "allow_plaintext_identity", "true");
+                // The store still opens with the plaintext identity.
+                let o = chitin(&h.home, &["secrets", "list"]);
+                assert!(o.status.success(), "{}", text(&o));
+            },
+            id: "secrets.identity_plaintext",
+            severity: "medium",
+        },
+        Case {
             name: "a permit-everything policy",
             seed: |h| {
                 h.policy(
@@ -1055,4 +1076,206 @@ fn the_gateway_token_age_and_rotation_are_checked() {
         checked.contains("gateway token 0 days old, rotated before"),
         "{checked}"
     );
+}
+
+fn observed<'a>(v: &'a Value, id: &str) -> &'a str {
+    v["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {v:#}"))["observed"]
+        .as_str()
+        .unwrap()
+}
+
+fn issue_token(h: &Home, args: &[&str]) -> String {
+    let mut a = vec!["tokens", "issue", "--user", "alice"];
+    a.extend_from_slice(args);
+    let o = chitin(&h.home, &a);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let token = out.lines().last().unwrap();
+    assert!(token.starts_with("cht_"), "{out}");
+    token[4..20].to_string()
+}
+
+#[test]
+fn per_user_api_tokens_without_expiry_are_named_and_revoking_them_clears_the_finding() {
+    let h = Home::new();
+    let o = chitin(&h.home, &["users", "add", "alice"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let expiring = issue_token(&h, &["--expires", "30d", "--name", "laptop"]);
+    let (code, v) = h.audit(&[]);
+    assert!(
+        !findings(&v)
+            .iter()
+            .any(|(i, _)| i == "exposure.token_no_expiry"),
+        "a token with an expiry is fine: {v:#}"
+    );
+    assert_eq!(code, Some(0), "{v:#}");
+
+    let forever = issue_token(&h, &["--name", "ci"]);
+    let (code, v) = h.audit(&[]);
+    assert_finding(&v, "exposure.token_no_expiry", "medium");
+    assert_eq!(code, Some(1));
+    let seen = observed(&v, "exposure.token_no_expiry");
+    assert!(
+        seen.starts_with(&format!(
+            "1 API token(s) without expiry: {forever} (user alice, name \"ci\", issued "
+        )),
+        "{seen}"
+    );
+    assert!(seen.ends_with("never used)"), "{seen}");
+    assert!(!seen.contains(&expiring), "{seen}");
+
+    let o = chitin(&h.home, &["tokens", "revoke", &forever]);
+    assert!(o.status.success(), "{}", text(&o));
+    let (code, v) = h.audit(&[]);
+    assert!(
+        !findings(&v)
+            .iter()
+            .any(|(i, _)| i == "exposure.token_no_expiry"),
+        "{v:#}"
+    );
+    assert_eq!(code, Some(0), "{v:#}");
+}
+
+/// A home whose `[backup]` uploads to an S3 target (never contacted by the audit).
+fn offsite_home(extra: &[(&str, &str)]) -> Home {
+    let h = Home::new();
+    let o = chitin(
+        &h.home,
+        &[
+            "backup",
+            "keygen",
+            "--out",
+            h.root.join("bk.txt").to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let recipient = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    h.set("backup", "recipient", &format!("{recipient:?}"));
+    h.set("backup", "target", "\"s3://chitin-backups/site\"");
+    h.set("backup", "endpoint", "\"http://127.0.0.1:9\"");
+    h.set("backup", "access_key_id", "\"env:S3_ID\"");
+    h.set("backup", "secret_access_key", "\"env:S3_SECRET\"");
+    for (k, v) in extra {
+        h.set("backup", k, v);
+    }
+    h
+}
+
+fn set_meta(h: &Home, pairs: &[(&str, String)]) {
+    let db = state_db(h);
+    for (k, v) in pairs {
+        db.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            rusqlite::params![k, v],
+        )
+        .unwrap();
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The off-site findings, by id (the report orders findings by severity).
+fn offsite_ids(v: &Value) -> Vec<(String, String)> {
+    let mut f: Vec<(String, String)> = findings(v)
+        .into_iter()
+        .filter(|(i, _)| i.starts_with("lifecycle.offsite_"))
+        .collect();
+    f.sort();
+    f
+}
+
+#[test]
+fn off_site_backups_never_uploaded_failed_stale_or_never_test_restored_are_reported() {
+    let day = 86_400_000;
+    let pair = |id: &str, s: &str| (id.to_string(), s.to_string());
+
+    // Configured, but the gateway never uploaded nor test-restored anything.
+    let h = offsite_home(&[]);
+    let (code, v) = h.audit(&[]);
+    assert_eq!(
+        offsite_ids(&v),
+        vec![
+            pair("lifecycle.offsite_never_test_restored", "medium"),
+            pair("lifecycle.offsite_upload_stale", "medium"),
+        ]
+    );
+    assert_eq!(
+        observed(&v, "lifecycle.offsite_never_test_restored"),
+        "[backup] target = s3://chitin-backups/site; automatic test-restores are off ([backup] test_restore_hours = 24, identity not set)"
+    );
+    assert_eq!(code, Some(worst_code(&v)));
+
+    // The last upload failed (an earlier one passed, ten days ago: stale too); the last
+    // test-restore failed.
+    let now = now_ms();
+    set_meta(
+        &h,
+        &[
+            ("backup.offsite.last_upload_ms", (now - 10 * day).to_string()),
+            (
+                "backup.offsite.last_error",
+                "S3 PUT site/chitin-backup-1.age failed: HTTP 403 Forbidden (SignatureDoesNotMatch)".to_string(),
+            ),
+            ("backup.test_restore.last_attempt_ms", (now - day).to_string()),
+            ("backup.test_restore.last_ok_ms", (now - 40 * day).to_string()),
+            (
+                "backup.test_restore.last_error",
+                "the backup does not decrypt with this identity".to_string(),
+            ),
+        ],
+    );
+    let (code, v) = h.audit(&[]);
+    assert_eq!(
+        offsite_ids(&v),
+        vec![
+            pair("lifecycle.offsite_test_restore_failed", "high"),
+            pair("lifecycle.offsite_upload_failed", "high"),
+            pair("lifecycle.offsite_upload_stale", "medium"),
+        ]
+    );
+    let failed = observed(&v, "lifecycle.offsite_upload_failed");
+    assert!(
+        failed.starts_with("upload to s3://chitin-backups/site failed: S3 PUT site/chitin-backup-1.age failed: HTTP 403 Forbidden (SignatureDoesNotMatch); last successful upload "),
+        "{failed}"
+    );
+    assert!(failed.ends_with("(10 days ago)"), "{failed}");
+    assert!(
+        observed(&v, "lifecycle.offsite_test_restore_failed")
+            .contains("the backup does not decrypt with this identity; last one that passed "),
+        "{v:#}"
+    );
+    assert_eq!(code, Some(1));
+
+    // Uploads work again; the last passing test-restore is 40 days old.
+    set_meta(
+        &h,
+        &[
+            ("backup.offsite.last_upload_ms", (now - day).to_string()),
+            ("backup.offsite.last_error", String::new()),
+            ("backup.test_restore.last_error", String::new()),
+        ],
+    );
+    let (_, v) = h.audit(&[]);
+    assert_eq!(
+        offsite_ids(&v),
+        vec![pair("lifecycle.offsite_test_restore_stale", "low")]
+    );
+
+    // All recent: nothing off-site is reported.
+    set_meta(
+        &h,
+        &[("backup.test_restore.last_ok_ms", (now - day).to_string())],
+    );
+    let (_, v) = h.audit(&[]);
+    assert_eq!(offsite_ids(&v), vec![]);
 }

@@ -337,6 +337,9 @@ pub fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     let globals = Globals::resolve(state_home(), cli.config);
+    if !matches!(cli.command, Command::Gateway(_)) {
+        quiet_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Init => init::run(&globals),
         Command::Agent(args) => agent::run(args, &globals),
@@ -392,9 +395,49 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if broken_pipe(&*e) => ExitCode::from(CLOSED_STDOUT_EXIT),
         Err(e) => {
             eprintln!("chitin: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// The exit status of a command whose reader went away (`chitin audit list | head`): what a
+/// shell shows for a program ended by SIGPIPE (128 + 13), without a message.
+pub const CLOSED_STDOUT_EXIT: u8 = 141;
+
+/// Whether `e`, or an error that caused it, is a write to a closed pipe.
+fn broken_pipe(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// A command's output is piped into something that stops reading (`| head`): the commands
+/// with long output write with `writeln!` and their errors end as [`CLOSED_STDOUT_EXIT`]; for
+/// any `println!` elsewhere (which panics on a write error), this hook ends the process the
+/// same quiet way instead of printing a panic. Not for the gateway, whose stdout is a log.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(i32::from(CLOSED_STDOUT_EXIT));
+        }
+        default(info);
+    }));
 }

@@ -1,6 +1,8 @@
 //! `chitin onboard`: the first run. Asks (or takes as flags, for automation) the model
 //! provider and its key, tests the key with a one-line request to the provider, the model, a
-//! first chat channel and its pairing, and the daily budget; then stores the credentials in
+//! first chat channel (Telegram, Slack in Socket Mode or with the Events API, Discord: its
+//! tokens checked for form as the gateway would, stored as secrets for the platform's API host)
+//! and its pairing, and the daily budget; then stores the credentials in
 //! the secret store (Cedar `secret.set`, audited) and writes `chitin.toml`.
 //!
 //! Nothing is written before the key test passed: a wrong key or model leaves the config and
@@ -34,8 +36,22 @@ pub enum ProviderChoice {
 pub enum ChannelChoice {
     /// A Telegram bot (long polling: no public URL needed).
     Telegram,
+    /// A Slack app's bot (Socket Mode: no public URL needed; or the Events API).
+    Slack,
+    /// A Discord bot (the gateway connection: no public URL needed).
+    Discord,
     /// No chat channel now (the web chat and the API work without one).
     None,
+}
+
+/// How a Slack channel receives events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SlackModeChoice {
+    /// Socket Mode: the gateway opens a WebSocket with the app-level token (no public URL).
+    Socket,
+    /// The Events API: Slack posts to /channels/<name>/events on the gateway (needs a public
+    /// https URL and the app's signing secret).
+    Events,
 }
 
 #[derive(Debug, Args)]
@@ -70,9 +86,19 @@ pub struct OnboardArgs {
     /// The channel's name [default: its kind].
     #[arg(long, value_name = "NAME")]
     channel_name: Option<String>,
-    /// Read the channel's bot token from this environment variable.
+    /// Read the channel's bot token from this environment variable (Telegram's and
+    /// Discord's bot token, Slack's xoxb- bot token).
     #[arg(long, value_name = "VAR")]
     channel_token_env: Option<String>,
+    /// Slack: Socket Mode (no public URL) or the Events API [default: socket].
+    #[arg(long, value_enum, value_name = "MODE")]
+    slack_mode: Option<SlackModeChoice>,
+    /// Slack Socket Mode: read the app-level token (xapp-) from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    slack_app_token_env: Option<String>,
+    /// Slack Events API: read the app's signing secret from this environment variable.
+    #[arg(long, value_name = "VAR")]
+    slack_signing_secret_env: Option<String>,
     /// The platform's API root (a self-hosted Bot API server; tests).
     #[arg(long, value_name = "URL")]
     channel_api_base: Option<String>,
@@ -414,18 +440,25 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
     let channel = match args.channel {
         Some(c) => c,
         None if interactive => {
-            let a = ask.line("A chat channel now (telegram, none)", "none", "--channel")?;
+            let a = ask.line(
+                "A chat channel now (telegram, slack, discord, none)",
+                "none",
+                "--channel",
+            )?;
             ChannelChoice::from_str(&a, true)
-                .map_err(|_| format!("unknown channel `{a}`: telegram or none"))?
+                .map_err(|_| format!("unknown channel `{a}`: telegram, slack, discord or none"))?
         }
         None => ChannelChoice::None,
     };
     let mut channel_name = None;
-    if channel == ChannelChoice::Telegram {
-        let cname = args
-            .channel_name
-            .clone()
-            .unwrap_or_else(|| "telegram".into());
+    let mut slack_events = false;
+    if let Some((kind, default_api)) = match channel {
+        ChannelChoice::Telegram => Some(("telegram", crate::config::channels::TELEGRAM_API_BASE)),
+        ChannelChoice::Slack => Some(("slack", crate::config::channels::SLACK_API_BASE)),
+        ChannelChoice::Discord => Some(("discord", crate::config::channels::DISCORD_API_BASE)),
+        ChannelChoice::None => None,
+    } {
+        let cname = args.channel_name.clone().unwrap_or_else(|| kind.into());
         if current.channels.iter().any(|c| c.name == cname) {
             return Err(format!(
                 "a channel named `{cname}` is already configured; pick another with --channel-name"
@@ -435,34 +468,129 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
         let api = args
             .channel_api_base
             .clone()
-            .unwrap_or_else(|| "https://api.telegram.org".into());
-        let token = match &args.channel_token_env {
-            Some(var) => from_env(var)?,
-            None => ask.secret(
-                "Telegram bot token (from @BotFather)",
-                "--channel-token-env VAR",
-            )?,
+            .unwrap_or_else(|| default_api.into());
+        let audience = host_of(&api)?;
+        let secret = |value: &str, var: &Option<String>, question: &str, flag: &str| {
+            let v = match var {
+                Some(var) => from_env(var)?,
+                None => ask.secret(question, flag)?,
+            };
+            v.check_len().map_err(|e| format!("{value}: {e}"))?;
+            Ok::<_, BoxError>(v)
         };
-        token
-            .check_len()
-            .map_err(|e| format!("the bot token: {e}"))?;
-        let token_name = SecretName::parse(&format!("{}_token", cname.replace('-', "_")))
-            .map_err(|e| format!("cannot name the token secret after channel `{cname}`: {e}"))?;
-        text.push_str(&format!(
-            "\n[[channels]]\nname = {}\nkind = \"telegram\"\ntoken = {}\n{}",
-            toml_str(&cname),
-            toml_str(&format!("secret:{}", token_name.as_str())),
-            if args.channel_api_base.is_some() {
-                format!("api_base = {}\n", toml_str(&api))
-            } else {
-                String::new()
+        let name_for = |suffix: &str| {
+            SecretName::parse(&format!("{}_{suffix}", cname.replace('-', "_"))).map_err(|e| {
+                format!("cannot name the {suffix} secret after channel `{cname}`: {e}")
+            })
+        };
+        // (config key, secret, value): every credential is a `secret:NAME` reference.
+        let mut creds: Vec<(&str, SecretName, SecretValue)> = Vec::new();
+        let mut extra = String::new();
+        match channel {
+            ChannelChoice::Slack => {
+                let mode = match args.slack_mode {
+                    Some(m) => m,
+                    None if interactive => {
+                        let a = ask.line(
+                            "Slack connection: socket (no public URL needed) or events (Slack posts to this gateway)",
+                            "socket",
+                            "--slack-mode",
+                        )?;
+                        SlackModeChoice::from_str(&a, true)
+                            .map_err(|_| format!("unknown Slack mode `{a}`: socket or events"))?
+                    }
+                    None => SlackModeChoice::Socket,
+                };
+                let bot = secret(
+                    "the bot token",
+                    &args.channel_token_env,
+                    "Slack bot token (xoxb-..., OAuth & Permissions)",
+                    "--channel-token-env VAR",
+                )?;
+                let z = |v: &SecretValue| {
+                    zeroize::Zeroizing::new(v.expose_str().unwrap_or("").to_string())
+                };
+                let cfg = match mode {
+                    SlackModeChoice::Socket => {
+                        let app = secret(
+                            "the app-level token",
+                            &args.slack_app_token_env,
+                            "Slack app-level token (xapp-..., Basic Information, scope connections:write)",
+                            "--slack-app-token-env VAR",
+                        )?;
+                        let cfg = chitin_channels::slack::SlackConfig::socket(z(&bot), z(&app));
+                        creds.push(("app_token", name_for("app_token")?, app));
+                        extra.push_str("mode = \"socket\"\n");
+                        cfg
+                    }
+                    SlackModeChoice::Events => {
+                        let signing = secret(
+                            "the signing secret",
+                            &args.slack_signing_secret_env,
+                            "Slack signing secret (Basic Information)",
+                            "--slack-signing-secret-env VAR",
+                        )?;
+                        let cfg = chitin_channels::slack::SlackConfig::events(z(&bot), z(&signing));
+                        creds.push(("signing_secret", name_for("signing_secret")?, signing));
+                        extra.push_str("mode = \"events\"\n");
+                        slack_events = true;
+                        cfg
+                    }
+                };
+                // The same checks the gateway makes (token forms, API root); nothing is sent.
+                crate::providers::init_tls();
+                let mut cfg = cfg.map_err(|e| format!("Slack: {e}"))?;
+                cfg.api_base = reqwest::Url::parse(&api).map_err(|e| format!("{api}: {e}"))?;
+                chitin_channels::slack::Slack::new(cfg).map_err(|e| format!("Slack: {e}"))?;
+                creds.insert(0, ("bot_token", name_for("bot_token")?, bot));
             }
+            ChannelChoice::Discord => {
+                let token = secret(
+                    "the bot token",
+                    &args.channel_token_env,
+                    "Discord bot token (Developer Portal, Bot; enable the Message Content intent)",
+                    "--channel-token-env VAR",
+                )?;
+                let mut cfg = chitin_channels::discord::DiscordConfig::new(
+                    zeroize::Zeroizing::new(token.expose_str().unwrap_or("").to_string()),
+                )
+                .map_err(|e| format!("Discord: {e}"))?;
+                cfg.api_base = reqwest::Url::parse(&api).map_err(|e| format!("{api}: {e}"))?;
+                chitin_channels::discord::Discord::new(cfg).map_err(|e| format!("Discord: {e}"))?;
+                creds.push(("token", name_for("token")?, token));
+            }
+            _ => {
+                let token = secret(
+                    "the bot token",
+                    &args.channel_token_env,
+                    "Telegram bot token (from @BotFather)",
+                    "--channel-token-env VAR",
+                )?;
+                creds.push(("token", name_for("token")?, token));
+            }
+        }
+        text.push_str(&format!(
+            "\n[[channels]]\nname = {}\nkind = {}\n",
+            toml_str(&cname),
+            toml_str(kind)
         ));
-        credentials.push(Credential {
-            name: token_name,
-            value: token,
-            audience: host_of(&api)?,
-        });
+        for (key, name, _) in &creds {
+            text.push_str(&format!(
+                "{key} = {}\n",
+                toml_str(&format!("secret:{}", name.as_str()))
+            ));
+        }
+        text.push_str(&extra);
+        if args.channel_api_base.is_some() {
+            text.push_str(&format!("api_base = {}\n", toml_str(&api)));
+        }
+        for (_, name, value) in creds {
+            credentials.push(Credential {
+                name,
+                value,
+                audience: audience.clone(),
+            });
+        }
         channel_name = Some(cname);
     }
 
@@ -543,6 +671,11 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
     let code = match (&args.pair, &channel_name) {
         (Some(c), _) => Some(c.clone()),
         (None, Some(cname)) if interactive => {
+            if slack_events {
+                println!(
+                    "In the Slack app's settings, set the Events API Request URL to https://<this gateway's public address>/channels/{cname}/events and Interactivity to /channels/{cname}/interactivity."
+                );
+            }
             println!(
                 "Start the gateway in another terminal (`chitin gateway`) and send your bot a message on {cname}; it answers with a pairing code."
             );
@@ -561,6 +694,11 @@ pub fn run(args: OnboardArgs, globals: &Globals) -> CmdResult {
             globals,
         )?;
     } else if let Some(cname) = &channel_name {
+        if slack_events {
+            println!(
+                "Slack posts events to https://<this gateway's public address>/channels/{cname}/events (set it as the app's Request URL, and Interactivity to /channels/{cname}/interactivity)"
+            );
+        }
         println!(
             "pair later: message the bot on {cname}, then `chitin pairing approve CODE` (`chitin pairing list` shows open codes)"
         );

@@ -1,5 +1,6 @@
 //! `chitin sessions list [--json]`, `chitin sessions show KEY [--json]`.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Subcommand;
@@ -43,16 +44,19 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
     )?;
     let t = Transcripts::new(std::sync::Arc::clone(&rt.store), std::sync::Arc::new(vault));
     let v = crate::approvals::visible;
+    // Written with errors checked: `chitin sessions ... | head` ends quietly.
+    let mut out = std::io::stdout().lock();
     match cmd {
         SessionsCmd::List { json, user } => {
             let list = t.sessions(user.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string(&list)?);
+                writeln!(out, "{}", serde_json::to_string(&list)?)?;
             } else if list.is_empty() {
-                println!("no sessions");
+                writeln!(out, "no sessions")?;
             } else {
                 for s in &list {
-                    println!(
+                    writeln!(
+                        out,
                         "{}  user={}  channel={}  messages={}  runs={}  updated {}{}",
                         v(&s.key),
                         v(&s.user),
@@ -61,7 +65,7 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
                         s.runs,
                         rfc3339(s.updated_ms),
                         if s.tainted { "  tainted" } else { "" }
-                    );
+                    )?;
                 }
             }
         }
@@ -73,31 +77,35 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
                     .iter()
                     .map(|e| json!({"seq": e.seq, "run_id": e.run_id, "at": rfc3339(e.created_ms), "message": e.message}))
                     .collect();
-                println!("{}", json!({"session": s, "messages": m}));
+                writeln!(out, "{}", json!({"session": s, "messages": m}))?;
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
+            writeln!(
+                out,
                 "session {}  user={}  channel={}  created {}{}",
                 v(&s.key),
                 v(&s.user),
                 v(&s.channel),
                 rfc3339(s.created_ms),
                 if s.tainted { "  tainted" } else { "" }
-            );
+            )?;
             for e in &msgs {
                 let at = rfc3339(e.created_ms);
                 match &e.message {
-                    Stored::User { text, from, .. } => println!("[{at}] {}: {}", v(from), v(text)),
+                    Stored::User { text, from, .. } => {
+                        writeln!(out, "[{at}] {}: {}", v(from), v(text))?
+                    }
                     Stored::Assistant { text, tool_calls } => {
                         if !text.is_empty() {
-                            println!("[{at}] assistant: {}", v(text));
+                            writeln!(out, "[{at}] assistant: {}", v(text))?;
                         }
                         for c in tool_calls {
-                            println!(
+                            writeln!(
+                                out,
                                 "[{at}] assistant calls {}({})",
                                 v(&c.name),
                                 v(&c.arguments_json)
-                            );
+                            )?;
                         }
                     }
                     Stored::Tool {
@@ -106,12 +114,13 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
                         outcome,
                         ..
                     } => {
-                        println!(
+                        writeln!(
+                            out,
                             "[{at}] tool {}: decision={} outcome={}",
                             v(tool),
                             v(decision),
                             v(outcome)
-                        );
+                        )?;
                     }
                 }
             }

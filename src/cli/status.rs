@@ -1,10 +1,11 @@
 //! `chitin status [--json]`: one screen on the installation — whether the gateway is up and
-//! ready, whether the configured model's server can be reached, the channels, pending
+//! ready, whether the configured model's provider answers an HTTP request (its model list,
+//! with the key released through the gate), the channels, pending
 //! approvals, the last backup and the audit head. Exit 0 when the gateway runs and is ready,
 //! 1 otherwise (scripts can wait on it).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,7 +22,7 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// How long a probe (the gateway's `/ready`, the model server's port) may take.
+/// How long a probe (the gateway's `/ready`, the provider's model list) may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `GET path` on the gateway over plain HTTP/1.1 (the gateway listens on loopback unless TLS
@@ -114,46 +115,147 @@ fn gateway_status(globals: &Globals, rt: &Runtime, token: Option<&str>) -> Value
     out
 }
 
-/// The configured model and whether its server's port answers (a TCP connect: no request is
-/// sent and no key leaves the store).
+/// The URL of the provider's model list: an HTTP request every provider answers cheaply
+/// (no tokens are spent) and that proves both that an HTTP server answers and whether it
+/// accepts the key.
+fn models_url(p: &crate::config::providers::ProviderConfig) -> Result<reqwest::Url, String> {
+    let (url, _) = p.parsed_base_url()?;
+    let base = url.as_str().trim_end_matches('/');
+    let path = match p.kind {
+        crate::config::providers::ProviderKind::Anthropic => "/v1/models",
+        crate::config::providers::ProviderKind::Openai => "/models",
+    };
+    reqwest::Url::parse(&format!("{base}{path}")).map_err(|e| e.to_string())
+}
+
+/// The configured model and whether its provider answers: `GET` of the provider's model list
+/// (`{base_url}/models` for OpenAI-compatible servers, `{base_url}/v1/models` for Anthropic)
+/// with the API key, which is released only through the gate (`secret.use` by
+/// `Chitin::Provider::"<name>"` for the base URL's host, audited) exactly as for a chat. The
+/// answer says whether an HTTP server is there (`reachable`), whether it took the key
+/// (`key_accepted`: `null` when no key is configured or the server does not serve a list) and
+/// whether it lists the model.
 fn model_status(rt: &Runtime) -> Value {
     let model = rt.config.agent.model.trim();
     if model.is_empty() {
         return json!({"model": null, "reachable": null,
                       "detail": "no model is configured (`chitin onboard`, or [agent] model and [[providers]] in chitin.toml)"});
     }
-    let provider = model.split_once('/').map_or(model, |(p, _)| p);
+    let (provider, model_id) = model.split_once('/').unwrap_or((model, ""));
     let Some(p) = rt.config.providers.iter().find(|p| p.name == provider) else {
         return json!({"model": model, "reachable": false,
                       "detail": format!("no [[providers]] named `{provider}`")});
     };
-    let base = p.base_url_or_default();
-    let target = reqwest::Url::parse(base).ok().and_then(|u| {
-        let host = u.host_str()?.trim_matches(['[', ']']).to_string();
-        Some((host, u.port_or_known_default()?))
-    });
-    let Some((host, port)) = target else {
-        return json!({"model": model, "reachable": false,
-                      "detail": format!("base_url {base} has no host and port")});
+    let base = p.base_url_or_default().to_string();
+    let fail = |detail: String| json!({"model": model, "base_url": base, "reachable": false, "detail": detail});
+    let url = match models_url(p) {
+        Ok(u) => u,
+        Err(e) => return fail(e),
     };
-    let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
-        Ok(a) => a.collect(),
-        Err(e) => {
-            return json!({"model": model, "base_url": base, "reachable": false,
-                          "detail": format!("cannot resolve {host}: {e}")});
-        }
-    };
-    let mut last = String::from("no address");
-    for a in &addrs {
-        match TcpStream::connect_timeout(a, PROBE_TIMEOUT) {
-            Ok(_) => {
-                return json!({"model": model, "base_url": base, "reachable": true,
-                              "detail": format!("{a} accepts connections")});
+    let host = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_matches(['[', ']'])
+        .to_ascii_lowercase();
+    // The key, through the gate like the agent's (a refusal is reported, not an error).
+    let key = match p.api_key.as_ref().map(|k| &k.0) {
+        None => None,
+        Some(secret) => {
+            let env: crate::providers::keys::EnvFn = std::sync::Arc::new(|var: &str| {
+                std::env::var(var)
+                    .ok()
+                    .filter(|v| !v.is_empty())
+                    .map(|v| crate::secrets::SecretValue::from_str_copy(&v))
+            });
+            let keys =
+                crate::providers::GateKeySource::from_store(rt.gate.clone(), rt.secrets.clone())
+                    .with_env(env);
+            let req = crate::providers::KeyRequest {
+                provider: &p.name,
+                secret,
+                host: &host,
+            };
+            match crate::providers::KeySource::key_for(&keys, &req) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    return json!({"model": model, "base_url": base, "reachable": null,
+                                  "key_accepted": null,
+                                  "detail": format!("not probed: the API key was not released ({e})")});
+                }
             }
-            Err(e) => last = format!("{a}: {e}"),
         }
-    }
-    json!({"model": model, "base_url": base, "reachable": false, "detail": last})
+    };
+    crate::providers::init_tls();
+    let probe = async {
+        let client = reqwest::Client::builder()
+            .timeout(PROBE_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        let mut req = client.get(url.clone());
+        if let Some(k) = &key {
+            let k = String::from_utf8_lossy(k.expose()).into_owned();
+            let k = zeroize::Zeroizing::new(k);
+            req = match p.kind {
+                crate::config::providers::ProviderKind::Anthropic => req
+                    .header("x-api-key", k.as_str())
+                    .header("anthropic-version", "2023-06-01"),
+                crate::config::providers::ProviderKind::Openai => req.bearer_auth(k.as_str()),
+            };
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let body = resp.bytes().await.unwrap_or_default();
+        Ok::<_, reqwest::Error>((status, body))
+    };
+    let rt_io = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot start the I/O runtime: {e}")),
+    };
+    let (status, body) = match rt_io.block_on(probe) {
+        Ok(r) => r,
+        Err(e) => {
+            // reqwest's message has the cause chain ("connection refused", "invalid HTTP").
+            let mut why = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                why.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            return fail(format!("GET {url}: {why}"));
+        }
+    };
+    let code = status.as_u16();
+    let listed: Option<bool> = serde_json::from_slice::<Value>(&body).ok().and_then(|v| {
+        let ids = v["data"].as_array()?;
+        Some(ids.iter().any(|m| m["id"].as_str() == Some(model_id)))
+    });
+    let (key_accepted, detail) = match code {
+        200..=299 => (
+            key.as_ref().map(|_| true),
+            match listed {
+                Some(true) => format!("GET {url}: HTTP {code}, the model is listed"),
+                Some(false) => {
+                    format!("GET {url}: HTTP {code}, but `{model_id}` is not in the list")
+                }
+                None => format!("GET {url}: HTTP {code}"),
+            },
+        ),
+        401 | 403 => (
+            Some(false),
+            format!(
+                "GET {url}: HTTP {code}: the server refused the API key (store the right one with `chitin secrets set`)"
+            ),
+        ),
+        _ => (
+            None,
+            format!("GET {url}: HTTP {code} (an HTTP server answers; it does not list models)"),
+        ),
+    };
+    json!({"model": model, "base_url": base, "reachable": true, "http_status": code,
+           "key_accepted": key_accepted, "model_listed": listed, "detail": detail})
 }
 
 fn channels_status(rt: &Runtime) -> Result<Value, super::BoxError> {
@@ -285,8 +387,17 @@ fn print_screen(r: &Value) {
     let m = &r["model"];
     let model = match m["model"].as_str() {
         None => s(&m["detail"]),
+        Some(name) if m["reachable"] == json!(true) && m["key_accepted"] == json!(false) => {
+            format!(
+                "{name}: reachable but the key is REFUSED ({})",
+                s(&m["detail"])
+            )
+        }
         Some(name) if m["reachable"] == json!(true) => {
             format!("{name}: reachable ({})", s(&m["detail"]))
+        }
+        Some(name) if m["reachable"].is_null() => {
+            format!("{name}: not probed ({})", s(&m["detail"]))
         }
         Some(name) => format!("{name}: NOT reachable ({})", s(&m["detail"])),
     };

@@ -2,6 +2,7 @@
 //! tokens from the same data and the same function as `GET /api/v1/usage`
 //! (`agent::usage::report`), decided as `usage.read` for the CLI operator.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -43,12 +44,16 @@ pub fn run(args: UsageArgs, globals: &Globals) -> CmdResult {
         return Ok(refused);
     }
     let r = usage::report(&rt.store, by, since, now, &rt.config.budgets)?;
+    // Written with errors checked: `chitin usage | head` ends quietly (a closed pipe is
+    // a BrokenPipe error, which `cli::main` turns into a quiet exit).
+    let mut out = std::io::stdout().lock();
     if args.json {
-        println!("{}", usage::report_json(&r));
+        writeln!(out, "{}", usage::report_json(&r))?;
         return Ok(ExitCode::SUCCESS);
     }
     let v = crate::approvals::visible;
-    println!(
+    writeln!(
+        out,
         "{:<32} {:>12} {:>7} {:>6} {:>12} {:>12}",
         by.as_str(),
         "cost_usd",
@@ -56,9 +61,10 @@ pub fn run(args: UsageArgs, globals: &Globals) -> CmdResult {
         "runs",
         "input_tok",
         "output_tok"
-    );
+    )?;
     for g in &r.groups {
-        println!(
+        writeln!(
+            out,
             "{:<32} {:>12.4} {:>7} {:>6} {:>12} {:>12}{}",
             v(g.key.as_deref().unwrap_or("(none)")),
             g.cost_usd,
@@ -71,21 +77,23 @@ pub fn run(args: UsageArgs, globals: &Globals) -> CmdResult {
             } else {
                 String::new()
             }
-        );
+        )?;
     }
     let t = &r.total;
-    println!(
+    writeln!(
+        out,
         "{:<32} {:>12.4} {:>7} {:>6} {:>12} {:>12}",
         "total", t.cost_usd, t.calls, t.runs, t.input_tokens, t.output_tokens
-    );
+    )?;
     for b in &r.budgets {
-        println!(
+        writeln!(
+            out,
             "budget {}: {:.4} USD spent today (UTC){}",
             v(&b.user),
             b.spent_today_usd,
             b.daily_limit_usd
                 .map_or_else(|| ", no limit".to_string(), |l| format!(" of {l:.4}"))
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -39,6 +39,11 @@ remote_max_age_days = 0
 # signature, database and audit chain in a scratch dir) every this many hours (0 = never;
 # needs [backup] identity on this host).
 test_restore_hours = 24
+# Backups larger than multipart_threshold_bytes are uploaded in parts of multipart_part_bytes
+# (multipart upload; a failed one is aborted). S3 and most compatible stores refuse parts under
+# 5 MiB (except the last) and single uploads over 5 GiB, so the threshold is at most 5 GiB.
+multipart_threshold_bytes = 67108864
+multipart_part_bytes = 16777216
 "#;
 
 /// The `[backup]` section.
@@ -59,6 +64,8 @@ pub struct BackupConfig {
     pub remote_keep: usize,
     pub remote_max_age_days: u64,
     pub test_restore_hours: u64,
+    pub multipart_threshold_bytes: u64,
+    pub multipart_part_bytes: u64,
 }
 
 impl Default for BackupConfig {
@@ -78,6 +85,8 @@ impl Default for BackupConfig {
             remote_keep: 30,
             remote_max_age_days: 0,
             test_restore_hours: 24,
+            multipart_threshold_bytes: 64 * 1024 * 1024,
+            multipart_part_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -108,6 +117,19 @@ impl BackupConfig {
             }
             if self.remote_keep == 0 {
                 return Err("[backup] remote_keep must be at least 1".into());
+            }
+            const FIVE_GIB: u64 = 5 * 1024 * 1024 * 1024;
+            if self.multipart_threshold_bytes == 0 || self.multipart_threshold_bytes > FIVE_GIB {
+                return Err(
+                    "[backup] multipart_threshold_bytes must be between 1 and 5368709120 (5 GiB, the single-upload limit); the default is 67108864"
+                        .into(),
+                );
+            }
+            if self.multipart_part_bytes == 0 || self.multipart_part_bytes > FIVE_GIB {
+                return Err(
+                    "[backup] multipart_part_bytes must be between 1 and 5368709120 (5 GiB); S3 wants at least 5242880 (5 MiB); the default is 16777216"
+                        .into(),
+                );
             }
         }
         Ok(())

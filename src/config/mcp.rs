@@ -37,6 +37,12 @@ pub const TEMPLATE: &str = r#"
 # [[mcp.servers]]
 # name = "remote"
 # url = "https://mcp.example.com/mcp"
+# headers = { Authorization = "Bearer secret:remote_token" }
+#                                     # sent with every request to `url`; each value is
+#                                     # "secret:NAME" or "<Scheme> secret:NAME", released by
+#                                     # Cedar `secret.use` (principal Chitin::Tool::"mcp:<name>",
+#                                     # host = the URL's host, which must be in the secret's
+#                                     # audience: `chitin secrets set NAME --audience HOST`)
 "#;
 
 /// The `[mcp]` section.
@@ -82,6 +88,8 @@ pub struct McpServerConfig {
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub url: Option<String>,
+    /// HTTP servers: request headers whose values are secret references.
+    pub headers: BTreeMap<String, String>,
     pub hosts: Vec<String>,
     pub ro: Vec<String>,
     pub timeout_secs: u64,
@@ -99,6 +107,7 @@ impl Default for McpServerConfig {
             args: Vec::new(),
             env: BTreeMap::new(),
             url: None,
+            headers: BTreeMap::new(),
             hosts: Vec::new(),
             ro: Vec::new(),
             timeout_secs: 60,
@@ -120,6 +129,70 @@ pub enum Transport<'a> {
     Http {
         url: &'a str,
     },
+}
+
+/// Headers Chitin sets itself (or HTTP itself governs): not configurable.
+const RESERVED_HEADERS: [&str; 9] = [
+    "host",
+    "content-type",
+    "content-length",
+    "accept",
+    "connection",
+    "transfer-encoding",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "user-agent",
+];
+
+/// One configured header of an HTTP server, parsed: `value` is `secret:NAME` (the header is
+/// the secret's value) or `<Scheme> secret:NAME` (the scheme, a space, then the value, as in
+/// `Bearer secret:NAME`). Returns the scheme prefix (`""` or `"Bearer "`) and the secret name.
+pub fn header_secret<'a>(
+    server: &str,
+    name: &str,
+    value: &'a str,
+) -> Result<(&'a str, &'a str), String> {
+    let lower = name.to_ascii_lowercase();
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    {
+        return Err(format!(
+            "[[mcp.servers]] `{server}`: header `{}` is not a header name",
+            name.escape_default()
+        ));
+    }
+    if RESERVED_HEADERS.contains(&lower.as_str()) {
+        return Err(format!(
+            "[[mcp.servers]] `{server}`: header `{name}` is set by Chitin and cannot be configured"
+        ));
+    }
+    let (prefix, secret) = match value.strip_prefix("secret:") {
+        Some(s) => ("", s),
+        None => match value.split_once(' ') {
+            Some((scheme, rest))
+                if !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && rest.starts_with("secret:") =>
+            {
+                (&value[..=scheme.len()], &rest["secret:".len()..])
+            }
+            _ => {
+                return Err(format!(
+                    "[[mcp.servers]] `{server}`: header `{name}` must be \"secret:NAME\" or \"<Scheme> secret:NAME\" (e.g. \"Bearer secret:NAME\"); a credential is never written in chitin.toml"
+                ));
+            }
+        },
+    };
+    if crate::config::secret_ref::SecretName::parse(secret).is_err() {
+        return Err(format!(
+            "[[mcp.servers]] `{server}`: header `{name}` names an invalid secret"
+        ));
+    }
+    Ok((prefix, secret))
 }
 
 /// The longest server name: `mcp__<server>__<tool>` must fit the 64 characters model APIs
@@ -207,6 +280,11 @@ impl McpServerConfig {
                 if c.trim().is_empty() || c.contains('\0') {
                     return Err(format!("[[mcp.servers]] `{n}`: `command` is empty"));
                 }
+                if !self.headers.is_empty() {
+                    return Err(format!(
+                        "[[mcp.servers]] `{n}`: `headers` are for HTTP servers (with `url`); a stdio server gets secrets through `env`"
+                    ));
+                }
             }
             (None, Some(u)) => {
                 let parsed = reqwest::Url::parse(u)
@@ -231,6 +309,9 @@ impl McpServerConfig {
                     ));
                 }
             }
+        }
+        for (k, v) in &self.headers {
+            header_secret(n, k, v)?;
         }
         for k in self.env.keys() {
             if !chitin_sandbox::secret_env::valid_env_key(k) {

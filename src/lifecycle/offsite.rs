@@ -23,12 +23,14 @@ use crate::config::secret_ref::SecretRef;
 /// The principal that uses the off-site credentials: `Chitin::Gateway::"backup"`.
 pub const PRINCIPAL: &str = "Chitin::Gateway::\"backup\"";
 
-const LAST_UPLOAD: &str = "backup.offsite.last_upload_ms";
-const LAST_UPLOAD_KEY: &str = "backup.offsite.last_upload_key";
-const LAST_ERROR: &str = "backup.offsite.last_error";
-const TEST_RESTORE_ATTEMPT: &str = "backup.test_restore.last_attempt_ms";
-const TEST_RESTORE_OK: &str = "backup.test_restore.last_ok_ms";
-const TEST_RESTORE_ERROR: &str = "backup.test_restore.last_error";
+/// Keys of the store's `meta` table where each off-site step records its last outcome
+/// (read by [`status`] and by `chitin security audit`).
+pub(crate) const LAST_UPLOAD: &str = "backup.offsite.last_upload_ms";
+pub(crate) const LAST_UPLOAD_KEY: &str = "backup.offsite.last_upload_key";
+pub(crate) const LAST_ERROR: &str = "backup.offsite.last_error";
+pub(crate) const TEST_RESTORE_ATTEMPT: &str = "backup.test_restore.last_attempt_ms";
+pub(crate) const TEST_RESTORE_OK: &str = "backup.test_restore.last_ok_ms";
+pub(crate) const TEST_RESTORE_ERROR: &str = "backup.test_restore.last_error";
 
 fn err(why: impl Into<String>) -> LifecycleError {
     LifecycleError::Backup(why.into())
@@ -186,15 +188,28 @@ pub fn backups(target: &Target, objects: &[Object]) -> Vec<Remote> {
     out
 }
 
-/// Uploads the backup file `file` under its file name.
-pub fn upload(client: &Client, file: &Path, now_ms: i64) -> Result<String, LifecycleError> {
+/// Uploads the backup file `file` under its file name: one `PUT` up to
+/// `[backup] multipart_threshold_bytes`, a multipart upload (aborted on failure) above.
+pub fn upload(
+    client: &Client,
+    cfg: &BackupConfig,
+    file: &Path,
+    now_ms: i64,
+) -> Result<String, LifecycleError> {
     let name = file
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| err(format!("{} has no file name", file.display())))?;
-    let bytes = std::fs::read(file).map_err(super::io_err(file, "read"))?;
     let key = client.target().key(name);
-    block_on(client.put(&key, bytes, now_ms))??;
+    let size = std::fs::metadata(file)
+        .map_err(super::io_err(file, "read"))?
+        .len();
+    if size > cfg.multipart_threshold_bytes {
+        block_on(client.put_multipart(&key, file, size, cfg.multipart_part_bytes, now_ms))??;
+    } else {
+        let bytes = std::fs::read(file).map_err(super::io_err(file, "read"))?;
+        block_on(client.put(&key, bytes, now_ms))??;
+    }
     Ok(key)
 }
 
@@ -318,7 +333,7 @@ pub fn round(
     let now = lc.clock.now_ms();
     let mut report = Report::default();
     if let Some(file) = made {
-        let up = upload(client, file, now).and_then(|key| {
+        let up = upload(client, cfg, file, now).and_then(|key| {
             let pruned = prune(client, cfg, now)?;
             Ok((key, pruned))
         });

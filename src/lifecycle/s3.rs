@@ -2,9 +2,12 @@
 //! canonical request), `PUT`/`GET`/`DELETE` object and `ListObjectsV2`, path-style or
 //! virtual-hosted addressing, any S3-compatible endpoint.
 //!
-//! Objects are uploaded with one `PUT` (no multipart): a backup larger than [`MAX_OBJECT`]
-//! (5 GiB, S3's single-PUT limit) is refused with a message. The payload is always an age file
-//! already encrypted to the backup recipient, so the store never sees plaintext.
+//! Objects up to the multipart threshold (`[backup] multipart_threshold_bytes`, default 64 MiB)
+//! are uploaded with one `PUT`; larger ones with a multipart upload (`CreateMultipartUpload`,
+//! one `UploadPart` per `multipart_part_bytes` read from the file at its offset, so memory stays
+//! at one part, then `CompleteMultipartUpload`). A multipart upload that fails part-way is
+//! aborted (`AbortMultipartUpload`), so the store keeps no orphaned parts. The payload is always
+//! an age file already encrypted to the backup recipient, so the store never sees plaintext.
 //!
 //! Plain `http://` endpoints are accepted only on loopback (a local MinIO / test server): the
 //! signature protects the credentials but not the transfer's integrity or availability.
@@ -15,8 +18,10 @@ use zeroize::Zeroizing;
 
 use super::LifecycleError;
 
-/// S3's single-PUT size limit.
+/// S3's single-PUT size limit (and the largest part of a multipart upload).
 pub const MAX_OBJECT: usize = 5 * 1024 * 1024 * 1024;
+/// S3's limit on the number of parts of one multipart upload.
+pub const MAX_PARTS: u64 = 10_000;
 
 fn err(why: impl Into<String>) -> LifecycleError {
     LifecycleError::Backup(why.into())
@@ -156,6 +161,12 @@ fn elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
         rest = &after[j + close.len()..];
     }
     out
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 fn unescape(s: &str) -> String {
@@ -341,6 +352,168 @@ impl Client {
         self.send(reqwest::Method::DELETE, Some(key), &[], Vec::new(), now_ms)
             .await
             .map(drop)
+    }
+
+    /// Uploads the file `path` (`size` bytes) as `key` with a multipart upload of parts of
+    /// `part_size` bytes (raised when the file would need more than [`MAX_PARTS`] parts).
+    /// Every request is signed with the time it is sent (`now_ms` plus the time elapsed), so a
+    /// long upload is not refused as skewed. On any failure after the upload was created, it is
+    /// aborted before the error is returned.
+    pub async fn put_multipart(
+        &self,
+        key: &str,
+        path: &std::path::Path,
+        size: u64,
+        part_size: u64,
+        now_ms: i64,
+    ) -> Result<(), LifecycleError> {
+        let part_size = part_size.max(1).max(size.div_ceil(MAX_PARTS));
+        if part_size > MAX_OBJECT as u64 {
+            return Err(err(format!(
+                "the backup is {size} bytes: too large for a multipart upload of {MAX_PARTS} parts of at most 5 GiB"
+            )));
+        }
+        let started = std::time::Instant::now();
+        let now = || {
+            now_ms.saturating_add(i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX))
+        };
+        let file = std::fs::File::open(path)
+            .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let resp = self
+            .send(
+                reqwest::Method::POST,
+                Some(key),
+                &[("uploads", "")],
+                Vec::new(),
+                now(),
+            )
+            .await?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| err(format!("S3 CreateMultipartUpload {key}: {e}")))?;
+        let upload_id = elements(&text, "UploadId")
+            .first()
+            .map(|u| unescape(u))
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                err(format!(
+                    "S3 CreateMultipartUpload {key}: the answer has no UploadId"
+                ))
+            })?;
+        let parts = self
+            .upload_parts(key, &upload_id, &file, size, part_size, &now)
+            .await;
+        let done = match parts {
+            Ok(etags) => self.complete(key, &upload_id, &etags, now()).await,
+            Err(e) => Err(e),
+        };
+        let Err(e) = done else { return Ok(()) };
+        match self
+            .send(
+                reqwest::Method::DELETE,
+                Some(key),
+                &[("uploadId", upload_id.as_str())],
+                Vec::new(),
+                now(),
+            )
+            .await
+        {
+            Ok(_) => Err(err(format!("{e} (the multipart upload was aborted)"))),
+            Err(abort) => Err(err(format!(
+                "{e}; aborting the multipart upload {upload_id} failed too ({abort}): the store keeps its parts until a lifecycle rule removes incomplete uploads"
+            ))),
+        }
+    }
+
+    /// Uploads the parts; returns their ETags in part order.
+    async fn upload_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        file: &std::fs::File,
+        size: u64,
+        part_size: u64,
+        now: &dyn Fn() -> i64,
+    ) -> Result<Vec<String>, LifecycleError> {
+        use std::os::unix::fs::FileExt;
+        let mut etags = Vec::new();
+        let mut offset = 0u64;
+        let mut number = 1u64;
+        while offset < size {
+            let len = usize::try_from(part_size.min(size - offset))
+                .map_err(|_| err("a part does not fit in memory"))?;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, offset)
+                .map_err(|e| err(format!("reading the backup at offset {offset}: {e}")))?;
+            let n = number.to_string();
+            let resp = self
+                .send(
+                    reqwest::Method::PUT,
+                    Some(key),
+                    &[("partNumber", n.as_str()), ("uploadId", upload_id)],
+                    buf,
+                    now(),
+                )
+                .await?;
+            let etag = resp
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty())
+                .ok_or_else(|| {
+                    err(format!(
+                        "S3 UploadPart {number} of {key}: no ETag in the answer"
+                    ))
+                })?;
+            etags.push(etag.to_string());
+            offset += len as u64;
+            number += 1;
+        }
+        Ok(etags)
+    }
+
+    /// `CompleteMultipartUpload` with the parts' ETags. S3 may answer 200 with an `<Error>`
+    /// body (the failure is only known once the parts are assembled): that is a failure too.
+    async fn complete(
+        &self,
+        key: &str,
+        upload_id: &str,
+        etags: &[String],
+        now_ms: i64,
+    ) -> Result<(), LifecycleError> {
+        let mut xml = String::from(
+            "<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">",
+        );
+        for (i, etag) in etags.iter().enumerate() {
+            xml.push_str(&format!(
+                "<Part><PartNumber>{}</PartNumber><ETag>{}</ETag></Part>",
+                i + 1,
+                xml_escape(etag)
+            ));
+        }
+        xml.push_str("</CompleteMultipartUpload>");
+        let resp = self
+            .send(
+                reqwest::Method::POST,
+                Some(key),
+                &[("uploadId", upload_id)],
+                xml.into_bytes(),
+                now_ms,
+            )
+            .await?;
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| err(format!("S3 CompleteMultipartUpload {key}: {e}")))?;
+        if text.contains("<CompleteMultipartUploadResult") {
+            return Ok(());
+        }
+        let code = elements(&text, "Code").first().map(|c| unescape(c));
+        Err(err(format!(
+            "S3 CompleteMultipartUpload {key} failed{}",
+            code.map(|c| format!(" ({c})")).unwrap_or_default()
+        )))
     }
 
     /// Every object under the target's prefix (all pages).

@@ -4,6 +4,9 @@
 //! server gives at `initialize` (`Mcp-Session-Id`) and the negotiated protocol version
 //! (`MCP-Protocol-Version`) go with every later request.
 //!
+//! Configured headers (`[[mcp.servers]] headers`, secrets released through the gate when the
+//! connection starts) go with every request, marked sensitive; they are never logged.
+//!
 //! The client runs on its own thread with a single-threaded tokio runtime, so callers (the
 //! tool path on the blocking pool, the CLI) wait on a plain channel and nothing here depends
 //! on the caller's runtime.
@@ -33,13 +36,40 @@ struct Job {
     reply: mpsc::Sender<Result<Posted, String>>,
 }
 
+/// A configured request header carrying a secret (`[[mcp.servers]] headers`). No Debug; the
+/// value is wiped on drop and each request's copy is marked sensitive (never shown by the
+/// HTTP client's debug output).
+pub struct Header {
+    name: reqwest::header::HeaderName,
+    value: zeroize::Zeroizing<String>,
+}
+
+impl Header {
+    /// `prefix` (`""` or e.g. `"Bearer "`) followed by the secret's value.
+    pub fn new(name: &str, prefix: &str, secret: &str) -> Result<Self, String> {
+        let name = reqwest::header::HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`{}` is not a header name", name.escape_default()))?;
+        let mut value = zeroize::Zeroizing::new(String::with_capacity(prefix.len() + secret.len()));
+        value.push_str(prefix);
+        value.push_str(secret.trim());
+        if reqwest::header::HeaderValue::from_str(&value).is_err() {
+            return Err(format!(
+                "the secret of header `{name}` cannot be sent in a header (control characters or non-ASCII)"
+            ));
+        }
+        Ok(Self { name, value })
+    }
+}
+
 struct Ctx {
     client: reqwest::Client,
     url: reqwest::Url,
+    headers: Vec<Header>,
     session: Mutex<Option<String>>,
     version: Mutex<Option<String>>,
     list_changed: AtomicBool,
     max_bytes: usize,
+    on_refused: wire::OnRefused,
 }
 
 /// A Streamable HTTP server.
@@ -64,8 +94,10 @@ impl HttpConn {
     pub fn new(
         server: &str,
         url: &str,
+        headers: Vec<Header>,
         timeout: Duration,
         max_bytes: usize,
+        on_refused: wire::OnRefused,
     ) -> Result<Self, McpError> {
         let start = |reason: String| McpError::Start {
             server: server.to_string(),
@@ -83,10 +115,12 @@ impl HttpConn {
         let ctx = Arc::new(Ctx {
             client,
             url,
+            headers,
             session: Mutex::new(None),
             version: Mutex::new(None),
             list_changed: AtomicBool::new(false),
             max_bytes,
+            on_refused,
         });
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Job>();
         let worker_ctx = Arc::clone(&ctx);
@@ -249,10 +283,19 @@ async fn capped_body(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>
     Ok(body)
 }
 
-/// Handles one message of the server; the answer to `id` if it is one.
-fn dispatch(ctx: &Ctx, msg: &Value, id: Option<u64>) -> Option<Result<Value, String>> {
+/// Handles one message of the server; the answer to `id` if it is one. A request of the
+/// server (in a stream, before the answer it waits on) is answered with a POST of its own.
+fn dispatch(ctx: &Arc<Ctx>, msg: &Value, id: Option<u64>) -> Option<Result<Value, String>> {
     match wire::classify(msg) {
         Some(wire::Incoming::Response { id: got, result }) if Some(got) == id => Some(result),
+        Some(wire::Incoming::Request { id: rid, method }) => {
+            let answer = wire::answer_server_request(&rid, &method);
+            if wire::refused_server_request(&method).is_some() {
+                (ctx.on_refused)(&method);
+            }
+            tokio::spawn(send_answer(Arc::clone(ctx), answer));
+            None
+        }
         Some(wire::Incoming::Notification { method })
             if method == "notifications/tools/list_changed" =>
         {
@@ -263,7 +306,25 @@ fn dispatch(ctx: &Ctx, msg: &Value, id: Option<u64>) -> Option<Result<Value, Str
     }
 }
 
-async fn post(ctx: &Ctx, msg: &Value, id: Option<u64>) -> Result<Posted, String> {
+/// POSTs the answer to a server's request (a JSON-RPC response: the server accepts it with
+/// 202); a failure is logged, the call that was waiting goes on.
+async fn send_answer(ctx: Arc<Ctx>, answer: Value) {
+    let resp = request_to(&ctx, &answer).send().await;
+    match resp {
+        Ok(r) if r.status().is_success() => {}
+        Ok(r) => tracing::warn!(
+            status = r.status().as_u16(),
+            "an MCP server refused Chitin's answer to its request"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e.without_url(), "could not answer an MCP server's request")
+        }
+    }
+}
+
+/// A POST of `msg` to the server's URL with the configured headers, the session and the
+/// protocol version.
+fn request_to(ctx: &Ctx, msg: &Value) -> reqwest::RequestBuilder {
     let mut req = ctx
         .client
         .post(ctx.url.clone())
@@ -273,13 +334,23 @@ async fn post(ctx: &Ctx, msg: &Value, id: Option<u64>) -> Result<Posted, String>
             "application/json, text/event-stream",
         )
         .body(msg.to_string());
+    for h in &ctx.headers {
+        if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&h.value) {
+            v.set_sensitive(true);
+            req = req.header(h.name.clone(), v);
+        }
+    }
     if let Some(s) = ctx.session.lock().ok().and_then(|s| s.clone()) {
         req = req.header("Mcp-Session-Id", s);
     }
     if let Some(v) = ctx.version.lock().ok().and_then(|s| s.clone()) {
         req = req.header("MCP-Protocol-Version", v);
     }
-    let mut resp = req
+    req
+}
+
+async fn post(ctx: &Arc<Ctx>, msg: &Value, id: Option<u64>) -> Result<Posted, String> {
+    let mut resp = request_to(ctx, msg)
         .send()
         .await
         .map_err(|e| format!("cannot reach the server: {}", e.without_url()))?;

@@ -428,8 +428,97 @@ impl Hub {
         cmd.arg("--").arg(command).args(&cfg.args);
         let cap = cfg.max_result_bytes().max(1024 * 1024) + 64 * 1024;
         Ok(Conn::Stdio(stdio::StdioConn::spawn(
-            name, cmd, secret, cap,
+            name,
+            cmd,
+            secret,
+            cap,
+            self.on_refused(name),
         )?))
+    }
+
+    /// What happens when the server asks for something Chitin refuses (sampling, elicitation):
+    /// an audit record (`kind = system`, action `mcp.server_request`, resource the method,
+    /// outcome `refused`) and a log line. The server got a JSON-RPC error already.
+    fn on_refused(&self, server: &str) -> wire::OnRefused {
+        let audit = Arc::clone(self.gate.audit());
+        let server = server.to_string();
+        Arc::new(move |method: &str| {
+            tracing::warn!(server = %server, method = %method.escape_default(), "refused an MCP server's request");
+            let rec = chitin_audit::RecordInput::new(
+                chitin_audit::Kind::System,
+                format!("mcp:{server}"),
+                "mcp.server_request",
+                method.chars().take(200).collect::<String>(),
+            )
+            .with_outcome("refused")
+            .with_payload(json!({
+                "server": server,
+                "method": method.chars().take(200).collect::<String>(),
+                "reason": wire::refused_server_request(method).unwrap_or("not offered"),
+            }));
+            if let Err(e) = audit.append(rec) {
+                tracing::error!(server = %server, error = %e, "the refusal of an MCP server's request could not be audited");
+            }
+        })
+    }
+
+    /// The configured headers of an HTTP server, each secret released through the gate
+    /// (`secret.use` by `Chitin::Tool::"mcp:<name>"` for the URL's host). A header whose secret
+    /// the policy does not allow keeps the server from starting: a server asked without its
+    /// credentials would only fail later, less clearly.
+    fn http_headers(
+        &self,
+        cfg: &McpServerConfig,
+        url: &str,
+    ) -> Result<Vec<http::Header>, McpError> {
+        let name = &cfg.name;
+        let start = |reason: String| McpError::Start {
+            server: name.clone(),
+            reason,
+        };
+        if cfg.headers.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(ts) = &self.secrets else {
+            return Err(start(
+                "its headers name secrets, and this runtime releases none".into(),
+            ));
+        };
+        let host = reqwest::Url::parse(url)
+            .ok()
+            .and_then(|u| {
+                u.host_str()
+                    .map(|h| h.trim_matches(['[', ']']).to_ascii_lowercase())
+            })
+            .ok_or_else(|| start("its url has no host".into()))?;
+        let tool = format!("mcp:{name}");
+        // Released once per connection, for no session's run (like a stdio server's env).
+        let call = crate::gate::CallContext {
+            user: self.owner.clone(),
+            origin: crate::gate::Origin::Automation,
+            session: format!("mcp:{name}"),
+            workspace: self.launch.home.clone(),
+            tainted: false,
+        };
+        let mut out = Vec::new();
+        for (header, value) in &cfg.headers {
+            let (prefix, secret) =
+                crate::config::mcp::header_secret(name, header, value).map_err(start)?;
+            let secret = crate::secrets::SecretName::parse(secret).map_err(start)?;
+            let released = ts
+                .release_header(&tool, &call, &secret, &host, header)
+                .map_err(|e| start(e.to_string()))?;
+            let Some(v) = released else {
+                return Err(start(format!(
+                    "policy did not allow secret `{secret}` for its header `{header}` (Cedar secret.use by Chitin::Tool::\"{tool}\" for host {host}; the secret's audience must name {host})"
+                )));
+            };
+            let text = v
+                .expose_str()
+                .ok_or_else(|| start(format!("secret `{secret}` is not text")))?;
+            out.push(http::Header::new(header, prefix, text).map_err(start)?);
+        }
+        Ok(out)
     }
 
     /// Starts (and initializes) the server.
@@ -439,8 +528,10 @@ impl Hub {
             Transport::Http { url } => Conn::Http(http::HttpConn::new(
                 &cfg.name,
                 url,
+                self.http_headers(cfg, url)?,
                 cfg.startup_timeout(),
                 cfg.max_result_bytes().max(1024 * 1024),
+                self.on_refused(&cfg.name),
             )?),
         };
         let init = conn.request(

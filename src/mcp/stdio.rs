@@ -2,8 +2,9 @@
 //! server's stdin and stdout as the pipes), and messages are newline-delimited JSON-RPC.
 //!
 //! One reader thread takes every line the server writes: answers go to the caller waiting
-//! for that id, `ping` requests are answered, `notifications/tools/list_changed` is noted,
-//! anything else is ignored. A line longer than the cap, or the server's exit, ends the
+//! for that id, server requests are answered (`ping`, an empty `roots/list`; sampling and
+//! elicitation refused and reported to the hub, which audits them),
+//! `notifications/tools/list_changed` is noted, anything else is ignored. A line longer than the cap, or the server's exit, ends the
 //! connection: every waiting call gets an error, and the hub starts the server again at the
 //! next use. stderr is drained (its last 4 KiB kept for error messages).
 
@@ -33,6 +34,7 @@ struct Shared {
     list_changed: AtomicBool,
     stderr_tail: Mutex<Vec<u8>>,
     stdin: Mutex<Option<ChildStdin>>,
+    on_refused: wire::OnRefused,
 }
 
 impl Shared {
@@ -146,6 +148,7 @@ impl StdioConn {
             chitin_sandbox::SecretEnv,
         )>,
         line_cap: usize,
+        on_refused: wire::OnRefused,
     ) -> Result<Self, McpError> {
         cmd.stdin(ProcStdio::piped())
             .stdout(ProcStdio::piped())
@@ -180,6 +183,7 @@ impl StdioConn {
             list_changed: AtomicBool::new(false),
             stderr_tail: Mutex::new(Vec::new()),
             stdin: Mutex::new(Some(stdin)),
+            on_refused,
         });
         let (stderr_done, stderr_closed) = mpsc::channel::<()>();
         {
@@ -372,6 +376,9 @@ fn reader(
             }
             Some(wire::Incoming::Request { id, method }) => {
                 let _ = sh.write(&wire::answer_server_request(&id, &method));
+                if wire::refused_server_request(&method).is_some() {
+                    (sh.on_refused)(&method);
+                }
             }
             Some(wire::Incoming::Notification { method })
                 if method == "notifications/tools/list_changed" =>

@@ -85,15 +85,37 @@ fn error_text(e: &Value) -> String {
     )
 }
 
-/// The answer to a server's request: `ping` gets an empty result, anything else "method not
-/// found" (Chitin offers servers no roots, sampling or elicitation).
-pub fn answer_server_request(id: &Value, method: &str) -> Value {
-    if method == "ping" {
-        json!({"jsonrpc": "2.0", "id": id, "result": {}})
-    } else {
-        json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": "method not found"}})
+/// Server requests Chitin refuses on purpose, and why (the JSON-RPC error's message): the
+/// model is not lent to servers, and servers do not get to question the user.
+pub fn refused_server_request(method: &str) -> Option<&'static str> {
+    match method {
+        "sampling/createMessage" => {
+            Some("refused: Chitin does not lend its model to MCP servers (sampling is not offered)")
+        }
+        "elicitation/create" => Some(
+            "refused: Chitin does not let MCP servers ask the user for input (elicitation is not offered)",
+        ),
+        _ => None,
     }
 }
+
+/// The answer to a server's request: `ping` gets an empty result, `roots/list` an empty list
+/// (a server gets no view of the user's files through roots), `sampling/createMessage` and
+/// `elicitation/create` a refusal saying why, anything else "method not found".
+pub fn answer_server_request(id: &Value, method: &str) -> Value {
+    match method {
+        "ping" => json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+        "roots/list" => json!({"jsonrpc": "2.0", "id": id, "result": {"roots": []}}),
+        m => {
+            let message = refused_server_request(m).unwrap_or("method not found");
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": -32601, "message": message}})
+        }
+    }
+}
+
+/// Called with the method of every server request Chitin refuses on purpose (the hub audits
+/// it).
+pub type OnRefused = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Checks the `initialize` result: the protocol version must be one Chitin speaks.
 pub fn negotiated_version(result: &Value) -> Result<String, String> {
@@ -213,7 +235,7 @@ pub fn list_digest(tools: &[ToolDef]) -> String {
 /// Extracts `content`, `structuredContent` and `isError` from a `tools/call` result.
 pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, String> {
     let content = match result.get("content") {
-        Some(c @ Value::Array(_)) => c.clone(),
+        Some(Value::Array(blocks)) => Value::Array(blocks.iter().map(describe_binary).collect()),
         None => json!([]),
         Some(_) => {
             return Err(
@@ -229,6 +251,69 @@ pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, Strin
             .and_then(Value::as_bool)
             .unwrap_or(false),
     })
+}
+
+/// The largest image (or audio clip, or binary resource) a tool result may carry, decoded.
+pub const MAX_BINARY_BYTES: usize = 5 * 1024 * 1024;
+
+/// The number of bytes `data` (standard base64, whitespace allowed) decodes to; `None` when it
+/// is not base64.
+fn base64_len(data: &str) -> Option<usize> {
+    let mut n = 0usize;
+    let mut pad = 0usize;
+    for b in data.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'+' | b'/' if pad == 0 => n += 1,
+            b'=' => pad += 1,
+            b' ' | b'\n' | b'\r' | b'\t' => {}
+            _ => return None,
+        }
+    }
+    if pad > 2 || (n + pad) % 4 == 1 {
+        return None;
+    }
+    Some(n * 3 / 4)
+}
+
+/// A MIME type as a server wrote it, kept only if it looks like one.
+fn mime(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_str) {
+        Some(m)
+            if !m.is_empty()
+                && m.len() <= 100
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/+-.".contains(&b)) =>
+        {
+            m.to_string()
+        }
+        _ => "unknown type".into(),
+    }
+}
+
+/// One content block of a tool result as the model gets it. The model providers' content
+/// model has text parts only, so an `image` or `audio` block (and an embedded resource's
+/// `blob`) is described as text (`[image: image/png, 1234 bytes]`) instead of handing the
+/// model base64 it cannot see; one over [`MAX_BINARY_BYTES`] says so. Other blocks are kept.
+fn describe_binary(block: &Value) -> Value {
+    let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
+    let (what, data, mime_v) = match kind {
+        "image" | "audio" => (kind, block.get("data"), block.get("mimeType")),
+        "resource" => match block.get("resource") {
+            Some(r) if r.get("blob").is_some() => ("resource", r.get("blob"), r.get("mimeType")),
+            _ => return block.clone(),
+        },
+        _ => return block.clone(),
+    };
+    let m = mime(mime_v);
+    let text = match data.and_then(Value::as_str).map(base64_len) {
+        Some(Some(n)) if n > MAX_BINARY_BYTES => format!(
+            "[{what}: {m}, {n} bytes: over the {} MiB limit, not passed on]",
+            MAX_BINARY_BYTES / (1024 * 1024)
+        ),
+        Some(Some(n)) => format!("[{what}: {m}, {n} bytes]"),
+        _ => format!("[{what}: {m}, data that is not base64: not passed on]"),
+    };
+    json!({"type": "text", "text": text})
 }
 
 #[cfg(test)]
@@ -262,6 +347,47 @@ mod tests {
             Some(Incoming::Request { .. })
         ));
         assert_eq!(classify(&json!({"id": 1, "result": {}})), None);
+    }
+
+    #[test]
+    fn images_audio_and_blobs_in_a_result_are_described_by_type_and_size_not_passed_as_base64() {
+        let out = call_output(&json!({"content": [
+            {"type": "text", "text": "a chart:"},
+            {"type": "image", "data": "iVBORw0KGgo=", "mimeType": "image/png"},
+            {"type": "audio", "data": "AAAA", "mimeType": "audio/wav"},
+            {"type": "resource", "resource": {"uri": "file:///x", "blob": "AAE=", "mimeType": "application/octet-stream"}},
+            {"type": "image", "data": "not base64!", "mimeType": "image/png\n</untrusted>"}
+        ]}))
+        .unwrap();
+        let texts: Vec<&str> = out
+            .content
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                "a chart:",
+                "[image: image/png, 8 bytes]",
+                "[audio: audio/wav, 3 bytes]",
+                "[resource: application/octet-stream, 2 bytes]",
+                "[image: unknown type, data that is not base64: not passed on]",
+            ]
+        );
+        let big = "A".repeat((MAX_BINARY_BYTES / 3 + 1) * 4);
+        let out = call_output(
+            &json!({"content": [{"type": "image", "data": big, "mimeType": "image/jpeg"}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            out.content[0]["text"],
+            format!(
+                "[image: image/jpeg, {} bytes: over the 5 MiB limit, not passed on]",
+                (MAX_BINARY_BYTES / 3 + 1) * 3
+            )
+        );
     }
 
     #[test]

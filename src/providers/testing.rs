@@ -195,6 +195,11 @@ struct State {
     script: VecDeque<Step>,
     fallback: Option<Step>,
     requests: Vec<RecordedRequest>,
+    /// The model ids `GET /v1/models` lists.
+    models: Vec<String>,
+    /// When set, `GET /v1/models` answers 401 unless this key is presented (`x-api-key` or
+    /// `Authorization: Bearer`).
+    models_key: Option<String>,
 }
 
 /// A running fake server. Stops accepting when dropped.
@@ -290,6 +295,16 @@ impl FakeServer {
         lock(&self.state).script.push_back(step);
     }
 
+    /// The model ids `GET /v1/models` lists (answered outside the script).
+    pub fn set_models(&self, ids: &[&str]) {
+        lock(&self.state).models = ids.iter().map(|s| (*s).to_string()).collect();
+    }
+
+    /// `GET /v1/models` answers 401 unless the request carries `key`.
+    pub fn require_models_key(&self, key: &str) {
+        lock(&self.state).models_key = Some(key.to_string());
+    }
+
     /// The step answered (again and again) once the script is used up. Without one, an
     /// exhausted script answers 500 "fake script exhausted".
     pub fn set_fallback(&self, step: Step) {
@@ -303,6 +318,17 @@ async fn serve(kind: Kind, mut sock: TcpStream, state: Arc<Mutex<State>>) {
         let Some(req) = read_request(&mut sock, &mut buf).await else {
             return;
         };
+        if req.method == "GET" && req.path == "/v1/models" {
+            let (status, body) = {
+                let mut s = lock(&state);
+                s.requests.push(req.clone());
+                models_answer(kind, &req, &s)
+            };
+            if !write_whole(&mut sock, status, "application/json", &[], &body).await {
+                return;
+            }
+            continue;
+        }
         let step = {
             let mut s = lock(&state);
             s.requests.push(req.clone());
@@ -423,6 +449,28 @@ async fn write_whole(
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
     sock.write_all(&bytes).await.is_ok()
+}
+
+/// `GET /v1/models` as each API answers it (OpenAI's list object, Anthropic's page).
+fn models_answer(kind: Kind, req: &RecordedRequest, s: &State) -> (u16, Vec<u8>) {
+    if let Some(key) = &s.models_key {
+        let presented = req.header("x-api-key").or_else(|| {
+            req.header("authorization")
+                .and_then(|a| a.strip_prefix("Bearer "))
+        });
+        if presented != Some(key.as_str()) {
+            let body = error_body(kind, "authentication_error", "invalid x-api-key");
+            return (401, body);
+        }
+    }
+    let v = match kind {
+        Kind::OpenAi => json!({"object": "list", "data": s.models.iter().map(|m| json!({
+            "id": m, "object": "model", "created": 1_700_000_000, "owned_by": "fake"})).collect::<Vec<_>>()}),
+        Kind::Anthropic => json!({"data": s.models.iter().map(|m| json!({
+            "type": "model", "id": m, "display_name": m, "created_at": "2025-01-01T00:00:00Z"})).collect::<Vec<_>>(),
+            "has_more": false, "first_id": s.models.first(), "last_id": s.models.last()}),
+    };
+    (200, v.to_string().into_bytes())
 }
 
 fn error_body(kind: Kind, ty: &str, message: &str) -> Vec<u8> {

@@ -124,6 +124,49 @@ impl ToolSecrets {
         })
     }
 
+    /// Decides and releases one secret an HTTP MCP server's configured header carries
+    /// (`[[mcp.servers]] headers`): Cedar `secret.use` by `Chitin::Tool::"<tool>"` on the
+    /// secret with context `host` = the server's URL host (which the store also requires in
+    /// the secret's audience), `header` = the header's name, and the call's `user`, `session`
+    /// and `tainted`. `Ok(None)`: the policy did not allow it (the gate recorded the denial).
+    pub fn release_header(
+        &self,
+        tool: &str,
+        call: &CallContext,
+        name: &SecretName,
+        host: &str,
+        header: &str,
+    ) -> Result<Option<super::SecretValue>, ToolSecretsError> {
+        let config = |reason: String| ToolSecretsError::Config {
+            tool: tool.to_string(),
+            reason,
+        };
+        let mut req = Self::policy_request(tool, Some(call), None, name).map_err(config)?;
+        req.context.insert("host".into(), json!(host));
+        req.context.insert("header".into(), json!(header));
+        let extra: Vec<serde_json::Value> = self.store.cedar_entity(name).into_iter().collect();
+        let verdict = self
+            .gate
+            .check_with_entities(&req, &extra)
+            .map_err(|source| ToolSecretsError::Decision {
+                tool: tool.to_string(),
+                name: name.to_string(),
+                source,
+            })?;
+        let authz = match verdict {
+            Verdict::Allowed(authz, _) => authz,
+            Verdict::Denied(_) | Verdict::ApprovalRequired { .. } => return Ok(None),
+        };
+        self.store
+            .release(&authz, host, self.gate.audit().as_ref())
+            .map(Some)
+            .map_err(|source| ToolSecretsError::Release {
+                tool: tool.to_string(),
+                name: name.to_string(),
+                source,
+            })
+    }
+
     /// Decides every entry of `entries` that names `tool` and releases the allowed ones.
     /// `call`: who the run is for; `program`: what it executes, for `exec`.
     pub fn release<'a>(

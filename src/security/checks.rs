@@ -39,6 +39,9 @@ const SECRET_FILES: [&str; 3] = [
     crate::secrets::IDENTITY_PLAINTEXT_FILE,
 ];
 
+/// An API token without expiry: id, user, name, issued, last used.
+type TokenRow = (String, String, String, i64, Option<i64>);
+
 fn days(ms: i64) -> i64 {
     ms / DAY_MS
 }
@@ -335,6 +338,72 @@ impl<'a> Run<'a> {
                 ),
             );
         }
+        self.api_tokens();
+    }
+
+    /// Per-user API tokens (`chitin tokens issue`) that never expire: one leaked token works
+    /// until someone notices and revokes it.
+    fn api_tokens(&mut self) {
+        let Some(db) = &self.state_db else { return };
+        let rows: Result<Vec<TokenRow>, _> = db
+            .prepare(
+                "SELECT id, user_id, name, created_ms, last_used_ms FROM api_tokens
+                 WHERE expires_ms IS NULL ORDER BY created_ms, id",
+            )
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect()
+            });
+        // No `api_tokens` table yet (a state dir older than accounts): nothing to judge.
+        let Ok(rows) = rows else { return };
+        let total: i64 = db
+            .query_row("SELECT count(*) FROM api_tokens", [], |r| r.get(0))
+            .unwrap_or(0);
+        self.saw(
+            Category::Exposure,
+            format!("{total} per-user API tokens, {} without expiry", rows.len()),
+        );
+        if rows.is_empty() {
+            return;
+        }
+        const NAMED: usize = 10;
+        let now = self.now();
+        let mut named: Vec<String> = rows
+            .iter()
+            .take(NAMED)
+            .map(|(id, user, name, created, used)| {
+                format!(
+                    "{id} (user {user}{}, issued {}, {})",
+                    if name.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", name {name:?}")
+                    },
+                    ago(now, *created),
+                    match used {
+                        Some(t) => format!("last used {}", ago(now, *t)),
+                        None => "never used".to_string(),
+                    }
+                )
+            })
+            .collect();
+        if rows.len() > NAMED {
+            named.push(format!("and {} more", rows.len() - NAMED));
+        }
+        self.add(Finding::new(
+            Category::Exposure,
+            "exposure.token_no_expiry",
+            Severity::Medium,
+            "Per-user API tokens never expire",
+            format!(
+                "{} API token(s) without expiry: {}",
+                rows.len(),
+                named.join("; ")
+            ),
+            "issue a replacement with an expiry (`chitin tokens issue --user USER --expires 90d`), switch the client to it, then `chitin tokens revoke ID` for each token named",
+        ));
     }
 
     // ---- files ------------------------------------------------------------------------------
@@ -1705,9 +1774,143 @@ impl<'a> Run<'a> {
                 "move the identity off this host and pass it only when verifying or restoring (--identity FILE)",
             ));
         }
+        if !c.backup.target.is_empty() {
+            self.offsite(c);
+        }
         if self.ctx.test_backup {
             self.test_backup(c, newest_file.as_deref());
         }
+    }
+
+    fn meta(&self, key: &str) -> Option<String> {
+        self.state_db
+            .as_ref()?
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, String>(0)
+            })
+            .ok()
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Off-site backups (`[backup] target`): what the gateway recorded of its last upload and
+    /// test-restore (the store's `meta` table, written by `lifecycle::offsite::round`).
+    fn offsite(&mut self, c: &Config) {
+        use crate::lifecycle::offsite as o;
+        let now = self.now();
+        let target = c.backup.target.clone();
+        let ms = |v: Option<String>| v.and_then(|v| v.parse::<i64>().ok());
+        let last_upload = ms(self.meta(o::LAST_UPLOAD));
+        let last_error = self.meta(o::LAST_ERROR);
+        let restore_ok = ms(self.meta(o::TEST_RESTORE_OK));
+        let restore_attempt = ms(self.meta(o::TEST_RESTORE_ATTEMPT));
+        let restore_error = self.meta(o::TEST_RESTORE_ERROR);
+        // Every scheduled backup is uploaded: two missed schedules (at least a week) is stale.
+        let max_age_days = BACKUP_MAX_AGE_DAYS
+            .max(i64::try_from(c.backup.interval_hours.saturating_mul(2) / 24).unwrap_or(i64::MAX));
+        if let Some(e) = &last_error {
+            self.add(Finding::new(
+                Category::Lifecycle,
+                "lifecycle.offsite_upload_failed",
+                Severity::High,
+                "The last off-site backup upload failed",
+                format!(
+                    "upload to {target} failed: {e}{}",
+                    match last_upload {
+                        Some(t) => format!("; last successful upload {}", ago(now, t)),
+                        None => "; no upload ever succeeded".into(),
+                    }
+                ),
+                "fix what the error names ([backup] endpoint, region, path_style, the credentials and their audience), then check with `chitin backup list`; the next scheduled backup uploads again",
+            ));
+        }
+        match last_upload {
+            None if last_error.is_none() => self.add(Finding::new(
+                Category::Lifecycle,
+                "lifecycle.offsite_upload_stale",
+                Severity::Medium,
+                "No backup was ever uploaded off-site",
+                format!("[backup] target = {target}; no upload recorded"),
+                "run the gateway with [backup] dir or target set (it backs up and uploads every [backup] interval_hours) and check its log for `off-site backup`",
+            )),
+            Some(t) if days(now.saturating_sub(t)) > max_age_days => self.add(Finding::new(
+                Category::Lifecycle,
+                "lifecycle.offsite_upload_stale",
+                Severity::Medium,
+                format!("No backup was uploaded off-site in the last {max_age_days} days"),
+                format!(
+                    "last upload to {target} {} ([backup] interval_hours = {})",
+                    ago(now, t),
+                    c.backup.interval_hours
+                ),
+                "check that the gateway runs and its log for `off-site backup`; `chitin backup list` shows what the store holds",
+            )),
+            _ => {}
+        }
+        let every_days = i64::try_from(c.backup.test_restore_hours.saturating_mul(2) / 24)
+            .unwrap_or(i64::MAX)
+            .max(VERIFY_MAX_AGE_DAYS);
+        let auto = c.backup.test_restore_hours > 0 && !c.backup.identity.is_empty();
+        let enable = "set [backup] identity (on the host that test-restores) and test_restore_hours = 24; or fetch the newest with `chitin backup fetch NAME --out FILE` and check it with `chitin backup verify FILE --identity ID`";
+        match (restore_ok, &restore_error) {
+            (_, Some(e)) => self.add(Finding::new(
+                Category::Lifecycle,
+                "lifecycle.offsite_test_restore_failed",
+                Severity::High,
+                "The last test-restore of the newest off-site backup failed",
+                format!(
+                    "test-restore {}: {e}{}",
+                    restore_attempt.map(|t| ago(now, t)).unwrap_or_default(),
+                    match restore_ok {
+                        Some(t) => format!("; last one that passed {}", ago(now, t)),
+                        None => "; none ever passed".into(),
+                    }
+                ),
+                "fetch the newest backup (`chitin backup list`, `chitin backup fetch NAME --out FILE`) and run `chitin backup verify FILE --identity ID` to see why; if it is damaged, make a new backup now",
+            )),
+            (None, None) => self.add(Finding::new(
+                Category::Lifecycle,
+                "lifecycle.offsite_never_test_restored",
+                Severity::Medium,
+                "The off-site backups were never test-restored",
+                if auto {
+                    format!("[backup] target = {target}; no test-restore recorded yet")
+                } else {
+                    format!(
+                        "[backup] target = {target}; automatic test-restores are off ([backup] test_restore_hours = {}, identity {})",
+                        c.backup.test_restore_hours,
+                        if c.backup.identity.is_empty() { "not set" } else { "set" }
+                    )
+                },
+                if auto {
+                    "let the gateway run until its first test-restore (its log says `off-site backup test-restore passed`)"
+                } else {
+                    enable
+                },
+            )),
+            (Some(t), None) if days(now.saturating_sub(t)) > every_days => {
+                self.add(Finding::new(
+                    Category::Lifecycle,
+                    "lifecycle.offsite_test_restore_stale",
+                    Severity::Low,
+                    format!("No off-site backup was test-restored in {every_days} days"),
+                    format!("last successful test-restore {}", ago(now, t)),
+                    if auto {
+                        "check that the gateway runs; its log names a failed test-restore"
+                    } else {
+                        enable
+                    },
+                ));
+            }
+            _ => {}
+        }
+        self.saw(
+            Category::Lifecycle,
+            format!(
+                "off-site {target}: last upload {}, last test-restore {}",
+                last_upload.map_or("never".into(), rfc3339),
+                restore_ok.map_or("never".into(), rfc3339)
+            ),
+        );
     }
 
     fn test_backup(&mut self, c: &Config, newest: Option<&Path>) {

@@ -1,6 +1,10 @@
 //! A fake S3-compatible object store on 127.0.0.1 speaking the real wire protocol (HTTP/1.1,
 //! path-style addressing): `PUT`/`GET`/`DELETE` object and `GET ?list-type=2` (ListObjectsV2
-//! XML, paged by `max_keys` with continuation tokens). Every request must carry a valid AWS
+//! XML, paged by `max_keys` with continuation tokens), and multipart uploads:
+//! `POST ?uploads` (CreateMultipartUpload), `PUT ?partNumber=N&uploadId=ID` (UploadPart, answered
+//! with an `ETag`), `POST ?uploadId=ID` (CompleteMultipartUpload: the parts listed in order,
+//! each ETag matching, every part but the last at least `min_part_size` or `EntityTooSmall`) and
+//! `DELETE ?uploadId=ID` (AbortMultipartUpload). Every request must carry a valid AWS
 //! Signature Version 4, recomputed here independently of the client (canonical request from
 //! the request as received, signing key from the secret key); anything else is answered 403
 //! `SignatureDoesNotMatch` / `InvalidAccessKeyId` / `XAmzContentSHA256Mismatch` /
@@ -19,6 +23,9 @@ pub const ACCESS_KEY: &str = "AKIAFAKES3TESTKEY001";
 pub const SECRET_KEY: &str = "fake/S3+secret/key/for+tests/0123456789";
 pub const REGION: &str = "eu-test-1";
 
+/// A multipart upload in progress: bucket, key, part number -> bytes.
+pub type Upload = (String, String, BTreeMap<u32, Vec<u8>>);
+
 #[derive(Default)]
 pub struct State {
     /// bucket -> key -> bytes
@@ -27,6 +34,14 @@ pub struct State {
     pub log: Vec<(String, String, u16)>,
     /// Keys per listing page.
     pub max_keys: usize,
+    /// Multipart uploads in progress: upload id -> (bucket, key, part number -> bytes).
+    pub uploads: BTreeMap<String, Upload>,
+    /// Uploads created so far (the next id).
+    pub uploads_created: u64,
+    /// The smallest part S3 accepts (5 MiB) except the last; tests lower it.
+    pub min_part_size: usize,
+    /// Answer `500 InternalError` to UploadPart with this part number.
+    pub fail_part: Option<u32>,
 }
 
 pub struct FakeS3 {
@@ -41,6 +56,7 @@ impl FakeS3 {
         let port = listener.local_addr().unwrap().port();
         let mut st = State {
             max_keys: 1000,
+            min_part_size: 5 * 1024 * 1024,
             ..State::default()
         };
         st.buckets.insert(bucket.to_string(), BTreeMap::new());
@@ -139,7 +155,7 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     while let Some(req) = read_req(&mut r) {
-        let (status, body) = handle(&req, state);
+        let (status, body, etag) = handle(&req, state);
         state
             .lock()
             .unwrap()
@@ -150,10 +166,12 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
             204 => "No Content",
             403 => "Forbidden",
             404 => "Not Found",
+            500 => "Internal Server Error",
             _ => "Bad Request",
         };
+        let etag = etag.map(|e| format!("ETag: {e}\r\n")).unwrap_or_default();
         let head = format!(
-            "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: application/xml\r\n\r\n",
+            "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: application/xml\r\n{etag}\r\n",
             body.len()
         );
         if w.write_all(head.as_bytes()).is_err() || w.write_all(&body).is_err() {
@@ -162,11 +180,143 @@ fn serve(conn: TcpStream, state: &Mutex<State>) {
     }
 }
 
-fn error(status: u16, code: &str) -> (u16, Vec<u8>) {
+type Answer = (u16, Vec<u8>, Option<String>);
+
+fn error(status: u16, code: &str) -> Answer {
     (
         status,
         format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{code}</Message></Error>").into_bytes(),
+        None,
     )
+}
+
+fn ok(status: u16, body: Vec<u8>) -> Answer {
+    (status, body, None)
+}
+
+/// The text of each `<tag>...</tag>` in `xml`.
+fn elements<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        let after = &rest[i + open.len()..];
+        let Some(j) = after.find(&close) else { break };
+        out.push(&after[..j]);
+        rest = &after[j + close.len()..];
+    }
+    out
+}
+
+fn etag_of(bytes: &[u8]) -> String {
+    format!("\"{}\"", &hexs(&Sha256::digest(bytes))[..32])
+}
+
+/// The multipart requests on `bucket`/`key`; `None` when the request is not one.
+fn multipart(
+    req: &Req,
+    st: &mut State,
+    bucket: &str,
+    key: &str,
+    q: &dyn Fn(&str) -> Option<String>,
+) -> Option<Answer> {
+    let xml_head = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
+    let ns = "xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"";
+    if req.method == "POST" && q("uploads").is_some() {
+        st.uploads_created += 1;
+        let id = format!(
+            "upload-{}-{}",
+            st.uploads_created,
+            &hexs(&Sha256::digest(key.as_bytes()))[..8]
+        );
+        st.uploads.insert(
+            id.clone(),
+            (bucket.to_string(), key.to_string(), BTreeMap::new()),
+        );
+        let body = format!(
+            "{xml_head}<InitiateMultipartUploadResult {ns}><Bucket>{bucket}</Bucket><Key>{}</Key><UploadId>{id}</UploadId></InitiateMultipartUploadResult>",
+            xml_escape(key)
+        );
+        return Some(ok(200, body.into_bytes()));
+    }
+    let id = q("uploadId")?;
+    let Some((b, k, parts)) = st.uploads.get_mut(&id) else {
+        return Some(error(404, "NoSuchUpload"));
+    };
+    if b != bucket || k != key {
+        return Some(error(404, "NoSuchUpload"));
+    }
+    match req.method.as_str() {
+        "PUT" => {
+            let Some(n) = q("partNumber").and_then(|n| n.parse::<u32>().ok()) else {
+                return Some(error(400, "InvalidArgument"));
+            };
+            if !(1..=10_000).contains(&n) {
+                return Some(error(400, "InvalidArgument"));
+            }
+            if st.fail_part == Some(n) {
+                return Some(error(500, "InternalError"));
+            }
+            let etag = etag_of(&req.body);
+            parts.insert(n, req.body.clone());
+            Some((200, Vec::new(), Some(etag)))
+        }
+        "POST" => {
+            let text = String::from_utf8_lossy(&req.body).into_owned();
+            if !text.contains("<CompleteMultipartUpload") {
+                return Some(error(400, "MalformedXML"));
+            }
+            let listed = elements(&text, "Part");
+            if listed.is_empty() {
+                return Some(error(400, "MalformedXML"));
+            }
+            let mut object = Vec::new();
+            let mut last = 0u32;
+            for (i, p) in listed.iter().enumerate() {
+                let n: u32 = match elements(p, "PartNumber")
+                    .first()
+                    .and_then(|n| n.trim().parse().ok())
+                {
+                    Some(n) => n,
+                    None => return Some(error(400, "MalformedXML")),
+                };
+                if n <= last {
+                    return Some(error(400, "InvalidPartOrder"));
+                }
+                last = n;
+                let etag = elements(p, "ETag")
+                    .first()
+                    .map(|e| e.replace("&quot;", "\""))
+                    .unwrap_or_default();
+                let Some(bytes) = parts.get(&n) else {
+                    return Some(error(400, "InvalidPart"));
+                };
+                if etag != etag_of(bytes) {
+                    return Some(error(400, "InvalidPart"));
+                }
+                if i + 1 < listed.len() && bytes.len() < st.min_part_size {
+                    return Some(error(400, "EntityTooSmall"));
+                }
+                object.extend_from_slice(bytes);
+            }
+            st.uploads.remove(&id);
+            st.buckets
+                .get_mut(bucket)
+                .unwrap()
+                .insert(key.to_string(), object.clone());
+            let body = format!(
+                "{xml_head}<CompleteMultipartUploadResult {ns}><Location>http://127.0.0.1/{bucket}/{0}</Location><Bucket>{bucket}</Bucket><Key>{0}</Key><ETag>{1}</ETag></CompleteMultipartUploadResult>",
+                xml_escape(key),
+                xml_escape(&etag_of(&object))
+            );
+            Some(ok(200, body.into_bytes()))
+        }
+        "DELETE" => {
+            st.uploads.remove(&id);
+            Some(ok(204, Vec::new()))
+        }
+        _ => Some(error(400, "InvalidRequest")),
+    }
 }
 
 fn pct_decode(s: &str) -> String {
@@ -302,7 +452,7 @@ fn xml_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-fn handle(req: &Req, state: &Mutex<State>) -> (u16, Vec<u8>) {
+fn handle(req: &Req, state: &Mutex<State>) -> Answer {
     let (raw_path, raw_query) = req.target.split_once('?').unwrap_or((&req.target, ""));
     let path = pct_decode(raw_path);
     let query: Vec<(String, String)> = raw_query
@@ -320,21 +470,28 @@ fn handle(req: &Req, state: &Mutex<State>) -> (u16, Vec<u8>) {
     let max_keys = st.max_keys;
     let trimmed = path.trim_start_matches('/');
     let (bucket, key) = trimmed.split_once('/').unwrap_or((trimmed, ""));
-    let Some(objects) = st.buckets.get_mut(bucket) else {
+    if !st.buckets.contains_key(bucket) {
         return error(404, "NoSuchBucket");
-    };
+    }
+    if !key.is_empty() {
+        let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
+        if let Some(answer) = multipart(req, &mut st, bucket, key, &q) {
+            return answer;
+        }
+    }
+    let objects = st.buckets.get_mut(bucket).unwrap();
     match (req.method.as_str(), key.is_empty()) {
         ("PUT", false) => {
             objects.insert(key.to_string(), req.body.clone());
-            (200, Vec::new())
+            (200, Vec::new(), Some(etag_of(&req.body)))
         }
         ("GET", false) => match objects.get(key) {
-            Some(b) => (200, b.clone()),
+            Some(b) => ok(200, b.clone()),
             None => error(404, "NoSuchKey"),
         },
         ("DELETE", false) => {
             objects.remove(key);
-            (204, Vec::new())
+            ok(204, Vec::new())
         }
         ("GET", true) => {
             let q = |n: &str| query.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
@@ -371,7 +528,7 @@ fn handle(req: &Req, state: &Mutex<State>) -> (u16, Vec<u8>) {
                 ));
             }
             xml.push_str("</ListBucketResult>");
-            (200, xml.into_bytes())
+            ok(200, xml.into_bytes())
         }
         _ => error(400, "InvalidRequest"),
     }
