@@ -149,6 +149,7 @@ impl Config {
                     .as_ref()
                     .map_or(Ok(()), tools::WebSearchConfig::validate)
             })
+            .and_then(|()| config.tools.browser.validate())
             .and_then(|()| config.mcp.validate())
             .map_err(|message| ConfigError::Parse {
                 path: path.to_path_buf(),

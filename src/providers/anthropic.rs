@@ -59,13 +59,26 @@ pub fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Value {
                 tool_use_id,
                 content,
                 is_error,
-            } => push(
-                "user",
-                vec![json!({
-                    "type": "tool_result", "tool_use_id": tool_use_id,
-                    "content": content, "is_error": is_error,
-                })],
-            ),
+                images,
+            } => {
+                let content = if images.is_empty() {
+                    json!(content)
+                } else {
+                    let mut parts = vec![json!({"type": "text", "text": content})];
+                    parts.extend(images.iter().map(|i| {
+                        json!({"type": "image", "source": {"type": "base64",
+                               "media_type": i.media_type, "data": i.data_base64}})
+                    }));
+                    Value::Array(parts)
+                };
+                push(
+                    "user",
+                    vec![json!({
+                        "type": "tool_result", "tool_use_id": tool_use_id,
+                        "content": content, "is_error": is_error,
+                    })],
+                );
+            }
         }
     }
     let mut body = Map::new();
@@ -276,6 +289,7 @@ mod tests {
                     tool_use_id: "c1".into(),
                     content: "malformed arguments, not run".into(),
                     is_error: true,
+                    images: Vec::new(),
                 },
                 Message::user("try again"),
                 Message::Assistant {
