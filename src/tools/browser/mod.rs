@@ -678,22 +678,16 @@ impl Session {
                 // The flat session the event came from owns the request.
                 self.conn.send(session, m, p).map_err(conn_err)?;
             }
-            "Page.frameNavigated" if on_page => {
-                if params.pointer("/frame/parentId").is_none() {
-                    self.main_frame = str_of("/frame/id").to_string();
-                    self.url = str_of("/frame/url").to_string();
-                    self.refs.clear();
-                }
+            "Page.frameNavigated" if on_page && params.pointer("/frame/parentId").is_none() => {
+                self.main_frame = str_of("/frame/id").to_string();
+                self.url = str_of("/frame/url").to_string();
+                self.refs.clear();
             }
-            "Page.frameStartedLoading" if on_page => {
-                if str_of("/frameId") == self.main_frame {
-                    self.loading = true;
-                }
+            "Page.frameStartedLoading" if on_page && str_of("/frameId") == self.main_frame => {
+                self.loading = true;
             }
-            "Page.frameStoppedLoading" if on_page => {
-                if str_of("/frameId") == self.main_frame {
-                    self.loading = false;
-                }
+            "Page.frameStoppedLoading" if on_page && str_of("/frameId") == self.main_frame => {
+                self.loading = false;
             }
             "Browser.downloadWillBegin" => {
                 self.downloads.insert(
@@ -723,10 +717,9 @@ impl Session {
                     _ => {}
                 }
             }
-            "Inspector.detached" | "Target.detachedFromTarget" if on_page || session.is_none() => {
-                if method == "Inspector.detached" || str_of("/sessionId") == self.page {
-                    return Err("the page was closed".into());
-                }
+            "Inspector.detached" if on_page => return Err("the page was closed".into()),
+            "Target.detachedFromTarget" if str_of("/sessionId") == self.page => {
+                return Err("the page was closed".into());
             }
             "Target.targetCrashed" | "Inspector.targetCrashed" => {
                 return Err("the browser's page crashed".into());
