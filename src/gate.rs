@@ -440,7 +440,8 @@ impl ToolInput {
             | Tool::MemoryGet
             | Tool::SessionsList
             | Tool::SessionsHistory
-            | Tool::SessionsSend => {
+            | Tool::SessionsSend
+            | Tool::Browser => {
                 return Err(bad(
                     "is decided by its own module in `tools` (`Gate::check_call` / `check_calls`), not as a built-in tool input",
                 ));
@@ -534,6 +535,17 @@ impl Gate {
     pub fn with_resolver(mut self, resolver: Arc<dyn Resolver>) -> Self {
         self.resolver = resolver;
         self
+    }
+
+    /// The resolver the gate asks DNS through (the browser's egress proxy uses it too).
+    pub fn resolver(&self) -> Arc<dyn Resolver> {
+        Arc::clone(&self.resolver)
+    }
+
+    /// Resolves `host` through the gate's resolver: only after a first allow of a request
+    /// that names it (the browser's `browser.navigate`, like `web_fetch`).
+    pub fn resolve(&self, host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+        self.resolver.resolve(host, port)
     }
 
     /// Redacts every string of a decision's payload before it is recorded.

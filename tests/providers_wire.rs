@@ -302,11 +302,13 @@ async fn tool_results_are_echoed_back_in_each_protocols_format() {
                     tool_use_id: "call_1".into(),
                     content: "sunny".into(),
                     is_error: false,
+                    images: Vec::new(),
                 },
                 Message::ToolResult {
                     tool_use_id: "call_2".into(),
                     content: "denied by policy".into(),
                     is_error: true,
+                    images: Vec::new(),
                 },
             ],
             100,

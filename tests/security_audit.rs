@@ -593,6 +593,12 @@ fn each_seeded_misconfiguration_produces_its_finding_id_and_exit_code() {
             id: "skills.key_signer",
             severity: "low",
         },
+        Case {
+            name: "the browser tool pointed at a Chromium that is not installed",
+            seed: |h| h.append("[tools.browser]\nchromium = \"/nonexistent/chromium\"\n"),
+            id: "tools.browser_unavailable",
+            severity: "low",
+        },
     ];
     let mut failures = Vec::new();
     for c in &cases {

@@ -80,6 +80,11 @@ const WORKSPACE_FACING: &[&str] = &[
 /// `(file, Some(function) | None for the whole file, reason)`.
 const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     (
+        "src/tools/browser/mod.rs",
+        Some("system_paths"),
+        "looks whether the configured Chromium binary and the system font and Chromium settings directories (/etc/fonts, /etc/chromium.d) exist; operator-configured system paths, never a workspace path",
+    ),
+    (
         "src/wsfs.rs",
         None,
         "the one gateway module that touches workspace files; by name only the operator's workspace root (and /proc/self/fd to read back a descriptor's path)",

@@ -167,6 +167,12 @@ pub struct Spec {
     /// For a root launcher: the user whose `/etc/subuid`/`/etc/subgid` range gives the
     /// sandbox its host ids (else `nobody`); see [`crate::ids`].
     pub subid_user: String,
+    /// Allow `socket(AF_UNIX)` (see [`crate::seccomp::program`]); off by default.
+    pub unix_sockets: bool,
+    /// `RLIMIT_AS` in MiB instead of the one derived from `memory_mb`: for a program that
+    /// reserves far more address space than it uses (Chromium's V8 and Oilpan cages); its
+    /// memory is then bounded by the cgroup's `memory.max` only.
+    pub address_space_mb: Option<u64>,
 }
 
 impl Spec {
@@ -186,6 +192,8 @@ impl Spec {
             forbidden: Vec::new(),
             cgroup: CgroupMode::Auto,
             subid_user: crate::ids::DEFAULT_SUBID_USER.into(),
+            unix_sockets: false,
+            address_space_mb: None,
         }
     }
 }
@@ -734,7 +742,7 @@ impl Plan {
             spec.limits.tmp_size_mb,
             ids.remapped(),
         )?;
-        let bpf = seccomp::default_program().map_err(|e| SandboxError::Setup {
+        let bpf = seccomp::program(spec.unix_sockets).map_err(|e| SandboxError::Setup {
             layer: "seccomp profile".into(),
             source: io::Error::other(e.to_string()),
         })?;
@@ -1948,10 +1956,10 @@ fn command(plan: &Plan, spec: &Spec, ctx: &ChildCtx, notify: RawFd) -> ! {
     }
     let l = &spec.limits;
     let mb = |x: u64| x.saturating_mul(1 << 20);
-    let as_limit = if ctx.cgroup.is_empty() {
-        mb(l.memory_mb)
-    } else {
-        mb(l.memory_mb).saturating_mul(4)
+    let as_limit = match spec.address_space_mb {
+        Some(a) => mb(a),
+        None if ctx.cgroup.is_empty() => mb(l.memory_mb),
+        None => mb(l.memory_mb).saturating_mul(4),
     };
     let limits = [
         (libc::RLIMIT_AS, as_limit, as_limit),

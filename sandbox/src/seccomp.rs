@@ -409,6 +409,24 @@ pub fn default_program() -> Result<Vec<libc::sock_filter>, ProfileError> {
     compile(&parse(DEFAULT_PROFILE)?)
 }
 
+/// The default profile, except that `socket(AF_UNIX)` is allowed (`unix_sockets`): for a
+/// program that needs Unix sockets of its own (Chromium's process singleton). Abstract
+/// sockets are scoped to the sandbox's network namespace, and the mount view holds no host
+/// socket, so such a socket reaches only what the sandbox itself created.
+pub fn program(unix_sockets: bool) -> Result<Vec<libc::sock_filter>, ProfileError> {
+    let mut p = parse(DEFAULT_PROFILE)?;
+    if unix_sockets {
+        for r in &mut p.rules {
+            if let ("socket", Some(Cond::NotIn { arg: 0, values })) = (r.syscall, r.cond.as_mut())
+                && !values.contains(&1)
+            {
+                values.push(1);
+            }
+        }
+    }
+    compile(&p)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(

@@ -373,6 +373,13 @@ pub fn attached_tools(
             search::input_schema(ws.config().max_count),
         ));
     }
+    if sandbox.browser().is_some() && could(Tool::Browser) {
+        out.push(spec(
+            Tool::Browser,
+            crate::tools::browser::DESCRIPTION,
+            crate::tools::browser::input_schema(),
+        ));
+    }
     if sandbox.memory().is_some() {
         if could(Tool::MemorySearch) {
             out.push(spec(
@@ -536,9 +543,18 @@ pub fn to_messages(summary: Option<&str>, history: &[Entry]) -> Vec<Message> {
                 tool_use_id: id,
                 content: "not run: the run ended before this call was handled".into(),
                 is_error: true,
+                images: Vec::new(),
             });
         }
     };
+    let newest_images = history.iter().rev().find_map(|e| match &e.message {
+        Stored::Tool {
+            tool_use_id,
+            images,
+            ..
+        } if !images.is_empty() => Some(tool_use_id.as_str()),
+        _ => None,
+    });
     for e in history {
         match &e.message {
             Stored::User {
@@ -574,6 +590,7 @@ pub fn to_messages(summary: Option<&str>, history: &[Entry]) -> Vec<Message> {
                 tool_use_id,
                 content,
                 is_error,
+                images,
                 ..
             } => {
                 pending.retain(|p| p != tool_use_id);
@@ -581,6 +598,13 @@ pub fn to_messages(summary: Option<&str>, history: &[Entry]) -> Vec<Message> {
                     tool_use_id: tool_use_id.clone(),
                     content: content.clone(),
                     is_error: *is_error,
+                    // Only the newest images are sent again (older screenshots are stale and
+                    // costly); their results still say what they were.
+                    images: if newest_images == Some(tool_use_id.as_str()) {
+                        images.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }

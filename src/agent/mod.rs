@@ -694,6 +694,7 @@ impl Agent {
                     interrupted,
                     reports: Vec::new(),
                     policies: Vec::new(),
+                    images: Vec::new(),
                     prompt: None,
                     cancel: Cancel::new(),
                     inflight: None,
@@ -857,6 +858,8 @@ struct Run {
     reports: Vec<ToolCallReport>,
     /// The determining policies of the call being recorded (for `tool.end`).
     policies: Vec<String>,
+    /// Images the call being recorded returned (a browser screenshot).
+    images: Vec<crate::providers::ImagePart>,
     /// The system prompt and the offered tools, built once per run (the bootstrap files, the
     /// skills lockfile and the policy analysis are not re-read at every step).
     prompt: Option<(String, Vec<crate::providers::ToolSpec>)>,
@@ -1604,6 +1607,7 @@ impl Run {
         content: &str,
         is_error: bool,
     ) -> Result<(), AgentError> {
+        let images = std::mem::take(&mut self.images);
         self.store(
             Stored::Tool {
                 tool_use_id: c.id.clone(),
@@ -1612,6 +1616,7 @@ impl Run {
                 is_error,
                 decision: decision.into(),
                 outcome: outcome.into(),
+                images,
             },
             None,
             None,
@@ -1871,9 +1876,12 @@ impl Run {
         let max = self.inner.tuning().config.tool_result_max_bytes;
         match result {
             Ok(Invoked::Ran {
-                result, decision, ..
+                mut result,
+                decision,
+                ..
             }) => {
                 self.policies = decision.policies.clone();
+                self.images = take_images(&mut result);
                 let body = serde_json::to_string(&result).unwrap_or_default();
                 let fenced = context::fence(&format!("tool:{}", c.name), &context::cap(&body, max));
                 // The session has now taken in content no one vouched for.
@@ -2124,6 +2132,37 @@ enum ApprovalOutcome {
 }
 
 /// A finished call's outcome for the report: `ok`, `exit N`, `killed: LIMIT` or `ended`.
+/// The image a tool put in its output (`output.image`: `{media_type, data}`, a browser
+/// screenshot), taken out of the text the model reads and returned as an image part; the
+/// output keeps a note in its place.
+fn take_images(r: &mut crate::tools::ToolResult) -> Vec<crate::providers::ImagePart> {
+    let Some(Value::Object(out)) = r.output.as_mut() else {
+        return Vec::new();
+    };
+    let Some(Value::Object(img)) = out.remove("image") else {
+        return Vec::new();
+    };
+    let media_type = img
+        .get("media_type")
+        .and_then(Value::as_str)
+        .unwrap_or("image/png")
+        .to_string();
+    let Some(data) = img.get("data").and_then(Value::as_str) else {
+        return Vec::new();
+    };
+    out.insert(
+        "screenshot".into(),
+        json!(format!(
+            "{media_type}, {} bytes, attached as an image (models that take no images see only this note)",
+            data.len() / 4 * 3
+        )),
+    );
+    vec![crate::providers::ImagePart {
+        media_type,
+        data_base64: data.to_string(),
+    }]
+}
+
 fn ran_outcome(r: &crate::tools::ToolResult) -> String {
     match (r.exit_code, &r.killed) {
         (_, Some(k)) => format!("killed: {k}"),

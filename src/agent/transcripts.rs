@@ -85,6 +85,9 @@ pub enum Stored {
         /// (older records)
         decision: String,
         outcome: String,
+        /// Images the tool returned (a browser screenshot), for models that accept them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        images: Vec<crate::providers::ImagePart>,
     },
 }
 

@@ -93,13 +93,34 @@ pub fn with_web_search(
     config: &crate::config::Config,
     secrets: &SharedSecretStore,
 ) -> Result<crate::tools::Sandbox, BoxError> {
-    Ok(match &config.tools.web_search {
+    let sandbox = match &config.tools.web_search {
         Some(c) => sandbox.with_web_search(Arc::new(crate::tools::search::WebSearch::new(
             c.clone(),
             Some(secrets.clone()),
         )?)),
         None => sandbox,
+    };
+    Ok(if sandbox.browser().is_some() {
+        sandbox
+    } else {
+        with_browser(sandbox, config)
     })
+}
+
+/// `sandbox` with the `browser` tool attached where Chromium is installed (otherwise it is not
+/// offered; `chitin security audit` says why). One set of browsers per process: attach it
+/// once, before the sandbox is cloned for the agent and `/tools/invoke`.
+pub fn with_browser(
+    sandbox: crate::tools::Sandbox,
+    config: &crate::config::Config,
+) -> crate::tools::Sandbox {
+    match crate::tools::browser::Browsers::new(config.tools.browser.clone(), &sandbox) {
+        Ok(b) => sandbox.with_browser(Arc::new(b)),
+        Err(why) => {
+            tracing::info!(reason = %why, "the browser tool is not offered");
+            sandbox
+        }
+    }
 }
 
 pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {

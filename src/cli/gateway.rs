@@ -191,6 +191,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         )));
     // `mcp__<server>__<tool>` for the agent and /tools/invoke (only with [[mcp.servers]]).
     let sandbox = super::mcp::attach(sandbox, &config, &gate, &store, &secrets);
+    // One set of browsers, shared by the agent and `/tools/invoke`, stopped with the gateway.
+    let sandbox = super::agent::with_browser(sandbox, &config);
     if config.agent.model.trim().is_empty() {
         println!(
             "no model is configured: chat answers with how to add one ([[providers]] and [agent] model in {})",

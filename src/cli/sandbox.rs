@@ -42,6 +42,22 @@ pub struct ExecArgs {
     /// Process limit [default: sandbox.max_procs].
     #[arg(long, value_name = "N")]
     max_procs: Option<u64>,
+    /// CPU seconds per process [default: sandbox.cpu_secs] (the browser's long-lived
+    /// processes).
+    #[arg(long, value_name = "SECS", hide = true)]
+    cpu: Option<u64>,
+    /// Size of the private /tmp and /dev/shm in MiB [default: sandbox.tmp_size_mb] (the
+    /// browser's profile and shared memory).
+    #[arg(long, value_name = "MB", hide = true)]
+    tmp_size: Option<u64>,
+    /// Allow the command Unix sockets of its own (Chromium's process singleton); abstract
+    /// sockets stay inside the sandbox's network namespace.
+    #[arg(long, hide = true)]
+    unix_sockets: bool,
+    /// Address-space limit in MiB instead of one derived from --memory (Chromium reserves
+    /// tens of GiB it never uses; its memory is then bounded by the cgroup alone).
+    #[arg(long, value_name = "MB", hide = true)]
+    address_space: Option<u64>,
     /// Extra environment variable (repeatable); nothing else is inherited.
     #[arg(long, value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -157,6 +173,12 @@ fn build_spec(
     if let Some(p) = args.max_procs {
         limits.max_procs = p.max(1);
     }
+    if let Some(c) = args.cpu {
+        limits.cpu_secs = c.max(1);
+    }
+    if let Some(t) = args.tmp_size {
+        limits.tmp_size_mb = t.max(1);
+    }
     let mut net = Vec::new();
     let mut none = false;
     for n in &args.net {
@@ -186,6 +208,8 @@ fn build_spec(
     spec.forbidden = forbidden(globals, &args.workspace);
     spec.cgroup = cfg.cgroup.mode();
     spec.subid_user = cfg.subid_user.clone();
+    spec.unix_sockets = args.unix_sockets;
+    spec.address_space_mb = args.address_space;
     spec.output = match args.capture_json {
         Some(cap) => Output::Capture { cap },
         None => Output::Inherit,

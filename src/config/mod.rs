@@ -153,6 +153,7 @@ impl Config {
                     .as_ref()
                     .map_or(Ok(()), tools::WebSearchConfig::validate)
             })
+            .and_then(|()| config.tools.browser.validate())
             .and_then(|()| config.mcp.validate())
             .and_then(|()| config.store.validate())
             .map_err(|message| ConfigError::Parse {

@@ -23,6 +23,30 @@ pub const TEMPLATE: &str = r#"
 # count = 5
 # max_count = 20
 # timeout_secs = 15
+
+# [tools.browser]: the agent's `browser` tool, a headless Chromium driven over the DevTools
+# protocol inside the sandbox (its own directory under workspaces/, its profile in the
+# sandbox's private /tmp, network only through the gateway's egress proxy). Offered when the
+# binary below is installed; `chitin security audit` reports `tools.browser_unavailable`
+# otherwise. Every navigation (the `navigate` call, links, forms, redirects, frames) is
+# decided by Cedar `browser.navigate`; the other actions by `browser.interact`.
+# [tools.browser]
+# enabled = true
+# chromium = "/usr/bin/chromium"
+# Stop a session's browser after this long without a call, and after this long in any case.
+# idle_secs = 300
+# lifetime_secs = 3600
+# Limits of the browser's sandbox (Chromium needs more than a command does).
+# memory_mb = 2048
+# max_procs = 512
+# tmp_size_mb = 512
+# How long one action may take, and the browser's start.
+# timeout_secs = 30
+# start_timeout_secs = 30
+# The most page text one snapshot returns (KiB), and the largest download kept (MiB; downloads
+# go to the workspace's inbox/).
+# max_text_kib = 64
+# max_download_mb = 50
 "#;
 
 /// The `[tools]` section.
@@ -30,6 +54,70 @@ pub const TEMPLATE: &str = r#"
 #[serde(default, deny_unknown_fields)]
 pub struct ToolsConfig {
     pub web_search: Option<WebSearchConfig>,
+    pub browser: BrowserConfig,
+}
+
+/// `[tools.browser]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrowserConfig {
+    pub enabled: bool,
+    /// The Chromium binary (absolute path).
+    pub chromium: String,
+    pub idle_secs: u64,
+    pub lifetime_secs: u64,
+    pub memory_mb: u64,
+    pub max_procs: u64,
+    /// The sandbox's private /tmp (profile, caches, shared memory), MiB.
+    pub tmp_size_mb: u64,
+    pub timeout_secs: u64,
+    pub start_timeout_secs: u64,
+    pub max_text_kib: u64,
+    pub max_download_mb: u64,
+}
+
+impl Default for BrowserConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            chromium: "/usr/bin/chromium".into(),
+            idle_secs: 300,
+            lifetime_secs: 3600,
+            memory_mb: 2048,
+            max_procs: 512,
+            tmp_size_mb: 512,
+            timeout_secs: 30,
+            start_timeout_secs: 30,
+            max_text_kib: 64,
+            max_download_mb: 50,
+        }
+    }
+}
+
+impl BrowserConfig {
+    /// Checks the section's numbers.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.chromium.starts_with('/') {
+            return Err("[tools.browser] chromium must be an absolute path".into());
+        }
+        let checks = [
+            ("idle_secs", self.idle_secs, 10, 86_400),
+            ("lifetime_secs", self.lifetime_secs, 60, 86_400),
+            ("memory_mb", self.memory_mb, 256, 65_536),
+            ("max_procs", self.max_procs, 16, 4096),
+            ("tmp_size_mb", self.tmp_size_mb, 64, 16_384),
+            ("timeout_secs", self.timeout_secs, 1, 600),
+            ("start_timeout_secs", self.start_timeout_secs, 1, 600),
+            ("max_text_kib", self.max_text_kib, 1, 4096),
+            ("max_download_mb", self.max_download_mb, 1, 4096),
+        ];
+        for (k, v, lo, hi) in checks {
+            if !(lo..=hi).contains(&v) {
+                return Err(format!("[tools.browser] {k} must be {lo}..={hi}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A search backend.

@@ -95,6 +95,12 @@ closed_enum! {
         McpCall => "mcp.call",
         McpEgress => "mcp.egress",
         McpTrust => "mcp.trust",
+        /// A navigation of the `browser` tool (the `navigate` call, redirects, links, forms,
+        /// frames, script navigations), decided before its request leaves Chromium.
+        BrowserNavigate => "browser.navigate",
+        /// The other `browser` actions (snapshot, click, type, screenshot, close), on the
+        /// session's page.
+        BrowserInteract => "browser.interact",
     }
 }
 
@@ -128,6 +134,9 @@ closed_enum! {
         SessionsHistory => "sessions_history",
         /// Posts into another of the user's sessions; decided as `sessions_send`.
         SessionsSend => "sessions_send",
+        /// Drives a headless Chromium; navigations are decided as `browser.navigate`, the
+        /// other actions as `browser.interact`.
+        Browser => "browser",
     }
 }
 
@@ -190,6 +199,7 @@ impl Tool {
             Self::MemoryGet => Action::MemoryGet,
             Self::SessionsList | Self::SessionsHistory => Action::SessionRead,
             Self::SessionsSend => Action::SessionsSend,
+            Self::Browser => Action::BrowserNavigate,
         }
     }
 
@@ -250,6 +260,13 @@ mod tests {
             // A patch writes files: each path it touches is decided as `write_file`.
             if *t == Tool::ApplyPatch {
                 assert_eq!(t.action(), Action::WriteFile);
+                continue;
+            }
+            // The browser's navigations are `browser.navigate` (its other actions
+            // `browser.interact`).
+            if *t == Tool::Browser {
+                assert_eq!(t.action(), Action::BrowserNavigate);
+                assert_eq!(Action::BrowserNavigate.tool(), Some(Tool::Browser));
                 continue;
             }
             // Reading sessions (list, history) is one action, on the session read.

@@ -147,6 +147,11 @@ pub const TOOLS: &[ToolInfo] = &[
         risk: "medium",
         effects: &["message"],
     },
+    ToolInfo {
+        name: Tool::Browser.as_str(),
+        risk: "medium",
+        effects: &["network"],
+    },
 ];
 
 /// The gateway entity's id (`Chitin::Gateway::"gateway"`), the resource of admin actions.

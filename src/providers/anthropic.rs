@@ -59,13 +59,26 @@ pub fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Value {
                 tool_use_id,
                 content,
                 is_error,
-            } => push(
-                "user",
-                vec![json!({
-                    "type": "tool_result", "tool_use_id": tool_use_id,
-                    "content": content, "is_error": is_error,
-                })],
-            ),
+                images,
+            } => {
+                let content = if images.is_empty() {
+                    json!(content)
+                } else {
+                    let mut parts = vec![json!({"type": "text", "text": content})];
+                    parts.extend(images.iter().map(|i| {
+                        json!({"type": "image", "source": {"type": "base64",
+                               "media_type": i.media_type, "data": i.data_base64}})
+                    }));
+                    Value::Array(parts)
+                };
+                push(
+                    "user",
+                    vec![json!({
+                        "type": "tool_result", "tool_use_id": tool_use_id,
+                        "content": content, "is_error": is_error,
+                    })],
+                );
+            }
         }
     }
     let mut body = Map::new();
@@ -259,6 +272,51 @@ mod tests {
     use crate::providers::ToolCall;
 
     #[test]
+    fn a_screenshot_is_sent_as_an_image_block_inside_its_tool_result() {
+        let req = ChatRequest::new(
+            vec![
+                Message::user("look"),
+                Message::Assistant {
+                    text: String::new(),
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "browser".into(),
+                        arguments_json: "{\"action\":\"screenshot\"}".into(),
+                        malformed: None,
+                    }],
+                },
+                Message::ToolResult {
+                    tool_use_id: "c1".into(),
+                    content: "<untrusted>note</untrusted>".into(),
+                    is_error: false,
+                    images: vec![crate::providers::ImagePart {
+                        media_type: "image/png".into(),
+                        data_base64: "iVBORw0KGgo=".into(),
+                    }],
+                },
+            ],
+            10,
+        );
+        let body = request_body("m", &req, false);
+        assert_eq!(
+            body["messages"][2]["content"][0]["content"],
+            json!([
+                {"type": "text", "text": "<untrusted>note</untrusted>"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+            ])
+        );
+        // The OpenAI chat format carries it in a user message after the tool messages.
+        let body = crate::providers::openai::request_body("m", &req, false, "max_tokens");
+        let msgs = body["messages"].as_array().unwrap();
+        assert_eq!(msgs[2]["role"], "tool");
+        assert_eq!(msgs[3]["role"], "user");
+        assert_eq!(
+            msgs[3]["content"][1],
+            json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
+        );
+    }
+
+    #[test]
     fn a_malformed_call_is_replayed_with_empty_input_and_turns_of_one_role_are_merged() {
         let req = ChatRequest::new(
             vec![
@@ -276,6 +334,7 @@ mod tests {
                     tool_use_id: "c1".into(),
                     content: "malformed arguments, not run".into(),
                     is_error: true,
+                    images: Vec::new(),
                 },
                 Message::user("try again"),
                 Message::Assistant {

@@ -92,11 +92,23 @@ pub enum Message {
         tool_calls: Vec<ToolCall>,
     },
     /// The result of one tool call, tied to it by `tool_use_id` (= [`ToolCall::id`]).
+    /// `images` (a browser screenshot) go to the model as image parts: in the Anthropic
+    /// tool result itself, and for the OpenAI chat format in a user message right after the
+    /// tool messages (its tool messages carry text only).
     ToolResult {
         tool_use_id: String,
         content: String,
         is_error: bool,
+        images: Vec<ImagePart>,
     },
+}
+
+/// An image a tool returned, base64-encoded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ImagePart {
+    /// `image/png`.
+    pub media_type: String,
+    pub data_base64: String,
 }
 
 impl Message {

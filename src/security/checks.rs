@@ -1004,6 +1004,36 @@ impl<'a> Run<'a> {
             Category::Sandbox,
             "network: each run has its own network namespace; egress only through the relay to policy-granted HOST:PORT",
         );
+        self.browser(c);
+    }
+
+    /// The `browser` tool: offered only where Chromium is installed.
+    fn browser(&mut self, c: &Config) {
+        let b = &c.tools.browser;
+        if !b.enabled {
+            self.saw(
+                Category::Sandbox,
+                "browser tool: disabled ([tools.browser] enabled = false)",
+            );
+            return;
+        }
+        match crate::tools::browser::unavailable(b) {
+            Some(why) => self.add(Finding::new(
+                Category::Sandbox,
+                "tools.browser_unavailable",
+                Severity::Low,
+                "The browser tool is not offered: Chromium is not installed",
+                why,
+                "install Chromium (`apt-get install -y chromium`) or point [tools.browser] chromium at it; set [tools.browser] enabled = false to silence this",
+            )),
+            None => self.saw(
+                Category::Sandbox,
+                format!(
+                    "browser tool: {} in the sandbox, network only through the gateway's egress proxy",
+                    b.chromium
+                ),
+            ),
+        }
     }
 
     // ---- policy -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ pub use crate::policy::{INVOKABLE, TOOLS};
 #[derive(Debug, thiserror::Error)]
 pub enum InvokeError {
     #[error(
-        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir, web_fetch, web_search, apply_patch (and, where configured, send_message, cron, memory_search, memory_get, sessions_list, sessions_history, sessions_send)"
+        "unknown tool `{0}`; available tools: exec, read_file, write_file, edit_file, list_dir, web_fetch, web_search, apply_patch (and, where configured, browser, send_message, cron, memory_search, memory_get, sessions_list, sessions_history, sessions_send)"
     )]
     UnknownTool(String),
     #[error("invalid arguments for `{tool}`: {message}")]
@@ -157,6 +157,9 @@ pub fn invoke_step(
         Some(Tool::WebSearch) => {
             return super::search::invoke(gate, sandbox, call, step, args, approvals);
         }
+        Some(Tool::Browser) => {
+            return super::browser::invoke(gate, sandbox, call, step, args, approvals);
+        }
         Some(t @ (Tool::MemorySearch | Tool::MemoryGet)) => {
             return super::memory::invoke(gate, sandbox, call, step, t, args, approvals);
         }
@@ -196,7 +199,8 @@ pub fn invoke_step(
             | Tool::MemoryGet
             | Tool::SessionsList
             | Tool::SessionsHistory
-            | Tool::SessionsSend,
+            | Tool::SessionsSend
+            | Tool::Browser,
         )
         | None => Err(InvokeError::UnknownTool(tool.to_string())),
     };

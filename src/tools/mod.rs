@@ -10,6 +10,7 @@
 //!
 //! Every entry point takes an [`Authorized`]: proof that the gate allowed this call.
 
+pub mod browser;
 pub mod cancel;
 pub mod cron;
 pub mod fetch;
@@ -532,6 +533,7 @@ pub struct Extras {
     web_search: Option<Arc<search::WebSearch>>,
     memory: Option<Arc<memory::MemoryIndex>>,
     sessions: Option<Arc<dyn sessions::SessionStore>>,
+    browser: Option<Arc<browser::Browsers>>,
 }
 
 impl Sandbox {
@@ -591,6 +593,18 @@ impl Sandbox {
     pub fn with_sessions(mut self, s: Arc<dyn sessions::SessionStore>) -> Self {
         self.extras.sessions = Some(s);
         self
+    }
+
+    /// Lets the `browser` tool drive a sandboxed Chromium (one per session).
+    #[must_use]
+    pub fn with_browser(mut self, b: Arc<browser::Browsers>) -> Self {
+        self.extras.browser = Some(b);
+        self
+    }
+
+    /// The browsers, if the tool is available here.
+    pub fn browser(&self) -> Option<&Arc<browser::Browsers>> {
+        self.extras.browser.as_ref()
     }
 
     /// The session store, if attached.
