@@ -208,7 +208,7 @@ fn lint_exit_codes_follow_the_worst_severity_and_lint_allow_opts_a_policy_out() 
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
     assert_eq!(
         out(&o),
-        "ok: no findings in 50 policies (checked: unconstrained permits, high-risk permits without approval, permits shadowed by forbids, unreachable policies, missing @reason); 7 left out by @lint_allow\n"
+        "ok: no findings in 53 policies (checked: unconstrained permits, high-risk permits without approval, permits shadowed by forbids, unreachable policies, missing @reason); 7 left out by @lint_allow\n"
     );
 
     // Only low findings: exit 0.
@@ -294,7 +294,7 @@ fn explain_names_the_determining_policies_with_reasons_and_the_changes_that_woul
         format!(
             "decision: deny
 determined by:
-  forbid guard.writes-outside-workspace-need-approval at {}:21:1: No default policy permits writes outside the workspace; if an operator's policy ever does, each such write still needs approval.
+  forbid guard.writes-outside-workspace-need-approval at {}:26:1: No default policy permits writes outside the workspace; if an operator's policy ever does, each such write still needs approval.
 derived: in_workspace=false memory_file=false prompt_file=false touches_state_dir=false
 would be allowed if:
   in_workspace (derived) were true (not false): allow

@@ -193,6 +193,10 @@ pub fn generate_requests(
             .or_default()
             .push(uid.to_string());
     }
+    // The engine's entities come out in hash order: sort so a seed gives the same requests.
+    for v in pools.entities.values_mut() {
+        v.sort();
+    }
     for compiled in [old, new] {
         for p in compiled.policies() {
             for c in &conditions_of(p) {
