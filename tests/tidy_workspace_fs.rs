@@ -90,6 +90,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "`chitin __fs-helper` runs inside the sandbox, not in the gateway; it reopens only its own descriptors through /proc/self/fd",
     ),
     (
+        "src/tools/mod.rs",
+        Some("small_launcher"),
+        "whether the small launcher binary is installed next to the `chitin` binary (a host path fixed at start, never a workspace path)",
+    ),
+    (
         "src/gate.rs",
         Some("canonical_existing"),
         "canonicalizes the configured workspace root and host paths outside the workspace (system programs found on the tool PATH, or a program path that `wsfs::locate` found to lead outside); paths inside the workspace go through `wsfs::locate`",
