@@ -238,11 +238,6 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "operator CLI: policy dir and vectors",
     ),
     (
-        "src/cli/sandbox.rs",
-        None,
-        "operator CLI: `chitin sandbox exec` checks host paths it is asked to bind",
-    ),
-    (
         "src/cli/secrets.rs",
         None,
         "operator CLI: secrets benchmark files",
