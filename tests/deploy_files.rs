@@ -116,6 +116,10 @@ fn the_dockerfile_is_multi_stage_small_and_runs_as_a_non_root_user_with_the_stat
         runs.iter()
             .any(|r| r.contains("target/release/chitin-sandbox-launch /out/chitin-sandbox-launch"))
     );
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("target/release/chitin-fs-helper /out/chitin-fs-helper"))
+    );
 
     // The runtime stage.
     let last = *froms.last().unwrap();

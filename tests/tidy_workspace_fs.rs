@@ -91,8 +91,8 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     ),
     (
         "src/tools/mod.rs",
-        Some("small_launcher"),
-        "whether the small launcher binary is installed next to the `chitin` binary (a host path fixed at start, never a workspace path)",
+        Some("small_binary"),
+        "whether the small launcher or file-helper binary is installed next to the `chitin` binary (a host path fixed at start, never a workspace path)",
     ),
     (
         "src/gate.rs",

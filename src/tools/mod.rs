@@ -857,9 +857,12 @@ impl Sandbox {
     /// `chitin_sandbox::run`). Looked up at each call (one `stat` of a host path that is never
     /// in the workspace), so the tests' and benches' own `launcher` paths find theirs.
     pub fn small_launcher(&self) -> Option<PathBuf> {
-        let small = self
-            .launcher
-            .with_file_name(chitin_sandbox::launcher::BINARY);
+        self.small_binary(chitin_sandbox::launcher::BINARY)
+    }
+
+    /// `name` next to [`Self::launcher`], when it is installed there.
+    fn small_binary(&self, name: &str) -> Option<PathBuf> {
+        let small = self.launcher.with_file_name(name);
         small.is_file().then_some(small)
     }
 
@@ -877,10 +880,14 @@ impl Sandbox {
             .max_file_bytes
             .saturating_mul(7)
             .saturating_add(65536);
-        let argv = vec![
-            self.launcher.to_string_lossy().into_owned(),
-            helper::HELPER_ARG.to_string(),
-        ];
+        // The small helper binary when it is installed next to `chitin`, else the same code
+        // as `chitin __fs-helper`.
+        let small = self.small_binary(helper::BINARY);
+        let program = small.clone().unwrap_or_else(|| self.launcher.clone());
+        let mut argv = vec![program.to_string_lossy().into_owned()];
+        if small.is_none() {
+            argv.push(helper::HELPER_ARG.to_string());
+        }
         let report = self.launch(
             ws,
             &LaunchRequest {
@@ -891,7 +898,7 @@ impl Sandbox {
                 stdin: Some(&body),
                 timeout_secs: None,
                 cap,
-                extra_ro: &[&self.launcher],
+                extra_ro: &[&program],
                 env: &BTreeMap::new(),
             },
         )?;
