@@ -126,7 +126,7 @@ fn exec_req(user: &str) -> PolicyRequest {
         "principal": format!("Chitin::User::\"{user}\""),
         "action": "Chitin::Action::\"exec\"",
         "resource": "Chitin::Tool::\"exec\"",
-        "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
                     "command": "ls", "command_path": "/usr/bin/ls", "argv": ["ls", "-la"], "cwd": "/w", "network": true}
     }))
     .unwrap()
@@ -200,7 +200,7 @@ fn main() {
             PolicyRequest::from_json(&json!({
                 "principal": format!("Chitin::User::\"{u}\""),
                 "action": "Chitin::Action::\"read_file\"", "resource": "Chitin::Tool::\"read_file\"",
-                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w", "path": "/w/a.txt"}
+                "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w", "path": "/w/a.txt"}
             }))
             .unwrap(),
         );
@@ -208,7 +208,7 @@ fn main() {
             PolicyRequest::from_json(&json!({
                 "principal": format!("Chitin::User::\"{u}\""),
                 "action": "Chitin::Action::\"web_fetch\"", "resource": "Chitin::Tool::\"web_fetch\"",
-                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+                "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
                             "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true}
             }))
             .unwrap(),
