@@ -209,7 +209,8 @@ fn main() {
                 "principal": format!("Chitin::User::\"{u}\""),
                 "action": "Chitin::Action::\"web_fetch\"", "resource": "Chitin::Tool::\"web_fetch\"",
                 "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
-                            "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true}
+                            "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true,
+                            "scheme": "http", "ip_literal": true, "resolved": false, "addresses": ["10.0.0.1"]}
             }))
             .unwrap(),
         );
