@@ -21,6 +21,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p chitin -p chitin-audit \
  && install -D -m 0755 target/release/chitin /out/chitin \
+ && install -D -m 0755 target/release/chitin-sandbox-launch /out/chitin-sandbox-launch \
+ && install -D -m 0755 target/release/chitin-fs-helper /out/chitin-fs-helper \
  && install -D -m 0755 target/release/chitin-audit-verify /out/chitin-audit-verify
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime

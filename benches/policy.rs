@@ -4,7 +4,12 @@
 //! construction, evaluation, approval and shadow passes) for:
 //! 1. the default policies;
 //! 2. 500 generated policies + 1,000 entities spread over the actions (a realistic estate);
-//! 3. 500 generated policies all on the `exec` action (the worst case for per-action slicing).
+//! 3. 500 generated policies all on the `exec` action (the worst case for per-action slicing);
+//! 4. 1,000 generated policies all on `exec`, over 50 groups (principal index);
+//! 5. 1,000 generated policies all on `secret.use`, one per secret, all for the same principal
+//!    `Tool::"exec"` (resource index);
+//! 6. 1,000 generated policies all on `exec` for the same principal and resource, differing only
+//!    in their conditions (nothing to index: Cedar evaluates them all).
 //!
 //! Run under `cargo test` it does nothing (no `--bench` argument), so CI stays fast.
 #![allow(
@@ -68,12 +73,60 @@ fn generated(n: usize, spread: bool) -> String {
     s
 }
 
+/// `n` policies on `secret.use` for `Tool::"exec"`, one per secret `s<i>`: each releases its
+/// secret to one program (10% are forbids on a tainted session instead).
+fn secrets_generated(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let (effect, body) = if i % 10 == 0 {
+            (
+                "forbid",
+                "context has tainted && context.tainted".to_string(),
+            )
+        } else {
+            (
+                "permit",
+                format!("context has command_path && context.command_path == \"/usr/bin/tool{i}\""),
+            )
+        };
+        s.push_str(&format!(
+            "@id(\"sec.{i}\")\n{effect} (principal == Chitin::Tool::\"exec\", action == Chitin::Action::\"secret.use\", resource == Chitin::Secret::\"s{i}\")\nwhen {{ {body} }};\n"
+        ));
+    }
+    s
+}
+
+/// `n` policies on `exec` for the owners group and every resource, differing only in their
+/// conditions.
+fn same_scope_generated(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let effect = if i % 10 == 0 { "forbid" } else { "permit" };
+        s.push_str(&format!(
+            "@id(\"same.{i}\")\n{effect} (principal in Chitin::Group::\"owners\", action == Chitin::Action::\"exec\", resource)\nwhen {{ context.command == \"tool{i}\" && !context.network }};\n"
+        ));
+    }
+    s
+}
+
+fn secret_req(i: usize) -> PolicyRequest {
+    PolicyRequest::from_json(&json!({
+        "principal": "Chitin::Tool::\"exec\"",
+        "action": "Chitin::Action::\"secret.use\"",
+        "resource": format!("Chitin::Secret::\"s{i}\""),
+        "context": {"host": "env:exec", "command": format!("tool{i}"),
+                    "command_path": format!("/usr/bin/tool{i}"), "command_writable": false,
+                    "session": "s", "tainted": false}
+    }))
+    .unwrap()
+}
+
 fn exec_req(user: &str) -> PolicyRequest {
     PolicyRequest::from_json(&json!({
         "principal": format!("Chitin::User::\"{user}\""),
         "action": "Chitin::Action::\"exec\"",
         "resource": "Chitin::Tool::\"exec\"",
-        "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
+        "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
                     "command": "ls", "command_path": "/usr/bin/ls", "argv": ["ls", "-la"], "cwd": "/w", "network": true}
     }))
     .unwrap()
@@ -147,7 +200,7 @@ fn main() {
             PolicyRequest::from_json(&json!({
                 "principal": format!("Chitin::User::\"{u}\""),
                 "action": "Chitin::Action::\"read_file\"", "resource": "Chitin::Tool::\"read_file\"",
-                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w", "path": "/w/a.txt"}
+                "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w", "path": "/w/a.txt"}
             }))
             .unwrap(),
         );
@@ -155,8 +208,9 @@ fn main() {
             PolicyRequest::from_json(&json!({
                 "principal": format!("Chitin::User::\"{u}\""),
                 "action": "Chitin::Action::\"web_fetch\"", "resource": "Chitin::Tool::\"web_fetch\"",
-                "context": {"origin": "model", "session": "s", "approved": false, "workspace": "/w",
-                            "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true}
+                "context": {"origin": "model", "session": "s", "approved": false, "tainted": false, "workspace": "/w",
+                            "host": "10.0.0.1", "url": "http://10.0.0.1/", "method": "POST", "private_address": true,
+                            "scheme": "http", "ip_literal": true, "resolved": false, "addresses": ["10.0.0.1"]}
             }))
             .unwrap(),
         );
@@ -197,4 +251,33 @@ fn main() {
             measure(&format!("  {kind}"), engine, rs, iters / 2);
         }
     }
+    // 1,000 policies on one action.
+    let ents = entities(950, 50);
+    let exec_reqs: Vec<PolicyRequest> = users.iter().map(|u| exec_req(u)).collect();
+    let read_reqs: Vec<PolicyRequest> = reqs.iter().skip(1).step_by(3).cloned().collect();
+    let on_exec = engine_with(Some(generated(1000, false)), ents.clone());
+    measure(
+        "default + 1,000 generated, all on exec (50 groups): exec needing approval",
+        &on_exec,
+        &exec_reqs,
+        iters / 2,
+    );
+    measure("  read_file allowed", &on_exec, &read_reqs, iters / 2);
+    let on_secrets = engine_with(Some(secrets_generated(1000)), ents.clone());
+    let secret_reqs: Vec<PolicyRequest> = (0..300).map(|i| secret_req(i * 3 + 1)).collect();
+    let d = on_secrets.decide(&secret_reqs[0]).unwrap();
+    assert_eq!(d.decision, policy::Outcome::Allow, "{d:?}");
+    measure(
+        "default + 1,000 generated, all on secret.use (one per secret): allowed",
+        &on_secrets,
+        &secret_reqs,
+        iters / 2,
+    );
+    let same = engine_with(Some(same_scope_generated(1000)), ents);
+    measure(
+        "default + 1,000 generated, all on exec, same principal and resource: exec needing approval",
+        &same,
+        &exec_reqs,
+        iters / 10,
+    );
 }

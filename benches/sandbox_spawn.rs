@@ -8,6 +8,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn time(cmd: &mut Command) -> Duration {
+    time_expect(cmd, true)
+}
+
+/// Runs `cmd` and returns its wall time; it must succeed (or, with `ok = false`, fail).
+fn time_expect(cmd: &mut Command, ok: bool) -> Duration {
     let t = Instant::now();
     let status = cmd
         .stdin(Stdio::null())
@@ -16,7 +21,7 @@ fn time(cmd: &mut Command) -> Duration {
         .status();
     let d = t.elapsed();
     match status {
-        Ok(s) if s.success() => d,
+        Ok(s) if s.success() == ok => d,
         other => {
             eprintln!("benchmark command failed: {other:?} ({cmd:?})");
             std::process::exit(1);
@@ -80,29 +85,68 @@ fn main() {
         c.arg("--version");
         c
     };
-    // Warm up page cache and the binary.
+    // The tool path: the gateway's flags and the JSON report, through the small launcher
+    // and (as before issue #21) through `chitin sandbox exec --capture-json`.
+    let small = std::path::Path::new(chitin).with_file_name("chitin-sandbox-launch");
+    let tool_small = |cgroup: &str| {
+        let mut c = Command::new(&small);
+        c.arg("--workspace")
+            .arg(ws.path())
+            .arg("--state-dir")
+            .arg(home.path())
+            .args(["--capture", "65536", "--cgroup", cgroup, "--", "/bin/true"]);
+        c
+    };
+    let tool_old = |h: &std::path::Path| {
+        let mut c = Command::new(chitin);
+        c.env("CHITIN_HOME", h)
+            .args(["sandbox", "exec", "--capture-json", "65536", "--workspace"])
+            .arg(ws.path())
+            .args(["--", "/bin/true"]);
+        c
+    };
+    let small_only = || {
+        let mut c = Command::new(&small);
+        c.arg("--version");
+        c
+    };
+    // Warm up page cache and the binaries.
     for _ in 0..10 {
         time(&mut sandboxed());
+        time(&mut tool_small("auto"));
         time(&mut Command::new("/bin/true"));
     }
-    let (mut plain, mut launcher, mut sbx, mut nocg) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut v: Vec<Vec<Duration>> = vec![Vec::new(); 8];
     for _ in 0..runs {
-        plain.push(time(&mut Command::new("/bin/true")));
-        launcher.push(time(&mut launcher_only()));
-        sbx.push(time(&mut sandboxed()));
-        nocg.push(time(&mut sandboxed_nocg()));
+        v[0].push(time(&mut Command::new("/bin/true")));
+        v[1].push(time(&mut launcher_only()));
+        v[2].push(time_expect(&mut small_only(), false));
+        v[3].push(time(&mut tool_old(home.path())));
+        v[4].push(time(&mut tool_small("auto")));
+        v[5].push(time(&mut tool_old(home_nocg.path())));
+        v[6].push(time(&mut tool_small("off")));
+        v[7].push(time(&mut sandboxed_nocg()));
     }
     println!("sandbox spawn overhead, {runs} interleaved runs per variant");
-    let (pm, pp) = stats("plain spawn of /bin/true", &mut plain);
-    stats("`chitin --version` (launcher exec only)", &mut launcher);
-    let (sm, sp) = stats("sandboxed, cgroup = auto (default)", &mut sbx);
-    let (nm, np) = stats("sandboxed, cgroup = off", &mut nocg);
+    let (pm, _) = stats("plain spawn of /bin/true", &mut v[0]);
+    stats("`chitin --version` (big binary exec only)", &mut v[1]);
+    stats(
+        "`chitin-sandbox-launch --version` (small, exec only)",
+        &mut v[2],
+    );
+    let (om, _) = stats("tool path, chitin sandbox exec, cgroup auto", &mut v[3]);
+    let (sm, _) = stats("tool path, chitin-sandbox-launch, cgroup auto", &mut v[4]);
+    let (onm, _) = stats("tool path, chitin sandbox exec, cgroup off", &mut v[5]);
+    let (snm, _) = stats("tool path, chitin-sandbox-launch, cgroup off", &mut v[6]);
+    stats(
+        "`chitin sandbox exec` (CLI, pass-through), cgroup off",
+        &mut v[7],
+    );
     println!(
-        "extra for the sandbox: median {:.3} ms, p99 {:.3} ms (cgroup = off: median {:.3} ms, p99 {:.3} ms)",
+        "median extra over a plain spawn: chitin-sandbox-launch {:.3} ms (cgroup off {:.3} ms); chitin sandbox exec {:.3} ms (cgroup off {:.3} ms)",
         sm - pm,
-        sp - pp,
-        nm - pm,
-        np - pp
+        snm - pm,
+        om - pm,
+        onm - pm
     );
 }

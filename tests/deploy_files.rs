@@ -110,6 +110,16 @@ fn the_dockerfile_is_multi_stage_small_and_runs_as_a_non_root_user_with_the_stat
         runs.iter()
             .any(|r| r.contains("target/release/chitin-audit-verify"))
     );
+    // The tool path's small sandbox launcher, next to `chitin` (without it every tool call
+    // falls back to exec'ing the whole gateway binary as the launcher).
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("target/release/chitin-sandbox-launch /out/chitin-sandbox-launch"))
+    );
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("target/release/chitin-fs-helper /out/chitin-fs-helper"))
+    );
 
     // The runtime stage.
     let last = *froms.last().unwrap();

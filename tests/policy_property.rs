@@ -69,11 +69,26 @@ const PRINCIPAL_SCOPES: &[&str] = &[
     r#"principal is Chitin::User in Chitin::Group::"staff""#,
 ];
 
-/// An action family: its scopes and the conditions valid for every action they cover.
+/// An action family: its scopes, the resource scopes and conditions valid for every action
+/// they cover.
 struct Family {
     scopes: &'static [&'static str],
+    resources: &'static [&'static str],
     conditions: &'static [&'static str],
 }
+
+/// Resource scopes over the tools the requests name (and one they never do): the engine
+/// indexes policies by the entity a resource scope names.
+const TOOL_RESOURCES: &[&str] = &[
+    "resource",
+    "resource",
+    "resource is Chitin::Tool",
+    r#"resource == Chitin::Tool::"exec""#,
+    r#"resource == Chitin::Tool::"write_file""#,
+    r#"resource in Chitin::Tool::"read_file""#,
+    r#"resource is Chitin::Tool in Chitin::Tool::"workflow""#,
+    r#"resource == Chitin::Tool::"unused""#,
+];
 
 const FILE_CONDS: &[&str] = &[
     "context.in_workspace",
@@ -98,6 +113,7 @@ const FAMILIES: &[Family] = &[
             r#"action in Chitin::Action::"effect:fs_write""#,
             r#"action in [Chitin::Action::"effect:fs_read", Chitin::Action::"effect:fs_write"]"#,
         ],
+        resources: TOOL_RESOURCES,
         conditions: FILE_CONDS,
     },
     Family {
@@ -105,6 +121,7 @@ const FAMILIES: &[Family] = &[
             r#"action == Chitin::Action::"exec""#,
             r#"action in Chitin::Action::"effect:exec""#,
         ],
+        resources: TOOL_RESOURCES,
         conditions: &[
             "context.network",
             "context.approved",
@@ -118,6 +135,12 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         scopes: &[r#"action == Chitin::Action::"model.call""#],
+        resources: &[
+            "resource",
+            r#"resource == Chitin::Agent::"main""#,
+            r#"resource == Chitin::Agent::"other""#,
+            "resource is Chitin::Agent",
+        ],
         conditions: &[
             r#"context.spend_today_usd.greaterThan(decimal("5.0"))"#,
             "context.spend_today_usd.greaterThanOrEqual(context.daily_budget_usd)",
@@ -127,6 +150,7 @@ const FAMILIES: &[Family] = &[
     },
     Family {
         scopes: &["action"],
+        resources: &["resource"],
         conditions: &[
             r#"principal in Chitin::Group::"staff""#,
             "principal is Chitin::User",
@@ -160,9 +184,10 @@ fn policy_set(rng: &mut Rng, n: usize) -> String {
         };
         let sep = rng.pick(&[".", ":", "-"]);
         let mut text = format!(
-            "@id(\"set{n}{sep}p{i}\"){mode}\n{effect} ({}, {}, resource)",
+            "@id(\"set{n}{sep}p{i}\"){mode}\n{effect} ({}, {}, {})",
             rng.pick(PRINCIPAL_SCOPES),
-            rng.pick(fam.scopes)
+            rng.pick(fam.scopes),
+            rng.pick(fam.resources)
         );
         for _ in 0..rng.below(3) {
             let kw = if rng.chance(70) { "when" } else { "unless" };

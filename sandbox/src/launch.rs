@@ -10,7 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use landlock::{
@@ -1234,14 +1234,15 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     // sync_w stays open until P is reaped: P learns from its hang-up that the launcher is
     // gone.
 
-    // Launcher side.
+    // Launcher side: one thread waits for P, the deadline and a stop request, and reads the
+    // status records and the captured output as they come (no reader threads to start, join
+    // and switch to on every run).
     sys::close(st_w);
-    let mut readers = Vec::new();
+    let mut pipes = Collector::new(st_r);
     if let Some(((or, ow), (er, ew), cap)) = capture {
         sys::close(ow);
         sys::close(ew);
-        readers.push(std::thread::spawn(move || drain(or, cap)));
-        readers.push(std::thread::spawn(move || drain(er, cap)));
+        pipes.capture(or, er, cap);
     }
     let listeners: Arc<Mutex<Vec<RawFd>>> = Arc::default();
     if let Some((l, c)) = egress {
@@ -1250,33 +1251,8 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
         let listeners = Arc::clone(&listeners);
         std::thread::spawn(move || egress_broker(l, dests, listeners));
     }
-    let (tx, rx) = mpsc::channel();
-    let status_reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 16];
-        let mut fill = 0;
-        loop {
-            match sys::read(st_r, &mut buf[fill..]) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    fill += n;
-                    if fill == 16 {
-                        fill = 0;
-                        let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
-                        let a = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
-                        let mut b8 = [0u8; 8];
-                        b8.copy_from_slice(&buf[8..]);
-                        if tx.send((kind, a, i64::from_le_bytes(b8))).is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-        sys::close(st_r);
-    });
 
     // Wait for P, with the wall-clock timeout.
-    let mut records = Vec::new();
     let mut timed_out = false;
     // pidfd_open (Linux >= 5.3) lets us sleep until P exits; without it, poll with WNOHANG.
     let pidfd = sys::pidfd_open(pid_p).ok();
@@ -1292,34 +1268,33 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
             timed_out = true;
             break;
         }
-        let ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
-        let ready = match pidfd {
-            Some(fd) => match sys::poll_in(&[fd, stop_fd], ms) {
-                Ok(r) => {
-                    // P's end wins over a stop request that came at the same time.
-                    let done = r.first().is_some_and(|x| *x != 0);
-                    cancelled = !done && r.get(1).is_some_and(|x| *x != 0);
-                    done
-                }
-                Err(_) => false,
-            },
-            None => {
-                cancelled =
-                    sys::poll_in(&[stop_fd], 0).is_ok_and(|r| r.first().is_some_and(|x| *x != 0));
-                match sys::wait4(pid_p, libc::WNOHANG) {
+        let mut ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
+        if pidfd.is_none() {
+            ms = ms.min(5);
+        }
+        let mut fds = vec![pidfd.unwrap_or(-1), stop_fd];
+        fds.extend(pipes.fds());
+        let ready = match sys::poll_in(&fds, ms) {
+            Ok(r) => {
+                pipes.pump(r.get(2..).unwrap_or_default());
+                // P's end wins over a stop request that came at the same time.
+                let done = pidfd.is_some() && r.first().is_some_and(|x| *x != 0);
+                cancelled = !done && r.get(1).is_some_and(|x| *x != 0);
+                done
+            }
+            Err(_) => false,
+        };
+        let ready = ready
+            || (pidfd.is_none()
+                && match sys::wait4(pid_p, libc::WNOHANG) {
                     Ok((p, s, _)) if p == pid_p => {
                         reaped = Some(s);
                         true
                     }
                     _ => false,
-                }
-            }
-        };
+                });
         if ready || cancelled {
             break;
-        }
-        if pidfd.is_none() {
-            std::thread::sleep(Duration::from_millis(5).min(left));
         }
     }
     sys::close(stop_fd);
@@ -1337,15 +1312,19 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     if let Some(fd) = pidfd {
         sys::close(fd);
     }
-    let _ = status_reader.join();
-    records.extend(rx.try_iter());
+    // Everything that could write to the pipes is gone with the namespace: read to the end.
+    pipes.finish();
     for fd in listeners.lock().map(|l| l.clone()).unwrap_or_default() {
         // Wake the accept threads; the sandbox is gone.
         sys::shutdown(fd);
     }
-    let mut outs = readers.into_iter().map(|h| h.join().unwrap_or_default());
-    let stdout = outs.next().unwrap_or_default();
-    let mut stderr = outs.next().unwrap_or_default();
+    let Collector {
+        records,
+        stdout,
+        stderr,
+        ..
+    } = pipes;
+    let mut stderr = stderr;
     if let Some(n) = &notice {
         // The command's reader (the model, through the tool result) learns why writes fail.
         let mut b = format!("chitin: {n}\n").into_bytes();
@@ -1431,15 +1410,86 @@ pub fn run(spec: &Spec) -> Result<Outcome, SandboxError> {
     })
 }
 
-fn drain(fd: RawFd, cap: usize) -> Captured {
-    let mut out = Captured::default();
-    let mut buf = vec![0u8; 65536];
-    loop {
-        match sys::read(fd, &mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                let chunk = buf.get(..n).unwrap_or_default();
-                let room = cap.saturating_sub(out.bytes.len());
+/// The launcher's ends of the status pipe and the output pipes, read as they become
+/// readable: 16-byte status records, and each output stream kept up to its cap (the rest
+/// counted as dropped).
+struct Collector {
+    /// (fd, stream): 0 status, 1 stdout, 2 stderr; closed ones are removed.
+    open: Vec<(RawFd, u8)>,
+    status: Vec<u8>,
+    records: Vec<(u32, i32, i64)>,
+    stdout: Captured,
+    stderr: Captured,
+    cap: usize,
+    buf: Vec<u8>,
+}
+
+impl Collector {
+    fn new(status: RawFd) -> Self {
+        Self {
+            open: vec![(status, 0)],
+            status: Vec::new(),
+            records: Vec::new(),
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            cap: 0,
+            buf: vec![0u8; 65536],
+        }
+    }
+
+    fn capture(&mut self, out: RawFd, err: RawFd, cap: usize) {
+        self.open.push((out, 1));
+        self.open.push((err, 2));
+        self.cap = cap;
+    }
+
+    fn fds(&self) -> Vec<RawFd> {
+        self.open.iter().map(|(fd, _)| *fd).collect()
+    }
+
+    /// One read from each pipe `revents` (in [`Self::fds`] order) says is readable or closed.
+    fn pump(&mut self, revents: &[libc::c_short]) {
+        let ready: Vec<(RawFd, u8)> = self
+            .open
+            .iter()
+            .zip(revents)
+            .filter(|(_, r)| **r != 0)
+            .map(|(x, _)| *x)
+            .collect();
+        for (fd, stream) in ready {
+            self.read_once(fd, stream);
+        }
+    }
+
+    fn read_once(&mut self, fd: RawFd, stream: u8) {
+        let n = match sys::read(fd, &mut self.buf) {
+            Ok(n) if n > 0 => n,
+            _ => {
+                sys::close(fd);
+                self.open.retain(|(f, _)| *f != fd);
+                return;
+            }
+        };
+        let chunk = self.buf.get(..n).unwrap_or_default();
+        match stream {
+            0 => {
+                self.status.extend_from_slice(chunk);
+                while self.status.len() >= 16 {
+                    let rec: Vec<u8> = self.status.drain(..16).collect();
+                    let kind = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]);
+                    let a = i32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
+                    let mut b8 = [0u8; 8];
+                    b8.copy_from_slice(&rec[8..]);
+                    self.records.push((kind, a, i64::from_le_bytes(b8)));
+                }
+            }
+            s => {
+                let out = if s == 1 {
+                    &mut self.stdout
+                } else {
+                    &mut self.stderr
+                };
+                let room = self.cap.saturating_sub(out.bytes.len());
                 let keep = room.min(n);
                 out.bytes
                     .extend_from_slice(chunk.get(..keep).unwrap_or_default());
@@ -1447,8 +1497,21 @@ fn drain(fd: RawFd, cap: usize) -> Captured {
             }
         }
     }
-    sys::close(fd);
-    out
+
+    /// Reads every pipe to its end (the writers are gone).
+    fn finish(&mut self) {
+        while !self.open.is_empty() {
+            let fds = self.fds();
+            match sys::poll_in(&fds, -1) {
+                Ok(r) => self.pump(&r),
+                Err(_) => {
+                    for (fd, _) in self.open.drain(..) {
+                        sys::close(fd);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Receives the listening sockets the sandbox init created inside its network namespace and

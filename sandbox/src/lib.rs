@@ -27,6 +27,7 @@ pub mod fs;
 pub mod host;
 pub mod ids;
 mod launch;
+pub mod launcher;
 pub mod pidfd;
 pub mod quota;
 pub mod seccomp;

@@ -170,6 +170,13 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             .then(|| globals.config_path.clone()),
         config.sandbox.clone(),
     )?;
+    match sandbox.small_launcher() {
+        Some(l) => tracing::info!(launcher = %l.display(), "sandbox launcher"),
+        None => tracing::warn!(
+            launcher = %sandbox.launcher.display(),
+            "chitin-sandbox-launch is not installed next to chitin: tool calls start their sandbox through `chitin sandbox exec` (the same confinement, ~1.5 ms slower per call); install both binaries"
+        ),
+    }
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
     let secrets_path = secrets.path().to_path_buf();
     let vault = Arc::new(crate::vault::Vault::from_store(

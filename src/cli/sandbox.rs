@@ -129,33 +129,9 @@ fn check(globals: &Globals) -> ExitCode {
     ExitCode::from(if enforced { 0 } else { 1 })
 }
 
-/// Paths no sandbox may see: the state directory (except, when the workspace lives in
-/// `<state>/workspaces/`, that one workspace).
+/// Paths no sandbox may see (the same rule as the small launcher's).
 fn forbidden(globals: &Globals, workspace: &std::path::Path) -> Vec<PathBuf> {
-    let home = std::fs::canonicalize(&globals.home).unwrap_or_else(|_| globals.home.clone());
-    let ws = std::fs::canonicalize(workspace).unwrap_or_else(|_| workspace.to_path_buf());
-    let workspaces = home.join("workspaces");
-    if ws.starts_with(&workspaces) && ws != workspaces {
-        let mut out: Vec<PathBuf> = std::fs::read_dir(&home)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| *p != workspaces)
-                    .collect()
-            })
-            .unwrap_or_default();
-        // Sibling workspaces.
-        if let Ok(d) = std::fs::read_dir(&workspaces) {
-            out.extend(
-                d.filter_map(Result::ok)
-                    .map(|e| e.path())
-                    .filter(|p| !ws.starts_with(p)),
-            );
-        }
-        out
-    } else {
-        vec![home]
-    }
+    chitin_sandbox::launcher::forbidden(&globals.home, workspace)
 }
 
 fn build_spec(
@@ -272,12 +248,7 @@ fn exec(args: ExecArgs, globals: &Globals) -> CmdResult {
 }
 
 fn error_kind(e: &SandboxError) -> &'static str {
-    match e {
-        SandboxError::Unavailable { .. } => "unavailable",
-        SandboxError::Invalid(_) | SandboxError::Path { .. } => "invalid",
-        SandboxError::Setup { .. } | SandboxError::MultiThreaded(_) => "setup",
-        SandboxError::Exec { .. } => "exec",
-    }
+    chitin_sandbox::launcher::error_kind(e)
 }
 
 /// 125: the sandbox could not be set up; 126/127: the program could not be run (as `env`).

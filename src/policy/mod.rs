@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use cedar_policy::{
     ActionConstraint, Authorizer, Context, Decision as CedarDecision, Effect, Entities, EntityId,
     EntityTypeName, EntityUid, Policy, PolicyId, PolicySet, PrincipalConstraint, Request,
-    RestrictedExpression, Schema, ValidationMode, Validator,
+    ResourceConstraint, RestrictedExpression, Schema, ValidationMode, Validator,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -180,25 +180,41 @@ fn collect_cedar_files(
     Ok(())
 }
 
-/// The policies that can apply to one action, indexed by principal scope.
+/// Where a policy's scope pins it: the entity its principal scope names (`== E`, `in E`,
+/// `is T in E`) and the entity its resource scope names, `None` for a scope that names none
+/// (`principal`, `principal is T`; likewise for the resource).
+type ScopeKey = (Option<EntityUid>, Option<EntityUid>);
+
+/// The policies that can apply to one action, indexed by principal and resource scope.
 #[derive(Debug, Default)]
 struct Slice {
-    /// Policies whose principal scope is `principal` or `principal is T`.
-    unconstrained: Vec<Policy>,
-    /// Policies whose principal scope is `== E`, `in E` or `is T in E`, by `E`.
-    by_anchor: HashMap<EntityUid, Vec<Policy>>,
+    /// Every policy whose action scope can match the action, in file order.
+    policies: Vec<Policy>,
+    /// Indexes into `policies` by the entities their principal and resource scopes name.
+    by_scope: HashMap<ScopeKey, Vec<usize>>,
+    /// The entities some policy's principal scope names.
+    principal_anchors: HashSet<EntityUid>,
+    /// The entities some policy's resource scope names.
+    resource_anchors: HashSet<EntityUid>,
 }
 
-/// The sets evaluated for one (action, principal anchors) combination.
+/// The sets evaluated for one (action, principal anchors, resource anchors) combination.
 #[derive(Debug)]
 struct Sets {
     enforced: PolicySet,
     /// Enforced plus shadow policies; `None` when no shadow policy is among them.
     with_shadow: Option<PolicySet>,
+    /// The policies of `enforced` that read `context.approved` (see [`reads_approved`]):
+    /// the only ones the approval re-evaluation has to evaluate again. `None` when there are
+    /// none.
+    enforced_approval: Option<PolicySet>,
+    /// The same for `with_shadow`.
+    with_shadow_approval: Option<PolicySet>,
 }
 
-/// An action and the principal anchors that have policies for it.
-type SetKey = (EntityUid, Vec<EntityUid>);
+/// An action, the principal anchors and the resource anchors (`None`: every resource) that
+/// have policies for it.
+type SetKey = (EntityUid, Vec<EntityUid>, Option<Vec<EntityUid>>);
 
 /// How many (action, anchors) combinations are kept before the cache starts over.
 const SET_CACHE_LIMIT: usize = 4096;
@@ -210,6 +226,8 @@ pub struct Compiled {
     slices: HashMap<EntityUid, Slice>,
     set_cache: RwLock<HashMap<SetKey, Arc<Sets>>>,
     forbids: HashSet<PolicyId>,
+    /// The policies whose conditions may read `context.approved` ([`reads_approved`]).
+    approval_dependent: HashSet<PolicyId>,
     shadow: HashSet<PolicyId>,
     reasons: BTreeMap<String, String>,
     enforced_count: usize,
@@ -267,11 +285,7 @@ impl Compiled {
     pub fn actions_by_policy(&self) -> HashMap<String, BTreeSet<EntityUid>> {
         let mut out: HashMap<String, BTreeSet<EntityUid>> = HashMap::new();
         for (action, slice) in &self.slices {
-            for p in slice
-                .unconstrained
-                .iter()
-                .chain(slice.by_anchor.values().flatten())
-            {
+            for p in &slice.policies {
                 out.entry(p.id().to_string())
                     .or_default()
                     .insert(action.clone());
@@ -285,12 +299,7 @@ impl Compiled {
         let Some(slice) = self.slices.get(action) else {
             return Vec::new();
         };
-        let ids: HashSet<&PolicyId> = slice
-            .unconstrained
-            .iter()
-            .chain(slice.by_anchor.values().flatten())
-            .map(Policy::id)
-            .collect();
+        let ids: HashSet<&PolicyId> = slice.policies.iter().map(Policy::id).collect();
         self.all.iter().filter(|p| ids.contains(p.id())).collect()
     }
     /// The schema the set was validated against.
@@ -457,6 +466,11 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
         .filter(|p| p.effect() == Effect::Forbid)
         .map(|p| p.id().clone())
         .collect();
+    let approval_dependent: HashSet<PolicyId> = policies
+        .iter()
+        .filter(|p| reads_approved(p))
+        .map(|p| p.id().clone())
+        .collect();
     let slices = slice_by_action(&schema, &policies, &shadow).map_err(|m| {
         PolicyError::Invalid(vec![Diagnostic {
             file: input.schema.name.clone(),
@@ -492,6 +506,7 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
         slices,
         set_cache: RwLock::new(HashMap::new()),
         forbids,
+        approval_dependent,
         enforced_count: policies.len() - shadow.len(),
         shadow,
         reasons,
@@ -504,8 +519,9 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
 }
 
 /// For every action of the schema, the policies whose action scope can match it, indexed by
-/// their principal scope. Evaluating only the policies whose action scope matches the action
-/// and whose principal scope names the principal or one of its ancestors gives the same
+/// their principal and resource scopes. Evaluating only the policies whose action scope matches
+/// the action, whose principal scope names the principal or one of its ancestors (or none) and
+/// whose resource scope names the resource or one of its ancestors (or none) gives the same
 /// decision as the whole set (any other policy's scope is false, so it can neither be satisfied
 /// nor error), and keeps latency flat as the set grows.
 fn slice_by_action(
@@ -528,51 +544,99 @@ fn slice_by_action(
         };
         let mut slice = Slice::default();
         for p in policies.iter().filter(|p| applies(p)) {
-            match p.principal_constraint() {
-                PrincipalConstraint::Any | PrincipalConstraint::Is(_) => {
-                    slice.unconstrained.push(p.clone())
-                }
+            let principal = match p.principal_constraint() {
+                PrincipalConstraint::Any | PrincipalConstraint::Is(_) => None,
                 PrincipalConstraint::Eq(e)
                 | PrincipalConstraint::In(e)
-                | PrincipalConstraint::IsIn(_, e) => {
-                    slice.by_anchor.entry(e).or_default().push(p.clone());
-                }
-            }
+                | PrincipalConstraint::IsIn(_, e) => Some(e),
+            };
+            let resource = match p.resource_constraint() {
+                ResourceConstraint::Any | ResourceConstraint::Is(_) => None,
+                ResourceConstraint::Eq(e)
+                | ResourceConstraint::In(e)
+                | ResourceConstraint::IsIn(_, e) => Some(e),
+            };
+            slice.principal_anchors.extend(principal.clone());
+            slice.resource_anchors.extend(resource.clone());
+            slice
+                .by_scope
+                .entry((principal, resource))
+                .or_default()
+                .push(slice.policies.len());
+            slice.policies.push(p.clone());
         }
         slices.insert(action.clone(), slice);
     }
     Ok(slices)
 }
 
+/// The entities of `index` that `uid` is or descends from, sorted: the anchors under which
+/// policies whose scope can match `uid` are filed.
+fn anchors_of(index: &HashSet<EntityUid>, uid: &EntityUid, entities: &Entities) -> Vec<EntityUid> {
+    let mut out: Vec<EntityUid> = Vec::new();
+    if index.is_empty() {
+        return out;
+    }
+    if index.contains(uid) {
+        out.push(uid.clone());
+    }
+    if let Some(ancestors) = entities.ancestors(uid) {
+        out.extend(ancestors.filter(|a| index.contains(*a)).cloned());
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// Whether a policy's conditions may read `context.approved`: they mention it, or use
+/// `context` other than by naming one of its attributes (`context == ...`, `context` passed
+/// whole). Every other policy evaluates the same with `approved = true` as with `false`
+/// (same principal, action, resource, entities and other attributes), so the approval
+/// re-evaluation reuses its first result. Errs on the side of `true`.
+fn reads_approved(p: &Policy) -> bool {
+    fn walk(v: &Value) -> bool {
+        match v {
+            Value::Object(m) => m.iter().any(|(k, x)| {
+                if (k == "." || k == "has")
+                    && let Some(o) = x.as_object()
+                    && o.get("left")
+                        .and_then(|l| l.get("Var"))
+                        .and_then(Value::as_str)
+                        == Some("context")
+                {
+                    // `context.<attr>` / `context has <attr>`: only `approved` (or an
+                    // unreadable attribute) counts; `left` is the bare variable.
+                    return o.len() != 2
+                        || o.get("attr")
+                            .and_then(Value::as_str)
+                            .is_none_or(|a| a == "approved");
+                }
+                (k == "Var" && x.as_str() == Some("context")) || walk(x)
+            }),
+            Value::Array(a) => a.iter().any(walk),
+            _ => false,
+        }
+    }
+    p.to_json().map_or(true, |j| walk(&j))
+}
+
 impl Compiled {
-    /// The policy sets to evaluate for `action` and `principal`, built once per distinct
-    /// combination of the principal's relevant anchors and cached.
+    /// The policy sets to evaluate for `action`, `principal` and `resource` (`None`: every
+    /// resource), built once per distinct combination of the relevant anchors and cached.
     fn sets_for(
         &self,
         action: &EntityUid,
         principal: &EntityUid,
+        resource: Option<&EntityUid>,
         entities: &Entities,
     ) -> Result<Arc<Sets>, PolicyError> {
         let slice = self
             .slices
             .get(action)
             .ok_or_else(|| PolicyError::Request(format!("unknown action {action}")))?;
-        let mut anchors: Vec<EntityUid> = Vec::new();
-        if slice.by_anchor.contains_key(principal) {
-            anchors.push(principal.clone());
-        }
-        if !slice.by_anchor.is_empty()
-            && let Some(ancestors) = entities.ancestors(principal)
-        {
-            anchors.extend(
-                ancestors
-                    .filter(|a| slice.by_anchor.contains_key(*a))
-                    .cloned(),
-            );
-        }
-        anchors.sort_unstable();
-        anchors.dedup();
-        let key = (action.clone(), anchors);
+        let p_anchors = anchors_of(&slice.principal_anchors, principal, entities);
+        let r_anchors = resource.map(|r| anchors_of(&slice.resource_anchors, r, entities));
+        let key: SetKey = (action.clone(), p_anchors, r_anchors);
         if let Some(sets) = self
             .set_cache
             .read()
@@ -581,32 +645,50 @@ impl Compiled {
         {
             return Ok(sets);
         }
-        let chosen: Vec<&Policy> = slice
-            .unconstrained
+        let principal_ok = |a: &Option<EntityUid>| a.as_ref().is_none_or(|a| key.1.contains(a));
+        let resource_ok = |a: &Option<EntityUid>| match (a, &key.2) {
+            (None, _) | (Some(_), None) => true,
+            (Some(a), Some(anchors)) => anchors.contains(a),
+        };
+        let mut chosen: Vec<usize> = slice
+            .by_scope
             .iter()
-            .chain(
-                key.1
-                    .iter()
-                    .filter_map(|a| slice.by_anchor.get(a))
-                    .flatten(),
-            )
+            .filter(|((p, r), _)| principal_ok(p) && resource_ok(r))
+            .flat_map(|(_, ix)| ix.iter().copied())
+            .collect();
+        // File order, whatever the map's order.
+        chosen.sort_unstable();
+        let chosen: Vec<&Policy> = chosen
+            .into_iter()
+            .filter_map(|i| slice.policies.get(i))
             .collect();
         let set_err = |e: cedar_policy::PolicySetError| PolicyError::Request(e.to_string());
-        let enforced = PolicySet::from_policies(
-            chosen
+        let build = |keep: &dyn Fn(&Policy) -> bool| -> Result<Option<PolicySet>, PolicyError> {
+            let picked: Vec<Policy> = chosen
                 .iter()
-                .filter(|p| !self.shadow.contains(p.id()))
-                .map(|p| (*p).clone()),
-        )
-        .map_err(set_err)?;
-        let with_shadow = if chosen.iter().any(|p| self.shadow.contains(p.id())) {
-            Some(PolicySet::from_policies(chosen.iter().map(|p| (*p).clone())).map_err(set_err)?)
+                .filter(|p| keep(p))
+                .map(|p| (*p).clone())
+                .collect();
+            if picked.is_empty() {
+                return Ok(None);
+            }
+            PolicySet::from_policies(picked).map(Some).map_err(set_err)
+        };
+        let enforced = build(&|p| !self.shadow.contains(p.id()))?.unwrap_or_default();
+        let has_shadow = chosen.iter().any(|p| self.shadow.contains(p.id()));
+        let with_shadow = if has_shadow { build(&|_| true)? } else { None };
+        let enforced_approval =
+            build(&|p| !self.shadow.contains(p.id()) && self.approval_dependent.contains(p.id()))?;
+        let with_shadow_approval = if has_shadow {
+            build(&|p| self.approval_dependent.contains(p.id()))?
         } else {
             None
         };
         let sets = Arc::new(Sets {
             enforced,
             with_shadow,
+            enforced_approval,
+            with_shadow_approval,
         });
         if let Ok(mut cache) = self.set_cache.write() {
             if cache.len() >= SET_CACHE_LIMIT {
@@ -835,6 +917,57 @@ struct Eval {
     allow: bool,
     policies: BTreeSet<String>,
     errors: Vec<String>,
+    /// Cedar's answer, kept so that the approval re-evaluation can reuse it.
+    raw: Raw,
+}
+
+/// Cedar's answer for one set: its decision, its determining policies (the satisfied permits
+/// when it allows, every satisfied forbid when it denies, none for a default deny) and the
+/// policies that errored.
+#[derive(Debug, Default)]
+struct Raw {
+    allow: bool,
+    reason: Vec<PolicyId>,
+    errors: Vec<(PolicyId, String)>,
+}
+
+fn cedar_eval(set: &PolicySet, req: &Request, entities: &Entities) -> Raw {
+    let resp = Authorizer::new().is_authorized(req, set, entities);
+    Raw {
+        allow: resp.decision() == CedarDecision::Allow,
+        reason: resp.diagnostics().reason().cloned().collect(),
+        errors: resp
+            .diagnostics()
+            .errors()
+            .map(|e| (err_policy(e).clone(), err_message(e)))
+            .collect(),
+    }
+}
+
+/// Chitin's rules on Cedar's answer: a forbid that errored denies, and determines the deny
+/// with the satisfied forbids.
+fn judge(raw: Raw, forbids: &HashSet<PolicyId>) -> Eval {
+    let errored_forbid = raw.errors.iter().any(|(id, _)| forbids.contains(id));
+    let policies: BTreeSet<String> = if errored_forbid {
+        raw.reason
+            .iter()
+            .chain(raw.errors.iter().map(|(id, _)| id))
+            .filter(|id| forbids.contains(*id))
+            .map(ToString::to_string)
+            .collect()
+    } else {
+        raw.reason.iter().map(ToString::to_string).collect()
+    };
+    Eval {
+        allow: raw.allow && !errored_forbid,
+        policies,
+        errors: raw
+            .errors
+            .iter()
+            .map(|(id, m)| format!("policy {id}: {m}"))
+            .collect(),
+        raw,
+    }
 }
 
 fn evaluate(
@@ -843,41 +976,77 @@ fn evaluate(
     entities: &Entities,
     forbids: &HashSet<PolicyId>,
 ) -> Eval {
-    let resp = Authorizer::new().is_authorized(req, set, entities);
-    let mut policies: BTreeSet<String> = resp
-        .diagnostics()
-        .reason()
-        .map(ToString::to_string)
+    judge(cedar_eval(set, req, entities), forbids)
+}
+
+/// A policy set and its policies that read `context.approved` (`None`: none do).
+#[derive(Clone, Copy)]
+struct Scoped<'a> {
+    set: &'a PolicySet,
+    approval: Option<&'a PolicySet>,
+}
+
+/// The evaluation of `scoped.set` for `alt`, the request as made with `approved = true`, given
+/// `first`, Cedar's answer for the request as made. The two requests differ only in
+/// `context.approved`, so a policy that does not read it ([`reads_approved`]) is satisfied,
+/// unsatisfied or erroring in both alike: only `scoped.approval` is evaluated again and the
+/// rest is taken from `first`. What `first` tells about the other policies: when it allows,
+/// exactly which permits were satisfied (and no forbid); when it denies with reasons, exactly
+/// which forbids were satisfied (the permits stay unknown); when it denies without reasons,
+/// that none was satisfied. Only when the permits are unknown and no forbid decides does the
+/// whole set get evaluated again. Exact: the same decision, determining policies and errors
+/// as evaluating the whole set for `alt` (tests/policy_property.rs compares with plain Cedar).
+fn evaluate_approved(
+    scoped: Scoped<'_>,
+    dependent: &HashSet<PolicyId>,
+    first: &Raw,
+    alt: &Request,
+    entities: &Entities,
+    forbids: &HashSet<PolicyId>,
+) -> Eval {
+    let again = scoped
+        .approval
+        .map(|s| cedar_eval(s, alt, entities))
+        .unwrap_or_default();
+    // (satisfied forbids, satisfied permits when known) among the policies `keep` accepts.
+    let split = |r: &Raw, keep: &dyn Fn(&PolicyId) -> bool| {
+        let ids: Vec<PolicyId> = r.reason.iter().filter(|id| keep(id)).cloned().collect();
+        if r.allow {
+            (Vec::new(), Some(ids))
+        } else if r.reason.is_empty() {
+            (Vec::new(), Some(Vec::new()))
+        } else {
+            (ids, None)
+        }
+    };
+    let unchanged = |id: &PolicyId| !dependent.contains(id);
+    let (mut satisfied_forbids, permits) = split(first, &unchanged);
+    let (again_forbids, again_permits) = split(&again, &|_| true);
+    satisfied_forbids.extend(again_forbids);
+    let mut errors: Vec<(PolicyId, String)> = first
+        .errors
+        .iter()
+        .filter(|(id, _)| unchanged(id))
+        .cloned()
         .collect();
-    let mut errors = Vec::new();
-    let mut errored_forbid = false;
-    for e in resp.diagnostics().errors() {
-        let id = err_policy(e);
-        errors.push(format!("policy {id}: {}", err_message(e)));
-        if forbids.contains(id) {
-            errored_forbid = true;
+    errors.extend(again.errors);
+    let raw = if !satisfied_forbids.is_empty() {
+        Raw {
+            allow: false,
+            reason: satisfied_forbids,
+            errors,
         }
-    }
-    let allow = resp.decision() == CedarDecision::Allow && !errored_forbid;
-    if errored_forbid {
-        // The deny is determined by the forbids, the satisfied ones and the erroring ones.
-        policies = resp
-            .diagnostics()
-            .reason()
-            .filter(|id| forbids.contains(*id))
-            .map(ToString::to_string)
-            .collect();
-        for e in resp.diagnostics().errors() {
-            if forbids.contains(err_policy(e)) {
-                policies.insert(err_policy(e).to_string());
-            }
+    } else if let (Some(mut permits), Some(again_permits)) = (permits, again_permits) {
+        permits.extend(again_permits);
+        Raw {
+            allow: !permits.is_empty(),
+            reason: permits,
+            errors,
         }
-    }
-    Eval {
-        allow,
-        policies,
-        errors,
-    }
+    } else {
+        cedar_eval(scoped.set, alt, entities)
+    };
+    judge(raw, forbids)
 }
 
 fn err_policy(e: &cedar_policy::AuthorizationError) -> &PolicyId {
@@ -915,15 +1084,18 @@ impl Decided {
 }
 
 /// The decision procedure over one set: allow / deny / approval_required, with reasons.
-/// `approved` builds the same request with `approved = true`; it is only called after a deny.
+/// `approved` builds the same request with `approved = true`; it is only called after a deny,
+/// and only the policies that read `context.approved` are evaluated for it
+/// ([`evaluate_approved`]).
 fn decide_in(
-    set: &PolicySet,
+    scoped: Scoped<'_>,
+    dependent: &HashSet<PolicyId>,
     first: &Request,
     approved: &mut dyn FnMut() -> Result<Option<Request>, PolicyError>,
     entities: &Entities,
     forbids: &HashSet<PolicyId>,
 ) -> Result<Decided, PolicyError> {
-    let e = evaluate(set, first, entities, forbids);
+    let e = evaluate(scoped.set, first, entities, forbids);
     if e.allow {
         return Ok(Decided {
             outcome: Outcome::Allow,
@@ -932,7 +1104,7 @@ fn decide_in(
         });
     }
     if let Some(alt) = approved()? {
-        let a = evaluate(set, &alt, entities, forbids);
+        let a = evaluate_approved(scoped, dependent, &e.raw, &alt, entities, forbids);
         return Ok(Decided {
             outcome: if a.allow {
                 Outcome::ApprovalRequired
@@ -1542,7 +1714,7 @@ impl PolicyEngine {
     ) -> Result<bool, PolicyError> {
         let sets = active
             .compiled
-            .sets_for(action, principal, &active.entities)?;
+            .sets_for(action, principal, None, &active.entities)?;
         let mut permit = false;
         for p in sets.enforced.policies() {
             // The set holds every policy that may apply to some principal with these anchors
@@ -1555,10 +1727,7 @@ impl PolicyEngine {
                 cedar_policy::Effect::Permit => permit = true,
                 cedar_policy::Effect::Forbid => {
                     if is_unconditional(p)
-                        && matches!(
-                            p.resource_constraint(),
-                            cedar_policy::ResourceConstraint::Any
-                        )
+                        && matches!(p.resource_constraint(), ResourceConstraint::Any)
                     {
                         return Ok(false);
                     }
@@ -1613,7 +1782,7 @@ impl PolicyEngine {
     ) -> Result<Decision, PolicyError> {
         let compiled = &active.compiled;
         let schema = &compiled.schema;
-        let sets = compiled.sets_for(&req.action, &req.principal, entities)?;
+        let sets = compiled.sets_for(&req.action, &req.principal, Some(&req.resource), entities)?;
         let action_name = req.action_name();
         let mut derived: Vec<(&str, Value)> =
             derive_context(&action_name, &req.context, &self.state_dirs)
@@ -1732,12 +1901,34 @@ impl PolicyEngine {
             Ok(variant.clone())
         };
         let forbids = &compiled.forbids;
-        let enforced = decide_in(&sets.enforced, &first, &mut approved, entities, forbids)?;
+        let dependent = &compiled.approval_dependent;
+        let enforced_scoped = Scoped {
+            set: &sets.enforced,
+            approval: sets.enforced_approval.as_ref(),
+        };
+        let enforced = decide_in(
+            enforced_scoped,
+            dependent,
+            &first,
+            &mut approved,
+            entities,
+            forbids,
+        )?;
         let outcome = enforced.outcome;
         let mut shadow = BTreeSet::new();
         let mut shadow_decision = None;
         if let Some(with_shadow) = &sets.with_shadow {
-            let trial = decide_in(with_shadow, &first, &mut approved, entities, forbids)?;
+            let trial = decide_in(
+                Scoped {
+                    set: with_shadow,
+                    approval: sets.with_shadow_approval.as_ref(),
+                },
+                dependent,
+                &first,
+                &mut approved,
+                entities,
+                forbids,
+            )?;
             if trial.outcome != outcome {
                 // The shadow policies that make an evaluation come out differently: in the
                 // request as made and, where the outcome depends on it, in the approval
@@ -1755,8 +1946,17 @@ impl PolicyEngine {
                 if let Some(t2) = &trial.approved {
                     let e2 = match &enforced.approved {
                         Some(e2) => Some(e2.allow),
-                        None => approved()?
-                            .map(|alt| evaluate(&sets.enforced, &alt, entities, forbids).allow),
+                        None => approved()?.map(|alt| {
+                            evaluate_approved(
+                                enforced_scoped,
+                                dependent,
+                                &enforced.first.raw,
+                                &alt,
+                                entities,
+                                forbids,
+                            )
+                            .allow
+                        }),
                     };
                     if e2.is_some_and(|allow| allow != t2.allow) {
                         shadow.extend(ids(t2));
@@ -1930,5 +2130,39 @@ fn report_of(active: &Active) -> LoadReport {
         policies: active.compiled.enforced_count,
         shadow: active.compiled.shadow.len(),
         files: active.compiled.files.len(),
+    }
+}
+
+#[cfg(test)]
+mod slicing_tests {
+    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+    use super::*;
+
+    fn policy(text: &str) -> Policy {
+        Policy::parse(None, text).unwrap()
+    }
+
+    #[test]
+    fn a_policy_reads_approved_when_it_names_it_or_uses_the_whole_context() {
+        let reads = [
+            "permit(principal, action, resource) when { context.approved };",
+            "permit(principal, action, resource) unless { !context[\"approved\"] };",
+            "permit(principal, action, resource) when { context has approved };",
+            "permit(principal, action, resource) when { context == {approved: true} };",
+            "permit(principal, action, resource) when { {c: context}.c.approved };",
+            "forbid(principal, action, resource) when { context.tainted } unless { context.approved };",
+        ];
+        for text in reads {
+            assert!(reads_approved(&policy(text)), "{text}");
+        }
+        let independent = [
+            "permit(principal, action, resource);",
+            "permit(principal, action, resource) when { context.tainted && context.path like \"approved*\" };",
+            "permit(principal, action, resource) when { context has network && context.network };",
+            "permit(principal, action, resource) when { principal.approved == context.session };",
+        ];
+        for text in independent {
+            assert!(!reads_approved(&policy(text)), "{text}");
+        }
     }
 }

@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 /// argv[1] that selects the helper (dispatched before clap).
 pub const HELPER_ARG: &str = "__fs-helper";
 
+/// The helper's own small binary, installed next to `chitin` (`bin/chitin-fs-helper.rs`).
+pub const BINARY: &str = "chitin-fs-helper";
+
 const O_RDONLY: i32 = 0;
 const O_DIRECTORY: i32 = 0o200_000;
 const O_PATH: i32 = 0o10_000_000;

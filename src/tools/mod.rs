@@ -736,19 +736,48 @@ impl Sandbox {
         }
         // Decided before anything is spawned: a failed decision means nothing runs.
         let secret_env = self.secret_env_for(tool, program)?;
-        let mut cmd = Command::new(&self.launcher);
+        let small = self.small_launcher();
+        let launcher = small.clone().unwrap_or_else(|| self.launcher.clone());
+        let mut cmd = Command::new(&launcher);
         cmd.env_clear();
-        cmd.env("CHITIN_HOME", &self.home);
-        if let Some(c) = &self.config {
-            cmd.arg("--config").arg(c);
+        if small.is_some() {
+            // Every setting as a flag: the small launcher reads no configuration.
+            let limits = cfg.limits();
+            cmd.arg("--workspace").arg(ws.root());
+            cmd.arg("--state-dir").arg(&self.home);
+            cmd.arg("--capture").arg(cap.to_string());
+            for (flag, value) in [
+                ("--timeout", timeout),
+                ("--memory", cfg.memory_mb),
+                ("--max-procs", cfg.max_procs),
+                ("--cpu", limits.cpu_secs),
+                ("--file-size", limits.file_size_mb),
+                ("--open-files", limits.open_files),
+                ("--tmp-size", limits.tmp_size_mb),
+                ("--quota-bytes", limits.workspace.bytes),
+                ("--quota-inodes", limits.workspace.inodes),
+            ] {
+                cmd.arg(flag).arg(value.to_string());
+            }
+            cmd.arg("--cgroup").arg(match cfg.cgroup {
+                crate::config::sandbox::CgroupSetting::Auto => "auto",
+                crate::config::sandbox::CgroupSetting::Required => "required",
+                crate::config::sandbox::CgroupSetting::Off => "off",
+            });
+            cmd.arg("--subid-user").arg(&cfg.subid_user);
+        } else {
+            cmd.env("CHITIN_HOME", &self.home);
+            if let Some(c) = &self.config {
+                cmd.arg("--config").arg(c);
+            }
+            cmd.args(["sandbox", "exec", "--workspace"]).arg(ws.root());
+            cmd.arg("--timeout").arg(timeout.to_string());
+            cmd.arg("--memory").arg(cfg.memory_mb.to_string());
+            cmd.arg("--max-procs").arg(cfg.max_procs.to_string());
+            cmd.arg("--capture-json").arg(cap.to_string());
         }
-        cmd.args(["sandbox", "exec", "--workspace"]).arg(ws.root());
-        cmd.arg("--timeout").arg(timeout.to_string());
-        cmd.arg("--memory").arg(cfg.memory_mb.to_string());
-        cmd.arg("--max-procs").arg(cfg.max_procs.to_string());
-        cmd.arg("--capture-json").arg(cap.to_string());
         let launch_err = |source| ToolError::Launcher {
-            launcher: self.launcher.clone(),
+            launcher: launcher.clone(),
             source,
         };
         // Secret values travel on an inherited pipe, never in argv or the environment.
@@ -836,6 +865,21 @@ impl Sandbox {
         Ok(report)
     }
 
+    /// The small launcher `chitin-sandbox-launch` next to [`Self::launcher`], when it is
+    /// installed there: tool calls then skip exec'ing the whole `chitin` binary as the launcher
+    /// (`chitin sandbox exec`, which stays the fallback; both confine alike: same `Spec`, same
+    /// `chitin_sandbox::run`). Looked up at each call (one `stat` of a host path that is never
+    /// in the workspace), so the tests' and benches' own `launcher` paths find theirs.
+    pub fn small_launcher(&self) -> Option<PathBuf> {
+        self.small_binary(chitin_sandbox::launcher::BINARY)
+    }
+
+    /// `name` next to [`Self::launcher`], when it is installed there.
+    fn small_binary(&self, name: &str) -> Option<PathBuf> {
+        let small = self.launcher.with_file_name(name);
+        small.is_file().then_some(small)
+    }
+
     /// Runs the in-sandbox file helper with one request and returns its JSON answer.
     fn helper(
         &self,
@@ -850,10 +894,14 @@ impl Sandbox {
             .max_file_bytes
             .saturating_mul(7)
             .saturating_add(65536);
-        let argv = vec![
-            self.launcher.to_string_lossy().into_owned(),
-            helper::HELPER_ARG.to_string(),
-        ];
+        // The small helper binary when it is installed next to `chitin`, else the same code
+        // as `chitin __fs-helper`.
+        let small = self.small_binary(helper::BINARY);
+        let program = small.clone().unwrap_or_else(|| self.launcher.clone());
+        let mut argv = vec![program.to_string_lossy().into_owned()];
+        if small.is_none() {
+            argv.push(helper::HELPER_ARG.to_string());
+        }
         let report = self.launch(
             ws,
             &LaunchRequest {
@@ -864,7 +912,7 @@ impl Sandbox {
                 stdin: Some(&body),
                 timeout_secs: None,
                 cap,
-                extra_ro: &[&self.launcher],
+                extra_ro: &[&program],
                 env: &BTreeMap::new(),
             },
         )?;
