@@ -135,6 +135,41 @@ pub fn invoke(
     invoke_step(gate, sandbox, call, None, tool, args, approvals)
 }
 
+/// Runs one of the tools that make their own Cedar requests under a `tool.run` span (what ran,
+/// how it ended, how long it took; never its arguments), as the built-in tools' runs have.
+fn traced(
+    tool: &str,
+    sandbox: &'static str,
+    run: impl FnOnce() -> Result<Invoked, InvokeError>,
+) -> Result<Invoked, InvokeError> {
+    let span = tracing::info_span!(
+        "tool.run",
+        chitin.tool = tool,
+        chitin.sandbox = sandbox,
+        chitin.outcome = tracing::field::Empty,
+        chitin.duration_ms = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    let _in_run = span.enter();
+    let started = std::time::Instant::now();
+    let result = run();
+    let outcome = match &result {
+        Ok(Invoked::Ran { .. }) => "ran",
+        Ok(Invoked::Denied(_)) => "denied",
+        Ok(Invoked::ApprovalRequired { .. }) => "approval_required",
+        Err(_) => "error",
+    };
+    span.record("chitin.outcome", outcome);
+    span.record(
+        "chitin.duration_ms",
+        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    );
+    if result.is_err() {
+        span.record("otel.status_code", "ERROR");
+    }
+    result
+}
+
 /// [`invoke`] for a call a workflow step makes: `step` names the workflow, its file's digest
 /// and the step in the Cedar context (and so in the digest an approval binds).
 pub fn invoke_step(
@@ -149,27 +184,40 @@ pub fn invoke_step(
     if tool == super::cron::TOOL {
         return super::cron::invoke(gate, sandbox, call, args, approvals);
     }
-    // The tools that build their own Cedar requests.
+    // The tools that build their own Cedar requests (each run under its own `tool.run` span;
+    // their decisions are its children).
     match Tool::from_id(tool) {
         Some(Tool::ApplyPatch) => {
-            return super::patch::invoke(gate, sandbox, call, step, args, approvals);
+            return traced(tool, "spawned", || {
+                super::patch::invoke(gate, sandbox, call, step, args, approvals)
+            });
         }
         Some(Tool::WebSearch) => {
-            return super::search::invoke(gate, sandbox, call, step, args, approvals);
+            return traced(tool, "none", || {
+                super::search::invoke(gate, sandbox, call, step, args, approvals)
+            });
         }
         Some(Tool::Browser) => {
-            return super::browser::invoke(gate, sandbox, call, step, args, approvals);
+            return traced(tool, "browser", || {
+                super::browser::invoke(gate, sandbox, call, step, args, approvals)
+            });
         }
         Some(t @ (Tool::MemorySearch | Tool::MemoryGet)) => {
-            return super::memory::invoke(gate, sandbox, call, step, t, args, approvals);
+            return traced(tool, "none", || {
+                super::memory::invoke(gate, sandbox, call, step, t, args, approvals)
+            });
         }
         Some(t @ (Tool::SessionsList | Tool::SessionsHistory | Tool::SessionsSend)) => {
-            return super::sessions::invoke(gate, sandbox, call, step, t, args, approvals);
+            return traced(tool, "none", || {
+                super::sessions::invoke(gate, sandbox, call, step, t, args, approvals)
+            });
         }
         _ => {}
     }
     if tool.starts_with(super::mcp::PREFIX) {
-        return super::mcp::invoke(gate, sandbox, call, step, tool, args, approvals);
+        return traced(tool, "server", || {
+            super::mcp::invoke(gate, sandbox, call, step, tool, args, approvals)
+        });
     }
     let actor = format!("Chitin::User::{}", Value::String(call.user.clone()));
     // `send_message` is invocable too; it runs only where a messenger is attached (channels).
