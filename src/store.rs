@@ -3,9 +3,22 @@
 //!
 //! Invariants: migrations are applied in order inside one transaction each and are never
 //! edited once released; a database written by a newer Chitin is refused, not downgraded.
+//!
+//! Durability (group commit): SQLite runs with `synchronous=NORMAL` (a commit writes its WAL
+//! frames without an fsync) and the [`StoreConn`] guard makes every commit durable before it
+//! is handed back: a guard under which something was committed takes a ticket while it still
+//! holds the connection, lets go of the connection, and returns only after an `fdatasync` of
+//! the WAL file that started after its ticket. Concurrent committers share one fsync, and no
+//! one waits for another's fsync while holding the connection. Same guarantee as
+//! `synchronous=FULL` (acknowledged means on disk), without one fsync per commit under the
+//! lock. A failed fsync aborts the process: nothing written since is acknowledged, and what is
+//! on disk is what SQLite recovers.
 
+use std::fs::File;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -539,6 +552,57 @@ const MIGRATIONS: &[&str] = &[
         definition   TEXT NOT NULL,
         PRIMARY KEY (server, tool)
      ) STRICT;",
+    // 18 (issue #21, the agent turn's cost): a counter of changes to stored messages other
+    // than appends (a row deleted by retention, erasure or a restore's purge, or rewritten),
+    // kept by triggers whoever makes them (this gateway, the CLI in another process): the
+    // agent's cache of opened messages (`agent::transcripts::HistoryCache`) starts over
+    // whenever it moved; an index of messages by run; the daily spend per user.
+    "CREATE TABLE transcript_changes (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        n   INTEGER NOT NULL
+     ) STRICT;
+     INSERT INTO transcript_changes (id, n) VALUES (1, 0);
+     CREATE TRIGGER messages_deleted_count AFTER DELETE ON messages
+     BEGIN UPDATE transcript_changes SET n = n + 1 WHERE id = 1; END;
+     CREATE TRIGGER messages_updated_count AFTER UPDATE ON messages
+     BEGIN UPDATE transcript_changes SET n = n + 1 WHERE id = 1; END;
+     -- A run's messages without walking its session (a run's summary at its end).
+     CREATE INDEX messages_run ON messages(run_id, seq);
+     -- Spend per user and UTC day, kept by triggers from `usage` (whoever inserts or deletes
+     -- usage rows: the agent, retention, erasure), so the budget check of every model call
+     -- reads one row instead of summing the day's calls.
+     CREATE TABLE spend_daily (
+        user_id   TEXT NOT NULL,
+        day       INTEGER NOT NULL,
+        cost_usd  REAL NOT NULL,
+        calls     INTEGER NOT NULL,
+        PRIMARY KEY (user_id, day)
+     ) STRICT;
+     INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        SELECT user_id, at_ms / 86400000, SUM(COALESCE(cost_usd, 0.0)), COUNT(*)
+        FROM usage GROUP BY user_id, at_ms / 86400000;
+     CREATE TRIGGER usage_spend_insert AFTER INSERT ON usage BEGIN
+        INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        VALUES (NEW.user_id, NEW.at_ms / 86400000, COALESCE(NEW.cost_usd, 0.0), 1)
+        ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
+                                                 calls = calls + 1;
+     END;
+     CREATE TRIGGER usage_spend_delete AFTER DELETE ON usage BEGIN
+        UPDATE spend_daily SET cost_usd = cost_usd - COALESCE(OLD.cost_usd, 0.0), calls = calls - 1
+        WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000;
+        DELETE FROM spend_daily WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000
+                                AND calls <= 0;
+     END;
+     CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage BEGIN
+        UPDATE spend_daily SET cost_usd = cost_usd - COALESCE(OLD.cost_usd, 0.0), calls = calls - 1
+        WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000;
+        DELETE FROM spend_daily WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000
+                                AND calls <= 0;
+        INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        VALUES (NEW.user_id, NEW.at_ms / 86400000, COALESCE(NEW.cost_usd, 0.0), 1)
+        ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
+                                                 calls = calls + 1;
+     END;",
 ];
 
 /// The state database.
@@ -549,6 +613,179 @@ pub struct Store {
     /// When this open migrated an existing database: its schema version before, and the copy
     /// of it taken first.
     migrated: Option<(i64, PathBuf)>,
+    /// Set by the connection's commit hook: something was committed under the current guard.
+    committed: Arc<AtomicBool>,
+    /// The group fsync of the WAL.
+    wal: WalSync,
+}
+
+/// The group fsync of `state.db-wal` (see the module docs).
+#[derive(Debug)]
+struct WalSync {
+    path: PathBuf,
+    state: Mutex<SyncState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Tickets handed out (one per guard that committed), in commit order.
+    issued: u64,
+    /// Every ticket up to this one is durable.
+    synced: u64,
+    /// An fsync is running.
+    syncing: bool,
+    /// Fsyncs made.
+    fsyncs: u64,
+    /// The WAL file and its inode (reopened if SQLite ever replaced the file).
+    file: Option<(File, u64)>,
+}
+
+impl WalSync {
+    fn new(db: &Path) -> Self {
+        let mut name = db.as_os_str().to_os_string();
+        name.push("-wal");
+        Self {
+            path: PathBuf::from(name),
+            state: Mutex::new(SyncState::default()),
+            done: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SyncState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A ticket for a commit just made (called while the connection is still held, so tickets
+    /// follow commit order).
+    fn ticket(&self) -> u64 {
+        let mut st = self.lock();
+        st.issued += 1;
+        st.issued
+    }
+
+    /// Returns once the commit of `ticket` is on disk: joins the fsync in progress when it
+    /// started after the ticket, otherwise runs one (covering every ticket issued so far).
+    fn wait_durable(&self, ticket: u64) {
+        let mut st = self.lock();
+        loop {
+            if st.synced >= ticket {
+                return;
+            }
+            if st.syncing {
+                st = match self.done.wait(st) {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                continue;
+            }
+            st.syncing = true;
+            let target = st.issued;
+            let file = match st.file.take() {
+                Some(f) => Some(f),
+                None => open_wal(&self.path),
+            };
+            drop(st);
+            let (file, ok) = match file {
+                Some((f, ino)) => {
+                    // Reopen when SQLite replaced the file (never while this store's
+                    // connection is open, but checked rather than assumed).
+                    let (f, ino) = match wal_inode(&self.path) {
+                        Some(now) if now != ino => open_wal(&self.path).unwrap_or((f, ino)),
+                        _ => (f, ino),
+                    };
+                    let ok = f.sync_data().is_ok();
+                    (Some((f, ino)), ok)
+                }
+                None => (None, false),
+            };
+            if !ok {
+                // Commits were handed to SQLite that may not be on disk: acknowledging them
+                // (or anything after them) would break "acknowledged means durable".
+                tracing::error!(wal = %self.path.display(), "fsync of the state database's WAL failed: stopping so that nothing unsaved is acknowledged");
+                std::process::abort();
+            }
+            st = self.lock();
+            st.file = file;
+            st.syncing = false;
+            st.fsyncs += 1;
+            st.synced = st.synced.max(target);
+            self.done.notify_all();
+        }
+    }
+}
+
+/// Counters of the group commit (for benchmarks and tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Guards under which something was committed (each took a ticket).
+    pub commits: u64,
+    /// Every commit up to this ticket is on disk.
+    pub synced: u64,
+    /// Fsyncs of the WAL made for them.
+    pub fsyncs: u64,
+}
+
+/// The WAL file, opened to `fdatasync` it (SQLite writes it through its own descriptor; the
+/// fsync is of the file). `None` when it cannot be opened.
+fn open_wal(path: &Path) -> Option<(File, u64)> {
+    let f = File::open(path).ok()?;
+    let ino = std::os::unix::fs::MetadataExt::ino(&f.metadata().ok()?);
+    Some((f, ino))
+}
+
+/// The inode the WAL file's path names now.
+fn wal_inode(path: &Path) -> Option<u64> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
+
+/// Exclusive access to the state database's connection. Dropping it after a commit waits until
+/// the commit is durable (see the module docs), after letting go of the connection.
+pub struct StoreConn<'a> {
+    // Dropped in this order: the connection is let go of, then the wait runs.
+    guard: MutexGuard<'a, Connection>,
+    after: AfterRelease<'a>,
+}
+
+/// The wait for durability, run after the connection was let go of.
+struct AfterRelease<'a> {
+    store: &'a Store,
+    ticket: Option<u64>,
+}
+
+impl Deref for StoreConn<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.guard
+    }
+}
+
+impl DerefMut for StoreConn<'_> {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.guard
+    }
+}
+
+impl Drop for StoreConn<'_> {
+    fn drop(&mut self) {
+        // Still holding the connection: the ticket follows commit order.
+        if self.after.store.committed.swap(false, Ordering::SeqCst) {
+            self.after.ticket = Some(self.after.store.wal.ticket());
+        }
+    }
+}
+
+impl Drop for AfterRelease<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket {
+            self.store.wal.wait_durable(t);
+        }
+    }
 }
 
 impl Store {
@@ -570,6 +807,7 @@ impl Store {
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(sql(rusqlite::Error::InvalidQuery));
         }
+        // Migrations commit with an fsync each (FULL); then NORMAL (below).
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql)?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -578,10 +816,26 @@ impl Store {
         conn.pragma_update(None, "secure_delete", "ON")
             .map_err(sql)?;
         let migrated = migrate(&mut conn, path)?;
+        // NORMAL: no fsync inside a commit (under the connection); `StoreConn` makes each
+        // commit durable before it is acknowledged, one fsync for every commit waiting.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        let committed = Arc::new(AtomicBool::new(false));
+        {
+            let flag = Arc::clone(&committed);
+            conn.commit_hook(Some(move || {
+                flag.store(true, Ordering::SeqCst);
+                // false: let the commit go ahead.
+                false
+            }))
+            .map_err(sql)?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
             migrated,
+            committed,
+            wal: WalSync::new(path),
         })
     }
 
@@ -610,9 +864,27 @@ impl Store {
         })
     }
 
-    /// Exclusive access to the connection.
-    pub fn conn(&self) -> Result<MutexGuard<'_, Connection>, StoreError> {
-        self.conn.lock().map_err(|_| StoreError::Poisoned)
+    /// The group commit's counters so far.
+    pub fn durability(&self) -> Durability {
+        let st = self.wal.lock();
+        Durability {
+            commits: st.issued,
+            synced: st.synced,
+            fsyncs: st.fsyncs,
+        }
+    }
+
+    /// Exclusive access to the connection; a commit made through it is durable when the
+    /// guard has been dropped.
+    pub fn conn(&self) -> Result<StoreConn<'_>, StoreError> {
+        let guard = self.conn.lock().map_err(|_| StoreError::Poisoned)?;
+        Ok(StoreConn {
+            guard,
+            after: AfterRelease {
+                store: self,
+                ticket: None,
+            },
+        })
     }
 
     /// Reads a `meta` value.

@@ -249,6 +249,16 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "the copy of state.db taken before a schema migration, next to it in the state dir",
     ),
     (
+        "src/store.rs",
+        Some("open_wal"),
+        "state.db's WAL file in the state dir, opened to fdatasync it (group commit)",
+    ),
+    (
+        "src/store.rs",
+        Some("wal_inode"),
+        "state.db's WAL file in the state dir: reopened if it was replaced",
+    ),
+    (
         "src/cli/onboard.rs",
         None,
         "operator CLI: reads and rewrites the config file",
