@@ -181,7 +181,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         let off = setup(base, 0).await?;
         for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
             for i in 0..10 {
-                turn(&s.agent, format!("warm-{label}-{i}")).await?;
+                turn(&s.agent, format!("warm-{}-{i}", label.replace(' ', "-"))).await?;
             }
         }
         let rounds = if full { 2 } else { 1 };

@@ -822,6 +822,8 @@ mod tests {
             master,
             clock: Arc::new(crate::clock::ManualClock::new(1_000)),
             keys: RwLock::new(Keys::default()),
+            erasures: AtomicU64::new(0),
+            erase_hooks: Mutex::new(Vec::new()),
         }
     }
 

@@ -16,6 +16,10 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::store::{Store, StoreError};
 
+/// What a sealer calls after it destroyed a key: `Some(subject)`, or `None` when it only
+/// knows that some key was destroyed (by another process).
+pub type EraseHook = dyn Fn(Option<&str>) + Send + Sync;
+
 /// Seals and opens content with a data subject's key (the vault).
 pub trait Sealer: Send + Sync {
     fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String>;
@@ -28,7 +32,7 @@ pub trait Sealer: Send + Sync {
     }
     /// Calls `hook` after a key is destroyed (`Some(subject)`; `None`: some subject, in
     /// another process), for as long as the hook lives. Nothing by default.
-    fn on_erase(&self, _hook: std::sync::Weak<dyn Fn(Option<&str>) + Send + Sync>) {}
+    fn on_erase(&self, _hook: std::sync::Weak<EraseHook>) {}
 }
 
 /// Errors of the transcript store.
@@ -454,7 +458,7 @@ pub struct Transcripts {
     /// Opened messages per session (the agent's; `None`: every read opens everything).
     cache: Option<Arc<HistoryCache>>,
     /// What the sealer calls when it destroys a key (it holds it weakly).
-    hook: Option<Arc<dyn Fn(Option<&str>) + Send + Sync>>,
+    hook: Option<Arc<EraseHook>>,
 }
 
 const RUN_COLUMNS: &str = "id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps, model, input_tokens, output_tokens, cost_usd, approval_id, error, origin";
@@ -498,7 +502,7 @@ impl Transcripts {
         }
         let cache = Arc::new(HistoryCache::new(max_bytes));
         let weak = Arc::downgrade(&cache);
-        let hook: Arc<dyn Fn(Option<&str>) + Send + Sync> = Arc::new(move |subject| {
+        let hook: Arc<EraseHook> = Arc::new(move |subject| {
             if let Some(c) = weak.upgrade() {
                 c.forget_subject(subject);
             }

@@ -43,7 +43,7 @@ impl Sealer for crate::vault::Vault {
     fn erasure_epoch(&self) -> Result<u64, String> {
         crate::vault::Vault::erasure_epoch(self).map_err(|e| e.to_string())
     }
-    fn on_erase(&self, hook: std::sync::Weak<dyn Fn(Option<&str>) + Send + Sync>) {
+    fn on_erase(&self, hook: std::sync::Weak<crate::agent::transcripts::EraseHook>) {
         crate::vault::Vault::on_erase(self, hook);
     }
 }
