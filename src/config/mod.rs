@@ -22,8 +22,8 @@ pub mod schedule;
 pub mod secret_ref;
 pub mod secrets;
 pub mod skills;
-pub mod telemetry;
 pub mod store;
+pub mod telemetry;
 pub mod tools;
 pub mod workflows;
 
