@@ -36,7 +36,7 @@ struct Setup {
     fake: FakeServer,
 }
 
-async fn setup(base: &Path) -> Result<Setup, BoxError> {
+async fn setup(base: &Path, cache_kib: u64) -> Result<Setup, BoxError> {
     let core::Core {
         dirs,
         home,
@@ -52,6 +52,7 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
     let config = AgentConfig {
         model: "fake/m".into(),
         max_concurrent_runs: 64,
+        history_cache_kib: cache_kib,
         ..AgentConfig::default()
     };
     let provider = ProviderConfig::new("fake", ProviderKind::Openai, Some(&fake.base_url()));
@@ -89,6 +90,54 @@ async fn setup(base: &Path) -> Result<Setup, BoxError> {
     })
 }
 
+/// One session of `turns` text turns, measured in windows of `window` turns: wall p50 and
+/// CPU per turn (all threads, ns resolution) of each window, and the provider alone with a
+/// request of the same length (its share grows with the history in any gateway: the whole
+/// conversation is sent each turn).
+async fn long_session(
+    s: &Setup,
+    name: &str,
+    turns: usize,
+    window: usize,
+) -> Result<Vec<(usize, Duration, f64, f64)>, BoxError> {
+    let mut out = Vec::new();
+    let mut history: Vec<Message> = Vec::new();
+    let mut i = 0;
+    while i < turns {
+        let marks = [0, turns / 4, turns / 2, 3 * turns / 4, turns - window];
+        let measured = marks.contains(&i);
+        let mut d = Vec::new();
+        let c0 = cpu_seconds_fine();
+        for _ in 0..window {
+            d.push(turn(&s.agent, name.to_string()).await?);
+        }
+        let cpu = (cpu_seconds_fine() - c0) / window as f64;
+        for _ in 0..window {
+            history.push(Message::user("What is on my list today?"));
+            history.push(Message::Assistant {
+                text: "Hello, this is an answer.".into(),
+                tool_calls: Vec::new(),
+            });
+        }
+        i += window;
+        if measured {
+            // The provider alone, with the request this window's last turn made.
+            let mut req_msgs = history.clone();
+            req_msgs.pop();
+            let req = ChatRequest::new(req_msgs, 1024);
+            let c1 = cpu_seconds_fine();
+            for _ in 0..window {
+                let mut sink = |_e| {};
+                s.router.chat(&req, &mut sink).await?;
+            }
+            let provider = (cpu_seconds_fine() - c1) / window as f64;
+            d.sort();
+            out.push((i, pct(&d, 0.5), cpu, provider));
+        }
+    }
+    Ok(out)
+}
+
 async fn turn(agent: &Agent, session: String) -> Result<Duration, BoxError> {
     let t = Instant::now();
     let id = agent
@@ -123,7 +172,36 @@ fn report(name: &str, mut d: Vec<Duration>, cpu: f64) {
 
 async fn main_async(full: bool) -> Result<(), BoxError> {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let s = setup(base).await?;
+    if std::env::args().any(|a| a == "--long") {
+        // Turn 1,000 of one session against turn 1 (issue #21), with the history cache
+        // (default) and without it (`history_cache_kib = 0`), sessions interleaved.
+        let turns = if full { 1000 } else { 20 };
+        let window = if full { 50 } else { 5 };
+        let on = setup(base, 4096).await?;
+        let off = setup(base, 0).await?;
+        for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
+            for i in 0..10 {
+                turn(&s.agent, format!("warm-{}-{i}", label.replace(' ', "-"))).await?;
+            }
+        }
+        let rounds = if full { 2 } else { 1 };
+        for round in 0..rounds {
+            for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
+                let name = format!("long-{}-{round}", label.replace(' ', "-"));
+                for (upto, p50, cpu, provider) in long_session(s, &name, turns, window).await? {
+                    println!(
+                        "{label:<9} round {round} turns {:>4}-{upto:<4} p50={p50:>8.2?} cpu/turn={:.3} ms provider alone={:.3} ms agent={:.3} ms",
+                        upto + 1 - window,
+                        cpu * 1000.0,
+                        provider * 1000.0,
+                        (cpu - provider) * 1000.0
+                    );
+                }
+            }
+        }
+        return Ok(());
+    }
+    let s = setup(base, 4096).await?;
     let (n_text, n_tool, sessions, per_session) = if full {
         (300, 100, 50, 10)
     } else {

@@ -207,6 +207,45 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         "RSS after the load: {:.1} MiB",
         rss_kib(pid) as f64 / 1024.0
     );
+    // Long-lived sessions (issue #21): 10,000 turns over 100 sessions (100 turns each, the
+    // sessions' turns interleaved over 20 clients), then RSS.
+    let (sessions, turns_each) = if full { (100, 100) } else { (4, 3) };
+    let c0 = stats::cpu_seconds_of(&pid.to_string());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let (client, token, port) = (client.clone(), Arc::clone(&token), gw.port);
+        tasks.push(tokio::spawn(async move {
+            let mut d = Vec::new();
+            for round in 0..turns_each {
+                for sess in (k..sessions).step_by(clients) {
+                    let _ = round;
+                    d.push(chat(&client, port, &token, &format!("long{sess}")).await?);
+                }
+            }
+            Ok::<_, BoxError>(d)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let wall = t.elapsed();
+    let n = all.len();
+    line(
+        &format!("{sessions} sessions x {turns_each} turns"),
+        all,
+        stats::cpu_seconds_of(&pid.to_string()) - c0,
+    );
+    println!(
+        "{sessions} sessions x {turns_each} turns: {n} requests in {wall:.2?} = {:.0} requests/s",
+        n as f64 / wall.as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(if full { 5 } else { 0 })).await;
+    println!(
+        "RSS after {n} turns over {sessions} sessions: {:.1} MiB",
+        rss_kib(pid) as f64 / 1024.0
+    );
     Ok(())
 }
 

@@ -29,7 +29,8 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -236,7 +237,17 @@ pub struct Vault {
     master: Zeroizing<[u8; 32]>,
     clock: Arc<dyn Clock>,
     keys: RwLock<Keys>,
+    /// Moves whenever this handle learns of a destroyed key (its own `destroy`, or a reload
+    /// after another process destroyed one): caches of opened content start over.
+    erasures: AtomicU64,
+    /// Called after a key is destroyed: with the subject when this handle destroyed it, with
+    /// `None` when a reload showed another process destroyed one.
+    erase_hooks: Mutex<Vec<Weak<EraseHook>>>,
 }
+
+/// What [`Vault::on_erase`] calls: `Some(subject)` for a key this handle destroyed, `None`
+/// when another process destroyed one (which subject is not known here).
+pub type EraseHook = dyn Fn(Option<&str>) + Send + Sync;
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,6 +290,8 @@ impl Vault {
             master,
             clock,
             keys: RwLock::new(Keys::default()),
+            erasures: AtomicU64::new(0),
+            erase_hooks: Mutex::new(Vec::new()),
         };
         vault.refresh()?;
         Ok(vault)
@@ -357,7 +370,7 @@ impl Vault {
     /// unreadable, here and in every backup. Returns whether a key existed. Idempotent.
     pub fn destroy(&self, subject: &str) -> Result<bool, VaultError> {
         let subject = Subject::parse(subject)?.to_string();
-        self.modify(|keys, now| match keys.by_subject.remove(&subject) {
+        let destroyed = self.modify(|keys, now| match keys.by_subject.remove(&subject) {
             Some(k) => {
                 keys.erased.insert(
                     k.id,
@@ -369,7 +382,56 @@ impl Vault {
                 Ok(true)
             }
             None => Ok(false),
-        })
+        })?;
+        if destroyed {
+            self.erasures.fetch_add(1, Ordering::SeqCst);
+            self.fire_erase_hooks(Some(&subject));
+        }
+        Ok(destroyed)
+    }
+
+    /// A number that changes whenever a data key is destroyed (here or, noticed by a reload,
+    /// in another process): what a cache of opened content compares before it serves.
+    pub fn erasure_epoch(&self) -> Result<u64, VaultError> {
+        self.refresh()?;
+        Ok(self.erasures.load(Ordering::SeqCst))
+    }
+
+    /// Calls `hook` after every key destruction from now on (while `hook` lives): a cache of
+    /// opened content drops the subject's plaintext at once.
+    pub fn on_erase(&self, hook: Weak<EraseHook>) {
+        if let Ok(mut hooks) = self.erase_hooks.lock() {
+            hooks.retain(|h| h.strong_count() > 0);
+            hooks.push(hook);
+        }
+    }
+
+    fn fire_erase_hooks(&self, subject: Option<&str>) {
+        let live: Vec<Arc<EraseHook>> = match self.erase_hooks.lock() {
+            Ok(hooks) => hooks.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => Vec::new(),
+        };
+        for h in live {
+            h(subject);
+        }
+    }
+
+    /// Whether `loaded` carries a tombstone the cached keys do not (another process
+    /// destroyed a key since this handle last read the file).
+    fn foreign_erasure(&self, loaded: &Keys) -> Result<bool, VaultError> {
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(loaded.erased.keys().any(|id| !keys.erased.contains_key(id)))
+    }
+
+    /// Replaces the cached keys; `foreign` (see [`Self::foreign_erasure`]) moves the erasure
+    /// epoch and tells the hooks.
+    fn replace_keys(&self, new: Keys, foreign: bool) -> Result<(), VaultError> {
+        *self.keys.write().map_err(|_| VaultError::Poisoned)? = new;
+        if foreign {
+            self.erasures.fetch_add(1, Ordering::SeqCst);
+            self.fire_erase_hooks(None);
+        }
+        Ok(())
     }
 
     /// Whether `subject` currently has a data key.
@@ -423,9 +485,9 @@ impl Vault {
                 return Ok(());
             }
         }
-        let mut keys = self.keys.write().map_err(|_| VaultError::Poisoned)?;
-        *keys = self.load()?;
-        Ok(())
+        let loaded = self.load()?;
+        let foreign = self.foreign_erasure(&loaded)?;
+        self.replace_keys(loaded, foreign)
     }
 
     /// Read-modify-write under `vault.lock`: re-reads the file, applies `change`, writes the file
@@ -445,14 +507,15 @@ impl Vault {
             .map_err(io(&self.lock_path, "open"))?;
         lock.lock().map_err(io(&self.lock_path, "lock"))?;
         let mut keys = self.load()?;
+        let foreign = self.foreign_erasure(&keys)?;
         let out = change(&mut keys, self.clock.now_ms())?;
         if out {
             let bytes = self.encode(&keys)?;
             fsutil::write_atomic(&self.path, &bytes)?;
             keys.stamp = stamp(&self.path)?;
         }
-        *self.keys.write().map_err(|_| VaultError::Poisoned)? = keys;
         drop(lock);
+        self.replace_keys(keys, foreign)?;
         Ok(out)
     }
 
@@ -759,6 +822,8 @@ mod tests {
             master,
             clock: Arc::new(crate::clock::ManualClock::new(1_000)),
             keys: RwLock::new(Keys::default()),
+            erasures: AtomicU64::new(0),
+            erase_hooks: Mutex::new(Vec::new()),
         }
     }
 

@@ -574,3 +574,166 @@ fn erasing_a_user_deletes_their_account_tokens_sessions_and_devices_and_keeps_ot
     // A removal tombstone (a hash, no personal data) stays.
     assert_eq!(count(&h, "SELECT COUNT(*) FROM account_removed"), 1);
 }
+
+/// The agent's transcripts over the harness's store and vault, with a history cache.
+fn cached_transcripts(h: &H, bytes: usize) -> chitin::agent::Transcripts {
+    chitin::agent::Transcripts::new(
+        std::sync::Arc::clone(&h.lc.store),
+        std::sync::Arc::clone(&h.lc.vault) as std::sync::Arc<dyn chitin::agent::Sealer>,
+    )
+    .with_cache(bytes)
+}
+
+/// A turn of `user_id` in `key` as the agent stores it: the user's message, then the answer.
+fn stored_turn(t: &chitin::agent::Transcripts, key: &str, user_id: &str, run: &str, text: &str) {
+    let m = chitin::agent::Stored::User {
+        text: text.into(),
+        from: user_id.into(),
+        untrusted: false,
+    };
+    t.begin_turn(key, user_id, "web", run, None, &m, false, T0)
+        .unwrap();
+    let a = chitin::agent::Stored::Assistant {
+        text: format!("answer to {text}"),
+        tool_calls: Vec::new(),
+    };
+    t.append_step(key, user_id, Some(run), &a, None, Some("completed"), T0)
+        .unwrap();
+}
+
+fn texts(t: &chitin::agent::Transcripts, key: &str) -> Vec<String> {
+    t.history_shared(key)
+        .unwrap()
+        .1
+        .iter()
+        .map(|e| match &e.message {
+            chitin::agent::Stored::User { text, .. }
+            | chitin::agent::Stored::Assistant { text, .. } => text.clone(),
+            chitin::agent::Stored::Tool { content, .. } => content.clone(),
+        })
+        .collect()
+}
+
+#[test]
+fn an_erased_users_opened_messages_leave_the_history_cache_when_the_erase_runs() {
+    let h = harness();
+    let t = cached_transcripts(&h, 1 << 20);
+    stored_turn(&t, "s-alice", "alice", "r1", CANARIES[0]);
+    stored_turn(&t, "s-bob", "bob", "r2", BOB_TEXT);
+    assert_eq!(texts(&t, "s-alice").len(), 2);
+    assert_eq!(texts(&t, "s-bob").len(), 2);
+    let cache = t.cache().unwrap();
+    assert!(cache.holds_subject(&user("alice")));
+    assert!(cache.holds_subject(&user("bob")));
+
+    erase::erase(&h.lc, &Subject::parse(&user("alice")).unwrap(), "op", false).unwrap();
+    // Dropped by the erase itself, before anyone reads again; Bob's stay.
+    assert!(!cache.holds_subject(&user("alice")));
+    assert!(cache.holds_subject(&user("bob")));
+    assert!(matches!(
+        t.history_shared("s-alice"),
+        Err(chitin::agent::transcripts::TranscriptError::NoSession(_))
+    ));
+    assert_eq!(
+        texts(&t, "s-bob"),
+        vec![BOB_TEXT.to_string(), format!("answer to {BOB_TEXT}")]
+    );
+}
+
+#[test]
+fn a_key_destroyed_by_another_process_empties_the_cache_before_it_serves_again() {
+    let h = harness();
+    let t = cached_transcripts(&h, 1 << 20);
+    stored_turn(&t, "s-alice", "alice", "r1", CANARIES[0]);
+    stored_turn(&t, "s-bob", "bob", "r2", BOB_TEXT);
+    texts(&t, "s-alice");
+    texts(&t, "s-bob");
+    assert!(t.cache().unwrap().holds_subject(&user("alice")));
+    // Another process (the CLI's `data erase`) with its own vault handle destroys the key.
+    let mut secrets = open_store(&h.home);
+    let other = Vault::from_store(
+        &h.home,
+        &mut secrets,
+        std::sync::Arc::new(h.clock.clone()) as std::sync::Arc<dyn chitin::clock::Clock>,
+    )
+    .unwrap();
+    assert!(other.destroy(&user("alice")).unwrap());
+    // The next read of any session notices it first: Alice's plaintext is not kept, and her
+    // messages no longer open.
+    assert_eq!(texts(&t, "s-bob").len(), 2);
+    assert!(!t.cache().unwrap().holds_subject(&user("alice")));
+    assert!(matches!(
+        t.history_shared("s-alice"),
+        Err(chitin::agent::transcripts::TranscriptError::Seal(_))
+    ));
+}
+
+#[test]
+fn messages_deleted_by_another_connection_are_never_served_from_the_cache() {
+    let h = harness();
+    let t = cached_transcripts(&h, 1 << 20);
+    stored_turn(&t, "s-bob", "bob", "r1", "first");
+    stored_turn(&t, "s-bob", "bob", "r2", "second");
+    assert_eq!(texts(&t, "s-bob").len(), 4);
+    // Another process deletes the first turn (a retention run of the CLI, say).
+    let other = chitin::store::Store::open(&h.home.join("state.db")).unwrap();
+    other
+        .conn()
+        .unwrap()
+        .execute(
+            "DELETE FROM messages WHERE session_key = 's-bob' AND seq <= 2",
+            [],
+        )
+        .unwrap();
+    assert_eq!(
+        texts(&t, "s-bob"),
+        vec!["second".to_string(), "answer to second".to_string()]
+    );
+    // New messages after the deletion are read as usual.
+    stored_turn(&t, "s-bob", "bob", "r3", "third");
+    assert_eq!(texts(&t, "s-bob").len(), 4);
+}
+
+#[test]
+fn a_compaction_summary_replaces_what_it_covers_in_the_cached_history() {
+    let h = harness();
+    let t = cached_transcripts(&h, 1 << 20);
+    stored_turn(&t, "s-bob", "bob", "r1", "first");
+    stored_turn(&t, "s-bob", "bob", "r2", "second");
+    assert_eq!(texts(&t, "s-bob").len(), 4);
+    t.set_summary("s-bob", "bob", "they said first", 2).unwrap();
+    let (summary, entries) = t.history_shared("s-bob").unwrap();
+    assert_eq!(
+        summary.as_ref().map(|s| s.as_str()),
+        Some("they said first")
+    );
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    t.set_summary("s-bob", "bob", "they said both", 4).unwrap();
+    let (summary, entries) = t.history_shared("s-bob").unwrap();
+    assert_eq!(summary.as_ref().map(|s| s.as_str()), Some("they said both"));
+    assert!(entries.is_empty());
+}
+
+#[test]
+fn the_history_cache_stays_within_its_bound_and_evicts_the_least_recently_read_session() {
+    let h = harness();
+    // Room for about one session of two short messages.
+    let t = cached_transcripts(&h, 900);
+    stored_turn(&t, "s-1", "bob", "r1", "one");
+    stored_turn(&t, "s-2", "bob", "r2", "two");
+    assert_eq!(texts(&t, "s-1").len(), 2);
+    let (n, bytes) = t.cache().unwrap().usage();
+    assert_eq!(n, 1);
+    assert!(bytes <= 900, "{bytes}");
+    assert_eq!(texts(&t, "s-2"), vec!["two", "answer to two"]);
+    let (n, bytes) = t.cache().unwrap().usage();
+    assert_eq!(n, 1, "s-1 was evicted for s-2");
+    assert!(bytes <= 900, "{bytes}");
+    // A session bigger than the whole bound is read correctly and not kept.
+    let tiny = cached_transcripts(&h, 100);
+    assert_eq!(texts(&tiny, "s-1"), vec!["one", "answer to one"]);
+    assert_eq!(tiny.cache().unwrap().usage(), (0, 0));
+}

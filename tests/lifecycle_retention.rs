@@ -517,3 +517,37 @@ fn chat_events_sent_messages_and_decided_pairings_older_than_their_retention_are
     );
     assert_eq!(count(&h, "SELECT COUNT(*) FROM pairing_requests"), 1);
 }
+
+#[test]
+fn messages_retention_deletes_are_gone_from_the_agents_cached_history() {
+    let h = harness();
+    let t = chitin::agent::Transcripts::new(
+        std::sync::Arc::clone(&h.lc.store),
+        std::sync::Arc::clone(&h.lc.vault) as std::sync::Arc<dyn chitin::agent::Sealer>,
+    )
+    .with_cache(1 << 20);
+    let now = T0 + 500 * DAY;
+    let turn = |run: &str, text: &str, at: i64| {
+        let m = chitin::agent::Stored::User {
+            text: text.into(),
+            from: "bob".into(),
+            untrusted: false,
+        };
+        t.begin_turn("s-bob", "bob", "web", run, None, &m, false, at)
+            .unwrap();
+    };
+    turn("r-old", "old words", now - 100 * DAY);
+    turn("r-young", "young words", now - DAY);
+    assert_eq!(t.history_shared("s-bob").unwrap().1.len(), 2);
+    h.clock.set(now);
+    retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
+    let (_, entries) = t.history_shared("s-bob").unwrap();
+    let texts: Vec<&str> = entries
+        .iter()
+        .filter_map(|e| match &e.message {
+            chitin::agent::Stored::User { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts, vec!["young words"]);
+}

@@ -81,6 +81,8 @@ on_both_backends!(
     the_sync_and_async_facades_work_from_inside_a_runtime,
     transcripts_keep_sessions_runs_messages_and_usage,
     a_session_of_another_user_is_refused_and_an_origin_starts_one_run,
+    the_history_cache_reads_only_new_messages_and_starts_over_when_another_connection_deletes_one,
+    the_daily_spend_follows_usage_rows_inserted_changed_and_deleted_by_anyone,
 );
 
 fn migrations_apply_and_reopening_does_not_rerun_them(d: Dialect) {
@@ -640,4 +642,163 @@ fn every_module_on_the_sqlite_connection_is_named_as_not_ported() {
     for m in ["approvals", "agent::transcripts"] {
         assert!(!users.contains(m), "{m} is ported");
     }
+}
+
+/// The texts of a session's history as the agent reads it (through the cache, if any).
+fn history_texts(t: &Transcripts, key: &str) -> Vec<String> {
+    let (_, entries) = t.history_shared(key).unwrap();
+    entries
+        .iter()
+        .map(|e| match &e.message {
+            Stored::User { text, .. } | Stored::Assistant { text, .. } => text.clone(),
+            Stored::Tool { content, .. } => content.clone(),
+        })
+        .collect()
+}
+
+fn answer(t: &Transcripts, run: &str, text: &str, at: i64) {
+    let m = Stored::Assistant {
+        text: text.into(),
+        tool_calls: vec![],
+    };
+    t.append_step("s1", "alice", Some(run), &m, None, None, at)
+        .unwrap();
+}
+
+fn the_history_cache_reads_only_new_messages_and_starts_over_when_another_connection_deletes_one(
+    d: Dialect,
+) {
+    let b = Backend::new(d);
+    let t = Transcripts::new(b.store(), Arc::new(TagSealer)).with_cache(1 << 20);
+    let now = 1_700_000_000_000;
+    t.begin_turn(
+        "s1",
+        "alice",
+        "cli",
+        "r1",
+        None,
+        &user_msg("one"),
+        false,
+        now,
+    )
+    .unwrap();
+    answer(&t, "r1", "answer one", now + 1);
+    assert_eq!(history_texts(&t, "s1"), vec!["one", "answer one"]);
+    assert_eq!(t.cache().unwrap().usage().0, 1);
+    // An append is read on top of what is cached.
+    answer(&t, "r1", "answer two", now + 2);
+    assert_eq!(
+        history_texts(&t, "s1"),
+        vec!["one", "answer one", "answer two"]
+    );
+    // Another connection (another process: the CLI, retention) deletes a message: the
+    // trigger moves the change counter and the cache never serves the deleted row.
+    let other = b.db();
+    let changes = |db: &Db| -> i64 {
+        db.with(|c| {
+            c.query_row("SELECT n FROM transcript_changes WHERE id = 1", params![])?
+                .get(0)
+        })
+        .unwrap()
+    };
+    let before = changes(&other);
+    let gone = other
+        .with(|c| {
+            c.execute(
+                "DELETE FROM messages WHERE session_key = ?1 AND seq = ?2",
+                params!["s1", 2],
+            )
+        })
+        .unwrap();
+    assert_eq!(gone, 1);
+    assert_eq!(changes(&other), before + 1);
+    assert_eq!(history_texts(&t, "s1"), vec!["one", "answer two"]);
+    // A rewrite in place moves it too.
+    other
+        .with(|c| {
+            c.execute(
+                "UPDATE messages SET created_ms = created_ms + 1 WHERE session_key = ?1 AND seq = ?2",
+                params!["s1", 3],
+            )
+        })
+        .unwrap();
+    assert_eq!(changes(&other), before + 2);
+    assert_eq!(history_texts(&t, "s1"), vec!["one", "answer two"]);
+}
+
+fn the_daily_spend_follows_usage_rows_inserted_changed_and_deleted_by_anyone(d: Dialect) {
+    const DAY: i64 = 86_400_000;
+    let b = Backend::new(d);
+    let t = Transcripts::new(b.store(), Arc::new(TagSealer));
+    let day = 19_700 * DAY;
+    t.begin_turn(
+        "s1",
+        "alice",
+        "cli",
+        "r1",
+        None,
+        &user_msg("hi"),
+        false,
+        day,
+    )
+    .unwrap();
+    for (at, cost) in [
+        (day + 1, Some(0.25)),
+        (day + 2, Some(0.5)),
+        (day + 3, None),
+        (day + DAY, Some(2.0)),
+    ] {
+        t.record_usage(&UsageRow {
+            at_ms: at,
+            user: "alice",
+            session: "s1",
+            run_id: "r1",
+            model: "m1",
+            tool: None,
+            input_tokens: 1,
+            output_tokens: 1,
+            cost_usd: cost,
+        })
+        .unwrap();
+    }
+    assert_eq!(t.spend_today("alice", day + 10).unwrap(), 0.75);
+    assert_eq!(t.spend_today("alice", day + DAY + 10).unwrap(), 2.0);
+    let other = b.db();
+    let rows = |db: &Db| -> Vec<(i64, i64)> {
+        db.with(|c| {
+            c.query_map(
+                "SELECT day, calls FROM spend_daily WHERE user_id = ?1 ORDER BY day",
+                params!["alice"],
+                |r| Ok::<_, Error>((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+    };
+    assert_eq!(rows(&other), vec![(19_700, 3), (19_701, 1)]);
+    // A cost changed, then a call moved to another user, by another connection.
+    other
+        .with(|c| {
+            c.execute(
+                "UPDATE usage SET cost_usd = ?1 WHERE at_ms = ?2",
+                params![1.0_f64, day + 1],
+            )?;
+            c.execute(
+                "UPDATE usage SET user_id = ?1 WHERE at_ms = ?2",
+                params!["bob", day + 2],
+            )
+        })
+        .unwrap();
+    assert_eq!(t.spend_today("alice", day + 10).unwrap(), 1.0);
+    assert_eq!(t.spend_today("bob", day + 10).unwrap(), 0.5);
+    // Deleting a day's calls (retention, erasure) removes its row.
+    other
+        .with(|c| {
+            c.execute(
+                "DELETE FROM usage WHERE user_id = ?1 AND at_ms >= ?2",
+                params!["alice", day + DAY],
+            )
+        })
+        .unwrap();
+    assert_eq!(t.spend_today("alice", day + DAY + 10).unwrap(), 0.0);
+    assert_eq!(rows(&other), vec![(19_700, 2)]);
 }

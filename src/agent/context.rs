@@ -534,7 +534,7 @@ pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
 
 /// The provider messages for a stored history. Tool calls left without a result (a run that
 /// ended early) get one saying they did not run, so the conversation stays well formed.
-pub fn to_messages(summary: Option<&str>, history: &[Entry]) -> Vec<Message> {
+pub fn to_messages<E: AsRef<Entry>>(summary: Option<&str>, history: &[E]) -> Vec<Message> {
     let mut out: Vec<Message> = Vec::new();
     let mut pending: Vec<String> = Vec::new();
     let close_pending = |out: &mut Vec<Message>, pending: &mut Vec<String>| {
@@ -556,7 +556,7 @@ pub fn to_messages(summary: Option<&str>, history: &[Entry]) -> Vec<Message> {
         _ => None,
     });
     for e in history {
-        match &e.message {
+        match &e.as_ref().message {
             Stored::User {
                 text,
                 from,

@@ -379,7 +379,11 @@ impl Agent {
         }));
         Self(Arc::new(Inner {
             tuning,
-            transcripts: Transcripts::new(Arc::clone(&parts.store), Arc::clone(&parts.sealer)),
+            transcripts: Transcripts::new(Arc::clone(&parts.store), Arc::clone(&parts.sealer))
+                .with_cache(
+                    usize::try_from(parts.config.history_cache_kib.saturating_mul(1024))
+                        .unwrap_or(usize::MAX),
+                ),
             p: parts,
             stats: Mutex::new(Stats::default()),
             events,
@@ -699,6 +703,7 @@ impl Agent {
                     cancel: Cancel::new(),
                     inflight: None,
                     opened: Mutex::new(Vec::new()),
+                    summary: Mutex::new(None),
                 };
                 let summary = run.execute(previous, cancel_rx).await;
                 let session = summary.session.clone();
@@ -821,29 +826,227 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
 }
 
 /// The conversation as this run sees it: the messages of the runs submitted before it and its
-/// own (messages of later runs queued in the same session are left out).
-fn as_of_run(history: Vec<transcripts::Entry>, run_id: &str) -> Vec<transcripts::Entry> {
-    let mut first: HashMap<&str, i64> = HashMap::new();
-    for e in &history {
-        if let Some(r) = e.run_id.as_deref() {
-            first.entry(r).or_insert(e.seq);
-        }
-    }
-    let Some(mine) = first.get(run_id).copied() else {
+/// own (messages of later runs queued in the same session are left out). A run's first
+/// message is its user message, so only the part from this run's user message on is looked
+/// at (later runs were submitted after it): linear in that tail, not in the session.
+fn as_of_run<E: AsRef<transcripts::Entry>>(mut history: Vec<E>, run_id: &str) -> Vec<E> {
+    let mine = history.iter().rposition(|e| {
+        let e = e.as_ref();
+        e.run_id.as_deref() == Some(run_id) && matches!(e.message, Stored::User { .. })
+    });
+    let Some(mine) = mine else {
         return history;
     };
-    let keep: Vec<bool> = history
+    // Runs that began after this one (their user message comes later).
+    let later: Vec<String> = history[mine + 1..]
         .iter()
-        .map(|e| match e.run_id.as_deref() {
-            None => true,
-            Some(r) => r == run_id || first.get(r).is_some_and(|s| *s < mine),
+        .map(AsRef::as_ref)
+        .filter(|e| matches!(e.message, Stored::User { .. }))
+        .filter_map(|e| e.run_id.clone())
+        .filter(|r| r != run_id)
+        .collect();
+    if later.is_empty() {
+        return history;
+    }
+    let tail: Vec<E> = history.split_off(mine + 1);
+    history.extend(tail.into_iter().filter(|e| {
+        e.as_ref()
+            .run_id
+            .as_deref()
+            .is_none_or(|r| !later.iter().any(|l| l == r))
+    }));
+    history
+}
+
+/// What the history of a step needs before the model call.
+enum Prepared {
+    /// The messages, and `Some(reason)` when Cedar refused the model call.
+    Ready(Vec<crate::providers::Message>, Option<String>),
+    /// Near the context budget: summary, history and messages to compact.
+    Compact(
+        Option<String>,
+        Vec<transcripts::SharedEntry>,
+        Vec<crate::providers::Message>,
+    ),
+}
+
+/// The model a call goes to first (what `model.call` decides on).
+fn first_model(router: &Router) -> String {
+    router
+        .models()
+        .first()
+        .map(ToString::to_string)
+        .unwrap_or_default()
+}
+
+/// Cedar's `model.call` decision for `u` in session `s` (budget included); `Some(reason)` when
+/// denied. Blocking (the audit record is durable before it returns).
+fn decide_model_call(
+    inner: &Inner,
+    s: &str,
+    u: &str,
+    now: i64,
+    model: String,
+) -> Result<Option<String>, AgentError> {
+    let spent = inner.transcripts.spend_today(u, now)?;
+    let limit = inner.tuning().budgets.daily_limit_usd(u).unwrap_or(0.0);
+    let tainted = inner.transcripts.is_tainted(s)?;
+    let dec = |v: f64| json!({"__extn": {"fn": "decimal", "arg": format!("{:.4}", v.clamp(0.0, 900_000_000_000.0))}});
+    let mut ctx = Map::new();
+    ctx.insert("session".into(), json!(s));
+    ctx.insert("model".into(), json!(model));
+    ctx.insert("tainted".into(), json!(tainted));
+    ctx.insert("spend_today_usd".into(), dec(spent));
+    ctx.insert("daily_budget_usd".into(), dec(limit));
+    let uid = |x: String| {
+        x.parse::<cedar_policy::EntityUid>()
+            .map_err(|e| AgentError::Task(e.to_string()))
+    };
+    let req = PolicyRequest {
+        principal: uid(format!("Chitin::User::{}", Value::String(u.to_string())))?,
+        action: model_call_uids()?.0.clone(),
+        resource: model_call_uids()?.1.clone(),
+        context: ctx,
+    };
+    match inner.p.gate.check(&req) {
+        Ok(Verdict::Allowed(..)) => Ok(None),
+        Ok(Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. }) => {
+            let over = limit > 0.0 && spent >= limit;
+            if over && let Ok(mut st) = inner.stats.lock() {
+                *st.budget_exhausted.entry(u.to_string()).or_default() += 1;
+            }
+            Ok(Some(if over {
+                format!(
+                    "daily budget reached: {u} has spent ${spent:.4} of ${limit:.4} today (policy {}); it resets at 00:00 UTC or raise [budgets] in chitin.toml",
+                    d.policies.join(", ")
+                )
+            } else {
+                format!(
+                    "policy denied the model call for {u} (policies: [{}]); allow `model.call` for this user in a Cedar policy",
+                    d.policies.join(", ")
+                )
+            }))
+        }
+        Err(e) => Ok(Some(format!("the model call could not be decided: {e}"))),
+    }
+}
+
+/// The calls of the last assistant message of `history` that have no result yet (none when a
+/// user message came after it).
+fn pending_calls(history: &[transcripts::SharedEntry]) -> Vec<StoredCall> {
+    let Some(pos) = history
+        .iter()
+        .rposition(|e| matches!(e.message, Stored::Assistant { .. }))
+    else {
+        return Vec::new();
+    };
+    let Stored::Assistant { tool_calls, .. } = &history[pos].message else {
+        return Vec::new();
+    };
+    if history[pos + 1..]
+        .iter()
+        .any(|e| matches!(e.message, Stored::User { .. }))
+    {
+        return Vec::new();
+    }
+    let answered: Vec<&str> = history[pos + 1..]
+        .iter()
+        .filter_map(|e| match &e.message {
+            Stored::Tool { tool_use_id, .. } => Some(tool_use_id.as_str()),
+            _ => None,
         })
         .collect();
-    history
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(e, k)| k.then_some(e))
+    tool_calls
+        .iter()
+        .filter(|c| !answered.contains(&c.id.as_str()))
+        .cloned()
         .collect()
+}
+
+/// The system prompt and the offered tools of a run (bootstrap files, skills, the policy's
+/// offer), and the bootstrap files it shows as untrusted data.
+#[allow(
+    clippy::type_complexity,
+    reason = "the prompt, its tools and its untrusted files"
+)]
+fn build_prompt(
+    inner: &Inner,
+    u: String,
+    session: String,
+) -> ((String, Vec<crate::providers::ToolSpec>), Vec<&'static str>) {
+    // Bootstrap files written by a tainted tool run are shown as data; when
+    // the record cannot be read, every one of them is.
+    let marks = PromptMarks::new(Arc::clone(&inner.p.store));
+    let ws = crate::wsfs::canonical_root(&inner.p.workspace)
+        .unwrap_or_else(|_| inner.p.workspace.clone());
+    let is_marked = |name: &str, digest: &str| {
+        marks.is_marked(&ws, name, digest).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "prompt-file record unreadable: bootstrap files shown as untrusted");
+            true
+        })
+    };
+    let prompt = context::system_prompt(
+        &inner.tuning().config.system_prompt,
+        &inner.p.workspace,
+        &is_marked,
+    );
+    let mut system = prompt.text;
+    let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
+    // `send_message` only where chat channels are configured.
+    if inner.p.sandbox.messenger().is_some()
+        && let Some(spec) = context::send_message_spec(inner.p.gate.engine(), &u)
+    {
+        tools.push(spec);
+        system.push_str(&format!(
+            "\n\nThis conversation's send_message target is `{session}`."
+        ));
+    }
+    // `web_search`, `memory_*`, `sessions_*` where their parts are attached
+    // (sessions: always, by this agent).
+    tools.extend(context::attached_tools(
+        inner.p.gate.engine(),
+        &u,
+        &inner.p.sandbox,
+        true,
+    ));
+    // `cron` only where the gateway keeps jobs.
+    if inner.p.sandbox.cron_jobs().is_some()
+        && let Some(spec) = context::cron_spec(inner.p.gate.engine(), &u)
+    {
+        tools.push(spec);
+    }
+    // MCP tools: only the pinned ones whose definitions did not change.
+    if let Some(hub) = inner.p.sandbox.mcp() {
+        tools.extend(context::mcp_specs(
+            inner.p.gate.engine(),
+            &u,
+            &hub.offered(),
+        ));
+    }
+    if let Some(wt) = inner.workflows.get()
+        && let Ok(principal) =
+            format!("Chitin::User::{}", Value::String(u.clone())).parse::<cedar_policy::EntityUid>()
+        && inner
+            .p
+            .gate
+            .engine()
+            .could_allow(&principal, &crate::policy::Action::WorkflowRun.uid())
+            .unwrap_or(false)
+    {
+        tools.push(wt.spec());
+    }
+    let installed = inner
+        .p
+        .skills
+        .as_ref()
+        .and_then(|h| h.installed().ok())
+        .unwrap_or_default();
+    if !installed.is_empty() {
+        system.push_str("\n\n");
+        system.push_str(&skills::catalog(&installed));
+        tools.push(skills::spec(&installed));
+    }
+    ((system, tools), prompt.untrusted)
 }
 
 /// One run in progress.
@@ -872,6 +1075,9 @@ struct Run {
     /// them is still open when the run stops waiting for it or ends is expired, so approving
     /// it later never lets a later identical call run without asking.
     opened: Mutex<Vec<String>>,
+    /// The run's summary, read in the same trip as its final answer was stored (`finish`
+    /// then needs no read of its own).
+    summary: Mutex<Option<RunSummary>>,
 }
 
 /// A tool call whose blocking task is running.
@@ -1039,7 +1245,15 @@ impl Run {
         self.stat(|s| *s.runs.entry(status.into()).or_default() += 1);
         let inner = Arc::clone(&self.inner);
         let id = self.id.clone();
-        let summary = match blocking(move || summary_of(&inner.transcripts, &id)).await {
+        // Read with the final answer when the run completed; otherwise now.
+        let known = (status == "completed" && error.is_none())
+            .then(|| self.summary.lock().ok().and_then(|mut s| s.take()))
+            .flatten();
+        let read = match known {
+            Some(s) => Ok(Ok(s)),
+            None => blocking(move || summary_of(&inner.transcripts, &id)).await,
+        };
+        let summary = match read {
             Ok(Ok(s)) => s,
             Ok(Err(e)) | Err(e) => RunSummary {
                 run_id: self.id.clone(),
@@ -1106,6 +1320,48 @@ impl Run {
         .await??)
     }
 
+    /// Stores the final answer with its usage and the `completed` status (one transaction),
+    /// and reads the run's summary in the same trip to the blocking pool.
+    async fn store_final(&self, m: Stored, usage: ModelUsage) -> Result<(), AgentError> {
+        let inner = Arc::clone(&self.inner);
+        let (s, u, id, now) = (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        );
+        let summary = blocking(move || -> Result<Option<RunSummary>, AgentError> {
+            let row = transcripts::UsageRow {
+                at_ms: now,
+                user: &u,
+                session: &s,
+                run_id: &id,
+                model: &usage.model,
+                tool: usage.tool.as_deref(),
+                input_tokens: usage.usage.input_tokens,
+                output_tokens: usage.usage.output_tokens,
+                cost_usd: usage.cost_usd,
+            };
+            inner.transcripts.append_step(
+                &s,
+                &u,
+                Some(&id),
+                &m,
+                Some(&row),
+                Some("completed"),
+                now,
+            )?;
+            // The answer is stored: a summary that cannot be read now is read again by
+            // `finish`.
+            Ok(summary_of(&inner.transcripts, &id).ok())
+        })
+        .await??;
+        if let Ok(mut slot) = self.summary.lock() {
+            *slot = summary;
+        }
+        Ok(())
+    }
+
     /// Marks the session as having taken in untrusted content.
     async fn taint(&self) -> Result<(), AgentError> {
         let inner = Arc::clone(&self.inner);
@@ -1140,10 +1396,10 @@ impl Run {
         }
         let max_steps = self.inner.tuning().config.max_steps;
         for _step in 0..max_steps {
-            let (system, messages, tools) = self.context().await?;
-            if let Some(denied) = self.check_model_call(&router).await? {
-                return Ok(End::Failed(denied));
-            }
+            let (system, messages, tools) = match self.context(&router).await? {
+                Ok(parts) => parts,
+                Err(denied) => return Ok(End::Failed(denied)),
+            };
             let req = ChatRequest {
                 system: Some(system),
                 messages,
@@ -1314,10 +1570,11 @@ impl Run {
                 text: text.clone(),
                 tool_calls: calls.clone(),
             };
-            self.store(m, Some(usage), Some(status)).await?;
             if calls.is_empty() {
+                self.store_final(m, usage).await?;
                 return Ok(End::Reply);
             }
+            self.store(m, Some(usage), Some(status)).await?;
             for c in &calls {
                 last_tool = Some(c.name.clone());
                 self.handle_call(c).await?;
@@ -1328,129 +1585,57 @@ impl Run {
         )))
     }
 
-    /// The calls of the session's last assistant message that have no result yet.
-    async fn unanswered(&self) -> Result<Vec<StoredCall>, AgentError> {
+    /// The calls of the session's last assistant message that have no result yet. When there
+    /// is none (the usual start of a run), the run's prompt is built in the same trip to the
+    /// blocking pool; otherwise it is built after they ran (they may change bootstrap files).
+    async fn unanswered(&mut self) -> Result<Vec<StoredCall>, AgentError> {
         let inner = Arc::clone(&self.inner);
-        let s = self.session.clone();
-        let (_, history) = blocking(move || inner.transcripts.history(&s)).await??;
-        let history = as_of_run(history, &self.id);
-        let Some(pos) = history
-            .iter()
-            .rposition(|e| matches!(e.message, Stored::Assistant { .. }))
-        else {
-            return Ok(Vec::new());
-        };
-        let Stored::Assistant { tool_calls, .. } = &history[pos].message else {
-            return Ok(Vec::new());
-        };
-        if history[pos + 1..]
-            .iter()
-            .any(|e| matches!(e.message, Stored::User { .. }))
-        {
-            return Ok(Vec::new());
+        let (s, u, id) = (self.session.clone(), self.user.clone(), self.id.clone());
+        let want_prompt = self.prompt.is_none();
+        let (pending, prompt) = blocking(move || -> Result<_, AgentError> {
+            let (_, history) = inner.transcripts.history_shared(&s)?;
+            let history = as_of_run(history, &id);
+            let pending = pending_calls(&history);
+            drop(history);
+            let prompt = (pending.is_empty() && want_prompt).then(|| build_prompt(&inner, u, s));
+            Ok((pending, prompt))
+        })
+        .await??;
+        if let Some((prompt, untrusted)) = prompt {
+            if !untrusted.is_empty() {
+                // The run reads content no one vouched for.
+                self.taint().await?;
+            }
+            self.prompt = Some(prompt);
         }
-        let answered: Vec<&str> = history[pos + 1..]
-            .iter()
-            .filter_map(|e| match &e.message {
-                Stored::Tool { tool_use_id, .. } => Some(tool_use_id.as_str()),
-                _ => None,
-            })
-            .collect();
-        Ok(tool_calls
-            .iter()
-            .filter(|c| !answered.contains(&c.id.as_str()))
-            .cloned()
-            .collect())
+        Ok(pending)
     }
 
-    /// System prompt, messages (compacted when near the budget) and offered tools.
+    /// System prompt, messages (compacted when near the budget) and offered tools, after
+    /// Cedar allowed the model call (`Err(reason)` when it did not).
+    #[allow(
+        clippy::type_complexity,
+        reason = "the request's parts, or why the call is refused"
+    )]
     async fn context(
         &mut self,
+        router: &Router,
     ) -> Result<
-        (
+        Result<
+            (
+                String,
+                Vec<crate::providers::Message>,
+                Vec<crate::providers::ToolSpec>,
+            ),
             String,
-            Vec<crate::providers::Message>,
-            Vec<crate::providers::ToolSpec>,
-        ),
+        >,
         AgentError,
     > {
         if self.prompt.is_none() {
             let inner = Arc::clone(&self.inner);
             let u = self.user.clone();
             let session = self.session.clone();
-            let (prompt, untrusted) = blocking(move || {
-                    // Bootstrap files written by a tainted tool run are shown as data; when
-                    // the record cannot be read, every one of them is.
-                    let marks = PromptMarks::new(Arc::clone(&inner.p.store));
-                    let ws = crate::wsfs::canonical_root(&inner.p.workspace)
-                        .unwrap_or_else(|_| inner.p.workspace.clone());
-                    let is_marked = |name: &str, digest: &str| {
-                        marks.is_marked(&ws, name, digest).unwrap_or_else(|e| {
-                            tracing::warn!(error = %e, "prompt-file record unreadable: bootstrap files shown as untrusted");
-                            true
-                        })
-                    };
-                    let prompt =
-                        context::system_prompt(&inner.tuning().config.system_prompt, &inner.p.workspace, &is_marked);
-                    let mut system = prompt.text;
-                    let mut tools = context::offered_tools(inner.p.gate.engine(), &u);
-                    // `send_message` only where chat channels are configured.
-                    if inner.p.sandbox.messenger().is_some()
-                        && let Some(spec) = context::send_message_spec(inner.p.gate.engine(), &u)
-                    {
-                        tools.push(spec);
-                        system.push_str(&format!(
-                            "\n\nThis conversation's send_message target is `{session}`."
-                        ));
-                    }
-                    // `web_search`, `memory_*`, `sessions_*` where their parts are attached
-                    // (sessions: always, by this agent).
-                    tools.extend(context::attached_tools(
-                        inner.p.gate.engine(),
-                        &u,
-                        &inner.p.sandbox,
-                        true,
-                    ));
-                    // `cron` only where the gateway keeps jobs.
-                    if inner.p.sandbox.cron_jobs().is_some()
-                        && let Some(spec) = context::cron_spec(inner.p.gate.engine(), &u)
-                    {
-                        tools.push(spec);
-                    }
-                    // MCP tools: only the pinned ones whose definitions did not change.
-                    if let Some(hub) = inner.p.sandbox.mcp() {
-                        tools.extend(context::mcp_specs(
-                            inner.p.gate.engine(),
-                            &u,
-                            &hub.offered(),
-                        ));
-                    }
-                    if let Some(wt) = inner.workflows.get()
-                        && let Ok(principal) = format!("Chitin::User::{}", Value::String(u.clone()))
-                            .parse::<cedar_policy::EntityUid>()
-                        && inner
-                            .p
-                            .gate
-                            .engine()
-                            .could_allow(&principal, &crate::policy::Action::WorkflowRun.uid())
-                            .unwrap_or(false)
-                    {
-                        tools.push(wt.spec());
-                    }
-                    let installed = inner
-                        .p
-                        .skills
-                        .as_ref()
-                        .and_then(|h| h.installed().ok())
-                        .unwrap_or_default();
-                    if !installed.is_empty() {
-                        system.push_str("\n\n");
-                        system.push_str(&skills::catalog(&installed));
-                        tools.push(skills::spec(&installed));
-                    }
-                    ((system, tools), prompt.untrusted)
-                })
-                .await?;
+            let (prompt, untrusted) = blocking(move || build_prompt(&inner, u, session)).await?;
             if !untrusted.is_empty() {
                 // The run reads content no one vouched for.
                 self.taint().await?;
@@ -1459,25 +1644,51 @@ impl Run {
         }
         let (system, tools) = self.prompt.clone().unwrap_or_default();
         let inner = Arc::clone(&self.inner);
-        let s = self.session.clone();
-        let (summary, history) = blocking(move || inner.transcripts.history(&s)).await??;
-        let history = as_of_run(history, &self.id);
-        let messages = context::to_messages(summary.as_deref(), &history);
+        let (s, u, id, now) = (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        );
+        let model = first_model(router);
         let budget = self.inner.tuning().config.context_budget_tokens;
-        if context::estimate_tokens(&system, &messages) > budget / 4 * 3
-            && history.len() >= 4
-            && let Some(compacted) = self.compact(summary, &history).await?
-        {
-            return Ok((system, compacted, tools));
+        // One trip to the blocking pool for the history and, unless it needs compacting
+        // first, Cedar's `model.call` decision.
+        let (system, prepared) = blocking(move || -> Result<_, AgentError> {
+            let (summary, history) = inner.transcripts.history_shared(&s)?;
+            let history = as_of_run(history, &id);
+            let summary: Option<String> = summary.map(|s| String::clone(&s));
+            let messages = context::to_messages(summary.as_deref(), &history);
+            if context::estimate_tokens(&system, &messages) > budget / 4 * 3 && history.len() >= 4 {
+                return Ok((system, Prepared::Compact(summary, history, messages)));
+            }
+            let denied = decide_model_call(&inner, &s, &u, now, model)?;
+            Ok((system, Prepared::Ready(messages, denied)))
+        })
+        .await??;
+        match prepared {
+            Prepared::Ready(messages, denied) => Ok(match denied {
+                Some(why) => Err(why),
+                None => Ok((system, messages, tools)),
+            }),
+            Prepared::Compact(summary, history, messages) => {
+                let messages = match self.compact(summary, &history).await? {
+                    Some(compacted) => compacted,
+                    None => messages,
+                };
+                Ok(match self.check_model_call(router).await? {
+                    Some(why) => Err(why),
+                    None => Ok((system, messages, tools)),
+                })
+            }
         }
-        Ok((system, messages, tools))
     }
 
     /// Summarizes the older part of the history with the model; returns the new messages.
     async fn compact(
         &self,
         summary: Option<String>,
-        history: &[transcripts::Entry],
+        history: &[transcripts::SharedEntry],
     ) -> Result<Option<Vec<crate::providers::Message>>, AgentError> {
         let Some(router) = self.inner.tuning().router.clone() else {
             return Ok(None);
@@ -1557,46 +1768,8 @@ impl Run {
     async fn check_model_call(&self, router: &Router) -> Result<Option<String>, AgentError> {
         let inner = Arc::clone(&self.inner);
         let (s, u, now) = (self.session.clone(), self.user.clone(), self.now());
-        let model = router
-            .models()
-            .first()
-            .map(ToString::to_string)
-            .unwrap_or_default();
-        blocking(move || -> Result<Option<String>, AgentError> {
-            let spent = inner.transcripts.spend_today(&u, now)?;
-            let limit = inner.tuning().budgets.daily_limit_usd(&u).unwrap_or(0.0);
-            let tainted = inner.transcripts.is_tainted(&s)?;
-            let dec = |v: f64| json!({"__extn": {"fn": "decimal", "arg": format!("{:.4}", v.clamp(0.0, 900_000_000_000.0))}});
-            let mut ctx = Map::new();
-            ctx.insert("session".into(), json!(s));
-            ctx.insert("model".into(), json!(model));
-            ctx.insert("tainted".into(), json!(tainted));
-            ctx.insert("spend_today_usd".into(), dec(spent));
-            ctx.insert("daily_budget_usd".into(), dec(limit));
-            let uid = |x: String| x.parse::<cedar_policy::EntityUid>().map_err(|e| AgentError::Task(e.to_string()));
-            let req = PolicyRequest {
-                principal: uid(format!("Chitin::User::{}", Value::String(u.clone())))?,
-                action: model_call_uids()?.0.clone(),
-                resource: model_call_uids()?.1.clone(),
-                context: ctx,
-            };
-            match inner.p.gate.check(&req) {
-                Ok(Verdict::Allowed(..)) => Ok(None),
-                Ok(Verdict::Denied(d) | Verdict::ApprovalRequired { decision: d, .. }) => {
-                    let over = limit > 0.0 && spent >= limit;
-                    if over && let Ok(mut st) = inner.stats.lock() {
-                        *st.budget_exhausted.entry(u.clone()).or_default() += 1;
-                    }
-                    Ok(Some(if over {
-                        format!("daily budget reached: {u} has spent ${spent:.4} of ${limit:.4} today (policy {}); it resets at 00:00 UTC or raise [budgets] in chitin.toml", d.policies.join(", "))
-                    } else {
-                        format!("policy denied the model call for {u} (policies: [{}]); allow `model.call` for this user in a Cedar policy", d.policies.join(", "))
-                    }))
-                }
-                Err(e) => Ok(Some(format!("the model call could not be decided: {e}"))),
-            }
-        })
-        .await?
+        let model = first_model(router);
+        blocking(move || decide_model_call(&inner, &s, &u, now, model)).await?
     }
 
     async fn record_result(

@@ -7,19 +7,33 @@
 //! - A session belongs to one user: a request for another user's session key is refused.
 //! - Sequence numbers within a session are dense and increasing (UNIQUE(session_key, seq)).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use chitin_store::{Conn, Row};
 
 use crate::store::{Store, StoreError, params};
 
+/// What a sealer calls after it destroyed a key: `Some(subject)`, or `None` when it only
+/// knows that some key was destroyed (by another process).
+pub type EraseHook = dyn Fn(Option<&str>) + Send + Sync;
+
 /// Seals and opens content with a data subject's key (the vault).
 pub trait Sealer: Send + Sync {
     fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String>;
     fn open(&self, subject: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String>;
+    /// A number that changes whenever a subject's key is destroyed (in this process or
+    /// another): a cache of opened content compares it before serving. Constant by default
+    /// (a sealer without key destruction).
+    fn erasure_epoch(&self) -> Result<u64, String> {
+        Ok(0)
+    }
+    /// Calls `hook` after a key is destroyed (`Some(subject)`; `None`: some subject, in
+    /// another process), for as long as the hook lives. Nothing by default.
+    fn on_erase(&self, _hook: std::sync::Weak<EraseHook>) {}
 }
 
 /// Errors of the transcript store.
@@ -110,6 +124,269 @@ pub struct Entry {
     pub message: Stored,
 }
 
+impl AsRef<Entry> for Entry {
+    fn as_ref(&self) -> &Entry {
+        self
+    }
+}
+
+/// Overwrites every text of a message with zeros (`String::zeroize` wipes the whole buffer).
+fn wipe(m: &mut Stored) {
+    match m {
+        Stored::User { text, from, .. } => {
+            text.zeroize();
+            from.zeroize();
+        }
+        Stored::Assistant { text, tool_calls } => {
+            text.zeroize();
+            for c in tool_calls {
+                c.id.zeroize();
+                c.name.zeroize();
+                c.arguments_json.zeroize();
+                c.malformed.zeroize();
+            }
+        }
+        Stored::Tool {
+            tool_use_id,
+            tool,
+            content,
+            decision,
+            outcome,
+            ..
+        } => {
+            tool_use_id.zeroize();
+            tool.zeroize();
+            content.zeroize();
+            decision.zeroize();
+            outcome.zeroize();
+        }
+    }
+}
+
+/// Bytes of plaintext a message holds (what the cache counts against its bound, with a fixed
+/// overhead per message for the structures around it).
+fn weight(e: &Entry) -> usize {
+    const OVERHEAD: usize = 160;
+    let texts = match &e.message {
+        Stored::User { text, from, .. } => text.capacity() + from.capacity(),
+        Stored::Assistant { text, tool_calls } => {
+            text.capacity()
+                + tool_calls
+                    .iter()
+                    .map(|c| {
+                        OVERHEAD
+                            + c.id.capacity()
+                            + c.name.capacity()
+                            + c.arguments_json.capacity()
+                            + c.malformed.as_ref().map_or(0, String::capacity)
+                    })
+                    .sum::<usize>()
+        }
+        Stored::Tool {
+            tool_use_id,
+            tool,
+            content,
+            decision,
+            outcome,
+            ..
+        } => {
+            tool_use_id.capacity()
+                + tool.capacity()
+                + content.capacity()
+                + decision.capacity()
+                + outcome.capacity()
+        }
+    };
+    OVERHEAD + texts + e.run_id.as_ref().map_or(0, String::capacity)
+}
+
+/// An opened message shared by the cache and the runs reading it: its plaintext is wiped when
+/// the last holder lets go (the cache evicting it, or a run done with its context).
+struct Opened(Entry);
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        wipe(&mut self.0.message);
+        if let Some(r) = self.0.run_id.as_mut() {
+            r.zeroize();
+        }
+    }
+}
+
+/// A message as the agent reads its history: shared with the cache (cloning is a reference
+/// count), wiped when the last clone is dropped.
+#[derive(Clone)]
+pub struct SharedEntry(Arc<Opened>);
+
+impl SharedEntry {
+    fn new(e: Entry) -> Self {
+        Self(Arc::new(Opened(e)))
+    }
+}
+
+impl std::ops::Deref for SharedEntry {
+    type Target = Entry;
+    fn deref(&self) -> &Entry {
+        &self.0.0
+    }
+}
+
+impl AsRef<Entry> for SharedEntry {
+    fn as_ref(&self) -> &Entry {
+        &self.0.0
+    }
+}
+
+/// The compaction summary as the agent reads it (wiped on drop).
+pub type SharedSummary = Arc<Zeroizing<String>>;
+
+/// A session's opened history as the cache keeps it.
+struct CachedSession {
+    subject: String,
+    /// The sealed summary the opened one came from (a different blob means a new summary).
+    summary_blob: Option<Vec<u8>>,
+    summary: Option<SharedSummary>,
+    /// `summary_seq`: the messages up to it are covered by the summary and not kept.
+    upto: i64,
+    entries: Vec<SharedEntry>,
+    /// The highest seq read (messages after it are new).
+    last_seq: i64,
+    bytes: usize,
+    used: u64,
+}
+
+impl CachedSession {
+    fn weigh(&mut self) {
+        self.bytes = 256
+            + self.summary.as_ref().map_or(0, |s| s.capacity())
+            + self.summary_blob.as_ref().map_or(0, Vec::capacity)
+            + self.entries.iter().map(|e| weight(e)).sum::<usize>();
+    }
+}
+
+#[derive(Default)]
+struct CacheState {
+    /// `transcript_changes.n` when the cached sessions were read: messages deleted or
+    /// rewritten since (retention, erasure, a purge; by any process) make it move, and the
+    /// cache starts over.
+    changes: Option<i64>,
+    /// The sealer's erasure epoch when the cached sessions were read.
+    epoch: Option<u64>,
+    tick: u64,
+    bytes: usize,
+    sessions: HashMap<String, CachedSession>,
+}
+
+impl CacheState {
+    fn clear(&mut self) {
+        self.sessions.clear();
+        self.bytes = 0;
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(s) = self.sessions.remove(key) {
+            self.bytes = self.bytes.saturating_sub(s.bytes);
+        }
+    }
+}
+
+/// Opened (decrypted) messages per session, so a step decrypts only what is new: bounded in
+/// bytes of plaintext and in sessions (least recently used evicted first), started over when
+/// stored messages were deleted or rewritten (retention, erasure, by any process) or a data
+/// key was destroyed, a subject's sessions dropped at once when this process destroys its
+/// key. Evicted plaintext is wiped.
+pub struct HistoryCache {
+    state: Mutex<CacheState>,
+    max_bytes: usize,
+    max_sessions: usize,
+}
+
+/// Sessions the history cache keeps at most.
+pub const HISTORY_CACHE_SESSIONS: usize = 512;
+
+impl HistoryCache {
+    /// A cache of at most `max_bytes` of opened messages (0: nothing is kept).
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(CacheState::default()),
+            max_bytes,
+            max_sessions: HISTORY_CACHE_SESSIONS,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        match self.state.lock() {
+            Ok(g) => g,
+            Err(p) => {
+                // A panic while holding it: start over rather than trust what is there.
+                let mut g = p.into_inner();
+                g.clear();
+                g
+            }
+        }
+    }
+
+    /// Drops the sessions of `subject` (`None`: every session).
+    pub fn forget_subject(&self, subject: Option<&str>) {
+        let mut st = self.lock();
+        match subject {
+            None => st.clear(),
+            Some(subject) => {
+                let gone: Vec<String> = st
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.subject == subject)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in gone {
+                    st.remove(&k);
+                }
+            }
+        }
+    }
+
+    /// Drops everything.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// (sessions, bytes) held now.
+    pub fn usage(&self) -> (usize, usize) {
+        let st = self.lock();
+        (st.sessions.len(), st.bytes)
+    }
+
+    /// Whether the cache holds any opened message of `subject`.
+    pub fn holds_subject(&self, subject: &str) -> bool {
+        self.lock().sessions.values().any(|s| s.subject == subject)
+    }
+
+    fn evict(&self, st: &mut CacheState) {
+        while st.bytes > self.max_bytes || st.sessions.len() > self.max_sessions {
+            let Some(oldest) = st
+                .sessions
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(k, _)| k.clone())
+            else {
+                st.bytes = 0;
+                return;
+            };
+            st.remove(&oldest);
+        }
+    }
+}
+
+/// What the cache had of a session when a read began.
+struct Hit {
+    last_seq: i64,
+    upto: i64,
+    bytes: usize,
+    entries: Vec<SharedEntry>,
+    summary_blob: Option<Vec<u8>>,
+    summary: Option<SharedSummary>,
+}
+
 /// A message row before opening: seq, run id, time, subject, sealed body.
 type RawEntry = (i64, Option<String>, i64, String, Vec<u8>);
 
@@ -167,6 +444,10 @@ pub struct UsageRow<'a> {
 pub struct Transcripts {
     store: Arc<Store>,
     sealer: Arc<dyn Sealer>,
+    /// Opened messages per session (the agent's; `None`: every read opens everything).
+    cache: Option<Arc<HistoryCache>>,
+    /// What the sealer calls when it destroys a key (it holds it weakly).
+    hook: Option<Arc<EraseHook>>,
 }
 
 const RUN_COLUMNS: &str = "id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps, model, input_tokens, output_tokens, cost_usd, approval_id, error, origin";
@@ -193,7 +474,38 @@ fn run_row(r: &Row) -> Result<RunRow, TranscriptError> {
 
 impl Transcripts {
     pub fn new(store: Arc<Store>, sealer: Arc<dyn Sealer>) -> Self {
-        Self { store, sealer }
+        Self {
+            store,
+            sealer,
+            cache: None,
+            hook: None,
+        }
+    }
+
+    /// With a cache of opened messages of at most `max_bytes` (0: none), which drops a
+    /// subject's plaintext as soon as the sealer destroys the subject's key.
+    pub fn with_cache(mut self, max_bytes: usize) -> Self {
+        if max_bytes == 0 {
+            self.cache = None;
+            return self;
+        }
+        let cache = Arc::new(HistoryCache::new(max_bytes));
+        let weak = Arc::downgrade(&cache);
+        let hook: Arc<EraseHook> = Arc::new(move |subject| {
+            if let Some(c) = weak.upgrade() {
+                c.forget_subject(subject);
+            }
+        });
+        self.sealer.on_erase(Arc::downgrade(&hook));
+        // The hook lives as long as the cache (the sealer holds it weakly).
+        self.hook = Some(hook);
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The cache of opened messages, if any.
+    pub fn cache(&self) -> Option<&Arc<HistoryCache>> {
+        self.cache.as_ref()
     }
 
     fn seal(&self, subject: &str, m: &impl Serialize) -> Result<Vec<u8>, TranscriptError> {
@@ -373,27 +685,165 @@ impl Transcripts {
 
     /// The compaction summary (if any) and the messages after it, oldest first.
     pub fn history(&self, key: &str) -> Result<(Option<String>, Vec<Entry>), TranscriptError> {
-        let (summary, upto) = {
-            let r = self
-                .store
-                .db()
-                .with(|c| {
-                    c.query_opt(
-                        "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
-                        params![key],
-                    )
-                })?
-                .ok_or_else(|| TranscriptError::NoSession(key.into()))?;
-            (
-                (r.get::<String>(0)?, r.get::<Option<Vec<u8>>>(1)?),
+        let (summary, entries) = self.history_shared(key)?;
+        Ok((
+            summary.map(|s| String::clone(&s)),
+            entries.iter().map(|e| Entry::clone(e)).collect(),
+        ))
+    }
+
+    /// [`Self::history`] as shared, opened messages: with the cache, only the messages
+    /// stored since the session was last read are read and opened.
+    pub fn history_shared(
+        &self,
+        key: &str,
+    ) -> Result<(Option<SharedSummary>, Vec<SharedEntry>), TranscriptError> {
+        // The erasure epoch before the read: a key destroyed after it moves it, and what this
+        // read opened is then not kept.
+        let epoch = match &self.cache {
+            Some(_) => Some(self.sealer.erasure_epoch().map_err(TranscriptError::Seal)?),
+            None => None,
+        };
+        // One read transaction: the change counter, the session and the new rows are one
+        // snapshot.
+        let (changes, subject, blob, upto, cached, rows) = self.store.db().tx(|tx| {
+            let changes: i64 = match &self.cache {
+                Some(_) => tx
+                    .query_row("SELECT n FROM transcript_changes WHERE id = 1", params![])?
+                    .get(0)?,
+                None => 0,
+            };
+            let Some(r) = tx.query_opt(
+                "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
+                params![key],
+            )?
+            else {
+                if let Some(c) = &self.cache {
+                    c.lock().remove(key);
+                }
+                return Err(TranscriptError::NoSession(key.into()));
+            };
+            let (subject, blob, upto) = (
+                r.get::<String>(0)?,
+                r.get::<Option<Vec<u8>>>(1)?,
                 r.get::<i64>(2)?,
-            )
+            );
+            // What the cache has of this session, still valid for this snapshot.
+            let cached = match &self.cache {
+                Some(c) => {
+                    let mut st = c.lock();
+                    if st.changes != Some(changes) || st.epoch != epoch {
+                        st.clear();
+                        st.changes = Some(changes);
+                        st.epoch = epoch;
+                    }
+                    st.tick += 1;
+                    let tick = st.tick;
+                    match st.sessions.get_mut(key) {
+                        Some(cs) if cs.subject == subject => {
+                            cs.used = tick;
+                            Some(Hit {
+                                last_seq: cs.last_seq,
+                                upto: cs.upto,
+                                bytes: cs.bytes,
+                                entries: cs.entries.clone(),
+                                summary_blob: cs.summary_blob.clone(),
+                                summary: cs.summary.clone(),
+                            })
+                        }
+                        Some(_) => {
+                            st.remove(key);
+                            None
+                        }
+                        None => None,
+                    }
+                }
+                None => None,
+            };
+            let after = cached.as_ref().map_or(upto, |c| c.last_seq.max(upto));
+            let rows: Vec<RawEntry> = tx.query_map(
+                "SELECT seq, run_id, created_ms, subject, body FROM messages WHERE session_key = ?1 AND seq > ?2 ORDER BY seq",
+                params![key, after],
+                |r| Ok::<_, TranscriptError>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )?;
+            Ok::<_, TranscriptError>((changes, subject, blob, upto, cached, rows))
+        })?;
+        // Open what is new (outside the database lock).
+        // The bytes the cache would hold for this session, when known without weighing it
+        // all again (nothing but appends since it was cached).
+        let mut known_bytes = None;
+        let (mut entries, summary) = match cached {
+            Some(hit) => {
+                let mut entries = hit.entries;
+                let summary = if hit.summary_blob == blob {
+                    if hit.upto == upto {
+                        known_bytes = Some(hit.bytes);
+                    }
+                    hit.summary
+                } else {
+                    self.open_summary(&subject, blob.as_deref())?
+                };
+                // The summary moved on (compaction): what it now covers is dropped.
+                if hit.upto != upto {
+                    entries.retain(|e| e.seq > upto);
+                }
+                (entries, summary)
+            }
+            None => (Vec::new(), self.open_summary(&subject, blob.as_deref())?),
         };
-        let summary = match summary {
-            (subject, Some(blob)) => Some(self.open::<String>(&subject, &blob)?),
-            (_, None) => None,
-        };
-        Ok((summary, self.messages_after(key, upto)?))
+        for (seq, run_id, created_ms, row_subject, body) in rows {
+            let e = Entry {
+                seq,
+                run_id,
+                created_ms,
+                message: self.open(&row_subject, &body)?,
+            };
+            known_bytes = known_bytes.map(|b| b + weight(&e));
+            entries.push(SharedEntry::new(e));
+        }
+        if let Some(c) = &self.cache {
+            let mut st = c.lock();
+            // Kept only if nothing was deleted or erased since this snapshot was taken.
+            if st.changes == Some(changes) && st.epoch == epoch {
+                let last_seq = entries.last().map_or(upto, |e| e.seq);
+                st.tick += 1;
+                let tick = st.tick;
+                let mut cs = CachedSession {
+                    subject,
+                    summary_blob: blob,
+                    summary: summary.clone(),
+                    upto,
+                    entries: entries.clone(),
+                    last_seq,
+                    bytes: 0,
+                    used: tick,
+                };
+                // Weighing all of it is linear in the session: only after a compaction or a
+                // first read.
+                match known_bytes {
+                    Some(b) => cs.bytes = b,
+                    None => cs.weigh(),
+                }
+                st.remove(key);
+                if cs.bytes <= c.max_bytes {
+                    st.bytes += cs.bytes;
+                    st.sessions.insert(key.to_string(), cs);
+                    c.evict(&mut st);
+                }
+            }
+        }
+        Ok((summary, entries))
+    }
+
+    fn open_summary(
+        &self,
+        subject: &str,
+        blob: Option<&[u8]>,
+    ) -> Result<Option<SharedSummary>, TranscriptError> {
+        Ok(match blob {
+            Some(b) => Some(Arc::new(Zeroizing::new(self.open::<String>(subject, b)?))),
+            None => None,
+        })
     }
 
     /// Every message of a session with `seq > after`, oldest first.
@@ -491,14 +941,17 @@ impl Transcripts {
     /// What `user` has spent in the UTC day of `now_ms`, in USD.
     pub fn spend_today(&self, user: &str, now_ms: i64) -> Result<f64, TranscriptError> {
         const DAY: i64 = 86_400_000;
-        let start = now_ms.div_euclid(DAY) * DAY;
-        Ok(self.store.db().with(|c| {
+        let day = now_ms.div_euclid(DAY);
+        // `spend_daily` is kept from `usage` by triggers (migration 19): one row, not a sum
+        // over the day's calls. Rounding residue of deletions never makes it negative.
+        let spent: f64 = self.store.db().with(|c| {
             c.query_row(
-                "SELECT COALESCE(SUM(cost_usd), 0.0) FROM usage WHERE user_id = ?1 AND at_ms >= ?2 AND at_ms < ?3",
-                params![user, start, start + DAY],
+                "SELECT COALESCE(SUM(cost_usd), 0.0) FROM spend_daily WHERE user_id = ?1 AND day = ?2",
+                params![user, day],
             )?
             .get(0)
-        })?)
+        })?;
+        Ok(spent.max(0.0))
     }
 
     pub fn run(&self, id: &str) -> Result<RunRow, TranscriptError> {
@@ -555,8 +1008,18 @@ impl Transcripts {
             .ok_or_else(|| TranscriptError::NoRun(run_id.into()))?
             .get(0)?;
         let rows: Vec<(i64, i64, String, Vec<u8>)> = self.store.db().with(|c| {
+            // `messages_run` (migration 19), not a walk over the whole session (SQLite's
+            // unary `+` keeps its planner off the session index).
+            let sql = match c.dialect() {
+                crate::store::Dialect::Sqlite => {
+                    "SELECT seq, created_ms, subject, body FROM messages WHERE run_id = ?2 AND +session_key = ?1 ORDER BY seq"
+                }
+                crate::store::Dialect::Postgres => {
+                    "SELECT seq, created_ms, subject, body FROM messages WHERE run_id = ?2 AND session_key = ?1 ORDER BY seq"
+                }
+            };
             c.query_map(
-                "SELECT seq, created_ms, subject, body FROM messages WHERE session_key = ?1 AND run_id = ?2 ORDER BY seq",
+                sql,
                 params![key, run_id],
                 |r| Ok::<_, TranscriptError>((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )

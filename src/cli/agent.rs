@@ -40,6 +40,12 @@ impl Sealer for crate::vault::Vault {
     fn open(&self, subject: &str, sealed: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
         crate::vault::Vault::open(self, subject, sealed).map_err(|e| e.to_string())
     }
+    fn erasure_epoch(&self) -> Result<u64, String> {
+        crate::vault::Vault::erasure_epoch(self).map_err(|e| e.to_string())
+    }
+    fn on_erase(&self, hook: std::sync::Weak<crate::agent::transcripts::EraseHook>) {
+        crate::vault::Vault::on_erase(self, hook);
+    }
 }
 
 /// The model router with keys released through the gate from `secrets` (`None`: no model

@@ -28,6 +28,10 @@ max_tokens = 4096
 context_budget_tokens = 64000
 # Tool results are cut to this many bytes before the model sees them.
 tool_result_max_bytes = 16384
+# Opened (decrypted) conversation history kept in memory, in KiB, so a step decrypts only the
+# messages that are new (least recently used sessions are dropped first; an erased user's
+# messages at once). 0 = none: every step decrypts the whole history.
+history_cache_kib = 4096
 
 [budgets]
 # Daily spend limit per user in USD, from [pricing] (UTC days; 0 = no limit).
@@ -51,6 +55,7 @@ pub struct AgentConfig {
     pub max_tokens: u32,
     pub context_budget_tokens: u64,
     pub tool_result_max_bytes: usize,
+    pub history_cache_kib: u64,
     /// `[agent.heartbeat]` (documented in `config::automation`).
     pub heartbeat: super::automation::HeartbeatConfig,
 }
@@ -68,6 +73,7 @@ impl Default for AgentConfig {
             max_tokens: 4096,
             context_budget_tokens: 64_000,
             tool_result_max_bytes: 16 * 1024,
+            history_cache_kib: 4096,
             heartbeat: super::automation::HeartbeatConfig::default(),
         }
     }
@@ -76,7 +82,7 @@ impl Default for AgentConfig {
 impl AgentConfig {
     /// Checks the limits (each must be usable: a zero step limit would make every run fail).
     pub fn validate(&self) -> Result<(), String> {
-        let checks: [(&str, bool); 6] = [
+        let checks: [(&str, bool); 7] = [
             ("max_steps", (1..=1000).contains(&self.max_steps)),
             (
                 "run_timeout_secs",
@@ -94,6 +100,10 @@ impl AgentConfig {
             (
                 "tool_result_max_bytes",
                 (256..=16 * 1024 * 1024).contains(&self.tool_result_max_bytes),
+            ),
+            (
+                "history_cache_kib",
+                self.history_cache_kib <= 4 * 1024 * 1024,
             ),
         ];
         for (key, ok) in checks {

@@ -92,6 +92,12 @@ fn insert_rows(
     Ok(())
 }
 
+/// Tables kept by the target's own triggers, not copied: `spend_daily` is rebuilt from the
+/// copied `usage` rows (emptied with the rest first), and `transcript_changes` (the single
+/// counter row of migration 19) is the target's own; a copy only appends messages, and a
+/// gateway's history cache of the source database never reads the target.
+const DERIVED: &[&str] = &["spend_daily", "transcript_changes"];
+
 /// Copies every table of `src` (SQLite) into `dst` (PostgreSQL). `dst` is migrated first;
 /// both must then be at this build's schema version. A target with rows is refused unless
 /// `replace` (its rows are then deleted in the same transaction). `progress` hears
@@ -115,14 +121,22 @@ pub fn sqlite_to_postgres(
             "both databases must be at schema version {known} (source {sv}, target {dv}); run `chitin store migrate` on each"
         )));
     }
-    let tables = src.tables()?;
-    let counts = src.row_counts()?;
+    let tables: Vec<String> = src
+        .tables()?
+        .into_iter()
+        .filter(|t| !DERIVED.contains(&t.as_str()))
+        .collect();
+    let counts: Vec<(String, i64)> = src
+        .row_counts()?
+        .into_iter()
+        .filter(|(t, _)| !DERIVED.contains(&t.as_str()))
+        .collect();
     let total: i64 = counts.iter().map(|(_, n)| *n).sum();
     let total = u64::try_from(total).unwrap_or(0);
     let occupied: Vec<(String, i64)> = dst
         .row_counts()?
         .into_iter()
-        .filter(|(t, n)| *n > 0 && t != "schema_version")
+        .filter(|(t, n)| *n > 0 && t != "schema_version" && !DERIVED.contains(&t.as_str()))
         .collect();
     if !occupied.is_empty() && !replace {
         let list = occupied
@@ -138,7 +152,7 @@ pub fn sqlite_to_postgres(
     let targets: Vec<String> = dst
         .tables()?
         .into_iter()
-        .filter(|t| t != "schema_version")
+        .filter(|t| t != "schema_version" && t != "transcript_changes")
         .collect();
     src.with(|s| {
         dst.tx(|d| {
@@ -149,6 +163,8 @@ pub fn sqlite_to_postgres(
                     .collect::<Vec<_>>()
                     .join(", ");
                 d.execute_batch(&format!("TRUNCATE {all}"))?;
+                // TRUNCATE fires no row trigger: the messages it removed move the counter.
+                d.execute_batch("UPDATE transcript_changes SET n = n + 1 WHERE id = 1")?;
             }
             let mut done: u64 = 0;
             let mut copied = Vec::new();

@@ -517,6 +517,57 @@ pub const SQLITE: &[&str] = &[
         user_hash   BLOB PRIMARY KEY,
         removed_ms  INTEGER NOT NULL
      ) STRICT;",
+    // 19 (issue #21, the agent turn's cost): a counter of changes to stored messages other
+    // than appends (a row deleted by retention, erasure or a restore's purge, or rewritten),
+    // kept by triggers whoever makes them (this gateway, the CLI in another process): the
+    // agent's cache of opened messages (`agent::transcripts::HistoryCache`) starts over
+    // whenever it moved; an index of messages by run; the daily spend per user.
+    "CREATE TABLE transcript_changes (
+        id  INTEGER PRIMARY KEY CHECK (id = 1),
+        n   INTEGER NOT NULL
+     ) STRICT;
+     INSERT INTO transcript_changes (id, n) VALUES (1, 0);
+     CREATE TRIGGER messages_deleted_count AFTER DELETE ON messages
+     BEGIN UPDATE transcript_changes SET n = n + 1 WHERE id = 1; END;
+     CREATE TRIGGER messages_updated_count AFTER UPDATE ON messages
+     BEGIN UPDATE transcript_changes SET n = n + 1 WHERE id = 1; END;
+     -- A run's messages without walking its session (a run's summary at its end).
+     CREATE INDEX messages_run ON messages(run_id, seq);
+     -- Spend per user and UTC day, kept by triggers from `usage` (whoever inserts or deletes
+     -- usage rows: the agent, retention, erasure), so the budget check of every model call
+     -- reads one row instead of summing the day's calls.
+     CREATE TABLE spend_daily (
+        user_id   TEXT NOT NULL,
+        day       INTEGER NOT NULL,
+        cost_usd  REAL NOT NULL,
+        calls     INTEGER NOT NULL,
+        PRIMARY KEY (user_id, day)
+     ) STRICT;
+     INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        SELECT user_id, at_ms / 86400000, SUM(COALESCE(cost_usd, 0.0)), COUNT(*)
+        FROM usage GROUP BY user_id, at_ms / 86400000;
+     CREATE TRIGGER usage_spend_insert AFTER INSERT ON usage BEGIN
+        INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        VALUES (NEW.user_id, NEW.at_ms / 86400000, COALESCE(NEW.cost_usd, 0.0), 1)
+        ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
+                                                 calls = calls + 1;
+     END;
+     CREATE TRIGGER usage_spend_delete AFTER DELETE ON usage BEGIN
+        UPDATE spend_daily SET cost_usd = cost_usd - COALESCE(OLD.cost_usd, 0.0), calls = calls - 1
+        WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000;
+        DELETE FROM spend_daily WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000
+                                AND calls <= 0;
+     END;
+     CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage BEGIN
+        UPDATE spend_daily SET cost_usd = cost_usd - COALESCE(OLD.cost_usd, 0.0), calls = calls - 1
+        WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000;
+        DELETE FROM spend_daily WHERE user_id = OLD.user_id AND day = OLD.at_ms / 86400000
+                                AND calls <= 0;
+        INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        VALUES (NEW.user_id, NEW.at_ms / 86400000, COALESCE(NEW.cost_usd, 0.0), 1)
+        ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
+                                                 calls = calls + 1;
+     END;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -970,6 +1021,64 @@ pub const POSTGRES: &[&str] = &[
         user_hash   BYTEA PRIMARY KEY,
         removed_ms  BIGINT NOT NULL
      );",
+    // 19: as SQLite's 19; the triggers are PL/pgSQL (row-level, like SQLite's). Integer
+    // division of BIGINT truncates as in SQLite (times are never negative).
+    "CREATE TABLE transcript_changes (
+        id  BIGINT PRIMARY KEY CHECK (id = 1),
+        n   BIGINT NOT NULL
+     );
+     INSERT INTO transcript_changes (id, n) VALUES (1, 0);
+     CREATE FUNCTION transcript_changes_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+        UPDATE transcript_changes SET n = n + 1 WHERE id = 1;
+        RETURN NULL;
+     END $$;
+     CREATE TRIGGER messages_deleted_count AFTER DELETE ON messages
+        FOR EACH ROW EXECUTE FUNCTION transcript_changes_bump();
+     CREATE TRIGGER messages_updated_count AFTER UPDATE ON messages
+        FOR EACH ROW EXECUTE FUNCTION transcript_changes_bump();
+     CREATE INDEX messages_run ON messages(run_id, seq);
+     CREATE TABLE spend_daily (
+        user_id   TEXT NOT NULL,
+        day       BIGINT NOT NULL,
+        cost_usd  DOUBLE PRECISION NOT NULL,
+        calls     BIGINT NOT NULL,
+        PRIMARY KEY (user_id, day)
+     );
+     INSERT INTO spend_daily (user_id, day, cost_usd, calls)
+        SELECT user_id, at_ms / 86400000, SUM(COALESCE(cost_usd, 0.0)), COUNT(*)
+        FROM usage GROUP BY user_id, at_ms / 86400000;
+     CREATE FUNCTION usage_spend_add(p_user TEXT, p_at BIGINT, p_cost DOUBLE PRECISION) RETURNS void
+     LANGUAGE plpgsql AS $$
+     BEGIN
+        INSERT INTO spend_daily AS s (user_id, day, cost_usd, calls)
+        VALUES (p_user, p_at / 86400000, COALESCE(p_cost, 0.0), 1)
+        ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = s.cost_usd + excluded.cost_usd,
+                                                 calls = s.calls + 1;
+     END $$;
+     CREATE FUNCTION usage_spend_remove(p_user TEXT, p_at BIGINT, p_cost DOUBLE PRECISION) RETURNS void
+     LANGUAGE plpgsql AS $$
+     BEGIN
+        UPDATE spend_daily SET cost_usd = cost_usd - COALESCE(p_cost, 0.0), calls = calls - 1
+        WHERE user_id = p_user AND day = p_at / 86400000;
+        DELETE FROM spend_daily WHERE user_id = p_user AND day = p_at / 86400000 AND calls <= 0;
+     END $$;
+     CREATE FUNCTION usage_spend_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+     BEGIN
+        IF TG_OP = 'DELETE' OR TG_OP = 'UPDATE' THEN
+           PERFORM usage_spend_remove(OLD.user_id, OLD.at_ms, OLD.cost_usd);
+        END IF;
+        IF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN
+           PERFORM usage_spend_add(NEW.user_id, NEW.at_ms, NEW.cost_usd);
+        END IF;
+        RETURN NULL;
+     END $$;
+     CREATE TRIGGER usage_spend_insert AFTER INSERT ON usage
+        FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();
+     CREATE TRIGGER usage_spend_delete AFTER DELETE ON usage
+        FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();
+     CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage
+        FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();",
 ];
 
 #[cfg(test)]
