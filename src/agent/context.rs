@@ -547,7 +547,7 @@ pub fn to_messages<E: AsRef<Entry>>(summary: Option<&str>, history: &[E]) -> Vec
             });
         }
     };
-    let newest_images = history.iter().rev().find_map(|e| match &e.message {
+    let newest_images = history.iter().rev().find_map(|e| match &e.as_ref().message {
         Stored::Tool {
             tool_use_id,
             images,
