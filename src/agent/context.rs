@@ -547,14 +547,17 @@ pub fn to_messages<E: AsRef<Entry>>(summary: Option<&str>, history: &[E]) -> Vec
             });
         }
     };
-    let newest_images = history.iter().rev().find_map(|e| match &e.as_ref().message {
-        Stored::Tool {
-            tool_use_id,
-            images,
-            ..
-        } if !images.is_empty() => Some(tool_use_id.as_str()),
-        _ => None,
-    });
+    let newest_images = history
+        .iter()
+        .rev()
+        .find_map(|e| match &e.as_ref().message {
+            Stored::Tool {
+                tool_use_id,
+                images,
+                ..
+            } if !images.is_empty() => Some(tool_use_id.as_str()),
+            _ => None,
+        });
     for e in history {
         match &e.as_ref().message {
             Stored::User {
