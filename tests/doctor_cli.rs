@@ -75,7 +75,7 @@ fn fresh_with(edit: &dyn Fn(&str) -> Option<String>) -> (tempfile::TempDir, std:
             (None, l) if l.starts_with("scrypt_work_factor = ") => {
                 "scrypt_work_factor = 16".to_string()
             }
-            (None, l) if l.starts_with("backend = ") => "backend = \"passphrase\"".to_string(),
+            (None, l) if l == "backend = \"auto\"" => "backend = \"passphrase\"".to_string(),
             // The test machine's free disk space is not the test's to control.
             (None, l) if l.starts_with("min_free_disk_mb = ") => "min_free_disk_mb = 0".to_string(),
             (None, l) => l.to_string(),
@@ -109,7 +109,7 @@ fn a_fresh_install_has_no_finding_above_low() {
 #[test]
 fn a_plaintext_identity_is_flagged() {
     let (_t, home) = fresh_with(&|l| {
-        if l.starts_with("backend = ") {
+        if l == "backend = \"auto\"" {
             Some("backend = \"file\"".to_string())
         } else if l.starts_with("allow_plaintext_identity = ") {
             Some("allow_plaintext_identity = true".to_string())
