@@ -213,6 +213,11 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "reads the backup file the schedule just wrote in the backup dir or the staging dir under the state dir",
     ),
     (
+        "src/lifecycle/s3.rs",
+        Some("put_multipart"),
+        "reads the backup file being uploaded (the backup dir or the staging dir under the state dir), one part at its offset",
+    ),
+    (
         "src/lifecycle/schedule.rs",
         Some("tick_with"),
         "removes the staged off-site backup under the state dir once it is uploaded",
