@@ -52,7 +52,7 @@ impl Env {
             .lines()
             .map(|l| match l {
                 l if l.starts_with("scrypt_work_factor = ") => "scrypt_work_factor = 16".into(),
-                l if l == "backend = \"auto\"" => "backend = \"passphrase\"".into(),
+                "backend = \"auto\"" => "backend = \"passphrase\"".into(),
                 l => l.to_string(),
             })
             .collect();
