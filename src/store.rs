@@ -44,11 +44,6 @@ pub const NOT_PORTED: &[&str] = &[
     "agent::usage",
     "automation::hooks",
     "automation::jobs",
-    "channels",
-    "channels::buttons",
-    "channels::ingress",
-    "channels::outbox",
-    "channels::pairing",
     "cli::status",
     "gateway",
     "lifecycle::backup",
@@ -62,7 +57,16 @@ pub const NOT_PORTED: &[&str] = &[
 ];
 
 /// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)"];
+pub const PORTED: &[&str] = &[
+    "approvals",
+    "agent::transcripts",
+    "store (meta)",
+    "channels",
+    "channels::buttons",
+    "channels::ingress",
+    "channels::outbox",
+    "channels::pairing",
+];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {

@@ -1,5 +1,8 @@
 //! The channel engine in process, over the real state database, gate (Cedar + audit log) and
-//! vault: durable ingress, admission, pairing and the outbox. The platform is scripted.
+//! vault: durable ingress, admission, pairing and the outbox. The platform is scripted. Every
+//! test that touches the store runs on SQLite and on PostgreSQL (`<test>::on_sqlite`,
+//! `<test>::on_postgres`; a fresh database per test), and the races of several gateways on one
+//! PostgreSQL database (two `Store`s = two replicas) are tested there.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -28,11 +31,13 @@ use chitin::gate::Gate;
 use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::secrets::SecretStore;
 use chitin::secrets::identity::FixedPassphrase;
-use chitin::store::Store;
+use chitin::store::{Store, params};
 use chitin::vault::Vault;
 use chitin_channels::{
     ChatKind, ChatRef, Event, Inbound, Message, Polled, SendError, Sender as Who,
 };
+use chitin_store::Dialect;
+use chitin_store::testing::TestPg;
 use scripted::ScriptedPlatform;
 use zeroize::Zeroizing;
 
@@ -59,9 +64,68 @@ impl Sealer for Switchable {
     }
 }
 
+/// Where the state lives: the home's `state.db`, or a fresh PostgreSQL database.
+enum Db {
+    Sqlite(PathBuf),
+    Postgres(TestPg),
+}
+
+impl Db {
+    /// A new connection to the state (a restarted gateway, a second sender, another replica).
+    fn store(&self) -> Store {
+        match self {
+            Self::Sqlite(path) => Store::open(path).unwrap(),
+            Self::Postgres(pg) => Store::postgres(&pg.config()).unwrap(),
+        }
+    }
+}
+
+/// Runs a test body on SQLite and on PostgreSQL (`<test>::on_sqlite`, `<test>::on_postgres`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin_store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin_store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_redelivered_poll_is_committed_once_and_admitted_once,
+    a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_stores_both,
+    an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_gets_none,
+    an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitted,
+    a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited,
+    a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text,
+    two_senders_racing_for_one_row_claim_it_once,
+    a_429_waits_exactly_retry_after_then_the_row_is_sent_once,
+    a_permanent_refusal_marks_the_row_failed_and_it_is_not_retried,
+    transient_failures_back_off_and_end_as_a_dead_letter_after_the_last_attempt,
+    a_row_left_sending_by_a_crash_is_not_resent_silently_after_the_restart,
+    a_timeout_after_the_request_went_out_is_not_retried_and_a_chats_rows_stay_in_order,
+    a_long_reply_is_queued_in_parts_within_the_limit,
+    a_message_queued_twice_under_one_key_is_one_row_and_one_send,
+    a_draft_still_queued_takes_the_final_text_and_no_second_message_is_sent,
+    a_sent_draft_is_edited_to_the_final_text_and_finalizing_again_changes_nothing,
+    a_final_edit_the_platform_refuses_is_sent_as_a_new_message_instead,
+    a_final_text_on_a_draft_that_fails_to_send_is_queued_again_as_its_own_message,
+    a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restart,
+    the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text,
+    a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to,
+    on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_again_with_the_same_id,
+    delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_an_audited_dead_letter,
+);
+
 struct H {
     _t: tempfile::TempDir,
     home: PathBuf,
+    db: Db,
     clock: ManualClock,
     gate: Gate,
     sealer: Arc<Switchable>,
@@ -76,8 +140,9 @@ fn settings() -> ChannelSettings {
 }
 
 /// A private home where `User::"owner"` is in `Group::"owners"`, `User::"mallory"` in no
-/// group, and `Identity::"telegram:1"` (defined in entities.json) is the owner's.
-fn harness() -> H {
+/// group, and `Identity::"telegram:1"` (defined in entities.json) is the owner's. The state is
+/// on backend `d`.
+fn harness_on(d: Dialect) -> H {
     let t = tempfile::tempdir().unwrap();
     let home = home::private_home(t.path(), "home");
     let ents = serde_json::json!([
@@ -130,10 +195,15 @@ fn harness() -> H {
         vault,
         fail: AtomicBool::new(false),
     });
-    let engine = engine_on(&home, &gate, &clock, &sealer);
+    let db = match d {
+        Dialect::Sqlite => Db::Sqlite(home.join("state.db")),
+        Dialect::Postgres => Db::Postgres(TestPg::new().unwrap()),
+    };
+    let engine = engine_on(&db, &gate, &clock, &sealer);
     H {
         _t: t,
         home,
+        db,
         clock,
         gate,
         sealer,
@@ -141,9 +211,10 @@ fn harness() -> H {
     }
 }
 
-/// An engine on its own connection to `state.db` (as after a restart, or a second sender).
-fn engine_on(home: &Path, gate: &Gate, clock: &ManualClock, sealer: &Arc<Switchable>) -> Engine {
-    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
+/// An engine on its own connection to the state (as after a restart, a second sender, or
+/// another replica on PostgreSQL).
+fn engine_on(db: &Db, gate: &Gate, clock: &ManualClock, sealer: &Arc<Switchable>) -> Engine {
+    let store = Arc::new(db.store());
     let e = Engine::new(
         store,
         gate.clone(),
@@ -202,9 +273,10 @@ fn polled(events: Vec<Inbound>, cursor: &str) -> Polled {
 }
 
 fn count(h: &H, sql: &str) -> i64 {
-    let store = Store::open(&h.home.join("state.db")).unwrap();
-    let conn = store.conn().unwrap();
-    conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    h.db.store()
+        .db()
+        .with(|c| c.query_row(sql, params![])?.get(0))
+        .unwrap()
 }
 
 fn audit_records(h: &H) -> Vec<chitin_audit::Record> {
@@ -261,9 +333,8 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 // ---- durable ingress ----------------------------------------------------------------------
 
-#[test]
-fn a_redelivered_poll_is_committed_once_and_admitted_once() {
-    let h = harness();
+fn a_redelivered_poll_is_committed_once_and_admitted_once(d: Dialect) {
+    let h = harness_on(d);
     let p = polled(
         vec![inbound("u:10", msg(dm("1"), "1", "5", "hello", false))],
         "11",
@@ -284,9 +355,10 @@ fn a_redelivered_poll_is_committed_once_and_admitted_once() {
     assert_eq!(h.engine.counters().duplicates, 1);
 }
 
-#[test]
-fn a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_stores_both() {
-    let h = harness();
+fn a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_stores_both(
+    d: Dialect,
+) {
+    let h = harness_on(d);
     h.engine
         .commit_polled(CH, &polled(Vec::new(), "10"))
         .unwrap();
@@ -321,9 +393,8 @@ fn a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_s
 
 // ---- admission and pairing ----------------------------------------------------------------
 
-#[test]
-fn an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_gets_none() {
-    let h = harness();
+fn an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_gets_none(d: Dialect) {
+    let h = harness_on(d);
     let c = h
         .engine
         .commit_polled(
@@ -397,9 +468,8 @@ fn an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_get
     );
 }
 
-#[test]
-fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitted() {
-    let h = harness();
+fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitted(d: Dialect) {
+    let h = harness_on(d);
     h.engine
         .commit_polled(
             CH,
@@ -475,7 +545,7 @@ fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitt
     })
     .unwrap();
     let gate2 = Gate::new(Arc::new(policy), Arc::clone(h.gate.audit()));
-    let e2 = engine_on(&h.home, &gate2, &h.clock, &h.sealer);
+    let e2 = engine_on(&h.db, &gate2, &h.clock, &h.sealer);
     assert_eq!(e2.users_of("telegram:500").unwrap(), ["owner"]);
     // And a reload of the policies keeps it.
     gate2.reload_policies("owner").unwrap();
@@ -488,9 +558,8 @@ fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitt
     assert!(h.engine.users_of("telegram:500").unwrap().is_empty());
 }
 
-#[test]
-fn a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited() {
-    let h = harness();
+fn a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited(d: Dialect) {
+    let h = harness_on(d);
     h.engine
         .commit_polled(
             CH,
@@ -535,9 +604,8 @@ fn a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited() {
     assert!(matches!(err, ChannelsError::PairingExpired(_)), "{err}");
 }
 
-#[test]
-fn a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text() {
-    let h = harness();
+fn a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text(d: Dialect) {
+    let h = harness_on(d);
     let c = h
         .engine
         .commit_polled(
@@ -669,12 +737,11 @@ fn reply(text: &str) -> OutboxNew {
     }
 }
 
-#[test]
-fn two_senders_racing_for_one_row_claim_it_once() {
-    let h = harness();
+fn two_senders_racing_for_one_row_claim_it_once(d: Dialect) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("once")).unwrap();
-    let a = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
-    let b = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    let a = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    let b = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
     let barrier = Barrier::new(2);
     let now = h.clock.now_ms();
     let (ra, rb) = std::thread::scope(|s| {
@@ -693,9 +760,8 @@ fn two_senders_racing_for_one_row_claim_it_once() {
     assert!(h.engine.claim_due(CH, now, 10).unwrap().is_empty());
 }
 
-#[test]
-fn a_429_waits_exactly_retry_after_then_the_row_is_sent_once() {
-    let h = harness();
+fn a_429_waits_exactly_retry_after_then_the_row_is_sent_once(d: Dialect) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("after the flood")).unwrap();
     let p = ScriptedPlatform::new();
     p.fail_next(SendError::RateLimited {
@@ -735,9 +801,8 @@ fn a_429_waits_exactly_retry_after_then_the_row_is_sent_once() {
     assert_eq!(p.sends().len(), 2);
 }
 
-#[test]
-fn a_permanent_refusal_marks_the_row_failed_and_it_is_not_retried() {
-    let h = harness();
+fn a_permanent_refusal_marks_the_row_failed_and_it_is_not_retried(d: Dialect) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("to a blocked chat")).unwrap();
     let p = ScriptedPlatform::new();
     p.fail_next(SendError::Permanent(
@@ -765,9 +830,8 @@ fn a_permanent_refusal_marks_the_row_failed_and_it_is_not_retried() {
     );
 }
 
-#[test]
-fn transient_failures_back_off_and_end_as_a_dead_letter_after_the_last_attempt() {
-    let h = harness();
+fn transient_failures_back_off_and_end_as_a_dead_letter_after_the_last_attempt(d: Dialect) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("into the void")).unwrap();
     let p = ScriptedPlatform::new();
     let transient = || SendError::Transient {
@@ -820,14 +884,22 @@ fn transient_failures_back_off_and_end_as_a_dead_letter_after_the_last_attempt()
     );
 }
 
-#[test]
-fn a_row_left_sending_by_a_crash_is_not_resent_silently_after_the_restart() {
-    let h = harness();
+fn a_row_left_sending_by_a_crash_is_not_resent_silently_after_the_restart(d: Dialect) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("maybe twice")).unwrap();
     let claimed = h.engine.claim_due(CH, h.clock.now_ms(), 10).unwrap();
     assert_eq!(claimed.len(), 1);
     // The gateway dies here (the request may have reached the platform). Restart:
-    let restarted = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    let restarted = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    if d == Dialect::Postgres {
+        // Other replicas may be sending: a claim is a dead sender's only once it expired.
+        assert!(restarted.recover_interrupted_sends().unwrap().is_empty());
+        assert_eq!(
+            restarted.outbox_row(id).unwrap().unwrap().status,
+            OutboxStatus::Sending
+        );
+        h.clock.advance(chitin::channels::SEND_CLAIM_TTL_MS);
+    }
     assert_eq!(restarted.recover_interrupted_sends().unwrap(), [id]);
     let row = restarted.outbox_row(id).unwrap().unwrap();
     assert_eq!(row.status, OutboxStatus::Failed);
@@ -852,9 +924,8 @@ fn a_row_left_sending_by_a_crash_is_not_resent_silently_after_the_restart() {
     }));
 }
 
-#[test]
-fn a_timeout_after_the_request_went_out_is_not_retried_and_a_chats_rows_stay_in_order() {
-    let h = harness();
+fn a_timeout_after_the_request_went_out_is_not_retried_and_a_chats_rows_stay_in_order(d: Dialect) {
+    let h = harness_on(d);
     let first = h.engine.enqueue(&reply("one")).unwrap();
     let second = h.engine.enqueue(&reply("two")).unwrap();
     // Only the oldest unsent row of a chat is claimable.
@@ -879,9 +950,8 @@ fn a_timeout_after_the_request_went_out_is_not_retried_and_a_chats_rows_stay_in_
     assert_eq!(p.sends()[0].text, "two");
 }
 
-#[test]
-fn a_long_reply_is_queued_in_parts_within_the_limit() {
-    let h = harness();
+fn a_long_reply_is_queued_in_parts_within_the_limit(d: Dialect) {
+    let h = harness_on(d);
     let para = "word ".repeat(199) + "word";
     let text = vec![para; 10].join("\n\n");
     let ids = h.engine.enqueue_split(&reply(&text), 4096).unwrap();
@@ -919,9 +989,8 @@ fn outbox_texts(h: &H) -> Vec<(String, OutboxStatus, Option<String>)> {
         .collect()
 }
 
-#[test]
-fn a_message_queued_twice_under_one_key_is_one_row_and_one_send() {
-    let h = harness();
+fn a_message_queued_twice_under_one_key_is_one_row_and_one_send(d: Dialect) {
+    let h = harness_on(d);
     let first = h
         .engine
         .enqueue_split(&keyed("Approve this?", "approval:a1"), 4096)
@@ -946,9 +1015,8 @@ fn a_message_queued_twice_under_one_key_is_one_row_and_one_send() {
     );
 }
 
-#[test]
-fn a_draft_still_queued_takes_the_final_text_and_no_second_message_is_sent() {
-    let h = harness();
+fn a_draft_still_queued_takes_the_final_text_and_no_second_message_is_sent(d: Dialect) {
+    let h = harness_on(d);
     h.engine
         .enqueue(&keyed("The answer so far …", "draft:r1"))
         .unwrap();
@@ -966,9 +1034,8 @@ fn a_draft_still_queued_takes_the_final_text_and_no_second_message_is_sent() {
     assert!(p.edits().is_empty());
 }
 
-#[test]
-fn a_sent_draft_is_edited_to_the_final_text_and_finalizing_again_changes_nothing() {
-    let h = harness();
+fn a_sent_draft_is_edited_to_the_final_text_and_finalizing_again_changes_nothing(d: Dialect) {
+    let h = harness_on(d);
     let draft = h
         .engine
         .enqueue(&keyed("The answer so far …", "draft:r1"))
@@ -1008,9 +1075,8 @@ fn a_sent_draft_is_edited_to_the_final_text_and_finalizing_again_changes_nothing
     assert_eq!(p.sends().len(), 2);
 }
 
-#[test]
-fn a_final_edit_the_platform_refuses_is_sent_as_a_new_message_instead() {
-    let h = harness();
+fn a_final_edit_the_platform_refuses_is_sent_as_a_new_message_instead(d: Dialect) {
+    let h = harness_on(d);
     let draft = h.engine.enqueue(&keyed("So far …", "draft:r2")).unwrap();
     let p = ScriptedPlatform::new();
     block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
@@ -1028,9 +1094,8 @@ fn a_final_edit_the_platform_refuses_is_sent_as_a_new_message_instead() {
     assert!(row.last_error.unwrap().contains("sent as a new message"));
 }
 
-#[test]
-fn a_final_text_on_a_draft_that_fails_to_send_is_queued_again_as_its_own_message() {
-    let h = harness();
+fn a_final_text_on_a_draft_that_fails_to_send_is_queued_again_as_its_own_message(d: Dialect) {
+    let h = harness_on(d);
     let draft = h.engine.enqueue(&keyed("So far …", "draft:r3")).unwrap();
     let claimed = h.engine.claim_due(CH, T0, 10).unwrap();
     assert_eq!(claimed[0].id, draft);
@@ -1057,9 +1122,8 @@ fn a_final_text_on_a_draft_that_fails_to_send_is_queued_again_as_its_own_message
     );
 }
 
-#[test]
-fn a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restart() {
-    let h = harness();
+fn a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restart(d: Dialect) {
+    let h = harness_on(d);
     let c = h
         .engine
         .commit_polled(
@@ -1073,20 +1137,19 @@ fn a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restar
     let ev = &c.admitted[0];
     // The turn was recorded (run with this message as origin) and the message marked done;
     // the gateway stopped before the reply was queued.
-    {
-        let store = Store::open(&h.home.join("state.db")).unwrap();
-        let conn = store.conn().unwrap();
-        conn.execute(
-            "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, 'owner', 'Chitin::User::\"owner\"', 'tg', ?2, ?2)",
-            rusqlite::params![ev.session, T0],
-        )
+    h.db.store()
+        .db()
+        .tx(|c| {
+            c.execute(
+                "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms) VALUES (?1, 'owner', 'Chitin::User::\"owner\"', 'tg', ?2, ?2)",
+                params![ev.session, T0],
+            )?;
+            c.execute(
+                "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES ('run-1', ?1, 'owner', 'Chitin::User::\"owner\"', 'completed', ?2, ?2, ?3)",
+                params![ev.session, T0, format!("channel:{CH}:{}", ev.row_id)],
+            )
+        })
         .unwrap();
-        conn.execute(
-            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, origin) VALUES ('run-1', ?1, 'owner', 'Chitin::User::\"owner\"', 'completed', ?2, ?2, ?3)",
-            rusqlite::params![ev.session, T0, format!("channel:{CH}:{}", ev.row_id)],
-        )
-        .unwrap();
-    }
     h.engine.mark_done(ev.row_id).unwrap();
     let waiting = h.engine.turns_without_reply(CH, T0 - 1).unwrap();
     assert_eq!(
@@ -1102,9 +1165,8 @@ fn a_turn_whose_reply_was_not_queued_is_listed_once_for_its_reply_after_a_restar
     assert!(h.engine.turns_without_reply(CH, T0 + 1).unwrap().is_empty());
 }
 
-#[test]
-fn the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text() {
-    let h = harness();
+fn the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text(d: Dialect) {
+    let h = harness_on(d);
     let mut m = msg(dm("1"), "1", "10", "see attached", true);
     m.attachments = vec![chitin_channels::Attachment {
         file_ref: "doc-1".into(),
@@ -1123,9 +1185,8 @@ fn the_files_of_an_admitted_message_survive_a_restart_sealed_with_its_text() {
     );
 }
 
-#[test]
-fn a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to() {
-    let h = harness();
+fn a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to(d: Dialect) {
+    let h = harness_on(d);
     let prompt = OutboxNew {
         kind: OutboxKind::Approval,
         ..keyed("Approval needed: exec", "approval:0123abcd")
@@ -1154,15 +1215,18 @@ fn a_reaction_is_traced_to_the_approval_whose_prompt_it_reacts_to() {
     );
 }
 
-#[test]
-fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_again_with_the_same_id()
- {
-    let h = harness();
+fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_again_with_the_same_id(
+    d: Dialect,
+) {
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("exactly once")).unwrap();
     let claimed = h.engine.claim_due(CH, h.clock.now_ms(), 10).unwrap();
     let first_id = claimed[0].message().delivery_id;
     // The gateway dies mid-send. The channel's platform deduplicates resends (Matrix txnId):
-    let restarted = engine_on(&h.home, &h.gate, &h.clock, &h.sealer);
+    let restarted = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    if d == Dialect::Postgres {
+        h.clock.advance(chitin::channels::SEND_CLAIM_TTL_MS);
+    }
     assert!(
         restarted
             .recover_interrupted_sends_except(&[CH.to_string()])
@@ -1181,10 +1245,11 @@ fn on_a_platform_that_deduplicates_by_delivery_id_an_interrupted_send_is_sent_ag
     assert_eq!(restarted.counters().maybe_delivered, 0);
 }
 
-#[test]
-fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_an_audited_dead_letter() {
+fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_an_audited_dead_letter(
+    d: Dialect,
+) {
     use chitin_channels::{DeliveryReport, DeliveryState};
-    let h = harness();
+    let h = harness_on(d);
     let id = h.engine.enqueue(&reply("hello")).unwrap();
     let p = ScriptedPlatform::new();
     block_on(deliver_due(&h.engine, CH, &p, 10)).unwrap();
@@ -1272,3 +1337,297 @@ fn delivery_reports_are_recorded_on_the_row_and_a_reported_failure_is_an_audited
         .unwrap();
     assert_eq!(h.engine.counters().undelivered, 1);
 }
+
+// ---- several gateways on one database (issue #18) -----------------------------------------
+
+/// Two replicas (two `Store`s on one database), each delivering from several threads, claim
+/// from one outbox of many chats: every row is claimed exactly once, with one attempt, and the
+/// rows of each chat are claimed in order.
+fn two_replicas_claiming_from_many_threads_claim_every_row_exactly_once(d: Dialect) {
+    let h = harness_on(d);
+    const CHATS: usize = 12;
+    const PER_CHAT: usize = 4;
+    let mut ids = Vec::new();
+    for n in 0..PER_CHAT {
+        for c in 0..CHATS {
+            ids.push(
+                h.engine
+                    .enqueue(&OutboxNew {
+                        chat: dm(&format!("chat-{c}")),
+                        ..reply(&format!("message {n} to chat {c}"))
+                    })
+                    .unwrap(),
+            );
+        }
+    }
+    let replicas = [
+        engine_on(&h.db, &h.gate, &h.clock, &h.sealer),
+        engine_on(&h.db, &h.gate, &h.clock, &h.sealer),
+    ];
+    let now = h.clock.now_ms();
+    let claims = std::sync::Mutex::new(Vec::<(i64, String)>::new());
+    let barrier = Barrier::new(8);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let e = &replicas[t % 2];
+            let (claims, barrier) = (&claims, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                loop {
+                    let rows = e.claim_due(CH, now, 3).unwrap();
+                    for r in &rows {
+                        claims.lock().unwrap().push((r.id, r.chat.id.clone()));
+                        e.record_sent(r.id, &format!("p-{}", r.id)).unwrap();
+                    }
+                    if rows.is_empty() {
+                        if claims.lock().unwrap().len() >= CHATS * PER_CHAT {
+                            return;
+                        }
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "the outbox was not drained"
+                        );
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        }
+    });
+    let claims = claims.into_inner().unwrap();
+    let mut claimed: Vec<i64> = claims.iter().map(|(id, _)| *id).collect();
+    claimed.sort_unstable();
+    let mut expected = ids.clone();
+    expected.sort_unstable();
+    assert_eq!(claimed, expected, "every row claimed exactly once");
+    for r in h.engine.outbox(CH).unwrap() {
+        assert_eq!(
+            (r.status, r.attempts),
+            (OutboxStatus::Sent, 1),
+            "row {}",
+            r.id
+        );
+    }
+    for c in 0..CHATS {
+        let chat = format!("chat-{c}");
+        let order: Vec<i64> = claims
+            .iter()
+            .filter(|(_, ch)| *ch == chat)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "the rows of {chat} go out in order");
+    }
+}
+
+/// The platform of the hand-over test: events `u:1` .. `u:40`; a poll from cursor `c`
+/// returns the next five and the cursor after them.
+fn poll_from(cursor: Option<&str>) -> Polled {
+    let from: usize = cursor.map_or(0, |c| c.parse().unwrap());
+    let to = (from + 5).min(40);
+    polled(
+        (from + 1..=to)
+            .map(|i| {
+                inbound(
+                    &format!("u:{i}"),
+                    msg(dm("1"), "1", &i.to_string(), &format!("event {i}"), false),
+                )
+            })
+            .collect(),
+        &to.to_string(),
+    )
+}
+
+/// Two replicas polling one channel at once, as after a hand-over whose old owner has not
+/// noticed yet: one starts from the stored cursor while the other goes on from its own. Every
+/// event is stored and admitted once, nothing is lost, and the stored cursor never goes back
+/// (the stale replica's commits do not move it).
+fn two_replicas_ingesting_the_same_events_store_each_once_and_the_cursor_never_goes_back(
+    d: Dialect,
+) {
+    let h = harness_on(d);
+    let replicas = [
+        engine_on(&h.db, &h.gate, &h.clock, &h.sealer),
+        engine_on(&h.db, &h.gate, &h.clock, &h.sealer),
+    ];
+    let observer = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    let done = AtomicBool::new(false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (results, seen) = std::thread::scope(|s| {
+        let pollers: Vec<_> = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let observer = &observer;
+                s.spawn(move || {
+                    if i == 1 {
+                        // The second replica takes over once the first has made progress.
+                        while observer
+                            .status(CH)
+                            .unwrap()
+                            .cursor
+                            .is_none_or(|c| c.parse::<usize>().unwrap() < 10)
+                        {
+                            assert!(std::time::Instant::now() < deadline, "no progress");
+                            std::thread::yield_now();
+                        }
+                    }
+                    let mut cursor = e.next_cursor(CH).unwrap();
+                    let mut committed = Vec::new();
+                    while cursor.as_deref() != Some("40") {
+                        let p = poll_from(cursor.as_deref());
+                        let c = e.commit_polled(CH, &p).unwrap();
+                        cursor = p.cursor.clone();
+                        committed.push(c);
+                    }
+                    committed
+                })
+            })
+            .collect();
+        let watch = s.spawn(|| {
+            let mut seen = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                if let Some(c) = observer.status(CH).unwrap().cursor {
+                    seen.push(c.parse::<usize>().unwrap());
+                }
+                std::thread::yield_now();
+            }
+            seen
+        });
+        let results: Vec<_> = pollers.into_iter().map(|p| p.join().unwrap()).collect();
+        done.store(true, Ordering::SeqCst);
+        (results, watch.join().unwrap())
+    });
+    let all: Vec<_> = results.iter().flatten().collect();
+    let stored: usize = all.iter().map(|c| c.stored).sum();
+    let admitted: Vec<String> = all
+        .iter()
+        .flat_map(|c| c.admitted.iter().map(|a| a.event_id.clone()))
+        .collect();
+    assert_eq!(stored, 40, "each event stored once");
+    assert_eq!(admitted.len(), 40, "each message admitted once");
+    let mut distinct = admitted.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 40);
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_events"), 40);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM channel_events WHERE status = 'admitted'"
+        ),
+        40
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "the stored cursor went back: {seen:?}"
+    );
+    assert_eq!(h.engine.status(CH).unwrap().cursor.as_deref(), Some("40"));
+    // The replica that polled first from the stored cursor moved it; at least one commit of
+    // the two was a duplicate of the other's or stale.
+    assert!(all.iter().any(|c| !c.stale_cursor));
+}
+
+/// A stale replica (its poll started from a cursor another replica has moved since) stores
+/// the new events of its poll but does not move the cursor back.
+fn a_stale_replica_stores_its_new_events_but_does_not_move_the_cursor_back(d: Dialect) {
+    let h = harness_on(d);
+    let a = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    let b = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    assert_eq!(a.next_cursor(CH).unwrap(), None);
+    assert_eq!(b.next_cursor(CH).unwrap(), None);
+    let first = a.commit_polled(CH, &poll_from(None)).unwrap();
+    assert_eq!((first.stored, first.stale_cursor), (5, false));
+    // B polled from the same (empty) cursor: its batch is all duplicates, the cursor stays.
+    let late = b.commit_polled(CH, &poll_from(None)).unwrap();
+    assert_eq!(
+        (late.stored, late.duplicates, late.stale_cursor),
+        (0, 5, true)
+    );
+    // B takes over: it reads the stored cursor and moves it on.
+    assert_eq!(b.next_cursor(CH).unwrap().as_deref(), Some("5"));
+    let b1 = b.commit_polled(CH, &poll_from(Some("5"))).unwrap();
+    let b2 = b.commit_polled(CH, &poll_from(Some("10"))).unwrap();
+    assert_eq!((b1.stored, b2.stored), (5, 5));
+    assert!(!b1.stale_cursor && !b2.stale_cursor);
+    // A has not noticed: its next poll (from 5) is stored as duplicates and cannot move the
+    // cursor from 15 back to 10.
+    let stale = a.commit_polled(CH, &poll_from(Some("5"))).unwrap();
+    assert_eq!(
+        (stale.stored, stale.duplicates, stale.stale_cursor),
+        (0, 5, true)
+    );
+    assert_eq!(a.next_cursor(CH).unwrap().as_deref(), Some("15"));
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM channel_events"), 15);
+}
+
+/// On PostgreSQL another replica may be sending right now: a `sending` row is recovered only
+/// once its claim expired (its sender died), then by today's rule, by whichever replica
+/// delivers next, and never sent again.
+fn a_dead_replicas_claim_is_recovered_by_another_after_it_expires_and_not_resent(d: Dialect) {
+    let h = harness_on(d);
+    let dead = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    let survivor = engine_on(&h.db, &h.gate, &h.clock, &h.sealer);
+    let id = h.engine.enqueue(&reply("in flight")).unwrap();
+    let next = h.engine.enqueue(&reply("after it")).unwrap();
+    assert_eq!(dead.claim_due(CH, h.clock.now_ms(), 10).unwrap().len(), 1);
+    // The claimant dies mid-send. Within the claim's lifetime nothing touches the row, and
+    // the chat's next row waits behind it.
+    let p = ScriptedPlatform::new();
+    let r = block_on(deliver_due(&survivor, CH, &p, 10)).unwrap();
+    assert!(r.sent.is_empty() && r.failed.is_empty());
+    assert_eq!(
+        survivor.outbox_row(id).unwrap().unwrap().status,
+        OutboxStatus::Sending
+    );
+    h.clock.advance(chitin::channels::SEND_CLAIM_TTL_MS);
+    let r = block_on(deliver_due(&survivor, CH, &p, 10)).unwrap();
+    if d == Dialect::Postgres {
+        // Any replica recovers an expired claim while delivering.
+        assert_eq!(
+            (r.failed.as_slice(), r.sent.as_slice()),
+            ([id].as_slice(), [next].as_slice())
+        );
+    } else {
+        // One gateway owns a SQLite store: it recovers at its start.
+        assert!(r.sent.is_empty());
+        assert_eq!(survivor.recover_interrupted_sends().unwrap(), [id]);
+        let r = block_on(deliver_due(&survivor, CH, &p, 10)).unwrap();
+        assert_eq!(r.sent, [next]);
+    }
+    let row = survivor.outbox_row(id).unwrap().unwrap();
+    assert_eq!(row.status, OutboxStatus::Failed);
+    assert!(row.last_error.unwrap().contains("may have been delivered"));
+    assert_eq!(p.sends().len(), 1, "the interrupted row is not re-sent");
+    assert_eq!(p.sends()[0].text, "after it");
+    assert!(matches!(
+        dead.record_sent(id, "late"),
+        Err(ChannelsError::NotSending(_))
+    ));
+    // Recovered (and audited) once, whoever else looks.
+    assert!(
+        h.engine
+            .recover_expired_claims(CH, false)
+            .unwrap()
+            .is_empty()
+    );
+    let audited = audit_records(&h)
+        .iter()
+        .filter(|r| {
+            r.action == "message.send"
+                && r.payload
+                    .as_deref()
+                    .and_then(|p| serde_json::from_str::<serde_json::Value>(p).ok())
+                    .is_some_and(|p| p["outbox_id"] == id)
+        })
+        .count();
+    assert_eq!(audited, 1);
+}
+
+on_both_backends!(
+    two_replicas_claiming_from_many_threads_claim_every_row_exactly_once,
+    two_replicas_ingesting_the_same_events_store_each_once_and_the_cursor_never_goes_back,
+    a_stale_replica_stores_its_new_events_but_does_not_move_the_cursor_back,
+    a_dead_replicas_claim_is_recovered_by_another_after_it_expires_and_not_resent,
+);

@@ -2,8 +2,8 @@
 //! in order for the approval flow, which decides them (whose identity may press) and marks
 //! them done.
 
+use crate::store::params;
 use chitin_channels::ChatRef;
-use rusqlite::{OptionalExtension, params};
 
 use super::{ChannelsError, Engine, parse_chat_kind};
 
@@ -24,36 +24,39 @@ pub struct PendingPress {
 impl Engine {
     /// The presses of `channel` not handled yet, oldest first.
     pub fn pending_presses(&self, channel: &str) -> Result<Vec<PendingPress>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(
-            "SELECT id, chat_id, chat_kind, thread, sender_id, message_id, callback_id, button_data
-             FROM channel_events WHERE channel = ?1 AND event_kind = 'button' AND status = 'new'
-             ORDER BY id LIMIT 64",
-        )?;
-        let rows = st.query_map([channel], |r| {
-            Ok(PendingPress {
-                row_id: r.get(0)?,
-                chat: ChatRef {
-                    id: r.get::<_, Option<String>>(1)?.unwrap_or_default(),
-                    kind: parse_chat_kind(&r.get::<_, Option<String>>(2)?.unwrap_or_default()),
-                    thread: r.get(3)?,
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT id, chat_id, chat_kind, thread, sender_id, message_id, callback_id, button_data
+                 FROM channel_events WHERE channel = ?1 AND event_kind = 'button' AND status = 'new'
+                 ORDER BY id LIMIT 64",
+                params![channel],
+                |r| {
+                    Ok::<_, ChannelsError>(PendingPress {
+                        row_id: r.get(0)?,
+                        chat: ChatRef {
+                            id: r.get::<Option<String>>(1)?.unwrap_or_default(),
+                            kind: parse_chat_kind(&r.get::<Option<String>>(2)?.unwrap_or_default()),
+                            thread: r.get(3)?,
+                        },
+                        sender_id: r.get::<Option<String>>(4)?.unwrap_or_default(),
+                        message_id: r.get::<Option<String>>(5)?.unwrap_or_default(),
+                        callback_id: r.get::<Option<String>>(6)?.unwrap_or_default(),
+                        data: r.get::<Option<String>>(7)?.unwrap_or_default(),
+                    })
                 },
-                sender_id: r.get::<_, Option<String>>(4)?.unwrap_or_default(),
-                message_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                callback_id: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                data: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
-            })
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+            )
+        })
     }
 
     /// Marks a press handled (it is not decided again after a restart).
     pub fn mark_press_done(&self, row_id: i64) -> Result<(), ChannelsError> {
         let now = self.now_ms();
-        self.store.conn()?.execute(
-            "UPDATE channel_events SET status = 'done', updated_ms = ?2 WHERE id = ?1 AND event_kind = 'button'",
-            params![row_id, now],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE channel_events SET status = 'done', updated_ms = ?2 WHERE id = ?1 AND event_kind = 'button'",
+                params![row_id, now],
+            )
+        })?;
         Ok(())
     }
 
@@ -65,16 +68,16 @@ impl Engine {
         chat: &ChatRef,
         message_id: &str,
     ) -> Result<Option<String>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let key: Option<Option<String>> = conn
-            .query_row(
+        let key: Option<Option<String>> = self.store.db().with(|c| {
+            c.query_opt(
                 "SELECT dedup_key FROM channel_outbox
                  WHERE channel = ?1 AND chat_id = ?2 AND platform_message_id = ?3 AND kind = 'approval'
                  ORDER BY id DESC LIMIT 1",
                 params![channel, chat.id, message_id],
-                |r| r.get(0),
-            )
-            .optional()?;
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+        })?;
         Ok(key.flatten().and_then(|k| {
             k.strip_prefix("approval:")
                 .and_then(|rest| rest.split_once('#'))

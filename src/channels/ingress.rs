@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 
 use chitin_channels::{Event, Inbound, Message, Polled};
-use rusqlite::{OptionalExtension, Transaction, params};
+use chitin_store::Conn;
 use serde_json::{Value, json};
 
 use super::{
@@ -13,6 +13,7 @@ use super::{
 };
 use crate::gate::Verdict;
 use crate::policy::PolicyRequest;
+use crate::store::params;
 
 /// The longest button data kept (the platform limits it further; Telegram: 64 bytes).
 const MAX_BUTTON_DATA: usize = 256;
@@ -78,6 +79,9 @@ pub struct Committed {
     pub admissions: Vec<(String, Admission)>,
     /// Invitations whose inviter Cedar admitted: the conversations to join, in order.
     pub invites: Vec<AdmittedInvite>,
+    /// The cursor was not moved: another gateway moved it since this one read it (it took
+    /// the channel over), so this poll was stale. Its events were deduplicated as usual.
+    pub stale_cursor: bool,
 }
 
 /// An invitation of the bot into a conversation that Cedar admitted (join it, then
@@ -104,14 +108,16 @@ impl Engine {
     /// The cursor to resume polling from (`None`: from the start).
     pub fn next_cursor(&self, channel: &str) -> Result<Option<String>, ChannelsError> {
         self.settings(channel)?;
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row(
+        let cursor: Option<String> = self.store.db().with(|c| {
+            c.query_opt(
                 "SELECT cursor FROM channel_cursors WHERE channel = ?1",
-                [channel],
-                |r| r.get(0),
-            )
-            .optional()?)
+                params![channel],
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+        })?;
+        self.set_known_cursor(channel, cursor.clone());
+        Ok(cursor)
     }
 
     /// Stores what one poll returned: every event not seen before (deduplicated on
@@ -119,6 +125,13 @@ impl Engine {
     /// transaction. Only after this returns may the platform be told (the next poll with the
     /// new cursor; a webhook's 200). On any error nothing is stored and the cursor is
     /// unchanged, so the platform redelivers.
+    ///
+    /// Several gateways on one database (a channel handed over from one replica to another):
+    /// each event is claimed by inserting its key `(channel, event_id)` first (`ON CONFLICT
+    /// DO NOTHING`; a concurrent commit of the same event waits for the other and then finds
+    /// it), so an event is stored and decided once; the cursor moves only from the one this
+    /// engine's poll started from ([`Engine::next_cursor`] or its last commit), so a stale
+    /// replica never moves it back ([`Committed::stale_cursor`]).
     pub fn commit_polled(
         &self,
         channel: &str,
@@ -136,31 +149,51 @@ impl Engine {
     ) -> Result<Committed, ChannelsError> {
         let ch = self.settings(channel)?.clone();
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let mut out = Committed::default();
-        for ev in events {
-            let seen: Option<i64> = tx
-                .prepare_cached(
-                    "SELECT id FROM channel_events WHERE channel = ?1 AND event_id = ?2",
-                )?
-                .query_row(params![channel, ev.event_id], |r| r.get(0))
-                .optional()?;
-            if seen.is_some() {
-                out.duplicates += 1;
-                continue;
+        let known = cursor.and_then(|_| self.known_cursor(channel));
+        let out = self.store.db().tx(|tx| {
+            let mut out = Committed::default();
+            for ev in events {
+                let claimed = tx.query_opt(
+                    "INSERT INTO channel_events (channel, event_id, received_ms, event_kind, status, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, 'new', ?3)
+                     ON CONFLICT (channel, event_id) DO NOTHING
+                     RETURNING id",
+                    params![channel, ev.event_id, now, event_kind(&ev.event)],
+                )?;
+                let Some(claimed) = claimed else {
+                    out.duplicates += 1;
+                    continue;
+                };
+                self.store_event(tx, &ch, ev, claimed.get(0)?, now, &mut out)?;
+                out.stored += 1;
             }
-            self.store_event(&tx, &ch, ev, now, &mut out)?;
-            out.stored += 1;
+            if let Some(c) = cursor {
+                let moved = match &known {
+                    // Never read by this engine: as one gateway always did.
+                    None => tx.execute(
+                        "INSERT INTO channel_cursors (channel, cursor, updated_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(channel) DO UPDATE SET cursor = excluded.cursor, updated_ms = excluded.updated_ms",
+                        params![channel, c, now],
+                    )?,
+                    Some(None) => tx.execute(
+                        "INSERT INTO channel_cursors (channel, cursor, updated_ms) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(channel) DO NOTHING",
+                        params![channel, c, now],
+                    )?,
+                    Some(Some(from)) => tx.execute(
+                        "UPDATE channel_cursors SET cursor = ?2, updated_ms = ?3 WHERE channel = ?1 AND cursor = ?4",
+                        params![channel, c, now, from],
+                    )?,
+                };
+                out.stale_cursor = moved != 1;
+            }
+            Ok::<_, ChannelsError>(out)
+        })?;
+        if let Some(c) = cursor
+            && !out.stale_cursor
+        {
+            self.set_known_cursor(channel, Some(c.to_string()));
         }
-        if let Some(c) = cursor {
-            tx.execute(
-                "INSERT INTO channel_cursors (channel, cursor, updated_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(channel) DO UPDATE SET cursor = excluded.cursor, updated_ms = excluded.updated_ms",
-                params![channel, c, now],
-            )?;
-        }
-        tx.commit()?;
         let c = &self.counters;
         c.duplicates.fetch_add(
             u64::try_from(out.duplicates).unwrap_or(0),
@@ -181,30 +214,38 @@ impl Engine {
         Ok(out)
     }
 
+    /// Fills in the row `row_id` that [`Engine::commit_events`] claimed for `ev`.
     fn store_event(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         ch: &ChannelSettings,
         ev: &Inbound,
+        row_id: i64,
         now: i64,
         out: &mut Committed,
     ) -> Result<(), ChannelsError> {
-        let insert = "INSERT INTO channel_events (channel, event_id, received_ms, event_kind, chat_id, chat_kind, thread,
-                          sender_id, message_id, status, subject, text, callback_id, button_data, updated_ms)
-                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?3)";
         match &ev.event {
             Event::Message(m) => {
                 let admission = self.admit_in(tx, ch, m, now)?;
-                let (subject, text) = match &admission {
+                let (subject, text, files) = match &admission {
                     Admission::Admitted { user, .. } => {
                         let subject = super::user_uid(user);
                         let sealed = self
                             .sealer
                             .seal(&subject, m.text.as_bytes())
                             .map_err(ChannelsError::Seal)?;
-                        (Some(subject), Some(sealed))
+                        let files = if m.attachments.is_empty() {
+                            None
+                        } else {
+                            Some(
+                                self.sealer
+                                    .seal(&subject, attachments_json(&m.attachments).as_bytes())
+                                    .map_err(ChannelsError::Seal)?,
+                            )
+                        };
+                        (Some(subject), Some(sealed), files)
                     }
-                    _ => (None, None),
+                    _ => (None, None, None),
                 };
                 // A group message that is not admitted is not stored: only the dedup key
                 // `(channel, event_id)` is kept, so a webhook redelivery of the same update is
@@ -213,40 +254,28 @@ impl Engine {
                 let keep_ids = matches!(admission, Admission::Admitted { .. })
                     || m.chat.kind != chitin_channels::ChatKind::Group;
                 let ids = |v: &str| keep_ids.then(|| v.to_owned());
-                let thread = if keep_ids {
-                    m.chat.thread.clone()
-                } else {
-                    None
-                };
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "message",
-                    ids(&m.chat.id),
-                    keep_ids.then(|| chat_kind_str(m.chat.kind)),
-                    thread,
-                    ids(&m.sender.id),
-                    ids(&m.message_id),
-                    admission.status(),
-                    subject,
-                    text,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                ])?;
+                    EventRow {
+                        chat_id: ids(&m.chat.id),
+                        chat_kind: keep_ids.then(|| chat_kind_str(m.chat.kind)),
+                        thread: if keep_ids {
+                            m.chat.thread.clone()
+                        } else {
+                            None
+                        },
+                        sender_id: ids(&m.sender.id),
+                        message_id: ids(&m.message_id),
+                        status: admission.status(),
+                        subject,
+                        text,
+                        attachments: files,
+                        ..EventRow::default()
+                    },
+                )?;
                 if let Admission::Admitted { user, session } = &admission {
-                    let row_id = tx.last_insert_rowid();
-                    if !m.attachments.is_empty() {
-                        let subject = super::user_uid(user);
-                        let sealed = self
-                            .sealer
-                            .seal(&subject, attachments_json(&m.attachments).as_bytes())
-                            .map_err(ChannelsError::Seal)?;
-                        tx.prepare_cached(
-                            "UPDATE channel_events SET attachments = ?2 WHERE id = ?1",
-                        )?
-                        .execute(params![row_id, sealed])?;
-                    }
                     out.admitted.push(AdmittedEvent {
                         row_id,
                         event_id: ev.event_id.clone(),
@@ -259,22 +288,20 @@ impl Engine {
             }
             Event::Edited(m) => {
                 // An edit is not a new turn: recorded (for deduplication), never stored with text.
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "edited",
-                    m.chat.id,
-                    chat_kind_str(m.chat.kind),
-                    m.chat.thread,
-                    m.sender.id,
-                    m.message_id,
-                    "ignored",
-                    Option::<String>::None,
-                    Option::<Vec<u8>>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                ])?;
+                    EventRow {
+                        chat_id: Some(m.chat.id.clone()),
+                        chat_kind: Some(chat_kind_str(m.chat.kind)),
+                        thread: m.chat.thread.clone(),
+                        sender_id: Some(m.sender.id.clone()),
+                        message_id: Some(m.message_id.clone()),
+                        status: "ignored",
+                        ..EventRow::default()
+                    },
+                )?;
             }
             Event::Button(b) => {
                 // Decided by the approval flow (whose identity may press it), not here.
@@ -287,22 +314,22 @@ impl Engine {
                     data.truncate(cut);
                 }
                 out.presses += 1;
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "button",
-                    b.chat.id,
-                    chat_kind_str(b.chat.kind),
-                    b.chat.thread,
-                    b.sender.id,
-                    b.message_id,
-                    "new",
-                    Option::<String>::None,
-                    Option::<Vec<u8>>::None,
-                    b.callback_id,
-                    data,
-                ])?;
+                    EventRow {
+                        chat_id: Some(b.chat.id.clone()),
+                        chat_kind: Some(chat_kind_str(b.chat.kind)),
+                        thread: b.chat.thread.clone(),
+                        sender_id: Some(b.sender.id.clone()),
+                        message_id: Some(b.message_id.clone()),
+                        status: "new",
+                        callback_id: Some(b.callback_id.clone()),
+                        button_data: Some(data),
+                        ..EventRow::default()
+                    },
+                )?;
             }
             Event::Invited { chat, sender } => {
                 // Decided like a message addressed to the bot, without a pairing offer (the
@@ -320,25 +347,22 @@ impl Engine {
                     self.decide_in(ch, &probe)?,
                     (Verdict::Allowed(..), users) if !users.is_empty()
                 );
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "invite",
-                    chat.id,
-                    chat_kind_str(chat.kind),
-                    chat.thread,
-                    sender.id,
-                    Option::<String>::None,
-                    if admitted { "admitted" } else { "denied" },
-                    Option::<String>::None,
-                    Option::<Vec<u8>>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                ])?;
+                    EventRow {
+                        chat_id: Some(chat.id.clone()),
+                        chat_kind: Some(chat_kind_str(chat.kind)),
+                        thread: chat.thread.clone(),
+                        sender_id: Some(sender.id.clone()),
+                        status: if admitted { "admitted" } else { "denied" },
+                        ..EventRow::default()
+                    },
+                )?;
                 if admitted {
                     out.invites.push(AdmittedInvite {
-                        row_id: tx.last_insert_rowid(),
+                        row_id,
                         event_id: ev.event_id.clone(),
                         chat: chat.clone(),
                         inviter: identity_id(&ch.kind, &sender.id),
@@ -347,40 +371,27 @@ impl Engine {
             }
             Event::Status(report) => {
                 self.record_platform_status(tx, &ch.name, report, now)?;
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "ignored",
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    report.message_id,
-                    "ignored",
-                    Option::<String>::None,
-                    Option::<Vec<u8>>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                ])?;
+                    EventRow {
+                        message_id: Some(report.message_id.clone()),
+                        status: "ignored",
+                        ..EventRow::default()
+                    },
+                )?;
             }
             Event::Ignored { .. } => {
-                tx.prepare_cached(insert)?.execute(params![
-                    ch.name,
-                    ev.event_id,
+                fill(
+                    tx,
+                    row_id,
                     now,
-                    "ignored",
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    "ignored",
-                    Option::<String>::None,
-                    Option::<Vec<u8>>::None,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                ])?;
+                    EventRow {
+                        status: "ignored",
+                        ..EventRow::default()
+                    },
+                )?;
             }
         }
         Ok(())
@@ -392,11 +403,9 @@ impl Engine {
     pub fn admit(&self, channel: &str, message: &Message) -> Result<Admission, ChannelsError> {
         let ch = self.settings(channel)?.clone();
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let a = self.admit_in(&tx, &ch, message, now)?;
-        tx.commit()?;
-        Ok(a)
+        self.store
+            .db()
+            .tx(|tx| self.admit_in(tx, &ch, message, now))
     }
 
     /// The users `identity` (`<kind>:<id>`) is a member of, sorted; the first is the principal
@@ -450,7 +459,7 @@ impl Engine {
 
     pub(super) fn admit_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         ch: &ChannelSettings,
         m: &Message,
         now: i64,
@@ -500,32 +509,31 @@ impl Engine {
 
     /// Admitted invitations not joined yet (what a restarted gateway joins).
     pub fn invites_pending(&self, channel: &str) -> Result<Vec<AdmittedInvite>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT id, event_id, chat_id, chat_kind, thread, sender_id FROM channel_events
-             WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'invite' ORDER BY id",
-        )?;
         let kind = self
             .channels
             .get(channel)
             .map(|c| c.kind.clone())
             .unwrap_or_default();
-        let rows = st
-            .query_map([channel], |r| {
-                let chat_kind: String = r.get(3)?;
-                Ok(AdmittedInvite {
-                    row_id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    chat: chitin_channels::ChatRef {
-                        id: r.get(2)?,
-                        kind: parse_chat_kind(&chat_kind),
-                        thread: r.get(4)?,
-                    },
-                    inviter: identity_id(&kind, &r.get::<_, String>(5)?),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT id, event_id, chat_id, chat_kind, thread, sender_id FROM channel_events
+                 WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'invite' ORDER BY id",
+                params![channel],
+                |r| {
+                    let chat_kind: String = r.get(3)?;
+                    Ok::<_, ChannelsError>(AdmittedInvite {
+                        row_id: r.get(0)?,
+                        event_id: r.get(1)?,
+                        chat: chitin_channels::ChatRef {
+                            id: r.get(2)?,
+                            kind: parse_chat_kind(&chat_kind),
+                            thread: r.get(4)?,
+                        },
+                        inviter: identity_id(&kind, &r.get::<String>(5)?),
+                    })
+                },
+            )
+        })
     }
 
     /// Admitted messages whose turn was never recorded (no run has them as origin) and that
@@ -533,13 +541,10 @@ impl Engine {
     /// restarted gateway runs. A message whose turn was recorded stays `admitted`: its run is
     /// the record, so no second write is needed per message.
     pub fn admitted_pending(&self, channel: &str) -> Result<Vec<AdmittedEvent>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text, attachments
+        let sql = "SELECT id, event_id, chat_id, chat_kind, thread, sender_id, message_id, subject, text, attachments
              FROM channel_events WHERE channel = ?1 AND status = 'admitted' AND event_kind = 'message'
                AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.origin = 'channel:' || channel_events.channel || ':' || channel_events.id)
-             ORDER BY id",
-        )?;
+             ORDER BY id";
         type Row = (
             i64,
             String,
@@ -552,9 +557,9 @@ impl Engine {
             Vec<u8>,
             Option<Vec<u8>>,
         );
-        let rows: Vec<Row> = st
-            .query_map([channel], |r| {
-                Ok((
+        let rows: Vec<Row> = self.store.db().with(|c| {
+            c.query_map(sql, params![channel], |r| {
+                Ok::<_, ChannelsError>((
                     r.get(0)?,
                     r.get(1)?,
                     r.get(2)?,
@@ -566,10 +571,8 @@ impl Engine {
                     r.get(8)?,
                     r.get(9)?,
                 ))
-            })?
-            .collect::<Result<_, _>>()?;
-        drop(st);
-        drop(conn);
+            })
+        })?;
         let mut out = Vec::with_capacity(rows.len());
         for (row_id, event_id, chat_id, kind, thread, sender, message_id, subject, sealed, files) in
             rows
@@ -629,41 +632,94 @@ impl Engine {
         channel: &str,
         since_ms: i64,
     ) -> Result<Vec<(String, chitin_channels::ChatRef, Option<String>)>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT r.id, e.chat_id, e.chat_kind, e.thread, e.message_id
-             FROM channel_events e JOIN runs r ON r.origin = 'channel:' || e.channel || ':' || e.id
-             WHERE e.channel = ?1 AND e.status IN ('admitted', 'done') AND e.received_ms >= ?2
-               AND NOT EXISTS (SELECT 1 FROM channel_outbox o
-                               WHERE o.channel = ?1 AND o.dedup_key = 'reply:' || r.id || '#0')
-             ORDER BY e.id",
-        )?;
-        let rows = st
-            .query_map(params![channel, since_ms], |r| {
-                let kind: String = r.get(2)?;
-                Ok((
-                    r.get::<_, String>(0)?,
-                    chitin_channels::ChatRef {
-                        id: r.get(1)?,
-                        kind: parse_chat_kind(&kind),
-                        thread: r.get(3)?,
-                    },
-                    r.get::<_, Option<String>>(4)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT r.id, e.chat_id, e.chat_kind, e.thread, e.message_id
+                 FROM channel_events e JOIN runs r ON r.origin = 'channel:' || e.channel || ':' || e.id
+                 WHERE e.channel = ?1 AND e.status IN ('admitted', 'done') AND e.received_ms >= ?2
+                   AND NOT EXISTS (SELECT 1 FROM channel_outbox o
+                                   WHERE o.channel = ?1 AND o.dedup_key = 'reply:' || r.id || '#0')
+                 ORDER BY e.id",
+                params![channel, since_ms],
+                |r| {
+                    let kind: String = r.get(2)?;
+                    Ok::<_, ChannelsError>((
+                        r.get::<String>(0)?,
+                        chitin_channels::ChatRef {
+                            id: r.get(1)?,
+                            kind: parse_chat_kind(&kind),
+                            thread: r.get(3)?,
+                        },
+                        r.get::<Option<String>>(4)?,
+                    ))
+                },
+            )
+        })
     }
 
     /// Marks an admitted event as handled (its turn finished).
     pub fn mark_done(&self, row_id: i64) -> Result<bool, ChannelsError> {
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        Ok(conn.execute(
-            "UPDATE channel_events SET status = 'done', updated_ms = ?2 WHERE id = ?1 AND status = 'admitted'",
-            params![row_id, now],
-        )? == 1)
+        let n = self.store.db().with(|c| {
+            c.execute(
+                "UPDATE channel_events SET status = 'done', updated_ms = ?2 WHERE id = ?1 AND status = 'admitted'",
+                params![row_id, now],
+            )
+        })?;
+        Ok(n == 1)
     }
+}
+
+/// The `event_kind` a stored event gets.
+fn event_kind(e: &Event) -> &'static str {
+    match e {
+        Event::Message(_) => "message",
+        Event::Edited(_) => "edited",
+        Event::Button(_) => "button",
+        Event::Invited { .. } => "invite",
+        Event::Status(_) | Event::Ignored { .. } => "ignored",
+    }
+}
+
+/// The columns of a claimed `channel_events` row that its outcome fills in.
+#[derive(Default)]
+struct EventRow {
+    chat_id: Option<String>,
+    chat_kind: Option<&'static str>,
+    thread: Option<String>,
+    sender_id: Option<String>,
+    message_id: Option<String>,
+    status: &'static str,
+    subject: Option<String>,
+    text: Option<Vec<u8>>,
+    callback_id: Option<String>,
+    button_data: Option<String>,
+    attachments: Option<Vec<u8>>,
+}
+
+fn fill(tx: &mut Conn<'_>, row_id: i64, now: i64, r: EventRow) -> Result<(), ChannelsError> {
+    tx.execute(
+        "UPDATE channel_events SET chat_id = ?2, chat_kind = ?3, thread = ?4, sender_id = ?5,
+           message_id = ?6, status = ?7, subject = ?8, text = ?9, callback_id = ?10,
+           button_data = ?11, attachments = ?12, updated_ms = ?13
+         WHERE id = ?1",
+        params![
+            row_id,
+            r.chat_id,
+            r.chat_kind,
+            r.thread,
+            r.sender_id,
+            r.message_id,
+            r.status,
+            r.subject,
+            r.text,
+            r.callback_id,
+            r.button_data,
+            r.attachments,
+            now
+        ],
+    )?;
+    Ok(())
 }
 
 /// The attachments of a message as stored (sealed): platform reference, name, type, size.

@@ -41,20 +41,19 @@ mod ingress;
 mod outbox;
 mod pairing;
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use chitin_audit::RecordInput;
 use chitin_channels::{ChatKind, ChatRef};
-use rusqlite::OptionalExtension;
 use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::clock::Clock;
 use crate::gate::{Gate, GateError};
 use crate::policy::PolicyError;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, params};
 
 pub use buttons::PendingPress;
 pub use ingress::{Admission, AdmittedEvent, AdmittedInvite, Committed, DenyReason};
@@ -78,6 +77,12 @@ pub const BACKOFF_MAX_MS: i64 = 5 * 60 * 1000;
 /// A row still undelivered this long after it was queued is a dead letter at its next
 /// failure, whatever the reason (rate limits included).
 pub const MAX_OUTBOX_AGE_MS: i64 = 24 * 60 * 60 * 1000;
+/// On a store shared by several gateways (PostgreSQL), a row claimed `sending` this long ago
+/// belongs to a sender that died (a live one records the outcome of a send well within it):
+/// any replica then recovers it by today's rule (`failed`, "may have been delivered", never
+/// re-sent automatically). On SQLite one gateway owns the store and recovers every such row
+/// at start.
+pub const SEND_CLAIM_TTL_MS: i64 = 5 * 60 * 1000;
 
 /// Errors of the channel engine. Messages never carry a message's text or a credential.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +116,7 @@ pub enum ChannelsError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("channel store: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Db(#[from] chitin_store::Error),
     #[error(transparent)]
     Gate(#[from] GateError),
     #[error(transparent)]
@@ -239,6 +244,11 @@ pub struct Engine {
     sealer: Arc<dyn Sealer>,
     channels: BTreeMap<String, ChannelSettings>,
     counters: Counters,
+    /// Per channel, the cursor this engine last read ([`Engine::next_cursor`]) or committed:
+    /// the cursor its poll started from. A commit moves the stored cursor only from this
+    /// value, so a replica that lost the channel to another (which moved the cursor since)
+    /// never moves it back.
+    cursors: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -364,12 +374,29 @@ impl Engine {
             sealer,
             channels: channels.into_iter().map(|c| (c.name.clone(), c)).collect(),
             counters: Counters::default(),
+            cursors: Mutex::new(HashMap::new()),
         }
     }
 
     /// The clock's time (unix ms).
     pub fn now_ms(&self) -> i64 {
         self.clock.now_ms()
+    }
+
+    /// The cursor this engine's polls of `channel` start from (`None`: it never read one).
+    fn known_cursor(&self, channel: &str) -> Option<Option<String>> {
+        self.cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(channel)
+            .cloned()
+    }
+
+    fn set_known_cursor(&self, channel: &str, cursor: Option<String>) {
+        self.cursors
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(channel.to_string(), cursor);
     }
 
     fn settings(&self, channel: &str) -> Result<&ChannelSettings, ChannelsError> {
@@ -402,88 +429,79 @@ impl Engine {
     /// The durable state of a channel: cursor, last event, event and outbox counts by status,
     /// open pairing codes.
     pub fn status(&self, channel: &str) -> Result<ChannelStatus, ChannelsError> {
-        let conn = self.store.conn()?;
-        let one = |sql: &str| -> rusqlite::Result<i64> {
-            conn.query_row(sql, [channel], |r| r.get::<_, Option<i64>>(0))
-                .map(Option::unwrap_or_default)
-        };
-        let mut s = ChannelStatus {
-            channel: channel.to_string(),
-            cursor: conn
-                .query_row(
+        let now = self.clock.now_ms();
+        let kind = self
+            .channels
+            .get(channel)
+            .map(|c| c.kind.clone())
+            .unwrap_or_default();
+        self.store.db().with(|c| {
+            let mut one = |sql: &str| -> Result<i64, ChannelsError> {
+                Ok(c.query_row(sql, params![channel])?
+                    .get::<Option<i64>>(0)?
+                    .unwrap_or_default())
+            };
+            let mut s = ChannelStatus {
+                channel: channel.to_string(),
+                kind,
+                events: one("SELECT COUNT(*) FROM channel_events WHERE channel = ?1")?,
+                denied: one(
+                    "SELECT COUNT(*) FROM channel_events WHERE channel = ?1 AND status IN ('denied', 'pairing')",
+                )?,
+                pending_pairings: one(
+                    "SELECT COUNT(*) FROM pairing_requests WHERE channel = ?1 AND status = 'pending'",
+                )?,
+                retrying: one(
+                    "SELECT COUNT(*) FROM channel_outbox WHERE channel = ?1 AND status = 'queued' AND attempts > 0",
+                )?,
+                ..ChannelStatus::default()
+            };
+            s.cursor = c
+                .query_opt(
                     "SELECT cursor FROM channel_cursors WHERE channel = ?1",
-                    [channel],
-                    |r| r.get(0),
-                )
-                .ok(),
-            last_event_ms: conn
+                    params![channel],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            s.last_event_ms = c
                 .query_row(
                     "SELECT MAX(received_ms) FROM channel_events WHERE channel = ?1",
-                    [channel],
-                    |r| r.get(0),
-                )
-                .unwrap_or(None),
-            events: one("SELECT COUNT(*) FROM channel_events WHERE channel = ?1")?,
-            denied: one(
-                "SELECT COUNT(*) FROM channel_events WHERE channel = ?1 AND status IN ('denied', 'pairing')",
-            )?,
-            pending_pairings: one(
-                "SELECT COUNT(*) FROM pairing_requests WHERE channel = ?1 AND status = 'pending'",
-            )?,
-            kind: self
-                .channels
-                .get(channel)
-                .map(|c| c.kind.clone())
-                .unwrap_or_default(),
-            retrying: one(
-                "SELECT COUNT(*) FROM channel_outbox WHERE channel = ?1 AND status = 'queued' AND attempts > 0",
-            )?,
-            ..ChannelStatus::default()
-        };
-        let oldest: Option<i64> = conn.query_row(
-            "SELECT MIN(created_ms) FROM channel_outbox WHERE channel = ?1 AND status IN ('queued', 'sending')",
-            [channel],
-            |r| r.get(0),
-        )?;
-        s.lag_ms = oldest.map_or(0, |t| self.clock.now_ms().saturating_sub(t).max(0));
-        if let Some((connected, since, error, reported)) = conn
-            .query_row(
+                    params![channel],
+                )?
+                .get(0)?;
+            let oldest: Option<i64> = c
+                .query_row(
+                    "SELECT MIN(created_ms) FROM channel_outbox WHERE channel = ?1 AND status IN ('queued', 'sending')",
+                    params![channel],
+                )?
+                .get(0)?;
+            s.lag_ms = oldest.map_or(0, |t| now.saturating_sub(t).max(0));
+            if let Some(r) = c.query_opt(
                 "SELECT connected, since_ms, last_error, updated_ms FROM channel_state WHERE channel = ?1",
-                [channel],
-                |r| {
-                    Ok((
-                        r.get::<_, i64>(0)? != 0,
-                        r.get::<_, i64>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                },
-            )
-            .optional()?
-        {
-            s.connected = Some(connected);
-            s.connected_since_ms = Some(since);
-            s.connection_error = error;
-            s.reported_ms = Some(reported);
-        }
-        let mut st = conn.prepare(
-            "SELECT status, COUNT(*) FROM channel_outbox WHERE channel = ?1 GROUP BY status",
-        )?;
-        let rows = st.query_map([channel], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-        })?;
-        for row in rows {
-            let (status, n) = row?;
-            match status.as_str() {
-                "queued" => s.queued = n,
-                "sending" => s.sending = n,
-                "sent" => s.sent = n,
-                "failed" => s.failed = n,
-                "dead" => s.dead = n,
-                _ => {}
+                params![channel],
+            )? {
+                s.connected = Some(r.get::<i64>(0)? != 0);
+                s.connected_since_ms = Some(r.get(1)?);
+                s.connection_error = r.get(2)?;
+                s.reported_ms = Some(r.get(3)?);
             }
-        }
-        Ok(s)
+            let counts = c.query_map(
+                "SELECT status, COUNT(*) FROM channel_outbox WHERE channel = ?1 GROUP BY status ORDER BY status",
+                params![channel],
+                |r| Ok::<_, ChannelsError>((r.get::<String>(0)?, r.get::<i64>(1)?)),
+            )?;
+            for (status, n) in counts {
+                match status.as_str() {
+                    "queued" => s.queued = n,
+                    "sending" => s.sending = n,
+                    "sent" => s.sent = n,
+                    "failed" => s.failed = n,
+                    "dead" => s.dead = n,
+                    _ => {}
+                }
+            }
+            Ok(s)
+        })
     }
 
     /// Records whether `channel` is connected (and why not), as its gateway sees it now. The
@@ -496,17 +514,19 @@ impl Engine {
     ) -> Result<(), ChannelsError> {
         let now = self.clock.now_ms();
         let error = error.map(|e| self.gate.redact(e));
-        let conn = self.store.conn()?;
-        conn.execute(
-            "INSERT INTO channel_state (channel, connected, since_ms, last_error, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?3)
-             ON CONFLICT(channel) DO UPDATE SET
-               since_ms = CASE WHEN connected = excluded.connected THEN since_ms ELSE excluded.since_ms END,
-               connected = excluded.connected,
-               last_error = excluded.last_error,
-               updated_ms = excluded.updated_ms",
-            rusqlite::params![channel, i64::from(connected), now, error],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "INSERT INTO channel_state (channel, connected, since_ms, last_error, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?3)
+                 ON CONFLICT(channel) DO UPDATE SET
+                   since_ms = CASE WHEN channel_state.connected = excluded.connected
+                                   THEN channel_state.since_ms ELSE excluded.since_ms END,
+                   connected = excluded.connected,
+                   last_error = excluded.last_error,
+                   updated_ms = excluded.updated_ms",
+                params![channel, i64::from(connected), now, error],
+            )
+        })?;
         Ok(())
     }
 }

@@ -12,15 +12,16 @@ use std::sync::atomic::Ordering;
 
 use chitin_audit::{Kind, RecordInput};
 use chitin_channels::{Button, ChatRef, OutMessage, Platform, SendError};
-use rusqlite::{OptionalExtension, Transaction, params};
+use chitin_store::{Conn, Dialect};
 use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
 use super::{
-    BACKOFF_BASE_MS, BACKOFF_MAX_MS, ChannelsError, Engine, MAX_OUTBOX_AGE_MS, chat_kind_str,
-    parse_chat_kind,
+    BACKOFF_BASE_MS, BACKOFF_MAX_MS, ChannelsError, Engine, MAX_OUTBOX_AGE_MS, SEND_CLAIM_TTL_MS,
+    chat_kind_str, parse_chat_kind,
 };
+use crate::store::params;
 
 /// What an outbox row is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -180,21 +181,21 @@ fn parse_buttons(s: &str) -> Vec<Button> {
 
 const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms, dedup_key, edit_text";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+fn row(r: &chitin_store::Row) -> Result<OutboxRow, ChannelsError> {
     Ok(OutboxRow {
         id: r.get(0)?,
         channel: r.get(1)?,
         chat: ChatRef {
             id: r.get(2)?,
-            kind: parse_chat_kind(&r.get::<_, String>(3)?),
+            kind: parse_chat_kind(&r.get::<String>(3)?),
             thread: r.get(4)?,
         },
         text: r.get(5)?,
-        buttons: parse_buttons(&r.get::<_, String>(6)?),
+        buttons: parse_buttons(&r.get::<String>(6)?),
         reply_to: r.get(7)?,
-        kind: OutboxKind::parse(&r.get::<_, String>(8)?),
-        status: OutboxStatus::parse(&r.get::<_, String>(9)?),
-        attempts: u32::try_from(r.get::<_, i64>(10)?).unwrap_or(0),
+        kind: OutboxKind::parse(&r.get::<String>(8)?),
+        status: OutboxStatus::parse(&r.get::<String>(9)?),
+        attempts: u32::try_from(r.get::<i64>(10)?).unwrap_or(0),
         next_attempt_ms: r.get(11)?,
         platform_message_id: r.get(12)?,
         last_error: r.get(13)?,
@@ -202,6 +203,17 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         dedup_key: r.get(15)?,
         edit_text: r.get(16)?,
     })
+}
+
+/// The row queued under `key` in `channel`, if any.
+fn outbox_id_of(tx: &mut Conn<'_>, channel: &str, key: &str) -> Result<Option<i64>, ChannelsError> {
+    Ok(tx
+        .query_opt(
+            "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
+            params![channel, key],
+        )?
+        .map(|r| r.get::<i64>(0))
+        .transpose()?)
 }
 
 /// The random 50-100 % share of a delay (jitter), from the OS; the full delay without
@@ -225,52 +237,56 @@ pub fn backoff_ms(attempt: u32) -> i64 {
 }
 
 impl Engine {
+    /// Queues `m` inside the caller's transaction; a row already queued under its key is
+    /// returned instead. Two gateways queuing one key at once: the second waits for the first
+    /// (`ON CONFLICT DO NOTHING` on the unique key) and returns its row.
     pub(super) fn enqueue_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         m: &OutboxNew,
         now: i64,
     ) -> Result<i64, ChannelsError> {
         if let Some(key) = &m.dedup_key
-            && let Some(id) = tx
-                .query_row(
-                    "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
-                    params![m.channel, key],
-                    |r| r.get::<_, i64>(0),
-                )
-                .optional()?
+            && let Some(id) = outbox_id_of(tx, &m.channel, key)?
         {
             return Ok(id);
         }
-        tx.prepare_cached(
+        let inserted = tx.query_opt(
             "INSERT INTO channel_outbox (channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status,
                  attempts, next_attempt_ms, created_ms, updated_ms, dedup_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', 0, ?9, ?9, ?9, ?10)",
-        )?
-        .execute(params![
-            m.channel,
-            m.chat.id,
-            chat_kind_str(m.chat.kind),
-            m.chat.thread,
-            m.text,
-            buttons_json(&m.buttons),
-            m.reply_to,
-            m.kind.as_str(),
-            now,
-            m.dedup_key,
-        ])?;
-        Ok(tx.last_insert_rowid())
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', 0, ?9, ?9, ?9, ?10)
+             ON CONFLICT (channel, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
+             RETURNING id",
+            params![
+                m.channel,
+                m.chat.id,
+                chat_kind_str(m.chat.kind),
+                m.chat.thread,
+                m.text,
+                buttons_json(&m.buttons),
+                m.reply_to,
+                m.kind.as_str(),
+                now,
+                m.dedup_key,
+            ],
+        )?;
+        match (inserted, &m.dedup_key) {
+            (Some(r), _) => Ok(r.get(0)?),
+            (None, Some(key)) => outbox_id_of(tx, &m.channel, key)?.ok_or_else(|| {
+                ChannelsError::Db(chitin_store::Error::Internal(
+                    "an outbox row queued under a key by another gateway cannot be read back"
+                        .into(),
+                ))
+            }),
+            (None, None) => Err(ChannelsError::Db(chitin_store::Error::NoRow)),
+        }
     }
 
     /// Queues one message (due now). Returns its row id.
     pub fn enqueue(&self, m: &OutboxNew) -> Result<i64, ChannelsError> {
         self.settings(&m.channel)?;
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let id = self.enqueue_in(&tx, m, now)?;
-        tx.commit()?;
-        Ok(id)
+        self.store.db().tx(|tx| self.enqueue_in(tx, m, now))
     }
 
     /// Queues a long text as several messages of at most `max_chars` UTF-16 code units each
@@ -288,51 +304,57 @@ impl Engine {
             .filter(|p| !p.trim().is_empty())
             .collect();
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let mut ids = Vec::with_capacity(parts.len());
-        let last = parts.len().saturating_sub(1);
-        for (i, part) in parts.into_iter().enumerate() {
-            let piece = OutboxNew {
-                text: part,
-                buttons: if i == last {
-                    m.buttons.clone()
-                } else {
-                    Vec::new()
-                },
-                reply_to: if i == 0 { m.reply_to.clone() } else { None },
-                dedup_key: m.dedup_key.as_ref().map(|k| format!("{k}#{i}")),
-                ..m.clone()
-            };
-            ids.push(self.enqueue_in(&tx, &piece, now)?);
-        }
-        tx.commit()?;
-        Ok(ids)
+        self.store.db().tx(|tx| {
+            let mut ids = Vec::with_capacity(parts.len());
+            let last = parts.len().saturating_sub(1);
+            for (i, part) in parts.into_iter().enumerate() {
+                let piece = OutboxNew {
+                    text: part,
+                    buttons: if i == last {
+                        m.buttons.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    reply_to: if i == 0 { m.reply_to.clone() } else { None },
+                    dedup_key: m.dedup_key.as_ref().map(|k| format!("{k}#{i}")),
+                    ..m.clone()
+                };
+                ids.push(self.enqueue_in(tx, &piece, now)?);
+            }
+            Ok(ids)
+        })
     }
 
     /// One outbox row.
     pub fn outbox_row(&self, id: i64) -> Result<Option<OutboxRow>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM channel_outbox WHERE id = ?1"
-        ))?;
-        let mut rows = st.query_map([id], row)?;
-        Ok(rows.next().transpose()?)
+        self.store.db().with(|c| {
+            c.query_opt(
+                &format!("SELECT {COLUMNS} FROM channel_outbox WHERE id = ?1"),
+                params![id],
+            )?
+            .map(|r| row(&r))
+            .transpose()
+        })
     }
 
     /// The outbox rows of a channel, oldest first.
     pub fn outbox(&self, channel: &str) -> Result<Vec<OutboxRow>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 ORDER BY id"
-        ))?;
-        let rows = st.query_map([channel], row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!("SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 ORDER BY id"),
+                params![channel],
+                row,
+            )
+        })
     }
 
     /// Claims up to `limit` rows of `channel` that are due at `now_ms`, `queued -> sending`
     /// in one statement (a row is claimed by one sender only), counting one attempt each. Per
     /// chat only the oldest unsent row is claimable, so a chat's messages go out in order.
+    ///
+    /// On PostgreSQL, where several gateways deliver from one outbox, the candidate rows are
+    /// locked `FOR UPDATE SKIP LOCKED`: a row another sender is claiming is skipped (not
+    /// waited for), and the claim re-checks `status = 'queued'` on the row it locked.
     pub fn claim_due(
         &self,
         channel: &str,
@@ -340,22 +362,31 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<OutboxRow>, ChannelsError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(&format!(
-            "UPDATE channel_outbox SET status = 'sending', attempts = attempts + 1, updated_ms = ?2
-             WHERE id IN (
-               SELECT o.id FROM channel_outbox o
+        let candidates = "SELECT o.id FROM channel_outbox o
                WHERE o.channel = ?1 AND o.status = 'queued' AND o.next_attempt_ms <= ?2
                  AND NOT EXISTS (SELECT 1 FROM channel_outbox p
                                  WHERE p.channel = o.channel AND p.chat_id = o.chat_id AND p.id < o.id
                                    AND p.status IN ('queued', 'sending'))
-               ORDER BY o.id LIMIT ?3)
-             AND status = 'queued'
-             RETURNING {COLUMNS}"
-        ))?;
-        let mut rows: Vec<OutboxRow> = st
-            .query_map(params![channel, now_ms, limit], row)?
-            .collect::<Result<_, _>>()?;
+               ORDER BY o.id LIMIT ?3";
+        let mut rows: Vec<OutboxRow> = self.store.db().with(|c| {
+            let sql = match c.dialect() {
+                Dialect::Sqlite => format!(
+                    "UPDATE channel_outbox SET status = 'sending', attempts = attempts + 1, updated_ms = ?2
+                     WHERE id IN ({candidates})
+                     AND status = 'queued'
+                     RETURNING {COLUMNS}"
+                ),
+                // The candidates are chosen (and locked) once, in a materialized CTE.
+                Dialect::Postgres => format!(
+                    "WITH claim AS MATERIALIZED ({candidates} FOR UPDATE OF o SKIP LOCKED)
+                     UPDATE channel_outbox SET status = 'sending', attempts = attempts + 1, updated_ms = ?2
+                     WHERE id IN (SELECT id FROM claim)
+                     AND status = 'queued'
+                     RETURNING {COLUMNS}"
+                ),
+            };
+            c.query_map(&sql, params![channel, now_ms, limit], row)
+        })?;
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
@@ -364,12 +395,13 @@ impl Engine {
     /// that is not `sending` (recovered at start, resolved elsewhere) is not touched.
     pub fn record_sent(&self, id: i64, platform_message_id: &str) -> Result<(), ChannelsError> {
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        let n = conn.execute(
-            "UPDATE channel_outbox SET status = 'sent', platform_message_id = ?2, last_error = NULL, updated_ms = ?3
-             WHERE id = ?1 AND status = 'sending'",
-            params![id, platform_message_id, now],
-        )?;
+        let n = self.store.db().with(|c| {
+            c.execute(
+                "UPDATE channel_outbox SET status = 'sent', platform_message_id = ?2, last_error = NULL, updated_ms = ?3
+                 WHERE id = ?1 AND status = 'sending'",
+                params![id, platform_message_id, now],
+            )
+        })?;
         if n == 1 {
             Ok(())
         } else {
@@ -452,21 +484,21 @@ impl Engine {
             message
         };
         let last_error = self.gate.redact(&last_error);
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "UPDATE channel_outbox SET status = ?2, attempts = ?3, next_attempt_ms = ?4, last_error = ?5, updated_ms = ?6
-             WHERE id = ?1 AND status = 'sending'",
-            params![id, status, i64::from(attempts), next, last_error, now],
-        )?;
-        if n != 1 {
-            return Err(ChannelsError::NotSending(id));
-        }
-        if !matches!(outcome, FailureOutcome::Retry { .. }) {
-            self.audit_undelivered(&r, status, &last_error)?;
-            self.requeue_final_text(&tx, &r, now)?;
-        }
-        tx.commit()?;
+        self.store.db().tx(|tx| {
+            let n = tx.execute(
+                "UPDATE channel_outbox SET status = ?2, attempts = ?3, next_attempt_ms = ?4, last_error = ?5, updated_ms = ?6
+                 WHERE id = ?1 AND status = 'sending'",
+                params![id, status, i64::from(attempts), next, last_error, now],
+            )?;
+            if n != 1 {
+                return Err(ChannelsError::NotSending(id));
+            }
+            if !matches!(outcome, FailureOutcome::Retry { .. }) {
+                self.audit_undelivered(&r, status, &last_error)?;
+                self.requeue_final_text(tx, &r, now)?;
+            }
+            Ok(())
+        })?;
         match outcome {
             FailureOutcome::Dead => {
                 self.counters.dead.fetch_add(1, Ordering::Relaxed);
@@ -524,72 +556,64 @@ impl Engine {
             .filter(|p| !p.trim().is_empty())
             .collect();
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let first_key = format!("{key}#0");
-        let done: Option<i64> = tx
-            .query_row(
+        self.store.db().tx(|tx| {
+            let first_key = format!("{key}#0");
+            let done = tx.query_opt(
                 "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
                 params![reply.channel, first_key],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if done.is_some() {
-            let mut st = tx.prepare(
-                "SELECT id FROM channel_outbox WHERE channel = ?1 AND dedup_key LIKE ?2 ESCAPE '\\' ORDER BY id",
             )?;
-            let like = format!(
-                "{}#%",
-                key.replace('\\', "\\\\")
-                    .replace('%', "\\%")
-                    .replace('_', "\\_")
-            );
-            let ids = st
-                .query_map(params![reply.channel, like], |r| r.get::<_, i64>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            return Ok(ids);
-        }
-        let draft_status: Option<(i64, String)> = match draft_key {
-            Some(k) => tx
-                .query_row(
-                    "SELECT id, status FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
-                    params![reply.channel, k],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?,
-            None => None,
-        };
-        let mut ids = Vec::with_capacity(parts.len());
-        for (i, part) in parts.into_iter().enumerate() {
-            let part_key = format!("{key}#{i}");
-            if i == 0
-                && let Some((id, status)) = &draft_status
-            {
-                let sql = match status.as_str() {
-                    "queued" => Some(
-                        "UPDATE channel_outbox SET text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
-                    ),
-                    "sending" | "sent" => Some(
-                        "UPDATE channel_outbox SET edit_text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
-                    ),
-                    _ => None,
-                };
-                if let Some(sql) = sql {
-                    tx.execute(sql, params![id, part, part_key, now])?;
-                    ids.push(*id);
-                    continue;
-                }
+            if done.is_some() {
+                // The parts `<key>#<n>`: a prefix compared exactly (no LIKE: SQLite's ignores
+                // case, PostgreSQL's does not).
+                let prefix = format!("{key}#");
+                let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
+                return tx.query_map(
+                    "SELECT id FROM channel_outbox WHERE channel = ?1 AND substr(dedup_key, 1, CAST(?3 AS INTEGER)) = ?2 ORDER BY id",
+                    params![reply.channel, prefix, len],
+                    |r| Ok::<_, ChannelsError>(r.get::<i64>(0)?),
+                );
             }
-            let piece = OutboxNew {
-                text: part,
-                reply_to: if i == 0 { reply.reply_to.clone() } else { None },
-                dedup_key: Some(part_key),
-                ..reply.clone()
+            let draft_status: Option<(i64, String)> = match draft_key {
+                Some(k) => tx
+                    .query_opt(
+                        "SELECT id, status FROM channel_outbox WHERE channel = ?1 AND dedup_key = ?2",
+                        params![reply.channel, k],
+                    )?
+                    .map(|r| Ok::<_, ChannelsError>((r.get(0)?, r.get(1)?)))
+                    .transpose()?,
+                None => None,
             };
-            ids.push(self.enqueue_in(&tx, &piece, now)?);
-        }
-        tx.commit()?;
-        Ok(ids)
+            let mut ids = Vec::with_capacity(parts.len());
+            for (i, part) in parts.into_iter().enumerate() {
+                let part_key = format!("{key}#{i}");
+                if i == 0
+                    && let Some((id, status)) = &draft_status
+                {
+                    let sql = match status.as_str() {
+                        "queued" => Some(
+                            "UPDATE channel_outbox SET text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
+                        ),
+                        "sending" | "sent" => Some(
+                            "UPDATE channel_outbox SET edit_text = ?2, dedup_key = ?3, updated_ms = ?4 WHERE id = ?1",
+                        ),
+                        _ => None,
+                    };
+                    if let Some(sql) = sql {
+                        tx.execute(sql, params![id, part, part_key, now])?;
+                        ids.push(*id);
+                        continue;
+                    }
+                }
+                let piece = OutboxNew {
+                    text: part,
+                    reply_to: if i == 0 { reply.reply_to.clone() } else { None },
+                    dedup_key: Some(part_key),
+                    ..reply.clone()
+                };
+                ids.push(self.enqueue_in(tx, &piece, now)?);
+            }
+            Ok(ids)
+        })
     }
 
     /// A row that will not be sent (failed, dead) or whose final edit cannot be made, but
@@ -597,7 +621,7 @@ impl Engine {
     /// message under the row's key (the row gives it up), so the answer is not lost.
     fn requeue_final_text(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         r: &OutboxRow,
         now: i64,
     ) -> Result<(), ChannelsError> {
@@ -624,16 +648,18 @@ impl Engine {
     /// Sent rows of `channel` whose message is still to be edited to its `edit_text`.
     pub fn due_edits(&self, channel: &str, limit: usize) -> Result<Vec<OutboxRow>, ChannelsError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM channel_outbox
-             WHERE channel = ?1 AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
-             ORDER BY id LIMIT ?3"
-        ))?;
-        let rows = st
-            .query_map(params![channel, self.clock.now_ms(), limit], row)?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        let now = self.clock.now_ms();
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM channel_outbox
+                     WHERE channel = ?1 AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
+                     ORDER BY id LIMIT ?3"
+                ),
+                params![channel, now, limit],
+                row,
+            )
+        })
     }
 
     /// Records the outcome of a final edit: done (the row's text becomes the edited text),
@@ -655,50 +681,49 @@ impl Engine {
             .channels
             .get(&r.channel)
             .map_or(super::DEFAULT_MAX_SEND_ATTEMPTS, |c| c.max_send_attempts);
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        match result {
-            Ok(()) => {
-                tx.execute(
-                    "UPDATE channel_outbox SET text = ?2, edit_text = NULL, last_error = NULL, updated_ms = ?3
-                     WHERE id = ?1 AND edit_text = ?2",
-                    params![id, text, now],
-                )?;
+        self.store.db().tx(|tx| {
+            match result {
+                Ok(()) => {
+                    tx.execute(
+                        "UPDATE channel_outbox SET text = ?2, edit_text = NULL, last_error = NULL, updated_ms = ?3
+                         WHERE id = ?1 AND edit_text = ?2",
+                        params![id, text, now],
+                    )?;
+                }
+                Err(SendError::RateLimited { retry_after }) => {
+                    let wait = i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX);
+                    tx.execute(
+                        "UPDATE channel_outbox SET next_attempt_ms = ?2, updated_ms = ?3 WHERE id = ?1",
+                        params![id, now.saturating_add(wait), now],
+                    )?;
+                }
+                Err(e @ SendError::Transient { .. }) if r.attempts < max.saturating_add(1) => {
+                    let attempts = r.attempts.saturating_add(1);
+                    tx.execute(
+                        "UPDATE channel_outbox SET attempts = ?2, next_attempt_ms = ?3, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
+                        params![
+                            id,
+                            i64::from(attempts),
+                            now.saturating_add(jittered(backoff_ms(attempts))),
+                            self.gate.redact(&format!("final edit: {e}")),
+                            now
+                        ],
+                    )?;
+                }
+                Err(e) => {
+                    tx.execute(
+                        "UPDATE channel_outbox SET last_error = ?2 WHERE id = ?1",
+                        params![
+                            id,
+                            self.gate
+                                .redact(&format!("final edit failed, sent as a new message: {e}"))
+                        ],
+                    )?;
+                    self.requeue_final_text(tx, &r, now)?;
+                }
             }
-            Err(SendError::RateLimited { retry_after }) => {
-                let wait = i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX);
-                tx.execute(
-                    "UPDATE channel_outbox SET next_attempt_ms = ?2, updated_ms = ?3 WHERE id = ?1",
-                    params![id, now.saturating_add(wait), now],
-                )?;
-            }
-            Err(e @ SendError::Transient { .. }) if r.attempts < max.saturating_add(1) => {
-                let attempts = r.attempts.saturating_add(1);
-                tx.execute(
-                    "UPDATE channel_outbox SET attempts = ?2, next_attempt_ms = ?3, last_error = ?4, updated_ms = ?5 WHERE id = ?1",
-                    params![
-                        id,
-                        i64::from(attempts),
-                        now.saturating_add(jittered(backoff_ms(attempts))),
-                        self.gate.redact(&format!("final edit: {e}")),
-                        now
-                    ],
-                )?;
-            }
-            Err(e) => {
-                tx.execute(
-                    "UPDATE channel_outbox SET last_error = ?2 WHERE id = ?1",
-                    params![
-                        id,
-                        self.gate
-                            .redact(&format!("final edit failed, sent as a new message: {e}"))
-                    ],
-                )?;
-                self.requeue_final_text(&tx, &r, now)?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Records what the platform reported of a sent message on its outbox row (inside the
@@ -708,18 +733,21 @@ impl Engine {
     /// the operator's decision). Reports of unknown ids are ignored.
     pub(super) fn record_platform_status(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         channel: &str,
         report: &chitin_channels::DeliveryReport,
         now: i64,
     ) -> Result<(), ChannelsError> {
         use chitin_channels::DeliveryState;
         let row: Option<OutboxRow> = tx
-            .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 AND platform_message_id = ?2 ORDER BY id DESC LIMIT 1"
-            ))?
-            .query_row(params![channel, report.message_id], row)
-            .optional()?;
+            .query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM channel_outbox WHERE channel = ?1 AND platform_message_id = ?2 ORDER BY id DESC LIMIT 1"
+                ),
+                params![channel, report.message_id],
+            )?
+            .map(|r| row(&r))
+            .transpose()?;
         let Some(r) = row else {
             return Ok(());
         };
@@ -761,6 +789,10 @@ impl Engine {
     /// being sent when it stopped, and the platform may have received it. Such rows are marked
     /// `failed` ("may have been delivered"), audited and counted, and never re-sent
     /// automatically. Returns their ids.
+    ///
+    /// On PostgreSQL other gateways may be sending at this moment: only claims older than
+    /// [`SEND_CLAIM_TTL_MS`] (their sender died) are recovered, here and at every
+    /// [`deliver_due`] step ([`Engine::recover_expired_claims`]).
     pub fn recover_interrupted_sends(&self) -> Result<Vec<i64>, ChannelsError> {
         self.recover_interrupted_sends_except(&[])
     }
@@ -773,37 +805,93 @@ impl Engine {
         idempotent: &[String],
     ) -> Result<Vec<i64>, ChannelsError> {
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let rows: Vec<OutboxRow> = {
-            let mut st = tx.prepare(&format!(
-                "SELECT {COLUMNS} FROM channel_outbox WHERE status = 'sending' ORDER BY id"
-            ))?;
-            st.query_map([], row)?.collect::<Result<_, _>>()?
+        // SQLite: one gateway owns `state.db` (the gateway lock), so every `sending` row is
+        // its predecessor's. PostgreSQL: only a claim that expired is a dead sender's.
+        let claimed_before = match self.store.db().dialect() {
+            Dialect::Sqlite => None,
+            Dialect::Postgres => Some(now.saturating_sub(SEND_CLAIM_TTL_MS)),
         };
-        let why = "interrupted while sending (the gateway stopped): may have been delivered, not sent again";
-        let (resend, rows): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
-            .into_iter()
-            .partition(|r| idempotent.contains(&r.channel));
-        for r in &resend {
-            tx.execute(
-                "UPDATE channel_outbox SET status = 'queued', next_attempt_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status = 'sending'",
-                params![r.id, now],
+        self.recover_sends(None, idempotent, claimed_before, now)
+    }
+
+    /// The rows of `channel` claimed `sending` more than [`SEND_CLAIM_TTL_MS`] ago, by a
+    /// sender that died (another gateway on the same PostgreSQL database, or this one hung):
+    /// recovered by the rule of [`Self::recover_interrupted_sends`] (queued again only when
+    /// the platform's sends are `idempotent`). Returns the ids marked failed.
+    pub fn recover_expired_claims(
+        &self,
+        channel: &str,
+        idempotent: bool,
+    ) -> Result<Vec<i64>, ChannelsError> {
+        let now = self.clock.now_ms();
+        let idempotent = if idempotent {
+            vec![channel.to_string()]
+        } else {
+            Vec::new()
+        };
+        self.recover_sends(
+            Some(channel),
+            &idempotent,
+            Some(now.saturating_sub(SEND_CLAIM_TTL_MS)),
+            now,
+        )
+    }
+
+    /// Recovers the `sending` rows (of `channel`, or all; claimed at or before
+    /// `claimed_before`, or any) in one transaction. A row another gateway recovers or
+    /// finishes at the same time is left to it (each change is conditional on the row still
+    /// being the claim that was read), so it is audited and counted once.
+    fn recover_sends(
+        &self,
+        channel: Option<&str>,
+        idempotent: &[String],
+        claimed_before: Option<i64>,
+        now: i64,
+    ) -> Result<Vec<i64>, ChannelsError> {
+        let why = if claimed_before.is_some() {
+            "interrupted while sending (its sender stopped and its claim expired): may have been delivered, not sent again"
+        } else {
+            "interrupted while sending (the gateway stopped): may have been delivered, not sent again"
+        };
+        let failed = self.store.db().tx(|tx| {
+            let rows = tx.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM channel_outbox
+                     WHERE status = 'sending' AND (?1 IS NULL OR channel = ?1) AND (?2 IS NULL OR updated_ms <= ?2)
+                     ORDER BY id"
+                ),
+                params![channel, claimed_before],
+                row,
             )?;
-        }
-        for r in &rows {
-            tx.execute(
-                "UPDATE channel_outbox SET status = 'failed', last_error = ?2, updated_ms = ?3 WHERE id = ?1 AND status = 'sending'",
-                params![r.id, why, now],
-            )?;
-            self.audit_undelivered(r, "failed", why)?;
-            self.requeue_final_text(&tx, r, now)?;
-        }
-        tx.commit()?;
+            let (resend, rows): (Vec<OutboxRow>, Vec<OutboxRow>) = rows
+                .into_iter()
+                .partition(|r| idempotent.contains(&r.channel));
+            for r in &resend {
+                tx.execute(
+                    "UPDATE channel_outbox SET status = 'queued', next_attempt_ms = ?2, updated_ms = ?2
+                     WHERE id = ?1 AND status = 'sending' AND (?3 IS NULL OR updated_ms <= ?3)",
+                    params![r.id, now, claimed_before],
+                )?;
+            }
+            let mut failed = Vec::with_capacity(rows.len());
+            for r in &rows {
+                let n = tx.execute(
+                    "UPDATE channel_outbox SET status = 'failed', last_error = ?2, updated_ms = ?3
+                     WHERE id = ?1 AND status = 'sending' AND (?4 IS NULL OR updated_ms <= ?4)",
+                    params![r.id, why, now, claimed_before],
+                )?;
+                if n == 1 {
+                    self.audit_undelivered(r, "failed", why)?;
+                    self.requeue_final_text(tx, r, now)?;
+                    failed.push(r.id);
+                }
+            }
+            Ok::<_, ChannelsError>(failed)
+        })?;
         self.counters
             .maybe_delivered
-            .fetch_add(u64::try_from(rows.len()).unwrap_or(0), Ordering::Relaxed);
-        Ok(rows.iter().map(|r| r.id).collect())
+            .fetch_add(u64::try_from(failed.len()).unwrap_or(0), Ordering::Relaxed);
+        Ok(failed)
     }
 }
 
@@ -816,8 +904,13 @@ pub async fn deliver_due(
     platform: &dyn Platform,
     limit: usize,
 ) -> Result<DeliveryReport, ChannelsError> {
-    let rows = engine.claim_due(channel, engine.now_ms(), limit)?;
     let mut report = DeliveryReport::default();
+    // Several gateways deliver from one PostgreSQL outbox: a claim whose sender died is
+    // recovered by whichever delivers next (never re-sent unless the platform deduplicates).
+    if engine.store.db().dialect() == Dialect::Postgres {
+        report.failed = engine.recover_expired_claims(channel, platform.sends_are_idempotent())?;
+    }
+    let rows = engine.claim_due(channel, engine.now_ms(), limit)?;
     for r in rows {
         // One trace per delivery attempt (the turn that queued it may be long over).
         let span = tracing::info_span!(

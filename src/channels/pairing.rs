@@ -3,7 +3,7 @@
 
 use chitin_audit::{Kind, RecordInput};
 use chitin_channels::{ChatKind, ChatRef, Message};
-use rusqlite::{OptionalExtension, Transaction, params};
+use chitin_store::Conn;
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
@@ -16,6 +16,7 @@ use super::{
 use crate::clock::rfc3339;
 use crate::gate::{Verdict, admin_request};
 use crate::policy::Action;
+use crate::store::params;
 
 /// 32 letters and digits that are not confused when read or typed (no I, O, 0, 1): a code of
 /// [`CODE_LEN`] of them carries 40 bits.
@@ -55,14 +56,14 @@ fn normalize_code(code: &str) -> String {
         .collect()
 }
 
-fn expire_due(tx: &Transaction<'_>, now: i64) -> rusqlite::Result<usize> {
-    tx.prepare_cached(
+fn expire_due(tx: &mut Conn<'_>, now: i64) -> Result<u64, chitin_store::Error> {
+    tx.execute(
         "UPDATE pairing_requests SET status = 'expired', resolved_ms = ?1 WHERE status = 'pending' AND expires_ms <= ?1",
-    )?
-    .execute([now])
+        params![now],
+    )
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PairingRequest> {
+fn row(r: &chitin_store::Row) -> Result<PairingRequest, ChannelsError> {
     Ok(PairingRequest {
         code: r.get(0)?,
         channel: r.get(1)?,
@@ -85,7 +86,7 @@ impl Engine {
     /// [`MAX_PENDING_PAIRINGS`] open, exactly one outbox reply carrying it. Audited.
     pub(super) fn offer_pairing_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &mut Conn<'_>,
         ch: &ChannelSettings,
         identity: &str,
         m: &Message,
@@ -93,19 +94,20 @@ impl Engine {
     ) -> Result<Admission, ChannelsError> {
         expire_due(tx, now)?;
         let recent: i64 = tx
-            .prepare_cached(
-                "SELECT COUNT(*) FROM pairing_requests WHERE identity = ?1 AND created_ms > ?2",
-            )?
             .query_row(
+                "SELECT COUNT(*) FROM pairing_requests WHERE identity = ?1 AND created_ms > ?2",
                 params![identity, now.saturating_sub(PAIRING_RATE_WINDOW_MS)],
-                |r| r.get(0),
-            )?;
+            )?
+            .get(0)?;
         if recent > 0 {
             return Ok(Admission::Denied(DenyReason::PairingAlreadySent));
         }
         let open: i64 = tx
-            .prepare_cached("SELECT COUNT(*) FROM pairing_requests WHERE status = 'pending'")?
-            .query_row([], |r| r.get(0))?;
+            .query_row(
+                "SELECT COUNT(*) FROM pairing_requests WHERE status = 'pending'",
+                params![],
+            )?
+            .get(0)?;
         if open >= MAX_PENDING_PAIRINGS {
             self.audit(
                 RecordInput::new(
@@ -122,13 +124,10 @@ impl Engine {
         let mut code = String::new();
         for _ in 0..16 {
             let c = new_code()?;
-            let taken: Option<String> = tx
-                .query_row(
-                    "SELECT code FROM pairing_requests WHERE code = ?1",
-                    [&c],
-                    |r| r.get(0),
-                )
-                .optional()?;
+            let taken = tx.query_opt(
+                "SELECT code FROM pairing_requests WHERE code = ?1",
+                params![c],
+            )?;
             if taken.is_none() {
                 code = c;
                 break;
@@ -181,17 +180,16 @@ impl Engine {
     /// Open pairing requests, newest first (after expiring the ones that are due).
     pub fn pairing_list(&self) -> Result<Vec<PairingRequest>, ChannelsError> {
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        expire_due(&tx, now)?;
-        let list = {
-            let mut st = tx.prepare(&format!(
-                "SELECT {COLUMNS} FROM pairing_requests WHERE status = 'pending' ORDER BY created_ms DESC"
-            ))?;
-            st.query_map([], row)?.collect::<Result<Vec<_>, _>>()?
-        };
-        tx.commit()?;
-        Ok(list)
+        self.store.db().tx(|tx| {
+            expire_due(tx, now)?;
+            tx.query_map(
+                &format!(
+                    "SELECT {COLUMNS} FROM pairing_requests WHERE status = 'pending' ORDER BY created_ms DESC, code"
+                ),
+                params![],
+                row,
+            )
+        })
     }
 
     /// The open pairing requests, for `user` only if Cedar permits `pairing.approve` for
@@ -224,17 +222,15 @@ impl Engine {
 
     fn pending(&self, code: &str) -> Result<PairingRequest, ChannelsError> {
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        expire_due(&tx, now)?;
-        let r = tx
-            .query_row(
+        let r = self.store.db().tx(|tx| {
+            expire_due(tx, now)?;
+            tx.query_opt(
                 &format!("SELECT {COLUMNS} FROM pairing_requests WHERE code = ?1"),
-                [code],
-                row,
-            )
-            .optional()?;
-        tx.commit()?;
+                params![code],
+            )?
+            .map(|r| row(&r))
+            .transpose()
+        })?;
         let r =
             r.ok_or_else(|| ChannelsError::PairingNotFound(code.escape_default().to_string()))?;
         match r.status.as_str() {
@@ -289,9 +285,7 @@ impl Engine {
             .engine()
             .check_managed_entities(&managed_json(&managed))?;
         let now = self.clock.now_ms();
-        {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
+        self.store.db().tx(|tx| {
             let changed = tx.execute(
                 "UPDATE pairing_requests SET status = 'approved', user_id = ?2, resolved_by = ?3, resolved_ms = ?4
                  WHERE code = ?1 AND status = 'pending' AND expires_ms > ?4",
@@ -299,7 +293,7 @@ impl Engine {
             )?;
             if changed != 1 {
                 return Err(ChannelsError::PairingNotPending {
-                    code,
+                    code: code.clone(),
                     status: "resolved by someone else or expired".into(),
                 });
             }
@@ -311,7 +305,7 @@ impl Engine {
             )?;
             if self.channels.contains_key(&req.channel) {
                 self.enqueue_in(
-                    &tx,
+                    tx,
                     &OutboxNew {
                         channel: req.channel.clone(),
                         chat: ChatRef {
@@ -336,9 +330,8 @@ impl Engine {
                     json!({"code": code, "channel": req.channel, "user": target_user}),
                 )
                 .with_outcome("approved"),
-            )?;
-            tx.commit()?;
-        }
+            )
+        })?;
         self.load_managed_entities()?;
         Ok(PairingRequest {
             status: "approved".into(),
@@ -358,29 +351,28 @@ impl Engine {
         let req = self.pending(&code)?;
         self.may_decide_pairings(acting_user)?;
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let changed = tx.execute(
-            "UPDATE pairing_requests SET status = 'denied', resolved_by = ?2, resolved_ms = ?3
-             WHERE code = ?1 AND status = 'pending'",
-            params![code, acting_user, now],
-        )?;
-        if changed != 1 {
-            return Err(ChannelsError::PairingNotPending {
-                code,
-                status: "resolved by someone else".into(),
-            });
-        }
-        self.audit(
-            RecordInput::admin(
-                user_uid(acting_user),
-                "pairing.deny",
-                identity_uid(&req.identity),
-                json!({"code": code, "channel": req.channel}),
+        self.store.db().tx(|tx| {
+            let changed = tx.execute(
+                "UPDATE pairing_requests SET status = 'denied', resolved_by = ?2, resolved_ms = ?3
+                 WHERE code = ?1 AND status = 'pending'",
+                params![code, acting_user, now],
+            )?;
+            if changed != 1 {
+                return Err(ChannelsError::PairingNotPending {
+                    code: code.clone(),
+                    status: "resolved by someone else".into(),
+                });
+            }
+            self.audit(
+                RecordInput::admin(
+                    user_uid(acting_user),
+                    "pairing.deny",
+                    identity_uid(&req.identity),
+                    json!({"code": code, "channel": req.channel}),
+                )
+                .with_outcome("denied"),
             )
-            .with_outcome("denied"),
-        )?;
-        tx.commit()?;
+        })?;
         Ok(PairingRequest {
             status: "denied".into(),
             resolved_by: Some(acting_user.into()),
@@ -394,18 +386,16 @@ impl Engine {
     pub fn pairing_revoke(&self, identity: &str, acting_user: &str) -> Result<(), ChannelsError> {
         let identity = parse_identity(identity)?;
         self.may_decide_pairings(acting_user)?;
-        {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
+        self.store.db().tx(|tx| {
             let user: Option<String> = tx
-                .query_row(
+                .query_opt(
                     "DELETE FROM managed_entities WHERE identity = ?1 RETURNING user_id",
-                    [&identity],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                    params![identity],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
             let Some(user) = user else {
-                return Err(ChannelsError::NotPaired(identity));
+                return Err(ChannelsError::NotPaired(identity.clone()));
             };
             self.audit(
                 RecordInput::admin(
@@ -415,21 +405,20 @@ impl Engine {
                     json!({"user": user}),
                 )
                 .with_outcome("revoked"),
-            )?;
-            tx.commit()?;
-        }
+            )
+        })?;
         self.load_managed_entities()?;
         Ok(())
     }
 
     fn managed_rows(&self) -> Result<Vec<(String, String, String)>, ChannelsError> {
-        let conn = self.store.conn()?;
-        let mut st = conn
-            .prepare("SELECT identity, user_id, channel FROM managed_entities ORDER BY identity")?;
-        let rows = st
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT identity, user_id, channel FROM managed_entities ORDER BY identity",
+                params![],
+                |r| Ok::<_, ChannelsError>((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })
     }
 
     /// Installs the managed entity store of `state.db` (paired identities as members of their
