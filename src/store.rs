@@ -39,9 +39,6 @@ pub enum StoreError {
 /// modules are ported to [`Store::db`]; `tests/store_backends.rs` checks it against the
 /// source. While it is not empty, `chitin gateway` refuses `[store] backend = "postgres"`.
 pub const NOT_PORTED: &[&str] = &[
-    "accounts",
-    "accounts::oidc",
-    "agent::usage",
     "automation::hooks",
     "automation::jobs",
     "channels",
@@ -49,20 +46,27 @@ pub const NOT_PORTED: &[&str] = &[
     "channels::ingress",
     "channels::outbox",
     "channels::pairing",
-    "cli::status",
     "gateway",
     "lifecycle::backup",
     "lifecycle::erase",
     "lifecycle::export",
     "lifecycle::retention",
-    "mcp::pins",
     "tools::memory",
-    "tools::prompt_guard",
     "workflow_runner::store",
 ];
 
 /// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)"];
+pub const PORTED: &[&str] = &[
+    "approvals",
+    "agent::transcripts",
+    "store (meta)",
+    "accounts",
+    "accounts::oidc",
+    "agent::usage",
+    "cli::status",
+    "mcp::pins",
+    "tools::prompt_guard",
+];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {
