@@ -11,10 +11,10 @@
     reason = "tests"
 )]
 
-#[path = "support/home.rs"]
-mod support;
 #[path = "support/oidc.rs"]
 mod oidc;
+#[path = "support/home.rs"]
+mod support;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -218,7 +218,9 @@ fn removing_a_user_ends_its_sessions_and_tokens_and_its_groups_leave_the_policy_
     }
 }
 
-fn single_sign_on_provisions_users_with_the_idps_groups_but_never_overrides_the_operators(d: Dialect) {
+fn single_sign_on_provisions_users_with_the_idps_groups_but_never_overrides_the_operators(
+    d: Dialect,
+) {
     let e = env(d);
     assert!(
         e.acc
@@ -281,9 +283,7 @@ fn a_token_stops_working_when_its_expiry_passes_on_the_clock(d: Dialect) {
 fn a_user_added_on_one_replica_is_a_principal_on_the_other_after_its_next_refresh(d: Dialect) {
     let e = env(d);
     let b = e.replica();
-    e.acc
-        .add_user("owner", "alice", &["staff".into()])
-        .unwrap();
+    e.acc.add_user("owner", "alice", &["staff".into()]).unwrap();
     b.refresh().unwrap();
     assert_eq!(b.groups_of("alice"), vec!["staff"]);
     assert!(b.user_known("alice").unwrap());

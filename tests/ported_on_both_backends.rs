@@ -118,12 +118,27 @@ fn mcp_trust_pins_are_replaced_whole_and_seen_by_another_replica(d: Dialect) {
     let b = Backend::new(d);
     let (one, two) = (Pins::new(b.store()), Pins::new(b.store()));
     assert_eq!(two.get("files").unwrap(), None);
-    let tools = [tool("read", "Reads a file"), tool("list", "Lists a directory")];
-    one.trust("files", "sha256:id1", "sha256:list1", &tools, 1_000, "owner")
-        .unwrap();
+    let tools = [
+        tool("read", "Reads a file"),
+        tool("list", "Lists a directory"),
+    ];
+    one.trust(
+        "files",
+        "sha256:id1",
+        "sha256:list1",
+        &tools,
+        1_000,
+        "owner",
+    )
+    .unwrap();
     let t = two.get("files").unwrap().unwrap();
     assert_eq!(
-        (t.identity.as_str(), t.list_digest.as_str(), t.trusted_ms, t.trusted_by.as_str()),
+        (
+            t.identity.as_str(),
+            t.list_digest.as_str(),
+            t.trusted_ms,
+            t.trusted_by.as_str()
+        ),
         ("sha256:id1", "sha256:list1", 1_000, "owner")
     );
     assert_eq!(t.pins.len(), 2);
@@ -131,8 +146,15 @@ fn mcp_trust_pins_are_replaced_whole_and_seen_by_another_replica(d: Dialect) {
     assert_eq!(t.definitions["list"], tools[1].raw);
     // Trusted again with another listing: the old pins are gone, not merged.
     let changed = [tool("read", "Reads a file, now with a twist")];
-    two.trust("files", "sha256:id2", "sha256:list2", &changed, 2_000, "owner")
-        .unwrap();
+    two.trust(
+        "files",
+        "sha256:id2",
+        "sha256:list2",
+        &changed,
+        2_000,
+        "owner",
+    )
+    .unwrap();
     let t = one.get("files").unwrap().unwrap();
     assert_eq!(t.identity, "sha256:id2");
     assert_eq!(t.pins.keys().collect::<Vec<_>>(), vec!["read"]);

@@ -418,13 +418,16 @@ impl Accounts {
         if self.gate.engine().user_in_entity_files(user) {
             return Ok(true);
         }
-        Ok(self.store.db().with(|c| {
-            c.query_opt(
-                "SELECT 1 FROM account_users WHERE user_id = ?1",
-                params![user],
-            )
-        })?
-        .is_some())
+        Ok(self
+            .store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    "SELECT 1 FROM account_users WHERE user_id = ?1",
+                    params![user],
+                )
+            })?
+            .is_some())
     }
 
     /// The groups Cedar sees `user` in (from the active entity store).
@@ -476,13 +479,16 @@ impl Accounts {
 
     /// Whether an operator removed `user` (and nobody added them again since).
     pub fn removed(&self, user: &str) -> Result<bool, AccountsError> {
-        Ok(self.store.db().with(|c| {
-            c.query_opt(
-                "SELECT 1 FROM account_removed WHERE user_hash = ?1",
-                params![sha256(user.as_bytes())],
-            )
-        })?
-        .is_some())
+        Ok(self
+            .store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    "SELECT 1 FROM account_removed WHERE user_hash = ?1",
+                    params![sha256(user.as_bytes())],
+                )
+            })?
+            .is_some())
     }
 
     /// `chitin users add USER [--group G]...`: adds the user (or replaces its groups).

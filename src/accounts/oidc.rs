@@ -18,8 +18,8 @@ use super::jwt::{KeySet, LoginError, get_json, http_client, user_and_groups};
 use super::{Accounts, Source, b64url, random};
 use crate::config::auth::{OidcConfig, secure_or_loopback};
 use crate::gate::Verdict;
-use crate::store::params;
 use crate::policy::{Action, PolicyRequest};
+use crate::store::params;
 
 /// How long a started login may take.
 pub const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;

@@ -5,7 +5,6 @@
 //! - Both readers call [`report`]: the CLI and the API cannot disagree.
 //! - Only ids, times, models, tools, token counts and costs are read; no content.
 
-
 use serde::Serialize;
 
 use crate::store::{Dialect, Store, StoreError, params};
@@ -255,14 +254,13 @@ pub fn spend_by_session(
     store: &Store,
 ) -> Result<std::collections::HashMap<String, f64>, StoreError> {
     store.db().with(|c| {
-        Ok(c
-            .query_map(
-                "SELECT session_key, COALESCE(SUM(cost_usd), 0.0) FROM usage GROUP BY session_key",
-                params![],
-                |r| Ok::<_, StoreError>((r.get::<String>(0)?, r.get::<f64>(1)?)),
-            )?
-            .into_iter()
-            .collect())
+        Ok(c.query_map(
+            "SELECT session_key, COALESCE(SUM(cost_usd), 0.0) FROM usage GROUP BY session_key",
+            params![],
+            |r| Ok::<_, StoreError>((r.get::<String>(0)?, r.get::<f64>(1)?)),
+        )?
+        .into_iter()
+        .collect())
     })
 }
 

@@ -136,4 +136,3 @@ impl Pins {
             .map_err(db)
     }
 }
-
