@@ -39,20 +39,14 @@ pub enum StoreError {
 /// modules are ported to [`Store::db`]; `tests/store_backends.rs` checks it against the
 /// source. While it is not empty, `chitin gateway` refuses `[store] backend = "postgres"`.
 pub const NOT_PORTED: &[&str] = &[
-    "accounts",
-    "accounts::oidc",
-    "agent::usage",
     "automation::hooks",
     "automation::jobs",
-    "cli::status",
     "gateway",
     "lifecycle::backup",
     "lifecycle::erase",
     "lifecycle::export",
     "lifecycle::retention",
-    "mcp::pins",
     "tools::memory",
-    "tools::prompt_guard",
     "workflow_runner::store",
 ];
 
@@ -66,6 +60,12 @@ pub const PORTED: &[&str] = &[
     "channels::ingress",
     "channels::outbox",
     "channels::pairing",
+    "accounts",
+    "accounts::oidc",
+    "agent::usage",
+    "cli::status",
+    "mcp::pins",
+    "tools::prompt_guard",
 ];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.

@@ -23,7 +23,6 @@ pub mod oidc;
 use std::sync::{Arc, Mutex};
 
 use chitin_audit::RecordInput;
-use rusqlite::{OptionalExtension, params};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -31,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::clock::Clock;
 use crate::gate::{Gate, GateError, Verdict};
 use crate::policy::Action;
-use crate::store::Store;
+use crate::store::{Dialect, Store, params};
 
 /// Errors of the accounts component.
 #[derive(Debug, thiserror::Error)]
@@ -80,8 +79,8 @@ pub enum AccountsError {
     Gate(#[from] GateError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
-    #[error("state.db: {0}")]
-    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Db(#[from] chitin_store::Error),
     #[error("the system random generator failed: {0}")]
     Random(String),
 }
@@ -295,8 +294,9 @@ pub struct Accounts {
     store: Arc<Store>,
     gate: Gate,
     clock: Arc<dyn Clock>,
-    /// `PRAGMA data_version` when the managed users were last installed.
-    seen: Arc<Mutex<Option<i64>>>,
+    /// The version of the managed users when they were last installed (see
+    /// [`Accounts::refresh`]).
+    seen: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Accounts {
@@ -360,20 +360,7 @@ impl Accounts {
     // ---- users ---------------------------------------------------------------------------
 
     fn rows(&self) -> Result<Vec<Row>, AccountsError> {
-        let conn = self.store.conn()?;
-        let mut st =
-            conn.prepare("SELECT user_id, groups, source FROM account_users ORDER BY user_id")?;
-        let rows = st
-            .query_map([], |r| {
-                let groups: String = r.get(1)?;
-                Ok((
-                    r.get::<_, String>(0)?,
-                    serde_json::from_str::<Vec<String>>(&groups).unwrap_or_default(),
-                    r.get::<_, String>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        user_rows(&self.store)
     }
 
     fn entities_of(rows: &[Row]) -> Vec<Value> {
@@ -395,17 +382,32 @@ impl Accounts {
         Ok(rows.len())
     }
 
-    fn data_version(&self) -> Result<i64, AccountsError> {
-        let conn = self.store.conn()?;
-        Ok(conn.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+    /// A value that changes whenever the managed users change, whoever changed them. SQLite:
+    /// `PRAGMA data_version` (another connection committed). PostgreSQL: a digest of the rows
+    /// themselves (another replica's change is seen on the next look; equal rows mean an
+    /// equal installed set).
+    fn data_version(&self) -> Result<String, AccountsError> {
+        Ok(self.store.db().with(|c| match c.dialect() {
+            Dialect::Sqlite => c
+                .query_row("PRAGMA data_version", params![])?
+                .get::<i64>(0)
+                .map(|v| v.to_string()),
+            Dialect::Postgres => c
+                .query_row(
+                    "SELECT md5(COALESCE(string_agg(user_id || chr(31) || groups || chr(31) || source, chr(30) ORDER BY user_id), ''))
+                     FROM account_users",
+                    params![],
+                )?
+                .get::<String>(0),
+        })?)
     }
 
-    /// Re-installs the managed users when another process (the CLI) committed to `state.db`
-    /// since the last look. Cheap when nothing changed (one pragma).
+    /// Re-installs the managed users when another process (the CLI) or another replica
+    /// changed them since the last look. Cheap when nothing changed (one statement).
     pub fn refresh(&self) -> Result<(), AccountsError> {
         let now = self.data_version()?;
-        let seen = self.seen.lock().ok().and_then(|s| *s);
-        if seen != Some(now) {
+        let seen = self.seen.lock().ok().and_then(|s| s.clone());
+        if seen.as_ref() != Some(&now) {
             self.sync()?;
         }
         Ok(())
@@ -416,14 +418,15 @@ impl Accounts {
         if self.gate.engine().user_in_entity_files(user) {
             return Ok(true);
         }
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT 1 FROM account_users WHERE user_id = ?1",
-                [user],
-                |_| Ok(()),
-            )
-            .optional()?
+        Ok(self
+            .store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    "SELECT 1 FROM account_users WHERE user_id = ?1",
+                    params![user],
+                )
+            })?
             .is_some())
     }
 
@@ -448,14 +451,12 @@ impl Accounts {
             .check_managed_users(&Self::entities_of(&rows))
             .map_err(|e| AccountsError::Entities(e.to_string()))?;
         let now = self.clock.now_ms();
-        {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
+        self.store.db().tx(|tx| {
             if source == Source::Cli {
                 // An operator adding the user lifts a removal.
                 tx.execute(
                     "DELETE FROM account_removed WHERE user_hash = ?1",
-                    [sha256(user.as_bytes()).to_vec()],
+                    params![sha256(user.as_bytes())],
                 )?;
             }
             tx.execute(
@@ -470,22 +471,23 @@ impl Accounts {
                     now
                 ],
             )?;
-            tx.commit()?;
-        }
+            Ok::<_, AccountsError>(())
+        })?;
         self.sync()?;
         Ok(())
     }
 
     /// Whether an operator removed `user` (and nobody added them again since).
     pub fn removed(&self, user: &str) -> Result<bool, AccountsError> {
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT 1 FROM account_removed WHERE user_hash = ?1",
-                [sha256(user.as_bytes()).to_vec()],
-                |_| Ok(()),
-            )
-            .optional()?
+        Ok(self
+            .store
+            .db()
+            .with(|c| {
+                c.query_opt(
+                    "SELECT 1 FROM account_removed WHERE user_hash = ?1",
+                    params![sha256(user.as_bytes())],
+                )
+            })?
             .is_some())
     }
 
@@ -596,23 +598,28 @@ impl Accounts {
                 sessions: 0,
             });
         }
-        let conn = self.store.conn()?;
         let now = self.clock.now_ms();
-        for info in &mut out {
-            info.tokens = conn.query_row(
-                "SELECT count(*) FROM api_tokens WHERE user_id = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",
-                params![info.user, now],
-                |r| r.get::<_, i64>(0),
-            )?.try_into().unwrap_or(0);
-            info.sessions = conn
-                .query_row(
-                    "SELECT count(*) FROM web_sessions WHERE user_id = ?1 AND expires_ms > ?2",
-                    params![info.user, now],
-                    |r| r.get::<_, i64>(0),
-                )?
-                .try_into()
-                .unwrap_or(0);
-        }
+        self.store.db().with(|c| {
+            for info in &mut out {
+                info.tokens = c
+                    .query_row(
+                        "SELECT count(*) FROM api_tokens WHERE user_id = ?1 AND (expires_ms IS NULL OR expires_ms > ?2)",
+                        params![info.user, now],
+                    )?
+                    .get::<i64>(0)?
+                    .try_into()
+                    .unwrap_or(0);
+                info.sessions = c
+                    .query_row(
+                        "SELECT count(*) FROM web_sessions WHERE user_id = ?1 AND expires_ms > ?2",
+                        params![info.user, now],
+                    )?
+                    .get::<i64>(0)?
+                    .try_into()
+                    .unwrap_or(0);
+            }
+            Ok::<_, AccountsError>(())
+        })?;
         out.sort_by(|a, b| a.user.cmp(&b.user));
         Ok(out)
     }
@@ -638,25 +645,29 @@ impl Accounts {
             &principal(user),
             json!({"user": user}),
         ))?;
-        let removed = {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
-            let tokens = tx.execute("DELETE FROM api_tokens WHERE user_id = ?1", [user])?;
-            let sessions = tx.execute("DELETE FROM web_sessions WHERE user_id = ?1", [user])?;
-            let devices = tx.execute("DELETE FROM devices WHERE user_id = ?1", [user])?;
-            tx.execute("DELETE FROM account_users WHERE user_id = ?1", [user])?;
+        let now = self.clock.now_ms();
+        let removed = self.store.db().tx(|tx| {
+            let count = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            let tokens = tx.execute("DELETE FROM api_tokens WHERE user_id = ?1", params![user])?;
+            let sessions =
+                tx.execute("DELETE FROM web_sessions WHERE user_id = ?1", params![user])?;
+            let devices = tx.execute("DELETE FROM devices WHERE user_id = ?1", params![user])?;
             tx.execute(
-                "INSERT OR REPLACE INTO account_removed (user_hash, removed_ms) VALUES (?1, ?2)",
-                params![sha256(user.as_bytes()).to_vec(), self.clock.now_ms()],
+                "DELETE FROM account_users WHERE user_id = ?1",
+                params![user],
             )?;
-            tx.commit()?;
-            Removed {
+            tx.execute(
+                "INSERT INTO account_removed (user_hash, removed_ms) VALUES (?1, ?2)
+                 ON CONFLICT(user_hash) DO UPDATE SET removed_ms = excluded.removed_ms",
+                params![sha256(user.as_bytes()), now],
+            )?;
+            Ok::<_, AccountsError>(Removed {
                 user: user.into(),
-                tokens,
-                sessions,
-                devices,
-            }
-        };
+                tokens: count(tokens),
+                sessions: count(sessions),
+                devices: count(devices),
+            })
+        })?;
         self.sync()?;
         Ok(removed)
     }
@@ -701,14 +712,13 @@ impl Accounts {
             &format!("token:{id}"),
             json!({"id": id, "user": user, "name": name, "expires_ms": expires_ms}),
         ))?;
-        {
-            let conn = self.store.conn()?;
-            conn.execute(
+        self.store.db().with(|c| {
+            c.execute(
                 "INSERT INTO api_tokens (id, user_id, name, hash, created_by, created_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![id, user, name, hash.to_vec(), principal(actor), now, expires_ms],
-            )?;
-        }
+                params![id, user, name, hash, principal(actor), now, expires_ms],
+            )
+        })?;
         Ok((
             TokenInfo {
                 id,
@@ -728,57 +738,58 @@ impl Accounts {
     pub fn list_tokens(&self, actor: &str) -> Result<Vec<TokenInfo>, AccountsError> {
         self.decide(actor, Action::TokenManage)?;
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT id, user_id, name, created_by, created_ms, expires_ms, last_used_ms
-             FROM api_tokens ORDER BY created_ms, id",
-        )?;
-        let list = st
-            .query_map([], |r| {
-                let expires_ms: Option<i64> = r.get(5)?;
-                Ok(TokenInfo {
-                    id: r.get(0)?,
-                    user: r.get(1)?,
-                    name: r.get(2)?,
-                    created_by: r.get(3)?,
-                    created_ms: r.get(4)?,
-                    expires_ms,
-                    last_used_ms: r.get(6)?,
-                    expired: expires_ms.is_some_and(|e| e <= now),
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(list)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT id, user_id, name, created_by, created_ms, expires_ms, last_used_ms
+                 FROM api_tokens ORDER BY created_ms, id",
+                params![],
+                |r| {
+                    let expires_ms: Option<i64> = r.get(5)?;
+                    Ok::<_, AccountsError>(TokenInfo {
+                        id: r.get(0)?,
+                        user: r.get(1)?,
+                        name: r.get(2)?,
+                        created_by: r.get(3)?,
+                        created_ms: r.get(4)?,
+                        expires_ms,
+                        last_used_ms: r.get(6)?,
+                        expired: expires_ms.is_some_and(|e| e <= now),
+                    })
+                },
+            )
+        })
     }
 
-    /// `chitin tokens revoke ID`.
+    /// `chitin tokens revoke ID`. The token is deleted and the revocation recorded in one
+    /// transaction, so two replicas revoking it at once record it once (the other is told
+    /// the token is unknown).
     pub fn revoke_token(&self, actor: &str, id: &str) -> Result<String, AccountsError> {
         self.decide(actor, Action::TokenManage)?;
-        let user: Option<String> = {
-            let conn = self.store.conn()?;
-            conn.query_row("SELECT user_id FROM api_tokens WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
-            .optional()?
-        };
-        let Some(user) = user else {
-            return Err(AccountsError::UnknownToken(
-                id.chars()
-                    .take(64)
-                    .collect::<String>()
-                    .escape_default()
-                    .to_string(),
-            ));
-        };
-        self.audit(Self::admin_record(
-            actor,
-            "token.revoke",
-            &format!("token:{id}"),
-            json!({"id": id, "user": user}),
-        ))?;
-        let conn = self.store.conn()?;
-        conn.execute("DELETE FROM api_tokens WHERE id = ?1", [id])?;
-        Ok(user)
+        self.store.db().tx(|tx| {
+            let user: Option<String> = tx
+                .query_opt(
+                    "DELETE FROM api_tokens WHERE id = ?1 RETURNING user_id",
+                    params![id],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            let Some(user) = user else {
+                return Err(AccountsError::UnknownToken(
+                    id.chars()
+                        .take(64)
+                        .collect::<String>()
+                        .escape_default()
+                        .to_string(),
+                ));
+            };
+            self.audit(Self::admin_record(
+                actor,
+                "token.revoke",
+                &format!("token:{id}"),
+                json!({"id": id, "user": user}),
+            ))?;
+            Ok(user)
+        })
     }
 
     /// The user a presented API token acts for: `Some((token id, user))` when the token
@@ -797,27 +808,30 @@ impl Accounts {
             return Ok(None);
         };
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        let row: Option<TokenRow> = conn
-            .query_row(
-                "SELECT user_id, hash, expires_ms, last_used_ms FROM api_tokens WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
-            .optional()?;
-        let Some((user, hash, expires, last_used)) = row else {
-            return Ok(None);
-        };
-        if !ct_eq(&sha256(secret.as_bytes()), &hash) || expires.is_some_and(|e| e <= now) {
-            return Ok(None);
-        }
-        if last_used.is_none_or(|t| now.saturating_sub(t) > 60_000) {
-            conn.execute(
-                "UPDATE api_tokens SET last_used_ms = ?2 WHERE id = ?1",
-                params![id, now],
-            )?;
-        }
-        Ok(Some((id.to_string(), user)))
+        self.store.db().with(|c| {
+            let row: Option<TokenRow> = c
+                .query_opt(
+                    "SELECT user_id, hash, expires_ms, last_used_ms FROM api_tokens WHERE id = ?1",
+                    params![id],
+                )?
+                .map(|r| -> Result<TokenRow, chitin_store::Error> {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })
+                .transpose()?;
+            let Some((user, hash, expires, last_used)) = row else {
+                return Ok(None);
+            };
+            if !ct_eq(&sha256(secret.as_bytes()), &hash) || expires.is_some_and(|e| e <= now) {
+                return Ok(None);
+            }
+            if last_used.is_none_or(|t| now.saturating_sub(t) > 60_000) {
+                c.execute(
+                    "UPDATE api_tokens SET last_used_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+            }
+            Ok::<_, AccountsError>(Some((id.to_string(), user)))
+        })
     }
 
     // ---- browser sessions ----------------------------------------------------------------
@@ -843,14 +857,18 @@ impl Accounts {
             format!("session:{id}"),
             json!({"method": method, "device": device, "client": client, "expires_ms": expires_ms}),
         ))?;
-        let conn = self.store.conn()?;
-        // Sessions past their absolute end are never presented again: dropped here.
-        conn.execute("DELETE FROM web_sessions WHERE expires_ms <= ?1", [now])?;
-        conn.execute(
-            "INSERT INTO web_sessions (id, hash, user_id, groups, method, csrf, device_id, client, created_ms, last_seen_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
-            params![id, sha256(secret.as_bytes()).to_vec(), user, groups, method, csrf, device, client, now, expires_ms],
-        )?;
+        self.store.db().tx(|c| {
+            // Sessions past their absolute end are never presented again: dropped here.
+            c.execute(
+                "DELETE FROM web_sessions WHERE expires_ms <= ?1",
+                params![now],
+            )?;
+            c.execute(
+                "INSERT INTO web_sessions (id, hash, user_id, groups, method, csrf, device_id, client, created_ms, last_seen_ms, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
+                params![id, sha256(secret.as_bytes()), user, groups, method, csrf, device, client, now, expires_ms],
+            )
+        })?;
         Ok(NewSession {
             cookie: zeroize::Zeroizing::new(format!("{id}.{secret}")),
             id,
@@ -870,38 +888,41 @@ impl Accounts {
             return Ok(None);
         };
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        let row: Option<SessionRow> = conn
-            .query_row(
-                "SELECT hash, user_id, method, csrf, device_id, last_seen_ms, expires_ms FROM web_sessions WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
-            )
-            .optional()?;
-        let Some((hash, user, method, csrf, device, last_seen, expires_ms)) = row else {
-            return Ok(None);
-        };
-        if !ct_eq(&sha256(secret.as_bytes()), &hash) {
-            return Ok(None);
-        }
-        if expires_ms <= now || now.saturating_sub(last_seen) > idle_ms {
-            conn.execute("DELETE FROM web_sessions WHERE id = ?1", [id])?;
-            return Ok(None);
-        }
-        if now.saturating_sub(last_seen) > 15_000 {
-            conn.execute(
-                "UPDATE web_sessions SET last_seen_ms = ?2 WHERE id = ?1",
-                params![id, now],
-            )?;
-        }
-        Ok(Some(SessionInfo {
-            id: id.to_string(),
-            user,
-            method,
-            csrf,
-            device,
-            expires_ms,
-        }))
+        self.store.db().with(|c| {
+            let row: Option<SessionRow> = c
+                .query_opt(
+                    "SELECT hash, user_id, method, csrf, device_id, last_seen_ms, expires_ms FROM web_sessions WHERE id = ?1",
+                    params![id],
+                )?
+                .map(|r| -> Result<SessionRow, chitin_store::Error> {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                })
+                .transpose()?;
+            let Some((hash, user, method, csrf, device, last_seen, expires_ms)) = row else {
+                return Ok(None);
+            };
+            if !ct_eq(&sha256(secret.as_bytes()), &hash) {
+                return Ok(None);
+            }
+            if expires_ms <= now || now.saturating_sub(last_seen) > idle_ms {
+                c.execute("DELETE FROM web_sessions WHERE id = ?1", params![id])?;
+                return Ok(None);
+            }
+            if now.saturating_sub(last_seen) > 15_000 {
+                c.execute(
+                    "UPDATE web_sessions SET last_seen_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )?;
+            }
+            Ok::<_, AccountsError>(Some(SessionInfo {
+                id: id.to_string(),
+                user,
+                method,
+                csrf,
+                device,
+                expires_ms,
+            }))
+        })
     }
 
     /// Ends a session (logout). Returns whether there was one.
@@ -912,8 +933,11 @@ impl Accounts {
             format!("session:{id}"),
             json!({"reason": "logout"}),
         ))?;
-        let conn = self.store.conn()?;
-        Ok(conn.execute("DELETE FROM web_sessions WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .store
+            .db()
+            .with(|c| c.execute("DELETE FROM web_sessions WHERE id = ?1", params![id]))?
+            > 0)
     }
 
     // ---- devices -------------------------------------------------------------------------
@@ -923,11 +947,11 @@ impl Accounts {
         let Some((id, secret)) = split_credential(cookie, '.') else {
             return Ok(None);
         };
-        let conn = self.store.conn()?;
-        let hash: Option<Vec<u8>> = conn
-            .query_row("SELECT hash FROM devices WHERE id = ?1", [id], |r| r.get(0))
-            .optional()?;
-        drop(conn);
+        let hash: Option<Vec<u8>> = self.store.db().with(|c| {
+            c.query_opt("SELECT hash FROM devices WHERE id = ?1", params![id])?
+                .map(|r| r.get(0))
+                .transpose()
+        })?;
         match hash {
             Some(h) if ct_eq(&sha256(secret.as_bytes()), &h) => self.device_by_id(id),
             _ => Ok(None),
@@ -936,14 +960,14 @@ impl Accounts {
 
     /// A device by id.
     pub fn device_by_id(&self, id: &str) -> Result<Option<DeviceInfo>, AccountsError> {
-        let conn = self.store.conn()?;
-        Ok(conn
-            .query_row(
-                "SELECT id, user_id, status, client, user_agent, created_ms, decided_ms, decided_by FROM devices WHERE id = ?1",
-                [id],
-                device_row,
-            )
-            .optional()?)
+        self.store.db().with(|c| {
+            c.query_opt(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE id = ?1"),
+                params![id],
+            )?
+            .map(|r| device_row(&r))
+            .transpose()
+        })
     }
 
     /// Registers a new browser for `user` as a pending device.
@@ -970,19 +994,13 @@ impl Accounts {
             )
             .with_outcome("pending"),
         )?;
-        let conn = self.store.conn()?;
-        conn.execute(
-            "INSERT INTO devices (id, hash, user_id, status, client, user_agent, created_ms)
-             VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
-            params![
-                id,
-                sha256(secret.as_bytes()).to_vec(),
-                user,
-                client,
-                ua,
-                now
-            ],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "INSERT INTO devices (id, hash, user_id, status, client, user_agent, created_ms)
+                 VALUES (?1, ?2, ?3, 'pending', ?4, ?5, ?6)",
+                params![id, sha256(secret.as_bytes()), user, client, ua, now],
+            )
+        })?;
         Ok(NewDevice {
             info: DeviceInfo {
                 id: id.clone(),
@@ -1001,15 +1019,13 @@ impl Accounts {
     /// `chitin devices list` (decided as `pairing.approve`).
     pub fn list_devices(&self, actor: &str) -> Result<Vec<DeviceInfo>, AccountsError> {
         self.decide(actor, Action::PairingApprove)?;
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT id, user_id, status, client, user_agent, created_ms, decided_ms, decided_by
-             FROM devices ORDER BY created_ms, id",
-        )?;
-        let list = st
-            .query_map([], device_row)?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(list)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY created_ms, id"),
+                params![],
+                device_row,
+            )
+        })
     }
 
     /// `chitin devices approve ID` / `revoke ID` (Cedar `pairing.approve`). Revoking also
@@ -1038,31 +1054,47 @@ impl Accounts {
                 wanted,
             });
         }
-        self.audit(
-            Self::admin_record(
-                actor,
-                if approve {
-                    "device.approve"
-                } else {
-                    "device.revoke"
-                },
-                &format!("device:{id}"),
-                json!({"user": dev.user, "client": dev.client, "user_agent": dev.user_agent}),
-            )
-            .with_outcome(wanted),
-        )?;
         let now = self.clock.now_ms();
-        {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
-            tx.execute(
-                "UPDATE devices SET status = ?2, decided_ms = ?3, decided_by = ?4 WHERE id = ?1",
-                params![id, wanted, now, principal(actor)],
+        // The decision is a claim on the status read above: when another replica decided the
+        // device meanwhile, nothing is written or recorded and the caller is told its status.
+        let claimed = self.store.db().tx(|tx| {
+            let changed = tx.execute(
+                "UPDATE devices SET status = ?2, decided_ms = ?3, decided_by = ?4 WHERE id = ?1 AND status = ?5",
+                params![id, wanted, now, principal(actor), dev.status],
             )?;
-            if !approve {
-                tx.execute("DELETE FROM web_sessions WHERE device_id = ?1", [id])?;
+            if changed != 1 {
+                return Ok(false);
             }
-            tx.commit()?;
+            if !approve {
+                tx.execute(
+                    "DELETE FROM web_sessions WHERE device_id = ?1",
+                    params![id],
+                )?;
+            }
+            self.audit(
+                Self::admin_record(
+                    actor,
+                    if approve {
+                        "device.approve"
+                    } else {
+                        "device.revoke"
+                    },
+                    &format!("device:{id}"),
+                    json!({"user": dev.user, "client": dev.client, "user_agent": dev.user_agent}),
+                )
+                .with_outcome(wanted),
+            )?;
+            Ok::<_, AccountsError>(true)
+        })?;
+        if !claimed {
+            let status = self
+                .device_by_id(id)?
+                .map_or_else(|| "gone".to_string(), |d| d.status);
+            return Err(AccountsError::DeviceState {
+                id: id.to_string(),
+                status,
+                wanted,
+            });
         }
         self.device_by_id(id)?
             .ok_or_else(|| AccountsError::UnknownDevice(id.to_string()))
@@ -1073,7 +1105,10 @@ impl Accounts {
     }
 }
 
-fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeviceInfo> {
+const DEVICE_COLUMNS: &str =
+    "id, user_id, status, client, user_agent, created_ms, decided_ms, decided_by";
+
+fn device_row(r: &chitin_store::Row) -> Result<DeviceInfo, AccountsError> {
     Ok(DeviceInfo {
         id: r.get(0)?,
         user: r.get(1)?,
@@ -1092,24 +1127,29 @@ pub fn install_users(
     engine: &crate::policy::PolicyEngine,
     store: &Store,
 ) -> Result<usize, AccountsError> {
-    let rows = {
-        let conn = store.conn()?;
-        let mut st =
-            conn.prepare("SELECT user_id, groups, source FROM account_users ORDER BY user_id")?;
-        st.query_map([], |r| {
-            let groups: String = r.get(1)?;
-            Ok((
-                r.get::<_, String>(0)?,
-                serde_json::from_str::<Vec<String>>(&groups).unwrap_or_default(),
-                r.get::<_, String>(2)?,
-            ))
-        })?
-        .collect::<Result<Vec<Row>, _>>()?
-    };
+    let rows = user_rows(store)?;
     engine
         .set_managed_users(Accounts::entities_of(&rows))
         .map_err(|e| AccountsError::Entities(e.to_string()))?;
     Ok(rows.len())
+}
+
+/// The managed users, by id.
+fn user_rows(store: &Store) -> Result<Vec<Row>, AccountsError> {
+    store.db().with(|c| {
+        c.query_map(
+            "SELECT user_id, groups, source FROM account_users ORDER BY user_id",
+            params![],
+            |r| {
+                let groups: String = r.get(1)?;
+                Ok::<_, AccountsError>((
+                    r.get::<String>(0)?,
+                    serde_json::from_str::<Vec<String>>(&groups).unwrap_or_default(),
+                    r.get::<String>(2)?,
+                ))
+            },
+        )
+    })
 }
 
 #[cfg(test)]

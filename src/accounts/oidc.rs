@@ -11,7 +11,6 @@
 
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -20,6 +19,7 @@ use super::{Accounts, Source, b64url, random};
 use crate::config::auth::{OidcConfig, secure_or_loopback};
 use crate::gate::Verdict;
 use crate::policy::{Action, PolicyRequest};
+use crate::store::params;
 
 /// How long a started login may take.
 pub const LOGIN_TTL_MS: i64 = 10 * 60 * 1000;
@@ -148,23 +148,20 @@ impl Oidc {
         let verifier = b64url(&random::<32>()?);
         let challenge = b64url(&sha256(verifier.as_bytes()));
         let now = self.accounts.now_ms();
-        {
-            let conn = self
-                .accounts
-                .store()
-                .conn()
-                .map_err(super::AccountsError::from)?;
-            conn.execute("DELETE FROM oidc_logins WHERE expires_ms < ?1", [now])
-                .map_err(super::AccountsError::from)?;
+        let stored = self.accounts.store().db().tx(|c| {
+            c.execute(
+                "DELETE FROM oidc_logins WHERE expires_ms < ?1",
+                params![now],
+            )?;
             // Anyone may start a login: a bound on the ones in flight keeps that from filling
             // the database.
-            let open: i64 = conn
-                .query_row("SELECT count(*) FROM oidc_logins", [], |r| r.get(0))
-                .map_err(super::AccountsError::from)?;
+            let open: i64 = c
+                .query_row("SELECT count(*) FROM oidc_logins", params![])?
+                .get(0)?;
             if open >= MAX_OPEN_LOGINS {
-                return Err(LoginError::Busy);
+                return Ok(false);
             }
-            conn.execute(
+            c.execute(
                 "INSERT INTO oidc_logins (state, nonce, verifier, browser, created_ms, expires_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
@@ -175,8 +172,11 @@ impl Oidc {
                     now,
                     now + LOGIN_TTL_MS
                 ],
-            )
-            .map_err(super::AccountsError::from)?;
+            )?;
+            Ok::<_, super::AccountsError>(true)
+        })?;
+        if !stored {
+            return Err(LoginError::Busy);
         }
         let mut url = reqwest::Url::parse(&d.authorization_endpoint)
             .map_err(|e| LoginError::Discovery(format!("authorization_endpoint: {e}")))?;
@@ -201,22 +201,16 @@ impl Oidc {
     ) -> Result<LoggedIn, LoginError> {
         let now = self.accounts.now_ms();
         // Consumed first: a state is good for one attempt, whatever happens next.
-        let row: Option<(String, String, Vec<u8>)> = {
-            let conn = self
-                .accounts
-                .store()
-                .conn()
-                .map_err(super::AccountsError::from)?;
-            conn.query_row(
+        let row: Option<(String, String, Vec<u8>)> = self.accounts.store().db().with(|c| {
+            c.query_opt(
                 "UPDATE oidc_logins SET used_ms = ?2
                  WHERE state = ?1 AND used_ms IS NULL AND expires_ms > ?2
                  RETURNING nonce, verifier, browser",
                 params![state, now],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
-            .map_err(super::AccountsError::from)?
-        };
+            )?
+            .map(|r| -> Result<_, super::AccountsError> { Ok((r.get(0)?, r.get(1)?, r.get(2)?)) })
+            .transpose()
+        })?;
         let Some((nonce, verifier, browser)) = row else {
             return Err(LoginError::StateUnknown);
         };
@@ -233,40 +227,38 @@ impl Oidc {
             .get("nonce")
             .and_then(Value::as_str)
             .ok_or(LoginError::NonceMismatch)?;
-        {
-            let conn = self
-                .accounts
-                .store()
-                .conn()
-                .map_err(super::AccountsError::from)?;
-            let used = conn
-                .query_row(
+        let nonce_ok = self.accounts.store().db().tx(|c| {
+            let used = c
+                .query_opt(
                     "SELECT 1 FROM oidc_nonces_used WHERE nonce = ?1",
-                    [got],
-                    |_| Ok(()),
-                )
-                .optional()
-                .map_err(super::AccountsError::from)?
+                    params![got],
+                )?
                 .is_some();
             if used {
-                return Err(LoginError::NonceReplayed);
+                return Ok(Err(LoginError::NonceReplayed));
             }
             if !super::ct_eq(got.as_bytes(), nonce.as_bytes()) {
-                return Err(LoginError::NonceMismatch);
+                return Ok(Err(LoginError::NonceMismatch));
             }
-            conn.execute(
-                "INSERT INTO oidc_nonces_used (nonce, used_ms) VALUES (?1, ?2)",
+            // Recorded once: a replica racing with the same ID token finds the row there
+            // (the loser of the race inserts nothing and is refused as a replay).
+            let recorded = c.execute(
+                "INSERT INTO oidc_nonces_used (nonce, used_ms) VALUES (?1, ?2)
+                 ON CONFLICT(nonce) DO NOTHING",
                 params![got, now],
-            )
-            .map_err(super::AccountsError::from)?;
+            )?;
+            if recorded != 1 {
+                return Ok(Err(LoginError::NonceReplayed));
+            }
             // A nonce is only ever sent by a login that lives LOGIN_TTL_MS, so remembering
             // used ones for a day covers every ID token that could still carry one.
-            conn.execute(
+            c.execute(
                 "DELETE FROM oidc_nonces_used WHERE used_ms < ?1",
-                [now - 86_400_000],
-            )
-            .map_err(super::AccountsError::from)?;
-        }
+                params![now - 86_400_000],
+            )?;
+            Ok::<_, super::AccountsError>(Ok(()))
+        })?;
+        nonce_ok?;
         let (user, groups) =
             user_and_groups(&claims, &self.cfg.user_claim, &self.cfg.groups_claim)?;
         let groups_applied = match self.accounts.provision(&user, &groups, Source::Oidc) {

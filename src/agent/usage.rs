@@ -5,10 +5,9 @@
 //! - Both readers call [`report`]: the CLI and the API cannot disagree.
 //! - Only ids, times, models, tools, token counts and costs are read; no content.
 
-use rusqlite::params;
 use serde::Serialize;
 
-use crate::store::{Store, StoreError};
+use crate::store::{Dialect, Store, StoreError, params};
 
 /// What caused a model call (stored in `usage.task`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -118,6 +117,14 @@ impl UsageBy {
             Self::Task => "COALESCE(task, 'chat')",
         }
     }
+
+    /// [`Self::column`] on PostgreSQL (the day of a unix-ms time, UTC).
+    const fn pg_column(self) -> &'static str {
+        match self {
+            Self::Day => "to_char(to_timestamp(at_ms / 1000) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            other => other.column(),
+        }
+    }
 }
 
 /// One group's totals.
@@ -169,15 +176,10 @@ pub fn report(
     now_ms: i64,
     budgets: &crate::config::agent::BudgetsConfig,
 ) -> Result<UsageReport, StoreError> {
-    let conn = store.conn()?;
-    let sql_err = |source| StoreError::Sqlite {
-        path: store.path().to_path_buf(),
-        source,
-    };
-    let totals = "COUNT(*), COUNT(DISTINCT run_id), COALESCE(SUM(input_tokens), 0), \
-                  COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost_usd), 0.0), \
-                  COALESCE(SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END), 0)";
-    let group = |r: &rusqlite::Row<'_>, first: usize| -> rusqlite::Result<UsageGroup> {
+    let totals = "COUNT(*), COUNT(DISTINCT run_id), CAST(COALESCE(SUM(input_tokens), 0) AS BIGINT), \
+                  CAST(COALESCE(SUM(output_tokens), 0) AS BIGINT), COALESCE(SUM(cost_usd), 0.0), \
+                  CAST(COALESCE(SUM(CASE WHEN cost_usd IS NULL THEN 1 ELSE 0 END), 0) AS BIGINT)";
+    let group = |r: &chitin_store::Row, first: usize| -> Result<UsageGroup, StoreError> {
         Ok(UsageGroup {
             key: if first == 0 { None } else { r.get(0)? },
             calls: r.get(first)?,
@@ -188,47 +190,45 @@ pub fn report(
             unpriced_calls: r.get(first + 5)?,
         })
     };
-    let mut groups: Vec<UsageGroup> = {
-        let mut st = conn
-            .prepare(&format!(
-                "SELECT {key} AS k, {totals} FROM usage WHERE (?1 IS NULL OR at_ms >= ?1) \
-                 GROUP BY k ORDER BY 6 DESC, 2 DESC, k",
-                key = by.column()
-            ))
-            .map_err(sql_err)?;
-        st.query_map(params![since_ms], |r| group(r, 1))
-            .map_err(sql_err)?
-            .collect::<Result<_, _>>()
-            .map_err(sql_err)?
+    let key = match store.db().dialect() {
+        Dialect::Sqlite => by.column(),
+        Dialect::Postgres => by.pg_column(),
     };
+    let start = now_ms.div_euclid(DAY_MS) * DAY_MS;
+    // One transaction: the groups, the total and the budgets read the same rows.
+    let (mut groups, total, mut spent) = store.db().tx(|c| {
+        let groups: Vec<UsageGroup> = c.query_map(
+            &format!(
+                "SELECT {key} AS k, {totals} FROM usage WHERE (?1 IS NULL OR at_ms >= ?1) \
+                 GROUP BY k ORDER BY 6 DESC, 2 DESC, k"
+            ),
+            params![since_ms],
+            |r| group(r, 1),
+        )?;
+        let total = group(
+            &c.query_row(
+                &format!("SELECT {totals} FROM usage WHERE (?1 IS NULL OR at_ms >= ?1)"),
+                params![since_ms],
+            )?,
+            0,
+        )?;
+        let spent: std::collections::BTreeMap<String, f64> = c
+            .query_map(
+                "SELECT user_id, COALESCE(SUM(cost_usd), 0.0) FROM usage \
+                 WHERE at_ms >= ?1 AND at_ms < ?2 GROUP BY user_id",
+                params![start, start + DAY_MS],
+                |r| Ok::<_, StoreError>((r.get::<String>(0)?, r.get::<f64>(1)?)),
+            )?
+            .into_iter()
+            .collect();
+        Ok::<_, StoreError>((groups, total, spent))
+    })?;
     groups.sort_by(|a, b| {
         b.cost_usd
             .total_cmp(&a.cost_usd)
             .then(b.calls.cmp(&a.calls))
             .then(a.key.cmp(&b.key))
     });
-    let total = conn
-        .query_row(
-            &format!("SELECT {totals} FROM usage WHERE (?1 IS NULL OR at_ms >= ?1)"),
-            params![since_ms],
-            |r| group(r, 0),
-        )
-        .map_err(sql_err)?;
-    let start = now_ms.div_euclid(DAY_MS) * DAY_MS;
-    let mut spent: std::collections::BTreeMap<String, f64> = {
-        let mut st = conn
-            .prepare(
-                "SELECT user_id, COALESCE(SUM(cost_usd), 0.0) FROM usage \
-                 WHERE at_ms >= ?1 AND at_ms < ?2 GROUP BY user_id",
-            )
-            .map_err(sql_err)?;
-        st.query_map(params![start, start + DAY_MS], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?))
-        })
-        .map_err(sql_err)?
-        .collect::<Result<_, _>>()
-        .map_err(sql_err)?
-    };
     for u in budgets.users.keys() {
         spent.entry(u.clone()).or_insert(0.0);
     }
@@ -253,18 +253,15 @@ pub fn report(
 pub fn spend_by_session(
     store: &Store,
 ) -> Result<std::collections::HashMap<String, f64>, StoreError> {
-    let conn = store.conn()?;
-    let sql_err = |source| StoreError::Sqlite {
-        path: store.path().to_path_buf(),
-        source,
-    };
-    let mut st = conn
-        .prepare("SELECT session_key, COALESCE(SUM(cost_usd), 0.0) FROM usage GROUP BY session_key")
-        .map_err(sql_err)?;
-    st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, f64>(1)?)))
-        .map_err(sql_err)?
-        .collect::<Result<_, _>>()
-        .map_err(sql_err)
+    store.db().with(|c| {
+        Ok(c.query_map(
+            "SELECT session_key, COALESCE(SUM(cost_usd), 0.0) FROM usage GROUP BY session_key",
+            params![],
+            |r| Ok::<_, StoreError>((r.get::<String>(0)?, r.get::<f64>(1)?)),
+        )?
+        .into_iter()
+        .collect())
+    })
 }
 
 /// What `--since` / `since=` accept.
@@ -328,9 +325,20 @@ mod tests {
 
     #[test]
     fn each_model_call_is_recorded_with_its_task_and_reported_by_task_user_model_and_day() {
-        use crate::agent::transcripts::UsageRow;
         let dir = tempfile::tempdir().unwrap();
-        let store = std::sync::Arc::new(Store::open(&dir.path().join("state.db")).unwrap());
+        calls_are_reported(std::sync::Arc::new(
+            Store::open(&dir.path().join("state.db")).unwrap(),
+        ));
+    }
+
+    #[test]
+    fn each_model_call_is_recorded_and_reported_the_same_on_postgres() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        calls_are_reported(std::sync::Arc::new(Store::from_db(pg.db().unwrap())));
+    }
+
+    fn calls_are_reported(store: std::sync::Arc<Store>) {
+        use crate::agent::transcripts::UsageRow;
         let t = crate::agent::Transcripts::new(
             std::sync::Arc::clone(&store),
             std::sync::Arc::new(Plain),

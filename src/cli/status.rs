@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::{CmdResult, Globals, Runtime};
 use crate::clock::rfc3339;
+use crate::store::params;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -259,21 +260,25 @@ fn model_status(rt: &Runtime) -> Value {
 }
 
 fn channels_status(rt: &Runtime) -> Result<Value, super::BoxError> {
-    let conn = rt.store.conn()?;
     let mut list = Vec::new();
     for c in &rt.config.channels {
-        let (connected, error, reported): (Option<bool>, Option<String>, Option<i64>) = conn
-            .query_row(
-                "SELECT connected, last_error, updated_ms FROM channel_state WHERE channel = ?1",
-                [&c.name],
-                |r| {
-                    Ok((
-                        r.get::<_, Option<i64>>(0)?.map(|v| v != 0),
-                        r.get(1)?,
-                        r.get(2)?,
-                    ))
-                },
-            )
+        let (connected, error, reported): (Option<bool>, Option<String>, Option<i64>) = rt
+            .store
+            .db()
+            .with(|conn| -> Result<_, chitin_store::Error> {
+                let Some(r) = conn.query_opt(
+                    "SELECT connected, last_error, updated_ms FROM channel_state WHERE channel = ?1",
+                    params![c.name],
+                )?
+                else {
+                    return Ok((None, None, None));
+                };
+                Ok((
+                    r.get::<Option<i64>>(0)?.map(|v| v != 0),
+                    r.get(1)?,
+                    r.get(2)?,
+                ))
+            })
             .unwrap_or((None, None, None));
         let fresh = reported.is_some_and(|t| {
             rt.clock.now_ms().saturating_sub(t) <= 2 * crate::channels::CONNECTION_REFRESH_MS
@@ -293,12 +298,14 @@ fn channels_status(rt: &Runtime) -> Result<Value, super::BoxError> {
 }
 
 fn pending_approvals(rt: &Runtime) -> Result<i64, super::BoxError> {
-    let conn = rt.store.conn()?;
-    Ok(conn.query_row(
-        "SELECT COUNT(*) FROM approvals WHERE status = 'pending' AND expires_ms > ?1",
-        [rt.clock.now_ms()],
-        |r| r.get(0),
-    )?)
+    let now = rt.clock.now_ms();
+    Ok(rt.store.db().with(|c| {
+        c.query_row(
+            "SELECT COUNT(*) FROM approvals WHERE status = 'pending' AND expires_ms > ?1",
+            params![now],
+        )?
+        .get::<i64>(0)
+    })?)
 }
 
 fn last_backup(rt: &Runtime) -> Result<Value, super::BoxError> {

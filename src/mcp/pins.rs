@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
+use chitin_store::Row;
+
+use crate::store::params;
 
 use super::McpError;
 use super::wire::ToolDef;
@@ -43,42 +45,35 @@ impl Pins {
 
     /// The trust record of `server`, if an owner trusted it.
     pub fn get(&self, server: &str) -> Result<Option<Trust>, McpError> {
-        let conn = self.store.conn().map_err(db)?;
-        let head = conn
-            .query_row(
-                "SELECT identity, list_digest, trusted_ms, trusted_by FROM mcp_trust WHERE server = ?1",
-                params![server],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, String>(3)?,
-                    ))
-                },
-            )
-            .optional()
+        type Head = (String, String, i64, String);
+        let read = self
+            .store
+            .db()
+            .tx(|c| -> Result<Option<(Head, Vec<Row>)>, chitin_store::Error> {
+                let Some(h) = c.query_opt(
+                    "SELECT identity, list_digest, trusted_ms, trusted_by FROM mcp_trust WHERE server = ?1",
+                    params![server],
+                )?
+                else {
+                    return Ok(None);
+                };
+                let head = (h.get(0)?, h.get(1)?, h.get(2)?, h.get(3)?);
+                let rows = c.query_all(
+                    "SELECT tool, digest, definition FROM mcp_pins WHERE server = ?1 ORDER BY tool",
+                    params![server],
+                )?;
+                Ok(Some((head, rows)))
+            })
             .map_err(db)?;
-        let Some((identity, list_digest, trusted_ms, trusted_by)) = head else {
+        let Some(((identity, list_digest, trusted_ms, trusted_by), rows)) = read else {
             return Ok(None);
         };
-        let mut stmt = conn
-            .prepare("SELECT tool, digest, definition FROM mcp_pins WHERE server = ?1")
-            .map_err(db)?;
-        let rows = stmt
-            .query_map(params![server], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })
-            .map_err(db)?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(db)?;
         let mut pins = BTreeMap::new();
         let mut definitions = BTreeMap::new();
-        for (tool, digest, definition) in rows {
+        for r in rows {
+            let tool: String = r.get(0).map_err(db)?;
+            let digest: String = r.get(1).map_err(db)?;
+            let definition: String = r.get(2).map_err(db)?;
             let def: serde_json::Value = serde_json::from_str(&definition).map_err(db)?;
             // A definition that no longer hashes to its pin (the row was edited) pins nothing.
             if super::wire::digest(&def) != digest {
@@ -107,38 +102,37 @@ impl Pins {
         now_ms: i64,
         by: &str,
     ) -> Result<(), McpError> {
-        let mut conn = self.store.conn().map_err(db)?;
-        let tx = conn.transaction().map_err(db)?;
-        tx.execute("DELETE FROM mcp_pins WHERE server = ?1", params![server])
-            .map_err(db)?;
-        tx.execute(
-            "INSERT INTO mcp_trust (server, identity, list_digest, trusted_ms, trusted_by)
-             VALUES (?1, ?2, ?3, ?4, ?5)
-             ON CONFLICT(server) DO UPDATE SET identity = ?2, list_digest = ?3,
-               trusted_ms = ?4, trusted_by = ?5",
-            params![server, identity, list_digest, now_ms, by],
-        )
-        .map_err(db)?;
-        for t in tools {
-            tx.execute(
-                "INSERT INTO mcp_pins (server, tool, digest, definition) VALUES (?1, ?2, ?3, ?4)",
-                params![server, t.name, t.digest, t.raw.to_string()],
-            )
-            .map_err(db)?;
-        }
-        tx.commit().map_err(db)
+        self.store
+            .db()
+            .tx(|t| -> Result<(), chitin_store::Error> {
+                t.execute("DELETE FROM mcp_pins WHERE server = ?1", params![server])?;
+                t.execute(
+                    "INSERT INTO mcp_trust (server, identity, list_digest, trusted_ms, trusted_by)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(server) DO UPDATE SET identity = ?2, list_digest = ?3,
+                       trusted_ms = ?4, trusted_by = ?5",
+                    params![server, identity, list_digest, now_ms, by],
+                )?;
+                for tool in tools {
+                    t.execute(
+                        "INSERT INTO mcp_pins (server, tool, digest, definition) VALUES (?1, ?2, ?3, ?4)",
+                        params![server, tool.name, tool.digest, tool.raw.to_string()],
+                    )?;
+                }
+                Ok(())
+            })
+            .map_err(db)
     }
 
     /// Drops `server`'s trust and pins; whether there were any.
     pub fn untrust(&self, server: &str) -> Result<bool, McpError> {
-        let mut conn = self.store.conn().map_err(db)?;
-        let tx = conn.transaction().map_err(db)?;
-        tx.execute("DELETE FROM mcp_pins WHERE server = ?1", params![server])
-            .map_err(db)?;
-        let n = tx
-            .execute("DELETE FROM mcp_trust WHERE server = ?1", params![server])
-            .map_err(db)?;
-        tx.commit().map_err(db)?;
-        Ok(n > 0)
+        self.store
+            .db()
+            .tx(|t| -> Result<bool, chitin_store::Error> {
+                t.execute("DELETE FROM mcp_pins WHERE server = ?1", params![server])?;
+                let n = t.execute("DELETE FROM mcp_trust WHERE server = ?1", params![server])?;
+                Ok(n > 0)
+            })
+            .map_err(db)
     }
 }

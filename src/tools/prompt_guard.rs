@@ -30,12 +30,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::policy::BOOTSTRAP_FILES;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, params};
 use crate::wsfs::{WsDir, WsFsError};
 
 /// Each prompt file is read up to this many bytes (the system prompt cuts it there).
@@ -173,13 +172,6 @@ impl PromptMarks {
         self
     }
 
-    fn sql(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Sqlite {
-            path: self.store.path().to_path_buf(),
-            source,
-        }
-    }
-
     /// Records that `name` in `workspace` (canonical) with content `digest` was written by a
     /// tainted run of `session`. The latest record of one content wins.
     pub fn mark(
@@ -193,15 +185,14 @@ impl PromptMarks {
         let at_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        self.store
-            .conn()?
-            .execute(
+        self.store.db().with(|c| {
+            c.execute(
                 "INSERT INTO prompt_file_taint (workspace, name, digest, session, run_id, at_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (workspace, name, digest) DO UPDATE SET
                     session = excluded.session, run_id = excluded.run_id, at_ms = excluded.at_ms",
                 params![
-                    workspace.to_string_lossy(),
+                    &*workspace.to_string_lossy(),
                     name,
                     digest,
                     session,
@@ -210,7 +201,8 @@ impl PromptMarks {
                 ],
             )
             .map(|_| ())
-            .map_err(self.sql())
+            .map_err(StoreError::from)
+        })
     }
 
     /// Whether the content `digest` of `name` in `workspace` was written by a tainted run
@@ -221,28 +213,26 @@ impl PromptMarks {
         name: &str,
         digest: &str,
     ) -> Result<bool, StoreError> {
-        self.store
-            .conn()?
-            .query_row(
+        self.store.db().with(|c| {
+            c.query_opt(
                 "SELECT 1 FROM prompt_file_taint WHERE workspace = ?1 AND name = ?2 AND digest = ?3",
-                params![workspace.to_string_lossy(), name, digest],
-                |_| Ok(()),
+                params![&*workspace.to_string_lossy(), name, digest],
             )
-            .optional()
             .map(|r| r.is_some())
-            .map_err(self.sql())
+            .map_err(StoreError::from)
+        })
     }
 
     /// Forgets the mark of the content `digest` (someone vouched for it); whether there was one.
     pub fn clear(&self, workspace: &Path, name: &str, digest: &str) -> Result<bool, StoreError> {
-        self.store
-            .conn()?
-            .execute(
+        self.store.db().with(|c| {
+            c.execute(
                 "DELETE FROM prompt_file_taint WHERE workspace = ?1 AND name = ?2 AND digest = ?3",
-                params![workspace.to_string_lossy(), name, digest],
+                params![&*workspace.to_string_lossy(), name, digest],
             )
             .map(|n| n > 0)
-            .map_err(self.sql())
+            .map_err(StoreError::from)
+        })
     }
 }
 
