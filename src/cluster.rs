@@ -203,7 +203,11 @@ mod tests {
         assert_eq!(live[0]["leases"], json!(["session:s1"]));
         assert_eq!(
             describe(&live, Some(me.id())),
-            format!("1 live: {} on {} (leases: session:s1, this one)", me.id(), live[0]["host"].as_str().unwrap())
+            format!(
+                "1 live: {} on {} (leases: session:s1, this one)",
+                me.id(),
+                live[0]["host"].as_str().unwrap()
+            )
         );
         // Silent past the bound: not live; a beat brings it back, even once pruned.
         clock.advance(STALE_MS + 1);

@@ -1847,8 +1847,9 @@ async fn two_replicas_never_run_one_session_at_once_and_see_each_others_run_even
     assert_eq!(sb.requests().len(), 1);
     assert!(sent(&sb, 0).contains("first done"), "{}", sent(&sb, 0));
     // B's clients saw A's run finish, relayed.
-    let is_first_done =
-        |ev: &chitin::agent::AgentEvent| ev.event == "run.finished" && ev.payload["run_id"] == first.as_str();
+    let is_first_done = |ev: &chitin::agent::AgentEvent| {
+        ev.event == "run.finished" && ev.payload["run_id"] == first.as_str()
+    };
     let done = match seen.iter().find(|ev| is_first_done(ev)).cloned() {
         Some(ev) => ev,
         None => event_where(&mut on_b, &mut seen, is_first_done).await,
@@ -1898,7 +1899,12 @@ fn a_run_whose_replica_died_is_taken_over_after_its_lease_expires() {
         b.set_lease_settings(leases("replica-b", &lease_clock));
         // While A's lease lasts, its run is not taken.
         assert_eq!(b.adopt().await.unwrap(), 0);
-        let run_lease = e.store.db().lease_info(&format!("run:{id}")).unwrap().unwrap();
+        let run_lease = e
+            .store
+            .db()
+            .lease_info(&format!("run:{id}"))
+            .unwrap()
+            .unwrap();
         assert_eq!(run_lease.owner.as_deref(), Some("replica-a"));
         // Past its expiry: replica B takes the run over, once, and resumes it where it waited.
         lease_clock.advance(chitin::agent::RUN_LEASE_MS + 1);
@@ -1909,7 +1915,12 @@ fn a_run_whose_replica_died_is_taken_over_after_its_lease_expires() {
         assert_eq!(r.status, "completed", "{r:?}");
         assert_eq!(r.reply.as_deref(), Some("done by replica b"));
         assert_eq!(decisions(&r), vec![("exec".into(), "allow".into())]);
-        let taken = e.store.db().lease_info(&format!("run:{id}")).unwrap().unwrap();
+        let taken = e
+            .store
+            .db()
+            .lease_info(&format!("run:{id}"))
+            .unwrap()
+            .unwrap();
         assert!(taken.fence > run_lease.fence);
         assert_eq!(taken.owner, None);
     });

@@ -467,12 +467,13 @@ impl Agent {
                 let text = match n {
                     chitin_store::Notice::Notification(n) => n.payload,
                     chitin_store::Notice::Gap => {
-                        tracing::warn!("run events of other replicas may have been missed (database reconnect)");
+                        tracing::warn!(
+                            "run events of other replicas may have been missed (database reconnect)"
+                        );
                         continue;
                     }
                 };
-                let Some((mut event, oversized)) =
-                    replicas::decode(&inner.leases().owner, &text)
+                let Some((mut event, oversized)) = replicas::decode(&inner.leases().owner, &text)
                 else {
                     continue;
                 };
@@ -701,7 +702,9 @@ impl Agent {
         // The run's lease, before the run exists: no replica adopts it while this one drives it.
         let lease = replicas::acquire(&self.0, format!("run:{run_id}"))
             .await?
-            .ok_or_else(|| AgentError::Task(format!("the lease of the new run {run_id} is taken")))?;
+            .ok_or_else(|| {
+                AgentError::Task(format!("the lease of the new run {run_id} is taken"))
+            })?;
         let held: replicas::Held = Arc::new(Mutex::new(vec![lease]));
         let inner = Arc::clone(&self.0);
         let (rid, r) = (run_id.clone(), req.clone());

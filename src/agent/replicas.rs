@@ -118,11 +118,7 @@ pub(super) async fn release(inner: &Arc<Inner>, held: &Held) {
 
 /// Renews `held` every third of the time to live until aborted; sets `lost` and returns
 /// when one of them was lost.
-pub(super) async fn renew(
-    inner: Arc<Inner>,
-    held: Held,
-    lost: tokio::sync::watch::Sender<bool>,
-) {
+pub(super) async fn renew(inner: Arc<Inner>, held: Held, lost: tokio::sync::watch::Sender<bool>) {
     loop {
         let s = inner.leases();
         let every = Duration::from_millis(u64::try_from(s.ttl_ms / 3).unwrap_or(1_000).max(20));
@@ -244,7 +240,13 @@ mod tests {
         assert_eq!(back.payload, e.payload);
         assert!(decode("ra", &t).is_none());
         // Unknown event names and junk are dropped.
-        assert!(decode("rb", r#"{"from":"ra","event":"x.y","user":"a","session":"s"}"#).is_none());
+        assert!(
+            decode(
+                "rb",
+                r#"{"from":"ra","event":"x.y","user":"a","session":"s"}"#
+            )
+            .is_none()
+        );
         assert!(decode("rb", "not json").is_none());
     }
 

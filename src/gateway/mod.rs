@@ -355,23 +355,21 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             .map(|secrets| (parts.gate.clone(), secrets));
         tokio::spawn(lifecycle_schedule(lc, parts.globals.clone(), offsite));
     }
-    let replica = match crate::cluster::Replica::join(
-        parts.store.db().clone(),
-        Arc::clone(&parts.clock),
-    ) {
-        Ok(r) => {
-            info!(replica = r.id(), "registered as a replica");
-            if let Some(agent) = &parts.agent {
-                // Before resuming runs: their leases are this replica's.
-                agent.set_replica(r.id());
+    let replica =
+        match crate::cluster::Replica::join(parts.store.db().clone(), Arc::clone(&parts.clock)) {
+            Ok(r) => {
+                info!(replica = r.id(), "registered as a replica");
+                if let Some(agent) = &parts.agent {
+                    // Before resuming runs: their leases are this replica's.
+                    agent.set_replica(r.id());
+                }
+                Some(r)
             }
-            Some(r)
-        }
-        Err(e) => {
-            error!(error = %e, "could not register this gateway as a replica");
-            None
-        }
-    };
+            Err(e) => {
+                error!(error = %e, "could not register this gateway as a replica");
+                None
+            }
+        };
     let shared_store = parts.store.db().dialect() == crate::store::Dialect::Postgres;
     if shared_store && let Some(agent) = &parts.agent {
         // Several gateways on one database: run events reach the other replicas' clients.
@@ -1397,7 +1395,8 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
 
 /// Every heartbeat, takes over the unfinished runs whose replica stopped renewing them.
 async fn adopt_runs(agent: crate::agent::Agent, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let period = Duration::from_millis(u64::try_from(crate::cluster::HEARTBEAT_MS).unwrap_or(5_000));
+    let period =
+        Duration::from_millis(u64::try_from(crate::cluster::HEARTBEAT_MS).unwrap_or(5_000));
     loop {
         tokio::select! {
             () = tokio::time::sleep(period) => {}
@@ -1415,7 +1414,10 @@ async fn adopt_runs(agent: crate::agent::Agent, mut stop: tokio::sync::watch::Re
 /// (issue #18). Fails when this gateway could not register or the table cannot be read.
 fn replicas_check(app: &App) -> (bool, String) {
     let Some(me) = &app.replica else {
-        return check(false, "this gateway is not registered as a replica (see the log)");
+        return check(
+            false,
+            "this gateway is not registered as a replica (see the log)",
+        );
     };
     match crate::cluster::live_replicas(app.store.db(), app.clock.now_ms()) {
         Ok(list) => check(true, crate::cluster::describe(&list, Some(me.id()))),

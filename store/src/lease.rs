@@ -229,10 +229,7 @@ impl Conn<'_> {
                  WHERE name = ?1 AND owner = ?2 AND fence = ?3 AND expires_ms > ?4 FOR SHARE"
             }
         };
-        match self.query_opt(
-            sql,
-            params![&lease.name, &lease.owner, lease.fence, now_ms],
-        )? {
+        match self.query_opt(sql, params![&lease.name, &lease.owner, lease.fence, now_ms])? {
             Some(_) => Ok(()),
             None => Err(lost(lease)),
         }
@@ -252,18 +249,32 @@ mod tests {
     }
 
     fn one_owner_at_a_time(db: &Db) {
-        let a = db.lease_acquire("session:s1", "a", 1_000, 500).unwrap().unwrap();
+        let a = db
+            .lease_acquire("session:s1", "a", 1_000, 500)
+            .unwrap()
+            .unwrap();
         assert_eq!(a.fence, 1);
         assert_eq!(a.expires_ms, 1_500);
         // Nobody takes a live lease, not even its owner a second time.
-        assert!(db.lease_acquire("session:s1", "b", 1_200, 500).unwrap().is_none());
-        assert!(db.lease_acquire("session:s1", "a", 1_300, 500).unwrap().is_none());
+        assert!(
+            db.lease_acquire("session:s1", "b", 1_200, 500)
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            db.lease_acquire("session:s1", "a", 1_300, 500)
+                .unwrap()
+                .is_none()
+        );
         let mut again = a.clone();
         db.lease_renew(&mut again, 1_300, 500).unwrap();
         assert_eq!(again.expires_ms, 1_800);
         // Expired: taken over, with a bigger token; the old holder can neither renew nor
         // release it, nor pass `hold_lease`.
-        let b = db.lease_acquire("session:s1", "b", 1_800, 500).unwrap().unwrap();
+        let b = db
+            .lease_acquire("session:s1", "b", 1_800, 500)
+            .unwrap()
+            .unwrap();
         assert_eq!(b.fence, 2);
         let mut old = again.clone();
         let e = db.lease_renew(&mut old, 1_850, 500).unwrap_err();
@@ -279,7 +290,11 @@ mod tests {
         let mut b = b;
         db.lease_renew(&mut b, 2_000, 500).unwrap();
         assert_eq!(b.expires_ms, 2_500);
-        assert!(db.lease_acquire("session:s1", "a", 2_400, 500).unwrap().is_none());
+        assert!(
+            db.lease_acquire("session:s1", "a", 2_400, 500)
+                .unwrap()
+                .is_none()
+        );
         let mut late = b.clone();
         assert!(matches!(
             db.lease_renew(&mut late, 2_500, 500).unwrap_err(),
@@ -289,7 +304,10 @@ mod tests {
         assert!(db.lease_release(&b).unwrap());
         let info = db.lease_info("session:s1").unwrap().unwrap();
         assert_eq!(info.owner, None);
-        let a2 = db.lease_acquire("session:s1", "a", 2_100, 500).unwrap().unwrap();
+        let a2 = db
+            .lease_acquire("session:s1", "a", 2_100, 500)
+            .unwrap()
+            .unwrap();
         assert_eq!(a2.fence, 3);
         assert_eq!(db.leases_of("a", 2_100).unwrap().len(), 1);
         assert!(db.leases_of("b", 2_100).unwrap().is_empty());
@@ -298,7 +316,9 @@ mod tests {
         assert!(db.leases_expired("session:", 2_100).unwrap().is_empty());
         assert_eq!(db.leases_expired("session:", 2_600).unwrap().len(), 1);
         assert_eq!(db.lease_release_all("a").unwrap(), 1);
-        db.lease_acquire("channel:x", "c", 2_100, 500).unwrap().unwrap();
+        db.lease_acquire("channel:x", "c", 2_100, 500)
+            .unwrap()
+            .unwrap();
         assert_eq!(db.leases_clear().unwrap(), 1);
         assert!(db.leases_held("", 2_100).unwrap().is_empty());
         assert!(db.leases_of("a", 2_100).unwrap().is_empty());
@@ -358,7 +378,10 @@ mod tests {
     fn a_take_over_on_postgres_waits_for_a_transaction_that_holds_the_lease() {
         let pg = TestPg::new().unwrap();
         let (a, b) = (pg.db().unwrap(), pg.db().unwrap());
-        let held = a.lease_acquire("session:s", "a", 1_000, 500).unwrap().unwrap();
+        let held = a
+            .lease_acquire("session:s", "a", 1_000, 500)
+            .unwrap()
+            .unwrap();
         let (entered_tx, entered_rx) = std::sync::mpsc::channel();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let writer = {
@@ -400,7 +423,10 @@ mod tests {
             if waiting == 1 {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "the take-over never waited");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the take-over never waited"
+            );
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         assert!(!taker.is_finished());

@@ -264,7 +264,10 @@ where
 async fn open(
     t: &PgTarget,
     channels: &[String],
-) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<Notification>)> {
+) -> Result<(
+    tokio_postgres::Client,
+    mpsc::UnboundedReceiver<Notification>,
+)> {
     let e = |err: tokio_postgres::Error| Error::Connect {
         location: t.location.clone(),
         message: {
@@ -424,7 +427,10 @@ mod tests {
         assert_eq!(l.try_recv(), None);
         // Inside a transaction: delivered at commit, not at all on rollback.
         let _ = a.tx(|t| {
-            t.execute("SELECT pg_notify('chitin_events', 'rolled back')", params![])?;
+            t.execute(
+                "SELECT pg_notify('chitin_events', 'rolled back')",
+                params![],
+            )?;
             Err::<(), _>(Error::NoRow)
         });
         a.tx(|t| t.execute("SELECT pg_notify('chitin_events', 'committed')", params![]))
@@ -499,7 +505,8 @@ mod tests {
             assert!(e.contains("more than 7999"), "{e}");
             assert!(db.listen(&[]).is_err());
             assert!(db.listen(&["x; DROP TABLE meta"]).is_err());
-            db.notify("chitin_events", &"x".repeat(MAX_PAYLOAD)).unwrap();
+            db.notify("chitin_events", &"x".repeat(MAX_PAYLOAD))
+                .unwrap();
         }
     }
 }
