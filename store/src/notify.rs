@@ -207,8 +207,8 @@ impl Db {
                 let (ready_tx, ready_rx) = std::sync::mpsc::channel();
                 p.runtime()?.spawn(pg_listen(
                     PgTarget {
-                        cfg: p.connect_cfg.clone(),
-                        tls: p.tls.clone(),
+                        cfg: (*p.connect_cfg).clone(),
+                        tls: p.tls.as_deref().cloned(),
                         location: p.location.clone(),
                     },
                     channels,

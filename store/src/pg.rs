@@ -19,8 +19,8 @@ pub(crate) struct PgDb {
     pool: Pool,
     /// For the dedicated connections of notification listeners (`LISTEN` needs a connection
     /// of its own, outside the pool).
-    pub(crate) connect_cfg: tokio_postgres::Config,
-    pub(crate) tls: Option<rustls::ClientConfig>,
+    pub(crate) connect_cfg: Box<tokio_postgres::Config>,
+    pub(crate) tls: Option<Box<rustls::ClientConfig>>,
     /// Taken (and shut down in the background) on drop: a runtime dropped inside another
     /// runtime's thread would panic.
     rt: Option<tokio::runtime::Runtime>,
@@ -300,8 +300,8 @@ impl PgDb {
         let db = Self {
             location,
             pool,
-            connect_cfg,
-            tls,
+            connect_cfg: Box::new(connect_cfg),
+            tls: tls.map(Box::new),
             rt: Some(rt),
         };
         // Connect now, so a wrong address, password or certificate is reported at open.
