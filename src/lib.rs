@@ -9,6 +9,7 @@ pub mod automation;
 pub mod channels;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod gate;
 pub mod gateway;

@@ -1769,3 +1769,160 @@ async fn a_tool_the_sandbox_refuses_is_not_run_and_is_counted_for_the_metrics() 
     assert!(!e.ws.join("made").exists());
     assert_eq!(a.sandbox_refusals().get("exec"), Some(&1), "{r:?}");
 }
+
+/// Lease settings for a replica `owner`, driven by `clock` (issue #18).
+fn leases(owner: &str, clock: &ManualClock) -> chitin::agent::LeaseSettings {
+    chitin::agent::LeaseSettings {
+        owner: owner.into(),
+        ttl_ms: chitin::agent::RUN_LEASE_MS,
+        clock: Arc::new(clock.clone()),
+    }
+}
+
+/// The next event of `rx` matching `pred` (60 s), the others collected into `seen`.
+async fn event_where(
+    rx: &mut tokio::sync::broadcast::Receiver<chitin::agent::AgentEvent>,
+    seen: &mut Vec<chitin::agent::AgentEvent>,
+    pred: impl Fn(&chitin::agent::AgentEvent) -> bool,
+) -> chitin::agent::AgentEvent {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return ev,
+                Ok(ev) => seen.push(ev),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event stream ended: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the event within 60 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_never_run_one_session_at_once_and_see_each_others_run_events() {
+    let e = env();
+    let lease_clock = ManualClock::new(1_000_000);
+    let sa = FakeAnthropic::start(vec![
+        Step::tool_call("c1", "exec", &net_exec(&["true"])),
+        Step::text("first done"),
+    ])
+    .await
+    .unwrap();
+    let sb = FakeAnthropic::start(vec![Step::text("second done")])
+        .await
+        .unwrap();
+    // Two agents on one database: two replicas.
+    let a = agent(&e, &sa, "anthropic");
+    a.set_lease_settings(leases("replica-a", &lease_clock));
+    let b = agent(&e, &sb, "anthropic");
+    b.set_lease_settings(leases("replica-b", &lease_clock));
+    a.start_relay().unwrap();
+    b.start_relay().unwrap();
+    let mut on_b = b.subscribe();
+    let mut seen = Vec::new();
+    let first = a.submit(turn("s1", "go")).await.unwrap();
+    let ap = wait_for_approval(&a).await;
+    // A WebSocket on replica B sees the approval request of the run on replica A.
+    let asked = event_where(&mut on_b, &mut seen, |ev| ev.event == "approval.requested").await;
+    assert_eq!(asked.payload["run_id"], first.as_str());
+    assert_eq!(asked.payload["approval"]["code"], ap.code.as_str());
+    // The session's next turn, sent to replica B, waits for A's run: no model call meanwhile.
+    let second = b.submit(turn("s1", "next")).await.unwrap();
+    let waiting = event_where(&mut on_b, &mut seen, |ev| {
+        ev.event == "run.waiting" && ev.payload["run_id"] == second.as_str()
+    })
+    .await;
+    assert_eq!(waiting.session, "s1");
+    assert!(sb.requests().is_empty());
+    let held = e.store.db().lease_info("session:s1").unwrap().unwrap();
+    assert_eq!(held.owner.as_deref(), Some("replica-a"));
+    // Granted (on any replica): A's run ends, then B's runs with A's answer in its history.
+    b.approvals().resolve(&ap.code, "owner", true).unwrap();
+    let r1 = a.wait(&first, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r1.reply.as_deref(), Some("first done"), "{r1:?}");
+    let r2 = b.wait(&second, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(r2.status, "completed", "{r2:?}");
+    assert_eq!(r2.reply.as_deref(), Some("second done"));
+    assert_eq!(sb.requests().len(), 1);
+    assert!(sent(&sb, 0).contains("first done"), "{}", sent(&sb, 0));
+    // B's clients saw A's run finish, relayed.
+    let is_first_done = |ev: &chitin::agent::AgentEvent| {
+        ev.event == "run.finished" && ev.payload["run_id"] == first.as_str()
+    };
+    let done = match seen.iter().find(|ev| is_first_done(ev)).cloned() {
+        Some(ev) => ev,
+        None => event_where(&mut on_b, &mut seen, is_first_done).await,
+    };
+    assert_eq!(done.payload["reply"], "first done");
+    // Both runs gave their leases back.
+    let db = e.store.db();
+    assert!(db.leases_held("", lease_clock.now_ms()).unwrap().is_empty());
+}
+
+#[test]
+fn a_run_whose_replica_died_is_taken_over_after_its_lease_expires() {
+    let e = env();
+    let lease_clock = ManualClock::new(1_000_000);
+    let rt1 = tokio::runtime::Runtime::new().unwrap();
+    let (s, id, code) = rt1.block_on(async {
+        let s = FakeAnthropic::start(vec![
+            Step::tool_call("c1", "exec", &net_exec(&["touch", "after-take-over"])),
+            Step::text("unused"),
+        ])
+        .await
+        .unwrap();
+        let a = agent(&e, &s, "anthropic");
+        a.set_lease_settings(leases("replica-a", &lease_clock));
+        let id = a.submit(turn("s1", "go")).await.unwrap();
+        let ap = wait_for_approval(&a).await;
+        for _ in 0..1200 {
+            if a.summary(&id).await.unwrap().status == "waiting_approval" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (s, id, ap.code)
+    });
+    let rt_server = tokio::runtime::Runtime::new().unwrap();
+    let s2 = rt_server.block_on(async {
+        FakeAnthropic::start(vec![Step::text("done by replica b")])
+            .await
+            .unwrap()
+    });
+    // Replica A dies (its runtime with its lease renewals): nothing releases its leases.
+    drop(rt1);
+    drop(s);
+    let rt2 = tokio::runtime::Runtime::new().unwrap();
+    rt2.block_on(async {
+        let b = agent(&e, &s2, "anthropic");
+        b.set_lease_settings(leases("replica-b", &lease_clock));
+        // While A's lease lasts, its run is not taken.
+        assert_eq!(b.adopt().await.unwrap(), 0);
+        let run_lease = e
+            .store
+            .db()
+            .lease_info(&format!("run:{id}"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(run_lease.owner.as_deref(), Some("replica-a"));
+        // Past its expiry: replica B takes the run over, once, and resumes it where it waited.
+        lease_clock.advance(chitin::agent::RUN_LEASE_MS + 1);
+        b.approvals().resolve(&code, "owner", true).unwrap();
+        assert_eq!(b.adopt().await.unwrap(), 1);
+        assert_eq!(b.adopt().await.unwrap(), 0);
+        let r = b.wait(&id, Duration::from_secs(120)).await.unwrap();
+        assert_eq!(r.status, "completed", "{r:?}");
+        assert_eq!(r.reply.as_deref(), Some("done by replica b"));
+        assert_eq!(decisions(&r), vec![("exec".into(), "allow".into())]);
+        let taken = e
+            .store
+            .db()
+            .lease_info(&format!("run:{id}"))
+            .unwrap()
+            .unwrap();
+        assert!(taken.fence > run_lease.fence);
+        assert_eq!(taken.owner, None);
+    });
+    assert!(e.ws.join("after-take-over").exists());
+}

@@ -407,6 +407,13 @@ fn status_shows_the_gateway_model_approvals_backup_and_audit_head() {
     assert_eq!(v["approvals_pending"], 0);
     assert!(v["audit_head"]["seq"].as_i64().unwrap() > 0, "{v}");
     assert_eq!(v["backup"]["last_at"], Value::Null);
+    // The running gateway is listed as the one live replica, with its host and version.
+    let replicas = v["replicas"].as_array().unwrap();
+    assert_eq!(replicas.len(), 1, "{v}");
+    let version = replicas[0]["version"].as_str().unwrap();
+    assert!(v["version"].as_str().unwrap().starts_with(version), "{v}");
+    assert!(replicas[0]["heartbeat_ms"].as_i64().unwrap() > 0, "{v}");
+    assert_eq!(replicas[0]["leases"], serde_json::json!([]), "{v}");
     // The probe was an HTTP request for the model list, with the key, and spent nothing.
     let asked: Vec<_> = s
         .requests()
@@ -438,6 +445,7 @@ fn status_shows_the_gateway_model_approvals_backup_and_audit_head() {
         "{screen}"
     );
     assert!(screen.contains("approvals  0 pending"), "{screen}");
+    assert!(screen.contains("replicas   1 live: "), "{screen}");
     assert!(screen.contains("audit      head seq "), "{screen}");
 
     // A wrong key is said to be refused by the provider.

@@ -379,12 +379,13 @@ fn ready_reports_each_check_with_ok_and_detail() {
         "sandbox",
         "providers",
         "skills",
+        "replicas",
     ] {
         assert!(names.contains(&n), "{v}");
         assert!(checks[n]["ok"].is_boolean(), "{v}");
         assert!(checks[n]["detail"].is_string(), "{v}");
     }
-    assert_eq!(checks.len(), 8);
+    assert_eq!(checks.len(), 9);
     let all_ok = checks.values().all(|c| c["ok"] == true);
     assert_eq!(v["ready"], all_ok);
     assert_eq!(r.status, if all_ok { 200 } else { 503 });
@@ -406,6 +407,13 @@ fn ready_reports_each_check_with_ok_and_detail() {
         "{v}"
     );
     assert_eq!(checks["skills"]["detail"], "0 installed skills verified");
+    // This gateway registered itself as the one live replica on its store.
+    assert_eq!(checks["replicas"]["ok"], true, "{v}");
+    let replicas = checks["replicas"]["detail"].as_str().unwrap();
+    assert!(
+        replicas.starts_with("1 live: ") && replicas.ends_with("(no leases, this one)"),
+        "{v}"
+    );
     // Without a token: the same booleans, no details.
     let public = http(gw.port, "GET", "/ready", &[], b"").json();
     assert_eq!(public["ready"], v["ready"]);

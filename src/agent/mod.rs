@@ -20,6 +20,7 @@
 //!   it reported), never as "not run".
 
 pub mod context;
+pub mod replicas;
 pub mod session_tools;
 pub mod skills;
 pub mod transcripts;
@@ -46,6 +47,7 @@ use crate::tools::Sandbox;
 use crate::tools::cancel::{Cancel, CancelReason};
 use crate::tools::invoke::{InvokeError, Invoked};
 use crate::tools::prompt_guard::PromptMarks;
+pub use replicas::{LeaseSettings, RUN_LEASE_MS};
 pub use transcripts::{Sealer, Stored, StoredCall, Transcripts};
 
 /// The reply when no model is configured.
@@ -303,6 +305,20 @@ struct Inner {
     live: Mutex<HashMap<String, Live>>,
     /// The `workflow` tool, once attached.
     workflows: std::sync::OnceLock<Arc<dyn WorkflowTool>>,
+    /// Who holds the leases of this agent's runs (`set_replica`).
+    lease_settings: std::sync::RwLock<LeaseSettings>,
+    /// Run events to publish to the other replicas (`start_relay`).
+    relay: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+impl Inner {
+    /// Sends `event` to this process's subscribers and, when relaying, to the other replicas.
+    fn broadcast(&self, event: AgentEvent) {
+        if let Some(r) = self.relay.get() {
+            let _stopped = r.send(replicas::encode(&self.leases().owner, &event));
+        }
+        let _nobody = self.events.send(event);
+    }
 }
 
 impl Inner {
@@ -391,7 +407,90 @@ impl Agent {
             slots,
             live: Mutex::new(HashMap::new()),
             workflows: std::sync::OnceLock::new(),
+            lease_settings: std::sync::RwLock::new(LeaseSettings::local()),
+            relay: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Makes `id` (this gateway's replica id) the owner of this agent's leases.
+    pub fn set_replica(&self, id: &str) {
+        let mut s = self.0.leases();
+        s.owner = id.to_string();
+        self.set_lease_settings(s);
+    }
+
+    /// The owner, time to live and clock of this agent's leases (tests shorten or drive them).
+    pub fn set_lease_settings(&self, s: LeaseSettings) {
+        match self.0.lease_settings.write() {
+            Ok(mut g) => *g = s,
+            Err(p) => *p.into_inner() = s,
+        }
+    }
+
+    /// Publishes this agent's run events to the other replicas on the database and replays
+    /// theirs into [`Self::subscribe`] (issue #18). Once; needs a tokio runtime.
+    pub fn start_relay(&self) -> Result<(), AgentError> {
+        if self.0.relay.get().is_some() {
+            return Ok(());
+        }
+        let db = self.0.p.store.db().clone();
+        let mut listener = db
+            .listen(&[replicas::EVENTS_CHANNEL])
+            .map_err(|e| AgentError::Task(format!("cannot listen for run events: {e}")))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        if self.0.relay.set(tx).is_err() {
+            return Ok(());
+        }
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 64
+                    && let Ok(m) = rx.try_recv()
+                {
+                    batch.push(m);
+                }
+                let db = db.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    for m in batch {
+                        if let Err(e) = db.notify(replicas::EVENTS_CHANNEL, &m) {
+                            tracing::warn!(error = %e, "cannot relay a run event to the other replicas");
+                        }
+                    }
+                })
+                .await;
+            }
+        });
+        let weak = Arc::downgrade(&self.0);
+        tokio::spawn(async move {
+            while let Some(n) = listener.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                let text = match n {
+                    chitin_store::Notice::Notification(n) => n.payload,
+                    chitin_store::Notice::Gap => {
+                        tracing::warn!(
+                            "run events of other replicas may have been missed (database reconnect)"
+                        );
+                        continue;
+                    }
+                };
+                let Some((mut event, oversized)) = replicas::decode(&inner.leases().owner, &text)
+                else {
+                    continue;
+                };
+                if oversized
+                    && event.event == "run.finished"
+                    && let Some(id) = event.payload["run_id"].as_str().map(str::to_string)
+                {
+                    let i = Arc::clone(&inner);
+                    if let Ok(Ok(s)) = blocking(move || summary_of(&i.transcripts, &id)).await {
+                        event.payload = json!({"run_id": s.run_id, "session": s.session,
+                            "status": s.status, "reply": s.reply, "error": s.error});
+                    }
+                }
+                let _nobody = inner.events.send(event);
+            }
+        });
+        Ok(())
     }
 
     /// Offers the `workflow` tool (to users Cedar could allow `workflow.run`), run by `tool`.
@@ -413,7 +512,7 @@ impl Agent {
     /// Publishes an event as if a run had emitted it (the workflow runner's approvals, so
     /// that chats and the web page show them like a run's).
     pub fn publish(&self, event: AgentEvent) {
-        let _nobody = self.0.events.send(event);
+        self.0.broadcast(event);
     }
 
     /// Whether a model is configured.
@@ -600,6 +699,13 @@ impl Agent {
             return Err(AgentError::InvalidMessage);
         }
         let run_id = new_run_id()?;
+        // The run's lease, before the run exists: no replica adopts it while this one drives it.
+        let lease = replicas::acquire(&self.0, format!("run:{run_id}"))
+            .await?
+            .ok_or_else(|| {
+                AgentError::Task(format!("the lease of the new run {run_id} is taken"))
+            })?;
+        let held: replicas::Held = Arc::new(Mutex::new(vec![lease]));
         let inner = Arc::clone(&self.0);
         let (rid, r) = (run_id.clone(), req.clone());
         let existing = blocking(move || -> Result<Option<String>, AgentError> {
@@ -621,10 +727,19 @@ impl Agent {
                 now,
             )?)
         })
-        .await??;
+        .await
+        .and_then(|r| r);
+        let existing = match existing {
+            Ok(e) => e,
+            Err(e) => {
+                replicas::release(&self.0, &held).await;
+                return Err(e);
+            }
+        };
         // Already submitted (before a restart): that run was resumed by `recover` or has
         // finished; it is not started again.
         if let Some(id) = existing {
+            replicas::release(&self.0, &held).await;
             return Ok(id);
         }
         self.spawn_run(
@@ -633,6 +748,7 @@ impl Agent {
             req.user,
             req.approval_wait,
             false,
+            held,
         );
         Ok(run_id)
     }
@@ -640,12 +756,43 @@ impl Agent {
     /// Resumes the runs a previous process left unfinished (gateway start). Calls that were
     /// running when it stopped are reported to the model as interrupted, never re-run.
     pub async fn recover(&self) -> Result<usize, AgentError> {
+        if self.0.p.store.db().dialect() == crate::store::Dialect::Sqlite {
+            // One gateway per SQLite database (the gateway lock): the leases of the process
+            // before this one are void.
+            let db = self.0.p.store.db().clone();
+            blocking(move || db.leases_clear())
+                .await?
+                .map_err(|e| AgentError::Task(format!("lease: {e}")))?;
+        }
+        self.adopt().await
+    }
+
+    /// Takes over the unfinished runs no live replica drives (their `run:<id>` lease expired,
+    /// was released or never existed) and resumes them as [`Self::recover`] does. Returns
+    /// how many. The gateway calls it periodically on PostgreSQL.
+    pub async fn adopt(&self) -> Result<usize, AgentError> {
         let inner = Arc::clone(&self.0);
         let runs = blocking(move || inner.transcripts.unfinished_runs()).await??;
-        let n = runs.len();
+        let mut n = 0;
         for r in runs {
+            let here = self.0.live.lock().is_ok_and(|l| l.contains_key(&r.id));
+            if here {
+                continue;
+            }
+            let Some(lease) = replicas::acquire(&self.0, format!("run:{}", r.id)).await? else {
+                continue;
+            };
             let interrupted = r.status == "running";
-            self.spawn_run(r.id, r.session, r.user, None, interrupted);
+            tracing::info!(run_id = %r.id, session = %r.session, interrupted, "taking over an unfinished run");
+            self.spawn_run(
+                r.id,
+                r.session,
+                r.user,
+                None,
+                interrupted,
+                Arc::new(Mutex::new(vec![lease])),
+            );
+            n += 1;
         }
         Ok(n)
     }
@@ -657,6 +804,7 @@ impl Agent {
         user: String,
         approval_wait: Option<Duration>,
         interrupted: bool,
+        held: replicas::Held,
     ) {
         let (cancel_tx, cancel_rx) = watch::channel(false);
         let (done_tx, done_rx) = watch::channel(None);
@@ -704,8 +852,17 @@ impl Agent {
                     inflight: None,
                     opened: Mutex::new(Vec::new()),
                     summary: Mutex::new(None),
+                    held: Arc::clone(&held),
                 };
-                let summary = run.execute(previous, cancel_rx).await;
+                let (lost_tx, lost_rx) = watch::channel(false);
+                let renewer = tokio::spawn(replicas::renew(
+                    Arc::clone(&inner),
+                    Arc::clone(&held),
+                    lost_tx,
+                ));
+                let summary = run.execute(previous, cancel_rx, lost_rx).await;
+                renewer.abort();
+                replicas::release(&inner, &held).await;
                 let session = summary.session.clone();
                 let _closed = done_tx.send(Some(summary));
                 if let Ok(mut live) = inner.live.lock() {
@@ -1078,6 +1235,8 @@ struct Run {
     /// The run's summary, read in the same trip as its final answer was stored (`finish`
     /// then needs no read of its own).
     summary: Mutex<Option<RunSummary>>,
+    /// The leases the run holds (`run:<id>`, and `session:<key>` while it executes).
+    held: replicas::Held,
 }
 
 /// A tool call whose blocking task is running.
@@ -1092,7 +1251,7 @@ impl Run {
             m.insert("run_id".into(), json!(self.id));
             m.insert("session".into(), json!(self.session));
         }
-        let _nobody = self.inner.events.send(AgentEvent {
+        self.inner.broadcast(AgentEvent {
             user: self.user.clone(),
             session: self.session.clone(),
             event,
@@ -1153,22 +1312,56 @@ impl Run {
         }
     }
 
+    /// Waits for the session's lease (another replica may be running this session), and
+    /// returns `false` when, meanwhile, the run was finished elsewhere (taken over by another
+    /// replica while this one waited).
+    async fn session_lease(&self) -> Result<bool, AgentError> {
+        let name = format!("session:{}", self.session);
+        let mut told = false;
+        loop {
+            if let Some(l) = replicas::acquire(&self.inner, name.clone()).await? {
+                if let Ok(mut h) = self.held.lock() {
+                    h.push(l);
+                }
+                break;
+            }
+            if !told {
+                told = true;
+                self.emit(
+                    "run.waiting",
+                    json!({"reason": "the session is running on another replica"}),
+                );
+            }
+            tokio::time::sleep(replicas::LEASE_POLL).await;
+        }
+        let inner = Arc::clone(&self.inner);
+        let id = self.id.clone();
+        let status = blocking(move || inner.transcripts.run(&id).map(|r| r.status)).await??;
+        Ok(matches!(
+            status.as_str(),
+            "queued" | "running" | "waiting_approval"
+        ))
+    }
+
     async fn execute(
         mut self,
         previous: Option<watch::Receiver<Option<RunSummary>>>,
         mut cancel: watch::Receiver<bool>,
+        mut lost: watch::Receiver<bool>,
     ) -> RunSummary {
         let inner = Arc::clone(&self.inner);
-        // Queued behind the session's previous run and then for a free slot: a cancel while
-        // queued ends the run at once (nothing of it ran).
+        // Queued behind the session's previous run, then for the session's lease (no other
+        // replica runs it), then for a free slot: a cancel while queued ends the run at once
+        // (nothing of it ran).
         let queued = async {
             if let Some(mut prev) = previous {
                 // A dropped sender (the previous task died) also frees the lane.
                 let _ = prev.wait_for(Option::is_some).await;
             }
-            Arc::clone(&inner.slots).acquire_owned().await
+            let go = self.session_lease().await;
+            (go, Arc::clone(&inner.slots).acquire_owned().await)
         };
-        let slot = tokio::select! {
+        let (go, slot) = tokio::select! {
             s = queued => s,
             () = async { let _ = cancel.wait_for(|c| *c).await; } => {
                 return self
@@ -1176,6 +1369,12 @@ impl Run {
                     .await;
             }
         };
+        match go {
+            Ok(true) => {}
+            // Finished by another replica while this one waited: nothing to do.
+            Ok(false) => return self.untouched_summary().await,
+            Err(e) => return self.finish("failed", Some(e.to_string())).await,
+        }
         let Ok(_slot) = slot else {
             return self
                 .finish("failed", Some("the agent is shutting down".into()))
@@ -1195,7 +1394,18 @@ impl Run {
                 Err(_) => ("timed_out", Some(format!("the run exceeded [agent] run_timeout_secs = {}", inner.tuning().config.run_timeout_secs))),
             },
             () = async { let _ = cancel.wait_for(|c| *c).await; } => ("cancelled", Some("cancelled".into())),
+            () = async {
+                if lost.wait_for(|l| *l).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            } => ("lost", None),
         };
+        if outcome.0 == "lost" {
+            // Another replica took the run over (this one stalled past its lease): stop the
+            // sandbox and write nothing more; the new driver reports the call in progress.
+            self.cancel.cancel(CancelReason::Cancelled);
+            return self.untouched_summary().await;
+        }
         let stop = match outcome.0 {
             "cancelled" => Some(CancelReason::Cancelled),
             "timed_out" => Some(CancelReason::RunTimeout),
@@ -1210,6 +1420,31 @@ impl Run {
             }
         }
         self.finish(outcome.0, outcome.1).await
+    }
+
+    /// The run's summary as the database has it, without writing anything (a run another
+    /// replica drives now).
+    async fn untouched_summary(&self) -> RunSummary {
+        let inner = Arc::clone(&self.inner);
+        let id = self.id.clone();
+        match blocking(move || summary_of(&inner.transcripts, &id)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) | Err(e) => RunSummary {
+                run_id: self.id.clone(),
+                session: self.session.clone(),
+                status: "interrupted".into(),
+                reply: None,
+                error: Some(e.to_string()),
+                tool_calls: Vec::new(),
+                usage: UsageReport {
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cost_usd: 0.0,
+                    model: None,
+                    steps: 0,
+                },
+            },
+        }
     }
 
     /// Expires the approvals in `ids` that are still open (pending, or granted and not

@@ -328,6 +328,15 @@ fn audit_head(rt: &Runtime) -> Result<Value, super::BoxError> {
     })
 }
 
+/// The live gateway replicas on this store (`replicas` heartbeat rows) and the leases each
+/// holds (issue #18); one on SQLite.
+fn replicas_status(rt: &Runtime) -> Result<Value, super::BoxError> {
+    Ok(Value::Array(crate::cluster::live_replicas(
+        rt.store.db(),
+        rt.clock.now_ms(),
+    )?))
+}
+
 pub fn run(args: StatusArgs, globals: &Globals) -> CmdResult {
     let rt = Runtime::open(globals)?;
     let token = crate::secrets::gateway_token::get(&rt.secrets.read())?;
@@ -341,6 +350,7 @@ pub fn run(args: StatusArgs, globals: &Globals) -> CmdResult {
         "approvals_pending": pending_approvals(&rt)?,
         "backup": last_backup(&rt)?,
         "audit_head": audit_head(&rt)?,
+        "replicas": replicas_status(&rt)?,
         "version": super::VERSION,
     });
     rt.gate.audit().shutdown()?;
@@ -441,6 +451,9 @@ fn print_screen(r: &Value) {
         println!("  channels   {}", channels.join("; "));
     }
     println!("  approvals  {} pending", r["approvals_pending"]);
+    if let Some(list) = r["replicas"].as_array() {
+        println!("  replicas   {}", crate::cluster::describe(list, None));
+    }
     println!("  backup     {backup}");
     println!(
         "  audit      head seq {}{}",

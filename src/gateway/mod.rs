@@ -157,6 +157,8 @@ impl Settings {
 
 struct App {
     agent: Option<crate::agent::Agent>,
+    /// This gateway's registration among the replicas on the store (issue #18).
+    replica: Option<Arc<crate::cluster::Replica>>,
     reconfigure_agent: Option<ReconfigureAgent>,
     /// Why the last config reload failed (the file did not parse or validate), shown by
     /// `/ready` until a reload succeeds: the gateway never keeps an old config silently.
@@ -353,6 +355,28 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             .map(|secrets| (parts.gate.clone(), secrets));
         tokio::spawn(lifecycle_schedule(lc, parts.globals.clone(), offsite));
     }
+    let replica =
+        match crate::cluster::Replica::join(parts.store.db().clone(), Arc::clone(&parts.clock)) {
+            Ok(r) => {
+                info!(replica = r.id(), "registered as a replica");
+                if let Some(agent) = &parts.agent {
+                    // Before resuming runs: their leases are this replica's.
+                    agent.set_replica(r.id());
+                }
+                Some(r)
+            }
+            Err(e) => {
+                error!(error = %e, "could not register this gateway as a replica");
+                None
+            }
+        };
+    let shared_store = parts.store.db().dialect() == crate::store::Dialect::Postgres;
+    if shared_store && let Some(agent) = &parts.agent {
+        // Several gateways on one database: run events reach the other replicas' clients.
+        if let Err(e) = agent.start_relay() {
+            error!(error = %e, "run events of other replicas will not be shown here");
+        }
+    }
     if let Some(agent) = &parts.agent {
         match agent.recover().await {
             Ok(0) => {}
@@ -402,6 +426,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         .map(channels::ChannelsRuntime::webhooks);
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
+        replica,
         reconfigure_agent: parts.reconfigure_agent,
         config_error: RwLock::new(None),
         channel_metrics,
@@ -502,6 +527,13 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
     }
     tokio::spawn(watch_files(Arc::clone(&app)));
     tokio::spawn(auth_summaries(Arc::clone(&app)));
+    if let Some(r) = &app.replica {
+        tokio::spawn(Arc::clone(r).run(stop_rx.clone()));
+    }
+    if shared_store && let Some(agent) = app.agent.clone() {
+        // Runs of replicas that died are taken over once their leases expire.
+        tokio::spawn(adopt_runs(agent, stop_rx.clone()));
+    }
 
     let mut stop_for_server = stop_rx.clone();
     let ws_plane = Arc::clone(&app.ws);
@@ -522,6 +554,12 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             serve_http(listener, &app, routes, shutdown, bound).await
         }
     };
+    if let Some(r) = app.replica.clone() {
+        // A clean stop hands this replica's leases over at once.
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || r.leave()).await {
+            warn!(error = %e, "could not deregister this replica");
+        }
+    }
     info!("gateway stopping: writing the final audit checkpoint");
     // The failed authentications not yet audited are summarized before the log closes.
     let pending: Vec<RecordInput> = flush_auth_summaries(&app, true)
@@ -1340,6 +1378,7 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         ("sandbox", sandbox),
         ("providers", providers),
         ("skills", check(skills_ok, skills_detail)),
+        ("replicas", replicas_check(app)),
     ];
     if !configured.is_empty() {
         let channels = match &app.channel_metrics {
@@ -1352,6 +1391,38 @@ fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
         list.push((CHANNELS_CHECK, channels));
     }
     list
+}
+
+/// Every heartbeat, takes over the unfinished runs whose replica stopped renewing them.
+async fn adopt_runs(agent: crate::agent::Agent, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let period =
+        Duration::from_millis(u64::try_from(crate::cluster::HEARTBEAT_MS).unwrap_or(5_000));
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(period) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match agent.adopt().await {
+            Ok(0) => {}
+            Ok(n) => info!(runs = n, "took over runs of a replica that stopped"),
+            Err(e) => warn!(error = %e, "cannot look for runs to take over"),
+        }
+    }
+}
+
+/// The `/ready` check of the replicas: the live ones on the store and the leases each holds
+/// (issue #18). Fails when this gateway could not register or the table cannot be read.
+fn replicas_check(app: &App) -> (bool, String) {
+    let Some(me) = &app.replica else {
+        return check(
+            false,
+            "this gateway is not registered as a replica (see the log)",
+        );
+    };
+    match crate::cluster::live_replicas(app.store.db(), app.clock.now_ms()) {
+        Ok(list) => check(true, crate::cluster::describe(&list, Some(me.id()))),
+        Err(e) => check(false, format!("the replica list cannot be read: {e}")),
+    }
 }
 
 /// The `/ready` check of the chat channels. It is reported but does not make the gateway

@@ -60,6 +60,14 @@ pub enum Error {
     },
     #[error("store: {0}; restart the gateway")]
     Internal(String),
+    #[error("store: {0}")]
+    Lease(String),
+    #[error(
+        "store: the lease `{name}` (token {fence}) was lost: it expired or another replica took it over; stop the work it protected"
+    )]
+    LeaseLost { name: String, fence: i64 },
+    #[error("store notification: {0}")]
+    Notify(String),
 }
 
 impl Error {

@@ -25,11 +25,14 @@
 mod config;
 pub mod copy;
 mod error;
+pub mod lease;
 pub mod migrations;
+pub mod notify;
 mod pg;
+pub mod replica;
 mod sql;
 mod sqlite;
-#[cfg(feature = "test-support")]
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 mod value;
 
@@ -38,6 +41,9 @@ use std::sync::{Arc, MutexGuard};
 
 pub use config::{PgConfig, TlsMode};
 pub use error::{Error, Result};
+pub use lease::{Lease, LeaseInfo};
+pub use notify::{Listener, Notice, Notification};
+pub use replica::Replica;
 pub use sql::{Dialect, rewrite};
 pub use value::{FromValue, Row, ToValue, Ty, Typed, Value};
 

@@ -568,6 +568,23 @@ pub const SQLITE: &[&str] = &[
         ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
                                                  calls = calls + 1;
      END;",
+    // 20: coordination between replicas (issue #18). `leases`: a named lease with its owner,
+    // expiry and fencing token (the token grows on every take-over; a released lease keeps its
+    // row so the token never goes back). `replicas`: each gateway's registration and heartbeat.
+    "CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        owner       TEXT,
+        expires_ms  INTEGER NOT NULL,
+        fence       INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX leases_owner ON leases(owner);
+     CREATE TABLE replicas (
+        id            TEXT PRIMARY KEY,
+        host          TEXT NOT NULL,
+        started_ms    INTEGER NOT NULL,
+        heartbeat_ms  INTEGER NOT NULL,
+        version       TEXT NOT NULL
+     ) STRICT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1079,6 +1096,21 @@ pub const POSTGRES: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();
      CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();",
+    // 20: as SQLite's 20.
+    "CREATE TABLE leases (
+        name        TEXT PRIMARY KEY,
+        owner       TEXT,
+        expires_ms  BIGINT NOT NULL,
+        fence       BIGINT NOT NULL
+     );
+     CREATE INDEX leases_owner ON leases(owner);
+     CREATE TABLE replicas (
+        id            TEXT PRIMARY KEY,
+        host          TEXT NOT NULL,
+        started_ms    BIGINT NOT NULL,
+        heartbeat_ms  BIGINT NOT NULL,
+        version       TEXT NOT NULL
+     );",
 ];
 
 #[cfg(test)]

@@ -17,6 +17,10 @@ const MIGRATION_LOCK: i64 = 0x6368_6974_696e_0001;
 pub(crate) struct PgDb {
     pub(crate) location: String,
     pool: Pool,
+    /// For the dedicated connections of notification listeners (`LISTEN` needs a connection
+    /// of its own, outside the pool).
+    pub(crate) connect_cfg: Box<tokio_postgres::Config>,
+    pub(crate) tls: Option<Box<rustls::ClientConfig>>,
     /// Taken (and shut down in the background) on drop: a runtime dropped inside another
     /// runtime's thread would panic.
     rt: Option<tokio::runtime::Runtime>,
@@ -276,14 +280,16 @@ impl PgDb {
         let mgr_cfg = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let mgr = match cfg.tls_mode()? {
-            TlsMode::Disable => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
-            mode => Manager::from_config(
+        let connect_cfg = pg.clone();
+        let tls = match cfg.tls_mode()? {
+            TlsMode::Disable => None,
+            mode => Some(crate::config::rustls_config(mode, cfg.ca_file.as_deref())?),
+        };
+        let mgr = match &tls {
+            None => Manager::from_config(pg, tokio_postgres::NoTls, mgr_cfg),
+            Some(t) => Manager::from_config(
                 pg,
-                tokio_postgres_rustls::MakeRustlsConnect::new(crate::config::rustls_config(
-                    mode,
-                    cfg.ca_file.as_deref(),
-                )?),
+                tokio_postgres_rustls::MakeRustlsConnect::new(t.clone()),
                 mgr_cfg,
             ),
         };
@@ -294,12 +300,21 @@ impl PgDb {
         let db = Self {
             location,
             pool,
+            connect_cfg: Box::new(connect_cfg),
+            tls: tls.map(Box::new),
             rt: Some(rt),
         };
         // Connect now, so a wrong address, password or certificate is reported at open.
         let mut s = db.session(false)?;
         s.call(Op::Batch("SELECT 1".into()))?;
         Ok(db)
+    }
+
+    /// The store's runtime.
+    pub(crate) fn runtime(&self) -> Result<&tokio::runtime::Runtime> {
+        self.rt
+            .as_ref()
+            .ok_or_else(|| Error::Internal("the store's runtime stopped".into()))
     }
 
     pub(crate) fn session(&self, in_tx: bool) -> Result<Session> {
