@@ -673,8 +673,7 @@ fn audited_decisions(gw: &Gw) -> Vec<Value> {
 }
 
 #[test]
-fn the_gateway_binary_lets_the_model_browse_a_local_page_fenced_with_its_screenshot_as_an_image()
-{
+fn the_gateway_binary_lets_the_model_browse_a_local_page_fenced_with_its_screenshot_as_an_image() {
     let site = site();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s = rt

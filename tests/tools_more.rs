@@ -20,17 +20,17 @@ mod search_support;
 #[path = "support/tool_env.rs"]
 mod tool_env;
 
-use lifecycle_support::home as support;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chitin::agent::{Agent, RunSummary, Stored, TurnRequest};
-use chitin::gate::{CallContext, Origin};
+use chitin::approvals::{Approvals, DEFAULT_TTL_MS};
+use chitin::gate::CallContext;
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
 use chitin::secrets::{SecretName, SecretValue};
 use chitin::tools::Sandbox;
-use chitin::tools::invoke::{InvokeError, Invoked};
+use chitin::tools::invoke::{InvokeError, Invoked, invoke};
 use chitin_audit::Query;
 use serde_json::{Value, json};
 use tool_env::{ToolEnv, decisions, offered, ran, sent, turn};

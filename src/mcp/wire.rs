@@ -489,7 +489,12 @@ mod tests {
             .iter()
             .map(|b| b["text"].as_str().unwrap())
             .collect();
-        assert!(texts[..3].iter().all(|t| t.contains("attached as an image")), "{texts:?}");
+        assert!(
+            texts[..3]
+                .iter()
+                .all(|t| t.contains("attached as an image")),
+            "{texts:?}"
+        );
         assert_eq!(texts[3], "[image: image/bmp, 8 bytes]");
         assert_eq!(texts[4], "[image: image/png, 26 bytes]");
         assert_eq!(texts[5], "[image: image/svg+xml, 21 bytes]");

@@ -69,7 +69,9 @@ impl ToolEnv {
             tempfile::tempdir_in(base).unwrap(),
         );
         let home = support::private_home(h.path(), "home");
-        let mut ents = vec![json!({"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []})];
+        let mut ents = vec![
+            json!({"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []}),
+        ];
         ents.extend(owners.iter().map(|u| {
             json!({"uid": {"type": "Chitin::User", "id": u}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]})
         }));
@@ -85,8 +87,7 @@ impl ToolEnv {
             state_dir: Some(home.clone()),
         })
         .unwrap();
-        let audit =
-            Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap());
+        let audit = Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap());
         let clock = ManualClock::new(chitin::clock::SystemClock.now_ms());
         let mut store = SecretStore::open_with(
             &home,
