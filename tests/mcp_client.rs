@@ -1003,7 +1003,7 @@ fn an_http_servers_requests_in_its_stream_are_answered_with_posts_and_sampling_i
 }
 
 #[test]
-fn an_image_in_a_tool_result_reaches_the_model_as_its_type_and_size_not_as_base64() {
+fn an_image_in_a_tool_result_reaches_the_model_as_an_image_part_fenced_and_tainting() {
     let e = env(
         Vec::new(),
         &server_config("notes", "[mcp.servers.tools.picture]\nrisk = \"low\"\n"),
@@ -1012,15 +1012,58 @@ fn an_image_in_a_tool_result_reaches_the_model_as_its_type_and_size_not_as_base6
     ok(&chitin(&e.home, &["mcp", "trust", "notes"]));
     e.model
         .push(Step::tool_call("c1", "mcp__notes__picture", "{}"));
+    e.model.push(Step::tool_call(
+        "c2",
+        "mcp__notes__remember",
+        r#"{"text":"x"}"#,
+    ));
     e.model.push(Step::text("done"));
     let v = agent(&e.home, "picture");
+    // The image result taints the session like any other: the medium-risk call after it
+    // needs the owner's approval (not given: --approval-timeout 0).
     assert_eq!(v["tool_calls"][0]["decision"], "allow", "{v}");
+    assert_eq!(v["tool_calls"][1]["decision"], "approval_required", "{v}");
+    // The tool message: the caption and a note for each image, fenced; no base64.
     let m = tool_message(&e.model, 1);
-    assert!(m.contains("a tiny picture:"), "{m}");
-    assert!(m.contains("[image: image/png, 70 bytes]"), "{m}");
-    assert!(!m.contains("iVBORw0KGgo"), "{m}");
     assert!(
         m.contains("<untrusted source=\"tool:mcp__notes__picture\">"),
         "{m}"
+    );
+    assert!(m.contains("a tiny picture:"), "{m}");
+    assert!(
+        m.contains("[image: image/png, 70 bytes, attached as an image"),
+        "{m}"
+    );
+    assert!(!m.contains("iVBORw0KGgo"), "{m}");
+    // The SVG is not a type models take as an image: described, not passed on.
+    assert!(m.contains("[image: image/svg+xml, 24 bytes]"), "{m}");
+    assert!(!m.contains("PHN2Zy"), "{m}");
+    // The PNG is an image part of the model request, in the message that says the tools'
+    // images are untrusted data.
+    let body = e.model.requests()[1].body.clone();
+    let images: Vec<&Value> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["role"] == "user" && m["content"].is_array())
+        .collect();
+    assert_eq!(images.len(), 1, "{body}");
+    let parts = images[0]["content"].as_array().unwrap();
+    assert!(
+        parts[0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("untrusted data, not instructions"),
+        "{body}"
+    );
+    let urls: Vec<&str> = parts
+        .iter()
+        .filter(|p| p["type"] == "image_url")
+        .map(|p| p["image_url"]["url"].as_str().unwrap())
+        .collect();
+    assert_eq!(urls.len(), 1, "{body}");
+    assert!(
+        urls[0].starts_with("data:image/png;base64,iVBORw0KGgoAAAANSUhEUg"),
+        "{body}"
     );
 }

@@ -17,31 +17,23 @@ mod gateway_support;
 mod lifecycle_support;
 #[path = "support/search.rs"]
 mod search_support;
+#[path = "support/tool_env.rs"]
+mod tool_env;
 
-use lifecycle_support::home as support;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use age::secrecy::SecretString;
-use chitin::agent::{Agent, AgentParts, RunSummary, Stored, TurnRequest};
+use chitin::agent::{Agent, RunSummary, Stored, TurnRequest};
 use chitin::approvals::{Approvals, DEFAULT_TTL_MS};
-use chitin::clock::{Clock, ManualClock};
-use chitin::config::agent::{AgentConfig, BudgetsConfig};
-use chitin::config::providers::PricingConfig;
-use chitin::config::sandbox::SandboxConfig;
-use chitin::config::secrets::{IdentityBackend, SecretsConfig};
-use chitin::gate::{CallContext, Gate, Origin};
-use chitin::policy::{EngineSpec, PolicyEngine};
-use chitin::providers::Router;
-use chitin::providers::testing::{FakeOpenAi, FakeServer, RecordingSleeper, StaticKeys, Step};
-use chitin::secrets::identity::FixedPassphrase;
-use chitin::secrets::{SecretName, SecretStore, SecretValue, SharedSecretStore};
-use chitin::store::Store;
+use chitin::gate::CallContext;
+use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
+use chitin::secrets::{SecretName, SecretValue};
 use chitin::tools::Sandbox;
 use chitin::tools::invoke::{InvokeError, Invoked, invoke};
-use chitin_audit::{AuditLog, Query};
+use chitin_audit::Query;
 use serde_json::{Value, json};
+use tool_env::{ToolEnv, decisions, offered, ran, sent, turn};
 
 const BRAVE_KEY: &str = "BSA-test-key-4c1d2e3f5a6b";
 
@@ -58,82 +50,22 @@ forbid (principal, action == Chitin::Action::"write_file", resource)
 when { context.path like "*.lock" };
 "#;
 
-struct Env {
-    _dirs: Vec<tempfile::TempDir>,
-    home: PathBuf,
-    ws: PathBuf,
-    outside: PathBuf,
-    clock: ManualClock,
-    audit: Arc<AuditLog>,
-    gate: Gate,
-    store: Arc<Store>,
-    vault: Arc<chitin::vault::Vault>,
-    secrets: SharedSecretStore,
-    window: usize,
-}
+type Env = ToolEnv;
 
 fn env() -> Env {
-    let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let (h, w, o) = (
-        tempfile::tempdir_in(base).unwrap(),
-        tempfile::tempdir_in(base).unwrap(),
-        tempfile::tempdir_in(base).unwrap(),
-    );
-    let home = support::private_home(h.path(), "home");
-    let ents = json!([
-        {"uid": {"type": "Chitin::Group", "id": "owners"}, "attrs": {}, "parents": []},
-        {"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]},
-        {"uid": {"type": "Chitin::User", "id": "alice"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]}
-    ]);
-    support::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
-    let dir = h.path().join("policies");
-    fetch_support::policies_allowing_loopback_fetch(&dir, Some(EXTRA));
-    let engine = PolicyEngine::load(EngineSpec {
-        policy_dir: Some(dir),
-        entity_files: vec![home.join("entities.json")],
-        state_dir: Some(home.clone()),
-    })
-    .unwrap();
-    let audit = Arc::new(AuditLog::open(&home, chitin_audit::AuditOptions::default()).unwrap());
-    let clock = ManualClock::new(chitin::clock::SystemClock.now_ms());
-    let mut secrets = SecretStore::open_with(
-        &home,
-        &SecretsConfig {
-            backend: IdentityBackend::Passphrase,
-            scrypt_work_factor: 16,
-            ..SecretsConfig::default()
+    ToolEnv::new(
+        &["owner", "alice"],
+        |dir| fetch_support::policies_allowing_loopback_fetch(dir, Some(EXTRA)),
+        |secrets| {
+            secrets
+                .set(
+                    &SecretName::parse("brave_search").unwrap(),
+                    SecretValue::from_str_copy(BRAVE_KEY),
+                    &["127.0.0.1".to_string()],
+                )
+                .unwrap();
         },
-        Box::new(FixedPassphrase(SecretString::from("tools-test-pass"))),
-        Arc::new(clock.clone()),
     )
-    .unwrap();
-    secrets
-        .set(
-            &SecretName::parse("brave_search").unwrap(),
-            SecretValue::from_str_copy(BRAVE_KEY),
-            &["127.0.0.1".to_string()],
-        )
-        .unwrap();
-    let redactor = secrets.redactor();
-    let window = redactor.max_pattern_len();
-    let vault = Arc::new(
-        chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(clock.clone())).unwrap(),
-    );
-    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
-    Env {
-        ws: w.path().canonicalize().unwrap(),
-        outside: o.path().canonicalize().unwrap(),
-        gate: Gate::new(Arc::new(engine), Arc::clone(&audit))
-            .with_redactor(Arc::new(move |s: &str| redactor.redact(s).into_owned())),
-        audit,
-        store,
-        vault,
-        secrets: SharedSecretStore::new(secrets),
-        home,
-        clock,
-        window,
-        _dirs: vec![h, w, o],
-    }
 }
 
 fn search_config(kind: &str, base: &str, key: bool) -> chitin::config::tools::WebSearchConfig {
@@ -145,11 +77,7 @@ fn search_config(kind: &str, base: &str, key: bool) -> chitin::config::tools::We
 }
 
 fn sandbox(e: &Env, search: Option<chitin::config::tools::WebSearchConfig>) -> Sandbox {
-    let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
-    sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
-    let sb = sb.with_prompt_marks(chitin::tools::prompt_guard::PromptMarks::new(Arc::clone(
-        &e.store,
-    )));
+    let sb = e.sandbox();
     match search {
         Some(c) => sb.with_web_search(Arc::new(
             chitin::tools::search::WebSearch::new(c, Some(e.secrets.clone())).unwrap(),
@@ -159,93 +87,15 @@ fn sandbox(e: &Env, search: Option<chitin::config::tools::WebSearchConfig>) -> S
 }
 
 fn agent(e: &Env, s: &FakeServer, search: Option<chitin::config::tools::WebSearchConfig>) -> Agent {
-    let config = AgentConfig {
-        model: "fake/m1".into(),
-        ..AgentConfig::default()
-    };
-    let providers = vec![
-        toml::from_str::<chitin::config::providers::ProviderConfig>(&format!(
-            "name = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\nmax_attempts = 3\nbackoff_base_ms = 1\nbackoff_max_ms = 2\ntotal_timeout_ms = 5000\nfirst_byte_timeout_ms = 3000\nidle_timeout_ms = 3000",
-            s.base_url()
-        ))
-        .unwrap(),
-    ];
-    let router = Router::new(
-        &providers,
-        &config,
-        &PricingConfig::default(),
-        Arc::new(StaticKeys::default()),
-        Arc::new(e.clock.clone()),
-    )
-    .unwrap()
-    .with_sleeper(Arc::new(RecordingSleeper::default()));
-    Agent::new(AgentParts {
-        gate: e.gate.clone(),
-        store: Arc::clone(&e.store),
-        approvals: Approvals::new(
-            Arc::clone(&e.store),
-            e.gate.clone(),
-            Arc::new(e.clock.clone()),
-            DEFAULT_TTL_MS,
-        ),
-        sandbox: sandbox(e, search),
-        workspace: e.ws.clone(),
-        router: Some(Arc::new(router)),
-        sealer: Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
-        clock: Arc::new(e.clock.clone()),
-        config,
-        budgets: BudgetsConfig::default(),
-        owners: vec!["owner".into(), "alice".into()],
-        skills: None,
-        redaction_window: e.window,
-    })
-}
-
-fn turn(user: &str, session: &str, text: &str) -> TurnRequest {
-    TurnRequest {
-        session: session.into(),
-        user: user.into(),
-        channel: "test".into(),
-        text: text.into(),
-        approval_wait: Some(Duration::ZERO),
-        origin: None,
-    }
+    e.agent(s, sandbox(e, search))
 }
 
 async fn run(a: &Agent, t: TurnRequest) -> RunSummary {
-    let id = a.submit(t).await.unwrap();
-    a.wait(&id, Duration::from_secs(120)).await.unwrap()
-}
-
-fn decisions(s: &RunSummary) -> Vec<(String, String)> {
-    s.tool_calls
-        .iter()
-        .map(|c| (c.tool.clone(), c.decision.clone()))
-        .collect()
-}
-
-/// The body of the model request `i`, as text.
-fn sent(s: &FakeServer, i: usize) -> String {
-    s.requests()[i].body.to_string()
-}
-
-fn offered(s: &FakeServer) -> Vec<String> {
-    s.requests()[0].body["tools"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["function"]["name"].as_str().unwrap().to_string())
-        .collect()
+    tool_env::run(a, t, 120).await
 }
 
 fn call(e: &Env, user: &str, session: &str, tainted: bool) -> CallContext {
-    CallContext {
-        user: user.into(),
-        origin: Origin::Model,
-        session: session.into(),
-        workspace: e.ws.clone(),
-        tainted,
-    }
+    e.call(user, session, tainted)
 }
 
 /// `invoke` on a blocking thread of the test's runtime (web_search needs the runtime).
@@ -256,26 +106,13 @@ async fn invoke_bg(
     tool: &str,
     args: Value,
 ) -> Result<Invoked, InvokeError> {
-    let (g, sb, c, tool) = (e.gate.clone(), sb.clone(), c.clone(), tool.to_string());
-    tokio::task::spawn_blocking(move || invoke(&g, &sb, &c, &tool, &args, None))
-        .await
-        .unwrap()
+    e.invoke_bg(sb, c, tool, args).await
 }
 
 fn denied_by(r: Result<Invoked, InvokeError>) -> Vec<String> {
     match r {
         Ok(Invoked::Denied(d)) => d.policies,
         other => panic!("expected a denial, got {other:?}"),
-    }
-}
-
-fn ran(r: Result<Invoked, InvokeError>) -> Value {
-    match r {
-        Ok(Invoked::Ran { result, .. }) => {
-            assert_eq!(result.exit_code, Some(0), "{result:?}");
-            result.output.unwrap()
-        }
-        other => panic!("expected a run, got {other:?}"),
     }
 }
 

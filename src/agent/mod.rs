@@ -2539,38 +2539,47 @@ enum ApprovalOutcome {
     NotGiven(String),
 }
 
-/// A finished call's outcome for the report: `ok`, `exit N`, `killed: LIMIT` or `ended`.
-/// The image a tool put in its output (`output.image`: `{media_type, data}`, a browser
-/// screenshot), taken out of the text the model reads and returned as an image part; the
-/// output keeps a note in its place.
+/// The images a tool put in its output — `output.image` (`{media_type, data}`, a browser
+/// screenshot) and `output.images` (a list of those, an MCP tool's images) — taken out of the
+/// text the model reads and returned as image parts; the output keeps a note in their place
+/// (the MCP tool's content already describes each).
 fn take_images(r: &mut crate::tools::ToolResult) -> Vec<crate::providers::ImagePart> {
     let Some(Value::Object(out)) = r.output.as_mut() else {
         return Vec::new();
     };
-    let Some(Value::Object(img)) = out.remove("image") else {
-        return Vec::new();
+    let part = |img: &Value| {
+        let media_type = img
+            .get("media_type")
+            .and_then(Value::as_str)
+            .unwrap_or("image/png")
+            .to_string();
+        let data = img.get("data").and_then(Value::as_str)?;
+        Some(crate::providers::ImagePart {
+            media_type,
+            data_base64: data.to_string(),
+        })
     };
-    let media_type = img
-        .get("media_type")
-        .and_then(Value::as_str)
-        .unwrap_or("image/png")
-        .to_string();
-    let Some(data) = img.get("data").and_then(Value::as_str) else {
-        return Vec::new();
-    };
-    out.insert(
-        "screenshot".into(),
-        json!(format!(
-            "{media_type}, {} bytes, attached as an image (models that take no images see only this note)",
-            data.len() / 4 * 3
-        )),
-    );
-    vec![crate::providers::ImagePart {
-        media_type,
-        data_base64: data.to_string(),
-    }]
+    let mut parts = Vec::new();
+    if let Some(img) = out.remove("image")
+        && let Some(p) = part(&img)
+    {
+        out.insert(
+            "screenshot".into(),
+            json!(format!(
+                "{}, {} bytes, attached as an image (models that take no images see only this note)",
+                p.media_type,
+                p.data_base64.len() / 4 * 3
+            )),
+        );
+        parts.push(p);
+    }
+    if let Some(Value::Array(imgs)) = out.remove("images") {
+        parts.extend(imgs.iter().filter_map(part));
+    }
+    parts
 }
 
+/// A finished call's outcome for the report: `ok`, `exit N`, `killed: LIMIT` or `ended`.
 fn ran_outcome(r: &crate::tools::ToolResult) -> String {
     match (r.exit_code, &r.killed) {
         (_, Some(k)) => format!("killed: {k}"),

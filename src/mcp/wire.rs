@@ -232,10 +232,35 @@ pub fn list_digest(tools: &[ToolDef]) -> String {
     digest(&json!(pairs))
 }
 
-/// Extracts `content`, `structuredContent` and `isError` from a `tools/call` result.
+/// Extracts `content`, `structuredContent` and `isError` from a `tools/call` result. Images
+/// of a type models take (PNG, JPEG, GIF, WebP; within [`MAX_BINARY_BYTES`]) are taken out of
+/// the content into [`McpOutput::images`](crate::tools::mcp::McpOutput) (sent to the model as
+/// image parts), a text block describing each in its place.
 pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, String> {
+    let mut images = Vec::new();
     let content = match result.get("content") {
-        Some(Value::Array(blocks)) => Value::Array(blocks.iter().map(describe_binary).collect()),
+        Some(Value::Array(blocks)) => Value::Array(
+            blocks
+                .iter()
+                .map(|b| match take_image(b) {
+                    Some(img) if images.len() < MAX_IMAGES => {
+                        let text = format!(
+                            "[image: {}, {} bytes, attached as an image (models that take no images see only this note)]",
+                            img.media_type,
+                            base64_len(&img.data_base64).unwrap_or(0)
+                        );
+                        images.push(img);
+                        json!({"type": "text", "text": text})
+                    }
+                    Some(img) => json!({"type": "text", "text": format!(
+                        "[image: {}, {} bytes: more than {MAX_IMAGES} images in one result, not passed on]",
+                        img.media_type,
+                        base64_len(&img.data_base64).unwrap_or(0)
+                    )}),
+                    None => describe_binary(b),
+                })
+                .collect(),
+        ),
         None => json!([]),
         Some(_) => {
             return Err(
@@ -250,6 +275,47 @@ pub fn call_output(result: &Value) -> Result<crate::tools::mcp::McpOutput, Strin
             .get("isError")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        images,
+    })
+}
+
+/// The most images of one result passed to the model.
+pub const MAX_IMAGES: usize = 4;
+
+/// The image types models take, with the bytes their files start with.
+const IMAGE_TYPES: &[(&str, &[&[u8]])] = &[
+    ("image/png", &[b"\x89PNG\r\n\x1a\n"]),
+    ("image/jpeg", &[b"\xff\xd8\xff"]),
+    ("image/gif", &[b"GIF87a", b"GIF89a"]),
+    ("image/webp", &[b"RIFF"]),
+];
+
+/// An `image` block a model can take as an image: a type models take, base64 that decodes,
+/// within [`MAX_BINARY_BYTES`], and data that starts like a file of its declared type (a
+/// server cannot pass arbitrary bytes off as a picture). `None` for anything else (described
+/// as text by [`describe_binary`]).
+fn take_image(block: &Value) -> Option<crate::providers::ImagePart> {
+    use base64::Engine as _;
+    if block.get("type").and_then(Value::as_str) != Some("image") {
+        return None;
+    }
+    let media_type = block.get("mimeType").and_then(Value::as_str)?;
+    let (_, magics) = IMAGE_TYPES.iter().find(|(t, _)| *t == media_type)?;
+    let data = block.get("data").and_then(Value::as_str)?;
+    if base64_len(data)? > MAX_BINARY_BYTES {
+        return None;
+    }
+    let compact: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(compact.as_bytes())
+        .ok()?;
+    let webp_ok = media_type != "image/webp" || bytes.get(8..12) == Some(b"WEBP".as_slice());
+    if !magics.iter().any(|m| bytes.starts_with(m)) || !webp_ok {
+        return None;
+    }
+    Some(crate::providers::ImagePart {
+        media_type: media_type.to_string(),
+        data_base64: compact,
     })
 }
 
@@ -290,10 +356,11 @@ fn mime(v: Option<&Value>) -> String {
     }
 }
 
-/// One content block of a tool result as the model gets it. The model providers' content
-/// model has text parts only, so an `image` or `audio` block (and an embedded resource's
-/// `blob`) is described as text (`[image: image/png, 1234 bytes]`) instead of handing the
-/// model base64 it cannot see; one over [`MAX_BINARY_BYTES`] says so. Other blocks are kept.
+/// One content block of a tool result as the model gets it, when it is not an image the model
+/// takes as one ([`take_image`]): an `audio` block, an embedded resource's `blob`, or an image
+/// of another type (or one that does not look like its type) is described as text
+/// (`[image: image/bmp, 1234 bytes]`) instead of handing the model base64 it cannot see; one
+/// over [`MAX_BINARY_BYTES`] says so. Other blocks are kept.
 fn describe_binary(block: &Value) -> Value {
     let kind = block.get("type").and_then(Value::as_str).unwrap_or("");
     let (what, data, mime_v) = match kind {
@@ -370,12 +437,21 @@ mod tests {
             texts,
             [
                 "a chart:",
-                "[image: image/png, 8 bytes]",
+                "[image: image/png, 8 bytes, attached as an image (models that take no images see only this note)]",
                 "[audio: audio/wav, 3 bytes]",
                 "[resource: application/octet-stream, 2 bytes]",
                 "[image: unknown type, data that is not base64: not passed on]",
             ]
         );
+        // The PNG is passed on as an image part, its base64 out of the text.
+        assert_eq!(
+            out.images,
+            vec![crate::providers::ImagePart {
+                media_type: "image/png".into(),
+                data_base64: "iVBORw0KGgo=".into()
+            }]
+        );
+        assert!(!out.content.to_string().contains("iVBORw0KGgo"));
         let big = "A".repeat((MAX_BINARY_BYTES / 3 + 1) * 4);
         let out = call_output(
             &json!({"content": [{"type": "image", "data": big, "mimeType": "image/jpeg"}]}),
@@ -387,6 +463,52 @@ mod tests {
                 "[image: image/jpeg, {} bytes: over the 5 MiB limit, not passed on]",
                 (MAX_BINARY_BYTES / 3 + 1) * 3
             )
+        );
+    }
+
+    #[test]
+    fn only_png_jpeg_gif_and_webp_images_that_look_like_their_type_are_passed_as_images() {
+        use base64::Engine as _;
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let block = |mime: &str, bytes: &[u8]| json!({"type": "image", "mimeType": mime, "data": b64(bytes)});
+        let out = call_output(&json!({"content": [
+            block("image/jpeg", b"\xff\xd8\xff\xe0 jfif"),
+            block("image/gif", b"GIF89a...."),
+            block("image/webp", b"RIFF\x10\0\0\0WEBPVP8 "),
+            block("image/bmp", b"BM......"),
+            block("image/png", b"<script>not a png</script>"),
+            block("image/svg+xml", b"<svg onload=alert(1)>"),
+        ]}))
+        .unwrap();
+        let types: Vec<&str> = out.images.iter().map(|i| i.media_type.as_str()).collect();
+        assert_eq!(types, ["image/jpeg", "image/gif", "image/webp"]);
+        let texts: Vec<&str> = out
+            .content
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["text"].as_str().unwrap())
+            .collect();
+        assert!(
+            texts[..3]
+                .iter()
+                .all(|t| t.contains("attached as an image")),
+            "{texts:?}"
+        );
+        assert_eq!(texts[3], "[image: image/bmp, 8 bytes]");
+        assert_eq!(texts[4], "[image: image/png, 26 bytes]");
+        assert_eq!(texts[5], "[image: image/svg+xml, 21 bytes]");
+        // At most MAX_IMAGES per result; the rest are described.
+        let many: Vec<Value> = (0..MAX_IMAGES + 2)
+            .map(|_| block("image/gif", b"GIF87a.."))
+            .collect();
+        let out = call_output(&json!({"content": many})).unwrap();
+        assert_eq!(out.images.len(), MAX_IMAGES);
+        assert!(
+            out.content[MAX_IMAGES]["text"]
+                .as_str()
+                .unwrap()
+                .contains("not passed on")
         );
     }
 

@@ -104,6 +104,49 @@ pub(super) fn invalid(tool: Tool, message: impl Into<String>) -> InvokeError {
     }
 }
 
+/// A call to a tool that needs something the gateway may not have (the browser, a search
+/// backend), before its decision: the arguments as parsed, the capability, what the tool's own
+/// check of the arguments made of them, and the arguments normalized (what the decision and an
+/// approval bind).
+pub(super) struct Prepared<A, C, R> {
+    pub args: A,
+    pub cap: C,
+    pub checked: R,
+    pub norm: Value,
+}
+
+/// The start such a call shares: the arguments parsed strictly; the capability, or the call
+/// refused (audited) with `missing` saying why it is not there; the tool's `check` of the
+/// arguments against it, or the call refused (audited) with its message.
+pub(super) fn prepare<A, C, R>(
+    gate: &Gate,
+    call: &CallContext,
+    tool: Tool,
+    args: &Value,
+    cap: Option<C>,
+    missing: &str,
+    check: impl FnOnce(&A, &C) -> Result<R, String>,
+) -> Result<Prepared<A, C, R>, InvokeError>
+where
+    A: serde::de::DeserializeOwned + serde::Serialize,
+{
+    let parsed: A = parse(gate, call, tool, args)?;
+    let Some(cap) = cap else {
+        return Err(refused(gate, call, tool, invalid(tool, missing), args));
+    };
+    let checked = match check(&parsed, &cap) {
+        Ok(r) => r,
+        Err(m) => return Err(refused(gate, call, tool, invalid(tool, m), args)),
+    };
+    let norm = serde_json::to_value(&parsed).map_err(|e| invalid(tool, e.to_string()))?;
+    Ok(Prepared {
+        args: parsed,
+        cap,
+        checked,
+        norm,
+    })
+}
+
 /// Records `err` (a call refused before any decision) and returns it.
 pub(super) fn refused(
     gate: &Gate,
@@ -170,6 +213,22 @@ pub(super) fn output(started: std::time::Instant, v: Value) -> ToolResult {
         truncated: false,
         duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         output: Some(v),
+    }
+}
+
+/// A result of a call that ran and failed (no process): exit 1, `stderr` saying why. Its text
+/// reaches the model fenced as untrusted like any other result (it can quote what a page or
+/// a backend answered).
+pub(super) fn failed(started: std::time::Instant, stderr: String) -> ToolResult {
+    ToolResult {
+        exit_code: Some(1),
+        signal: None,
+        killed: None,
+        stdout: String::new(),
+        stderr,
+        truncated: false,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        output: None,
     }
 }
 

@@ -74,6 +74,9 @@ pub struct McpOutput {
     pub structured: Option<Value>,
     /// The server said the tool failed (`isError`).
     pub is_error: bool,
+    /// The images of `content` models take as images (each replaced there by a note); the
+    /// agent sends them as image parts.
+    pub images: Vec<crate::providers::ImagePart>,
 }
 
 /// The hub of configured MCP servers, as the tool path and the agent see it.
@@ -374,6 +377,14 @@ fn result(server: &str, tool: &str, o: &McpOutput, duration_ms: u64) -> ToolResu
     });
     if let (Some(s), Value::Object(m)) = (&o.structured, &mut out) {
         m.insert("structured_content".into(), s.clone());
+    }
+    if let (false, Value::Object(m)) = (o.images.is_empty(), &mut out) {
+        let images: Vec<Value> = o
+            .images
+            .iter()
+            .map(|i| json!({"media_type": i.media_type, "data": i.data_base64}))
+            .collect();
+        m.insert("images".into(), Value::Array(images));
     }
     ToolResult {
         exit_code: Some(i32::from(o.is_error)),

@@ -300,16 +300,7 @@ pub fn search(
         }
         Ok::<_, reqwest::Error>((status, body, truncated))
     });
-    let failed = |stderr: String| ToolResult {
-        exit_code: Some(1),
-        signal: None,
-        killed: None,
-        stdout: String::new(),
-        stderr,
-        truncated: false,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        output: None,
-    };
+    let failed = |e: String| gated::failed(started, e);
     let (status, body, truncated) = match outcome {
         Ok(x) => x,
         Err(e) => {
@@ -376,27 +367,22 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let tool = Tool::WebSearch;
-    let parsed: WebSearchArgs = gated::parse(gate, call, tool, args)?;
-    let Some(ws) = sandbox.web_search().map(Arc::clone) else {
-        let e = gated::invalid(
-            tool,
-            "no search backend is configured ([tools.web_search] in chitin.toml)",
-        );
-        return Err(gated::refused(gate, call, tool, e, args));
-    };
-    let count = match check_query(&parsed.query).and_then(|()| ws.count(parsed.count)) {
-        Ok(c) => c,
-        Err(m) => {
-            return Err(gated::refused(
-                gate,
-                call,
-                tool,
-                gated::invalid(tool, m),
-                args,
-            ));
-        }
-    };
-    let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
+    let gated::Prepared {
+        args: parsed,
+        cap: ws,
+        checked: count,
+        norm,
+    } = gated::prepare(
+        gate,
+        call,
+        tool,
+        args,
+        sandbox.web_search().map(Arc::clone),
+        "no search backend is configured ([tools.web_search] in chitin.toml)",
+        |p: &WebSearchArgs, ws: &Arc<WebSearch>| {
+            check_query(&p.query).and_then(|()| ws.count(p.count))
+        },
+    )?;
     let req = ws.policy_request(call, step, &parsed, count)?;
     let go = match gated::decide(gate, approvals, &[req], &norm, norm.clone())? {
         Gated::Go(g) => g,

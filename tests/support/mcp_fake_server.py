@@ -79,8 +79,11 @@ def call_tool(name, args, b):
         # A 1x1 PNG (70 bytes) after a caption.
         png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA"
                "60e6kgAAAABJRU5ErkJggg==")
+        # And an SVG (a type models are not given as an image).
+        svg = "PHN2ZyBvbmxvYWQ9ImFsZXJ0KDEpIi8+"
         return {"content": [{"type": "text", "text": "a tiny picture:"},
-                            {"type": "image", "data": png, "mimeType": "image/png"}],
+                            {"type": "image", "data": png, "mimeType": "image/png"},
+                            {"type": "image", "data": svg, "mimeType": "image/svg+xml"}],
                 "isError": False}
     if name == "fail":
         return text("the tool failed on purpose", True)

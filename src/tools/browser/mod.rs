@@ -896,7 +896,16 @@ impl Session {
                 match nav.get("errorText").and_then(Value::as_str) {
                     Some(e) if !e.is_empty() => {
                         self.loading = false;
-                        out.insert("error".into(), json!(e));
+                        // A URL that answers with a download ends its navigation
+                        // (net::ERR_ABORTED); the download's events follow.
+                        self.pump(
+                            ctx,
+                            |s| !s.downloads.is_empty(),
+                            Some(Duration::from_millis(300)),
+                        )?;
+                        if self.downloads.is_empty() && self.finished.is_empty() {
+                            out.insert("error".into(), json!(e));
+                        }
                     }
                     _ => {
                         if !self.pump(ctx, |s| !s.loading, None)? {
@@ -1028,6 +1037,13 @@ impl Session {
                 );
             }
             BrowserAction::Close => return Err("close is handled by the caller".into()),
+        }
+        // A download the action started is moved into the inbox before the result says so.
+        if !self.downloads.is_empty() && !self.pump(ctx, |s| s.downloads.is_empty(), None)? {
+            out.insert(
+                "note".into(),
+                json!("a download was still running when the time ran out; it was not kept"),
+            );
         }
         let (url, title) = self.page_info(ctx)?;
         out.insert("url".into(), json!(url));
@@ -1189,28 +1205,23 @@ pub fn invoke(
     approvals: Option<&Approvals>,
 ) -> Result<Invoked, InvokeError> {
     let tool = Tool::Browser;
-    let parsed: BrowserArgs = gated::parse(gate, call, tool, args)?;
-    let Some(browsers) = sandbox.browser().map(Arc::clone) else {
-        let e = gated::invalid(
-            tool,
-            "the browser is not available here (Chromium is not installed, or [tools.browser] is disabled; `chitin security audit` says which)",
-        );
-        return Err(gated::refused(gate, call, tool, e, args));
-    };
-    if let Err(m) = parsed.check() {
-        return Err(gated::refused(
-            gate,
-            call,
-            tool,
-            gated::invalid(tool, m),
-            args,
-        ));
-    }
-    let norm = serde_json::to_value(&parsed).map_err(|e| gated::invalid(tool, e.to_string()))?;
-    let target = match &parsed.url {
-        Some(u) => Some(WebUrl::parse(u).map_err(|m| gated::invalid(tool, m))?),
-        None => None,
-    };
+    let gated::Prepared {
+        args: parsed,
+        cap: browsers,
+        checked: target,
+        norm,
+    } = gated::prepare(
+        gate,
+        call,
+        tool,
+        args,
+        sandbox.browser().map(Arc::clone),
+        "the browser is not available here (Chromium is not installed, or [tools.browser] is disabled; `chitin security audit` says which)",
+        |p: &BrowserArgs, _: &Arc<Browsers>| {
+            p.check()?;
+            p.url.as_deref().map(WebUrl::parse).transpose()
+        },
+    )?;
     let req = match &target {
         Some(t) => navigate_request(call, step, t, "navigate")?,
         None => interact_request(
@@ -1288,16 +1299,7 @@ fn run(
         });
     }
     let started = Instant::now();
-    let failed = |e: String| ToolResult {
-        exit_code: Some(1),
-        signal: None,
-        killed: None,
-        stdout: String::new(),
-        stderr: e,
-        truncated: false,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        output: None,
-    };
+    let failed = |e: String| gated::failed(started, e);
     if args.action == BrowserAction::Close {
         let closed = match browsers.remove(call) {
             Some(s) => {
