@@ -109,27 +109,88 @@ impl opentelemetry_sdk::trace::SpanProcessor for QueueProcessor {
     }
 }
 
-/// The running exporter: keep it until the gateway stops, then [`Telemetry::shutdown`] (or
-/// drop it) to send the last spans.
+/// The exporter: spans are recorded and queued from [`install`] on, and sent once
+/// [`Telemetry::start`] has the export headers (released from the secret store after the
+/// gate exists). Keep it until the gateway stops, then [`Telemetry::shutdown`] (or drop it)
+/// to send the last spans.
 pub struct Telemetry {
     provider: SdkTracerProvider,
-    thread: Option<std::thread::JoinHandle<()>>,
-    done: std::sync::mpsc::Receiver<()>,
+    /// The queue and the exporter's settings until [`Telemetry::start`].
+    pending: Option<Pending>,
+    thread: Option<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<()>)>,
+}
+
+struct Pending {
+    rx: mpsc::Receiver<SpanData>,
+    url: String,
+    resource: opentelemetry_sdk::Resource,
 }
 
 impl Telemetry {
+    /// Starts sending the queued and future spans, with `headers` on every export request
+    /// (the configured ones, secret values already released; `OTEL_EXPORTER_OTLP_HEADERS` is
+    /// added by the exporter). Once only: a second call does nothing.
+    pub fn start(
+        &mut self,
+        headers: Vec<(String, zeroize::Zeroizing<String>)>,
+    ) -> Result<(), TelemetryError> {
+        let Some(Pending { rx, url, resource }) = self.pending.take() else {
+            return Ok(());
+        };
+        // Our own client: no proxy from the environment, no redirects, a deadline.
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        // The exporter keeps its headers as plain strings for the life of the process.
+        let headers: std::collections::HashMap<String, String> = headers
+            .into_iter()
+            .map(|(k, v)| (k, v.as_str().to_string()))
+            .collect();
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url)
+            .with_timeout(EXPORT_TIMEOUT)
+            .with_headers(headers)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        exporter.set_resource(&resource);
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("chitin-otlp".into())
+            .spawn(move || {
+                export_loop(exporter, rx);
+                let _ = done_tx.send(());
+            })
+            .map_err(|e| TelemetryError::Thread(e.to_string()))?;
+        self.thread = Some((thread, done));
+        Ok(())
+    }
+
     /// Sends what is queued (waiting at most a few seconds) and stops the export thread.
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else {
+        let _ = self.provider.shutdown();
+        // Never started (the gateway stopped during start-up): the queued spans go nowhere.
+        if let Some(p) = self.pending.take() {
+            let mut rx = p.rx;
+            rx.close();
+            while rx.try_recv().is_ok() {
+                DROPPED_EXPORT_FAILED.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let Some((thread, done)) = self.thread.take() else {
             return;
         };
-        let _ = self.provider.shutdown();
         // A thread still sending after the wait is left to the process's exit.
-        if self.done.recv_timeout(SHUTDOWN_WAIT).is_ok() {
+        if done.recv_timeout(SHUTDOWN_WAIT).is_ok() {
             let _ = thread.join();
         }
     }
@@ -152,13 +213,6 @@ where
     let Some(url) = config.traces_url() else {
         return Ok(None);
     };
-    // Our own client: no proxy from the environment, no redirects, a deadline.
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name(config.service_name.clone())
         .with_attribute(opentelemetry::KeyValue::new(
@@ -166,24 +220,7 @@ where
             env!("CARGO_PKG_VERSION"),
         ))
         .build();
-    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .with_http_client(client)
-        .with_protocol(Protocol::HttpBinary)
-        .with_endpoint(url)
-        .with_timeout(EXPORT_TIMEOUT)
-        .build()
-        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
-    exporter.set_resource(&resource);
     let (tx, rx) = mpsc::channel::<SpanData>(config.queue_size.max(1));
-    let (done_tx, done) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("chitin-otlp".into())
-        .spawn(move || {
-            export_loop(exporter, rx);
-            let _ = done_tx.send(());
-        })
-        .map_err(|e| TelemetryError::Thread(e.to_string()))?;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(QueueProcessor {
             tx: Mutex::new(Some(tx)),
@@ -191,7 +228,7 @@ where
         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
             config.sample_ratio,
         ))))
-        .with_resource(resource)
+        .with_resource(resource.clone())
         .build();
     let tracer = provider.tracer("chitin");
     let only_our_spans = tracing_subscriber::filter::filter_fn(|m| {
@@ -209,8 +246,8 @@ where
         layer,
         Telemetry {
             provider,
-            thread: Some(thread),
-            done,
+            pending: Some(Pending { rx, url, resource }),
+            thread: None,
         },
     )))
 }

@@ -113,7 +113,7 @@ fn validate_accepts_the_default_policies() {
     let t = tempfile::tempdir().unwrap();
     let o = chitin(t.path(), &["policy", "validate", "--dir", "policies"], None);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
-    assert!(stdout(&o).starts_with("ok: 53 policies"), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("ok: 54 policies"), "{}", stdout(&o));
 }
 
 #[test]

@@ -208,7 +208,7 @@ fn lint_exit_codes_follow_the_worst_severity_and_lint_allow_opts_a_policy_out() 
     assert_eq!(o.status.code(), Some(0), "{}", out(&o));
     assert_eq!(
         out(&o),
-        "ok: no findings in 53 policies (checked: unconstrained permits, high-risk permits without approval, permits shadowed by forbids, unreachable policies, missing @reason); 7 left out by @lint_allow\n"
+        "ok: no findings in 54 policies (checked: unconstrained permits, high-risk permits without approval, permits shadowed by forbids, unreachable policies, missing @reason); 7 left out by @lint_allow\n"
     );
 
     // Only low findings: exit 0.

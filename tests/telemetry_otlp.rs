@@ -2,7 +2,10 @@
 //! loopback: a chat turn with a tool call arrives as one trace (request → turn → model calls,
 //! gate decisions, tool run) with the right names, attributes and parents, and without any
 //! secret, argument or message text; log lines written inside a span carry its trace id; with
-//! no `[telemetry] otlp_endpoint` nothing is exported.
+//! no `[telemetry] otlp_endpoint` nothing is exported. Also: a webhook's workflow steps stay in
+//! the webhook request's trace; a compaction is a `model.call` span (decided first) of its
+//! turn; the tools that decide for themselves have `tool.run` spans; the collector's
+//! credentials come from the secret store (`[telemetry] headers`), released by Cedar.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,6 +18,8 @@ mod harness;
 #[path = "support/fake_otlp.rs"]
 mod otlp;
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
@@ -141,6 +146,7 @@ fn a_chat_turn_with_a_tool_call_arrives_as_one_trace_with_the_turn_as_parent() {
         assert_eq!(c.trace_id, trace);
         assert_eq!(c.parent_span_id, turn.span_id, "{c:#?}");
         assert_eq!(c.kind, 3, "client");
+        assert_eq!(str_attr(c, "chitin.purpose"), "turn");
         assert_eq!(str_attr(c, "gen_ai.request.model"), "fake/m1");
         assert_eq!(str_attr(c, "gen_ai.response.model"), "fake/m1");
         assert_eq!(int_attr(c, "gen_ai.usage.input_tokens"), 10);
@@ -331,4 +337,320 @@ fn with_no_endpoint_configured_nothing_is_exported_even_with_otel_environment_va
     let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
     assert!(log.contains("run started"), "{log}");
     assert!(!log.contains("\"trace_id\""), "{log}");
+}
+
+/// Stores `value` as secret `name` with `audience` in the gateway's (stopped) state dir.
+fn set_secret(gw: &Gw, name: &str, value: &str, audience: &str) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["secrets", "set", name, "--audience", audience])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", harness::PASS)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Appends `text` to the gateway's `chitin.toml`.
+fn append_config(gw: &Gw, text: &str) {
+    let path = gw.home.join("chitin.toml");
+    let mut cfg = std::fs::read_to_string(&path).unwrap();
+    cfg.push_str(text);
+    std::fs::write(&path, cfg).unwrap();
+}
+
+const HOOK_SECRET: &str = "generic-hook-secret-otel-31";
+
+#[test]
+fn a_webhooks_workflow_runs_its_steps_inside_the_webhook_requests_trace() {
+    let collector = FakeCollector::start();
+    let (_rt, model) = fake(vec![]);
+    model.set_fallback(Step::text("unused"));
+    let mut gw = Gw::start(&config(&model.base_url(), ""));
+    set_secret(&gw, "gen_hook", HOOK_SECRET, "generic.hooks.invalid");
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    append_config(
+        &gw,
+        &format!(
+            "\n[[hooks]]\nname = \"generic\"\nsecret = \"secret:gen_hook\"\nformat = \"generic\"\nworkflow = \"hook-echo.lobster\"\n\n[telemetry]\notlp_endpoint = \"{}\"\n",
+            collector.endpoint()
+        ),
+    );
+    std::fs::write(
+        gw.workspace().join("hook-echo.lobster"),
+        "name: hook-echo\nargs:\n  payload:\n    default: \"\"\n  event:\n    default: \"\"\n  delivery:\n    default: \"\"\nsteps:\n  - id: save\n    run: printf '%s' ${payload} > from-hook.txt\n",
+    )
+    .unwrap();
+    gw.spawn();
+    let body = format!(r#"{{"note":"{ARG_CANARY}"}}"#);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sig = chitin::automation::hooks::sign_generic(
+        HOOK_SECRET.as_bytes(),
+        i64::try_from(now).unwrap(),
+        body.as_bytes(),
+    );
+    let r = gw
+        .try_req(
+            "POST",
+            "/hooks/generic",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-Chitin-Signature", &sig),
+                ("X-Chitin-Delivery", "d-otel-1"),
+            ],
+            body.as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let spans = collector.wait_for(Duration::from_secs(60), |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == "workflow.run" && s.attr("chitin.outcome").is_some())
+            && spans.iter().any(|s| s.name == "tool.run")
+    });
+    let request = one(&spans, "webhook request", |s| s.name == "POST /hooks");
+    let trace = request.trace_id.clone();
+    let run = one(&spans, "workflow run", |s| s.name == "workflow.run");
+    assert_eq!(run.trace_id, trace, "{run:#?}");
+    assert_eq!(run.parent_span_id, request.span_id);
+    assert_eq!(str_attr(run, "chitin.hook"), "generic");
+    assert_eq!(str_attr(run, "chitin.delivery"), "d-otel-1");
+    assert_eq!(str_attr(run, "chitin.outcome"), "completed");
+    let step = one(&spans, "workflow step", |s| s.name == "workflow.step");
+    assert_eq!(step.trace_id, trace);
+    assert_eq!(step.parent_span_id, run.span_id);
+    assert_eq!(str_attr(step, "chitin.step"), "save");
+    let tool = one(&spans, "tool run", |s| s.name == "tool.run");
+    assert_eq!(tool.trace_id, trace);
+    assert_eq!(tool.parent_span_id, step.span_id);
+    assert_eq!(str_attr(tool, "chitin.tool"), "exec");
+    assert_eq!(int_attr(tool, "process.exit.code"), 0);
+    // The step's decision is in the trace too, under the step.
+    let decision = one(&spans, "the step's exec decision", |s| {
+        s.name == "gate.decision" && s.attr("chitin.action") == Some(&Attr::Str("exec".into()))
+    });
+    assert_eq!(decision.trace_id, trace);
+    assert_eq!(decision.parent_span_id, step.span_id);
+    assert_eq!(str_attr(decision, "chitin.decision"), "allow");
+    // The webhook's body never left in a span.
+    for body in collector.bodies() {
+        assert!(
+            !body
+                .windows(ARG_CANARY.len())
+                .any(|w| w == ARG_CANARY.as_bytes())
+        );
+    }
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+}
+
+fn chat_in(gw: &Gw, session: &str, text: &str) -> Value {
+    let r = gw
+        .try_req(
+            "POST",
+            "/v1/chat/completions",
+            &[
+                ("Authorization", &gw.bearer()),
+                ("Content-Type", "application/json"),
+            ],
+            json!({"model": "chitin", "user": session, "messages": [{"role": "user", "content": text}]})
+                .to_string()
+                .as_bytes(),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+#[test]
+fn a_compaction_is_a_decided_model_call_span_of_its_turn() {
+    let collector = FakeCollector::start();
+    let (_rt, model) = fake(vec![
+        Step::text("a1"),
+        Step::text("a2"),
+        Step::text("SUMMARY-OF-EARLIER"),
+        Step::text("a3"),
+    ]);
+    let gw = Gw::start(
+        &config(
+            &model.base_url(),
+            &format!(
+                "[telemetry]\notlp_endpoint = \"{}\"\n",
+                collector.endpoint()
+            ),
+        )
+        .replacen("[agent]\n", "[agent]\ncontext_budget_tokens = 1024\n", 1),
+    );
+    let big = "x".repeat(1500);
+    chat_in(&gw, "compact-me", &format!("one {big}"));
+    chat_in(&gw, "compact-me", &format!("two {big}"));
+    let answer = chat_in(&gw, "compact-me", "three");
+    assert_eq!(answer["choices"][0]["message"]["content"], "a3", "{answer}");
+    assert_eq!(model.requests().len(), 4);
+
+    let spans = collector.wait_for(Duration::from_secs(60), |spans| {
+        spans.iter().filter(|s| s.name == "agent.turn").count() >= 3
+            && spans.iter().filter(|s| s.name == "model.call").count() >= 4
+    });
+    let compaction = one(&spans, "compaction call", |s| {
+        s.name == "model.call" && s.attr("chitin.purpose") == Some(&Attr::Str("compaction".into()))
+    });
+    let turn = one(&spans, "the third turn", |s| {
+        s.span_id == compaction.parent_span_id
+    });
+    assert_eq!(turn.name, "agent.turn");
+    assert_eq!(turn.trace_id, compaction.trace_id);
+    assert_eq!(int_attr(compaction, "gen_ai.usage.input_tokens"), 10);
+    assert_eq!(str_attr(compaction, "gen_ai.response.model"), "fake/m1");
+    // In that turn: the summary's model.call decision, then the answer's.
+    let decided = spans
+        .iter()
+        .filter(|s| {
+            s.name == "gate.decision"
+                && s.parent_span_id == turn.span_id
+                && s.attr("chitin.action") == Some(&Attr::Str("model.call".into()))
+        })
+        .count();
+    assert_eq!(
+        decided, 2,
+        "one decision for the summary, one for the answer"
+    );
+    let answer_call = one(&spans, "the third turn's answer", |s| {
+        s.name == "model.call"
+            && s.parent_span_id == turn.span_id
+            && s.attr("chitin.purpose") == Some(&Attr::Str("turn".into()))
+    });
+    assert_eq!(answer_call.trace_id, turn.trace_id);
+}
+
+#[test]
+fn a_tool_that_decides_for_itself_has_a_tool_run_span_under_its_turn() {
+    let collector = FakeCollector::start();
+    let (_rt, model) = fake(vec![
+        Step::tool_call("c1", "sessions_list", "{}"),
+        Step::text("listed"),
+    ]);
+    let gw = Gw::start(&config(
+        &model.base_url(),
+        &format!(
+            "[telemetry]\notlp_endpoint = \"{}\"\n",
+            collector.endpoint()
+        ),
+    ));
+    let answer = chat(&gw, "which sessions do I have?");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "listed",
+        "{answer}"
+    );
+    let spans = collector.wait_for(Duration::from_secs(60), |spans| {
+        spans.iter().any(|s| s.name == "tool.run")
+            && spans.iter().filter(|s| s.name == "model.call").count() >= 2
+    });
+    let turn = one(&spans, "turn", |s| s.name == "agent.turn");
+    let run = one(&spans, "tool run", |s| s.name == "tool.run");
+    assert_eq!(run.trace_id, turn.trace_id);
+    assert_eq!(run.parent_span_id, turn.span_id);
+    assert_eq!(str_attr(run, "chitin.tool"), "sessions_list");
+    assert_eq!(str_attr(run, "chitin.sandbox"), "none");
+    assert_eq!(str_attr(run, "chitin.outcome"), "ran");
+    assert!(int_attr(run, "chitin.duration_ms") >= 0);
+    // Its own decision (`session.read`) sits under the tool run.
+    let decision = one(&spans, "sessions decision", |s| {
+        s.name == "gate.decision" && s.parent_span_id == run.span_id
+    });
+    assert_eq!(str_attr(decision, "chitin.decision"), "allow");
+}
+
+const OTLP_TOKEN: &str = "otlp-collector-token-9c1e";
+
+#[test]
+fn the_collectors_credentials_come_from_the_secret_store_for_its_host_only() {
+    let collector =
+        FakeCollector::start_requiring("authorization", &format!("Bearer {OTLP_TOKEN}"));
+    let mut gw = Gw::start("");
+    set_secret(&gw, "otlp_token", OTLP_TOKEN, "127.0.0.1");
+    set_secret(&gw, "elsewhere", OTLP_TOKEN, "otel.example.com");
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    let base = std::fs::read_to_string(gw.home.join("chitin.toml")).unwrap();
+
+    // A secret whose audience does not name the collector's host: the gateway does not start.
+    std::fs::write(
+        gw.home.join("chitin.toml"),
+        format!(
+            "{base}\n[telemetry]\notlp_endpoint = \"{}\"\nheaders = {{ Authorization = \"Bearer secret:elsewhere\" }}\n",
+            collector.endpoint()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
+        .args(["gateway", "--bind", &format!("127.0.0.1:{}", gw.port)])
+        .env("CHITIN_HOME", &gw.home)
+        .env("CHITIN_PASSPHRASE", harness::PASS)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("[telemetry] headers `Authorization`"), "{err}");
+    assert!(
+        err.contains("chitin secrets set elsewhere --audience 127.0.0.1"),
+        "{err}"
+    );
+    assert!(!err.contains(OTLP_TOKEN), "{err}");
+
+    // The right secret: every export carries it, with the plain tenant header.
+    std::fs::write(
+        gw.home.join("chitin.toml"),
+        format!(
+            "{base}\n[telemetry]\notlp_endpoint = \"{}\"\nheaders = {{ Authorization = \"Bearer secret:otlp_token\", \"X-Scope-OrgID\" = \"team-a\" }}\n",
+            collector.endpoint()
+        ),
+    )
+    .unwrap();
+    gw.spawn();
+    assert_eq!(gw.get("/ready").status, 200);
+    let spans = collector.wait_for(Duration::from_secs(60), |s| {
+        s.iter().any(|s| s.name == "GET /ready")
+    });
+    assert!(!spans.is_empty());
+    assert!(collector.refused().is_empty(), "{:?}", collector.refused());
+    for h in collector.headers() {
+        assert_eq!(
+            h.get("authorization").map(String::as_str),
+            Some(format!("Bearer {OTLP_TOKEN}").as_str())
+        );
+        assert_eq!(h.get("x-scope-orgid").map(String::as_str), Some("team-a"));
+    }
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    // The release was decided and audited; the token itself is in no log.
+    let log = std::fs::read_to_string(gw.root.join("gateway.log")).unwrap();
+    assert!(!log.contains(OTLP_TOKEN));
+    let q = gw.chitin(&["audit", "query", "--kind", "secret_use", "--json"]);
+    let records: Value = serde_json::from_slice(&q.stdout).unwrap_or(Value::Null);
+    let released = records.as_array().into_iter().flatten().any(|r| {
+        r["actor"].as_str().is_some_and(|a| a.contains("telemetry"))
+            && r["resource"]
+                .as_str()
+                .is_some_and(|x| x.contains("otlp_token"))
+    });
+    assert!(released, "{}", String::from_utf8_lossy(&q.stdout));
 }

@@ -1036,6 +1036,48 @@ fn first_model(router: &Router) -> String {
         .unwrap_or_default()
 }
 
+/// The `model.call` span of one call to the model (`purpose`: `turn` or `compaction`).
+fn model_call_span(first_model: &str, purpose: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "model.call",
+        otel.kind = "client",
+        gen_ai.operation.name = "chat",
+        gen_ai.request.model = %first_model,
+        gen_ai.response.model = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        chitin.cost_usd = tracing::field::Empty,
+        chitin.purpose = purpose,
+        otel.status_code = tracing::field::Empty,
+    )
+}
+
+/// Records how a model call ended on its span (model, tokens, cost; never text).
+fn record_model_answer<E>(
+    span: &tracing::Span,
+    answer: &Result<crate::providers::ChatResponse, E>,
+) {
+    match answer {
+        Ok(r) => {
+            span.record("gen_ai.response.model", r.model.as_str());
+            span.record(
+                "gen_ai.usage.input_tokens",
+                i64::try_from(r.usage.input_tokens).unwrap_or(i64::MAX),
+            );
+            span.record(
+                "gen_ai.usage.output_tokens",
+                i64::try_from(r.usage.output_tokens).unwrap_or(i64::MAX),
+            );
+            if let Some(c) = r.cost_usd {
+                span.record("chitin.cost_usd", c);
+            }
+        }
+        Err(_) => {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
 /// Cedar's `model.call` decision for `u` in session `s` (budget included); `Some(reason)` when
 /// denied. Blocking (the audit record is durable before it returns).
 fn decide_model_call(
@@ -1700,40 +1742,12 @@ impl Run {
                 .first()
                 .map(ToString::to_string)
                 .unwrap_or_default();
-            let call_span = tracing::info_span!(
-                "model.call",
-                otel.kind = "client",
-                gen_ai.operation.name = "chat",
-                gen_ai.request.model = %first_model,
-                gen_ai.response.model = tracing::field::Empty,
-                gen_ai.usage.input_tokens = tracing::field::Empty,
-                gen_ai.usage.output_tokens = tracing::field::Empty,
-                chitin.cost_usd = tracing::field::Empty,
-                otel.status_code = tracing::field::Empty,
-            );
+            let call_span = model_call_span(&first_model, "turn");
             let answer = router
                 .chat(&req, &mut sink)
                 .instrument(call_span.clone())
                 .await;
-            match &answer {
-                Ok(r) => {
-                    call_span.record("gen_ai.response.model", r.model.as_str());
-                    call_span.record(
-                        "gen_ai.usage.input_tokens",
-                        i64::try_from(r.usage.input_tokens).unwrap_or(i64::MAX),
-                    );
-                    call_span.record(
-                        "gen_ai.usage.output_tokens",
-                        i64::try_from(r.usage.output_tokens).unwrap_or(i64::MAX),
-                    );
-                    if let Some(c) = r.cost_usd {
-                        call_span.record("chitin.cost_usd", c);
-                    }
-                }
-                Err(_) => {
-                    call_span.record("otel.status_code", "ERROR");
-                }
-            }
+            record_model_answer(&call_span, &answer);
             drop(call_span);
             let resp = match answer {
                 Ok(r) => {
@@ -1965,8 +1979,19 @@ impl Run {
             temperature: None,
             stream: false,
         };
+        // A summary is a model call like any other: decided by Cedar (budget included) first.
+        if self.check_model_call(&router).await?.is_some() {
+            return Ok(None);
+        }
         let mut sink = |_e: ProviderEvent| {};
-        let Ok(resp) = router.chat(&req, &mut sink).await else {
+        let call_span = model_call_span(&first_model(&router), "compaction");
+        let answer = router
+            .chat(&req, &mut sink)
+            .instrument(call_span.clone())
+            .await;
+        record_model_answer(&call_span, &answer);
+        drop(call_span);
+        let Ok(resp) = answer else {
             return Ok(None);
         };
         let upto = history[cut - 1].seq;

@@ -647,22 +647,31 @@ impl Hooks {
             Arc::clone(&self.clock),
             hook.cfg.clone(),
         );
-        tokio::spawn(async move {
-            let claimed = p.claimed || {
-                let (store, h, d) = (Arc::clone(&store), p.hook.clone(), p.delivery.clone());
-                tokio::task::spawn_blocking(move || claim_delivery(&store, &h, &d))
-                    .await
-                    .map_err(|e| e.to_string())
-                    .and_then(|r| r)
-                    .unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "webhook delivery could not be claimed");
-                        false
-                    })
-            };
-            if !claimed {
-                return;
-            }
-            let o = match cfg.target() {
+        // The workflow runs in the trace of the request that delivered it (none at a restart).
+        let span = tracing::info_span!(
+            "workflow.run",
+            chitin.hook = %p.hook,
+            chitin.delivery = %p.delivery,
+            chitin.outcome = tracing::field::Empty,
+        );
+        let task_span = span.clone();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let claimed = p.claimed || {
+                    let (store, h, d) = (Arc::clone(&store), p.hook.clone(), p.delivery.clone());
+                    tokio::task::spawn_blocking(move || claim_delivery(&store, &h, &d))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r)
+                        .unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "webhook delivery could not be claimed");
+                            false
+                        })
+                };
+                if !claimed {
+                    return;
+                }
+                let o = match cfg.target() {
                 Ok(Target::Workflow { file, args }) => {
                     let mut args = match args {
                         Value::Object(m) => m,
@@ -688,8 +697,11 @@ impl Hooks {
                     result: format!("the hook is misconfigured: {e}"),
                 },
             };
-            finish_delivery(store, clock, p.hook, p.delivery, o).await;
-        });
+                task_span.record("chitin.outcome", o.status);
+                finish_delivery(store, clock, p.hook, p.delivery, o).await;
+            },
+            span,
+        ));
     }
 
     /// Starts the workflow deliveries a stopped gateway acknowledged but did not finish

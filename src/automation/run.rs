@@ -221,8 +221,10 @@ impl Runner {
         };
         let (file, principal, origin) =
             (file.to_string(), principal.to_string(), origin.to_string());
+        // The steps' decisions and tool runs belong to the caller's trace.
+        let span = tracing::Span::current();
         let r = tokio::task::spawn_blocking(move || {
-            launcher.start(Path::new(&file), args, &principal, &origin)
+            span.in_scope(|| launcher.start(Path::new(&file), args, &principal, &origin))
         })
         .await;
         match r {

@@ -102,7 +102,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let redactor: logging::SharedRedactor =
         Arc::new(RwLock::new(crate::secrets::Redactor::empty()));
     // Kept until the gateway stops: dropping it sends the last spans.
-    let telemetry = logging::init(Arc::clone(&redactor), &config.telemetry)?;
+    let mut telemetry = logging::init(Arc::clone(&redactor), &config.telemetry)?;
 
     // A fresh machine: the same steps as `chitin init` (idempotent, never overwrites).
     if !globals.home.join("state.db").exists() || !globals.config_path.exists() {
@@ -159,6 +159,11 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let r = Arc::clone(&redactor);
     let gate = crate::gate::Gate::new(Arc::new(engine), audit)
         .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
+    // Spans queued since start are sent once the collector's headers are released.
+    if let Some(t) = telemetry.as_mut() {
+        let headers = super::credentials::telemetry_headers(&config.telemetry, &gate, &secrets)?;
+        t.start(headers)?;
+    }
     let store = Arc::new(crate::store::Store::open(&home.path("state.db"))?);
     super::report_migration(&store);
     let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;

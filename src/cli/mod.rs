@@ -5,6 +5,7 @@ pub use agent::{build_agent, router as model_router};
 mod approvals;
 mod audit;
 mod backup;
+mod credentials;
 mod cron;
 mod data;
 mod doctor;

@@ -88,44 +88,7 @@ fn credential(
     gate: &crate::gate::Gate,
     secrets: &crate::secrets::SecretStore,
 ) -> Result<Zeroizing<String>, BoxError> {
-    let name = match r {
-        SecretRef::Env(var) => {
-            return std::env::var(&var)
-                .map(|v| Zeroizing::new(v.trim().to_string()))
-                .map_err(|_| format!("{field}: the environment variable {var} is not set").into());
-        }
-        SecretRef::Secret(name) => name,
-    };
-    let mut context = Map::new();
-    context.insert("host".into(), json!(host));
-    let req = crate::policy::PolicyRequest {
-        principal: PRINCIPAL.parse()?,
-        action: crate::policy::Action::SecretUse.uid(),
-        resource: name.cedar_resource().parse()?,
-        context,
-    };
-    let extra: Vec<serde_json::Value> = secrets.cedar_entity(&name).into_iter().collect();
-    let refused = |why: &str| -> BoxError {
-        format!(
-            "{why}: secret.use by {PRINCIPAL} on secret {n} for host {host} ({field}); store it with `chitin secrets set {n} --audience {host}`",
-            n = name.as_str()
-        )
-        .into()
-    };
-    let authz = match gate.check_with_entities(&req, &extra)? {
-        crate::gate::Verdict::Allowed(a, _) => a,
-        crate::gate::Verdict::Denied(_) => return Err(refused("policy denied")),
-        crate::gate::Verdict::ApprovalRequired { .. } => {
-            return Err(refused(
-                "policy asks for an approval, which opening the database cannot wait for",
-            ));
-        }
-    };
-    let value = secrets.release(&authz, host, gate.audit().as_ref())?;
-    let text = value
-        .expose_str()
-        .ok_or_else(|| format!("secret {} is not UTF-8 text", name.as_str()))?;
-    Ok(Zeroizing::new(text.trim().to_string()))
+    super::credentials::release(PRINCIPAL, field, r, host, gate, secrets)
 }
 
 struct Opened {

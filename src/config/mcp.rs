@@ -153,11 +153,7 @@ pub fn header_secret<'a>(
     value: &'a str,
 ) -> Result<(&'a str, &'a str), String> {
     let lower = name.to_ascii_lowercase();
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
-    {
+    if !crate::config::secret_ref::is_header_name(name) {
         return Err(format!(
             "[[mcp.servers]] `{server}`: header `{}` is not a header name",
             name.escape_default()
@@ -168,24 +164,10 @@ pub fn header_secret<'a>(
             "[[mcp.servers]] `{server}`: header `{name}` is set by Chitin and cannot be configured"
         ));
     }
-    let (prefix, secret) = match value.strip_prefix("secret:") {
-        Some(s) => ("", s),
-        None => match value.split_once(' ') {
-            Some((scheme, rest))
-                if !scheme.is_empty()
-                    && scheme
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && rest.starts_with("secret:") =>
-            {
-                (&value[..=scheme.len()], &rest["secret:".len()..])
-            }
-            _ => {
-                return Err(format!(
-                    "[[mcp.servers]] `{server}`: header `{name}` must be \"secret:NAME\" or \"<Scheme> secret:NAME\" (e.g. \"Bearer secret:NAME\"); a credential is never written in chitin.toml"
-                ));
-            }
-        },
+    let Some((prefix, secret)) = crate::config::secret_ref::header_secret_parts(value) else {
+        return Err(format!(
+            "[[mcp.servers]] `{server}`: header `{name}` must be \"secret:NAME\" or \"<Scheme> secret:NAME\" (e.g. \"Bearer secret:NAME\"); a credential is never written in chitin.toml"
+        ));
     };
     if crate::config::secret_ref::SecretName::parse(secret).is_err() {
         return Err(format!(

@@ -108,6 +108,37 @@ impl<'de> Deserialize<'de> for CredentialField {
     }
 }
 
+/// A configured HTTP header that carries a secret: its value is `secret:NAME` or
+/// `<Scheme> secret:NAME` (e.g. `Bearer secret:NAME`). Returns the text sent before the
+/// secret (`""` or `"Bearer "`) and the secret's name; `None` when the value is neither (a
+/// credential is never written in `chitin.toml`).
+pub fn header_secret_parts(value: &str) -> Option<(&str, &str)> {
+    let (prefix, secret) = match value.strip_prefix("secret:") {
+        Some(s) => ("", s),
+        None => match value.split_once(' ') {
+            Some((scheme, rest))
+                if !scheme.is_empty()
+                    && scheme
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && rest.starts_with("secret:") =>
+            {
+                (&value[..=scheme.len()], &rest["secret:".len()..])
+            }
+            _ => return None,
+        },
+    };
+    Some((prefix, secret))
+}
+
+/// Whether `name` is an HTTP header name (an RFC 9110 token).
+pub fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -117,6 +148,21 @@ mod tests {
         reason = "tests"
     )]
     use super::*;
+
+    #[test]
+    fn a_header_secret_is_a_reference_with_an_optional_scheme() {
+        assert_eq!(header_secret_parts("secret:tok"), Some(("", "tok")));
+        assert_eq!(
+            header_secret_parts("Bearer secret:tok"),
+            Some(("Bearer ", "tok"))
+        );
+        assert_eq!(header_secret_parts("Bearer abc123"), None);
+        assert_eq!(header_secret_parts("abc123"), None);
+        assert_eq!(header_secret_parts("Be arer secret:x"), None);
+        assert!(is_header_name("X-Scope-OrgID"));
+        assert!(!is_header_name("bad name"));
+        assert!(!is_header_name(""));
+    }
 
     #[test]
     fn secret_and_env_references_parse() {

@@ -1,6 +1,10 @@
 //! The `[telemetry]` section of `chitin.toml`: OpenTelemetry traces over OTLP/HTTP.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
+
+use crate::config::secret_ref::{SecretName, header_secret_parts, is_header_name};
 
 /// Documentation and defaults for the `[telemetry]` section, written by `chitin init`.
 pub const TEMPLATE: &str = r#"
@@ -21,7 +25,52 @@ sample_ratio = 1.0
 # collector is slow or down, spans beyond this are dropped (never a slower turn) and counted in
 # the metric chitin_otlp_spans_dropped_total.
 queue_size = 2048
+# Headers sent with every export, e.g. the collector's credentials. A credential is never
+# written here: "secret:NAME" or "<Scheme> secret:NAME" names a secret of the store, released
+# at start by Cedar `secret.use` (principal Chitin::Gateway::"telemetry", host = the
+# endpoint's host, which must be in the secret's audience: `chitin secrets set NAME
+# --audience HOST`). Plain values only for headers that carry no credential (a tenant id).
+# The standard OTEL_EXPORTER_OTLP_HEADERS variable is honoured too.
+# headers = { Authorization = "Bearer secret:otlp_token", "X-Scope-OrgID" = "team-a" }
 "#;
+
+/// Headers the exporter sets itself.
+const RESERVED_HEADERS: [&str; 6] = [
+    "host",
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "connection",
+    "transfer-encoding",
+];
+
+/// Header names whose value is a credential: only a secret reference is accepted.
+fn credential_header(lower: &str) -> bool {
+    lower == "authorization"
+        || lower == "proxy-authorization"
+        || [
+            "key",
+            "token",
+            "secret",
+            "auth",
+            "password",
+            "cookie",
+            "signature",
+        ]
+        .iter()
+        .any(|w| lower.contains(w))
+}
+
+/// One configured export header: a plain value, or a secret to release.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderValue {
+    Plain(String),
+    /// Sent as `prefix` followed by the secret's value.
+    Secret {
+        prefix: String,
+        name: SecretName,
+    },
+}
 
 /// The `[telemetry]` section.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -31,6 +80,8 @@ pub struct TelemetryConfig {
     pub service_name: String,
     pub sample_ratio: f64,
     pub queue_size: usize,
+    /// Export headers, name → `secret:NAME`, `<Scheme> secret:NAME` or a plain value.
+    pub headers: BTreeMap<String, String>,
 }
 
 impl Default for TelemetryConfig {
@@ -40,6 +91,7 @@ impl Default for TelemetryConfig {
             service_name: "chitin".into(),
             sample_ratio: 1.0,
             queue_size: 2048,
+            headers: BTreeMap::new(),
         }
     }
 }
@@ -61,7 +113,28 @@ impl TelemetryConfig {
         ))
     }
 
+    /// The endpoint's host (lower case), the audience a header secret must name.
+    pub fn endpoint_host(&self) -> Option<String> {
+        reqwest::Url::parse(self.otlp_endpoint.trim())
+            .ok()?
+            .host_str()
+            .map(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            })
+    }
+
+    /// The configured headers, parsed (after [`TelemetryConfig::validate`]).
+    pub fn parsed_headers(&self) -> Result<Vec<(String, HeaderValue)>, String> {
+        self.headers
+            .iter()
+            .map(|(k, v)| parse_header(k, v).map(|h| (k.clone(), h)))
+            .collect()
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        self.parsed_headers()?;
         let e = self.otlp_endpoint.trim();
         if !e.is_empty() {
             // Never quote the value: a mistyped line could hold a credential.
@@ -96,6 +169,41 @@ impl TelemetryConfig {
         }
         Ok(())
     }
+}
+
+fn parse_header(name: &str, value: &str) -> Result<HeaderValue, String> {
+    let lower = name.to_ascii_lowercase();
+    if !is_header_name(name) {
+        return Err(format!(
+            "[telemetry] headers: `{}` is not a header name",
+            name.escape_default()
+        ));
+    }
+    if RESERVED_HEADERS.contains(&lower.as_str()) {
+        return Err(format!(
+            "[telemetry] headers: `{name}` is set by the exporter and cannot be configured"
+        ));
+    }
+    if let Some((prefix, secret)) = header_secret_parts(value) {
+        let name_ok = SecretName::parse(secret)
+            .map_err(|_| format!("[telemetry] headers: `{name}` names an invalid secret"))?;
+        return Ok(HeaderValue::Secret {
+            prefix: prefix.to_string(),
+            name: name_ok,
+        });
+    }
+    // Never quote the value: it could be a mistyped credential.
+    if credential_header(&lower) {
+        return Err(format!(
+            "[telemetry] headers: `{name}` carries a credential and must be \"secret:NAME\" or \"<Scheme> secret:NAME\" (e.g. \"Bearer secret:otlp_token\"); store it with `chitin secrets set NAME --audience <collector host>`"
+        ));
+    }
+    if value.is_empty() || value.chars().any(char::is_control) || value.len() > 1024 {
+        return Err(format!(
+            "[telemetry] headers: `{name}` must be 1-1024 characters without control characters"
+        ));
+    }
+    Ok(HeaderValue::Plain(value.to_string()))
 }
 
 #[cfg(test)]
@@ -166,5 +274,62 @@ mod tests {
         assert!(e.contains("service_name"), "{e}");
         let e = parse("[telemetry]\nendpoint = \"x\"\n").unwrap_err();
         assert!(e.contains("endpoint"), "{e}");
+    }
+
+    #[test]
+    fn export_headers_take_secret_references_and_plain_values_only_where_no_credential_goes() {
+        let c = parse(
+            "[telemetry]\notlp_endpoint = \"http://Collector.Example:4318\"\nheaders = { Authorization = \"Bearer secret:otlp_token\", \"X-Scope-OrgID\" = \"team-a\", x-api-key = \"secret:k\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.endpoint_host().as_deref(), Some("collector.example"));
+        let h = c.parsed_headers().unwrap();
+        assert_eq!(
+            h,
+            vec![
+                (
+                    "Authorization".to_string(),
+                    HeaderValue::Secret {
+                        prefix: "Bearer ".into(),
+                        name: SecretName::parse("otlp_token").unwrap()
+                    }
+                ),
+                (
+                    "X-Scope-OrgID".to_string(),
+                    HeaderValue::Plain("team-a".into())
+                ),
+                (
+                    "x-api-key".to_string(),
+                    HeaderValue::Secret {
+                        prefix: String::new(),
+                        name: SecretName::parse("k").unwrap()
+                    }
+                ),
+            ]
+        );
+        for (line, want) in [
+            (
+                "headers = { Authorization = \"Bearer sk-CANARY\" }",
+                "carries a credential",
+            ),
+            (
+                "headers = { X-Api-Token = \"sk-CANARY\" }",
+                "carries a credential",
+            ),
+            (
+                "headers = { Content-Type = \"secret:x\" }",
+                "set by the exporter",
+            ),
+            ("headers = { \"bad name\" = \"v\" }", "not a header name"),
+            ("headers = { X-Tenant = \"\" }", "1-1024 characters"),
+            (
+                "headers = { Authorization = \"secret:\" }",
+                "invalid secret",
+            ),
+        ] {
+            let e = parse(&format!("[telemetry]\n{line}\n")).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+            assert!(!e.contains("CANARY"), "{e}");
+        }
     }
 }

@@ -160,9 +160,10 @@ fn traced(
         Err(_) => "error",
     };
     span.record("chitin.outcome", outcome);
+    // An i64, as the built-in tools' runs record it (OTLP has no unsigned integers).
     span.record(
         "chitin.duration_ms",
-        u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
     );
     if result.is_err() {
         span.record("otel.status_code", "ERROR");

@@ -841,16 +841,21 @@ impl Runner {
             .with_cancel(cancel.clone())
             .with_prompt_marks(PromptMarks::new(Arc::clone(&inner.p.store)).for_run(&f.row.id));
         let (t, a) = (tool.to_string(), args.clone());
+        // The step's decision and run in the trace of whatever started the workflow.
+        let span =
+            tracing::info_span!("workflow.step", chitin.step = %step_id, chitin.tool = %tool);
         let result = tokio::task::spawn_blocking(move || {
-            crate::tools::invoke::invoke_step(
-                &inner.p.gate,
-                &sandbox,
-                &call,
-                Some(&step),
-                &t,
-                &a,
-                Some(&inner.approvals),
-            )
+            span.in_scope(|| {
+                crate::tools::invoke::invoke_step(
+                    &inner.p.gate,
+                    &sandbox,
+                    &call,
+                    Some(&step),
+                    &t,
+                    &a,
+                    Some(&inner.approvals),
+                )
+            })
         })
         .await
         .map_err(|e| StepErr::Fatal(format!("the tool call's task failed: {e}")))?;
@@ -1326,7 +1331,8 @@ impl Runner {
             context: c,
         };
         let gate = self.0.p.gate.clone();
-        let verdict = tokio::task::spawn_blocking(move || gate.check(&req))
+        let span = tracing::Span::current();
+        let verdict = tokio::task::spawn_blocking(move || span.in_scope(|| gate.check(&req)))
             .await
             .map_err(|e| StepErr::Fatal(e.to_string()))?
             .map_err(|e| StepErr::Fatal(e.to_string()))?;

@@ -62,6 +62,10 @@ struct Received {
     bodies: Vec<Vec<u8>>,
     requests: usize,
     refused: Vec<String>,
+    /// The headers of every request (names lower-cased).
+    headers: Vec<BTreeMap<String, String>>,
+    /// A header every export must carry (name lower-cased, value), else 401.
+    required: Option<(String, String)>,
 }
 
 pub struct FakeCollector {
@@ -91,9 +95,22 @@ fn attrs(kvs: &[KeyValue]) -> BTreeMap<String, Attr> {
 impl FakeCollector {
     /// Listens on 127.0.0.1 (a free port) and serves until the test process ends.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// A collector that answers 401 to an export without header `name: value` (as a collector
+    /// behind an authenticating proxy does).
+    pub fn start_requiring(name: &str, value: &str) -> Self {
+        Self::start_with(Some((name.to_ascii_lowercase(), value.to_string())))
+    }
+
+    fn start_with(required: Option<(String, String)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(Received::default()));
+        let state = Arc::new(Mutex::new(Received {
+            required,
+            ..Received::default()
+        }));
         let st = Arc::clone(&state);
         std::thread::spawn(move || {
             for conn in listener.incoming() {
@@ -122,6 +139,11 @@ impl FakeCollector {
     /// How many HTTP requests arrived (any path).
     pub fn requests(&self) -> usize {
         self.state.lock().unwrap().requests
+    }
+
+    /// The headers of every request received (names lower-cased).
+    pub fn headers(&self) -> Vec<BTreeMap<String, String>> {
+        self.state.lock().unwrap().headers.clone()
     }
 
     /// Requests that were not a well-formed OTLP/HTTP protobuf export, and why.
@@ -189,7 +211,14 @@ fn serve(conn: TcpStream, st: &Mutex<Received>) {
         let mut g = st.lock().unwrap();
         g.requests += 1;
         g.bodies.push(body.clone());
-        let problem = if request_line != "POST /v1/traces HTTP/1.1" {
+        g.headers.push(headers.clone());
+        let unauthorized = g
+            .required
+            .as_ref()
+            .is_some_and(|(k, v)| headers.get(k) != Some(v));
+        let problem = if unauthorized {
+            Some("401: the required header is missing or wrong".to_string())
+        } else if request_line != "POST /v1/traces HTTP/1.1" {
             Some(format!("unexpected request line {request_line:?}"))
         } else if headers.get("content-type").map(String::as_str) != Some("application/x-protobuf")
         {
@@ -226,7 +255,10 @@ fn serve(conn: TcpStream, st: &Mutex<Received>) {
                 Err(e) => Some(format!("not an ExportTraceServiceRequest: {e}")),
             }
         };
-        let status = if let Some(p) = problem {
+        let status = if unauthorized {
+            g.refused.push(problem.unwrap_or_default());
+            "401 Unauthorized"
+        } else if let Some(p) = problem {
             g.refused.push(p);
             "400 Bad Request"
         } else {
