@@ -51,18 +51,22 @@ pub const NOT_PORTED: &[&str] = &[
     "channels::pairing",
     "cli::status",
     "gateway",
-    "lifecycle::backup",
-    "lifecycle::erase",
-    "lifecycle::export",
-    "lifecycle::retention",
     "mcp::pins",
-    "tools::memory",
     "tools::prompt_guard",
     "workflow_runner::store",
 ];
 
 /// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)"];
+pub const PORTED: &[&str] = &[
+    "approvals",
+    "agent::transcripts",
+    "store (meta)",
+    "lifecycle::backup",
+    "lifecycle::erase",
+    "lifecycle::export",
+    "lifecycle::retention",
+    "tools::memory",
+];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {
