@@ -347,10 +347,17 @@ impl MemoryIndex {
         Ok(())
     }
 
-    /// On PostgreSQL, serializes the index updates of one subject across replicas for the
-    /// rest of the transaction (SQLite's one connection already does).
+    /// Serializes the index updates of one subject for the rest of the transaction: on
+    /// PostgreSQL across replicas (an advisory lock); on SQLite the transaction takes the write
+    /// lock before it reads (a no-op write first, waiting for another connection's writer as
+    /// an immediate transaction would).
     fn lock_subject(c: &mut chitin_store::Conn<'_>, subject: &str) -> Result<(), MemoryError> {
-        if c.dialect() == Dialect::Postgres {
+        if c.dialect() == Dialect::Sqlite {
+            c.execute(
+                "UPDATE memory_cursor SET last_message_id = last_message_id WHERE subject = ?1",
+                params![subject],
+            )?;
+        } else {
             let h = chitin_audit::sha256(format!("chitin-memory-index\0{subject}").as_bytes());
             let mut b = [0u8; 8];
             b.copy_from_slice(&h[..8]);
