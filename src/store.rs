@@ -42,11 +42,6 @@ pub const NOT_PORTED: &[&str] = &[
     "automation::hooks",
     "automation::jobs",
     "gateway",
-    "lifecycle::backup",
-    "lifecycle::erase",
-    "lifecycle::export",
-    "lifecycle::retention",
-    "tools::memory",
     "workflow_runner::store",
 ];
 
@@ -66,6 +61,11 @@ pub const PORTED: &[&str] = &[
     "cli::status",
     "mcp::pins",
     "tools::prompt_guard",
+    "lifecycle::backup",
+    "lifecycle::erase",
+    "lifecycle::export",
+    "lifecycle::retention",
+    "tools::memory",
 ];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.

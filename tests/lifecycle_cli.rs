@@ -245,3 +245,96 @@ fn the_lifecycle_commands_work_end_to_end_and_a_restored_state_verifies() {
     );
     drop(_t);
 }
+
+/// `chitin backup create` and `chitin backup restore` with `[store] backend = "postgres"`:
+/// the backup holds the database's rows, and a restore puts them back into the database.
+#[test]
+fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
+    let h = harness_on(chitin::store::Dialect::Postgres);
+    let now = chitin::clock::Clock::now_ms(&chitin::clock::SystemClock);
+    h.clock.set(now);
+    session(&h, "s-a", ALICE, "alice", now, Some("sum"));
+    message(
+        &h,
+        "s-a",
+        ALICE,
+        1,
+        "user",
+        "transcript",
+        now,
+        "pg canary 5151",
+    );
+    let pg = h.pg.as_ref().unwrap().config();
+    let url = h.pg.as_ref().unwrap().url().to_string();
+    let home = h.home.clone();
+    let parent = home.parent().unwrap().to_path_buf();
+    let H {
+        _t,
+        lc,
+        gate,
+        pg: test_pg,
+        ..
+    } = h;
+    lc.audit.shutdown().unwrap();
+    drop((lc, gate));
+
+    let id = parent.join("backup-id.txt");
+    let o = chitin(&home, &["backup", "keygen", "--out", id.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", out(&o));
+    let recipient = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    let cfg = format!(
+        "{}\n[backup]\nrecipient = \"{recipient}\"\nidentity = \"{}\"\n\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\n",
+        home::TEST_SECRETS_CONFIG,
+        id.display()
+    );
+    std::fs::write(home.join("chitin.toml"), cfg).unwrap();
+    let file = parent.join("pg.age");
+    let o = chitin(
+        &home,
+        &["backup", "create", "--out", file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    // The archive's state.db is the PostgreSQL database's snapshot.
+    let opened = chitin::lifecycle::backup::open(
+        &file,
+        &chitin::lifecycle::backup::load_identity(&id).unwrap(),
+    )
+    .unwrap();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::write(t.path().join("state.db"), &opened.members["state.db"][..]).unwrap();
+    let snap = chitin::store::Db::sqlite_unmigrated(&t.path().join("state.db")).unwrap();
+    let n = |db: &chitin::store::Db| {
+        db.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM messages WHERE session_key = 's-a'",
+                chitin::store::params![],
+            )?
+            .get::<i64>(0)
+        })
+        .unwrap()
+    };
+    assert_eq!(n(&snap), 1);
+
+    // The rows are lost; the restore brings them back into the database.
+    let db = chitin::store::Db::postgres(&pg).unwrap();
+    db.with(|c| c.execute("DELETE FROM messages", chitin::store::params![]))
+        .unwrap();
+    assert_eq!(n(&db), 0);
+    let o = chitin(
+        &home,
+        &["backup", "restore", file.to_str().unwrap(), "--yes"],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(out(&o).contains("rows into postgres://"), "{}", out(&o));
+    assert_eq!(n(&db), 1);
+    // Nothing of it was put in the state directory as a SQLite file.
+    assert!(
+        !home.join("state.db").exists() || {
+            let s = chitin::store::Db::sqlite_unmigrated(&home.join("state.db")).unwrap();
+            n(&s) == 0
+        }
+    );
+    let o = chitin(&home, &["audit", "verify"]);
+    assert!(o.status.success(), "{}", out(&o));
+    drop(test_pg);
+}

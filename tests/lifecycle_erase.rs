@@ -11,8 +11,32 @@
 mod lifecycle_support;
 
 use chitin::lifecycle::{self, LifecycleError, backup, erase, retention};
+use chitin::store::Dialect;
 use chitin::vault::{Subject, Vault, VaultError};
 use lifecycle_support::*;
+
+/// Runs each named test (`fn name(d: Dialect)`) on SQLite and on a fresh PostgreSQL database.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin::store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin::store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    the_erasure_receipt_names_no_subject_and_the_chain_verifies,
+    erasing_twice_succeeds_and_the_second_time_finds_nothing,
+    a_dry_run_lists_what_would_go_and_changes_nothing,
+    a_subject_under_legal_hold_is_not_erased,
+);
 use serde_json::json;
 
 const CANARIES: [&str; 4] = [
@@ -237,9 +261,8 @@ fn after_erase_no_file_and_no_earlier_backup_yields_the_canaries() {
     );
 }
 
-#[test]
-fn the_erasure_receipt_names_no_subject_and_the_chain_verifies() {
-    let h = harness();
+fn the_erasure_receipt_names_no_subject_and_the_chain_verifies(d: Dialect) {
+    let h = harness_on(d);
     let (alice, _) = seed(&h);
     let s = Subject::parse(&alice).unwrap();
     let r = erase::erase(&h.lc, &s, "Chitin::User::\"owner\"", false).unwrap();
@@ -254,9 +277,8 @@ fn the_erasure_receipt_names_no_subject_and_the_chain_verifies() {
     assert!(audit_verifies(&h.home).starts_with("ok: "));
 }
 
-#[test]
-fn erasing_twice_succeeds_and_the_second_time_finds_nothing() {
-    let h = harness();
+fn erasing_twice_succeeds_and_the_second_time_finds_nothing(d: Dialect) {
+    let h = harness_on(d);
     let (alice, _) = seed(&h);
     let s = Subject::parse(&alice).unwrap();
     erase::erase(&h.lc, &s, "op", false).unwrap();
@@ -266,9 +288,8 @@ fn erasing_twice_succeeds_and_the_second_time_finds_nothing() {
     audit_verifies(&h.home);
 }
 
-#[test]
-fn a_dry_run_lists_what_would_go_and_changes_nothing() {
-    let h = harness();
+fn a_dry_run_lists_what_would_go_and_changes_nothing(d: Dialect) {
+    let h = harness_on(d);
     let (alice, _) = seed(&h);
     let s = Subject::parse(&alice).unwrap();
     let head = h.lc.audit.reader().unwrap().head().unwrap();
@@ -291,9 +312,8 @@ fn a_dry_run_lists_what_would_go_and_changes_nothing() {
     assert_eq!(h.lc.audit.reader().unwrap().head().unwrap(), head);
 }
 
-#[test]
-fn a_subject_under_legal_hold_is_not_erased() {
-    let h = harness();
+fn a_subject_under_legal_hold_is_not_erased(d: Dialect) {
+    let h = harness_on(d);
     let (alice, _) = seed(&h);
     let s = Subject::parse(&alice).unwrap();
     retention::hold(&h.lc, &s, "court order", "op").unwrap();

@@ -13,8 +13,30 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 
 use chitin::lifecycle::export;
+use chitin::store::Dialect;
 use chitin::vault::Subject;
 use lifecycle_support::*;
+
+/// Runs each named test (`fn name(d: Dialect)`) on SQLite and on a fresh PostgreSQL database.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin::store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin::store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else,
+    an_identity_subject_exports_its_own_rows,
+);
 use serde_json::{Value, json};
 
 const BOB_SECRET: &str = "bob-private-text-99x";
@@ -122,9 +144,8 @@ fn lines(files: &BTreeMap<String, Vec<u8>>, name: &str) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else() {
-    let h = harness();
+fn the_export_holds_every_item_of_the_subject_and_nothing_of_anyone_else(d: Dialect) {
+    let h = harness_on(d);
     let s = seed(&h);
     let out = h.home.parent().unwrap().join("alice-export.tar");
     let counts = export::export(&h.lc, &Subject::parse(&s.alice).unwrap(), &out, "op").unwrap();
@@ -285,9 +306,8 @@ fn the_audit_part_verifies_and_each_kind_of_tamper_fails() {
     );
 }
 
-#[test]
-fn an_identity_subject_exports_its_own_rows() {
-    let h = harness();
+fn an_identity_subject_exports_its_own_rows(d: Dialect) {
+    let h = harness_on(d);
     seed(&h);
     let ident = Subject::parse("Chitin::Identity::\"telegram:12345\"").unwrap();
     let (files, counts) = export::collect(&h.lc, &ident).unwrap();

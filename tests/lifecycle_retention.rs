@@ -12,8 +12,33 @@ mod lifecycle_support;
 
 use chitin::config::retention::{Period, RetentionConfig};
 use chitin::lifecycle::retention;
+use chitin::store::Dialect;
 use chitin::vault::Subject;
 use lifecycle_support::*;
+
+/// Runs each named test (`fn name(d: Dialect)`) on SQLite and on a fresh PostgreSQL database.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin::store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin::store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untouched,
+    each_run_writes_one_audit_record_with_counts_and_time_ranges_never_content,
+    a_held_subject_survives_retention_and_goes_after_release,
+    a_dry_run_counts_but_changes_and_records_nothing,
+    retention_fires_once_per_tick_across_two_replicas,
+);
 use serde_json::json;
 
 fn cfg() -> RetentionConfig {
@@ -139,9 +164,8 @@ fn seed(h: &H) -> (String, i64, i64) {
     (alice, old_audit, young_audit)
 }
 
-#[test]
-fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untouched() {
-    let h = harness();
+fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untouched(d: Dialect) {
+    let h = harness_on(d);
     let (alice, old_audit, young_audit) = seed(&h);
     let r = retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
     let by = |c: &str| r.classes.iter().find(|x| x.class == c).unwrap().clone();
@@ -196,13 +220,14 @@ fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untou
     );
     let body: Vec<u8> =
         h.lc.store
-            .conn()
-            .unwrap()
-            .query_row(
-                "SELECT body FROM messages WHERE seq = 3 AND session_key = 's-young'",
-                [],
-                |r| r.get(0),
-            )
+            .db()
+            .with(|c| {
+                c.query_row(
+                    "SELECT body FROM messages WHERE seq = 3 AND session_key = 's-young'",
+                    chitin::store::params![],
+                )?
+                .get(0)
+            })
             .unwrap();
     assert!(contains(
         &h.lc.vault.open(&alice, &body).unwrap(),
@@ -229,9 +254,8 @@ fn data_older_than_its_retention_is_gone_after_one_run_and_younger_data_is_untou
     assert!(again.classes.iter().all(|c| c.deleted == 0), "{again:?}");
 }
 
-#[test]
-fn each_run_writes_one_audit_record_with_counts_and_time_ranges_never_content() {
-    let h = harness();
+fn each_run_writes_one_audit_record_with_counts_and_time_ranges_never_content(d: Dialect) {
+    let h = harness_on(d);
     seed(&h);
     let r = retention::run(&h.lc, &cfg(), "retention:test", false).unwrap();
     let seq = r.audit_seq.unwrap();
@@ -254,9 +278,8 @@ fn each_run_writes_one_audit_record_with_counts_and_time_ranges_never_content() 
     }
 }
 
-#[test]
-fn a_held_subject_survives_retention_and_goes_after_release() {
-    let h = harness();
+fn a_held_subject_survives_retention_and_goes_after_release(d: Dialect) {
+    let h = harness_on(d);
     let (alice, _, _) = seed(&h);
     let s = Subject::parse(&alice).unwrap();
     assert!(retention::hold(&h.lc, &s, "litigation 2026-17", "Chitin::User::\"owner\"").unwrap());
@@ -311,9 +334,8 @@ fn a_held_subject_survives_retention_and_goes_after_release() {
     assert_eq!(count(&h, "SELECT COUNT(*) FROM messages"), 2);
 }
 
-#[test]
-fn a_dry_run_counts_but_changes_and_records_nothing() {
-    let h = harness();
+fn a_dry_run_counts_but_changes_and_records_nothing(d: Dialect) {
+    let h = harness_on(d);
     seed(&h);
     let before = h.lc.audit.reader().unwrap().head().unwrap();
     let r = retention::run(&h.lc, &cfg(), "retention:test", true).unwrap();
@@ -550,4 +572,65 @@ fn messages_retention_deletes_are_gone_from_the_agents_cached_history() {
         })
         .collect();
     assert_eq!(texts, vec!["young words"]);
+}
+
+/// Two gateways on one database (two `Store`s: on PostgreSQL two pools, on SQLite two
+/// connections) ticking at the same instant: one of them runs retention, once.
+fn retention_fires_once_per_tick_across_two_replicas(d: Dialect) {
+    use chitin::lifecycle::{Lifecycle, schedule};
+    let h = harness_on(d);
+    seed(&h);
+    let replica = Lifecycle {
+        store: second_store(&h),
+        ..h.lc.clone()
+    };
+    let config = chitin::config::Config {
+        retention: RetentionConfig {
+            interval_minutes: 60,
+            ..cfg()
+        },
+        ..Default::default()
+    };
+    let runs = |h: &H| {
+        let mut n = 0;
+        h.lc.audit
+            .reader()
+            .unwrap()
+            .for_each_from(1, |r| {
+                n += usize::from(r.action == "retention.run");
+                true
+            })
+            .unwrap();
+        n
+    };
+    for round in 1..=3 {
+        let barrier = std::sync::Barrier::new(2);
+        let (a, b) = std::thread::scope(|s| {
+            let t1 = s.spawn(|| {
+                barrier.wait();
+                schedule::tick(&h.lc, &config)
+            });
+            let t2 = s.spawn(|| {
+                barrier.wait();
+                schedule::tick(&replica, &config)
+            });
+            (t1.join().unwrap(), t2.join().unwrap())
+        });
+        let ran: Vec<_> = [a.retention, b.retention].into_iter().flatten().collect();
+        assert_eq!(ran.len(), 1, "round {round}: {ran:?}");
+        assert!(ran[0].is_ok(), "{ran:?}");
+        assert_eq!(runs(&h), round);
+        // Nothing more is due within the hour, on either replica.
+        h.clock.advance(59 * 60_000);
+        assert!(schedule::tick(&replica, &config).retention.is_none());
+        assert!(schedule::tick(&h.lc, &config).retention.is_none());
+        h.clock.advance(60_000);
+    }
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM messages WHERE session_key = 's-old'"
+        ),
+        0
+    );
 }

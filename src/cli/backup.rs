@@ -284,10 +284,11 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             }
             backup::recipient(&rt.config.backup.recipient)?;
             let audit = rt.gate.audit();
+            let store = configured_store(&rt)?;
             let spin = super::progress::spinner("creating the backup");
             let m = backup::create(
                 &globals.home,
-                &rt.store,
+                &store,
                 audit,
                 &rt.config.backup.recipient,
                 &out,
@@ -386,9 +387,14 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
                 return Ok(ExitCode::from(1));
             }
+            // With `[store] backend = "postgres"` the backup's state.db is not put in the state
+            // directory: it is staged, erased again there, then copied into the database in
+            // one transaction just before the restore is committed.
+            let postgres = config.store.backend == crate::config::store::Backend::Postgres;
+            let except: &[&str] = if postgres { &["state.db"] } else { &[] };
             let bar = super::progress::bar(0, "restoring");
             let restoring =
-                match backup::restore_with_progress(&verified, &globals.home, &mut |done, total| {
+                match backup::restore_files(&verified, &globals.home, except, &mut |done, total| {
                     bar.set_length(total);
                     bar.set_position(done);
                 }) {
@@ -410,8 +416,22 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // committed: if any of this fails, `restoring` puts every file back when dropped
             // (after the databases opened on the restored files are closed).
             let restored = restoring.restored().clone();
+            let staging = if postgres {
+                Some(backup::scratch_dir(&globals.home, "restore-db")?)
+            } else {
+                None
+            };
             let again = {
-                let (rt, lc) = super::data::open_lifecycle(globals)?;
+                let (rt, mut lc) = super::data::open_lifecycle(globals)?;
+                let staged = match &staging {
+                    Some(dir) => {
+                        let path = backup::stage_state(&verified, dir.path())?;
+                        let state = std::sync::Arc::new(crate::store::Store::open(&path)?);
+                        lc.store = std::sync::Arc::clone(&state);
+                        Some(state)
+                    }
+                    None => None,
+                };
                 let operator = crate::skills_host::user_uid(config.operator());
                 lc.audit.append(chitin_audit::RecordInput::admin(
                     operator.as_str(),
@@ -426,13 +446,37 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                     &lc,
                     report.created_ms,
                     &operator,
-                );
+                )
+                .and_then(|again| {
+                    // Last: the database gets the backup's rows (erased again) all at once.
+                    if let Some(state) = &staged {
+                        let pg =
+                            super::store::pg_config(&config.store, &rt.gate, &rt.secrets.read())
+                                .map_err(|e| LifecycleError::Backup(e.to_string()))?;
+                        let target = crate::store::Db::postgres(&pg)?;
+                        let bar = super::progress::bar(0, "copying into PostgreSQL");
+                        let copied = backup::restore_into_postgres(state, &target, &mut |d, t| {
+                            bar.set_length(t);
+                            bar.set_position(d);
+                        });
+                        bar.finish_and_clear();
+                        let copied = copied?;
+                        println!(
+                            "copied {} rows into {}",
+                            copied.iter().map(|(_, n)| *n).sum::<i64>(),
+                            target.location()
+                        );
+                    }
+                    Ok(again)
+                });
+                drop(staged);
                 let shut = lc.audit.shutdown();
                 drop((lc, rt));
                 let again = again?;
                 shut?;
                 again
             };
+            drop(staging);
             let restored = restoring.commit();
             println!(
                 "restored {} files from {} (created {})",
@@ -466,4 +510,18 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The configured state store: the runtime's, or PostgreSQL when `[store] backend =
+/// "postgres"` and the runtime opened SQLite (its credentials released through the gate).
+fn configured_store(
+    rt: &super::Runtime,
+) -> Result<std::sync::Arc<crate::store::Store>, super::BoxError> {
+    if rt.config.store.backend == crate::config::store::Backend::Postgres
+        && rt.store.db().dialect() == crate::store::Dialect::Sqlite
+    {
+        let pg = super::store::pg_config(&rt.config.store, &rt.gate, &rt.secrets.read())?;
+        return Ok(std::sync::Arc::new(crate::store::Store::postgres(&pg)?));
+    }
+    Ok(std::sync::Arc::clone(&rt.store))
 }

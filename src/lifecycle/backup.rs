@@ -205,9 +205,7 @@ fn build(
     audit.checkpoint_now()?;
     let tmp = TempDir::new(home, "backup")?;
     let state_snap = tmp.0.join("state.db");
-    store
-        .conn()?
-        .execute("VACUUM INTO ?1", [state_snap.to_string_lossy().as_ref()])?;
+    snapshot_state(store, &state_snap)?;
     let audit_snap = tmp.0.join("audit.db");
     let audit_last_seq = {
         let c = rusqlite::Connection::open_with_flags(
@@ -285,6 +283,58 @@ fn build(
     }
     let plain = Zeroizing::new(tar.into_inner().map_err(werr)?);
     Ok((plain, manifest))
+}
+
+/// Writes a consistent snapshot of the state store to the new SQLite file `out`: SQLite with
+/// `VACUUM INTO`; PostgreSQL copied table by table inside one `REPEATABLE READ, READ ONLY`
+/// transaction (`chitin_store::copy::postgres_to_sqlite`), so a backup of a PostgreSQL
+/// deployment carries the same `state.db` member as any other and restores onto either
+/// backend.
+pub fn snapshot_state(store: &Store, out: &Path) -> Result<(), LifecycleError> {
+    match store.db().dialect() {
+        crate::store::Dialect::Sqlite => {
+            let c = store
+                .db()
+                .sqlite_connection()
+                .ok_or_else(|| LifecycleError::Backup("no SQLite connection".into()))??;
+            c.execute("VACUUM INTO ?1", [out.to_string_lossy().as_ref()])?;
+        }
+        crate::store::Dialect::Postgres => {
+            chitin_store::copy::postgres_to_sqlite(store.db(), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the backup's `state.db` to `dir/state.db` (a new 0600 file), for a restore onto
+/// PostgreSQL: the erasures made since the backup are applied to it there
+/// ([`super::erase::reapply_after_restore`] on a store opened on it), then
+/// [`restore_into_postgres`] copies it into the database.
+pub fn stage_state(verified: &Verified, dir: &Path) -> Result<PathBuf, LifecycleError> {
+    let b = verified
+        .opened
+        .members
+        .get("state.db")
+        .ok_or_else(|| LifecycleError::Backup("the backup holds no state.db".into()))?;
+    let path = dir.join("state.db");
+    write_new(&path, b)?;
+    Ok(path)
+}
+
+/// Replaces every row of the PostgreSQL `target` with the rows of the (staged, migrated)
+/// SQLite `state`, in one PostgreSQL transaction: all of it or, on any error, none of it.
+/// Returns the tables copied with their row counts.
+pub fn restore_into_postgres(
+    state: &Store,
+    target: &crate::store::Db,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<chitin_store::copy::Copied, LifecycleError> {
+    Ok(chitin_store::copy::sqlite_to_postgres(
+        state.db(),
+        target,
+        true,
+        progress,
+    )?)
 }
 
 /// Parses the configured recipient, or says how to make one.
@@ -802,6 +852,17 @@ pub fn restore_with_progress(
     home: &Path,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restoring, LifecycleError> {
+    restore_files(verified, home, &[], progress)
+}
+
+/// [`restore_with_progress`] leaving out the members named in `except` (with a PostgreSQL
+/// store, `state.db` goes into the database instead: [`restore_into_postgres`]).
+pub fn restore_files(
+    verified: &Verified,
+    home: &Path,
+    except: &[&str],
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Restoring, LifecycleError> {
     let opened = &verified.opened;
     let lock = GatewayLock::acquire(home)?;
     let work = TempDir::new(home, "restore")?;
@@ -811,6 +872,7 @@ pub fn restore_with_progress(
         .members
         .iter()
         .filter(|(p, _)| !(keep_live_keys && p.as_str() == VAULT_FILE))
+        .filter(|(p, _)| !except.contains(&p.as_str()))
         .collect();
     let total = u64::try_from(members.len() * 2).unwrap_or(u64::MAX);
     let mut done = 0u64;
@@ -832,7 +894,12 @@ pub fn restore_with_progress(
         _lock: lock,
     };
     // The live database's WAL goes aside with it (it may hold committed transactions).
-    for f in ["state.db-wal", "state.db-shm"] {
+    let state_wal: &[&str] = if except.contains(&"state.db") {
+        &[]
+    } else {
+        &["state.db-wal", "state.db-shm"]
+    };
+    for f in state_wal {
         let from = home.join(f);
         let to = old_dir.join(f);
         std::fs::DirBuilder::new()

@@ -5,8 +5,8 @@
 //! The receipt and the start record name the subject only by [`super::subject_digest`]; the
 //! counts and times are all they carry.
 
+use crate::store::params;
 use chitin_audit::RecordInput;
-use rusqlite::params;
 use serde::Serialize;
 use serde_json::json;
 
@@ -60,11 +60,12 @@ pub struct EraseReport {
 }
 
 fn count(
-    conn: &rusqlite::Connection,
+    conn: &mut chitin_store::Conn<'_>,
     sql: &str,
-    p: impl rusqlite::Params,
-) -> Result<u64, rusqlite::Error> {
-    conn.query_row(sql, p, |r| r.get::<_, i64>(0))
+    p: &[&dyn chitin_store::ToValue],
+) -> Result<u64, chitin_store::Error> {
+    conn.query_row(sql, p)?
+        .get::<i64>(0)
         .map(|n| u64::try_from(n).unwrap_or(0))
 }
 
@@ -88,70 +89,69 @@ pub fn plan(lc: &Lifecycle, subject: &Subject) -> Result<ErasePlan, LifecycleErr
     let s = subject.to_string();
     let user = subject.user_id().unwrap_or("");
     let is_user = subject.user_id().is_some();
-    let mut p = {
-        let conn = lc.store.conn()?;
-        ErasePlan {
+    let mut p = lc.store.db().with(|conn| {
+        Ok::<_, chitin_store::Error>(ErasePlan {
             messages: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM messages WHERE subject = ?1",
-                [&s],
+                params![s],
             )?,
             sessions: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM sessions WHERE subject = ?1",
-                [&s],
+                params![s],
             )?,
-            runs: count(&conn, "SELECT COUNT(*) FROM runs WHERE subject = ?1", [&s])?,
-            usage: count(&conn, "SELECT COUNT(*) FROM usage WHERE subject = ?1", [&s])?,
+            runs: count(conn, "SELECT COUNT(*) FROM runs WHERE subject = ?1", params![s])?,
+            usage: count(conn, "SELECT COUNT(*) FROM usage WHERE subject = ?1", params![s])?,
             approvals_requested: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM approvals WHERE ?2 AND requester = ?1",
                 params![user, is_user],
             )?,
             approvals_resolved: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM approvals WHERE ?2 AND resolved_by = ?1 AND requester <> ?1",
                 params![user, is_user],
             )?,
             audit_payloads: 0,
             data_key: false,
             chat_messages: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM channel_events WHERE subject = ?1",
-                [&s],
+                params![s],
             )?,
             chat_pairings: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM managed_entities WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
             cron_jobs: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM cron_jobs WHERE ?2 AND user_id = ?1 AND source IN ('cli', 'agent')",
                 params![user, is_user],
             )?,
             account_user: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM account_users WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
             api_tokens: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM api_tokens WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
             web_sessions: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM web_sessions WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
             devices: count(
-                &conn,
+                conn,
                 "SELECT COUNT(*) FROM devices WHERE ?2 AND user_id = ?1",
                 params![user, is_user],
             )?,
-        }
-    };
+        })
+    })?;
     p.audit_payloads = u64::try_from(audit_seqs(lc, subject)?.len()).unwrap_or(0);
     p.data_key = lc.vault.has_key(&s)?;
     Ok(p)
@@ -210,9 +210,7 @@ fn erase_with(
     // destroy; anything sealed with the destroyed key is swept by the purge below.
     // (After a restore, the key the subject has now was made after the erasure: keep it.)
     let key_destroyed = destroy_key && lc.vault.destroy(&s)?;
-    {
-        let mut conn = lc.store.conn()?;
-        let tx = conn.transaction()?;
+    lc.store.db().tx(|tx| {
         // The memory index too: its documents (and, by trigger, their index terms), its key
         // and cursor.
         for table in [
@@ -224,27 +222,27 @@ fn erase_with(
             "memory_index_keys",
             "memory_cursor",
         ] {
-            tx.execute(&format!("DELETE FROM {table} WHERE subject = ?1"), [&s])?;
+            tx.execute(&format!("DELETE FROM {table} WHERE subject = ?1"), params![s])?;
         }
         // Workflow runs (their steps and pauses first: they hang off the run).
         for table in ["workflow_steps", "workflow_pauses"] {
             tx.execute(
                 &format!("DELETE FROM {table} WHERE run_id IN (SELECT id FROM workflow_runs WHERE subject = ?1)"),
-                [&s],
+                params![s],
             )?;
         }
-        tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", [&s])?;
+        tx.execute("DELETE FROM workflow_runs WHERE subject = ?1", params![s])?;
         // What their workflows kept (`state.set`) and their webhook deliveries' stored bodies.
-        tx.execute("DELETE FROM workflow_state WHERE subject = ?1", [&s])?;
+        tx.execute("DELETE FROM workflow_state WHERE subject = ?1", params![s])?;
         tx.execute(
             "UPDATE hook_deliveries SET body = NULL, status = CASE WHEN status IN ('accepted', 'started') THEN 'failed' ELSE status END,
                     result = CASE WHEN status IN ('accepted', 'started') THEN 'erased before it started' ELSE result END
              WHERE subject = ?1 AND body IS NOT NULL",
-            [&s],
+            params![s],
         )?;
         // Chat: the messages they sent, the identities paired to them (and the pairing
         // requests naming them), the jobs they added and those jobs' firings.
-        tx.execute("DELETE FROM channel_events WHERE subject = ?1", [&s])?;
+        tx.execute("DELETE FROM channel_events WHERE subject = ?1", params![s])?;
         tx.execute(
             "DELETE FROM managed_entities WHERE ?2 AND user_id = ?1",
             params![user, is_user],
@@ -288,8 +286,8 @@ fn erase_with(
                 params![s, is_user],
             )?;
         }
-        tx.commit()?;
-    }
+        Ok::<_, chitin_store::Error>(())
+    })?;
     purge_erased_blobs(lc)?;
     let seqs = audit_seqs(lc, subject)?;
     for seq in &seqs {
@@ -298,7 +296,7 @@ fn erase_with(
     // The rows are gone and the key is destroyed whatever happens next; a busy database (a
     // long reader in another process) only defers the rebuild: say so in the receipt rather
     // than fail without one. secure_delete has already zeroed the freed cells.
-    let state_ok = super::scrub(&*lc.store.conn()?).unwrap_or(false);
+    let state_ok = super::scrub_store(&lc.store).unwrap_or(false);
     let audit_ok = super::scrub_audit_db(&lc.audit.paths().db).unwrap_or(false);
     report.wal_truncated = state_ok && audit_ok;
     let receipt = lc.audit.append(RecordInput::admin(
@@ -322,32 +320,27 @@ fn erase_with(
 /// content is unreadable anyway), so an erasure made after the backup stays an erasure.
 /// Returns how many rows went.
 pub fn purge_erased_blobs(lc: &Lifecycle) -> Result<u64, LifecycleError> {
-    let mut gone = 0u64;
-    let mut conn = lc.store.conn()?;
-    let tx = conn.transaction()?;
-    for (table, key, col) in [("messages", "id", "body"), ("sessions", "key", "summary")] {
-        let mut doomed: Vec<rusqlite::types::Value> = Vec::new();
-        {
-            let mut st = tx.prepare(&format!(
-                "SELECT {key}, {col} FROM {table} WHERE {col} IS NOT NULL"
-            ))?;
-            let mut rows = st.query([])?;
-            while let Some(r) = rows.next()? {
+    let gone = lc.store.db().tx(|tx| {
+        let mut gone = 0u64;
+        for (table, key, col) in [("messages", "id", "body"), ("sessions", "key", "summary")] {
+            let mut doomed: Vec<chitin_store::Value> = Vec::new();
+            for r in tx.query_all(
+                &format!("SELECT {key}, {col} FROM {table} WHERE {col} IS NOT NULL"),
+                params![],
+            )? {
                 let blob: Vec<u8> = r.get(1)?;
                 if lc.vault.is_erased_blob(&blob).unwrap_or(false) {
                     doomed.push(r.get(0)?);
                 }
             }
+            for k in doomed {
+                gone += tx.execute(&format!("DELETE FROM {table} WHERE {key} = ?1"), params![k])?;
+            }
         }
-        for k in doomed {
-            gone +=
-                u64::try_from(tx.execute(&format!("DELETE FROM {table} WHERE {key} = ?1"), [k])?)
-                    .unwrap_or(0);
-        }
-    }
-    tx.commit()?;
+        Ok::<_, chitin_store::Error>(gone)
+    })?;
     if gone > 0 {
-        super::scrub(&conn)?;
+        super::scrub_store(&lc.store)?;
     }
     Ok(gone)
 }
@@ -368,8 +361,7 @@ pub struct Reapplied {
 /// resources.
 fn known_subjects(lc: &Lifecycle) -> Result<std::collections::BTreeSet<Subject>, LifecycleError> {
     let mut texts = std::collections::BTreeSet::new();
-    {
-        let conn = lc.store.conn()?;
+    lc.store.db().with(|conn| {
         for sql in [
             "SELECT DISTINCT subject FROM messages",
             "SELECT DISTINCT subject FROM sessions",
@@ -378,18 +370,18 @@ fn known_subjects(lc: &Lifecycle) -> Result<std::collections::BTreeSet<Subject>,
             "SELECT DISTINCT subject FROM workflow_runs",
             "SELECT subject FROM holds",
         ] {
-            let mut st = conn.prepare(sql)?;
-            for s in st.query_map([], |r| r.get::<_, String>(0))? {
-                texts.insert(s?);
+            for r in conn.query_all(sql, params![])? {
+                texts.insert(r.get::<String>(0)?);
             }
         }
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT requester FROM approvals UNION SELECT resolved_by FROM approvals WHERE resolved_by IS NOT NULL",
-        )?;
-        for u in st.query_map([], |r| r.get::<_, String>(0))? {
-            texts.insert(format!("Chitin::User::\"{}\"", u?));
+            params![],
+        )? {
+            texts.insert(format!("Chitin::User::\"{}\"", r.get::<String>(0)?));
         }
-    }
+        Ok::<_, chitin_store::Error>(())
+    })?;
     lc.audit.reader()?.for_each_from(1, |r| {
         texts.insert(r.actor);
         texts.insert(r.resource);

@@ -8,8 +8,8 @@ use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::store::params;
 use chitin_audit::{Checkpoint, PublicKey, Record, RecordInput};
-use rusqlite::params;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -107,139 +107,128 @@ pub fn collect(
     let is_user = subject.user_id().is_some();
     let mut counts = ExportCounts::default();
     let mut files = BTreeMap::new();
-    let (sessions, messages, runs, usage, approvals, holds) = {
-        let conn = lc.store.conn()?;
+    let (sessions, messages, runs, usage, approvals, holds) = lc.store.db().with(|conn| {
         let mut sessions = Vec::new();
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT key, user_id, channel, created_ms, updated_ms, tainted, summary, summary_seq
              FROM sessions WHERE subject = ?1 ORDER BY created_ms, key",
-        )?;
-        let mut rows = st.query([&s])?;
-        while let Some(r) = rows.next()? {
+            params![s],
+        )? {
             let summary: Option<Vec<u8>> = r.get(6)?;
             sessions.push(json!({
-                "key": r.get::<_, String>(0)?,
-                "user_id": r.get::<_, String>(1)?,
-                "channel": r.get::<_, String>(2)?,
-                "created_ms": r.get::<_, i64>(3)?,
-                "updated_ms": r.get::<_, i64>(4)?,
-                "tainted": r.get::<_, i64>(5)? != 0,
+                "key": r.get::<String>(0)?,
+                "user_id": r.get::<String>(1)?,
+                "channel": r.get::<String>(2)?,
+                "created_ms": r.get::<i64>(3)?,
+                "updated_ms": r.get::<i64>(4)?,
+                "tainted": r.get::<i64>(5)? != 0,
                 "summary": summary.map(|b| opened(lc, &s, &b, &mut counts)),
-                "summary_seq": r.get::<_, i64>(7)?,
+                "summary_seq": r.get::<i64>(7)?,
             }));
         }
-        drop(rows);
         let mut messages = Vec::new();
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT id, session_key, run_id, seq, role, class, created_ms, size, body
              FROM messages WHERE subject = ?1 ORDER BY session_key, seq",
-        )?;
-        let mut rows = st.query([&s])?;
-        while let Some(r) = rows.next()? {
+            params![s],
+        )? {
             let body: Vec<u8> = r.get(8)?;
             messages.push(json!({
-                "id": r.get::<_, i64>(0)?,
-                "session_key": r.get::<_, String>(1)?,
-                "run_id": r.get::<_, Option<String>>(2)?,
-                "seq": r.get::<_, i64>(3)?,
-                "role": r.get::<_, String>(4)?,
-                "class": r.get::<_, String>(5)?,
-                "created_ms": r.get::<_, i64>(6)?,
-                "size": r.get::<_, i64>(7)?,
+                "id": r.get::<i64>(0)?,
+                "session_key": r.get::<String>(1)?,
+                "run_id": r.get::<Option<String>>(2)?,
+                "seq": r.get::<i64>(3)?,
+                "role": r.get::<String>(4)?,
+                "class": r.get::<String>(5)?,
+                "created_ms": r.get::<i64>(6)?,
+                "size": r.get::<i64>(7)?,
                 "body": opened(lc, &s, &body, &mut counts),
             }));
         }
-        drop(rows);
         let mut runs = Vec::new();
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT id, session_key, user_id, status, created_ms, updated_ms, finished_ms, steps,
                     model, input_tokens, output_tokens, cost_usd, approval_id, error
              FROM runs WHERE subject = ?1 ORDER BY created_ms, id",
-        )?;
-        let mut rows = st.query([&s])?;
-        while let Some(r) = rows.next()? {
+            params![s],
+        )? {
             runs.push(json!({
-                "id": r.get::<_, String>(0)?,
-                "session_key": r.get::<_, String>(1)?,
-                "user_id": r.get::<_, String>(2)?,
-                "status": r.get::<_, String>(3)?,
-                "created_ms": r.get::<_, i64>(4)?,
-                "updated_ms": r.get::<_, i64>(5)?,
-                "finished_ms": r.get::<_, Option<i64>>(6)?,
-                "steps": r.get::<_, i64>(7)?,
-                "model": r.get::<_, Option<String>>(8)?,
-                "input_tokens": r.get::<_, i64>(9)?,
-                "output_tokens": r.get::<_, i64>(10)?,
-                "cost_usd": r.get::<_, f64>(11)?,
-                "approval_id": r.get::<_, Option<String>>(12)?,
-                "error": r.get::<_, Option<String>>(13)?,
+                "id": r.get::<String>(0)?,
+                "session_key": r.get::<String>(1)?,
+                "user_id": r.get::<String>(2)?,
+                "status": r.get::<String>(3)?,
+                "created_ms": r.get::<i64>(4)?,
+                "updated_ms": r.get::<i64>(5)?,
+                "finished_ms": r.get::<Option<i64>>(6)?,
+                "steps": r.get::<i64>(7)?,
+                "model": r.get::<Option<String>>(8)?,
+                "input_tokens": r.get::<i64>(9)?,
+                "output_tokens": r.get::<i64>(10)?,
+                "cost_usd": r.get::<f64>(11)?,
+                "approval_id": r.get::<Option<String>>(12)?,
+                "error": r.get::<Option<String>>(13)?,
             }));
         }
-        drop(rows);
         let mut usage = Vec::new();
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT id, at_ms, user_id, session_key, run_id, model, tool, input_tokens,
                     output_tokens, cost_usd
              FROM usage WHERE subject = ?1 ORDER BY at_ms, id",
-        )?;
-        let mut rows = st.query([&s])?;
-        while let Some(r) = rows.next()? {
+            params![s],
+        )? {
             usage.push(json!({
-                "id": r.get::<_, i64>(0)?,
-                "at_ms": r.get::<_, i64>(1)?,
-                "user_id": r.get::<_, String>(2)?,
-                "session_key": r.get::<_, String>(3)?,
-                "run_id": r.get::<_, String>(4)?,
-                "model": r.get::<_, String>(5)?,
-                "tool": r.get::<_, Option<String>>(6)?,
-                "input_tokens": r.get::<_, i64>(7)?,
-                "output_tokens": r.get::<_, i64>(8)?,
-                "cost_usd": r.get::<_, Option<f64>>(9)?,
+                "id": r.get::<i64>(0)?,
+                "at_ms": r.get::<i64>(1)?,
+                "user_id": r.get::<String>(2)?,
+                "session_key": r.get::<String>(3)?,
+                "run_id": r.get::<String>(4)?,
+                "model": r.get::<String>(5)?,
+                "tool": r.get::<Option<String>>(6)?,
+                "input_tokens": r.get::<i64>(7)?,
+                "output_tokens": r.get::<i64>(8)?,
+                "cost_usd": r.get::<Option<f64>>(9)?,
             }));
         }
-        drop(rows);
         let mut approvals = Vec::new();
-        let mut st = conn.prepare(
+        for r in conn.query_all(
             "SELECT id, requester, session, tool, summary, args_json, status, created_ms,
                     expires_ms, resolved_by, resolved_ms, used_ms
              FROM approvals WHERE ?2 AND (requester = ?1 OR resolved_by = ?1)
              ORDER BY created_ms, id",
-        )?;
-        let mut rows = st.query(params![user, is_user])?;
-        while let Some(r) = rows.next()? {
+            params![user, is_user],
+        )? {
             let requester: String = r.get(1)?;
             let resolved_by: Option<String> = r.get(9)?;
             if requester == user {
                 let args: String = r.get(5)?;
                 approvals.push(json!({
                     "role": "requester",
-                    "id": r.get::<_, String>(0)?,
-                    "session": r.get::<_, String>(2)?,
-                    "tool": r.get::<_, String>(3)?,
-                    "summary": r.get::<_, String>(4)?,
+                    "id": r.get::<String>(0)?,
+                    "session": r.get::<String>(2)?,
+                    "tool": r.get::<String>(3)?,
+                    "summary": r.get::<String>(4)?,
                     "args": serde_json::from_str::<Value>(&args).unwrap_or(Value::String(args)),
-                    "status": r.get::<_, String>(6)?,
-                    "created_ms": r.get::<_, i64>(7)?,
-                    "expires_ms": r.get::<_, i64>(8)?,
+                    "status": r.get::<String>(6)?,
+                    "created_ms": r.get::<i64>(7)?,
+                    "expires_ms": r.get::<i64>(8)?,
                     "resolved_by_you": resolved_by.as_deref() == Some(user),
-                    "resolved_ms": r.get::<_, Option<i64>>(10)?,
-                    "used_ms": r.get::<_, Option<i64>>(11)?,
+                    "resolved_ms": r.get::<Option<i64>>(10)?,
+                    "used_ms": r.get::<Option<i64>>(11)?,
                 }));
             } else {
                 approvals.push(json!({
                     "role": "approver",
-                    "id": r.get::<_, String>(0)?,
-                    "tool": r.get::<_, String>(3)?,
-                    "status": r.get::<_, String>(6)?,
-                    "resolved_ms": r.get::<_, Option<i64>>(10)?,
+                    "id": r.get::<String>(0)?,
+                    "tool": r.get::<String>(3)?,
+                    "status": r.get::<String>(6)?,
+                    "resolved_ms": r.get::<Option<i64>>(10)?,
                 }));
             }
         }
-        drop(rows);
-        let holds: Option<Value> = super::retention::hold_of_conn(&conn, &s)?
+        let holds: Option<Value> = super::retention::hold_of_conn(conn, &s)?
             .map(|h| json!({"reason": h.reason, "created_ms": h.created_ms}));
-        (sessions, messages, runs, usage, approvals, holds)
-    };
+        Ok::<_, LifecycleError>((sessions, messages, runs, usage, approvals, holds))
+    })?;
     counts.sessions = n(sessions.len());
     counts.messages = n(messages.len());
     counts.runs = n(runs.len());

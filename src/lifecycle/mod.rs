@@ -38,6 +38,8 @@ use crate::vault::{Subject, Vault, VaultError};
 pub enum LifecycleError {
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("state database: {0}")]
+    Db(#[from] chitin_store::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("audit log: {0}; nothing was deleted or written")]
@@ -127,6 +129,57 @@ pub fn scrub(conn: &Connection) -> Result<bool, rusqlite::Error> {
     conn.execute_batch("VACUUM;")?;
     let busy: i64 = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
     Ok(busy == 0)
+}
+
+/// The tables retention and erasure delete from (what [`scrub_store`] vacuums on PostgreSQL).
+const DELETED_FROM: &[&str] = &[
+    "messages",
+    "sessions",
+    "runs",
+    "usage",
+    "approvals",
+    "memory_docs",
+    "memory_fts",
+    "memory_terms",
+    "memory_index_keys",
+    "memory_cursor",
+    "workflow_runs",
+    "workflow_steps",
+    "workflow_pauses",
+    "workflow_state",
+    "hook_deliveries",
+    "channel_events",
+    "channel_outbox",
+    "pairing_requests",
+    "managed_entities",
+    "cron_jobs",
+    "cron_firings",
+    "api_tokens",
+    "web_sessions",
+    "devices",
+    "account_users",
+];
+
+/// [`scrub`] for the state store on either backend. SQLite: rebuilt, WAL truncated.
+/// PostgreSQL has no `secure_delete` and no WAL of ours to truncate: the tables deleted from
+/// are `VACUUM`ed, so the dead rows' space is reclaimed for reuse (their bytes stay in the
+/// pages until overwritten; the database belongs on encrypted storage, `docs/storage.md`).
+/// Returns false when the rebuild could not be done now.
+pub fn scrub_store(store: &Store) -> Result<bool, LifecycleError> {
+    let db = store.db();
+    match db.dialect() {
+        crate::store::Dialect::Sqlite => {
+            let c = db
+                .sqlite_connection()
+                .ok_or_else(|| LifecycleError::Backup("no SQLite connection".into()))??;
+            Ok(scrub(&c)?)
+        }
+        crate::store::Dialect::Postgres => {
+            let list = DELETED_FROM.join(", ");
+            db.with(|c| c.execute_batch(&format!("VACUUM {list}")))?;
+            Ok(true)
+        }
+    }
 }
 
 /// Scrubs the audit database (after payload removals): its own connection, `secure_delete`,

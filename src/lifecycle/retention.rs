@@ -8,8 +8,9 @@
 
 use std::collections::BTreeSet;
 
+use crate::store::params;
 use chitin_audit::{Kind, RecordInput};
-use rusqlite::{OptionalExtension, params};
+use chitin_store::{Conn, ToValue};
 use serde::Serialize;
 use serde_json::json;
 
@@ -59,43 +60,41 @@ pub struct Hold {
 
 /// The subjects under legal hold.
 pub fn holds(lc: &Lifecycle) -> Result<Vec<Hold>, LifecycleError> {
-    let conn = lc.store.conn()?;
-    let mut st =
-        conn.prepare("SELECT subject, reason, created_ms, created_by FROM holds ORDER BY subject")?;
-    let rows = st.query_map([], |r| {
-        Ok(Hold {
-            subject: r.get(0)?,
-            reason: r.get(1)?,
-            created_ms: r.get(2)?,
-            created_by: r.get(3)?,
-        })
-    })?;
-    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    lc.store.db().with(|c| {
+        c.query_map(
+            "SELECT subject, reason, created_ms, created_by FROM holds ORDER BY subject",
+            params![],
+            hold_row,
+        )
+    })
 }
 
 /// The hold on `subject`, if any.
 pub fn hold_of(lc: &Lifecycle, subject: &Subject) -> Result<Option<Hold>, LifecycleError> {
-    let conn = lc.store.conn()?;
-    Ok(hold_of_conn(&conn, &subject.to_string())?)
+    lc.store
+        .db()
+        .with(|c| hold_of_conn(c, &subject.to_string()))
+}
+
+fn hold_row(r: &chitin_store::Row) -> Result<Hold, LifecycleError> {
+    Ok(Hold {
+        subject: r.get(0)?,
+        reason: r.get(1)?,
+        created_ms: r.get(2)?,
+        created_by: r.get(3)?,
+    })
 }
 
 pub(crate) fn hold_of_conn(
-    conn: &rusqlite::Connection,
+    conn: &mut Conn<'_>,
     subject: &str,
-) -> Result<Option<Hold>, rusqlite::Error> {
-    conn.query_row(
+) -> Result<Option<Hold>, LifecycleError> {
+    conn.query_opt(
         "SELECT subject, reason, created_ms, created_by FROM holds WHERE subject = ?1",
-        [subject],
-        |r| {
-            Ok(Hold {
-                subject: r.get(0)?,
-                reason: r.get(1)?,
-                created_ms: r.get(2)?,
-                created_by: r.get(3)?,
-            })
-        },
-    )
-    .optional()
+        params![subject],
+    )?
+    .map(|r| hold_row(&r))
+    .transpose()
 }
 
 /// Puts `subject` under legal hold (audited first). Returns false if it already was (the
@@ -112,12 +111,13 @@ pub fn hold(
         RecordInput::new(Kind::Retention, actor, "retention.hold", s.clone())
             .with_payload(json!({ "reason": reason, "already_held": existed })),
     )?;
-    let conn = lc.store.conn()?;
-    conn.execute(
-        "INSERT INTO holds (subject, reason, created_ms, created_by) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT(subject) DO UPDATE SET reason = excluded.reason",
-        params![s, reason, lc.clock.now_ms(), actor],
-    )?;
+    lc.store.db().with(|c| {
+        c.execute(
+            "INSERT INTO holds (subject, reason, created_ms, created_by) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(subject) DO UPDATE SET reason = excluded.reason",
+            params![s, reason, lc.clock.now_ms(), actor],
+        )
+    })?;
     Ok(!existed)
 }
 
@@ -129,8 +129,9 @@ pub fn release(lc: &Lifecycle, subject: &Subject, actor: &str) -> Result<bool, L
         RecordInput::new(Kind::Retention, actor, "retention.release", s.clone())
             .with_payload(json!({ "was_held": existed })),
     )?;
-    let conn = lc.store.conn()?;
-    conn.execute("DELETE FROM holds WHERE subject = ?1", [s])?;
+    lc.store
+        .db()
+        .with(|c| c.execute("DELETE FROM holds WHERE subject = ?1", params![s]))?;
     Ok(existed)
 }
 
@@ -163,17 +164,16 @@ struct Plan {
 }
 
 fn range(
-    conn: &rusqlite::Connection,
+    conn: &mut Conn<'_>,
     sql: &str,
-    p: impl rusqlite::Params,
-) -> Result<(u64, Option<i64>, Option<i64>), rusqlite::Error> {
-    conn.query_row(sql, p, |r| {
-        Ok((
-            u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
-            r.get(1)?,
-            r.get(2)?,
-        ))
-    })
+    p: &[&dyn ToValue],
+) -> Result<(u64, Option<i64>, Option<i64>), chitin_store::Error> {
+    let r = conn.query_row(sql, p)?;
+    Ok((
+        u64::try_from(r.get::<i64>(0)?).unwrap_or(0),
+        r.get(1)?,
+        r.get(2)?,
+    ))
 }
 
 fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, LifecycleError> {
@@ -192,58 +192,59 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
     let mut deliveries = Vec::new();
     let mut audit_seqs = Vec::new();
     let (mut sessions, mut runs) = (0, 0);
-    let conn = lc.store.conn()?;
-    for (class, period) in cfg.classes() {
-        let cutoff = period.cutoff(now);
-        let mut rep = ClassReport {
-            class,
-            cutoff_ms: cutoff,
-            deleted: 0,
-            oldest_ms: None,
-            newest_ms: None,
-            held: 0,
-        };
-        let Some(cutoff) = cutoff else {
-            classes.push(rep);
-            continue;
-        };
-        match class {
-            "transcripts" | "tool_output" | "attachments" => {
-                let mclass = match class {
-                    "transcripts" => "transcript",
-                    "attachments" => "attachment",
-                    other => other,
-                };
-                (rep.deleted, rep.oldest_ms, rep.newest_ms) = range(
-                    &conn,
-                    &format!(
-                        "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM messages
+    lc.store.db().with(|conn| -> Result<(), LifecycleError> {
+        for (class, period) in cfg.classes() {
+            let cutoff = period.cutoff(now);
+            let mut rep = ClassReport {
+                class,
+                cutoff_ms: cutoff,
+                deleted: 0,
+                oldest_ms: None,
+                newest_ms: None,
+                held: 0,
+            };
+            let Some(cutoff) = cutoff else {
+                classes.push(rep);
+                continue;
+            };
+            match class {
+                "transcripts" | "tool_output" | "attachments" => {
+                    let mclass = match class {
+                        "transcripts" => "transcript",
+                        "attachments" => "attachment",
+                        other => other,
+                    };
+                    (rep.deleted, rep.oldest_ms, rep.newest_ms) = range(
+                        conn,
+                        &format!(
+                            "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM messages
                          WHERE class = ?1 AND created_ms < ?2 AND {NOT_HELD}"
-                    ),
-                    params![mclass, cutoff],
-                )?;
-                rep.held = range(
-                    &conn,
+                        ),
+                        params![mclass, cutoff],
+                    )?;
+                    rep.held = range(
+                    conn,
                     "SELECT COUNT(*), NULL, NULL FROM messages WHERE class = ?1 AND created_ms < ?2
                      AND subject IN (SELECT subject FROM holds)",
                     params![mclass, cutoff],
                 )?
                 .0;
-                if class == "transcripts" {
-                    runs = range(
-                        &conn,
-                        &format!(
-                            "SELECT COUNT(*), NULL, NULL FROM runs WHERE updated_ms < ?1
+                    if class == "transcripts" {
+                        runs = range(
+                            conn,
+                            &format!(
+                                "SELECT COUNT(*), NULL, NULL FROM runs WHERE updated_ms < ?1
                              AND status IN {TERMINAL_RUNS} AND {NOT_HELD}"
-                        ),
-                        params![cutoff],
-                    )?
-                    .0;
-                    // Sessions idle since the cutoff with no message left after this run.
-                    let c = |p: crate::config::retention::Period| p.cutoff(now).unwrap_or(i64::MIN);
-                    sessions = range(
-                        &conn,
-                        &format!(
+                            ),
+                            params![cutoff],
+                        )?
+                        .0;
+                        // Sessions idle since the cutoff with no message left after this run.
+                        let c =
+                            |p: crate::config::retention::Period| p.cutoff(now).unwrap_or(i64::MIN);
+                        sessions = range(
+                            conn,
+                            &format!(
                             "SELECT COUNT(*), NULL, NULL FROM sessions s WHERE s.updated_ms < ?1
                              AND s.{NOT_HELD} AND NOT EXISTS (SELECT 1 FROM messages m
                                WHERE m.session_key = s.key AND NOT (
@@ -251,183 +252,178 @@ fn plan(lc: &Lifecycle, cfg: &RetentionConfig, now: i64) -> Result<Plan, Lifecyc
                                 OR (m.class = 'tool_output' AND m.created_ms < ?3)
                                 OR (m.class = 'attachment' AND m.created_ms < ?4)))"
                         ),
-                        params![
-                            cutoff,
-                            c(cfg.transcripts),
-                            c(cfg.tool_output),
-                            c(cfg.attachments)
-                        ],
-                    )?
-                    .0;
+                            params![
+                                cutoff,
+                                c(cfg.transcripts),
+                                c(cfg.tool_output),
+                                c(cfg.attachments)
+                            ],
+                        )?
+                        .0;
+                    }
                 }
-            }
-            "chat" => {
-                let events = range(
-                    &conn,
-                    &format!(
+                "chat" => {
+                    let events = range(
+                        conn,
+                        &format!(
                         "SELECT COUNT(*), MIN(received_ms), MAX(received_ms) FROM channel_events
                          WHERE received_ms < ?1 AND {CHAT_NOT_HELD}"
                     ),
-                    params![cutoff],
-                )?;
-                rep.held = range(
-                    &conn,
-                    "SELECT COUNT(*), NULL, NULL FROM channel_events WHERE received_ms < ?1
+                        params![cutoff],
+                    )?;
+                    rep.held = range(
+                        conn,
+                        "SELECT COUNT(*), NULL, NULL FROM channel_events WHERE received_ms < ?1
                      AND subject IN (SELECT subject FROM holds)",
-                    params![cutoff],
-                )?
-                .0;
-                let outbox = range(
-                    &conn,
-                    &format!(
-                        "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM channel_outbox
+                        params![cutoff],
+                    )?
+                    .0;
+                    let outbox = range(
+                        conn,
+                        &format!(
+                            "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM channel_outbox
                          WHERE created_ms < ?1 AND {CHAT_OUTBOX_DONE}"
-                    ),
-                    params![cutoff],
-                )?;
-                let pairings = range(
-                    &conn,
-                    &format!(
+                        ),
+                        params![cutoff],
+                    )?;
+                    let pairings = range(
+                        conn,
+                        &format!(
                         "SELECT COUNT(*), MIN(created_ms), MAX(created_ms) FROM pairing_requests
                          WHERE created_ms < ?1 AND {CHAT_PAIRING_DONE}"
                     ),
-                    params![cutoff],
-                )?;
-                rep.deleted = events.0 + outbox.0 + pairings.0;
-                let times = [events, outbox, pairings];
-                rep.oldest_ms = times.iter().filter_map(|t| t.1).min();
-                rep.newest_ms = times.iter().filter_map(|t| t.2).max();
-            }
-            "approvals" => {
-                let mut st = conn.prepare(
-                    "SELECT id, requester, created_ms FROM approvals WHERE created_ms < ?1
-                     AND (status IN ('denied', 'expired', 'used') OR expires_ms < ?2)",
-                )?;
-                let rows = st.query_map(params![cutoff, now], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (id, requester, created) = row?;
-                    if held_users.contains(&requester) {
-                        rep.held += 1;
-                        continue;
-                    }
-                    rep.deleted += 1;
-                    rep.oldest_ms = Some(rep.oldest_ms.map_or(created, |o| o.min(created)));
-                    rep.newest_ms = Some(rep.newest_ms.map_or(created, |o| o.max(created)));
-                    approval_ids.push(id);
+                        params![cutoff],
+                    )?;
+                    rep.deleted = events.0 + outbox.0 + pairings.0;
+                    let times = [events, outbox, pairings];
+                    rep.oldest_ms = times.iter().filter_map(|t| t.1).min();
+                    rep.newest_ms = times.iter().filter_map(|t| t.2).max();
                 }
-            }
-            "workflows" => {
-                let mut st = conn.prepare(&format!(
-                    "SELECT id, subject, COALESCE(finished_ms, updated_ms) FROM workflow_runs
-                     WHERE COALESCE(finished_ms, updated_ms) < ?1 AND {WORKFLOW_DONE}"
-                ))?;
-                let rows = st.query_map(params![cutoff], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                let held_subjects: BTreeSet<String> =
-                    held.iter().map(ToString::to_string).collect();
-                for row in rows {
-                    let (id, subject, at) = row?;
-                    if held_subjects.contains(&subject) {
-                        rep.held += 1;
-                        continue;
+                "approvals" => {
+                    let rows = conn.query_all(
+                        "SELECT id, requester, created_ms FROM approvals WHERE created_ms < ?1
+                     AND (status IN ('denied', 'expired', 'used') OR expires_ms < ?2)
+                     ORDER BY created_ms, id",
+                        params![cutoff, now],
+                    )?;
+                    for r in rows {
+                        let (id, requester, created) =
+                            (r.get::<String>(0)?, r.get::<String>(1)?, r.get::<i64>(2)?);
+                        if held_users.contains(&requester) {
+                            rep.held += 1;
+                            continue;
+                        }
+                        rep.deleted += 1;
+                        rep.oldest_ms = Some(rep.oldest_ms.map_or(created, |o| o.min(created)));
+                        rep.newest_ms = Some(rep.newest_ms.map_or(created, |o| o.max(created)));
+                        approval_ids.push(id);
                     }
-                    rep.deleted += 1;
-                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
-                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
-                    workflow_runs.push(id);
                 }
-            }
-            "automation" => {
-                let held_subjects: BTreeSet<String> =
-                    held.iter().map(ToString::to_string).collect();
-                // Firings that ended, except each job's latest; a held user's jobs are kept.
-                let mut st = conn.prepare(
-                    "SELECT f.id, j.user_id, f.created_ms FROM cron_firings f
+                "workflows" => {
+                    let rows = conn.query_all(
+                        &format!(
+                        "SELECT id, subject, COALESCE(finished_ms, updated_ms) FROM workflow_runs
+                         WHERE COALESCE(finished_ms, updated_ms) < ?1 AND {WORKFLOW_DONE}
+                         ORDER BY id"
+                    ),
+                        params![cutoff],
+                    )?;
+                    let held_subjects: BTreeSet<String> =
+                        held.iter().map(ToString::to_string).collect();
+                    for r in rows {
+                        let (id, subject, at) =
+                            (r.get::<String>(0)?, r.get::<String>(1)?, r.get::<i64>(2)?);
+                        if held_subjects.contains(&subject) {
+                            rep.held += 1;
+                            continue;
+                        }
+                        rep.deleted += 1;
+                        rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                        rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                        workflow_runs.push(id);
+                    }
+                }
+                "automation" => {
+                    let held_subjects: BTreeSet<String> =
+                        held.iter().map(ToString::to_string).collect();
+                    // Firings that ended, except each job's latest; a held user's jobs are kept.
+                    let rows = conn.query_all(
+                        "SELECT f.id, j.user_id, f.created_ms FROM cron_firings f
                      LEFT JOIN cron_jobs j ON j.name = f.job
                      WHERE f.created_ms < ?1 AND f.status NOT IN ('requested', 'started')
-                       AND f.id NOT IN (SELECT MAX(id) FROM cron_firings GROUP BY job)",
-                )?;
-                let rows = st.query_map(params![cutoff], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, Option<String>>(1)?,
-                        r.get::<_, i64>(2)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (id, user, at) = row?;
-                    if user.is_some_and(|u| held_users.contains(&u)) {
-                        rep.held += 1;
-                        continue;
-                    }
-                    rep.deleted += 1;
-                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
-                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
-                    firings.push(id);
-                }
-                drop(st);
-                // Deliveries that ended (never one acknowledged and not yet started or
-                // still starting).
-                let mut st = conn.prepare(
-                    "SELECT hook, delivery_id, subject, received_ms FROM hook_deliveries
-                     WHERE received_ms < ?1 AND status NOT IN ('accepted', 'started')",
-                )?;
-                let rows = st.query_map(params![cutoff], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                })?;
-                for row in rows {
-                    let (hook, delivery, subject, at) = row?;
-                    if subject.is_some_and(|s| held_subjects.contains(&s)) {
-                        rep.held += 1;
-                        continue;
-                    }
-                    rep.deleted += 1;
-                    rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
-                    rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
-                    deliveries.push((hook, delivery));
-                }
-            }
-            "audit_payloads" => {
-                let reader = lc.audit.reader()?;
-                reader.for_each_from(1, |r| {
-                    if r.ts_ms >= cutoff {
-                        return false;
-                    }
-                    let removable = r.payload.is_some()
-                        && !(r.kind == "retention" && r.action == "payload_removed");
-                    if removable {
-                        if held.iter().any(|s| concerns(&r, s)) {
+                       AND f.id NOT IN (SELECT MAX(id) FROM cron_firings GROUP BY job)
+                     ORDER BY f.id",
+                        params![cutoff],
+                    )?;
+                    for r in rows {
+                        let (id, user, at) = (
+                            r.get::<i64>(0)?,
+                            r.get::<Option<String>>(1)?,
+                            r.get::<i64>(2)?,
+                        );
+                        if user.is_some_and(|u| held_users.contains(&u)) {
                             rep.held += 1;
-                        } else {
-                            rep.deleted += 1;
-                            rep.oldest_ms = Some(rep.oldest_ms.map_or(r.ts_ms, |o| o.min(r.ts_ms)));
-                            rep.newest_ms = Some(rep.newest_ms.map_or(r.ts_ms, |o| o.max(r.ts_ms)));
-                            audit_seqs.push(r.seq);
+                            continue;
                         }
+                        rep.deleted += 1;
+                        rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                        rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                        firings.push(id);
                     }
-                    true
-                })?;
+                    // Deliveries that ended (never one acknowledged and not yet started or
+                    // still starting).
+                    let rows = conn.query_all(
+                        "SELECT hook, delivery_id, subject, received_ms FROM hook_deliveries
+                     WHERE received_ms < ?1 AND status NOT IN ('accepted', 'started')
+                     ORDER BY hook, delivery_id",
+                        params![cutoff],
+                    )?;
+                    for r in rows {
+                        let (hook, delivery, subject, at) = (
+                            r.get::<String>(0)?,
+                            r.get::<String>(1)?,
+                            r.get::<Option<String>>(2)?,
+                            r.get::<i64>(3)?,
+                        );
+                        if subject.is_some_and(|s| held_subjects.contains(&s)) {
+                            rep.held += 1;
+                            continue;
+                        }
+                        rep.deleted += 1;
+                        rep.oldest_ms = Some(rep.oldest_ms.map_or(at, |o| o.min(at)));
+                        rep.newest_ms = Some(rep.newest_ms.map_or(at, |o| o.max(at)));
+                        deliveries.push((hook, delivery));
+                    }
+                }
+                "audit_payloads" => {
+                    let reader = lc.audit.reader()?;
+                    reader.for_each_from(1, |r| {
+                        if r.ts_ms >= cutoff {
+                            return false;
+                        }
+                        let removable = r.payload.is_some()
+                            && !(r.kind == "retention" && r.action == "payload_removed");
+                        if removable {
+                            if held.iter().any(|s| concerns(&r, s)) {
+                                rep.held += 1;
+                            } else {
+                                rep.deleted += 1;
+                                rep.oldest_ms =
+                                    Some(rep.oldest_ms.map_or(r.ts_ms, |o| o.min(r.ts_ms)));
+                                rep.newest_ms =
+                                    Some(rep.newest_ms.map_or(r.ts_ms, |o| o.max(r.ts_ms)));
+                                audit_seqs.push(r.seq);
+                            }
+                        }
+                        true
+                    })?;
+                }
+                _ => {}
             }
-            _ => {}
+            classes.push(rep);
         }
-        classes.push(rep);
-    }
+        Ok(())
+    })?;
     Ok(Plan {
         classes,
         approval_ids,
@@ -479,10 +475,8 @@ pub fn run(
             .find(|c| c.class == class)
             .and_then(|c| c.cutoff_ms)
     };
-    let deleted_rows = {
-        let mut conn = lc.store.conn()?;
-        let tx = conn.transaction()?;
-        let mut n = 0usize;
+    let deleted_rows = lc.store.db().tx(|tx| {
+        let mut n = 0u64;
         for (class, mclass) in [
             ("transcripts", "transcript"),
             ("tool_output", "tool_output"),
@@ -513,7 +507,7 @@ pub fn run(
             )?;
         }
         for id in &p.approval_ids {
-            n += tx.execute("DELETE FROM approvals WHERE id = ?1", [id])?;
+            n += tx.execute("DELETE FROM approvals WHERE id = ?1", params![id])?;
         }
         for id in &p.workflow_runs {
             // The run and its sub-workflow runs (`<id>.<hex>`, nested the same way).
@@ -523,13 +517,16 @@ pub fn run(
                     &format!(
                         "DELETE FROM {table} WHERE run_id IN (SELECT id FROM workflow_runs WHERE {family})"
                     ),
-                    [id],
+                    params![id],
                 )?;
             }
-            n += tx.execute(&format!("DELETE FROM workflow_runs WHERE {family}"), [id])?;
+            n += tx.execute(
+                &format!("DELETE FROM workflow_runs WHERE {family}"),
+                params![id],
+            )?;
         }
         for id in &p.firings {
-            n += tx.execute("DELETE FROM cron_firings WHERE id = ?1", [id])?;
+            n += tx.execute("DELETE FROM cron_firings WHERE id = ?1", params![id])?;
         }
         for (hook, delivery) in &p.deliveries {
             n += tx.execute(
@@ -553,17 +550,20 @@ pub fn run(
                 params![c],
             )?;
         }
-        tx.set_meta_last_run(now)?;
-        tx.commit()?;
-        n
-    };
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES ('retention.last_run_ms', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![now.to_string()],
+        )?;
+        Ok::<_, chitin_store::Error>(n)
+    })?;
     for seq in &p.audit_seqs {
         lc.audit.remove_payload(*seq, "retention", actor)?;
     }
     // A busy database only defers the rebuild (secure_delete already zeroed the freed
     // cells); the next run scrubs again.
     if deleted_rows > 0 {
-        report.scrubbed &= super::scrub(&*lc.store.conn()?).unwrap_or(false);
+        report.scrubbed &= super::scrub_store(&lc.store).unwrap_or(false);
     }
     if !p.audit_seqs.is_empty() {
         report.scrubbed &= super::scrub_audit_db(&lc.audit.paths().db).unwrap_or(false);
@@ -571,19 +571,24 @@ pub fn run(
     Ok(report)
 }
 
-trait MetaExt {
-    fn set_meta_last_run(&self, now: i64) -> Result<(), rusqlite::Error>;
-}
+/// `meta` key: when a retention run was last claimed (unix ms), see [`claim`].
+pub const CLAIMED: &str = "retention.claimed_ms";
 
-impl MetaExt for rusqlite::Transaction<'_> {
-    fn set_meta_last_run(&self, now: i64) -> Result<(), rusqlite::Error> {
-        self.execute(
-            "INSERT INTO meta(key, value) VALUES ('retention.last_run_ms', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [now.to_string()],
+/// Claims the scheduled retention run due at `now` for this replica: a conditional upsert of
+/// [`CLAIMED`] that succeeds only when the last claim is at least `interval_ms` old. With
+/// several gateways on one database exactly one of them gets each tick (on PostgreSQL the
+/// second upsert waits for the first and re-checks the condition on the row it wrote); the
+/// others skip it. Returns whether this call claimed it.
+pub fn claim(lc: &Lifecycle, interval_ms: i64, now: i64) -> Result<bool, LifecycleError> {
+    let n = lc.store.db().with(|c| {
+        c.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value
+             WHERE CAST(meta.value AS BIGINT) <= ?3",
+            params![CLAIMED, now.to_string(), now.saturating_sub(interval_ms)],
         )
-        .map(|_| ())
-    }
+    })?;
+    Ok(n == 1)
 }
 
 /// When retention last ran (unix ms), for a readiness "retention lag" check.

@@ -1,7 +1,8 @@
 //! What the gateway runs on a schedule: retention every `[retention] interval_minutes` and a
 //! backup to `[backup] dir` every `[backup] interval_hours`. The last run of each is kept in the
 //! store's `meta` table, so a restart does not reset the schedule and a readiness check can
-//! report a lag ([`retention_lag_ms`]).
+//! report a lag ([`retention_lag_ms`]). With several gateways on one database, each retention
+//! tick is claimed in the database ([`retention::claim`]) and runs on one of them.
 
 use std::path::PathBuf;
 
@@ -42,7 +43,10 @@ pub fn tick_with(lc: &Lifecycle, config: &Config, offsite: Option<Offsite<'_>>) 
     let mut out = TickReport::default();
     let minutes = i64::try_from(config.retention.interval_minutes).unwrap_or(i64::MAX);
     let last = retention::last_run_ms(lc).ok().flatten();
-    if due(last, minutes.saturating_mul(60_000), now) {
+    let interval = minutes.saturating_mul(60_000);
+    // Once per tick deployment-wide: of several gateways on one database, the one whose
+    // claim succeeds runs it.
+    if due(last, interval, now) && retention::claim(lc, interval, now).unwrap_or(false) {
         out.retention = Some(
             retention::run(lc, &config.retention, "retention:schedule", false)
                 .map_err(|e| e.to_string()),

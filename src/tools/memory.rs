@@ -1,6 +1,8 @@
 //! `memory_search` and `memory_get`: the user's memory files (`MEMORY.md`, `memory/**/*.md`
 //! in the workspace, read through [`crate::wsfs`]) and their past transcripts, through a
-//! per-user full-text index in `state.db` (SQLite FTS5).
+//! per-user full-text index in the state store: SQLite FTS5, or on PostgreSQL two plain tables
+//! (`memory_fts (rowid, length)`, `memory_terms (term, doc, tf)`) from which the search computes
+//! FTS5's BM25 in SQL (see [`MemoryIndex::search`]).
 //!
 //! Invariants:
 //! - The index never holds a plaintext term: each word is stored as a keyed hash
@@ -26,7 +28,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hmac::{Hmac, Mac};
-use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Sha256;
@@ -38,7 +39,7 @@ use super::{Sandbox, ToolError, ToolResult};
 use crate::approvals::Approvals;
 use crate::gate::{Authorized, CallContext, Gate, StepContext};
 use crate::policy::{Action, PolicyRequest, Tool};
-use crate::store::Store;
+use crate::store::{Dialect, Store, params};
 
 /// Results returned when the model does not say, and the most.
 pub const DEFAULT_LIMIT: u32 = 8;
@@ -99,7 +100,7 @@ pub enum MemoryError {
     #[error("state database: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("state database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Db(#[from] chitin_store::Error),
     #[error("the memory index key cannot be sealed or opened: {0}")]
     Key(String),
     #[error("{0}")]
@@ -227,31 +228,33 @@ impl MemoryIndex {
 
     /// The user's index key (made and stored sealed on first use).
     fn key(&self, subject: &str) -> Result<Key, MemoryError> {
-        let conn = self.store.conn()?;
-        let sealed: Option<Vec<u8>> = conn
-            .query_row(
+        let read = |c: &mut chitin_store::Conn<'_>| -> Result<Option<Vec<u8>>, MemoryError> {
+            Ok(c.query_opt(
                 "SELECT sealed FROM memory_index_keys WHERE subject = ?1",
-                [subject],
-                |r| r.get(0),
-            )
-            .optional()?;
+                params![subject],
+            )?
+            .map(|r| r.get::<Vec<u8>>(0))
+            .transpose()?)
+        };
+        let sealed = self.store.db().with(read)?;
         let bytes = match sealed {
             Some(s) => self.sealing.open(subject, &s).map_err(MemoryError::Key)?,
             None => {
                 let mut k = Zeroizing::new(vec![0u8; 32]);
                 getrandom::fill(&mut k).map_err(|e| MemoryError::Key(e.to_string()))?;
                 let sealed = self.sealing.seal(subject, &k).map_err(MemoryError::Key)?;
-                conn.execute(
-                    "INSERT INTO memory_index_keys (subject, sealed) VALUES (?1, ?2)
-                     ON CONFLICT(subject) DO NOTHING",
-                    params![subject, sealed],
-                )?;
-                // Another process may have won the race: use the stored one.
-                let stored: Vec<u8> = conn.query_row(
-                    "SELECT sealed FROM memory_index_keys WHERE subject = ?1",
-                    [subject],
-                    |r| r.get(0),
-                )?;
+                let stored = self.store.db().with(|c| {
+                    c.execute(
+                        "INSERT INTO memory_index_keys (subject, sealed) VALUES (?1, ?2)
+                         ON CONFLICT(subject) DO NOTHING",
+                        params![subject, sealed],
+                    )?;
+                    // Another process (or replica) may have won the race: use the stored one.
+                    read(c)
+                })?;
+                let stored = stored.ok_or_else(|| {
+                    MemoryError::Key("the index key was not stored; try again".into())
+                })?;
                 self.sealing
                     .open(subject, &stored)
                     .map_err(MemoryError::Key)?
@@ -291,15 +294,79 @@ impl MemoryIndex {
         Self::term(&key, &word.to_lowercase())
     }
 
-    fn terms(key: &Key, text: &str) -> Result<String, MemoryError> {
-        let mut out = String::new();
-        for (_, _, w) in words(text) {
-            if !out.is_empty() {
-                out.push(' ');
-            }
-            out.push_str(&Self::term(key, &w)?);
+    fn terms(key: &Key, text: &str) -> Result<Vec<String>, MemoryError> {
+        words(text)
+            .into_iter()
+            .map(|(_, _, w)| Self::term(key, &w))
+            .collect()
+    }
+
+    /// Indexes document `doc` with its terms: one FTS5 row (the terms space-separated) on
+    /// SQLite; on PostgreSQL its length and one `memory_terms` row per distinct term with its
+    /// count (what FTS5's BM25 reads from its own index).
+    fn index_doc(
+        c: &mut chitin_store::Conn<'_>,
+        doc: i64,
+        terms: &[String],
+    ) -> Result<(), MemoryError> {
+        if c.dialect() == Dialect::Sqlite {
+            c.execute(
+                "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
+                params![doc, terms.join(" ")],
+            )?;
+            return Ok(());
         }
-        Ok(out)
+        let length = i64::try_from(terms.len()).unwrap_or(i64::MAX);
+        c.execute(
+            "INSERT INTO memory_fts (rowid, length) VALUES (?1, ?2)",
+            params![doc, length],
+        )?;
+        let mut tf: std::collections::BTreeMap<&str, i64> = std::collections::BTreeMap::new();
+        for t in terms {
+            *tf.entry(t.as_str()).or_default() += 1;
+        }
+        let tf: Vec<(&str, i64)> = tf.into_iter().collect();
+        for part in tf.chunks(500) {
+            let mut sql = String::from("INSERT INTO memory_terms (term, doc, tf) VALUES ");
+            let mut vals: Vec<chitin_store::Value> = Vec::with_capacity(part.len() * 3);
+            for (i, (t, n)) in part.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("(?{}, ?{}, ?{})", i * 3 + 1, i * 3 + 2, i * 3 + 3));
+                vals.push(chitin_store::Value::Text((*t).to_string()));
+                vals.push(chitin_store::Value::Int(doc));
+                vals.push(chitin_store::Value::Int(*n));
+            }
+            let refs: Vec<&dyn chitin_store::ToValue> = vals
+                .iter()
+                .map(|v| v as &dyn chitin_store::ToValue)
+                .collect();
+            c.execute(&sql, &refs)?;
+        }
+        Ok(())
+    }
+
+    /// Serializes the index updates of one subject for the rest of the transaction: on
+    /// PostgreSQL across replicas (an advisory lock); on SQLite the transaction takes the write
+    /// lock before it reads (a no-op write first, waiting for another connection's writer as
+    /// an immediate transaction would).
+    fn lock_subject(c: &mut chitin_store::Conn<'_>, subject: &str) -> Result<(), MemoryError> {
+        if c.dialect() == Dialect::Sqlite {
+            c.execute(
+                "UPDATE memory_cursor SET last_message_id = last_message_id WHERE subject = ?1",
+                params![subject],
+            )?;
+        } else {
+            let h = chitin_audit::sha256(format!("chitin-memory-index\0{subject}").as_bytes());
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[..8]);
+            c.execute(
+                "SELECT pg_advisory_xact_lock(?1)",
+                params![i64::from_be_bytes(b)],
+            )?;
+        }
+        Ok(())
     }
 
     /// Brings the user's index up to date: new transcript messages, changed memory files.
@@ -312,64 +379,56 @@ impl MemoryIndex {
 
     fn sync_transcripts(&self, subject: &str, key: &Key) -> Result<(), MemoryError> {
         loop {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let cursor: i64 = tx
-                .query_row(
-                    "SELECT last_message_id FROM memory_cursor WHERE subject = ?1",
-                    [subject],
-                    |r| r.get(0),
-                )
-                .optional()?
-                .unwrap_or(0);
-            let rows: Vec<(i64, String, i64, String, i64, Vec<u8>)> = {
-                let mut st = tx.prepare(
+            let more = self.store.db().tx(|tx| {
+                Self::lock_subject(tx, subject)?;
+                let cursor: i64 = tx
+                    .query_opt(
+                        "SELECT last_message_id FROM memory_cursor WHERE subject = ?1",
+                        params![subject],
+                    )?
+                    .map(|r| r.get::<i64>(0))
+                    .transpose()?
+                    .unwrap_or(0);
+                let rows = tx.query_map(
                     "SELECT id, session_key, seq, role, created_ms, body FROM messages
                      WHERE subject = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                    params![subject, cursor, BATCH],
+                    |r| -> Result<(i64, String, i64, String, i64, Vec<u8>), MemoryError> {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+                    },
                 )?;
-                st.query_map(params![subject, cursor, BATCH], |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                    ))
-                })?
-                .collect::<Result<_, _>>()?
-            };
-            let Some(last) = rows.last().map(|r| r.0) else {
-                return Ok(());
-            };
-            for (id, session, seq, role, created, body) in &rows {
-                // A message that cannot be opened (its key destroyed) has nothing to index.
-                let Ok(plain) = self.sealing.open(subject, body) else {
-                    continue;
+                let Some(last) = rows.last().map(|r| r.0) else {
+                    return Ok::<_, MemoryError>(false);
                 };
-                let text = message_text(&plain);
-                if text.trim().is_empty() {
-                    continue;
-                }
-                let n = tx.execute(
-                    "INSERT OR IGNORE INTO memory_docs (subject, kind, message_id, session_key, seq, role, created_ms)
-                     VALUES (?1, 'transcript', ?2, ?3, ?4, ?5, ?6)",
-                    params![subject, id, session, seq, role, created],
-                )?;
-                if n == 1 {
-                    let doc = tx.last_insert_rowid();
-                    tx.execute(
-                        "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
-                        params![doc, Self::terms(key, &text)?],
+                for (id, session, seq, role, created, body) in &rows {
+                    // A message that cannot be opened (its key destroyed) has nothing to index.
+                    let Ok(plain) = self.sealing.open(subject, body) else {
+                        continue;
+                    };
+                    let text = message_text(&plain);
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    let doc = tx.query_opt(
+                        "INSERT INTO memory_docs (subject, kind, message_id, session_key, seq, role, created_ms)
+                         VALUES (?1, 'transcript', ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT DO NOTHING RETURNING id",
+                        params![subject, id, session, seq, role, created],
                     )?;
+                    if let Some(doc) = doc {
+                        Self::index_doc(tx, doc.get(0)?, &Self::terms(key, &text)?)?;
+                    }
                 }
+                tx.execute(
+                    "INSERT INTO memory_cursor (subject, last_message_id) VALUES (?1, ?2)
+                     ON CONFLICT(subject) DO UPDATE SET last_message_id = excluded.last_message_id",
+                    params![subject, last],
+                )?;
+                Ok(true)
+            })?;
+            if !more {
+                return Ok(());
             }
-            tx.execute(
-                "INSERT INTO memory_cursor (subject, last_message_id) VALUES (?1, ?2)
-                 ON CONFLICT(subject) DO UPDATE SET last_message_id = excluded.last_message_id",
-                params![subject, last],
-            )?;
-            tx.commit()?;
         }
     }
 
@@ -427,47 +486,43 @@ impl MemoryIndex {
             .to_string_lossy()
             .into_owned();
         let files = Self::memory_files(workspace);
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let known: Vec<(i64, String, String)> = {
-            let mut st = tx.prepare(
+        self.store.db().tx(|tx| {
+            Self::lock_subject(tx, subject)?;
+            let known = tx.query_map(
                 "SELECT id, path, mac FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2",
+                params![subject, ws],
+                |r| -> Result<(i64, String, String), MemoryError> {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                },
             )?;
-            st.query_map(params![subject, ws], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?
-            .collect::<Result<_, _>>()?
-        };
-        let mut present = BTreeSet::new();
-        for (path, bytes, changed) in &files {
-            present.insert(path.clone());
-            let mac = hex(&Self::mac(key, b"chitin-memory-file-v1\0", bytes)?);
-            if known.iter().any(|(_, p, m)| p == path && *m == mac) {
-                continue;
+            let mut present = BTreeSet::new();
+            for (path, bytes, changed) in &files {
+                present.insert(path.clone());
+                let mac = hex(&Self::mac(key, b"chitin-memory-file-v1\0", bytes)?);
+                if known.iter().any(|(_, p, m)| p == path && *m == mac) {
+                    continue;
+                }
+                tx.execute(
+                    "DELETE FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2 AND path = ?3",
+                    params![subject, ws, path],
+                )?;
+                let text = String::from_utf8_lossy(bytes);
+                let doc: i64 = tx
+                    .query_row(
+                        "INSERT INTO memory_docs (subject, kind, workspace, path, mac, created_ms)
+                         VALUES (?1, 'file', ?2, ?3, ?4, ?5) RETURNING id",
+                        params![subject, ws, path, mac, changed],
+                    )?
+                    .get(0)?;
+                Self::index_doc(tx, doc, &Self::terms(key, &text)?)?;
             }
-            tx.execute(
-                "DELETE FROM memory_docs WHERE subject = ?1 AND kind = 'file' AND workspace = ?2 AND path = ?3",
-                params![subject, ws, path],
-            )?;
-            let text = String::from_utf8_lossy(bytes);
-            tx.execute(
-                "INSERT INTO memory_docs (subject, kind, workspace, path, mac, created_ms)
-                 VALUES (?1, 'file', ?2, ?3, ?4, ?5)",
-                params![subject, ws, path, mac, changed],
-            )?;
-            let doc = tx.last_insert_rowid();
-            tx.execute(
-                "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
-                params![doc, Self::terms(key, &text)?],
-            )?;
-        }
-        for (id, path, _) in &known {
-            if !present.contains(path) {
-                tx.execute("DELETE FROM memory_docs WHERE id = ?1", [id])?;
+            for (id, path, _) in &known {
+                if !present.contains(path) {
+                    tx.execute("DELETE FROM memory_docs WHERE id = ?1", params![id])?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Searches the user's memory files (in `workspace`) and transcripts; syncs first.
@@ -487,35 +542,16 @@ impl MemoryIndex {
                 "the query has no words to look for".into(),
             ));
         }
-        let expr = qwords
+        let terms = qwords
             .iter()
-            .map(|w| Self::term(&key, w).map(|t| format!("\"{t}\"")))
-            .collect::<Result<Vec<_>, _>>()?
-            .join(" OR ");
+            .map(|w| Self::term(&key, w))
+            .collect::<Result<Vec<_>, _>>()?;
         let ws = crate::wsfs::canonical_root(workspace)
             .unwrap_or_else(|_| workspace.to_path_buf())
             .to_string_lossy()
             .into_owned();
-        type Row = (
-            String,
-            Option<String>,
-            Option<i64>,
-            Option<String>,
-            Option<i64>,
-            Option<String>,
-            i64,
-            f64,
-        );
-        let rows: Vec<Row> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare(
-                "SELECT d.kind, d.path, d.message_id, d.session_key, d.seq, d.role, d.created_ms, bm25(memory_fts)
-                 FROM memory_fts JOIN memory_docs d ON d.id = memory_fts.rowid
-                 WHERE memory_fts MATCH ?1 AND d.subject = ?2
-                   AND (d.kind = 'transcript' OR d.workspace = ?3)
-                 ORDER BY bm25(memory_fts) LIMIT ?4",
-            )?;
-            st.query_map(params![expr, subject, ws, limit], |r| {
+        let rows: Vec<SearchRow> = self.store.db().with(|c| {
+            let row = |r: &chitin_store::Row| -> Result<SearchRow, MemoryError> {
                 Ok((
                     r.get(0)?,
                     r.get(1)?,
@@ -526,9 +562,45 @@ impl MemoryIndex {
                     r.get(6)?,
                     r.get(7)?,
                 ))
-            })?
-            .collect::<Result<_, _>>()?
-        };
+            };
+            match c.dialect() {
+                Dialect::Sqlite => {
+                    let expr = terms
+                        .iter()
+                        .map(|t| format!("\"{t}\""))
+                        .collect::<Vec<_>>()
+                        .join(" OR ");
+                    c.query_map(
+                        "SELECT d.kind, d.path, d.message_id, d.session_key, d.seq, d.role, d.created_ms, -bm25(memory_fts)
+                         FROM memory_fts JOIN memory_docs d ON d.id = memory_fts.rowid
+                         WHERE memory_fts MATCH ?1 AND d.subject = ?2
+                           AND (d.kind = 'transcript' OR d.workspace = ?3)
+                         ORDER BY bm25(memory_fts) LIMIT ?4",
+                        params![expr, subject, ws, limit],
+                        row,
+                    )
+                }
+                Dialect::Postgres => {
+                    let mut vals: Vec<chitin_store::Value> = vec![
+                        chitin_store::Value::Text(subject.clone()),
+                        chitin_store::Value::Text(ws.clone()),
+                        chitin_store::Value::Int(i64::from(limit)),
+                    ];
+                    let list = terms
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| {
+                            vals.push(chitin_store::Value::Text(t.clone()));
+                            format!("?{}", i + 4)
+                        })
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let refs: Vec<&dyn chitin_store::ToValue> =
+                        vals.iter().map(|v| v as &dyn chitin_store::ToValue).collect();
+                    c.query_map(&pg_bm25_query(&list), &refs, row)
+                }
+            }
+        })?;
         let mut hits = Vec::new();
         for (kind, path, message_id, session, seq, role, created, score) in rows {
             let (text, reference, source) = match (kind.as_str(), path, message_id, &session, seq) {
@@ -540,15 +612,14 @@ impl MemoryIndex {
                     (text, p, "file")
                 }
                 (_, _, Some(id), Some(s), Some(q)) => {
-                    let body: Option<Vec<u8>> = self
-                        .store
-                        .conn()?
-                        .query_row(
+                    let body: Option<Vec<u8>> = self.store.db().with(|c| {
+                        c.query_opt(
                             "SELECT body FROM messages WHERE id = ?1 AND subject = ?2",
                             params![id, subject],
-                            |r| r.get(0),
-                        )
-                        .optional()?;
+                        )?
+                        .map(|r| r.get::<Vec<u8>>(0))
+                        .transpose()
+                    })?;
                     let text = body
                         .and_then(|b| self.sealing.open(&subject, &b).ok())
                         .map(|p| message_text(&p))
@@ -561,7 +632,7 @@ impl MemoryIndex {
                 path: reference,
                 source,
                 snippet: snippet(&text, &qwords),
-                score: -score,
+                score,
                 session: session.clone(),
                 role,
                 created_ms: created,
@@ -585,17 +656,18 @@ impl MemoryIndex {
             }
             MemoryRef::Transcript { session, seq } => {
                 let subject = subject_of(user);
-                let row: Option<(String, i64, Vec<u8>, String)> = self
-                    .store
-                    .conn()?
-                    .query_row(
+                let row: Option<(String, i64, Vec<u8>, String)> = self.store.db().with(|c| {
+                    c.query_opt(
                         "SELECT m.role, m.created_ms, m.body, s.user_id FROM messages m
                          JOIN sessions s ON s.key = m.session_key
                          WHERE m.session_key = ?1 AND m.seq = ?2 AND m.subject = ?3",
                         params![session, seq, subject],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-                    )
-                    .optional()?;
+                    )?
+                    .map(|r| -> Result<_, chitin_store::Error> {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
+                    .transpose()
+                })?;
                 let Some((role, created, body, owner)) = row.filter(|r| r.3 == user) else {
                     return Err(MemoryError::NotFound(format!(
                         "no message {seq} in a session `{}` of yours",
@@ -617,16 +689,69 @@ impl MemoryIndex {
 
     /// The user a session belongs to, if it exists.
     pub fn session_owner(&self, session: &str) -> Result<Option<String>, MemoryError> {
-        Ok(self
-            .store
-            .conn()?
-            .query_row(
+        Ok(self.store.db().with(|c| {
+            c.query_opt(
                 "SELECT user_id FROM sessions WHERE key = ?1",
-                [session],
-                |r| r.get(0),
-            )
-            .optional()?)
+                params![session],
+            )?
+            .map(|r| r.get::<String>(0))
+            .transpose()
+        })?)
     }
+}
+
+/// A search hit as the index returns it: kind, path, message id, session, seq, role,
+/// created, score (higher is better).
+type SearchRow = (
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    i64,
+    f64,
+);
+
+/// FTS5's `bm25()` in SQL over the PostgreSQL form of the index, for the query terms `list`
+/// (placeholders `?4..`; `?1` subject, `?2` workspace, `?3` limit). The same formula as FTS5
+/// (`fts5_aux.c`, k1 = 1.2, b = 0.75), negated so that higher is better, as the SQLite path
+/// reports it:
+///
+/// ```text
+/// score(D) = Σ_q IDF(q) · tf(q,D)·(k1 + 1) / (tf(q,D) + k1·(1 − b + b·|D| / avgdl))
+/// IDF(q)   = ln((N − n(q) + 0.5) / (n(q) + 0.5)), or 1e-6 where that is ≤ 0
+/// ```
+///
+/// with FTS5's statistics: `N` every document of the index (all users, as FTS5 counts its
+/// table's rows), `n(q)` the documents holding term `q`, `|D|` the document's length in terms
+/// and `avgdl` the mean length. Ties are broken by document id (FTS5 leaves them in index
+/// order).
+fn pg_bm25_query(list: &str) -> String {
+    format!(
+        "WITH stats AS (
+            SELECT CAST(COUNT(*) AS DOUBLE PRECISION) AS n,
+                   CAST(COALESCE(AVG(length), 0) AS DOUBLE PRECISION) AS avgdl
+            FROM memory_fts),
+         idf AS (
+            SELECT t.term, CASE WHEN ln((s.n - COUNT(*) + 0.5) / (COUNT(*) + 0.5)) <= 0 THEN 1e-6
+                           ELSE ln((s.n - COUNT(*) + 0.5) / (COUNT(*) + 0.5)) END AS w
+            FROM memory_terms t, stats s WHERE t.term IN ({list}) GROUP BY t.term, s.n)
+         SELECT d.kind, d.path, d.message_id, d.session_key, d.seq, d.role, d.created_ms,
+                CAST(SUM(i.w * (CAST(t.tf AS DOUBLE PRECISION) * 2.2)
+                    / (CAST(t.tf AS DOUBLE PRECISION)
+                       + 1.2 * (0.25 + 0.75 * CAST(f.length AS DOUBLE PRECISION) / s.avgdl)))
+                    AS DOUBLE PRECISION) AS score
+         FROM memory_terms t
+         JOIN idf i ON i.term = t.term
+         JOIN memory_fts f ON f.rowid = t.doc
+         JOIN memory_docs d ON d.id = t.doc
+         CROSS JOIN stats s
+         WHERE d.subject = ?1 AND (d.kind = 'transcript' OR d.workspace = ?2)
+         GROUP BY d.id, d.kind, d.path, d.message_id, d.session_key, d.seq, d.role, d.created_ms
+         ORDER BY score DESC, d.id
+         LIMIT ?3"
+    )
 }
 
 fn hex(b: &[u8]) -> String {

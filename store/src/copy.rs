@@ -335,3 +335,195 @@ fn reset_identities(d: &mut Conn<'_>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The declared type of each column of a SQLite table, in table order.
+fn sqlite_columns(d: &mut Conn<'_>, table: &str) -> Result<Vec<(String, String)>> {
+    d.query_all(
+        &format!("PRAGMA table_info({})", quote_ident(table)),
+        params![],
+    )?
+    .iter()
+    .map(|r| {
+        Ok((
+            r.get::<String>(1)?,
+            r.get::<String>(2)?.to_ascii_uppercase(),
+        ))
+    })
+    .collect()
+}
+
+/// A PostgreSQL value for a SQLite column of declared type `decl` (STRICT tables take only
+/// their own type).
+fn to_sqlite(v: Value, decl: &str, table: &str, column: &str) -> Result<Value> {
+    Ok(match (v, decl) {
+        (Value::Bool(b), _) => Value::Int(i64::from(b)),
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "an integer into a REAL column, as SQLite would store it"
+        )]
+        (Value::Int(i), "REAL") => Value::Real(i as f64),
+        (v @ Value::Real(_), "INTEGER") => {
+            return Err(Error::Sql(format!(
+                "{table}.{column}: {} in PostgreSQL, INTEGER in SQLite",
+                v.ty().name()
+            )));
+        }
+        (v, _) => v,
+    })
+}
+
+/// Copies every table of `src` (PostgreSQL) into a new SQLite database at `dst` (created and
+/// migrated here; the file must not exist): the reverse of [`sqlite_to_postgres`], for backups
+/// of a PostgreSQL deployment. The whole source is read in **one** `REPEATABLE READ, READ
+/// ONLY` transaction, so the copy is one consistent snapshot while replicas keep writing;
+/// the target is written in one SQLite transaction. The PostgreSQL memory index
+/// (`memory_fts` + `memory_terms`) becomes the FTS5 table again (each term repeated by its
+/// count: the same BM25 statistics). `spend_daily` and `transcript_changes` are rebuilt by the
+/// target's own triggers, as in [`sqlite_to_postgres`].
+pub fn postgres_to_sqlite(src: &Db, dst: &std::path::Path) -> Result<Copied> {
+    if src.dialect() != Dialect::Postgres {
+        return Err(Error::Config(
+            "a snapshot copy goes from a PostgreSQL database to a new SQLite file".into(),
+        ));
+    }
+    let (sv, known) = (src.version()?, crate::latest_version());
+    if sv != known {
+        return Err(Error::Config(format!(
+            "the database must be at schema version {known} (it is at {sv}); run `chitin store migrate`"
+        )));
+    }
+    if dst.exists() {
+        return Err(Error::Config(format!(
+            "{} already exists; a snapshot is written to a new file",
+            dst.display()
+        )));
+    }
+    let target = Db::sqlite(dst)?;
+    src.tx(|s| {
+        s.execute_batch("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")?;
+        let tables: Vec<String> = s
+            .query_all(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema() ORDER BY tablename",
+                params![],
+            )?
+            .iter()
+            .map(|r| r.get::<String>(0))
+            .collect::<Result<_>>()?;
+        let copied = target.tx(|d| {
+            // Checked when the copy commits: tables are copied in name order.
+            d.execute_batch("PRAGMA defer_foreign_keys = ON")?;
+            let mut copied = Vec::new();
+            for table in tables.iter().filter(|t| {
+                !DERIVED.contains(&t.as_str()) && *t != "schema_version" && *t != "memory_terms"
+            }) {
+                d.execute_batch(&format!("DELETE FROM {}", quote_ident(table)))?;
+                let n = if table == "memory_fts" {
+                    snapshot_memory_index(s, d)?
+                } else {
+                    snapshot_table(s, d, table)?
+                };
+                copied.push((table.clone(), n));
+            }
+            Ok::<_, Error>(copied)
+        })?;
+        // One self-contained file (no WAL beside it) for the archive.
+        target.with(|d| d.query_all("PRAGMA journal_mode = DELETE", params![]))?;
+        Ok(copied)
+    })
+}
+
+fn snapshot_table(s: &mut Conn<'_>, d: &mut Conn<'_>, table: &str) -> Result<i64> {
+    let columns = sqlite_columns(d, table)?;
+    if columns.is_empty() {
+        return Err(Error::Sql(format!(
+            "table {table} has no SQLite counterpart"
+        )));
+    }
+    let source = pg_columns(s, table)?;
+    if let Some(c) = source
+        .keys()
+        .find(|c| !columns.iter().any(|(n, _)| n == *c))
+    {
+        return Err(Error::Sql(format!(
+            "column {table}.{c} has no SQLite counterpart"
+        )));
+    }
+    let list = columns
+        .iter()
+        .map(|(c, _)| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let chunk = CHUNK.min(30_000 / columns.len().max(1)).max(1);
+    // Pages by physical row position: stable inside the snapshot, a TID range scan.
+    let select = format!(
+        "SELECT CAST(ctid AS TEXT), {list} FROM {} WHERE ctid > CAST(?1 AS tid) ORDER BY ctid LIMIT {chunk}",
+        quote_ident(table)
+    );
+    let typed: Vec<(String, Ty)> = columns.iter().map(|(c, _)| (c.clone(), Ty::Text)).collect();
+    let mut last = String::from("(0,0)");
+    let mut n = 0i64;
+    loop {
+        let rows = s.query_all(&select, params![last])?;
+        if rows.is_empty() {
+            return Ok(n);
+        }
+        let mut batch = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut vals = r.into_values();
+            if let Value::Text(t) = vals.remove(0) {
+                last = t;
+            }
+            batch.push(
+                vals.into_iter()
+                    .zip(&columns)
+                    .map(|(v, (c, decl))| to_sqlite(v, decl, table, c))
+                    .collect::<Result<Vec<_>>>()?,
+            );
+        }
+        n += i64::try_from(batch.len()).unwrap_or(0);
+        insert_rows(d, table, &typed, batch)?;
+    }
+}
+
+/// `memory_fts(rowid, length)` + `memory_terms(term, doc, tf)` -> FTS5 `memory_fts(terms)`.
+fn snapshot_memory_index(s: &mut Conn<'_>, d: &mut Conn<'_>) -> Result<i64> {
+    let mut last = i64::MIN;
+    let mut n = 0i64;
+    loop {
+        let docs: Vec<i64> = s
+            .query_all(
+                &format!(
+                    "SELECT rowid FROM memory_fts WHERE rowid > ?1 ORDER BY rowid LIMIT {CHUNK}"
+                ),
+                params![last],
+            )?
+            .iter()
+            .map(|r| r.get::<i64>(0))
+            .collect::<Result<_>>()?;
+        let (Some(first), Some(end)) = (docs.first().copied(), docs.last().copied()) else {
+            return Ok(n);
+        };
+        let mut text: HashMap<i64, String> = HashMap::new();
+        for r in s.query_all(
+            "SELECT doc, term, tf FROM memory_terms WHERE doc >= ?1 AND doc <= ?2 ORDER BY doc, term",
+            params![first, end],
+        )? {
+            let (doc, term, tf): (i64, String, i64) = (r.get(0)?, r.get(1)?, r.get(2)?);
+            let t = text.entry(doc).or_default();
+            for _ in 0..tf {
+                if !t.is_empty() {
+                    t.push(' ');
+                }
+                t.push_str(&term);
+            }
+        }
+        for doc in &docs {
+            d.execute(
+                "INSERT INTO memory_fts (rowid, terms) VALUES (?1, ?2)",
+                params![*doc, text.remove(doc).unwrap_or_default()],
+            )?;
+        }
+        n += i64::try_from(docs.len()).unwrap_or(0);
+        last = end;
+    }
+}

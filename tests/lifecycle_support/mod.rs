@@ -25,8 +25,9 @@ use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::secrets::SecretStore;
 use chitin::secrets::identity::FixedPassphrase;
 use chitin::store::Store;
+use chitin::store::{Dialect, params};
 use chitin::vault::Vault;
-use rusqlite::params;
+use chitin_store::testing::TestPg;
 use serde_json::{Value, json};
 
 pub const PASS: &str = "lifecycle-test-pass";
@@ -35,6 +36,8 @@ pub const DAY: i64 = 86_400_000;
 pub const T0: i64 = 1_767_225_600_000;
 
 pub struct H {
+    /// The store's PostgreSQL database (dropped after everything else), for `harness_on`.
+    pub pg: Option<TestPg>,
     pub _t: tempfile::TempDir,
     pub home: PathBuf,
     pub clock: ManualClock,
@@ -61,6 +64,11 @@ pub fn open_store(home: &Path) -> SecretStore {
 }
 
 pub fn harness() -> H {
+    harness_on(Dialect::Sqlite)
+}
+
+/// [`harness`] with the state store on `d` (a fresh PostgreSQL database for `Postgres`).
+pub fn harness_on(d: Dialect) -> H {
     let t = tempfile::tempdir().unwrap();
     let home = home::private_home(t.path(), "home");
     let ents = json!([
@@ -70,11 +78,25 @@ pub fn harness() -> H {
     ]);
     home::write_private(&home.join("entities.json"), ents.to_string().as_bytes());
     let clock = ManualClock::new(T0);
-    open_at(t, home, clock)
+    let pg = (d == Dialect::Postgres).then(|| TestPg::new().unwrap());
+    open_on(t, home, clock, pg)
+}
+
+/// A store on the PostgreSQL database of `h` (another replica's), or on its state.db.
+pub fn second_store(h: &H) -> Arc<Store> {
+    match &h.pg {
+        Some(pg) => Arc::new(Store::postgres(&pg.config()).unwrap()),
+        None => Arc::new(Store::open(&h.home.join("state.db")).unwrap()),
+    }
 }
 
 /// Opens every piece on an existing home (as after a restart or restore).
 pub fn open_at(t: tempfile::TempDir, home: PathBuf, clock: ManualClock) -> H {
+    open_on(t, home, clock, None)
+}
+
+/// [`open_at`] with the store on `pg` when given.
+pub fn open_on(t: tempfile::TempDir, home: PathBuf, clock: ManualClock, pg: Option<TestPg>) -> H {
     let mut secrets = open_store(&home);
     let signer = chitin::secrets::audit_key::signer(&mut secrets, &home).unwrap();
     let c = clock.clone();
@@ -95,7 +117,10 @@ pub fn open_at(t: tempfile::TempDir, home: PathBuf, clock: ManualClock) -> H {
         Arc::new(clock.clone()) as Arc<dyn Clock>,
     )
     .unwrap();
-    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
+    let store = Arc::new(match &pg {
+        Some(pg) => Store::postgres(&pg.config()).unwrap(),
+        None => Store::open(&home.join("state.db")).unwrap(),
+    });
     let engine = PolicyEngine::load(EngineSpec {
         policy_dir: None,
         entity_files: vec![home.join("entities.json")],
@@ -111,6 +136,7 @@ pub fn open_at(t: tempfile::TempDir, home: PathBuf, clock: ManualClock) -> H {
         clock: Arc::new(clock.clone()),
     };
     H {
+        pg,
         _t: t,
         home,
         clock,
@@ -129,15 +155,12 @@ pub fn session(h: &H, key: &str, subject: &str, user_id: &str, at: i64, summary:
             .seal(subject, json!({"summary": s}).to_string().as_bytes())
             .unwrap()
     });
-    h.lc.store
-        .conn()
-        .unwrap()
-        .execute(
-            "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms, summary)
-             VALUES (?1, ?2, ?3, 'web', ?4, ?4, ?5)",
-            params![key, user_id, subject, at, sealed],
-        )
-        .unwrap();
+    exec(
+        h,
+        "INSERT INTO sessions (key, user_id, subject, channel, created_ms, updated_ms, summary)
+         VALUES (?1, ?2, ?3, 'web', ?4, ?4, ?5)",
+        params![key, user_id, subject, at, sealed],
+    );
 }
 
 /// Inserts a message the way the agent does: `body = vault.seal(subject, JSON)`.
@@ -154,38 +177,35 @@ pub fn message(
 ) -> i64 {
     let body = json!({"role": role, "content": text}).to_string();
     let sealed = h.lc.vault.seal(subject, body.as_bytes()).unwrap();
-    let conn = h.lc.store.conn().unwrap();
-    conn.execute(
-        "INSERT INTO messages (session_key, run_id, subject, seq, role, class, created_ms, size, body)
-         VALUES (?1, NULL, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![session, subject, seq, role, class, at, i64::try_from(body.len()).unwrap(), sealed],
-    )
-    .unwrap();
-    conn.last_insert_rowid()
+    h.lc.store
+        .db()
+        .with(|c| {
+            c.query_row(
+                "INSERT INTO messages (session_key, run_id, subject, seq, role, class, created_ms, size, body)
+                 VALUES (?1, NULL, ?2, ?3, ?4, ?5, ?6, ?7, ?8) RETURNING id",
+                params![session, subject, seq, role, class, at, i64::try_from(body.len()).unwrap(), sealed],
+            )?
+            .get::<i64>(0)
+        })
+        .unwrap()
 }
 
 pub fn run_row(h: &H, id: &str, session: &str, subject: &str, user_id: &str, at: i64) {
-    h.lc.store
-        .conn()
-        .unwrap()
-        .execute(
-            "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, finished_ms, model)
-             VALUES (?1, ?2, ?3, ?4, 'completed', ?5, ?5, ?5, 'fake/model')",
-            params![id, session, user_id, subject, at],
-        )
-        .unwrap();
+    exec(
+        h,
+        "INSERT INTO runs (id, session_key, user_id, subject, status, created_ms, updated_ms, finished_ms, model)
+         VALUES (?1, ?2, ?3, ?4, 'completed', ?5, ?5, ?5, 'fake/model')",
+        params![id, session, user_id, subject, at],
+    );
 }
 
 pub fn usage_row(h: &H, subject: &str, user_id: &str, session: &str, run: &str, at: i64) {
-    h.lc.store
-        .conn()
-        .unwrap()
-        .execute(
-            "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, input_tokens, output_tokens, cost_usd)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'fake/model', 10, 20, 0.01)",
-            params![at, user_id, subject, session, run],
-        )
-        .unwrap();
+    exec(
+        h,
+        "INSERT INTO usage (at_ms, user_id, subject, session_key, run_id, model, input_tokens, output_tokens, cost_usd)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'fake/model', 10, 20, 0.01)",
+        params![at, user_id, subject, session, run],
+    );
 }
 
 #[allow(clippy::too_many_arguments, reason = "one column each")]
@@ -198,15 +218,12 @@ pub fn approval(
     at: i64,
     summary: &str,
 ) {
-    h.lc.store
-        .conn()
-        .unwrap()
-        .execute(
-            "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by, resolved_ms)
-             VALUES (?1, ?1, ?2, 's', 'exec', ?3, '{}', X'00', ?4, ?5, ?6, ?7, ?8)",
-            params![id, requester, summary, status, at, at + 600_000, resolved_by, resolved_by.map(|_| at + 1000)],
-        )
-        .unwrap();
+    exec(
+        h,
+        "INSERT INTO approvals (id, code, requester, session, tool, summary, args_json, request_digest, status, created_ms, expires_ms, resolved_by, resolved_ms)
+         VALUES (?1, ?1, ?2, 's', 'exec', ?3, '{}', ?9, ?4, ?5, ?6, ?7, ?8)",
+        params![id, requester, summary, status, at, at + 600_000, resolved_by, resolved_by.map(|_| at + 1000), vec![0u8]],
+    );
 }
 
 /// Appends an audit record at the clock's time (as the gate/tools do).
@@ -221,10 +238,14 @@ pub fn audit_record(h: &H, actor: &str, action: &str, resource: &str, payload: V
 
 pub fn count(h: &H, sql: &str) -> i64 {
     h.lc.store
-        .conn()
+        .db()
+        .with(|c| c.query_row(sql, params![])?.get::<i64>(0))
         .unwrap()
-        .query_row(sql, [], |r| r.get(0))
-        .unwrap()
+}
+
+/// Runs one statement on the harness's store (either backend).
+pub fn exec(h: &H, sql: &str, p: &[&dyn chitin_store::ToValue]) -> u64 {
+    h.lc.store.db().with(|c| c.execute(sql, p)).unwrap()
 }
 
 /// `chitin audit verify` on the state dir.
