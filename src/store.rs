@@ -42,8 +42,6 @@ pub const NOT_PORTED: &[&str] = &[
     "accounts",
     "accounts::oidc",
     "agent::usage",
-    "automation::hooks",
-    "automation::jobs",
     "channels",
     "channels::buttons",
     "channels::ingress",
@@ -58,11 +56,17 @@ pub const NOT_PORTED: &[&str] = &[
     "mcp::pins",
     "tools::memory",
     "tools::prompt_guard",
-    "workflow_runner::store",
 ];
 
 /// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)"];
+pub const PORTED: &[&str] = &[
+    "approvals",
+    "agent::transcripts",
+    "store (meta)",
+    "automation::hooks",
+    "automation::jobs",
+    "workflow_runner::store",
+];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {

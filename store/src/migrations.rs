@@ -568,6 +568,12 @@ pub const SQLITE: &[&str] = &[
         ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
                                                  calls = calls + 1;
      END;",
+    // 20: the order in which a workflow run's steps first started (`workflow_steps.seq`,
+    // 1, 2, .. per run, set when the step's row is inserted), so both backends list them
+    // alike (SQLite listed them by rowid, which PostgreSQL has not). Existing rows keep their
+    // rowid order.
+    "ALTER TABLE workflow_steps ADD COLUMN seq INTEGER;
+     UPDATE workflow_steps SET seq = rowid;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1079,6 +1085,8 @@ pub const POSTGRES: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();
      CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();",
+    // 20: as SQLite's 20 (rows copied from SQLite carry their `seq`).
+    "ALTER TABLE workflow_steps ADD COLUMN seq BIGINT;",
 ];
 
 #[cfg(test)]
