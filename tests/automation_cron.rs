@@ -1019,7 +1019,9 @@ impl WorkflowLauncher for Stuck {
 /// A workflow delivery is stored (body sealed) before the 2xx. A gateway that stopped after
 /// claiming it but before its run finished starting leaves it `started`: the next gateway
 /// starts it, once; a replay of the delivery id still runs nothing.
-async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next(d: Dialect) {
+async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next(
+    d: Dialect,
+) {
     use chitin::automation::hooks::{Hooks, sign_generic};
     let e = env_on(d);
     let cfg = config(
@@ -1078,7 +1080,10 @@ async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_t
             .get(0)
         })
         .unwrap();
-    assert!(!has(&stored, "Marmalade-Kestrel"), "the stored body is sealed");
+    assert!(
+        !has(&stored, "Marmalade-Kestrel"),
+        "the stored body is sealed"
+    );
     // The next gateway.
     let second = cron(&e, &cfg);
     let launcher = Arc::new(Launcher::default());
@@ -1159,8 +1164,17 @@ async fn two_replicas_ticking_the_same_due_job_fire_it_once_per_time(d: Dialect)
         fired,
         "one firing per time"
     );
-    assert!(firings.iter().all(|f| f.status == "completed"), "{firings:?}");
-    let origins: Vec<String> = launcher.0.lock().unwrap().iter().map(|c| c.3.clone()).collect();
+    assert!(
+        firings.iter().all(|f| f.status == "completed"),
+        "{firings:?}"
+    );
+    let origins: Vec<String> = launcher
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.3.clone())
+        .collect();
     assert_eq!(
         origins,
         fired
@@ -1251,7 +1265,13 @@ async fn two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_onc
             ha.handle("wf", &headers, body.as_bytes()),
             hb.handle("wf", &headers, body.as_bytes())
         );
-        assert_eq!((a.status, b.status), (200, 200), "{:?} {:?}", a.body, b.body);
+        assert_eq!(
+            (a.status, b.status),
+            (200, 200),
+            "{:?} {:?}",
+            a.body,
+            b.body
+        );
         let started = [&a, &b]
             .iter()
             .filter(|x| x.body["workflow"] == "started")
@@ -1266,6 +1286,20 @@ async fn two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_onc
         })
         .await;
     }
-    let origins: Vec<String> = launcher.0.lock().unwrap().iter().map(|c| c.3.clone()).collect();
-    assert_eq!(origins, ["hook:wf:ci-0", "hook:wf:ci-1", "hook:wf:ci-2", "hook:wf:ci-3"]);
+    let origins: Vec<String> = launcher
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.3.clone())
+        .collect();
+    assert_eq!(
+        origins,
+        [
+            "hook:wf:ci-0",
+            "hook:wf:ci-1",
+            "hook:wf:ci-2",
+            "hook:wf:ci-3"
+        ]
+    );
 }

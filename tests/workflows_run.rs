@@ -1282,7 +1282,9 @@ const PARALLEL_GATE: &str = "steps:\n  - id: both\n    parallel:\n      branches
 /// An approval gate in a parallel branch pauses the run like a top-level gate: the other
 /// branches finish and are kept, and after the approval (given to a new runner, as after a
 /// restart) the run goes on from there without running any branch again.
-fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart(d: Dialect) {
+fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart(
+    d: Dialect,
+) {
     let e = env_on(d);
     write(&e, "par.lobster", PARALLEL_GATE);
     let env = start(&runner(&e), "par.lobster", json!({}));
@@ -1688,11 +1690,21 @@ fn two_replicas_resuming_the_same_pause_at_once_continue_the_run_once(d: Dialect
     let (a, b) = std::thread::scope(|s| {
         let one = s.spawn(|| {
             barrier.wait();
-            resume(&r1, ResumeKey::Token(t.clone()), Intent::Approve(true), "owner")
+            resume(
+                &r1,
+                ResumeKey::Token(t.clone()),
+                Intent::Approve(true),
+                "owner",
+            )
         });
         let two = s.spawn(|| {
             barrier.wait();
-            resume(&r2, ResumeKey::Token(t.clone()), Intent::Approve(true), "owner")
+            resume(
+                &r2,
+                ResumeKey::Token(t.clone()),
+                Intent::Approve(true),
+                "owner",
+            )
         });
         (one.join().unwrap(), two.join().unwrap())
     });
@@ -1758,7 +1770,11 @@ fn two_replicas_recovering_a_dead_runner_s_run_take_it_over_once(d: Dialect) {
         (one.join().unwrap(), two.join().unwrap())
     });
     assert_eq!(a + b, 1, "taken over by {a} and {b}");
-    assert_eq!(lines(&e, "two.log"), ["two", "two"], "the second step ran twice on recovery");
+    assert_eq!(
+        lines(&e, "two.log"),
+        ["two", "two"],
+        "the second step ran twice on recovery"
+    );
     assert_eq!(lines(&e, "one.log"), ["one"]);
     assert_eq!(r1.show(&run).unwrap()["status"], "ok");
 }

@@ -475,7 +475,10 @@ impl RunStore {
     pub fn pause(&self, id: &str) -> Result<Option<PauseRow>, RunStoreError> {
         match self.pause_where("p.id = ?1", id)? {
             Some(p) => Ok(Some(p)),
-            None => self.pause_where("p.approval_id = ?1 ORDER BY p.created_ms DESC, p.id DESC LIMIT 1", id),
+            None => self.pause_where(
+                "p.approval_id = ?1 ORDER BY p.created_ms DESC, p.id DESC LIMIT 1",
+                id,
+            ),
         }
     }
 
