@@ -39,10 +39,7 @@ pub enum StoreError {
 /// modules are ported to [`Store::db`]; `tests/store_backends.rs` checks it against the
 /// source. While it is not empty, `chitin gateway` refuses `[store] backend = "postgres"`.
 pub const NOT_PORTED: &[&str] = &[
-    "automation::hooks",
-    "automation::jobs",
     "gateway",
-    "workflow_runner::store",
 ];
 
 /// The modules already on the neutral API (they run on both backends).
@@ -66,8 +63,26 @@ pub const PORTED: &[&str] = &[
     "lifecycle::export",
     "lifecycle::retention",
     "tools::memory",
+    "automation::hooks",
+    "automation::jobs",
+    "workflow_runner::store",
 ];
 
+=======
+    "tools::prompt_guard",
+];
+
+/// The modules already on the neutral API (they run on both backends).
+pub const PORTED: &[&str] = &[
+    "approvals",
+    "agent::transcripts",
+    "store (meta)",
+    "automation::hooks",
+    "automation::jobs",
+    "workflow_runner::store",
+];
+
+>>>>>>> h-automation
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {
     if NOT_PORTED.is_empty() {

@@ -43,6 +43,7 @@ use chitin::store::Store;
 use chitin::tools::Sandbox;
 use chitin::tools::message::Messenger;
 use chitin_audit::{AuditLog, Query};
+use chitin_store::Dialect;
 use serde_json::{Value, json};
 
 /// 2026-03-06T07:00:30Z: half a minute after a whole minute.
@@ -59,9 +60,16 @@ struct Env {
     store: Arc<Store>,
     vault: Arc<chitin::vault::Vault>,
     secrets: chitin::secrets::SharedSecretStore,
+    /// The store's PostgreSQL database, for the tests on that backend (dropped last).
+    pg: Option<chitin_store::testing::TestPg>,
 }
 
 fn env() -> Env {
+    env_on(Dialect::Sqlite)
+}
+
+/// An environment whose store (jobs, firings, deliveries, sessions, runs) is on `d`.
+fn env_on(d: Dialect) -> Env {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (h, w) = (
         tempfile::tempdir_in(base).unwrap(),
@@ -104,7 +112,11 @@ fn env() -> Env {
             &["wf.hooks.invalid".to_string()],
         )
         .unwrap();
-    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
+    let pg = (d == Dialect::Postgres).then(|| chitin_store::testing::TestPg::new().unwrap());
+    let store = Arc::new(match &pg {
+        Some(pg) => Store::from_db(pg.db().unwrap()),
+        None => Store::open(&home.join("state.db")).unwrap(),
+    });
     Env {
         ws: w.path().canonicalize().unwrap(),
         gate: Gate::new(Arc::new(engine), Arc::clone(&audit)),
@@ -115,8 +127,49 @@ fn env() -> Env {
         home,
         clock,
         _dirs: vec![h, w],
+        pg,
     }
 }
+
+/// A second connection to the environment's database: what another gateway (a replica)
+/// sharing it opens.
+fn replica(e: &Env) -> Arc<Store> {
+    Arc::new(match &e.pg {
+        Some(pg) => Store::from_db(pg.db().unwrap()),
+        None => Store::open(&e.home.join("state.db")).unwrap(),
+    })
+}
+
+/// Runs an async test body on SQLite and on PostgreSQL (`<test>::on_sqlite`,
+/// `<test>::on_postgres`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_sqlite() {
+                super::$name(chitin_store::Dialect::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn on_postgres() {
+                super::$name(chitin_store::Dialect::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_due_job_fires_once_per_time_and_is_recorded_before_the_model_is_asked,
+    times_missed_while_the_gateway_was_down_are_skipped_or_run_once,
+    a_restart_never_runs_the_same_time_twice,
+    a_run_request_is_fired_at_the_next_look_and_a_workflow_goes_to_the_launcher,
+    heartbeat_ok_is_not_delivered_and_an_answer_that_needs_attention_is,
+    the_cron_tool_adds_lists_and_removes_jobs_decided_by_cedar,
+    a_webhook_with_a_workflow_target_starts_it_once_per_delivery,
+    a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next,
+    two_replicas_ticking_the_same_due_job_fire_it_once_per_time,
+    two_replicas_claiming_the_same_run_request_start_it_once,
+    two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_once,
+);
 
 fn agent(e: &Env, s: &FakeServer, jobs: Option<Arc<JobStore>>) -> Agent {
     let provider: chitin::config::providers::ProviderConfig = toml::from_str(&format!(
@@ -221,8 +274,13 @@ fn config(extra: &str) -> Config {
 }
 
 fn cron(e: &Env, config: &Config) -> Cron {
+    cron_over(e, Arc::clone(&e.store), config)
+}
+
+/// [`cron`] over `store` (a replica's connection to the same database).
+fn cron_over(e: &Env, store: Arc<Store>, config: &Config) -> Cron {
     let jobs = Arc::new(JobStore::new(
-        Arc::clone(&e.store),
+        store,
         Arc::new(e.clock.clone()),
         config.channels.clone(),
         Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
@@ -269,9 +327,8 @@ fn statuses(c: &Cron, job: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_due_job_fires_once_per_time_and_is_recorded_before_the_model_is_asked() {
-    let e = env();
+async fn a_due_job_fires_once_per_time_and_is_recorded_before_the_model_is_asked(d: Dialect) {
+    let e = env_on(d);
     let gate = Arc::new(tokio::sync::Notify::new());
     let s = FakeOpenAi::start(vec![Step::Gated {
         reply: Reply::text(["Good ", "morning"]),
@@ -334,9 +391,8 @@ async fn a_due_job_fires_once_per_time_and_is_recorded_before_the_model_is_asked
     assert_eq!(s.requests().len(), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn times_missed_while_the_gateway_was_down_are_skipped_or_run_once() {
-    let e = env();
+async fn times_missed_while_the_gateway_was_down_are_skipped_or_run_once(d: Dialect) {
+    let e = env_on(d);
     let s = FakeOpenAi::start(vec![]).await.unwrap();
     s.set_fallback(Step::text("done"));
     let cfg = config(
@@ -402,9 +458,8 @@ async fn times_missed_while_the_gateway_was_down_are_skipped_or_run_once() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_never_runs_the_same_time_twice() {
-    let e = env();
+async fn a_restart_never_runs_the_same_time_twice(d: Dialect) {
+    let e = env_on(d);
     let s = FakeOpenAi::start(vec![]).await.unwrap();
     s.set_fallback(Step::text("ok"));
     let cfg =
@@ -486,9 +541,8 @@ async fn a_restart_never_runs_the_same_time_twice() {
     assert!(all.iter().all(|f| f.status == "completed"), "{all:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_run_request_is_fired_at_the_next_look_and_a_workflow_goes_to_the_launcher() {
-    let e = env();
+async fn a_run_request_is_fired_at_the_next_look_and_a_workflow_goes_to_the_launcher(d: Dialect) {
+    let e = env_on(d);
     let s = FakeOpenAi::start(vec![Step::text("ran")]).await.unwrap();
     let c = cron(
         &e,
@@ -541,9 +595,8 @@ async fn a_run_request_is_fired_at_the_next_look_and_a_workflow_goes_to_the_laun
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn heartbeat_ok_is_not_delivered_and_an_answer_that_needs_attention_is() {
-    let e = env();
+async fn heartbeat_ok_is_not_delivered_and_an_answer_that_needs_attention_is(d: Dialect) {
+    let e = env_on(d);
     let s = FakeOpenAi::start(vec![
         Step::text("HEARTBEAT_OK"),
         Step::text("Nothing new. HEARTBEAT_OK"),
@@ -588,9 +641,8 @@ async fn heartbeat_ok_is_not_delivered_and_an_answer_that_needs_attention_is() {
 }
 
 /// The agent's `cron` tool, end to end: the model's call goes through the tool path and Cedar.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cron_tool_adds_lists_and_removes_jobs_decided_by_cedar() {
-    let e = env();
+async fn the_cron_tool_adds_lists_and_removes_jobs_decided_by_cedar(d: Dialect) {
+    let e = env_on(d);
     let add = json!({"op": "add", "name": "standup", "schedule": "0 9 * * 1-5",
                      "timezone": "Europe/Berlin", "prompt": "What is on today?"});
     let s = FakeOpenAi::start(vec![
@@ -779,10 +831,9 @@ async fn the_cron_tool_refuses_to_run_a_job_as_someone_else_and_is_not_offered_t
 /// A webhook whose target is a workflow: the launcher gets the body as `payload` (parsed JSON),
 /// the event and the delivery id, once per delivery id; the secret (stored with a trailing
 /// newline) is released through Cedar for the hook's pseudo-host.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhook_with_a_workflow_target_starts_it_once_per_delivery() {
+async fn a_webhook_with_a_workflow_target_starts_it_once_per_delivery(d: Dialect) {
     use chitin::automation::hooks::{Hooks, sign_generic};
-    let e = env();
+    let e = env_on(d);
     let cfg = config(
         "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\nargs = { team = \"core\" }\n",
     );
@@ -968,10 +1019,11 @@ impl WorkflowLauncher for Stuck {
 /// A workflow delivery is stored (body sealed) before the 2xx. A gateway that stopped after
 /// claiming it but before its run finished starting leaves it `started`: the next gateway
 /// starts it, once; a replay of the delivery id still runs nothing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next() {
+async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_the_next(
+    d: Dialect,
+) {
     use chitin::automation::hooks::{Hooks, sign_generic};
-    let e = env();
+    let e = env_on(d);
     let cfg = config(
         "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\n",
     );
@@ -993,17 +1045,7 @@ async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_t
             Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
         )
     };
-    let status = || -> (String, bool) {
-        e.store
-            .conn()
-            .unwrap()
-            .query_row(
-                "SELECT status, body IS NOT NULL FROM hook_deliveries WHERE delivery_id = 'ci-7'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .unwrap()
-    };
+    let status = || delivery_status(&e, "ci-7");
     // The first gateway: acknowledged, claimed, then stuck inside the launcher.
     let first = cron(&e, &cfg);
     let stuck = Arc::new(Stuck(
@@ -1021,8 +1063,25 @@ async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_t
     })
     .await;
     assert_eq!(status(), ("started".to_string(), true));
+    if d == Dialect::Sqlite {
+        assert!(
+            !has(&raw_state(&e), "Marmalade-Kestrel"),
+            "the stored body is sealed"
+        );
+    }
+    let stored: Vec<u8> = e
+        .store
+        .db()
+        .with(|c| {
+            c.query_row(
+                "SELECT body FROM hook_deliveries WHERE delivery_id = 'ci-7'",
+                chitin::store::params![],
+            )?
+            .get(0)
+        })
+        .unwrap();
     assert!(
-        !has(&raw_state(&e), "Marmalade-Kestrel"),
+        !has(&stored, "Marmalade-Kestrel"),
         "the stored body is sealed"
     );
     // The next gateway.
@@ -1045,4 +1104,202 @@ async fn a_workflow_delivery_a_stopped_gateway_was_starting_is_started_once_by_t
     assert_eq!(again.body["duplicate"], true, "{:?}", again.body);
     assert_eq!(launcher.0.lock().unwrap().len(), 1);
     stuck.1.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// A delivery's status and whether its body is still stored.
+fn delivery_status(e: &Env, delivery: &str) -> (String, bool) {
+    e.store
+        .db()
+        .with(|c| {
+            let r = c.query_row(
+                "SELECT status, body IS NOT NULL FROM hook_deliveries WHERE delivery_id = ?1",
+                chitin::store::params![delivery],
+            )?;
+            Ok::<_, chitin_store::Error>((r.get(0)?, r.get(1)?))
+        })
+        .unwrap()
+}
+
+/// Starts every firing of two reports and waits for their ends; how many there were.
+async fn finish_all(reports: Vec<chitin::automation::scheduler::TickReport>) -> usize {
+    let mut n = 0;
+    for r in reports {
+        for st in r.started {
+            assert_eq!(st.done.await.unwrap().status, "completed");
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Two gateways on one database (two `Store`s: replicas) look at the same due job at the
+/// same instant, minute after minute: each time is fired by exactly one of them, once.
+async fn two_replicas_ticking_the_same_due_job_fire_it_once_per_time(d: Dialect) {
+    let e = env_on(d);
+    let cfg = config(
+        "[[cron]]\nname = \"sync\"\nevery = \"1m\"\nworkflow = \"workflows/sync.lobster\"\n",
+    );
+    let launcher = Arc::new(Launcher::default());
+    let a = cron(&e, &cfg);
+    let b = cron_over(&e, replica(&e), &cfg);
+    for c in [&a, &b] {
+        c.runner
+            .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+    }
+    let (sa, sb) = (scheduler(&e, &a), scheduler(&e, &b));
+    let mut fired = Vec::new();
+    for minute in 1..=5 {
+        e.clock.set(START_MS - 30_000 + minute * MIN + 1_000);
+        let (ra, rb) = tokio::join!(sa.tick(), sb.tick());
+        let n = finish_all(vec![ra.unwrap(), rb.unwrap()]).await;
+        assert_eq!(n, 1, "minute {minute}: fired {n} times");
+        fired.push(START_MS - 30_000 + minute * MIN);
+        // Looking again at the same time fires nothing on either.
+        let (ra, rb) = tokio::join!(sa.tick(), sb.tick());
+        assert_eq!(finish_all(vec![ra.unwrap(), rb.unwrap()]).await, 0);
+    }
+    let firings = a.jobs.firings("sync").unwrap();
+    assert_eq!(
+        firings.iter().map(|f| f.tick_ms).collect::<Vec<_>>(),
+        fired,
+        "one firing per time"
+    );
+    assert!(
+        firings.iter().all(|f| f.status == "completed"),
+        "{firings:?}"
+    );
+    let origins: Vec<String> = launcher
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.3.clone())
+        .collect();
+    assert_eq!(
+        origins,
+        fired
+            .iter()
+            .map(|t| format!("cron:sync:t:{t}"))
+            .collect::<Vec<_>>()
+    );
+    // Both replicas see the same last time: neither fires a time the other fired.
+    assert_eq!(
+        b.jobs.get("sync").unwrap().unwrap().last_tick_ms,
+        fired.last().copied()
+    );
+}
+
+/// `chitin cron run` against a deployment of two gateways: the request is started by exactly
+/// one of them.
+async fn two_replicas_claiming_the_same_run_request_start_it_once(d: Dialect) {
+    let e = env_on(d);
+    let cfg = config(
+        "[[cron]]\nname = \"nightly\"\nschedule = \"0 3 * * *\"\nworkflow = \"workflows/n.lobster\"\n",
+    );
+    let launcher = Arc::new(Launcher::default());
+    let a = cron(&e, &cfg);
+    let b = cron_over(&e, replica(&e), &cfg);
+    for c in [&a, &b] {
+        c.runner
+            .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+    }
+    let (sa, sb) = (scheduler(&e, &a), scheduler(&e, &b));
+    for round in 0..3 {
+        let f = a.jobs.request_run("nightly", "owner").unwrap();
+        let (ra, rb) = tokio::join!(sa.tick(), sb.tick());
+        assert_eq!(
+            finish_all(vec![ra.unwrap(), rb.unwrap()]).await,
+            1,
+            "round {round}"
+        );
+        let mine: Vec<_> = b
+            .jobs
+            .firings("nightly")
+            .unwrap()
+            .into_iter()
+            .filter(|x| x.id == f.id)
+            .collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(mine[0].status, "completed");
+    }
+    assert_eq!(launcher.0.lock().unwrap().len(), 3);
+}
+
+/// The same webhook delivery reaching two gateways at once (a sender's retry through a load
+/// balancer): both answer 200, one starts the workflow and the other reports the duplicate;
+/// the workflow starts once.
+async fn two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_once(d: Dialect) {
+    use chitin::automation::hooks::{Hooks, sign_generic};
+    let e = env_on(d);
+    let cfg = config(
+        "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\n",
+    );
+    let launcher = Arc::new(Launcher::default());
+    let hooks_over = |store: Arc<Store>| {
+        let c = cron_over(&e, Arc::clone(&store), &cfg);
+        c.runner
+            .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+        Hooks::build(
+            &cfg.hooks,
+            "owner",
+            &e.gate,
+            &e.secrets,
+            Arc::clone(&c.runner),
+            store,
+            Arc::new(e.clock.clone()),
+            Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
+        )
+    };
+    let (ha, hb) = (hooks_over(Arc::clone(&e.store)), hooks_over(replica(&e)));
+    for i in 0..4 {
+        let delivery = format!("ci-{i}");
+        let body = format!("{{\"build\":{i}}}");
+        let headers = vec![
+            (
+                "X-Chitin-Signature".to_string(),
+                sign_generic(b"wf-secret", START_MS / 1000, body.as_bytes()),
+            ),
+            ("X-Chitin-Delivery".to_string(), delivery.clone()),
+        ];
+        let (a, b) = tokio::join!(
+            ha.handle("wf", &headers, body.as_bytes()),
+            hb.handle("wf", &headers, body.as_bytes())
+        );
+        assert_eq!(
+            (a.status, b.status),
+            (200, 200),
+            "{:?} {:?}",
+            a.body,
+            b.body
+        );
+        let started = [&a, &b]
+            .iter()
+            .filter(|x| x.body["workflow"] == "started")
+            .count();
+        let duplicates = [&a, &b]
+            .iter()
+            .filter(|x| x.body["duplicate"] == true)
+            .count();
+        assert_eq!((started, duplicates), (1, 1), "{:?} {:?}", a.body, b.body);
+        until("the delivery's end", || {
+            delivery_status(&e, &delivery).0 == "completed"
+        })
+        .await;
+    }
+    let origins: Vec<String> = launcher
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| c.3.clone())
+        .collect();
+    assert_eq!(
+        origins,
+        [
+            "hook:wf:ci-0",
+            "hook:wf:ci-1",
+            "hook:wf:ci-2",
+            "hook:wf:ci-3"
+        ]
+    );
 }

@@ -37,6 +37,7 @@ use chitin::workflow_runner::{
     Envelope, Intent, ResumeKey, ResumeRequest, Runner, RunnerParts, StartRequest, TokenKey,
 };
 use chitin_audit::AuditLog;
+use chitin_store::Dialect;
 use serde_json::{Value, json};
 
 const TTL_MS: i64 = 24 * 60 * 60 * 1000;
@@ -50,11 +51,18 @@ struct Env {
     store: Arc<Store>,
     vault: Arc<chitin::vault::Vault>,
     sleeper: Arc<RecordingSleeper>,
+    /// The run store's PostgreSQL database, for the tests on that backend (dropped last).
+    pg: Option<chitin_store::testing::TestPg>,
 }
 
 /// Owners `owner` and `alice`; `mallory` in no group. `extra_policy`: a Cedar file added to the
 /// defaults.
 fn env_with(extra_policy: Option<&str>) -> Env {
+    env_with_on(extra_policy, Dialect::Sqlite)
+}
+
+/// [`env_with`] whose store (runs, steps, pauses, approvals) is on the given backend.
+fn env_with_on(extra_policy: Option<&str>, d: Dialect) -> Env {
     let base = Path::new(env!("CARGO_TARGET_TMPDIR"));
     let (h, w) = (
         tempfile::tempdir_in(base).unwrap(),
@@ -105,7 +113,11 @@ fn env_with(extra_policy: Option<&str>) -> Env {
     let vault = Arc::new(
         chitin::vault::Vault::from_store(&home, &mut secrets, Arc::new(clock.clone())).unwrap(),
     );
-    let store = Arc::new(Store::open(&home.join("state.db")).unwrap());
+    let pg = (d == Dialect::Postgres).then(|| chitin_store::testing::TestPg::new().unwrap());
+    let store = Arc::new(match &pg {
+        Some(pg) => Store::from_db(pg.db().unwrap()),
+        None => Store::open(&home.join("state.db")).unwrap(),
+    });
     Env {
         ws: w.path().canonicalize().unwrap(),
         gate: Gate::new(Arc::new(engine), audit),
@@ -115,12 +127,61 @@ fn env_with(extra_policy: Option<&str>) -> Env {
         clock,
         sleeper: Arc::new(RecordingSleeper::default()),
         _dirs: vec![h, w],
+        pg,
     }
 }
 
 fn env() -> Env {
     env_with(None)
 }
+
+fn env_on(d: Dialect) -> Env {
+    env_with_on(None, d)
+}
+
+/// A second connection to the environment's database: what another gateway (a replica)
+/// sharing it would open.
+fn replica(e: &Env) -> Arc<Store> {
+    Arc::new(match &e.pg {
+        Some(pg) => Store::from_db(pg.db().unwrap()),
+        None => Store::open(&e.home.join("state.db")).unwrap(),
+    })
+}
+
+/// Runs a test body on SQLite and on PostgreSQL (`<test>::on_sqlite`, `<test>::on_postgres`).
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn on_sqlite() {
+                super::$name(chitin_store::Dialect::Sqlite)
+            }
+            #[test]
+            fn on_postgres() {
+                super::$name(chitin_store::Dialect::Postgres)
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    a_workflow_runs_its_steps_in_the_sandbox_and_returns_lobsters_envelope,
+    a_run_pauses_at_an_approval_and_finishes_when_approved_with_its_token,
+    an_expired_resume_token_is_refused,
+    a_resume_token_works_once,
+    denying_cancels_the_run,
+    approvals_granted_elsewhere_continue_on_the_gateways_tick,
+    only_the_required_approver_and_a_different_one_when_asked_may_approve,
+    an_input_gate_takes_an_answer_that_matches_its_schema,
+    retry_waits_with_backoff_and_the_step_succeeds_on_a_later_attempt,
+    a_sub_workflow_runs_with_its_arguments_and_a_cycle_is_refused,
+    an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart,
+    an_approval_gate_in_a_for_each_body_asks_per_item_and_resumes_exactly_there,
+    state_and_diff_last_keep_values_between_runs_sealed_per_workflow,
+    a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick,
+    two_replicas_resuming_the_same_pause_at_once_continue_the_run_once,
+    two_replicas_recovering_a_dead_runner_s_run_take_it_over_once,
+);
 
 struct Model {
     router: Option<Arc<Router>>,
@@ -169,11 +230,16 @@ fn model(e: &Env, s: &FakeServer) -> Model {
 }
 
 fn runner_with(e: &Env, m: Model) -> Runner {
+    runner_over(e, Arc::clone(&e.store), m)
+}
+
+/// A runner over `store` (a replica's connection to the same database).
+fn runner_over(e: &Env, store: Arc<Store>, m: Model) -> Runner {
     let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
     sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     Runner::new(RunnerParts {
         gate: e.gate.clone(),
-        store: Arc::clone(&e.store),
+        store,
         sandbox: sb,
         workspace: e.ws.clone(),
         library: Vec::new(),
@@ -254,9 +320,8 @@ fn ok_output(env: &Envelope) -> Vec<Value> {
 
 // ---- runs -----------------------------------------------------------------------------------
 
-#[test]
-fn a_workflow_runs_its_steps_in_the_sandbox_and_returns_lobsters_envelope() {
-    let e = env();
+fn a_workflow_runs_its_steps_in_the_sandbox_and_returns_lobsters_envelope(d: Dialect) {
+    let e = env_on(d);
     write(
         &e,
         "hello.lobster",
@@ -394,9 +459,8 @@ fn paused(e: &Env) -> (Runner, Envelope) {
     (r, env)
 }
 
-#[test]
-fn a_run_pauses_at_an_approval_and_finishes_when_approved_with_its_token() {
-    let e = env();
+fn a_run_pauses_at_an_approval_and_finishes_when_approved_with_its_token(d: Dialect) {
+    let e = env_on(d);
     let (r, env) = paused(&e);
     let req = &env.value["requiresApproval"];
     assert_eq!(req["type"], "approval_request");
@@ -489,9 +553,8 @@ fn a_modified_resume_token_is_refused_and_nothing_runs() {
     );
 }
 
-#[test]
-fn an_expired_resume_token_is_refused() {
-    let e = env();
+fn an_expired_resume_token_is_refused(d: Dialect) {
+    let e = env_on(d);
     let (r, env) = paused(&e);
     e.clock.advance(TTL_MS + 1);
     let m = error_message(&resume(
@@ -518,9 +581,8 @@ fn an_expired_resume_token_is_refused() {
     );
 }
 
-#[test]
-fn a_resume_token_works_once() {
-    let e = env();
+fn a_resume_token_works_once(d: Dialect) {
+    let e = env_on(d);
     let (r, env) = paused(&e);
     let t = token(&env);
     assert_eq!(
@@ -575,9 +637,8 @@ fn a_workflow_file_changed_after_the_pause_is_refused_on_resume() {
     assert_eq!(done.status(), "ok", "{}", done.value);
 }
 
-#[test]
-fn denying_cancels_the_run() {
-    let e = env();
+fn denying_cancels_the_run(d: Dialect) {
+    let e = env_on(d);
     let (r, env) = paused(&e);
     let id = env.approval_id.clone().unwrap();
     let done = resume(
@@ -591,9 +652,8 @@ fn denying_cancels_the_run() {
     assert_eq!(r.approvals().get(&id).unwrap().status, "denied");
 }
 
-#[test]
-fn approvals_granted_elsewhere_continue_on_the_gateways_tick() {
-    let e = env();
+fn approvals_granted_elsewhere_continue_on_the_gateways_tick(d: Dialect) {
+    let e = env_on(d);
     let (r, env) = paused(&e);
     let id = env.approval_id.clone().unwrap();
     // As the web page or a chat button does: the approval alone.
@@ -603,9 +663,8 @@ fn approvals_granted_elsewhere_continue_on_the_gateways_tick() {
     assert_eq!(ok_output(&done), vec![json!("approved by alice")]);
 }
 
-#[test]
-fn only_the_required_approver_and_a_different_one_when_asked_may_approve() {
-    let e = env();
+fn only_the_required_approver_and_a_different_one_when_asked_may_approve(d: Dialect) {
+    let e = env_on(d);
     write(
         &e,
         "pick.lobster",
@@ -660,9 +719,8 @@ fn only_the_required_approver_and_a_different_one_when_asked_may_approve() {
     assert_eq!(ok_output(&done), vec![json!("done\n")]);
 }
 
-#[test]
-fn an_input_gate_takes_an_answer_that_matches_its_schema() {
-    let e = env();
+fn an_input_gate_takes_an_answer_that_matches_its_schema(d: Dialect) {
+    let e = env_on(d);
     write(
         &e,
         "ask.lobster",
@@ -705,9 +763,8 @@ fn an_input_gate_takes_an_answer_that_matches_its_schema() {
 
 // ---- control flow ---------------------------------------------------------------------------
 
-#[test]
-fn retry_waits_with_backoff_and_the_step_succeeds_on_a_later_attempt() {
-    let e = env();
+fn retry_waits_with_backoff_and_the_step_succeeds_on_a_later_attempt(d: Dialect) {
+    let e = env_on(d);
     // Fails until its third attempt (a counter in the workspace).
     write(
         &e,
@@ -807,9 +864,8 @@ fn for_each_runs_its_body_per_item_and_pauses_between_batches() {
     assert_eq!(e.sleeper.waits(), vec![Duration::from_millis(250)]);
 }
 
-#[test]
-fn a_sub_workflow_runs_with_its_arguments_and_a_cycle_is_refused() {
-    let e = env();
+fn a_sub_workflow_runs_with_its_arguments_and_a_cycle_is_refused(d: Dialect) {
+    let e = env_on(d);
     write(
         &e,
         "flows/child.lobster",
@@ -1226,9 +1282,10 @@ const PARALLEL_GATE: &str = "steps:\n  - id: both\n    parallel:\n      branches
 /// An approval gate in a parallel branch pauses the run like a top-level gate: the other
 /// branches finish and are kept, and after the approval (given to a new runner, as after a
 /// restart) the run goes on from there without running any branch again.
-#[test]
-fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart() {
-    let e = env();
+fn an_approval_gate_in_a_parallel_branch_pauses_the_run_and_resumes_there_after_a_restart(
+    d: Dialect,
+) {
+    let e = env_on(d);
     write(&e, "par.lobster", PARALLEL_GATE);
     let env = start(&runner(&e), "par.lobster", json!({}));
     assert_eq!(env.status(), "needs_approval", "{}", env.value);
@@ -1312,9 +1369,8 @@ const LOOP_GATE: &str = "steps:\n  - id: list\n    run: echo '[\"a.tmp\", \"b.tm
 /// An approval gate in a for_each body asks once per item, showing the item; each approval
 /// continues exactly there (earlier items and sub-steps are not run again, also across a
 /// restart), and a denial cancels the run.
-#[test]
-fn an_approval_gate_in_a_for_each_body_asks_per_item_and_resumes_exactly_there() {
-    let e = env();
+fn an_approval_gate_in_a_for_each_body_asks_per_item_and_resumes_exactly_there(d: Dialect) {
+    let e = env_on(d);
     write(&e, "loop.lobster", LOOP_GATE);
     let env = start(&runner(&e), "loop.lobster", json!({}));
     assert_eq!(env.status(), "needs_approval", "{}", env.value);
@@ -1498,9 +1554,8 @@ fn a_pipeline_ask_stage_takes_an_answer_that_matches_its_schema() {
 
 /// `state.set` / `state.get` / `diff.last` keep values between runs, per owner and workflow,
 /// sealed in state.db; `diff.last` says whether the value changed since the last run.
-#[test]
-fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
-    let e = env();
+fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow(d: Dialect) {
+    let e = env_on(d);
     write(
         &e,
         "watch.lobster",
@@ -1535,10 +1590,30 @@ fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
     );
     let env = start(&r, "other.lobster", json!({}));
     assert_eq!(ok_output(&env), Vec::<Value>::new());
-    // Sealed: the values are not in the database's bytes.
-    let mut raw = std::fs::read(e.home.join("state.db")).unwrap();
-    raw.extend(std::fs::read(e.home.join("state.db-wal")).unwrap_or_default());
-    assert!(!raw.windows(11).any(|w| w == b"Wombat-22 r"));
+    // Sealed: the values are not in the database's bytes (nor in the stored values, on
+    // either backend).
+    if d == Dialect::Sqlite {
+        let mut raw = std::fs::read(e.home.join("state.db")).unwrap();
+        raw.extend(std::fs::read(e.home.join("state.db-wal")).unwrap_or_default());
+        assert!(!raw.windows(11).any(|w| w == b"Wombat-22 r"));
+    }
+    let stored: Vec<Vec<u8>> = e
+        .store
+        .db()
+        .with(|c| {
+            c.query_map(
+                "SELECT value FROM workflow_state ORDER BY workflow, key",
+                chitin::store::params![],
+                |r| r.get::<Vec<u8>>(0),
+            )
+        })
+        .unwrap();
+    assert!(!stored.is_empty());
+    assert!(
+        stored
+            .iter()
+            .all(|v| !v.windows(11).any(|w| w == b"Wombat-22 r"))
+    );
     // A bad key and Google's gog stages are refused with the reason.
     write(
         &e,
@@ -1562,9 +1637,8 @@ fn state_and_diff_last_keep_values_between_runs_sealed_per_workflow() {
 /// A gate inside a loop approved where tool approvals are approved (the web page, a chat
 /// button: the approval alone) is continued by the gateway's tick, exactly there; denied
 /// there, the run is cancelled.
-#[test]
-fn a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick() {
-    let e = env();
+fn a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick(d: Dialect) {
+    let e = env_on(d);
     write(&e, "loop.lobster", LOOP_GATE);
     let r = runner(&e);
     let env = start(&r, "loop.lobster", json!({}));
@@ -1595,4 +1669,112 @@ fn a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tic
     assert_eq!(r2.envelope_of(&run).status(), "cancelled");
     assert_eq!(lines(&e, "seen.log"), ["a.tmp", "b.tmp"]);
     assert_eq!(lines(&e, "deleted.log"), ["a.tmp"]);
+}
+
+// ---- two gateways on one database ---------------------------------------------------------
+
+const GATED_ONCE: &str = "name: once\nsteps:\n  - id: ask\n    run: printf '[\"x\"]'\n    approval: Go on?\n  - id: after\n    run: echo after >> after.log; printf done\n";
+
+/// Two gateways (two connections to one database) resume the same paused run with its token
+/// at the same instant: the pause is claimed by one of them, the run goes on once (its next
+/// step runs once) and the other is told the pause was already taken.
+fn two_replicas_resuming_the_same_pause_at_once_continue_the_run_once(d: Dialect) {
+    let e = env_on(d);
+    write(&e, "once.lobster", GATED_ONCE);
+    let r1 = runner(&e);
+    let paused = start(&r1, "once.lobster", json!({}));
+    assert_eq!(paused.status(), "needs_approval", "{}", paused.value);
+    let r2 = runner_over(&e, replica(&e), no_model());
+    let t = token(&paused);
+    let barrier = std::sync::Barrier::new(2);
+    let (a, b) = std::thread::scope(|s| {
+        let one = s.spawn(|| {
+            barrier.wait();
+            resume(
+                &r1,
+                ResumeKey::Token(t.clone()),
+                Intent::Approve(true),
+                "owner",
+            )
+        });
+        let two = s.spawn(|| {
+            barrier.wait();
+            resume(
+                &r2,
+                ResumeKey::Token(t.clone()),
+                Intent::Approve(true),
+                "owner",
+            )
+        });
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    let statuses = [a.status().to_string(), b.status().to_string()];
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "ok").count(),
+        1,
+        "{} / {}",
+        a.value,
+        b.value
+    );
+    let refused = if a.status() == "ok" { &b } else { &a };
+    let m = error_message(refused);
+    assert!(
+        m.contains("already resumed") || m.contains("being resumed"),
+        "{m}"
+    );
+    assert_eq!(lines(&e, "after.log"), ["after"], "the run went on twice");
+    let run = paused.run_id.clone().unwrap();
+    assert_eq!(r2.show(&run).unwrap()["status"], "ok");
+}
+
+const TWO_STEPS: &str = "name: two\nsteps:\n  - id: one\n    run: echo one >> one.log\n  - id: two\n    run: echo two >> two.log\n";
+
+/// A run whose process died after its first step (left `running`, its runner gone) is taken
+/// over by exactly one of two gateways recovering at the same instant: its second step runs
+/// once more, not twice.
+fn two_replicas_recovering_a_dead_runner_s_run_take_it_over_once(d: Dialect) {
+    let e = env_on(d);
+    write(&e, "two.lobster", TWO_STEPS);
+    let r1 = runner(&e);
+    let done = start(&r1, "two.lobster", json!({}));
+    assert_eq!(done.status(), "ok", "{}", done.value);
+    assert_eq!(lines(&e, "two.log"), ["two"]);
+    let run = done.run_id.clone().unwrap();
+    // As a process that died after the first step leaves it: running, cursor at the second
+    // step, that step not recorded, its runner a process that does not exist.
+    e.store
+        .db()
+        .tx(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET status = 'running', cursor = 1, finished_ms = NULL,
+                        runner_pid = 2147483000, runner_start = 1 WHERE id = ?1",
+                chitin::store::params![run],
+            )?;
+            c.execute(
+                "DELETE FROM workflow_steps WHERE run_id = ?1 AND step = 'two'",
+                chitin::store::params![run],
+            )
+        })
+        .unwrap();
+    let r2 = runner_over(&e, replica(&e), no_model());
+    let barrier = std::sync::Barrier::new(2);
+    let (a, b) = std::thread::scope(|s| {
+        let one = s.spawn(|| {
+            barrier.wait();
+            rt().block_on(r1.recover())
+        });
+        let two = s.spawn(|| {
+            barrier.wait();
+            rt().block_on(r2.recover())
+        });
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_eq!(a + b, 1, "taken over by {a} and {b}");
+    assert_eq!(
+        lines(&e, "two.log"),
+        ["two", "two"],
+        "the second step ran twice on recovery"
+    );
+    assert_eq!(lines(&e, "one.log"), ["one"]);
+    assert_eq!(r1.show(&run).unwrap()["status"], "ok");
 }

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use hmac::{Hmac, Mac};
-use rusqlite::{OptionalExtension, params};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -26,7 +25,7 @@ use crate::config::automation::{HookConfig, HookFormat, MAX_PROMPT_BYTES, Target
 use crate::gate::{Gate, Verdict};
 use crate::policy::{Action, PolicyRequest};
 use crate::secrets::{SecretValue, SharedSecretStore};
-use crate::store::Store;
+use crate::store::{Store, params};
 
 /// How far a generic signature's timestamp may be from the gateway's clock (5 minutes).
 pub const TOLERANCE_MS: i64 = 5 * 60_000;
@@ -898,17 +897,16 @@ impl Hooks {
                 delivery.to_string(),
                 run_id.clone(),
             );
-            let r = tokio::task::spawn_blocking(move || {
-                store.conn().map_err(|e| e.to_string()).and_then(|c| {
+            let r = store
+                .db()
+                .call(move |c| {
                     c.execute(
                         "UPDATE hook_deliveries SET status = 'started', run_id = ?3 WHERE hook = ?1 AND delivery_id = ?2",
                         params![hname, d, rid],
                     )
-                    .map_err(|e| e.to_string())
                 })
-            })
-            .await;
-            if let Ok(Err(e)) = r {
+                .await;
+            if let Err(e) = r {
                 tracing::error!(hook = %hook.cfg.name, error = %e, "webhook run not recorded");
             }
         }
@@ -974,12 +972,16 @@ fn hold_starts_for_tests() -> bool {
 /// Claims a stored workflow delivery for starting (`accepted` -> `started`); `false`: another
 /// starter has it.
 fn claim_delivery(store: &Store, hook: &str, delivery: &str) -> Result<bool, String> {
-    let conn = store.conn().map_err(|e| e.to_string())?;
-    let n = conn
-        .execute(
-            "UPDATE hook_deliveries SET status = 'started' WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND body IS NOT NULL",
-            params![hook, delivery],
-        )
+    // A conditional UPDATE: of two replicas claiming at once, the second waits for the first
+    // and then finds the row no longer `accepted`.
+    let n = store
+        .db()
+        .with(|c| {
+            c.execute(
+                "UPDATE hook_deliveries SET status = 'started' WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND body IS NOT NULL",
+                params![hook, delivery],
+            )
+        })
         .map_err(|e| e.to_string())?;
     Ok(n == 1)
 }
@@ -989,27 +991,27 @@ fn claim_delivery(store: &Store, hook: &str, delivery: &str) -> Result<bool, Str
 type PendingRow = (String, String, String, String, String, Vec<u8>);
 
 fn pending_deliveries(store: &Store) -> Result<Vec<PendingRow>, String> {
-    let conn = store.conn().map_err(|e| e.to_string())?;
-    let mut st = conn
-        .prepare(
-            "SELECT hook, delivery_id, event, status, subject, body FROM hook_deliveries
-             WHERE body IS NOT NULL AND subject IS NOT NULL AND status IN ('accepted', 'started')
-             ORDER BY received_ms, delivery_id",
-        )
-        .map_err(|e| e.to_string())?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
+    store
+        .db()
+        .with(|c| {
+            c.query_map(
+                "SELECT hook, delivery_id, event, status, subject, body FROM hook_deliveries
+                 WHERE body IS NOT NULL AND subject IS NOT NULL AND status IN ('accepted', 'started')
+                 ORDER BY received_ms, hook, delivery_id",
+                params![],
+                |r| {
+                    Ok::<_, chitin_store::Error>((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
         })
-        .map_err(|e| e.to_string())?;
-    rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Records a delivery id (with a workflow target's sealed body and its subject); `false` when
@@ -1028,30 +1030,43 @@ fn record_delivery(
     body: Option<Vec<u8>>,
     now: i64,
 ) -> Result<bool, String> {
-    let mut conn = store.conn().map_err(|e| e.to_string())?;
-    let tx = conn.transaction().map_err(|e| e.to_string())?;
-    let existing: Option<(String, Option<String>, bool)> = tx
-        .query_row(
-            "SELECT status, run_id, body IS NOT NULL FROM hook_deliveries WHERE hook = ?1 AND delivery_id = ?2",
-            params![hook, delivery],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
-        .map_err(|e| e.to_string())?;
-    let fresh = match existing {
-        Some((status, None, false)) if status == "accepted" && body.is_none() => true,
-        Some(_) => false,
-        None => {
-            tx.execute(
-                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6, ?7, ?8)",
+    store
+        .db()
+        .tx(|tx| {
+            // The record is the claim, deployment-wide: of two replicas receiving the same
+            // delivery at once, the second waits for the first's row and inserts nothing.
+            let inserted = tx.execute(
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6, ?7, ?8)
+                 ON CONFLICT (hook, delivery_id) DO NOTHING",
                 params![hook, delivery, event, digest, bytes, now, body, subject],
-            )
-            .map_err(|e| e.to_string())?;
-            true
-        }
-    };
-    tx.commit().map_err(|e| e.to_string())?;
-    Ok(fresh)
+            )?;
+            if inserted == 1 {
+                return Ok(true);
+            }
+            if body.is_some() {
+                return Ok(false);
+            }
+            // A turn's delivery left `accepted` without a run is taken over by a new attempt,
+            // once: the takeover moves `received_ms` forward, conditionally on the value this
+            // attempt read, so two attempts at once (on two replicas) take it over once.
+            let Some(r) = tx.query_opt(
+                "SELECT received_ms FROM hook_deliveries WHERE hook = ?1 AND delivery_id = ?2
+                   AND status = 'accepted' AND run_id IS NULL AND body IS NULL",
+                params![hook, delivery],
+            )?
+            else {
+                return Ok(false);
+            };
+            let seen: i64 = r.get(0)?;
+            let taken = tx.execute(
+                "UPDATE hook_deliveries SET received_ms = CASE WHEN ?4 > received_ms THEN ?4 ELSE received_ms + 1 END
+                 WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND run_id IS NULL
+                   AND body IS NULL AND received_ms = ?3",
+                params![hook, delivery, seen, now],
+            )?;
+            Ok::<_, chitin_store::Error>(taken == 1)
+        })
+        .map_err(|e| e.to_string())
 }
 
 /// Records how a delivery ended.
@@ -1064,17 +1079,16 @@ async fn finish_delivery(
 ) {
     let status = o.status;
     let result = o.result;
-    let r = tokio::task::spawn_blocking(move || {
-        store.conn().map_err(|e| e.to_string()).and_then(|c| {
+    let db = store.db().clone();
+    let r = db
+        .call(move |c| {
             c.execute(
                 "UPDATE hook_deliveries SET status = ?3, result = ?4, finished_ms = ?5, body = NULL WHERE hook = ?1 AND delivery_id = ?2",
                 params![hook, delivery, status, result, clock.now_ms()],
             )
-            .map_err(|e| e.to_string())
         })
-    })
-    .await;
-    if let Ok(Err(e)) = r {
+        .await;
+    if let Err(e) = r {
         tracing::error!(error = %e, "webhook delivery outcome not recorded");
     }
 }

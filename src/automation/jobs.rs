@@ -8,7 +8,6 @@
 
 use std::sync::{Arc, RwLock};
 
-use rusqlite::{OptionalExtension, params};
 use serde_json::{Value, json};
 
 use super::AutomationError;
@@ -18,7 +17,7 @@ use crate::clock::{Clock, rfc3339};
 use crate::config::Config;
 use crate::config::automation::{CronJob, HEARTBEAT_JOB, Target};
 use crate::config::channels::ChannelConfig;
-use crate::store::Store;
+use crate::store::{Store, params};
 
 /// A stored job.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,7 +92,7 @@ impl std::fmt::Debug for JobStore {
     }
 }
 
-fn firing_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<FiringRow> {
+fn firing_row(r: &chitin_store::Row) -> Result<FiringRow, AutomationError> {
     Ok(FiringRow {
         id: r.get(0)?,
         job: r.get(1)?,
@@ -150,24 +149,24 @@ impl JobStore {
     /// `job_sealed` and `job_json` is emptied (secure_delete overwrites the old text). Returns
     /// how many it sealed; run once when the store is opened.
     pub fn seal_legacy(&self) -> Result<usize, AutomationError> {
-        let rows: Vec<(String, String, String)> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare(
-                "SELECT name, user_id, job_json FROM cron_jobs WHERE job_sealed IS NULL",
-            )?;
-            st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?
-        };
+        let rows: Vec<(String, String, String)> = self.store.db().with(|c| {
+            c.query_map(
+                "SELECT name, user_id, job_json FROM cron_jobs WHERE job_sealed IS NULL ORDER BY name",
+                params![],
+                |r| Ok::<_, AutomationError>((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        })?;
         let mut n = 0;
         for (name, user, text) in rows {
             let sealed = self.seal_job(&user, &text)?;
-            let conn = self.store.conn()?;
-            n += conn.execute(
-                "UPDATE cron_jobs SET job_sealed = ?2, job_json = '' WHERE name = ?1 AND job_sealed IS NULL",
-                params![name, sealed],
-            )?;
+            n += self.store.db().with(|c| {
+                c.execute(
+                    "UPDATE cron_jobs SET job_sealed = ?2, job_json = '' WHERE name = ?1 AND job_sealed IS NULL",
+                    params![name, sealed],
+                )
+            })?;
         }
-        Ok(n)
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
     fn settings(&self) -> Settings {
@@ -194,8 +193,7 @@ impl JobStore {
             wanted.push((h, "heartbeat"));
         }
         let now = self.clock.now_ms();
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
+        self.store.db().tx(|tx| {
         for (job, source) in &wanted {
             let user = job.user.clone().unwrap_or_else(|| owner.clone());
             let text = serde_json::to_string(job).map_err(|e| AutomationError::BadJob {
@@ -203,12 +201,12 @@ impl JobStore {
                 reason: e.to_string(),
             })?;
             let existing: Option<(String, Option<Vec<u8>>, String)> = tx
-                .query_row(
+                .query_opt(
                     "SELECT source, job_sealed, user_id FROM cron_jobs WHERE name = ?1",
-                    [&job.name],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-                .optional()?;
+                    params![job.name],
+                )?
+                .map(|r| Ok::<_, chitin_store::Error>((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .transpose()?;
             let same = |blob: &Option<Vec<u8>>, u: &str| {
                 blob.as_ref()
                     .and_then(|b| self.open_job(&job.name, u, b).ok())
@@ -229,48 +227,49 @@ impl JobStore {
                 None => {
                     let sealed = self.seal_job(&user, &text)?;
                     tx.execute(
-                        "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, 'chitin.toml', ?5, ?5)",
+                        // Another replica syncing the same chitin.toml at the same time may
+                        // have inserted it first: the configured job wins either way.
+                        "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, 'chitin.toml', ?5, ?5)
+                         ON CONFLICT(name) DO UPDATE SET source = excluded.source, user_id = excluded.user_id, job_json = '', job_sealed = excluded.job_sealed, created_by = 'chitin.toml', updated_ms = excluded.updated_ms",
                         params![job.name, source, user, sealed, now],
                     )?;
                 }
             }
         }
-        let names: Vec<String> = {
-            let mut st =
-                tx.prepare("SELECT name FROM cron_jobs WHERE source IN ('config', 'heartbeat')")?;
-            st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
-        };
+        let names: Vec<String> = tx.query_map(
+            "SELECT name FROM cron_jobs WHERE source IN ('config', 'heartbeat') ORDER BY name",
+            params![],
+            |r| Ok::<_, AutomationError>(r.get(0)?),
+        )?;
         for n in names {
             if !wanted.iter().any(|(j, _)| j.name == n) {
-                tx.execute("DELETE FROM cron_jobs WHERE name = ?1", [&n])?;
+                tx.execute("DELETE FROM cron_jobs WHERE name = ?1", params![n])?;
             }
         }
-        tx.commit()?;
         Ok(())
+        })
     }
 
     /// Every job, by name.
     pub fn all(&self) -> Result<Vec<JobRow>, AutomationError> {
         self.seal_legacy()?;
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT name, source, user_id, job_sealed, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
-        )?;
-        let rows: Vec<RawJob> = st
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                ))
-            })?
-            .collect::<Result<_, _>>()?;
-        drop(st);
-        drop(conn);
+        let rows: Vec<RawJob> = self.store.db().with(|c| {
+            c.query_map(
+                "SELECT name, source, user_id, job_sealed, created_by, created_ms, last_tick_ms FROM cron_jobs ORDER BY name",
+                params![],
+                |r| {
+                    Ok::<_, AutomationError>((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )
+        })?;
         // A job that cannot be opened (its user's key was destroyed by an erasure, a damaged
         // row) is left out and logged, never run: the others still run.
         let mut out = Vec::new();
@@ -336,11 +335,12 @@ impl JobStore {
         })?;
         let sealed = self.seal_job(user, &text)?;
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        let n = conn.execute(
-            "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?6) ON CONFLICT(name) DO NOTHING",
-            params![job.name, source, user, sealed, created_by, now],
-        )?;
+        let n = self.store.db().with(|c| {
+            c.execute(
+                "INSERT INTO cron_jobs (name, source, user_id, job_json, job_sealed, created_by, created_ms, updated_ms) VALUES (?1, ?2, ?3, '', ?4, ?5, ?6, ?6) ON CONFLICT(name) DO NOTHING",
+                params![job.name, source, user, sealed, created_by, now],
+            )
+        })?;
         if n == 0 {
             return Err(AutomationError::Exists(job.name.clone()));
         }
@@ -357,26 +357,25 @@ impl JobStore {
 
     /// Removes a `cli` or `agent` job and its firings.
     pub fn remove(&self, name: &str) -> Result<(), AutomationError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let source: Option<String> = tx
-            .query_row(
-                "SELECT source FROM cron_jobs WHERE name = ?1",
-                [name],
-                |r| r.get(0),
-            )
-            .optional()?;
-        match source.as_deref() {
-            None => return Err(AutomationError::NoJob(name.to_string())),
-            Some("config" | "heartbeat") => {
-                return Err(AutomationError::FromConfig(name.to_string()));
+        self.store.db().tx(|tx| {
+            let source: Option<String> = tx
+                .query_opt(
+                    "SELECT source FROM cron_jobs WHERE name = ?1",
+                    params![name],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
+            match source.as_deref() {
+                None => return Err(AutomationError::NoJob(name.to_string())),
+                Some("config" | "heartbeat") => {
+                    return Err(AutomationError::FromConfig(name.to_string()));
+                }
+                Some(_) => {}
             }
-            Some(_) => {}
-        }
-        tx.execute("DELETE FROM cron_jobs WHERE name = ?1", [name])?;
-        tx.execute("DELETE FROM cron_firings WHERE job = ?1", [name])?;
-        tx.commit()?;
-        Ok(())
+            tx.execute("DELETE FROM cron_jobs WHERE name = ?1", params![name])?;
+            tx.execute("DELETE FROM cron_firings WHERE job = ?1", params![name])?;
+            Ok(())
+        })
     }
 
     /// Records a time of `job` as fired (status `started`) and advances the job's last time,
@@ -414,27 +413,25 @@ impl JobStore {
     ) -> Result<Option<FiringRow>, AutomationError> {
         let now = self.clock.now_ms();
         let slot = format!("t:{tick_ms}");
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let n = tx.execute(
-            "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, result, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(job, slot) DO NOTHING",
-            params![job, slot, tick_ms, kind, status, result, now],
-        )?;
-        tx.execute(
-            "UPDATE cron_jobs SET last_tick_ms = MAX(COALESCE(last_tick_ms, ?2), ?2) WHERE name = ?1",
-            params![job, tick_ms],
-        )?;
-        let row = if n == 0 {
-            None
-        } else {
-            Some(tx.query_row(
-                &format!("SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 AND slot = ?2"),
-                params![job, slot],
-                firing_row,
-            )?)
-        };
-        tx.commit()?;
-        Ok(row)
+        // The claim: one row per job and time, deployment-wide. A replica inserting the same
+        // time concurrently waits for this transaction and then inserts nothing (`ON
+        // CONFLICT DO NOTHING`), so exactly one of them gets the row back and runs it.
+        self.store.db().tx(|tx| {
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, result, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(job, slot) DO NOTHING RETURNING {FIRING_COLUMNS}"
+                    ),
+                    params![job, slot, tick_ms, kind, status, result, now],
+                )?
+                .map(|r| firing_row(&r))
+                .transpose()?;
+            tx.execute(
+                "UPDATE cron_jobs SET last_tick_ms = CASE WHEN last_tick_ms IS NULL OR last_tick_ms < ?2 THEN ?2 ELSE last_tick_ms END WHERE name = ?1",
+                params![job, tick_ms],
+            )?;
+            Ok(row)
+        })
     }
 
     /// Asks the gateway to run `job` now (`chitin cron run`): a `manual` firing in status
@@ -450,68 +447,78 @@ impl JobStore {
             id.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        conn.execute(
-            "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, requested_by, created_ms) VALUES (?1, ?2, ?3, 'manual', 'requested', ?4, ?3)",
-            params![job, slot, now, requested_by],
-        )?;
-        Ok(conn.query_row(
-            &format!("SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 AND slot = ?2"),
-            params![job, slot],
-            firing_row,
-        )?)
+        self.store.db().with(|c| {
+            let r = c.query_row(
+                &format!(
+                    "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, requested_by, created_ms) VALUES (?1, ?2, ?3, 'manual', 'requested', ?4, ?3) RETURNING {FIRING_COLUMNS}"
+                ),
+                params![job, slot, now, requested_by],
+            )?;
+            firing_row(&r)
+        })
     }
 
     /// Claims every `requested` firing (status `started`), in one transaction.
     pub fn claim_requested(&self) -> Result<Vec<FiringRow>, AutomationError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        let rows: Vec<FiringRow> = {
-            let mut st = tx.prepare(&format!(
-                "UPDATE cron_firings SET status = 'started' WHERE status = 'requested' RETURNING {FIRING_COLUMNS}"
-            ))?;
-            st.query_map([], firing_row)?.collect::<Result<_, _>>()?
-        };
-        tx.commit()?;
+        // A conditional UPDATE: a replica claiming at the same time waits for the rows this
+        // one changed, finds them no longer `requested` and takes none of them.
+        let mut rows: Vec<FiringRow> = self.store.db().tx(|tx| {
+            tx.query_map(
+                &format!(
+                    "UPDATE cron_firings SET status = 'started' WHERE status = 'requested' RETURNING {FIRING_COLUMNS}"
+                ),
+                params![],
+                firing_row,
+            )
+        })?;
+        rows.sort_by_key(|f| f.id);
         Ok(rows)
     }
 
     /// Firings left `started` (by a gateway that stopped).
     pub fn unfinished(&self) -> Result<Vec<FiringRow>, AutomationError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(&format!(
-            "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE status = 'started' ORDER BY id"
-        ))?;
-        Ok(st.query_map([], firing_row)?.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE status = 'started' ORDER BY id"
+                ),
+                params![],
+                firing_row,
+            )
+        })
     }
 
     /// Every firing of `job`, oldest first.
     pub fn firings(&self, job: &str) -> Result<Vec<FiringRow>, AutomationError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(&format!(
-            "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 ORDER BY id"
-        ))?;
-        Ok(st.query_map([job], firing_row)?.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!("SELECT {FIRING_COLUMNS} FROM cron_firings WHERE job = ?1 ORDER BY id"),
+                params![job],
+                firing_row,
+            )
+        })
     }
 
     /// The run a firing started.
     pub fn set_run(&self, firing: i64, run_id: &str) -> Result<(), AutomationError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE cron_firings SET run_id = ?2 WHERE id = ?1",
-            params![firing, run_id],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE cron_firings SET run_id = ?2 WHERE id = ?1",
+                params![firing, run_id],
+            )
+        })?;
         Ok(())
     }
 
     /// How a firing ended (`completed`, `failed` or `interrupted`).
     pub fn finish(&self, firing: i64, status: &str, result: &str) -> Result<(), AutomationError> {
         let now = self.clock.now_ms();
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1",
-            params![firing, status, result, now],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1",
+                params![firing, status, result, now],
+            )
+        })?;
         Ok(())
     }
 

@@ -46,7 +46,7 @@ pub enum AutomationError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("state database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Db(#[from] chitin_store::Error),
     #[error("stored cron job `{name}` is unreadable: {reason}")]
     BadJob { name: String, reason: String },
     #[error("{0}")]

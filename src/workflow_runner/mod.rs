@@ -1510,7 +1510,6 @@ impl Runner {
                 );
                 continue;
             }
-            n += 1;
             let loc = Located {
                 root: PathBuf::from(&run.file_root),
                 rel: PathBuf::from(&run.file_rel),
@@ -1519,12 +1518,14 @@ impl Runner {
             let env = match self.read(&loc) {
                 Ok(read) if read.sha == run.file_sha256 => match self.parse(&loc, &read) {
                     Ok(wf) => {
-                        if self
-                            .0
-                            .runs
-                            .adopt(&run.id, self.0.me.0, self.0.me.1, now)
-                            .is_err()
-                        {
+                        // Taken over once: another gateway on the same database recovering
+                        // the same run at the same time gets `false` and leaves it.
+                        if !matches!(
+                            self.0
+                                .runs
+                                .take_over(&run, self.0.me.0, self.0.me.1, now),
+                            Ok(true)
+                        ) {
                             continue;
                         }
                         let interrupted = self
@@ -1555,6 +1556,7 @@ impl Runner {
                 ),
                 Err(f) => self.fail_recovered(&run, &f.message),
             };
+            n += 1;
             tracing::info!(run = %env.run_id.clone().unwrap_or_default(), status = env.status(), "interrupted workflow run recovered");
         }
         n

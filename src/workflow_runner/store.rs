@@ -12,12 +12,11 @@
 
 use std::sync::Arc;
 
-use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 
 use crate::agent::Sealer;
 use crate::agent::transcripts::subject_of;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, params};
 
 /// Errors of the run store.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +24,7 @@ pub enum RunStoreError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("workflow run store: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Db(#[from] chitin_store::Error),
     #[error("cannot seal or open workflow run data: {0}")]
     Seal(String),
     #[error("stored workflow run data is not readable: {0}")]
@@ -101,6 +100,9 @@ pub struct RunStore {
 }
 
 const RUN_COLUMNS: &str = "id, name, file_root, file_rel, file_sha256, owner, origin, session, tainted, parent_run, status, args, args_digest, cursor, cost_usd, output, error, runner_pid, runner_start, created_ms, updated_ms, finished_ms";
+/// A new step's place in its run: after every step the run has (`workflow_steps.seq`).
+const NEXT_SEQ: &str =
+    "(SELECT COALESCE(MAX(s.seq), 0) + 1 FROM workflow_steps s WHERE s.run_id = ?1)";
 const PAUSE_COLUMNS: &str = "id, run_id, step, kind, nonce, approval_id, request, status, created_ms, expires_ms, used_ms, used_by";
 
 struct RawRun {
@@ -110,7 +112,7 @@ struct RawRun {
     error: Option<Vec<u8>>,
 }
 
-fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
+fn raw_run(r: &chitin_store::Row) -> Result<RawRun, RunStoreError> {
     let cursor: i64 = r.get(13)?;
     Ok(RawRun {
         row: RunRow {
@@ -122,7 +124,7 @@ fn raw_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRun> {
             owner: r.get(5)?,
             origin: r.get(6)?,
             session: r.get(7)?,
-            tainted: r.get::<_, i64>(8)? != 0,
+            tainted: r.get::<i64>(8)? != 0,
             parent_run: r.get(9)?,
             status: r.get(10)?,
             args: Value::Null,
@@ -178,8 +180,7 @@ impl RunStore {
     /// Creates a run (its arguments sealed).
     pub fn create_run(&self, r: &RunRow) -> Result<(), RunStoreError> {
         let args = self.seal(&r.owner, &r.args)?;
-        let conn = self.store.conn()?;
-        conn.execute(
+        self.store.db().with(|c| c.execute(
             "INSERT INTO workflow_runs (id, name, file_root, file_rel, file_sha256, owner, subject, origin, session,
                     tainted, parent_run, status, args, args_digest, cursor, cost_usd, runner_pid, runner_start,
                     created_ms, updated_ms)
@@ -190,65 +191,62 @@ impl RunStore {
                 r.args_digest, i64::try_from(r.cursor).unwrap_or(0), r.cost_usd, r.runner_pid,
                 r.runner_start, r.created_ms, r.updated_ms,
             ],
-        )?;
+        ))?;
         Ok(())
     }
 
     /// One run.
     pub fn run(&self, id: &str) -> Result<Option<RunRow>, RunStoreError> {
-        let raw = {
-            let conn = self.store.conn()?;
-            conn.query_row(
+        let raw = self.store.db().with(|c| {
+            c.query_opt(
                 &format!("SELECT {RUN_COLUMNS} FROM workflow_runs WHERE id = ?1"),
-                [id],
-                raw_run,
-            )
-            .optional()?
-        };
+                params![id],
+            )?
+            .map(|r| raw_run(&r))
+            .transpose()
+        })?;
         raw.map(|r| self.finish_raw(r)).transpose()
     }
 
     /// Runs, newest first: top-level ones (of `owner`, when given), at most `limit`.
     pub fn list(&self, owner: Option<&str>, limit: usize) -> Result<Vec<RunRow>, RunStoreError> {
-        let raws: Vec<RawRun> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE parent_run IS NULL AND (?1 IS NULL OR owner = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
-            ))?;
-            let rows = st.query_map(
+        let raws: Vec<RawRun> = self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE parent_run IS NULL AND (?1 IS NULL OR owner = ?1) ORDER BY created_ms DESC, id LIMIT ?2"
+                ),
                 params![owner, i64::try_from(limit).unwrap_or(i64::MAX)],
                 raw_run,
-            )?;
-            rows.collect::<Result<_, _>>()?
-        };
+            )
+        })?;
         raws.into_iter().map(|r| self.finish_raw(r)).collect()
     }
 
     /// The top-level run of a session, the oldest first (a trigger's session names one
     /// delivery: at most one run).
     pub fn run_of_session(&self, session: &str) -> Result<Option<RunRow>, RunStoreError> {
-        let raw = {
-            let conn = self.store.conn()?;
-            conn.query_row(
+        let raw = self.store.db().with(|c| {
+            c.query_opt(
                 &format!("SELECT {RUN_COLUMNS} FROM workflow_runs WHERE session = ?1 AND parent_run IS NULL ORDER BY created_ms, id LIMIT 1"),
-                [session],
-                raw_run,
-            )
-            .optional()?
-        };
+                params![session],
+            )?
+            .map(|r| raw_run(&r))
+            .transpose()
+        })?;
         raw.map(|r| self.finish_raw(r)).transpose()
     }
 
     /// Runs in `status`.
     pub fn with_status(&self, status: &str) -> Result<Vec<RunRow>, RunStoreError> {
-        let raws: Vec<RawRun> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare(&format!(
-                "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE status = ?1 ORDER BY created_ms"
-            ))?;
-            let rows = st.query_map([status], raw_run)?;
-            rows.collect::<Result<_, _>>()?
-        };
+        let raws: Vec<RawRun> = self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM workflow_runs WHERE status = ?1 ORDER BY created_ms, id"
+                ),
+                params![status],
+                raw_run,
+            )
+        })?;
         raws.into_iter().map(|r| self.finish_raw(r)).collect()
     }
 
@@ -266,33 +264,59 @@ impl RunStore {
             .map(|e| self.seal(&run.owner, &Value::String(e.to_string())))
             .transpose()?;
         let finished = matches!(status, "ok" | "failed" | "cancelled" | "interrupted");
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE workflow_runs SET status = ?2, output = COALESCE(?3, output), error = COALESCE(?4, error),
-                    updated_ms = ?5, finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
-             WHERE id = ?1",
-            params![run.id, status, output, error, now, finished],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET status = ?2, output = COALESCE(?3, output), error = COALESCE(?4, error),
+                        updated_ms = ?5, finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
+                 WHERE id = ?1",
+                params![run.id, status, output, error, now, finished],
+            )
+        })?;
         Ok(())
     }
 
     /// Takes a run over for this process (`running`, its pid and start time).
     pub fn adopt(&self, run_id: &str, pid: i64, start: i64, now: i64) -> Result<(), RunStoreError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE workflow_runs SET status = 'running', runner_pid = ?2, runner_start = ?3, updated_ms = ?4 WHERE id = ?1",
-            params![run_id, pid, start, now],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET status = 'running', runner_pid = ?2, runner_start = ?3, updated_ms = ?4 WHERE id = ?1",
+                params![run_id, pid, start, now],
+            )
+        })?;
         Ok(())
+    }
+
+    /// Takes over a `running` run whose runner (`run.runner_pid`, `run.runner_start` as read)
+    /// stopped, for this process; `false` when another recoverer (a second gateway on the
+    /// same database) took it over first, or it is no longer running. The condition on the
+    /// runner as read makes this a claim: of two takeovers at once, one changes the row.
+    pub fn take_over(
+        &self,
+        run: &RunRow,
+        pid: i64,
+        start: i64,
+        now: i64,
+    ) -> Result<bool, RunStoreError> {
+        let n = self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET runner_pid = ?2, runner_start = ?3, updated_ms = ?4
+                 WHERE id = ?1 AND status = 'running'
+                   AND COALESCE(runner_pid, -1) = COALESCE(?5, -1)
+                   AND COALESCE(runner_start, -1) = COALESCE(?6, -1)",
+                params![run.id, pid, start, now, run.runner_pid, run.runner_start],
+            )
+        })?;
+        Ok(n == 1)
     }
 
     /// Adds LLM spend to a run.
     pub fn add_cost(&self, run_id: &str, usd: f64) -> Result<(), RunStoreError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE workflow_runs SET cost_usd = cost_usd + ?2 WHERE id = ?1",
-            params![run_id, usd],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET cost_usd = cost_usd + ?2 WHERE id = ?1",
+                params![run_id, usd],
+            )
+        })?;
         Ok(())
     }
 
@@ -304,23 +328,24 @@ impl RunStore {
         cursor: Option<usize>,
         now: i64,
     ) -> Result<(), RunStoreError> {
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms)
-             VALUES (?1, ?2, 'running', 1, NULL, ?3, NULL)
-             ON CONFLICT (run_id, step) DO UPDATE SET status = 'running', attempts = attempts + 1,
-                    started_ms = excluded.started_ms, finished_ms = NULL",
-            params![run_id, step, now],
-        )?;
-        if let Some(c) = cursor {
+        self.store.db().tx(|tx| {
             tx.execute(
-                "UPDATE workflow_runs SET cursor = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![run_id, i64::try_from(c).unwrap_or(0), now],
+                &format!(
+                    "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms, seq)
+                     VALUES (?1, ?2, 'running', 1, NULL, ?3, NULL, {NEXT_SEQ})
+                     ON CONFLICT (run_id, step) DO UPDATE SET status = 'running', attempts = workflow_steps.attempts + 1,
+                            started_ms = excluded.started_ms, finished_ms = NULL"
+                ),
+                params![run_id, step, now],
             )?;
-        }
-        tx.commit()?;
-        Ok(())
+            if let Some(c) = cursor {
+                tx.execute(
+                    "UPDATE workflow_runs SET cursor = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![run_id, i64::try_from(c).unwrap_or(0), now],
+                )?;
+            }
+            Ok::<_, RunStoreError>(())
+        })
     }
 
     /// Records a step's result and status; with `cursor`, moves the run's cursor in the same
@@ -335,46 +360,46 @@ impl RunStore {
         now: i64,
     ) -> Result<(), RunStoreError> {
         let sealed = result.map(|r| self.seal(&run.owner, r)).transpose()?;
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms)
-             VALUES (?1, ?2, ?3, 0, ?4, ?5, ?5)
-             ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,
-                    result = COALESCE(excluded.result, result), finished_ms = excluded.finished_ms",
-            params![run.id, step, status, sealed, now],
-        )?;
-        if let Some(c) = cursor {
+        self.store.db().tx(|tx| {
             tx.execute(
-                "UPDATE workflow_runs SET cursor = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![run.id, i64::try_from(c).unwrap_or(0), now],
+                &format!(
+                    "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms, seq)
+                     VALUES (?1, ?2, ?3, 0, ?4, ?5, ?5, {NEXT_SEQ})
+                     ON CONFLICT (run_id, step) DO UPDATE SET status = excluded.status,
+                            result = COALESCE(excluded.result, workflow_steps.result), finished_ms = excluded.finished_ms"
+                ),
+                params![run.id, step, status, sealed, now],
             )?;
-        }
-        tx.commit()?;
-        Ok(())
+            if let Some(c) = cursor {
+                tx.execute(
+                    "UPDATE workflow_runs SET cursor = ?2, updated_ms = ?3 WHERE id = ?1",
+                    params![run.id, i64::try_from(c).unwrap_or(0), now],
+                )?;
+            }
+            Ok::<_, RunStoreError>(())
+        })
     }
 
     /// The steps of a run, in the order they started.
     pub fn steps(&self, run: &RunRow) -> Result<Vec<StepRow>, RunStoreError> {
         type Raw = (String, String, i64, Option<Vec<u8>>, i64, Option<i64>);
-        let raws: Vec<Raw> = {
-            let conn = self.store.conn()?;
-            let mut st = conn.prepare(
+        let raws: Vec<Raw> = self.store.db().with(|c| {
+            c.query_map(
                 "SELECT step, status, attempts, result, started_ms, finished_ms FROM workflow_steps
-                 WHERE run_id = ?1 ORDER BY started_ms, rowid",
-            )?;
-            let rows = st.query_map([&run.id], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
+                 WHERE run_id = ?1 ORDER BY started_ms, COALESCE(seq, 0), step",
+                params![run.id],
+                |r| {
+                    Ok::<_, RunStoreError>((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+        })?;
         raws.into_iter()
             .map(
                 |(step, status, attempts, result, started_ms, finished_ms)| {
@@ -394,32 +419,31 @@ impl RunStore {
     /// Saves a pause (its request sealed) and marks the run `paused`, in one transaction.
     pub fn save_pause(&self, run: &RunRow, p: &PauseRow, now: i64) -> Result<(), RunStoreError> {
         let request = self.seal(&run.owner, &p.request)?;
-        let mut conn = self.store.conn()?;
-        let tx = conn.transaction()?;
-        tx.execute(
-            &format!("INSERT INTO workflow_pauses ({PAUSE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, NULL, NULL)"),
-            params![p.id, p.run_id, p.step, p.kind, p.nonce, p.approval_id, request, p.created_ms, p.expires_ms],
-        )?;
-        tx.execute(
-            "UPDATE workflow_runs SET status = 'paused', updated_ms = ?2 WHERE id = ?1",
-            params![run.id, now],
-        )?;
-        tx.commit()?;
-        Ok(())
+        self.store.db().tx(|tx| {
+            tx.execute(
+                &format!("INSERT INTO workflow_pauses ({PAUSE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, NULL, NULL)"),
+                params![p.id, p.run_id, p.step, p.kind, p.nonce, p.approval_id, request, p.created_ms, p.expires_ms],
+            )?;
+            tx.execute(
+                "UPDATE workflow_runs SET status = 'paused', updated_ms = ?2 WHERE id = ?1",
+                params![run.id, now],
+            )?;
+            Ok::<_, RunStoreError>(())
+        })
     }
 
     fn pause_where(&self, clause: &str, key: &str) -> Result<Option<PauseRow>, RunStoreError> {
         type Raw = (PauseRow, Vec<u8>, String);
-        let raw: Option<Raw> = {
-            let conn = self.store.conn()?;
-            conn.query_row(
+        let raw: Option<Raw> = self.store.db().with(|c| {
+            c.query_opt(
                 &format!(
                     "SELECT p.{}, r.owner FROM workflow_pauses p JOIN workflow_runs r ON r.id = p.run_id WHERE {clause}",
                     PAUSE_COLUMNS.replace(", ", ", p.")
                 ),
-                [key],
-                |r| {
-                    Ok((
+                params![key],
+            )?
+            .map(|r| {
+                    Ok::<_, RunStoreError>((
                         PauseRow {
                             id: r.get(0)?,
                             run_id: r.get(1)?,
@@ -437,10 +461,9 @@ impl RunStore {
                         r.get(6)?,
                         r.get(12)?,
                     ))
-                },
-            )
-            .optional()?
-        };
+            })
+            .transpose()
+        })?;
         raw.map(|(mut p, blob, owner)| {
             p.request = self.open(&owner, &blob)?;
             Ok(p)
@@ -452,14 +475,17 @@ impl RunStore {
     pub fn pause(&self, id: &str) -> Result<Option<PauseRow>, RunStoreError> {
         match self.pause_where("p.id = ?1", id)? {
             Some(p) => Ok(Some(p)),
-            None => self.pause_where("p.approval_id = ?1 ORDER BY p.created_ms DESC LIMIT 1", id),
+            None => self.pause_where(
+                "p.approval_id = ?1 ORDER BY p.created_ms DESC, p.id DESC LIMIT 1",
+                id,
+            ),
         }
     }
 
     /// The pending pause of a run, if it is paused.
     pub fn pending_pause_of(&self, run_id: &str) -> Result<Option<PauseRow>, RunStoreError> {
         self.pause_where(
-            "p.run_id = ?1 AND p.status = 'pending' ORDER BY p.created_ms DESC LIMIT 1",
+            "p.run_id = ?1 AND p.status = 'pending' ORDER BY p.created_ms DESC, p.id DESC LIMIT 1",
             run_id,
         )
     }
@@ -467,21 +493,25 @@ impl RunStore {
     /// Claims a pending, unexpired pause for one resumer. `false`: it was already claimed,
     /// used, cancelled or has expired.
     pub fn claim(&self, pause_id: &str, by: &str, now: i64) -> Result<bool, RunStoreError> {
-        let conn = self.store.conn()?;
-        let n = conn.execute(
-            "UPDATE workflow_pauses SET status = 'claimed', used_by = ?2 WHERE id = ?1 AND status = 'pending' AND expires_ms > ?3",
-            params![pause_id, by, now],
-        )?;
+        // On PostgreSQL a second claimer (another replica) waits for the first's row lock and
+        // then re-checks `status = 'pending'`: it changes nothing.
+        let n = self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_pauses SET status = 'claimed', used_by = ?2 WHERE id = ?1 AND status = 'pending' AND expires_ms > ?3",
+                params![pause_id, by, now],
+            )
+        })?;
         Ok(n == 1)
     }
 
     /// Gives a claimed pause back (the resumer could not go on: nothing changed).
     pub fn release(&self, pause_id: &str) -> Result<(), RunStoreError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE workflow_pauses SET status = 'pending', used_by = NULL WHERE id = ?1 AND status = 'claimed'",
-            [pause_id],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_pauses SET status = 'pending', used_by = NULL WHERE id = ?1 AND status = 'claimed'",
+                params![pause_id],
+            )
+        })?;
         Ok(())
     }
 
@@ -493,26 +523,28 @@ impl RunStore {
         by: &str,
         now: i64,
     ) -> Result<(), RunStoreError> {
-        let conn = self.store.conn()?;
-        conn.execute(
-            "UPDATE workflow_pauses SET status = ?2, used_by = ?3, used_ms = ?4 WHERE id = ?1",
-            params![pause_id, status, by, now],
-        )?;
+        self.store.db().with(|c| {
+            c.execute(
+                "UPDATE workflow_pauses SET status = ?2, used_by = ?3, used_ms = ?4 WHERE id = ?1",
+                params![pause_id, status, by, now],
+            )
+        })?;
         Ok(())
     }
 
     /// Pending pauses whose approval was decided (granted or denied) somewhere, or whose
     /// time is up: what the gateway continues or ends without a resumer.
     pub fn decided_or_expired(&self, now: i64) -> Result<Vec<(String, String)>, RunStoreError> {
-        let conn = self.store.conn()?;
-        let mut st = conn.prepare(
-            "SELECT p.id, CASE WHEN p.expires_ms <= ?1 THEN 'expired' ELSE a.status END
-             FROM workflow_pauses p LEFT JOIN approvals a ON a.id = p.approval_id
-             WHERE p.status = 'pending' AND (p.expires_ms <= ?1 OR a.status IN ('granted', 'denied', 'expired'))
-             ORDER BY p.created_ms",
-        )?;
-        let rows = st.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.store.db().with(|c| {
+            c.query_map(
+                "SELECT p.id, CASE WHEN p.expires_ms <= ?1 THEN 'expired' ELSE a.status END
+                 FROM workflow_pauses p LEFT JOIN approvals a ON a.id = p.approval_id
+                 WHERE p.status = 'pending' AND (p.expires_ms <= ?1 OR a.status IN ('granted', 'denied', 'expired'))
+                 ORDER BY p.created_ms, p.id",
+                params![now],
+                |r| Ok::<_, RunStoreError>((r.get(0)?, r.get(1)?)),
+            )
+        })
     }
 
     /// A value a workflow kept with `state.set` (or `diff.last`), opened.
@@ -522,15 +554,14 @@ impl RunStore {
         workflow: &str,
         key: &str,
     ) -> Result<Option<Value>, RunStoreError> {
-        let blob: Option<Vec<u8>> = {
-            let conn = self.store.conn()?;
-            conn.query_row(
+        let blob: Option<Vec<u8>> = self.store.db().with(|c| {
+            c.query_opt(
                 "SELECT value FROM workflow_state WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
                 params![owner, workflow, key],
-                |r| r.get(0),
-            )
-            .optional()?
-        };
+            )?
+            .map(|r| r.get(0))
+            .transpose()
+        })?;
         blob.map(|b| self.open(owner, &b)).transpose()
     }
 
@@ -545,24 +576,35 @@ impl RunStore {
         now: i64,
     ) -> Result<Option<Value>, RunStoreError> {
         let sealed = self.seal(owner, value)?;
-        let before: Option<Vec<u8>> = {
-            let mut conn = self.store.conn()?;
-            let tx = conn.transaction()?;
-            let before = tx
-                .query_row(
-                    "SELECT value FROM workflow_state WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
-                    params![owner, workflow, key],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            tx.execute(
+        let before: Option<Vec<u8>> = self.store.db().tx(|tx| {
+            // New: inserted (a replica inserting the same key at once waits, then inserts
+            // nothing). Existing: its row locked first (the UPDATE), then read and replaced,
+            // so two swaps at once (two replicas) never both return the same `before`.
+            let new = tx.execute(
                 "INSERT INTO workflow_state (owner, subject, workflow, key, value, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (owner, workflow, key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                 ON CONFLICT (owner, workflow, key) DO NOTHING",
                 params![owner, subject_of(owner), workflow, key, sealed, now],
             )?;
-            tx.commit()?;
-            before
-        };
+            if new == 1 {
+                return Ok(None);
+            }
+            tx.execute(
+                "UPDATE workflow_state SET updated_ms = ?4 WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
+                params![owner, workflow, key, now],
+            )?;
+            let before = tx
+                .query_opt(
+                    "SELECT value FROM workflow_state WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
+                    params![owner, workflow, key],
+                )?
+                .map(|r| r.get::<Vec<u8>>(0))
+                .transpose()?;
+            tx.execute(
+                "UPDATE workflow_state SET value = ?4, updated_ms = ?5 WHERE owner = ?1 AND workflow = ?2 AND key = ?3",
+                params![owner, workflow, key, sealed, now],
+            )?;
+            Ok::<_, RunStoreError>(before)
+        })?;
         before.map(|b| self.open(owner, &b)).transpose()
     }
 }

@@ -585,6 +585,12 @@ pub const SQLITE: &[&str] = &[
         heartbeat_ms  INTEGER NOT NULL,
         version       TEXT NOT NULL
      ) STRICT;",
+    // 21: the order in which a workflow run's steps first started (`workflow_steps.seq`,
+    // 1, 2, .. per run, set when the step's row is inserted), so both backends list them
+    // alike (SQLite listed them by rowid, which PostgreSQL has not). Existing rows keep their
+    // rowid order.
+    "ALTER TABLE workflow_steps ADD COLUMN seq INTEGER;
+     UPDATE workflow_steps SET seq = rowid;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1111,6 +1117,8 @@ pub const POSTGRES: &[&str] = &[
         heartbeat_ms  BIGINT NOT NULL,
         version       TEXT NOT NULL
      );",
+    // 21: as SQLite's 21 (rows copied from SQLite carry their `seq`).
+    "ALTER TABLE workflow_steps ADD COLUMN seq BIGINT;",
 ];
 
 #[cfg(test)]
