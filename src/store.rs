@@ -50,7 +50,6 @@ pub const NOT_PORTED: &[&str] = &[
     "channels::outbox",
     "channels::pairing",
     "cli::status",
-    "gateway",
     "lifecycle::backup",
     "lifecycle::erase",
     "lifecycle::export",
@@ -62,7 +61,7 @@ pub const NOT_PORTED: &[&str] = &[
 ];
 
 /// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)"];
+pub const PORTED: &[&str] = &["approvals", "agent::transcripts", "store (meta)", "gateway"];
 
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {
@@ -71,7 +70,7 @@ pub fn gateway_refusal() -> Option<String> {
     }
     Some(format!(
         "[store] backend = \"postgres\": the gateway cannot run on PostgreSQL yet, and does not start rather than run half on it. \
-         Not ported yet: {}; the audit log (audit/) stays in SQLite. Ported: {}. \
+         Not ported yet: {}. Ported: {}. \
          Run the gateway with backend = \"sqlite\" for now; `chitin store migrate`, `check` and `copy --from sqlite --to postgres` already work with PostgreSQL",
         NOT_PORTED.join(", "),
         PORTED.join(", ")

@@ -568,6 +568,18 @@ pub const SQLITE: &[&str] = &[
         ON CONFLICT (user_id, day) DO UPDATE SET cost_usd = cost_usd + excluded.cost_usd,
                                                  calls = calls + 1;
      END;",
+    // Failed authentications per client address (gateway::auth::SharedFailures), so the
+    // lockout holds across every gateway of a deployment.
+    "CREATE TABLE auth_failures (
+        client TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX auth_failures_client ON auth_failures (client, at_ms);
+     CREATE INDEX auth_failures_at ON auth_failures (at_ms);
+     CREATE TABLE auth_lockouts (
+        client TEXT PRIMARY KEY,
+        until_ms INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1079,6 +1091,16 @@ pub const POSTGRES: &[&str] = &[
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();
      CREATE TRIGGER usage_spend_update AFTER UPDATE OF user_id, at_ms, cost_usd ON usage
         FOR EACH ROW EXECUTE FUNCTION usage_spend_changed();",
+    "CREATE TABLE auth_failures (
+        client TEXT NOT NULL,
+        at_ms BIGINT NOT NULL
+     );
+     CREATE INDEX auth_failures_client ON auth_failures (client, at_ms);
+     CREATE INDEX auth_failures_at ON auth_failures (at_ms);
+     CREATE TABLE auth_lockouts (
+        client TEXT PRIMARY KEY,
+        until_ms BIGINT NOT NULL
+     );",
 ];
 
 #[cfg(test)]
