@@ -312,11 +312,9 @@ fn store_credentials(
     if !store::needs_secret_store(&config.store)? {
         return Ok((store::pg_config(&config.store, None, secrets)?, Vec::new()));
     }
-    let dir = tempfile::Builder::new()
-        .prefix(".store-credentials-")
-        .tempdir_in(&globals.home)?;
+    let dir = PrivateTempDir::create(&globals.home, ".store-credentials")?;
     let throwaway = std::sync::Arc::new(chitin_audit::AuditLog::open(
-        dir.path(),
+        &dir.0,
         chitin_audit::AuditOptions {
             checkpoint_every_records: 0,
             checkpoint_every_ms: 0,
@@ -337,7 +335,7 @@ fn store_credentials(
     drop(gate);
     throwaway.shutdown()?;
     let pg = released?;
-    let reader = chitin_audit::AuditReader::open(&dir.path().join(chitin_audit::DB_FILE))?;
+    let reader = chitin_audit::AuditReader::open(&dir.0.join(chitin_audit::DB_FILE))?;
     let mut decided = Vec::new();
     for r in reader.range(1, i64::MAX)? {
         let policies = r.policy_ids();
@@ -354,6 +352,31 @@ fn store_credentials(
         });
     }
     Ok((pg, decided))
+}
+
+/// A new 0700 directory in the state directory, removed with everything in it when dropped.
+struct PrivateTempDir(std::path::PathBuf);
+
+impl PrivateTempDir {
+    fn create(parent: &std::path::Path, prefix: &str) -> Result<Self, BoxError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = parent.join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        // `create` fails on an existing path: never a directory someone else prepared.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PrivateTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The gate the command line decides administrative actions with: the configured policies and
