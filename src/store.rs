@@ -38,9 +38,7 @@ pub enum StoreError {
 /// The modules of `src/` still on [`Store::conn`] (SQLite only), by module path. Shrinks as
 /// modules are ported to [`Store::db`]; `tests/store_backends.rs` checks it against the
 /// source. While it is not empty, `chitin gateway` refuses `[store] backend = "postgres"`.
-pub const NOT_PORTED: &[&str] = &[
-    "gateway",
-];
+pub const NOT_PORTED: &[&str] = &[];
 
 /// The modules already on the neutral API (they run on both backends).
 pub const PORTED: &[&str] = &[
@@ -66,23 +64,9 @@ pub const PORTED: &[&str] = &[
     "automation::hooks",
     "automation::jobs",
     "workflow_runner::store",
+    "gateway",
 ];
 
-=======
-    "tools::prompt_guard",
-];
-
-/// The modules already on the neutral API (they run on both backends).
-pub const PORTED: &[&str] = &[
-    "approvals",
-    "agent::transcripts",
-    "store (meta)",
-    "automation::hooks",
-    "automation::jobs",
-    "workflow_runner::store",
-];
-
->>>>>>> h-automation
 /// Why the gateway refuses PostgreSQL today, naming what is not ported.
 pub fn gateway_refusal() -> Option<String> {
     if NOT_PORTED.is_empty() {
@@ -90,7 +74,7 @@ pub fn gateway_refusal() -> Option<String> {
     }
     Some(format!(
         "[store] backend = \"postgres\": the gateway cannot run on PostgreSQL yet, and does not start rather than run half on it. \
-         Not ported yet: {}; the audit log (audit/) stays in SQLite. Ported: {}. \
+         Not ported yet: {}. Ported: {}. \
          Run the gateway with backend = \"sqlite\" for now; `chitin store migrate`, `check` and `copy --from sqlite --to postgres` already work with PostgreSQL",
         NOT_PORTED.join(", "),
         PORTED.join(", ")

@@ -20,6 +20,7 @@ use age::secrecy::SecretString;
 use chitin::approvals::{Approvals, DEFAULT_TTL_MS};
 use chitin::config::secrets::{IdentityBackend, SecretsConfig};
 use chitin::gate::Gate;
+use chitin::gateway::auth::{ClientKey, LimitConfig, SharedFailures, SharedVerdict};
 use chitin::policy::{EngineSpec, PolicyEngine};
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
 use chitin::secrets::SecretStore;
@@ -129,8 +130,9 @@ fn approvals_on(home: &Path, store: Store) -> Approvals {
     )
     .unwrap();
     let signer = chitin::secrets::audit_key::signer(&mut secrets, home).unwrap();
+    // A log of its own: the home's audit.checkpoints witnesses the deployment's log only.
     let audit = chitin_audit::AuditLog::open(
-        home,
+        &home.with_file_name("approvals-audit"),
         chitin_audit::AuditOptions {
             signer: Some(Arc::new(signer)),
             ..Default::default()
@@ -194,7 +196,7 @@ fn store_copy_moves_a_used_sqlite_home_and_store_check_agrees_on_the_counts() {
         &["store", "copy", "--from", "sqlite", "--to", "postgres"],
     ));
     assert!(out.contains("copied"), "{out}");
-    assert!(out.contains("the audit log is not copied"), "{out}");
+    assert!(out.contains("copied the audit log:"), "{out}");
 
     let check: Value =
         serde_json::from_str(&ok(&chitin(&e.home, &["store", "check", "--json"]))).unwrap();
@@ -250,34 +252,121 @@ fn store_copy_moves_a_used_sqlite_home_and_store_check_agrees_on_the_counts() {
         .unwrap();
     assert_eq!(next, count("usage") + 1);
 
-    // A second copy would mix two deployments: refused, nothing changed.
-    let out = chitin(
-        &e.home,
-        &["store", "copy", "--from", "sqlite", "--to", "postgres"],
-    );
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("already has rows") && err.contains("--replace"),
-        "{err}"
-    );
-    // Unless told: the target's rows are replaced in the same transaction.
-    ok(&chitin(
-        &e.home,
-        &[
-            "store",
-            "copy",
-            "--from",
-            "sqlite",
-            "--to",
-            "postgres",
-            "--replace",
-        ],
-    ));
+    // A second copy would mix two deployments: refused, nothing changed. `--replace` does
+    // not help once the target holds the audit log: its tables are append-only.
+    for replace in [false, true] {
+        let mut args = vec!["store", "copy", "--from", "sqlite", "--to", "postgres"];
+        if replace {
+            args.push("--replace");
+        }
+        let out = chitin(&e.home, &args);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("already holds an audit log")
+                && err.contains("append-only, so `--replace` does not delete them"),
+            "{err}"
+        );
+    }
     let check: Value =
         serde_json::from_str(&ok(&chitin(&e.home, &["store", "check", "--json"]))).unwrap();
-    assert_eq!(check["tables"]["usage"], json!(count("usage")));
+    assert_eq!(check["tables"]["usage"], json!(count("usage") + 1));
     assert_eq!(check["tables"]["sessions"], json!(2));
+    assert_eq!(check["audit"]["verified"], true, "{check}");
+}
+
+#[test]
+fn store_copy_moves_the_audit_chain_and_both_verifiers_agree_on_its_head_in_postgres() {
+    let e = used_home();
+    let pg = TestPg::new().unwrap();
+    // The SQLite deployment's chain, before the move.
+    let before = ok(&chitin(&e.home, &["audit", "verify"]));
+    assert!(before.starts_with("ok: "), "{before}");
+    let sqlite = chitin_audit::AuditReader::open(&e.home.join("audit.db")).unwrap();
+
+    write_config(&e, &postgres_section(&pg));
+    let out = ok(&chitin(
+        &e.home,
+        &["store", "copy", "--from", "sqlite", "--to", "postgres"],
+    ));
+    assert!(out.contains("copied the audit log:"), "{out}");
+    assert!(out.contains("it continues in postgres://"), "{out}");
+    let (local_seq, _) = sqlite.head().unwrap().unwrap();
+
+    // `store check` reports the log in the database, verified.
+    let check: Value =
+        serde_json::from_str(&ok(&chitin(&e.home, &["store", "check", "--json"]))).unwrap();
+    assert_eq!(check["audit"]["backend"], "postgres", "{check}");
+    assert_eq!(check["audit"]["verified"], true, "{check}");
+    assert!(
+        check["audit"]["records"].as_u64().unwrap() > u64::try_from(local_seq).unwrap(),
+        "{check}"
+    );
+    let text = ok(&chitin(&e.home, &["store", "check"]));
+    assert!(text.contains("audit:      postgres, verified: "), "{text}");
+
+    // Every record of the SQLite chain is in PostgreSQL as it was: same seq, same hash.
+    let cfg = chitin_audit::PgConfig::from_url(&format!("{}?sslmode=disable", pg.url())).unwrap();
+    let shared = chitin_audit::AuditReader::open_postgres(&cfg).unwrap();
+    assert_eq!(
+        shared.range(1, local_seq).unwrap(),
+        sqlite.range(1, local_seq).unwrap()
+    );
+
+    // The offline verifier (what `chitin-audit-verify --postgres URL --pubkey audit.pub` runs)
+    // and `chitin audit verify` agree on the head.
+    let pubkey = e.home.join("audit.pub");
+    let cps = e.home.join("audit.checkpoints");
+    let offline = match offline_verifier() {
+        Some(bin) => {
+            let out = Command::new(bin)
+                .args(["--postgres", &format!("{}?sslmode=disable", pg.url())])
+                .arg("--pubkey")
+                .arg(&pubkey)
+                .arg("--checkpoints")
+                .arg(&cps)
+                .output()
+                .unwrap();
+            ok(&out)
+        }
+        None => {
+            let key = chitin_audit::PublicKey::load(&pubkey).unwrap();
+            let report = chitin_audit::Verifier::new(key)
+                .verify_postgres(&cfg, &[cps.as_path()])
+                .unwrap()
+                .unwrap();
+            format!("{}\n", report.ok_line())
+        }
+    };
+    assert!(offline.starts_with("ok: "), "{offline}");
+    let chitin_says = ok(&chitin(&e.home, &["audit", "verify"]));
+    let head = |line: &str| {
+        line.split("head ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        head(&chitin_says),
+        head(&offline),
+        "{chitin_says} / {offline}"
+    );
+    let (pg_seq, pg_hash) = shared.head().unwrap().unwrap();
+    assert_eq!(head(&chitin_says), chitin_audit::to_hex(&pg_hash));
+    assert!(
+        chitin_says.starts_with(&format!("ok: {pg_seq} records")),
+        "{chitin_says}"
+    );
+}
+
+/// `chitin-audit-verify` next to `chitin` (the workspace build has it, with the `postgres`
+/// feature `chitin` turns on); the library's verifier, which it runs, when it was not built.
+fn offline_verifier() -> Option<PathBuf> {
+    let bin = Path::new(env!("CARGO_BIN_EXE_chitin")).with_file_name("chitin-audit-verify");
+    bin.is_file().then_some(bin)
 }
 
 #[test]
@@ -344,4 +433,81 @@ fn latest() -> i64 {
 
 fn pg_location(pg: &TestPg) -> String {
     format!("postgres://127.0.0.1:5432/{}", pg.name())
+}
+
+fn limits() -> LimitConfig {
+    LimitConfig {
+        max_failures: 3,
+        window: std::time::Duration::from_secs(60),
+        lockout: std::time::Duration::from_secs(300),
+    }
+}
+
+/// Two gateways' failed-authentication counts on one store: the allowance and the lockout
+/// are the deployment's.
+fn shared_lockout_is_held_by_every_gateway(db: &Db, one: &SharedFailures, two: &SharedFailures) {
+    let c = limits();
+    let client = ClientKey::of("203.0.113.9".parse().unwrap());
+    let other = ClientKey::of("203.0.113.10".parse().unwrap());
+    let t0 = 1_000_000;
+    // Two failures on the first gateway, the third on the second.
+    for i in 0..2 {
+        let v = one.fail(client, t0 + i, c).unwrap();
+        assert_eq!(
+            v,
+            SharedVerdict {
+                throttled: None,
+                throttled_now: false
+            }
+        );
+    }
+    let v = two.fail(client, t0 + 2, c).unwrap();
+    assert_eq!(
+        v,
+        SharedVerdict {
+            throttled: None,
+            throttled_now: true
+        }
+    );
+    // Locked out on both, for what is left of the lockout.
+    let v = one.fail(client, t0 + 1_000, c).unwrap();
+    assert_eq!(
+        v.throttled,
+        Some(c.lockout - std::time::Duration::from_millis(998))
+    );
+    assert!(two.fail(client, t0 + 2_000, c).unwrap().throttled.is_some());
+    // Another address is not affected.
+    assert_eq!(two.fail(other, t0 + 2_000, c).unwrap().throttled, None);
+    // After the lockout the client counts anew, and the old rows are gone.
+    let after = t0 + 2 + i64::try_from(c.lockout.as_millis()).unwrap();
+    assert_eq!(one.fail(client, after, c).unwrap().throttled, None);
+    let old: i64 = db
+        .with(|x| {
+            x.query_row(
+                "SELECT count(*) FROM auth_failures WHERE at_ms < ?1",
+                chitin_store::params![after],
+            )?
+            .get(0)
+        })
+        .unwrap();
+    assert_eq!(old, 0, "failures older than the window are pruned");
+}
+
+#[test]
+fn the_failed_authentication_lockout_is_shared_by_two_gateways_on_one_postgres() {
+    let pg = TestPg::new().unwrap();
+    // Two stores on one database: two replicas.
+    let one = SharedFailures::new(pg.db().unwrap());
+    let two = SharedFailures::new(pg.db().unwrap());
+    shared_lockout_is_held_by_every_gateway(&pg.db().unwrap(), &one, &two);
+}
+
+#[test]
+fn the_failed_authentication_count_follows_the_same_rules_on_sqlite() {
+    let t = tempfile::tempdir().unwrap();
+    let path = t.path().join("state.db");
+    let db = Db::sqlite(&path).unwrap();
+    let one = SharedFailures::new(db.clone());
+    let two = SharedFailures::new(Db::sqlite(&path).unwrap());
+    shared_lockout_is_held_by_every_gateway(&db, &one, &two);
 }

@@ -5,13 +5,15 @@
 //!   `tampered: first bad record <seq>: <reason>`; other errors exit 2.
 //! - `append` and `checkpoint` write through `chitin_audit::AuditLog::open`, the same path the
 //!   gateway uses, and are themselves recorded as admin actions.
+//! - With `[store] backend = "postgres"` every command works on the deployment's log in that
+//!   database (`verify` cross-checks it with this state directory's `audit.checkpoints`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use chitin_audit::export::{self, Format};
-use chitin_audit::{AuditLog, AuditReader, Kind, PublicKey, Query, RecordInput, Verifier};
+use chitin_audit::{AuditLog, Kind, PublicKey, Query, RecordInput, Verifier};
 use clap::{Subcommand, ValueEnum};
 
 use super::{CmdResult, Globals};
@@ -194,10 +196,35 @@ fn verify(
         && db
             .as_deref()
             .is_none_or(|d| d == globals.home.join(chitin_audit::DB_FILE));
+    // With `[store] backend = "postgres"` the deployment's log is in the database (once
+    // `store copy` moved it there): verified with this state directory's checkpoint file as
+    // a witness.
+    let shared = if export.is_none() && db.is_none() && globals.config_path.exists() {
+        let config = globals.load_config()?;
+        if config.store.backend == crate::config::store::Backend::Postgres {
+            let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
+            let (log, pg) = super::open_audit_on(globals, &config, &mut secrets, None)?;
+            let on_postgres = log.backend() == "postgres";
+            log.shutdown()?;
+            match pg {
+                Some(pg) if on_postgres => Some(super::audit_pg_config(&pg)?),
+                _ => None,
+            }
+        } else {
+            None
+        }
+    } else {
+        None
+    };
     let spin = super::progress::spinner("verifying the audit log");
-    let verdict = match export {
-        Some(x) => verifier.verify_export(&x)?,
-        None => {
+    let verdict = match (export, shared) {
+        (Some(x), _) => verifier.verify_export(&x)?,
+        (None, Some(pg)) => {
+            let cps =
+                checkpoints.unwrap_or_else(|| globals.home.join(chitin_audit::CHECKPOINT_FILE));
+            verifier.verify_postgres(&pg, &[cps.as_path()])?
+        }
+        (None, None) => {
             let db = db.unwrap_or_else(|| globals.home.join(chitin_audit::DB_FILE));
             let cps = checkpoints.unwrap_or_else(|| {
                 db.parent()
@@ -352,7 +379,7 @@ fn query(
         Ok((log, _)) => log,
         Err(refused) => return Ok(refused),
     };
-    let reader = AuditReader::open(&log.paths().db)?;
+    let reader = log.reader()?;
     let records = reader.query(&q)?;
     drop(reader);
     log.shutdown()?;

@@ -21,7 +21,7 @@ pub fn release(
     field: &str,
     r: SecretRef,
     host: &str,
-    gate: &crate::gate::Gate,
+    gate: Option<&crate::gate::Gate>,
     secrets: &crate::secrets::SecretStore,
 ) -> Result<Zeroizing<String>, BoxError> {
     let name = match r {
@@ -31,6 +31,13 @@ pub fn release(
                 .map_err(|_| format!("{field}: the environment variable {var} is not set").into());
         }
         SecretRef::Secret(name) => name,
+    };
+    let Some(gate) = gate else {
+        return Err(format!(
+            "{field}: secret {} is released only through the policy gate, which is not open here",
+            name.as_str()
+        )
+        .into());
     };
     release_named(principal, field, &name, host, gate, secrets)
 }

@@ -144,7 +144,12 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             tracing::info!(seq = cp.seq, head = %cp.head, key_id = %cp.key_id, "audit checkpoint");
         })
     };
-    let audit = super::open_audit_with_sink(globals, &config, &mut secrets, Some(sink))?;
+    let (audit, pg) = super::open_audit_on(globals, &config, &mut secrets, Some(sink))?;
+    // On PostgreSQL the state and the audit log are both in the database: a deployment whose
+    // chain is still in audit.db is moved first (`chitin store copy`), never forked.
+    if pg.is_some() && audit.backend() != "postgres" {
+        return Err("[store] backend = \"postgres\": this state directory's audit log has not been copied to PostgreSQL yet; stop here and run `chitin store copy --from sqlite --to postgres` first".into());
+    }
     if created {
         audit
             .append(chitin_audit::RecordInput::admin(
@@ -164,7 +169,10 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         let headers = super::credentials::telemetry_headers(&config.telemetry, &gate, &secrets)?;
         t.start(headers)?;
     }
-    let store = Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+    let store = Arc::new(match &pg {
+        Some(pg) => crate::store::Store::postgres(pg)?,
+        None => crate::store::Store::open(&home.path("state.db"))?,
+    });
     super::report_migration(&store);
     let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
     let sandbox = crate::tools::Sandbox::current(

@@ -205,15 +205,179 @@ pub fn open_audit_with_sink(
     store: &mut crate::secrets::SecretStore,
     on_checkpoint: Option<chitin_audit::CheckpointSink>,
 ) -> Result<std::sync::Arc<chitin_audit::AuditLog>, BoxError> {
+    open_audit_on(globals, config, store, on_checkpoint).map(|(log, _)| log)
+}
+
+/// The audit log where the configuration puts it: `audit.db` in the state directory, or with
+/// `[store] backend = "postgres"` the deployment's shared log in the same PostgreSQL database
+/// as the state (same URL, TLS and password), with the connection settings it used. The
+/// signing key is the deployment's audit key from the secret store either way.
+pub fn open_audit_on(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+    on_checkpoint: Option<chitin_audit::CheckpointSink>,
+) -> Result<
+    (
+        std::sync::Arc<chitin_audit::AuditLog>,
+        Option<crate::store::PgConfig>,
+    ),
+    BoxError,
+> {
     crate::state::Home::create(&globals.home)?;
     let signer = crate::secrets::audit_key::signer(store, &globals.home)?;
     let mut options = config.audit.options();
     options.signer = Some(std::sync::Arc::new(signer));
     options.on_checkpoint = on_checkpoint;
-    Ok(std::sync::Arc::new(chitin_audit::AuditLog::open(
-        &globals.home,
-        options,
-    )?))
+    match config.store.backend {
+        crate::config::store::Backend::Sqlite => Ok((
+            std::sync::Arc::new(chitin_audit::AuditLog::open(&globals.home, options)?),
+            None,
+        )),
+        crate::config::store::Backend::Postgres => {
+            let (pg, decided) = store_credentials(globals, config, store)?;
+            let log = match audit_not_moved(&globals.home, &pg)? {
+                // A deployment on its way to PostgreSQL: its chain is still audit.db until
+                // `store copy` moves it; starting a second chain in the database would fork it.
+                Some(records) => {
+                    eprintln!(
+                        "note: the audit log is still {} ({records} records): `chitin store copy --from sqlite --to postgres` moves it to PostgreSQL with the state",
+                        globals.home.join(chitin_audit::DB_FILE).display()
+                    );
+                    chitin_audit::AuditLog::open(&globals.home, options)?
+                }
+                None => chitin_audit::AuditLog::open_postgres(
+                    &globals.home,
+                    &audit_pg_config(&pg)?,
+                    options,
+                )?,
+            };
+            // The decisions that released the credentials come first.
+            for record in decided {
+                log.append(record).map_err(|e| {
+                    format!("the audit log refused the record of the store credentials' release, nothing else was done: {e}")
+                })?;
+            }
+            Ok((std::sync::Arc::new(log), Some(pg)))
+        }
+    }
+}
+
+/// `Some(records)` when this state directory's SQLite audit log has records and the
+/// PostgreSQL database holds no audit log yet (the deployment has not been copied).
+fn audit_not_moved(
+    home: &std::path::Path,
+    pg: &crate::store::PgConfig,
+) -> Result<Option<i64>, BoxError> {
+    let db = home.join(chitin_audit::DB_FILE);
+    if !db.exists() {
+        return Ok(None);
+    }
+    let Some((seq, _)) = chitin_audit::AuditReader::open(&db)?.head()? else {
+        return Ok(None);
+    };
+    let target = crate::store::Db::postgres_unmigrated(pg)?;
+    if store::target_audit(&target)? > 0 {
+        return Ok(None);
+    }
+    Ok(Some(seq))
+}
+
+/// The audit crate's connection settings for the state store's PostgreSQL database.
+pub fn audit_pg_config(pg: &crate::store::PgConfig) -> Result<chitin_audit::PgConfig, BoxError> {
+    let tls = match pg.tls_mode()? {
+        crate::store::TlsMode::Disable => chitin_audit::PgTls::Disable,
+        crate::store::TlsMode::Require => chitin_audit::PgTls::Require,
+        crate::store::TlsMode::VerifyFull => chitin_audit::PgTls::VerifyFull {
+            ca_file: pg.ca_file.clone(),
+        },
+    };
+    let mut config = chitin_audit::PgConfig::from_url(pg.url.as_str())?.with_tls(tls);
+    if let Some(password) = &pg.password {
+        config = config.with_password(password.clone());
+    }
+    Ok(config)
+}
+
+/// The `[store]` connection settings, with the audit records of any `secret:` credential's
+/// release. A `secret:` reference is released through the gate (Cedar `secret.use` by
+/// `Chitin::Gateway::"store"`), and a decision is recorded before it takes effect; but the log
+/// it belongs in is the one this credential opens. So the gate decides over a throwaway log in
+/// a private temporary directory, and its records are returned to be appended to the shared
+/// log as its first records once it is open (a refusal ends here, with its message).
+fn store_credentials(
+    globals: &Globals,
+    config: &Config,
+    secrets: &crate::secrets::SecretStore,
+) -> Result<(crate::store::PgConfig, Vec<chitin_audit::RecordInput>), BoxError> {
+    if !store::needs_secret_store(&config.store)? {
+        return Ok((store::pg_config(&config.store, None, secrets)?, Vec::new()));
+    }
+    let dir = PrivateTempDir::create(&globals.home, ".store-credentials")?;
+    let throwaway = std::sync::Arc::new(chitin_audit::AuditLog::open(
+        &dir.0,
+        chitin_audit::AuditOptions {
+            checkpoint_every_records: 0,
+            checkpoint_every_ms: 0,
+            ..chitin_audit::AuditOptions::default()
+        },
+    )?);
+    let engine =
+        crate::policy::PolicyEngine::load(policy::engine_spec(globals, config, None, None)?)?;
+    let redactor = secrets.redactor();
+    let gate = crate::gate::Gate::new(
+        std::sync::Arc::new(engine),
+        std::sync::Arc::clone(&throwaway),
+    )
+    .with_redactor(std::sync::Arc::new(move |s: &str| {
+        redactor.redact(s).into_owned()
+    }));
+    let released = store::pg_config(&config.store, Some(&gate), secrets);
+    drop(gate);
+    throwaway.shutdown()?;
+    let pg = released?;
+    let reader = chitin_audit::AuditReader::open(&dir.0.join(chitin_audit::DB_FILE))?;
+    let mut decided = Vec::new();
+    for r in reader.range(1, i64::MAX)? {
+        let policies = r.policy_ids();
+        let payload = r.payload_json().unwrap_or(serde_json::Value::Null);
+        decided.push(chitin_audit::RecordInput {
+            kind: r.kind.parse()?,
+            actor: r.actor,
+            action: r.action,
+            resource: r.resource,
+            decision: r.decision,
+            policies,
+            outcome: r.outcome,
+            payload,
+        });
+    }
+    Ok((pg, decided))
+}
+
+/// A new 0700 directory in the state directory, removed with everything in it when dropped.
+struct PrivateTempDir(std::path::PathBuf);
+
+impl PrivateTempDir {
+    fn create(parent: &std::path::Path, prefix: &str) -> Result<Self, BoxError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = parent.join(format!("{prefix}-{}-{nanos}", std::process::id()));
+        // `create` fails on an existing path: never a directory someone else prepared.
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PrivateTempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The gate the command line decides administrative actions with: the configured policies and
@@ -223,18 +387,29 @@ pub(crate) fn admin_gate(
     config: &Config,
     store: &mut crate::secrets::SecretStore,
 ) -> Result<crate::gate::Gate, BoxError> {
+    admin_gate_on(globals, config, store).map(|(gate, _)| gate)
+}
+
+/// [`admin_gate`], with the PostgreSQL connection settings the audit log was opened with
+/// (`[store] backend = "postgres"`; their credentials released and recorded once).
+pub(crate) fn admin_gate_on(
+    globals: &Globals,
+    config: &Config,
+    store: &mut crate::secrets::SecretStore,
+) -> Result<(crate::gate::Gate, Option<crate::store::PgConfig>), BoxError> {
     let engine =
         crate::policy::PolicyEngine::load(policy::engine_spec(globals, config, None, None)?)?;
     // Managed users (`chitin users add`, single sign-on) may be the operator.
     let home = crate::state::Home::create(&globals.home)?;
     crate::accounts::install_users(&engine, &crate::store::Store::open(&home.path("state.db"))?)?;
-    let audit = open_audit_with(globals, config, store)?;
+    let (audit, pg) = open_audit_on(globals, config, store, None)?;
     let redactor = store.redactor();
-    Ok(
+    Ok((
         crate::gate::Gate::new(std::sync::Arc::new(engine), audit).with_redactor(
             std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
         ),
-    )
+        pg,
+    ))
 }
 
 /// Decides administrative `action` for the command line's operator (`[cli] operator`, default

@@ -586,7 +586,7 @@ fn shadow_report_cmd(globals: &Globals, since: &str, json: bool) -> CmdResult {
         Ok((log, _)) => log,
         Err(refused) => return Ok(refused),
     };
-    let reader = chitin_audit::AuditReader::open(&log.paths().db)?;
+    let reader = log.reader()?;
     let records = reader.query(&chitin_audit::Query {
         kind: Some("decision".into()),
         since_ms: Some(since_ms),

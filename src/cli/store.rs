@@ -49,11 +49,23 @@ pub enum Kind {
     Postgres,
 }
 
+/// Whether `[store] url` or `password` names a `secret:` (released through the gate).
+pub fn needs_secret_store(cfg: &StoreConfig) -> Result<bool, BoxError> {
+    let url = matches!(cfg.url_source()?, UrlSource::Ref(SecretRef::Secret(_)));
+    let password = !cfg.password.is_empty()
+        && matches!(
+            SecretRef::parse_credential("[store] password", &cfg.password)?,
+            SecretRef::Secret(_)
+        );
+    Ok(url || password)
+}
+
 /// Releases `[store] url` / `password` (`env:VAR`, or `secret:NAME` through Cedar
 /// `secret.use` for `Chitin::Gateway::"store"`, audited) and builds the connection settings.
+/// `gate` may be `None` only when [`needs_secret_store`] is false.
 pub fn pg_config(
     cfg: &StoreConfig,
-    gate: &crate::gate::Gate,
+    gate: Option<&crate::gate::Gate>,
     secrets: &crate::secrets::SecretStore,
 ) -> Result<PgConfig, BoxError> {
     let url = match cfg.url_source()? {
@@ -85,7 +97,7 @@ fn credential(
     field: &str,
     r: SecretRef,
     host: &str,
-    gate: &crate::gate::Gate,
+    gate: Option<&crate::gate::Gate>,
     secrets: &crate::secrets::SecretStore,
 ) -> Result<Zeroizing<String>, BoxError> {
     super::credentials::release(PRINCIPAL, field, r, host, gate, secrets)
@@ -96,18 +108,23 @@ struct Opened {
     home: crate::state::Home,
     gate: crate::gate::Gate,
     secrets: crate::secrets::SecretStore,
+    /// The connection settings the audit log was opened with (PostgreSQL backend).
+    pg: Option<PgConfig>,
 }
 
+/// Config, secrets and the admin gate (its audit log: the deployment's, in PostgreSQL, or
+/// still `audit.db` while a deployment on its way there has not been copied).
 fn open(globals: &Globals) -> Result<Opened, BoxError> {
     let config = globals.load_config()?;
     let home = crate::state::Home::create(&globals.home)?;
     let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
-    let gate = super::admin_gate(globals, &config, &mut secrets)?;
+    let (gate, pg) = super::admin_gate_on(globals, &config, &mut secrets)?;
     Ok(Opened {
         config,
         home,
         gate,
         secrets,
+        pg,
     })
 }
 
@@ -124,11 +141,18 @@ fn configured(o: &Opened, migrate: bool) -> Result<Db, BoxError> {
             }
         }
         Backend::Postgres => {
-            let pg = pg_config(&o.config.store, &o.gate, &o.secrets)?;
+            let released;
+            let pg = match &o.pg {
+                Some(pg) => pg,
+                None => {
+                    released = pg_config(&o.config.store, Some(&o.gate), &o.secrets)?;
+                    &released
+                }
+            };
             if migrate {
-                Db::postgres(&pg)?
+                Db::postgres(pg)?
             } else {
-                Db::postgres_unmigrated(&pg)?
+                Db::postgres_unmigrated(pg)?
             }
         }
     })
@@ -171,6 +195,7 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
             let version = db.version()?;
             let latest = Store::latest_version();
             let counts = db.row_counts()?;
+            let audit = AuditCheck::of(o.gate.audit())?;
             let mut out = std::io::stdout().lock();
             if json {
                 let tables: Map<String, serde_json::Value> =
@@ -181,7 +206,7 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
                     json!({"backend": db.dialect().name(), "location": db.location(),
                            "connected": true, "version": version, "latest": latest,
                            "migrations_applied": version, "pending": latest - version,
-                           "tables": tables})
+                           "tables": tables, "audit": audit.json()})
                 )?;
             } else {
                 writeln!(out, "backend:    {}", db.dialect().name())?;
@@ -196,8 +221,9 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
                 for (t, n) in &counts {
                     writeln!(out, "  {t:<24} {n}")?;
                 }
+                writeln!(out, "audit:      {}", audit.line())?;
             }
-            Ok(if version == latest {
+            Ok(if version == latest && audit.problem.is_none() {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
@@ -207,7 +233,7 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
             if (from, to) != (Kind::Sqlite, Kind::Postgres) {
                 return Err("a copy goes from SQLite to PostgreSQL: `chitin store copy --from sqlite --to postgres`".into());
             }
-            let o = open(globals)?;
+            let mut o = open(globals)?;
             if o.config.store.backend != Backend::Postgres {
                 return Err("the target is the configured PostgreSQL database: set `[store] backend = \"postgres\"` and its `url` first".into());
             }
@@ -225,6 +251,24 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
             let src = Store::open(&path)?;
             super::report_migration(&src);
             let dst = configured(&o, true)?;
+            // The audit log goes along, and it cannot be merged or deleted: its tables in the
+            // target are append-only. Checked before anything is copied.
+            let existing = target_audit(&dst)?;
+            if existing > 0 {
+                return Err(format!(
+                    "{} already holds an audit log ({existing} record(s) and checkpoint(s)); its tables are append-only, so `--replace` does not delete them and this deployment's chain cannot be merged into another. Copy into a new, empty database (`CREATE DATABASE ...`, then point `[store] url` at it)",
+                    dst.location()
+                )
+                .into());
+            }
+            let local = o.gate.audit().paths().clone();
+            if let Err(t) = o.gate.audit().verify()? {
+                return Err(format!(
+                    "the audit log {} does not verify ({t}); nothing was copied. Run `chitin audit verify` and look at it first",
+                    local.db.display()
+                )
+                .into());
+            }
             let record = |outcome: &str, payload: serde_json::Value| {
                 o.gate
                     .audit()
@@ -271,10 +315,121 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
                 src.path().display(),
                 dst.location()
             );
+            // The SQLite log is complete (its last checkpoint signed), then moved as it is.
+            o.gate.audit().shutdown()?;
+            let pg = match o.pg.take() {
+                Some(pg) => pg,
+                None => pg_config(&o.config.store, Some(&o.gate), &o.secrets)?,
+            };
+            let summary = chitin_audit::copy_from_sqlite(
+                &local.db,
+                Some(local.checkpoints.as_path()),
+                &o.gate.audit().public_key(),
+                &super::audit_pg_config(&pg)?,
+            )
+            .map_err(|e| {
+                format!("the state was copied but the audit log was not: {e}. Fix that and run the copy again with --replace")
+            })?;
+            // It continues there: the copy is the first thing the shared log records.
+            let (log, _) = super::open_audit_on(globals, &o.config, &mut o.secrets, None)?;
+            log.append(
+                RecordInput::new(
+                    AuditKind::Admin,
+                    format!(
+                        "Chitin::User::{}",
+                        serde_json::Value::String(o.config.operator().into())
+                    ),
+                    "store.copy",
+                    "Chitin::Gateway::\"gateway\"",
+                )
+                .with_outcome("audit copied")
+                .with_payload(
+                    json!({"from": local.db.display().to_string(), "to": dst.location(),
+                    "records": summary.records, "checkpoints": summary.checkpoints,
+                    "head_seq": summary.head_seq}),
+                ),
+            )?;
+            log.shutdown()?;
             println!(
-                "the audit log is not copied: it stays in this state directory (audit/) until the audit crate has a PostgreSQL backend"
+                "copied the audit log: {} record(s) and {} checkpoint(s), head seq {}; it continues in {} ({} is kept as it was, no longer written)",
+                summary.records,
+                summary.checkpoints,
+                summary.head_seq,
+                dst.location(),
+                local.db.display()
             );
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Records and checkpoints of an audit log already in the target database (0: none, or its
+/// tables do not exist yet).
+pub(super) fn target_audit(db: &Db) -> Result<i64, BoxError> {
+    Ok(db.with(|c| -> Result<i64, chitin_store::Error> {
+        let present: i64 = c
+            .query_row(
+                "SELECT count(*) FROM information_schema.tables
+                 WHERE table_schema = current_schema()
+                   AND table_name IN ('audit_records', 'audit_checkpoints')",
+                crate::store::params![],
+            )?
+            .get(0)?;
+        if present < 2 {
+            return Ok(0);
+        }
+        c.query_row(
+            "SELECT (SELECT count(*) FROM audit_records) + (SELECT count(*) FROM audit_checkpoints)",
+            crate::store::params![],
+        )?
+        .get(0)
+    })?)
+}
+
+/// What `store check` says about the audit log: where, how long, verified or not.
+struct AuditCheck {
+    backend: &'static str,
+    report: Option<chitin_audit::VerifyReport>,
+    problem: Option<String>,
+}
+
+impl AuditCheck {
+    fn of(log: &chitin_audit::AuditLog) -> Result<Self, BoxError> {
+        let (report, problem) = match log.verify()? {
+            Ok(r) => (Some(r), None),
+            Err(t) => (None, Some(t.to_string())),
+        };
+        Ok(Self {
+            backend: log.backend(),
+            report,
+            problem,
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match (&self.report, &self.problem) {
+            (Some(r), _) => json!({"backend": self.backend, "verified": true,
+                "records": r.records, "head": chitin_audit::to_hex(&r.head),
+                "last_checkpoint": r.last_checkpoint, "uncovered": r.uncovered}),
+            (None, p) => json!({"backend": self.backend, "verified": false, "problem": p}),
+        }
+    }
+
+    fn line(&self) -> String {
+        match (&self.report, &self.problem) {
+            (Some(r), _) => format!(
+                "{}, verified: {} records, head {}, last checkpoint {}",
+                self.backend,
+                r.records,
+                chitin_audit::to_hex(&r.head),
+                r.last_checkpoint
+                    .map_or_else(|| "none".to_string(), |s| s.to_string())
+            ),
+            (None, p) => format!(
+                "{}, DOES NOT VERIFY: {}",
+                self.backend,
+                p.as_deref().unwrap_or_default()
+            ),
         }
     }
 }

@@ -190,6 +190,100 @@ impl Limiter {
     }
 }
 
+/// What the deployment-wide count says about one failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedVerdict {
+    /// `Some(remaining)`: the client is locked out (by any gateway of the deployment).
+    pub throttled: Option<Duration>,
+    /// This failure brought the client to its allowance (the lockout starts now).
+    pub throttled_now: bool,
+}
+
+/// Failed authentications per client counted in the state database (`auth_failures`,
+/// `auth_lockouts`), so the limit holds across every gateway on one PostgreSQL: a client
+/// cannot spread its guesses over the replicas. The same rules as [`Limiter`] (failures in
+/// a sliding window, a lockout when the allowance is reached, counting anew after it);
+/// rows older than the window or lockout are pruned as failures come in. The audit
+/// aggregation stays per gateway ([`Limiter`]).
+#[derive(Debug, Clone)]
+pub struct SharedFailures {
+    db: crate::store::Db,
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SharedFailures {
+    pub fn new(db: crate::store::Db) -> Self {
+        Self { db }
+    }
+
+    /// Records one failed attempt of `client` at `now_ms` (unix ms), in one transaction.
+    pub fn fail(
+        &self,
+        client: ClientKey,
+        now_ms: i64,
+        cfg: LimitConfig,
+    ) -> Result<SharedVerdict, crate::store::StoreError> {
+        use crate::store::params;
+        let key = client.to_string();
+        let since = now_ms.saturating_sub(ms(cfg.window));
+        let until = now_ms.saturating_add(ms(cfg.lockout));
+        self.db.tx(|c| {
+            if c.dialect() == crate::store::Dialect::Postgres {
+                // One client's failures are counted by one gateway at a time.
+                c.query_row(
+                    "SELECT 1 FROM (SELECT pg_advisory_xact_lock(hashtext(?1))) AS l",
+                    params![key],
+                )?;
+            }
+            c.execute(
+                "DELETE FROM auth_lockouts WHERE until_ms <= ?1",
+                params![now_ms],
+            )?;
+            c.execute(
+                "DELETE FROM auth_failures WHERE at_ms <= ?1",
+                params![since],
+            )?;
+            if let Some(row) = c.query_opt(
+                "SELECT until_ms FROM auth_lockouts WHERE client = ?1",
+                params![key],
+            )? {
+                let locked_until: i64 = row.get(0)?;
+                let left = u64::try_from(locked_until.saturating_sub(now_ms)).unwrap_or(0);
+                return Ok(SharedVerdict {
+                    throttled: Some(Duration::from_millis(left)),
+                    throttled_now: false,
+                });
+            }
+            c.execute(
+                "INSERT INTO auth_failures (client, at_ms) VALUES (?1, ?2)",
+                params![key, now_ms],
+            )?;
+            let n: i64 = c
+                .query_row(
+                    "SELECT count(*) FROM auth_failures WHERE client = ?1 AND at_ms > ?2",
+                    params![key, since],
+                )?
+                .get(0)?;
+            let throttled_now = n >= i64::from(cfg.max_failures);
+            if throttled_now {
+                c.execute(
+                    "INSERT INTO auth_lockouts (client, until_ms) VALUES (?1, ?2)
+                     ON CONFLICT (client) DO UPDATE SET until_ms = excluded.until_ms",
+                    params![key, until],
+                )?;
+                c.execute("DELETE FROM auth_failures WHERE client = ?1", params![key])?;
+            }
+            Ok(SharedVerdict {
+                throttled: None,
+                throttled_now,
+            })
+        })
+    }
+}
+
 fn take_summary(client: ClientKey, slot: &mut Slot, window: Duration) -> Option<Summary> {
     if slot.unaudited.is_empty() {
         return None;

@@ -183,6 +183,8 @@ struct App {
     settings: RwLock<Settings>,
     config: RwLock<crate::config::Config>,
     limiter: Mutex<Limiter>,
+    /// On PostgreSQL: the failed-authentication counts of every gateway of the deployment.
+    shared_failures: Option<auth::SharedFailures>,
     metrics: Arc<Metrics>,
     sandbox_check: (bool, String),
     globals: Globals,
@@ -424,6 +426,8 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         .channels
         .as_ref()
         .map(channels::ChannelsRuntime::webhooks);
+    let shared_failures = (parts.store.db().dialect() == crate::store::Dialect::Postgres)
+        .then(|| auth::SharedFailures::new(parts.store.db().clone()));
     let app = Arc::new_cyclic(|me| App {
         agent: parts.agent,
         replica,
@@ -450,6 +454,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         settings: RwLock::new(settings),
         config: RwLock::new(parts.config),
         limiter: Mutex::new(Limiter::default()),
+        shared_failures,
         metrics: parts.metrics,
         sandbox_check: parts.sandbox_check,
         globals: parts.globals,
@@ -1178,10 +1183,31 @@ fn auth_failed(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> Response {
 fn record_failure(app: &Arc<App>, client: IpAddr, why: AuthFailure) -> auth::Failure {
     app.metrics.auth_failure(why.as_str());
     let limits = read(&app.settings).limits;
-    let f = match app.limiter.lock() {
+    let mut f = match app.limiter.lock() {
         Ok(mut l) => l.fail(client, why, Instant::now(), limits),
         Err(p) => p.into_inner().fail(client, why, Instant::now(), limits),
     };
+    // Several gateways: the deployment's count decides (this gateway's keeps the audit
+    // aggregation). A database error keeps this gateway's own count.
+    if let Some(shared) = &app.shared_failures {
+        let now = app.clock.now_ms();
+        let count = || shared.fail(f.client, now, limits);
+        let counted = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(count)
+            }
+            _ => count(),
+        };
+        match counted {
+            Ok(v) => {
+                f.throttled = v.throttled;
+                f.throttled_now = v.throttled_now;
+            }
+            Err(e) => {
+                error!(error = %e, "the deployment-wide failed-authentication count is unavailable; this gateway's own count decides")
+            }
+        }
+    }
     if f.throttled.is_some() {
         app.metrics.auth_failure("rate_limited");
     }
@@ -1293,22 +1319,41 @@ async fn require_auth(State(app): State<Arc<App>>, mut req: Request, next: Next)
     }
 }
 
+/// How readiness names the state store: `state.db`, or the PostgreSQL database.
+fn state_name(db: &crate::store::Db) -> String {
+    match db.dialect() {
+        crate::store::Dialect::Sqlite => "state.db".into(),
+        crate::store::Dialect::Postgres => format!("the database {}", db.location()),
+    }
+}
+
 /// One readiness check.
 fn check(ok: bool, detail: impl Into<String>) -> (bool, String) {
     (ok, detail.into())
 }
 
 fn checks(app: &App) -> Vec<(&'static str, (bool, String))> {
-    let store = match app.store.conn() {
-        Ok(c) => match c.query_row(
-            "SELECT count(*) FROM approvals WHERE status IN ('pending', 'granted')",
-            [],
-            |r| r.get::<_, i64>(0),
-        ) {
-            Ok(n) => check(true, format!("state.db answers ({n} open approvals)")),
-            Err(e) => check(false, format!("state.db query failed: {e}")),
-        },
-        Err(e) => check(false, format!("state.db unavailable: {e}")),
+    let store = match app
+        .store
+        .db()
+        .with(|c| -> Result<i64, crate::store::StoreError> {
+            Ok(c.query_row(
+                "SELECT count(*) FROM approvals WHERE status IN ('pending', 'granted')",
+                crate::store::params![],
+            )?
+            .get(0)?)
+        }) {
+        Ok(n) => check(
+            true,
+            format!(
+                "{} answers ({n} open approvals)",
+                state_name(app.store.db())
+            ),
+        ),
+        Err(e) => check(
+            false,
+            format!("{} unavailable: {e}", state_name(app.store.db())),
+        ),
     };
     let audit = match app.gate.audit().health() {
         chitin_audit::AuditHealth::Ok => check(true, "writing"),
@@ -1636,14 +1681,16 @@ async fn metrics_handler(State(app): State<Arc<App>>) -> Response {
     let store = Arc::clone(&app.store);
     let now = app.clock.now_ms();
     let pending = tokio::task::spawn_blocking(move || {
-        store.conn().ok().and_then(|c| {
-            c.query_row(
-                "SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_ms > ?1",
-                [now],
-                |r| r.get::<_, i64>(0),
-            )
+        store
+            .db()
+            .with(|c| -> Result<i64, crate::store::StoreError> {
+                Ok(c.query_row(
+                    "SELECT count(*) FROM approvals WHERE status = 'pending' AND expires_ms > ?1",
+                    crate::store::params![now],
+                )?
+                .get(0)?)
+            })
             .ok()
-        })
     })
     .await
     .ok()

@@ -136,7 +136,9 @@ pub fn sqlite_to_postgres(
     let occupied: Vec<(String, i64)> = dst
         .row_counts()?
         .into_iter()
-        .filter(|(t, n)| *n > 0 && t != "schema_version" && !DERIVED.contains(&t.as_str()))
+        .filter(|(t, n)| {
+            *n > 0 && t != "schema_version" && !DERIVED.contains(&t.as_str()) && !is_audit(t)
+        })
         .collect();
     if !occupied.is_empty() && !replace {
         let list = occupied
@@ -152,7 +154,7 @@ pub fn sqlite_to_postgres(
     let targets: Vec<String> = dst
         .tables()?
         .into_iter()
-        .filter(|t| t != "schema_version" && t != "transcript_changes")
+        .filter(|t| t != "schema_version" && t != "transcript_changes" && !is_audit(t))
         .collect();
     src.with(|s| {
         dst.tx(|d| {
@@ -526,4 +528,8 @@ fn snapshot_memory_index(s: &mut Conn<'_>, d: &mut Conn<'_>) -> Result<i64> {
         n += i64::try_from(docs.len()).unwrap_or(0);
         last = end;
     }
+/// The audit log's tables (`chitin_audit`, same database): append-only, copied by
+/// `chitin_audit::copy_from_sqlite`, never truncated here.
+fn is_audit(table: &str) -> bool {
+    table.starts_with("audit_")
 }

@@ -591,6 +591,18 @@ pub const SQLITE: &[&str] = &[
     // rowid order.
     "ALTER TABLE workflow_steps ADD COLUMN seq INTEGER;
      UPDATE workflow_steps SET seq = rowid;",
+    // 22: failed authentications per client address (gateway::auth::SharedFailures), so the
+    // lockout holds across every gateway of a deployment.
+    "CREATE TABLE auth_failures (
+        client TEXT NOT NULL,
+        at_ms INTEGER NOT NULL
+     ) STRICT;
+     CREATE INDEX auth_failures_client ON auth_failures (client, at_ms);
+     CREATE INDEX auth_failures_at ON auth_failures (at_ms);
+     CREATE TABLE auth_lockouts (
+        client TEXT PRIMARY KEY,
+        until_ms INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1119,6 +1131,17 @@ pub const POSTGRES: &[&str] = &[
      );",
     // 21: as SQLite's 21 (rows copied from SQLite carry their `seq`).
     "ALTER TABLE workflow_steps ADD COLUMN seq BIGINT;",
+    // 22: as SQLite's 22.
+    "CREATE TABLE auth_failures (
+        client TEXT NOT NULL,
+        at_ms BIGINT NOT NULL
+     );
+     CREATE INDEX auth_failures_client ON auth_failures (client, at_ms);
+     CREATE INDEX auth_failures_at ON auth_failures (at_ms);
+     CREATE TABLE auth_lockouts (
+        client TEXT PRIMARY KEY,
+        until_ms BIGINT NOT NULL
+     );",
 ];
 
 #[cfg(test)]
