@@ -282,3 +282,51 @@ fn the_compose_file_parses_and_runs_the_image_read_only_as_its_user_with_the_san
     );
     assert_eq!(strings(key(svc, "command"))[0], "gateway");
 }
+
+#[test]
+fn the_compose_files_postgres_service_is_private_healthy_first_and_its_store_snippet_is_valid() {
+    let text = std::fs::read_to_string(root().join("compose.yaml")).unwrap();
+    let doc = &YamlLoader::load_from_str(&text).unwrap()[0];
+    let pg = key(key(doc, "services"), "postgres");
+    assert!(!pg.is_badvalue(), "services.postgres");
+    // Reached only on compose's network; its password from a secret file, never inline.
+    assert!(key(pg, "ports").is_badvalue(), "the database is not published");
+    let env = key(pg, "environment");
+    assert!(key(env, "POSTGRES_PASSWORD").is_badvalue());
+    assert_eq!(
+        key(env, "POSTGRES_PASSWORD_FILE").as_str(),
+        Some("/run/secrets/pg-password")
+    );
+    assert!(strings(key(pg, "secrets")).contains(&"pg-password".to_string()));
+    assert!(!key(key(key(doc, "secrets"), "pg-password"), "file").is_badvalue());
+    assert!(!key(key(pg, "healthcheck"), "test").is_badvalue());
+    let declared = key(doc, "volumes").as_hash().unwrap();
+    for v in strings(key(pg, "volumes")) {
+        let name = v.split(':').next().unwrap();
+        assert!(declared.contains_key(&Yaml::String(name.into())), "{name}");
+    }
+    // The gateway waits for a healthy database.
+    let chitin = key(key(doc, "services"), "chitin");
+    assert_eq!(
+        key(key(key(chitin, "depends_on"), "postgres"), "condition").as_str(),
+        Some("service_healthy")
+    );
+    // The [store] lines the file tells the operator to write are a valid section that keeps
+    // the password in the secret store.
+    let snippet: String = text
+        .lines()
+        .map(|l| l.trim_start_matches('#').trim())
+        .skip_while(|l| *l != "[store]")
+        .take_while(|l| !l.is_empty() && !l.starts_with('('))
+        .map(|l| format!("{}\n", l.split("   #").next().unwrap_or(l)))
+        .collect();
+    assert!(snippet.contains("backend = \"postgres\""), "{snippet}");
+    #[derive(serde::Deserialize)]
+    struct Wrap {
+        store: chitin::config::store::StoreConfig,
+    }
+    let w: Wrap = toml::from_str(&snippet).unwrap();
+    w.store.validate().unwrap();
+    assert_eq!(w.store.password, "secret:pg_password");
+    assert!(w.store.url.contains("@postgres:5432/chitin"), "{}", w.store.url);
+}

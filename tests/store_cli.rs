@@ -370,31 +370,6 @@ fn offline_verifier() -> Option<PathBuf> {
 }
 
 #[test]
-fn the_gateway_refuses_postgres_and_names_what_is_not_ported() {
-    let e = used_home();
-    let pg = TestPg::new().unwrap();
-    write_config(&e, &postgres_section(&pg));
-    let out = chitin(&e.home, &["gateway"]);
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("the gateway cannot run on PostgreSQL yet"),
-        "{err}"
-    );
-    assert!(err.contains("Not ported yet: accounts"), "{err}");
-    assert!(
-        err.contains("Ported: approvals, agent::transcripts"),
-        "{err}"
-    );
-    // Refused before it connected: the database was not even migrated.
-    let v = Db::postgres_unmigrated(&pg.config())
-        .unwrap()
-        .version()
-        .unwrap();
-    assert_eq!(v, 0);
-}
-
-#[test]
 fn store_copy_only_goes_from_sqlite_to_postgres_and_needs_a_postgres_store() {
     let e = used_home();
     let out = chitin(
