@@ -528,6 +528,8 @@ fn snapshot_memory_index(s: &mut Conn<'_>, d: &mut Conn<'_>) -> Result<i64> {
         n += i64::try_from(docs.len()).unwrap_or(0);
         last = end;
     }
+}
+
 /// The audit log's tables (`chitin_audit`, same database): append-only, copied by
 /// `chitin_audit::copy_from_sqlite`, never truncated here.
 fn is_audit(table: &str) -> bool {
