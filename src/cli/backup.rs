@@ -451,7 +451,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                     // Last: the database gets the backup's rows (erased again) all at once.
                     if let Some(state) = &staged {
                         let pg =
-                            super::store::pg_config(&config.store, &rt.gate, &rt.secrets.read())
+                            super::store::pg_config(&config.store, Some(&rt.gate), &rt.secrets.read())
                                 .map_err(|e| LifecycleError::Backup(e.to_string()))?;
                         let target = crate::store::Db::postgres(&pg)?;
                         let bar = super::progress::bar(0, "copying into PostgreSQL");
@@ -520,7 +520,7 @@ fn configured_store(
     if rt.config.store.backend == crate::config::store::Backend::Postgres
         && rt.store.db().dialect() == crate::store::Dialect::Sqlite
     {
-        let pg = super::store::pg_config(&rt.config.store, &rt.gate, &rt.secrets.read())?;
+        let pg = super::store::pg_config(&rt.config.store, Some(&rt.gate), &rt.secrets.read())?;
         return Ok(std::sync::Arc::new(crate::store::Store::postgres(&pg)?));
     }
     Ok(std::sync::Arc::clone(&rt.store))

@@ -41,6 +41,9 @@ use crate::gate::{Authorized, CallContext, Gate, StepContext};
 use crate::policy::{Action, PolicyRequest, Tool};
 use crate::store::{Dialect, Store, params};
 
+/// A stored message as the index reads it: id, session key, seq, role, created, sealed body.
+type MessageRow = (i64, String, i64, String, i64, Vec<u8>);
+
 /// Results returned when the model does not say, and the most.
 pub const DEFAULT_LIMIT: u32 = 8;
 pub const MAX_LIMIT: u32 = 50;
@@ -393,7 +396,7 @@ impl MemoryIndex {
                     "SELECT id, session_key, seq, role, created_ms, body FROM messages
                      WHERE subject = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                     params![subject, cursor, BATCH],
-                    |r| -> Result<(i64, String, i64, String, i64, Vec<u8>), MemoryError> {
+                    |r| -> Result<MessageRow, MemoryError> {
                         Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
                     },
                 )?;
