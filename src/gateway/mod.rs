@@ -322,7 +322,8 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         crate::approvals::DEFAULT_TTL_MS,
     );
     let audit = Arc::clone(parts.gate.audit());
-    let head = audit_head(&audit);
+    // The PostgreSQL reader is synchronous (its own runtime): never on an async thread.
+    let head = tokio::task::block_in_place(|| audit_head(&audit));
     let grace = Duration::from_secs(parts.config.gateway.shutdown_grace_secs);
     let tls = parts.tls.clone();
     let skills =

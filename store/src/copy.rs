@@ -416,7 +416,10 @@ pub fn postgres_to_sqlite(src: &Db, dst: &std::path::Path) -> Result<Copied> {
             d.execute_batch("PRAGMA defer_foreign_keys = ON")?;
             let mut copied = Vec::new();
             for table in tables.iter().filter(|t| {
-                !DERIVED.contains(&t.as_str()) && *t != "schema_version" && *t != "memory_terms"
+                !DERIVED.contains(&t.as_str())
+                    && *t != "schema_version"
+                    && *t != "memory_terms"
+                    && !is_audit(t)
             }) {
                 d.execute_batch(&format!("DELETE FROM {}", quote_ident(table)))?;
                 let n = if table == "memory_fts" {
