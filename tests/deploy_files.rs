@@ -290,7 +290,10 @@ fn the_compose_files_postgres_service_is_private_healthy_first_and_its_store_sni
     let pg = key(key(doc, "services"), "postgres");
     assert!(!pg.is_badvalue(), "services.postgres");
     // Reached only on compose's network; its password from a secret file, never inline.
-    assert!(key(pg, "ports").is_badvalue(), "the database is not published");
+    assert!(
+        key(pg, "ports").is_badvalue(),
+        "the database is not published"
+    );
     let env = key(pg, "environment");
     assert!(key(env, "POSTGRES_PASSWORD").is_badvalue());
     assert_eq!(
@@ -328,5 +331,9 @@ fn the_compose_files_postgres_service_is_private_healthy_first_and_its_store_sni
     let w: Wrap = toml::from_str(&snippet).unwrap();
     w.store.validate().unwrap();
     assert_eq!(w.store.password, "secret:pg_password");
-    assert!(w.store.url.contains("@postgres:5432/chitin"), "{}", w.store.url);
+    assert!(
+        w.store.url.contains("@postgres:5432/chitin"),
+        "{}",
+        w.store.url
+    );
 }

@@ -69,17 +69,17 @@ fn the_gateway_runs_on_postgres_with_its_state_and_audit_chain_in_the_database()
     assert_eq!(ready.status, 200, "{}", ready.body);
 
     let answer = chat(&gw, "pg-1", "run the echo please");
-    assert_eq!(answer["choices"][0]["message"]["content"], "done", "{answer}");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"], "done",
+        "{answer}"
+    );
 
     // The turn's rows are in PostgreSQL.
     let db = Db::postgres_unmigrated(&pg.config()).unwrap();
     assert_eq!(db.version().unwrap(), chitin_store::latest_version());
     assert!(count(&db, "SELECT COUNT(*) FROM messages") >= 4);
     assert_eq!(
-        count(
-            &db,
-            "SELECT COUNT(*) FROM runs WHERE status = 'completed'"
-        ),
+        count(&db, "SELECT COUNT(*) FROM runs WHERE status = 'completed'"),
         1
     );
     assert_eq!(count(&db, "SELECT COUNT(*) FROM usage"), 2);

@@ -450,9 +450,12 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 .and_then(|again| {
                     // Last: the database gets the backup's rows (erased again) all at once.
                     if let Some(state) = &staged {
-                        let pg =
-                            super::store::pg_config(&config.store, Some(&rt.gate), &rt.secrets.read())
-                                .map_err(|e| LifecycleError::Backup(e.to_string()))?;
+                        let pg = super::store::pg_config(
+                            &config.store,
+                            Some(&rt.gate),
+                            &rt.secrets.read(),
+                        )
+                        .map_err(|e| LifecycleError::Backup(e.to_string()))?;
                         let target = crate::store::Db::postgres(&pg)?;
                         let bar = super::progress::bar(0, "copying into PostgreSQL");
                         let copied = backup::restore_into_postgres(state, &target, &mut |d, t| {
