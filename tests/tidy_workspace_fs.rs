@@ -178,6 +178,21 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
     ),
     ("src/cli/audit.rs", None, "operator CLI: audit export files"),
     (
+        "src/cli/mod.rs",
+        Some("audit_not_moved"),
+        "looks whether the state directory's audit.db exists before a PostgreSQL audit log is opened; a state-dir path, never a workspace path",
+    ),
+    (
+        "src/cli/mod.rs",
+        Some("create"),
+        "creates a private 0700 scratch directory in the state directory (the throwaway audit log of a database-credential decision); never a workspace path",
+    ),
+    (
+        "src/cli/mod.rs",
+        Some("drop"),
+        "removes that private scratch directory of the state directory; never a workspace path",
+    ),
+    (
         "src/cli/mcp.rs",
         Some("run"),
         "operator CLI: whether the config file exists (passed to the sandbox launcher)",

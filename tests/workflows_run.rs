@@ -1719,7 +1719,9 @@ fn two_replicas_resuming_the_same_pause_at_once_continue_the_run_once(d: Dialect
     let refused = if a.status() == "ok" { &b } else { &a };
     let m = error_message(refused);
     assert!(
-        m.contains("already resumed") || m.contains("being resumed"),
+        m.contains("already resumed")
+            || m.contains("being resumed")
+            || m.contains("the approval of this pause is used"),
         "{m}"
     );
     assert_eq!(lines(&e, "after.log"), ["after"], "the run went on twice");
