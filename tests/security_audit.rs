@@ -777,6 +777,29 @@ fn a_tampered_audit_log_is_found_by_deep_and_by_doctor_and_a_verify_is_remembere
 }
 
 #[test]
+fn with_the_store_on_postgres_the_local_audit_database_raises_no_false_alarm() {
+    let h = Home::new();
+    append_records(&h, 1);
+    // The same local state as a deleted audit.db ...
+    std::fs::remove_file(h.home.join("audit.db")).unwrap();
+    for ext in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(h.home.join(format!("audit.db{ext}")));
+    }
+    // ... but the log lives in PostgreSQL now: not a finding, and said so.
+    h.set("store", "backend", "\"postgres\"");
+    h.set(
+        "store",
+        "url",
+        "\"postgres://chitin@db.internal:5432/chitin\"",
+    );
+    let (_, v) = h.audit(&["--deep"]);
+    for id in ["audit.missing", "audit.tampered", "audit.unverifiable"] {
+        assert!(!has(&v, id, "critical"), "{id}: {v}");
+    }
+    assert!(v.to_string().contains("the log is in PostgreSQL"), "{v}");
+}
+
+#[test]
 fn a_deleted_audit_database_is_critical() {
     let h = Home::new();
     append_records(&h, 1);
