@@ -13,13 +13,14 @@
     reason = "tests"
 )]
 
+#[path = "support/chat.rs"]
+mod chat;
 #[path = "support/gateway.rs"]
 mod harness;
 #[path = "support/fake_otlp.rs"]
 mod otlp;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
@@ -339,31 +340,6 @@ fn with_no_endpoint_configured_nothing_is_exported_even_with_otel_environment_va
     assert!(!log.contains("\"trace_id\""), "{log}");
 }
 
-/// Stores `value` as secret `name` with `audience` in the gateway's (stopped) state dir.
-fn set_secret(gw: &Gw, name: &str, value: &str, audience: &str) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chitin"))
-        .args(["secrets", "set", name, "--audience", audience])
-        .env("CHITIN_HOME", &gw.home)
-        .env("CHITIN_PASSPHRASE", harness::PASS)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Appends `text` to the gateway's `chitin.toml`.
 fn append_config(gw: &Gw, text: &str) {
     let path = gw.home.join("chitin.toml");
@@ -380,7 +356,7 @@ fn a_webhooks_workflow_runs_its_steps_inside_the_webhook_requests_trace() {
     let (_rt, model) = fake(vec![]);
     model.set_fallback(Step::text("unused"));
     let mut gw = Gw::start(&config(&model.base_url(), ""));
-    set_secret(&gw, "gen_hook", HOOK_SECRET, "generic.hooks.invalid");
+    chat::set_secret(&gw, "gen_hook", "generic.hooks.invalid", HOOK_SECRET);
     gw.signal("-TERM");
     assert!(gw.wait_exit().success());
     append_config(
@@ -586,8 +562,8 @@ fn the_collectors_credentials_come_from_the_secret_store_for_its_host_only() {
     let collector =
         FakeCollector::start_requiring("authorization", &format!("Bearer {OTLP_TOKEN}"));
     let mut gw = Gw::start("");
-    set_secret(&gw, "otlp_token", OTLP_TOKEN, "127.0.0.1");
-    set_secret(&gw, "elsewhere", OTLP_TOKEN, "otel.example.com");
+    chat::set_secret(&gw, "otlp_token", "127.0.0.1", OTLP_TOKEN);
+    chat::set_secret(&gw, "elsewhere", "otel.example.com", OTLP_TOKEN);
     gw.signal("-TERM");
     assert!(gw.wait_exit().success());
     let base = std::fs::read_to_string(gw.home.join("chitin.toml")).unwrap();
