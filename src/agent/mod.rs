@@ -412,10 +412,12 @@ impl Agent {
         }))
     }
 
-    /// Makes `id` (this gateway's replica id) the owner of this agent's leases.
-    pub fn set_replica(&self, id: &str) {
+    /// Makes `id` (this gateway's replica id) the owner of this agent's leases, which last
+    /// `ttl_ms` (`[store] lease_ms`) without renewal.
+    pub fn set_replica(&self, id: &str, ttl_ms: i64) {
         let mut s = self.0.leases();
         s.owner = id.to_string();
+        s.ttl_ms = ttl_ms;
         self.set_lease_settings(s);
     }
 

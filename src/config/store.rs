@@ -29,6 +29,10 @@ tls = ""
 ca_file = ""
 # postgres only: at most this many connections from this gateway.
 pool_size = 8
+# How long a replica's leases (its runs, sessions and polling channels) last without renewal,
+# in milliseconds: when a gateway dies, another takes its work over this long after its last
+# renewal. Renewed every third of it. Longer than the replicas' clock skew; 3000 to 600000.
+lease_ms = 30000
 "#;
 
 /// Which database.
@@ -59,6 +63,7 @@ pub struct StoreConfig {
     pub tls: String,
     pub ca_file: String,
     pub pool_size: usize,
+    pub lease_ms: i64,
 }
 
 impl Default for StoreConfig {
@@ -70,6 +75,7 @@ impl Default for StoreConfig {
             tls: String::new(),
             ca_file: String::new(),
             pool_size: 8,
+            lease_ms: 30_000,
         }
     }
 }
@@ -94,6 +100,9 @@ impl StoreConfig {
         }
         if self.pool_size == 0 {
             return Err("[store] pool_size must be at least 1".into());
+        }
+        if !(3_000..=600_000).contains(&self.lease_ms) {
+            return Err("[store] lease_ms must be between 3000 and 600000 (milliseconds)".into());
         }
         if self.backend == Backend::Sqlite {
             return Ok(());
@@ -184,6 +193,8 @@ mod tests {
         assert!(e.contains("verify-full"), "{e}");
         let e = parse("backend = \"postgres\"").unwrap_err();
         assert!(e.contains("needs `url`"), "{e}");
+        let e = parse("lease_ms = 100").unwrap_err();
+        assert!(e.contains("lease_ms must be between"), "{e}");
         let e = parse("backend = \"mysql\"").unwrap_err();
         assert!(e.contains("unknown variant"), "{e}");
     }

@@ -364,7 +364,7 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
                 info!(replica = r.id(), "registered as a replica");
                 if let Some(agent) = &parts.agent {
                     // Before resuming runs: their leases are this replica's.
-                    agent.set_replica(r.id());
+                    agent.set_replica(r.id(), parts.config.store.lease_ms);
                 }
                 Some(r)
             }
