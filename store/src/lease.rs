@@ -16,8 +16,118 @@
 //! Time is the caller's clock (`now_ms`, milliseconds since the epoch), the same for every
 //! statement; replicas need clocks kept in step (NTP), and a lease's time to live must be much
 //! longer than their skew.
+//!
+//! On SQLite one gateway owns the file (the gateway lock), so leases coordinate only the
+//! handles of one process: they are kept in memory, shared by every handle of the same file
+//! ([`MemLeases`]), with the same rules and tokens. A run takes and gives back two leases per
+//! turn: as table rows each was a durable commit (an fsync) on the turn's path (issue #21).
 
-use crate::{Conn, Db, Dialect, Error, Result, params};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use crate::{Backend, Conn, ConnInner, Db, Dialect, Error, Result, params};
+
+/// The leases of one SQLite file, in this process (every handle of the file shares them).
+#[derive(Default)]
+pub(crate) struct MemLeases {
+    rows: Mutex<BTreeMap<String, LeaseInfo>>,
+}
+
+impl std::fmt::Debug for MemLeases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemLeases").finish_non_exhaustive()
+    }
+}
+
+/// The lease tables of the SQLite files open in this process, by canonical path.
+fn registry() -> &'static Mutex<HashMap<String, Weak<MemLeases>>> {
+    static TABLES: OnceLock<Mutex<HashMap<String, Weak<MemLeases>>>> = OnceLock::new();
+    TABLES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// The lease table of the SQLite file at `path`, shared with the other handles of it.
+pub(crate) fn mem_leases(path: &std::path::Path) -> Arc<MemLeases> {
+    let key = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string();
+    let mut map = match registry().lock() {
+        Ok(m) => m,
+        Err(p) => p.into_inner(),
+    };
+    if let Some(t) = map.get(&key).and_then(Weak::upgrade) {
+        return t;
+    }
+    map.retain(|_, w| w.strong_count() > 0);
+    let t = Arc::new(MemLeases::default());
+    map.insert(key, Arc::downgrade(&t));
+    t
+}
+
+impl MemLeases {
+    fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LeaseInfo>> {
+        match self.rows.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn acquire(&self, name: &str, owner: &str, now_ms: i64, until: i64) -> Option<i64> {
+        let mut rows = self.rows();
+        let row = rows.entry(name.to_string()).or_insert_with(|| LeaseInfo {
+            name: name.to_string(),
+            owner: None,
+            expires_ms: 0,
+            fence: 0,
+        });
+        if row.fence > 0 && row.expires_ms > now_ms {
+            return None;
+        }
+        row.fence += 1;
+        row.owner = Some(owner.to_string());
+        row.expires_ms = until;
+        Some(row.fence)
+    }
+
+    fn holds(&self, lease: &Lease, now_ms: i64) -> bool {
+        self.rows().get(&lease.name).is_some_and(|r| {
+            r.owner.as_deref() == Some(lease.owner.as_str())
+                && r.fence == lease.fence
+                && r.expires_ms > now_ms
+        })
+    }
+
+    fn renew(&self, lease: &Lease, now_ms: i64, until: i64) -> bool {
+        let mut rows = self.rows();
+        match rows.get_mut(&lease.name) {
+            Some(r)
+                if r.owner.as_deref() == Some(lease.owner.as_str())
+                    && r.fence == lease.fence
+                    && r.expires_ms > now_ms =>
+            {
+                r.expires_ms = until;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release_where(&self, keep: impl Fn(&LeaseInfo) -> bool) -> u64 {
+        let mut n = 0;
+        for r in self.rows().values_mut() {
+            if r.owner.is_some() && !keep(r) {
+                r.owner = None;
+                r.expires_ms = 0;
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn list(&self, pick: impl Fn(&LeaseInfo) -> bool) -> Vec<LeaseInfo> {
+        self.rows().values().filter(|r| pick(r)).cloned().collect()
+    }
+}
 
 /// A lease held by this caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +181,17 @@ impl Db {
     ) -> Result<Option<Lease>> {
         check_names(name, owner)?;
         let until = expiry(name, now_ms, ttl_ms)?;
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s
+                .leases
+                .acquire(name, owner, now_ms, until)
+                .map(|fence| Lease {
+                    name: name.to_string(),
+                    owner: owner.to_string(),
+                    fence,
+                    expires_ms: until,
+                }));
+        }
         let row = self.with(|c| {
             c.query_opt(
                 "INSERT INTO leases (name, owner, expires_ms, fence) VALUES (?1, ?2, ?3, 1)
@@ -98,6 +219,13 @@ impl Db {
     /// released or was taken over (the holder must stop what the lease protects).
     pub fn lease_renew(&self, lease: &mut Lease, now_ms: i64, ttl_ms: i64) -> Result<()> {
         let until = expiry(&lease.name, now_ms, ttl_ms)?;
+        if let Backend::Sqlite(s) = &*self.inner {
+            if !s.leases.renew(lease, now_ms, until) {
+                return Err(lost(lease));
+            }
+            lease.expires_ms = until;
+            return Ok(());
+        }
         let n = self.with(|c| {
             c.execute(
                 "UPDATE leases SET expires_ms = ?4
@@ -115,6 +243,14 @@ impl Db {
     /// Gives the lease up (kept as a row without owner, so its token keeps growing). `false`
     /// when it was no longer this holder's.
     pub fn lease_release(&self, lease: &Lease) -> Result<bool> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            let n = s.leases.release_where(|r| {
+                !(r.name == lease.name
+                    && r.owner.as_deref() == Some(lease.owner.as_str())
+                    && r.fence == lease.fence)
+            });
+            return Ok(n > 0);
+        }
         let n = self.with(|c| {
             c.execute(
                 "UPDATE leases SET owner = NULL, expires_ms = 0
@@ -127,6 +263,11 @@ impl Db {
 
     /// Releases every lease of `owner` (a replica shutting down); returns how many.
     pub fn lease_release_all(&self, owner: &str) -> Result<u64> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s
+                .leases
+                .release_where(|r| r.owner.as_deref() != Some(owner)));
+        }
         self.with(|c| {
             c.execute(
                 "UPDATE leases SET owner = NULL, expires_ms = 0 WHERE owner = ?1",
@@ -138,6 +279,9 @@ impl Db {
     /// Releases every lease (a single gateway on SQLite starting: the process before it,
     /// proven gone by the gateway lock, held them); returns how many were held.
     pub fn leases_clear(&self) -> Result<u64> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s.leases.release_where(|_| false));
+        }
         self.with(|c| {
             c.execute(
                 "UPDATE leases SET owner = NULL, expires_ms = 0 WHERE owner IS NOT NULL",
@@ -148,6 +292,9 @@ impl Db {
 
     /// The lease's row, held or not (`None` when it was never taken).
     pub fn lease_info(&self, name: &str) -> Result<Option<LeaseInfo>> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s.leases.list(|r| r.name == name).pop());
+        }
         self.with(|c| {
             c.query_opt(
                 "SELECT name, owner, expires_ms, fence FROM leases WHERE name = ?1",
@@ -160,6 +307,11 @@ impl Db {
 
     /// The leases `owner` holds at `now_ms`, by name.
     pub fn leases_of(&self, owner: &str, now_ms: i64) -> Result<Vec<LeaseInfo>> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s
+                .leases
+                .list(|r| r.owner.as_deref() == Some(owner) && r.expires_ms > now_ms));
+        }
         self.with(|c| {
             c.query_map(
                 "SELECT name, owner, expires_ms, fence FROM leases
@@ -172,6 +324,11 @@ impl Db {
 
     /// The leases held at `now_ms` whose name starts with `prefix`, by name.
     pub fn leases_held(&self, prefix: &str, now_ms: i64) -> Result<Vec<LeaseInfo>> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s.leases.list(|r| {
+                r.name.starts_with(prefix) && r.owner.is_some() && r.expires_ms > now_ms
+            }));
+        }
         self.with(|c| {
             c.query_map(
                 "SELECT name, owner, expires_ms, fence FROM leases
@@ -186,6 +343,11 @@ impl Db {
     /// The expired leases (with an owner that stopped renewing) whose name starts with
     /// `prefix`: work a dead replica left, for another to take over.
     pub fn leases_expired(&self, prefix: &str, now_ms: i64) -> Result<Vec<LeaseInfo>> {
+        if let Backend::Sqlite(s) = &*self.inner {
+            return Ok(s.leases.list(|r| {
+                r.name.starts_with(prefix) && r.owner.is_some() && r.expires_ms <= now_ms
+            }));
+        }
         self.with(|c| {
             c.query_map(
                 "SELECT name, owner, expires_ms, fence FROM leases
@@ -219,16 +381,16 @@ impl Conn<'_> {
     /// `now_ms` with its token. On PostgreSQL the row stays locked (`FOR SHARE`) until the
     /// transaction ends, so no take-over can commit in between; SQLite has one writer.
     pub fn hold_lease(&mut self, lease: &Lease, now_ms: i64) -> Result<()> {
-        let sql = match self.dialect() {
-            Dialect::Sqlite => {
-                "SELECT fence FROM leases
-                 WHERE name = ?1 AND owner = ?2 AND fence = ?3 AND expires_ms > ?4"
-            }
-            Dialect::Postgres => {
-                "SELECT fence FROM leases
-                 WHERE name = ?1 AND owner = ?2 AND fence = ?3 AND expires_ms > ?4 FOR SHARE"
-            }
-        };
+        if let ConnInner::Sqlite(_, _, leases) = &self.inner {
+            return if leases.holds(lease, now_ms) {
+                Ok(())
+            } else {
+                Err(lost(lease))
+            };
+        }
+        debug_assert_eq!(self.dialect(), Dialect::Postgres);
+        let sql = "SELECT fence FROM leases
+                 WHERE name = ?1 AND owner = ?2 AND fence = ?3 AND expires_ms > ?4 FOR SHARE";
         match self.query_opt(sql, params![&lease.name, &lease.owner, lease.fence, now_ms])? {
             Some(_) => Ok(()),
             None => Err(lost(lease)),

@@ -178,7 +178,7 @@ impl Db {
             Backend::Sqlite(s) => {
                 let c = s.lock()?;
                 f(&mut Conn {
-                    inner: ConnInner::Sqlite(&c, &s.location),
+                    inner: ConnInner::Sqlite(&c, &s.location, &s.leases),
                 })
             }
             Backend::Postgres(p) => {
@@ -201,7 +201,7 @@ impl Db {
                 let mut c = s.lock()?;
                 let tx = c.transaction().map_err(sqlite::err(&s.location))?;
                 let out = f(&mut Conn {
-                    inner: ConnInner::Sqlite(&tx, &s.location),
+                    inner: ConnInner::Sqlite(&tx, &s.location, &s.leases),
                 })?;
                 tx.commit().map_err(sqlite::err(&s.location))?;
                 Ok(out)
@@ -288,7 +288,7 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 enum ConnInner<'a> {
-    Sqlite(&'a rusqlite::Connection, &'a str),
+    Sqlite(&'a rusqlite::Connection, &'a str, &'a lease::MemLeases),
     Postgres(&'a mut pg::Session),
 }
 
@@ -320,7 +320,7 @@ impl Conn<'_> {
     pub fn execute(&mut self, sql: &str, params: &[&dyn ToValue]) -> Result<u64> {
         let (text, vals) = self.prepare(sql, params)?;
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc) => sqlite::execute(c, loc, &text, &vals),
+            ConnInner::Sqlite(c, loc, _) => sqlite::execute(c, loc, &text, &vals),
             ConnInner::Postgres(s) => match s.call(pg::Op::Execute(text, vals))? {
                 pg::Reply::Count(n) => Ok(n),
                 _ => Err(Error::Internal("unexpected reply".into())),
@@ -336,7 +336,7 @@ impl Conn<'_> {
     ) -> Result<Vec<Row>> {
         let (text, vals) = self.prepare(sql, params)?;
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc) => sqlite::query(c, loc, &text, &vals, limit),
+            ConnInner::Sqlite(c, loc, _) => sqlite::query(c, loc, &text, &vals, limit),
             ConnInner::Postgres(s) => match s.call(pg::Op::Query(text, vals, limit))? {
                 pg::Reply::Rows(r) => Ok(r),
                 _ => Err(Error::Internal("unexpected reply".into())),
@@ -372,7 +372,7 @@ impl Conn<'_> {
     /// Runs several statements without parameters (dialect-specific DDL, ...).
     pub fn execute_batch(&mut self, sql: &str) -> Result<()> {
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc) => c.execute_batch(sql).map_err(sqlite::err(loc)),
+            ConnInner::Sqlite(c, loc, _) => c.execute_batch(sql).map_err(sqlite::err(loc)),
             ConnInner::Postgres(s) => s.call(pg::Op::Batch(sql.to_string())).map(|_| ()),
         }
     }

@@ -46,6 +46,10 @@ impl Db {
 
     /// Removes the replica (a clean shutdown) and releases its leases, in one transaction.
     pub fn replica_deregister(&self, id: &str) -> Result<()> {
+        if self.dialect() == crate::Dialect::Sqlite {
+            // SQLite's leases live in this process's memory (`lease`).
+            self.lease_release_all(id)?;
+        }
         self.tx(|t| {
             t.execute(
                 "UPDATE leases SET owner = NULL, expires_ms = 0 WHERE owner = ?1",

@@ -16,6 +16,8 @@ pub(crate) struct SqliteDb {
     pub(crate) location: String,
     pub(crate) conn: Mutex<Connection>,
     pub(crate) migrated: Option<(i64, PathBuf)>,
+    /// The leases of this file, in memory (`lease`: one gateway per SQLite file).
+    pub(crate) leases: std::sync::Arc<crate::lease::MemLeases>,
 }
 
 impl rusqlite::ToSql for Value {
@@ -73,6 +75,7 @@ pub(crate) fn open(path: &Path, migrate_now: bool) -> Result<SqliteDb> {
         location: location.clone(),
         conn: Mutex::new(conn),
         migrated,
+        leases: crate::lease::mem_leases(path),
     })
 }
 
