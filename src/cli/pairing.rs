@@ -212,8 +212,13 @@ pub fn run_channels(cmd: ChannelsCmd, globals: &Globals) -> CmdResult {
                         (Some(false), Some(e)) => format!("cannot connect: {e}"),
                         (Some(false), None) => "not connected".to_string(),
                     };
+                    let owner = s
+                        .owner
+                        .as_deref()
+                        .map(|o| format!("  owned by replica {o}"))
+                        .unwrap_or_default();
                     println!(
-                        "{} ({})  {connection}  last event {}  lag {} ms  retrying {}",
+                        "{} ({})  {connection}{owner}  last event {}  lag {} ms  retrying {}",
                         s.channel,
                         s.kind,
                         s.last_event_ms.map(ago).unwrap_or_else(|| "never".into()),
