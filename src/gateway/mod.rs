@@ -381,6 +381,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             error!(error = %e, "run events of other replicas will not be shown here");
         }
     }
+    if parts.agent.is_none() && !shared_store {
+        // One gateway per SQLite database (the gateway lock): the leases of the process
+        // before this one (its channels') are void. With an agent, its recovery does this.
+        let db = parts.store.db().clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.leases_clear()).await {
+            warn!(error = %e, "the leases of the previous gateway could not be voided; its channels are taken over when they expire");
+        }
+    }
     if let Some(agent) = &parts.agent {
         match agent.recover().await {
             Ok(0) => {}
