@@ -1117,7 +1117,11 @@ async fn a_disconnected_socket_mode_adapter_drops_its_socket_and_gets_the_unackn
  {
     let fake = FakeSlack::start().await.unwrap();
     let s = socket_connected(&fake).await;
-    let msg = fake.message(MessageBuilder::text(&dm(), &alice(), "before the hand-over"));
+    let msg = fake.message(MessageBuilder::text(
+        &dm(),
+        &alice(),
+        "before the hand-over",
+    ));
     let env = fake.push_event(&msg.body);
     let (events, _) = poll_events(&s, None, 1).await;
     assert_eq!(fake.connections(), 1);

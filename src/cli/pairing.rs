@@ -55,14 +55,17 @@ pub enum ChannelsCmd {
     },
 }
 
+/// The channel engine on the configured store (PostgreSQL when `[store] backend =
+/// "postgres"`: the one the gateways share).
 fn engine(globals: &Globals, rt: &Runtime) -> Result<Engine, super::BoxError> {
+    let store = super::backup::configured_store(rt)?;
     let vault = crate::vault::Vault::from_store(
         &globals.home,
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
     Ok(Engine::new(
-        Arc::clone(&rt.store),
+        store,
         rt.gate.clone(),
         Arc::clone(&rt.clock),
         Arc::new(vault),

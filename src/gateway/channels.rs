@@ -1018,9 +1018,8 @@ async fn take_lease(
         let got = tokio::task::spawn_blocking({
             let (l, name) = (leases.clone(), name.clone());
             move || {
-                let got = l
-                    .db
-                    .lease_acquire(&name, &l.owner, l.clock.now_ms(), l.ttl_ms)?;
+                let got =
+                    l.db.lease_acquire(&name, &l.owner, l.clock.now_ms(), l.ttl_ms)?;
                 let holder = match got {
                     Some(_) => None,
                     None => l.db.lease_info(&name)?.and_then(|i| i.owner),
@@ -1044,8 +1043,12 @@ async fn take_lease(
                     told = true;
                 }
             }
-            Ok(Err(e)) => warn!(channel = %ctx.name, error = %e, "cannot take the channel's lease; trying again"),
-            Err(e) => warn!(channel = %ctx.name, error = %e, "channel lease task failed; trying again"),
+            Ok(Err(e)) => {
+                warn!(channel = %ctx.name, error = %e, "cannot take the channel's lease; trying again")
+            }
+            Err(e) => {
+                warn!(channel = %ctx.name, error = %e, "channel lease task failed; trying again")
+            }
         }
         if pause(leases.every(), stop).await {
             return None;
