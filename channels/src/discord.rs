@@ -289,6 +289,24 @@ impl Discord {
         self.ensure_running(cursor.as_ref())
     }
 
+    /// Stops the gateway task (the socket is dropped) and forgets its session and the events
+    /// no poll returned: the next poll starts again, resuming the cursor's session.
+    pub fn stop_session(&self) {
+        let mut slot = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = slot.handle.take() {
+            h.abort();
+        }
+        slot.started = false;
+        let mut st = self.shared.lock();
+        st.session = None;
+        st.buffer.clear();
+        st.connected = false;
+        st.fatal = None;
+        drop(st);
+        // A task waiting for room in a full buffer is gone; nothing else waits on it.
+        self.shared.drained.notify_waiters();
+    }
+
     /// True while a gateway session is open (READY or RESUMED seen and not lost since).
     pub fn gateway_connected(&self) -> bool {
         self.shared.lock().connected
@@ -680,6 +698,10 @@ impl Platform for Discord {
 
     fn poll<'a>(&'a self, cursor: Option<&'a str>) -> BoxFuture<'a, Result<Polled, ChannelError>> {
         Box::pin(self.poll_inner(cursor))
+    }
+
+    fn disconnect(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.stop_session() })
     }
 
     /// Discord's events come over the gateway: this adapter serves no webhook route.

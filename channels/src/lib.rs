@@ -369,6 +369,14 @@ pub trait Platform: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), SendError>>;
     /// Shows "typing…" in the chat for a few seconds.
     fn typing<'a>(&'a self, chat: &'a ChatRef) -> BoxFuture<'a, Result<(), SendError>>;
+    /// Drops what the adapter keeps open between polls (a Discord gateway session, a Slack
+    /// Socket Mode socket) and the events it read but no poll returned: the channel moved to
+    /// another process, which reads them from the platform again (nothing was acknowledged).
+    /// A later [`Platform::poll`] connects again from the cursor it is given. Long-polling
+    /// adapters keep nothing open: a dropped poll is the whole connection.
+    fn disconnect(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
     /// Whether messages can carry buttons ([`OutMessage::buttons`]); without them, people
     /// answer approval prompts with `/approve CODE` and `/deny CODE`.
     fn has_buttons(&self) -> bool {

@@ -800,6 +800,10 @@ impl Platform for Slack {
         Box::pin(self.socket_poll(cursor))
     }
 
+    fn disconnect(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.socket_close())
+    }
+
     fn webhook(&self, req: &WebhookRequest<'_>) -> Result<WebhookParsed, ChannelError> {
         let route = match (req.method, req.route) {
             ("POST", r @ ("events" | "interactivity")) => r,

@@ -985,6 +985,42 @@ async fn after_a_restart_the_cursor_resumes_the_session_and_uncommitted_events_a
 }
 
 #[tokio::test]
+async fn a_disconnected_adapter_ends_its_session_and_a_later_poll_resumes_from_the_given_cursor() {
+    let fake = FakeDiscord::start().await.unwrap();
+    let d = started(&fake).await;
+    fake.push_message(MessageBuilder::text(&general(), &bob(), "committed"));
+    let mut cursor = None;
+    collect(&d, &mut cursor, 1).await;
+    let committed = cursor.clone().unwrap();
+    // Read but not committed when the channel moves to another replica.
+    let uncommitted = fake.push_message(MessageBuilder::text(&general(), &bob(), "in flight"));
+    let mut c = cursor.clone();
+    collect(&d, &mut c, 1).await;
+    d.disconnect().await;
+    assert!(fake.wait_until(|| !fake.session_live()).await);
+    let meanwhile = fake.push_message(MessageBuilder::text(&general(), &alice(), "meanwhile"));
+    assert!(meanwhile.seq.is_some());
+
+    // The channel comes back to this adapter with the cursor committed last.
+    let mut cursor = Some(committed.clone());
+    let events = collect(&d, &mut cursor, 2).await;
+    let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+    assert_eq!(
+        ids,
+        [
+            format!("m:{}", uncommitted.message_id),
+            format!("m:{}", meanwhile.message_id)
+        ]
+    );
+    let (seq, session) = cursor_parts(&committed);
+    let r = fake.resumes();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0]["session_id"], session.as_str());
+    assert_eq!(r[0]["seq"], seq);
+    assert_eq!(fake.identifies().len(), 1);
+}
+
+#[tokio::test]
 async fn after_a_restart_with_an_expired_session_messages_sent_while_down_are_lost() {
     let fake = FakeDiscord::start().await.unwrap();
     let a = started(&fake).await;

@@ -1113,6 +1113,32 @@ async fn a_dropped_socket_is_reopened_and_a_restarted_adapter_acknowledges_the_c
 }
 
 #[tokio::test]
+async fn a_disconnected_socket_mode_adapter_drops_its_socket_and_gets_the_unacknowledged_events_again()
+ {
+    let fake = FakeSlack::start().await.unwrap();
+    let s = socket_connected(&fake).await;
+    let msg = fake.message(MessageBuilder::text(
+        &dm(),
+        &alice(),
+        "before the hand-over",
+    ));
+    let env = fake.push_event(&msg.body);
+    let (events, _) = poll_events(&s, None, 1).await;
+    assert_eq!(fake.connections(), 1);
+
+    // The channel moved to another replica: the socket and what it read are dropped.
+    s.disconnect().await;
+    // Never acknowledged: on the next connection Slack delivers it again, the same event.
+    let (again, cursor) = poll_events(&s, None, 1).await;
+    assert_eq!(again, events);
+    assert_eq!(fake.connections(), 2);
+    assert_eq!(fake.deliveries(&env), 2);
+    assert!(fake.acks().is_empty());
+    s.poll(cursor.as_deref()).await.unwrap();
+    assert_eq!(fake.wait_for_acks(1).await, vec![env]);
+}
+
+#[tokio::test]
 async fn socket_mode_maps_interactive_envelopes_and_ignores_slash_commands() {
     let fake = FakeSlack::start().await.unwrap();
     let s = socket_connected(&fake).await;

@@ -234,6 +234,9 @@ pub struct ChannelStatus {
     pub failed: i64,
     pub dead: i64,
     pub pending_pairings: i64,
+    /// The replica that holds the channel's lease (`channel:<name>`) now, if any: the one
+    /// that polls it (issue #18).
+    pub owner: Option<String>,
 }
 
 /// The channel engine over the state database, the gate and a clock.
@@ -485,6 +488,15 @@ impl Engine {
                 s.connection_error = r.get(2)?;
                 s.reported_ms = Some(r.get(3)?);
             }
+            // Lease times are wall-clock times.
+            let wall = crate::clock::SystemClock.now_ms();
+            s.owner = c
+                .query_opt(
+                    "SELECT owner FROM leases WHERE name = ?1 AND owner IS NOT NULL AND expires_ms > ?2",
+                    params![format!("channel:{channel}"), wall],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
             let counts = c.query_map(
                 "SELECT status, COUNT(*) FROM channel_outbox WHERE channel = ?1 GROUP BY status ORDER BY status",
                 params![channel],

@@ -517,7 +517,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
 
 /// The configured state store: the runtime's, or PostgreSQL when `[store] backend =
 /// "postgres"` and the runtime opened SQLite (its credentials released through the gate).
-fn configured_store(
+pub(super) fn configured_store(
     rt: &super::Runtime,
 ) -> Result<std::sync::Arc<crate::store::Store>, super::BoxError> {
     if rt.config.store.backend == crate::config::store::Backend::Postgres

@@ -55,14 +55,17 @@ pub enum ChannelsCmd {
     },
 }
 
+/// The channel engine on the configured store (PostgreSQL when `[store] backend =
+/// "postgres"`: the one the gateways share).
 fn engine(globals: &Globals, rt: &Runtime) -> Result<Engine, super::BoxError> {
+    let store = super::backup::configured_store(rt)?;
     let vault = crate::vault::Vault::from_store(
         &globals.home,
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
     Ok(Engine::new(
-        Arc::clone(&rt.store),
+        store,
         rt.gate.clone(),
         Arc::clone(&rt.clock),
         Arc::new(vault),
@@ -212,8 +215,13 @@ pub fn run_channels(cmd: ChannelsCmd, globals: &Globals) -> CmdResult {
                         (Some(false), Some(e)) => format!("cannot connect: {e}"),
                         (Some(false), None) => "not connected".to_string(),
                     };
+                    let owner = s
+                        .owner
+                        .as_deref()
+                        .map(|o| format!("  owned by replica {o}"))
+                        .unwrap_or_default();
                     println!(
-                        "{} ({})  {connection}  last event {}  lag {} ms  retrying {}",
+                        "{} ({})  {connection}{owner}  last event {}  lag {} ms  retrying {}",
                         s.channel,
                         s.kind,
                         s.last_event_ms.map(ago).unwrap_or_else(|| "never".into()),

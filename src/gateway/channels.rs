@@ -71,6 +71,9 @@ struct Ctx {
     workspace: std::path::PathBuf,
     /// Operator accounts: an owner's `/devices` and `/device approve|deny ID` chat commands.
     accounts: crate::accounts::Accounts,
+    /// Whether this replica holds the channel's lease now (always, without leases): only the
+    /// owner edits a decided approval's prompt.
+    owned: std::sync::atomic::AtomicBool,
 }
 
 /// The webhook-mode channels, by name (filled when the tasks start).
@@ -594,11 +597,14 @@ impl ChannelsRuntime {
         })
     }
 
-    /// Starts the tasks of every channel; they stop when `stop` turns true.
+    /// Starts the tasks of every channel; they stop when `stop` turns true. With `leases`
+    /// (this gateway is a registered replica), each channel's connection, polling and
+    /// start-up recovery run only while this replica holds the lease `channel:<name>`.
     pub fn spawn(
         self,
         agent: Option<crate::agent::Agent>,
         accounts: crate::accounts::Accounts,
+        leases: Option<ChannelLeases>,
         stop: watch::Receiver<bool>,
     ) {
         if let Err(e) = self.engine.load_managed_entities() {
@@ -640,6 +646,7 @@ impl ChannelsRuntime {
                 max_attachment_bytes: ch.max_attachment_bytes,
                 workspace: self.workspace.clone(),
                 accounts: accounts.clone(),
+                owned: std::sync::atomic::AtomicBool::new(leases.is_none()),
             });
             if let Some(agent) = &agent {
                 tokio::spawn(approval_prompts(
@@ -653,7 +660,13 @@ impl ChannelsRuntime {
             {
                 m.insert(ch.name.clone(), Arc::clone(&ctx));
             }
-            tokio::spawn(poll_loop(ctx, ch.webhook, ch.register, stop.clone()));
+            tokio::spawn(poll_loop(
+                ctx,
+                ch.webhook,
+                ch.register,
+                leases.clone(),
+                stop.clone(),
+            ));
         }
     }
 }
@@ -684,7 +697,11 @@ async fn approval_prompts(
             continue;
         };
         if ev.event == "approval.resolved" {
-            if let Some(id) = ev.payload["approval_id"].as_str() {
+            // Every replica sees the decision (run events are relayed): the channel's owner
+            // edits the prompt, once.
+            if let Some(id) = ev.payload["approval_id"].as_str()
+                && ctx.owned.load(std::sync::atomic::Ordering::Relaxed)
+            {
                 edit_decided_prompt(&agent, &ctx, &chat, id).await;
             }
             continue;
@@ -724,7 +741,8 @@ async fn approval_prompts(
             },
             reply_to: None,
             kind: OutboxKind::Approval,
-            // A run resumed after a restart asks again: the prompt is posted once.
+            // A run resumed after a restart asks again, and every replica sees the request (run
+            // events are relayed): the prompt is queued once deployment-wide under this key.
             dedup_key: Some(format!("approval:{}", approval.id)),
         };
         let max_chars = ctx.max_chars;
@@ -944,57 +962,304 @@ async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     }
 }
 
+/// The lease this replica holds its channels by (issue #18): its id, how long a lease lasts
+/// without renewal, and the clock lease times are read from (the system clock: it measures
+/// whether processes are alive).
+#[derive(Clone)]
+pub struct ChannelLeases {
+    pub db: chitin_store::Db,
+    /// The replica id (`cluster::Replica::id`).
+    pub owner: String,
+    pub ttl_ms: i64,
+    pub clock: Arc<dyn crate::clock::Clock>,
+}
+
+impl std::fmt::Debug for ChannelLeases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelLeases")
+            .field("owner", &self.owner)
+            .field("ttl_ms", &self.ttl_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelLeases {
+    /// How often the lease is renewed, and looked at while another replica holds it.
+    fn every(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.ttl_ms / 3).unwrap_or(1_000).max(100))
+    }
+}
+
+/// The name of a channel's lease.
+pub fn lease_name(channel: &str) -> String {
+    format!("channel:{channel}")
+}
+
+/// The outcome of one renewal of a channel's lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Renewal {
+    Renewed,
+    /// Expired or taken over: this replica must stop serving the channel.
+    Lost,
+    /// The database did not answer: try again (a lease that expires meanwhile is lost at the
+    /// next renewal).
+    Failed,
+}
+
+/// Waits until this replica holds the lease of `ctx`'s channel (`None`: stopping).
+async fn take_lease(
+    ctx: &Ctx,
+    leases: &ChannelLeases,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<chitin_store::Lease> {
+    let name = lease_name(&ctx.name);
+    let mut told = false;
+    loop {
+        let got = tokio::task::spawn_blocking({
+            let (l, name) = (leases.clone(), name.clone());
+            move || {
+                let got =
+                    l.db.lease_acquire(&name, &l.owner, l.clock.now_ms(), l.ttl_ms)?;
+                let holder = match got {
+                    Some(_) => None,
+                    None => l.db.lease_info(&name)?.and_then(|i| i.owner),
+                };
+                Ok::<_, chitin_store::Error>((got, holder))
+            }
+        })
+        .await;
+        match got {
+            Ok(Ok((Some(lease), _))) => {
+                info!(channel = %ctx.name, fence = lease.fence, "this replica owns the channel now");
+                return Some(lease);
+            }
+            Ok(Ok((None, holder))) => {
+                if !told {
+                    info!(
+                        channel = %ctx.name,
+                        owner = holder.as_deref().unwrap_or("?"),
+                        "another replica owns the channel; this one takes it over if that one stops"
+                    );
+                    told = true;
+                }
+            }
+            Ok(Err(e)) => {
+                warn!(channel = %ctx.name, error = %e, "cannot take the channel's lease; trying again")
+            }
+            Err(e) => {
+                warn!(channel = %ctx.name, error = %e, "channel lease task failed; trying again")
+            }
+        }
+        if pause(leases.every(), stop).await {
+            return None;
+        }
+    }
+}
+
+/// Renews the held lease once.
+async fn renew_lease(
+    name: &str,
+    leases: &ChannelLeases,
+    held: &Arc<std::sync::Mutex<chitin_store::Lease>>,
+) -> Renewal {
+    let r = tokio::task::spawn_blocking({
+        let (l, held) = (leases.clone(), Arc::clone(held));
+        move || {
+            let mut lease = match held.lock() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            let r = l.db.lease_renew(&mut lease, l.clock.now_ms(), l.ttl_ms);
+            if r.is_ok()
+                && let Ok(mut g) = held.lock()
+            {
+                *g = lease;
+            }
+            r
+        }
+    })
+    .await;
+    match r {
+        Ok(Ok(())) => Renewal::Renewed,
+        Ok(Err(e @ chitin_store::Error::LeaseLost { .. })) => {
+            warn!(channel = %name, error = %e, "this replica lost the channel's lease; it stops serving the channel");
+            Renewal::Lost
+        }
+        Ok(Err(e)) => {
+            warn!(channel = %name, error = %e, "cannot renew the channel's lease; trying again");
+            Renewal::Failed
+        }
+        Err(e) => {
+            warn!(channel = %name, error = %e, "channel lease renewal task failed; trying again");
+            Renewal::Failed
+        }
+    }
+}
+
+/// Renews the held lease every third of its time to live, without waiting for a poll in
+/// flight; sets `lost` and returns when it was lost.
+async fn keep_lease(
+    name: String,
+    leases: ChannelLeases,
+    held: Arc<std::sync::Mutex<chitin_store::Lease>>,
+    lost: watch::Sender<bool>,
+) {
+    loop {
+        tokio::time::sleep(leases.every()).await;
+        if renew_lease(&name, &leases, &held).await == Renewal::Lost {
+            let _ = lost.send(true);
+            return;
+        }
+    }
+}
+
+/// Why [`serve_channel`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    Stopped,
+    /// The lease was lost (another replica took the channel over).
+    Lost,
+}
+
+/// Resolves when the gateway stops or the lease is lost.
+async fn halted(stop: &mut watch::Receiver<bool>, lost: &mut watch::Receiver<bool>) -> Served {
+    tokio::select! {
+        _ = stop.wait_for(|s| *s) => Served::Stopped,
+        _ = lost.wait_for(|l| *l) => Served::Lost,
+    }
+}
+
+/// Waits `d`; `Some` when the gateway stops or the lease is lost meanwhile.
+async fn pause_owned(
+    d: Duration,
+    stop: &mut watch::Receiver<bool>,
+    lost: &mut watch::Receiver<bool>,
+) -> Option<Served> {
+    tokio::select! {
+        () = tokio::time::sleep(d) => None,
+        h = halted(stop, lost) => Some(h),
+    }
+}
+
+/// A channel's task: with `leases`, waits until this replica owns the channel (the lease
+/// `channel:<name>`), serves it while the lease is renewed, goes back to waiting when it is
+/// lost, and releases it on a clean stop. Without leases, serves it until the gateway stops.
 async fn poll_loop(
     ctx: Arc<Ctx>,
     webhook: bool,
     register: Option<(Arc<Telegram>, reqwest::Url)>,
+    leases: Option<ChannelLeases>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let Some(leases) = leases else {
+        // Never lost: the sender lives as long as the channel is served.
+        let (_never, mut lost) = watch::channel(false);
+        serve_channel(&ctx, webhook, register.as_ref(), None, &mut lost, &mut stop).await;
+        return;
+    };
+    loop {
+        let Some(lease) = take_lease(&ctx, &leases, &mut stop).await else {
+            return;
+        };
+        let held = Arc::new(std::sync::Mutex::new(lease));
+        let (lost_tx, mut lost) = watch::channel(false);
+        let keeper = tokio::spawn(keep_lease(
+            ctx.name.clone(),
+            leases.clone(),
+            Arc::clone(&held),
+            lost_tx,
+        ));
+        ctx.owned.store(true, std::sync::atomic::Ordering::Relaxed);
+        let served = serve_channel(
+            &ctx,
+            webhook,
+            register.as_ref(),
+            Some((&leases, &held)),
+            &mut lost,
+            &mut stop,
+        )
+        .await;
+        ctx.owned.store(false, std::sync::atomic::Ordering::Relaxed);
+        keeper.abort();
+        if served == Served::Stopped {
+            // Handed over at once (the replica's deregistration releases it too).
+            let lease = match held.lock() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            let db = leases.db.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.lease_release(&lease)).await
+            {
+                warn!(channel = %ctx.name, error = %e, "cannot release the channel's lease; it expires on its own");
+            }
+            return;
+        }
+        // A socket the adapter keeps between polls is closed: the new owner has the channel.
+        ctx.platform.disconnect().await;
+        info!(channel = %ctx.name, "channel no longer served here; waiting to own it again");
+    }
+}
+
+/// Serves a channel this replica owns: connects, does the start-up work (turns to answer,
+/// button presses, a webhook's registration), then polls (or, for a webhook channel, keeps
+/// its connection state fresh) until the gateway stops or the lease is lost. A poll in
+/// flight is abandoned when the lease is lost.
+async fn serve_channel(
+    ctx: &Arc<Ctx>,
+    webhook: bool,
+    register: Option<&(Arc<Telegram>, reqwest::Url)>,
+    lease: Option<(&ChannelLeases, &Arc<std::sync::Mutex<chitin_store::Lease>>)>,
+    lost: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> Served {
     let (engine, name, platform, agent) = (&ctx.engine, &ctx.name, &ctx.platform, &ctx.agent);
     // Connect (getMe: the bot's username for mentions), retrying until it works or we stop.
     loop {
         let r = tokio::select! {
             r = platform.connect() => r,
-            _ = stop.wait_for(|s| *s) => return,
+            h = halted(stop, lost) => return h,
         };
         match r {
             Ok(bot) => {
                 info!(channel = %name, bot = %bot.username, "channel connected");
-                report_connection(&ctx, true, None).await;
+                report_connection(ctx, true, None).await;
                 break;
             }
             Err(e) => {
                 error!(channel = %name, error = %e, "channel could not connect; retrying");
-                report_connection(&ctx, false, Some(e.to_string())).await;
+                report_connection(ctx, false, Some(e.to_string())).await;
                 let d = match e {
                     ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
                     ChannelError::RateLimited { retry_after } => retry_after,
                     _ => POLL_ERROR_PAUSE,
                 };
-                if pause(d, &mut stop).await {
-                    return;
+                if let Some(h) = pause_owned(d, stop, lost).await {
+                    return h;
                 }
             }
         }
     }
     if let Some(agent) = agent {
-        recover_turns(&ctx, agent).await;
+        recover_turns(ctx, agent).await;
         // Presses stored before a restart and not decided yet.
-        handle_presses(&ctx).await;
+        handle_presses(ctx).await;
     }
     if let Some((tg, url)) = register {
-        match tg.set_webhook(&url).await {
+        match tg.set_webhook(url).await {
             Ok(()) => info!(channel = %name, url = %url, "webhook registered"),
             Err(e) => error!(channel = %name, error = %e, "webhook could not be registered"),
         }
     }
     if webhook {
-        // Events arrive on the webhook route; nothing to poll. The connection is reported
-        // as it was at connect, refreshed so `chitin channels status` sees the gateway alive.
-        while !pause(CONNECTION_REFRESH, &mut stop).await {
-            report_connection(&ctx, true, None).await;
+        // Events arrive on the webhook route of every replica; nothing to poll. The connection
+        // is reported as it was at connect, refreshed so `chitin channels status` sees the
+        // gateway alive.
+        loop {
+            if let Some(h) = pause_owned(CONNECTION_REFRESH, stop, lost).await {
+                return h;
+            }
+            report_connection(ctx, true, None).await;
         }
-        return;
     }
     let mut connected = true;
     let mut reported = tokio::time::Instant::now();
@@ -1002,10 +1267,13 @@ async fn poll_loop(
     let mut cursor: Option<Option<String>> = None;
     loop {
         if *stop.borrow() {
-            return;
+            return Served::Stopped;
+        }
+        if *lost.borrow() {
+            return Served::Lost;
         }
         if connected && reported.elapsed() >= CONNECTION_REFRESH {
-            report_connection(&ctx, true, None).await;
+            report_connection(ctx, true, None).await;
             reported = tokio::time::Instant::now();
         }
         let current = match &cursor {
@@ -1025,36 +1293,37 @@ async fn poll_loop(
             }
             Err(e) => {
                 error!(channel = %name, error = %e, "cannot read the channel cursor");
-                if pause(POLL_ERROR_PAUSE, &mut stop).await {
-                    return;
+                if let Some(h) = pause_owned(POLL_ERROR_PAUSE, stop, lost).await {
+                    return h;
                 }
                 continue;
             }
         };
+        // A lost lease drops the poll in flight (and its connection) at once.
         let polled = tokio::select! {
             r = platform.poll(current.as_deref()) => r,
-            _ = stop.wait_for(|s| *s) => return,
+            h = halted(stop, lost) => return h,
         };
         let polled = match polled {
             Ok(p) => p,
             Err(e) => {
                 warn!(channel = %name, error = %e, "poll failed");
-                report_connection(&ctx, false, Some(e.to_string())).await;
+                report_connection(ctx, false, Some(e.to_string())).await;
                 connected = false;
                 let d = match e {
                     ChannelError::Unauthorized(_) => UNAUTHORIZED_PAUSE,
                     ChannelError::RateLimited { retry_after } => retry_after,
                     _ => POLL_ERROR_PAUSE,
                 };
-                if pause(d, &mut stop).await {
-                    return;
+                if let Some(h) = pause_owned(d, stop, lost).await {
+                    return h;
                 }
                 continue;
             }
         };
         if !connected {
             info!(channel = %name, "channel connected again");
-            report_connection(&ctx, true, None).await;
+            report_connection(ctx, true, None).await;
             (connected, reported) = (true, tokio::time::Instant::now());
         }
         if polled.events.is_empty() && polled.cursor.is_none() {
@@ -1089,20 +1358,43 @@ async fn poll_loop(
             Err(e) => {
                 // Nothing stored, cursor unchanged: the platform redelivers.
                 error!(channel = %name, error = %e, "events could not be stored; polling again");
-                if pause(POLL_ERROR_PAUSE, &mut stop).await {
-                    return;
+                if let Some(h) = pause_owned(POLL_ERROR_PAUSE, stop, lost).await {
+                    return h;
                 }
                 continue;
             }
         };
-        if let Some(c) = next {
+        let stale = committed.stale_cursor;
+        if let Some(c) = next
+            && !stale
+        {
             cursor = Some(Some(c));
         }
         receive.record(
             "chitin.admitted",
             i64::try_from(committed.admitted.len()).unwrap_or(i64::MAX),
         );
-        dispatch(&ctx, committed).instrument(receive).await;
+        // The events this commit stored are this replica's to handle, stale or not (each
+        // event is stored once deployment-wide).
+        dispatch(ctx, committed).instrument(receive).await;
+        if stale {
+            // Another replica moved the cursor: it took the channel over while this one did
+            // not notice. Stop polling and look at the lease now.
+            warn!(channel = %name, "another replica moved the channel's cursor; checking the lease");
+            if let Some((leases, held)) = lease {
+                match renew_lease(name, leases, held).await {
+                    Renewal::Lost => return Served::Lost,
+                    Renewal::Renewed => {}
+                    Renewal::Failed => {
+                        if let Some(h) = pause_owned(POLL_ERROR_PAUSE, stop, lost).await {
+                            return h;
+                        }
+                    }
+                }
+            }
+            // Still the owner: go on from the stored cursor.
+            cursor = None;
+        }
     }
 }
 
@@ -1713,7 +2005,7 @@ async fn reply_when_done(
             )
             .await
         }
-        _ => agent.wait(&run_id, TURN_WAIT).await,
+        _ => wait_run(&agent, &run_id).await,
     };
     typing.abort();
     let text = match summary {
@@ -1746,6 +2038,31 @@ async fn reply_when_done(
         error!(channel = %ctx.name, run = %run_id, error = %e, "reply could not be queued");
     }
     ctx.notify.notify_one();
+}
+
+/// How often a run driven by another replica (or not yet taken over from a dead one) is
+/// looked at until it ends.
+const FOREIGN_RUN_POLL: Duration = Duration::from_secs(1);
+
+/// Waits for a run to end, wherever it runs: [`crate::agent::Agent::wait`] follows a run of
+/// this replica; one still running elsewhere (a channel taken over from a replica whose runs
+/// are not adopted yet) is looked at again until it ends or [`TURN_WAIT`] passes.
+async fn wait_run(
+    agent: &crate::agent::Agent,
+    run_id: &str,
+) -> Result<crate::agent::RunSummary, crate::agent::AgentError> {
+    let deadline = tokio::time::Instant::now() + TURN_WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match agent.wait(run_id, left).await {
+            Err(crate::agent::AgentError::WaitTimeout(_))
+                if tokio::time::Instant::now() + FOREIGN_RUN_POLL < deadline =>
+            {
+                tokio::time::sleep(FOREIGN_RUN_POLL).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 /// The text a streamed answer shows while the model writes: what came so far, cut to the

@@ -358,13 +358,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
             .map(|secrets| (parts.gate.clone(), secrets));
         tokio::spawn(lifecycle_schedule(lc, parts.globals.clone(), offsite));
     }
+    let lease_ms = parts.config.store.lease_ms;
     let replica =
         match crate::cluster::Replica::join(parts.store.db().clone(), Arc::clone(&parts.clock)) {
             Ok(r) => {
                 info!(replica = r.id(), "registered as a replica");
                 if let Some(agent) = &parts.agent {
                     // Before resuming runs: their leases are this replica's.
-                    agent.set_replica(r.id(), parts.config.store.lease_ms);
+                    agent.set_replica(r.id(), lease_ms);
                 }
                 Some(r)
             }
@@ -378,6 +379,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         // Several gateways on one database: run events reach the other replicas' clients.
         if let Err(e) = agent.start_relay() {
             error!(error = %e, "run events of other replicas will not be shown here");
+        }
+    }
+    if parts.agent.is_none() && !shared_store {
+        // One gateway per SQLite database (the gateway lock): the leases of the process
+        // before this one (its channels') are void. With an agent, its recovery does this.
+        let db = parts.store.db().clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || db.leases_clear()).await {
+            warn!(error = %e, "the leases of the previous gateway could not be voided; its channels are taken over when they expire");
         }
     }
     if let Some(agent) = &parts.agent {
@@ -524,7 +533,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
         tokio::spawn(runner.background(stop_rx.clone()));
     }
     if let Some(ch) = parts.channels {
-        ch.spawn(channel_agent, app.accounts.clone(), stop_rx.clone());
+        // Each polling or socket channel is served by the replica holding its lease.
+        let leases = app.replica.as_ref().map(|r| channels::ChannelLeases {
+            db: r.db().clone(),
+            owner: r.id().to_string(),
+            ttl_ms: lease_ms,
+            clock: Arc::new(crate::clock::SystemClock),
+        });
+        ch.spawn(channel_agent, app.accounts.clone(), leases, stop_rx.clone());
     }
     // After the agent resumed its runs: the scheduler finishes the firings of the last
     // gateway, then looks once a second.

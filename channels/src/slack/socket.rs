@@ -318,6 +318,14 @@ impl Slack {
     }
 
     /// Acknowledges the cursor's envelopes, then waits (up to the poll timeout) for envelopes.
+    /// Drops the Socket Mode connection and the envelopes read but not returned (never
+    /// acknowledged: Slack delivers them again on another connection).
+    pub(super) async fn socket_close(&self) {
+        let mut st = self.socket.lock().await;
+        st.conn = None;
+        st.buffered.clear();
+    }
+
     pub(super) async fn socket_poll(&self, cursor: Option<&str>) -> Result<Polled, ChannelError> {
         if self.mode != SlackMode::Socket {
             return Err(ChannelError::Protocol(

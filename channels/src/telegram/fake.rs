@@ -13,7 +13,9 @@
 //! - `getUpdates` drops every update whose id is below `offset` (acknowledged) and returns
 //!   the rest, oldest first; without `offset` it returns every unacknowledged update again;
 //!   with a `timeout` it waits until an update is pushed (it answers at once when one is, so
-//!   tests never wait the timeout out); it answers 409 while a webhook is set;
+//!   tests never wait the timeout out); it answers 409 while a webhook is set, and a
+//!   `getUpdates` still waiting when another one arrives ends with 409 "Conflict: terminated
+//!   by other getUpdates request" (two bot instances polling: [`FakeTelegram::conflicts`]);
 //! - `sendMessage` needs a chat the fake has seen (a pushed message, or [`FakeTelegram::add_chat`]),
 //!   refuses empty and over-long (4096 UTF-16 units) texts and button data over 64 bytes,
 //!   assigns increasing message ids and keeps the message so it can be edited, replied to and
@@ -26,6 +28,10 @@
 //!   and `file_size` (no `file_path` over 20 MB, as the real API), and
 //!   `GET /file/bot<token>/<file_path>` serves its bytes; an unknown `file_id` is
 //!   "wrong file_id or the file is temporarily unavailable".
+//!
+//! An API root with a path (`http://127.0.0.1:<port>/<label>`) is accepted: the label is
+//! recorded with each call ([`Call::via`]), so a test tells apart the processes sharing one
+//! bot (each configured with its own label).
 //!
 //! Not modelled: `allowed_updates` filtering, form-encoded or multipart bodies, uploads.
 
@@ -424,6 +430,8 @@ pub struct Call {
     /// The method as in the path (e.g. `getUpdates`).
     pub method: String,
     pub params: Value,
+    /// The first path segment before `/bot<token>/`, when the API root has one.
+    pub via: Option<String>,
 }
 
 /// The registered webhook.
@@ -477,6 +485,11 @@ struct State {
     webhook: Option<Webhook>,
     /// Stored files by `file_id`: (`file_path`, bytes).
     files: HashMap<String, (String, Vec<u8>)>,
+    /// Counts `getUpdates` requests: a waiting one whose number is no longer the latest was
+    /// overtaken by another and ends with 409.
+    polls: u64,
+    /// `getUpdates` requests ended by a newer one (409).
+    conflicts: usize,
     /// `file_path`s downloaded, in order.
     downloads: Vec<String>,
 }
@@ -541,6 +554,8 @@ impl FakeTelegram {
             webhook: None,
             files: HashMap::new(),
             downloads: Vec::new(),
+            polls: 0,
+            conflicts: 0,
         };
         Ok(Self {
             server: listener.serve(state, handle),
@@ -742,6 +757,22 @@ impl FakeTelegram {
         self.lock().calls.clone()
     }
 
+    /// How many `getUpdates` were ended with 409 because another one arrived while they
+    /// waited (two pollers of one bot).
+    pub fn conflicts(&self) -> usize {
+        self.lock().conflicts
+    }
+
+    /// The labels ([`Call::via`]) of the calls of `method`, in order (`""` without one).
+    pub fn vias_of(&self, method: &str) -> Vec<String> {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.method.eq_ignore_ascii_case(method))
+            .map(|c| c.via.clone().unwrap_or_default())
+            .collect()
+    }
+
     /// The parameters of every call of `method`.
     pub fn calls_of(&self, method: &str) -> Vec<Value> {
         self.lock()
@@ -824,7 +855,16 @@ async fn handle(
     pushed: watch::Sender<u64>,
     req: Request<Incoming>,
 ) -> Answered {
-    let path = req.uri().path().to_owned();
+    let full = req.uri().path().to_owned();
+    // An API root with a path: `/<label>/bot<token>/<method>` (or `/<label>/file/bot...`).
+    let (via, path) = match full.strip_prefix('/').and_then(|p| p.split_once('/')) {
+        Some((label, rest))
+            if !label.is_empty() && !label.starts_with("bot") && label != "file" =>
+        {
+            (Some(label.to_owned()), format!("/{rest}"))
+        }
+        _ => (None, full),
+    };
     if let Some(rest) = path.strip_prefix("/file/bot") {
         let mut st = lock(&state);
         let Some((token, file_path)) = rest.split_once('/') else {
@@ -870,6 +910,7 @@ async fn handle(
         st.calls.push(Call {
             method: method.clone(),
             params: params.clone(),
+            via,
         });
         st.failures.next(method.to_ascii_lowercase().as_str())
     };
@@ -987,10 +1028,24 @@ async fn get_updates(
     let timeout = Duration::from_secs(params["timeout"].as_u64().unwrap_or(0));
     let deadline = tokio::time::Instant::now() + timeout;
     let mut rx = pushed.subscribe();
+    // This request overtakes any still waiting (they end with 409 when they wake).
+    let me = {
+        let mut st = lock(state);
+        st.polls += 1;
+        st.polls
+    };
+    pushed.send_modify(|n| *n += 1);
     loop {
         rx.borrow_and_update();
         {
             let mut st = lock(state);
+            if st.polls != me {
+                st.conflicts += 1;
+                return error(
+                    409,
+                    "Conflict: terminated by other getUpdates request; make sure that only one bot instance is running",
+                );
+            }
             if st.webhook.is_some() {
                 return error(
                     409,
