@@ -32,8 +32,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 const PASS: &str = "bench-pass";
 
-/// The secret store every replica shares (see `docs/storage.md`).
-const SECRET_FILES: [&str; 3] = ["secrets.age", "secrets.identity.age", "secrets.identity"];
+/// What every replica shares besides the database (see `docs/storage.md`): the secret store
+/// with its identity, and the vault's data keys (still a file per state directory).
+const SHARED_FILES: [&str; 3] = ["secrets.age", "secrets.identity.age", "vault.keys"];
 
 fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
@@ -140,26 +141,25 @@ impl Deployment {
                 Ok(home)
             })
             .collect::<Result<_, _>>()?;
-        // The first creates the secret store and migrates the database; the others start from
-        // a copy of its store.
+        // The first creates the secret store, migrates the database and answers a turn (the
+        // owner's data key); the others start from a copy of its store and keys.
         let mut replicas = vec![start_one(&homes[0], client).await?];
-        for home in &homes[1..] {
-            for f in SECRET_FILES {
-                if homes[0].join(f).exists() {
-                    std::fs::copy(homes[0].join(f), home.join(f))?;
-                }
-            }
-        }
-        let rest = futures_util::future::join_all(homes[1..].iter().map(|h| start_one(h, client)));
-        for r in rest.await {
-            replicas.push(r?);
-        }
         let out = Command::new(env!("CARGO_BIN_EXE_chitin"))
             .args(["token", "show"])
             .env("CHITIN_HOME", &homes[0])
             .env("CHITIN_PASSPHRASE", PASS)
             .output()?;
         let token = String::from_utf8(out.stdout)?.trim().to_string();
+        chat(client, replicas[0].port, &token, "first").await?;
+        for home in &homes[1..] {
+            for f in SHARED_FILES {
+                std::fs::copy(homes[0].join(f), home.join(f))?;
+            }
+        }
+        let rest = futures_util::future::join_all(homes[1..].iter().map(|h| start_one(h, client)));
+        for r in rest.await {
+            replicas.push(r?);
+        }
         let db = Db::postgres_unmigrated(&pg.config())?;
         Ok(Self {
             replicas,
