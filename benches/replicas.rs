@@ -2,8 +2,9 @@
 //! outside with a zero-latency fake OpenAI-compatible model on loopback:
 //!
 //! - chat turns/s and p50/p99 latency with 1, 2 and 3 replicas (a fresh database each),
-//!   `clients` concurrent clients, each continuing its own session with every turn sent to the
-//!   next replica (round robin, so a session's turns move between replicas);
+//!   `clients` concurrent clients, each continuing its own session, either with every turn
+//!   sent to the next replica (round robin: a session's turns hop between replicas) or with
+//!   each client staying on one replica (a sticky load balancer);
 //! - the audit records appended per second through PostgreSQL during that load (every replica
 //!   appends to the one chain in the database; the audit crate's own bench measures the log
 //!   alone: `cargo bench -p chitin-audit --features postgres --bench audit -- --postgres`);
@@ -202,9 +203,12 @@ async fn chat(
     Ok(t.elapsed())
 }
 
-/// Turns/s and latency with `n` replicas.
+/// Turns/s and latency with `n` replicas: with `hop`, each client sends every turn of its
+/// session to the next replica; without, client `k` stays on replica `k % n` (a sticky load
+/// balancer).
 async fn throughput(
     n: usize,
+    hop: bool,
     clients: usize,
     per_client: usize,
     fake: &FakeServer,
@@ -228,7 +232,7 @@ async fn throughput(
         tasks.push(tokio::spawn(async move {
             let mut d = Vec::new();
             for j in 0..per_client {
-                let port = ports[(k + j) % ports.len()];
+                let port = ports[(k + if hop { j } else { 0 }) % ports.len()];
                 d.push(chat(&client, port, &token, &format!("client{k}")).await?);
             }
             Ok::<_, BoxError>(d)
@@ -244,7 +248,12 @@ async fn throughput(
     all.sort();
     let turns = all.len();
     println!(
-        "{n} replica(s), {clients} clients x {per_client} turns: {turns} turns in {wall:.2?} = {:.1} turns/s, p50={:.2?} p99={:.2?}, audit {records} records = {:.0} appends/s ({:.1}/turn), gateways' cpu/turn={:.2} ms",
+        "{n} replica(s), {}, {clients} clients x {per_client} turns: {turns} turns in {wall:.2?} = {:.1} turns/s, p50={:.2?} p99={:.2?}, audit {records} records = {:.0} appends/s ({:.1}/turn), gateways' cpu/turn={:.2} ms",
+        if hop {
+            "sessions hop"
+        } else {
+            "sessions sticky"
+        },
         turns as f64 / wall.as_secs_f64(),
         pct(&all, 0.5),
         pct(&all, 0.99),
@@ -316,8 +325,11 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         .no_proxy()
         .pool_max_idle_per_host(64)
         .build()?;
-    for n in 1..=3 {
-        throughput(n, clients, per_client, &fake, &client).await?;
+    throughput(1, false, clients, per_client, &fake, &client).await?;
+    for n in 2..=3 {
+        for hop in [true, false] {
+            throughput(n, hop, clients, per_client, &fake, &client).await?;
+        }
     }
     for lease_ms in leases {
         take_over(lease_ms, &fake, &client).await?;
