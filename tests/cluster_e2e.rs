@@ -79,7 +79,7 @@ fn fake(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeServer) {
 
 /// Copies the secret store and the vault's keys of the state dir `from` into `to` (before a
 /// replica starts there).
-fn share_secrets(from: &Path, to: &Path) {
+fn share_deployment_files(from: &Path, to: &Path) {
     for f in SHARED_FILES {
         std::fs::copy(from.join(f), to.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
     }
@@ -105,7 +105,9 @@ impl Cluster {
                 .map(|_| {
                     let from = &from;
                     s.spawn(move || {
-                        Gw::start_custom(free_port(), cfg, false, |home| share_secrets(from, home))
+                        Gw::start_custom(free_port(), cfg, false, |home| {
+                            share_deployment_files(from, home)
+                        })
                     })
                 })
                 .collect();
