@@ -172,7 +172,11 @@ pub fn scrub_store(store: &Store) -> Result<bool, LifecycleError> {
             let c = db
                 .sqlite_connection()
                 .ok_or_else(|| LifecycleError::Backup("no SQLite connection".into()))??;
-            Ok(scrub(&c)?)
+            let done = scrub(&c)?;
+            drop(c);
+            // Written through the raw connection: durable before the erasure is reported.
+            db.flush()?;
+            Ok(done)
         }
         crate::store::Dialect::Postgres => {
             let list = DELETED_FROM.join(", ");

@@ -381,7 +381,7 @@ impl Conn<'_> {
     /// `now_ms` with its token. On PostgreSQL the row stays locked (`FOR SHARE`) until the
     /// transaction ends, so no take-over can commit in between; SQLite has one writer.
     pub fn hold_lease(&mut self, lease: &Lease, now_ms: i64) -> Result<()> {
-        if let ConnInner::Sqlite(_, _, leases) = &self.inner {
+        if let ConnInner::Sqlite(_, _, leases, _) = &self.inner {
             return if leases.holds(lease, now_ms) {
                 Ok(())
             } else {

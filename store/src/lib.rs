@@ -160,6 +160,21 @@ impl Db {
         }
     }
 
+    /// Makes every write so far durable. Needed only after writing through
+    /// [`Db::sqlite_connection`] (`with` and `tx` return durable results by themselves).
+    pub fn flush(&self) -> Result<()> {
+        match &*self.inner {
+            Backend::Sqlite(s) => {
+                let unit = {
+                    let _c = s.lock()?;
+                    s.wrote()
+                };
+                s.sync_to(unit)
+            }
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
     /// The SQLite connection itself, for code not yet on the neutral API (`None` on
     /// PostgreSQL). Holding it excludes every other user of the database.
     pub fn sqlite_connection(&self) -> Option<Result<MutexGuard<'_, rusqlite::Connection>>> {
@@ -176,10 +191,19 @@ impl Db {
     ) -> std::result::Result<T, E> {
         match &*self.inner {
             Backend::Sqlite(s) => {
+                let wrote = std::cell::Cell::new(false);
                 let c = s.lock()?;
-                f(&mut Conn {
-                    inner: ConnInner::Sqlite(&c, &s.location, &s.leases),
-                })
+                let out = f(&mut Conn {
+                    inner: ConnInner::Sqlite(&c, &s.location, &s.leases, &wrote),
+                });
+                // Each statement committed by itself: what wrote is made durable (group
+                // commit, `sqlite`), whether `f` then succeeded or not.
+                if wrote.get() {
+                    let unit = s.wrote();
+                    drop(c);
+                    s.sync_to(unit)?;
+                }
+                out
             }
             Backend::Postgres(p) => {
                 let mut session = p.session(false)?;
@@ -198,12 +222,19 @@ impl Db {
     ) -> std::result::Result<T, E> {
         match &*self.inner {
             Backend::Sqlite(s) => {
+                let wrote = std::cell::Cell::new(false);
                 let mut c = s.lock()?;
                 let tx = c.transaction().map_err(sqlite::err(&s.location))?;
                 let out = f(&mut Conn {
-                    inner: ConnInner::Sqlite(&tx, &s.location, &s.leases),
+                    inner: ConnInner::Sqlite(&tx, &s.location, &s.leases, &wrote),
                 })?;
                 tx.commit().map_err(sqlite::err(&s.location))?;
+                if wrote.get() {
+                    // Durable before the caller sees the result (group commit, `sqlite`).
+                    let unit = s.wrote();
+                    drop(c);
+                    s.sync_to(unit)?;
+                }
                 Ok(out)
             }
             Backend::Postgres(p) => {
@@ -288,7 +319,12 @@ pub fn quote_ident(name: &str) -> String {
 }
 
 enum ConnInner<'a> {
-    Sqlite(&'a rusqlite::Connection, &'a str, &'a lease::MemLeases),
+    Sqlite(
+        &'a rusqlite::Connection,
+        &'a str,
+        &'a lease::MemLeases,
+        &'a std::cell::Cell<bool>,
+    ),
     Postgres(&'a mut pg::Session),
 }
 
@@ -320,7 +356,7 @@ impl Conn<'_> {
     pub fn execute(&mut self, sql: &str, params: &[&dyn ToValue]) -> Result<u64> {
         let (text, vals) = self.prepare(sql, params)?;
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc, _) => sqlite::execute(c, loc, &text, &vals),
+            ConnInner::Sqlite(c, loc, _, w) => sqlite::execute(c, loc, w, &text, &vals),
             ConnInner::Postgres(s) => match s.call(pg::Op::Execute(text, vals))? {
                 pg::Reply::Count(n) => Ok(n),
                 _ => Err(Error::Internal("unexpected reply".into())),
@@ -336,7 +372,7 @@ impl Conn<'_> {
     ) -> Result<Vec<Row>> {
         let (text, vals) = self.prepare(sql, params)?;
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc, _) => sqlite::query(c, loc, &text, &vals, limit),
+            ConnInner::Sqlite(c, loc, _, w) => sqlite::query(c, loc, w, &text, &vals, limit),
             ConnInner::Postgres(s) => match s.call(pg::Op::Query(text, vals, limit))? {
                 pg::Reply::Rows(r) => Ok(r),
                 _ => Err(Error::Internal("unexpected reply".into())),
@@ -372,7 +408,10 @@ impl Conn<'_> {
     /// Runs several statements without parameters (dialect-specific DDL, ...).
     pub fn execute_batch(&mut self, sql: &str) -> Result<()> {
         match &mut self.inner {
-            ConnInner::Sqlite(c, loc, _) => c.execute_batch(sql).map_err(sqlite::err(loc)),
+            ConnInner::Sqlite(c, loc, _, w) => {
+                w.set(true);
+                c.execute_batch(sql).map_err(sqlite::err(loc))
+            }
             ConnInner::Postgres(s) => s.call(pg::Op::Batch(sql.to_string())).map(|_| ()),
         }
     }

@@ -1,7 +1,20 @@
 //! The SQLite backend: one connection behind a mutex (the gateway's `state.db`), WAL,
-//! `synchronous=FULL`, `secure_delete`, migrations with a copy of the database taken first.
+//! `secure_delete`, migrations with a copy of the database taken first.
+//!
+//! **Group commit.** The connection runs `synchronous=NORMAL`: a commit appends to the WAL
+//! without waiting for the disk. A unit of work that wrote ([`Db::with`](crate::Db::with) or
+//! [`Db::tx`](crate::Db::tx)) is then made durable by [`SqliteDb::sync_to`] *after* the
+//! connection is handed back and before the caller gets its result: one `fdatasync` of the WAL
+//! covers every commit written before it, so callers committing at the same time share one
+//! flush instead of taking turns flushing under the connection lock. A result returned to the
+//! caller is as durable as with `synchronous=FULL` (what the gateway acknowledges survives
+//! power loss); what differs is that another thread may *read* a commit in the short time
+//! between its write and its flush.
 
+use std::cell::Cell;
+use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
@@ -18,6 +31,10 @@ pub(crate) struct SqliteDb {
     pub(crate) migrated: Option<(i64, PathBuf)>,
     /// The leases of this file, in memory (`lease`: one gateway per SQLite file).
     pub(crate) leases: std::sync::Arc<crate::lease::MemLeases>,
+    /// Units of work that wrote, counted under the connection lock.
+    pub(crate) written: AtomicU64,
+    /// The last unit of work known durable, and the WAL file flushed to make it so.
+    pub(crate) synced: Mutex<(u64, Option<File>)>,
 }
 
 impl rusqlite::ToSql for Value {
@@ -56,7 +73,8 @@ pub(crate) fn open(path: &Path, migrate_now: bool) -> Result<SqliteDb> {
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(sql(rusqlite::Error::InvalidQuery));
     }
-    conn.pragma_update(None, "synchronous", "FULL")
+    // Durability comes from `SqliteDb::sync_to` (group commit) before a result is returned.
+    conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(&sql)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(&sql)?;
@@ -76,6 +94,13 @@ pub(crate) fn open(path: &Path, migrate_now: bool) -> Result<SqliteDb> {
         conn: Mutex::new(conn),
         migrated,
         leases: crate::lease::mem_leases(path),
+        written: AtomicU64::new(1),
+        // Unit 1: opening (a migration may have written); made durable below.
+        synced: Mutex::new((0, None)),
+    })
+    .and_then(|db| {
+        db.sync_to(1)?;
+        Ok(db)
     })
 }
 
@@ -105,8 +130,69 @@ impl SqliteDb {
     pub(crate) fn migrate(&self) -> Result<usize> {
         let mut conn = self.lock()?;
         let before = version(&conn).map_err(err(&self.location))?;
-        migrate(&mut conn, &self.path)?;
+        let r = migrate(&mut conn, &self.path);
+        let unit = self.wrote();
+        drop(conn);
+        self.sync_to(unit)?;
+        r?;
         Ok(usize::try_from(crate::latest_version() - before).unwrap_or(0))
+    }
+
+    /// Counts a unit of work that wrote; call it while holding the connection lock, after
+    /// the commit. Returns its number for [`Self::sync_to`].
+    pub(crate) fn wrote(&self) -> u64 {
+        self.written.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Returns once unit `unit` is on disk: one `fdatasync` of the WAL (taken after every
+    /// commit counted so far) covers it and every unit before it, so concurrent callers share
+    /// flushes. Call it without holding the connection lock.
+    pub(crate) fn sync_to(&self, unit: u64) -> Result<()> {
+        let mut synced = self
+            .synced
+            .lock()
+            .map_err(|_| Error::Internal("store sync lock poisoned by a panic".into()))?;
+        if synced.0 >= unit {
+            return Ok(());
+        }
+        let target = self.written.load(Ordering::SeqCst);
+        let io = |source: std::io::Error| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        // The WAL file of this connection: opened once, again if it was replaced (removed
+        // when the last connection of another process closed it, then created anew).
+        let wal = self.path.with_file_name(format!(
+            "{}-wal",
+            self.path
+                .file_name()
+                .map_or_else(|| "state.db".into(), |n| n.to_string_lossy().into_owned())
+        ));
+        let stale = match &synced.1 {
+            Some(f) => {
+                use std::os::unix::fs::MetadataExt;
+                let open = f.metadata().map_err(io)?;
+                open.nlink() == 0
+                    || std::fs::symlink_metadata(&wal)
+                        .map(|m| m.ino() != open.ino() || m.dev() != open.dev())
+                        .unwrap_or(true)
+            }
+            None => true,
+        };
+        if stale {
+            synced.1 = match File::open(&wal) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io(e)),
+            };
+        }
+        match &synced.1 {
+            Some(f) => f.sync_data().map_err(io)?,
+            // No WAL (checkpointed and removed): the commits are in the database file.
+            None => File::open(&self.path).and_then(|f| f.sync_data()).map_err(io)?,
+        }
+        synced.0 = target;
+        Ok(())
     }
 }
 
@@ -192,9 +278,18 @@ fn cell(v: ValueRef<'_>, column: usize) -> Result<Value> {
     })
 }
 
-pub(crate) fn execute(c: &Connection, loc: &str, sql: &str, params: &[Value]) -> Result<u64> {
+pub(crate) fn execute(
+    c: &Connection,
+    loc: &str,
+    wrote: &Cell<bool>,
+    sql: &str,
+    params: &[Value],
+) -> Result<u64> {
     let e = err(loc);
     let mut st = c.prepare_cached(sql).map_err(&e)?;
+    if !st.readonly() {
+        wrote.set(true);
+    }
     let n = st
         .execute(rusqlite::params_from_iter(params.iter()))
         .map_err(&e)?;
@@ -204,12 +299,16 @@ pub(crate) fn execute(c: &Connection, loc: &str, sql: &str, params: &[Value]) ->
 pub(crate) fn query(
     c: &Connection,
     loc: &str,
+    wrote: &Cell<bool>,
     sql: &str,
     params: &[Value],
     limit: Option<usize>,
 ) -> Result<Vec<Row>> {
     let e = err(loc);
     let mut st = c.prepare_cached(sql).map_err(&e)?;
+    if !st.readonly() {
+        wrote.set(true);
+    }
     let n = st.column_count();
     let mut rows = st
         .query(rusqlite::params_from_iter(params.iter()))
@@ -226,4 +325,70 @@ pub(crate) fn query(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    use std::sync::atomic::Ordering;
+
+    use crate::{Backend, Db, params};
+
+    fn units(db: &Db) -> (u64, u64) {
+        match &*db.inner {
+            Backend::Sqlite(s) => (
+                s.written.load(Ordering::SeqCst),
+                s.synced.lock().unwrap().0,
+            ),
+            Backend::Postgres(_) => unreachable!("a SQLite test"),
+        }
+    }
+
+    #[test]
+    fn every_write_returned_by_with_or_tx_is_flushed_and_concurrent_writers_share_flushes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite(&dir.path().join("state.db")).unwrap();
+        db.with(|c| c.execute_batch("CREATE TABLE t (n INTEGER NOT NULL, w INTEGER NOT NULL)"))
+            .unwrap();
+        let threads: Vec<_> = (0..6)
+            .map(|w| {
+                let db = db.clone();
+                std::thread::spawn(move || {
+                    for n in 0..40_i64 {
+                        // The unit this transaction will be counted as: one more than the
+                        // units counted when it held the lock.
+                        let unit = db
+                            .tx(|c| {
+                                c.execute("INSERT INTO t (n, w) VALUES (?1, ?2)", params![n, w])?;
+                                Ok::<_, crate::Error>(units(&db).0 + 1)
+                            })
+                            .unwrap();
+                        let (_, synced) = units(&db);
+                        assert!(synced >= unit, "returned before its flush: {synced} < {unit}");
+                        let unit = db
+                            .with(|c| {
+                                c.execute("UPDATE t SET n = n WHERE w = ?1 AND n = ?2", params![w, n])?;
+                                Ok::<_, crate::Error>(units(&db).0 + 1)
+                            })
+                            .unwrap();
+                        assert!(units(&db).1 >= unit);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n: i64 = db
+            .with(|c| c.query_row("SELECT COUNT(*) FROM t", params![])?.get(0))
+            .unwrap();
+        assert_eq!(n, 240);
+        // Reads alone count no unit and flush nothing.
+        let before = units(&db);
+        let _: i64 = db
+            .with(|c| c.query_row("SELECT COUNT(*) FROM t", params![])?.get(0))
+            .unwrap();
+        assert_eq!(units(&db), before);
+        assert_eq!(before.0, before.1, "everything written is flushed");
+    }
 }
