@@ -169,6 +169,8 @@ on_both_backends!(
     two_replicas_ticking_the_same_due_job_fire_it_once_per_time,
     two_replicas_claiming_the_same_run_request_start_it_once,
     two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_once,
+    a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recovered_once,
+    a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s_is_started_once,
 );
 
 fn agent(e: &Env, s: &FakeServer, jobs: Option<Arc<JobStore>>) -> Agent {
@@ -1302,4 +1304,169 @@ async fn two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_onc
             "hook:wf:ci-3"
         ]
     );
+}
+
+/// Registers replica `id` with its last heartbeat at `at_ms`.
+fn beat(e: &Env, id: &str, at_ms: i64) {
+    e.store
+        .db()
+        .replica_register(&chitin_store::Replica {
+            id: id.into(),
+            host: "h".into(),
+            started_ms: at_ms,
+            heartbeat_ms: at_ms,
+            version: "test".into(),
+        })
+        .unwrap();
+}
+
+/// Replica `r-a` fired a prompt job's time (status `started`) and is still working on it. On
+/// PostgreSQL the recovery of the other replicas leaves it alone (no second turn, no second
+/// answer); once `r-a` is silent past `cluster::STALE_MS`, exactly one of two recovering
+/// replicas takes it over and finishes it, once. On SQLite (one gateway owns the file) a
+/// start recovers every `started` firing, as before.
+async fn a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recovered_once(
+    d: Dialect,
+) {
+    use chitin::cluster::STALE_MS;
+    let e = env_on(d);
+    let s = FakeOpenAi::start(vec![]).await.unwrap();
+    s.set_fallback(Step::text("the report"));
+    let cfg = config("[[cron]]\nname = \"j\"\nevery = \"1m\"\nprompt = \"p\"\n");
+    let a = cron(&e, &cfg);
+    a.jobs.set_replica("r-a");
+    let tick_ms = START_MS + 30_000;
+    e.clock.set(tick_ms + 1_000);
+    let fired = a.jobs.claim_tick("j", tick_ms, "scheduled").unwrap().unwrap();
+    assert_eq!(fired.replica.as_deref(), Some("r-a"));
+    for id in ["r-a", "r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (b, c) = (
+        cron_over(&e, replica(&e), &cfg),
+        cron_over(&e, replica(&e), &cfg),
+    );
+    b.jobs.set_replica("r-b");
+    c.jobs.set_replica("r-c");
+    for x in [&b, &c] {
+        x.runner.set_agent(agent(&e, &s, None));
+    }
+    let (sb, sc) = (scheduler(&e, &b), scheduler(&e, &c));
+    if d == Dialect::Sqlite {
+        let resumed = sb.recover().await.unwrap();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(finish_all(vec![chitin::automation::scheduler::TickReport {
+            started: resumed,
+            skipped: vec![],
+        }])
+        .await, 1);
+        assert_eq!(s.requests().len(), 1);
+        return;
+    }
+    assert!(sb.recover().await.unwrap().is_empty(), "r-a is live");
+    assert!(sc.recover().await.unwrap().is_empty(), "r-a is live");
+    assert_eq!(statuses(&b, "j"), [("scheduled".into(), "started".into())]);
+    assert!(s.requests().is_empty(), "no turn was started for r-a's firing");
+    // r-a falls silent; r-b and r-c keep beating.
+    e.clock.advance(STALE_MS + 1);
+    for id in ["r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (rb, rc) = tokio::join!(sb.recover(), sc.recover());
+    let (rb, rc) = (rb.unwrap(), rc.unwrap());
+    let by = if rb.len() == 1 { "r-b" } else { "r-c" };
+    assert_eq!(rb.len() + rc.len(), 1, "taken over by {} and {}", rb.len(), rc.len());
+    let done = finish_all(vec![
+        chitin::automation::scheduler::TickReport {
+            started: rb,
+            skipped: vec![],
+        },
+        chitin::automation::scheduler::TickReport {
+            started: rc,
+            skipped: vec![],
+        },
+    ])
+    .await;
+    assert_eq!(done, 1);
+    assert_eq!(s.requests().len(), 1, "one turn for the firing");
+    let all = b.jobs.firings("j").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].status.as_str(), all[0].replica.as_deref()),
+        ("completed", Some(by))
+    );
+    assert!(sb.recover().await.unwrap().is_empty());
+    assert!(sc.recover().await.unwrap().is_empty());
+}
+
+/// A stored workflow delivery replica `r-a` acknowledged and started (status `started`) is
+/// not started again by another replica's look while `r-a` beats (PostgreSQL); once `r-a` is
+/// silent, one of two replicas starts it, once. On SQLite the next gateway starts it at once.
+async fn a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s_is_started_once(
+    d: Dialect,
+) {
+    use chitin::automation::hooks::Hooks;
+    use chitin::cluster::STALE_MS;
+    let e = env_on(d);
+    let cfg = config(
+        "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\n",
+    );
+    let launcher = Arc::new(Launcher::default());
+    let hooks = |store: Arc<Store>, id: &str| {
+        let c = cron_over(&e, Arc::clone(&store), &cfg);
+        c.runner
+            .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+        let h = Hooks::build(
+            &cfg.hooks,
+            "owner",
+            &e.gate,
+            &e.secrets,
+            Arc::clone(&c.runner),
+            store,
+            Arc::new(e.clock.clone()),
+            Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
+        );
+        h.set_replica(id);
+        h
+    };
+    // As r-a leaves it after its claim, before its workflow started.
+    let sealed = chitin::agent::Sealer::seal(
+        e.vault.as_ref(),
+        &chitin::agent::transcripts::subject_of("owner"),
+        br#"{"n":1}"#,
+    )
+    .unwrap();
+    let now = e.clock.now_ms();
+    e.store
+        .db()
+        .with(|c| {
+            c.execute(
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject, replica)
+                 VALUES ('wf', 'd-1', 'push', 'x', 7, 'started', ?1, ?2, ?3, 'r-a')",
+                chitin::store::params![now, sealed, chitin::agent::transcripts::subject_of("owner")],
+            )
+        })
+        .unwrap();
+    for id in ["r-a", "r-b", "r-c"] {
+        beat(&e, id, now);
+    }
+    let (hb, hc) = (hooks(replica(&e), "r-b"), hooks(replica(&e), "r-c"));
+    if d == Dialect::Sqlite {
+        assert_eq!(hb.start_pending().await, 1);
+        until("the delivery's workflow", || launcher.0.lock().unwrap().len() == 1).await;
+        return;
+    }
+    assert_eq!(hb.start_pending().await, 0, "r-a is live");
+    assert_eq!(hc.start_pending().await, 0, "r-a is live");
+    e.clock.advance(STALE_MS + 1);
+    for id in ["r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (nb, nc) = tokio::join!(hb.start_pending(), hc.start_pending());
+    assert_eq!(nb + nc, 1, "started by {nb} and {nc}");
+    until("the delivery finished", || delivery_status(&e, "d-1").0 == "completed").await;
+    let calls = launcher.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].3, "hook:wf:d-1");
+    assert_eq!(hb.start_pending().await + hc.start_pending().await, 0);
 }
