@@ -25,7 +25,7 @@ use chitin::automation::WorkflowLauncher;
 use chitin::automation::jobs::JobStore;
 use chitin::automation::run::Runner;
 use chitin::automation::scheduler::{GRACE_MS, Scheduler};
-use chitin::clock::ManualClock;
+use chitin::clock::{Clock, ManualClock};
 use chitin::config::Config;
 use chitin::config::agent::{AgentConfig, BudgetsConfig};
 use chitin::config::providers::PricingConfig;
@@ -1337,7 +1337,11 @@ async fn a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recov
     a.jobs.set_replica("r-a");
     let tick_ms = START_MS + 30_000;
     e.clock.set(tick_ms + 1_000);
-    let fired = a.jobs.claim_tick("j", tick_ms, "scheduled").unwrap().unwrap();
+    let fired = a
+        .jobs
+        .claim_tick("j", tick_ms, "scheduled")
+        .unwrap()
+        .unwrap();
     assert_eq!(fired.replica.as_deref(), Some("r-a"));
     for id in ["r-a", "r-b", "r-c"] {
         beat(&e, id, e.clock.now_ms());
@@ -1355,18 +1359,27 @@ async fn a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recov
     if d == Dialect::Sqlite {
         let resumed = sb.recover().await.unwrap();
         assert_eq!(resumed.len(), 1);
-        assert_eq!(finish_all(vec![chitin::automation::scheduler::TickReport {
-            started: resumed,
-            skipped: vec![],
-        }])
-        .await, 1);
+        assert_eq!(
+            finish_all(vec![chitin::automation::scheduler::TickReport {
+                started: resumed,
+                skipped: vec![],
+            }])
+            .await,
+            1
+        );
         assert_eq!(s.requests().len(), 1);
         return;
     }
     assert!(sb.recover().await.unwrap().is_empty(), "r-a is live");
     assert!(sc.recover().await.unwrap().is_empty(), "r-a is live");
-    assert_eq!(statuses(&b, "j"), [("scheduled".into(), "started".into())]);
-    assert!(s.requests().is_empty(), "no turn was started for r-a's firing");
+    assert_eq!(
+        statuses(&b, "j"),
+        [("scheduled".to_string(), "started".to_string())]
+    );
+    assert!(
+        s.requests().is_empty(),
+        "no turn was started for r-a's firing"
+    );
     // r-a falls silent; r-b and r-c keep beating.
     e.clock.advance(STALE_MS + 1);
     for id in ["r-b", "r-c"] {
@@ -1375,7 +1388,13 @@ async fn a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recov
     let (rb, rc) = tokio::join!(sb.recover(), sc.recover());
     let (rb, rc) = (rb.unwrap(), rc.unwrap());
     let by = if rb.len() == 1 { "r-b" } else { "r-c" };
-    assert_eq!(rb.len() + rc.len(), 1, "taken over by {} and {}", rb.len(), rc.len());
+    assert_eq!(
+        rb.len() + rc.len(),
+        1,
+        "taken over by {} and {}",
+        rb.len(),
+        rc.len()
+    );
     let done = finish_all(vec![
         chitin::automation::scheduler::TickReport {
             started: rb,
@@ -1453,7 +1472,10 @@ async fn a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s
     let (hb, hc) = (hooks(replica(&e), "r-b"), hooks(replica(&e), "r-c"));
     if d == Dialect::Sqlite {
         assert_eq!(hb.start_pending().await, 1);
-        until("the delivery's workflow", || launcher.0.lock().unwrap().len() == 1).await;
+        until("the delivery's workflow", || {
+            launcher.0.lock().unwrap().len() == 1
+        })
+        .await;
         return;
     }
     assert_eq!(hb.start_pending().await, 0, "r-a is live");
@@ -1464,7 +1486,10 @@ async fn a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s
     }
     let (nb, nc) = tokio::join!(hb.start_pending(), hc.start_pending());
     assert_eq!(nb + nc, 1, "started by {nb} and {nc}");
-    until("the delivery finished", || delivery_status(&e, "d-1").0 == "completed").await;
+    until("the delivery finished", || {
+        delivery_status(&e, "d-1").0 == "completed"
+    })
+    .await;
     let calls = launcher.0.lock().unwrap().clone();
     assert_eq!(calls.len(), 1);
     assert_eq!(calls[0].3, "hook:wf:d-1");

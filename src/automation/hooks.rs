@@ -688,13 +688,13 @@ impl Hooks {
                     tokio::task::spawn_blocking(move || {
                         claim_delivery(&store, &h, &d, me.as_deref())
                     })
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r)
-                        .unwrap_or_else(|e| {
-                            tracing::error!(error = %e, "webhook delivery could not be claimed");
-                            false
-                        })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "webhook delivery could not be claimed");
+                        false
+                    })
                 };
                 if !claimed {
                     return;
@@ -746,17 +746,14 @@ impl Hooks {
         let (me, cutoff) = if self.shared() {
             (
                 self.replica(),
-                self.clock
-                    .now_ms()
-                    .saturating_sub(crate::cluster::STALE_MS),
+                self.clock.now_ms().saturating_sub(crate::cluster::STALE_MS),
             )
         } else {
             (None, i64::MAX)
         };
-        let rows = tokio::task::spawn_blocking(move || {
-            pending_deliveries(&store, me.as_deref(), cutoff)
-        })
-        .await;
+        let rows =
+            tokio::task::spawn_blocking(move || pending_deliveries(&store, me.as_deref(), cutoff))
+                .await;
         let rows = match rows.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(r) => r,
             Err(e) => {

@@ -337,8 +337,9 @@ impl Scheduler {
             Err(e) => tracing::error!(error = %e, "cron firings could not be recovered"),
         }
         let shared = self.jobs.shared();
-        let recover_every =
-            u64::try_from(crate::cluster::HEARTBEAT_MS / 1_000).unwrap_or(5).max(1);
+        let recover_every = u64::try_from(crate::cluster::HEARTBEAT_MS / 1_000)
+            .unwrap_or(5)
+            .max(1);
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;

@@ -1649,7 +1649,10 @@ impl Runner {
                 tokio::spawn(async move {
                     let n = me.recover().await;
                     if n > 0 {
-                        tracing::info!(runs = n, "continued workflow runs of a replica that stopped");
+                        tracing::info!(
+                            runs = n,
+                            "continued workflow runs of a replica that stopped"
+                        );
                     }
                 });
             }

@@ -103,7 +103,7 @@ pub struct RunStore {
     store: Arc<Store>,
     sealer: Arc<dyn Sealer>,
     /// This process as a runner: its replica id (a gateway) and its machine.
-    replica: std::sync::RwLock<Option<String>>,
+    replica: Arc<std::sync::RwLock<Option<String>>>,
     host: String,
 }
 
@@ -160,7 +160,7 @@ impl RunStore {
         Self {
             store,
             sealer,
-            replica: std::sync::RwLock::new(None),
+            replica: Arc::new(std::sync::RwLock::new(None)),
             host: crate::cluster::host_name(),
         }
     }
