@@ -1495,3 +1495,78 @@ async fn a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s
     assert_eq!(calls[0].3, "hook:wf:d-1");
     assert_eq!(hb.start_pending().await + hc.start_pending().await, 0);
 }
+
+/// A prompt firing whose turn replica `r-a` submitted and was running when it died
+/// (PostgreSQL): replica `r-b` takes the firing over once `r-a` is silent, waits in the
+/// database for the turn, which `r-b`'s agent takes over once `r-a`'s lease expired, and
+/// delivers the answer once; the turn is not submitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_s_submitted_turn_is_finished_by_another_and_its_answer_delivered_once() {
+    use chitin::agent::LeaseSettings;
+    use chitin::cluster::STALE_MS;
+    let e = env_on(Dialect::Postgres);
+    let s = FakeOpenAi::start(vec![Step::Hang, Step::text("the report")])
+        .await
+        .unwrap();
+    let cfg = config(
+        "[[cron]]\nname = \"brief\"\nevery = \"1m\"\nprompt = \"Summarise\"\ndeliver = \"channel:tg:dm:42\"\n",
+    );
+    let lease_clock = ManualClock::new(1_000_000);
+    let ttl = 3_600_000;
+    let leases = |owner: &str| LeaseSettings {
+        owner: owner.into(),
+        ttl_ms: ttl,
+        clock: Arc::new(lease_clock.clone()),
+    };
+    // Replica A fires the time; its model call never answers.
+    let a = cron(&e, &cfg);
+    a.jobs.set_replica("r-a");
+    let agent_a = agent(&e, &s, None);
+    agent_a.set_lease_settings(leases("r-a"));
+    a.runner.set_agent(agent_a);
+    e.clock.set(START_MS + 30_000 + 1_000);
+    beat(&e, "r-a", e.clock.now_ms());
+    let fired = scheduler(&e, &a).tick().await.unwrap();
+    assert_eq!(fired.started.len(), 1);
+    let run = fired.started[0].run_id.clone().unwrap();
+    until("A's model call", || s.requests().len() == 1).await;
+    // A dies: its delivery task with it.
+    for st in fired.started {
+        st.done.abort();
+    }
+    let b = cron_over(&e, replica(&e), &cfg);
+    b.jobs.set_replica("r-b");
+    let agent_b = agent(&e, &s, None);
+    agent_b.set_lease_settings(leases("r-b"));
+    b.runner.set_agent(agent_b.clone());
+    let sb = scheduler(&e, &b);
+    beat(&e, "r-b", e.clock.now_ms());
+    assert!(sb.recover().await.unwrap().is_empty(), "r-a is live");
+    // A stays silent past STALE_MS and its run lease expires.
+    e.clock.advance(STALE_MS + 1);
+    lease_clock.advance(ttl + 1);
+    beat(&e, "r-b", e.clock.now_ms());
+    let resumed = sb.recover().await.unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].run_id.as_deref(), Some(run.as_str()));
+    assert_eq!(agent_b.adopt().await.unwrap(), 1);
+    for st in resumed {
+        assert_eq!(st.done.await.unwrap().status, "completed");
+    }
+    assert_eq!(s.requests().len(), 2, "A's call and B's, no second turn");
+    assert_eq!(
+        b.outbox.sent(),
+        [(
+            "tg".to_string(),
+            "channel:tg:dm:42".to_string(),
+            "the report".to_string()
+        )]
+    );
+    assert!(a.outbox.sent().is_empty());
+    let all = b.jobs.firings("brief").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].status.as_str(), all[0].replica.as_deref()),
+        ("completed", Some("r-b"))
+    );
+}

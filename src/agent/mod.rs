@@ -894,8 +894,12 @@ impl Agent {
             .unwrap_or(false)
     }
 
-    /// Waits up to `timeout` for a run to finish and returns its summary.
+    /// Waits up to `timeout` for a run to finish and returns its summary. A run this process
+    /// does not drive is, on PostgreSQL, read from the database every 200 ms (another replica
+    /// drives it, or will take it over once its dead driver's lease expires: a recovered cron
+    /// firing waits for its turn there); on SQLite it is finished or it is not running at all.
     pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<RunSummary, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let rx = self
             .0
             .live
@@ -920,11 +924,17 @@ impl Agent {
                 Err(_) => return Err(AgentError::WaitTimeout(run_id.into())),
             }
         }
-        let s = self.summary(run_id).await?;
-        if matches!(s.status.as_str(), "queued" | "running" | "waiting_approval") {
-            return Err(AgentError::WaitTimeout(run_id.into()));
+        let shared = self.0.p.store.db().dialect() == crate::store::Dialect::Postgres;
+        loop {
+            let s = self.summary(run_id).await?;
+            if !matches!(s.status.as_str(), "queued" | "running" | "waiting_approval") {
+                return Ok(s);
+            }
+            if !shared || tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::WaitTimeout(run_id.into()));
+            }
+            tokio::time::sleep(replicas::LEASE_POLL).await;
         }
-        Ok(s)
     }
 
     /// A run's summary from the database.
