@@ -22,6 +22,17 @@ pub const STALE_MS: i64 = 3 * HEARTBEAT_MS;
 /// Rows of replicas silent for longer are deleted by the others' heartbeats.
 pub const PRUNE_MS: i64 = 24 * 3_600_000;
 
+/// The SQL condition "the replica named in column `col` is not live": none is named, or no
+/// replica row has a heartbeat newer than the parameter `?{n}` (bind `now - STALE_MS`; on
+/// SQLite, where one gateway owns the file, callers that must not judge liveness bind
+/// `i64::MAX`, which makes every replica not live). Recovery on PostgreSQL takes over only
+/// such work, with this condition in its conditional UPDATE (issue #18).
+pub fn not_live_sql(col: &str, n: usize) -> String {
+    format!(
+        "({col} IS NULL OR {col} NOT IN (SELECT r.id FROM replicas r WHERE r.heartbeat_ms > ?{n}))"
+    )
+}
+
 /// This process's registration.
 pub struct Replica {
     db: Db,
@@ -36,7 +47,7 @@ impl std::fmt::Debug for Replica {
 }
 
 /// The machine's name (`uname`), or `unknown`.
-fn host_name() -> String {
+pub fn host_name() -> String {
     let u = rustix::system::uname();
     let n = u.nodename().to_string_lossy().into_owned();
     if n.is_empty() { "unknown".into() } else { n }

@@ -54,6 +54,8 @@ struct Env {
     gate: Gate,
     store: Arc<Store>,
     vault: Arc<chitin::vault::Vault>,
+    /// The store's PostgreSQL database, for the tests on that backend (dropped last).
+    _pg: Option<chitin_store::testing::TestPg>,
 }
 
 fn env() -> Env {
@@ -128,7 +130,18 @@ fn env_with(loopback_fetch: bool) -> Env {
         outside,
         clock,
         _dirs: vec![h, w, o],
+        _pg: None,
     }
+}
+
+/// [`env`] with the store (sessions, runs, transcripts, leases) on a fresh PostgreSQL
+/// database.
+fn env_on_postgres() -> Env {
+    let mut e = env();
+    let pg = chitin_store::testing::TestPg::new().unwrap();
+    e.store = Arc::new(Store::from_db(pg.db().unwrap()));
+    e._pg = Some(pg);
+    e
 }
 
 fn provider(name: &str, kind: &str, url: &str) -> chitin::config::providers::ProviderConfig {
@@ -1925,4 +1938,69 @@ fn a_run_whose_replica_died_is_taken_over_after_its_lease_expires() {
         assert_eq!(taken.owner, None);
     });
     assert!(e.ws.join("after-take-over").exists());
+}
+
+/// On PostgreSQL a run's transcript writes hold its leases in their transaction: replica A's
+/// run waits for an approval; A stalls past its lease (the lease clock moves, A's renewal does
+/// not come) and replica B takes the run's lease; the person's answer then wakes A's run,
+/// whose next write is refused by the fence: it stops without writing anything more and
+/// without asking the model again.
+#[test]
+fn a_run_whose_lease_was_taken_over_cannot_write_to_its_transcript() {
+    let e = env_on_postgres();
+    let lease_clock = ManualClock::new(1_000_000);
+    // A long lease: A's renewal (a third of it, in real time) does not come during the test,
+    // so what stops A is the fence of its write.
+    let ttl = 3_600_000;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let s = FakeAnthropic::start(vec![
+            Step::tool_call("c1", "exec", &net_exec(&["true"])),
+            Step::text("an answer that must not be stored"),
+        ])
+        .await
+        .unwrap();
+        let a = agent(&e, &s, "anthropic");
+        a.set_lease_settings(chitin::agent::LeaseSettings {
+            owner: "replica-a".into(),
+            ttl_ms: ttl,
+            clock: Arc::new(lease_clock.clone()),
+        });
+        let id = a.submit(turn("s1", "go")).await.unwrap();
+        let ap = wait_for_approval(&a).await;
+        for _ in 0..1200 {
+            if a.summary(&id).await.unwrap().status == "waiting_approval" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let stored_before = a.transcripts().run_messages(&id).unwrap().len();
+        assert_eq!(stored_before, 2, "the question and the tool call");
+        // A's lease runs out and B takes the run over.
+        lease_clock.advance(ttl + 1);
+        let db = e.store.db();
+        let taken = db
+            .lease_acquire(&format!("run:{id}"), "replica-b", lease_clock.now_ms(), ttl)
+            .unwrap()
+            .expect("the expired lease is free to take");
+        assert_eq!(taken.owner, "replica-b");
+        a.approvals().resolve(&ap.code, "owner", false).unwrap();
+        let r = a.wait(&id, Duration::from_secs(120)).await.unwrap();
+        assert_eq!(r.status, "waiting_approval", "{r:?}");
+        assert_eq!(r.reply, None);
+        assert_eq!(
+            a.transcripts().run_messages(&id).unwrap().len(),
+            stored_before,
+            "nothing was written after the lease was lost"
+        );
+        assert_eq!(s.requests().len(), 1, "the model was not asked again");
+        assert_eq!(
+            db.lease_info(&format!("run:{id}"))
+                .unwrap()
+                .unwrap()
+                .owner
+                .as_deref(),
+            Some("replica-b")
+        );
+    });
 }

@@ -25,7 +25,7 @@ use chitin::automation::WorkflowLauncher;
 use chitin::automation::jobs::JobStore;
 use chitin::automation::run::Runner;
 use chitin::automation::scheduler::{GRACE_MS, Scheduler};
-use chitin::clock::ManualClock;
+use chitin::clock::{Clock, ManualClock};
 use chitin::config::Config;
 use chitin::config::agent::{AgentConfig, BudgetsConfig};
 use chitin::config::providers::PricingConfig;
@@ -169,6 +169,8 @@ on_both_backends!(
     two_replicas_ticking_the_same_due_job_fire_it_once_per_time,
     two_replicas_claiming_the_same_run_request_start_it_once,
     two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_once,
+    a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recovered_once,
+    a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s_is_started_once,
 );
 
 fn agent(e: &Env, s: &FakeServer, jobs: Option<Arc<JobStore>>) -> Agent {
@@ -1301,5 +1303,270 @@ async fn two_replicas_receiving_the_same_webhook_delivery_start_its_workflow_onc
             "hook:wf:ci-2",
             "hook:wf:ci-3"
         ]
+    );
+}
+
+/// Registers replica `id` with its last heartbeat at `at_ms`.
+fn beat(e: &Env, id: &str, at_ms: i64) {
+    e.store
+        .db()
+        .replica_register(&chitin_store::Replica {
+            id: id.into(),
+            host: "h".into(),
+            started_ms: at_ms,
+            heartbeat_ms: at_ms,
+            version: "test".into(),
+        })
+        .unwrap();
+}
+
+/// Replica `r-a` fired a prompt job's time (status `started`) and is still working on it. On
+/// PostgreSQL the recovery of the other replicas leaves it alone (no second turn, no second
+/// answer); once `r-a` is silent past `cluster::STALE_MS`, exactly one of two recovering
+/// replicas takes it over and finishes it, once. On SQLite (one gateway owns the file) a
+/// start recovers every `started` firing, as before.
+async fn a_live_replica_s_started_firing_is_left_to_it_and_a_dead_one_s_is_recovered_once(
+    d: Dialect,
+) {
+    use chitin::cluster::STALE_MS;
+    let e = env_on(d);
+    let s = FakeOpenAi::start(vec![]).await.unwrap();
+    s.set_fallback(Step::text("the report"));
+    let cfg = config("[[cron]]\nname = \"j\"\nevery = \"1m\"\nprompt = \"p\"\n");
+    let a = cron(&e, &cfg);
+    a.jobs.set_replica("r-a");
+    let tick_ms = START_MS + 30_000;
+    e.clock.set(tick_ms + 1_000);
+    let fired = a
+        .jobs
+        .claim_tick("j", tick_ms, "scheduled")
+        .unwrap()
+        .unwrap();
+    assert_eq!(fired.replica.as_deref(), Some("r-a"));
+    for id in ["r-a", "r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (b, c) = (
+        cron_over(&e, replica(&e), &cfg),
+        cron_over(&e, replica(&e), &cfg),
+    );
+    b.jobs.set_replica("r-b");
+    c.jobs.set_replica("r-c");
+    for x in [&b, &c] {
+        x.runner.set_agent(agent(&e, &s, None));
+    }
+    let (sb, sc) = (scheduler(&e, &b), scheduler(&e, &c));
+    if d == Dialect::Sqlite {
+        let resumed = sb.recover().await.unwrap();
+        assert_eq!(resumed.len(), 1);
+        assert_eq!(
+            finish_all(vec![chitin::automation::scheduler::TickReport {
+                started: resumed,
+                skipped: vec![],
+            }])
+            .await,
+            1
+        );
+        assert_eq!(s.requests().len(), 1);
+        return;
+    }
+    assert!(sb.recover().await.unwrap().is_empty(), "r-a is live");
+    assert!(sc.recover().await.unwrap().is_empty(), "r-a is live");
+    assert_eq!(
+        statuses(&b, "j"),
+        [("scheduled".to_string(), "started".to_string())]
+    );
+    assert!(
+        s.requests().is_empty(),
+        "no turn was started for r-a's firing"
+    );
+    // r-a falls silent; r-b and r-c keep beating.
+    e.clock.advance(STALE_MS + 1);
+    for id in ["r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (rb, rc) = tokio::join!(sb.recover(), sc.recover());
+    let (rb, rc) = (rb.unwrap(), rc.unwrap());
+    let by = if rb.len() == 1 { "r-b" } else { "r-c" };
+    assert_eq!(
+        rb.len() + rc.len(),
+        1,
+        "taken over by {} and {}",
+        rb.len(),
+        rc.len()
+    );
+    let done = finish_all(vec![
+        chitin::automation::scheduler::TickReport {
+            started: rb,
+            skipped: vec![],
+        },
+        chitin::automation::scheduler::TickReport {
+            started: rc,
+            skipped: vec![],
+        },
+    ])
+    .await;
+    assert_eq!(done, 1);
+    assert_eq!(s.requests().len(), 1, "one turn for the firing");
+    let all = b.jobs.firings("j").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].status.as_str(), all[0].replica.as_deref()),
+        ("completed", Some(by))
+    );
+    assert!(sb.recover().await.unwrap().is_empty());
+    assert!(sc.recover().await.unwrap().is_empty());
+}
+
+/// A stored workflow delivery replica `r-a` acknowledged and started (status `started`) is
+/// not started again by another replica's look while `r-a` beats (PostgreSQL); once `r-a` is
+/// silent, one of two replicas starts it, once. On SQLite the next gateway starts it at once.
+async fn a_live_replica_s_stored_webhook_delivery_is_left_to_it_and_a_dead_one_s_is_started_once(
+    d: Dialect,
+) {
+    use chitin::automation::hooks::Hooks;
+    use chitin::cluster::STALE_MS;
+    let e = env_on(d);
+    let cfg = config(
+        "[[hooks]]\nname = \"wf\"\nsecret = \"secret:wf_hook\"\nformat = \"generic\"\nworkflow = \"workflows/ci.lobster\"\n",
+    );
+    let launcher = Arc::new(Launcher::default());
+    let hooks = |store: Arc<Store>, id: &str| {
+        let c = cron_over(&e, Arc::clone(&store), &cfg);
+        c.runner
+            .set_launcher(Arc::clone(&launcher) as Arc<dyn WorkflowLauncher>);
+        let h = Hooks::build(
+            &cfg.hooks,
+            "owner",
+            &e.gate,
+            &e.secrets,
+            Arc::clone(&c.runner),
+            store,
+            Arc::new(e.clock.clone()),
+            Arc::clone(&e.vault) as Arc<dyn chitin::agent::Sealer>,
+        );
+        h.set_replica(id);
+        h
+    };
+    // As r-a leaves it after its claim, before its workflow started.
+    let sealed = chitin::agent::Sealer::seal(
+        e.vault.as_ref(),
+        &chitin::agent::transcripts::subject_of("owner"),
+        br#"{"n":1}"#,
+    )
+    .unwrap();
+    let now = e.clock.now_ms();
+    e.store
+        .db()
+        .with(|c| {
+            c.execute(
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject, replica)
+                 VALUES ('wf', 'd-1', 'push', 'x', 7, 'started', ?1, ?2, ?3, 'r-a')",
+                chitin::store::params![now, sealed, chitin::agent::transcripts::subject_of("owner")],
+            )
+        })
+        .unwrap();
+    for id in ["r-a", "r-b", "r-c"] {
+        beat(&e, id, now);
+    }
+    let (hb, hc) = (hooks(replica(&e), "r-b"), hooks(replica(&e), "r-c"));
+    if d == Dialect::Sqlite {
+        assert_eq!(hb.start_pending().await, 1);
+        until("the delivery's workflow", || {
+            launcher.0.lock().unwrap().len() == 1
+        })
+        .await;
+        return;
+    }
+    assert_eq!(hb.start_pending().await, 0, "r-a is live");
+    assert_eq!(hc.start_pending().await, 0, "r-a is live");
+    e.clock.advance(STALE_MS + 1);
+    for id in ["r-b", "r-c"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let (nb, nc) = tokio::join!(hb.start_pending(), hc.start_pending());
+    assert_eq!(nb + nc, 1, "started by {nb} and {nc}");
+    until("the delivery finished", || {
+        delivery_status(&e, "d-1").0 == "completed"
+    })
+    .await;
+    let calls = launcher.0.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].3, "hook:wf:d-1");
+    assert_eq!(hb.start_pending().await + hc.start_pending().await, 0);
+}
+
+/// A prompt firing whose turn replica `r-a` submitted and was running when it died
+/// (PostgreSQL): replica `r-b` takes the firing over once `r-a` is silent, waits in the
+/// database for the turn, which `r-b`'s agent takes over once `r-a`'s lease expired, and
+/// delivers the answer once; the turn is not submitted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replica_s_submitted_turn_is_finished_by_another_and_its_answer_delivered_once() {
+    use chitin::agent::LeaseSettings;
+    use chitin::cluster::STALE_MS;
+    let e = env_on(Dialect::Postgres);
+    let s = FakeOpenAi::start(vec![Step::Hang, Step::text("the report")])
+        .await
+        .unwrap();
+    let cfg = config(
+        "[[cron]]\nname = \"brief\"\nevery = \"1m\"\nprompt = \"Summarise\"\ndeliver = \"channel:tg:dm:42\"\n",
+    );
+    let lease_clock = ManualClock::new(1_000_000);
+    let ttl = 3_600_000;
+    let leases = |owner: &str| LeaseSettings {
+        owner: owner.into(),
+        ttl_ms: ttl,
+        clock: Arc::new(lease_clock.clone()),
+    };
+    // Replica A fires the time; its model call never answers.
+    let a = cron(&e, &cfg);
+    a.jobs.set_replica("r-a");
+    let agent_a = agent(&e, &s, None);
+    agent_a.set_lease_settings(leases("r-a"));
+    a.runner.set_agent(agent_a);
+    e.clock.set(START_MS + 30_000 + 1_000);
+    beat(&e, "r-a", e.clock.now_ms());
+    let fired = scheduler(&e, &a).tick().await.unwrap();
+    assert_eq!(fired.started.len(), 1);
+    let run = fired.started[0].run_id.clone().unwrap();
+    until("A's model call", || s.requests().len() == 1).await;
+    // A dies: its delivery task with it.
+    for st in fired.started {
+        st.done.abort();
+    }
+    let b = cron_over(&e, replica(&e), &cfg);
+    b.jobs.set_replica("r-b");
+    let agent_b = agent(&e, &s, None);
+    agent_b.set_lease_settings(leases("r-b"));
+    b.runner.set_agent(agent_b.clone());
+    let sb = scheduler(&e, &b);
+    beat(&e, "r-b", e.clock.now_ms());
+    assert!(sb.recover().await.unwrap().is_empty(), "r-a is live");
+    // A stays silent past STALE_MS and its run lease expires.
+    e.clock.advance(STALE_MS + 1);
+    lease_clock.advance(ttl + 1);
+    beat(&e, "r-b", e.clock.now_ms());
+    let resumed = sb.recover().await.unwrap();
+    assert_eq!(resumed.len(), 1);
+    assert_eq!(resumed[0].run_id.as_deref(), Some(run.as_str()));
+    assert_eq!(agent_b.adopt().await.unwrap(), 1);
+    for st in resumed {
+        assert_eq!(st.done.await.unwrap().status, "completed");
+    }
+    assert_eq!(s.requests().len(), 2, "A's call and B's, no second turn");
+    assert_eq!(
+        b.outbox.sent(),
+        [(
+            "tg".to_string(),
+            "channel:tg:dm:42".to_string(),
+            "the report".to_string()
+        )]
+    );
+    assert!(a.outbox.sent().is_empty());
+    let all = b.jobs.firings("brief").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (all[0].status.as_str(), all[0].replica.as_deref()),
+        ("completed", Some("r-b"))
     );
 }

@@ -897,3 +897,58 @@ fn a_backup_of_a_postgres_store_restores_onto_sqlite_with_the_same_rows() {
         4
     );
 }
+
+/// A deployment whose audit log is in PostgreSQL too: the backup carries that chain as the
+/// `audit.db` and `audit.checkpoints` members a SQLite deployment's backup has, which verify
+/// offline with the deployment's key (what `chitin-audit-verify --db` runs) and hold every
+/// record up to the backup, the backup's own record included; a restore onto SQLite brings it.
+#[test]
+fn a_backup_of_a_postgres_deployment_carries_its_audit_chain_which_verifies_offline() {
+    let h = harness_with_postgres_audit();
+    assert_eq!(h.lc.audit.backend(), "postgres");
+    let alice = user("alice");
+    session(&h, "s-a", &alice, "alice", T0, None);
+    let mut last = 0;
+    for i in 0..4 {
+        last = audit_record(&h, &alice, "message.receive", "web", json!({ "i": i }));
+    }
+    let id_file = h.home.parent().unwrap().join("backup-id.txt");
+    let recipient = backup::keygen(&id_file, T0).unwrap();
+    let b = B {
+        h,
+        id_file,
+        recipient,
+    };
+    let verified = verified_backup(&b, "pg-audit.age");
+    // `backup.create` is recorded before the snapshot: the chain goes one past the records.
+    assert_eq!(verified.opened().manifest.audit_last_seq, last + 1);
+    let members = &verified.opened().members;
+    let t = tempfile::tempdir().unwrap();
+    for m in [chitin_audit::DB_FILE, chitin_audit::CHECKPOINT_FILE] {
+        std::fs::write(t.path().join(m), &members[m][..]).unwrap();
+    }
+    let report = chitin_audit::Verifier::new(b.h.lc.audit.public_key())
+        .verify_db(
+            &t.path().join(chitin_audit::DB_FILE),
+            Some(&t.path().join(chitin_audit::CHECKPOINT_FILE)),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.last_seq, Some(last + 1));
+    let copied = chitin_audit::AuditReader::open(&t.path().join(chitin_audit::DB_FILE))
+        .unwrap()
+        .range(1, last + 1)
+        .unwrap();
+    let live = b.h.lc.audit.reader().unwrap().range(1, last + 1).unwrap();
+    assert_eq!(copied, live);
+    assert_eq!(copied.last().unwrap().action, "backup.create");
+    // Restored onto SQLite, the state directory's audit log is that chain.
+    let r = tempfile::tempdir().unwrap();
+    let home = home::private_home(r.path(), "restored");
+    backup::restore(&verified, &home).unwrap().commit();
+    assert_eq!(
+        audit_verifies(&home),
+        report.ok_line(),
+        "the restored log is the backed-up chain"
+    );
+}

@@ -314,6 +314,31 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
         .unwrap()
     };
     assert_eq!(n(&snap), 1);
+    // Its audit.db is the database's audit chain up to the backup, which verifies offline
+    // (what `chitin-audit-verify --db --checkpoints --pubkey` runs) and ends with the backup.
+    for m in [chitin_audit::DB_FILE, chitin_audit::CHECKPOINT_FILE] {
+        std::fs::write(t.path().join(m), &opened.members[m][..]).unwrap();
+    }
+    let key = chitin_audit::PublicKey::load(&home.join(chitin_audit::PUB_FILE)).unwrap();
+    let report = chitin_audit::Verifier::new(key)
+        .verify_db(
+            &t.path().join(chitin_audit::DB_FILE),
+            Some(&t.path().join(chitin_audit::CHECKPOINT_FILE)),
+        )
+        .unwrap()
+        .unwrap();
+    let last = report.last_seq.unwrap();
+    assert_eq!(last, opened.manifest.audit_last_seq);
+    let copied = chitin_audit::AuditReader::open(&t.path().join(chitin_audit::DB_FILE))
+        .unwrap()
+        .range(last, last)
+        .unwrap();
+    assert_eq!(copied[0].action, "backup.create");
+    let shared = chitin_audit::AuditReader::open_postgres(
+        &chitin_audit::PgConfig::from_url(&format!("{url}?sslmode=disable")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(shared.range(last, last).unwrap(), copied);
 
     // The rows are lost; the restore brings them back into the database.
     let db = chitin::store::Db::postgres(&pg).unwrap();
@@ -325,8 +350,42 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
         &["backup", "restore", file.to_str().unwrap(), "--yes"],
     );
     assert!(o.status.success(), "{}", out(&o));
-    assert!(out(&o).contains("rows into postgres://"), "{}", out(&o));
+    let text = out(&o);
+    assert!(text.contains("rows into postgres://"), "{text}");
+    // The plan names the database, not a state.db file, and keeps the database's audit chain.
+    assert!(
+        text.contains("copy    the backup's state.db into the PostgreSQL database postgres"),
+        "{text}"
+    );
+    assert!(
+        text.contains("keep    the database's audit chain"),
+        "{text}"
+    );
+    for m in ["state.db", "audit.db", "audit.checkpoints"] {
+        assert!(
+            !text.contains(&format!("add     {m} ")) && !text.contains(&format!("replace {m} ")),
+            "{text}"
+        );
+    }
     assert_eq!(n(&db), 1);
+    // The restore is recorded in the database's chain, after what the backup carried.
+    let mut restores = Vec::new();
+    shared
+        .for_each_from(last + 1, |r| {
+            if r.action == "backup.restore" {
+                restores.push((r.kind.clone(), r.decision.clone()));
+            }
+            true
+        })
+        .unwrap();
+    // The operator's Cedar decision, then the restore itself.
+    assert_eq!(
+        restores,
+        [
+            ("decision".to_string(), "allow".to_string()),
+            ("admin".to_string(), String::new())
+        ]
+    );
     // Nothing of it was put in the state directory as a SQLite file.
     assert!(
         !home.join("state.db").exists() || {

@@ -181,6 +181,7 @@ on_both_backends!(
     a_loop_gate_approved_on_the_web_page_or_a_chat_button_is_continued_by_the_tick,
     two_replicas_resuming_the_same_pause_at_once_continue_the_run_once,
     two_replicas_recovering_a_dead_runner_s_run_take_it_over_once,
+    a_live_replica_s_workflow_run_is_left_to_it_and_a_dead_one_s_is_taken_over_once,
 );
 
 struct Model {
@@ -1786,4 +1787,93 @@ fn two_replicas_recovering_a_dead_runner_s_run_take_it_over_once(d: Dialect) {
     );
     assert_eq!(lines(&e, "one.log"), ["one"]);
     assert_eq!(r1.show(&run).unwrap()["status"], "ok");
+}
+
+/// Registers replica `id` with its last heartbeat at `at_ms`.
+fn beat(e: &Env, id: &str, at_ms: i64) {
+    e.store
+        .db()
+        .replica_register(&chitin_store::Replica {
+            id: id.into(),
+            host: "elsewhere".into(),
+            started_ms: at_ms,
+            heartbeat_ms: at_ms,
+            version: "test".into(),
+        })
+        .unwrap();
+}
+
+/// A run left `running` by gateway replica `r-a` (its pid means nothing on this machine).
+/// On PostgreSQL the other replicas leave it while `r-a` beats, and once `r-a` is silent past
+/// `cluster::STALE_MS` exactly one of two recovering replicas takes it over. On SQLite (one
+/// gateway owns the file) a start recovers it as before, whatever the replica rows say.
+fn a_live_replica_s_workflow_run_is_left_to_it_and_a_dead_one_s_is_taken_over_once(d: Dialect) {
+    let e = env_on(d);
+    write(&e, "two.lobster", TWO_STEPS);
+    let r1 = runner(&e);
+    r1.set_replica("r-1");
+    let done = start(&r1, "two.lobster", json!({}));
+    assert_eq!(done.status(), "ok", "{}", done.value);
+    let run = done.run_id.clone().unwrap();
+    let row = r1.runs().run(&run).unwrap().unwrap();
+    assert_eq!(row.runner_replica.as_deref(), Some("r-1"));
+    assert_eq!(row.runner_host, Some(chitin::cluster::host_name()));
+    e.store
+        .db()
+        .tx(|c| {
+            c.execute(
+                "UPDATE workflow_runs SET status = 'running', cursor = 1, finished_ms = NULL,
+                        runner_pid = 2147483000, runner_start = 1, runner_replica = 'r-a',
+                        runner_host = 'elsewhere' WHERE id = ?1",
+                chitin::store::params![run],
+            )?;
+            c.execute(
+                "DELETE FROM workflow_steps WHERE run_id = ?1 AND step = 'two'",
+                chitin::store::params![run],
+            )
+        })
+        .unwrap();
+    let now = e.clock.now_ms();
+    for id in ["r-a", "r-1", "r-2"] {
+        beat(&e, id, now);
+    }
+    let r2 = runner_over(&e, replica(&e), no_model());
+    r2.set_replica("r-2");
+    if d == Dialect::Sqlite {
+        assert_eq!(rt().block_on(r2.recover()), 1);
+        assert_eq!(lines(&e, "two.log"), ["two", "two"]);
+        assert_eq!(r2.show(&run).unwrap()["status"], "ok");
+        return;
+    }
+    assert_eq!(rt().block_on(r2.recover()), 0, "r-a is live");
+    assert_eq!(rt().block_on(r1.recover()), 0, "r-a is live");
+    let left = r2.runs().run(&run).unwrap().unwrap();
+    assert_eq!(
+        (left.status.as_str(), left.runner_replica.as_deref()),
+        ("running", Some("r-a"))
+    );
+    // r-a falls silent; r-1 and r-2 keep beating.
+    e.clock.advance(chitin::cluster::STALE_MS + 1);
+    for id in ["r-1", "r-2"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let barrier = std::sync::Barrier::new(2);
+    let (a, b) = std::thread::scope(|s| {
+        let one = s.spawn(|| {
+            barrier.wait();
+            rt().block_on(r1.recover())
+        });
+        let two = s.spawn(|| {
+            barrier.wait();
+            rt().block_on(r2.recover())
+        });
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    assert_eq!(a + b, 1, "taken over by {a} and {b}");
+    assert_eq!(lines(&e, "two.log"), ["two", "two"]);
+    let taken = r1.runs().run(&run).unwrap().unwrap();
+    assert_eq!(taken.status, "ok");
+    let by = if a == 1 { "r-1" } else { "r-2" };
+    assert_eq!(taken.runner_replica.as_deref(), Some(by));
+    assert_eq!(rt().block_on(r1.recover()) + rt().block_on(r2.recover()), 0);
 }

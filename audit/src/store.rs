@@ -408,6 +408,83 @@ impl AuditReader {
             ReaderInner::Postgres(r) => r.head(),
         }
     }
+
+    /// Writes this log as a SQLite deployment keeps it: the new database `db` ([`DB_FILE`]'s
+    /// schema, every record up to the head read first, byte for byte, a removed payload
+    /// removed) and the new checkpoint file `checkpoint_file` (one JSON line per checkpoint
+    /// over those records, also in `db`'s table). Records appended meanwhile are left out: a
+    /// copy is a prefix of the chain, and `chitin-audit-verify --db db --checkpoints
+    /// checkpoint_file` verifies it offline. Returns the last record copied (0: none).
+    pub fn copy_to_sqlite(&self, db: &Path, checkpoint_file: &Path) -> Result<i64, AuditError> {
+        let last = self.head()?.map_or(0, |(seq, _)| seq);
+        if db.exists() || checkpoint_file.exists() {
+            return Err(AuditError::InvalidInput(format!(
+                "{} or {} exists already; a copy of the audit log goes into new files only",
+                db.display(),
+                checkpoint_file.display()
+            )));
+        }
+        let e = db_err(db);
+        let mut conn = Connection::open(db).map_err(&e)?;
+        crate::fsutil::chmod_private(db)?;
+        conn.execute_batch(SCHEMA).map_err(&e)?;
+        let tx = conn.transaction().map_err(&e)?;
+        let mut failed: Option<AuditError> = None;
+        {
+            let mut st = tx
+                .prepare(&format!(
+                    "INSERT INTO records ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+                     ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ))
+                .map_err(&e)?;
+            self.for_each_from(i64::MIN, |r| {
+                if r.seq > last {
+                    return false;
+                }
+                match st.execute(params![
+                    r.seq,
+                    r.ts_ms,
+                    r.kind,
+                    r.actor,
+                    r.action,
+                    r.resource,
+                    r.decision,
+                    r.policies,
+                    r.outcome,
+                    r.payload_digest,
+                    r.payload,
+                    r.removed_at_ms,
+                    r.removed_reason,
+                    r.field_check,
+                    r.prev_hash,
+                    r.hash,
+                ]) {
+                    Ok(_) => true,
+                    Err(err) => {
+                        failed = Some(e(err));
+                        false
+                    }
+                }
+            })?;
+        }
+        if let Some(err) = failed {
+            return Err(err);
+        }
+        let mut lines = String::new();
+        for cp in self.checkpoints()?.into_iter().filter(|c| c.seq <= last) {
+            tx.execute(
+                "INSERT INTO checkpoints (seq, head, time_ms, key_id, sig) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![cp.seq, cp.head, cp.time_ms, cp.key_id, cp.sig],
+            )
+            .map_err(&e)?;
+            lines.push_str(&cp.to_line()?);
+            lines.push('\n');
+        }
+        tx.commit().map_err(&e)?;
+        drop(conn);
+        crate::fsutil::write_private(checkpoint_file, &lines)?;
+        Ok(last)
+    }
 }
 
 /// The SQLite side of the writer: one connection, `BEGIN IMMEDIATE` as the write lock (other

@@ -882,3 +882,39 @@ fn an_unreachable_database_fails_closed_with_a_clear_error() {
         "{err}"
     );
 }
+
+/// `AuditReader::copy_to_sqlite` (a backup of a PostgreSQL deployment): the copy is the same
+/// log the same appends give on SQLite, record for record, with the checkpoints in its table
+/// and its file; it verifies offline with the same verdict; a copy never overwrites files.
+#[test]
+fn a_postgresql_log_copied_to_sqlite_is_the_log_sqlite_keeps_and_verifies_offline() {
+    let db = TestDb::new();
+    let _pg_dir = build_pg(&db, 12, 5);
+    let sqlite = build_sqlite(12, 5);
+    let reader = AuditReader::open_postgres(&db.config()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (copy_db, copy_cps) = (
+        out.path().join("audit.db"),
+        out.path().join("audit.checkpoints"),
+    );
+    assert_eq!(reader.copy_to_sqlite(&copy_db, &copy_cps).unwrap(), 12);
+    let copied = AuditReader::open(&copy_db).unwrap();
+    let native = AuditReader::open(&sqlite.path().join("audit.db")).unwrap();
+    assert_eq!(copied.range(1, 12).unwrap(), native.range(1, 12).unwrap());
+    assert_eq!(copied.checkpoints().unwrap(), reader.checkpoints().unwrap());
+    let from_file =
+        chitin_audit::parse_checkpoint_lines(&std::fs::read_to_string(&copy_cps).unwrap()).unwrap();
+    assert_eq!(from_file, reader.checkpoints().unwrap());
+    let key = signer().public_key();
+    let verdict = Verifier::new(key)
+        .verify_db(&copy_db, Some(&copy_cps))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        verdict.ok_line(),
+        verify(sqlite.path()).unwrap().ok_line(),
+        "the same verdict as the SQLite log"
+    );
+    let again = reader.copy_to_sqlite(&copy_db, &copy_cps).unwrap_err();
+    assert!(again.to_string().contains("exists already"), "{again}");
+}

@@ -894,8 +894,12 @@ impl Agent {
             .unwrap_or(false)
     }
 
-    /// Waits up to `timeout` for a run to finish and returns its summary.
+    /// Waits up to `timeout` for a run to finish and returns its summary. A run this process
+    /// does not drive is, on PostgreSQL, read from the database every 200 ms (another replica
+    /// drives it, or will take it over once its dead driver's lease expires: a recovered cron
+    /// firing waits for its turn there); on SQLite it is finished or it is not running at all.
     pub async fn wait(&self, run_id: &str, timeout: Duration) -> Result<RunSummary, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let rx = self
             .0
             .live
@@ -920,11 +924,17 @@ impl Agent {
                 Err(_) => return Err(AgentError::WaitTimeout(run_id.into())),
             }
         }
-        let s = self.summary(run_id).await?;
-        if matches!(s.status.as_str(), "queued" | "running" | "waiting_approval") {
-            return Err(AgentError::WaitTimeout(run_id.into()));
+        let shared = self.0.p.store.db().dialect() == crate::store::Dialect::Postgres;
+        loop {
+            let s = self.summary(run_id).await?;
+            if !matches!(s.status.as_str(), "queued" | "running" | "waiting_approval") {
+                return Ok(s);
+            }
+            if !shared || tokio::time::Instant::now() >= deadline {
+                return Err(AgentError::WaitTimeout(run_id.into()));
+            }
+            tokio::time::sleep(replicas::LEASE_POLL).await;
         }
-        Ok(s)
     }
 
     /// A run's summary from the database.
@@ -1337,23 +1347,47 @@ impl Run {
         error: Option<String>,
     ) {
         let inner = Arc::clone(&self.inner);
-        let (id, now) = (self.id.clone(), self.now());
+        let (id, now, fence) = (self.id.clone(), self.now(), self.fence());
         let r = blocking(move || {
-            inner.transcripts.set_run_status(
+            inner.transcripts.set_run_status_fenced(
                 &id,
                 status,
                 approval.as_deref(),
                 error.as_deref(),
                 now,
+                fence.as_ref(),
             )
         })
         .await;
-        if let Err(e) | Ok(Err(e)) = r
-            .map_err(|e| e.to_string())
-            .map(|r| r.map_err(|e| e.to_string()))
-        {
-            tracing::error!(run = %self.id, error = %e, "cannot record the run status");
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.is_lease_lost() => {
+                tracing::info!(run = %self.id, "the run's lease moved to another replica; its status is that replica's to write");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(run = %self.id, error = %e, "cannot record the run status");
+            }
+            Err(e) => {
+                tracing::error!(run = %self.id, error = %e, "cannot record the run status");
+            }
         }
+    }
+
+    /// The leases this run's transcript and status writes must still hold, checked in their
+    /// transaction (issue #18): on PostgreSQL only, where another replica may have taken the
+    /// run over; on SQLite one gateway owns the file and a write costs nothing more.
+    fn fence(&self) -> Option<transcripts::Fence> {
+        if self.inner.p.store.db().dialect() != crate::store::Dialect::Postgres {
+            return None;
+        }
+        let leases = self.held.lock().map(|v| v.clone()).unwrap_or_default();
+        if leases.is_empty() {
+            return None;
+        }
+        Some(transcripts::Fence {
+            leases,
+            now_ms: self.inner.leases().clock.now_ms(),
+        })
     }
 
     /// Waits for the session's lease (another replica may be running this session), and
@@ -1432,6 +1466,8 @@ impl Run {
         let limit = Duration::from_secs(inner.tuning().config.run_timeout_secs);
         let outcome = tokio::select! {
             r = tokio::time::timeout(limit, self.drive()) => match r {
+                // A write refused by the fence: another replica took the run over.
+                Ok(Err(AgentError::Transcript(e))) if e.is_lease_lost() => ("lost", None),
                 Ok(Ok(End::Reply)) => ("completed", None),
                 Ok(Ok(End::Failed(e))) => ("failed", Some(e)),
                 Ok(Err(e)) => ("failed", Some(e.to_string())),
@@ -1574,11 +1610,12 @@ impl Run {
         status: Option<&'static str>,
     ) -> Result<i64, AgentError> {
         let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (
+        let (s, u, id, now, fence) = (
             self.session.clone(),
             self.user.clone(),
             self.id.clone(),
             self.now(),
+            self.fence(),
         );
         Ok(blocking(move || {
             let row = usage.as_ref().map(|x| transcripts::UsageRow {
@@ -1592,9 +1629,16 @@ impl Run {
                 output_tokens: x.usage.output_tokens,
                 cost_usd: x.cost_usd,
             });
-            inner
-                .transcripts
-                .append_step(&s, &u, Some(&id), &m, row.as_ref(), status, now)
+            inner.transcripts.append_step_fenced(
+                &s,
+                &u,
+                Some(&id),
+                &m,
+                row.as_ref(),
+                status,
+                now,
+                fence.as_ref(),
+            )
         })
         .await??)
     }
@@ -1603,11 +1647,12 @@ impl Run {
     /// and reads the run's summary in the same trip to the blocking pool.
     async fn store_final(&self, m: Stored, usage: ModelUsage) -> Result<(), AgentError> {
         let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (
+        let (s, u, id, now, fence) = (
             self.session.clone(),
             self.user.clone(),
             self.id.clone(),
             self.now(),
+            self.fence(),
         );
         let summary = blocking(move || -> Result<Option<RunSummary>, AgentError> {
             let row = transcripts::UsageRow {
@@ -1621,7 +1666,7 @@ impl Run {
                 output_tokens: usage.usage.output_tokens,
                 cost_usd: usage.cost_usd,
             };
-            inner.transcripts.append_step(
+            inner.transcripts.append_step_fenced(
                 &s,
                 &u,
                 Some(&id),
@@ -1629,6 +1674,7 @@ impl Run {
                 Some(&row),
                 Some("completed"),
                 now,
+                fence.as_ref(),
             )?;
             // The answer is stored: a summary that cannot be read now is read again by
             // `finish`.

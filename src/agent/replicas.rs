@@ -8,7 +8,10 @@
 //! - While it executes, a run also holds `session:<key>`: two replicas never run one session
 //!   at once (the in-process serial lane still orders the runs of one replica).
 //! - Both are renewed every third of their time to live; a run whose lease is lost (taken
-//!   over after this replica stalled) stops at once, writing nothing more.
+//!   over after this replica stalled) stops at once, writing nothing more. On PostgreSQL its
+//!   transcript and status writes also hold the leases in their own transaction
+//!   (`transcripts::Fence`), so a write between the take-over and the next renewal check is
+//!   refused and ends the run there.
 //! - Run events are published on the database channel [`EVENTS_CHANNEL`] and replayed into
 //!   the local event stream of every other replica, so a WebSocket on replica A sees the
 //!   deltas, tool events and approval requests of a run on replica B.

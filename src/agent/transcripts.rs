@@ -36,6 +36,31 @@ pub trait Sealer: Send + Sync {
     fn on_erase(&self, _hook: std::sync::Weak<EraseHook>) {}
 }
 
+/// The leases a run's write must still hold, and the lease clock's time: checked with
+/// [`Conn::hold_lease`] inside the write's transaction, so a run that lost its lease to another
+/// replica writes nothing (issue #18). The agent passes one only on PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub leases: Vec<chitin_store::Lease>,
+    pub now_ms: i64,
+}
+
+impl Fence {
+    fn hold(&self, tx: &mut Conn<'_>) -> Result<(), TranscriptError> {
+        for l in &self.leases {
+            tx.hold_lease(l, self.now_ms)?;
+        }
+        Ok(())
+    }
+}
+
+impl TranscriptError {
+    /// Whether this is a fenced write refused because the run lost a lease.
+    pub fn is_lease_lost(&self) -> bool {
+        matches!(self, Self::Db(chitin_store::Error::LeaseLost { .. }))
+    }
+}
+
 /// Errors of the transcript store.
 #[derive(Debug, thiserror::Error)]
 pub enum TranscriptError {
@@ -665,7 +690,30 @@ impl Transcripts {
         status: Option<&str>,
         now: i64,
     ) -> Result<i64, TranscriptError> {
+        self.append_step_fenced(key, user, run_id, message, usage, status, now, None)
+    }
+
+    /// [`Self::append_step`], written only while the run still holds `fence`'s leases
+    /// (checked in the same transaction; `TranscriptError::is_lease_lost` otherwise).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one transaction's worth of fields"
+    )]
+    pub fn append_step_fenced(
+        &self,
+        key: &str,
+        user: &str,
+        run_id: Option<&str>,
+        message: &Stored,
+        usage: Option<&UsageRow<'_>>,
+        status: Option<&str>,
+        now: i64,
+        fence: Option<&Fence>,
+    ) -> Result<i64, TranscriptError> {
         self.store.db().tx(|tx| {
+            if let Some(f) = fence {
+                f.hold(tx)?;
+            }
             let seq = self.insert_message(tx, key, user, run_id, message, now)?;
             if let Some(u) = usage {
                 Self::insert_usage(tx, u)?;
@@ -894,18 +942,41 @@ impl Transcripts {
         error: Option<&str>,
         now: i64,
     ) -> Result<(), TranscriptError> {
+        self.set_run_status_fenced(id, status, approval_id, error, now, None)
+    }
+
+    /// [`Self::set_run_status`], written only while the run still holds `fence`'s leases.
+    pub fn set_run_status_fenced(
+        &self,
+        id: &str,
+        status: &str,
+        approval_id: Option<&str>,
+        error: Option<&str>,
+        now: i64,
+        fence: Option<&Fence>,
+    ) -> Result<(), TranscriptError> {
         let finished = matches!(
             status,
             "completed" | "failed" | "cancelled" | "timed_out" | "interrupted"
         );
-        self.store.db().with(|c| {
-            c.execute(
-                "UPDATE runs SET status = ?2, approval_id = ?3, error = COALESCE(?4, error), updated_ms = ?5,
+        const SQL: &str = "UPDATE runs SET status = ?2, approval_id = ?3, error = COALESCE(?4, error), updated_ms = ?5,
                                  finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
-                 WHERE id = ?1",
-                params![id, status, approval_id, error, now, finished],
-            )
-        })?;
+                 WHERE id = ?1";
+        match fence {
+            // One statement, no transaction of its own: no cost on SQLite.
+            None => {
+                self.store.db().with(|c| {
+                    c.execute(SQL, params![id, status, approval_id, error, now, finished])
+                })?;
+            }
+            Some(f) => {
+                self.store.db().tx(|tx| {
+                    f.hold(tx)?;
+                    tx.execute(SQL, params![id, status, approval_id, error, now, finished])?;
+                    Ok::<_, TranscriptError>(())
+                })?;
+            }
+        }
         Ok(())
     }
 

@@ -245,6 +245,8 @@ pub struct Hooks {
     /// Tests only (debug builds, `CHITIN_TEST_HOLD_HOOK_STARTS=1`): acknowledged workflow
     /// deliveries are not started, as if the gateway stopped right after the 2xx.
     hold_starts: bool,
+    /// This gateway's replica id, recorded on the deliveries it handles (issue #18).
+    replica: std::sync::RwLock<Option<String>>,
 }
 
 /// Refused requests per hook and minute that are audited one by one; past it, each is counted
@@ -385,7 +387,29 @@ impl Hooks {
             sealer,
             refused: std::sync::Mutex::default(),
             hold_starts: hold_starts_for_tests(),
+            replica: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Records `id` (this gateway's `cluster::Replica`) on the deliveries handled from now on.
+    pub fn set_replica(&self, id: &str) {
+        let mut r = match self.replica.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        *r = Some(id.to_string());
+    }
+
+    fn replica(&self) -> Option<String> {
+        match self.replica.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether several gateways may share the database (PostgreSQL).
+    fn shared(&self) -> bool {
+        self.store.db().dialect() == crate::store::Dialect::Postgres
     }
 
     /// Counts a refusal of `hook` at `now`; its number within the current minute.
@@ -578,6 +602,7 @@ impl Hooks {
             );
             let len = i64::try_from(body.len()).unwrap_or(i64::MAX);
             let subject = subject_of(&hook.user);
+            let me = self.replica();
             tokio::task::spawn_blocking(move || {
                 record_delivery(
                     &store,
@@ -589,6 +614,7 @@ impl Hooks {
                     &subject,
                     sealed_body,
                     now,
+                    me.as_deref(),
                 )
             })
             .await
@@ -639,12 +665,13 @@ impl Hooks {
         let Some(hook) = self.by_name.get(&p.hook) else {
             return;
         };
-        let (runner, user, store, clock, cfg) = (
+        let (runner, user, store, clock, cfg, me) = (
             Arc::clone(&self.runner),
             hook.user.clone(),
             Arc::clone(&self.store),
             Arc::clone(&self.clock),
             hook.cfg.clone(),
+            self.replica(),
         );
         // The workflow runs in the trace of the request that delivered it (none at a restart).
         let span = tracing::info_span!(
@@ -658,14 +685,16 @@ impl Hooks {
             async move {
                 let claimed = p.claimed || {
                     let (store, h, d) = (Arc::clone(&store), p.hook.clone(), p.delivery.clone());
-                    tokio::task::spawn_blocking(move || claim_delivery(&store, &h, &d))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r)
-                        .unwrap_or_else(|e| {
-                            tracing::error!(error = %e, "webhook delivery could not be claimed");
-                            false
-                        })
+                    tokio::task::spawn_blocking(move || {
+                        claim_delivery(&store, &h, &d, me.as_deref())
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r)
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "webhook delivery could not be claimed");
+                        false
+                    })
                 };
                 if !claimed {
                     return;
@@ -706,10 +735,25 @@ impl Hooks {
     /// Starts the workflow deliveries a stopped gateway acknowledged but did not finish
     /// starting: `accepted` ones (claimed now) and `started` ones whose run may not have
     /// been created (the launcher starts one run per delivery: the run's session is the
-    /// delivery's origin, so a run that exists is not started again). Returns how many.
+    /// delivery's origin, so a run that exists is not started again; the row is taken over
+    /// first, once). Returns how many.
+    ///
+    /// On SQLite (one gateway) every such delivery is a stopped gateway's. On PostgreSQL only
+    /// those of replicas that are not live ([`crate::cluster::STALE_MS`]) are taken, at start
+    /// and every [`crate::cluster::HEARTBEAT_MS`] ([`crate::automation::Automation::spawn`]).
     pub async fn start_pending(&self) -> usize {
         let store = Arc::clone(&self.store);
-        let rows = tokio::task::spawn_blocking(move || pending_deliveries(&store)).await;
+        let (me, cutoff) = if self.shared() {
+            (
+                self.replica(),
+                self.clock.now_ms().saturating_sub(crate::cluster::STALE_MS),
+            )
+        } else {
+            (None, i64::MAX)
+        };
+        let rows =
+            tokio::task::spawn_blocking(move || pending_deliveries(&store, me.as_deref(), cutoff))
+                .await;
         let rows = match rows.map_err(|e| e.to_string()).and_then(|r| r) {
             Ok(r) => r,
             Err(e) => {
@@ -718,7 +762,30 @@ impl Hooks {
             }
         };
         let mut n = 0;
-        for (hook, delivery, event, status, subject, sealed) in rows {
+        for (hook, delivery, event, status, subject, sealed, owner) in rows {
+            if status == "started" {
+                // Taken over from the replica that started it, once.
+                let (store, h, d, me) = (
+                    Arc::clone(&self.store),
+                    hook.clone(),
+                    delivery.clone(),
+                    self.replica(),
+                );
+                let taken = tokio::task::spawn_blocking(move || {
+                    take_over_delivery(&store, &h, &d, owner.as_deref(), me.as_deref(), cutoff)
+                })
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+                match taken {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        tracing::error!(error = %e, "webhook delivery could not be taken over");
+                        continue;
+                    }
+                }
+            }
             let Some(h) = self.by_name.get(&hook) else {
                 let o = Outcome {
                     status: "failed",
@@ -971,15 +1038,48 @@ fn hold_starts_for_tests() -> bool {
 
 /// Claims a stored workflow delivery for starting (`accepted` -> `started`); `false`: another
 /// starter has it.
-fn claim_delivery(store: &Store, hook: &str, delivery: &str) -> Result<bool, String> {
+fn claim_delivery(
+    store: &Store,
+    hook: &str,
+    delivery: &str,
+    me: Option<&str>,
+) -> Result<bool, String> {
     // A conditional UPDATE: of two replicas claiming at once, the second waits for the first
     // and then finds the row no longer `accepted`.
     let n = store
         .db()
         .with(|c| {
             c.execute(
-                "UPDATE hook_deliveries SET status = 'started' WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND body IS NOT NULL",
-                params![hook, delivery],
+                "UPDATE hook_deliveries SET status = 'started', replica = ?3 WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND body IS NOT NULL",
+                params![hook, delivery, me],
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(n == 1)
+}
+
+/// Takes over a `started` stored delivery from the replica `owner` (as read) for `me`, while
+/// that replica is still not live (heartbeat not newer than `cutoff`); `false`: another
+/// recoverer took it first, or its replica came back.
+fn take_over_delivery(
+    store: &Store,
+    hook: &str,
+    delivery: &str,
+    owner: Option<&str>,
+    me: Option<&str>,
+    cutoff: i64,
+) -> Result<bool, String> {
+    let n = store
+        .db()
+        .with(|c| {
+            c.execute(
+                &format!(
+                    "UPDATE hook_deliveries SET replica = ?3 WHERE hook = ?1 AND delivery_id = ?2
+                     AND status = 'started' AND body IS NOT NULL
+                     AND COALESCE(replica, '') = COALESCE(?4, '') AND {}",
+                    crate::cluster::not_live_sql("replica", 5)
+                ),
+                params![hook, delivery, me, owner, cutoff],
             )
         })
         .map_err(|e| e.to_string())?;
@@ -987,18 +1087,36 @@ fn claim_delivery(store: &Store, hook: &str, delivery: &str) -> Result<bool, Str
 }
 
 /// A stored workflow delivery not yet finished: hook, delivery id, event, status, subject,
-/// sealed body.
-type PendingRow = (String, String, String, String, String, Vec<u8>);
+/// sealed body, the replica that handles it.
+type PendingRow = (
+    String,
+    String,
+    String,
+    String,
+    String,
+    Vec<u8>,
+    Option<String>,
+);
 
-fn pending_deliveries(store: &Store) -> Result<Vec<PendingRow>, String> {
+/// The stored workflow deliveries not finished whose replica is not `me` and not live
+/// (heartbeat not newer than `cutoff`; `i64::MAX`: every replica counts as gone).
+fn pending_deliveries(
+    store: &Store,
+    me: Option<&str>,
+    cutoff: i64,
+) -> Result<Vec<PendingRow>, String> {
     store
         .db()
         .with(|c| {
             c.query_map(
-                "SELECT hook, delivery_id, event, status, subject, body FROM hook_deliveries
-                 WHERE body IS NOT NULL AND subject IS NOT NULL AND status IN ('accepted', 'started')
-                 ORDER BY received_ms, hook, delivery_id",
-                params![],
+                &format!(
+                    "SELECT hook, delivery_id, event, status, subject, body, replica FROM hook_deliveries
+                     WHERE body IS NOT NULL AND subject IS NOT NULL AND status IN ('accepted', 'started')
+                       AND (?1 IS NULL OR replica IS NULL OR replica <> ?1) AND {}
+                     ORDER BY received_ms, hook, delivery_id",
+                    crate::cluster::not_live_sql("replica", 2)
+                ),
+                params![me, cutoff],
                 |r| {
                     Ok::<_, chitin_store::Error>((
                         r.get(0)?,
@@ -1007,6 +1125,7 @@ fn pending_deliveries(store: &Store) -> Result<Vec<PendingRow>, String> {
                         r.get(3)?,
                         r.get(4)?,
                         r.get(5)?,
+                        r.get(6)?,
                     ))
                 },
             )
@@ -1029,6 +1148,7 @@ fn record_delivery(
     subject: &str,
     body: Option<Vec<u8>>,
     now: i64,
+    me: Option<&str>,
 ) -> Result<bool, String> {
     store
         .db()
@@ -1036,9 +1156,9 @@ fn record_delivery(
             // The record is the claim, deployment-wide: of two replicas receiving the same
             // delivery at once, the second waits for the first's row and inserts nothing.
             let inserted = tx.execute(
-                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6, ?7, ?8)
+                "INSERT INTO hook_deliveries (hook, delivery_id, event, body_sha256, body_bytes, status, received_ms, body, subject, replica) VALUES (?1, ?2, ?3, ?4, ?5, 'accepted', ?6, ?7, ?8, ?9)
                  ON CONFLICT (hook, delivery_id) DO NOTHING",
-                params![hook, delivery, event, digest, bytes, now, body, subject],
+                params![hook, delivery, event, digest, bytes, now, body, subject, me],
             )?;
             if inserted == 1 {
                 return Ok(true);
@@ -1059,10 +1179,11 @@ fn record_delivery(
             };
             let seen: i64 = r.get(0)?;
             let taken = tx.execute(
-                "UPDATE hook_deliveries SET received_ms = CASE WHEN ?4 > received_ms THEN ?4 ELSE received_ms + 1 END
+                "UPDATE hook_deliveries SET received_ms = CASE WHEN ?4 > received_ms THEN ?4 ELSE received_ms + 1 END,
+                        replica = ?5
                  WHERE hook = ?1 AND delivery_id = ?2 AND status = 'accepted' AND run_id IS NULL
                    AND body IS NULL AND received_ms = ?3",
-                params![hook, delivery, seen, now],
+                params![hook, delivery, seen, now, me],
             )?;
             Ok::<_, chitin_store::Error>(taken == 1)
         })

@@ -14,6 +14,7 @@ use super::AutomationError;
 use crate::agent::Sealer;
 use crate::agent::transcripts::subject_of;
 use crate::clock::{Clock, rfc3339};
+use crate::cluster::not_live_sql;
 use crate::config::Config;
 use crate::config::automation::{CronJob, HEARTBEAT_JOB, Target};
 use crate::config::channels::ChannelConfig;
@@ -68,6 +69,9 @@ pub struct FiringRow {
     pub run_id: Option<String>,
     pub result: Option<String>,
     pub created_ms: i64,
+    /// The replica (`cluster::Replica` id) that started it; `None` on rows written before
+    /// migration 23 or by a gateway that could not register.
+    pub replica: Option<String>,
 }
 
 /// What the job store knows beyond the database: which chat channels exist (for `deliver`),
@@ -84,6 +88,8 @@ pub struct JobStore {
     /// Seals each job's JSON (its prompt is user text) with its user's data key.
     sealer: Arc<dyn Sealer>,
     settings: RwLock<Settings>,
+    /// This gateway's replica id, recorded on the firings it starts (issue #18).
+    replica: RwLock<Option<String>>,
 }
 
 impl std::fmt::Debug for JobStore {
@@ -103,10 +109,12 @@ fn firing_row(r: &chitin_store::Row) -> Result<FiringRow, AutomationError> {
         run_id: r.get(6)?,
         result: r.get(7)?,
         created_ms: r.get(8)?,
+        replica: r.get(9)?,
     })
 }
 
-const FIRING_COLUMNS: &str = "id, job, slot, tick_ms, kind, status, run_id, result, created_ms";
+const FIRING_COLUMNS: &str =
+    "id, job, slot, tick_ms, kind, status, run_id, result, created_ms, replica";
 
 impl JobStore {
     /// The store over `state.db`; `channels` are the configured chat channels (for
@@ -122,7 +130,30 @@ impl JobStore {
             clock,
             sealer,
             settings: RwLock::new(Settings { channels }),
+            replica: RwLock::new(None),
         }
+    }
+
+    /// Records `id` (this gateway's `cluster::Replica`) on the firings started from now on.
+    pub fn set_replica(&self, id: &str) {
+        let mut r = match self.replica.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        *r = Some(id.to_string());
+    }
+
+    fn replica(&self) -> Option<String> {
+        match self.replica.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Whether several gateways may share the database (PostgreSQL): recovery then takes
+    /// over only the work of replicas that are not live.
+    pub fn shared(&self) -> bool {
+        self.store.db().dialect() == crate::store::Dialect::Postgres
     }
 
     fn seal_job(&self, user: &str, text: &str) -> Result<Vec<u8>, AutomationError> {
@@ -413,6 +444,7 @@ impl JobStore {
     ) -> Result<Option<FiringRow>, AutomationError> {
         let now = self.clock.now_ms();
         let slot = format!("t:{tick_ms}");
+        let me = self.replica();
         // The claim: one row per job and time, deployment-wide. A replica inserting the same
         // time concurrently waits for this transaction and then inserts nothing (`ON
         // CONFLICT DO NOTHING`), so exactly one of them gets the row back and runs it.
@@ -420,9 +452,9 @@ impl JobStore {
             let row = tx
                 .query_opt(
                     &format!(
-                        "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, result, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT(job, slot) DO NOTHING RETURNING {FIRING_COLUMNS}"
+                        "INSERT INTO cron_firings (job, slot, tick_ms, kind, status, result, created_ms, replica) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(job, slot) DO NOTHING RETURNING {FIRING_COLUMNS}"
                     ),
-                    params![job, slot, tick_ms, kind, status, result, now],
+                    params![job, slot, tick_ms, kind, status, result, now, me],
                 )?
                 .map(|r| firing_row(&r))
                 .transpose()?;
@@ -462,12 +494,13 @@ impl JobStore {
     pub fn claim_requested(&self) -> Result<Vec<FiringRow>, AutomationError> {
         // A conditional UPDATE: a replica claiming at the same time waits for the rows this
         // one changed, finds them no longer `requested` and takes none of them.
+        let me = self.replica();
         let mut rows: Vec<FiringRow> = self.store.db().tx(|tx| {
             tx.query_map(
                 &format!(
-                    "UPDATE cron_firings SET status = 'started' WHERE status = 'requested' RETURNING {FIRING_COLUMNS}"
+                    "UPDATE cron_firings SET status = 'started', replica = ?1 WHERE status = 'requested' RETURNING {FIRING_COLUMNS}"
                 ),
-                params![],
+                params![me],
                 firing_row,
             )
         })?;
@@ -486,6 +519,48 @@ impl JobStore {
                 firing_row,
             )
         })
+    }
+
+    /// Firings left `started` by replicas that are not live at `now_ms` (no heartbeat for
+    /// `stale_ms`, or no row), other than this one: candidates for [`Self::take_over`].
+    pub fn abandoned(&self, now_ms: i64, stale_ms: i64) -> Result<Vec<FiringRow>, AutomationError> {
+        let me = self.replica();
+        let cutoff = now_ms.saturating_sub(stale_ms);
+        self.store.db().with(|c| {
+            c.query_map(
+                &format!(
+                    "SELECT {FIRING_COLUMNS} FROM cron_firings WHERE status = 'started'
+                     AND (?1 IS NULL OR replica IS NULL OR replica <> ?1) AND {} ORDER BY id",
+                    not_live_sql("replica", 2)
+                ),
+                params![me, cutoff],
+                firing_row,
+            )
+        })
+    }
+
+    /// Takes over a firing [`Self::abandoned`] returned, for this replica: one conditional
+    /// UPDATE on the replica as read and still not live, so of replicas recovering at once
+    /// exactly one gets `true` (and a replica that came back in between keeps its firing).
+    pub fn take_over(
+        &self,
+        firing: &FiringRow,
+        now_ms: i64,
+        stale_ms: i64,
+    ) -> Result<bool, AutomationError> {
+        let me = self.replica();
+        let cutoff = now_ms.saturating_sub(stale_ms);
+        let n = self.store.db().with(|c| {
+            c.execute(
+                &format!(
+                    "UPDATE cron_firings SET replica = ?2 WHERE id = ?1 AND status = 'started'
+                     AND COALESCE(replica, '') = COALESCE(?3, '') AND {}",
+                    not_live_sql("replica", 4)
+                ),
+                params![firing.id, me, firing.replica, cutoff],
+            )
+        })?;
+        Ok(n == 1)
     }
 
     /// Every firing of `job`, oldest first.

@@ -165,6 +165,14 @@ impl Automation {
         self.runner.set_agent(agent);
     }
 
+    /// Records `id` (this gateway's `cluster::Replica`) on the firings and webhook deliveries
+    /// this gateway handles, so that recovery on PostgreSQL tells them from those of replicas
+    /// that stopped (issue #18). Call before [`Self::spawn`].
+    pub fn set_replica(&self, id: &str) {
+        self.jobs.set_replica(id);
+        self.hooks.set_replica(id);
+    }
+
     /// The scheduler over this automation's jobs.
     pub fn scheduler(&self) -> Arc<scheduler::Scheduler> {
         Arc::new(scheduler::Scheduler::new(
@@ -180,16 +188,31 @@ impl Automation {
     /// [`Self::set_agent`] and after the agent recovered its own runs.
     pub fn spawn(&self, globals: crate::config::Globals, stop: tokio::sync::watch::Receiver<bool>) {
         let scheduler = self.scheduler();
-        tokio::spawn(scheduler.run(globals, stop));
+        tokio::spawn(scheduler.run(globals, stop.clone()));
         // Webhook deliveries acknowledged by a gateway that stopped before starting them.
+        // On PostgreSQL, also every heartbeat: those of a replica that stopped meanwhile.
         let hooks = Arc::clone(&self.hooks);
+        let shared = self.jobs.shared();
+        let mut stop = stop;
         tokio::spawn(async move {
-            let n = hooks.start_pending().await;
-            if n > 0 {
-                tracing::info!(
-                    deliveries = n,
-                    "started webhook deliveries a stopped gateway had acknowledged"
-                );
+            let period = std::time::Duration::from_millis(
+                u64::try_from(crate::cluster::HEARTBEAT_MS).unwrap_or(5_000),
+            );
+            loop {
+                let n = hooks.start_pending().await;
+                if n > 0 {
+                    tracing::info!(
+                        deliveries = n,
+                        "started webhook deliveries a stopped gateway had acknowledged"
+                    );
+                }
+                if !shared {
+                    return;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(period) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
             }
         });
     }

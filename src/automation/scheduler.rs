@@ -262,14 +262,35 @@ impl Scheduler {
         }
     }
 
-    /// At gateway start (after the agent resumed its runs): the firings a previous gateway
-    /// left `started` are finished. A turn that was submitted (its run recorded under the
-    /// firing's origin) is waited for and delivered, never run again; a prompt firing whose
-    /// turn was not recorded yet is submitted now (the origin makes this a no-op if it was);
-    /// a workflow firing is reported `interrupted` (the executor keeps its own runs).
+    /// The firings a stopped gateway left `started` are finished. A turn that was submitted
+    /// (its run recorded under the firing's origin) is waited for and delivered, never run
+    /// again; a prompt firing whose turn was not recorded yet is submitted now (the origin
+    /// makes this a no-op if it was); a workflow firing is reported `interrupted` (the
+    /// executor keeps its own runs).
+    ///
+    /// On SQLite (one gateway owns the file) this runs at start and takes every `started`
+    /// firing. On PostgreSQL (several replicas) it runs at start and every
+    /// [`crate::cluster::HEARTBEAT_MS`], and takes only the firings of replicas that are not
+    /// live ([`crate::cluster::STALE_MS`]), each claimed once ([`JobStore::take_over`]).
     pub async fn recover(&self) -> Result<Vec<Started>, AutomationError> {
         let jobs = Arc::clone(&self.jobs);
-        let open = blocking(move || jobs.unfinished()).await?;
+        let open = if self.jobs.shared() {
+            let now = self.clock.now_ms();
+            let stale = crate::cluster::STALE_MS;
+            let candidates = blocking(move || jobs.abandoned(now, stale)).await?;
+            let mut taken = Vec::new();
+            for f in candidates {
+                let jobs = Arc::clone(&self.jobs);
+                if let Some(f) =
+                    blocking(move || Ok(jobs.take_over(&f, now, stale)?.then_some(f))).await?
+                {
+                    taken.push(f);
+                }
+            }
+            taken
+        } else {
+            blocking(move || jobs.unfinished()).await?
+        };
         let mut out = Vec::new();
         for firing in open {
             let (jobs, name) = (Arc::clone(&self.jobs), firing.job.clone());
@@ -315,6 +336,10 @@ impl Scheduler {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cron firings could not be recovered"),
         }
+        let shared = self.jobs.shared();
+        let recover_every = u64::try_from(crate::cluster::HEARTBEAT_MS / 1_000)
+            .unwrap_or(5)
+            .max(1);
         let mut every = tokio::time::interval(TICK);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut n: u64 = 0;
@@ -344,6 +369,19 @@ impl Scheduler {
             }
             if let Err(e) = self.tick().await {
                 tracing::error!(error = %e, "cron scheduler look failed");
+            }
+            if shared && n.is_multiple_of(recover_every) {
+                // Another replica may have died since: its firings are finished here.
+                match self.recover().await {
+                    Ok(v) if !v.is_empty() => {
+                        tracing::info!(
+                            firings = v.len(),
+                            "cron firings of a replica that stopped were taken over"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "cron firings could not be recovered"),
+                }
             }
         }
     }

@@ -107,7 +107,12 @@ fn verified(
 }
 
 /// Prints what a restore would change; returns how many files it would write.
-fn print_plan(file: &Path, home: &Path, plan: &[(String, backup::Change)]) -> usize {
+fn print_plan(
+    file: &Path,
+    home: &Path,
+    plan: &[(String, backup::Change)],
+    postgres: Option<&str>,
+) -> usize {
     println!(
         "restoring {} into {} would:",
         file.display(),
@@ -124,10 +129,39 @@ fn print_plan(file: &Path, home: &Path, plan: &[(String, backup::Change)]) -> us
         }
     }
     println!("  keep    {same} file(s) that are already identical");
-    println!(
-        "  (state.db and audit.db are replaced whole: every table in them; files not in the backup are left as they are)"
-    );
+    match postgres {
+        None => println!(
+            "  (state.db and audit.db are replaced whole: every table in them; files not in the backup are left as they are)"
+        ),
+        Some(db) => {
+            println!(
+                "  copy    the backup's state.db into the PostgreSQL database {db} (every table replaced, in one transaction)"
+            );
+            println!(
+                "  keep    the database's audit chain (the backup's audit.db is for offline verification only; the restore is recorded in the chain)"
+            );
+            println!("  (files not in the backup are left as they are)");
+        }
+    }
     plan.len() - same
+}
+
+/// The configured PostgreSQL database as the restore plan names it: the URL without any
+/// password, or the secret that holds it.
+fn postgres_target(store: &crate::config::store::StoreConfig) -> String {
+    let url = store.url.trim();
+    if let Some(name) = url.strip_prefix("secret:") {
+        return format!("(the URL in secret `{name}`)");
+    }
+    // `scheme://user:password@host/..`: the password is left out.
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let (head, rest) = url.split_at(at);
+            let user = head[s + 3..].split(':').next().unwrap_or_default();
+            format!("{}{user}{rest}", &head[..s + 3])
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// `--yes`, or "yes" typed on a terminal.
@@ -379,19 +413,25 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 Err(e) => return Err(e.into()),
             };
             let report = verified.report.clone();
-            let plan = backup::plan(&verified, &globals.home);
-            print_plan(&file, &globals.home, &plan);
+            // With `[store] backend = "postgres"` the backup's state.db is not put in the state
+            // directory: it is staged, erased again there, then copied into the database in
+            // one transaction just before the restore is committed. Its audit log is not
+            // restored either: the database's chain stays and records the restore.
+            let postgres = config.store.backend == crate::config::store::Backend::Postgres;
+            let except: &[&str] = if postgres {
+                backup::NOT_RESTORED_ON_POSTGRES
+            } else {
+                &[]
+            };
+            let target = postgres.then(|| postgres_target(&config.store));
+            let plan = backup::plan(&verified, &globals.home, except);
+            print_plan(&file, &globals.home, &plan, target.as_deref());
             if !confirmed(yes)? {
                 println!(
                     "refused: the restore was not confirmed; run it on a terminal and type yes, or pass --yes; nothing was restored"
                 );
                 return Ok(ExitCode::from(1));
             }
-            // With `[store] backend = "postgres"` the backup's state.db is not put in the state
-            // directory: it is staged, erased again there, then copied into the database in
-            // one transaction just before the restore is committed.
-            let postgres = config.store.backend == crate::config::store::Backend::Postgres;
-            let except: &[&str] = if postgres { &["state.db"] } else { &[] };
             let bar = super::progress::bar(0, "restoring");
             let restoring =
                 match backup::restore_files(&verified, &globals.home, except, &mut |done, total| {

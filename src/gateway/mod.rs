@@ -367,6 +367,14 @@ async fn serve(parts: Parts) -> Result<(), GatewayError> {
                     // Before resuming runs: their leases are this replica's.
                     agent.set_replica(r.id(), lease_ms);
                 }
+                // Before their recovery: the firings, deliveries and workflow runs this
+                // gateway handles carry its id, so other replicas leave them while it beats.
+                if let Some(auto) = &parts.automation {
+                    auto.set_replica(r.id());
+                }
+                if let Some(w) = &parts.workflows {
+                    w.set_replica(r.id());
+                }
                 Some(r)
             }
             Err(e) => {

@@ -207,7 +207,12 @@ fn build(
     let state_snap = tmp.0.join("state.db");
     snapshot_state(store, &state_snap)?;
     let audit_snap = tmp.0.join("audit.db");
-    let audit_last_seq = {
+    // On PostgreSQL the chain is in the database's audit tables: copied, up to its head, into
+    // the same `audit.db` and `audit.checkpoints` members a SQLite deployment's backup has.
+    let pg_cps = tmp.0.join(chitin_audit::CHECKPOINT_FILE);
+    let audit_last_seq = if audit.backend() == "postgres" {
+        audit.reader()?.copy_to_sqlite(&audit_snap, &pg_cps)?
+    } else {
         let c = rusqlite::Connection::open_with_flags(
             &audit.paths().db,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
@@ -219,7 +224,11 @@ fn build(
             r.get::<_, i64>(0)
         })?
     };
-    let cps_path = home.join(chitin_audit::CHECKPOINT_FILE);
+    let cps_path = if audit.backend() == "postgres" {
+        pg_cps
+    } else {
+        home.join(chitin_audit::CHECKPOINT_FILE)
+    };
     let cps = match std::fs::read_to_string(&cps_path) {
         Ok(t) => cut_checkpoints(&t, audit_last_seq),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -687,15 +696,28 @@ pub enum Change {
     Same,
 }
 
+/// The members a restore onto a PostgreSQL store does not write into the state directory:
+/// `state.db` goes into the database ([`restore_into_postgres`]); the audit log (`audit.db`,
+/// `audit.checkpoints`) stays in the archive, for offline verification only: the database's
+/// own audit chain is kept, never replaced or merged, and records the restore.
+pub const NOT_RESTORED_ON_POSTGRES: &[&str] = &[
+    "state.db",
+    chitin_audit::DB_FILE,
+    chitin_audit::CHECKPOINT_FILE,
+];
+
 /// What restoring `verified` into `home` would change, file by file (relative path, change),
-/// in path order. Files of `home` that are not in the backup are left as they are.
-pub fn plan(verified: &Verified, home: &Path) -> Vec<(String, Change)> {
+/// in path order, leaving out the members named in `except` (see
+/// [`NOT_RESTORED_ON_POSTGRES`]). Files of `home` that are not in the backup are left as they
+/// are.
+pub fn plan(verified: &Verified, home: &Path, except: &[&str]) -> Vec<(String, Change)> {
     let keep_live_keys = home.join(VAULT_FILE).exists();
     verified
         .opened
         .members
         .iter()
         .filter(|(p, _)| !(keep_live_keys && p.as_str() == VAULT_FILE))
+        .filter(|(p, _)| !except.contains(&p.as_str()))
         .map(|(p, b)| {
             let new_size = u64::try_from(b.len()).unwrap_or(u64::MAX);
             let change = match std::fs::read(home.join(p)) {
@@ -913,7 +935,11 @@ pub fn restore_files(
             Err(e) => return Err(io_err(&from, "move aside")(e)),
         }
     }
-    r.archived = archive_audit(home)?;
+    // A restore that leaves the audit log out (PostgreSQL: the database's chain is kept)
+    // leaves the live one where it is.
+    if !except.contains(&chitin_audit::DB_FILE) {
+        r.archived = archive_audit(home)?;
+    }
     r.restored.audit_archive = r.archived.as_ref().map(|(d, _)| d.clone());
     for (p, b) in &members {
         let dest = home.join(p);

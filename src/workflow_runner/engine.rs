@@ -2009,6 +2009,8 @@ impl Runner {
                 error: None,
                 runner_pid: Some(self.0.me.0),
                 runner_start: Some(self.0.me.1),
+                runner_replica: self.0.runs.runner_ids().0,
+                runner_host: Some(self.0.runs.runner_ids().1),
                 created_ms: now,
                 updated_ms: now,
                 finished_ms: None,

@@ -374,6 +374,28 @@ fn alive(pid: Option<i64>, start: Option<i64>) -> bool {
     }
 }
 
+/// Whether `run` (status `running`) was left by a runner that stopped. SQLite (`shared`
+/// false: one machine): its process is gone. PostgreSQL: a gateway replica's run when that
+/// replica is neither this one nor `live`; a run of a process that is no replica (`chitin
+/// workflow run`) only on its own machine, when its process is gone there.
+fn abandoned(
+    run: &RunRow,
+    shared: bool,
+    me_replica: Option<&str>,
+    me_host: &str,
+    live: &std::collections::HashSet<String>,
+) -> bool {
+    if shared {
+        if let Some(r) = &run.runner_replica {
+            return Some(r.as_str()) != me_replica && !live.contains(r);
+        }
+        if run.runner_host.as_deref().is_some_and(|h| h != me_host) {
+            return false;
+        }
+    }
+    !alive(run.runner_pid, run.runner_start)
+}
+
 /// The canonical JSON digest of a run's arguments (`sha256:<hex>`).
 fn args_digest(args: &Value) -> String {
     let mut s = String::new();
@@ -427,6 +449,12 @@ impl Runner {
     /// The approval workflow the runner opens approvals with (its TTL is the pause TTL).
     pub fn approvals(&self) -> &Approvals {
         &self.0.approvals
+    }
+
+    /// Records `id` (this gateway's `cluster::Replica`) as the runner of the runs this
+    /// process starts or takes over, so that other replicas leave them while it is live.
+    pub fn set_replica(&self, id: &str) {
+        self.0.runs.set_replica(id);
     }
 
     /// The run store.
@@ -764,6 +792,8 @@ impl Runner {
             error: None,
             runner_pid: Some(self.0.me.0),
             runner_start: Some(self.0.me.1),
+            runner_replica: self.0.runs.runner_ids().0,
+            runner_host: Some(self.0.runs.runner_ids().1),
             created_ms: now,
             updated_ms: now,
             finished_ms: None,
@@ -1493,9 +1523,26 @@ impl Runner {
                 return 0;
             }
         };
+        let shared = self.0.runs.shared();
+        let (me_replica, me_host) = self.0.runs.runner_ids();
+        let now = self.now();
+        let stale = crate::cluster::STALE_MS;
+        // On SQLite a runner is dead when its process is; on PostgreSQL a replica's run is
+        // taken only once the replica stopped beating (issue #18).
+        let (live, cutoff) = if shared {
+            match self.0.runs.live_replicas(now, stale) {
+                Ok(l) => (l, now.saturating_sub(stale)),
+                Err(e) => {
+                    tracing::error!(error = %e, "the live replicas could not be read");
+                    return 0;
+                }
+            }
+        } else {
+            (std::collections::HashSet::new(), i64::MAX)
+        };
         let mut n = 0;
         for run in runs {
-            if alive(run.runner_pid, run.runner_start) {
+            if !abandoned(&run, shared, me_replica.as_deref(), &me_host, &live) {
                 continue;
             }
             let now = self.now();
@@ -1523,7 +1570,7 @@ impl Runner {
                         if !matches!(
                             self.0
                                 .runs
-                                .take_over(&run, self.0.me.0, self.0.me.1, now),
+                                .take_over(&run, self.0.me.0, self.0.me.1, now, cutoff),
                             Ok(true)
                         ) {
                             continue;
@@ -1571,7 +1618,9 @@ impl Runner {
     }
 
     /// The gateway's loop: [`Self::recover`] once, then [`Self::tick`] every second until
-    /// `stop` turns true.
+    /// `stop` turns true. On PostgreSQL also [`Self::recover`] every
+    /// [`crate::cluster::HEARTBEAT_MS`] (on its own task: a run taken over is driven there),
+    /// for the runs of replicas that stopped meanwhile.
     pub async fn background(self, mut stop: tokio::sync::watch::Receiver<bool>) {
         let n = self.recover().await;
         if n > 0 {
@@ -1580,6 +1629,11 @@ impl Runner {
                 "continued workflow runs left by a stopped process"
             );
         }
+        let shared = self.0.runs.shared();
+        let every = u64::try_from(crate::cluster::HEARTBEAT_MS / 1_000)
+            .unwrap_or(5)
+            .max(1);
+        let mut ticks: u64 = 0;
         loop {
             tokio::select! {
                 _ = stop.changed() => return,
@@ -1589,6 +1643,19 @@ impl Runner {
                 return;
             }
             self.tick().await;
+            ticks = ticks.wrapping_add(1);
+            if shared && ticks.is_multiple_of(every) {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let n = me.recover().await;
+                    if n > 0 {
+                        tracing::info!(
+                            runs = n,
+                            "continued workflow runs of a replica that stopped"
+                        );
+                    }
+                });
+            }
         }
     }
 

@@ -55,6 +55,11 @@ pub struct RunRow {
     pub error: Option<String>,
     pub runner_pid: Option<i64>,
     pub runner_start: Option<i64>,
+    /// The gateway replica (`cluster::Replica` id) running it; `None` for a process that is
+    /// not a replica (`chitin workflow run`) and for rows written before migration 23.
+    pub runner_replica: Option<String>,
+    /// The machine of the runner process (its pid means something only there).
+    pub runner_host: Option<String>,
     pub created_ms: i64,
     pub updated_ms: i64,
     pub finished_ms: Option<i64>,
@@ -97,9 +102,12 @@ pub struct PauseRow {
 pub struct RunStore {
     store: Arc<Store>,
     sealer: Arc<dyn Sealer>,
+    /// This process as a runner: its replica id (a gateway) and its machine.
+    replica: Arc<std::sync::RwLock<Option<String>>>,
+    host: String,
 }
 
-const RUN_COLUMNS: &str = "id, name, file_root, file_rel, file_sha256, owner, origin, session, tainted, parent_run, status, args, args_digest, cursor, cost_usd, output, error, runner_pid, runner_start, created_ms, updated_ms, finished_ms";
+const RUN_COLUMNS: &str = "id, name, file_root, file_rel, file_sha256, owner, origin, session, tainted, parent_run, status, args, args_digest, cursor, cost_usd, output, error, runner_pid, runner_start, created_ms, updated_ms, finished_ms, runner_replica, runner_host";
 /// A new step's place in its run: after every step the run has (`workflow_steps.seq`).
 const NEXT_SEQ: &str =
     "(SELECT COALESCE(MAX(s.seq), 0) + 1 FROM workflow_steps s WHERE s.run_id = ?1)";
@@ -138,6 +146,8 @@ fn raw_run(r: &chitin_store::Row) -> Result<RawRun, RunStoreError> {
             created_ms: r.get(19)?,
             updated_ms: r.get(20)?,
             finished_ms: r.get(21)?,
+            runner_replica: r.get(22)?,
+            runner_host: r.get(23)?,
         },
         args: r.get(11)?,
         output: r.get(15)?,
@@ -147,7 +157,51 @@ fn raw_run(r: &chitin_store::Row) -> Result<RawRun, RunStoreError> {
 
 impl RunStore {
     pub fn new(store: Arc<Store>, sealer: Arc<dyn Sealer>) -> Self {
-        Self { store, sealer }
+        Self {
+            store,
+            sealer,
+            replica: Arc::new(std::sync::RwLock::new(None)),
+            host: crate::cluster::host_name(),
+        }
+    }
+
+    /// Records `id` (this gateway's `cluster::Replica`) as the runner of the runs this
+    /// process creates, adopts or takes over from now on.
+    pub fn set_replica(&self, id: &str) {
+        let mut r = match self.replica.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        *r = Some(id.to_string());
+    }
+
+    /// This process as a runner: its replica id (when it is a gateway) and its machine.
+    pub fn runner_ids(&self) -> (Option<String>, String) {
+        let r = match self.replica.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        (r, self.host.clone())
+    }
+
+    /// Whether several processes on several machines may share the database (PostgreSQL).
+    pub fn shared(&self) -> bool {
+        self.store.db().dialect() == crate::store::Dialect::Postgres
+    }
+
+    /// The ids of the replicas live at `now_ms` (heartbeat within `stale_ms`).
+    pub fn live_replicas(
+        &self,
+        now_ms: i64,
+        stale_ms: i64,
+    ) -> Result<std::collections::HashSet<String>, RunStoreError> {
+        Ok(self
+            .store
+            .db()
+            .replicas_live(now_ms, stale_ms)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect())
     }
 
     fn seal(&self, owner: &str, v: &Value) -> Result<Vec<u8>, RunStoreError> {
@@ -183,13 +237,13 @@ impl RunStore {
         self.store.db().with(|c| c.execute(
             "INSERT INTO workflow_runs (id, name, file_root, file_rel, file_sha256, owner, subject, origin, session,
                     tainted, parent_run, status, args, args_digest, cursor, cost_usd, runner_pid, runner_start,
-                    created_ms, updated_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                    created_ms, updated_ms, runner_replica, runner_host)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
             params![
                 r.id, r.name, r.file_root, r.file_rel, r.file_sha256, r.owner, subject_of(&r.owner),
                 r.origin, r.session, i64::from(r.tainted), r.parent_run, r.status, args,
                 r.args_digest, i64::try_from(r.cursor).unwrap_or(0), r.cost_usd, r.runner_pid,
-                r.runner_start, r.created_ms, r.updated_ms,
+                r.runner_start, r.created_ms, r.updated_ms, r.runner_replica, r.runner_host,
             ],
         ))?;
         Ok(())
@@ -277,33 +331,55 @@ impl RunStore {
 
     /// Takes a run over for this process (`running`, its pid and start time).
     pub fn adopt(&self, run_id: &str, pid: i64, start: i64, now: i64) -> Result<(), RunStoreError> {
+        let (replica, host) = self.runner_ids();
         self.store.db().with(|c| {
             c.execute(
-                "UPDATE workflow_runs SET status = 'running', runner_pid = ?2, runner_start = ?3, updated_ms = ?4 WHERE id = ?1",
-                params![run_id, pid, start, now],
+                "UPDATE workflow_runs SET status = 'running', runner_pid = ?2, runner_start = ?3, updated_ms = ?4,
+                        runner_replica = ?5, runner_host = ?6 WHERE id = ?1",
+                params![run_id, pid, start, now, replica, host],
             )
         })?;
         Ok(())
     }
 
-    /// Takes over a `running` run whose runner (`run.runner_pid`, `run.runner_start` as read)
-    /// stopped, for this process; `false` when another recoverer (a second gateway on the
-    /// same database) took it over first, or it is no longer running. The condition on the
-    /// runner as read makes this a claim: of two takeovers at once, one changes the row.
+    /// Takes over a `running` run whose runner (`run.runner_pid`, `run.runner_start`,
+    /// `run.runner_replica` as read) stopped, for this process; `false` when another
+    /// recoverer (a second gateway on the same database) took it over first, it is no longer
+    /// running, or its replica is live again (a heartbeat newer than `cutoff`; pass
+    /// `i64::MAX` on SQLite, where liveness is the pid's). The condition on the runner as read
+    /// makes this a claim: of two takeovers at once, one changes the row.
     pub fn take_over(
         &self,
         run: &RunRow,
         pid: i64,
         start: i64,
         now: i64,
+        cutoff: i64,
     ) -> Result<bool, RunStoreError> {
+        let (replica, host) = self.runner_ids();
         let n = self.store.db().with(|c| {
             c.execute(
-                "UPDATE workflow_runs SET runner_pid = ?2, runner_start = ?3, updated_ms = ?4
-                 WHERE id = ?1 AND status = 'running'
-                   AND COALESCE(runner_pid, -1) = COALESCE(?5, -1)
-                   AND COALESCE(runner_start, -1) = COALESCE(?6, -1)",
-                params![run.id, pid, start, now, run.runner_pid, run.runner_start],
+                &format!(
+                    "UPDATE workflow_runs SET runner_pid = ?2, runner_start = ?3, updated_ms = ?4,
+                            runner_replica = ?8, runner_host = ?9
+                     WHERE id = ?1 AND status = 'running'
+                       AND COALESCE(runner_pid, -1) = COALESCE(?5, -1)
+                       AND COALESCE(runner_start, -1) = COALESCE(?6, -1)
+                       AND COALESCE(runner_replica, '') = COALESCE(?7, '') AND {}",
+                    crate::cluster::not_live_sql("runner_replica", 10)
+                ),
+                params![
+                    run.id,
+                    pid,
+                    start,
+                    now,
+                    run.runner_pid,
+                    run.runner_start,
+                    run.runner_replica,
+                    replica,
+                    host,
+                    cutoff
+                ],
             )
         })?;
         Ok(n == 1)

@@ -603,6 +603,15 @@ pub const SQLITE: &[&str] = &[
         client TEXT PRIMARY KEY,
         until_ms INTEGER NOT NULL
      ) STRICT;",
+    // 23: which replica (`replicas.id`, issue #18) started a cron firing, runs a workflow
+    // run or handles a webhook delivery, so that recovery on PostgreSQL takes over only the
+    // work of replicas that are no longer live. `workflow_runs.runner_host`: the machine of a
+    // runner that is not a replica (`chitin workflow run`), whose pid only that machine can
+    // check. NULL on rows written before (and on SQLite's CLI runs): judged as before.
+    "ALTER TABLE cron_firings ADD COLUMN replica TEXT;
+     ALTER TABLE hook_deliveries ADD COLUMN replica TEXT;
+     ALTER TABLE workflow_runs ADD COLUMN runner_replica TEXT;
+     ALTER TABLE workflow_runs ADD COLUMN runner_host TEXT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1142,6 +1151,11 @@ pub const POSTGRES: &[&str] = &[
         client TEXT PRIMARY KEY,
         until_ms BIGINT NOT NULL
      );",
+    // 23: as SQLite's 23.
+    "ALTER TABLE cron_firings ADD COLUMN replica TEXT;
+     ALTER TABLE hook_deliveries ADD COLUMN replica TEXT;
+     ALTER TABLE workflow_runs ADD COLUMN runner_replica TEXT;
+     ALTER TABLE workflow_runs ADD COLUMN runner_host TEXT;",
 ];
 
 #[cfg(test)]

@@ -95,22 +95,45 @@ pub fn open_at(t: tempfile::TempDir, home: PathBuf, clock: ManualClock) -> H {
     open_on(t, home, clock, None)
 }
 
+/// [`harness_on`] PostgreSQL with the audit log in that database too (its `audit_*` tables),
+/// as a gateway whose `[store]` is PostgreSQL keeps it.
+pub fn harness_with_postgres_audit() -> H {
+    let t = tempfile::tempdir().unwrap();
+    let home = home::private_home(t.path(), "home");
+    let clock = ManualClock::new(T0);
+    open_with(t, home, clock, Some(TestPg::new().unwrap()), true)
+}
+
 /// [`open_at`] with the store on `pg` when given.
 pub fn open_on(t: tempfile::TempDir, home: PathBuf, clock: ManualClock, pg: Option<TestPg>) -> H {
+    open_with(t, home, clock, pg, false)
+}
+
+/// [`open_on`]; with `pg_audit`, the audit log is in `pg`'s database too.
+fn open_with(
+    t: tempfile::TempDir,
+    home: PathBuf,
+    clock: ManualClock,
+    pg: Option<TestPg>,
+    pg_audit: bool,
+) -> H {
     let mut secrets = open_store(&home);
     let signer = chitin::secrets::audit_key::signer(&mut secrets, &home).unwrap();
     let c = clock.clone();
-    let audit = Arc::new(
-        chitin_audit::AuditLog::open(
+    let options = chitin_audit::AuditOptions {
+        signer: Some(Arc::new(signer)),
+        clock: Arc::new(move || c.now_ms()),
+        ..Default::default()
+    };
+    let audit = Arc::new(match pg.as_ref().filter(|_| pg_audit) {
+        Some(pg) => chitin_audit::AuditLog::open_postgres(
             &home,
-            chitin_audit::AuditOptions {
-                signer: Some(Arc::new(signer)),
-                clock: Arc::new(move || c.now_ms()),
-                ..Default::default()
-            },
+            &chitin_audit::PgConfig::from_url(&format!("{}?sslmode=disable", pg.url())).unwrap(),
+            options,
         )
         .unwrap(),
-    );
+        None => chitin_audit::AuditLog::open(&home, options).unwrap(),
+    });
     let vault = Vault::from_store(
         &home,
         &mut secrets,
