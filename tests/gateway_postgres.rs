@@ -106,6 +106,28 @@ fn the_gateway_runs_on_postgres_with_its_state_and_audit_chain_in_the_database()
     gw.signal("-TERM");
     assert!(gw.wait_exit().success());
 
+    // The command line works on the deployment's database too: the session is listed and its
+    // transcript (sealed in PostgreSQL) opens.
+    let list = gw.chitin(&["sessions", "list"]);
+    let listed = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(
+        list.status.success() && listed.contains("pg-1"),
+        "{listed}{}",
+        String::from_utf8_lossy(&list.stderr)
+    );
+    let key = listed
+        .split_whitespace()
+        .find(|w| w.contains("pg-1"))
+        .unwrap()
+        .to_string();
+    let show = gw.chitin(&["sessions", "show", &key]);
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success() && shown.contains("second answer"),
+        "{shown}{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+
     // The PostgreSQL chain verifies; the SQLite files hold no turn.
     let v = gw.chitin(&["audit", "verify"]);
     let out = String::from_utf8_lossy(&v.stdout);

@@ -445,19 +445,25 @@ pub struct Runtime {
 
 impl Runtime {
     /// Checks the state dir, loads config and policies (an invalid set is an error), opens the
-    /// audit log (its key from the secret store) and the state database.
+    /// audit log (its key from the secret store) and the configured state store (`state.db`,
+    /// or the PostgreSQL database of `[store]`, its credentials released through the gate).
     pub fn open(globals: &Globals) -> Result<Self, BoxError> {
         let config = globals.load_config()?;
         let home = crate::state::Home::create(&globals.home)?;
         let engine =
             crate::policy::PolicyEngine::load(policy::engine_spec(globals, &config, None, None)?)?;
         let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
-        let audit = open_audit_with(globals, &config, &mut secrets)?;
+        let (audit, pg) = open_audit_on(globals, &config, &mut secrets, None)?;
         let redactor = secrets.redactor();
         let gate = crate::gate::Gate::new(std::sync::Arc::new(engine), audit).with_redactor(
             std::sync::Arc::new(move |s: &str| redactor.redact(s).into_owned()),
         );
-        let store = std::sync::Arc::new(crate::store::Store::open(&home.path("state.db"))?);
+        // The configured store, as the gateway opens it: with `[store] backend = "postgres"`
+        // every command works on the deployment's database, never on a local state.db.
+        let store = std::sync::Arc::new(match &pg {
+            Some(pg) => crate::store::Store::postgres(pg)?,
+            None => crate::store::Store::open(&home.path("state.db"))?,
+        });
         // Managed users (`chitin users add`, single sign-on) are principals too.
         crate::accounts::install_users(gate.engine(), &store)?;
         report_migration(&store);

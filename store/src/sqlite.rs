@@ -189,7 +189,9 @@ impl SqliteDb {
         match &synced.1 {
             Some(f) => f.sync_data().map_err(io)?,
             // No WAL (checkpointed and removed): the commits are in the database file.
-            None => File::open(&self.path).and_then(|f| f.sync_data()).map_err(io)?,
+            None => File::open(&self.path)
+                .and_then(|f| f.sync_data())
+                .map_err(io)?,
         }
         synced.0 = target;
         Ok(())
@@ -336,10 +338,7 @@ mod tests {
 
     fn units(db: &Db) -> (u64, u64) {
         match &*db.inner {
-            Backend::Sqlite(s) => (
-                s.written.load(Ordering::SeqCst),
-                s.synced.lock().unwrap().0,
-            ),
+            Backend::Sqlite(s) => (s.written.load(Ordering::SeqCst), s.synced.lock().unwrap().0),
             Backend::Postgres(_) => unreachable!("a SQLite test"),
         }
     }
@@ -364,10 +363,16 @@ mod tests {
                             })
                             .unwrap();
                         let (_, synced) = units(&db);
-                        assert!(synced >= unit, "returned before its flush: {synced} < {unit}");
+                        assert!(
+                            synced >= unit,
+                            "returned before its flush: {synced} < {unit}"
+                        );
                         let unit = db
                             .with(|c| {
-                                c.execute("UPDATE t SET n = n WHERE w = ?1 AND n = ?2", params![w, n])?;
+                                c.execute(
+                                    "UPDATE t SET n = n WHERE w = ?1 AND n = ?2",
+                                    params![w, n],
+                                )?;
                                 Ok::<_, crate::Error>(units(&db).0 + 1)
                             })
                             .unwrap();
