@@ -603,6 +603,14 @@ pub const SQLITE: &[&str] = &[
         client TEXT PRIMARY KEY,
         until_ms INTEGER NOT NULL
      ) STRICT;",
+    // 23: the vault's sealed data-key set (`vault.keys` bytes: magic, nonce, sealed JSON) shared
+    // by every replica on PostgreSQL (`src/vault.rs`, the database backing); one row, its
+    // `version` moved by every write. Unused on SQLite (the file stays).
+    "CREATE TABLE vault_keys (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sealed BLOB NOT NULL,
+        version INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1141,6 +1149,12 @@ pub const POSTGRES: &[&str] = &[
      CREATE TABLE auth_lockouts (
         client TEXT PRIMARY KEY,
         until_ms BIGINT NOT NULL
+     );",
+    // 23: as SQLite's 23.
+    "CREATE TABLE vault_keys (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        sealed BYTEA NOT NULL,
+        version BIGINT NOT NULL
      );",
 ];
 
