@@ -394,10 +394,7 @@ impl Vault {
     pub fn sealed_keys(&self) -> Result<Option<Vec<u8>>, VaultError> {
         match &self.backing {
             Backing::File => Ok(fsutil::read_private(&self.path)?.map(|b| b.to_vec())),
-            Backing::Db(b) => {
-                let (bytes, _) = read_row(&b.db)?;
-                Ok((!bytes.is_empty()).then_some(bytes))
-            }
+            Backing::Db(b) => sealed_keys_in(&b.db),
         }
     }
 
@@ -939,6 +936,14 @@ fn read_row(db: &chitin_store::Db) -> Result<(Vec<u8>, i64), VaultError> {
         Some(r) => Ok((r.get(0)?, r.get(1)?)),
         None => Ok((Vec::new(), 0)),
     }
+}
+
+/// The sealed key set held by the database `db` (the bytes a `vault.keys` file would hold),
+/// `None` when it holds none: what a backup of a PostgreSQL deployment carries as its
+/// `vault.keys` member.
+pub fn sealed_keys_in(db: &chitin_store::Db) -> Result<Option<Vec<u8>>, VaultError> {
+    let (bytes, _) = read_row(db)?;
+    Ok((!bytes.is_empty()).then_some(bytes))
 }
 
 /// Writes `sealed` (the bytes of a `vault.keys` file, sealed under the same master key) as

@@ -379,7 +379,10 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 Err(e) => return Err(e.into()),
             };
             let report = verified.report.clone();
-            let plan = backup::plan(&verified, &globals.home);
+            let postgres = config.store.backend == crate::config::store::Backend::Postgres;
+            let mut plan = backup::plan(&verified, &globals.home);
+            // On PostgreSQL the data keys are the database's, not a file of this directory.
+            plan.retain(|(p, _)| !(postgres && p == crate::vault::VAULT_FILE));
             print_plan(&file, &globals.home, &plan);
             if !confirmed(yes)? {
                 println!(
@@ -390,8 +393,11 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // With `[store] backend = "postgres"` the backup's state.db is not put in the state
             // directory: it is staged, erased again there, then copied into the database in
             // one transaction just before the restore is committed.
-            let postgres = config.store.backend == crate::config::store::Backend::Postgres;
-            let except: &[&str] = if postgres { &["state.db"] } else { &[] };
+            let except: &[&str] = if postgres {
+                &["state.db", crate::vault::VAULT_FILE]
+            } else {
+                &[]
+            };
             let bar = super::progress::bar(0, "restoring");
             let restoring =
                 match backup::restore_files(&verified, &globals.home, except, &mut |done, total| {
@@ -415,7 +421,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // since are deleted, so an erasure stays an erasure. Only then is the restore
             // committed: if any of this fails, `restoring` puts every file back when dropped
             // (after the databases opened on the restored files are closed).
-            let restored = restoring.restored().clone();
+            let mut restored = restoring.restored().clone();
             let staging = if postgres {
                 Some(backup::scratch_dir(&globals.home, "restore-db")?)
             } else {
@@ -429,6 +435,25 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                         let state = std::sync::Arc::new(crate::store::Store::open(&path)?);
                         lc.store = std::sync::Arc::clone(&state);
                         Some(state)
+                    }
+                    None => None,
+                };
+                // On PostgreSQL the keys already in the database are kept, as a vault.keys
+                // already here would be; a database without keys gets the backup's, last.
+                let target = match &staged {
+                    Some(_) => {
+                        let pg = super::store::pg_config(
+                            &config.store,
+                            Some(&rt.gate),
+                            &rt.secrets.read(),
+                        )?;
+                        let target = crate::store::Db::postgres(&pg)?;
+                        restored.data_keys_restored = verified
+                            .opened()
+                            .members
+                            .contains_key(crate::vault::VAULT_FILE)
+                            && crate::vault::sealed_keys_in(&target)?.is_none();
+                        Some(target)
                     }
                     None => None,
                 };
@@ -449,16 +474,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 )
                 .and_then(|again| {
                     // Last: the database gets the backup's rows (erased again) all at once.
-                    if let Some(state) = &staged {
-                        let pg = super::store::pg_config(
-                            &config.store,
-                            Some(&rt.gate),
-                            &rt.secrets.read(),
-                        )
-                        .map_err(|e| LifecycleError::Backup(e.to_string()))?;
-                        let target = crate::store::Db::postgres(&pg)?;
+                    if let (Some(state), Some(target)) = (&staged, &target) {
                         let bar = super::progress::bar(0, "copying into PostgreSQL");
-                        let copied = backup::restore_into_postgres(state, &target, &mut |d, t| {
+                        let copied = backup::restore_into_postgres(state, target, &mut |d, t| {
                             bar.set_length(t);
                             bar.set_position(d);
                         });
@@ -469,6 +487,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                             copied.iter().map(|(_, n)| *n).sum::<i64>(),
                             target.location()
                         );
+                        if restored.data_keys_restored {
+                            backup::restore_keys_into_db(&verified, target)?;
+                        }
                     }
                     Ok(again)
                 });
@@ -480,7 +501,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 again
             };
             drop(staging);
-            let restored = restoring.commit();
+            let keys_into_db = restored.data_keys_restored;
+            let mut restored = restoring.commit();
+            restored.data_keys_restored |= keys_into_db;
             println!(
                 "restored {} files from {} (created {})",
                 restored.replaced,
@@ -499,7 +522,12 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
             } else {
                 println!(
-                    "the data keys already here (vault.keys) were kept: they open the backup's conversations unless erased since"
+                    "the data keys already here ({}) were kept: they open the backup's conversations unless erased since",
+                    if postgres {
+                        "in the database"
+                    } else {
+                        "vault.keys"
+                    }
                 );
             }
             println!(
@@ -517,7 +545,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
 
 /// The configured state store: the runtime's, or PostgreSQL when `[store] backend =
 /// "postgres"` and the runtime opened SQLite (its credentials released through the gate).
-fn configured_store(
+pub(super) fn configured_store(
     rt: &super::Runtime,
 ) -> Result<std::sync::Arc<crate::store::Store>, super::BoxError> {
     if rt.config.store.backend == crate::config::store::Backend::Postgres

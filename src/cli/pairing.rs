@@ -56,8 +56,9 @@ pub enum ChannelsCmd {
 }
 
 fn engine(globals: &Globals, rt: &Runtime) -> Result<Engine, super::BoxError> {
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        rt.store.db(),
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
