@@ -314,6 +314,11 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
         .unwrap()
     };
     assert_eq!(n(&snap), 1);
+    // Its data keys are the database's (no vault.keys in the state directory).
+    let db_keys = |db: &chitin::store::Db| chitin::vault::sealed_keys_in(db).unwrap();
+    let keys = db_keys(&chitin::store::Db::postgres(&pg).unwrap()).unwrap();
+    assert!(!home.join("vault.keys").exists());
+    assert_eq!(opened.members["vault.keys"][..], keys[..]);
 
     // The rows are lost; the restore brings them back into the database.
     let db = chitin::store::Db::postgres(&pg).unwrap();
@@ -326,7 +331,14 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
     );
     assert!(o.status.success(), "{}", out(&o));
     assert!(out(&o).contains("rows into postgres://"), "{}", out(&o));
+    assert!(
+        out(&o).contains("the data keys already here (in the database) were kept"),
+        "{}",
+        out(&o)
+    );
     assert_eq!(n(&db), 1);
+    assert_eq!(db_keys(&db), Some(keys));
+    assert!(!home.join("vault.keys").exists());
     // Nothing of it was put in the state directory as a SQLite file.
     assert!(
         !home.join("state.db").exists() || {
@@ -336,5 +348,24 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
     );
     let o = chitin(&home, &["audit", "verify"]);
     assert!(o.status.success(), "{}", out(&o));
+
+    // `chitin data erase` runs on the database: the rows go, and the key is destroyed in the
+    // key set every gateway reads.
+    let vault = |db: &chitin::store::Db| {
+        chitin::vault::Vault::for_db(
+            &home,
+            db,
+            &mut open_store(&home),
+            std::sync::Arc::new(chitin::clock::SystemClock),
+        )
+        .unwrap()
+    };
+    assert!(vault(&db).has_key(ALICE).unwrap());
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(n(&db), 0);
+    assert!(!vault(&db).has_key(ALICE).unwrap());
+    assert_eq!(vault(&db).erasures_since(0).unwrap().len(), 1);
+    assert!(!home.join("vault.keys").exists());
     drop(test_pg);
 }
