@@ -107,6 +107,12 @@ pub enum VaultError {
          that holds it, or move {path} away (sealed content becomes unreadable)"
     )]
     MasterKeyMissing { path: PathBuf },
+    #[error(
+        "the database {location} holds the deployment's data keys (table vault_keys) but this \
+         secret store has no `{VAULT_KEY_SECRET}`: every gateway of a deployment needs the same \
+         secret store identity (copy secrets.age and its identity from a running replica)"
+    )]
+    MasterKeyMissingInDb { location: String },
     #[error("cannot {op} {path}: {source}")]
     Io {
         path: PathBuf,
@@ -346,7 +352,12 @@ impl Vault {
             return Self::from_store(home, store, clock);
         }
         let exists = !read_row(db)?.0.is_empty();
-        let master = master_key(store, exists, &db_label(db))?;
+        let master = master_key(store, exists, &db_label(db)).map_err(|e| match e {
+            VaultError::MasterKeyMissing { .. } => VaultError::MasterKeyMissingInDb {
+                location: db.location().to_string(),
+            },
+            e => e,
+        })?;
         let vault = Self::with_backing(home, master, clock, Backing::Db(db_backing(db)?));
         vault.refresh()?;
         if !exists && fsutil::exists(&vault.path) {
@@ -1321,6 +1332,47 @@ mod tests {
             install_sealed_keys(&db, b"not keys"),
             Err(VaultError::Corrupt { .. })
         ));
+    }
+
+    fn secret_store(home: &Path) -> SecretStore {
+        let cfg = SecretsConfig {
+            backend: crate::config::secrets::IdentityBackend::Passphrase,
+            scrypt_work_factor: 4,
+            max_scrypt_work_factor: 10,
+            ..SecretsConfig::default()
+        };
+        SecretStore::open_with(
+            home,
+            &cfg,
+            Box::new(crate::secrets::identity::FixedPassphrase(
+                age::secrecy::SecretString::from("pw".to_string()),
+            )),
+            Arc::new(crate::clock::ManualClock::new(1_000)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replica_without_the_deployments_master_key_is_refused_once_the_database_has_keys() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let db = pg.db().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(1_000));
+        let mut secrets = secret_store(h1.path());
+        let one = Vault::for_db(h1.path(), &db, &mut secrets, Arc::clone(&clock)).unwrap();
+        assert!(one.in_db());
+        let s = one.seal(ALICE, b"shared").unwrap();
+        // The same secret store (as every replica has): the keys open.
+        let again = Vault::for_db(h2.path(), &db, &mut secrets, Arc::clone(&clock)).unwrap();
+        assert_eq!(&again.open(ALICE, &s).unwrap()[..], b"shared");
+        // Another secret store: refused, nothing replaced.
+        let before = one.sealed_keys().unwrap();
+        let e = Vault::for_db(h2.path(), &db, &mut secret_store(h2.path()), clock).unwrap_err();
+        assert!(
+            matches!(&e, VaultError::MasterKeyMissingInDb { location } if location == db.location()),
+            "{e}"
+        );
+        assert_eq!(one.sealed_keys().unwrap(), before);
     }
 
     #[test]
