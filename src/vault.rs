@@ -24,6 +24,18 @@
 //!   (inode, size, mtime) with the cached one and reloads after another process (the CLI's
 //!   `data erase`) changed it; every write re-reads the file under `vault.lock`, so a process
 //!   with a stale cache never resurrects a destroyed key.
+//! - **On PostgreSQL** (several gateways, [`Vault::for_db`]) the same sealed bytes live in the
+//!   one row of the table `vault_keys` (migration 24) instead of the file, shared by every
+//!   replica (same secret store, same master key). A write is one transaction that locks the
+//!   row (`FOR UPDATE`; inserted empty first if missing, so two replicas creating keys at once
+//!   serialize), re-reads it, changes it, writes it with `version + 1` and sends
+//!   `pg_notify('chitin_vault', version)`. The cache is reloaded without a round trip on the
+//!   hot path: when a key id or subject is not in the cache (a key another replica created),
+//!   when a notification says the version moved, and, as the fallback for lost notifications
+//!   (a listener gap), on the first call [`DB_RELOAD_EVERY`] after the last load. **Bound:** a
+//!   key destroyed on another replica stops opening here on the first call after its
+//!   notification arrives (normally milliseconds after the erasure commits), and in any case
+//!   on every call made [`DB_RELOAD_EVERY`] or more after it.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -31,6 +43,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
 
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
@@ -47,6 +60,11 @@ pub const VAULT_FILE: &str = "vault.keys";
 pub const VAULT_LOCK: &str = "vault.lock";
 /// The reserved secret holding the master key (64 hex digits).
 pub const VAULT_KEY_SECRET: &str = "chitin.vault-key";
+/// The notification channel on which a replica announces a new version of `vault_keys`.
+pub const VAULT_CHANNEL: &str = "chitin_vault";
+/// On PostgreSQL, the longest a cached key set is used without re-reading `vault_keys` when
+/// notifications were lost (see the module docs).
+pub const DB_RELOAD_EVERY: Duration = Duration::from_secs(3);
 
 const SEAL_MAGIC: &[u8; 3] = b"CV1";
 const FILE_MAGIC: &[u8; 4] = b"CVK1";
@@ -89,6 +107,12 @@ pub enum VaultError {
          that holds it, or move {path} away (sealed content becomes unreadable)"
     )]
     MasterKeyMissing { path: PathBuf },
+    #[error(
+        "the database {location} holds the deployment's data keys (table vault_keys) but this \
+         secret store has no `{VAULT_KEY_SECRET}`: every gateway of a deployment needs the same \
+         secret store identity (copy secrets.age and its identity from a running replica)"
+    )]
+    MasterKeyMissingInDb { location: String },
     #[error("cannot {op} {path}: {source}")]
     Io {
         path: PathBuf,
@@ -101,6 +125,11 @@ pub enum VaultError {
     Random(String),
     #[error("vault lock poisoned by a panic in another thread; restart the gateway")]
     Poisoned,
+    #[error(
+        "the vault's data keys in the database (table vault_keys) cannot be read or written: \
+         {0}; check that PostgreSQL answers and the [store] settings"
+    )]
+    Store(#[from] chitin_store::Error),
 }
 
 fn io<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(std::io::Error) -> VaultError + 'a {
@@ -225,15 +254,40 @@ struct Tombstone {
 #[derive(Default)]
 struct Keys {
     stamp: Option<Stamp>,
+    /// The `vault_keys` row's version as last read (database backing).
+    version: i64,
     by_subject: BTreeMap<String, DataKey>,
     /// Tombstones: destroyed key id → (when, digest of the subject).
     erased: BTreeMap<KeyId, Tombstone>,
+}
+
+/// Where the sealed key set lives.
+enum Backing {
+    /// `vault.keys` in the state directory (SQLite deployments: one gateway).
+    File,
+    /// The row of `vault_keys` in the shared database (PostgreSQL: several gateways).
+    Db(DbBacking),
+}
+
+struct DbBacking {
+    db: chitin_store::Db,
+    watch: Mutex<Watch>,
+    /// [`DB_RELOAD_EVERY`] (longer in the tests that must see the notification work alone).
+    reload_every: Duration,
+}
+
+/// What tells a database-backed vault that its cache may be stale.
+struct Watch {
+    /// On [`VAULT_CHANNEL`]; `None` when it could not be opened (the fallback reload holds).
+    listener: Option<chitin_store::Listener>,
+    loaded_at: Option<Instant>,
 }
 
 /// The vault: seals and opens content per subject. `Send + Sync`; share it in an `Arc`.
 pub struct Vault {
     path: PathBuf,
     lock_path: PathBuf,
+    backing: Backing,
     master: Zeroizing<[u8; 32]>,
     clock: Arc<dyn Clock>,
     keys: RwLock<Keys>,
@@ -251,7 +305,13 @@ pub type EraseHook = dyn Fn(Option<&str>) + Send + Sync;
 
 impl std::fmt::Debug for Vault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vault").field("path", &self.path).finish()
+        match &self.backing {
+            Backing::File => f.debug_struct("Vault").field("path", &self.path).finish(),
+            Backing::Db(b) => f
+                .debug_struct("Vault")
+                .field("db", &b.db.location())
+                .finish(),
+        }
     }
 }
 
@@ -272,34 +332,81 @@ impl Vault {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, VaultError> {
         let path = home.join(VAULT_FILE);
-        let name = SecretName::parse(VAULT_KEY_SECRET).map_err(SecretsError::InvalidName)?;
-        let master = match store.internal_value(&name) {
-            Some(v) => master_of(v)?,
-            None if fsutil::exists(&path) => return Err(VaultError::MasterKeyMissing { path }),
-            None => {
-                let mut k = Zeroizing::new([0u8; 32]);
-                random(&mut k[..])?;
-                let hex = Zeroizing::new(chitin_audit::to_hex(&k[..]));
-                store.set(&name, SecretValue::from_str_copy(&hex), &[])?;
-                k
-            }
-        };
-        let vault = Self {
+        let exists = fsutil::exists(&path);
+        let master = master_key(store, exists, &path)?;
+        let vault = Self::with_backing(home, master, clock, Backing::File);
+        vault.refresh()?;
+        Ok(vault)
+    }
+
+    /// The vault of a deployment whose state store is `db`: on PostgreSQL the key set is the
+    /// shared `vault_keys` row (every replica sees every key and every erasure), on SQLite
+    /// the file `vault.keys` of `home` ([`Vault::from_store`]).
+    pub fn for_db(
+        home: &Path,
+        db: &chitin_store::Db,
+        store: &mut SecretStore,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, VaultError> {
+        if db.dialect() == chitin_store::Dialect::Sqlite {
+            return Self::from_store(home, store, clock);
+        }
+        let exists = !read_row(db)?.0.is_empty();
+        let master = master_key(store, exists, &db_label(db)).map_err(|e| match e {
+            VaultError::MasterKeyMissing { .. } => VaultError::MasterKeyMissingInDb {
+                location: db.location().to_string(),
+            },
+            e => e,
+        })?;
+        let vault = Self::with_backing(home, master, clock, Backing::Db(db_backing(db)?));
+        vault.refresh()?;
+        if !exists && fsutil::exists(&vault.path) {
+            tracing::warn!(
+                file = %vault.path.display(),
+                "the database holds no data keys but this state directory has a vault.keys: \
+                 content sealed with those keys does not open here; move the deployment with \
+                 `chitin store copy --from sqlite --to postgres`, which copies them"
+            );
+        }
+        Ok(vault)
+    }
+
+    fn with_backing(
+        home: &Path,
+        master: Zeroizing<[u8; 32]>,
+        clock: Arc<dyn Clock>,
+        backing: Backing,
+    ) -> Self {
+        Self {
             lock_path: home.join(VAULT_LOCK),
-            path,
+            path: home.join(VAULT_FILE),
+            backing,
             master,
             clock,
             keys: RwLock::new(Keys::default()),
             erasures: AtomicU64::new(0),
             erase_hooks: Mutex::new(Vec::new()),
-        };
-        vault.refresh()?;
-        Ok(vault)
+        }
     }
 
-    /// The data-key file.
+    /// The data-key file (on PostgreSQL the keys are in the database: see
+    /// [`Vault::sealed_keys`]).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the keys live in the database (PostgreSQL) rather than in `vault.keys`.
+    pub fn in_db(&self) -> bool {
+        matches!(self.backing, Backing::Db(_))
+    }
+
+    /// The sealed key set as it is stored now (the bytes of `vault.keys`), `None` when no
+    /// key was ever made: what a backup carries as its `vault.keys` member.
+    pub fn sealed_keys(&self) -> Result<Option<Vec<u8>>, VaultError> {
+        match &self.backing {
+            Backing::File => Ok(fsutil::read_private(&self.path)?.map(|b| b.to_vec())),
+            Backing::Db(b) => sealed_keys_in(&b.db),
+        }
     }
 
     /// Seals `plaintext` for `subject` (a Cedar entity reference), creating the subject's key on
@@ -348,6 +455,10 @@ impl Vault {
         let subject = Subject::parse(subject)?.to_string();
         let (id, nonce, ct) = split(sealed)?;
         self.refresh()?;
+        if self.in_db() && !self.knows(&id)? {
+            // A key another replica created (or destroyed) since the cache was loaded.
+            self.reload()?;
+        }
         let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
         let Some(k) = keys.by_subject.get(&subject).filter(|k| k.id == id) else {
             if keys.erased.contains_key(&id) {
@@ -434,10 +545,26 @@ impl Vault {
         Ok(())
     }
 
+    /// Whether the cache holds the key `id` (live or destroyed).
+    fn knows(&self, id: &KeyId) -> Result<bool, VaultError> {
+        let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
+        Ok(keys.erased.contains_key(id) || keys.by_subject.values().any(|k| &k.id == id))
+    }
+
+    /// [`Self::refresh`], and on the database backing a reload whatever the cache says (for
+    /// the calls off the hot path that must see every other replica's last write).
+    fn refresh_now(&self) -> Result<(), VaultError> {
+        if self.in_db() {
+            self.reload()
+        } else {
+            self.refresh()
+        }
+    }
+
     /// Whether `subject` currently has a data key.
     pub fn has_key(&self, subject: &str) -> Result<bool, VaultError> {
         let subject = Subject::parse(subject)?.to_string();
-        self.refresh()?;
+        self.refresh_now()?;
         let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
         Ok(keys.by_subject.contains_key(&subject))
     }
@@ -453,7 +580,7 @@ impl Vault {
 
     /// The ids of the data keys that exist now (ids are public; for canary sweeps and audits).
     pub fn live_key_ids(&self) -> Result<Vec<KeyId>, VaultError> {
-        self.refresh()?;
+        self.refresh_now()?;
         let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
         Ok(keys.by_subject.values().map(|k| k.id).collect())
     }
@@ -461,7 +588,7 @@ impl Vault {
     /// Erasures made after `since_ms`: `(subject digest, erased_ms)` (used after a restore to
     /// erase again what an older backup brought back).
     pub fn erasures_since(&self, since_ms: i64) -> Result<Vec<(String, i64)>, VaultError> {
-        self.refresh()?;
+        self.refresh_now()?;
         let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
         Ok(keys
             .erased
@@ -476,8 +603,52 @@ impl Vault {
         split(sealed).map(|(id, _, _)| id)
     }
 
-    /// Reloads `vault.keys` if another process changed it since this handle last read it.
+    /// Reloads the key set if another process (or replica) changed it since this handle last
+    /// read it: the file's identity, or on the database backing the notifications and the
+    /// fallback period (see the module docs).
     fn refresh(&self) -> Result<(), VaultError> {
+        let Backing::Db(b) = &self.backing else {
+            return self.refresh_file();
+        };
+        let cached = self.keys.read().map_err(|_| VaultError::Poisoned)?.version;
+        let stale = {
+            let mut w = b.watch.lock().map_err(|_| VaultError::Poisoned)?;
+            let mut stale = w.loaded_at.is_none_or(|t| t.elapsed() >= b.reload_every);
+            if let Some(l) = w.listener.as_mut() {
+                while let Some(n) = l.try_recv() {
+                    match n {
+                        chitin_store::Notice::Notification(n) => {
+                            // Our own writes come back too: only a newer version counts.
+                            if n.payload.parse::<i64>().is_ok_and(|v| v > cached) {
+                                stale = true;
+                            }
+                        }
+                        chitin_store::Notice::Gap => stale = true,
+                    }
+                }
+            }
+            stale
+        };
+        if stale { self.reload() } else { Ok(()) }
+    }
+
+    /// Reads the `vault_keys` row and replaces the cache (database backing).
+    fn reload(&self) -> Result<(), VaultError> {
+        let Backing::Db(b) = &self.backing else {
+            return self.refresh_file();
+        };
+        let started = Instant::now();
+        let (bytes, version) = read_row(&b.db)?;
+        let mut loaded = self.decode(&bytes)?;
+        loaded.version = version;
+        let foreign = self.foreign_erasure(&loaded)?;
+        self.replace_keys(loaded, foreign)?;
+        b.watch.lock().map_err(|_| VaultError::Poisoned)?.loaded_at = Some(started);
+        Ok(())
+    }
+
+    /// Reloads `vault.keys` if another process changed it since this handle last read it.
+    fn refresh_file(&self) -> Result<(), VaultError> {
         let now = stamp(&self.path)?;
         {
             let keys = self.keys.read().map_err(|_| VaultError::Poisoned)?;
@@ -496,6 +667,9 @@ impl Vault {
         &self,
         change: impl FnOnce(&mut Keys, i64) -> Result<bool, VaultError>,
     ) -> Result<bool, VaultError> {
+        if let Backing::Db(b) = &self.backing {
+            return self.modify_db(b, change);
+        }
         let lock = OpenOptions::new()
             .read(true)
             .write(true)
@@ -519,13 +693,86 @@ impl Vault {
         Ok(out)
     }
 
+    /// The database backing's read-modify-write: one transaction holding the row's lock
+    /// from the read to the write, which also sends the new version on [`VAULT_CHANNEL`]
+    /// (delivered when it commits).
+    fn modify_db(
+        &self,
+        b: &DbBacking,
+        change: impl FnOnce(&mut Keys, i64) -> Result<bool, VaultError>,
+    ) -> Result<bool, VaultError> {
+        let started = Instant::now();
+        let now = self.clock.now_ms();
+        let (keys, foreign, out) = b.db.tx(|c| -> Result<_, VaultError> {
+            c.execute(
+                "INSERT INTO vault_keys (id, sealed, version) VALUES (1, ?1, 0)
+                 ON CONFLICT (id) DO NOTHING",
+                chitin_store::params![Vec::<u8>::new()],
+            )?;
+            let sql = match c.dialect() {
+                chitin_store::Dialect::Postgres => {
+                    "SELECT sealed, version FROM vault_keys WHERE id = 1 FOR UPDATE"
+                }
+                chitin_store::Dialect::Sqlite => {
+                    "SELECT sealed, version FROM vault_keys WHERE id = 1"
+                }
+            };
+            let row = c.query_row(sql, chitin_store::params![])?;
+            let bytes: Vec<u8> = row.get(0)?;
+            let version: i64 = row.get(1)?;
+            let mut keys = self.decode(&bytes)?;
+            keys.version = version;
+            let foreign = self.foreign_erasure(&keys)?;
+            let out = change(&mut keys, now)?;
+            if out {
+                let sealed = self.encode(&keys)?;
+                keys.version = version + 1;
+                c.execute(
+                    "UPDATE vault_keys SET sealed = ?1, version = ?2 WHERE id = 1",
+                    chitin_store::params![sealed, keys.version],
+                )?;
+                if c.dialect() == chitin_store::Dialect::Postgres {
+                    c.execute(
+                        "SELECT pg_notify(?1, ?2)",
+                        chitin_store::params![VAULT_CHANNEL, keys.version.to_string()],
+                    )?;
+                }
+            }
+            Ok((keys, foreign, out))
+        })?;
+        if out && b.db.dialect() == chitin_store::Dialect::Sqlite {
+            b.db.notify(VAULT_CHANNEL, &keys.version.to_string())?;
+        }
+        self.replace_keys(keys, foreign)?;
+        b.watch.lock().map_err(|_| VaultError::Poisoned)?.loaded_at = Some(started);
+        Ok(out)
+    }
+
     fn load(&self) -> Result<Keys, VaultError> {
         let before = stamp(&self.path)?;
         let Some(bytes) = fsutil::read_private(&self.path)? else {
             return Ok(Keys::default());
         };
+        let mut keys = self.decode(&bytes)?;
+        keys.stamp = before;
+        Ok(keys)
+    }
+
+    /// Where the key set lives, for messages.
+    fn location(&self) -> PathBuf {
+        match &self.backing {
+            Backing::File => self.path.clone(),
+            Backing::Db(b) => db_label(&b.db),
+        }
+    }
+
+    /// The key set of sealed bytes (empty: no keys).
+    fn decode(&self, bytes: &[u8]) -> Result<Keys, VaultError> {
+        if bytes.is_empty() && self.in_db() {
+            return Ok(Keys::default());
+        }
         let corrupt = |reason: &str| VaultError::Corrupt {
-            path: self.path.clone(),
+            path: self.location(),
             reason: reason.into(),
         };
         let body = bytes
@@ -552,10 +799,7 @@ impl Vault {
         if raw.version != 1 {
             return Err(corrupt("unknown version"));
         }
-        let mut keys = Keys {
-            stamp: before,
-            ..Keys::default()
-        };
+        let mut keys = Keys::default();
         for e in raw.keys {
             let id = decode_id(e.id).ok_or_else(|| corrupt("bad key id"))?;
             let key = decode_key(e.key).ok_or_else(|| corrupt("bad key"))?;
@@ -622,7 +866,7 @@ impl Vault {
             64 + keys.by_subject.len() * (MAX_SUBJECT_ID * 6 + 256) + keys.erased.len() * 256,
         ));
         serde_json::to_writer(&mut *plain, &file).map_err(|e| VaultError::Corrupt {
-            path: self.path.clone(),
+            path: self.location(),
             reason: e.to_string(),
         })?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -643,6 +887,109 @@ impl Vault {
         out.extend_from_slice(&ct);
         Ok(out)
     }
+}
+
+/// The master key from the secret store, created there on first use; refused when it is
+/// missing but sealed keys exist (`exists`, at `path`).
+fn master_key(
+    store: &mut SecretStore,
+    exists: bool,
+    path: &Path,
+) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+    let name = SecretName::parse(VAULT_KEY_SECRET).map_err(SecretsError::InvalidName)?;
+    match store.internal_value(&name) {
+        Some(v) => master_of(v),
+        None if exists => Err(VaultError::MasterKeyMissing {
+            path: path.to_path_buf(),
+        }),
+        None => {
+            let mut k = Zeroizing::new([0u8; 32]);
+            random(&mut k[..])?;
+            let hex = Zeroizing::new(chitin_audit::to_hex(&k[..]));
+            store.set(&name, SecretValue::from_str_copy(&hex), &[])?;
+            Ok(k)
+        }
+    }
+}
+
+/// How messages name the database's key set.
+fn db_label(db: &chitin_store::Db) -> PathBuf {
+    PathBuf::from(format!("the table vault_keys of {}", db.location()))
+}
+
+fn db_backing(db: &chitin_store::Db) -> Result<DbBacking, VaultError> {
+    let listener = match db.listen(&[VAULT_CHANNEL]) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "the vault cannot listen for other replicas' key changes; it re-reads them every few seconds instead");
+            None
+        }
+    };
+    Ok(DbBacking {
+        db: db.clone(),
+        watch: Mutex::new(Watch {
+            listener,
+            loaded_at: None,
+        }),
+        reload_every: DB_RELOAD_EVERY,
+    })
+}
+
+/// The `vault_keys` row: its sealed bytes (empty: no keys yet) and version (0: no row).
+fn read_row(db: &chitin_store::Db) -> Result<(Vec<u8>, i64), VaultError> {
+    let row = db.with(|c| {
+        c.query_opt(
+            "SELECT sealed, version FROM vault_keys WHERE id = 1",
+            chitin_store::params![],
+        )
+    })?;
+    match row {
+        Some(r) => Ok((r.get(0)?, r.get(1)?)),
+        None => Ok((Vec::new(), 0)),
+    }
+}
+
+/// The sealed key set held by the database `db` (the bytes a `vault.keys` file would hold),
+/// `None` when it holds none: what a backup of a PostgreSQL deployment carries as its
+/// `vault.keys` member.
+pub fn sealed_keys_in(db: &chitin_store::Db) -> Result<Option<Vec<u8>>, VaultError> {
+    let (bytes, _) = read_row(db)?;
+    Ok((!bytes.is_empty()).then_some(bytes))
+}
+
+/// Writes `sealed` (the bytes of a `vault.keys` file, sealed under the same master key) as
+/// the key set of the database `db`, replacing what it holds, and tells every replica. For
+/// `chitin store copy` (moving a deployment's keys into PostgreSQL) and a restore onto a
+/// database without keys.
+pub fn install_sealed_keys(db: &chitin_store::Db, sealed: &[u8]) -> Result<(), VaultError> {
+    if !sealed.starts_with(FILE_MAGIC) {
+        return Err(VaultError::Corrupt {
+            path: PathBuf::from(VAULT_FILE),
+            reason: "not a vault key file".into(),
+        });
+    }
+    let version = db.tx(|c| -> Result<i64, VaultError> {
+        let version: i64 = c
+            .query_row(
+                "INSERT INTO vault_keys (id, sealed, version) VALUES (1, ?1, 1)
+                 ON CONFLICT (id) DO UPDATE SET sealed = excluded.sealed,
+                   version = vault_keys.version + 1
+                 RETURNING version",
+                chitin_store::params![sealed.to_vec()],
+            )?
+            .get(0)?;
+        if c.dialect() == chitin_store::Dialect::Postgres {
+            c.execute(
+                "SELECT pg_notify(?1, ?2)",
+                chitin_store::params![VAULT_CHANNEL, version.to_string()],
+            )?;
+        }
+        Ok(version)
+    })?;
+    if db.dialect() == chitin_store::Dialect::Sqlite {
+        db.notify(VAULT_CHANNEL, &version.to_string())?;
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -819,12 +1166,213 @@ mod tests {
         Vault {
             path: dir.join(VAULT_FILE),
             lock_path: dir.join(VAULT_LOCK),
+            backing: Backing::File,
             master,
             clock: Arc::new(crate::clock::ManualClock::new(1_000)),
             keys: RwLock::new(Keys::default()),
             erasures: AtomicU64::new(0),
             erase_hooks: Mutex::new(Vec::new()),
         }
+    }
+
+    /// A replica's vault on the shared database, with the test master key. `reload_every`:
+    /// how long a cache lives without a notification.
+    fn replica(dir: &Path, db: &chitin_store::Db, reload_every: Duration) -> Vault {
+        let mut b = db_backing(db).unwrap();
+        b.reload_every = reload_every;
+        let mut v = vault_in(dir);
+        v.backing = Backing::Db(b);
+        v.refresh().unwrap();
+        v
+    }
+
+    const NEVER: Duration = Duration::from_secs(24 * 3600);
+
+    #[test]
+    fn a_key_created_by_one_replica_opens_data_on_another() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = replica(h1.path(), &pg.db().unwrap(), NEVER);
+        let two = replica(h2.path(), &pg.db().unwrap(), NEVER);
+        // The second replica loaded the (empty) key set before the key existed.
+        assert!(!two.knows(&[0u8; ID_LEN]).unwrap());
+        let s = one.seal(ALICE, b"from replica one").unwrap();
+        assert_eq!(&two.open(ALICE, &s).unwrap()[..], b"from replica one");
+        let back = two.seal(ALICE, b"and back").unwrap();
+        assert_eq!(
+            Vault::key_id_of(&back).unwrap(),
+            Vault::key_id_of(&s).unwrap()
+        );
+        assert_eq!(&one.open(ALICE, &back).unwrap()[..], b"and back");
+        // Nothing was written to either state directory.
+        assert!(!h1.path().join(VAULT_FILE).exists());
+        assert!(!h2.path().join(VAULT_FILE).exists());
+        let sealed = one.sealed_keys().unwrap().unwrap();
+        assert!(sealed.starts_with(FILE_MAGIC));
+        assert!(!sealed.windows(5).any(|w| w == b"alice"));
+    }
+
+    #[test]
+    fn an_erasure_on_one_replica_stops_the_other_from_opening_the_subjects_data() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = replica(h1.path(), &pg.db().unwrap(), NEVER);
+        // Only the notification can tell this replica: its fallback reload never comes.
+        let two = replica(h2.path(), &pg.db().unwrap(), NEVER);
+        let s = one.seal(ALICE, b"to be erased").unwrap();
+        let kept = one.seal(BOB, b"kept").unwrap();
+        assert_eq!(&two.open(ALICE, &s).unwrap()[..], b"to be erased");
+        let heard: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let h = Arc::clone(&heard);
+        let hook: Arc<EraseHook> = Arc::new(move |s: Option<&str>| {
+            h.lock().unwrap().push(s.map(str::to_owned));
+        });
+        two.on_erase(Arc::downgrade(&hook));
+        let epoch = two.erasure_epoch().unwrap();
+        assert!(one.destroy(ALICE).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match two.open(ALICE, &s) {
+                Err(VaultError::Erased { .. }) => break,
+                Ok(_) => assert!(
+                    Instant::now() < deadline,
+                    "the erasure did not reach the other replica within 60 s"
+                ),
+                Err(e) => panic!("unexpected: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(*heard.lock().unwrap(), vec![None]);
+        assert_eq!(two.erasure_epoch().unwrap(), epoch + 1);
+        assert_eq!(&two.open(BOB, &kept).unwrap()[..], b"kept");
+        // A write by the replica that did not erase keeps the tombstone.
+        two.seal("Chitin::User::\"carol\"", b"c").unwrap();
+        let three = replica(
+            tempfile::tempdir().unwrap().path(),
+            &pg.db().unwrap(),
+            NEVER,
+        );
+        assert!(matches!(
+            three.open(ALICE, &s),
+            Err(VaultError::Erased { .. })
+        ));
+        assert!(!three.has_key(ALICE).unwrap());
+    }
+
+    #[test]
+    fn a_replica_that_missed_the_notification_sees_the_erasure_after_its_reload_period() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = replica(h1.path(), &pg.db().unwrap(), NEVER);
+        let mut two = replica(h2.path(), &pg.db().unwrap(), Duration::from_millis(200));
+        if let Backing::Db(b) = &mut two.backing {
+            b.watch.get_mut().unwrap().listener = None;
+        }
+        let s = one.seal(ALICE, b"x").unwrap();
+        assert_eq!(&two.open(ALICE, &s).unwrap()[..], b"x");
+        one.destroy(ALICE).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while two.open(ALICE, &s).is_ok() {
+            assert!(Instant::now() < deadline, "no reload within 60 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(matches!(
+            two.open(ALICE, &s),
+            Err(VaultError::Erased { .. })
+        ));
+    }
+
+    #[test]
+    fn two_replicas_creating_a_subjects_key_at_once_make_one_key() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let one = replica(h1.path(), &pg.db().unwrap(), NEVER);
+        let two = replica(h2.path(), &pg.db().unwrap(), NEVER);
+        let subjects: Vec<String> = (0..16).map(|i| format!("Chitin::User::\"u{i}\"")).collect();
+        let barrier = std::sync::Barrier::new(2);
+        let run = |v: &Vault| {
+            barrier.wait();
+            subjects
+                .iter()
+                .map(|s| v.seal(s, s.as_bytes()).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let run = &run;
+        let (a, b) = std::thread::scope(|sc| {
+            let a = sc.spawn(|| run(&one));
+            let b = sc.spawn(|| run(&two));
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        for ((s, x), y) in subjects.iter().zip(&a).zip(&b) {
+            assert_eq!(
+                Vault::key_id_of(x).unwrap(),
+                Vault::key_id_of(y).unwrap(),
+                "{s}"
+            );
+            assert_eq!(&one.open(s, y).unwrap()[..], s.as_bytes());
+            assert_eq!(&two.open(s, x).unwrap()[..], s.as_bytes());
+        }
+        assert_eq!(one.live_key_ids().unwrap().len(), subjects.len());
+        assert_eq!(two.live_key_ids().unwrap().len(), subjects.len());
+    }
+
+    #[test]
+    fn installed_file_bytes_become_the_shared_key_set() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let file = vault_in(d.path());
+        let s = file.seal(ALICE, b"old transcript").unwrap();
+        let bytes = std::fs::read(d.path().join(VAULT_FILE)).unwrap();
+        let db = pg.db().unwrap();
+        let live = replica(tempfile::tempdir().unwrap().path(), &db, NEVER);
+        install_sealed_keys(&db, &bytes).unwrap();
+        assert_eq!(&live.open(ALICE, &s).unwrap()[..], b"old transcript");
+        assert_eq!(live.sealed_keys().unwrap().unwrap(), bytes);
+        assert!(matches!(
+            install_sealed_keys(&db, b"not keys"),
+            Err(VaultError::Corrupt { .. })
+        ));
+    }
+
+    fn secret_store(home: &Path) -> SecretStore {
+        let cfg = SecretsConfig {
+            backend: crate::config::secrets::IdentityBackend::Passphrase,
+            scrypt_work_factor: 4,
+            max_scrypt_work_factor: 10,
+            ..SecretsConfig::default()
+        };
+        SecretStore::open_with(
+            home,
+            &cfg,
+            Box::new(crate::secrets::identity::FixedPassphrase(
+                age::secrecy::SecretString::from("pw".to_string()),
+            )),
+            Arc::new(crate::clock::ManualClock::new(1_000)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_replica_without_the_deployments_master_key_is_refused_once_the_database_has_keys() {
+        let pg = chitin_store::testing::TestPg::new().unwrap();
+        let db = pg.db().unwrap();
+        let (h1, h2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let clock: Arc<dyn Clock> = Arc::new(crate::clock::ManualClock::new(1_000));
+        let mut secrets = secret_store(h1.path());
+        let one = Vault::for_db(h1.path(), &db, &mut secrets, Arc::clone(&clock)).unwrap();
+        assert!(one.in_db());
+        let s = one.seal(ALICE, b"shared").unwrap();
+        // The same secret store (as every replica has): the keys open.
+        let again = Vault::for_db(h2.path(), &db, &mut secrets, Arc::clone(&clock)).unwrap();
+        assert_eq!(&again.open(ALICE, &s).unwrap()[..], b"shared");
+        // Another secret store: refused, nothing replaced.
+        let before = one.sealed_keys().unwrap();
+        let e = Vault::for_db(h2.path(), &db, &mut secret_store(h2.path()), clock).unwrap_err();
+        assert!(
+            matches!(&e, VaultError::MasterKeyMissingInDb { location } if location == db.location()),
+            "{e}"
+        );
+        assert_eq!(one.sealed_keys().unwrap(), before);
     }
 
     #[test]

@@ -146,3 +146,69 @@ fn the_gateway_runs_on_postgres_with_its_state_and_audit_chain_in_the_database()
         assert_eq!(n, 0, "no message went to state.db");
     }
 }
+
+/// A deployment moved to PostgreSQL with `chitin store copy` keeps reading its old
+/// transcripts: the copy puts the state directory's `vault.keys` into the database, and the
+/// gateway on PostgreSQL opens them from there (the file moved away to prove it).
+#[test]
+fn after_store_copy_a_gateway_on_postgres_opens_the_transcripts_sealed_before_the_move() {
+    let pg = TestPg::new().unwrap();
+    let (_rt, model) = fake(vec![
+        Step::text("noted the kumquat"),
+        Step::text("it was a kumquat"),
+    ]);
+    let sqlite = format!(
+        "\n[agent]\nmodel = \"fake/m1\"\n\n[[providers]]\nname = \"fake\"\nkind = \"openai\"\nbase_url = \"{}\"\n",
+        model.base_url()
+    );
+    let mut gw = Gw::start(&sqlite);
+    let answer = chat(&gw, "moved-1", "remember the word kumquat-7f3a");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "noted the kumquat"
+    );
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+
+    let path = gw.home.join("chitin.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "{text}\n[store]\nbackend = \"postgres\"\nurl = \"{}\"\n",
+            pg.url()
+        ),
+    )
+    .unwrap();
+    let copy = gw.chitin(&["store", "copy", "--from", "sqlite", "--to", "postgres"]);
+    let out = String::from_utf8_lossy(&copy.stdout);
+    assert!(
+        copy.status.success() && out.contains("copied the data keys of"),
+        "{out}{}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    std::fs::rename(
+        gw.home.join("vault.keys"),
+        gw.root.join("vault.keys.moved-away"),
+    )
+    .unwrap();
+
+    gw.spawn();
+    let answer = chat(&gw, "moved-1", "which word was it?");
+    assert_eq!(
+        answer["choices"][0]["message"]["content"],
+        "it was a kumquat"
+    );
+    // The second turn's history was opened from PostgreSQL with the database's keys.
+    let last = model.requests().last().unwrap().body.to_string();
+    assert!(last.contains("kumquat-7f3a"), "{last}");
+    assert!(last.contains("noted the kumquat"), "{last}");
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    assert!(
+        !gw.home.join("vault.keys").exists(),
+        "no file key set was made"
+    );
+    let db = Db::postgres_unmigrated(&pg.config()).unwrap();
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM vault_keys"), 1);
+}

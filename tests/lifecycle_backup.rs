@@ -746,6 +746,8 @@ fn rows_of(db: &chitin::store::Db) -> std::collections::BTreeMap<String, Vec<Str
             "memory_terms",
             "memory_fts",
             "transcript_changes",
+            // The data keys on PostgreSQL: a backup carries them as its vault.keys member.
+            "vault_keys",
         ]
         .contains(&t.as_str())
         {
@@ -843,6 +845,25 @@ fn a_backup_of_a_postgres_store_restores_onto_a_fresh_postgres_database_with_the
         "{copied:?}"
     );
     assert_eq!(rows_of(&target), source);
+    // The data keys come from the database (the harness's vault is the database's) as the
+    // vault.keys member, and go into a database without keys; one with keys keeps its own.
+    let keys = chitin::vault::sealed_keys_in(b.h.lc.store.db())
+        .unwrap()
+        .unwrap();
+    assert!(!b.h.home.join("vault.keys").exists());
+    assert_eq!(verified.opened().members["vault.keys"][..], keys[..]);
+    assert!(backup::restore_keys_into_db(&verified, &target).unwrap());
+    assert_eq!(
+        chitin::vault::sealed_keys_in(&target).unwrap(),
+        Some(keys.clone())
+    );
+    b.h.lc.vault.seal(&user("carol"), b"a new key").unwrap();
+    let newer = chitin::vault::sealed_keys_in(b.h.lc.store.db())
+        .unwrap()
+        .unwrap();
+    chitin::vault::install_sealed_keys(&target, &newer).unwrap();
+    assert!(!backup::restore_keys_into_db(&verified, &target).unwrap());
+    assert_eq!(chitin::vault::sealed_keys_in(&target).unwrap(), Some(newer));
     // The memory index came through: the same hits with the same scores, no re-indexing.
     let restored = std::sync::Arc::new(chitin::store::Store::from_db(target.clone()));
     let before = memory(&b.h, std::sync::Arc::clone(&b.h.lc.store))
@@ -883,6 +904,14 @@ fn a_backup_of_a_postgres_store_restores_onto_sqlite_with_the_same_rows() {
     let home = home::private_home(t.path(), "restored");
     let restored = backup::restore(&verified, &home).unwrap().commit();
     assert!(restored.replaced >= 3, "{restored:?}");
+    // The database's data keys became the new machine's vault.keys.
+    assert!(restored.data_keys_restored);
+    assert_eq!(
+        std::fs::read(home.join("vault.keys")).unwrap(),
+        chitin::vault::sealed_keys_in(b.h.lc.store.db())
+            .unwrap()
+            .unwrap()
+    );
     assert!(audit_verifies(&home).starts_with("ok: "));
     let store = chitin::store::Store::open(&home.join("state.db")).unwrap();
     assert_eq!(rows_of(store.db()), source);

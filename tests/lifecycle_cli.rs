@@ -339,6 +339,11 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
     )
     .unwrap();
     assert_eq!(shared.range(last, last).unwrap(), copied);
+    // Its data keys are the database's (no vault.keys in the state directory).
+    let db_keys = |db: &chitin::store::Db| chitin::vault::sealed_keys_in(db).unwrap();
+    let keys = db_keys(&chitin::store::Db::postgres(&pg).unwrap()).unwrap();
+    assert!(!home.join("vault.keys").exists());
+    assert_eq!(opened.members["vault.keys"][..], keys[..]);
 
     // The rows are lost; the restore brings them back into the database.
     let db = chitin::store::Db::postgres(&pg).unwrap();
@@ -386,6 +391,12 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
             ("admin".to_string(), String::new())
         ]
     );
+    assert!(
+        text.contains("the data keys already here (in the database) were kept"),
+        "{text}"
+    );
+    assert_eq!(db_keys(&db), Some(keys));
+    assert!(!home.join("vault.keys").exists());
     // Nothing of it was put in the state directory as a SQLite file.
     assert!(
         !home.join("state.db").exists() || {
@@ -395,5 +406,24 @@ fn backup_create_and_restore_work_through_the_binary_on_a_postgres_store() {
     );
     let o = chitin(&home, &["audit", "verify"]);
     assert!(o.status.success(), "{}", out(&o));
+
+    // `chitin data erase` runs on the database: the rows go, and the key is destroyed in the
+    // key set every gateway reads.
+    let vault = |db: &chitin::store::Db| {
+        chitin::vault::Vault::for_db(
+            &home,
+            db,
+            &mut open_store(&home),
+            std::sync::Arc::new(chitin::clock::SystemClock),
+        )
+        .unwrap()
+    };
+    assert!(vault(&db).has_key(ALICE).unwrap());
+    let o = chitin(&home, &["data", "erase", "--subject", ALICE]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert_eq!(n(&db), 0);
+    assert!(!vault(&db).has_key(ALICE).unwrap());
+    assert_eq!(vault(&db).erasures_since(0).unwrap().len(), 1);
+    assert!(!home.join("vault.keys").exists());
     drop(test_pg);
 }

@@ -197,6 +197,7 @@ fn store_copy_moves_a_used_sqlite_home_and_store_check_agrees_on_the_counts() {
     ));
     assert!(out.contains("copied"), "{out}");
     assert!(out.contains("copied the audit log:"), "{out}");
+    assert!(out.contains("copied the data keys of"), "{out}");
 
     let check: Value =
         serde_json::from_str(&ok(&chitin(&e.home, &["store", "check", "--json"]))).unwrap();
@@ -204,9 +205,21 @@ fn store_copy_moves_a_used_sqlite_home_and_store_check_agrees_on_the_counts() {
     assert_eq!(check["connected"], true);
     assert_eq!(check["version"], json!(latest()));
     assert_eq!(check["pending"], 0);
-    for (table, n) in &sqlite_counts {
+    for (table, n) in sqlite_counts.iter().filter(|(t, _)| t != "vault_keys") {
         assert_eq!(check["tables"][table], json!(n), "{table}: {check}");
     }
+    // The data keys are not a table of SQLite (it keeps vault.keys): the copy put the file's
+    // sealed bytes into the database's one row.
+    assert_eq!(count("vault_keys"), 0);
+    assert_eq!(check["tables"]["vault_keys"], json!(1), "{check}");
+    let file_keys = std::fs::read(e.home.join("vault.keys")).unwrap();
+    assert_eq!(
+        chitin::vault::sealed_keys_in(&pg.db().unwrap()).unwrap(),
+        Some(file_keys)
+    );
+    // From here the database's keys are the ones: without the file, the copied transcripts
+    // still open through the vault every gateway on PostgreSQL uses.
+    std::fs::rename(e.home.join("vault.keys"), e.home.join("vault.keys.moved")).unwrap();
     // The copy is what the ported modules read.
     let store = Store::from_db(pg.db().unwrap());
     let pending = approvals_on(&e.home, store.clone()).list(false).unwrap();
@@ -224,8 +237,9 @@ fn store_copy_moves_a_used_sqlite_home_and_store_check_agrees_on_the_counts() {
     )
     .unwrap();
     let sealer: Arc<dyn chitin::agent::Sealer> = Arc::new(
-        chitin::vault::Vault::from_store(
+        chitin::vault::Vault::for_db(
             &e.home,
+            store.db(),
             &mut secrets,
             Arc::new(chitin::clock::SystemClock),
         )

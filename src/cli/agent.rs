@@ -159,8 +159,9 @@ pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {
 pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
     let workspace =
         super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        rt.store.db(),
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;

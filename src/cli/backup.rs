@@ -455,7 +455,7 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
             // since are deleted, so an erasure stays an erasure. Only then is the restore
             // committed: if any of this fails, `restoring` puts every file back when dropped
             // (after the databases opened on the restored files are closed).
-            let restored = restoring.restored().clone();
+            let mut restored = restoring.restored().clone();
             let staging = if postgres {
                 Some(backup::scratch_dir(&globals.home, "restore-db")?)
             } else {
@@ -469,6 +469,25 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                         let state = std::sync::Arc::new(crate::store::Store::open(&path)?);
                         lc.store = std::sync::Arc::clone(&state);
                         Some(state)
+                    }
+                    None => None,
+                };
+                // On PostgreSQL the keys already in the database are kept, as a vault.keys
+                // already here would be; a database without keys gets the backup's, last.
+                let target = match &staged {
+                    Some(_) => {
+                        let pg = super::store::pg_config(
+                            &config.store,
+                            Some(&rt.gate),
+                            &rt.secrets.read(),
+                        )?;
+                        let target = crate::store::Db::postgres(&pg)?;
+                        restored.data_keys_restored = verified
+                            .opened()
+                            .members
+                            .contains_key(crate::vault::VAULT_FILE)
+                            && crate::vault::sealed_keys_in(&target)?.is_none();
+                        Some(target)
                     }
                     None => None,
                 };
@@ -489,16 +508,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 )
                 .and_then(|again| {
                     // Last: the database gets the backup's rows (erased again) all at once.
-                    if let Some(state) = &staged {
-                        let pg = super::store::pg_config(
-                            &config.store,
-                            Some(&rt.gate),
-                            &rt.secrets.read(),
-                        )
-                        .map_err(|e| LifecycleError::Backup(e.to_string()))?;
-                        let target = crate::store::Db::postgres(&pg)?;
+                    if let (Some(state), Some(target)) = (&staged, &target) {
                         let bar = super::progress::bar(0, "copying into PostgreSQL");
-                        let copied = backup::restore_into_postgres(state, &target, &mut |d, t| {
+                        let copied = backup::restore_into_postgres(state, target, &mut |d, t| {
                             bar.set_length(t);
                             bar.set_position(d);
                         });
@@ -509,6 +521,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                             copied.iter().map(|(_, n)| *n).sum::<i64>(),
                             target.location()
                         );
+                        if restored.data_keys_restored {
+                            backup::restore_keys_into_db(&verified, target)?;
+                        }
                     }
                     Ok(again)
                 });
@@ -520,7 +535,9 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 again
             };
             drop(staging);
-            let restored = restoring.commit();
+            let keys_into_db = restored.data_keys_restored;
+            let mut restored = restoring.commit();
+            restored.data_keys_restored |= keys_into_db;
             println!(
                 "restored {} files from {} (created {})",
                 restored.replaced,
@@ -539,7 +556,12 @@ pub fn run(cmd: BackupCmd, globals: &Globals) -> CmdResult {
                 );
             } else {
                 println!(
-                    "the data keys already here (vault.keys) were kept: they open the backup's conversations unless erased since"
+                    "the data keys already here ({}) were kept: they open the backup's conversations unless erased since",
+                    if postgres {
+                        "in the database"
+                    } else {
+                        "vault.keys"
+                    }
                 );
             }
             println!(

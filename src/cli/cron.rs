@@ -117,8 +117,9 @@ fn decide(
 
 /// The job store, its prompts sealed with the vault.
 fn jobs(globals: &Globals, rt: &Runtime) -> Result<JobStore, super::BoxError> {
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        rt.store.db(),
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;

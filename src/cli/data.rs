@@ -36,11 +36,19 @@ pub(crate) fn open_lifecycle(
     globals: &Globals,
 ) -> Result<(Runtime, Lifecycle), Box<dyn std::error::Error + Send + Sync>> {
     let rt = Runtime::open(globals)?;
+    // With `[store] backend = "postgres"` the deployment's database and its shared data keys:
+    // an erasure destroys the key for every replica.
+    let store = super::backup::configured_store(&rt)?;
     let mut secrets = crate::secrets::SecretStore::open(&globals.home, &rt.config.secrets)?;
-    let vault = Vault::from_store(&globals.home, &mut secrets, Arc::clone(&rt.clock))?;
+    let vault = Vault::for_db(
+        &globals.home,
+        store.db(),
+        &mut secrets,
+        Arc::clone(&rt.clock),
+    )?;
     let lc = Lifecycle {
         home: globals.home.clone(),
-        store: Arc::clone(&rt.store),
+        store,
         audit: Arc::clone(rt.gate.audit()),
         vault: Arc::new(vault),
         clock: Arc::clone(&rt.clock),

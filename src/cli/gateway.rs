@@ -192,8 +192,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     }
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
     let secrets_path = secrets.path().to_path_buf();
-    let vault = Arc::new(crate::vault::Vault::from_store(
+    let vault = Arc::new(crate::vault::Vault::for_db(
         &globals.home,
+        store.db(),
         &mut secrets,
         Arc::clone(&clock),
     )?);

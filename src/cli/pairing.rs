@@ -59,8 +59,9 @@ pub enum ChannelsCmd {
 /// "postgres"`: the one the gateways share).
 fn engine(globals: &Globals, rt: &Runtime) -> Result<Engine, super::BoxError> {
     let store = super::backup::configured_store(rt)?;
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        store.db(),
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;

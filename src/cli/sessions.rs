@@ -37,8 +37,9 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
     {
         return Ok(refused);
     }
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        rt.store.db(),
         &mut rt.secrets.write(),
         std::sync::Arc::clone(&rt.clock),
     )?;

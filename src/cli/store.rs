@@ -303,11 +303,24 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
                 },
             )?;
             bar.finish_and_clear();
+            // The data keys go along: on PostgreSQL every replica reads them from the
+            // database (same secret store, same master key), so the copied transcripts open.
+            let keys_path = o.home.path(crate::vault::VAULT_FILE);
+            let keys_copied = match crate::secrets::fsutil::read_private(&keys_path)? {
+                Some(bytes) => {
+                    crate::vault::install_sealed_keys(&dst, &bytes).map_err(|e| {
+                        format!("the state was copied but the data keys ({}) were not: {e}. Fix that and run the copy again with --replace", keys_path.display())
+                    })?;
+                    true
+                }
+                None => false,
+            };
             let rows: i64 = copied.iter().map(|(_, n)| n).sum();
             record(
                 "copied",
                 json!({"from": src.path().display().to_string(), "to": dst.location(),
-                       "tables": copied.len(), "rows": rows, "replace": replace}),
+                       "tables": copied.len(), "rows": rows, "replace": replace,
+                       "data_keys": keys_copied}),
             )?;
             println!(
                 "copied {rows} row(s) of {} table(s) from {} to {}",
@@ -315,6 +328,12 @@ pub fn run(cmd: StoreCmd, globals: &Globals) -> CmdResult {
                 src.path().display(),
                 dst.location()
             );
+            if keys_copied {
+                println!(
+                    "copied the data keys of {} into the database (table vault_keys); every gateway on it opens them with this secret store's vault key",
+                    keys_path.display()
+                );
+            }
             // The SQLite log is complete (its last checkpoint signed), then moved as it is.
             o.gate.audit().shutdown()?;
             let pg = match o.pg.take() {

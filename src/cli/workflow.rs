@@ -248,8 +248,9 @@ pub(crate) fn assemble_runner(i: RunnerInputs<'_>) -> Result<Runner, BoxError> {
 pub(crate) fn build_runner(globals: &Globals, rt: &Runtime) -> Result<Runner, BoxError> {
     let workspace =
         super::gateway::prepare_workspace(&rt.config.workspace_dir(&globals.home), &globals.home)?;
-    let vault = crate::vault::Vault::from_store(
+    let vault = crate::vault::Vault::for_db(
         &globals.home,
+        rt.store.db(),
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;

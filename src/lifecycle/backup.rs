@@ -240,6 +240,15 @@ fn build(
         chitin_audit::DB_FILE,
         chitin_audit::CHECKPOINT_FILE,
     ]);
+    // On PostgreSQL the data keys are the database's (shared by every replica), read after
+    // the snapshot like the file: a `vault.keys` left in this directory is not the key set.
+    let db_keys = match store.db().dialect() {
+        crate::store::Dialect::Postgres => {
+            skip.insert(VAULT_FILE);
+            Some(crate::vault::sealed_keys_in(store.db())?)
+        }
+        crate::store::Dialect::Sqlite => None,
+    };
     let mut rels = Vec::new();
     walk(home, Path::new(""), &skip, &mut rels)?;
     let mut members: Vec<(String, Zeroizing<Vec<u8>>)> = vec![
@@ -253,6 +262,9 @@ fn build(
     for r in rels {
         let bytes = read(&home.join(&r))?;
         members.push((r.to_string_lossy().into_owned(), bytes));
+    }
+    if let Some(Some(keys)) = db_keys {
+        members.push((VAULT_FILE.into(), Zeroizing::new(keys)));
     }
     drop(tmp);
     let manifest = Manifest {
@@ -344,6 +356,24 @@ pub fn restore_into_postgres(
         true,
         progress,
     )?)
+}
+
+/// The restore's rule for the data keys on PostgreSQL (as for `vault.keys` in a state
+/// directory): where the database already holds keys they are kept (they have the tombstones
+/// of the erasures made since the backup); a database without any gets the backup's. Returns
+/// whether the backup's keys were installed.
+pub fn restore_keys_into_db(
+    verified: &Verified,
+    target: &crate::store::Db,
+) -> Result<bool, LifecycleError> {
+    let Some(keys) = verified.opened.members.get(VAULT_FILE) else {
+        return Ok(false);
+    };
+    if crate::vault::sealed_keys_in(target)?.is_some() {
+        return Ok(false);
+    }
+    crate::vault::install_sealed_keys(target, keys)?;
+    Ok(true)
 }
 
 /// Parses the configured recipient, or says how to make one.
@@ -704,6 +734,7 @@ pub const NOT_RESTORED_ON_POSTGRES: &[&str] = &[
     "state.db",
     chitin_audit::DB_FILE,
     chitin_audit::CHECKPOINT_FILE,
+    VAULT_FILE,
 ];
 
 /// What restoring `verified` into `home` would change, file by file (relative path, change),
@@ -911,7 +942,9 @@ pub fn restore_files(
         restored: Restored {
             replaced: 0,
             audit_archive: None,
-            data_keys_restored: !keep_live_keys && opened.members.contains_key(VAULT_FILE),
+            data_keys_restored: !keep_live_keys
+                && !except.contains(&VAULT_FILE)
+                && opened.members.contains_key(VAULT_FILE),
         },
         _lock: lock,
     };

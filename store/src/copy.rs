@@ -98,6 +98,12 @@ fn insert_rows(
 /// gateway's history cache of the source database never reads the target.
 const DERIVED: &[&str] = &["spend_daily", "transcript_changes"];
 
+/// Tables no copy reads or writes: `vault_keys` (the vault's sealed data keys on PostgreSQL)
+/// follows its own rules: `chitin store copy` fills it from the state directory's
+/// `vault.keys`, a backup carries it as its `vault.keys` member, and a restore keeps the keys
+/// already there (they hold the tombstones of later erasures).
+pub const UNCOPIED: &[&str] = &["vault_keys"];
+
 /// Copies every table of `src` (SQLite) into `dst` (PostgreSQL). `dst` is migrated first;
 /// both must then be at this build's schema version. A target with rows is refused unless
 /// `replace` (its rows are then deleted in the same transaction). `progress` hears
@@ -124,12 +130,12 @@ pub fn sqlite_to_postgres(
     let tables: Vec<String> = src
         .tables()?
         .into_iter()
-        .filter(|t| !DERIVED.contains(&t.as_str()))
+        .filter(|t| !DERIVED.contains(&t.as_str()) && !UNCOPIED.contains(&t.as_str()))
         .collect();
     let counts: Vec<(String, i64)> = src
         .row_counts()?
         .into_iter()
-        .filter(|(t, _)| !DERIVED.contains(&t.as_str()))
+        .filter(|(t, _)| !DERIVED.contains(&t.as_str()) && !UNCOPIED.contains(&t.as_str()))
         .collect();
     let total: i64 = counts.iter().map(|(_, n)| *n).sum();
     let total = u64::try_from(total).unwrap_or(0);
@@ -154,7 +160,12 @@ pub fn sqlite_to_postgres(
     let targets: Vec<String> = dst
         .tables()?
         .into_iter()
-        .filter(|t| t != "schema_version" && t != "transcript_changes" && !is_audit(t))
+        .filter(|t| {
+            t != "schema_version"
+                && t != "transcript_changes"
+                && !UNCOPIED.contains(&t.as_str())
+                && !is_audit(t)
+        })
         .collect();
     src.with(|s| {
         dst.tx(|d| {
@@ -417,6 +428,7 @@ pub fn postgres_to_sqlite(src: &Db, dst: &std::path::Path) -> Result<Copied> {
             let mut copied = Vec::new();
             for table in tables.iter().filter(|t| {
                 !DERIVED.contains(&t.as_str())
+                    && !UNCOPIED.contains(&t.as_str())
                     && *t != "schema_version"
                     && *t != "memory_terms"
                     && !is_audit(t)

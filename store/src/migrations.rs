@@ -612,6 +612,14 @@ pub const SQLITE: &[&str] = &[
      ALTER TABLE hook_deliveries ADD COLUMN replica TEXT;
      ALTER TABLE workflow_runs ADD COLUMN runner_replica TEXT;
      ALTER TABLE workflow_runs ADD COLUMN runner_host TEXT;",
+    // 24: the vault's sealed data-key set (`vault.keys` bytes: magic, nonce, sealed JSON) shared
+    // by every replica on PostgreSQL (`src/vault.rs`, the database backing); one row, its
+    // `version` moved by every write. Unused on SQLite (the file stays).
+    "CREATE TABLE vault_keys (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        sealed BLOB NOT NULL,
+        version INTEGER NOT NULL
+     ) STRICT;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1156,6 +1164,12 @@ pub const POSTGRES: &[&str] = &[
      ALTER TABLE hook_deliveries ADD COLUMN replica TEXT;
      ALTER TABLE workflow_runs ADD COLUMN runner_replica TEXT;
      ALTER TABLE workflow_runs ADD COLUMN runner_host TEXT;",
+    // 24: as SQLite's 24.
+    "CREATE TABLE vault_keys (
+        id BIGINT PRIMARY KEY CHECK (id = 1),
+        sealed BYTEA NOT NULL,
+        version BIGINT NOT NULL
+     );",
 ];
 
 #[cfg(test)]

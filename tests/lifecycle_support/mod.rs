@@ -134,16 +134,18 @@ fn open_with(
         .unwrap(),
         None => chitin_audit::AuditLog::open(&home, options).unwrap(),
     });
-    let vault = Vault::from_store(
-        &home,
-        &mut secrets,
-        Arc::new(clock.clone()) as Arc<dyn Clock>,
-    )
-    .unwrap();
     let store = Arc::new(match &pg {
         Some(pg) => Store::postgres(&pg.config()).unwrap(),
         None => Store::open(&home.join("state.db")).unwrap(),
     });
+    // As the gateway and the CLI open it: on PostgreSQL the data keys are the database's.
+    let vault = Vault::for_db(
+        &home,
+        store.db(),
+        &mut secrets,
+        Arc::new(clock.clone()) as Arc<dyn Clock>,
+    )
+    .unwrap();
     let engine = PolicyEngine::load(EngineSpec {
         policy_dir: None,
         entity_files: vec![home.join("entities.json")],
