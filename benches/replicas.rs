@@ -34,8 +34,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 const PASS: &str = "bench-pass";
 
 /// What every replica shares besides the database (see `docs/storage.md`): the secret store
-/// with its identity, and the vault's data keys (still a file per state directory).
-const SHARED_FILES: [&str; 3] = ["secrets.age", "secrets.identity.age", "vault.keys"];
+/// with its identity (the vault's data keys are the database's).
+const SHARED_FILES: [&str; 2] = ["secrets.age", "secrets.identity.age"];
 
 fn free_port() -> Result<u16, BoxError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

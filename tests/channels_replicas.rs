@@ -51,8 +51,8 @@ fn config(model: &FakeServer, tg: &FakeTelegram, pg: &TestPg, label: &str) -> St
 
 /// Replica `a` (the bot token in its secret store) with `alice` (4242) paired with the owner
 /// through the CLI and a first message of hers answered (by the first scripted step), then
-/// replica `b` with a copy of `a`'s secret store, its identity and its data keys (`vault.keys`:
-/// the keys sealing alice's messages and transcript, which `a` made for that first message).
+/// replica `b` with a copy of `a`'s secret store and its identity only: the data keys sealing
+/// alice's messages and transcript, which `a` made for that first message, are the database's.
 fn pair(steps: Vec<Step>) -> Pair {
     let pg = TestPg::new().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -89,7 +89,7 @@ fn pair(steps: Vec<Step>) -> Pair {
         &config(&model, &tg, &pg, "b"),
         false,
         |home| {
-            for f in ["secrets.age", "secrets.identity.age", "vault.keys"] {
+            for f in ["secrets.age", "secrets.identity.age"] {
                 std::fs::copy(from.join(f), home.join(f)).unwrap();
             }
         },

@@ -16,11 +16,11 @@
 //! default policies and entities) and the same secret store (`secrets.age` and its identity,
 //! unlocked by the same passphrase): the gateway token, the audit signing key (the chain in
 //! the database is claimed by one key; a replica with another is refused) and the vault's
-//! master key are in it. The data keys of the vault (`vault.keys`) are still a file per state
-//! directory (see docs/storage.md, "What is not built yet"): [`Cluster::start`] lets the first
-//! replica answer a turn first (which creates the owner's data key), then copies its secret
-//! store and `vault.keys` into the other replicas' state directories, as an operator deploys
-//! them today; every turn of these tests is the owner's.
+//! master key are in it. The vault's per-subject data keys are in the database (migration 24):
+//! [`Cluster::start`] lets the first replica answer a turn first (which creates the owner's
+//! data key, in the database), then copies only its secret store into the other replicas'
+//! state directories, as an operator deploys them: the others have no `vault.keys` and open
+//! the owner's transcripts with the key the first one made.
 //!
 //! Kill -9 of the replica owning a polling channel is a case of its own (channel ownership
 //! leases): add it as one more `#[test]` on [`Cluster`].
@@ -53,9 +53,9 @@ const LEASE_MS: i64 = 3_000;
 /// 2-core machine runs debug builds of three gateways).
 const WAIT: Duration = Duration::from_secs(180);
 
-/// The files every replica must share: the secret store with its identity, and the vault's
-/// data keys.
-const SHARED_FILES: [&str; 3] = ["secrets.age", "secrets.identity.age", "vault.keys"];
+/// The files every replica must share: the secret store with its identity (the data keys are
+/// the database's).
+const SHARED_FILES: [&str; 2] = ["secrets.age", "secrets.identity.age"];
 
 /// The `[gateway]` keys and the tables after it of every replica's `chitin.toml` (the harness
 /// writes `[secrets]` and the `[gateway]` header): the fake model, and the store in `pg`.
@@ -77,8 +77,7 @@ fn fake(steps: Vec<Step>) -> (tokio::runtime::Runtime, FakeServer) {
     (rt, s)
 }
 
-/// Copies the secret store and the vault's keys of the state dir `from` into `to` (before a
-/// replica starts there).
+/// Copies the secret store of the state dir `from` into `to` (before a replica starts there).
 fn share_deployment_files(from: &Path, to: &Path) {
     for f in SHARED_FILES {
         std::fs::copy(from.join(f), to.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));

@@ -22,7 +22,7 @@
 //! ([`MemLeases`]), with the same rules and tokens. A run takes and gives back two leases per
 //! turn: as table rows each was a durable commit (an fsync) on the turn's path (issue #21).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use crate::{Backend, Conn, ConnInner, Db, Dialect, Error, Result, params};
@@ -30,8 +30,22 @@ use crate::{Backend, Conn, ConnInner, Db, Dialect, Error, Result, params};
 /// The leases of one SQLite file, in this process (every handle of the file shares them).
 #[derive(Default)]
 pub(crate) struct MemLeases {
-    rows: Mutex<BTreeMap<String, LeaseInfo>>,
+    table: Mutex<MemTable>,
 }
+
+#[derive(Default)]
+struct MemTable {
+    rows: BTreeMap<String, LeaseInfo>,
+    /// The last fencing token handed out, for any name: a token is never given twice, so
+    /// a released row can be forgotten without a later holder of its name getting an old one.
+    fence: i64,
+    /// Released rows, oldest first (forgotten beyond [`KEEP_RELEASED`]).
+    released: VecDeque<String>,
+}
+
+/// How many released leases are remembered (a run takes a lease of its own, `run:<id>`, so the
+/// rows would otherwise grow with every turn).
+const KEEP_RELEASED: usize = 1024;
 
 impl std::fmt::Debug for MemLeases {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -64,33 +78,48 @@ pub(crate) fn mem_leases(path: &std::path::Path) -> Arc<MemLeases> {
     t
 }
 
+impl MemTable {
+    fn released(&mut self, name: &str) {
+        self.released.push_back(name.to_string());
+        while self.released.len() > KEEP_RELEASED {
+            if let Some(old) = self.released.pop_front()
+                && self.rows.get(&old).is_some_and(|r| r.owner.is_none())
+            {
+                self.rows.remove(&old);
+            }
+        }
+    }
+}
+
 impl MemLeases {
-    fn rows(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, LeaseInfo>> {
-        match self.rows.lock() {
+    fn table(&self) -> std::sync::MutexGuard<'_, MemTable> {
+        match self.table.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
     }
 
     fn acquire(&self, name: &str, owner: &str, now_ms: i64, until: i64) -> Option<i64> {
-        let mut rows = self.rows();
-        let row = rows.entry(name.to_string()).or_insert_with(|| LeaseInfo {
-            name: name.to_string(),
-            owner: None,
-            expires_ms: 0,
-            fence: 0,
-        });
-        if row.fence > 0 && row.expires_ms > now_ms {
+        let mut t = self.table();
+        if t.rows.get(name).is_some_and(|r| r.expires_ms > now_ms) {
             return None;
         }
-        row.fence += 1;
-        row.owner = Some(owner.to_string());
-        row.expires_ms = until;
-        Some(row.fence)
+        t.fence += 1;
+        let fence = t.fence;
+        t.rows.insert(
+            name.to_string(),
+            LeaseInfo {
+                name: name.to_string(),
+                owner: Some(owner.to_string()),
+                expires_ms: until,
+                fence,
+            },
+        );
+        Some(fence)
     }
 
     fn holds(&self, lease: &Lease, now_ms: i64) -> bool {
-        self.rows().get(&lease.name).is_some_and(|r| {
+        self.table().rows.get(&lease.name).is_some_and(|r| {
             r.owner.as_deref() == Some(lease.owner.as_str())
                 && r.fence == lease.fence
                 && r.expires_ms > now_ms
@@ -98,8 +127,8 @@ impl MemLeases {
     }
 
     fn renew(&self, lease: &Lease, now_ms: i64, until: i64) -> bool {
-        let mut rows = self.rows();
-        match rows.get_mut(&lease.name) {
+        let mut t = self.table();
+        match t.rows.get_mut(&lease.name) {
             Some(r)
                 if r.owner.as_deref() == Some(lease.owner.as_str())
                     && r.fence == lease.fence
@@ -112,20 +141,46 @@ impl MemLeases {
         }
     }
 
-    fn release_where(&self, keep: impl Fn(&LeaseInfo) -> bool) -> u64 {
-        let mut n = 0;
-        for r in self.rows().values_mut() {
-            if r.owner.is_some() && !keep(r) {
+    fn release(&self, lease: &Lease) -> bool {
+        let mut t = self.table();
+        match t.rows.get_mut(&lease.name) {
+            Some(r)
+                if r.owner.as_deref() == Some(lease.owner.as_str()) && r.fence == lease.fence =>
+            {
                 r.owner = None;
                 r.expires_ms = 0;
-                n += 1;
+                t.released(&lease.name);
+                true
             }
+            _ => false,
         }
-        n
+    }
+
+    fn release_where(&self, pick: impl Fn(&LeaseInfo) -> bool) -> u64 {
+        let mut t = self.table();
+        let names: Vec<String> = t
+            .rows
+            .values()
+            .filter(|r| r.owner.is_some() && pick(r))
+            .map(|r| r.name.clone())
+            .collect();
+        for n in &names {
+            if let Some(r) = t.rows.get_mut(n) {
+                r.owner = None;
+                r.expires_ms = 0;
+            }
+            t.released(n);
+        }
+        u64::try_from(names.len()).unwrap_or(u64::MAX)
     }
 
     fn list(&self, pick: impl Fn(&LeaseInfo) -> bool) -> Vec<LeaseInfo> {
-        self.rows().values().filter(|r| pick(r)).cloned().collect()
+        self.table()
+            .rows
+            .values()
+            .filter(|r| pick(r))
+            .cloned()
+            .collect()
     }
 }
 
@@ -244,12 +299,7 @@ impl Db {
     /// when it was no longer this holder's.
     pub fn lease_release(&self, lease: &Lease) -> Result<bool> {
         if let Backend::Sqlite(s) = &*self.inner {
-            let n = s.leases.release_where(|r| {
-                !(r.name == lease.name
-                    && r.owner.as_deref() == Some(lease.owner.as_str())
-                    && r.fence == lease.fence)
-            });
-            return Ok(n > 0);
+            return Ok(s.leases.release(lease));
         }
         let n = self.with(|c| {
             c.execute(
@@ -266,7 +316,7 @@ impl Db {
         if let Backend::Sqlite(s) = &*self.inner {
             return Ok(s
                 .leases
-                .release_where(|r| r.owner.as_deref() != Some(owner)));
+                .release_where(|r| r.owner.as_deref() == Some(owner)));
         }
         self.with(|c| {
             c.execute(
@@ -280,7 +330,7 @@ impl Db {
     /// proven gone by the gateway lock, held them); returns how many were held.
     pub fn leases_clear(&self) -> Result<u64> {
         if let Backend::Sqlite(s) = &*self.inner {
-            return Ok(s.leases.release_where(|_| false));
+            return Ok(s.leases.release_where(|_| true));
         }
         self.with(|c| {
             c.execute(
@@ -489,6 +539,32 @@ mod tests {
         assert!(e.contains("time to live must be positive"), "{e}");
         assert!(db.lease_acquire("", "a", 0, 10).is_err());
         assert!(db.lease_info("x").unwrap().is_none());
+    }
+
+    #[test]
+    fn sqlite_forgets_old_released_leases_but_never_repeats_a_token() {
+        let (_d, db) = sqlite();
+        let first = db.lease_acquire("session:s", "a", 0, 10).unwrap().unwrap();
+        assert!(db.lease_release(&first).unwrap());
+        // A run takes and gives back a lease of its own each turn: the table stays bounded.
+        for i in 0..3 * KEEP_RELEASED {
+            let l = db
+                .lease_acquire(&format!("run:{i}"), "a", 0, 10)
+                .unwrap()
+                .unwrap();
+            assert!(db.lease_release(&l).unwrap());
+        }
+        match &*db.inner {
+            Backend::Sqlite(s) => assert!(s.leases.table().rows.len() <= KEEP_RELEASED + 1),
+            Backend::Postgres(_) => unreachable!("a SQLite test"),
+        }
+        // The forgotten name's next token is still bigger than any it had.
+        assert!(db.lease_info("session:s").unwrap().is_none());
+        let again = db.lease_acquire("session:s", "a", 0, 10).unwrap().unwrap();
+        assert!(again.fence > first.fence);
+        // A stale holder of the first token does not hold the new lease.
+        assert!(db.tx(|t| t.hold_lease(&first, 1)).is_err());
+        db.tx(|t| t.hold_lease(&again, 1)).unwrap();
     }
 
     #[test]
