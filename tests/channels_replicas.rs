@@ -1,4 +1,4 @@
-//! A polling channel on several gateways (issue #18): two real `chitin gateway` processes,
+//! A polling channel on several gateways (issue #18): two (three for the kill) real `chitin gateway` processes,
 //! each with its own state dir (the same secret store identity, as a deployment's replicas
 //! have), on one PostgreSQL database, both configured with the same Telegram bot (the fake
 //! Bot API of `chitin-channels`, which answers 409 to a `getUpdates` overtaken by another one
@@ -54,6 +54,12 @@ fn config(model: &FakeServer, tg: &FakeTelegram, pg: &TestPg, label: &str) -> St
 /// replica `b` with a copy of `a`'s secret store and its identity only: the data keys sealing
 /// alice's messages and transcript, which `a` made for that first message, are the database's.
 fn pair(steps: Vec<Step>) -> Pair {
+    replicas(2, steps)
+}
+
+/// [`pair`] with `n` replicas (labels `a`, `b`, `c`, ...), the others each a copy of `a`'s
+/// secret store.
+fn replicas(n: usize, steps: Vec<Step>) -> Pair {
     let pg = TestPg::new().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let tg = rt.block_on(FakeTelegram::start()).unwrap();
@@ -84,22 +90,27 @@ fn pair(steps: Vec<Step>) -> Pair {
         (answers_to(&tg, dm.id, first) == 1).then_some(())
     });
     let from = a.home.clone();
-    let b = Gw::start_custom(
-        harness::free_port(),
-        &config(&model, &tg, &pg, "b"),
-        false,
-        |home| {
-            for f in ["secrets.age", "secrets.identity.age"] {
-                std::fs::copy(from.join(f), home.join(f)).unwrap();
-            }
-        },
-    );
+    const LABELS: [&str; 4] = ["a", "b", "c", "d"];
+    let mut gws = vec![(a, LABELS[0])];
+    for label in &LABELS[1..n] {
+        let gw = Gw::start_custom(
+            harness::free_port(),
+            &config(&model, &tg, &pg, label),
+            false,
+            |home| {
+                for f in ["secrets.age", "secrets.identity.age"] {
+                    std::fs::copy(from.join(f), home.join(f)).unwrap();
+                }
+            },
+        );
+        gws.push((gw, *label));
+    }
     Pair {
         _rt: rt,
         _pg: pg,
         tg,
         model,
-        gws: vec![(a, "a"), (b, "b")],
+        gws,
     }
 }
 
@@ -255,11 +266,11 @@ fn only_one_replica_polls_a_telegram_channel_and_each_message_is_answered_once()
 
 #[test]
 fn a_killed_owners_channel_is_taken_over_without_losing_or_repeating_messages() {
-    let mut p = pair(Vec::new());
+    // Three replicas: one owns the channel; of the two survivors, exactly one takes it over.
+    let mut p = replicas(3, Vec::new());
     let alice = FakeUser::new(4242, "Alice");
     let dm = FakeChat::private(&alice);
     let o = owner(&p);
-    let s = 1 - o;
     let first =
         p.tg.push_message(MessageBuilder::text(&dm, &alice, "before"))
             .message_id;
@@ -269,6 +280,7 @@ fn a_killed_owners_channel_is_taken_over_without_losing_or_repeating_messages() 
 
     // The owner dies without releasing anything; messages arrive meanwhile.
     p.gws[o].0.signal("-KILL");
+    let killed = std::time::Instant::now();
     let _ = p.gws[o].0.wait_exit();
     let during: Vec<i64> = (1..=3)
         .map(|i| {
@@ -281,11 +293,19 @@ fn a_killed_owners_channel_is_taken_over_without_losing_or_repeating_messages() 
         })
         .collect();
 
-    // The survivor takes the channel over once the lease expires and answers them.
+    // A survivor takes the channel over once the lease expires and answers them.
+    let s = until(
+        "a survivor to own the channel",
+        &p.gws[(o + 1) % 3].0,
+        || (0..p.gws.len()).find(|&i| i != o && owns_channel(&p.gws[i].0)),
+    );
+    // Not a timing assertion: what the hand-over took here, for BENCHMARKS.md.
+    eprintln!(
+        "channel take-over: a survivor owned `channel:tg` {:?} after the owner's kill -9 (lease_ms = {LEASE_MS})",
+        killed.elapsed()
+    );
     let (survivor, label) = (&p.gws[s].0, p.gws[s].1);
-    until("the survivor to own the channel", survivor, || {
-        owns_channel(survivor).then_some(())
-    });
+    let other = (0..p.gws.len()).find(|&i| i != o && i != s).unwrap();
     let polls_before = p.tg.vias_of("getUpdates").len();
     until(
         "answers to the messages sent while the owner was dead",
@@ -327,6 +347,12 @@ fn a_killed_owners_channel_is_taken_over_without_losing_or_repeating_messages() 
     let vias = p.tg.vias_of("getUpdates");
     assert!(vias[polls_before..].iter().all(|v| v == label), "{vias:?}");
     assert!(owns_channel(survivor), "{}", replicas_detail(survivor));
+    // The third replica never owned it meanwhile: it does not list the lease as its own.
+    assert!(
+        !owns_channel(&p.gws[other].0),
+        "{}",
+        replicas_detail(&p.gws[other].0)
+    );
     let owner_id = status_of(survivor, "tg")["owner"]
         .as_str()
         .unwrap()
