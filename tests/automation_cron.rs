@@ -1570,3 +1570,94 @@ async fn a_dead_replica_s_submitted_turn_is_finished_by_another_and_its_answer_d
         ("completed", Some("r-b"))
     );
 }
+
+/// Replica `r-a` fires a prompt job, and its turn is under way when `r-a` stalls (no heartbeat
+/// for longer than `cluster::STALE_MS`; PostgreSQL). Replica `r-b` takes the firing over: the
+/// turn is the same run (the firing's origin), which `r-b` waits for and whose answer it
+/// delivers once. When `r-a` resumes and its turn ends, the firing is no longer its own: it
+/// delivers nothing and records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_leaves_a_cron_firing_another_replica_took_over_to_it() {
+    use chitin::agent::LeaseSettings;
+    use chitin::automation::run::TAKEN_OVER;
+    use chitin::cluster::STALE_MS;
+    let e = env_on(Dialect::Postgres);
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let s = FakeOpenAi::start(vec![Step::Gated {
+        reply: Reply::text(["the ", "report"]),
+        events: 1,
+        gate: Arc::clone(&gate),
+    }])
+    .await
+    .unwrap();
+    let cfg = config(
+        "[[cron]]\nname = \"brief\"\nevery = \"1m\"\nprompt = \"Summarise\"\ndeliver = \"channel:tg:dm:42\"\n",
+    );
+    // The run stays with r-a's agent (its lease does not expire): only the firing moves.
+    let lease_clock = ManualClock::new(1_000_000);
+    let leases = |owner: &str| LeaseSettings {
+        owner: owner.into(),
+        ttl_ms: 3_600_000,
+        clock: Arc::new(lease_clock.clone()),
+    };
+    let a = cron(&e, &cfg);
+    a.jobs.set_replica("r-a");
+    let agent_a = agent(&e, &s, None);
+    agent_a.set_lease_settings(leases("r-a"));
+    a.runner.set_agent(agent_a);
+    let b = cron_over(&e, replica(&e), &cfg);
+    b.jobs.set_replica("r-b");
+    let agent_b = agent(&e, &s, None);
+    agent_b.set_lease_settings(leases("r-b"));
+    b.runner.set_agent(agent_b);
+    e.clock.set(START_MS + 30_000 + 1_000);
+    for id in ["r-a", "r-b"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    let mut fired = scheduler(&e, &a).tick().await.unwrap();
+    assert_eq!(fired.started.len(), 1);
+    let on_a = fired.started.remove(0);
+    let run = on_a.run_id.clone().unwrap();
+    until("r-a's model call", || s.requests().len() == 1).await;
+    // r-a stalls past STALE_MS; r-b beats on and takes the firing over.
+    e.clock.advance(STALE_MS + 1);
+    beat(&e, "r-b", e.clock.now_ms());
+    let mut resumed = scheduler(&e, &b).recover().await.unwrap();
+    assert_eq!(resumed.len(), 1);
+    let on_b = resumed.remove(0);
+    assert_eq!(
+        on_b.run_id.as_deref(),
+        Some(run.as_str()),
+        "the same turn, not a second one"
+    );
+    // r-a resumes: the turn's answer arrives.
+    gate.notify_one();
+    let (oa, ob) = tokio::join!(on_a.done, on_b.done);
+    let (oa, ob) = (oa.unwrap(), ob.unwrap());
+    assert_eq!(ob.status, "completed", "{ob:?}");
+    assert_eq!(oa.status, TAKEN_OVER, "{oa:?}");
+    assert!(
+        a.outbox.sent().is_empty(),
+        "the stalled replica delivered the answer of a firing it lost: {:?}",
+        a.outbox.sent()
+    );
+    assert_eq!(
+        b.outbox.sent(),
+        [(
+            "tg".to_string(),
+            "channel:tg:dm:42".to_string(),
+            "the report".to_string()
+        )]
+    );
+    assert_eq!(s.requests().len(), 1, "one model call for the firing");
+    let all = b.jobs.firings("brief").unwrap();
+    assert_eq!(all.len(), 1);
+    assert_eq!(
+        (
+            all[0].status.as_str(),
+            all[0].replica.as_deref(),
+            all[0].run_id.as_deref()
+        ),
+        ("completed", Some("r-b"), Some(run.as_str()))
+    );
+}

@@ -236,7 +236,12 @@ fn runner_with(e: &Env, m: Model) -> Runner {
 
 /// A runner over `store` (a replica's connection to the same database).
 fn runner_over(e: &Env, store: Arc<Store>, m: Model) -> Runner {
-    let mut sb = Sandbox::current(e.home.clone(), None, SandboxConfig::default()).unwrap();
+    runner_over_with(e, store, m, SandboxConfig::default())
+}
+
+/// [`runner_over`] with its own sandbox settings.
+fn runner_over_with(e: &Env, store: Arc<Store>, m: Model, config: SandboxConfig) -> Runner {
+    let mut sb = Sandbox::current(e.home.clone(), None, config).unwrap();
     sb.launcher = PathBuf::from(env!("CARGO_BIN_EXE_chitin"));
     Runner::new(RunnerParts {
         gate: e.gate.clone(),
@@ -1876,4 +1881,102 @@ fn a_live_replica_s_workflow_run_is_left_to_it_and_a_dead_one_s_is_taken_over_on
     let by = if a == 1 { "r-1" } else { "r-2" };
     assert_eq!(taken.runner_replica.as_deref(), Some(by));
     assert_eq!(rt().block_on(r1.recover()) + rt().block_on(r2.recover()), 0);
+}
+
+/// A first step that waits for the file `go` (after touching `started`), then a step that
+/// appends to `two.log`; the first one's failure does not stop the run.
+const STALLING: &str = "name: stall\nsteps:\n  - id: one\n    run: touch started; while [ ! -e go ]; do sleep 0.05; done; echo one >> one.log\n    on_error: continue\n  - id: two\n    run: echo two >> two.log\n";
+
+/// Replica `r-a` runs a workflow and stalls in its first step (PostgreSQL): it stops beating
+/// past `cluster::STALE_MS`, so replica `r-b` takes the run over, reports that step
+/// `interrupted` and completes the run (its second step runs once). When `r-a` resumes, its
+/// first step's command ends, but the run is no longer its own: it records nothing more and
+/// does not run the second step again.
+#[test]
+fn a_stalled_replica_does_not_repeat_a_step_of_a_workflow_run_another_replica_took_over() {
+    let e = env_on(Dialect::Postgres);
+    write(&e, "stall.lobster", STALLING);
+    // The first step waits for the test, whatever the machine's load.
+    let slow = || SandboxConfig {
+        timeout_secs: 600,
+        ..SandboxConfig::default()
+    };
+    let a = runner_over_with(&e, Arc::clone(&e.store), no_model(), slow());
+    a.set_replica("r-a");
+    let b = runner_over_with(&e, replica(&e), no_model(), slow());
+    b.set_replica("r-b");
+    for id in ["r-a", "r-b"] {
+        beat(&e, id, e.clock.now_ms());
+    }
+    // Whatever happens below, r-a's step ends (the scope joins its thread).
+    struct Go(PathBuf);
+    impl Drop for Go {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, "");
+        }
+    }
+    let (on_a, run) = std::thread::scope(|s| {
+        let go = Go(e.ws.join("go"));
+        let on_a = s.spawn(|| start(&a, "stall.lobster", json!({})));
+        let started = e.ws.join("started");
+        for _ in 0..1200 {
+            if started.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(started.exists(), "r-a's first step did not start");
+        let runs = b.runs().with_status("running").unwrap();
+        assert_eq!(runs.len(), 1);
+        let run = runs[0].id.clone();
+        assert_eq!(runs[0].runner_replica.as_deref(), Some("r-a"));
+        // r-a stalls: no heartbeat for longer than STALE_MS; r-b beats on.
+        e.clock.advance(chitin::cluster::STALE_MS + 1);
+        beat(&e, "r-b", e.clock.now_ms());
+        assert_eq!(rt().block_on(b.recover()), 1);
+        let taken = b.runs().run(&run).unwrap().unwrap();
+        assert_eq!(
+            (taken.status.as_str(), taken.runner_replica.as_deref()),
+            ("ok", Some("r-b"))
+        );
+        assert_eq!(lines(&e, "two.log"), ["two"]);
+        // r-a resumes: its first step's command ends.
+        drop(go);
+        (on_a.join().unwrap(), run)
+    });
+    assert_eq!(on_a.run_id.as_deref(), Some(run.as_str()));
+    let m = error_message(&on_a);
+    assert!(
+        m.contains("was taken over by another gateway replica"),
+        "{m}"
+    );
+    assert_eq!(lines(&e, "one.log"), ["one"]);
+    assert_eq!(
+        lines(&e, "two.log"),
+        ["two"],
+        "the stalled replica ran the second step again"
+    );
+    // What r-b recorded stands: r-a wrote nothing after losing the run.
+    let v = b.show(&run).unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    let steps: Vec<(String, String)> = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().to_string(),
+                s["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            ("one".to_string(), "interrupted".to_string()),
+            ("two".to_string(), "ok".to_string())
+        ]
+    );
+    let row = b.runs().run(&run).unwrap().unwrap();
+    assert_eq!(row.runner_replica.as_deref(), Some("r-b"));
 }

@@ -156,6 +156,29 @@ impl JobStore {
         self.store.db().dialect() == crate::store::Dialect::Postgres
     }
 
+    /// The replica whose ownership of a firing guards this gateway's work on it: this
+    /// replica on PostgreSQL; `None` on SQLite (one gateway owns the file) or when this
+    /// gateway could not register.
+    fn fence(&self) -> Option<String> {
+        if self.shared() { self.replica() } else { None }
+    }
+
+    /// Whether `firing` is still this replica's to run and finish: `false` when another
+    /// replica took it over ([`Self::take_over`]) while this one was stalled past
+    /// `cluster::STALE_MS` (PostgreSQL; always `true` on SQLite).
+    pub fn still_mine(&self, firing: i64) -> Result<bool, AutomationError> {
+        let Some(me) = self.fence() else {
+            return Ok(true);
+        };
+        self.store.db().with(|c| {
+            Ok(c.query_opt(
+                "SELECT 1 FROM cron_firings WHERE id = ?1 AND replica = ?2",
+                params![firing, me],
+            )?
+            .is_some())
+        })
+    }
+
     fn seal_job(&self, user: &str, text: &str) -> Result<Vec<u8>, AutomationError> {
         self.sealer
             .seal(&subject_of(user), text.as_bytes())
@@ -574,27 +597,33 @@ impl JobStore {
         })
     }
 
-    /// The run a firing started.
-    pub fn set_run(&self, firing: i64, run_id: &str) -> Result<(), AutomationError> {
-        self.store.db().with(|c| {
+    /// The run a firing started. On PostgreSQL only while the firing is this replica's (in
+    /// the statement): `false` when another replica took it over, and nothing is written.
+    pub fn set_run(&self, firing: i64, run_id: &str) -> Result<bool, AutomationError> {
+        let me = self.fence();
+        let n = self.store.db().with(|c| {
             c.execute(
-                "UPDATE cron_firings SET run_id = ?2 WHERE id = ?1",
-                params![firing, run_id],
+                "UPDATE cron_firings SET run_id = ?2 WHERE id = ?1 AND (?3 IS NULL OR replica = ?3)",
+                params![firing, run_id, me],
             )
         })?;
-        Ok(())
+        Ok(n == 1)
     }
 
-    /// How a firing ended (`completed`, `failed` or `interrupted`).
-    pub fn finish(&self, firing: i64, status: &str, result: &str) -> Result<(), AutomationError> {
+    /// How a firing ended (`completed`, `failed` or `interrupted`). On PostgreSQL only while
+    /// the firing is this replica's (in the statement): `false` when another replica took it
+    /// over while this one was stalled, and its outcome is left to that replica.
+    pub fn finish(&self, firing: i64, status: &str, result: &str) -> Result<bool, AutomationError> {
         let now = self.clock.now_ms();
-        self.store.db().with(|c| {
+        let me = self.fence();
+        let n = self.store.db().with(|c| {
             c.execute(
-                "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4 WHERE id = ?1",
-                params![firing, status, result, now],
+                "UPDATE cron_firings SET status = ?2, result = ?3, finished_ms = ?4
+                 WHERE id = ?1 AND (?5 IS NULL OR replica = ?5)",
+                params![firing, status, result, now, me],
             )
         })?;
-        Ok(())
+        Ok(n == 1)
     }
 
     /// A job as the `cron` tool, `chitin cron list --json` and the log show it.

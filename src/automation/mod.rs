@@ -15,6 +15,9 @@
 //!   transaction BEFORE the run starts: a restart never runs the same time twice. A turn is
 //!   submitted with the origin `cron:<job>:<slot>` / `hook:<hook>:<delivery>`, which the agent
 //!   records once, so even a crash between the record and the submission starts one run.
+//! - On PostgreSQL a firing is worked on only while it is this replica's
+//!   (`cron_firings.replica`): a replica that stalled past `cluster::STALE_MS` while another
+//!   took its firing over submits no turn, delivers nothing and records nothing for it.
 //! - All time comes from the [`Clock`]; nothing here sleeps to decide anything (the gateway's
 //!   loop only wakes the scheduler).
 //! - A webhook's body reaches the model only fenced as untrusted data, and taints the session

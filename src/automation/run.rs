@@ -31,10 +31,14 @@ pub enum Filter {
     Heartbeat(usize),
 }
 
+/// The status of an [`Outcome`] left to another replica: the firing was taken over while
+/// this one was stalled (PostgreSQL); nothing was delivered or recorded here.
+pub const TAKEN_OVER: &str = "taken_over";
+
 /// What happened to a finished turn's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    /// `completed` or `failed`.
+    /// `completed` or `failed`; [`TAKEN_OVER`] for a cron firing another replica took over.
     pub status: &'static str,
     /// A short line for `chitin cron list` and the log (never the answer's text).
     pub result: String,
@@ -120,6 +124,24 @@ impl Runner {
     /// Waits for a run, then delivers its answer to `deliver` (`""`: the transcript only),
     /// filtered by `filter`.
     pub async fn finish_turn(&self, run_id: &str, deliver: &str, filter: Filter) -> Outcome {
+        self.finish_turn_if(run_id, deliver, filter, || async { true })
+            .await
+    }
+
+    /// [`Self::finish_turn`] for work another replica may take over: once the run ended,
+    /// `still_ours()` is asked before anything is delivered; `false` gives the outcome
+    /// [`TAKEN_OVER`] and delivers nothing.
+    pub async fn finish_turn_if<F, Fut>(
+        &self,
+        run_id: &str,
+        deliver: &str,
+        filter: Filter,
+        still_ours: F,
+    ) -> Outcome
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let Some(agent) = self.agent.get() else {
             return Outcome {
                 status: "failed",
@@ -135,6 +157,9 @@ impl Runner {
                 };
             }
         };
+        if !still_ours().await {
+            return taken_over(run_id);
+        }
         if summary.status != "completed" {
             return Outcome {
                 status: "failed",
@@ -252,5 +277,13 @@ impl Runner {
                 result: format!("workflow task failed: {e}"),
             },
         }
+    }
+}
+
+/// The outcome of work another replica took over (nothing delivered or recorded here).
+pub fn taken_over(what: &str) -> Outcome {
+    Outcome {
+        status: TAKEN_OVER,
+        result: format!("{what}: taken over by another replica; left to it"),
     }
 }

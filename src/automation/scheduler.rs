@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::AutomationError;
 use super::jobs::{FiringRow, JobRow, JobStore};
-use super::run::{Filter, Outcome, Runner};
+use super::run::{Filter, Outcome, Runner, TAKEN_OVER};
 use crate::agent::TurnRequest;
 use crate::clock::{Clock, rfc3339};
 use crate::config::automation::Target;
@@ -162,6 +162,11 @@ impl Scheduler {
     /// Starts a recorded firing: submits the turn (origin `cron:<job>:<slot>`, so a second
     /// submission of the same firing gives back the first run) or the workflow, and spawns
     /// the task that waits for the end, delivers and records it.
+    ///
+    /// On PostgreSQL each of these is done only while the firing is still this replica's
+    /// (`cron_firings.replica`): one that another replica took over while this one was
+    /// stalled past `cluster::STALE_MS` is left to it (outcome [`TAKEN_OVER`]: no turn
+    /// submitted, no workflow started, nothing delivered or recorded here).
     async fn start(&self, job: JobRow, firing: FiringRow) -> Started {
         let origin = format!("cron:{}:{}", job.name, firing.slot);
         let runner = Arc::clone(&self.runner);
@@ -170,17 +175,47 @@ impl Scheduler {
         let finish = move |o: Outcome| {
             let jobs = Arc::clone(&jobs);
             async move {
+                if o.status == TAKEN_OVER {
+                    tracing::info!(
+                        firing = id,
+                        "cron firing taken over by another replica while this one was stalled; left to it"
+                    );
+                    return o;
+                }
                 let (status, result) = (o.status, o.result.clone());
                 match tokio::task::spawn_blocking(move || jobs.finish(id, status, &result)).await {
-                    Ok(Ok(())) => {}
+                    Ok(Ok(true)) => o,
+                    Ok(Ok(false)) => {
+                        tracing::info!(
+                            firing = id,
+                            "cron firing taken over by another replica while this one was stalled; its outcome is left to it"
+                        );
+                        super::run::taken_over(&format!("firing {id}"))
+                    }
                     Ok(Err(e)) => {
-                        tracing::error!(firing = id, error = %e, "firing outcome not recorded")
+                        tracing::error!(firing = id, error = %e, "firing outcome not recorded");
+                        o
                     }
                     Err(e) => {
-                        tracing::error!(firing = id, error = %e, "firing outcome task failed")
+                        tracing::error!(firing = id, error = %e, "firing outcome task failed");
+                        o
                     }
                 }
-                o
+            }
+        };
+        let mine = Arc::clone(&self.jobs);
+        let still_mine = move || {
+            let jobs = Arc::clone(&mine);
+            async move {
+                match blocking(move || jobs.still_mine(id)).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Unknown: go on (the turn's origin and the delivery key keep a
+                        // repeat from acting twice).
+                        tracing::warn!(firing = id, error = %e, "cannot check that the cron firing is still this replica's");
+                        true
+                    }
+                }
             }
         };
         let target = match job.job.target() {
@@ -200,6 +235,14 @@ impl Scheduler {
         };
         match target {
             Target::Prompt(text) => {
+                if !still_mine().await {
+                    return Started {
+                        job: job.name,
+                        firing,
+                        run_id: None,
+                        done: tokio::spawn(finish(super::run::taken_over(&format!("firing {id}")))),
+                    };
+                }
                 let req = TurnRequest {
                     session: job.job.session_key(),
                     user: job.user.clone(),
@@ -225,8 +268,17 @@ impl Scheduler {
                     }
                 };
                 let (jobs, rid) = (Arc::clone(&self.jobs), run_id.clone());
-                if let Err(e) = blocking(move || jobs.set_run(id, &rid)).await {
-                    tracing::error!(firing = id, error = %e, "firing's run not recorded");
+                match blocking(move || jobs.set_run(id, &rid)).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(
+                            firing = id,
+                            "cron firing taken over by another replica while this one was stalled; its run is recorded there"
+                        );
+                    }
+                    Err(e) => {
+                        tracing::error!(firing = id, error = %e, "firing's run not recorded");
+                    }
                 }
                 let deliver = job.job.deliver.clone().unwrap_or_default();
                 let filter = if job.is_heartbeat() {
@@ -236,7 +288,9 @@ impl Scheduler {
                 };
                 let rid = run_id.clone();
                 let done = tokio::spawn(async move {
-                    let o = runner.finish_turn(&rid, &deliver, filter).await;
+                    let o = runner
+                        .finish_turn_if(&rid, &deliver, filter, still_mine)
+                        .await;
                     finish(o).await
                 });
                 Started {
@@ -249,7 +303,11 @@ impl Scheduler {
             Target::Workflow { file, args } => {
                 let user = job.user.clone();
                 let done = tokio::spawn(async move {
-                    let o = runner.run_workflow(&file, args, &user, &origin).await;
+                    let o = if still_mine().await {
+                        runner.run_workflow(&file, args, &user, &origin).await
+                    } else {
+                        super::run::taken_over(&format!("firing {id}"))
+                    };
                     finish(o).await
                 });
                 Started {

@@ -343,15 +343,36 @@ impl Runner {
         self.finish(&frame.row, end)
     }
 
+    /// Records how the run ended, then audits it. A run another replica took over while this
+    /// one was stalled (PostgreSQL) is left to it: nothing is recorded or audited here.
     fn finish(&self, run: &RunRow, end: End) -> Envelope {
         let now = self.now();
         let id = Some(run.id.clone());
-        let status = match &end {
-            End::Ok(_) => "ok",
-            End::Paused(_) => "paused",
-            End::Failed(_) => "failed",
+        let recorded = match &end {
+            End::Paused(_) => None,
+            End::Ok(items) => {
+                let out = Value::Array(items.clone());
+                Some(("ok", self.0.runs.end_run(run, "ok", Some(&out), None, now)))
+            }
+            End::Failed(m) => {
+                let m = self.0.p.gate.redact(m);
+                Some((
+                    "failed",
+                    self.0.runs.end_run(run, "failed", None, Some(&m), now),
+                ))
+            }
         };
-        if status != "paused" {
+        if let Some((status, r)) = recorded {
+            match r {
+                Err(e) if e.taken_over() => return self.taken_over(run, &e),
+                Err(e) if status == "ok" => {
+                    return Envelope::error(ErrorKind::Runtime, &e.to_string(), id);
+                }
+                Err(e) => {
+                    tracing::error!(run = %run.id, error = %e, "cannot record the failed run");
+                }
+                Ok(()) => {}
+            }
             self.audit(
                 &run.owner,
                 "workflow.end",
@@ -361,26 +382,20 @@ impl Runner {
             );
         }
         match end {
-            End::Ok(items) => {
-                let out = Value::Array(items.clone());
-                if let Err(e) = self.0.runs.set_status(run, "ok", Some(&out), None, now) {
-                    return Envelope::error(ErrorKind::Runtime, &e.to_string(), id);
-                }
-                Envelope {
-                    value: envelope::success(Status::Ok, items, None, None),
-                    run_id: id,
-                    approval_id: None,
-                }
-            }
+            End::Ok(items) => Envelope {
+                value: envelope::success(Status::Ok, items, None, None),
+                run_id: id,
+                approval_id: None,
+            },
             End::Paused(env) => env,
-            End::Failed(m) => {
-                let m = self.0.p.gate.redact(&m);
-                if let Err(e) = self.0.runs.set_status(run, "failed", None, Some(&m), now) {
-                    tracing::error!(run = %run.id, error = %e, "cannot record the failed run");
-                }
-                Envelope::error(ErrorKind::Runtime, &m, id)
-            }
+            End::Failed(m) => Envelope::error(ErrorKind::Runtime, &self.0.p.gate.redact(&m), id),
         }
+    }
+
+    /// Stops a run here that another replica took over: an info line, nothing written.
+    fn taken_over(&self, run: &RunRow, e: &super::RunStoreError) -> Envelope {
+        tracing::info!(run = %run.id, "workflow run taken over by another replica while this one was stalled; stopped here without running or recording anything more");
+        Envelope::error(ErrorKind::Runtime, &e.to_string(), Some(run.id.clone()))
     }
 
     fn count_step(&self, ctx: &Ctx) -> Result<(), StepErr> {
@@ -2033,7 +2048,7 @@ impl Runner {
             let now = self.now();
             match end {
                 End::Ok(items) => {
-                    self.0.runs.set_status(
+                    self.0.runs.end_run(
                         &frame.row,
                         "ok",
                         Some(&Value::Array(items.clone())),
@@ -2043,10 +2058,15 @@ impl Runner {
                     Ok(result_of_items(items, None))
                 }
                 End::Failed(m) => {
-                    let _ = self
+                    // Only a run taken over elsewhere stops the caller's step here.
+                    if let Err(e) = self
                         .0
                         .runs
-                        .set_status(&frame.row, "failed", None, Some(&m), now);
+                        .end_run(&frame.row, "failed", None, Some(&m), now)
+                        && e.taken_over()
+                    {
+                        return Err(e.into());
+                    }
                     Err(StepErr::Failed(format!(
                         "sub-workflow `{}` failed: {m}",
                         frame.row.name

@@ -1444,14 +1444,9 @@ impl Runner {
             other => return Err(Failure::runtime(format!("unknown pause kind `{other}`"))),
         };
         if let Some((step, result)) = &answer {
-            self.0.runs.step_finished(
-                &run,
-                step,
-                "ok",
-                Some(&result.to_json(step)),
-                Some(from),
-                now,
-            )?;
+            self.0
+                .runs
+                .answer_step(&run, step, &result.to_json(step), from, now)?;
         }
         self.0.runs.close_pause(&pause.id, "used", by, now)?;
         self.0.runs.adopt(&run.id, self.0.me.0, self.0.me.1, now)?;

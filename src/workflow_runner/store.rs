@@ -9,6 +9,11 @@
 //! - A step is marked `running` before it starts and gets its result in the same transaction
 //!   that moves the run's cursor past it: a crash in between leaves a `running` step, which
 //!   recovery reports as `interrupted`.
+//! - On PostgreSQL a replica writes a run's steps, pauses, spend and end only while the run is
+//!   still its own: each of those transactions first locks the top-level run's row and checks
+//!   `runner_replica` is this replica ([`RunStore::step_started`] and the others; a run
+//!   another replica took over while this one was stalled gives
+//!   [`RunStoreError::TakenOver`] and nothing is written).
 
 use std::sync::Arc;
 
@@ -29,6 +34,25 @@ pub enum RunStoreError {
     Seal(String),
     #[error("stored workflow run data is not readable: {0}")]
     Corrupt(String),
+    /// Another replica took the run over while this one was stalled past
+    /// `cluster::STALE_MS`: this replica must not run or write anything more of it.
+    #[error(
+        "workflow run `{run}` was taken over by another gateway replica while this one was stalled (no heartbeat for longer than cluster::STALE_MS); this replica stopped it and left it to the other: see `chitin workflow show {run}`"
+    )]
+    TakenOver { run: String },
+}
+
+impl RunStoreError {
+    /// Whether the run was taken over by another replica (stop it here quietly).
+    pub fn taken_over(&self) -> bool {
+        matches!(self, RunStoreError::TakenOver { .. })
+    }
+}
+
+/// The top-level run of a run id: a sub-workflow's run is `<parent id>.<hex>`, and a
+/// top-level id (`wf_<hex>`) has no dot.
+fn top_run(run_id: &str) -> &str {
+    run_id.split('.').next().unwrap_or(run_id)
 }
 
 /// A run as stored.
@@ -189,6 +213,45 @@ impl RunStore {
         self.store.db().dialect() == crate::store::Dialect::Postgres
     }
 
+    /// The replica whose ownership of a run guards this process's writes to it: this
+    /// replica on PostgreSQL; `None` on SQLite (one gateway owns the file) and for a process
+    /// that is no replica (its runs are taken over only once its pid is gone).
+    fn fence(&self) -> Option<String> {
+        if self.shared() {
+            self.runner_ids().0
+        } else {
+            None
+        }
+    }
+
+    /// In a transaction, before it writes: locks the row of `run_id`'s top-level run and
+    /// checks that it is still run by `fence` (this replica). A replica taking it over
+    /// (`take_over`) waits for this transaction, or this one for it and then finds the run
+    /// gone: [`RunStoreError::TakenOver`], and the transaction writes nothing.
+    fn hold(
+        tx: &mut chitin_store::Conn<'_>,
+        run_id: &str,
+        fence: Option<&str>,
+    ) -> Result<(), RunStoreError> {
+        let Some(me) = fence else {
+            return Ok(());
+        };
+        let top = top_run(run_id);
+        let mine = tx
+            .query_opt(
+                "SELECT 1 FROM workflow_runs WHERE id = ?1 AND runner_replica = ?2 FOR UPDATE",
+                params![top, me],
+            )?
+            .is_some();
+        if mine {
+            Ok(())
+        } else {
+            Err(RunStoreError::TakenOver {
+                run: top.to_string(),
+            })
+        }
+    }
+
     /// The ids of the replicas live at `now_ms` (heartbeat within `stale_ms`).
     pub fn live_replicas(
         &self,
@@ -305,8 +368,35 @@ impl RunStore {
     }
 
     /// Sets a run's status (and its output or error when it ends); `finished` marks the end.
+    /// For a run this process does not drive (recovery, a cancelled pause); the runner ends
+    /// its runs with [`Self::end_run`].
     pub fn set_status(
         &self,
+        run: &RunRow,
+        status: &str,
+        output: Option<&Value>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), RunStoreError> {
+        self.write_status(None, run, status, output, error, now)
+    }
+
+    /// [`Self::set_status`] by the run's runner: on PostgreSQL only while the run is still
+    /// this replica's ([`RunStoreError::TakenOver`] otherwise, nothing written).
+    pub fn end_run(
+        &self,
+        run: &RunRow,
+        status: &str,
+        output: Option<&Value>,
+        error: Option<&str>,
+        now: i64,
+    ) -> Result<(), RunStoreError> {
+        self.write_status(self.fence().as_deref(), run, status, output, error, now)
+    }
+
+    fn write_status(
+        &self,
+        fence: Option<&str>,
         run: &RunRow,
         status: &str,
         output: Option<&Value>,
@@ -318,15 +408,16 @@ impl RunStore {
             .map(|e| self.seal(&run.owner, &Value::String(e.to_string())))
             .transpose()?;
         let finished = matches!(status, "ok" | "failed" | "cancelled" | "interrupted");
-        self.store.db().with(|c| {
+        self.store.db().tx(|c| {
+            Self::hold(c, &run.id, fence)?;
             c.execute(
                 "UPDATE workflow_runs SET status = ?2, output = COALESCE(?3, output), error = COALESCE(?4, error),
                         updated_ms = ?5, finished_ms = CASE WHEN ?6 THEN ?5 ELSE finished_ms END
                  WHERE id = ?1",
                 params![run.id, status, output, error, now, finished],
-            )
-        })?;
-        Ok(())
+            )?;
+            Ok(())
+        })
     }
 
     /// Takes a run over for this process (`running`, its pid and start time).
@@ -385,18 +476,22 @@ impl RunStore {
         Ok(n == 1)
     }
 
-    /// Adds LLM spend to a run.
+    /// Adds LLM spend to a run (on PostgreSQL only while it is this replica's).
     pub fn add_cost(&self, run_id: &str, usd: f64) -> Result<(), RunStoreError> {
-        self.store.db().with(|c| {
+        let fence = self.fence();
+        self.store.db().tx(|c| {
+            Self::hold(c, run_id, fence.as_deref())?;
             c.execute(
                 "UPDATE workflow_runs SET cost_usd = cost_usd + ?2 WHERE id = ?1",
                 params![run_id, usd],
-            )
-        })?;
-        Ok(())
+            )?;
+            Ok(())
+        })
     }
 
-    /// Marks a step `running` (one more attempt) and the run's cursor at it.
+    /// Marks a step `running` (one more attempt) and the run's cursor at it, BEFORE the step
+    /// runs. On PostgreSQL the same transaction first checks the run is still this replica's
+    /// ([`RunStoreError::TakenOver`]: nothing written, and the step must not run).
     pub fn step_started(
         &self,
         run_id: &str,
@@ -404,7 +499,9 @@ impl RunStore {
         cursor: Option<usize>,
         now: i64,
     ) -> Result<(), RunStoreError> {
+        let fence = self.fence();
         self.store.db().tx(|tx| {
+            Self::hold(tx, run_id, fence.as_deref())?;
             tx.execute(
                 &format!(
                     "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms, seq)
@@ -425,7 +522,8 @@ impl RunStore {
     }
 
     /// Records a step's result and status; with `cursor`, moves the run's cursor in the same
-    /// transaction.
+    /// transaction. On PostgreSQL only while the run is still this replica's
+    /// ([`RunStoreError::TakenOver`] otherwise, nothing written).
     pub fn step_finished(
         &self,
         run: &RunRow,
@@ -435,8 +533,47 @@ impl RunStore {
         cursor: Option<usize>,
         now: i64,
     ) -> Result<(), RunStoreError> {
+        self.write_step(
+            self.fence().as_deref(),
+            run,
+            step,
+            status,
+            result,
+            cursor,
+            now,
+        )
+    }
+
+    /// Records the answer to a gate by the resumer that claimed its pause (the run is not
+    /// this process's yet: it adopts it next).
+    pub fn answer_step(
+        &self,
+        run: &RunRow,
+        step: &str,
+        result: &Value,
+        cursor: usize,
+        now: i64,
+    ) -> Result<(), RunStoreError> {
+        self.write_step(None, run, step, "ok", Some(result), Some(cursor), now)
+    }
+
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one step record's parts, each named at the call"
+    )]
+    fn write_step(
+        &self,
+        fence: Option<&str>,
+        run: &RunRow,
+        step: &str,
+        status: &str,
+        result: Option<&Value>,
+        cursor: Option<usize>,
+        now: i64,
+    ) -> Result<(), RunStoreError> {
         let sealed = result.map(|r| self.seal(&run.owner, r)).transpose()?;
         self.store.db().tx(|tx| {
+            Self::hold(tx, &run.id, fence)?;
             tx.execute(
                 &format!(
                     "INSERT INTO workflow_steps (run_id, step, status, attempts, result, started_ms, finished_ms, seq)
@@ -492,10 +629,13 @@ impl RunStore {
             .collect()
     }
 
-    /// Saves a pause (its request sealed) and marks the run `paused`, in one transaction.
+    /// Saves a pause (its request sealed) and marks the run `paused`, in one transaction (on
+    /// PostgreSQL only while the run is still this replica's).
     pub fn save_pause(&self, run: &RunRow, p: &PauseRow, now: i64) -> Result<(), RunStoreError> {
         let request = self.seal(&run.owner, &p.request)?;
+        let fence = self.fence();
         self.store.db().tx(|tx| {
+            Self::hold(tx, &run.id, fence.as_deref())?;
             tx.execute(
                 &format!("INSERT INTO workflow_pauses ({PAUSE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?9, NULL, NULL)"),
                 params![p.id, p.run_id, p.step, p.kind, p.nonce, p.approval_id, request, p.created_ms, p.expires_ms],
