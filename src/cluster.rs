@@ -33,6 +33,29 @@ pub fn not_live_sql(col: &str, n: usize) -> String {
     )
 }
 
+/// The replica id a component records on the work it claims (cron firings, webhook
+/// deliveries): empty until the gateway registered as a replica.
+#[derive(Debug, Default)]
+pub struct ReplicaSlot(std::sync::RwLock<Option<String>>);
+
+impl ReplicaSlot {
+    /// Records `id` (this gateway's [`Replica::id`]) for the work claimed from now on.
+    pub fn set(&self, id: &str) {
+        match self.0.write() {
+            Ok(mut r) => *r = Some(id.to_string()),
+            Err(p) => *p.into_inner() = Some(id.to_string()),
+        }
+    }
+
+    /// The recorded id, if any.
+    pub fn get(&self) -> Option<String> {
+        match self.0.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
 /// This process's registration.
 pub struct Replica {
     db: Db,

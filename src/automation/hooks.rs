@@ -246,7 +246,7 @@ pub struct Hooks {
     /// deliveries are not started, as if the gateway stopped right after the 2xx.
     hold_starts: bool,
     /// This gateway's replica id, recorded on the deliveries it handles (issue #18).
-    replica: std::sync::RwLock<Option<String>>,
+    replica: crate::cluster::ReplicaSlot,
 }
 
 /// Refused requests per hook and minute that are audited one by one; past it, each is counted
@@ -387,24 +387,17 @@ impl Hooks {
             sealer,
             refused: std::sync::Mutex::default(),
             hold_starts: hold_starts_for_tests(),
-            replica: std::sync::RwLock::new(None),
+            replica: crate::cluster::ReplicaSlot::default(),
         }
     }
 
     /// Records `id` (this gateway's `cluster::Replica`) on the deliveries handled from now on.
     pub fn set_replica(&self, id: &str) {
-        let mut r = match self.replica.write() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
-        *r = Some(id.to_string());
+        self.replica.set(id);
     }
 
     fn replica(&self) -> Option<String> {
-        match self.replica.read() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.replica.get()
     }
 
     /// Whether several gateways may share the database (PostgreSQL).

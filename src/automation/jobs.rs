@@ -89,7 +89,7 @@ pub struct JobStore {
     sealer: Arc<dyn Sealer>,
     settings: RwLock<Settings>,
     /// This gateway's replica id, recorded on the firings it starts (issue #18).
-    replica: RwLock<Option<String>>,
+    replica: crate::cluster::ReplicaSlot,
 }
 
 impl std::fmt::Debug for JobStore {
@@ -130,24 +130,17 @@ impl JobStore {
             clock,
             sealer,
             settings: RwLock::new(Settings { channels }),
-            replica: RwLock::new(None),
+            replica: crate::cluster::ReplicaSlot::default(),
         }
     }
 
     /// Records `id` (this gateway's `cluster::Replica`) on the firings started from now on.
     pub fn set_replica(&self, id: &str) {
-        let mut r = match self.replica.write() {
-            Ok(r) => r,
-            Err(p) => p.into_inner(),
-        };
-        *r = Some(id.to_string());
+        self.replica.set(id);
     }
 
     fn replica(&self) -> Option<String> {
-        match self.replica.read() {
-            Ok(r) => r.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.replica.get()
     }
 
     /// Whether several gateways may share the database (PostgreSQL): recovery then takes
