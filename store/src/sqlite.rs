@@ -162,24 +162,22 @@ impl SqliteDb {
         };
         // The WAL file of this connection: opened once, again if it was replaced (removed
         // when the last connection of another process closed it, then created anew).
-        let wal = self.path.with_file_name(format!(
-            "{}-wal",
-            self.path
-                .file_name()
-                .map_or_else(|| "state.db".into(), |n| n.to_string_lossy().into_owned())
-        ));
+        // A replaced WAL was removed first (SQLite deletes it when its last connection closes):
+        // the open file then has no link left. One `fstat` per flush, no path lookup.
         let stale = match &synced.1 {
             Some(f) => {
                 use std::os::unix::fs::MetadataExt;
-                let open = f.metadata().map_err(io)?;
-                open.nlink() == 0
-                    || std::fs::symlink_metadata(&wal)
-                        .map(|m| m.ino() != open.ino() || m.dev() != open.dev())
-                        .unwrap_or(true)
+                f.metadata().map_err(io)?.nlink() == 0
             }
             None => true,
         };
         if stale {
+            let wal = self.path.with_file_name(format!(
+                "{}-wal",
+                self.path
+                    .file_name()
+                    .map_or_else(|| "state.db".into(), |n| n.to_string_lossy().into_owned())
+            ));
             synced.1 = match File::open(&wal) {
                 Ok(f) => Some(f),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
