@@ -151,6 +151,96 @@ pub fn any_private(addrs: &[IpAddr]) -> bool {
     addrs.iter().any(|a| !is_public(*a))
 }
 
+/// TLS for the gateway's own HTTPS clients (model providers): the platform's root store and
+/// WebPKI, exactly what reqwest uses by default (`rustls-platform-verifier`), but one verifier
+/// per process, built on the first TLS handshake instead of for every client (issue #21:
+/// reqwest loads and parses the system's ~145 roots each time a client is built, ~3 ms, and a
+/// gateway start built two provider clients). The roots are read once per process: a change
+/// of the system's trust store is seen after a restart.
+///
+/// ALPN offers HTTP/1.1 only, as reqwest does without its `http2` feature.
+pub fn client_tls() -> Result<rustls::ClientConfig, String> {
+    static BASE: std::sync::OnceLock<Result<rustls::ClientConfig, String>> =
+        std::sync::OnceLock::new();
+    BASE.get_or_init(|| {
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::clone(&provider))
+                .with_protocol_versions(rustls::ALL_VERSIONS)
+                .map_err(|e| format!("TLS client configuration: {e}"))?
+                .dangerous()
+                .with_custom_certificate_verifier(std::sync::Arc::new(LazyPlatformVerifier {
+                    provider,
+                    inner: std::sync::OnceLock::new(),
+                }))
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    })
+    .clone()
+}
+
+/// `rustls_platform_verifier::Verifier`, created on first use (reading the system's roots).
+/// A failure to create it fails every handshake (never an unverified connection).
+#[derive(Debug)]
+struct LazyPlatformVerifier {
+    provider: std::sync::Arc<rustls::crypto::CryptoProvider>,
+    inner: std::sync::OnceLock<Result<rustls_platform_verifier::Verifier, String>>,
+}
+
+impl LazyPlatformVerifier {
+    fn get(&self) -> Result<&rustls_platform_verifier::Verifier, rustls::Error> {
+        self.inner
+            .get_or_init(|| {
+                rustls_platform_verifier::Verifier::new(std::sync::Arc::clone(&self.provider))
+                    .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(|e| rustls::Error::General(format!("the system's trust roots: {e}")))
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for LazyPlatformVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        self.get()?
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.get()?.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.get()?.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        // What the platform verifier answers, without loading the roots for it.
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
@@ -236,5 +326,62 @@ mod tests {
         assert!(WebUrl::parse("file:///etc/passwd").is_err());
         assert!(WebUrl::parse("http://user:pw@example.com/").is_err());
         assert!(WebUrl::parse("http://a b/").is_err());
+    }
+
+    /// The shared client configuration still verifies: a server whose certificate no system
+    /// root signs (the test fixture is self-signed) is refused at the handshake, and nothing
+    /// reaches it over HTTP.
+    #[tokio::test]
+    async fn an_https_server_no_system_root_vouches_for_is_refused() {
+        use rustls::pki_types::pem::PemObject;
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+            rustls::pki_types::CertificateDer::pem_file_iter(fixtures.join("gateway-test.crt"))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_file(fixtures.join("gateway-test.key"))
+                .unwrap();
+        let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let served = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            // The handshake fails on the client's side; the server sees it end.
+            acceptor.accept(tcp).await.is_ok()
+        });
+        let client = reqwest::Client::builder()
+            .tls_backend_preconfigured(client_tls().unwrap())
+            .no_proxy()
+            .build()
+            .unwrap();
+        let err = client
+            .get(format!("https://127.0.0.1:{port}/"))
+            .send()
+            .await
+            .expect_err("an unverified server must be refused");
+        let chain = {
+            let mut s = err.to_string();
+            let mut src = std::error::Error::source(&err);
+            while let Some(e) = src {
+                s.push_str(" / ");
+                s.push_str(&e.to_string());
+                src = e.source();
+            }
+            s
+        };
+        // rustls's refusal of the server's certificate (the fixture also carries a signature
+        // WebPKI does not accept; either way it is the verifier that says no).
+        assert!(chain.contains("invalid peer certificate"), "{chain}");
+        assert!(!served.await.unwrap(), "the handshake must not complete");
     }
 }

@@ -127,9 +127,14 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let home = crate::state::Home::create(&globals.home)?;
     // One gateway per state dir; `chitin backup restore` refuses while this is held.
     let _lock = crate::lifecycle::GatewayLock::acquire_for_gateway(&globals.home)?;
-    let engine = crate::policy::PolicyEngine::load(super::policy::engine_spec(
-        globals, &config, None, None,
-    )?)?;
+    // Compiling the policies (parse, strict validation, slicing) is the longest step of a start
+    // and needs nothing that follows until the gate is built: it runs on its own thread while
+    // the secret store, the audit log and the token are opened (issue #21, start time).
+    let spec = super::policy::engine_spec(globals, &config, None, None)?;
+    let engine = std::thread::Builder::new()
+        .name("chitin-policy-load".into())
+        .spawn(move || crate::policy::PolicyEngine::load(spec))
+        .map_err(|e| format!("could not start the policy loader: {e}"))?;
     let mut secrets = crate::secrets::SecretStore::open(&globals.home, &config.secrets)?;
     let (token, created) = gateway_token::ensure(&mut secrets)?;
     match redactor.write() {
@@ -161,6 +166,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             .map_err(|e| format!("audit record could not be written: {e}"))?;
         println!("created the gateway token (`chitin token show` prints it)");
     }
+    let engine = engine.join().map_err(
+        |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
+    )??;
     let r = Arc::clone(&redactor);
     let gate = crate::gate::Gate::new(Arc::new(engine), audit)
         .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));

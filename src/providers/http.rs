@@ -66,7 +66,10 @@ impl ProviderClient {
         let endpoint = format!("{}/{path}", base.as_str().trim_end_matches('/'));
         let endpoint = reqwest::Url::parse(&endpoint)
             .map_err(|e| ProviderError::Config(format!("`{}`: bad endpoint: {e}", cfg.name)))?;
+        // The process's one lazily loaded root store (`net::client_tls`), not one per client.
+        let tls = crate::net::client_tls().map_err(ProviderError::Config)?;
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
             .connect_timeout(ms(cfg.connect_timeout_ms))
             // A redirect could carry the key to another host; a proxy would see it.
             .redirect(reqwest::redirect::Policy::none())

@@ -121,7 +121,10 @@ pub fn fetch(auth: &Authorized, args: &WebFetchArgs) -> Result<ToolResult, ToolE
     })?;
     let method = reqwest::Method::from_bytes(args.method.as_bytes())
         .map_err(|e| ToolError::InvalidArgs(e.to_string()))?;
+    // The process's one lazily loaded root store, not one load of the system's roots per call.
+    let tls = crate::net::client_tls().map_err(ToolError::InvalidArgs)?;
     let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(TIMEOUT)
         .connect_timeout(Duration::from_secs(10))

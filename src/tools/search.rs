@@ -265,7 +265,9 @@ pub fn search(
     let handle = tokio::runtime::Handle::try_current().map_err(|_| {
         ToolError::InvalidArgs("web_search needs the gateway's async runtime".into())
     })?;
+    let tls = crate::net::client_tls().map_err(ToolError::InvalidArgs)?;
     let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
         .redirect(reqwest::redirect::Policy::none())
         .timeout(Duration::from_secs(ws.cfg.timeout_secs))
         .connect_timeout(Duration::from_secs(10))
