@@ -29,6 +29,34 @@ fn time_expect(cmd: &mut Command, ok: bool) -> Duration {
     }
 }
 
+/// One tool-path launch through the zygote (`chitin_sandbox::zygote`): the launcher forked
+/// instead of exec'd; its report read to the end and its exit awaited, as the gateway does.
+fn time_zygote(z: &chitin_sandbox::zygote::Zygote, args: &[std::ffi::OsString]) -> Duration {
+    use std::io::Read;
+    let t = Instant::now();
+    let run = || -> std::io::Result<i32> {
+        let (mut out, out_w) = std::io::pipe()?;
+        let (mut err, err_w) = std::io::pipe()?;
+        let stdio = chitin_sandbox::zygote::Stdio3 {
+            stdin: std::fs::File::open("/dev/null")?.into(),
+            stdout: out_w.into(),
+            stderr: err_w.into(),
+        };
+        let launched = z.spawn(args, stdio, None).map_err(std::io::Error::other)?;
+        let mut sink = Vec::new();
+        out.read_to_end(&mut sink)?;
+        err.read_to_end(&mut sink)?;
+        launched.wait()
+    };
+    match run() {
+        Ok(0) => t.elapsed(),
+        other => {
+            eprintln!("benchmark launch through the zygote failed: {other:?} ({args:?})");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn stats(name: &str, v: &mut [Duration]) -> (f64, f64) {
     v.sort_unstable();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
@@ -105,6 +133,14 @@ fn main() {
             .args(["--", "/bin/true"]);
         c
     };
+    let zygote = chitin_sandbox::zygote::Zygote::new(&small);
+    let zygote_args = |cgroup: &str| -> Vec<std::ffi::OsString> {
+        tool_small(cgroup)
+            .get_args()
+            .map(ToOwned::to_owned)
+            .collect()
+    };
+    let (zy_auto, zy_off) = (zygote_args("auto"), zygote_args("off"));
     let small_only = || {
         let mut c = Command::new(&small);
         c.arg("--version");
@@ -115,8 +151,9 @@ fn main() {
         time(&mut sandboxed());
         time(&mut tool_small("auto"));
         time(&mut Command::new("/bin/true"));
+        time_zygote(&zygote, &zy_auto);
     }
-    let mut v: Vec<Vec<Duration>> = vec![Vec::new(); 8];
+    let mut v: Vec<Vec<Duration>> = vec![Vec::new(); 10];
     for _ in 0..runs {
         v[0].push(time(&mut Command::new("/bin/true")));
         v[1].push(time(&mut launcher_only()));
@@ -126,6 +163,8 @@ fn main() {
         v[5].push(time(&mut tool_old(home_nocg.path())));
         v[6].push(time(&mut tool_small("off")));
         v[7].push(time(&mut sandboxed_nocg()));
+        v[8].push(time_zygote(&zygote, &zy_auto));
+        v[9].push(time_zygote(&zygote, &zy_off));
     }
     println!("sandbox spawn overhead, {runs} interleaved runs per variant");
     let (pm, _) = stats("plain spawn of /bin/true", &mut v[0]);
@@ -142,8 +181,12 @@ fn main() {
         "`chitin sandbox exec` (CLI, pass-through), cgroup off",
         &mut v[7],
     );
+    let (zm, _) = stats("tool path, through the zygote, cgroup auto", &mut v[8]);
+    let (znm, _) = stats("tool path, through the zygote, cgroup off", &mut v[9]);
     println!(
-        "median extra over a plain spawn: chitin-sandbox-launch {:.3} ms (cgroup off {:.3} ms); chitin sandbox exec {:.3} ms (cgroup off {:.3} ms)",
+        "median extra over a plain spawn: zygote {:.3} ms (cgroup off {:.3} ms); chitin-sandbox-launch {:.3} ms (cgroup off {:.3} ms); chitin sandbox exec {:.3} ms (cgroup off {:.3} ms)",
+        zm - pm,
+        znm - pm,
         sm - pm,
         snm - pm,
         om - pm,

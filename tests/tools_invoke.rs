@@ -993,3 +993,110 @@ fn an_approval_shows_the_file_a_workspace_symlink_leads_to() {
         "Be helpful.\n"
     );
 }
+
+/// Whether the process `pid` is gone (or a zombie not yet reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[test]
+fn tool_calls_go_through_the_zygote_and_a_killed_zygote_falls_back_then_restarts() {
+    let e = env();
+    let echo = |word: &str| {
+        let Invoked::Ran { result, .. } = run(&e, "exec", json!({"argv": ["echo", word]})).unwrap()
+        else {
+            panic!("expected the command to run")
+        };
+        assert_eq!(
+            (result.exit_code, result.stdout.as_str()),
+            (Some(0), format!("{word}\n").as_str())
+        );
+    };
+    echo("one");
+    let first = e
+        .sandbox
+        .zygotes()
+        .pid()
+        .expect("the first call starts the zygote");
+    echo("two");
+    assert_eq!(
+        e.sandbox.zygotes().pid(),
+        Some(first),
+        "the zygote is reused"
+    );
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    while !gone(first) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    // The zygote is gone: this call runs through an exec'd launcher, and drops the dead one.
+    echo("three");
+    assert_eq!(e.sandbox.zygotes().pid(), None);
+    // The next call starts a new zygote.
+    echo("four");
+    let second = e.sandbox.zygotes().pid().expect("a new zygote");
+    assert_ne!(second, first);
+    let runs: Vec<String> = records(&e)
+        .into_iter()
+        .filter(|r| r.kind == "tool_run")
+        .map(|r| r.outcome)
+        .collect();
+    assert_eq!(runs, vec!["exit 0"; 4]);
+}
+
+/// Host processes whose command line contains `needle` (zombies, with an empty one, do not
+/// count).
+fn procs_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for d in std::fs::read_dir("/proc").unwrap().flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let cmd = std::fs::read(d.path().join("cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(needle) {
+            found.push(format!("{name}: {cmd}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn a_cancelled_call_through_the_zygote_kills_its_whole_sandbox() {
+    let e = env();
+    let cancel = chitin::tools::cancel::Cancel::new();
+    let sandbox = e.sandbox.clone().with_cancel(cancel.clone());
+    let tag = format!("zygote-cancel-{}", std::process::id());
+    let args = json!({"argv": ["sh", "-c",
+        format!("sh -c 'sleep 600; :' bg-{tag} & touch started; sleep 601; touch done # {tag}")]});
+    let (gate, call) = (e.gate.clone(), e.call.clone());
+    let h = std::thread::spawn(move || invoke(&gate, &sandbox, &call, "exec", &args, None));
+    wait_for_file(&e.ws.join("started"));
+    assert!(
+        e.sandbox.zygotes().pid().is_some(),
+        "the call went through the zygote"
+    );
+    assert_eq!(
+        procs_with(&tag).len(),
+        2,
+        "the command and its background job run"
+    );
+    cancel.cancel(chitin::tools::cancel::CancelReason::Cancelled);
+    let got = h.join().unwrap();
+    let Ok(Invoked::Ran { result, .. }) = &got else {
+        panic!("expected the run to be reported, got {got:?}");
+    };
+    assert_eq!(result.killed.as_deref(), Some("cancelled"), "{result:?}");
+    // When the call has returned, the whole sandbox is gone (the background job too).
+    assert_eq!(procs_with(&tag), Vec::<String>::new());
+    assert!(!e.ws.join("done").exists());
+}

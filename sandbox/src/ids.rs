@@ -101,16 +101,10 @@ pub fn host_ids(euid: u32, egid: u32, subid_user: &str) -> HostIds {
         };
     }
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let uid = first_subid(
-        &read("/etc/subuid"),
-        subid_user,
-        id_of(Path::new("/etc/passwd"), subid_user),
-    );
-    let gid = first_subid(
-        &read("/etc/subgid"),
-        subid_user,
-        id_of(Path::new("/etc/passwd"), subid_user),
-    );
+    // The user's numeric id, read once for both files.
+    let user_id = id_of(Path::new("/etc/passwd"), subid_user);
+    let uid = first_subid(&read("/etc/subuid"), subid_user, user_id);
+    let gid = first_subid(&read("/etc/subgid"), subid_user, user_id);
     match (uid, gid) {
         (Some(uid), Some(gid)) => HostIds {
             launcher_euid: euid,

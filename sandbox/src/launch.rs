@@ -499,7 +499,16 @@ fn is_within(path: &Path, dir: &Path) -> bool {
     path.starts_with(dir)
 }
 
-/// Canonicalizes a user-given path and checks it against the forbidden list.
+/// The forbidden paths as [`checked_path`] compares them: canonical where they resolve.
+fn canonical_forbidden(forbidden: &[PathBuf]) -> Vec<PathBuf> {
+    forbidden
+        .iter()
+        .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+        .collect()
+}
+
+/// Canonicalizes a user-given path and checks it against the forbidden list (canonicalized
+/// by [`canonical_forbidden`], once per run rather than once per checked path).
 fn checked_path(p: &Path, forbidden: &[PathBuf], what: &str) -> Result<PathBuf, SandboxError> {
     if !p.is_absolute() {
         return Err(SandboxError::Path {
@@ -526,8 +535,7 @@ fn checked_path(p: &Path, forbidden: &[PathBuf], what: &str) -> Result<PathBuf, 
         }
     }
     for f in forbidden {
-        let f = std::fs::canonicalize(f).unwrap_or_else(|_| f.clone());
-        if is_within(&c, &f) || is_within(&f, &c) {
+        if is_within(&c, f) || is_within(f, &c) {
             return Err(SandboxError::Path {
                 path: p.to_path_buf(),
                 reason: format!(
@@ -554,7 +562,7 @@ struct Plan {
     /// when the launcher no longer needs them).
     secret_env: SecretCStrings,
     path_dirs: Vec<PathBuf>,
-    bpf: Vec<libc::sock_filter>,
+    bpf: &'static [libc::sock_filter],
     abi: ABI,
     /// The host ids of the command.
     ids: crate::HostIds,
@@ -633,7 +641,8 @@ impl Plan {
         if spec.argv.is_empty() {
             return Err(SandboxError::Invalid("no program given".into()));
         }
-        let workspace = checked_path(&spec.workspace, &spec.forbidden, "workspace")?;
+        let forbidden = canonical_forbidden(&spec.forbidden);
+        let workspace = checked_path(&spec.workspace, &forbidden, "workspace")?;
         if !workspace.is_dir() {
             return Err(SandboxError::Path {
                 path: workspace,
@@ -643,17 +652,17 @@ impl Plan {
         let ro = spec
             .ro
             .iter()
-            .map(|p| checked_path(p, &spec.forbidden, "--ro path"))
+            .map(|p| checked_path(p, &forbidden, "--ro path"))
             .collect::<Result<Vec<_>, _>>()?;
         let rw = spec
             .rw
             .iter()
-            .map(|p| checked_path(p, &spec.forbidden, "--rw path"))
+            .map(|p| checked_path(p, &forbidden, "--rw path"))
             .collect::<Result<Vec<_>, _>>()?;
         let cwd = match &spec.cwd {
             None => workspace.clone(),
             Some(c) => {
-                let c = checked_path(c, &spec.forbidden, "working directory")?;
+                let c = checked_path(c, &forbidden, "working directory")?;
                 if !is_within(&c, &workspace) {
                     return Err(SandboxError::Path {
                         path: c,
@@ -742,10 +751,7 @@ impl Plan {
             spec.limits.tmp_size_mb,
             ids.remapped(),
         )?;
-        let bpf = seccomp::program(spec.unix_sockets).map_err(|e| SandboxError::Setup {
-            layer: "seccomp profile".into(),
-            source: io::Error::other(e.to_string()),
-        })?;
+        let bpf = seccomp::filter(spec.unix_sockets);
         Ok(Self {
             mounts,
             cwd: cstring(cwd.as_os_str().as_bytes(), "working directory")?,
@@ -912,24 +918,23 @@ fn mount_plan(
             reason: "the system directory /usr is missing".into(),
         });
     }
-    for p in etc_view() {
-        match std::fs::symlink_metadata(&p) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if let Ok(target) = std::fs::read_link(&p) {
-                    ops.push(MountOp::Symlink { target, dst: p });
-                }
+    // One `lstat` per entry: the metadata `etc_entries` judged the entry by decides its op.
+    for (p, m) in etc_entries() {
+        if m.file_type().is_symlink() {
+            if let Ok(target) = std::fs::read_link(&p) {
+                ops.push(MountOp::Symlink { target, dst: p });
             }
-            Ok(m) if !world_readable(&m) => {}
-            Ok(m) if m.is_file() && m.len() <= 256 * 1024 => ops.push(MountOp::Copy {
+        } else if world_readable(&m) && m.is_file() && m.len() <= 256 * 1024 {
+            ops.push(MountOp::Copy {
                 src: p.clone(),
                 dst: p,
-            }),
-            Ok(m) if m.is_file() || m.is_dir() => ops.push(MountOp::Bind {
+            });
+        } else if world_readable(&m) && (m.is_file() || m.is_dir()) {
+            ops.push(MountOp::Bind {
                 src: p.clone(),
                 dst: p,
                 rw: false,
-            }),
-            _ => {}
+            });
         }
     }
     let ws = workspace.to_string_lossy();
@@ -1034,6 +1039,11 @@ fn mount_plan(
 /// The host paths of the `/etc` view: [`ETC_VIEW`] with globs expanded, only entries that
 /// exist and are symlinks or world-readable, sorted.
 pub fn etc_view() -> Vec<PathBuf> {
+    etc_entries().into_iter().map(|(p, _)| p).collect()
+}
+
+/// [`etc_view`] with each entry's `symlink_metadata`, taken once.
+fn etc_entries() -> Vec<(PathBuf, std::fs::Metadata)> {
     let etc = Path::new("/etc");
     let mut out = Vec::new();
     for e in ETC_VIEW {
@@ -1051,10 +1061,12 @@ pub fn etc_view() -> Vec<PathBuf> {
     }
     out.sort();
     out.dedup();
-    out.retain(|p| {
-        std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink() || world_readable(&m))
-    });
-    out
+    out.into_iter()
+        .filter_map(|p| {
+            let m = std::fs::symlink_metadata(&p).ok()?;
+            (m.file_type().is_symlink() || world_readable(&m)).then_some((p, m))
+        })
+        .collect()
 }
 
 /// Whether any host user may read this (files: o+r; directories: o+rx). Symlinks are judged
@@ -1786,6 +1798,118 @@ fn mkdir_p(p: &Path) -> io::Result<()> {
     std::fs::create_dir_all(p)
 }
 
+/// The directories of the view under construction (under [`NEW`]) that are known to exist,
+/// and whether each is *fresh*: every entry in it was made by the view builder, so a name it
+/// has not made there does not exist. Lets the builder create exactly the missing
+/// directories, parents first, without a failing `mkdir` (`EEXIST`) or a `stat` per path
+/// (`create_dir_all` tries `mkdir` on every path first). A directory whose contents come from
+/// elsewhere (a bind, `/proc`) is not fresh: there, existence is checked as before.
+struct Dirs {
+    known: BTreeMap<PathBuf, bool>,
+}
+
+impl Dirs {
+    /// The new root, a fresh tmpfs.
+    fn new() -> Self {
+        Self {
+            known: BTreeMap::from([(PathBuf::from(NEW), true)]),
+        }
+    }
+
+    /// Makes `d` a directory, as `create_dir_all` would (the same result and the same
+    /// errors), creating only what is missing.
+    fn ensure(&mut self, d: &Path) -> io::Result<()> {
+        if self.known.contains_key(d) {
+            return Ok(());
+        }
+        let parent_fresh = match d.parent() {
+            Some(p) => {
+                self.ensure(p)?;
+                self.known.get(p).copied().unwrap_or(false)
+            }
+            None => return Ok(()),
+        };
+        if parent_fresh {
+            match std::fs::create_dir(d) {
+                Ok(()) => {
+                    self.known.insert(d.to_path_buf(), true);
+                }
+                // A file or symlink the builder made there (never the case in the plan).
+                Err(_) if d.is_dir() => {
+                    self.known.insert(d.to_path_buf(), false);
+                }
+                Err(e) => return Err(e),
+            }
+        } else if d.is_dir() {
+            self.known.insert(d.to_path_buf(), false);
+        } else {
+            std::fs::create_dir(d)?;
+            self.known.insert(d.to_path_buf(), true);
+        }
+        Ok(())
+    }
+
+    /// The parent of `d` (a file or symlink to be made) as a directory.
+    fn parent(&mut self, d: &Path) -> io::Result<()> {
+        match d.parent() {
+            Some(p) => self.ensure(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Something was mounted on the directory `d`: what was known below it is hidden, and its
+    /// entries are now the mount's (`fresh` for a new tmpfs).
+    fn mounted(&mut self, d: &Path, fresh: bool) {
+        self.known.retain(|k, _| k == d || !k.starts_with(d));
+        self.known.insert(d.to_path_buf(), fresh);
+    }
+}
+
+/// Copies a small host file into the view: the same result as `std::fs::copy` (contents and
+/// the exact mode bits of the source, which must be a regular file) without its
+/// `copy_file_range` attempt, which fails on every run between two filesystems (the host's
+/// and the view's tmpfs) before it falls back to `sendfile`. The destination is new.
+fn copy_file(src: &Path, dst: &Path) -> io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut from = std::fs::File::open(src)?;
+    let meta = from.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the source path is neither a regular file nor a symlink to a regular file",
+        ));
+    }
+    // Plain reads into a buffer one byte larger than the file (`read_to_end` would `statx`
+    // and `lseek` again for its size hint): a file of the size `fstat` gave is read in one
+    // `read` and its end seen by a second.
+    let mut buf = vec![0u8; usize::try_from(meta.len()).unwrap_or(0).saturating_add(1)];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            // The file grew since `fstat`: read on (what ends up in the view is what a read
+            // to the end gives, as with `std::fs::copy`).
+            buf.resize(len.saturating_mul(2), 0);
+        }
+        match from.read(buf.get_mut(len..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    let perm = meta.permissions();
+    let mut to = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(perm.mode())
+        .open(dst)?;
+    to.write_all(&buf)?;
+    // The exact mode whatever the umask, as `std::fs::copy` sets it.
+    to.set_permissions(perm)
+}
+
 const OLD: &str = "/.old";
 const NEW: &str = "/.new";
 
@@ -1865,8 +1989,9 @@ fn build_view(plan: &Plan, spec: &Spec, st: RawFd) {
             Some(&c(Path::new("mode=0755,size=4m,nr_inodes=4096"))),
         ),
     );
+    let mut dirs = Dirs::new();
     for (i, op) in plan.mounts.iter().enumerate() {
-        m(i, apply(op, spec));
+        m(i, apply(op, spec, &mut dirs));
         if let MountOp::Attach { fd, .. } = op {
             sys::close(*fd);
         }
@@ -1895,25 +2020,25 @@ fn build_view(plan: &Plan, spec: &Spec, st: RawFd) {
     }
 }
 
-fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
+fn apply(op: &MountOp, spec: &Spec, dirs: &mut Dirs) -> io::Result<()> {
     match op {
         MountOp::Bind { src, dst, rw } => {
             let s = under(OLD, src);
             let d = under(NEW, dst);
-            if std::fs::metadata(&s)?.is_dir() {
-                if !d.is_dir() {
-                    mkdir_p(&d)?;
-                }
+            let dir = std::fs::metadata(&s)?.is_dir();
+            if dir {
+                dirs.ensure(&d)?;
             } else {
-                if let Some(parent) = d.parent() {
-                    mkdir_p(parent)?;
-                }
+                dirs.parent(&d)?;
                 if !d.exists() {
                     std::fs::write(&d, b"")?;
                 }
             }
             let dc = c(&d);
             sys::mount(Some(&c(&s)), &dc, None, libc::MS_BIND | libc::MS_REC, None)?;
+            if dir {
+                dirs.mounted(&d, false);
+            }
             remount(&dc, !rw, false)
         }
         MountOp::Dev { src, dst } => {
@@ -1925,25 +2050,25 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
         }
         MountOp::Symlink { target, dst } => {
             let d = under(NEW, dst);
-            if let Some(parent) = d.parent() {
-                mkdir_p(parent)?;
-            }
+            dirs.parent(&d)?;
             std::os::unix::fs::symlink(target, d)
         }
         MountOp::Tmpfs { dst, mode, size_mb } => {
             let d = under(NEW, dst);
-            mkdir_p(&d)?;
+            dirs.ensure(&d)?;
             let t = c(Path::new("tmpfs"));
             let data = c(Path::new(&format!("mode={mode:o},size={size_mb}m")));
             let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
             if dst != Path::new("/tmp") {
                 flags |= libc::MS_NOEXEC;
             }
-            sys::mount(Some(&t), &c(&d), Some(&t), flags, Some(&data))
+            sys::mount(Some(&t), &c(&d), Some(&t), flags, Some(&data))?;
+            dirs.mounted(&d, true);
+            Ok(())
         }
         MountOp::Proc { dst } => {
             let d = under(NEW, dst);
-            mkdir_p(&d)?;
+            dirs.ensure(&d)?;
             let p = c(Path::new("proc"));
             sys::mount(
                 Some(&p),
@@ -1951,7 +2076,9 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
                 Some(&p),
                 libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC | libc::MS_RDONLY,
                 None,
-            )
+            )?;
+            dirs.mounted(&d, false);
+            Ok(())
         }
         MountOp::Mask { dst } => {
             let d = under(NEW, dst);
@@ -1971,29 +2098,27 @@ fn apply(op: &MountOp, spec: &Spec) -> io::Result<()> {
         MountOp::Attach { dst, dir, fd, .. } => {
             let d = under(NEW, dst);
             if *dir {
-                mkdir_p(&d)?;
+                dirs.ensure(&d)?;
             } else {
-                if let Some(parent) = d.parent() {
-                    mkdir_p(parent)?;
-                }
+                dirs.parent(&d)?;
                 if !d.exists() {
                     std::fs::write(&d, b"")?;
                 }
             }
-            sys::move_mount_to(*fd, &c(&d))
+            sys::move_mount_to(*fd, &c(&d))?;
+            if *dir {
+                dirs.mounted(&d, false);
+            }
+            Ok(())
         }
         MountOp::Copy { src, dst } => {
             let d = under(NEW, dst);
-            if let Some(parent) = d.parent() {
-                mkdir_p(parent)?;
-            }
-            std::fs::copy(under(OLD, src), d).map(|_| ())
+            dirs.parent(&d)?;
+            copy_file(&under(OLD, src), &d)
         }
         MountOp::File { dst, contents } => {
             let d = under(NEW, dst);
-            if let Some(parent) = d.parent() {
-                mkdir_p(parent)?;
-            }
+            dirs.parent(&d)?;
             let _ = spec;
             std::fs::write(d, contents)
         }
@@ -2049,7 +2174,7 @@ fn command(plan: &Plan, spec: &Spec, ctx: &ChildCtx, notify: RawFd) -> ! {
     if let Err(e) = landlock(plan) {
         fail(st, Stage::Landlock, 0, &e);
     }
-    match sys::seccomp_with_listener(&plan.bpf) {
+    match sys::seccomp_with_listener(plan.bpf) {
         Ok(listener) => {
             if let Err(e) = sys::send_fds(notify, 0, &[listener]) {
                 fail(st, Stage::Handoff, 0, &e);

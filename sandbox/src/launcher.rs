@@ -279,6 +279,11 @@ pub fn report_json(result: &Result<Outcome, SandboxError>) -> (String, i32) {
 
 /// Entry point of `chitin-sandbox-launch` (arguments after the program name).
 pub fn main_with(args: impl Iterator<Item = OsString>) -> ExitCode {
+    ExitCode::from(status_with(args))
+}
+
+/// [`main_with`], returning the exit status (what a child of the zygote exits with).
+pub fn status_with(args: impl Iterator<Item = OsString>) -> u8 {
     let result = parse(args).and_then(|a| {
         // The secret hand-off is read to EOF and closed before anything else.
         let secret_env = match a.env_fd {
@@ -292,12 +297,24 @@ pub fn main_with(args: impl Iterator<Item = OsString>) -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "{json}");
     let _ = stdout.flush();
-    ExitCode::from(u8::try_from(status.clamp(0, 255)).unwrap_or(1))
+    u8::try_from(status.clamp(0, 255)).unwrap_or(1)
 }
 
-/// Entry point of the `chitin-sandbox-launch` binary.
+/// Entry point of the `chitin-sandbox-launch` binary: `--serve` alone makes it the zygote
+/// ([`crate::zygote`]), anything else is one launch.
 pub fn main() -> ExitCode {
-    main_with(std::env::args_os().skip(1))
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == crate::zygote::SERVE_FLAG) {
+        if std::env::args_os().len() != 2 {
+            eprintln!(
+                "chitin-sandbox-launch: {} takes no other argument",
+                crate::zygote::SERVE_FLAG
+            );
+            return ExitCode::from(125);
+        }
+        return crate::zygote::serve();
+    }
+    main_with(args)
 }
 
 #[cfg(test)]

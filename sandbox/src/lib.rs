@@ -34,6 +34,7 @@ pub mod seccomp;
 pub mod secret_env;
 mod support;
 mod sys;
+pub mod zygote;
 
 pub use ids::HostIds;
 pub use launch::{

@@ -21,6 +21,11 @@ impl Pidfd {
         Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
 
+    /// A pidfd received from elsewhere (the zygote's report of a launcher it started).
+    pub fn from_owned(fd: OwnedFd) -> Self {
+        Self(fd)
+    }
+
     /// Sends SIGTERM (a launcher then kills its sandbox and reports `killed: cancelled`).
     pub fn terminate(&self) -> io::Result<()> {
         sys::pidfd_send_signal(self.0.as_raw_fd(), libc::SIGTERM)

@@ -11,6 +11,27 @@ use std::collections::BTreeMap;
 /// The default profile, as reviewed text.
 pub const DEFAULT_PROFILE: &str = include_str!("../seccomp/default.policy");
 
+/// The default profile compiled by [`program`], kept as data so that a launch does not parse
+/// and compile the profile text on every run. Generated from [`DEFAULT_PROFILE`]; the test
+/// `the_shipped_filters_are_exactly_the_compiled_reviewed_profile` pins both programs to what
+/// [`program`] compiles from the text (and regenerates the file when asked to).
+mod compiled {
+    /// One instruction (`const` constructor for the generated tables).
+    const fn i(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
+        libc::sock_filter { code, jt, jf, k }
+    }
+    include!("../seccomp/default.bpf.rs");
+}
+
+/// The filter a run installs: [`program`]`(unix_sockets)`, compiled at build time.
+pub fn filter(unix_sockets: bool) -> &'static [libc::sock_filter] {
+    if unix_sockets {
+        compiled::UNIX_SOCKETS
+    } else {
+        compiled::DEFAULT
+    }
+}
+
 /// `AUDIT_ARCH_X86_64`.
 pub const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
 /// `__X32_SYSCALL_BIT`.
@@ -586,6 +607,49 @@ mod tests {
             run(&prog, a, nr("kexec_load"), [0; 6]),
             SECCOMP_RET_USER_NOTIF
         );
+    }
+
+    /// The generated `default.bpf.rs` for the current profile text.
+    fn generated() -> String {
+        let mut out = String::from(
+            "// @generated from default.policy by `seccomp::program`: do not edit. After a change\n\
+             // of the profile, regenerate with\n\
+             // CHITIN_SECCOMP_BLESS=1 cargo test --workspace --lib the_shipped_filters_are\n",
+        );
+        for (name, unix) in [("DEFAULT", false), ("UNIX_SOCKETS", true)] {
+            out.push_str(&format!("pub const {name}: &[libc::sock_filter] = &[\n"));
+            for f in program(unix).unwrap() {
+                out.push_str(&format!(
+                    "    i({:#06x}, {}, {}, {:#x}),\n",
+                    f.code, f.jt, f.jf, f.k
+                ));
+            }
+            out.push_str("];\n");
+        }
+        out
+    }
+
+    fn words(p: &[libc::sock_filter]) -> Vec<(u16, u8, u8, u32)> {
+        p.iter().map(|f| (f.code, f.jt, f.jf, f.k)).collect()
+    }
+
+    #[test]
+    fn the_shipped_filters_are_exactly_the_compiled_reviewed_profile() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/seccomp/default.bpf.rs");
+        if std::env::var_os("CHITIN_SECCOMP_BLESS").is_some() {
+            std::fs::write(path, generated()).unwrap();
+        }
+        for unix in [false, true] {
+            assert_eq!(
+                words(filter(unix)),
+                words(&program(unix).unwrap()),
+                "{path} is not the compiled profile (unix_sockets = {unix}); regenerate it with \
+                 CHITIN_SECCOMP_BLESS=1 cargo test --workspace --lib the_shipped_filters_are"
+            );
+        }
+        assert_ne!(words(filter(false)), words(filter(true)));
+        // The file itself is exactly what the generator writes (no hand edits beside it).
+        assert_eq!(std::fs::read_to_string(path).unwrap(), generated());
     }
 
     #[test]

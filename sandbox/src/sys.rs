@@ -831,3 +831,155 @@ pub fn open_subdir(dir: RawFd, name: &CStr) -> io::Result<std::os::fd::OwnedFd> 
     // SAFETY: the kernel just returned this fd to us; nothing else owns it.
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
+
+// ---- the persistent launcher (`zygote`) ----------------------------------------------------
+
+/// Closes every fd >= `first`.
+pub fn close_from(first: u32) -> io::Result<()> {
+    // SAFETY: no memory involved; the caller owns every fd in the range (a forked child that
+    // keeps only its stdio).
+    check(unsafe { libc::close_range(first, u32::MAX, 0) }).map(|_| ())
+}
+
+/// Takes ownership of an fd a call of this module just returned (`pipe`, `seqpacket_pair`,
+/// `pidfd_open`): nothing else owns it.
+pub fn own(fd: RawFd) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the caller passes a freshly created fd that no other object owns.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+}
+
+/// `getppid()`.
+pub fn getppid() -> libc::pid_t {
+    // SAFETY: no preconditions.
+    unsafe { libc::getppid() }
+}
+
+/// `memfd_create(name, MFD_CLOEXEC)`: an anonymous file.
+pub fn memfd(name: &CStr) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: name is a valid NUL-terminated string for the duration of the call.
+    let fd = check(unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: the kernel just returned this new fd to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Sends one message of four data bytes (`tag`) with the fds (may be none) over a UNIX
+/// socket, without raising SIGPIPE when the peer is gone (`EPIPE` instead).
+pub fn send_tagged(sock: RawFd, tag: u32, fds: &[RawFd]) -> io::Result<()> {
+    let data = tag.to_le_bytes();
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr().cast_mut().cast(),
+        iov_len: data.len(),
+    };
+    let fd_bytes = std::mem::size_of_val(fds);
+    // SAFETY: an all-zero msghdr is valid; we fill the fields below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    let mut cbuf = Vec::new();
+    if !fds.is_empty() {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(u32::try_from(fd_bytes).unwrap_or(0)) } as usize;
+        cbuf = vec![0u8; space];
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: msg has a control buffer of CMSG_SPACE(fd_bytes) bytes, so the first header
+        // and its data area are in bounds.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            if cmsg.is_null() {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(u32::try_from(fd_bytes).unwrap_or(0)) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                fd_bytes,
+            );
+        }
+    }
+    loop {
+        // SAFETY: msg and the buffers it points to (data, cbuf) are valid for the call.
+        let r = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        drop(cbuf);
+        return Ok(());
+    }
+}
+
+/// Receives one message of four data bytes with up to `max` fds (each close-on-exec, owned by
+/// the caller); `Ok(None)` on EOF. A message with more fds than `max` or a truncated one is
+/// an error (its fds are closed).
+pub fn recv_tagged(
+    sock: RawFd,
+    max: usize,
+) -> io::Result<Option<(u32, Vec<std::os::fd::OwnedFd>)>> {
+    use std::os::fd::FromRawFd;
+    let mut data = [0u8; 4];
+    let mut iov = libc::iovec {
+        iov_base: data.as_mut_ptr().cast(),
+        iov_len: data.len(),
+    };
+    let cap = u32::try_from(max.saturating_mul(std::mem::size_of::<RawFd>())).unwrap_or(0);
+    // SAFETY: pure computation.
+    let space = unsafe { libc::CMSG_SPACE(cap) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: an all-zero msghdr is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    let n = loop {
+        // SAFETY: msg and its buffers are valid and writable.
+        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        break n;
+    };
+    let mut fds = Vec::new();
+    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR/CMSG_NXTHDR check bounds against
+    // msg_controllen, and each SCM_RIGHTS header's data holds (cmsg_len - CMSG_LEN(0)) / 4
+    // fds that the kernel installed for us (so we own them).
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let len = ((*cmsg).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
+                let count = len / std::mem::size_of::<RawFd>();
+                let base = libc::CMSG_DATA(cmsg);
+                for i in 0..count {
+                    let mut fd: RawFd = -1;
+                    std::ptr::copy_nonoverlapping(
+                        base.add(i * std::mem::size_of::<RawFd>()),
+                        (&mut fd as *mut RawFd).cast::<u8>(),
+                        std::mem::size_of::<RawFd>(),
+                    );
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & (libc::MSG_CTRUNC | libc::MSG_TRUNC) != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((u32::from_le_bytes(data), fds)))
+}

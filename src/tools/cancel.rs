@@ -147,3 +147,51 @@ pub fn wait_with_output(
     let reason = watchdog.join().ok().flatten();
     out.map(|o| (o, reason))
 }
+
+/// [`wait_with_output`] for a launcher the zygote started: reads its stdout and stderr to
+/// their ends, then waits for it; when `cancel` fires meanwhile the launcher is told to stop
+/// (through the pidfd the zygote reported), and killed after [`KILL_GRACE`]. Returns stdout,
+/// stderr and why it was stopped, if it was.
+pub fn wait_launched(
+    launched: &chitin_sandbox::zygote::Launched,
+    mut stdout: std::io::PipeReader,
+    mut stderr: std::io::PipeReader,
+    cancel: Option<&Cancel>,
+) -> std::io::Result<(Vec<u8>, Vec<u8>, Option<CancelReason>)> {
+    use std::io::Read;
+    let done = Done::default();
+    std::thread::scope(|s| {
+        let err = s.spawn(move || {
+            let mut b = Vec::new();
+            stderr.read_to_end(&mut b).map(|_| b)
+        });
+        let watchdog = cancel.map(|cancel| {
+            let done = &done;
+            s.spawn(move || {
+                let reason = cancel.wait(done)?;
+                let _gone = launched.pidfd.terminate();
+                // The launcher kills its sandbox and reports; if it does not, kill it.
+                if !done.wait(KILL_GRACE) {
+                    let _gone = launched.pidfd.kill();
+                }
+                Some(reason)
+            })
+        });
+        let mut out = Vec::new();
+        let read = stdout.read_to_end(&mut out);
+        let err = err
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("stderr reader panicked")));
+        // The launcher's end (its output pipes close before it exits; this also reaps it in
+        // the zygote). A zygote gone meanwhile took the launcher with it: what it printed is
+        // all there is.
+        let _status = launched.wait();
+        done.set();
+        if let Some(c) = cancel {
+            c.wake();
+        }
+        let reason = watchdog.and_then(|w| w.join().ok().flatten());
+        read?;
+        Ok((out, err?, reason))
+    })
+}

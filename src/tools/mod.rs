@@ -524,6 +524,30 @@ pub struct Sandbox {
     extras: Extras,
     /// The configured MCP servers (`mcp__<server>__<tool>` tools), if any.
     mcp: Option<std::sync::Arc<dyn mcp::McpTools>>,
+    /// The persistent launcher of the small launcher (started on the first call, shared by
+    /// every clone of this sandbox), see [`chitin_sandbox::zygote`].
+    zygote: Zygotes,
+}
+
+/// The zygote of the small launcher in use (replaced when [`Sandbox::launcher`] changes).
+#[derive(Debug, Clone, Default)]
+pub struct Zygotes(Arc<std::sync::Mutex<Option<Arc<chitin_sandbox::zygote::Zygote>>>>);
+
+impl Zygotes {
+    /// The zygote of `small` (made, not yet started, when there is none for it).
+    fn for_launcher(&self, small: &Path) -> Option<Arc<chitin_sandbox::zygote::Zygote>> {
+        let mut z = self.0.lock().ok()?;
+        match z.as_ref() {
+            Some(have) if have.launcher() == small => {}
+            _ => *z = Some(Arc::new(chitin_sandbox::zygote::Zygote::new(small))),
+        }
+        z.clone()
+    }
+
+    /// The running zygote's pid, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.0.lock().ok()?.as_ref()?.pid()
+    }
 }
 
 /// The runtime parts some tools need (see [`Sandbox::with_web_search`],
@@ -561,7 +585,13 @@ impl Sandbox {
             cron: None,
             extras: Extras::default(),
             mcp: None,
+            zygote: Zygotes::default(),
         })
+    }
+
+    /// The zygote shared by this sandbox's clones (tests kill it to check the fallback).
+    pub fn zygotes(&self) -> &Zygotes {
+        &self.zygote
     }
 
     /// Lets `web_search` query the configured backend.
@@ -716,13 +746,10 @@ impl Sandbox {
         let LaunchRequest {
             tool,
             program,
-            argv,
-            cwd,
             stdin,
             timeout_secs,
             cap,
-            extra_ro,
-            env,
+            ..
         } = *req;
         let cfg = &self.config_section;
         let timeout = timeout_secs
@@ -737,34 +764,22 @@ impl Sandbox {
         // Decided before anything is spawned: a failed decision means nothing runs.
         let secret_env = self.secret_env_for(tool, program)?;
         let small = self.small_launcher();
+        if let Some(small) = &small
+            && let Some(z) = self.zygote.for_launcher(small)
+        {
+            match self.launch_zygote(&z, ws, req, timeout, &secret_env) {
+                Ok(r) => return r,
+                // Nothing was started: exec the launcher as before (the next call starts a new
+                // zygote).
+                Err(e) => tracing::debug!("sandbox zygote unavailable, exec'ing the launcher: {e}"),
+            }
+        }
         let launcher = small.clone().unwrap_or_else(|| self.launcher.clone());
         let mut cmd = Command::new(&launcher);
         cmd.env_clear();
         if small.is_some() {
             // Every setting as a flag: the small launcher reads no configuration.
-            let limits = cfg.limits();
-            cmd.arg("--workspace").arg(ws.root());
-            cmd.arg("--state-dir").arg(&self.home);
-            cmd.arg("--capture").arg(cap.to_string());
-            for (flag, value) in [
-                ("--timeout", timeout),
-                ("--memory", cfg.memory_mb),
-                ("--max-procs", cfg.max_procs),
-                ("--cpu", limits.cpu_secs),
-                ("--file-size", limits.file_size_mb),
-                ("--open-files", limits.open_files),
-                ("--tmp-size", limits.tmp_size_mb),
-                ("--quota-bytes", limits.workspace.bytes),
-                ("--quota-inodes", limits.workspace.inodes),
-            ] {
-                cmd.arg(flag).arg(value.to_string());
-            }
-            cmd.arg("--cgroup").arg(match cfg.cgroup {
-                crate::config::sandbox::CgroupSetting::Auto => "auto",
-                crate::config::sandbox::CgroupSetting::Required => "required",
-                crate::config::sandbox::CgroupSetting::Off => "off",
-            });
-            cmd.arg("--subid-user").arg(&cfg.subid_user);
+            cmd.args(self.small_args(ws, cap, timeout));
         } else {
             cmd.env("CHITIN_HOME", &self.home);
             if let Some(c) = &self.config {
@@ -789,19 +804,7 @@ impl Sandbox {
             cmd.arg("--env-fd").arg(fd.to_string());
             Some((w, r))
         };
-        for n in &self.net {
-            cmd.arg("--net").arg(n.to_string());
-        }
-        for p in extra_ro {
-            cmd.arg("--ro").arg(p);
-        }
-        for (k, v) in env {
-            cmd.arg("--env").arg(format!("{k}={v}"));
-        }
-        if let Some(c) = cwd {
-            cmd.arg("--cwd").arg(c);
-        }
-        cmd.arg("--").args(argv);
+        cmd.args(self.request_args(req));
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -829,7 +832,147 @@ impl Sandbox {
         }
         let (out, stopped) =
             cancel::wait_with_output(child, self.cancel.as_ref()).map_err(launch_err)?;
-        let mut report: LaunchReport = match (serde_json::from_slice(&out.stdout), stopped) {
+        self.read_report(&out.stdout, &out.stderr, stopped)
+    }
+
+    /// The small launcher's flags for the settings of `[sandbox]` (up to `--env-fd`).
+    fn small_args(&self, ws: &Workspace, cap: usize, timeout: u64) -> Vec<std::ffi::OsString> {
+        let cfg = &self.config_section;
+        let limits = cfg.limits();
+        let mut a: Vec<std::ffi::OsString> = Vec::with_capacity(32);
+        a.extend(["--workspace".into(), ws.root().into()]);
+        a.extend(["--state-dir".into(), self.home.clone().into()]);
+        a.extend(["--capture".into(), cap.to_string().into()]);
+        for (flag, value) in [
+            ("--timeout", timeout),
+            ("--memory", cfg.memory_mb),
+            ("--max-procs", cfg.max_procs),
+            ("--cpu", limits.cpu_secs),
+            ("--file-size", limits.file_size_mb),
+            ("--open-files", limits.open_files),
+            ("--tmp-size", limits.tmp_size_mb),
+            ("--quota-bytes", limits.workspace.bytes),
+            ("--quota-inodes", limits.workspace.inodes),
+        ] {
+            a.extend([flag.into(), value.to_string().into()]);
+        }
+        a.extend([
+            "--cgroup".into(),
+            match cfg.cgroup {
+                crate::config::sandbox::CgroupSetting::Auto => "auto",
+                crate::config::sandbox::CgroupSetting::Required => "required",
+                crate::config::sandbox::CgroupSetting::Off => "off",
+            }
+            .into(),
+        ]);
+        a.extend(["--subid-user".into(), cfg.subid_user.clone().into()]);
+        a
+    }
+
+    /// The launcher flags of one request (after `--env-fd`): network, extra paths,
+    /// environment, working directory and the command.
+    fn request_args(&self, req: &LaunchRequest<'_>) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = Vec::new();
+        for n in &self.net {
+            a.extend(["--net".into(), n.to_string().into()]);
+        }
+        for p in req.extra_ro {
+            a.extend(["--ro".into(), p.as_os_str().to_owned()]);
+        }
+        for (k, v) in req.env {
+            a.extend(["--env".into(), format!("{k}={v}").into()]);
+        }
+        if let Some(c) = req.cwd {
+            a.extend(["--cwd".into(), c.as_os_str().to_owned()]);
+        }
+        a.push("--".into());
+        a.extend(req.argv.iter().map(Into::into));
+        a
+    }
+
+    /// [`Self::launch`] through the zygote: the same launcher flags, the launcher forked by
+    /// the zygote instead of exec'd. `Err` when the zygote could not take the request (nothing
+    /// was started; the caller execs the launcher).
+    fn launch_zygote(
+        &self,
+        z: &chitin_sandbox::zygote::Zygote,
+        ws: &Workspace,
+        req: &LaunchRequest<'_>,
+        timeout: u64,
+        secret_env: &chitin_sandbox::SecretEnv,
+    ) -> Result<Result<LaunchReport, ToolError>, chitin_sandbox::zygote::SpawnError> {
+        use chitin_sandbox::zygote::{ENV_FD, SpawnError, Stdio3};
+        let gone = SpawnError::Gone;
+        let mut args = self.small_args(ws, req.cap, timeout);
+        // Secret values travel on a pipe, never in argv or the environment.
+        let env_pipe = if secret_env.is_empty() {
+            None
+        } else {
+            let (r, w) = std::io::pipe().map_err(gone)?;
+            args.extend(["--env-fd".into(), ENV_FD.to_string().into()]);
+            Some((r, w))
+        };
+        args.extend(self.request_args(req));
+        let (stdin_r, stdin_w) = if req.stdin.is_some() {
+            let (r, w) = std::io::pipe().map_err(gone)?;
+            (std::os::fd::OwnedFd::from(r), Some(w))
+        } else {
+            (std::fs::File::open("/dev/null").map_err(gone)?.into(), None)
+        };
+        let (out_r, out_w) = std::io::pipe().map_err(gone)?;
+        let (err_r, err_w) = std::io::pipe().map_err(gone)?;
+        let (env_r, env_w) = match env_pipe {
+            Some((r, w)) => (Some(std::os::fd::OwnedFd::from(r)), Some(w)),
+            None => (None, None),
+        };
+        let launched = z.spawn(
+            &args,
+            Stdio3 {
+                stdin: stdin_r,
+                stdout: out_w.into(),
+                stderr: err_w.into(),
+            },
+            env_r,
+        );
+        let launched = match launched {
+            Ok(l) => l,
+            Err(e @ SpawnError::Gone(_)) => return Err(e),
+            Err(e @ SpawnError::Failed(_)) => return Ok(Err(ToolError::Sandbox(e.to_string()))),
+        };
+        if let Some(mut w) = env_w {
+            let wire = secret_env.to_wire();
+            // A thread, so a launcher that stops reading cannot block the caller.
+            std::thread::spawn(move || {
+                let _ = w.write_all(wire.as_slice());
+                drop(wire);
+            });
+        }
+        if let (Some(data), Some(mut w)) = (req.stdin, stdin_w) {
+            let data = data.to_vec();
+            // A separate thread so a command that does not read stdin cannot deadlock us.
+            std::thread::spawn(move || {
+                let _ = w.write_all(&data);
+            });
+        }
+        let launch_err = |source| ToolError::Launcher {
+            launcher: z.launcher().to_path_buf(),
+            source,
+        };
+        Ok(
+            cancel::wait_launched(&launched, out_r, err_r, self.cancel.as_ref())
+                .map_err(launch_err)
+                .and_then(|(stdout, stderr, stopped)| self.read_report(&stdout, &stderr, stopped)),
+        )
+    }
+
+    /// The launcher's JSON report, as the tools read it.
+    fn read_report(
+        &self,
+        stdout: &[u8],
+        stderr: &[u8],
+        stopped: Option<cancel::CancelReason>,
+    ) -> Result<LaunchReport, ToolError> {
+        let mut report: LaunchReport = match (serde_json::from_slice(stdout), stopped) {
             (Ok(r), _) => r,
             // The launcher was killed after the grace period: its sandbox died with it
             // (PDEATHSIG), what the command did until then is not known.
@@ -848,7 +991,7 @@ impl Sandbox {
             (Err(e), None) => {
                 return Err(ToolError::Sandbox(format!(
                     "launcher gave no report ({e}); stderr: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
+                    String::from_utf8_lossy(stderr).trim()
                 )));
             }
         };
@@ -1244,6 +1387,7 @@ mod tests {
             cron: None,
             extras: Extras::default(),
             mcp: None,
+            zygote: Zygotes::default(),
         };
         let e = exec(
             &auth,
@@ -1289,6 +1433,7 @@ mod tests {
             cron: None,
             extras: Extras::default(),
             mcp: None,
+            zygote: Zygotes::default(),
         };
         let args = ExecArgs {
             argv: vec!["true".into()],
@@ -1371,6 +1516,7 @@ mod tests {
             cron: None,
             extras: Extras::default(),
             mcp: None,
+            zygote: Zygotes::default(),
         };
         (home, d, w, sb)
     }
