@@ -4,7 +4,8 @@
 //! A sandboxed command runs as a tree of four processes:
 //!
 //! ```text
-//! L  launcher (`chitin sandbox exec`, host namespaces, single-threaded until it clones)
+//! L  launcher (`chitin-sandbox-launch`, forked by its zygote or exec'd; `chitin sandbox exec`
+//! │    from the CLI; host namespaces, single-threaded until it clones)
 //! │    measures the workspace against its quota; as root, prepares the user binds as
 //! │    detached mount trees (the workspace ID-mapped for the sandbox's host uid);
 //! │    clone(NEWUSER|NEWNS|NEWPID|NEWNET|NEWIPC|NEWUTS); writes the child's uid/gid maps and
@@ -19,8 +20,10 @@
 //!
 //! When C exits, P exits, and the kernel kills everything left in the PID namespace
 //! (daemons included). On a timeout L kills P, which has the same effect.
-//! Nothing here depends on the gateway; the gateway reaches this code by spawning
-//! `chitin sandbox exec`, because namespace setup needs a single-threaded process.
+//! Nothing here depends on the gateway; the gateway reaches this code through the zygote
+//! (`chitin-sandbox-launch --serve`, [`zygote`]: one single-threaded process that forks a
+//! launcher per call), or by spawning `chitin-sandbox-launch` (or `chitin sandbox exec`) when
+//! the zygote cannot be reached, because namespace setup needs a single-threaded process.
 
 mod cgroup;
 pub mod fs;

@@ -1,8 +1,10 @@
 //! The tools a model may call: `exec`, `read_file`, `write_file`, `edit_file`, `list_dir`.
 //!
 //! Architecture Invariant: no tool touches the filesystem or runs a program in the gateway
-//! process. Every tool spawns the single-threaded launcher `chitin sandbox exec` (landlock,
-//! seccomp, namespaces, limits); the file tools run the hidden `chitin __fs-helper` inside it.
+//! process. Every tool runs through the single-threaded launcher (landlock, seccomp,
+//! namespaces, limits): forked by the zygote `chitin-sandbox-launch --serve`, else exec'd as
+//! `chitin-sandbox-launch` (or `chitin sandbox exec`); the file tools run `chitin-fs-helper`
+//! (or the hidden `chitin __fs-helper`) inside it.
 //! Before that, the gate locates the path beneath the workspace descriptor (`wsfs::locate`)
 //! and asks Cedar; the tool accepts it only through [`Workspace::resolve`] (lexical checks,
 //! then an `openat2(RESOLVE_BENEATH)` walk); the helper enforces the workspace boundary again
