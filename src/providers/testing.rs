@@ -290,6 +290,12 @@ impl FakeServer {
         lock(&self.state).requests.clone()
     }
 
+    /// Forgets the requests received so far (a long benchmark would otherwise keep a copy
+    /// of every request it made: memory quadratic in the session's length).
+    pub fn clear_requests(&self) {
+        lock(&self.state).requests = Vec::new();
+    }
+
     /// Appends a step to the script.
     pub fn push(&self, step: Step) {
         lock(&self.state).script.push_back(step);
