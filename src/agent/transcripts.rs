@@ -372,9 +372,13 @@ impl HistoryCache {
         }
     }
 
-    /// Drops the sessions of `subject` (`None`: every session).
+    /// Drops the sessions of `subject` (`None`: every session). A read already under way
+    /// does not put what it opened back: the snapshot marks are reset, so its put-back finds
+    /// them changed (and the next read starts the cache over).
     pub fn forget_subject(&self, subject: Option<&str>) {
         let mut st = self.lock();
+        st.changes = None;
+        st.epoch = None;
         match subject {
             None => st.clear(),
             Some(subject) => {
@@ -391,9 +395,13 @@ impl HistoryCache {
         }
     }
 
-    /// Drops everything.
+    /// Drops everything (and, like [`Self::forget_subject`], keeps a read under way from
+    /// putting what it opened back).
     pub fn clear(&self) {
-        self.lock().clear();
+        let mut st = self.lock();
+        st.changes = None;
+        st.epoch = None;
+        st.clear();
     }
 
     /// (sessions, bytes) held now.
