@@ -15,7 +15,6 @@ use zeroize::{Zeroize, Zeroizing};
 
 use chitin_store::{Conn, Row};
 
-use super::context::Conversation;
 use crate::store::{Store, StoreError, params};
 
 /// What a sealer calls after it destroyed a key: `Some(subject)`, or `None` when it only
@@ -266,16 +265,6 @@ impl AsRef<Entry> for SharedEntry {
 /// The compaction summary as the agent reads it (wiped on drop).
 pub type SharedSummary = Arc<Zeroizing<String>>;
 
-/// A session's history as the agent reads it ([`Transcripts::history_view`]).
-pub struct History {
-    /// The compaction summary.
-    pub summary: Option<SharedSummary>,
-    /// The messages after the summary, oldest first (shared with the cache).
-    pub entries: Arc<Vec<SharedEntry>>,
-    /// `entries` as provider messages (asked for by `history_view`).
-    pub conversation: Option<Conversation>,
-}
-
 /// A session's opened history as the cache keeps it.
 struct CachedSession {
     subject: String,
@@ -284,15 +273,9 @@ struct CachedSession {
     summary: Option<SharedSummary>,
     /// `summary_seq`: the messages up to it are covered by the summary and not kept.
     upto: i64,
-    /// Shared with the readers; appended to in place when no reader holds it any more.
-    entries: Arc<Vec<SharedEntry>>,
-    /// The entries as provider messages, once the agent asked for them
-    /// ([`Transcripts::history_view`]): appended to with the entries.
-    conversation: Option<Conversation>,
+    entries: Vec<SharedEntry>,
     /// The highest seq read (messages after it are new).
     last_seq: i64,
-    /// What [`weight`] gives for `entries`, summed.
-    entries_bytes: usize,
     bytes: usize,
     used: u64,
 }
@@ -302,11 +285,7 @@ impl CachedSession {
         self.bytes = 256
             + self.summary.as_ref().map_or(0, |s| s.capacity())
             + self.summary_blob.as_ref().map_or(0, Vec::capacity)
-            + self.entries_bytes
-            + self
-                .conversation
-                .as_ref()
-                .map_or(0, Conversation::heap_bytes);
+            + self.entries.iter().map(|e| weight(e)).sum::<usize>();
     }
 }
 
@@ -429,6 +408,16 @@ impl HistoryCache {
             st.remove(&oldest);
         }
     }
+}
+
+/// What the cache had of a session when a read began.
+struct Hit {
+    last_seq: i64,
+    upto: i64,
+    bytes: usize,
+    entries: Vec<SharedEntry>,
+    summary_blob: Option<Vec<u8>>,
+    summary: Option<SharedSummary>,
 }
 
 /// A message row before opening: seq, run id, time, subject, sealed body.
@@ -765,19 +754,6 @@ impl Transcripts {
         &self,
         key: &str,
     ) -> Result<(Option<SharedSummary>, Vec<SharedEntry>), TranscriptError> {
-        let h = self.read_history(key, false)?;
-        Ok((h.summary, Arc::unwrap_or_clone(h.entries)))
-    }
-
-    /// [`Self::history_shared`] with the entries shared with the cache (not copied) and, with
-    /// `messages`, the history as provider messages ([`History::conversation`]): with the
-    /// cache, both are kept from one read to the next and only what is new is opened and
-    /// converted.
-    pub fn history_view(&self, key: &str, messages: bool) -> Result<History, TranscriptError> {
-        self.read_history(key, messages)
-    }
-
-    fn read_history(&self, key: &str, conversation: bool) -> Result<History, TranscriptError> {
         // The erasure epoch before the read: a key destroyed after it moves it, and what this
         // read opened is then not kept.
         let epoch = match &self.cache {
@@ -808,9 +784,7 @@ impl Transcripts {
                 r.get::<Option<Vec<u8>>>(1)?,
                 r.get::<i64>(2)?,
             );
-            // What the cache has of this session, still valid for this snapshot: taken out
-            // while this read appends to it (so that it is appended to in place, not copied;
-            // a concurrent read of the session reads it all), put back after.
+            // What the cache has of this session, still valid for this snapshot.
             let cached = match &self.cache {
                 Some(c) => {
                     let mut st = c.lock();
@@ -819,10 +793,23 @@ impl Transcripts {
                         st.changes = Some(changes);
                         st.epoch = epoch;
                     }
-                    match st.sessions.remove(key) {
-                        Some(cs) => {
-                            st.bytes = st.bytes.saturating_sub(cs.bytes);
-                            (cs.subject == subject).then_some(cs)
+                    st.tick += 1;
+                    let tick = st.tick;
+                    match st.sessions.get_mut(key) {
+                        Some(cs) if cs.subject == subject => {
+                            cs.used = tick;
+                            Some(Hit {
+                                last_seq: cs.last_seq,
+                                upto: cs.upto,
+                                bytes: cs.bytes,
+                                entries: cs.entries.clone(),
+                                summary_blob: cs.summary_blob.clone(),
+                                summary: cs.summary.clone(),
+                            })
+                        }
+                        Some(_) => {
+                            st.remove(key);
+                            None
                         }
                         None => None,
                     }
@@ -838,51 +825,37 @@ impl Transcripts {
             Ok::<_, TranscriptError>((changes, subject, blob, upto, cached, rows))
         })?;
         // Open what is new (outside the database lock).
-        let (mut entries, summary, mut conv, entries_bytes) = match cached {
-            Some(cs) => {
-                let summary = if cs.summary_blob == blob {
-                    cs.summary
+        // The bytes the cache would hold for this session, when known without weighing it
+        // all again (nothing but appends since it was cached).
+        let mut known_bytes = None;
+        let (mut entries, summary) = match cached {
+            Some(hit) => {
+                let mut entries = hit.entries;
+                let summary = if hit.summary_blob == blob {
+                    if hit.upto == upto {
+                        known_bytes = Some(hit.bytes);
+                    }
+                    hit.summary
                 } else {
                     self.open_summary(&subject, blob.as_deref())?
                 };
-                let mut entries = cs.entries;
-                let mut conv = cs.conversation;
-                let mut entries_bytes = cs.entries_bytes;
-                // The summary moved on (compaction): what it now covers is dropped, and the
-                // rest weighed and converted again (linear in the session, once).
-                if cs.upto != upto {
-                    Arc::make_mut(&mut entries).retain(|e| e.seq > upto);
-                    entries_bytes = entries.iter().map(|e| weight(e)).sum();
-                    conv = None;
+                // The summary moved on (compaction): what it now covers is dropped.
+                if hit.upto != upto {
+                    entries.retain(|e| e.seq > upto);
                 }
-                (entries, summary, conv, entries_bytes)
+                (entries, summary)
             }
-            None => (
-                Arc::new(Vec::new()),
-                self.open_summary(&subject, blob.as_deref())?,
-                None,
-                0,
-            ),
+            None => (Vec::new(), self.open_summary(&subject, blob.as_deref())?),
         };
-        let mut entries_bytes = entries_bytes;
-        if !rows.is_empty() {
-            let list = Arc::make_mut(&mut entries);
-            for (seq, run_id, created_ms, row_subject, body) in rows {
-                let e = Entry {
-                    seq,
-                    run_id,
-                    created_ms,
-                    message: self.open(&row_subject, &body)?,
-                };
-                entries_bytes += weight(&e);
-                if let Some(c) = conv.as_mut() {
-                    c.push(&e);
-                }
-                list.push(SharedEntry::new(e));
-            }
-        }
-        if conversation && conv.is_none() {
-            conv = Some(Conversation::of(entries.as_slice()));
+        for (seq, run_id, created_ms, row_subject, body) in rows {
+            let e = Entry {
+                seq,
+                run_id,
+                created_ms,
+                message: self.open(&row_subject, &body)?,
+            };
+            known_bytes = known_bytes.map(|b| b + weight(&e));
+            entries.push(SharedEntry::new(e));
         }
         if let Some(c) = &self.cache {
             let mut st = c.lock();
@@ -896,16 +869,17 @@ impl Transcripts {
                     summary_blob: blob,
                     summary: summary.clone(),
                     upto,
-                    entries: Arc::clone(&entries),
-                    conversation: conv.clone(),
+                    entries: entries.clone(),
                     last_seq,
-                    entries_bytes,
                     bytes: 0,
                     used: tick,
                 };
-                cs.weigh();
-                // A concurrent read of the session may have put its own copy back: this one
-                // replaces it.
+                // Weighing all of it is linear in the session: only after a compaction or a
+                // first read.
+                match known_bytes {
+                    Some(b) => cs.bytes = b,
+                    None => cs.weigh(),
+                }
                 st.remove(key);
                 if cs.bytes <= c.max_bytes {
                     st.bytes += cs.bytes;
@@ -914,11 +888,7 @@ impl Transcripts {
                 }
             }
         }
-        Ok(History {
-            summary,
-            entries,
-            conversation: if conversation { conv } else { None },
-        })
+        Ok((summary, entries))
     }
 
     fn open_summary(
@@ -1184,128 +1154,5 @@ impl Transcripts {
             .into_iter()
             .next()
             .ok_or_else(|| TranscriptError::NoSession(key.into()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        reason = "tests"
-    )]
-    use super::*;
-    use crate::agent::context::{self, estimate_tokens, to_messages, tokens_of};
-
-    /// Seals as `subject|plaintext` (no key to destroy).
-    struct TagSealer;
-
-    impl Sealer for TagSealer {
-        fn seal(&self, subject: &str, plaintext: &[u8]) -> Result<Vec<u8>, String> {
-            let mut v = format!("{subject}|").into_bytes();
-            v.extend_from_slice(plaintext);
-            Ok(v)
-        }
-        fn open(&self, subject: &str, sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, String> {
-            sealed
-                .strip_prefix(format!("{subject}|").as_bytes())
-                .map(|p| Zeroizing::new(p.to_vec()))
-                .ok_or_else(|| "sealed for another subject".to_string())
-        }
-    }
-
-    /// The messages and token estimate `history_view` gives, checked against a full
-    /// conversion and recount of the same history read without a cache.
-    fn check(t: &Transcripts, uncached: &Transcripts, key: &str) -> usize {
-        let system = "the system prompt of the run";
-        let h = t.history_view(key, true).unwrap();
-        let summary = h.summary.as_ref().map(|s| s.as_str());
-        let (messages, bytes) = h.conversation.as_ref().unwrap().view(summary);
-        let (s2, full) = uncached.history(key).unwrap();
-        assert_eq!(summary, s2.as_deref());
-        let want = to_messages(s2.as_deref(), &full);
-        assert_eq!(messages.to_vec(), want);
-        assert_eq!(
-            tokens_of(system.len() + bytes),
-            estimate_tokens(system, &want),
-            "the running estimate is the full recount"
-        );
-        assert_eq!(
-            tokens_of(system.len() + bytes),
-            estimate_tokens(system, &messages)
-        );
-        want.len()
-    }
-
-    #[test]
-    fn the_estimate_kept_with_the_cache_equals_a_full_recount_after_appends_compaction_and_eviction()
-     {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("state.db")).unwrap());
-        let t = Transcripts::new(Arc::clone(&store), Arc::new(TagSealer)).with_cache(1 << 20);
-        let uncached = Transcripts::new(store, Arc::new(TagSealer));
-        let key = "s1";
-        let history = context::tests::varied_history();
-        let first = Stored::User {
-            text: "hello".into(),
-            from: "owner".into(),
-            untrusted: false,
-        };
-        t.begin_turn(key, "alice", "cli", "r1", None, &first, false, 1)
-            .unwrap();
-        check(&t, &uncached, key);
-        // Appends, each read on top of the cached history (and once two at a time).
-        for (i, m) in history.iter().enumerate() {
-            t.append_step(key, "alice", Some("r1"), m, None, None, 2 + i as i64)
-                .unwrap();
-            if i % 5 != 3 {
-                check(&t, &uncached, key);
-            }
-        }
-        // A reader holding the history while more is appended keeps what it read.
-        let held = t.history_view(key, true).unwrap();
-        let held_messages = held.conversation.as_ref().unwrap().view(None).0.to_vec();
-        for m in &history[..4] {
-            t.append_step(key, "alice", Some("r1"), m, None, None, 100)
-                .unwrap();
-            check(&t, &uncached, key);
-        }
-        assert_eq!(
-            held.conversation.as_ref().unwrap().view(None).0.to_vec(),
-            held_messages
-        );
-        drop(held);
-        // Compaction: the summary covers the first messages (twice, the second time
-        // starting the kept part with a tool result).
-        t.set_summary(key, "alice", "they said hello", 5).unwrap();
-        check(&t, &uncached, key);
-        t.append_step(key, "alice", Some("r1"), &history[1], None, None, 200)
-            .unwrap();
-        check(&t, &uncached, key);
-        t.set_summary(key, "alice", "more said", 8).unwrap();
-        check(&t, &uncached, key);
-        // A new summary over the same messages.
-        t.set_summary(key, "alice", "said differently", 8).unwrap();
-        check(&t, &uncached, key);
-        // Eviction: the cache starts over and builds it all again.
-        t.cache().unwrap().clear();
-        check(&t, &uncached, key);
-        t.cache()
-            .unwrap()
-            .forget_subject(Some(&subject_of("alice")));
-        assert!(!t.cache().unwrap().holds_subject(&subject_of("alice")));
-        t.append_step(key, "alice", Some("r1"), &history[2], None, None, 300)
-            .unwrap();
-        check(&t, &uncached, key);
-        // history_shared alone does not keep a conversation, and history_view after it
-        // builds one from what is cached.
-        t.cache().unwrap().clear();
-        let (_, entries) = t.history_shared(key).unwrap();
-        let n = check(&t, &uncached, key);
-        assert!(n >= entries.len());
-        // Within the bound: the conversation counts against it.
-        let (_, bytes) = t.cache().unwrap().usage();
-        assert!(bytes <= 1 << 20);
     }
 }

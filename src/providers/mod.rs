@@ -29,8 +29,6 @@ mod sse;
 pub mod testing;
 
 use std::fmt;
-use std::ops::Range;
-use std::sync::Arc;
 
 pub use cost::{UsageRecord, check_budget, cost_usd, spend_today_usd};
 pub use keys::GateKeySource;
@@ -59,7 +57,7 @@ pub struct ChatRequest {
     /// The system prompt.
     pub system: Option<String>,
     /// The conversation so far, oldest first.
-    pub messages: Messages,
+    pub messages: Vec<Message>,
     /// The tools the model may call.
     pub tools: Vec<ToolSpec>,
     /// Upper bound on generated tokens.
@@ -73,9 +71,9 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     /// A streaming request with `max_tokens` and no tools.
-    pub fn new(messages: impl Into<Messages>, max_tokens: u32) -> Self {
+    pub fn new(messages: Vec<Message>, max_tokens: u32) -> Self {
         Self {
-            messages: messages.into(),
+            messages,
             max_tokens,
             stream: true,
             ..Self::default()
@@ -103,175 +101,6 @@ pub enum Message {
         is_error: bool,
         images: Vec<ImagePart>,
     },
-}
-
-/// Messages kept from one request to the next (a session's history, appended to as it
-/// grows): requests share them through an `Arc` instead of copying them. Appending to a log
-/// that a request still holds copies it first ([`Arc::make_mut`]), so what a request holds
-/// never changes. Every text is wiped (zeroed) when the log is dropped.
-#[derive(Debug, Clone, Default)]
-pub struct MessageLog(Vec<Message>);
-
-impl MessageLog {
-    pub fn push(&mut self, m: Message) {
-        self.0.push(m);
-    }
-
-    pub fn as_slice(&self) -> &[Message] {
-        &self.0
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl Drop for MessageLog {
-    fn drop(&mut self) {
-        use zeroize::Zeroize;
-        for m in &mut self.0 {
-            match m {
-                Message::User { text } => text.zeroize(),
-                Message::Assistant { text, tool_calls } => {
-                    text.zeroize();
-                    for c in tool_calls {
-                        c.id.zeroize();
-                        c.name.zeroize();
-                        c.arguments_json.zeroize();
-                        c.malformed.zeroize();
-                    }
-                }
-                Message::ToolResult {
-                    tool_use_id,
-                    content,
-                    images,
-                    ..
-                } => {
-                    tool_use_id.zeroize();
-                    content.zeroize();
-                    for i in images {
-                        i.data_base64.zeroize();
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The messages of a request, oldest first: owned messages and runs of shared
-/// [`MessageLog`]s (a long history is sent without being copied). Iterating gives each
-/// message in order, as a `Vec<Message>` would.
-#[derive(Debug, Clone, Default)]
-pub struct Messages {
-    parts: Vec<Part>,
-}
-
-#[derive(Debug, Clone)]
-enum Part {
-    Own(Message),
-    Shared(Arc<MessageLog>, Range<usize>),
-}
-
-impl Messages {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Appends one message.
-    pub fn push(&mut self, m: Message) {
-        self.parts.push(Part::Own(m));
-    }
-
-    /// Appends the messages `range` of `log` (cut to the log's length), sharing them.
-    pub fn push_shared(&mut self, log: &Arc<MessageLog>, range: Range<usize>) {
-        let end = range.end.min(log.len());
-        if range.start < end {
-            self.parts
-                .push(Part::Shared(Arc::clone(log), range.start..end));
-        }
-    }
-
-    /// The messages in order.
-    pub fn iter(&self) -> MessagesIter<'_> {
-        MessagesIter {
-            parts: self.parts.iter(),
-            run: [].iter(),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.parts
-            .iter()
-            .map(|p| match p {
-                Part::Own(_) => 1,
-                Part::Shared(_, r) => r.len(),
-            })
-            .sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The messages as an owned list (copies them).
-    pub fn to_vec(&self) -> Vec<Message> {
-        self.iter().cloned().collect()
-    }
-}
-
-impl From<Vec<Message>> for Messages {
-    fn from(v: Vec<Message>) -> Self {
-        Self {
-            parts: v.into_iter().map(Part::Own).collect(),
-        }
-    }
-}
-
-impl FromIterator<Message> for Messages {
-    fn from_iter<I: IntoIterator<Item = Message>>(iter: I) -> Self {
-        Self {
-            parts: iter.into_iter().map(Part::Own).collect(),
-        }
-    }
-}
-
-/// The messages of a [`Messages`], in order.
-pub struct MessagesIter<'a> {
-    parts: std::slice::Iter<'a, Part>,
-    run: std::slice::Iter<'a, Message>,
-}
-
-impl<'a> Iterator for MessagesIter<'a> {
-    type Item = &'a Message;
-    fn next(&mut self) -> Option<&'a Message> {
-        loop {
-            if let Some(m) = self.run.next() {
-                return Some(m);
-            }
-            self.run = match self.parts.next()? {
-                Part::Own(m) => std::slice::from_ref(m).iter(),
-                Part::Shared(log, r) => log.as_slice()[r.clone()].iter(),
-            };
-        }
-    }
-}
-
-impl<'a> IntoIterator for &'a Messages {
-    type Item = &'a Message;
-    type IntoIter = MessagesIter<'a>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl PartialEq for Messages {
-    fn eq(&self, other: &Self) -> bool {
-        self.iter().eq(other.iter())
-    }
 }
 
 /// An image a tool returned, base64-encoded.
