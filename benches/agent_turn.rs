@@ -6,10 +6,6 @@
 //! `cargo bench --bench agent_turn` prints the table for BENCHMARKS.md. Under `cargo test
 //! --all-targets` (no `--bench` argument) it does a short smoke run.
 
-/// The gateway binary's allocator (`src/main.rs`), so in-process figures are the gateway's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[path = "support/stats.rs"]
 mod stats;
 use stats::*;

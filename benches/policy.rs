@@ -19,10 +19,6 @@
     reason = "benchmark harness"
 )]
 
-/// The gateway binary's allocator (`src/main.rs`), so in-process figures are the gateway's.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::time::Instant;
 
