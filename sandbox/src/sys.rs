@@ -352,57 +352,11 @@ pub fn send_fds(sock: RawFd, tag: u32, fds: &[RawFd]) -> io::Result<()> {
     check_long(unsafe { libc::sendmsg(sock, &msg, 0) } as libc::c_long).map(|_| ())
 }
 
-/// Receives one message with up to one fd; `Ok(None)` on EOF.
+/// Receives one message with up to one fd; `Ok(None)` on EOF ([`recv_tagged`] with one fd,
+/// handed over as a raw fd the caller owns).
 pub fn recv_fd(sock: RawFd) -> io::Result<Option<(u32, Option<RawFd>)>> {
-    let mut data = [0u8; 4];
-    let mut iov = libc::iovec {
-        iov_base: data.as_mut_ptr().cast(),
-        iov_len: data.len(),
-    };
-    // SAFETY: pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: an all-zero msghdr is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    let n = loop {
-        // SAFETY: msg and its buffers are valid and writable.
-        let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        break n;
-    };
-    if n == 0 {
-        return Ok(None);
-    }
-    let tag = u32::from_le_bytes(data);
-    // SAFETY: msg was filled by recvmsg; CMSG_FIRSTHDR checks bounds against msg_controllen.
-    let fd = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if !cmsg.is_null()
-            && (*cmsg).cmsg_level == libc::SOL_SOCKET
-            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
-        {
-            let mut fd: RawFd = -1;
-            std::ptr::copy_nonoverlapping(
-                libc::CMSG_DATA(cmsg),
-                (&mut fd as *mut RawFd).cast::<u8>(),
-                std::mem::size_of::<RawFd>(),
-            );
-            Some(fd)
-        } else {
-            None
-        }
-    };
-    Ok(Some((tag, fd)))
+    use std::os::fd::IntoRawFd;
+    Ok(recv_tagged(sock, 1)?.map(|(tag, mut fds)| (tag, fds.pop().map(IntoRawFd::into_raw_fd))))
 }
 
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<RawFd> {
