@@ -111,18 +111,35 @@ fn reading_world_readable_secrets_outside_the_workspace_fails() {
     std::fs::write(&home_key, "AGE-SECRET-KEY-canary").unwrap();
     std::fs::set_permissions(&home_key, std::fs::Permissions::from_mode(0o644)).unwrap();
     let r = e.py(&format!(
-        "t('fixture', lambda: open({:?}).read())\nt('state', lambda: open({:?}).read())\nt('root', lambda: os.listdir('/root'))\nt('home', lambda: os.listdir('/home'))\nprint('hostname', open('/etc/hostname').read().strip())",
+        "t('fixture', lambda: open({:?}).read())\nt('state', lambda: open({:?}).read())\nt('root', lambda: print('root lists', sorted(os.listdir('/root'))))\nt('home', lambda: print('home lists', sorted(os.listdir('/home'))))\nprint('hostname', open('/etc/hostname').read().strip())",
         secret.to_str().unwrap(),
         home_key.to_str().unwrap()
     ));
-    // Not in the mount view at all (and landlock would refuse it too).
+    // Not in the mount view at all (and landlock would refuse it too). The workspace is
+    // mounted at its host path, so when it lies under /root or /home (a checkout in root's
+    // home), that directory exists in the view as an empty skeleton holding only the next
+    // component of the workspace's path, never the host's files.
+    let skeleton = |top: &str| -> String {
+        match e.ws().strip_prefix(top) {
+            Ok(rest) => {
+                let first = rest
+                    .components()
+                    .next()
+                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                format!("{} lists ['{first}']", top.trim_start_matches('/'))
+            }
+            Err(_) => format!("{} ENOENT", top.trim_start_matches('/')),
+        }
+    };
+    let (root, home) = (skeleton("/root"), skeleton("/home"));
     expect_lines(
         &r,
         &[
             "fixture ENOENT",
             "state ENOENT",
-            "root ENOENT",
-            "home ENOENT",
+            root.as_str(),
+            home.as_str(),
             "hostname sandbox",
         ],
     );
@@ -145,6 +162,14 @@ fn writing_outside_the_workspace_fails_and_host_files_stay_unchanged() {
     } else {
         "parent EROFS"
     };
+    // /root is absent from the view, unless the workspace lies under it (a checkout in root's
+    // home): then /root is a read-only skeleton of the workspace's path, without .bashrc.
+    let bashrc = if e.ws().starts_with("/root") {
+        "bashrc EROFS"
+    } else {
+        "bashrc ENOENT"
+    };
+    let host_bashrc = std::fs::read("/root/.bashrc").ok();
     expect_lines(
         &r,
         &[
@@ -153,9 +178,10 @@ fn writing_outside_the_workspace_fails_and_host_files_stay_unchanged() {
             "usr EROFS",
             "root EROFS",
             parent,
-            "bashrc ENOENT",
+            bashrc,
         ],
     );
+    assert_eq!(std::fs::read("/root/.bashrc").ok(), host_bashrc);
     assert_eq!(std::fs::read_to_string(&outside).unwrap(), "unchanged");
     assert!(!e.ws().parent().unwrap().join("escape").exists());
     drop(d);
