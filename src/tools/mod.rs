@@ -919,7 +919,11 @@ impl Sandbox {
             let (r, w) = std::io::pipe().map_err(gone)?;
             (std::os::fd::OwnedFd::from(r), Some(w))
         } else {
-            (std::fs::File::open("/dev/null").map_err(gone)?.into(), None)
+            // No input: a pipe whose write end is closed at once (reads see end of file, as
+            // from /dev/null, without opening a path from the gateway).
+            let (r, w) = std::io::pipe().map_err(gone)?;
+            drop(w);
+            (std::os::fd::OwnedFd::from(r), None)
         };
         let (out_r, out_w) = std::io::pipe().map_err(gone)?;
         let (err_r, err_w) = std::io::pipe().map_err(gone)?;
