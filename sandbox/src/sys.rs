@@ -319,37 +319,10 @@ pub fn seccomp_notif_deny(listener: RawFd, id: u64, errno: i32) {
     }
 }
 
-/// Sends fds over a UNIX socket with one data word.
+/// Sends fds over a UNIX socket with one data word ([`send_tagged`]: a peer gone is `EPIPE`,
+/// never SIGPIPE).
 pub fn send_fds(sock: RawFd, tag: u32, fds: &[RawFd]) -> io::Result<()> {
-    let data = tag.to_le_bytes();
-    let mut iov = libc::iovec {
-        iov_base: data.as_ptr().cast_mut().cast(),
-        iov_len: data.len(),
-    };
-    let fd_bytes = std::mem::size_of_val(fds);
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(u32::try_from(fd_bytes).unwrap_or(0)) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: an all-zero msghdr is valid; we fill the fields below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
-    // SAFETY: msg has a control buffer of CMSG_SPACE(fd_bytes) bytes, so the first header and
-    // its data area are in bounds.
-    unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        if cmsg.is_null() {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(u32::try_from(fd_bytes).unwrap_or(0)) as usize;
-        std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), fd_bytes);
-    }
-    // SAFETY: msg and the buffers it points to are valid for the call.
-    check_long(unsafe { libc::sendmsg(sock, &msg, 0) } as libc::c_long).map(|_| ())
+    send_tagged(sock, tag, fds)
 }
 
 /// Receives one message with up to one fd; `Ok(None)` on EOF ([`recv_tagged`] with one fd,
