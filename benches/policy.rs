@@ -142,6 +142,16 @@ fn thread_cpu_ns() -> u64 {
 }
 
 fn measure(name: &str, engine: &PolicyEngine, reqs: &[PolicyRequest], iters: usize) {
+    // `-- --bench --only TEXT`: only the cases whose name contains TEXT (to profile one).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(only) = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        && !name.contains(only.as_str())
+    {
+        return;
+    }
     for r in reqs.iter().cycle().take(1000) {
         engine.decide(r).unwrap();
     }

@@ -1,11 +1,12 @@
 //! `POST /tools/invoke` of `list_dir` and `exec` through the real gateway binary (issue #21:
-//! `list_dir` p50 ≤ 3 ms): the gate (Cedar), the audit record, the sandbox start and the
-//! in-sandbox file helper, end to end over loopback HTTP.
+//! `list_dir` p50 ≤ 3 ms): the gate (Cedar), the audit record, and the listing (read by the
+//! gateway through directory descriptors; through a symlink, by the in-sandbox file helper,
+//! which costs a sandbox start) or the sandboxed program, end to end over loopback HTTP.
 //!
 //! Two gateways run side by side on copies of one state: one with `chitin-sandbox-launch`
-//! next to its `chitin` binary (the small launcher), one started from a copy of `chitin` alone
-//! (so it falls back to `chitin sandbox exec`, the launcher before issue #21). Requests
-//! alternate between them, so machine load hits both alike.
+//! next to its `chitin` binary (the small launcher, forked by the zygote), one started from a
+//! copy of `chitin` alone (so it falls back to `chitin sandbox exec`, the launcher before issue
+//! #21). Requests alternate between them, so machine load hits both alike.
 //!
 //! `cargo bench --bench tool_start [-- RUNS]` (default 200 per variant). Under
 //! `cargo test --all-targets` (no `--bench`) it does a 3-request smoke run.
@@ -116,6 +117,8 @@ fn setup_home(base: &Path, name: &str) -> Result<PathBuf, BoxError> {
     for i in 0..20 {
         std::fs::write(ws.join(format!("note{i}.md")), format!("note {i}\n"))?;
     }
+    // A path through a symlink is listed by the sandboxed helper, not by the gateway.
+    std::os::unix::fs::symlink(".", ws.join("via-link"))?;
     let cfg = home.join("chitin.toml");
     std::fs::write(
         &cfg,
@@ -151,21 +154,22 @@ async fn main_async(runs: usize) -> Result<(), BoxError> {
     let new_tok = token(&chitin, &new_home)?;
     let old_tok = token(&old_bin, &old_home)?;
     let list = serde_json::json!({"tool": "list_dir", "args": {"path": "."}});
+    let linked = serde_json::json!({"tool": "list_dir", "args": {"path": "via-link"}});
     let exec = serde_json::json!({"tool": "exec", "args": {"argv": ["/bin/true"]}});
     for _ in 0..5 {
         invoke(&client, &new_gw, &new_tok, &list).await?;
-        invoke(&client, &old_gw, &old_tok, &list).await?;
+        invoke(&client, &new_gw, &new_tok, &linked).await?;
     }
     let (mut nl, mut ol, mut ne, mut oe) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         nl.push(invoke(&client, &new_gw, &new_tok, &list).await?);
-        ol.push(invoke(&client, &old_gw, &old_tok, &list).await?);
+        ol.push(invoke(&client, &new_gw, &new_tok, &linked).await?);
         ne.push(invoke(&client, &new_gw, &new_tok, &exec).await?);
         oe.push(invoke(&client, &old_gw, &old_tok, &exec).await?);
     }
     println!("POST /tools/invoke, {runs} interleaved requests per variant (cgroup = off)");
-    line("list_dir, chitin-sandbox-launch", nl);
-    line("list_dir, chitin sandbox exec (fallback, before #21)", ol);
+    line("list_dir, read by the gateway (descriptors)", nl);
+    line("list_dir through a symlink (sandboxed helper, zygote)", ol);
     line("exec /bin/true, chitin-sandbox-launch", ne);
     line(
         "exec /bin/true, chitin sandbox exec (fallback, before #21)",

@@ -353,6 +353,49 @@ impl WsDir {
             .map_err(|e| WsFsError::from_errno(&shown, e))
     }
 
+    /// The entries of the directory `rel` beneath this one (no symlink on the way or at the
+    /// end), at most `max` of them in the order the directory gives them (`more` says whether
+    /// there were others). Each entry is looked at with `fstatat(AT_SYMLINK_NOFOLLOW)` on the
+    /// directory's descriptor: a symlink is reported as one, never followed; an entry that
+    /// vanished between the read and the look is `other` with size 0.
+    pub fn list(&self, rel: &Path, max: usize) -> Result<Listing, WsFsError> {
+        let dir = self.open_dir(rel)?;
+        let fd = dir.open_beneath(
+            Path::new("."),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )?;
+        let entries = rustix::fs::Dir::new(fd).map_err(|e| WsFsError::from_errno(&dir.rel, e))?;
+        let mut out = Listing {
+            entries: Vec::new(),
+            more: false,
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| WsFsError::from_errno(&dir.rel, e))?;
+            let n = entry.file_name();
+            if matches!(n.to_bytes(), b"." | b"..") {
+                continue;
+            }
+            if out.entries.len() >= max {
+                out.more = true;
+                break;
+            }
+            let st = rustix::fs::statat(&dir.fd, n, AtFlags::SYMLINK_NOFOLLOW).ok();
+            let kind = match st.map(|s| FileType::from_raw_mode(s.st_mode)) {
+                Some(FileType::Symlink) => EntryKind::Symlink,
+                Some(FileType::Directory) => EntryKind::Dir,
+                Some(FileType::RegularFile) => EntryKind::File,
+                _ => EntryKind::Other,
+            };
+            out.entries.push(Entry {
+                name: OsStr::from_bytes(n.to_bytes()).to_os_string(),
+                kind,
+                size: st.map_or(0, |s| u64::try_from(s.st_size).unwrap_or(0)),
+            });
+        }
+        Ok(out)
+    }
+
     /// The names in this directory (without `.` and `..`).
     pub fn names(&self) -> Result<Vec<std::ffi::OsString>, WsFsError> {
         let fd = self.open_beneath(
@@ -370,6 +413,44 @@ impl WsDir {
             }
         }
         Ok(out)
+    }
+}
+
+/// What [`WsDir::list`] found in one directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub entries: Vec<Entry>,
+    /// Whether the directory had more entries than were listed.
+    pub more: bool,
+}
+
+/// One directory entry (the entry itself: a symlink is not followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub name: std::ffi::OsString,
+    pub kind: EntryKind,
+    /// `st_size` of the entry itself.
+    pub size: u64,
+}
+
+/// What kind of entry a listing shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+impl EntryKind {
+    /// The word the `list_dir` tool shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryKind::File => "file",
+            EntryKind::Dir => "dir",
+            EntryKind::Symlink => "symlink",
+            EntryKind::Other => "other",
+        }
     }
 }
 

@@ -102,6 +102,8 @@ const FILE_CONDS: &[&str] = &[
     r#"resource.risk != "low""#,
     r#"principal in Chitin::Group::"staff""#,
     r#"context.origin == "model""#,
+    r#"context.path == "/w/a.txt""#,
+    r#""/etc/hosts" == context.path"#,
 ];
 
 const FAMILIES: &[Family] = &[
@@ -129,6 +131,8 @@ const FAMILIES: &[Family] = &[
             "context.command_writable",
             "context.touches_state_dir",
             r#"context.command == "curl""#,
+            r#"context.command == "ls""#,
+            r#""rm" == context.command"#,
             r#"resource.risk != "high""#,
             r#"context.argv.contains("-rf")"#,
         ],
@@ -146,6 +150,7 @@ const FAMILIES: &[Family] = &[
             "context.spend_today_usd.greaterThanOrEqual(context.daily_budget_usd)",
             "context.tainted",
             r#"context.model == "a/b""#,
+            r#"context.model == "c/d""#,
         ],
     },
     Family {

@@ -654,11 +654,11 @@ pub(crate) fn read_head(
     path: &Path,
 ) -> Result<Option<(i64, Vec<u8>)>, AuditError> {
     use rusqlite::OptionalExtension;
-    conn.query_row(
-        "SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1",
-        [],
-        |r| Ok((int(r.get_ref(0)?), bytes(r.get_ref(1)?))),
-    )
-    .optional()
-    .map_err(db_err(path))
+    // Read inside every commit: cached, not prepared again each time.
+    conn.prepare_cached("SELECT seq, hash FROM records ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut st| {
+            st.query_row([], |r| Ok((int(r.get_ref(0)?), bytes(r.get_ref(1)?))))
+                .optional()
+        })
+        .map_err(db_err(path))
 }

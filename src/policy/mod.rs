@@ -196,6 +196,23 @@ struct Slice {
     principal_anchors: HashSet<EntityUid>,
     /// The entities some policy's resource scope names.
     resource_anchors: HashSet<EntityUid>,
+    /// For each policy (same index as `policies`), the string its first `when` clause's
+    /// leading conjunct compares a context attribute with ([`leading_context_literal`]).
+    literals: Vec<Option<(String, String)>>,
+    /// The context attributes some policy's leading conjunct compares with a string literal,
+    /// and the literals.
+    literal_attrs: BTreeMap<String, HashSet<String>>,
+}
+
+/// Which policies with a leading `context.ATTR == "literal"` conjunct on one attribute a
+/// request keeps (see [`Slice::literals`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LiteralPick {
+    /// Every one: the request's context has no plain string under that attribute (the
+    /// comparison may error, which Cedar reports, so those policies are evaluated).
+    All,
+    /// Only those comparing with this string (`None`: the request's string matches none).
+    Only(Option<String>),
 }
 
 /// The sets evaluated for one (action, principal anchors, resource anchors) combination.
@@ -214,7 +231,21 @@ struct Sets {
 
 /// An action, the principal anchors and the resource anchors (`None`: every resource) that
 /// have policies for it.
-type SetKey = (EntityUid, Vec<EntityUid>, Option<Vec<EntityUid>>);
+type SetKey = (
+    EntityUid,
+    Vec<EntityUid>,
+    Option<Vec<EntityUid>>,
+    Option<Vec<LiteralPick>>,
+);
+
+/// A request's context attribute as the policies will see it (`None`: no context to go by,
+/// every policy is kept).
+type ContextLookup<'a> = Option<&'a dyn Fn(&str) -> Option<Value>>;
+
+/// Context attributes never indexed by literal: `approved` differs between the first
+/// evaluation and the approval re-evaluation, and `requester` / `user` are entities in some
+/// actions' contexts even when the caller writes a string.
+const UNINDEXED_ATTRS: &[&str] = &["approved", "requester", "user"];
 
 /// How many (action, anchors) combinations are kept before the cache starts over.
 const SET_CACHE_LIMIT: usize = 4096;
@@ -563,11 +594,54 @@ fn slice_by_action(
                 .entry((principal, resource))
                 .or_default()
                 .push(slice.policies.len());
+            let literal = leading_context_literal(p);
+            if let Some((attr, lit)) = &literal {
+                slice
+                    .literal_attrs
+                    .entry(attr.clone())
+                    .or_default()
+                    .insert(lit.clone());
+            }
+            slice.literals.push(literal);
             slice.policies.push(p.clone());
         }
         slices.insert(action.clone(), slice);
     }
     Ok(slices)
+}
+
+/// `(ATTR, "literal")` when the first condition of `p` is a `when` clause whose leftmost
+/// `&&` operand is `context.ATTR == "literal"` (either way round). Cedar evaluates a policy as
+/// its scope (which cannot error) `&&` its clauses in order, left to right, stopping at the
+/// first false: so for a request whose context holds a *string* under ATTR other than the
+/// literal, that comparison is false without an error and so is the whole policy. Leaving
+/// such a policy out of the evaluated set changes neither the decision nor the reasons nor
+/// the errors Cedar reports (an index over conditions, for many policies on one action that
+/// differ in the command, host or path they name).
+fn leading_context_literal(p: &Policy) -> Option<(String, String)> {
+    let est = p.to_json().ok()?;
+    let first = est.get("conditions")?.as_array()?.first()?;
+    if first.get("kind")?.as_str()? != "when" {
+        return None;
+    }
+    let mut body = first.get("body")?;
+    while let Some(and) = body.get("&&") {
+        body = and.get("left")?;
+    }
+    let eq = body.get("==")?;
+    let (l, r) = (eq.get("left")?, eq.get("right")?);
+    let attr_of = |v: &Value| -> Option<String> {
+        let dot = v.get(".")?;
+        (dot.get("left")?.get("Var")?.as_str()? == "context")
+            .then(|| dot.get("attr")?.as_str().map(str::to_string))
+            .flatten()
+    };
+    let lit_of = |v: &Value| v.get("Value")?.as_str().map(str::to_string);
+    let (attr, lit) = match (attr_of(l), lit_of(r)) {
+        (Some(a), Some(v)) => (a, v),
+        _ => (attr_of(r)?, lit_of(l)?),
+    };
+    (!UNINDEXED_ATTRS.contains(&attr.as_str())).then_some((attr, lit))
 }
 
 /// The entities of `index` that `uid` is or descends from, sorted: the anchors under which
@@ -629,6 +703,7 @@ impl Compiled {
         principal: &EntityUid,
         resource: Option<&EntityUid>,
         entities: &Entities,
+        context: ContextLookup<'_>,
     ) -> Result<Arc<Sets>, PolicyError> {
         let slice = self
             .slices
@@ -636,7 +711,23 @@ impl Compiled {
             .ok_or_else(|| PolicyError::Request(format!("unknown action {action}")))?;
         let p_anchors = anchors_of(&slice.principal_anchors, principal, entities);
         let r_anchors = resource.map(|r| anchors_of(&slice.resource_anchors, r, entities));
-        let key: SetKey = (action.clone(), p_anchors, r_anchors);
+        // Per indexed attribute, which of its literal-led policies can be satisfied.
+        let picks: Option<Vec<LiteralPick>> = match context {
+            Some(get) if !slice.literal_attrs.is_empty() => Some(
+                slice
+                    .literal_attrs
+                    .iter()
+                    .map(|(attr, lits)| match get(attr.as_str()) {
+                        Some(Value::String(v)) => {
+                            LiteralPick::Only(if lits.contains(&v) { Some(v) } else { None })
+                        }
+                        _ => LiteralPick::All,
+                    })
+                    .collect(),
+            ),
+            _ => None,
+        };
+        let key: SetKey = (action.clone(), p_anchors, r_anchors, picks);
         if let Some(sets) = self
             .set_cache
             .read()
@@ -650,11 +741,26 @@ impl Compiled {
             (None, _) | (Some(_), None) => true,
             (Some(a), Some(anchors)) => anchors.contains(a),
         };
+        let literal_ok = |i: usize| {
+            let (Some(picks), Some(Some((attr, lit)))) = (&key.3, slice.literals.get(i)) else {
+                return true;
+            };
+            slice
+                .literal_attrs
+                .keys()
+                .zip(picks)
+                .find(|(a, _)| *a == attr)
+                .is_none_or(|(_, pick)| match pick {
+                    LiteralPick::All => true,
+                    LiteralPick::Only(v) => v.as_deref() == Some(lit.as_str()),
+                })
+        };
         let mut chosen: Vec<usize> = slice
             .by_scope
             .iter()
             .filter(|((p, r), _)| principal_ok(p) && resource_ok(r))
             .flat_map(|(_, ix)| ix.iter().copied())
+            .filter(|i| literal_ok(*i))
             .collect();
         // File order, whatever the map's order.
         chosen.sort_unstable();
@@ -1714,7 +1820,7 @@ impl PolicyEngine {
     ) -> Result<bool, PolicyError> {
         let sets = active
             .compiled
-            .sets_for(action, principal, None, &active.entities)?;
+            .sets_for(action, principal, None, &active.entities, None)?;
         let mut permit = false;
         for p in sets.enforced.policies() {
             // The set holds every policy that may apply to some principal with these anchors
@@ -1782,7 +1888,6 @@ impl PolicyEngine {
     ) -> Result<Decision, PolicyError> {
         let compiled = &active.compiled;
         let schema = &compiled.schema;
-        let sets = compiled.sets_for(&req.action, &req.principal, Some(&req.resource), entities)?;
         let action_name = req.action_name();
         let mut derived: Vec<(&str, Value)> =
             derive_context(&action_name, &req.context, &self.state_dirs)
@@ -1793,6 +1898,21 @@ impl PolicyEngine {
             derived.retain(|(n, _)| *n != name.as_str());
             derived.push((name.as_str(), v.clone()));
         }
+        // The context as Cedar will see it: derived attributes and overrides first.
+        let lookup = |k: &str| -> Option<Value> {
+            derived
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .or_else(|| req.context.get(k).cloned())
+        };
+        let sets = compiled.sets_for(
+            &req.action,
+            &req.principal,
+            Some(&req.resource),
+            entities,
+            Some(&lookup),
+        )?;
         let is_grant = action_name == "approval.grant";
         let is_secret_use = action_name == "secret.use";
         let entity_field =
@@ -2164,5 +2284,114 @@ mod slicing_tests {
         for text in independent {
             assert!(!reads_approved(&policy(text)), "{text}");
         }
+    }
+
+    #[test]
+    fn only_a_leading_string_comparison_of_the_first_when_clause_is_indexed() {
+        let p = "permit(principal, action, resource)";
+        let indexed = [
+            (
+                format!("{p} when {{ context.command == \"ls\" }};"),
+                "command",
+                "ls",
+            ),
+            (
+                format!("{p} when {{ context.command == \"ls\" && !context.network }};"),
+                "command",
+                "ls",
+            ),
+            (
+                format!(
+                    "{p} when {{ \"/w/a\" == context.path && context.tainted && context.network }};"
+                ),
+                "path",
+                "/w/a",
+            ),
+            (
+                format!(
+                    "{p} when {{ context[\"host\"] == \"a.example\" }} unless {{ context.tainted }};"
+                ),
+                "host",
+                "a.example",
+            ),
+        ];
+        for (text, attr, lit) in &indexed {
+            assert_eq!(
+                leading_context_literal(&policy(text)),
+                Some(((*attr).to_string(), (*lit).to_string())),
+                "{text}"
+            );
+        }
+        let not_indexed = [
+            format!("{p};"),
+            // Something that may error or be false first, then the comparison.
+            format!("{p} when {{ context.network && context.command == \"ls\" }};"),
+            format!("{p} when {{ context.command == \"ls\" || context.network }};"),
+            format!("{p} when {{ !(context.command == \"ls\") }};"),
+            format!("{p} when {{ context.command != \"ls\" }};"),
+            format!("{p} unless {{ context.command == \"ls\" }};"),
+            format!("{p} unless {{ context.tainted }} when {{ context.command == \"ls\" }};"),
+            format!("{p} when {{ principal.name == \"ls\" }};"),
+            format!("{p} when {{ context.count == 3 }};"),
+            format!("{p} when {{ context.command == context.cwd }};"),
+            // Attributes whose value differs between evaluations or is an entity.
+            format!("{p} when {{ context.approved == \"yes\" }};"),
+            format!("{p} when {{ context.requester == \"alice\" }};"),
+            format!("{p} when {{ context.user == \"alice\" }};"),
+        ];
+        for text in &not_indexed {
+            assert_eq!(leading_context_literal(&policy(text)), None, "{text}");
+        }
+    }
+
+    #[test]
+    fn policies_whose_literal_the_request_does_not_name_are_left_out_of_the_evaluated_set() {
+        let mut input = PolicyInput::embedded();
+        input.policies.push(Source {
+            name: "many.cedar".into(),
+            text: (0..50)
+                .map(|i| {
+                    format!(
+                        "@id(\"gen.{i}\")\npermit (principal, action == Chitin::Action::\"exec\", resource)\nwhen {{ context.command == \"tool{i}\" && !context.network }};\n"
+                    )
+                })
+                .collect(),
+        });
+        let compiled = compile(&input).unwrap();
+        let entities = build_entities(compiled.schema(), &[]).unwrap();
+        let exec = EntityUid::from_str("Chitin::Action::\"exec\"").unwrap();
+        let alice = EntityUid::from_str("Chitin::User::\"alice\"").unwrap();
+        let tool = EntityUid::from_str("Chitin::Tool::\"exec\"").unwrap();
+        let count = |command: Option<&str>| {
+            let get = |k: &str| -> Option<Value> {
+                if k == "command" {
+                    command.map(Value::from)
+                } else {
+                    None
+                }
+            };
+            let lookup: ContextLookup<'_> = Some(&get);
+            let sets = compiled
+                .sets_for(&exec, &alice, Some(&tool), &entities, lookup)
+                .unwrap();
+            sets.enforced
+                .policies()
+                .filter(|p| p.id().to_string().starts_with("gen."))
+                .count()
+        };
+        assert_eq!(count(Some("ls")), 0);
+        assert_eq!(count(Some("tool7")), 1);
+        // No string to go by: every one of them is evaluated (and may error).
+        assert_eq!(count(None), 50);
+        let all = compiled
+            .sets_for(&exec, &alice, Some(&tool), &entities, None)
+            .unwrap();
+        assert_eq!(
+            all.enforced
+                .policies()
+                .filter(|p| p.id().to_string().starts_with("gen."))
+                .count(),
+            50
+        );
     }
 }

@@ -29,7 +29,8 @@ const O_PATH: i32 = 0o10_000_000;
 const EXDEV: i32 = 18;
 const ELOOP: i32 = 40;
 const ENOENT: i32 = 2;
-const MAX_ENTRIES: usize = 10_000;
+/// The most entries `list_dir` shows.
+pub const MAX_ENTRIES: usize = 10_000;
 
 /// One request from the tool layer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

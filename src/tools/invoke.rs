@@ -326,11 +326,17 @@ pub fn invoke_step(
         }
     };
     // The run, after the decision: a sibling of the gate's spans under the turn.
-    let sandboxed = !matches!(parsed, Parsed::Fetch(_) | Parsed::Send(_));
+    // `list_dir` is read by the gateway through directory descriptors (a path through a
+    // symlink goes to the sandboxed helper).
+    let sandbox = match parsed {
+        Parsed::Fetch(_) | Parsed::Send(_) => "none",
+        Parsed::List(_) => "descriptors",
+        _ => "spawned",
+    };
     let span = tracing::info_span!(
         "tool.run",
         chitin.tool = tool_id.as_str(),
-        chitin.sandbox = if sandboxed { "spawned" } else { "none" },
+        chitin.sandbox = sandbox,
         chitin.approved = redeemed_id.is_some(),
         process.exit.code = tracing::field::Empty,
         chitin.signal = tracing::field::Empty,

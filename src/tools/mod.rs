@@ -1259,8 +1259,46 @@ pub fn list_dir(
 ) -> Result<ToolResult, ToolError> {
     require(auth, Tool::ListDir, args)?;
     let p = ws.resolve(&args.path)?;
+    let started = std::time::Instant::now();
+    // A listing only reads names and `fstatat`s them, so the gateway does it itself through
+    // descriptors (`wsfs`: beneath the root, no symlink followed) instead of starting a
+    // sandbox. Anything else (a symlink on the way, a missing path, not a directory) goes to
+    // the in-sandbox helper as before, which follows links inside the workspace and words
+    // each refusal.
+    if let Ok(v) = list_in_gateway(ws.root(), &p.rel) {
+        return Ok(ToolResult {
+            exit_code: Some(0),
+            signal: None,
+            killed: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            truncated: false,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            output: Some(v),
+        });
+    }
     let (v, report) = sb.helper("list_dir", ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
+}
+
+/// `list_dir`'s answer, read by the gateway through directory descriptors: the same entries,
+/// order and fields as the file helper's (`helper::list`).
+fn list_in_gateway(root: &Path, rel: &str) -> Result<serde_json::Value, crate::wsfs::WsFsError> {
+    let dir = crate::wsfs::WsDir::root(root)?;
+    let listing = dir.list(Path::new(rel), helper::MAX_ENTRIES)?;
+    let mut entries: Vec<serde_json::Value> = listing
+        .entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name.to_string_lossy(),
+                "kind": e.kind.as_str(),
+                "size": e.size,
+            })
+        })
+        .collect();
+    entries.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Ok(serde_json::json!({"path": rel, "entries": entries, "truncated": listing.more}))
 }
 
 /// The Cedar context a tool call carries (what the gate passes to the policy engine).
@@ -1674,6 +1712,128 @@ mod tests {
             std::fs::read_to_string(d.path().join("src/a.txt")).unwrap(),
             "one 2"
         );
+    }
+
+    /// The helper's answer to `List { path }` in `dir`, run in this process.
+    fn helper_listing(dir: &Path, path: &str) -> serde_json::Value {
+        let root = chitin_sandbox::fs::open_dir(dir).unwrap();
+        match helper::handle_at(
+            std::os::fd::AsFd::as_fd(&root),
+            &helper::Request::List { path: path.into() },
+        ) {
+            helper::Answer::Ok(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_listing_read_through_descriptors_is_the_file_helpers_listing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        std::fs::write(p.join("b.txt"), "hello").unwrap();
+        std::fs::write(p.join("empty"), "").unwrap();
+        std::fs::create_dir(p.join("sub")).unwrap();
+        std::fs::write(p.join("sub/inner"), "12345678").unwrap();
+        std::fs::hard_link(p.join("b.txt"), p.join("hard")).unwrap();
+        std::os::unix::fs::symlink("/etc", p.join("out")).unwrap();
+        std::os::unix::fs::symlink("sub", p.join("in")).unwrap();
+        std::os::unix::fs::symlink("missing", p.join("dangling")).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(p.join("fifo"))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::write(p.join("n\u{e9}e \"q\""), "x").unwrap();
+        let w = Workspace::new(p).unwrap();
+        for rel in [".", "sub"] {
+            let ours = list_in_gateway(w.root(), rel).unwrap();
+            assert_eq!(ours, helper_listing(w.root(), rel), "{rel}");
+        }
+        let top = list_in_gateway(w.root(), ".").unwrap();
+        let kinds: Vec<(String, String)> = top["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().into(),
+                    e["kind"].as_str().unwrap().into(),
+                )
+            })
+            .collect();
+        let want = [
+            ("b.txt", "file"),
+            ("dangling", "symlink"),
+            ("empty", "file"),
+            ("fifo", "other"),
+            ("hard", "file"),
+            ("in", "symlink"),
+            ("n\u{e9}e \"q\"", "file"),
+            ("out", "symlink"),
+            ("sub", "dir"),
+        ];
+        assert_eq!(
+            kinds,
+            want.iter()
+                .map(|(n, k)| (n.to_string(), k.to_string()))
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(top["truncated"], false);
+        assert_eq!(top["path"], ".");
+        // A symlink on the way is not followed here: the call goes to the helper.
+        assert!(matches!(
+            list_in_gateway(w.root(), "in"),
+            Err(crate::wsfs::WsFsError::Symlink { .. })
+        ));
+        assert!(list_in_gateway(w.root(), "b.txt").is_err());
+        assert!(list_in_gateway(w.root(), "nothing").is_err());
+    }
+
+    #[test]
+    fn a_directory_over_the_entry_limit_is_cut_where_the_helper_cuts_it() {
+        let d = tempfile::tempdir().unwrap();
+        for i in 0..=helper::MAX_ENTRIES {
+            std::fs::write(d.path().join(format!("f{i}")), "").unwrap();
+        }
+        let w = Workspace::new(d.path()).unwrap();
+        let ours = list_in_gateway(w.root(), ".").unwrap();
+        assert_eq!(ours["truncated"], true);
+        assert_eq!(
+            ours["entries"].as_array().unwrap().len(),
+            helper::MAX_ENTRIES
+        );
+        assert_eq!(ours, helper_listing(w.root(), "."));
+    }
+
+    #[test]
+    fn list_dir_through_a_symlink_inside_the_workspace_is_listed_by_the_sandboxed_helper() {
+        let (_h, d, w, sb) = real();
+        std::fs::create_dir(d.path().join("real")).unwrap();
+        std::fs::write(d.path().join("real/x"), "abc").unwrap();
+        std::os::unix::fs::symlink("real", d.path().join("l")).unwrap();
+        let direct = list_dir(
+            &auth("list_dir"),
+            &sb,
+            &w,
+            &ListDirArgs {
+                path: "real".into(),
+            },
+        )
+        .unwrap();
+        let linked = list_dir(
+            &auth("list_dir"),
+            &sb,
+            &w,
+            &ListDirArgs { path: "l".into() },
+        )
+        .unwrap();
+        let want = serde_json::json!([{"name": "x", "kind": "file", "size": 3}]);
+        assert_eq!(direct.output.unwrap()["entries"], want);
+        assert_eq!(linked.output.unwrap()["entries"], want);
+        // The gateway read the first itself; the second ran the helper in a sandbox, whose
+        // answer is on its stdout.
+        assert_eq!(direct.stdout, "");
+        assert!(linked.stdout.contains("\"ok\""), "{}", linked.stdout);
     }
 
     #[test]
