@@ -362,12 +362,14 @@ impl Engine {
         limit: usize,
     ) -> Result<Vec<OutboxRow>, ChannelsError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // The casts keep SQLite from planning around the bound channel and limit, which made
+        // it re-prepare this cached statement on every poll (see `Transcripts::history_shared`).
         let candidates = "SELECT o.id FROM channel_outbox o
-               WHERE o.channel = ?1 AND o.status = 'queued' AND o.next_attempt_ms <= ?2
+               WHERE o.channel = CAST(?1 AS TEXT) AND o.status = 'queued' AND o.next_attempt_ms <= ?2
                  AND NOT EXISTS (SELECT 1 FROM channel_outbox p
                                  WHERE p.channel = o.channel AND p.chat_id = o.chat_id AND p.id < o.id
                                    AND p.status IN ('queued', 'sending'))
-               ORDER BY o.id LIMIT ?3";
+               ORDER BY o.id LIMIT CAST(?3 AS BIGINT)";
         let mut rows: Vec<OutboxRow> = self.store.db().with(|c| {
             let sql = match c.dialect() {
                 Dialect::Sqlite => format!(

@@ -561,6 +561,9 @@ fn slice_by_action(
     _shadow: &HashSet<PolicyId>,
 ) -> Result<HashMap<EntityUid, Slice>, String> {
     let action_entities = schema.action_entities().map_err(|e| e.to_string())?;
+    // Once per policy, not per (action, policy): a policy can apply to many actions.
+    let literals: Vec<Option<(String, String)>> =
+        policies.iter().map(leading_context_literal).collect();
     let mut slices = HashMap::new();
     for action in schema.actions() {
         let mut lineage: HashSet<&EntityUid> = action_entities
@@ -574,7 +577,7 @@ fn slice_by_action(
             ActionConstraint::In(list) => list.iter().any(|a| lineage.contains(a)),
         };
         let mut slice = Slice::default();
-        for p in policies.iter().filter(|p| applies(p)) {
+        for (p, literal) in policies.iter().zip(&literals).filter(|(p, _)| applies(p)) {
             let principal = match p.principal_constraint() {
                 PrincipalConstraint::Any | PrincipalConstraint::Is(_) => None,
                 PrincipalConstraint::Eq(e)
@@ -594,7 +597,7 @@ fn slice_by_action(
                 .entry((principal, resource))
                 .or_default()
                 .push(slice.policies.len());
-            let literal = leading_context_literal(p);
+            let literal = literal.clone();
             if let Some((attr, lit)) = &literal {
                 slice
                     .literal_attrs
