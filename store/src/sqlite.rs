@@ -68,10 +68,11 @@ pub(crate) fn open(path: &Path, migrate_now: bool) -> Result<SqliteDb> {
     let mut conn = Connection::open(path).map_err(&sql)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(&sql)?;
-    // The gateway runs a few hundred distinct statements (a turn alone over 60) on this one
-    // connection; a cache smaller than the working set is an LRU cycling through it, which
-    // re-prepares nearly every statement (6.6 % of the gateway's CPU per chat message with
-    // 64). A prepared statement costs a few KiB, and only the ones used are kept.
+    // The gateway has a few hundred distinct statements for this one connection; the cache
+    // holds every one it uses (64 was about what one turn and its outbox run). A prepared
+    // statement costs a few KiB, and only the ones used are kept. (What re-prepared the hot
+    // statements on every call was SQLite expiring them on a new bound value, not the cache
+    // size: see `Transcripts::history_shared`.)
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
