@@ -57,14 +57,8 @@ pub fn send_message(
     let receipt = m
         .send(&args.channel, &args.target, &args.text)
         .map_err(|e| ToolError::InvalidArgs(format!("send_message: {e}")))?;
-    Ok(ToolResult {
-        exit_code: Some(0),
-        signal: None,
-        killed: None,
-        stdout: String::new(),
-        stderr: String::new(),
-        truncated: false,
-        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        output: Some(serde_json::json!({ "queued": receipt })),
-    })
+    Ok(super::gated::output(
+        started,
+        serde_json::json!({ "queued": receipt }),
+    ))
 }

@@ -1266,16 +1266,7 @@ pub fn list_dir(
     // the in-sandbox helper as before, which follows links inside the workspace and words
     // each refusal.
     if let Ok(v) = list_in_gateway(ws.root(), &p.rel) {
-        return Ok(ToolResult {
-            exit_code: Some(0),
-            signal: None,
-            killed: None,
-            stdout: String::new(),
-            stderr: String::new(),
-            truncated: false,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            output: Some(v),
-        });
+        return Ok(gated::output(started, v));
     }
     let (v, report) = sb.helper("list_dir", ws, &helper::Request::List { path: p.rel })?;
     Ok(result_from(&report, Some(v)))
