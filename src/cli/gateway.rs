@@ -110,19 +110,14 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         super::init::run_files(globals)?;
     }
     let config = globals.load_config()?;
-    // The kernel check forks: done before any thread (audit writer, runtime) exists.
-    let support = chitin_sandbox::check();
-    let sandbox_check = if support.enforced() {
-        (
-            true,
-            format!(
-                "enforced (landlock ABI {}, seccomp, namespaces)",
-                support.landlock_abi
-            ),
-        )
-    } else {
-        (false, format!("missing: {}", support.missing.join(", ")))
-    };
+    // The kernel check forks a child that creates namespaces and waits for it to exit (their
+    // teardown included): several milliseconds mostly spent waiting, so it runs on its own
+    // thread beside the rest of the start (`check` is safe in a multithreaded process: the
+    // child only makes raw syscalls on memory prepared before the fork).
+    let support = std::thread::Builder::new()
+        .name("chitin-sandbox-check".into())
+        .spawn(chitin_sandbox::check)
+        .map_err(|e| format!("could not start the sandbox check: {e}"))?;
 
     let home = crate::state::Home::create(&globals.home)?;
     // One gateway per state dir; `chitin backup restore` refuses while this is held.
@@ -169,6 +164,20 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     let engine = engine.join().map_err(
         |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
     )??;
+    let support = support
+        .join()
+        .map_err(|_| "the sandbox check stopped unexpectedly; run `chitin sandbox check`")?;
+    let sandbox_check = if support.enforced() {
+        (
+            true,
+            format!(
+                "enforced (landlock ABI {}, seccomp, namespaces)",
+                support.landlock_abi
+            ),
+        )
+    } else {
+        (false, format!("missing: {}", support.missing.join(", ")))
+    };
     let r = Arc::clone(&redactor);
     let gate = crate::gate::Gate::new(Arc::new(engine), audit)
         .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));

@@ -497,12 +497,15 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
         .filter(|p| p.effect() == Effect::Forbid)
         .map(|p| p.id().clone())
         .collect();
+    // Each policy's EST, made once: `to_json` parses the policy's text again.
+    let ests: Vec<Option<Value>> = policies.iter().map(|p| p.to_json().ok()).collect();
     let approval_dependent: HashSet<PolicyId> = policies
         .iter()
-        .filter(|p| reads_approved(p))
-        .map(|p| p.id().clone())
+        .zip(&ests)
+        .filter(|(_, est)| reads_approved_est(est.as_ref()))
+        .map(|(p, _)| p.id().clone())
         .collect();
-    let slices = slice_by_action(&schema, &policies, &shadow).map_err(|m| {
+    let slices = slice_by_action(&schema, &policies, &ests).map_err(|m| {
         PolicyError::Invalid(vec![Diagnostic {
             file: input.schema.name.clone(),
             line: 1,
@@ -558,12 +561,14 @@ pub fn compile(input: &PolicyInput) -> Result<Compiled, PolicyError> {
 fn slice_by_action(
     schema: &Schema,
     policies: &[Policy],
-    _shadow: &HashSet<PolicyId>,
+    ests: &[Option<Value>],
 ) -> Result<HashMap<EntityUid, Slice>, String> {
     let action_entities = schema.action_entities().map_err(|e| e.to_string())?;
     // Once per policy, not per (action, policy): a policy can apply to many actions.
-    let literals: Vec<Option<(String, String)>> =
-        policies.iter().map(leading_context_literal).collect();
+    let literals: Vec<Option<(String, String)>> = ests
+        .iter()
+        .map(|e| e.as_ref().and_then(leading_context_literal_est))
+        .collect();
     let mut slices = HashMap::new();
     for action in schema.actions() {
         let mut lineage: HashSet<&EntityUid> = action_entities
@@ -621,8 +626,13 @@ fn slice_by_action(
 /// such a policy out of the evaluated set changes neither the decision nor the reasons nor
 /// the errors Cedar reports (an index over conditions, for many policies on one action that
 /// differ in the command, host or path they name).
+#[cfg(test)]
 fn leading_context_literal(p: &Policy) -> Option<(String, String)> {
-    let est = p.to_json().ok()?;
+    leading_context_literal_est(&p.to_json().ok()?)
+}
+
+/// [`leading_context_literal`] on the policy's EST.
+fn leading_context_literal_est(est: &Value) -> Option<(String, String)> {
     let first = est.get("conditions")?.as_array()?.first()?;
     if first.get("kind")?.as_str()? != "when" {
         return None;
@@ -670,7 +680,13 @@ fn anchors_of(index: &HashSet<EntityUid>, uid: &EntityUid, entities: &Entities) 
 /// whole). Every other policy evaluates the same with `approved = true` as with `false`
 /// (same principal, action, resource, entities and other attributes), so the approval
 /// re-evaluation reuses its first result. Errs on the side of `true`.
+#[cfg(test)]
 fn reads_approved(p: &Policy) -> bool {
+    reads_approved_est(p.to_json().ok().as_ref())
+}
+
+/// [`reads_approved`] on the policy's EST (`None`: it has none, so it may read anything).
+fn reads_approved_est(est: Option<&Value>) -> bool {
     fn walk(v: &Value) -> bool {
         match v {
             Value::Object(m) => m.iter().any(|(k, x)| {
@@ -694,7 +710,7 @@ fn reads_approved(p: &Policy) -> bool {
             _ => false,
         }
     }
-    p.to_json().map_or(true, |j| walk(&j))
+    est.is_none_or(walk)
 }
 
 impl Compiled {
