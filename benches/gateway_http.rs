@@ -110,11 +110,19 @@ fn line(name: &str, mut d: Vec<Duration>, cpu: f64) {
 }
 
 async fn main_async(full: bool) -> Result<(), BoxError> {
-    let (sequential, clients, per_client, idle) = if full {
+    let (mut sequential, clients, per_client, idle) = if full {
         (200, 20, 50, Duration::from_secs(60))
     } else {
         (3, 2, 2, Duration::from_millis(200))
     };
+    // `GATEWAY_HTTP_SEQUENTIAL=N`: a longer sequential phase, to attach a profiler to the
+    // gateway while it runs (its pid is printed).
+    if let Some(n) = std::env::var("GATEWAY_HTTP_SEQUENTIAL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        sequential = n;
+    }
     let fake = FakeOpenAi::start(vec![]).await?;
     fake.set_fallback(Step::Reply(Reply::text([
         "Hello", ", ", "this ", "is ", "an ", "answer.",
@@ -163,6 +171,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     }
     // Sequential requests, each from its own `user` (a new session each).
     let pid = gw.child.id();
+    println!("gateway pid {pid}");
     let c0 = stats::cpu_seconds_of(&pid.to_string());
     let mut d = Vec::new();
     for i in 0..sequential {

@@ -309,9 +309,7 @@ pub fn all_tools() -> Vec<ToolSpec> {
 /// `send_message`, when `user` could ever be allowed to call it (offered only where chat
 /// channels are configured).
 pub fn send_message_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> {
-    let principal = format!("Chitin::User::{}", Value::String(user.to_string()))
-        .parse::<cedar_policy::EntityUid>()
-        .ok()?;
+    let principal = crate::policy::user_uid(user);
     engine
         .could_allow(&principal, &Tool::SendMessage.action().uid())
         .ok()
@@ -329,9 +327,7 @@ pub fn send_message_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> 
 
 /// The `cron` tool, when `user` could ever be allowed `cron.manage`.
 pub fn cron_spec(engine: &PolicyEngine, user: &str) -> Option<ToolSpec> {
-    let principal = format!("Chitin::User::{}", Value::String(user.to_string()))
-        .parse::<cedar_policy::EntityUid>()
-        .ok()?;
+    let principal = crate::policy::user_uid(user);
     engine
         .could_allow(&principal, &crate::policy::Action::CronManage.uid())
         .ok()
@@ -353,11 +349,7 @@ pub fn attached_tools(
     sessions: bool,
 ) -> Vec<ToolSpec> {
     use crate::tools::{memory, search, sessions as st};
-    let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))
-        .parse::<cedar_policy::EntityUid>()
-    else {
-        return Vec::new();
-    };
+    let principal = crate::policy::user_uid(user);
     let could = |t: Tool| {
         engine
             .could_allow(&principal, &t.action().uid())
@@ -430,11 +422,7 @@ pub fn mcp_specs(
     user: &str,
     tools: &[crate::tools::mcp::McpToolInfo],
 ) -> Vec<ToolSpec> {
-    let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))
-        .parse::<cedar_policy::EntityUid>()
-    else {
-        return Vec::new();
-    };
+    let principal = crate::policy::user_uid(user);
     if !engine
         .could_allow(&principal, &crate::policy::Action::McpCall.uid())
         .unwrap_or(false)
@@ -517,11 +505,7 @@ pub fn structural_schema(schema: &Value, depth: usize) -> Value {
 
 /// The tools `user` could ever be allowed to call (the others are not offered).
 pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
-    let Ok(principal) = format!("Chitin::User::{}", Value::String(user.to_string()))
-        .parse::<cedar_policy::EntityUid>()
-    else {
-        return Vec::new();
-    };
+    let principal = crate::policy::user_uid(user);
     all_tools()
         .into_iter()
         .filter(|t| {

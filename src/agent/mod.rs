@@ -855,6 +855,8 @@ impl Agent {
                     opened: Mutex::new(Vec::new()),
                     summary: Mutex::new(None),
                     held: Arc::clone(&held),
+                    pending: None,
+                    first: None,
                 };
                 let (lost_tx, lost_rx) = watch::channel(false);
                 let renewer = tokio::spawn(replicas::renew(
@@ -1028,6 +1030,46 @@ fn as_of_run<E: AsRef<transcripts::Entry>>(mut history: Vec<E>, run_id: &str) ->
 }
 
 /// What the history of a step needs before the model call.
+/// What `Run::start` read in its trip to the blocking pool.
+struct Started {
+    pending: Vec<StoredCall>,
+    /// The prompt (and the bootstrap files shown as untrusted), when it was built.
+    prompt: Option<PromptParts>,
+    /// The first model call's context (with the model it was decided for), when the run
+    /// starts with one.
+    first: Option<(String, (String, Prepared))>,
+}
+
+/// The system prompt and the offered tools, with the names of the bootstrap files shown as
+/// untrusted data.
+type PromptParts = ((String, Vec<crate::providers::ToolSpec>), Vec<&'static str>);
+
+/// A step's messages from the session's history and, unless they need compacting first,
+/// Cedar's `model.call` decision (run on a blocking thread).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the step's inputs, read in the caller's trip"
+)]
+fn prepare_context(
+    inner: &Inner,
+    s: &str,
+    u: &str,
+    now: i64,
+    model: String,
+    budget: u64,
+    system: String,
+    summary: Option<transcripts::SharedSummary>,
+    history: Vec<transcripts::SharedEntry>,
+) -> Result<(String, Prepared), AgentError> {
+    let summary: Option<String> = summary.map(|s| String::clone(&s));
+    let messages = context::to_messages(summary.as_deref(), &history);
+    if context::estimate_tokens(&system, &messages) > budget / 4 * 3 && history.len() >= 4 {
+        return Ok((system, Prepared::Compact(summary, history, messages)));
+    }
+    let denied = decide_model_call(inner, s, u, now, model)?;
+    Ok((system, Prepared::Ready(messages, denied)))
+}
+
 enum Prepared {
     /// The messages, and `Some(reason)` when Cedar refused the model call.
     Ready(Vec<crate::providers::Message>, Option<String>),
@@ -1109,12 +1151,8 @@ fn decide_model_call(
     ctx.insert("tainted".into(), json!(tainted));
     ctx.insert("spend_today_usd".into(), dec(spent));
     ctx.insert("daily_budget_usd".into(), dec(limit));
-    let uid = |x: String| {
-        x.parse::<cedar_policy::EntityUid>()
-            .map_err(|e| AgentError::Task(e.to_string()))
-    };
     let req = PolicyRequest {
-        principal: uid(format!("Chitin::User::{}", Value::String(u.to_string())))?,
+        principal: crate::policy::user_uid(u),
         action: model_call_uids()?.0.clone(),
         resource: model_call_uids()?.1.clone(),
         context: ctx,
@@ -1235,13 +1273,14 @@ fn build_prompt(
         ));
     }
     if let Some(wt) = inner.workflows.get()
-        && let Ok(principal) =
-            format!("Chitin::User::{}", Value::String(u.clone())).parse::<cedar_policy::EntityUid>()
         && inner
             .p
             .gate
             .engine()
-            .could_allow(&principal, &crate::policy::Action::WorkflowRun.uid())
+            .could_allow(
+                &crate::policy::user_uid(&u),
+                &crate::policy::Action::WorkflowRun.uid(),
+            )
             .unwrap_or(false)
     {
         tools.push(wt.spec());
@@ -1291,6 +1330,11 @@ struct Run {
     summary: Mutex<Option<RunSummary>>,
     /// The leases the run holds (`run:<id>`, and `session:<key>` while it executes).
     held: replicas::Held,
+    /// The calls left without a result, read by `start` (taken by `drive`).
+    pending: Option<Vec<StoredCall>>,
+    /// The first step's context and the model it was decided for, prepared by `start`
+    /// (taken by `context`).
+    first: Option<(String, (String, Prepared))>,
 }
 
 /// A tool call whose blocking task is running.
@@ -1393,7 +1437,7 @@ impl Run {
     /// Waits for the session's lease (another replica may be running this session), and
     /// returns `false` when, meanwhile, the run was finished elsewhere (taken over by another
     /// replica while this one waited).
-    async fn session_lease(&self) -> Result<bool, AgentError> {
+    async fn session_lease(&self) -> Result<(), AgentError> {
         let name = format!("session:{}", self.session);
         let mut told = false;
         loop {
@@ -1412,13 +1456,83 @@ impl Run {
             }
             tokio::time::sleep(replicas::LEASE_POLL).await;
         }
+        Ok(())
+    }
+
+    /// The run's first trip to the blocking pool, once it holds its session and a slot: its
+    /// status (`false`: another replica finished it while this one waited; nothing is
+    /// written), the calls its session's last answer left without a result, and — for a run
+    /// that starts with a model call — its prompt and the first call's messages and Cedar
+    /// decision (what `unanswered` and `context` would each have fetched in a trip of their
+    /// own).
+    async fn start(&mut self) -> Result<bool, AgentError> {
         let inner = Arc::clone(&self.inner);
-        let id = self.id.clone();
-        let status = blocking(move || inner.transcripts.run(&id).map(|r| r.status)).await??;
-        Ok(matches!(
-            status.as_str(),
-            "queued" | "running" | "waiting_approval"
-        ))
+        let (s, u, id, now) = (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        );
+        let want_prompt = self.prompt.is_none();
+        let tuning = self.inner.tuning();
+        let model = tuning.router.as_deref().map(first_model);
+        let budget = tuning.config.context_budget_tokens;
+        drop(tuning);
+        let started = blocking(move || -> Result<Option<Started>, AgentError> {
+            let status = inner.transcripts.run(&id)?.status;
+            if !matches!(status.as_str(), "queued" | "running" | "waiting_approval") {
+                return Ok(None);
+            }
+            let (summary, history) = inner.transcripts.history_shared(&s)?;
+            let history = as_of_run(history, &id);
+            let pending = pending_calls(&history);
+            if !pending.is_empty() || !want_prompt {
+                return Ok(Some(Started {
+                    pending,
+                    prompt: None,
+                    first: None,
+                }));
+            }
+            let ((system, tools), untrusted) = build_prompt(&inner, u.clone(), s.clone());
+            // A prompt with untrusted files taints the session first: the decision is made
+            // after that, in `context`.
+            let first = match model {
+                Some(model) if untrusted.is_empty() => Some((
+                    model.clone(),
+                    prepare_context(
+                        &inner,
+                        &s,
+                        &u,
+                        now,
+                        model,
+                        budget,
+                        system.clone(),
+                        summary,
+                        history,
+                    )?,
+                )),
+                _ => None,
+            };
+            Ok(Some(Started {
+                pending,
+                prompt: Some(((system, tools), untrusted)),
+                first,
+            }))
+        })
+        .await??;
+        let Some(started) = started else {
+            return Ok(false);
+        };
+        self.pending = Some(started.pending);
+        if let Some((prompt, untrusted)) = started.prompt {
+            if !untrusted.is_empty() {
+                // The run reads content no one vouched for.
+                self.taint().await?;
+            }
+            self.prompt = Some(prompt);
+        }
+        self.first = started.first;
+        Ok(true)
     }
 
     async fn execute(
@@ -1447,17 +1561,20 @@ impl Run {
                     .await;
             }
         };
-        match go {
-            Ok(true) => {}
-            // Finished by another replica while this one waited: nothing to do.
-            Ok(false) => return self.untouched_summary().await,
-            Err(e) => return self.finish("failed", Some(e.to_string())).await,
+        if let Err(e) = go {
+            return self.finish("failed", Some(e.to_string())).await;
         }
         let Ok(_slot) = slot else {
             return self
                 .finish("failed", Some("the agent is shutting down".into()))
                 .await;
         };
+        match self.start().await {
+            Ok(true) => {}
+            // Finished by another replica while this one waited: nothing to do.
+            Ok(false) => return self.untouched_summary().await,
+            Err(e) => return self.finish("failed", Some(e.to_string())).await,
+        }
         // The status stays `queued` until the first answer is stored with it (one write less
         // per turn); `run.started` tells streaming clients.
         self.stat(|s| *s.runs.entry("started".into()).or_default() += 1);
@@ -1707,8 +1824,12 @@ impl Run {
             return Ok(End::Reply);
         };
         let mut last_tool: Option<String> = None;
-        // A resumed run: answer the calls of the last assistant message that have no result.
-        let pending = self.unanswered().await?;
+        // A resumed run: answer the calls of the last assistant message that have no result
+        // (read by `start`).
+        let pending = match self.pending.take() {
+            Some(p) => p,
+            None => self.unanswered().await?,
+        };
         let mut first = self.interrupted;
         for c in pending {
             if first {
@@ -1940,29 +2061,30 @@ impl Run {
             self.prompt = Some(prompt);
         }
         let (system, tools) = self.prompt.clone().unwrap_or_default();
-        let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (
-            self.session.clone(),
-            self.user.clone(),
-            self.id.clone(),
-            self.now(),
-        );
         let model = first_model(router);
-        let budget = self.inner.tuning().config.context_budget_tokens;
-        // One trip to the blocking pool for the history and, unless it needs compacting
-        // first, Cedar's `model.call` decision.
-        let (system, prepared) = blocking(move || -> Result<_, AgentError> {
-            let (summary, history) = inner.transcripts.history_shared(&s)?;
-            let history = as_of_run(history, &id);
-            let summary: Option<String> = summary.map(|s| String::clone(&s));
-            let messages = context::to_messages(summary.as_deref(), &history);
-            if context::estimate_tokens(&system, &messages) > budget / 4 * 3 && history.len() >= 4 {
-                return Ok((system, Prepared::Compact(summary, history, messages)));
+        let (system, prepared) = match self.first.take() {
+            // The first step of a fresh run: prepared in `start`'s trip, for the model the
+            // router still starts with (a reload in between decides again).
+            Some((decided, first)) if decided == model => first,
+            _ => {
+                let inner = Arc::clone(&self.inner);
+                let (s, u, id, now) = (
+                    self.session.clone(),
+                    self.user.clone(),
+                    self.id.clone(),
+                    self.now(),
+                );
+                let budget = self.inner.tuning().config.context_budget_tokens;
+                // One trip to the blocking pool for the history and, unless it needs
+                // compacting first, Cedar's `model.call` decision.
+                blocking(move || -> Result<_, AgentError> {
+                    let (summary, history) = inner.transcripts.history_shared(&s)?;
+                    let history = as_of_run(history, &id);
+                    prepare_context(&inner, &s, &u, now, model, budget, system, summary, history)
+                })
+                .await??
             }
-            let denied = decide_model_call(&inner, &s, &u, now, model)?;
-            Ok((system, Prepared::Ready(messages, denied)))
-        })
-        .await??;
+        };
         match prepared {
             Prepared::Ready(messages, denied) => Ok(match denied {
                 Some(why) => Err(why),

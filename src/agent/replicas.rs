@@ -89,9 +89,15 @@ impl Inner {
 pub(super) async fn acquire(inner: &Arc<Inner>, name: String) -> Result<Option<Lease>, AgentError> {
     let s = inner.leases();
     let db = inner.p.store.db().clone();
-    blocking(move || db.lease_acquire(&name, &s.owner, s.clock.now_ms(), s.ttl_ms))
-        .await?
-        .map_err(|e| AgentError::Task(format!("lease: {e}")))
+    let take = move || db.lease_acquire(&name, &s.owner, s.clock.now_ms(), s.ttl_ms);
+    // Leases kept in this process (SQLite) are a map under a lock: no trip to a blocking
+    // thread (two context switches each way) for them.
+    let got = if inner.p.store.db().leases_in_process() {
+        take()
+    } else {
+        blocking(take).await?
+    };
+    got.map_err(|e| AgentError::Task(format!("lease: {e}")))
 }
 
 /// Gives the leases back (a run that ended).
@@ -104,13 +110,17 @@ pub(super) async fn release(inner: &Arc<Inner>, held: &Held) {
         return;
     }
     let db = inner.p.store.db().clone();
-    let r = blocking(move || {
+    let give = move || {
         for l in &leases {
             db.lease_release(l)?;
         }
         Ok::<_, chitin_store::Error>(())
-    })
-    .await;
+    };
+    let r = if inner.p.store.db().leases_in_process() {
+        Ok(give())
+    } else {
+        blocking(give).await
+    };
     if let Err(e) | Ok(Err(e)) = r
         .map_err(|e| e.to_string())
         .map(|r| r.map_err(|e| e.to_string()))

@@ -142,28 +142,55 @@ closed_enum! {
 
 const ACTION_TYPE: &str = "Chitin::Action";
 const TOOL_TYPE: &str = "Chitin::Tool";
+const USER_TYPE: &str = "Chitin::User";
 
-fn uid(ty: &str, id: &str) -> EntityUid {
-    match EntityTypeName::from_str(ty) {
-        Ok(t) => EntityUid::from_type_name_and_id(t, EntityId::new(id)),
-        Err(e) => constant_type_refused(ty, &e),
+/// The entity types whose uids the hot paths build: their names are parsed once per process
+/// (Cedar's `EntityTypeName::from_str` runs its full parser, several µs, and an agent turn
+/// builds a few dozen uids).
+#[derive(Clone, Copy)]
+enum Ty {
+    Action,
+    Tool,
+    User,
+}
+
+fn uid(ty: Ty, id: &str) -> EntityUid {
+    use std::sync::OnceLock;
+    type Cell = OnceLock<Result<EntityTypeName, String>>;
+    static ACTION: Cell = OnceLock::new();
+    static TOOL: Cell = OnceLock::new();
+    static USER: Cell = OnceLock::new();
+    let (cell, name) = match ty {
+        Ty::Action => (&ACTION, ACTION_TYPE),
+        Ty::Tool => (&TOOL, TOOL_TYPE),
+        Ty::User => (&USER, USER_TYPE),
+    };
+    match cell.get_or_init(|| EntityTypeName::from_str(name).map_err(|e| e.to_string())) {
+        Ok(t) => EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id)),
+        Err(e) => constant_type_refused(name, e),
     }
 }
 
-/// `ty` is one of the two constant type names above, which Cedar always accepts (the unit
-/// tests build every uid); this is never reached.
+/// `Chitin::User::"<id>"`: the same uid as parsing `Chitin::User::` followed by `id` as a
+/// quoted string, without running Cedar's parser.
+pub fn user_uid(id: &str) -> EntityUid {
+    uid(Ty::User, id)
+}
+
+/// `ty` is one of the constant type names above, which Cedar always accepts (the unit tests
+/// build every uid); this is never reached.
 #[expect(
     clippy::panic,
     reason = "constant, valid Cedar type names; never reached"
 )]
-fn constant_type_refused(ty: &str, e: &dyn std::error::Error) -> EntityUid {
+fn constant_type_refused(ty: &str, e: &str) -> EntityUid {
     panic!("cedar refused the constant type name {ty}: {e}")
 }
 
 impl Action {
     /// `Chitin::Action::"<id>"`.
     pub fn uid(self) -> EntityUid {
-        uid(ACTION_TYPE, self.as_str())
+        uid(Ty::Action, self.as_str())
     }
 
     /// The action a Cedar entity uid names, if it is one of Chitin's.
@@ -205,7 +232,7 @@ impl Tool {
 
     /// `Chitin::Tool::"<name>"`.
     pub fn uid(self) -> EntityUid {
-        uid(TOOL_TYPE, self.as_str())
+        uid(Ty::Tool, self.as_str())
     }
 }
 
@@ -237,6 +264,33 @@ pub const TOOLS: &[&str] = &[
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn a_user_uid_names_exactly_the_user_and_is_the_one_cedar_parses() {
+        for id in [
+            "alice",
+            "o'brien",
+            "quote\"d",
+            "back\\slash",
+            "ünïcödé 用户",
+            "a b:c::d",
+        ] {
+            let u = user_uid(id);
+            assert_eq!(u.type_name().to_string(), "Chitin::User");
+            assert_eq!(u.id().unescaped(), id);
+            // Cedar's parser accepts only the normalized spelling (`o'brien` must be written
+            // `o\'brien`): where the JSON-quoted form parses, it is the same uid.
+            if let Ok(parsed) = format!("Chitin::User::{}", serde_json::Value::String(id.into()))
+                .parse::<EntityUid>()
+            {
+                assert_eq!(u, parsed, "{id}");
+            }
+        }
+        assert_eq!(
+            user_uid("alice"),
+            "Chitin::User::\"alice\"".parse::<EntityUid>().unwrap()
+        );
+    }
 
     #[test]
     fn every_action_id_round_trips_through_its_cedar_uid() {

@@ -32,7 +32,7 @@ use cedar_policy::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use action::{Action, INVOKABLE, TOOLS, Tool};
+pub use action::{Action, INVOKABLE, TOOLS, Tool, user_uid};
 pub use diag::Diagnostic;
 
 /// Errors of the policy engine.
@@ -2195,6 +2195,28 @@ fn requester_entity(v: &Value) -> Result<RestrictedExpression, String> {
     }
 }
 
+/// `decimal(arg)`, as [`RestrictedExpression::new_decimal`] builds it but with the name
+/// `decimal` parsed once per process (`new_decimal` runs Cedar's parser on it at every call:
+/// ~15 µs, twice per `model.call` decision). Like `new_decimal`, `arg` is checked when the
+/// request is made.
+fn decimal(arg: &str) -> RestrictedExpression {
+    use cedar_policy_core::ast::{Name, RestrictedExpr, UnreservedId};
+    static NAME: std::sync::OnceLock<Option<Name>> = std::sync::OnceLock::new();
+    let name = NAME.get_or_init(|| {
+        "decimal"
+            .parse::<UnreservedId>()
+            .ok()
+            .map(Name::unqualified_name)
+    });
+    match name {
+        Some(n) => RestrictedExpression::from(RestrictedExpr::call_extension_fn(
+            n.clone(),
+            [RestrictedExpr::val(arg)],
+        )),
+        None => RestrictedExpression::new_decimal(arg),
+    }
+}
+
 /// Converts a JSON context value to a Cedar value: strings, booleans, integers, sets (arrays),
 /// records (objects) and entity references (`{"__entity": {"type": ..., "id": ...}}`).
 fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
@@ -2227,7 +2249,7 @@ fn restricted(v: &Value) -> Result<RestrictedExpression, String> {
                 .and_then(Value::as_str)
                 .ok_or("__extn needs a string `arg`")?;
             match f {
-                "decimal" => RestrictedExpression::new_decimal(arg),
+                "decimal" => decimal(arg),
                 "ip" | "ipaddr" => RestrictedExpression::new_ip(arg),
                 other => return Err(format!("unsupported extension function `{other}`")),
             }
@@ -2279,6 +2301,23 @@ mod slicing_tests {
 
     fn policy(text: &str) -> Policy {
         Policy::parse(None, text).unwrap()
+    }
+
+    #[test]
+    fn a_decimal_context_value_is_the_one_cedar_builds() {
+        for arg in [
+            "0.0000",
+            "12.5000",
+            "900000000000.0000",
+            "not a decimal",
+            "",
+        ] {
+            assert_eq!(
+                decimal(arg),
+                RestrictedExpression::new_decimal(arg),
+                "{arg}"
+            );
+        }
     }
 
     #[test]

@@ -124,6 +124,13 @@ impl Db {
         }
     }
 
+    /// Whether the leases live in this process (SQLite: one gateway owns the file), so that
+    /// taking, renewing and giving one back never waits on I/O and may be done on an async
+    /// task without a trip to a blocking thread.
+    pub fn leases_in_process(&self) -> bool {
+        matches!(&*self.inner, Backend::Sqlite(_))
+    }
+
     /// The SQLite file's path or `postgres://host:port/dbname` (never a password).
     pub fn location(&self) -> &str {
         match &*self.inner {
