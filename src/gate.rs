@@ -57,13 +57,22 @@ pub struct Authorized {
 }
 
 impl Authorized {
-    fn new(action: Action, req: &PolicyRequest, decision: &Decision, args: Option<&Value>) -> Self {
+    /// An authorization for `decision`, with the principal, resource and request digest the
+    /// gate computed for the decision's record (computed once for both).
+    fn new(
+        action: Action,
+        principal: String,
+        resource: String,
+        decision: &Decision,
+        request_digest: [u8; 32],
+        args: Option<&Value>,
+    ) -> Self {
         Self {
-            principal: req.principal.to_string(),
+            principal,
             action,
-            resource: req.resource.to_string(),
+            resource,
             policies: decision.policies.clone(),
-            request_digest: request_digest_with(req, args),
+            request_digest,
             args_digest: args.map(args_digest),
             pinned: Vec::new(),
         }
@@ -908,11 +917,12 @@ impl Gate {
             Outcome::Deny => GateDecision::Deny,
             Outcome::ApprovalRequired => GateDecision::ApprovalRequired,
         };
+        let digest = request_digest_with(req, args);
         let mut payload = json!({
             "context": self.redacted(&Value::Object(req.context.clone())),
             "shadow": decision.shadow,
             "errors": decision.errors,
-            "request_digest": hex(&request_digest_with(req, args)),
+            "request_digest": hex(&digest),
         });
         if !extra.is_empty()
             && let Some(m) = payload.as_object_mut()
@@ -949,7 +959,7 @@ impl Gate {
                     json!({
                         "enforced": decision.decision.as_str(),
                         "shadow_decision": would.as_str(),
-                        "request_digest": hex(&request_digest_with(req, args)),
+                        "request_digest": hex(&digest),
                     }),
                 )
                 .with_outcome(format!(
@@ -960,12 +970,12 @@ impl Gate {
         }
         Ok(match decision.decision {
             Outcome::Allow => Verdict::Allowed(
-                Authorized::new(chitin_action, req, &decision, args),
+                Authorized::new(chitin_action, actor, resource, &decision, digest, args),
                 decision,
             ),
             Outcome::Deny => Verdict::Denied(decision),
             Outcome::ApprovalRequired => Verdict::ApprovalRequired {
-                request_digest: request_digest_with(req, args),
+                request_digest: digest,
                 resolved: resolved_of(req),
                 decision,
             },
