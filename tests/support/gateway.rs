@@ -254,7 +254,10 @@ impl Gw {
                 break;
             }
             if let Some(status) = gw.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("gateway exited during start: {status}");
+                panic!(
+                    "gateway exited during start: {status}; its log:\n{}",
+                    std::fs::read_to_string(gw.root.join("gateway.log")).unwrap_or_default()
+                );
             }
             assert!(Instant::now() < deadline, "gateway did not answer /health");
             std::thread::sleep(Duration::from_millis(50));
