@@ -855,7 +855,6 @@ impl Agent {
                     opened: Mutex::new(Vec::new()),
                     summary: Mutex::new(None),
                     held: Arc::clone(&held),
-                    pending: None,
                     first: None,
                 };
                 let (lost_tx, lost_rx) = watch::channel(false);
@@ -1330,8 +1329,6 @@ struct Run {
     summary: Mutex<Option<RunSummary>>,
     /// The leases the run holds (`run:<id>`, and `session:<key>` while it executes).
     held: replicas::Held,
-    /// The calls left without a result, read by `start` (taken by `drive`).
-    pending: Option<Vec<StoredCall>>,
     /// The first step's context and the model it was decided for, prepared by `start`
     /// (taken by `context`).
     first: Option<(String, (String, Prepared))>,
@@ -1460,20 +1457,14 @@ impl Run {
     }
 
     /// The run's first trip to the blocking pool, once it holds its session and a slot: its
-    /// status (`false`: another replica finished it while this one waited; nothing is
-    /// written), the calls its session's last answer left without a result, and — for a run
-    /// that starts with a model call — its prompt and the first call's messages and Cedar
-    /// decision (what `unanswered` and `context` would each have fetched in a trip of their
-    /// own).
-    async fn start(&mut self) -> Result<bool, AgentError> {
+    /// status (`None`: another replica finished it while this one waited; nothing is
+    /// written), the calls its session's last answer left without a result (what `drive`
+    /// answers first) and, when there are none, its prompt and — for a run that starts with a
+    /// model call — the first call's messages and Cedar decision (taken by `context`). With
+    /// calls pending, the prompt is built after they ran (they may change bootstrap files).
+    async fn start(&mut self) -> Result<Option<Vec<StoredCall>>, AgentError> {
         let inner = Arc::clone(&self.inner);
-        let (s, u, id, now) = (
-            self.session.clone(),
-            self.user.clone(),
-            self.id.clone(),
-            self.now(),
-        );
-        let want_prompt = self.prompt.is_none();
+        let (s, u, id, now) = self.keys();
         let tuning = self.inner.tuning();
         let model = tuning.router.as_deref().map(first_model);
         let budget = tuning.config.context_budget_tokens;
@@ -1486,7 +1477,7 @@ impl Run {
             let (summary, history) = inner.transcripts.history_shared(&s)?;
             let history = as_of_run(history, &id);
             let pending = pending_calls(&history);
-            if !pending.is_empty() || !want_prompt {
+            if !pending.is_empty() {
                 return Ok(Some(Started {
                     pending,
                     prompt: None,
@@ -1521,9 +1512,8 @@ impl Run {
         })
         .await??;
         let Some(started) = started else {
-            return Ok(false);
+            return Ok(None);
         };
-        self.pending = Some(started.pending);
         if let Some((prompt, untrusted)) = started.prompt {
             if !untrusted.is_empty() {
                 // The run reads content no one vouched for.
@@ -1532,7 +1522,18 @@ impl Run {
             self.prompt = Some(prompt);
         }
         self.first = started.first;
-        Ok(true)
+        Ok(Some(started.pending))
+    }
+
+    /// The run's session, user and id, and the clock's time: what each trip to the blocking
+    /// pool takes along.
+    fn keys(&self) -> (String, String, String, i64) {
+        (
+            self.session.clone(),
+            self.user.clone(),
+            self.id.clone(),
+            self.now(),
+        )
     }
 
     async fn execute(
@@ -1569,12 +1570,12 @@ impl Run {
                 .finish("failed", Some("the agent is shutting down".into()))
                 .await;
         };
-        match self.start().await {
-            Ok(true) => {}
+        let pending = match self.start().await {
+            Ok(Some(pending)) => pending,
             // Finished by another replica while this one waited: nothing to do.
-            Ok(false) => return self.untouched_summary().await,
+            Ok(None) => return self.untouched_summary().await,
             Err(e) => return self.finish("failed", Some(e.to_string())).await,
-        }
+        };
         // The status stays `queued` until the first answer is stored with it (one write less
         // per turn); `run.started` tells streaming clients.
         self.stat(|s| *s.runs.entry("started".into()).or_default() += 1);
@@ -1582,7 +1583,7 @@ impl Run {
         self.emit("run.started", json!({}));
         let limit = Duration::from_secs(inner.tuning().config.run_timeout_secs);
         let outcome = tokio::select! {
-            r = tokio::time::timeout(limit, self.drive()) => match r {
+            r = tokio::time::timeout(limit, self.drive(pending)) => match r {
                 // A write refused by the fence: another replica took the run over.
                 Ok(Err(AgentError::Transcript(e))) if e.is_lease_lost() => ("lost", None),
                 Ok(Ok(End::Reply)) => ("completed", None),
@@ -1811,8 +1812,9 @@ impl Run {
         Ok(blocking(move || inner.transcripts.set_tainted(&s)).await??)
     }
 
-    /// The loop: resume unanswered calls, then model call / tool calls until a reply.
-    async fn drive(&mut self) -> Result<End, AgentError> {
+    /// The loop: answer `pending` (the calls `start` found without a result), then model call
+    /// / tool calls until a reply.
+    async fn drive(&mut self, pending: Vec<StoredCall>) -> Result<End, AgentError> {
         let Some(router) = self.inner.tuning().router.clone() else {
             // The answer completes the run in the same transaction, as for a model's answer.
             let m = Stored::Assistant {
@@ -1826,10 +1828,6 @@ impl Run {
         let mut last_tool: Option<String> = None;
         // A resumed run: answer the calls of the last assistant message that have no result
         // (read by `start`).
-        let pending = match self.pending.take() {
-            Some(p) => p,
-            None => self.unanswered().await?,
-        };
         let mut first = self.interrupted;
         for c in pending {
             if first {
@@ -2003,32 +2001,6 @@ impl Run {
         )))
     }
 
-    /// The calls of the session's last assistant message that have no result yet. When there
-    /// is none (the usual start of a run), the run's prompt is built in the same trip to the
-    /// blocking pool; otherwise it is built after they ran (they may change bootstrap files).
-    async fn unanswered(&mut self) -> Result<Vec<StoredCall>, AgentError> {
-        let inner = Arc::clone(&self.inner);
-        let (s, u, id) = (self.session.clone(), self.user.clone(), self.id.clone());
-        let want_prompt = self.prompt.is_none();
-        let (pending, prompt) = blocking(move || -> Result<_, AgentError> {
-            let (_, history) = inner.transcripts.history_shared(&s)?;
-            let history = as_of_run(history, &id);
-            let pending = pending_calls(&history);
-            drop(history);
-            let prompt = (pending.is_empty() && want_prompt).then(|| build_prompt(&inner, u, s));
-            Ok((pending, prompt))
-        })
-        .await??;
-        if let Some((prompt, untrusted)) = prompt {
-            if !untrusted.is_empty() {
-                // The run reads content no one vouched for.
-                self.taint().await?;
-            }
-            self.prompt = Some(prompt);
-        }
-        Ok(pending)
-    }
-
     /// System prompt, messages (compacted when near the budget) and offered tools, after
     /// Cedar allowed the model call (`Err(reason)` when it did not).
     #[allow(
@@ -2068,12 +2040,7 @@ impl Run {
             Some((decided, first)) if decided == model => first,
             _ => {
                 let inner = Arc::clone(&self.inner);
-                let (s, u, id, now) = (
-                    self.session.clone(),
-                    self.user.clone(),
-                    self.id.clone(),
-                    self.now(),
-                );
+                let (s, u, id, now) = self.keys();
                 let budget = self.inner.tuning().config.context_budget_tokens;
                 // One trip to the blocking pool for the history and, unless it needs
                 // compacting first, Cedar's `model.call` decision.
