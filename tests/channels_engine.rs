@@ -101,6 +101,7 @@ on_both_backends!(
     a_commit_that_fails_half_way_stores_neither_events_nor_cursor_and_the_retry_stores_both,
     an_unpaired_dm_gets_one_pairing_code_and_a_second_message_within_the_hour_gets_none,
     an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitted,
+    a_sender_whose_id_has_quotes_and_an_apostrophe_is_paired_and_admitted,
     a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited,
     a_group_message_without_a_mention_is_denied_and_never_stored_with_its_text,
     two_senders_racing_for_one_row_claim_it_once,
@@ -556,6 +557,45 @@ fn an_owner_approving_the_code_pairs_the_identity_and_its_next_message_is_admitt
         .pairing_revoke("Chitin::Identity::\"telegram:500\"", "owner")
         .unwrap();
     assert!(h.engine.users_of("telegram:500").unwrap().is_empty());
+}
+
+/// Cedar's entity-reference parser refuses `'` unescaped: the identity and its conversation
+/// are built as typed uids, so such a sender is decided like any other.
+fn a_sender_whose_id_has_quotes_and_an_apostrophe_is_paired_and_admitted(d: Dialect) {
+    let h = harness_on(d);
+    let sender = r#"o'brien "the" \ one"#;
+    h.engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:1", msg(dm(sender), sender, "1", "hi", false))],
+                "2",
+            ),
+        )
+        .unwrap();
+    let code = code_sent(&h);
+    let r = h.engine.pairing_approve(&code, "owner", "owner").unwrap();
+    assert_eq!(r.status, "approved");
+    let identity = format!("telegram:{sender}");
+    assert_eq!(h.engine.users_of(&identity).unwrap(), ["owner"]);
+    let c = h
+        .engine
+        .commit_polled(
+            CH,
+            &polled(
+                vec![inbound("u:2", msg(dm(sender), sender, "2", "next", false))],
+                "3",
+            ),
+        )
+        .unwrap();
+    assert_eq!(
+        c.admissions[0].1,
+        Admission::Admitted {
+            user: "owner".into(),
+            session: session_key(CH, &dm(sender)),
+        }
+    );
+    assert_eq!(c.admitted[0].message.text, "next");
 }
 
 fn a_non_owner_cannot_approve_a_pairing_and_the_refusal_is_audited(d: Dialect) {

@@ -1,5 +1,8 @@
-//! The writer: one thread owns the database connection, batches pending appends into one
-//! transaction (group commit) and answers each caller only after the commit is durable.
+//! The writer: the caller that appends holds the database connection while it commits every
+//! record queued so far in one transaction (group commit: records queued while a commit
+//! flushes go together in the next), and a caller is answered only after the commit holding
+//! its record is durable. A background thread commits records submitted without a waiting
+//! caller and writes the time-based checkpoints.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -166,19 +169,9 @@ impl Prepared {
 
 type Reply<T> = SyncSender<Result<T, AuditError>>;
 
-enum Msg {
-    Append(Prepared, Reply<Receipt>),
-    Checkpoint(Reply<Checkpoint>),
-    RemovePayload {
-        seq: i64,
-        reason: String,
-        actor: String,
-        reply: Reply<Receipt>,
-    },
-    Shutdown(Reply<Option<Checkpoint>>),
-}
+/// A record waiting for its commit and the caller waiting for its receipt.
+type Queued = (Prepared, Reply<Receipt>);
 
-/// A pending append: wait for it to become durable.
 pub struct PendingReceipt(Receiver<Result<Receipt, AuditError>>);
 
 impl PendingReceipt {
@@ -193,6 +186,85 @@ struct Shared {
     checkpoint_error: Mutex<Option<(String, i64)>>,
 }
 
+/// What the callers and the background thread share. Whoever holds `writer` commits every
+/// queued record (its own among them) in one transaction, so a caller that appends does its
+/// own commit instead of handing the record to another thread and waiting to be woken: the
+/// records queued while one commit flushes go together in the next (group commit), and the
+/// chain's order is the order of the commits.
+struct Core {
+    /// Records waiting for a commit, in submission order.
+    queue: Mutex<Vec<Queued>>,
+    /// The connection and the chain's state; `None` once the log is shut down.
+    writer: Mutex<Option<Writer>>,
+}
+
+impl Core {
+    /// Commits every queued record (as the holder of the writer), then a checkpoint if one is
+    /// due. After a shutdown the queued callers are answered `Closed` (their replies dropped).
+    fn lead(&self) {
+        let mut writer = lock(&self.writer);
+        match writer.as_mut() {
+            Some(w) => self.commit_queued(w),
+            None => lock(&self.queue).clear(),
+        }
+    }
+
+    fn commit_queued(&self, w: &mut Writer) {
+        loop {
+            let batch: Vec<Queued> = {
+                let mut queue = lock(&self.queue);
+                let n = queue.len().min(w.opts.max_batch.max(1));
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            w.commit_batch(batch);
+            w.maybe_checkpoint();
+        }
+    }
+
+    /// Runs `f` on the writer after committing what is queued (a control request sees every
+    /// record submitted before it).
+    fn with_writer<T>(
+        &self,
+        f: impl FnOnce(&mut Writer) -> Result<T, AuditError>,
+    ) -> Result<T, AuditError> {
+        let mut writer = lock(&self.writer);
+        match writer.as_mut() {
+            Some(w) => {
+                self.commit_queued(w);
+                f(w)
+            }
+            None => Err(AuditError::Closed),
+        }
+    }
+
+    /// The background thread: commits records [`AuditLog::submit`]ted without a caller
+    /// waiting on them, and writes the time-based checkpoints (a heartbeat while idle).
+    fn background(&self, wake: &Receiver<()>) {
+        loop {
+            let timeout = match lock(&self.writer).as_ref() {
+                Some(w) => w.time_to_checkpoint(),
+                None => return,
+            };
+            match wake.recv_timeout(timeout) {
+                Ok(()) => {
+                    while wake.try_recv().is_ok() {}
+                    self.lead();
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.with_writer(|w| {
+                        w.maybe_checkpoint();
+                        Ok(())
+                    });
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -200,8 +272,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The tamper-evident audit log. Cheap to share (`Arc<AuditLog>`); every method is blocking and
 /// safe to call from many threads (from tokio, use `spawn_blocking`).
 pub struct AuditLog {
-    tx: Mutex<Option<Sender<Msg>>>,
+    core: Arc<Core>,
     shared: Arc<Shared>,
+    /// Wakes the background thread for a submitted record; taken at shutdown (the thread
+    /// then stops).
+    wake: Mutex<Option<Sender<()>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     paths: AuditPaths,
     location: Location,
@@ -209,7 +284,6 @@ pub struct AuditLog {
     signer: Arc<dyn CheckpointSigner>,
 }
 
-/// Where the records live.
 enum Location {
     Sqlite,
     #[cfg(feature = "postgres")]
@@ -315,7 +389,6 @@ impl AuditLog {
             write_error: Mutex::new(None),
             checkpoint_error: Mutex::new(None),
         });
-        let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
             store,
             cp_file,
@@ -328,16 +401,25 @@ impl AuditLog {
             outage: None,
         };
         writer.refresh_head();
-        let thread = std::thread::Builder::new()
-            .name("chitin-audit-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError::Io {
-                what: "start the audit writer thread".into(),
-                source: e,
-            })?;
+        let core = Arc::new(Core {
+            queue: Mutex::new(Vec::new()),
+            writer: Mutex::new(Some(writer)),
+        });
+        let (wake, woken) = mpsc::channel();
+        let thread = {
+            let core = Arc::clone(&core);
+            std::thread::Builder::new()
+                .name("chitin-audit-writer".into())
+                .spawn(move || core.background(&woken))
+                .map_err(|e| AuditError::Io {
+                    what: "start the audit writer thread".into(),
+                    source: e,
+                })?
+        };
         Ok(Self {
-            tx: Mutex::new(Some(tx)),
+            core,
             shared,
+            wake: Mutex::new(Some(wake)),
             thread: Mutex::new(Some(thread)),
             paths,
             location,
@@ -352,16 +434,9 @@ impl AuditLog {
         ManifestSignature::sign(self.signer.as_ref(), manifest)
     }
 
-    fn send(&self, msg: Msg) -> Result<(), AuditError> {
-        match lock(&self.tx).as_ref() {
-            Some(tx) => tx.send(msg).map_err(|_| AuditError::Closed),
-            None => Err(AuditError::Closed),
-        }
-    }
-
-    /// Queues a record; the returned handle resolves once it is durable. Lets one thread keep
-    /// several appends in flight (they share a commit).
-    pub fn submit(&self, input: RecordInput) -> Result<PendingReceipt, AuditError> {
+    /// The record as it will be chained; refused here (and nothing queued) when it cannot be
+    /// stored.
+    fn prepare(&self, input: RecordInput) -> Result<Prepared, AuditError> {
         let prepared = Prepared::new(input)?;
         #[cfg(feature = "postgres")]
         if matches!(self.location, Location::Postgres(_)) {
@@ -382,15 +457,34 @@ impl AuditLog {
                 }
             }
         }
+        Ok(prepared)
+    }
+
+    /// Queues a record; the returned handle resolves once it is durable. Lets one thread keep
+    /// several appends in flight (they share a commit, made by the background thread).
+    pub fn submit(&self, input: RecordInput) -> Result<PendingReceipt, AuditError> {
+        let prepared = self.prepare(input)?;
         let (rtx, rrx) = mpsc::sync_channel(1);
-        self.send(Msg::Append(prepared, rtx))?;
+        // Queued and signalled under the wake lock: a shutdown either sees the record in the
+        // queue (and commits it) or comes first (and the record is refused, not queued).
+        let wake = lock(&self.wake);
+        let Some(sender) = wake.as_ref() else {
+            return Err(AuditError::Closed);
+        };
+        lock(&self.core.queue).push((prepared, rtx));
+        sender.send(()).map_err(|_| AuditError::Closed)?;
         Ok(PendingReceipt(rrx))
     }
 
     /// Appends a record and returns once it is durable. An error means the record was NOT
-    /// written: the caller must not perform the action (fail closed).
+    /// written: the caller must not perform the action (fail closed). The caller commits
+    /// itself (with every record queued behind the commit before it), on its own thread.
     pub fn append(&self, input: RecordInput) -> Result<Receipt, AuditError> {
-        self.submit(input)?.wait()
+        let prepared = self.prepare(input)?;
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        lock(&self.core.queue).push((prepared, rtx));
+        self.core.lead();
+        rrx.recv().unwrap_or(Err(AuditError::Closed))
     }
 
     /// Records `input`, and runs `action` only if the record is durable.
@@ -405,9 +499,7 @@ impl AuditLog {
 
     /// Writes a signed checkpoint of the current head now.
     pub fn checkpoint_now(&self) -> Result<Checkpoint, AuditError> {
-        let (rtx, rrx) = mpsc::sync_channel(1);
-        self.send(Msg::Checkpoint(rtx))?;
-        rrx.recv().unwrap_or(Err(AuditError::Closed))
+        self.core.with_writer(Writer::write_checkpoint)
     }
 
     /// Retention/erasure: removes the payload of record `seq`. The record keeps its digest (so
@@ -419,14 +511,11 @@ impl AuditLog {
         reason: &str,
         actor: &str,
     ) -> Result<Receipt, AuditError> {
-        let (rtx, rrx) = mpsc::sync_channel(1);
-        self.send(Msg::RemovePayload {
-            seq,
-            reason: reason.into(),
-            actor: actor.into(),
-            reply: rtx,
-        })?;
-        rrx.recv().unwrap_or(Err(AuditError::Closed))
+        self.core.with_writer(|w| {
+            let r = w.remove_payload(seq, reason, actor);
+            w.maybe_checkpoint();
+            r
+        })
     }
 
     /// For `/ready`: `Ok`, or `Failed` with the reason while writes fail.
@@ -490,19 +579,25 @@ impl AuditLog {
         }
     }
 
-    /// Stops the writer after a final checkpoint of any uncovered records (gateway shutdown).
+    /// Stops the writer after committing what is queued and a final checkpoint of any
+    /// uncovered records (gateway shutdown). Later appends are refused (`Closed`).
     pub fn shutdown(&self) -> Result<Option<Checkpoint>, AuditError> {
-        let (rtx, rrx) = mpsc::sync_channel(1);
-        let sent = self.send(Msg::Shutdown(rtx));
-        let result = match sent {
-            Ok(()) => rrx.recv().unwrap_or(Err(AuditError::Closed)),
-            Err(e) => Err(e),
-        };
-        lock(&self.tx).take();
+        // No more submissions; the background thread stops when its channel closes.
+        lock(&self.wake).take();
         let thread = lock(&self.thread).take();
         if let Some(t) = thread {
             let _ = t.join();
         }
+        let mut writer = lock(&self.core.writer);
+        let result = match writer.as_mut() {
+            Some(w) => {
+                self.core.commit_queued(w);
+                w.final_checkpoint()
+            }
+            None => Err(AuditError::Closed),
+        };
+        *writer = None;
+        lock(&self.core.queue).clear();
         result
     }
 }
@@ -527,64 +622,6 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Msg>) {
-        loop {
-            let timeout = self.time_to_checkpoint();
-            let first = match rx.recv_timeout(timeout) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => {
-                    self.maybe_checkpoint();
-                    continue;
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.final_checkpoint();
-                    return;
-                }
-            };
-            let mut appends = Vec::new();
-            let mut controls = Vec::new();
-            let mut next = Some(first);
-            while let Some(m) = next.take() {
-                match m {
-                    Msg::Append(p, r) => appends.push((p, r)),
-                    other => controls.push(other),
-                }
-                if appends.len() < self.opts.max_batch.max(1)
-                    && controls.is_empty()
-                    && let Ok(m) = rx.try_recv()
-                {
-                    next = Some(m);
-                }
-            }
-            if !appends.is_empty() {
-                self.commit_batch(appends);
-                self.maybe_checkpoint();
-            }
-            for c in controls {
-                match c {
-                    Msg::Append(..) => {}
-                    Msg::Checkpoint(reply) => {
-                        let _ = reply.send(self.write_checkpoint());
-                    }
-                    Msg::RemovePayload {
-                        seq,
-                        reason,
-                        actor,
-                        reply,
-                    } => {
-                        let r = self.remove_payload(seq, &reason, &actor);
-                        let _ = reply.send(r);
-                        self.maybe_checkpoint();
-                    }
-                    Msg::Shutdown(reply) => {
-                        let _ = reply.send(self.final_checkpoint());
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
     fn now(&self) -> i64 {
         self.opts.clock.now_ms()
     }

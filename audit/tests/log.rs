@@ -139,6 +139,65 @@ fn shutdown_checkpoints_the_uncovered_tail() {
 }
 
 #[test]
+fn a_submitted_record_is_committed_while_its_caller_does_not_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = AuditLog::open(dir.path(), AuditOptions::default()).unwrap();
+    let pending = log.submit(input(0)).unwrap();
+    let reader = log.reader().unwrap();
+    // Nobody waits on `pending`: the background thread commits it (polled, generous deadline).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while reader.head().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the submitted record was never committed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(reader.head().unwrap().unwrap().0, 1);
+    assert_eq!(pending.wait().unwrap().seq, 1);
+    // An append commits on its own thread, after the submitted one.
+    assert_eq!(log.append(input(1)).unwrap().seq, 2);
+    log.shutdown().unwrap();
+    assert_eq!(verify(dir.path()).unwrap().records, 2);
+}
+
+#[test]
+fn appends_and_submissions_from_many_threads_form_one_chain_in_commit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = Arc::new(AuditLog::open(dir.path(), AuditOptions::default()).unwrap());
+    let handles: Vec<_> = (0..6)
+        .map(|t| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut seqs = Vec::new();
+                for i in 0..30 {
+                    let n = t * 100 + i;
+                    let seq = if t % 2 == 0 {
+                        log.append(input(n)).unwrap().seq
+                    } else {
+                        log.submit(input(n)).unwrap().wait().unwrap().seq
+                    };
+                    seqs.push(seq);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for h in handles {
+        let mine = h.join().unwrap();
+        // One thread's records are chained in the order it appended them.
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        seqs.extend(mine);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=180).collect::<Vec<_>>());
+    log.shutdown().unwrap();
+    assert!(matches!(log.submit(input(999)), Err(AuditError::Closed)));
+    assert_eq!(verify(dir.path()).unwrap().records, 180);
+}
+
+#[test]
 fn eight_concurrent_writers_get_unique_sequence_numbers_and_the_chain_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let log = Arc::new(AuditLog::open(dir.path(), AuditOptions::default()).unwrap());

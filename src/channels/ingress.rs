@@ -8,8 +8,8 @@ use chitin_store::Conn;
 use serde_json::{Value, json};
 
 use super::{
-    ChannelSettings, ChannelsError, Engine, chat_kind_str, conversation_id, conversation_uid,
-    identity_id, identity_uid, parse_chat_kind, session_key,
+    ChannelSettings, ChannelsError, Engine, chat_kind_str, conversation_id, identity_id,
+    parse_chat_kind, session_key,
 };
 use crate::gate::Verdict;
 use crate::policy::PolicyRequest;
@@ -97,7 +97,7 @@ pub struct AdmittedInvite {
 
 /// Who a sender is to Cedar.
 struct Principal {
-    uid: String,
+    uid: cedar_policy::EntityUid,
     /// The users the identity is a member of (sorted); the first is the turn's principal.
     users: Vec<String>,
     /// Entities to add for this decision (identity / conversation the stores do not define).
@@ -420,12 +420,7 @@ impl Engine {
         channel: &str,
         conversation: Option<(&str, &chitin_channels::ChatRef)>,
     ) -> Result<Principal, ChannelsError> {
-        let uid = identity_uid(identity);
-        let parse = |s: &str| {
-            s.parse::<cedar_policy::EntityUid>()
-                .map_err(|e| ChannelsError::InvalidIdentity(format!("{}: {e}", s.escape_default())))
-        };
-        let euid = parse(&uid)?;
+        let euid = crate::policy::identity_uid(identity);
         let active = self.gate.engine().active();
         let mut extra = Vec::new();
         let mut users: Vec<String> = match active.entities.ancestors(&euid) {
@@ -445,7 +440,7 @@ impl Engine {
             }));
         }
         if let Some((kind, chat)) = conversation {
-            let cuid = parse(&conversation_uid(kind, chat))?;
+            let cuid = crate::policy::conversation_uid(&conversation_id(kind, chat));
             if active.entities.get(&cuid).is_none() {
                 extra.push(json!({
                     "uid": {"type": "Chitin::Conversation", "id": conversation_id(kind, chat)},
@@ -454,7 +449,11 @@ impl Engine {
                 }));
             }
         }
-        Ok(Principal { uid, users, extra })
+        Ok(Principal {
+            uid: euid,
+            users,
+            extra,
+        })
     }
 
     pub(super) fn admit_in(
@@ -496,13 +495,15 @@ impl Engine {
         let identity = identity_id(&ch.kind, &m.sender.id);
         let p = self.principal(&identity, &ch.name, Some((&ch.kind, &m.chat)))?;
         let paired = !p.users.is_empty();
-        let req = PolicyRequest::from_json(&json!({
-            "principal": p.uid,
-            "action": "Chitin::Action::\"message.receive\"",
-            "resource": conversation_uid(&ch.kind, &m.chat),
-            "context": {"mentioned": m.mentioned, "paired": paired},
-        }))
-        .map_err(crate::gate::GateError::from)?;
+        let mut context = serde_json::Map::new();
+        context.insert("mentioned".into(), Value::Bool(m.mentioned));
+        context.insert("paired".into(), Value::Bool(paired));
+        let req = PolicyRequest::new(
+            p.uid,
+            crate::policy::Action::MessageReceive,
+            crate::policy::conversation_uid(&conversation_id(&ch.kind, &m.chat)),
+            context,
+        );
         let verdict = self.gate.check_with_entities(&req, &p.extra)?;
         Ok((verdict, p.users))
     }

@@ -256,18 +256,14 @@ impl Engine {
         let req = self.pending(&code)?;
         self.may_decide_pairings(acting_user)?;
         let active = self.gate.engine().active();
-        let target = user_uid(target_user)
-            .parse::<cedar_policy::EntityUid>()
-            .map_err(|_| ChannelsError::UnknownUser(target_user.escape_default().to_string()))?;
+        let target = crate::policy::user_uid(target_user);
         if active.entities.get(&target).is_none() {
             return Err(ChannelsError::UnknownUser(
                 target_user.escape_default().to_string(),
             ));
         }
         let mut managed = self.managed_rows()?;
-        let ident = identity_uid(&req.identity)
-            .parse::<cedar_policy::EntityUid>()
-            .map_err(|_| ChannelsError::InvalidIdentity(req.identity.clone()))?;
+        let ident = crate::policy::identity_uid(&req.identity);
         if active.entities.get(&ident).is_some()
             && !managed.iter().any(|(i, _, _)| *i == req.identity)
         {

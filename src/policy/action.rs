@@ -143,6 +143,8 @@ closed_enum! {
 const ACTION_TYPE: &str = "Chitin::Action";
 const TOOL_TYPE: &str = "Chitin::Tool";
 const USER_TYPE: &str = "Chitin::User";
+const IDENTITY_TYPE: &str = "Chitin::Identity";
+const CONVERSATION_TYPE: &str = "Chitin::Conversation";
 
 /// The entity types whose uids the hot paths build: their names are parsed once per process
 /// (Cedar's `EntityTypeName::from_str` runs its full parser, several µs, and an agent turn
@@ -152,6 +154,8 @@ enum Ty {
     Action,
     Tool,
     User,
+    Identity,
+    Conversation,
 }
 
 fn uid(ty: Ty, id: &str) -> EntityUid {
@@ -160,10 +164,14 @@ fn uid(ty: Ty, id: &str) -> EntityUid {
     static ACTION: Cell = OnceLock::new();
     static TOOL: Cell = OnceLock::new();
     static USER: Cell = OnceLock::new();
+    static IDENTITY: Cell = OnceLock::new();
+    static CONVERSATION: Cell = OnceLock::new();
     let (cell, name) = match ty {
         Ty::Action => (&ACTION, ACTION_TYPE),
         Ty::Tool => (&TOOL, TOOL_TYPE),
         Ty::User => (&USER, USER_TYPE),
+        Ty::Identity => (&IDENTITY, IDENTITY_TYPE),
+        Ty::Conversation => (&CONVERSATION, CONVERSATION_TYPE),
     };
     match cell.get_or_init(|| EntityTypeName::from_str(name).map_err(|e| e.to_string())) {
         Ok(t) => EntityUid::from_type_name_and_id(t.clone(), EntityId::new(id)),
@@ -175,6 +183,17 @@ fn uid(ty: Ty, id: &str) -> EntityUid {
 /// quoted string, without running Cedar's parser.
 pub fn user_uid(id: &str) -> EntityUid {
     uid(Ty::User, id)
+}
+
+/// `Chitin::Identity::"<id>"` (a chat-platform identity, `<kind>:<id>`), without Cedar's
+/// parser.
+pub fn identity_uid(id: &str) -> EntityUid {
+    uid(Ty::Identity, id)
+}
+
+/// `Chitin::Conversation::"<id>"` (`<kind>:<dm|group>:<chat id>`), without Cedar's parser.
+pub fn conversation_uid(id: &str) -> EntityUid {
+    uid(Ty::Conversation, id)
 }
 
 /// `ty` is one of the constant type names above, which Cedar always accepts (the unit tests
@@ -289,6 +308,14 @@ mod tests {
         assert_eq!(
             user_uid("alice"),
             "Chitin::User::\"alice\"".parse::<EntityUid>().unwrap()
+        );
+        assert_eq!(
+            identity_uid("telegram:o'brien"),
+            r#"Chitin::Identity::"telegram:o\'brien""#.parse::<EntityUid>().unwrap()
+        );
+        assert_eq!(
+            conversation_uid("slack:group:C1"),
+            r#"Chitin::Conversation::"slack:group:C1""#.parse::<EntityUid>().unwrap()
         );
     }
 

@@ -32,7 +32,7 @@ use cedar_policy::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-pub use action::{Action, INVOKABLE, TOOLS, Tool, user_uid};
+pub use action::{Action, INVOKABLE, TOOLS, Tool, conversation_uid, identity_uid, user_uid};
 pub use diag::Diagnostic;
 
 /// Errors of the policy engine.
