@@ -189,8 +189,16 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
             }
         }
         let rounds = if full { 2 } else { 1 };
+        // `AGENT_TURN_LONG=on` (or `off`): only that agent's sessions, e.g. under a profiler.
+        let only = std::env::var("AGENT_TURN_LONG").ok();
         for round in 0..rounds {
             for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
+                if only
+                    .as_deref()
+                    .is_some_and(|o| format!("cache {o}") != label)
+                {
+                    continue;
+                }
                 let name = format!("long-{}-{round}", label.replace(' ', "-"));
                 for (upto, p50, cpu, provider) in long_session(s, &name, turns, window).await? {
                     println!(
