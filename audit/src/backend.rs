@@ -73,6 +73,14 @@ pub(crate) trait WriterStore: Send {
     /// re-read from the database before a new one is signed).
     fn shared(&self) -> bool;
 
+    /// Whether the connection must stay on the writer's own thread. The PostgreSQL client is
+    /// synchronous over its own tokio runtime, which cannot run on a thread that drives
+    /// another runtime's tasks (an appending caller may be one): every write then goes
+    /// through the background thread.
+    fn own_thread(&self) -> bool {
+        false
+    }
+
     /// Drops the connection after a failure.
     fn reset(&mut self);
 }

@@ -186,6 +186,12 @@ struct Shared {
     checkpoint_error: Mutex<Option<(String, i64)>>,
 }
 
+/// Work for the background thread: commit what is queued, or run a job on the writer.
+enum Wake {
+    Commit,
+    Run(Box<dyn FnOnce(&Core) + Send>),
+}
+
 /// What the callers and the background thread share. Whoever holds `writer` commits every
 /// queued record (its own among them) in one transaction, so a caller that appends does its
 /// own commit instead of handing the record to another thread and waiting to be woken: the
@@ -196,6 +202,9 @@ struct Core {
     queue: Mutex<Vec<Queued>>,
     /// The connection and the chain's state; `None` once the log is shut down.
     writer: Mutex<Option<Writer>>,
+    /// The store's connection stays on the background thread
+    /// ([`WriterStore::own_thread`]): callers hand everything to it.
+    own_thread: bool,
 }
 
 impl Core {
@@ -240,18 +249,45 @@ impl Core {
         }
     }
 
+    /// Commits what is queued, writes the final checkpoint of any uncovered records and
+    /// closes the writer (later appends are refused `Closed`).
+    fn close(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let mut writer = lock(&self.writer);
+        let result = match writer.as_mut() {
+            Some(w) => {
+                self.commit_queued(w);
+                w.final_checkpoint()
+            }
+            None => Err(AuditError::Closed),
+        };
+        *writer = None;
+        lock(&self.queue).clear();
+        result
+    }
+
     /// The background thread: commits records [`AuditLog::submit`]ted without a caller
-    /// waiting on them, and writes the time-based checkpoints (a heartbeat while idle).
-    fn background(&self, wake: &Receiver<()>) {
+    /// waiting on them (every record, and every control request, when the connection must
+    /// stay on this thread), and writes the time-based checkpoints (a heartbeat while idle).
+    fn background(&self, wake: &Receiver<Wake>) {
         loop {
             let timeout = match lock(&self.writer).as_ref() {
                 Some(w) => w.time_to_checkpoint(),
                 None => return,
             };
             match wake.recv_timeout(timeout) {
-                Ok(()) => {
-                    while wake.try_recv().is_ok() {}
+                Ok(first) => {
+                    let mut jobs = Vec::new();
+                    let mut next = Some(first);
+                    while let Some(m) = next.take() {
+                        if let Wake::Run(job) = m {
+                            jobs.push(job);
+                        }
+                        next = wake.try_recv().ok();
+                    }
                     self.lead();
+                    for job in jobs {
+                        job(self);
+                    }
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     let _ = self.with_writer(|w| {
@@ -274,9 +310,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct AuditLog {
     core: Arc<Core>,
     shared: Arc<Shared>,
-    /// Wakes the background thread for a submitted record; taken at shutdown (the thread
-    /// then stops).
-    wake: Mutex<Option<Sender<()>>>,
+    /// Wakes the background thread (a submitted record, or a job on a writer that stays on
+    /// it); taken at shutdown (the thread then stops).
+    wake: Mutex<Option<Sender<Wake>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     paths: AuditPaths,
     location: Location,
@@ -403,6 +439,7 @@ impl AuditLog {
         writer.refresh_head();
         let core = Arc::new(Core {
             queue: Mutex::new(Vec::new()),
+            own_thread: writer.store.own_thread(),
             writer: Mutex::new(Some(writer)),
         });
         let (wake, woken) = mpsc::channel();
@@ -472,18 +509,46 @@ impl AuditLog {
             return Err(AuditError::Closed);
         };
         lock(&self.core.queue).push((prepared, rtx));
-        sender.send(()).map_err(|_| AuditError::Closed)?;
+        sender.send(Wake::Commit).map_err(|_| AuditError::Closed)?;
         Ok(PendingReceipt(rrx))
     }
 
     /// Appends a record and returns once it is durable. An error means the record was NOT
     /// written: the caller must not perform the action (fail closed). The caller commits
-    /// itself (with every record queued behind the commit before it), on its own thread.
+    /// itself (with every record queued behind the commit before it), on its own thread —
+    /// unless the connection stays on the background thread, which then commits it.
     pub fn append(&self, input: RecordInput) -> Result<Receipt, AuditError> {
+        if self.core.own_thread {
+            return self.submit(input)?.wait();
+        }
         let prepared = self.prepare(input)?;
         let (rtx, rrx) = mpsc::sync_channel(1);
         lock(&self.core.queue).push((prepared, rtx));
         self.core.lead();
+        rrx.recv().unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Runs `f` with the writer: on this thread, or on the background thread when the
+    /// connection stays there.
+    fn on_writer<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Core) -> Result<T, AuditError> + Send + 'static,
+    ) -> Result<T, AuditError> {
+        if !self.core.own_thread {
+            return f(&self.core);
+        }
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        {
+            let wake = lock(&self.wake);
+            let Some(sender) = wake.as_ref() else {
+                return Err(AuditError::Closed);
+            };
+            sender
+                .send(Wake::Run(Box::new(move |core| {
+                    let _ = rtx.send(f(core));
+                })))
+                .map_err(|_| AuditError::Closed)?;
+        }
         rrx.recv().unwrap_or(Err(AuditError::Closed))
     }
 
@@ -499,7 +564,7 @@ impl AuditLog {
 
     /// Writes a signed checkpoint of the current head now.
     pub fn checkpoint_now(&self) -> Result<Checkpoint, AuditError> {
-        self.core.with_writer(Writer::write_checkpoint)
+        self.on_writer(|core| core.with_writer(Writer::write_checkpoint))
     }
 
     /// Retention/erasure: removes the payload of record `seq`. The record keeps its digest (so
@@ -511,10 +576,13 @@ impl AuditLog {
         reason: &str,
         actor: &str,
     ) -> Result<Receipt, AuditError> {
-        self.core.with_writer(|w| {
-            let r = w.remove_payload(seq, reason, actor);
-            w.maybe_checkpoint();
-            r
+        let (reason, actor) = (reason.to_string(), actor.to_string());
+        self.on_writer(move |core| {
+            core.with_writer(|w| {
+                let r = w.remove_payload(seq, &reason, &actor);
+                w.maybe_checkpoint();
+                r
+            })
         })
     }
 
@@ -582,22 +650,13 @@ impl AuditLog {
     /// Stops the writer after committing what is queued and a final checkpoint of any
     /// uncovered records (gateway shutdown). Later appends are refused (`Closed`).
     pub fn shutdown(&self) -> Result<Option<Checkpoint>, AuditError> {
+        let result = self.on_writer(Core::close);
         // No more submissions; the background thread stops when its channel closes.
         lock(&self.wake).take();
         let thread = lock(&self.thread).take();
         if let Some(t) = thread {
             let _ = t.join();
         }
-        let mut writer = lock(&self.core.writer);
-        let result = match writer.as_mut() {
-            Some(w) => {
-                self.core.commit_queued(w);
-                w.final_checkpoint()
-            }
-            None => Err(AuditError::Closed),
-        };
-        *writer = None;
-        lock(&self.core.queue).clear();
         result
     }
 }

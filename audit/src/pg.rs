@@ -775,6 +775,10 @@ impl WriterStore for PgStore {
         true
     }
 
+    fn own_thread(&self) -> bool {
+        true
+    }
+
     fn reset(&mut self) {
         self.conn = None;
     }

@@ -235,6 +235,43 @@ fn several_logs_in_several_threads_append_one_gap_free_chain() {
     assert_eq!(report.last_checkpoint, Some(i64::try_from(total).unwrap()));
 }
 
+/// The gateway appends from async tasks; the synchronous PostgreSQL client cannot run on a
+/// thread that drives a runtime, so the records are committed by the writer's own thread.
+#[test]
+fn appends_and_controls_from_inside_an_async_runtime_reach_postgresql() {
+    let db = TestDb::new();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new(T0);
+    let log =
+        Arc::new(AuditLog::open_postgres(dir.path(), &db.config(), options(&clock, 0)).unwrap());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l = Arc::clone(&log);
+    let (seqs, cp) = rt.block_on(async move {
+        let mut seqs = Vec::new();
+        for i in 0..3 {
+            seqs.push(l.append(input(i)).unwrap().seq);
+        }
+        // On a worker thread too.
+        let l2 = Arc::clone(&l);
+        let more = tokio::spawn(async move { l2.append(input(3)).unwrap().seq })
+            .await
+            .unwrap();
+        seqs.push(more);
+        (seqs, l.checkpoint_now().unwrap())
+    });
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    assert_eq!(cp.seq, 4);
+    let removed = rt.block_on(async { log.remove_payload(2, "retention", "owner").unwrap() });
+    assert_eq!(removed.seq, 5);
+    rt.block_on(async { log.shutdown().unwrap() });
+    let witness = dir.path().join("audit.checkpoints");
+    assert_eq!(pg_verify(&db, &[&witness]).unwrap().records, 5);
+}
+
 #[test]
 fn queued_records_wait_for_the_head_lock_and_then_commit_in_one_transaction() {
     let db = TestDb::new();
