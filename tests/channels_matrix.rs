@@ -144,3 +144,48 @@ fn on_matrix_a_stranger_is_paired_answers_are_plain_replies_and_invitations_foll
         "the access token is in the gateway log"
     );
 }
+
+/// A Matrix user id from before the strict grammar may hold `'` (Cedar's entity parser wants
+/// it escaped): the sender is paired and answered like any other, and a poll holding its
+/// message is not refused whole.
+#[test]
+fn on_matrix_a_sender_whose_id_has_an_apostrophe_is_paired_and_answered() {
+    const OBRIEN: &str = "@o'brien:fake.test";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mx = rt.block_on(FakeMatrix::start()).unwrap();
+    let model = rt
+        .block_on(FakeOpenAi::start(vec![Step::Reply(Reply::text([
+            "Hello, O'Brien.",
+        ]))]))
+        .unwrap();
+    let mut gw = Gw::start(&config(&model.base_url(), &mx));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "mx_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    until("the first sync", &gw, || {
+        let s = status_of(&gw, "mx");
+        (s["connected"] == true && s["cursor"].is_string()).then_some(())
+    });
+    let dm = mx.create_room(&[OBRIEN]);
+    mx.push_text(&dm, OBRIEN, "hello bot");
+    let code_msg = until("the pairing code", &gw, || {
+        replies(&mx, &dm).into_iter().next()
+    });
+    assert!(code_msg.0.contains("Pairing code"), "{}", code_msg.0);
+    assert_eq!(approve_open_pairing(&gw, None), "matrix:@o'brien:fake.test");
+    until("the pairing notice", &gw, || {
+        replies(&mx, &dm)
+            .into_iter()
+            .find(|r| r.0.starts_with("Paired:"))
+    });
+    let asked = mx.push_text(&dm, OBRIEN, "are you there?");
+    let answer = until("the answer", &gw, || {
+        replies(&mx, &dm)
+            .into_iter()
+            .find(|r| r.1.as_deref() == Some(asked.as_str()))
+    });
+    assert_eq!(answer.0, "Hello, O'Brien.");
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+}
