@@ -244,6 +244,16 @@ fn spec(tool: Tool, description: &str, schema: Value) -> ToolSpec {
 
 /// Every tool with its argument schema (the strict argument types of `crate::tools`).
 pub fn all_tools() -> Vec<ToolSpec> {
+    tool_specs().to_vec()
+}
+
+/// [`all_tools`], built once (constant: the schemas are the argument types).
+fn tool_specs() -> &'static [ToolSpec] {
+    static SPECS: std::sync::OnceLock<Vec<ToolSpec>> = std::sync::OnceLock::new();
+    SPECS.get_or_init(build_tool_specs)
+}
+
+fn build_tool_specs() -> Vec<ToolSpec> {
     vec![
         spec(
             Tool::Exec,
@@ -506,13 +516,14 @@ pub fn structural_schema(schema: &Value, depth: usize) -> Value {
 /// The tools `user` could ever be allowed to call (the others are not offered).
 pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
     let principal = crate::policy::user_uid(user);
-    all_tools()
-        .into_iter()
+    tool_specs()
+        .iter()
         .filter(|t| {
             Tool::from_id(&t.name)
                 .and_then(|tool| engine.could_allow(&principal, &tool.action().uid()).ok())
                 .unwrap_or(false)
         })
+        .cloned()
         .collect()
 }
 
