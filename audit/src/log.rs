@@ -509,7 +509,17 @@ impl AuditLog {
             return Err(AuditError::Closed);
         };
         lock(&self.core.queue).push((prepared, rtx));
-        sender.send(Wake::Commit).map_err(|_| AuditError::Closed)?;
+        if sender.send(Wake::Commit).is_err() {
+            // The background thread is gone (it stops only when the log closes, or if it
+            // panicked): never leave the record waiting for it. Commit it here, or, when the
+            // connection lives on that thread, answer every queued caller `Closed`.
+            drop(wake);
+            if self.core.own_thread {
+                lock(&self.core.queue).clear();
+            } else {
+                self.core.lead();
+            }
+        }
         Ok(PendingReceipt(rrx))
     }
 
