@@ -15,7 +15,7 @@ mod chat;
 mod harness;
 
 use chat::{approve_open_pairing, set_secret, status_of, until};
-use chitin::providers::testing::{FakeOpenAi, Reply, Step};
+use chitin::providers::testing::{FakeOpenAi, FakeServer, Reply, Step};
 use chitin_channels::matrix::fake::{BOT, FakeMatrix, TOKEN};
 use harness::Gw;
 
@@ -45,6 +45,39 @@ fn replies(mx: &FakeMatrix, room: &str) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
+/// The gateway on `mx` with its access token stored, after its first sync.
+fn start(model: &FakeServer, mx: &FakeMatrix) -> Gw {
+    let mut gw = Gw::start(&config(&model.base_url(), mx));
+    gw.signal("-TERM");
+    assert!(gw.wait_exit().success());
+    set_secret(&gw, "mx_token", "127.0.0.1", TOKEN);
+    gw.spawn();
+    // Connected, and the first sync (which skips history) is done.
+    until("the first sync", &gw, || {
+        let s = status_of(&gw, "mx");
+        (s["connected"] == true && s["cursor"].is_string()).then_some(())
+    });
+    gw
+}
+
+/// A direct room with `user`, a stranger: one pairing code, approved with the CLI, and the
+/// notice. Returns the room.
+fn pair_in_dm(gw: &Gw, mx: &FakeMatrix, user: &str) -> String {
+    let dm = mx.create_room(&[user]);
+    mx.push_text(&dm, user, "hello bot");
+    let code_msg = until("the pairing code", gw, || {
+        replies(mx, &dm).into_iter().next()
+    });
+    assert!(code_msg.0.contains("Pairing code"), "{}", code_msg.0);
+    assert_eq!(approve_open_pairing(gw, None), format!("matrix:{user}"));
+    until("the pairing notice", gw, || {
+        replies(mx, &dm)
+            .into_iter()
+            .find(|r| r.0.starts_with("Paired:"))
+    });
+    dm
+}
+
 #[test]
 fn on_matrix_a_stranger_is_paired_answers_are_plain_replies_and_invitations_follow_cedar() {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -60,30 +93,10 @@ fn on_matrix_a_stranger_is_paired_answers_are_plain_replies_and_invitations_foll
             Step::Reply(Reply::text(["It ran."])),
         ]))
         .unwrap();
-    let mut gw = Gw::start(&config(&model.base_url(), &mx));
-    gw.signal("-TERM");
-    assert!(gw.wait_exit().success());
-    set_secret(&gw, "mx_token", "127.0.0.1", TOKEN);
-    gw.spawn();
-    // Connected, and the first sync (which skips history) is done.
-    until("the first sync", &gw, || {
-        let s = status_of(&gw, "mx");
-        (s["connected"] == true && s["cursor"].is_string()).then_some(())
-    });
+    let mut gw = start(&model, &mx);
 
     // A direct room: the stranger gets one pairing code and nothing reaches the model.
-    let dm = mx.create_room(&[ALICE]);
-    mx.push_text(&dm, ALICE, "hello bot");
-    let code_msg = until("the pairing code", &gw, || {
-        replies(&mx, &dm).into_iter().next()
-    });
-    assert!(code_msg.0.contains("Pairing code"), "{}", code_msg.0);
-    assert_eq!(approve_open_pairing(&gw, None), "matrix:@alice:fake.test");
-    until("the pairing notice", &gw, || {
-        replies(&mx, &dm)
-            .into_iter()
-            .find(|r| r.0.starts_with("Paired:"))
-    });
+    let dm = pair_in_dm(&gw, &mx, ALICE);
 
     // An admitted message: the answer is a plain-text reply (no HTML, no mentions), sent once.
     let asked = mx.push_text(&dm, ALICE, "what is the answer?");
@@ -158,27 +171,8 @@ fn on_matrix_a_sender_whose_id_has_an_apostrophe_is_paired_and_answered() {
             "Hello, O'Brien.",
         ]))]))
         .unwrap();
-    let mut gw = Gw::start(&config(&model.base_url(), &mx));
-    gw.signal("-TERM");
-    assert!(gw.wait_exit().success());
-    set_secret(&gw, "mx_token", "127.0.0.1", TOKEN);
-    gw.spawn();
-    until("the first sync", &gw, || {
-        let s = status_of(&gw, "mx");
-        (s["connected"] == true && s["cursor"].is_string()).then_some(())
-    });
-    let dm = mx.create_room(&[OBRIEN]);
-    mx.push_text(&dm, OBRIEN, "hello bot");
-    let code_msg = until("the pairing code", &gw, || {
-        replies(&mx, &dm).into_iter().next()
-    });
-    assert!(code_msg.0.contains("Pairing code"), "{}", code_msg.0);
-    assert_eq!(approve_open_pairing(&gw, None), "matrix:@o'brien:fake.test");
-    until("the pairing notice", &gw, || {
-        replies(&mx, &dm)
-            .into_iter()
-            .find(|r| r.0.starts_with("Paired:"))
-    });
+    let mut gw = start(&model, &mx);
+    let dm = pair_in_dm(&gw, &mx, OBRIEN);
     let asked = mx.push_text(&dm, OBRIEN, "are you there?");
     let answer = until("the answer", &gw, || {
         replies(&mx, &dm)

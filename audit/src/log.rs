@@ -2,7 +2,8 @@
 //! record queued so far in one transaction (group commit: records queued while a commit
 //! flushes go together in the next), and a caller is answered only after the commit holding
 //! its record is durable. A background thread commits records submitted without a waiting
-//! caller and writes the time-based checkpoints.
+//! caller and writes the time-based checkpoints; on PostgreSQL it keeps the connection and
+//! does every write (the synchronous client cannot run on a thread driving async tasks).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -172,6 +173,7 @@ type Reply<T> = SyncSender<Result<T, AuditError>>;
 /// A record waiting for its commit and the caller waiting for its receipt.
 type Queued = (Prepared, Reply<Receipt>);
 
+/// A pending append: wait for it to become durable.
 pub struct PendingReceipt(Receiver<Result<Receipt, AuditError>>);
 
 impl PendingReceipt {
@@ -320,6 +322,7 @@ pub struct AuditLog {
     signer: Arc<dyn CheckpointSigner>,
 }
 
+/// Where the records live.
 enum Location {
     Sqlite,
     #[cfg(feature = "postgres")]

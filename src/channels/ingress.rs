@@ -418,7 +418,7 @@ impl Engine {
         &self,
         identity: &str,
         channel: &str,
-        conversation: Option<(&str, &chitin_channels::ChatRef)>,
+        conversation: Option<(&str, chitin_channels::ChatKind)>,
     ) -> Result<Principal, ChannelsError> {
         let euid = crate::policy::identity_uid(identity);
         let active = self.gate.engine().active();
@@ -439,12 +439,12 @@ impl Engine {
                 "parents": [],
             }));
         }
-        if let Some((kind, chat)) = conversation {
-            let cuid = crate::policy::conversation_uid(&conversation_id(kind, chat));
+        if let Some((id, kind)) = conversation {
+            let cuid = crate::policy::conversation_uid(id);
             if active.entities.get(&cuid).is_none() {
                 extra.push(json!({
-                    "uid": {"type": "Chitin::Conversation", "id": conversation_id(kind, chat)},
-                    "attrs": {"channel": channel, "kind": chat.kind.as_str()},
+                    "uid": {"type": "Chitin::Conversation", "id": id},
+                    "attrs": {"channel": channel, "kind": kind.as_str()},
                     "parents": [],
                 }));
             }
@@ -493,7 +493,8 @@ impl Engine {
         m: &Message,
     ) -> Result<(Verdict, Vec<String>), ChannelsError> {
         let identity = identity_id(&ch.kind, &m.sender.id);
-        let p = self.principal(&identity, &ch.name, Some((&ch.kind, &m.chat)))?;
+        let conversation = conversation_id(&ch.kind, &m.chat);
+        let p = self.principal(&identity, &ch.name, Some((&conversation, m.chat.kind)))?;
         let paired = !p.users.is_empty();
         let mut context = serde_json::Map::new();
         context.insert("mentioned".into(), Value::Bool(m.mentioned));
@@ -501,7 +502,7 @@ impl Engine {
         let req = PolicyRequest::new(
             p.uid,
             crate::policy::Action::MessageReceive,
-            crate::policy::conversation_uid(&conversation_id(&ch.kind, &m.chat)),
+            crate::policy::conversation_uid(&conversation),
             context,
         );
         let verdict = self.gate.check_with_entities(&req, &p.extra)?;
