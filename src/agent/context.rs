@@ -2,10 +2,11 @@
 //! could allow this user, and untrusted content fenced as data.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use super::transcripts::{Entry, Stored};
+use super::transcripts::{Entry, HistoryEntry, Stored};
 use crate::policy::{PolicyEngine, Tool};
 use crate::providers::{Message, ToolCall, ToolSpec};
 
@@ -529,83 +530,53 @@ pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<ToolSpec> {
 
 /// The provider messages for a stored history. Tool calls left without a result (a run that
 /// ended early) get one saying they did not run, so the conversation stays well formed.
-pub fn to_messages<E: AsRef<Entry>>(summary: Option<&str>, history: &[E]) -> Vec<Message> {
-    let mut out: Vec<Message> = Vec::new();
-    let mut pending: Vec<String> = Vec::new();
-    let close_pending = |out: &mut Vec<Message>, pending: &mut Vec<String>| {
+///
+/// Each stored message is converted once where it is shared ([`HistoryEntry`]: the opened
+/// messages the history cache keeps), so a step of a long session costs a reference count
+/// per older message.
+pub fn to_messages<E: HistoryEntry>(summary: Option<&str>, history: &[E]) -> Vec<Arc<Message>> {
+    let mut out: Vec<Arc<Message>> = Vec::with_capacity(history.len() + 1);
+    let mut pending: Vec<&str> = Vec::new();
+    let close_pending = |out: &mut Vec<Arc<Message>>, pending: &mut Vec<&str>| {
         for id in pending.drain(..) {
-            out.push(Message::ToolResult {
-                tool_use_id: id,
+            out.push(Arc::new(Message::ToolResult {
+                tool_use_id: id.to_string(),
                 content: "not run: the run ended before this call was handled".into(),
                 is_error: true,
                 images: Vec::new(),
-            });
+            }));
         }
     };
-    let newest_images = history
-        .iter()
-        .rev()
-        .find_map(|e| match &e.as_ref().message {
-            Stored::Tool {
-                tool_use_id,
-                images,
-                ..
-            } if !images.is_empty() => Some(tool_use_id.as_str()),
-            _ => None,
-        });
-    for e in history {
-        match &e.as_ref().message {
-            Stored::User {
-                text,
-                from,
-                untrusted,
-            } => {
+    let newest_images = history.iter().rposition(
+        |e| matches!(&e.as_ref().message, Stored::Tool { images, .. } if !images.is_empty()),
+    );
+    for (i, e) in history.iter().enumerate() {
+        let entry = e.as_ref();
+        match &entry.message {
+            Stored::User { .. } => close_pending(&mut out, &mut pending),
+            Stored::Assistant { tool_calls, .. } => {
                 close_pending(&mut out, &mut pending);
-                let text = if *untrusted {
-                    fence(&format!("message:{from}"), text)
-                } else {
-                    text.clone()
-                };
-                out.push(Message::User { text });
+                pending = tool_calls.iter().map(|c| c.id.as_str()).collect();
             }
-            Stored::Assistant { text, tool_calls } => {
-                close_pending(&mut out, &mut pending);
-                pending = tool_calls.iter().map(|c| c.id.clone()).collect();
-                out.push(Message::Assistant {
-                    text: text.clone(),
-                    tool_calls: tool_calls
-                        .iter()
-                        .map(|c| ToolCall {
-                            id: c.id.clone(),
-                            name: c.name.clone(),
-                            arguments_json: c.arguments_json.clone(),
-                            malformed: c.malformed.clone(),
-                        })
-                        .collect(),
-                });
-            }
+            Stored::Tool { tool_use_id, .. } => pending.retain(|p| *p != tool_use_id),
+        }
+        out.push(match &entry.message {
+            // Only the newest images are sent again (older screenshots are stale and costly);
+            // their results still say what they were. The newest are not kept converted.
             Stored::Tool {
                 tool_use_id,
                 content,
                 is_error,
                 images,
                 ..
-            } => {
-                pending.retain(|p| p != tool_use_id);
-                out.push(Message::ToolResult {
-                    tool_use_id: tool_use_id.clone(),
-                    content: content.clone(),
-                    is_error: *is_error,
-                    // Only the newest images are sent again (older screenshots are stale and
-                    // costly); their results still say what they were.
-                    images: if newest_images == Some(tool_use_id.as_str()) {
-                        images.clone()
-                    } else {
-                        Vec::new()
-                    },
-                });
-            }
-        }
+            } if newest_images == Some(i) => Arc::new(Message::ToolResult {
+                tool_use_id: tool_use_id.clone(),
+                content: content.clone(),
+                is_error: *is_error,
+                images: images.clone(),
+            }),
+            _ => e.provider_message(provider_message),
+        });
     }
     close_pending(&mut out, &mut pending);
     if let Some(s) = summary {
@@ -613,19 +584,64 @@ pub fn to_messages<E: AsRef<Entry>>(summary: Option<&str>, history: &[E]) -> Vec
             "<conversation-summary>\n{}\n</conversation-summary>",
             neutralize(s, "conversation-summary")
         );
-        match out.first_mut() {
-            Some(Message::User { text }) => *text = format!("{note}\n\n{text}"),
-            _ => out.insert(0, Message::User { text: note }),
+        match out.first().map(|m| &**m) {
+            Some(Message::User { text }) => {
+                out[0] = Arc::new(Message::User {
+                    text: format!("{note}\n\n{text}"),
+                });
+            }
+            _ => out.insert(0, Arc::new(Message::User { text: note })),
         }
     }
     out
 }
 
+/// One stored message as sent to the model (without images: [`to_messages`] adds the
+/// newest).
+fn provider_message(e: &Entry) -> Message {
+    match &e.message {
+        Stored::User {
+            text,
+            from,
+            untrusted,
+        } => Message::User {
+            text: if *untrusted {
+                fence(&format!("message:{from}"), text)
+            } else {
+                text.clone()
+            },
+        },
+        Stored::Assistant { text, tool_calls } => Message::Assistant {
+            text: text.clone(),
+            tool_calls: tool_calls
+                .iter()
+                .map(|c| ToolCall {
+                    id: c.id.clone(),
+                    name: c.name.clone(),
+                    arguments_json: c.arguments_json.clone(),
+                    malformed: c.malformed.clone(),
+                })
+                .collect(),
+        },
+        Stored::Tool {
+            tool_use_id,
+            content,
+            is_error,
+            ..
+        } => Message::ToolResult {
+            tool_use_id: tool_use_id.clone(),
+            content: content.clone(),
+            is_error: *is_error,
+            images: Vec::new(),
+        },
+    }
+}
+
 /// A rough token estimate (4 bytes a token) of the messages.
-pub fn estimate_tokens(system: &str, messages: &[Message]) -> u64 {
+pub fn estimate_tokens(system: &str, messages: &[Arc<Message>]) -> u64 {
     let mut bytes = system.len();
     for m in messages {
-        bytes += match m {
+        bytes += match &**m {
             Message::User { text } => text.len(),
             Message::Assistant { text, tool_calls } => {
                 text.len()
@@ -752,11 +768,66 @@ mod tests {
             },
         ];
         let m = to_messages(Some("earlier"), &h);
-        assert!(matches!(&m[0], Message::User { text } if text.contains("earlier")));
+        assert!(matches!(&*m[0], Message::User { text } if text.contains("earlier")));
         assert!(
-            matches!(&m[2], Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1")
+            matches!(&*m[2], Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1")
         );
-        assert!(matches!(&m[3], Message::User { text } if text == "hi"));
+        assert!(matches!(&*m[3], Message::User { text } if text == "hi"));
+    }
+
+    #[test]
+    fn only_the_newest_tool_images_are_sent_again() {
+        use crate::providers::ImagePart;
+        let shot = |id: &str| Entry {
+            seq: 0,
+            run_id: None,
+            created_ms: 0,
+            message: Stored::Tool {
+                tool_use_id: id.into(),
+                tool: "browser".into(),
+                content: format!("screenshot {id}"),
+                is_error: false,
+                decision: "allow".into(),
+                outcome: "ok".into(),
+                images: vec![ImagePart {
+                    media_type: "image/png".into(),
+                    data_base64: format!("png-{id}"),
+                }],
+            },
+        };
+        let call = |id: &str| Entry {
+            seq: 0,
+            run_id: None,
+            created_ms: 0,
+            message: Stored::Assistant {
+                text: String::new(),
+                tool_calls: vec![super::super::transcripts::StoredCall {
+                    id: id.into(),
+                    name: "browser".into(),
+                    arguments_json: "{}".into(),
+                    malformed: None,
+                }],
+            },
+        };
+        let h = vec![call("a"), shot("a"), call("b"), shot("b")];
+        let m = to_messages(None, &h);
+        assert_eq!(m.len(), 4);
+        let images = |i: usize| match &*m[i] {
+            Message::ToolResult {
+                tool_use_id,
+                content,
+                images,
+                ..
+            } => (tool_use_id.clone(), content.clone(), images.clone()),
+            other => panic!("not a tool result: {other:?}"),
+        };
+        let (id, content, older) = images(1);
+        assert_eq!((id.as_str(), content.as_str()), ("a", "screenshot a"));
+        assert!(older.is_empty());
+        let (id, _, newest) = images(3);
+        assert_eq!(id, "b");
+        assert_eq!(newest.len(), 1);
+        assert_eq!(newest[0].data_base64, "png-b");
     }
 
     #[test]

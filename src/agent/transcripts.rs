@@ -8,13 +8,14 @@
 //! - Sequence numbers within a session are dense and increasing (UNIQUE(session_key, seq)).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, Zeroizing};
 
 use chitin_store::{Conn, Row};
 
+use crate::providers::Message;
 use crate::store::{Store, StoreError, params};
 
 /// What a sealer calls after it destroyed a key: `Some(subject)`, or `None` when it only
@@ -189,7 +190,8 @@ fn wipe(m: &mut Stored) {
 }
 
 /// Bytes of plaintext a message holds (what the cache counts against its bound, with a fixed
-/// overhead per message for the structures around it).
+/// overhead per message for the structures around it): its texts twice, as stored and as
+/// converted for the model ([`HistoryEntry::provider_message`], kept with it).
 fn weight(e: &Entry) -> usize {
     const OVERHEAD: usize = 160;
     let texts = match &e.message {
@@ -222,17 +224,22 @@ fn weight(e: &Entry) -> usize {
                 + outcome.capacity()
         }
     };
-    OVERHEAD + texts + e.run_id.as_ref().map_or(0, String::capacity)
+    2 * OVERHEAD + 2 * texts + e.run_id.as_ref().map_or(0, String::capacity)
 }
 
 /// An opened message shared by the cache and the runs reading it: its plaintext is wiped when
-/// the last holder lets go (the cache evicting it, or a run done with its context).
-struct Opened(Entry);
+/// the last holder lets go (the cache evicting it, or a run done with its context). It keeps
+/// its form as sent to the model once converted, so a step of a long session converts only
+/// what is new (that form wipes itself when its last holder drops it).
+struct Opened {
+    entry: Entry,
+    provider: OnceLock<Arc<Message>>,
+}
 
 impl Drop for Opened {
     fn drop(&mut self) {
-        wipe(&mut self.0.message);
-        if let Some(r) = self.0.run_id.as_mut() {
+        wipe(&mut self.entry.message);
+        if let Some(r) = self.entry.run_id.as_mut() {
             r.zeroize();
         }
     }
@@ -245,20 +252,46 @@ pub struct SharedEntry(Arc<Opened>);
 
 impl SharedEntry {
     fn new(e: Entry) -> Self {
-        Self(Arc::new(Opened(e)))
+        Self(Arc::new(Opened {
+            entry: e,
+            provider: OnceLock::new(),
+        }))
     }
 }
 
 impl std::ops::Deref for SharedEntry {
     type Target = Entry;
     fn deref(&self) -> &Entry {
-        &self.0.0
+        &self.0.entry
     }
 }
 
 impl AsRef<Entry> for SharedEntry {
     fn as_ref(&self) -> &Entry {
-        &self.0.0
+        &self.0.entry
+    }
+}
+
+/// A stored message and its form as sent to the model.
+pub trait HistoryEntry: AsRef<Entry> {
+    /// The message as sent to the model: `convert(entry)`, computed once and kept where the
+    /// entry is shared ([`SharedEntry`]), computed each time for a plain [`Entry`].
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message>;
+}
+
+impl HistoryEntry for Entry {
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message> {
+        Arc::new(convert(self))
+    }
+}
+
+impl HistoryEntry for SharedEntry {
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message> {
+        Arc::clone(
+            self.0
+                .provider
+                .get_or_init(|| Arc::new(convert(&self.0.entry))),
+        )
     }
 }
 

@@ -36,7 +36,7 @@ pub fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Value {
         messages.push(json!({"role": role, "content": blocks}));
     };
     for m in &req.messages {
-        match m {
+        match &**m {
             Message::User { text } => push("user", vec![json!({"type": "text", "text": text})]),
             Message::Assistant { text, tool_calls } => {
                 let mut blocks = Vec::new();

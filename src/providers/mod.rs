@@ -29,6 +29,9 @@ mod sse;
 pub mod testing;
 
 use std::fmt;
+use std::sync::Arc;
+
+use zeroize::Zeroize;
 
 pub use cost::{UsageRecord, check_budget, cost_usd, spend_today_usd};
 pub use keys::GateKeySource;
@@ -56,8 +59,10 @@ pub use crate::config::providers::ProviderKind;
 pub struct ChatRequest {
     /// The system prompt.
     pub system: Option<String>,
-    /// The conversation so far, oldest first.
-    pub messages: Vec<Message>,
+    /// The conversation so far, oldest first. Shared (`Arc`): the agent keeps each stored
+    /// message's converted form with the opened message, so building a request for a long
+    /// session is a reference count per message, not a copy of its text.
+    pub messages: Vec<Arc<Message>>,
     /// The tools the model may call.
     pub tools: Vec<ToolSpec>,
     /// Upper bound on generated tokens.
@@ -73,7 +78,7 @@ impl ChatRequest {
     /// A streaming request with `max_tokens` and no tools.
     pub fn new(messages: Vec<Message>, max_tokens: u32) -> Self {
         Self {
-            messages,
+            messages: messages.into_iter().map(Arc::new).collect(),
             max_tokens,
             stream: true,
             ..Self::default()
@@ -81,7 +86,8 @@ impl ChatRequest {
     }
 }
 
-/// A message of the conversation.
+/// A message of the conversation. Its texts are wiped when it is dropped (it holds opened
+/// transcript plaintext).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
     /// What the user said.
@@ -114,6 +120,35 @@ pub struct ImagePart {
 impl Message {
     pub fn user(text: impl Into<String>) -> Self {
         Self::User { text: text.into() }
+    }
+}
+
+impl Drop for Message {
+    fn drop(&mut self) {
+        match self {
+            Self::User { text } => text.zeroize(),
+            Self::Assistant { text, tool_calls } => {
+                text.zeroize();
+                for c in tool_calls {
+                    c.id.zeroize();
+                    c.name.zeroize();
+                    c.arguments_json.zeroize();
+                    c.malformed.zeroize();
+                }
+            }
+            Self::ToolResult {
+                tool_use_id,
+                content,
+                images,
+                ..
+            } => {
+                tool_use_id.zeroize();
+                content.zeroize();
+                for i in images {
+                    i.data_base64.zeroize();
+                }
+            }
+        }
     }
 }
 

@@ -28,10 +28,10 @@ pub fn request_body(model: &str, req: &ChatRequest, stream: bool, max_tokens_fie
         messages.push(json!({"role": "user", "content": parts}));
     };
     for m in &req.messages {
-        if !matches!(m, Message::ToolResult { .. }) {
+        if !matches!(**m, Message::ToolResult { .. }) {
             flush(&mut messages, &mut images);
         }
-        match m {
+        match &**m {
             Message::User { text } => messages.push(json!({"role": "user", "content": text})),
             Message::Assistant { text, tool_calls } => {
                 let mut msg = Map::new();

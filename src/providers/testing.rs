@@ -195,6 +195,8 @@ struct State {
     script: VecDeque<Step>,
     fallback: Option<Step>,
     requests: Vec<RecordedRequest>,
+    /// Whether requests are kept (see [`FakeServer::set_recording`]).
+    recording: bool,
     /// The model ids `GET /v1/models` lists.
     models: Vec<String>,
     /// When set, `GET /v1/models` answers 401 unless this key is presented (`x-api-key` or
@@ -255,6 +257,7 @@ impl FakeServer {
         let addr = listener.local_addr()?;
         let state = Arc::new(Mutex::new(State {
             script: steps.into(),
+            recording: true,
             ..State::default()
         }));
         let st = Arc::clone(&state);
@@ -290,10 +293,11 @@ impl FakeServer {
         lock(&self.state).requests.clone()
     }
 
-    /// Forgets the requests received so far (a long benchmark would otherwise keep a copy
-    /// of every request it made: memory quadratic in the session's length).
-    pub fn clear_requests(&self) {
-        lock(&self.state).requests = Vec::new();
+    /// Keeps (`true`, the default) or stops keeping a copy of each request received. A
+    /// benchmark turns it off: copying an ever longer request is work of the fake's own that
+    /// would be measured with the gateway's.
+    pub fn set_recording(&self, on: bool) {
+        lock(&self.state).recording = on;
     }
 
     /// Appends a step to the script.
@@ -327,7 +331,9 @@ async fn serve(kind: Kind, mut sock: TcpStream, state: Arc<Mutex<State>>) {
         if req.method == "GET" && req.path == "/v1/models" {
             let (status, body) = {
                 let mut s = lock(&state);
-                s.requests.push(req.clone());
+                if s.recording {
+                    s.requests.push(req.clone());
+                }
                 models_answer(kind, &req, &s)
             };
             if !write_whole(&mut sock, status, "application/json", &[], &body).await {
@@ -337,7 +343,9 @@ async fn serve(kind: Kind, mut sock: TcpStream, state: Arc<Mutex<State>>) {
         }
         let step = {
             let mut s = lock(&state);
-            s.requests.push(req.clone());
+            if s.recording {
+                s.requests.push(req.clone());
+            }
             s.script.pop_front().or_else(|| s.fallback.clone())
         };
         let expected = match kind {
