@@ -33,10 +33,68 @@ struct Setup {
     _dirs: Vec<tempfile::TempDir>,
     agent: Agent,
     router: Arc<Router>,
-    fake: FakeServer,
+    /// The fake model when it runs in this process (scripted steps).
+    fake: Option<FakeServer>,
+    _child: Option<ChildFake>,
 }
 
-async fn setup(base: &Path, cache_kib: u64) -> Result<Setup, BoxError> {
+/// The fake model in a child process (this benchmark run with `--serve-fake-model`): the
+/// process CPU measured is then the gateway's alone, without the fake parsing an ever longer
+/// request (and its allocations mixing with the gateway's).
+struct ChildFake {
+    child: std::process::Child,
+    base_url: String,
+}
+
+impl Drop for ChildFake {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_fake() -> Result<ChildFake, BoxError> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--serve-fake-model")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    let out = child.stdout.take().ok_or("the fake model's stdout")?;
+    std::io::BufReader::new(out).read_line(&mut line)?;
+    let base_url = line.trim().to_string();
+    if !base_url.starts_with("http://127.0.0.1:") {
+        return Err(format!("the fake model process said {line:?}").into());
+    }
+    Ok(ChildFake { child, base_url })
+}
+
+/// `--serve-fake-model`: the fake model alone, answering every request with the bench's text
+/// reply, until stdin closes (the benchmark ended).
+async fn serve_fake_model() -> Result<(), BoxError> {
+    let fake = start_fake().await?;
+    println!("{}", fake.base_url());
+    tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+    })
+    .await?;
+    Ok(())
+}
+
+async fn start_fake() -> Result<FakeServer, BoxError> {
+    let fake = FakeOpenAi::start(vec![]).await?;
+    // Copying every request it gets would be the fake's work measured with the gateway's.
+    fake.set_recording(false);
+    fake.set_fallback(Step::Reply(Reply::text([
+        "Hello", ", ", "this ", "is ", "an ", "answer.",
+    ])));
+    Ok(fake)
+}
+
+/// The agent against a fake model: in this process, or (`separate`) in a child process.
+async fn setup(base: &Path, cache_kib: u64, separate: bool) -> Result<Setup, BoxError> {
     let core::Core {
         dirs,
         home,
@@ -45,19 +103,23 @@ async fn setup(base: &Path, cache_kib: u64) -> Result<Setup, BoxError> {
         vault,
         store,
     } = core::core(base)?;
-    let fake = FakeOpenAi::start(vec![]).await?;
-    // Copying every request it gets would be the fake's work measured with the gateway's.
-    fake.set_recording(false);
-    fake.set_fallback(Step::Reply(Reply::text([
-        "Hello", ", ", "this ", "is ", "an ", "answer.",
-    ])));
+    let (fake, child) = if separate {
+        (None, Some(spawn_fake()?))
+    } else {
+        (Some(start_fake().await?), None)
+    };
+    let base_url = match (&fake, &child) {
+        (Some(f), _) => f.base_url(),
+        (None, Some(c)) => c.base_url.clone(),
+        (None, None) => return Err("no fake model".into()),
+    };
     let config = AgentConfig {
         model: "fake/m".into(),
         max_concurrent_runs: 64,
         history_cache_kib: cache_kib,
         ..AgentConfig::default()
     };
-    let provider = ProviderConfig::new("fake", ProviderKind::Openai, Some(&fake.base_url()));
+    let provider = ProviderConfig::new("fake", ProviderKind::Openai, Some(&base_url));
     let router = Arc::new(Router::new(
         &[provider],
         &config,
@@ -89,6 +151,7 @@ async fn setup(base: &Path, cache_kib: u64) -> Result<Setup, BoxError> {
         agent,
         router,
         fake,
+        _child: child,
     })
 }
 
@@ -179,8 +242,10 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         // (default) and without it (`history_cache_kib = 0`), sessions interleaved.
         let turns = if full { 1000 } else { 20 };
         let window = if full { 50 } else { 5 };
-        let on = setup(base, 4096).await?;
-        let off = setup(base, 0).await?;
+        // The fake model in a child process: what grows with the session in the fake (parsing
+        // the whole conversation) is not the gateway's.
+        let on = setup(base, 4096, true).await?;
+        let off = setup(base, 0, true).await?;
         for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
             for i in 0..10 {
                 turn(&s.agent, format!("warm-{}-{i}", label.replace(' ', "-"))).await?;
@@ -211,7 +276,11 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         }
         return Ok(());
     }
-    let s = setup(base, 4096).await?;
+    let s = setup(base, 4096, false).await?;
+    let fake = s
+        .fake
+        .as_ref()
+        .ok_or("the fake model runs in this process")?;
     let (n_text, n_tool, sessions, per_session) = if full {
         (300, 100, 50, 10)
     } else {
@@ -242,9 +311,8 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
     let mut d = Vec::new();
     let c0 = cpu_seconds();
     for i in 0..n_tool {
-        s.fake
-            .push(Step::tool_call("c1", "exec", r#"{"argv":["true"]}"#));
-        s.fake.push(Step::text("done"));
+        fake.push(Step::tool_call("c1", "exec", r#"{"argv":["true"]}"#));
+        fake.push(Step::text("done"));
         d.push(turn(&s.agent, format!("tool-{i}")).await?);
     }
     report("turn with one sandboxed exec", d, cpu_seconds() - c0);
@@ -285,5 +353,8 @@ fn main() -> Result<(), BoxError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if std::env::args().any(|a| a == "--serve-fake-model") {
+        return rt.block_on(serve_fake_model());
+    }
     rt.block_on(main_async(full))
 }

@@ -1,6 +1,8 @@
 //! The Anthropic Messages API: `POST {base}/v1/messages`.
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::collect::Collector;
 use super::sse::SseEvent;
@@ -18,42 +20,147 @@ pub enum DecodeError {
     Upstream { kind: String, message: String },
 }
 
-/// The request body.
-pub fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Value {
-    let mut messages: Vec<Value> = Vec::new();
-    let mut push = |role: &str, blocks: Vec<Value>| {
+/// The request body as JSON, written straight from the request (no JSON tree is built): a
+/// long conversation costs one pass over its text.
+pub fn request_body(
+    model: &str,
+    req: &ChatRequest,
+    stream: bool,
+) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&Body {
+        model,
+        max_tokens: req.max_tokens,
+        system: req.system.as_deref(),
+        messages: messages(req),
+        tools: req
+            .tools
+            .iter()
+            .map(|t| Tool {
+                name: &t.name,
+                description: &t.description,
+                input_schema: &t.input_schema,
+            })
+            .collect(),
+        temperature: req.temperature,
+        stream,
+    })
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    model: &'a str,
+    max_tokens: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    messages: Vec<Msg<'a>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    tools: Vec<Tool<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    temperature: Option<f32>,
+    stream: bool,
+}
+
+#[derive(Serialize)]
+struct Tool<'a> {
+    name: &'a str,
+    description: &'a str,
+    input_schema: &'a Value,
+}
+
+#[derive(Serialize)]
+struct Msg<'a> {
+    role: &'static str,
+    content: Vec<Block<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Block<'a> {
+    Text {
+        text: &'a str,
+    },
+    ToolUse {
+        id: &'a str,
+        name: &'a str,
+        input: Input<'a>,
+    },
+    ToolResult {
+        tool_use_id: &'a str,
+        content: ResultContent<'a>,
+        is_error: bool,
+    },
+}
+
+/// A tool call's arguments: the model's JSON object as it produced it, or `{}` for a
+/// malformed call (its tool result says why).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Input<'a> {
+    Object(&'a RawValue),
+    Empty(Empty),
+}
+
+#[derive(Serialize)]
+struct Empty {}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ResultContent<'a> {
+    Text(&'a str),
+    Parts(Vec<ResultPart<'a>>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ResultPart<'a> {
+    Text { text: &'a str },
+    Image { source: ImageSource<'a> },
+}
+
+#[derive(Serialize)]
+struct ImageSource<'a> {
+    r#type: &'static str,
+    media_type: &'a str,
+    data: &'a str,
+}
+
+/// The request's messages; consecutive messages of one role are merged (tool results and a
+/// user turn), a message with nothing to say is left out.
+fn messages(req: &ChatRequest) -> Vec<Msg<'_>> {
+    let mut out: Vec<Msg<'_>> = Vec::with_capacity(req.messages.len());
+    fn push<'a>(out: &mut Vec<Msg<'a>>, role: &'static str, blocks: Vec<Block<'a>>) {
         if blocks.is_empty() {
             return;
         }
-        // Consecutive messages of one role are merged (tool results + a user turn).
-        if let Some(last) = messages.last_mut()
-            && last.get("role").and_then(Value::as_str) == Some(role)
-            && let Some(Value::Array(content)) = last.get_mut("content")
-        {
-            content.extend(blocks);
-            return;
+        match out.last_mut() {
+            Some(last) if last.role == role => last.content.extend(blocks),
+            _ => out.push(Msg {
+                role,
+                content: blocks,
+            }),
         }
-        messages.push(json!({"role": role, "content": blocks}));
-    };
+    }
     for m in &req.messages {
         match &**m {
-            Message::User { text } => push("user", vec![json!({"type": "text", "text": text})]),
+            Message::User { text } => push(&mut out, "user", vec![Block::Text { text }]),
             Message::Assistant { text, tool_calls } => {
-                let mut blocks = Vec::new();
+                let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
                 if !text.is_empty() {
-                    blocks.push(json!({"type": "text", "text": text}));
+                    blocks.push(Block::Text { text });
                 }
                 for c in tool_calls {
                     // A malformed call is replayed with empty input (its tool result says why).
-                    let input = serde_json::from_str::<Value>(&c.arguments_json)
+                    let input = serde_json::from_str::<&RawValue>(&c.arguments_json)
                         .ok()
-                        .filter(Value::is_object)
-                        .unwrap_or_else(|| json!({}));
-                    blocks.push(
-                        json!({"type": "tool_use", "id": c.id, "name": c.name, "input": input}),
-                    );
+                        .filter(|v| v.get().starts_with('{'))
+                        .map_or(Input::Empty(Empty {}), Input::Object);
+                    blocks.push(Block::ToolUse {
+                        id: &c.id,
+                        name: &c.name,
+                        input,
+                    });
                 }
-                push("assistant", blocks);
+                push(&mut out, "assistant", blocks);
             }
             Message::ToolResult {
                 tool_use_id,
@@ -62,45 +169,31 @@ pub fn request_body(model: &str, req: &ChatRequest, stream: bool) -> Value {
                 images,
             } => {
                 let content = if images.is_empty() {
-                    json!(content)
+                    ResultContent::Text(content)
                 } else {
-                    let mut parts = vec![json!({"type": "text", "text": content})];
-                    parts.extend(images.iter().map(|i| {
-                        json!({"type": "image", "source": {"type": "base64",
-                               "media_type": i.media_type, "data": i.data_base64}})
+                    let mut parts = vec![ResultPart::Text { text: content }];
+                    parts.extend(images.iter().map(|i| ResultPart::Image {
+                        source: ImageSource {
+                            r#type: "base64",
+                            media_type: &i.media_type,
+                            data: &i.data_base64,
+                        },
                     }));
-                    Value::Array(parts)
+                    ResultContent::Parts(parts)
                 };
                 push(
+                    &mut out,
                     "user",
-                    vec![json!({
-                        "type": "tool_result", "tool_use_id": tool_use_id,
-                        "content": content, "is_error": is_error,
-                    })],
+                    vec![Block::ToolResult {
+                        tool_use_id,
+                        content,
+                        is_error: *is_error,
+                    }],
                 );
             }
         }
     }
-    let mut body = Map::new();
-    body.insert("model".into(), json!(model));
-    body.insert("max_tokens".into(), json!(req.max_tokens));
-    if let Some(s) = &req.system {
-        body.insert("system".into(), json!(s));
-    }
-    body.insert("messages".into(), Value::Array(messages));
-    if !req.tools.is_empty() {
-        let tools: Vec<Value> = req
-            .tools
-            .iter()
-            .map(|t| json!({"name": t.name, "description": t.description, "input_schema": t.input_schema}))
-            .collect();
-        body.insert("tools".into(), Value::Array(tools));
-    }
-    if let Some(t) = req.temperature {
-        body.insert("temperature".into(), json!(t));
-    }
-    body.insert("stream".into(), json!(stream));
-    Value::Object(body)
+    out
 }
 
 fn u(v: &Value, key: &str) -> Option<u64> {
@@ -270,6 +363,7 @@ mod tests {
     )]
     use super::*;
     use crate::providers::ToolCall;
+    use serde_json::json;
 
     #[test]
     fn a_screenshot_is_sent_as_an_image_block_inside_its_tool_result() {
@@ -297,7 +391,7 @@ mod tests {
             ],
             10,
         );
-        let body = request_body("m", &req, false);
+        let body: Value = serde_json::from_slice(&request_body("m", &req, false).unwrap()).unwrap();
         assert_eq!(
             body["messages"][2]["content"][0]["content"],
             json!([
@@ -306,7 +400,10 @@ mod tests {
             ])
         );
         // The OpenAI chat format carries it in a user message after the tool messages.
-        let body = crate::providers::openai::request_body("m", &req, false, "max_tokens");
+        let body: Value = serde_json::from_slice(
+            &crate::providers::openai::request_body("m", &req, false, "max_tokens").unwrap(),
+        )
+        .unwrap();
         let msgs = body["messages"].as_array().unwrap();
         assert_eq!(msgs[2]["role"], "tool");
         assert_eq!(msgs[3]["role"], "user");
@@ -314,6 +411,74 @@ mod tests {
             msgs[3]["content"][1],
             json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}})
         );
+    }
+
+    #[test]
+    fn the_whole_request_body_is_the_messages_format_and_tool_input_is_the_models_json() {
+        let mut req = ChatRequest::new(
+            vec![
+                Message::user("run it"),
+                Message::Assistant {
+                    text: "Running.".into(),
+                    tool_calls: vec![ToolCall {
+                        id: "c1".into(),
+                        name: "exec".into(),
+                        arguments_json: r#" {"argv": ["ls", "-l"], "cwd": null} "#.into(),
+                        malformed: None,
+                    }],
+                },
+                Message::ToolResult {
+                    tool_use_id: "c1".into(),
+                    content: "a.txt".into(),
+                    is_error: false,
+                    images: Vec::new(),
+                },
+            ],
+            42,
+        );
+        req.system = Some("be brief".into());
+        req.temperature = Some(0.25);
+        req.tools = vec![crate::providers::ToolSpec {
+            name: "exec".into(),
+            description: "run".into(),
+            input_schema: json!({"type": "object"}),
+        }];
+        let body: Value = serde_json::from_slice(&request_body("m1", &req, true).unwrap()).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "model": "m1",
+                "max_tokens": 42,
+                "system": "be brief",
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": "run it"}]},
+                    {"role": "assistant", "content": [
+                        {"type": "text", "text": "Running."},
+                        {"type": "tool_use", "id": "c1", "name": "exec",
+                         "input": {"argv": ["ls", "-l"], "cwd": null}}]},
+                    {"role": "user", "content": [
+                        {"type": "tool_result", "tool_use_id": "c1", "content": "a.txt",
+                         "is_error": false}]}
+                ],
+                "tools": [{"name": "exec", "description": "run", "input_schema": {"type": "object"}}],
+                "temperature": 0.25,
+                "stream": true
+            })
+        );
+        // Arguments that are JSON but not an object go back as `{}`.
+        let mut odd = req.clone();
+        odd.messages[1] = std::sync::Arc::new(Message::Assistant {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "exec".into(),
+                arguments_json: "[1, 2]".into(),
+                malformed: Some("not an object".into()),
+            }],
+        });
+        let body: Value =
+            serde_json::from_slice(&request_body("m1", &odd, false).unwrap()).unwrap();
+        assert_eq!(body["messages"][1]["content"][0]["input"], json!({}));
     }
 
     #[test]
@@ -344,7 +509,7 @@ mod tests {
             ],
             10,
         );
-        let body = request_body("m", &req, true);
+        let body: Value = serde_json::from_slice(&request_body("m", &req, true).unwrap()).unwrap();
         assert_eq!(
             body["messages"],
             json!([

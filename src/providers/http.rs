@@ -143,8 +143,8 @@ impl ProviderClient {
                 openai::request_body(model, req, stream, &self.max_tokens_field)
             }
         };
-        let body = serde_json::to_vec(&body)
-            .map_err(|e| ProviderError::InvalidRequest(format!("cannot encode: {e}")))?;
+        let body =
+            body.map_err(|e| ProviderError::InvalidRequest(format!("cannot encode: {e}")))?;
         let mut rb = self
             .http
             .post(self.endpoint.clone())
