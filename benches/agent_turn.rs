@@ -244,7 +244,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         let window = if full { 50 } else { 5 };
         // The fake model in a child process: what grows with the session in the fake (parsing
         // the whole conversation) is not the gateway's.
-        let on = setup(base, 4096, true).await?;
+        let on = setup(base, 8192, true).await?;
         let off = setup(base, 0, true).await?;
         for (s, label) in [(&on, "cache on"), (&off, "cache off")] {
             for i in 0..10 {
@@ -276,7 +276,7 @@ async fn main_async(full: bool) -> Result<(), BoxError> {
         }
         return Ok(());
     }
-    let s = setup(base, 4096, false).await?;
+    let s = setup(base, 8192, false).await?;
     let fake = s
         .fake
         .as_ref()

@@ -190,8 +190,8 @@ fn wipe(m: &mut Stored) {
 }
 
 /// Bytes of plaintext a message holds (what the cache counts against its bound, with a fixed
-/// overhead per message for the structures around it): its texts twice, as stored and as
-/// converted for the model ([`HistoryEntry::provider_message`], kept with it).
+/// overhead per message for the structures around it), as stored and as converted for the
+/// model ([`HistoryEntry::provider_message`], kept with it).
 fn weight(e: &Entry) -> usize {
     const OVERHEAD: usize = 160;
     let texts = match &e.message {
@@ -224,7 +224,10 @@ fn weight(e: &Entry) -> usize {
                 + outcome.capacity()
         }
     };
-    2 * OVERHEAD + 2 * texts + e.run_id.as_ref().map_or(0, String::capacity)
+    // The form sent to the model, kept once converted: the message (with the `Arc`'s counts
+    // and the allocator's headers, 32 bytes) and a copy of its texts.
+    let converted = std::mem::size_of::<Message>() + 32 + texts;
+    OVERHEAD + texts + converted + e.run_id.as_ref().map_or(0, String::capacity)
 }
 
 /// An opened message shared by the cache and the runs reading it: its plaintext is wiped when

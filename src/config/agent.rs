@@ -28,10 +28,11 @@ max_tokens = 4096
 context_budget_tokens = 64000
 # Tool results are cut to this many bytes before the model sees them.
 tool_result_max_bytes = 16384
-# Opened (decrypted) conversation history kept in memory, in KiB, so a step decrypts only the
-# messages that are new (least recently used sessions are dropped first; an erased user's
-# messages at once). 0 = none: every step decrypts the whole history.
-history_cache_kib = 4096
+# Opened (decrypted) conversation history kept in memory, in KiB, so a step decrypts and
+# converts only the messages that are new (each message is kept as stored and as sent to the
+# model; least recently used sessions are dropped first; an erased user's messages at once).
+# 0 = none: every step decrypts the whole history.
+history_cache_kib = 8192
 
 [budgets]
 # Daily spend limit per user in USD, from [pricing] (UTC days; 0 = no limit).
@@ -73,7 +74,7 @@ impl Default for AgentConfig {
             max_tokens: 4096,
             context_budget_tokens: 64_000,
             tool_result_max_bytes: 16 * 1024,
-            history_cache_kib: 4096,
+            history_cache_kib: 8192,
             heartbeat: super::automation::HeartbeatConfig::default(),
         }
     }
