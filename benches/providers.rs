@@ -70,11 +70,13 @@ async fn run(
     req.system = Some("You are a helpful assistant. ".repeat(40));
     req.stream = stream;
     req.tools = (0..8)
-        .map(|i| ToolSpec {
-            name: format!("tool_{i}"),
-            description: "A tool with a small schema".into(),
-            input_schema: serde_json::json!({"type": "object",
-                "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+        .map(|i| {
+            std::sync::Arc::new(ToolSpec {
+                name: format!("tool_{i}"),
+                description: "A tool with a small schema".into(),
+                input_schema: serde_json::json!({"type": "object",
+                    "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+            })
         })
         .collect();
     let mut sink = |_e| {};

@@ -968,6 +968,10 @@ async fn tools_no_policy_could_allow_are_not_offered() {
     assert_eq!(owner.len(), 7, "{owner:?}");
     assert!(owner.iter().any(|t| t.name == "apply_patch"), "{owner:?}");
     assert!(chitin::agent::context::offered_tools(engine, "stranger").is_empty());
+    // Built once and shared by every run: offering them again copies no schema.
+    let again = chitin::agent::context::offered_tools(engine, "owner");
+    assert_eq!(again.len(), owner.len());
+    assert!(owner.iter().zip(&again).all(|(a, b)| Arc::ptr_eq(a, b)));
     let _ = Value::Null;
 }
 

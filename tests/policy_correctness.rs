@@ -228,7 +228,7 @@ fn an_unconditional_forbid_on_another_principal_type_does_not_hide_tools_that_ar
     );
     let offered: Vec<String> = chitin::agent::context::offered_tools(&e, "alice")
         .into_iter()
-        .map(|t| t.name)
+        .map(|t| t.name.clone())
         .collect();
     assert!(offered.contains(&"write_file".to_string()), "{offered:?}");
     assert!(offered.contains(&"exec".to_string()), "{offered:?}");

@@ -186,7 +186,7 @@ async fn tool_calls_streamed_in_fragments_are_reassembled() {
         let f = fake(kind, vec![Step::Reply(reply)]).await;
         let s = router(kind, &f.base_url());
         let mut req = hello();
-        req.tools = vec![weather_tool()];
+        req.tools = vec![std::sync::Arc::new(weather_tool())];
         let (events, mut sink) = recorder();
         let r = s.router.chat(&req, &mut sink).await.unwrap();
         assert_eq!(r.stop_reason, StopReason::ToolUse, "{kind:?}");
@@ -313,7 +313,7 @@ async fn tool_results_are_echoed_back_in_each_protocols_format() {
             ],
             100,
         );
-        req.tools = vec![weather_tool()];
+        req.tools = vec![std::sync::Arc::new(weather_tool())];
         let (_e, mut sink) = recorder();
         s.router.chat(&req, &mut sink).await.unwrap();
         let body = &f.requests()[0].body;

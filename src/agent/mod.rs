@@ -1041,7 +1041,10 @@ struct Started {
 
 /// The system prompt and the offered tools, with the names of the bootstrap files shown as
 /// untrusted data.
-type PromptParts = ((String, Vec<crate::providers::ToolSpec>), Vec<&'static str>);
+type PromptParts = (
+    (String, Vec<Arc<crate::providers::ToolSpec>>),
+    Vec<&'static str>,
+);
 
 /// A step's messages from the session's history and, unless they need compacting first,
 /// Cedar's `model.call` decision (run on a blocking thread).
@@ -1221,7 +1224,10 @@ fn build_prompt(
     inner: &Inner,
     u: String,
     session: String,
-) -> ((String, Vec<crate::providers::ToolSpec>), Vec<&'static str>) {
+) -> (
+    (String, Vec<Arc<crate::providers::ToolSpec>>),
+    Vec<&'static str>,
+) {
     // Bootstrap files written by a tainted tool run are shown as data; when
     // the record cannot be read, every one of them is.
     let marks = PromptMarks::new(Arc::clone(&inner.p.store));
@@ -1282,7 +1288,7 @@ fn build_prompt(
             )
             .unwrap_or(false)
     {
-        tools.push(wt.spec());
+        tools.push(Arc::new(wt.spec()));
     }
     let installed = inner
         .p
@@ -1293,7 +1299,7 @@ fn build_prompt(
     if !installed.is_empty() {
         system.push_str("\n\n");
         system.push_str(&skills::catalog(&installed));
-        tools.push(skills::spec(&installed));
+        tools.push(Arc::new(skills::spec(&installed)));
     }
     ((system, tools), prompt.untrusted)
 }
@@ -1314,7 +1320,7 @@ struct Run {
     images: Vec<crate::providers::ImagePart>,
     /// The system prompt and the offered tools, built once per run (the bootstrap files, the
     /// skills lockfile and the policy analysis are not re-read at every step).
-    prompt: Option<(String, Vec<crate::providers::ToolSpec>)>,
+    prompt: Option<(String, Vec<Arc<crate::providers::ToolSpec>>)>,
     /// Fired when the run is cancelled or times out: stops the sandbox of the call in progress.
     cancel: Cancel,
     /// The tool call in progress (set while its task runs), so a cancelled or timed-out run
@@ -2015,7 +2021,7 @@ impl Run {
             (
                 String,
                 Vec<Arc<crate::providers::Message>>,
-                Vec<crate::providers::ToolSpec>,
+                Vec<Arc<crate::providers::ToolSpec>>,
             ),
             String,
         >,

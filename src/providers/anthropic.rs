@@ -438,11 +438,11 @@ mod tests {
         );
         req.system = Some("be brief".into());
         req.temperature = Some(0.25);
-        req.tools = vec![crate::providers::ToolSpec {
+        req.tools = vec![std::sync::Arc::new(crate::providers::ToolSpec {
             name: "exec".into(),
             description: "run".into(),
             input_schema: json!({"type": "object"}),
-        }];
+        })];
         let body: Value = serde_json::from_slice(&request_body("m1", &req, true).unwrap()).unwrap();
         assert_eq!(
             body,

@@ -63,8 +63,8 @@ pub struct ChatRequest {
     /// message's converted form with the opened message, so building a request for a long
     /// session is a reference count per message, not a copy of its text.
     pub messages: Vec<Arc<Message>>,
-    /// The tools the model may call.
-    pub tools: Vec<ToolSpec>,
+    /// The tools the model may call (shared: the gateway's own specs are built once).
+    pub tools: Vec<Arc<ToolSpec>>,
     /// Upper bound on generated tokens.
     pub max_tokens: u32,
     /// Sampling temperature (provider default when `None`).

@@ -402,11 +402,11 @@ mod tests {
         );
         req.system = Some("be brief".into());
         req.temperature = Some(0.5);
-        req.tools = vec![ToolSpec {
+        req.tools = vec![std::sync::Arc::new(ToolSpec {
             name: "exec".into(),
             description: "run".into(),
             input_schema: json!({"type": "object", "properties": {"argv": {"type": "array"}}}),
-        }];
+        })];
         let body: Value = serde_json::from_slice(
             &request_body("m1", &req, true, "max_completion_tokens").unwrap(),
         )
