@@ -90,7 +90,7 @@ pub fn subject_of(user: &str) -> String {
 }
 
 /// A tool call as stored (what the model asked for, unparsed).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Zeroize)]
 pub struct StoredCall {
     pub id: String,
     pub name: String,
@@ -165,12 +165,7 @@ fn wipe(m: &mut Stored) {
         }
         Stored::Assistant { text, tool_calls } => {
             text.zeroize();
-            for c in tool_calls {
-                c.id.zeroize();
-                c.name.zeroize();
-                c.arguments_json.zeroize();
-                c.malformed.zeroize();
-            }
+            tool_calls.iter_mut().for_each(Zeroize::zeroize);
         }
         Stored::Tool {
             tool_use_id,

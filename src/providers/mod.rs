@@ -110,7 +110,7 @@ pub enum Message {
 }
 
 /// An image a tool returned, base64-encoded.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, Zeroize)]
 pub struct ImagePart {
     /// `image/png`.
     pub media_type: String,
@@ -129,12 +129,7 @@ impl Drop for Message {
             Self::User { text } => text.zeroize(),
             Self::Assistant { text, tool_calls } => {
                 text.zeroize();
-                for c in tool_calls {
-                    c.id.zeroize();
-                    c.name.zeroize();
-                    c.arguments_json.zeroize();
-                    c.malformed.zeroize();
-                }
+                tool_calls.iter_mut().for_each(Zeroize::zeroize);
             }
             Self::ToolResult {
                 tool_use_id,
@@ -144,9 +139,7 @@ impl Drop for Message {
             } => {
                 tool_use_id.zeroize();
                 content.zeroize();
-                for i in images {
-                    i.data_base64.zeroize();
-                }
+                images.iter_mut().for_each(Zeroize::zeroize);
             }
         }
     }
@@ -162,7 +155,7 @@ pub struct ToolSpec {
 }
 
 /// A tool call made by the model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Zeroize)]
 pub struct ToolCall {
     /// The provider's id for the call (echoed back in [`Message::ToolResult`]).
     pub id: String,
