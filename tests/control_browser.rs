@@ -41,6 +41,34 @@ async fn with_screenshot(cdp: &Shared, name: &str, steps: impl std::future::Futu
     }
 }
 
+/// Installed in the control page: the page's first plain audit load (`/api/v1/audit?`
+/// without `action=` or `kind=`) is answered only after `chitinTest.release()`; `asked` says it was
+/// made, `delivered` that its answer has been handed to the page and the page's own handling
+/// of it (microtasks, which run before the timer) is over.
+const HOLD_UNFILTERED_AUDIT: &str = r#"(() => {
+  const real = window.fetch.bind(window);
+  let release;
+  const gate = new Promise((r) => { release = r; });
+  window.chitinTest = { asked: false, delivered: false, release: () => { release(); return true; } };
+  window.fetch = async (url, init) => {
+    const u = String(url);
+    if (!u.startsWith('/api/v1/audit?') || u.includes('action=') || u.includes('kind=') || window.chitinTest.asked) return real(url, init);
+    window.chitinTest.asked = true;
+    const resp = await real(url, init);
+    const data = await resp.json();
+    await gate;
+    return {
+      ok: resp.ok,
+      status: resp.status,
+      json: async () => {
+        setTimeout(() => { window.chitinTest.delivered = true; }, 0);
+        return data;
+      },
+    };
+  };
+  return true;
+})()"#;
+
 fn json_get(gw: &Gw, path: &str) -> Value {
     let r = gw.get(path);
     assert_eq!(r.status, 200, "{path}: {}", r.body);
@@ -273,14 +301,26 @@ async fn a_person_signs_in_sees_a_session_approves_with_full_arguments_explains_
         assert_eq!(usage[2], "2");
 
         // Audit: the approval's steps are in the log; one record's detail; the chain verifies.
+        // Opening the page loads it unfiltered; a search right after must win even when that
+        // first answer comes last (on a loaded machine it sometimes did, and replaced the
+        // search's rows). The page's fetch holds the unfiltered answer until the search has
+        // rendered, then lets it through: the search's rows stay.
+        cdp.eval(HOLD_UNFILTERED_AUDIT).await;
         cdp.eval("location.hash = '#audit'; true").await;
+        cdp.wait_for("window.chitinTest.asked", "the page's own unfiltered load")
+            .await;
         cdp.eval("document.getElementById('audit-action').value = 'exec'; document.getElementById('audit-decision').value = 'approval_required'; document.getElementById('audit-search').click(); true")
             .await;
-        cdp.wait_for(
-            "document.querySelectorAll('#audit-table tbody tr[data-decision=\"approval_required\"]').length > 0 && Array.from(document.querySelectorAll('#audit-table tbody tr')).every(t => t.dataset.decision === 'approval_required')",
-            "the exec decisions",
-        )
-        .await;
+        let only_exec_approvals = "document.querySelectorAll('#audit-table tbody tr[data-decision=\"approval_required\"]').length > 0 && Array.from(document.querySelectorAll('#audit-table tbody tr')).every(t => t.dataset.decision === 'approval_required')";
+        cdp.wait_for(only_exec_approvals, "the exec decisions").await;
+        cdp.eval("window.chitinTest.release()").await;
+        cdp.wait_for("window.chitinTest.delivered", "the late unfiltered answer")
+            .await;
+        assert_eq!(
+            cdp.eval(only_exec_approvals).await,
+            true,
+            "the late unfiltered answer replaced the search's rows"
+        );
         cdp.eval("document.querySelector('#audit-table tbody tr button').click(); true")
             .await;
         cdp.wait_for("!document.getElementById('audit-detail').hidden", "the record")

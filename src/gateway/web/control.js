@@ -149,6 +149,18 @@
     }
   }
 
+  // Loads of one kind may overlap (opening a view loads it; a search or a click loads it
+  // again before the first answer is in). Only the newest may render: an older answer that
+  // arrives late, such as the unfiltered audit page behind a search, is dropped instead of
+  // replacing the newer one. `newest(kind)` starts a load; the function it returns says
+  // whether that load is still the newest of its kind.
+  const loads = {};
+  function newest(kind) {
+    const n = (loads[kind] || 0) + 1;
+    loads[kind] = n;
+    return () => loads[kind] === n;
+  }
+
   function button(text, cls, onClick) {
     const b = el('button', cls, text);
     b.type = 'button';
@@ -193,7 +205,9 @@
   async function loadSessions(more) {
     const p = new URLSearchParams({ limit: '50' });
     if (more && state.sessionsCursor) p.set('cursor', state.sessionsCursor);
+    const fresh = newest('sessions');
     const data = await api('GET', '/api/v1/sessions?' + p.toString());
+    if (!fresh()) return;
     const body = $('sessions-table').querySelector('tbody');
     if (!more) clear(body);
     for (const s of data.sessions) {
@@ -225,7 +239,9 @@
   }
 
   async function loadSession(key) {
+    const fresh = newest('session');
     const data = await api('GET', '/api/v1/sessions/' + encodeURIComponent(key));
+    if (!fresh()) return;
     const s = data.session;
     $('session-title').textContent = 'Session ' + s.key + ' of ' + s.user + ' (' + s.channel + ')' + (s.tainted ? ', tainted' : '');
     const runs = $('session-runs');
@@ -318,18 +334,23 @@
 
   async function loadApprovals() {
     const all = $('approvals-all').checked;
+    const fresh = newest('approvals');
     const data = await api('GET', '/api/v1/approvals?status=' + (all ? 'all' : 'pending'));
-    const list = $('approvals-list');
-    clear(list);
+    // What a person approves is shown whole: pending ones are loaded in full, all of them
+    // before the list is replaced (two loads must not interleave their cards).
+    const cards = [];
     for (const a of data.approvals) {
-      // What a person approves is shown whole: pending ones are loaded in full.
       let full = a;
       if (a.status === 'pending') {
         const d = await api('GET', '/api/v1/approvals/' + encodeURIComponent(a.id));
         full = d.approval;
       }
-      list.appendChild(approvalCard(full));
+      cards.push(full);
     }
+    if (!fresh()) return;
+    const list = $('approvals-list');
+    clear(list);
+    for (const a of cards) list.appendChild(approvalCard(a));
     $('approvals-empty').hidden = data.approvals.length > 0;
   }
 
@@ -346,7 +367,9 @@
   }
 
   async function loadAudit(more) {
+    const fresh = newest('audit');
     const data = await api('GET', auditQuery(more ? state.auditBefore : null));
+    if (!fresh()) return;
     const body = $('audit-table').querySelector('tbody');
     if (!more) clear(body);
     for (const r of data.records) {
@@ -363,7 +386,9 @@
   }
 
   async function loadAuditRecord(seq) {
+    const fresh = newest('audit-record');
     const d = await api('GET', '/api/v1/audit/' + encodeURIComponent(seq));
+    if (!fresh()) return;
     const pre = $('audit-detail');
     pre.textContent = JSON.stringify(d.record, null, 2);
     pre.hidden = false;
@@ -391,7 +416,9 @@
   }
 
   async function loadRecentDecisions() {
+    const fresh = newest('recent');
     const data = await api('GET', '/api/v1/audit?kind=decision&limit=30');
+    if (!fresh()) return;
     const sel = $('explain-recent');
     clear(sel);
     state.recent = new Map();
@@ -429,7 +456,9 @@
   // ---- policy --------------------------------------------------------------------------
 
   async function loadPolicy() {
+    const fresh = newest('policy');
     const p = await api('GET', '/api/v1/policy');
+    if (!fresh()) return;
     $('policy-summary').textContent = p.enforced + ' enforced and ' + p.shadow + ' shadow policies from ' + p.source + ' (' + p.files.join(', ') + ')' + (p.warnings.length ? '; warnings: ' + p.warnings.join('; ') : '');
     const problem = p.reload_refused || p.last_reload_error;
     $('policy-reload-error').hidden = !problem;
@@ -458,12 +487,14 @@
     } catch (e) {
       throw new Error('The context is not valid JSON: ' + e.message);
     }
+    const fresh = newest('explain');
     const r = await api('POST', '/api/v1/policy/explain', {
       principal: $('explain-principal').value.trim(),
       action: $('explain-action').value.trim(),
       resource: $('explain-resource').value.trim(),
       context,
     });
+    if (!fresh()) return;
     // The answer is `chitin policy explain --json`'s (docs/policy-tooling.md).
     $('explain-decision').textContent = r.decision;
     const forbids = r.policies.filter((x) => x.effect === 'forbid').map((x) => x.id);
@@ -494,7 +525,9 @@
 
   async function loadShadow() {
     const days = $('shadow-days').value || '7';
+    const fresh = newest('shadow');
     const r = await api('GET', '/api/v1/policy/shadow?days=' + encodeURIComponent(days));
+    if (!fresh()) return;
     const ul = $('shadow-list');
     clear(ul);
     for (const x of r.policies) ul.appendChild(el('li', null, x.id + ': would deny ' + x.would_deny + ', would allow ' + x.would_allow));
@@ -508,7 +541,9 @@
     const p = new URLSearchParams({ by: $('usage-by').value });
     const since = $('usage-since').value.trim();
     if (since) p.set('since', since);
+    const fresh = newest('usage');
     const r = await api('GET', '/api/v1/usage?' + p.toString());
+    if (!fresh()) return;
     $('usage-key').textContent = r.by;
     $('usage-total').textContent = 'Total: $' + money(r.total.cost_usd) + ' over ' + r.total.calls + ' model calls in ' + r.total.runs + ' runs' + (r.since ? ' since ' + r.since : '') + (r.total.unpriced_calls ? ' (' + r.total.unpriced_calls + ' calls of models without a price)' : '');
     const body = $('usage-table').querySelector('tbody');
@@ -532,7 +567,9 @@
   // ---- channels and pairing ------------------------------------------------------------
 
   async function loadChannels() {
+    const fresh = newest('channels');
     const r = await api('GET', '/api/v1/pairing');
+    if (!fresh()) return;
     const cl = $('channels-list');
     clear(cl);
     for (const c of r.channels) {
@@ -595,7 +632,9 @@
   // ---- health --------------------------------------------------------------------------
 
   async function loadHealth() {
+    const fresh = newest('health');
     const h = await api('GET', '/api/v1/health');
+    if (!fresh()) return;
     const up = Math.floor(h.uptime_secs / 3600) + ' h ' + Math.floor((h.uptime_secs % 3600) / 60) + ' min';
     $('health-summary').textContent = (h.ready ? 'Ready' : 'NOT ready') + '. Chitin ' + h.version + ', up ' + up + ' (since ' + h.started_at + '). Sandbox: ' + (h.sandbox.enforced ? 'fully enforced' : 'NOT enforced') + ' (' + h.sandbox.detail + '). Retention: ' + (h.retention.interval_minutes ? 'every ' + h.retention.interval_minutes + ' min, last run ' + (h.retention.last_run || 'never') + (h.retention.lag_ms ? ', behind by ' + Math.round(h.retention.lag_ms / 60000) + ' min' : '') : 'off') + '. Backups: ' + (h.backup.configured ? 'every ' + h.backup.interval_hours + ' h, last ' + (h.backup.last_run || 'never') : 'not configured') + '.';
     $('health-summary').dataset.ready = String(h.ready);
