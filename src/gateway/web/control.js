@@ -336,17 +336,11 @@
     const all = $('approvals-all').checked;
     const fresh = newest('approvals');
     const data = await api('GET', '/api/v1/approvals?status=' + (all ? 'all' : 'pending'));
-    // What a person approves is shown whole: pending ones are loaded in full, all of them
-    // before the list is replaced (two loads must not interleave their cards).
-    const cards = [];
-    for (const a of data.approvals) {
-      let full = a;
-      if (a.status === 'pending') {
-        const d = await api('GET', '/api/v1/approvals/' + encodeURIComponent(a.id));
-        full = d.approval;
-      }
-      cards.push(full);
-    }
+    // What a person approves is shown whole: pending ones are loaded in full (at once), all
+    // of them before the list is replaced (two loads must not interleave their cards).
+    const cards = await Promise.all(data.approvals.map((a) => (a.status === 'pending'
+      ? api('GET', '/api/v1/approvals/' + encodeURIComponent(a.id)).then((d) => d.approval)
+      : a)));
     if (!fresh()) return;
     const list = $('approvals-list');
     clear(list);
