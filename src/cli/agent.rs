@@ -151,7 +151,7 @@ pub fn assemble_agent(i: AgentInputs<'_>) -> Result<Agent, BoxError> {
         skills: crate::skills_host::SkillsHost::open(&i.globals.home, &i.config.skills)
             .ok()
             .map(Arc::new),
-        redaction_window: i.secrets.redactor().max_pattern_len(),
+        redaction_window: i.secrets.redaction_window(),
     }))
 }
 

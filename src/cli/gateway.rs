@@ -161,31 +161,8 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
             .map_err(|e| format!("audit record could not be written: {e}"))?;
         println!("created the gateway token (`chitin token show` prints it)");
     }
-    let engine = engine.join().map_err(
-        |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
-    )??;
-    let support = support
-        .join()
-        .map_err(|_| "the sandbox check stopped unexpectedly; run `chitin sandbox check`")?;
-    let sandbox_check = if support.enforced() {
-        (
-            true,
-            format!(
-                "enforced (landlock ABI {}, seccomp, namespaces)",
-                support.landlock_abi
-            ),
-        )
-    } else {
-        (false, format!("missing: {}", support.missing.join(", ")))
-    };
-    let r = Arc::clone(&redactor);
-    let gate = crate::gate::Gate::new(Arc::new(engine), audit)
-        .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
-    // Spans queued since start are sent once the collector's headers are released.
-    if let Some(t) = telemetry.as_mut() {
-        let headers = super::credentials::telemetry_headers(&config.telemetry, &gate, &secrets)?;
-        t.start(headers)?;
-    }
+    // What needs neither the policies nor the gate is opened while they compile (issue #21,
+    // start time): the state database, the workspace, the sandbox, the vault.
     let store = Arc::new(match &pg {
         Some(pg) => crate::store::Store::postgres(pg)?,
         None => crate::store::Store::open(&home.path("state.db"))?,
@@ -217,6 +194,31 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )?);
     // The workflow runner's resume-token key exists before the secrets are counted (`/ready`).
     drop(crate::workflow_runner::TokenKey::from_store(&mut secrets)?);
+    let engine = engine.join().map_err(
+        |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
+    )??;
+    let support = support
+        .join()
+        .map_err(|_| "the sandbox check stopped unexpectedly; run `chitin sandbox check`")?;
+    let sandbox_check = if support.enforced() {
+        (
+            true,
+            format!(
+                "enforced (landlock ABI {}, seccomp, namespaces)",
+                support.landlock_abi
+            ),
+        )
+    } else {
+        (false, format!("missing: {}", support.missing.join(", ")))
+    };
+    let r = Arc::clone(&redactor);
+    let gate = crate::gate::Gate::new(Arc::new(engine), audit)
+        .with_redactor(Arc::new(move |s: &str| logging::redact(&r, s)));
+    // Spans queued since start are sent once the collector's headers are released.
+    if let Some(t) = telemetry.as_mut() {
+        let headers = super::credentials::telemetry_headers(&config.telemetry, &gate, &secrets)?;
+        t.start(headers)?;
+    }
     let secrets_count = secrets.list().len();
     let secrets = crate::secrets::SharedSecretStore::new(secrets);
     let sandbox = sandbox

@@ -151,7 +151,7 @@ const COMPONENT_PRINCIPALS: &[&str] = &[
 /// The checks a policy opts out of with `@lint_allow("<check id> ...")` (ids separated by
 /// spaces or commas).
 fn allowed_checks(p: &Policy) -> Vec<String> {
-    p.annotation("lint_allow")
+    super::annotation(p, "lint_allow")
         .map(|a| {
             a.split(|c: char| c == ',' || c.is_whitespace())
                 .filter(|s| !s.is_empty())
@@ -376,8 +376,7 @@ impl<'a> PolicyInfo<'a> {
         let actions = actions.get(&id).cloned().unwrap_or_default();
         Self {
             location: compiled.location(&id).unwrap_or_default(),
-            reason: policy
-                .annotation("reason")
+            reason: super::annotation(policy, "reason")
                 .filter(|r| !r.trim().is_empty())
                 .map(str::to_string),
             effect: policy.effect(),

@@ -56,23 +56,7 @@ impl Redactor {
 
     /// Builds the patterns for every `(name, value)`.
     pub fn new<'a>(secrets: impl IntoIterator<Item = (&'a SecretName, &'a SecretValue)>) -> Self {
-        let mut patterns: Vec<Zeroizing<Vec<u8>>> = Vec::new();
-        let mut replacement = Vec::new();
-        let mut seen = std::collections::HashSet::<Vec<u8>>::new();
-        for (name, value) in secrets {
-            let tag = format!("[REDACTED:{name}]");
-            for p in encodings(value.expose()) {
-                if p.len() >= MIN_PATTERN.min(value.len()).max(1) && seen.insert(p.to_vec()) {
-                    patterns.push(p);
-                    replacement.push(tag.clone());
-                }
-            }
-        }
-        // `seen` holds copies of the patterns; wipe them.
-        let leftover: Vec<Vec<u8>> = seen.into_iter().collect();
-        for mut v in leftover {
-            zeroize::Zeroize::zeroize(&mut v);
-        }
+        let (patterns, replacement) = patterns(secrets);
         if patterns.is_empty() {
             return Self::empty();
         }
@@ -86,6 +70,20 @@ impl Redactor {
             replacement,
             max_len,
         }
+    }
+
+    /// What [`Redactor::max_pattern_len`] of a redactor for these secrets would be, without
+    /// building its automaton (a stream's hold-back window; the automaton takes a millisecond
+    /// or more to build).
+    pub fn window_for<'a>(
+        secrets: impl IntoIterator<Item = (&'a SecretName, &'a SecretValue)>,
+    ) -> usize {
+        patterns(secrets)
+            .0
+            .iter()
+            .map(|p| p.len())
+            .max()
+            .unwrap_or(0)
     }
 
     /// Whether this redactor knows any secret.
@@ -201,6 +199,30 @@ impl StreamRedactor<'_> {
 }
 
 /// Every encoded form of `v` that the redactor matches.
+/// The patterns (every encoding of every value, deduplicated) and, for each, its replacement.
+fn patterns<'a>(
+    secrets: impl IntoIterator<Item = (&'a SecretName, &'a SecretValue)>,
+) -> (Vec<Zeroizing<Vec<u8>>>, Vec<String>) {
+    let mut patterns: Vec<Zeroizing<Vec<u8>>> = Vec::new();
+    let mut replacement = Vec::new();
+    let mut seen = std::collections::HashSet::<Vec<u8>>::new();
+    for (name, value) in secrets {
+        let tag = format!("[REDACTED:{name}]");
+        for p in encodings(value.expose()) {
+            if p.len() >= MIN_PATTERN.min(value.len()).max(1) && seen.insert(p.to_vec()) {
+                patterns.push(p);
+                replacement.push(tag.clone());
+            }
+        }
+    }
+    // `seen` holds copies of the patterns; wipe them.
+    let leftover: Vec<Vec<u8>> = seen.into_iter().collect();
+    for mut v in leftover {
+        zeroize::Zeroize::zeroize(&mut v);
+    }
+    (patterns, replacement)
+}
+
 fn encodings(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut out: Vec<Zeroizing<Vec<u8>>> = Vec::new();
     let mut push = |b: Vec<u8>| out.push(Zeroizing::new(b));
@@ -323,6 +345,25 @@ mod tests {
             assert!(out.contains("[REDACTED:TOKEN]"), "{f} -> {out}");
             assert!(!out.contains(&f), "{f} survived: {out}");
             assert_eq!(red.find_leak(text.as_bytes()), Some("TOKEN"));
+        }
+    }
+
+    #[test]
+    fn the_window_without_an_automaton_is_the_redactors_longest_pattern() {
+        for pairs in [
+            vec![],
+            vec![("A", "abc")],
+            vec![("A", "abcdefgh12345"), ("B", "s3cr3t/Tok+en?=&x y")],
+            vec![("A", "short"), ("B", &*"é".repeat(40))],
+        ] {
+            let (n, v) = r(&pairs);
+            let red = Redactor::new(n.iter().zip(v.iter()));
+            let window = Redactor::window_for(n.iter().zip(v.iter()));
+            assert_eq!(window, red.max_pattern_len(), "{pairs:?}");
+            // At least the longest value: its raw form is one of the patterns.
+            assert!(
+                pairs.is_empty() || window >= pairs.iter().map(|(_, v)| v.len()).max().unwrap()
+            );
         }
     }
 

@@ -75,6 +75,11 @@ impl SharedSecretStore {
     pub fn redactor(&self) -> Redactor {
         self.read().redactor()
     }
+
+    /// [`SecretStore::redaction_window`].
+    pub fn redaction_window(&self) -> usize {
+        self.read().redaction_window()
+    }
 }
 
 impl SecretStore {

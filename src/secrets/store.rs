@@ -372,6 +372,12 @@ impl SecretStore {
         Redactor::new(self.entries.iter().map(|(n, e)| (n, &e.value)))
     }
 
+    /// The longest pattern a [`SecretStore::redactor`] would hold (a stream's hold-back
+    /// window), without building one.
+    pub fn redaction_window(&self) -> usize {
+        Redactor::window_for(self.entries.iter().map(|(n, e)| (n, &e.value)))
+    }
+
     /// Releases a secret for a request to `host`. Needs the gate's proof that `secret.use`
     /// on exactly `Chitin::Secret::"NAME"` was allowed, `host` must be in the secret's
     /// audience, and the audit record must be written first; otherwise nothing is released.

@@ -294,13 +294,38 @@ pub(crate) fn execute(
 ) -> Result<u64> {
     let e = err(loc);
     let mut st = c.prepare_cached(sql).map_err(&e)?;
-    if !st.readonly() {
+    let before = c.total_changes();
+    let n = st.execute(rusqlite::params_from_iter(params.iter()));
+    note_write(c, wrote, sql, st.readonly(), before, n.is_err());
+    Ok(u64::try_from(n.map_err(&e)?).unwrap_or(u64::MAX))
+}
+
+/// Marks the unit of work as one that wrote (to be flushed) unless the statement is read-only
+/// or is an `INSERT`, `UPDATE` or `DELETE` that completed without changing a row (an idle
+/// gateway's once-a-second claims of requested cron firings, for one: nothing to flush).
+/// Anything else that is not read-only (DDL, pragmas, a failed statement) counts as a write.
+fn note_write(
+    c: &Connection,
+    wrote: &Cell<bool>,
+    sql: &str,
+    readonly: bool,
+    before: u64,
+    failed: bool,
+) {
+    if readonly {
+        return;
+    }
+    let first = sql
+        .trim_start()
+        .split(|ch: char| !ch.is_ascii_alphabetic())
+        .next()
+        .unwrap_or_default();
+    let row_change = ["INSERT", "UPDATE", "DELETE", "REPLACE"]
+        .iter()
+        .any(|k| first.eq_ignore_ascii_case(k));
+    if failed || !row_change || c.total_changes() != before {
         wrote.set(true);
     }
-    let n = st
-        .execute(rusqlite::params_from_iter(params.iter()))
-        .map_err(&e)?;
-    Ok(u64::try_from(n).unwrap_or(u64::MAX))
 }
 
 pub(crate) fn query(
@@ -313,18 +338,29 @@ pub(crate) fn query(
 ) -> Result<Vec<Row>> {
     let e = err(loc);
     let mut st = c.prepare_cached(sql).map_err(&e)?;
-    if !st.readonly() {
-        wrote.set(true);
-    }
+    let readonly = st.readonly();
+    let before = c.total_changes();
+    // Its rows are dropped on return: the statement is reset and its changes counted.
+    let out = read_rows(&mut st, &e, params, limit);
+    note_write(c, wrote, sql, readonly, before, out.is_err());
+    out
+}
+
+fn read_rows(
+    st: &mut rusqlite::CachedStatement<'_>,
+    e: &impl Fn(rusqlite::Error) -> Error,
+    params: &[Value],
+    limit: Option<usize>,
+) -> Result<Vec<Row>> {
     let n = st.column_count();
     let mut rows = st
         .query(rusqlite::params_from_iter(params.iter()))
-        .map_err(&e)?;
+        .map_err(e)?;
     let mut out = Vec::new();
-    while let Some(r) = rows.next().map_err(&e)? {
+    while let Some(r) = rows.next().map_err(e)? {
         let mut values = Vec::with_capacity(n);
         for i in 0..n {
-            values.push(cell(r.get_ref(i).map_err(&e)?, i)?);
+            values.push(cell(r.get_ref(i).map_err(e)?, i)?);
         }
         out.push(Row::new(values));
         if limit.is_some_and(|l| out.len() >= l) {
@@ -346,6 +382,69 @@ mod tests {
             Backend::Sqlite(s) => (s.written.load(Ordering::SeqCst), s.synced.lock().unwrap().0),
             Backend::Postgres(_) => unreachable!("a SQLite test"),
         }
+    }
+
+    #[test]
+    fn a_statement_that_changes_no_row_is_not_flushed_and_one_that_does_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::sqlite(&dir.path().join("state.db")).unwrap();
+        db.with(|c| c.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY, s TEXT NOT NULL)"))
+            .unwrap();
+        let flushed = units(&db);
+        assert_eq!(flushed.0, flushed.1, "DDL is flushed");
+        // Nothing matches: no unit of work counted, no flush.
+        db.tx(|c| c.execute("UPDATE t SET s = 'x' WHERE n = ?1", params![1]))
+            .unwrap();
+        let rows = db
+            .tx(|c| {
+                c.query_all(
+                    "UPDATE t SET s = 'y' WHERE s = 'none' RETURNING n",
+                    params![],
+                )
+            })
+            .unwrap();
+        assert!(rows.is_empty());
+        db.with(|c| c.execute("DELETE FROM t WHERE n = ?1", params![9]))
+            .unwrap();
+        db.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO t (n, s) VALUES (?1, ?2)",
+                params![1, "a"],
+            )
+        })
+        .unwrap();
+        let after_insert = units(&db);
+        assert_eq!(after_insert.0, flushed.0 + 1, "the insert changed a row");
+        assert_eq!(after_insert.0, after_insert.1, "and was flushed");
+        db.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO t (n, s) VALUES (?1, ?2)",
+                params![1, "b"],
+            )
+        })
+        .unwrap();
+        db.tx(|c| c.execute("DELETE FROM t WHERE n = ?1", params![2]))
+            .unwrap();
+        assert_eq!(
+            units(&db),
+            after_insert,
+            "ignored and unmatched: nothing to flush"
+        );
+        // A change through RETURNING counts; so does one through a transaction.
+        let rows = db
+            .tx(|c| c.query_all("UPDATE t SET s = 'c' WHERE n = 1 RETURNING n", params![]))
+            .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(units(&db).0, after_insert.0 + 1);
+        db.tx(|c| c.execute("DELETE FROM t WHERE n = ?1", params![1]))
+            .unwrap();
+        let done = units(&db);
+        assert_eq!(done.0, after_insert.0 + 2);
+        assert_eq!(done.0, done.1);
+        // A statement that fails counts as a write (what it did is not looked into).
+        let failed = db.with(|c| c.execute("INSERT INTO t (n, s) VALUES (?1, NULL)", params![5]));
+        assert!(failed.is_err());
+        assert_eq!(units(&db).0, done.0 + 1);
     }
 
     #[test]
