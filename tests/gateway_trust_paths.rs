@@ -207,3 +207,59 @@ fn a_reload_that_would_read_policy_from_the_workspace_is_refused_and_the_last_go
     let after = wait_policies(&gw, "the accepted reload", &|c| c.0);
     assert_eq!(after, before);
 }
+
+#[test]
+fn a_start_refused_for_its_policies_migrates_nothing_and_creates_no_key() {
+    let (dir, home) = home_with("");
+    let policies = dir.path().join("policies");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&policies)
+        .unwrap();
+    std::fs::write(
+        policies.join("bad.cedar"),
+        "@id(\"bad\")\npermit(principal, action, resource) when { context.no_such_attr };\n",
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(home.join("chitin.toml")).unwrap();
+    std::fs::write(
+        home.join("chitin.toml"),
+        format!(
+            "{cfg}[policy]\ndir = {:?}\n",
+            policies.display().to_string()
+        ),
+    )
+    .unwrap();
+    // A state database from an older Chitin (schema version 1, nothing in it yet).
+    let db = home.join("state.db");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&db)
+            .unwrap();
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.execute_batch("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            .unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+    }
+    let o = start(&home);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bad.cedar:2:"), "{stderr}");
+    assert!(stderr.contains("no_such_attr"), "{stderr}");
+    // The policies are checked before the database is upgraded or a key is made for it.
+    let c = rusqlite::Connection::open(&db).unwrap();
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1, "a refused start upgraded the database");
+    let leftovers: Vec<String> = std::fs::read_dir(&home)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("before-schema") || n == "vault.keys")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -162,21 +162,36 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
         println!("created the gateway token (`chitin token show` prints it)");
     }
     // What needs neither the policies nor the gate is opened while they compile (issue #21,
-    // start time): the state database, the workspace, the sandbox, the vault.
-    let store = Arc::new(match &pg {
-        Some(pg) => crate::store::Store::postgres(pg)?,
-        None => crate::store::Store::open(&home.path("state.db"))?,
+    // start time): the workspace, the sandbox and, when it has nothing to migrate, the state
+    // database. Their errors are reported after the policies' (as before), and nothing is
+    // migrated or created in the secret store until the policies are known to be valid.
+    let early_store = match &pg {
+        None => crate::store::Store::open_if_current(&home.path("state.db")),
+        Some(_) => None,
+    };
+    let early = || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+        let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
+        let sandbox = crate::tools::Sandbox::current(
+            globals.home.clone(),
+            globals
+                .config_path
+                .exists()
+                .then(|| globals.config_path.clone()),
+            config.sandbox.clone(),
+        )?;
+        Ok((workspace, sandbox))
+    };
+    let early = early();
+    let engine = engine.join().map_err(
+        |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
+    )??;
+    let store = Arc::new(match (early_store, &pg) {
+        (Some(store), _) => store,
+        (None, Some(pg)) => crate::store::Store::postgres(pg)?,
+        (None, None) => crate::store::Store::open(&home.path("state.db"))?,
     });
     super::report_migration(&store);
-    let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
-    let sandbox = crate::tools::Sandbox::current(
-        globals.home.clone(),
-        globals
-            .config_path
-            .exists()
-            .then(|| globals.config_path.clone()),
-        config.sandbox.clone(),
-    )?;
+    let (workspace, sandbox) = early?;
     match sandbox.small_launcher() {
         Some(l) => tracing::info!(launcher = %l.display(), "sandbox launcher"),
         None => tracing::warn!(
@@ -194,9 +209,6 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     )?);
     // The workflow runner's resume-token key exists before the secrets are counted (`/ready`).
     drop(crate::workflow_runner::TokenKey::from_store(&mut secrets)?);
-    let engine = engine.join().map_err(
-        |_| "the policy loader stopped unexpectedly; run `chitin policy validate` to see why",
-    )??;
     let support = support
         .join()
         .map_err(|_| "the sandbox check stopped unexpectedly; run `chitin sandbox check`")?;

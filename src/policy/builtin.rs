@@ -190,7 +190,12 @@ pub fn entities_json() -> Value {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use super::*;
 
     #[test]
@@ -214,7 +219,10 @@ mod tests {
         if std::env::var_os("CHITIN_UPDATE_SCHEMA_JSON").is_some() {
             let text = serde_json::to_string_pretty(&converted).expect("JSON prints");
             std::fs::write(path, text + "\n").expect("policies/schema.json is writable");
-            return;
+            // Never a pass: the binary under test still embeds the file as it was.
+            panic!(
+                "rewrote policies/schema.json; run the tests again without CHITIN_UPDATE_SCHEMA_JSON"
+            );
         }
         let embedded: Value = serde_json::from_str(SCHEMA_JSON).expect("schema.json is JSON");
         assert!(

@@ -198,7 +198,6 @@ impl StreamRedactor<'_> {
     }
 }
 
-/// Every encoded form of `v` that the redactor matches.
 /// The patterns (every encoding of every value, deduplicated) and, for each, its replacement.
 fn patterns<'a>(
     secrets: impl IntoIterator<Item = (&'a SecretName, &'a SecretValue)>,
@@ -209,7 +208,9 @@ fn patterns<'a>(
     for (name, value) in secrets {
         let tag = format!("[REDACTED:{name}]");
         for p in encodings(value.expose()) {
-            if p.len() >= MIN_PATTERN.min(value.len()).max(1) && seen.insert(p.to_vec()) {
+            // Looked up before a copy is made: a copy `insert` rejected would be freed unwiped.
+            if p.len() >= MIN_PATTERN.min(value.len()).max(1) && !seen.contains(p.as_slice()) {
+                seen.insert(p.to_vec());
                 patterns.push(p);
                 replacement.push(tag.clone());
             }
@@ -223,6 +224,7 @@ fn patterns<'a>(
     (patterns, replacement)
 }
 
+/// Every encoded form of `v` that the redactor matches.
 fn encodings(v: &[u8]) -> Vec<Zeroizing<Vec<u8>>> {
     let mut out: Vec<Zeroizing<Vec<u8>>> = Vec::new();
     let mut push = |b: Vec<u8>| out.push(Zeroizing::new(b));
@@ -350,6 +352,7 @@ mod tests {
 
     #[test]
     fn the_window_without_an_automaton_is_the_redactors_longest_pattern() {
+        let mut windows = Vec::new();
         for pairs in [
             vec![],
             vec![("A", "abc")],
@@ -364,7 +367,11 @@ mod tests {
             assert!(
                 pairs.is_empty() || window >= pairs.iter().map(|(_, v)| v.len()).max().unwrap()
             );
+            windows.push(window);
         }
+        // The longest encodings, counted by hand: no secret, none; "abc" as hex (6); 19
+        // bytes as hex (38); 80 non-ASCII bytes each percent-encoded as `%XX` (240).
+        assert_eq!(windows, [0, 6, 38, 240]);
     }
 
     #[test]

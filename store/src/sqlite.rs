@@ -301,7 +301,7 @@ pub(crate) fn execute(
 }
 
 /// Marks the unit of work as one that wrote (to be flushed) unless the statement is read-only
-/// or is an `INSERT`, `UPDATE` or `DELETE` that completed without changing a row (an idle
+/// or is an `INSERT`, `UPDATE`, `DELETE` or `REPLACE` that completed without changing a row (an idle
 /// gateway's once-a-second claims of requested cron firings, for one: nothing to flush).
 /// Anything else that is not read-only (DDL, pragmas, a failed statement) counts as a write.
 fn note_write(
