@@ -209,7 +209,7 @@ fn a_reload_that_would_read_policy_from_the_workspace_is_refused_and_the_last_go
 }
 
 #[test]
-fn a_start_refused_for_its_policies_migrates_nothing_and_creates_no_key() {
+fn a_start_refused_for_its_policies_leaves_the_database_unmigrated_and_no_vault() {
     let (dir, home) = home_with("");
     let policies = dir.path().join("policies");
     std::fs::DirBuilder::new()
