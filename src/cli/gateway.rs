@@ -163,8 +163,9 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     }
     // What needs neither the policies nor the gate is opened while they compile (issue #21,
     // start time): the workspace, the sandbox and, when it has nothing to migrate, the state
-    // database. Their errors are reported after the policies' (as before), and nothing is
-    // migrated or created in the secret store until the policies are known to be valid.
+    // database. Their errors are reported after the policies' (as before), and the database
+    // is not migrated, nor the vault's or the resume-token key made, until the policies are
+    // known to be valid.
     let early_store = match &pg {
         None => crate::store::Store::open_if_current(&home.path("state.db")),
         Some(_) => None,
