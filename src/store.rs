@@ -99,15 +99,12 @@ impl Store {
         })
     }
 
-    /// Opens the SQLite database at `path` only when it exists and is at this binary's schema
-    /// version, so that opening it migrates nothing (the gateway opens it while its policies
-    /// compile; a database is never upgraded by a start that then fails on its policies).
-    /// `None` otherwise, or on any error: [`Store::open`] then opens it, migrating, and
-    /// reports what went wrong.
+    /// Opens the SQLite database at `path` only when it is at this binary's schema version,
+    /// so that opening it migrates nothing (the gateway opens it while its policies compile;
+    /// a database is never upgraded by a start that then fails on its policies). `None`
+    /// otherwise, or on any error: [`Store::open`] then opens it, migrating, and reports what
+    /// went wrong.
     pub fn open_if_current(path: &Path) -> Option<Self> {
-        if !path.is_file() {
-            return None;
-        }
         crate::state::ensure_private_file(path).ok()?;
         let db = Db::sqlite_unmigrated(path).ok()?;
         (db.version().ok()? == Self::latest_version()).then(|| Self {
