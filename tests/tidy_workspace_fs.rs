@@ -171,11 +171,6 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         None,
         "the secrets store lock in the state dir",
     ),
-    (
-        "src/cli/agent.rs",
-        None,
-        "operator CLI: whether the config file exists",
-    ),
     ("src/cli/audit.rs", None, "operator CLI: audit export files"),
     (
         "src/cli/mod.rs",
@@ -193,8 +188,8 @@ const ALLOWED: &[(&str, Option<&str>, &str)] = &[
         "removes that private scratch directory of the state directory; never a workspace path",
     ),
     (
-        "src/cli/mcp.rs",
-        Some("run"),
+        "src/cli/mod.rs",
+        Some("sandbox_for"),
         "operator CLI: whether the config file exists (passed to the sandbox launcher)",
     ),
     (

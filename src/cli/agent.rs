@@ -165,18 +165,9 @@ pub fn build_agent(globals: &Globals, rt: &Runtime) -> Result<Agent, BoxError> {
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
-    let sandbox = crate::tools::Sandbox::current(
-        globals.home.clone(),
-        globals
-            .config_path
-            .exists()
-            .then(|| globals.config_path.clone()),
-        rt.config.sandbox.clone(),
-    )?
-    .with_secret_env(Arc::new(ToolSecrets::new(
-        rt.gate.clone(),
-        rt.secrets.clone(),
-    )));
+    let sandbox = super::sandbox_for(globals, &rt.config)?.with_secret_env(Arc::new(
+        ToolSecrets::new(rt.gate.clone(), rt.secrets.clone()),
+    ));
     let sandbox = super::mcp::attach(sandbox, &rt.config, &rt.gate, &rt.store, &rt.secrets);
     let vault = Arc::new(vault);
     let agent = assemble_agent(AgentInputs {

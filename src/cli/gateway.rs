@@ -172,14 +172,7 @@ pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
     };
     let early = || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
         let workspace = prepare_workspace(&config.workspace_dir(&globals.home), &globals.home)?;
-        let sandbox = crate::tools::Sandbox::current(
-            globals.home.clone(),
-            globals
-                .config_path
-                .exists()
-                .then(|| globals.config_path.clone()),
-            config.sandbox.clone(),
-        )?;
+        let sandbox = super::sandbox_for(globals, &config)?;
         Ok((workspace, sandbox))
     };
     let early = early();

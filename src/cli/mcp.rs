@@ -76,14 +76,7 @@ fn hub(
 
 pub fn run(cmd: McpCmd, globals: &Globals) -> CmdResult {
     let rt = Runtime::open(globals)?;
-    let sandbox = crate::tools::Sandbox::current(
-        globals.home.clone(),
-        globals
-            .config_path
-            .exists()
-            .then(|| globals.config_path.clone()),
-        rt.config.sandbox.clone(),
-    )?;
+    let sandbox = super::sandbox_for(globals, &rt.config)?;
     let hub = hub(&sandbox, &rt.config, &rt.gate, &rt.store, &rt.secrets);
     match cmd {
         McpCmd::List { json } => list(&hub, json),

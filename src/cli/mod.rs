@@ -500,6 +500,22 @@ pub(crate) fn report_migration(store: &crate::store::Store) {
     }
 }
 
+/// The tool sandbox for this state dir and config (the launcher is given the config file,
+/// when there is one, for the limits not passed as flags).
+pub(crate) fn sandbox_for(
+    globals: &Globals,
+    config: &Config,
+) -> Result<crate::tools::Sandbox, crate::tools::ToolError> {
+    crate::tools::Sandbox::current(
+        globals.home.clone(),
+        globals
+            .config_path
+            .exists()
+            .then(|| globals.config_path.clone()),
+        config.sandbox.clone(),
+    )
+}
+
 /// `CHITIN_HOME`, or `~/.chitin`.
 pub fn state_home() -> PathBuf {
     if let Some(h) = std::env::var_os("CHITIN_HOME").filter(|h| !h.is_empty()) {

@@ -254,18 +254,9 @@ pub(crate) fn build_runner(globals: &Globals, rt: &Runtime) -> Result<Runner, Bo
         &mut rt.secrets.write(),
         Arc::clone(&rt.clock),
     )?;
-    let sandbox = crate::tools::Sandbox::current(
-        globals.home.clone(),
-        globals
-            .config_path
-            .exists()
-            .then(|| globals.config_path.clone()),
-        rt.config.sandbox.clone(),
-    )?
-    .with_secret_env(Arc::new(crate::secrets::ToolSecrets::new(
-        rt.gate.clone(),
-        rt.secrets.clone(),
-    )));
+    let sandbox = super::sandbox_for(globals, &rt.config)?.with_secret_env(Arc::new(
+        crate::secrets::ToolSecrets::new(rt.gate.clone(), rt.secrets.clone()),
+    ));
     assemble_runner(RunnerInputs {
         config: &rt.config,
         gate: &rt.gate,
