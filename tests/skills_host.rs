@@ -207,7 +207,17 @@ fn a_request_entity_cannot_redefine_an_existing_entity() {
     .unwrap();
     // Re-declaring bob as an owner through the request entities is refused.
     let bob_owner = json!({"uid": {"type": "Chitin::User", "id": "bob"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]});
-    assert!(fx.gate.check_with_entities(&req, &[bob_owner]).is_err());
+    let e = fx.gate.check_with_entities(&req, &[bob_owner]).unwrap_err();
+    assert!(e.to_string().contains("request entities"), "{e}");
+    // So is one without parents (added without recomputing the hierarchy): the owner
+    // re-declared as a user outside the owners group.
+    let owner_alone =
+        json!({"uid": {"type": "Chitin::User", "id": "owner"}, "attrs": {}, "parents": []});
+    let e = fx
+        .gate
+        .check_with_entities(&req, &[owner_alone])
+        .unwrap_err();
+    assert!(e.to_string().contains("request entities"), "{e}");
     // A Skill entity that does not match the schema is refused.
     let bad = json!({"uid": {"type": "Chitin::Skill", "id": "weather"}, "attrs": {"verified": "yes"}, "parents": []});
     assert!(fx.gate.check_with_entities(&req, &[bad]).is_err());

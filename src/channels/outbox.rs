@@ -181,6 +181,14 @@ fn parse_buttons(s: &str) -> Vec<Button> {
 
 const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms, dedup_key, edit_text";
 
+/// The rows [`Engine::due_edits`] reads: through the partial index `channel_outbox_edits`
+/// (migration 25), never by reading every sent row of the channel. The casts keep SQLite
+/// from planning around the bound channel and limit, which re-prepared the cached statement
+/// on every sender step (as `claim_due`'s).
+const DUE_EDITS: &str = "FROM channel_outbox
+     WHERE channel = CAST(?1 AS TEXT) AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
+     ORDER BY id LIMIT CAST(?3 AS BIGINT)";
+
 fn row(r: &chitin_store::Row) -> Result<OutboxRow, ChannelsError> {
     Ok(OutboxRow {
         id: r.get(0)?,
@@ -653,11 +661,7 @@ impl Engine {
         let now = self.clock.now_ms();
         self.store.db().with(|c| {
             c.query_map(
-                &format!(
-                    "SELECT {COLUMNS} FROM channel_outbox
-                     WHERE channel = ?1 AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
-                     ORDER BY id LIMIT ?3"
-                ),
+                &format!("SELECT {COLUMNS} {DUE_EDITS}"),
                 params![channel, now, limit],
                 row,
             )
@@ -972,4 +976,47 @@ pub async fn deliver_due(
         report.edited.push(r.id);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn due_edits_are_read_through_their_index_not_by_reading_every_sent_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = chitin_store::Db::sqlite(&dir.path().join("state.db")).unwrap();
+        let plan: Vec<String> = db
+            .with(|c| {
+                c.query_map(
+                    &format!("EXPLAIN QUERY PLAN SELECT {COLUMNS} {DUE_EDITS}"),
+                    params!["tg", 0_i64, 16_i64],
+                    |r| r.get::<String>(3),
+                )
+            })
+            .unwrap();
+        assert_eq!(
+            plan.first().map(String::as_str),
+            Some(
+                "SEARCH channel_outbox USING INDEX channel_outbox_edits (channel=? AND status=? AND next_attempt_ms<?)"
+            ),
+            "{plan:?}"
+        );
+        // Run as the sender runs it (another channel, another time, the same limit): SQLite
+        // keeps the prepared statement instead of preparing it again for each new value.
+        let c = db.sqlite_connection().unwrap().unwrap();
+        let mut st = c.prepare(&format!("SELECT {COLUMNS} {DUE_EDITS}")).unwrap();
+        for (channel, now) in [("tg", 1_i64), ("slack", 2), ("tg", 3), ("discord", 4)] {
+            st.query(rusqlite::params![channel, now, 16_i64])
+                .unwrap()
+                .next()
+                .unwrap();
+        }
+        assert_eq!(
+            st.get_status(rusqlite::StatementStatus::RePrepare),
+            0,
+            "the statement was prepared again for a new bound value"
+        );
+    }
 }

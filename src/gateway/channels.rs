@@ -1398,8 +1398,9 @@ async fn serve_channel(
     }
 }
 
-/// After a commit: logs it, wakes the sender (pairing codes were queued with it) and starts
-/// the turns of the admitted messages, in order.
+/// After a commit: logs it, wakes the sender when the commit may have queued something (a
+/// pairing code, a row a delivery report re-queued) and starts the turns of the admitted
+/// messages, in order.
 async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
     let (name, notify) = (&ctx.name, &ctx.notify);
     if committed.stored > 0 || committed.duplicates > 0 {
@@ -1411,7 +1412,11 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
             "channel events committed"
         );
     }
-    notify.notify_one();
+    // Admitted messages queue nothing at the commit (their replies wake the sender when
+    // their turns end): a poll of only those does not make the sender look for due rows.
+    if committed.stored != committed.admitted.len() {
+        notify.notify_one();
+    }
     if committed.presses > 0 {
         handle_presses(ctx).await;
     }

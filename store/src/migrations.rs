@@ -620,6 +620,14 @@ pub const SQLITE: &[&str] = &[
         sealed BLOB NOT NULL,
         version INTEGER NOT NULL
      ) STRICT;",
+    // 25: the final edits still due (`Engine::due_edits`, every sender step) are found
+    // through their partial index with the due time in it. On `(channel, status)` alone,
+    // SQLite preferred `channel_outbox_due` (`channel, status, next_attempt_ms`) and read
+    // every sent row of the channel to test `edit_text` (issue #21: 7.5 % of a gateway's CPU
+    // after a few hundred replies, growing with every message sent).
+    "DROP INDEX channel_outbox_edits;
+     CREATE INDEX channel_outbox_edits ON channel_outbox(channel, status, next_attempt_ms)
+        WHERE edit_text IS NOT NULL;",
 ];
 
 /// The PostgreSQL migrations, in order.
@@ -1170,6 +1178,10 @@ pub const POSTGRES: &[&str] = &[
         sealed BYTEA NOT NULL,
         version BIGINT NOT NULL
      );",
+    // 25: as SQLite's 25.
+    "DROP INDEX channel_outbox_edits;
+     CREATE INDEX channel_outbox_edits ON channel_outbox(channel, status, next_attempt_ms)
+        WHERE edit_text IS NOT NULL;",
 ];
 
 #[cfg(test)]
