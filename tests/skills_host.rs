@@ -208,7 +208,7 @@ fn a_request_entity_cannot_redefine_an_existing_entity() {
     // Re-declaring bob as an owner through the request entities is refused.
     let bob_owner = json!({"uid": {"type": "Chitin::User", "id": "bob"}, "attrs": {}, "parents": [{"type": "Chitin::Group", "id": "owners"}]});
     let e = fx.gate.check_with_entities(&req, &[bob_owner]).unwrap_err();
-    assert!(e.to_string().contains("request entities"), "{e}");
+    assert!(e.to_string().contains("duplicate entity entry"), "{e}");
     // So is one without parents (added without recomputing the hierarchy): the owner
     // re-declared as a user outside the owners group.
     let owner_alone =
@@ -217,7 +217,7 @@ fn a_request_entity_cannot_redefine_an_existing_entity() {
         .gate
         .check_with_entities(&req, &[owner_alone])
         .unwrap_err();
-    assert!(e.to_string().contains("request entities"), "{e}");
+    assert!(e.to_string().contains("duplicate entity entry"), "{e}");
     // A Skill entity that does not match the schema is refused.
     let bad = json!({"uid": {"type": "Chitin::Skill", "id": "weather"}, "attrs": {"verified": "yes"}, "parents": []});
     assert!(fx.gate.check_with_entities(&req, &[bad]).is_err());

@@ -182,9 +182,10 @@ fn parse_buttons(s: &str) -> Vec<Button> {
 const COLUMNS: &str = "id, channel, chat_id, chat_kind, thread, text, buttons_json, reply_to, kind, status, attempts, next_attempt_ms, platform_message_id, last_error, created_ms, dedup_key, edit_text";
 
 /// The rows [`Engine::due_edits`] reads: through the partial index `channel_outbox_edits`
-/// (migration 25), never by reading every sent row of the channel. The casts keep SQLite
-/// from planning around the bound channel and limit, which re-prepared the cached statement
-/// on every sender step (as `claim_due`'s).
+/// (migration 25), never by reading every sent row of the channel. The casts are
+/// `claim_due`'s: a bare `LIMIT ?3` makes SQLite expire the cached statement whenever a value
+/// is bound, so it was prepared again at every sender step (the test below); the channel's
+/// cast keeps `?1` out of planning as well.
 const DUE_EDITS: &str = "FROM channel_outbox
      WHERE channel = CAST(?1 AS TEXT) AND status = 'sent' AND edit_text IS NOT NULL AND next_attempt_ms <= ?2
      ORDER BY id LIMIT CAST(?3 AS BIGINT)";

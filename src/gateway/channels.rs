@@ -1398,9 +1398,8 @@ async fn serve_channel(
     }
 }
 
-/// After a commit: logs it, wakes the sender when the commit may have queued something (a
-/// pairing code, a row a delivery report re-queued) and starts the turns of the admitted
-/// messages, in order.
+/// After a commit: logs it, wakes the sender when the commit queued a pairing code and starts
+/// the turns of the admitted messages, in order.
 async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
     let (name, notify) = (&ctx.name, &ctx.notify);
     if committed.stored > 0 || committed.duplicates > 0 {
@@ -1412,9 +1411,15 @@ async fn dispatch(ctx: &Arc<Ctx>, committed: crate::channels::Committed) {
             "channel events committed"
         );
     }
-    // Admitted messages queue nothing at the commit (their replies wake the sender when
-    // their turns end): a poll of only those does not make the sender look for due rows.
-    if committed.stored != committed.admitted.len() {
+    // A pairing code is the only row a commit queues (`offer_pairing_in`); an admitted
+    // message's reply, a prompt or an answer without a turn wakes the sender when it is
+    // queued, and a delivery report sends nothing. So a poll of messages, presses or reports
+    // does not make the sender look for due rows.
+    if committed
+        .admissions
+        .iter()
+        .any(|(_, a)| matches!(a, crate::channels::Admission::PairingCodeSent { .. }))
+    {
         notify.notify_one();
     }
     if committed.presses > 0 {

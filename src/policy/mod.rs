@@ -2204,8 +2204,6 @@ pub(crate) fn is_unconditional(p: &Policy) -> bool {
         .unwrap_or(false)
 }
 
-/// The active entities plus request-specific ones (checked against the schema; redefining an
-/// entity is an error).
 /// The active entities with `extra` added, each checked against the schema; one already
 /// defined differently is an error ([`PolicyEngine::decide_with_entities`]).
 ///
@@ -2214,7 +2212,9 @@ pub(crate) fn is_unconditional(p: &Policy) -> bool {
 /// with the copy of the set, 6 % of a gateway's CPU per channel message). Entities without
 /// parents (what the channels add: an unpaired identity, a conversation) change no entity's
 /// ancestors, so the transitive closure, already computed for the active set, is kept as it
-/// is instead of recomputed over every entity.
+/// is instead of recomputed over every entity. (One narrowing against parsing them as a set:
+/// an entity re-declared identically whose ancestors beyond its parents came only from other
+/// request entities is now refused as a duplicate; nothing sends such a set.)
 fn merge_extra(active: &Active, extra: &[Value]) -> Result<Entities, PolicyError> {
     let request =
         |e: &dyn std::fmt::Display| PolicyError::Request(format!("request entities: {e}"));
