@@ -2216,6 +2216,7 @@ pub(crate) fn is_unconditional(p: &Policy) -> bool {
 /// an entity re-declared identically whose ancestors beyond its parents came only from other
 /// request entities is now refused as a duplicate; nothing sends such a set.)
 fn merge_extra(active: &Active, extra: &[Value]) -> Result<Entities, PolicyError> {
+    use cedar_policy_core::entities::TCComputation;
     let request =
         |e: &dyn std::fmt::Display| PolicyError::Request(format!("request entities: {e}"));
     let schema = &active.compiled.schema;
@@ -2225,20 +2226,18 @@ fn merge_extra(active: &Active, extra: &[Value]) -> Result<Entities, PolicyError
             cedar_policy::Entity::from_json_value(v.clone(), Some(schema)).map_err(|e| request(&e))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if add.iter().any(|e| e.as_ref().parents().next().is_some()) {
-        // Conformance was checked by the parse.
-        return active
-            .entities
-            .clone()
-            .add_entities(add, None)
-            .map_err(|e| request(&e));
-    }
+    let closure = if add.iter().any(|e| e.as_ref().parents().next().is_some()) {
+        TCComputation::ComputeNow
+    } else {
+        TCComputation::AssumeAlreadyComputed
+    };
     let core: &cedar_policy_core::entities::Entities = active.entities.as_ref();
+    // Conformance was checked by the parse.
     core.clone()
         .add_entities(
             add.into_iter().map(|e| Arc::new(e.as_ref().clone())),
             None::<&cedar_policy_core::entities::NoEntitiesSchema>,
-            cedar_policy_core::entities::TCComputation::AssumeAlreadyComputed,
+            closure,
             cedar_policy_core::extensions::Extensions::all_available(),
         )
         .map(Entities::from)
