@@ -8,6 +8,8 @@
     reason = "tests"
 )]
 
+#[path = "support/gateway.rs"]
+mod harness;
 #[path = "support/home.rs"]
 mod support;
 
@@ -18,6 +20,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use chitin::providers::testing::{FakeOpenAi, FakeServer, Step};
+use harness::free_port;
 
 const PASS: &str = "onboard-pass";
 
@@ -348,11 +351,7 @@ fn onboarding_adds_a_telegram_bot_and_pairs_the_first_person_who_writes_to_it() 
     tty.answer("Daily budget per user in USD (0: no limit) [0]: ", "0");
     tty.expect("Start the gateway in another terminal");
     // As the person would: start the gateway, write to the bot, read the code it answers.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut gateway = Command::new(env!("CARGO_BIN_EXE_chitin"))
         .args(["gateway", "--port", &port.to_string()])
         .env("CHITIN_HOME", &home)
@@ -390,15 +389,6 @@ fn onboarding_adds_a_telegram_bot_and_pairs_the_first_person_who_writes_to_it() 
     assert!(!raw.contains(TOKEN));
     let o = chitin(&home, &["pairing", "list", "--json"], &[]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
-}
-
-/// A free loopback port for a gateway.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn gateway(home: &Path, port: u16) -> std::process::Child {

@@ -150,12 +150,44 @@ pub fn exchange(
     })
 }
 
+/// A loopback port for a process the test starts (a gateway), free when this returns.
+///
+/// Chosen below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`): a port from
+/// `bind(127.0.0.1:0)` is in that range, and between this check and the gateway's own bind any
+/// socket another test opens meanwhile (a fake server's bind to port 0, and above all the
+/// local end of a client's `connect`, thousands of which the suite makes) can be handed the
+/// same port, so the gateway fails to start with "Address already in use" (seen in CI). Below
+/// the range only an explicit bind takes a port; each call walks on from a per-process random
+/// start, so tests in one run and concurrent runs do not pick the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let Some(span) = ephemeral_low.checked_sub(LOW).filter(|s| *s >= 1_000) else {
+        // No room below the ephemeral range on this machine: the kernel's choice.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    };
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    let _ = NEXT.compare_exchange(u32::MAX, seed % span, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..span {
+        let port = LOW + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = u16::try_from(port).unwrap();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{ephemeral_low}");
 }
 
 pub struct Gw {
