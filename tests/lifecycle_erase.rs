@@ -738,6 +738,46 @@ fn a_compaction_summary_replaces_what_it_covers_in_the_cached_history() {
 }
 
 #[test]
+fn a_cached_history_grows_in_place_and_a_read_still_held_does_not_change() {
+    let h = harness();
+    let t = cached_transcripts(&h, 1 << 20);
+    stored_turn(&t, "s-bob", "bob", "r1", "first");
+    let (_, held) = t.history_shared("s-bob").unwrap();
+    assert_eq!(held.len(), 2);
+    // A new turn while a step still holds its read: the next read sees it, the held one
+    // keeps what it was given.
+    stored_turn(&t, "s-bob", "bob", "r2", "second");
+    let (_, next) = t.history_shared("s-bob").unwrap();
+    assert_eq!(
+        next.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+    assert_eq!(held.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(!std::sync::Arc::ptr_eq(&held, &next));
+    // With every earlier read let go, new messages are appended to the cached list itself
+    // (no copy of the session's messages per step).
+    let list = std::sync::Arc::as_ptr(&next);
+    drop((held, next));
+    stored_turn(&t, "s-bob", "bob", "r3", "third");
+    let (_, last) = t.history_shared("s-bob").unwrap();
+    assert_eq!(std::sync::Arc::as_ptr(&last), list);
+    assert_eq!(
+        texts(&t, "s-bob"),
+        vec![
+            "first",
+            "answer to first",
+            "second",
+            "answer to second",
+            "third",
+            "answer to third"
+        ]
+    );
+    // A read with nothing new hands out the same list.
+    let (_, again) = t.history_shared("s-bob").unwrap();
+    assert!(std::sync::Arc::ptr_eq(&last, &again));
+}
+
+#[test]
 fn the_history_cache_stays_within_its_bound_and_evicts_the_least_recently_read_session() {
     let h = harness();
     // Room for about one session of two short messages.

@@ -999,7 +999,10 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
 /// own (messages of later runs queued in the same session are left out). A run's first
 /// message is its user message, so only the part from this run's user message on is looked
 /// at (later runs were submitted after it): linear in that tail, not in the session.
-fn as_of_run<E: AsRef<transcripts::Entry>>(mut history: Vec<E>, run_id: &str) -> Vec<E> {
+fn as_of_run<E: AsRef<transcripts::Entry> + Clone>(
+    history: Arc<Vec<E>>,
+    run_id: &str,
+) -> Arc<Vec<E>> {
     let mine = history.iter().rposition(|e| {
         let e = e.as_ref();
         e.run_id.as_deref() == Some(run_id) && matches!(e.message, Stored::User { .. })
@@ -1018,14 +1021,19 @@ fn as_of_run<E: AsRef<transcripts::Entry>>(mut history: Vec<E>, run_id: &str) ->
     if later.is_empty() {
         return history;
     }
-    let tail: Vec<E> = history.split_off(mine + 1);
-    history.extend(tail.into_iter().filter(|e| {
-        e.as_ref()
-            .run_id
-            .as_deref()
-            .is_none_or(|r| !later.iter().any(|l| l == r))
-    }));
-    history
+    let mut own: Vec<E> = history[..=mine].to_vec();
+    own.extend(
+        history[mine + 1..]
+            .iter()
+            .filter(|e| {
+                e.as_ref()
+                    .run_id
+                    .as_deref()
+                    .is_none_or(|r| !later.iter().any(|l| l == r))
+            })
+            .cloned(),
+    );
+    Arc::new(own)
 }
 
 /// What the history of a step needs before the model call.
@@ -1061,7 +1069,7 @@ fn prepare_context(
     budget: u64,
     system: String,
     summary: Option<transcripts::SharedSummary>,
-    history: Vec<transcripts::SharedEntry>,
+    history: transcripts::SharedHistory,
 ) -> Result<(String, Prepared), AgentError> {
     let summary: Option<String> = summary.map(|s| String::clone(&s));
     let messages = context::to_messages(summary.as_deref(), &history);
@@ -1078,7 +1086,7 @@ enum Prepared {
     /// Near the context budget: summary, history and messages to compact.
     Compact(
         Option<String>,
-        Vec<transcripts::SharedEntry>,
+        transcripts::SharedHistory,
         Vec<Arc<crate::providers::Message>>,
     ),
 }
@@ -2763,5 +2771,60 @@ fn stopped_how(killed: &str) -> &'static str {
         "stopped by its time limit ([agent] run_timeout_secs)"
     } else {
         "cancelled"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn entry(seq: i64, run: &str, user: bool) -> transcripts::Entry {
+        transcripts::Entry {
+            seq,
+            run_id: Some(run.to_string()),
+            created_ms: 0,
+            message: if user {
+                Stored::User {
+                    text: format!("u{seq}"),
+                    from: "bob".into(),
+                    untrusted: false,
+                }
+            } else {
+                Stored::Assistant {
+                    text: format!("a{seq}"),
+                    tool_calls: Vec::new(),
+                }
+            },
+        }
+    }
+
+    fn seqs(h: &[transcripts::Entry]) -> Vec<i64> {
+        h.iter().map(|e| e.seq).collect()
+    }
+
+    #[test]
+    fn a_run_reads_the_history_without_the_runs_that_began_after_it_and_shares_it_when_none_did() {
+        // r1 began, r2 began (its user message after r1's), then r1 wrote its answer.
+        let history = Arc::new(vec![
+            entry(1, "r0", true),
+            entry(2, "r0", false),
+            entry(3, "r1", true),
+            entry(4, "r2", true),
+            entry(5, "r2", false),
+            entry(6, "r1", false),
+        ]);
+        let r1 = as_of_run(Arc::clone(&history), "r1");
+        assert_eq!(seqs(&r1), vec![1, 2, 3, 6]);
+        assert_eq!(
+            seqs(&history),
+            vec![1, 2, 3, 4, 5, 6],
+            "the shared list is not changed"
+        );
+        // Nothing began after r2 (and r0's messages are all before it): the same list.
+        let r2 = as_of_run(Arc::clone(&history), "r2");
+        assert!(Arc::ptr_eq(&r2, &history));
+        let unknown = as_of_run(Arc::clone(&history), "r9");
+        assert!(Arc::ptr_eq(&unknown, &history));
     }
 }

@@ -296,6 +296,10 @@ impl HistoryEntry for SharedEntry {
 /// The compaction summary as the agent reads it (wiped on drop).
 pub type SharedSummary = Arc<Zeroizing<String>>;
 
+/// A session's opened messages as the agent reads them: one shared list, so handing the
+/// history of a long session to a step costs one reference count, not one per message.
+pub type SharedHistory = Arc<Vec<SharedEntry>>;
+
 /// A session's opened history as the cache keeps it.
 struct CachedSession {
     subject: String,
@@ -304,7 +308,7 @@ struct CachedSession {
     summary: Option<SharedSummary>,
     /// `summary_seq`: the messages up to it are covered by the summary and not kept.
     upto: i64,
-    entries: Vec<SharedEntry>,
+    entries: SharedHistory,
     /// The highest seq read (messages after it are new).
     last_seq: i64,
     bytes: usize,
@@ -340,9 +344,13 @@ impl CacheState {
     }
 
     fn remove(&mut self, key: &str) {
-        if let Some(s) = self.sessions.remove(key) {
-            self.bytes = self.bytes.saturating_sub(s.bytes);
-        }
+        let _ = self.take(key);
+    }
+
+    fn take(&mut self, key: &str) -> Option<CachedSession> {
+        let s = self.sessions.remove(key)?;
+        self.bytes = self.bytes.saturating_sub(s.bytes);
+        Some(s)
     }
 }
 
@@ -446,7 +454,7 @@ struct Hit {
     last_seq: i64,
     upto: i64,
     bytes: usize,
-    entries: Vec<SharedEntry>,
+    entries: SharedHistory,
     summary_blob: Option<Vec<u8>>,
     summary: Option<SharedSummary>,
 }
@@ -780,11 +788,14 @@ impl Transcripts {
     }
 
     /// [`Self::history`] as shared, opened messages: with the cache, only the messages
-    /// stored since the session was last read are read and opened.
+    /// stored since the session was last read are read and opened, and appended to the
+    /// cached list in place (the cache lets go of it while this read runs; it is copied only
+    /// when a caller still holds an earlier read of it), so a step of a long session does
+    /// work for what is new only.
     pub fn history_shared(
         &self,
         key: &str,
-    ) -> Result<(Option<SharedSummary>, Vec<SharedEntry>), TranscriptError> {
+    ) -> Result<(Option<SharedSummary>, SharedHistory), TranscriptError> {
         // The erasure epoch before the read: a key destroyed after it moves it, and what this
         // read opened is then not kept.
         let epoch = match &self.cache {
@@ -824,18 +835,19 @@ impl Transcripts {
                         st.changes = Some(changes);
                         st.epoch = epoch;
                     }
-                    st.tick += 1;
-                    let tick = st.tick;
-                    match st.sessions.get_mut(key) {
+                    // Taken out while this read runs (put back below): appending to a list
+                    // nobody else holds needs no copy. A concurrent read of the same session
+                    // meanwhile misses and reads it whole, as on a first read.
+                    match st.sessions.get(key) {
                         Some(cs) if cs.subject == subject => {
-                            cs.used = tick;
-                            Some(Hit {
+                            let cs = st.take(key);
+                            cs.map(|cs| Hit {
                                 last_seq: cs.last_seq,
                                 upto: cs.upto,
                                 bytes: cs.bytes,
-                                entries: cs.entries.clone(),
-                                summary_blob: cs.summary_blob.clone(),
-                                summary: cs.summary.clone(),
+                                entries: cs.entries,
+                                summary_blob: cs.summary_blob,
+                                summary: cs.summary,
                             })
                         }
                         Some(_) => {
@@ -876,21 +888,29 @@ impl Transcripts {
                 };
                 // The summary moved on (compaction): what it now covers is dropped.
                 if hit.upto != upto {
-                    entries.retain(|e| e.seq > upto);
+                    Arc::make_mut(&mut entries).retain(|e| e.seq > upto);
                 }
                 (entries, summary)
             }
-            None => (Vec::new(), self.open_summary(&subject, blob.as_deref())?),
+            None => (
+                SharedHistory::default(),
+                self.open_summary(&subject, blob.as_deref())?,
+            ),
         };
-        for (seq, run_id, created_ms, row_subject, body) in rows {
-            let e = Entry {
-                seq,
-                run_id,
-                created_ms,
-                message: self.open(&row_subject, &body)?,
-            };
-            known_bytes = known_bytes.map(|b| b + weight(&e));
-            entries.push(SharedEntry::new(e));
+        if !rows.is_empty() {
+            // Copies the list only if a caller still holds an earlier read of it.
+            let list = Arc::make_mut(&mut entries);
+            list.reserve(rows.len());
+            for (seq, run_id, created_ms, row_subject, body) in rows {
+                let e = Entry {
+                    seq,
+                    run_id,
+                    created_ms,
+                    message: self.open(&row_subject, &body)?,
+                };
+                known_bytes = known_bytes.map(|b| b + weight(&e));
+                list.push(SharedEntry::new(e));
+            }
         }
         if let Some(c) = &self.cache {
             let mut st = c.lock();
@@ -904,7 +924,7 @@ impl Transcripts {
                     summary_blob: blob,
                     summary: summary.clone(),
                     upto,
-                    entries: entries.clone(),
+                    entries: Arc::clone(&entries),
                     last_seq,
                     bytes: 0,
                     used: tick,

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Flat in session length, in instructions (BENCHMARKS.md, issue #21, eleventh session).
+
+One session of N text turns through the real gateway run under `valgrind --tool=callgrind`
+(instrumentation on only for the two windows), against a zero-latency fake OpenAI-compatible
+model in this process (a thread; Python, so its cost is not in the gateway's counts). Prints
+the gateway's instructions per turn for turns 1..W and N-W+1..N, and how much of each window
+went to the request sent to the model (`Router::chat`, which carries the whole conversation)
+and to the audit checkpoint (every 1,000 records: the window that holds one pays for 1,000).
+Instruction counts are stable on a shared machine where CPU time is not. The callgrind files
+are left in $BENCH_FLAT_DIR (default ~/chitin-bench-flat/<name>) for `callgrind_annotate`.
+
+Under valgrind the sandbox check fails (valgrind does not know seccomp's user notification),
+so the gateway is waited for on `/health`, not `/ready`; text turns do not use the sandbox.
+
+usage: scripts/bench-flat.py [--turns N] [--window W] name=/path/to/chitin [...]
+"""
+import http.client, json, os, re, shutil, socket, subprocess, sys, threading, time
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+
+args = sys.argv[1:]
+turns, window = 1000, 50
+while args and args[0].startswith('--'):
+    flag, val = args[0], int(args[1]); args = args[2:]
+    if flag == '--turns': turns = val
+    elif flag == '--window': window = val
+    else: sys.exit(__doc__)
+variants = [a.split('=', 1) for a in args]
+if not variants or turns < 2 * window: sys.exit(__doc__)
+
+WORDS = ["Hello", ", ", "this ", "is ", "an ", "answer."]
+def chunk(delta, finish=None, usage=None):
+    c = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+    if usage: c["usage"] = usage
+    return b'data: ' + json.dumps(c).encode() + b'\n\n'
+class Fake(BaseHTTPRequestHandler):
+    protocol_version = 'HTTP/1.1'
+    def log_message(self, *a): pass
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
+        usage = {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
+        if req.get('stream'):
+            out = b''.join(chunk({"content": w}) for w in WORDS) + chunk({}, "stop", usage) + b'data: [DONE]\n\n'
+            ctype = 'text/event-stream'
+        else:
+            out = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m", "usage": usage,
+                              "choices": [{"index": 0, "finish_reason": "stop",
+                                           "message": {"role": "assistant", "content": "".join(WORDS)}}]}).encode()
+            ctype = 'application/json'
+        self.send_response(200); self.send_header('Content-Type', ctype)
+        self.send_header('Content-Length', str(len(out))); self.end_headers(); self.wfile.write(out)
+fake = ThreadingHTTPServer(('127.0.0.1', 0), Fake)
+threading.Thread(target=fake.serve_forever, daemon=True).start()
+base_url = f'http://127.0.0.1:{fake.server_address[1]}/v1'
+
+def free_port():
+    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
+
+def run(name, binary):
+    root = os.path.join(os.environ.get('BENCH_FLAT_DIR', os.path.expanduser('~/chitin-bench-flat')), name)
+    shutil.rmtree(root, ignore_errors=True)
+    home = os.path.join(root, 'home'); os.makedirs(home, mode=0o700)
+    cfg = os.path.join(home, 'chitin.toml')
+    # A small scrypt work factor: the vault is opened under valgrind.
+    open(cfg, 'w').write(f'[secrets]\nbackend = "passphrase"\nscrypt_work_factor = 16\n\n[gateway]\nworkspace = "../ws"\n'
+                         f'auth_max_failures = 100000\n\n[agent]\nmodel = "fake/m"\n\n[[providers]]\nname = "fake"\n'
+                         f'kind = "openai"\nbase_url = "{base_url}"\n')
+    os.chmod(cfg, 0o600)
+    env = dict(os.environ, CHITIN_HOME=home, CHITIN_PASSPHRASE='bench-pass', CHITIN_LOG='warn')
+    def start(cmd, path):
+        port = free_port()
+        p = subprocess.Popen(cmd + ['gateway', '--bind', f'127.0.0.1:{port}'], env=env,
+                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, 'gateway.err'), 'w'))
+        while True:
+            try:
+                c = http.client.HTTPConnection('127.0.0.1', port, timeout=5); c.request('GET', path)
+                r = c.getresponse(); r.read()
+                if r.status == 200: return p, port
+            except OSError: pass
+            if p.poll() is not None: sys.exit(f'{name}: the gateway exited; see {root}/gateway.err')
+            time.sleep(0.05)
+    p, _ = start([binary], '/ready'); p.terminate(); p.wait()   # creates the state dir
+    out = os.path.join(root, 'callgrind.out')
+    p, port = start(['valgrind', '--tool=callgrind', '--instr-atstart=no', f'--callgrind-out-file={out}', binary], '/health')
+    tok = subprocess.run([binary, 'token', 'show'], env=env, capture_output=True, text=True).stdout.strip()
+    conn = http.client.HTTPConnection('127.0.0.1', port)
+    body = json.dumps({"model": "chitin", "user": "long", "messages": [{"role": "user", "content": "What is on my list today?"}]})
+    def chat():
+        conn.request('POST', '/v1/chat/completions', body, {'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
+        r = conn.getresponse(); r.read()
+        if r.status != 200: sys.exit(f'{name}: status {r.status}')
+    def ctl(*a): subprocess.run(['callgrind_control', *a, str(p.pid)], capture_output=True, check=True)
+    chat()   # turn 0: first use of every path
+    dumps = []
+    for label, before in (('first', 0), ('last', turns - 2 * window)):
+        for _ in range(before): chat()
+        ctl('-i', 'on'); ctl('-z')
+        for _ in range(window): chat()
+        ctl('-d', label); ctl('-i', 'off')
+        dumps.append(f'{out}.{len(dumps) + 1}')
+    p.terminate(); p.wait()
+    return [summarize(d) for d in dumps]
+
+def summarize(path):
+    total = int(re.search(r'^summary: (\d+)', open(path).read(), re.M).group(1))
+    incl = subprocess.run(['callgrind_annotate', '--inclusive=yes', '--threshold=100', path], capture_output=True, text=True).stdout
+    def inclusive(fn):
+        best = 0
+        for l in incl.splitlines():
+            m = re.match(r'^\s*([0-9,]+) \(.*?\)\s+\S*?' + re.escape(fn) + r'(?: |$)', l)
+            if m: best = max(best, int(m.group(1).replace(',', '')))
+        return best
+    return total, inclusive('chitin::providers::router::Router::chat::{{closure}}'), inclusive('chitin_audit::log::Writer::write_checkpoint')
+
+for name, binary in variants:
+    (t1, p1, c1), (t2, p2, c2) = run(name, binary)
+    w = window
+    print(f'{name}: instructions per turn, turns 1-{w} / {turns - w + 1}-{turns} (ratio)')
+    print(f'  whole gateway           {t1 / w / 1e6:6.2f}M / {t2 / w / 1e6:6.2f}M  ({t2 / t1:.2f}x)')
+    print(f'  request to the model    {p1 / w / 1e6:6.2f}M / {p2 / w / 1e6:6.2f}M')
+    print(f'  audit checkpoint        {c1 / w / 1e6:6.2f}M / {c2 / w / 1e6:6.2f}M')
+    a1, a2 = t1 - p1 - c1, t2 - p2 - c2
+    print(f'  the rest (the agent)    {a1 / w / 1e6:6.2f}M / {a2 / w / 1e6:6.2f}M  ({a2 / a1:.2f}x)', flush=True)
