@@ -755,11 +755,17 @@ fn a_cached_history_grows_in_place_and_a_read_still_held_does_not_change() {
     assert_eq!(held.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
     assert!(!std::sync::Arc::ptr_eq(&held, &next));
     // With every earlier read let go, new messages are appended to the cached list itself
-    // (no copy of the session's messages per step).
+    // (no copy of the session's messages per step). The first message, kept here, shows the
+    // read was served from the cache (a miss would open it again, into a new entry); the
+    // cache still holding the list meanwhile, a copy could not land at the same address.
     let list = std::sync::Arc::as_ptr(&next);
+    let first = next[0].clone();
     drop((held, next));
     stored_turn(&t, "s-bob", "bob", "r3", "third");
     let (_, last) = t.history_shared("s-bob").unwrap();
+    assert!(std::ptr::eq::<chitin::agent::transcripts::Entry>(
+        &*first, &*last[0]
+    ));
     assert_eq!(std::sync::Arc::as_ptr(&last), list);
     assert_eq!(
         texts(&t, "s-bob"),

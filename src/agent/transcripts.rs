@@ -792,6 +792,13 @@ impl Transcripts {
     /// cached list in place (the cache lets go of it while this read runs; it is copied only
     /// when a caller still holds an earlier read of it), so a step of a long session does
     /// work for what is new only.
+    ///
+    /// Two costs of lending the list out: a read of the same session that overlaps this one
+    /// (one run per session never overlaps itself; another session's `sessions_history` tool
+    /// can) misses and opens the session whole, and a read that fails after taking the list
+    /// drops it (the next read opens the session whole). Neither serves anything wrong: the
+    /// put-back replaces whatever is there, and a list no longer cached wipes itself when its
+    /// last reader lets go.
     pub fn history_shared(
         &self,
         key: &str,
