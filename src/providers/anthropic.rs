@@ -1,10 +1,12 @@
 //! The Anthropic Messages API: `POST {base}/v1/messages`.
 
+#[cfg(test)]
 use serde::Serialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::collect::Collector;
+use super::json;
 use super::sse::SseEvent;
 use super::{ChatRequest, Message, StopReason};
 
@@ -21,31 +23,77 @@ pub enum DecodeError {
 }
 
 /// The request body as JSON, written straight from the request (no JSON tree is built): a
-/// long conversation costs one pass over its text.
+/// long conversation costs one pass over its text, its strings escaped eight bytes at a time
+/// ([`super::json`]); the bytes are those `serde_json` wrote for the same request (tested
+/// against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
     stream: bool,
 ) -> Result<Vec<u8>, serde_json::Error> {
+    let msgs = messages(req);
+    let mut out = Vec::with_capacity(256 + 64 * msgs.len());
+    out.extend_from_slice(b"{\"model\":");
+    json::write_str(&mut out, model);
+    out.extend_from_slice(b",\"max_tokens\":");
+    serde_json::to_writer(&mut out, &req.max_tokens)?;
+    if let Some(system) = req.system.as_deref() {
+        out.extend_from_slice(b",\"system\":");
+        json::write_str(&mut out, system);
+    }
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        m.write_json(&mut out);
+    }
+    out.push(b']');
+    if !req.tools.is_empty() {
+        out.extend_from_slice(b",\"tools\":");
+        serde_json::to_writer(&mut out, &tools(req))?;
+    }
+    if let Some(t) = req.temperature {
+        out.extend_from_slice(b",\"temperature\":");
+        serde_json::to_writer(&mut out, &t)?;
+    }
+    out.extend_from_slice(if stream {
+        b",\"stream\":true}"
+    } else {
+        b",\"stream\":false}"
+    });
+    Ok(out)
+}
+
+fn tools(req: &ChatRequest) -> Vec<Tool<'_>> {
+    req.tools
+        .iter()
+        .map(|t| Tool {
+            name: &t.name,
+            description: &t.description,
+            input_schema: &t.input_schema,
+        })
+        .collect()
+}
+
+/// The body as `serde_json` wrote it before [`request_body`] wrote it itself: the reference
+/// the tests hold it to.
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "tests")]
+fn reference_body(model: &str, req: &ChatRequest, stream: bool) -> Vec<u8> {
     serde_json::to_vec(&Body {
         model,
         max_tokens: req.max_tokens,
         system: req.system.as_deref(),
         messages: messages(req),
-        tools: req
-            .tools
-            .iter()
-            .map(|t| Tool {
-                name: &t.name,
-                description: &t.description,
-                input_schema: &t.input_schema,
-            })
-            .collect(),
+        tools: tools(req),
         temperature: req.temperature,
         stream,
     })
+    .unwrap()
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct Body<'a> {
     model: &'a str,
@@ -60,21 +108,21 @@ struct Body<'a> {
     stream: bool,
 }
 
-#[derive(Serialize)]
+#[derive(serde::Serialize)]
 struct Tool<'a> {
     name: &'a str,
     description: &'a str,
     input_schema: &'a Value,
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Msg<'a> {
     role: &'static str,
     content: Vec<Block<'a>>,
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(tag = "type", rename_all = "snake_case"))]
 enum Block<'a> {
     Text {
         text: &'a str,
@@ -93,35 +141,113 @@ enum Block<'a> {
 
 /// A tool call's arguments: the model's JSON object as it produced it, or `{}` for a
 /// malformed call (its tool result says why).
-#[derive(Serialize)]
-#[serde(untagged)]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(untagged))]
 enum Input<'a> {
     Object(&'a RawValue),
     Empty(Empty),
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Empty {}
 
-#[derive(Serialize)]
-#[serde(untagged)]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(untagged))]
 enum ResultContent<'a> {
     Text(&'a str),
     Parts(Vec<ResultPart<'a>>),
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(tag = "type", rename_all = "snake_case"))]
 enum ResultPart<'a> {
     Text { text: &'a str },
     Image { source: ImageSource<'a> },
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct ImageSource<'a> {
     r#type: &'static str,
     media_type: &'a str,
     data: &'a str,
+}
+
+impl Msg<'_> {
+    /// This message as JSON, as `serde_json` writes the derived form (kept in tests).
+    fn write_json(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"role\":");
+        json::write_str(out, self.role);
+        out.extend_from_slice(b",\"content\":[");
+        for (i, b) in self.content.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            match b {
+                Block::Text { text } => {
+                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                    json::write_str(out, text);
+                }
+                Block::ToolUse { id, name, input } => {
+                    out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
+                    json::write_str(out, id);
+                    out.extend_from_slice(b",\"name\":");
+                    json::write_str(out, name);
+                    out.extend_from_slice(b",\"input\":");
+                    match input {
+                        // Valid JSON (parsed as such), written as the model produced it.
+                        Input::Object(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                        Input::Empty(Empty {}) => out.extend_from_slice(b"{}"),
+                    }
+                }
+                Block::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error,
+                } => {
+                    out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
+                    json::write_str(out, tool_use_id);
+                    out.extend_from_slice(b",\"content\":");
+                    match content {
+                        ResultContent::Text(t) => json::write_str(out, t),
+                        ResultContent::Parts(parts) => {
+                            out.push(b'[');
+                            for (j, p) in parts.iter().enumerate() {
+                                if j > 0 {
+                                    out.push(b',');
+                                }
+                                match p {
+                                    ResultPart::Text { text } => {
+                                        out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                                        json::write_str(out, text);
+                                    }
+                                    ResultPart::Image { source } => {
+                                        out.extend_from_slice(
+                                            b"{\"type\":\"image\",\"source\":{\"type\":",
+                                        );
+                                        json::write_str(out, source.r#type);
+                                        out.extend_from_slice(b",\"media_type\":");
+                                        json::write_str(out, source.media_type);
+                                        out.extend_from_slice(b",\"data\":");
+                                        json::write_str(out, source.data);
+                                        out.push(b'}');
+                                    }
+                                }
+                                out.push(b'}');
+                            }
+                            out.push(b']');
+                        }
+                    }
+                    out.extend_from_slice(if *is_error {
+                        b",\"is_error\":true"
+                    } else {
+                        b",\"is_error\":false"
+                    });
+                }
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
+    }
 }
 
 /// The request's messages; consecutive messages of one role are merged (tool results and a
@@ -364,6 +490,84 @@ mod tests {
     use super::*;
     use crate::providers::ToolCall;
     use serde_json::json;
+
+    #[test]
+    fn the_body_is_byte_for_byte_what_serde_json_wrote_for_every_kind_of_message() {
+        use crate::providers::{ImagePart, ToolSpec};
+        use std::sync::Arc;
+        let odd = "quote \" backslash \\ newline \n tab \t nul \u{0} esc \u{1b} del \u{7f} é 🦀";
+        let call = |id: &str, args: &str| ToolCall {
+            id: id.into(),
+            name: "exec".into(),
+            arguments_json: args.into(),
+            malformed: None,
+        };
+        let image = ImagePart {
+            media_type: "image/png".into(),
+            data_base64: "iVBORw0KGgo=".into(),
+        };
+        let messages = vec![
+            Message::user(odd),
+            Message::user("a second user message, merged into the first"),
+            Message::Assistant {
+                text: String::new(),
+                tool_calls: vec![
+                    call("c1", r#"{"argv": ["ls", "-l"], "n": 1.5e3}"#),
+                    call("c\"2", "not json"),
+                    call("c3", "[1, 2]"),
+                ],
+            },
+            Message::ToolResult {
+                tool_use_id: "c1".into(),
+                content: format!("out: {odd}"),
+                is_error: false,
+                images: vec![image],
+            },
+            Message::ToolResult {
+                tool_use_id: "c\"2".into(),
+                content: "boom".into(),
+                is_error: true,
+                images: Vec::new(),
+            },
+            Message::Assistant {
+                text: odd.into(),
+                tool_calls: vec![call("c4", "{}")],
+            },
+            Message::Assistant {
+                text: String::new(),
+                tool_calls: Vec::new(),
+            },
+            Message::user(""),
+        ];
+        let mut req = ChatRequest::new(messages, 321);
+        for (system, tools, temperature) in [
+            (None, false, None),
+            (Some(odd.to_string()), true, Some(0.7_f32)),
+        ] {
+            req.system = system;
+            req.temperature = temperature;
+            req.tools = if tools {
+                vec![Arc::new(ToolSpec {
+                    name: "exec".into(),
+                    description: odd.into(),
+                    input_schema: json!({"type": "object"}),
+                })]
+            } else {
+                Vec::new()
+            };
+            for stream in [true, false] {
+                assert_eq!(
+                    String::from_utf8(request_body("claude-\"x", &req, stream).unwrap()).unwrap(),
+                    String::from_utf8(reference_body("claude-\"x", &req, stream)).unwrap()
+                );
+            }
+        }
+        let empty = ChatRequest::new(Vec::new(), 1);
+        assert_eq!(
+            request_body("m", &empty, false).unwrap(),
+            reference_body("m", &empty, false)
+        );
+    }
 
     #[test]
     fn a_screenshot_is_sent_as_an_image_block_inside_its_tool_result() {

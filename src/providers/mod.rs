@@ -20,6 +20,7 @@ mod anthropic;
 mod collect;
 pub mod cost;
 mod http;
+mod json;
 pub mod keys;
 mod openai;
 pub mod retry;

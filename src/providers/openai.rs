@@ -4,31 +4,102 @@
 use std::borrow::Cow;
 
 use serde::Serialize;
+#[cfg(test)]
 use serde::ser::{SerializeMap, Serializer};
 use serde_json::Value;
 
 use super::anthropic::DecodeError;
 use super::collect::Collector;
+use super::json;
 use super::sse::SseEvent;
 use super::{ChatRequest, Message, StopReason};
 
 /// The request body as JSON. `max_tokens_field` is `max_tokens` or `max_completion_tokens`.
 /// Written straight from the request (no JSON tree is built): a long conversation costs one
-/// pass over its text.
+/// pass over its text, its strings escaped eight bytes at a time ([`super::json`]); the
+/// bytes are those `serde_json` wrote for the same request (tested against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
     stream: bool,
     max_tokens_field: &str,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    serde_json::to_vec(&Body {
-        model,
-        req,
-        stream,
-        max_tokens_field,
-    })
+    let msgs = messages(req);
+    let text: usize = req.messages.iter().map(|m| message_len(m)).sum();
+    let mut out = Vec::with_capacity(text + 64 * msgs.len() + 256);
+    out.extend_from_slice(b"{\"model\":");
+    json::write_str(&mut out, model);
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, m) in msgs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        m.write_json(&mut out);
+    }
+    out.extend_from_slice(b"],");
+    json::write_str(&mut out, max_tokens_field);
+    out.push(b':');
+    serde_json::to_writer(&mut out, &req.max_tokens)?;
+    if !req.tools.is_empty() {
+        out.extend_from_slice(b",\"tools\":");
+        serde_json::to_writer(&mut out, &tools(req))?;
+    }
+    if let Some(t) = req.temperature {
+        out.extend_from_slice(b",\"temperature\":");
+        serde_json::to_writer(&mut out, &t)?;
+    }
+    out.extend_from_slice(if stream {
+        b",\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
+    } else {
+        b",\"stream\":false}"
+    });
+    Ok(out)
 }
 
+/// Bytes of text a message carries (to size the body once).
+fn message_len(m: &Message) -> usize {
+    match m {
+        Message::User { text } => text.len(),
+        Message::Assistant { text, tool_calls } => {
+            text.len()
+                + tool_calls
+                    .iter()
+                    .map(|c| c.id.len() + c.name.len() + c.arguments_json.len())
+                    .sum::<usize>()
+        }
+        Message::ToolResult {
+            tool_use_id,
+            content,
+            images,
+            ..
+        } => {
+            tool_use_id.len()
+                + content.len()
+                + images
+                    .iter()
+                    .map(|i| i.data_base64.len() + 32)
+                    .sum::<usize>()
+        }
+    }
+}
+
+fn tools(req: &ChatRequest) -> Vec<Tool<'_>> {
+    req.tools
+        .iter()
+        .map(|t| Tool {
+            r#type: "function",
+            function: ToolFunction {
+                name: &t.name,
+                description: &t.description,
+                parameters: &t.input_schema,
+            },
+        })
+        .collect()
+}
+
+/// The body as `serde_json` wrote it before [`request_body`] wrote it itself: the reference
+/// the tests hold it to.
+#[cfg(test)]
 struct Body<'a> {
     model: &'a str,
     req: &'a ChatRequest,
@@ -36,6 +107,7 @@ struct Body<'a> {
     max_tokens_field: &'a str,
 }
 
+#[cfg(test)]
 impl Serialize for Body<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let req = self.req;
@@ -74,6 +146,7 @@ impl Serialize for Body<'_> {
     }
 }
 
+#[cfg(test)]
 #[derive(Serialize)]
 struct StreamOptions {
     include_usage: bool,
@@ -93,8 +166,8 @@ struct ToolFunction<'a> {
 }
 
 /// One message of the request.
-#[derive(Serialize)]
-#[serde(tag = "role", rename_all = "lowercase")]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(tag = "role", rename_all = "lowercase"))]
 enum Msg<'a> {
     System {
         content: &'a str,
@@ -105,7 +178,7 @@ enum Msg<'a> {
     Assistant {
         /// `null` when the model only called tools.
         content: Option<&'a str>,
-        #[serde(skip_serializing_if = "Vec::is_empty")]
+        #[cfg_attr(test, serde(skip_serializing_if = "Vec::is_empty"))]
         tool_calls: Vec<Call<'a>>,
     },
     Tool {
@@ -114,36 +187,115 @@ enum Msg<'a> {
     },
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(untagged))]
 enum UserContent<'a> {
     Text(&'a str),
     Parts(Vec<Part<'a>>),
 }
 
-#[derive(Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[cfg_attr(test, derive(Serialize))]
+#[cfg_attr(test, serde(tag = "type", rename_all = "snake_case"))]
 enum Part<'a> {
     Text { text: &'a str },
     ImageUrl { image_url: ImageUrl },
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct ImageUrl {
     url: String,
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Call<'a> {
     id: &'a str,
     r#type: &'static str,
     function: CallFunction<'a>,
 }
 
-#[derive(Serialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct CallFunction<'a> {
     name: &'a str,
     arguments: &'a str,
+}
+
+impl Msg<'_> {
+    /// This message as JSON, as `serde_json` writes the derived form (kept in tests).
+    fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            Msg::System { content } => {
+                out.extend_from_slice(b"{\"role\":\"system\",\"content\":");
+                json::write_str(out, content);
+            }
+            Msg::User { content } => {
+                out.extend_from_slice(b"{\"role\":\"user\",\"content\":");
+                match content {
+                    UserContent::Text(t) => json::write_str(out, t),
+                    UserContent::Parts(parts) => {
+                        out.push(b'[');
+                        for (i, p) in parts.iter().enumerate() {
+                            if i > 0 {
+                                out.push(b',');
+                            }
+                            match p {
+                                Part::Text { text } => {
+                                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                                    json::write_str(out, text);
+                                }
+                                Part::ImageUrl { image_url } => {
+                                    out.extend_from_slice(
+                                        b"{\"type\":\"image_url\",\"image_url\":{\"url\":",
+                                    );
+                                    json::write_str(out, &image_url.url);
+                                    out.push(b'}');
+                                }
+                            }
+                            out.push(b'}');
+                        }
+                        out.push(b']');
+                    }
+                }
+            }
+            Msg::Assistant {
+                content,
+                tool_calls,
+            } => {
+                out.extend_from_slice(b"{\"role\":\"assistant\",\"content\":");
+                match content {
+                    Some(t) => json::write_str(out, t),
+                    None => out.extend_from_slice(b"null"),
+                }
+                if !tool_calls.is_empty() {
+                    out.extend_from_slice(b",\"tool_calls\":[");
+                    for (i, c) in tool_calls.iter().enumerate() {
+                        if i > 0 {
+                            out.push(b',');
+                        }
+                        out.extend_from_slice(b"{\"id\":");
+                        json::write_str(out, c.id);
+                        out.extend_from_slice(b",\"type\":");
+                        json::write_str(out, c.r#type);
+                        out.extend_from_slice(b",\"function\":{\"name\":");
+                        json::write_str(out, c.function.name);
+                        out.extend_from_slice(b",\"arguments\":");
+                        json::write_str(out, c.function.arguments);
+                        out.extend_from_slice(b"}}");
+                    }
+                    out.push(b']');
+                }
+            }
+            Msg::Tool {
+                tool_call_id,
+                content,
+            } => {
+                out.extend_from_slice(b"{\"role\":\"tool\",\"tool_call_id\":");
+                json::write_str(out, tool_call_id);
+                out.extend_from_slice(b",\"content\":");
+                json::write_str(out, content);
+            }
+        }
+        out.push(b'}');
+    }
 }
 
 /// The request's messages in the chat format: the system prompt first; images of tool
@@ -357,8 +509,94 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use serde_json::json;
 
+    use std::sync::Arc;
+
     use super::*;
     use crate::providers::{ImagePart, ToolCall, ToolSpec};
+
+    /// `serde_json` on the derived form, as the body was written before.
+    fn reference(model: &str, req: &ChatRequest, stream: bool, field: &str) -> Vec<u8> {
+        serde_json::to_vec(&Body {
+            model,
+            req,
+            stream,
+            max_tokens_field: field,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_body_is_byte_for_byte_what_serde_json_wrote_for_every_kind_of_message() {
+        let odd =
+            "quote \" backslash \\ newline \n tab \t nul \u{0} esc \u{1b} del \u{7f} é 🦀 </x>";
+        let image = ImagePart {
+            media_type: "image/png".into(),
+            data_base64: "iVBORw0KGgo=".into(),
+        };
+        let messages = vec![
+            Message::user(odd),
+            Message::Assistant {
+                text: String::new(),
+                tool_calls: vec![call("c1", r#"{"argv":["ls","-l"]}"#), call("c\"2", "{}")],
+            },
+            Message::ToolResult {
+                tool_use_id: "c1".into(),
+                content: format!("out: {odd}"),
+                is_error: false,
+                images: vec![image.clone()],
+            },
+            Message::ToolResult {
+                tool_use_id: "c\"2".into(),
+                content: "boom".into(),
+                is_error: true,
+                images: Vec::new(),
+            },
+            Message::Assistant {
+                text: odd.into(),
+                tool_calls: Vec::new(),
+            },
+            Message::user(""),
+            Message::ToolResult {
+                tool_use_id: "c3".into(),
+                content: String::new(),
+                is_error: false,
+                images: vec![image],
+            },
+        ];
+        let mut req = ChatRequest::new(messages, 321);
+        for (system, tools, temperature) in [
+            (None, false, None),
+            (Some(odd.to_string()), true, Some(0.7_f32)),
+            (Some(String::new()), true, Some(0.0)),
+        ] {
+            req.system = system;
+            req.temperature = temperature;
+            req.tools = if tools {
+                vec![Arc::new(ToolSpec {
+                    name: "exec".into(),
+                    description: odd.into(),
+                    input_schema: json!({"type": "object", "properties": {"argv": {"type": "array"}}}),
+                })]
+            } else {
+                Vec::new()
+            };
+            for stream in [true, false] {
+                for field in ["max_tokens", "max_completion_tokens"] {
+                    let ours = request_body("gpt-\"x", &req, stream, field).unwrap();
+                    assert_eq!(
+                        String::from_utf8(ours).unwrap(),
+                        String::from_utf8(reference("gpt-\"x", &req, stream, field)).unwrap()
+                    );
+                }
+            }
+        }
+        // No messages at all.
+        let empty = ChatRequest::new(Vec::new(), 1);
+        assert_eq!(
+            request_body("m", &empty, true, "max_tokens").unwrap(),
+            reference("m", &empty, true, "max_tokens")
+        );
+    }
 
     fn call(id: &str, args: &str) -> ToolCall {
         ToolCall {
