@@ -32,7 +32,7 @@ pub fn request_body(
     stream: bool,
 ) -> Result<Vec<u8>, serde_json::Error> {
     let msgs = messages(req);
-    let mut out = Vec::with_capacity(256 + 64 * msgs.len());
+    let mut out = Vec::with_capacity(json::body_capacity(req));
     out.extend_from_slice(b"{\"model\":");
     json::write_str(&mut out, model);
     out.extend_from_slice(b",\"max_tokens\":");

@@ -25,8 +25,7 @@ pub fn request_body(
     max_tokens_field: &str,
 ) -> Result<Vec<u8>, serde_json::Error> {
     let msgs = messages(req);
-    let text: usize = req.messages.iter().map(|m| message_len(m)).sum();
-    let mut out = Vec::with_capacity(text + 64 * msgs.len() + 256);
+    let mut out = Vec::with_capacity(json::body_capacity(req));
     out.extend_from_slice(b"{\"model\":");
     json::write_str(&mut out, model);
     out.extend_from_slice(b",\"messages\":[");
@@ -54,33 +53,6 @@ pub fn request_body(
         b",\"stream\":false}"
     });
     Ok(out)
-}
-
-/// Bytes of text a message carries (to size the body once).
-fn message_len(m: &Message) -> usize {
-    match m {
-        Message::User { text } => text.len(),
-        Message::Assistant { text, tool_calls } => {
-            text.len()
-                + tool_calls
-                    .iter()
-                    .map(|c| c.id.len() + c.name.len() + c.arguments_json.len())
-                    .sum::<usize>()
-        }
-        Message::ToolResult {
-            tool_use_id,
-            content,
-            images,
-            ..
-        } => {
-            tool_use_id.len()
-                + content.len()
-                + images
-                    .iter()
-                    .map(|i| i.data_base64.len() + 32)
-                    .sum::<usize>()
-        }
-    }
 }
 
 fn tools(req: &ChatRequest) -> Vec<Tool<'_>> {
@@ -543,7 +515,7 @@ mod tests {
                 tool_use_id: "c1".into(),
                 content: format!("out: {odd}"),
                 is_error: false,
-                images: vec![image.clone()],
+                images: vec![image.clone(), image.clone()],
             },
             Message::ToolResult {
                 tool_use_id: "c\"2".into(),
