@@ -15,17 +15,22 @@ are left in $BENCH_FLAT_DIR (default ~/chitin-bench-flat/<name>) for `callgrind_
 Under valgrind the sandbox check fails (valgrind does not know seccomp's user notification),
 so the gateway is waited for on `/health`, not `/ready`; text turns do not use the sandbox.
 
-usage: scripts/bench-flat.py [--turns N] [--window W] name=/path/to/chitin [...]
+`--cpu ROUNDS`: the same session run natively instead, ROUNDS times per variant
+(interleaved), printing the gateway's CPU time per turn in each window (utime + stime from
+/proc, 10 ms ticks: use windows of 100 turns or more) and the median over the rounds.
+
+usage: scripts/bench-flat.py [--turns N] [--window W] [--cpu ROUNDS] name=/path/to/chitin [...]
 """
 import http.client, json, os, re, shutil, socket, subprocess, sys, threading, time
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 
 args = sys.argv[1:]
-turns, window = 1000, 50
+turns, window, cpu_rounds = 1000, 50, 0
 while args and args[0].startswith('--'):
     flag, val = args[0], int(args[1]); args = args[2:]
     if flag == '--turns': turns = val
     elif flag == '--window': window = val
+    elif flag == '--cpu': cpu_rounds = val
     else: sys.exit(__doc__)
 variants = [a.split('=', 1) for a in args]
 if not variants or turns < 2 * window: sys.exit(__doc__)
@@ -59,7 +64,12 @@ base_url = f'http://127.0.0.1:{fake.server_address[1]}/v1'
 def free_port():
     s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
 
-def run(name, binary):
+TICK = os.sysconf('SC_CLK_TCK')
+def cpu_of(pid):
+    f = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+    return (int(f[11]) + int(f[12])) / TICK
+
+def run(name, binary, native=False):
     root = os.path.join(os.environ.get('BENCH_FLAT_DIR', os.path.expanduser('~/chitin-bench-flat')), name)
     shutil.rmtree(root, ignore_errors=True)
     home = os.path.join(root, 'home'); os.makedirs(home, mode=0o700)
@@ -83,6 +93,24 @@ def run(name, binary):
             if p.poll() is not None: sys.exit(f'{name}: the gateway exited; see {root}/gateway.err')
             time.sleep(0.05)
     p, _ = start([binary], '/ready'); p.terminate(); p.wait()   # creates the state dir
+    if native:
+        p, port = start([binary], '/ready')
+        tok = subprocess.run([binary, 'token', 'show'], env=env, capture_output=True, text=True).stdout.strip()
+        conn = http.client.HTTPConnection('127.0.0.1', port)
+        body = json.dumps({"model": "chitin", "user": "long", "messages": [{"role": "user", "content": "What is on my list today?"}]})
+        def turn():
+            conn.request('POST', '/v1/chat/completions', body, {'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
+            r = conn.getresponse(); r.read()
+            if r.status != 200: sys.exit(f'{name}: status {r.status}')
+        turn()
+        per_turn = []
+        for before in (0, turns - 2 * window):
+            for _ in range(before): turn()
+            c0 = cpu_of(p.pid)
+            for _ in range(window): turn()
+            per_turn.append((cpu_of(p.pid) - c0) / window)
+        p.terminate(); p.wait()
+        return per_turn
     out = os.path.join(root, 'callgrind.out')
     p, port = start(['valgrind', '--tool=callgrind', '--instr-atstart=no', f'--callgrind-out-file={out}', binary], '/health')
     tok = subprocess.run([binary, 'token', 'show'], env=env, capture_output=True, text=True).stdout.strip()
@@ -118,6 +146,21 @@ def summarize(path):
         # Inlined away or printed differently: the split would silently be wrong.
         sys.exit(f'{path}: no inclusive cost found for Router::chat; read it with callgrind_annotate')
     return total, provider, inclusive('chitin_audit::log::Writer::write_checkpoint')
+
+if cpu_rounds:
+    import statistics
+    res = {name: [] for name, _ in variants}
+    for rd in range(cpu_rounds):
+        order = variants if rd % 2 == 0 else variants[::-1]
+        for name, binary in order:
+            f, l = run(name, binary, native=True)
+            res[name].append((f, l))
+            print(f'round {rd} {name}: gateway CPU per turn {f * 1e3:.3f} / {l * 1e3:.3f} ms ({l / f:.2f}x)', flush=True)
+    for name, _ in variants:
+        f = statistics.median(x[0] for x in res[name]); l = statistics.median(x[1] for x in res[name])
+        print(f'{name}: median gateway CPU per turn, turns 1-{window} / {turns - window + 1}-{turns}: '
+              f'{f * 1e3:.3f} / {l * 1e3:.3f} ms ({l / f:.2f}x)')
+    sys.exit(0)
 
 for name, binary in variants:
     (t1, p1, c1), (t2, p2, c2) = run(name, binary)
