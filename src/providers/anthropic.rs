@@ -35,27 +35,18 @@ pub fn request_body(
     let mut out = Vec::with_capacity(json::body_capacity(req));
     out.extend_from_slice(b"{\"model\":");
     json::write_str(&mut out, model);
-    out.extend_from_slice(b",\"max_tokens\":");
-    serde_json::to_writer(&mut out, &req.max_tokens)?;
+    json::write_entry(&mut out, "max_tokens", &req.max_tokens)?;
     if let Some(system) = req.system.as_deref() {
         out.extend_from_slice(b",\"system\":");
         json::write_str(&mut out, system);
     }
-    out.extend_from_slice(b",\"messages\":[");
-    for (i, m) in msgs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        m.write_json(&mut out);
-    }
-    out.push(b']');
+    out.extend_from_slice(b",\"messages\":");
+    json::write_array(&mut out, &msgs, |out, m| m.write_json(out));
     if !req.tools.is_empty() {
-        out.extend_from_slice(b",\"tools\":");
-        serde_json::to_writer(&mut out, &tools(req))?;
+        json::write_entry(&mut out, "tools", &tools(req))?;
     }
     if let Some(t) = req.temperature {
-        out.extend_from_slice(b",\"temperature\":");
-        serde_json::to_writer(&mut out, &t)?;
+        json::write_entry(&mut out, "temperature", &t)?;
     }
     out.extend_from_slice(if stream {
         b",\"stream\":true}"
@@ -177,11 +168,8 @@ impl Msg<'_> {
     fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"role\":");
         json::write_str(out, self.role);
-        out.extend_from_slice(b",\"content\":[");
-        for (i, b) in self.content.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
+        out.extend_from_slice(b",\"content\":");
+        json::write_array(out, &self.content, |out, b| {
             match b {
                 Block::Text { text } => {
                     out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
@@ -209,33 +197,26 @@ impl Msg<'_> {
                     out.extend_from_slice(b",\"content\":");
                     match content {
                         ResultContent::Text(t) => json::write_str(out, t),
-                        ResultContent::Parts(parts) => {
-                            out.push(b'[');
-                            for (j, p) in parts.iter().enumerate() {
-                                if j > 0 {
-                                    out.push(b',');
+                        ResultContent::Parts(parts) => json::write_array(out, parts, |out, p| {
+                            match p {
+                                ResultPart::Text { text } => {
+                                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                                    json::write_str(out, text);
                                 }
-                                match p {
-                                    ResultPart::Text { text } => {
-                                        out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
-                                        json::write_str(out, text);
-                                    }
-                                    ResultPart::Image { source } => {
-                                        out.extend_from_slice(
-                                            b"{\"type\":\"image\",\"source\":{\"type\":",
-                                        );
-                                        json::write_str(out, source.r#type);
-                                        out.extend_from_slice(b",\"media_type\":");
-                                        json::write_str(out, source.media_type);
-                                        out.extend_from_slice(b",\"data\":");
-                                        json::write_str(out, source.data);
-                                        out.push(b'}');
-                                    }
+                                ResultPart::Image { source } => {
+                                    out.extend_from_slice(
+                                        b"{\"type\":\"image\",\"source\":{\"type\":",
+                                    );
+                                    json::write_str(out, source.r#type);
+                                    out.extend_from_slice(b",\"media_type\":");
+                                    json::write_str(out, source.media_type);
+                                    out.extend_from_slice(b",\"data\":");
+                                    json::write_str(out, source.data);
+                                    out.push(b'}');
                                 }
-                                out.push(b'}');
                             }
-                            out.push(b']');
-                        }
+                            out.push(b'}');
+                        }),
                     }
                     out.extend_from_slice(if *is_error {
                         b",\"is_error\":true"
@@ -245,8 +226,8 @@ impl Msg<'_> {
                 }
             }
             out.push(b'}');
-        }
-        out.extend_from_slice(b"]}");
+        });
+        out.push(b'}');
     }
 }
 

@@ -54,6 +54,34 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// Appends `[a,b,...]`, each item written by `write`.
+pub fn write_array<T>(
+    out: &mut Vec<u8>,
+    items: impl IntoIterator<Item = T>,
+    mut write: impl FnMut(&mut Vec<u8>, T),
+) {
+    out.push(b'[');
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write(out, item);
+    }
+    out.push(b']');
+}
+
+/// Appends `,"key":value`, the value written by `serde_json`.
+pub fn write_entry<T: serde::Serialize + ?Sized>(
+    out: &mut Vec<u8>,
+    key: &str,
+    value: &T,
+) -> Result<(), serde_json::Error> {
+    out.push(b',');
+    write_str(out, key);
+    out.push(b':');
+    serde_json::to_writer(&mut *out, value)
+}
+
 /// Bytes of text a message carries: to size a request's body once.
 pub fn message_len(m: &super::Message) -> usize {
     use super::Message;

@@ -28,24 +28,14 @@ pub fn request_body(
     let mut out = Vec::with_capacity(json::body_capacity(req));
     out.extend_from_slice(b"{\"model\":");
     json::write_str(&mut out, model);
-    out.extend_from_slice(b",\"messages\":[");
-    for (i, m) in msgs.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        m.write_json(&mut out);
-    }
-    out.extend_from_slice(b"],");
-    json::write_str(&mut out, max_tokens_field);
-    out.push(b':');
-    serde_json::to_writer(&mut out, &req.max_tokens)?;
+    out.extend_from_slice(b",\"messages\":");
+    json::write_array(&mut out, &msgs, |out, m| m.write_json(out));
+    json::write_entry(&mut out, max_tokens_field, &req.max_tokens)?;
     if !req.tools.is_empty() {
-        out.extend_from_slice(b",\"tools\":");
-        serde_json::to_writer(&mut out, &tools(req))?;
+        json::write_entry(&mut out, "tools", &tools(req))?;
     }
     if let Some(t) = req.temperature {
-        out.extend_from_slice(b",\"temperature\":");
-        serde_json::to_writer(&mut out, &t)?;
+        json::write_entry(&mut out, "temperature", &t)?;
     }
     out.extend_from_slice(if stream {
         b",\"stream\":true,\"stream_options\":{\"include_usage\":true}}"
@@ -203,29 +193,22 @@ impl Msg<'_> {
                 out.extend_from_slice(b"{\"role\":\"user\",\"content\":");
                 match content {
                     UserContent::Text(t) => json::write_str(out, t),
-                    UserContent::Parts(parts) => {
-                        out.push(b'[');
-                        for (i, p) in parts.iter().enumerate() {
-                            if i > 0 {
-                                out.push(b',');
+                    UserContent::Parts(parts) => json::write_array(out, parts, |out, p| {
+                        match p {
+                            Part::Text { text } => {
+                                out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                                json::write_str(out, text);
                             }
-                            match p {
-                                Part::Text { text } => {
-                                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
-                                    json::write_str(out, text);
-                                }
-                                Part::ImageUrl { image_url } => {
-                                    out.extend_from_slice(
-                                        b"{\"type\":\"image_url\",\"image_url\":{\"url\":",
-                                    );
-                                    json::write_str(out, &image_url.url);
-                                    out.push(b'}');
-                                }
+                            Part::ImageUrl { image_url } => {
+                                out.extend_from_slice(
+                                    b"{\"type\":\"image_url\",\"image_url\":{\"url\":",
+                                );
+                                json::write_str(out, &image_url.url);
+                                out.push(b'}');
                             }
-                            out.push(b'}');
                         }
-                        out.push(b']');
-                    }
+                        out.push(b'}');
+                    }),
                 }
             }
             Msg::Assistant {
@@ -238,11 +221,8 @@ impl Msg<'_> {
                     None => out.extend_from_slice(b"null"),
                 }
                 if !tool_calls.is_empty() {
-                    out.extend_from_slice(b",\"tool_calls\":[");
-                    for (i, c) in tool_calls.iter().enumerate() {
-                        if i > 0 {
-                            out.push(b',');
-                        }
+                    out.extend_from_slice(b",\"tool_calls\":");
+                    json::write_array(out, tool_calls, |out, c| {
                         out.extend_from_slice(b"{\"id\":");
                         json::write_str(out, c.id);
                         out.extend_from_slice(b",\"type\":");
@@ -252,8 +232,7 @@ impl Msg<'_> {
                         out.extend_from_slice(b",\"arguments\":");
                         json::write_str(out, c.function.arguments);
                         out.extend_from_slice(b"}}");
-                    }
-                    out.push(b']');
+                    });
                 }
             }
             Msg::Tool {
