@@ -83,7 +83,7 @@ pub fn write_entry<T: serde::Serialize + ?Sized>(
 }
 
 /// Bytes of text a message carries: to size a request's body once.
-pub fn message_len(m: &super::Message) -> usize {
+fn message_len(m: &super::Message) -> usize {
     use super::Message;
     match m {
         Message::User { text } => text.len(),
