@@ -786,18 +786,19 @@ fn a_cached_history_grows_in_place_and_a_read_still_held_does_not_change() {
 #[test]
 fn the_history_cache_stays_within_its_bound_and_evicts_the_least_recently_read_session() {
     let h = harness();
-    // Room for about one session of two short messages.
-    let t = cached_transcripts(&h, 900);
+    // Room for about one session of two short messages (each counted with its converted form
+    // and that form's JSON).
+    let t = cached_transcripts(&h, 1300);
     stored_turn(&t, "s-1", "bob", "r1", "one");
     stored_turn(&t, "s-2", "bob", "r2", "two");
     assert_eq!(texts(&t, "s-1").len(), 2);
     let (n, bytes) = t.cache().unwrap().usage();
     assert_eq!(n, 1);
-    assert!(bytes <= 900, "{bytes}");
+    assert!(bytes <= 1300, "{bytes}");
     assert_eq!(texts(&t, "s-2"), vec!["two", "answer to two"]);
     let (n, bytes) = t.cache().unwrap().usage();
     assert_eq!(n, 1, "s-1 was evicted for s-2");
-    assert!(bytes <= 900, "{bytes}");
+    assert!(bytes <= 1300, "{bytes}");
     // A session bigger than the whole bound is read correctly and not kept.
     let tiny = cached_transcripts(&h, 100);
     assert_eq!(texts(&tiny, "s-1"), vec!["one", "answer to one"]);

@@ -756,10 +756,10 @@ fn a_cached_message_is_converted_for_the_model_once_and_reads_after_a_deletion_c
     let fresh = to_messages(None, &uncached);
     assert_eq!(fresh.len(), 3);
     for (a, b) in second.iter().zip(&fresh) {
-        assert_eq!(**a, **b);
+        assert_eq!(a.message(), b.message());
         assert!(!Arc::ptr_eq(a, b));
     }
-    let Message::User { text } = &*second[0] else {
+    let Message::User { text } = second[0].message() else {
         panic!("expected the user message first: {:?}", second[0]);
     };
     assert!(
@@ -779,8 +779,8 @@ fn a_cached_message_is_converted_for_the_model_once_and_reads_after_a_deletion_c
     let third = to_messages(None, &t.history_shared("s1").unwrap().1);
     assert_eq!(third.len(), 2);
     assert!(!Arc::ptr_eq(&second[0], &third[0]));
-    assert_eq!(*second[0], *third[0]);
-    assert_eq!(*second[2], *third[1]);
+    assert_eq!(second[0].message(), third[0].message());
+    assert_eq!(second[2].message(), third[1].message());
 }
 
 fn the_daily_spend_follows_usage_rows_inserted_changed_and_deleted_by_anyone(d: Dialect) {

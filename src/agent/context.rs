@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::transcripts::{Entry, HistoryEntry, Stored};
 use crate::policy::{PolicyEngine, Tool};
-use crate::providers::{Message, ToolCall, ToolSpec};
+use crate::providers::{Message, SharedMessage, ToolCall, ToolSpec};
 
 /// The workspace files users know from other assistants, in the order they are included.
 pub use crate::policy::BOOTSTRAP_FILES;
@@ -554,12 +554,15 @@ pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<Arc<ToolSpec>> {
 /// Each stored message is converted once where it is shared ([`HistoryEntry`]: the opened
 /// messages the history cache keeps), so a step of a long session costs a reference count
 /// per older message.
-pub fn to_messages<E: HistoryEntry>(summary: Option<&str>, history: &[E]) -> Vec<Arc<Message>> {
-    let mut out: Vec<Arc<Message>> = Vec::with_capacity(history.len() + 1);
+pub fn to_messages<E: HistoryEntry>(
+    summary: Option<&str>,
+    history: &[E],
+) -> Vec<Arc<SharedMessage>> {
+    let mut out: Vec<Arc<SharedMessage>> = Vec::with_capacity(history.len() + 1);
     let mut pending: Vec<&str> = Vec::new();
-    let close_pending = |out: &mut Vec<Arc<Message>>, pending: &mut Vec<&str>| {
+    let close_pending = |out: &mut Vec<Arc<SharedMessage>>, pending: &mut Vec<&str>| {
         for id in pending.drain(..) {
-            out.push(Arc::new(Message::ToolResult {
+            out.push(SharedMessage::arc(Message::ToolResult {
                 tool_use_id: id.to_string(),
                 content: "not run: the run ended before this call was handled".into(),
                 is_error: true,
@@ -589,7 +592,7 @@ pub fn to_messages<E: HistoryEntry>(summary: Option<&str>, history: &[E]) -> Vec
                 is_error,
                 images,
                 ..
-            } if newest_images == Some(i) => Arc::new(Message::ToolResult {
+            } if newest_images == Some(i) => SharedMessage::arc(Message::ToolResult {
                 tool_use_id: tool_use_id.clone(),
                 content: content.clone(),
                 is_error: *is_error,
@@ -604,13 +607,13 @@ pub fn to_messages<E: HistoryEntry>(summary: Option<&str>, history: &[E]) -> Vec
             "<conversation-summary>\n{}\n</conversation-summary>",
             neutralize(s, "conversation-summary")
         );
-        match out.first().map(|m| &**m) {
+        match out.first().map(|m| m.message()) {
             Some(Message::User { text }) => {
-                out[0] = Arc::new(Message::User {
+                out[0] = SharedMessage::arc(Message::User {
                     text: format!("{note}\n\n{text}"),
                 });
             }
-            _ => out.insert(0, Arc::new(Message::User { text: note })),
+            _ => out.insert(0, SharedMessage::arc(Message::User { text: note })),
         }
     }
     out
@@ -658,10 +661,10 @@ fn provider_message(e: &Entry) -> Message {
 }
 
 /// A rough token estimate (4 bytes a token) of the messages.
-pub fn estimate_tokens(system: &str, messages: &[Arc<Message>]) -> u64 {
+pub fn estimate_tokens(system: &str, messages: &[Arc<SharedMessage>]) -> u64 {
     let mut bytes = system.len();
     for m in messages {
-        bytes += match &**m {
+        bytes += match m.message() {
             Message::User { text } => text.len(),
             Message::Assistant { text, tool_calls } => {
                 text.len()
@@ -788,11 +791,11 @@ mod tests {
             },
         ];
         let m = to_messages(Some("earlier"), &h);
-        assert!(matches!(&*m[0], Message::User { text } if text.contains("earlier")));
+        assert!(matches!(m[0].message(), Message::User { text } if text.contains("earlier")));
         assert!(
-            matches!(&*m[2], Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1")
+            matches!(m[2].message(), Message::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "c1")
         );
-        assert!(matches!(&*m[3], Message::User { text } if text == "hi"));
+        assert!(matches!(m[3].message(), Message::User { text } if text == "hi"));
     }
 
     #[test]
@@ -832,7 +835,7 @@ mod tests {
         let h = vec![call("a"), shot("a"), call("b"), shot("b")];
         let m = to_messages(None, &h);
         assert_eq!(m.len(), 4);
-        let images = |i: usize| match &*m[i] {
+        let images = |i: usize| match m[i].message() {
             Message::ToolResult {
                 tool_use_id,
                 content,

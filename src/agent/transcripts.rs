@@ -15,7 +15,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use chitin_store::{Conn, Row};
 
-use crate::providers::Message;
+use crate::providers::{Message, SharedMessage};
 use crate::store::{Store, StoreError, params};
 
 /// What a sealer calls after it destroyed a key: `Some(subject)`, or `None` when it only
@@ -220,8 +220,9 @@ fn weight(e: &Entry) -> usize {
         }
     };
     // The form sent to the model, kept once converted: the message (with the `Arc`'s counts
-    // and the allocator's headers, 32 bytes) and a copy of its texts.
-    let converted = std::mem::size_of::<Message>() + 32 + texts;
+    // and the allocator's headers, 32 bytes) and a copy of its texts, and its JSON as sent
+    // (one wire format in use: the texts again, escaped, and the keys around them).
+    let converted = std::mem::size_of::<SharedMessage>() + 32 + texts + texts + 96;
     OVERHEAD + texts + converted + e.run_id.as_ref().map_or(0, String::capacity)
 }
 
@@ -231,7 +232,7 @@ fn weight(e: &Entry) -> usize {
 /// what is new (that form wipes itself when its last holder drops it).
 struct Opened {
     entry: Entry,
-    provider: OnceLock<Arc<Message>>,
+    provider: OnceLock<Arc<SharedMessage>>,
 }
 
 impl Drop for Opened {
@@ -274,21 +275,21 @@ impl AsRef<Entry> for SharedEntry {
 pub trait HistoryEntry: AsRef<Entry> {
     /// The message as sent to the model: `convert(entry)`, computed once and kept where the
     /// entry is shared ([`SharedEntry`]), computed each time for a plain [`Entry`].
-    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message>;
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<SharedMessage>;
 }
 
 impl HistoryEntry for Entry {
-    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message> {
-        Arc::new(convert(self))
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<SharedMessage> {
+        SharedMessage::arc(convert(self))
     }
 }
 
 impl HistoryEntry for SharedEntry {
-    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<Message> {
+    fn provider_message(&self, convert: impl FnOnce(&Entry) -> Message) -> Arc<SharedMessage> {
         Arc::clone(
             self.0
                 .provider
-                .get_or_init(|| Arc::new(convert(&self.0.entry))),
+                .get_or_init(|| SharedMessage::arc(convert(&self.0.entry))),
         )
     }
 }

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use super::collect::Collector;
 use super::json;
 use super::sse::SseEvent;
-use super::{ChatRequest, Message, StopReason};
+use super::{ChatRequest, Message, StopReason, Wire};
 
 /// The API version header value.
 pub const API_VERSION: &str = "2023-06-01";
@@ -31,7 +31,6 @@ pub fn request_body(
     req: &ChatRequest,
     stream: bool,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    let msgs = messages(req);
     let mut out = Vec::with_capacity(json::body_capacity(req));
     out.extend_from_slice(b"{\"model\":");
     json::write_str(&mut out, model);
@@ -40,8 +39,36 @@ pub fn request_body(
         out.extend_from_slice(b",\"system\":");
         json::write_str(&mut out, system);
     }
-    out.extend_from_slice(b",\"messages\":");
-    json::write_array(&mut out, &msgs, |out, m| m.write_json(out));
+    out.extend_from_slice(b",\"messages\":[");
+    // Consecutive messages of one role are one message (tool results and a user turn): each
+    // message's blocks are written once (the later requests of the session copy them) and
+    // joined under their role here; a message without blocks is left out.
+    let mut open: Option<&str> = None;
+    for m in &req.messages {
+        let blocks = m.json(Wire::Anthropic, |m, out| {
+            write_blocks(&blocks_of(m), out);
+        });
+        if blocks.is_empty() {
+            continue;
+        }
+        let role = role_of(m.message());
+        if open == Some(role) {
+            out.push(b',');
+        } else {
+            if open.is_some() {
+                out.extend_from_slice(b"]},");
+            }
+            out.extend_from_slice(b"{\"role\":");
+            json::write_str(&mut out, role);
+            out.extend_from_slice(b",\"content\":[");
+            open = Some(role);
+        }
+        out.extend_from_slice(blocks);
+    }
+    if open.is_some() {
+        out.extend_from_slice(b"]}");
+    }
+    out.push(b']');
     if !req.tools.is_empty() {
         json::write_entry(&mut out, "tools", &tools(req))?;
     }
@@ -71,7 +98,7 @@ fn tools(req: &ChatRequest) -> Vec<Tool<'_>> {
 /// the tests hold it to.
 #[cfg(test)]
 #[allow(clippy::unwrap_used, reason = "tests")]
-fn reference_body(model: &str, req: &ChatRequest, stream: bool) -> Vec<u8> {
+pub(super) fn reference_body(model: &str, req: &ChatRequest, stream: bool) -> Vec<u8> {
     serde_json::to_vec(&Body {
         model,
         max_tokens: req.max_tokens,
@@ -106,7 +133,10 @@ struct Tool<'a> {
     input_schema: &'a Value,
 }
 
-#[cfg_attr(test, derive(Serialize))]
+/// A message of the request (the tests' reference form; the body is written from each
+/// message's blocks, [`request_body`]).
+#[cfg(test)]
+#[derive(Serialize)]
 struct Msg<'a> {
     role: &'static str,
     content: Vec<Block<'a>>,
@@ -163,81 +193,82 @@ struct ImageSource<'a> {
     data: &'a str,
 }
 
-impl Msg<'_> {
-    /// This message as JSON, as `serde_json` writes the derived form (kept in tests).
-    fn write_json(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(b"{\"role\":");
-        json::write_str(out, self.role);
-        out.extend_from_slice(b",\"content\":");
-        json::write_array(out, &self.content, |out, b| {
-            match b {
-                Block::Text { text } => {
-                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
-                    json::write_str(out, text);
-                }
-                Block::ToolUse { id, name, input } => {
-                    out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
-                    json::write_str(out, id);
-                    out.extend_from_slice(b",\"name\":");
-                    json::write_str(out, name);
-                    out.extend_from_slice(b",\"input\":");
-                    match input {
-                        // Valid JSON (parsed as such), written as the model produced it.
-                        Input::Object(raw) => out.extend_from_slice(raw.get().as_bytes()),
-                        Input::Empty(Empty {}) => out.extend_from_slice(b"{}"),
-                    }
-                }
-                Block::ToolResult {
-                    tool_use_id,
-                    content,
-                    is_error,
-                } => {
-                    out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
-                    json::write_str(out, tool_use_id);
-                    out.extend_from_slice(b",\"content\":");
-                    match content {
-                        ResultContent::Text(t) => json::write_str(out, t),
-                        ResultContent::Parts(parts) => json::write_array(out, parts, |out, p| {
-                            match p {
-                                ResultPart::Text { text } => {
-                                    out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
-                                    json::write_str(out, text);
-                                }
-                                ResultPart::Image { source } => {
-                                    out.extend_from_slice(
-                                        b"{\"type\":\"image\",\"source\":{\"type\":",
-                                    );
-                                    json::write_str(out, source.r#type);
-                                    out.extend_from_slice(b",\"media_type\":");
-                                    json::write_str(out, source.media_type);
-                                    out.extend_from_slice(b",\"data\":");
-                                    json::write_str(out, source.data);
-                                    out.push(b'}');
-                                }
-                            }
-                            out.push(b'}');
-                        }),
-                    }
-                    out.extend_from_slice(if *is_error {
-                        b",\"is_error\":true"
-                    } else {
-                        b",\"is_error\":false"
-                    });
+/// Content blocks as JSON, comma-separated (without the list's brackets), as `serde_json`
+/// writes the derived form.
+fn write_blocks(blocks: &[Block<'_>], out: &mut Vec<u8>) {
+    for (i, b) in blocks.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+
+        match b {
+            Block::Text { text } => {
+                out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                json::write_str(out, text);
+            }
+            Block::ToolUse { id, name, input } => {
+                out.extend_from_slice(b"{\"type\":\"tool_use\",\"id\":");
+                json::write_str(out, id);
+                out.extend_from_slice(b",\"name\":");
+                json::write_str(out, name);
+                out.extend_from_slice(b",\"input\":");
+                match input {
+                    // Valid JSON (parsed as such), written as the model produced it.
+                    Input::Object(raw) => out.extend_from_slice(raw.get().as_bytes()),
+                    Input::Empty(Empty {}) => out.extend_from_slice(b"{}"),
                 }
             }
-            out.push(b'}');
-        });
+            Block::ToolResult {
+                tool_use_id,
+                content,
+                is_error,
+            } => {
+                out.extend_from_slice(b"{\"type\":\"tool_result\",\"tool_use_id\":");
+                json::write_str(out, tool_use_id);
+                out.extend_from_slice(b",\"content\":");
+                match content {
+                    ResultContent::Text(t) => json::write_str(out, t),
+                    ResultContent::Parts(parts) => json::write_array(out, parts, |out, p| {
+                        match p {
+                            ResultPart::Text { text } => {
+                                out.extend_from_slice(b"{\"type\":\"text\",\"text\":");
+                                json::write_str(out, text);
+                            }
+                            ResultPart::Image { source } => {
+                                out.extend_from_slice(b"{\"type\":\"image\",\"source\":{\"type\":");
+                                json::write_str(out, source.r#type);
+                                out.extend_from_slice(b",\"media_type\":");
+                                json::write_str(out, source.media_type);
+                                out.extend_from_slice(b",\"data\":");
+                                json::write_str(out, source.data);
+                                out.push(b'}');
+                            }
+                        }
+                        out.push(b'}');
+                    }),
+                }
+                out.extend_from_slice(if *is_error {
+                    b",\"is_error\":true"
+                } else {
+                    b",\"is_error\":false"
+                });
+            }
+        }
         out.push(b'}');
     }
 }
 
-/// The request's messages; consecutive messages of one role are merged (tool results and a
-/// user turn), a message with nothing to say is left out.
+/// The request's messages as a list (the form `serde_json` serialized before
+/// [`request_body`] wrote each message's blocks once: the tests' reference); consecutive
+/// messages of one role are merged (tool results and a user turn), a message with nothing
+/// to say is left out.
+#[cfg(test)]
 fn messages(req: &ChatRequest) -> Vec<Msg<'_>> {
     let mut out: Vec<Msg<'_>> = Vec::with_capacity(req.messages.len());
-    fn push<'a>(out: &mut Vec<Msg<'a>>, role: &'static str, blocks: Vec<Block<'a>>) {
+    for m in &req.messages {
+        let (role, blocks) = (role_of(m.message()), blocks_of(m.message()));
         if blocks.is_empty() {
-            return;
+            continue;
         }
         match out.last_mut() {
             Some(last) if last.role == role => last.content.extend(blocks),
@@ -247,60 +278,67 @@ fn messages(req: &ChatRequest) -> Vec<Msg<'_>> {
             }),
         }
     }
-    for m in &req.messages {
-        match &**m {
-            Message::User { text } => push(&mut out, "user", vec![Block::Text { text }]),
-            Message::Assistant { text, tool_calls } => {
-                let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
-                if !text.is_empty() {
-                    blocks.push(Block::Text { text });
-                }
-                for c in tool_calls {
-                    // A malformed call is replayed with empty input (its tool result says why).
-                    let input = serde_json::from_str::<&RawValue>(&c.arguments_json)
-                        .ok()
-                        .filter(|v| v.get().starts_with('{'))
-                        .map_or(Input::Empty(Empty {}), Input::Object);
-                    blocks.push(Block::ToolUse {
-                        id: &c.id,
-                        name: &c.name,
-                        input,
-                    });
-                }
-                push(&mut out, "assistant", blocks);
+    out
+}
+
+/// The role a message is sent under (a tool result is the user's).
+fn role_of(m: &Message) -> &'static str {
+    match m {
+        Message::Assistant { .. } => "assistant",
+        Message::User { .. } | Message::ToolResult { .. } => "user",
+    }
+}
+
+/// A message's content blocks (none for an assistant message with neither text nor calls).
+/// Depends on the message alone, so they are written once per message.
+fn blocks_of(m: &Message) -> Vec<Block<'_>> {
+    match m {
+        Message::User { text } => vec![Block::Text { text }],
+        Message::Assistant { text, tool_calls } => {
+            let mut blocks = Vec::with_capacity(tool_calls.len() + 1);
+            if !text.is_empty() {
+                blocks.push(Block::Text { text });
             }
-            Message::ToolResult {
+            for c in tool_calls {
+                // A malformed call is replayed with empty input (its tool result says why).
+                let input = serde_json::from_str::<&RawValue>(&c.arguments_json)
+                    .ok()
+                    .filter(|v| v.get().starts_with('{'))
+                    .map_or(Input::Empty(Empty {}), Input::Object);
+                blocks.push(Block::ToolUse {
+                    id: &c.id,
+                    name: &c.name,
+                    input,
+                });
+            }
+            blocks
+        }
+        Message::ToolResult {
+            tool_use_id,
+            content,
+            is_error,
+            images,
+        } => {
+            let content = if images.is_empty() {
+                ResultContent::Text(content)
+            } else {
+                let mut parts = vec![ResultPart::Text { text: content }];
+                parts.extend(images.iter().map(|i| ResultPart::Image {
+                    source: ImageSource {
+                        r#type: "base64",
+                        media_type: &i.media_type,
+                        data: &i.data_base64,
+                    },
+                }));
+                ResultContent::Parts(parts)
+            };
+            vec![Block::ToolResult {
                 tool_use_id,
                 content,
-                is_error,
-                images,
-            } => {
-                let content = if images.is_empty() {
-                    ResultContent::Text(content)
-                } else {
-                    let mut parts = vec![ResultPart::Text { text: content }];
-                    parts.extend(images.iter().map(|i| ResultPart::Image {
-                        source: ImageSource {
-                            r#type: "base64",
-                            media_type: &i.media_type,
-                            data: &i.data_base64,
-                        },
-                    }));
-                    ResultContent::Parts(parts)
-                };
-                push(
-                    &mut out,
-                    "user",
-                    vec![Block::ToolResult {
-                        tool_use_id,
-                        content,
-                        is_error: *is_error,
-                    }],
-                );
-            }
+                is_error: *is_error,
+            }]
         }
     }
-    out
 }
 
 fn u(v: &Value, key: &str) -> Option<u64> {
@@ -652,7 +690,7 @@ mod tests {
         );
         // Arguments that are JSON but not an object go back as `{}`.
         let mut odd = req.clone();
-        odd.messages[1] = std::sync::Arc::new(Message::Assistant {
+        odd.messages[1] = crate::providers::SharedMessage::arc(Message::Assistant {
             text: String::new(),
             tool_calls: vec![ToolCall {
                 id: "c1".into(),

@@ -82,38 +82,11 @@ pub fn write_entry<T: serde::Serialize + ?Sized>(
     serde_json::to_writer(&mut *out, value)
 }
 
-/// Bytes of text a message carries: to size a request's body once.
-fn message_len(m: &super::Message) -> usize {
-    use super::Message;
-    match m {
-        Message::User { text } => text.len(),
-        Message::Assistant { text, tool_calls } => {
-            text.len()
-                + tool_calls
-                    .iter()
-                    .map(|c| c.id.len() + c.name.len() + c.arguments_json.len())
-                    .sum::<usize>()
-        }
-        Message::ToolResult {
-            tool_use_id,
-            content,
-            images,
-            ..
-        } => {
-            tool_use_id.len()
-                + content.len()
-                + images
-                    .iter()
-                    .map(|i| i.data_base64.len() + 32)
-                    .sum::<usize>()
-        }
-    }
-}
-
-/// A first size for a request's body: its texts and a little per message.
+/// A first size for a request's body, from the message count alone (reading every message's
+/// length would be one more pass over a long conversation; a larger body grows the buffer by
+/// doubling, a few copies in all).
 pub fn body_capacity(req: &super::ChatRequest) -> usize {
-    let text: usize = req.messages.iter().map(|m| message_len(m)).sum();
-    text + 64 * req.messages.len() + req.system.as_ref().map_or(0, String::len) + 256
+    1024 + req.system.as_ref().map_or(0, String::len) + 96 * req.messages.len()
 }
 
 enum Escape {

@@ -30,7 +30,7 @@ mod sse;
 pub mod testing;
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use zeroize::Zeroize;
 
@@ -62,8 +62,9 @@ pub struct ChatRequest {
     pub system: Option<String>,
     /// The conversation so far, oldest first. Shared (`Arc`): the agent keeps each stored
     /// message's converted form with the opened message, so building a request for a long
-    /// session is a reference count per message, not a copy of its text.
-    pub messages: Vec<Arc<Message>>,
+    /// session is a reference count per message, not a copy of its text, and each message is
+    /// written as JSON once ([`SharedMessage`]).
+    pub messages: Vec<Arc<SharedMessage>>,
     /// The tools the model may call (shared: the gateway's own specs are built once).
     pub tools: Vec<Arc<ToolSpec>>,
     /// Upper bound on generated tokens.
@@ -79,7 +80,10 @@ impl ChatRequest {
     /// A streaming request with `max_tokens` and no tools.
     pub fn new(messages: Vec<Message>, max_tokens: u32) -> Self {
         Self {
-            messages: messages.into_iter().map(Arc::new).collect(),
+            messages: messages
+                .into_iter()
+                .map(|m| Arc::new(SharedMessage::new(m)))
+                .collect(),
             max_tokens,
             stream: true,
             ..Self::default()
@@ -141,6 +145,81 @@ impl Drop for Message {
                 tool_use_id.zeroize();
                 content.zeroize();
                 images.iter_mut().for_each(Zeroize::zeroize);
+            }
+        }
+    }
+}
+
+/// The wire formats a message is written in ([`SharedMessage::json`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    /// The OpenAI chat format: the message object.
+    OpenAi = 0,
+    /// The Anthropic Messages format: the message's content blocks, comma-separated (the
+    /// request merges consecutive messages of one role into one).
+    Anthropic = 1,
+}
+
+/// A message as requests share it. A long session's every request carries every older
+/// message again: each keeps its JSON form per wire format, written at its first request
+/// and copied into the later ones, so a request costs a copy of the older messages' bytes,
+/// not their conversion and escaping. The JSON holds the message's text and is wiped with it.
+pub struct SharedMessage {
+    message: Message,
+    json: [OnceLock<Box<[u8]>>; 2],
+}
+
+impl SharedMessage {
+    pub fn new(message: Message) -> Self {
+        Self {
+            message,
+            json: [OnceLock::new(), OnceLock::new()],
+        }
+    }
+
+    /// `message`, shared.
+    pub fn arc(message: Message) -> Arc<Self> {
+        Arc::new(Self::new(message))
+    }
+
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// The message in `wire`'s JSON, written by `write` the first time (later calls copy it).
+    pub(crate) fn json(&self, wire: Wire, write: impl FnOnce(&Message, &mut Vec<u8>)) -> &[u8] {
+        self.json[wire as usize].get_or_init(|| {
+            let mut out = Vec::new();
+            write(&self.message, &mut out);
+            out.into_boxed_slice()
+        })
+    }
+}
+
+impl From<Message> for SharedMessage {
+    fn from(message: Message) -> Self {
+        Self::new(message)
+    }
+}
+
+impl std::ops::Deref for SharedMessage {
+    type Target = Message;
+    fn deref(&self) -> &Message {
+        &self.message
+    }
+}
+
+impl fmt::Debug for SharedMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.message.fmt(f)
+    }
+}
+
+impl Drop for SharedMessage {
+    fn drop(&mut self) {
+        for j in &mut self.json {
+            if let Some(bytes) = j.get_mut() {
+                bytes.zeroize();
             }
         }
     }
