@@ -29,10 +29,10 @@ context_budget_tokens = 64000
 # Tool results are cut to this many bytes before the model sees them.
 tool_result_max_bytes = 16384
 # Opened (decrypted) conversation history kept in memory, in KiB, so a step decrypts and
-# converts only the messages that are new (each message is kept as stored and as sent to the
-# model; least recently used sessions are dropped first; an erased user's messages at once).
-# 0 = none: every step decrypts the whole history.
-history_cache_kib = 8192
+# converts and writes only the messages that are new (each message is kept as stored, as sent
+# to the model and as the JSON written for it; least recently used sessions are dropped first;
+# an erased user's messages at once). 0 = none: every step decrypts the whole history.
+history_cache_kib = 12288
 
 [budgets]
 # Daily spend limit per user in USD, from [pricing] (UTC days; 0 = no limit).
@@ -74,7 +74,7 @@ impl Default for AgentConfig {
             max_tokens: 4096,
             context_budget_tokens: 64_000,
             tool_result_max_bytes: 16 * 1024,
-            history_cache_kib: 8192,
+            history_cache_kib: 12288,
             heartbeat: super::automation::HeartbeatConfig::default(),
         }
     }
