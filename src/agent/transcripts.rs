@@ -221,7 +221,9 @@ fn weight(e: &Entry) -> usize {
     };
     // The form sent to the model, kept once converted: the message (with the `Arc`'s counts
     // and the allocator's headers, 32 bytes) and a copy of its texts, and its JSON as sent
-    // (one wire format in use: the texts again, escaped, and the keys around them).
+    // (an estimate: one wire format, the texts again and the keys around them; escapes, a
+    // fence around an untrusted sender's text, or a fallback to a provider of the other
+    // format make it larger).
     let converted = std::mem::size_of::<SharedMessage>() + 32 + texts + texts + 96;
     OVERHEAD + texts + converted + e.run_id.as_ref().map_or(0, String::capacity)
 }

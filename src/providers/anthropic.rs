@@ -8,6 +8,8 @@ use serde_json::value::RawValue;
 use super::collect::Collector;
 use super::json;
 use super::sse::SseEvent;
+use std::sync::Arc;
+
 use super::{ChatRequest, Message, StopReason, Wire};
 
 /// The API version header value.
@@ -23,9 +25,9 @@ pub enum DecodeError {
 }
 
 /// The request body as JSON, written straight from the request (no JSON tree is built): a
-/// long conversation costs one pass over its text, its strings escaped eight bytes at a time
-/// ([`super::json`]); the bytes are those `serde_json` wrote for the same request (tested
-/// against it).
+/// message the session's requests share is written once and copied ([`SharedMessage`](super::SharedMessage)), a
+/// new one escaped eight bytes at a time ([`super::json`]); the bytes are those `serde_json`
+/// wrote for the same request (tested against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
@@ -45,10 +47,16 @@ pub fn request_body(
     // joined under their role here; a message without blocks is left out.
     let mut open: Option<&str> = None;
     for m in &req.messages {
-        let blocks = m.json(Wire::Anthropic, |m, out| {
-            write_blocks(&blocks_of(m), out);
-        });
-        if blocks.is_empty() {
+        // Held by this request alone: written here, never again; otherwise written once per
+        // message (the later requests of the session copy it).
+        let alone = Arc::strong_count(m) == 1;
+        let fresh = if alone {
+            blocks_of(m.message())
+        } else {
+            Vec::new()
+        };
+        let kept: &[u8] = if alone { &[] } else { m.json(Wire::Anthropic) };
+        if fresh.is_empty() && kept.is_empty() {
             continue;
         }
         let role = role_of(m.message());
@@ -63,7 +71,11 @@ pub fn request_body(
             out.extend_from_slice(b",\"content\":[");
             open = Some(role);
         }
-        out.extend_from_slice(blocks);
+        if alone {
+            write_blocks(&fresh, &mut out);
+        } else {
+            out.extend_from_slice(kept);
+        }
     }
     if open.is_some() {
         out.extend_from_slice(b"]}");
@@ -191,6 +203,12 @@ struct ImageSource<'a> {
     r#type: &'static str,
     media_type: &'a str,
     data: &'a str,
+}
+
+/// One message's content blocks (what [`SharedMessage`](super::SharedMessage) keeps for it; nothing for a message
+/// without blocks).
+pub(super) fn write_message(m: &Message, out: &mut Vec<u8>) {
+    write_blocks(&blocks_of(m), out);
 }
 
 /// Content blocks as JSON, comma-separated (without the list's brackets), as `serde_json`

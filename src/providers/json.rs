@@ -1,5 +1,6 @@
-//! JSON strings written fast: the request to the model carries the whole conversation, so a
-//! long session's every step escapes its text again. `serde_json` looks at one byte at a time;
+//! JSON strings written fast: the request to the model carries the whole conversation (each
+//! message is written once and copied into later requests, `SharedMessage`, but every new one
+//! and every system prompt is escaped here). `serde_json` looks at one byte at a time;
 //! [`write_str`] looks at eight (a run with nothing to escape is copied at once) and writes the
 //! same bytes `serde_json` would (tested against it).
 
@@ -80,6 +81,34 @@ pub fn write_entry<T: serde::Serialize + ?Sized>(
     write_str(out, key);
     out.push(b':');
     serde_json::to_writer(&mut *out, value)
+}
+
+/// Bytes of text a message carries (to size the buffer its JSON is written into once).
+pub fn message_len(m: &super::Message) -> usize {
+    use super::Message;
+    match m {
+        Message::User { text } => text.len(),
+        Message::Assistant { text, tool_calls } => {
+            text.len()
+                + tool_calls
+                    .iter()
+                    .map(|c| c.id.len() + c.name.len() + c.arguments_json.len() + 64)
+                    .sum::<usize>()
+        }
+        Message::ToolResult {
+            tool_use_id,
+            content,
+            images,
+            ..
+        } => {
+            tool_use_id.len()
+                + content.len()
+                + images
+                    .iter()
+                    .map(|i| i.data_base64.len() + i.media_type.len() + 64)
+                    .sum::<usize>()
+        }
+    }
 }
 
 /// A first size for a request's body, from the message count alone (reading every message's

@@ -161,12 +161,16 @@ pub(crate) enum Wire {
 }
 
 /// A message as requests share it. A long session's every request carries every older
-/// message again: each keeps its JSON form per wire format, written at its first request
-/// and copied into the later ones, so a request costs a copy of the older messages' bytes,
-/// not their conversion and escaping. The JSON holds the message's text and is wiped with it.
+/// message again: each keeps its JSON form per wire format, written at its first request and
+/// copied into the later ones, so a request costs a copy of the older messages' bytes, not
+/// their conversion and escaping. A message only one request holds (the newest tool images,
+/// a synthesized message) is written straight into that request instead. The kept JSON holds
+/// the message's text and is wiped with it (its whole buffer, sized up front for twice the
+/// text; a text with many escapes can outgrow that, and a buffer given up on the way is not
+/// wiped, nor is the request body it is copied into, like every body).
 pub struct SharedMessage {
     message: Message,
-    json: [OnceLock<Box<[u8]>>; 2],
+    json: [OnceLock<Vec<u8>>; 2],
 }
 
 impl SharedMessage {
@@ -186,26 +190,28 @@ impl SharedMessage {
         &self.message
     }
 
-    /// The message in `wire`'s JSON, written by `write` the first time (later calls copy it).
-    pub(crate) fn json(&self, wire: Wire, write: impl FnOnce(&Message, &mut Vec<u8>)) -> &[u8] {
+    /// Whether `wire`'s form was written (and is kept).
+    #[cfg(test)]
+    pub(crate) fn is_written(&self, wire: Wire) -> bool {
+        self.json[wire as usize].get().is_some()
+    }
+
+    /// The message in `wire`'s JSON: written the first time, kept for the later calls.
+    pub(crate) fn json(&self, wire: Wire) -> &[u8] {
         self.json[wire as usize].get_or_init(|| {
-            let mut out = Vec::new();
-            write(&self.message, &mut out);
-            out.into_boxed_slice()
+            let mut out = Vec::with_capacity(2 * json::message_len(&self.message) + 160);
+            write_message(wire, &self.message, &mut out);
+            out
         })
     }
 }
 
-impl From<Message> for SharedMessage {
-    fn from(message: Message) -> Self {
-        Self::new(message)
-    }
-}
-
-impl std::ops::Deref for SharedMessage {
-    type Target = Message;
-    fn deref(&self) -> &Message {
-        &self.message
+/// `m` in `wire`'s JSON: the OpenAI message object, or the Anthropic message's content
+/// blocks (comma-separated, none for a message with nothing to say).
+pub(crate) fn write_message(wire: Wire, m: &Message, out: &mut Vec<u8>) {
+    match wire {
+        Wire::OpenAi => openai::write_message(m, out),
+        Wire::Anthropic => anthropic::write_message(m, out),
     }
 }
 
@@ -219,6 +225,7 @@ impl Drop for SharedMessage {
     fn drop(&mut self) {
         for j in &mut self.json {
             if let Some(bytes) = j.get_mut() {
+                // The whole capacity.
                 bytes.zeroize();
             }
         }

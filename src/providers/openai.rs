@@ -12,12 +12,15 @@ use super::anthropic::DecodeError;
 use super::collect::Collector;
 use super::json;
 use super::sse::SseEvent;
+use std::sync::Arc;
+
 use super::{ChatRequest, Message, StopReason, Wire};
 
 /// The request body as JSON. `max_tokens_field` is `max_tokens` or `max_completion_tokens`.
-/// Written straight from the request (no JSON tree is built): a long conversation costs one
-/// pass over its text, its strings escaped eight bytes at a time ([`super::json`]); the
-/// bytes are those `serde_json` wrote for the same request (tested against it).
+/// Written straight from the request (no JSON tree is built): a message the session's
+/// requests share is written once and copied ([`SharedMessage`](super::SharedMessage)), a new one escaped eight
+/// bytes at a time ([`super::json`]); the bytes are those `serde_json` wrote for the same
+/// request (tested against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
@@ -42,8 +45,13 @@ pub fn request_body(
             carrier.write_json(&mut out);
         }
         next_item(&mut out);
-        // Written once per message (the later requests of the session copy it).
-        out.extend_from_slice(m.json(Wire::OpenAi, |m, out| msg_of(m).write_json(out)));
+        if Arc::strong_count(m) == 1 {
+            // Held by this request alone: written here, never again.
+            write_message(m.message(), &mut out);
+        } else {
+            // Written once per message (the later requests of the session copy it).
+            out.extend_from_slice(m.json(Wire::OpenAi));
+        }
         images.extend(image_parts(m.message()));
     }
     if let Some(carrier) = images_message(&mut images) {
@@ -64,6 +72,11 @@ pub fn request_body(
         b",\"stream\":false}"
     });
     Ok(out)
+}
+
+/// One message in the chat format (what [`SharedMessage`](super::SharedMessage) keeps for it).
+pub(super) fn write_message(m: &Message, out: &mut Vec<u8>) {
+    msg_of(m).write_json(out);
 }
 
 /// A comma before a list's item unless it is the first.
@@ -504,10 +517,8 @@ pub fn error_message(body: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::panic, reason = "tests")]
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use serde_json::json;
-
-    use std::sync::Arc;
 
     use super::*;
     use crate::providers::{ImagePart, SharedMessage, ToolCall, ToolSpec};
@@ -644,6 +655,10 @@ mod tests {
             &[2, 2, 3, 3, 1, 4, 4, 6],
             &[0, 1, 2, 3, 4, 5, 6],
         ];
+        assert!(
+            all.iter()
+                .all(|m| !m.is_written(Wire::OpenAi) && !m.is_written(Wire::Anthropic))
+        );
         for order in orders {
             let mut req = ChatRequest::new(Vec::new(), 64);
             req.system = Some("sys".into());
@@ -661,13 +676,28 @@ mod tests {
                 "{order:?}"
             );
         }
-        // Every message's two forms were kept: asking again does not write them.
+        // Every message's two forms were written by the requests and kept.
         for m in &all {
-            let openai = m.json(Wire::OpenAi, |_, _| panic!("written a second time"));
-            assert!(openai.starts_with(b"{\"role\":"));
-            let blocks = m.json(Wire::Anthropic, |_, _| panic!("written a second time"));
+            assert!(
+                m.is_written(Wire::OpenAi) && m.is_written(Wire::Anthropic),
+                "{m:?}"
+            );
+            assert!(m.json(Wire::OpenAi).starts_with(b"{\"role\":"));
+            let blocks = m.json(Wire::Anthropic);
             assert!(blocks.is_empty() || blocks.starts_with(b"{\"type\":"));
         }
+        // A message only its request holds is written into it and not kept.
+        let alone = ChatRequest::new(vec![Message::user("once")], 8);
+        assert_eq!(
+            request_body("m", &alone, false, "max_tokens").unwrap(),
+            reference("m", &alone, false, "max_tokens")
+        );
+        assert_eq!(
+            super::super::anthropic::request_body("m", &alone, false).unwrap(),
+            super::super::anthropic::reference_body("m", &alone, false)
+        );
+        assert!(!alone.messages[0].is_written(Wire::OpenAi));
+        assert!(!alone.messages[0].is_written(Wire::Anthropic));
     }
 
     fn call(id: &str, args: &str) -> ToolCall {
