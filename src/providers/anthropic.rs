@@ -25,9 +25,10 @@ pub enum DecodeError {
 }
 
 /// The request body as JSON, written straight from the request (no JSON tree is built): a
-/// message the session's requests share is written once and copied ([`SharedMessage`](super::SharedMessage)), a
-/// new one escaped eight bytes at a time ([`super::json`]); the bytes are those `serde_json`
-/// wrote for the same request (tested against it).
+/// message the session's requests share is written once and copied
+/// ([`SharedMessage`](super::SharedMessage)), a new one escaped eight bytes at a time
+/// ([`super::json`]); the bytes are those `serde_json` wrote for the same request (tested
+/// against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
@@ -205,8 +206,8 @@ struct ImageSource<'a> {
     data: &'a str,
 }
 
-/// One message's content blocks (what [`SharedMessage`](super::SharedMessage) keeps for it; nothing for a message
-/// without blocks).
+/// One message's content blocks (what [`SharedMessage`](super::SharedMessage) keeps for it;
+/// nothing for a message without blocks).
 pub(super) fn write_message(m: &Message, out: &mut Vec<u8>) {
     write_blocks(&blocks_of(m), out);
 }

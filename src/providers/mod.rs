@@ -80,10 +80,7 @@ impl ChatRequest {
     /// A streaming request with `max_tokens` and no tools.
     pub fn new(messages: Vec<Message>, max_tokens: u32) -> Self {
         Self {
-            messages: messages
-                .into_iter()
-                .map(|m| Arc::new(SharedMessage::new(m)))
-                .collect(),
+            messages: messages.into_iter().map(SharedMessage::arc).collect(),
             max_tokens,
             stream: true,
             ..Self::default()
@@ -208,7 +205,7 @@ impl SharedMessage {
 
 /// `m` in `wire`'s JSON: the OpenAI message object, or the Anthropic message's content
 /// blocks (comma-separated, none for a message with nothing to say).
-pub(crate) fn write_message(wire: Wire, m: &Message, out: &mut Vec<u8>) {
+fn write_message(wire: Wire, m: &Message, out: &mut Vec<u8>) {
     match wire {
         Wire::OpenAi => openai::write_message(m, out),
         Wire::Anthropic => anthropic::write_message(m, out),

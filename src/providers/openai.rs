@@ -18,9 +18,9 @@ use super::{ChatRequest, Message, StopReason, Wire};
 
 /// The request body as JSON. `max_tokens_field` is `max_tokens` or `max_completion_tokens`.
 /// Written straight from the request (no JSON tree is built): a message the session's
-/// requests share is written once and copied ([`SharedMessage`](super::SharedMessage)), a new one escaped eight
-/// bytes at a time ([`super::json`]); the bytes are those `serde_json` wrote for the same
-/// request (tested against it).
+/// requests share is written once and copied ([`SharedMessage`](super::SharedMessage)), a
+/// new one escaped eight bytes at a time ([`super::json`]); the bytes are those `serde_json`
+/// wrote for the same request (tested against it).
 pub fn request_body(
     model: &str,
     req: &ChatRequest,
