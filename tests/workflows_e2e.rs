@@ -209,7 +209,10 @@ fn a_paused_run_approved_over_the_websocket_is_finished_by_the_gateway() {
         .await;
         assert_eq!(r["ok"], true, "{r}");
     });
-    let v = show_until(&gw, &run, |v| v["status"] != "paused");
+    // Until it has finished: after the approval it runs (`running`) before it ends.
+    let v = show_until(&gw, &run, |v| {
+        !matches!(v["status"].as_str(), Some("paused" | "running"))
+    });
     assert_eq!(v["status"], "ok", "{v}");
     assert_eq!(v["envelope"]["output"], json!(["deleted\n"]));
     assert!(!gw.workspace().join("old.log").exists());
