@@ -1,7 +1,11 @@
 //! Build information for `chitin --version`: the git commit, the build date (UTC) and the
 //! rustc version. No network; each falls back to "unknown" when it cannot be found (a source
 //! tarball, no git). `SOURCE_DATE_EPOCH` makes the date reproducible.
+//!
+//! Release builds also lay the `chitin` binary's code out in the order of
+//! `release/text-order.txt` and pack its relocations (see [`release_layout`]).
 
+use std::path::Path;
 use std::process::Command;
 
 fn run(program: &str, args: &[&str]) -> Option<String> {
@@ -70,4 +74,93 @@ fn main() {
     println!("cargo:rustc-env=CHITIN_BUILD_COMMIT={commit}");
     println!("cargo:rustc-env=CHITIN_BUILD_DATE={date}");
     println!("cargo:rustc-env=CHITIN_BUILD_RUSTC={rustc_version}");
+    release_layout(&rustc);
+}
+
+/// Release builds of `chitin` place the functions the gateway runs, in the order
+/// `release/text-order.txt` lists them (start and idle first, then an agent turn), ahead of the
+/// rest of its code. The kernel maps a binary's pages as they are first touched, each with the
+/// cached pages around it (fault-around), so code touched at start and spread over the whole
+/// text kept ~22 MiB of it resident in an idle gateway; packed together it is a few MiB
+/// (BENCHMARKS.md, issue #21, thirteenth session). Only the layout changes: the same functions,
+/// the same code. `scripts/text-order.py` regenerates the list from a release binary; names it
+/// no longer finds (renamed code, another rustc) are skipped, so a stale list only costs memory.
+/// The list is handed to the linker as `--symbol-ordering-file`, which LLD takes (rustc links
+/// with it by default on x86_64 Linux since 1.90).
+///
+/// They also pack their relative relocations (`-z pack-relative-relocs`, DT_RELR): the loader
+/// reads a few KiB at start instead of ~750 KiB of `.rela.dyn`. This needs glibc 2.36 or later
+/// where the binary runs.
+///
+/// Each is first tried on an empty program linked the same way (and, for DT_RELR, run, when
+/// the build is not a cross build); a linker or C library without it only loses the gain.
+fn release_layout(rustc: &str) {
+    println!("cargo:rerun-if-changed=release/text-order.txt");
+    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
+    if std::env::var("PROFILE").as_deref() != Ok("release") {
+        return;
+    }
+    let (Ok(manifest), Ok(out)) = (
+        std::env::var("CARGO_MANIFEST_DIR"),
+        std::env::var("OUT_DIR"),
+    ) else {
+        return;
+    };
+    let out = Path::new(&out);
+    let list = Path::new(&manifest).join("release/text-order.txt");
+    if list.is_file() {
+        let order = [
+            format!("-Wl,--symbol-ordering-file={}", list.display()),
+            "-Wl,--no-warn-symbol-ordering".to_string(),
+        ];
+        if links(rustc, out, &order, false) {
+            for arg in order {
+                println!("cargo:rustc-link-arg-bin=chitin={arg}");
+            }
+        } else {
+            println!(
+                "cargo:warning=release/text-order.txt not used: the linker does not take \
+                 --symbol-ordering-file (LLD does). The binary is the same code; an idle \
+                 gateway keeps more of it in memory"
+            );
+        }
+    }
+    let relr = ["-Wl,-z,pack-relative-relocs".to_string()];
+    let native = std::env::var("HOST").ok() == std::env::var("TARGET").ok();
+    if native && links(rustc, out, &relr, true) {
+        println!("cargo:rustc-link-arg-bin=chitin={}", relr[0]);
+    }
+}
+
+/// Whether an empty program links with these linker arguments (and runs, if `run`), built by
+/// the same rustc for the same target, linker and flags as this package.
+fn links(rustc: &str, out: &Path, link_args: &[String], run: bool) -> bool {
+    let probe = out.join("link_probe.rs");
+    let program = out.join("link_probe");
+    if std::fs::write(&probe, "fn main() {}\n").is_err() {
+        return false;
+    }
+    let mut cmd = Command::new(rustc);
+    cmd.arg("--crate-type=bin")
+        .arg("-o")
+        .arg(&program)
+        .arg(&probe);
+    for arg in link_args {
+        cmd.arg(format!("-Clink-arg={arg}"));
+    }
+    if let Ok(target) = std::env::var("TARGET") {
+        cmd.arg(format!("--target={target}"));
+    }
+    if let Ok(linker) = std::env::var("RUSTC_LINKER") {
+        cmd.arg(format!("-Clinker={linker}"));
+    }
+    if let Ok(flags) = std::env::var("CARGO_ENCODED_RUSTFLAGS") {
+        cmd.args(flags.split('\x1f').filter(|f| !f.is_empty()));
+    }
+    let linked = cmd.output().is_ok_and(|o| o.status.success());
+    linked
+        && (!run
+            || Command::new(&program)
+                .output()
+                .is_ok_and(|o| o.status.success()))
 }

@@ -21,8 +21,9 @@ so the gateway is waited for on `/health`, not `/ready`; text turns do not use t
 
 usage: scripts/bench-flat.py [--turns N] [--window W] [--cpu ROUNDS] name=/path/to/chitin [...]
 """
-import http.client, json, os, re, shutil, socket, subprocess, sys, threading, time
-from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+import os, re, subprocess, sys
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchkit import Gateway, cpu_of, fake_model
 
 args = sys.argv[1:]
 turns, window, cpu_rounds = 1000, 50, 0
@@ -35,73 +36,16 @@ while args and args[0].startswith('--'):
 variants = [a.split('=', 1) for a in args]
 if not variants or turns < 2 * window: sys.exit(__doc__)
 
-WORDS = ["Hello", ", ", "this ", "is ", "an ", "answer."]
-def chunk(delta, finish=None, usage=None):
-    c = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
-         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    if usage: c["usage"] = usage
-    return b'data: ' + json.dumps(c).encode() + b'\n\n'
-class Fake(BaseHTTPRequestHandler):
-    protocol_version = 'HTTP/1.1'
-    def log_message(self, *a): pass
-    def do_POST(self):
-        req = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
-        usage = {"prompt_tokens": 10, "completion_tokens": 6, "total_tokens": 16}
-        if req.get('stream'):
-            out = b''.join(chunk({"content": w}) for w in WORDS) + chunk({}, "stop", usage) + b'data: [DONE]\n\n'
-            ctype = 'text/event-stream'
-        else:
-            out = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m", "usage": usage,
-                              "choices": [{"index": 0, "finish_reason": "stop",
-                                           "message": {"role": "assistant", "content": "".join(WORDS)}}]}).encode()
-            ctype = 'application/json'
-        self.send_response(200); self.send_header('Content-Type', ctype)
-        self.send_header('Content-Length', str(len(out))); self.end_headers(); self.wfile.write(out)
-fake = ThreadingHTTPServer(('127.0.0.1', 0), Fake)
-threading.Thread(target=fake.serve_forever, daemon=True).start()
-base_url = f'http://127.0.0.1:{fake.server_address[1]}/v1'
-
-def free_port():
-    s = socket.socket(); s.bind(('127.0.0.1', 0)); p = s.getsockname()[1]; s.close(); return p
-
-TICK = os.sysconf('SC_CLK_TCK')
-def cpu_of(pid):
-    f = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
-    return (int(f[11]) + int(f[12])) / TICK
+base_url = fake_model()
 
 def run(name, binary, native=False):
     root = os.path.join(os.environ.get('BENCH_FLAT_DIR', os.path.expanduser('~/chitin-bench-flat')), name)
-    shutil.rmtree(root, ignore_errors=True)
-    home = os.path.join(root, 'home'); os.makedirs(home, mode=0o700)
-    cfg = os.path.join(home, 'chitin.toml')
-    # A small scrypt work factor: the vault is opened under valgrind.
-    open(cfg, 'w').write(f'[secrets]\nbackend = "passphrase"\nscrypt_work_factor = 16\n\n[gateway]\nworkspace = "../ws"\n'
-                         f'auth_max_failures = 100000\n\n[agent]\nmodel = "fake/m"\n\n[[providers]]\nname = "fake"\n'
-                         f'kind = "openai"\nbase_url = "{base_url}"\n')
-    os.chmod(cfg, 0o600)
-    env = dict(os.environ, CHITIN_HOME=home, CHITIN_PASSPHRASE='bench-pass', CHITIN_LOG='warn')
-    def start(cmd, path):
-        port = free_port()
-        p = subprocess.Popen(cmd + ['gateway', '--bind', f'127.0.0.1:{port}'], env=env,
-                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, 'gateway.err'), 'w'))
-        while True:
-            try:
-                c = http.client.HTTPConnection('127.0.0.1', port, timeout=5); c.request('GET', path)
-                r = c.getresponse(); r.read()
-                if r.status == 200: return p, port
-            except OSError: pass
-            if p.poll() is not None: sys.exit(f'{name}: the gateway exited; see {root}/gateway.err')
-            time.sleep(0.05)
+    gw = Gateway(name, root, base_url)
+    start = gw.start
     p, _ = start([binary], '/ready'); p.terminate(); p.wait()   # creates the state dir
     if native:
         p, port = start([binary], '/ready')
-        tok = subprocess.run([binary, 'token', 'show'], env=env, capture_output=True, text=True).stdout.strip()
-        conn = http.client.HTTPConnection('127.0.0.1', port)
-        body = json.dumps({"model": "chitin", "user": "long", "messages": [{"role": "user", "content": "What is on my list today?"}]})
-        def turn():
-            conn.request('POST', '/v1/chat/completions', body, {'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
-            r = conn.getresponse(); r.read()
-            if r.status != 200: sys.exit(f'{name}: status {r.status}')
+        turn = gw.client(binary, port)
         turn()
         per_turn = []
         for before in (0, turns - 2 * window):
@@ -113,13 +57,7 @@ def run(name, binary, native=False):
         return per_turn
     out = os.path.join(root, 'callgrind.out')
     p, port = start(['valgrind', '--tool=callgrind', '--instr-atstart=no', f'--callgrind-out-file={out}', binary], '/health')
-    tok = subprocess.run([binary, 'token', 'show'], env=env, capture_output=True, text=True).stdout.strip()
-    conn = http.client.HTTPConnection('127.0.0.1', port)
-    body = json.dumps({"model": "chitin", "user": "long", "messages": [{"role": "user", "content": "What is on my list today?"}]})
-    def chat():
-        conn.request('POST', '/v1/chat/completions', body, {'Authorization': 'Bearer ' + tok, 'Content-Type': 'application/json'})
-        r = conn.getresponse(); r.read()
-        if r.status != 200: sys.exit(f'{name}: status {r.status}')
+    chat = gw.client(binary, port)
     def ctl(*a): subprocess.run(['callgrind_control', *a, str(p.pid)], capture_output=True, check=True)
     chat()   # turn 0: first use of every path
     dumps = []

@@ -360,3 +360,46 @@ fn only_approvals_makes_the_gates_proof_of_a_redeemed_approval() {
     // gate.rs defines it; approvals.rs is the one caller.
     assert_eq!(makers, ["src/approvals.rs", "src/gate.rs"]);
 }
+
+/// `release/text-order.txt` (build.rs, `release_layout`) is read by the linker, which skips
+/// names it does not find without a word: a list mangled by an edit or written from the wrong
+/// binary would silently undo the layout. Each line must be one symbol as the linker spells it.
+#[test]
+fn the_release_text_order_names_each_function_once_as_the_linker_spells_it() {
+    let text = std::fs::read_to_string(root().join("release/text-order.txt")).unwrap();
+    let names: Vec<&str> = text.lines().collect();
+    assert!(
+        names.len() > 1000,
+        "only {} names: regenerate it with scripts/text-order.py",
+        names.len()
+    );
+    let mut seen = BTreeSet::new();
+    for (n, name) in names.iter().enumerate() {
+        let line = n + 1;
+        assert!(!name.is_empty(), "line {line} is empty");
+        assert!(
+            name.bytes().all(|b| b.is_ascii_graphic() && b != b'\''),
+            "line {line} is not a symbol name (callgrind's recursion marker or a space?): {name:?}"
+        );
+        assert!(
+            !name.starts_with("0x"),
+            "line {line} is an address, not a name: {name}"
+        );
+        assert!(seen.insert(*name), "line {line} repeats {name}");
+    }
+    // Written from a chitin binary: the gateway's own functions, mangled.
+    for own in [
+        "_ZN6chitin7gateway",
+        "_ZN6chitin5agent",
+        "_ZN12chitin_audit",
+    ] {
+        assert!(
+            names.iter().any(|n| n.starts_with(own)),
+            "no function of {own}*: is this list from a chitin binary?"
+        );
+    }
+    assert!(
+        names.contains(&"main"),
+        "the list misses main: was the binary run from its start?"
+    );
+}
