@@ -81,67 +81,78 @@ fn main() {
 /// `release/text-order.txt` lists them (start and idle first, then an agent turn), ahead of the
 /// rest of its code. The kernel maps a binary's pages as they are first touched, each with the
 /// cached pages around it (fault-around), so code touched at start and spread over the whole
-/// text kept ~22 MiB of it resident in an idle gateway; packed together it is a few MiB
+/// text kept ~22 MiB of it resident in an idle gateway; packed together it is under 7 MiB
 /// (BENCHMARKS.md, issue #21, thirteenth session). Only the layout changes: the same functions,
 /// the same code. `scripts/text-order.py` regenerates the list from a release binary; names it
 /// no longer finds (renamed code, another rustc) are skipped, so a stale list only costs memory.
 /// The list is handed to the linker as `--symbol-ordering-file`, which LLD takes (rustc links
-/// with it by default on x86_64 Linux since 1.90).
+/// with it by default on x86_64 Linux since 1.90; GNU ld does not, and the list is left out).
 ///
 /// They also pack their relative relocations (`-z pack-relative-relocs`, DT_RELR): the loader
-/// reads a few KiB at start instead of ~750 KiB of `.rela.dyn`. This needs glibc 2.36 or later
-/// where the binary runs.
+/// reads 14 KiB at start instead of ~750 KiB of `.rela.dyn`. The binary then needs glibc 2.36
+/// or later where it runs; this is only done when the build is not a cross build and an empty
+/// program linked so runs here.
 ///
-/// Each is first tried on an empty program linked the same way (and, for DT_RELR, run, when
-/// the build is not a cross build); a linker or C library without it only loses the gain.
+/// Each is first tried on an empty program linked the same way; a linker or C library without
+/// it only loses the gain. `CHITIN_RELEASE_LAYOUT=off` leaves both out (a binary for an older
+/// glibc elsewhere; the baseline of a measurement). Cargo does not rerun this script when only
+/// a target's rustflags change (rust-lang/cargo#13003): after switching linkers that way,
+/// `cargo clean -p chitin --release`.
 fn release_layout(rustc: &str) {
-    println!("cargo:rerun-if-changed=release/text-order.txt");
-    println!("cargo:rerun-if-env-changed=RUSTC_LINKER");
-    if std::env::var("PROFILE").as_deref() != Ok("release") {
-        return;
-    }
+    println!("cargo:rerun-if-env-changed=CHITIN_RELEASE_LAYOUT");
     let (Ok(manifest), Ok(out)) = (
         std::env::var("CARGO_MANIFEST_DIR"),
         std::env::var("OUT_DIR"),
     ) else {
         return;
     };
-    let out = Path::new(&out);
     let list = Path::new(&manifest).join("release/text-order.txt");
+    // Only a file that exists is named: cargo reruns a script whose named file is missing.
+    if list.is_file() {
+        println!("cargo:rerun-if-changed={}", list.display());
+    }
+    if std::env::var("PROFILE").as_deref() != Ok("release")
+        || std::env::var("CHITIN_RELEASE_LAYOUT").as_deref() == Ok("off")
+    {
+        return;
+    }
+    let out = Path::new(&out);
     if list.is_file() {
         let order = [
             format!("-Wl,--symbol-ordering-file={}", list.display()),
             "-Wl,--no-warn-symbol-ordering".to_string(),
         ];
-        if links(rustc, out, &order, false) {
-            for arg in order {
-                println!("cargo:rustc-link-arg-bin=chitin={arg}");
+        match links(rustc, out, &order, false) {
+            Ok(()) => {
+                for arg in order {
+                    println!("cargo:rustc-link-arg-bin=chitin={arg}");
+                }
             }
-        } else {
-            println!(
-                "cargo:warning=release/text-order.txt not used: the linker does not take \
-                 --symbol-ordering-file (LLD does). The binary is the same code; an idle \
-                 gateway keeps more of it in memory"
-            );
+            Err(why) => println!(
+                "cargo:warning=release/text-order.txt not used: an empty program does not link \
+                 with --symbol-ordering-file (LLD takes it; rustc >= 1.90 links with LLD on \
+                 x86_64 Linux): {why}. The binary is the same code; an idle gateway keeps more \
+                 of it in memory"
+            ),
         }
     }
     let relr = ["-Wl,-z,pack-relative-relocs".to_string()];
     let native = std::env::var("HOST").ok() == std::env::var("TARGET").ok();
-    if native && links(rustc, out, &relr, true) {
+    if native && links(rustc, out, &relr, true).is_ok() {
         println!("cargo:rustc-link-arg-bin=chitin={}", relr[0]);
     }
 }
 
 /// Whether an empty program links with these linker arguments (and runs, if `run`), built by
-/// the same rustc for the same target, linker and flags as this package.
-fn links(rustc: &str, out: &Path, link_args: &[String], run: bool) -> bool {
+/// the same rustc for the same target, linker and flags as this package; else what went wrong.
+fn links(rustc: &str, out: &Path, link_args: &[String], run: bool) -> Result<(), String> {
     let probe = out.join("link_probe.rs");
     let program = out.join("link_probe");
-    if std::fs::write(&probe, "fn main() {}\n").is_err() {
-        return false;
-    }
+    std::fs::write(&probe, "fn main() {}\n").map_err(|e| e.to_string())?;
     let mut cmd = Command::new(rustc);
+    // Lints the flags may deny (`-D missing_docs`) are not what is being tried.
     cmd.arg("--crate-type=bin")
+        .arg("--cap-lints=allow")
         .arg("-o")
         .arg(&program)
         .arg(&probe);
@@ -157,10 +168,26 @@ fn links(rustc: &str, out: &Path, link_args: &[String], run: bool) -> bool {
     if let Ok(flags) = std::env::var("CARGO_ENCODED_RUSTFLAGS") {
         cmd.args(flags.split('\x1f').filter(|f| !f.is_empty()));
     }
-    let linked = cmd.output().is_ok_and(|o| o.status.success());
-    linked
-        && (!run
-            || Command::new(&program)
-                .output()
-                .is_ok_and(|o| o.status.success()))
+    let linked = cmd.output().map_err(|e| e.to_string())?;
+    if !linked.status.success() {
+        let err = String::from_utf8_lossy(&linked.stderr);
+        return Err(err
+            .lines()
+            .find(|l| l.contains("error"))
+            .unwrap_or("")
+            .trim()
+            .to_string());
+    }
+    if run {
+        // In OUT_DIR, with any profile data (coverage or PGO flags) written there too.
+        let ran = Command::new(&program)
+            .current_dir(out)
+            .env("LLVM_PROFILE_FILE", out.join("link_probe.profraw"))
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !ran.status.success() {
+            return Err(String::from_utf8_lossy(&ran.stderr).trim().to_string());
+        }
+    }
+    Ok(())
 }

@@ -15,7 +15,8 @@ turns, in callgrind's order, one symbol name per line (mangled, as the linker se
 function left out is only placed after the listed ones. The native pass sees more on a binary
 already laid out by the current list, and sees nothing of what that list already holds: the
 functions of the previous list that neither pass saw and the binary still has are kept, after
-the start's.
+the start's. So the list only grows; to start over, delete it, build, run this, build with the
+new list and run this again (the second run's native pass finds what the first left out).
 
 Use a binary built by `cargo build --release` (or `cargo install`): `cargo bench` builds the
 workspace with its dev-dependencies' features, which changes the symbols' hashes, so a bench
@@ -39,7 +40,7 @@ root = os.path.expanduser('~/chitin-text-order')
 gw = Gateway('text-order', root, fake_model(), fast_vault=False)   # the default vault: its code is run
 p, _ = gw.start([binary], '/ready'); p.terminate(); p.wait()   # creates the state dir
 cg = os.path.join(root, 'callgrind.out')
-p, port = gw.start(['valgrind', '--tool=callgrind', '--demangle=no', '--compress-strings=no',
+p, port = gw.start(['valgrind', '--tool=callgrind', '--demangle=no', '--compress-strings=no', '--show-below-main=yes',
                     f'--callgrind-out-file={cg}', binary], '/health')
 def ready(port):
     c = http.client.HTTPConnection('127.0.0.1', port, timeout=60); c.request('GET', '/ready'); c.getresponse().read()
@@ -63,8 +64,11 @@ def functions(path):
 
 def faulted():
     """The binary's functions that faulted a page of its text in during a native start."""
-    if not shutil.which('perf'):
-        print('perf not found: the list holds what callgrind saw only'); return []
+    usable = shutil.which('perf') and subprocess.run(
+        ['perf', 'record', '-q', '-e', 'page-faults', '-o', '/dev/null', '--', 'true'], capture_output=True).returncode == 0
+    if not usable:
+        print('perf is missing or may not record page faults here (perf_event_paranoid?): '
+              'the list holds what callgrind saw only'); return []
     data = os.path.join(root, 'faults.data')
     p, port = gw.start(['perf', 'record', '-q', '-e', 'page-faults', '-c', '1', '-d', '-o', data, '--', binary], '/ready')
     ready(port); time.sleep(IDLE)
@@ -95,7 +99,8 @@ seen = set(at_start) | set(in_turns) | set(by_faults)
 # the binary still has) is kept, after the start's.
 earlier = [n.strip() for n in open(out_path)] if os.path.exists(out_path) else []
 kept = [n for n in earlier if n in sizes and n not in seen]
-order = list(dict.fromkeys(at_start + by_faults + kept + in_turns))
+# Only names the binary defines: callgrind also names code outside any symbol.
+order = [n for n in dict.fromkeys(at_start + by_faults + kept + in_turns) if n in sizes]
 started = len(set(at_start))
 if started < 1000: sys.exit(f'only {started} functions at start: is {binary} a release chitin? see {root}/gateway.err')
 size = sum(sizes.get(n, 0) for n in order)
