@@ -223,6 +223,12 @@ impl Db {
 
     /// Runs `f` in one transaction: committed when `f` returns `Ok`, rolled back when it
     /// returns `Err` (or panics).
+    ///
+    /// On SQLite the transaction takes the write lock when it begins (`BEGIN IMMEDIATE`),
+    /// waiting for another connection's write up to the busy timeout. A deferred one that
+    /// read first and then wrote would fail with "database is locked" at once when another
+    /// connection (a second gateway on the same file, a CLI command) held the lock then:
+    /// SQLite cannot wait for a lock a reader upgrades to.
     pub fn tx<T, E: From<Error>>(
         &self,
         f: impl FnOnce(&mut Conn<'_>) -> std::result::Result<T, E>,
@@ -231,7 +237,9 @@ impl Db {
             Backend::Sqlite(s) => {
                 let wrote = std::cell::Cell::new(false);
                 let mut c = s.lock()?;
-                let tx = c.transaction().map_err(sqlite::err(&s.location))?;
+                let tx = c
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(sqlite::err(&s.location))?;
                 let out = f(&mut Conn {
                     inner: ConnInner::Sqlite(&tx, &s.location, &s.leases, &wrote),
                 })?;

@@ -372,7 +372,7 @@ fn read_rows(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
     use std::sync::atomic::Ordering;
 
     use crate::{Backend, Db, params};
@@ -382,6 +382,42 @@ mod tests {
             Backend::Sqlite(s) => (s.written.load(Ordering::SeqCst), s.synced.lock().unwrap().0),
             Backend::Postgres(_) => unreachable!("a SQLite test"),
         }
+    }
+
+    #[test]
+    fn a_transaction_holds_the_write_lock_from_its_start_so_a_read_then_write_never_fails_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let (a, b) = (Db::sqlite(&path).unwrap(), Db::sqlite(&path).unwrap());
+        a.with(|c| c.execute_batch("CREATE TABLE t (n INTEGER PRIMARY KEY)"))
+            .unwrap();
+        // The other connection does not wait: it shows who holds the lock.
+        b.sqlite_connection()
+            .unwrap()
+            .unwrap()
+            .busy_timeout(std::time::Duration::ZERO)
+            .unwrap();
+        let n = a
+            .tx(|c| {
+                // Before this transaction's first statement, the other cannot write: the
+                // lock was taken at BEGIN, so this read-then-write cannot be refused later.
+                let other = b.with(|c| c.execute("INSERT INTO t (n) VALUES (1)", params![]));
+                match other {
+                    Err(crate::Error::Sqlite { source, .. }) => assert_eq!(
+                        source.sqlite_error_code(),
+                        Some(rusqlite::ErrorCode::DatabaseBusy)
+                    ),
+                    other => panic!("the other connection wrote inside the transaction: {other:?}"),
+                }
+                let n = c.query_all("SELECT n FROM t", params![])?.len();
+                c.execute("INSERT INTO t (n) VALUES (2)", params![])?;
+                Ok::<_, crate::Error>(n)
+            })
+            .unwrap();
+        assert_eq!(n, 0);
+        // Committed: the lock is free again.
+        b.with(|c| c.execute("INSERT INTO t (n) VALUES (1)", params![]))
+            .unwrap();
     }
 
     #[test]
