@@ -372,7 +372,12 @@ fn read_rows(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "tests")]
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        reason = "tests"
+    )]
     use std::sync::atomic::Ordering;
 
     use crate::{Backend, Db, params};
