@@ -1,5 +1,6 @@
 //! `chitin-sandbox`: the jailer. The only crate of Chitin allowed `unsafe` (all of it in
-//! `sys`, each block with a `// SAFETY:` comment).
+//! `sys` and `fs`, each block with a `// SAFETY:` comment); also the allocator settings of
+//! the gateway process ([`memory`]), since they need a libc call.
 //!
 //! A sandboxed command runs as a tree of four processes:
 //!
@@ -31,6 +32,7 @@ pub mod host;
 pub mod ids;
 mod launch;
 pub mod launcher;
+pub mod memory;
 pub mod pidfd;
 pub mod quota;
 pub mod seccomp;

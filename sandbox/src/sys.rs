@@ -910,3 +910,44 @@ pub fn recv_tagged(
     }
     Ok(Some((u32::from_le_bytes(data), fds)))
 }
+
+/// `mallopt(M_ARENA_MAX, n)`: glibc's allocator keeps at most `n` arenas (threads beyond
+/// share them). False when glibc refused the value.
+#[cfg(target_env = "gnu")]
+pub fn malloc_arena_max(n: libc::c_int) -> bool {
+    // SAFETY: mallopt only sets one of the allocator's parameters under the allocator's own
+    // lock; it takes no pointers and glibc checks the value.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, n) == 1 }
+}
+
+/// glibc's `malloc_info` report (XML: one `<heap nr=...>` per arena), written to a memfd and
+/// read back.
+#[cfg(target_env = "gnu")]
+pub fn malloc_info() -> io::Result<String> {
+    use std::io::{Read, Seek};
+    use std::os::fd::AsRawFd;
+    let file = memfd(c"malloc-info")?;
+    // SAFETY: `dup` of an fd this function owns; the copy is handed to `fdopen` below, which
+    // owns it from then on (closed by `fclose`).
+    let copy = check(unsafe { libc::dup(file.as_raw_fd()) })?;
+    // SAFETY: `copy` is a valid, open fd owned by nobody else; the mode is a NUL-terminated
+    // literal.
+    let stream = unsafe { libc::fdopen(copy, c"w".as_ptr()) };
+    if stream.is_null() {
+        let e = io::Error::last_os_error();
+        close(copy);
+        return Err(e);
+    }
+    // SAFETY: `stream` is the valid FILE* opened above and used by this thread only.
+    let wrote = unsafe { libc::malloc_info(0, stream) };
+    // SAFETY: `stream` is valid and closed exactly once (flushing it and closing `copy`).
+    let closed = unsafe { libc::fclose(stream) };
+    if wrote != 0 || closed != 0 {
+        return Err(io::Error::other("malloc_info failed"));
+    }
+    let mut f = std::fs::File::from(file);
+    f.rewind()?;
+    let mut out = String::new();
+    f.read_to_string(&mut out)?;
+    Ok(out)
+}

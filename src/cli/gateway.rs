@@ -63,6 +63,16 @@ pub fn prepare_workspace(ws: &Path, home: &Path) -> Result<PathBuf, GatewayError
 }
 
 pub fn run(args: GatewayArgs, globals: &Globals) -> CmdResult {
+    // Before the gateway starts a thread: an arena per core, not eight (the memory a burst
+    // freed is kept per arena; `chitin_sandbox::memory`).
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    if let Some(n) = chitin_sandbox::memory::arena_cap(
+        std::env::var_os("MALLOC_ARENA_MAX").as_deref(),
+        std::env::var_os("GLIBC_TUNABLES").as_deref(),
+        cores,
+    ) {
+        chitin_sandbox::memory::cap_malloc_arenas(n);
+    }
     let config = globals.load_config()?;
     // PostgreSQL only once every module is ported: never half on one database, half on
     // another. Refused before anything is created or connected.
