@@ -79,6 +79,9 @@ pub(crate) fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> AuditError + '_
     }
 }
 
+/// The writer's page cache in KiB (64 pages of 4 KiB).
+pub(crate) const WRITER_CACHE_KIB: i64 = 256;
+
 /// Opens the database for writing: WAL, `synchronous=FULL` (a commit returns only after the
 /// WAL is fsynced, so an acknowledged record survives power loss), schema, busy timeout.
 pub(crate) fn open_writer(
@@ -100,6 +103,10 @@ pub(crate) fn open_writer(
         });
     }
     conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(&e)?;
+    // An append touches the table's last pages only: SQLite's default page cache (2 MiB per
+    // connection) was filled by a gateway's writer and kept for as long as it ran.
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)
         .map_err(&e)?;
     conn.execute_batch(SCHEMA).map_err(&e)?;
     if let Some(max) = max_db_bytes {
@@ -661,4 +668,22 @@ pub(crate) fn read_head(
                 .optional()
         })
         .map_err(db_err(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_keeps_a_small_page_cache_and_a_reader_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let w = open_writer(&path, Duration::from_secs(1), None).unwrap();
+        let cache: i64 = w.query_row("PRAGMA cache_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(cache, -WRITER_CACHE_KIB);
+        // Verification reads the whole chain: its connection keeps SQLite's default.
+        let r = open_reader(&path).unwrap();
+        let cache: i64 = r.query_row("PRAGMA cache_size", [], |r| r.get(0)).unwrap();
+        assert_eq!(cache, -2000);
+    }
 }
