@@ -198,9 +198,21 @@ impl SharedMessage {
         self.json[wire as usize].get_or_init(|| {
             let mut out = Vec::with_capacity(2 * json::message_len(&self.message) + 160);
             write_message(wire, &self.message, &mut out);
-            out
+            exact(out)
         })
     }
+}
+
+/// `v` in a buffer of its own length, `v`'s wiped. The room written into (twice the texts, so
+/// that escapes never make it grow and leave a copy behind) would otherwise be kept for as
+/// long as the message is: a session's messages stay in the history cache.
+fn exact(mut v: Vec<u8>) -> Vec<u8> {
+    if v.capacity() - v.len() <= 16 {
+        return v;
+    }
+    let kept = v.as_slice().to_vec();
+    v.zeroize();
+    kept
 }
 
 /// `m` in `wire`'s JSON: the OpenAI message object, or the Anthropic message's content
@@ -566,5 +578,32 @@ mod first_contact_tests {
             "every model failed: local/llama (attempts 1-3): cannot connect to \
              http://127.0.0.1:9/v1: refused; other/m (attempt 1): HTTP 401"
         );
+    }
+}
+
+#[cfg(test)]
+mod shared_message_tests {
+    use super::*;
+
+    #[test]
+    fn the_json_kept_for_a_message_holds_its_bytes_and_no_room_beyond() {
+        let texts = ["x".repeat(1000), "tab\there \"quoted\" \u{1}".repeat(50)];
+        for text in texts {
+            let m = SharedMessage::new(Message::user(text.clone()));
+            for wire in [Wire::OpenAi, Wire::Anthropic] {
+                let written = m.json(wire).to_vec();
+                let kept = m.json[wire as usize].get().unwrap();
+                assert!(
+                    kept.capacity() <= kept.len() + 16,
+                    "{wire:?}: {} bytes kept in {}",
+                    kept.len(),
+                    kept.capacity()
+                );
+                // The same bytes as written into the larger buffer.
+                let mut direct = Vec::new();
+                write_message(wire, m.message(), &mut direct);
+                assert_eq!(written, direct);
+            }
+        }
     }
 }
