@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     key_id  TEXT NOT NULL,
     sig     TEXT NOT NULL
 ) STRICT;
+-- The newest checkpoint is read at every checkpoint (each minute): by index, not by reading
+-- the whole table through the writer's small page cache.
+CREATE INDEX IF NOT EXISTS checkpoints_seq ON checkpoints(seq);
 CREATE TRIGGER IF NOT EXISTS records_no_delete BEFORE DELETE ON records
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_only_payload_removal BEFORE UPDATE ON records
@@ -672,7 +675,25 @@ pub(crate) fn read_head(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn the_newest_checkpoint_is_found_by_index_not_by_reading_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = open_writer(&dir.path().join("audit.db"), Duration::from_secs(1), None).unwrap();
+        let plan: Vec<String> = w
+            .prepare(
+                "EXPLAIN QUERY PLAN SELECT seq, head, time_ms, key_id, sig FROM checkpoints \
+                 ORDER BY seq DESC, rowid DESC LIMIT 1",
+            )
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(plan, ["SCAN checkpoints USING INDEX checkpoints_seq"]);
+    }
 
     #[test]
     fn the_writer_keeps_a_small_page_cache_and_a_reader_the_default() {

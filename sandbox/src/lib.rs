@@ -1,6 +1,6 @@
-//! `chitin-sandbox`: the jailer. The only crate of Chitin allowed `unsafe` (all of it in
-//! `sys` and `fs`, each block with a `// SAFETY:` comment); also the allocator settings of
-//! the gateway process ([`memory`]), since they need a libc call.
+//! `chitin-sandbox`: the jailer. The only crate of Chitin allowed `unsafe` (each block with a
+//! `// SAFETY:` comment); also the allocator settings of the gateway process ([`memory`]),
+//! since they need a libc call.
 //!
 //! A sandboxed command runs as a tree of four processes:
 //!

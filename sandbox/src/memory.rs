@@ -11,25 +11,34 @@ use std::ffi::OsStr;
 
 /// The arena cap for a process on `cores` cores, unless the environment already sets one
 /// (`malloc_arena_max`: the value of `MALLOC_ARENA_MAX`; `tunables`: `GLIBC_TUNABLES`): one
-/// arena per core, at least two.
+/// arena per core, at least two. A setting glibc ignores (empty, zero, not a number) does
+/// not count.
 pub fn arena_cap(
     malloc_arena_max: Option<&OsStr>,
     tunables: Option<&OsStr>,
     cores: usize,
 ) -> Option<usize> {
+    let positive = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+    };
     let tuned = tunables.is_some_and(|t| {
         t.as_encoded_bytes()
             .split(|b| *b == b':')
-            .any(|kv| kv.starts_with(b"glibc.malloc.arena_max="))
+            .filter_map(|kv| kv.strip_prefix(b"glibc.malloc.arena_max="))
+            .any(positive)
     });
-    if malloc_arena_max.is_some() || tuned {
+    if malloc_arena_max.is_some_and(|v| positive(v.as_encoded_bytes())) || tuned {
         return None;
     }
     Some(cores.max(2))
 }
 
-/// Caps the allocator's arenas at `n` (glibc; elsewhere nothing is done). True when set.
-/// Call it before the process starts its threads: arenas already made stay.
+/// Caps the allocator's arenas at `n` (glibc; elsewhere nothing is done). True when glibc
+/// took the value. Call it before the process starts threads: glibc fixes the limit the first
+/// time a thread needs an arena of its own, and a later call changes nothing.
 pub fn cap_malloc_arenas(n: usize) -> bool {
     #[cfg(target_env = "gnu")]
     {
@@ -78,10 +87,17 @@ mod tests {
             ),
             None
         );
-        // Other tunables do not count as an arena setting.
+        // Other tunables do not count as an arena setting, nor do values glibc ignores.
         assert_eq!(
             arena_cap(None, Some(OsStr::new("glibc.malloc.trim_threshold=1")), 2),
             Some(2)
         );
+        assert_eq!(
+            arena_cap(None, Some(OsStr::new("glibc.malloc.arena_max=0")), 2),
+            Some(2)
+        );
+        for ignored in ["", "0", "many"] {
+            assert_eq!(arena_cap(Some(OsStr::new(ignored)), None, 2), Some(2));
+        }
     }
 }

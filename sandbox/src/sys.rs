@@ -912,11 +912,14 @@ pub fn recv_tagged(
 }
 
 /// `mallopt(M_ARENA_MAX, n)`: glibc's allocator keeps at most `n` arenas (threads beyond
-/// share them). False when glibc refused the value.
+/// share them). glibc fixes the limit the first time a thread needs an arena of its own, so
+/// this is for a process that has not started threads yet. False when glibc refused it.
 #[cfg(target_env = "gnu")]
 pub fn malloc_arena_max(n: libc::c_int) -> bool {
-    // SAFETY: mallopt only sets one of the allocator's parameters under the allocator's own
-    // lock; it takes no pointers and glibc checks the value.
+    // SAFETY: mallopt sets one of the allocator's parameters under the main arena's lock; it
+    // takes no pointers. A thread choosing an arena reads the limit without that lock, which
+    // is why callers set it before they start threads (a racing read sees the old or the new
+    // value, both valid).
     unsafe { libc::mallopt(libc::M_ARENA_MAX, n) == 1 }
 }
 
@@ -927,9 +930,9 @@ pub fn malloc_info() -> io::Result<String> {
     use std::io::{Read, Seek};
     use std::os::fd::AsRawFd;
     let file = memfd(c"malloc-info")?;
-    // SAFETY: `dup` of an fd this function owns; the copy is handed to `fdopen` below, which
-    // owns it from then on (closed by `fclose`).
-    let copy = check(unsafe { libc::dup(file.as_raw_fd()) })?;
+    // SAFETY: a close-on-exec duplicate of an fd this function owns; the copy is handed to
+    // `fdopen` below, which owns it from then on (closed by `fclose`).
+    let copy = check(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) })?;
     // SAFETY: `copy` is a valid, open fd owned by nobody else; the mode is a NUL-terminated
     // literal.
     let stream = unsafe { libc::fdopen(copy, c"w".as_ptr()) };
@@ -943,7 +946,9 @@ pub fn malloc_info() -> io::Result<String> {
     // SAFETY: `stream` is valid and closed exactly once (flushing it and closing `copy`).
     let closed = unsafe { libc::fclose(stream) };
     if wrote != 0 || closed != 0 {
-        return Err(io::Error::other("malloc_info failed"));
+        return Err(io::Error::other(
+            "glibc's malloc_info could not write its report to a memfd",
+        ));
     }
     let mut f = std::fs::File::from(file);
     f.rewind()?;

@@ -162,9 +162,10 @@ pub(crate) enum Wire {
 /// copied into the later ones, so a request costs a copy of the older messages' bytes, not
 /// their conversion and escaping. A message only one request holds (the newest tool images,
 /// a synthesized message) is written straight into that request instead. The kept JSON holds
-/// the message's text and is wiped with it (its whole buffer, sized up front for twice the
-/// text; a text with many escapes can outgrow that, and a buffer given up on the way is not
-/// wiped, nor is the request body it is copied into, like every body).
+/// the message's text and is wiped with it (it is written into a buffer sized up front for
+/// twice the text, then copied into one of its own length and the first wiped; a text with
+/// many escapes can outgrow the first, and a buffer given up on the way is not wiped, nor is
+/// the request body it is copied into, like every body).
 pub struct SharedMessage {
     message: Message,
     json: [OnceLock<Vec<u8>>; 2],
@@ -204,7 +205,7 @@ impl SharedMessage {
 }
 
 /// `v` in a buffer of its own length, `v`'s wiped. The room written into (twice the texts, so
-/// that escapes never make it grow and leave a copy behind) would otherwise be kept for as
+/// that escapes rarely make it grow and leave a copy behind) would otherwise be kept for as
 /// long as the message is: a session's messages stay in the history cache.
 fn exact(mut v: Vec<u8>) -> Vec<u8> {
     if v.capacity() - v.len() <= 16 {
@@ -583,6 +584,7 @@ mod first_contact_tests {
 
 #[cfg(test)]
 mod shared_message_tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
     #[test]
