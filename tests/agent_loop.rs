@@ -1701,7 +1701,7 @@ async fn a_run_timeout_kills_the_running_tool_and_records_it_as_interrupted() {
     let told = msgs
         .iter()
         .find_map(|m| match &m.message {
-            Stored::Tool { content, .. } => Some(content.clone()),
+            Stored::Tool(t) => Some(t.content.clone()),
             _ => None,
         })
         .unwrap();

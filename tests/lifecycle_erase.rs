@@ -626,10 +626,10 @@ fn texts(t: &chitin::agent::Transcripts, key: &str) -> Vec<String> {
         .unwrap()
         .1
         .iter()
-        .map(|e| match &e.message {
-            chitin::agent::Stored::User { text, .. }
-            | chitin::agent::Stored::Assistant { text, .. } => text.clone(),
-            chitin::agent::Stored::Tool { content, .. } => content.clone(),
+        .map(|e| match e.message() {
+            chitin::providers::Message::User { text }
+            | chitin::providers::Message::Assistant { text, .. } => text.clone(),
+            chitin::providers::Message::ToolResult { content, .. } => content.clone(),
         })
         .collect()
 }
@@ -728,7 +728,7 @@ fn a_compaction_summary_replaces_what_it_covers_in_the_cached_history() {
         Some("they said first")
     );
     assert_eq!(
-        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        entries.iter().map(|e| e.seq()).collect::<Vec<_>>(),
         vec![3, 4]
     );
     t.set_summary("s-bob", "bob", "they said both", 4).unwrap();
@@ -749,10 +749,10 @@ fn a_cached_history_grows_in_place_and_a_read_still_held_does_not_change() {
     stored_turn(&t, "s-bob", "bob", "r2", "second");
     let (_, next) = t.history_shared("s-bob").unwrap();
     assert_eq!(
-        next.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        next.iter().map(|e| e.seq()).collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
     );
-    assert_eq!(held.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(held.iter().map(|e| e.seq()).collect::<Vec<_>>(), vec![1, 2]);
     assert!(!std::sync::Arc::ptr_eq(&held, &next));
     // With every earlier read let go, new messages are appended to the cached list itself
     // (no copy of the session's messages per step). The first message, kept here, shows the
@@ -763,9 +763,7 @@ fn a_cached_history_grows_in_place_and_a_read_still_held_does_not_change() {
     drop((held, next));
     stored_turn(&t, "s-bob", "bob", "r3", "third");
     let (_, last) = t.history_shared("s-bob").unwrap();
-    assert!(std::ptr::eq::<chitin::agent::transcripts::Entry>(
-        &*first, &*last[0]
-    ));
+    assert!(std::sync::Arc::ptr_eq(first.shared(), last[0].shared()));
     assert_eq!(std::sync::Arc::as_ptr(&last), list);
     assert_eq!(
         texts(&t, "s-bob"),

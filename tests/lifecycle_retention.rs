@@ -566,8 +566,8 @@ fn messages_retention_deletes_are_gone_from_the_agents_cached_history() {
     let (_, entries) = t.history_shared("s-bob").unwrap();
     let texts: Vec<&str> = entries
         .iter()
-        .filter_map(|e| match &e.message {
-            chitin::agent::Stored::User { text, .. } => Some(text.as_str()),
+        .filter_map(|e| match e.message() {
+            chitin::providers::Message::User { text } => Some(text.as_str()),
             _ => None,
         })
         .collect();

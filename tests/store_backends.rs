@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use chitin::agent::transcripts::{Sealer, Stored, TranscriptError, Transcripts, UsageRow};
+use chitin::providers::Message;
 use chitin::store::Store;
 use chitin_store::testing::TestPg;
 use chitin_store::{Db, Dialect, Error, PgConfig, TlsMode, Value, params};
@@ -650,9 +651,9 @@ fn history_texts(t: &Transcripts, key: &str) -> Vec<String> {
     let (_, entries) = t.history_shared(key).unwrap();
     entries
         .iter()
-        .map(|e| match &e.message {
-            Stored::User { text, .. } | Stored::Assistant { text, .. } => text.clone(),
-            Stored::Tool { content, .. } => content.clone(),
+        .map(|e| match e.message() {
+            Message::User { text } | Message::Assistant { text, .. } => text.clone(),
+            Message::ToolResult { content, .. } => content.clone(),
         })
         .collect()
 }
@@ -731,7 +732,7 @@ fn a_cached_message_is_converted_for_the_model_once_and_reads_after_a_deletion_c
     d: Dialect,
 ) {
     use chitin::agent::context::to_messages;
-    use chitin::providers::Message;
+    use chitin::agent::transcripts::SharedEntry;
     let b = Backend::new(d);
     let t = Transcripts::new(b.store(), Arc::new(TagSealer)).with_cache(1 << 20);
     let plain = Transcripts::new(b.store(), Arc::new(TagSealer));
@@ -753,6 +754,7 @@ fn a_cached_message_is_converted_for_the_model_once_and_reads_after_a_deletion_c
     assert!(Arc::ptr_eq(&first[0], &second[0]));
     assert!(Arc::ptr_eq(&first[1], &second[1]));
     let (_, uncached) = plain.history("s1").unwrap();
+    let uncached: Vec<SharedEntry> = uncached.into_iter().map(SharedEntry::new).collect();
     let fresh = to_messages(None, &uncached);
     assert_eq!(fresh.len(), 3);
     for (a, b) in second.iter().zip(&fresh) {

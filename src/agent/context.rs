@@ -6,9 +6,11 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::{Value, json};
 
-use super::transcripts::{Entry, HistoryEntry, Stored};
+use zeroize::Zeroize;
+
+use super::transcripts::{SharedEntry, Stored, StoredTool};
 use crate::policy::{PolicyEngine, Tool};
-use crate::providers::{Message, SharedMessage, ToolCall, ToolSpec};
+use crate::providers::{ImagePart, Message, SharedMessage, ToolCall, ToolSpec};
 
 /// The workspace files users know from other assistants, in the order they are included.
 pub use crate::policy::BOOTSTRAP_FILES;
@@ -551,13 +553,9 @@ pub fn offered_tools(engine: &PolicyEngine, user: &str) -> Vec<Arc<ToolSpec>> {
 /// The provider messages for a stored history. Tool calls left without a result (a run that
 /// ended early) get one saying they did not run, so the conversation stays well formed.
 ///
-/// Each stored message is converted once where it is shared ([`HistoryEntry`]: the opened
-/// messages the history cache keeps), so a step of a long session costs a reference count
-/// per older message.
-pub fn to_messages<E: HistoryEntry>(
-    summary: Option<&str>,
-    history: &[E],
-) -> Vec<Arc<SharedMessage>> {
+/// Each message was converted once, when it was opened ([`SharedEntry`]: the history cache
+/// keeps them), so a step of a long session costs a reference count per older message.
+pub fn to_messages(summary: Option<&str>, history: &[SharedEntry]) -> Vec<Arc<SharedMessage>> {
     let mut out: Vec<Arc<SharedMessage>> = Vec::with_capacity(history.len() + 1);
     let mut pending: Vec<&str> = Vec::new();
     let close_pending = |out: &mut Vec<Arc<SharedMessage>>, pending: &mut Vec<&str>| {
@@ -570,35 +568,31 @@ pub fn to_messages<E: HistoryEntry>(
             }));
         }
     };
-    let newest_images = history.iter().rposition(
-        |e| matches!(&e.as_ref().message, Stored::Tool { images, .. } if !images.is_empty()),
-    );
+    let newest_images = history.iter().rposition(|e| !e.images().is_empty());
     for (i, e) in history.iter().enumerate() {
-        let entry = e.as_ref();
-        match &entry.message {
-            Stored::User { .. } => close_pending(&mut out, &mut pending),
-            Stored::Assistant { tool_calls, .. } => {
+        match e.message() {
+            Message::User { .. } => close_pending(&mut out, &mut pending),
+            Message::Assistant { tool_calls, .. } => {
                 close_pending(&mut out, &mut pending);
                 pending = tool_calls.iter().map(|c| c.id.as_str()).collect();
             }
-            Stored::Tool { tool_use_id, .. } => pending.retain(|p| *p != tool_use_id),
+            Message::ToolResult { tool_use_id, .. } => pending.retain(|p| p != tool_use_id),
         }
-        out.push(match &entry.message {
+        out.push(match e.message() {
             // Only the newest images are sent again (older screenshots are stale and costly);
-            // their results still say what they were. The newest are not kept converted.
-            Stored::Tool {
+            // their results still say what they were.
+            Message::ToolResult {
                 tool_use_id,
                 content,
                 is_error,
-                images,
                 ..
             } if newest_images == Some(i) => SharedMessage::arc(Message::ToolResult {
                 tool_use_id: tool_use_id.clone(),
                 content: content.clone(),
                 is_error: *is_error,
-                images: images.clone(),
+                images: e.images().to_vec(),
             }),
-            _ => e.provider_message(provider_message),
+            _ => Arc::clone(e.shared()),
         });
     }
     close_pending(&mut out, &mut pending);
@@ -619,44 +613,65 @@ pub fn to_messages<E: HistoryEntry>(
     out
 }
 
-/// One stored message as sent to the model (without images: [`to_messages`] adds the
-/// newest).
-fn provider_message(e: &Entry) -> Message {
-    match &e.message {
+/// A stored message as sent to the model, and a tool result's images (sent apart: only the
+/// newest go to the model, [`to_messages`]). The texts are moved, not copied; the stored
+/// fields the model is not sent (the sender, the tool's decision and outcome) and a fenced
+/// sender's unfenced text are wiped.
+pub(crate) fn into_provider(m: Stored) -> (Message, Vec<ImagePart>) {
+    match m {
         Stored::User {
-            text,
-            from,
+            mut text,
+            mut from,
             untrusted,
-        } => Message::User {
-            text: if *untrusted {
-                fence(&format!("message:{from}"), text)
+        } => {
+            let text = if untrusted {
+                let fenced = fence(&format!("message:{from}"), &text);
+                text.zeroize();
+                fenced
             } else {
-                text.clone()
+                text
+            };
+            from.zeroize();
+            (Message::User { text }, Vec::new())
+        }
+        Stored::Assistant { text, tool_calls } => (
+            Message::Assistant {
+                text,
+                tool_calls: tool_calls
+                    .into_iter()
+                    .map(|c| ToolCall {
+                        id: c.id,
+                        name: c.name,
+                        arguments_json: c.arguments_json,
+                        malformed: c.malformed,
+                    })
+                    .collect(),
             },
-        },
-        Stored::Assistant { text, tool_calls } => Message::Assistant {
-            text: text.clone(),
-            tool_calls: tool_calls
-                .iter()
-                .map(|c| ToolCall {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    arguments_json: c.arguments_json.clone(),
-                    malformed: c.malformed.clone(),
-                })
-                .collect(),
-        },
-        Stored::Tool {
-            tool_use_id,
-            content,
-            is_error,
-            ..
-        } => Message::ToolResult {
-            tool_use_id: tool_use_id.clone(),
-            content: content.clone(),
-            is_error: *is_error,
-            images: Vec::new(),
-        },
+            Vec::new(),
+        ),
+        Stored::Tool(t) => {
+            let StoredTool {
+                tool_use_id,
+                mut tool,
+                content,
+                is_error,
+                mut decision,
+                mut outcome,
+                images,
+            } = *t;
+            tool.zeroize();
+            decision.zeroize();
+            outcome.zeroize();
+            (
+                Message::ToolResult {
+                    tool_use_id,
+                    content,
+                    is_error,
+                    images: Vec::new(),
+                },
+                images,
+            )
+        }
     }
 }
 
@@ -688,6 +703,7 @@ mod tests {
         reason = "tests"
     )]
     use super::*;
+    use crate::agent::transcripts::Entry;
 
     #[test]
     fn fenced_text_cannot_close_its_fence() {
@@ -790,6 +806,7 @@ mod tests {
                 },
             },
         ];
+        let h: Vec<SharedEntry> = h.into_iter().map(SharedEntry::new).collect();
         let m = to_messages(Some("earlier"), &h);
         assert!(matches!(m[0].message(), Message::User { text } if text.contains("earlier")));
         assert!(
@@ -800,12 +817,11 @@ mod tests {
 
     #[test]
     fn only_the_newest_tool_images_are_sent_again() {
-        use crate::providers::ImagePart;
         let shot = |id: &str| Entry {
             seq: 0,
             run_id: None,
             created_ms: 0,
-            message: Stored::Tool {
+            message: Stored::Tool(Box::new(crate::agent::StoredTool {
                 tool_use_id: id.into(),
                 tool: "browser".into(),
                 content: format!("screenshot {id}"),
@@ -816,7 +832,7 @@ mod tests {
                     media_type: "image/png".into(),
                     data_base64: format!("png-{id}"),
                 }],
-            },
+            })),
         };
         let call = |id: &str| Entry {
             seq: 0,
@@ -832,7 +848,10 @@ mod tests {
                 }],
             },
         };
-        let h = vec![call("a"), shot("a"), call("b"), shot("b")];
+        let h: Vec<SharedEntry> = [call("a"), shot("a"), call("b"), shot("b")]
+            .into_iter()
+            .map(SharedEntry::new)
+            .collect();
         let m = to_messages(None, &h);
         assert_eq!(m.len(), 4);
         let images = |i: usize| match m[i].message() {

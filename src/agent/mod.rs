@@ -41,14 +41,14 @@ use crate::clock::Clock;
 use crate::config::agent::{AgentConfig, BudgetsConfig};
 use crate::gate::{CallContext, Gate, Origin, Verdict};
 use crate::policy::PolicyRequest;
-use crate::providers::{ChatRequest, ProviderEvent, Router};
+use crate::providers::{ChatRequest, Message, ProviderEvent, Router};
 use crate::store::Store;
 use crate::tools::Sandbox;
 use crate::tools::cancel::{Cancel, CancelReason};
 use crate::tools::invoke::{InvokeError, Invoked};
 use crate::tools::prompt_guard::PromptMarks;
 pub use replicas::{LeaseSettings, RUN_LEASE_MS};
-pub use transcripts::{Sealer, Stored, StoredCall, Transcripts};
+pub use transcripts::{Sealer, Stored, StoredCall, StoredTool, Transcripts};
 
 /// The reply when no model is configured.
 pub const NO_MODEL_REPLY: &str = "No model is configured yet, so I cannot answer. Add a provider \
@@ -962,15 +962,10 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
             } if c.is_empty() => {
                 reply = Some(text.clone());
             }
-            Stored::Tool {
-                tool,
-                decision,
-                outcome,
-                ..
-            } => tool_calls.push(ToolCallReport {
-                tool: tool.clone(),
-                decision: decision.clone(),
-                outcome: outcome.clone(),
+            Stored::Tool(t) => tool_calls.push(ToolCallReport {
+                tool: t.tool.clone(),
+                decision: t.decision.clone(),
+                outcome: t.outcome.clone(),
             }),
             _ => {}
         }
@@ -999,38 +994,29 @@ fn summary_of(t: &Transcripts, run_id: &str) -> Result<RunSummary, AgentError> {
 /// own (messages of later runs queued in the same session are left out). A run's first
 /// message is its user message, so only the part from this run's user message on is looked
 /// at (later runs were submitted after it): linear in that tail, not in the session.
-fn as_of_run<E: AsRef<transcripts::Entry> + Clone>(
-    history: Arc<Vec<E>>,
-    run_id: &str,
-) -> Arc<Vec<E>> {
-    let mine = history.iter().rposition(|e| {
-        let e = e.as_ref();
-        e.run_id.as_deref() == Some(run_id) && matches!(e.message, Stored::User { .. })
-    });
+fn as_of_run(history: transcripts::SharedHistory, run_id: &str) -> transcripts::SharedHistory {
+    let is_user = |e: &transcripts::SharedEntry| matches!(e.message(), Message::User { .. });
+    let mine = history
+        .iter()
+        .rposition(|e| e.run_id() == Some(run_id) && is_user(e));
     let Some(mine) = mine else {
         return history;
     };
     // Runs that began after this one (their user message comes later).
-    let later: Vec<String> = history[mine + 1..]
+    let later: Vec<&str> = history[mine + 1..]
         .iter()
-        .map(AsRef::as_ref)
-        .filter(|e| matches!(e.message, Stored::User { .. }))
-        .filter_map(|e| e.run_id.clone())
-        .filter(|r| r != run_id)
+        .filter(|e| is_user(e))
+        .filter_map(transcripts::SharedEntry::run_id)
+        .filter(|r| *r != run_id)
         .collect();
     if later.is_empty() {
         return history;
     }
-    let mut own: Vec<E> = history[..=mine].to_vec();
+    let mut own: Vec<transcripts::SharedEntry> = history[..=mine].to_vec();
     own.extend(
         history[mine + 1..]
             .iter()
-            .filter(|e| {
-                e.as_ref()
-                    .run_id
-                    .as_deref()
-                    .is_none_or(|r| !later.iter().any(|l| l == r))
-            })
+            .filter(|e| e.run_id().is_none_or(|r| !later.contains(&r)))
             .cloned(),
     );
     Arc::new(own)
@@ -1195,30 +1181,35 @@ fn decide_model_call(
 fn pending_calls(history: &[transcripts::SharedEntry]) -> Vec<StoredCall> {
     let Some(pos) = history
         .iter()
-        .rposition(|e| matches!(e.message, Stored::Assistant { .. }))
+        .rposition(|e| matches!(e.message(), Message::Assistant { .. }))
     else {
         return Vec::new();
     };
-    let Stored::Assistant { tool_calls, .. } = &history[pos].message else {
+    let Message::Assistant { tool_calls, .. } = history[pos].message() else {
         return Vec::new();
     };
     if history[pos + 1..]
         .iter()
-        .any(|e| matches!(e.message, Stored::User { .. }))
+        .any(|e| matches!(e.message(), Message::User { .. }))
     {
         return Vec::new();
     }
     let answered: Vec<&str> = history[pos + 1..]
         .iter()
-        .filter_map(|e| match &e.message {
-            Stored::Tool { tool_use_id, .. } => Some(tool_use_id.as_str()),
+        .filter_map(|e| match e.message() {
+            Message::ToolResult { tool_use_id, .. } => Some(tool_use_id.as_str()),
             _ => None,
         })
         .collect();
     tool_calls
         .iter()
         .filter(|c| !answered.contains(&c.id.as_str()))
-        .cloned()
+        .map(|c| StoredCall {
+            id: c.id.clone(),
+            name: c.name.clone(),
+            arguments_json: c.arguments_json.clone(),
+            malformed: c.malformed.clone(),
+        })
         .collect()
 }
 
@@ -2097,8 +2088,8 @@ impl Run {
         let want = history.len() - history.len() / 3;
         let Some(cut) = (1..=want).rev().find(|i| {
             matches!(
-                history[*i..].first().map(|e| &e.message),
-                Some(Stored::User { .. })
+                history[*i..].first().map(transcripts::SharedEntry::message),
+                Some(Message::User { .. })
             )
         }) else {
             return Ok(None);
@@ -2107,15 +2098,15 @@ impl Run {
         let mut transcript = String::new();
         for m in &older {
             let line = match m.message() {
-                crate::providers::Message::User { text } => format!("USER: {text}"),
-                crate::providers::Message::Assistant { text, tool_calls } => {
+                Message::User { text } => format!("USER: {text}"),
+                Message::Assistant { text, tool_calls } => {
                     let calls: Vec<String> = tool_calls
                         .iter()
                         .map(|c| format!("{}({})", c.name, c.arguments_json))
                         .collect();
                     format!("ASSISTANT: {text} {}", calls.join(" "))
                 }
-                crate::providers::Message::ToolResult { content, .. } => {
+                Message::ToolResult { content, .. } => {
                     format!("TOOL RESULT: {content}")
                 }
             };
@@ -2145,7 +2136,7 @@ impl Run {
         let Ok(resp) = answer else {
             return Ok(None);
         };
-        let upto = history[cut - 1].seq;
+        let upto = history[cut - 1].seq();
         let text = self.inner.p.gate.redact(&resp.text);
         let inner = Arc::clone(&self.inner);
         let (s, u, id, now) = (
@@ -2193,7 +2184,7 @@ impl Run {
     ) -> Result<(), AgentError> {
         let images = std::mem::take(&mut self.images);
         self.store(
-            Stored::Tool {
+            Stored::Tool(Box::new(transcripts::StoredTool {
                 tool_use_id: c.id.clone(),
                 tool: c.name.clone(),
                 content: content.to_string(),
@@ -2201,7 +2192,7 @@ impl Run {
                 decision: decision.into(),
                 outcome: outcome.into(),
                 images,
-            },
+            })),
             None,
             None,
         )
@@ -2779,8 +2770,8 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
-    fn entry(seq: i64, run: &str, user: bool) -> transcripts::Entry {
-        transcripts::Entry {
+    fn entry(seq: i64, run: &str, user: bool) -> transcripts::SharedEntry {
+        transcripts::SharedEntry::new(transcripts::Entry {
             seq,
             run_id: (!run.is_empty()).then(|| run.to_string()),
             created_ms: 0,
@@ -2796,11 +2787,11 @@ mod tests {
                     tool_calls: Vec::new(),
                 }
             },
-        }
+        })
     }
 
-    fn seqs(h: &[transcripts::Entry]) -> Vec<i64> {
-        h.iter().map(|e| e.seq).collect()
+    fn seqs(h: &[transcripts::SharedEntry]) -> Vec<i64> {
+        h.iter().map(transcripts::SharedEntry::seq).collect()
     }
 
     #[test]

@@ -49,13 +49,8 @@ fn message_json(seq: i64, created_ms: i64, m: &Stored) -> Value {
         Stored::Assistant { text, tool_calls } => json!({"seq": seq, "created_ms": created_ms,
             "role": "assistant", "text": text,
             "tool_calls": tool_calls.iter().map(|c| c.name.clone()).collect::<Vec<_>>()}),
-        Stored::Tool {
-            tool,
-            content,
-            decision,
-            ..
-        } => json!({"seq": seq, "created_ms": created_ms, "role": "tool", "tool": tool,
-                    "decision": decision, "content": content}),
+        Stored::Tool(t) => json!({"seq": seq, "created_ms": created_ms, "role": "tool",
+                    "tool": t.tool, "decision": t.decision, "content": t.content}),
     }
 }
 

@@ -109,18 +109,13 @@ pub fn run(cmd: SessionsCmd, globals: &Globals) -> CmdResult {
                             )?;
                         }
                     }
-                    Stored::Tool {
-                        tool,
-                        decision,
-                        outcome,
-                        ..
-                    } => {
+                    Stored::Tool(t) => {
                         writeln!(
                             out,
                             "[{at}] tool {}: decision={} outcome={}",
-                            v(tool),
-                            v(decision),
-                            v(outcome)
+                            v(&t.tool),
+                            v(&t.decision),
+                            v(&t.outcome)
                         )?;
                     }
                 }

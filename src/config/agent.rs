@@ -29,9 +29,9 @@ context_budget_tokens = 64000
 # Tool results are cut to this many bytes before the model sees them.
 tool_result_max_bytes = 16384
 # Opened (decrypted) conversation history kept in memory, in KiB, so a step decrypts and
-# converts and writes only the messages that are new (each message is kept as stored, as sent
-# to the model and as the JSON written for it; least recently used sessions are dropped first;
-# an erased user's messages at once). 0 = none: every step decrypts the whole history.
+# converts and writes only the messages that are new (each message is kept as sent to the model
+# and as the JSON written for it; least recently used sessions are dropped first; an erased
+# user's messages at once). 0 = none: every step decrypts the whole history.
 history_cache_kib = 12288
 
 [budgets]

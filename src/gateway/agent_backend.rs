@@ -187,8 +187,8 @@ impl ChatBackend for AgentBackend {
                                 ("assistant", format!("{text}{}[calls {}]", if text.is_empty() { "" } else { " " }, calls.join(", ")))
                             }
                         }
-                        Stored::Tool { tool, decision, outcome, .. } => {
-                            ("tool", format!("{tool}: {decision} ({outcome})"))
+                        Stored::Tool(t) => {
+                            ("tool", format!("{}: {} ({})", t.tool, t.decision, t.outcome))
                         }
                     };
                     json!({"role": role, "text": text, "at": rfc3339(e.created_ms), "run_id": e.run_id})

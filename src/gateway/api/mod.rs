@@ -552,14 +552,15 @@ fn run_json(
                     }));
                 }
             }
-            Stored::Tool {
-                tool_use_id,
-                tool,
-                decision,
-                outcome,
-                is_error,
-                ..
-            } => {
+            Stored::Tool(t) => {
+                let crate::agent::StoredTool {
+                    tool_use_id,
+                    tool,
+                    decision,
+                    outcome,
+                    is_error,
+                    ..
+                } = &**t;
                 let slot = match index.get(tool_use_id) {
                     Some(i) => *i,
                     None => {
