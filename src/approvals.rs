@@ -161,7 +161,7 @@ fn user_uid(id: &str) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    chitin_audit::to_hex(b)
 }
 
 fn random_bytes<const N: usize>() -> Result<[u8; N], ApprovalError> {

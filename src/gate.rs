@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use cedar_policy::EntityUid;
 use chitin_audit::{AuditLog, GateDecision, RecordInput};
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
@@ -205,20 +206,27 @@ pub fn request_digest(req: &PolicyRequest) -> [u8; 32] {
 /// [`request_digest`] that also covers a tool call's full arguments, so an approval for one
 /// call (its argv, file content, network destinations, ...) never approves another.
 pub fn request_digest_with(req: &PolicyRequest, args: Option<&Value>) -> [u8; 32] {
-    let mut ctx = req.context.clone();
-    ctx.remove("approved");
-    let mut v = json!({
-        "principal": req.principal.to_string(),
-        "action": req.action.to_string(),
-        "resource": req.resource.to_string(),
-        "context": Value::Object(ctx),
-    });
-    if let (Some(a), Value::Object(m)) = (args, &mut v) {
-        m.insert("args".into(), a.clone());
+    // The canonical JSON of `{"action", "args" (if any), "context" (without `approved`),
+    // "principal", "resource"}` (the keys in their sorted order), written directly rather
+    // than built as a document and copied.
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(b"{\"action\":");
+    write_json(&mut out, req.action.to_string().as_str());
+    if let Some(a) = args {
+        out.extend_from_slice(b",\"args\":");
+        write_canonical(a, &mut out);
     }
-    let mut s = String::new();
-    canonical_json(&v, &mut s);
-    Sha256::digest(s.as_bytes()).into()
+    out.extend_from_slice(b",\"context\":");
+    write_canonical_object(
+        req.context.iter().filter(|(k, _)| k.as_str() != "approved"),
+        &mut out,
+    );
+    out.extend_from_slice(b",\"principal\":");
+    write_json(&mut out, req.principal.to_string().as_str());
+    out.extend_from_slice(b",\"resource\":");
+    write_json(&mut out, req.resource.to_string().as_str());
+    out.push(b'}');
+    Sha256::digest(&out).into()
 }
 
 /// The digest an approval of a call decided on several requests binds
@@ -253,35 +261,56 @@ pub fn redact_json_strings(v: &mut serde_json::Value, redact: &dyn Fn(&str) -> S
 
 /// Writes JSON with object keys sorted (recursively) and no insignificant whitespace.
 pub fn canonical_json(v: &Value, out: &mut String) {
+    let mut bytes = std::mem::take(out).into_bytes();
+    write_canonical(v, &mut bytes);
+    // serde_json's strings and numbers and ASCII punctuation: UTF-8 by construction.
+    *out = match String::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
+}
+
+/// [`canonical_json`] into bytes: strings and numbers as serde_json writes them.
+fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
-        Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String((*k).clone()).to_string());
-                out.push(':');
-                if let Some(val) = m.get(*k) {
-                    canonical_json(val, out);
-                }
-            }
-            out.push('}');
-        }
+        Value::Object(m) => write_canonical_object(m.iter(), out),
         Value::Array(a) => {
-            out.push('[');
+            out.push(b'[');
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                canonical_json(x, out);
+                write_canonical(x, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        other => out.push_str(&other.to_string()),
+        other => write_json(out, other),
     }
+}
+
+/// An object of these members, keys sorted (byte order; a map's keys are distinct).
+fn write_canonical_object<'a>(
+    members: impl Iterator<Item = (&'a String, &'a Value)>,
+    out: &mut Vec<u8>,
+) {
+    let mut members: Vec<(&String, &Value)> = members.collect();
+    members.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    out.push(b'{');
+    for (i, (k, v)) in members.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json(out, k.as_str());
+        out.push(b':');
+        write_canonical(v, out);
+    }
+    out.push(b'}');
+}
+
+/// A string or scalar as serde_json writes it (what `Value::to_string` gives). Writing into a
+/// `Vec` cannot fail, nor can serializing a string or a JSON scalar.
+fn write_json(out: &mut Vec<u8>, v: &(impl Serialize + ?Sized)) {
+    let _ = serde_json::to_writer(out, v);
 }
 
 /// Where a tool request comes from.
@@ -1391,7 +1420,7 @@ fn addresses_json(addrs: &[IpAddr]) -> Value {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    chitin_audit::to_hex(bytes)
 }
 
 /// A Cedar string literal.
@@ -1601,5 +1630,62 @@ mod same_conversation_tests {
         ));
         assert!(same_conversation("chitin", "web-1", "web-1"));
         assert!(!same_conversation("chitin", "web-2", "web-1"));
+    }
+}
+
+#[cfg(test)]
+mod digest_tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn tricky() -> Value {
+        json!({
+            "zeta": [1, -2, 3.5, 1e300, 18446744073709551615u64, -9223372036854775808i64, null, true],
+            "alpha": {"b": "quote \" backslash \\ tab \t nul \u{0} bell \u{7} del \u{7f}", "a": "é ü 中 😀 \u{2028}"},
+            "Émile": {"nested": {"z": false, "y": [{"q": 0.1}, {}], "x": []}},
+            "": "empty key",
+            "approved": true
+        })
+    }
+
+    fn request() -> PolicyRequest {
+        let Value::Object(context) = tricky() else {
+            unreachable!()
+        };
+        PolicyRequest {
+            principal: crate::policy::user_uid("bob \"the\" builder"),
+            action: "Chitin::Action::\"model.call\"".parse().unwrap(),
+            resource: "Chitin::Agent::\"main\"".parse().unwrap(),
+            context,
+        }
+    }
+
+    // Pinned: approvals bind these digests and audit records carry them, so the bytes hashed
+    // must not change with the way they are written.
+    #[test]
+    fn canonical_json_sorts_keys_and_writes_serde_jsons_escapes_and_numbers() {
+        let mut s = String::new();
+        canonical_json(&tricky(), &mut s);
+        assert_eq!(
+            s,
+            "{\"\":\"empty key\",\"alpha\":{\"a\":\"é ü 中 😀 \u{2028}\",\"b\":\"quote \\\" backslash \\\\ tab \\t nul \\u0000 bell \\u0007 del \u{7f}\"},\"approved\":true,\"zeta\":[1,-2,3.5,1e+300,18446744073709551615,-9223372036854775808,null,true],\"Émile\":{\"nested\":{\"x\":[],\"y\":[{\"q\":0.1},{}],\"z\":false}}}"
+        );
+    }
+
+    #[test]
+    fn a_request_digest_is_the_same_bytes_as_before() {
+        let args = tricky();
+        assert_eq!(
+            hex(&request_digest_with(&request(), None)),
+            "0269c242cefe798f24fc89607253056ca148431771dd7084c9171bcec8d5a3b0"
+        );
+        assert_eq!(
+            hex(&request_digest_with(&request(), Some(&args))),
+            "f5f4f8d2b2e8f84f2bcb700914c6b3f37e385dd4caec0947ac201995a1568694"
+        );
+        assert_eq!(
+            hex(&request_digest(&request())),
+            hex(&request_digest_with(&request(), None))
+        );
     }
 }

@@ -205,7 +205,7 @@ pub const TOKEN_PREFIX: &str = "cht_";
 const ID_HEX: usize = 16;
 
 pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    chitin_audit::to_hex(b)
 }
 
 pub(crate) fn random<const N: usize>() -> Result<[u8; N], AccountsError> {

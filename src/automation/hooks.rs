@@ -46,7 +46,7 @@ pub enum SignatureError {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    chitin_audit::to_hex(b)
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -758,7 +758,7 @@ fn pg_bm25_query(list: &str) -> String {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    chitin_audit::to_hex(b)
 }
 
 /// The text of a stored transcript message (its sealed JSON): a user's or the assistant's

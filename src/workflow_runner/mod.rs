@@ -328,7 +328,7 @@ pub(crate) struct Inner {
 pub struct Runner(Arc<Inner>);
 
 pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    chitin_audit::to_hex(b)
 }
 
 pub(crate) fn sha256_hex(b: &[u8]) -> String {
