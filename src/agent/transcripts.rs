@@ -115,8 +115,8 @@ pub enum Stored {
         #[serde(default)]
         tool_calls: Vec<StoredCall>,
     },
-    /// Boxed: the largest variant, and the rarest, would otherwise size every message the
-    /// history cache keeps (152 bytes instead of 56).
+    /// Boxed: the largest variant, and the rarest, would otherwise size every stored message
+    /// read (152 bytes instead of 56; the history cache keeps the converted form only).
     Tool(Box<StoredTool>),
 }
 
@@ -822,16 +822,16 @@ impl Transcripts {
             .collect()
     }
 
-    /// [`Self::history`] as shared, opened messages: with the cache, only the messages
-    /// stored since the session was last read are read and opened, and appended to the
+    /// The compaction summary and the messages after it as the agent reads them: opened and
+    /// converted for the model ([`SharedEntry`]). With the cache, only the messages stored
+    /// since the session was last read are read, opened and converted, and appended to the
     /// cached list in place (the cache lets go of it while this read runs; it is copied only
     /// when a caller still holds an earlier read of it), so a step of a long session does
     /// work for what is new only.
     ///
     /// Two costs of lending the list out: a read of the same session that overlaps this one
-    /// (one run per session never overlaps itself; another session's `sessions_history` tool
-    /// can) misses and opens the session whole, and a read that fails after taking the list
-    /// drops it (the next read opens the session whole). Neither serves anything wrong: the
+    /// misses and opens the session whole, and a read that fails after taking the list drops
+    /// it (the next read opens the session whole). Neither serves anything wrong: the
     /// put-back replaces whatever is there, and a list no longer cached wipes itself when its
     /// last reader lets go.
     pub fn history_shared(

@@ -372,7 +372,7 @@ impl Engine {
     ) -> Result<Vec<OutboxRow>, ChannelsError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         // The casts keep SQLite from planning around the bound channel and limit, which made
-        // it re-prepare this cached statement on every poll (see `Transcripts::history_shared`).
+        // it re-prepare this cached statement on every poll (see `Transcripts::rows_after`).
         let candidates = "SELECT o.id FROM channel_outbox o
                WHERE o.channel = CAST(?1 AS TEXT) AND o.status = 'queued' AND o.next_attempt_ms <= ?2
                  AND NOT EXISTS (SELECT 1 FROM channel_outbox p

@@ -72,7 +72,7 @@ pub(crate) fn open(path: &Path, migrate_now: bool) -> Result<SqliteDb> {
     // holds every one it uses (64 was about what one turn and its outbox run). A prepared
     // statement costs a few KiB, and only the ones used are kept. (What re-prepared the hot
     // statements on every call was SQLite expiring them on a new bound value, not the cache
-    // size: see `Transcripts::history_shared`.)
+    // size: see `Transcripts::rows_after`.)
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     let mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
