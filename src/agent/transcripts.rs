@@ -156,12 +156,6 @@ pub struct Entry {
     pub message: Stored,
 }
 
-impl AsRef<Entry> for Entry {
-    fn as_ref(&self) -> &Entry {
-        self
-    }
-}
-
 /// Bytes a cached message holds (what the cache counts against its bound): its texts as
 /// converted for the model, the structures around them, and an estimate of its JSON as sent
 /// (one wire format: the texts again and the keys around them; escapes, or a fallback to a
@@ -447,6 +441,9 @@ struct Hit {
     summary_blob: Option<Vec<u8>>,
     summary: Option<SharedSummary>,
 }
+
+/// A session's data subject, sealed compaction summary and `summary_seq`.
+type SessionRowData = (String, Option<Vec<u8>>, i64);
 
 /// A message row before opening: seq, run id, time, subject, sealed body.
 type RawEntry = (i64, Option<String>, i64, String, Vec<u8>);
@@ -771,18 +768,8 @@ impl Transcripts {
     /// (read and opened whole: the history cache keeps the form sent to the model).
     pub fn history(&self, key: &str) -> Result<(Option<String>, Vec<Entry>), TranscriptError> {
         let (subject, blob, rows) = self.store.db().tx(|tx| {
-            let Some(r) = tx.query_opt(
-                "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
-                params![key],
-            )?
-            else {
-                return Err(TranscriptError::NoSession(key.into()));
-            };
-            let (subject, blob, upto) = (
-                r.get::<String>(0)?,
-                r.get::<Option<Vec<u8>>>(1)?,
-                r.get::<i64>(2)?,
-            );
+            let (subject, blob, upto) = Self::session_row(tx, key)?
+                .ok_or_else(|| TranscriptError::NoSession(key.into()))?;
             Ok::<_, TranscriptError>((subject, blob, Self::rows_after(tx, key, upto)?))
         })?;
         let summary = match blob {
@@ -790,6 +777,22 @@ impl Transcripts {
             None => None,
         };
         Ok((summary, self.open_rows(rows)?))
+    }
+
+    /// A session's data subject, sealed compaction summary and `summary_seq` (the messages up
+    /// to it are covered by the summary); `None`: no such session.
+    fn session_row(
+        tx: &mut Conn<'_>,
+        key: &str,
+    ) -> Result<Option<SessionRowData>, TranscriptError> {
+        let Some(r) = tx.query_opt(
+            "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
+            params![key],
+        )?
+        else {
+            return Ok(None);
+        };
+        Ok(Some((r.get(0)?, r.get(1)?, r.get(2)?)))
     }
 
     /// The stored rows of a session's messages with `seq > after`, oldest first.
@@ -853,21 +856,12 @@ impl Transcripts {
                     .get(0)?,
                 None => 0,
             };
-            let Some(r) = tx.query_opt(
-                "SELECT subject, summary, summary_seq FROM sessions WHERE key = ?1",
-                params![key],
-            )?
-            else {
+            let Some((subject, blob, upto)) = Self::session_row(tx, key)? else {
                 if let Some(c) = &self.cache {
                     c.lock().remove(key);
                 }
                 return Err(TranscriptError::NoSession(key.into()));
             };
-            let (subject, blob, upto) = (
-                r.get::<String>(0)?,
-                r.get::<Option<Vec<u8>>>(1)?,
-                r.get::<i64>(2)?,
-            );
             // What the cache has of this session, still valid for this snapshot.
             let cached = match &self.cache {
                 Some(c) => {
